@@ -1,0 +1,40 @@
+"""ftlab's own Lightning callbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class KeepBest(L.Callback):
+    """Keep an in-memory copy of the trainable state at the best validation score.
+
+    Cheaper than checkpoint files (PEFT states are small) and restores with
+    ``restore(pl_module)`` after fit.
+    """
+
+    def __init__(self, peft: Any, monitor: str, mode: str = "max") -> None:
+        self.peft, self.monitor, self.mode = peft, monitor, mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+        self.metrics: dict[str, float] = {}  # every val/* metric at the best epoch
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        better = self.best is None or (score > self.best if self.mode == "max"
+                                       else score < self.best)
+        if better:
+            self.best, self.best_epoch = score, trainer.current_epoch
+            self.metrics = {k[4:]: float(v) for k, v in trainer.callback_metrics.items()
+                            if k.startswith("val/")}
+            state = self.peft.trainable_state(pl_module.model)
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def restore(self, pl_module: L.LightningModule) -> None:
+        if self.state is not None:
+            self.peft.load_trainable_state(pl_module.model, self.state)

@@ -1,0 +1,76 @@
+"""Binding config nodes to schemas and constructors, with errors that name the fix."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, TypeVar
+
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ftlab.errors import FtlabError, choices_text, closest
+
+T = TypeVar("T")
+
+
+def bind_schema(schema: type[T], node: Any, where: str) -> T:
+    """Merge ``node`` onto the dataclass ``schema`` and return the object.
+
+    A misspelt key fails here with the valid keys and the closest match.
+    """
+    base = OmegaConf.structured(schema)
+    try:
+        if isinstance(node, DictConfig):  # resolve while still attached to the root config
+            node = OmegaConf.to_container(node, resolve=True)
+        merged = OmegaConf.merge(base, node if node is not None else {})
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigKeyError as err:
+        key = str(getattr(err, "key", "")) or str(err).split("'")[1]
+        valid = list(base.keys())
+        raise FtlabError(f"Unknown key '{key}' in {where}.{closest(key, valid)}",
+                         f"use one of: {choices_text(valid)}.") from None
+    except OmegaConfBaseException as err:
+        raise FtlabError(f"Invalid value in {where}: {str(err).splitlines()[0]}",
+                         f"check the types of the keys under {where}.") from None
+
+
+def instantiate_checked(node: DictConfig | dict, where: str, **extra: Any) -> Any:
+    """``hydra.utils.instantiate`` after checking the keys bind to the constructor."""
+    node = check_binds(node, where, **extra)
+    # extras (objects, whole configs) are passed as is, never instantiated recursively
+    return instantiate(node, _partial_=True, _convert_="all")(**extra)
+
+
+def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
+                **extra: Any) -> dict[str, Any]:
+    """Check ``node``'s keys (plus ``extra``) bind to its ``_target_``; return it as a dict.
+
+    ``partial=True`` only rejects unknown keys (required ones may come at run time).
+    """
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    node = dict(node)
+    target = node.get("_target_")
+    if not target:
+        raise FtlabError(f"{where} has no _target_.", f"add `_target_: module.Class` to {where}.")
+    try:
+        cls = get_object(target)
+    except Exception:
+        raise FtlabError(f"{where}._target_ '{target}' cannot be imported.",
+                         "check the module path and class name in the YAML file.") from None
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")} | extra
+    try:
+        sig = inspect.signature(cls)
+        (sig.bind_partial if partial else sig.bind)(**kwargs)
+    except TypeError:
+        params = inspect.signature(cls).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        bad = [k for k in kwargs if k not in params]
+        if bad and not takes_any:
+            raise FtlabError(
+                f"{where} has key(s) {bad} that {cls.__name__} does not take."
+                f"{closest(bad[0], params)}", f"use: {choices_text(params)}.") from None
+        raise FtlabError(f"{where} cannot build {cls.__name__}: missing required "
+                         "settings.", f"{cls.__name__} takes: {choices_text(params)}.") from None
+    return node

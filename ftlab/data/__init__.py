@@ -1,0 +1,1 @@
+"""Data: loading raw splits (sources), tokenising and batching (datamodule)."""

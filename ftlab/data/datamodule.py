@@ -1,0 +1,62 @@
+"""Tokenised splits served in length-grouped, dynamically padded batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+
+from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
+from ftlab.errors import FtlabError
+
+FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "special_tokens_mask")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Featurise each split once with ``featurize`` (a batched map), then batch by length.
+
+    Args:
+        splits: raw splits (``train`` required; ``validation``/``test`` optional).
+        featurize: the task's batched row -> features function (must emit ``length``).
+        pad_id: the tokenizer's pad token id.
+        batch_size / eval_batch_size: rows per batch for training / evaluation.
+        seed: seeds the batch order.
+        pad_to: pad every batch to this length (benchmarks only; null = dynamic).
+    """
+
+    def __init__(self, splits: DatasetDict, featurize: Callable, pad_id: int, batch_size: int = 32,
+                 eval_batch_size: int = 128, seed: int = 0, num_workers: int = 0,
+                 pad_to: int | None = None) -> None:
+        super().__init__()
+        if len(splits["train"]) < batch_size:
+            raise FtlabError(
+                f"The training split has {len(splits['train'])} rows, fewer than one batch "
+                f"(stage.batch_size={batch_size}).",
+                f"lower stage.batch_size to at most {len(splits['train'])}, or add data.")
+        drop = [c for c in splits["train"].column_names]
+        self.splits = splits.map(featurize, batched=True, remove_columns=drop,
+                                 desc="Tokenising")
+        for ds in self.splits.values():
+            ds.set_format(columns=[c for c in ds.column_names if c in FEATURES or c == "length"])
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.seed, self.num_workers = seed, num_workers
+        self.collate = PadCollator(pad_id, pad_to=pad_to)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self.splits[split]
+        sampler = LengthGroupedBatchSampler(
+            list(ds["length"]), self.batch_size if train else self.eval_batch_size,
+            shuffle=train, seed=self.seed)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", train=False) if "validation" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False) if "test" in self.splits else []

@@ -1,0 +1,217 @@
+"""Load raw splits from the Hub or local files into a checked ``DatasetDict``.
+
+The result has the spec's text columns and, for labelled data, an integer ``label`` column;
+``labels`` gives the names in id order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict
+
+from ftlab.data.spec import DataSpec
+from ftlab.errors import FtlabError, choices_text
+from ftlab.resolve import resolve
+
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class RawData:
+    splits: DatasetDict
+    labels: list[str] | None  # None for unlabelled text
+
+
+def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
+    """Load, split, check and label-encode the data described by ``spec``."""
+    dsd = _load(spec)
+    if spec.files and set(spec.files) == {"all"}:
+        dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions)
+    else:
+        dsd = _pick_splits(dsd, spec)
+    _check_columns(dsd, spec)
+    labels = None
+    if spec.label_column is not None:
+        dsd, labels = encode_labels(dsd, spec)
+    dsd = _cap(dsd, spec, seed)
+    _check_texts(dsd, spec)
+    return RawData(dsd, labels)
+
+
+def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
+    if spec.path in set(BUILDERS.values()):
+        return spec.path
+    suffixes = {BUILDERS.get(_suffix(f)) for f in files.values()}
+    if len(suffixes) != 1 or None in suffixes:
+        raise FtlabError(
+            f"Cannot tell the file format of {sorted(files.values())}.",
+            f"use files ending in {choices_text(BUILDERS)} (optionally .bz2/.gz), "
+            "or set data.path=csv|json|parquet.",
+        )
+    return suffixes.pop()
+
+
+def _suffix(path: str) -> str:
+    p = Path(path)
+    suffixes = [s for s in p.suffixes if s not in (".bz2", ".gz", ".xz", ".zst")]
+    return suffixes[-1] if suffixes else ""
+
+
+def _load(spec: DataSpec) -> DatasetDict:
+    if not spec.files:
+        try:
+            return datasets.load_dataset(spec.path, spec.name, revision=spec.revision)
+        except Exception as err:  # the hub raises many types; all mean the same to a user
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(err).lower()
+            raise FtlabError(
+                f"Could not load the dataset '{spec.path}'"
+                f"{f' ({spec.name})' if spec.name else ''}: {type(err).__name__}: {err}",
+                "check the name on huggingface.co/datasets"
+                + (", and connect to a network (nothing is cached)" if offline else "")
+                + ", or use local files: data=local data.files.train=path/to/train.csv",
+            ) from None
+    # datasets reserves the split name "all": a single file to be split is loaded as "train"
+    files = {("train" if s == "all" else s): resolve(str(f)) for s, f in spec.files.items()}
+    for split, f in files.items():
+        path = Path(f).expanduser()
+        if not path.is_file():
+            raise FtlabError(
+                f"Data file for split '{split}' not found: {path}.",
+                f"fix the path in data.files.{split} (relative paths are from the directory "
+                "you ran ftlab in).",
+            )
+        if path.stat().st_size == 0:
+            raise FtlabError(f"Data file for split '{split}' is empty: {path}.",
+                             "point data.files at a file with a header and rows.")
+        files[split] = str(path.resolve())
+    builder = _builder_for(spec, files)
+    kwargs = {"delimiter": "\t"} if builder == "csv" and any(
+        _suffix(f) == ".tsv" for f in files.values()) else {}
+    try:
+        return datasets.load_dataset(builder, data_files=files, **kwargs)
+    except UnicodeDecodeError as err:
+        raise FtlabError(f"A data file is not valid UTF-8 ({err.reason} at byte {err.start}).",
+                         "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+    except Exception as err:
+        cause = err.__cause__ or err.__context__ or err
+        if isinstance(cause, UnicodeDecodeError):
+            raise FtlabError(
+                f"A data file is not valid UTF-8 ({cause.reason} at byte {cause.start}).",
+                "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+        raise FtlabError(f"Could not read {builder} files {sorted(files.values())}: "
+                         f"{type(cause).__name__}: {cause}",
+                         "check the file is well-formed (one JSON object per line for .jsonl, "
+                         "a header row for .csv).") from None
+
+
+def _pick_splits(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
+    out = {}
+    for ours, theirs in spec.splits.items():
+        if theirs is None:
+            continue
+        if theirs not in dsd:
+            raise FtlabError(
+                f"The dataset has no split '{theirs}' (for {ours}); it has: "
+                f"{choices_text(dsd.keys())}.",
+                f"set data.splits.{ours}=<one of those>, or data.splits.{ours}=null to go "
+                "without it.",
+            )
+        out[ours] = dsd[theirs]
+    if "train" not in out:
+        raise FtlabError("The data has no training split.", "set data.splits.train or "
+                         "data.files.train.")
+    return DatasetDict(out)
+
+
+def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float]) -> DatasetDict:
+    """Deterministic train/validation/test split; rows sharing ``group_column`` stay together."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise FtlabError(f"data.split_fractions must be three numbers summing to 1, "
+                         f"got {list(fractions)}.", "e.g. data.split_fractions=[0.8,0.1,0.1].")
+    if group_column is not None and group_column not in ds.column_names:
+        raise FtlabError(f"data.split_by column '{group_column}' is not in the data; columns "
+                         f"found: {choices_text(ds.column_names)}.", "set data.split_by to one "
+                         "of those, or null to split row by row.")
+    keys = list(ds[group_column]) if group_column else range(len(ds))
+    edges = (fractions[0], fractions[0] + fractions[1])
+    buckets: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, key in enumerate(keys):
+        digest = hashlib.md5(str(key).encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64
+        buckets[SPLITS[0 if u < edges[0] else 1 if u < edges[1] else 2]].append(i)
+    return DatasetDict({s: ds.select(idx) for s, idx in buckets.items()})
+
+
+def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
+    wanted = list(spec.text_columns) + ([spec.label_column] if spec.label_column else [])
+    if not 1 <= len(spec.text_columns) <= 2:
+        raise FtlabError(f"data.text_columns must name one or two columns, got "
+                         f"{list(spec.text_columns)}.", "e.g. data.text_columns=[text] or "
+                         "data.text_columns=[premise,hypothesis].")
+    for split, ds in dsd.items():
+        missing = [c for c in wanted if c not in ds.column_names]
+        if missing:
+            which = "data.label_column" if missing == [spec.label_column] else "data.text_columns"
+            raise FtlabError(
+                f"Column(s) {missing} not found in the {split} split; columns found: "
+                f"{choices_text(ds.column_names)}.",
+                f"set {which} to the right column name(s).",
+            )
+
+
+def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str]]:
+    """Map label values to ids in ``spec.labels`` order (inferred from train when unset)."""
+    col = spec.label_column
+    feature = dsd["train"].features[col]
+    if spec.drop_labels:
+        drop = {str(v) for v in spec.drop_labels}
+        dsd = dsd.filter(lambda b: [str(v) not in drop for v in b[col]], batched=True)
+    if isinstance(feature, ClassLabel) and spec.labels is None:
+        labels = list(feature.names)
+        return dsd.map(lambda b: {"label": b[col]}, batched=True), labels
+    names = feature.names if isinstance(feature, ClassLabel) else None
+    as_str = (lambda v: names[v]) if names else str  # noqa: E731
+    labels = [str(x) for x in spec.labels] if spec.labels is not None else sorted(
+        {as_str(v) for v in dsd["train"][col] if v is not None})
+    if len(labels) < 2:
+        raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
+                         "classification needs at least two.",
+                         "check data.label_column, or data.labels.")
+    index = {name: i for i, name in enumerate(labels)}
+    for split, ds in dsd.items():
+        unknown = sorted({as_str(v) for v in ds[col]} - set(index), key=str)
+        if unknown:
+            raise FtlabError(
+                f"The {split} split has label value(s) {unknown[:10]} outside the label set "
+                f"{labels}.",
+                "add them to data.labels, drop them with data.drop_labels, or fix the data.",
+            )
+    return dsd.map(lambda b: {"label": [index[as_str(v)] for v in b[col]]}, batched=True), labels
+
+
+def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:
+    out = dict(dsd)
+    if spec.max_train_samples and len(out["train"]) > spec.max_train_samples:
+        out["train"] = out["train"].shuffle(seed=seed).select(range(spec.max_train_samples))
+    for split in ("validation", "test"):
+        if spec.max_eval_samples and split in out and len(out[split]) > spec.max_eval_samples:
+            out[split] = out[split].shuffle(seed=0).select(range(spec.max_eval_samples))
+    return DatasetDict(out)
+
+
+def _check_texts(dsd: DatasetDict, spec: DataSpec) -> None:
+    for split, ds in dsd.items():
+        if len(ds) == 0:
+            raise FtlabError(f"The {split} split is empty.", "check data.files / data.splits, "
+                             "data.drop_labels and data.split_fractions.")
+        first = spec.text_columns[0]
+        sample = list(ds.select(range(min(len(ds), 1000)))[first])
+        if all(t is None or not str(t).strip() for t in sample):
+            raise FtlabError(f"All texts in column '{first}' of the {split} split are empty.",
+                             "set data.text_columns to the column that holds the text.")

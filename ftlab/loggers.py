@@ -1,0 +1,80 @@
+"""Experiment loggers: CSV always, W&B when asked (offline when there is no key/network)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ftlab.config import instantiate_checked
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(nodes: DictConfig | None, **context: Any) -> list:
+    """Instantiate every logger node; ``context`` (stage name, group, tags, config) is passed
+    to those whose constructor takes it."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    loggers = []
+    for key, node in (nodes or {}).items():
+        if node is None:
+            continue
+        params = inspect.signature(get_object(node["_target_"])).parameters
+        extra = {k: v for k, v in context.items() if k in params and k not in node}
+        loggers.append(instantiate_checked(node, f"logger.{key}", **extra))
+    return loggers
+
+
+def wandb_logger(
+    project: str = "ftlab",
+    save_dir: str = ".",
+    name: str | None = None,
+    group: str | None = None,
+    job_type: str | None = None,
+    tags: list[str] | None = None,
+    config: dict | None = None,
+    entity: str | None = None,
+    mode: str = "auto",
+):
+    """A Lightning ``WandbLogger`` that never hangs without a network.
+
+    ``mode``: ``online``, ``offline`` or ``auto`` (online only when an API key is configured;
+    offline runs sync later with ``wandb sync <save_dir>/wandb/offline-run-*``).
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    if mode == "auto":
+        mode = "online" if _has_api_key() else "offline"
+    if mode == "offline":
+        os.environ["WANDB_MODE"] = "offline"  # also stops analytics calls at exit
+        log.info("W&B is offline; sync later with `wandb sync %s/wandb/offline-run-*`", save_dir)
+    os.makedirs(save_dir, exist_ok=True)
+    logger = WandbLogger(project=project, save_dir=save_dir, name=name, group=group,
+                         job_type=job_type, tags=tags, entity=entity,
+                         offline=mode == "offline", reinit="finish_previous")
+    if config:
+        logger.experiment.config.update(config, allow_val_change=True)
+    return logger
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+def finish_wandb(failed: bool = False) -> None:
+    """End the active W&B run, if any, so the next job in the process gets its own."""
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)

@@ -1,0 +1,60 @@
+"""The LightningModule: a task, a (PEFT-prepared) model, a regulariser and an optimiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ftlab.optim import OptimSpec, build_optimizer
+
+
+class FineTuneModule(L.LightningModule):
+    """Training/validation/test steps shared by every stage; the task supplies the rest."""
+
+    def __init__(self, model: nn.Module, task: Any, regularizer: Any, optim: OptimSpec) -> None:
+        super().__init__()
+        self.model = model.train()  # HF loads in eval mode; Lightning keeps modes as found
+        self.task = task
+        self.regularizer = regularizer
+        self.optim = optim
+        self.val_metrics = task.metrics().clone(prefix="val/")
+        self.test_metrics = task.metrics().clone(prefix="test/")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.regularizer.training_loss(self.model, batch, self.task)
+        if not torch.isfinite(loss):
+            from ftlab.errors import FtlabError
+
+            raise FtlabError(f"The training loss became {loss.item()} at step "
+                             f"{self.global_step}; the run is stopped and marked failed.",
+                             "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
+                             "data for empty/garbled rows.")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, split: str) -> None:
+        loss, out = self.task.forward(self.model, batch)
+        self.task.update(metrics, out, batch)
+        self.log(f"{split}/loss", loss, batch_size=batch["input_ids"].shape[0])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self.model, self.optim,
+                                     int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": sched}

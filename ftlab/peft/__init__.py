@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning methods: one module + one YAML in conf/peft each."""

@@ -1,0 +1,53 @@
+"""The PEFT protocol and the helpers most methods share."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ftlab.errors import FtlabError
+
+
+class PeftMethod(Protocol):
+    """How a method changes the model and what its artefact holds.
+
+    ``apply`` freezes/injects and returns the model to train (possibly wrapped);
+    ``trainable_state`` is what gets saved (small for PEFT methods); ``load_trainable_state``
+    puts such a state back into a model that went through ``apply``.
+    """
+
+    name: str
+
+    def apply(self, model: nn.Module) -> nn.Module: ...
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def requires_grad_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All parameters that train, by name (detached views, not copies)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_by_name(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's parameters/buffers of the same names."""
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise FtlabError(f"The artefact has {len(unknown)} tensor(s) the model lacks, e.g. "
+                         f"{unknown[:3]}.", "load it with the same model and peft settings it "
+                         "was trained with.")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value.to(own[name].dtype))
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameter counts and the trainable percentage."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params_total": total, "params_trainable": trainable,
+            "params_trainable_pct": 100.0 * trainable / max(total, 1)}

@@ -1,0 +1,22 @@
+"""Full fine-tuning: every parameter trains; the artefact is the whole model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ftlab.peft.base import load_by_name, requires_grad_state
+
+
+class Full:
+    name = "full"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return requires_grad_state(model)
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_by_name(model, state)

@@ -1,0 +1,81 @@
+"""Stage specs and the pipeline: a run is an ordered list of stages (often just one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.config import bind_schema
+from ftlab.errors import FtlabError, choices_text
+from ftlab.optim import OptimSpec
+
+
+@dataclass
+class StageSpec:
+    """One adaptation stage.
+
+    Attributes:
+        name: the stage's name: its output folder, W&B job_type, what ``init_from`` refers to.
+        task: the objective, a ``_target_`` node (``ftlab.tasks.classify.Classify``...).
+        init_from: ``pretrained`` or the name of an earlier stage in the pipeline.
+        carry: what is taken from ``init_from``: ``model`` (everything that fits) or
+            ``encoder`` (the backbone only; the head starts fresh).
+        batch_size / eval_batch_size: rows per training / evaluation batch.
+        optim: optimiser settings.
+        trainer: overrides of the trainer group for this stage (``max_epochs``...).
+        seed: this stage's seed; null uses the run's ``seed``.
+        data / peft / regularizer: this stage's own nodes; null uses the run's groups.
+        save_artefact: write the trained parameters as safetensors.
+    """
+
+    name: str = "classify"
+    task: Any = None
+    init_from: str = "pretrained"
+    carry: str = "model"
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    data: Any = None
+    peft: Any = None
+    regularizer: Any = None
+    save_artefact: bool = True
+
+
+CARRY = ("model", "encoder")
+
+
+def build_pipeline(cfg: DictConfig) -> list[StageSpec]:
+    """The stages of a run: ``cfg.pipeline.stages`` if set, else the single ``cfg.stage``."""
+    pipeline = cfg.get("pipeline")
+    nodes = (pipeline.get("stages") if pipeline else None) or {cfg.stage.name: cfg.stage}
+    stages = []
+    for key, node in nodes.items():
+        node = OmegaConf.merge(node, {"name": node.get("name") or key})
+        stages.append(bind_schema(StageSpec, node, f"stage '{key}'"))
+    for data in (s.data for s in stages):  # resolved later, but fail early on a bad type
+        if data is not None and not isinstance(data, dict):
+            raise FtlabError("A stage's data must be a mapping.", "see conf/data/*.yaml.")
+    check_pipeline(stages)
+    return stages
+
+
+def check_pipeline(stages: list[StageSpec]) -> None:
+    seen: list[str] = []
+    for s in stages:
+        if s.name in seen:
+            raise FtlabError(f"Two stages are named '{s.name}'.", "give each stage its own name.")
+        if s.init_from != "pretrained" and s.init_from not in seen:
+            raise FtlabError(
+                f"Stage '{s.name}' starts from '{s.init_from}', which is not an earlier stage.",
+                f"use init_from: pretrained or one of: {choices_text(seen) or '(none yet)'}.")
+        if s.carry not in CARRY:
+            raise FtlabError(f"Stage '{s.name}' has carry '{s.carry}'.",
+                             f"use one of: {choices_text(CARRY)}.")
+        if s.task is None or "_target_" not in s.task:
+            raise FtlabError(f"Stage '{s.name}' has no task.",
+                             "give it a task node with a _target_ (see conf/stage/*.yaml).")
+        seen.append(s.name)

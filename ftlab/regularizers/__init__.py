@@ -1,0 +1,1 @@
+"""Fine-tuning regularisers: one module + one YAML in conf/regularizer each."""

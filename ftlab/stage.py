@@ -1,0 +1,104 @@
+"""Run one stage: data -> task model -> PEFT/regulariser -> fit -> best -> test -> artefact."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ftlab.callbacks import KeepBest
+from ftlab.config import bind_schema, instantiate_checked
+from ftlab.data.datamodule import TextDataModule
+from ftlab.data.sources import load_raw
+from ftlab.data.spec import DataSpec
+from ftlab.handover import hand_over
+from ftlab.loggers import build_loggers
+from ftlab.model.backbone import ModelSpec, load_tokenizer
+from ftlab.module import FineTuneModule
+from ftlab.peft.base import count_parameters
+from ftlab.pipeline import StageSpec
+from ftlab.store import save_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    name: str
+    metrics: dict[str, float]
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
+              upstream: dict[str, StageResult], context: dict[str, Any]) -> StageResult:
+    """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run."""
+    seed = stage.seed if stage.seed is not None else cfg.seed
+    stage_dir = run_dir / stage.name
+    L.seed_everything(seed, workers=True, verbose=False)
+    data_spec = bind_schema(DataSpec, stage.data or cfg.data, "data")
+    model_spec = bind_schema(ModelSpec, cfg.model, "model")
+    raw = load_raw(data_spec, seed)
+    tokenizer = load_tokenizer(model_spec)
+    task = instantiate_checked(stage.task, f"stage '{stage.name}'.task")
+    task.bind(raw, tokenizer, data_spec.text_columns)
+    dm = TextDataModule(raw.splits, task.featurize, tokenizer.pad_token_id,
+                        batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
+                        seed=seed)
+
+    model = task.build_model(model_spec)
+    if stage.init_from != "pretrained":
+        hand_over(upstream[stage.init_from].model, model, stage.carry)
+    peft = instantiate_checked(stage.peft or cfg.peft, "peft")
+    regularizer = instantiate_checked(stage.regularizer or cfg.regularizer, "regularizer")
+    model = regularizer.apply(peft.apply(model))
+    counts = count_parameters(model)
+    log.info("Stage %s: %s trainable of %s parameters (%.3f%%) with peft=%s", stage.name,
+             f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
+             counts["params_trainable_pct"], peft.name)
+
+    module = FineTuneModule(model, task, regularizer, stage.optim)
+    keep = KeepBest(peft, f"val/{task.monitor}", task.mode)
+    trainer = _trainer(cfg, stage, stage_dir, keep, context | {
+        "name": f"{context.get('name', 'run')}/{stage.name}", "job_type": stage.name})
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    fit_s = time.perf_counter() - start
+    keep.restore(module)
+
+    metrics: dict[str, float] = {f"val/{k}": v for k, v in keep.metrics.items()}
+    if "test" in dm.splits:
+        metrics |= {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
+    if hasattr(task, "baseline") and "validation" in raw.splits:
+        baseline = task.baseline(raw.splits["validation"]["label"])
+        metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
+    info = counts | {"fit_seconds": round(fit_s, 2), "best_epoch": keep.best_epoch,
+                     "seed": seed, "train_rows": len(raw.splits["train"]),
+                     "global_steps": trainer.global_step}
+    if stage.save_artefact:
+        state = peft.trainable_state(module.model)
+        path = save_tensors(stage_dir / "trainable.safetensors", state,
+                            metadata={"peft": peft.name, "stage": stage.name})
+        info |= {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
+    return StageResult(stage.name, metrics, module.model, info)
+
+
+def _trainer(cfg: DictConfig, stage: StageSpec, stage_dir: Path, keep: KeepBest,
+             context: dict[str, Any]) -> L.Trainer:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [instantiate_checked(node, f"callbacks.{key}")
+                 for key, node in (cfg.get("callbacks") or {}).items() if node is not None]
+    loggers = build_loggers(cfg.get("logger"), save_dir=str(stage_dir), **context)
+    node = OmegaConf.merge(cfg.trainer, stage.trainer)
+    if node.get("enable_progress_bar") is False:  # a bar callback would contradict it
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return instantiate_checked(node, "trainer", default_root_dir=str(stage_dir),
+                               callbacks=[*callbacks, keep], logger=loggers or False,
+                               enable_checkpointing=False)

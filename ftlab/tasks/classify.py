@@ -1,0 +1,65 @@
+"""Sequence and sentence-pair classification with a head on the first-token representation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_model
+
+
+class Classify:
+    """Cross-entropy over ``len(labels)`` classes; metrics: accuracy and macro-F1."""
+
+    def __init__(self, max_length: int = 128, monitor: str = "acc") -> None:
+        self.max_length = max_length
+        self.monitor = monitor
+        self.mode = "max"
+        self.labels: list[str] = []
+
+    def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
+        if raw.labels is None:
+            raise FtlabError("stage=classify needs labelled data, but data.label_column is null.",
+                             "set data.label_column, or use an unlabelled objective (stage=mlm).")
+        self.labels = raw.labels
+        self.tokenizer = tokenizer
+        self.text_columns = list(text_columns)
+
+    def featurize(self, batch: dict[str, list]) -> dict[str, list]:
+        texts = [[("" if t is None else str(t)) for t in batch[c]] for c in self.text_columns]
+        enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+        enc["labels"] = batch["label"]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return dict(enc)
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return load_model(
+            spec, AutoModelForSequenceClassification, num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={name: i for i, name in enumerate(self.labels)},
+        )
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        out = model(**batch)
+        return out.loss, out.logits
+
+    def metrics(self) -> MetricCollection:
+        n = len(self.labels)
+        return MetricCollection({"acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                                 "f1": MulticlassF1Score(num_classes=n, average="macro")})
+
+    def update(self, metrics: MetricCollection, out: Any, batch: dict[str, torch.Tensor]) -> None:
+        metrics.update(out.float().argmax(-1), batch["labels"])
+
+    def baseline(self, labels: list[int]) -> dict[str, float]:
+        """Majority-class accuracy: a run at or below it learnt nothing."""
+        counts = torch.bincount(torch.as_tensor(list(labels)), minlength=len(self.labels))
+        return {"acc": (counts.max() / counts.sum()).item()}

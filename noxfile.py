@@ -1,0 +1,37 @@
+"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+# the CPU build of torch; on a GPU machine run `nox -s tests -- ` after editing this pin
+TORCH = "torch==2.13.0"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The full default suite (unit + integration); `-- -m slow` for the slow ones."""
+    session.install(TORCH, "-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "ftlab", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The embedded default, then a 3-seed sweep of the quick experiment with its report."""
+    session.install(TORCH, "-e", ".")
+    session.run("ftlab", *session.posargs)
+    session.run("ftlab", "-m", "experiment=quick", "seed=1,2,3")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks that print figures (minutes on a 2-core CPU)."""
+    session.install(TORCH, "-e", ".")
+    session.run("python", "benchmarks/overhead.py", *session.posargs)

@@ -1,0 +1,56 @@
+"""The command line as a user meets it: clear errors, sweeps that survive a failing job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, tiny_overrides
+
+
+def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": ""}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["peft=nonexistent"], "Available options in 'peft'"),
+    (["trainer.max_epoch=3"], "max_epoch"),
+    (["data.text_columns=[review]"], "['review'] not found in the train split; columns found"),
+    (["data.files.train=/nonexistent/train.csv"], "not found: /nonexistent/train.csv"),
+])
+def test_bad_input_gives_a_message_not_a_traceback(args, expected, tmp_path, sentiment_dir):
+    proc = ftlab(*tiny_overrides(sentiment_dir), *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert expected in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_seed_sweep_writes_summary_and_survives_a_failing_job(tmp_path, sentiment_dir):
+    # the job with 8 training rows cannot fill a batch of 16: it fails, the others run
+    proc = ftlab("-m", *tiny_overrides(sentiment_dir), "stage.trainer.max_epochs=1",
+                 "seed=1,2", "data.max_train_samples=null,8", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr  # a job errored, and the exit code says so
+    sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 1
+    summary = json.loads((sweeps[0] / "summary.json").read_text())
+    ok = summary["data.max_train_samples=null"]
+    bad = summary["data.max_train_samples=8"]
+    assert ok["runs"] == 2 and ok["errored"] == 0 and ok["metrics"]["test/acc"]["n"] == 2
+    assert set(ok["seeds"]) == {"1", "2"}
+    assert bad["errored"] == 2 and "fewer than one batch" in bad["errors"]["1"]
+    assert (sweeps[0] / "summary.png").is_file() and (sweeps[0] / "summary.md").is_file()
+
+
+def test_python_m_and_console_script_are_the_same_app():
+    proc = subprocess.run([sys.executable, "-m", "ftlab", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0
+    assert "peft: full" in proc.stdout and "stage: classify" in proc.stdout

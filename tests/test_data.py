@@ -1,0 +1,88 @@
+"""Loading, splitting and checking data: the rules users rely on."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftlab.data.sources import grouped_split, load_raw
+from ftlab.data.spec import DataSpec
+from ftlab.errors import FtlabError
+from tests.conftest import POS, shared_file, synthetic_rows, write_jsonl
+
+
+def spec_for(tmp_path, rows=None, **kw) -> DataSpec:
+    rows = rows if rows is not None else synthetic_rows(300, 0)
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    return DataSpec(path="json", files={"all": str(path)}, **kw)
+
+
+def test_grouped_split_keeps_groups_together_and_is_deterministic(tmp_path):
+    raw = load_raw(spec_for(tmp_path, split_by="group"))
+    groups = {s: set(ds["group"]) for s, ds in raw.splits.items()}
+    assert not groups["train"] & groups["test"]
+    assert not groups["train"] & groups["validation"]
+    assert not groups["validation"] & groups["test"]
+    again = load_raw(spec_for(tmp_path, split_by="group"))
+    assert list(again.splits["test"]["text"]) == list(raw.splits["test"]["text"])
+
+
+def test_row_split_fractions(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"x": list(range(10_000))})
+    sizes = {k: len(v) for k, v in grouped_split(ds, None, [0.8, 0.1, 0.1]).items()}
+    assert sum(sizes.values()) == 10_000
+    assert 7700 < sizes["train"] < 8300 and 800 < sizes["test"] < 1200
+
+
+def test_labels_follow_declared_order_and_drop(tmp_path):
+    rows = synthetic_rows(200, 0) + [{"text": "synopsis", "label": "plot", "group": "p"}] * 30
+    raw = load_raw(spec_for(tmp_path, rows, labels=["pos", "neg"], drop_labels=["plot"]))
+    assert raw.labels == ["pos", "neg"]
+    for ds in raw.splits.values():
+        for text, label in zip(list(ds["text"]), list(ds["label"]), strict=True):
+            assert text != "synopsis"
+            assert label == (0 if set(text.split()) & set(POS) else 1)
+
+
+def test_label_outside_declared_set_is_named(tmp_path):
+    with pytest.raises(FtlabError, match=r"(?s)outside the label set.*Fix: add them to data.lab"):
+        load_raw(spec_for(tmp_path, labels=["pos", "negative"]))
+
+
+def test_missing_column_lists_found_columns(tmp_path):
+    with pytest.raises(FtlabError, match=r"(?s)\['review'\] not found.*columns found: group, "
+                                         r"label, text.*data.text_columns"):
+        load_raw(spec_for(tmp_path, text_columns=["review"]))
+    with pytest.raises(FtlabError, match=r"(?s)data.label_column"):
+        load_raw(spec_for(tmp_path, label_column="sentiment"))
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FtlabError, match="(?s)not found"):
+        load_raw(DataSpec(path="json", files={"train": str(tmp_path / "nope.jsonl")}))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(FtlabError, match="(?s)is empty"):
+        load_raw(DataSpec(files={"train": str(tmp_path / "empty.csv")}))
+
+
+def test_all_empty_texts(tmp_path):
+    rows = [{"text": "  ", "label": "a" if i % 2 else "b"} for i in range(40)]
+    with pytest.raises(FtlabError, match="(?s)All texts in column 'text'"):
+        load_raw(spec_for(tmp_path, rows))
+
+
+def test_max_train_samples_caps_with_seed(tmp_path):
+    a = list(load_raw(spec_for(tmp_path, max_train_samples=50), seed=1).splits["train"]["text"])
+    b = list(load_raw(spec_for(tmp_path, max_train_samples=50), seed=2).splits["train"]["text"])
+    assert len(a) == 50 and a != b
+
+
+def test_sentence_pairs_from_shared_vitaminc():
+    train = shared_file("vitaminc/validation.jsonl")
+    spec = DataSpec(path="json", files={"train": str(train)}, text_columns=["evidence", "claim"],
+                    labels=["True", "False", "Neither"], splits={"train": "train"})
+    raw = load_raw(spec)
+    assert raw.labels == ["True", "False", "Neither"]
+    assert len(raw.splits["train"]) == 3000
+    assert set(list(raw.splits["train"]["label"])) == {0, 1, 2}
