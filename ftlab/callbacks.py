@@ -38,3 +38,25 @@ class KeepBest(L.Callback):
     def restore(self, pl_module: L.LightningModule) -> None:
         if self.state is not None:
             self.peft.load_trainable_state(pl_module.model, self.state)
+
+
+class GradualUnfreeze(L.Callback):
+    """ULMFiT's gradual unfreezing: in epoch ``e`` only the top ``e + 1`` layer groups learn
+    (epoch 0: heads and pooler; then one more transformer layer each epoch; embeddings last).
+
+    Lower groups get their gradients dropped before the optimiser step rather than
+    ``requires_grad`` switched off, so the trainable state (artefact, best-epoch copy) stays
+    the same set of parameters throughout.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ftlab.optim import layer_depths
+
+        self.depth, self.top = layer_depths(pl_module.model)
+        self.params = dict(pl_module.model.named_parameters())
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lowest = self.top - trainer.current_epoch  # groups at or above this depth learn
+        for name, p in self.params.items():
+            if self.depth[name] < lowest and p.grad is not None:
+                p.grad = None

@@ -44,6 +44,7 @@ def _app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     quiet()
+    preflight(sys.argv[1:])
     _app()
     from ftlab.run import ERRORED
 
@@ -51,3 +52,40 @@ def main() -> None:
         print(f"ftlab: {len(ERRORED)} job(s) ended in an error; see metrics.json in: "
               + ", ".join(ERRORED), file=sys.stderr)
         sys.exit(1)
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose the overrides once before Hydra runs, so a typo fails with a helpful message.
+
+    Hydra alone says "Key 'max_epoch' is not in struct"; this says which key was meant. Sweep
+    values are checked one by one for group options, otherwise with their first value.
+    """
+    from ftlab.errors import FtlabError
+    from ftlab.preflight import check_overrides
+
+    if any(a.startswith(SKIP_FLAGS) for a in argv):
+        return
+    try:
+        check_overrides(_overrides(argv), CONFIG_DIR)
+    except FtlabError as err:
+        print(f"\nftlab: {err}\n", file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # noqa: BLE001 - a check that cannot decide leaves it to Hydra
+        return
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The override arguments of a command line (flags and their values dropped)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("-"):
+            skip = arg in ("--cfg", "-c", "--package", "-p")
+            continue
+        out.append(arg)
+    return out
+
+
+#: flags that change what Hydra does with the arguments: leave those to Hydra
+SKIP_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+              "--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
+              "--experimental-rerun")

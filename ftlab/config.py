@@ -31,8 +31,11 @@ def bind_schema(schema: type[T], node: Any, where: str) -> T:
         raise FtlabError(f"Unknown key '{key}' in {where}.{closest(key, valid)}",
                          f"use one of: {choices_text(valid)}.") from None
     except OmegaConfBaseException as err:
-        raise FtlabError(f"Invalid value in {where}: {str(err).splitlines()[0]}",
-                         f"check the types of the keys under {where}.") from None
+        key = getattr(err, "full_key", None)
+        at = f" for key '{key}'" if key else ""
+        raise FtlabError(f"Invalid value in {where}{at}: {str(err).splitlines()[0]}",
+                         f"give {f'{key!r}' if key else 'each key'} under {where} a value of "
+                         "the type its default has (see the YAML file).") from None
 
 
 def instantiate_checked(node: DictConfig | dict, where: str, **extra: Any) -> Any:

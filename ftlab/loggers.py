@@ -43,13 +43,14 @@ def wandb_logger(
 ):
     """A Lightning ``WandbLogger`` that never hangs without a network.
 
-    ``mode``: ``online``, ``offline`` or ``auto`` (online only when an API key is configured;
-    offline runs sync later with ``wandb sync <save_dir>/wandb/offline-run-*``).
+    ``mode``: ``online``, ``offline`` or ``auto`` (online only when an API key is configured
+    and the W&B server answers within 3 s; offline runs sync later with
+    ``wandb sync <save_dir>/wandb/offline-run-*``).
     """
     from lightning.pytorch.loggers import WandbLogger
 
     if mode == "auto":
-        mode = "online" if _has_api_key() else "offline"
+        mode = "online" if _has_api_key() and _reachable("api.wandb.ai") else "offline"
     if mode == "offline":
         os.environ["WANDB_MODE"] = "offline"  # also stops analytics calls at exit
         log.info("W&B is offline; sync later with `wandb sync %s/wandb/offline-run-*`", save_dir)
@@ -60,6 +61,17 @@ def wandb_logger(
     if config:
         logger.experiment.config.update(config, allow_val_change=True)
     return logger
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to ``host`` (so online logging will not hang)?"""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _has_api_key() -> bool:

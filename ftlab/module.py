@@ -25,6 +25,8 @@ class FineTuneModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.regularizer.training_loss(self.model, batch, self.task)
+        if hasattr(self.model, "extra_loss"):  # a PEFT wrapper's penalty (diff pruning's L0)
+            loss = loss + self.model.extra_loss()
         if not torch.isfinite(loss):
             from ftlab.errors import FtlabError
 

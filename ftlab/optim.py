@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,10 @@ class OptimSpec:
         weight_decay: decoupled weight decay (not on biases or LayerNorm weights).
         warmup_ratio: fraction of all optimiser steps spent warming up linearly from 0.
         betas / eps: AdamW moments; BERT used (0.9, 0.999) and eps 1e-6.
+        layer_decay: layer-wise LR decay (ULMFiT's discriminative fine-tuning): a parameter
+            ``d`` layer groups below the top (heads) trains at ``lr * layer_decay**d``; 1.0 off.
+        gradual_unfreeze: ULMFiT gradual unfreezing: epoch 0 trains only the top group (heads
+            and pooler), each further epoch one more layer below, down to the embeddings.
     """
 
     lr: float = 5e-5
@@ -24,22 +29,48 @@ class OptimSpec:
     warmup_ratio: float = 0.06
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    layer_decay: float = 1.0
+    gradual_unfreeze: bool = False
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+#: ``...layer.3.`` (BERT), ``...layers.3.`` (Llama), ``...block.3.`` (T5), ``.h.3.`` (GPT-2)
+_LAYER = re.compile(r"\.(?:layer|layers|block|h)\.(\d+)\.")
+
+
+def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
+    """(parameter name -> layer group, top group): 0 = embeddings, ``i + 1`` = transformer
+    layer ``i``, top = everything above (pooler, task and MLM heads)."""
+    names = [n for n, _ in model.named_parameters()]
+    layer = {n: int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    top = max(layer.values(), default=-1) + 2
+    depth = {n: layer[n] + 1 if n in layer else 0 if "embed" in n else top for n in names}
+    return depth, top
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay off for biases/norms; with ``layer_decay`` < 1 one group
+    pair per layer depth, each with its own ``lr``."""
+    depth, top = layer_depths(model) if layer_decay != 1.0 else ({}, 0)
+    groups: dict[tuple[bool, int], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((skip, depth.get(name, top)), []).append(p)
+    out = []
+    for (skip, d), params in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        group = {"params": params, "weight_decay": 0.0 if skip else weight_decay}
+        if lr is not None:
+            group["lr"] = lr * layer_decay ** (top - d)
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, spec: OptimSpec, total_steps: int):
     """(optimizer, scheduler config) for Lightning's ``configure_optimizers``."""
-    groups = [g for g in param_groups(model, spec.weight_decay) if g["params"]]
+    groups = [g for g in param_groups(model, spec.weight_decay, spec.lr, spec.layer_decay)
+              if g["params"]]
     opt = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
     warmup = int(spec.warmup_ratio * total_steps)
 

@@ -28,6 +28,10 @@ class StageSpec:
         seed: this stage's seed; null uses the run's ``seed``.
         data / peft / regularizer: this stage's own nodes; null uses the run's groups.
         save_artefact: write the trained parameters as safetensors.
+        data_overrides: keys merged onto this stage's data (e.g. ``{max_train_samples: null}``
+            so TAPT reads all of the task's text while the classifier gets 500 labels).
+        aux_mlm_weight: > 0 adds that times a masked-LM loss on the task's own text to the
+            training loss (joint adaptive + task training, Chronopoulou et al. 2019).
     """
 
     name: str = "classify"
@@ -43,9 +47,19 @@ class StageSpec:
     peft: Any = None
     regularizer: Any = None
     save_artefact: bool = True
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+    aux_mlm_weight: float = 0.0
 
 
 CARRY = ("model", "encoder")
+
+
+def stage_data(stage: StageSpec, cfg: DictConfig) -> dict[str, Any]:
+    """The stage's resolved data node: its own (or the run's) plus ``data_overrides``."""
+    node = stage.data if stage.data is not None else cfg.data
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    return {**node, **stage.data_overrides}
 
 
 def build_pipeline(cfg: DictConfig) -> list[StageSpec]:
@@ -53,8 +67,9 @@ def build_pipeline(cfg: DictConfig) -> list[StageSpec]:
     pipeline = cfg.get("pipeline")
     nodes = (pipeline.get("stages") if pipeline else None) or {cfg.stage.name: cfg.stage}
     stages = []
-    for key, node in nodes.items():
-        node = OmegaConf.merge(node, {"name": node.get("name") or key})
+    for key, node in nodes.items():  # in a pipeline the mapping key is the stage's name
+        node = OmegaConf.merge(node, {"name": key if len(nodes) > 1 or pipeline else
+                                      node.get("name") or key})
         stages.append(bind_schema(StageSpec, node, f"stage '{key}'"))
     for data in (s.data for s in stages):  # resolved later, but fail early on a bad type
         if data is not None and not isinstance(data, dict):

@@ -10,11 +10,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
+from ftlab.config import bind_schema
 from ftlab.errors import FtlabError
 from ftlab.loggers import finish_wandb
 from ftlab.pipeline import build_pipeline
-from ftlab.stage import StageResult, run_stage
+from ftlab.stage import StageResult
 from ftlab.store import write_json
+from ftlab.validate import validate
 
 log = logging.getLogger("ftlab")
 
@@ -58,10 +61,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         stages = build_pipeline(cfg)
         record["pipeline"] = [s.name for s in stages]
+        validate(cfg, stages)  # every stage's config and data, before any training
+        cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
+        cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
+        keys = pipeline_keys(stages, cfg)
+        lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
+                                        "key": keys[s.name], "cache_hit": None} for s in stages]
+        context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys
         results: dict[str, StageResult] = {}
-        for stage in stages:
-            result = run_stage(stage, cfg, run_dir, results, context)
+        for stage, line in zip(stages, lineage, strict=True):
+            result = run_or_reuse(stage, cfg, run_dir, results, context, keys[stage.name],
+                                  cache if stage.name in cached else None)
             results[stage.name] = result
+            line["cache_hit"] = result.info["cache_hit"]
             record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
             write_json(out, record)
         final = results[stages[-1].name].metrics

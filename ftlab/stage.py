@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ftlab.callbacks import KeepBest
+from ftlab.callbacks import GradualUnfreeze, KeepBest
 from ftlab.config import bind_schema, instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import load_raw
@@ -23,7 +23,7 @@ from ftlab.loggers import build_loggers
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import count_parameters
-from ftlab.pipeline import StageSpec
+from ftlab.pipeline import StageSpec, stage_data
 from ftlab.store import save_tensors
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class StageResult:
     name: str
     metrics: dict[str, float]
-    model: nn.Module
+    model: nn.Module | dict[str, Any]  # a cache hit holds the stored state dict instead
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -43,19 +43,24 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     seed = stage.seed if stage.seed is not None else cfg.seed
     stage_dir = run_dir / stage.name
     L.seed_everything(seed, workers=True, verbose=False)
-    data_spec = bind_schema(DataSpec, stage.data or cfg.data, "data")
+    data_spec = bind_schema(DataSpec, stage_data(stage, cfg), "data")
     model_spec = bind_schema(ModelSpec, cfg.model, "model")
     raw = load_raw(data_spec, seed)
     tokenizer = load_tokenizer(model_spec)
     task = instantiate_checked(stage.task, f"stage '{stage.name}'.task")
+    if stage.aux_mlm_weight > 0:
+        from ftlab.tasks.mlm import AuxMLM
+
+        task = AuxMLM(task, stage.aux_mlm_weight)
     task.bind(raw, tokenizer, data_spec.text_columns)
     dm = TextDataModule(raw.splits, task.featurize, tokenizer.pad_token_id,
                         batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
                         seed=seed)
 
     model = task.build_model(model_spec)
+    handed = {}
     if stage.init_from != "pretrained":
-        hand_over(upstream[stage.init_from].model, model, stage.carry)
+        handed = hand_over(upstream[stage.init_from].model, model, stage.carry)
     peft = instantiate_checked(stage.peft or cfg.peft, "peft")
     regularizer = instantiate_checked(stage.regularizer or cfg.regularizer, "regularizer")
     model = regularizer.apply(peft.apply(model))
@@ -71,6 +76,8 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     start = time.perf_counter()
     trainer.fit(module, dm)
     fit_s = time.perf_counter() - start
+    if keep.best is None and "validation" in dm.splits:  # max_steps ended before any validation
+        trainer.validate(module, dm, verbose=False)
     keep.restore(module)
 
     metrics: dict[str, float] = {f"val/{k}": v for k, v in keep.metrics.items()}
@@ -81,12 +88,15 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
         metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
     info = counts | {"fit_seconds": round(fit_s, 2), "best_epoch": keep.best_epoch,
                      "seed": seed, "train_rows": len(raw.splits["train"]),
-                     "global_steps": trainer.global_step}
+                     "global_steps": trainer.global_step, "handed_over": handed,
+                     **getattr(task, "info", {})}
     if stage.save_artefact:
         state = peft.trainable_state(module.model)
         path = save_tensors(stage_dir / "trainable.safetensors", state,
                             metadata={"peft": peft.name, "stage": stage.name})
         info |= {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
+        if hasattr(peft, "save"):  # e.g. HF peft's save_pretrained folder
+            info["artefact_dir"] = str(peft.save(module.model, stage_dir))
     return StageResult(stage.name, metrics, module.model, info)
 
 
@@ -95,6 +105,8 @@ def _trainer(cfg: DictConfig, stage: StageSpec, stage_dir: Path, keep: KeepBest,
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in (cfg.get("callbacks") or {}).items() if node is not None]
+    if stage.optim.gradual_unfreeze:
+        callbacks.append(GradualUnfreeze())
     loggers = build_loggers(cfg.get("logger"), save_dir=str(stage_dir), **context)
     node = OmegaConf.merge(cfg.trainer, stage.trainer)
     if node.get("enable_progress_bar") is False:  # a bar callback would contradict it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ftlab.errors import FtlabError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -22,8 +25,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FtlabError(
+                f"The disk is full (or over quota) while writing {path}; nothing was half-"
+                "written, and results written earlier are intact.",
+                "free disk space or point paths.log_dir at a larger disk, then re-run (finished "
+                "upstream stages are reused from the stage cache).") from None
         raise
     return path
 

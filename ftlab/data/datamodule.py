@@ -46,8 +46,9 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.splits[split]
+        lengths = ds.with_format("arrow")["length"].to_numpy().copy()  # no Python list
         sampler = LengthGroupedBatchSampler(
-            list(ds["length"]), self.batch_size if train else self.eval_batch_size,
+            lengths, self.batch_size if train else self.eval_batch_size,
             shuffle=train, seed=self.seed)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
                           num_workers=self.num_workers)

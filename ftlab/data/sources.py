@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from ftlab.data.spec import DataSpec
@@ -89,7 +91,7 @@ def _load(spec: DataSpec) -> DatasetDict:
         if path.stat().st_size == 0:
             raise FtlabError(f"Data file for split '{split}' is empty: {path}.",
                              "point data.files at a file with a header and rows.")
-        files[split] = str(path.resolve())
+        files[split] = str(unzip_single(path.resolve()))
     builder = _builder_for(spec, files)
     kwargs = {"delimiter": "\t"} if builder == "csv" and any(
         _suffix(f) == ".tsv" for f in files.values()) else {}
@@ -104,10 +106,41 @@ def _load(spec: DataSpec) -> DatasetDict:
             raise FtlabError(
                 f"A data file is not valid UTF-8 ({cause.reason} at byte {cause.start}).",
                 "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+        if "Cast" in type(cause).__name__ or "Cast" in type(err).__name__:
+            raise FtlabError(
+                f"The {builder} files {sorted(files.values())} do not share the same columns "
+                "and types, so they cannot be read as splits of one dataset.",
+                "give every split's file the same columns (names and types); extra columns "
+                "may be dropped beforehand.") from None
         raise FtlabError(f"Could not read {builder} files {sorted(files.values())}: "
                          f"{type(cause).__name__}: {cause}",
                          "check the file is well-formed (one JSON object per line for .jsonl, "
                          "a header row for .csv).") from None
+
+
+def unzip_single(path: Path) -> Path:
+    """A ``.zip`` holding one data file (csv/jsonl/parquet) -> that file, extracted once beside
+    the archive (``<name>.zip.d/``); any other path is returned unchanged."""
+    if path.suffix != ".zip":
+        return path
+    import zipfile
+
+    from filelock import FileLock
+
+    with zipfile.ZipFile(path) as zf:
+        members = [n for n in zf.namelist() if BUILDERS.get(_suffix(n))]
+        if len(members) != 1:
+            raise FtlabError(f"{path} holds {len(members)} data files ({members[:5]}); ftlab "
+                             "reads a zip holding exactly one csv/tsv/jsonl/parquet file.",
+                             "unzip it and point data.files at the file you want.")
+        out = path.with_name(path.name + ".d") / members[0]
+        with FileLock(str(path) + ".lock"):
+            if not out.is_file():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(out.name + ".tmp")
+                tmp.write_bytes(zf.read(members[0]))
+                os.replace(tmp, out)  # atomic: a reader never sees half a file
+    return out
 
 
 def _pick_splits(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
@@ -138,14 +171,23 @@ def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float])
         raise FtlabError(f"data.split_by column '{group_column}' is not in the data; columns "
                          f"found: {choices_text(ds.column_names)}.", "set data.split_by to one "
                          "of those, or null to split row by row.")
-    keys = list(ds[group_column]) if group_column else range(len(ds))
-    edges = (fractions[0], fractions[0] + fractions[1])
-    buckets: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for i, key in enumerate(keys):
-        digest = hashlib.md5(str(key).encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64
-        buckets[SPLITS[0 if u < edges[0] else 1 if u < edges[1] else 2]].append(i)
-    return DatasetDict({s: ds.select(idx) for s, idx in buckets.items()})
+    if group_column:  # hash each distinct value once (Arrow), not one Python object per row
+        column = ds.with_format("arrow")[group_column]
+        encoded = pc.dictionary_encode(column).combine_chunks()
+        values = encoded.dictionary.to_pylist()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+    else:
+        values, codes = range(len(ds)), None
+    u = np.fromiter((_unit(v) for v in values), dtype=np.float64, count=len(values))
+    u = u[codes] if codes is not None else u
+    split_of = np.searchsorted([fractions[0], fractions[0] + fractions[1]], u, side="right")
+    return DatasetDict({s: ds.select(np.flatnonzero(split_of == i)) for i, s in enumerate(SPLITS)})
+
+
+def _unit(key: object) -> float:
+    """A stable number in [0, 1) for ``key`` (its split does not depend on row order)."""
+    digest = hashlib.md5(str(key).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
@@ -178,14 +220,14 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
     labels = [str(x) for x in spec.labels] if spec.labels is not None else sorted(
-        {as_str(v) for v in dsd["train"][col] if v is not None})
+        {as_str(v) for v in _distinct(dsd["train"], col) if v is not None})
     if len(labels) < 2:
         raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
                          "classification needs at least two.",
                          "check data.label_column, or data.labels.")
     index = {name: i for i, name in enumerate(labels)}
     for split, ds in dsd.items():
-        unknown = sorted({as_str(v) for v in ds[col]} - set(index), key=str)
+        unknown = sorted({as_str(v) for v in _distinct(ds, col)} - set(index), key=str)
         if unknown:
             raise FtlabError(
                 f"The {split} split has label value(s) {unknown[:10]} outside the label set "
@@ -193,6 +235,11 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                 "add them to data.labels, drop them with data.drop_labels, or fix the data.",
             )
     return dsd.map(lambda b: {"label": [index[as_str(v)] for v in b[col]]}, batched=True), labels
+
+
+def _distinct(ds: Dataset, column: str) -> list:
+    """The distinct values of a column, computed in Arrow (no Python list of every row)."""
+    return pc.unique(ds.with_format("arrow")[column]).to_pylist()
 
 
 def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:

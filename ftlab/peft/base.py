@@ -16,6 +16,12 @@ class PeftMethod(Protocol):
     ``apply`` freezes/injects and returns the model to train (possibly wrapped);
     ``trainable_state`` is what gets saved (small for PEFT methods); ``load_trainable_state``
     puts such a state back into a model that went through ``apply``.
+
+    Optional hooks, used when present: ``save(model, directory)`` writes an extra artefact
+    (HF peft's ``save_pretrained`` folder), called by the stage after the safetensors file;
+    a wrapper model returned by ``apply`` may define ``extra_loss()`` (a penalty added to the
+    training loss, e.g. diff pruning's L0 term). ``layers.top_layer_ops`` gives every method
+    ``drop_top``/``reinit_top``.
     """
 
     name: str

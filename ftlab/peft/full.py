@@ -6,12 +6,17 @@ import torch
 from torch import nn
 
 from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.layers import top_layer_ops
 
 
 class Full:
     name = "full"
 
+    def __init__(self, drop_top: int = 0, reinit_top: int = 0) -> None:
+        self.drop_top, self.reinit_top = drop_top, reinit_top
+
     def apply(self, model: nn.Module) -> nn.Module:
+        top_layer_ops(model, self.drop_top, self.reinit_top)
         model.requires_grad_(True)
         return model
 

@@ -1,0 +1,138 @@
+"""A small-scale Gururangan et al. (2020) comparison on Rotten Tomatoes with few labels:
+no adaptation vs TAPT vs DAPT (news) + TAPT, then the classifier, over several seeds; and the
+wall time of a tiny pipeline sweep with the stage cache vs without. Prints figures.
+
+    python benchmarks/adaptive.py [--seeds 1,2,3] [--labels 500] [--dapt-steps 200]
+        [--tapt-steps 200] [--task-epochs 3] [--configs none,tapt,dapt_tapt]
+    python benchmarks/adaptive.py --sweep-timing     # tiny model, cache vs no cache
+
+DAPT/TAPT have a fixed seed, so they are trained once per configuration (stage cache in
+``--cache-dir``) and reused by every seed of the classifier. Full scale (Gururangan et al.):
+12.5k DAPT steps and 100 TAPT epochs with RoBERTa on a GPU; the defaults here are CPU-sized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from ftlab.cli import CONFIG_DIR, quiet
+from ftlab.run import run
+
+os.environ.setdefault("WANDB_MODE", "offline")
+QUIET = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"]
+
+
+def run_job(overrides: list[str], out: Path) -> dict:
+    """Compose conf/ with ``overrides`` (as the CLI would) and run it into ``out``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        del cfg["hydra"]
+    return run(cfg)
+
+
+def adaptive(args: argparse.Namespace) -> None:
+    common = [*QUIET, f"data.max_train_samples={args.labels}",
+              f"data.max_eval_samples={args.eval_samples}", f"cache.dir={args.cache_dir}",
+              f"trainer.precision={args.precision}"]
+    task = "pipeline.stages.task"
+    configs = {
+        "none": [f"stage.trainer.max_epochs={args.task_epochs}", f"stage.optim.lr={args.lr}"],
+        "tapt": ["pipeline=tapt_task", f"pipeline.stages.tapt.trainer.max_steps={args.tapt_steps}",
+                 f"{task}.trainer.max_epochs={args.task_epochs}", f"{task}.optim.lr={args.lr}"],
+        "dapt_tapt": [
+            "pipeline=dapt_tapt_task", f"pipeline.stages.dapt.trainer.max_steps={args.dapt_steps}",
+            f"pipeline.stages.dapt.data.max_train_samples={args.dapt_articles}",
+            f"pipeline.stages.tapt.trainer.max_steps={args.tapt_steps}",
+            f"{task}.trainer.max_epochs={args.task_epochs}", f"{task}.optim.lr={args.lr}"],
+    }
+    results: dict[str, list[dict]] = {}
+    for name in args.configs.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            start = time.perf_counter()
+            rec = run_job([*common, *configs[name], f"seed={seed}"],
+                          Path(args.out) / name / f"seed{seed}")
+            if rec["status"] != "ok":
+                raise SystemExit(f"{name} seed {seed} failed: {rec.get('error')}")
+            row = {"seed": seed, "test_acc": rec["final"]["test/acc"],
+                   "val_acc": rec["final"]["val/acc"], "seconds": time.perf_counter() - start,
+                   "lineage": [(x["stage"], x["cache_hit"]) for x in rec["lineage"]],
+                   "mlm": {s: v["metrics"].get("test/ppl") for s, v in rec["stages"].items()
+                           if "test/ppl" in v["metrics"]}}
+            results.setdefault(name, []).append(row)
+            print(json.dumps({"config": name, **row}), flush=True)
+    print(f"\n{args.labels} labels, seeds {args.seeds}, DAPT {args.dapt_steps} steps on "
+          f"{args.dapt_articles} news articles, TAPT {args.tapt_steps} steps, classifier "
+          f"{args.task_epochs} epochs at lr {args.lr}, precision {args.precision}")
+    print("| config | test acc mean | std | val acc mean | n | wall s (all seeds) |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        acc = [r["test_acc"] for r in rows]
+        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        val = statistics.mean(r["val_acc"] for r in rows)
+        print(f"| {name} | {statistics.mean(acc):.4f} | {std:.4f} | {val:.4f} | {len(rows)} | "
+              f"{sum(r['seconds'] for r in rows):.0f} |")
+
+
+def sweep_timing(args: argparse.Namespace) -> None:
+    """A 3-seed sweep of the tiny two-stage pipeline, with the stage cache and without."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import synthetic_rows, tiny_overrides, write_jsonl
+
+    tmp = Path(tempfile.mkdtemp(prefix="ftlab-sweep-"))
+    for split, n, seed in (("train", 2000, 0), ("validation", 200, 1), ("test", 200, 2)):
+        write_jsonl(tmp / f"{split}.jsonl", synthetic_rows(n, seed))
+    base = [*tiny_overrides(tmp), "pipeline=tiny", f"cache.dir={tmp / 'cache'}",
+            "pipeline.stages.tapt.trainer.max_steps=150",
+            "pipeline.stages.task.trainer.max_steps=30"]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for mode in ("off", "upstream"):
+        start = time.perf_counter()
+        hits = []
+        for seed in seeds:
+            rec = run_job([*base, f"cache.stages={mode}", f"seed={seed}"], tmp / mode / str(seed))
+            hits.append(rec["lineage"][0]["cache_hit"])
+        print(f"cache.stages={mode}: {len(seeds)} seeds in {time.perf_counter() - start:.1f} s; "
+              f"TAPT cache hits per seed: {hits}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--labels", type=int, default=500, help="labelled training rows")
+    p.add_argument("--eval-samples", type=int, default=1000, help="cap on val/test rows")
+    p.add_argument("--dapt-steps", type=int, default=200)
+    p.add_argument("--dapt-articles", type=int, default=1000, help="news articles for DAPT")
+    p.add_argument("--tapt-steps", type=int, default=200)
+    p.add_argument("--task-epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4, help="classifier LR (few steps: high)")
+    p.add_argument("--precision", default="32-true", help="bf16-mixed: ~1.5x faster on CPU")
+    p.add_argument("--configs", default="none,tapt,dapt_tapt")
+    p.add_argument("--cache-dir", default="outputs/bench_stage_cache")
+    p.add_argument("--out", default="outputs/bench/adaptive")
+    p.add_argument("--sweep-timing", action="store_true", help="only the cache timing")
+    args = p.parse_args()
+    quiet()
+    sweep_timing(args) if args.sweep_timing else adaptive(args)
+
+
+if __name__ == "__main__":
+    main()

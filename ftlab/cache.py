@@ -1,0 +1,208 @@
+"""The stage cache: a finished stage is stored under a key derived from everything that shaped it
+(its resolved spec, model, data, seed and the keys of the stages it started from), so re-runs
+and sweeps reuse unchanged earlier stages instead of retraining them.
+
+Layout: ``<dir>/<key>/{model.safetensors, stage.json}``. A stage is written into a temporary
+folder and renamed into place when complete (atomic), so an interrupted stage never counts as
+finished; a lock per key makes concurrent jobs train a stage once (the others wait, then reuse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.errors import FtlabError, choices_text
+from ftlab.pipeline import StageSpec
+from ftlab.store import load_tensors, read_json, save_tensors, write_json
+
+log = logging.getLogger(__name__)
+
+#: bump when the stored format or the meaning of a key changes
+FORMAT = 1
+#: trainer keys that change nothing about the trained weights
+COSMETIC = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger",
+            "callbacks", "default_root_dir", "enable_checkpointing"}
+MODES = ("upstream", "all", "off")
+
+
+@dataclass
+class CacheSpec:
+    """The ``cache`` config node.
+
+    Attributes:
+        dir: where finished stages are stored (shared by all runs and sweeps).
+        stages: ``upstream`` caches stages a later stage starts from (DAPT/TAPT); ``all`` also
+            the last stage; ``off`` never caches.
+    """
+
+    dir: str = "outputs/stage_cache"
+    stages: str = "upstream"
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def stage_key(stage: StageSpec, cfg: DictConfig, upstream_key: str | None) -> str:
+    """A hash of what determines the stage's trained weights (not its name or log settings).
+
+    The seed enters as the seed that applies: the stage's own if set, else the run's; so a
+    stage with a fixed ``seed`` keeps its key across a seed sweep.
+    """
+    spec = asdict(stage)
+    for k in ("name", "save_artefact", "data", "peft", "regularizer", "trainer", "seed"):
+        spec.pop(k)
+    trainer = _plain(OmegaConf.merge(cfg.trainer, stage.trainer))
+    data = dict(_plain(stage.data or cfg.data))  # a copy: stage.data is not to change
+    # local files enter by size and modification time too: an edited file is a new key
+    data["file_stats"] = {k: _stat(v) for k, v in (data.get("files") or {}).items()}
+    payload = {
+        "format": FORMAT, "spec": spec, "upstream": upstream_key,
+        "model": _plain(cfg.model), "data": data,
+        "peft": _plain(stage.peft or cfg.peft),
+        "regularizer": _plain(stage.regularizer or cfg.regularizer),
+        "trainer": {k: v for k, v in trainer.items() if k not in COSMETIC},
+        "seed": stage.seed if stage.seed is not None else cfg.seed,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return f"{stage.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _stat(path: Any) -> list[int] | None:
+    p = Path(str(path)).expanduser()
+    return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
+
+
+def pipeline_keys(stages: list[StageSpec], cfg: DictConfig) -> dict[str, str]:
+    """Every stage's key; a stage's key includes the key of the stage it starts from."""
+    keys: dict[str, str] = {}
+    for s in stages:
+        keys[s.name] = stage_key(s, cfg, keys.get(s.init_from))
+    return keys
+
+
+def cached_stages(stages: list[StageSpec], mode: str) -> set[str]:
+    """Names of the stages to cache under ``mode``."""
+    if mode not in MODES:
+        raise FtlabError(f"cache.stages is '{mode}'.", f"use one of: {choices_text(MODES)}.")
+    if mode == "off":
+        return set()
+    if mode == "all":
+        return {s.name for s in stages}
+    return {s.init_from for s in stages if s.init_from != "pretrained"}
+
+
+class StageCache:
+    """Finished stages by key, safe under concurrent jobs."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The stored record of a complete stage, or None."""
+        meta = self.entry(key) / "stage.json"
+        return read_json(meta) if meta.is_file() else None
+
+    @contextmanager
+    def claim(self, key: str) -> Iterator[None]:
+        """Hold the key's lock (waiting for a job that is training it); clear stale temp dirs."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / f".{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("Another job is training stage %s; waiting to reuse it.", key)
+            lock.acquire()
+        try:
+            for stale in self.root.glob(f".{key}.tmp-*"):  # left by an interrupted job
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            lock.release()
+
+    def store(self, key: str, state: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:
+        """Write the weights and record into a temp folder, then rename it into place."""
+        tmp = self.root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            tmp.mkdir(parents=True)
+            save_tensors(tmp / "model.safetensors", dedupe(state),
+                         metadata={"key": key, "stage": str(record.get("name"))})
+            artefact = Path(str(record.get("info", {}).get("artefact", "")))
+            if artefact.is_file():  # the stage's own artefact (PEFT state), for reuse as is
+                shutil.copyfile(artefact, tmp / "trainable.safetensors")
+            write_json(tmp / "stage.json", record | {"key": key, "format": FORMAT})
+            if self.entry(key).exists():  # only a complete entry can exist (rename is atomic)
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, self.entry(key))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.entry(key)
+
+    def load_state(self, key: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.entry(key) / "model.safetensors")
+
+
+def dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tensors that share storage with an earlier one (tied decoder/embeddings)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in state.items():
+        ident = (t.data_ptr(), tuple(t.shape))
+        if ident not in seen:
+            seen.add(ident)
+            out[name] = t
+    return out
+
+
+def run_or_reuse(stage: StageSpec, cfg: DictConfig, run_dir: Path, upstream: dict[str, Any],
+                 context: dict[str, Any], key: str, cache: StageCache | None) -> Any:
+    """Reuse the stage from ``cache`` when it holds ``key``; else train it (storing it when
+    ``cache`` is given). Returns a ``StageResult``; ``info`` says ``cache_hit``."""
+    from ftlab.stage import StageResult, run_stage
+
+    if cache is None or OmegaConf.merge(cfg.trainer, stage.trainer).get("fast_dev_run"):
+        result = run_stage(stage, cfg, run_dir, upstream, context)
+        result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
+        return result
+    hit = cache.lookup(key)
+    if hit is None:
+        with cache.claim(key):
+            hit = cache.lookup(key)  # another job may have finished it while we waited
+            if hit is None:
+                result = run_stage(stage, cfg, run_dir, upstream, context)
+                model = result.model
+                state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+                path = cache.store(key, state, {"name": stage.name, "metrics": result.metrics,
+                                                "info": result.info})
+                log.info("Stage %s stored in the cache: %s", stage.name, path)
+                result.info |= {"cache_key": key, "cache_hit": False, "cached": True,
+                                "cache_path": str(path)}
+                return result
+    log.info("Stage %s reused from the cache (%s); not retrained.", stage.name, key)
+    write_json(run_dir / stage.name / "cache_hit.json", {"key": key, "path": str(
+        cache.entry(key))})
+    if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
+        shutil.copyfile(cache.entry(key) / "trainable.safetensors",
+                        run_dir / stage.name / "trainable.safetensors")
+    info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
+                          "cache_path": str(cache.entry(key))}
+    return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)

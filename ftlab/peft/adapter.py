@@ -1,0 +1,161 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020) and MAD-X-style stacking.
+
+An adapter is ``x + up(act(down(x)))`` applied by a forward hook to the output projection
+(``dense``) of a BERT-style ``*SelfOutput`` (after attention) and/or ``*Output`` (after the
+FFN) module, i.e. before that block's residual + LayerNorm, as in the papers. Adapters live
+in an ``adapters`` ModuleDict on those modules, run in order: frozen adapters loaded from
+``stack_on`` artefacts first (``stack0``, ``stack1``...), then the trainable ``adapter``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ftlab.errors import FtlabError
+from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.layers import (
+    SUPPORTED,
+    encoder_layers,
+    freeze,
+    head_parameters,
+    top_layer_ops,
+    unfreeze,
+)
+from ftlab.store import load_tensors
+
+PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
+TRAINABLE = "adapter"
+
+
+class Bottleneck(nn.Module):
+    """``x + up(relu(down(x)))``; ``up`` starts near zero, so the adapter starts near identity."""
+
+    def __init__(self, hidden: int, size: int, init_std: float = 1e-3) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(hidden, size), nn.Linear(size, hidden)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(torch.relu(self.down(x)))
+
+
+def _run_adapters(site: nn.Module):
+    def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        for adapter in site.adapters.values():
+            out = adapter(out)
+        return out
+    return hook
+
+
+def adapter_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """``{"attention": [...], "ffn": [...]}``: the output modules of every encoder layer."""
+    sites: dict[str, list[nn.Module]] = {"attention": [], "ffn": []}
+    for layer in encoder_layers(model):
+        for module in layer.modules():
+            kind = type(module).__name__
+            if not (hasattr(module, "dense") and hasattr(module, "LayerNorm")):
+                continue
+            if kind.endswith("SelfOutput"):
+                sites["attention"].append(module)
+            elif kind.endswith("Output"):
+                sites["ffn"].append(module)
+    if not sites["ffn"]:
+        raise FtlabError(f"Found no *Output modules with dense + LayerNorm in a "
+                         f"'{type(model).__name__}' to put adapters in.",
+                         f"adapters support {SUPPORTED}; use peft=lora for other models.")
+    return sites
+
+
+def _ensure_site(site: nn.Module) -> nn.ModuleDict:
+    if not hasattr(site, "adapters"):
+        site.adapters = nn.ModuleDict()
+        site.dense.register_forward_hook(_run_adapters(site))
+    return site.adapters
+
+
+class BottleneckAdapter:
+    """Args:
+        placement: ``houlsby`` (after attention and after FFN) or ``pfeiffer`` (after FFN).
+        reduction_factor: hidden size / bottleneck size.
+        train_layernorm: also train the LayerNorms (both papers did).
+        stack_on: artefacts of earlier adapter stages, frozen beneath the new adapter.
+    """
+
+    def __init__(self, placement: str = "pfeiffer", reduction_factor: int = 16,
+                 train_layernorm: bool = True, init_std: float = 1e-3,
+                 stack_on: list[str] | None = None, drop_top: int = 0,
+                 reinit_top: int = 0) -> None:
+        if placement not in PLACEMENTS:
+            raise FtlabError(f"Unknown adapter placement '{placement}'.",
+                             f"use one of: {', '.join(PLACEMENTS)}.")
+        self.name = f"adapter_{placement}"
+        self.placement, self.reduction_factor = placement, reduction_factor
+        self.train_layernorm, self.init_std = train_layernorm, init_std
+        self.stack_on = list(stack_on or [])
+        self.drop_top, self.reinit_top = drop_top, reinit_top
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
+        freeze(model)
+        # the up-front check (ftlab/validate.py) applies methods on the meta device, before an
+        # earlier stage of the same pipeline has written the artefact to stack on
+        meta = next(model.parameters()).is_meta
+        for i, path in enumerate(self.stack_on):
+            if not (meta and not Path(path).is_file()):
+                stack_adapter(model, path, f"stack{i}")
+        sites = adapter_sites(model)
+        for kind in PLACEMENTS[self.placement]:
+            for site in sites[kind]:
+                hidden = site.dense.out_features
+                size = max(1, hidden // self.reduction_factor)
+                adapters = _ensure_site(site)
+                adapters[TRAINABLE] = Bottleneck(hidden, size, self.init_std).to(
+                    site.dense.weight.device)
+        if self.train_layernorm:
+            for module in encoder_layers(model).modules():
+                if isinstance(module, nn.LayerNorm):
+                    unfreeze(module)
+        unfreeze(head_parameters(model))
+        unfreeze(fresh)
+        return model
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return requires_grad_state(model)
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_by_name(model, state)
+
+
+def stack_adapter(model: nn.Module, path: str | Path, name: str) -> int:
+    """Load the trained adapters of artefact ``path`` as frozen adapters called ``name``.
+
+    Only the ``adapters.adapter.*`` tensors are taken (not its head or LayerNorms); sizes come
+    from the tensors, so the stacked adapter may have another placement or reduction factor.
+    Returns how many adapter modules were added.
+    """
+    if not Path(path).is_file():
+        raise FtlabError(f"peft.stack_on: no artefact at '{path}'.",
+                         "point it at an earlier run's <stage>/trainable.safetensors.")
+    marker = f".adapters.{TRAINABLE}."
+    state = {k: v for k, v in load_tensors(path).items() if marker in k}
+    if not state:
+        raise FtlabError(f"'{path}' holds no adapters.",
+                         "stack only artefacts of peft=adapter_houlsby/adapter_pfeiffer stages.")
+    added = 0
+    for key in sorted(k for k in state if k.endswith(".down.weight")):
+        prefix = key[: key.index(marker)]
+        site = model.get_submodule(prefix)
+        size, hidden = state[key].shape
+        adapter = Bottleneck(hidden, size).to(site.dense.weight.device)
+        own = key[: -len("down.weight")]
+        adapter.load_state_dict({k[len(own):]: v for k, v in state.items() if k.startswith(own)})
+        adapter.requires_grad_(False)
+        _ensure_site(site)[name] = adapter
+        added += 1
+    return added

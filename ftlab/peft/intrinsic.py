@@ -1,0 +1,121 @@
+"""Intrinsic-dimension fine-tuning (Aghajanyan et al. 2021; Li et al. 2018).
+
+Only a ``d``-dimensional vector ``theta`` trains (plus the head); each backbone tensor moves by
+a Fastfood projection of it: ``w = w0 + (H G Pi H B pad(theta))[:numel] / (|G| sqrt(L))`` with
+``L`` the next power of 2, ``H`` a Walsh-Hadamard transform and ``B, Pi, G`` random (±1 signs,
+a permutation, Gaussians) regenerated from ``seed``. The artefact is ``theta``, the seed and
+the head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ftlab.peft.base import load_by_name
+from ftlab.peft.functional import Reparametrized, dense_state
+from ftlab.peft.layers import base_model, freeze, head_parameters, top_layer_ops, unfreeze
+
+THETA, SEED = "intrinsic.theta", "intrinsic.seed"
+
+
+def _hadamard(m: int, like: torch.Tensor) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=like.dtype, device=like.device)
+    while h.shape[0] < m:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def fwht(x: torch.Tensor, block_bits: int = 6) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of a vector of length 2^k.
+
+    ``H_(2^k)`` is a Kronecker product of small Hadamard matrices, so it is applied as a few
+    (2^6 x 2^6) matmuls along the axes of a reshaped vector: ~k/6 memory passes, not k.
+    """
+    n = x.numel()
+    k = n.bit_length() - 1
+    y, done = x, 0
+    while done < k:
+        bits = min(block_bits, k - done)
+        m, right = 1 << bits, 1 << done
+        y = y.reshape(-1, m, right).transpose(1, 2)  # one big GEMM along the m axis
+        y = (y.reshape(-1, m) @ _hadamard(m, x)).reshape(-1, right, m).transpose(1, 2)
+        done += bits
+    return y.reshape(n)
+
+
+class Fastfood(nn.Module):
+    """A fixed random ``d -> numel`` Fastfood map, regenerated from ``seed``."""
+
+    def __init__(self, d: int, numel: int, seed: int) -> None:
+        super().__init__()
+        size = 1 << max(d, numel - 1).bit_length()
+        g = torch.Generator().manual_seed(seed)
+        self.numel, self.size = numel, size
+        self.register_buffer("b", torch.randint(0, 2, (size,), generator=g).float() * 2 - 1,
+                             persistent=False)
+        self.register_buffer("perm", torch.randperm(size, generator=g), persistent=False)
+        gauss = torch.randn(size, generator=g)
+        self.register_buffer("g", gauss / (gauss.norm() * size ** 0.5), persistent=False)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        x = torch.zeros(self.size, dtype=theta.dtype, device=theta.device)
+        x = torch.cat((theta, x[theta.numel():])) * self.b
+        return fwht(fwht(x)[self.perm] * self.g)[: self.numel]
+
+
+class IntrinsicModel(Reparametrized):
+    def __init__(self, model: nn.Module, names: list[str], d: int, seed: int) -> None:
+        super().__init__(model, names)
+        self.d = d
+        self.theta = nn.Parameter(torch.zeros(d))
+        self.project(seed)
+
+    def project(self, seed: int) -> None:
+        """(Re)build the projections from ``seed`` (one per tensor: seed + its index)."""
+        self.seed = int(seed)
+        device = self.theta.device
+        self.maps = nn.ModuleList([Fastfood(self.d, w.numel(), self.seed + i).to(device)
+                                   for i, w in enumerate(self.originals())])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: w + m(self.theta).view_as(w).to(w.dtype)
+                for n, w, m in zip(self.names, self.originals(), self.maps, strict=True)}
+
+
+class Intrinsic:
+    """Args:
+        d: the intrinsic dimension (trained numbers); the paper: ~200 (MRPC) to ~2,000.
+        seed: seed of the random projection (saved in the artefact).
+        include_embeddings: project the embedding matrices too (the largest tensors).
+    """
+
+    name = "intrinsic"
+
+    def __init__(self, d: int = 500, seed: int = 0, include_embeddings: bool = True,
+                 drop_top: int = 0, reinit_top: int = 0) -> None:
+        self.d, self.seed, self.include_embeddings = d, seed, include_embeddings
+        self.drop_top, self.reinit_top = drop_top, reinit_top
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        fresh = {id(p) for p in top_layer_ops(model, self.drop_top, self.reinit_top)}
+        freeze(model)
+        backbone = {id(p) for p in base_model(model).parameters()}
+        names = [n for n, p in model.named_parameters() if id(p) in backbone
+                 and id(p) not in fresh and (self.include_embeddings or "embeddings" not in n)]
+        unfreeze(head_parameters(model))
+        unfreeze([p for p in model.parameters() if id(p) in fresh])
+        return IntrinsicModel(model, names, self.d, self.seed)
+
+    def trainable_state(self, model: IntrinsicModel) -> dict[str, torch.Tensor]:
+        state = dense_state(model, ("theta",))
+        return state | {THETA: model.theta.detach(), SEED: torch.tensor([model.seed])}
+
+    def load_trainable_state(self, model: IntrinsicModel, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        seed = int(state.pop(SEED).item())
+        if seed != model.seed:
+            model.project(seed)
+        with torch.no_grad():
+            model.theta.copy_(state.pop(THETA))
+        load_by_name(model, state)

@@ -1,0 +1,34 @@
+"""Feature extraction / partial fine-tuning: only the head (plus the top ``top_k`` encoder
+layers) trains; everything below stays frozen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.layers import encoder_layers, freeze, head_parameters, top_layer_ops, unfreeze
+
+
+class LastLayer:
+    name = "last_layer"
+
+    def __init__(self, top_k: int = 0, drop_top: int = 0, reinit_top: int = 0) -> None:
+        self.top_k, self.drop_top, self.reinit_top = top_k, drop_top, reinit_top
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
+        freeze(model)
+        unfreeze(head_parameters(model))
+        if self.top_k:
+            layers = encoder_layers(model)
+            for layer in layers[max(0, len(layers) - self.top_k):]:
+                unfreeze(layer)
+        unfreeze(fresh)
+        return model
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return requires_grad_state(model)
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_by_name(model, state)

@@ -1,0 +1,105 @@
+"""Check command-line overrides against the config tree before Hydra runs anything.
+
+Hydra rejects a misspelt key with "Key 'max_epoch' is not in struct"; here the same mistake
+names the closest valid key and the fix, in one paragraph, before a sweep starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftlab.errors import FtlabError, choices_text, closest
+
+
+def check_overrides(overrides: list[str], config_dir: str, config_name: str = "config") -> None:
+    """Raise ``FtlabError`` if ``overrides`` do not compose with the config tree."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if not overrides:
+        return
+    was = GlobalHydra.instance().is_initialized()
+    if was:  # an app in this process (tests) holds Hydra; a preflight would reset it
+        return
+    try:
+        parsed = _parse(overrides)
+    except OverrideParseException as err:
+        raise FtlabError(f"Cannot parse the overrides: {str(err).splitlines()[0]}.",
+                         "write overrides as key=value (quote lists: 'data.text_columns=[a,b]'; "
+                         "sweeps as key=a,b with -m).") from None
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            groups = set(loader.list_groups(""))
+            plain = []
+            for o in parsed:
+                key = o.key_or_group
+                try:
+                    values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+                except Exception:  # interval/glob sweeps: left to Hydra and its sweeper
+                    continue
+                if key in groups:
+                    options = loader.get_group_options(key)
+                    for value in values or [o.value()]:
+                        if value is not None and str(value) not in options:
+                            raise _unknown_option(key, str(value), options)
+                if key.startswith("hydra"):
+                    continue
+                if values is not None:
+                    plain.append(f"{o.input_line.split('=', 1)[0]}={values[0]}" if values else "")
+                else:
+                    plain.append(o.input_line)
+            plain = [p for p in plain if p]
+            try:
+                compose(config_name, overrides=plain)
+            except MissingConfigException as err:
+                raise FtlabError(str(err).split("\nConfig search path")[0].replace("\n\t", " "),
+                                 "use one of the options listed (ftlab --help).") from None
+            except Exception as err:
+                raise _explain(err, plain, config_name) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _parse(overrides: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def _unknown_option(group: str, value: str, options: list[str]) -> FtlabError:
+    return FtlabError(
+        f"Unknown option '{value}' for config group '{group}'.{closest(value, options)} "
+        f"Available options in '{group}': {choices_text(options)}.",
+        f"use {group}=<one of those> (each is a file conf/{group}/<option>.yaml; "
+        "`ftlab --help` lists every group).")
+
+
+def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabError:
+    """One paragraph for a composition error: the bad key, the closest valid one, the fix."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    cause = err.__cause__
+    full_key = getattr(cause, "full_key", None) or ""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not full_key:
+        return FtlabError(f"The overrides do not fit the config: {first}",
+                          "check the keys and values (`ftlab --cfg job` prints the config).")
+    parent, _, leaf = full_key.rpartition(".")
+    rest = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != full_key]
+    try:
+        cfg = compose(config_name, overrides=rest)
+    except Exception:
+        cfg = compose(config_name)
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    valid = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+    where = f"'{parent}'" if parent else "the top level"
+    if "not in struct" in str(cause) or "Could not override" in str(err):
+        return FtlabError(
+            f"Unknown key '{leaf}' in {where}.{closest(leaf, valid)} Valid keys: "
+            f"{choices_text(valid) or '(none)'}.",
+            f"correct the spelling, or add a new key with +{full_key}=... if you really mean to.")
+    return FtlabError(f"Invalid override for '{full_key}': {str(cause).splitlines()[0]}",
+                      f"give {full_key} a value of the right type (see its YAML file).")

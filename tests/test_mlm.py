@@ -1,0 +1,214 @@
+"""Masked-LM adaptive fine-tuning, the auxiliary MLM loss and ULMFiT options on a tiny BERT."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from ftlab.callbacks import GradualUnfreeze
+from ftlab.config import bind_schema
+from ftlab.data.batching import PadCollator
+from ftlab.model.backbone import ModelSpec, load_tokenizer
+from ftlab.optim import OptimSpec, build_optimizer, layer_depths
+from ftlab.run import run
+from ftlab.tasks.classify import Classify
+from ftlab.tasks.mlm import AuxMLM, MaskedLM, split_mlm
+from tests.conftest import synthetic_rows, tiny_overrides
+
+TEXTS = [r["text"] for r in synthetic_rows(64, seed=5)]
+
+
+@pytest.fixture
+def tiny(make_cfg, sentiment_dir):
+    """(spec, tokenizer) of the tiny BERT from the real conf/model/tiny_bert.yaml."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir))
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    return spec, load_tokenizer(spec)
+
+
+def batch_for(task: MaskedLM, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    feats = task.featurize({"text": texts})
+    rows = [dict(zip(feats, vals, strict=True)) for vals in zip(*feats.values(), strict=True)]
+    return PadCollator(tokenizer.pad_token_id)(rows)
+
+
+def test_packing_fills_blocks_and_keeps_special_tokens(tiny):
+    spec, tok = tiny
+    task = MaskedLM(max_length=32, pack=True)
+    task.bind(None, tok, ["text"])
+    feats = task.featurize({"text": TEXTS})
+    lengths = feats["length"]
+    assert all(n == 32 for n in lengths[:-1]) and lengths[-1] <= 32  # only the last is short
+    assert all(ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+               for ids in feats["input_ids"])
+    unpacked = MaskedLM(max_length=32, pack=False)
+    unpacked.bind(None, tok, ["text"])
+    assert len(unpacked.featurize({"text": TEXTS})["input_ids"]) == len(TEXTS) > len(lengths)
+
+
+def test_masking_rate_specials_and_whole_words(tiny):
+    spec, tok = tiny
+    task = MaskedLM(max_length=64, mask_prob=0.3, whole_word=True, pack=True)
+    task.bind(None, tok, ["text"])
+    batch = batch_for(task, tok, TEXTS * 4 + ["the unbelievably charming moviemaker"] * 40)
+    torch.manual_seed(0)
+    inputs, labels = task.mask(batch, train=True)
+    chosen = labels != -100
+    special = torch.isin(batch["input_ids"], task.special)
+    assert not (chosen & special).any()  # [CLS]/[SEP]/[PAD] are never predicted
+    rate = chosen.sum() / (~special).sum()
+    assert 0.2 < rate < 0.4, rate
+    assert (inputs[chosen] == tok.mask_token_id).float().mean() > 0.7  # ~80% become [MASK]
+    # whole-word: a '##' piece is chosen exactly when the piece before it is
+    cont = task.continues[batch["input_ids"]]
+    cont &= ~torch.roll(special, 1, dims=1)  # a word cut by a block edge starts the block
+    prev = torch.roll(chosen, 1, dims=1)
+    assert torch.equal(chosen[cont], prev[cont])
+    # evaluation masks are deterministic
+    a, b = task.mask(batch, train=False), task.mask(batch, train=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_masked_only_logits_equal_the_full_computation(tiny):
+    spec, tok = tiny
+    task = MaskedLM(max_length=32)
+    task.bind(None, tok, ["text"])
+    torch.manual_seed(0)
+    model = task.build_model(spec).eval()
+    batch = batch_for(task, tok, TEXTS[:16])
+    inputs, labels = task.mask(batch, train=False)
+    where = labels != -100
+    encoder, head = split_mlm(model)
+    with torch.no_grad():
+        full = model(input_ids=inputs, attention_mask=batch["attention_mask"]).logits
+        hidden = encoder(input_ids=inputs, attention_mask=batch["attention_mask"])[0]
+        sparse = head(hidden[where])
+        torch.testing.assert_close(sparse, full[where], rtol=1e-5, atol=1e-5)
+        loss_sparse, n = task.masked_loss(model, inputs, labels, batch)
+        task.sparse_logits = False
+        loss_full, _ = task.masked_loss(model, inputs, labels, batch)
+    torch.testing.assert_close(loss_sparse, loss_full, rtol=1e-5, atol=1e-5)
+    assert n == where.sum()
+
+
+def test_mlm_loss_decreases(tiny):
+    spec, tok = tiny
+    task = MaskedLM(max_length=32)
+    task.bind(None, tok, ["text"])
+    torch.manual_seed(0)
+    model = task.build_model(spec)
+    batch = batch_for(task, tok, TEXTS)
+    opt, _ = build_optimizer(model, OptimSpec(lr=3e-3, warmup_ratio=0.0), 100)
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return task.forward(model, batch)[0].item()
+
+    before = val_loss()
+    model.train()
+    for _ in range(40):
+        loss, _ = task.forward(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert val_loss() < before - 1.0, before
+
+
+def test_mlm_stage_reports_loss_perplexity_and_fresh_head(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage=mlm", "stage.batch_size=16", "stage.trainer.max_steps=8",
+        "stage.task.max_length=32", "data.label_column=null"])
+    record = run(cfg)
+    assert record["status"] == "ok", record
+    final, info = record["final"], record["stages"]["mlm"]
+    assert final["val/ppl"] == pytest.approx(torch.tensor(final["val/loss"]).exp().item(),
+                                             rel=0.05)
+    assert "test/ppl" in final and info["global_steps"] == 8
+    assert "cls.predictions.transform.dense.weight" in info["mlm_head_fresh"]
+
+
+def test_aux_mlm_adds_a_loss_in_training_only(tiny, make_cfg, sentiment_dir):
+    spec, tok = tiny
+    cls = Classify()
+    cls.labels, cls.tokenizer, cls.text_columns = ["neg", "pos"], tok, ["text"]
+    task = AuxMLM(cls, weight=0.5)
+    task.mlm.bind(None, tok, ["text"])
+    torch.manual_seed(0)
+    model = task.build_model(spec)
+    assert model.aux_mlm_head.predictions.decoder.weight is model.get_input_embeddings().weight
+    feats = cls.featurize({"text": TEXTS[:8], "label": [1] * 8})
+    rows = [dict(zip(feats, vals, strict=True)) for vals in zip(*feats.values(), strict=True)]
+    batch = PadCollator(tok.pad_token_id)(rows)
+    model.eval()
+    with torch.no_grad():
+        plain = cls.forward(model, batch)[0]
+        assert torch.equal(task.forward(model, batch)[0], plain)  # evaluation: task loss only
+    model.train()
+    torch.manual_seed(1)
+    joint = task.forward(model, batch)[0]
+    assert joint > cls.forward(model, batch)[0] + 1.0  # + 0.5 * MLM loss (~ln 2000 = 7.6)
+    record = run(make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage.aux_mlm_weight=0.3", "stage.trainer.max_steps=4"]))
+    assert record["status"] == "ok", record
+
+
+def test_layer_decay_gives_lower_layers_lower_lrs(tiny):
+    spec, _ = tiny
+    cls = Classify()
+    cls.labels = ["a", "b"]
+    model = cls.build_model(spec)
+    depth, top = layer_depths(model)
+    assert top == 3 and depth["bert.embeddings.word_embeddings.weight"] == 0
+    assert depth["bert.encoder.layer.1.output.dense.weight"] == 2
+    assert depth["classifier.weight"] == top
+    opt, _ = build_optimizer(model, OptimSpec(lr=1e-3, layer_decay=0.5), 10)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["classifier.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(params["bert.encoder.layer.1.output.dense.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(params["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1.25e-4)
+
+
+def test_gradual_unfreezing_trains_only_the_top_group_first(tiny, make_cfg, sentiment_dir):
+    spec, _ = tiny
+    cls = Classify()
+    cls.labels = ["a", "b"]
+    torch.manual_seed(0)
+    model = cls.build_model(spec)
+    module = L.LightningModule()
+    module.model = model
+    cb = GradualUnfreeze()
+    cb.on_train_start(None, module)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    trainer = type("T", (), {"current_epoch": 0})()
+    cb.on_after_backward(trainer, module)
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, d in cb.depth.items() if d == cb.top}  # heads + pooler
+    trainer.current_epoch = 1
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    cb.on_after_backward(trainer, module)
+    assert any(".layer.1." in n for n, p in model.named_parameters() if p.grad is not None)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".layer.0." in n)
+    record = run(make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage.optim.gradual_unfreeze=true", "stage.optim.layer_decay=0.9",
+        "stage.trainer.max_epochs=2", "trainer.limit_train_batches=3"]))
+    assert record["status"] == "ok", record
+
+
+def test_a_zip_holding_one_csv_is_read_as_unlabelled_text(tmp_path):
+    import zipfile
+
+    from ftlab.data.sources import load_raw
+    from ftlab.data.spec import DataSpec
+
+    csv = "article_id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(TEXTS))
+    with zipfile.ZipFile(tmp_path / "news.zip", "w") as zf:
+        zf.writestr("News.csv", csv)
+    raw = load_raw(DataSpec(files={"all": str(tmp_path / "news.zip")}, label_column=None,
+                            split_by="article_id"))
+    assert raw.labels is None and sum(len(s) for s in raw.splits.values()) == len(TEXTS)
+    assert (tmp_path / "news.zip.d" / "News.csv").is_file()  # extracted once, beside it

@@ -1,0 +1,204 @@
+"""Method-specific behaviour beyond the shared contract (tests/test_peft_contract.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from ftlab.errors import FtlabError
+from ftlab.peft.base import count_parameters
+from ftlab.peft.intrinsic import SEED, THETA
+from ftlab.run import run
+from ftlab.store import load_tensors, save_tensors
+from tests.conftest import tiny_overrides
+from tests.test_peft_contract import batch, logits, method, tiny_model, train_steps
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_bitfit_trains_only_biases_and_head():
+    model = method("bitfit").apply(tiny_model())
+    names = trainable_names(model)
+    assert all(n.endswith(".bias") or n.startswith("classifier.") for n in names)
+    assert "classifier.weight" in names and "bert.encoder.layer.0.output.dense.bias" in names
+    backbone = sum(p.numel() for n, p in model.named_parameters()
+                   if p.requires_grad and not n.startswith("classifier."))
+    assert backbone / sum(p.numel() for p in model.parameters()) < 0.01
+
+
+def test_last_layer_top_k_trains_head_and_top_layers():
+    assert trainable_names(method("last_layer").apply(tiny_model())) == [
+        "classifier.weight", "classifier.bias"]
+    names = trainable_names(method("last_layer", top_k=1).apply(tiny_model()))
+    assert any(n.startswith("bert.encoder.layer.1.") for n in names)
+    assert not any(n.startswith("bert.encoder.layer.0.") for n in names)
+
+
+@pytest.mark.parametrize(("name", "per_layer"), [("adapter_houlsby", 2), ("adapter_pfeiffer", 1)])
+def test_adapters_placement_and_near_identity_init(name, per_layer):
+    plain = logits(tiny_model())
+    model = method(name).apply(tiny_model())
+    adapters = [n for n, _ in model.named_modules() if n.endswith("adapters.adapter")]
+    assert len(adapters) == per_layer * 2
+    torch.testing.assert_close(logits(model), plain, atol=1e-2, rtol=0)  # near identity
+    assert not torch.equal(logits(model), plain)  # but the hooks do run
+
+
+def test_adapters_name_unsupported_architectures():
+    cfg = AutoConfig.for_model("gpt2", vocab_size=100, n_embd=16, n_layer=1, n_head=2,
+                               num_labels=2)
+    gpt2 = AutoModelForSequenceClassification.from_config(cfg)
+    with pytest.raises(FtlabError, match="(?s)gpt2.*BERT"):
+        method("adapter_pfeiffer").apply(gpt2)
+
+
+def _trained_adapter(tmp_path: Path, seed: int, name: str, **extra) -> Path:
+    peft, base = method("adapter_pfeiffer", **extra), tiny_model()
+    torch.manual_seed(seed)  # a different adapter init per language
+    model = peft.apply(base)
+    train_steps(model, steps=3, lr=5e-2)
+    return save_tensors(tmp_path / f"{name}.safetensors", peft.trainable_state(model))
+
+
+def test_adapter_stacking_madx(tmp_path):
+    lang_a = _trained_adapter(tmp_path, 1, "lang_a", reduction_factor=2)
+    lang_b = _trained_adapter(tmp_path, 2, "lang_b", reduction_factor=2)
+    peft = method("adapter_pfeiffer", stack_on=[str(lang_a)])
+    model = peft.apply(tiny_model())
+    stacked = [p for n, p in model.named_parameters() if ".adapters.stack0." in n]
+    assert stacked and not any(p.requires_grad for p in stacked)
+    frozen = [p.detach().clone() for p in stacked]
+    train_steps(model, steps=3, lr=5e-2)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(frozen, stacked, strict=True))
+    task = peft.trainable_state(model)
+    assert not any(".stack0." in k for k in task)  # the task artefact holds the task adapter
+    on_a = logits(model)
+    # inference: the same task adapter on the same / another language adapter
+    again = method("adapter_pfeiffer", stack_on=[str(lang_a)])
+    m_a = again.apply(tiny_model())
+    again.load_trainable_state(m_a, task)
+    torch.testing.assert_close(logits(m_a), on_a)
+    other = method("adapter_pfeiffer", stack_on=[str(lang_b)])
+    m_b = other.apply(tiny_model())
+    other.load_trainable_state(m_b, task)
+    assert not torch.allclose(logits(m_b), on_a, atol=1e-5)  # the stack changes the output
+    with pytest.raises(FtlabError, match="no artefact"):
+        method("adapter_pfeiffer", stack_on=[str(tmp_path / "missing.safetensors")]).apply(
+            tiny_model())
+
+
+def test_diff_pruning_artefact_has_target_sparsity():
+    peft = method("diff_pruning", keep=0.01)
+    model = peft.apply(tiny_model())
+    train_steps(model, steps=3)
+    assert model.extra_loss() > 0
+    state = peft.trainable_state(model)
+    kept = sum(v.numel() for k, v in state.items() if k.endswith(".delta_idx"))
+    backbone = sum(p.numel() for p in tiny_model().bert.parameters())
+    assert kept == pytest.approx(0.01 * backbone, abs=1)
+    assert set(k for k in state if not k.endswith((".delta_idx", ".delta_val"))) == {
+        "model.classifier.weight", "model.classifier.bias"}
+
+
+def test_intrinsic_artefact_is_d_numbers_and_seed():
+    peft = method("intrinsic", d=64, seed=7)
+    model = peft.apply(tiny_model())
+    train_steps(model, steps=3, lr=0.5)
+    state = peft.trainable_state(model)
+    assert state[THETA].numel() == 64 and state[SEED].item() == 7
+    assert set(state) == {THETA, SEED, "model.classifier.weight", "model.classifier.bias"}
+    # a fresh model built with another seed re-projects from the artefact's seed
+    other = method("intrinsic", d=64, seed=8)
+    fresh = other.apply(tiny_model())
+    other.load_trainable_state(fresh, state)
+    for a, b in zip(model.weights().values(), fresh.weights().values(), strict=True):
+        assert torch.equal(a, b)
+    changed = [w for w, o in zip(model.weights().values(), model.originals(), strict=True)
+               if not torch.equal(w, o)]
+    assert len(changed) == len(model.names)  # theta moves every projected tensor
+
+
+def test_lora_artefact_loads_with_peft_from_pretrained(tmp_path):
+    from peft import PeftModel
+
+    peft = method("lora")
+    model = peft.apply(tiny_model())
+    train_steps(model, steps=3)
+    expected = logits(model)
+    folder = peft.save(model, tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(), str(folder))
+    torch.testing.assert_close(logits(loaded), expected)
+
+
+def test_drop_top_and_reinit_top_combine_with_any_method():
+    model = method("bitfit", drop_top=1).apply(tiny_model())
+    assert len(model.bert.encoder.layer) == 1 and model.config.num_hidden_layers == 1
+    ref = tiny_model()
+    model = method("lora", reinit_top=1).apply(tiny_model())
+    top = model.base_model.model.bert.encoder.layer[1].intermediate.dense
+    assert not torch.equal(top.weight, ref.bert.encoder.layer[1].intermediate.dense.weight)
+    assert top.weight.requires_grad  # re-initialised layers train (and are saved)
+    with pytest.raises(FtlabError, match="does not fit"):
+        method("full", drop_top=2, reinit_top=1).apply(tiny_model())
+
+
+def test_stage_reports_counts_and_writes_hf_peft_folder(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "peft=lora", "stage.trainer.max_epochs=1", "stage.optim.lr=3e-3"])
+    record = run(cfg)
+    info = record["stages"]["classify"]
+    assert 0 < info["params_trainable_pct"] < 100 and info["artefact_kb"] > 0
+    folder = Path(info["artefact_dir"])
+    assert (folder / "adapter_config.json").is_file()
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+    full = count_parameters(tiny_model())["params_total"]
+    assert info["params_total"] > full  # LoRA adds parameters on top of the model
+
+
+def test_madx_pipeline_trains_task_adapter_on_frozen_language_adapter(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "pipeline=madx", "pipeline.stages.lang.trainer.max_steps=4",
+        "pipeline.stages.lang.task.max_length=32", "pipeline.stages.lang.optim.lr=1e-2",
+        "pipeline.stages.task.trainer.max_epochs=1", "pipeline.stages.task.optim.lr=3e-3"])
+    record = run(cfg)
+    assert record["status"] == "ok", record
+    lang = load_tensors(record["stages"]["lang"]["artefact"])
+    task = load_tensors(record["stages"]["task"]["artefact"])
+    assert any(".adapters.adapter." in k for k in lang)
+    assert any(".adapters.adapter." in k for k in task)
+    assert not any(".stack0." in k for k in task)  # the language adapter stayed frozen, unsaved
+
+
+def test_diff_pruning_penalty_enters_the_training_loss():
+    from ftlab.module import FineTuneModule
+    from ftlab.optim import OptimSpec
+    from ftlab.regularizers.none import NoRegularizer
+    from ftlab.tasks.classify import Classify
+
+    task = Classify()
+    task.labels = ["neg", "pos"]
+    peft = method("diff_pruning", l0_penalty=10.0)
+    module = FineTuneModule(peft.apply(tiny_model()), task, NoRegularizer(), OptimSpec())
+    torch.manual_seed(0)
+    with_penalty = module.training_step(batch(0), 0)
+    module.model.l0_penalty = 0.0
+    torch.manual_seed(0)
+    without = module.training_step(batch(0), 0)
+    open_gates = torch.sigmoid(torch.tensor(3.0)).item()  # all gate logits start at 3.0
+    assert (with_penalty - without).item() == pytest.approx(10.0 * open_gates, rel=1e-4)
+
+
+def test_fastfood_hadamard_matches_the_explicit_matrix():
+    from ftlab.peft.intrinsic import _hadamard, fwht
+
+    for n in (1, 2, 64, 128, 4096):  # one block, and products of 2^6 blocks
+        x = torch.randn(n, dtype=torch.float64)
+        h = _hadamard(n, x)
+        assert torch.equal(h @ h.T, n * torch.eye(n, dtype=x.dtype))
+        torch.testing.assert_close(fwht(x), h @ x)

@@ -1,0 +1,152 @@
+"""Multi-stage pipelines, hand-over between stages and the stage cache (tiny BERT, seconds)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftlab.cache import StageCache, pipeline_keys
+from ftlab.cli import CONFIG_DIR
+from ftlab.config import bind_schema
+from ftlab.handover import hand_over
+from ftlab.model.backbone import ModelSpec
+from ftlab.pipeline import build_pipeline
+from ftlab.run import run
+from ftlab.tasks.classify import Classify
+from ftlab.tasks.mlm import MaskedLM
+from tests.conftest import tiny_overrides
+
+PIPELINES = sorted(p.stem for p in (Path(CONFIG_DIR) / "pipeline").glob("*.yaml"))
+
+
+@pytest.fixture
+def tiny_pipeline(make_cfg, sentiment_dir, tmp_path):
+    """Compose ``pipeline=tiny`` with a cache in tmp_path; extra overrides per call."""
+
+    def _make(*extra: str):
+        return make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=tiny", f"cache.dir={tmp_path / 'cache'}", "pipeline.stages.task."
+            "trainer.max_steps=4", *extra])
+
+    return _make
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_pipeline_composes_and_stages_are_overridable(name, make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        f"pipeline={name}", f"pipeline.stages.{_first(name)}.trainer.max_steps=7"])
+    stages = build_pipeline(cfg)
+    assert len(stages) >= 2 and stages[0].trainer["max_steps"] == 7
+    assert [s.name for s in stages] == list(cfg.pipeline.stages)  # keys are the names
+    assert all(s.init_from in ("pretrained", *[p.name for p in stages]) for s in stages)
+    assert len(set(pipeline_keys(stages, cfg).values())) == len(stages)
+
+
+def _first(name: str) -> str:
+    import yaml
+
+    return next(iter(yaml.safe_load((Path(CONFIG_DIR) / "pipeline" / f"{name}.yaml")
+                                    .read_text())["stages"]))
+
+
+def test_cache_hit_on_rerun_and_seed_sweep_miss_on_upstream_change(tiny_pipeline, tmp_path):
+    first = run(tiny_pipeline("seed=1"))
+    assert first["status"] == "ok", first
+    assert [line["cache_hit"] for line in first["lineage"]] == [False, False]
+    run_dir = Path(tiny_pipeline().paths.output_dir)
+    shutil.rmtree(run_dir / "tapt")
+    again = run(tiny_pipeline("seed=2"))  # the classifier's seed changes, TAPT's (0) does not
+    assert [line["cache_hit"] for line in again["lineage"]] == [True, False]
+    assert again["lineage"][0]["key"] == first["lineage"][0]["key"]
+    assert again["lineage"][1]["key"] != first["lineage"][1]["key"]
+    assert again["stages"]["tapt"]["metrics"] == first["stages"]["tapt"]["metrics"]
+    assert (run_dir / "tapt" / "trainable.safetensors").is_file()  # the artefact, as if trained
+    changed = run(tiny_pipeline("seed=2", "pipeline.stages.tapt.optim.lr=5e-4"))
+    assert [line["cache_hit"] for line in changed["lineage"]] == [False, False]
+    keys = [line["key"] for line in changed["lineage"]]
+    assert keys[0] != first["lineage"][0]["key"] and keys[1] != again["lineage"][1]["key"]
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert len(entries) == 2 and all(e.startswith("tapt-") for e in entries)  # upstream only
+
+
+def test_cached_upstream_gives_the_same_result_as_training_it(tiny_pipeline):
+    a = run(tiny_pipeline())
+    b = run(tiny_pipeline())
+    assert b["lineage"][0]["cache_hit"] is True
+    assert a["final"] == b["final"]  # the stored weights are exactly the trained ones
+
+
+def test_interrupted_stage_is_not_cached_and_is_retrained(tiny_pipeline, tmp_path, monkeypatch):
+    import ftlab.callbacks
+
+    original = ftlab.callbacks.KeepBest.on_validation_end
+
+    def crash(self, trainer, pl_module):
+        raise RuntimeError("killed midway")
+
+    monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_validation_end", crash)
+    with pytest.raises(SystemExit):
+        run(tiny_pipeline())
+    cache = tmp_path / "cache"
+    assert not [p for p in cache.iterdir() if not p.name.startswith(".")]  # nothing complete
+    key = next(iter(pipeline_keys(build_pipeline(tiny_pipeline()), tiny_pipeline()).values()))
+    stale = cache / f".{key}.tmp-99999-abcdef"  # what a killed process leaves behind
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_validation_end", original)
+    record = run(tiny_pipeline())
+    assert record["status"] == "ok" and record["lineage"][0]["cache_hit"] is False
+    assert not stale.exists() and (cache / key / "stage.json").is_file()
+
+
+def test_encoder_hand_over_replaces_the_head(make_cfg, sentiment_dir):
+    spec = bind_schema(ModelSpec, make_cfg(tiny_overrides(sentiment_dir)).model, "model")
+    torch.manual_seed(0)
+    source = Classify()
+    source.labels = ["a", "b"]
+    src = source.build_model(spec)
+    torch.manual_seed(1)
+    dst = source.build_model(spec)
+    head_before = dst.classifier.weight.clone()
+    counts = hand_over(src, dst, "encoder")
+    torch.testing.assert_close(dst.bert.encoder.layer[1].output.dense.weight,
+                               src.bert.encoder.layer[1].output.dense.weight)
+    torch.testing.assert_close(dst.classifier.weight, head_before)  # the head stays fresh
+    assert counts["fresh"] == 2
+    hand_over(src, dst, "model")
+    torch.testing.assert_close(dst.classifier.weight, src.classifier.weight)
+    mlm = MaskedLM().build_model(spec)  # an MLM stage's state dict (as the cache stores it)
+    counts = hand_over(mlm.state_dict(), dst, "encoder")
+    torch.testing.assert_close(dst.bert.embeddings.word_embeddings.weight,
+                               mlm.bert.embeddings.word_embeddings.weight)
+    assert counts["fresh"] == 4  # pooler (MLM models have none) + classifier
+
+
+def _train_once(root: str, key: str, log: str) -> None:
+    cache = StageCache(root)
+    if cache.lookup(key) is None:
+        with cache.claim(key):
+            if cache.lookup(key) is None:
+                with open(log, "a") as f:
+                    f.write("trained\n")
+                time.sleep(0.5)  # long enough for the other job to arrive and wait
+                cache.store(key, {"w": torch.ones(2)}, {"name": "s", "metrics": {}, "info": {}})
+
+
+def test_concurrent_jobs_train_a_stage_once(tmp_path):
+    ctx = mp.get_context("fork")
+    log = tmp_path / "trained.log"
+    jobs = [ctx.Process(target=_train_once, args=(str(tmp_path), "s-1", str(log)))
+            for _ in range(3)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(30)
+    assert all(j.exitcode == 0 for j in jobs)
+    assert log.read_text() == "trained\n"
+    assert torch.equal(StageCache(tmp_path).load_state("s-1")["w"], torch.ones(2))
