@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import FtlabError, choices_text
-from ftlab.pipeline import StageSpec
+from ftlab.pipeline import StageSpec, stage_trainer
 from ftlab.store import load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def stage_key(stage: StageSpec, cfg: DictConfig, upstream_key: str | None) -> st
     spec = asdict(stage)
     for k in ("name", "save_artefact", "data", "peft", "regularizer", "trainer", "seed"):
         spec.pop(k)
-    trainer = _plain(OmegaConf.merge(cfg.trainer, stage.trainer))
+    trainer = _plain(stage_trainer(cfg, stage))
     data = dict(_plain(stage.data or cfg.data))  # a copy: stage.data is not to change
     # local files enter by size and modification time too: an edited file is a new key
     data["file_stats"] = {k: _stat(v) for k, v in (data.get("files") or {}).items()}
@@ -179,7 +179,7 @@ def run_or_reuse(stage: StageSpec, cfg: DictConfig, run_dir: Path, upstream: dic
     ``cache`` is given). Returns a ``StageResult``; ``info`` says ``cache_hit``."""
     from ftlab.stage import StageResult, run_stage
 
-    if cache is None or OmegaConf.merge(cfg.trainer, stage.trainer).get("fast_dev_run"):
+    if cache is None or stage_trainer(cfg, stage).get("fast_dev_run"):
         result = run_stage(stage, cfg, run_dir, upstream, context)
         result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
         return result

@@ -94,3 +94,11 @@ def check_pipeline(stages: list[StageSpec]) -> None:
             raise FtlabError(f"Stage '{s.name}' has no task.",
                              "give it a task node with a _target_ (see conf/stage/*.yaml).")
         seen.append(s.name)
+
+
+def stage_trainer(cfg: DictConfig, stage: StageSpec) -> DictConfig:
+    """The run's trainer group with the stage's overrides on top.
+
+    A plain (non-struct) merge: a stage may set any Trainer argument, not only the YAML's.
+    """
+    return OmegaConf.merge(OmegaConf.to_container(cfg.trainer, resolve=True), stage.trainer)

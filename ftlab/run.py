@@ -30,12 +30,12 @@ def _hydra_info() -> dict[str, Any]:
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return {"multirun": False, "overrides": [], "sweep": None, "job": "run"}
+        return {"multirun": False, "overrides": [], "sweep": None, "job": "run", "choices": {}}
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     return {"multirun": multirun, "overrides": list(hc.overrides.task),
             "sweep": Path(hc.sweep.dir).name if multirun else None,
-            "job": hc.job.override_dirname or "default"}
+            "job": hc.job.override_dirname or "default", "choices": dict(hc.runtime.choices)}
 
 
 def config_key(overrides: list[str]) -> str:
@@ -54,8 +54,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               "overrides": hydra["overrides"], "stages": {}}
     out = run_dir / "metrics.json"
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
-               "tags": [str(cfg.peft.get("_target_", "")).rsplit(".", 1)[-1].lower(),
-                        str(cfg.regularizer.get("_target_", "")).rsplit(".", 1)[-1].lower()],
+               "tags": [f"peft:{hydra['choices'].get('peft', 'custom')}",
+                        f"regularizer:{hydra['choices'].get('regularizer', 'custom')}"],
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
     try:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from ftlab.callbacks import GradualUnfreeze, KeepBest
@@ -23,7 +23,7 @@ from ftlab.loggers import build_loggers
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import count_parameters
-from ftlab.pipeline import StageSpec, stage_data
+from ftlab.pipeline import StageSpec, stage_data, stage_trainer
 from ftlab.store import save_tensors
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _trainer(cfg: DictConfig, stage: StageSpec, stage_dir: Path, keep: KeepBest,
     if stage.optim.gradual_unfreeze:
         callbacks.append(GradualUnfreeze())
     loggers = build_loggers(cfg.get("logger"), save_dir=str(stage_dir), **context)
-    node = OmegaConf.merge(cfg.trainer, stage.trainer)
+    node = stage_trainer(cfg, stage)
     if node.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate_checked(node, "trainer", default_root_dir=str(stage_dir),

@@ -59,3 +59,10 @@ def test_seed_changes_result_and_same_seed_repeats(make_cfg, sentiment_dir):
     c = run(make_cfg(base + ["seed=2"]))["final"]["val/loss"]
     assert a == b
     assert a != c
+
+
+def test_stage_may_set_a_trainer_argument_absent_from_the_trainer_yaml(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["+stage.trainer.min_steps=3",
+                                                    "stage.trainer.max_epochs=1"])
+    record = run(cfg)
+    assert record["status"] == "ok" and record["stages"]["classify"]["global_steps"] >= 3

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import (
     SUPPORTED,
     encoder_layers,
@@ -79,7 +79,7 @@ def _ensure_site(site: nn.Module) -> nn.ModuleDict:
     return site.adapters
 
 
-class BottleneckAdapter:
+class BottleneckAdapter(RequiresGradState):
     """Args:
         placement: ``houlsby`` (after attention and after FFN) or ``pfeiffer`` (after FFN).
         reduction_factor: hidden size / bottleneck size.
@@ -124,12 +124,6 @@ class BottleneckAdapter:
         unfreeze(head_parameters(model))
         unfreeze(fresh)
         return model
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return requires_grad_state(model)
-
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_by_name(model, state)
 
 
 def stack_adapter(model: nn.Module, path: str | Path, name: str) -> int:

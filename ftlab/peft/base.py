@@ -57,3 +57,13 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params_total": total, "params_trainable": trainable,
             "params_trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+class RequiresGradState:
+    """The default artefact: every parameter that trains, saved and loaded by name."""
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return requires_grad_state(model)
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_by_name(model, state)

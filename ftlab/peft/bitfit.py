@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import base_model, freeze, head_parameters, top_layer_ops, unfreeze
 
 
-class BitFit:
+class BitFit(RequiresGradState):
     name = "bitfit"
 
     def __init__(self, drop_top: int = 0, reinit_top: int = 0) -> None:
@@ -22,9 +21,3 @@ class BitFit:
         unfreeze(head_parameters(model))
         unfreeze(fresh)
         return model
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return requires_grad_state(model)
-
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_by_name(model, state)

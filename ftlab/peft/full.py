@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import top_layer_ops
 
 
-class Full:
+class Full(RequiresGradState):
     name = "full"
 
     def __init__(self, drop_top: int = 0, reinit_top: int = 0) -> None:
@@ -19,9 +18,3 @@ class Full:
         top_layer_ops(model, self.drop_top, self.reinit_top)
         model.requires_grad_(True)
         return model
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return requires_grad_state(model)
-
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_by_name(model, state)

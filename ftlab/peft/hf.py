@@ -12,15 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import top_layer_ops, unfreeze
 
 
-class HfPeft:
+class HfPeft(RequiresGradState):
     """Args:
         config: a ``peft.PeftConfig`` (built by Hydra from the YAML's ``config`` node).
     """
@@ -43,12 +42,6 @@ class HfPeft:
                              "(e.g. [query, value] for BERT).") from None
         unfreeze(fresh)
         return wrapped
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return requires_grad_state(model)
-
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_by_name(model, state)
 
     def save(self, model: nn.Module, directory: str | Path) -> Path:
         """``save_pretrained`` into ``directory/peft`` (for ``PeftModel.from_pretrained``)."""

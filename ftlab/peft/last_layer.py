@@ -3,14 +3,13 @@ layers) trains; everything below stays frozen."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ftlab.peft.base import load_by_name, requires_grad_state
+from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import encoder_layers, freeze, head_parameters, top_layer_ops, unfreeze
 
 
-class LastLayer:
+class LastLayer(RequiresGradState):
     name = "last_layer"
 
     def __init__(self, top_k: int = 0, drop_top: int = 0, reinit_top: int = 0) -> None:
@@ -26,9 +25,3 @@ class LastLayer:
                 unfreeze(layer)
         unfreeze(fresh)
         return model
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return requires_grad_state(model)
-
-    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_by_name(model, state)
