@@ -54,8 +54,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               "overrides": hydra["overrides"], "stages": {}}
     out = run_dir / "metrics.json"
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
-               "tags": [f"peft:{hydra['choices'].get('peft', 'custom')}",
-                        f"regularizer:{hydra['choices'].get('regularizer', 'custom')}"],
+               "tags": [f"peft:{hydra.get('choices', {}).get('peft', 'custom')}",
+                        f"regularizer:{hydra.get('choices', {}).get('regularizer', 'custom')}"],
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
     try:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
