@@ -83,3 +83,17 @@ def test_written_files_are_complete(tmp_path):
                         metadata={"peft": "full"})
     assert torch.equal(load_tensors(path)["x"], torch.arange(6.0).view(2, 3))
     assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_results_get_ordinary_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from ftlab.store import write_json
+
+    umask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "metrics.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
