@@ -126,6 +126,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
             ax.errorbar(i, st["mean"], yerr=st["std"], fmt="_", ms=20, capsize=6, color="k")
             ax.scatter([i + 0.08 * (j - len(vals) / 2) for j in range(len(vals))], vals,
                        alpha=0.7, zorder=3)
+    ax.set_xlim(-0.5, len(keys) - 0.5)
     ax.set_xticks(range(len(keys)), [k if len(k) < 28 else k[:25] + "..." for k in keys],
                   rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(metric)
