@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import FtlabError, choices_text
-from ftlab.pipeline import StageSpec, stage_trainer
+from ftlab.pipeline import StageSpec, stage_node, stage_seed, stage_trainer
 from ftlab.store import load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ def stage_key(stage: StageSpec, cfg: DictConfig, upstream_key: str | None) -> st
     payload = {
         "format": FORMAT, "spec": spec, "upstream": upstream_key,
         "model": _plain(cfg.model), "data": data,
-        "peft": _plain(stage.peft or cfg.peft),
-        "regularizer": _plain(stage.regularizer or cfg.regularizer),
+        "peft": _plain(stage_node(stage, cfg, "peft")),
+        "regularizer": _plain(stage_node(stage, cfg, "regularizer")),
         "trainer": {k: v for k, v in trainer.items() if k not in COSMETIC},
-        "seed": stage.seed if stage.seed is not None else cfg.seed,
+        "seed": stage_seed(stage, cfg),
     }
     text = json.dumps(payload, sort_keys=True, default=str)
     return f"{stage.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -62,6 +62,16 @@ def stage_data(stage: StageSpec, cfg: DictConfig) -> dict[str, Any]:
     return {**node, **stage.data_overrides}
 
 
+def stage_seed(stage: StageSpec, cfg: DictConfig) -> int:
+    """The stage's own seed, or the run's."""
+    return stage.seed if stage.seed is not None else cfg.seed
+
+
+def stage_node(stage: StageSpec, cfg: DictConfig, group: str) -> Any:
+    """The stage's own ``peft``/``regularizer`` node, or the run's group."""
+    return getattr(stage, group) or cfg[group]
+
+
 def build_pipeline(cfg: DictConfig) -> list[StageSpec]:
     """The stages of a run: ``cfg.pipeline.stages`` if set, else the single ``cfg.stage``."""
     pipeline = cfg.get("pipeline")

@@ -23,7 +23,7 @@ from ftlab.loggers import build_loggers
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import count_parameters
-from ftlab.pipeline import StageSpec, stage_data, stage_trainer
+from ftlab.pipeline import StageSpec, stage_data, stage_node, stage_seed, stage_trainer
 from ftlab.store import save_tensors
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class StageResult:
 def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
               upstream: dict[str, StageResult], context: dict[str, Any]) -> StageResult:
     """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run."""
-    seed = stage.seed if stage.seed is not None else cfg.seed
+    seed = stage_seed(stage, cfg)
     stage_dir = run_dir / stage.name
     L.seed_everything(seed, workers=True, verbose=False)
     data_spec = bind_schema(DataSpec, stage_data(stage, cfg), "data")
@@ -61,8 +61,8 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     handed = {}
     if stage.init_from != "pretrained":
         handed = hand_over(upstream[stage.init_from].model, model, stage.carry)
-    peft = instantiate_checked(stage.peft or cfg.peft, "peft")
-    regularizer = instantiate_checked(stage.regularizer or cfg.regularizer, "regularizer")
+    peft = instantiate_checked(stage_node(stage, cfg, "peft"), "peft")
+    regularizer = instantiate_checked(stage_node(stage, cfg, "regularizer"), "regularizer")
     model = regularizer.apply(peft.apply(model))
     counts = count_parameters(model)
     log.info("Stage %s: %s trainable of %s parameters (%.3f%%) with peft=%s", stage.name,

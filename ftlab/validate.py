@@ -12,14 +12,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ftlab.config import bind_schema, check_binds, instantiate_checked
 from ftlab.data.sources import RawData, load_raw
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
-from ftlab.pipeline import StageSpec, stage_data
+from ftlab.pipeline import StageSpec, stage_data, stage_node, stage_seed, stage_trainer
 from ftlab.resolve import resolve
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,14 @@ def validate(cfg: DictConfig, stages: list[StageSpec]) -> None:
     loaded: dict[str, RawData] = {}
     for stage in stages:
         where = f"stage '{stage.name}'"
-        trainer = OmegaConf.to_container(cfg.trainer, resolve=True) | dict(stage.trainer)
-        check_binds(trainer, f"{where} trainer", partial=True)  # typos in stage.trainer too
+        check_binds(stage_trainer(cfg, stage), f"{where} trainer", partial=True)  # stage typos too
         check_binds(stage.task, f"{where}.task")
-        peft_node = stage.peft or cfg.peft
-        reg_node = stage.regularizer or cfg.regularizer
+        peft_node = stage_node(stage, cfg, "peft")
+        reg_node = stage_node(stage, cfg, "regularizer")
         check_binds(peft_node, f"{where} peft")
         check_binds(reg_node, f"{where} regularizer")
         spec = bind_schema(DataSpec, stage_data(stage, cfg), f"{where} data")
-        seed = stage.seed if stage.seed is not None else cfg.seed
+        seed = stage_seed(stage, cfg)
         ident = f"{spec!r}/{seed}"
         if ident not in loaded:
             loaded[ident] = load_raw(spec, seed)
