@@ -7,7 +7,8 @@
 Prints per method: trainable %, artefact KB and its ratio to the full checkpoint (fp32 model
 size), peak RSS of the job, seconds per optimiser step (fit time / steps, validation
 included), test accuracy mean +- std over seeds, and the gap to full fine-tuning.
-Per-method learning rates: ``--lr bitfit=1e-3,lora=5e-4`` (default: the stage's 5e-5 for all).
+Per-method learning rates: ``--lr bitfit=1e-3,lora=5e-4`` (as ``stage.optim.lr``;
+default: each method's own ``peft.lr`` from its YAML).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import FtlabError, choices_text
-from ftlab.pipeline import StageSpec, stage_node, stage_seed, stage_trainer
+from ftlab.pipeline import StageSpec, stage_node, stage_optim, stage_seed, stage_trainer
 from ftlab.store import load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def stage_key(stage: StageSpec, cfg: DictConfig, upstream_key: str | None) -> st
     spec = asdict(stage)
     for k in ("name", "save_artefact", "data", "peft", "regularizer", "trainer", "seed"):
         spec.pop(k)
+    spec["optim"] = asdict(stage_optim(stage, cfg))  # the LR that applies (stage's or method's)
     trainer = _plain(stage_trainer(cfg, stage))
     data = dict(_plain(stage.data or cfg.data))  # a copy: stage.data is not to change
     # local files enter by size and modification time too: an edited file is a new key

@@ -14,7 +14,8 @@ class OptimSpec:
     """Optimiser settings of a stage.
 
     Attributes:
-        lr: peak learning rate after warmup.
+        lr: peak learning rate after warmup; None: the PEFT method's own ``lr`` (its YAML),
+            else ``DEFAULT_LR`` (resolved by ``pipeline.stage_optim`` before training).
         weight_decay: decoupled weight decay (not on biases or LayerNorm weights).
         warmup_ratio: fraction of all optimiser steps spent warming up linearly from 0.
         betas / eps: AdamW moments; BERT used (0.9, 0.999) and eps 1e-6.
@@ -24,7 +25,7 @@ class OptimSpec:
             and pooler), each further epoch one more layer below, down to the embeddings.
     """
 
-    lr: float = 5e-5
+    lr: float | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     betas: tuple[float, float] = (0.9, 0.999)
@@ -32,6 +33,9 @@ class OptimSpec:
     layer_decay: float = 1.0
     gradual_unfreeze: bool = False
 
+
+#: the peak LR when neither the stage nor the PEFT method sets one (BERT's range: 2e-5..5e-5)
+DEFAULT_LR = 5e-5
 
 #: ``...layer.3.`` (BERT), ``...layers.3.`` (Llama), ``...block.3.`` (T5), ``.h.3.`` (GPT-2)
 _LAYER = re.compile(r"\.(?:layer|layers|block|h)\.(\d+)\.")
@@ -69,9 +73,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
 
 def build_optimizer(model: nn.Module, spec: OptimSpec, total_steps: int):
     """(optimizer, scheduler config) for Lightning's ``configure_optimizers``."""
-    groups = [g for g in param_groups(model, spec.weight_decay, spec.lr, spec.layer_decay)
+    lr = spec.lr if spec.lr is not None else DEFAULT_LR
+    groups = [g for g in param_groups(model, spec.weight_decay, lr, spec.layer_decay)
               if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(spec.betas), eps=spec.eps)
     warmup = int(spec.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:

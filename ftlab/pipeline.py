@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.config import bind_schema
 from ftlab.errors import FtlabError, choices_text
-from ftlab.optim import OptimSpec
+from ftlab.optim import DEFAULT_LR, OptimSpec
 
 
 @dataclass
@@ -68,8 +68,30 @@ def stage_seed(stage: StageSpec, cfg: DictConfig) -> int:
 
 
 def stage_node(stage: StageSpec, cfg: DictConfig, group: str) -> Any:
-    """The stage's own ``peft``/``regularizer`` node, or the run's group."""
-    return getattr(stage, group) or cfg[group]
+    """The stage's own ``peft``/``regularizer`` node, or the run's group, as its constructor
+    takes it (a PEFT node's ``lr`` is the stage's business: see ``stage_optim``)."""
+    return split_peft(getattr(stage, group) or cfg[group])[0] if group == "peft" \
+        else getattr(stage, group) or cfg[group]
+
+
+def split_peft(node: Any) -> tuple[Any, float | None]:
+    """(the PEFT node without ``lr``, that ``lr``): the method's suggested peak LR is read by
+    the stage, not passed to the method."""
+    if node is None or "lr" not in node:
+        return node, None
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    lr = node["lr"]
+    return {k: v for k, v in node.items() if k != "lr"}, None if lr is None else float(lr)
+
+
+def stage_optim(stage: StageSpec, cfg: DictConfig) -> OptimSpec:
+    """The stage's optimiser settings with the peak LR resolved: the stage's ``optim.lr`` if
+    set, else the PEFT method's ``lr`` (e.g. 1e-3 for adapters), else ``DEFAULT_LR``."""
+    if stage.optim.lr is not None:
+        return stage.optim
+    lr = split_peft(stage.peft or cfg["peft"])[1]
+    return replace(stage.optim, lr=lr if lr is not None else DEFAULT_LR)
 
 
 def build_pipeline(cfg: DictConfig) -> list[StageSpec]:

@@ -22,8 +22,9 @@ from ftlab.handover import hand_over
 from ftlab.loggers import build_loggers
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.module import FineTuneModule
+from ftlab.optim import OptimSpec
 from ftlab.peft.base import count_parameters
-from ftlab.pipeline import StageSpec, stage_data, stage_node, stage_seed, stage_trainer
+from ftlab.pipeline import StageSpec, stage_data, stage_node, stage_optim, stage_seed, stage_trainer
 from ftlab.store import save_tensors
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,14 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     regularizer = instantiate_checked(stage_node(stage, cfg, "regularizer"), "regularizer")
     model = regularizer.apply(peft.apply(model))
     counts = count_parameters(model)
-    log.info("Stage %s: %s trainable of %s parameters (%.3f%%) with peft=%s", stage.name,
-             f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
-             counts["params_trainable_pct"], peft.name)
+    optim = stage_optim(stage, cfg)
+    log.info("Stage %s: %s trainable of %s parameters (%.3f%%) with peft=%s, peak lr %g",
+             stage.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
+             counts["params_trainable_pct"], peft.name, optim.lr)
 
-    module = FineTuneModule(model, task, regularizer, stage.optim)
+    module = FineTuneModule(model, task, regularizer, optim)
     keep = KeepBest(peft, f"val/{task.monitor}", task.mode)
-    trainer = _trainer(cfg, stage, stage_dir, keep, context | {
+    trainer = _trainer(cfg, stage, optim, stage_dir, keep, context | {
         "name": f"{context.get('name', 'run')}/{stage.name}", "job_type": stage.name})
     start = time.perf_counter()
     trainer.fit(module, dm)
@@ -86,7 +88,7 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     if hasattr(task, "baseline") and "validation" in raw.splits:
         baseline = task.baseline(raw.splits["validation"]["label"])
         metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
-    info = counts | {"fit_seconds": round(fit_s, 2), "best_epoch": keep.best_epoch,
+    info = counts | {"lr": optim.lr, "fit_seconds": round(fit_s, 2), "best_epoch": keep.best_epoch,
                      "seed": seed, "train_rows": len(raw.splits["train"]),
                      "global_steps": trainer.global_step, "handed_over": handed,
                      **getattr(task, "info", {})}
@@ -100,12 +102,12 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     return StageResult(stage.name, metrics, module.model, info)
 
 
-def _trainer(cfg: DictConfig, stage: StageSpec, stage_dir: Path, keep: KeepBest,
-             context: dict[str, Any]) -> L.Trainer:
+def _trainer(cfg: DictConfig, stage: StageSpec, optim: OptimSpec, stage_dir: Path,
+             keep: KeepBest, context: dict[str, Any]) -> L.Trainer:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in (cfg.get("callbacks") or {}).items() if node is not None]
-    if stage.optim.gradual_unfreeze:
+    if optim.gradual_unfreeze:
         callbacks.append(GradualUnfreeze())
     loggers = build_loggers(cfg.get("logger"), save_dir=str(stage_dir), **context)
     node = stage_trainer(cfg, stage)

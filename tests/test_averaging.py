@@ -35,6 +35,7 @@ def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningMod
     from ftlab.model.backbone import ModelSpec, load_tokenizer
     from ftlab.module import FineTuneModule
     from ftlab.optim import OptimSpec
+    from ftlab.pipeline import split_peft
     from ftlab.regularizers.none import NoRegularizer
 
     cfg = make_cfg(tiny_overrides(sentiment_dir) + ["peft=lora"])
@@ -43,7 +44,7 @@ def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningMod
     task = instantiate_checked(cfg.stage.task, "task")
     task.bind(raw, tok, spec.text_columns)
     dm = TextDataModule(raw.splits, task.featurize, tok.pad_token_id, batch_size=32, seed=0)
-    model = instantiate_checked(cfg.peft, "peft").apply(task.build_model(mspec))
+    model = instantiate_checked(split_peft(cfg.peft)[0], "peft").apply(task.build_model(mspec))
     module = FineTuneModule(model, task, NoRegularizer(), OptimSpec(lr=1e-2))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,

@@ -12,7 +12,7 @@ from ftlab.config import bind_schema, check_binds
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
-from ftlab.pipeline import build_pipeline
+from ftlab.pipeline import build_pipeline, split_peft
 from ftlab.run import run
 from tests.conftest import tiny_overrides
 
@@ -47,8 +47,9 @@ def test_every_option_composes_binds_and_runs(group, option, make_cfg, sentiment
     bind_schema(ModelSpec, cfg.model, "model")
     bind_schema(DataSpec, cfg.data, "data")
     stages = build_pipeline(cfg)
-    for node in (cfg.trainer, cfg.peft, cfg.regularizer, *(cfg.callbacks or {}).values(),
-                 *(cfg.logger or {}).values(), *(s.task for s in stages)):
+    for node in (cfg.trainer, split_peft(cfg.peft)[0], cfg.regularizer,
+                 *(cfg.callbacks or {}).values(), *(cfg.logger or {}).values(),
+                 *(s.task for s in stages)):
         if node is not None:
             check_binds(node, f"{group}={option}", partial=True)
     if (group, option) in COMPOSE_ONLY:

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from ftlab.cli import CONFIG_DIR
 from ftlab.config import instantiate_checked
 from ftlab.peft.base import count_parameters
+from ftlab.pipeline import split_peft
 from ftlab.store import load_tensors, save_tensors
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "peft").glob("*.yaml"))
@@ -44,7 +45,7 @@ def fresh_model() -> torch.nn.Module:
 
 def method(name: str, **extra):
     node = OmegaConf.load(Path(CONFIG_DIR) / "peft" / f"{name}.yaml")
-    return instantiate_checked(OmegaConf.merge(node, extra), f"peft={name}")
+    return instantiate_checked(split_peft(OmegaConf.merge(node, extra))[0], f"peft={name}")
 
 
 def batch(seed: int = 0, n: int = 8) -> dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ from ftlab.cli import CONFIG_DIR
 from ftlab.config import bind_schema
 from ftlab.handover import hand_over
 from ftlab.model.backbone import ModelSpec
-from ftlab.pipeline import build_pipeline
+from ftlab.optim import DEFAULT_LR
+from ftlab.pipeline import build_pipeline, stage_node, stage_optim
 from ftlab.run import run
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM
@@ -150,3 +151,43 @@ def test_concurrent_jobs_train_a_stage_once(tmp_path):
     assert all(j.exitcode == 0 for j in jobs)
     assert log.read_text() == "trained\n"
     assert torch.equal(StageCache(tmp_path).load_state("s-1")["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["peft=lora"], 5e-4),                            # the method's own suggested LR
+    (["peft=lora", "stage.optim.lr=1e-4"], 1e-4),     # a stage LR, when set, wins
+    (["peft=full"], 5e-5),
+    (["peft=bitfit", "peft.lr=2e-3"], 2e-3),
+    (["peft=lora", "peft.lr=null"], DEFAULT_LR),      # neither: the global default
+])
+def test_peak_lr_comes_from_the_stage_else_the_peft_method(overrides, expected, make_cfg,
+                                                           sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + overrides)
+    stage = build_pipeline(cfg)[0]
+    assert stage_optim(stage, cfg).lr == pytest.approx(expected)
+    assert "lr" not in stage_node(stage, cfg, "peft")  # never passed to the method
+
+
+def test_peft_lr_reaches_the_optimizer_and_metrics(make_cfg, sentiment_dir, monkeypatch):
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen.append(max(g.get("lr", kw["lr"]) for g in groups))
+        return real(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    rec = run(make_cfg(tiny_overrides(sentiment_dir) + [
+        "peft=bitfit", "peft.lr=7e-3", "stage.trainer.max_steps=2"]))
+    assert rec["status"] == "ok", rec
+    assert seen == [pytest.approx(7e-3)]
+    assert rec["stages"]["classify"]["lr"] == pytest.approx(7e-3)
+
+
+def test_cache_key_follows_the_lr_that_applies(make_cfg, sentiment_dir):
+    def key(*extra: str) -> str:
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + ["peft=lora", *extra])
+        return pipeline_keys(build_pipeline(cfg), cfg)["classify"]
+
+    assert key() != key("peft.lr=1e-3")
+    assert key("peft.lr=1e-3") == key("stage.optim.lr=1e-3")  # same LR, same stage

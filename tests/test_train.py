@@ -9,6 +9,7 @@ import torch
 
 from ftlab.config import bind_schema, instantiate_checked
 from ftlab.model.backbone import ModelSpec
+from ftlab.pipeline import split_peft
 from ftlab.run import run
 from ftlab.store import load_tensors
 from tests.conftest import tiny_overrides
@@ -43,7 +44,7 @@ def test_artefact_reproduces_predictions(make_cfg, sentiment_dir):
     batch = {"input_ids": torch.randint(5, 2000, (4, 12)),
              "attention_mask": torch.ones(4, 12, dtype=torch.long)}
     before = fresh(**batch).logits
-    peft = instantiate_checked(cfg.peft, "peft")
+    peft = instantiate_checked(split_peft(cfg.peft)[0], "peft")
     peft.load_trainable_state(peft.apply(fresh), state)
     after = fresh(**batch).logits
     assert not torch.allclose(before, after)  # the artefact really changed the model
