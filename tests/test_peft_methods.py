@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from ftlab.errors import FtlabError
 from ftlab.peft.base import count_parameters
-from ftlab.peft.intrinsic import SEED, THETA
+from ftlab.peft.intrinsic import SCALE, SEED, THETA
 from ftlab.run import run
 from ftlab.store import load_tensors, save_tensors
 from tests.conftest import tiny_overrides
@@ -202,3 +202,24 @@ def test_fastfood_hadamard_matches_the_explicit_matrix():
         h = _hadamard(n, x)
         assert torch.equal(h @ h.T, n * torch.eye(n, dtype=x.dtype))
         torch.testing.assert_close(fwht(x), h @ x)
+
+
+def test_said_spends_one_scale_per_tensor_and_round_trips():
+    peft = method("intrinsic", d=64, seed=7, said=True)
+    model = peft.apply(tiny_model())
+    m = len(model.names)
+    assert model.theta.numel() == 64 - m and model.scale.numel() == m  # d numbers in all
+    train_steps(model, steps=3, lr=0.5)
+    assert not torch.equal(model.scale.detach(), torch.ones(m))  # the scales learn
+    state = peft.trainable_state(model)
+    assert state[THETA].numel() + state[SCALE].numel() == 64
+    again = method("intrinsic", d=64, seed=7, said=True)
+    fresh = again.apply(tiny_model())
+    again.load_trainable_state(fresh, state)
+    for a, b in zip(model.weights().values(), fresh.weights().values(), strict=True):
+        assert torch.equal(a, b)
+    plain = method("intrinsic", d=64, seed=7)
+    with pytest.raises(FtlabError, match="disagree on SAID"):
+        plain.load_trainable_state(plain.apply(tiny_model()), state)
+    with pytest.raises(FtlabError, match="SAID needs d larger"):
+        method("intrinsic", d=4, said=True).apply(tiny_model())

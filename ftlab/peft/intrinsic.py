@@ -4,7 +4,8 @@ Only a ``d``-dimensional vector ``theta`` trains (plus the head); each backbone 
 a Fastfood projection of it: ``w = w0 + (H G Pi H B pad(theta))[:numel] / (|G| sqrt(L))`` with
 ``L`` the next power of 2, ``H`` a Walsh-Hadamard transform and ``B, Pi, G`` random (±1 signs,
 a permutation, Gaussians) regenerated from ``seed``. The artefact is ``theta``, the seed and
-the head.
+the head. SAID (structure-aware, the paper's best variant) spends ``m`` of the ``d`` numbers on
+one scale per projected tensor: ``w = w0 + lambda_i * P_i(theta)`` with ``d - m`` in ``theta``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ftlab.errors import FtlabError
 from ftlab.peft.base import load_by_name
 from ftlab.peft.functional import Reparametrized, dense_state
 from ftlab.peft.layers import base_model, freeze, head_parameters, top_layer_ops, unfreeze
 
-THETA, SEED = "intrinsic.theta", "intrinsic.seed"
+THETA, SEED, SCALE = "intrinsic.theta", "intrinsic.seed", "intrinsic.scale"
 
 
 def _hadamard(m: int, like: torch.Tensor) -> torch.Tensor:
@@ -65,10 +67,17 @@ class Fastfood(nn.Module):
 
 
 class IntrinsicModel(Reparametrized):
-    def __init__(self, model: nn.Module, names: list[str], d: int, seed: int) -> None:
+    def __init__(self, model: nn.Module, names: list[str], d: int, seed: int,
+                 said: bool = False) -> None:
         super().__init__(model, names)
-        self.d = d
-        self.theta = nn.Parameter(torch.zeros(d))
+        m = len(names) if said else 0
+        if d <= m:
+            raise FtlabError(f"SAID needs d larger than the {m} projected tensors (d={d}).",
+                             f"set peft.d above {m} (e.g. {m + 500}) or peft.said=false.")
+        self.d = d - m  # projected numbers; SAID's m per-tensor scales are the rest
+        self.theta = nn.Parameter(torch.zeros(self.d))
+        # SAID's lambda: one scale per tensor, starting at 1 (plain intrinsic when untrained)
+        self.scale = nn.Parameter(torch.ones(m)) if said else None
         self.project(seed)
 
     def project(self, seed: int) -> None:
@@ -79,8 +88,11 @@ class IntrinsicModel(Reparametrized):
                                    for i, w in enumerate(self.originals())])
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {n: w + m(self.theta).view_as(w).to(w.dtype)
-                for n, w, m in zip(self.names, self.originals(), self.maps, strict=True)}
+        out = {}
+        for i, (n, w, m) in enumerate(zip(self.names, self.originals(), self.maps, strict=True)):
+            step = m(self.theta) if self.scale is None else self.scale[i] * m(self.theta)
+            out[n] = w + step.view_as(w).to(w.dtype)
+        return out
 
 
 class Intrinsic:
@@ -88,13 +100,14 @@ class Intrinsic:
         d: the intrinsic dimension (trained numbers); the paper: ~200 (MRPC) to ~2,000.
         seed: seed of the random projection (saved in the artefact).
         include_embeddings: project the embedding matrices too (the largest tensors).
+        said: structure-aware intrinsic dimension: ``d`` includes one learnt scale per tensor.
     """
 
     name = "intrinsic"
 
     def __init__(self, d: int = 500, seed: int = 0, include_embeddings: bool = True,
-                 drop_top: int = 0, reinit_top: int = 0) -> None:
-        self.d, self.seed, self.include_embeddings = d, seed, include_embeddings
+                 said: bool = False, drop_top: int = 0, reinit_top: int = 0) -> None:
+        self.d, self.seed, self.include_embeddings, self.said = d, seed, include_embeddings, said
         self.drop_top, self.reinit_top = drop_top, reinit_top
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -105,17 +118,27 @@ class Intrinsic:
                  and id(p) not in fresh and (self.include_embeddings or "embeddings" not in n)]
         unfreeze(head_parameters(model))
         unfreeze([p for p in model.parameters() if id(p) in fresh])
-        return IntrinsicModel(model, names, self.d, self.seed)
+        return IntrinsicModel(model, names, self.d, self.seed, self.said)
 
     def trainable_state(self, model: IntrinsicModel) -> dict[str, torch.Tensor]:
-        state = dense_state(model, ("theta",))
-        return state | {THETA: model.theta.detach(), SEED: torch.tensor([model.seed])}
+        state = dense_state(model, ("theta", "scale"))
+        scale = {} if model.scale is None else {SCALE: model.scale.detach()}
+        return state | scale | {THETA: model.theta.detach(), SEED: torch.tensor([model.seed])}
 
     def load_trainable_state(self, model: IntrinsicModel, state: dict[str, torch.Tensor]) -> None:
         state = dict(state)
         seed = int(state.pop(SEED).item())
         if seed != model.seed:
             model.project(seed)
+        if (model.scale is None) != (SCALE not in state):
+            raise FtlabError("The intrinsic artefact and the model disagree on SAID.",
+                             "load it with the peft.said setting it was trained with.")
+        if state[THETA].numel() != model.theta.numel():
+            raise FtlabError(f"The intrinsic artefact has {state[THETA].numel()} numbers; this "
+                             f"model projects {model.theta.numel()}.",
+                             "load it with the peft.d it was trained with.")
         with torch.no_grad():
             model.theta.copy_(state.pop(THETA))
+            if model.scale is not None:
+                model.scale.copy_(state.pop(SCALE))
         load_by_name(model, state)
