@@ -25,7 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_job(method: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
-    """One ftlab job; returns its classify-stage info + final metrics + peak RSS (MB)."""
+    """One ftlab job; returns its classify-stage info + final metrics + peak RSS (MB).
+
+    With ``--resume``, a job whose folder already holds a finished run is read, not re-run."""
+    done = out / "bench.json"
+    if args.resume and done.exists():
+        return json.loads(done.read_text())
     overrides = [f"peft={method}", f"seed={seed}", f"stage.trainer.max_epochs={args.epochs}",
                  "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
                  f"hydra.run.dir={out}", *args.extra]
@@ -43,7 +48,9 @@ def run_job(method: str, seed: int, args: argparse.Namespace, out: Path) -> dict
         print(f"  {method} seed {seed}: {record.get('error', record.get('status'))}")
         return {}
     info = record["stages"]["classify"]
-    return info | record["final"] | {"rss_mb": usage.ru_maxrss / 1024}
+    result = info | record["final"] | {"rss_mb": usage.ru_maxrss / 1024}
+    done.write_text(json.dumps(result, default=str))
+    return result
 
 
 def summarise(results: dict[str, list[dict]]) -> None:
@@ -61,8 +68,9 @@ def summarise(results: dict[str, list[dict]]) -> None:
         kb = statistics.mean(r["artefact_kb"] for r in rs)
         step = statistics.mean(r["fit_seconds"] / max(1, r["global_steps"]) for r in rs)
         gap = f"{mean - full_acc:+.3f}" if full_acc is not None else "n/a"
+        rss = max((round(r["rss_mb"]) for r in rs if "rss_mb" in r), default="n/a")
         print(f"{method:<18} {rs[0]['params_trainable_pct']:>8.3f} {kb:>12.1f} "
-              f"{kb / model_kb:>8.4f} {max(r['rss_mb'] for r in rs):>7.0f} {step:>7.2f} "
+              f"{kb / model_kb:>8.4f} {rss:>7} {step:>7.2f} "
               f"{mean:>7.3f} +- {std:.3f} {gap:>7} {len(rs)}")
     print(f"(full fp32 checkpoint: {model_kb:.0f} KB)")
 
@@ -79,6 +87,8 @@ def main() -> None:
     parser.add_argument("--lr", default="", help="per-method LR: method=lr,method=lr")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_peft"))
     parser.add_argument("--extra", nargs="*", default=[], help="more ftlab overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse finished jobs in --out (an interrupted benchmark goes on)")
     args = parser.parse_args()
     args.lr = dict(kv.split("=", 1) for kv in args.lr.split(",") if kv)
     seeds = [int(s) for s in args.seeds.split(",")]
