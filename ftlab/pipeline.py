@@ -70,8 +70,12 @@ def stage_seed(stage: StageSpec, cfg: DictConfig) -> int:
 def stage_node(stage: StageSpec, cfg: DictConfig, group: str) -> Any:
     """The stage's own ``peft``/``regularizer`` node, or the run's group, as its constructor
     takes it (a PEFT node's ``lr`` is the stage's business: see ``stage_optim``)."""
-    return split_peft(getattr(stage, group) or cfg[group])[0] if group == "peft" \
-        else getattr(stage, group) or cfg[group]
+    node = _own_or_run(stage, cfg, group)
+    return split_peft(node)[0] if group == "peft" else node
+
+
+def _own_or_run(stage: StageSpec, cfg: DictConfig, group: str) -> Any:
+    return getattr(stage, group) or cfg[group]
 
 
 def split_peft(node: Any) -> tuple[Any, float | None]:
@@ -90,7 +94,7 @@ def stage_optim(stage: StageSpec, cfg: DictConfig) -> OptimSpec:
     set, else the PEFT method's ``lr`` (e.g. 1e-3 for adapters), else ``DEFAULT_LR``."""
     if stage.optim.lr is not None:
         return stage.optim
-    lr = split_peft(stage.peft or cfg["peft"])[1]
+    lr = split_peft(_own_or_run(stage, cfg, "peft"))[1]
     return replace(stage.optim, lr=lr if lr is not None else DEFAULT_LR)
 
 
