@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf
-
+from ftlab.build import StageBuilder
 from ftlab.errors import FtlabError, choices_text
-from ftlab.pipeline import StageSpec, stage_node, stage_optim, stage_seed, stage_trainer
+from ftlab.pipeline import ResolvedStage
+from ftlab.stage import RunContext, StageResult, run_stage
 from ftlab.store import load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
 #: bump when the stored format or the meaning of a key changes
-FORMAT = 1
+FORMAT = 2
 #: trainer keys that change nothing about the trained weights
 COSMETIC = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger",
             "callbacks", "default_root_dir", "enable_checkpointing"}
@@ -53,32 +53,19 @@ class CacheSpec:
     stages: str = "upstream"
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def stage_key(stage: StageSpec, cfg: DictConfig, upstream_key: str | None) -> str:
+def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     """A hash of what determines the stage's trained weights (not its name or log settings).
 
-    The seed enters as the seed that applies: the stage's own if set, else the run's; so a
+    The seed enters as the seed that applies (the stage's own if set, else the run's), so a
     stage with a fixed ``seed`` keeps its key across a seed sweep.
     """
     spec = asdict(stage)
-    for k in ("name", "save_artefact", "data", "peft", "regularizer", "trainer", "seed"):
+    for k in ("name", "save_artefact"):
         spec.pop(k)
-    spec["optim"] = asdict(stage_optim(stage, cfg))  # the LR that applies (stage's or method's)
-    trainer = _plain(stage_trainer(cfg, stage))
-    data = dict(_plain(stage.data or cfg.data))  # a copy: stage.data is not to change
+    spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
-    data["file_stats"] = {k: _stat(v) for k, v in (data.get("files") or {}).items()}
-    payload = {
-        "format": FORMAT, "spec": spec, "upstream": upstream_key,
-        "model": _plain(cfg.model), "data": data,
-        "peft": _plain(stage_node(stage, cfg, "peft")),
-        "regularizer": _plain(stage_node(stage, cfg, "regularizer")),
-        "trainer": {k: v for k, v in trainer.items() if k not in COSMETIC},
-        "seed": stage_seed(stage, cfg),
-    }
+    spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
+    payload = {"format": FORMAT, "stage": spec, "upstream": upstream_key}
     text = json.dumps(payload, sort_keys=True, default=str)
     return f"{stage.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
@@ -88,15 +75,15 @@ def _stat(path: Any) -> list[int] | None:
     return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
 
 
-def pipeline_keys(stages: list[StageSpec], cfg: DictConfig) -> dict[str, str]:
+def pipeline_keys(stages: list[ResolvedStage]) -> dict[str, str]:
     """Every stage's key; a stage's key includes the key of the stage it starts from."""
     keys: dict[str, str] = {}
     for s in stages:
-        keys[s.name] = stage_key(s, cfg, keys.get(s.init_from))
+        keys[s.name] = stage_key(s, keys.get(s.init_from))
     return keys
 
 
-def cached_stages(stages: list[StageSpec], mode: str) -> set[str]:
+def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
     """Names of the stages to cache under ``mode``."""
     if mode not in MODES:
         raise FtlabError(f"cache.stages is '{mode}'.", f"use one of: {choices_text(MODES)}.")
@@ -174,14 +161,14 @@ def dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_or_reuse(stage: StageSpec, cfg: DictConfig, run_dir: Path, upstream: dict[str, Any],
-                 context: dict[str, Any], key: str, cache: StageCache | None) -> Any:
+def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
+                 upstream: dict[str, StageResult], key: str,
+                 cache: StageCache | None) -> StageResult:
     """Reuse the stage from ``cache`` when it holds ``key``; else train it (storing it when
     ``cache`` is given). Returns a ``StageResult``; ``info`` says ``cache_hit``."""
-    from ftlab.stage import StageResult, run_stage
-
-    if cache is None or stage_trainer(cfg, stage).get("fast_dev_run"):
-        result = run_stage(stage, cfg, run_dir, upstream, context)
+    run_dir = run.run_dir
+    if cache is None or stage.trainer.get("fast_dev_run"):
+        result = run_stage(stage, builder, run, upstream)
         result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
         return result
     hit = cache.lookup(key)
@@ -189,7 +176,7 @@ def run_or_reuse(stage: StageSpec, cfg: DictConfig, run_dir: Path, upstream: dic
         with cache.claim(key):
             hit = cache.lookup(key)  # another job may have finished it while we waited
             if hit is None:
-                result = run_stage(stage, cfg, run_dir, upstream, context)
+                result = run_stage(stage, builder, run, upstream)
                 model = result.model
                 state = model.state_dict() if isinstance(model, torch.nn.Module) else model
                 path = cache.store(key, state, {"name": stage.name, "metrics": result.metrics,

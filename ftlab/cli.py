@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,12 +18,14 @@ CONFIG_DIR = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent /
 
 
 def quiet() -> None:
-    """Silence library chatter that says nothing to a user of ftlab."""
+    """Silence library chatter that says nothing a user of ftlab can act on. Imports the
+    libraries it quiets, so it runs when a job starts, not for ``--help``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*`tensorboardX` has been removed.*")
+    os.environ.setdefault("WANDB_SILENT", "true")  # e.g. "logging in anonymously" offline
+    for message in (".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*",
+                    ".*`tensorboardX` has been removed.*", ".*smaller than the logging interval.*"):
+        warnings.filterwarnings("ignore", message=message)
     import logging
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
@@ -34,24 +38,33 @@ def quiet() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def _app(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> float:
+    """One job. Returns ``val/<monitor>`` of the last stage for optimising sweepers (Optuna),
+    or the worst value for its mode (-inf when higher is better) when the job failed."""
+    quiet()
     from ftlab.run import run
 
-    record = run(cfg)
-    final = record.get("final") or {}
-    return final.get("val/acc")  # Hydra sweepers (e.g. Optuna) read the return value
+    return run(cfg)["objective"]
 
 
 def main() -> None:
-    quiet()
     preflight(sys.argv[1:])
-    _app()
-    from ftlab.run import ERRORED
+    with tempfile.TemporaryDirectory(prefix="ftlab-") as tmp:
+        # the sweep report (a Hydra callback in this process) writes the sweep's outcome here,
+        # counted from the job folders: true under every launcher
+        status = Path(tmp) / "sweep.json"
+        os.environ[SWEEP_STATUS] = str(status)
+        _app()
+        if status.is_file():
+            outcome = json.loads(status.read_text())
+            if outcome["errored"]:
+                print(f"ftlab: {outcome['errored']} of {outcome['jobs']} job(s) ended in an "
+                      f"error; see {outcome['sweep_dir']}/summary.md", file=sys.stderr)
+                sys.exit(1)
 
-    if ERRORED:
-        print(f"ftlab: {len(ERRORED)} job(s) ended in an error; see metrics.json in: "
-              + ", ".join(ERRORED), file=sys.stderr)
-        sys.exit(1)
+
+#: environment variable naming the file the sweep report writes the sweep's outcome to
+SWEEP_STATUS = "FTLAB_SWEEP_STATUS"
 
 
 def preflight(argv: list[str]) -> None:

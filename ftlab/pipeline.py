@@ -1,4 +1,11 @@
-"""Stage specs and the pipeline: a run is an ordered list of stages (often just one)."""
+"""Stages and the pipeline: a run is an ordered list of stages (often just one), each resolved
+once into a frozen ``ResolvedStage``. Training, validation and the stage cache take only that.
+
+Precedence of a stage's settings, lowest first (README, "Which value wins"):
+the run's groups (``trainer``, ``data``, ``peft``...) < the stage's own YAML node < keys given
+explicitly at run level (command line or ``experiment=``) < keys given explicitly for that stage
+(``pipeline.stages.<name>.<key>=``, or ``stage.<key>=`` for a single stage).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.config import bind_schema
+from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError, choices_text
+from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
+from ftlab.overrides import Explicit, stage_nodes, trainer_node
 
 
 @dataclass
 class StageSpec:
-    """One adaptation stage.
+    """One adaptation stage as written in YAML (``conf/stage/*.yaml``, ``pipeline.stages``).
 
     Attributes:
         name: the stage's name: its output folder, W&B job_type, what ``init_from`` refers to.
@@ -24,7 +34,7 @@ class StageSpec:
             ``encoder`` (the backbone only; the head starts fresh).
         batch_size / eval_batch_size: rows per training / evaluation batch.
         optim: optimiser settings.
-        trainer: overrides of the trainer group for this stage (``max_epochs``...).
+        trainer: this stage's own Trainer settings, on top of the run's ``trainer`` group.
         seed: this stage's seed; null uses the run's ``seed``.
         data / peft / regularizer: this stage's own nodes; null uses the run's groups.
         save_artefact: write the trained parameters as safetensors.
@@ -51,67 +61,93 @@ class StageSpec:
     aux_mlm_weight: float = 0.0
 
 
+@dataclass(frozen=True)
+class ResolvedStage:
+    """Everything that shapes one stage, worked out once by ``build_pipeline``.
+
+    ``task``/``peft``/``regularizer`` are ``_target_`` nodes (plain dicts; the PEFT node
+    without its ``lr``), ``trainer`` the Lightning ``Trainer`` node (run group + stage + explicit
+    overrides), ``optim.lr`` the peak LR that applies. Treat the dicts as read-only.
+    """
+
+    name: str
+    task: dict[str, Any]
+    init_from: str
+    carry: str
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    model: ModelSpec
+    data: DataSpec
+    peft: dict[str, Any]
+    regularizer: dict[str, Any]
+    optim: OptimSpec
+    trainer: dict[str, Any]
+    aux_mlm_weight: float = 0.0
+    save_artefact: bool = True
+
+    @property
+    def where(self) -> str:
+        return f"stage '{self.name}'"
+
+
 CARRY = ("model", "encoder")
 
 
-def stage_data(stage: StageSpec, cfg: DictConfig) -> dict[str, Any]:
-    """The stage's resolved data node: its own (or the run's) plus ``data_overrides``."""
-    node = stage.data if stage.data is not None else cfg.data
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    return {**node, **stage.data_overrides}
-
-
-def stage_seed(stage: StageSpec, cfg: DictConfig) -> int:
-    """The stage's own seed, or the run's."""
-    return stage.seed if stage.seed is not None else cfg.seed
-
-
-def stage_node(stage: StageSpec, cfg: DictConfig, group: str) -> Any:
-    """The stage's own ``peft``/``regularizer`` node, or the run's group, as its constructor
-    takes it (a PEFT node's ``lr`` is the stage's business: see ``stage_optim``)."""
-    node = _own_or_run(stage, cfg, group)
-    return split_peft(node)[0] if group == "peft" else node
-
-
-def _own_or_run(stage: StageSpec, cfg: DictConfig, group: str) -> Any:
-    return getattr(stage, group) or cfg[group]
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def split_peft(node: Any) -> tuple[Any, float | None]:
     """(the PEFT node without ``lr``, that ``lr``): the method's suggested peak LR is read by
     the stage, not passed to the method."""
+    node = _plain(node)
     if node is None or "lr" not in node:
         return node, None
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
     lr = node["lr"]
     return {k: v for k, v in node.items() if k != "lr"}, None if lr is None else float(lr)
 
 
-def stage_optim(stage: StageSpec, cfg: DictConfig) -> OptimSpec:
-    """The stage's optimiser settings with the peak LR resolved: the stage's ``optim.lr`` if
-    set, else the PEFT method's ``lr`` (e.g. 1e-3 for adapters), else ``DEFAULT_LR``."""
-    if stage.optim.lr is not None:
-        return stage.optim
-    lr = split_peft(_own_or_run(stage, cfg, "peft"))[1]
-    return replace(stage.optim, lr=lr if lr is not None else DEFAULT_LR)
+def run_seed(cfg: DictConfig) -> int:
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise FtlabError(f"seed must be an integer, got {seed!r}.",
+                         "e.g. seed=1 (sweep: -m seed=1,2,3).")
+    return seed
 
 
-def build_pipeline(cfg: DictConfig) -> list[StageSpec]:
-    """The stages of a run: ``cfg.pipeline.stages`` if set, else the single ``cfg.stage``."""
-    pipeline = cfg.get("pipeline")
-    nodes = (pipeline.get("stages") if pipeline else None) or {cfg.stage.name: cfg.stage}
-    stages = []
-    for key, node in nodes.items():  # in a pipeline the mapping key is the stage's name
-        node = OmegaConf.merge(node, {"name": key if len(nodes) > 1 or pipeline else
-                                      node.get("name") or key})
-        stages.append(bind_schema(StageSpec, node, f"stage '{key}'"))
-    for data in (s.data for s in stages):  # resolved later, but fail early on a bad type
-        if data is not None and not isinstance(data, dict):
-            raise FtlabError("A stage's data must be a mapping.", "see conf/data/*.yaml.")
-    check_pipeline(stages)
-    return stages
+def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[ResolvedStage]:
+    """The run's stages, resolved: ``cfg.pipeline.stages`` if set, else the single ``cfg.stage``.
+
+    ``explicit`` holds the keys the user set on purpose (``overrides.explicit_keys``); without
+    it only the YAML's own precedence applies (the run's group < the stage's node).
+    """
+    explicit = explicit or Explicit()
+    nodes, prefix = stage_nodes(cfg, explicit)
+    specs = [bind_schema(StageSpec, node, f"stage '{key}'") for key, node in nodes.items()]
+    check_pipeline(specs)
+    model = bind_schema(ModelSpec, cfg.model, "model")
+    seed = run_seed(cfg)
+    return [_resolve(s, cfg, model, seed, explicit, prefix(s.name)) for s in specs]
+
+
+def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
+             explicit: Explicit, prefix: str) -> ResolvedStage:
+    where = f"stage '{spec.name}'"
+    data = _plain(spec.data if spec.data is not None else cfg.data)
+    if not isinstance(data, dict):
+        raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
+    data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data")
+    peft, peft_lr = split_peft(spec.peft or cfg.peft)
+    optim = spec.optim if spec.optim.lr is not None else replace(
+        spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
+    return ResolvedStage(
+        name=spec.name, task=_plain(spec.task), init_from=spec.init_from, carry=spec.carry,
+        batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
+        seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
+        peft=peft, regularizer=_plain(spec.regularizer or cfg.regularizer), optim=optim,
+        trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
+        aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact)
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:
@@ -129,12 +165,9 @@ def check_pipeline(stages: list[StageSpec]) -> None:
         if s.task is None or "_target_" not in s.task:
             raise FtlabError(f"Stage '{s.name}' has no task.",
                              "give it a task node with a _target_ (see conf/stage/*.yaml).")
+        for node, what in ((s.peft, "peft"), (s.regularizer, "regularizer")):
+            if node is not None and not (isinstance(node, dict) and "_target_" in node):
+                raise FtlabError(f"Stage '{s.name}' has a {what} node without a _target_.",
+                                 f"give it a mapping with a _target_ (see conf/{what}/*.yaml), "
+                                 "or null for the run's group.")
         seen.append(s.name)
-
-
-def stage_trainer(cfg: DictConfig, stage: StageSpec) -> DictConfig:
-    """The run's trainer group with the stage's overrides on top.
-
-    A plain (non-struct) merge: a stage may set any Trainer argument, not only the YAML's.
-    """
-    return OmegaConf.merge(OmegaConf.to_container(cfg.trainer, resolve=True), stage.trainer)

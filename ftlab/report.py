@@ -151,11 +151,19 @@ class SweepReport(Callback):
     """Hydra callback: write the cross-seed report when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import os
+
         sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir():
-            write_report(sweep_dir)
-            print((sweep_dir / "summary.md").read_text())
-            print(f"Report: {sweep_dir}/summary.{{md,json,png}}")
+        if not sweep_dir.is_dir():
+            return
+        summary = write_report(sweep_dir)
+        print((sweep_dir / "summary.md").read_text())
+        print(f"Report: {sweep_dir}/summary.{{md,json,png}}")
+        status = os.environ.get("FTLAB_SWEEP_STATUS")  # set by the ftlab command (cli.main)
+        if status:
+            write_json(status, {"sweep_dir": str(sweep_dir),
+                                "jobs": sum(s["runs"] for s in summary.values()),
+                                "errored": sum(s["errored"] for s in summary.values())})
 
 
 def main(argv: list[str] | None = None) -> None:

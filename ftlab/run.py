@@ -1,8 +1,11 @@
-"""One job: run the pipeline's stages in order and record everything in ``metrics.json``."""
+"""One job: resolve the pipeline once, check it, run its stages in order, record everything in
+``metrics.json``. The run config (``DictConfig``) stops here: stages get ``ResolvedStage``s."""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -10,19 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
-from ftlab.config import bind_schema
 from ftlab.errors import FtlabError
-from ftlab.loggers import finish_wandb
-from ftlab.pipeline import build_pipeline
-from ftlab.stage import StageResult
-from ftlab.store import write_json
-from ftlab.validate import validate
 
 log = logging.getLogger("ftlab")
-
-#: jobs of this process that ended in an error (the CLI exits non-zero if any did)
-ERRORED: list[str] = []
 
 
 def _hydra_info() -> dict[str, Any]:
@@ -30,12 +23,15 @@ def _hydra_info() -> dict[str, Any]:
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return {"multirun": False, "overrides": [], "sweep": None, "job": "run", "choices": {}}
+        return {"multirun": False, "overrides": [], "sweep": None, "job": "run", "choices": {},
+                "n_jobs": 1}
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    n_jobs = (hc.launcher.get("n_jobs") if multirun and hc.get("launcher") else None) or 1
     return {"multirun": multirun, "overrides": list(hc.overrides.task),
             "sweep": Path(hc.sweep.dir).name if multirun else None,
-            "job": hc.job.override_dirname or "default", "choices": dict(hc.runtime.choices)}
+            "job": hc.job.override_dirname or "default", "choices": dict(hc.runtime.choices),
+            "n_jobs": n_jobs}
 
 
 def config_key(overrides: list[str]) -> str:
@@ -44,42 +40,54 @@ def config_key(overrides: list[str]) -> str:
     return ",".join(rest) or "default"
 
 
+def set_threads(n_jobs: int) -> int:
+    """Torch threads = the cores this process may use / the jobs running at once (a parallel
+    launcher's ``n_jobs``; -1 means one per core). ``OMP_NUM_THREADS`` set by the user wins."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parallel = cores if n_jobs < 1 else min(n_jobs, cores)
+    threads = max(1, (cores or 1) // max(1, parallel))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run every stage; write ``metrics.json`` after each; never lose a finished stage."""
+    """Run every stage; write ``metrics.json`` after each; never lose a finished stage.
+
+    Returns the record; ``record["objective"]`` is ``val/<monitor>`` of the last stage (what
+    an optimising sweeper reads), or the worst value (-inf / +inf by the monitor's mode) when
+    the job failed.
+    """
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.overrides import explicit_keys
+    from ftlab.store import write_json
+
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     hydra = _hydra_info()
     key = config_key(hydra["overrides"])
-    record: dict[str, Any] = {"status": "running", "seed": cfg.seed, "config_key": key,
-                              "overrides": hydra["overrides"], "stages": {}}
+    record: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "config_key": key,
+                              "overrides": hydra["overrides"], "stages": {},
+                              "torch_threads": set_threads(hydra.get("n_jobs", 1))}
     out = run_dir / "metrics.json"
+    choices = hydra.get("choices", {})
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
-               "tags": [f"peft:{hydra.get('choices', {}).get('peft', 'custom')}",
-                        f"regularizer:{hydra.get('choices', {}).get('regularizer', 'custom')}"],
+               "tags": [f"peft:{choices.get('peft', 'custom')}",
+                        f"regularizer:{choices.get('regularizer', 'custom')}"],
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
     try:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        stages = build_pipeline(cfg)
-        record["pipeline"] = [s.name for s in stages]
-        validate(cfg, stages)  # every stage's config and data, before any training
-        cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
-        cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
-        keys = pipeline_keys(stages, cfg)
-        lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
-                                        "key": keys[s.name], "cache_hit": None} for s in stages]
-        context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys
-        results: dict[str, StageResult] = {}
-        for stage, line in zip(stages, lineage, strict=True):
-            result = run_or_reuse(stage, cfg, run_dir, results, context, keys[stage.name],
-                                  cache if stage.name in cached else None)
-            results[stage.name] = result
-            line["cache_hit"] = result.info["cache_hit"]
-            record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
-            write_json(out, record)
-        final = results[stages[-1].name].metrics
-        record |= {"status": "ok", "final": final, "failed": is_degenerate(final)}
+        explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
+        _run_stages(cfg, explicit, record, context, run_dir)
+        final = record["final"]
+        record |= {"status": "ok", "failed": is_degenerate(final)}
+        record["objective"] = objective(record)
     except (FtlabError, Exception, KeyboardInterrupt) as err:
         _record_error(record, err, run_dir)
+        record["objective"] = objective(record)
         if isinstance(err, KeyboardInterrupt):
             raise
         if not hydra["multirun"]:
@@ -87,10 +95,63 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record  # a sweep goes on with its next job
     finally:
         write_json(out, record)
+        from ftlab.loggers import finish_wandb
+
         finish_wandb(failed=record["status"] != "ok")
     log.info("Final metrics: %s", {k: round(v, 4) for k, v in record["final"].items()})
     log.info("Results in %s", run_dir)
     return record
+
+
+def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
+                context: dict[str, Any], run_dir: Path) -> None:
+    """Resolve, validate and run the stages into ``record``."""
+    from ftlab.build import StageBuilder
+    from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
+    from ftlab.config import bind_schema
+    from ftlab.pipeline import build_pipeline
+    from ftlab.stage import RunContext, StageResult
+    from ftlab.store import write_json
+    from ftlab.validate import validate
+
+    stages = build_pipeline(cfg, explicit)
+    record["pipeline"] = [s.name for s in stages]
+    callbacks = _plain(cfg.get("callbacks")) or {}
+    logger = _plain(cfg.get("logger")) or None
+    builder = StageBuilder()
+    validate(stages, builder, callbacks)  # every stage's config and data, before any training
+    last = builder.task(stages[-1])
+    record["monitor"] = {"metric": f"val/{last.monitor}", "mode": last.mode}
+    cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
+    cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
+    keys = pipeline_keys(stages)
+    lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
+                                    "key": keys[s.name], "cache_hit": None} for s in stages]
+    context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys
+    run = RunContext(run_dir, callbacks, logger, context)
+    results: dict[str, StageResult] = {}
+    for stage, line in zip(stages, lineage, strict=True):
+        result = run_or_reuse(stage, builder, run, results, keys[stage.name],
+                              cache if stage.name in cached else None)
+        results[stage.name] = result
+        line["cache_hit"] = result.info["cache_hit"]
+        record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
+        write_json(run_dir / "metrics.json", record)
+    record["final"] = results[stages[-1].name].metrics
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def objective(record: dict[str, Any]) -> float:
+    """The job's score for optimising sweepers: the last stage's monitored validation metric;
+    for a failed job (or a missing/non-finite metric) the worst value for its mode."""
+    monitor = record.get("monitor") or {"metric": "val/acc", "mode": "max"}
+    worst = -math.inf if monitor["mode"] == "max" else math.inf
+    value = (record.get("final") or {}).get(monitor["metric"]) if record["status"] == "ok" \
+        else None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else worst
 
 
 def is_degenerate(metrics: dict[str, float]) -> bool:
@@ -106,5 +167,4 @@ def _record_error(record: dict[str, Any], err: BaseException, run_dir: Path) -> 
     if not isinstance(err, FtlabError | KeyboardInterrupt):
         (run_dir / "error.log").write_text(traceback.format_exc())
         record["error"] += f" (traceback in {run_dir / 'error.log'})"
-    ERRORED.append(str(run_dir))
     print(f"\nftlab: {record['error']}\n", file=sys.stderr)

@@ -10,21 +10,16 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig
 from torch import nn
 
+from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest
-from ftlab.config import bind_schema, instantiate_checked
+from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
-from ftlab.data.sources import load_raw
-from ftlab.data.spec import DataSpec
-from ftlab.handover import hand_over
 from ftlab.loggers import build_loggers
-from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.module import FineTuneModule
-from ftlab.optim import OptimSpec
 from ftlab.peft.base import count_parameters
-from ftlab.pipeline import StageSpec, stage_data, stage_node, stage_optim, stage_seed, stage_trainer
+from ftlab.pipeline import ResolvedStage
 from ftlab.store import save_tensors
 
 log = logging.getLogger(__name__)
@@ -38,43 +33,46 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
-              upstream: dict[str, StageResult], context: dict[str, Any]) -> StageResult:
-    """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run."""
-    seed = stage_seed(stage, cfg)
-    stage_dir = run_dir / stage.name
-    L.seed_everything(seed, workers=True, verbose=False)
-    data_spec = bind_schema(DataSpec, stage_data(stage, cfg), "data")
-    model_spec = bind_schema(ModelSpec, cfg.model, "model")
-    raw = load_raw(data_spec, seed)
-    tokenizer = load_tokenizer(model_spec)
-    task = instantiate_checked(stage.task, f"stage '{stage.name}'.task")
-    if stage.aux_mlm_weight > 0:
-        from ftlab.tasks.mlm import AuxMLM
+@dataclass(frozen=True)
+class RunContext:
+    """What a stage needs from its run besides its own settings.
 
-        task = AuxMLM(task, stage.aux_mlm_weight)
-    task.bind(raw, tokenizer, data_spec.text_columns)
+    Attributes:
+        run_dir: the job's output folder; the stage writes into ``run_dir/<stage name>``.
+        callbacks: the run's extra Lightning callback nodes (``callbacks`` group).
+        logger: the run's logger nodes (``logger`` group).
+        log_context: W&B name/group/tags/config for the loggers that take them.
+    """
+
+    run_dir: Path
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] | None = None
+    log_context: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
+              upstream: dict[str, StageResult]) -> StageResult:
+    """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run."""
+    stage_dir = run.run_dir / stage.name
+    L.seed_everything(stage.seed, workers=True, verbose=False)
+    task = builder.task(stage)
+    raw = builder.raw(stage)
+    tokenizer = builder.tokenizer(stage.model)
     dm = TextDataModule(raw.splits, task.featurize, tokenizer.pad_token_id,
                         batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                        seed=seed)
-
-    model = task.build_model(model_spec)
-    handed = {}
-    if stage.init_from != "pretrained":
-        handed = hand_over(upstream[stage.init_from].model, model, stage.carry)
-    peft = instantiate_checked(stage_node(stage, cfg, "peft"), "peft")
-    regularizer = instantiate_checked(stage_node(stage, cfg, "regularizer"), "regularizer")
-    model = regularizer.apply(peft.apply(model))
+                        seed=stage.seed)
+    source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
+    model, peft, regularizer, handed = builder.model(stage, source)
     counts = count_parameters(model)
-    optim = stage_optim(stage, cfg)
     log.info("Stage %s: %s trainable of %s parameters (%.3f%%) with peft=%s, peak lr %g",
              stage.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
-             counts["params_trainable_pct"], peft.name, optim.lr)
+             counts["params_trainable_pct"], peft.name, stage.optim.lr)
 
-    module = FineTuneModule(model, task, regularizer, optim)
+    module = FineTuneModule(model, task, regularizer, stage.optim)
     keep = KeepBest(peft, f"val/{task.monitor}", task.mode)
-    trainer = _trainer(cfg, stage, optim, stage_dir, keep, context | {
-        "name": f"{context.get('name', 'run')}/{stage.name}", "job_type": stage.name})
+    context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
+                                 "job_type": stage.name}
+    trainer = _trainer(stage, run, stage_dir, keep, context)
     start = time.perf_counter()
     trainer.fit(module, dm)
     fit_s = time.perf_counter() - start
@@ -88,10 +86,10 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     if hasattr(task, "baseline") and "validation" in raw.splits:
         baseline = task.baseline(raw.splits["validation"]["label"])
         metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
-    info = counts | {"lr": optim.lr, "fit_seconds": round(fit_s, 2), "best_epoch": keep.best_epoch,
-                     "seed": seed, "train_rows": len(raw.splits["train"]),
-                     "global_steps": trainer.global_step, "handed_over": handed,
-                     **getattr(task, "info", {})}
+    info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
+                     "best_epoch": keep.best_epoch, "seed": stage.seed,
+                     "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
+                     "handed_over": handed, **getattr(task, "info", {})}
     if stage.save_artefact:
         state = peft.trainable_state(module.model)
         path = save_tensors(stage_dir / "trainable.safetensors", state,
@@ -102,17 +100,16 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     return StageResult(stage.name, metrics, module.model, info)
 
 
-def _trainer(cfg: DictConfig, stage: StageSpec, optim: OptimSpec, stage_dir: Path,
-             keep: KeepBest, context: dict[str, Any]) -> L.Trainer:
+def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepBest,
+             context: dict[str, Any]) -> L.Trainer:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
-                 for key, node in (cfg.get("callbacks") or {}).items() if node is not None]
-    if optim.gradual_unfreeze:
+                 for key, node in run.callbacks.items() if node is not None]
+    if stage.optim.gradual_unfreeze:
         callbacks.append(GradualUnfreeze())
-    loggers = build_loggers(cfg.get("logger"), save_dir=str(stage_dir), **context)
-    node = stage_trainer(cfg, stage)
-    if node.get("enable_progress_bar") is False:  # a bar callback would contradict it
+    loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
+    if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return instantiate_checked(node, "trainer", default_root_dir=str(stage_dir),
-                               callbacks=[*callbacks, keep], logger=loggers or False,
-                               enable_checkpointing=False)
+    return instantiate_checked(stage.trainer, f"{stage.where} trainer",
+                               default_root_dir=str(stage_dir), callbacks=[*callbacks, keep],
+                               logger=loggers or False, enable_checkpointing=False)

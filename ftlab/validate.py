@@ -1,9 +1,9 @@
 """Check a whole run before any stage trains: a bad last stage costs seconds, not hours.
 
-``validate(cfg, stages)`` binds every schema, checks every ``_target_`` node against its
-constructor, that the model and tokenizer paths exist, and loads and checks every stage's data
-(files, columns, labels, enough rows for a batch). The data loads are cached by ``datasets``,
-so the stages later read them again from the Arrow cache at little cost.
+``validate(stages, builder, callbacks)`` checks every ``_target_`` node against its constructor,
+that the model and tokenizer paths exist, every stage's data (files, columns, labels, enough
+rows for a batch: the builder loads it, and training reuses what it loaded), and that each PEFT
+method fits the model's architecture (applied on the meta device: no weights).
 """
 
 from __future__ import annotations
@@ -12,59 +12,50 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from ftlab.config import bind_schema, check_binds, instantiate_checked
-from ftlab.data.sources import RawData, load_raw
-from ftlab.data.spec import DataSpec
+from ftlab.build import StageBuilder
+from ftlab.config import check_binds
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_tokenizer
-from ftlab.pipeline import StageSpec, stage_data, stage_node, stage_seed, stage_trainer
-from ftlab.resolve import resolve
+from ftlab.model.backbone import ModelSpec
+from ftlab.pipeline import ResolvedStage
 
 log = logging.getLogger(__name__)
 
 
-def validate(cfg: DictConfig, stages: list[StageSpec]) -> None:
+def validate(stages: list[ResolvedStage], builder: StageBuilder,
+             callbacks: dict[str, Any] | None = None) -> None:
     """Raise ``FtlabError`` for the first problem found in any stage; train nothing."""
-    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
-        raise FtlabError(f"seed must be an integer, got {cfg.get('seed')!r}.",
-                         "e.g. seed=1 (sweep: -m seed=1,2,3).")
-    model_spec = bind_schema(ModelSpec, cfg.model, "model")
-    check_model_path(model_spec)
-    for key, node in (cfg.get("callbacks") or {}).items():
+    for key, node in (callbacks or {}).items():
         if node is not None:
             check_binds(node, f"callbacks.{key}", partial=True)
-    tokenizer = load_tokenizer(model_spec)
-    loaded: dict[str, RawData] = {}
+    for model in {repr(s.model): s.model for s in stages}.values():
+        check_model_path(model)
+    for stage in stages:  # cheap checks of every stage first, then the data and models
+        check_binds(stage.trainer, f"{stage.where} trainer", partial=True)
+        check_binds(stage.task, f"{stage.where}.task")
+        check_binds(stage.peft, f"{stage.where} peft")
+        check_binds(stage.regularizer, f"{stage.where} regularizer")
+        check_numbers(stage)
     for stage in stages:
-        where = f"stage '{stage.name}'"
-        check_binds(stage_trainer(cfg, stage), f"{where} trainer", partial=True)  # stage typos too
-        check_binds(stage.task, f"{where}.task")
-        peft_node = stage_node(stage, cfg, "peft")
-        reg_node = stage_node(stage, cfg, "regularizer")
-        check_binds(peft_node, f"{where} peft")
-        check_binds(reg_node, f"{where} regularizer")
-        spec = bind_schema(DataSpec, stage_data(stage, cfg), f"{where} data")
-        seed = stage_seed(stage, cfg)
-        ident = f"{spec!r}/{seed}"
-        if ident not in loaded:
-            loaded[ident] = load_raw(spec, seed)
-        raw = loaded[ident]
-        rows = len(raw.splits["train"])
-        if rows < stage.batch_size:
-            raise FtlabError(
-                f"{where}: the training split has {rows} rows, fewer than one batch "
-                f"(batch_size={stage.batch_size}).",
-                f"lower the stage's batch_size to at most {rows}, or add data.")
-        task = instantiate_checked(stage.task, f"{where}.task")
-        if stage.aux_mlm_weight > 0:
-            from ftlab.tasks.mlm import AuxMLM
-
-            task = AuxMLM(task, stage.aux_mlm_weight)
-        task.bind(raw, tokenizer, spec.text_columns)
-        check_peft_fits(task, model_spec, peft_node, where)
+        builder.task(stage)
+        builder.check_fits(stage)
     log.info("Checked %d stage(s): config and data are fine.", len(stages))
+
+
+def check_numbers(stage: ResolvedStage) -> None:
+    """Values that bind to their type but make no sense (a zero batch, a negative LR)."""
+    o = stage.optim
+    for ok, what, fix in (
+        (stage.batch_size >= 1, f"batch_size={stage.batch_size}", "a batch size of 1 or more"),
+        (stage.eval_batch_size >= 1, f"eval_batch_size={stage.eval_batch_size}",
+         "an eval batch size of 1 or more"),
+        (o.lr is not None and o.lr > 0, f"optim.lr={o.lr}", "a positive peak LR, e.g. 5e-5"),
+        (0 <= o.warmup_ratio < 1, f"optim.warmup_ratio={o.warmup_ratio}", "a ratio in [0, 1)"),
+        (0 < o.layer_decay <= 1, f"optim.layer_decay={o.layer_decay}", "a factor in (0, 1]"),
+        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}", "0 or more"),
+        (stage.aux_mlm_weight >= 0, f"aux_mlm_weight={stage.aux_mlm_weight}", "0 or more"),
+    ):
+        if not ok:
+            raise FtlabError(f"{stage.where}: {what} is out of range.", f"use {fix}.")
 
 
 def _looks_local(name: str) -> bool:
@@ -87,43 +78,3 @@ def check_model_path(spec: ModelSpec) -> None:
             raise FtlabError(f"{what} '{name}' has no config.json, so it is not a saved model.",
                              "point it at a folder written by save_pretrained (config.json + "
                              "weights).")
-
-
-def check_peft_fits(task: Any, spec: ModelSpec, peft_node: Any, where: str) -> None:
-    """Apply the PEFT method to the model's architecture (on the meta device: no weights)."""
-    import torch
-
-    arch = _architecture_spec(spec)
-    if arch is None:
-        return
-    try:
-        with torch.device("meta"):
-            model = task.build_model(arch)
-    except FtlabError:
-        raise
-    except Exception as err:  # the real load reports real problems; this is only a check
-        log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
-        return
-    peft = instantiate_checked(peft_node, f"{where} peft")
-    try:
-        peft.apply(model)
-    except FtlabError:
-        raise
-    except Exception as err:
-        log.debug("PEFT check inconclusive on the meta device (%s: %s).", type(err).__name__, err)
-
-
-def _architecture_spec(spec: ModelSpec) -> ModelSpec | None:
-    """A from-config twin of ``spec`` (same architecture, random weights), if it can be had."""
-    if spec.name_or_path is None:
-        return spec
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolve(spec.name_or_path), **spec.config).to_dict()
-    except Exception:
-        return None
-    keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
-        "architectures", "transformers_version", "id2label", "label2id", "num_labels")}
-    return ModelSpec(name_or_path=None, tokenizer=spec.tokenizer, config=keep,
-                     revision=spec.revision)

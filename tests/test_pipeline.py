@@ -16,7 +16,7 @@ from ftlab.config import bind_schema
 from ftlab.handover import hand_over
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR
-from ftlab.pipeline import build_pipeline, stage_node, stage_optim
+from ftlab.pipeline import build_pipeline
 from ftlab.run import run
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM
@@ -45,7 +45,7 @@ def test_every_pipeline_composes_and_stages_are_overridable(name, make_cfg, sent
     assert len(stages) >= 2 and stages[0].trainer["max_steps"] == 7
     assert [s.name for s in stages] == list(cfg.pipeline.stages)  # keys are the names
     assert all(s.init_from in ("pretrained", *[p.name for p in stages]) for s in stages)
-    assert len(set(pipeline_keys(stages, cfg).values())) == len(stages)
+    assert len(set(pipeline_keys(stages).values())) == len(stages)
 
 
 def _first(name: str) -> str:
@@ -95,7 +95,7 @@ def test_interrupted_stage_is_not_cached_and_is_retrained(tiny_pipeline, tmp_pat
         run(tiny_pipeline())
     cache = tmp_path / "cache"
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]  # nothing complete
-    key = next(iter(pipeline_keys(build_pipeline(tiny_pipeline()), tiny_pipeline()).values()))
+    key = next(iter(pipeline_keys(build_pipeline(tiny_pipeline())).values()))
     stale = cache / f".{key}.tmp-99999-abcdef"  # what a killed process leaves behind
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half a file")
@@ -164,8 +164,8 @@ def test_peak_lr_comes_from_the_stage_else_the_peft_method(overrides, expected, 
                                                            sentiment_dir):
     cfg = make_cfg(tiny_overrides(sentiment_dir) + overrides)
     stage = build_pipeline(cfg)[0]
-    assert stage_optim(stage, cfg).lr == pytest.approx(expected)
-    assert "lr" not in stage_node(stage, cfg, "peft")  # never passed to the method
+    assert stage.optim.lr == pytest.approx(expected)
+    assert "lr" not in stage.peft  # never passed to the method
 
 
 def test_peft_lr_reaches_the_optimizer_and_metrics(make_cfg, sentiment_dir, monkeypatch):
@@ -187,7 +187,7 @@ def test_peft_lr_reaches_the_optimizer_and_metrics(make_cfg, sentiment_dir, monk
 def test_cache_key_follows_the_lr_that_applies(make_cfg, sentiment_dir):
     def key(*extra: str) -> str:
         cfg = make_cfg(tiny_overrides(sentiment_dir) + ["peft=lora", *extra])
-        return pipeline_keys(build_pipeline(cfg), cfg)["classify"]
+        return pipeline_keys(build_pipeline(cfg))["classify"]
 
     assert key() != key("peft.lr=1e-3")
     assert key("peft.lr=1e-3") == key("stage.optim.lr=1e-3")  # same LR, same stage

@@ -1,0 +1,129 @@
+"""One builder of a stage's parts, shared by validation and training.
+
+A job makes one ``StageBuilder``; validation asks it for every stage's task (which loads and
+checks the data) and a weightless model (the PEFT method applied on the meta device), training
+asks it again and gets the same tokenizer, data and bound task back: nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftlab.config import instantiate_checked
+from ftlab.data.sources import RawData, load_raw
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_tokenizer
+from ftlab.peft.base import PeftMethod
+from ftlab.pipeline import ResolvedStage
+from ftlab.regularizers.base import Regularizer
+from ftlab.resolve import resolve
+from ftlab.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+class StageBuilder:
+    """Builds tasks, models, PEFT methods and regularisers from resolved stages; caches the
+    tokenizer per model, the raw data per (data, seed) and the bound task per stage."""
+
+    def __init__(self) -> None:
+        self._tokenizers: dict[str, Any] = {}
+        self._raw: dict[str, RawData] = {}
+        self._tasks: dict[str, Task] = {}
+
+    def tokenizer(self, spec: ModelSpec) -> Any:
+        key = repr(spec)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_tokenizer(spec)
+        return self._tokenizers[key]
+
+    def raw(self, stage: ResolvedStage) -> RawData:
+        key = f"{stage.data!r}/{stage.seed}"
+        if key not in self._raw:
+            self._raw[key] = load_raw(stage.data, stage.seed)
+        return self._raw[key]
+
+    def task(self, stage: ResolvedStage) -> Task:
+        """The stage's task, bound to its data and tokenizer (once per stage)."""
+        if stage.name not in self._tasks:
+            raw = self.raw(stage)
+            rows = len(raw.splits["train"])
+            if rows < stage.batch_size:
+                raise FtlabError(
+                    f"{stage.where}: the training split has {rows} rows, fewer than one batch "
+                    f"(batch_size={stage.batch_size}).",
+                    f"lower the stage's batch_size to at most {rows}, or add data.")
+            task = instantiate_checked(stage.task, f"{stage.where}.task")
+            if stage.aux_mlm_weight > 0:
+                from ftlab.tasks.mlm import AuxMLM
+
+                task = AuxMLM(task, stage.aux_mlm_weight)
+            task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
+            self._tasks[stage.name] = task
+        return self._tasks[stage.name]
+
+    def peft(self, stage: ResolvedStage) -> PeftMethod:
+        return instantiate_checked(stage.peft, f"{stage.where} peft")
+
+    def regularizer(self, stage: ResolvedStage) -> Regularizer:
+        return instantiate_checked(stage.regularizer, f"{stage.where} regularizer")
+
+    def model(self, stage: ResolvedStage, upstream: Any = None) -> tuple[nn.Module, PeftMethod,
+                                                                         Regularizer, dict]:
+        """(model ready to train, its PEFT method, regulariser, hand-over counts).
+
+        ``upstream``: the ``init_from`` stage's model or state dict (None: pre-trained).
+        """
+        task = self.task(stage)
+        model = task.build_model(stage.model)
+        handed: dict[str, int] = {}
+        if upstream is not None:
+            from ftlab.handover import hand_over
+
+            handed = hand_over(upstream, model, stage.carry)
+        peft, regularizer = self.peft(stage), self.regularizer(stage)
+        return regularizer.apply(peft.apply(model)), peft, regularizer, handed
+
+    def check_fits(self, stage: ResolvedStage) -> None:
+        """Build the stage's model on the meta device (no weights) and apply its PEFT method and
+        regulariser: a method that does not fit the architecture fails here, in seconds."""
+        arch = architecture_twin(stage.model)
+        if arch is None:
+            return
+        task = self.task(stage)
+        try:
+            with torch.device("meta"):
+                model = task.build_model(arch)
+        except FtlabError:
+            raise
+        except Exception as err:  # the real load reports real problems; this is only a check
+            log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
+            return
+        peft, regularizer = self.peft(stage), self.regularizer(stage)
+        try:
+            regularizer.apply(peft.apply(model))
+        except FtlabError:
+            raise
+        except Exception as err:
+            log.debug("PEFT check inconclusive on the meta device (%s: %s).",
+                      type(err).__name__, err)
+
+
+def architecture_twin(spec: ModelSpec) -> ModelSpec | None:
+    """A from-config twin of ``spec`` (same architecture, random weights), if it can be had."""
+    if spec.name_or_path is None:
+        return spec
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve(spec.name_or_path), **spec.config).to_dict()
+    except Exception:
+        return None
+    keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
+        "architectures", "transformers_version", "id2label", "label2id", "num_labels")}
+    return ModelSpec(name_or_path=None, tokenizer=spec.tokenizer or spec.name_or_path,
+                     config=keep, revision=spec.revision)
