@@ -42,9 +42,11 @@ class StageBuilder:
         return self._tokenizers[key]
 
     def raw(self, stage: ResolvedStage) -> RawData:
-        key = f"{stage.data!r}/{stage.seed}"
+        # the seed only picks the rows of a capped training split
+        seed = stage.seed if stage.data.max_train_samples is not None else 0
+        key = f"{stage.data!r}/{seed}"
         if key not in self._raw:
-            self._raw[key] = load_raw(stage.data, stage.seed)
+            self._raw[key] = load_raw(stage.data, seed)
         return self._raw[key]
 
     def task(self, stage: ResolvedStage) -> Task:

@@ -116,12 +116,11 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
 
     stages = build_pipeline(cfg, explicit)
     record["pipeline"] = [s.name for s in stages]
+    record["monitor"] = _monitor(stages[-1])  # known before validation: failures score worst
     callbacks = _plain(cfg.get("callbacks")) or {}
     logger = _plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks)  # every stage's config and data, before any training
-    last = builder.task(stages[-1])
-    record["monitor"] = {"metric": f"val/{last.monitor}", "mode": last.mode}
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
     keys = pipeline_keys(stages)
@@ -138,6 +137,17 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
         record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
         write_json(run_dir / "metrics.json", record)
     record["final"] = results[stages[-1].name].metrics
+
+
+def _monitor(stage: Any) -> dict[str, str] | None:
+    """The metric that scores the stage's task, and whether higher (max) or lower wins."""
+    from ftlab.config import instantiate_checked
+
+    try:
+        task = instantiate_checked(stage.task, f"{stage.where}.task")
+    except Exception:  # validation reports it with the fix
+        return None
+    return {"metric": f"val/{task.monitor}", "mode": task.mode}
 
 
 def _plain(node: Any) -> Any:

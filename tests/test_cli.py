@@ -56,3 +56,28 @@ def test_python_m_and_console_script_are_the_same_app():
     groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines()
                   if line.startswith(("peft: ", "stage: ")))
     assert "full" in groups["peft"].split(", ") and "classify" in groups["stage"].split(", ")
+
+
+def test_a_failing_job_fails_the_sweep_under_a_parallel_launcher(tmp_path, sentiment_dir):
+    # joblib runs jobs in worker processes: the exit status must come from the sweep folder
+    proc = ftlab("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 *tiny_overrides(sentiment_dir), "trainer.max_steps=2",
+                 "data.max_train_samples=null,8", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 of 2 job(s) ended in an error" in proc.stderr
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["data.max_train_samples=8"]["errored"] == 1
+    assert summary["data.max_train_samples=null"]["errored"] == 0
+
+
+def test_help_answers_without_importing_the_training_libraries():
+    code = ("import sys\nsys.argv = ['ftlab', '--help']\nfrom ftlab.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', [m for m in ('torch', 'transformers', 'datasets', 'lightning')"
+            " if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert "LOADED []" in proc.stdout, proc.stdout + proc.stderr
+    assert "Which value wins" in proc.stdout and "ftlab pipeline=dapt_tapt_task" in proc.stdout
+    assert "max_epochs: 2" not in proc.stdout  # no config dump with competing values
