@@ -58,6 +58,8 @@ def wandb_logger(
     logger = WandbLogger(project=project, save_dir=save_dir, name=name, group=group,
                          job_type=job_type, tags=tags, entity=entity,
                          offline=mode == "offline", reinit="finish_previous")
+    # Lightning 2.6 always passes anonymous=None, which wandb >= 0.19 warns about on every run
+    logger._wandb_init.pop("anonymous", None)
     if config:
         logger.experiment.config.update(config, allow_val_change=True)
     return logger
