@@ -62,13 +62,73 @@ def test_ema_weights_differ_from_raw_and_are_used_for_evaluation(make_cfg, senti
     assert all(torch.equal(p, ema.shadow[n]) for n, p in params.items())  # fit ends averaged
 
 
-def test_swa_is_the_running_mean():
+class Tiny(L.LightningModule):
+    """A linear model under ``.model`` (where the callbacks look), plain SGD on random data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 2)
+        self.model.bias.requires_grad_(False)  # frozen: never averaged
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class Recorder(L.Callback):
+    """The raw trainable weights after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.steps.append(pl_module.model.weight.detach().clone())
+
+
+def _fit_tiny(average: WeightAverage, steps: int = 8) -> tuple[Tiny, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(4 * steps, 4, generator=g),
+                                          torch.randn(4 * steps, 2, generator=g))
+    module, recorder = Tiny(), Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[average, recorder])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert len(recorder.steps) == steps
+    return module, recorder.steps
+
+
+def test_swa_is_the_running_mean_of_the_weights_after_each_step():
     swa = WeightAverage(decay=None)
-    swa.shadow = {"w": torch.zeros(2)}
-    for value in (1.0, 2.0, 6.0):
-        swa.count += 1
-        swa.shadow["w"].lerp_(torch.full((2,), value), 1.0 / swa.count)
-    torch.testing.assert_close(swa.shadow["w"], torch.full((2,), 3.0))
+    module, steps = _fit_tiny(swa)
+    expected = sum(steps) / len(steps)
+    assert set(swa.shadow) == {"weight"}  # only the trainable tensor is averaged
+    torch.testing.assert_close(swa.shadow["weight"], expected)
+    assert not torch.allclose(expected, steps[-1])  # the mean is not just the last weights
+    torch.testing.assert_close(module.model.weight.detach(), expected)  # fit ends averaged
+
+
+def test_swa_start_averages_only_the_later_steps():
+    swa = WeightAverage(decay=None, start=0.5)
+    module, steps = _fit_tiny(swa)
+    later = steps[3:]  # the weights after steps 4..8: global_step >= 0.5 * 8
+    torch.testing.assert_close(swa.shadow["weight"], sum(later) / len(later))
+    torch.testing.assert_close(module.model.weight.detach(), sum(later) / len(later))
+
+
+def test_ema_follows_its_recurrence():
+    ema = WeightAverage(decay=0.7)
+    init = Tiny().model.weight.detach().clone()
+    module, steps = _fit_tiny(ema)
+    expected = init
+    for w in steps:
+        expected = 0.7 * expected + 0.3 * w
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+    torch.testing.assert_close(module.model.weight.detach(), expected)
 
 
 def test_snapshot_ensemble_saves_cycles_and_scores_the_ensemble(make_cfg, sentiment_dir):
