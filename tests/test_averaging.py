@@ -199,7 +199,7 @@ def test_snapshot_ensemble_scores_the_averaged_softmax_of_its_snapshots():
     raw = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[snaps])
-    loader = torch.utils.data.DataLoader([{"x": a, "labels": b} for a, b in zip(x, y)],
+    loader = torch.utils.data.DataLoader([{"x": a, "labels": b} for a, b in zip(x, y, strict=True)],
                                          batch_size=64)
     result = trainer.test(module, loader, verbose=False)[0]
 
