@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from ftlab.averaging import SnapshotEnsemble, WeightAverage
 from ftlab.run import run
+from ftlab.store import load_tensors
 from tests.conftest import tiny_overrides
 
 
@@ -62,13 +64,93 @@ def test_ema_weights_differ_from_raw_and_are_used_for_evaluation(make_cfg, senti
     assert all(torch.equal(p, ema.shadow[n]) for n, p in params.items())  # fit ends averaged
 
 
-def test_swa_is_the_running_mean():
+class Tiny(L.LightningModule):
+    """A linear model under ``.model`` (where the callbacks look), plain SGD on random data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 2)
+        self.model.bias.requires_grad_(False)  # frozen: never averaged
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class Recorder(L.Callback):
+    """The raw trainable weights after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.steps.append(pl_module.model.weight.detach().clone())
+
+
+def _fit_tiny(average: WeightAverage, steps: int = 8) -> tuple[Tiny, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(4 * steps, 4, generator=g),
+                                          torch.randn(4 * steps, 2, generator=g))
+    module, recorder = Tiny(), Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[average, recorder])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert len(recorder.steps) == steps
+    return module, recorder.steps
+
+
+def test_swa_is_the_running_mean_of_the_weights_after_each_step():
     swa = WeightAverage(decay=None)
-    swa.shadow = {"w": torch.zeros(2)}
-    for value in (1.0, 2.0, 6.0):
-        swa.count += 1
-        swa.shadow["w"].lerp_(torch.full((2,), value), 1.0 / swa.count)
-    torch.testing.assert_close(swa.shadow["w"], torch.full((2,), 3.0))
+    module, steps = _fit_tiny(swa)
+    expected = sum(steps) / len(steps)
+    assert set(swa.shadow) == {"weight"}  # only the trainable tensor is averaged
+    torch.testing.assert_close(swa.shadow["weight"], expected)
+    assert not torch.allclose(expected, steps[-1])  # the mean is not just the last weights
+    torch.testing.assert_close(module.model.weight.detach(), expected)  # fit ends averaged
+
+
+def test_swa_start_averages_only_the_later_steps():
+    swa = WeightAverage(decay=None, start=0.5)
+    module, steps = _fit_tiny(swa)
+    later = steps[3:]  # the weights after steps 4..8: global_step >= 0.5 * 8
+    torch.testing.assert_close(swa.shadow["weight"], sum(later) / len(later))
+    torch.testing.assert_close(module.model.weight.detach(), sum(later) / len(later))
+
+
+def test_ema_follows_its_recurrence():
+    ema = WeightAverage(decay=0.7)
+    init = Tiny().model.weight.detach().clone()
+    module, steps = _fit_tiny(ema)
+    expected = init
+    for w in steps:
+        expected = 0.7 * expected + 0.3 * w
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+    torch.testing.assert_close(module.model.weight.detach(), expected)
+
+
+def _ensemble_acc(module, loader, snapshots) -> float:
+    """Accuracy of the snapshots' averaged softmax, by definition (each snapshot loaded in turn)."""
+    params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    current = {n: p.detach().clone() for n, p in params.items()}
+    module.model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            probs = 0.0
+            for snap in snapshots:
+                for n, p in params.items():
+                    p.copy_(snap[n])
+                probs = probs + module.model(**batch).logits.softmax(-1)
+            correct += int((probs.argmax(-1) == batch["labels"]).sum())
+            seen += len(batch["labels"])
+        for n, p in params.items():
+            p.copy_(current[n])
+    return correct / seen
 
 
 def test_snapshot_ensemble_saves_cycles_and_scores_the_ensemble(make_cfg, sentiment_dir):
@@ -76,16 +158,90 @@ def test_snapshot_ensemble_saves_cycles_and_scores_the_ensemble(make_cfg, sentim
     module, trainer, dm = _fit(make_cfg, sentiment_dir, [snaps])
     assert len(snaps.snapshots) == 2
     a, b = snaps.snapshots
+    assert set(a) == {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert any(not torch.equal(a[n], b[n]) for n in a)
+    # the last cycle ends with training: its snapshot is the final trained state
+    assert all(torch.equal(b[n], p) for n, p in module.model.named_parameters() if n in b)
     files = sorted(Path(trainer.default_root_dir).glob("snapshots/cycle*.safetensors"))
     assert [f.name for f in files] == ["cycle1.safetensors", "cycle2.safetensors"]
+    for f, snap in zip(files, snaps.snapshots, strict=True):
+        saved = load_tensors(f)
+        assert saved.keys() == snap.keys() and all(torch.equal(saved[n], snap[n]) for n in snap)
     assert sum(f.stat().st_size for f in files) < 200_000  # LoRA snapshots are small
     result = trainer.test(module, dm, verbose=False)[0]
-    assert 0.0 <= result["test/ensemble_acc"] <= 1.0
+    expected = _ensemble_acc(module, dm.test_dataloader(), snaps.snapshots)
+    assert result["test/ensemble_acc"] == pytest.approx(expected, abs=1e-6)
+
+
+class LinearTask:
+    """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits)."""
+
+    def forward(self, model, batch):
+        return None, model(batch["x"])
+
+
+class Scored(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model, self.task = torch.nn.Linear(4, 3), LinearTask()
+
+    def test_step(self, batch, batch_idx) -> None:
+        pass
+
+
+def test_snapshot_ensemble_scores_the_averaged_softmax_of_its_snapshots():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 4, generator=g), torch.randint(0, 3, (300,), generator=g)
+    snaps = SnapshotEnsemble(cycles=3)
+    snaps.snapshots = [{"weight": 3 * torch.randn(3, 4, generator=g),
+                        "bias": torch.randn(3, generator=g)} for _ in range(3)]
+    module = Scored()
+    raw = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[snaps])
+    loader = torch.utils.data.DataLoader([{"x": a, "labels": b} for a, b in zip(x, y, strict=True)],
+                                         batch_size=64)
+    result = trainer.test(module, loader, verbose=False)[0]
+
+    logits = [x @ s["weight"].T + s["bias"] for s in snaps.snapshots]
+    ensemble = (sum(lg.softmax(-1) for lg in logits).argmax(-1) == y).float().mean().item()
+    singles = [(lg.argmax(-1) == y).float().mean().item() for lg in logits]
+    mean_logits = (sum(logits).argmax(-1) == y).float().mean().item()
+    assert ensemble not in [*singles, mean_logits]  # the data tells these apart
+    assert result["test/ensemble_acc"] == pytest.approx(ensemble, abs=1e-6)
+    # scoring leaves the model's own weights in place
+    assert all(torch.equal(p, raw[n]) for n, p in module.model.named_parameters())
+
+
+def test_snapshot_learning_rate_restarts_each_cycle(make_cfg, sentiment_dir):
+    class LrLog(L.Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    log = LrLog()
+    _fit(make_cfg, sentiment_dir, [SnapshotEnsemble(cycles=2), log])
+    half = len(log.lrs) // 2  # 2 epochs x 8 batches = 16 steps, two cycles of 8
+    first, second = log.lrs[:half], log.lrs[half:]
+    assert first == pytest.approx(second)  # the second cycle restarts from the peak
+    assert first[0] == pytest.approx(1e-2) and first[0] > first[half // 2] > first[-1]
+    assert first[half // 2] == pytest.approx(0.5e-2)  # cosine: half the peak mid-cycle
 
 
 def test_callbacks_option_in_a_run(make_cfg, sentiment_dir):
     overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
     record = run(make_cfg(overrides + ["callbacks=snapshots", "peft=bitfit",
                                        "stage.trainer.max_epochs=2"]))
-    assert "test/ensemble_acc" in record["final"]
+    assert record["status"] == "ok", record
+    assert 0.0 < record["final"]["test/ensemble_acc"] <= 1.0
+    # conf/callbacks/snapshots.yaml: 3 cycles, each snapshot = bitfit's trainable tensors
+    files = sorted((Path(record_dir(record)) / "snapshots").glob("cycle*.safetensors"))
+    assert [f.name for f in files] == [f"cycle{i}.safetensors" for i in (1, 2, 3)]
+    keys = set(load_tensors(files[0]))
+    assert keys and all(k.endswith(".bias") or ".classifier." in f".{k}" for k in keys), keys
+
+
+def record_dir(record: dict) -> str:
+    return str(Path(record["stages"]["classify"]["artefact"]).parent)

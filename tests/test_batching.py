@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
 
@@ -43,10 +41,12 @@ def test_eval_order_is_sorted_and_complete():
 def test_collator_pads_to_longest_in_batch():
     rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 0, "length": 3},
             {"input_ids": [1], "attention_mask": [1], "labels": 1, "length": 1}]
-    batch = PadCollator(pad_id=0)(rows)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 0, 0]]
+    batch = PadCollator(pad_id=9)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 9, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [0, 1]
     assert "length" not in batch
-    fixed = PadCollator(pad_id=0, pad_to=8)(rows)
-    assert fixed["input_ids"].shape == torch.Size([2, 8])
+    fixed = PadCollator(pad_id=9, pad_to=8)(rows)
+    assert fixed["input_ids"].tolist() == [[1, 2, 3, 9, 9, 9, 9, 9], [1, 9, 9, 9, 9, 9, 9, 9]]
+    assert fixed["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1] + [0] * 7]
+    assert fixed["labels"].tolist() == [0, 1]

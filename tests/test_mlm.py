@@ -125,11 +125,13 @@ def test_mlm_stage_reports_loss_perplexity_and_fresh_head(make_cfg, sentiment_di
     final, info = record["final"], record["stages"]["mlm"]
     assert final["val/ppl"] == pytest.approx(torch.tensor(final["val/loss"]).exp().item(),
                                              rel=0.05)
-    assert "test/ppl" in final and info["global_steps"] == 8
+    assert final["test/ppl"] == pytest.approx(torch.tensor(final["test/loss"]).exp().item(),
+                                              rel=0.05)
+    assert info["global_steps"] == 8
     assert "cls.predictions.transform.dense.weight" in info["mlm_head_fresh"]
 
 
-def test_aux_mlm_adds_a_loss_in_training_only(tiny, make_cfg, sentiment_dir):
+def test_aux_mlm_adds_a_loss_in_training_only(tiny, make_cfg, sentiment_dir, monkeypatch):
     spec, tok = tiny
     cls = Classify()
     cls.labels, cls.tokenizer, cls.text_columns = ["neg", "pos"], tok, ["text"]
@@ -149,9 +151,20 @@ def test_aux_mlm_adds_a_loss_in_training_only(tiny, make_cfg, sentiment_dir):
     torch.manual_seed(1)
     joint = task.forward(model, batch)[0]
     assert joint > cls.forward(model, batch)[0] + 1.0  # + 0.5 * MLM loss (~ln 2000 = 7.6)
+    # in a run, stage.aux_mlm_weight reaches the task that computes the training loss
+    weights = []
+    real = AuxMLM.forward
+
+    def spy(self, model, batch):
+        if model.training:
+            weights.append(self.weight)
+        return real(self, model, batch)
+
+    monkeypatch.setattr(AuxMLM, "forward", spy)
     record = run(make_cfg(tiny_overrides(sentiment_dir) + [
         "stage.aux_mlm_weight=0.3", "stage.trainer.max_steps=4"]))
     assert record["status"] == "ok", record
+    assert weights == [0.3] * 4  # one joint loss per training step
 
 
 def test_layer_decay_gives_lower_layers_lower_lrs(tiny):
@@ -171,7 +184,8 @@ def test_layer_decay_gives_lower_layers_lower_lrs(tiny):
     assert lr_of[id(params["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1.25e-4)
 
 
-def test_gradual_unfreezing_trains_only_the_top_group_first(tiny, make_cfg, sentiment_dir):
+def test_gradual_unfreezing_trains_only_the_top_group_first(tiny, make_cfg, sentiment_dir,
+                                                             monkeypatch):
     spec, _ = tiny
     cls = Classify()
     cls.labels = ["a", "b"]
@@ -193,10 +207,22 @@ def test_gradual_unfreezing_trains_only_the_top_group_first(tiny, make_cfg, sent
     cb.on_after_backward(trainer, module)
     assert any(".layer.1." in n for n, p in model.named_parameters() if p.grad is not None)
     assert all(p.grad is None for n, p in model.named_parameters() if ".layer.0." in n)
+    # in a run, stage.optim.gradual_unfreeze=true drops lower groups' gradients per epoch
+    learning: dict[int, set[str]] = {}
+    real = GradualUnfreeze.on_after_backward
+
+    def spy(self, trainer, pl_module):
+        real(self, trainer, pl_module)
+        learning.setdefault(trainer.current_epoch, set()).update(
+            n for n, p in pl_module.model.named_parameters() if p.grad is not None)
+
+    monkeypatch.setattr(GradualUnfreeze, "on_after_backward", spy)
     record = run(make_cfg(tiny_overrides(sentiment_dir) + [
         "stage.optim.gradual_unfreeze=true", "stage.optim.layer_decay=0.9",
         "stage.trainer.max_epochs=2", "trainer.limit_train_batches=3"]))
     assert record["status"] == "ok", record
+    assert learning[0] == {n for n, d in cb.depth.items() if d == cb.top}
+    assert learning[1] == {n for n, d in cb.depth.items() if d >= cb.top - 1}
 
 
 def test_a_zip_holding_one_csv_is_read_as_unlabelled_text(tmp_path):
@@ -211,4 +237,4 @@ def test_a_zip_holding_one_csv_is_read_as_unlabelled_text(tmp_path):
     raw = load_raw(DataSpec(files={"all": str(tmp_path / "news.zip")}, label_column=None,
                             split_by="article_id"))
     assert raw.labels is None and sum(len(s) for s in raw.splits.values()) == len(TEXTS)
-    assert (tmp_path / "news.zip.d" / "News.csv").is_file()  # extracted once, beside it
+    assert (tmp_path / "news.zip.d" / "News.csv").read_text() == csv  # extracted beside it

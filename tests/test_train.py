@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from ftlab.config import bind_schema, instantiate_checked
 from ftlab.model.backbone import ModelSpec
@@ -29,8 +30,22 @@ def test_tiny_run_learns_and_writes_results(make_cfg, sentiment_dir):
     assert out["final"] == final and out["pipeline"] == ["classify"]
     info = out["stages"]["classify"]
     assert info["params_trainable_pct"] == 100.0 and info["artefact_kb"] > 0
-    assert (run_dir / "config.yaml").is_file()
-    assert (run_dir / "classify" / "trainable.safetensors").is_file()
+    saved = OmegaConf.load(run_dir / "config.yaml")  # the resolved config of this run
+    assert saved.seed == 3 and saved.stage.optim.lr == 3e-3
+    assert OmegaConf.to_container(saved) == OmegaConf.to_container(cfg, resolve=True)
+    state = load_tensors(run_dir / "classify" / "trainable.safetensors")  # full: every weight
+    model = task_model(cfg)
+    assert set(state) == {n for n, _ in model.named_parameters()}
+    assert info["artefact_kb"] == round((run_dir / "classify" / "trainable.safetensors")
+                                        .stat().st_size / 1024, 1)
+    assert any(not torch.equal(state[n], p) for n, p in model.named_parameters())  # trained
+
+
+def task_model(cfg) -> torch.nn.Module:
+    """A fresh (untrained) tiny-BERT classifier of ``cfg``, with the test data's two labels."""
+    task = instantiate_checked(cfg.stage.task, "task")
+    task.labels = ["neg", "pos"]
+    return task.build_model(bind_schema(ModelSpec, cfg.model, "model"))
 
 
 def test_artefact_reproduces_predictions(make_cfg, sentiment_dir):
@@ -63,7 +78,8 @@ def test_seed_changes_result_and_same_seed_repeats(make_cfg, sentiment_dir):
 
 
 def test_stage_may_set_a_trainer_argument_absent_from_the_trainer_yaml(make_cfg, sentiment_dir):
-    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["+stage.trainer.min_steps=3",
+    # overfit_batches is not in conf/trainer/*.yaml; it caps an epoch at 3 of the 16 batches
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["+stage.trainer.overfit_batches=3",
                                                     "stage.trainer.max_epochs=1"])
     record = run(cfg)
-    assert record["status"] == "ok" and record["stages"]["classify"]["global_steps"] >= 3
+    assert record["status"] == "ok" and record["stages"]["classify"]["global_steps"] == 3
