@@ -20,15 +20,16 @@ def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["peft=nonexistent"], "Available options in 'peft'"),
-    (["trainer.max_epoch=3"], "max_epoch"),
-    (["data.text_columns=[review]"], "['review'] not found in the train split; columns found"),
-    (["data.files.train=/nonexistent/train.csv"], "not found: /nonexistent/train.csv"),
+@pytest.mark.parametrize(("args", "expected", "code"), [
+    (["peft=nonexistent"], "Available options in 'peft'", 2),  # the command line: 2
+    (["trainer.max_epoch=3"], "max_epoch", 2),
+    (["data.text_columns=[review]"], "['review'] not found in the train split; columns found", 1),
+    (["data.files.train=/nonexistent/train.csv"], "not found: /nonexistent/train.csv", 1),
 ])
-def test_bad_input_gives_a_message_not_a_traceback(args, expected, tmp_path, sentiment_dir):
+def test_bad_input_gives_a_message_not_a_traceback(args, expected, code, tmp_path,
+                                                    sentiment_dir):
     proc = ftlab(*tiny_overrides(sentiment_dir), *args, cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == code
     assert expected in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
@@ -53,6 +54,11 @@ def test_python_m_and_console_script_are_the_same_app():
     proc = subprocess.run([sys.executable, "-m", "ftlab", "--help"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0
+    script = Path(sys.executable).parent / "ftlab"
+    if script.is_file():  # an installed console script (pip install -e .)
+        same = subprocess.run([str(script), "--help"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+        assert same.stdout == proc.stdout
     groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines()
                   if line.startswith(("peft: ", "stage: ")))
     assert "full" in groups["peft"].split(", ") and "classify" in groups["stage"].split(", ")
