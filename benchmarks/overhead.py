@@ -59,7 +59,7 @@ def plain_steps(task, dm, spec, steps, warmup, precision) -> float:
             start = time.perf_counter()
         batch = next(it)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, _ = task.forward(model, batch)
+            loss = task.forward(model, batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

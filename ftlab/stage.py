@@ -23,7 +23,7 @@ from ftlab.loggers import build_loggers
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.module import FineTuneModule
 from ftlab.optim import OptimSpec
-from ftlab.peft.base import count_parameters
+from ftlab.peft.base import SavesArtefact, count_parameters
 from ftlab.pipeline import StageSpec, stage_data, stage_node, stage_optim, stage_seed, stage_trainer
 from ftlab.store import save_tensors
 
@@ -54,7 +54,7 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
 
         task = AuxMLM(task, stage.aux_mlm_weight)
     task.bind(raw, tokenizer, data_spec.text_columns)
-    dm = TextDataModule(raw.splits, task.featurize, tokenizer.pad_token_id,
+    dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
                         batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
                         seed=seed)
 
@@ -85,19 +85,19 @@ def run_stage(stage: StageSpec, cfg: DictConfig, run_dir: Path,
     metrics: dict[str, float] = {f"val/{k}": v for k, v in keep.metrics.items()}
     if "test" in dm.splits:
         metrics |= {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
-    if hasattr(task, "baseline") and "validation" in raw.splits:
-        baseline = task.baseline(raw.splits["validation"]["label"])
+    if raw.labels is not None and "validation" in raw.splits:
+        baseline = task.baseline(raw.splits["validation"]["label"]) or {}
         metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
     info = counts | {"lr": optim.lr, "fit_seconds": round(fit_s, 2), "best_epoch": keep.best_epoch,
                      "seed": seed, "train_rows": len(raw.splits["train"]),
                      "global_steps": trainer.global_step, "handed_over": handed,
-                     **getattr(task, "info", {})}
+                     **task.info}
     if stage.save_artefact:
         state = peft.trainable_state(module.model)
         path = save_tensors(stage_dir / "trainable.safetensors", state,
                             metadata={"peft": peft.name, "stage": stage.name})
         info |= {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
-        if hasattr(peft, "save"):  # e.g. HF peft's save_pretrained folder
+        if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
             info["artefact_dir"] = str(peft.save(module.model, stage_dir))
     return StageResult(stage.name, metrics, module.model, info)
 

@@ -43,7 +43,7 @@ def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningMod
     raw, tok = load_raw(spec, 0), load_tokenizer(mspec)
     task = instantiate_checked(cfg.stage.task, "task")
     task.bind(raw, tok, spec.text_columns)
-    dm = TextDataModule(raw.splits, task.featurize, tok.pad_token_id, batch_size=32, seed=0)
+    dm = TextDataModule(raw.splits, task, tok.pad_token_id, batch_size=32, seed=0)
     model = instantiate_checked(split_peft(cfg.peft)[0], "peft").apply(task.build_model(mspec))
     module = FineTuneModule(model, task, NoRegularizer(), OptimSpec(lr=1e-2))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
