@@ -128,4 +128,7 @@ class PadCollator:
 
 def _is_float(rows: list[dict], key: str) -> bool:
     """Whether the sequence feature ``key`` holds floats (judged by its first value)."""
-    return next((isinstance(r[key][0], float) for r in rows if len(r[key])), False)
+    for r in rows:
+        if len(r[key]):
+            return isinstance(r[key][0], float)
+    return False

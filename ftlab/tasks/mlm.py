@@ -149,11 +149,10 @@ class MaskedLM(TaskDefaults):
         return torch.where(swap, noise, masked), labels
 
     def masked_loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                    batch: dict[str, torch.Tensor], head: nn.Module | None = None,
-                    encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over masked tokens, their count); logits only where labels != -100."""
         kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
-        parts = (encoder, head) if head is not None else split_mlm(model)
+        parts = split_mlm(model)
         n = (labels != -100).sum()
         if parts is None or not self.sparse_logits:
             return model(input_ids=inputs, labels=labels, **kwargs).loss, n
