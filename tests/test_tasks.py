@@ -191,7 +191,7 @@ class Recording:
         return TaskOutput(out.loss + 0.1 * out.logits.square().mean() + 5.0, out.logits)
 
 
-def test_a_regulariser_gets_the_logits_and_its_loss_trains(tiny):
+def test_a_regulariser_gets_the_logits_and_its_loss_is_the_training_loss(tiny):
     spec, tok = tiny
     raw = raw_data()
     task = bound(Classify(), raw, tok)
