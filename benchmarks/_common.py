@@ -27,6 +27,6 @@ def rotten_setup(batch_size: int, max_train: int | None = None, pad_to: int | No
     tok = load_tokenizer(MINILM)
     task = Classify()
     task.bind(raw, tok, spec.text_columns)
-    dm = TextDataModule(raw.splits, task.featurize, tok.pad_token_id, batch_size=batch_size,
+    dm = TextDataModule(raw.splits, task, tok.pad_token_id, batch_size=batch_size,
                         pad_to=pad_to)
     return task, dm, MINILM

@@ -87,7 +87,7 @@ def main() -> None:
         tokenizer = load_tokenizer(model_spec)
         task = Classify(max_length=64)
         task.bind(raw, tokenizer, spec.text_columns)
-        dm = TextDataModule(raw.splits, task.featurize, tokenizer.pad_token_id, batch_size=32)
+        dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id, batch_size=32)
         report |= {"tokenise_peak_mb": round(peak_mb()),
                    "arrow_cache_mb": round(folder_mb(tmp / "hf-cache"), 1),
                    "tokenised_in_memory": [ds.cache_files == [] for ds in dm.splits.values()]}

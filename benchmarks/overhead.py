@@ -44,8 +44,7 @@ def ftlab_module(model: torch.nn.Module, task) -> L.LightningModule:
 
 def task_loss(task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The task's training loss for a batch (what the hand-written loop back-propagates)."""
-    loss, _ = task.forward(model, batch)
-    return loss
+    return task.forward(model, batch).loss
 
 
 class CpuStepTimer(L.Callback):

@@ -124,16 +124,20 @@ class SnapshotEnsemble(L.Callback):
             return
         params = _trainable(pl_module)
         current = {n: p.detach().clone() for n, p in params.items()}
-        probs = 0.0
+        logits = []
         for snap in self.snapshots:
             for n, p in params.items():
                 p.copy_(snap[n])
-            _, logits = pl_module.task.forward(pl_module.model, batch)
-            probs = probs + logits.float().softmax(-1)
+            logits.append(pl_module.task.forward(pl_module.model, batch).logits)
         for n, p in params.items():
             p.copy_(current[n])
-        self.correct += int((probs.argmax(-1) == batch["labels"]).sum())
-        self.seen += int(batch["labels"].numel())
+        if logits[0] is None:  # a task without class scores (masked LM): nothing to ensemble
+            return
+        probs = sum(x.float().softmax(-1) for x in logits)
+        target = batch["labels"]
+        target = target.argmax(-1) if target.is_floating_point() else target  # soft labels
+        self.correct += int((probs.argmax(-1) == target).sum())
+        self.seen += int(target.numel())
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.seen:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
+
 from ftlab.build import StageBuilder
 from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
+
+from ftlab.peft.base import PeftMethod
 
 
 class KeepBest(L.Callback):
@@ -15,7 +15,7 @@ class KeepBest(L.Callback):
     ``restore(pl_module)`` after fit.
     """
 
-    def __init__(self, peft: Any, monitor: str, mode: str = "max") -> None:
+    def __init__(self, peft: PeftMethod, monitor: str, mode: str = "max") -> None:
         self.peft, self.monitor, self.mode = peft, monitor, mode
         self.best: float | None = None
         self.best_epoch: int | None = None

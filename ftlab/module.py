@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MetricCollection
 
 from ftlab.optim import OptimSpec, build_optimizer
+from ftlab.peft.base import Penalized
+from ftlab.regularizers.base import Regularizer
+from ftlab.tasks.base import Task
 
 
 class FineTuneModule(L.LightningModule):
     """Training/validation/test steps shared by every stage; the task supplies the rest."""
 
-    def __init__(self, model: nn.Module, task: Any, regularizer: Any, optim: OptimSpec) -> None:
+    def __init__(self, model: nn.Module, task: Task, regularizer: Regularizer,
+                 optim: OptimSpec) -> None:
         super().__init__()
         self.model = model.train()  # HF loads in eval mode; Lightning keeps modes as found
         self.task = task
@@ -24,8 +27,8 @@ class FineTuneModule(L.LightningModule):
         self.test_metrics = task.metrics().clone(prefix="test/")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.regularizer.training_loss(self.model, batch, self.task)
-        if hasattr(self.model, "extra_loss"):  # a PEFT wrapper's penalty (diff pruning's L0)
+        loss = self.regularizer.training_loss(self.model, batch, self.task).loss
+        if isinstance(self.model, Penalized):  # a PEFT wrapper's penalty (diff pruning's L0)
             loss = loss + self.model.extra_loss()
         if not torch.isfinite(loss):
             from ftlab.errors import FtlabError
@@ -37,10 +40,11 @@ class FineTuneModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, split: str) -> None:
-        loss, out = self.task.forward(self.model, batch)
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection,
+                   split: str) -> None:
+        out = self.task.forward(self.model, batch)
         self.task.update(metrics, out, batch)
-        self.log(f"{split}/loss", loss, batch_size=batch["input_ids"].shape[0])
+        self.log(f"{split}/loss", out.loss, batch_size=batch["input_ids"].shape[0])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

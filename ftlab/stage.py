@@ -18,7 +18,7 @@ from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
-from ftlab.peft.base import count_parameters
+from ftlab.peft.base import SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
 from ftlab.store import save_tensors
 
@@ -58,7 +58,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     task = builder.task(stage)
     raw = builder.raw(stage)
     tokenizer = builder.tokenizer(stage.model)
-    dm = TextDataModule(raw.splits, task.featurize, tokenizer.pad_token_id,
+    dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
                         batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
                         seed=stage.seed)
     source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
@@ -83,19 +83,19 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     metrics: dict[str, float] = {f"val/{k}": v for k, v in keep.metrics.items()}
     if "test" in dm.splits:
         metrics |= {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
-    if hasattr(task, "baseline") and "validation" in raw.splits:
-        baseline = task.baseline(raw.splits["validation"]["label"])
+    if raw.labels is not None and "validation" in raw.splits:
+        baseline = task.baseline(raw.splits["validation"]["label"]) or {}
         metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
     info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
-                     "handed_over": handed, **getattr(task, "info", {})}
+                     "handed_over": handed, **task.info}
     if stage.save_artefact:
         state = peft.trainable_state(module.model)
         path = save_tensors(stage_dir / "trainable.safetensors", state,
                             metadata={"peft": peft.name, "stage": stage.name})
         info |= {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
-        if hasattr(peft, "save"):  # e.g. HF peft's save_pretrained folder
+        if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
             info["artefact_dir"] = str(peft.save(module.model, stage_dir))
     return StageResult(stage.name, metrics, module.model, info)
 

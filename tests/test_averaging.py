@@ -11,6 +11,7 @@ import torch
 from ftlab.averaging import SnapshotEnsemble, WeightAverage
 from ftlab.run import run
 from ftlab.store import load_tensors
+from ftlab.tasks.base import TaskOutput
 from tests.conftest import tiny_overrides
 
 
@@ -45,7 +46,7 @@ def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningMod
     raw, tok = load_raw(spec, 0), load_tokenizer(mspec)
     task = instantiate_checked(cfg.stage.task, "task")
     task.bind(raw, tok, spec.text_columns)
-    dm = TextDataModule(raw.splits, task.featurize, tok.pad_token_id, batch_size=32, seed=0)
+    dm = TextDataModule(raw.splits, task, tok.pad_token_id, batch_size=32, seed=0)
     model = instantiate_checked(split_peft(cfg.peft)[0], "peft").apply(task.build_model(mspec))
     module = FineTuneModule(model, task, NoRegularizer(), OptimSpec(lr=1e-2))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
@@ -177,7 +178,8 @@ class LinearTask:
     """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits)."""
 
     def forward(self, model, batch):
-        return None, model(batch["x"])
+        logits = model(batch["x"])
+        return TaskOutput(loss=logits.sum() * 0, logits=logits)
 
 
 class Scored(L.LightningModule):

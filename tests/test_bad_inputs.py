@@ -282,10 +282,11 @@ def test_nan_loss_fails_the_job_and_the_sweep_goes_on(make_cfg, sentiment_dir, m
 
     import ftlab.run
     from ftlab.regularizers.none import NoRegularizer
+    from ftlab.tasks.base import TaskOutput
 
     real = NoRegularizer.training_loss
-    monkeypatch.setattr(NoRegularizer, "training_loss", lambda self, m, b, t: (
-        torch.tensor(float("nan"), requires_grad=True), None))
+    monkeypatch.setattr(NoRegularizer, "training_loss", lambda self, m, b, t: TaskOutput(
+        torch.tensor(float("nan"), requires_grad=True)))
     overrides = tiny_overrides(sentiment_dir) + FAST + ["cache.stages=off"]
     cfg = make_cfg(overrides)
     monkeypatch.setattr(ftlab.run, "_hydra_info", lambda: {  # a sweep job returns, not exits

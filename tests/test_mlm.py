@@ -104,12 +104,12 @@ def test_mlm_loss_decreases(tiny):
     def val_loss() -> float:
         model.eval()
         with torch.no_grad():
-            return task.forward(model, batch)[0].item()
+            return task.forward(model, batch).loss.item()
 
     before = val_loss()
     model.train()
     for _ in range(40):
-        loss, _ = task.forward(model, batch)
+        loss = task.forward(model, batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -145,12 +145,12 @@ def test_aux_mlm_adds_a_loss_in_training_only(tiny, make_cfg, sentiment_dir, mon
     batch = PadCollator(tok.pad_token_id)(rows)
     model.eval()
     with torch.no_grad():
-        plain = cls.forward(model, batch)[0]
-        assert torch.equal(task.forward(model, batch)[0], plain)  # evaluation: task loss only
+        plain = cls.forward(model, batch).loss
+        assert torch.equal(task.forward(model, batch).loss, plain)  # evaluation: task loss only
     model.train()
     torch.manual_seed(1)
-    joint = task.forward(model, batch)[0]
-    assert joint > cls.forward(model, batch)[0] + 1.0  # + 0.5 * MLM loss (~ln 2000 = 7.6)
+    joint = task.forward(model, batch).loss
+    assert joint > cls.forward(model, batch).loss + 1.0  # + 0.5 * MLM loss (~ln 2000 = 7.6)
     # in a run, stage.aux_mlm_weight reaches the task that computes the training loss
     weights = []
     real = AuxMLM.forward

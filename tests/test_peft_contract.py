@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from ftlab.cli import CONFIG_DIR
 from ftlab.config import instantiate_checked
-from ftlab.peft.base import count_parameters
+from ftlab.peft.base import Penalized, count_parameters
 from ftlab.pipeline import split_peft
 from ftlab.store import load_tensors, save_tensors
 
@@ -66,7 +66,7 @@ def train_steps(model: torch.nn.Module, steps: int = 4, lr: float = 1e-2) -> set
     got_grad: set[int] = set()
     for step in range(steps):
         out = model(**batch(step))
-        loss = out.loss + (model.extra_loss() if hasattr(model, "extra_loss") else 0.0)
+        loss = out.loss + (model.extra_loss() if isinstance(model, Penalized) else 0.0)
         assert torch.isfinite(loss)
         loss.backward()
         got_grad |= {id(p) for p in model.parameters() if p.grad is not None}

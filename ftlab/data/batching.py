@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Sampler
+
+from ftlab.errors import FtlabError
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -72,31 +74,61 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return full * self.group + -(-rest // bs)
 
 
+#: pad values of the sequence features every task shares (``input_ids`` pads with the pad id)
+PAD_VALUES: dict[str, int | float] = {"attention_mask": 0, "token_type_ids": 0, "labels": -100,
+                                      "special_tokens_mask": 1}
+
+
 class PadCollator:
-    """Pad ``input_ids``/``attention_mask``/``token_type_ids`` to the longest in the batch.
+    """Rows of features -> a batch of tensors, padded to the longest ``input_ids`` in the batch.
+
+    A list-valued (token-aligned) feature is padded with its pad value: ``input_ids`` with
+    ``pad_id``, masks with 0, token ``labels`` with -100, any other from ``pad_values`` (a
+    task's own). Int features become long tensors, float features float32; a float feature
+    whose rows all have the same length (a probability vector per row: soft labels, teacher
+    scores) is stacked as is, unpadded. A scalar feature (a class id) is one value per row.
 
     ``pad_to`` (optional) pads every batch to a fixed length instead — only for benchmarks.
     """
 
-    def __init__(self, pad_id: int, pad_to: int | None = None, multiple_of: int = 1) -> None:
+    def __init__(self, pad_id: int, pad_to: int | None = None, multiple_of: int = 1,
+                 pad_values: Mapping[str, int | float] | None = None) -> None:
         self.pad_id = pad_id
         self.pad_to = pad_to
         self.multiple_of = multiple_of
+        self.pad_values = {**PAD_VALUES, "input_ids": pad_id, **(pad_values or {})}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
         width = self.pad_to or -(-longest // self.multiple_of) * self.multiple_of
         batch: dict[str, torch.Tensor] = {}
-        pad_values = {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0,
-                      "labels": -100, "special_tokens_mask": 1}
-        for key, pad in pad_values.items():
-            if key in rows[0] and isinstance(rows[0][key], list | tuple):
-                out = torch.full((len(rows), width), pad, dtype=torch.long)
-                for i, r in enumerate(rows):
-                    seq = r[key][:width]
-                    out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-                batch[key] = out
-        for key in rows[0]:
-            if key not in batch and key not in ("length",):
+        for key, first in rows[0].items():
+            if key == "length":
+                continue
+            if not isinstance(first, list | tuple):
                 batch[key] = torch.as_tensor([r[key] for r in rows])
+            elif not _is_float(rows, key):
+                batch[key] = self._pad(rows, key, width, torch.long)
+            elif len({len(r[key]) for r in rows}) == 1:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+            else:
+                batch[key] = self._pad(rows, key, width, torch.float32)
         return batch
+
+    def _pad(self, rows: list[dict], key: str, width: int, dtype: torch.dtype) -> torch.Tensor:
+        if key not in self.pad_values:
+            raise FtlabError(f"The sequence feature '{key}' has no pad value.",
+                             f"declare it in the task's pad_values, e.g. {{'{key}': 0}}.")
+        out = torch.full((len(rows), width), self.pad_values[key], dtype=dtype)
+        for i, r in enumerate(rows):
+            seq = r[key][:width]
+            out[i, : len(seq)] = torch.as_tensor(seq, dtype=dtype)
+        return out
+
+
+def _is_float(rows: list[dict], key: str) -> bool:
+    """Whether the sequence feature ``key`` holds floats (judged by its first value)."""
+    for r in rows:
+        if len(r[key]):
+            return isinstance(r[key][0], float)
+    return False

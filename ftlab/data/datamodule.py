@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import lightning as L
 from datasets import DatasetDict
@@ -11,22 +11,25 @@ from torch.utils.data import DataLoader
 from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 from ftlab.errors import FtlabError
 
-FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "special_tokens_mask")
+if TYPE_CHECKING:
+    from ftlab.tasks.base import Task
 
 
 class TextDataModule(L.LightningDataModule):
-    """Featurise each split once with ``featurize`` (a batched map), then batch by length.
+    """Featurise each split once with the task's ``featurize`` (a batched map), keep the
+    features the task declares (``task.features`` + ``length``), then batch by length.
 
     Args:
         splits: raw splits (``train`` required; ``validation``/``test`` optional).
-        featurize: the task's batched row -> features function (must emit ``length``).
+        task: a bound task; its ``featurize`` must emit every name in ``task.features`` and
+            ``length``; its ``pad_values`` reach the collator.
         pad_id: the tokenizer's pad token id.
         batch_size / eval_batch_size: rows per batch for training / evaluation.
         seed: seeds the batch order.
         pad_to: pad every batch to this length (benchmarks only; null = dynamic).
     """
 
-    def __init__(self, splits: DatasetDict, featurize: Callable, pad_id: int, batch_size: int = 32,
+    def __init__(self, splits: DatasetDict, task: Task, pad_id: int, batch_size: int = 32,
                  eval_batch_size: int = 128, seed: int = 0, num_workers: int = 0,
                  pad_to: int | None = None) -> None:
         super().__init__()
@@ -36,13 +39,20 @@ class TextDataModule(L.LightningDataModule):
                 f"(stage.batch_size={batch_size}).",
                 f"lower stage.batch_size to at most {len(splits['train'])}, or add data.")
         drop = [c for c in splits["train"].column_names]
-        self.splits = splits.map(featurize, batched=True, remove_columns=drop,
+        self.splits = splits.map(task.featurize, batched=True, remove_columns=drop,
                                  desc="Tokenising")
-        for ds in self.splits.values():
-            ds.set_format(columns=[c for c in ds.column_names if c in FEATURES or c == "length"])
+        keep = {*task.features, "length"}
+        for name, ds in self.splits.items():
+            missing = sorted(keep - set(ds.column_names))
+            if missing:
+                raise FtlabError(
+                    f"{type(task).__name__}.featurize did not emit the declared feature(s) "
+                    f"{missing} in split '{name}' (it emitted {ds.column_names}).",
+                    "emit them in featurize, or leave them out of the task's features.")
+            ds.set_format(columns=[c for c in ds.column_names if c in keep])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
-        self.collate = PadCollator(pad_id, pad_to=pad_to)
+        self.collate = PadCollator(pad_id, pad_to=pad_to, pad_values=task.pad_values)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.splits[split]

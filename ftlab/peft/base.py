@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -17,11 +18,10 @@ class PeftMethod(Protocol):
     ``trainable_state`` is what gets saved (small for PEFT methods); ``load_trainable_state``
     puts such a state back into a model that went through ``apply``.
 
-    Optional hooks, used when present: ``save(model, directory)`` writes an extra artefact
-    (HF peft's ``save_pretrained`` folder), called by the stage after the safetensors file;
-    a wrapper model returned by ``apply`` may define ``extra_loss()`` (a penalty added to the
-    training loss, e.g. diff pruning's L0 term). ``layers.top_layer_ops`` gives every method
-    ``drop_top``/``reinit_top``.
+    Optional hooks, each a small Protocol of its own: a method that is also a
+    :class:`SavesArtefact` writes an extra artefact; a model returned by ``apply`` that is a
+    :class:`Penalized` adds a penalty to the training loss. ``layers.top_layer_ops`` gives
+    every method ``drop_top``/``reinit_top``.
     """
 
     name: str
@@ -31,6 +31,22 @@ class PeftMethod(Protocol):
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@runtime_checkable
+class Penalized(Protocol):
+    """A model (as ``PeftMethod.apply`` returns it) whose ``extra_loss()`` is added to every
+    training loss, e.g. diff pruning's expected-L0 term."""
+
+    def extra_loss(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SavesArtefact(Protocol):
+    """A PEFT method that writes an extra artefact after ``trainable.safetensors`` (HF peft's
+    ``save_pretrained`` folder); returns where."""
+
+    def save(self, model: nn.Module, directory: str | Path) -> Path: ...
 
 
 def requires_grad_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
+
+from ftlab.tasks.base import Task, TaskOutput
 
 
 class Regularizer(Protocol):
     """Changes the training loss (adversarial/smoothness terms) or the model (Mixout).
 
     ``apply`` runs once after the PEFT method; ``training_loss`` replaces the plain
-    ``task.forward`` loss in training steps (evaluation always uses the plain forward).
+    ``task.forward`` in training steps (evaluation always uses the plain forward). It gets the
+    task's :class:`TaskOutput` (``loss``, ``logits``) from ``task.forward(model, batch)`` and
+    may call it again on a perturbed batch (e.g. ``inputs_embeds`` instead of ``input_ids``:
+    the model's input embeddings are ``model.get_input_embeddings()``); it returns the output
+    whose ``loss`` trains.
     """
 
     name: str
@@ -20,5 +26,5 @@ class Regularizer(Protocol):
     def apply(self, model: nn.Module) -> nn.Module: ...
 
     def training_loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], task: Any
-    ) -> tuple[torch.Tensor, Any]: ...
+        self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task
+    ) -> TaskOutput: ...

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from ftlab.tasks.base import Task, TaskOutput
 
 
 class NoRegularizer:
@@ -15,6 +15,6 @@ class NoRegularizer:
         return model
 
     def training_loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], task: Any
-    ) -> tuple[torch.Tensor, Any]:
+        self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task
+    ) -> TaskOutput:
         return task.forward(model, batch)

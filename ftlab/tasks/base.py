@@ -1,7 +1,10 @@
-"""The Task protocol every objective implements."""
+"""The Task protocol every objective implements, and what a task's forward returns."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import torch
@@ -12,30 +15,72 @@ from ftlab.data.sources import RawData
 from ftlab.model.backbone import ModelSpec
 
 
+@dataclass
+class TaskOutput:
+    """One batch through a task.
+
+    Attributes:
+        loss: the scalar training objective (with grad in training).
+        logits: per-row scores, when the task has them (classification: ``[batch, classes]``);
+            what regularisers (SMART, R3F), ensembles and distillation read.
+        extras: anything else the task's metrics or callers need, by name (masked LM:
+            ``nll_sum`` and ``count`` for perplexity; AuxMLM: ``aux_mlm_loss``).
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
 class Task(Protocol):
     """An objective: how rows become features, which model head, what loss and metrics.
 
     ``monitor`` (a metric name, e.g. ``acc``) and ``mode`` (``max``/``min``) choose the best
-    validation epoch.
+    validation epoch. ``features`` names the columns ``featurize`` emits and the model/task
+    consumes (besides ``length``); the datamodule keeps exactly those. ``pad_values`` gives the
+    pad value of a sequence feature the collator does not know (it knows ``input_ids`` -> the
+    pad id, masks -> 0, token ``labels`` -> -100). ``info`` is merged into the stage's record.
+    Subclass :class:`TaskDefaults` for the defaults of ``pad_values``, ``info`` and
+    ``baseline``.
     """
 
     monitor: str
     mode: str
+    features: tuple[str, ...]
+    pad_values: Mapping[str, int | float]
+    info: Mapping[str, Any]
 
     def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
-        """Learn what depends on the data (label set, columns) before featurising."""
+        """Learn what depends on the data (label set, columns, feature names) before
+        featurising."""
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
-        """Batched ``datasets.map`` function: raw rows -> token ids (unpadded) + targets."""
+        """Batched ``datasets.map`` function: raw rows -> ``features`` (unpadded) + ``length``."""
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         """The model with this task's head, from the pre-trained backbone."""
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """(loss, predictions-or-logits) for a batch."""
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        """Loss, logits (if any) and extras for a batch."""
 
     def metrics(self) -> MetricCollection:
         """Fresh metric objects (one collection per split)."""
 
-    def update(self, metrics: MetricCollection, out: Any, batch: dict[str, torch.Tensor]) -> None:
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
         """Feed a batch's output to ``metrics``."""
+
+    def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
+        """Scores of a trivial predictor on these validation labels (None: none defined)."""
+
+
+class TaskDefaults:
+    """Defaults for the Task protocol's optional parts: no extra pad values, no extra info,
+    no baseline. Subclass it; override what the task has."""
+
+    pad_values: Mapping[str, int | float] = MappingProxyType({})
+    info: Mapping[str, Any] = MappingProxyType({})
+
+    def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
+        return None
+

@@ -1,10 +1,17 @@
-"""Sequence and sentence-pair classification with a head on the first-token representation."""
+"""Sequence and sentence-pair classification with a head on the first-token representation.
+
+Labels are class ids (cross-entropy, as the model computes it) or, when the data gives a
+probability vector per row, soft targets (cross-entropy against the distribution: distillation,
+annotator label distributions).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -12,16 +19,22 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
+from ftlab.tasks.base import TaskDefaults, TaskOutput
 
 
-class Classify:
-    """Cross-entropy over ``len(labels)`` classes; metrics: accuracy and macro-F1."""
+class Classify(TaskDefaults):
+    """Cross-entropy over ``len(labels)`` classes; metrics: accuracy and macro-F1.
+
+    ``labels`` in a batch are class ids (long, ``[batch]``) or probability vectors (float,
+    ``[batch, classes]``: soft-target cross-entropy; metrics compare with their argmax).
+    """
 
     def __init__(self, max_length: int = 128, monitor: str = "acc") -> None:
         self.max_length = max_length
         self.monitor = monitor
         self.mode = "max"
         self.labels: list[str] = []
+        self.features: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
 
     def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
         if raw.labels is None:
@@ -30,6 +43,7 @@ class Classify:
         self.labels = raw.labels
         self.tokenizer = tokenizer
         self.text_columns = list(text_columns)
+        self.features = (*tokenizer.model_input_names, "labels")  # what the tokenizer emits
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         texts = [[("" if t is None else str(t)) for t in batch[c]] for c in self.text_columns]
@@ -47,19 +61,29 @@ class Classify:
             label2id={name: i for i, name in enumerate(self.labels)},
         )
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        if batch["labels"].is_floating_point():  # soft targets: HF would take them as multi-label
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            return TaskOutput(F.cross_entropy(logits.float(), batch["labels"]), logits)
         out = model(**batch)
-        return out.loss, out.logits
+        return TaskOutput(out.loss, out.logits)
 
     def metrics(self) -> MetricCollection:
         n = len(self.labels)
         return MetricCollection({"acc": MulticlassAccuracy(num_classes=n, average="micro"),
                                  "f1": MulticlassF1Score(num_classes=n, average="macro")})
 
-    def update(self, metrics: MetricCollection, out: Any, batch: dict[str, torch.Tensor]) -> None:
-        metrics.update(out.float().argmax(-1), batch["labels"])
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
+        target = batch["labels"]
+        if target.is_floating_point():
+            target = target.argmax(-1)
+        metrics.update(out.logits.float().argmax(-1), target)
 
-    def baseline(self, labels: list[int]) -> dict[str, float]:
+    def baseline(self, labels: Sequence[Any]) -> dict[str, float]:
         """Majority-class accuracy: a run at or below it learnt nothing."""
-        counts = torch.bincount(torch.as_tensor(list(labels)), minlength=len(self.labels))
+        ids = torch.as_tensor(list(labels))
+        if ids.is_floating_point():  # probability vectors: their most likely class
+            ids = ids.argmax(-1)
+        counts = torch.bincount(ids, minlength=len(self.labels))
         return {"acc": (counts.max() / counts.sum()).item()}

@@ -7,6 +7,8 @@ roughly halves the step time on a CPU compared with logits for every position.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.resolve import resolve
+from ftlab.tasks.base import Task, TaskDefaults, TaskOutput
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,11 @@ def split_mlm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return (inner.base_model, head) if head is not None else None
 
 
-class MaskedLM:
+class MaskedLM(TaskDefaults):
     """The masked-LM objective on unlabelled text (labels, if any, are ignored).
+
+    Its output has no logits (vocabulary logits exist only at masked positions); ``extras``
+    holds ``nll_sum`` and ``count`` (masked tokens) for perplexity.
 
     Args:
         max_length: tokens per row (with ``pack``: per block).
@@ -60,6 +66,8 @@ class MaskedLM:
         sparse_logits: vocabulary logits only at masked positions (same loss, ~2x faster).
         monitor: validation metric that picks the best epoch (``loss``: lowest wins).
     """
+
+    features = ("input_ids", "attention_mask")  # labels are drawn per batch (``mask``)
 
     def __init__(self, max_length: int = 128, mask_prob: float = 0.15, whole_word: bool = False,
                  pack: bool = True, sparse_logits: bool = True, monitor: str = "loss") -> None:
@@ -141,11 +149,10 @@ class MaskedLM:
         return torch.where(swap, noise, masked), labels
 
     def masked_loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                    batch: dict[str, torch.Tensor], head: nn.Module | None = None,
-                    encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over masked tokens, their count); logits only where labels != -100."""
         kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
-        parts = (encoder, head) if head is not None else split_mlm(model)
+        parts = split_mlm(model)
         n = (labels != -100).sum()
         if parts is None or not self.sparse_logits:
             return model(input_ids=inputs, labels=labels, **kwargs).loss, n
@@ -154,16 +161,17 @@ class MaskedLM:
         logits = parts[1](hidden[where])
         return F.cross_entropy(logits.float(), labels[where]), n
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         inputs, labels = self.mask(batch, train=model.training)
         loss, n = self.masked_loss(model, inputs, labels, batch)
-        return loss, (loss.detach() * n, n)
+        return TaskOutput(loss, extras={"nll_sum": loss.detach() * n, "count": n})
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({"ppl": Perplexity()})
 
-    def update(self, metrics: MetricCollection, out: Any, batch: dict[str, torch.Tensor]) -> None:
-        metrics.update(*out)
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
+        metrics.update(out.extras["nll_sum"], out.extras["count"])
 
 
 def fresh_head(model: nn.Module, spec: ModelSpec) -> list[str]:
@@ -195,17 +203,42 @@ class AuxMLM:
     ``weight`` times an MLM loss on the same batch's text, through the same encoder.
 
     Wraps any task; evaluation reports the plain task loss and metrics. The MLM head is
-    attached to the task model as ``aux_mlm_head`` (decoder tied to the word embeddings).
+    attached to the task model as ``aux_mlm_head`` (decoder tied to the word embeddings). The
+    MLM loss runs through the model as the PEFT method prepared it (a wrapper's swapped-in
+    weights, LoRA layers, prompts): see :meth:`aux_loss`.
     """
 
-    def __init__(self, task: Any, weight: float, mlm: MaskedLM | None = None) -> None:
+    def __init__(self, task: Task, weight: float, mlm: MaskedLM | None = None) -> None:
         self.task, self.weight = task, weight
         self.mlm = mlm or MaskedLM(pack=False)
 
-    def __getattr__(self, name: str) -> Any:  # monitor, mode, labels, baseline...
+    def __getattr__(self, name: str) -> Any:  # the wrapped task's own attributes (labels...)
         if name in ("task", "mlm"):
             raise AttributeError(name)
         return getattr(self.task, name)
+
+    @property
+    def monitor(self) -> str:
+        return self.task.monitor
+
+    @property
+    def mode(self) -> str:
+        return self.task.mode
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.task.features
+
+    @property
+    def pad_values(self) -> Mapping[str, int | float]:
+        return self.task.pad_values
+
+    @property
+    def info(self) -> Mapping[str, Any]:
+        return self.task.info
+
+    def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
+        return self.task.baseline(labels)
 
     def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
         self.task.bind(raw, tokenizer, text_columns)
@@ -225,12 +258,53 @@ class AuxMLM:
         model.add_module("aux_mlm_head", head[1])
         return model
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        loss, out = self.task.forward(model, batch)
-        if model.training and self.weight > 0:
-            inputs, labels = self.mlm.mask(batch, train=True)
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            aux, _ = self.mlm.masked_loss(model, inputs, labels, batch,
-                                          head=inner.aux_mlm_head, encoder=inner.base_model)
-            loss = loss + self.weight * aux
-        return loss, out
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        out = self.task.forward(model, batch)
+        if not (model.training and self.weight > 0):
+            return out
+        inputs, labels = self.mlm.mask(batch, train=True)
+        aux = self.aux_loss(model, inputs, labels, batch)
+        return replace(out, loss=out.loss + self.weight * aux,
+                       extras=out.extras | {"aux_mlm_loss": aux.detach()})
+
+    def aux_loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean MLM loss over the masked tokens, through ``model``'s own forward.
+
+        A forward hook on the task model's backbone applies ``aux_mlm_head`` to its last
+        hidden states (masked positions only) while ``model`` runs, so whatever the PEFT method
+        changed is in the path: a ``functional_call`` wrapper's swapped-in weights (diff
+        pruning, intrinsic, movement pruning; the tied decoder included), LoRA layers, prompts.
+        """
+        owner = _aux_owner(model)
+        where = labels != -100
+        logits: list[torch.Tensor] = []
+
+        def head(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = output[0][:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
+            logits.append(owner.aux_mlm_head(hidden[where]))
+
+        kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+        handle = owner.base_model.register_forward_hook(head)
+        try:
+            model(input_ids=inputs, **kwargs)
+        finally:
+            handle.remove()
+        return F.cross_entropy(logits[-1].float(), labels[where])
+
+    def metrics(self) -> MetricCollection:
+        return self.task.metrics()
+
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
+        self.task.update(metrics, out, batch)
+
+
+def _aux_owner(model: nn.Module) -> nn.Module:
+    """The task model inside ``model`` (a PEFT wrapper, or itself) that holds ``aux_mlm_head``."""
+    for name, _ in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "aux_mlm_head":
+            return model.get_submodule(parent)
+    raise FtlabError("The model has no aux_mlm_head: it was not built by AuxMLM.build_model.",
+                     "build the model with the AuxMLM task that trains it.")
