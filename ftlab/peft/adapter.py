@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.peft.base import RequiresGradState
 from ftlab.model.arch import arch_of, block_modules, unwrap
+from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
 from ftlab.store import load_tensors
 

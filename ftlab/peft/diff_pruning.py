@@ -12,9 +12,9 @@ import math
 import torch
 from torch import nn
 
+from ftlab.model.arch import backbone_parameters
 from ftlab.peft.base import load_by_name
 from ftlab.peft.functional import Reparametrized, dense_state
-from ftlab.model.arch import backbone_parameters
 from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
 
 IDX, VAL = ".delta_idx", ".delta_val"

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.model.arch import backbone_parameters, embedding_modules
 from ftlab.peft.base import load_by_name
 from ftlab.peft.functional import Reparametrized, dense_state
-from ftlab.model.arch import backbone_parameters, embedding_modules
 from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
 
 THETA, SEED, SCALE = "intrinsic.theta", "intrinsic.seed", "intrinsic.scale"

@@ -23,6 +23,7 @@ from ftlab.model.arch import (  # noqa: F401  (re-exported for the methods)
     unwrap,
 )
 
+
 def freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ftlab.model.arch import layer_stacks
 from ftlab.peft.base import load_by_name
 from ftlab.peft.functional import Reparametrized, dense_state
-from ftlab.model.arch import layer_stacks
 from ftlab.peft.layers import top_layer_ops
 
 
