@@ -21,8 +21,10 @@ from ftlab.model.arch import arch_for, head_parameters
 from ftlab.model.backbone import ModelSpec, load_model, load_tokenizer
 from ftlab.optim import OptimSpec, build_optimizer
 from ftlab.peft.layers import top_layer_ops
+from ftlab.run import run
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM, split_mlm
+from tests.conftest import tiny_overrides
 from tests.test_peft_contract import batch, logits, method, model_config, tiny_model
 
 TOKENIZER = "pkg://ftlab/assets/tiny_tokenizer"
@@ -229,3 +231,14 @@ def test_mlm_head_per_family_or_a_clear_error(family):
     ids = batch(0)["input_ids"]
     with torch.no_grad():  # the split computes what the whole model computes
         torch.testing.assert_close(head(encoder(input_ids=ids)[0]), model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(("model", "peft"), [("tiny_llama", "lora"), ("tiny_t5", "adapter_houlsby"),
+                                             ("tiny_gpt2", "ia3")])
+def test_a_classify_stage_runs_on_other_families(make_cfg, sentiment_dir, model, peft):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        f"model={model}", f"peft={peft}", "stage.trainer.max_epochs=1",
+        "stage.optim.layer_decay=0.9", "stage.optim.gradual_unfreeze=true"])
+    record = run(cfg)
+    assert record["status"] == "ok", record
+    assert 0 < record["stages"]["classify"]["params_trainable_pct"] < 100

@@ -13,15 +13,9 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.model.arch import (  # noqa: F401  (re-exported for the methods)
-    backbone,
-    backbone_parameters,
-    head_parameters,
-    pooler,
-    supported,
-    top_stack,
-    unwrap,
-)
+from ftlab.model.arch import head_parameters, pooler, top_stack, unwrap
+
+__all__ = ["freeze", "head_parameters", "top_layer_ops", "top_stack", "unfreeze"]
 
 
 def freeze(model: nn.Module) -> None:
