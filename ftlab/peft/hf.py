@@ -104,8 +104,9 @@ class HfPeft(RequiresGradState):
         try:
             wrapped = get_peft_model(model, config)
         except (ValueError, TypeError, AttributeError, KeyError) as err:
-            raise FtlabError(f"peft cannot apply {self.name} to a {arch.family} model "
-                             f"({type(model).__name__}): {str(err).splitlines()[0]}",
+            kind = unwrap(model).config.model_type
+            raise FtlabError(f"peft cannot apply {self.name} to a '{kind}' model ({arch.family}, "
+                             f"{type(model).__name__}): {str(err).splitlines()[0]}",
                              "set peft.config.target_modules to this model's module names "
                              f"(its LoRA default: {list(arch.lora)}), or use another "
                              "method.") from None
