@@ -8,6 +8,8 @@ read from ``ftlab/model/arch.py``, so a wrong table entry fails here.
 
 from __future__ import annotations
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -24,8 +26,8 @@ from ftlab.peft.layers import top_layer_ops
 from ftlab.run import run
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM, split_mlm
-from tests.conftest import tiny_overrides
-from tests.test_peft_contract import batch, logits, method, model_config, tiny_model
+from tests.conftest import ROOT, tiny_overrides
+from tests.test_peft_contract import SEP, batch, logits, method, model_config, tiny_model
 
 TOKENIZER = "pkg://ftlab/assets/tiny_tokenizer"
 
@@ -242,3 +244,17 @@ def test_a_classify_stage_runs_on_other_families(make_cfg, sentiment_dir, model,
     record = run(cfg)
     assert record["status"] == "ok", record
     assert 0 < record["stages"]["classify"]["params_trainable_pct"] < 100
+
+
+def test_a_tokenizer_without_pad_pads_with_eos_and_the_classifier_knows(tmp_path):
+    folder = tmp_path / "tok"
+    shutil.copytree(ROOT / "ftlab" / "assets" / "tiny_tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(pad_token=None, eos_token="[SEP]")  # as GPT-2's: an EOS, no pad token
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    spec = ModelSpec(tokenizer=str(folder), config=model_config("gpt2") | {"pad_token_id": None})
+    tok = load_tokenizer(spec)
+    assert tok.pad_token == "[SEP]" and "token_type_ids" not in tok("a b")
+    task = Classify()
+    task.bind(SimpleNamespace(labels=["neg", "pos"]), tok, ["text"])
+    assert task.build_model(spec).config.pad_token_id == tok.pad_token_id == SEP

@@ -40,7 +40,8 @@ class Arch:
         lora: LoRA targets (the attention query/value projections; GPT-2's fused ``c_attn``).
         ia3 / ia3_ff: IA3 targets and which of them are feed-forward (scaled on the input).
         token_type_ids: the model's forward takes segment ids.
-        biases: the pre-trained linears carry bias terms (BitFit needs them).
+        biases: the pre-trained linears carry bias terms (BitFit needs them; it checks the
+            model itself, so Qwen2's q/k/v biases count though its entry says False).
         eos_pooling: sequence classification reads the hidden state at the last EOS (T5).
         stems: parts of the backbone root that are backbone (empty: all of it).
     """
