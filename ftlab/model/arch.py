@@ -70,7 +70,8 @@ BERT = Arch("BERT", ("encoder.layer",), ("embeddings",), **_BERT_BLOCKS, mlm_hea
 ROBERTA = Arch("RoBERTa", ("encoder.layer",), ("embeddings",), **_BERT_BLOCKS,
                mlm_head=("lm_head",), lora=("query", "value"),
                ia3=("key", "value", "output.dense"), ia3_ff=("output.dense",))
-DEBERTA = Arch("DeBERTa-v2", ("encoder.layer",), ("embeddings",), **_BERT_BLOCKS,
+DEBERTA = Arch("DeBERTa-v2", ("encoder.layer",),  # + the relative-position embeddings
+               ("embeddings", "encoder.rel_embeddings", "encoder.LayerNorm"), **_BERT_BLOCKS,
                mlm_head=("cls",), lora=("query_proj", "value_proj"),
                ia3=("key_proj", "value_proj", "output.dense"), ia3_ff=("output.dense",),
                token_type_ids=True)
