@@ -1,4 +1,4 @@
-"""Hand trained weights from one stage to the next (whole model or encoder only)."""
+"""Hand trained weights from one stage to the next (whole model or backbone only)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,20 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.model.arch import backbone_modules, unwrap
 
 log = logging.getLogger(__name__)
+
+
+def backbone_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of ``model`` that belong to its backbone (the architecture table's)."""
+    model = unwrap(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    keys: set[str] = set()
+    for module in backbone_modules(model):
+        prefix = f"{names[id(module)]}." if names[id(module)] else ""
+        keys |= {prefix + k for k in module.state_dict()}
+    return keys
 
 
 def hand_over(source: nn.Module | Mapping[str, torch.Tensor], target: nn.Module,
@@ -18,18 +30,29 @@ def hand_over(source: nn.Module | Mapping[str, torch.Tensor], target: nn.Module,
     """Copy ``source``'s weights (a model, or a state dict from the stage cache) into
     ``target`` where names and shapes match.
 
-    ``carry="encoder"`` copies only the backbone (``target.base_model_prefix``); heads start
-    fresh. Returns counts of copied and skipped tensors.
+    ``carry="encoder"`` copies only the backbone (per ``ftlab/model/arch.py``; for T5 the
+    shared embeddings, encoder and decoder); heads start fresh. Backbone tensors are matched
+    with or without the backbone prefix, so a ``T5ForConditionalGeneration`` (no prefix) hands
+    over to a ``T5ForSequenceClassification`` (``transformer.``). Returns counts of copied and
+    skipped tensors.
     """
     src = source.state_dict() if isinstance(source, nn.Module) else dict(source)
-    dst = target.state_dict()
-    prefix = getattr(target, "base_model_prefix", "") + "."
-    wanted = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape
-              and (carry == "model" or k.startswith(prefix))}
-    if not any(k.startswith(prefix) for k in wanted):
-        raise FtlabError("The earlier stage's model shares no encoder weights with this one.",
+    dst = unwrap(target).state_dict()
+    inside = backbone_keys(target)
+    prefix = f"{getattr(unwrap(target), 'base_model_prefix', '')}."
+    wanted: dict[str, torch.Tensor] = {}
+    for key, value in dst.items():
+        if key in inside:  # also with/without the backbone prefix (T5 heads differ in that)
+            other = key[len(prefix):] if key.startswith(prefix) else prefix + key
+            found = key if key in src else other if other in src else None
+        else:
+            found = key if carry == "model" and key in src else None
+        if found is not None and src[found].shape == value.shape:
+            wanted[key] = src[found]
+    if not any(k in inside for k in wanted):
+        raise FtlabError("The earlier stage's model shares no backbone weights with this one.",
                          "chain stages on the same model (model=...) for init_from.")
-    target.load_state_dict(wanted, strict=False)
+    unwrap(target).load_state_dict(wanted, strict=False)
     skipped = len(dst) - len(wanted)
     log.info("Handed over %d tensors (%s); %d start fresh.", len(wanted), carry, skipped)
     return {"copied": len(wanted), "fresh": skipped}

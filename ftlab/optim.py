@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -37,18 +36,21 @@ class OptimSpec:
 #: the peak LR when neither the stage nor the PEFT method sets one (BERT's range: 2e-5..5e-5)
 DEFAULT_LR = 5e-5
 
-#: ``...layer.3.`` (BERT), ``...layers.3.`` (Llama), ``...block.3.`` (T5), ``.h.3.`` (GPT-2)
-_LAYER = re.compile(r"\.(?:layer|layers|block|h)\.(\d+)\.")
-
-
 def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     """(parameter name -> layer group, top group): 0 = embeddings, ``i + 1`` = transformer
-    layer ``i``, top = everything above (pooler, task and MLM heads)."""
-    names = [n for n, _ in model.named_parameters()]
-    layer = {n: int(m.group(1)) for n in names if (m := _LAYER.search(n))}
-    top = max(layer.values(), default=-1) + 2
-    depth = {n: layer[n] + 1 if n in layer else 0 if "embed" in n else top for n in names}
-    return depth, top
+    layer ``i`` counted bottom-up through the stacks of the architecture table (T5: the
+    encoder's layers, then the decoder's), top = everything else (pooler, final norms, task
+    and LM heads, PEFT parameters outside the layers). ``model`` may be a PEFT wrapper."""
+    from ftlab.model.arch import embedding_modules, layer_stacks
+
+    depth_of: dict[int, int] = {}
+    for module in embedding_modules(model):
+        depth_of |= {id(p): 0 for p in module.parameters()}
+    layers = [layer for stack in layer_stacks(model) for layer in stack]
+    for i, layer in enumerate(layers):
+        depth_of |= {id(p): i + 1 for p in layer.parameters()}
+    top = len(layers) + 1
+    return {n: depth_of.get(id(p), top) for n, p in model.named_parameters()}, top
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,

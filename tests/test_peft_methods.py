@@ -51,11 +51,12 @@ def test_adapters_placement_and_near_identity_init(name, per_layer):
 
 
 def test_adapters_name_unsupported_architectures():
-    cfg = AutoConfig.for_model("gpt2", vocab_size=100, n_embd=16, n_layer=1, n_head=2,
-                               num_labels=2)
-    gpt2 = AutoModelForSequenceClassification.from_config(cfg)
-    with pytest.raises(FtlabError, match="(?s)gpt2.*BERT"):
-        method("adapter_pfeiffer").apply(gpt2)
+    cfg = AutoConfig.for_model("albert", vocab_size=100, embedding_size=16, hidden_size=16,
+                               num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, num_labels=2)
+    albert = AutoModelForSequenceClassification.from_config(cfg)
+    with pytest.raises(FtlabError, match="(?s)'albert'.*BERT.*GPT-2.*Llama.*T5"):
+        method("adapter_pfeiffer").apply(albert)
 
 
 def _trained_adapter(tmp_path: Path, seed: int, name: str, **extra) -> Path:

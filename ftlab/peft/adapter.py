@@ -1,9 +1,13 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020) and MAD-X-style stacking.
 
-An adapter is ``x + up(act(down(x)))`` applied by a forward hook to the output projection
-(``dense``) of a BERT-style ``*SelfOutput`` (after attention) and/or ``*Output`` (after the
-FFN) module, i.e. before that block's residual + LayerNorm, as in the papers. Adapters live
-in an ``adapters`` ModuleDict on those modules, run in order: frozen adapters loaded from
+An adapter is ``x + up(act(down(x)))`` applied by a forward hook to the output projection of
+a layer's attention block and/or FFN block, i.e. before that block's residual add, as in the
+papers. The projections come from the architecture table (``ftlab/model/arch.py``): BERT's
+``attention.output.dense`` / ``output.dense``, GPT-2's ``attn.c_proj`` / ``mlp.c_proj``,
+Llama's ``self_attn.o_proj`` / ``mlp.down_proj``, T5's ``SelfAttention.o`` /
+``DenseReluDense.wo`` (encoder and decoder), DistilBERT's ``attention.out_lin`` /
+``ffn.lin2``. Adapters live in an ``adapters`` ModuleDict on the projection's parent module
+(BERT: ``attention.output``, ``output``), run in order: frozen adapters loaded from
 ``stack_on`` artefacts first (``stack0``, ``stack1``...), then the trainable ``adapter``.
 """
 
@@ -15,15 +19,9 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.model.arch import arch_of, block_modules, unwrap
 from ftlab.peft.base import RequiresGradState
-from ftlab.peft.layers import (
-    SUPPORTED,
-    encoder_layers,
-    freeze,
-    head_parameters,
-    top_layer_ops,
-    unfreeze,
-)
+from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
 from ftlab.store import load_tensors
 
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
@@ -53,30 +51,33 @@ def _run_adapters(site: nn.Module):
     return hook
 
 
-def adapter_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """``{"attention": [...], "ffn": [...]}``: the output modules of every encoder layer."""
-    sites: dict[str, list[nn.Module]] = {"attention": [], "ffn": []}
-    for layer in encoder_layers(model):
-        for module in layer.modules():
-            kind = type(module).__name__
-            if not (hasattr(module, "dense") and hasattr(module, "LayerNorm")):
-                continue
-            if kind.endswith("SelfOutput"):
-                sites["attention"].append(module)
-            elif kind.endswith("Output"):
-                sites["ffn"].append(module)
+def _width(proj: nn.Module) -> int:
+    """Output width of a ``Linear`` or GPT-2's ``Conv1D`` (``nf``)."""
+    return getattr(proj, "out_features", None) or getattr(proj, "nf", None) or proj.weight.shape[0]
+
+
+def adapter_sites(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, nn.Module]]]:
+    """``{"attention": [...], "ffn": [...]}`` of ``(holder name, holder, output projection)``
+    in every layer; the holder (the projection's parent) keeps the ``adapters``."""
+    names = {id(m): n for n, m in unwrap(model).named_modules()}
+    sites: dict[str, list[tuple[str, nn.Module, nn.Module]]] = {}
+    for kind, block in (("attention", "attn"), ("ffn", "ffn")):
+        sites[kind] = []
+        for proj, _norm in block_modules(model, block):
+            holder_name = names[id(proj)].rpartition(".")[0]
+            sites[kind].append((holder_name, unwrap(model).get_submodule(holder_name), proj))
     if not sites["ffn"]:
-        raise FtlabError(f"Found no *Output modules with dense + LayerNorm in a "
-                         f"'{type(model).__name__}' to put adapters in.",
-                         f"adapters support {SUPPORTED}; use peft=lora for other models.")
+        raise FtlabError(f"Found no FFN output projections ({arch_of(model).ffn_out}) in a "
+                         f"'{type(unwrap(model)).__name__}' to put adapters in.",
+                         "check ftlab/model/arch.py's entry for this family.")
     return sites
 
 
-def _ensure_site(site: nn.Module) -> nn.ModuleDict:
-    if not hasattr(site, "adapters"):
-        site.adapters = nn.ModuleDict()
-        site.dense.register_forward_hook(_run_adapters(site))
-    return site.adapters
+def _ensure_site(holder: nn.Module, proj: nn.Module) -> nn.ModuleDict:
+    if not hasattr(holder, "adapters"):
+        holder.adapters = nn.ModuleDict()
+        proj.register_forward_hook(_run_adapters(holder))
+    return holder.adapters
 
 
 class BottleneckAdapter(RequiresGradState):
@@ -111,16 +112,17 @@ class BottleneckAdapter(RequiresGradState):
                 stack_adapter(model, path, f"stack{i}")
         sites = adapter_sites(model)
         for kind in PLACEMENTS[self.placement]:
-            for site in sites[kind]:
-                hidden = site.dense.out_features
+            for _name, holder, proj in sites[kind]:
+                hidden = _width(proj)
                 size = max(1, hidden // self.reduction_factor)
-                adapters = _ensure_site(site)
+                adapters = _ensure_site(holder, proj)
                 adapters[TRAINABLE] = Bottleneck(hidden, size, self.init_std).to(
-                    site.dense.weight.device)
-        if self.train_layernorm:
-            for module in encoder_layers(model).modules():
-                if isinstance(module, nn.LayerNorm):
-                    unfreeze(module)
+                    proj.weight.device)
+        if self.train_layernorm:  # the norms of both blocks (LayerNorm or RMSNorm), per family
+            for block in ("attn", "ffn"):
+                for _proj, norm in block_modules(model, block):
+                    if norm is not None:
+                        unfreeze(norm)
         unfreeze(head_parameters(model))
         unfreeze(fresh)
         return model
@@ -141,15 +143,19 @@ def stack_adapter(model: nn.Module, path: str | Path, name: str) -> int:
     if not state:
         raise FtlabError(f"'{path}' holds no adapters.",
                          "stack only artefacts of peft=adapter_houlsby/adapter_pfeiffer stages.")
+    holders = {n: (h, p) for kind in adapter_sites(model).values() for n, h, p in kind}
     added = 0
     for key in sorted(k for k in state if k.endswith(".down.weight")):
         prefix = key[: key.index(marker)]
-        site = model.get_submodule(prefix)
+        if prefix not in holders:
+            raise FtlabError(f"'{path}' has an adapter at {prefix}, which this model lacks.",
+                             "stack adapters trained on the same model family and size.")
+        holder, proj = holders[prefix]
         size, hidden = state[key].shape
-        adapter = Bottleneck(hidden, size).to(site.dense.weight.device)
+        adapter = Bottleneck(hidden, size).to(proj.weight.device)
         own = key[: -len("down.weight")]
         adapter.load_state_dict({k[len(own):]: v for k, v in state.items() if k.startswith(own)})
         adapter.requires_grad_(False)
-        _ensure_site(site)[name] = adapter
+        _ensure_site(holder, proj)[name] = adapter
         added += 1
     return added

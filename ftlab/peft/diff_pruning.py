@@ -12,9 +12,10 @@ import math
 import torch
 from torch import nn
 
+from ftlab.model.arch import backbone_parameters
 from ftlab.peft.base import load_by_name
 from ftlab.peft.functional import Reparametrized, dense_state
-from ftlab.peft.layers import base_model, freeze, head_parameters, top_layer_ops, unfreeze
+from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
 
 IDX, VAL = ".delta_idx", ".delta_val"
 
@@ -75,12 +76,8 @@ class DiffPruning:
     def apply(self, model: nn.Module) -> nn.Module:
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
         freeze(model)
-        prefix = getattr(model, "base_model_prefix", "")
-        names = [f"{prefix}.{n}" if base_model(model) is not model else n
-                 for n, _ in base_model(model).named_parameters()]
-        fresh_ids = {id(p) for p in fresh}
-        own = dict(model.named_parameters())
-        names = [n for n in names if id(own[n]) not in fresh_ids]
+        backbone = {id(p) for p in backbone_parameters(model)} - {id(p) for p in fresh}
+        names = [n for n, p in model.named_parameters() if id(p) in backbone]
         unfreeze(head_parameters(model))
         unfreeze(fresh)
         return DiffPrunedModel(model, names, self.init_log_alpha, self.l0_penalty)

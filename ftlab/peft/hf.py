@@ -1,22 +1,92 @@
 """Methods from Hugging Face ``peft`` (LoRA, prefix tuning, prompt tuning, IA3...).
 
 The YAML's ``config`` node is a ``peft`` config (``_target_: peft.LoraConfig``), so any method
-``peft`` offers is one YAML file away. With ``task_type: SEQ_CLS`` the classifier head is in
-``modules_to_save`` and trains. The artefact is written twice: ftlab's
-``trainable.safetensors`` and ``<stage>/peft/`` via ``save_pretrained``, which loads with
-``peft.PeftModel.from_pretrained(base_model, "<stage>/peft")``.
+``peft`` offers is one YAML file away. What the YAML leaves null comes from the model
+(``ftlab/model/arch.py``): ``task_type`` from the task model's class (``*ForSequence
+Classification`` -> ``SEQ_CLS``, ``*ForCausalLM`` -> ``CAUSAL_LM``, ``*ForTokenClassification``
+-> ``TOKEN_CLS``, T5's ``*ForConditionalGeneration`` -> ``SEQ_2_SEQ_LM``, a masked LM -> none),
+``target_modules`` / ``feedforward_modules`` from the family's entry. For classification the
+whole head (``classifier``, ``score``, T5's ``classification_head``, DistilBERT's
+``pre_classifier``, DeBERTa's ``pooler``...) goes into ``modules_to_save`` and trains. The
+artefact is written twice: ftlab's ``trainable.safetensors`` and ``<stage>/peft/`` via
+``save_pretrained``, which loads with ``peft.PeftModel.from_pretrained(base_model, ...)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.model.arch import arch_of, backbone, head_modules, peft_task_type, unwrap
 from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import top_layer_ops, unfreeze
+
+#: task types whose head is new and must train (LM heads are pre-trained: they stay frozen)
+_FRESH_HEAD = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def fit_config(config: Any, model: nn.Module) -> Any:
+    """A copy of the ``peft`` ``config`` with the model-dependent fields filled in."""
+    arch, task = arch_of(model), peft_task_type(model)
+    fields = {f.name for f in dataclasses.fields(config)}
+    change: dict[str, Any] = {}
+    if config.task_type is None and task is not None:
+        change["task_type"] = task
+    if "target_modules" in fields and config.target_modules is None:
+        ia3 = _value(config.peft_type) == "IA3"
+        change["target_modules"] = list(arch.ia3 if ia3 else arch.lora)
+    if "feedforward_modules" in fields and config.feedforward_modules is None:
+        change["feedforward_modules"] = list(arch.ia3_ff)
+    if _value(change.get("task_type", config.task_type)) in _FRESH_HEAD:
+        keep = list(config.modules_to_save or [])
+        change["modules_to_save"] = keep + [m for m in head_modules(model) if m not in keep]
+    if getattr(config, "is_prompt_learning", False):
+        change |= _prompt_fields(config, model, change.get("task_type", config.task_type))
+    return dataclasses.replace(config, **change) if change else config
+
+
+def _prompt_fields(config: Any, model: nn.Module, task: Any) -> dict[str, Any]:
+    """Check that prompt learning fits the model; fill the sizes peft cannot find itself."""
+    import inspect
+
+    arch, model_config = arch_of(model), unwrap(model).config
+    name = str(_value(config.peft_type)).lower()
+    if task is None:
+        raise FtlabError(f"peft's {name} needs a task type, and a {type(unwrap(model)).__name__} "
+                         "(masked LM) has none in peft.", "use peft=lora, ia3 or adapters for "
+                         "masked-LM stages (stage=mlm).")
+    if model_config.is_encoder_decoder and _value(task) != "SEQ_2_SEQ_LM":
+        raise FtlabError(f"peft's {name} on {arch.family} works only for a seq2seq LM "
+                         f"(SEQ_2_SEQ_LM); a {type(unwrap(model)).__name__} takes no prompt "
+                         "embeddings or prefixes.", f"use peft=lora, ia3 or adapters for "
+                         f"{arch.family} classification.")
+    if _value(config.peft_type) == "PREFIX_TUNING":
+        takes = [m for m in (unwrap(model), backbone(model))
+                 if "past_key_values" in inspect.signature(m.forward).parameters]
+        if not takes:
+            raise FtlabError(f"Prefix tuning feeds key/value prefixes as past_key_values, which "
+                             f"a {arch.family} model does not take.", "use a family that does "
+                             "(BERT, RoBERTa, ELECTRA, GPT-2, Llama), or peft=prompt_tuning/lora.")
+    if model_config.is_encoder_decoder:
+        return {}
+    out = {}  # attribute maps know DistilBERT's n_layers/n_heads, which peft reads by key
+    for key, attr in (("num_layers", "num_hidden_layers"),
+                      ("num_attention_heads", "num_attention_heads")):
+        if getattr(config, key) is None and getattr(model_config, attr, None) is not None:
+            out[key] = getattr(model_config, attr)
+    if config.token_dim is None:  # prompts are input embeddings (ELECTRA's are narrower)
+        prefix = _value(config.peft_type) == "PREFIX_TUNING"
+        out["token_dim"] = (model_config.hidden_size if prefix
+                            else unwrap(model).get_input_embeddings().embedding_dim)
+    return out
 
 
 class HfPeft(RequiresGradState):
@@ -26,20 +96,24 @@ class HfPeft(RequiresGradState):
 
     def __init__(self, config: Any, drop_top: int = 0, reinit_top: int = 0) -> None:
         self.config = config
-        self.name = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+        self.name = str(_value(config.peft_type)).lower()
         self.drop_top, self.reinit_top = drop_top, reinit_top
 
     def apply(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model
 
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
+        arch = arch_of(model)
+        config = fit_config(self.config, model)
         try:
-            wrapped = get_peft_model(model, self.config)
-        except (ValueError, TypeError, AttributeError) as err:
-            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-            raise FtlabError(f"peft cannot apply {self.name} to a '{kind}' model: {err}",
+            wrapped = get_peft_model(model, config)
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            kind = unwrap(model).config.model_type
+            raise FtlabError(f"peft cannot apply {self.name} to a '{kind}' model ({arch.family}, "
+                             f"{type(model).__name__}): {str(err).splitlines()[0]}",
                              "set peft.config.target_modules to this model's module names "
-                             "(e.g. [query, value] for BERT).") from None
+                             f"(its LoRA default: {list(arch.lora)}), or use another "
+                             "method.") from None
         unfreeze(fresh)
         return wrapped
 

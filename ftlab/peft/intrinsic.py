@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.model.arch import backbone_parameters, embedding_modules
 from ftlab.peft.base import load_by_name
 from ftlab.peft.functional import Reparametrized, dense_state
-from ftlab.peft.layers import base_model, freeze, head_parameters, top_layer_ops, unfreeze
+from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
 
 THETA, SEED, SCALE = "intrinsic.theta", "intrinsic.seed", "intrinsic.scale"
 
@@ -113,9 +114,11 @@ class Intrinsic:
     def apply(self, model: nn.Module) -> nn.Module:
         fresh = {id(p) for p in top_layer_ops(model, self.drop_top, self.reinit_top)}
         freeze(model)
-        backbone = {id(p) for p in base_model(model).parameters()}
+        backbone = {id(p) for p in backbone_parameters(model)}
+        if not self.include_embeddings:
+            backbone -= {id(p) for m in embedding_modules(model) for p in m.parameters()}
         names = [n for n, p in model.named_parameters() if id(p) in backbone
-                 and id(p) not in fresh and (self.include_embeddings or "embeddings" not in n)]
+                 and id(p) not in fresh]
         unfreeze(head_parameters(model))
         unfreeze([p for p in model.parameters() if id(p) in fresh])
         return IntrinsicModel(model, names, self.d, self.seed, self.said)

@@ -1,12 +1,12 @@
-"""Feature extraction / partial fine-tuning: only the head (plus the top ``top_k`` encoder
-layers) trains; everything below stays frozen."""
+"""Feature extraction / partial fine-tuning: only the head (plus the top ``top_k`` layers of
+the stack nearest the head; T5: the decoder's) trains; everything below stays frozen."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ftlab.peft.base import RequiresGradState
-from ftlab.peft.layers import encoder_layers, freeze, head_parameters, top_layer_ops, unfreeze
+from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, top_stack, unfreeze
 
 
 class LastLayer(RequiresGradState):
@@ -20,7 +20,7 @@ class LastLayer(RequiresGradState):
         freeze(model)
         unfreeze(head_parameters(model))
         if self.top_k:
-            layers = encoder_layers(model)
+            layers = top_stack(model)
             for layer in layers[max(0, len(layers) - self.top_k):]:
                 unfreeze(layer)
         unfreeze(fresh)

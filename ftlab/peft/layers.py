@@ -1,5 +1,6 @@
-"""Shared by every PEFT method: finding encoder layers and the head, freezing, and the two
-layer operations any method accepts (``drop_top``, ``reinit_top``).
+"""Shared by every PEFT method: freezing, and the two layer operations any method accepts
+(``drop_top``, ``reinit_top``). Where layers, the backbone and the head are comes from the
+architecture table (``ftlab/model/arch.py``).
 
 Every method's constructor takes ``drop_top`` and ``reinit_top`` (default 0) and calls
 ``top_layer_ops`` first in ``apply`` and ``unfreeze`` on what it returns last, so
@@ -12,34 +13,9 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.model.arch import head_parameters, pooler, top_stack, unwrap
 
-#: model families whose encoder layers ftlab's layer-wise methods know how to find
-SUPPORTED = "BERT, RoBERTa, XLM-R, ELECTRA, MiniLM (BERT-style `encoder.layer`)"
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The backbone of a ``*For...`` model (``model.bert``), or the model itself."""
-    prefix = getattr(model, "base_model_prefix", "")
-    return getattr(model, prefix, model) if prefix else model
-
-
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer layers (``encoder.layer`` in BERT-style models)."""
-    encoder = getattr(base_model(model), "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise FtlabError(f"Found no encoder layers (encoder.layer) in a '{kind}' model.",
-                         f"use a model of a supported family: {SUPPORTED}; or peft=full/lora.")
-    return layers
-
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters outside the backbone: the task head (classifier)."""
-    backbone = {id(p) for p in base_model(model).parameters()}
-    if base_model(model) is model:
-        return []
-    return [p for p in model.parameters() if id(p) not in backbone]
+__all__ = ["freeze", "head_parameters", "top_layer_ops", "top_stack", "unfreeze"]
 
 
 def freeze(model: nn.Module) -> None:
@@ -51,37 +27,47 @@ def unfreeze(params: list[nn.Parameter] | nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def top_layer_ops(model: nn.Module, drop_top: int = 0, reinit_top: int = 0) -> list[nn.Parameter]:
-    """Drop the top ``drop_top`` layers (Chung et al. 2021), then re-initialise the new top
-    ``reinit_top`` layers and the pooler (Zhang et al. 2021).
-
-    Returns the re-initialised parameters: they must train (and be saved) in any method, since
-    their random start cannot be rebuilt from the pre-trained checkpoint.
-    """
-    if not drop_top and not reinit_top:
-        return []
-    layers = encoder_layers(model)
-    if drop_top + reinit_top > len(layers) or min(drop_top, reinit_top) < 0:
-        raise FtlabError(f"drop_top={drop_top} + reinit_top={reinit_top} does not fit a model "
-                         f"with {len(layers)} layers.", "choose smaller values.")
-    for _ in range(drop_top):
-        del layers[len(layers) - 1]
-    if hasattr(model, "config"):
-        model.config.num_hidden_layers = len(layers)
-    modules = list(layers[len(layers) - reinit_top:]) if reinit_top else []
-    pooler = getattr(base_model(model), "pooler", None)
-    if reinit_top and pooler is not None:
-        modules.append(pooler)
-    init = getattr(model, "_init_weights", None)
+def _reinit(model: nn.Module, modules: list[nn.Module]) -> list[nn.Parameter]:
+    init = getattr(unwrap(model), "_init_weights", None)
     params: list[nn.Parameter] = []
     for module in modules:
         for sub in module.modules():
+            for p in sub.parameters(recurse=False):  # transformers 5 skips flagged params
+                if hasattr(p, "_is_hf_initialized"):
+                    del p._is_hf_initialized
             if init is not None:
                 init(sub)
             elif hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
         params += list(module.parameters())
     return params
+
+
+def top_layer_ops(model: nn.Module, drop_top: int = 0, reinit_top: int = 0) -> list[nn.Parameter]:
+    """Drop the top ``drop_top`` layers (Chung et al. 2021), then re-initialise the new top
+    ``reinit_top`` layers and the pooler (Zhang et al. 2021).
+
+    "Top" is the stack nearest the head (``arch.top_stack``): the encoder of an encoder model,
+    the decoder of a decoder-only model and, for T5, the decoder (its encoder is untouched).
+    Returns the re-initialised parameters: they must train (and be saved) in any method, since
+    their random start cannot be rebuilt from the pre-trained checkpoint.
+    """
+    if not drop_top and not reinit_top:
+        return []
+    layers = top_stack(model)
+    if drop_top + reinit_top > len(layers) or min(drop_top, reinit_top) < 0:
+        raise FtlabError(f"drop_top={drop_top} + reinit_top={reinit_top} does not fit a stack "
+                         f"of {len(layers)} layers.", "choose smaller values.")
+    for _ in range(drop_top):
+        del layers[len(layers) - 1]
+    config = getattr(unwrap(model), "config", None)
+    if drop_top and config is not None:
+        encdec = getattr(config, "is_encoder_decoder", False)  # T5: the decoder's count
+        setattr(config, "num_decoder_layers" if encdec else "num_hidden_layers", len(layers))
+    modules = list(layers[len(layers) - reinit_top:]) if reinit_top else []
+    if reinit_top and (pool := pooler(model)) is not None:
+        modules.append(pool)
+    return _reinit(model, modules)
 
 
 def trainable_fraction(model: nn.Module) -> float:

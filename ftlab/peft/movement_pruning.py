@@ -1,5 +1,5 @@
 """Movement pruning (Sanh et al. 2020): fine-tune every weight while learning importance
-scores for the encoder's linear weights; a straight-through top-k mask keeps the
+scores for the linear weights of every transformer layer; a straight-through top-k mask keeps the
 highest-scoring ``1 - sparsity`` of each matrix. Sparsity rises on a cubic schedule over
 ``schedule_steps`` optimiser steps (0: the target from the start). The artefact is the pruned
 model (masked weights; zeros where pruned)."""
@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ftlab.model.arch import layer_stacks
 from ftlab.peft.base import load_by_name
 from ftlab.peft.functional import Reparametrized, dense_state
-from ftlab.peft.layers import encoder_layers, top_layer_ops
+from ftlab.peft.layers import top_layer_ops
 
 
 class TopKMask(torch.autograd.Function):
@@ -57,7 +58,7 @@ class MovementModel(Reparametrized):
 
 class MovementPruning:
     """Args:
-        sparsity: final fraction of each encoder linear weight set to zero.
+        sparsity: final fraction of each layer linear weight set to zero.
         schedule_steps: steps of the cubic sparsity ramp (0 = fixed sparsity from the start).
     """
 
@@ -71,8 +72,8 @@ class MovementPruning:
     def apply(self, model: nn.Module) -> nn.Module:
         top_layer_ops(model, self.drop_top, self.reinit_top)
         model.requires_grad_(True)
-        linear = {id(m.weight) for m in encoder_layers(model).modules()
-                  if isinstance(m, nn.Linear)}
+        linear = {id(m.weight) for stack in layer_stacks(model) for m in stack.modules()
+                  if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}  # GPT-2: Conv1D
         names = [n for n, p in model.named_parameters() if id(p) in linear]
         return MovementModel(model, names, self.sparsity, self.schedule_steps)
 

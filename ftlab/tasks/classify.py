@@ -53,13 +53,25 @@ class Classify(TaskDefaults):
         return dict(enc)
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
+        from dataclasses import replace
+
         from transformers import AutoModelForSequenceClassification
 
-        return load_model(
-            spec, AutoModelForSequenceClassification, num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
+        from ftlab.model.arch import check_pooling_token
+
+        # decoder-only heads pool the last non-pad token, T5's the last EOS: the model must
+        # know the tokenizer's ids
+        tok = getattr(self, "tokenizer", None)
+        ids = {k: getattr(tok, k) for k in ("pad_token_id", "eos_token_id")
+               if getattr(tok, k, None) is not None}
+        model = load_model(
+            replace(spec, config={**spec.config, **ids}), AutoModelForSequenceClassification,
+            num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id={name: i for i, name in enumerate(self.labels)},
         )
+        if tok is not None:
+            check_pooling_token(model, tok)
+        return model
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         if batch["labels"].is_floating_point():  # soft targets: HF would take them as multi-label

@@ -19,6 +19,7 @@ from torchmetrics import Metric, MetricCollection
 
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
+from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_mlm_head
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.resolve import resolve
 from ftlab.tasks.base import Task, TaskDefaults, TaskOutput
@@ -45,10 +46,17 @@ class Perplexity(Metric):
 
 
 def split_mlm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(encoder, MLM head) of a ``*ForMaskedLM`` model; None when the layout is unknown."""
+    """(encoder, MLM head) of a ``*ForMaskedLM`` model (per ``ftlab/model/arch.py``); None
+    when the layout is unknown or the model is re-parametrised (it must run whole)."""
+    from transformers import PreTrainedModel
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = getattr(inner, "cls", None) or getattr(inner, "lm_head", None)
-    return (inner.base_model, head) if head is not None else None
+    if not isinstance(inner, PreTrainedModel):
+        return None
+    try:
+        return backbone(inner), mlm_head(inner)
+    except FtlabError:
+        return None
 
 
 class MaskedLM(TaskDefaults):
@@ -112,6 +120,9 @@ class MaskedLM(TaskDefaults):
     def build_model(self, spec: ModelSpec) -> nn.Module:
         from transformers import AutoModelForMaskedLM
 
+        model_type = spec.config.get("model_type")
+        if model_type and not arch_for(model_type).mlm_head:
+            raise no_mlm_head(arch_for(model_type))
         model = load_model(spec, AutoModelForMaskedLM)
         self.info = {"mlm_head_fresh": fresh_head(model, spec)}
         return model
@@ -176,8 +187,8 @@ class MaskedLM(TaskDefaults):
 
 def fresh_head(model: nn.Module, spec: ModelSpec) -> list[str]:
     """Names of MLM-head parameters the checkpoint lacks (created fresh), logged clearly."""
-    prefix = f"{model.base_model_prefix}."
-    head = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+    outside = {id(p) for p in head_parameters(model)}
+    head = [n for n, p in model.named_parameters() if id(p) in outside]
     if spec.name_or_path is None:
         return head  # built from a config: everything is random anyway
     folder = Path(resolve(spec.name_or_path))
@@ -250,12 +261,9 @@ class AuxMLM:
     def build_model(self, spec: ModelSpec) -> nn.Module:
         model = self.task.build_model(spec)
         donor = self.mlm.build_model(spec)
-        head = split_mlm(donor)
-        if head is None:
-            raise FtlabError(f"aux_mlm_weight needs a known MLM head; {type(donor).__name__} "
-                             "has none ftlab recognises.", "set aux_mlm_weight=0.")
+        head = mlm_head(donor)  # a clear error for families without one
         donor.get_output_embeddings().weight = model.get_input_embeddings().weight
-        model.add_module("aux_mlm_head", head[1])
+        model.add_module("aux_mlm_head", head)
         return model
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
