@@ -38,6 +38,13 @@ class MovementModel(Reparametrized):
         self.scores = nn.ParameterList([nn.Parameter(torch.zeros_like(w))
                                         for w in self.originals()])
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # one backward = one step of the ramp, however many forwards fed it (an auxiliary
+        # loss runs the model twice per step); gradient accumulation counts each backward
+        if len(self.scores):
+            self.scores[0].register_post_accumulate_grad_hook(self._count_step)
+
+    def _count_step(self, _param: torch.Tensor) -> None:
+        self.step += 1
 
     def current_sparsity(self) -> float:
         if self.schedule_steps <= 0:
@@ -50,8 +57,6 @@ class MovementModel(Reparametrized):
         return [TopKMask.apply(s, keep) for s in self.scores]
 
     def weights(self) -> dict[str, torch.Tensor]:
-        if self.training:
-            self.step += 1  # forwards in training = optimiser steps (no accumulation)
         return {n: w * m for n, w, m in zip(self.names, self.originals(), self.masks(),
                                             strict=True)}
 
