@@ -62,7 +62,8 @@ def pretrained_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
 
 def _loading(what: str, source: str, err: Exception) -> FtlabError:
     if str(source).endswith(".gguf"):
-        fix = "`pip install gguf` (transformers reads .gguf files with it), and check the file."
+        fix = ("check that the file is a GGUF of an architecture transformers reads (Llama, "
+               "Mistral, Qwen2...) and that the `gguf` package is installed (pip install gguf).")
     else:
         fix = ("check model.name_or_path (a hub name needs a network the first time; a local "
                "folder needs config.json and weights), or use the offline default model=minilm.")
