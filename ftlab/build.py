@@ -16,11 +16,10 @@ from torch import nn
 from ftlab.config import instantiate_checked
 from ftlab.data.sources import RawData, load_raw
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_tokenizer
+from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import Regularizer
-from ftlab.resolve import resolve
 from ftlab.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -122,10 +121,12 @@ def architecture_twin(spec: ModelSpec) -> ModelSpec | None:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve(spec.name_or_path), **spec.config).to_dict()
+        folder, extra = pretrained_source(spec.name_or_path)  # a .gguf file: its header
+        config = AutoConfig.from_pretrained(folder, **extra, **spec.config).to_dict()
     except Exception:
         return None
     keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
-        "architectures", "transformers_version", "id2label", "label2id", "num_labels")}
+        "architectures", "transformers_version", "id2label", "label2id", "num_labels",
+        "quantization_config")}
     return ModelSpec(name_or_path=None, tokenizer=spec.tokenizer or spec.name_or_path,
                      config=keep, revision=spec.revision)
