@@ -76,15 +76,37 @@ def preflight(argv: list[str]) -> None:
     from ftlab.errors import FtlabError
     from ftlab.preflight import check_overrides
 
+    argv, dirs = _config_dirs(argv)
     if any(a.startswith(SKIP_FLAGS) for a in argv):
         return
+    overrides = _overrides(argv)
+    if dirs:  # --config-dir adds a folder to the search path: the same as hydra.searchpath
+        if any(o.startswith("hydra.searchpath") for o in overrides):
+            return
+        overrides.append(f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]")
     try:
-        check_overrides(_overrides(argv), CONFIG_DIR)
+        check_overrides(overrides, CONFIG_DIR)
     except FtlabError as err:
         print(f"\nftlab: {err}\n", file=sys.stderr)
         sys.exit(2)
     except Exception:  # noqa: BLE001 - a check that cannot decide leaves it to Hydra
         return
+
+
+def _config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(``argv`` without ``--config-dir DIR`` / ``-cd DIR``, those folders made absolute)."""
+    rest, dirs, take = [], [], False
+    for arg in argv:
+        if take:
+            dirs.append(os.path.abspath(arg))
+            take = False
+        elif arg in ("--config-dir", "-cd"):
+            take = True
+        elif arg.startswith("--config-dir="):
+            dirs.append(os.path.abspath(arg.split("=", 1)[1]))
+        else:
+            rest.append(arg)
+    return rest, dirs
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -100,5 +122,5 @@ def _overrides(argv: list[str]) -> list[str]:
 
 #: flags that change what Hydra does with the arguments: leave those to Hydra
 SKIP_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
-              "--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
+              "--config-path", "-cp", "--config-name", "-cn",
               "--experimental-rerun")

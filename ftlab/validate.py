@@ -22,11 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def validate(stages: list[ResolvedStage], builder: StageBuilder,
-             callbacks: dict[str, Any] | None = None) -> None:
-    """Raise ``FtlabError`` for the first problem found in any stage; train nothing."""
-    for key, node in (callbacks or {}).items():
-        if node is not None:
-            check_binds(node, f"callbacks.{key}", partial=True)
+             callbacks: dict[str, Any] | None = None,
+             logger: dict[str, Any] | None = None) -> None:
+    """Raise ``FtlabError`` for the first problem found in any stage; train nothing.
+
+    Every ``_target_`` (nested ones too) is checked against the allow-list
+    (``ftlab.targets``) before its module is imported."""
+    for group, nodes in (("callbacks", callbacks), ("logger", logger)):
+        for key, node in (nodes or {}).items():
+            if node is not None:
+                check_binds(node, f"{group}.{key}", partial=True)
     for model in {repr(s.model): s.model for s in stages}.values():
         check_model_path(model)
     for stage in stages:  # cheap checks of every stage first, then the data and models

@@ -1,0 +1,218 @@
+"""Config and names are untrusted input (issue 15): a config cannot run code outside the
+allow-list, a name cannot become a path outside the run and cache folders, a corrupt stage-cache
+entry is set aside and retrained, and the same rows in any file format give the same data.
+
+Each refusal is asserted by exit status and message, with a canary file that a successful
+attack would have created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftlab.cli import preflight
+from ftlab.config import check_binds, instantiate_checked
+from ftlab.errors import FtlabError
+from ftlab.run import run
+from ftlab.targets import allowing
+from tests.conftest import tiny_overrides
+from tests.test_bad_inputs import assert_one_paragraph, no_training  # noqa: F401
+
+ALLOW = r"is not allowed.*allow_targets"
+
+
+class _Payload:
+    """Unpickling this runs ``touch <path>``: what a malicious pickle does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def payloads(tmp: Path) -> dict[str, dict]:
+    """Config nodes that, if instantiated, create ``tmp/canary``: one per attack."""
+    canary = tmp / "canary"
+    (tmp / "secret").write_text("secret")
+    (tmp / "evil.pkl").write_bytes(pickle.dumps(_Payload(canary)))
+    return {
+        "shutil.copyfile": {"_target_": "shutil.copyfile", "src": str(tmp / "secret"),
+                            "dst": str(canary)},
+        "pandas.read_pickle": {"_target_": "pandas.read_pickle",
+                               "filepath_or_buffer": str(tmp / "evil.pkl")},
+        "os.system": {"_target_": "os.system", "command": f"touch {canary}"},
+        "builtins.eval": {"_target_": "builtins.eval", "_args_": [f"open({str(canary)!r}, 'w')"]},
+    }
+
+
+def _flow(node: dict) -> str:
+    """A node as flow-style YAML (JSON is YAML)."""
+    return json.dumps(node)
+
+
+def _hydra(value: object) -> str:
+    """A node as a Hydra override value (keys bare, strings in double quotes)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _into_group(group: str, node: dict) -> list[str]:
+    """Overrides turning a group's node (``peft``) into ``node``."""
+    return [f"{group}._target_={node['_target_']}"] + [
+        f"+{group}.{k}={_hydra(v)}" for k, v in node.items() if k != "_target_"]
+
+
+# where a malicious node can sit: (override that puts `node` there, the name in the message)
+PLACES = {
+    "task": (lambda n: ["~stage.task", f"+stage.task={_hydra(n)}"], r"stage\.task\._target_"),
+    "peft": (lambda n: _into_group("peft", n), r"peft\._target_"),
+    "regularizer": (lambda n: _into_group("regularizer", n), r"regularizer\._target_"),
+    "callback": (lambda n: [f"+callbacks.evil={_hydra(n)}"], r"callbacks\.evil\._target_"),
+    "logger": (lambda n: [f"+logger.evil={_hydra(n)}"], r"logger\.evil\._target_"),
+    "trainer-nested": (lambda n: [f"+trainer.plugins=[{_hydra(n)}]"],
+                       r"trainer\.plugins\[0\]"),
+    "peft-config-nested": (lambda n: ["peft=lora", "~peft.config", f"+peft.config={_hydra(n)}"],
+                           r"peft\.config\._target_"),
+}
+ATTACKS = ["shutil.copyfile", "pandas.read_pickle", "os.system", "builtins.eval"]
+# every attack in the task node, every place with one attack each
+COMBOS = [(a, "task") for a in ATTACKS] + [(ATTACKS[i % 4], p) for i, p in enumerate(PLACES)
+                                          if p != "task"]
+
+
+@pytest.mark.parametrize(("attack", "place"), COMBOS, ids=[f"{a}@{p}" for a, p in COMBOS])
+def test_command_line_target_is_refused_before_hydra(attack, place, tmp_path, capsys):
+    overrides, _ = PLACES[place]
+    node = payloads(tmp_path)[attack]
+    with pytest.raises(SystemExit) as exit_:
+        preflight(["model=tiny_bert", *overrides(node)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"'{re.escape(attack)}' {ALLOW}", err, re.S), err
+    assert_one_paragraph(err.strip().removeprefix("ftlab: "))
+    assert not (tmp_path / "canary").exists()
+
+
+@pytest.mark.parametrize(("attack", "place"), COMBOS, ids=[f"{a}@{p}" for a, p in COMBOS])
+def test_target_is_refused_in_the_job(attack, place, make_cfg, sentiment_dir, tmp_path,
+                                      capsys, no_training):
+    """The job checks too (a config that reached Hydra another way): exit 1, nothing ran."""
+    overrides, where = PLACES[place]
+    node = payloads(tmp_path)[attack]
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + overrides(node))
+    with pytest.raises(SystemExit) as exit_:
+        run(cfg)
+    assert exit_.value.code == 1
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert re.search(rf"{where}.*'{re.escape(attack)}' {ALLOW}", record["error"], re.S)
+    assert_one_paragraph(record["error"])
+    assert record["error"] in capsys.readouterr().err
+    assert not (tmp_path / "canary").exists()
+
+
+def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env | {"WANDB_MODE": "offline"})
+
+
+def _experiment(tmp: Path, name: str, body: str) -> Path:
+    folder = tmp / "shared_configs"
+    (folder / "experiment").mkdir(parents=True, exist_ok=True)
+    (folder / "experiment" / f"{name}.yaml").write_text("# @package _global_\n" + body)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["searchpath", "config-dir"])
+def test_malicious_experiment_yaml_is_refused(how, tmp_path, sentiment_dir):
+    """A downloaded experiment naming ``shutil.copyfile`` and, in a nested node,
+    ``pandas.read_pickle``: refused with exit 2, no traceback, no canary."""
+    payload = payloads(tmp_path)
+    folder = _experiment(tmp_path, "paper", (
+        f"stage:\n  task: {_flow(payload['shutil.copyfile'])}\n"
+        f"callbacks:\n  sneaky: {{_target_: ftlab.averaging.WeightAverage, decay: "
+        f"{_flow(payload['pandas.read_pickle'])}}}\n"))
+    where = ([f"hydra.searchpath=[file://{folder}]"] if how == "searchpath"
+             else ["--config-dir", str(folder)])
+    proc = ftlab(*tiny_overrides(sentiment_dir), *where, "experiment=paper", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(rf"stage\.task\._target_ 'shutil.copyfile' {ALLOW}", proc.stderr, re.S)
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "canary").exists()
+
+
+def test_an_experiment_cannot_allow_itself_more(tmp_path, sentiment_dir):
+    folder = _experiment(tmp_path, "sly", "allow_targets: [os.]\nstage:\n  task: "
+                         + _flow(payloads(tmp_path)["os.system"]) + "\n")
+    proc = ftlab(*tiny_overrides(sentiment_dir), "--config-dir", str(folder), "experiment=sly",
+                 cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"allow_targets=\['os.'\] is set by a config file.*on the command line",
+                     proc.stderr, re.S), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "canary").exists()
+
+
+def test_yaml_python_tags_are_refused_without_a_traceback(tmp_path, sentiment_dir):
+    canary = tmp_path / "canary"
+    folder = _experiment(tmp_path, "tagged",
+                         f'seed: !!python/object/apply:os.system ["touch {canary}"]\n')
+    proc = ftlab(*tiny_overrides(sentiment_dir), "--config-dir", str(folder),
+                 "experiment=tagged", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"tagged.yaml, line 2 uses a YAML tag that would construct a Python "
+                     r"object.*Fix: remove the !!python tag", proc.stderr, re.S), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not canary.exists()
+
+
+def test_functions_in_allowed_modules_are_refused(tmp_path):
+    """``ftlab.store.write_json`` is in an allowed module but writes any file: classes only."""
+    canary = tmp_path / "canary"
+    for node in ({"_target_": "ftlab.store.write_json", "path": str(canary), "obj": 1},
+                 {"_target_": "ftlab.peft.hf.HfPeft",
+                  "config": {"_target_": "peft.PeftModel.from_pretrained"}}):
+        with pytest.raises(FtlabError, match=r"is not allowed: it is a function or method"):
+            instantiate_checked(node, "peft")
+    assert not canary.exists()
+
+
+def test_allow_targets_lets_your_own_module_in(caplog):
+    node = {"_target_": "fractions.Fraction", "numerator": 3}
+    with pytest.raises(FtlabError, match=ALLOW):
+        check_binds(node, "stage.task")
+    with allowing(["fractions."]):
+        assert instantiate_checked(node, "stage.task") == 3
+    assert "allow_targets=['fractions']" in caplog.text
+    with pytest.raises(FtlabError, match=r"not a module name"), allowing(["../x"]):
+        pass
+
+
+def test_every_target_in_conf_is_allowed():
+    """The registry itself passes: every ``_target_`` under conf/ (``hydra/`` aside)."""
+    import yaml
+
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.config import load_target
+    from ftlab.targets import targets_in
+
+    found = 0
+    for path in sorted(Path(CONFIG_DIR).rglob("*.yaml")):
+        if path.parent.name == "hydra":
+            continue
+        for target, where in targets_in(yaml.safe_load(path.read_text()) or {}, path.stem):
+            load_target(target, where)
+            found += 1
+    assert found >= 20
