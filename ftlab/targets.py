@@ -75,12 +75,13 @@ def allowing(entries: Iterable[Any] | None, warn: bool = True) -> Iterator[tuple
 
 
 def _refuse(target: str, where: str, why: str) -> FtlabError:
+    module = target.rpartition(".")[0] or target
     return FtlabError(
         f"{where}._target_ '{target}' is not allowed: {why}. A config may only name classes in "
         f"{', '.join(MODULES)} (and modules listed in {SETTING}), so a shared config cannot "
         "run other code.",
         f"use a _target_ from conf/ (the registry); if you wrote '{target}' yourself and trust "
-        f"it, allow its module on the command line: {SETTING}=[{target.rpartition('.')[0] or target}.]")
+        f"it, allow its module on the command line: {SETTING}=[{module}.]")
 
 
 def check_target(target: Any, where: str) -> bool:

@@ -105,9 +105,9 @@ def test_command_line_target_is_refused_before_hydra(attack, place, tmp_path, ca
     assert not (tmp_path / "canary").exists()
 
 
+@pytest.mark.usefixtures("no_training")
 @pytest.mark.parametrize(("attack", "place"), COMBOS, ids=[f"{a}@{p}" for a, p in COMBOS])
-def test_target_is_refused_in_the_job(attack, place, make_cfg, sentiment_dir, tmp_path,
-                                      capsys, no_training):
+def test_target_is_refused_in_the_job(attack, place, make_cfg, sentiment_dir, tmp_path, capsys):
     """The job checks too (a config that reached Hydra another way): exit 1, nothing ran."""
     overrides, where = PLACES[place]
     node = payloads(tmp_path)[attack]
