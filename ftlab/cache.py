@@ -28,7 +28,7 @@ from ftlab.build import StageBuilder
 from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
 from ftlab.stage import RunContext, StageResult, run_stage
-from ftlab.store import load_tensors, read_json, save_tensors, write_json
+from ftlab.store import check_name, inside, load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ class StageCache:
         self.root = Path(root)
 
     def entry(self, key: str) -> Path:
-        return self.root / key
+        """The key's folder: a safe name, inside the cache folder."""
+        check_name(key, "Stage-cache key", "use plain stage names (e.g. '{name}').")
+        return inside(self.root, key)
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         """The stored record of a complete stage, or None."""
@@ -112,6 +114,7 @@ class StageCache:
     @contextmanager
     def claim(self, key: str) -> Iterator[None]:
         """Hold the key's lock (waiting for a job that is training it); clear stale temp dirs."""
+        self.entry(key)  # a safe key inside the cache folder
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.root / f".{key}.lock"))
         try:
@@ -128,6 +131,7 @@ class StageCache:
 
     def store(self, key: str, state: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:
         """Write the weights and record into a temp folder, then rename it into place."""
+        self.entry(key)  # a safe key inside the cache folder
         tmp = self.root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             tmp.mkdir(parents=True)
@@ -187,11 +191,11 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                                 "cache_path": str(path)}
                 return result
     log.info("Stage %s reused from the cache (%s); not retrained.", stage.name, key)
-    write_json(run_dir / stage.name / "cache_hit.json", {"key": key, "path": str(
-        cache.entry(key))})
+    stage_dir = inside(run_dir, stage.name)
+    write_json(stage_dir / "cache_hit.json", {"key": key, "path": str(cache.entry(key))})
     if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
         shutil.copyfile(cache.entry(key) / "trainable.safetensors",
-                        run_dir / stage.name / "trainable.safetensors")
+                        stage_dir / "trainable.safetensors")
     info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
                           "cache_path": str(cache.entry(key))}
     return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)

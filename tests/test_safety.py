@@ -216,3 +216,64 @@ def test_every_target_in_conf_is_allowed():
             load_target(target, where)
             found += 1
     assert found >= 20
+
+
+# --- names never become paths ------------------------------------------------------------
+
+NAME_CASES = {
+    "dot-dot": (["stage.name=../../x"], r"Stage name '../../x' cannot be used.*stage.name=x"),
+    "absolute": (["stage.name=/tmp/ftlab_abs"],
+                 r"Stage name '/tmp/ftlab_abs' cannot be used.*stage.name=tmp_ftlab_abs"),
+    "dot-dot-inside": (["stage.name=a..b"], r"'a..b' cannot be used"),
+    "too-long": (["stage.name=" + "s" * 65], r"cannot be used.*1-64 letters"),
+    "hidden": (["stage.name=.cache"], r"Stage name '.cache' cannot be used.*stage.name=cache"),
+}
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize("case", NAME_CASES)
+def test_unsafe_stage_name_is_refused(case, make_cfg, sentiment_dir, tmp_path, capsys):
+    extra, expected = NAME_CASES[case]
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["cache.stages=all",
+                                                    f"cache.dir={tmp_path / 'cache'}", *extra])
+    with pytest.raises(SystemExit) as exit_:
+        run(cfg)
+    assert exit_.value.code == 1
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert re.search(expected, record["error"], re.S), record["error"]
+    assert_one_paragraph(record["error"])
+    assert record["error"] in capsys.readouterr().err
+    assert not Path("/tmp/ftlab_abs").exists() and not (tmp_path.parent / "x").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml",
+                                                                   "metrics.json"]
+
+
+@pytest.mark.usefixtures("no_training")
+def test_pipeline_stage_key_with_a_slash_is_refused(make_cfg, sentiment_dir, tmp_path):
+    from omegaconf import open_dict
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["pipeline=tiny"])
+    with open_dict(cfg):
+        stages = cfg.pipeline.stages
+        cfg.pipeline.stages = {"../escape/tapt": stages.tapt, "task": stages.task}
+        cfg.pipeline.stages.task.init_from = "../escape/tapt"
+    with pytest.raises(SystemExit):
+        run(cfg)
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(r"Stage name '../escape/tapt' cannot be used.*key under pipeline.stages "
+                     r"\(e.g. to 'escape_tapt'\)", error, re.S), error
+    assert not (tmp_path / "escape").exists()
+
+
+def test_paths_stay_inside_their_folder(tmp_path):
+    from ftlab.cache import StageCache
+    from ftlab.store import inside
+
+    (tmp_path / "run").mkdir()
+    assert inside(tmp_path / "run", "task") == (tmp_path / "run" / "task").resolve()
+    (tmp_path / "run" / "link").symlink_to(tmp_path)  # a link out of the run folder
+    for part in ("../x", "/etc", "link/x"):
+        with pytest.raises(FtlabError, match=r"outside"):
+            inside(tmp_path / "run", part)
+    with pytest.raises(FtlabError, match=r"Stage-cache key '../k' cannot be used"):
+        StageCache(tmp_path / "cache").lookup("../k")
