@@ -277,3 +277,82 @@ def test_paths_stay_inside_their_folder(tmp_path):
             inside(tmp_path / "run", part)
     with pytest.raises(FtlabError, match=r"Stage-cache key '../k' cannot be used"):
         StageCache(tmp_path / "cache").lookup("../k")
+
+
+# --- a corrupt stage cache is set aside and the stage retrained ------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path: Path) -> None:  # same size, one byte changed
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated-model": (lambda e: _truncate(e / "model.safetensors"),
+                        r"model.safetensors does not match its checksum"),
+    "changed-trainable": (lambda e: _flip(e / "trainable.safetensors"),
+                          r"trainable.safetensors does not match its checksum"),
+    "missing-model": (lambda e: (e / "model.safetensors").unlink(), r"model.safetensors is "
+                      r"missing"),
+    "bad-json": (lambda e: (e / "stage.json").write_text('{"name": "ta'),
+                 r"stage.json is unreadable"),
+    "no-json": (lambda e: (e / "stage.json").unlink(), r"stage.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_cache_entry_is_set_aside(damage, tmp_path, caplog):
+    import torch
+
+    from ftlab.cache import StageCache
+
+    cache = StageCache(tmp_path)
+    artefact = tmp_path / "artefact.safetensors"
+    from ftlab.store import save_tensors
+
+    save_tensors(artefact, {"a": torch.ones(3)})
+    cache.store("s-1", {"w": torch.ones(2)}, {"name": "s", "metrics": {},
+                                               "info": {"artefact": str(artefact)}})
+    assert set(cache.lookup("s-1")["checksums"]) == {"model.safetensors",
+                                                      "trainable.safetensors"}
+    break_it, expected = DAMAGE[damage]
+    break_it(tmp_path / "s-1")
+    assert cache.lookup("s-1") is None and (tmp_path / "s-1").is_dir()  # no lock: left alone
+    assert cache.lookup("s-1", repair=True) is None
+    assert not (tmp_path / "s-1").exists()
+    [aside] = tmp_path.glob("s-1.corrupt-*")
+    assert re.search(rf"entry .*s-1 is damaged: {expected}.*Moved it aside to .*{aside.name}",
+                     caplog.text), caplog.text
+
+
+def test_truncated_cache_entry_is_retrained(make_cfg, sentiment_dir, tmp_path, caplog):
+    """A truncated model.safetensors in the cache: the next run warns, sets the entry aside
+    and retrains; the run after that reuses the new entry."""
+    from ftlab.cache import StageCache
+
+    cache_dir = tmp_path / "cache"
+    base = tiny_overrides(sentiment_dir) + [
+        "cache.stages=all", f"cache.dir={cache_dir}", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+
+    def once() -> dict:
+        return run(make_cfg(base))["lineage"][0]
+
+    first = once()
+    assert first["cache_hit"] is False
+    entry = StageCache(cache_dir).entry(first["key"])
+    _truncate(entry / "model.safetensors")
+    caplog.clear()
+    second = once()
+    assert second["cache_hit"] is False and second["key"] == first["key"]
+    assert re.search(r"is damaged: model.safetensors does not match its checksum \(truncated "
+                     r"or changed\). Moved it aside to .*\.corrupt-.*the stage is retrained",
+                     caplog.text), caplog.text
+    [aside] = cache_dir.glob(f"{first['key']}.corrupt-*")
+    assert (aside / "model.safetensors").stat().st_size < (entry / "model.safetensors").stat(
+    ).st_size
+    assert once()["cache_hit"] is True
