@@ -356,3 +356,99 @@ def test_truncated_cache_entry_is_retrained(make_cfg, sentiment_dir, tmp_path, c
     assert (aside / "model.safetensors").stat().st_size < (entry / "model.safetensors").stat(
     ).st_size
     assert once()["cache_hit"] is True
+
+
+# --- the same rows in any format give the same training data ---------------------------------
+
+LABEL_TYPES = {"str": ("neg", "pos"), "int": (3, 7), "bool": (False, True), "float": (0.5, 2.0)}
+FORMATS = ("csv", "tsv", "jsonl", "parquet", "jsonl.gz")
+
+
+def _write_format(df, path: Path, fmt: str) -> None:
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "tsv":
+        df.to_csv(path, index=False, sep="\t")
+    elif fmt == "parquet":
+        df.to_parquet(path, index=False)
+    else:
+        df.to_json(path, orient="records", lines=True, compression="infer")
+
+
+def _local(sentiment_dir: Path, folder: Path, fmt: str) -> list[str]:
+    """Tiny overrides reading ``folder/<split>.<fmt>``, the format left to the extension."""
+    base = [o for o in tiny_overrides(sentiment_dir) if not o.startswith(("data.files",
+                                                                           "data.path"))]
+    return [*base, *(f"data.files.{s}={folder}/{s}.{fmt}" for s in
+                     ("train", "validation", "test"))]
+
+
+def _first_batch(make_cfg, overrides: list[str]):
+    """The first training batch (and the label names) that ftlab builds."""
+    from ftlab.build import StageBuilder
+    from ftlab.data.datamodule import TextDataModule
+    from ftlab.pipeline import build_pipeline
+
+    [stage] = build_pipeline(make_cfg(overrides))
+    assert stage.data.path is None  # data=local: the format comes from the extension
+    builder = StageBuilder()
+    task = builder.task(stage)
+    raw = builder.raw(stage)
+    dm = TextDataModule(raw.splits, task, builder.tokenizer(stage.model).pad_token_id,
+                        batch_size=stage.batch_size, seed=stage.seed)
+    return next(iter(dm.train_dataloader())), raw.labels
+
+
+@pytest.mark.parametrize("column", ["label", "sentiment"])
+@pytest.mark.parametrize("kind", LABEL_TYPES)
+def test_same_rows_in_every_format_give_the_same_batch(kind, column, make_cfg, sentiment_dir,
+                                                       tmp_path):
+    import pandas as pd
+    import torch
+
+    from tests.conftest import synthetic_rows
+
+    values = dict(zip(("neg", "pos"), LABEL_TYPES[kind], strict=True))
+    for split, n, seed in (("train", 48, 0), ("validation", 16, 1), ("test", 16, 2)):
+        rows = [{"text": r["text"], column: values[r["label"]]} for r in synthetic_rows(n, seed)]
+        for fmt in FORMATS:
+            (tmp_path / fmt).mkdir(exist_ok=True)
+            _write_format(pd.DataFrame(rows), tmp_path / fmt / f"{split}.{fmt}", fmt)
+    column_key = f"data.label_column={column}"
+    reference, names = _first_batch(
+        make_cfg, [*_local(sentiment_dir, tmp_path / "jsonl", "jsonl"), column_key])
+    assert names == sorted(str(v) for v in LABEL_TYPES[kind])
+    assert reference["labels"].dtype == torch.long
+    for fmt in FORMATS:
+        batch, got = _first_batch(make_cfg, [*_local(sentiment_dir, tmp_path / fmt, fmt),
+                                             column_key])
+        assert got == names, fmt
+        assert batch.keys() == reference.keys(), fmt
+        for key, tensor in reference.items():
+            assert torch.equal(batch[key], tensor), (fmt, key)
+
+
+def test_csv_with_a_string_label_column_trains(make_cfg, sentiment_dir, tmp_path):
+    """The reported crash: a CSV whose label column is ``label`` with string values."""
+    import pandas as pd
+
+    from tests.conftest import synthetic_rows
+
+    for split, n, seed in (("train", 64, 0), ("validation", 16, 1), ("test", 16, 2)):
+        pd.DataFrame(synthetic_rows(n, seed)).to_csv(tmp_path / f"{split}.csv", index=False)
+    record = run(make_cfg([*_local(sentiment_dir, tmp_path, "csv"),
+                           "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                           "trainer.limit_test_batches=1"]))
+    assert record["status"] == "ok" and "test/acc" in record["final"]
+
+
+@pytest.mark.usefixtures("no_training")
+def test_explicit_format_that_contradicts_the_extension_names_the_fix(make_cfg, sentiment_dir,
+                                                                     tmp_path):
+    base = [o for o in tiny_overrides(sentiment_dir) if o != "data.path=json"]
+    with pytest.raises(SystemExit):
+        run(make_cfg([*base, "data.path=csv"]))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(r"as csv \(data.path=csv\), but their extension says json.*Fix: set "
+                     r"data.path=json, or data.path=null", error, re.S), error
+    assert_one_paragraph(error)
