@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ftlab.errors import FtlabError, choices_text, closest
-from ftlab.targets import check_kind, check_target, check_tree, targets_in
+from ftlab.targets import check_object, check_target, check_tree, targets_in
 
 T = TypeVar("T")
 
@@ -54,8 +54,7 @@ def load_target(target: str, where: str) -> Any:
     except Exception:
         raise FtlabError(f"{where}._target_ '{target}' cannot be imported.",
                          "check the module path and class name in the YAML file.") from None
-    if not user:
-        check_kind(target, obj, where)
+    check_object(target, obj, where, user)
     return obj
 
 

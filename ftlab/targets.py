@@ -4,9 +4,11 @@ Configs travel (shared repos, papers' supplementary material), and Hydra's ``_ta
 name any importable callable: ``shutil.copyfile``, ``pandas.read_pickle``, ``os.system``. So a
 config may only choose ftlab's building blocks:
 
-- a *class* in ``ftlab``, ``lightning.pytorch``, ``peft`` or ``torch.optim`` (functions and
-  methods there, e.g. ``ftlab.store.write_json`` or ``peft.PeftModel.from_pretrained``, can
-  read or write files: only the factories in ``FUNCTIONS`` are allowed);
+- a *class* defined in ``ftlab``, ``peft``, ``torch.optim`` or the parts of
+  ``lightning.pytorch`` a Trainer is built from (``MODULES``). Functions and methods there
+  (``ftlab.store.write_json``, ``peft.PeftModel.from_pretrained``) can read or write files,
+  so only the factories in ``FUNCTIONS`` are allowed; and the class must be *defined* there, not
+  reached through a module's imports (``ftlab.resolve.subprocess.Popen``);
 - anything in a module named in the run's ``allow_targets`` setting (``allow_targets:
   [mypkg.]``), which only you can set: on the command line or in ftlab's own
   ``conf/config.yaml``, never in an experiment or a config folder (``settings_from_you``).
@@ -30,8 +32,13 @@ from ftlab.errors import FtlabError
 
 log = logging.getLogger(__name__)
 
-#: modules whose classes any config may name (what conf/ uses)
-MODULES = ("ftlab", "lightning.pytorch", "peft", "torch.optim")
+#: modules whose classes any config may name (what conf/ uses, and a Trainer's parts)
+MODULES = ("ftlab", "peft", "torch.optim", "lightning.pytorch.Trainer",
+           *(f"lightning.pytorch.{m}" for m in ("trainer", "callbacks", "loggers", "strategies",
+                                                "plugins", "profilers", "accelerators")))
+#: the same, as the messages say it
+MODULES_TEXT = ("ftlab, peft, torch.optim and lightning.pytorch's Trainer, callbacks, loggers, "
+                "strategies, plugins, profilers and accelerators")
 #: functions (not classes) in those modules that a config may name
 FUNCTIONS = ("ftlab.loggers.wandb_logger",)
 #: the setting that adds modules, and the settings that only the user may widen (their safe
@@ -74,12 +81,12 @@ def allowing(entries: Iterable[Any] | None, warn: bool = True) -> Iterator[tuple
         _extra.reset(token)
 
 
-def _refuse(target: str, where: str, why: str) -> FtlabError:
-    module = target.rpartition(".")[0] or target
+def _refuse(target: str, where: str, why: str, module: str | None = None) -> FtlabError:
+    module = module or target.rpartition(".")[0] or target
     return FtlabError(
-        f"{where}._target_ '{target}' is not allowed: {why}. A config may only name classes in "
-        f"{', '.join(MODULES)} (and modules listed in {SETTING}), so a shared config cannot "
-        "run other code.",
+        f"{where}._target_ '{target}' is not allowed: {why}. A config may only name classes of "
+        f"{MODULES_TEXT} (and modules listed in {SETTING}), so a shared config cannot run "
+        "other code.",
         f"use a _target_ from conf/ (the registry); if you wrote '{target}' yourself and trust "
         f"it, allow its module on the command line: {SETTING}=[{module}.]")
 
@@ -97,11 +104,16 @@ def check_target(target: Any, where: str) -> bool:
     return False
 
 
-def check_kind(target: str, obj: Any, where: str) -> None:
-    """After the import: in the default modules only classes (and ``FUNCTIONS``) are allowed."""
+def check_object(target: str, obj: Any, where: str, user: bool) -> None:
+    """After the import: ``obj`` must be defined in an allowed module (not reached through an
+    import of one), and outside ``allow_targets`` be a class (or one of ``FUNCTIONS``)."""
     import inspect
 
-    if not inspect.isclass(obj) and target not in FUNCTIONS:
+    home = getattr(obj, "__module__", None) or ""
+    if not any(_under(home, m) for m in (*MODULES, *_extra.get())):
+        raise _refuse(target, where, f"it is defined in '{home or '?'}' and only reached "
+                      "through an allowed module's imports", home or None)
+    if not user and not inspect.isclass(obj) and target not in FUNCTIONS:
         raise _refuse(target, where, "it is a function or method, not a class")
 
 

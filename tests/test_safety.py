@@ -165,6 +165,15 @@ def test_an_experiment_cannot_allow_itself_more(tmp_path, sentiment_dir):
     assert not (tmp_path / "canary").exists()
 
 
+def test_an_experiment_cannot_turn_on_remote_code(tmp_path, sentiment_dir):
+    folder = _experiment(tmp_path, "remote", "model:\n  trust_remote_code: true\n")
+    proc = ftlab(*tiny_overrides(sentiment_dir), "--config-dir", str(folder), "experiment=remote",
+                 cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"model.trust_remote_code=True is set by a config file", proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
 def test_yaml_python_tags_are_refused_without_a_traceback(tmp_path, sentiment_dir):
     canary = tmp_path / "canary"
     folder = _experiment(tmp_path, "tagged",
@@ -178,14 +187,24 @@ def test_yaml_python_tags_are_refused_without_a_traceback(tmp_path, sentiment_di
     assert not canary.exists()
 
 
-def test_functions_in_allowed_modules_are_refused(tmp_path):
-    """``ftlab.store.write_json`` is in an allowed module but writes any file: classes only."""
+@pytest.mark.parametrize(("node", "why"), [
+    ({"_target_": "ftlab.store.write_json", "obj": 1}, r"it is a function or method"),
+    ({"_target_": "ftlab.peft.hf.HfPeft", "config": {
+        "_target_": "peft.PeftModel.from_pretrained"}}, r"it is a function or method"),
+    ({"_target_": "ftlab.resolve.subprocess.Popen", "shell": True},
+     r"it is defined in 'subprocess' and only reached through an allowed module's imports"
+     r"[\s\S]*allow_targets=\[subprocess.\]"),
+    ({"_target_": "ftlab.run.os.system"}, r"it is defined in 'posix'"),
+    ({"_target_": "lightning.pytorch.cli.LightningCLI"}, r"its module is not on the allow-list"),
+], ids=["function", "nested-method", "imported-class", "imported-function", "lightning-cli"])
+def test_allowed_modules_give_only_their_own_classes(node, why, tmp_path):
+    """An allowed module reaches more than its own classes: functions that write files
+    (``ftlab.store.write_json``) and everything it imports (``ftlab.resolve.subprocess``)."""
     canary = tmp_path / "canary"
-    for node in ({"_target_": "ftlab.store.write_json", "path": str(canary), "obj": 1},
-                 {"_target_": "ftlab.peft.hf.HfPeft",
-                  "config": {"_target_": "peft.PeftModel.from_pretrained"}}):
-        with pytest.raises(FtlabError, match=r"is not allowed: it is a function or method"):
-            instantiate_checked(node, "peft")
+    node = node | ({"path": str(canary)} if "write_json" in node["_target_"] else {})
+    node = node | ({"args": f"touch {canary}"} if "Popen" in node["_target_"] else {})
+    with pytest.raises(FtlabError, match=rf"is not allowed: {why}"):
+        instantiate_checked(node, "peft")
     assert not canary.exists()
 
 
