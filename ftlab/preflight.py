@@ -96,7 +96,7 @@ def _check_targets(cfg: Any, overrides: list[str], config_dir: str) -> None:
     plain = OmegaConf.to_container(cfg, resolve=False)
     settings_from_you(plain, overrides, config_dir)
     with allowing(plain.get("allow_targets"), warn=False):
-        check_config(plain)
+        check_config(plain, interpolated=False)  # ${...} targets: the job checks them resolved
 
 
 def _parse(overrides: list[str]) -> list[Any]:

@@ -136,11 +136,15 @@ def check_tree(node: Any, where: str) -> None:
         check_target(target, at)
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    """Every ``_target_`` of a composed job config (a plain dict; ``hydra`` is skipped)."""
+def check_config(cfg: dict[str, Any], interpolated: bool = True) -> None:
+    """Every ``_target_`` of a composed job config (a plain dict; ``hydra`` is skipped).
+    ``interpolated=False`` skips targets that are still ``${...}`` (an unresolved config)."""
     for key, value in cfg.items():
-        if key != "hydra":
-            check_tree(value, str(key))
+        if key == "hydra":
+            continue
+        for target, where in targets_in(value, str(key)):
+            if interpolated or "${" not in str(target):
+                check_target(target, where)
 
 
 def settings_from_you(cfg: dict[str, Any], overrides: Iterable[str], config_dir: str) -> None:
