@@ -284,6 +284,26 @@ def test_pipeline_stage_key_with_a_slash_is_refused(make_cfg, sentiment_dir, tmp
     assert not (tmp_path / "escape").exists()
 
 
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["logger=csv", "logger.csv.name=../../escape"], r"logger.csv.name='../../escape' would "
+     r"write outside the run folder"),
+    (["logger=csv", "+logger.csv.save_dir=/tmp/ftlab_escape"],
+     r"logger.csv.save_dir='/tmp/ftlab_escape': ftlab chooses where.*Fix: remove"),
+    (["+callbacks.ckpt={_target_: lightning.pytorch.callbacks.ModelCheckpoint, dirpath: /tmp}"],
+     r"callbacks.ckpt.dirpath='/tmp'"),
+], ids=["logger-name", "logger-save-dir", "callback-dirpath"])
+def test_loggers_and_callbacks_write_inside_the_run(extra, expected, make_cfg, sentiment_dir,
+                                                    tmp_path):
+    cfg = make_cfg([o for o in tiny_overrides(sentiment_dir) if o != "logger=none"] + extra)
+    with pytest.raises(SystemExit):
+        run(cfg)
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(expected, error, re.S), error
+    assert_one_paragraph(error)
+    assert not Path("/tmp/ftlab_escape").exists() and not (tmp_path.parent / "escape").exists()
+
+
 def test_paths_stay_inside_their_folder(tmp_path):
     from ftlab.cache import StageCache
     from ftlab.store import inside
