@@ -13,9 +13,9 @@ from ftlab.errors import FtlabError, choices_text, closest
 
 def check_overrides(overrides: list[str], config_dir: str, config_name: str = "config") -> None:
     """Raise ``FtlabError`` if ``overrides`` do not compose with the config tree."""
-    from hydra import compose, initialize_config_dir
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import MissingConfigException, OverrideParseException
+    from hydra.errors import OverrideParseException
 
     if not overrides:
         return
@@ -34,7 +34,8 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "c
             groups = set(loader.list_groups(""))
             # extra config folders (hydra.searchpath) add options; compose sees them
             searchpath = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]
-            plain = []
+            plain: list[str] = []
+            swept: dict[int, list[str]] = {}  # index in plain -> that override's other values
             for o in parsed:
                 key = o.key_or_group
                 try:
@@ -49,20 +50,37 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "c
                 if key.startswith("hydra"):
                     continue
                 if values is not None:
-                    plain.append(f"{o.input_line.split('=', 1)[0]}={values[0]}" if values else "")
+                    name = o.input_line.split("=", 1)[0]
+                    if len(values) > 1 and (key in groups or key.endswith("_target_")):
+                        swept[len(plain)] = [f"{name}={v}" for v in values[1:]]
+                    plain.append(f"{name}={values[0]}" if values else "")
                 else:
                     plain.append(o.input_line)
-            plain = [p for p in plain if p] + searchpath
-            try:
-                cfg = compose(config_name, overrides=plain)
-            except MissingConfigException as err:
-                raise FtlabError(str(err).split("\nConfig search path")[0].replace("\n\t", " "),
-                                 "use one of the options listed (ftlab --help).") from None
-            except Exception as err:
-                raise _python_tag(err) or _explain(err, plain, config_name) from None
-            _check_targets(cfg, overrides, config_dir)
+            first = [p for p in plain if p] + searchpath
+            _check_targets(_compose(config_name, first), overrides, config_dir)
+            # every job of a sweep over groups or targets: each value's _target_s, before any
+            # job trains (one value at a time, the others at their first)
+            for i, alternatives in swept.items():
+                for alternative in alternatives:
+                    job = [p for p in plain[:i] + [alternative] + plain[i + 1:] if p]
+                    _check_targets(_compose(config_name, job + searchpath), overrides,
+                                   config_dir)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _compose(config_name: str, overrides: list[str]) -> Any:
+    """``compose`` with its errors as ``FtlabError``s that name the fix."""
+    from hydra import compose
+    from hydra.errors import MissingConfigException
+
+    try:
+        return compose(config_name, overrides=overrides)
+    except MissingConfigException as err:
+        raise FtlabError(str(err).split("\nConfig search path")[0].replace("\n\t", " "),
+                         "use one of the options listed (ftlab --help).") from None
+    except Exception as err:
+        raise _python_tag(err) or _explain(err, overrides, config_name) from None
 
 
 def _python_tag(err: BaseException) -> FtlabError | None:

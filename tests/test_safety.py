@@ -122,6 +122,21 @@ def test_target_is_refused_in_the_job(attack, place, make_cfg, sentiment_dir, tm
     assert not (tmp_path / "canary").exists()
 
 
+def test_every_job_of_a_sweep_is_checked_before_any_trains(tmp_path, capsys):
+    """The bad value second in a sweep (of a target or of a group) is refused up front."""
+    folder = _experiment(tmp_path, "paper", "stage:\n  task: "
+                         + _flow(payloads(tmp_path)["os.system"]) + "\n")
+    for argv in (["-m", "stage.task._target_=ftlab.tasks.classify.Classify,os.system"],
+                 ["-m", f"hydra.searchpath=[file://{folder}]", "experiment=quick,paper"]):
+        with pytest.raises(SystemExit) as exit_:
+            preflight(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"stage\.task\._target_ 'os.system' {ALLOW}", err, re.S), err
+    preflight(["-m", "stage.task._target_=ftlab.tasks.classify.Classify", "peft=full,lora"])
+    assert not (tmp_path / "canary").exists()
+
+
 def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, capture_output=True,
