@@ -168,6 +168,14 @@ def test_malicious_experiment_yaml_is_refused(how, tmp_path, sentiment_dir):
     assert not (tmp_path / "canary").exists()
 
 
+def test_a_good_shared_experiment_passes_the_preflight(tmp_path):
+    """``hydra.searchpath`` and ``--config-dir`` are accepted (the pre-check used to refuse
+    options found there)."""
+    folder = _experiment(tmp_path, "shared", "trainer:\n  max_epochs: 2\n")
+    preflight([f"hydra.searchpath=[file://{folder}]", "experiment=shared", "model=tiny_bert"])
+    preflight(["--config-dir", str(folder), "experiment=shared"])
+
+
 def test_an_experiment_cannot_allow_itself_more(tmp_path, sentiment_dir):
     folder = _experiment(tmp_path, "sly", "allow_targets: [os.]\nstage:\n  task: "
                          + _flow(payloads(tmp_path)["os.system"]) + "\n")
