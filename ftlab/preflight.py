@@ -11,8 +11,13 @@ from typing import Any
 from ftlab.errors import FtlabError, choices_text, closest
 
 
-def check_overrides(overrides: list[str], config_dir: str, config_name: str = "config") -> None:
-    """Raise ``FtlabError`` if ``overrides`` do not compose with the config tree."""
+def check_overrides(overrides: list[str], config_dir: str, config_name: str = "config",
+                    own_dir: str | None = None) -> None:
+    """Raise ``FtlabError`` if ``overrides`` do not compose with the config tree.
+
+    ``own_dir``: ftlab's own conf/ (whose ``config.yaml`` may widen ``allow_targets``), when
+    ``config_dir`` is another folder (``--config-dir`` with ``--config-name``).
+    """
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import OverrideParseException
@@ -57,14 +62,14 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "c
                 else:
                     plain.append(o.input_line)
             first = [p for p in plain if p] + searchpath
-            _check_targets(_compose(config_name, first), overrides, config_dir)
+            own = own_dir or config_dir
+            _check_targets(_compose(config_name, first), overrides, own)
             # every job of a sweep over groups or targets: each value's _target_s, before any
             # job trains (one value at a time, the others at their first)
             for i, alternatives in swept.items():
                 for alternative in alternatives:
                     job = [p for p in plain[:i] + [alternative] + plain[i + 1:] if p]
-                    _check_targets(_compose(config_name, job + searchpath), overrides,
-                                   config_dir)
+                    _check_targets(_compose(config_name, job + searchpath), overrides, own)
     finally:
         GlobalHydra.instance().clear()
 

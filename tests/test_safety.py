@@ -176,6 +176,24 @@ def test_a_good_shared_experiment_passes_the_preflight(tmp_path):
     preflight(["--config-dir", str(folder), "experiment=shared"])
 
 
+@pytest.mark.parametrize("body", ["stage:\n  task: {payload}\n",
+                                  "seed: !!python/object/apply:os.system [\"touch {canary}\"]\n"],
+                         ids=["target", "yaml-tag"])
+def test_a_shared_primary_config_is_checked(body, tmp_path, sentiment_dir):
+    """``-cd folder -cn main``: a whole config from elsewhere, built on ftlab's."""
+    payload = _flow(payloads(tmp_path)["os.system"])
+    folder = tmp_path / "shared_configs"
+    folder.mkdir()
+    (folder / "main.yaml").write_text("defaults:\n  - config\n  - _self_\n" + body.format(
+        payload=payload, canary=tmp_path / "canary"))
+    proc = ftlab(*tiny_overrides(sentiment_dir), "-cd", str(folder), "-cn", "main", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"'os.system' is not allowed|main.yaml, line \d+ uses a YAML tag",
+                     proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "canary").exists()
+
+
 def test_an_experiment_cannot_allow_itself_more(tmp_path, sentiment_dir):
     folder = _experiment(tmp_path, "sly", "allow_targets: [os.]\nstage:\n  task: "
                          + _flow(payloads(tmp_path)["os.system"]) + "\n")
