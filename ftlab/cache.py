@@ -2,9 +2,12 @@
 (its resolved spec, model, data, seed and the keys of the stages it started from), so re-runs
 and sweeps reuse unchanged earlier stages instead of retraining them.
 
-Layout: ``<dir>/<key>/{model.safetensors, stage.json}``. A stage is written into a temporary
-folder and renamed into place when complete (atomic), so an interrupted stage never counts as
-finished; a lock per key makes concurrent jobs train a stage once (the others wait, then reuse).
+Layout: ``<dir>/<key>/{model.safetensors, trainable.safetensors (when the stage wrote one),
+stage.json}``. A stage is written into a temporary folder and renamed into place when complete
+(atomic), so an interrupted stage never counts as finished; a lock per key makes concurrent jobs
+train a stage once (the others wait, then reuse). ``stage.json`` holds the sha256 of each weight
+file: an entry that fails the check (truncated or changed file, unreadable JSON, a file missing)
+is moved aside to ``<key>.corrupt-<time>`` with a warning and the stage is retrained.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +32,14 @@ from ftlab.build import StageBuilder
 from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
 from ftlab.stage import RunContext, StageResult, run_stage
-from ftlab.store import load_tensors, read_json, save_tensors, write_json
+from ftlab.store import check_name, inside, load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
-#: bump when the stored format or the meaning of a key changes
-FORMAT = 2
+#: bump when the stored format or the meaning of a key changes (3: checksums in stage.json)
+FORMAT = 3
+#: the weight files of an entry whose sha256 stage.json records
+WEIGHTS = ("model.safetensors", "trainable.safetensors")
 #: trainer keys that change nothing about the trained weights
 COSMETIC = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger",
             "callbacks", "default_root_dir", "enable_checkpointing"}
@@ -102,16 +108,55 @@ class StageCache:
         self.root = Path(root)
 
     def entry(self, key: str) -> Path:
-        return self.root / key
+        """The key's folder: a safe name, inside the cache folder."""
+        check_name(key, "Stage-cache key", "use plain stage names (e.g. '{name}').")
+        return inside(self.root, key)
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        """The stored record of a complete stage, or None."""
-        meta = self.entry(key) / "stage.json"
-        return read_json(meta) if meta.is_file() else None
+    def lookup(self, key: str, repair: bool = False) -> dict[str, Any] | None:
+        """The stored record of a complete, intact stage, or None. A damaged entry counts as
+        absent; with ``repair`` (hold the key's lock) it is also moved aside, with a warning."""
+        entry = self.entry(key)
+        if not entry.is_dir():
+            return None
+        record, damage = self.check(key)
+        if damage is not None and repair:
+            self.set_aside(key, damage)
+        return record
+
+    def check(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(the entry's record, None) if it is intact, else (None, what is wrong)."""
+        entry = self.entry(key)
+        try:
+            record = read_json(entry / "stage.json")
+        except FileNotFoundError:
+            return None, "stage.json is missing"
+        except (OSError, ValueError) as err:
+            return None, f"stage.json is unreadable ({type(err).__name__})"
+        sums = record.get("checksums") if isinstance(record, dict) else None
+        if not isinstance(sums, dict) or "model.safetensors" not in sums:
+            return None, "stage.json has no checksums"
+        for name, digest in sums.items():
+            path = entry / name
+            if not path.is_file():
+                return None, f"{name} is missing"
+            if sha256(path) != digest:
+                return None, f"{name} does not match its checksum (truncated or changed)"
+        return record, None
+
+    def set_aside(self, key: str, damage: str) -> Path:
+        """Move a damaged entry to ``<key>.corrupt-<time>`` (kept for a look, never read)."""
+        entry = self.entry(key)
+        dest = self.root / f"{key}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        os.replace(entry, dest)
+        log.warning("The stage cache entry %s is damaged: %s. Moved it aside to %s; the stage "
+                    "is retrained. (Delete that folder when you no longer need it.)",
+                    entry, damage, dest)
+        return dest
 
     @contextmanager
     def claim(self, key: str) -> Iterator[None]:
         """Hold the key's lock (waiting for a job that is training it); clear stale temp dirs."""
+        self.entry(key)  # a safe key inside the cache folder
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.root / f".{key}.lock"))
         try:
@@ -128,6 +173,7 @@ class StageCache:
 
     def store(self, key: str, state: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:
         """Write the weights and record into a temp folder, then rename it into place."""
+        self.entry(key)  # a safe key inside the cache folder
         tmp = self.root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             tmp.mkdir(parents=True)
@@ -136,7 +182,9 @@ class StageCache:
             artefact = Path(str(record.get("info", {}).get("artefact", "")))
             if artefact.is_file():  # the stage's own artefact (PEFT state), for reuse as is
                 shutil.copyfile(artefact, tmp / "trainable.safetensors")
-            write_json(tmp / "stage.json", record | {"key": key, "format": FORMAT})
+            sums = {name: sha256(tmp / name) for name in WEIGHTS if (tmp / name).is_file()}
+            write_json(tmp / "stage.json", record | {"key": key, "format": FORMAT,
+                                                     "checksums": sums})
             if self.entry(key).exists():  # only a complete entry can exist (rename is atomic)
                 shutil.rmtree(tmp)
             else:
@@ -148,6 +196,15 @@ class StageCache:
 
     def load_state(self, key: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.entry(key) / "model.safetensors")
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,7 +232,8 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     hit = cache.lookup(key)
     if hit is None:
         with cache.claim(key):
-            hit = cache.lookup(key)  # another job may have finished it while we waited
+            # another job may have finished it while we waited; a damaged entry is set aside
+            hit = cache.lookup(key, repair=True)
             if hit is None:
                 result = run_stage(stage, builder, run, upstream)
                 model = result.model
@@ -187,11 +245,11 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                                 "cache_path": str(path)}
                 return result
     log.info("Stage %s reused from the cache (%s); not retrained.", stage.name, key)
-    write_json(run_dir / stage.name / "cache_hit.json", {"key": key, "path": str(
-        cache.entry(key))})
+    stage_dir = inside(run_dir, stage.name)
+    write_json(stage_dir / "cache_hit.json", {"key": key, "path": str(cache.entry(key))})
     if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
         shutil.copyfile(cache.entry(key) / "trainable.safetensors",
-                        run_dir / stage.name / "trainable.safetensors")
+                        stage_dir / "trainable.safetensors")
     info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
                           "cache_path": str(cache.entry(key))}
     return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)

@@ -76,15 +76,46 @@ def preflight(argv: list[str]) -> None:
     from ftlab.errors import FtlabError
     from ftlab.preflight import check_overrides
 
+    argv, dirs, name = _config_flags(argv)
     if any(a.startswith(SKIP_FLAGS) for a in argv):
         return
+    overrides = _overrides(argv)
+    primary = CONFIG_DIR
+    if dirs:  # --config-dir adds a folder to the search path: the same as hydra.searchpath
+        if any(o.startswith("hydra.searchpath") for o in overrides):
+            return
+        # a primary config (-cn) found there is composed from there, with conf/ searched too
+        primary = next((d for d in dirs if name and Path(d, f"{name}.yaml").is_file()),
+                       CONFIG_DIR)
+        search = [d for d in (CONFIG_DIR, *dirs) if d != primary]
+        overrides.append(f"hydra.searchpath=[{','.join(f'file://{d}' for d in search)}]")
     try:
-        check_overrides(_overrides(argv), CONFIG_DIR)
+        check_overrides(overrides, primary, name or "config", own_dir=CONFIG_DIR)
     except FtlabError as err:
         print(f"\nftlab: {err}\n", file=sys.stderr)
         sys.exit(2)
     except Exception:  # noqa: BLE001 - a check that cannot decide leaves it to Hydra
         return
+
+
+def _config_flags(argv: list[str]) -> tuple[list[str], list[str], str | None]:
+    """(``argv`` without ``--config-dir``/``-cd`` and ``--config-name``/``-cn`` and their
+    values, those folders made absolute, that config name)."""
+    rest, dirs, names, take = [], [], [], None
+    for arg in argv:
+        flag, _, value = arg.partition("=")
+        if take is not None:
+            take.append(os.path.abspath(arg) if take is dirs else arg)
+            take = None
+        elif arg in ("--config-dir", "-cd", "--config-name", "-cn"):
+            take = dirs if arg in ("--config-dir", "-cd") else names
+        elif flag == "--config-dir" and value:
+            dirs.append(os.path.abspath(value))
+        elif flag == "--config-name" and value:
+            names.append(value)
+        else:
+            rest.append(arg)
+    return rest, dirs, (names[-1] if names else None)
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -100,5 +131,5 @@ def _overrides(argv: list[str]) -> list[str]:
 
 #: flags that change what Hydra does with the arguments: leave those to Hydra
 SKIP_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
-              "--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
+              "--config-path", "-cp",
               "--experimental-rerun")

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ftlab.errors import FtlabError, choices_text, closest
+from ftlab.targets import check_object, check_target, check_tree, targets_in
 
 T = TypeVar("T")
 
@@ -45,11 +46,25 @@ def instantiate_checked(node: DictConfig | dict, where: str, **extra: Any) -> An
     return instantiate(node, _partial_=True, _convert_="all")(**extra)
 
 
+def load_target(target: str, where: str) -> Any:
+    """Import an allowed ``_target_`` (``ftlab.targets``) and return the object."""
+    user = check_target(target, where)
+    try:
+        obj = get_object(target)
+    except Exception:
+        raise FtlabError(f"{where}._target_ '{target}' cannot be imported.",
+                         "check the module path and class name in the YAML file.") from None
+    check_object(target, obj, where, user)
+    return obj
+
+
 def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
                 **extra: Any) -> dict[str, Any]:
     """Check ``node``'s keys (plus ``extra``) bind to its ``_target_``; return it as a dict.
 
-    ``partial=True`` only rejects unknown keys (required ones may come at run time).
+    Every ``_target_`` in the node (nested ones too) must be on the allow-list
+    (``ftlab.targets``), checked before anything is imported. ``partial=True`` only rejects
+    unknown keys (required ones may come at run time).
     """
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
@@ -57,11 +72,10 @@ def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
     target = node.get("_target_")
     if not target:
         raise FtlabError(f"{where} has no _target_.", f"add `_target_: module.Class` to {where}.")
-    try:
-        cls = get_object(target)
-    except Exception:
-        raise FtlabError(f"{where}._target_ '{target}' cannot be imported.",
-                         "check the module path and class name in the YAML file.") from None
+    check_tree(node, where)  # this one and nested ones (peft.config._target_), nothing imported
+    for nested, at in targets_in({k: v for k, v in node.items() if k != "_target_"}, where):
+        load_target(nested, at)  # a nested function (not a class) is refused too
+    cls = load_target(target, where)
     kwargs = {k: v for k, v in node.items() if not k.startswith("_")} | extra
     try:
         sig = inspect.signature(cls)

@@ -18,13 +18,14 @@ def build_loggers(nodes: DictConfig | None, **context: Any) -> list:
     to those whose constructor takes it."""
     import inspect
 
-    from hydra.utils import get_object
+    from ftlab.config import check_binds, load_target
 
     loggers = []
     for key, node in (nodes or {}).items():
         if node is None:
             continue
-        params = inspect.signature(get_object(node["_target_"])).parameters
+        check_binds(node, f"logger.{key}", partial=True)  # the allow-list before any import
+        params = inspect.signature(load_target(node["_target_"], f"logger.{key}")).parameters
         extra = {k: v for k, v in context.items() if k in params and k not in node}
         loggers.append(instantiate_checked(node, f"logger.{key}", **extra))
     return loggers

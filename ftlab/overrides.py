@@ -134,11 +134,11 @@ def _apply_stage_keys(cfg: DictConfig, nodes: dict[str, dict], explicit: Explici
 
 
 def _takes(task: Any, name: str) -> bool:
-    from hydra.utils import get_object
+    from ftlab.config import load_target
 
-    try:
-        params = inspect.signature(get_object(task["_target_"])).parameters
-    except Exception:  # an unimportable target is reported by validation
+    try:  # an allow-listed target only: nothing else is imported
+        params = inspect.signature(load_target(task["_target_"], "stage.task")).parameters
+    except Exception:  # an unimportable or refused target is reported by validation
         return True
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 

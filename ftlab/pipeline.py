@@ -20,6 +20,7 @@ from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
+from ftlab.store import check_name
 
 
 @dataclass
@@ -151,6 +152,10 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:
+    for s in stages:  # names become folder names: checked before anything else
+        check_name(s.name, "Stage name", "rename it: stage.name={name}, or in a pipeline "
+                   "rename its key under pipeline.stages (e.g. to '{name}') and the init_from "
+                   "that refer to it.")
     seen: list[str] = []
     for s in stages:
         if s.name in seen:

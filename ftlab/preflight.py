@@ -11,11 +11,16 @@ from typing import Any
 from ftlab.errors import FtlabError, choices_text, closest
 
 
-def check_overrides(overrides: list[str], config_dir: str, config_name: str = "config") -> None:
-    """Raise ``FtlabError`` if ``overrides`` do not compose with the config tree."""
-    from hydra import compose, initialize_config_dir
+def check_overrides(overrides: list[str], config_dir: str, config_name: str = "config",
+                    own_dir: str | None = None) -> None:
+    """Raise ``FtlabError`` if ``overrides`` do not compose with the config tree.
+
+    ``own_dir``: ftlab's own conf/ (whose ``config.yaml`` may widen ``allow_targets``), when
+    ``config_dir`` is another folder (``--config-dir`` with ``--config-name``).
+    """
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import MissingConfigException, OverrideParseException
+    from hydra.errors import OverrideParseException
 
     if not overrides:
         return
@@ -32,14 +37,17 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "c
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             loader = GlobalHydra.instance().config_loader()
             groups = set(loader.list_groups(""))
-            plain = []
+            # extra config folders (hydra.searchpath) add options; compose sees them
+            searchpath = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]
+            plain: list[str] = []
+            swept: dict[int, list[str]] = {}  # index in plain -> that override's other values
             for o in parsed:
                 key = o.key_or_group
                 try:
                     values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
                 except Exception:  # interval/glob sweeps: left to Hydra and its sweeper
                     continue
-                if key in groups:
+                if key in groups and not searchpath:
                     options = loader.get_group_options(key)
                     for value in values or [o.value()]:
                         if value is not None and str(value) not in options:
@@ -47,19 +55,71 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "c
                 if key.startswith("hydra"):
                     continue
                 if values is not None:
-                    plain.append(f"{o.input_line.split('=', 1)[0]}={values[0]}" if values else "")
+                    name = o.input_line.split("=", 1)[0]
+                    if len(values) > 1 and (key in groups or key.endswith("_target_")):
+                        swept[len(plain)] = [f"{name}={v}" for v in values[1:]]
+                    plain.append(f"{name}={values[0]}" if values else "")
                 else:
                     plain.append(o.input_line)
-            plain = [p for p in plain if p]
-            try:
-                compose(config_name, overrides=plain)
-            except MissingConfigException as err:
-                raise FtlabError(str(err).split("\nConfig search path")[0].replace("\n\t", " "),
-                                 "use one of the options listed (ftlab --help).") from None
-            except Exception as err:
-                raise _explain(err, plain, config_name) from None
+            first = [p for p in plain if p] + searchpath
+            own = own_dir or config_dir
+            _check_targets(_compose(config_name, first), overrides, own)
+            # every job of a sweep over groups or targets: each value's _target_s, before any
+            # job trains (one value at a time, the others at their first)
+            for i, alternatives in swept.items():
+                for alternative in alternatives:
+                    job = [p for p in plain[:i] + [alternative] + plain[i + 1:] if p]
+                    _check_targets(_compose(config_name, job + searchpath), overrides, own)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _compose(config_name: str, overrides: list[str]) -> Any:
+    """``compose`` with its errors as ``FtlabError``s that name the fix."""
+    from hydra import compose
+    from hydra.errors import MissingConfigException
+
+    try:
+        return compose(config_name, overrides=overrides)
+    except MissingConfigException as err:
+        raise FtlabError(str(err).split("\nConfig search path")[0].replace("\n\t", " "),
+                         "use one of the options listed (ftlab --help).") from None
+    except Exception as err:
+        raise _python_tag(err) or _explain(err, overrides, config_name) from None
+
+
+def _python_tag(err: BaseException) -> FtlabError | None:
+    """A YAML tag that would construct a Python object (``!!python/object/apply:...``): the
+    YAML loader refuses it (nothing runs); say which file and what to do."""
+    import yaml
+
+    while err is not None and not isinstance(err, yaml.YAMLError):
+        err = err.__cause__ or err.__context__
+    if err is None:
+        return None
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if "python/" in problem:
+        return FtlabError(f"{where} uses a YAML tag that would construct a Python object "
+                          f"({problem.split('tag:yaml.org,2002:')[-1].rstrip(chr(39))}); ftlab "
+                          "reads configs as plain YAML, so it was refused and nothing ran.",
+                          "remove the !!python tag; name building blocks with _target_ "
+                          "(see conf/).")
+    return FtlabError(f"{where} is not valid YAML: {problem}.",
+                      "fix the YAML (indentation, quotes, colons).")
+
+
+def _check_targets(cfg: Any, overrides: list[str], config_dir: str) -> None:
+    """Every ``_target_`` of the composed config is on the allow-list (``ftlab.targets``)."""
+    from omegaconf import OmegaConf
+
+    from ftlab.targets import allowing, check_config, settings_from_you
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    settings_from_you(plain, overrides, config_dir)
+    with allowing(plain.get("allow_targets"), warn=False):
+        check_config(plain, interpolated=False)  # ${...} targets: the job checks them resolved
 
 
 def _parse(overrides: list[str]) -> list[Any]:

@@ -64,6 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from ftlab.cli import CONFIG_DIR
     from ftlab.overrides import explicit_keys
     from ftlab.store import write_json
+    from ftlab.targets import allowing, check_config, settings_from_you
 
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +81,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
     try:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
-        _run_stages(cfg, explicit, record, context, run_dir)
+        # the allow-list of _target_s, before anything is imported or instantiated
+        settings_from_you(context["config"], hydra["overrides"], CONFIG_DIR)
+        with allowing(cfg.get("allow_targets")):
+            check_config(context["config"])
+            explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
+            _run_stages(cfg, explicit, record, context, run_dir)
         final = record["final"]
         record |= {"status": "ok", "failed": is_degenerate(final)}
         record["objective"] = objective(record)
@@ -120,7 +125,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     callbacks = _plain(cfg.get("callbacks")) or {}
     logger = _plain(cfg.get("logger")) or None
     builder = StageBuilder()
-    validate(stages, builder, callbacks)  # every stage's config and data, before any training
+    validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
     keys = pipeline_keys(stages)

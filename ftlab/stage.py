@@ -20,7 +20,7 @@ from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
-from ftlab.store import save_tensors
+from ftlab.store import inside, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RunContext:
 def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
               upstream: dict[str, StageResult]) -> StageResult:
     """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run."""
-    stage_dir = run.run_dir / stage.name
+    stage_dir = inside(run.run_dir, stage.name)  # a name never writes outside the run
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
     raw = builder.raw(stage)

@@ -1,10 +1,12 @@
-"""Atomic writes: a reader never sees a half-written results file or artefact."""
+"""Where and how ftlab writes: names that are safe as folder names, paths kept inside their
+folder, and atomic writes (a reader never sees a half-written results file or artefact)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,33 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftlab.errors import FtlabError
+
+#: a name that may become a folder name (stages, cache keys): no separators, no '..'
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str, what: str, fix: str) -> str:
+    """Return ``name`` if it is safe as a folder name (``SAFE_NAME``, no ``..``); else raise
+    with ``fix``, in which ``{name}`` becomes a safe suggestion."""
+    name = str(name)
+    if SAFE_NAME.fullmatch(name) and ".." not in name:
+        return name
+    suggestion = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("..", "_")).strip("._-")[:64]
+    raise FtlabError(
+        f"{what} {name!r} cannot be used: names become folder names, so they are 1-64 letters, "
+        "digits, '_', '.' or '-', start with a letter or digit, and never contain '..' or a "
+        "slash.", fix.format(name=suggestion or "stage1"))
+
+
+def inside(base: str | Path, *parts: str) -> Path:
+    """``base / parts``, resolved (symlinks too) and checked to stay inside ``base``."""
+    root = Path(base).resolve()
+    path = root.joinpath(*parts).resolve()
+    if not path.is_relative_to(root):
+        raise FtlabError(f"Refusing to write {path}: it is outside {root}.",
+                         "use plain names for stages (no '..', slashes or links out of the "
+                         "run and cache folders).")
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

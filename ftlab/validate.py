@@ -22,11 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def validate(stages: list[ResolvedStage], builder: StageBuilder,
-             callbacks: dict[str, Any] | None = None) -> None:
-    """Raise ``FtlabError`` for the first problem found in any stage; train nothing."""
-    for key, node in (callbacks or {}).items():
-        if node is not None:
-            check_binds(node, f"callbacks.{key}", partial=True)
+             callbacks: dict[str, Any] | None = None,
+             logger: dict[str, Any] | None = None) -> None:
+    """Raise ``FtlabError`` for the first problem found in any stage; train nothing.
+
+    Every ``_target_`` (nested ones too) is checked against the allow-list
+    (``ftlab.targets``) before its module is imported."""
+    for group, nodes in (("callbacks", callbacks), ("logger", logger)):
+        for key, node in (nodes or {}).items():
+            if node is not None:
+                check_binds(node, f"{group}.{key}", partial=True)
+                check_output_keys(node, f"{group}.{key}")
     for model in {repr(s.model): s.model for s in stages}.values():
         check_model_path(model)
     for stage in stages:  # cheap checks of every stage first, then the data and models
@@ -39,6 +45,29 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
         builder.task(stage)
         builder.check_fits(stage)
     log.info("Checked %d stage(s): config and data are fine.", len(stages))
+
+
+#: keys by which a logger or callback would choose its folder: ftlab does (<run>/<stage>/)
+WHERE_KEYS = ("save_dir", "root_dir", "log_dir", "dir", "dirpath")
+#: keys that name a folder or file below that folder
+BELOW_KEYS = ("name", "version", "sub_dir", "filename")
+
+
+def check_output_keys(node: dict[str, Any], where: str) -> None:
+    """A logger or callback writes inside the stage's folder: it may not choose another folder,
+    and the names it adds below must not climb out (``..``, absolute, ``~``)."""
+    for key in WHERE_KEYS:
+        if node.get(key) is not None:
+            raise FtlabError(f"{where}.{key}={node[key]!r}: ftlab chooses where logs and files "
+                             "go (<run>/<stage>/), so a run never writes outside its folder.",
+                             f"remove {where}.{key} (e.g. ~{where}.{key} on the command line).")
+    for key in BELOW_KEYS:
+        value = node.get(key)
+        if isinstance(value, str) and (Path(value).is_absolute() or value.startswith("~")
+                                       or ".." in Path(value).parts):
+            raise FtlabError(f"{where}.{key}={value!r} would write outside the run folder.",
+                             f"use a plain relative name for {where}.{key} (no '..', '/' or "
+                             "'~' at the start), or remove it.")
 
 
 def check_numbers(stage: ResolvedStage) -> None:

