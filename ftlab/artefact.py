@@ -44,8 +44,6 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
         raise FtlabError(f"{path} has format {card.get('format')}; this ftlab reads "
                          f"{CARD_FORMAT}.", "use the ftlab version that wrote the run.")
     s = dict(card["stage"])
-    optim = dict(s["optim"])
-    optim["betas"] = tuple(optim["betas"])
     s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
-          "optim": OptimSpec(**optim)}
+          "optim": OptimSpec(**s["optim"])}
     return ResolvedStage(**s), card.get("labels")

@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
+from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest
 from ftlab.config import instantiate_checked
@@ -20,7 +21,6 @@ from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
-from ftlab.artefact import write_stage_card
 from ftlab.store import is_rank_zero, save_tensors
 from ftlab.strategies import full_weights
 
