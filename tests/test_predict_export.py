@@ -74,7 +74,7 @@ def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, senti
 def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run_dir, _, _ = train(f"peft={peft}")
+    run_dir, _, _ = train(f"peft={peft}", "trainer.max_epochs=4", "stage.optim.lr=3e-3")
     texts = ["great superb film", "the plot was dull and the ending awful",
              "a movie", "funny " * 40]
     expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
@@ -85,7 +85,7 @@ def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_
     enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
         got = model(**enc).logits.softmax(-1)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert model.config.id2label == {0: "neg", 1: "pos"}
     assert not list((tmp_path / "hf").glob("adapter_config.json"))  # plain, not a PEFT folder
 
