@@ -1,5 +1,5 @@
 """What a stage writes beside its artefact so that it can be used later without the run's
-config or data: ``<stage>/stage.json`` (the resolved stage: model spec, task, PEFT and
+config or data: ``<stage>/card.json`` (the resolved stage: model spec, task, PEFT and
 regulariser nodes, data spec, seed; the label set in id order) and ``<stage>/tokenizer/``
 (``save_pretrained``). ``read_stage_card`` turns the JSON back into a ``ResolvedStage``.
 """
@@ -16,13 +16,13 @@ from ftlab.store import read_json, write_json
 
 #: bump when the card's layout changes
 CARD_FORMAT = 1
-CARD = "stage.json"
+CARD = "card.json"
 TOKENIZER = "tokenizer"
 
 
 def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | None,
                      tokenizer: Any) -> Path:
-    """Write ``stage.json`` and ``tokenizer/`` into ``stage_dir``; returns the card's path."""
+    """Write ``card.json`` and ``tokenizer/`` into ``stage_dir``; returns the card's path."""
     tokenizer.save_pretrained(str(stage_dir / TOKENIZER))
     card = {"format": CARD_FORMAT, "stage": asdict(stage),
             "labels": list(labels) if labels else None}
@@ -30,7 +30,7 @@ def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | 
 
 
 def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
-    """(the resolved stage, its labels in id order) from ``stage_dir/stage.json``."""
+    """(the resolved stage, its labels in id order) from ``stage_dir/card.json``."""
     from ftlab.data.spec import DataSpec
     from ftlab.model.backbone import ModelSpec
     from ftlab.optim import OptimSpec

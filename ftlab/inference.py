@@ -115,7 +115,7 @@ def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
                          "pass a folder ftlab wrote, e.g. outputs/runs/<time>.")
     names = stage_names(run_dir)
     if not names:
-        raise FtlabError(f"{run_dir} holds no trained stage (no */stage.json).",
+        raise FtlabError(f"{run_dir} holds no trained stage (no */card.json).",
                          "pass the folder of a finished run (a job folder of a sweep).")
     name = stage or names[-1]
     if name not in names:

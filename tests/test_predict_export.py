@@ -70,6 +70,17 @@ def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, senti
     assert "Stage 'tapt' has no labels" in str(err.value.code)
 
 
+def test_a_stage_reused_from_the_cache_still_loads(train, tmp_path):
+    cache = f"cache.dir={tmp_path / 'cache'}"
+    run_dir, _, _ = train("pipeline=tiny", cache)
+    texts = ["great superb film", "the plot was dull"]
+    first = ftlab.load(run_dir).predict(texts)
+    run_dir, record, _ = train("pipeline=tiny", cache)
+    assert record["lineage"][0]["cache_hit"] is True
+    assert read_stage_card(run_dir / "tapt")[0].name == "tapt"
+    assert ftlab.load(run_dir).predict(texts) == first
+
+
 @pytest.mark.parametrize("peft", ["full", "lora", "diff_pruning"])
 def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
