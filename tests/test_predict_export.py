@@ -75,6 +75,7 @@ def test_a_stage_reused_from_the_cache_still_loads(train, tmp_path):
     run_dir, _, _ = train("pipeline=tiny", cache)
     texts = ["great superb film", "the plot was dull"]
     first = ftlab.load(run_dir).predict(texts)
+    run_dir.rename(tmp_path / "first")  # the second run writes a fresh folder
     run_dir, record, _ = train("pipeline=tiny", cache)
     assert record["lineage"][0]["cache_hit"] is True
     assert read_stage_card(run_dir / "tapt")[0].name == "tapt"
