@@ -17,6 +17,8 @@ from ftlab.pipeline import build_pipeline
 from ftlab.run import run
 from tests.conftest import tiny_overrides
 
+METHODS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "peft").glob("*.yaml"))
+
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -100,6 +102,31 @@ def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert model.config.id2label == {0: "neg", 1: "pos"}
     assert not list((tmp_path / "hf").glob("adapter_config.json"))  # plain, not a PEFT folder
+
+
+@pytest.mark.parametrize("peft", METHODS)
+def test_every_method_exports_a_matching_model_or_says_why_not(train, peft, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ftlab.peft.base import Mergeable
+
+    run_dir, _, _ = train(f"peft={peft}", "trainer.max_steps=4", "stage.optim.lr=3e-3")
+    loaded = ftlab.load(run_dir)
+    out = tmp_path / "hf"
+    try:
+        export_main([str(run_dir), "--output", str(out)])
+    except SystemExit as err:  # not foldable: a message, and the PEFT folder where there is one
+        assert err.code == PEFT_FOLDER or not isinstance(loaded.peft, Mergeable), peft
+        assert "ftlab-export:" in capsys.readouterr().err + str(err.code)
+        assert err.code != PEFT_FOLDER or (out / "peft" / "adapter_config.json").is_file()
+        return
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    expected = torch.tensor([list(p["probs"].values()) for p in loaded.predict(texts)])
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    enc = AutoTokenizer.from_pretrained(str(out))(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**enc).logits.softmax(-1), expected, atol=1e-6,
+                                   rtol=1e-5)
 
 
 def test_prompt_tuning_exports_its_peft_folder_with_a_message(train, tmp_path, capsys):
