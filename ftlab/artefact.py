@@ -37,8 +37,9 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
 
     path = stage_dir / CARD
     if not path.is_file():
-        raise FtlabError(f"{stage_dir} has no {CARD} (runs before ftlab recorded one, or a "
-                         "stage reused from the cache).", "re-run the stage with this version.")
+        raise FtlabError(f"{stage_dir} has no {CARD} (written by ftlab since predict/export "
+                         "came in; save_artefact: false writes none).",
+                         "re-run the stage with this version and save_artefact: true.")
     card = read_json(path)
     if card.get("format") != CARD_FORMAT:
         raise FtlabError(f"{path} has format {card.get('format')}; this ftlab reads "

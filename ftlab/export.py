@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--to", choices=["hf"], default="hf", help="the format (Transformers)")
     parser.add_argument("--output", type=Path, required=True, help="the folder to write")
     args = parser.parse_args(argv)
+    from ftlab.cli import quiet
+
+    quiet()
     try:
         export_hf(args.run_dir, args.output, args.stage)
     except NotMergeable as err:

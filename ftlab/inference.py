@@ -11,13 +11,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ftlab.errors import FtlabError, choices_text, closest
 from ftlab.pipeline import ResolvedStage
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TRAINABLE = "trainable.safetensors"
 
@@ -52,6 +52,8 @@ class Predictor:
         ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
         column, or dicts keyed by the text columns.
         """
+        import torch
+
         from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
         columns = self._columns(texts)
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
                              "stage's own data.text_columns); repeat for pairs")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    from ftlab.cli import quiet
+
+    quiet()
     try:
         predictor = load(args.run_dir, args.stage)
         rows, found = read_rows(args.input, args.text_columns)
