@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     from ftlab.cli import quiet
 
     quiet()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
         export_hf(args.run_dir, args.output, args.stage)
     except NotMergeable as err:

@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     from ftlab.cli import quiet
 
     quiet()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
         predictor = load(args.run_dir, args.stage)
         rows, found = read_rows(args.input, args.text_columns)
