@@ -18,9 +18,10 @@ from ftlab.peft.base import Mergeable, NotMergeable, SavesArtefact
 PEFT_FOLDER = 3
 
 
-def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None) -> bool:
-    """Write the stage as a Transformers folder into ``output``; True when it is a plain model,
-    False when only the PEFT folder could be written (raises ``NotMergeable`` after writing)."""
+def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None) -> Path:
+    """Write the stage as a plain Transformers folder into ``output`` and return it. A method
+    that cannot fold raises ``NotMergeable`` after writing its PEFT folder (``output/peft``)
+    where it has one; ftlab's adapters raise ``FtlabError``."""
     from ftlab.inference import load
 
     p = load(run_dir, stage)
@@ -39,7 +40,7 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None)
         raise
     model.save_pretrained(str(output))
     p.tokenizer.save_pretrained(str(output))
-    return True
+    return output
 
 
 def main(argv: list[str] | None = None) -> None:
