@@ -23,6 +23,9 @@ class FineTuneModule(L.LightningModule):
         self.task = task
         self.regularizer = regularizer
         self.optim = optim
+        # shapes as built: under FSDP the optimiser sees flattened 1-D shards (weight decay
+        # would then skip every matrix)
+        self.param_ndims = {n: p.ndim for n, p in model.named_parameters()}
         self.val_metrics = task.metrics().clone(prefix="val/")
         self.test_metrics = task.metrics().clone(prefix="test/")
 
@@ -77,5 +80,6 @@ class FineTuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.optim,
-                                     int(self.trainer.estimated_stepping_batches))
+                                     int(self.trainer.estimated_stepping_batches),
+                                     ndims=self.param_ndims)
         return {"optimizer": opt, "lr_scheduler": sched}
