@@ -101,8 +101,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from ftlab.loggers import finish_wandb
 
         finish_wandb(failed=record["status"] != "ok")
-    log.info("Final metrics: %s", {k: round(v, 4) for k, v in record["final"].items()})
-    log.info("Results in %s", run_dir)
+    if primary:
+        log.info("Final metrics: %s", {k: round(v, 4) for k, v in record["final"].items()})
+        log.info("Results in %s", run_dir)
     return record
 
 
