@@ -58,14 +58,21 @@ class StageBuilder:
                     f"{stage.where}: the training split has {rows} rows, fewer than one batch "
                     f"(batch_size={stage.batch_size}).",
                     f"lower the stage's batch_size to at most {rows}, or add data.")
-            task = instantiate_checked(stage.task, f"{stage.where}.task")
-            if stage.aux_mlm_weight > 0:
-                from ftlab.tasks.mlm import AuxMLM
-
-                task = AuxMLM(task, stage.aux_mlm_weight)
+            task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             self._tasks[stage.name] = task
         return self._tasks[stage.name]
+
+    def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:
+        """The stage's task bound to a finished stage's saved label set and tokenizer, without
+        its data (inference); later ``task``/``model`` calls for the stage use it."""
+        from datasets import DatasetDict
+
+        task = _instantiate_task(stage)
+        task.bind(RawData(DatasetDict(), labels), tokenizer, stage.data.text_columns)
+        self._tokenizers[repr(stage.model)] = tokenizer
+        self._tasks[stage.name] = task
+        return task
 
     def peft(self, stage: ResolvedStage) -> PeftMethod:
         return instantiate_checked(stage.peft, f"{stage.where} peft")
@@ -112,6 +119,15 @@ class StageBuilder:
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
+
+
+def _instantiate_task(stage: ResolvedStage) -> Task:
+    task = instantiate_checked(stage.task, f"{stage.where}.task")
+    if stage.aux_mlm_weight > 0:
+        from ftlab.tasks.mlm import AuxMLM
+
+        task = AuxMLM(task, stage.aux_mlm_weight)
+    return task
 
 
 def architecture_twin(spec: ModelSpec) -> ModelSpec | None:

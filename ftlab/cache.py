@@ -182,6 +182,7 @@ class StageCache:
             artefact = Path(str(record.get("info", {}).get("artefact", "")))
             if artefact.is_file():  # the stage's own artefact (PEFT state), for reuse as is
                 shutil.copyfile(artefact, tmp / "trainable.safetensors")
+                _copy_card(artefact.parent, tmp)  # and its card: labels, tokenizer, stage
             sums = {name: sha256(tmp / name) for name in WEIGHTS if (tmp / name).is_file()}
             write_json(tmp / "stage.json", record | {"key": key, "format": FORMAT,
                                                      "checksums": sums})
@@ -250,6 +251,17 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
         shutil.copyfile(cache.entry(key) / "trainable.safetensors",
                         stage_dir / "trainable.safetensors")
+        _copy_card(cache.entry(key), stage_dir)
     info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
                           "cache_path": str(cache.entry(key))}
     return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)
+
+
+def _copy_card(src: Path, dst: Path) -> None:
+    """Copy a stage's card (``stage.json``, ``tokenizer/``) from ``src`` to ``dst``, if any."""
+    from ftlab.artefact import CARD, TOKENIZER
+
+    if (src / CARD).is_file():
+        shutil.copyfile(src / CARD, dst / CARD)
+    if (src / TOKENIZER).is_dir():
+        shutil.copytree(src / TOKENIZER, dst / TOKENIZER, dirs_exist_ok=True)

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from ftlab.peft.base import PeftMethod
+from ftlab.strategies import full_weights
 
 
 class KeepBest(L.Callback):
@@ -32,12 +33,14 @@ class KeepBest(L.Callback):
             self.best, self.best_epoch = score, trainer.current_epoch
             self.metrics = {k[4:]: float(v) for k, v in trainer.callback_metrics.items()
                             if k.startswith("val/")}
-            state = self.peft.trainable_state(pl_module.model)
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            with full_weights(trainer):  # FSDP: the whole tensors, not this rank's shard
+                state = self.peft.trainable_state(pl_module.model)
+                self.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def restore(self, pl_module: L.LightningModule) -> None:
         if self.state is not None:
-            self.peft.load_trainable_state(pl_module.model, self.state)
+            with full_weights(pl_module._trainer, writeback=True):
+                self.peft.load_trainable_state(pl_module.model, self.state)
 
 
 class GradualUnfreeze(L.Callback):

@@ -23,6 +23,9 @@ class FineTuneModule(L.LightningModule):
         self.task = task
         self.regularizer = regularizer
         self.optim = optim
+        # shapes as built: under FSDP the optimiser sees flattened 1-D shards (weight decay
+        # would then skip every matrix)
+        self.param_ndims = {n: p.ndim for n, p in model.named_parameters()}
         self.val_metrics = task.metrics().clone(prefix="val/")
         self.test_metrics = task.metrics().clone(prefix="test/")
 
@@ -44,23 +47,39 @@ class FineTuneModule(L.LightningModule):
                    split: str) -> None:
         out = self.task.forward(self.model, batch)
         self.task.update(metrics, out, batch)
-        self.log(f"{split}/loss", out.loss, batch_size=batch["input_ids"].shape[0])
+        self.log(f"{split}/loss", out.loss, batch_size=batch["input_ids"].shape[0],
+                 sync_dist=True)  # averaged over ranks at epoch end (a no-op on one process)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        # torchmetrics already synced across ranks; sync_dist only silences Lightning's warning
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Norm clipping under FSDP goes through the sharded root module (the norm of the whole
+        model, not of one shard); Lightning's FSDP precision plugin refuses it."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.model if self._trainer is not None else None
+        if (isinstance(root, FullyShardedDataParallel) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.optim,
-                                     int(self.trainer.estimated_stepping_batches))
+                                     int(self.trainer.estimated_stepping_batches),
+                                     ndims=self.param_ndims)
         return {"optimizer": opt, "lr_scheduler": sched}

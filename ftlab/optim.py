@@ -54,15 +54,18 @@ def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 layer_decay: float = 1.0) -> list[dict]:
+                 layer_decay: float = 1.0, ndims: dict[str, int] | None = None) -> list[dict]:
     """AdamW groups: weight decay off for biases/norms; with ``layer_decay`` < 1 one group
-    pair per layer depth, each with its own ``lr``."""
+    pair per layer depth, each with its own ``lr``. ``ndims``: each parameter's number of
+    dimensions as built, when the model's own are no longer it (FSDP flattens parameters into
+    1-D shards before the optimiser is made)."""
+    ndims = ndims or {}
     depth, top = layer_depths(model) if layer_decay != 1.0 else ({}, 0)
     groups: dict[tuple[bool, int], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        skip = ndims.get(name, p.ndim) < 2 or "norm" in name.lower() or name.endswith(".bias")
         groups.setdefault((skip, depth.get(name, top)), []).append(p)
     out = []
     for (skip, d), params in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -73,10 +76,12 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     return out
 
 
-def build_optimizer(model: nn.Module, spec: OptimSpec, total_steps: int):
-    """(optimizer, scheduler config) for Lightning's ``configure_optimizers``."""
+def build_optimizer(model: nn.Module, spec: OptimSpec, total_steps: int,
+                    ndims: dict[str, int] | None = None):
+    """(optimizer, scheduler config) for Lightning's ``configure_optimizers``; ``ndims`` as in
+    ``param_groups``."""
     lr = spec.lr if spec.lr is not None else DEFAULT_LR
-    groups = [g for g in param_groups(model, spec.weight_decay, lr, spec.layer_decay)
+    groups = [g for g in param_groups(model, spec.weight_decay, lr, spec.layer_decay, ndims)
               if g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(spec.betas), eps=spec.eps)
     warmup = int(spec.warmup_ratio * total_steps)

@@ -63,9 +63,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     from ftlab.cli import CONFIG_DIR
     from ftlab.overrides import explicit_keys
-    from ftlab.store import write_json
+    from ftlab.store import is_rank_zero, write_json
     from ftlab.targets import allowing, check_config, settings_from_you
 
+    primary = is_rank_zero()  # under DDP every rank runs the job; rank zero writes the files
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     hydra = _hydra_info()
@@ -80,7 +81,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         f"regularizer:{choices.get('regularizer', 'custom')}"],
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
     try:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if primary:
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         # the allow-list of _target_s, before anything is imported or instantiated
         settings_from_you(context["config"], hydra["overrides"], CONFIG_DIR)
         with allowing(cfg.get("allow_targets")):
@@ -91,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record |= {"status": "ok", "failed": is_degenerate(final)}
         record["objective"] = objective(record)
     except (FtlabError, Exception, KeyboardInterrupt) as err:
-        _record_error(record, err, run_dir)
+        _record_error(record, err, run_dir, primary)
         record["objective"] = objective(record)
         if isinstance(err, KeyboardInterrupt):
             raise
@@ -99,12 +101,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             sys.exit(1)  # the message is printed; SystemExit passes Hydra without a traceback
         return record  # a sweep goes on with its next job
     finally:
-        write_json(out, record)
+        if primary:
+            write_json(out, record)
         from ftlab.loggers import finish_wandb
 
         finish_wandb(failed=record["status"] != "ok")
-    log.info("Final metrics: %s", {k: round(v, 4) for k, v in record["final"].items()})
-    log.info("Results in %s", run_dir)
+    if primary:
+        log.info("Final metrics: %s", {k: round(v, 4) for k, v in record["final"].items()})
+        log.info("Results in %s", run_dir)
     return record
 
 
@@ -116,7 +120,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.config import bind_schema
     from ftlab.pipeline import build_pipeline
     from ftlab.stage import RunContext, StageResult
-    from ftlab.store import write_json
+    from ftlab.store import is_rank_zero, write_json
     from ftlab.validate import validate
 
     stages = build_pipeline(cfg, explicit)
@@ -140,7 +144,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
         results[stage.name] = result
         line["cache_hit"] = result.info["cache_hit"]
         record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
-        write_json(run_dir / "metrics.json", record)
+        if is_rank_zero():
+            write_json(run_dir / "metrics.json", record)
     record["final"] = results[stages[-1].name].metrics
 
 
@@ -175,11 +180,12 @@ def is_degenerate(metrics: dict[str, float]) -> bool:
     return acc is not None and base is not None and acc <= base + 1e-9
 
 
-def _record_error(record: dict[str, Any], err: BaseException, run_dir: Path) -> None:
+def _record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
+                  primary: bool = True) -> None:
     record["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
     record["failed"] = True
     record["error"] = str(err) if isinstance(err, FtlabError) else f"{type(err).__name__}: {err}"
-    if not isinstance(err, FtlabError | KeyboardInterrupt):
+    if not isinstance(err, FtlabError | KeyboardInterrupt) and primary:
         (run_dir / "error.log").write_text(traceback.format_exc())
         record["error"] += f" (traceback in {run_dir / 'error.log'})"
     print(f"\nftlab: {record['error']}\n", file=sys.stderr)

@@ -12,15 +12,17 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
+from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
-from ftlab.peft.base import SavesArtefact, count_parameters
+from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
-from ftlab.store import inside, save_tensors
+from ftlab.store import inside, is_rank_zero, save_tensors
+from ftlab.strategies import full_weights
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +92,23 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
                      "handed_over": handed, **task.info}
-    if stage.save_artefact:
-        state = peft.trainable_state(module.model)
-        path = save_tensors(stage_dir / "trainable.safetensors", state,
-                            metadata={"peft": peft.name, "stage": stage.name})
-        info |= {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
-        if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
-            info["artefact_dir"] = str(peft.save(module.model, stage_dir))
+    with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
+        if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
+            info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)
     return StageResult(stage.name, metrics, module.model, info)
+
+
+def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
+                   task: Any, tokenizer: Any) -> dict[str, Any]:
+    """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it."""
+    state = peft.trainable_state(model)
+    path = save_tensors(stage_dir / "trainable.safetensors", state,
+                        metadata={"peft": peft.name, "stage": stage.name})
+    info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
+    if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
+        info["artefact_dir"] = str(peft.save(model, stage_dir))
+    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer)
+    return info
 
 
 def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepBest,
@@ -112,4 +123,5 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir), callbacks=[*callbacks, keep],
-                               logger=loggers or False, enable_checkpointing=False)
+                               logger=loggers or False, enable_checkpointing=False,
+                               use_distributed_sampler=False)  # ftlab's sampler shards itself

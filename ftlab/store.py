@@ -88,3 +88,11 @@ def save_tensors(
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes results: rank zero of a multi-process (DDP/FSDP) run, whose
+    launcher sets the rank in the environment before the process starts; always true on one."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0

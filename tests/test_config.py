@@ -33,8 +33,9 @@ COMPOSE_ONLY = {
                                     "runs pipeline=tiny)",
     ("stage", "clm"): "needs a decoder model (test_clm runs it on tiny_gpt2/tiny_llama)",
     ("pipeline", "clm_task"): "needs a decoder model (test_clm runs it on tiny_gpt2)",
-    ("trainer", "gpu"): "needs a GPU", ("trainer", "ddp"): "needs GPUs",
-    ("trainer", "fsdp"): "needs GPUs",
+    ("trainer", "gpu"): "needs a GPU",
+    ("trainer", "ddp"): "launches processes (test_distributed runs it on the CPU)",
+    ("trainer", "fsdp"): "launches processes (test_distributed runs it on the CPU)",
 }
 
 

@@ -11,12 +11,22 @@ from ftlab.errors import FtlabError
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of similar length, in random order.
+    """Batches of similar length, in random order; distribution-aware.
 
-    Shuffle all indices, cut them into mega-batches of ``batch_size * group``, sort each
-    mega-batch by length, cut it into batches and shuffle the batches. This keeps SGD noise
-    (random batch composition) while padding little. With ``shuffle=False`` (evaluation) the
-    whole split is sorted by length. Call ``set_epoch`` for a new order each epoch.
+    Shuffle all indices, cut them into mega-batches of ``batch_size * num_replicas * group``,
+    sort each mega-batch by length, cut it into *global* batches of ``batch_size *
+    num_replicas`` rows and shuffle the global batches. Rank ``r`` takes the ``r``-th of
+    ``num_replicas`` contiguous slices of every global batch, so each rank gets its own share
+    of every length bucket, every rank gets the same number of batches, and the ranks' batches
+    of a step together are exactly the batch one process with ``batch_size * num_replicas``
+    would take (same seed): DDP with 2 x 8 rows trains on the same rows as 1 x 16.
+
+    With ``shuffle=False`` (evaluation) the whole split is sorted by length. A last global
+    batch with fewer rows than ranks is merged into the one before it, so every row is served
+    exactly once per epoch on some rank (no padding duplicates); only a split with fewer rows
+    than ranks repeats rows (each rank needs one). ``drop_last`` drops an incomplete last global
+    batch. Call ``set_epoch`` (Lightning does) for a new order each epoch; every rank must use
+    the same ``seed``.
     """
 
     def __init__(
@@ -27,24 +37,31 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         group: int = 50,
         seed: int = 0,
         drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
         self.lengths = torch.as_tensor(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.group = group
         self.seed = seed
         self.drop_last = drop_last
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[torch.Tensor]:
-        """Index tensors (views; no Python int per row: 1M rows stay a few MB)."""
-        n, bs = len(self.lengths), self.batch_size
+    def _global_batches(self) -> list[torch.Tensor]:
+        """Global batches (every rank's rows of a step) as index tensors (views; no Python int
+        per row: 1M rows stay a few MB)."""
+        n, world = len(self.lengths), self.num_replicas
+        bs = self.batch_size * world
         if not self.shuffle:
             order = torch.argsort(self.lengths, descending=True, stable=True)
-            return list(torch.split(order, bs))
+            return self._merge_tail(list(torch.split(order, bs)))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(n, generator=gen)
         mega = bs * self.group
@@ -53,25 +70,42 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             chunk = perm[start : start + mega]
             chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
             batches += torch.split(chunk, bs)
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == bs]
+        batches = ([b for b in batches if len(b) == bs] if self.drop_last
+                   else self._merge_tail(batches))
         order = torch.randperm(len(batches), generator=gen).tolist()
         return [batches[i] for i in order]
 
+    def _merge_tail(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Merge a last batch too small to give every rank a row into the one before it."""
+        if len(batches) > 1 and len(batches[-1]) < self.num_replicas:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
+
+    def _share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch (rows repeat only if it has fewer
+        rows than there are ranks)."""
+        if len(batch) < self.num_replicas:
+            batch = batch.repeat(-(-self.num_replicas // len(batch)))[: self.num_replicas]
+        return torch.tensor_split(batch, self.num_replicas)[self.rank]
+
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._batches():
-            yield batch.tolist()
+        for batch in self._global_batches():
+            yield self._share(batch).tolist()
         self.epoch += 1  # a fresh order next time even if nobody calls set_epoch
 
     def __len__(self) -> int:
-        """The number of batches, computed without building them."""
-        n, bs = len(self.lengths), self.batch_size
+        """The number of batches (per rank), computed without building them."""
+        n, world = len(self.lengths), self.num_replicas
+        bs = self.batch_size * world
         if not self.shuffle:
-            return -(-n // bs)
-        full, rest = divmod(n, bs * self.group)
-        if self.drop_last:
-            return full * self.group + rest // bs
-        return full * self.group + -(-rest // bs)
+            count, last = -(-n // bs), n % bs
+        else:
+            full, rest = divmod(n, bs * self.group)
+            if self.drop_last:
+                return full * self.group + rest // bs
+            count = full * self.group + -(-rest // bs)
+            last = (rest or n) % bs
+        return count - (count > 1 and 0 < last < world)
 
 
 #: pad values of the sequence features every task shares (``input_ids`` pads with the pad id)

@@ -25,7 +25,7 @@ class TextDataModule(L.LightningDataModule):
             ``length``; its ``pad_values`` reach the collator.
         pad_id: the tokenizer's pad token id.
         batch_size / eval_batch_size: rows per batch for training / evaluation.
-        seed: seeds the batch order.
+        seed: seeds the batch order (the same on every rank).
         pad_to: pad every batch to this length (benchmarks only; null = dynamic).
     """
 
@@ -57,11 +57,20 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.splits[split]
         lengths = ds.with_format("arrow")["length"].to_numpy().copy()  # no Python list
+        world, rank = self._replicas()
         sampler = LengthGroupedBatchSampler(
             lengths, self.batch_size if train else self.eval_batch_size,
-            shuffle=train, seed=self.seed)
+            shuffle=train, seed=self.seed, num_replicas=world, rank=rank)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
                           num_workers=self.num_workers)
+
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, this rank) of the attached Trainer: the sampler shards the batches
+        itself, so the Trainer runs with ``use_distributed_sampler=False``."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -49,6 +49,20 @@ class SavesArtefact(Protocol):
     def save(self, model: nn.Module, directory: str | Path) -> Path: ...
 
 
+@runtime_checkable
+class Mergeable(Protocol):
+    """A PEFT method whose trained model folds into a plain Transformers model
+    (``ftlab-export --to hf``): LoRA/IA3 merged into the weights, re-parametrised weights
+    materialised, or the model as it is (full, last layer, BitFit). ``merged`` may raise
+    :class:`NotMergeable` for a configuration that cannot fold (prompt/prefix tuning)."""
+
+    def merged(self, model: nn.Module) -> nn.Module: ...
+
+
+class NotMergeable(FtlabError):
+    """The trained model cannot become a plain Transformers model."""
+
+
 def requires_grad_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """All parameters that train, by name (detached views, not copies)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

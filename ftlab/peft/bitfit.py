@@ -32,3 +32,7 @@ class BitFit(RequiresGradState):
         unfreeze(head_parameters(model))
         unfreeze(fresh)
         return model
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """Already a plain Transformers model (only which parameters trained differs)."""
+        return model

@@ -107,3 +107,9 @@ class DiffPruning:
                     flat[state[name + IDX].long()] = state[name + VAL].to(flat)
                 delta.copy_(flat.view_as(delta))
         model.projected = True
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """The frozen model with the trained weights materialised into it."""
+        from ftlab.peft.functional import materialize
+
+        return materialize(model)

@@ -18,3 +18,7 @@ class Full(RequiresGradState):
         top_layer_ops(model, self.drop_top, self.reinit_top)
         model.requires_grad_(True)
         return model
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """Already a plain Transformers model (only which parameters trained differs)."""
+        return model

@@ -34,6 +34,15 @@ class Reparametrized(nn.Module):
         return getattr(self.model, "config", None)
 
 
+def materialize(wrapper: Reparametrized) -> nn.Module:
+    """The wrapped model with the computed weights written into it (a plain model again)."""
+    with torch.no_grad():
+        own = dict(wrapper.model.named_parameters())
+        for name, value in wrapper.weights().items():
+            own[name].copy_(value)
+    return wrapper.model
+
+
 def dense_state(wrapper: nn.Module, skip: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Trainable tensors of ``wrapper`` whose names do not start with one of ``skip``."""
     return {n: p.detach() for n, p in wrapper.named_parameters()

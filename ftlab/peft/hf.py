@@ -122,3 +122,15 @@ class HfPeft(RequiresGradState):
         out = Path(directory) / "peft"
         model.save_pretrained(str(out))
         return out
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """LoRA/IA3 folded into the weights (``merge_and_unload``); prompt and prefix tuning
+        add inputs, not weights, and cannot fold."""
+        from ftlab.peft.base import NotMergeable
+
+        if getattr(self.config, "is_prompt_learning", False):
+            raise NotMergeable(f"peft={self.name} learns extra inputs (virtual tokens or key/value "
+                               "prefixes), which a plain Transformers model cannot hold.",
+                               "load the PEFT folder with peft.PeftModel.from_pretrained(base, "
+                               "DIR), or use ftlab.load / ftlab-predict on the run.")
+        return model.merge_and_unload()

@@ -145,3 +145,9 @@ class Intrinsic:
             if model.scale is not None:
                 model.scale.copy_(state.pop(SCALE))
         load_by_name(model, state)
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """The frozen model with the trained weights materialised into it."""
+        from ftlab.peft.functional import materialize
+
+        return materialize(model)

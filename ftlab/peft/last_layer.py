@@ -25,3 +25,7 @@ class LastLayer(RequiresGradState):
                 unfreeze(layer)
         unfreeze(fresh)
         return model
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """Already a plain Transformers model (only which parameters trained differs)."""
+        return model

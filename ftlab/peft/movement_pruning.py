@@ -95,3 +95,9 @@ class MovementPruning:
             for w, s in zip(model.originals(), model.scores, strict=True):
                 s.copy_((w != 0).to(s.dtype))
             model.step.fill_(max(model.schedule_steps, 0))
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """The frozen model with the trained weights materialised into it."""
+        from ftlab.peft.functional import materialize
+
+        return materialize(model)

@@ -1,0 +1,73 @@
+"""``ftlab-export RUN_DIR --to hf --output DIR``: a trained stage as a plain Transformers folder
+(``save_pretrained`` of the model, PEFT folded in, plus the tokenizer) that
+``AutoModelFor...from_pretrained(DIR)`` loads without ftlab. Methods that cannot fold
+(prompt/prefix tuning) get their PEFT folder instead, with a message and exit status 3;
+ftlab's bottleneck adapters have neither (use ``ftlab.load`` / ``ftlab-predict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ftlab.errors import FtlabError
+from ftlab.peft.base import Mergeable, NotMergeable, SavesArtefact
+
+#: exit status when DIR holds a PEFT folder rather than a plain Transformers model
+PEFT_FOLDER = 3
+
+
+def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None) -> Path:
+    """Write the stage as a plain Transformers folder into ``output`` and return it. A method
+    that cannot fold raises ``NotMergeable`` after writing its PEFT folder (``output/peft``)
+    where it has one; ftlab's adapters raise ``FtlabError``."""
+    from ftlab.inference import load
+
+    p = load(run_dir, stage)
+    output = Path(output)
+    if not isinstance(p.peft, Mergeable):
+        raise FtlabError(f"peft={p.peft.name} inserts modules a plain Transformers model does "
+                         "not have, so it cannot be exported as one.", "use ftlab.load(run_dir) "
+                         "or ftlab-predict; the run folder is the artefact.")
+    try:
+        model = p.peft.merged(p.model)
+    except NotMergeable:
+        if not isinstance(p.peft, SavesArtefact):
+            raise
+        p.peft.save(p.model, output)  # <output>/peft, for peft.PeftModel.from_pretrained
+        p.tokenizer.save_pretrained(str(output / "peft"))
+        raise
+    model.save_pretrained(str(output))
+    p.tokenizer.save_pretrained(str(output))
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ftlab-export RUN_DIR [--stage NAME] --to hf --output DIR``."""
+    parser = argparse.ArgumentParser(prog="ftlab-export", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
+    parser.add_argument("--stage", help="which stage (default: the run's last)")
+    parser.add_argument("--to", choices=["hf"], default="hf", help="the format (Transformers)")
+    parser.add_argument("--output", type=Path, required=True, help="the folder to write")
+    args = parser.parse_args(argv)
+    from ftlab.cli import quiet
+
+    quiet()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+    try:
+        export_hf(args.run_dir, args.output, args.stage)
+    except NotMergeable as err:
+        print(f"ftlab-export: {err}\nWrote the PEFT folder instead: {args.output / 'peft'}",
+              file=sys.stderr)
+        sys.exit(PEFT_FOLDER)
+    except FtlabError as err:
+        sys.exit(f"ftlab-export: {err}")
+    print(f"ftlab-export: a Transformers folder in {args.output} "
+          "(AutoModelForSequenceClassification.from_pretrained loads it)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

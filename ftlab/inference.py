@@ -1,0 +1,226 @@
+"""Use a finished run: ``ftlab.load(run_dir)`` rebuilds a stage's model with the builders
+training used (task model, PEFT method, ``load_trainable_state``; earlier stages first when it
+started from one) from the stage card (``ftlab/artefact.py``), and predicts labels and
+probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict`` is its CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftlab.errors import FtlabError, choices_text, closest
+from ftlab.pipeline import ResolvedStage
+
+if TYPE_CHECKING:
+    from torch import nn
+
+TRAINABLE = "trainable.safetensors"
+
+
+@dataclass
+class Predictor:
+    """A trained stage, ready to predict.
+
+    Attributes:
+        model: the task model with its trained parameters, in eval mode, fp32.
+        tokenizer: the tokenizer the stage trained with (``<stage>/tokenizer/``).
+        labels: class names in id order (``model.config.id2label`` agrees).
+        stage: the resolved stage it was trained as.
+        peft: the stage's PEFT method (``ftlab-export`` asks it to merge).
+        task: the stage's task, bound to the labels and tokenizer (featurises the texts).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    labels: list[str]
+    stage: ResolvedStage
+    peft: Any
+    task: Any
+
+    @property
+    def text_columns(self) -> list[str]:
+        return list(self.stage.data.text_columns)
+
+    def predict(self, texts: list[Any], batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per row ``{"label", "score", "probs": {label: probability}}``, in input order.
+
+        ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
+        column, or dicts keyed by the text columns.
+        """
+        import torch
+
+        from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
+
+        columns = self._columns(texts)
+        features = self.task.featurize({**columns, "label": [0] * len(texts)})
+        keep = [f for f in self.task.features if f != "labels"]
+        rows = [{k: features[k][i] for k in keep} for i in range(len(texts))]
+        collate = PadCollator(self.tokenizer.pad_token_id, pad_values=self.task.pad_values)
+        probs = torch.empty(len(texts), len(self.labels))
+        order = LengthGroupedBatchSampler(features["length"], batch_size, shuffle=False)
+        with torch.inference_mode():
+            for idx in order:
+                batch = collate([rows[i] for i in idx])
+                logits = self.model(**batch).logits.float()
+                probs[idx] = logits.softmax(-1)
+        best = probs.argmax(-1).tolist()
+        return [{"label": self.labels[b], "score": p[b],
+                 "probs": dict(zip(self.labels, p, strict=True))}
+                for b, p in zip(best, probs.tolist(), strict=True)]
+
+    def _columns(self, texts: list[Any]) -> dict[str, list[str]]:
+        cols = self.text_columns
+        if texts and isinstance(texts[0], dict):
+            missing = [c for c in cols if c not in texts[0]]
+            if missing:
+                raise FtlabError(f"The rows have no column {missing[0]!r} (they have "
+                                 f"{choices_text(texts[0])}).", "pass the stage's text columns: "
+                                 f"{', '.join(cols)} (ftlab-predict: --text-column).")
+            return {c: [r[c] for r in texts] for c in cols}
+        if texts and isinstance(texts[0], list | tuple):
+            if any(len(t) != len(cols) for t in texts):
+                raise FtlabError(f"The stage reads {len(cols)} text(s) per row ({cols}).",
+                                 "give each row that many texts.")
+            return {c: [t[i] for t in texts] for i, c in enumerate(cols)}
+        if len(cols) != 1:
+            raise FtlabError(f"The stage reads {len(cols)} texts per row ({cols}); got plain "
+                             "strings.", "pass tuples or dicts with one text per column.")
+        return {cols[0]: list(texts)}
+
+
+def stage_names(run_dir: Path) -> list[str]:
+    """The run's stages in pipeline order (``metrics.json``), else every folder with a card."""
+    from ftlab.artefact import CARD
+
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        names = json.loads(metrics.read_text()).get("pipeline") or []
+        if names:
+            return list(names)
+    return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
+
+
+def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
+    """Rebuild a trained stage of the run in ``run_dir`` (default: its last stage)."""
+    import lightning as L
+
+    from ftlab.artefact import read_stage_card
+
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FtlabError(f"There is no run folder {run_dir}.",
+                         "pass a folder ftlab wrote, e.g. outputs/runs/<time>.")
+    names = stage_names(run_dir)
+    if not names:
+        raise FtlabError(f"{run_dir} holds no trained stage (no */card.json).",
+                         "pass the folder of a finished run (a job folder of a sweep).")
+    name = stage or names[-1]
+    if name not in names:
+        raise FtlabError(f"The run has no stage '{name}'.{closest(name, names)}",
+                         f"use --stage with one of: {choices_text(names)}.")
+    spec, labels = read_stage_card(run_dir / name)
+    if not labels:
+        raise FtlabError(f"Stage '{name}' has no labels ({spec.task.get('_target_')} predicts "
+                         "no classes).", "pick a classification stage with --stage: "
+                         f"{choices_text(names)}.")
+    L.seed_everything(spec.seed, verbose=False)
+    from ftlab.build import StageBuilder
+
+    model, peft, task = _rebuild(run_dir, name, StageBuilder())
+    return Predictor(model.float().eval(), task.tokenizer, labels, spec, peft, task)
+
+
+def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, Any]:
+    """(model with the stage's trained parameters, its PEFT method, its bound task); an
+    ``init_from`` stage is rebuilt first and handed over as in training."""
+    from transformers import AutoTokenizer
+
+    from ftlab.artefact import TOKENIZER, read_stage_card
+    from ftlab.store import load_tensors
+
+    stage_dir = run_dir / name
+    spec, labels = read_stage_card(stage_dir)
+    if not (stage_dir / TRAINABLE).is_file():
+        raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
+                         "re-run it with save_artefact: true.")
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
+    task = builder.saved_task(spec, labels, tokenizer)
+    upstream = None
+    if spec.init_from != "pretrained":
+        upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)
+    model, peft, _, _ = builder.model(spec, upstream)
+    peft.load_trainable_state(model, load_tensors(stage_dir / TRAINABLE))
+    return model, peft, task
+
+
+def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], list[str]]:
+    """Rows of a ``.csv``/``.tsv``, ``.jsonl`` or ``.txt`` (one text per line) file, as dicts
+    (or strings for ``.txt``), and the columns found."""
+    if not path.is_file():
+        raise FtlabError(f"There is no input file {path}.", "pass --input FILE.{csv,jsonl,txt}.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [line for line in path.read_text().splitlines() if line.strip()], ["text"]
+    if suffix in (".csv", ".tsv"):
+        import csv
+
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise FtlabError(f"Cannot read {path.name}: unknown suffix '{suffix}'.",
+                         "use a .csv, .tsv, .jsonl or .txt file.")
+    return rows, list(rows[0]) if rows else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ftlab-predict RUN_DIR --input FILE --output preds.jsonl``: labels and probabilities."""
+    parser = argparse.ArgumentParser(prog="ftlab-predict", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
+    parser.add_argument("--input", type=Path, required=True, help="a .csv/.tsv, .jsonl or .txt")
+    parser.add_argument("--output", type=Path, required=True, help="where to write .jsonl")
+    parser.add_argument("--stage", help="which stage (default: the run's last)")
+    parser.add_argument("--text-column", action="append", dest="text_columns",
+                        help="the input's text column(s), in the stage's order (default: the "
+                             "stage's own data.text_columns); repeat for pairs")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    from ftlab.cli import quiet
+
+    quiet()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+    try:
+        predictor = load(args.run_dir, args.stage)
+        rows, found = read_rows(args.input, args.text_columns)
+        if rows and isinstance(rows[0], dict):
+            wanted = args.text_columns or predictor.text_columns
+            missing = [c for c in wanted if c not in found]
+            if missing:
+                raise FtlabError(f"{args.input.name} has no column '{missing[0]}' (it has: "
+                                 f"{choices_text(found)}).{closest(missing[0], found)}",
+                                 "name the text column(s) with --text-column.")
+            if len(wanted) != len(predictor.text_columns):
+                raise FtlabError(f"The stage reads {len(predictor.text_columns)} text column(s) "
+                                 f"({predictor.text_columns}); got {len(wanted)}.",
+                                 "give --text-column once per text.")
+            rows = [tuple(r[c] for c in wanted) for r in rows]
+        preds = predictor.predict(rows, batch_size=args.batch_size)
+    except FtlabError as err:
+        sys.exit(f"ftlab-predict: {err}")
+    from ftlab.store import atomic_write
+
+    text = "".join(json.dumps(p) + "\n" for p in preds)
+    atomic_write(args.output, lambda p: p.write_text(text))
+    print(f"ftlab-predict: {len(preds)} rows -> {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""A finished run used on new text: the stage card, ftlab.load, ftlab-predict, ftlab-export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ftlab
+from ftlab.artefact import read_stage_card
+from ftlab.export import PEFT_FOLDER
+from ftlab.export import main as export_main
+from ftlab.inference import main as predict_main
+from ftlab.pipeline import build_pipeline
+from ftlab.run import run
+from tests.conftest import tiny_overrides
+
+METHODS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "peft").glob("*.yaml"))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def train(make_cfg, sentiment_dir, tmp_path):
+    def _train(*extra: str) -> tuple[Path, dict, object]:
+        cfg = make_cfg([*tiny_overrides(sentiment_dir), "stage.optim.lr=2e-3",
+                        "trainer.max_epochs=2", *extra])
+        record = run(cfg)
+        assert record["status"] == "ok", record.get("error")
+        return tmp_path / "run", record, cfg
+
+    return _train
+
+
+def test_each_stage_records_its_labels_tokenizer_and_resolved_stage(train):
+    run_dir, _, cfg = train()
+    stage, labels = read_stage_card(run_dir / "classify")
+    assert labels == ["neg", "pos"]
+    assert stage == build_pipeline(cfg)[0]  # round-trips to the very stage that trained
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "classify" / "tokenizer"))
+    assert tok("great film")["input_ids"] == ftlab.load(run_dir).tokenizer("great film")[
+        "input_ids"]
+
+
+def test_load_predicts_what_the_trained_model_scored_on_test(train, sentiment_dir):
+    run_dir, record, _ = train("trainer.max_epochs=6", "stage.optim.lr=3e-3", "seed=3")
+    test = _rows(sentiment_dir / "test.jsonl")
+    model = ftlab.load(run_dir)
+    preds = model.predict([r["text"] for r in test])
+    acc = sum(p["label"] == r["label"] for p, r in zip(preds, test, strict=True)) / len(test)
+    assert acc == pytest.approx(record["final"]["test/acc"], abs=1e-6)
+    assert acc > 0.6  # it learnt something, so equality above is not chance
+    assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
+    assert model.labels == ["neg", "pos"]
+
+
+def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, sentiment_dir):
+    run_dir, record, _ = train("pipeline=tiny")
+    test = _rows(sentiment_dir / "test.jsonl")
+    preds = ftlab.load(run_dir).predict([r["text"] for r in test])
+    acc = sum(p["label"] == r["label"] for p, r in zip(preds, test, strict=True)) / len(test)
+    assert acc == pytest.approx(record["final"]["test/acc"], abs=1e-6)
+    with pytest.raises(SystemExit) as err:  # the masked-LM stage predicts no classes
+        predict_main([str(run_dir), "--stage", "tapt", "--input",
+                      str(sentiment_dir / "test.jsonl"), "--output", str(run_dir / "p.jsonl")])
+    assert "Stage 'tapt' has no labels" in str(err.value.code)
+
+
+def test_a_stage_reused_from_the_cache_still_loads(train, tmp_path):
+    cache = f"cache.dir={tmp_path / 'cache'}"
+    run_dir, _, _ = train("pipeline=tiny", cache)
+    texts = ["great superb film", "the plot was dull"]
+    first = ftlab.load(run_dir).predict(texts)
+    run_dir.rename(tmp_path / "first")  # the second run writes a fresh folder
+    run_dir, record, _ = train("pipeline=tiny", cache)
+    assert record["lineage"][0]["cache_hit"] is True
+    assert read_stage_card(run_dir / "tapt")[0].name == "tapt"
+    assert ftlab.load(run_dir).predict(texts) == first
+
+
+@pytest.mark.parametrize("peft", ["full", "lora", "diff_pruning"])
+def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _, _ = train(f"peft={peft}", "trainer.max_epochs=4", "stage.optim.lr=3e-3")
+    texts = ["great superb film", "the plot was dull and the ending awful",
+             "a movie", "funny " * 40]
+    expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
+                             for p in ftlab.load(run_dir).predict(texts)])
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        got = model(**enc).logits.softmax(-1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    assert not list((tmp_path / "hf").glob("adapter_config.json"))  # plain, not a PEFT folder
+
+
+@pytest.mark.parametrize("peft", METHODS)
+def test_every_method_exports_a_matching_model_or_says_why_not(train, peft, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ftlab.peft.base import Mergeable
+
+    run_dir, _, _ = train(f"peft={peft}", "trainer.max_steps=4", "stage.optim.lr=3e-3")
+    loaded = ftlab.load(run_dir)
+    out = tmp_path / "hf"
+    try:
+        export_main([str(run_dir), "--output", str(out)])
+    except SystemExit as err:  # not foldable: a message, and the PEFT folder where there is one
+        assert err.code == PEFT_FOLDER or not isinstance(loaded.peft, Mergeable), peft
+        assert "ftlab-export:" in capsys.readouterr().err + str(err.code)
+        assert err.code != PEFT_FOLDER or (out / "peft" / "adapter_config.json").is_file()
+        return
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    expected = torch.tensor([list(p["probs"].values()) for p in loaded.predict(texts)])
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    enc = AutoTokenizer.from_pretrained(str(out))(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**enc).logits.softmax(-1), expected, atol=1e-6,
+                                   rtol=1e-5)
+
+
+def test_prompt_tuning_exports_its_peft_folder_with_a_message(train, tmp_path, capsys):
+    run_dir, _, _ = train("peft=prompt_tuning")
+    with pytest.raises(SystemExit) as err:
+        export_main([str(run_dir), "--output", str(tmp_path / "hf")])
+    assert err.value.code == PEFT_FOLDER
+    assert "cannot hold" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "peft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "txt"])
+def test_predict_cli_reads_csv_jsonl_txt_and_writes_one_line_per_row(
+        train, sentiment_dir, tmp_path, kind):
+    run_dir, _, _ = train("trainer.max_steps=2")
+    texts = [r["text"] for r in _rows(sentiment_dir / "test.jsonl")][:20]
+    src = tmp_path / f"in.{kind}"
+    if kind == "csv":
+        import csv
+
+        with src.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "review"])
+            w.writerows([i, t] for i, t in enumerate(texts))
+        extra = ["--text-column", "review"]
+    elif kind == "jsonl":
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        extra = []
+    else:
+        src.write_text("\n".join(texts) + "\n")
+        extra = []
+    out = tmp_path / "preds.jsonl"
+    predict_main([str(run_dir), "--input", str(src), "--output", str(out), "--batch-size",
+                  "4", *extra])
+    got = _rows(out)
+    want = ftlab.load(run_dir).predict(texts)
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["probs"] == pytest.approx(w["probs"], abs=1e-6)
+
+
+def test_predict_cli_errors_name_the_fix(train, sentiment_dir, tmp_path):
+    run_dir, _, _ = train("trainer.max_steps=2")
+    src = sentiment_dir / "test.jsonl"
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as err:
+            predict_main([*args, "--output", str(tmp_path / "p.jsonl")])
+        return str(err.value.code)
+
+    assert "There is no run folder" in error(str(tmp_path / "nope"), "--input", str(src))
+    assert "no stage 'clasify'. Did you mean 'classify'" in error(
+        str(run_dir), "--stage", "clasify", "--input", str(src))
+    msg = error(str(run_dir), "--input", str(src), "--text-column", "review")
+    assert "has no column 'review'" in msg and "label, text" in msg
+    assert not (tmp_path / "p.jsonl").exists()
