@@ -58,24 +58,26 @@ def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
-def needs_logits(name: str, model: nn.Module) -> None:
+COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
+
+
+def needs_logits(name: str, model: nn.Module, why: str = COMPARES) -> None:
     """At ``apply`` (also on the meta device): a masked-LM model has no per-row logits."""
     if type(unwrap(model)).__name__.endswith("ForMaskedLM"):
-        raise no_logits(name, "stage=mlm")
+        raise no_logits(name, "stage=mlm", why)
 
 
-def no_logits(name: str, task: str) -> FtlabError:
+def no_logits(name: str, task: str, why: str = COMPARES) -> FtlabError:
     return FtlabError(
-        f"regularizer={name} compares the model's predictions (logits) on clean and perturbed "
-        f"inputs, but the {task} task exposes none (masked LM scores only masked positions, "
-        "drawn anew in every forward).",
+        f"regularizer={name} {why}, but the {task} task exposes no logits (masked LM scores "
+        "only masked positions, drawn anew in every forward).",
         "use it with a task that has logits (stage=classify: sequence or sentence-pair "
         "classification), or regularizer=none / regularizer=mixout for this stage.")
 
 
-def logits_of(name: str, task: Task, out: TaskOutput) -> torch.Tensor:
+def logits_of(name: str, task: Task, out: TaskOutput, why: str = COMPARES) -> torch.Tensor:
     if out.logits is None:
-        raise no_logits(name, type(task).__name__)
+        raise no_logits(name, type(task).__name__, why)
     return out.logits
 
 

@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.regularizers.embedding import (needs_logits, perturbed, token_mask,
+from ftlab.regularizers.embedding import (logits_of, needs_logits, perturbed, token_mask,
                                           zeros_like_embeddings)
 from ftlab.tasks.base import Task, TaskOutput
 
 NORMS = ("l2", "linf")
+#: why a task without logits (masked LM) is refused
+WHY = "runs K ascent steps against one fixed objective per batch"
 
 
 class FreeLB:
@@ -57,7 +59,7 @@ class FreeLB:
         self.max_norm, self.norm = max_norm, norm
 
     def apply(self, model: nn.Module) -> nn.Module:
-        needs_logits(self.name, model)  # masked LM re-draws its masks in every forward
+        needs_logits(self.name, model, WHY)
         return model
 
     def init_delta(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -92,6 +94,7 @@ class FreeLB:
             with perturbed(model, delta):
                 out = task.forward(model, batch)
             if first is None:
+                logits_of(self.name, task, out, WHY)
                 first = out
             part = out.loss / self.steps
             total = part if total is None else total + part
