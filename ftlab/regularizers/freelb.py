@@ -27,8 +27,13 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.regularizers.embedding import (logits_of, needs_logits, perturbed, token_mask,
-                                          zeros_like_embeddings)
+from ftlab.regularizers.embedding import (
+    logits_of,
+    needs_logits,
+    perturbed,
+    token_mask,
+    zeros_like_embeddings,
+)
 from ftlab.tasks.base import Task, TaskOutput
 
 NORMS = ("l2", "linf")

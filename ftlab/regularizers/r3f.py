@@ -12,8 +12,13 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.regularizers.embedding import (logits_of, needs_logits, perturbed, symmetric_kl,
-                                          zeros_like_embeddings)
+from ftlab.regularizers.embedding import (
+    logits_of,
+    needs_logits,
+    perturbed,
+    symmetric_kl,
+    zeros_like_embeddings,
+)
 from ftlab.tasks.base import Task, TaskOutput
 
 NOISE = ("uniform", "normal")

@@ -26,8 +26,13 @@ from torch import nn
 from torch.func import functional_call
 
 from ftlab.errors import FtlabError
-from ftlab.regularizers.embedding import (logits_of, needs_logits, perturbed,
-                                          symmetric_kl_fixed_targets, zeros_like_embeddings)
+from ftlab.regularizers.embedding import (
+    logits_of,
+    needs_logits,
+    perturbed,
+    symmetric_kl_fixed_targets,
+    zeros_like_embeddings,
+)
 from ftlab.tasks.base import Task, TaskOutput
 
 
