@@ -32,6 +32,9 @@ from tests.test_peft_contract import batch, logits, method, model_config, tiny_m
 
 REGULARIZERS = sorted(p.stem for p in (Path(CONFIG_DIR) / "regularizer").glob("*.yaml"))
 PEFTS = ("full", "lora", "adapter_pfeiffer")
+#: the regularisers' own terms, logged per step as train/<term>
+LOGGED_TERMS = {"r3f": ("r3f_kl",), "smart": ("smart_adv", "smart_bregman"),
+                "freelb": ("freelb_first_loss",)}
 #: scaled to the tiny model in the end-to-end run: its random embeddings have std 0.02 and
 #: FreeLB's BERT-scale steps (0.1, even 0.01) keep it at the majority class for 96 steps; a
 #: random "pre-trained" backbone is what mixout holds the weights to (at p=0.9 it barely moves)
@@ -149,6 +152,9 @@ def test_a_tiny_run_learns_and_records_its_metrics(name, make_cfg, sentiment_dir
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["final"] == final
     assert OmegaConf.load(run_dir / "config.yaml").regularizer._target_ == cfg.regularizer._target_
+    (path,) = (run_dir / "classify" / "csv").rglob("metrics.csv")
+    header = path.read_text().splitlines()[0].split(",")
+    assert {f"train/{t}" for t in LOGGED_TERMS.get(name, ())} <= set(header), header
     losses = train_losses(run_dir)
     assert len(losses) >= 90
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.1, losses
