@@ -35,9 +35,9 @@ PEFTS = ("full", "lora", "adapter_pfeiffer")
 #: the regularisers' own terms, logged per step as train/<term>
 LOGGED_TERMS = {"r3f": ("r3f_kl",), "smart": ("smart_adv", "smart_bregman"),
                 "freelb": ("freelb_first_loss",)}
-#: scaled to the tiny model in the end-to-end run: its random embeddings have std 0.02 and
-#: FreeLB's BERT-scale steps (0.1, even 0.01) keep it at the majority class for 96 steps; a
-#: random "pre-trained" backbone is what mixout holds the weights to (at p=0.9 it barely moves)
+#: scaled to the tiny model in the end-to-end run: FreeLB's steps (norm 0.1-0.3 per row) are
+#: ~60% of a tiny row's embedding norm (random, std 0.02; ~5% for MiniLM) and keep it at the
+#: majority class; a random "pre-trained" backbone is what mixout holds the weights to
 TINY_RUN = {"freelb": ["regularizer.adv_lr=1e-3", "regularizer.init_mag=1e-3"],
             "mixout": ["regularizer.p=0.5"]}
 
