@@ -30,7 +30,11 @@ class FineTuneModule(L.LightningModule):
         self.test_metrics = task.metrics().clone(prefix="test/")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.regularizer.training_loss(self.model, batch, self.task).loss
+        out = self.regularizer.training_loss(self.model, batch, self.task)
+        loss, rows = out.loss, batch["input_ids"].shape[0]
+        for key, value in out.extras.items():  # the regulariser's own terms (train/r3f_kl...)
+            if key.startswith(f"{self.regularizer.name}_"):
+                self.log(f"train/{key}", value, batch_size=rows)
         if isinstance(self.model, Penalized):  # a PEFT wrapper's penalty (diff pruning's L0)
             loss = loss + self.model.extra_loss()
         if not torch.isfinite(loss):
@@ -40,7 +44,7 @@ class FineTuneModule(L.LightningModule):
                              f"{self.global_step}; the run is stopped and marked failed.",
                              "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
                              "data for empty/garbled rows.")
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection,

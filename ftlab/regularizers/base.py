@@ -18,7 +18,14 @@ class Regularizer(Protocol):
     task's :class:`TaskOutput` (``loss``, ``logits``) from ``task.forward(model, batch)`` and
     may call it again on a perturbed batch (e.g. ``inputs_embeds`` instead of ``input_ids``:
     the model's input embeddings are ``model.get_input_embeddings()``); it returns the output
-    whose ``loss`` trains.
+    whose ``loss`` trains. Scalars in its ``extras`` named ``<name>_...`` are logged as
+    ``train/<name>_...``.
+
+    Never call ``backward`` inside ``training_loss``: Lightning zeroes the gradients *after*
+    the training step, before its own backward. A method that accumulates gradients over
+    several passes returns a loss whose gradient is the accumulated one (FreeLB: the mean of
+    the K losses at constant perturbations) and takes other gradients with
+    ``torch.autograd.grad``; clipping, accumulation and precision then stay the Trainer's.
     """
 
     name: str

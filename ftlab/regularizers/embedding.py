@@ -1,0 +1,100 @@
+"""What the embedding-space regularisers (R3F, SMART, FreeLB) share: a perturbation added to
+the input word embeddings, the check that the task has logits, and the symmetric KL.
+
+The perturbation is a forward hook on the model's input embedding module
+(``get_input_embeddings()`` of the Hugging Face model inside any PEFT wrapper), so it reaches
+every family and every way a PEFT method wraps the model: HF ``peft`` models (LoRA, prompts:
+the prompts are concatenated after the word embeddings and stay clean), forward-hook adapters
+and the ``functional_call`` re-parametrisations (module hooks run there too). It is added to
+every call of the embedding whose output has the perturbation's shape (T5 classification
+embeds the shifted decoder input with the same module and shape: both get it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ftlab.errors import FtlabError
+from ftlab.model.arch import unwrap
+from ftlab.tasks.base import Task, TaskOutput
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    return unwrap(model).get_input_embeddings()
+
+
+def zeros_like_embeddings(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A zero perturbation shaped like the word embeddings of ``batch`` ([batch, tokens, dim])."""
+    weight = input_embeddings(model).weight
+    ids = batch["input_ids"]
+    return torch.zeros((*ids.shape, weight.shape[-1]), dtype=torch.float32, device=ids.device)
+
+
+def token_mask(batch: dict[str, torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+    """1 at real tokens, 0 at padding, broadcastable to ``delta``."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(delta[..., :1])
+    return mask.to(delta.dtype).unsqueeze(-1)
+
+
+@contextmanager
+def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
+    """Within the block, the word embeddings' output is ``output + delta``."""
+
+    def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out + delta.to(out.dtype) if out.shape == delta.shape else out
+
+    # prepend: the noise is part of the embedding, before any other hook sees it
+    handle = input_embeddings(model).register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
+
+
+def needs_logits(name: str, model: nn.Module, why: str = COMPARES) -> None:
+    """At ``apply`` (also on the meta device): a masked-LM model has no per-row logits."""
+    if type(unwrap(model)).__name__.endswith("ForMaskedLM"):
+        raise no_logits(name, "stage=mlm", why)
+
+
+def no_logits(name: str, task: str, why: str = COMPARES) -> FtlabError:
+    return FtlabError(
+        f"regularizer={name} {why}, but the {task} task exposes no logits (masked LM scores "
+        "only masked positions, drawn anew in every forward).",
+        "use it with a task that has logits (stage=classify: sequence or sentence-pair "
+        "classification), or regularizer=none / regularizer=mixout for this stage.")
+
+
+def logits_of(name: str, task: Task, out: TaskOutput, why: str = COMPARES) -> torch.Tensor:
+    if out.logits is None:
+        raise no_logits(name, type(task).__name__, why)
+    return out.logits
+
+
+def kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)), summed over classes, mean over rows (positions)."""
+    target = target.float().reshape(-1, target.shape[-1])
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
+                    reduction="batchmean")
+
+
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(a||b) + KL(b||a); gradients reach both (fairseq's R3F)."""
+    return kl(a, b) + kl(b, a)
+
+
+def symmetric_kl_fixed_targets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(a||b) + KL(b||a) where each direction treats its target as a constant (mt-dnn's
+    symmetric KL for SMART): gradients reach both, never through a target distribution."""
+    return kl(a.detach(), b) + kl(b.detach(), a)

@@ -1,0 +1,131 @@
+"""SMART (Jiang et al. 2020): smoothness-inducing adversarial regularisation plus Bregman
+proximal point optimisation.
+
+Training loss = task loss
+  + ``lambda_s`` * symmetric KL(f(x), f(x + delta)), where delta starts as N(0, noise_std^2)
+    noise on the word embeddings and takes ``steps`` projected gradient-ascent steps on that KL:
+    delta <- clip(delta + step_size * g / ||g||_inf, -eps, eps) (per token; the paper's
+    Algorithm 1, mt-dnn's ``SmartPerturbation``);
+  + ``mu`` * symmetric KL(f(x; theta), f(x; theta_tilde)): the Bregman proximal point term
+    against a momentum teacher theta_tilde = beta * theta_tilde + (1 - beta) * theta, tracked
+    for the *trainable* tensors only (the frozen rest is shared) and run with
+    ``torch.func.functional_call`` on the same model, under ``no_grad``.
+
+The teacher starts as the model and is updated once per optimiser step (detected by the
+trainable tensors' version counters, so gradient accumulation does not advance it).
+The ascent's gradients come from ``torch.autograd.grad`` w.r.t. delta only: parameter
+gradients are left to the one backward pass Lightning runs on the returned loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ftlab.errors import FtlabError
+from ftlab.regularizers.embedding import (
+    logits_of,
+    needs_logits,
+    perturbed,
+    symmetric_kl_fixed_targets,
+    zeros_like_embeddings,
+)
+from ftlab.tasks.base import Task, TaskOutput
+
+
+class _WithWeights:
+    """``model`` called with ``weights`` swapped in (the teacher); other attributes pass."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.model, self.weights = model, weights
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.model, self.weights, args, kwargs, strict=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+class Smart:
+    """Args:
+        lambda_s: weight of the adversarial smoothness term.
+        mu: weight of the Bregman proximal point term (0: off, no teacher kept).
+        beta: momentum of the teacher.
+        eps: the perturbation's L-inf radius (per element).
+        step_size: ascent step size (on the L-inf-normalised gradient).
+        noise_std: std of the initial perturbation.
+        steps: ascent steps.
+    """
+
+    name = "smart"
+
+    def __init__(self, lambda_s: float = 1.0, mu: float = 1.0, beta: float = 0.99,
+                 eps: float = 1e-5, step_size: float = 1e-3, noise_std: float = 1e-5,
+                 steps: int = 1) -> None:
+        if min(lambda_s, mu, eps, step_size, noise_std) < 0 or steps < 0 or not 0 <= beta < 1:
+            raise FtlabError(
+                f"regularizer=smart got lambda_s={lambda_s}, mu={mu}, beta={beta}, eps={eps}, "
+                f"step_size={step_size}, noise_std={noise_std}, steps={steps}.",
+                "weights, sizes and steps must be >= 0 and 0 <= beta < 1 (paper: 1, 1, 0.99, "
+                "1e-5, 1e-3, 1e-5, 1).")
+        self.lambda_s, self.mu, self.beta = lambda_s, mu, beta
+        self.eps, self.step_size, self.noise_std, self.steps = eps, step_size, noise_std, steps
+        self.teacher: dict[str, torch.Tensor] = {}
+        self._version = -1
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        needs_logits(self.name, model)
+        return model
+
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                      task: Task) -> TaskOutput:
+        out = task.forward(model, batch)
+        clean = logits_of(self.name, task, out)
+        loss, extras = out.loss, dict(out.extras)
+        if self.lambda_s > 0:
+            adv = self.adversarial(model, batch, task, clean)
+            loss, extras["smart_adv"] = loss + self.lambda_s * adv, adv.detach()
+        if self.mu > 0:
+            breg = self.bregman(model, batch, task, clean)
+            loss, extras["smart_bregman"] = loss + self.mu * breg, breg.detach()
+        return TaskOutput(loss, clean, extras)
+
+    def adversarial(self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task,
+                    clean: torch.Tensor) -> torch.Tensor:
+        delta = zeros_like_embeddings(model, batch).normal_(0.0, self.noise_std)
+        for _ in range(self.steps):
+            delta.requires_grad_()
+            with perturbed(model, delta):
+                noisy = logits_of(self.name, task, task.forward(model, batch))
+            (grad,) = torch.autograd.grad(symmetric_kl_fixed_targets(noisy, clean.detach()),
+                                          delta)
+            if not torch.isfinite(grad).all():  # as mt-dnn: no adversarial term this step
+                return clean.new_zeros((), dtype=torch.float32)
+            step = grad / (grad.abs().amax(-1, keepdim=True) + 1e-6)
+            delta = (delta + self.step_size * step).clamp(-self.eps, self.eps).detach()
+        with perturbed(model, delta):
+            noisy = logits_of(self.name, task, task.forward(model, batch))
+        return symmetric_kl_fixed_targets(clean, noisy)
+
+    def bregman(self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task,
+                clean: torch.Tensor) -> torch.Tensor:
+        self.update_teacher(model)
+        with torch.no_grad():
+            target = logits_of(self.name, task,
+                               task.forward(_WithWeights(model, self.teacher), batch))
+        return symmetric_kl_fixed_targets(clean, target)
+
+    @torch.no_grad()
+    def update_teacher(self, model: nn.Module) -> None:
+        """theta_tilde <- beta theta_tilde + (1 - beta) theta, once per optimiser step."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        version = sum(p._version for p in params.values())
+        if not self.teacher or self.teacher.keys() != params.keys():
+            self.teacher = {n: p.detach().clone() for n, p in params.items()}
+        elif version != self._version:
+            for n, p in params.items():
+                self.teacher[n].lerp_(p.detach(), 1.0 - self.beta)
+        self._version = version
