@@ -89,3 +89,27 @@ def shared_file(rel: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (a user's clone has no ../shared/data)")
     return path
+
+
+def loss_before_after(task, model, batch: dict, steps: int,
+                      lr: float = 3e-3) -> tuple[float, float]:
+    """Eval-mode task loss on ``batch`` before and after ``steps`` AdamW steps on it."""
+    import torch
+
+    from ftlab.optim import OptimSpec, build_optimizer
+
+    opt, _ = build_optimizer(model, OptimSpec(lr=lr, warmup_ratio=0.0), 100)
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return task.forward(model, batch).loss.item()
+
+    before = eval_loss()
+    model.train()
+    for _ in range(steps):
+        loss = task.forward(model, batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, eval_loss()

@@ -12,11 +12,10 @@ from ftlab.config import bind_schema
 from ftlab.data.batching import PadCollator
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model, load_tokenizer
-from ftlab.optim import OptimSpec, build_optimizer
 from ftlab.run import run
 from ftlab.store import load_tensors, read_json
 from ftlab.tasks.clm import CausalLM
-from tests.conftest import synthetic_rows, tiny_overrides
+from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
 
 TEXTS = [r["text"] for r in synthetic_rows(64, seed=5)]
 
@@ -107,21 +106,8 @@ def test_clm_loss_decreases(tiny):
     torch.manual_seed(0)
     model = task.build_model(spec)
     batch = batch_for(task, TEXTS, tok.pad_token_id)
-    opt, _ = build_optimizer(model, OptimSpec(lr=3e-3, warmup_ratio=0.0), 100)
-
-    def val_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            return task.forward(model, batch).loss.item()
-
-    before = val_loss()
-    model.train()
-    for _ in range(30):
-        loss = task.forward(model, batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert val_loss() < before - 1.0, before
+    before, after = loss_before_after(task, model, batch, steps=30)
+    assert after < before - 1.0, before
 
 
 def test_clm_stage_hands_its_weights_to_the_classifier(make_cfg, sentiment_dir, tmp_path):

@@ -14,7 +14,7 @@ from ftlab.optim import OptimSpec, build_optimizer, layer_depths
 from ftlab.run import run
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import AuxMLM, MaskedLM, split_mlm
-from tests.conftest import synthetic_rows, tiny_overrides
+from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
 
 TEXTS = [r["text"] for r in synthetic_rows(64, seed=5)]
 
@@ -99,21 +99,8 @@ def test_mlm_loss_decreases(tiny):
     torch.manual_seed(0)
     model = task.build_model(spec)
     batch = batch_for(task, tok, TEXTS)
-    opt, _ = build_optimizer(model, OptimSpec(lr=3e-3, warmup_ratio=0.0), 100)
-
-    def val_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            return task.forward(model, batch).loss.item()
-
-    before = val_loss()
-    model.train()
-    for _ in range(40):
-        loss = task.forward(model, batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert val_loss() < before - 1.0, before
+    before, after = loss_before_after(task, model, batch, steps=40)
+    assert after < before - 1.0, before
 
 
 def test_mlm_stage_reports_loss_perplexity_and_fresh_head(make_cfg, sentiment_dir):
