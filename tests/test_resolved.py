@@ -91,19 +91,36 @@ def test_every_experiment_reaches_every_stage(experiment, pipeline, make_cfg, se
         (Path(CONFIG_DIR) / "pipeline" / f"{pipeline}.yaml").read_text())["stages"]
     checked = 0
     for group, values in bundle.items():
-        for key, value in values.items():
+        for key, value in _leaves(values):
             for name, stage in stages.items():
                 own = pipe.get(name, {})
                 if group == "trainer":
                     assert stage.trainer[key] == value, (name, key)
                 elif group == "data" and key not in own.get("data_overrides", {}):
                     assert getattr(stage.data, key) == value, (name, key)
-                elif group == "stage":
-                    assert yaml.safe_dump(getattr(stage, key)) == yaml.safe_dump(value)
+                elif group == "stage":  # nested keys (stage.optim.lr) too
+                    assert yaml.safe_dump(_get(stage, key)) == yaml.safe_dump(value), (name, key)
+                elif group == "peft" and own.get("peft") is None:  # the run's peft group
+                    assert stage.peft[key] == value, (name, key)
                 else:
                     continue
                 checked += 1
     assert checked >= len(stages)
+
+
+def _leaves(node: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) for every leaf of a bundle's group node."""
+    out = []
+    for k, v in node.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(prefix + k, v)]
+    return out
+
+
+def _get(stage, dotted: str):
+    value = stage
+    for part in dotted.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
 
 
 def test_validation_and_training_load_data_and_tokenizer_once(make_cfg, sentiment_dir,
