@@ -237,6 +237,9 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
             hit = cache.lookup(key, repair=True)
             if hit is None:
                 result = run_stage(stage, builder, run, upstream)
+                if result.info.get("discarded"):  # stopped early: never reused as complete
+                    result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
+                    return result
                 model = result.model
                 state = model.state_dict() if isinstance(model, torch.nn.Module) else model
                 path = cache.store(key, state, {"name": stage.name, "metrics": result.metrics,

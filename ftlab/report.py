@@ -72,13 +72,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     for key, recs in sorted(groups.items()):
         done = [r for r in recs if r.get("status") == "ok"]
         names = sorted({m for r in done for m in r.get("final", {})})
+        dropped = [r for r in recs if r.get("status") == "discarded"]
+        trouble = [r for r in recs if r.get("status") not in ("ok", "discarded")]
         summary[key] = {
             "runs": len(recs),
-            "errored": sum(r.get("status") != "ok" for r in recs),
+            "errored": len(trouble),
             "failed": sum(bool(r.get("failed")) for r in recs),
+            # stopped early by callbacks=early_discard (neither errored nor failed); their
+            # partial metrics stay out of the statistics below
+            "discarded": len(dropped),
+            "discarded_steps": {"trained": sum(r["discarded"]["steps"] for r in dropped),
+                                "planned": sum(r["discarded"]["planned_steps"]
+                                               for r in dropped)},
             "seeds": {str(r.get("seed")): r.get("final", {}) for r in done},
-            "errors": {str(r["seed"] if "seed" in r else r.get("job")): r.get("error") for r in recs
-                       if r.get("status") != "ok"},
+            "errors": {str(r["seed"] if "seed" in r else r.get("job")): r.get("error")
+                       for r in trouble},
             "metrics": {m: stats([r["final"][m] for r in done if _finite(r["final"].get(m))])
                         for m in names if any(_finite(r["final"].get(m)) for r in done)},
         }
@@ -94,7 +102,11 @@ def markdown(summary: dict[str, Any]) -> str:
     for key, s in summary.items():
         lines += [f"## {key}", "",
                   f"runs: {s['runs']} · errored: {s['errored']} · failed (errored, or "
-                  f"validation accuracy at or below the majority baseline): {s['failed']}", "",
+                  f"validation accuracy at or below the majority baseline): {s['failed']}"
+                  + (f" · discarded early: {s['discarded']} (trained "
+                     f"{s['discarded_steps']['trained']} of their "
+                     f"{s['discarded_steps']['planned']} planned steps)"
+                     if s.get("discarded") else ""), "",
                   "| metric | n | mean | std | median | min | max |",
                   "|---|---|---|---|---|---|---|"]
         for m, st in s["metrics"].items():

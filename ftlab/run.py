@@ -90,7 +90,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
             _run_stages(cfg, explicit, record, context, run_dir)
         final = record["final"]
-        record |= {"status": "ok", "failed": is_degenerate(final)}
+        if record.get("discarded"):  # callbacks=early_discard stopped it: neither ok nor failed
+            record |= {"status": "discarded", "failed": False}
+        else:
+            record |= {"status": "ok", "failed": is_degenerate(final)}
         record["objective"] = objective(record)
     except (FtlabError, Exception, KeyboardInterrupt) as err:
         _record_error(record, err, run_dir, primary)
@@ -146,7 +149,10 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
         record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
         if is_rank_zero():
             write_json(run_dir / "metrics.json", record)
-    record["final"] = results[stages[-1].name].metrics
+        if result.info.get("discarded"):  # early discard: the later stages do not run
+            record["discarded"] = result.info["discarded"]
+            break
+    record["final"] = results[stage.name].metrics
 
 
 def _monitor(stage: Any) -> dict[str, str] | None:
@@ -166,7 +172,8 @@ def _plain(node: Any) -> Any:
 
 def objective(record: dict[str, Any]) -> float:
     """The job's score for optimising sweepers: the last stage's monitored validation metric;
-    for a failed job (or a missing/non-finite metric) the worst value for its mode."""
+    for a failed or discarded job (or a missing/non-finite metric) the worst value for its
+    mode."""
     monitor = record.get("monitor") or {"metric": "val/acc", "mode": "max"}
     worst = -math.inf if monitor["mode"] == "max" else math.inf
     value = (record.get("final") or {}).get(monitor["metric"]) if record["status"] == "ok" \

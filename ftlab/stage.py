@@ -17,6 +17,7 @@ from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
+from ftlab.discard import EarlyDiscard
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
@@ -92,6 +93,10 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
                      "handed_over": handed, **task.info}
+    discarded = next((c.outcome for c in trainer.callbacks
+                      if isinstance(c, EarlyDiscard) and c.outcome), None)
+    if discarded:  # stopped early by callbacks=early_discard: not a complete stage
+        info["discarded"] = discarded | {"steps": trainer.global_step}
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
             info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)

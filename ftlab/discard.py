@@ -1,0 +1,178 @@
+"""Early discard across a sweep (Dodge et al. 2020: bad seeds show early; stop the least
+promising after 20-30% of training).
+
+At ``at`` x the stage's training steps, each job of one multirun scores itself on the
+validation split (the task's ``monitor``/``mode``), appends the score to a ledger in the sweep
+folder (``early_discard.jsonl``, JSON lines under a file lock, so parallel launchers are safe)
+and compares it with the entries already there (same stage name). Jobs that arrive first can
+only compare with those before them, so the rule is:
+
+- the first ``k`` jobs to reach the point always go on (nothing to compare with yet);
+- ``keep: top_k``: a later job goes on if fewer than ``k`` earlier scores beat it (it is among
+  the best ``k`` so far, ties go on);
+- ``keep: above_median``: a later job goes on if its score is at least as good as the median of
+  the earlier scores.
+
+A discarded job stops there (``trainer.should_stop``); the jobs that go on are untouched (the
+callback never changes their schedule). Its metrics so far are kept and the job is recorded as
+``status: discarded`` with the steps it trained against the full budget. Outside a multirun the
+callback does nothing (logged once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+LEDGER = "early_discard.jsonl"
+KEEP = ("top_k", "above_median")
+
+
+def goes_on(earlier: list[float], score: float, keep: str, k: int, mode: str) -> bool:
+    """Whether a job scoring ``score`` goes on, given the ``earlier`` jobs' scores (see the
+    module docstring). A non-finite score counts as the worst possible."""
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, not {keep!r}")
+    if len(earlier) < k:
+        return True
+    sign = 1.0 if mode == "max" else -1.0  # compare "higher is better" values
+    worst = -math.inf
+
+    def good(x: float) -> float:
+        return sign * x if math.isfinite(x) else worst
+
+    mine = good(score)
+    others = [good(x) for x in earlier]
+    if keep == "top_k":
+        return sum(o > mine for o in others) < k
+    return mine >= statistics.median(others)
+
+
+def sweep_dir() -> Path | None:
+    """The multirun's folder (``hydra.sweep.dir``), or None outside a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def record(ledger: Path, entry: dict[str, Any], keep: str, k: int, mode: str) -> bool:
+    """Append ``entry`` (with its ``score`` and ``stage``) to the ledger and decide, both under
+    one lock: the entries already there for the same stage are the earlier jobs."""
+    from filelock import FileLock
+
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(ledger) + ".lock"):
+        earlier = [e["score"] for e in read_ledger(ledger) if e.get("stage") == entry["stage"]]
+        decision = goes_on(earlier, entry["score"], keep, k, mode)
+        line = json.dumps(entry | {"decision": "go_on" if decision else "discard",
+                                   "earlier": len(earlier)}, allow_nan=True)
+        with ledger.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return decision
+
+
+def read_ledger(ledger: Path) -> list[dict[str, Any]]:
+    if not ledger.is_file():
+        return []
+    return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+
+
+class EarlyDiscard(L.Callback):
+    """Stop this job at ``at`` of its training steps if it is among the least promising of its
+    sweep so far (rule: the module docstring).
+
+    Args:
+        at: fraction of the stage's optimiser steps at which jobs are compared (0 < at < 1).
+        keep: ``top_k`` or ``above_median``.
+        k: the first ``k`` jobs always go on; with ``top_k`` the number kept among the best.
+    """
+
+    def __init__(self, at: float = 0.25, keep: str = "top_k", k: int = 3) -> None:
+        if not 0 < at < 1:
+            raise ValueError(f"at must be a fraction of training in (0, 1), not {at}")
+        if keep not in KEEP:
+            raise ValueError(f"keep must be one of {KEEP}, not {keep!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, not {k}")
+        self.at, self.keep, self.k = at, keep, k
+        self.outcome: dict[str, Any] | None = None  # set when this job was discarded
+        self._target: int | None = None
+        self._last_val: tuple[int, float] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.outcome, self._last_val = None, None
+        self._sweep = sweep_dir()
+        if self._sweep is None:
+            log.info("callbacks=early_discard does nothing outside a multirun (ftlab -m ...).")
+            self._target = None
+            return
+        self._total = int(trainer.estimated_stepping_batches)
+        self._target = max(1, math.ceil(self.at * self._total))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        name = f"val/{pl_module.task.monitor}"
+        if not trainer.sanity_checking and name in trainer.callback_metrics:
+            self._last_val = (trainer.global_step, float(trainer.callback_metrics[name]))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self._target is None or trainer.global_step < self._target:
+            return
+        self._target = None  # once per stage
+        task = pl_module.task
+        score = (self._last_val[1] if self._last_val and self._last_val[0] == trainer.global_step
+                 else validation_score(trainer, pl_module))
+        stage_dir = Path(trainer.default_root_dir)
+        entry = {"job": stage_dir.parent.name, "stage": stage_dir.name,
+                 "step": trainer.global_step, "planned_steps": self._total,
+                 "metric": f"val/{task.monitor}", "mode": task.mode, "score": score}
+        go = True
+        if trainer.is_global_zero:
+            go = record(self._sweep / LEDGER, entry, self.keep, self.k, task.mode)
+        go = trainer.strategy.broadcast(go, src=0)  # every rank stops together
+        if not go:
+            self.outcome = entry | {"rule": f"{self.keep} (k={self.k}) at {self.at:g}"}
+            log.info("Early discard: %s=%.4f at step %d of %d is among the least promising of "
+                     "the sweep so far; this job stops here.", entry["metric"], score,
+                     entry["step"], self._total)
+            trainer.should_stop = True
+
+
+@torch.no_grad()
+def validation_score(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+    """The task's monitored metric on the validation split, computed here (the model's own
+    train/eval mode is restored; nothing is logged and no random state is used)."""
+    task, model = pl_module.task, pl_module.model
+    metrics = task.metrics().to(pl_module.device)
+    loader = trainer.datamodule.val_dataloader()
+    was_training = model.training
+    model.eval()
+    loss_sum, rows = 0.0, 0
+    try:
+        for batch in loader:
+            batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+            out = task.forward(model, batch)
+            task.update(metrics, out, batch)
+            n = batch["input_ids"].shape[0]
+            loss_sum, rows = loss_sum + float(out.loss) * n, rows + n
+    finally:
+        model.train(was_training)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    return values.get(task.monitor, loss_sum / max(rows, 1))
