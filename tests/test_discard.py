@@ -137,3 +137,21 @@ def test_the_ledger_stays_valid_under_two_concurrent_writers(tmp_path):
     assert len(entries) == 80 and len({e["job"] for e in entries}) == 80
     # each decision saw exactly the entries before it: read and append were one step
     assert [e["earlier"] for e in entries] == list(range(80))
+
+
+def test_a_discarded_pipeline_stage_skips_the_later_stages_and_the_cache(
+        make_cfg, sentiment_dir, tmp_path):
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    sweep.mkdir()
+    (sweep / LEDGER).write_text("".join(  # two earlier TAPT runs with an unbeatable val/loss
+        json.dumps({"job": str(i), "stage": "tapt", "score": 0.0}) + "\n" for i in range(2)))
+    cfg = _multirun_cfg(make_cfg, sentiment_dir, sweep,
+                        ["pipeline=tiny", f"cache.dir={cache}"])
+    rec = run(cfg)
+    assert rec["status"] == "discarded" and list(rec["stages"]) == ["tapt"]
+    assert rec["discarded"]["stage"] == "tapt" and rec["discarded"]["metric"] == "val/loss"
+    planned = rec["discarded"]["planned_steps"]  # one epoch of TAPT blocks, capped at 12
+    assert rec["discarded"]["steps"] == math.ceil(0.25 * planned) < planned
+    assert rec["stages"]["tapt"]["cached"] is False
+    assert not any(p.is_dir() and not p.name.startswith(".") for p in cache.glob("*")
+                   if (p / "stage.json").is_file())
