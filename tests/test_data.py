@@ -120,9 +120,8 @@ def test_vitaminc_as_shipped_has_three_disjoint_splits(make_cfg, monkeypatch, tm
     raw = load_raw(_vitaminc(make_cfg, monkeypatch, tmp_path, "data.max_train_samples=50"))
     assert {s: len(ds) for s, ds in raw.splits.items()} == {
         "train": 50, "validation": 1500, "test": 1500}
-    val = {(e, c) for e, c in zip(raw.splits["validation"]["evidence"],
-                                  raw.splits["validation"]["claim"])}
-    test = {(e, c) for e, c in zip(raw.splits["test"]["evidence"], raw.splits["test"]["claim"])}
+    val, test = ({(r["evidence"], r["claim"]) for r in raw.splits[s]} for s in ("validation",
+                                                                                "test"))
     assert not val & test
     assert set(raw.splits["test"]["label"]) == {0, 1, 2}
 
