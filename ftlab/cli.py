@@ -10,11 +10,15 @@ import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 _HERE = Path(__file__).resolve().parent
 #: conf/ sits beside the package in a checkout and inside it in a built wheel
 CONFIG_DIR = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf")
+#: the project root: the folder holding conf/ (``${ftlab_project:}`` in conf/paths), so a shipped
+#: config finds ../shared/data whichever folder ftlab runs from
+OmegaConf.register_new_resolver("ftlab_project", lambda: str(Path(CONFIG_DIR).parent),
+                                replace=True)
 
 
 def quiet() -> None:

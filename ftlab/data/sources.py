@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,12 @@ def _load(spec: DataSpec) -> DatasetDict:
         path = Path(f).expanduser()
         if not path.is_file():
             raise FtlabError(
-                f"Data file for split '{split}' not found: {path}.",
+                f"Data file for split '{split}' not found: {path}"
+                + (f" (expected in {path.parent.resolve()})." if path.is_absolute() else "."),
                 f"fix the path in data.files.{split} (relative paths are from the directory "
-                "you ran ftlab in).",
+                "you ran ftlab in); for the shipped configs that read the shared data folder "
+                "(data=vitaminc), put the files there or set FTLAB_DATA (paths.data_dir) to "
+                "the folder that holds them.",
             )
         if path.stat().st_size == 0:
             raise FtlabError(f"Data file for split '{split}' is empty: {path}.",
@@ -165,23 +169,46 @@ def unzip_single(path: Path) -> Path:
     return out
 
 
+#: a split name with an optional Hugging Face-style slice: ``validation[:50%]``, ``train[10:]``
+SLICE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<lo>-?\d+%?)?:(?P<hi>-?\d+%?)?\])?$")
+
+
 def _pick_splits(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
     out = {}
-    for ours, theirs in spec.splits.items():
+    splits = spec.splits if spec.splits is not None else {s: s for s in SPLITS}
+    for ours, theirs in splits.items():
         if theirs is None:
             continue
-        if theirs not in dsd:
+        match = SLICE.match(str(theirs))
+        if match is None:
+            raise FtlabError(f"data.splits.{ours}='{theirs}' is not a split name or a slice "
+                             "of one.", f"e.g. data.splits.{ours}=validation or "
+                             f"data.splits.{ours}='validation[50%:]'.")
+        name = match["name"]
+        if name not in dsd:
             raise FtlabError(
-                f"The dataset has no split '{theirs}' (for {ours}); it has: "
+                f"The dataset has no split '{name}' (for {ours}); it has: "
                 f"{choices_text(dsd.keys())}.",
                 f"set data.splits.{ours}=<one of those>, or data.splits.{ours}=null to go "
                 "without it.",
             )
-        out[ours] = dsd[theirs]
+        out[ours] = _slice(dsd[name], match["lo"], match["hi"])
     if "train" not in out:
         raise FtlabError("The data has no training split.", "set data.splits.train or "
                          "data.files.train.")
     return DatasetDict(out)
+
+
+def _slice(ds: Dataset, lo: str | None, hi: str | None) -> Dataset:
+    """Rows ``[lo:hi]`` of ``ds`` by position; a bound ending in % is a share of its rows."""
+    def bound(b: str | None) -> int | None:
+        if b is None:
+            return None
+        return round(len(ds) * int(b[:-1]) / 100) if b.endswith("%") else int(b)
+
+    if lo is None and hi is None:
+        return ds
+    return ds.select(range(len(ds))[bound(lo):bound(hi)])
 
 
 def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float]) -> DatasetDict:

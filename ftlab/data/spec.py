@@ -19,7 +19,11 @@ class DataSpec:
         label_column: the label column; null for unlabelled text.
         labels: the label set in id order; null infers it (sorted) from the training split.
         drop_labels: rows with these label values are removed (e.g. unlabelled synopses).
-        splits: our split name -> the dataset's split name.
+        splits: our split name -> the dataset's split name, optionally a slice of it in the
+            Hugging Face syntax (``validation[:50%]``, ``train[1000:]``; by row order, so
+            deterministic); null for a split drops it (``data.splits.test=null``). A node that
+            gives ``splits`` gives all of them (unlisted ones are not added back); null (the
+            default): train, validation and test.
         split_by: a column whose values never straddle two splits (e.g. movie), for ``all``.
         split_fractions: train/validation/test fractions used with ``all``.
         max_train_samples / max_eval_samples: cap each split (after a seeded shuffle of train).
@@ -32,9 +36,7 @@ class DataSpec:
     label_column: str | None = "label"
     labels: list[str] | None = None
     drop_labels: list[str] = field(default_factory=list)
-    splits: dict[str, str] = field(
-        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
-    )
+    splits: dict[str, str | None] | None = None
     split_by: str | None = None
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     max_train_samples: int | None = None

@@ -1,0 +1,94 @@
+"""Intermediate-task training (Phang et al. 2018, STILTs) on a CPU: Rotten Tomatoes with few
+labels, (a) MiniLM fine-tuned directly vs (b) after a VitaminC classifier (``pipeline=
+intermediate_task``), over several seeds. Prints mean +- std test accuracy.
+
+    python benchmarks/intermediate.py [--seeds 1,2,3] [--labels 500] [--inter-rows 4000]
+        [--inter-epochs 1] [--task-epochs 4] [--configs none,vitaminc]
+
+VitaminC (../shared/data/vitaminc, or $FTLAB_DATA) is trained once with a fixed seed (stage
+cache in ``--cache-dir``) and reused by every seed of the target classifier. Not run as part
+of any test; with the defaults, expect the VitaminC stage (4,000 pairs, 1 epoch) to take
+several minutes on 2 CPU cores and each classifier run a minute or two.
+Phang et al.'s setting: BERT-large, the whole intermediate set (MNLI, 393k pairs), 3 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from ftlab.cli import quiet
+
+try:
+    from benchmarks.adaptive import QUIET, run_job
+except ImportError:  # run as `python benchmarks/intermediate.py` without the repo on sys.path
+    from adaptive import QUIET, run_job
+
+
+def configs(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The override list of each compared configuration (both: the same classifier budget)."""
+    task = "pipeline.stages.task"
+    return {
+        "none": [f"data.max_train_samples={args.labels}",
+                 f"stage.trainer.max_epochs={args.task_epochs}", f"stage.optim.lr={args.lr}"],
+        "vitaminc": [
+            "pipeline=intermediate_task",
+            f"pipeline.stages.inter.data_overrides.max_train_samples={args.inter_rows}",
+            f"pipeline.stages.inter.data.max_eval_samples={args.eval_samples}",
+            f"pipeline.stages.inter.trainer.max_epochs={args.inter_epochs}",
+            f"pipeline.stages.inter.optim.lr={args.inter_lr}",
+            f"{task}.data_overrides.max_train_samples={args.labels}",
+            f"{task}.trainer.max_epochs={args.task_epochs}", f"{task}.optim.lr={args.lr}"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--labels", type=int, default=500, help="labelled Rotten Tomatoes rows")
+    p.add_argument("--eval-samples", type=int, default=1000, help="cap on val/test rows")
+    p.add_argument("--inter-rows", type=int, default=4000, help="VitaminC training pairs")
+    p.add_argument("--inter-epochs", type=int, default=1)
+    p.add_argument("--inter-lr", type=float, default=5e-5, help="VitaminC classifier LR")
+    p.add_argument("--task-epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4, help="target classifier LR (few steps)")
+    p.add_argument("--configs", default="none,vitaminc")
+    p.add_argument("--cache-dir", default="outputs/bench_stage_cache")
+    p.add_argument("--out", default="outputs/bench/intermediate")
+    args = p.parse_args()
+    quiet()
+    common = [*QUIET, f"data.max_eval_samples={args.eval_samples}",
+              f"cache.dir={args.cache_dir}"]
+    results: dict[str, list[dict]] = {}
+    for name in args.configs.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            start = time.perf_counter()
+            rec = run_job([*common, *configs(args)[name], f"seed={seed}"],
+                          Path(args.out) / name / f"seed{seed}")
+            if rec["status"] != "ok":
+                raise SystemExit(f"{name} seed {seed} failed: {rec.get('error')}")
+            row = {"seed": seed, "test_acc": rec["final"]["test/acc"],
+                   "val_acc": rec["final"]["val/acc"], "seconds": time.perf_counter() - start,
+                   "lineage": [(x["stage"], x["cache_hit"]) for x in rec["lineage"]],
+                   "inter_test_acc": rec["stages"].get("inter", {}).get("metrics", {})
+                   .get("test/acc")}
+            results.setdefault(name, []).append(row)
+            print(json.dumps({"config": name, **row}), flush=True)
+    print(f"\nRotten Tomatoes, {args.labels} labels, seeds {args.seeds}; VitaminC "
+          f"{args.inter_rows} pairs x {args.inter_epochs} epoch(s) at lr {args.inter_lr}; "
+          f"classifier {args.task_epochs} epochs at lr {args.lr}")
+    print("| config | test acc mean | std | val acc mean | n | wall s (all seeds) |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        acc = [r["test_acc"] for r in rows]
+        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        val = statistics.mean(r["val_acc"] for r in rows)
+        print(f"| {name} | {statistics.mean(acc):.4f} | {std:.4f} | {val:.4f} | {len(rows)} | "
+              f"{sum(r['seconds'] for r in rows):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
