@@ -93,8 +93,13 @@ class StageBuilder:
             from ftlab.handover import hand_over
 
             handed = hand_over(upstream, model, stage.carry)
+        return *self._prepare(stage, model), handed
+
+    def _prepare(self, stage: ResolvedStage, model: nn.Module
+                 ) -> tuple[nn.Module, PeftMethod, Regularizer]:
+        """The stage's PEFT method, then its regulariser, applied to ``model``."""
         peft, regularizer = self.peft(stage), self.regularizer(stage)
-        return regularizer.apply(peft.apply(model)), peft, regularizer, handed
+        return regularizer.apply(peft.apply(model)), peft, regularizer
 
     def check_fits(self, stage: ResolvedStage) -> None:
         """Build the stage's model on the meta device (no weights) and apply its PEFT method and
@@ -111,9 +116,8 @@ class StageBuilder:
         except Exception as err:  # the real load reports real problems; this is only a check
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
             return
-        peft, regularizer = self.peft(stage), self.regularizer(stage)
         try:
-            regularizer.apply(peft.apply(model))
+            self._prepare(stage, model)
         except FtlabError:
             raise
         except Exception as err:

@@ -15,6 +15,11 @@ from ftlab.targets import check_object, check_target, check_tree, targets_in
 T = TypeVar("T")
 
 
+def plain(node: Any) -> Any:
+    """``node`` as plain dicts/lists (interpolations resolved) if it is a ``DictConfig``."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def bind_schema(schema: type[T], node: Any, where: str) -> T:
     """Merge ``node`` onto the dataclass ``schema`` and return the object.
 
@@ -22,8 +27,7 @@ def bind_schema(schema: type[T], node: Any, where: str) -> T:
     """
     base = OmegaConf.structured(schema)
     try:
-        if isinstance(node, DictConfig):  # resolve while still attached to the root config
-            node = OmegaConf.to_container(node, resolve=True)
+        node = plain(node)  # resolve while still attached to the root config
         merged = OmegaConf.merge(base, node if node is not None else {})
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except ConfigKeyError as err:
@@ -66,9 +70,7 @@ def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
     (``ftlab.targets``), checked before anything is imported. ``partial=True`` only rejects
     unknown keys (required ones may come at run time).
     """
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    node = dict(node)
+    node = dict(plain(node))
     target = node.get("_target_")
     if not target:
         raise FtlabError(f"{where} has no _target_.", f"add `_target_: module.Class` to {where}.")

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.config import plain
 from ftlab.errors import FtlabError, choices_text
 
 #: stage keys that cannot mean the same thing for every stage of a pipeline
@@ -72,9 +73,6 @@ def _leaves(node: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
 
 def _set(node: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
@@ -93,7 +91,7 @@ def stage_nodes(cfg: DictConfig, explicit: Explicit
     pipeline = cfg.get("pipeline")
     stages = pipeline.get("stages") if pipeline else None
     if not stages:
-        node = _plain(cfg.stage)
+        node = plain(cfg.stage)
         node["name"] = node.get("name") or "classify"
         return {node["name"]: node}, lambda _name: "stage"
     if "stage" in explicit.groups:
@@ -102,7 +100,7 @@ def stage_nodes(cfg: DictConfig, explicit: Explicit
                          f"pipeline.stages.<name>.<key>=... (stages: {choices_text(stages)}).")
     nodes = {}
     for name, node in stages.items():
-        node = _plain(node)
+        node = plain(node)
         node["name"] = name
         nodes[name] = node
     _apply_stage_keys(cfg, nodes, explicit)
@@ -117,7 +115,7 @@ def _apply_stage_keys(cfg: DictConfig, nodes: dict[str, dict], explicit: Explici
             raise FtlabError(f"stage.{key} cannot apply to every stage of a pipeline.",
                              f"set it per stage: pipeline.stages.<name>.{key}=... "
                              f"(stages: {choices_text(nodes)}).")
-        value = _plain(OmegaConf.select(cfg, f"stage.{key}"))
+        value = plain(OmegaConf.select(cfg, f"stage.{key}"))
         took = []
         for name, node in nodes.items():
             if explicit.has(f"pipeline.stages.{name}.{key}"):
@@ -165,8 +163,8 @@ def trainer_node(cfg: DictConfig, own: dict[str, Any], explicit: Explicit,
     A plain merge: a stage may set any Trainer argument, not only the YAML's.
     """
     own = {k: v for k, v in (own or {}).items() if v is not None}  # null: not set by the stage
-    node = _plain(OmegaConf.merge(_plain(cfg.trainer), own))
+    node = plain(OmegaConf.merge(plain(cfg.trainer), own))
     for key in explicit.under("trainer"):
         if not explicit.has(f"{prefix}.trainer.{key}"):
-            _set(node, key, _plain(OmegaConf.select(cfg, f"trainer.{key}")))
+            _set(node, key, plain(OmegaConf.select(cfg, f"trainer.{key}")))
     return node

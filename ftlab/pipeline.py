@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ftlab.config import bind_schema
+from ftlab.config import bind_schema, plain
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
@@ -95,14 +95,11 @@ class ResolvedStage:
 CARRY = ("model", "encoder")
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
 
 def split_peft(node: Any) -> tuple[Any, float | None]:
     """(the PEFT node without ``lr``, that ``lr``): the method's suggested peak LR is read by
     the stage, not passed to the method."""
-    node = _plain(node)
+    node = plain(node)
     if node is None or "lr" not in node:
         return node, None
     lr = node["lr"]
@@ -135,7 +132,7 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
 def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
              explicit: Explicit, prefix: str) -> ResolvedStage:
     where = f"stage '{spec.name}'"
-    data = _plain(spec.data if spec.data is not None else cfg.data)
+    data = plain(spec.data if spec.data is not None else cfg.data)
     if not isinstance(data, dict):
         raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
     data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data")
@@ -143,10 +140,10 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
     return ResolvedStage(
-        name=spec.name, task=_plain(spec.task), init_from=spec.init_from, carry=spec.carry,
+        name=spec.name, task=plain(spec.task), init_from=spec.init_from, carry=spec.carry,
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
-        peft=peft, regularizer=_plain(spec.regularizer or cfg.regularizer), optim=optim,
+        peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
         trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact)
 

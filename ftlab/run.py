@@ -120,7 +120,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     """Resolve, validate and run the stages into ``record``."""
     from ftlab.build import StageBuilder
     from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
-    from ftlab.config import bind_schema
+    from ftlab.config import bind_schema, plain
     from ftlab.pipeline import build_pipeline
     from ftlab.stage import RunContext, StageResult
     from ftlab.store import is_rank_zero, write_json
@@ -129,8 +129,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     stages = build_pipeline(cfg, explicit)
     record["pipeline"] = [s.name for s in stages]
     record["monitor"] = _monitor(stages[-1])  # known before validation: failures score worst
-    callbacks = _plain(cfg.get("callbacks")) or {}
-    logger = _plain(cfg.get("logger")) or None
+    callbacks = plain(cfg.get("callbacks")) or {}
+    logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
@@ -165,9 +165,6 @@ def _monitor(stage: Any) -> dict[str, str] | None:
         return None
     return {"metric": f"val/{task.monitor}", "mode": task.mode}
 
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def objective(record: dict[str, Any]) -> float:
