@@ -20,6 +20,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -46,6 +47,39 @@ def run_job(overrides: list[str], out: Path) -> dict:
     return run(cfg)
 
 
+def run_seeds(configs: dict[str, list[str]], common: list[str], args: argparse.Namespace,
+              extra: Callable[[dict], dict]) -> dict[str, list[dict]]:
+    """Run each configuration of ``args.configs`` for every seed of ``args.seeds`` into
+    ``args.out``; a JSON line per job (test/val accuracy, seconds, lineage, ``extra(record)``)."""
+    results: dict[str, list[dict]] = {}
+    for name in args.configs.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            start = time.perf_counter()
+            rec = run_job([*common, *configs[name], f"seed={seed}"],
+                          Path(args.out) / name / f"seed{seed}")
+            if rec["status"] != "ok":
+                raise SystemExit(f"{name} seed {seed} failed: {rec.get('error')}")
+            row = {"seed": seed, "test_acc": rec["final"]["test/acc"],
+                   "val_acc": rec["final"]["val/acc"], "seconds": time.perf_counter() - start,
+                   "lineage": [(x["stage"], x["cache_hit"]) for x in rec["lineage"]],
+                   **extra(rec)}
+            results.setdefault(name, []).append(row)
+            print(json.dumps({"config": name, **row}), flush=True)
+    return results
+
+
+def print_table(results: dict[str, list[dict]]) -> None:
+    """Mean/std test accuracy per configuration, as a Markdown table."""
+    print("| config | test acc mean | std | val acc mean | n | wall s (all seeds) |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        acc = [r["test_acc"] for r in rows]
+        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        val = statistics.mean(r["val_acc"] for r in rows)
+        print(f"| {name} | {statistics.mean(acc):.4f} | {std:.4f} | {val:.4f} | {len(rows)} | "
+              f"{sum(r['seconds'] for r in rows):.0f} |")
+
+
 def adaptive(args: argparse.Namespace) -> None:
     common = [*QUIET, f"data.max_train_samples={args.labels}",
               f"data.max_eval_samples={args.eval_samples}", f"cache.dir={args.cache_dir}",
@@ -61,32 +95,13 @@ def adaptive(args: argparse.Namespace) -> None:
             f"pipeline.stages.tapt.trainer.max_steps={args.tapt_steps}",
             f"{task}.trainer.max_epochs={args.task_epochs}", f"{task}.optim.lr={args.lr}"],
     }
-    results: dict[str, list[dict]] = {}
-    for name in args.configs.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            start = time.perf_counter()
-            rec = run_job([*common, *configs[name], f"seed={seed}"],
-                          Path(args.out) / name / f"seed{seed}")
-            if rec["status"] != "ok":
-                raise SystemExit(f"{name} seed {seed} failed: {rec.get('error')}")
-            row = {"seed": seed, "test_acc": rec["final"]["test/acc"],
-                   "val_acc": rec["final"]["val/acc"], "seconds": time.perf_counter() - start,
-                   "lineage": [(x["stage"], x["cache_hit"]) for x in rec["lineage"]],
-                   "mlm": {s: v["metrics"].get("test/ppl") for s, v in rec["stages"].items()
-                           if "test/ppl" in v["metrics"]}}
-            results.setdefault(name, []).append(row)
-            print(json.dumps({"config": name, **row}), flush=True)
+    results = run_seeds(configs, common, args, lambda rec: {"mlm": {
+        s: v["metrics"].get("test/ppl") for s, v in rec["stages"].items()
+        if "test/ppl" in v["metrics"]}})
     print(f"\n{args.labels} labels, seeds {args.seeds}, DAPT {args.dapt_steps} steps on "
           f"{args.dapt_articles} news articles, TAPT {args.tapt_steps} steps, classifier "
           f"{args.task_epochs} epochs at lr {args.lr}, precision {args.precision}")
-    print("| config | test acc mean | std | val acc mean | n | wall s (all seeds) |")
-    print("|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        acc = [r["test_acc"] for r in rows]
-        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        val = statistics.mean(r["val_acc"] for r in rows)
-        print(f"| {name} | {statistics.mean(acc):.4f} | {std:.4f} | {val:.4f} | {len(rows)} | "
-              f"{sum(r['seconds'] for r in rows):.0f} |")
+    print_table(results)
 
 
 def sweep_timing(args: argparse.Namespace) -> None:

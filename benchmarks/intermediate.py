@@ -15,17 +15,13 @@ Phang et al.'s setting: BERT-large, the whole intermediate set (MNLI, 393k pairs
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
-from pathlib import Path
 
 from ftlab.cli import quiet
 
 try:
-    from benchmarks.adaptive import QUIET, run_job
+    from benchmarks.adaptive import QUIET, print_table, run_seeds
 except ImportError:  # run as `python benchmarks/intermediate.py` without the repo on sys.path
-    from adaptive import QUIET, run_job
+    from adaptive import QUIET, print_table, run_seeds
 
 
 def configs(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -62,32 +58,12 @@ def main() -> None:
     quiet()
     common = [*QUIET, f"data.max_eval_samples={args.eval_samples}",
               f"cache.dir={args.cache_dir}"]
-    results: dict[str, list[dict]] = {}
-    for name in args.configs.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            start = time.perf_counter()
-            rec = run_job([*common, *configs(args)[name], f"seed={seed}"],
-                          Path(args.out) / name / f"seed{seed}")
-            if rec["status"] != "ok":
-                raise SystemExit(f"{name} seed {seed} failed: {rec.get('error')}")
-            row = {"seed": seed, "test_acc": rec["final"]["test/acc"],
-                   "val_acc": rec["final"]["val/acc"], "seconds": time.perf_counter() - start,
-                   "lineage": [(x["stage"], x["cache_hit"]) for x in rec["lineage"]],
-                   "inter_test_acc": rec["stages"].get("inter", {}).get("metrics", {})
-                   .get("test/acc")}
-            results.setdefault(name, []).append(row)
-            print(json.dumps({"config": name, **row}), flush=True)
+    results = run_seeds(configs(args), common, args, lambda rec: {
+        "inter_test_acc": rec["stages"].get("inter", {}).get("metrics", {}).get("test/acc")})
     print(f"\nRotten Tomatoes, {args.labels} labels, seeds {args.seeds}; VitaminC "
           f"{args.inter_rows} pairs x {args.inter_epochs} epoch(s) at lr {args.inter_lr}; "
           f"classifier {args.task_epochs} epochs at lr {args.lr}")
-    print("| config | test acc mean | std | val acc mean | n | wall s (all seeds) |")
-    print("|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        acc = [r["test_acc"] for r in rows]
-        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        val = statistics.mean(r["val_acc"] for r in rows)
-        print(f"| {name} | {statistics.mean(acc):.4f} | {std:.4f} | {val:.4f} | {len(rows)} | "
-              f"{sum(r['seconds'] for r in rows):.0f} |")
+    print_table(results)
 
 
 if __name__ == "__main__":
