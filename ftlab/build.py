@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ftlab.config import instantiate_checked
+from ftlab.data.batching import require_one_batch
 from ftlab.data.sources import RawData, load_raw
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
@@ -52,12 +53,7 @@ class StageBuilder:
         """The stage's task, bound to its data and tokenizer (once per stage)."""
         if stage.name not in self._tasks:
             raw = self.raw(stage)
-            rows = len(raw.splits["train"])
-            if rows < stage.batch_size:
-                raise FtlabError(
-                    f"{stage.where}: the training split has {rows} rows, fewer than one batch "
-                    f"(batch_size={stage.batch_size}).",
-                    f"lower the stage's batch_size to at most {rows}, or add data.")
+            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
             task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             self._tasks[stage.name] = task

@@ -166,3 +166,12 @@ def _is_float(rows: list[dict], key: str) -> bool:
         if len(r[key]):
             return isinstance(r[key][0], float)
     return False
+
+
+def require_one_batch(rows: int, batch_size: int, where: str = "") -> None:
+    """Stop when the training split cannot fill one batch (``where``: e.g. "stage 'task': ")."""
+    if rows < batch_size:
+        raise FtlabError(
+            f"{where}the training split has {rows} rows, fewer than one batch "
+            f"(batch_size={batch_size}).",
+            f"lower the stage's batch_size (stage.batch_size) to at most {rows}, or add data.")

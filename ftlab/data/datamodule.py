@@ -8,7 +8,7 @@ import lightning as L
 from datasets import DatasetDict
 from torch.utils.data import DataLoader
 
-from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
+from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator, require_one_batch
 from ftlab.errors import FtlabError
 
 if TYPE_CHECKING:
@@ -33,11 +33,7 @@ class TextDataModule(L.LightningDataModule):
                  eval_batch_size: int = 128, seed: int = 0, num_workers: int = 0,
                  pad_to: int | None = None) -> None:
         super().__init__()
-        if len(splits["train"]) < batch_size:
-            raise FtlabError(
-                f"The training split has {len(splits['train'])} rows, fewer than one batch "
-                f"(stage.batch_size={batch_size}).",
-                f"lower stage.batch_size to at most {len(splits['train'])}, or add data.")
+        require_one_batch(len(splits["train"]), batch_size)
         drop = [c for c in splits["train"].column_names]
         self.splits = splits.map(task.featurize, batched=True, remove_columns=drop,
                                  desc="Tokenising")
