@@ -15,13 +15,15 @@ from torch import nn
 
 from ftlab.config import instantiate_checked
 from ftlab.data.batching import require_one_batch
+from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import RawData, load_raw
+from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import Task
+from ftlab.tasks.base import ChecksModel, HasSubtasks, Task
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +43,58 @@ class StageBuilder:
             self._tokenizers[key] = load_tokenizer(spec)
         return self._tokenizers[key]
 
-    def raw(self, stage: ResolvedStage) -> RawData:
+    def raw(self, stage: ResolvedStage, data: DataSpec | None = None) -> RawData:
+        """The stage's data (or ``data``: one of its sub-tasks'), loaded once."""
+        data = data or stage.data
         # the seed only picks the rows of a capped training split
-        seed = stage.seed if stage.data.max_train_samples is not None else 0
-        key = f"{stage.data!r}/{seed}"
+        seed = stage.seed if data.max_train_samples is not None else 0
+        key = f"{data!r}/{seed}"
         if key not in self._raw:
-            self._raw[key] = load_raw(stage.data, seed)
+            self._raw[key] = load_raw(data, seed)
         return self._raw[key]
 
     def task(self, stage: ResolvedStage) -> Task:
-        """The stage's task, bound to its data and tokenizer (once per stage)."""
+        """The stage's task, bound to its data and tokenizer (once per stage); a multi-task
+        stage's task gets its sub-tasks, each bound to its own data."""
         if stage.name not in self._tasks:
+            task = _instantiate_task(stage)
+            if stage.subtasks or isinstance(task, HasSubtasks):
+                self._bind_subtasks(stage, task)
             raw = self.raw(stage)
             require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
-            task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             self._tasks[stage.name] = task
         return self._tasks[stage.name]
+
+    def _bind_subtasks(self, stage: ResolvedStage, task: Task) -> None:
+        from ftlab.tasks.multitask import Part
+
+        if not (stage.subtasks and isinstance(task, HasSubtasks)):
+            raise FtlabError(
+                f"{stage.where} has sub-tasks but a single-task objective, or the other way "
+                "round." if stage.subtasks else f"{stage.where}'s multi-task objective has no "
+                "sub-tasks.", "use stage=multitask (task: ftlab.tasks.multitask.MultiTask) and "
+                "list the sub-tasks under its tasks.")
+        parts = {}
+        for sub in stage.subtasks:
+            where = f"{stage.where} sub-task '{sub.name}'"
+            raw = self.raw(stage, sub.data)
+            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{where}: ")
+            parts[sub.name] = Part(instantiate_checked(sub.task, f"{where} task"), raw,
+                                   list(sub.data.text_columns), sub.weight)
+        task.bind_tasks(parts)
+
+    def datamodule(self, stage: ResolvedStage) -> Any:
+        """The stage's batches: one dataset's, or a multi-task stage's single-task batches."""
+        task, pad = self.task(stage), self.tokenizer(stage.model).pad_token_id
+        sizes = dict(batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
+                     seed=stage.seed)
+        if isinstance(task, HasSubtasks):
+            from ftlab.data.multitask import MultiTaskDataModule
+
+            return MultiTaskDataModule({k: (p.raw.splits, p.task) for k, p in task.parts.items()},
+                                       task.probabilities, pad, **sizes)
+        return TextDataModule(self.raw(stage).splits, task, pad, **sizes)
 
     def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:
         """The stage's task bound to a finished stage's saved label set and tokenizer, without
@@ -89,13 +126,17 @@ class StageBuilder:
             from ftlab.handover import hand_over
 
             handed = hand_over(upstream, model, stage.carry)
-        return *self._prepare(stage, model), handed
+        return *self._prepare(stage, model, task), handed
 
-    def _prepare(self, stage: ResolvedStage, model: nn.Module
+    def _prepare(self, stage: ResolvedStage, model: nn.Module, task: Task
                  ) -> tuple[nn.Module, PeftMethod, Regularizer]:
-        """The stage's PEFT method, then its regulariser, applied to ``model``."""
+        """The stage's PEFT method, then its regulariser, applied to ``model`` (and checked by
+        the task, if it checks models)."""
         peft, regularizer = self.peft(stage), self.regularizer(stage)
-        return regularizer.apply(peft.apply(model)), peft, regularizer
+        model = regularizer.apply(peft.apply(model))
+        if isinstance(task, ChecksModel):
+            task.check_model(model)
+        return model, peft, regularizer
 
     def check_fits(self, stage: ResolvedStage) -> None:
         """Build the stage's model on the meta device (no weights) and apply its PEFT method and
@@ -113,7 +154,7 @@ class StageBuilder:
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
             return
         try:
-            self._prepare(stage, model)
+            self._prepare(stage, model, task)
         except FtlabError:
             raise
         except Exception as err:

@@ -72,6 +72,8 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
+    for sub, resolved in zip(spec["subtasks"], stage.subtasks, strict=True):  # multi-task
+        sub["data"]["file_stats"] = {k: _stat(v) for k, v in (resolved.data.files or {}).items()}
     payload = {"format": FORMAT, "stage": spec, "upstream": upstream_key}
     text = json.dumps(payload, sort_keys=True, default=str)
     return f"{stage.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -43,6 +43,9 @@ class StageSpec:
             so TAPT reads all of the task's text while the classifier gets 500 labels).
         aux_mlm_weight: > 0 adds that times a masked-LM loss on the task's own text to the
             training loss (joint adaptive + task training, Chronopoulou et al. 2019).
+        tasks: sub-tasks by name (``stage=multitask``): each a :class:`SubTaskSpec` node; the
+            stage's ``task`` is then the multi-task node (``ftlab.tasks.multitask.MultiTask``)
+            and every sub-task trains one shared encoder with a head of its own.
     """
 
     name: str = "classify"
@@ -60,6 +63,35 @@ class StageSpec:
     save_artefact: bool = True
     data_overrides: dict[str, Any] = field(default_factory=dict)
     aux_mlm_weight: float = 0.0
+    tasks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SubTaskSpec:
+    """One sub-task of a multi-task stage (``stage.tasks.<name>``).
+
+    Attributes:
+        task: its objective, a ``_target_`` node (any ftlab Task: ``Classify``...).
+        data: null (the run's data group), a data group name (``vitaminc``: conf/data/
+            vitaminc.yaml) or an inline data node.
+        data_overrides: keys merged onto that data (e.g. ``{max_train_samples: 500}``).
+        weight: its loss is multiplied by this.
+    """
+
+    task: Any = None
+    data: Any = None
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SubTask:
+    """A resolved sub-task: name, ``_target_`` node, data and loss weight."""
+
+    name: str
+    task: dict[str, Any]
+    data: DataSpec
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,10 +118,16 @@ class ResolvedStage:
     trainer: dict[str, Any]
     aux_mlm_weight: float = 0.0
     save_artefact: bool = True
+    subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
 
     @property
     def where(self) -> str:
         return f"stage '{self.name}'"
+
+    @property
+    def datasets(self) -> list[DataSpec]:
+        """Every dataset the stage trains on: its sub-tasks' or its own."""
+        return [t.data for t in self.subtasks] or [self.data]
 
 
 CARRY = ("model", "encoder")
@@ -132,10 +170,9 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
 def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
              explicit: Explicit, prefix: str) -> ResolvedStage:
     where = f"stage '{spec.name}'"
-    data = plain(spec.data if spec.data is not None else cfg.data)
-    if not isinstance(data, dict):
-        raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
-    data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data")
+    subtasks = tuple(_subtask(name, node, cfg, where) for name, node in spec.tasks.items())
+    data_spec = subtasks[0].data if subtasks else _data_spec(
+        spec.data, spec.data_overrides, cfg, f"{where} data")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
@@ -145,7 +182,52 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
         trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
-        aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact)
+        aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
+        subtasks=subtasks)
+
+
+def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str) -> DataSpec:
+    """A stage's (or sub-task's) data: null -> the run's data group; a group name -> that
+    file of conf/data; a mapping -> itself. ``overrides`` are merged on top."""
+    if isinstance(node, str):
+        node = _data_group(node, cfg, where)
+    data = plain(node if node is not None else cfg.data)
+    if not isinstance(data, dict):
+        raise FtlabError(f"{where} must be a mapping or a data group name.",
+                         "see conf/data/*.yaml.")
+    return bind_schema(DataSpec, {**data, **overrides}, where)
+
+
+def _data_group(name: str, cfg: DictConfig, where: str) -> DictConfig:
+    """conf/data/<name>.yaml, its interpolations (``${paths.data_dir}``) read from ``cfg``."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ftlab.cli import CONFIG_DIR
+
+    folder = Path(CONFIG_DIR) / "data"
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    if name not in options:
+        raise FtlabError(f"{where} names the data group '{name}', which does not exist.",
+                         f"use one of: {choices_text(options)}, or an inline data node.")
+    root = OmegaConf.create({"paths": cfg.get("paths") or {}})
+    root.data = OmegaConf.load(folder / f"{name}.yaml")
+    return root.data
+
+
+def _subtask(name: str, node: Any, cfg: DictConfig, where: str) -> SubTask:
+    spec = bind_schema(SubTaskSpec, node, f"{where} tasks.{name}")
+    check_name(name, "Sub-task name", f"rename {where}'s sub-task (e.g. to '{{name}}').")
+    if "." in name:  # names prefix metric keys (<task>/acc), where a dot means nesting
+        raise FtlabError(f"{where}: sub-task name '{name}' has a dot.",
+                         f"rename it, e.g. to '{name.replace('.', '_')}'.")
+    if not isinstance(spec.task, dict) or "_target_" not in spec.task:
+        raise FtlabError(f"{where}: sub-task '{name}' has no task.",
+                         "give it a task node with a _target_, e.g. "
+                         "{_target_: ftlab.tasks.classify.Classify}.")
+    data = _data_spec(spec.data, spec.data_overrides, cfg, f"{where} tasks.{name}.data")
+    return SubTask(name, plain(spec.task), data, float(spec.weight))
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:

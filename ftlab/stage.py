@@ -16,7 +16,6 @@ from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest
 from ftlab.config import instantiate_checked
-from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
@@ -61,9 +60,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     task = builder.task(stage)
     raw = builder.raw(stage)
     tokenizer = builder.tokenizer(stage.model)
-    dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
-                        batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                        seed=stage.seed)
+    dm = builder.datamodule(stage)
     source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
     model, peft, regularizer, handed = builder.model(stage, source)
     counts = count_parameters(model)
@@ -91,7 +88,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
     info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
-                     "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
+                     "train_rows": sum(len(builder.raw(stage, d).splits["train"])
+                                       for d in stage.datasets), "global_steps": trainer.global_step,
                      "handed_over": handed, **task.info}
     discarded = next((c.outcome for c in trainer.callbacks
                       if isinstance(c, EarlyDiscard) and c.outcome), None)

@@ -50,23 +50,18 @@ class TextDataModule(L.LightningDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.collate = PadCollator(pad_id, pad_to=pad_to, pad_values=task.pad_values)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self.splits[split]
-        lengths = ds.with_format("arrow")["length"].to_numpy().copy()  # no Python list
-        world, rank = self._replicas()
-        sampler = LengthGroupedBatchSampler(
+    def batch_sampler(self, split: str, train: bool, world: int = 1,
+                      rank: int = 0) -> LengthGroupedBatchSampler:
+        """The split's length-grouped batches (this rank's share of them)."""
+        lengths = self.splits[split].with_format("arrow")["length"].to_numpy().copy()
+        return LengthGroupedBatchSampler(
             lengths, self.batch_size if train else self.eval_batch_size,
             shuffle=train, seed=self.seed, num_replicas=world, rank=rank)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers)
 
-    def _replicas(self) -> tuple[int, int]:
-        """(world size, this rank) of the attached Trainer: the sampler shards the batches
-        itself, so the Trainer runs with ``use_distributed_sampler=False``."""
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        sampler = self.batch_sampler(split, train, *replicas(self.trainer))
+        return DataLoader(self.splits[split], batch_sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -76,3 +71,11 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False) if "test" in self.splits else []
+
+
+def replicas(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(world size, this rank) of the attached Trainer: the sampler shards the batches
+    itself, so the Trainer runs with ``use_distributed_sampler=False``."""
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -72,6 +72,26 @@ class Task(Protocol):
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         """Scores of a trivial predictor on these validation labels (None: none defined)."""
+
+
+@runtime_checkable
+class HasSubtasks(Protocol):
+    """A task made of sub-tasks, each with its own data (``stage=multitask``): the builder
+    hands it the bound-to-be sub-tasks (name -> ``ftlab.tasks.multitask.Part``) before
+    ``bind``, and the datamodule reads ``parts`` and ``probabilities``."""
+
+    parts: Mapping[str, Any]
+    probabilities: Mapping[str, float]
+
+    def bind_tasks(self, parts: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class ChecksModel(Protocol):
+    """A task that checks the model as the PEFT method and regulariser prepared it (raises
+    ``FtlabError`` when they do not fit the task)."""
+
+    def check_model(self, model: nn.Module) -> None: ...
 
 
 class TaskDefaults:
