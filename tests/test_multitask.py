@@ -100,6 +100,22 @@ def test_sampler_is_deterministic_from_the_seed_and_fresh_each_epoch():
     assert order(1, 0) != order(2, 0) and order(1, 0) != order(1, 1)
 
 
+def test_every_rank_trains_the_same_task_on_its_share_of_the_batch():
+    lengths = [[5 + i % 7 for i in range(n)] for n in (48, 96)]
+
+    def batches(world: int, rank: int) -> list[list[int]]:
+        samplers = [LengthGroupedBatchSampler(x, 4, seed=i, num_replicas=world, rank=rank)
+                    for i, x in enumerate(lengths)]
+        return list(TaskSampler(samplers, [0.3, 0.7], seed=5))
+
+    ranks = [batches(2, r) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 48 // 8 + 96 // 8  # global batches of 2 x 4 rows
+    for a, b in zip(*ranks, strict=True):
+        task = int(a[0] >= 48)
+        assert all(int(i >= 48) == task for i in a + b)  # the same sub-task on both ranks
+        assert len(a) == len(b) == 4 and not set(a) & set(b)  # each its own share
+
+
 def test_temperature_goes_from_proportional_to_uniform():
     sizes = [1000, 10]
     assert sampling_probabilities(sizes, "temperature", 1.0) == pytest.approx(

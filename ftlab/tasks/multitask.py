@@ -166,6 +166,11 @@ class MultiTask(TaskDefaults):
 
     def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
         """Bind every sub-task to its own data (``raw`` is the first sub-task's)."""
+        if not self.parts:  # e.g. predict/export from a stage card: no sub-task data
+            raise FtlabError("A multi-task stage cannot be used without its sub-tasks' data "
+                             "(ftlab-predict/export read one task).",
+                             "predict with or export a later stage that starts from it "
+                             "(init_from + carry: encoder), e.g. pipeline=multitask_task's task.")
         for part in self.parts.values():
             part.task.bind(part.raw, tokenizer, part.text_columns)
         monitors = {k: p.task.monitor for k, p in self.parts.items()}
