@@ -2,7 +2,8 @@
 
 ``validate(stages, builder, callbacks)`` checks every ``_target_`` node against its constructor,
 that the model and tokenizer paths exist, every stage's data (files, columns, labels, enough
-rows for a batch: the builder loads it, and training reuses what it loaded), and that each PEFT
+rows for a batch; every sub-task's of a multi-task stage: the builder loads it, and training
+reuses what it loaded), and that each PEFT
 method fits the model's architecture (applied on the meta device: no weights).
 """
 
@@ -38,6 +39,8 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
     for stage in stages:  # cheap checks of every stage first, then the data and models
         check_binds(stage.trainer, f"{stage.where} trainer", partial=True)
         check_binds(stage.task, f"{stage.where}.task")
+        for sub in stage.subtasks:  # a multi-task stage's own tasks (their data: below)
+            check_binds(sub.task, f"{stage.where}.tasks.{sub.name}.task")
         check_binds(stage.peft, f"{stage.where} peft")
         check_binds(stage.regularizer, f"{stage.where} regularizer")
         check_numbers(stage)

@@ -239,6 +239,25 @@ def test_resolved_stage_carries_every_sub_tasks_data(make_cfg, sentiment_dir, pa
         validate([missing], StageBuilder())
 
 
+def test_a_typo_in_a_sub_tasks_task_fails_validation(make_cfg, sentiment_dir, pairs_dir):
+    stage = build_pipeline(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                                     "+stage.tasks.task.task.max_lenght=64"]))[0]
+    with pytest.raises(FtlabError, match="tasks.task.task"):
+        validate([stage], StageBuilder())
+
+
+def test_multitask_pipeline_trains_on_the_target_stages_own_labelled_rows(make_cfg):
+    multi, task = build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task",
+                                           "seed=3"]))
+    assert (multi.name, task.init_from, task.carry) == ("multi", "multi", "encoder")
+    vitaminc, target = multi.subtasks
+    assert vitaminc.data.text_columns == ["evidence", "claim"]
+    assert vitaminc.data.max_train_samples == 4000
+    # the same data and seed: the builder draws the same 500 rows for both stages
+    assert target.data == task.data and target.data.max_train_samples == 500
+    assert multi.seed == task.seed == 3
+
+
 # --- end to end ---
 
 def test_two_task_run_logs_per_task_metrics_and_their_mean(make_cfg, sentiment_dir, pairs_dir):
