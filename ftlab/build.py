@@ -23,7 +23,7 @@ from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import ChecksModel, HasSubtasks, Task
+from ftlab.tasks.base import SeesPrepared, HasSubtasks, Task
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,12 @@ class StageBuilder:
 
     def _prepare(self, stage: ResolvedStage, model: nn.Module, task: Task
                  ) -> tuple[nn.Module, PeftMethod, Regularizer]:
-        """The stage's PEFT method, then its regulariser, applied to ``model`` (and checked by
-        the task, if it checks models)."""
+        """The stage's PEFT method, then its regulariser, applied to ``model`` (then shown to
+        the task, if it looks at prepared models)."""
         peft, regularizer = self.peft(stage), self.regularizer(stage)
         model = regularizer.apply(peft.apply(model))
-        if isinstance(task, ChecksModel):
-            task.check_model(model)
+        if isinstance(task, SeesPrepared):
+            task.prepared(model)
         return model, peft, regularizer
 
     def check_fits(self, stage: ResolvedStage) -> None:

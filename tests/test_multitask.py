@@ -172,18 +172,19 @@ def test_shared_encoder_is_one_module_trained_by_every_task(parts):
     model.eval()  # no dropout: outputs differ only if weights do
     with torch.no_grad():
         before = task.forward(model, batches["task"]).logits
-    head_before = [p.detach().clone() for p in model.mt_heads["task"].parameters()]
+    head = list(other.classifier.parameters())
+    assert {id(p) for p in head} == {id(p) for p in model.mt__task__classifier.parameters()}
+    head_before = [p.detach().clone() for p in head]
     loss = task.forward(model, batches["vitaminc"]).loss  # a gradient from the other task
     loss.backward()
-    assert all(p.grad is None for p in model.mt_heads["task"].parameters())
+    assert all(p.grad is None for p in head)
     with torch.no_grad():
         for p in backbone(model).parameters():
             if p.grad is not None:
                 p -= 0.5 * p.grad
         after = task.forward(model, batches["task"]).logits
     assert not torch.allclose(before, after)  # the encoder that task uses changed
-    assert all(torch.equal(a, b) for a, b in zip(head_before, model.mt_heads["task"].parameters(),
-                                                 strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(head_before, head, strict=True))
 
 
 def test_loss_scaling_and_weights_scale_each_tasks_loss(parts):
@@ -209,9 +210,22 @@ def test_aux_mlm_works_on_every_task(parts):
         assert aux > 0 and out.loss.item() > 0.5 * aux.item()
 
 
-def test_peft_that_reparametrises_the_model_is_refused(parts):
+@pytest.mark.parametrize("peft", ["diff_pruning", "prompt_tuning"])
+def test_peft_that_trains_outside_the_model_is_refused(parts, peft):
     with pytest.raises(FtlabError, match="outside the model"):
-        parts("peft=diff_pruning")
+        parts(f"peft={peft}")
+
+
+@pytest.mark.parametrize("peft", ["lora", "bitfit"])
+def test_in_place_peft_trains_every_tasks_head(parts, peft):
+    _, _, task, model, dm = parts(f"peft={peft}")
+    for name in ("vitaminc", "task"):
+        head = [p for p in task.model_for(model, name).classifier.parameters() if p.requires_grad]
+        assert head, name  # LoRA: the head's trainable copy in a ModulesToSaveWrapper
+        batch = next(b for b in dm.train_dataloader() if b["task"] == name)
+        model.zero_grad()
+        task.forward(model, batch).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head), name
 
 
 # --- resolution, cache key, validation ---
@@ -292,4 +306,11 @@ def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentime
     encoder = [k for k in dst if k.startswith("bert.")]
     assert len(encoder) == task["handed_over"]["copied"] > 0
     assert all(torch.equal(src[k], dst[k]) for k in encoder)
-    assert "mt_heads.task.classifier.weight" in src and not any("mt_heads" in k for k in dst)
+    assert "mt__task__classifier.weight" in src and not any(k.startswith("mt__") for k in dst)
+
+
+def test_smart_with_a_teacher_is_refused_with_the_fix(make_cfg, sentiment_dir, pairs_dir, capsys):
+    with pytest.raises(SystemExit):
+        run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                      "regularizer=smart", "stage.trainer.max_steps=10"]))
+    assert "regularizer.mu=0" in capsys.readouterr().err

@@ -87,11 +87,12 @@ class HasSubtasks(Protocol):
 
 
 @runtime_checkable
-class ChecksModel(Protocol):
-    """A task that checks the model as the PEFT method and regulariser prepared it (raises
-    ``FtlabError`` when they do not fit the task)."""
+class SeesPrepared(Protocol):
+    """A task that is shown the model as the PEFT method and regulariser prepared it, to link
+    what it holds to the modules now in place (a wrapped head) and to raise ``FtlabError``
+    when they do not fit the task."""
 
-    def check_model(self, model: nn.Module) -> None: ...
+    def prepared(self, model: nn.Module) -> None: ...
 
 
 class TaskDefaults:

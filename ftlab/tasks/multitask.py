@@ -5,10 +5,11 @@ section 3.5.2).
 The sub-tasks are ordinary ftlab Tasks (``Classify``, token classification...), each bound to
 its own data. ``build_model`` builds every sub-task's model, keeps one of them whole (the
 *primary*: the first whose backbone holds every other's backbone weights) and gives each other
-model that very backbone module; their heads are registered on the primary as
-``mt_heads.<task>.<module>``. So the trained model is an ordinary Transformers model with extra
-heads: PEFT methods that change it in place, the stage cache and ``carry: encoder`` hand-over
-all see one backbone.
+model that very backbone module; their heads are registered on the primary as top-level
+modules ``mt__<task>__<module>``. So the trained model is an ordinary Transformers model with
+extra heads: PEFT methods that change it in place (LoRA's ``modules_to_save`` wrap the extra
+heads like the primary's; ``prepared`` links each sub-task's model to the wrapped head), the
+stage cache and ``carry: encoder`` hand-over all see one backbone.
 
 A batch carries the name of its sub-task (``batch["task"]``); ``forward`` runs that sub-task's
 forward through its model and scales the loss (the sub-task's ``weight`` times the
@@ -103,8 +104,8 @@ class _View:
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for key, metric in self.metrics.items(keep_base=True, copy_state=False):
-            if key.startswith(f"{self.task}/"):
-                metric.update(*args, **kwargs)
+            if key.startswith(f"{self.task}/"):  # each metric its own kwargs, as a collection
+                metric.update(*args, **metric._filter_kwargs(**kwargs))
 
 
 class MultiTask(TaskDefaults):
@@ -197,7 +198,7 @@ class MultiTask(TaskDefaults):
                              "weights, so they cannot share one encoder.",
                              "use sub-tasks whose models build the same backbone.")
         main = unwrap(models[primary])
-        shared, heads, others = backbone(main), nn.ModuleDict(), {}
+        shared, heads, others = backbone(main), {}, {}
         for name, model in models.items():
             if name == primary:
                 continue
@@ -208,30 +209,41 @@ class MultiTask(TaskDefaults):
                                  f"({type(inner).__name__}), so it cannot share one.",
                                  "use a task whose model has a head on a backbone.")
             setattr(inner, prefix, shared)  # one encoder module: every task's gradients meet
-            heads[name] = nn.ModuleDict({n: c for n, c in inner.named_children() if n != prefix})
+            heads[name] = {}
+            for child, module in inner.named_children():
+                if child != prefix:  # registered once, on the primary (top level: PEFT sees it)
+                    heads[name][child] = f"mt__{name}__{child}"
+                    main.add_module(heads[name][child], module)
             others[name] = inner
-        main.add_module("mt_heads", heads)
-        main.mt_models = others  # a plain dict: the heads are registered once, above
+        main.mt_heads = heads  # sub-task -> its head module -> the name it has on the primary
+        main.mt_models = others  # plain dicts: nothing is registered twice
         main.mt_primary = primary
         return models[primary]
 
-    def check_model(self, model: nn.Module) -> None:
-        """Every sub-task's forward must see what trains: a PEFT method that trains parameters
-        outside the Transformers model (a re-parametrising wrapper) or freezes a sub-task's
-        head would train for one sub-task only."""
+    def prepared(self, model: nn.Module) -> None:
+        """Link each sub-task's model to its head as the PEFT method left it (HF peft wraps
+        heads in ``ModulesToSaveWrapper``s), then check that every sub-task's forward sees
+        what trains: a method that trains parameters outside the Transformers model (a
+        re-parametrising wrapper, prompt tuning) or freezes a head is refused."""
         inner = unwrap(model)
+        for name, children in getattr(inner, "mt_heads", {}).items():
+            for child, registered in children.items():
+                setattr(inner.mt_models[name], child, getattr(inner, registered))
         reach = {id(p) for p in inner.parameters()}
         outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reach]
         if outside:
             raise FtlabError(f"This PEFT method trains parameters outside the model "
                              f"({', '.join(outside[:3])}...) that only the primary sub-task's "
                              "forward would use.", "use a method that changes the model in "
-                             "place for stage=multitask: full, bitfit, last_layer, adapters, lora.")
-        for name, head in getattr(inner, "mt_heads", {}).items():
-            if not any(p.requires_grad for p in head.parameters()):
+                             "place for stage=multitask: full, bitfit, last_layer, adapters, "
+                             "lora, ia3.")
+        for name in getattr(inner, "mt_heads", {}):
+            head = [p for c, m in inner.mt_models[name].named_children()
+                    if c in inner.mt_heads[name] for p in m.parameters()]
+            if head and not any(p.requires_grad for p in head):
                 raise FtlabError(f"The PEFT method froze sub-task '{name}''s head.",
-                                 "use a method that trains every head (full, bitfit, adapters), "
-                                 "or add mt_heads to its modules_to_save.")
+                                 "use a method that trains every head (full, bitfit, adapters, "
+                                 "lora), or add its modules to peft.config.modules_to_save.")
 
     def model_for(self, model: nn.Module, task: str) -> nn.Module:
         """The model whose forward is ``task``'s: ``model`` itself (the primary) or the other
@@ -239,6 +251,11 @@ class MultiTask(TaskDefaults):
         inner = unwrap(model)
         if task == inner.mt_primary:
             return model
+        if not isinstance(model, nn.Module):  # e.g. SMART's teacher: weights swapped per call
+            raise FtlabError(f"The model reaches sub-task '{task}' through a {type(model).__name__}"
+                             ", whose swapped-in weights only the primary sub-task would use.",
+                             "use regularizer=none, r3f, freelb or mixout with stage=multitask "
+                             "(or regularizer=smart with regularizer.mu=0: no teacher).")
         sub = inner.mt_models[task]
         if sub.training != inner.training:
             sub.train(inner.training)
