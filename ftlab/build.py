@@ -23,7 +23,7 @@ from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import SeesPrepared, HasSubtasks, Task
+from ftlab.tasks.base import HasSubtasks, SeesPrepared, Task
 
 log = logging.getLogger(__name__)
 

@@ -89,8 +89,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": sum(len(builder.raw(stage, d).splits["train"])
-                                       for d in stage.datasets), "global_steps": trainer.global_step,
-                     "handed_over": handed, **task.info}
+                                       for d in stage.datasets),
+                     "global_steps": trainer.global_step, "handed_over": handed, **task.info}
     discarded = next((c.outcome for c in trainer.callbacks
                       if isinstance(c, EarlyDiscard) and c.outcome), None)
     if discarded:  # stopped early by callbacks=early_discard: not a complete stage
@@ -124,7 +124,10 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return instantiate_checked(stage.trainer, f"{stage.where} trainer",
+    node = stage.trainer
+    if stage.subtasks and node.get("strategy") == "ddp":  # a step trains one sub-task's head:
+        node = node | {"strategy": "ddp_find_unused_parameters_true"}  # the others get no grad
+    return instantiate_checked(node, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir), callbacks=[*callbacks, keep],
                                logger=loggers or False, enable_checkpointing=False,
                                use_distributed_sampler=False)  # ftlab's sampler shards itself

@@ -44,6 +44,7 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
         check_binds(stage.peft, f"{stage.where} peft")
         check_binds(stage.regularizer, f"{stage.where} regularizer")
         check_numbers(stage)
+        check_strategy(stage)
     for stage in stages:
         builder.task(stage)
         builder.check_fits(stage)
@@ -88,6 +89,17 @@ def check_numbers(stage: ResolvedStage) -> None:
     ):
         if not ok:
             raise FtlabError(f"{stage.where}: {what} is out of range.", f"use {fix}.")
+
+
+def check_strategy(stage: ResolvedStage) -> None:
+    """A multi-task stage trains on one device or with DDP: FSDP's flattened parameters give
+    the heads a step did not use zero gradients (not none), so AdamW would keep moving them."""
+    strategy = stage.trainer.get("strategy")
+    name = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
+    if stage.subtasks and "fsdp" in name.lower():
+        raise FtlabError(f"{stage.where} is a multi-task stage, which FSDP does not train as "
+                         "one process would (the unused heads' zero gradients still move them).",
+                         "use trainer=ddp (or one device) for stage=multitask.")
 
 
 def _looks_local(name: str) -> bool:

@@ -190,7 +190,8 @@ def test_shared_encoder_is_one_module_trained_by_every_task(parts):
 def test_loss_scaling_and_weights_scale_each_tasks_loss(parts):
     _, _, task, model, dm = parts("stage.task.sampling=uniform", "stage.task.loss_scaling=size",
                                   "stage.tasks.vitaminc.weight=3")
-    assert task.scales == pytest.approx({"vitaminc": 3 * (64 / 320) / 0.5, "task": (256 / 320) / 0.5})
+    assert task.scales == pytest.approx({"vitaminc": 3 * (64 / 320) / 0.5,
+                                         "task": (256 / 320) / 0.5})
     batch = next(b for b in dm.train_dataloader() if b["task"] == "vitaminc")
     model.eval()
     with torch.no_grad():
@@ -314,3 +315,34 @@ def test_smart_with_a_teacher_is_refused_with_the_fix(make_cfg, sentiment_dir, p
         run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
                       "regularizer=smart", "stage.trainer.max_steps=10"]))
     assert "regularizer.mu=0" in capsys.readouterr().err
+
+
+# --- several devices ---
+
+def test_fsdp_is_refused_with_the_fix(make_cfg, sentiment_dir, pairs_dir):
+    stage = build_pipeline(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                                     "trainer=fsdp"]))[0]
+    with pytest.raises(FtlabError, match="trainer=ddp"):
+        validate([stage], StageBuilder())
+
+
+@pytest.mark.parametrize("strategy", ["ddp"])
+def test_two_cpu_processes_match_one_process_on_a_multitask_stage(strategy, sentiment_dir,
+                                                                   pairs_dir, tmp_path):
+    from tests.test_distributed import _train
+
+    over = [*mt_overrides(sentiment_dir, pairs_dir)[-2:], "stage=multitask",
+            "trainer.max_epochs=2"]
+    single = _train(sentiment_dir, tmp_path / "single", [*over, "stage.batch_size=16"])
+    multi = _train(sentiment_dir, tmp_path / strategy, [
+        *over, f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32-true", "stage.batch_size=8"])
+    steps = [r["stages"]["multitask"]["global_steps"] for r in (single, multi)]
+    assert steps == [2 * (64 // 16 + 256 // 16)] * 2  # the same draws on every rank
+    for key in ("val/vitaminc/acc", "val/task/acc", "val/mean"):
+        assert multi["final"][key] == pytest.approx(single["final"][key], abs=1e-6), key
+    a = load_tensors(tmp_path / "single" / "multitask" / "trainable.safetensors")
+    b = load_tensors(tmp_path / strategy / "multitask" / "trainable.safetensors")
+    assert a.keys() == b.keys() and "mt__task__classifier.weight" in a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-3, msg=name)

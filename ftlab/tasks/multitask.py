@@ -93,6 +93,17 @@ class TaskMetrics(MetricCollection):
         return out
 
 
+def _relink(inner: nn.Module, task: str) -> nn.Module:
+    """``task``'s model, its head modules set to those now registered on the primary (a PEFT
+    method or strategy may have wrapped them since ``build_model``)."""
+    sub = inner.mt_models[task]
+    for child, registered in inner.mt_heads[task].items():
+        current = getattr(inner, registered)
+        if sub._modules.get(child) is not current:
+            setattr(sub, child, current)
+    return sub
+
+
 class _View:
     """One sub-task's metrics inside a :class:`TaskMetrics`, as its ``update`` expects them."""
 
@@ -226,9 +237,8 @@ class MultiTask(TaskDefaults):
         what trains: a method that trains parameters outside the Transformers model (a
         re-parametrising wrapper, prompt tuning) or freezes a head is refused."""
         inner = unwrap(model)
-        for name, children in getattr(inner, "mt_heads", {}).items():
-            for child, registered in children.items():
-                setattr(inner.mt_models[name], child, getattr(inner, registered))
+        for name in getattr(inner, "mt_heads", {}):
+            _relink(inner, name)
         reach = {id(p) for p in inner.parameters()}
         outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reach]
         if outside:
@@ -256,7 +266,7 @@ class MultiTask(TaskDefaults):
                              ", whose swapped-in weights only the primary sub-task would use.",
                              "use regularizer=none, r3f, freelb or mixout with stage=multitask "
                              "(or regularizer=smart with regularizer.mu=0: no teacher).")
-        sub = inner.mt_models[task]
+        sub = _relink(inner, task)  # a strategy may have wrapped a head since (FSDP)
         if sub.training != inner.training:
             sub.train(inner.training)
         return sub
