@@ -286,6 +286,11 @@ def test_two_task_run_logs_per_task_metrics_and_their_mean(make_cfg, sentiment_d
     info = record["stages"]["multitask"]
     assert info["global_steps"] == 2 * (64 // 16 + 256 // 16)
     assert info["train_rows"] == 64 + 256 and set(info["tasks"]) == {"vitaminc", "task"}
+    from ftlab.artefact import read_stage_card
+
+    card, _ = read_stage_card(Path(info["artefact"]).parent)  # the sub-tasks round-trip
+    assert [(t.name, t.data.text_columns) for t in card.subtasks] == [
+        ("vitaminc", ["evidence", "claim"]), ("task", ["text"])]
 
 
 def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentiment_dir,

@@ -8,7 +8,9 @@ one pass; with ``temperature``/``uniform`` small sub-tasks repeat and large ones
 A sub-task whose batches run out starts a new pass (a new shuffle); one that is not used up
 carries on where it stopped in the next epoch, so every row is seen in turn. The draws come
 from ``seed + epoch``: the same on every rank, so under DDP every rank trains the same
-sub-task at each step (each on its own share of that sub-task's batch).
+sub-task at each step (each on its own share of that sub-task's batch; the stage runs DDP with
+``find_unused_parameters``, since a step leaves the other heads without gradients). FSDP is
+refused (``ftlab.validate.check_strategy``).
 Validation and test run every sub-task's batches in turn.
 """
 
