@@ -3,7 +3,8 @@ the Mosbach et al. (2021) preset; and early discard of unpromising seeds across 
 the full sweep. Runs real `ftlab -m` sweeps (the command a user types) and reads their reports.
 
     python benchmarks/stability.py [--seeds 10] [--labels 300] [--epochs 3]
-        [--configs none,r3f,smart,freelb,mixout,mosbach] [--discard] [--out DIR]
+        [--configs none,r3f,smart,freelb,mixout,mosbach] [--discard] [--jobs N] [--out DIR]
+        [--extra trainer=gpu ...]
 
 Per configuration: failed-run rate (the report's rule: errored, diverged, or validation
 accuracy/macro-F1 at or below the trivial predictor), mean ± std and bootstrap 95% CI of test
@@ -45,6 +46,8 @@ def sweep(name: str, overrides: list[str], args: argparse.Namespace, out: Path) 
            *overrides]
     if "callbacks=early_discard" not in overrides:
         cmd.append("callbacks=none")
+    if args.jobs > 1:  # parallel jobs (a GPU machine): joblib, one torch thread each
+        cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {
         "WANDB_MODE": "offline"})
@@ -76,6 +79,9 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=500)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--discard", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="jobs at once per sweep (joblib launcher); early discard then "
+                             "compares jobs in the order they reach their check")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/stability"))
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every sweep")
     args = parser.parse_args()
