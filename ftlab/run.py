@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.errors import FtlabError
+from ftlab.errors import Diverged, FtlabError
+from ftlab.seedstats import failure
 
 log = logging.getLogger("ftlab")
 
@@ -93,7 +94,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if record.get("discarded"):  # callbacks=early_discard stopped it: neither ok nor failed
             record |= {"status": "discarded", "failed": False}
         else:
-            record |= {"status": "ok", "failed": is_degenerate(final)}
+            reason = failure(final)
+            record |= {"status": "ok", "failed": reason is not None}
+            if reason:
+                record["failure"] = reason
         record["objective"] = objective(record)
     except (FtlabError, Exception, KeyboardInterrupt) as err:
         _record_error(record, err, run_dir, primary)
@@ -178,16 +182,11 @@ def objective(record: dict[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else worst
 
 
-def is_degenerate(metrics: dict[str, float]) -> bool:
-    """True when validation accuracy is at or below the majority-class baseline."""
-    acc, base = metrics.get("val/acc"), metrics.get("val/baseline_acc")
-    return acc is not None and base is not None and acc <= base + 1e-9
-
-
 def _record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
                   primary: bool = True) -> None:
     record["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
     record["failed"] = True
+    record["failure"] = "diverged" if isinstance(err, Diverged) else record["status"]
     record["error"] = str(err) if isinstance(err, FtlabError) else f"{type(err).__name__}: {err}"
     if not isinstance(err, FtlabError | KeyboardInterrupt) and primary:
         (run_dir / "error.log").write_text(traceback.format_exc())

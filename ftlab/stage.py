@@ -86,9 +86,10 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     metrics: dict[str, float] = {f"val/{k}": v for k, v in keep.metrics.items()}
     if "test" in dm.splits:
         metrics |= {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
-    if raw.labels is not None and "validation" in raw.splits:
-        baseline = task.baseline(raw.splits["validation"]["label"]) or {}
-        metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        if raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
+            baseline = task.baseline(raw.splits[split]["label"]) or {}
+            metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}
     info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
