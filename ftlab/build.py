@@ -21,7 +21,7 @@ from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import Task
+from ftlab.tasks.base import ScoresWithLMHead, Task
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class StageBuilder:
             from ftlab.handover import hand_over
 
             handed = hand_over(upstream, model, stage.carry)
+        require_trained_head(stage, task, model)
         return *self._prepare(stage, model), handed
 
     def _prepare(self, stage: ResolvedStage, model: nn.Module
@@ -112,6 +113,7 @@ class StageBuilder:
         except Exception as err:  # the real load reports real problems; this is only a check
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
             return
+        require_trained_head(stage, task, model)
         try:
             self._prepare(stage, model)
         except FtlabError:
@@ -119,6 +121,20 @@ class StageBuilder:
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
+
+
+def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
+    """A task that predicts with the LM head (cloze) needs a trained one: in the checkpoint
+    (its tensors are there) or carried from an earlier stage (``carry: model``)."""
+    if not isinstance(task, ScoresWithLMHead) or stage.model.name_or_path is None:
+        return  # built from a config: every weight is random on purpose (tests, smoke runs)
+    if stage.init_from != "pretrained" and stage.carry == "model":
+        return
+    from ftlab.tasks.mlm import fresh_head
+
+    missing = fresh_head(model, stage.model)
+    if missing:
+        raise task.untrained_head(missing)
 
 
 def _instantiate_task(stage: ResolvedStage) -> Task:

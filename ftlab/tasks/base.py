@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -84,3 +84,13 @@ class TaskDefaults:
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None
 
+
+
+@runtime_checkable
+class ScoresWithLMHead(Protocol):
+    """A task whose predictions come from the pre-trained language-model head (cloze): that
+    head must be trained, in the checkpoint or handed over by an earlier stage
+    (``init_from`` + ``carry: model``); a fresh, random one is refused."""
+
+    def untrained_head(self, missing: list[str]) -> Exception:
+        """The error for a model whose checkpoint lacks the ``missing`` head tensors."""
