@@ -17,11 +17,11 @@ from ftlab.config import instantiate_checked
 from ftlab.data.batching import require_one_batch
 from ftlab.data.sources import RawData, load_raw
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
+from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import ScoresWithLMHead, Task
+from ftlab.tasks.base import ModelAware, ScoresWithLMHead, Task
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class StageBuilder:
             require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
             task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
+            if isinstance(task, ModelAware):
+                task.see_model(load_config(stage.model))
             self._tasks[stage.name] = task
         return self._tasks[stage.name]
 
@@ -66,6 +68,8 @@ class StageBuilder:
 
         task = _instantiate_task(stage)
         task.bind(RawData(DatasetDict(), labels), tokenizer, stage.data.text_columns)
+        if isinstance(task, ModelAware):
+            task.see_model(load_config(stage.model))
         self._tokenizers[repr(stage.model)] = tokenizer
         self._tasks[stage.name] = task
         return task

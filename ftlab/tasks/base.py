@@ -94,3 +94,13 @@ class ScoresWithLMHead(Protocol):
 
     def untrained_head(self, missing: list[str]) -> Exception:
         """The error for a model whose checkpoint lacks the ``missing`` head tensors."""
+
+
+@runtime_checkable
+class ModelAware(Protocol):
+    """A task whose features depend on the model family (a cloze row is the whole pattern for a
+    masked LM but the text before the slot for a causal LM): the builder shows it the model's
+    ``transformers`` config before it featurises anything."""
+
+    def see_model(self, config: Any) -> None:
+        """Learn what the features depend on; raise FtlabError for an unsuitable model."""

@@ -32,7 +32,8 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import Pattern, check_fields, fit, verbaliser_ids
+from ftlab.tasks.prompting import (Pattern, check_fields, continuation_logprob, fit,
+                                   verbaliser_ids)
 
 #: Zhao et al. (2021)'s content-free inputs; "[MASK]" becomes the tokenizer's mask token
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -81,27 +82,26 @@ class Cloze(Classify):
 
     def encode(self, texts: dict[str, str]) -> list[int]:
         """A row's token ids: the whole pattern with [MASK] (masked LM) or the text before the
-        slot (causal LM). Which one is known from the tokenizer until the model is built."""
-        causal = self.causal if self.causal is not None else self.tokenizer.mask_token is None
+        slot (causal LM)."""
+        if self.causal is None:
+            raise FtlabError("Cloze.encode before the model family is known.",
+                             "call see_model(config) (StageBuilder does) before featurising.")
         return fit(self.tokenizer, self.pattern, texts, self.tokenizer.mask_token or "",
-                   self.max_length, prefix_only=causal)
+                   self.max_length, prefix_only=self.causal)
 
     # --- model ------------------------------------------------------------------------------
-    def build_model(self, spec: ModelSpec) -> nn.Module:
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    def see_model(self, config: Any) -> None:
+        """Masked or causal LM, from the model's config (before featurising)."""
         from transformers.models.auto import modeling_auto as auto
 
-        config = load_config(spec)
         kind = config.model_type
         if getattr(config, "is_encoder_decoder", False):
             raise FtlabError(f"stage=cloze scores a slot with a masked or causal LM; '{kind}' is "
                              "an encoder-decoder.", "use stage=text2text for T5/BART models.")
         if kind in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and self.tokenizer.mask_token:
             self.causal = False
-            model = load_model(spec, AutoModelForMaskedLM, config=config)
         elif kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             self.causal = True
-            model = load_model(spec, AutoModelForCausalLM, config=config)
         else:
             raise FtlabError(f"stage=cloze needs a language-model head, and '{kind}' has none "
                              "in transformers (or its tokenizer has no mask token).",
@@ -114,7 +114,14 @@ class Cloze(Classify):
                              f"words are several tokens: {bad}.",
                              "choose single-token words for this tokenizer, or use a causal LM "
                              "(model=smollm2), which sums the tokens' log-probabilities.")
-        return model
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+        config = load_config(spec)
+        self.see_model(config)
+        return load_model(spec, AutoModelForCausalLM if self.causal else AutoModelForMaskedLM,
+                          config=config)
 
     def untrained_head(self, missing: list[str]) -> FtlabError:
         return FtlabError(
@@ -149,25 +156,9 @@ class Cloze(Classify):
         if all(len(w) == 1 for w in flat):
             logp = F.log_softmax(model(**inputs).logits[rows, last].float(), dim=-1)
             return logp[:, [w[0] for w in flat]]
-        return torch.stack([self._continuation(model, inputs, last, w) for w in flat], dim=-1)
-
-    def _continuation(self, model: nn.Module, inputs: dict[str, torch.Tensor],
-                      last: torch.Tensor, word: list[int]) -> torch.Tensor:
-        """Summed log-probability of ``word``'s tokens after each row's prefix."""
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        n, width = len(word), ids.shape[1] + len(word)
-        seq = torch.full((ids.shape[0], width), self.tokenizer.pad_token_id or 0,
-                         dtype=ids.dtype, device=ids.device)
-        att = torch.zeros_like(seq)
-        seq[:, : ids.shape[1]], att[:, : ids.shape[1]] = ids, mask
-        pos = last[:, None] + 1 + torch.arange(n, device=ids.device)  # where the word goes
-        seq.scatter_(1, pos, torch.tensor(word, device=ids.device).expand(ids.shape[0], n))
-        att.scatter_(1, pos, 1)
-        logits = model(input_ids=seq, attention_mask=att).logits.float()
-        logp = F.log_softmax(logits.gather(1, (pos - 1)[..., None].expand(-1, -1,
-                                                                            logits.shape[-1])),
-                             dim=-1)
-        return logp.gather(2, seq.gather(1, pos)[..., None]).squeeze(-1).sum(-1)
+        pad = self.tokenizer.pad_token_id or 0
+        return torch.stack([continuation_logprob(model, ids, inputs["attention_mask"], last, w,
+                                                 pad) for w in flat], dim=-1)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         if model.training:

@@ -16,6 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from ftlab.errors import FtlabError
 
 MASK = "mask"
@@ -130,3 +134,20 @@ def fit(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str,
         texts[name] = texts[name][: enc["offset_mapping"][keep][0]] if keep else ""
     raise FtlabError(f"Could not fit a row into max_length={max_length} with the pattern "
                      f"{pattern.template!r}.", "raise stage.task.max_length.")
+
+
+def continuation_logprob(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                         last: torch.Tensor, word: Sequence[int], pad_id: int) -> torch.Tensor:
+    """Summed log-probability under a causal LM of ``word``'s tokens right after each row's
+    prompt (right-padded ``ids``; ``last``: index of each prompt's last token)."""
+    n, width = len(word), ids.shape[1] + len(word)
+    seq = torch.full((ids.shape[0], width), pad_id, dtype=ids.dtype, device=ids.device)
+    att = torch.zeros_like(seq)
+    seq[:, : ids.shape[1]], att[:, : ids.shape[1]] = ids, mask
+    pos = last[:, None] + 1 + torch.arange(n, device=ids.device)  # where the word goes
+    seq.scatter_(1, pos, torch.tensor(list(word), device=ids.device).expand(ids.shape[0], n))
+    att.scatter_(1, pos, 1)
+    logits = model(input_ids=seq, attention_mask=att).logits
+    before = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float()
+    logp = F.log_softmax(before, dim=-1)
+    return logp.gather(2, seq.gather(1, pos)[..., None]).squeeze(-1).sum(-1)
