@@ -34,6 +34,7 @@ class StageBuilder:
         self._tokenizers: dict[str, Any] = {}
         self._raw: dict[str, RawData] = {}
         self._tasks: dict[str, Task] = {}
+        self._stages: dict[str, ResolvedStage] = {}
 
     def tokenizer(self, spec: ModelSpec) -> Any:
         key = repr(spec)
@@ -59,7 +60,18 @@ class StageBuilder:
             if isinstance(task, ModelAware):
                 task.see_model(load_config(stage.model))
             self._tasks[stage.name] = task
+            self._stages[stage.name] = stage
         return self._tasks[stage.name]
+
+    def trained(self, name: str, model: nn.Module | dict) -> tuple[nn.Module, Task,
+                                                                   ResolvedStage]:
+        """(model, bound task, resolved stage) of a stage that ran in this job; ``model`` is its
+        trained model, or its state dict when the stage came from the cache."""
+        stage = self._stages[name]
+        if not isinstance(model, nn.Module):
+            state, (model, _, _, _) = model, self.model(stage)
+            model.load_state_dict(state, strict=False)
+        return model, self._tasks[name], stage
 
     def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:
         """The stage's task bound to a finished stage's saved label set and tokenizer, without

@@ -157,6 +157,9 @@ class TextToText(Classify):
         pad = self.tokenizer.pad_token_id or 0
         return batch["input_ids"].masked_fill(~keep, pad), keep.long(), prompt_len - 1
 
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.rank(model, batch)
+
     def rank(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Rank classification: each label's target scored by its summed log-probability."""
         with torch.no_grad():
