@@ -20,7 +20,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
-from ftlab.regularizers.base import Regularizer
+from ftlab.regularizers.base import ChecksTask, Regularizer
 from ftlab.tasks.base import ModelAware, ScoresWithLMHead, Task
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ class StageBuilder:
                  ) -> tuple[nn.Module, PeftMethod, Regularizer]:
         """The stage's PEFT method, then its regulariser, applied to ``model``."""
         peft, regularizer = self.peft(stage), self.regularizer(stage)
+        if isinstance(regularizer, ChecksTask):  # e.g. R3F needs per-row logits
+            regularizer.check_task(self.task(stage))
         return regularizer.apply(peft.apply(model)), peft, regularizer
 
     def check_fits(self, stage: ResolvedStage) -> None:

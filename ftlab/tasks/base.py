@@ -80,6 +80,8 @@ class TaskDefaults:
 
     pad_values: Mapping[str, int | float] = MappingProxyType({})
     info: Mapping[str, Any] = MappingProxyType({})
+    #: training outputs carry per-row class scores in ``logits`` (what R3F/SMART/FreeLB compare)
+    row_logits: bool = True
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None

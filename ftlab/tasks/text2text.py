@@ -32,6 +32,8 @@ from ftlab.tasks.prompting import continuation_logprob
 
 
 class TextToText(Classify):
+    row_logits = False  # training scores target tokens; label scores exist at evaluation only
+
     """Labels as text; trained with the LM loss on the target, evaluated by ranking and
     generating.
 
@@ -53,6 +55,7 @@ class TextToText(Classify):
         self.max_target_length = max_target_length
         self.seq2seq: bool | None = None
         self.eos: int | None = None
+        self.row_logits = False  # training scores target tokens; label scores: evaluation only
 
     def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
         super().bind(raw, tokenizer, text_columns)
