@@ -93,6 +93,8 @@ def label_with_teachers(raw: RawData, stage: ResolvedStage, teachers: list[Predi
                              f" are {raw.labels} (names and order must match).",
                              "use teachers trained on the same labels, or set data.labels to "
                              "their order.")
+    if stage.teacher_rows is not None:
+        return _add_teacher_rows(raw, stage, teachers, columns)
     source = UNLABELLED if UNLABELLED in raw.splits else "train"
     rows = raw.splits[source]
     texts = [{c: rows[c][i] for c in columns} for i in range(len(rows))]
@@ -116,6 +118,57 @@ def label_with_teachers(raw: RawData, stage: ResolvedStage, teachers: list[Predi
     log.info("%s: %d rows labelled by %d teachers (T=%g)", stage.where, len(rows),
              len(teachers), stage.teacher_temperature)
     return RawData(splits, raw.labels), info
+
+
+def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predictor],
+                      columns: list[str]) -> tuple[RawData, dict[str, Any]]:
+    """iPET (Schick & Schuetze 2021): the gold training rows plus ``teacher_rows`` rows of the
+    unlabelled split with the teachers' (hard) labels, class-balanced and drawn with
+    probability proportional to the teachers' confidence (seeded)."""
+    from datasets import DatasetDict, concatenate_datasets
+
+    if UNLABELLED not in raw.splits:
+        raise FtlabError(f"{stage.where}: teacher_rows adds teacher-labelled rows from the "
+                         "data's unlabelled split, and the data has none.",
+                         "give the data an unlabelled split (data.transforms=[few_shot] keeps "
+                         "the rest of the training split as one), or teacher_rows: null to "
+                         "distil on the training split.")
+    pool = raw.splits[UNLABELLED]
+    texts = [{c: pool[c][i] for c in columns} for i in range(len(pool))]
+    probs = torch.stack([soft_predictions(t, texts, stage.teacher_temperature)
+                         for t in teachers]).mean(0)
+    pick = balanced_confident(probs, stage.teacher_rows, stage.seed)
+    keep = [*columns, "label"]
+    added = pool.select(pick).select_columns(columns).add_column(
+        "label", probs[pick].argmax(-1).tolist())
+    gold = raw.splits["train"].select_columns(keep)
+    added = added.cast(gold.features)
+    splits = DatasetDict({k: v for k, v in raw.splits.items() if k != UNLABELLED})
+    splits["train"] = concatenate_datasets([gold, added])
+    counts = torch.bincount(probs[pick].argmax(-1), minlength=len(raw.labels)).tolist()
+    log.info("%s: %d gold rows + %d teacher-labelled rows %s", stage.where, len(gold), len(pick),
+             counts)
+    return RawData(splits, raw.labels), {
+        "teachers": list(stage.teachers), "teacher_rows_added": len(pick),
+        "teacher_rows_per_class": dict(zip(raw.labels, counts, strict=True)),
+        "teacher_temperature": stage.teacher_temperature}
+
+
+def balanced_confident(probs: torch.Tensor, n: int, seed: int) -> list[int]:
+    """About ``n`` row indices, ``n / classes`` per predicted class (all of a class when it has
+    fewer), each drawn without replacement with probability proportional to its confidence."""
+    gen = torch.Generator().manual_seed(seed)
+    best, conf = probs.argmax(-1), probs.max(-1).values
+    per_class = n // probs.shape[-1]
+    picked: list[int] = []
+    for c in range(probs.shape[-1]):
+        idx = (best == c).nonzero().flatten()
+        if len(idx) <= per_class:
+            picked += idx.tolist()
+            continue
+        draw = torch.multinomial(conf[idx], per_class, replacement=False, generator=gen)
+        picked += idx[draw].tolist()
+    return sorted(picked)
 
 
 def soft_predictions(teacher: Predictor, texts: list[dict[str, Any]],

@@ -46,6 +46,9 @@ class StageSpec:
         teachers: earlier stages (names) or finished runs (folders, ``folder#stage``) whose
             averaged soft predictions become this stage's training labels (``ftlab/distill.py``).
         teacher_temperature: the teachers' scores are divided by it before the softmax (PET: 2).
+        teacher_rows: null: the teachers label every row to learn from (distillation); a
+            number: iPET, that many teacher-labelled rows of the unlabelled split are added to
+            the gold training rows.
     """
 
     name: str = "classify"
@@ -65,6 +68,7 @@ class StageSpec:
     aux_mlm_weight: float = 0.0
     teachers: list[str] = field(default_factory=list)
     teacher_temperature: float = 2.0
+    teacher_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class ResolvedStage:
     save_artefact: bool = True
     teachers: tuple[str, ...] = ()
     teacher_temperature: float = 2.0
+    teacher_rows: int | None = None
 
     @property
     def where(self) -> str:
@@ -153,7 +158,8 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
         trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
-        teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature)
+        teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
+        teacher_rows=spec.teacher_rows)
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:
@@ -197,6 +203,11 @@ def _check_teachers(s: StageSpec, seen: list[str]) -> None:
             raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is not an earlier "
                              "stage.", f"use earlier stages ({choices_text(seen) or 'none yet'}) "
                              "or run folders (with a '/').")
+    if s.teacher_rows is not None and (s.teacher_rows < 1 or not s.teachers):
+        raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows}"
+                         f"{'' if s.teachers else ' but no teachers'}.",
+                         "iPET: a positive number of teacher-labelled rows to add, with "
+                         "teachers; null to distil on every row.")
     if s.teacher_temperature <= 0:
         raise FtlabError(f"Stage '{s.name}' has teacher_temperature {s.teacher_temperature}.",
                          "use a positive temperature (PET: 2; 1 keeps the teachers' scores).")

@@ -47,7 +47,8 @@ def test_teachers_average_their_temperature_softened_predictions():
                          scores=lambda texts: torch.tensor([[4.0, 0.0], [0.0, 2.0]]))
     t2 = SimpleNamespace(labels=["neg", "pos"],
                          scores=lambda texts: torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
-    stage = SimpleNamespace(teachers=("t1", "t2"), teacher_temperature=2.0, where="stage 'd'")
+    stage = SimpleNamespace(teachers=("t1", "t2"), teacher_temperature=2.0, teacher_rows=None,
+                            where="stage 'd'")
     raw, info = label_with_teachers(_raw(rows), stage, [t1, t2], ["text"])
     soft = torch.tensor(raw.splits["train"]["label"])
     expected = (torch.tensor([[2.0, 0.0], [0.0, 1.0]]).softmax(-1)
@@ -59,7 +60,8 @@ def test_teachers_average_their_temperature_softened_predictions():
 
 def test_teachers_must_predict_the_same_labels():
     t = SimpleNamespace(labels=["pos", "neg"], scores=lambda texts: torch.zeros(1, 2))
-    stage = SimpleNamespace(teachers=("t",), teacher_temperature=2.0, where="stage 'd'")
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=2.0, teacher_rows=None,
+                            where="stage 'd'")
     with pytest.raises(FtlabError, match="names and order must match"):
         label_with_teachers(_raw([{"text": "a", "label": 0}]), stage, [t], ["text"])
 
@@ -125,3 +127,42 @@ def test_the_shipped_pet_pipeline_resolves(make_cfg, sentiment_dir):
     assert [s.name for s in stages] == ["p1", "p2", "p3", "distill"]
     assert stages[-1].teachers == ("p1", "p2", "p3") and stages[-1].teacher_temperature == 2.0
     assert len({s.task["pattern"] for s in stages[:3]}) == 3
+
+
+def test_ipet_adds_class_balanced_confident_teacher_rows_to_the_gold_rows():
+    from datasets import Dataset, DatasetDict
+
+    from ftlab.distill import balanced_confident
+
+    gold = [{"text": f"g{i}", "label": i % 2} for i in range(4)]
+    pool = [{"text": f"u{i}"} for i in range(40)]
+    scores = torch.tensor([[3.0, 0.0]] * 30 + [[0.0, 3.0]] * 10)  # 30 say neg, 10 say pos
+    t = SimpleNamespace(labels=["neg", "pos"], scores=lambda texts: scores)
+    raw = RawData(DatasetDict({"train": Dataset.from_list(gold),
+                               "unlabelled": Dataset.from_list(pool),
+                               "validation": Dataset.from_list(gold)}), ["neg", "pos"])
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=8, seed=3,
+                            where="stage 'g1'")
+    out, info = label_with_teachers(raw, stage, [t], ["text"])
+    train = out.splits["train"]
+    assert len(train) == 4 + 8 and train["text"][:4] == ["g0", "g1", "g2", "g3"]
+    added = dict(zip(train["text"][4:], train["label"][4:], strict=True))
+    assert sorted(added.values()) == [0, 0, 0, 0, 1, 1, 1, 1]  # class-balanced, hard labels
+    assert all(int(k[1:]) < 30 if v == 0 else int(k[1:]) >= 30 for k, v in added.items())
+    assert "unlabelled" not in out.splits and info["teacher_rows_added"] == 8
+    # confidence-weighted: confident rows are drawn far more often
+    probs = torch.tensor([[0.98, 0.01, 0.01]] * 5 + [[0.34, 0.33, 0.33]] * 95)
+    hits = sum(sum(i < 5 for i in balanced_confident(probs, 3, seed)) for seed in range(300))
+    # one pick of class 0 per draw: uniform gives 5/100; confidence-weighted 4.9/(4.9+32.3)
+    assert hits / 300 > 0.09
+
+
+def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
+    from ftlab.pipeline import build_pipeline
+
+    stages = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + ["pipeline=ipet"]))
+    by = {s.name: s for s in stages}
+    assert list(by) == ["p1", "p2", "p3", "g1p1", "g1p2", "g1p3", "distill"]
+    assert by["g1p2"].teachers == ("p1", "p3") and by["g1p2"].teacher_rows == 160
+    assert by["g1p2"].task["pattern"] == by["p2"].task["pattern"]
+    assert by["distill"].teachers == ("g1p1", "g1p2", "g1p3")
