@@ -60,6 +60,12 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
     raw = builder.raw(stage)
+    taught: dict[str, Any] = {}
+    if stage.teachers:  # their averaged soft predictions become the training labels
+        from ftlab.distill import label_with_teachers, teachers_of
+
+        raw, taught = label_with_teachers(raw, stage, teachers_of(stage, builder, upstream),
+                                          list(stage.data.text_columns))
     tokenizer = builder.tokenizer(stage.model)
     dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
                         batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
@@ -93,7 +99,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
-                     "handed_over": handed, **task.info}
+                     "handed_over": handed, **task.info, **taught}
     discarded = next((c.outcome for c in trainer.callbacks
                       if isinstance(c, EarlyDiscard) and c.outcome), None)
     if discarded:  # stopped early by callbacks=early_discard: not a complete stage

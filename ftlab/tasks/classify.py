@@ -80,6 +80,11 @@ class Classify(TaskDefaults):
         out = model(**batch)
         return TaskOutput(out.loss, out.logits)
 
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits ``[batch, classes]`` (no labels needed): what predictors and teachers
+        read."""
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
     def metrics(self) -> MetricCollection:
         n = len(self.labels)
         return MetricCollection({"acc": MulticlassAccuracy(num_classes=n, average="micro"),
