@@ -69,7 +69,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     primary = is_rank_zero()  # under DDP every rank runs the job; rank zero writes the files
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     hydra = _hydra_info()
     key = config_key(hydra["overrides"])
     record: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "config_key": key,
@@ -86,6 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
     restore_signals = catch_signals()  # SIGINT/SIGTERM -> Stopped, recorded as interrupted
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         if primary:
             write_json(out, record)  # status running, with pid and host
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

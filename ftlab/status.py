@@ -132,6 +132,6 @@ def stop_message(err: Stopped, stage: str | None) -> str:
 def degenerate_line(final: dict[str, float]) -> str:
     """The last line of a single run that ended at or below its majority baseline."""
     return (f"FAILED: val/acc {final.get('val/acc', float('nan')):.4f} is at or below the "
-            f"majority baseline {final.get('val/baseline_acc', float('nan')):.4f} (the model "
-            "predicts one class); exit status 3. Try a lower stage.optim.lr, more steps or "
+            f"majority baseline {final.get('val/baseline_acc', float('nan')):.4f} (no better "
+            "than always predicting the most frequent class); exit status 3. Try a lower stage.optim.lr, more steps or "
             "another seed.")
