@@ -134,6 +134,7 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
-                               default_root_dir=str(stage_dir), callbacks=[*callbacks, keep, NoteStep()],
+                               default_root_dir=str(stage_dir),
+                               callbacks=[*callbacks, keep, NoteStep()],
                                logger=loggers or False, enable_checkpointing=False,
                                use_distributed_sampler=False)  # ftlab's sampler shards itself

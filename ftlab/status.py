@@ -133,5 +133,5 @@ def degenerate_line(final: dict[str, float]) -> str:
     """The last line of a single run that ended at or below its majority baseline."""
     return (f"FAILED: val/acc {final.get('val/acc', float('nan')):.4f} is at or below the "
             f"majority baseline {final.get('val/baseline_acc', float('nan')):.4f} (no better "
-            "than always predicting the most frequent class); exit status 3. Try a lower stage.optim.lr, more steps or "
-            "another seed.")
+            "than always predicting the most frequent class); exit status 3. Try a lower "
+            "stage.optim.lr, more steps or another seed.")

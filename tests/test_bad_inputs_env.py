@@ -175,6 +175,7 @@ def test_reused_pid_reads_as_interrupted():
         "interrupted"
 
 
+@pytest.mark.usefixtures("no_training")
 def test_alive_or_remote_job_stays_running():  # the control: no false alarm
     from ftlab.status import effective
 
@@ -182,8 +183,7 @@ def test_alive_or_remote_job_stays_running():  # the control: no false alarm
     assert effective(_running(_dead_pid(), host="another-machine"))["status"] == "running"
 
 
-def test_rerun_in_the_folder_of_a_killed_run(make_cfg, sentiment_dir, tmp_path, caplog,
-                                             no_training):
+def test_rerun_in_the_folder_of_a_killed_run(make_cfg, sentiment_dir, tmp_path, caplog):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text(json.dumps(_running(_dead_pid())))
     with pytest.raises(SystemExit):
@@ -278,8 +278,8 @@ def test_full_disk_while_writing_metrics(make_cfg, sentiment_dir, tmp_path, monk
     # (this process gone) reads it as interrupted
 
 
-def test_config_copy_permission_denied(make_cfg, sentiment_dir, tmp_path, monkeypatch,
-                                       no_training):
+@pytest.mark.usefixtures("no_training")
+def test_config_copy_permission_denied(make_cfg, sentiment_dir, tmp_path, monkeypatch):
     import ftlab.run
 
     def denied(cfg, f, resolve=False):
@@ -294,7 +294,8 @@ def test_config_copy_permission_denied(make_cfg, sentiment_dir, tmp_path, monkey
     assert_one_paragraph(record["error"])
 
 
-def test_output_folder_under_a_file(make_cfg, sentiment_dir, tmp_path, capsys, no_training):
+@pytest.mark.usefixtures("no_training")
+def test_output_folder_under_a_file(make_cfg, sentiment_dir, tmp_path, capsys):
     from omegaconf import open_dict
 
     (tmp_path / "afile").write_text("x")
@@ -324,9 +325,9 @@ OUTPUT_FAULTS = {
 @pytest.mark.parametrize("fault", OUTPUT_FAULTS)
 def test_output_folder_is_checked_before_hydra_writes(fault, tmp_path, monkeypatch, capsys):
     """Hydra's run/sweep folder, checked by the callback before Hydra writes into it."""
-    import ftlab.writable
     from omegaconf import OmegaConf
 
+    import ftlab.writable
     from ftlab.writable import OutputFolderCheck
 
     patch, expected = OUTPUT_FAULTS[fault]
@@ -437,7 +438,8 @@ NAMES = {"backslash": "a\\\\b", "unicode": "'étape'", "space": "'my stage'",
 
 
 @pytest.mark.parametrize("case", NAMES)
-def test_unsafe_stage_name_variants(case, make_cfg, sentiment_dir, tmp_path, no_training):
+@pytest.mark.usefixtures("no_training")
+def test_unsafe_stage_name_variants(case, make_cfg, sentiment_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         run(make_cfg(tiny_overrides(sentiment_dir) + [f"stage.name={NAMES[case]}"]))
     assert exit_.value.code == 1
@@ -506,12 +508,14 @@ FILES = {
     "text-as-gzip": (lambda t: _file(t, "train.jsonl.gz", b'{"text": "a", "label": "pos"}\n'),
                      r"train.jsonl.gz.*Not a gzipped file"),
     "utf16-csv": (lambda t: _file(t, "train.csv", "text,label\n".encode("utf-16")
-                                  + "good film,pos\n".encode("utf-16-le") * 40), r"not valid UTF-8"),
+                                  + "good film,pos\n".encode("utf-16-le") * 40),
+                  r"not valid UTF-8"),
 }
 
 
 @pytest.mark.parametrize("case", FILES)
-def test_unreadable_file_variants(case, make_cfg, sentiment_dir, tmp_path, no_training):
+@pytest.mark.usefixtures("no_training")
+def test_unreadable_file_variants(case, make_cfg, sentiment_dir, tmp_path):
     path = FILES[case][0](tmp_path)
     base = [o for o in tiny_overrides(sentiment_dir) if not o.startswith(("data.files",
                                                                            "data.path"))]
