@@ -95,7 +95,7 @@ def test_sigterm_to_the_command_mid_training(tmp_path, sentiment_dir):
     out = tmp_path / "run"
     csv = out / "classify" / "csv"
     cmd = [sys.executable, "-m", "ftlab", *tiny_overrides(sentiment_dir), "logger=csv",
-           "trainer.max_steps=100000", "trainer.log_every_n_steps=1", "cache.stages=off",
+           "trainer.max_epochs=1000", "trainer.log_every_n_steps=1", "cache.stages=off",
            "+logger.csv.flush_logs_every_n_steps=1", f"hydra.run.dir={out}"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     env.pop("HYDRA_FULL_ERROR", None)
