@@ -59,9 +59,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should read like any file
     try:
         write(Path(tmp))
+        # mkstemp makes 0600 (and safetensors writes its own 0600 temp file over ``tmp``);
+        # results should read like any file
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)

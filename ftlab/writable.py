@@ -14,13 +14,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 
+#: bytes the probe writes: a folder with less free space is as good as full
+PROBE_BYTES = 256 * 1024
+
+
 def check_writable(folder: str | Path) -> None:
     """Create ``folder`` (and parents) and write, flush and fsync a small probe file in it;
     raise ``FtlabError`` (with the fix) when the file system refuses."""
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".ftlab-probe-") as probe:
-            probe.write(b"\0" * 4096)  # a block: an empty file can still fit on a full disk
+            # room for Hydra's own files (.hydra/*.yaml, ~15 KB) and the job's first results;
+            # an empty file could still fit on a full disk
+            probe.write(b"\0" * PROBE_BYTES)
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as err:
