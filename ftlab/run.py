@@ -196,6 +196,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
                                     "key": keys[s.name], "cache_hit": None} for s in stages]
     context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys
+
     def trained(result: StageResult) -> None:  # recorded before the stage writes its artefact
         record["stages"][result.name] = {"metrics": result.metrics, **result.info}
         if is_rank_zero():

@@ -89,6 +89,21 @@ def test_signal_before_training_is_recorded(make_cfg, sentiment_dir, tmp_path, m
     assert_one_paragraph(record["error"])
 
 
+def test_signal_stops_a_sweep_too(make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    """A failing sweep job returns so the next job runs; a stopped one ends the sweep."""
+    import ftlab.run
+    import ftlab.validate
+
+    monkeypatch.setattr(ftlab.validate, "validate",
+                        lambda *a, **k: os.kill(os.getpid(), signal.SIGINT))
+    monkeypatch.setattr(ftlab.run, "_hydra_info", lambda: {
+        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "n_jobs": 1})
+    with pytest.raises(SystemExit) as exit_:
+        run(make_cfg(tiny_overrides(sentiment_dir)))
+    assert exit_.value.code == 130
+    assert _metrics(tmp_path)["status"] == "interrupted"
+
+
 def test_sigterm_to_the_command_mid_training(tmp_path, sentiment_dir):
     """A real ``python -m ftlab`` child, stopped with SIGTERM once it has trained a step:
     non-zero exit, status interrupted with the stage and the step, no traceback."""
