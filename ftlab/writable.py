@@ -13,7 +13,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-
 #: bytes the probe writes: a folder with less free space is as good as full
 PROBE_BYTES = 256 * 1024
 
