@@ -123,7 +123,7 @@ class StageCache:
         """The stored record of a complete, intact stage, or None. A damaged entry counts as
         absent; with ``repair`` (hold the key's lock) it is also moved aside, with a warning."""
         entry = self.entry(key)
-        if not entry.is_dir():
+        if not entry.exists() and not entry.is_symlink():
             return None
         record, damage = self.check(key)
         if damage is not None and repair:
@@ -133,6 +133,8 @@ class StageCache:
     def check(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
         """(the entry's record, None) if it is intact, else (None, what is wrong)."""
         entry = self.entry(key)
+        if not entry.is_dir():
+            return None, "it is not a folder"
         try:
             record = read_json(entry / "stage.json")
         except FileNotFoundError:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from ftlab.report_plot import plot
 from ftlab.seedstats import bootstrap_ci, expected_max, permutation_test
+from ftlab.status import DEGENERATE_EXIT, effective
 from ftlab.store import atomic_write, write_json
 
 #: metrics where smaller is better (everything else: larger)
@@ -34,6 +35,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             rec = {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
+        rec = effective(rec) if isinstance(rec, dict) else {"status": "missing", "failed": True}
         rec.setdefault("overrides", _overrides_from_hydra(job))
         rec["job"] = job.name
         records.append(rec)
@@ -112,6 +114,10 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "errored": len(trouble),
         "failed": failed,
         "failed_rate": failed / counted if counted else math.nan,
+        # finished, but at or below a trivial baseline (a single run exits 3 for it)
+        "degenerate": sum(r.get("status") == "ok" and bool(r.get("failed")) for r in recs),
+        # stopped by a signal, or killed (a 'running' job whose process is gone)
+        "interrupted": sum(r.get("status") == "interrupted" for r in recs),
         "all_failed": counted > 0 and failed == counted,
         "failures": {str(r.get("seed", r.get("job"))): r.get("failure") or r.get("status")
                      for r in recs if r.get("failed")},
@@ -185,7 +191,9 @@ def markdown(summary: dict[str, Any]) -> str:
                   + (f" · discarded early: {s['discarded']} (trained "
                      f"{s['discarded_steps']['trained']} of their "
                      f"{s['discarded_steps']['planned']} planned steps)"
-                     if s.get("discarded") else ""), "",
+                     if s.get("discarded") else "")
+                  + (f" · interrupted (stopped or killed): {s['interrupted']}"
+                     if s.get("interrupted") else ""), "",
                   "| metric | n | mean | 95% CI | std | best of n | baseline | Δ baseline |",
                   "|---|---|---|---|---|---|---|---|"]
         for m, st in s["metrics"].items():
@@ -267,7 +275,8 @@ class SweepReport(Callback):
         if status:
             write_json(status, {"sweep_dir": str(sweep_dir),
                                 "jobs": sum(s["runs"] for s in summary.values()),
-                                "errored": sum(s["errored"] for s in summary.values())})
+                                "errored": sum(s["errored"] for s in summary.values()),
+                                "degenerate": sum(s["degenerate"] for s in summary.values())})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -275,8 +284,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/multirun/2026-11-25_12-00-00")
     args = parser.parse_args(argv)
+    if (args.sweep_dir / "metrics.json").is_file():  # one run's folder: its status
+        sys.exit(_one_run(args.sweep_dir / "metrics.json"))
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
         sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/.")
     write_report(args.sweep_dir)
     print((args.sweep_dir / "summary.md").read_text())
+
+
+def _one_run(path: Path) -> int:
+    """Print one run's status (a killed one reads as interrupted); the ``ftlab`` exit status
+    it stands for."""
+    try:
+        rec = effective(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:
+        print(f"ftlab-report: cannot read {path}: {err}", file=sys.stderr)
+        return 1
+    status = rec.get("status")
+    where = rec.get("interrupted") or {}
+    print(f"{path.parent}: {status}"
+          + (f" in stage {where.get('stage')}" if where.get("stage") else "")
+          + (f" at step {where['step']}" if where.get("step") is not None else ""))
+    if rec.get("error"):
+        print(rec["error"])
+    if status == "ok":
+        return DEGENERATE_EXIT if rec.get("failed") else 0
+    return 0 if status in ("running", "discarded") else 1

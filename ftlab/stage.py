@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
-from ftlab.callbacks import GradualUnfreeze, KeepBest
+from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
@@ -45,12 +46,15 @@ class RunContext:
         callbacks: the run's extra Lightning callback nodes (``callbacks`` group).
         logger: the run's logger nodes (``logger`` group).
         log_context: W&B name/group/tags/config for the loggers that take them.
+        on_trained: called with a stage's result once it has trained and been evaluated, before
+            its artefact is written (the run records its metrics first: a full disk loses none).
     """
 
     run_dir: Path
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] | None = None
     log_context: dict[str, Any] = field(default_factory=dict)
+    on_trained: Callable[[StageResult], None] | None = None
 
 
 def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
@@ -104,10 +108,13 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                       if isinstance(c, EarlyDiscard) and c.outcome), None)
     if discarded:  # stopped early by callbacks=early_discard: not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
+    result = StageResult(stage.name, metrics, module.model, info)
+    if run.on_trained is not None:
+        run.on_trained(result)
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
             info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)
-    return StageResult(stage.name, metrics, module.model, info)
+    return result
 
 
 def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
@@ -134,6 +141,7 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
-                               default_root_dir=str(stage_dir), callbacks=[*callbacks, keep],
+                               default_root_dir=str(stage_dir),
+                               callbacks=[*callbacks, keep, NoteStep()],
                                logger=loggers or False, enable_checkpointing=False,
                                use_distributed_sampler=False)  # ftlab's sampler shards itself
