@@ -48,7 +48,7 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
     from ftlab.pipeline import SubTask
 
     s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
-          "optim": OptimSpec(**s["optim"]),
+          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
           "subtasks": tuple(SubTask(**(t | {"data": DataSpec(**t["data"])}))
                             for t in s.get("subtasks") or ())}
     return ResolvedStage(**s), card.get("labels")

@@ -19,11 +19,11 @@ from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import RawData, load_raw
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
+from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
-from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import HasSubtasks, SeesPrepared, Task
+from ftlab.regularizers.base import ChecksTask, Regularizer
+from ftlab.tasks.base import HasSubtasks, ModelAware, ScoresWithLMHead, SeesPrepared, Task
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class StageBuilder:
         self._tokenizers: dict[str, Any] = {}
         self._raw: dict[str, RawData] = {}
         self._tasks: dict[str, Task] = {}
+        self._stages: dict[str, ResolvedStage] = {}
 
     def tokenizer(self, spec: ModelSpec) -> Any:
         key = repr(spec)
@@ -63,7 +64,10 @@ class StageBuilder:
             raw = self.raw(stage)
             require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
+            if isinstance(task, ModelAware):
+                task.see_model(load_config(stage.model))
             self._tasks[stage.name] = task
+            self._stages[stage.name] = stage
         return self._tasks[stage.name]
 
     def _bind_subtasks(self, stage: ResolvedStage, task: Task) -> None:
@@ -84,8 +88,9 @@ class StageBuilder:
                                    list(sub.data.text_columns), sub.weight)
         task.bind_tasks(parts)
 
-    def datamodule(self, stage: ResolvedStage) -> Any:
-        """The stage's batches: one dataset's, or a multi-task stage's single-task batches."""
+    def datamodule(self, stage: ResolvedStage, raw: RawData | None = None) -> Any:
+        """The stage's batches: ``raw``'s (default: the stage's data), or a multi-task stage's
+        single-task batches."""
         task, pad = self.task(stage), self.tokenizer(stage.model).pad_token_id
         sizes = dict(batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
                      seed=stage.seed)
@@ -94,7 +99,17 @@ class StageBuilder:
 
             return MultiTaskDataModule({k: (p.raw.splits, p.task) for k, p in task.parts.items()},
                                        task.probabilities, pad, **sizes)
-        return TextDataModule(self.raw(stage).splits, task, pad, **sizes)
+        return TextDataModule((raw or self.raw(stage)).splits, task, pad, **sizes)
+
+    def trained(self, name: str, model: nn.Module | dict) -> tuple[nn.Module, Task,
+                                                                   ResolvedStage]:
+        """(model, bound task, resolved stage) of a stage that ran in this job; ``model`` is its
+        trained model, or its state dict when the stage came from the cache."""
+        stage = self._stages[name]
+        if not isinstance(model, nn.Module):
+            state, (model, _, _, _) = model, self.model(stage)
+            model.load_state_dict(state, strict=False)
+        return model, self._tasks[name], stage
 
     def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:
         """The stage's task bound to a finished stage's saved label set and tokenizer, without
@@ -103,6 +118,8 @@ class StageBuilder:
 
         task = _instantiate_task(stage)
         task.bind(RawData(DatasetDict(), labels), tokenizer, stage.data.text_columns)
+        if isinstance(task, ModelAware):
+            task.see_model(load_config(stage.model))
         self._tokenizers[repr(stage.model)] = tokenizer
         self._tasks[stage.name] = task
         return task
@@ -126,6 +143,7 @@ class StageBuilder:
             from ftlab.handover import hand_over
 
             handed = hand_over(upstream, model, stage.carry)
+        require_trained_head(stage, task, model)
         return *self._prepare(stage, model, task), handed
 
     def _prepare(self, stage: ResolvedStage, model: nn.Module, task: Task
@@ -133,6 +151,8 @@ class StageBuilder:
         """The stage's PEFT method, then its regulariser, applied to ``model`` (then shown to
         the task, if it looks at prepared models)."""
         peft, regularizer = self.peft(stage), self.regularizer(stage)
+        if isinstance(regularizer, ChecksTask):  # e.g. R3F needs per-row logits
+            regularizer.check_task(self.task(stage))
         model = regularizer.apply(peft.apply(model))
         if isinstance(task, SeesPrepared):
             task.prepared(model)
@@ -153,6 +173,7 @@ class StageBuilder:
         except Exception as err:  # the real load reports real problems; this is only a check
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
             return
+        require_trained_head(stage, task, model)
         try:
             self._prepare(stage, model, task)
         except FtlabError:
@@ -160,6 +181,20 @@ class StageBuilder:
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
+
+
+def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
+    """A task that predicts with the LM head (cloze) needs a trained one: in the checkpoint
+    (its tensors are there) or carried from an earlier stage (``carry: model``)."""
+    if not isinstance(task, ScoresWithLMHead) or stage.model.name_or_path is None:
+        return  # built from a config: every weight is random on purpose (tests, smoke runs)
+    if stage.init_from != "pretrained" and stage.carry == "model":
+        return
+    from ftlab.tasks.mlm import fresh_head
+
+    missing = fresh_head(model, stage.model)
+    if missing:
+        raise task.untrained_head(missing)
 
 
 def _instantiate_task(stage: ResolvedStage) -> Task:

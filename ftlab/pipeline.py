@@ -43,6 +43,12 @@ class StageSpec:
             so TAPT reads all of the task's text while the classifier gets 500 labels).
         aux_mlm_weight: > 0 adds that times a masked-LM loss on the task's own text to the
             training loss (joint adaptive + task training, Chronopoulou et al. 2019).
+        teachers: earlier stages (names) or finished runs (folders, ``folder#stage``) whose
+            averaged soft predictions become this stage's training labels (``ftlab/distill.py``).
+        teacher_temperature: the teachers' scores are divided by it before the softmax (PET: 2).
+        teacher_rows: null: the teachers label every row to learn from (distillation); a
+            number: iPET, that many teacher-labelled rows of the unlabelled split are added to
+            the gold training rows.
         tasks: sub-tasks by name (``stage=multitask``): each a :class:`SubTaskSpec` node; the
             stage's ``task`` is then the multi-task node (``ftlab.tasks.multitask.MultiTask``)
             and every sub-task trains one shared encoder with a head of its own.
@@ -63,6 +69,9 @@ class StageSpec:
     save_artefact: bool = True
     data_overrides: dict[str, Any] = field(default_factory=dict)
     aux_mlm_weight: float = 0.0
+    teachers: list[str] = field(default_factory=list)
+    teacher_temperature: float = 2.0
+    teacher_rows: int | None = None
     tasks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,6 +127,9 @@ class ResolvedStage:
     trainer: dict[str, Any]
     aux_mlm_weight: float = 0.0
     save_artefact: bool = True
+    teachers: tuple[str, ...] = ()
+    teacher_temperature: float = 2.0
+    teacher_rows: int | None = None
     subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
 
     @property
@@ -171,6 +183,9 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
              explicit: Explicit, prefix: str) -> ResolvedStage:
     where = f"stage '{spec.name}'"
     subtasks = tuple(_subtask(name, node, cfg, where) for name, node in spec.tasks.items())
+    if subtasks and spec.teachers:
+        raise FtlabError(f"{where} is a multi-task stage with teachers; teachers label one "
+                         "dataset.", "drop the teachers, or distil in a single-task stage.")
     data_spec = subtasks[0].data if subtasks else _data_spec(
         spec.data, spec.data_overrides, cfg, f"{where} data")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
@@ -183,7 +198,8 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
         trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
-        subtasks=subtasks)
+        teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
+        teacher_rows=spec.teacher_rows, subtasks=subtasks)
 
 
 def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str) -> DataSpec:
@@ -254,4 +270,28 @@ def check_pipeline(stages: list[StageSpec]) -> None:
                 raise FtlabError(f"Stage '{s.name}' has a {what} node without a _target_.",
                                  f"give it a mapping with a _target_ (see conf/{what}/*.yaml), "
                                  "or null for the run's group.")
+        _check_teachers(s, seen)
         seen.append(s.name)
+
+
+def _check_teachers(s: StageSpec, seen: list[str]) -> None:
+    from ftlab.distill import is_run_dir, split_ref
+
+    for teacher in s.teachers:
+        if is_run_dir(teacher):
+            if not split_ref(teacher)[0].is_dir():
+                raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is no folder.",
+                                 "give finished run folders (outputs/runs/<time>, a sweep's job "
+                                 "folder), optionally folder#stage, or earlier stage names.")
+        elif teacher not in seen:
+            raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is not an earlier "
+                             "stage.", f"use earlier stages ({choices_text(seen) or 'none yet'}) "
+                             "or run folders (with a '/').")
+    if s.teacher_rows is not None and (s.teacher_rows < 1 or not s.teachers):
+        raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows}"
+                         f"{'' if s.teachers else ' but no teachers'}.",
+                         "iPET: a positive number of teacher-labelled rows to add, with "
+                         "teachers; null to distil on every row.")
+    if s.teacher_temperature <= 0:
+        raise FtlabError(f"Stage '{s.name}' has teacher_temperature {s.teacher_temperature}.",
+                         "use a positive temperature (PET: 2; 1 keeps the teachers' scores).")

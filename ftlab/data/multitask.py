@@ -25,6 +25,28 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftlab.data.batching import LengthGroupedBatchSampler
 from ftlab.data.datamodule import TextDataModule, replicas
+from ftlab.errors import FtlabError, choices_text
+
+SAMPLING = ("proportional", "temperature", "uniform")
+
+
+def sampling_probabilities(sizes: Sequence[int], sampling: str, temperature: float = 2.0,
+                           size_cap: int | None = None) -> list[float]:
+    """Per-task probabilities of drawing a batch: ``proportional`` p_i ~ n_i, ``temperature``
+    p_i ~ n_i^(1/T) (T=1: proportional, T -> inf: uniform), ``uniform`` p_i = 1/k. ``size_cap``
+    (Raffel et al.'s K) counts a task as at most that many rows first."""
+    if sampling not in SAMPLING:
+        raise FtlabError(f"sampling '{sampling}' is not known.",
+                         f"use one of: {choices_text(SAMPLING)}.")
+    if sampling == "temperature" and not temperature > 0:
+        raise FtlabError(f"temperature must be > 0, got {temperature}.",
+                         "e.g. 2 (Raffel et al. 2020's best temperature).")
+    n = torch.tensor([min(s, size_cap) if size_cap else s for s in sizes], dtype=torch.float64)
+    if sampling == "uniform":
+        n = torch.ones_like(n)
+    elif sampling == "temperature":
+        n = n ** (1.0 / temperature)
+    return (n / n.sum()).tolist()
 
 
 class TaskSampler(Sampler[list[int]]):

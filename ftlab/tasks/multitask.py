@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from ftlab.data.multitask import sampling_probabilities
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.arch import backbone, unwrap
 from ftlab.model.backbone import ModelSpec
 from ftlab.tasks.base import Task, TaskDefaults, TaskOutput
 
-SAMPLING = ("proportional", "temperature", "uniform")
 LOSS_SCALING = ("none", "size", "classes")
 
 
@@ -47,25 +47,6 @@ class Part:
     raw: RawData
     text_columns: list[str]
     weight: float = 1.0
-
-
-def sampling_probabilities(sizes: Sequence[int], sampling: str, temperature: float = 2.0,
-                           size_cap: int | None = None) -> list[float]:
-    """Per-task probabilities of drawing a batch: ``proportional`` p_i ~ n_i, ``temperature``
-    p_i ~ n_i^(1/T) (T=1: proportional, T -> inf: uniform), ``uniform`` p_i = 1/k. ``size_cap``
-    (Raffel et al.'s K) counts a task as at most that many rows first."""
-    if sampling not in SAMPLING:
-        raise FtlabError(f"sampling '{sampling}' is not known.",
-                         f"use one of: {choices_text(SAMPLING)}.")
-    if sampling == "temperature" and not temperature > 0:
-        raise FtlabError(f"temperature must be > 0, got {temperature}.",
-                         "e.g. 2 (Raffel et al. 2020's best temperature).")
-    n = torch.tensor([min(s, size_cap) if size_cap else s for s in sizes], dtype=torch.float64)
-    if sampling == "uniform":
-        n = torch.ones_like(n)
-    elif sampling == "temperature":
-        n = n ** (1.0 / temperature)
-    return (n / n.sum()).tolist()
 
 
 class TaskMetrics(MetricCollection):
@@ -194,6 +175,20 @@ class MultiTask(TaskDefaults):
                              f"task.monitor={next(iter(monitors))}/"
                              f"{next(iter(monitors.values()))} with its mode.")
 
+    @property
+    def row_logits(self) -> bool:  # type: ignore[override]
+        """Per-row class scores in training outputs (R3F/SMART/FreeLB): when every sub-task's
+        outputs have them."""
+        return all(getattr(p.task, "row_logits", False) for p in self.parts.values())
+
+    def see_model(self, config: Any) -> None:
+        """Show the model's config to the sub-tasks whose features depend on it (cloze...)."""
+        from ftlab.tasks.base import ModelAware
+
+        for part in self.parts.values():
+            if isinstance(part.task, ModelAware):
+                part.task.see_model(config)
+
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         raise FtlabError("A multi-task stage featurises each sub-task's data with that "
                          "sub-task.", "use ftlab.data.multitask.MultiTaskDataModule.")
@@ -293,11 +288,14 @@ class MultiTask(TaskDefaults):
         self.parts[name].task.update(_View(metrics, name), out, rows)  # type: ignore[arg-type]
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
-        """Each sub-task's own baseline on its validation labels, as ``<task>/<metric>``."""
+        return None  # one dataset's labels say nothing here: see ``baselines``
+
+    def baselines(self, split: str) -> dict[str, float]:
+        """Each sub-task's own baseline on its ``split`` labels, as ``<task>/<metric>``."""
         out: dict[str, float] = {}
         for name, part in self.parts.items():
-            val = part.raw.splits.get("validation")
-            if part.raw.labels is not None and val is not None:
-                out |= {f"{name}/{k}": v for k, v in (part.task.baseline(val["label"]) or {})
+            rows = part.raw.splits.get(split)
+            if part.raw.labels is not None and rows is not None:
+                out |= {f"{name}/{k}": v for k, v in (part.task.baseline(rows["label"]) or {})
                         .items()}
-        return out or None
+        return out
