@@ -10,8 +10,9 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -30,6 +31,10 @@ SPLITS = ("train", "validation", "test")
 class RawData:
     splits: DatasetDict
     labels: list[str] | None  # None for unlabelled text
+    #: training rows set aside as unlabelled text by a transform (``few_shot``), if any
+    unlabelled: Dataset | None = None
+    #: what each of ``data.transforms`` did (rows added/removed/changed...), in order
+    transforms: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
