@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from ftlab.build import StageBuilder
 from ftlab.cache import pipeline_keys
+from ftlab.cli import CONFIG_DIR
 from ftlab.data.transforms.base import Rows
 from ftlab.data.transforms.few_shot import FewShot
 from ftlab.data.transforms.gender_swap import GenderSwap
@@ -212,3 +213,17 @@ def test_a_few_shot_run_records_what_the_transforms_did(make_cfg, sentiment_dir)
     assert record["stages"]["classify"]["train_rows"] == 16 + swap["added"]
     card = json.loads((Path(cfg.paths.output_dir) / "classify" / "card.json").read_text())
     assert card["data_transforms"][0]["per_class"] == few["per_class"]
+
+
+TRANSFORMS = sorted(p.stem for p in (Path(CONFIG_DIR) / "transform").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_every_shipped_transform_binds_and_trains_a_batch(name, make_cfg, sentiment_dir):
+    """Each conf/transform/*.yaml (picked up here with no test edits) runs as the README says."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [f"data.transforms=[{name}]",
+                                                     "trainer.fast_dev_run=true"])
+    record = run(cfg)
+    assert record["status"] == "ok", record
+    (done,) = record["stages"]["classify"]["data_transforms"]
+    assert done["transform"] == name and done["train_rows_before"] == 256
