@@ -35,6 +35,11 @@ def swap() -> GenderSwap:
     ("He kissed her passionately", "She kissed him passionately"),  # her + -ly adverb
     ("her lovely voice", "his lovely voice"),                  # -ly adjective: possessive
     ("Her dog is his.", "His dog is hers."),                   # his standing alone: hers
+    ("into her 50s, her oddly charming film", "into his 50s, his oddly charming film"),
+    ("about her \u201cmadness\u201d", "about his \u201cmadness\u201d"),  # opening quote
+    ("wise-beyond-her-years", "wise-beyond-his-years"),
+    ("his or her own", "her or his own"),
+    ("makes her appear foolish", "makes him appear foolish"),
     ("The choice is his to make", "The choice is hers to make"),
     ("hers, not his own", "his, not her own"),
     ("HE is the KING", "SHE is the QUEEN"),                    # case kept

@@ -9,13 +9,16 @@ Pronouns are handled here (a closed class); other words come from a configurable
 
 ``her`` is possessive (-> ``his``) or an object (-> ``him``); ``his`` is possessive (-> ``her``)
 or stands alone (-> ``hers``: "the book is his"). With no tagger, a small rule reads the next
-word: a noun- or adjective-like word means possessive; the end of the text, punctuation, a number
-or a closed-class word (preposition, determiner, pronoun, conjunction, auxiliary, a common
-adverb, a verb such as "be"/"go"/"feel") or an ``-ly`` adverb means object / standing alone.
+word: a noun-, adjective- or number-like word means possessive ("her 50s"); the end of the
+text, punctuation (opening quotes aside) or a closed-class word (preposition, determiner,
+pronoun, conjunction, auxiliary, a common adverb, a verb such as "be"/"go"/"feel") means object
+/ standing alone. An ``-ly`` adverb counts as possessive only when a noun-like word follows it
+("her oddly charming film" vs "kissed her passionately."); "his or her" reads as possessive.
 Its limits: double objects without a determiner ("gave her flowers" -> "gave his flowers"),
-verbs the list lacks ("made her smile" -> "his smile"), and proper nouns ("told her John left"
--> "his John") come out wrong; so does "her" before an adjective used predicatively ("found her
-dead" -> "his dead"). Names (``swap_names``) are swapped only when capitalised in the text.
+verbs the list lacks ("made her smile" -> "his smile"), proper nouns ("told her John left" ->
+"his John"), an adjective after an object ("found her dead" -> "his dead") and an adverb before
+one ("found her utterly charming" -> "his utterly") come out wrong. Names (``swap_names``) are
+swapped only when capitalised in the text.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ am is are was were be been being do does did have has had having will would shal
 could may might must
 also always here there now then today tonight tomorrow yesterday too well enough once twice
 home anymore anyway ever never not just still already even
-go feel know come become think get see leave understand believe realize realise seem die
+go feel know come become think get see leave understand believe realize realise seem die appear
 """.split())
 #: words ending in -ly that are adjectives or nouns, not adverbs ("her lovely voice")
 LY_NOT_ADVERBS = frozenset("""
@@ -59,16 +62,31 @@ unruly wily worldly jelly rally reply supply assembly anomaly melancholy monopol
 butterfly july italy
 """.split())
 _WORD = re.compile(r"(\w+)")
+#: opening quotes between her/his and the next word do not end the phrase (her "madness")
+QUOTES = "\"'\u201c\u2018"
 
 
-def _possessive(next_word: str | None, gap: str) -> bool:
-    """Is her/his possessive, given the next word and the text between them?"""
-    if next_word is None or gap.strip() or not next_word.isalpha():
-        return False  # end, punctuation in between, or a number
-    w = next_word.lower()
-    if w in FUNCTION_WORDS:
+def _noun_like(word: str | None, gap: str) -> bool:
+    """A word that can follow a possessive: not the end, not after punctuation (opening
+    quotes and a hyphen, "beyond-her-years", aside), not a closed-class word."""
+    if word is None or (gap.strip().strip(QUOTES) and gap != "-") or not _WORD.fullmatch(word):
         return False
-    return not (w.endswith("ly") and len(w) > 3 and w not in LY_NOT_ADVERBS)
+    return word.lower() not in FUNCTION_WORDS
+
+
+def _possessive(after: list[tuple[str | None, str]]) -> bool:
+    """Is her/his possessive, given the next two words and the text before each?"""
+    (word, gap), (word2, gap2) = after
+    if not _noun_like(word, gap):
+        # "his or her own": a coordinated possessive
+        return (word is not None and word.lower() in ("and", "or") and not gap.strip()
+                and word2 is not None and word2.lower() in AMBIGUOUS and not gap2.strip())
+    w = word.lower()
+    if w.endswith("ly") and len(w) > 3 and w not in LY_NOT_ADVERBS:
+        # an adverb: of a following adjective ("her oddly charming film") or of the verb
+        # ("kissed her passionately.")
+        return _noun_like(word2, gap2)
+    return True
 
 
 def _case_like(source: str, word: str) -> str:
@@ -156,17 +174,17 @@ class GenderSwap:
         return self._swap(words, [" "] * len(words))
 
     def _swap(self, words: list[str], gaps: list[str]) -> list[str]:
-        out = []
-        for i, word in enumerate(words):
-            nxt = words[i + 1] if i + 1 < len(words) else None
-            out.append(self._swap_word(word, nxt, gaps[i]))
-        return out
+        """``gaps[i]``: the text between ``words[i]`` and ``words[i + 1]``."""
+        def at(j: int) -> tuple[str | None, str]:
+            return (words[j], gaps[j - 1]) if j < len(words) else (None, "")
 
-    def _swap_word(self, word: str, next_word: str | None, gap: str) -> str:
+        return [self._swap_word(w, [at(i + 1), at(i + 2)]) for i, w in enumerate(words)]
+
+    def _swap_word(self, word: str, after: list[tuple[str | None, str]]) -> str:
         low = word.lower()
         if low in AMBIGUOUS:
             possessive, other = AMBIGUOUS[low]
-            return _case_like(word, possessive if _possessive(next_word, gap) else other)
+            return _case_like(word, possessive if _possessive(after) else other)
         if word[:1].isupper() and low in self.names:
             return _case_like(word, self.names[low])
         swapped = PRONOUNS.get(low) or self.words.get(low)
