@@ -191,7 +191,8 @@ def test_cache_key_follows_the_transforms_and_their_settings(make_cfg, sentiment
 
     keys = {key(), key("data.transforms=[gender_swap]"),
             key("data.transforms=[{gender_swap: {mode: replace}}]"),
-            key("data.transforms=[{few_shot: {k: 8}}]"), key("data.transforms=[{few_shot: {k: 9}}]"),
+            key("data.transforms=[{few_shot: {k: 8}}]"),
+            key("data.transforms=[{few_shot: {k: 9}}]"),
             key("data.transforms=[gender_swap,{few_shot: {k: 8}}]")}
     assert len(keys) == 6
     assert key("data.transforms=[gender_swap]") == key("data.transforms=[gender_swap]")

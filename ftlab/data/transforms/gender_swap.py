@@ -103,7 +103,7 @@ def _pair_map(pairs: list[list[str]], what: str) -> dict[str, str]:
         if not (isinstance(pair, list | tuple) and len(pair) == 2
                 and all(isinstance(w, str) and _WORD.fullmatch(w) for w in pair)):
             raise FtlabError(f"gender_swap {what} entry {pair!r} is not a pair of words.",
-                             f"write each entry as [male, female], e.g. [king, queen].")
+                             "write each entry as [male, female], e.g. [king, queen].")
         a, b = (w.lower() for w in pair)
         for src, dst in ((a, b), (b, a)):
             if src in PRONOUNS or src in AMBIGUOUS:
