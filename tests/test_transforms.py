@@ -233,3 +233,17 @@ def test_every_shipped_transform_binds_and_trains_a_batch(name, make_cfg, sentim
     assert record["status"] == "ok", record
     (done,) = record["stages"]["classify"]["data_transforms"]
     assert done["transform"] == name and done["train_rows_before"] == 256
+
+
+def test_a_pipeline_stage_can_go_without_the_runs_transforms(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "pipeline=tapt_task", "data.transforms=[{few_shot: {k: 4}}]",
+        "+pipeline.stages.tapt.data_overrides.transforms=[]"])
+    tapt, task = build_pipeline(cfg)
+    assert tapt.data.transforms == []
+    assert task.data.transforms[0]["_target_"].endswith("FewShot")
+    assert task.data.transforms[0]["k"] == 4 and task.data.transforms[0]["validation"] == "full"
+    builder = StageBuilder()
+    assert len(builder.raw(tapt).splits["train"]) == 256 and builder.raw(tapt).unlabelled is None
+    assert len(builder.raw(task).splits["train"]) == 8
+    assert len(builder.raw(task).unlabelled) == 248
