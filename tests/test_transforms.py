@@ -247,3 +247,14 @@ def test_a_pipeline_stage_can_go_without_the_runs_transforms(make_cfg, sentiment
     assert len(builder.raw(tapt).splits["train"]) == 256 and builder.raw(tapt).unlabelled is None
     assert len(builder.raw(task).splits["train"]) == 8
     assert len(builder.raw(task).unlabelled) == 248
+
+
+@pytest.mark.parametrize("override", ["transform=gender_swap", "+transform=few_shot"])
+def test_a_transform_given_as_a_group_option_names_the_list(override):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ftlab.preflight import check_overrides
+
+    GlobalHydra.instance().clear()
+    with pytest.raises(FtlabError, match=r"not a group option.*\n.*data.transforms=\["):
+        check_overrides([override], CONFIG_DIR)
