@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: the integer label column every labelled split has after loading (``sources.load_raw``)
 LABEL = "label"
+#: how a row rewrite enters the training split (``rowwise``)
+MODES = ("add", "replace")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,12 @@ def apply_transforms(transforms: list[tuple[str, Transform]], splits: dict[str, 
             "added": max(0, len(applied.train) - len(before)),
             "removed": max(0, len(before) - len(applied.train)), "changed": applied.changed}
         if applied.keep_validation is not None and "validation" in out:
+            keep = applied.keep_validation
+            if len(set(keep)) != len(keep) or not all(0 <= j < len(out["validation"])
+                                                      for j in keep):
+                raise FtlabError(f"{where}[{i}] ({name}) kept validation rows {keep[:10]}... "
+                                 "that are not distinct positions of the validation split.",
+                                 "a transform may drop validation rows, never repeat them.")
             entry["validation_rows_before"] = len(out["validation"])
             out["validation"] = out["validation"].select(applied.keep_validation)
             entry["validation_rows_after"] = len(out["validation"])
@@ -166,5 +174,3 @@ def rowwise(train: Dataset, rewrite: Callable[[dict[str, Any]], dict[str, Any] |
     copies = mapped.filter(lambda b: b[flag], batched=True).remove_columns(flag)
     return Applied(concatenate_datasets([train, copies.cast(train.features)]))
 
-
-MODES = ("add", "replace")
