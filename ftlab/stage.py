@@ -74,7 +74,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     tokenizer = builder.tokenizer(stage.model)
     dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
                         batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                        seed=stage.seed, unlabelled=raw.unlabelled)
+                        seed=stage.seed)
     source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
     model, peft, regularizer, handed = builder.model(stage, source)
     counts = count_parameters(model)

@@ -11,6 +11,7 @@ from datasets import Dataset
 from ftlab.build import StageBuilder
 from ftlab.cache import pipeline_keys
 from ftlab.cli import CONFIG_DIR
+from ftlab.data.datamodule import TextDataModule
 from ftlab.data.transforms.base import Rows
 from ftlab.data.transforms.few_shot import FewShot
 from ftlab.data.transforms.gender_swap import GenderSwap
@@ -238,15 +239,20 @@ def test_every_shipped_transform_binds_and_trains_a_batch(name, make_cfg, sentim
 def test_a_pipeline_stage_can_go_without_the_runs_transforms(make_cfg, sentiment_dir):
     cfg = make_cfg(tiny_overrides(sentiment_dir) + [
         "pipeline=tapt_task", "data.transforms=[{few_shot: {k: 4}}]",
-        "+pipeline.stages.tapt.data_overrides.transforms=[]"])
+        "+pipeline.stages.tapt.data_overrides.transforms=[]", "pipeline.stages.task.batch_size=4"])
     tapt, task = build_pipeline(cfg)
     assert tapt.data.transforms == []
     assert task.data.transforms[0]["_target_"].endswith("FewShot")
     assert task.data.transforms[0]["k"] == 4 and task.data.transforms[0]["validation"] == "full"
     builder = StageBuilder()
-    assert len(builder.raw(tapt).splits["train"]) == 256 and builder.raw(tapt).unlabelled is None
-    assert len(builder.raw(task).splits["train"]) == 8
-    assert len(builder.raw(task).unlabelled) == 248
+    assert set(builder.raw(tapt).splits) == {"train", "validation", "test"}
+    assert len(builder.raw(tapt).splits["train"]) == 256
+    few = builder.raw(task).splits
+    assert len(few["train"]) == 8 and len(few["unlabelled"]) == 248
+    assert few["unlabelled"].column_names == ["text", "group"]  # no labels
+    dm = TextDataModule(few, StageBuilder().task(task), 0, batch_size=4)
+    assert set(dm.splits) == {"train", "validation", "test"}  # not tokenised for training
+    assert list(dm.unlabelled["text"]) == list(few["unlabelled"]["text"])
 
 
 @pytest.mark.parametrize("override", ["transform=gender_swap", "+transform=few_shot"])

@@ -9,6 +9,7 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
 from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator, require_one_batch
+from ftlab.data.sources import UNLABELLED
 from ftlab.errors import FtlabError
 
 if TYPE_CHECKING:
@@ -27,16 +28,19 @@ class TextDataModule(L.LightningDataModule):
         batch_size / eval_batch_size: rows per batch for training / evaluation.
         seed: seeds the batch order (the same on every rank).
         pad_to: pad every batch to this length (benchmarks only; null = dynamic).
-        unlabelled: training rows a transform set aside as unlabelled text (``few_shot``),
-            kept raw (text columns, no labels, not tokenised) as ``self.unlabelled`` for a
-            later semi-supervised stage; None when there are none.
+
+    An ``unlabelled`` split (training rows a transform set aside without labels: ``few_shot``)
+    is not tokenised: it is kept raw as ``self.unlabelled`` (None when there is none) for
+    semi-supervised use.
     """
 
     def __init__(self, splits: DatasetDict, task: Task, pad_id: int, batch_size: int = 32,
                  eval_batch_size: int = 128, seed: int = 0, num_workers: int = 0,
-                 pad_to: int | None = None, unlabelled: Dataset | None = None) -> None:
+                 pad_to: int | None = None) -> None:
         super().__init__()
         require_one_batch(len(splits["train"]), batch_size)
+        self.unlabelled: Dataset | None = splits.get(UNLABELLED)
+        splits = DatasetDict({k: v for k, v in splits.items() if k != UNLABELLED})
         drop = [c for c in splits["train"].column_names]
         self.splits = splits.map(task.featurize, batched=True, remove_columns=drop,
                                  desc="Tokenising")
@@ -52,7 +56,6 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.collate = PadCollator(pad_id, pad_to=pad_to, pad_values=task.pad_values)
-        self.unlabelled = unlabelled
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.splits[split]

@@ -25,14 +25,15 @@ from ftlab.resolve import resolve
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLITS = ("train", "validation", "test")
+#: training rows a transform set aside as text without labels (``few_shot``), when there are
+#: any: not tokenised for training (``TextDataModule.unlabelled``); distillation/iPET label them
+UNLABELLED = "unlabelled"
 
 
 @dataclass
 class RawData:
     splits: DatasetDict
     labels: list[str] | None  # None for unlabelled text
-    #: training rows set aside as unlabelled text by a transform (``few_shot``), if any
-    unlabelled: Dataset | None = None
     #: what each of ``data.transforms`` did (rows added/removed/changed...), in order
     transforms: list[dict[str, Any]] = field(default_factory=list)
 

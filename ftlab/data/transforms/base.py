@@ -7,7 +7,8 @@ optionally rows set aside as unlabelled text and the validation rows to keep (a 
 transform can drop validation rows, never add or change them). Test rows are never shown to it.
 
 ``apply_transforms`` runs a stage's list in order, logs and records what each did
-(``RawData.transforms``, which the stage writes into ``metrics.json`` and its card).
+(``RawData.transforms``, which the stage writes into ``metrics.json`` and its card). Rows set
+aside become the ``unlabelled`` split (``sources.UNLABELLED``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from datasets import Dataset, concatenate_datasets
 
+from ftlab.data.sources import UNLABELLED
 from ftlab.errors import FtlabError
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,8 @@ def apply_transforms(transforms: list[tuple[str, Transform]], splits: dict[str, 
 
     Validation rows may only be dropped (``keep_validation``); test rows are never touched.
     """
-    out = dict(splits)
-    unlabelled: list[Dataset] = []
+    out = {k: v for k, v in splits.items() if k != UNLABELLED}
+    unlabelled: list[Dataset] = [splits[UNLABELLED]] if UNLABELLED in splits else []
     report = []
     for i, (name, transform) in enumerate(transforms):
         before = out["train"]

@@ -1,7 +1,8 @@
 """Few-shot training sets (prompt-based fine-tuning, Schick & Schuetze 2021; "true few-shot"
 learning, Perez et al. 2021): keep ``k`` labelled training rows per class (or ``k_total`` in
-all), drawn from the seed; the other training rows become unlabelled text
-(``RawData.unlabelled``, ``TextDataModule.unlabelled``) for later semi-supervised stages.
+all), drawn from the seed; the other training rows become unlabelled text: the data's
+``unlabelled`` split, which training does not tokenise (``TextDataModule.unlabelled``) and which
+distillation and iPET stages label with their teachers (``ftlab.distill``).
 
 ``validation: full`` keeps the whole validation split (the usual, optimistic setting);
 ``validation: k_shot`` draws the same ``k`` per class (or ``k_total``) from it too, so model

@@ -101,12 +101,14 @@ def build(nodes: list[dict[str, Any]], where: str = "data.transforms") -> list[t
 
 def transform_raw(raw: Any, nodes: list[dict[str, Any]], text_columns: list[str], seed: int,
                   where: str = "data.transforms") -> Any:
-    """``raw`` (a ``RawData``) after the transforms: new splits, the unlabelled rows, the
-    record of what each transform did. ``raw`` itself is left as it was."""
+    """``raw`` (a ``RawData``) after the transforms: new splits (with an ``unlabelled`` split
+    when a transform set rows aside), the record of what each transform did. ``raw`` itself is
+    left as it was."""
     from dataclasses import replace
 
     from datasets import DatasetDict
 
+    from ftlab.data.sources import UNLABELLED
     from ftlab.data.transforms.base import apply_transforms
 
     if not nodes:
@@ -116,5 +118,7 @@ def transform_raw(raw: Any, nodes: list[dict[str, Any]], text_columns: list[str]
                          "give a training split, or remove the transforms.")
     out = apply_transforms(build(nodes, where), dict(raw.splits), text_columns, raw.labels,
                            seed, where)
-    return replace(raw, splits=DatasetDict(out.splits), unlabelled=out.unlabelled,
-                   transforms=raw.transforms + out.report)
+    splits = dict(out.splits)
+    if out.unlabelled is not None:
+        splits[UNLABELLED] = out.unlabelled
+    return replace(raw, splits=DatasetDict(splits), transforms=raw.transforms + out.report)
