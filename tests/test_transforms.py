@@ -264,3 +264,18 @@ def test_a_transform_given_as_a_group_option_names_the_list(override):
     GlobalHydra.instance().clear()
     with pytest.raises(FtlabError, match=r"not a group option.*\n.*data.transforms=\["):
         check_overrides([override], CONFIG_DIR)
+
+
+def test_a_distillation_stage_labels_the_rows_few_shot_set_aside(make_cfg, sentiment_dir):
+    from tests.test_distill import PIPE  # two cloze teachers, three steps each
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + PIPE + [
+        "data.transforms=[{few_shot: {k: 8}}]",
+        "+pipeline.stages.student={name: student, task: {_target_: "
+        "ftlab.tasks.classify.Classify}, teachers: [t1, t2], trainer: {max_steps: 3}}"])
+    record = run(cfg)
+    assert record["status"] == "ok", record.get("error")
+    teacher, student = record["stages"]["t1"], record["stages"]["student"]
+    assert teacher["train_rows"] == 16 and teacher["data_transforms"][0]["unlabelled_rows"] == 240
+    assert (student["distilled_from"], student["distilled_rows"]) == ("unlabelled", 240)
+    assert student["data_transforms"] == teacher["data_transforms"]
