@@ -21,11 +21,14 @@ TOKENIZER = "tokenizer"
 
 
 def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | None,
-                     tokenizer: Any) -> Path:
-    """Write ``card.json`` and ``tokenizer/`` into ``stage_dir``; returns the card's path."""
+                     tokenizer: Any, data_transforms: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``card.json`` and ``tokenizer/`` into ``stage_dir``; returns the card's path.
+    ``data_transforms``: what each of ``data.transforms`` did to the training rows."""
     tokenizer.save_pretrained(str(stage_dir / TOKENIZER))
     card = {"format": CARD_FORMAT, "stage": asdict(stage),
             "labels": list(labels) if labels else None}
+    if data_transforms:
+        card["data_transforms"] = data_transforms
     return write_json(stage_dir / CARD, card)
 
 

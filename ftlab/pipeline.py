@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from ftlab.config import bind_schema, plain
 from ftlab.data.spec import DataSpec
+from ftlab.data.transforms.nodes import resolve_nodes
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
@@ -148,6 +149,7 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     if not isinstance(data, dict):
         raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
     data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data")
+    data_spec.transforms = resolve_nodes(data_spec.transforms, f"{where} data.transforms")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)

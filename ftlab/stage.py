@@ -64,6 +64,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
     raw = builder.raw(stage)
+    transformed = raw.transforms  # the record of data.transforms (teachers relabel the rows)
     taught: dict[str, Any] = {}
     if stage.teachers:  # their averaged soft predictions become the training labels
         from ftlab.distill import label_with_teachers, teachers_of
@@ -104,6 +105,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
                      "handed_over": handed, **task.info, **taught}
+    if transformed:  # what each data transform did (rows added/changed, few-shot k...)
+        info["data_transforms"] = transformed
     discarded = next((c.outcome for c in trainer.callbacks
                       if isinstance(c, EarlyDiscard) and c.outcome), None)
     if discarded:  # stopped early by callbacks=early_discard: not a complete stage
@@ -113,12 +116,14 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         run.on_trained(result)
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
-            info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)
+            info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer,
+                                   transformed)
     return result
 
 
 def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
-                   task: Any, tokenizer: Any) -> dict[str, Any]:
+                   task: Any, tokenizer: Any,
+                   data_transforms: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it."""
     state = peft.trainable_state(model)
     path = save_tensors(stage_dir / "trainable.safetensors", state,
@@ -126,7 +131,8 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
     info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
     if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
         info["artefact_dir"] = str(peft.save(model, stage_dir))
-    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer)
+    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
+                     data_transforms)
     return info
 
 

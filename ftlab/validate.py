@@ -40,6 +40,8 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
         check_binds(stage.task, f"{stage.where}.task")
         check_binds(stage.peft, f"{stage.where} peft")
         check_binds(stage.regularizer, f"{stage.where} regularizer")
+        for i, node in enumerate(stage.data.transforms):
+            check_binds(node, f"{stage.where} data.transforms[{i}]")
         check_numbers(stage)
     for stage in stages:
         builder.task(stage)

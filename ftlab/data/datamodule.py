@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import lightning as L
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
 from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator, require_one_batch
+from ftlab.data.sources import UNLABELLED
 from ftlab.errors import FtlabError
 
 if TYPE_CHECKING:
@@ -27,6 +28,10 @@ class TextDataModule(L.LightningDataModule):
         batch_size / eval_batch_size: rows per batch for training / evaluation.
         seed: seeds the batch order (the same on every rank).
         pad_to: pad every batch to this length (benchmarks only; null = dynamic).
+
+    An ``unlabelled`` split (training rows a transform set aside without labels: ``few_shot``)
+    is not tokenised: it is kept raw as ``self.unlabelled`` (None when there is none) for
+    semi-supervised use.
     """
 
     def __init__(self, splits: DatasetDict, task: Task, pad_id: int, batch_size: int = 32,
@@ -34,6 +39,8 @@ class TextDataModule(L.LightningDataModule):
                  pad_to: int | None = None) -> None:
         super().__init__()
         require_one_batch(len(splits["train"]), batch_size)
+        self.unlabelled: Dataset | None = splits.get(UNLABELLED)
+        splits = DatasetDict({k: v for k, v in splits.items() if k != UNLABELLED})
         drop = [c for c in splits["train"].column_names]
         self.splits = splits.map(task.featurize, batched=True, remove_columns=drop,
                                  desc="Tokenising")
