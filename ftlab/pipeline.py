@@ -169,7 +169,8 @@ def check_pipeline(stages: list[StageSpec]) -> None:
                 f"use init_from: pretrained or one of: {choices_text(seen) or '(none yet)'}.")
         if s.batch_size != "auto" and (not isinstance(s.batch_size, int)
                                        or isinstance(s.batch_size, bool) or s.batch_size < 1):
-            raise FtlabError(f"Stage '{s.name}' has batch_size {s.batch_size!r}.",
+            raise FtlabError(f"Invalid value in stage '{s.name}' for key 'batch_size': "
+                             f"{s.batch_size!r}.",
                              "use a whole number of 1 or more (per device), or auto (the "
                              "largest that fits in memory; for GPUs).")
         if s.carry not in CARRY:
