@@ -67,12 +67,12 @@ timeout "$(limit 210)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops 9
 echo "== (b) ftlab ${RUN[*]} ($(left) s left)"
 rm -rf /tmp/gpu_runs
 timeout "$(limit 110)" python3 -m ftlab "${RUN[@]}" logger=csv hydra.run.dir=/tmp/gpu_runs/gpu \
-  trainer.enable_progress_bar=false cache.stages=off 2>&1 | tail -40 | tee "$OUT/run_gpu.log"
+  trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false 2>&1 | tail -40 | tee "$OUT/run_gpu.log"
 cp /tmp/gpu_runs/gpu/metrics.json "$OUT/run_gpu.json" 2>/dev/null
 
 echo "== (c) ftlab ${AUTO[*]} stage.batch_size=auto ($(left) s left)"
 timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto logger=csv \
-  hydra.run.dir=/tmp/gpu_runs/auto trainer.enable_progress_bar=false cache.stages=off 2>&1 \
+  hydra.run.dir=/tmp/gpu_runs/auto trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false 2>&1 \
   | grep -iv "warning" | tail -40 | tee "$OUT/run_auto.log"
 cp /tmp/gpu_runs/auto/metrics.json "$OUT/run_auto.json" 2>/dev/null
 

@@ -180,3 +180,30 @@ def test_a_bad_batch_size_names_the_fix(make_cfg, sentiment_dir, value):
 
     with pytest.raises(FtlabError, match=re.escape("or auto")):
         build_pipeline(make_cfg([*tiny_overrides(sentiment_dir), f"stage.batch_size={value}"]))
+
+
+def test_fsdp_clips_the_norm_of_the_whole_model_through_its_root(tmp_path):
+    """Lightning's FSDP precision plugin refuses norm clipping; ftlab's module clips through
+    the sharded root's own clip_grad_norm_ (one process, gloo, on the CPU)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from ftlab.module import FineTuneModule
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        root = FullyShardedDataParallel(torch.nn.Linear(16, 16), device_id=torch.device("cpu"))
+        (root(torch.randn(4, 16)) * 1000).sum().backward()
+        norm = lambda: torch.linalg.vector_norm(  # noqa: E731
+            torch.stack([p.grad.norm() for p in root.parameters()]))
+        assert norm() > 10
+        stub = SimpleNamespace(_trainer=object(), trainer=SimpleNamespace(model=root))
+        FineTuneModule.configure_gradient_clipping(stub, None, gradient_clip_val=1.0,
+                                                   gradient_clip_algorithm="norm")
+        assert norm() == pytest.approx(1.0, rel=1e-4)
+    finally:
+        dist.destroy_process_group()
