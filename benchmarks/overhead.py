@@ -113,8 +113,9 @@ def run_ftlab(task, model, loader, clock: Clock, precision: str) -> Clock:
     trainer = L.Trainer(accelerator="gpu" if clock.device.type == "cuda" else "cpu", devices=1,
                         max_steps=clock.warmup + clock.steps, precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[StepClock(clock)],
-                        gradient_clip_val=1.0, num_sanity_val_steps=0)
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[StepClock(clock)], gradient_clip_val=1.0,
+                        num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=loader)
     return clock
 
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: minilm on the CPU, base on cuda")
     parser.add_argument("--batch-sizes", default=None, help="comma list, e.g. 32,128,512")
     parser.add_argument("--batch-size", type=int, default=32, help="one batch size (CPU)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (5 CPU, 3 GPU)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (5 CPU, 3 GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (40 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (3 CPU, 5 GPU)")
@@ -269,8 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
     padded = rotten_setup(sizes[0], max_train=args.max_train, pad_to=128,
                           model=spec)[1] if args.pad128 else None
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
-    print(f"torch {torch.__version__} on {name}, model {args.model_size}, precision {args.precision}, batches {sizes}, {args.steps} (+{args.warmup}) "
-          f"timed steps, {args.rounds} rounds, workers {args.num_workers}, pad multiple "
+    print(f"torch {torch.__version__} on {name}, model {args.model_size}, precision "
+          f"{args.precision}, batches {sizes}, {args.steps} (+{args.warmup}) timed steps, "
+          f"{args.rounds} rounds, workers {args.num_workers}, pad multiple "
           f"{args.pad_multiple}, load {os.getloadavg()[0]:.2f}", flush=True)
 
     rows = []
@@ -282,8 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"batch_size": size, "oom": True})
             free(device)
 
-    print(f"\n| batch | shapes | plain samples/s | ftlab samples/s | ftlab/plain (range) | "
-          f"tokens/row | MFU plain | MFU ftlab |\n|---|---|---|---|---|---|---|---|")
+    print("\n| batch | shapes | plain samples/s | ftlab samples/s | ftlab/plain (range) | "
+          "tokens/row | MFU plain | MFU ftlab |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
             print(f"| {r['batch_size']} | out of memory | | | | | | |")

@@ -13,8 +13,8 @@ from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import build_pipeline, split_peft
-from ftlab.runtime import split_trainer
 from ftlab.run import run
+from ftlab.runtime import split_trainer
 from tests.conftest import tiny_overrides
 
 CONF = Path(CONFIG_DIR)
