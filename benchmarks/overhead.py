@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         except torch.OutOfMemoryError:
             print(f"  batch {size}: out of memory", flush=True)
             rows.append({"batch_size": size, "oom": True})
-            free(device)
+        free(device)  # outside the except: its traceback holds the tensors until it ends
 
     print("\n| batch | shapes | plain samples/s | ftlab samples/s | ftlab/plain (range) | "
           "tokens/row | MFU plain | MFU ftlab |\n|---|---|---|---|---|---|---|---|")
