@@ -22,16 +22,21 @@ KIT=${KIT:-$PWD/.devkit}
 mkdir -p "$OUT"
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-420} - ($(date +%s) - START) )); }
-limit() { local want=$1 l; l=$(( $(left) - 10 )); (( l < want )) && want=$l; (( want < 5 )) && want=5; echo "$want"; }
+limit() {  # a step's timeout: what it asks for, or what is left of the budget
+  local want=$1 l; l=$(( $(left) - 10 ))
+  (( l < want )) && want=$l; (( want < 5 )) && want=5; echo "$want"; }
 
 if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
-  DEV=(--device cpu --model-size tiny --batch-sizes 8,16 --steps 3 --warmup 1 --rounds 2 --max-train 300 --no-pad128)
-  RUN=(trainer=cpu model=tiny_bert data.max_train_samples=300 data.max_eval_samples=100 trainer.max_steps=6 stage.batch_size=16)
-  AUTO=(trainer=cpu model=tiny_bert data.max_train_samples=300 data.max_eval_samples=100 trainer.max_steps=4 trainer.auto_batch_init=8 trainer.auto_batch_max_trials=2)
+  DEV=(--device cpu --model-size tiny --batch-sizes 8,16 --steps 3 --warmup 1 --rounds 2
+       --max-train 300 --no-pad128)
+  SMALL=(trainer=cpu model=tiny_bert data.max_train_samples=300 data.max_eval_samples=100)
+  RUN=("${SMALL[@]}" trainer.max_steps=6 stage.batch_size=16)
+  AUTO=("${SMALL[@]}" trainer.max_steps=4 trainer.auto_batch_init=8 trainer.auto_batch_max_trials=2)
   PEAK=0
   [ -d "$KIT/cache" ] && export FTLAB_CACHE=$KIT/cache
 else
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$KIT"/whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$KIT"/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD FTLAB_CACHE=$KIT/cache
   DEV=(--device cuda --precision bf16-mixed --model-size base --batch-sizes 32,128,512,1024)
   RUN=(trainer=gpu model=bert_base_random trainer.max_epochs=2)
@@ -53,7 +58,7 @@ for p in ["torch", "lightning", "transformers", "tokenizers", "datasets", "hydra
 import torch
 print("cuda", torch.cuda.is_available(), torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-import ftlab.stage, ftlab.cli  # noqa: E401,F401  (fails here, not mid-benchmark, if a package is missing)
+import ftlab.cli, ftlab.stage  # noqa: E401,F401  (a missing package fails here, not later)
 print("ftlab imports: ok")
 EOF
 } > "$OUT/env.txt" 2>&1
@@ -66,14 +71,14 @@ timeout "$(limit 210)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops 9
 
 echo "== (b) ftlab ${RUN[*]} ($(left) s left)"
 rm -rf /tmp/gpu_runs
-timeout "$(limit 110)" python3 -m ftlab "${RUN[@]}" logger=csv hydra.run.dir=/tmp/gpu_runs/gpu \
-  trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false 2>&1 | tail -40 | tee "$OUT/run_gpu.log"
+COMMON=(logger=csv trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false)
+timeout "$(limit 110)" python3 -m ftlab "${RUN[@]}" "${COMMON[@]}" hydra.run.dir=/tmp/gpu_runs/gpu \
+  2>&1 | grep -iv "warning" | tee "$OUT/run_gpu.log" | tail -25
 cp /tmp/gpu_runs/gpu/metrics.json "$OUT/run_gpu.json" 2>/dev/null
 
 echo "== (c) ftlab ${AUTO[*]} stage.batch_size=auto ($(left) s left)"
-timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto logger=csv \
-  hydra.run.dir=/tmp/gpu_runs/auto trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false 2>&1 \
-  | grep -iv "warning" | tail -40 | tee "$OUT/run_auto.log"
+timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto "${COMMON[@]}" \
+  hydra.run.dir=/tmp/gpu_runs/auto 2>&1 | grep -iv "warning" | tee "$OUT/run_auto.log" | tail -25
 cp /tmp/gpu_runs/auto/metrics.json "$OUT/run_auto.json" 2>/dev/null
 
 PEAK=$PEAK python3 - "$OUT" <<'EOF'
