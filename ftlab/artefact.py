@@ -47,5 +47,6 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
                          f"{CARD_FORMAT}.", "use the ftlab version that wrote the run.")
     s = dict(card["stage"])
     s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
-          "optim": OptimSpec(**s["optim"]), "runtime": RuntimeSpec(**s.get("runtime", {}))}
+          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
+          "runtime": RuntimeSpec(**s.get("runtime", {}))}
     return ResolvedStage(**s), card.get("labels")

@@ -65,6 +65,18 @@ class GradualUnfreeze(L.Callback):
                 p.grad = None
 
 
+class NoteStep(L.Callback):
+    """On a stop by signal (``ftlab.status.Stopped``) inside the Trainer, note the global step
+    on the exception so that ``metrics.json`` records where the stage stopped."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        from ftlab.status import Stopped
+
+        if isinstance(exception, Stopped) and exception.step is None:
+            exception.step = trainer.global_step
+
+
 class Throughput(L.Callback):
     """Training rows and tokens (padded, as computed) per second of training time: each
     epoch's wall time without its validation. The device is synchronised only at those

@@ -69,12 +69,12 @@ class FineTuneModule(L.LightningModule):
             return
         step, value = self._first_bad.tolist()  # the host waits for the device here
         if step >= 0:
-            from ftlab.errors import FtlabError
+            from ftlab.errors import Diverged
 
-            raise FtlabError(f"The training loss became {value} at step {int(step)}; the run "
-                             "is stopped and marked failed.",
-                             "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
-                             "data for empty/garbled rows.")
+            raise Diverged(f"The training loss became {value} at step {int(step)}; the run "
+                           "is stopped and marked failed.",
+                           "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
+                           "data for empty/garbled rows.")
 
     def on_train_epoch_end(self) -> None:
         self.raise_if_diverged()
