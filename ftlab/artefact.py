@@ -37,6 +37,7 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
     from ftlab.data.spec import DataSpec
     from ftlab.model.backbone import ModelSpec
     from ftlab.optim import OptimSpec
+    from ftlab.runtime import RuntimeSpec
 
     path = stage_dir / CARD
     if not path.is_file():
@@ -49,5 +50,6 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
                          f"{CARD_FORMAT}.", "use the ftlab version that wrote the run.")
     s = dict(card["stage"])
     s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
-          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ()))}
+          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
+          "runtime": RuntimeSpec(**s.get("runtime", {}))}
     return ResolvedStage(**s), card.get("labels")

@@ -66,7 +66,8 @@ class StageBuilder:
         """The stage's task, bound to its data and tokenizer (once per stage)."""
         if stage.name not in self._tasks:
             raw = self.raw(stage)
-            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
+            if stage.batch_size != "auto":  # auto never exceeds the split (the tuner caps it)
+                require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
             task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             if isinstance(task, ModelAware):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
-from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep
+from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep, Throughput
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
@@ -72,9 +72,13 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         raw, taught = label_with_teachers(raw, stage, teachers_of(stage, builder, upstream),
                                           list(stage.data.text_columns))
     tokenizer = builder.tokenizer(stage.model)
+    rt, auto = stage.runtime, stage.batch_size == "auto"
     dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
-                        batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                        seed=stage.seed)
+                        batch_size=min(rt.auto_batch_init, len(raw.splits["train"])) if auto
+                        else stage.batch_size, eval_batch_size=stage.eval_batch_size,
+                        seed=stage.seed, num_workers=rt.num_workers, pin_memory=rt.pin_memory,
+                        persistent_workers=rt.persistent_workers,
+                        pad_to_multiple_of=rt.pad_to_multiple_of)
     source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
     model, peft, regularizer, handed = builder.model(stage, source)
     counts = count_parameters(model)
@@ -82,11 +86,18 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
              stage.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
              counts["params_trainable_pct"], peft.name, stage.optim.lr)
 
-    module = FineTuneModule(model, task, regularizer, stage.optim)
-    keep = KeepBest(peft, f"val/{task.monitor}", task.mode)
+    if rt.compile:
+        model.compile()  # in place: parameter names and state dicts stay the same
+    module = FineTuneModule(model, task, regularizer, stage.optim,
+                            check_finite_every=rt.check_finite_every_n_steps)
+    keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput()
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name}
-    trainer = _trainer(stage, run, stage_dir, keep, context)
+    trainer = _trainer(stage, run, stage_dir, [keep, speed], context)
+    if auto:
+        from ftlab.autobatch import find_batch_size
+
+        find_batch_size(trainer, module, dm, rt, stage.where)
     start = time.perf_counter()
     trainer.fit(module, dm)
     fit_s = time.perf_counter() - start
@@ -101,7 +112,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         if raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
             baseline = task.baseline(raw.splits[split]["label"]) or {}
             metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}
-    info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
+    info = counts | {"lr": module.applied_lr or stage.optim.lr, "batch_size": dm.batch_size,
+                     "batch_size_auto": auto, "fit_seconds": round(fit_s, 2), **speed.summary(),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
                      "handed_over": handed, **task.info, **taught}
@@ -136,7 +148,7 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
     return info
 
 
-def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepBest,
+def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L.Callback],
              context: dict[str, Any]) -> L.Trainer:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
@@ -148,6 +160,6 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir),
-                               callbacks=[*callbacks, keep, NoteStep()],
+                               callbacks=[*callbacks, *own, NoteStep()],
                                logger=loggers or False, enable_checkpointing=False,
                                use_distributed_sampler=False)  # ftlab's sampler shards itself

