@@ -274,6 +274,7 @@ class SweepReport(Callback):
             return
         summary = write_report(sweep_dir)
         print((sweep_dir / "summary.md").read_text())
+        _log_to_wandb(config, sweep_dir, summary)
         print(f"Report: {sweep_dir}/summary.{{md,json,png}}")
         status = os.environ.get("FTLAB_SWEEP_STATUS")  # set by the ftlab command (cli.main)
         if status:
@@ -281,6 +282,17 @@ class SweepReport(Callback):
                                 "jobs": sum(s["runs"] for s in summary.values()),
                                 "errored": sum(s["errored"] for s in summary.values()),
                                 "degenerate": sum(s["degenerate"] for s in summary.values())})
+
+
+def _log_to_wandb(config: DictConfig, sweep_dir: Path, summary: dict[str, Any]) -> None:
+    """logger=wandb: the cross-seed tables on a summary run per configuration (dashboards)."""
+    from ftlab.dashboards import log_sweep_summary
+
+    try:
+        log_sweep_summary(config, sweep_dir, summary)
+    except Exception as err:  # noqa: BLE001 - the files above are the report; W&B is extra
+        print(f"ftlab: the W&B summary runs were not logged ({type(err).__name__}: {err})",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -183,6 +183,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.build import StageBuilder
     from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
     from ftlab.config import bind_schema, plain
+    from ftlab.dashboards import log_stage_artifact
     from ftlab.pipeline import build_pipeline
     from ftlab.pruning import trial_callbacks
     from ftlab.stage import RunContext, StageResult
@@ -219,6 +220,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
                               cache if stage.name in cached else None)
         results[stage.name] = result
         line["cache_hit"] = result.info["cache_hit"]
+        up = results.get(stage.init_from)  # logger=wandb: the stage's artifact and its input
+        line["artifact"] = log_stage_artifact(stage, result.info, up.info if up else None)
         record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
         if is_rank_zero():
             write_json(run_dir / "metrics.json", record)
