@@ -3,10 +3,10 @@
 
 - Lineage: every stage that saved an artefact logs it as a W&B artifact named by its stage
   key (``<stage>-<hash of the resolved stage and its upstream>``, type ``ftlab-stage``), so
-  the same resolved stage has the same artifact name in every run; a stage started from an earlier one
-  (``init_from``) first declares that stage's artifact as its input (``use_artifact``), which
-  draws the pipeline as a lineage graph. W&B refuses ``use_artifact`` offline: there the
-  artifact's metadata names its ``upstream`` instead.
+  the same resolved stage has the same artifact name in every run; a stage started from an
+  earlier one (``init_from``) first declares that stage's artifact as its input
+  (``use_artifact``), which draws the pipeline as a lineage graph. W&B refuses
+  ``use_artifact`` offline: there the artifact's metadata names its ``upstream`` instead.
 - Summary: when a multirun ends, each configuration of the sweep gets a run with
   ``job_type: summary`` in the jobs' own group (``<sweep>/<config>``) with two tables,
   ``cross_seed`` (metric, n, mean, std, median, min, max) and ``per_seed`` (one row per seed).

@@ -63,18 +63,18 @@ def build_object(node: Any, kind: str) -> Any:
         return node  # None, or already built
     node = OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node)
     target = str(node.get("_target_", ""))
-    if not target.startswith(_OBJECT_PREFIX[kind]):
+    prefix = _OBJECT_PREFIX[kind]
+    if not target.startswith(prefix):
+        example = "TPESampler" if kind == "sampler" else "MedianPruner"
         raise FtlabError(f"hydra.sweeper.{kind}._target_ is {target!r}; it must be one of "
-                         f"Optuna's classes under {_OBJECT_PREFIX[kind]} (e.g. "
-                         f"{_OBJECT_PREFIX[kind]}{'TPESampler' if kind == 'sampler' else 'MedianPruner'}).")
+                         f"Optuna's classes under {prefix} (e.g. {prefix}{example}).")
     return instantiate(node)
 
 
 def distribution(override: Any) -> Any:
     """An Optuna distribution for one parsed Hydra sweep override, or None for a fixed value."""
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
-    from optuna.distributions import (CategoricalDistribution, FloatDistribution,
-                                      IntDistribution)
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if not override.is_sweep_override():
         return None

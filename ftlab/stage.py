@@ -21,9 +21,9 @@ from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
-from ftlab.pruning import OptunaPruning
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
+from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors
 from ftlab.strategies import full_weights
 

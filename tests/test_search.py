@@ -20,8 +20,7 @@ from tests.conftest import tiny_overrides  # noqa: E402
 
 
 def test_space_syntax_maps_to_optuna_distributions():
-    from optuna.distributions import (CategoricalDistribution, FloatDistribution,
-                                      IntDistribution)
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     space, fixed = parse_space(["stage.optim.lr=tag(log, interval(1e-5, 1e-3))",
                                 "stage.batch_size=choice(16, 32)", "peft.config.r=range(4,17,4)",
@@ -99,8 +98,8 @@ def test_search_prunes_trials_and_writes_the_best(tmp_path, sentiment_dir):
 
 def test_two_workers_share_one_study(tmp_path, sentiment_dir):
     journal = tmp_path / "study.journal"
-    shared = search_args(sentiment_dir, "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={journal}",
-                         "hydra.sweeper.study_name=shared", "trainer.max_steps=4")
+    shared = search_args(sentiment_dir, "hydra.sweeper.n_trials=2", "trainer.max_steps=4",
+                         f"hydra.sweeper.storage={journal}", "hydra.sweeper.study_name=shared")
     workers = [ftlab(*shared, f"hydra.sweep.dir={tmp_path}/worker{i}", cwd=tmp_path)
                for i in range(2)]  # two processes at once, one journal file
     for proc in workers:

@@ -76,8 +76,13 @@ class FtlabOptunaSweeper(Sweeper):
         return [job_outcome(r) for r in returns]
 
     def sweep(self, arguments: list[str]) -> Any:
-        from optuna.trial import TrialState
+        from ftlab.errors import FtlabError
 
+        try:
+            from optuna.trial import TrialState
+        except ImportError:
+            raise FtlabError("hydra/sweeper=ftlab_optuna needs Optuna 4. Fix: pip install "
+                             "'ftlab[search]' (or pip install 'optuna>=4,<5').") from None
         from ftlab.search import parse_space, trial_outcome, write_results
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
