@@ -15,7 +15,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from ftlab.errors import FtlabError  # noqa: E402
-from ftlab.search import parse_space, storage_url, trial_outcome  # noqa: E402
+from ftlab.search import build_object, parse_space, storage_url, trial_outcome  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 
@@ -35,6 +35,20 @@ def test_space_syntax_maps_to_optuna_distributions():
     assert fixed == ["peft=lora"]
     with pytest.raises(FtlabError, match="search space is empty"):
         parse_space(["peft=lora"], None)
+
+
+def test_only_optuna_samplers_and_pruners_are_built():
+    assert type(build_object({"_target_": "optuna.pruners.MedianPruner"}, "pruner")).__name__ \
+        == "MedianPruner"
+    with pytest.raises(FtlabError, match="optuna.samplers"):
+        build_object({"_target_": "os.system", "command": "true"}, "sampler")
+
+
+def test_a_bad_search_gives_a_message_not_a_traceback(tmp_path):
+    proc = ftlab("hydra/sweeper=ftlab_optuna", "~hydra.sweeper.params", "model=tiny_bert",
+                 cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "search space is empty" in out and "Traceback" not in out
 
 
 def test_storage_and_trial_outcomes(tmp_path):

@@ -4,6 +4,7 @@ conf/hydra/sweeper/ftlab_optuna.yaml; the search logic: ftlab/search.py)."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,12 @@ class FtlabOptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        space, fixed = parse_space(lines, self.hydra_context.config_loader)
-        study = self.study(sweep_dir, fixed)
+        try:
+            space, fixed = parse_space(lines, self.hydra_context.config_loader)
+            study = self.study(sweep_dir, fixed)
+        except FtlabError as err:  # a message, not a traceback (SystemExit passes Hydra)
+            print(f"\nftlab: {err}\n", file=sys.stderr)
+            sys.exit(2)
         seeds = self.seeds or [None]
         states = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
                   "fail": TrialState.FAIL}
