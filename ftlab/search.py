@@ -98,22 +98,25 @@ def distribution(override: Any) -> Any:
 
 
 def parse_space(lines: list[str], config_loader: Any) -> tuple[dict[str, Any], list[str]]:
-    """``key=value`` lines -> (search space by key, fixed overrides for every trial)."""
+    """``key=value`` lines -> (search space by key, fixed overrides for every trial). A later
+    line for the same key wins (the command line over ``hydra.sweeper.params``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    space, fixed = {}, []
+    space, fixed = {}, {}
     for override in OverridesParser.create(config_loader=config_loader).parse_overrides(lines):
         dist = distribution(override)
         key = override.get_key_element()
+        space.pop(key, None)
+        fixed.pop(key, None)
         if dist is None:
-            fixed.append(f"{key}={override.get_value_element_as_str()}")
+            fixed[key] = f"{key}={override.get_value_element_as_str()}"
         else:
             space[key] = dist
     if not space:
         raise FtlabError("The search space is empty. Fix: give hydra.sweeper.params (or "
                          "command-line sweeps) such as stage.optim.lr='tag(log,interval(1e-5,"
                          "1e-3))' and stage.batch_size='choice(16,32)'.")
-    return space, fixed
+    return space, list(fixed.values())
 
 
 @dataclass

@@ -33,6 +33,9 @@ def test_space_syntax_maps_to_optuna_distributions():
     assert space["regularizer.r3f_lambda"] == FloatDistribution(0.1, 5.0)
     assert space["stage.trainer.max_steps"] == IntDistribution(2, 8)
     assert fixed == ["peft=lora"]
+    space, fixed = parse_space(["stage.batch_size=choice(16, 32)", "stage.optim.lr=interval(0.1,1)",
+                                "stage.batch_size=16"], None)  # the command line wins
+    assert list(space) == ["stage.optim.lr"] and fixed == ["stage.batch_size=16"]
     with pytest.raises(FtlabError, match="search space is empty"):
         parse_space(["peft=lora"], None)
 
