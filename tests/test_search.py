@@ -77,8 +77,10 @@ def search_args(data: Path, *extra: str) -> list[str]:
 
 
 def finish(proc: subprocess.Popen) -> str:
+    """The sweep's output; it ended without errored jobs (3: some trial ended at or below the
+    majority baseline, which a search over a tiny model expects)."""
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode in (0, 3), out[-3000:]
     return out
 
 
