@@ -23,6 +23,7 @@ from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
+from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors
 from ftlab.strategies import full_weights
 
@@ -120,8 +121,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if transformed:  # what each data transform did (rows added/changed, few-shot k...)
         info["data_transforms"] = transformed
     discarded = next((c.outcome for c in trainer.callbacks
-                      if isinstance(c, EarlyDiscard) and c.outcome), None)
-    if discarded:  # stopped early by callbacks=early_discard: not a complete stage
+                      if isinstance(c, EarlyDiscard | OptunaPruning) and c.outcome), None)
+    if discarded:  # stopped early (early discard, or a search's pruner): not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
     result = StageResult(stage.name, metrics, module.model, info)
     if run.on_trained is not None:
