@@ -8,6 +8,7 @@ asks it again and gets the same tokenizer, data and bound task back: nothing is 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from ftlab.data.batching import require_one_batch
 from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import RawData, load_raw
 from ftlab.data.spec import DataSpec
+from ftlab.data.transforms.nodes import transform_raw
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
@@ -45,14 +47,23 @@ class StageBuilder:
         return self._tokenizers[key]
 
     def raw(self, stage: ResolvedStage, data: DataSpec | None = None) -> RawData:
-        """The stage's data (or ``data``: one of its sub-tasks'), loaded once."""
+        """The stage's splits (or ``data``'s: one of its sub-tasks'): loaded once per data spec
+        (transforms aside), then its ``transforms`` applied to the training rows (once per spec
+        and seed)."""
         data = data or stage.data
         # the seed only picks the rows of a capped training split
         seed = stage.seed if data.max_train_samples is not None else 0
-        key = f"{data!r}/{seed}"
+        key = f"{replace(data, transforms=[])!r}/{seed}"
         if key not in self._raw:
             self._raw[key] = load_raw(data, seed)
-        return self._raw[key]
+        if not data.transforms:
+            return self._raw[key]
+        changed = f"{data!r}/{stage.seed}"
+        if changed not in self._raw:
+            self._raw[changed] = transform_raw(self._raw[key], data.transforms,
+                                               data.text_columns, stage.seed,
+                                               f"{stage.where} data.transforms")
+        return self._raw[changed]
 
     def task(self, stage: ResolvedStage) -> Task:
         """The stage's task, bound to its data and tokenizer (once per stage); a multi-task
@@ -62,7 +73,8 @@ class StageBuilder:
             if stage.subtasks or isinstance(task, HasSubtasks):
                 self._bind_subtasks(stage, task)
             raw = self.raw(stage)
-            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
+            if stage.batch_size != "auto":  # auto never exceeds the split (the tuner caps it)
+                require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             if isinstance(task, ModelAware):
                 task.see_model(load_config(stage.model))
@@ -79,6 +91,9 @@ class StageBuilder:
                 "round." if stage.subtasks else f"{stage.where}'s multi-task objective has no "
                 "sub-tasks.", "use stage=multitask (task: ftlab.tasks.multitask.MultiTask) and "
                 "list the sub-tasks under its tasks.")
+        if stage.batch_size == "auto":
+            raise FtlabError(f"{stage.where}: batch_size 'auto' is not supported for a "
+                             "multi-task stage.", "give stage.batch_size a number, e.g. 32.")
         parts = {}
         for sub in stage.subtasks:
             where = f"{stage.where} sub-task '{sub.name}'"
@@ -90,16 +105,22 @@ class StageBuilder:
 
     def datamodule(self, stage: ResolvedStage, raw: RawData | None = None) -> Any:
         """The stage's batches: ``raw``'s (default: the stage's data), or a multi-task stage's
-        single-task batches."""
-        task, pad = self.task(stage), self.tokenizer(stage.model).pad_token_id
-        sizes = dict(batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                     seed=stage.seed)
+        single-task batches. ``batch_size: auto`` starts at ``runtime.auto_batch_init``."""
+        task, pad, rt = self.task(stage), self.tokenizer(stage.model).pad_token_id, stage.runtime
+        loader = dict(eval_batch_size=stage.eval_batch_size, seed=stage.seed,
+                      num_workers=rt.num_workers)
         if isinstance(task, HasSubtasks):
             from ftlab.data.multitask import MultiTaskDataModule
 
             return MultiTaskDataModule({k: (p.raw.splits, p.task) for k, p in task.parts.items()},
-                                       task.probabilities, pad, **sizes)
-        return TextDataModule((raw or self.raw(stage)).splits, task, pad, **sizes)
+                                       task.probabilities, pad, batch_size=stage.batch_size,
+                                       **loader)
+        raw = raw or self.raw(stage)
+        size = (min(rt.auto_batch_init, len(raw.splits["train"])) if stage.batch_size == "auto"
+                else stage.batch_size)
+        return TextDataModule(raw.splits, task, pad, batch_size=size, **loader,
+                              pin_memory=rt.pin_memory, persistent_workers=rt.persistent_workers,
+                              pad_to_multiple_of=rt.pad_to_multiple_of)
 
     def trained(self, name: str, model: nn.Module | dict) -> tuple[nn.Module, Task,
                                                                    ResolvedStage]:

@@ -16,10 +16,12 @@ from omegaconf import DictConfig
 
 from ftlab.config import bind_schema, plain
 from ftlab.data.spec import DataSpec
+from ftlab.data.transforms.nodes import resolve_nodes
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
+from ftlab.runtime import RuntimeSpec, split_trainer
 from ftlab.store import check_name
 
 
@@ -33,7 +35,8 @@ class StageSpec:
         init_from: ``pretrained`` or the name of an earlier stage in the pipeline.
         carry: what is taken from ``init_from``: ``model`` (everything that fits) or
             ``encoder`` (the backbone only; the head starts fresh).
-        batch_size / eval_batch_size: rows per training / evaluation batch.
+        batch_size / eval_batch_size: rows per training / evaluation batch (per device);
+            ``batch_size: auto`` finds the largest that fits in memory before training.
         optim: optimiser settings.
         trainer: this stage's own Trainer settings, on top of the run's ``trainer`` group.
         seed: this stage's seed; null uses the run's ``seed``.
@@ -58,7 +61,7 @@ class StageSpec:
     task: Any = None
     init_from: str = "pretrained"
     carry: str = "model"
-    batch_size: int = 32
+    batch_size: Any = 32  # an int, or "auto"
     eval_batch_size: int = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -109,14 +112,16 @@ class ResolvedStage:
 
     ``task``/``peft``/``regularizer`` are ``_target_`` nodes (plain dicts; the PEFT node
     without its ``lr``), ``trainer`` the Lightning ``Trainer`` node (run group + stage + explicit
-    overrides), ``optim.lr`` the peak LR that applies. Treat the dicts as read-only.
+    overrides, without ftlab's own keys, which are in ``runtime``), ``optim.lr`` the peak LR
+    at ``optim.reference_batch`` rows. ``batch_size`` is an int or ``"auto"``. Treat the dicts
+    as read-only.
     """
 
     name: str
     task: dict[str, Any]
     init_from: str
     carry: str
-    batch_size: int
+    batch_size: int | str
     eval_batch_size: int
     seed: int
     model: ModelSpec
@@ -130,6 +135,7 @@ class ResolvedStage:
     teachers: tuple[str, ...] = ()
     teacher_temperature: float = 2.0
     teacher_rows: int | None = None
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
 
     @property
@@ -191,12 +197,13 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
+    trainer, runtime = split_trainer(trainer_node(cfg, spec.trainer, explicit, prefix), where)
     return ResolvedStage(
         name=spec.name, task=plain(spec.task), init_from=spec.init_from, carry=spec.carry,
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
-        trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
+        trainer=trainer, runtime=runtime,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
         teacher_rows=spec.teacher_rows, subtasks=subtasks)
@@ -211,7 +218,9 @@ def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str
     if not isinstance(data, dict):
         raise FtlabError(f"{where} must be a mapping or a data group name.",
                          "see conf/data/*.yaml.")
-    return bind_schema(DataSpec, {**data, **overrides}, where)
+    spec = bind_schema(DataSpec, {**data, **overrides}, where)
+    spec.transforms = resolve_nodes(spec.transforms, f"{where}.transforms")
+    return spec
 
 
 def _data_group(name: str, cfg: DictConfig, where: str) -> DictConfig:
@@ -259,6 +268,12 @@ def check_pipeline(stages: list[StageSpec]) -> None:
             raise FtlabError(
                 f"Stage '{s.name}' starts from '{s.init_from}', which is not an earlier stage.",
                 f"use init_from: pretrained or one of: {choices_text(seen) or '(none yet)'}.")
+        if s.batch_size != "auto" and (not isinstance(s.batch_size, int)
+                                       or isinstance(s.batch_size, bool) or s.batch_size < 1):
+            raise FtlabError(f"Invalid value in stage '{s.name}' for key 'batch_size': "
+                             f"{s.batch_size!r}.",
+                             "use a whole number of 1 or more (per device), or auto (the "
+                             "largest that fits in memory; for GPUs).")
         if s.carry not in CARRY:
             raise FtlabError(f"Stage '{s.name}' has carry '{s.carry}'.",
                              f"use one of: {choices_text(CARRY)}.")

@@ -281,7 +281,8 @@ def test_two_task_run_logs_per_task_metrics_and_their_mean(make_cfg, sentiment_d
     assert record["monitor"] == {"metric": "val/mean", "mode": "max"}
     m = record["final"]
     assert m["val/mean"] == pytest.approx((m["val/vitaminc/acc"] + m["val/task/acc"]) / 2)
-    assert {"val/vitaminc/f1", "val/task/f1", "test/task/acc", "val/baseline_task/acc"} <= set(m)
+    assert {"val/vitaminc/f1", "val/task/f1", "test/task/acc", "val/baseline_task/acc",
+            "test/baseline_task/acc"} <= set(m)
     info = record["stages"]["multitask"]
     assert info["global_steps"] == 2 * (64 // 16 + 256 // 16)
     assert info["train_rows"] == 64 + 256 and set(info["tasks"]) == {"vitaminc", "task"}

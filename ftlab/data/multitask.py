@@ -158,7 +158,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                                      num_workers=0)
                       for i, (splits, task) in enumerate(parts.values())]
         self.probabilities = [probabilities[n] for n in self.names]
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.batch_size = seed, num_workers, batch_size
         self.splits = {s: [i for i, p in enumerate(self.parts) if s in p.splits]
                        for s in ("train", "validation", "test")}
         self.splits = {s: ids for s, ids in self.splits.items() if ids}
