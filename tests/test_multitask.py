@@ -23,12 +23,20 @@ from tests.conftest import tiny_overrides, write_jsonl
 WORDS = ["the", "club", "film", "was", "founded", "in", "a", "city", "tall", "river"]
 
 
+CUES = ["city", "club", "music"]  # in the tiny vocabulary: the claim's cue word is its label
+
+
 def _pairs(path: Path, n: int, seed: int) -> Path:
-    """A 3-class sentence-pair task (its batches carry token_type_ids 1; single texts don't)."""
+    """A learnable 3-class sentence-pair task (its batches carry token_type_ids 1; single
+    texts don't)."""
     rng = random.Random(seed)
-    return write_jsonl(path, [{"evidence": " ".join(rng.choices(WORDS, k=rng.randint(5, 12))),
-                               "claim": " ".join(rng.choices(WORDS, k=rng.randint(3, 6))),
-                               "label": ["True", "False", "Neither"][i % 3]} for i in range(n)])
+    rows = []
+    for i in range(n):
+        claim = rng.choices(WORDS, k=rng.randint(2, 5))
+        claim.insert(rng.randrange(len(claim) + 1), CUES[i % 3])
+        rows.append({"evidence": " ".join(rng.choices(WORDS, k=rng.randint(5, 12))),
+                     "claim": " ".join(claim), "label": ["True", "False", "Neither"][i % 3]})
+    return write_jsonl(path, rows)
 
 
 @pytest.fixture(scope="module")
@@ -336,14 +344,14 @@ def test_two_cpu_processes_match_one_process_on_a_multitask_stage(strategy, sent
                                                                    pairs_dir, tmp_path):
     from tests.test_distributed import _train
 
-    over = [*mt_overrides(sentiment_dir, pairs_dir)[-2:], "stage=multitask",
-            "trainer.max_epochs=2"]
+    over = [*mt_overrides(sentiment_dir, pairs_dir)[-2:], "stage=multitask"]
     single = _train(sentiment_dir, tmp_path / "single", [*over, "stage.batch_size=16"])
     multi = _train(sentiment_dir, tmp_path / strategy, [
         *over, f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer.precision=32-true", "stage.batch_size=8"])
     steps = [r["stages"]["multitask"]["global_steps"] for r in (single, multi)]
-    assert steps == [2 * (64 // 16 + 256 // 16)] * 2  # the same draws on every rank
+    assert steps == [5 * (64 // 16 + 256 // 16)] * 2  # the same draws on every rank
+    assert single["final"]["val/mean"] > 0.7  # learnt (baselines: 0.33 and ~0.57)
     for key in ("val/vitaminc/acc", "val/task/acc", "val/mean"):
         assert multi["final"][key] == pytest.approx(single["final"][key], abs=1e-6), key
     a = load_tensors(tmp_path / "single" / "multitask" / "trainable.safetensors")
