@@ -161,10 +161,7 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    node = stage.trainer
-    if stage.subtasks and node.get("strategy") == "ddp":  # a step trains one sub-task's head:
-        node = node | {"strategy": "ddp_find_unused_parameters_true"}  # the others get no grad
-    return instantiate_checked(node, f"{stage.where} trainer",
+    return instantiate_checked(stage.trainer, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir),
                                callbacks=[*callbacks, *own, NoteStep()],
                                logger=loggers or False, enable_checkpointing=False,

@@ -99,14 +99,25 @@ def check_numbers(stage: ResolvedStage) -> None:
 
 
 def check_strategy(stage: ResolvedStage) -> None:
-    """A multi-task stage trains on one device or with DDP: FSDP's flattened parameters give
-    the heads a step did not use zero gradients (not none), so AdamW would keep moving them."""
-    strategy = stage.trainer.get("strategy")
+    """A multi-task stage trains on one device: its sampler shards each sub-task's batches over
+    ranks (every rank draws the same sub-task), but a 2-process DDP run on the CPU did not
+    reproduce the 1-process weights (unexplained, see README), and FSDP's flattened parameters
+    would give unused heads zero gradients."""
+    if not stage.subtasks:
+        return
+    t = stage.trainer
+    strategy = t.get("strategy")
     name = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
-    if stage.subtasks and "fsdp" in name.lower():
-        raise FtlabError(f"{stage.where} is a multi-task stage, which FSDP does not train as "
-                         "one process would (the unused heads' zero gradients still move them).",
-                         "use trainer=ddp (or one device) for stage=multitask.")
+    devices = t.get("devices")
+    many = (any(k in name.lower() for k in ("ddp", "fsdp", "deepspeed"))
+            or devices == -1 or (isinstance(devices, int) and devices > 1)
+            or (isinstance(devices, list | str) and len(str(devices).split(",")) > 1)
+            or (t.get("num_nodes") or 1) > 1)
+    if many:
+        raise FtlabError(f"{stage.where} is a multi-task stage, which trains on one device "
+                         f"(trainer strategy={name or None}, devices={devices}).",
+                         "use one device for stage=multitask: trainer=cpu, or trainer=gpu "
+                         "trainer.devices=1.")
 
 
 def _looks_local(name: str) -> bool:

@@ -7,10 +7,9 @@ of the per-task batch counts). With ``proportional`` sampling each sub-task then
 one pass; with ``temperature``/``uniform`` small sub-tasks repeat and large ones give less.
 A sub-task whose batches run out starts a new pass (a new shuffle); one that is not used up
 carries on where it stopped in the next epoch, so every row is seen in turn. The draws come
-from ``seed + epoch``: the same on every rank, so under DDP every rank trains the same
-sub-task at each step (each on its own share of that sub-task's batch; the stage runs DDP with
-``find_unused_parameters``, since a step leaves the other heads without gradients). FSDP is
-refused (``ftlab.validate.check_strategy``).
+from ``seed + epoch``: the same on every rank, and each rank takes its share of each sub-task's
+batch (tested); but the stage is refused on several devices for now
+(``ftlab.validate.check_strategy``): a 2-process DDP run did not reproduce one process.
 Validation and test run every sub-task's batches in turn.
 """
 
