@@ -139,7 +139,10 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
                                     "key": keys[s.name], "cache_hit": None} for s in stages]
     context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys
-    run = RunContext(run_dir, callbacks, logger, context)
+    from ftlab.checkpoint import CheckpointSpec
+
+    run = RunContext(run_dir, callbacks, logger, context,
+                     bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint"))
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):
         result = run_or_reuse(stage, builder, run, results, keys[stage.name],

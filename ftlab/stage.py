@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest
+from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
@@ -45,17 +47,20 @@ class RunContext:
         callbacks: the run's extra Lightning callback nodes (``callbacks`` group).
         logger: the run's logger nodes (``logger`` group).
         log_context: W&B name/group/tags/config for the loggers that take them.
+        checkpoint: when stages checkpoint (and resume); None: never.
     """
 
     run_dir: Path
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] | None = None
     log_context: dict[str, Any] = field(default_factory=dict)
+    checkpoint: CheckpointSpec | None = None
 
 
 def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
-              upstream: dict[str, StageResult]) -> StageResult:
-    """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run."""
+              upstream: dict[str, StageResult], key: str | None = None) -> StageResult:
+    """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run. A
+    checkpoint in ``<stage>/checkpoints`` written for ``key`` (the stage key) is resumed."""
     stage_dir = inside(run.run_dir, stage.name)  # a name never writes outside the run
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
@@ -75,9 +80,14 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     keep = KeepBest(peft, f"val/{task.monitor}", task.mode)
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name}
-    trainer = _trainer(stage, run, stage_dir, keep, context)
+    spec, ckpt_dir = run.checkpoint, stage_dir / "checkpoints"
+    resume = latest_checkpoint(ckpt_dir, key) if spec and spec.enabled else None
+    resumed_step = _step(resume)
+    if resume is not None:
+        log.info("Stage %s resumes from step %s (%s).", stage.name, resumed_step, resume)
+    trainer = _trainer(stage, run, stage_dir, keep, context, key)
     start = time.perf_counter()
-    trainer.fit(module, dm)
+    trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)
     fit_s = time.perf_counter() - start
     if keep.best is None and "validation" in dm.splits:  # max_steps ended before any validation
         trainer.validate(module, dm, verbose=False)
@@ -100,6 +110,9 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
             info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)
+    info["resumed_from_step"] = resumed_step
+    if not (spec and spec.keep) and is_rank_zero():  # the stage is done: free the disk
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return StageResult(stage.name, metrics, module.model, info)
 
 
@@ -116,8 +129,17 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
     return info
 
 
+def _step(checkpoint: Path | None) -> int | None:
+    """The optimiser step a stage resumed from (None: it started fresh)."""
+    if checkpoint is None:
+        return None
+    import json
+
+    return json.loads((checkpoint / "state.json").read_text())["checkpoint"]["global_step"]
+
+
 def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepBest,
-             context: dict[str, Any]) -> L.Trainer:
+             context: dict[str, Any], key: str | None = None) -> L.Trainer:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in run.callbacks.items() if node is not None]
@@ -126,7 +148,10 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints", key)
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
-                               default_root_dir=str(stage_dir), callbacks=[*callbacks, keep],
-                               logger=loggers or False, enable_checkpointing=False,
+                               default_root_dir=str(stage_dir),
+                               callbacks=[*callbacks, keep, *saving],
+                               **({"plugins": plugins} if plugins else {}),
+                               logger=loggers or False, enable_checkpointing=bool(saving),
                                use_distributed_sampler=False)  # ftlab's sampler shards itself
