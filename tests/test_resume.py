@@ -12,7 +12,6 @@ from omegaconf import open_dict
 import ftlab.callbacks
 from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
 from ftlab.run import run
-from ftlab.store import load_tensors
 from tests.conftest import tiny_overrides
 
 #: 112 rows / batch 16 = 7 batches an epoch: checkpoints at steps 4, 7 (epoch end), 8; the kill
@@ -59,7 +58,7 @@ def test_checkpoint_io_round_trips_the_checkpoint_dict(tmp_path):
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeypatch, tmp_path):
-    whole = run(tiny_run("whole"))
+    whole = run(tiny_run("whole", "checkpoint.keep=true"))
     assert whole["status"] == "ok", whole
     crash_at(monkeypatch, 10)
     with pytest.raises(SystemExit):
@@ -67,7 +66,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeyp
     ckpt = tmp_path / "killed" / "classify" / "checkpoints" / NAME
     assert (ckpt / "tensors.safetensors").is_file() and (ckpt / "state.json").is_file()
     monkeypatch.undo()
-    resumed = run(tiny_run("killed"))  # the same command in the same folder
+    resumed = run(tiny_run("killed", "checkpoint.keep=true"))  # the same command, same folder
     assert resumed["status"] == "ok"
     stage = resumed["stages"]["classify"]
     assert stage["resumed_from_step"] == 8 and stage["global_steps"] == 12
@@ -77,10 +76,24 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeyp
     for k, v in whole["final"].items():
         assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
     assert stage["best_epoch"] == whole["stages"]["classify"]["best_epoch"]
-    a = load_tensors(tmp_path / "whole" / "classify" / "trainable.safetensors")
-    b = load_tensors(tmp_path / "killed" / "classify" / "trainable.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    assert not ckpt.parent.exists()  # deleted once the stage finished
+    for name in ("whole", "killed"):  # the best epoch's weights (what the stage keeps)
+        assert (tmp_path / name / "classify" / "trainable.safetensors").is_file()
+    # the weights after the last step (kept checkpoints), and the EMA average: the whole path
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / name / "classify" / "checkpoints" / NAME)
+            for name in ("whole", "killed"))
+    assert a["global_step"] == b["global_step"] == 12
+    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
+               for k in a["state_dict"]) <= 1e-6
+    ema_a, ema_b = (next(v["shadow"] for k, v in c["callbacks"].items() if "WeightAverage" in k)
+                    for c in (a, b))
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+
+
+def test_checkpoints_are_deleted_when_the_stage_finishes(tiny_run, tmp_path):
+    assert run(tiny_run("r"))["status"] == "ok"
+    assert (tmp_path / "r" / "classify" / "trainable.safetensors").is_file()
+    assert not (tmp_path / "r" / "classify" / "checkpoints").exists()
 
 
 def test_changed_stage_does_not_resume_a_stale_checkpoint(tiny_run, monkeypatch, tmp_path):

@@ -55,6 +55,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> LengthGroupedBatchSampler:
+        """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` each epoch (never
+        on the batch sampler itself, and it stops fetching before the order is exhausted): so
+        that each epoch gets its own order, that is this object."""
+        return self
+
     def resume(self, epoch: int, batches: int) -> None:
         """Continue epoch ``epoch`` after its first ``batches`` batches (a resumed run): the
         next iteration serves the rest of that epoch's order, then epochs go on as usual."""
