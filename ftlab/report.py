@@ -34,7 +34,22 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         rec.setdefault("overrides", _overrides_from_hydra(job))
         rec["job"] = job.name
         records.append(rec)
-    return records
+    return dedupe(records)
+
+
+def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per job identity (its stage keys): a re-launched sweep whose jobs changed
+    folders may hold a finished job twice (the second one reused the first)."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for rec in records:
+        keys = tuple(line.get("key") for line in rec.get("lineage") or [])
+        if keys and rec.get("status") in ("ok", "discarded"):
+            if keys in seen:
+                continue
+            seen.add(keys)
+        out.append(rec)
+    return out
 
 
 def _overrides_from_hydra(job: Path) -> list[str]:
@@ -76,6 +91,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         trouble = [r for r in recs if r.get("status") not in ("ok", "discarded")]
         summary[key] = {
             "runs": len(recs),
+            # finished before a re-launch of the sweep: reused, not trained again
+            "reused": sum(bool(r.get("reused")) for r in recs),
             "errored": len(trouble),
             "failed": sum(bool(r.get("failed")) for r in recs),
             # stopped early by callbacks=early_discard (neither errored nor failed); their
@@ -103,6 +120,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [f"## {key}", "",
                   f"runs: {s['runs']} · errored: {s['errored']} · failed (errored, or "
                   f"validation accuracy at or below the majority baseline): {s['failed']}"
+                  + (f" · reused from before a re-launch: {s['reused']}" if s.get("reused")
+                     else "")
                   + (f" · discarded early: {s['discarded']} (trained "
                      f"{s['discarded_steps']['trained']} of their "
                      f"{s['discarded_steps']['planned']} planned steps)"
@@ -149,9 +168,16 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write_report(sweep_dir: str | Path) -> dict[str, Any]:
+def write_report(sweep_dir: str | Path, save_artefact: str = "all") -> dict[str, Any]:
+    """Write ``summary.{json,md,png}``; with ``save_artefact="best"`` first delete the full-size
+    artefacts of all jobs but the best (``ftlab.artefact.keep_best_full_artefacts``)."""
+    from ftlab.artefact import keep_best_full_artefacts
+
     sweep_dir = Path(sweep_dir)
-    summary = summarize(collect(sweep_dir))
+    records = collect(sweep_dir)
+    if save_artefact == "best":
+        keep_best_full_artefacts(records, sweep_dir)
+    summary = summarize(records)
     write_json(sweep_dir / "summary.json", summary)
     text = markdown(summary)
     atomic_write(sweep_dir / "summary.md", lambda p: p.write_text(text))
@@ -168,7 +194,7 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        summary = write_report(sweep_dir)
+        summary = write_report(sweep_dir, str(config.get("save_artefact", "all")))
         print((sweep_dir / "summary.md").read_text())
         print(f"Report: {sweep_dir}/summary.{{md,json,png}}")
         status = os.environ.get("FTLAB_SWEEP_STATUS")  # set by the ftlab command (cli.main)

@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with allowing(cfg.get("allow_targets")):
             check_config(context["config"])
             explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
-            _run_stages(cfg, explicit, record, context, run_dir)
+            _run_stages(cfg, explicit, record, context, run_dir,
+                        run_dir.parent if hydra["multirun"] else None)
         final = record["final"]
         if record.get("discarded"):  # callbacks=early_discard stopped it: neither ok nor failed
             record |= {"status": "discarded", "failed": False}
@@ -116,8 +117,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
-                context: dict[str, Any], run_dir: Path) -> None:
-    """Resolve, validate and run the stages into ``record``."""
+                context: dict[str, Any], run_dir: Path, sweep_dir: Path | None = None) -> None:
+    """Resolve, validate and run the stages into ``record``; a finished job with the same
+    stage keys in ``run_dir`` or ``sweep_dir`` is reused instead (``ftlab.resume``)."""
     from ftlab.build import StageBuilder
     from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
     from ftlab.config import bind_schema, plain
@@ -129,6 +131,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     stages = build_pipeline(cfg, explicit)
     record["pipeline"] = [s.name for s in stages]
     record["monitor"] = _monitor(stages[-1])  # known before validation: failures score worst
+    if _reuse_finished(record, stages, run_dir, sweep_dir):
+        return
     callbacks = plain(cfg.get("callbacks")) or {}
     logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
@@ -142,7 +146,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.checkpoint import CheckpointSpec
 
     run = RunContext(run_dir, callbacks, logger, context,
-                     bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint"))
+                     bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint"),
+                     artefact_policy(cfg.get("save_artefact", "best")))
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):
         result = run_or_reuse(stage, builder, run, results, keys[stage.name],
@@ -156,6 +161,35 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
             record["discarded"] = result.info["discarded"]
             break
     record["final"] = results[stage.name].metrics
+
+
+def artefact_policy(value: Any) -> str:
+    """The run's ``save_artefact`` (which jobs keep full-size artefacts), checked."""
+    from ftlab.artefact import POLICIES
+    from ftlab.errors import choices_text
+
+    if value not in POLICIES:
+        raise FtlabError(f"save_artefact is {value!r}.", f"use one of: {choices_text(POLICIES)} "
+                         "(a stage's own save_artefact: false writes no artefact at all).")
+    return value
+
+
+def _reuse_finished(record: dict[str, Any], stages: list[Any], run_dir: Path,
+                    sweep_dir: Path | None) -> bool:
+    """Fill ``record`` from a finished job with the same stage keys, if there is one."""
+    from ftlab.cache import pipeline_keys
+    from ftlab.resume import finished_record
+
+    found = finished_record(run_dir, list(pipeline_keys(stages).values()), sweep_dir)
+    if found is None:
+        return False
+    previous, folder = found
+    keep = ("stages", "lineage", "final", "discarded", "pipeline", "monitor")
+    record |= {k: previous[k] for k in keep if k in previous}
+    record["reused"] = {"from": str(folder), "skipped": True}
+    log.info("This job already finished (same stage keys) in %s: reusing its results, not "
+             "training again.", folder)
+    return True
 
 
 def _monitor(stage: Any) -> dict[str, str] | None:

@@ -48,6 +48,9 @@ class RunContext:
         logger: the run's logger nodes (``logger`` group).
         log_context: W&B name/group/tags/config for the loggers that take them.
         checkpoint: when stages checkpoint (and resume); None: never.
+        save_artefact: the run's policy for full-size artefacts (``best | all | none``): with
+            ``none`` a stage training over half the weights writes no ``trainable.safetensors``
+            (its card still); ``best`` in a sweep is applied when the sweep ends.
     """
 
     run_dir: Path
@@ -55,6 +58,7 @@ class RunContext:
     logger: dict[str, Any] | None = None
     log_context: dict[str, Any] = field(default_factory=dict)
     checkpoint: CheckpointSpec | None = None
+    save_artefact: str = "best"
 
 
 def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
@@ -109,7 +113,10 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         info["discarded"] = discarded | {"steps": trainer.global_step}
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
-            info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)
+            full_size = counts["params_trainable"] * 2 > counts["params_total"]
+            skip = full_size and run.save_artefact == "none"
+            info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer,
+                                   weights=not skip) | {"full_size_artefact": full_size}
     info["resumed_from_step"] = resumed_step
     if not (spec and spec.keep) and is_rank_zero():  # the stage is done: free the disk
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -117,8 +124,12 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
 
 
 def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
-                   task: Any, tokenizer: Any) -> dict[str, Any]:
-    """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it."""
+                   task: Any, tokenizer: Any, weights: bool = True) -> dict[str, Any]:
+    """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it;
+    without ``weights`` (``save_artefact: none``, a full-size artefact) the card only."""
+    if not weights:
+        write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer)
+        return {"artefact": None, "artefact_dropped": "save_artefact=none"}
     state = peft.trainable_state(model)
     path = save_tensors(stage_dir / "trainable.safetensors", state,
                         metadata={"peft": peft.name, "stage": stage.name})

@@ -103,3 +103,87 @@ def test_changed_stage_does_not_resume_a_stale_checkpoint(tiny_run, monkeypatch,
     monkeypatch.undo()
     again = run(tiny_run("r", "stage.optim.lr=2e-3"))  # another stage key
     assert again["status"] == "ok" and again["stages"]["classify"]["resumed_from_step"] is None
+
+
+def test_save_artefact_none_drops_full_size_weights_but_keeps_peft_ones(tiny_run, tmp_path):
+    full = run(tiny_run("full", "save_artefact=none", "trainer.max_steps=2"))
+    stage = tmp_path / "full" / "classify"
+    assert full["status"] == "ok" and full["stages"]["classify"]["full_size_artefact"]
+    assert not (stage / "trainable.safetensors").exists() and (stage / "card.json").is_file()
+    lora = run(tiny_run("lora", "save_artefact=none", "peft=lora", "trainer.max_steps=2"))
+    assert lora["status"] == "ok" and not lora["stages"]["classify"]["full_size_artefact"]
+    assert (tmp_path / "lora" / "classify" / "trainable.safetensors").is_file()
+
+
+def test_pipeline_resumes_its_second_stage_and_reuses_the_finished_first(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    def cfg(folder: str):
+        c = make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=tiny", f"cache.dir={tmp_path / 'cache'}", "checkpoint.every_n_steps=4",
+            "pipeline.stages.tapt.trainer.max_steps=6", "pipeline.stages.task.trainer.max_steps=8",
+            "data.max_train_samples=112", "trainer.max_epochs=5"])
+        with open_dict(c):
+            c.paths.output_dir = str(tmp_path / folder)
+        return c
+
+    whole = run(cfg("whole"))
+    crash_at(monkeypatch, 6)  # tapt runs 6 steps, so only the task stage reaches step 6 midway
+    monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_train_batch_end",
+                        lambda self, trainer, *a: (_ for _ in ()).throw(RuntimeError("killed"))
+                        if trainer.global_step == 6 and trainer.max_steps == 8 else None,
+                        raising=False)
+    with pytest.raises(SystemExit):
+        run(cfg("killed"))
+    monkeypatch.undo()
+    resumed = run(cfg("killed"))
+    assert resumed["status"] == "ok"
+    assert [line["cache_hit"] for line in resumed["lineage"]] == [True, False]
+    assert resumed["stages"]["task"]["resumed_from_step"] == 4
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    again = run(cfg("killed"))  # finished: the same command again trains nothing
+    assert again["reused"]["skipped"] and again["final"] == resumed["final"]
+
+
+def ftlab_cli(*args: str, cwd: Path, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "FTLAB_TEST_CRASH_SEEDS"} | {
+        "FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)} | env
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_relaunched_sweep_skips_finished_jobs_and_resumes_killed_ones(tmp_path, sentiment_dir):
+    import json
+
+    steps = [s for s in STEPS if not s.startswith("callbacks")]
+    args = [*tiny_overrides(sentiment_dir), *steps, "seed=1,2,3,4",
+            "+callbacks.crash._target_=tests.crash.CrashAt", "allow_targets=[tests.]"]
+    first = ftlab_cli("-m", *args, cwd=tmp_path, FTLAB_TEST_CRASH_SEEDS="3,4")
+    assert first.returncode == 1, first.stderr[-2000:]  # two jobs were killed
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    status = {j.name: json.loads((j / "metrics.json").read_text())["status"]
+              for j in sorted(sweep.iterdir()) if (j / ".hydra").is_dir()}
+    assert status == {"0": "ok", "1": "ok", "2": "error", "3": "error"}
+    again = ftlab_cli(f"resume={sweep}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 1  # the same folder
+    records = {j: json.loads((sweep / j / "metrics.json").read_text()) for j in status}
+    assert [bool(records[j].get("reused")) for j in status] == [True, True, False, False]
+    assert [records[j]["stages"]["classify"]["resumed_from_step"] for j in ("2", "3")] == [4, 4]
+    assert all(r["status"] == "ok" for r in records.values())
+    summary = json.loads((sweep / "summary.json").read_text())
+    (config,) = summary.values()
+    assert config["runs"] == 4 and config["reused"] == 2 and config["errored"] == 0
+    assert config["metrics"]["test/acc"]["n"] == 4
+    # save_artefact: best (the default): one job keeps its full model; every job keeps a card
+    kept = [j for j in status if (sweep / j / "classify" / "trainable.safetensors").exists()]
+    assert len(kept) == 1 and all((sweep / j / "classify" / "card.json").exists() for j in status)
+    print("\nfirst launch:", status, "\nre-launch:",
+          {j: ("skipped" if r.get("reused") else f"resumed from step "
+               f"{r['stages']['classify']['resumed_from_step']}") for j, r in records.items()})
