@@ -33,11 +33,12 @@ def tiny_run(make_cfg, sentiment_dir, tmp_path):
     return _make
 
 
-def crash_at(monkeypatch, step: int) -> None:
-    """Kill the run (an exception, as a crash would) at the end of optimiser step ``step``."""
+def crash_at(monkeypatch, step: int, max_steps: int | None = None) -> None:
+    """Kill the run (an exception, as a crash would) at the end of optimiser step ``step`` (of
+    the stage that runs ``max_steps`` steps, if given)."""
 
     def crash(self, trainer, *args):
-        if trainer.global_step == step:
+        if trainer.global_step == step and max_steps in (None, trainer.max_steps):
             raise RuntimeError(f"killed at step {step}")
 
     monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_train_batch_end", crash, raising=False)
@@ -127,11 +128,7 @@ def test_pipeline_resumes_its_second_stage_and_reuses_the_finished_first(
         return c
 
     whole = run(cfg("whole"))
-    crash_at(monkeypatch, 6)  # tapt runs 6 steps, so only the task stage reaches step 6 midway
-    monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_train_batch_end",
-                        lambda self, trainer, *a: (_ for _ in ()).throw(RuntimeError("killed"))
-                        if trainer.global_step == 6 and trainer.max_steps == 8 else None,
-                        raising=False)
+    crash_at(monkeypatch, 6, max_steps=8)  # in the task stage, after TAPT finished
     with pytest.raises(SystemExit):
         run(cfg("killed"))
     monkeypatch.undo()
