@@ -34,6 +34,9 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
+# a resumed stage's checkpoint folder is not empty, by design
+warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+
 #: the checkpoint folder's name inside ``<stage>/checkpoints``
 NAME = "state.ckpt"
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -177,8 +180,6 @@ class StageCheckpoint(ModelCheckpoint):
     (0: never between epoch ends) and at every epoch end."""
 
     def __init__(self, dirpath: Path, every_n_steps: int = 0) -> None:
-        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not "
-                                "empty.*")
         super().__init__(dirpath=str(dirpath), filename=NAME.removesuffix(".ckpt"),
                          every_n_train_steps=every_n_steps or None,
                          every_n_epochs=None if every_n_steps else 0, save_top_k=1,

@@ -184,3 +184,23 @@ def test_relaunched_sweep_skips_finished_jobs_and_resumes_killed_ones(tmp_path, 
     print("\nfirst launch:", status, "\nre-launch:",
           {j: ("skipped" if r.get("reused") else f"resumed from step "
                f"{r['stages']['classify']['resumed_from_step']}") for j, r in records.items()})
+
+
+def test_resume_argv_rebuilds_the_command_of_a_run_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ftlab.errors import FtlabError
+    from ftlab.resume import resume_argv
+
+    run_dir = tmp_path / "runs" / "r1"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"hydra": {"overrides": {"hydra": [f"hydra.run.dir={tmp_path}/old"],
+                                            "task": ["model=tiny_bert", "seed=3"]}}},
+                   run_dir / ".hydra" / "hydra.yaml")
+    assert resume_argv([f"resume={run_dir}", "checkpoint.keep=true"]) == [
+        "model=tiny_bert", "seed=3", "checkpoint.keep=true", f"hydra.run.dir={run_dir}"]
+    assert resume_argv(["seed=1"]) == ["seed=1"]
+    with pytest.raises(FtlabError, match="single run"):
+        resume_argv(["-m", f"resume={run_dir}"])
+    with pytest.raises(FtlabError, match="no ftlab run or sweep"):
+        resume_argv([f"resume={tmp_path}"])
