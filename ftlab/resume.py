@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import FtlabError
-from ftlab.store import read_json
 
 #: a job whose record has one of these statuses is finished (an error or a kill is not)
 FINISHED = ("ok", "discarded")
@@ -24,6 +23,8 @@ def finished_record(run_dir: Path, keys: list[str], sweep_dir: Path | None = Non
                     ) -> tuple[dict[str, Any], Path] | None:
     """(the record, its job folder) of a finished job with these stage ``keys``: this job's own
     folder first, then the other job folders of ``sweep_dir``; None if there is none."""
+    from ftlab.store import read_json  # (torch: not for `ftlab --help`)
+
     folders = [run_dir]
     if sweep_dir is not None and sweep_dir.is_dir():
         folders += sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir)
