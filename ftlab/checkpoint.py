@@ -121,6 +121,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any = None) -> None:
+        from ftlab.store import is_rank_zero
+
+        if not is_rank_zero():  # Lightning calls it on rank zero only; this makes sure
+            return
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         tree = split(checkpoint, tensors)
@@ -216,10 +220,16 @@ class RngState(L.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def stage_checkpointing(spec: CheckpointSpec | None, folder: Path, key: str | None
+def stage_checkpointing(spec: CheckpointSpec | None, folder: Path, key: str | None,
+                        trainer: dict[str, Any] | None = None
                         ) -> tuple[list[L.Callback], list[CheckpointIO]]:
-    """(callbacks, Trainer plugins) that checkpoint a stage into ``folder`` under ``spec``."""
+    """(callbacks, Trainer plugins) that checkpoint a stage into ``folder`` under ``spec``;
+    none under FSDP (sharded checkpoints are not supported yet: the stage cannot resume)."""
     if spec is None or not spec.enabled:
+        return [], []
+    if "FSDP" in str((trainer or {}).get("strategy")).upper():
+        log.warning("Checkpointing is off under FSDP (not supported yet): an interrupted stage "
+                    "starts over.")
         return [], []
     if spec.every_n_steps < 0:
         from ftlab.errors import FtlabError

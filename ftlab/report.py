@@ -38,12 +38,12 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per job identity (its stage keys): a re-launched sweep whose jobs changed
-    folders may hold a finished job twice (the second one reused the first)."""
+    """One record per job identity (``ftlab.resume.job_identity``): a re-launched sweep whose
+    jobs changed folders may hold a finished job twice (the second one reused the first)."""
     seen: set[tuple[str, ...]] = set()
     out = []
     for rec in records:
-        keys = tuple(line.get("key") for line in rec.get("lineage") or [])
+        keys = tuple(rec.get("job_identity") or ())
         if keys and rec.get("status") in ("ok", "discarded"):
             if keys in seen:
                 continue

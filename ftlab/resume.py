@@ -3,7 +3,8 @@
 - ``ftlab resume=<run dir> [overrides]`` re-runs the command that made the run, in its folder;
   ``ftlab -m resume=<sweep dir>`` re-launches the sweep into its folder (``resume_argv``).
 - A job whose folder or sweep already holds a finished record for the same stages (compared by
-  their stage keys, the hashes of the resolved stages: not by job number or time) is not run
+  their stage keys, the hashes of the resolved stages, and the run's result-changing callbacks:
+  not by job number or time) is not run
   again: its record is reused (``finished_record``). An interrupted stage continues from its
   checkpoint (``ftlab.checkpoint``); finished upstream stages come back from the stage cache.
 """
@@ -19,10 +20,24 @@ from ftlab.errors import FtlabError
 FINISHED = ("ok", "discarded")
 
 
-def finished_record(run_dir: Path, keys: list[str], sweep_dir: Path | None = None
+def job_identity(stage_keys: list[str], callbacks: dict[str, Any] | None) -> list[str]:
+    """What identifies a job: its stage keys, plus a hash of the run's callbacks that change
+    results (EMA/SWA, snapshots, early discard; progress bars do not count), which live
+    outside the stages."""
+    import hashlib
+    import json
+
+    nodes = {k: v for k, v in (callbacks or {}).items()
+             if v is not None and "ProgressBar" not in str(v.get("_target_", ""))}
+    text = json.dumps(nodes, sort_keys=True, default=str)
+    return [*stage_keys, f"callbacks-{hashlib.sha256(text.encode()).hexdigest()[:16]}"]
+
+
+def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None = None
                     ) -> tuple[dict[str, Any], Path] | None:
-    """(the record, its job folder) of a finished job with these stage ``keys``: this job's own
-    folder first, then the other job folders of ``sweep_dir``; None if there is none."""
+    """(the record, its job folder) of a finished job with this ``identity`` (``job_identity``):
+    this job's own folder first, then the other job folders of ``sweep_dir``; None if there is
+    none."""
     from ftlab.store import read_json  # (torch: not for `ftlab --help`)
 
     folders = [run_dir]
@@ -35,14 +50,9 @@ def finished_record(run_dir: Path, keys: list[str], sweep_dir: Path | None = Non
             continue
         if not isinstance(record, dict) or record.get("status") not in FINISHED:
             continue
-        if job_keys(record) == keys:
+        if record.get("job_identity") == identity:
             return record, folder
     return None
-
-
-def job_keys(record: dict[str, Any]) -> list[str]:
-    """The stage keys of a job's record, in pipeline order."""
-    return [line.get("key") for line in record.get("lineage") or []]
 
 
 def resume_argv(argv: list[str]) -> list[str]:

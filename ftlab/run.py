@@ -131,9 +131,9 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     stages = build_pipeline(cfg, explicit)
     record["pipeline"] = [s.name for s in stages]
     record["monitor"] = _monitor(stages[-1])  # known before validation: failures score worst
-    if _reuse_finished(record, stages, run_dir, sweep_dir):
-        return
     callbacks = plain(cfg.get("callbacks")) or {}
+    if _reuse_finished(record, stages, callbacks, run_dir, sweep_dir):
+        return
     logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
@@ -174,13 +174,15 @@ def artefact_policy(value: Any) -> str:
     return value
 
 
-def _reuse_finished(record: dict[str, Any], stages: list[Any], run_dir: Path,
-                    sweep_dir: Path | None) -> bool:
-    """Fill ``record`` from a finished job with the same stage keys, if there is one."""
+def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[str, Any],
+                    run_dir: Path, sweep_dir: Path | None) -> bool:
+    """Fill ``record`` from a finished job with the same identity (stage keys + callbacks), if
+    there is one."""
     from ftlab.cache import pipeline_keys
-    from ftlab.resume import finished_record
+    from ftlab.resume import finished_record, job_identity
 
-    found = finished_record(run_dir, list(pipeline_keys(stages).values()), sweep_dir)
+    record["job_identity"] = job_identity(list(pipeline_keys(stages).values()), callbacks)
+    found = finished_record(run_dir, record["job_identity"], sweep_dir)
     if found is None:
         return False
     previous, folder = found

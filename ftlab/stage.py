@@ -159,7 +159,8 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints", key)
+    saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints", key,
+                                          stage.trainer)
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir),
                                callbacks=[*callbacks, keep, *saving],
