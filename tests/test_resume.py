@@ -181,6 +181,9 @@ def test_relaunched_sweep_skips_finished_jobs_and_resumes_killed_ones(tmp_path, 
     # save_artefact: best (the default): one job keeps its full model; every job keeps a card
     kept = [j for j in status if (sweep / j / "classify" / "trainable.safetensors").exists()]
     assert len(kept) == 1 and all((sweep / j / "classify" / "card.json").exists() for j in status)
+    assert kept == [max(status, key=lambda j: records[j]["objective"])]
+    assert all("artefact_dropped" in records[j]["stages"]["classify"] for j in status
+               if j not in kept)
     print("\nfirst launch:", status, "\nre-launch:",
           {j: ("skipped" if r.get("reused") else f"resumed from step "
                f"{r['stages']['classify']['resumed_from_step']}") for j, r in records.items()})
