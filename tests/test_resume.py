@@ -207,3 +207,22 @@ def test_resume_argv_rebuilds_the_command_of_a_run_folder(tmp_path):
         resume_argv(["-m", f"resume={run_dir}"])
     with pytest.raises(FtlabError, match="no ftlab run or sweep"):
         resume_argv([f"resume={tmp_path}"])
+
+
+def test_sampler_resumes_mid_epoch_in_the_same_order_and_gets_lightnings_epoch():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    from ftlab.data.batching import LengthGroupedBatchSampler
+
+    lengths = [(i * 7) % 23 + 1 for i in range(100)]
+    fresh = LengthGroupedBatchSampler(lengths, 8, group=2, seed=5)
+    fresh.set_epoch(1)
+    epoch1 = list(fresh)
+    resumed = LengthGroupedBatchSampler(lengths, 8, group=2, seed=5)
+    resumed.resume(1, 3)
+    assert list(resumed) == epoch1[3:]  # the rest of epoch 1, in its order
+    assert list(resumed) != epoch1  # then epoch 2: a new order, nothing skipped
+    loader = DataLoader(list(range(100)), batch_sampler=LengthGroupedBatchSampler(lengths, 8))
+    _set_sampler_epoch(loader, 4)  # what Lightning calls at each epoch start
+    assert loader.batch_sampler.epoch == 4
