@@ -22,6 +22,9 @@ class OptimSpec:
             ``d`` layer groups below the top (heads) trains at ``lr * layer_decay**d``; 1.0 off.
         gradual_unfreeze: ULMFiT gradual unfreezing: epoch 0 trains only the top group (heads
             and pooler), each further epoch one more layer below, down to the embeddings.
+        lr_scaling / reference_batch: ``lr`` is the peak LR at a global batch (rows per
+            optimiser step over all devices) of ``reference_batch``; ``linear`` or ``sqrt``
+            scale it to the batch actually used (``ftlab.runtime.LR_RULES``); ``none`` keeps it.
     """
 
     lr: float | None = None
@@ -31,6 +34,8 @@ class OptimSpec:
     eps: float = 1e-8
     layer_decay: float = 1.0
     gradual_unfreeze: bool = False
+    lr_scaling: str = "none"
+    reference_batch: int = 32
 
 
 #: the peak LR when neither the stage nor the PEFT method sets one (BERT's range: 2e-5..5e-5)

@@ -16,10 +16,12 @@ from omegaconf import DictConfig
 
 from ftlab.config import bind_schema, plain
 from ftlab.data.spec import DataSpec
+from ftlab.data.transforms.nodes import resolve_nodes
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
+from ftlab.runtime import RuntimeSpec, split_trainer
 from ftlab.store import check_name
 
 
@@ -33,7 +35,8 @@ class StageSpec:
         init_from: ``pretrained`` or the name of an earlier stage in the pipeline.
         carry: what is taken from ``init_from``: ``model`` (everything that fits) or
             ``encoder`` (the backbone only; the head starts fresh).
-        batch_size / eval_batch_size: rows per training / evaluation batch.
+        batch_size / eval_batch_size: rows per training / evaluation batch (per device);
+            ``batch_size: auto`` finds the largest that fits in memory before training.
         optim: optimiser settings.
         trainer: this stage's own Trainer settings, on top of the run's ``trainer`` group.
         seed: this stage's seed; null uses the run's ``seed``.
@@ -43,13 +46,19 @@ class StageSpec:
             so TAPT reads all of the task's text while the classifier gets 500 labels).
         aux_mlm_weight: > 0 adds that times a masked-LM loss on the task's own text to the
             training loss (joint adaptive + task training, Chronopoulou et al. 2019).
+        teachers: earlier stages (names) or finished runs (folders, ``folder#stage``) whose
+            averaged soft predictions become this stage's training labels (``ftlab/distill.py``).
+        teacher_temperature: the teachers' scores are divided by it before the softmax (PET: 2).
+        teacher_rows: null: the teachers label every row to learn from (distillation); a
+            number: iPET, that many teacher-labelled rows of the unlabelled split are added to
+            the gold training rows.
     """
 
     name: str = "classify"
     task: Any = None
     init_from: str = "pretrained"
     carry: str = "model"
-    batch_size: int = 32
+    batch_size: Any = 32  # an int, or "auto"
     eval_batch_size: int = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +69,9 @@ class StageSpec:
     save_artefact: bool = True
     data_overrides: dict[str, Any] = field(default_factory=dict)
     aux_mlm_weight: float = 0.0
+    teachers: list[str] = field(default_factory=list)
+    teacher_temperature: float = 2.0
+    teacher_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,14 +80,16 @@ class ResolvedStage:
 
     ``task``/``peft``/``regularizer`` are ``_target_`` nodes (plain dicts; the PEFT node
     without its ``lr``), ``trainer`` the Lightning ``Trainer`` node (run group + stage + explicit
-    overrides), ``optim.lr`` the peak LR that applies. Treat the dicts as read-only.
+    overrides, without ftlab's own keys, which are in ``runtime``), ``optim.lr`` the peak LR
+    at ``optim.reference_batch`` rows. ``batch_size`` is an int or ``"auto"``. Treat the dicts
+    as read-only.
     """
 
     name: str
     task: dict[str, Any]
     init_from: str
     carry: str
-    batch_size: int
+    batch_size: int | str
     eval_batch_size: int
     seed: int
     model: ModelSpec
@@ -86,6 +100,10 @@ class ResolvedStage:
     trainer: dict[str, Any]
     aux_mlm_weight: float = 0.0
     save_artefact: bool = True
+    teachers: tuple[str, ...] = ()
+    teacher_temperature: float = 2.0
+    teacher_rows: int | None = None
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     @property
     def where(self) -> str:
@@ -136,16 +154,20 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     if not isinstance(data, dict):
         raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
     data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data")
+    data_spec.transforms = resolve_nodes(data_spec.transforms, f"{where} data.transforms")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
+    trainer, runtime = split_trainer(trainer_node(cfg, spec.trainer, explicit, prefix), where)
     return ResolvedStage(
         name=spec.name, task=plain(spec.task), init_from=spec.init_from, carry=spec.carry,
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
-        trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
-        aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact)
+        trainer=trainer, runtime=runtime,
+        aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
+        teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
+        teacher_rows=spec.teacher_rows)
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:
@@ -161,6 +183,12 @@ def check_pipeline(stages: list[StageSpec]) -> None:
             raise FtlabError(
                 f"Stage '{s.name}' starts from '{s.init_from}', which is not an earlier stage.",
                 f"use init_from: pretrained or one of: {choices_text(seen) or '(none yet)'}.")
+        if s.batch_size != "auto" and (not isinstance(s.batch_size, int)
+                                       or isinstance(s.batch_size, bool) or s.batch_size < 1):
+            raise FtlabError(f"Invalid value in stage '{s.name}' for key 'batch_size': "
+                             f"{s.batch_size!r}.",
+                             "use a whole number of 1 or more (per device), or auto (the "
+                             "largest that fits in memory; for GPUs).")
         if s.carry not in CARRY:
             raise FtlabError(f"Stage '{s.name}' has carry '{s.carry}'.",
                              f"use one of: {choices_text(CARRY)}.")
@@ -172,4 +200,28 @@ def check_pipeline(stages: list[StageSpec]) -> None:
                 raise FtlabError(f"Stage '{s.name}' has a {what} node without a _target_.",
                                  f"give it a mapping with a _target_ (see conf/{what}/*.yaml), "
                                  "or null for the run's group.")
+        _check_teachers(s, seen)
         seen.append(s.name)
+
+
+def _check_teachers(s: StageSpec, seen: list[str]) -> None:
+    from ftlab.distill import is_run_dir, split_ref
+
+    for teacher in s.teachers:
+        if is_run_dir(teacher):
+            if not split_ref(teacher)[0].is_dir():
+                raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is no folder.",
+                                 "give finished run folders (outputs/runs/<time>, a sweep's job "
+                                 "folder), optionally folder#stage, or earlier stage names.")
+        elif teacher not in seen:
+            raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is not an earlier "
+                             "stage.", f"use earlier stages ({choices_text(seen) or 'none yet'}) "
+                             "or run folders (with a '/').")
+    if s.teacher_rows is not None and (s.teacher_rows < 1 or not s.teachers):
+        raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows}"
+                         f"{'' if s.teachers else ' but no teachers'}.",
+                         "iPET: a positive number of teacher-labelled rows to add, with "
+                         "teachers; null to distil on every row.")
+    if s.teacher_temperature <= 0:
+        raise FtlabError(f"Stage '{s.name}' has teacher_temperature {s.teacher_temperature}.",
+                         "use a positive temperature (PET: 2; 1 keeps the teachers' scores).")

@@ -17,7 +17,7 @@ from typing import Any
 from ftlab.errors import FtlabError
 
 #: a job whose record has one of these statuses is finished (an error or a kill is not)
-FINISHED = ("ok", "discarded")
+FINISHED = ("ok", "discarded", "pruned")
 
 
 def job_identity(stage_keys: list[str], callbacks: dict[str, Any] | None) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
-from ftlab.callbacks import GradualUnfreeze, KeepBest
+from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
@@ -24,6 +25,7 @@ from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
+from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors
 from ftlab.strategies import full_weights
 
@@ -47,6 +49,8 @@ class RunContext:
         callbacks: the run's extra Lightning callback nodes (``callbacks`` group).
         logger: the run's logger nodes (``logger`` group).
         log_context: W&B name/group/tags/config for the loggers that take them.
+        on_trained: called with a stage's result once it has trained and been evaluated, before
+            its artefact is written (the run records its metrics first: a full disk loses none).
         checkpoint: when stages checkpoint (and resume); None: never.
         save_artefact: the run's policy for full-size artefacts (``best | all | none``): with
             ``none`` a stage training over half the weights writes no ``trainable.safetensors``
@@ -57,6 +61,7 @@ class RunContext:
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] | None = None
     log_context: dict[str, Any] = field(default_factory=dict)
+    on_trained: Callable[[StageResult], None] | None = None
     checkpoint: CheckpointSpec | None = None
     save_artefact: str = "best"
 
@@ -69,10 +74,21 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
     raw = builder.raw(stage)
+    transformed = raw.transforms  # the record of data.transforms (teachers relabel the rows)
+    taught: dict[str, Any] = {}
+    if stage.teachers:  # their averaged soft predictions become the training labels
+        from ftlab.distill import label_with_teachers, teachers_of
+
+        raw, taught = label_with_teachers(raw, stage, teachers_of(stage, builder, upstream),
+                                          list(stage.data.text_columns))
     tokenizer = builder.tokenizer(stage.model)
+    rt, auto = stage.runtime, stage.batch_size == "auto"
     dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
-                        batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                        seed=stage.seed)
+                        batch_size=min(rt.auto_batch_init, len(raw.splits["train"])) if auto
+                        else stage.batch_size, eval_batch_size=stage.eval_batch_size,
+                        seed=stage.seed, num_workers=rt.num_workers, pin_memory=rt.pin_memory,
+                        persistent_workers=rt.persistent_workers,
+                        pad_to_multiple_of=rt.pad_to_multiple_of)
     source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
     model, peft, regularizer, handed = builder.model(stage, source)
     counts = count_parameters(model)
@@ -80,8 +96,11 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
              stage.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
              counts["params_trainable_pct"], peft.name, stage.optim.lr)
 
-    module = FineTuneModule(model, task, regularizer, stage.optim)
-    keep = KeepBest(peft, f"val/{task.monitor}", task.mode)
+    if rt.compile:
+        model.compile()  # in place: parameter names and state dicts stay the same
+    module = FineTuneModule(model, task, regularizer, stage.optim,
+                            check_finite_every=rt.check_finite_every_n_steps)
+    keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput()
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name}
     spec, ckpt_dir = run.checkpoint, stage_dir / "checkpoints"
@@ -89,7 +108,11 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     resumed_step = _step(resume)
     if resume is not None:
         log.info("Stage %s resumes from step %s (%s).", stage.name, resumed_step, resume)
-    trainer = _trainer(stage, run, stage_dir, keep, context, key)
+    trainer = _trainer(stage, run, stage_dir, [keep, speed], context, key)
+    if auto:
+        from ftlab.autobatch import find_batch_size
+
+        find_batch_size(trainer, module, dm, rt, stage.where)
     start = time.perf_counter()
     trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)
     fit_s = time.perf_counter() - start
@@ -100,35 +123,45 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     metrics: dict[str, float] = {f"val/{k}": v for k, v in keep.metrics.items()}
     if "test" in dm.splits:
         metrics |= {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
-    if raw.labels is not None and "validation" in raw.splits:
-        baseline = task.baseline(raw.splits["validation"]["label"]) or {}
-        metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
-    info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        if raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
+            baseline = task.baseline(raw.splits[split]["label"]) or {}
+            metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}
+    info = counts | {"lr": module.applied_lr or stage.optim.lr, "batch_size": dm.batch_size,
+                     "batch_size_auto": auto, "fit_seconds": round(fit_s, 2), **speed.summary(),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
-                     "handed_over": handed, **task.info}
+                     "handed_over": handed, **task.info, **taught}
+    if transformed:  # what each data transform did (rows added/changed, few-shot k...)
+        info["data_transforms"] = transformed
     discarded = next((c.outcome for c in trainer.callbacks
-                      if isinstance(c, EarlyDiscard) and c.outcome), None)
-    if discarded:  # stopped early by callbacks=early_discard: not a complete stage
+                      if isinstance(c, EarlyDiscard | OptunaPruning) and c.outcome), None)
+    if discarded:  # stopped early (early discard, or a search's pruner): not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
+    info["resumed_from_step"] = resumed_step
+    info["full_size_artefact"] = counts["params_trainable"] * 2 > counts["params_total"]
+    result = StageResult(stage.name, metrics, module.model, info)
+    if run.on_trained is not None:
+        run.on_trained(result)
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
-            full_size = counts["params_trainable"] * 2 > counts["params_total"]
-            skip = full_size and run.save_artefact == "none"
+            skip = info["full_size_artefact"] and run.save_artefact == "none"
             info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer,
-                                   weights=not skip) | {"full_size_artefact": full_size}
-    info["resumed_from_step"] = resumed_step
+                                   transformed, weights=not skip)
     if not (spec and spec.keep) and is_rank_zero():  # the stage is done: free the disk
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return StageResult(stage.name, metrics, module.model, info)
+    return result
 
 
 def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
-                   task: Any, tokenizer: Any, weights: bool = True) -> dict[str, Any]:
+                   task: Any, tokenizer: Any,
+                   data_transforms: list[dict[str, Any]] | None = None,
+                   weights: bool = True) -> dict[str, Any]:
     """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it;
     without ``weights`` (``save_artefact: none``, a full-size artefact) the card only."""
     if not weights:
-        write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer)
+        write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
+                         data_transforms)
         return {"artefact": None, "artefact_dropped": "save_artefact=none"}
     state = peft.trainable_state(model)
     path = save_tensors(stage_dir / "trainable.safetensors", state,
@@ -136,7 +169,8 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
     info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
     if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
         info["artefact_dir"] = str(peft.save(model, stage_dir))
-    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer)
+    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
+                     data_transforms)
     return info
 
 
@@ -149,8 +183,8 @@ def _step(checkpoint: Path | None) -> int | None:
     return json.loads((checkpoint / "state.json").read_text())["checkpoint"]["global_step"]
 
 
-def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepBest,
-             context: dict[str, Any], key: str | None = None) -> L.Trainer:
+def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L.Callback],
+             context: dict[str, Any], stage_key: str | None = None) -> L.Trainer:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in run.callbacks.items() if node is not None]
@@ -159,11 +193,11 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints", key,
-                                          stage.trainer)
+    saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints",
+                                          stage_key, stage.trainer)
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir),
-                               callbacks=[*callbacks, keep, *saving],
+                               callbacks=[*callbacks, *own, NoteStep(), *saving],
                                **({"plugins": plugins} if plugins else {}),
                                logger=loggers or False, enable_checkpointing=bool(saving),
                                use_distributed_sampler=False)  # ftlab's sampler shards itself

@@ -17,6 +17,7 @@ from ftlab.config import check_binds
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import ResolvedStage
+from ftlab.runtime import LR_RULES
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
         check_binds(stage.task, f"{stage.where}.task")
         check_binds(stage.peft, f"{stage.where} peft")
         check_binds(stage.regularizer, f"{stage.where} regularizer")
+        for i, node in enumerate(stage.data.transforms):
+            check_binds(node, f"{stage.where} data.transforms[{i}]")
         check_numbers(stage)
     for stage in stages:
         builder.task(stage)
@@ -74,7 +77,11 @@ def check_numbers(stage: ResolvedStage) -> None:
     """Values that bind to their type but make no sense (a zero batch, a negative LR)."""
     o = stage.optim
     for ok, what, fix in (
-        (stage.batch_size >= 1, f"batch_size={stage.batch_size}", "a batch size of 1 or more"),
+        (stage.batch_size == "auto" or stage.batch_size >= 1, f"batch_size={stage.batch_size}",
+         "a batch size of 1 or more, or auto"),
+        (o.reference_batch >= 1, f"optim.reference_batch={o.reference_batch}", "1 or more"),
+        (o.lr_scaling in LR_RULES, f"optim.lr_scaling={o.lr_scaling}",
+         f"one of {', '.join(LR_RULES)}"),
         (stage.eval_batch_size >= 1, f"eval_batch_size={stage.eval_batch_size}",
          "an eval batch size of 1 or more"),
         (o.lr is not None and o.lr >= 0, f"optim.lr={o.lr}", "a peak LR of 0 or more, e.g. 5e-5"),

@@ -48,6 +48,7 @@ class CausalLM(TaskDefaults):
     """
 
     features = ("input_ids", "attention_mask")  # targets are the inputs, shifted by the model
+    row_logits = False  # next-token logits per position, no per-row class scores
 
     def __init__(self, max_length: int = 128, pack: bool = True, monitor: str = "loss") -> None:
         if max_length < 2:

@@ -76,6 +76,7 @@ class MaskedLM(TaskDefaults):
     """
 
     features = ("input_ids", "attention_mask")  # labels are drawn per batch (``mask``)
+    row_logits = False  # vocabulary logits at masked positions only, drawn anew each forward
 
     def __init__(self, max_length: int = 128, mask_prob: float = 0.15, whole_word: bool = False,
                  pack: bool = True, sparse_logits: bool = True, monitor: str = "loss") -> None:
