@@ -33,22 +33,28 @@ def job_identity(stage_keys: list[str], callbacks: dict[str, Any] | None) -> lis
     return [*stage_keys, f"callbacks-{hashlib.sha256(text.encode()).hexdigest()[:16]}"]
 
 
-def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None = None
-                    ) -> tuple[dict[str, Any], Path] | None:
-    """(the record, its job folder) of a finished job with this ``identity`` (``job_identity``):
-    this job's own folder first, then the other job folders of ``sweep_dir``; None if there is
-    none."""
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record in ``path`` (``metrics.json``), or None if there is no readable one."""
     from ftlab.store import read_json  # (torch: not for `ftlab --help`)
 
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None = None,
+                    own: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path] | None:
+    """(the record, its job folder) of a finished job with this ``identity`` (``job_identity``):
+    this job's own folder first (``own``: what its ``metrics.json`` held when the job started),
+    then the other job folders of ``sweep_dir``; None if there is none."""
     folders = [run_dir]
     if sweep_dir is not None and sweep_dir.is_dir():
         folders += sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir)
     for folder in folders:
-        try:
-            record = read_json(folder / "metrics.json")
-        except (OSError, ValueError):
-            continue
-        if not isinstance(record, dict) or record.get("status") not in FINISHED:
+        record = own if folder == run_dir else read_record(folder / "metrics.json")
+        if record is None or record.get("status") not in FINISHED:
             continue
         if record.get("job_identity") == identity:
             return record, folder

@@ -77,6 +77,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               "torch_threads": set_threads(hydra.get("n_jobs", 1)),
                               "process": process_identity()}  # a later look tells a killed job
     out = run_dir / "metrics.json"
+    from ftlab.resume import read_record
+
+    earlier = read_record(out)  # before this run marks the folder 'running': a finished job?
     if primary and (previous := _previous(out)):  # a re-run in the same folder
         record["previous"] = previous
     choices = hydra.get("choices", {})
@@ -96,7 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             check_config(context["config"])
             explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
             _run_stages(cfg, explicit, record, context, run_dir,
-                        run_dir.parent if hydra["multirun"] else None)
+                        run_dir.parent if hydra["multirun"] else None, earlier)
         final = record["final"]
         if record.get("discarded"):  # early discard or a search's pruner stopped it: neither
             pruned = bool(record["discarded"].get("pruned"))  # ok nor failed
@@ -179,7 +182,8 @@ def _degenerate(record: dict[str, Any]) -> None:
 
 
 def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
-                context: dict[str, Any], run_dir: Path, sweep_dir: Path | None = None) -> None:
+                context: dict[str, Any], run_dir: Path, sweep_dir: Path | None = None,
+                earlier: dict[str, Any] | None = None) -> None:
     """Resolve, validate and run the stages into ``record``; a finished job with the same
     stage keys in ``run_dir`` or ``sweep_dir`` is reused instead (``ftlab.resume``)."""
     from ftlab.build import StageBuilder
@@ -196,7 +200,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     record["pipeline"] = [s.name for s in stages]
     record["monitor"] = _monitor(stages[-1])  # known before validation: failures score worst
     callbacks = plain(cfg.get("callbacks")) or {}
-    if _reuse_finished(record, stages, callbacks, run_dir, sweep_dir):
+    if _reuse_finished(record, stages, callbacks, run_dir, sweep_dir, earlier):
         return
     logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
@@ -252,14 +256,15 @@ def artefact_policy(value: Any) -> str:
 
 
 def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[str, Any],
-                    run_dir: Path, sweep_dir: Path | None) -> bool:
+                    run_dir: Path, sweep_dir: Path | None,
+                    earlier: dict[str, Any] | None = None) -> bool:
     """Fill ``record`` from a finished job with the same identity (stage keys + callbacks), if
     there is one."""
     from ftlab.cache import pipeline_keys
     from ftlab.resume import finished_record, job_identity
 
     record["job_identity"] = job_identity(list(pipeline_keys(stages).values()), callbacks)
-    found = finished_record(run_dir, record["job_identity"], sweep_dir)
+    found = finished_record(run_dir, record["job_identity"], sweep_dir, earlier)
     if found is None:
         return False
     previous, folder = found

@@ -168,7 +168,8 @@ def test_relaunched_sweep_skips_finished_jobs_and_resumes_killed_ones(tmp_path, 
               for j in sorted(sweep.iterdir()) if (j / ".hydra").is_dir()}
     assert status == {"0": "ok", "1": "ok", "2": "error", "3": "error"}
     again = ftlab_cli(f"resume={sweep}", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
+    # 3: every job at the majority baseline (12 steps of a tiny model); no job errored
+    assert again.returncode in (0, 3), again.stderr[-2000:]
     assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 1  # the same folder
     records = {j: json.loads((sweep / j / "metrics.json").read_text()) for j in status}
     assert [bool(records[j].get("reused")) for j in status] == [True, True, False, False]
