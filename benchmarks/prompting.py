@@ -31,9 +31,9 @@ SMOL = ["model=smollm2", "peft=lora", "stage.batch_size=8", "stage.eval_batch_si
 VERB = "{fresh: great, rotten: terrible}"
 
 
-def configs(k: int, epochs: int, unlabelled: int) -> dict[str, list[str]]:
+def configs(k: int, epochs: int, unlabelled: int, val_every: int = 1) -> dict[str, list[str]]:
     few = f"data.transforms=[{{few_shot: {{k: {k}}}}}]"
-    train = [few, f"trainer.max_epochs={epochs}"]
+    train = [few, f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={val_every}"]
     return {
         "head": [*train, "stage.batch_size=8"],
         "pet1": [*SMOL, *train, "stage=cloze", f"stage.task.verbalizer={VERB}"],
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--unlabelled", type=int, default=500)
+    parser.add_argument("--val-every", type=int, default=1,
+                        help="validate every N epochs (SmolLM2 evaluation dominates on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/prompting"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ def main() -> None:
             for seed in seeds:
                 if (name, k, seed) in done:
                     continue
-                over = [*QUIET, *configs(k, args.epochs, args.unlabelled)[name], f"seed={seed}",
+                over = [*QUIET, *configs(k, args.epochs, args.unlabelled, args.val_every)[name], f"seed={seed}",
                         f"data.max_eval_samples={args.eval_rows}"]
                 start = time.perf_counter()
                 rec = run_job(over, args.out / f"{name}_k{k}_s{seed}")
