@@ -23,12 +23,11 @@ from omegaconf import OmegaConf
 from ftlab.cli import CONFIG_DIR
 from ftlab.config import instantiate_checked
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.run import run
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
 from tests.conftest import tiny_overrides
-from tests.test_peft_contract import batch, logits, method, model_config, tiny_model
+from tests.test_peft_contract import batch, logits, method, tiny_model
 
 REGULARIZERS = sorted(p.stem for p in (Path(CONFIG_DIR) / "regularizer").glob("*.yaml"))
 PEFTS = ("full", "lora", "adapter_pfeiffer")

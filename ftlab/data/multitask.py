@@ -171,7 +171,8 @@ class MultiTaskDataModule(L.LightningDataModule):
                           batch_sampler=TaskSampler(samplers, probs, self.seed),
                           collate_fn=TaskCollator([self.names[i] for i in ids],
                                                   [self.parts[i].collate for i in ids]),
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers,  # own generator: the global stream
+                          generator=torch.Generator().manual_seed(self.seed))  # stays as is
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -32,8 +32,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import (Pattern, check_fields, continuation_logprob, fit,
-                                   verbaliser_ids)
+from ftlab.tasks.prompting import Pattern, check_fields, continuation_logprob, fit, verbaliser_ids
 
 #: Zhao et al. (2021)'s content-free inputs; "[MASK]" becomes the tokenizer's mask token
 CONTENT_FREE = ("N/A", "", "[MASK]")
