@@ -49,9 +49,13 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
         raise FtlabError(f"{path} has format {card.get('format')}; this ftlab reads "
                          f"{CARD_FORMAT}.", "use the ftlab version that wrote the run.")
     s = dict(card["stage"])
+    from ftlab.pipeline import SubTask
+
     s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
           "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
-          "runtime": RuntimeSpec(**s.get("runtime", {}))}
+          "runtime": RuntimeSpec(**s.get("runtime", {})),
+          "subtasks": tuple(SubTask(**(t | {"data": DataSpec(**t["data"])}))
+                            for t in s.get("subtasks") or ())}
     return ResolvedStage(**s), card.get("labels")
 
 

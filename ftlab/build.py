@@ -16,14 +16,16 @@ from torch import nn
 
 from ftlab.config import instantiate_checked
 from ftlab.data.batching import require_one_batch
+from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import RawData, load_raw
+from ftlab.data.spec import DataSpec
 from ftlab.data.transforms.nodes import transform_raw
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
-from ftlab.tasks.base import ModelAware, ScoresWithLMHead, Task
+from ftlab.tasks.base import HasSubtasks, ModelAware, ScoresWithLMHead, SeesPrepared, Task
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,11 @@ class StageBuilder:
             self._tokenizers[key] = load_tokenizer(spec)
         return self._tokenizers[key]
 
-    def raw(self, stage: ResolvedStage) -> RawData:
-        """The stage's splits: loaded once per data spec (transforms aside), then its
-        ``data.transforms`` applied to the training rows (once per spec and seed)."""
-        data = stage.data
+    def raw(self, stage: ResolvedStage, data: DataSpec | None = None) -> RawData:
+        """The stage's splits (or ``data``'s: one of its sub-tasks'): loaded once per data spec
+        (transforms aside), then its ``transforms`` applied to the training rows (once per spec
+        and seed)."""
+        data = data or stage.data
         # the seed only picks the rows of a capped training split
         seed = stage.seed if data.max_train_samples is not None else 0
         key = f"{replace(data, transforms=[])!r}/{seed}"
@@ -63,18 +66,61 @@ class StageBuilder:
         return self._raw[changed]
 
     def task(self, stage: ResolvedStage) -> Task:
-        """The stage's task, bound to its data and tokenizer (once per stage)."""
+        """The stage's task, bound to its data and tokenizer (once per stage); a multi-task
+        stage's task gets its sub-tasks, each bound to its own data."""
         if stage.name not in self._tasks:
+            task = _instantiate_task(stage)
+            if stage.subtasks or isinstance(task, HasSubtasks):
+                self._bind_subtasks(stage, task)
             raw = self.raw(stage)
             if stage.batch_size != "auto":  # auto never exceeds the split (the tuner caps it)
                 require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
-            task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             if isinstance(task, ModelAware):
                 task.see_model(load_config(stage.model))
             self._tasks[stage.name] = task
             self._stages[stage.name] = stage
         return self._tasks[stage.name]
+
+    def _bind_subtasks(self, stage: ResolvedStage, task: Task) -> None:
+        from ftlab.tasks.multitask import Part
+
+        if not (stage.subtasks and isinstance(task, HasSubtasks)):
+            raise FtlabError(
+                f"{stage.where} has sub-tasks but a single-task objective, or the other way "
+                "round." if stage.subtasks else f"{stage.where}'s multi-task objective has no "
+                "sub-tasks.", "use stage=multitask (task: ftlab.tasks.multitask.MultiTask) and "
+                "list the sub-tasks under its tasks.")
+        if stage.batch_size == "auto":
+            raise FtlabError(f"{stage.where}: batch_size 'auto' is not supported for a "
+                             "multi-task stage.", "give stage.batch_size a number, e.g. 32.")
+        parts = {}
+        for sub in stage.subtasks:
+            where = f"{stage.where} sub-task '{sub.name}'"
+            raw = self.raw(stage, sub.data)
+            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{where}: ")
+            parts[sub.name] = Part(instantiate_checked(sub.task, f"{where} task"), raw,
+                                   list(sub.data.text_columns), sub.weight)
+        task.bind_tasks(parts)
+
+    def datamodule(self, stage: ResolvedStage, raw: RawData | None = None) -> Any:
+        """The stage's batches: ``raw``'s (default: the stage's data), or a multi-task stage's
+        single-task batches. ``batch_size: auto`` starts at ``runtime.auto_batch_init``."""
+        task, pad, rt = self.task(stage), self.tokenizer(stage.model).pad_token_id, stage.runtime
+        loader = dict(eval_batch_size=stage.eval_batch_size, seed=stage.seed,
+                      num_workers=rt.num_workers)
+        if isinstance(task, HasSubtasks):
+            from ftlab.data.multitask import MultiTaskDataModule
+
+            return MultiTaskDataModule({k: (p.raw.splits, p.task) for k, p in task.parts.items()},
+                                       task.probabilities, pad, batch_size=stage.batch_size,
+                                       **loader)
+        raw = raw or self.raw(stage)
+        size = (min(rt.auto_batch_init, len(raw.splits["train"])) if stage.batch_size == "auto"
+                else stage.batch_size)
+        return TextDataModule(raw.splits, task, pad, batch_size=size, **loader,
+                              pin_memory=rt.pin_memory, persistent_workers=rt.persistent_workers,
+                              pad_to_multiple_of=rt.pad_to_multiple_of)
 
     def trained(self, name: str, model: nn.Module | dict) -> tuple[nn.Module, Task,
                                                                    ResolvedStage]:
@@ -119,15 +165,19 @@ class StageBuilder:
 
             handed = hand_over(upstream, model, stage.carry)
         require_trained_head(stage, task, model)
-        return *self._prepare(stage, model), handed
+        return *self._prepare(stage, model, task), handed
 
-    def _prepare(self, stage: ResolvedStage, model: nn.Module
+    def _prepare(self, stage: ResolvedStage, model: nn.Module, task: Task
                  ) -> tuple[nn.Module, PeftMethod, Regularizer]:
-        """The stage's PEFT method, then its regulariser, applied to ``model``."""
+        """The stage's PEFT method, then its regulariser, applied to ``model`` (then shown to
+        the task, if it looks at prepared models)."""
         peft, regularizer = self.peft(stage), self.regularizer(stage)
         if isinstance(regularizer, ChecksTask):  # e.g. R3F needs per-row logits
             regularizer.check_task(self.task(stage))
-        return regularizer.apply(peft.apply(model)), peft, regularizer
+        model = regularizer.apply(peft.apply(model))
+        if isinstance(task, SeesPrepared):
+            task.prepared(model)
+        return model, peft, regularizer
 
     def check_fits(self, stage: ResolvedStage) -> None:
         """Build the stage's model on the meta device (no weights) and apply its PEFT method and
@@ -146,7 +196,7 @@ class StageBuilder:
             return
         require_trained_head(stage, task, model)
         try:
-            self._prepare(stage, model)
+            self._prepare(stage, model, task)
         except FtlabError:
             raise
         except Exception as err:

@@ -72,6 +72,8 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
+    for sub, resolved in zip(spec["subtasks"], stage.subtasks, strict=True):  # multi-task
+        sub["data"]["file_stats"] = {k: _stat(v) for k, v in (resolved.data.files or {}).items()}
     if stage.teachers:  # teachers that are finished runs enter by their artefact's identity
         from ftlab.distill import is_run_dir, teacher_fingerprint
 

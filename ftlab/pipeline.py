@@ -52,6 +52,9 @@ class StageSpec:
         teacher_rows: null: the teachers label every row to learn from (distillation); a
             number: iPET, that many teacher-labelled rows of the unlabelled split are added to
             the gold training rows.
+        tasks: sub-tasks by name (``stage=multitask``): each a :class:`SubTaskSpec` node; the
+            stage's ``task`` is then the multi-task node (``ftlab.tasks.multitask.MultiTask``)
+            and every sub-task trains one shared encoder with a head of its own.
     """
 
     name: str = "classify"
@@ -72,6 +75,35 @@ class StageSpec:
     teachers: list[str] = field(default_factory=list)
     teacher_temperature: float = 2.0
     teacher_rows: int | None = None
+    tasks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SubTaskSpec:
+    """One sub-task of a multi-task stage (``stage.tasks.<name>``).
+
+    Attributes:
+        task: its objective, a ``_target_`` node (any ftlab Task: ``Classify``...).
+        data: null (the run's data group), a data group name (``vitaminc``: conf/data/
+            vitaminc.yaml) or an inline data node.
+        data_overrides: keys merged onto that data (e.g. ``{max_train_samples: 500}``).
+        weight: its loss is multiplied by this.
+    """
+
+    task: Any = None
+    data: Any = None
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SubTask:
+    """A resolved sub-task: name, ``_target_`` node, data and loss weight."""
+
+    name: str
+    task: dict[str, Any]
+    data: DataSpec
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,10 +136,16 @@ class ResolvedStage:
     teacher_temperature: float = 2.0
     teacher_rows: int | None = None
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
 
     @property
     def where(self) -> str:
         return f"stage '{self.name}'"
+
+    @property
+    def datasets(self) -> list[DataSpec]:
+        """Every dataset the stage trains on: its sub-tasks' or its own."""
+        return [t.data for t in self.subtasks] or [self.data]
 
 
 CARRY = ("model", "encoder")
@@ -150,11 +188,12 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
 def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
              explicit: Explicit, prefix: str) -> ResolvedStage:
     where = f"stage '{spec.name}'"
-    data = plain(spec.data if spec.data is not None else cfg.data)
-    if not isinstance(data, dict):
-        raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
-    data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data")
-    data_spec.transforms = resolve_nodes(data_spec.transforms, f"{where} data.transforms")
+    subtasks = tuple(_subtask(name, node, cfg, where) for name, node in spec.tasks.items())
+    if subtasks and spec.teachers:
+        raise FtlabError(f"{where} is a multi-task stage with teachers; teachers label one "
+                         "dataset.", "drop the teachers, or distil in a single-task stage.")
+    data_spec = subtasks[0].data if subtasks else _data_spec(
+        spec.data, spec.data_overrides, cfg, f"{where} data")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
@@ -167,7 +206,53 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         trainer=trainer, runtime=runtime,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
-        teacher_rows=spec.teacher_rows)
+        teacher_rows=spec.teacher_rows, subtasks=subtasks)
+
+
+def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str) -> DataSpec:
+    """A stage's (or sub-task's) data: null -> the run's data group; a group name -> that
+    file of conf/data; a mapping -> itself. ``overrides`` are merged on top."""
+    if isinstance(node, str):
+        node = _data_group(node, cfg, where)
+    data = plain(node if node is not None else cfg.data)
+    if not isinstance(data, dict):
+        raise FtlabError(f"{where} must be a mapping or a data group name.",
+                         "see conf/data/*.yaml.")
+    spec = bind_schema(DataSpec, {**data, **overrides}, where)
+    spec.transforms = resolve_nodes(spec.transforms, f"{where}.transforms")
+    return spec
+
+
+def _data_group(name: str, cfg: DictConfig, where: str) -> DictConfig:
+    """conf/data/<name>.yaml, its interpolations (``${paths.data_dir}``) read from ``cfg``."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ftlab.cli import CONFIG_DIR
+
+    folder = Path(CONFIG_DIR) / "data"
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    if name not in options:
+        raise FtlabError(f"{where} names the data group '{name}', which does not exist.",
+                         f"use one of: {choices_text(options)}, or an inline data node.")
+    root = OmegaConf.create({"paths": cfg.get("paths") or {}})
+    root.data = OmegaConf.load(folder / f"{name}.yaml")
+    return root.data
+
+
+def _subtask(name: str, node: Any, cfg: DictConfig, where: str) -> SubTask:
+    spec = bind_schema(SubTaskSpec, node, f"{where} tasks.{name}")
+    check_name(name, "Sub-task name", f"rename {where}'s sub-task (e.g. to '{{name}}').")
+    if "." in name:  # names prefix metric keys (<task>/acc), where a dot means nesting
+        raise FtlabError(f"{where}: sub-task name '{name}' has a dot.",
+                         f"rename it, e.g. to '{name.replace('.', '_')}'.")
+    if not isinstance(spec.task, dict) or "_target_" not in spec.task:
+        raise FtlabError(f"{where}: sub-task '{name}' has no task.",
+                         "give it a task node with a _target_, e.g. "
+                         "{_target_: ftlab.tasks.classify.Classify}.")
+    data = _data_spec(spec.data, spec.data_overrides, cfg, f"{where} tasks.{name}.data")
+    return SubTask(name, plain(spec.task), data, float(spec.weight))
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:

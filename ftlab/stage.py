@@ -19,7 +19,6 @@ from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
 from ftlab.config import instantiate_checked
-from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
@@ -28,6 +27,7 @@ from ftlab.pipeline import ResolvedStage
 from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors
 from ftlab.strategies import full_weights
+from ftlab.tasks.base import HasSubtasks
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                                           list(stage.data.text_columns))
     tokenizer = builder.tokenizer(stage.model)
     rt, auto = stage.runtime, stage.batch_size == "auto"
-    dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
-                        batch_size=min(rt.auto_batch_init, len(raw.splits["train"])) if auto
-                        else stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                        seed=stage.seed, num_workers=rt.num_workers, pin_memory=rt.pin_memory,
-                        persistent_workers=rt.persistent_workers,
-                        pad_to_multiple_of=rt.pad_to_multiple_of)
+    dm = builder.datamodule(stage, raw)
     source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
     model, peft, regularizer, handed = builder.model(stage, source)
     counts = count_parameters(model)
@@ -124,14 +119,21 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if "test" in dm.splits:
         metrics |= {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
     for split, prefix in (("validation", "val"), ("test", "test")):
-        if raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
+        if isinstance(task, HasSubtasks):  # each sub-task's on its own data (<task>/acc)
+            baseline = task.baselines(split)
+        elif raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
             baseline = task.baseline(raw.splits[split]["label"]) or {}
-            metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}
+        else:
+            continue
+        metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}
     info = counts | {"lr": module.applied_lr or stage.optim.lr, "batch_size": dm.batch_size,
                      "batch_size_auto": auto, "fit_seconds": round(fit_s, 2), **speed.summary(),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
-                     "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
-                     "handed_over": handed, **task.info, **taught}
+                     "train_rows": sum(len(builder.raw(stage, d).splits["train"])
+                                       for d in stage.datasets) if stage.subtasks
+                     else len(raw.splits["train"]),
+                     "global_steps": trainer.global_step, "handed_over": handed, **task.info,
+                     **taught}
     if transformed:  # what each data transform did (rows added/changed, few-shot k...)
         info["data_transforms"] = transformed
     discarded = next((c.outcome for c in trainer.callbacks

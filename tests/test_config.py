@@ -47,6 +47,10 @@ COMPOSE_ONLY = {
                                     "runs pipeline=tiny)",
     ("pipeline", "intermediate_task"): "its inter stage reads ../shared/data/vitaminc "
                                        "(test_pipeline runs its shape on tiny pairs)",
+    ("pipeline", "multitask_task"): "its multi stage reads ../shared/data/vitaminc "
+                                    "(test_multitask runs its shape on tiny pairs)",
+    ("stage", "multitask"): "its vitaminc sub-task reads ../shared/data (test_multitask runs it "
+                            "on tiny pairs)",
     ("stage", "clm"): "needs a decoder model (test_clm runs it on tiny_gpt2/tiny_llama)",
     ("pipeline", "clm_task"): "needs a decoder model (test_clm runs it on tiny_gpt2)",
     ("trainer", "gpu"): "needs a GPU",

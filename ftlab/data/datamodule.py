@@ -65,13 +65,17 @@ class TextDataModule(L.LightningDataModule):
                                    pad_values=task.pad_values)
         self._resume: dict[str, int] | None = None
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self.splits[split]
-        lengths = ds.with_format("arrow")["length"].to_numpy().copy()  # no Python list
-        world, rank = self._replicas()
-        sampler = LengthGroupedBatchSampler(
+    def batch_sampler(self, split: str, train: bool, world: int = 1,
+                      rank: int = 0) -> LengthGroupedBatchSampler:
+        """The split's length-grouped batches (this rank's share of them)."""
+        lengths = self.splits[split].with_format("arrow")["length"].to_numpy().copy()
+        return LengthGroupedBatchSampler(
             lengths, self.batch_size if train else self.eval_batch_size,
             shuffle=train, seed=self.seed, num_replicas=world, rank=rank)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self.splits[split]
+        sampler = self.batch_sampler(split, train, *replicas(self.trainer))
         # its own generator: creating a loader's iterator draws a seed from it, which would
         # otherwise shift the global random stream (dropout) when a run resumes
         gen = torch.Generator().manual_seed(self.seed)
@@ -102,14 +106,6 @@ class TextDataModule(L.LightningDataModule):
             self._resume = {"epoch": int(state_dict["epoch"]),
                             "batches": int(state_dict["batches"])}
 
-    def _replicas(self) -> tuple[int, int]:
-        """(world size, this rank) of the attached Trainer: the sampler shards the batches
-        itself, so the Trainer runs with ``use_distributed_sampler=False``."""
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
-
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
@@ -118,6 +114,14 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False) if "test" in self.splits else []
+
+
+def replicas(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(world size, this rank) of the attached Trainer: the sampler shards the batches
+    itself, so the Trainer runs with ``use_distributed_sampler=False``."""
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
 
 
 class ResumableLoader(DataLoader):

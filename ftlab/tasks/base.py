@@ -74,6 +74,30 @@ class Task(Protocol):
         """Scores of a trivial predictor on these validation labels (None: none defined)."""
 
 
+@runtime_checkable
+class HasSubtasks(Protocol):
+    """A task made of sub-tasks, each with its own data (``stage=multitask``): the builder
+    hands it the bound-to-be sub-tasks (name -> ``ftlab.tasks.multitask.Part``) before
+    ``bind``, and the datamodule reads ``parts`` and ``probabilities``."""
+
+    parts: Mapping[str, Any]
+    probabilities: Mapping[str, float]
+
+    def bind_tasks(self, parts: Mapping[str, Any]) -> None: ...
+
+    def baselines(self, split: str) -> dict[str, float]:
+        """Each sub-task's trivial-predictor scores on its own ``split``, as ``<task>/<m>``."""
+
+
+@runtime_checkable
+class SeesPrepared(Protocol):
+    """A task that is shown the model as the PEFT method and regulariser prepared it, to link
+    what it holds to the modules now in place (a wrapped head) and to raise ``FtlabError``
+    when they do not fit the task."""
+
+    def prepared(self, model: nn.Module) -> None: ...
+
+
 class TaskDefaults:
     """Defaults for the Task protocol's optional parts: no extra pad values, no extra info,
     no baseline. Subclass it; override what the task has."""
