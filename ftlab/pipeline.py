@@ -10,7 +10,7 @@ explicitly at run level (command line or ``experiment=``) < keys given explicitl
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
 from omegaconf import DictConfig
 
@@ -20,7 +20,11 @@ from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
+from ftlab.rules import at_least, one_of
 from ftlab.store import check_name
+
+#: what a stage takes from its init_from stage
+CARRY = ("model", "encoder")
 
 
 @dataclass
@@ -48,9 +52,9 @@ class StageSpec:
     name: str = "classify"
     task: Any = None
     init_from: str = "pretrained"
-    carry: str = "model"
-    batch_size: int = 32
-    eval_batch_size: int = 128
+    carry: Annotated[str, one_of(*CARRY)] = "model"
+    batch_size: Annotated[int, at_least(1, example="32")] = 32
+    eval_batch_size: Annotated[int, at_least(1, example="128")] = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
@@ -59,7 +63,7 @@ class StageSpec:
     regularizer: Any = None
     save_artefact: bool = True
     data_overrides: dict[str, Any] = field(default_factory=dict)
-    aux_mlm_weight: float = 0.0
+    aux_mlm_weight: Annotated[float, at_least(0, example="0.1")] = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,6 @@ class ResolvedStage:
         return f"stage '{self.name}'"
 
 
-CARRY = ("model", "encoder")
-
-
-
 def split_peft(node: Any) -> tuple[Any, float | None]:
     """(the PEFT node without ``lr``, that ``lr``): the method's suggested peak LR is read by
     the stage, not passed to the method."""
@@ -122,9 +122,10 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
     """
     explicit = explicit or Explicit()
     nodes, prefix = stage_nodes(cfg, explicit)
-    specs = [bind_schema(StageSpec, node, f"stage '{key}'") for key, node in nodes.items()]
+    specs = [bind_schema(StageSpec, node, f"stage '{key}'", prefix(key))
+             for key, node in nodes.items()]
     check_pipeline(specs)
-    model = bind_schema(ModelSpec, cfg.model, "model")
+    model = bind_schema(ModelSpec, cfg.model, "model", "model")
     seed = run_seed(cfg)
     return [_resolve(s, cfg, model, seed, explicit, prefix(s.name)) for s in specs]
 
@@ -135,7 +136,8 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     data = plain(spec.data if spec.data is not None else cfg.data)
     if not isinstance(data, dict):
         raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
-    data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data")
+    data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data",
+                            f"{prefix}.data" if spec.data is not None else "data")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
@@ -161,9 +163,6 @@ def check_pipeline(stages: list[StageSpec]) -> None:
             raise FtlabError(
                 f"Stage '{s.name}' starts from '{s.init_from}', which is not an earlier stage.",
                 f"use init_from: pretrained or one of: {choices_text(seen) or '(none yet)'}.")
-        if s.carry not in CARRY:
-            raise FtlabError(f"Stage '{s.name}' has carry '{s.carry}'.",
-                             f"use one of: {choices_text(CARRY)}.")
         if s.task is None or "_target_" not in s.task:
             raise FtlabError(f"Stage '{s.name}' has no task.",
                              "give it a task node with a _target_ (see conf/stage/*.yaml).")

@@ -133,7 +133,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
-    cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
+    cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
     keys = pipeline_keys(stages)
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
