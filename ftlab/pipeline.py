@@ -9,6 +9,7 @@ explicitly at run level (command line or ``experiment=``) < keys given explicitl
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
@@ -22,6 +23,8 @@ from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
 from ftlab.rules import at_least, one_of
 from ftlab.store import check_name
+
+log = logging.getLogger(__name__)
 
 #: what a stage takes from its init_from stage
 CARRY = ("model", "encoder")
@@ -125,7 +128,7 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
     specs = [bind_schema(StageSpec, node, f"stage '{key}'", prefix(key))
              for key, node in nodes.items()]
     check_pipeline(specs)
-    model = bind_schema(ModelSpec, cfg.model, "model", "model")
+    model = bind_schema(ModelSpec, model_node(cfg, explicit), "model", "model")
     seed = run_seed(cfg)
     return [_resolve(s, cfg, model, seed, explicit, prefix(s.name)) for s in specs]
 
@@ -148,6 +151,30 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
         trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact)
+
+
+def model_node(cfg: DictConfig, explicit: Explicit) -> dict[str, Any]:
+    """``cfg.model``, without a from-scratch model's architecture when you point
+    ``model.name_or_path`` at a pre-trained model: ``model=tiny_bert model.name_or_path=X``
+    loads X with X's own config and tokenizer; the YAML's ``config`` (it has a ``model_type``)
+    and ``tokenizer`` are dropped with a warning. Keys you give yourself
+    (``model.config.hidden_dropout_prob=0.2``, ``model.tokenizer=...``) stay."""
+    node = plain(cfg.model)
+    config = node.get("config") or {}
+    if not (isinstance(node, dict) and explicit.has("model.name_or_path")
+            and node.get("name_or_path") and "model_type" in config
+            and not explicit.has("model.config.model_type")):
+        return node
+    node["config"] = {k: v for k, v in config.items() if explicit.has(f"model.config.{k}")}
+    dropped = [f"config.{k}" for k in config if k not in node["config"]]
+    if node.get("tokenizer") and not explicit.has("model.tokenizer"):
+        dropped.append(f"tokenizer ({node['tokenizer']})")
+        node["tokenizer"] = None
+    log.warning("model.name_or_path=%s replaces the chosen model YAML's from-scratch model: its "
+                "%s are dropped (%s's own config and tokenizer apply). Set them on the command "
+                "line to keep them.", node["name_or_path"], ", ".join(dropped),
+                node["name_or_path"])
+    return node
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:
