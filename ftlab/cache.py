@@ -29,7 +29,6 @@ import torch
 from filelock import FileLock, Timeout
 
 from ftlab.build import StageBuilder
-from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
 from ftlab.rules import one_of
 from ftlab.stage import RunContext, StageResult, run_stage

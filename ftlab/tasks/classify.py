@@ -18,8 +18,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
-from ftlab.rules import at_least
 from ftlab.model.backbone import ModelSpec, load_model
+from ftlab.rules import at_least
 from ftlab.tasks.base import TaskDefaults, TaskOutput
 
 

@@ -17,8 +17,8 @@ from torchmetrics import MetricCollection
 
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
-from ftlab.rules import at_least
 from ftlab.model.backbone import ModelSpec, load_config, load_model
+from ftlab.rules import at_least
 from ftlab.tasks.base import TaskDefaults, TaskOutput
 from ftlab.tasks.mlm import Perplexity
 

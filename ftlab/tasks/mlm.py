@@ -19,10 +19,10 @@ from torchmetrics import Metric, MetricCollection
 
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
-from ftlab.rules import at_least, between
 from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_mlm_head
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.resolve import resolve
+from ftlab.rules import at_least, between
 from ftlab.tasks.base import Task, TaskDefaults, TaskOutput
 
 log = logging.getLogger(__name__)
