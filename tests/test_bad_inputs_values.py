@@ -9,7 +9,11 @@ every kind of field is covered, and that the message names the override to fix.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +253,60 @@ def test_bad_command_line_value(argv, expected, capsys):
     assert re.search(expected, err, re.S), err
     assert "Valid keys: (none)" not in err
     assert_one_paragraph(err.strip().removeprefix("ftlab: "))
+
+
+def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env | {"WANDB_MODE": "offline"})
+
+
+def test_a_bad_sweep_job_stops_the_sweep_before_any_job_trains(tmp_path, sentiment_dir):
+    """The bad value is in the second job: the sweep is refused before the first one runs."""
+    proc = ftlab("-m", "seed=1,2", "stage.optim.lr=1e-4,-1", *tiny_overrides(sentiment_dir),
+                 cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().removeprefix("ftlab: ")
+    assert re.search(r"Sweep job 1 \(seed=1 stage.optim.lr=-1\): stage 'classify': optim.lr=-1.0 "
+                     r"is out of range.*Nothing ran.*Fix: set stage.optim.lr", message, re.S), \
+        message
+    assert_one_paragraph(message)
+    assert not list(tmp_path.rglob("metrics.json"))  # no job ran, the first included
+
+
+def test_sweep_jobs_follow_the_basic_sweeper():
+    """The checker sees the jobs Hydra will run (same expansion, same order)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.sweepcheck import sweep_jobs
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+        with open_dict(cfg):  # what `ftlab -m ...` gives the multirun
+            cfg.hydra.overrides.task = ["seed=1,2", "stage.optim.lr=1e-4,3e-4", "peft=full"]
+        jobs = sweep_jobs(cfg)
+    assert jobs == [[f"seed={s}", f"stage.optim.lr={lr}", "peft=full"]
+                    for s in (1, 2) for lr in ("0.0001", "0.0003")]  # as Hydra writes them
+
+
+def test_a_pretrained_name_over_a_tiny_model_drops_its_architecture(make_cfg, caplog):
+    """``model=tiny_bert model.name_or_path=X``: X loads with its own config and tokenizer;
+    the YAML's from-scratch config and tokenizer are dropped with a warning, keys you set stay."""
+    from ftlab.overrides import explicit_keys
+    from ftlab.pipeline import build_pipeline
+
+    given = ["model=tiny_bert", "model.name_or_path=/models/bert-base",
+             "+model.config.hidden_dropout_prob=0.2"]
+    with caplog.at_level(logging.WARNING):
+        [stage] = build_pipeline(make_cfg(given), explicit_keys(given))
+    assert stage.model.name_or_path == "/models/bert-base"
+    assert stage.model.config == {"hidden_dropout_prob": 0.2}
+    assert stage.model.tokenizer is None  # the model's own tokenizer
+    assert re.search(r"replaces the chosen model YAML's from-scratch model: its config.model_type"
+                     r".*tokenizer \(pkg://ftlab/assets/tiny_tokenizer\) are dropped", caplog.text)
+    [kept] = build_pipeline(make_cfg(["model=tiny_bert"]), explicit_keys(["model=tiny_bert"]))
+    assert kept.model.config["model_type"] == "bert"  # nothing dropped without a name
