@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftlab.errors import FtlabError
 
@@ -73,16 +73,20 @@ def check_sweep(config: DictConfig) -> None:
             where = f"Sweep job {num} ({' '.join(o for o in job if o in varying)})"
             try:
                 cfg = loader.load_sweep_config(config, job)
-                HydraConfig.instance().set_config(cfg)  # ${hydra:...} as in the job
-                check_job(cfg, job)
-            except FtlabError as err:
-                raise FtlabError(f"{where}: {err.problem} Nothing ran: every job of a sweep is "
-                                 "checked before the first one starts.", err.fix) from None
             except (HydraException, OmegaConfBaseException) as err:
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise FtlabError(f"{where} does not compose: {first}",
                                  "fix that value in the sweep (ftlab --cfg job with the "
                                  "job's overrides prints its config).") from None
+            with open_dict(cfg):  # what the launcher sets before the job runs
+                cfg.hydra.job.num, cfg.hydra.job.id = num, f"check_{num}"
+                cfg.hydra.runtime.output_dir = f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}"
+            HydraConfig.instance().set_config(cfg)  # ${hydra:...} as in the job
+            try:
+                check_job(cfg, job)
+            except FtlabError as err:
+                raise FtlabError(f"{where}: {err.problem} Nothing ran: every job of a sweep is "
+                                 "checked before the first one starts.", err.fix) from None
             except Exception as err:  # noqa: BLE001 - undecided here: the job reports it
                 log.debug("Sweep check of job %d skipped (%s: %s).", num,
                           type(err).__name__, err)

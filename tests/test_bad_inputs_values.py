@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ftlab.cli import preflight
+from ftlab.errors import FtlabError
 from ftlab.run import run
 from tests.conftest import synthetic_rows, tiny_overrides, write_jsonl
 from tests.test_bad_inputs import PIPE, Case, assert_one_paragraph, no_training  # noqa: F401
@@ -291,6 +292,40 @@ def test_sweep_jobs_follow_the_basic_sweeper():
         jobs = sweep_jobs(cfg)
     assert jobs == [[f"seed={s}", f"stage.optim.lr={lr}", "peft=full"]
                     for s in (1, 2) for lr in ("0.0001", "0.0003")]  # as Hydra writes them
+
+
+@pytest.mark.parametrize(("sweep", "bad"), [
+    (["pipeline=madx", "seed=1,2"], None),  # ${paths.output_dir} in a stage resolves
+    (["seed=1,2", "stage.optim.lr=1e-4,-1"], r"Sweep job 1 \(seed=1 stage.optim.lr=-1\)"),
+    (["stage.batch_size=8,0"], r"Sweep job 1 \(stage.batch_size=0\).*batch_size=0 is out"),
+    (["trainer.max_steps=5,0"], r"Sweep job 1 \(trainer.max_steps=0\)"),
+    (["pipeline=tiny", "pipeline.stages.task.task.max_length=32,abc"],
+     r"Sweep job 1 \(pipeline.stages.task.task.max_length=abc\): stage 'task'.task"),
+    (["stage.batch_size=8,abc"], r"Sweep job 1 \(stage.batch_size=abc\).*batch_size"),
+], ids=["good-madx", "lr", "batch", "max-steps", "last-stage-type", "wrong-type"])
+def test_every_sweep_job_is_checked(sweep, bad, sentiment_dir, caplog):
+    """``check_sweep`` composes each job as the launcher will; a bad one names itself."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.sweepcheck import check_sweep
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = [*tiny_overrides(sentiment_dir), *sweep]
+        if bad is None:
+            with caplog.at_level(logging.DEBUG, logger="ftlab.sweepcheck"):
+                check_sweep(cfg)
+            assert "skipped" not in caplog.text  # every job was checked, none left undecided
+            return
+        with pytest.raises(FtlabError) as err:
+            check_sweep(cfg)
+    assert re.search(bad, str(err.value), re.S), str(err.value)
+    assert_one_paragraph(str(err.value))
 
 
 def test_a_pretrained_name_over_a_tiny_model_drops_its_architecture(make_cfg, caplog):
