@@ -256,6 +256,33 @@ def test_bad_command_line_value(argv, expected, capsys):
     assert_one_paragraph(err.strip().removeprefix("ftlab: "))
 
 
+def _searchpath(tmp: Path) -> Path:
+    """A shared config folder: a model option and an experiment that picks it."""
+    (tmp / "shared" / "model").mkdir(parents=True)
+    (tmp / "shared" / "experiment").mkdir()
+    (tmp / "shared" / "model" / "mine.yaml").write_text(
+        "name_or_path: null\ntokenizer: pkg://ftlab/assets/tiny_tokenizer\n"
+        "config: {model_type: bert, vocab_size: 2000, hidden_size: 32, num_hidden_layers: 1,"
+        " num_attention_heads: 2, intermediate_size: 64}\nrevision: null\n"
+        "trust_remote_code: false\n")
+    (tmp / "shared" / "experiment" / "paper.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: mine\nseed: 4\n")
+    return tmp / "shared"
+
+
+@pytest.mark.parametrize("extra", [
+    ["model=mine"], ["experiment=paper"], ["-m", "model=mine,tiny_bert"],
+    ["-m", "experiment=paper,quick"], ["model=mine", "+model.config.hidden_dropout_prob=0.2"],
+], ids=lambda e: " ".join(e))
+def test_searchpath_options_hydra_accepts_pass_the_preflight(extra, tmp_path, monkeypatch):
+    """Options found only in a ``hydra.searchpath`` folder (absolute or relative to where
+    ftlab runs) are accepted, as Hydra accepts them."""
+    folder = _searchpath(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for where in (f"file://{folder}", "file://shared"):
+        preflight([f"hydra.searchpath=[{where}]", *extra])
+
+
 def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, capture_output=True,
