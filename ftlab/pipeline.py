@@ -21,7 +21,7 @@ from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
-from ftlab.rules import at_least, one_of
+from ftlab.rules import at_least, check_field, one_of
 from ftlab.store import check_name
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,9 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data",
                             f"{prefix}.data" if spec.data is not None else "data")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
+    if peft_lr is not None and spec.optim.lr is None:  # the method's LR applies: its rule too
+        check_field(OptimSpec, "lr", peft_lr, where,
+                    f"{prefix}.peft.lr" if spec.peft else "peft.lr")
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
     return ResolvedStage(

@@ -154,6 +154,14 @@ def check_schema(obj: Any, where: str, prefix: str = "", set_as: str | None = No
                 raise _fail(where, key, value, rule, f"{set_as}.{key}" if set_as else None)
 
 
+def check_field(schema: type, name: str, value: Any, where: str, set_as: str) -> None:
+    """Check ``value`` against the rule of ``schema``'s field ``name`` (a value that reaches
+    the field from elsewhere, e.g. a PEFT method's suggested ``lr``)."""
+    for rule in _split(_hints(schema).get(name))[1]:
+        if not rule.ok(value):
+            raise _fail(where, name, value, rule, set_as)
+
+
 def check_table(node: Mapping[str, Any], rules: Mapping[str, Rule], where: str,
                 set_as: str | None = None) -> None:
     """Check a plain node's keys against a rule table (``TRAINER``)."""

@@ -115,6 +115,8 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"betas=\[0.9, 1.5\] is out of range: it must be each in \[0, 1\)"),
     ("eps-zero", lambda t, s: S(s) + ["stage.optim.eps=0"],
      r"eps=0.0 is out of range: it must be more than 0"),
+    ("peft-lr-negative", lambda t, s: S(s) + ["peft.lr=-0.001"],
+     r"stage 'classify': lr=-0.001 is out of range: it must be 0 or more.*Fix: set peft.lr"),
     # --- task arguments (the constructor's signature)
     ("max-length-zero", lambda t, s: S(s) + ["stage.task.max_length=0"],
      r"stage 'classify'.task: max_length=0 is out of range: it must be 1 or more"),
