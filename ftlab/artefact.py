@@ -46,5 +46,5 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
                          f"{CARD_FORMAT}.", "use the ftlab version that wrote the run.")
     s = dict(card["stage"])
     s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
-          "optim": OptimSpec(**s["optim"])}
+          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ()))}
     return ResolvedStage(**s), card.get("labels")

@@ -17,11 +17,11 @@ from ftlab.config import instantiate_checked
 from ftlab.data.batching import require_one_batch
 from ftlab.data.sources import RawData, load_raw
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_tokenizer, pretrained_source
+from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
-from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import Task
+from ftlab.regularizers.base import ChecksTask, Regularizer
+from ftlab.tasks.base import ModelAware, ScoresWithLMHead, Task
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class StageBuilder:
         self._tokenizers: dict[str, Any] = {}
         self._raw: dict[str, RawData] = {}
         self._tasks: dict[str, Task] = {}
+        self._stages: dict[str, ResolvedStage] = {}
 
     def tokenizer(self, spec: ModelSpec) -> Any:
         key = repr(spec)
@@ -56,8 +57,21 @@ class StageBuilder:
             require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
             task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
+            if isinstance(task, ModelAware):
+                task.see_model(load_config(stage.model))
             self._tasks[stage.name] = task
+            self._stages[stage.name] = stage
         return self._tasks[stage.name]
+
+    def trained(self, name: str, model: nn.Module | dict) -> tuple[nn.Module, Task,
+                                                                   ResolvedStage]:
+        """(model, bound task, resolved stage) of a stage that ran in this job; ``model`` is its
+        trained model, or its state dict when the stage came from the cache."""
+        stage = self._stages[name]
+        if not isinstance(model, nn.Module):
+            state, (model, _, _, _) = model, self.model(stage)
+            model.load_state_dict(state, strict=False)
+        return model, self._tasks[name], stage
 
     def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:
         """The stage's task bound to a finished stage's saved label set and tokenizer, without
@@ -66,6 +80,8 @@ class StageBuilder:
 
         task = _instantiate_task(stage)
         task.bind(RawData(DatasetDict(), labels), tokenizer, stage.data.text_columns)
+        if isinstance(task, ModelAware):
+            task.see_model(load_config(stage.model))
         self._tokenizers[repr(stage.model)] = tokenizer
         self._tasks[stage.name] = task
         return task
@@ -89,12 +105,15 @@ class StageBuilder:
             from ftlab.handover import hand_over
 
             handed = hand_over(upstream, model, stage.carry)
+        require_trained_head(stage, task, model)
         return *self._prepare(stage, model), handed
 
     def _prepare(self, stage: ResolvedStage, model: nn.Module
                  ) -> tuple[nn.Module, PeftMethod, Regularizer]:
         """The stage's PEFT method, then its regulariser, applied to ``model``."""
         peft, regularizer = self.peft(stage), self.regularizer(stage)
+        if isinstance(regularizer, ChecksTask):  # e.g. R3F needs per-row logits
+            regularizer.check_task(self.task(stage))
         return regularizer.apply(peft.apply(model)), peft, regularizer
 
     def check_fits(self, stage: ResolvedStage) -> None:
@@ -112,6 +131,7 @@ class StageBuilder:
         except Exception as err:  # the real load reports real problems; this is only a check
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
             return
+        require_trained_head(stage, task, model)
         try:
             self._prepare(stage, model)
         except FtlabError:
@@ -119,6 +139,20 @@ class StageBuilder:
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
+
+
+def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
+    """A task that predicts with the LM head (cloze) needs a trained one: in the checkpoint
+    (its tensors are there) or carried from an earlier stage (``carry: model``)."""
+    if not isinstance(task, ScoresWithLMHead) or stage.model.name_or_path is None:
+        return  # built from a config: every weight is random on purpose (tests, smoke runs)
+    if stage.init_from != "pretrained" and stage.carry == "model":
+        return
+    from ftlab.tasks.mlm import fresh_head
+
+    missing = fresh_head(model, stage.model)
+    if missing:
+        raise task.untrained_head(missing)
 
 
 def _instantiate_task(stage: ResolvedStage) -> Task:

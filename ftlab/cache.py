@@ -72,6 +72,10 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
+    if stage.teachers:  # teachers that are finished runs enter by their artefact's identity
+        from ftlab.distill import is_run_dir, teacher_fingerprint
+
+        spec["teacher_runs"] = [teacher_fingerprint(t) for t in stage.teachers if is_run_dir(t)]
     payload = {"format": FORMAT, "stage": spec, "upstream": upstream_key}
     text = json.dumps(payload, sort_keys=True, default=str)
     return f"{stage.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -85,8 +89,9 @@ def _stat(path: Any) -> list[int] | None:
 def pipeline_keys(stages: list[ResolvedStage]) -> dict[str, str]:
     """Every stage's key; a stage's key includes the key of the stage it starts from."""
     keys: dict[str, str] = {}
-    for s in stages:
-        keys[s.name] = stage_key(s, keys.get(s.init_from))
+    for s in stages:  # teachers from the pipeline: their keys, beside the init_from stage's
+        up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys)]
+        keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)))
     return keys
 
 
@@ -96,7 +101,9 @@ def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
         return set()
     if mode == "all":
         return {s.name for s in stages}
-    return {s.init_from for s in stages if s.init_from != "pretrained"}
+    names = {s.name for s in stages}
+    return {s.init_from for s in stages if s.init_from != "pretrained"} | {
+        t for s in stages for t in s.teachers if t in names}  # teachers too: reused by sweeps
 
 
 class StageCache:
@@ -114,7 +121,7 @@ class StageCache:
         """The stored record of a complete, intact stage, or None. A damaged entry counts as
         absent; with ``repair`` (hold the key's lock) it is also moved aside, with a warning."""
         entry = self.entry(key)
-        if not entry.is_dir():
+        if not entry.exists() and not entry.is_symlink():
             return None
         record, damage = self.check(key)
         if damage is not None and repair:
@@ -124,6 +131,8 @@ class StageCache:
     def check(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
         """(the entry's record, None) if it is intact, else (None, what is wrong)."""
         entry = self.entry(key)
+        if not entry.is_dir():
+            return None, "it is not a folder"
         try:
             record = read_json(entry / "stage.json")
         except FileNotFoundError:

@@ -63,3 +63,15 @@ class GradualUnfreeze(L.Callback):
         for name, p in self.params.items():
             if self.depth[name] < lowest and p.grad is not None:
                 p.grad = None
+
+
+class NoteStep(L.Callback):
+    """On a stop by signal (``ftlab.status.Stopped``) inside the Trainer, note the global step
+    on the exception so that ``metrics.json`` records where the stage stopped."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        from ftlab.status import Stopped
+
+        if isinstance(exception, Stopped) and exception.step is None:
+            exception.step = trainer.global_step

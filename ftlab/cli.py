@@ -65,6 +65,12 @@ def main() -> None:
                 print(f"ftlab: {outcome['errored']} of {outcome['jobs']} job(s) ended in an "
                       f"error; see {outcome['sweep_dir']}/summary.md", file=sys.stderr)
                 sys.exit(1)
+            if outcome.get("degenerate"):  # finished, but no better than a trivial predictor
+                if "sweep_dir" in outcome:  # a single run printed its own FAILED line
+                    print(f"ftlab: FAILED: {outcome['degenerate']} of {outcome['jobs']} job(s) "
+                          "ended at or below a trivial baseline; see "
+                          f"{outcome['sweep_dir']}/summary.md", file=sys.stderr)
+                sys.exit(3)  # ftlab.status.DEGENERATE_EXIT (not imported: --help stays light)
 
 
 #: environment variable naming the file the sweep report writes the sweep's outcome to

@@ -15,6 +15,10 @@ class FtlabError(Exception):
         super().__init__(problem if fix is None else f"{problem}\nFix: {fix}")
 
 
+class Diverged(FtlabError):
+    """The training loss became non-finite: the run stops and counts as failed (diverged)."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """'Did you mean ...?' text for ``name`` among ``choices`` (empty when nothing is close)."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -17,6 +17,7 @@ from ftlab.errors import FtlabError, choices_text, closest
 from ftlab.pipeline import ResolvedStage
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 TRAINABLE = "trainable.safetensors"
@@ -52,26 +53,32 @@ class Predictor:
         ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
         column, or dicts keyed by the text columns.
         """
+        probs = self.scores(texts, batch_size).softmax(-1)
+        best = probs.argmax(-1).tolist()
+        return [{"label": self.labels[b], "score": p[b],
+                 "probs": dict(zip(self.labels, p, strict=True))}
+                for b, p in zip(best, probs.tolist(), strict=True)]
+
+    def scores(self, texts: list[Any], batch_size: int = 64) -> torch.Tensor:
+        """The task's class scores (logits; a cloze task's verbaliser scores) ``[rows,
+        classes]``, in input order, from length-bucketed batches."""
         import torch
 
         from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
         columns = self._columns(texts)
         features = self.task.featurize({**columns, "label": [0] * len(texts)})
-        keep = [f for f in self.task.features if f != "labels"]
+        keep = list(self.task.features)  # scores() ignores what it does not need
         rows = [{k: features[k][i] for k in keep} for i in range(len(texts))]
         collate = PadCollator(self.tokenizer.pad_token_id, pad_values=self.task.pad_values)
-        probs = torch.empty(len(texts), len(self.labels))
+        out = torch.empty(len(texts), len(self.labels))
         order = LengthGroupedBatchSampler(features["length"], batch_size, shuffle=False)
+        device = next(self.model.parameters()).device
         with torch.inference_mode():
             for idx in order:
-                batch = collate([rows[i] for i in idx])
-                logits = self.model(**batch).logits.float()
-                probs[idx] = logits.softmax(-1)
-        best = probs.argmax(-1).tolist()
-        return [{"label": self.labels[b], "score": p[b],
-                 "probs": dict(zip(self.labels, p, strict=True))}
-                for b, p in zip(best, probs.tolist(), strict=True)]
+                batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items()}
+                out[idx] = self.task.scores(self.model, batch).float().cpu()
+        return out
 
     def _columns(self, texts: list[Any]) -> dict[str, list[str]]:
         cols = self.text_columns

@@ -38,9 +38,9 @@ class FineTuneModule(L.LightningModule):
         if isinstance(self.model, Penalized):  # a PEFT wrapper's penalty (diff pruning's L0)
             loss = loss + self.model.extra_loss()
         if not torch.isfinite(loss):
-            from ftlab.errors import FtlabError
+            from ftlab.errors import Diverged
 
-            raise FtlabError(f"The training loss became {loss.item()} at step "
+            raise Diverged(f"The training loss became {loss.item()} at step "
                              f"{self.global_step}; the run is stopped and marked failed.",
                              "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
                              "data for empty/garbled rows.")

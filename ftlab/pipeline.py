@@ -21,7 +21,7 @@ from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
-from ftlab.rules import at_least, check_field, one_of
+from ftlab.rules import Rule, at_least, check_field, one_of
 from ftlab.store import check_name
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ class StageSpec:
             so TAPT reads all of the task's text while the classifier gets 500 labels).
         aux_mlm_weight: > 0 adds that times a masked-LM loss on the task's own text to the
             training loss (joint adaptive + task training, Chronopoulou et al. 2019).
+        teachers: earlier stages (names) or finished runs (folders, ``folder#stage``) whose
+            averaged soft predictions become this stage's training labels (``ftlab/distill.py``).
+        teacher_temperature: the teachers' scores are divided by it before the softmax (PET: 2).
+        teacher_rows: null: the teachers label every row to learn from (distillation); a
+            number: iPET, that many teacher-labelled rows of the unlabelled split are added to
+            the gold training rows.
     """
 
     name: str = "classify"
@@ -67,6 +73,9 @@ class StageSpec:
     save_artefact: bool = True
     data_overrides: dict[str, Any] = field(default_factory=dict)
     aux_mlm_weight: Annotated[float, at_least(0, example="0.1")] = 0.0
+    teachers: list[str] = field(default_factory=list)
+    teacher_temperature: Annotated[float, Rule(gt=0, example="2.0")] = 2.0
+    teacher_rows: Annotated[int | None, at_least(1, example="1000")] = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,9 @@ class ResolvedStage:
     trainer: dict[str, Any]
     aux_mlm_weight: float = 0.0
     save_artefact: bool = True
+    teachers: tuple[str, ...] = ()
+    teacher_temperature: float = 2.0
+    teacher_rows: int | None = None
 
     @property
     def where(self) -> str:
@@ -153,7 +165,9 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
         trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
-        aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact)
+        aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
+        teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
+        teacher_rows=spec.teacher_rows)
 
 
 def model_node(cfg: DictConfig, explicit: Explicit) -> dict[str, Any]:
@@ -201,4 +215,25 @@ def check_pipeline(stages: list[StageSpec]) -> None:
                 raise FtlabError(f"Stage '{s.name}' has a {what} node without a _target_.",
                                  f"give it a mapping with a _target_ (see conf/{what}/*.yaml), "
                                  "or null for the run's group.")
+        _check_teachers(s, seen)
         seen.append(s.name)
+
+
+def _check_teachers(s: StageSpec, seen: list[str]) -> None:
+    from ftlab.distill import is_run_dir, split_ref
+
+    for teacher in s.teachers:
+        if is_run_dir(teacher):
+            if not split_ref(teacher)[0].is_dir():
+                raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is no folder.",
+                                 "give finished run folders (outputs/runs/<time>, a sweep's job "
+                                 "folder), optionally folder#stage, or earlier stage names.")
+        elif teacher not in seen:
+            raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is not an earlier "
+                             "stage.", f"use earlier stages ({choices_text(seen) or 'none yet'}) "
+                             "or run folders (with a '/').")
+    # (ranges of teacher_rows and teacher_temperature: their rules on StageSpec)
+    if s.teacher_rows is not None and not s.teachers:
+        raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows} but no teachers.",
+                         "iPET: a positive number of teacher-labelled rows to add, with "
+                         "teachers; null to distil on every row.")

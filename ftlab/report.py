@@ -17,9 +17,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ftlab.report_plot import plot
+from ftlab.seedstats import bootstrap_ci, expected_max, permutation_test
+from ftlab.status import DEGENERATE_EXIT, effective
 from ftlab.store import atomic_write, write_json
 
-PLOT_METRICS = ("test/acc", "val/acc", "test/perplexity", "val/perplexity")
+#: metrics where smaller is better (everything else: larger)
+LOWER_IS_BETTER = {"loss", "ppl", "perplexity"}
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -31,6 +35,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             rec = {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
+        rec = effective(rec) if isinstance(rec, dict) else {"status": "missing", "failed": True}
         rec.setdefault("overrides", _overrides_from_hydra(job))
         rec["job"] = job.name
         records.append(rec)
@@ -56,97 +61,192 @@ def swept_keys(records: list[dict[str, Any]]) -> dict[int, str]:
             for i, p in enumerate(parsed)}
 
 
-def stats(values: list[float]) -> dict[str, float]:
+def stats(values: list[float], larger_is_better: bool = True) -> dict[str, Any]:
+    """Mean with its bootstrap 95% interval, spread, and best of the N runs."""
+    lo, hi = bootstrap_ci(values)
     return {"n": len(values), "mean": statistics.fmean(values),
+            "ci95": [lo, hi],
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "median": statistics.median(values), "min": min(values), "max": max(values)}
+            "median": statistics.median(values), "min": min(values), "max": max(values),
+            "best": max(values) if larger_is_better else min(values)}
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.split("/")[-1] in LOWER_IS_BETTER
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per configuration (swept overrides other than the seed): statistics over seeds."""
+    """Per configuration (swept overrides other than the seed): statistics over seeds, the
+    trivial-predictor baselines and each metric's delta to them, failures, expected validation
+    performance, and a ranking with a test of each configuration against the best."""
     groups: dict[str, list[dict[str, Any]]] = {}
     keys = swept_keys(records)
     for i, rec in enumerate(records):
         groups.setdefault(keys[i], []).append(rec)
-    summary = {}
-    for key, recs in sorted(groups.items()):
-        done = [r for r in recs if r.get("status") == "ok"]
-        names = sorted({m for r in done for m in r.get("final", {})})
-        dropped = [r for r in recs if r.get("status") == "discarded"]
-        trouble = [r for r in recs if r.get("status") not in ("ok", "discarded")]
-        summary[key] = {
-            "runs": len(recs),
-            "errored": len(trouble),
-            "failed": sum(bool(r.get("failed")) for r in recs),
-            # stopped early by callbacks=early_discard (neither errored nor failed); their
-            # partial metrics stay out of the statistics below
-            "discarded": len(dropped),
-            "discarded_steps": {"trained": sum(r["discarded"]["steps"] for r in dropped),
-                                "planned": sum(r["discarded"]["planned_steps"]
-                                               for r in dropped)},
-            "seeds": {str(r.get("seed")): r.get("final", {}) for r in done},
-            "errors": {str(r["seed"] if "seed" in r else r.get("job")): r.get("error")
-                       for r in trouble},
-            "metrics": {m: stats([r["final"][m] for r in done if _finite(r["final"].get(m))])
-                        for m in names if any(_finite(r["final"].get(m)) for r in done)},
-        }
+    summary = {key: _config_summary(recs) for key, recs in sorted(groups.items())}
+    _rank(summary)
     return summary
+
+
+def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    done = [r for r in recs if r.get("status") == "ok"]
+    dropped = [r for r in recs if r.get("status") == "discarded"]
+    trouble = [r for r in recs if r.get("status") not in ("ok", "discarded")]
+    names = sorted({m for r in done for m in r.get("final", {}) if "/baseline_" not in m})
+    metrics = {m: stats([r["final"][m] for r in done if _finite(r["final"].get(m))],
+                        not lower_is_better(m))
+               for m in names if any(_finite(r["final"].get(m)) for r in done)}
+    baselines = {}  # metric -> the trivial predictor's score on the same split (mean over runs)
+    for m in metrics:
+        split, _, name = m.rpartition("/")
+        vals = [r["final"][f"{split}/baseline_{name}"] for r in done
+                if _finite(r["final"].get(f"{split}/baseline_{name}"))]
+        if vals:
+            baselines[m] = statistics.fmean(vals)
+    failed = sum(bool(r.get("failed")) for r in recs)
+    counted = len(recs) - len(dropped)
+    monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
+        or {"metric": "val/acc", "mode": "max"}
+    val = [r["final"][monitor["metric"]] for r in done
+           if _finite(r.get("final", {}).get(monitor["metric"]))]
+    return {
+        "runs": len(recs),
+        "errored": len(trouble),
+        "failed": failed,
+        "failed_rate": failed / counted if counted else math.nan,
+        # finished, but at or below a trivial baseline (a single run exits 3 for it)
+        "degenerate": sum(r.get("status") == "ok" and bool(r.get("failed")) for r in recs),
+        # stopped by a signal, or killed (a 'running' job whose process is gone)
+        "interrupted": sum(r.get("status") == "interrupted" for r in recs),
+        "all_failed": counted > 0 and failed == counted,
+        "failures": {str(r.get("seed", r.get("job"))): r.get("failure") or r.get("status")
+                     for r in recs if r.get("failed")},
+        # stopped early by callbacks=early_discard (neither errored nor failed); their
+        # partial metrics stay out of the statistics below
+        "discarded": len(dropped),
+        "discarded_steps": {"trained": sum(r["discarded"]["steps"] for r in dropped),
+                            "planned": sum(r["discarded"]["planned_steps"] for r in dropped)},
+        "seeds": {str(r.get("seed")): r.get("final", {}) for r in done},
+        "failed_seeds": sorted(str(r.get("seed")) for r in done if r.get("failed")),
+        "errors": {str(r["seed"] if "seed" in r else r.get("job")): r.get("error")
+                   for r in trouble},
+        "metrics": metrics,
+        "baseline": baselines,
+        "delta": {m: metrics[m]["mean"] - b for m, b in baselines.items()},
+        "monitor": monitor,
+        # Dodge et al. (2019): expected best validation score of n = 1..N runs
+        "expected_validation": expected_max(val, monitor["mode"] == "max") if val else [],
+    }
+
+
+def primary_metric(summary: dict[str, Any]) -> str | None:
+    """What configurations are ranked by: the test score of the monitored metric (the
+    validation score where there is no test split)."""
+    for s in summary.values():
+        name = s["monitor"]["metric"].split("/", 1)[-1]
+        for m in (f"test/{name}", f"val/{name}"):
+            if m in s["metrics"]:
+                return m
+    return None
+
+
+def _rank(summary: dict[str, Any]) -> None:
+    metric = primary_metric(summary)
+    if metric is None:
+        return
+    big = not lower_is_better(metric)
+    scored = [k for k, s in summary.items() if metric in s["metrics"]]
+    order = sorted(scored, key=lambda k: summary[k]["metrics"][metric]["mean"], reverse=big)
+    best = order[0] if order else None
+    for rank, key in enumerate(order, 1):
+        s = summary[key]
+        s["rank"] = {"metric": metric, "rank": rank}
+        if key != best:
+            per_seed = {seed: v[metric] for seed, v in s["seeds"].items() if _finite(v.get(metric))}
+            top = {seed: v[metric] for seed, v in summary[best]["seeds"].items()
+                   if _finite(v.get(metric))}
+            s["rank"]["vs_best"] = permutation_test(per_seed, top)
 
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
+def _ci(st: dict[str, Any]) -> str:
+    return f"[{st['ci95'][0]:.4f}, {st['ci95'][1]:.4f}]"
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["# Cross-seed summary", ""]
+    lines = ["# Cross-seed summary", "",
+             "Failed: errored, diverged, or validation scores at or below a trivial predictor's "
+             "(classification: accuracy of the majority class, macro-F1 of chance). 95% CI: "
+             "percentile bootstrap of the mean over seeds.", ""]
     for key, s in summary.items():
-        lines += [f"## {key}", "",
-                  f"runs: {s['runs']} · errored: {s['errored']} · failed (errored, or "
-                  f"validation accuracy at or below the majority baseline): {s['failed']}"
+        lines += [f"## {key}", ""]
+        if s.get("all_failed"):
+            lines += [f"**WARNING: every run of `{key}` failed: its scores say nothing about the "
+                      "recipe.**", ""]
+        lines += [f"runs: {s['runs']} · errored: {s['errored']} · failed: {s['failed']}"
+                  + (f" ({s['failed_rate']:.0%})" if _finite(s.get("failed_rate")) else "")
                   + (f" · discarded early: {s['discarded']} (trained "
                      f"{s['discarded_steps']['trained']} of their "
                      f"{s['discarded_steps']['planned']} planned steps)"
-                     if s.get("discarded") else ""), "",
-                  "| metric | n | mean | std | median | min | max |",
-                  "|---|---|---|---|---|---|---|"]
+                     if s.get("discarded") else "")
+                  + (f" · interrupted (stopped or killed): {s['interrupted']}"
+                     if s.get("interrupted") else ""), "",
+                  "| metric | n | mean | 95% CI | std | best of n | baseline | Δ baseline |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m, st in s["metrics"].items():
-            lines.append(f"| {m} | {st['n']} | {st['mean']:.4f} | {st['std']:.4f} | "
-                         f"{st['median']:.4f} | {st['min']:.4f} | {st['max']:.4f} |")
+            base = s["baseline"].get(m)
+            lines.append(f"| {m} | {st['n']} | {st['mean']:.4f} | {_ci(st)} | {st['std']:.4f} | "
+                         f"{st['best']:.4f} | " + (f"{base:.4f} | {s['delta'][m]:+.4f} |"
+                                                   if base is not None else "– | – |"))
+        lines += _seed_table(s)
+        evp = s.get("expected_validation") or []
+        if len(evp) > 1:
+            lines += ["", f"Expected best {s['monitor']['metric']} of n runs (Dodge et al. 2019): "
+                      + ", ".join(f"n={i}: {v:.4f}" for i, v in enumerate(evp, 1))]
         for seed, err in s["errors"].items():
             lines.append(f"\n- seed {seed}: {str(err).splitlines()[0] if err else 'error'}")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _ranking(summary))
 
 
-def plot(summary: dict[str, Any], path: Path) -> Path | None:
-    """Per-seed scores (dots) with mean ± std (bar) for each configuration."""
-    metric = next((m for m in PLOT_METRICS if any(m in s["metrics"] for s in summary.values())),
-                  None)
-    if metric is None:
-        return None
-    import matplotlib
+def _seed_table(s: dict[str, Any]) -> list[str]:
+    shown = [m for m in s["metrics"] if m.endswith(("/acc", "/f1", "/ppl", "/perplexity"))][:4]
+    if not shown or not s["seeds"]:
+        return []
+    rows = ["", "| seed | " + " | ".join(shown) + " | run |",
+            "|---|" + "---|" * (len(shown) + 1)]
+    for seed, final in sorted(s["seeds"].items(), key=lambda kv: _seed_order(kv[0])):
+        vals = " | ".join(f"{final[m]:.4f}" if _finite(final.get(m)) else "–" for m in shown)
+        rows.append(f"| {seed} | {vals} | {s['failures'].get(seed, 'ok')} |")
+    return rows
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    keys = list(summary)
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(keys)), 3.6))
-    for i, key in enumerate(keys):
-        vals = [v[metric] for v in summary[key]["seeds"].values() if _finite(v.get(metric))]
-        if vals:
-            st = stats(vals)
-            ax.errorbar(i, st["mean"], yerr=st["std"], fmt="_", ms=20, capsize=6, color="k")
-            ax.scatter([i + 0.08 * (j - len(vals) / 2) for j in range(len(vals))], vals,
-                       alpha=0.7, zorder=3)
-    ax.set_xlim(-0.5, len(keys) - 0.5)
-    ax.set_xticks(range(len(keys)), [k if len(k) < 28 else k[:25] + "..." for k in keys],
-                  rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per seed (bar: mean ± std)")
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
-    return path
+def _seed_order(seed: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(seed))
+    except ValueError:
+        return (1, seed)
+
+
+def _ranking(summary: dict[str, Any]) -> list[str]:
+    ranked = sorted((s["rank"]["rank"], k) for k, s in summary.items() if "rank" in s)
+    if len(ranked) < 2:
+        return []
+    metric = summary[ranked[0][1]]["rank"]["metric"]
+    lines = ["## Ranking", "", f"By mean {metric}; each configuration against the best with a "
+             "two-sided permutation test (paired over shared seeds).", "",
+             "| rank | configuration | mean | difference to best | p | test |",
+             "|---|---|---|---|---|---|"]
+    for rank, key in ranked:
+        s, vs = summary[key], summary[key]["rank"].get("vs_best")
+        mean = s["metrics"][metric]["mean"]
+        lines.append(f"| {rank} | {key} | {mean:.4f} | " + (
+            f"{vs['diff']:+.4f} | {vs['p']:.3f} | {vs['test']} (n={vs['n']}) |" if vs
+            else "– | – | – |"))
+    return lines + [""]
 
 
 def write_report(sweep_dir: str | Path) -> dict[str, Any]:
@@ -175,7 +275,8 @@ class SweepReport(Callback):
         if status:
             write_json(status, {"sweep_dir": str(sweep_dir),
                                 "jobs": sum(s["runs"] for s in summary.values()),
-                                "errored": sum(s["errored"] for s in summary.values())})
+                                "errored": sum(s["errored"] for s in summary.values()),
+                                "degenerate": sum(s["degenerate"] for s in summary.values())})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,8 +284,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/multirun/2026-11-25_12-00-00")
     args = parser.parse_args(argv)
+    if (args.sweep_dir / "metrics.json").is_file():  # one run's folder: its status
+        sys.exit(_one_run(args.sweep_dir / "metrics.json"))
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
         sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/.")
     write_report(args.sweep_dir)
     print((args.sweep_dir / "summary.md").read_text())
+
+
+def _one_run(path: Path) -> int:
+    """Print one run's status (a killed one reads as interrupted); the ``ftlab`` exit status
+    it stands for."""
+    try:
+        rec = effective(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:
+        print(f"ftlab-report: cannot read {path}: {err}", file=sys.stderr)
+        return 1
+    status = rec.get("status")
+    where = rec.get("interrupted") or {}
+    print(f"{path.parent}: {status}"
+          + (f" in stage {where.get('stage')}" if where.get("stage") else "")
+          + (f" at step {where['step']}" if where.get("step") is not None else ""))
+    if rec.get("error"):
+        print(rec["error"])
+    if status == "ok":
+        return DEGENERATE_EXIT if rec.get("failed") else 0
+    return 0 if status in ("running", "discarded") else 1

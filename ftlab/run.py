@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.errors import FtlabError
+from ftlab.errors import Diverged, FtlabError
+from ftlab.seedstats import failure
 
 log = logging.getLogger("ftlab")
 
@@ -63,25 +64,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     from ftlab.cli import CONFIG_DIR
     from ftlab.overrides import explicit_keys
-    from ftlab.store import is_rank_zero, write_json
+    from ftlab.status import Stopped, catch_signals, process_identity
+    from ftlab.store import environment_error, is_rank_zero, write_json
     from ftlab.targets import allowing, check_config, settings_from_you
 
     primary = is_rank_zero()  # under DDP every rank runs the job; rank zero writes the files
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     hydra = _hydra_info()
     key = config_key(hydra["overrides"])
     record: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "config_key": key,
                               "overrides": hydra["overrides"], "stages": {},
-                              "torch_threads": set_threads(hydra.get("n_jobs", 1))}
+                              "torch_threads": set_threads(hydra.get("n_jobs", 1)),
+                              "process": process_identity()}  # a later look tells a killed job
     out = run_dir / "metrics.json"
+    if primary and (previous := _previous(out)):  # a re-run in the same folder
+        record["previous"] = previous
     choices = hydra.get("choices", {})
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
                "tags": [f"peft:{choices.get('peft', 'custom')}",
                         f"regularizer:{choices.get('regularizer', 'custom')}"],
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
+    restore_signals = catch_signals()  # SIGINT/SIGTERM -> Stopped, recorded as interrupted
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         if primary:
+            write_json(out, record)  # status running, with pid and host
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         # the allow-list of _target_s, before anything is imported or instantiated
         settings_from_you(context["config"], hydra["overrides"], CONFIG_DIR)
@@ -93,11 +100,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if record.get("discarded"):  # callbacks=early_discard stopped it: neither ok nor failed
             record |= {"status": "discarded", "failed": False}
         else:
-            record |= {"status": "ok", "failed": is_degenerate(final)}
+            reason = failure(final)
+            record |= {"status": "ok", "failed": reason is not None}
+            if reason:
+                record["failure"] = reason
         record["objective"] = objective(record)
-    except (FtlabError, Exception, KeyboardInterrupt) as err:
+    except (FtlabError, Exception, KeyboardInterrupt, Stopped) as caught:
+        err = caught if isinstance(caught, FtlabError) else environment_error(caught) or caught
         _record_error(record, err, run_dir, primary)
         record["objective"] = objective(record)
+        if isinstance(err, Stopped):  # a sweep stops too: the user (or the scheduler) asked
+            sys.exit(err.exit_code)
         if isinstance(err, KeyboardInterrupt):
             raise
         if not hydra["multirun"]:
@@ -105,14 +118,62 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record  # a sweep goes on with its next job
     finally:
         if primary:
-            write_json(out, record)
+            _save_record(out, record)
         from ftlab.loggers import finish_wandb
 
         finish_wandb(failed=record["status"] != "ok")
+        restore_signals()
     if primary:
         log.info("Final metrics: %s", {k: round(v, 4) for k, v in record["final"].items()})
         log.info("Results in %s", run_dir)
+        if record["failed"] and not hydra["multirun"]:
+            _degenerate(record)
     return record
+
+
+def _save_record(out: Path, record: dict[str, Any]) -> None:
+    """Write ``metrics.json``; if the disk refuses, say so (the last good copy stays)."""
+    from ftlab.store import environment_error, write_json
+
+    try:
+        write_json(out, record)
+    except (FtlabError, OSError) as err:
+        problem = err if isinstance(err, FtlabError) else environment_error(err) or err
+        print(f"\nftlab: could not update {out}: {problem}\n", file=sys.stderr)
+
+
+def _previous(out: Path) -> dict[str, Any] | None:
+    """What an earlier run in this folder left in ``metrics.json`` (a killed one reads as
+    interrupted), with a warning when it did not finish."""
+    from ftlab.status import effective
+    from ftlab.store import read_json
+
+    try:
+        earlier = effective(read_json(out))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict):
+        return None
+    status = earlier.get("status")
+    if status == "interrupted":
+        log.warning("The previous run in %s was interrupted (%s); starting it again.",
+                    out.parent, earlier.get("interrupted"))
+    elif status == "running":
+        log.warning("%s says another run (pid %s) is still writing this folder.", out,
+                    (earlier.get("process") or {}).get("pid"))
+    return {k: earlier[k] for k in ("status", "interrupted", "process", "error") if k in earlier}
+
+
+def _degenerate(record: dict[str, Any]) -> None:
+    """A single run at the majority baseline: a final FAILED line, and exit status 3 from the
+    ``ftlab`` command (told through the file it names in ``FTLAB_SWEEP_STATUS``)."""
+    from ftlab.status import degenerate_line
+    from ftlab.store import write_json
+
+    print(f"\nftlab: {degenerate_line(record)}\n", file=sys.stderr)
+    status = os.environ.get("FTLAB_SWEEP_STATUS")
+    if status:
+        write_json(status, {"jobs": 1, "errored": 0, "degenerate": 1})
 
 
 def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
@@ -139,9 +200,18 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
                                     "key": keys[s.name], "cache_hit": None} for s in stages]
     context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys
-    run = RunContext(run_dir, callbacks, logger, context)
+
+    def trained(result: StageResult) -> None:  # recorded before the stage writes its artefact
+        record["stages"][result.name] = {"metrics": result.metrics, **result.info}
+        if is_rank_zero():
+            write_json(run_dir / "metrics.json", record)
+
+    run = RunContext(run_dir, callbacks, logger, context, on_trained=trained)
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):
+        record["current_stage"] = stage.name  # a killed job is known to have died here
+        if is_rank_zero():
+            write_json(run_dir / "metrics.json", record)
         result = run_or_reuse(stage, builder, run, results, keys[stage.name],
                               cache if stage.name in cached else None)
         results[stage.name] = result
@@ -153,6 +223,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
             record["discarded"] = result.info["discarded"]
             break
     record["final"] = results[stage.name].metrics
+    record.pop("current_stage", None)
 
 
 def _monitor(stage: Any) -> dict[str, str] | None:
@@ -178,18 +249,23 @@ def objective(record: dict[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else worst
 
 
-def is_degenerate(metrics: dict[str, float]) -> bool:
-    """True when validation accuracy is at or below the majority-class baseline."""
-    acc, base = metrics.get("val/acc"), metrics.get("val/baseline_acc")
-    return acc is not None and base is not None and acc <= base + 1e-9
-
-
 def _record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
                   primary: bool = True) -> None:
-    record["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
+    from ftlab.status import Stopped, stop_message
+
+    stopped = isinstance(err, KeyboardInterrupt | Stopped)
+    record["status"] = "interrupted" if stopped else "error"
     record["failed"] = True
+    record["failure"] = "diverged" if isinstance(err, Diverged) else record["status"]
     record["error"] = str(err) if isinstance(err, FtlabError) else f"{type(err).__name__}: {err}"
-    if not isinstance(err, FtlabError | KeyboardInterrupt) and primary:
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        record["error"] += f" (traceback in {run_dir / 'error.log'})"
+    if isinstance(err, Stopped):
+        stage = record.pop("current_stage", None)
+        record["interrupted"] = {"stage": stage, "step": err.step, "signal": err.signal}
+        record["error"] = stop_message(err, stage)
+    if not (stopped or isinstance(err, FtlabError)) and primary:
+        try:
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            record["error"] += f" (traceback in {run_dir / 'error.log'})"
+        except OSError:  # the disk that failed the job may fail this too
+            pass
     print(f"\nftlab: {record['error']}\n", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
-from ftlab.callbacks import GradualUnfreeze, KeepBest
+from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
@@ -45,12 +46,15 @@ class RunContext:
         callbacks: the run's extra Lightning callback nodes (``callbacks`` group).
         logger: the run's logger nodes (``logger`` group).
         log_context: W&B name/group/tags/config for the loggers that take them.
+        on_trained: called with a stage's result once it has trained and been evaluated, before
+            its artefact is written (the run records its metrics first: a full disk loses none).
     """
 
     run_dir: Path
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] | None = None
     log_context: dict[str, Any] = field(default_factory=dict)
+    on_trained: Callable[[StageResult], None] | None = None
 
 
 def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
@@ -60,6 +64,12 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
     raw = builder.raw(stage)
+    taught: dict[str, Any] = {}
+    if stage.teachers:  # their averaged soft predictions become the training labels
+        from ftlab.distill import label_with_teachers, teachers_of
+
+        raw, taught = label_with_teachers(raw, stage, teachers_of(stage, builder, upstream),
+                                          list(stage.data.text_columns))
     tokenizer = builder.tokenizer(stage.model)
     dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
                         batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
@@ -86,21 +96,25 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     metrics: dict[str, float] = {f"val/{k}": v for k, v in keep.metrics.items()}
     if "test" in dm.splits:
         metrics |= {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
-    if raw.labels is not None and "validation" in raw.splits:
-        baseline = task.baseline(raw.splits["validation"]["label"]) or {}
-        metrics |= {f"val/baseline_{k}": v for k, v in baseline.items()}
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        if raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
+            baseline = task.baseline(raw.splits[split]["label"]) or {}
+            metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}
     info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
-                     "handed_over": handed, **task.info}
+                     "handed_over": handed, **task.info, **taught}
     discarded = next((c.outcome for c in trainer.callbacks
                       if isinstance(c, EarlyDiscard) and c.outcome), None)
     if discarded:  # stopped early by callbacks=early_discard: not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
+    result = StageResult(stage.name, metrics, module.model, info)
+    if run.on_trained is not None:
+        run.on_trained(result)
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
             info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)
-    return StageResult(stage.name, metrics, module.model, info)
+    return result
 
 
 def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
@@ -127,6 +141,7 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
-                               default_root_dir=str(stage_dir), callbacks=[*callbacks, keep],
+                               default_root_dir=str(stage_dir),
+                               callbacks=[*callbacks, keep, NoteStep()],
                                logger=loggers or False, enable_checkpointing=False,
                                use_distributed_sampler=False)  # ftlab's sampler shards itself

@@ -48,25 +48,76 @@ def inside(base: str | Path, *parts: str) -> Path:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``; on failure nothing is left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # a read-only or full folder: say so, with the fix
+        problem = environment_error(err, path)
+        if problem is not None:
+            raise problem from None
+        raise
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should read like any file
     try:
         write(Path(tmp))
+        # mkstemp makes 0600 (and safetensors writes its own 0600 temp file over ``tmp``);
+        # results should read like any file
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise FtlabError(
-                f"The disk is full (or over quota) while writing {path}; nothing was half-"
-                "written, and results written earlier are intact.",
-                "free disk space or point paths.log_dir at a larger disk, then re-run (finished "
-                "upstream stages are reused from the stage cache).") from None
+        problem = environment_error(err, path)
+        if problem is not None:
+            raise problem from None
         raise
     return path
+
+
+#: errno values that mean the machine, not ftlab or the config, stopped a write
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust I/O errors say it
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The errno of an ``OSError``, or of a safetensors ``SafetensorError`` (which reports
+    I/O failures as text: "Error while serializing: I/O error: No space left on device (os
+    error 28) at path ...")."""
+    if isinstance(err, OSError):
+        return err.errno
+    if type(err).__name__ == "SafetensorError":
+        match = _OS_ERROR.search(str(err))
+        return int(match.group(1)) if match else None
+    return None
+
+
+def environment_error(err: BaseException, path: str | Path | None = None,
+                      started: bool = True) -> FtlabError | None:
+    """One paragraph with the fix for a full disk, a read-only folder or a permission error
+    (``None`` for anything else). ``path``: what was being written, when the error's own
+    filename is a temporary file; ``started``: whether a job had written anything yet."""
+    code = os_errno(err)
+    intact = "; results written earlier are intact" if started else ""
+    where = path or getattr(err, "filename", None) or "the output folder"
+    elsewhere = ("point the output elsewhere with paths.log_dir=/a/writable/folder (or "
+                 "hydra.run.dir=..., hydra.sweep.dir=... for a sweep)")
+    if code in _FULL:
+        return FtlabError(
+            f"The disk is full (or over quota) while writing {where}" + ("; nothing was half-"
+            "written, and results written earlier (metrics.json, finished stages) are intact."
+            if started else "."),
+            f"free disk space or {elsewhere} on a larger disk, then re-run (finished upstream "
+            "stages are reused from the stage cache).")
+    if code in _DENIED:
+        why = "is on a read-only file system" if code == errno.EROFS else \
+            "cannot be written (permission denied)"
+        return FtlabError(f"{where} {why}{intact}.",
+                          f"{elsewhere}, or make the folder writable (chmod u+w / chown).")
+    if code == errno.ENOTDIR:
+        return FtlabError(f"Cannot write {where}: a part of its path is a file, not a folder.",
+                          f"{elsewhere}, or move that file away.")
+    return None
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -23,12 +23,11 @@ from omegaconf import OmegaConf
 from ftlab.cli import CONFIG_DIR
 from ftlab.config import instantiate_checked
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.run import run
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
 from tests.conftest import tiny_overrides
-from tests.test_peft_contract import batch, logits, method, model_config, tiny_model
+from tests.test_peft_contract import batch, logits, method, tiny_model
 
 REGULARIZERS = sorted(p.stem for p in (Path(CONFIG_DIR) / "regularizer").glob("*.yaml"))
 PEFTS = ("full", "lora", "adapter_pfeiffer")
@@ -58,6 +57,8 @@ class TinyClassify(Classify):
 
 class NoLogits(TinyClassify):
     """A task whose output has a loss but no logits (as masked LM)."""
+
+    row_logits = False
 
     def forward(self, model, batch):
         return TaskOutput(super().forward(model, batch).loss)
@@ -111,14 +112,14 @@ def test_applies_on_the_meta_device(name):
 
 @pytest.mark.parametrize("name", REGULARIZERS)
 def test_a_task_without_logits_gets_a_clear_error_or_works(name):
-    """Apply on a masked-LM model and a training step of a logit-less task agree: both stop
-    with an error naming the tasks it supports, or both work."""
-    from transformers import AutoModelForMaskedLM
+    """The builder's check of the task and a training step of a logit-less task agree: both
+    stop with an error naming the tasks it supports, or both work."""
+    from ftlab.regularizers.base import ChecksTask
 
-    mlm = load_model(ModelSpec(config=model_config("bert")), AutoModelForMaskedLM)
     reg = regularizer(name)
     try:
-        reg.apply(mlm)
+        if isinstance(reg, ChecksTask):
+            reg.check_task(NoLogits())
         refused = None
     except FtlabError as err:
         refused = err
@@ -131,6 +132,26 @@ def test_a_task_without_logits_gets_a_clear_error_or_works(name):
     with pytest.raises(FtlabError, match="logits") as err:
         reg.training_loss(model, batch(0), NoLogits())
     assert "stage=classify" in err.value.fix
+
+
+@pytest.mark.parametrize("name", ["r3f", "smart", "freelb"])
+@pytest.mark.parametrize("stage", ["mlm", "cloze"])
+def test_logit_regularisers_refuse_a_masked_lm_and_take_cloze(name, stage, make_cfg,
+                                                              sentiment_dir):
+    """stage=mlm has no per-row logits (refused before training); stage=cloze on the same
+    masked LM has (its verbaliser scores) and trains."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        f"stage={stage}", f"regularizer={name}", "trainer.max_steps=2",
+        *(["stage.task.verbalizer={pos: great, neg: bad}"] if stage == "cloze" else [])])
+    if stage == "mlm":
+        with pytest.raises(SystemExit):
+            run(cfg)
+        return
+    record = run(cfg)
+    assert record["status"] == "ok" and record["stages"]["cloze"]["global_steps"] == 2
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from ftlab.report import main, summarize, write_report
+from ftlab.report import main, markdown, summarize, write_report
 
 
 def rec(seed, acc, key="peft=full", status="ok", failed=False):
@@ -60,3 +60,115 @@ def test_report_files_from_a_multirun_folder(tmp_path, capsys):
 def test_report_cli_rejects_a_non_sweep_folder(tmp_path):
     with pytest.raises(SystemExit, match="not a multirun folder"):
         main([str(tmp_path)])
+
+
+# --- statistics that answer "which recipe works" (issue: stability report) -------------------
+
+def test_failure_is_defined_by_the_tasks_trivial_predictors():
+    from ftlab.seedstats import failure
+
+    base = {"val/baseline_acc": 0.6, "val/baseline_f1": 0.5}
+    assert failure({"val/acc": 0.8, "val/f1": 0.78} | base) is None
+    assert "val/acc" in failure({"val/acc": 0.6, "val/f1": 0.7} | base)
+    # above the majority class in accuracy, but macro-F1 at chance: failed too
+    assert "val/f1" in failure({"val/acc": 0.62, "val/f1": 0.49} | base)
+    assert failure({"val/ppl": 12.0}) is None  # no baseline defined: no verdict
+
+
+def test_classification_baselines_majority_accuracy_and_chance_macro_f1():
+    from ftlab.tasks.classify import Classify
+
+    task = Classify.__new__(Classify)
+    task.labels = ["a", "b"]
+    assert task.baseline([0, 1] * 50) == pytest.approx({"acc": 0.5, "f1": 0.5})
+    # 90/10: always-majority gives F1 2*.9/1.9 on one class of two = 0.4737, better than
+    # uniform guessing ((2*.9*.5/1.4 + 2*.1*.5/.6) / 2 = 0.4048)
+    assert task.baseline([0] * 90 + [1] * 10) == pytest.approx({"acc": 0.9, "f1": 0.9 / 1.9})
+
+
+def test_bootstrap_interval_covers_the_mean_narrows_with_more_seeds_and_is_seeded():
+    from ftlab.seedstats import bootstrap_ci
+
+    few = [0.70, 0.80, 0.75]
+    lo, hi = bootstrap_ci(few)
+    assert lo < statistics.fmean(few) < hi and lo >= 0.70 - 1e-9 and hi <= 0.80 + 1e-9
+    many = few * 10
+    lo2, hi2 = bootstrap_ci(many)
+    assert hi2 - lo2 < hi - lo
+    assert bootstrap_ci(few) == (lo, hi)
+    assert bootstrap_ci([0.5]) == (0.5, 0.5)
+
+
+def test_permutation_test_paired_exact_and_unpaired():
+    from ftlab.seedstats import permutation_test
+
+    b = {str(s): 0.7 + 0.01 * s for s in range(5)}
+    a = {s: v + 0.05 for s, v in b.items()}
+    r = permutation_test(a, b)
+    # every difference is +0.05: only the all-plus and all-minus sign patterns reach it
+    assert r["test"] == "paired" and r["p"] == pytest.approx(2 / 32)
+    assert r["diff"] == pytest.approx(0.05)
+    assert permutation_test(b, b)["p"] == 1.0
+    u = permutation_test({"1": 0.9, "2": 0.91, "3": 0.92}, {"7": 0.5, "8": 0.51, "9": 0.52})
+    assert u["test"] == "unpaired" and u["p"] == pytest.approx(2 / 20)  # C(6,3) splits
+
+
+def test_expected_validation_performance_dodge_et_al():
+    from ftlab.seedstats import expected_max
+
+    evp = expected_max([0.0, 1.0])
+    assert evp == pytest.approx([0.5, 0.75])  # E[max of 2 draws] = 1 - P(both 0)
+    vals = [0.6, 0.7, 0.9, 0.65]
+    evp = expected_max(vals)
+    assert evp[0] == pytest.approx(statistics.fmean(vals))
+    assert all(x <= y for x, y in zip(evp, evp[1:], strict=False)) and evp[-1] < max(vals)
+    assert expected_max([10.0, 20.0], larger_is_better=False) == pytest.approx([15.0, 12.5])
+
+
+def _run(seed, acc, f1, key, base=0.55):
+    final = {"test/acc": acc, "test/f1": f1, "val/acc": acc, "val/f1": f1,
+             "test/baseline_acc": base, "test/baseline_f1": 0.5,
+             "val/baseline_acc": base, "val/baseline_f1": 0.5}
+    from ftlab.seedstats import failure
+
+    reason = failure(final)
+    return {"seed": seed, "overrides": [key, f"seed={seed}"], "status": "ok",
+            "failed": reason is not None, "failure": reason, "final": final,
+            "monitor": {"metric": "val/acc", "mode": "max"}}
+
+
+def test_report_shows_baselines_deltas_failures_evp_and_a_ranking(tmp_path):
+    good = [_run(s, 0.80 + 0.01 * s, 0.79, "stage.optim.lr=2e-5") for s in range(1, 5)]
+    bad = [_run(s, 0.55, 0.36, "stage.optim.lr=1e-3") for s in range(1, 5)]
+    mixed = [_run(s, a, f, "stage.optim.lr=1e-4")
+             for s, a, f in ((1, 0.78, 0.77), (2, 0.55, 0.40), (3, 0.79, 0.78), (4, 0.8, 0.79))]
+    s = summarize(good + bad + mixed)
+    g, b, m = s["stage.optim.lr=2e-5"], s["stage.optim.lr=1e-3"], s["stage.optim.lr=1e-4"]
+    assert g["baseline"]["test/acc"] == 0.55
+    assert g["delta"]["test/acc"] == pytest.approx(0.825 - 0.55)
+    assert (g["failed_rate"], m["failed_rate"], b["failed_rate"]) == (0.0, 0.25, 1.0)
+    assert b["all_failed"] and not m["all_failed"] and m["failed_seeds"] == ["2"]
+    assert g["metrics"]["test/acc"]["best"] == pytest.approx(0.84)
+    assert len(g["expected_validation"]) == 4
+    assert g["rank"]["rank"] == 1 and b["rank"]["rank"] == 3
+    assert b["rank"]["vs_best"]["test"] == "paired" and b["rank"]["vs_best"]["p"] < 0.2
+    text = markdown(s)
+    assert "WARNING: every run of `stage.optim.lr=1e-3` failed" in text
+    assert "## Ranking" in text and "Expected best val/acc of n runs" in text
+    assert "| 2 | 0.5500 | 0.4000 |" in text  # per-seed table marks the failed run
+    write_report_dir = tmp_path
+    for i, r in enumerate(good + bad):
+        job = write_report_dir / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / "metrics.json").write_text(json.dumps(r))
+    write_report(write_report_dir)
+    assert (write_report_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_axis_spans_the_baseline_and_every_run():
+    from ftlab.report_plot import y_limits
+
+    lo, hi = y_limits([0.80, 0.82], [0.55])  # not auto-zoomed onto the runs
+    assert lo < 0.55 < 0.82 < hi and lo > 0.5
+    lo, hi = y_limits([0.36, 0.80], [0.5])  # runs below the baseline stay visible
+    assert lo < 0.36 and hi > 0.80

@@ -98,3 +98,14 @@ def test_results_get_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_artefacts_get_the_usual_file_mode(tmp_path):
+    """safetensors writes its own 0600 temp file; the artefact reads like any other file."""
+    umask = os.umask(0o022)
+    try:
+        for path in (save_tensors(tmp_path / "a.safetensors", {"w": torch.ones(2)}),
+                     write_json(tmp_path / "m.json", {"a": 1})):
+            assert path.stat().st_mode & 0o777 == 0o644, path
+    finally:
+        os.umask(umask)

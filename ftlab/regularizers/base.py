@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -35,3 +35,12 @@ class Regularizer(Protocol):
     def training_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task
     ) -> TaskOutput: ...
+
+
+@runtime_checkable
+class ChecksTask(Protocol):
+    """A regulariser that works only with some tasks: the stage's builder asks it before
+    training (and validation before anything trains)."""
+
+    def check_task(self, task: Task) -> None:
+        """Raise FtlabError naming the tasks it supports when ``task`` is not one."""

@@ -61,18 +61,20 @@ def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
 COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
 
 
-def needs_logits(name: str, model: nn.Module, why: str = COMPARES) -> None:
-    """At ``apply`` (also on the meta device): a masked-LM model has no per-row logits."""
-    if type(unwrap(model)).__name__.endswith("ForMaskedLM"):
-        raise no_logits(name, "stage=mlm", why)
+def needs_logits(name: str, task: Task, why: str = COMPARES) -> None:
+    """Before training: a task whose training outputs have no per-row logits (masked or causal
+    LM, text-to-text) is refused."""
+    if not task.row_logits:
+        raise no_logits(name, type(task).__name__, why)
 
 
 def no_logits(name: str, task: str, why: str = COMPARES) -> FtlabError:
     return FtlabError(
-        f"regularizer={name} {why}, but the {task} task exposes no logits (masked LM scores "
-        "only masked positions, drawn anew in every forward).",
+        f"regularizer={name} {why}, but the {task} task's training outputs have no per-row "
+        "logits (a masked LM scores only masked positions, drawn anew in every forward; causal "
+        "LM and text-to-text training score tokens).",
         "use it with a task that has logits (stage=classify: sequence or sentence-pair "
-        "classification), or regularizer=none / regularizer=mixout for this stage.")
+        "classification; stage=cloze), or regularizer=none / regularizer=mixout for this stage.")
 
 
 def logits_of(name: str, task: Task, out: TaskOutput, why: str = COMPARES) -> torch.Tensor:

@@ -64,8 +64,10 @@ class FreeLB:
         self.max_norm, self.norm = max_norm, norm
 
     def apply(self, model: nn.Module) -> nn.Module:
-        needs_logits(self.name, model, WHY)
         return model
+
+    def check_task(self, task: Task) -> None:
+        needs_logits(self.name, task, WHY)
 
     def init_delta(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         delta = zeros_like_embeddings(model, batch)

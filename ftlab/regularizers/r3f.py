@@ -41,8 +41,10 @@ class R3F:
         self.eps, self.r3f_lambda, self.noise = eps, r3f_lambda, noise
 
     def apply(self, model: nn.Module) -> nn.Module:
-        needs_logits(self.name, model)
         return model
+
+    def check_task(self, task: Task) -> None:
+        needs_logits(self.name, task)
 
     def sample(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         delta = zeros_like_embeddings(model, batch)

@@ -77,8 +77,10 @@ class Smart:
         self._version = -1
 
     def apply(self, model: nn.Module) -> nn.Module:
-        needs_logits(self.name, model)
         return model
+
+    def check_task(self, task: Task) -> None:
+        needs_logits(self.name, task)
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
                       task: Task) -> TaskOutput:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -80,7 +80,29 @@ class TaskDefaults:
 
     pad_values: Mapping[str, int | float] = MappingProxyType({})
     info: Mapping[str, Any] = MappingProxyType({})
+    #: training outputs carry per-row class scores in ``logits`` (what R3F/SMART/FreeLB compare)
+    row_logits: bool = True
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None
 
+
+
+@runtime_checkable
+class ScoresWithLMHead(Protocol):
+    """A task whose predictions come from the pre-trained language-model head (cloze): that
+    head must be trained, in the checkpoint or handed over by an earlier stage
+    (``init_from`` + ``carry: model``); a fresh, random one is refused."""
+
+    def untrained_head(self, missing: list[str]) -> Exception:
+        """The error for a model whose checkpoint lacks the ``missing`` head tensors."""
+
+
+@runtime_checkable
+class ModelAware(Protocol):
+    """A task whose features depend on the model family (a cloze row is the whole pattern for a
+    masked LM but the text before the slot for a causal LM): the builder shows it the model's
+    ``transformers`` config before it featurises anything."""
+
+    def see_model(self, config: Any) -> None:
+        """Learn what the features depend on; raise FtlabError for an unsuitable model."""

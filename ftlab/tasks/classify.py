@@ -82,6 +82,11 @@ class Classify(TaskDefaults):
         out = model(**batch)
         return TaskOutput(out.loss, out.logits)
 
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits ``[batch, classes]`` (no labels needed): what predictors and teachers
+        read."""
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
     def metrics(self) -> MetricCollection:
         n = len(self.labels)
         return MetricCollection({"acc": MulticlassAccuracy(num_classes=n, average="micro"),
@@ -95,9 +100,18 @@ class Classify(TaskDefaults):
         metrics.update(out.logits.float().argmax(-1), target)
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float]:
-        """Majority-class accuracy: a run at or below it learnt nothing."""
+        """Trivial predictors' scores on these labels; a run at or below either learnt nothing.
+
+        ``acc``: the majority class's share. ``f1``: macro-F1 at chance, the better of always
+        predicting the majority class (2p/(1+p) for that class, 0 for the rest) and guessing
+        uniformly at random (class i: 2 p_i (1/k) / (p_i + 1/k)), over the k classes present.
+        """
         ids = torch.as_tensor(list(labels))
         if ids.is_floating_point():  # probability vectors: their most likely class
             ids = ids.argmax(-1)
-        counts = torch.bincount(ids, minlength=len(self.labels))
-        return {"acc": (counts.max() / counts.sum()).item()}
+        counts = torch.bincount(ids, minlength=len(self.labels)).double()
+        p = counts[counts > 0] / counts.sum()
+        k = p.numel()
+        majority_f1 = (2 * p.max() / (1 + p.max())).item() / k
+        uniform_f1 = (2 * p / k / (p + 1 / k)).mean().item()
+        return {"acc": p.max().item(), "f1": max(majority_f1, uniform_f1)}

@@ -1,0 +1,122 @@
+"""Statistics over seeds: what the sweep report says about "which recipe works".
+
+- When a run failed: :func:`failure` (the task's trivial-predictor baselines define it).
+- Bootstrap confidence intervals of a mean: :func:`bootstrap_ci`.
+- Whether two configurations differ: :func:`permutation_test` (paired over shared seeds,
+  otherwise unpaired).
+- Expected validation performance as a function of the number of trials: :func:`expected_max`
+  (Dodge et al., 2019, "Show your work").
+
+Pure Python + numpy, seeded: the same records give the same report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+#: how much a score must exceed a trivial predictor's to count as learnt something
+MARGIN = 1e-9
+#: bootstrap resamples and permutation draws (exact enumeration is used when it is smaller)
+RESAMPLES = 10_000
+
+
+def failure(metrics: Mapping[str, float]) -> str | None:
+    """Why a finished run counts as failed, or None.
+
+    The task defines failure through the trivial predictors it records as
+    ``val/baseline_<metric>`` (classification: accuracy of the majority class and the macro-F1
+    of chance, see :meth:`ftlab.tasks.classify.Classify.baseline`): a run whose validation
+    score is at or below any of them learnt nothing. A diverged loss stops the run earlier
+    (:class:`ftlab.errors.Diverged`) and is recorded as ``failure: diverged``.
+    """
+    for key, base in sorted(metrics.items()):
+        if not key.startswith("val/baseline_"):
+            continue
+        name = key.removeprefix("val/baseline_")
+        value = metrics.get(f"val/{name}")
+        if _finite(value) and _finite(base) and value <= base + MARGIN:
+            return f"val/{name} {value:.4f} <= baseline {base:.4f}"
+    return None
+
+
+def bootstrap_ci(values: Sequence[float], level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (``RESAMPLES`` resamples, seeded).
+
+    With one value the interval is that value; with few seeds it is honest but wide.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    if x.size == 1:
+        return (float(x[0]), float(x[0]))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(RESAMPLES, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return (float(lo), float(hi))
+
+
+def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
+                     seed: int = 0) -> dict[str, float | str | int]:
+    """Two-sided test of "mean(a) == mean(b)" over runs keyed by seed.
+
+    Where the two configurations share at least two seeds, the test is paired on those seeds
+    (sign flips of the per-seed differences: the same seed gives both the same data order and
+    head initialisation); otherwise it is an unpaired permutation test of the pooled runs.
+    Exact when the number of permutations is at most ``RESAMPLES``.
+    """
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:
+        d = np.array([a[s] - b[s] for s in shared], dtype=float)
+        observed = abs(d.mean())
+        if 2 ** d.size <= RESAMPLES:
+            signs = np.array([[1 - 2 * ((i >> j) & 1) for j in range(d.size)]
+                              for i in range(2 ** d.size)], dtype=float)
+        else:
+            signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(RESAMPLES, d.size))
+        stats = np.abs((signs * d).mean(axis=1))
+        return {"test": "paired", "n": int(d.size), "diff": float(d.mean()),
+                "p": float(np.mean(stats >= observed - 1e-12))}
+    xa, xb = np.array(list(a.values()), float), np.array(list(b.values()), float)
+    if xa.size == 0 or xb.size == 0:
+        return {"test": "none", "n": 0, "diff": math.nan, "p": math.nan}
+    pooled, na = np.concatenate([xa, xb]), xa.size
+    observed = abs(xa.mean() - xb.mean())
+    if math.comb(pooled.size, na) <= RESAMPLES:
+        from itertools import combinations
+
+        splits = [np.isin(np.arange(pooled.size), c) for c in combinations(range(pooled.size), na)]
+    else:
+        rng = np.random.default_rng(seed)
+        splits = [np.isin(np.arange(pooled.size), rng.permutation(pooled.size)[:na])
+                  for _ in range(RESAMPLES)]
+    stats = np.array([abs(pooled[m].mean() - pooled[~m].mean()) for m in splits])
+    return {"test": "unpaired", "n": int(pooled.size), "diff": float(xa.mean() - xb.mean()),
+            "p": float(np.mean(stats >= observed - 1e-12))}
+
+
+def expected_max(values: Sequence[float], larger_is_better: bool = True) -> list[float]:
+    """Expected best score of n runs drawn (with replacement) from these, n = 1..len(values).
+
+    Dodge et al. (2019), eq. 1: with the empirical CDF of the N observed scores
+    v_(1) <= ... <= v_(N), E[max of n] = sum_i v_(i) * ((i/N)^n - ((i-1)/N)^n).
+    n = 1 is the mean; n = N approaches the best seen. For "smaller is better" metrics
+    (perplexity) the expected minimum.
+    """
+    v = np.sort(np.asarray(values, dtype=float))
+    if not larger_is_better:
+        v = v[::-1]
+    big_n = v.size
+    i = np.arange(1, big_n + 1)
+    out = []
+    for n in range(1, big_n + 1):
+        w = (i / big_n) ** n - ((i - 1) / big_n) ** n
+        out.append(float((v * w).sum()))
+    return out
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)

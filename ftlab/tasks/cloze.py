@@ -1,0 +1,233 @@
+"""Cloze-style classification (PET, Schick & Schuetze 2021): the task framed in the
+pre-training objective, so no head is learnt from scratch.
+
+- Masked LMs: a label's score is the MLM logit of its verbaliser word at the ``[MASK]``.
+- Causal LMs: the log-probability of the word's tokens after the pattern's text before
+  ``{mask}`` (several tokens: summed log-probabilities).
+
+Several words per label: the label's score is the log-sum-exp of its words' scores (the
+probability of saying any of them). Training is cross-entropy over the label scores (soft
+labels too); ``stage.aux_mlm_weight`` adds PET's auxiliary MLM loss. No training steps
+(``stage.trainer.max_steps=0``) evaluates the pre-trained model: a zero-shot run.
+
+Contextual calibration (Zhao et al. 2021, ``calibrate: true``): the label distribution the
+model gives content-free inputs ("N/A", "", "[MASK]" put through the same pattern) estimates
+its bias p_cf; calibrated probabilities are p / p_cf renormalised (W = diag(p_cf)^-1, b = 0).
+Metrics then come twice: ``acc``/``f1`` and ``acc_cal``/``f1_cal``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_config, load_model
+from ftlab.rules import at_least
+from ftlab.tasks.base import TaskOutput
+from ftlab.tasks.classify import Classify
+from ftlab.tasks.prompting import Pattern, check_fields, continuation_logprob, fit, verbaliser_ids
+
+#: Zhao et al. (2021)'s content-free inputs; "[MASK]" becomes the tokenizer's mask token
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+class Cloze(Classify):
+    """Classification by filling a pattern's slot with verbaliser words.
+
+    Args:
+        pattern: e.g. ``"{text} It was {mask}."``; fields are the data's text columns.
+        verbalizer: label -> word or list of words; None: each label's own name.
+        max_length: tokens per row; the longest text field is cut to fit, not the pattern.
+        calibrate: also report contextually calibrated metrics (``acc_cal``, ``f1_cal``).
+        content_free: the content-free inputs for calibration.
+        monitor: validation metric that picks the best epoch (``acc_cal`` with calibration).
+    """
+
+    def __init__(self, pattern: str, verbalizer: Mapping[str, Any] | None = None,
+                 max_length: Annotated[int, at_least(1, example="128")] = 128,
+                 calibrate: bool = False, content_free: Sequence[str] = CONTENT_FREE,
+                 monitor: str = "acc") -> None:
+        super().__init__(max_length=max_length, monitor=monitor)
+        self.pattern = Pattern(pattern)
+        self.verbalizer = dict(verbalizer) if verbalizer is not None else None
+        self.calibrate = calibrate
+        self.content_free = list(content_free)
+        self.causal: bool | None = None  # known once the model is built
+        self._p_cf: torch.Tensor | None = None
+
+    # --- data -------------------------------------------------------------------------------
+    def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
+        super().bind(raw, tokenizer, text_columns)
+        check_fields(self.pattern, self.text_columns)
+        verbalizer = self.verbalizer or {label: label for label in self.labels}
+        self.words = verbaliser_ids(tokenizer, self.pattern, verbalizer, self.labels)
+        self.features = ("input_ids", "attention_mask", "labels")
+
+    def _texts(self, batch: Mapping[str, list], i: int) -> dict[str, str]:
+        return {c: ("" if batch[c][i] is None else str(batch[c][i])) for c in self.pattern.fields}
+
+    def featurize(self, batch: dict[str, list]) -> dict[str, list]:
+        rows = len(batch[self.text_columns[0]])
+        ids = [self.encode(self._texts(batch, i)) for i in range(rows)]
+        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                "labels": batch["label"], "length": [len(x) for x in ids]}
+
+    def encode(self, texts: dict[str, str]) -> list[int]:
+        """A row's token ids: the whole pattern with [MASK] (masked LM) or the text before the
+        slot (causal LM)."""
+        if self.causal is None:
+            raise FtlabError("Cloze.encode before the model family is known.",
+                             "call see_model(config) (StageBuilder does) before featurising.")
+        return fit(self.tokenizer, self.pattern, texts, self.tokenizer.mask_token or "",
+                   self.max_length, prefix_only=self.causal)
+
+    # --- model ------------------------------------------------------------------------------
+    def see_model(self, config: Any) -> None:
+        """Masked or causal LM, from the model's config (before featurising)."""
+        from transformers.models.auto import modeling_auto as auto
+
+        kind = config.model_type
+        if getattr(config, "is_encoder_decoder", False):
+            raise FtlabError(f"stage=cloze scores a slot with a masked or causal LM; '{kind}' is "
+                             "an encoder-decoder.", "use stage=text2text for T5/BART models.")
+        if kind in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and self.tokenizer.mask_token:
+            self.causal = False
+        elif kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            self.causal = True
+        else:
+            raise FtlabError(f"stage=cloze needs a language-model head, and '{kind}' has none "
+                             "in transformers (or its tokenizer has no mask token).",
+                             "use a masked LM (BERT, RoBERTa...) or a causal LM (model=smollm2).")
+        if not self.causal and any(len(w) != 1 for ws in self.words for w in ws):
+            bad = {lab: [self.tokenizer.convert_ids_to_tokens(w) for w in ws]
+                   for lab, ws in zip(self.labels, self.words, strict=True)
+                   if any(len(w) != 1 for w in ws)}
+            raise FtlabError(f"A masked LM fills one [MASK] with one token, but these verbaliser "
+                             f"words are several tokens: {bad}.",
+                             "choose single-token words for this tokenizer, or use a causal LM "
+                             "(model=smollm2), which sums the tokens' log-probabilities.")
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+        config = load_config(spec)
+        self.see_model(config)
+        return load_model(spec, AutoModelForCausalLM if self.causal else AutoModelForMaskedLM,
+                          config=config)
+
+    def untrained_head(self, missing: list[str]) -> FtlabError:
+        return FtlabError(
+            f"The model has no trained LM head (the checkpoint lacks {len(missing)} head "
+            f"tensors, e.g. {missing[0]}): its [MASK] predictions would be random, "
+            "so cloze scores would mean nothing.",
+            "use a model with an MLM head (a BERT/RoBERTa checkpoint trained as a masked LM, or "
+            "model=smollm2 for a causal LM), or train one first: a pipeline whose earlier stage "
+            "is stage=mlm and whose cloze stage has init_from: <that stage>, carry: model.")
+
+    # --- scoring ----------------------------------------------------------------------------
+    def scores(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Log-space label scores ``[batch, labels]``."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
+                  if k in batch}
+        words = self._word_scores(model, inputs)  # [batch, all words]
+        per_label, start = [], 0
+        for ws in self.words:
+            per_label.append(torch.logsumexp(words[:, start:start + len(ws)], dim=-1))
+            start += len(ws)
+        return torch.stack(per_label, dim=-1)
+
+    def _word_scores(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        flat = [w for ws in self.words for w in ws]
+        ids = inputs["input_ids"]
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        if not self.causal:  # the MLM logit of each word's token at the [MASK]
+            at = (ids == self.tokenizer.mask_token_id).int().argmax(-1)
+            logits = model(**inputs).logits[rows, at].float()
+            return logits[:, [w[0] for w in flat]]
+        last = inputs["attention_mask"].sum(-1) - 1  # right-padded: the prefix's last token
+        if all(len(w) == 1 for w in flat):
+            logp = F.log_softmax(model(**inputs).logits[rows, last].float(), dim=-1)
+            return logp[:, [w[0] for w in flat]]
+        pad = self.tokenizer.pad_token_id or 0
+        return torch.stack([continuation_logprob(model, ids, inputs["attention_mask"], last, w,
+                                                 pad) for w in flat], dim=-1)
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        if model.training:
+            self._p_cf = None  # the model changes: estimate the bias again at evaluation
+        scores = self.scores(model, batch)
+        target = batch["labels"]
+        loss = F.cross_entropy(scores, target)  # soft (float) targets: soft cross-entropy
+        extras: dict[str, Any] = {}
+        if self.calibrate and not model.training:
+            extras["calibrated"] = self.calibrated(model, scores)
+        return TaskOutput(loss, scores, extras)
+
+    # --- calibration ------------------------------------------------------------------------
+    def content_free_probs(self, model: nn.Module) -> torch.Tensor:
+        """Mean label distribution over the content-free inputs (Zhao et al. 2021, p_cf)."""
+        from ftlab.data.batching import PadCollator
+
+        rows = []
+        for cf in self.content_free:
+            text = self.tokenizer.mask_token if cf == "[MASK]" and self.tokenizer.mask_token \
+                else cf
+            ids = self.encode({f: text for f in self.pattern.fields})
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+        batch = PadCollator(self.tokenizer.pad_token_id or 0)(rows)
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            probs = self.scores(model, {k: v.to(device) for k, v in batch.items()}).softmax(-1)
+        return probs.mean(0)
+
+    def calibrated(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+        """Calibrated label probabilities: softmax(scores) / p_cf, renormalised."""
+        if self._p_cf is None:
+            self._p_cf = self.content_free_probs(model)
+        return calibrate(scores.softmax(-1), self._p_cf)
+
+    # --- metrics ----------------------------------------------------------------------------
+    def metrics(self) -> MetricCollection:
+        n = len(self.labels)
+        metrics = {"acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                   "f1": MulticlassF1Score(num_classes=n, average="macro")}
+        if self.calibrate:
+            metrics |= {"acc_cal": CalibratedAccuracy(num_classes=n, average="micro"),
+                        "f1_cal": CalibratedF1(num_classes=n, average="macro")}
+        # no compute groups: plain and calibrated metrics have equal states until they differ
+        return MetricCollection(metrics, compute_groups=False)
+
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
+        target = batch["labels"]
+        if target.is_floating_point():
+            target = target.argmax(-1)
+        cal = out.extras.get("calibrated")
+        metrics.update(preds=out.logits.argmax(-1), target=target,
+                       calibrated=(cal if cal is not None else out.logits).argmax(-1))
+
+
+def calibrate(probs: torch.Tensor, p_cf: torch.Tensor) -> torch.Tensor:
+    """Zhao et al. (2021): W = diag(p_cf)^-1, b = 0, then renormalise each row."""
+    q = probs / p_cf.clamp(min=1e-12)
+    return q / q.sum(-1, keepdim=True)
+
+
+class CalibratedAccuracy(MulticlassAccuracy):
+    """Accuracy of the calibrated predictions (``calibrated``), beside the plain one."""
+
+    def update(self, calibrated: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(calibrated, target)
+
+
+class CalibratedF1(MulticlassF1Score):
+    def update(self, calibrated: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(calibrated, target)

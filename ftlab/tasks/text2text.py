@@ -1,0 +1,252 @@
+"""Text-to-text classification (Raffel et al. 2020, T5): inputs and targets are both text.
+
+A source template renders each row (``"sst2 sentence: {text}"``) and the target is the label's
+target string (the label's name, or ``targets: {fresh: positive, ...}``).
+
+- Seq2seq models (T5, BART): the encoder reads the source, the decoder is trained on the target.
+- Decoder-only models (GPT-2, SmolLM2): the row is source + target; the loss is on the target
+  tokens only (prompt tokens masked with -100).
+
+Evaluation, both ways: **rank classification** (score every label's target string by its summed
+log-probability given the source, pick the best: ``acc``, ``f1``) and **generation** (greedy
+decoding of up to ``max_target_length`` tokens: ``em``, exact match with the row's target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_config, load_model
+from ftlab.rules import at_least
+from ftlab.tasks.base import TaskOutput
+from ftlab.tasks.classify import Classify
+from ftlab.tasks.prompting import continuation_logprob
+
+
+class TextToText(Classify):
+    row_logits = False  # training scores target tokens; label scores exist at evaluation only
+
+    """Labels as text; trained with the LM loss on the target, evaluated by ranking and
+    generating.
+
+    Args:
+        source: template over the data's text columns, e.g. ``"sst2 sentence: {text}"``.
+        targets: label -> target string; None: the label names.
+        max_length: source tokens (the source is cut to fit).
+        max_target_length: generated tokens at most.
+        generate: also decode greedily at evaluation (``em``); off saves time.
+        monitor: validation metric that picks the best epoch (``acc``: rank classification).
+    """
+
+    def __init__(self, source: str = "{text}", targets: Mapping[str, str] | None = None,
+                 max_length: Annotated[int, at_least(1, example="128")] = 128,
+                 max_target_length: Annotated[int, at_least(1, example="8")] = 8,
+                 generate: bool = True,
+                 monitor: str = "acc") -> None:
+        super().__init__(max_length=max_length, monitor=monitor)
+        self.source, self.generate = source, generate
+        self.target_map = dict(targets) if targets is not None else None
+        self.max_target_length = max_target_length
+        self.seq2seq: bool | None = None
+        self.eos: int | None = None
+        self.row_logits = False  # training scores target tokens; label scores: evaluation only
+
+    def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
+        super().bind(raw, tokenizer, text_columns)
+        self.targets = [str((self.target_map or {}).get(label, label)) for label in self.labels]
+        if self.target_map is not None and set(self.target_map) != set(self.labels):
+            raise FtlabError(f"stage.task.targets names {sorted(self.target_map)}, but the "
+                             f"data's labels are {list(self.labels)}.",
+                             "give every label one target string, or targets: null for the "
+                             "label names.")
+        try:
+            self.source.format_map({c: "" for c in self.text_columns})
+        except (KeyError, ValueError, IndexError) as err:
+            raise FtlabError(f"The source template {self.source!r} does not fit the data's text "
+                             f"columns {self.text_columns} ({err!r}).",
+                             "use {column} fields of data.text_columns, e.g. "
+                             "'sst2 sentence: {text}'.") from None
+        self.features = ("input_ids", "attention_mask", "labels", "class_id")
+
+    def featurize(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(batch[self.text_columns[0]])
+        out: dict[str, list] = {"input_ids": [], "labels": [], "class_id": []}
+        for i in range(n):
+            texts = {c: ("" if batch[c][i] is None else str(batch[c][i])) for c in
+                     self.text_columns}
+            label = batch["label"][i]
+            cid = int(torch.as_tensor(label).argmax()) if isinstance(label, list) else int(label)
+            ids, labels = self.encode(self.source.format_map(texts), self.targets[cid])
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["class_id"].append(cid)
+        out["attention_mask"] = [[1] * len(x) for x in out["input_ids"]]
+        out["length"] = [len(x) for x in out["input_ids"]]
+        return out
+
+    def encode(self, source: str, target: str) -> tuple[list[int], list[int]]:
+        """(input ids, label ids): seq2seq: source / target; decoder-only: source + target /
+        -100 over the source, then the target's ids."""
+        tok = self.tokenizer
+        if self.seq2seq:
+            src = tok(source, truncation=True, max_length=self.max_length)["input_ids"]
+            return src, tok(target)["input_ids"]
+        tgt = self.target_ids(source, target) + ([self.eos] if self.eos is not None else [])
+        src = tok(source, truncation=True, max_length=max(1, self.max_length - len(tgt)))
+        src = src["input_ids"]
+        return src + tgt, [-100] * len(src) + tgt
+
+    def target_ids(self, source: str, target: str) -> list[int]:
+        """A decoder-only target's ids as they follow the source (after a space)."""
+        head = self.tokenizer(source, add_special_tokens=False)["input_ids"]
+        both = self.tokenizer(source + " " + target, add_special_tokens=False)["input_ids"]
+        if both[: len(head)] == head and len(both) > len(head):
+            return both[len(head):]
+        return self.tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+
+    def see_model(self, config: Any) -> None:
+        """Seq2seq or decoder-only, from the model's config (before featurising)."""
+        from transformers.models.auto import modeling_auto as auto
+
+        # the end of a target: the tokenizer's EOS, else the model's (a WordPiece tokenizer
+        # on a decoder has none of its own)
+        eos = config.eos_token_id if self.tokenizer.eos_token_id is None else \
+            self.tokenizer.eos_token_id
+        self.eos = eos[0] if isinstance(eos, list) else eos
+        if getattr(config, "is_encoder_decoder", False):
+            self.seq2seq = True
+        elif config.model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
+                config.model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            self.seq2seq = False
+        else:
+            raise FtlabError(f"stage=text2text needs a seq2seq (T5, BART) or decoder-only "
+                             f"(GPT-2, SmolLM2) model; '{config.model_type}' is an encoder.",
+                             "use stage=cloze (masked LMs) or stage=classify for encoders.")
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        config = load_config(spec)
+        self.see_model(config)
+        auto_class = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+        return load_model(spec, auto_class, config=config)
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if self.seq2seq:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:  # the loss on target tokens only (labels hold -100 over the prompt)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        if model.training:
+            return TaskOutput(loss)
+        scores = self.rank(model, batch)
+        extras = {"em": self.exact_match(model, batch)} if self.generate else {}
+        return TaskOutput(loss, scores, extras)
+
+    def _prompt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Decoder-only: (ids, mask, index of each prompt's last token) of the prompts alone."""
+        prompt_len = (batch["labels"] == -100).logical_and(batch["attention_mask"] == 1).sum(-1)
+        width = batch["input_ids"].shape[1]
+        keep = torch.arange(width, device=prompt_len.device)[None] < prompt_len[:, None]
+        pad = self.tokenizer.pad_token_id or 0
+        return batch["input_ids"].masked_fill(~keep, pad), keep.long(), prompt_len - 1
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.rank(model, batch)
+
+    def rank(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rank classification: each label's target scored by its summed log-probability."""
+        with torch.no_grad():
+            if self.seq2seq:
+                return torch.stack([self._seq2seq_score(model, batch, t) for t in self.targets],
+                                   -1)
+            ids, mask, last = self._prompt(batch)
+            pad = self.tokenizer.pad_token_id or 0
+            words = [self.target_ids("", t) for t in self.targets]
+            return torch.stack([continuation_logprob(model, ids, mask, last, w, pad)
+                                for w in words], -1)
+
+    def _seq2seq_score(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                       target: str) -> torch.Tensor:
+        tgt = torch.tensor(self.tokenizer(target)["input_ids"], device=batch["input_ids"].device)
+        labels = tgt.expand(batch["input_ids"].shape[0], -1).contiguous()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=labels).logits.float()
+        return F.log_softmax(logits, -1).gather(2, labels[..., None]).squeeze(-1).sum(-1)
+
+    def exact_match(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Greedy decoding (no cache: works through every PEFT wrapper) vs the row's target."""
+        eos = self.eos
+        rows = batch["input_ids"].shape[0]
+        with torch.no_grad():
+            if self.seq2seq:
+                start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+                dec = torch.full((rows, 1), start if start is not None else 0,
+                                 device=batch["input_ids"].device)
+                for _ in range(self.max_target_length):
+                    logits = model(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"],
+                                   decoder_input_ids=dec).logits[:, -1]
+                    dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
+                out = dec[:, 1:]
+            else:
+                ids, mask, last = self._prompt(batch)
+                out = self._greedy(model, ids, mask, last)
+        texts = [self._until_eos(row, eos) for row in out.tolist()]
+        wanted = [self.targets[c] for c in batch["class_id"].tolist()]
+        return torch.tensor([t.strip() == w.strip() for t, w in zip(texts, wanted, strict=True)],
+                            dtype=torch.float32)
+
+    def _greedy(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                last: torch.Tensor) -> torch.Tensor:
+        n = self.max_target_length
+        seq = torch.cat([ids, torch.full((ids.shape[0], n), self.tokenizer.pad_token_id or 0,
+                                         dtype=ids.dtype, device=ids.device)], 1)
+        att = torch.cat([mask, torch.zeros_like(seq[:, :n])], 1)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        for step in range(n):
+            at = last + step
+            nxt = model(input_ids=seq, attention_mask=att).logits[rows, at].argmax(-1)
+            seq[rows, at + 1], att[rows, at + 1] = nxt, 1
+        gather = last[:, None] + 1 + torch.arange(n, device=ids.device)
+        return seq.gather(1, gather)
+
+    def _until_eos(self, ids: list[int], eos: int | None) -> str:
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- metrics ----------------------------------------------------------------------------
+    def metrics(self) -> MetricCollection:
+        n = len(self.labels)
+        metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes=n, average="micro"),
+                                   "f1": MulticlassF1Score(num_classes=n, average="macro")}
+        if self.generate:
+            metrics["em"] = ExactMatch()
+        return MetricCollection(metrics, compute_groups=False)
+
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
+        em = out.extras.get("em")
+        metrics.update(preds=out.logits.argmax(-1), target=batch["class_id"],
+                       em=em if em is not None else torch.zeros(0))
+
+
+class ExactMatch(MeanMetric):
+    """Share of rows whose generated text equals their target (after stripping spaces)."""
+
+    def update(self, em: torch.Tensor) -> None:  # type: ignore[override]
+        if em.numel():
+            super().update(em)

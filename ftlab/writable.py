@@ -1,0 +1,57 @@
+"""Before Hydra creates a job's folder: is the output folder writable? A read-only, full or
+permission-denied folder would otherwise end in a Hydra traceback; here it is one paragraph
+with the fix (``conf/hydra/default.yaml`` registers the callback)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+#: bytes the probe writes: a folder with less free space is as good as full
+PROBE_BYTES = 256 * 1024
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` (and parents) and write, flush and fsync a small probe file in it;
+    raise ``FtlabError`` (with the fix) when the file system refuses."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ftlab-probe-") as probe:
+            # room for Hydra's own files (.hydra/*.yaml, ~15 KB) and the job's first results;
+            # an empty file could still fit on a full disk
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        from ftlab.store import environment_error
+
+        problem = environment_error(err, folder, started=False)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback: check the run (or sweep) folder before Hydra writes into it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_or_exit(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_or_exit(config.hydra.sweep.dir)
+
+
+def _check_or_exit(folder: str) -> None:
+    from ftlab.errors import FtlabError
+
+    try:
+        check_writable(folder)
+    except FtlabError as err:  # SystemExit passes Hydra without a traceback
+        print(f"\nftlab: {err}\n", file=sys.stderr)
+        sys.exit(1)

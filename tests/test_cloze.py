@@ -1,0 +1,204 @@
+"""Cloze-style (PET) classification: patterns, verbaliser token ids per tokenizer family,
+scoring on masked and causal LMs, calibration, zero-shot runs and the untrained-head refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftlab.config import bind_schema
+from ftlab.data.batching import PadCollator
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_tokenizer
+from ftlab.run import run
+from ftlab.tasks.cloze import Cloze, calibrate
+from ftlab.tasks.prompting import Pattern, fit, word_ids
+from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
+
+VERB = {"pos": "great", "neg": "bad"}
+
+
+def bound(tokenizer, **kwargs) -> Cloze:
+    from datasets import Dataset, DatasetDict
+
+    task = Cloze(kwargs.pop("pattern", "{text} It was {mask}."), kwargs.pop("verbalizer", VERB),
+                 **kwargs)
+    raw = RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
+                  ["neg", "pos"])
+    task.bind(raw, tokenizer, ["text"])
+    return task
+
+
+def batch_for(task, rows, pad_id):
+    feats = task.featurize({"text": [r["text"] for r in rows],
+                            "label": [0 if r["label"] == "neg" else 1 for r in rows]})
+    return PadCollator(pad_id)([dict(zip(feats, v, strict=True))
+                                for v in zip(*feats.values(), strict=True)])
+
+
+@pytest.fixture(params=["tiny_bert", "tiny_gpt2"])
+def tiny(request, make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [f"model={request.param}"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    return spec, load_tokenizer(spec)
+
+
+def byte_level_bpe():
+    """A small GPT-2-style byte-level BPE tokenizer trained here (offline)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    text = [r["text"] + " It was great. It was awful." for r in synthetic_rows(200, 3)]
+    bpe.train_from_iterator(text, vocab_size=400, min_frequency=1, special_tokens=["<pad>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>")
+
+
+def test_pattern_needs_exactly_one_slot_and_plain_fields():
+    assert Pattern("{text} It was {mask}.").fields == ["text"]
+    for bad in ("{text} It was good.", "{mask} {text} {mask}", "{text[0]} {mask}", "{text"):
+        with pytest.raises(FtlabError):
+            Pattern(bad)
+
+
+def test_verbaliser_ids_use_the_leading_space_token_in_byte_level_bpe():
+    tok = byte_level_bpe()
+    ids = word_ids(tok, Pattern("{text} It was {mask}."), "great")
+    assert tok.convert_ids_to_tokens(ids) == ["Ġgreat"]  # " great", not "great"
+    # no space before the slot: the bare word
+    glued = word_ids(tok, Pattern("{text} It was:{mask}"), "great")
+    assert "Ġ" not in "".join(tok.convert_ids_to_tokens(glued))
+
+
+def test_verbaliser_ids_wordpiece(tiny):
+    _, tok = tiny
+    task = bound(tok)
+    assert task.words == [[tok.convert_tokens_to_ids(["bad"])], [tok.convert_tokens_to_ids(
+        ["great"])]]  # label order: neg, pos
+
+
+def test_verbaliser_must_cover_the_labels(tiny):
+    _, tok = tiny
+    with pytest.raises(FtlabError, match="missing: \\['neg'\\]"):
+        bound(tok, verbalizer={"pos": "great"})
+
+
+def test_long_text_is_cut_but_never_the_pattern_or_the_slot(tiny):
+    _, tok = tiny
+    ids = fit(tok, Pattern("{text} It was {mask}."), {"text": "the film " * 100},
+              tok.mask_token, 24)
+    assert len(ids) <= 24 and tok.mask_token_id in ids
+    tail = tok("It was " + tok.mask_token + ".", add_special_tokens=False)["input_ids"]
+    body = ids[:-1] if ids[-1] == tok.sep_token_id else ids
+    assert body[-len(tail):] == tail
+
+
+def test_masked_lm_scores_are_the_mlm_logits_of_the_words_at_the_mask(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir))
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = bound(tok, verbalizer={"pos": ["great", "best"], "neg": "bad"})
+    model = task.build_model(spec).eval()
+    assert not task.causal
+    batch = batch_for(task, synthetic_rows(4, 1), tok.pad_token_id)
+    with torch.no_grad():
+        scores = task.scores(model, batch)
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    at = (batch["input_ids"] == tok.mask_token_id).nonzero()[:, 1]
+    word = logits[torch.arange(4), at]
+    ids = tok.convert_tokens_to_ids(["bad", "great", "best"])
+    expected = torch.stack([word[:, ids[0]], torch.logsumexp(word[:, ids[1:]], -1)], -1)
+    torch.testing.assert_close(scores, expected)
+
+
+def test_causal_lm_sums_log_probabilities_of_multi_token_words(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = bound(tok, verbalizer={"pos": "great film", "neg": "awful"})
+    model = task.build_model(spec).eval()
+    assert task.causal and len(task.words[1][0]) == 2
+    rows = synthetic_rows(3, 2)
+    batch = batch_for(task, rows, tok.pad_token_id)
+    with torch.no_grad():
+        scores = task.scores(model, batch)
+        for i, r in enumerate(rows):  # by hand: prefix + word, one row at a time, no padding
+            prefix = tok(r["text"] + " It was")["input_ids"]
+            for label, word in ((0, "awful"), (1, "great film")):
+                w = task.words[label][0]
+                logp = F.log_softmax(model(torch.tensor([prefix + w])).logits[0].float(), -1)
+                manual = sum(logp[len(prefix) - 1 + j, t] for j, t in enumerate(w))
+                assert scores[i, label].item() == pytest.approx(manual.item(), abs=1e-4)
+
+
+def test_masked_lm_refuses_multi_token_words(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir))
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    task = bound(load_tokenizer(spec), verbalizer={"pos": "great film", "neg": "awful"})
+    with pytest.raises(FtlabError, match="(?s)several tokens.*causal LM"):
+        task.build_model(spec)
+
+
+def test_cloze_training_lowers_the_loss(tiny, sentiment_dir):
+    spec, tok = tiny
+    task = bound(tok)
+    model = task.build_model(spec)
+    batch = batch_for(task, synthetic_rows(16, 4), tok.pad_token_id)
+    before, after = loss_before_after(task, model, batch, steps=15)
+    assert after < before * 0.7
+
+
+def test_calibration_makes_the_content_free_distribution_uniform():
+    p_cf = torch.tensor([0.8, 0.2])
+    assert torch.allclose(calibrate(p_cf[None], p_cf), torch.tensor([[0.5, 0.5]]))
+    # a row the raw model calls class 0 (0.7 vs 0.3) is class 1 once the bias is divided out
+    out = calibrate(torch.tensor([[0.7, 0.3]]), p_cf)
+    assert out.argmax(-1).item() == 1
+    assert out[0, 1].item() == pytest.approx((0.3 / 0.2) / (0.7 / 0.8 + 0.3 / 0.2))
+
+
+def test_zero_shot_run_with_calibration_reports_both(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage=cloze", "stage.task.verbalizer={pos: great, neg: bad}",
+        "stage.task.calibrate=true", "stage.trainer.max_steps=0"])
+    record = run(cfg)
+    assert record["status"] == "ok"
+    final = record["final"]
+    for m in ("val/acc", "val/f1", "val/acc_cal", "val/f1_cal", "test/acc", "test/acc_cal"):
+        assert m in final
+    assert record["stages"]["cloze"]["global_steps"] == 0
+
+
+def test_a_masked_lm_without_a_trained_head_is_refused(tmp_path, make_cfg, sentiment_dir):
+    from transformers import BertConfig, BertModel
+
+    cfg0 = make_cfg(tiny_overrides(sentiment_dir))
+    spec = bind_schema(ModelSpec, cfg0.model, "model")
+    folder = tmp_path / "encoder_only"
+    BertModel(BertConfig(**{k: v for k, v in spec.config.items() if k != "model_type"})) \
+        .save_pretrained(folder)  # like MiniLM: an encoder checkpoint, no MLM head
+    load_tokenizer(spec).save_pretrained(folder)
+    over = tiny_overrides(sentiment_dir) + [
+        "stage=cloze", "stage.task.verbalizer={pos: great, neg: bad}",
+        f"model.name_or_path={folder}", "model.config={}", "model.tokenizer=null"]
+    with pytest.raises(SystemExit):
+        run(make_cfg(over))
+    import json
+
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "no trained LM head" in record["error"] and "stage=mlm" in record["error"]
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2"])
+@pytest.mark.parametrize("peft", ["lora", "adapter_pfeiffer", "bitfit"])
+def test_cloze_composes_with_peft_methods(model, peft, make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        f"model={model}", f"peft={peft}", "stage=cloze",
+        "stage.task.verbalizer={pos: great, neg: bad}", "trainer.max_steps=3"])
+    record = run(cfg)
+    stage = record["stages"]["cloze"]
+    assert record["status"] == "ok" and stage["global_steps"] == 3
+    assert 0 < stage["params_trainable_pct"] < 50  # the method's share, not the whole LM

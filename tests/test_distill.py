@@ -1,0 +1,168 @@
+"""Distillation from teachers (PET's final step): soft labels, pipelines and run folders."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftlab.data.sources import RawData
+from ftlab.distill import label_with_teachers
+from ftlab.errors import FtlabError
+from ftlab.run import run
+from ftlab.tasks.classify import Classify
+from tests.conftest import tiny_overrides
+
+
+def test_soft_target_loss_equals_cross_entropy_on_hand_computed_values():
+    task = Classify()
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    loss = task.forward(model, {"input_ids": torch.zeros(2, 3, dtype=torch.long),
+                                "labels": target}).loss
+    import math
+
+    def lsm(a, b):  # log softmax of a pair, by hand
+        z = math.log(math.exp(a) + math.exp(b))
+        return a - z, b - z
+
+    r0, r1 = lsm(2.0, 0.0), lsm(0.0, 1.0)
+    hand = -((0.75 * r0[0] + 0.25 * r0[1]) + (0.5 * r1[0] + 0.5 * r1[1])) / 2
+    assert loss.item() == pytest.approx(hand, abs=1e-6)
+
+
+def _raw(rows, labels=("neg", "pos")):
+    from datasets import Dataset, DatasetDict
+
+    return RawData(DatasetDict({"train": Dataset.from_list(rows),
+                                "validation": Dataset.from_list(rows)}), list(labels))
+
+
+def test_teachers_average_their_temperature_softened_predictions():
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    t1 = SimpleNamespace(labels=["neg", "pos"],
+                         scores=lambda texts: torch.tensor([[4.0, 0.0], [0.0, 2.0]]))
+    t2 = SimpleNamespace(labels=["neg", "pos"],
+                         scores=lambda texts: torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+    stage = SimpleNamespace(teachers=("t1", "t2"), teacher_temperature=2.0, teacher_rows=None,
+                            where="stage 'd'")
+    raw, info = label_with_teachers(_raw(rows), stage, [t1, t2], ["text"])
+    soft = torch.tensor(raw.splits["train"]["label"])
+    expected = (torch.tensor([[2.0, 0.0], [0.0, 1.0]]).softmax(-1)
+                + torch.tensor([[0.0, 0.0], [1.0, 0.0]]).softmax(-1)) / 2
+    torch.testing.assert_close(soft, expected)
+    assert raw.splits["validation"]["label"] == [0, 1]  # gold labels stay for evaluation
+    assert info["teacher_train_acc"] == 0.5 and info["distilled_rows"] == 2
+
+
+def test_teachers_must_predict_the_same_labels():
+    t = SimpleNamespace(labels=["pos", "neg"], scores=lambda texts: torch.zeros(1, 2))
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=2.0, teacher_rows=None,
+                            where="stage 'd'")
+    with pytest.raises(FtlabError, match="names and order must match"):
+        label_with_teachers(_raw([{"text": "a", "label": 0}]), stage, [t], ["text"])
+
+
+PIPE = ["+pipeline.stages.t1={name: t1, task: {_target_: ftlab.tasks.cloze.Cloze, "
+        "pattern: '{text} It was {mask}.', verbalizer: {pos: great, neg: bad}}, "
+        "trainer: {max_steps: 3}}",
+        "+pipeline.stages.t2={name: t2, task: {_target_: ftlab.tasks.cloze.Cloze, "
+        "pattern: 'Just {mask}! {text}', verbalizer: {pos: great, neg: bad}}, "
+        "trainer: {max_steps: 3}}"]
+
+
+def test_a_pipeline_stage_distils_from_earlier_stages(make_cfg, sentiment_dir):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + PIPE + [
+        "+pipeline.stages.student={name: student, task: {_target_: "
+        "ftlab.tasks.classify.Classify}, teachers: [t1, t2], trainer: {max_steps: 3}}"])
+    record = run(cfg)
+    assert record["status"] == "ok", record.get("error")
+    student = record["stages"]["student"]
+    assert student["teachers"] == ["t1", "t2"] and student["distilled_rows"] == 256
+    assert 0.0 <= student["teacher_train_acc"] <= 1.0
+    # the student's key includes its teachers' keys: another teacher, another student
+    keys = {line["stage"]: line["key"] for line in record["lineage"]}
+    from ftlab.cache import pipeline_keys
+    from ftlab.pipeline import build_pipeline
+
+    stages = build_pipeline(cfg)
+    import dataclasses
+
+    changed = [dataclasses.replace(s, task={**s.task, "pattern": "{text} So {mask}."})
+               if s.name == "t2" else s for s in stages]
+    assert pipeline_keys(changed)["student"] != keys["student"]
+
+
+def test_a_stage_distils_from_finished_runs(make_cfg, sentiment_dir, tmp_path):
+    teacher = make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage=cloze", "stage.task.verbalizer={pos: great, neg: bad}", "trainer.max_steps=3"])
+    assert run(teacher)["status"] == "ok"
+    done = tmp_path / "teacher_run"
+    (tmp_path / "run").rename(done)
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage=distill", f"stage.teachers=['{done}','{done}#cloze']", "trainer.max_steps=3"])
+    record = run(cfg)
+    assert record["status"] == "ok", record.get("error")
+    assert record["stages"]["distill"]["teachers"] == [str(done), f"{done}#cloze"]
+    assert json.loads((done / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_unknown_teachers_fail_before_training(make_cfg, sentiment_dir, tmp_path):
+    for teacher, why in (("nosuch", "not an earlier stage"), (f"{tmp_path}/absent", "no folder")):
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + ["stage=distill",
+                                                         f"stage.teachers=[{teacher}]"])
+        with pytest.raises(SystemExit):
+            run(cfg)
+        record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert why in record["error"] and record["stages"] == {}
+
+
+def test_the_shipped_pet_pipeline_resolves(make_cfg, sentiment_dir):
+    from ftlab.pipeline import build_pipeline
+
+    stages = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + ["pipeline=pet"]))
+    assert [s.name for s in stages] == ["p1", "p2", "p3", "distill"]
+    assert stages[-1].teachers == ("p1", "p2", "p3") and stages[-1].teacher_temperature == 2.0
+    assert len({s.task["pattern"] for s in stages[:3]}) == 3
+
+
+def test_ipet_adds_class_balanced_confident_teacher_rows_to_the_gold_rows():
+    from datasets import Dataset, DatasetDict
+
+    from ftlab.distill import balanced_confident
+
+    gold = [{"text": f"g{i}", "label": i % 2} for i in range(4)]
+    pool = [{"text": f"u{i}"} for i in range(40)]
+    scores = torch.tensor([[3.0, 0.0]] * 30 + [[0.0, 3.0]] * 10)  # 30 say neg, 10 say pos
+    t = SimpleNamespace(labels=["neg", "pos"], scores=lambda texts: scores)
+    raw = RawData(DatasetDict({"train": Dataset.from_list(gold),
+                               "unlabelled": Dataset.from_list(pool),
+                               "validation": Dataset.from_list(gold)}), ["neg", "pos"])
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=8, seed=3,
+                            where="stage 'g1'")
+    out, info = label_with_teachers(raw, stage, [t], ["text"])
+    train = out.splits["train"]
+    assert len(train) == 4 + 8 and train["text"][:4] == ["g0", "g1", "g2", "g3"]
+    added = dict(zip(train["text"][4:], train["label"][4:], strict=True))
+    assert sorted(added.values()) == [0, 0, 0, 0, 1, 1, 1, 1]  # class-balanced, hard labels
+    assert all(int(k[1:]) < 30 if v == 0 else int(k[1:]) >= 30 for k, v in added.items())
+    assert "unlabelled" not in out.splits and info["teacher_rows_added"] == 8
+    # confidence-weighted: confident rows are drawn far more often
+    probs = torch.tensor([[0.98, 0.01, 0.01]] * 5 + [[0.34, 0.33, 0.33]] * 95)
+    hits = sum(sum(i < 5 for i in balanced_confident(probs, 3, seed)) for seed in range(300))
+    # one pick of class 0 per draw: uniform gives 5/100; confidence-weighted 4.9/(4.9+32.3)
+    assert hits / 300 > 0.09
+
+
+def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
+    from ftlab.pipeline import build_pipeline
+
+    stages = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + ["pipeline=ipet"]))
+    by = {s.name: s for s in stages}
+    assert list(by) == ["p1", "p2", "p3", "g1p1", "g1p2", "g1p3", "distill"]
+    assert by["g1p2"].teachers == ("p1", "p3") and by["g1p2"].teacher_rows == 160
+    assert by["g1p2"].task["pattern"] == by["p2"].task["pattern"]
+    assert by["distill"].teachers == ("g1p1", "g1p2", "g1p3")

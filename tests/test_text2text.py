@@ -1,0 +1,102 @@
+"""Text-to-text classification on seq2seq (tiny T5) and decoder-only (tiny GPT-2) models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftlab.config import bind_schema
+from ftlab.data.batching import PadCollator
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer
+from ftlab.run import run
+from ftlab.tasks.text2text import TextToText
+from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
+
+
+def setup(make_cfg, sentiment_dir, model, **kwargs):
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [f"model={model}"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    from datasets import Dataset, DatasetDict
+
+    task = TextToText(**{"source": "review: {text}", **kwargs})
+    task.bind(RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
+                      ["neg", "pos"]), tok, ["text"])
+    task.see_model(load_config(spec))
+    return spec, tok, task
+
+
+def batch_for(task, rows, pad_id):
+    feats = task.featurize({"text": [r["text"] for r in rows],
+                            "label": [0 if r["label"] == "neg" else 1 for r in rows]})
+    return PadCollator(pad_id)([dict(zip(feats, v, strict=True))
+                                for v in zip(*feats.values(), strict=True)])
+
+
+def test_decoder_only_loss_is_on_the_target_tokens_only(make_cfg, sentiment_dir):
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2")
+    rows = synthetic_rows(3, 1)
+    feats = task.featurize({"text": [r["text"] for r in rows], "label": [1, 0, 1]})
+    for ids, labels, cid in zip(feats["input_ids"], feats["labels"], feats["class_id"],
+                                strict=True):
+        target = task.targets[cid]
+        kept = [t for t in labels if t != -100]
+        assert tok.decode(kept, skip_special_tokens=True).strip() == target
+        assert labels[: len(ids) - len(kept)] == [-100] * (len(ids) - len(kept))
+        assert ids[-len(kept):] == kept  # the target is the end of the input
+
+
+def test_rank_classification_scores_each_label_by_its_summed_log_probability(make_cfg,
+                                                                             sentiment_dir):
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2",
+                            targets={"pos": "great film", "neg": "bad"})
+    model = task.build_model(spec).eval()
+    rows = synthetic_rows(3, 2)
+    batch = batch_for(task, rows, tok.pad_token_id)
+    scores = task.rank(model, batch)
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            prompt = tok("review: " + r["text"])["input_ids"]
+            for label in (0, 1):
+                w = task.target_ids("", task.targets[label])
+                logp = F.log_softmax(model(torch.tensor([prompt + w])).logits[0].float(), -1)
+                manual = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(w))
+                assert scores[i, label].item() == pytest.approx(manual.item(), abs=1e-4)
+    # and the prediction is the higher-scoring label
+    out = task.forward(model, batch)
+    assert torch.equal(out.logits.argmax(-1), scores.argmax(-1))
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_training_learns_targets_and_generation_reproduces_them(model, make_cfg, sentiment_dir):
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_target_length=4)
+    net = task.build_model(spec)
+    batch = batch_for(task, synthetic_rows(16, 4), tok.pad_token_id)
+    before, after = loss_before_after(task, net, batch, steps=60, lr=1e-2)
+    assert after < before * 0.5
+    net.eval()
+    out = task.forward(net, batch)
+    rank_acc = (out.logits.argmax(-1) == batch["class_id"]).float().mean().item()
+    assert rank_acc >= 0.9 and out.extras["em"].mean().item() >= 0.9  # memorised both ways
+
+
+def test_an_encoder_is_refused(make_cfg, sentiment_dir):
+    with pytest.raises(FtlabError, match="encoder"):
+        setup(make_cfg, sentiment_dir, "tiny_bert")
+
+
+def test_targets_must_name_the_labels(make_cfg, sentiment_dir):
+    with pytest.raises(FtlabError, match="targets"):
+        setup(make_cfg, sentiment_dir, "tiny_t5", targets={"good": "great"})
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_text2text_stage_runs_with_lora_and_reports_rank_and_generation(model, make_cfg,
+                                                                        sentiment_dir):
+    record = run(make_cfg(tiny_overrides(sentiment_dir) + [
+        f"model={model}", "stage=text2text", "peft=lora", "trainer.max_steps=4"]))
+    assert record["status"] == "ok"
+    assert {"val/acc", "val/f1", "val/em", "test/acc", "test/em"} <= set(record["final"])
