@@ -96,7 +96,7 @@ def one_of(*choices: Any, **kw: Any) -> Rule:
 TRAINER: dict[str, Rule] = {
     "max_epochs": at_least(1, also=(-1,), example="1"),
     "min_epochs": at_least(0),
-    "max_steps": at_least(1, also=(-1,), example="100"),
+    "max_steps": at_least(0, also=(-1,), example="100"),  # 0: evaluate only (zero-shot)
     "min_steps": at_least(0),
     "val_check_interval": Rule(gt=0, example="1.0"),
     "check_val_every_n_epoch": at_least(1),

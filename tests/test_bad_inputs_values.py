@@ -144,8 +144,8 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     # --- trainer keys (the TRAINER table) and types (Trainer's signature)
     ("max-epochs-zero", lambda t, s: S(s) + ["trainer.max_epochs=0"],
      r"trainer: max_epochs=0 is out of range: it must be 1 or more, or -1.*trainer.max_epochs"),
-    ("max-steps-zero", lambda t, s: S(s) + ["trainer.max_steps=0"],
-     r"max_steps=0 is out of range"),
+    ("max-steps-negative", lambda t, s: S(s) + ["trainer.max_steps=-2"],
+     r"max_steps=-2 is out of range: it must be 0 or more, or -1"),
     ("stage-max-steps-negative", lambda t, s: S(s) + ["stage.trainer.max_steps=-5"],
      r"max_steps=-5 is out of range"),
     ("val-check-interval-zero", lambda t, s: S(s) + ["trainer.val_check_interval=0"],
@@ -327,7 +327,7 @@ def test_sweep_jobs_follow_the_basic_sweeper():
     (["pipeline=madx", "seed=1,2"], None),  # ${paths.output_dir} in a stage resolves
     (["seed=1,2", "stage.optim.lr=1e-4,-1"], r"Sweep job 1 \(seed=1 stage.optim.lr=-1\)"),
     (["stage.batch_size=8,0"], r"Sweep job 1 \(stage.batch_size=0\).*batch_size=0 is out"),
-    (["trainer.max_steps=5,0"], r"Sweep job 1 \(trainer.max_steps=0\)"),
+    (["trainer.max_steps=5,-2"], r"Sweep job 1 \(trainer.max_steps=-2\)"),
     (["pipeline=tiny", "pipeline.stages.task.task.max_length=32,abc"],
      r"Sweep job 1 \(pipeline.stages.task.task.max_length=abc\): stage 'task'.task"),
     (["stage.batch_size=8,abc"], r"Sweep job 1 \(stage.batch_size=abc\).*batch_size"),
