@@ -28,9 +28,15 @@ def _kind(value: Any) -> str:
 def _jsonl_change(path: Path) -> tuple[str, int, str, str, Any] | None:
     """(column, row, first kind, new kind, value) of the first row whose value for a column
     changes kind (nulls ignored) in a JSON-lines file, or None."""
+    try:
+        return _first_change(path)
+    except (OSError, UnicodeDecodeError, EOFError, ValueError):  # unreadable: the reader's
+        return None  # own message says why
+
+
+def _first_change(path: Path) -> tuple[str, int, str, str, Any] | None:
     seen: dict[str, str] = {}
-    opener = _opener(path)
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _opener(path)(path, "rt", encoding="utf-8") as f:
         row = 0
         for line in f:
             if not line.strip():
