@@ -26,7 +26,7 @@ RULES: list[tuple[str, str]] = [
     (r"test_bad_value\[pipeline-", "a bad later stage"),
     (r"test_every_sweep_job|a_bad_sweep_job", "a bad sweep job"),
     (r"test_bad_value\[(data-|test-file|jsonl-|csv-)", "data files, formats, encodings"),
-    (r"test_bad_command_line_value|pretrained_name_over", "model settings: model.config keys, a name over a tiny model"),
+    (r"test_bad_command_line_value|pretrained_name_over", "model settings (model.config keys)"),
     (r"test_bad_inputs_values\.py", "values out of range / wrong type"),
     (r"test_bad_command_line|test_cli_end_to_end", "command line (pre-flight)"),
     (r"test_bad_run_input\[pipeline-", "a bad later stage"),
