@@ -19,14 +19,16 @@ ROTTEN = DataSpec(
     drop_labels=["plot"], split_by="movie_name")
 
 
-def rotten_setup(batch_size: int, max_train: int | None = None, pad_to: int | None = None):
-    """(task, datamodule, model_spec) for MiniLM on Rotten Tomatoes."""
+def rotten_setup(batch_size: int, max_train: int | None = None, pad_to: int | None = None,
+                 model: ModelSpec = MINILM, **loader):
+    """(task, datamodule, model_spec) for ``model`` (MiniLM) on Rotten Tomatoes; ``loader``:
+    ``TextDataModule``'s loader options (num_workers, pin_memory, pad_to_multiple_of...)."""
     quiet()
     spec = DataSpec(**{**ROTTEN.__dict__, "max_train_samples": max_train})
     raw = load_raw(spec)
-    tok = load_tokenizer(MINILM)
+    tok = load_tokenizer(model)
     task = Classify()
     task.bind(raw, tok, spec.text_columns)
     dm = TextDataModule(raw.splits, task, tok.pad_token_id, batch_size=batch_size,
-                        pad_to=pad_to)
-    return task, dm, MINILM
+                        pad_to=pad_to, **loader)
+    return task, dm, model

@@ -1,45 +1,73 @@
-"""ftlab's training-step overhead vs a hand-written PyTorch loop, and length bucketing vs
-padding every batch to 128 tokens, on MiniLM + Rotten Tomatoes.
+"""ftlab's training step against a hand-written PyTorch loop on the same batches (Rotten
+Tomatoes, length-bucketed), on the CPU or a GPU; on the CPU also length bucketing against
+padding every batch to 128 tokens.
 
     python benchmarks/overhead.py [--rounds 5] [--threads 1] [--steps 40] [--json FILE]
-    python -m benchmarks.overhead ...
+    python benchmarks/overhead.py --device cuda --precision bf16-mixed --model-size base \\
+        --batch-sizes 32,128,512,1024 --json gpu.json
 
-Measured the way a shared, noisy machine allows (see the stack notes): CPU time per optimiser
-step (``time.process_time``) at a fixed torch thread count, variants run interleaved in one
-process (each round runs every variant once; odd rounds run them in reverse order), on the
-same batches every round. It prints each round's ratios, their median and range, and one JSON
-line with every figure (also written to ``--json FILE``).
+Models (``--model-size``): ``minilm`` the pre-trained all-MiniLM-L6-v2 (CPU default),
+``tiny`` conf/model/tiny_bert.yaml, ``base`` conf/model/bert_base_random.yaml (BERT-base's
+shape, random weights, the MiniLM tokenizer; the GPU default).
 
-- overhead = ftlab CPU-s/step / hand-written CPU-s/step on the same length-bucketed batches
-  (target <= 1.05).
-- bucketing = pad-to-128 CPU-s/example / length-bucketed CPU-s/example, both through ftlab
-  (target >= 2).
+Measured as the stack notes say: variants interleaved in one process (each round runs each
+once; odd rounds in reverse order), the same batches every round (a fresh loader with the same
+seed), the median ratio and its range. On the CPU the cost is CPU time per optimiser step
+(``time.process_time``) at a fixed thread count; on a GPU wall time with the device
+synchronised at the window's ends only, after every batch shape was met once (a new shape
+costs kernel planning). Both loops read batches through the same DataLoader settings
+(``--num-workers``, pinned memory on a GPU, ``--pad-multiple``); the plain loop is AdamW (as
+ftlab builds it), autocast, norm clipping at 1.0 and the LR schedule, nothing else.
+
+- ftlab/plain = plain seconds per step / ftlab seconds per step (>= 0.97 is the GPU target;
+  on the CPU ``overhead`` = its inverse, target <= 1.05).
+- samples/s and padded tokens/s of each loop; MFU = 6 x parameters x tokens/s / ``--peak-flops``
+  (989e12: an H100's dense bf16; the 6N rule leaves attention scores out).
+- bucketing (CPU) = pad-to-128 CPU-s/example / length-bucketed CPU-s/example (target >= 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 
 try:
-    from benchmarks._common import rotten_setup
+    from benchmarks._common import MINILM, rotten_setup
 except ImportError:  # run as `python benchmarks/overhead.py` without the repo on sys.path
-    from _common import rotten_setup
+    from _common import MINILM, rotten_setup
 from ftlab.module import FineTuneModule
 from ftlab.optim import OptimSpec, build_optimizer
 from ftlab.regularizers.none import NoRegularizer
 
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+SIZES = {"tiny": "tiny_bert.yaml", "base": "bert_base_random.yaml"}
+
+
+def model_spec(size: str):
+    """The ``ModelSpec`` of ``--model-size`` (a conf/model YAML for tiny and base)."""
+    from omegaconf import OmegaConf
+
+    from ftlab.config import bind_schema
+    from ftlab.model.backbone import ModelSpec
+
+    if size == "minilm":
+        return MINILM
+    return bind_schema(ModelSpec, OmegaConf.load(CONF / SIZES[size]), "model")
+
 
 # The only two places that touch ftlab's module/task APIs (adapt them here if those change).
 def ftlab_module(model: torch.nn.Module, task) -> L.LightningModule:
-    """ftlab's LightningModule for plain full fine-tuning."""
-    return FineTuneModule(model, task, NoRegularizer(), OptimSpec())
+    """ftlab's LightningModule for plain full fine-tuning, as trainer=gpu runs it."""
+    return FineTuneModule(model, task, NoRegularizer(), OptimSpec(), check_finite_every=50)
 
 
 def task_loss(task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,51 +75,91 @@ def task_loss(task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return task.forward(model, batch).loss
 
 
-class CpuStepTimer(L.Callback):
-    """Process CPU time over optimiser steps ``warmup + 1 .. warmup + steps``."""
+class Clock:
+    """Seconds over steps ``warmup + 1 .. warmup + steps`` and the rows/tokens they took."""
 
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps = warmup, steps
+    def __init__(self, device: torch.device, warmup: int, steps: int) -> None:
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.rows = self.tokens = 0
+        self.seconds = float("nan")
 
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = time.process_time()
-        elif trainer.global_step == self.warmup + self.steps:
-            self.seconds = time.process_time() - self.start
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
+
+    def after_step(self, done: int, batch: dict[str, torch.Tensor]) -> None:
+        """Call after optimiser step ``done`` (1-based) on ``batch``."""
+        if done == self.warmup:
+            self.start = self.now()
+        elif self.warmup < done <= self.warmup + self.steps:
+            self.rows += batch["input_ids"].shape[0]
+            self.tokens += batch["input_ids"].numel()
+            if done == self.warmup + self.steps:
+                self.seconds = self.now() - self.start
 
 
-def ftlab_cpu_per_step(task, loader, spec, steps: int, warmup: int, precision: str) -> float:
-    """CPU seconds per optimiser step with ftlab's module and Lightning."""
-    torch.manual_seed(0)
-    module = ftlab_module(task.build_model(spec), task)
-    timer = CpuStepTimer(warmup, steps)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps + warmup, precision=precision,
+class StepClock(L.Callback):
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.after_step(trainer.global_step, batch)
+
+
+def run_ftlab(task, model, loader, clock: Clock, precision: str) -> Clock:
+    module = ftlab_module(model, task)
+    trainer = L.Trainer(accelerator="gpu" if clock.device.type == "cuda" else "cpu", devices=1,
+                        max_steps=clock.warmup + clock.steps, precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
-                        gradient_clip_val=1.0, num_sanity_val_steps=0)
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[StepClock(clock)], gradient_clip_val=1.0,
+                        num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=loader)
-    return timer.seconds / steps
+    return clock
 
 
-def plain_cpu_per_step(task, loader, spec, steps: int, warmup: int, precision: str) -> float:
-    """CPU seconds per step of the same work in a hand-written loop."""
-    torch.manual_seed(0)
-    model = task.build_model(spec).train()
-    opt, sched = build_optimizer(model, OptimSpec(), steps + warmup)
-    autocast = precision == "bf16-mixed"
-    it = iter(loader)
-    for i in range(steps + warmup):
-        if i == warmup:
-            start = time.process_time()
-        batch = next(it)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def cycle(loader):
+    while True:
+        yield from loader
+
+
+def run_plain(task, model, loader, clock: Clock, precision: str) -> Clock:
+    device = clock.device
+    model = model.to(device).train()
+    total = clock.warmup + clock.steps
+    opt, sched = build_optimizer(model, OptimSpec(), total)
+    it = cycle(loader)
+    for step in range(1, total + 1):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=precision == "bf16-mixed"):
             loss = task_loss(task, model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched["scheduler"].step()
         opt.zero_grad(set_to_none=True)
-    return (time.process_time() - start) / steps
+        clock.after_step(step, batch)
+    return clock
+
+
+def warm_shapes(task, model, loader, device: torch.device, precision: str) -> int:
+    """One forward/backward per distinct batch shape of an epoch (kernel planning is paid
+    here, not in whichever variant meets the shape first); returns the number of shapes."""
+    seen: dict[tuple, dict] = {}
+    for batch in loader:
+        seen.setdefault(tuple(batch["input_ids"].shape), batch)
+    if device.type == "cuda":
+        model = model.to(device).train()
+        for batch in seen.values():
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                task_loss(task, model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+    return len(seen)
 
 
 def spread(ratios: list[float]) -> dict:
@@ -99,75 +167,150 @@ def spread(ratios: list[float]) -> dict:
             "min": round(min(ratios), 4), "max": round(max(ratios), 4)}
 
 
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_batch(args, device, size: int, spec, data) -> dict:
+    """Every variant at one batch size, ``args.rounds`` interleaved rounds."""
+    task, dm, padded = data
+    dm.batch_size = size
+    torch.manual_seed(0)
+    base = task.build_model(spec)
+    params = sum(p.numel() for p in base.parameters())
+    shapes = warm_shapes(task, copy.deepcopy(base), dm.train_dataloader(), device,
+                         args.precision)
+    free(device)
+    variants = {"plain": run_plain, "ftlab": run_ftlab}
+    out: dict[str, list] = {k: [] for k in [*variants, *(["pad128"] if args.pad128 else [])]}
+    order = list(out)
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            clock = Clock(device, args.warmup, args.steps if name != "pad128" else args.pad_steps)
+            if name == "pad128":  # random batches, each padded to 128 (run_glue's default)
+                loader = torch.utils.data.DataLoader(
+                    padded.splits["train"], batch_size=size, shuffle=True,  # same seed each time
+                    collate_fn=padded.collate, generator=torch.Generator().manual_seed(0))
+                run_ftlab(task, copy.deepcopy(base), loader, clock, args.precision)
+            else:
+                variants[name](task, copy.deepcopy(base), dm.train_dataloader(), clock,
+                               args.precision)
+            out[name].append(clock)
+            free(device)
+        c = {k: v[-1] for k, v in out.items()}
+        print(f"  batch {size} round {r + 1}/{args.rounds}: s/step plain "
+              f"{c['plain'].seconds / c['plain'].steps:.4f}  ftlab "
+              f"{c['ftlab'].seconds / c['ftlab'].steps:.4f}  ftlab/plain "
+              f"{c['plain'].seconds / c['ftlab'].seconds:.3f}", flush=True)
+    row: dict = {"batch_size": size, "shapes": shapes, "params": params}
+    for name, clocks in out.items():
+        secs = [c.seconds for c in clocks]
+        rate = statistics.median(c.rows / c.seconds for c in clocks)
+        tok = statistics.median(c.tokens / c.seconds for c in clocks)
+        row[name] = {"s_per_step": [round(s / clocks[0].steps, 5) for s in secs],
+                     "samples_per_s": round(rate, 1), "tokens_per_s": round(tok, 1),
+                     "mean_width": round(clocks[0].tokens / clocks[0].rows, 1),
+                     "mfu": round(6 * params * tok / args.peak_flops, 4) if device.type == "cuda"
+                     else None}
+    row["ftlab_vs_plain"] = spread([p.seconds / f.seconds
+                                    for p, f in zip(out["plain"], out["ftlab"], strict=True)])
+    if args.pad128:
+        row["bucketing_speedup_vs_pad128"] = spread([
+            (p.seconds / p.rows) / (f.seconds / f.rows)
+            for p, f in zip(out["pad128"], out["ftlab"], strict=True)])
+    del base
+    free(device)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model-size", default=None, choices=["minilm", "tiny", "base"],
+                        help="default: minilm on the CPU, base on cuda")
+    parser.add_argument("--batch-sizes", default=None, help="comma list, e.g. 32,128,512")
+    parser.add_argument("--batch-size", type=int, default=32, help="one batch size (CPU)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (5 CPU, 3 GPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps, bucketed batches")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (40 CPU, 30 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (3 CPU, 5 GPU)")
     parser.add_argument("--pad-steps", type=int, default=10, help="timed steps, pad-to-128")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--pad128", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time pad-to-128 batches (default: on the CPU only)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--num-workers", type=int, default=None, help="0 CPU, 4 GPU")
+    parser.add_argument("--pad-multiple", type=int, default=None, help="null CPU, 16 GPU")
+    parser.add_argument("--max-train", type=int, default=None, help="cap the training rows")
+    parser.add_argument("--peak-flops", type=float, default=989e12,
+                        help="the device's peak FLOP/s for MFU (H100 dense bf16: 989e12)")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON figures here")
     args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    defaults = {"model_size": "base" if gpu else "minilm", "rounds": 3 if gpu else 5,
+                "steps": 30 if gpu else 40, "warmup": 5 if gpu else 3,
+                "num_workers": 4 if gpu else 0, "pad_multiple": 16 if gpu else None,
+                "pad128": not gpu}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    sizes = [int(s) for s in (args.batch_sizes or str(args.batch_size)).split(",")]
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch "
-          f"{args.batch_size}, {args.steps} (+{args.warmup}) timed steps bucketed, "
-          f"{args.pad_steps} pad-128, {args.rounds} rounds, precision {args.precision}, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    torch.set_float32_matmul_precision("high")
+    device = torch.device("cuda" if gpu else "cpu")
+    spec = model_spec(args.model_size)
+    loader_opts = {"num_workers": args.num_workers, "pin_memory": gpu,
+                   "persistent_workers": args.num_workers > 0,
+                   "pad_to_multiple_of": args.pad_multiple}
+    task, dm, _ = rotten_setup(sizes[0], max_train=args.max_train, model=spec, **loader_opts)
+    padded = rotten_setup(sizes[0], max_train=args.max_train, pad_to=128,
+                          model=spec)[1] if args.pad128 else None
+    name = torch.cuda.get_device_name(device) if gpu else "CPU"
+    print(f"torch {torch.__version__} on {name}, model {args.model_size}, precision "
+          f"{args.precision}, batches {sizes}, {args.steps} (+{args.warmup}) timed steps, "
+          f"{args.rounds} rounds, workers {args.num_workers}, pad multiple "
+          f"{args.pad_multiple}, load {os.getloadavg()[0]:.2f}", flush=True)
 
-    task, dm, spec = rotten_setup(args.batch_size)
-    lengths = torch.tensor(list(dm.splits["train"]["length"]), dtype=torch.float)
-    print(f"Rotten Tomatoes train: {len(lengths)} rows, tokens/row mean {lengths.mean():.1f}, "
-          f"p95 {lengths.quantile(0.95):.0f}, max {lengths.max():.0f}", flush=True)
-    _, padded_dm, _ = rotten_setup(args.batch_size, pad_to=128)
+    rows = []
+    for size in sizes:
+        try:
+            rows.append(bench_batch(args, device, size, spec, (task, dm, padded)))
+        except torch.OutOfMemoryError:
+            print(f"  batch {size}: out of memory", flush=True)
+            rows.append({"batch_size": size, "oom": True})
+        free(device)  # outside the except: its traceback holds the tensors until it ends
 
-    def padded_loader():  # random batches, each padded to 128 tokens (run_glue's default)
-        return torch.utils.data.DataLoader(
-            padded_dm.splits["train"], batch_size=args.batch_size, shuffle=True,
-            collate_fn=padded_dm.collate, generator=torch.Generator().manual_seed(0))
-
-    run = {  # the same batches every round: a fresh loader with the same seed
-        "plain": lambda: plain_cpu_per_step(task, dm.train_dataloader(), spec, args.steps,
-                                            args.warmup, args.precision),
-        "ftlab": lambda: ftlab_cpu_per_step(task, dm.train_dataloader(), spec, args.steps,
-                                            args.warmup, args.precision),
-        "pad128": lambda: ftlab_cpu_per_step(task, padded_loader(), spec, args.pad_steps,
-                                             args.warmup, args.precision),
-    }
-    order = ["plain", "ftlab", "pad128"]  # ftlab sits next to both variants it is compared with
-    cpu: dict[str, list[float]] = {k: [] for k in order}
-    overhead, bucketing = [], []
-    for r in range(args.rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            cpu[name].append(run[name]())
-        overhead.append(cpu["ftlab"][-1] / cpu["plain"][-1])
-        bucketing.append(cpu["pad128"][-1] / cpu["ftlab"][-1])
-        print(f"round {r + 1}/{args.rounds} ({'ABC' if r % 2 == 0 else 'CBA'}): CPU-s/step "
-              f"plain {cpu['plain'][-1]:.3f}  ftlab {cpu['ftlab'][-1]:.3f}  pad-128 "
-              f"{cpu['pad128'][-1]:.3f}   overhead {overhead[-1]:.3f}  bucketing "
-              f"{bucketing[-1]:.2f}x   load {os.getloadavg()[0]:.2f}", flush=True)
-
-    result = {
-        "benchmark": "overhead", "torch": torch.__version__, "threads": args.threads,
-        "rounds": args.rounds, "steps": args.steps, "pad_steps": args.pad_steps,
-        "warmup": args.warmup, "batch_size": args.batch_size, "precision": args.precision,
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "cpu_s_per_step": {k: [round(x, 4) for x in v] for k, v in cpu.items()},
-        "overhead_ftlab_vs_plain": spread(overhead),
-        "bucketing_speedup_vs_pad128": spread(bucketing),
-    }
-    o, b = result["overhead_ftlab_vs_plain"], result["bucketing_speedup_vs_pad128"]
-    print(f"overhead ftlab/plain CPU per step: median {o['median']:.3f} (range {o['min']:.3f}-"
-          f"{o['max']:.3f}, {args.rounds} rounds; target <= 1.05)")
-    print(f"bucketing vs pad-to-128, CPU per example: median {b['median']:.2f}x (range "
-          f"{b['min']:.2f}-{b['max']:.2f}x; target >= 2x)")
+    print("\n| batch | shapes | plain samples/s | ftlab samples/s | ftlab/plain (range) | "
+          "tokens/row | MFU plain | MFU ftlab |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("oom"):
+            print(f"| {r['batch_size']} | out of memory | | | | | | |")
+            continue
+        o, p, f = r["ftlab_vs_plain"], r["plain"], r["ftlab"]
+        mfu = [f"{x['mfu']:.1%}" if x["mfu"] is not None else "-" for x in (p, f)]
+        print(f"| {r['batch_size']} | {r['shapes']} | {p['samples_per_s']:.0f} | "
+              f"{f['samples_per_s']:.0f} | {o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | "
+              f"{p['mean_width']:.1f} | {mfu[0]} | {mfu[1]} |")
+        if "bucketing_speedup_vs_pad128" in r:
+            b = r["bucketing_speedup_vs_pad128"]
+            print(f"  bucketing vs pad-to-128 per example: {b['median']:.2f}x "
+                  f"({b['min']:.2f}-{b['max']:.2f}; target >= 2x)")
+    result = {"benchmark": "overhead", "torch": torch.__version__, "device": name,
+              "model_size": args.model_size, "precision": args.precision,
+              "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+              "threads": args.threads, "num_workers": args.num_workers,
+              "pad_multiple": args.pad_multiple, "peak_flops": args.peak_flops,
+              "timing": "wall, device-synchronised" if gpu else "process CPU time",
+              "load_avg": [round(x, 2) for x in os.getloadavg()], "batches": rows}
     line = json.dumps(result)
     print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+        Path(args.json).write_text(line + "\n")
     return result
 
 

@@ -104,6 +104,8 @@ def main() -> None:
             "steps_trained": sum(t for t, _ in trained), "steps_full": sum(f for _, f in trained),
             "wall_s": round(wall, 1)}
         print(f"{name}: {json.dumps(results[name]['test_acc'])}", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
+        (args.out / "stability.json").write_text(json.dumps(results, indent=1))
     print(f"\nRotten Tomatoes, {args.labels} labels, batch 16, {args.epochs} epochs "
           f"(mosbach: its own 20), {args.seeds} seeds, val/test capped at {args.eval_rows} rows\n")
     print("| configuration | failed | test acc mean ± std | 95% CI | min | max | wall s |")

@@ -21,11 +21,14 @@ TOKENIZER = "tokenizer"
 
 
 def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | None,
-                     tokenizer: Any) -> Path:
-    """Write ``card.json`` and ``tokenizer/`` into ``stage_dir``; returns the card's path."""
+                     tokenizer: Any, data_transforms: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``card.json`` and ``tokenizer/`` into ``stage_dir``; returns the card's path.
+    ``data_transforms``: what each of ``data.transforms`` did to the training rows."""
     tokenizer.save_pretrained(str(stage_dir / TOKENIZER))
     card = {"format": CARD_FORMAT, "stage": asdict(stage),
             "labels": list(labels) if labels else None}
+    if data_transforms:
+        card["data_transforms"] = data_transforms
     return write_json(stage_dir / CARD, card)
 
 
@@ -34,6 +37,7 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
     from ftlab.data.spec import DataSpec
     from ftlab.model.backbone import ModelSpec
     from ftlab.optim import OptimSpec
+    from ftlab.runtime import RuntimeSpec
 
     path = stage_dir / CARD
     if not path.is_file():
@@ -46,5 +50,6 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
                          f"{CARD_FORMAT}.", "use the ftlab version that wrote the run.")
     s = dict(card["stage"])
     s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
-          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ()))}
+          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
+          "runtime": RuntimeSpec(**s.get("runtime", {}))}
     return ResolvedStage(**s), card.get("labels")

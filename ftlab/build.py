@@ -8,6 +8,7 @@ asks it again and gets the same tokenizer, data and bound task back: nothing is 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from ftlab.config import instantiate_checked
 from ftlab.data.batching import require_one_batch
 from ftlab.data.sources import RawData, load_raw
+from ftlab.data.transforms.nodes import transform_raw
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
@@ -43,18 +45,29 @@ class StageBuilder:
         return self._tokenizers[key]
 
     def raw(self, stage: ResolvedStage) -> RawData:
+        """The stage's splits: loaded once per data spec (transforms aside), then its
+        ``data.transforms`` applied to the training rows (once per spec and seed)."""
+        data = stage.data
         # the seed only picks the rows of a capped training split
-        seed = stage.seed if stage.data.max_train_samples is not None else 0
-        key = f"{stage.data!r}/{seed}"
+        seed = stage.seed if data.max_train_samples is not None else 0
+        key = f"{replace(data, transforms=[])!r}/{seed}"
         if key not in self._raw:
-            self._raw[key] = load_raw(stage.data, seed)
-        return self._raw[key]
+            self._raw[key] = load_raw(data, seed)
+        if not data.transforms:
+            return self._raw[key]
+        changed = f"{data!r}/{stage.seed}"
+        if changed not in self._raw:
+            self._raw[changed] = transform_raw(self._raw[key], data.transforms,
+                                               data.text_columns, stage.seed,
+                                               f"{stage.where} data.transforms")
+        return self._raw[changed]
 
     def task(self, stage: ResolvedStage) -> Task:
         """The stage's task, bound to its data and tokenizer (once per stage)."""
         if stage.name not in self._tasks:
             raw = self.raw(stage)
-            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
+            if stage.batch_size != "auto":  # auto never exceeds the split (the tuner caps it)
+                require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
             task = _instantiate_task(stage)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             if isinstance(task, ModelAware):

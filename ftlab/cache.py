@@ -67,7 +67,7 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     stage with a fixed ``seed`` keeps its key across a seed sweep.
     """
     spec = asdict(stage)
-    for k in ("name", "save_artefact"):
+    for k in ("name", "save_artefact", "runtime"):  # runtime: how it ran, not what it learnt
         spec.pop(k)
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key

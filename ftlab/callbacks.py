@@ -75,3 +75,54 @@ class NoteStep(L.Callback):
 
         if isinstance(exception, Stopped) and exception.step is None:
             exception.step = trainer.global_step
+
+
+class Throughput(L.Callback):
+    """Training rows and tokens (padded, as computed) per second of training time: each
+    epoch's wall time without its validation. The device is synchronised only at those
+    boundaries (a few times per epoch), so the steps run as they would without it."""
+
+    def __init__(self) -> None:
+        self.rows = self.tokens = 0
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    @staticmethod
+    def _now(pl_module: L.LightningModule) -> float:
+        import time
+
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def _pause(self, pl_module: L.LightningModule) -> None:
+        if self._start is not None:
+            self.seconds += self._now(pl_module) - self._start
+            self._start = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ids = batch["input_ids"]
+        self.rows, self.tokens = self.rows + ids.shape[0], self.tokens + ids.numel()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # validation inside fit: training resumes after it
+            self._start = self._now(pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause(pl_module)  # max_steps may end an epoch early
+
+    def summary(self) -> dict[str, float]:
+        if not self.seconds:
+            return {}
+        return {"train_seconds": round(self.seconds, 2),
+                "train_samples_per_s": round(self.rows / self.seconds, 1),
+                "train_tokens_per_s": round(self.tokens / self.seconds, 1)}

@@ -50,10 +50,11 @@ def wandb_logger(
     """
     from lightning.pytorch.loggers import WandbLogger
 
-    if mode == "auto":
-        mode = "online" if _has_api_key() and _reachable("api.wandb.ai") else "offline"
+    mode = resolve_mode(mode)
+    # Lightning's WandbLogger attaches to a run already active in the process (the previous
+    # stage's) instead of starting its own: finish it, so each stage is its own W&B run
+    finish_wandb()
     if mode == "offline":
-        os.environ["WANDB_MODE"] = "offline"  # also stops analytics calls at exit
         log.info("W&B is offline; sync later with `wandb sync %s/wandb/offline-run-*`", save_dir)
     os.makedirs(save_dir, exist_ok=True)
     logger = WandbLogger(project=project, save_dir=save_dir, name=name, group=group,
@@ -64,6 +65,16 @@ def wandb_logger(
     if config:
         logger.experiment.config.update(config, allow_val_change=True)
     return logger
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` -> ``online`` only when an API key is configured and the W&B server answers
+    within 3 s, else ``offline`` (which also sets ``WANDB_MODE``: no analytics calls at exit)."""
+    if mode == "auto":
+        mode = "online" if _has_api_key() and _reachable("api.wandb.ai") else "offline"
+    if mode == "offline":
+        os.environ["WANDB_MODE"] = "offline"
+    return mode
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:

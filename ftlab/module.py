@@ -17,7 +17,9 @@ class FineTuneModule(L.LightningModule):
     """Training/validation/test steps shared by every stage; the task supplies the rest."""
 
     def __init__(self, model: nn.Module, task: Task, regularizer: Regularizer,
-                 optim: OptimSpec) -> None:
+                 optim: OptimSpec, check_finite_every: int = 1) -> None:
+        """``check_finite_every``: look at the device-side divergence record every this many
+        training steps (and at every epoch's end); each look makes the host wait for the GPU."""
         super().__init__()
         self.model = model.train()  # HF loads in eval mode; Lightning keeps modes as found
         self.task = task
@@ -28,6 +30,10 @@ class FineTuneModule(L.LightningModule):
         self.param_ndims = {n: p.ndim for n, p in model.named_parameters()}
         self.val_metrics = task.metrics().clone(prefix="val/")
         self.test_metrics = task.metrics().clone(prefix="test/")
+        self.check_finite_every = check_finite_every
+        self._steps_seen = 0
+        self._first_bad: torch.Tensor | None = None  # (global step, loss) of the first NaN/inf
+        self.applied_lr: float | None = None  # the peak LR after optim.lr_scaling
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.regularizer.training_loss(self.model, batch, self.task)
@@ -37,15 +43,44 @@ class FineTuneModule(L.LightningModule):
                 self.log(f"train/{key}", value, batch_size=rows)
         if isinstance(self.model, Penalized):  # a PEFT wrapper's penalty (diff pruning's L0)
             loss = loss + self.model.extra_loss()
-        if not torch.isfinite(loss):
+        # the progress bar reads its values as numbers every step (a host sync): it shows the
+        # loss only where the loss is checked every step anyway (trainer=cpu)
+        self.log("train/loss", loss, prog_bar=self.check_finite_every == 1, batch_size=rows)
+        self._record_finite(loss)
+        return loss
+
+    def _record_finite(self, loss: torch.Tensor) -> None:
+        """Keep the first non-finite loss and its step on the device (no host sync); look at
+        it every ``check_finite_every`` steps."""
+        value = loss.detach().float()
+        if self._first_bad is None:
+            self._first_bad = torch.tensor([-1.0, 0.0], device=value.device)
+        step, seen = self._first_bad.unbind()
+        new = (step < 0) & ~torch.isfinite(value)  # a Python number enters as a scalar: no copy
+        self._first_bad = torch.stack([torch.where(new, float(self.global_step), step),
+                                       torch.where(new, value, seen)])
+        self._steps_seen += 1
+        if self._steps_seen % self.check_finite_every == 0:
+            self.raise_if_diverged()
+
+    def raise_if_diverged(self) -> None:
+        """Stop the run if any training loss so far was NaN or infinite."""
+        if self._first_bad is None:
+            return
+        step, value = self._first_bad.tolist()  # the host waits for the device here
+        if step >= 0:
             from ftlab.errors import Diverged
 
-            raise Diverged(f"The training loss became {loss.item()} at step "
-                             f"{self.global_step}; the run is stopped and marked failed.",
-                             "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
-                             "data for empty/garbled rows.")
-        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
-        return loss
+            raise Diverged(f"The training loss became {value} at step {int(step)}; the run "
+                           "is stopped and marked failed.",
+                           "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
+                           "data for empty/garbled rows.")
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_diverged()
+
+    def on_train_end(self) -> None:
+        self.raise_if_diverged()
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection,
                    split: str) -> None:
@@ -83,7 +118,17 @@ class FineTuneModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.model, self.optim,
-                                     int(self.trainer.estimated_stepping_batches),
+        from dataclasses import replace
+
+        from ftlab.runtime import scaled_lr
+
+        optim, trainer = self.optim, self.trainer
+        rows = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule else None
+        if optim.lr_scaling != "none" and rows:  # the global batch: devices x accumulation
+            batch = rows * trainer.world_size * trainer.accumulate_grad_batches
+            optim = replace(optim, lr=scaled_lr(optim.lr, optim.lr_scaling, batch,
+                                                optim.reference_batch))
+        self.applied_lr = optim.lr
+        opt, sched = build_optimizer(self.model, optim, int(trainer.estimated_stepping_batches),
                                      ndims=self.param_ndims)
         return {"optimizer": opt, "lr_scheduler": sched}

@@ -8,7 +8,7 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from ftlab.rules import Rule, at_least, between
+from ftlab.rules import Rule, at_least, between, one_of
 
 
 @dataclass
@@ -25,6 +25,9 @@ class OptimSpec:
             ``d`` layer groups below the top (heads) trains at ``lr * layer_decay**d``; 1.0 off.
         gradual_unfreeze: ULMFiT gradual unfreezing: epoch 0 trains only the top group (heads
             and pooler), each further epoch one more layer below, down to the embeddings.
+        lr_scaling / reference_batch: ``lr`` is the peak LR at a global batch (rows per
+            optimiser step over all devices) of ``reference_batch``; ``linear`` or ``sqrt``
+            scale it to the batch actually used (``ftlab.runtime.LR_RULES``); ``none`` keeps it.
     """
 
     lr: Annotated[float | None, at_least(0, example="5e-5")] = None
@@ -35,6 +38,8 @@ class OptimSpec:
     eps: Annotated[float, Rule(gt=0, example="1e-8")] = 1e-8
     layer_decay: Annotated[float, between(0, 1, lo_open=True, example="0.9")] = 1.0
     gradual_unfreeze: bool = False
+    lr_scaling: Annotated[str, one_of("none", "linear", "sqrt")] = "none"  # runtime.LR_RULES
+    reference_batch: Annotated[int, at_least(1, example="32")] = 32
 
 
 #: the peak LR when neither the stage nor the PEFT method sets one (BERT's range: 2e-5..5e-5)

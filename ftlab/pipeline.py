@@ -17,11 +17,13 @@ from omegaconf import DictConfig
 
 from ftlab.config import bind_schema, plain
 from ftlab.data.spec import DataSpec
+from ftlab.data.transforms.nodes import resolve_nodes
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
 from ftlab.rules import Rule, at_least, check_field, one_of
+from ftlab.runtime import RuntimeSpec, split_trainer
 from ftlab.store import check_name
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ class StageSpec:
         init_from: ``pretrained`` or the name of an earlier stage in the pipeline.
         carry: what is taken from ``init_from``: ``model`` (everything that fits) or
             ``encoder`` (the backbone only; the head starts fresh).
-        batch_size / eval_batch_size: rows per training / evaluation batch.
+        batch_size / eval_batch_size: rows per training / evaluation batch (per device);
+            ``batch_size: auto`` finds the largest that fits in memory before training.
         optim: optimiser settings.
         trainer: this stage's own Trainer settings, on top of the run's ``trainer`` group.
         seed: this stage's seed; null uses the run's ``seed``.
@@ -62,7 +65,7 @@ class StageSpec:
     task: Any = None
     init_from: str = "pretrained"
     carry: Annotated[str, one_of(*CARRY)] = "model"
-    batch_size: Annotated[int, at_least(1, example="32")] = 32
+    batch_size: Annotated[Any, at_least(1, also=("auto",), example="32")] = 32  # or "auto"
     eval_batch_size: Annotated[int, at_least(1, example="128")] = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -84,14 +87,16 @@ class ResolvedStage:
 
     ``task``/``peft``/``regularizer`` are ``_target_`` nodes (plain dicts; the PEFT node
     without its ``lr``), ``trainer`` the Lightning ``Trainer`` node (run group + stage + explicit
-    overrides), ``optim.lr`` the peak LR that applies. Treat the dicts as read-only.
+    overrides, without ftlab's own keys, which are in ``runtime``), ``optim.lr`` the peak LR
+    at ``optim.reference_batch`` rows. ``batch_size`` is an int or ``"auto"``. Treat the dicts
+    as read-only.
     """
 
     name: str
     task: dict[str, Any]
     init_from: str
     carry: str
-    batch_size: int
+    batch_size: int | str
     eval_batch_size: int
     seed: int
     model: ModelSpec
@@ -105,6 +110,7 @@ class ResolvedStage:
     teachers: tuple[str, ...] = ()
     teacher_temperature: float = 2.0
     teacher_rows: int | None = None
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     @property
     def where(self) -> str:
@@ -153,18 +159,20 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         raise FtlabError(f"{where}: data must be a mapping.", "see conf/data/*.yaml.")
     data_spec = bind_schema(DataSpec, {**data, **spec.data_overrides}, f"{where} data",
                             f"{prefix}.data" if spec.data is not None else "data")
+    data_spec.transforms = resolve_nodes(data_spec.transforms, f"{where} data.transforms")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
     if peft_lr is not None and spec.optim.lr is None:  # the method's LR applies: its rule too
         check_field(OptimSpec, "lr", peft_lr, where,
                     f"{prefix}.peft.lr" if spec.peft else "peft.lr")
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
+    trainer, runtime = split_trainer(trainer_node(cfg, spec.trainer, explicit, prefix), where)
     return ResolvedStage(
         name=spec.name, task=plain(spec.task), init_from=spec.init_from, carry=spec.carry,
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
-        trainer=trainer_node(cfg, spec.trainer, explicit, prefix),
+        trainer=trainer, runtime=runtime,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
         teacher_rows=spec.teacher_rows)

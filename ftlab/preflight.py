@@ -47,6 +47,11 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "c
                     values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
                 except Exception:  # interval/glob sweeps: left to Hydra and its sweeper
                     continue
+                if key == "transform":  # conf/transform/ holds list entries, not an option
+                    raise FtlabError(f"'{o.input_line}': transforms are a list under data, "
+                                     "not a group option.",
+                                     f"write data.transforms=[{o.value() or 'gender_swap'}] "
+                                     "(several: data.transforms=[few_shot,gender_swap]).")
                 if key in groups and not searchpath:
                     options = loader.get_group_options(key)
                     for value in values or [o.value()]:

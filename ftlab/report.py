@@ -24,6 +24,8 @@ from ftlab.store import atomic_write, write_json
 
 #: metrics where smaller is better (everything else: larger)
 LOWER_IS_BETTER = {"loss", "ppl", "perplexity"}
+#: statuses of jobs stopped on purpose (early discard, a search's pruner): neither ok nor errored
+STOPPED = ("discarded", "pruned")
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -90,8 +92,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     done = [r for r in recs if r.get("status") == "ok"]
-    dropped = [r for r in recs if r.get("status") == "discarded"]
-    trouble = [r for r in recs if r.get("status") not in ("ok", "discarded")]
+    dropped = [r for r in recs if r.get("status") in STOPPED]
+    trouble = [r for r in recs if r.get("status") not in ("ok", *STOPPED)]
     names = sorted({m for r in done for m in r.get("final", {}) if "/baseline_" not in m})
     metrics = {m: stats([r["final"][m] for r in done if _finite(r["final"].get(m))],
                         not lower_is_better(m))
@@ -123,7 +125,8 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
                      for r in recs if r.get("failed")},
         # stopped early by callbacks=early_discard (neither errored nor failed); their
         # partial metrics stay out of the statistics below
-        "discarded": len(dropped),
+        "discarded": sum(r.get("status") == "discarded" for r in recs),
+        "pruned": sum(r.get("status") == "pruned" for r in recs),  # by hydra/sweeper=ftlab_optuna
         "discarded_steps": {"trained": sum(r["discarded"]["steps"] for r in dropped),
                             "planned": sum(r["discarded"]["planned_steps"] for r in dropped)},
         "seeds": {str(r.get("seed")): r.get("final", {}) for r in done},
@@ -188,6 +191,7 @@ def markdown(summary: dict[str, Any]) -> str:
                       "recipe.**", ""]
         lines += [f"runs: {s['runs']} · errored: {s['errored']} · failed: {s['failed']}"
                   + (f" ({s['failed_rate']:.0%})" if _finite(s.get("failed_rate")) else "")
+                  + (f" · pruned by the search: {s['pruned']}" if s.get("pruned") else "")
                   + (f" · discarded early: {s['discarded']} (trained "
                      f"{s['discarded_steps']['trained']} of their "
                      f"{s['discarded_steps']['planned']} planned steps)"
@@ -270,6 +274,7 @@ class SweepReport(Callback):
             return
         summary = write_report(sweep_dir)
         print((sweep_dir / "summary.md").read_text())
+        _log_to_wandb(config, sweep_dir, summary)
         print(f"Report: {sweep_dir}/summary.{{md,json,png}}")
         status = os.environ.get("FTLAB_SWEEP_STATUS")  # set by the ftlab command (cli.main)
         if status:
@@ -277,6 +282,17 @@ class SweepReport(Callback):
                                 "jobs": sum(s["runs"] for s in summary.values()),
                                 "errored": sum(s["errored"] for s in summary.values()),
                                 "degenerate": sum(s["degenerate"] for s in summary.values())})
+
+
+def _log_to_wandb(config: DictConfig, sweep_dir: Path, summary: dict[str, Any]) -> None:
+    """logger=wandb: the cross-seed tables on a summary run per configuration (dashboards)."""
+    from ftlab.dashboards import log_sweep_summary
+
+    try:
+        log_sweep_summary(config, sweep_dir, summary)
+    except Exception as err:  # noqa: BLE001 - the files above are the report; W&B is extra
+        print(f"ftlab: the W&B summary runs were not logged ({type(err).__name__}: {err})",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,8 @@ class Rule:
         if self.choices is not None:
             return str(value) in {str(c) for c in self.choices}
         if isinstance(value, bool) or not isinstance(value, int | float):
-            return True  # the type check (OmegaConf / check_args) reports a wrong type
+            return False  # typed fields are numbers by now (OmegaConf, check_args); a field
+            # of two kinds (batch_size: a number or "auto") names the other kind in ``also``
         return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
 
@@ -133,9 +134,13 @@ def _hints(obj: Any) -> dict[str, Any]:
 def _fail(where: str, key: str, value: Any, rule: Rule, set_as: str | None) -> FtlabError:
     set_as = set_as or f"{key} (in {where})"
     example = f" (e.g. {set_as.split(' ')[0]}={rule.example})" if rule.example else ""
+    fix = f"set {set_as} to {rule.allowed()}{example}."
+    if rule.choices is None and (isinstance(value, bool) or not isinstance(value, int | float
+                                                                           | list | tuple)):
+        return FtlabError(f"Invalid value in {where} for key '{key}': {value!r} (it must be "
+                          f"{rule.allowed()}).", fix)  # a word where a number belongs
     what = "is not allowed" if rule.choices is not None else "is out of range"
-    return FtlabError(f"{where}: {key}={value!r} {what}: it must be {rule.allowed()}.",
-                      f"set {set_as} to {rule.allowed()}{example}.")
+    return FtlabError(f"{where}: {key}={value!r} {what}: it must be {rule.allowed()}.", fix)
 
 
 def check_schema(obj: Any, where: str, prefix: str = "", set_as: str | None = None) -> None:

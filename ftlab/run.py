@@ -97,8 +97,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
             _run_stages(cfg, explicit, record, context, run_dir)
         final = record["final"]
-        if record.get("discarded"):  # callbacks=early_discard stopped it: neither ok nor failed
-            record |= {"status": "discarded", "failed": False}
+        if record.get("discarded"):  # early discard or a search's pruner stopped it: neither
+            pruned = bool(record["discarded"].get("pruned"))  # ok nor failed
+            record |= {"status": "pruned" if pruned else "discarded", "failed": False}
         else:
             reason = failure(final)
             record |= {"status": "ok", "failed": reason is not None}
@@ -182,7 +183,9 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.build import StageBuilder
     from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
     from ftlab.config import bind_schema, plain
+    from ftlab.dashboards import log_stage_artifact
     from ftlab.pipeline import build_pipeline
+    from ftlab.pruning import trial_callbacks
     from ftlab.stage import RunContext, StageResult
     from ftlab.store import is_rank_zero, write_json
     from ftlab.validate import validate
@@ -194,6 +197,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
+    callbacks |= trial_callbacks(cfg.get("trial"), cfg.get("seed"), stages[-1].name)  # search
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
     keys = pipeline_keys(stages)
@@ -216,6 +220,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
                               cache if stage.name in cached else None)
         results[stage.name] = result
         line["cache_hit"] = result.info["cache_hit"]
+        up = results.get(stage.init_from)  # logger=wandb: the stage's artifact and its input
+        line["artifact"] = log_stage_artifact(stage, result.info, up.info if up else None)
         record["stages"][stage.name] = {"metrics": result.metrics, **result.info}
         if is_rank_zero():
             write_json(run_dir / "metrics.json", record)

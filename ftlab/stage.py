@@ -15,7 +15,7 @@ from torch import nn
 
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
-from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep
+from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep, Throughput
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
@@ -23,6 +23,7 @@ from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
+from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors
 from ftlab.strategies import full_weights
 
@@ -64,6 +65,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
     raw = builder.raw(stage)
+    transformed = raw.transforms  # the record of data.transforms (teachers relabel the rows)
     taught: dict[str, Any] = {}
     if stage.teachers:  # their averaged soft predictions become the training labels
         from ftlab.distill import label_with_teachers, teachers_of
@@ -71,9 +73,13 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         raw, taught = label_with_teachers(raw, stage, teachers_of(stage, builder, upstream),
                                           list(stage.data.text_columns))
     tokenizer = builder.tokenizer(stage.model)
+    rt, auto = stage.runtime, stage.batch_size == "auto"
     dm = TextDataModule(raw.splits, task, tokenizer.pad_token_id,
-                        batch_size=stage.batch_size, eval_batch_size=stage.eval_batch_size,
-                        seed=stage.seed)
+                        batch_size=min(rt.auto_batch_init, len(raw.splits["train"])) if auto
+                        else stage.batch_size, eval_batch_size=stage.eval_batch_size,
+                        seed=stage.seed, num_workers=rt.num_workers, pin_memory=rt.pin_memory,
+                        persistent_workers=rt.persistent_workers,
+                        pad_to_multiple_of=rt.pad_to_multiple_of)
     source = upstream[stage.init_from].model if stage.init_from != "pretrained" else None
     model, peft, regularizer, handed = builder.model(stage, source)
     counts = count_parameters(model)
@@ -81,11 +87,18 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
              stage.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
              counts["params_trainable_pct"], peft.name, stage.optim.lr)
 
-    module = FineTuneModule(model, task, regularizer, stage.optim)
-    keep = KeepBest(peft, f"val/{task.monitor}", task.mode)
+    if rt.compile:
+        model.compile()  # in place: parameter names and state dicts stay the same
+    module = FineTuneModule(model, task, regularizer, stage.optim,
+                            check_finite_every=rt.check_finite_every_n_steps)
+    keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput()
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name}
-    trainer = _trainer(stage, run, stage_dir, keep, context)
+    trainer = _trainer(stage, run, stage_dir, [keep, speed], context)
+    if auto:
+        from ftlab.autobatch import find_batch_size
+
+        find_batch_size(trainer, module, dm, rt, stage.where)
     start = time.perf_counter()
     trainer.fit(module, dm)
     fit_s = time.perf_counter() - start
@@ -100,25 +113,30 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         if raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
             baseline = task.baseline(raw.splits[split]["label"]) or {}
             metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}
-    info = counts | {"lr": stage.optim.lr, "fit_seconds": round(fit_s, 2),
+    info = counts | {"lr": module.applied_lr or stage.optim.lr, "batch_size": dm.batch_size,
+                     "batch_size_auto": auto, "fit_seconds": round(fit_s, 2), **speed.summary(),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
                      "train_rows": len(raw.splits["train"]), "global_steps": trainer.global_step,
                      "handed_over": handed, **task.info, **taught}
+    if transformed:  # what each data transform did (rows added/changed, few-shot k...)
+        info["data_transforms"] = transformed
     discarded = next((c.outcome for c in trainer.callbacks
-                      if isinstance(c, EarlyDiscard) and c.outcome), None)
-    if discarded:  # stopped early by callbacks=early_discard: not a complete stage
+                      if isinstance(c, EarlyDiscard | OptunaPruning) and c.outcome), None)
+    if discarded:  # stopped early (early discard, or a search's pruner): not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
     result = StageResult(stage.name, metrics, module.model, info)
     if run.on_trained is not None:
         run.on_trained(result)
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
-            info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer)
+            info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer,
+                                   transformed)
     return result
 
 
 def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
-                   task: Any, tokenizer: Any) -> dict[str, Any]:
+                   task: Any, tokenizer: Any,
+                   data_transforms: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it."""
     state = peft.trainable_state(model)
     path = save_tensors(stage_dir / "trainable.safetensors", state,
@@ -126,11 +144,12 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
     info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
     if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
         info["artefact_dir"] = str(peft.save(model, stage_dir))
-    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer)
+    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
+                     data_transforms)
     return info
 
 
-def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepBest,
+def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L.Callback],
              context: dict[str, Any]) -> L.Trainer:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
@@ -142,6 +161,6 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, keep: KeepB
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir),
-                               callbacks=[*callbacks, keep, NoteStep()],
+                               callbacks=[*callbacks, *own, NoteStep()],
                                logger=loggers or False, enable_checkpointing=False,
                                use_distributed_sampler=False)  # ftlab's sampler shards itself

@@ -54,6 +54,8 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
         check_binds(stage.task, f"{stage.where}.task")
         check_binds(stage.peft, f"{stage.where} peft")
         check_binds(stage.regularizer, f"{stage.where} regularizer")
+        for i, node in enumerate(stage.data.transforms):
+            check_binds(node, f"{stage.where} data.transforms[{i}]")
 
 
 def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:

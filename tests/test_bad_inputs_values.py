@@ -92,6 +92,9 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"batch_size=0 is out of range: it must be 1 or more.*Fix: set stage.batch_size"),
     ("batch-size-negative", lambda t, s: S(s) + ["stage.batch_size=-8"],
      r"batch_size=-8 is out of range"),
+    ("batch-size-word", lambda t, s: S(s) + ["stage.batch_size=big"],
+     r"Invalid value in stage 'classify' for key 'batch_size': 'big' \(it must be 1 or more, "
+     r"or auto\)"),
     ("eval-batch-size-zero", lambda t, s: S(s) + ["stage.eval_batch_size=0"],
      r"eval_batch_size=0 is out of range.*stage.eval_batch_size"),
     ("aux-mlm-weight-negative", lambda t, s: S(s) + ["stage.aux_mlm_weight=-0.5"],
@@ -117,6 +120,15 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"eps=0.0 is out of range: it must be more than 0"),
     ("peft-lr-negative", lambda t, s: S(s) + ["peft.lr=-0.001"],
      r"stage 'classify': lr=-0.001 is out of range: it must be 0 or more.*Fix: set peft.lr"),
+    ("lr-scaling-unknown", lambda t, s: S(s) + ["stage.optim.lr_scaling=cubic"],
+     r"lr_scaling='cubic' is not allowed: it must be one of: linear, none, sqrt"),
+    ("reference-batch-zero", lambda t, s: S(s) + ["stage.optim.reference_batch=0"],
+     r"reference_batch=0 is out of range"),
+    # --- ftlab's own trainer keys (RuntimeSpec)
+    ("num-workers-negative", lambda t, s: S(s) + ["trainer.num_workers=-1"],
+     r"num_workers=-1 is out of range: it must be 0 or more.*Fix: set trainer.num_workers"),
+    ("pad-multiple-zero", lambda t, s: S(s) + ["trainer.pad_to_multiple_of=0"],
+     r"pad_to_multiple_of=0 is out of range"),
     # --- task arguments (the constructor's signature)
     ("max-length-zero", lambda t, s: S(s) + ["stage.task.max_length=0"],
      r"stage 'classify'.task: max_length=0 is out of range: it must be 1 or more"),

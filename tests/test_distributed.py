@@ -116,7 +116,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_effective_batch(
     single, single_dir = single_run
     ddp = _train(sentiment_dir, tmp_path / strategy, [
         f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", "stage.batch_size=8"])
+        "trainer.precision=32-true", "stage.batch_size=8", "stage.optim.lr_scaling=none",
+        "trainer.num_workers=0", "trainer.pin_memory=false"])
     assert ddp["stages"]["classify"]["global_steps"] == single["stages"]["classify"][
         "global_steps"] == 5 * 256 // 16
     assert single["final"]["val/acc"] > single["final"]["val/baseline_acc"] + 0.2  # it learnt

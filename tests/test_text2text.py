@@ -70,13 +70,16 @@ def test_rank_classification_scores_each_label_by_its_summed_log_probability(mak
     assert torch.equal(out.logits.argmax(-1), scores.argmax(-1))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
-def test_training_learns_targets_and_generation_reproduces_them(model, make_cfg, sentiment_dir):
+def test_training_learns_targets_and_generation_reproduces_them(model, seed, make_cfg,
+                                                                sentiment_dir):
     spec, tok, task = setup(make_cfg, sentiment_dir, model, max_target_length=4)
+    torch.manual_seed(seed)
     net = task.build_model(spec)
     batch = batch_for(task, synthetic_rows(16, 4), tok.pad_token_id)
-    before, after = loss_before_after(task, net, batch, steps=60, lr=1e-2)
-    assert after < before * 0.5
+    before, after = loss_before_after(task, net, batch, steps=150, lr=1e-2)
+    assert after < 0.05 < before  # memorised the 16 targets
     net.eval()
     out = task.forward(net, batch)
     rank_acc = (out.logits.argmax(-1) == batch["class_id"]).float().mean().item()

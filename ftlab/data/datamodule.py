@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import lightning as L
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
 from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator, require_one_batch
+from ftlab.data.sources import UNLABELLED
 from ftlab.errors import FtlabError
 
 if TYPE_CHECKING:
@@ -26,14 +27,23 @@ class TextDataModule(L.LightningDataModule):
         pad_id: the tokenizer's pad token id.
         batch_size / eval_batch_size: rows per batch for training / evaluation.
         seed: seeds the batch order (the same on every rank).
+        num_workers / pin_memory / persistent_workers: passed to every ``DataLoader``.
+        pad_to_multiple_of: round each batch's width up to a multiple of this (few shapes).
         pad_to: pad every batch to this length (benchmarks only; null = dynamic).
+
+    An ``unlabelled`` split (training rows a transform set aside without labels: ``few_shot``)
+    is not tokenised: it is kept raw as ``self.unlabelled`` (None when there is none) for
+    semi-supervised use.
     """
 
     def __init__(self, splits: DatasetDict, task: Task, pad_id: int, batch_size: int = 32,
                  eval_batch_size: int = 128, seed: int = 0, num_workers: int = 0,
-                 pad_to: int | None = None) -> None:
+                 pin_memory: bool = False, persistent_workers: bool = False,
+                 pad_to_multiple_of: int | None = None, pad_to: int | None = None) -> None:
         super().__init__()
         require_one_batch(len(splits["train"]), batch_size)
+        self.unlabelled: Dataset | None = splits.get(UNLABELLED)
+        splits = DatasetDict({k: v for k, v in splits.items() if k != UNLABELLED})
         drop = [c for c in splits["train"].column_names]
         self.splits = splits.map(task.featurize, batched=True, remove_columns=drop,
                                  desc="Tokenising")
@@ -47,8 +57,11 @@ class TextDataModule(L.LightningDataModule):
                     "emit them in featurize, or leave them out of the task's features.")
             ds.set_format(columns=[c for c in ds.column_names if c in keep])
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.seed, self.num_workers = seed, num_workers
-        self.collate = PadCollator(pad_id, pad_to=pad_to, pad_values=task.pad_values)
+        self.seed = seed
+        self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory,
+                               "persistent_workers": persistent_workers and num_workers > 0}
+        self.collate = PadCollator(pad_id, pad_to=pad_to, multiple_of=pad_to_multiple_of or 1,
+                                   pad_values=task.pad_values)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.splits[split]
@@ -58,7 +71,7 @@ class TextDataModule(L.LightningDataModule):
             lengths, self.batch_size if train else self.eval_batch_size,
             shuffle=train, seed=self.seed, num_replicas=world, rank=rank)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+                          **self.loader_options)
 
     def _replicas(self) -> tuple[int, int]:
         """(world size, this rank) of the attached Trainer: the sampler shards the batches

@@ -10,8 +10,9 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -25,12 +26,17 @@ from ftlab.resolve import resolve
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLITS = ("train", "validation", "test")
+#: training rows a transform set aside as text without labels (``few_shot``), when there are
+#: any: not tokenised for training (``TextDataModule.unlabelled``); distillation/iPET label them
+UNLABELLED = "unlabelled"
 
 
 @dataclass
 class RawData:
     splits: DatasetDict
     labels: list[str] | None  # None for unlabelled text
+    #: what each of ``data.transforms`` did (rows added/removed/changed...), in order
+    transforms: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_raw(spec: DataSpec, seed: int = 0) -> RawData:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from ftlab.rules import at_least, between
 
@@ -30,6 +30,10 @@ class DataSpec:
         split_by: a column whose values never straddle two splits (e.g. movie), for ``all``.
         split_fractions: train/validation/test fractions used with ``all``.
         max_train_samples / max_eval_samples: cap each split (after a seeded shuffle of train).
+        transforms: training-row transforms applied in order after the split and the caps
+            (``ftlab.data.transforms``): names of ``conf/transform/*.yaml`` (``gender_swap``),
+            a name with settings (``{few_shot: {k: 8}}``) or ``_target_`` nodes. A resolved
+            stage holds full ``_target_`` nodes (``pipeline``), so they enter the cache key.
     """
 
     path: str | None = None
@@ -46,3 +50,4 @@ class DataSpec:
     max_train_samples: Annotated[int | None, at_least(1, example="500")] = None
     max_eval_samples: Annotated[int | None, at_least(1, example="500")] = None
     revision: str | None = None
+    transforms: list[Any] = field(default_factory=list)

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU check of issue 13 (GPU efficiency, batch_size=auto, trainer=gpu), one command on a
+# lent GPU machine (python 3.12, torch/lightning/transformers installed; no network):
+#
+#   bash benchmarks/gpu_check.sh        # from the repo root, with the kit in .devkit/
+#
+# The kit (.devkit/, git-ignored, carried to the machine): whl/*.whl (hydra-core, omegaconf,
+# antlr4, datasets, dill, multiprocess, xxhash, fsspec: what ftlab imports and the machine
+# lacks) and cache/ (FTLAB_CACHE: the Rotten Tomatoes csv and the MiniLM tokenizer files, no
+# weights). It runs, each under a timeout so the whole ends within ~7 minutes:
+#   (a) benchmarks/overhead.py on cuda, BERT-base-sized, bf16: ftlab vs a plain loop at batch
+#       32/128/512/1024 (samples/s, ftlab/plain, MFU)
+#   (b) `ftlab trainer=gpu model=bert_base_random`, 2 epochs on Rotten Tomatoes (throughput, MFU)
+#   (c) `ftlab trainer=gpu ... stage.batch_size=auto`, 1 epoch (the batch the tuner found)
+# and writes logs and JSON into $OUT (at most 8 files: env.txt, overhead.{log,json},
+# run_gpu.{log,json}, run_auto.{log,json}, summary.json).
+# GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny model and a few steps (a dry run
+# of the script's Python parts where there is no GPU; it uses the current environment).
+set -u -o pipefail
+OUT=${OUT:-/tmp/gpu_check_out}
+KIT=${KIT:-$PWD/.devkit}
+mkdir -p "$OUT"
+START=$(date +%s)
+left() { echo $(( ${BUDGET:-420} - ($(date +%s) - START) )); }
+limit() {  # a step's timeout: what it asks for, or what is left of the budget
+  local want=$1 l; l=$(( $(left) - 10 ))
+  (( l < want )) && want=$l; (( want < 5 )) && want=5; echo "$want"; }
+
+if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
+  DEV=(--device cpu --model-size tiny --batch-sizes 8,16 --steps 3 --warmup 1 --rounds 2
+       --max-train 300 --no-pad128)
+  SMALL=(trainer=cpu model=tiny_bert data.max_train_samples=300 data.max_eval_samples=100)
+  RUN=("${SMALL[@]}" trainer.max_steps=6 stage.batch_size=16)
+  AUTO=("${SMALL[@]}" trainer.max_steps=4 trainer.auto_batch_init=8 trainer.auto_batch_max_trials=2)
+  PEAK=0
+  [ -d "$KIT/cache" ] && export FTLAB_CACHE=$KIT/cache
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$KIT"/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD FTLAB_CACHE=$KIT/cache
+  DEV=(--device cuda --precision bf16-mixed --model-size base --batch-sizes 32,128,512,1024)
+  RUN=(trainer=gpu model=bert_base_random trainer.max_epochs=2)
+  AUTO=(trainer=gpu model=bert_base_random trainer.max_epochs=1 trainer.auto_batch_max_trials=7)
+  PEAK=989e12
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 \
+  HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+{ nvidia-smi 2>&1 || echo "no nvidia-smi"; nproc; free -g
+  python3 - <<'EOF'
+import importlib.metadata as md
+for p in ["torch", "lightning", "transformers", "tokenizers", "datasets", "hydra-core",
+          "omegaconf", "pyarrow", "huggingface-hub", "fsspec", "torchmetrics", "peft", "numpy"]:
+    try:
+        print(p, md.version(p))
+    except md.PackageNotFoundError:
+        print(p, "MISSING")
+import torch
+print("cuda", torch.cuda.is_available(), torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+import ftlab.cli, ftlab.stage  # noqa: E401,F401  (a missing package fails here, not later)
+print("ftlab imports: ok")
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+grep -q "ftlab imports: ok" "$OUT/env.txt" || { echo "ftlab does not import; see env.txt"; exit 1; }
+
+echo "== (a) overhead benchmark ($(left) s left)"
+timeout "$(limit 210)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops 989e12 \
+  --json "$OUT/overhead.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/overhead.log"
+
+echo "== (b) ftlab ${RUN[*]} ($(left) s left)"
+rm -rf /tmp/gpu_runs
+COMMON=(logger=csv trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false)
+timeout "$(limit 110)" python3 -m ftlab "${RUN[@]}" "${COMMON[@]}" hydra.run.dir=/tmp/gpu_runs/gpu \
+  2>&1 | grep -iv "warning" | tee "$OUT/run_gpu.log" | tail -25
+cp /tmp/gpu_runs/gpu/metrics.json "$OUT/run_gpu.json" 2>/dev/null
+
+echo "== (c) ftlab ${AUTO[*]} stage.batch_size=auto ($(left) s left)"
+timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto "${COMMON[@]}" \
+  hydra.run.dir=/tmp/gpu_runs/auto 2>&1 | grep -iv "warning" | tee "$OUT/run_auto.log" | tail -25
+cp /tmp/gpu_runs/auto/metrics.json "$OUT/run_auto.json" 2>/dev/null
+
+PEAK=$PEAK python3 - "$OUT" <<'EOF'
+import json, os, sys
+from pathlib import Path
+out, peak = Path(sys.argv[1]), float(os.environ["PEAK"])
+summary = {}
+for name in ("run_gpu", "run_auto"):
+    path = out / f"{name}.json"
+    if not path.is_file():
+        summary[name] = "no metrics.json (see the log)"
+        continue
+    stage = json.loads(path.read_text())["stages"]["classify"]
+    keep = ["batch_size", "batch_size_auto", "lr", "global_steps", "fit_seconds",
+            "train_seconds", "train_samples_per_s", "train_tokens_per_s", "params_total",
+            "test/acc", "val/acc"]
+    row = {k: stage[k] for k in keep if k in stage}
+    row |= {k: v for k, v in stage.get("metrics", {}).items() if k in ("test/acc", "val/acc")}
+    if peak and "train_tokens_per_s" in stage:
+        row["mfu"] = round(6 * stage["params_total"] * stage["train_tokens_per_s"] / peak, 4)
+    summary[name] = row
+if (out / "overhead.json").is_file():
+    bench = json.loads((out / "overhead.json").read_text())
+    summary["overhead"] = [
+        {"batch": b["batch_size"], **({"oom": True} if b.get("oom") else {
+            "ftlab_vs_plain": b["ftlab_vs_plain"]["median"],
+            "range": [b["ftlab_vs_plain"]["min"], b["ftlab_vs_plain"]["max"]],
+            "samples_per_s": [b["plain"]["samples_per_s"], b["ftlab"]["samples_per_s"]],
+            "mfu": [b["plain"]["mfu"], b["ftlab"]["mfu"]], "shapes": b["shapes"]})}
+        for b in bench["batches"]]
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+print(json.dumps(summary, indent=1))
+EOF
+echo "== done in $(( $(date +%s) - START )) s"

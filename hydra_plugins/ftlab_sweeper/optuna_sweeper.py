@@ -1,0 +1,128 @@
+"""``hydra/sweeper=ftlab_optuna``: Optuna 4 search with pruning over ftlab jobs (conf:
+conf/hydra/sweeper/ftlab_optuna.yaml; the search logic: ftlab/search.py)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class FtlabOptunaSweeper(Sweeper):
+    """Ask Optuna for ``n_trials`` trials (``n_jobs`` at a time, launched together), run each
+    as one ftlab job per seed and tell Optuna the outcome (complete / pruned / fail).
+
+    Args (``hydra.sweeper.*``; documented in conf/hydra/sweeper/ftlab_optuna.yaml):
+        params: search space, ``key: sweep expression`` (ftlab.search's docstring).
+        n_trials: trials this process adds to the study.
+        n_jobs: trials launched at once (a parallel launcher runs them side by side).
+        seeds: run each trial once per seed and optimise the mean; null: the run's seed.
+        direction: maximize | minimize | auto (from the task's monitor mode).
+        study_name, storage: the shared study (storage null: <sweep dir>/optuna.journal).
+        sampler, pruner: Optuna objects (``_target_: optuna.samplers.*`` / ``optuna.pruners.*``).
+    """
+
+    def __init__(self, params: dict[str, str] | None = None, n_trials: int = 10,
+                 n_jobs: int = 1, seeds: list[int] | None = None, direction: str = "auto",
+                 study_name: str = "ftlab", storage: str | None = None, sampler: Any = None,
+                 pruner: Any = None) -> None:
+        self.params = dict(params or {})
+        self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
+        self.seeds = list(seeds) if seeds else None
+        self.direction, self.study_name, self.storage = direction, study_name, storage
+        self.sampler_node, self.pruner_node = sampler, pruner
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def study(self, sweep_dir: Path, fixed: list[str]) -> Any:
+        """Create the study, or join it when another worker already did."""
+        import optuna
+
+        from ftlab.search import auto_direction, build_object, open_storage, storage_url
+
+        direction = self.direction
+        if direction == "auto":
+            direction = auto_direction(self.hydra_context.config_loader, self.config, fixed)
+        url = storage_url(self.storage, sweep_dir)
+        log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
+                 direction)
+        return optuna.create_study(
+            study_name=self.study_name, storage=open_storage(url), direction=direction,
+            sampler=build_object(self.sampler_node, "sampler"),
+            pruner=build_object(self.pruner_node, "pruner"), load_if_exists=True)
+
+    def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
+        from ftlab.search import job_outcome
+
+        self.validate_batch_is_legal(batch)
+        returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+        self.job_idx += len(batch)
+        return [job_outcome(r) for r in returns]
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from ftlab.errors import FtlabError
+
+        try:
+            from optuna.trial import TrialState
+        except ImportError:
+            raise FtlabError("hydra/sweeper=ftlab_optuna needs Optuna 4. Fix: pip install "
+                             "'ftlab[search]' (or pip install 'optuna>=4,<5').") from None
+        from ftlab.search import parse_space, trial_outcome, write_results
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        try:
+            space, fixed = parse_space(lines, self.hydra_context.config_loader)
+            study = self.study(sweep_dir, fixed)
+        except FtlabError as err:  # a message, not a traceback (SystemExit passes Hydra)
+            print(f"\nftlab: {err}\n", file=sys.stderr)
+            sys.exit(2)
+        seeds = self.seeds or [None]
+        states = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
+                  "fail": TrialState.FAIL}
+        ran = {}
+        for start in range(0, self.n_trials, self.n_jobs):
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - start))]
+
+            def job(trial: Any, seed: int | None) -> list[str]:
+                params = [f"{k}={v}" for k, v in trial.params.items()]
+                return [*fixed, *params, f"trial={trial.number}",
+                        *([f"seed={seed}"] if seed is not None else [])]
+
+            # the first seed of every trial (the job that may be pruned), then the other seeds
+            # of the trials that were not pruned
+            records = {t.number: [r] for t, r in zip(
+                trials, self.launch([job(t, seeds[0]) for t in trials]), strict=True)}
+            go_on = [t for t in trials if trial_outcome(records[t.number]).state != "pruned"]
+            rest = [(t, s) for t in go_on for s in seeds[1:]]
+            if rest:
+                for (t, _), r in zip(rest, self.launch([job(t, s) for t, s in rest]),
+                                     strict=True):
+                    records[t.number].append(r)
+            for t in trials:
+                outcome = ran[t.number] = trial_outcome(records[t.number])
+                study.tell(t, outcome.value, state=states[outcome.state])
+                log.info("Trial %d: %s%s %s", t.number, outcome.state,
+                         f" {outcome.value:.4f}" if outcome.value is not None else "", t.params)
+            result = write_results(study, sweep_dir, ran, space)  # after every batch
+        log.info("Search done: %s; best %s", result["counts"], result["best"])
+        return result

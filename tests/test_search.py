@@ -1,0 +1,159 @@
+"""Hyper-parameter search (hydra/sweeper=ftlab_optuna): the space syntax, pruning from
+intermediate validation scores, the best trial's file, one study shared by two workers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from ftlab.errors import FtlabError  # noqa: E402
+from ftlab.search import build_object, parse_space, storage_url, trial_outcome  # noqa: E402
+from tests.conftest import tiny_overrides  # noqa: E402
+
+
+def test_space_syntax_maps_to_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    space, fixed = parse_space(["stage.optim.lr=tag(log, interval(1e-5, 1e-3))",
+                                "stage.batch_size=choice(16, 32)", "peft.config.r=range(4,17,4)",
+                                "regularizer.r3f_lambda=interval(0.1, 5)",
+                                "stage.trainer.max_steps=int(interval(2, 8))",
+                                "peft=lora"], None)
+    assert space["stage.optim.lr"] == FloatDistribution(1e-5, 1e-3, log=True)
+    assert space["stage.batch_size"] == CategoricalDistribution([16, 32])
+    assert space["peft.config.r"] == IntDistribution(4, 16, step=4)  # range's end is exclusive
+    assert space["regularizer.r3f_lambda"] == FloatDistribution(0.1, 5.0)
+    assert space["stage.trainer.max_steps"] == IntDistribution(2, 8)
+    assert fixed == ["peft=lora"]
+    space, fixed = parse_space(["stage.batch_size=choice(16, 32)", "stage.optim.lr=interval(0.1,1)",
+                                "stage.batch_size=16"], None)  # the command line wins
+    assert list(space) == ["stage.optim.lr"] and fixed == ["stage.batch_size=16"]
+    with pytest.raises(FtlabError, match="search space is empty"):
+        parse_space(["peft=lora"], None)
+
+
+def test_only_optuna_samplers_and_pruners_are_built():
+    assert type(build_object({"_target_": "optuna.pruners.MedianPruner"}, "pruner")).__name__ \
+        == "MedianPruner"
+    with pytest.raises(FtlabError, match="optuna.samplers"):
+        build_object({"_target_": "os.system", "command": "true"}, "sampler")
+
+
+def test_a_bad_search_gives_a_message_not_a_traceback(tmp_path):
+    proc = ftlab("hydra/sweeper=ftlab_optuna", "~hydra.sweeper.params", "model=tiny_bert",
+                 cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "search space is empty" in out and "Traceback" not in out
+
+
+def test_storage_and_trial_outcomes(tmp_path):
+    assert storage_url(None, tmp_path) == str(tmp_path / "optuna.journal")
+    assert storage_url("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
+    ok = {"status": "ok", "objective": 0.8}
+    assert trial_outcome([ok, ok | {"objective": 0.6}]).value == pytest.approx(0.7)
+    assert trial_outcome([{"status": "pruned", "objective": -math.inf}]).state == "pruned"
+    assert trial_outcome([ok, {"status": "error", "objective": -math.inf}]).state == "fail"
+
+
+def ftlab(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env |= {"FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ftlab", "-m", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def search_args(data: Path, *extra: str) -> list[str]:
+    return ["hydra/sweeper=ftlab_optuna", *tiny_overrides(data),
+            "hydra.sweeper.params={stage.optim.lr:'tag(log, interval(1e-5, 3e-2))'}",
+            "hydra.sweeper.pruner.n_startup_trials=1", "trainer.val_check_interval=4", *extra]
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """The sweep's output; it ended without errored jobs (3: some trial ended at or below the
+    majority baseline, which a search over a tiny model expects)."""
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 3), out[-3000:]
+    return out
+
+
+def test_search_prunes_trials_and_writes_the_best(tmp_path, sentiment_dir):
+    out = finish(ftlab(*search_args(sentiment_dir, "hydra.sweeper.n_trials=6",
+                                    "stage.batch_size=16", "trainer.max_epochs=3"),
+                       cwd=tmp_path))
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    result = json.loads((sweep / "search.json").read_text())
+    states = [t["state"] for t in result["trials"]]
+    assert len(states) == 6 and result["direction"] == "maximize"  # val/acc: auto -> maximize
+    assert "pruned" in states and "complete" in states, result["trials"]
+    assert "fail" not in states, out[-3000:]
+    for trial in result["trials"]:
+        record = json.loads((Path(trial["jobs"][0]) / "metrics.json").read_text())
+        assert record["overrides"][-1] == f"trial={trial['number']}"
+        if trial["state"] == "pruned":  # stopped early and recorded as pruned, not failed
+            assert record["status"] == "pruned" and not record["failed"]
+            assert record["stages"]["classify"]["global_steps"] < max(
+                int(s) for t in result["trials"] for s in t["intermediate"])
+        else:  # a complete trial's value is its job's objective, the best validation score
+            assert trial["value"] == pytest.approx(record["objective"])
+            assert record["objective"] == record["final"]["val/acc"]
+            assert len(trial["intermediate"]) > 1
+    complete = [t for t in result["trials"] if t["state"] == "complete"]
+    best = max(complete, key=lambda t: t["value"])
+    assert result["best"]["number"] == best["number"]
+    best_file = (sweep / "best_params.yaml").read_text()
+    assert f"stage.optim.lr: {json.dumps(best['params']['stage.optim.lr'])}" in best_file
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert sum(s["pruned"] for s in summary.values()) == states.count("pruned")
+    assert sum(s["errored"] for s in summary.values()) == 0
+
+
+def test_two_workers_share_one_study(tmp_path, sentiment_dir):
+    journal = tmp_path / "study.journal"
+    shared = search_args(sentiment_dir, "hydra.sweeper.n_trials=2", "trainer.max_steps=4",
+                         f"hydra.sweeper.storage={journal}", "hydra.sweeper.study_name=shared")
+    workers = [ftlab(*shared, f"hydra.sweep.dir={tmp_path}/worker{i}", cwd=tmp_path)
+               for i in range(2)]  # two processes at once, one journal file
+    for proc in workers:
+        finish(proc)
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert len(study.trials) == 4 and sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    mine = [{t["number"] for t in json.loads((tmp_path / f"worker{i}" / "search.json")
+                                             .read_text())["trials"] if t["this_sweep"]}
+            for i in range(2)]
+    assert len(mine[0]) == len(mine[1]) == 2 and not mine[0] & mine[1]
+
+
+def test_slurm_launcher_config_has_the_documented_keys(make_cfg):
+    from hydra.core.hydra_config import HydraConfig
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    make_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+              "hydra.launcher.gpus_per_task=1"])
+    launcher = HydraConfig.get().launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_task) == ("gpu", 1)
+    assert {"timeout_min", "cpus_per_task", "mem_gb", "nodes"} <= set(launcher)
+
+
+def test_submitit_local_runs_two_jobs(tmp_path, sentiment_dir):  # ~40 s: two subprocesses
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = ftlab("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                 *tiny_overrides(sentiment_dir), "trainer.max_steps=3", "seed=1,2", cwd=tmp_path)
+    finish(proc)
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    records = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(2)]
+    assert [r["seed"] for r in records] == [1, 2]
+    assert all(r["status"] == "ok" and r["stages"]["classify"]["global_steps"] == 3
+               for r in records)
+    assert records[0]["final"] != records[1]["final"]  # two jobs, two seeds, not one run twice
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["default"]["runs"] == 2 and summary["default"]["errored"] == 0
