@@ -53,3 +53,44 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
           "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
           "runtime": RuntimeSpec(**s.get("runtime", {}))}
     return ResolvedStage(**s), card.get("labels")
+
+
+#: the run-level ``save_artefact``: which jobs keep full-size artefacts (PEFT ones always stay)
+POLICIES = ("best", "all", "none")
+
+
+def keep_best_full_artefacts(records: list[dict[str, Any]], sweep_dir: Path) -> str | None:
+    """``save_artefact: best`` at the end of a sweep: delete the full-size artefacts
+    (``trainable.safetensors`` of stages that trained over half the weights) of every job but
+    the one with the best objective, and note it in their ``metrics.json``. Returns the kept
+    job's folder name (None: no finished job)."""
+    import math
+
+    done = [r for r in records if r.get("status") == "ok" and "job" in r]
+    if not done:
+        return None
+    mode = (done[0].get("monitor") or {}).get("mode", "max")
+    sign = 1 if mode == "max" else -1
+
+    def score(r: dict[str, Any]) -> float:
+        value = r.get("objective")
+        return sign * value if isinstance(value, int | float) and math.isfinite(value) \
+            else -math.inf
+
+    best = max(done, key=score)["job"]
+    for rec in records:
+        if rec.get("job") == best or rec.get("job") is None:
+            continue
+        changed = False
+        for stage in (rec.get("stages") or {}).values():
+            path = stage.get("artefact")
+            if stage.get("full_size_artefact") and path and Path(path).is_file() \
+                    and Path(path).resolve().is_relative_to((sweep_dir / rec["job"]).resolve()):
+                Path(path).unlink()
+                stage["artefact_dropped"] = f"save_artefact=best: job {best} kept its"
+                changed = True
+        if changed:
+            disk = read_json(sweep_dir / rec["job"] / "metrics.json")
+            disk["stages"] = rec["stages"]
+            write_json(sweep_dir / rec["job"] / "metrics.json", disk)
+    return best

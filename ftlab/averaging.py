@@ -38,7 +38,17 @@ class WeightAverage(L.Callback):
         self.count = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.shadow = {n: p.detach().clone() for n, p in _trainable(pl_module).items()}
+        if not self.shadow:  # a resumed stage has its average back from the checkpoint
+            self.shadow = {n: p.detach().clone() for n, p in _trainable(pl_module).items()}
+
+    def state_dict(self) -> dict:
+        """The average, the step count and (between validation and the next training step)
+        the raw weights it stands in for: saved in checkpoints."""
+        return {"shadow": self.shadow, "backup": self.backup, "count": self.count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.shadow, self.backup = state_dict["shadow"], state_dict["backup"]
+        self.count = state_dict["count"]
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -92,6 +102,12 @@ class SnapshotEnsemble(L.Callback):
         self.cycles = cycles
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self.base_lrs: list[float] = []
+
+    def state_dict(self) -> dict:
+        return {"snapshots": self.snapshots, "base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.snapshots, self.base_lrs = state_dict["snapshots"], state_dict["base_lrs"]
 
     def _cycle_len(self, trainer: L.Trainer) -> int:
         return max(1, int(trainer.estimated_stepping_batches) // self.cycles)

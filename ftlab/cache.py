@@ -234,7 +234,7 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     ``cache`` is given). Returns a ``StageResult``; ``info`` says ``cache_hit``."""
     run_dir = run.run_dir
     if cache is None or stage.trainer.get("fast_dev_run"):
-        result = run_stage(stage, builder, run, upstream)
+        result = run_stage(stage, builder, run, upstream, key)
         result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
         return result
     hit = cache.lookup(key)
@@ -243,7 +243,7 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
             # another job may have finished it while we waited; a damaged entry is set aside
             hit = cache.lookup(key, repair=True)
             if hit is None:
-                result = run_stage(stage, builder, run, upstream)
+                result = run_stage(stage, builder, run, upstream, key)
                 if result.info.get("discarded"):  # stopped early: never reused as complete
                     result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
                     return result

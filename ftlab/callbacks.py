@@ -37,6 +37,15 @@ class KeepBest(L.Callback):
                 state = self.peft.trainable_state(pl_module.model)
                 self.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
+    def state_dict(self) -> dict:
+        """The best score, epoch, metrics and trainable state so far (saved in checkpoints)."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "metrics": self.metrics,
+                "state": self.state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best, self.best_epoch = state_dict["best"], state_dict["best_epoch"]
+        self.metrics, self.state = state_dict["metrics"], state_dict["state"]
+
     def restore(self, pl_module: L.LightningModule) -> None:
         if self.state is not None:
             with full_weights(pl_module._trainer, writeback=True):

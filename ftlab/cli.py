@@ -52,6 +52,14 @@ def _app(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    from ftlab.errors import FtlabError
+    from ftlab.resume import resume_argv
+
+    try:  # resume=<run or sweep dir>: the command that made it, into the same folder
+        sys.argv[1:] = resume_argv(sys.argv[1:])
+    except FtlabError as err:
+        print(f"\nftlab: {err}\n", file=sys.stderr)
+        sys.exit(2)
     preflight(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ftlab-") as tmp:
         # the sweep report (a Hydra callback in this process) writes the sweep's outcome here,

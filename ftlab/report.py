@@ -41,7 +41,22 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         rec.setdefault("overrides", _overrides_from_hydra(job))
         rec["job"] = job.name
         records.append(rec)
-    return records
+    return dedupe(records)
+
+
+def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per job identity (``ftlab.resume.job_identity``): a re-launched sweep whose
+    jobs changed folders may hold a finished job twice (the second one reused the first)."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for rec in records:
+        keys = tuple(rec.get("job_identity") or ())
+        if keys and rec.get("status") in ("ok", *STOPPED):
+            if keys in seen:
+                continue
+            seen.add(keys)
+        out.append(rec)
+    return out
 
 
 def _overrides_from_hydra(job: Path) -> list[str]:
@@ -120,6 +135,8 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "degenerate": sum(r.get("status") == "ok" and bool(r.get("failed")) for r in recs),
         # stopped by a signal, or killed (a 'running' job whose process is gone)
         "interrupted": sum(r.get("status") == "interrupted" for r in recs),
+        # finished before a re-launch of the sweep: reused, not trained again
+        "reused": sum(bool(r.get("reused")) for r in recs),
         "all_failed": counted > 0 and failed == counted,
         "failures": {str(r.get("seed", r.get("job"))): r.get("failure") or r.get("status")
                      for r in recs if r.get("failed")},
@@ -192,6 +209,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [f"runs: {s['runs']} · errored: {s['errored']} · failed: {s['failed']}"
                   + (f" ({s['failed_rate']:.0%})" if _finite(s.get("failed_rate")) else "")
                   + (f" · pruned by the search: {s['pruned']}" if s.get("pruned") else "")
+                  + (f" · reused from before a re-launch: {s['reused']}" if s.get("reused")
+                     else "")
                   + (f" · discarded early: {s['discarded']} (trained "
                      f"{s['discarded_steps']['trained']} of their "
                      f"{s['discarded_steps']['planned']} planned steps)"
@@ -253,9 +272,16 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def write_report(sweep_dir: str | Path) -> dict[str, Any]:
+def write_report(sweep_dir: str | Path, save_artefact: str = "all") -> dict[str, Any]:
+    """Write ``summary.{json,md,png}``; with ``save_artefact="best"`` first delete the full-size
+    artefacts of all jobs but the best (``ftlab.artefact.keep_best_full_artefacts``)."""
+    from ftlab.artefact import keep_best_full_artefacts
+
     sweep_dir = Path(sweep_dir)
-    summary = summarize(collect(sweep_dir))
+    records = collect(sweep_dir)
+    if save_artefact == "best":
+        keep_best_full_artefacts(records, sweep_dir)
+    summary = summarize(records)
     write_json(sweep_dir / "summary.json", summary)
     text = markdown(summary)
     atomic_write(sweep_dir / "summary.md", lambda p: p.write_text(text))
@@ -272,7 +298,7 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        summary = write_report(sweep_dir)
+        summary = write_report(sweep_dir, str(config.get("save_artefact", "all")))
         print((sweep_dir / "summary.md").read_text())
         _log_to_wandb(config, sweep_dir, summary)
         print(f"Report: {sweep_dir}/summary.{{md,json,png}}")

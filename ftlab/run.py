@@ -77,6 +77,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               "torch_threads": set_threads(hydra.get("n_jobs", 1)),
                               "process": process_identity()}  # a later look tells a killed job
     out = run_dir / "metrics.json"
+    from ftlab.resume import read_record
+
+    earlier = read_record(out)  # before this run marks the folder 'running': a finished job?
     if primary and (previous := _previous(out)):  # a re-run in the same folder
         record["previous"] = previous
     choices = hydra.get("choices", {})
@@ -95,7 +98,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with allowing(cfg.get("allow_targets")):
             check_config(context["config"])
             explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
-            _run_stages(cfg, explicit, record, context, run_dir)
+            _run_stages(cfg, explicit, record, context, run_dir,
+                        run_dir.parent if hydra["multirun"] else None, earlier)
         final = record["final"]
         if record.get("discarded"):  # early discard or a search's pruner stopped it: neither
             pruned = bool(record["discarded"].get("pruned"))  # ok nor failed
@@ -178,8 +182,10 @@ def _degenerate(record: dict[str, Any]) -> None:
 
 
 def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
-                context: dict[str, Any], run_dir: Path) -> None:
-    """Resolve, validate and run the stages into ``record``."""
+                context: dict[str, Any], run_dir: Path, sweep_dir: Path | None = None,
+                earlier: dict[str, Any] | None = None) -> None:
+    """Resolve, validate and run the stages into ``record``; a finished job with the same
+    stage keys in ``run_dir`` or ``sweep_dir`` is reused instead (``ftlab.resume``)."""
     from ftlab.build import StageBuilder
     from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
     from ftlab.config import bind_schema, plain
@@ -194,6 +200,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     record["pipeline"] = [s.name for s in stages]
     record["monitor"] = _monitor(stages[-1])  # known before validation: failures score worst
     callbacks = plain(cfg.get("callbacks")) or {}
+    if _reuse_finished(record, stages, callbacks, run_dir, sweep_dir, earlier):
+        return
     logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
@@ -210,7 +218,11 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
         if is_rank_zero():
             write_json(run_dir / "metrics.json", record)
 
-    run = RunContext(run_dir, callbacks, logger, context, on_trained=trained)
+    from ftlab.checkpoint import CheckpointSpec
+
+    run = RunContext(run_dir, callbacks, logger, context, on_trained=trained,
+                     checkpoint=bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint"),
+                     save_artefact=artefact_policy(cfg.get("save_artefact", "best")))
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):
         record["current_stage"] = stage.name  # a killed job is known to have died here
@@ -230,6 +242,38 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
             break
     record["final"] = results[stage.name].metrics
     record.pop("current_stage", None)
+
+
+def artefact_policy(value: Any) -> str:
+    """The run's ``save_artefact`` (which jobs keep full-size artefacts), checked."""
+    from ftlab.artefact import POLICIES
+    from ftlab.errors import choices_text
+
+    if value not in POLICIES:
+        raise FtlabError(f"save_artefact is {value!r}.", f"use one of: {choices_text(POLICIES)} "
+                         "(a stage's own save_artefact: false writes no artefact at all).")
+    return value
+
+
+def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[str, Any],
+                    run_dir: Path, sweep_dir: Path | None,
+                    earlier: dict[str, Any] | None = None) -> bool:
+    """Fill ``record`` from a finished job with the same identity (stage keys + callbacks), if
+    there is one."""
+    from ftlab.cache import pipeline_keys
+    from ftlab.resume import finished_record, job_identity
+
+    record["job_identity"] = job_identity(list(pipeline_keys(stages).values()), callbacks)
+    found = finished_record(run_dir, record["job_identity"], sweep_dir, earlier)
+    if found is None:
+        return False
+    previous, folder = found
+    keep = ("stages", "lineage", "final", "discarded", "pipeline", "monitor")
+    record |= {k: previous[k] for k in keep if k in previous}
+    record["reused"] = {"from": str(folder), "skipped": True}
+    log.info("This job already finished (same stage keys) in %s: reusing its results, not "
+             "training again.", folder)
+    return True
 
 
 def _monitor(stage: Any) -> dict[str, str] | None:

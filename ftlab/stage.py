@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from torch import nn
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep, Throughput
+from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
 from ftlab.config import instantiate_checked
 from ftlab.data.datamodule import TextDataModule
 from ftlab.discard import EarlyDiscard
@@ -49,6 +51,10 @@ class RunContext:
         log_context: W&B name/group/tags/config for the loggers that take them.
         on_trained: called with a stage's result once it has trained and been evaluated, before
             its artefact is written (the run records its metrics first: a full disk loses none).
+        checkpoint: when stages checkpoint (and resume); None: never.
+        save_artefact: the run's policy for full-size artefacts (``best | all | none``): with
+            ``none`` a stage training over half the weights writes no ``trainable.safetensors``
+            (its card still); ``best`` in a sweep is applied when the sweep ends.
     """
 
     run_dir: Path
@@ -56,11 +62,14 @@ class RunContext:
     logger: dict[str, Any] | None = None
     log_context: dict[str, Any] = field(default_factory=dict)
     on_trained: Callable[[StageResult], None] | None = None
+    checkpoint: CheckpointSpec | None = None
+    save_artefact: str = "best"
 
 
 def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
-              upstream: dict[str, StageResult]) -> StageResult:
-    """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run."""
+              upstream: dict[str, StageResult], key: str | None = None) -> StageResult:
+    """Train and evaluate ``stage``; ``upstream`` holds earlier stages of this run. A
+    checkpoint in ``<stage>/checkpoints`` written for ``key`` (the stage key) is resumed."""
     stage_dir = inside(run.run_dir, stage.name)  # a name never writes outside the run
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
@@ -94,13 +103,18 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput()
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name}
-    trainer = _trainer(stage, run, stage_dir, [keep, speed], context)
+    spec, ckpt_dir = run.checkpoint, stage_dir / "checkpoints"
+    resume = latest_checkpoint(ckpt_dir, key) if spec and spec.enabled else None
+    resumed_step = _step(resume)
+    if resume is not None:
+        log.info("Stage %s resumes from step %s (%s).", stage.name, resumed_step, resume)
+    trainer = _trainer(stage, run, stage_dir, [keep, speed], context, key)
     if auto:
         from ftlab.autobatch import find_batch_size
 
         find_batch_size(trainer, module, dm, rt, stage.where)
     start = time.perf_counter()
-    trainer.fit(module, dm)
+    trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)
     fit_s = time.perf_counter() - start
     if keep.best is None and "validation" in dm.splits:  # max_steps ended before any validation
         trainer.validate(module, dm, verbose=False)
@@ -124,20 +138,31 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                       if isinstance(c, EarlyDiscard | OptunaPruning) and c.outcome), None)
     if discarded:  # stopped early (early discard, or a search's pruner): not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
+    info["resumed_from_step"] = resumed_step
+    info["full_size_artefact"] = counts["params_trainable"] * 2 > counts["params_total"]
     result = StageResult(stage.name, metrics, module.model, info)
     if run.on_trained is not None:
         run.on_trained(result)
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
+            skip = info["full_size_artefact"] and run.save_artefact == "none"
             info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer,
-                                   transformed)
+                                   transformed, weights=not skip)
+    if not (spec and spec.keep) and is_rank_zero():  # the stage is done: free the disk
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
 
 
 def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, model: nn.Module,
                    task: Any, tokenizer: Any,
-                   data_transforms: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it."""
+                   data_transforms: list[dict[str, Any]] | None = None,
+                   weights: bool = True) -> dict[str, Any]:
+    """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it;
+    without ``weights`` (``save_artefact: none``, a full-size artefact) the card only."""
+    if not weights:
+        write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
+                         data_transforms)
+        return {"artefact": None, "artefact_dropped": "save_artefact=none"}
     state = peft.trainable_state(model)
     path = save_tensors(stage_dir / "trainable.safetensors", state,
                         metadata={"peft": peft.name, "stage": stage.name})
@@ -149,8 +174,17 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
     return info
 
 
+def _step(checkpoint: Path | None) -> int | None:
+    """The optimiser step a stage resumed from (None: it started fresh)."""
+    if checkpoint is None:
+        return None
+    import json
+
+    return json.loads((checkpoint / "state.json").read_text())["checkpoint"]["global_step"]
+
+
 def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L.Callback],
-             context: dict[str, Any]) -> L.Trainer:
+             context: dict[str, Any], stage_key: str | None = None) -> L.Trainer:
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in run.callbacks.items() if node is not None]
@@ -159,8 +193,11 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints",
+                                          stage_key, stage.trainer)
     return instantiate_checked(stage.trainer, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir),
-                               callbacks=[*callbacks, *own, NoteStep()],
-                               logger=loggers or False, enable_checkpointing=False,
+                               callbacks=[*callbacks, *own, NoteStep(), *saving],
+                               **({"plugins": plugins} if plugins else {}),
+                               logger=loggers or False, enable_checkpointing=bool(saving),
                                use_distributed_sampler=False)  # ftlab's sampler shards itself

@@ -127,7 +127,7 @@ def test_causal_lm_sums_log_probabilities_of_multi_token_words(make_cfg, sentime
         scores = task.scores(model, batch)
         for i, r in enumerate(rows):  # by hand: prefix + word, one row at a time, no padding
             prefix = tok(r["text"] + " It was")["input_ids"]
-            for label, word in ((0, "awful"), (1, "great film")):
+            for label in (0, 1):  # neg: "awful", pos: "great film" (two tokens)
                 w = task.words[label][0]
                 logp = F.log_softmax(model(torch.tensor([prefix + w])).logits[0].float(), -1)
                 manual = sum(logp[len(prefix) - 1 + j, t] for j, t in enumerate(w))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from ftlab.cache import StageCache, pipeline_keys
 from ftlab.cli import CONFIG_DIR
@@ -80,9 +81,12 @@ def test_cache_hit_on_rerun_and_seed_sweep_miss_on_upstream_change(tiny_pipeline
     assert len(entries) == 2 and all(e.startswith("tapt-") for e in entries)  # upstream only
 
 
-def test_cached_upstream_gives_the_same_result_as_training_it(tiny_pipeline):
+def test_cached_upstream_gives_the_same_result_as_training_it(tiny_pipeline, tmp_path):
     a = run(tiny_pipeline())
-    b = run(tiny_pipeline())
+    again = tiny_pipeline()
+    with open_dict(again):  # another folder: in the same one the finished job is reused whole
+        again.paths.output_dir = str(tmp_path / "again")
+    b = run(again)
     assert b["lineage"][0]["cache_hit"] is True
     assert a["final"] == b["final"]  # the stored weights are exactly the trained ones
 

@@ -139,6 +139,10 @@ def test_few_shot_draws_k_per_class_keeps_the_rest_unlabelled_and_follows_the_se
     assert sorted(kept["label"]) == sorted(out.train["label"])  # same k per class
     total = FewShot(k=None, k_total=7)(Rows(LABELLED, None, ("text",), None, 0))
     assert len(total.train) == 7 and len(total.unlabelled) == 53
+    capped = draw(1, unlabelled=10)  # a seeded sample of the rest, never a labelled row
+    assert len(capped.unlabelled) == 10 and not set(capped.unlabelled["text"]) & set(texts)
+    assert list(draw(1, unlabelled=10).unlabelled["text"]) == list(capped.unlabelled["text"])
+    assert draw(1, unlabelled=False).unlabelled is None
 
 
 def test_few_shot_names_a_class_with_too_few_rows():

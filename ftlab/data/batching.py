@@ -50,9 +50,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> LengthGroupedBatchSampler:
+        """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` each epoch (never
+        on the batch sampler itself, and it stops fetching before the order is exhausted): so
+        that each epoch gets its own order, that is this object."""
+        return self
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches`` batches (a resumed run): the
+        next iteration serves the rest of that epoch's order, then epochs go on as usual."""
+        self.epoch, self._skip = epoch, (epoch, batches)
 
     def _global_batches(self) -> list[torch.Tensor]:
         """Global batches (every rank's rows of a step) as index tensors (views; no Python int
@@ -89,7 +102,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return torch.tensor_split(batch, self.num_replicas)[self.rank]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._global_batches():
+        batches = self._global_batches()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            batches = batches[self._skip[1]:]  # the same order, without the batches served
+        self._skip = None
+        for batch in batches:
             yield self._share(batch).tolist()
         self.epoch += 1  # a fresh order next time even if nobody calls set_epoch
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
@@ -62,6 +63,7 @@ class TextDataModule(L.LightningDataModule):
                                "persistent_workers": persistent_workers and num_workers > 0}
         self.collate = PadCollator(pad_id, pad_to=pad_to, multiple_of=pad_to_multiple_of or 1,
                                    pad_values=task.pad_values)
+        self._resume: dict[str, int] | None = None
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.splits[split]
@@ -70,8 +72,35 @@ class TextDataModule(L.LightningDataModule):
         sampler = LengthGroupedBatchSampler(
             lengths, self.batch_size if train else self.eval_batch_size,
             shuffle=train, seed=self.seed, num_replicas=world, rank=rank)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
-                          **self.loader_options)
+        # its own generator: creating a loader's iterator draws a seed from it, which would
+        # otherwise shift the global random stream (dropout) when a run resumes
+        gen = torch.Generator().manual_seed(self.seed)
+        if not train:
+            return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
+                              generator=gen, **self.loader_options)
+        if self._resume is not None:
+            sampler.resume(**self._resume)
+            self._resume = None
+        return ResumableLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
+                               generator=gen, position=self.state_dict, **self.loader_options)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data's position (saved in checkpoints): the epoch and the batches of it
+        already trained on; after an epoch's last batch, the start of the next epoch."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = trainer.current_epoch
+        if done >= trainer.num_training_batches:
+            return {"epoch": epoch + 1, "batches": 0}
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training batches where the checkpoint left them (same order)."""
+        if state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]),
+                            "batches": int(state_dict["batches"])}
 
     def _replicas(self) -> tuple[int, int]:
         """(world size, this rank) of the attached Trainer: the sampler shards the batches
@@ -89,3 +118,19 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False) if "test" in self.splits else []
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, stateful for Lightning (``state_dict``/``load_state_dict``): its
+    state is the data module's position, and loading it moves the batch sampler there."""
+
+    def __init__(self, *args: Any, position: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._position()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self.batch_sampler.resume(int(state_dict["epoch"]), int(state_dict["batches"]))

@@ -37,7 +37,8 @@ class Pattern:
         except ValueError as err:
             raise FtlabError(f"The pattern {self.template!r} is not a valid template ({err}).",
                              "write fields as {column} and the slot as {mask}, e.g. "
-                             "'{text} It was {mask}.'; double braces {{ }} for literal ones.")
+                             "'{text} It was {mask}.'; double braces {{ }} for literal ones."
+                             ) from None
         if names.count(MASK) != 1:
             raise FtlabError(f"The pattern {self.template!r} has {names.count(MASK)} {{mask}} "
                              "slots; a cloze pattern has exactly one.",

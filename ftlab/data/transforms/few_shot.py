@@ -32,14 +32,16 @@ class FewShot:
         validation: ``full`` or ``k_shot`` (subsample validation the same way).
         seed: null draws from the stage's seed (a new draw per seed); an int fixes the draw
             across training seeds.
-        unlabelled: keep the rest of the training split as unlabelled text.
+        unlabelled: keep the rest of the training split as unlabelled text (true), none of it
+            (false), or a seeded sample of that many rows (labelling them costs a teacher
+            forward pass each).
     """
 
     name = "few_shot"
 
     def __init__(self, k: int | None = 16, k_total: int | None = None,
                  validation: str = "full", seed: int | None = None,
-                 unlabelled: bool = True) -> None:
+                 unlabelled: bool | int = True) -> None:
         if (k is None) == (k_total is None):
             raise FtlabError(f"few_shot takes k (per class) or k_total, not "
                              f"{'both' if k is not None else 'neither'} (k={k}, "
@@ -53,6 +55,9 @@ class FewShot:
         if validation not in VALIDATION:
             raise FtlabError(f"few_shot validation='{validation}'.",
                              f"use one of: {', '.join(VALIDATION)}.")
+        if isinstance(unlabelled, int) and not isinstance(unlabelled, bool) and unlabelled < 1:
+            raise FtlabError(f"few_shot unlabelled={unlabelled}.",
+                             "true (all the other rows), false (none) or a number >= 1 of them.")
         self.k, self.k_total, self.validation = k, k_total, validation
         self.seed, self.keep_unlabelled = seed, unlabelled
 
@@ -63,6 +68,9 @@ class FewShot:
         train = rows.train.select(keep)
         unlabelled = None
         if self.keep_unlabelled:
+            if not isinstance(self.keep_unlabelled, bool) and len(rest) > self.keep_unlabelled:
+                rest = np.sort(np.random.default_rng([seed, 2]).choice(
+                    rest, self.keep_unlabelled, replace=False))
             pool = rows.train.select(rest)
             unlabelled = pool.remove_columns([c for c in (LABEL,) if c in pool.column_names])
         keep_val = None

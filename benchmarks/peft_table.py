@@ -1,7 +1,7 @@
 """PEFT methods side by side on Rotten Tomatoes with MiniLM, through ftlab's own run path
 (one ``python -m ftlab`` process per method x seed; figures read from its metrics.json).
 
-    python benchmarks/peft.py --methods full,bitfit,lora,adapter_pfeiffer --seeds 1,2,3 \\
+    python benchmarks/peft_table.py --methods full,bitfit,lora,adapter_pfeiffer --seeds 1,2,3 \\
         --max-train-samples 2000 --epochs 1 [--extra stage.optim.lr=1e-3 ...]
 
 Prints per method: trainable %, artefact KB and its ratio to the full checkpoint (fp32 model

@@ -1,0 +1,240 @@
+"""Resumable stages on Lightning's own machinery: a ``ModelCheckpoint`` that writes
+``<stage>/checkpoints/state.ckpt`` every N optimiser steps and at each epoch end, a
+``CheckpointIO`` that stores Lightning's checkpoint dict as a folder of
+``tensors.safetensors`` (every tensor, under its flattened path) + ``state.json`` (everything
+else), and ``Trainer.fit(ckpt_path=...)`` to continue. Loop progress, optimiser, scheduler,
+the data order's position (``TextDataModule.state_dict``) and stateful callbacks (``KeepBest``,
+``WeightAverage``, ``RngState``) travel in that dict.
+
+A checkpoint folder is written beside its target and renamed into place (atomic); the one it
+replaces is moved aside first and deleted after, so a kill at any moment leaves one complete
+checkpoint. ``state.json`` records the stage key: a checkpoint of a changed stage is never
+resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+# a resumed stage's checkpoint folder is not empty, by design
+warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+
+#: the checkpoint folder's name inside ``<stage>/checkpoints``
+NAME = "state.ckpt"
+TENSORS, STATE = "tensors.safetensors", "state.json"
+
+
+@dataclass
+class CheckpointSpec:
+    """The ``checkpoint`` config node (README, "Resuming runs and sweeps").
+
+    Attributes:
+        every_n_steps: also checkpoint every N optimiser steps (0: at epoch ends only).
+        enabled: false turns checkpointing (and resuming) off.
+        keep: keep ``<stage>/checkpoints`` after the stage finishes (default: deleted).
+    """
+
+    every_n_steps: int = 100
+    enabled: bool = True
+    keep: bool = False
+
+
+# ---- the checkpoint dict <-> safetensors + JSON ------------------------------------------
+
+def split(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """``obj`` as JSON-able data, each tensor replaced by ``{"__tensor__": key}`` (the tensor
+    goes into ``tensors[key]``). Tuples and dicts with non-string keys are tagged so that
+    ``join`` gives them back as they were."""
+    if isinstance(obj, torch.Tensor):
+        key = path or "/"
+        while key in tensors:
+            key += "'"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": split(torch.from_numpy(obj.copy()), tensors, path)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: split(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, split(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if isinstance(obj, torch.dtype | torch.device):
+        return {"__torch__": str(obj)}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint ({path})")
+
+
+def join(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``split``."""
+    if isinstance(data, list):
+        return [join(v, tensors) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if "__tensor__" in data:
+        return tensors[data["__tensor__"]]
+    if "__ndarray__" in data:
+        return join(data["__ndarray__"], tensors).numpy()
+    if "__tuple__" in data:
+        return tuple(join(v, tensors) for v in data["__tuple__"])
+    if "__items__" in data:
+        return {k: join(v, tensors) for k, v in data["__items__"]}
+    if "__torch__" in data:
+        text = data["__torch__"]
+        return getattr(torch, text.removeprefix("torch.")) if text.startswith("torch.") \
+            else torch.device(text)
+    return {k: join(v, tensors) for k, v in data.items()}
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Lightning checkpoints as ``<path>/{tensors.safetensors, state.json}``, written atomically.
+
+    Args:
+        meta: recorded in ``state.json`` under ``ftlab`` (the stage key).
+    """
+
+    def __init__(self, meta: dict[str, Any] | None = None) -> None:
+        self.meta = meta or {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any = None) -> None:
+        from ftlab.store import is_rank_zero
+
+        if not is_rank_zero():  # Lightning calls it on rank zero only; this makes sure
+            return
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        tree = split(checkpoint, tensors)
+        flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            tmp.mkdir(parents=True)
+            save_file(flat, str(tmp / TENSORS))
+            (tmp / STATE).write_text(json.dumps({"ftlab": self.meta, "checkpoint": tree}))
+            old = None
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(path)
+        data = json.loads((path / STATE).read_text())
+        return join(data["checkpoint"], load_file(str(path / TENSORS)))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path, key: str | None) -> Path | None:
+    """The complete checkpoint in ``folder`` written for stage ``key`` (a checkpoint moved aside
+    by a save that was killed midway counts), or None."""
+    if not folder.is_dir():
+        return None
+    found = [folder / NAME, *sorted(folder.glob(f".{NAME}.old-*"))]
+    for path in found:
+        try:
+            meta = json.loads((path / STATE).read_text()).get("ftlab", {})
+        except (OSError, ValueError):
+            continue
+        if not (path / TENSORS).is_file():
+            continue
+        if key is not None and meta.get("stage_key") != key:
+            log.warning("Not resuming from %s: it was written for stage %s, this is %s "
+                        "(the stage's settings changed). Training the stage from the start.",
+                        path, meta.get("stage_key"), key)
+            return None
+        return path
+    return None
+
+
+# ---- callbacks -----------------------------------------------------------------------------
+
+class StageCheckpoint(ModelCheckpoint):
+    """One checkpoint, ``<dir>/state.ckpt``, replaced every ``every_n_steps`` optimiser steps
+    (0: never between epoch ends) and at every epoch end."""
+
+    def __init__(self, dirpath: Path, every_n_steps: int = 0) -> None:
+        super().__init__(dirpath=str(dirpath), filename=NAME.removesuffix(".ckpt"),
+                         every_n_train_steps=every_n_steps or None,
+                         every_n_epochs=None if every_n_steps else 0, save_top_k=1,
+                         enable_version_counter=False, save_on_train_epoch_end=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (trainer.sanity_checking or trainer.fast_dev_run):
+            self._save_checkpoint(trainer, str(Path(self.dirpath) / NAME))
+
+
+class RngState(L.Callback):
+    """Saves the torch, numpy and Python random states (dropout, masking) in checkpoints and
+    puts them back when training resumes, so a resumed stage draws the same numbers."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                          cached]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loaded = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.loaded is None:  # a fresh start
+            return
+        state, self.loaded = self.loaded, None
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def stage_checkpointing(spec: CheckpointSpec | None, folder: Path, key: str | None,
+                        trainer: dict[str, Any] | None = None
+                        ) -> tuple[list[L.Callback], list[CheckpointIO]]:
+    """(callbacks, Trainer plugins) that checkpoint a stage into ``folder`` under ``spec``;
+    none under FSDP (sharded checkpoints are not supported yet: the stage cannot resume)."""
+    if spec is None or not spec.enabled:
+        return [], []
+    if "FSDP" in str((trainer or {}).get("strategy")).upper():
+        log.warning("Checkpointing is off under FSDP (not supported yet): an interrupted stage "
+                    "starts over.")
+        return [], []
+    if spec.every_n_steps < 0:
+        from ftlab.errors import FtlabError
+
+        raise FtlabError(f"checkpoint.every_n_steps is {spec.every_n_steps}.",
+                         "use 0 (epoch ends only) or a positive number of steps.")
+    return ([StageCheckpoint(folder, spec.every_n_steps), RngState()],
+            [SafetensorsCheckpointIO({"stage_key": key})])

@@ -1,0 +1,99 @@
+"""Resuming runs and sweeps (README, "Resuming runs and sweeps").
+
+- ``ftlab resume=<run dir> [overrides]`` re-runs the command that made the run, in its folder;
+  ``ftlab -m resume=<sweep dir>`` re-launches the sweep into its folder (``resume_argv``).
+- A job whose folder or sweep already holds a finished record for the same stages (compared by
+  their stage keys, the hashes of the resolved stages, and the run's result-changing callbacks:
+  not by job number or time) is not run
+  again: its record is reused (``finished_record``). An interrupted stage continues from its
+  checkpoint (``ftlab.checkpoint``); finished upstream stages come back from the stage cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftlab.errors import FtlabError
+
+#: a job whose record has one of these statuses is finished (an error or a kill is not)
+FINISHED = ("ok", "discarded", "pruned")
+
+
+def job_identity(stage_keys: list[str], callbacks: dict[str, Any] | None) -> list[str]:
+    """What identifies a job: its stage keys, plus a hash of the run's callbacks that change
+    results (EMA/SWA, snapshots, early discard; progress bars do not count), which live
+    outside the stages."""
+    import hashlib
+    import json
+
+    nodes = {k: v for k, v in (callbacks or {}).items()
+             if v is not None and "ProgressBar" not in str(v.get("_target_", ""))}
+    text = json.dumps(nodes, sort_keys=True, default=str)
+    return [*stage_keys, f"callbacks-{hashlib.sha256(text.encode()).hexdigest()[:16]}"]
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record in ``path`` (``metrics.json``), or None if there is no readable one."""
+    from ftlab.store import read_json  # (torch: not for `ftlab --help`)
+
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None = None,
+                    own: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path] | None:
+    """(the record, its job folder) of a finished job with this ``identity`` (``job_identity``):
+    this job's own folder first (``own``: what its ``metrics.json`` held when the job started),
+    then the other job folders of ``sweep_dir``; None if there is none."""
+    folders = [run_dir]
+    if sweep_dir is not None and sweep_dir.is_dir():
+        folders += sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir)
+    for folder in folders:
+        record = own if folder == run_dir else read_record(folder / "metrics.json")
+        if record is None or record.get("status") not in FINISHED:
+            continue
+        if record.get("job_identity") == identity:
+            return record, folder
+    return None
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """``argv`` with ``resume=<dir>`` replaced by the overrides that made ``<dir>`` and its
+    folder (``hydra.run.dir``, or ``hydra.sweep.dir`` and ``-m`` for a sweep); later overrides
+    on the command line win. Unchanged when there is no ``resume=``."""
+    found = [a for a in argv if a.startswith("resume=")]
+    if not found:
+        return argv
+    folder = Path(found[-1].split("=", 1)[1]).expanduser()
+    rest = [a for a in argv if not a.startswith("resume=")]
+    fix = "pass the folder of a run (outputs/runs/<time>) or a sweep (outputs/multirun/<time>)."
+    if (folder / "multirun.yaml").is_file():
+        hydra = _hydra_node(folder / "multirun.yaml")
+        flags = [] if {"-m", "--multirun"} & set(rest) else ["-m"]
+        return [*flags, *_own(hydra), *rest, f"hydra.sweep.dir={folder}"]
+    if (folder / ".hydra" / "hydra.yaml").is_file():
+        if {"-m", "--multirun"} & set(rest):
+            raise FtlabError(f"{folder} is a single run, not a sweep.",
+                             f"drop -m: ftlab resume={folder}")
+        hydra = _hydra_node(folder / ".hydra" / "hydra.yaml")
+        return [*_own(hydra), *rest, f"hydra.run.dir={folder}"]
+    raise FtlabError(f"resume={folder}: no ftlab run or sweep there (no .hydra/ or "
+                     "multirun.yaml).", fix)
+
+
+def _hydra_node(path: Path) -> Any:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    return cfg.hydra
+
+
+def _own(hydra: Any) -> list[str]:
+    """The overrides the user gave (task and Hydra ones), without the output folder's."""
+    drop = ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode")
+    given = [str(o) for o in hydra.overrides.get("hydra", [])]
+    return [o for o in given if not o.startswith(drop)] + [str(o) for o in hydra.overrides.task]

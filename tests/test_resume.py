@@ -1,0 +1,229 @@
+"""Resuming: a stage killed midway continues from its checkpoint and ends where an
+uninterrupted run ends; finished jobs of a sweep are found by their stage keys and skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+import ftlab.callbacks
+from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
+from ftlab.run import run
+from tests.conftest import tiny_overrides
+
+#: 112 rows / batch 16 = 7 batches an epoch: checkpoints at steps 4, 7 (epoch end), 8; the kill
+#: at step 10 falls in the second epoch, so the resumed run must find its place mid-epoch
+STEPS = ["data.max_train_samples=112", "trainer.max_steps=12", "trainer.max_epochs=5",
+         "stage.optim.lr=1e-3", "checkpoint.every_n_steps=4",
+         "callbacks=ema", "callbacks.progress=null", "callbacks.ema.decay=0.9"]
+
+
+@pytest.fixture
+def tiny_run(make_cfg, sentiment_dir, tmp_path):
+    def _make(folder: str, *extra: str):
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + STEPS + [
+            f"cache.dir={tmp_path / 'cache'}", *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / folder)
+        return cfg
+
+    return _make
+
+
+def crash_at(monkeypatch, step: int, max_steps: int | None = None) -> None:
+    """Kill the run (an exception, as a crash would) at the end of optimiser step ``step`` (of
+    the stage that runs ``max_steps`` steps, if given)."""
+
+    def crash(self, trainer, *args):
+        if trainer.global_step == step and max_steps in (None, trainer.max_steps):
+            raise RuntimeError(f"killed at step {step}")
+
+    monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_train_batch_end", crash, raising=False)
+
+
+def test_checkpoint_io_round_trips_the_checkpoint_dict(tmp_path):
+    ckpt = {"state_dict": {"w": torch.randn(3, 2)}, "epoch": 1, "optimizer_states": [
+        {"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.ones(2)}},
+         "param_groups": [{"betas": (0.9, 0.999), "params": [0]}]}], "none": None}
+    io = SafetensorsCheckpointIO({"stage_key": "k"})
+    io.save_checkpoint(ckpt, tmp_path / NAME)
+    io.save_checkpoint(ckpt, tmp_path / NAME)  # replaces it
+    back = io.load_checkpoint(tmp_path / NAME)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]  # no temp folders left
+    assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(2))
+    assert torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"]) and back["none"] is None
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeypatch, tmp_path):
+    whole = run(tiny_run("whole", "checkpoint.keep=true"))
+    assert whole["status"] == "ok", whole
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed"))
+    ckpt = tmp_path / "killed" / "classify" / "checkpoints" / NAME
+    assert (ckpt / "tensors.safetensors").is_file() and (ckpt / "state.json").is_file()
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", "checkpoint.keep=true"))  # the same command, same folder
+    assert resumed["status"] == "ok"
+    stage = resumed["stages"]["classify"]
+    assert stage["resumed_from_step"] == 8 and stage["global_steps"] == 12
+    assert whole["stages"]["classify"]["resumed_from_step"] is None
+    print("\nuninterrupted:", whole["final"], "\nresumed:     ", resumed["final"])
+    assert resumed["final"].keys() == whole["final"].keys()
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    assert stage["best_epoch"] == whole["stages"]["classify"]["best_epoch"]
+    for name in ("whole", "killed"):  # the best epoch's weights (what the stage keeps)
+        assert (tmp_path / name / "classify" / "trainable.safetensors").is_file()
+    # the weights after the last step (kept checkpoints), and the EMA average: the whole path
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / name / "classify" / "checkpoints" / NAME)
+            for name in ("whole", "killed"))
+    assert a["global_step"] == b["global_step"] == 12
+    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
+               for k in a["state_dict"]) <= 1e-6
+    ema_a, ema_b = (next(v["shadow"] for k, v in c["callbacks"].items() if "WeightAverage" in k)
+                    for c in (a, b))
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+
+
+def test_checkpoints_are_deleted_when_the_stage_finishes(tiny_run, tmp_path):
+    assert run(tiny_run("r"))["status"] == "ok"
+    assert (tmp_path / "r" / "classify" / "trainable.safetensors").is_file()
+    assert not (tmp_path / "r" / "classify" / "checkpoints").exists()
+
+
+def test_changed_stage_does_not_resume_a_stale_checkpoint(tiny_run, monkeypatch, tmp_path):
+    crash_at(monkeypatch, 6)
+    with pytest.raises(SystemExit):
+        run(tiny_run("r"))
+    monkeypatch.undo()
+    again = run(tiny_run("r", "stage.optim.lr=2e-3"))  # another stage key
+    assert again["status"] == "ok" and again["stages"]["classify"]["resumed_from_step"] is None
+
+
+def test_save_artefact_none_drops_full_size_weights_but_keeps_peft_ones(tiny_run, tmp_path):
+    full = run(tiny_run("full", "save_artefact=none", "trainer.max_steps=2"))
+    stage = tmp_path / "full" / "classify"
+    assert full["status"] == "ok" and full["stages"]["classify"]["full_size_artefact"]
+    assert not (stage / "trainable.safetensors").exists() and (stage / "card.json").is_file()
+    lora = run(tiny_run("lora", "save_artefact=none", "peft=lora", "trainer.max_steps=2"))
+    assert lora["status"] == "ok" and not lora["stages"]["classify"]["full_size_artefact"]
+    assert (tmp_path / "lora" / "classify" / "trainable.safetensors").is_file()
+
+
+def test_pipeline_resumes_its_second_stage_and_reuses_the_finished_first(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    def cfg(folder: str):
+        c = make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=tiny", f"cache.dir={tmp_path / 'cache'}", "checkpoint.every_n_steps=4",
+            "pipeline.stages.tapt.trainer.max_steps=6", "pipeline.stages.task.trainer.max_steps=8",
+            "data.max_train_samples=112", "trainer.max_epochs=5"])
+        with open_dict(c):
+            c.paths.output_dir = str(tmp_path / folder)
+        return c
+
+    whole = run(cfg("whole"))
+    crash_at(monkeypatch, 6, max_steps=8)  # in the task stage, after TAPT finished
+    with pytest.raises(SystemExit):
+        run(cfg("killed"))
+    monkeypatch.undo()
+    resumed = run(cfg("killed"))
+    assert resumed["status"] == "ok"
+    assert [line["cache_hit"] for line in resumed["lineage"]] == [True, False]
+    assert resumed["stages"]["task"]["resumed_from_step"] == 4
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    again = run(cfg("killed"))  # finished: the same command again trains nothing
+    assert again["reused"]["skipped"] and again["final"] == resumed["final"]
+
+
+def ftlab_cli(*args: str, cwd: Path, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "FTLAB_TEST_CRASH_SEEDS"} | {
+        "FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)} | env
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_relaunched_sweep_skips_finished_jobs_and_resumes_killed_ones(tmp_path, sentiment_dir):
+    import json
+
+    steps = [s for s in STEPS if not s.startswith("callbacks")]
+    args = [*tiny_overrides(sentiment_dir), *steps, "seed=1,2,3,4",
+            "+callbacks.crash._target_=tests.crash.CrashAt", "allow_targets=[tests.]"]
+    first = ftlab_cli("-m", *args, cwd=tmp_path, FTLAB_TEST_CRASH_SEEDS="3,4")
+    assert first.returncode == 1, first.stderr[-2000:]  # two jobs were killed
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    status = {j.name: json.loads((j / "metrics.json").read_text())["status"]
+              for j in sorted(sweep.iterdir()) if (j / ".hydra").is_dir()}
+    assert status == {"0": "ok", "1": "ok", "2": "error", "3": "error"}
+    again = ftlab_cli(f"resume={sweep}", cwd=tmp_path)
+    # 3: every job at the majority baseline (12 steps of a tiny model); no job errored
+    assert again.returncode in (0, 3), again.stderr[-2000:]
+    assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 1  # the same folder
+    records = {j: json.loads((sweep / j / "metrics.json").read_text()) for j in status}
+    assert [bool(records[j].get("reused")) for j in status] == [True, True, False, False]
+    assert [records[j]["stages"]["classify"]["resumed_from_step"] for j in ("2", "3")] == [4, 4]
+    assert all(r["status"] == "ok" for r in records.values())
+    summary = json.loads((sweep / "summary.json").read_text())
+    (config,) = summary.values()
+    assert config["runs"] == 4 and config["reused"] == 2 and config["errored"] == 0
+    assert config["metrics"]["test/acc"]["n"] == 4
+    # save_artefact: best (the default): one job keeps its full model; every job keeps a card
+    kept = [j for j in status if (sweep / j / "classify" / "trainable.safetensors").exists()]
+    assert len(kept) == 1 and all((sweep / j / "classify" / "card.json").exists() for j in status)
+    assert kept == [max(status, key=lambda j: records[j]["objective"])]
+    assert all("artefact_dropped" in records[j]["stages"]["classify"] for j in status
+               if j not in kept)
+    print("\nfirst launch:", status, "\nre-launch:",
+          {j: ("skipped" if r.get("reused") else f"resumed from step "
+               f"{r['stages']['classify']['resumed_from_step']}") for j, r in records.items()})
+
+
+def test_resume_argv_rebuilds_the_command_of_a_run_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ftlab.errors import FtlabError
+    from ftlab.resume import resume_argv
+
+    run_dir = tmp_path / "runs" / "r1"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"hydra": {"overrides": {"hydra": [f"hydra.run.dir={tmp_path}/old"],
+                                            "task": ["model=tiny_bert", "seed=3"]}}},
+                   run_dir / ".hydra" / "hydra.yaml")
+    assert resume_argv([f"resume={run_dir}", "checkpoint.keep=true"]) == [
+        "model=tiny_bert", "seed=3", "checkpoint.keep=true", f"hydra.run.dir={run_dir}"]
+    assert resume_argv(["seed=1"]) == ["seed=1"]
+    with pytest.raises(FtlabError, match="single run"):
+        resume_argv(["-m", f"resume={run_dir}"])
+    with pytest.raises(FtlabError, match="no ftlab run or sweep"):
+        resume_argv([f"resume={tmp_path}"])
+
+
+def test_sampler_resumes_mid_epoch_in_the_same_order_and_gets_lightnings_epoch():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    from ftlab.data.batching import LengthGroupedBatchSampler
+
+    lengths = [(i * 7) % 23 + 1 for i in range(100)]
+    fresh = LengthGroupedBatchSampler(lengths, 8, group=2, seed=5)
+    fresh.set_epoch(1)
+    epoch1 = list(fresh)
+    resumed = LengthGroupedBatchSampler(lengths, 8, group=2, seed=5)
+    resumed.resume(1, 3)
+    assert list(resumed) == epoch1[3:]  # the rest of epoch 1, in its order
+    assert list(resumed) != epoch1  # then epoch 2: a new order, nothing skipped
+    loader = DataLoader(list(range(100)), batch_sampler=LengthGroupedBatchSampler(lengths, 8))
+    _set_sampler_epoch(loader, 4)  # what Lightning calls at each epoch start
+    assert loader.batch_sampler.epoch == 4
