@@ -221,7 +221,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.checkpoint import CheckpointSpec
 
     run = RunContext(run_dir, callbacks, logger, context, on_trained=trained,
-                     checkpoint=bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint"),
+                     checkpoint=bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint",
+                                            "checkpoint"),
                      save_artefact=artefact_policy(cfg.get("save_artefact", "best")))
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):

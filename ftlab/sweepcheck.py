@@ -106,10 +106,12 @@ def _varying(jobs: list[list[str]]) -> set[str]:
 def check_job(cfg: DictConfig, overrides: list[str]) -> None:
     """The config-level checks of one job (what ``run`` checks before loading data)."""
     from ftlab.cache import CacheSpec
+    from ftlab.checkpoint import CheckpointSpec
     from ftlab.cli import CONFIG_DIR
     from ftlab.config import bind_schema, plain
     from ftlab.overrides import explicit_keys
     from ftlab.pipeline import build_pipeline
+    from ftlab.run import artefact_policy
     from ftlab.targets import allowing, settings_from_you
     from ftlab.validate import check_configs
 
@@ -122,3 +124,5 @@ def check_job(cfg: DictConfig, overrides: list[str]) -> None:
         stages = build_pipeline(cfg, explicit)
         check_configs(stages, plain(cfg.get("callbacks")) or {}, plain(cfg.get("logger")))
         bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
+        bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint", "checkpoint")
+        artefact_policy(cfg.get("save_artefact", "best"))

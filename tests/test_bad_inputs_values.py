@@ -181,6 +181,10 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"split_fractions=\[1.2, -0.1, -0.1\] is out of range"),
     ("cache-stages-typo", lambda t, s: S(s) + ["cache.stages=upsteam"],
      r"stages='upsteam' is not allowed.*upstream"),
+    ("checkpoint-every-negative", lambda t, s: S(s) + ["checkpoint.every_n_steps=-1"],
+     r"every_n_steps=-1 is out of range.*Fix: set checkpoint.every_n_steps"),
+    ("save-artefact-policy-unknown", lambda t, s: S(s) + ["save_artefact=some"],
+     r"save_artefact is 'some'.*best"),
     # --- a bad LAST stage of a pipeline fails before the first stage trains
     ("pipeline-last-lr", lambda t, s: S(s) + PIPE + ["pipeline.stages.task.optim.lr=-1"],
      r"stage 'task': optim.lr=-1.0 is out of range.*Fix: set pipeline.stages.task.optim.lr"),
@@ -343,7 +347,8 @@ def test_sweep_jobs_follow_the_basic_sweeper():
     (["pipeline=tiny", "pipeline.stages.task.task.max_length=32,abc"],
      r"Sweep job 1 \(pipeline.stages.task.task.max_length=abc\): stage 'task'.task"),
     (["stage.batch_size=8,abc"], r"Sweep job 1 \(stage.batch_size=abc\).*batch_size"),
-], ids=["good-madx", "lr", "batch", "max-steps", "last-stage-type", "wrong-type"])
+    (["save_artefact=all,some"], r"Sweep job 1 \(save_artefact=some\): save_artefact is"),
+], ids=["good-madx", "lr", "batch", "max-steps", "last-stage-type", "wrong-type", "policy"])
 def test_every_sweep_job_is_checked(sweep, bad, sentiment_dir, caplog):
     """``check_sweep`` composes each job as the launcher will; a bad one names itself."""
     from hydra import compose, initialize_config_dir
