@@ -23,14 +23,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from filelock import FileLock, Timeout
 
 from ftlab.build import StageBuilder
-from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
+from ftlab.rules import one_of
 from ftlab.stage import RunContext, StageResult, run_stage
 from ftlab.store import check_name, inside, load_tensors, read_json, save_tensors, write_json
 
@@ -57,7 +57,7 @@ class CacheSpec:
     """
 
     dir: str = "outputs/stage_cache"
-    stages: str = "upstream"
+    stages: Annotated[str, one_of(*MODES)] = "upstream"
 
 
 def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
@@ -98,9 +98,7 @@ def pipeline_keys(stages: list[ResolvedStage]) -> dict[str, str]:
 
 
 def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
-    """Names of the stages to cache under ``mode``."""
-    if mode not in MODES:
-        raise FtlabError(f"cache.stages is '{mode}'.", f"use one of: {choices_text(MODES)}.")
+    """Names of the stages to cache under ``mode`` (one of ``MODES``: ``CacheSpec`` checks)."""
     if mode == "off":
         return set()
     if mode == "all":

@@ -23,7 +23,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import numpy as np
@@ -31,6 +31,8 @@ import torch
 from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
+
+from ftlab.rules import at_least
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class CheckpointSpec:
         keep: keep ``<stage>/checkpoints`` after the stage finishes (default: deleted).
     """
 
-    every_n_steps: int = 100
+    every_n_steps: Annotated[int, at_least(0, example="100")] = 100
     enabled: bool = True
     keep: bool = False
 

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ftlab.errors import FtlabError, choices_text, closest
+from ftlab.rules import check_args, check_schema
 from ftlab.targets import check_object, check_target, check_tree, targets_in
 
 T = TypeVar("T")
@@ -20,16 +21,19 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def bind_schema(schema: type[T], node: Any, where: str) -> T:
+def bind_schema(schema: type[T], node: Any, where: str, set_as: str | None = None) -> T:
     """Merge ``node`` onto the dataclass ``schema`` and return the object.
 
-    A misspelt key fails here with the valid keys and the closest match.
+    A misspelt key fails here with the valid keys and the closest match; a value outside its
+    field's rule (``ftlab.rules``) with the allowed range. ``set_as``: the override prefix
+    that sets the node's keys (``stage``, ``data``), named in the fix.
     """
     base = OmegaConf.structured(schema)
     try:
         node = plain(node)  # resolve while still attached to the root config
         merged = OmegaConf.merge(base, node if node is not None else {})
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        obj = OmegaConf.to_object(merged)
+
     except ConfigKeyError as err:
         key = str(getattr(err, "key", "")) or str(err).split("'")[1]
         valid = list(base.keys())
@@ -41,6 +45,8 @@ def bind_schema(schema: type[T], node: Any, where: str) -> T:
         raise FtlabError(f"Invalid value in {where}{at}: {str(err).splitlines()[0]}",
                          f"give {f'{key!r}' if key else 'each key'} under {where} a value of "
                          "the type its default has (see the YAML file).") from None
+    check_schema(obj, where, set_as=set_as)
+    return obj  # type: ignore[return-value]
 
 
 def instantiate_checked(node: DictConfig | dict, where: str, **extra: Any) -> Any:
@@ -79,6 +85,7 @@ def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
         load_target(nested, at)  # a nested function (not a class) is refused too
     cls = load_target(target, where)
     kwargs = {k: v for k, v in node.items() if not k.startswith("_")} | extra
+    check_args(cls, {k: v for k, v in kwargs.items() if k not in extra}, where)
     try:
         sig = inspect.signature(cls)
         (sig.bind_partial if partial else sig.bind)(**kwargs)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
+
+from ftlab.rules import Rule, at_least, between, one_of
 
 
 @dataclass
@@ -27,15 +30,16 @@ class OptimSpec:
             scale it to the batch actually used (``ftlab.runtime.LR_RULES``); ``none`` keeps it.
     """
 
-    lr: float | None = None
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    layer_decay: float = 1.0
+    lr: Annotated[float | None, at_least(0, example="5e-5")] = None
+    weight_decay: Annotated[float, at_least(0, example="0.01")] = 0.01
+    warmup_ratio: Annotated[float, between(0, 1, hi_open=True, example="0.06")] = 0.06
+    betas: Annotated[tuple[float, float], between(0, 1, hi_open=True, each=True,
+                                                  example="[0.9,0.999]")] = (0.9, 0.999)
+    eps: Annotated[float, Rule(gt=0, example="1e-8")] = 1e-8
+    layer_decay: Annotated[float, between(0, 1, lo_open=True, example="0.9")] = 1.0
     gradual_unfreeze: bool = False
-    lr_scaling: str = "none"
-    reference_batch: int = 32
+    lr_scaling: Annotated[str, one_of("none", "linear", "sqrt")] = "none"  # runtime.LR_RULES
+    reference_batch: Annotated[int, at_least(1, example="32")] = 32
 
 
 #: the peak LR when neither the stage nor the PEFT method sets one (BERT's range: 2e-5..5e-5)

@@ -9,8 +9,9 @@ explicitly at run level (command line or ``experiment=``) < keys given explicitl
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
 from omegaconf import DictConfig
 
@@ -21,8 +22,14 @@ from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
+from ftlab.rules import Rule, at_least, check_field, one_of
 from ftlab.runtime import RuntimeSpec, split_trainer
 from ftlab.store import check_name
+
+log = logging.getLogger(__name__)
+
+#: what a stage takes from its init_from stage
+CARRY = ("model", "encoder")
 
 
 @dataclass
@@ -60,9 +67,9 @@ class StageSpec:
     name: str = "classify"
     task: Any = None
     init_from: str = "pretrained"
-    carry: str = "model"
-    batch_size: Any = 32  # an int, or "auto"
-    eval_batch_size: int = 128
+    carry: Annotated[str, one_of(*CARRY)] = "model"
+    batch_size: Annotated[Any, at_least(1, also=("auto",), example="32")] = 32  # or "auto"
+    eval_batch_size: Annotated[int, at_least(1, example="128")] = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
@@ -71,10 +78,10 @@ class StageSpec:
     regularizer: Any = None
     save_artefact: bool = True
     data_overrides: dict[str, Any] = field(default_factory=dict)
-    aux_mlm_weight: float = 0.0
+    aux_mlm_weight: Annotated[float, at_least(0, example="0.1")] = 0.0
     teachers: list[str] = field(default_factory=list)
-    teacher_temperature: float = 2.0
-    teacher_rows: int | None = None
+    teacher_temperature: Annotated[float, Rule(gt=0, example="2.0")] = 2.0
+    teacher_rows: Annotated[int | None, at_least(1, example="1000")] = None
     tasks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,7 +100,7 @@ class SubTaskSpec:
     task: Any = None
     data: Any = None
     data_overrides: dict[str, Any] = field(default_factory=dict)
-    weight: float = 1.0
+    weight: Annotated[float, at_least(0, example="1.0")] = 1.0
 
 
 @dataclass(frozen=True)
@@ -148,10 +155,6 @@ class ResolvedStage:
         return [t.data for t in self.subtasks] or [self.data]
 
 
-CARRY = ("model", "encoder")
-
-
-
 def split_peft(node: Any) -> tuple[Any, float | None]:
     """(the PEFT node without ``lr``, that ``lr``): the method's suggested peak LR is read by
     the stage, not passed to the method."""
@@ -178,9 +181,10 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
     """
     explicit = explicit or Explicit()
     nodes, prefix = stage_nodes(cfg, explicit)
-    specs = [bind_schema(StageSpec, node, f"stage '{key}'") for key, node in nodes.items()]
+    specs = [bind_schema(StageSpec, node, f"stage '{key}'", prefix(key))
+             for key, node in nodes.items()]
     check_pipeline(specs)
-    model = bind_schema(ModelSpec, cfg.model, "model")
+    model = bind_schema(ModelSpec, model_node(cfg, explicit), "model", "model")
     seed = run_seed(cfg)
     return [_resolve(s, cfg, model, seed, explicit, prefix(s.name)) for s in specs]
 
@@ -188,13 +192,18 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
 def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
              explicit: Explicit, prefix: str) -> ResolvedStage:
     where = f"stage '{spec.name}'"
-    subtasks = tuple(_subtask(name, node, cfg, where) for name, node in spec.tasks.items())
+    subtasks = tuple(_subtask(name, node, cfg, where, prefix)
+                     for name, node in spec.tasks.items())
     if subtasks and spec.teachers:
         raise FtlabError(f"{where} is a multi-task stage with teachers; teachers label one "
                          "dataset.", "drop the teachers, or distil in a single-task stage.")
     data_spec = subtasks[0].data if subtasks else _data_spec(
-        spec.data, spec.data_overrides, cfg, f"{where} data")
+        spec.data, spec.data_overrides, cfg, f"{where} data",
+        f"{prefix}.data" if spec.data is not None else "data")
     peft, peft_lr = split_peft(spec.peft or cfg.peft)
+    if peft_lr is not None and spec.optim.lr is None:  # the method's LR applies: its rule too
+        check_field(OptimSpec, "lr", peft_lr, where,
+                    f"{prefix}.peft.lr" if spec.peft else "peft.lr")
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
     trainer, runtime = split_trainer(trainer_node(cfg, spec.trainer, explicit, prefix), where)
@@ -209,7 +218,8 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         teacher_rows=spec.teacher_rows, subtasks=subtasks)
 
 
-def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str) -> DataSpec:
+def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str,
+               key: str) -> DataSpec:
     """A stage's (or sub-task's) data: null -> the run's data group; a group name -> that
     file of conf/data; a mapping -> itself. ``overrides`` are merged on top."""
     if isinstance(node, str):
@@ -218,7 +228,7 @@ def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str
     if not isinstance(data, dict):
         raise FtlabError(f"{where} must be a mapping or a data group name.",
                          "see conf/data/*.yaml.")
-    spec = bind_schema(DataSpec, {**data, **overrides}, where)
+    spec = bind_schema(DataSpec, {**data, **overrides}, where, key)
     spec.transforms = resolve_nodes(spec.transforms, f"{where}.transforms")
     return spec
 
@@ -241,7 +251,7 @@ def _data_group(name: str, cfg: DictConfig, where: str) -> DictConfig:
     return root.data
 
 
-def _subtask(name: str, node: Any, cfg: DictConfig, where: str) -> SubTask:
+def _subtask(name: str, node: Any, cfg: DictConfig, where: str, prefix: str) -> SubTask:
     spec = bind_schema(SubTaskSpec, node, f"{where} tasks.{name}")
     check_name(name, "Sub-task name", f"rename {where}'s sub-task (e.g. to '{{name}}').")
     if "." in name:  # names prefix metric keys (<task>/acc), where a dot means nesting
@@ -251,8 +261,33 @@ def _subtask(name: str, node: Any, cfg: DictConfig, where: str) -> SubTask:
         raise FtlabError(f"{where}: sub-task '{name}' has no task.",
                          "give it a task node with a _target_, e.g. "
                          "{_target_: ftlab.tasks.classify.Classify}.")
-    data = _data_spec(spec.data, spec.data_overrides, cfg, f"{where} tasks.{name}.data")
+    data = _data_spec(spec.data, spec.data_overrides, cfg, f"{where} tasks.{name}.data",
+                      f"{prefix}.tasks.{name}.data")
     return SubTask(name, plain(spec.task), data, float(spec.weight))
+
+
+def model_node(cfg: DictConfig, explicit: Explicit) -> dict[str, Any]:
+    """``cfg.model``, without a from-scratch model's architecture when you point
+    ``model.name_or_path`` at a pre-trained model: ``model=tiny_bert model.name_or_path=X``
+    loads X with X's own config and tokenizer; the YAML's ``config`` (it has a ``model_type``)
+    and ``tokenizer`` are dropped with a warning. Keys you give yourself
+    (``model.config.hidden_dropout_prob=0.2``, ``model.tokenizer=...``) stay."""
+    node = plain(cfg.model)
+    config = node.get("config") or {}
+    if not (isinstance(node, dict) and explicit.has("model.name_or_path")
+            and node.get("name_or_path") and "model_type" in config
+            and not explicit.has("model.config.model_type")):
+        return node
+    node["config"] = {k: v for k, v in config.items() if explicit.has(f"model.config.{k}")}
+    dropped = [f"config.{k}" for k in config if k not in node["config"]]
+    if node.get("tokenizer") and not explicit.has("model.tokenizer"):
+        dropped.append(f"tokenizer ({node['tokenizer']})")
+        node["tokenizer"] = None
+    log.warning("model.name_or_path=%s replaces the chosen model YAML's from-scratch model: its "
+                "%s are dropped (%s's own config and tokenizer apply). Set them on the command "
+                "line to keep them.", node["name_or_path"], ", ".join(dropped),
+                node["name_or_path"])
+    return node
 
 
 def check_pipeline(stages: list[StageSpec]) -> None:
@@ -268,15 +303,6 @@ def check_pipeline(stages: list[StageSpec]) -> None:
             raise FtlabError(
                 f"Stage '{s.name}' starts from '{s.init_from}', which is not an earlier stage.",
                 f"use init_from: pretrained or one of: {choices_text(seen) or '(none yet)'}.")
-        if s.batch_size != "auto" and (not isinstance(s.batch_size, int)
-                                       or isinstance(s.batch_size, bool) or s.batch_size < 1):
-            raise FtlabError(f"Invalid value in stage '{s.name}' for key 'batch_size': "
-                             f"{s.batch_size!r}.",
-                             "use a whole number of 1 or more (per device), or auto (the "
-                             "largest that fits in memory; for GPUs).")
-        if s.carry not in CARRY:
-            raise FtlabError(f"Stage '{s.name}' has carry '{s.carry}'.",
-                             f"use one of: {choices_text(CARRY)}.")
         if s.task is None or "_target_" not in s.task:
             raise FtlabError(f"Stage '{s.name}' has no task.",
                              "give it a task node with a _target_ (see conf/stage/*.yaml).")
@@ -302,11 +328,8 @@ def _check_teachers(s: StageSpec, seen: list[str]) -> None:
             raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is not an earlier "
                              "stage.", f"use earlier stages ({choices_text(seen) or 'none yet'}) "
                              "or run folders (with a '/').")
-    if s.teacher_rows is not None and (s.teacher_rows < 1 or not s.teachers):
-        raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows}"
-                         f"{'' if s.teachers else ' but no teachers'}.",
+    # (ranges of teacher_rows and teacher_temperature: their rules on StageSpec)
+    if s.teacher_rows is not None and not s.teachers:
+        raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows} but no teachers.",
                          "iPET: a positive number of teacher-labelled rows to add, with "
                          "teachers; null to distil on every row.")
-    if s.teacher_temperature <= 0:
-        raise FtlabError(f"Stage '{s.name}' has teacher_temperature {s.teacher_temperature}.",
-                         "use a positive temperature (PET: 2; 1 keeps the teachers' scores).")

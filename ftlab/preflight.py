@@ -161,6 +161,9 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
     node = OmegaConf.select(cfg, parent) if parent else cfg
     valid = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
     where = f"'{parent}'" if parent else "the top level"
+    if ("not in struct" in str(cause) or "Could not override" in str(err)) and \
+            parent == "model.config":
+        return _model_config_key(leaf, node, valid)
     if "not in struct" in str(cause) or "Could not override" in str(err):
         return FtlabError(
             f"Unknown key '{leaf}' in {where}.{closest(leaf, valid)} Valid keys: "
@@ -168,3 +171,31 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
             f"correct the spelling, or add a new key with +{full_key}=... if you really mean to.")
     return FtlabError(f"Invalid override for '{full_key}': {str(cause).splitlines()[0]}",
                       f"give {full_key} a value of the right type (see its YAML file).")
+
+
+def _model_config_key(leaf: str, node: Any, valid: list[str]) -> FtlabError:
+    """``model.config.<leaf>=...`` for a key the model's YAML does not set: model.config takes
+    any key of the model's transformers config, so say whether ``leaf`` is one (for the
+    ``model_type`` the YAML builds) and how to add it."""
+    model_type = node.get("model_type") if hasattr(node, "get") else None
+    keys: list[str] = []
+    if model_type:
+        try:
+            from transformers import AutoConfig
+
+            keys = sorted(AutoConfig.for_model(str(model_type)).to_dict())
+        except Exception:  # noqa: BLE001 - an unknown model_type: no key list to offer
+            keys = []
+    add = f"+model.config.{leaf}=..."
+    sets = f"sets {choices_text(valid)}" if valid else "is empty"
+    if keys and leaf not in keys:
+        return FtlabError(
+            f"'{leaf}' is not a key of the {model_type} config.{closest(leaf, keys)} (model.config "
+            f"in this model's YAML {sets}.)", f"use a key of the {model_type} config (e.g. "
+            f"{', '.join(k for k in keys if k in valid)[:120] or keys[0]}), added with "
+            "+model.config.<key>=... when the YAML does not set it.")
+    return FtlabError(
+        f"model.config.{leaf} is not set in this model's YAML (its model.config {sets}), so "
+        "it cannot be changed, only added.",
+        f"add it with {add} (model.config takes any key of the model's transformers config"
+        f"{f' ({model_type})' if model_type else ''}).")

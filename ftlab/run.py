@@ -206,7 +206,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
     callbacks |= trial_callbacks(cfg.get("trial"), cfg.get("seed"), stages[-1].name)  # search
-    cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache")
+    cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
     keys = pipeline_keys(stages)
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
@@ -221,7 +221,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.checkpoint import CheckpointSpec
 
     run = RunContext(run_dir, callbacks, logger, context, on_trained=trained,
-                     checkpoint=bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint"),
+                     checkpoint=bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint",
+                                            "checkpoint"),
                      save_artefact=artefact_policy(cfg.get("save_artefact", "best")))
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):

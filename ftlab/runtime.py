@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Annotated, Any
 
 from ftlab.config import bind_schema
 from ftlab.errors import FtlabError
+from ftlab.rules import at_least
 
 
 @dataclass(frozen=True)
@@ -33,28 +34,14 @@ class RuntimeSpec:
             and doubles at most this many times while a step fits in memory.
     """
 
-    num_workers: int = 0
+    num_workers: Annotated[int, at_least(0, example="4")] = 0
     pin_memory: bool = False
     persistent_workers: bool = False
-    pad_to_multiple_of: int | None = None
-    check_finite_every_n_steps: int = 50
+    pad_to_multiple_of: Annotated[int | None, at_least(1, example="16")] = None
+    check_finite_every_n_steps: Annotated[int, at_least(1, example="50")] = 50
     compile: bool = False
-    auto_batch_init: int = 32
-    auto_batch_max_trials: int = 6
-
-    def check(self, where: str) -> None:
-        for ok, what, fix in (
-            (self.num_workers >= 0, f"num_workers={self.num_workers}", "0 or more"),
-            (self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
-             f"pad_to_multiple_of={self.pad_to_multiple_of}", "null or 1 or more (e.g. 16)"),
-            (self.check_finite_every_n_steps >= 1,
-             f"check_finite_every_n_steps={self.check_finite_every_n_steps}", "1 or more"),
-            (self.auto_batch_init >= 1, f"auto_batch_init={self.auto_batch_init}", "1 or more"),
-            (self.auto_batch_max_trials >= 1,
-             f"auto_batch_max_trials={self.auto_batch_max_trials}", "1 or more"),
-        ):
-            if not ok:
-                raise FtlabError(f"{where}: trainer.{what} is out of range.", f"use {fix}.")
+    auto_batch_init: Annotated[int, at_least(1, example="32")] = 32
+    auto_batch_max_trials: Annotated[int, at_least(1, example="6")] = 6
 
 
 #: the ``trainer`` keys that are ftlab's, not Lightning's
@@ -64,8 +51,7 @@ RUNTIME_KEYS = tuple(f.name for f in fields(RuntimeSpec))
 def split_trainer(node: dict[str, Any], where: str) -> tuple[dict[str, Any], RuntimeSpec]:
     """(the Lightning ``Trainer`` node, ftlab's runtime settings) from a stage's trainer node."""
     own = {k: v for k, v in node.items() if k in RUNTIME_KEYS}
-    spec = bind_schema(RuntimeSpec, own, f"{where} trainer")
-    spec.check(where)
+    spec = bind_schema(RuntimeSpec, own, f"{where} trainer", "trainer")  # ranges: ftlab.rules
     return {k: v for k, v in node.items() if k not in RUNTIME_KEYS}, spec
 
 

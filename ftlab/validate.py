@@ -15,10 +15,10 @@ from typing import Any
 
 from ftlab.build import StageBuilder
 from ftlab.config import check_binds
-from ftlab.errors import FtlabError
+from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import ResolvedStage
-from ftlab.runtime import LR_RULES
+from ftlab.rules import TRAINER, check_table
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,28 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
 
     Every ``_target_`` (nested ones too) is checked against the allow-list
     (``ftlab.targets``) before its module is imported."""
+    check_configs(stages, callbacks, logger)
+    for model in {repr(s.model): s.model for s in stages}.values():
+        check_model_path(model)
+    for stage in stages:
+        check_data(stage, builder)
+        builder.check_fits(stage)
+    log.info("Checked %d stage(s): config and data are fine.", len(stages))
+
+
+def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None = None,
+                  logger: dict[str, Any] | None = None) -> None:
+    """The config-level checks of every stage (no data, no model): each ``_target_`` node
+    binds to its constructor with values of the right types and ranges (``ftlab.rules``), the
+    Trainer keys meet their rules. Cheap: a sweep runs them for every job before the first."""
     for group, nodes in (("callbacks", callbacks), ("logger", logger)):
         for key, node in (nodes or {}).items():
             if node is not None:
                 check_binds(node, f"{group}.{key}", partial=True)
                 check_output_keys(node, f"{group}.{key}")
-    for model in {repr(s.model): s.model for s in stages}.values():
-        check_model_path(model)
-    for stage in stages:  # cheap checks of every stage first, then the data and models
+    for stage in stages:
         check_binds(stage.trainer, f"{stage.where} trainer", partial=True)
+        check_table(stage.trainer, TRAINER, f"{stage.where} trainer", "trainer")
         check_binds(stage.task, f"{stage.where}.task")
         for sub in stage.subtasks:  # a multi-task stage's own tasks (their data: below)
             check_binds(sub.task, f"{stage.where}.tasks.{sub.name}.task")
@@ -46,12 +59,40 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
         check_binds(stage.regularizer, f"{stage.where} regularizer")
         for i, node in enumerate(stage.data.transforms):
             check_binds(node, f"{stage.where} data.transforms[{i}]")
-        check_numbers(stage)
         check_strategy(stage)
-    for stage in stages:
-        builder.task(stage)
-        builder.check_fits(stage)
-    log.info("Checked %d stage(s): config and data are fine.", len(stages))
+
+
+def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
+    """Load the stage's data, bind its task, run one training row through the task (each
+    sub-task's own, for a multi-task stage) and check that the task reports the metric it
+    monitors."""
+    from ftlab.tasks.base import HasSubtasks
+
+    task = builder.task(stage)
+    if isinstance(task, HasSubtasks):  # its monitor names sub-task metrics or their mean
+        parts = {f" sub-task '{k}'": (p.task, p.raw) for k, p in task.parts.items()}
+    else:
+        metrics = ["loss", *task.metrics().keys()]
+        if task.monitor not in metrics:
+            raise FtlabError(f"{stage.where}: task.monitor='{task.monitor}' is not a metric "
+                             f"this task reports ({choices_text(metrics)}), so no best epoch "
+                             "could be picked.", f"set task.monitor (stage.task.monitor=...) to "
+                             f"one of: {choices_text(metrics)}.")
+        parts = {"": (task, builder.raw(stage))}
+    for what, (part, raw) in parts.items():
+        try:
+            out = part.featurize(raw.splits["train"][:1])
+        except FtlabError:
+            raise
+        except Exception as err:
+            raise FtlabError(f"{stage.where}{what}: its task could not turn the first training "
+                             f"row into features ({type(err).__name__}: {err}).",
+                             "check the task's settings (stage.task.*) and data.text_columns "
+                             "against the data.") from None
+        if "length" not in out:
+            raise FtlabError(f"{stage.where}{what}: its task's featurize gave no 'length' "
+                             "column.", "make featurize return a length per row (see "
+                             "ftlab/tasks/base.py).")
 
 
 #: keys by which a logger or callback would choose its folder: ftlab does (<run>/<stage>/)
@@ -75,27 +116,6 @@ def check_output_keys(node: dict[str, Any], where: str) -> None:
             raise FtlabError(f"{where}.{key}={value!r} would write outside the run folder.",
                              f"use a plain relative name for {where}.{key} (no '..', '/' or "
                              "'~' at the start), or remove it.")
-
-
-def check_numbers(stage: ResolvedStage) -> None:
-    """Values that bind to their type but make no sense (a zero batch, a negative LR)."""
-    o = stage.optim
-    for ok, what, fix in (
-        (stage.batch_size == "auto" or stage.batch_size >= 1, f"batch_size={stage.batch_size}",
-         "a batch size of 1 or more, or auto"),
-        (o.reference_batch >= 1, f"optim.reference_batch={o.reference_batch}", "1 or more"),
-        (o.lr_scaling in LR_RULES, f"optim.lr_scaling={o.lr_scaling}",
-         f"one of {', '.join(LR_RULES)}"),
-        (stage.eval_batch_size >= 1, f"eval_batch_size={stage.eval_batch_size}",
-         "an eval batch size of 1 or more"),
-        (o.lr is not None and o.lr >= 0, f"optim.lr={o.lr}", "a peak LR of 0 or more, e.g. 5e-5"),
-        (0 <= o.warmup_ratio < 1, f"optim.warmup_ratio={o.warmup_ratio}", "a ratio in [0, 1)"),
-        (0 < o.layer_decay <= 1, f"optim.layer_decay={o.layer_decay}", "a factor in (0, 1]"),
-        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}", "0 or more"),
-        (stage.aux_mlm_weight >= 0, f"aux_mlm_weight={stage.aux_mlm_weight}", "0 or more"),
-    ):
-        if not ok:
-            raise FtlabError(f"{stage.where}: {what} is out of range.", f"use {fix}.")
 
 
 def check_strategy(stage: ResolvedStage) -> None:

@@ -21,7 +21,12 @@ CONTROL = "(control: a good input passes; not counted)"
 #: (pattern searched in "file::test[id]", class), first match wins
 RULES: list[tuple[str, str]] = [
     (r"test_good_|a_good_|every_target_in_conf|alive_or_remote|allow_targets_lets|"
-     r"trust_remote_code_is_off|no_unsafe_torch_load|problem_then_fix", CONTROL),
+     r"trust_remote_code_is_off|no_unsafe_torch_load|problem_then_fix|"
+     r"searchpath_options_hydra_accepts|good-madx|sweep_jobs_follow", CONTROL),
+    (r"test_bad_value\[pipeline-", "a bad later stage"),
+    (r"test_every_sweep_job|a_bad_sweep_job", "a bad sweep job"),
+    (r"test_bad_value\[(data-|test-file|jsonl-|csv-)", "data files, formats, encodings"),
+    (r"test_bad_command_line_value|pretrained_name_over", "model settings (model.config keys)"),
     (r"test_bad_inputs_values\.py", "values out of range / wrong type"),
     (r"test_bad_command_line|test_cli_end_to_end", "command line (pre-flight)"),
     (r"test_bad_run_input\[pipeline-", "a bad later stage"),

@@ -145,8 +145,11 @@ def test_a_tokenizer_without_eos_or_max_length_below_2_is_refused():
     tok = SimpleNamespace(eos_token_id=None, sep_token_id=None)
     with pytest.raises(FtlabError, match="no end-of-text"):
         CausalLM().bind(None, tok, ["text"])
-    with pytest.raises(FtlabError, match="at least 2"):
-        CausalLM(max_length=1)
+    from ftlab.config import check_binds
+
+    # the rule rides on the constructor's signature (ftlab.rules), checked before building
+    with pytest.raises(FtlabError, match=r"max_length=1 is out of range: it must be 2 or more"):
+        check_binds({"_target_": "ftlab.tasks.clm.CausalLM", "max_length": 1}, "stage.task")
 
 
 def write_tiny_gguf(path: Path, model: torch.nn.Module) -> Path:

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
 from ftlab.data.spec import DataSpec
+from ftlab.data.typecheck import check_column_types, locate_type_error
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
@@ -41,6 +42,8 @@ class RawData:
 def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
     """Load, split, check and label-encode the data described by ``spec``."""
     dsd = _load(spec)
+    check_column_types(dsd, [*spec.text_columns, *([spec.label_column] if spec.label_column
+                                                   else [])], spec.files)
     if spec.files and set(spec.files) == {"all"}:
         dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions)
     else:
@@ -102,6 +105,13 @@ def _load(spec: DataSpec) -> DatasetDict:
     files = {("train" if s == "all" else s): resolve(str(f)) for s, f in spec.files.items()}
     for split, f in files.items():
         path = Path(f).expanduser()
+        if path.is_dir():
+            inside = sorted(p.name for p in path.iterdir() if BUILDERS.get(_suffix(p.name)))
+            raise FtlabError(
+                f"Data file for split '{split}' is a folder, not a file: {path}"
+                + (f" (it holds {', '.join(inside[:5])})." if inside else "."),
+                f"point data.files.{split} at a csv/tsv/jsonl/parquet file"
+                + (f", e.g. {path / inside[0]}." if inside else "."))
         if not path.is_file():
             raise FtlabError(
                 f"Data file for split '{split}' not found: {path}"
@@ -121,9 +131,16 @@ def _load(spec: DataSpec) -> DatasetDict:
     try:
         return datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
+        empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(err))
+        if empty:  # a file with a header and no rows
+            split = "all" if empty[1] == "train" and "all" in spec.files else empty[1]
+            raise FtlabError(f"The {split} split is empty: its file {files[empty[1]]} has "
+                             "no rows.", f"add rows to it, or go without that split "
+                             f"(~data.files.{split} data.splits.{split}=null).") from None
         implied = _implied(files)
         if implied is None or implied == builder:
-            raise _read_error(err, builder, files) from None
+            located = locate_type_error(files, builder, kwargs)
+            raise located or _read_error(err, builder, files) from None
         raise FtlabError(  # data.path says one format, the files' extension another
             f"Could not read the files {sorted(files.values())} as {builder} (data.path="
             f"{spec.path}), but their extension says {implied}.",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from ftlab.rules import at_least, between
 
 
 @dataclass
@@ -43,8 +45,9 @@ class DataSpec:
     drop_labels: list[str] = field(default_factory=list)
     splits: dict[str, str | None] | None = None
     split_by: str | None = None
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    split_fractions: Annotated[list[float], between(0, 1, each=True)] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1])
+    max_train_samples: Annotated[int | None, at_least(1, example="500")] = None
+    max_eval_samples: Annotated[int | None, at_least(1, example="500")] = None
     revision: str | None = None
     transforms: list[Any] = field(default_factory=list)

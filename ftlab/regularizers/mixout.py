@@ -18,12 +18,15 @@ and hook sees the same model. Mixout needs no logits: it works with every task.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import FtlabError
 from ftlab.model.arch import backbone_modules
+from ftlab.rules import between
 from ftlab.tasks.base import Task, TaskOutput
 
 
@@ -77,10 +80,8 @@ class Mixout:
 
     name = "mixout"
 
-    def __init__(self, p: float = 0.9) -> None:
-        if not 0 <= p < 1:
-            raise FtlabError(f"regularizer=mixout got p={p}.",
-                             "set regularizer.p in [0, 1) (Lee et al.: 0.7-0.9).")
+    def __init__(self, p: Annotated[float, between(0, 1, hi_open=True, example="0.9")] = 0.9
+                 ) -> None:  # Lee et al.: 0.7-0.9
         self.p = p
 
     def apply(self, model: nn.Module) -> nn.Module:

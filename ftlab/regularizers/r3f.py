@@ -8,10 +8,11 @@ criterion: one extra forward per step; gradients flow through both predictions.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
-from ftlab.errors import FtlabError
 from ftlab.regularizers.embedding import (
     logits_of,
     needs_logits,
@@ -19,6 +20,7 @@ from ftlab.regularizers.embedding import (
     symmetric_kl,
     zeros_like_embeddings,
 )
+from ftlab.rules import at_least, one_of
 from ftlab.tasks.base import Task, TaskOutput
 
 NOISE = ("uniform", "normal")
@@ -33,14 +35,9 @@ class R3F:
 
     name = "r3f"
 
-    def __init__(self, eps: float = 1e-5, r3f_lambda: float = 1.0,
-                 noise: str = "uniform") -> None:
-        if noise not in NOISE:
-            raise FtlabError(f"regularizer=r3f got noise={noise!r}.",
-                             f"set regularizer.noise to one of {', '.join(NOISE)}.")
-        if eps < 0 or r3f_lambda < 0:
-            raise FtlabError(f"regularizer=r3f got eps={eps}, r3f_lambda={r3f_lambda}.",
-                             "both must be >= 0 (fairseq: eps 1e-5, r3f_lambda 1.0).")
+    def __init__(self, eps: Annotated[float, at_least(0, example="1e-5")] = 1e-5,
+                 r3f_lambda: Annotated[float, at_least(0, example="1.0")] = 1.0,
+                 noise: Annotated[str, one_of(*NOISE)] = "uniform") -> None:
         self.eps, self.r3f_lambda, self.noise = eps, r3f_lambda, noise
 
     def apply(self, model: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ annotator label distributions).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
+from ftlab.rules import at_least
 from ftlab.tasks.base import TaskDefaults, TaskOutput
 
 
@@ -29,7 +30,8 @@ class Classify(TaskDefaults):
     ``[batch, classes]``: soft-target cross-entropy; metrics compare with their argmax).
     """
 
-    def __init__(self, max_length: int = 128, monitor: str = "acc") -> None:
+    def __init__(self, max_length: Annotated[int, at_least(1, example="128")] = 128,
+                 monitor: str = "acc") -> None:
         self.max_length = max_length
         self.monitor = monitor
         self.mode = "max"

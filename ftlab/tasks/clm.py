@@ -9,7 +9,7 @@ perplexity count real tokens only: targets at padded positions are -100 (found f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torchmetrics import MetricCollection
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
+from ftlab.rules import at_least
 from ftlab.tasks.base import TaskDefaults, TaskOutput
 from ftlab.tasks.mlm import Perplexity
 
@@ -50,10 +51,8 @@ class CausalLM(TaskDefaults):
     features = ("input_ids", "attention_mask")  # targets are the inputs, shifted by the model
     row_logits = False  # next-token logits per position, no per-row class scores
 
-    def __init__(self, max_length: int = 128, pack: bool = True, monitor: str = "loss") -> None:
-        if max_length < 2:
-            raise FtlabError(f"max_length must be at least 2 for next-token prediction, got "
-                             f"{max_length}.", "e.g. stage.task.max_length=128.")
+    def __init__(self, max_length: Annotated[int, at_least(2, example="128")] = 128,
+                 pack: bool = True, monitor: str = "loss") -> None:
         self.max_length, self.pack = max_length, pack
         self.monitor, self.mode = monitor, "min"
         self.info: dict[str, Any] = {}

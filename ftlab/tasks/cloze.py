@@ -19,7 +19,7 @@ Metrics then come twice: ``acc``/``f1`` and ``acc_cal``/``f1_cal``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
+from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.prompting import Pattern, check_fields, continuation_logprob, fit, verbaliser_ids
@@ -51,7 +52,7 @@ class Cloze(Classify):
     """
 
     def __init__(self, pattern: str, verbalizer: Mapping[str, Any] | None = None,
-                 max_length: int = 128,
+                 max_length: Annotated[int, at_least(1, example="128")] = 128,
                  calibrate: bool = False, content_free: Sequence[str] = CONTENT_FREE,
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)

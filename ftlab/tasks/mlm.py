@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_mlm_head
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.resolve import resolve
+from ftlab.rules import at_least, between
 from ftlab.tasks.base import Task, TaskDefaults, TaskOutput
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,11 @@ class MaskedLM(TaskDefaults):
     features = ("input_ids", "attention_mask")  # labels are drawn per batch (``mask``)
     row_logits = False  # vocabulary logits at masked positions only, drawn anew each forward
 
-    def __init__(self, max_length: int = 128, mask_prob: float = 0.15, whole_word: bool = False,
-                 pack: bool = True, sparse_logits: bool = True, monitor: str = "loss") -> None:
-        if not 0 < mask_prob < 1:
-            raise FtlabError(f"mask_prob must be in (0, 1), got {mask_prob}.",
-                             "e.g. stage.task.mask_prob=0.15 (BERT).")
+    def __init__(self, max_length: Annotated[int, at_least(2, example="128")] = 128,
+                 mask_prob: Annotated[float, between(0, 1, lo_open=True, hi_open=True,
+                                                     example="0.15")] = 0.15,
+                 whole_word: bool = False, pack: bool = True, sparse_logits: bool = True,
+                 monitor: str = "loss") -> None:
         self.max_length, self.mask_prob, self.whole_word = max_length, mask_prob, whole_word
         self.pack, self.sparse_logits = pack, sparse_logits
         self.monitor, self.mode = monitor, "min"

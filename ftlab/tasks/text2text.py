@@ -15,7 +15,7 @@ decoding of up to ``max_target_length`` tokens: ``em``, exact match with the row
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
+from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.prompting import continuation_logprob
@@ -47,7 +48,9 @@ class TextToText(Classify):
     """
 
     def __init__(self, source: str = "{text}", targets: Mapping[str, str] | None = None,
-                 max_length: int = 128, max_target_length: int = 8, generate: bool = True,
+                 max_length: Annotated[int, at_least(1, example="128")] = 128,
+                 max_target_length: Annotated[int, at_least(1, example="8")] = 8,
+                 generate: bool = True,
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)
         self.source, self.generate = source, generate

@@ -1,0 +1,183 @@
+"""Type errors in data files, named by file, column and row.
+
+``datasets`` reports a value of the wrong type as an Arrow error about a whole dataset ("do not
+share the same columns and types", "changed from number to string"). These helpers run only
+once a read has failed (or a text column turned out not to hold text) and find where: which
+file, which column, which row (rows count from 1, the header not included).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from datasets import Value
+
+from ftlab.errors import FtlabError
+
+#: JSON value kinds; int and float are both "number"
+KIND = {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+        dict: "object", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    return KIND.get(type(value), type(value).__name__)
+
+
+def _jsonl_change(path: Path) -> tuple[str, int, str, str, Any] | None:
+    """(column, row, first kind, new kind, value) of the first row whose value for a column
+    changes kind (nulls ignored) in a JSON-lines file, or None."""
+    try:
+        return _first_change(path)
+    except (OSError, UnicodeDecodeError, EOFError, ValueError):  # unreadable: the reader's
+        return None  # own message says why
+
+
+def _first_change(path: Path) -> tuple[str, int, str, str, Any] | None:
+    seen: dict[str, str] = {}
+    with _opener(path)(path, "rt", encoding="utf-8") as f:
+        row = 0
+        for line in f:
+            if not line.strip():
+                continue
+            row += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                return None  # malformed JSON: the reader's own message says so
+            for col, value in obj.items() if isinstance(obj, dict) else ():
+                kind = _kind(value)
+                if kind == "null":
+                    continue
+                first = seen.setdefault(col, kind)
+                if kind != first:
+                    return col, row, first, kind, value
+    return None
+
+
+def _opener(path: Path) -> Any:
+    import bz2
+    import gzip
+    import lzma
+
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+
+
+def _frame(path: str, builder: str, kwargs: dict[str, Any]) -> Any:
+    """The file as a pandas frame (each file alone), or None if it cannot be read."""
+    import pandas as pd
+
+    try:
+        if builder == "csv":
+            return pd.read_csv(path, sep=kwargs.get("delimiter", ","), dtype=None)
+        if builder == "json":
+            return pd.read_json(path, lines=True)
+        return pd.read_parquet(path)
+    except Exception:  # noqa: BLE001 - no better message than the reader's
+        return None
+
+
+def _series_kind(series: Any) -> str:
+    """A column's kind: number/boolean from its dtype, else the kind of its first value."""
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        return "number"
+    first = next((v for v in series.tolist() if v is not None and v == v), None)
+    return _kind(first)
+
+
+def _first_unlike(values: list[Any], kind: str) -> tuple[int, Any] | None:
+    """(row, value) of the first value that is not of ``kind`` (a text that reads as a number
+    counts as a number: csv files hold text)."""
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and value != value):
+            continue
+        got = _kind(value)
+        if got == kind:
+            continue
+        if kind == "number" and got == "string":
+            try:
+                float(value)
+                continue
+            except ValueError:
+                pass
+        return i + 1, value
+    return None
+
+
+def locate_type_error(files: dict[str, str], builder: str,
+                      kwargs: dict[str, Any]) -> FtlabError | None:
+    """An ``FtlabError`` naming the file, column and row whose type breaks the read, or None
+    when it cannot be found."""
+    if builder == "json":
+        for split, f in files.items():
+            change = _jsonl_change(Path(f))
+            if change:
+                col, row, first, kind, value = change
+                return FtlabError(
+                    f"In {f} (split '{split}'), column '{col}' changes type at row {row}: "
+                    f"{kind} {_show(value)} where the rows above hold {first}s.",
+                    f"give column '{col}' one type in every row (fix row {row} of {Path(f).name}"
+                    f"{', e.g. join a list into one text' if kind == 'list' else ''}).")
+    frames = {split: _frame(f, builder, kwargs) for split, f in files.items()}
+    if not frames or any(df is None for df in frames.values()):
+        return None
+    ref_split = "train" if "train" in frames else next(iter(frames))
+    ref = frames[ref_split]
+    for split, df in frames.items():
+        for col in [c for c in df.columns if c in ref.columns]:
+            want, got = _series_kind(ref[col]), _series_kind(df[col])
+            if split == ref_split or want == got:
+                continue
+            bad = _first_unlike(df[col].tolist(), want)
+            odd_split, kind = split, want
+            if bad is None:  # the reference file holds the odd value
+                bad = _first_unlike(ref[col].tolist(), got)
+                odd_split, kind = ref_split, got
+            if bad is None:
+                continue
+            row, value = bad
+            odd = files[odd_split]
+            return FtlabError(
+                f"Column '{col}' holds {kind}s in the other files, but {odd} (split "
+                f"'{odd_split}') has {_show(value)} at row {row}, so the splits cannot be read "
+                "as one dataset.", f"give column '{col}' one type in every file (fix row {row} "
+                f"of {Path(odd).name}, or make every value of the column a text).")
+    return None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | None) -> None:
+    """Text and label columns hold single values (text, numbers, booleans), not lists,
+    objects or a mix of types: name the file, the column and the first bad row."""
+    for split, ds in dsd.items():
+        where = (files or {}).get(split) or (files or {}).get("all") or ""
+        for col in columns:
+            feature = ds.features.get(col)
+            if feature is None or (isinstance(feature, Value) and feature.dtype != "json"):
+                continue
+            change = _jsonl_change(Path(where)) if where.endswith((".jsonl", ".json")) \
+                and Path(where).is_file() else None
+            if change and change[0] == col:
+                _, row, first, kind, value = change
+                raise FtlabError(
+                    f"Column '{col}' in {where} changes type at row {row}: {kind} "
+                    f"{_show(value)} where the rows above hold {first}s.",
+                    f"give column '{col}' one type in every row (fix row {row} of "
+                    f"{Path(where).name}).")
+            values = ds[col]
+            row = next((i + 1 for i, v in enumerate(values) if isinstance(v, list | dict)), 1)
+            kind = _kind(values[row - 1])
+            raise FtlabError(
+                f"Column '{col}' in {where or f'the {split} split'} holds a {kind} at row {row} "
+                f"({_show(values[row - 1])}), not a single text, number or boolean.",
+                f"give each row of '{col}' one value (join lists into one text), or point "
+                "data.text_columns / data.label_column at the right column.")

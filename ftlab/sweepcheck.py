@@ -1,0 +1,128 @@
+"""Check every job of a sweep before the first one trains.
+
+Hydra's basic sweeper runs a sweep's jobs one by one, so a bad value in the last job (``-m
+stage.optim.lr=1e-4,-1``) would fail only after the good ones trained. ``SweepCheck`` (a Hydra
+callback, ``conf/hydra/default.yaml``) expands the sweep with the basic sweeper's own logic,
+composes each job's config the way its launcher will, resolves its pipeline and runs the
+config-level checks (``validate.check_configs``: schemas, rules, constructor signatures): no
+data and no model are loaded. The first job then checks data and models as every job does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ftlab.errors import FtlabError
+
+log = logging.getLogger(__name__)
+
+#: the sweeper whose expansion is known; other sweepers (Optuna) choose values as they go
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class SweepCheck(Callback):
+    """Hydra callback: refuse a sweep with a bad job before any job runs (exit status 2)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_sweep(config)
+        except FtlabError as err:
+            print(f"\nftlab: {err}\n", file=sys.stderr)
+            sys.exit(2)
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, as the basic sweeper will run them (None: another sweeper, or a
+    sweep it cannot expand up front)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if config.hydra.sweeper.get("_target_") != BASIC:
+        return None
+    params = config.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    try:
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+    except Exception:  # noqa: BLE001 - Hydra reports what it cannot expand
+        return None
+    return [list(job) for batch in batches for job in batch]
+
+
+def check_sweep(config: DictConfig) -> None:
+    """Raise ``FtlabError`` naming the first job (number and overrides) whose config fails."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    jobs = sweep_jobs(config)
+    if not jobs or len(jobs) < 2:
+        return  # one job checks itself before it trains
+    loader = GlobalHydra.instance().config_loader()
+    saved = HydraConfig.instance().cfg
+    try:
+        varying = _varying(jobs)
+        for num, job in enumerate(jobs):
+            where = f"Sweep job {num} ({' '.join(o for o in job if o in varying)})"
+            try:
+                cfg = loader.load_sweep_config(config, job)
+            except (HydraException, OmegaConfBaseException) as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise FtlabError(f"{where} does not compose: {first}",
+                                 "fix that value in the sweep (ftlab --cfg job with the "
+                                 "job's overrides prints its config).") from None
+            with open_dict(cfg):  # what the launcher sets before the job runs
+                cfg.hydra.job.num, cfg.hydra.job.id = num, f"check_{num}"
+                cfg.hydra.runtime.output_dir = f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}"
+            HydraConfig.instance().set_config(cfg)  # ${hydra:...} as in the job
+            try:
+                check_job(cfg, job)
+            except FtlabError as err:
+                raise FtlabError(f"{where}: {err.problem} Nothing ran: every job of a sweep is "
+                                 "checked before the first one starts.", err.fix) from None
+            except Exception as err:  # noqa: BLE001 - undecided here: the job reports it
+                log.debug("Sweep check of job %d skipped (%s: %s).", num,
+                          type(err).__name__, err)
+    finally:
+        HydraConfig.instance().cfg = saved
+
+
+def _varying(jobs: list[list[str]]) -> set[str]:
+    """The overrides that differ between jobs (what names a job: ``stage.optim.lr=-1``)."""
+    seen: dict[str, set[str]] = {}
+    for job in jobs:
+        for o in job:
+            seen.setdefault(o.split("=", 1)[0], set()).add(o)
+    return {o for values in seen.values() if len(values) > 1 for o in values}
+
+
+def check_job(cfg: DictConfig, overrides: list[str]) -> None:
+    """The config-level checks of one job (what ``run`` checks before loading data)."""
+    from ftlab.cache import CacheSpec
+    from ftlab.checkpoint import CheckpointSpec
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.config import bind_schema, plain
+    from ftlab.overrides import explicit_keys
+    from ftlab.pipeline import build_pipeline
+    from ftlab.run import artefact_policy
+    from ftlab.targets import allowing, settings_from_you
+    from ftlab.validate import check_configs
+
+    choices = cfg.hydra.runtime.get("choices") or {}
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    settings_from_you(raw, overrides, CONFIG_DIR)
+    with allowing(cfg.get("allow_targets"), warn=False):
+        explicit = explicit_keys(overrides, choices.get("experiment"), CONFIG_DIR)
+        stages = build_pipeline(cfg, explicit)
+        check_configs(stages, plain(cfg.get("callbacks")) or {}, plain(cfg.get("logger")))
+        bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
+        bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint", "checkpoint")
+        artefact_policy(cfg.get("save_artefact", "best"))
