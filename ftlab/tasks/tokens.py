@@ -1,0 +1,118 @@
+"""Token classification (named-entity recognition): a tag per word, BIO scheme.
+
+Rows hold a list of words (``data.text_columns[0]``) and a list of tags (``data.label_column``;
+ids in ``labels`` order: ``O`` first, then sorted, see ``ftlab/data/conll.py``). Words are
+tokenised with the fast tokenizer's ``is_split_into_words``; the first sub-token of each word
+carries the word's tag, later sub-tokens, special tokens and padding are -100 (skipped by the
+loss and the metrics). Metrics: entity-level precision/recall/F1 (``seqeval``'s CoNLL entity
+rules, micro-averaged) and token accuracy over words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from ftlab.data.conll import BIO
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_model
+from ftlab.tasks.base import TaskDefaults, TaskOutput
+from ftlab.tasks.tagging import IGNORE, EntityScore, align, words_tokenizer
+
+
+class Tokens(TaskDefaults):
+    """Cross-entropy per word (first sub-token) over the tag set; logits ``[batch, tokens,
+    tags]`` (what R3F/SMART compare, position by position).
+
+    Args:
+        max_length: sub-tokens per row; words past it are cut (and not scored).
+        monitor: validation metric that picks the best epoch (``f1``: entity-level F1).
+    """
+
+    def __init__(self, max_length: int = 128, monitor: str = "f1") -> None:
+        self.max_length, self.monitor, self.mode = max_length, monitor, "max"
+        self.labels: list[str] = []
+        self.features: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
+
+    def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
+        if raw.labels is None:
+            raise FtlabError("stage=tokens needs tagged data, but data.label_column is null.",
+                             "set data.label_column to the column of tag lists (data=wnut16 "
+                             "and CoNLL files: tags).")
+        if len(text_columns) != 1:
+            raise FtlabError(f"stage=tokens reads one column of word lists, got "
+                             f"data.text_columns={list(text_columns)}.",
+                             "set data.text_columns=[tokens] (CoNLL files: tokens).")
+        bad = [t for t in raw.labels if not BIO.match(t)]
+        if bad:
+            raise FtlabError(f"The tag set has non-BIO tags {bad[:5]}; stage=tokens scores "
+                             "BIO entities (O, B-<type>, I-<type>).", "convert the tags to BIO.")
+        train = raw.splits.get("train") if len(raw.splits) else None
+        if train is not None and len(train) and not isinstance(train[0][text_columns[0]], list):
+            raise FtlabError(f"stage=tokens needs a list of words per row in column "
+                             f"'{text_columns[0]}', got {type(train[0][text_columns[0]]).__name__}.",
+                             "use CoNLL files (word<TAB>tag lines) or jsonl rows with tokens "
+                             "and tags lists; data.text_columns=[tokens] data.label_column=tags.")
+        self.labels = list(raw.labels)
+        self.column = text_columns[0]
+        self.tokenizer = words_tokenizer(tokenizer)
+        self.features = (*tokenizer.model_input_names, "labels")
+
+    def featurize(self, batch: dict[str, list]) -> dict[str, list]:
+        words = [row.split() if isinstance(row, str) else [str(w) for w in row]
+                 for row in batch[self.column]]
+        enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
+                             max_length=self.max_length)
+        tags = batch.get("label") or [None] * len(words)
+        enc["labels"] = [align(enc.word_ids(i), t if isinstance(t, list) else None)
+                         for i, t in enumerate(tags)]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return dict(enc)
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        from transformers import AutoModelForTokenClassification
+
+        return load_model(spec, AutoModelForTokenClassification, num_labels=len(self.labels),
+                          id2label=dict(enumerate(self.labels)),
+                          label2id={name: i for i, name in enumerate(self.labels)})
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                           batch["labels"].flatten(), ignore_index=IGNORE)
+        return TaskOutput(loss, logits)
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise FtlabError("Prediction for token-classification stages (stage=tokens) is not "
+                         "supported yet by ftlab.load(...).predict / ftlab-predict.",
+                         "use the trained model directly: p = ftlab.load(run_dir); "
+                         "p.model(**p.task.tokenizer(words, is_split_into_words=True, "
+                         "return_tensors='pt')).logits, tag names in p.labels.")
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({
+            "f1": EntityScore(self.labels, "f1"),
+            "precision": EntityScore(self.labels, "precision"),
+            "recall": EntityScore(self.labels, "recall"),
+            "acc": MulticlassAccuracy(num_classes=len(self.labels), average="micro",
+                                      ignore_index=IGNORE),
+        }, compute_groups=False)
+
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
+        metrics.update(out.logits.argmax(-1), batch["labels"])
+
+    def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
+        """Tagging every word ``O``: token accuracy is the share of ``O`` words; no entity is
+        found, so entity F1 is 0."""
+        if "O" not in self.labels:
+            return None
+        o = self.labels.index("O")
+        words = [t for row in labels for t in row]
+        return {"acc": sum(t == o for t in words) / max(len(words), 1), "f1": 0.0}
