@@ -88,12 +88,37 @@ class Tokens(TaskDefaults):
                                            batch["labels"].flatten(), ignore_index=IGNORE)
         return TaskOutput(loss, logits)
 
-    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise FtlabError("Prediction for token-classification stages (stage=tokens) is not "
-                         "supported yet by ftlab.load(...).predict / ftlab-predict.",
-                         "use the trained model directly: p = ftlab.load(run_dir); "
-                         "p.model(**p.task.tokenizer(words, is_split_into_words=True, "
-                         "return_tensors='pt')).logits, tag names in p.labels.")
+    def predict_rows(self, model: nn.Module, rows: list[Any],
+                     batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per row ``{"tokens": [word, ...], "tags": [tag, ...], "scores": [p, ...]}``: each
+        word's tag is the first sub-token's most likely one (``p`` its probability). A row is
+        a list of words, a string (split on whitespace) or a dict holding the words column.
+        Words cut by ``max_length`` are tagged ``O`` with score null."""
+        from ftlab.data.batching import PadCollator
+
+        words = [[str(w) for w in (r[self.column] if isinstance(r, dict) else r)]
+                 if not isinstance(r, str) else r.split() for r in rows]
+        enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
+                             max_length=self.max_length)
+        keep = [k for k in self.features if k != "labels"]
+        collate = PadCollator(self.tokenizer.pad_token_id)
+        device = next(model.parameters()).device
+        out = []
+        with torch.inference_mode():
+            for lo in range(0, len(words), batch_size):
+                idx = range(lo, min(lo + batch_size, len(words)))
+                batch = collate([{k: enc[k][i] for k in keep} for i in idx])
+                probs = model(**{k: v.to(device) for k, v in batch.items()}
+                              ).logits.float().softmax(-1).cpu()
+                for j, i in enumerate(idx):
+                    tags, scores = ["O"] * len(words[i]), [None] * len(words[i])
+                    starts = align(enc.word_ids(i), range(len(words[i])))
+                    for pos, w in enumerate(starts):
+                        if w != IGNORE:
+                            best = int(probs[j, pos].argmax())
+                            tags[w], scores[w] = self.labels[best], float(probs[j, pos, best])
+                    out.append({"tokens": words[i], "tags": tags, "scores": scores})
+        return out
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({
