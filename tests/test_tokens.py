@@ -18,7 +18,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
-from ftlab.tasks.tagging import IGNORE, EntityScore, align, words_tokenizer
+from ftlab.tasks.tagging import IGNORE, EntityScore, align
 from ftlab.tasks.tokens import Tokens
 from tests.conftest import loss_before_after
 

@@ -73,6 +73,11 @@ def is_list_feature(feature: object) -> bool:
     return isinstance(feature, List | Sequence | list)
 
 
+def is_tag_ids(feature: object) -> bool:
+    """Whether a ``label`` feature holds tag ids per word (what :func:`encode_tags` writes)."""
+    return is_list_feature(feature) and getattr(feature, "feature", None) == Value("int64")
+
+
 def tag_set(values: set[str]) -> list[str]:
     """The label set in id order: ``O`` first, then the other tags sorted (deterministic)."""
     return (["O"] if "O" in values else []) + sorted(values - {"O"})

@@ -54,9 +54,10 @@ class Tokens(TaskDefaults):
             raise FtlabError(f"The tag set has non-BIO tags {bad[:5]}; stage=tokens scores "
                              "BIO entities (O, B-<type>, I-<type>).", "convert the tags to BIO.")
         train = raw.splits.get("train") if len(raw.splits) else None
-        if train is not None and len(train) and not isinstance(train[0][text_columns[0]], list):
+        first = train[0][text_columns[0]] if train is not None and len(train) else []
+        if not isinstance(first, list):
             raise FtlabError(f"stage=tokens needs a list of words per row in column "
-                             f"'{text_columns[0]}', got {type(train[0][text_columns[0]]).__name__}.",
+                             f"'{text_columns[0]}', got {type(first).__name__}.",
                              "use CoNLL files (word<TAB>tag lines) or jsonl rows with tokens "
                              "and tags lists; data.text_columns=[tokens] data.label_column=tags.")
         self.labels = list(raw.labels)
