@@ -220,7 +220,7 @@ def stage_parts(make_cfg, conll_dir: Path, *extra: str):
     return task, model, regularizer, PadCollator(tok.pad_token_id)(rows)
 
 
-@pytest.mark.parametrize("peft", ["full", "lora", "adapter_pfeiffer", "bitfit"])
+@pytest.mark.parametrize("peft", ["full", "lora", "adapter_pfeiffer", "bitfit", "prompt_tuning"])
 def test_peft_methods_train_the_tagger(make_cfg, conll_dir, peft):
     task, model, _, batch = stage_parts(make_cfg, conll_dir, f"peft={peft}")
     out = task.forward(model, batch)

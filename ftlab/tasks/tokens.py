@@ -83,8 +83,14 @@ class Tokens(TaskDefaults):
                           id2label=dict(enumerate(self.labels)),
                           label2id={name: i for i, name in enumerate(self.labels)})
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tag logits ``[batch, tokens, tags]``, one per input position (prompt tuning's
+        prepended virtual tokens are dropped)."""
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return logits[:, -batch["input_ids"].shape[1]:]
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        logits = self.scores(model, batch)
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                            batch["labels"].flatten(), ignore_index=IGNORE)
         return TaskOutput(loss, logits)
@@ -109,8 +115,8 @@ class Tokens(TaskDefaults):
             for lo in range(0, len(words), batch_size):
                 idx = range(lo, min(lo + batch_size, len(words)))
                 batch = collate([{k: enc[k][i] for k in keep} for i in idx])
-                probs = model(**{k: v.to(device) for k, v in batch.items()}
-                              ).logits.float().softmax(-1).cpu()
+                batch = {k: v.to(device) for k, v in batch.items()}
+                probs = self.scores(model, batch).float().softmax(-1).cpu()
                 for j, i in enumerate(idx):
                     tags, scores = ["O"] * len(words[i]), [None] * len(words[i])
                     starts = align(enc.word_ids(i), range(len(words[i])))
