@@ -18,7 +18,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
-from ftlab.tasks.tagging import IGNORE, EntityScore, align
+from ftlab.tasks.tagging import IGNORE, EntityScore, align, words_tokenizer
 from ftlab.tasks.tokens import Tokens
 from tests.conftest import loss_before_after
 
@@ -113,6 +113,23 @@ def test_byte_level_bpe_words_tokenise_as_inside_a_sentence(tmp_path):
     plain = tok(["New"], is_split_into_words=True)["input_ids"]
     assert "ĠNew" not in tok.convert_ids_to_tokens(plain)
     assert tok.backend_tokenizer.pre_tokenizer.add_prefix_space is False
+
+
+def test_sentencepiece_style_tokenizer_needs_no_change():
+    """Llama/T5-style Metaspace (SentencePiece) marks every word's start by itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.train_from_iterator(["the quick brown fox jumps over the lazy dog in New York"] * 20,
+                           trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", unk_token="<unk>")
+    assert words_tokenizer(tok) is tok
+    enc = tok([["New", "Yorkers", "fox"]], is_split_into_words=True)
+    assert enc.tokens(0) == tok("New Yorkers fox").tokens() == ["▁New", "▁York", "er", "s",
+                                                                "▁fox"]
+    assert align(enc.word_ids(0), [1, 0, 2]) == [1, 0, IGNORE, IGNORE, 2]
 
 
 # --- metrics ---------------------------------------------------------------------------------
