@@ -198,7 +198,7 @@ def test_plain_text_rows_are_refused(tmp_path):
     path.write_text(json.dumps({"text": "a b", "label": "x"}) + "\n"
                     + json.dumps({"text": "c", "label": "y"}) + "\n")
     raw = load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
-    with pytest.raises(FtlabError, match="non-BIO|list of words"):
+    with pytest.raises(FtlabError, match="a list of words per row in column 'text', got str"):
         Tokens().bind(raw, load_tokenizer(TINY), ["text"])
 
 
@@ -223,6 +223,8 @@ def test_tiny_tokens_run_learns(make_cfg, conll_dir):
     assert [p["tokens"] for p in preds] == [rows[0], rows[1].split()]
     assert preds[0]["tags"][0] == "B-per" and preds[1]["tags"][3] == "B-loc", preds
     assert all(0 < s <= 1 for p in preds for s in p["scores"])
+    again = predictor.predict([(rows[0],), (rows[1],), {"tokens": rows[0]}])  # ftlab-predict
+    assert [p["tags"] for p in again] == [preds[0]["tags"], preds[1]["tags"], preds[0]["tags"]]
 
 
 def stage_parts(make_cfg, conll_dir: Path, *extra: str):

@@ -49,10 +49,6 @@ class Tokens(TaskDefaults):
             raise FtlabError(f"stage=tokens reads one column of word lists, got "
                              f"data.text_columns={list(text_columns)}.",
                              "set data.text_columns=[tokens] (CoNLL files: tokens).")
-        bad = [t for t in raw.labels if not BIO.match(t)]
-        if bad:
-            raise FtlabError(f"The tag set has non-BIO tags {bad[:5]}; stage=tokens scores "
-                             "BIO entities (O, B-<type>, I-<type>).", "convert the tags to BIO.")
         train = raw.splits.get("train") if len(raw.splits) else None
         first = train[0][text_columns[0]] if train is not None and len(train) else []
         if not isinstance(first, list):
@@ -60,14 +56,17 @@ class Tokens(TaskDefaults):
                              f"'{text_columns[0]}', got {type(first).__name__}.",
                              "use CoNLL files (word<TAB>tag lines) or jsonl rows with tokens "
                              "and tags lists; data.text_columns=[tokens] data.label_column=tags.")
+        bad = [t for t in raw.labels if not BIO.match(t)]
+        if bad:
+            raise FtlabError(f"The tag set has non-BIO tags {bad[:5]}; stage=tokens scores "
+                             "BIO entities (O, B-<type>, I-<type>).", "convert the tags to BIO.")
         self.labels = list(raw.labels)
         self.column = text_columns[0]
         self.tokenizer = words_tokenizer(tokenizer)
         self.features = (*tokenizer.model_input_names, "labels")
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
-        words = [row.split() if isinstance(row, str) else [str(w) for w in row]
-                 for row in batch[self.column]]
+        words = [_words(row) for row in batch[self.column]]
         enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
                              max_length=self.max_length)
         tags = batch.get("label") or [None] * len(words)
@@ -99,12 +98,12 @@ class Tokens(TaskDefaults):
                      batch_size: int = 64) -> list[dict[str, Any]]:
         """Per row ``{"tokens": [word, ...], "tags": [tag, ...], "scores": [p, ...]}``: each
         word's tag is the first sub-token's most likely one (``p`` its probability). A row is
-        a list of words, a string (split on whitespace) or a dict holding the words column.
+        a list of words, a string (split on whitespace), a dict holding the words column, or
+        a 1-tuple of either (what ``ftlab-predict`` passes).
         Words cut by ``max_length`` are tagged ``O`` with score null."""
         from ftlab.data.batching import PadCollator
 
-        words = [[str(w) for w in (r[self.column] if isinstance(r, dict) else r)]
-                 if not isinstance(r, str) else r.split() for r in rows]
+        words = [_words(r[self.column] if isinstance(r, dict) else r) for r in rows]
         enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
                              max_length=self.max_length)
         keep = [k for k in self.features if k != "labels"]
@@ -148,3 +147,10 @@ class Tokens(TaskDefaults):
         o = self.labels.index("O")
         words = [t for row in labels for t in row]
         return {"acc": sum(t == o for t in words) / max(len(words), 1), "f1": 0.0}
+
+
+def _words(row: Any) -> list[str]:
+    """A row to predict as its words: a list of words, or a string split on whitespace."""
+    if isinstance(row, tuple) and len(row) == 1:  # one text column, as ftlab-predict passes it
+        row = row[0]
+    return row.split() if isinstance(row, str) else [str(w) for w in row]
