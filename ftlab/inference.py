@@ -53,6 +53,10 @@ class Predictor:
         ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
         column, or dicts keyed by the text columns.
         """
+        from ftlab.tasks.base import PredictsRows
+
+        if isinstance(self.task, PredictsRows):  # e.g. stage=tokens: a tag per word
+            return self.task.predict_rows(self.model, list(texts), batch_size)
         probs = self.scores(texts, batch_size).softmax(-1)
         best = probs.argmax(-1).tolist()
         return [{"label": self.labels[b], "score": p[b],

@@ -51,6 +51,8 @@ COMPOSE_ONLY = {
                                     "(test_multitask runs its shape on tiny pairs)",
     ("stage", "multitask"): "its vitaminc sub-task reads ../shared/data (test_multitask runs it "
                             "on tiny pairs)",
+    ("data", "wnut16"): "word-tagged (stage=tokens only) and downloads a PyPI wheel",
+    ("stage", "tokens"): "needs word-tagged data (test_tokens runs it on CoNLL files)",
     ("stage", "clm"): "needs a decoder model (test_clm runs it on tiny_gpt2/tiny_llama)",
     ("pipeline", "clm_task"): "needs a decoder model (test_clm runs it on tiny_gpt2)",
     ("trainer", "gpu"): "needs a GPU",

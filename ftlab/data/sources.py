@@ -19,12 +19,14 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
+from ftlab.data.conll import encode_tags, is_list_feature, load_conll
 from ftlab.data.spec import DataSpec
 from ftlab.data.typecheck import check_column_types, locate_type_error
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
-BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+            ".conll": "conll", ".txt": "conll"}  # CoNLL: word<TAB>tag lines (ftlab/data/conll.py)
 SPLITS = ("train", "validation", "test")
 #: training rows a transform set aside as text without labels (``few_shot``), when there are
 #: any: not tokenised for training (``TextDataModule.unlabelled``); distillation/iPET label them
@@ -67,7 +69,7 @@ def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
         raise FtlabError(
             f"Cannot tell the file format of {sorted(files.values())}.",
             f"use files ending in {choices_text(BUILDERS)} (optionally .bz2/.gz), "
-            "or set data.path=csv|json|parquet.",
+            "or set data.path=csv|json|parquet|conll.",
         )
     return implied
 
@@ -126,6 +128,8 @@ def _load(spec: DataSpec) -> DatasetDict:
                              "point data.files at a file with a header and rows.")
         files[split] = str(unzip_single(path.resolve()))
     builder = _builder_for(spec, files)
+    if builder == "conll":  # word-level tagged text: tokens and tags list columns
+        return load_conll(files)
     kwargs = {"delimiter": "\t"} if builder == "csv" and any(
         _suffix(f) == ".tsv" for f in files.values()) else {}
     try:
@@ -283,6 +287,8 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
     """Map label values to ids in ``spec.labels`` order (inferred from train when unset)."""
     col = spec.label_column
     feature = dsd["train"].features[col]
+    if is_list_feature(feature):  # a tag per word (stage=tokens): BIO tags, O first
+        return encode_tags(dsd, spec)
     if spec.drop_labels:
         drop = {str(v) for v in spec.drop_labels}
         dsd = dsd.filter(lambda b: [str(v) not in drop for v in b[col]], batched=True)

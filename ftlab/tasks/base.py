@@ -130,3 +130,13 @@ class ModelAware(Protocol):
 
     def see_model(self, config: Any) -> None:
         """Learn what the features depend on; raise FtlabError for an unsuitable model."""
+
+
+@runtime_checkable
+class PredictsRows(Protocol):
+    """A task whose prediction is not one class per row (token tagging: a tag per word):
+    ``ftlab.load(...).predict`` hands it the rows instead of reading class scores."""
+
+    def predict_rows(self, model: nn.Module, rows: list[Any],
+                     batch_size: int = 64) -> list[dict[str, Any]]:
+        """One prediction per row, in input order (the model is in eval mode)."""

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ftlab.data.conll import is_tag_ids
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
@@ -42,6 +43,11 @@ class Classify(TaskDefaults):
         if raw.labels is None:
             raise FtlabError("stage=classify needs labelled data, but data.label_column is null.",
                              "set data.label_column, or use an unlabelled objective (stage=mlm).")
+        train = raw.splits["train"] if "train" in raw.splits else None
+        if train is not None and is_tag_ids(train.features["label"]):
+            raise FtlabError("The data has a tag per word (token classification), not a label "
+                             "per row.", "use stage=tokens with this data (e.g. stage=tokens "
+                             "data=wnut16).")
         self.labels = raw.labels
         self.tokenizer = tokenizer
         self.text_columns = list(text_columns)

@@ -1,0 +1,288 @@
+"""stage=tokens: sub-word label alignment, entity metrics, CoNLL data, training end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftlab.build import StageBuilder
+from ftlab.data.batching import PadCollator
+from ftlab.data.conll import read_conll
+from ftlab.data.sources import load_raw
+from ftlab.data.spec import DataSpec
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec, load_tokenizer
+from ftlab.pipeline import build_pipeline
+from ftlab.run import run
+from ftlab.tasks.tagging import IGNORE, EntityScore, align, words_tokenizer
+from ftlab.tasks.tokens import Tokens
+from tests.conftest import loss_before_after
+
+TINY = ModelSpec(name_or_path=None, tokenizer="pkg://ftlab/assets/tiny_tokenizer",
+                 config={"model_type": "bert"})
+PEOPLE = ["alice", "bob", "carol", "dave"]
+PLACES = [["paris"], ["london"], ["new", "york"], ["rome"]]
+FILLER = ["the", "film", "was", "is", "a", "and", "this", "really", "long", "music"]
+
+
+def tagged_rows(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    """Sentences of filler with a person (B-per) and a place (B-loc [I-loc]) at random spots:
+    the entities are fixed words, so a tiny model can learn them."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.choices(FILLER, k=rng.randint(3, 10))
+        tags = ["O"] * len(words)
+        for ent, typ in ((rng.choice(PEOPLE).split(), "per"), (rng.choice(PLACES), "loc")):
+            at = rng.randrange(len(words) + 1)
+            words[at:at] = ent
+            tags[at:at] = [f"B-{typ}"] + [f"I-{typ}"] * (len(ent) - 1)
+        rows.append((words, tags))
+    return rows
+
+
+def write_conll(path: Path, rows: list[tuple[list[str], list[str]]]) -> Path:
+    path.write_text("\n\n".join("\n".join(f"{w}\t{t}" for w, t in zip(*r, strict=True))
+                                for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def conll_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("conll")
+    for split, n, seed in (("train", 160, 0), ("validation", 48, 1), ("test", 48, 2)):
+        write_conll(d / f"{split}.conll", tagged_rows(n, seed))
+    return d
+
+
+def token_overrides(d: Path, *extra: str) -> list[str]:
+    return ["stage=tokens", "model=tiny_bert", "data=local",
+            *(f"data.files.{s}={d}/{s}.conll" for s in ("train", "validation", "test")),
+            "data.text_columns=[tokens]", "data.label_column=tags", "logger=none",
+            "callbacks=none", "trainer.enable_progress_bar=false", "stage.batch_size=16", *extra]
+
+
+# --- alignment ------------------------------------------------------------------------------
+
+def test_wordpiece_first_subtoken_gets_the_word_label():
+    tok = load_tokenizer(TINY)
+    enc = tok([["from", "green", "newsfeed"]], is_split_into_words=True)
+    pieces = tok.convert_ids_to_tokens(enc["input_ids"][0])
+    assert pieces == ["[CLS]", "from", "gr", "##ee", "##n", "new", "##s", "##f", "##ee", "##d",
+                      "[SEP]"]
+    assert align(enc.word_ids(0), [0, 6, 16]) == [
+        IGNORE, 0, 6, IGNORE, IGNORE, 16, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]
+
+
+def byte_level_tokenizer(tmp_path: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()  # add_prefix_space=False, as RoBERTa's and GPT-2's ship
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog in New York"] * 20,
+                            vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", unk_token="<unk>", mask_token="<mask>"
+                            ).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    return AutoTokenizer.from_pretrained(tmp_path)
+
+
+def test_byte_level_bpe_words_tokenise_as_inside_a_sentence(tmp_path):
+    tok = byte_level_tokenizer(tmp_path)
+    words = ["New", "Yorkers", "fox"]
+    conll = write_conll(tmp_path / "t.conll", [(words, ["B-loc", "O", "O"])] * 2)
+    raw = load_raw(DataSpec(files={"train": str(conll)}, text_columns=["tokens"],
+                            label_column="tags", splits={"train": "train"}))
+    task = Tokens()
+    task.bind(raw, tok, ["tokens"])
+    row = task.featurize({"tokens": [words], "label": [[1, 0, 0]]})
+    pieces = tok.convert_ids_to_tokens(row["input_ids"][0])
+    # the same pieces as the words inside a sentence (leading space: Ġ), not at its start
+    inside = tok.convert_ids_to_tokens(tok(" New Yorkers fox")["input_ids"])
+    starts = [i for i, p in enumerate(pieces) if p.startswith("Ġ")]
+    assert pieces == inside and [pieces[i] for i in starts] == ["ĠNew", "ĠYork", "Ġfox"]
+    assert [row["labels"][0][i] for i in starts] == [1, 0, 0]
+    assert all(row["labels"][0][i] == IGNORE for i in range(len(pieces)) if i not in starts)
+    # the shared tokenizer is untouched (other stages keep its behaviour)
+    plain = tok(["New"], is_split_into_words=True)["input_ids"]
+    assert "ĠNew" not in tok.convert_ids_to_tokens(plain)
+    assert tok.backend_tokenizer.pre_tokenizer.add_prefix_space is False
+
+
+def test_sentencepiece_style_tokenizer_needs_no_change():
+    """Llama/T5-style Metaspace (SentencePiece) marks every word's start by itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.train_from_iterator(["the quick brown fox jumps over the lazy dog in New York"] * 20,
+                           trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", unk_token="<unk>")
+    assert words_tokenizer(tok) is tok
+    enc = tok([["New", "Yorkers", "fox"]], is_split_into_words=True)
+    assert enc.tokens(0) == tok("New Yorkers fox").tokens() == ["▁New", "▁York", "er", "s",
+                                                                "▁fox"]
+    assert align(enc.word_ids(0), [1, 0, 2]) == [1, 0, IGNORE, IGNORE, 2]
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def test_entity_scores_match_seqeval_on_a_known_prediction():
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    labels = ["O", "B-LOC", "B-PER", "I-LOC", "I-PER"]
+    ids = {t: i for i, t in enumerate(labels)}
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "I-LOC", "O"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["B-LOC", "O", "B-PER"]]
+    # 3 gold entities, 3 predicted, 1 exact match (Bob Smith): P = R = F1 = 1/3
+    target = torch.full((2, 6), IGNORE)
+    preds = torch.zeros((2, 6), dtype=torch.long)
+    for r, (g, p) in enumerate(zip(gold, pred, strict=True)):
+        at = [1, 2, 4, 5][: len(g)]  # word starts; 0 ([CLS]) and 3 (a later piece) skipped
+        target[r, at] = torch.tensor([ids[t] for t in g])
+        preds[r, at] = torch.tensor([ids[t] for t in p])
+    preds[:, 3] = ids["B-PER"]  # a prediction at an ignored position must not count
+    scores = {w: EntityScore(labels, w) for w in ("precision", "recall", "f1")}
+    for m in scores.values():
+        m.update(preds, target)
+    got = {w: m.compute().item() for w, m in scores.items()}
+    assert got == pytest.approx({"precision": 1 / 3, "recall": 1 / 3, "f1": 1 / 3})
+    assert got["f1"] == pytest.approx(f1_score(gold, pred))
+    assert got["precision"] == pytest.approx(precision_score(gold, pred))
+    assert got["recall"] == pytest.approx(recall_score(gold, pred))
+    one = EntityScore(labels, "f1")  # 1 predicted, right; 2 gold: P = 1, R = 1/2, F1 = 2/3
+    one.update(preds[:1], target[:1])
+    assert one.compute().item() == pytest.approx(2 / 3)
+    assert f1_score(gold[:1], pred[:1]) == pytest.approx(2 / 3)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def test_conll_parsing(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("-DOCSTART- -X- O O\n\nJohn\tB-per\nlives\tO\n \t\nin NNP B-loc\n\n\n")
+    assert read_conll(path) == {"tokens": [["John", "lives"], ["in"]],
+                                "tags": [["B-per", "O"], ["B-loc"]]}
+    path.write_text("John\tB-per\nlives\n")
+    with pytest.raises(FtlabError, match=r"a.txt, line 2: expected a word and its tag"):
+        read_conll(path)
+    path.write_text("John\tB-per\n\nlives\tPER\n")
+    with pytest.raises(FtlabError, match=r"a.txt, line 3: the tag 'PER' is not a BIO tag"):
+        read_conll(path)
+
+
+def test_tag_set_is_o_first_then_sorted_and_jsonl_is_read(tmp_path):
+    rows = [{"tokens": ["a", "b", "c"], "tags": ["B-z", "O", "B-a"]},
+            {"tokens": ["d", "e"], "tags": ["I-a", "O"]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = load_raw(DataSpec(files={"train": str(path)}, text_columns=["tokens"],
+                            label_column="tags", splits={"train": "train"}))
+    assert raw.labels == ["O", "B-a", "B-z", "I-a"]
+    assert raw.splits["train"]["label"] == [[2, 0, 1], [3, 0]]
+    path.write_text(json.dumps({"tokens": ["a"], "tags": ["E-x"]}) + "\n")
+    with pytest.raises(FtlabError, match="'E-x' is not a BIO tag"):
+        load_raw(DataSpec(files={"train": str(path)}, text_columns=["tokens"],
+                          label_column="tags", splits={"train": "train"}))
+
+
+def test_plain_text_rows_are_refused(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": "a b", "label": "x"}) + "\n"
+                    + json.dumps({"text": "c", "label": "y"}) + "\n")
+    raw = load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+    with pytest.raises(FtlabError, match="a list of words per row in column 'text', got str"):
+        Tokens().bind(raw, load_tokenizer(TINY), ["text"])
+
+
+# --- training --------------------------------------------------------------------------------
+
+def test_tiny_tokens_run_learns(make_cfg, conll_dir):
+    cfg = make_cfg(token_overrides(conll_dir, "stage.trainer.max_epochs=8",
+                                   "stage.optim.lr=3e-3", "seed=1"))
+    record = run(cfg)
+    final = record["final"]
+    # fixed entity words: entity F1 far above tagging everything O (F1 0)
+    assert final["test/f1"] > 0.5 and final["val/f1"] > final["val/baseline_f1"] + 0.5, final
+    assert final["test/acc"] > final["test/baseline_acc"], final
+    assert record["status"] == "ok" and record["failed"] is False
+    card = json.loads((Path(cfg.paths.output_dir) / "tokens" / "card.json").read_text())
+    assert card["labels"] == ["O", "B-loc", "B-per", "I-loc"]
+    import ftlab
+
+    predictor = ftlab.load(cfg.paths.output_dir)
+    rows = [["alice", "was", "in", "new", "york"], "bob is in paris"]
+    preds = predictor.predict(rows)
+    assert [p["tokens"] for p in preds] == [rows[0], rows[1].split()]
+    assert preds[0]["tags"][0] == "B-per" and preds[1]["tags"][3] == "B-loc", preds
+    assert all(0 < s <= 1 for p in preds for s in p["scores"])
+    again = predictor.predict([(rows[0],), (rows[1],), {"tokens": rows[0]}])  # ftlab-predict
+    assert [p["tags"] for p in again] == [preds[0]["tags"], preds[1]["tags"], preds[0]["tags"]]
+
+
+def stage_parts(make_cfg, conll_dir: Path, *extra: str):
+    """(task, model with its PEFT method and regulariser, regulariser, a training batch)."""
+    stage = build_pipeline(make_cfg(token_overrides(conll_dir, *extra)))[0]
+    builder = StageBuilder()
+    task = builder.task(stage)
+    model, _, regularizer, _ = builder.model(stage)
+    feats = task.featurize(builder.raw(stage).splits["train"][:16])
+    rows = [{k: feats[k][i] for k in task.features} for i in range(16)]
+    tok = builder.tokenizer(stage.model)
+    return task, model, regularizer, PadCollator(tok.pad_token_id)(rows)
+
+
+@pytest.mark.parametrize("peft", ["full", "lora", "adapter_pfeiffer", "bitfit", "prompt_tuning"])
+def test_peft_methods_train_the_tagger(make_cfg, conll_dir, peft):
+    task, model, _, batch = stage_parts(make_cfg, conll_dir, f"peft={peft}")
+    out = task.forward(model, batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape and out.logits.shape[2] == 4
+    before, after = loss_before_after(task, model, batch, steps=8, lr=1e-2)
+    assert after < before - 0.05, (peft, before, after)
+
+
+def _no_dropout(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def test_r3f_adds_a_positive_kl_term_on_token_logits(make_cfg, conll_dir):
+    task, model, reg, batch = stage_parts(make_cfg, conll_dir, "regularizer=r3f",
+                                          "regularizer.eps=0.1")
+    _no_dropout(model)
+    model.train()
+    out = reg.training_loss(model, batch, task)
+    plain = task.forward(model, batch).loss
+    assert out.extras["r3f_kl"] > 0
+    assert out.loss.item() == pytest.approx(plain.item() + reg.r3f_lambda
+                                            * out.extras["r3f_kl"].item(), rel=1e-5)
+
+
+def test_aux_mlm_adds_the_masked_lm_loss(make_cfg, conll_dir):
+    task, model, _, batch = stage_parts(make_cfg, conll_dir, "stage.aux_mlm_weight=0.5")
+    _no_dropout(model)
+    model.train()
+    torch.manual_seed(0)
+    out = task.forward(model, batch)
+    plain = task.task.forward(model, batch).loss
+    assert out.extras["aux_mlm_loss"] > 0
+    assert out.loss.item() == pytest.approx(plain.item() + 0.5 * out.extras["aux_mlm_loss"].item(),
+                                            rel=1e-5)
+    assert out.loss.item() > plain.item() + 0.1
+    model.eval()  # evaluation reports the plain tagging loss and metrics
+    assert task.forward(model, batch).loss.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_tokens_run_with_aux_mlm(make_cfg, conll_dir):
+    cfg = make_cfg(token_overrides(conll_dir, "stage.aux_mlm_weight=0.5",
+                                   "stage.trainer.max_steps=6"))
+    record = run(cfg)
+    assert record["status"] in ("ok", "failed") and "test/f1" in record["final"]
