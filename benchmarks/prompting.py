@@ -70,8 +70,8 @@ def main() -> None:
             for seed in seeds:
                 if (name, k, seed) in done:
                     continue
-                over = [*QUIET, *configs(k, args.epochs, args.unlabelled, args.val_every)[name], f"seed={seed}",
-                        f"data.max_eval_samples={args.eval_rows}"]
+                chosen = configs(k, args.epochs, args.unlabelled, args.val_every)[name]
+                over = [*QUIET, *chosen, f"seed={seed}", f"data.max_eval_samples={args.eval_rows}"]
                 start = time.perf_counter()
                 rec = run_job(over, args.out / f"{name}_k{k}_s{seed}")
                 row = {"config": name, "k": k, "seed": seed, "status": rec["status"],
