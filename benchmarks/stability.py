@@ -44,7 +44,7 @@ def sweep(name: str, overrides: list[str], args: argparse.Namespace, out: Path) 
            "stage.batch_size=16", f"trainer.max_epochs={args.epochs}", "logger=none",
            "trainer.enable_progress_bar=false", f"hydra.sweep.dir={out}", *args.extra,
            *overrides]
-    if "callbacks=early_discard" not in overrides:
+    if not any(o.startswith("callbacks") for o in overrides):
         cmd.append("callbacks=none")
     if args.jobs > 1:  # parallel jobs (a GPU machine): joblib, one torch thread each
         cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"]
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=500)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--discard", action="store_true")
+    parser.add_argument("--discard-keep", default="top_k", choices=["top_k", "above_median"])
     parser.add_argument("--jobs", type=int, default=1,
                         help="jobs at once per sweep (joblib launcher); early discard then "
                              "compares jobs in the order they reach their check")
@@ -89,7 +90,8 @@ def main() -> None:
     names = args.configs.split(",")
     runs = [(n, CONFIGS[n]) for n in names]
     if args.discard:
-        runs.append(("none+discard", ["callbacks=early_discard"]))
+        runs.append(("none+discard", ["callbacks=early_discard",
+                                      f"callbacks.early_discard.keep={args.discard_keep}"]))
     for name, overrides in runs:
         out = args.out / name
         wall = sweep(name, overrides, args, out)
@@ -129,7 +131,8 @@ def main() -> None:
             "best_full": best_full, "best_with_discard": best_cut,
             "best_gap_points": 100 * (best_full - best_cut), "discarded": cut["discarded"]}
         d = results["discard_vs_full"]
-        print(f"\nEarly discard (at 25%, keep top 3): {d['discarded']} of {cut['runs']} jobs "
+        print(f"\nEarly discard (at 25%, keep {args.discard_keep}): {d['discarded']} of "
+              f"{cut['runs']} jobs "
               f"discarded; compute {d['compute_ratio']:.0%} of the full sweep; best test acc "
               f"{best_cut:.3f} vs {best_full:.3f} ({d['best_gap_points']:+.1f} points)")
     args.out.mkdir(parents=True, exist_ok=True)
