@@ -207,7 +207,7 @@ def test_classifier_pools_the_same_with_and_without_padding(family):
     tok = load_tokenizer(spec)
     assert ("token_type_ids" in tok("a b")) == arch_for(spec.config["model_type"]).token_type_ids
     task = Classify()
-    task.bind(SimpleNamespace(labels=["neg", "pos"]), tok, ["text", "pair"])
+    task.bind(SimpleNamespace(labels=["neg", "pos"], splits={}), tok, ["text", "pair"])
     torch.manual_seed(0)
     model = task.build_model(spec).eval()
     rows = task.featurize({"text": ["a good film", "the plot was dull and the actors bad"],
@@ -256,5 +256,5 @@ def test_a_tokenizer_without_pad_pads_with_eos_and_the_classifier_knows(tmp_path
     tok = load_tokenizer(spec)
     assert tok.pad_token == "[SEP]" and "token_type_ids" not in tok("a b")
     task = Classify()
-    task.bind(SimpleNamespace(labels=["neg", "pos"]), tok, ["text"])
+    task.bind(SimpleNamespace(labels=["neg", "pos"], splits={}), tok, ["text"])
     assert task.build_model(spec).config.pad_token_id == tok.pad_token_id == SEP

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import open_dict
 
 from ftlab.cli import preflight
 from ftlab.config import check_binds, instantiate_checked
@@ -419,8 +420,13 @@ def test_truncated_cache_entry_is_retrained(make_cfg, sentiment_dir, tmp_path, c
         "cache.stages=all", f"cache.dir={cache_dir}", "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
-    def once() -> dict:
-        return run(make_cfg(base))["lineage"][0]
+    runs = iter(range(3))
+
+    def once() -> dict:  # each run in its own folder (a finished folder would be reused whole)
+        cfg = make_cfg(base)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"run{next(runs)}")
+        return run(cfg)["lineage"][0]
 
     first = once()
     assert first["cache_hit"] is False

@@ -156,13 +156,17 @@ def _show(value: Any) -> str:
 
 
 def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | None) -> None:
-    """Text and label columns hold single values (text, numbers, booleans), not lists,
-    objects or a mix of types: name the file, the column and the first bad row."""
+    """Text and label columns hold single values (text, numbers, booleans) or, in every row,
+    a list of them (word-tagged data: words and their tags), not objects or a mix of types:
+    name the file, the column and the first bad row."""
     for split, ds in dsd.items():
         where = (files or {}).get(split) or (files or {}).get("all") or ""
         for col in columns:
             feature = ds.features.get(col)
             if feature is None or (isinstance(feature, Value) and feature.dtype != "json"):
+                continue
+            inner = getattr(feature, "feature", None)  # a list of plain values in every row:
+            if isinstance(inner, Value) and inner.dtype != "json":  # words/tags (stage=tokens)
                 continue
             change = _jsonl_change(Path(where)) if where.endswith((".jsonl", ".json")) \
                 and Path(where).is_file() else None
