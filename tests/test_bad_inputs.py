@@ -210,6 +210,12 @@ def assert_one_paragraph(message: str) -> None:
                          ids=[c[0] for c in RUN_CASES])
 def test_bad_run_input(builder, expected, make_cfg, sentiment_dir, tmp_path, no_training,
                        capsys):
+    stops_with_user_error(builder, expected, make_cfg, sentiment_dir, tmp_path, capsys)
+
+
+def stops_with_user_error(builder, expected, make_cfg, sentiment_dir, tmp_path, capsys) -> None:
+    """The run of ``builder(folder for bad files, sentiment_dir)`` exits 1 with one paragraph
+    matching ``expected``, recorded as an error in metrics.json, no traceback file."""
     bad = tmp_path / "inputs"
     bad.mkdir()
     cfg = make_cfg(builder(bad, sentiment_dir))

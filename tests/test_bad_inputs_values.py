@@ -8,7 +8,6 @@ every kind of field is covered, and that the message names the override to fix.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,9 +19,14 @@ import pytest
 
 from ftlab.cli import preflight
 from ftlab.errors import FtlabError
-from ftlab.run import run
 from tests.conftest import synthetic_rows, tiny_overrides, write_jsonl
-from tests.test_bad_inputs import PIPE, Case, assert_one_paragraph, no_training  # noqa: F401
+from tests.test_bad_inputs import (  # noqa: F401
+    PIPE,
+    Case,
+    assert_one_paragraph,
+    no_training,
+    stops_with_user_error,
+)
 
 
 def _files(sdir: Path, **files: Path) -> list[str]:
@@ -237,18 +241,7 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
                          ids=[c[0] for c in VALUE_CASES])
 @pytest.mark.usefixtures("no_training")
 def test_bad_value(builder, expected, make_cfg, sentiment_dir, tmp_path, capsys):
-    bad = tmp_path / "inputs"
-    bad.mkdir()
-    cfg = make_cfg(builder(bad, sentiment_dir))
-    with pytest.raises(SystemExit) as exit_:
-        run(cfg)
-    assert exit_.value.code == 1
-    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert record["status"] == "error" and record["failed"] is True
-    assert re.search(expected, record["error"], re.S), record["error"]
-    assert_one_paragraph(record["error"])
-    assert not (tmp_path / "run" / "error.log").exists()  # a user error, not a crash
-    assert record["error"] in capsys.readouterr().err
+    stops_with_user_error(builder, expected, make_cfg, sentiment_dir, tmp_path, capsys)
 
 
 # command-line mistakes the pre-flight explains

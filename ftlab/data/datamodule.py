@@ -17,7 +17,26 @@ if TYPE_CHECKING:
     from ftlab.tasks.base import Task
 
 
-class TextDataModule(L.LightningDataModule):
+class SplitLoaders(L.LightningDataModule):
+    """The three Lightning loader hooks from one ``_loader(split, train)`` method; a split the
+    data lacks gives no loader."""
+
+    splits: Any
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", train=False) if "validation" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False) if "test" in self.splits else []
+
+
+class TextDataModule(SplitLoaders):
     """Featurise each split once with the task's ``featurize`` (a batched map), keep the
     features the task declares (``task.features`` + ``length``), then batch by length.
 
@@ -105,16 +124,6 @@ class TextDataModule(L.LightningDataModule):
         if state_dict:
             self._resume = {"epoch": int(state_dict["epoch"]),
                             "batches": int(state_dict["batches"])}
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", train=False) if "validation" in self.splits else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False) if "test" in self.splits else []
-
 
 def replicas(trainer: L.Trainer | None) -> tuple[int, int]:
     """(world size, this rank) of the attached Trainer: the sampler shards the batches

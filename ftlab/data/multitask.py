@@ -18,12 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftlab.data.batching import LengthGroupedBatchSampler
-from ftlab.data.datamodule import TextDataModule, replicas
+from ftlab.data.datamodule import SplitLoaders, TextDataModule, replicas
 from ftlab.errors import FtlabError, choices_text
 
 SAMPLING = ("proportional", "temperature", "uniform")
@@ -137,7 +136,7 @@ class TaskCollator:
         return batch
 
 
-class MultiTaskDataModule(L.LightningDataModule):
+class MultiTaskDataModule(SplitLoaders):
     """The sub-tasks' data (one ``TextDataModule`` each) served as single-task batches.
 
     Args:
@@ -174,11 +173,3 @@ class MultiTaskDataModule(L.LightningDataModule):
                           num_workers=self.num_workers,  # own generator: the global stream
                           generator=torch.Generator().manual_seed(self.seed))  # stays as is
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", train=False) if "validation" in self.splits else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False) if "test" in self.splits else []
