@@ -304,10 +304,19 @@ class SweepReport(Callback):
         print(f"Report: {sweep_dir}/summary.{{md,json,png}}")
         status = os.environ.get("FTLAB_SWEEP_STATUS")  # set by the ftlab command (cli.main)
         if status:
+            degenerate = sum(s["degenerate"] for s in summary.values())
+            if is_search(config) and any(  # a search expects failing trials: it fails only
+                    len(s["seeds"]) > len(s["failed_seeds"]) for s in summary.values()):
+                degenerate = 0              # when no trial learnt anything
             write_json(status, {"sweep_dir": str(sweep_dir),
                                 "jobs": sum(s["runs"] for s in summary.values()),
                                 "errored": sum(s["errored"] for s in summary.values()),
-                                "degenerate": sum(s["degenerate"] for s in summary.values())})
+                                "degenerate": degenerate})
+
+
+def is_search(config: DictConfig) -> bool:
+    """The multirun was a hyper-parameter search (``hydra/sweeper=ftlab_optuna``)."""
+    return "ftlab_sweeper" in str(config.hydra.sweeper.get("_target_", ""))
 
 
 def _log_to_wandb(config: DictConfig, sweep_dir: Path, summary: dict[str, Any]) -> None:

@@ -77,10 +77,11 @@ def search_args(data: Path, *extra: str) -> list[str]:
 
 
 def finish(proc: subprocess.Popen) -> str:
-    """The sweep's output; it ended without errored jobs (3: some trial ended at or below the
-    majority baseline, which a search over a tiny model expects)."""
+    """The sweep's output; it ended without errored jobs (3 only when no trial learnt: a
+    search expects some trials at the majority baseline and still exits 0)."""
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode in (0, 3), out[-3000:]
+    finish.code = proc.returncode
     return out
 
 
@@ -111,6 +112,8 @@ def test_search_prunes_trials_and_writes_the_best(tmp_path, sentiment_dir):
     best_file = (sweep / "best_params.yaml").read_text()
     assert f"stage.optim.lr: {json.dumps(best['params']['stage.optim.lr'])}" in best_file
     summary = json.loads((sweep / "summary.json").read_text())
+    learnt = any(len(s["seeds"]) > len(s["failed_seeds"]) for s in summary.values())
+    assert finish.code == (0 if learnt else 3)  # failed trials alone do not fail a search
     assert sum(s["pruned"] for s in summary.values()) == states.count("pruned")
     assert sum(s["errored"] for s in summary.values()) == 0
 
