@@ -117,12 +117,7 @@ def locate_type_error(files: dict[str, str], builder: str,
         for split, f in files.items():
             change = _jsonl_change(Path(f))
             if change:
-                col, row, first, kind, value = change
-                return FtlabError(
-                    f"In {f} (split '{split}'), column '{col}' changes type at row {row}: "
-                    f"{kind} {_show(value)} where the rows above hold {first}s.",
-                    f"give column '{col}' one type in every row (fix row {row} of {Path(f).name}"
-                    f"{', e.g. join a list into one text' if kind == 'list' else ''}).")
+                return _changes_type(f, change, split)
     frames = {split: _frame(f, builder, kwargs) for split, f in files.items()}
     if not frames or any(df is None for df in frames.values()):
         return None
@@ -150,6 +145,17 @@ def locate_type_error(files: dict[str, str], builder: str,
     return None
 
 
+def _changes_type(path: str, change: tuple[str, int, str, str, Any],
+                  split: str | None = None) -> FtlabError:
+    """A jsonl column whose type changes at a row: the file, the column, the row."""
+    col, row, first, kind, value = change
+    return FtlabError(
+        f"Column '{col}' in {path}{f' (split {split!r})' if split else ''} changes type at row "
+        f"{row}: {kind} {_show(value)} where the rows above hold {first}s.",
+        f"give column '{col}' one type in every row (fix row {row} of {Path(path).name}"
+        f"{', e.g. join a list into one text' if kind == 'list' else ''}).")
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -171,12 +177,7 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
             change = _jsonl_change(Path(where)) if where.endswith((".jsonl", ".json")) \
                 and Path(where).is_file() else None
             if change and change[0] == col:
-                _, row, first, kind, value = change
-                raise FtlabError(
-                    f"Column '{col}' in {where} changes type at row {row}: {kind} "
-                    f"{_show(value)} where the rows above hold {first}s.",
-                    f"give column '{col}' one type in every row (fix row {row} of "
-                    f"{Path(where).name}).")
+                raise _changes_type(where, change)
             values = ds[col]
             row = next((i + 1 for i, v in enumerate(values) if isinstance(v, list | dict)), 1)
             kind = _kind(values[row - 1])
