@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ftlab.report_plot import plot
-from ftlab.seedstats import bootstrap_ci, expected_max, permutation_test
+from ftlab.seedstats import bootstrap_ci, expected_max, finite, permutation_test
 from ftlab.status import DEGENERATE_EXIT, effective
 from ftlab.store import atomic_write, write_json
 
@@ -110,14 +110,14 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     dropped = [r for r in recs if r.get("status") in STOPPED]
     trouble = [r for r in recs if r.get("status") not in ("ok", *STOPPED)]
     names = sorted({m for r in done for m in r.get("final", {}) if "/baseline_" not in m})
-    metrics = {m: stats([r["final"][m] for r in done if _finite(r["final"].get(m))],
+    metrics = {m: stats([r["final"][m] for r in done if finite(r["final"].get(m))],
                         not lower_is_better(m))
-               for m in names if any(_finite(r["final"].get(m)) for r in done)}
+               for m in names if any(finite(r["final"].get(m)) for r in done)}
     baselines = {}  # metric -> the trivial predictor's score on the same split (mean over runs)
     for m in metrics:
         split, _, name = m.rpartition("/")
         vals = [r["final"][f"{split}/baseline_{name}"] for r in done
-                if _finite(r["final"].get(f"{split}/baseline_{name}"))]
+                if finite(r["final"].get(f"{split}/baseline_{name}"))]
         if vals:
             baselines[m] = statistics.fmean(vals)
     failed = sum(bool(r.get("failed")) for r in recs)
@@ -125,7 +125,7 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
         or {"metric": "val/acc", "mode": "max"}
     val = [r["final"][monitor["metric"]] for r in done
-           if _finite(r.get("final", {}).get(monitor["metric"]))]
+           if finite(r.get("final", {}).get(monitor["metric"]))]
     return {
         "runs": len(recs),
         "errored": len(trouble),
@@ -182,14 +182,11 @@ def _rank(summary: dict[str, Any]) -> None:
         s = summary[key]
         s["rank"] = {"metric": metric, "rank": rank}
         if key != best:
-            per_seed = {seed: v[metric] for seed, v in s["seeds"].items() if _finite(v.get(metric))}
+            per_seed = {seed: v[metric] for seed, v in s["seeds"].items() if finite(v.get(metric))}
             top = {seed: v[metric] for seed, v in summary[best]["seeds"].items()
-                   if _finite(v.get(metric))}
+                   if finite(v.get(metric))}
             s["rank"]["vs_best"] = permutation_test(per_seed, top)
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def _ci(st: dict[str, Any]) -> str:
@@ -207,7 +204,7 @@ def markdown(summary: dict[str, Any]) -> str:
             lines += [f"**WARNING: every run of `{key}` failed: its scores say nothing about the "
                       "recipe.**", ""]
         lines += [f"runs: {s['runs']} · errored: {s['errored']} · failed: {s['failed']}"
-                  + (f" ({s['failed_rate']:.0%})" if _finite(s.get("failed_rate")) else "")
+                  + (f" ({s['failed_rate']:.0%})" if finite(s.get("failed_rate")) else "")
                   + (f" · pruned by the search: {s['pruned']}" if s.get("pruned") else "")
                   + (f" · reused from before a re-launch: {s['reused']}" if s.get("reused")
                      else "")
@@ -242,7 +239,7 @@ def _seed_table(s: dict[str, Any]) -> list[str]:
     rows = ["", "| seed | " + " | ".join(shown) + " | run |",
             "|---|" + "---|" * (len(shown) + 1)]
     for seed, final in sorted(s["seeds"].items(), key=lambda kv: _seed_order(kv[0])):
-        vals = " | ".join(f"{final[m]:.4f}" if _finite(final.get(m)) else "–" for m in shown)
+        vals = " | ".join(f"{final[m]:.4f}" if finite(final.get(m)) else "–" for m in shown)
         rows.append(f"| {seed} | {vals} | {s['failures'].get(seed, 'ok')} |")
     return rows
 

@@ -9,10 +9,10 @@ baseline looks like what it is. Configurations where every run failed are labell
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+from ftlab.seedstats import finite
 from ftlab.store import atomic_write
 
 #: panels, by preference: the first split that has the metric is drawn
@@ -61,7 +61,7 @@ def _panel(ax: Any, summary: dict[str, Any], keys: list[str], metric: str) -> No
     values, baselines = [], []
     for i, key in enumerate(keys):
         s = summary[key]
-        seeds = [(seed, v[metric]) for seed, v in s["seeds"].items() if _finite(v.get(metric))]
+        seeds = [(seed, v[metric]) for seed, v in s["seeds"].items() if finite(v.get(metric))]
         failed = set(s.get("failed_seeds", []))
         for j, (seed, v) in enumerate(seeds):
             x = i + 0.08 * (j - len(seeds) / 2)
@@ -90,6 +90,3 @@ def _panel(ax: Any, summary: dict[str, Any], keys: list[str], metric: str) -> No
     ax.set_ylabel(metric)
     ax.set_title(f"{metric}: seeds (x failed), mean ± 95% CI, -- baseline", fontsize=9)
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)

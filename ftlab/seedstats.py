@@ -37,7 +37,7 @@ def failure(metrics: Mapping[str, float]) -> str | None:
             continue
         name = key.removeprefix("val/baseline_")
         value = metrics.get(f"val/{name}")
-        if _finite(value) and _finite(base) and value <= base + MARGIN:
+        if finite(value) and finite(base) and value <= base + MARGIN:
             return f"val/{name} {value:.4f} <= baseline {base:.4f}"
     return None
 
@@ -118,5 +118,6 @@ def expected_max(values: Sequence[float], larger_is_better: bool = True) -> list
     return out
 
 
-def _finite(x: object) -> bool:
+def finite(x: object) -> bool:
+    """A real, finite number (not None, NaN, inf, or a string)."""
     return isinstance(x, int | float) and math.isfinite(x)

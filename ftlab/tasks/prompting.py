@@ -82,11 +82,17 @@ def word_ids(tokenizer: Any, pattern: Pattern, word: str) -> list[int]:
     before = pattern.before_mask
     gap = before[len(before.rstrip()):]  # the whitespace before the slot
     context = before.rstrip().format_map(_Blank()) or "."
+    return continuation_ids(tokenizer, context, gap[:1] + word)
+
+
+def continuation_ids(tokenizer: Any, context: str, text: str) -> list[int]:
+    """Token ids of ``text`` as it is tokenised right after ``context`` (byte-level BPE gives
+    " great" other ids than "great"); ``text`` alone where the context's ids are no prefix."""
     head = tokenizer(context, add_special_tokens=False)["input_ids"]
-    both = tokenizer(context + gap[:1] + word, add_special_tokens=False)["input_ids"]
+    both = tokenizer(context + text, add_special_tokens=False)["input_ids"]
     if both[: len(head)] == head and len(both) > len(head):
         return both[len(head):]
-    return tokenizer(gap[:1] + word, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class _Blank(dict):

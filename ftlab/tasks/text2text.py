@@ -29,7 +29,7 @@ from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import continuation_logprob
+from ftlab.tasks.prompting import continuation_ids, continuation_logprob
 
 
 class TextToText(Classify):
@@ -107,11 +107,7 @@ class TextToText(Classify):
 
     def target_ids(self, source: str, target: str) -> list[int]:
         """A decoder-only target's ids as they follow the source (after a space)."""
-        head = self.tokenizer(source, add_special_tokens=False)["input_ids"]
-        both = self.tokenizer(source + " " + target, add_special_tokens=False)["input_ids"]
-        if both[: len(head)] == head and len(both) > len(head):
-            return both[len(head):]
-        return self.tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+        return continuation_ids(self.tokenizer, source, " " + target)
 
     def see_model(self, config: Any) -> None:
         """Seq2seq or decoder-only, from the model's config (before featurising)."""
