@@ -26,16 +26,27 @@ from ftlab.store import load_tensors
 
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
 TRAINABLE = "adapter"
+INITS = ("houlsby", "bert")
 
 
 class Bottleneck(nn.Module):
-    """``x + up(relu(down(x)))``; ``up`` starts near zero, so the adapter starts near identity."""
+    """``x + up(relu(down(x)))``, started near identity.
 
-    def __init__(self, hidden: int, size: int, init_std: float = 1e-3) -> None:
+    ``init``: ``houlsby`` draws both projections from N(0, init_std^2) truncated at two standard
+    deviations (Houlsby et al. 2019, sec. 3.6; AdapterHub's ``init_weights="houlsby"``);
+    ``bert`` draws ``down`` from BERT's N(0, 0.02^2) and ``up`` from N(0, init_std^2), untruncated.
+    Biases start at zero.
+    """
+
+    def __init__(self, hidden: int, size: int, init_std: float = 1e-3, init: str = "bert") -> None:
         super().__init__()
         self.down, self.up = nn.Linear(hidden, size), nn.Linear(size, hidden)
-        nn.init.normal_(self.down.weight, std=0.02)
-        nn.init.normal_(self.up.weight, std=init_std)
+        if init == "houlsby":
+            for proj in (self.down, self.up):
+                nn.init.trunc_normal_(proj.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+        else:
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.normal_(self.up.weight, std=init_std)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.bias)
 
@@ -85,11 +96,12 @@ class BottleneckAdapter(RequiresGradState):
         placement: ``houlsby`` (after attention and after FFN) or ``pfeiffer`` (after FFN).
         reduction_factor: hidden size / bottleneck size.
         train_layernorm: also train the LayerNorms (both papers did).
+        init_std, init: the adapters' initialisation (``Bottleneck``: ``houlsby`` or ``bert``).
         stack_on: artefacts of earlier adapter stages, frozen beneath the new adapter.
     """
 
     def __init__(self, placement: str = "pfeiffer", reduction_factor: int = 16,
-                 train_layernorm: bool = True, init_std: float = 1e-3,
+                 train_layernorm: bool = True, init_std: float = 1e-3, init: str = "bert",
                  stack_on: list[str] | None = None, drop_top: int = 0,
                  reinit_top: int = 0) -> None:
         if placement not in PLACEMENTS:
@@ -97,7 +109,9 @@ class BottleneckAdapter(RequiresGradState):
                              f"use one of: {', '.join(PLACEMENTS)}.")
         self.name = f"adapter_{placement}"
         self.placement, self.reduction_factor = placement, reduction_factor
-        self.train_layernorm, self.init_std = train_layernorm, init_std
+        if init not in INITS:
+            raise FtlabError(f"Unknown adapter init '{init}'.", f"use one of: {', '.join(INITS)}.")
+        self.train_layernorm, self.init_std, self.init = train_layernorm, init_std, init
         self.stack_on = list(stack_on or [])
         self.drop_top, self.reinit_top = drop_top, reinit_top
 
@@ -116,7 +130,7 @@ class BottleneckAdapter(RequiresGradState):
                 hidden = _width(proj)
                 size = max(1, hidden // self.reduction_factor)
                 adapters = _ensure_site(holder, proj)
-                adapters[TRAINABLE] = Bottleneck(hidden, size, self.init_std).to(
+                adapters[TRAINABLE] = Bottleneck(hidden, size, self.init_std, self.init).to(
                     proj.weight.device)
         if self.train_layernorm:  # the norms of both blocks (LayerNorm or RMSNorm), per family
             for block in ("attn", "ffn"):
