@@ -20,8 +20,6 @@ from tests.conftest import tiny_overrides
 from tests.test_peft_contract import batch, logits, method, model_config, tiny_model, train_steps
 from tests.test_resolved import resolve
 
-INV = "bert.invertible_adapters"
-
 
 def mlm_model(seed: int = 0, family: str = "bert") -> torch.nn.Module:
     torch.manual_seed(seed)
