@@ -200,7 +200,12 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     data_spec = subtasks[0].data if subtasks else _data_spec(
         spec.data, spec.data_overrides, cfg, f"{where} data",
         f"{prefix}.data" if spec.data is not None else "data")
-    peft, peft_lr = split_peft(spec.peft or cfg.peft)
+    raw_peft = plain(spec.peft or cfg.peft)
+    peft, peft_lr = split_peft(raw_peft)
+    if isinstance(raw_peft, dict) and "lr" not in raw_peft:  # inline node: its group's lr
+        from ftlab.cli import CONFIG_DIR
+        from ftlab.peft.group_lr import group_lr
+        peft_lr = group_lr(raw_peft, CONFIG_DIR, where)
     if peft_lr is not None and spec.optim.lr is None:  # the method's LR applies: its rule too
         check_field(OptimSpec, "lr", peft_lr, where,
                     f"{prefix}.peft.lr" if spec.peft else "peft.lr")

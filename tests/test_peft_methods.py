@@ -174,6 +174,8 @@ def test_madx_pipeline_trains_task_adapter_on_frozen_language_adapter(make_cfg, 
     assert any(".adapters.adapter." in k for k in lang)
     assert any(".adapters.adapter." in k for k in task)
     assert not any(".stack0." in k for k in task)  # the language adapter stayed frozen, unsaved
+    assert any(".invertible_adapters.adapter." in k for k in lang)  # MAD-X's, on by default
+    assert not any(".invertible_adapters." in k for k in task)  # loaded frozen, not saved
 
 
 def test_diff_pruning_penalty_enters_the_training_loss():
