@@ -187,8 +187,8 @@ class SWA(SwapsInAverage):
         """The average (with its count), the last snapshot's step, whether SWALR has taken
         over, and the raw weights while the average stands in for them."""
         average = self.average.state_dict() if self.average is not None else None
-        return {"average": average, "last_step": self.last_step, "backup": self.backup,
-                "started": self.scheduler is not None}
+        return {"average": average, "names": self.names, "last_step": self.last_step,
+                "backup": self.backup, "started": self.scheduler is not None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._loaded = state_dict  # applied in on_fit_start, once the model is there
