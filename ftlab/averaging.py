@@ -1,7 +1,10 @@
 """Weight averaging (EMA, SWA) and snapshot ensembles of the *trainable* parameters.
 
 Cheap with PEFT: only the trainable tensors are averaged or snapshotted (for LoRA a few KB).
-Both work with any ``peft=`` option: they use the parameters with ``requires_grad``.
+All work with any ``peft=`` option: they use the parameters with ``requires_grad``. SWA is
+built from ``torch.optim.swa_utils`` rather than Lightning's ``StochasticWeightAveraging``,
+which copies the whole module, averages at epoch *starts* (a 1-epoch run averages the initial
+weights), validates the raw weights during fit and swaps in an epoch-interval scheduler.
 """
 
 from __future__ import annotations
