@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import lightning as L
 import torch
 
 from ftlab.peft.base import PeftMethod
 from ftlab.strategies import full_weights
+
+
+@runtime_checkable
+class GatesSelection(Protocol):
+    """A callback that says which validations KeepBest may pick (``ftlab.averaging.SWA``:
+    only those run on the weight average, not the raw weights before it began)."""
+
+    def selectable(self, trainer: L.Trainer) -> bool: ...
 
 
 class KeepBest(L.Callback):
@@ -25,6 +35,9 @@ class KeepBest(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        if not all(c.selectable(trainer) for c in trainer.callbacks
+                   if isinstance(c, GatesSelection)):
             return
         score = float(trainer.callback_metrics[self.monitor])
         better = self.best is None or (score > self.best if self.mode == "max"
