@@ -110,6 +110,9 @@ class HeadWarmup(L.Callback):
                 "pipeline.stages.<name>.head_warmup_steps=...), or train for longer "
                 "(trainer.max_steps / max_epochs); a share below 1 (0.1) scales with the "
                 "budget; 0 turns the warm-up off.")
+        if not self.steps:  # a share of a short stage: no step to warm up
+            self.others = []
+            return
         model = pl_module.model
         head = {id(p) for p in head_parameters(model)}
         if not any(p.requires_grad for p in model.parameters() if id(p) in head):
