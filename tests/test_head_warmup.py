@@ -159,3 +159,15 @@ def test_shipped_pipelines_warm_up_fresh_heads_only(make_cfg, sentiment_dir):
     assert stages["dapt"].head_warmup_steps > 0  # MiniLM's MLM head is created fresh
     assert stages["tapt"].head_warmup_steps == 0  # carries DAPT's trained MLM head
     assert stages["task"].carry == "encoder" and stages["task"].head_warmup_steps > 0
+
+
+def test_warmup_enters_the_stage_key_only_when_on(make_cfg, sentiment_dir):
+    from ftlab.cache import stage_key
+
+    def key(*extra: str) -> str:
+        (stage,) = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + list(extra)))
+        return stage_key(stage, None)
+
+    off = key()
+    assert key("stage.head_warmup_steps=0") == off  # off: the key of a run before the field
+    assert key("stage.head_warmup_steps=3") not in (off, key("stage.head_warmup_steps=0.1"))
