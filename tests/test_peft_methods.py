@@ -226,21 +226,3 @@ def test_said_spends_one_scale_per_tensor_and_round_trips():
         plain.load_trainable_state(plain.apply(tiny_model()), state)
     with pytest.raises(FtlabError, match="SAID needs d larger"):
         method("intrinsic", d=4, said=True).apply(tiny_model())
-
-
-def test_movement_pruning_ramp_counts_backward_steps_not_forwards():
-    model = method("movement_pruning", sparsity=0.5, schedule_steps=4).apply(tiny_model())
-    model.train()
-    b = batch()
-    for step in range(1, 5):
-        # two forwards feed one backward (as with an auxiliary loss): one step of the ramp
-        loss = model(**b).loss + model(**b).loss
-        loss.backward()
-        assert int(model.step) == step
-    assert model.current_sparsity() == pytest.approx(0.5)  # the ramp's end after 4 steps
-    model.eval()
-    with torch.no_grad():
-        model(**b)
-    assert int(model.step) == 4  # evaluation never advances the ramp
-    kept = model.masks()[0].mean().item()
-    assert kept == pytest.approx(0.5, abs=0.02)
