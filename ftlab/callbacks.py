@@ -7,14 +7,15 @@ from typing import Protocol, runtime_checkable
 import lightning as L
 import torch
 
-from ftlab.peft.base import PeftMethod
+from ftlab.peft.base import FollowsSteps, PeftMethod
 from ftlab.strategies import full_weights
 
 
 @runtime_checkable
 class GatesSelection(Protocol):
     """A callback that says which validations KeepBest may pick (``ftlab.averaging.SWA``:
-    only those run on the weight average, not the raw weights before it began)."""
+    only those run on the weight average, not the raw weights before it began). The model has
+    its own say too: a ``FollowsSteps`` PEFT model only once ``settled()``."""
 
     def selectable(self, trainer: L.Trainer) -> bool: ...
 
@@ -35,6 +36,9 @@ class KeepBest(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        model = pl_module.model  # a pruning model before its final form: not its artefact
+        if isinstance(model, FollowsSteps) and not model.settled():
             return
         if not all(c.selectable(trainer) for c in trainer.callbacks
                    if isinstance(c, GatesSelection)):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -149,3 +150,22 @@ def test_movement_pruning_absolute_steps_and_bad_fractions():
     assert model.current_sparsity() == 0.8
     with pytest.raises(FtlabError, match="leave no steps"):
         method("movement_pruning", initial_warmup=0.5, final_warmup=0.5)
+
+
+def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment_dir):
+    """End to end: the stage's best epoch is one at the final sparsity, and its artefact holds
+    exactly the target sparsity in every pruned matrix (``KeepBest`` skips earlier epochs)."""
+    from ftlab.run import run
+    from ftlab.store import load_tensors
+    from tests.conftest import tiny_overrides
+
+    final = 0.6
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "peft=movement_pruning",
+                    f"peft.sparsity={final}", "stage.optim.lr=2e-3", "trainer.max_epochs=5"])
+    record = run(cfg)
+    assert record["status"] == "ok", record.get("error")
+    state = load_tensors(next(Path(cfg.paths.output_dir).rglob("trainable.safetensors")))
+    model = method("movement_pruning").apply(tiny_model())
+    for name in model.names:
+        w = state[f"model.{name}"]
+        assert int((w != 0).sum()) == round((1 - final) * w.numel()), name

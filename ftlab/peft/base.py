@@ -48,9 +48,13 @@ class FollowsSteps(Protocol):
     step, e.g. movement pruning's sparsity schedule or diff pruning's fixed-mask phase.
     ``FineTuneModule`` calls ``at_step(step, total)`` before every training batch: ``step``
     optimiser steps done (the trainer's ``global_step``, so resumption and gradient
-    accumulation count right) of the stage's ``total``."""
+    accumulation count right) of the stage's ``total``. ``settled()``: the model has the form
+    its artefact will have (the mask fixed, the final sparsity reached); ``KeepBest`` keeps only
+    validations of a settled model, so the best epoch's score is the artefact's."""
 
     def at_step(self, step: int, total: int) -> None: ...
+
+    def settled(self) -> bool: ...
 
 
 @runtime_checkable

@@ -116,6 +116,11 @@ class DiffPrunedModel(Reparametrized):
                 for d, m in zip(self.delta, self.masks(), strict=True):
                     d.mul_(m)
 
+    def settled(self) -> bool:
+        """In phase 2 (or with none): the model computes with what the artefact will hold."""
+        return self.phase2 or (self.fixed_mask_steps == 0 if self.fixed_mask_steps is not None
+                               else self.fixed_mask_fraction == 0)
+
     @torch.no_grad()
     def fix_mask(self) -> None:
         """Magnitude projection of the diff (deterministic gates) to ``keep``; phase 2 on."""

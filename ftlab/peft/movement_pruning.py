@@ -39,7 +39,8 @@ def cubic_sparsity(step: int, total: int, final: float, initial_warmup: float,
     """Sanh et al.'s schedule (their ``schedule_threshold``, as sparsity): 0 up to
     ``initial_warmup * total`` steps, ``final`` after ``total - final_warmup * total``, and
     ``final * (1 - (1 - t)^3)`` in between, ``t`` the fraction of the ramp done."""
-    start, end = initial_warmup * total, total - final_warmup * total
+    start = initial_warmup * total
+    end = min(total - final_warmup * total, total - 1)  # the last step is at ``final``
     if step <= start:
         return 0.0
     if step > end:
@@ -64,6 +65,10 @@ class MovementModel(Reparametrized):
 
     def at_step(self, step: int, total: int) -> None:
         self.step, self.total = step, total
+
+    def settled(self) -> bool:
+        """At the final sparsity (the artefact's), or holding a loaded mask."""
+        return self.fixed or self.current_sparsity() >= self.sparsity
 
     def current_sparsity(self) -> float:
         horizon = self.schedule_steps or self.total
