@@ -145,7 +145,7 @@ def test_movement_pruning_absolute_steps_and_bad_fractions():
     model.at_step(1, 1000)  # the stage is longer: the schedule spans 10 steps, then holds
     assert model.current_sparsity() == 0.0
     model.at_step(5, 1000)
-    assert model.current_sparsity() == pytest.approx(0.8 * (1 - (1 - 4 / 7) ** 3))  # ramp: steps 1..8
+    assert model.current_sparsity() == pytest.approx(0.8 * (1 - (1 - 4 / 7) ** 3))  # ramp 1..8
     model.at_step(9, 1000)
     assert model.current_sparsity() == 0.8
     with pytest.raises(FtlabError, match="leave no steps"):
