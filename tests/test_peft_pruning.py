@@ -169,3 +169,20 @@ def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment
     for name in model.names:
         w = state[f"model.{name}"]
         assert int((w != 0).sum()) == round((1 - final) * w.numel()), name
+
+
+def test_diff_pruning_phase_survives_a_checkpoint():
+    """A resumed stage loads the module's state dict: phase 2 and its mask come back."""
+    model = method("diff_pruning", keep=0.01).apply(tiny_model())
+    with torch.no_grad():
+        for d in model.delta:
+            d.normal_()
+    model.at_step(5, 10)  # the boundary of a 10-step stage at fraction 0.5
+    assert model.phase2
+    other = method("diff_pruning", keep=0.01).apply(tiny_model())
+    assert not other.phase2
+    other.load_state_dict(model.state_dict())
+    assert other.phase2 and torch.equal(other.mask, model.mask)
+    other.at_step(6, 10)  # no second projection (it would fold the gates in again)
+    for a, b in zip(other.delta, model.delta, strict=True):
+        assert torch.equal(a, b)
