@@ -16,7 +16,12 @@ from ftlab.optim import OptimSpec
 from ftlab.peft.movement_pruning import cubic_sparsity
 from ftlab.regularizers.none import NoRegularizer
 from ftlab.tasks.classify import Classify
+from tests import test_resume
 from tests.test_peft_contract import batch, method, tiny_model
+from tests.test_resume import crash_at
+
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+tiny_run = test_resume.tiny_run  # the resume tests' fixture: a 12-step run with checkpoints
 
 
 class Record(L.Callback):
@@ -186,3 +191,28 @@ def test_diff_pruning_phase_survives_a_checkpoint():
     other.at_step(6, 10)  # no second projection (it would fold the gates in again)
     for a, b in zip(other.delta, model.delta, strict=True):
         assert torch.equal(a, b)
+
+
+def test_diff_pruning_resumed_in_phase_2_ends_like_an_uninterrupted_run(tiny_run, monkeypatch,
+                                                                         tmp_path):
+    """12 steps: phase 2 from step 6; killed at 10, resumed from the step-8 checkpoint."""
+    from ftlab.run import run
+    from ftlab.store import load_tensors
+
+    extra = ["peft=diff_pruning", "peft.keep=0.01"]
+    whole = run(tiny_run("whole", *extra))
+    assert whole["status"] == "ok", whole
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *extra))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *extra))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    a, b = (load_tensors(tmp_path / n / "classify" / "trainable.safetensors")
+            for n in ("whole", "killed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith(".delta_idx"):
+            assert torch.equal(a[k], b[k]), k  # the same mask: no second projection
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
