@@ -37,11 +37,11 @@ class KeepBest(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
-        model = pl_module.model  # a pruning model before its final form: not its artefact
-        if isinstance(model, FollowsSteps) and not model.settled():
-            return
         if not all(c.selectable(trainer) for c in trainer.callbacks
                    if isinstance(c, GatesSelection)):
+            return
+        model = getattr(pl_module, "model", None)  # a pruning model not yet in its final form
+        if isinstance(model, FollowsSteps) and not model.settled():
             return
         score = float(trainer.callback_metrics[self.monitor])
         better = self.best is None or (score > self.best if self.mode == "max"
