@@ -52,12 +52,28 @@ def val_curve(out: Path) -> list[float]:
         return [round(float(r["val/acc"]), 4) for r in csv.DictReader(f) if r.get("val/acc")]
 
 
+def _result(method: str, seed: int, lr: float, record: dict, rss_mb: float | None,
+            out: Path) -> dict:
+    """One finished job's figures, also written to ``<out>/bench.json``."""
+    result = {"method": method, "seed": seed, "lr": lr, "status": record.get("status"),
+              **{k: record["stages"]["classify"].get(k) for k in (
+                  "params_trainable_pct", "params_total", "artefact_kb", "fit_seconds",
+                  "global_steps")},
+              **record["final"], "rss_mb": rss_mb, "val_curve": val_curve(out)}
+    (out / "bench.json").write_text(json.dumps(result, default=str))
+    return result
+
+
 def run_job(method: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
     """One ftlab job; its classify-stage info + final metrics + peak RSS (MB) + val curve."""
     out = Path(args.out) / f"{method}_lr{lr:.2g}_seed{seed}"
     done = out / "bench.json"
     if args.resume and done.exists():
         return json.loads(done.read_text())
+    if args.resume and (out / "metrics.json").exists():  # finished, but its runner was stopped
+        record = json.loads((out / "metrics.json").read_text())
+        if "final" in record and "classify" in record.get("stages", {}):
+            return _result(method, seed, lr, record, None, out)
     overrides = [f"peft={method}", f"seed={seed}", f"stage.optim.lr={lr}",
                  f"stage.trainer.max_epochs={args.epochs}", f"stage.batch_size={args.batch_size}",
                  f"data.max_train_samples={args.max_train_samples}",
@@ -75,20 +91,22 @@ def run_job(method: str, seed: int, lr: float, args: argparse.Namespace) -> dict
         err = proc.stderr.read()[-500:]
         print(f"  {method} lr {lr:.2g} seed {seed}: failed ({err.strip()[-300:]})", flush=True)
         return {}
-    result = {"method": method, "seed": seed, "lr": lr, "status": record.get("status"),
-              **{k: record["stages"]["classify"].get(k) for k in (
-                  "params_trainable_pct", "params_total", "artefact_kb", "fit_seconds",
-                  "global_steps")},
-              **record["final"], "rss_mb": usage.ru_maxrss / 1024, "val_curve": val_curve(out)}
-    done.write_text(json.dumps(result, default=str))
+    result = _result(method, seed, lr, record, usage.ru_maxrss / 1024, out)
     print(f"  {method} lr {lr:.2g} seed {seed}: val {result.get('val/acc', 0):.3f} test "
           f"{result.get('test/acc', 0):.3f} ({result['fit_seconds']:.0f} s fit)", flush=True)
     return result
 
 
-def run_all(jobs: list[tuple[str, int, float]], args: argparse.Namespace) -> list[dict]:
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        return list(pool.map(lambda j: run_job(*j, args), jobs))
+def run_method(method: str, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The method's grid on the first seed, then its other seeds at the chosen LR: (grid runs,
+    runs at the chosen LR). Methods run side by side (``--jobs``), each one's jobs in turn, so
+    methods finish one after another rather than all grids first."""
+    grid = [run_job(method, args.seeds[0], x * method_lr(method), args) for x in args.multiples]
+    lr = choose_lr(method, grid)
+    if lr is None:
+        return grid, []
+    chosen = [r for r in grid if r and r["lr"] == lr]
+    return grid, chosen + [r for r in (run_job(method, s, lr, args) for s in args.seeds[1:]) if r]
 
 
 def choose_lr(method: str, grid: list[dict]) -> float | None:
@@ -120,7 +138,8 @@ def summarise(results: dict[str, list[dict]], grid: list[dict], args: argparse.N
             "artefact_kb": statistics.fmean(r["artefact_kb"] for r in rs),
             "s_per_step": statistics.fmean(r["fit_seconds"] / max(1, r["global_steps"])
                                            for r in rs),
-            "steps": rs[0]["global_steps"], "rss_mb": max(r["rss_mb"] for r in rs),
+            "steps": rs[0]["global_steps"],
+            "rss_mb": max((r["rss_mb"] for r in rs if r["rss_mb"]), default=float("nan")),
             "val_curve_mean": [round(statistics.fmean(c[i] for c in curves), 4)
                                for i in range(width)],
             "grid": {f"{r['lr']:.2g}": r["val/acc"] for r in grid if r and r["method"] == method},
@@ -169,15 +188,12 @@ def main() -> None:
                         help="reuse finished jobs in --out (an interrupted benchmark goes on)")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    multiples = [float(m) for m in args.lr_grid.split(",")]
+    args.multiples = [float(m) for m in args.lr_grid.split(",")]
     methods = args.methods.split(",")
-    grid = run_all([(m, args.seeds[0], x * method_lr(m)) for m in methods for x in multiples],
-                   args)
-    chosen = {m: choose_lr(m, grid) for m in methods}
-    rest = run_all([(m, s, chosen[m]) for m in methods if chosen[m] for s in args.seeds[1:]],
-                   args)
-    results = {m: [r for r in grid if r and r["method"] == m and r["lr"] == chosen[m]]
-               + [r for r in rest if r and r["method"] == m] for m in methods}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = dict(zip(methods, pool.map(lambda m: run_method(m, args), methods), strict=True))
+    grid = [r for g, _ in done.values() for r in g if r]
+    results = {m: runs for m, (_, runs) in done.items()}
     summary = summarise(results, grid, args)
     line = json.dumps(summary)
     print(line)
