@@ -19,6 +19,7 @@ Phang et al.'s setting: BERT-large, the whole intermediate set (MNLI, 393k pairs
 from __future__ import annotations
 
 import argparse
+import json
 
 from ftlab.cli import quiet
 
@@ -79,6 +80,7 @@ def main() -> None:
           f"{args.inter_rows} pairs x {args.inter_epochs} epoch(s) at lr {args.inter_lr}; "
           f"classifier {args.task_epochs} epochs at lr {args.lr}")
     print_table(results)
+    print(json.dumps({"benchmark": "intermediate", "args": vars(args), "results": results}))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     for key, value in report.items():
         print(f"{key:>22}: {value}")
+    print(json.dumps({"benchmark": "memory_1m", **report}))
 
 
 if __name__ == "__main__":

@@ -1,32 +1,76 @@
 """Weight averaging (EMA, SWA) and snapshot ensembles of the *trainable* parameters.
 
 Cheap with PEFT: only the trainable tensors are averaged or snapshotted (for LoRA a few KB).
-Both work with any ``peft=`` option: they use the parameters with ``requires_grad``.
+All work with any ``peft=`` option: they use the parameters with ``requires_grad``. SWA is
+built from ``torch.optim.swa_utils`` rather than Lightning's ``StochasticWeightAveraging``,
+which copies the whole module, averages at epoch *starts* (a 1-epoch run averages the initial
+weights), validates the raw weights during fit and swaps in an epoch-interval scheduler.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import lightning as L
 import torch
+from torch.optim.swa_utils import SWALR, AveragedModel
 
+from ftlab.errors import FtlabError
 from ftlab.store import save_tensors
+
+log = logging.getLogger(__name__)
 
 
 def _trainable(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
 
 
-class WeightAverage(L.Callback):
-    """EMA (``decay`` set) or SWA (``decay`` null: running mean from ``start`` of training).
+class SwapsInAverage(L.Callback):
+    """Validation and test run on an average of the trainable weights, swapped in place (so
+    KeepBest keeps the averaged state); training resumes on the raw weights, kept in
+    ``backup`` meanwhile; the model leaves fit with the average."""
 
-    Validation and test run on the averaged weights (swapped in place, so KeepBest keeps the
-    averaged state); training resumes on the raw weights.
+    backup: dict[str, torch.Tensor] | None = None
+
+    def averaged(self) -> dict[str, torch.Tensor] | None:
+        """The average by parameter name; None while there is none yet."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _swap_in(self, pl_module: L.LightningModule) -> None:
+        average = self.averaged()
+        if self.backup is None and average:
+            params = _trainable(pl_module)
+            self.backup = {n: p.detach().clone() for n, p in params.items()}
+            for n, p in params.items():
+                p.copy_(average[n])
+
+    @torch.no_grad()
+    def _swap_out(self, pl_module: L.LightningModule) -> None:
+        if self.backup is not None:
+            for n, p in _trainable(pl_module).items():
+                p.copy_(self.backup[n])
+            self.backup = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             *args) -> None:
+        self._swap_out(pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swap_in(pl_module)  # the model leaves fit with the averaged weights
+
+
+class WeightAverage(SwapsInAverage):
+    """EMA (``decay`` set) or a per-step running mean (``decay`` null, from ``start``) of the
+    trainable weights; for SWA proper (its LR schedule and cadence) see ``SWA``.
 
     Args:
-        decay: EMA decay per optimiser step; null = equal-weight average (SWA).
+        decay: EMA decay per optimiser step; null = equal-weight average of every step.
         start: fraction of training steps after which averaging starts (before it the average
             follows the raw weights).
     """
@@ -36,6 +80,9 @@ class WeightAverage(L.Callback):
         self.shadow: dict[str, torch.Tensor] = {}
         self.backup: dict[str, torch.Tensor] | None = None
         self.count = 0
+
+    def averaged(self) -> dict[str, torch.Tensor] | None:
+        return self.shadow
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.shadow:  # a resumed stage has its average back from the checkpoint
@@ -62,30 +109,125 @@ class WeightAverage(L.Callback):
         for n, p in params.items():
             self.shadow[n].lerp_(p.detach(), weight)
 
-    @torch.no_grad()
-    def _swap_in(self, pl_module: L.LightningModule) -> None:
-        if self.backup is None and self.shadow:
-            params = _trainable(pl_module)
-            self.backup = {n: p.detach().clone() for n, p in params.items()}
-            for n, p in params.items():
-                p.copy_(self.shadow[n])
 
-    @torch.no_grad()
-    def _swap_out(self, pl_module: L.LightningModule) -> None:
-        if self.backup is not None:
-            for n, p in _trainable(pl_module).items():
-                p.copy_(self.backup[n])
-            self.backup = None
+class SWA(SwapsInAverage):
+    """Stochastic weight averaging (Izmailov et al. 2018) of the trainable parameters, on
+    ``torch.optim.swa_utils``: from ``start`` of the optimiser steps the stage's LR schedule
+    is replaced by ``SWALR`` (constant ``swa_lr``, optionally annealed to it over
+    ``anneal_steps``) and an ``AveragedModel`` of the trainable tensors takes an equal-weight
+    snapshot at the end of each epoch (the paper's cadence) or every ``every_n_steps`` steps.
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_in(pl_module)
+    Args:
+        swa_lr: the SWA learning rate for every parameter group; null: ``lr_ratio`` x each
+            group's peak LR (keeps layer-wise LR ratios).
+        lr_ratio: the SWA LR as a fraction of the peak LR when ``swa_lr`` is null.
+        start: fraction of the stage's optimiser steps after which SWA begins.
+        every_n_steps: snapshot every N optimiser steps after ``start``; null: at the end of
+            each epoch (and of training).
+        anneal_steps: steps over which SWALR moves the LR from its value at ``start`` to the
+            SWA LR (0: switch at once).
+        anneal_strategy: ``cos`` or ``linear`` annealing.
+    """
+
+    def __init__(self, swa_lr: float | None = None, lr_ratio: float = 0.5, start: float = 0.75,
+                 every_n_steps: int | None = None, anneal_steps: int = 0,
+                 anneal_strategy: str = "cos") -> None:
+        fix = "see conf/callbacks/swa.yaml for the meaning and the paper's values."
+        if swa_lr is not None and swa_lr <= 0 or swa_lr is None and not lr_ratio > 0:
+            raise FtlabError("callbacks.swa: swa_lr / lr_ratio must be > 0.", fix)
+        if not 0 <= start < 1:
+            raise FtlabError(f"callbacks.swa.start={start} is not a fraction in [0, 1).", fix)
+        if every_n_steps is not None and every_n_steps < 1 or anneal_steps < 0:
+            raise FtlabError("callbacks.swa: every_n_steps must be >= 1 (or null = each "
+                             "epoch) and anneal_steps >= 0.", fix)
+        if anneal_strategy not in ("cos", "linear"):
+            raise FtlabError(f"callbacks.swa.anneal_strategy={anneal_strategy!r}.",
+                             "use cos or linear.")
+        self.swa_lr, self.lr_ratio, self.start = swa_lr, lr_ratio, start
+        self.every_n_steps, self.anneal_steps = every_n_steps, anneal_steps
+        self.anneal_strategy = anneal_strategy
+        self.average: AveragedModel | None = None
+        self.scheduler: SWALR | None = None
+        self.names: list[str] = []
+        self.last_step, self.start_step = -1, 0
+        self._loaded: dict | None = None
+
+    @property
+    def count(self) -> int:
+        """Snapshots averaged so far."""
+        return 0 if self.average is None else int(self.average.n_averaged)
+
+    def averaged(self) -> dict[str, torch.Tensor] | None:
+        if not self.count:
+            return None
+        return dict(zip(self.names, self.average.module.parameters(), strict=True))
+
+    def selectable(self, trainer: L.Trainer) -> bool:
+        """KeepBest picks among validations of the average only (in fit, once there is one)."""
+        return trainer.state.fn != "fit" or self.count > 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = _trainable(pl_module)
+        self.names, self._live = list(params), torch.nn.ParameterList(params.values())
+        self.average = AveragedModel(self._live)  # a copy of the trainable tensors only
+        self.average.requires_grad_(False)
+        total = int(trainer.estimated_stepping_batches)
+        self.start_step = int(self.start * total)
+        if self._loaded is not None:  # resumed: the average, and SWALR if it had begun
+            state, self._loaded = self._loaded, None
+            self.average.load_state_dict(state["average"])
+            self.last_step, self.backup = state["last_step"], state["backup"]
+            if state["started"]:  # before Lightning loads SWALR's state into it
+                self._install(trainer)
+        per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
+        every = self.every_n_steps or per_epoch
+        if (total - self.start_step) / every < 2 and not self.count:
+            log.warning("SWA will average fewer than 2 snapshots (%d steps after start, one "
+                        "every %d): set callbacks.swa.every_n_steps smaller or start earlier.",
+                        total - self.start_step, every)
+
+    def state_dict(self) -> dict:
+        """The average (with its count), the last snapshot's step, whether SWALR has taken
+        over, and the raw weights while the average stands in for them."""
+        average = self.average.state_dict() if self.average is not None else None
+        return {"average": average, "names": self.names, "last_step": self.last_step,
+                "backup": self.backup, "started": self.scheduler is not None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loaded = state_dict  # applied in on_fit_start, once the model is there
+
+    def _install(self, trainer: L.Trainer) -> None:
+        """SWALR takes the place of the stage's scheduler (stepped after every step)."""
+        from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+        opt = trainer.optimizers[0]
+        lrs = [self.swa_lr or self.lr_ratio * g.get("initial_lr", g["lr"])
+               for g in opt.param_groups]
+        self.scheduler = SWALR(opt, swa_lr=lrs, anneal_epochs=self.anneal_steps,
+                               anneal_strategy=self.anneal_strategy)
+        config = LRSchedulerConfig(self.scheduler, interval="step")
+        trainer.lr_scheduler_configs[:1] = [config]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              *args) -> None:
-        self._swap_out(pl_module)
+        super().on_train_batch_start(trainer, pl_module, *args)
+        if self.scheduler is None and trainer.global_step >= self.start_step:
+            self._install(trainer)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_in(pl_module)  # the model leaves fit with the averaged weights
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
+                           batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step <= self.start_step or step == self.last_step:
+            return
+        if self.every_n_steps:
+            due = (step - self.start_step) % self.every_n_steps == 0
+        else:  # the epoch's last batch (before the epoch-end validation), or training's end
+            due = (batch_idx + 1 == trainer.num_training_batches
+                   or step >= trainer.estimated_stepping_batches)
+        if due:
+            self.average.update_parameters(self._live)
+            self.last_step = step
 
 
 class SnapshotEnsemble(L.Callback):

@@ -69,6 +69,8 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     spec = asdict(stage)
     for k in ("name", "save_artefact", "runtime"):  # runtime: how it ran, not what it learnt
         spec.pop(k)
+    if not stage.head_warmup_steps:  # off: the key it had before the field existed
+        spec.pop("head_warmup_steps")
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import lightning as L
 import torch
 
-from ftlab.peft.base import PeftMethod
+from ftlab.peft.base import FollowsSteps, PeftMethod
 from ftlab.strategies import full_weights
+
+
+@runtime_checkable
+class GatesSelection(Protocol):
+    """A callback that says which validations KeepBest may pick (``ftlab.averaging.SWA``:
+    only those run on the weight average, not the raw weights before it began). The model has
+    its own say too: a ``FollowsSteps`` PEFT model only once ``settled()``."""
+
+    def selectable(self, trainer: L.Trainer) -> bool: ...
 
 
 class KeepBest(L.Callback):
@@ -25,6 +36,12 @@ class KeepBest(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        if not all(c.selectable(trainer) for c in trainer.callbacks
+                   if isinstance(c, GatesSelection)):
+            return
+        model = getattr(pl_module, "model", None)  # a pruning model not yet in its final form
+        if isinstance(model, FollowsSteps) and not model.settled():
             return
         score = float(trainer.callback_metrics[self.monitor])
         better = self.best is None or (score > self.best if self.mode == "max"
@@ -72,6 +89,62 @@ class GradualUnfreeze(L.Callback):
         for name, p in self.params.items():
             if self.depth[name] < lowest and p.grad is not None:
                 p.grad = None
+
+
+class HeadWarmup(L.Callback):
+    """LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): for the first
+    ``steps`` optimiser steps only the head learns (``ftlab.model.arch.head_parameters``: the
+    parameters outside the backbone, untied; a fresh MLM head's transform and bias, not its
+    decoder tied to the word embeddings); from then on every parameter the PEFT method made
+    trainable.
+
+    As in :class:`GradualUnfreeze`, the others' gradients are dropped before the optimiser step
+    (AdamW skips a parameter without a gradient: no update, no weight decay) instead of
+    ``requires_grad`` being switched off, so the trainable state and artefact stay the same set.
+    Whether a step warms up follows from ``trainer.global_step`` alone, so a run resumed past
+    ``steps`` does not freeze again. One LR schedule spans all steps (warm-up steps included);
+    the paper's separate LP learning rate is not modelled.
+    """
+
+    def __init__(self, steps: float, where: str = "the stage") -> None:
+        """``steps``: optimiser steps (>= 1), or below 1 the share of the stage's steps."""
+        self.given, self.where = steps, where
+        self.steps = int(steps) if steps >= 1 else 0
+        self.others: list[torch.nn.Parameter] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ftlab.errors import FtlabError
+        from ftlab.model.arch import head_parameters
+
+        total = int(trainer.estimated_stepping_batches)
+        if self.given < 1:
+            self.steps = int(self.given * total)
+        elif self.steps >= total and not trainer.fast_dev_run:
+            raise FtlabError(
+                f"{self.where}: head_warmup_steps={self.steps} is not below its {total} "
+                "optimiser steps, so only the head would ever train.",
+                f"lower head_warmup_steps below {total} (stage.head_warmup_steps=..., or "
+                "pipeline.stages.<name>.head_warmup_steps=...), or train for longer "
+                "(trainer.max_steps / max_epochs); a share below 1 (0.1) scales with the "
+                "budget; 0 turns the warm-up off.")
+        if not self.steps:  # a share of a short stage: no step to warm up
+            self.others = []
+            return
+        model = pl_module.model
+        head = {id(p) for p in head_parameters(model)}
+        if not any(p.requires_grad for p in model.parameters() if id(p) in head):
+            raise FtlabError(
+                f"{self.where}: head_warmup_steps={self.steps}, but the model has no trainable "
+                "head (its PEFT method freezes it, or the head is tied to the embeddings).",
+                "set head_warmup_steps=0 for this stage, or use a PEFT method that trains "
+                "the head (full, LoRA with a classification head...).")
+        self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step >= self.steps:  # completed optimiser steps: resume-safe
+            return
+        for p in self.others:
+            p.grad = None
 
 
 class NoteStep(L.Callback):

@@ -8,7 +8,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from ftlab.optim import OptimSpec, build_optimizer
-from ftlab.peft.base import Penalized
+from ftlab.peft.base import FollowsSteps, Penalized
 from ftlab.regularizers.base import Regularizer
 from ftlab.tasks.base import Task
 
@@ -34,6 +34,14 @@ class FineTuneModule(L.LightningModule):
         self._steps_seen = 0
         self._first_bad: torch.Tensor | None = None  # (global step, loss) of the first NaN/inf
         self.applied_lr: float | None = None  # the peak LR after optim.lr_scaling
+        self._total_steps = 0  # the stage's optimiser steps, for FollowsSteps models
+
+    def on_train_start(self) -> None:
+        self._total_steps = int(self.trainer.estimated_stepping_batches)
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if isinstance(self.model, FollowsSteps):  # movement/diff pruning schedules
+            self.model.at_step(self.trainer.global_step, self._total_steps)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.regularizer.training_loss(self.model, batch, self.task)

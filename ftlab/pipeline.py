@@ -62,6 +62,12 @@ class StageSpec:
         tasks: sub-tasks by name (``stage=multitask``): each a :class:`SubTaskSpec` node; the
             stage's ``task`` is then the multi-task node (``ftlab.tasks.multitask.MultiTask``)
             and every sub-task trains one shared encoder with a head of its own.
+        head_warmup_steps: LP-FT (Kumar et al. 2022): the first this many optimiser steps train
+            only the task's head (``ftlab.model.arch.head_parameters``: classification/token
+            head, a fresh MLM head's transform and bias but not its tied decoder), everything
+            else frozen; then the PEFT method's trainable set. One LR schedule spans all steps.
+            0: off; a whole number >= 1: steps, which must be below the stage's total steps;
+            below 1: that share of the total steps (``ftlab.callbacks.HeadWarmup``).
     """
 
     name: str = "classify"
@@ -83,6 +89,7 @@ class StageSpec:
     teacher_temperature: Annotated[float, Rule(gt=0, example="2.0")] = 2.0
     teacher_rows: Annotated[int | None, at_least(1, example="1000")] = None
     tasks: dict[str, Any] = field(default_factory=dict)
+    head_warmup_steps: Annotated[float, at_least(0, example="100")] = 0
 
 
 @dataclass
@@ -144,6 +151,7 @@ class ResolvedStage:
     teacher_rows: int | None = None
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
+    head_warmup_steps: float = 0  # LP-FT: optimiser steps that train only the head first
 
     @property
     def where(self) -> str:
@@ -184,6 +192,8 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
     specs = [bind_schema(StageSpec, node, f"stage '{key}'", prefix(key))
              for key, node in nodes.items()]
     check_pipeline(specs)
+    for s in specs:
+        _check_head_warmup(s, prefix(s.name))
     model = bind_schema(ModelSpec, model_node(cfg, explicit), "model", "model")
     seed = run_seed(cfg)
     return [_resolve(s, cfg, model, seed, explicit, prefix(s.name)) for s in specs]
@@ -200,7 +210,12 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     data_spec = subtasks[0].data if subtasks else _data_spec(
         spec.data, spec.data_overrides, cfg, f"{where} data",
         f"{prefix}.data" if spec.data is not None else "data")
-    peft, peft_lr = split_peft(spec.peft or cfg.peft)
+    raw_peft = plain(spec.peft or cfg.peft)
+    peft, peft_lr = split_peft(raw_peft)
+    if isinstance(raw_peft, dict) and "lr" not in raw_peft:  # inline node: its group's lr
+        from ftlab.cli import CONFIG_DIR
+        from ftlab.peft.group_lr import group_lr
+        peft_lr = group_lr(raw_peft, CONFIG_DIR, where)
     if peft_lr is not None and spec.optim.lr is None:  # the method's LR applies: its rule too
         check_field(OptimSpec, "lr", peft_lr, where,
                     f"{prefix}.peft.lr" if spec.peft else "peft.lr")
@@ -215,7 +230,8 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         trainer=trainer, runtime=runtime,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
-        teacher_rows=spec.teacher_rows, subtasks=subtasks)
+        teacher_rows=spec.teacher_rows, subtasks=subtasks,
+        head_warmup_steps=spec.head_warmup_steps)
 
 
 def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str,
@@ -313,6 +329,14 @@ def check_pipeline(stages: list[StageSpec]) -> None:
                                  "or null for the run's group.")
         _check_teachers(s, seen)
         seen.append(s.name)
+
+
+def _check_head_warmup(s: StageSpec, key: str) -> None:
+    n = s.head_warmup_steps
+    if n >= 1 and not float(n).is_integer():
+        raise FtlabError(f"Stage '{s.name}' has head_warmup_steps={n}: a step count must be a "
+                         "whole number.", f"{key}.head_warmup_steps={int(n)} (steps), or a "
+                         "share of the stage's steps below 1 (e.g. 0.1).")
 
 
 def _check_teachers(s: StageSpec, seen: list[str]) -> None:

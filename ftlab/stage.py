@@ -16,7 +16,7 @@ from torch import nn
 
 from ftlab.artefact import write_stage_card
 from ftlab.build import StageBuilder
-from ftlab.callbacks import GradualUnfreeze, KeepBest, NoteStep, Throughput
+from ftlab.callbacks import GradualUnfreeze, HeadWarmup, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard
@@ -192,6 +192,8 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L
                  for key, node in run.callbacks.items() if node is not None]
     if stage.optim.gradual_unfreeze:
         callbacks.append(GradualUnfreeze())
+    if stage.head_warmup_steps:  # LP-FT: the head alone first
+        callbacks.append(HeadWarmup(stage.head_warmup_steps, stage.where))
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

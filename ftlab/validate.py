@@ -60,6 +60,7 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
         for i, node in enumerate(stage.data.transforms):
             check_binds(node, f"{stage.where} data.transforms[{i}]")
         check_strategy(stage)
+        check_head_warmup(stage)
 
 
 def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
@@ -138,6 +139,20 @@ def check_strategy(stage: ResolvedStage) -> None:
                          f"(trainer strategy={name or None}, devices={devices}).",
                          "use one device for stage=multitask: trainer=cpu, or trainer=gpu "
                          "trainer.devices=1.")
+
+
+def check_head_warmup(stage: ResolvedStage) -> None:
+    """``head_warmup_steps`` as a step count must leave steps for the rest of the model (a
+    share below 1 always does). Checked here when the stage is step-budgeted
+    (``trainer.max_steps``); an epoch budget's step count is known only once the data is
+    batched, and ``ftlab.callbacks.HeadWarmup`` checks it then."""
+    n, max_steps = int(stage.head_warmup_steps), stage.trainer.get("max_steps")
+    if n >= 1 and isinstance(max_steps, int) and 0 < max_steps <= n:
+        raise FtlabError(f"{stage.where}: head_warmup_steps={n} is not below its trainer."
+                         f"max_steps={max_steps}, so only the head would ever train.",
+                         f"lower head_warmup_steps below {max_steps} (stage.head_warmup_steps"
+                         "=..., or pipeline.stages.<name>.head_warmup_steps=...), or raise "
+                         "max_steps; a share below 1 (0.1) scales with the budget; 0: off.")
 
 
 def _looks_local(name: str) -> bool:

@@ -105,6 +105,13 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"aux_mlm_weight=-0.5 is out of range: it must be 0 or more"),
     ("save-artefact-not-bool", lambda t, s: S(s) + ["stage.save_artefact=maybe"],
      r"Invalid value in stage 'classify' for key 'save_artefact'"),
+    ("head-warmup-negative", lambda t, s: S(s) + ["stage.head_warmup_steps=-1"],
+     r"head_warmup_steps=-1.0 is out of range: it must be 0 or more"),
+    ("head-warmup-part-step", lambda t, s: S(s) + ["stage.head_warmup_steps=2.5"],
+     r"head_warmup_steps=2.5: a step count must be a whole number.*stage.head_warmup_steps=2"),
+    ("head-warmup-whole-stage", lambda t, s: S(s) + ["stage.head_warmup_steps=3",
+                                                     "trainer.max_steps=3"],
+     r"head_warmup_steps=3 is not below its trainer.max_steps=3.*Fix: lower head_warmup"),
     # --- optimiser fields (OptimSpec)
     ("lr-negative", lambda t, s: S(s) + ["stage.optim.lr=-1"],
      r"optim.lr=-1.0 is out of range: it must be 0 or more.*stage.optim.lr=5e-5"),

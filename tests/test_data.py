@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ftlab.data.sources import grouped_split, load_raw
+from ftlab.data.sources import load_raw
 from ftlab.data.spec import DataSpec
+from ftlab.data.splits import grouped_split
 from ftlab.errors import FtlabError
 from tests.conftest import POS, shared_file, synthetic_rows, write_jsonl
 

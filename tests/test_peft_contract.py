@@ -36,8 +36,8 @@ FAMILIES = sorted(p.stem.removeprefix("tiny_")
 LARGE = {"full", "movement_pruning"}
 #: methods that train every backbone weight (no frozen original parameter)
 DENSE = {"full", "movement_pruning"}
-#: methods whose untrained start is not the pre-trained model (pruned weights, prompts)
-NOT_IDENTITY = {"movement_pruning", "prefix_tuning", "prompt_tuning"}
+#: methods whose untrained start is not the pre-trained model (prompts)
+NOT_IDENTITY = {"prefix_tuning", "prompt_tuning"}
 #: methods that start *near* identity (bottleneck adapters: a small random up-projection)
 NEAR_IDENTITY = {"adapter_houlsby", "adapter_pfeiffer"}
 #: (family, method) -> a phrase the FtlabError must contain: the cells that cannot work

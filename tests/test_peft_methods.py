@@ -174,6 +174,8 @@ def test_madx_pipeline_trains_task_adapter_on_frozen_language_adapter(make_cfg, 
     assert any(".adapters.adapter." in k for k in lang)
     assert any(".adapters.adapter." in k for k in task)
     assert not any(".stack0." in k for k in task)  # the language adapter stayed frozen, unsaved
+    assert any(".invertible_adapters.adapter." in k for k in lang)  # MAD-X's, on by default
+    assert not any(".invertible_adapters." in k for k in task)  # loaded frozen, not saved
 
 
 def test_diff_pruning_penalty_enters_the_training_loss():
@@ -224,21 +226,3 @@ def test_said_spends_one_scale_per_tensor_and_round_trips():
         plain.load_trainable_state(plain.apply(tiny_model()), state)
     with pytest.raises(FtlabError, match="SAID needs d larger"):
         method("intrinsic", d=4, said=True).apply(tiny_model())
-
-
-def test_movement_pruning_ramp_counts_backward_steps_not_forwards():
-    model = method("movement_pruning", sparsity=0.5, schedule_steps=4).apply(tiny_model())
-    model.train()
-    b = batch()
-    for step in range(1, 5):
-        # two forwards feed one backward (as with an auxiliary loss): one step of the ramp
-        loss = model(**b).loss + model(**b).loss
-        loss.backward()
-        assert int(model.step) == step
-    assert model.current_sparsity() == pytest.approx(0.5)  # the ramp's end after 4 steps
-    model.eval()
-    with torch.no_grad():
-        model(**b)
-    assert int(model.step) == 4  # evaluation never advances the ramp
-    kept = model.masks()[0].mean().item()
-    assert kept == pytest.approx(0.5, abs=0.02)

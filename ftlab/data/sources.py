@@ -6,7 +6,6 @@ The result has the spec's text columns and, for labelled data, an integer ``labe
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -15,19 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
 from ftlab.data.conll import encode_tags, is_list_feature, load_conll
 from ftlab.data.spec import DataSpec
+from ftlab.data.splits import grouped_split, pick_splits
 from ftlab.data.typecheck import check_column_types, locate_type_error
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".conll": "conll", ".txt": "conll"}  # CoNLL: word<TAB>tag lines (ftlab/data/conll.py)
-SPLITS = ("train", "validation", "test")
 #: training rows a transform set aside as text without labels (``few_shot``), when there are
 #: any: not tokenised for training (``TextDataModule.unlabelled``); distillation/iPET label them
 UNLABELLED = "unlabelled"
@@ -49,7 +47,7 @@ def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
     if spec.files and set(spec.files) == {"all"}:
         dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions)
     else:
-        dsd = _pick_splits(dsd, spec)
+        dsd = pick_splits(dsd, spec)
     _check_columns(dsd, spec)
     labels = None
     if spec.label_column is not None:
@@ -194,76 +192,6 @@ def unzip_single(path: Path) -> Path:
                 tmp.write_bytes(zf.read(members[0]))
                 os.replace(tmp, out)  # atomic: a reader never sees half a file
     return out
-
-
-#: a split name with an optional Hugging Face-style slice: ``validation[:50%]``, ``train[10:]``
-SLICE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<lo>-?\d+%?)?:(?P<hi>-?\d+%?)?\])?$")
-
-
-def _pick_splits(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
-    out = {}
-    splits = spec.splits if spec.splits is not None else {s: s for s in SPLITS}
-    for ours, theirs in splits.items():
-        if theirs is None:
-            continue
-        match = SLICE.match(str(theirs))
-        if match is None:
-            raise FtlabError(f"data.splits.{ours}='{theirs}' is not a split name or a slice "
-                             "of one.", f"e.g. data.splits.{ours}=validation or "
-                             f"data.splits.{ours}='validation[50%:]'.")
-        name = match["name"]
-        if name not in dsd:
-            raise FtlabError(
-                f"The dataset has no split '{name}' (for {ours}); it has: "
-                f"{choices_text(dsd.keys())}.",
-                f"set data.splits.{ours}=<one of those>, or data.splits.{ours}=null to go "
-                "without it.",
-            )
-        out[ours] = _slice(dsd[name], match["lo"], match["hi"])
-    if "train" not in out:
-        raise FtlabError("The data has no training split.", "set data.splits.train or "
-                         "data.files.train.")
-    return DatasetDict(out)
-
-
-def _slice(ds: Dataset, lo: str | None, hi: str | None) -> Dataset:
-    """Rows ``[lo:hi]`` of ``ds`` by position; a bound ending in % is a share of its rows."""
-    def bound(b: str | None) -> int | None:
-        if b is None:
-            return None
-        return round(len(ds) * int(b[:-1]) / 100) if b.endswith("%") else int(b)
-
-    if lo is None and hi is None:
-        return ds
-    return ds.select(range(len(ds))[bound(lo):bound(hi)])
-
-
-def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float]) -> DatasetDict:
-    """Deterministic train/validation/test split; rows sharing ``group_column`` stay together."""
-    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-        raise FtlabError(f"data.split_fractions must be three numbers summing to 1, "
-                         f"got {list(fractions)}.", "e.g. data.split_fractions=[0.8,0.1,0.1].")
-    if group_column is not None and group_column not in ds.column_names:
-        raise FtlabError(f"data.split_by column '{group_column}' is not in the data; columns "
-                         f"found: {choices_text(ds.column_names)}.", "set data.split_by to one "
-                         "of those, or null to split row by row.")
-    if group_column:  # hash each distinct value once (Arrow), not one Python object per row
-        column = ds.with_format("arrow")[group_column]
-        encoded = pc.dictionary_encode(column).combine_chunks()
-        values = encoded.dictionary.to_pylist()
-        codes = encoded.indices.to_numpy(zero_copy_only=False)
-    else:
-        values, codes = range(len(ds)), None
-    u = np.fromiter((_unit(v) for v in values), dtype=np.float64, count=len(values))
-    u = u[codes] if codes is not None else u
-    split_of = np.searchsorted([fractions[0], fractions[0] + fractions[1]], u, side="right")
-    return DatasetDict({s: ds.select(np.flatnonzero(split_of == i)) for i, s in enumerate(SPLITS)})
-
-
-def _unit(key: object) -> float:
-    """A stable number in [0, 1) for ``key`` (its split does not depend on row order)."""
-    digest = hashlib.md5(str(key).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:

@@ -21,7 +21,9 @@ from torch import nn
 from ftlab.errors import FtlabError
 from ftlab.model.arch import arch_of, block_modules, unwrap
 from ftlab.peft.base import RequiresGradState
+from ftlab.peft.invertible import add_invertible, stack_invertible
 from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
+from ftlab.peft.stacking import load_block_norms
 from ftlab.store import load_tensors
 
 PLACEMENTS = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
@@ -97,13 +99,17 @@ class BottleneckAdapter(RequiresGradState):
         reduction_factor: hidden size / bottleneck size.
         train_layernorm: also train the LayerNorms (both papers did).
         init_std, init: the adapters' initialisation (``Bottleneck``: ``houlsby`` or ``bert``).
-        stack_on: artefacts of earlier adapter stages, frozen beneath the new adapter.
+        stack_on: artefacts of earlier adapter stages, frozen beneath the new adapter (with
+            their invertible adapters; their LayerNorms are loaded as the starting point).
+        invertible: also train a MAD-X invertible adapter on the embeddings
+            (``ftlab/peft/invertible.py``); ``invertible_reduction`` its reduction factor.
     """
 
     def __init__(self, placement: str = "pfeiffer", reduction_factor: int = 16,
                  train_layernorm: bool = True, init_std: float = 1e-3, init: str = "bert",
                  stack_on: list[str] | None = None, drop_top: int = 0,
-                 reinit_top: int = 0) -> None:
+                 reinit_top: int = 0, invertible: bool = False,
+                 invertible_reduction: int = 2) -> None:
         if placement not in PLACEMENTS:
             raise FtlabError(f"Unknown adapter placement '{placement}'.",
                              f"use one of: {', '.join(PLACEMENTS)}.")
@@ -114,6 +120,7 @@ class BottleneckAdapter(RequiresGradState):
         self.train_layernorm, self.init_std, self.init = train_layernorm, init_std, init
         self.stack_on = list(stack_on or [])
         self.drop_top, self.reinit_top = drop_top, reinit_top
+        self.invertible, self.invertible_reduction = invertible, invertible_reduction
 
     def apply(self, model: nn.Module) -> nn.Module:
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
@@ -132,6 +139,8 @@ class BottleneckAdapter(RequiresGradState):
                 adapters = _ensure_site(holder, proj)
                 adapters[TRAINABLE] = Bottleneck(hidden, size, self.init_std, self.init).to(
                     proj.weight.device)
+        if self.invertible:
+            add_invertible(model, TRAINABLE, self.invertible_reduction, self.init_std)
         if self.train_layernorm:  # the norms of both blocks (LayerNorm or RMSNorm), per family
             for block in ("attn", "ffn"):
                 for _proj, norm in block_modules(model, block):
@@ -145,15 +154,18 @@ class BottleneckAdapter(RequiresGradState):
 def stack_adapter(model: nn.Module, path: str | Path, name: str) -> int:
     """Load the trained adapters of artefact ``path`` as frozen adapters called ``name``.
 
-    Only the ``adapters.adapter.*`` tensors are taken (not its head or LayerNorms); sizes come
-    from the tensors, so the stacked adapter may have another placement or reduction factor.
-    Returns how many adapter modules were added.
+    Its ``adapters.adapter.*`` tensors become frozen adapters, its invertible adapter (if any)
+    a frozen one on the embeddings, and its block LayerNorms (``train_layernorm``) are copied
+    into the model, so the stacked adapter runs under the norms it was trained with; its head
+    is not taken. Sizes come from the tensors, so the stacked adapter may have another
+    placement or reduction factor. Returns how many adapter modules were added.
     """
     if not Path(path).is_file():
         raise FtlabError(f"peft.stack_on: no artefact at '{path}'.",
                          "point it at an earlier run's <stage>/trainable.safetensors.")
     marker = f".adapters.{TRAINABLE}."
-    state = {k: v for k, v in load_tensors(path).items() if marker in k}
+    tensors = load_tensors(path)
+    state = {k: v for k, v in tensors.items() if marker in k}
     if not state:
         raise FtlabError(f"'{path}' holds no adapters.",
                          "stack only artefacts of peft=adapter_houlsby/adapter_pfeiffer stages.")
@@ -172,4 +184,5 @@ def stack_adapter(model: nn.Module, path: str | Path, name: str) -> int:
         adapter.requires_grad_(False)
         _ensure_site(holder, proj)[name] = adapter
         added += 1
-    return added
+    load_block_norms(model, tensors)
+    return added + stack_invertible(model, tensors, TRAINABLE, name)

@@ -20,7 +20,8 @@ class PeftMethod(Protocol):
 
     Optional hooks, each a small Protocol of its own: a method that is also a
     :class:`SavesArtefact` writes an extra artefact; a model returned by ``apply`` that is a
-    :class:`Penalized` adds a penalty to the training loss. ``layers.top_layer_ops`` gives
+    :class:`Penalized` adds a penalty to the training loss, one that is a :class:`FollowsSteps`
+    hears the optimiser step before each training batch. ``layers.top_layer_ops`` gives
     every method ``drop_top``/``reinit_top``.
     """
 
@@ -39,6 +40,21 @@ class Penalized(Protocol):
     training loss, e.g. diff pruning's expected-L0 term."""
 
     def extra_loss(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class FollowsSteps(Protocol):
+    """A model (as ``PeftMethod.apply`` returns it) whose training changes with the optimiser
+    step, e.g. movement pruning's sparsity schedule or diff pruning's fixed-mask phase.
+    ``FineTuneModule`` calls ``at_step(step, total)`` before every training batch: ``step``
+    optimiser steps done (the trainer's ``global_step``, so resumption and gradient
+    accumulation count right) of the stage's ``total``. ``settled()``: the model has the form
+    its artefact will have (the mask fixed, the final sparsity reached); ``KeepBest`` keeps only
+    validations of a settled model, so the best epoch's score is the artefact's."""
+
+    def at_step(self, step: int, total: int) -> None: ...
+
+    def settled(self) -> bool: ...
 
 
 @runtime_checkable

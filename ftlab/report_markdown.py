@@ -1,0 +1,88 @@
+"""The cross-seed summary as Markdown (``summary.md``): a table per configuration, each
+seed's scores, and a ranking with permutation tests against the best."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftlab.seedstats import finite
+
+
+def _ci(st: dict[str, Any]) -> str:
+    return f"[{st['ci95'][0]:.4f}, {st['ci95'][1]:.4f}]"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = ["# Cross-seed summary", "",
+             "Failed: errored, diverged, or validation scores at or below a trivial predictor's "
+             "(classification: accuracy of the majority class, macro-F1 of chance). 95% CI: "
+             "percentile bootstrap of the mean over seeds.", ""]
+    for key, s in summary.items():
+        lines += [f"## {key}", ""]
+        if s.get("all_failed"):
+            lines += [f"**WARNING: every run of `{key}` failed: its scores say nothing about the "
+                      "recipe.**", ""]
+        lines += [f"runs: {s['runs']} · errored: {s['errored']} · failed: {s['failed']}"
+                  + (f" ({s['failed_rate']:.0%})" if finite(s.get("failed_rate")) else "")
+                  + (f" · pruned by the search: {s['pruned']}" if s.get("pruned") else "")
+                  + (f" · reused from before a re-launch: {s['reused']}" if s.get("reused")
+                     else "")
+                  + (f" · discarded early: {s['discarded']} (trained "
+                     f"{s['discarded_steps']['trained']} of their "
+                     f"{s['discarded_steps']['planned']} planned steps)"
+                     if s.get("discarded") else "")
+                  + (f" · interrupted (stopped or killed): {s['interrupted']}"
+                     if s.get("interrupted") else ""), "",
+                  "| metric | n | mean | 95% CI | std | best of n | baseline | Δ baseline |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, st in s["metrics"].items():
+            base = s["baseline"].get(m)
+            lines.append(f"| {m} | {st['n']} | {st['mean']:.4f} | {_ci(st)} | {st['std']:.4f} | "
+                         f"{st['best']:.4f} | " + (f"{base:.4f} | {s['delta'][m]:+.4f} |"
+                                                   if base is not None else "– | – |"))
+        lines += _seed_table(s)
+        evp = s.get("expected_validation") or []
+        if len(evp) > 1:
+            lines += ["", f"Expected best {s['monitor']['metric']} of n runs (Dodge et al. 2019): "
+                      + ", ".join(f"n={i}: {v:.4f}" for i, v in enumerate(evp, 1))]
+        for seed, err in s["errors"].items():
+            lines.append(f"\n- seed {seed}: {str(err).splitlines()[0] if err else 'error'}")
+        lines.append("")
+    return "\n".join(lines + _ranking(summary))
+
+
+def _seed_table(s: dict[str, Any]) -> list[str]:
+    shown = [m for m in s["metrics"] if m.endswith(("/acc", "/f1", "/ppl", "/perplexity"))][:4]
+    if not shown or not s["seeds"]:
+        return []
+    rows = ["", "| seed | " + " | ".join(shown) + " | run |",
+            "|---|" + "---|" * (len(shown) + 1)]
+    for seed, final in sorted(s["seeds"].items(), key=lambda kv: _seed_order(kv[0])):
+        vals = " | ".join(f"{final[m]:.4f}" if finite(final.get(m)) else "–" for m in shown)
+        rows.append(f"| {seed} | {vals} | {s['failures'].get(seed, 'ok')} |")
+    return rows
+
+
+def _seed_order(seed: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(seed))
+    except ValueError:
+        return (1, seed)
+
+
+def _ranking(summary: dict[str, Any]) -> list[str]:
+    ranked = sorted((s["rank"]["rank"], k) for k, s in summary.items() if "rank" in s)
+    if len(ranked) < 2:
+        return []
+    metric = summary[ranked[0][1]]["rank"]["metric"]
+    lines = ["## Ranking", "", f"By mean {metric}; each configuration against the best with a "
+             "two-sided permutation test (paired over shared seeds).", "",
+             "| rank | configuration | mean | difference to best | p | test |",
+             "|---|---|---|---|---|---|"]
+    for rank, key in ranked:
+        s, vs = summary[key], summary[key]["rank"].get("vs_best")
+        mean = s["metrics"][metric]["mean"]
+        lines.append(f"| {rank} | {key} | {mean:.4f} | " + (
+            f"{vs['diff']:+.4f} | {vs['p']:.3f} | {vs['test']} (n={vs['n']}) |" if vs
+            else "– | – | – |"))
+    return lines + [""]
