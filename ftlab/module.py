@@ -22,6 +22,8 @@ class FineTuneModule(L.LightningModule):
         training steps (and at every epoch's end); each look makes the host wait for the GPU."""
         super().__init__()
         self.model = model.train()  # HF loads in eval mode; Lightning keeps modes as found
+        # once, not per step: isinstance against a runtime Protocol looks its methods up
+        self._penalized = isinstance(model, Penalized)
         self.task = task
         self.regularizer = regularizer
         self.optim = optim
@@ -45,7 +47,7 @@ class FineTuneModule(L.LightningModule):
         # the regulariser's own terms (train/r3f_kl...)
         terms = {f"train/{k}": v.detach() for k, v in out.extras.items()
                  if k.startswith(f"{self.regularizer.name}_")} if out.extras else {}
-        if isinstance(self.model, Penalized):  # a PEFT wrapper's penalty (diff pruning's L0)
+        if self._penalized:  # a PEFT wrapper's penalty (diff pruning's L0)
             loss = loss + self.model.extra_loss()
         terms["train/loss"] = loss.detach()
         # the progress bar reads its values as numbers every step (a host sync): it shows the
