@@ -290,9 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "pad_to_buckets": [int(w) for w in args.pad_buckets.split(",")]
                    if args.pad_buckets else None}
     if args.compile:  # every variant compiles a fresh copy: room for their graphs
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        dynamo.config.cache_size_limit = max(64, dynamo.config.cache_size_limit)
     task, dm, _ = rotten_setup(sizes[0], max_train=args.max_train, model=spec, **loader_opts)
     padded = rotten_setup(sizes[0], max_train=args.max_train, pad_to=128,
                           model=spec)[1] if args.pad128 else None
