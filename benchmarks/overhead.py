@@ -29,8 +29,8 @@ ftlab builds it), autocast, norm clipping at 1.0 and the LR schedule, nothing el
 
 ``--pad-buckets`` pads batches to fixed widths (``trainer.pad_to_buckets``) and ``--compile MODE``
 compiles every variant's model in place (``trainer.compile``), both loops alike; with a compile
-mode each variant's first steps at each shape (compilation, CUDA graph recording) fall in the
-warm-up, so give ``--warmup`` at least the number of shapes.
+mode every variant's copy first meets every batch shape untimed (compilation, CUDA graph
+recording for its own parameter addresses).
 """
 
 from __future__ import annotations
@@ -210,8 +210,11 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
                 run_ftlab(task, compiled(copy.deepcopy(base), args.compile), loader, clock,
                           args.precision)
             else:
-                variants[name](task, compiled(copy.deepcopy(base), args.compile),
-                               dm.train_dataloader(), clock, args.precision)
+                model = compiled(copy.deepcopy(base), args.compile)
+                if args.compile:  # this copy's graphs (CUDA graphs: its own addresses) for
+                    warm_shapes(task, model, dm.train_dataloader(), device,  # every shape,
+                                args.precision)  # outside the timed window
+                variants[name](task, model, dm.train_dataloader(), clock, args.precision)
             out[name].append(clock)
             free(device)
         c = {k: v[-1] for k, v in out.items()}
