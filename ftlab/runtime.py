@@ -14,7 +14,6 @@ from ftlab.config import bind_schema
 from ftlab.errors import FtlabError
 from ftlab.rules import at_least, one_of
 
-
 #: ``trainer.compile`` values: off, on (torch's default mode), or a ``torch.compile`` mode
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune",
                  "max-autotune-no-cudagraphs")
