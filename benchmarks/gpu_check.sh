@@ -7,13 +7,18 @@
 # The kit (.devkit/, git-ignored, carried to the machine): whl/*.whl (hydra-core, omegaconf,
 # antlr4, datasets, dill, multiprocess, xxhash, fsspec: what ftlab imports and the machine
 # lacks) and cache/ (FTLAB_CACHE: the Rotten Tomatoes csv and the MiniLM tokenizer files, no
-# weights). It runs, each under a timeout so the whole ends within ~7 minutes:
-#   (a) benchmarks/overhead.py on cuda, BERT-base-sized, bf16: ftlab vs a plain loop at batch
-#       32/128/512/1024 (samples/s, ftlab/plain, MFU)
-#   (b) `ftlab trainer=gpu model=bert_base_random`, 2 epochs on Rotten Tomatoes (throughput, MFU)
-#   (c) `ftlab trainer=gpu ... stage.batch_size=auto`, 1 epoch (the batch the tuner found)
-# and writes logs and JSON into $OUT (at most 8 files: env.txt, overhead.{log,json},
-# run_gpu.{log,json}, run_auto.{log,json}, summary.json).
+# weights). It runs, each under a timeout so the whole ends within ~9.5 minutes (BUDGET=570 s):
+#   (a) benchmarks/overhead.py on cuda, BERT-base-sized, bf16, eager, widths rounded to 16:
+#       ftlab vs a plain loop at batch 32/128/512/1024 (samples/s, ftlab/plain, MFU)
+#   (a2) the same with fixed widths (trainer=gpu's buckets 32/48/64/96/128) and both loops
+#       torch.compile'd with mode reduce-overhead (CUDA graphs): ftlab/plain and MFU again
+#       (targets: ftlab/plain >= 0.97 at every batch, MFU >= 40% at 1024)
+#   (b) `ftlab trainer=gpu model=bert_base_random trainer.compile=reduce-overhead`, 1 epoch on
+#       Rotten Tomatoes (buckets from trainer=gpu; end-to-end throughput, MFU)
+#   (c) `ftlab trainer=gpu ... stage.batch_size=auto`, 1 epoch (the batch the tuner found), with
+#       what time is left (skipped under 40 s)
+# and writes logs and JSON into $OUT (at most 10 files: env.txt, overhead.{log,json},
+# compiled.{log,json}, run_gpu.{log,json}, run_auto.{log,json}, summary.json).
 # GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny model and a few steps (a dry run
 # of the script's Python parts where there is no GPU; it uses the current environment).
 set -u -o pipefail
@@ -21,7 +26,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 KIT=${KIT:-$PWD/.devkit}
 mkdir -p "$OUT"
 START=$(date +%s)
-left() { echo $(( ${BUDGET:-420} - ($(date +%s) - START) )); }
+left() { echo $(( ${BUDGET:-570} - ($(date +%s) - START) )); }
 limit() {  # a step's timeout: what it asks for, or what is left of the budget
   local want=$1 l; l=$(( $(left) - 10 ))
   (( l < want )) && want=$l; (( want < 5 )) && want=5; echo "$want"; }
@@ -29,8 +34,12 @@ limit() {  # a step's timeout: what it asks for, or what is left of the budget
 if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
   DEV=(--device cpu --model-size tiny --batch-sizes 8,16 --steps 3 --warmup 1 --rounds 2
        --max-train 300 --no-pad128)
+  # CPU: buckets without compiling (inductor's C++ build would take the dry run's minutes)
+  COMPILED=(--device cpu --model-size tiny --batch-sizes 8,16 --steps 3 --warmup 2 --rounds 2
+            --max-train 300 --no-pad128 --pad-buckets 32,48,64,96,128)
   SMALL=(trainer=cpu model=tiny_bert data.max_train_samples=300 data.max_eval_samples=100)
-  RUN=("${SMALL[@]}" trainer.max_steps=6 stage.batch_size=16)
+  RUN=("${SMALL[@]}" trainer.max_steps=6 stage.batch_size=16
+       "trainer.pad_to_buckets=[32,48,64,96,128]")
   AUTO=("${SMALL[@]}" trainer.max_steps=4 trainer.auto_batch_init=8 trainer.auto_batch_max_trials=2)
   PEAK=0
   [ -d "$KIT/cache" ] && export FTLAB_CACHE=$KIT/cache
@@ -38,8 +47,13 @@ else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$KIT"/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD FTLAB_CACHE=$KIT/cache
-  DEV=(--device cuda --precision bf16-mixed --model-size base --batch-sizes 32,128,512,1024)
-  RUN=(trainer=gpu model=bert_base_random trainer.max_epochs=2)
+  DEV=(--device cuda --precision bf16-mixed --model-size base --batch-sizes 32,128,512,1024
+       --steps 20)
+  # largest batch first (the MFU target) in case the compile leaves too little time; each
+  # variant's copy meets every shape untimed first (compilation, CUDA graph recording)
+  COMPILED=(--device cuda --precision bf16-mixed --model-size base --steps 20 --rounds 3
+            --batch-sizes 1024,512,128,32 --pad-buckets 32,48,64,96,128 --compile reduce-overhead)
+  RUN=(trainer=gpu model=bert_base_random trainer.max_epochs=1 trainer.compile=reduce-overhead)
   AUTO=(trainer=gpu model=bert_base_random trainer.max_epochs=1 trainer.auto_batch_max_trials=7)
   PEAK=989e12
 fi
@@ -65,21 +79,29 @@ EOF
 cat "$OUT/env.txt"
 grep -q "ftlab imports: ok" "$OUT/env.txt" || { echo "ftlab does not import; see env.txt"; exit 1; }
 
-echo "== (a) overhead benchmark ($(left) s left)"
-timeout "$(limit 210)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops 989e12 \
+echo "== (a) overhead benchmark, eager ($(left) s left)"
+timeout "$(limit 130)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops 989e12 \
   --json "$OUT/overhead.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/overhead.log"
+
+echo "== (a2) overhead benchmark, buckets + compile reduce-overhead ($(left) s left)"
+timeout "$(limit 230)" python3 benchmarks/overhead.py "${COMPILED[@]}" --peak-flops 989e12 \
+  --json "$OUT/compiled.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/compiled.log"
 
 echo "== (b) ftlab ${RUN[*]} ($(left) s left)"
 rm -rf /tmp/gpu_runs
 COMMON=(logger=csv trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false)
-timeout "$(limit 110)" python3 -m ftlab "${RUN[@]}" "${COMMON[@]}" hydra.run.dir=/tmp/gpu_runs/gpu \
+timeout "$(limit 130)" python3 -m ftlab "${RUN[@]}" "${COMMON[@]}" hydra.run.dir=/tmp/gpu_runs/gpu \
   2>&1 | grep -iv "warning" | tee "$OUT/run_gpu.log" | tail -25
 cp /tmp/gpu_runs/gpu/metrics.json "$OUT/run_gpu.json" 2>/dev/null
 
-echo "== (c) ftlab ${AUTO[*]} stage.batch_size=auto ($(left) s left)"
-timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto "${COMMON[@]}" \
-  hydra.run.dir=/tmp/gpu_runs/auto 2>&1 | grep -iv "warning" | tee "$OUT/run_auto.log" | tail -25
-cp /tmp/gpu_runs/auto/metrics.json "$OUT/run_auto.json" 2>/dev/null
+if (( $(left) >= 40 )); then
+  echo "== (c) ftlab ${AUTO[*]} stage.batch_size=auto ($(left) s left)"
+  timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto "${COMMON[@]}" \
+    hydra.run.dir=/tmp/gpu_runs/auto 2>&1 | grep -iv "warning" | tee "$OUT/run_auto.log" | tail -25
+  cp /tmp/gpu_runs/auto/metrics.json "$OUT/run_auto.json" 2>/dev/null
+else
+  echo "== (c) skipped: $(left) s left"
+fi
 
 PEAK=$PEAK python3 - "$OUT" <<'EOF'
 import json, os, sys
@@ -100,9 +122,12 @@ for name in ("run_gpu", "run_auto"):
     if peak and "train_tokens_per_s" in stage:
         row["mfu"] = round(6 * stage["params_total"] * stage["train_tokens_per_s"] / peak, 4)
     summary[name] = row
-if (out / "overhead.json").is_file():
-    bench = json.loads((out / "overhead.json").read_text())
-    summary["overhead"] = [
+for name in ("overhead", "compiled"):
+    if not (out / f"{name}.json").is_file():
+        summary[name] = f"no {name}.json (see {name}.log)"
+        continue
+    bench = json.loads((out / f"{name}.json").read_text())
+    summary[name] = [
         {"batch": b["batch_size"], **({"oom": True} if b.get("oom") else {
             "ftlab_vs_plain": b["ftlab_vs_plain"]["median"],
             "range": [b["ftlab_vs_plain"]["min"], b["ftlab_vs_plain"]["max"]],

@@ -5,6 +5,8 @@ padding every batch to 128 tokens.
     python benchmarks/overhead.py [--rounds 5] [--threads 1] [--steps 40] [--json FILE]
     python benchmarks/overhead.py --device cuda --precision bf16-mixed --model-size base \\
         --batch-sizes 32,128,512,1024 --json gpu.json
+    python benchmarks/overhead.py --device cuda --precision bf16-mixed --model-size base \\
+        --batch-sizes 32,128,512,1024 --pad-buckets 32,48,64,96,128 --compile reduce-overhead
 
 Models (``--model-size``): ``minilm`` the pre-trained all-MiniLM-L6-v2 (CPU default),
 ``tiny`` conf/model/tiny_bert.yaml, ``base`` conf/model/bert_base_random.yaml (BERT-base's
@@ -24,6 +26,11 @@ ftlab builds it), autocast, norm clipping at 1.0 and the LR schedule, nothing el
 - samples/s and padded tokens/s of each loop; MFU = 6 x parameters x tokens/s / ``--peak-flops``
   (989e12: an H100's dense bf16; the 6N rule leaves attention scores out).
 - bucketing (CPU) = pad-to-128 CPU-s/example / length-bucketed CPU-s/example (target >= 2).
+
+``--pad-buckets`` pads batches to fixed widths (``trainer.pad_to_buckets``) and ``--compile MODE``
+compiles every variant's model in place (``trainer.compile``), both loops alike; with a compile
+mode every variant's copy first meets every batch shape untimed (compilation, CUDA graph
+recording for its own parameter addresses).
 """
 
 from __future__ import annotations
@@ -108,6 +115,13 @@ class StepClock(L.Callback):
         self.clock.after_step(trainer.global_step, batch)
 
 
+def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
+    """``model`` compiled in place as ``trainer.compile`` does (ftlab.stage), or as it is."""
+    if mode:
+        model.compile(mode=mode)
+    return model
+
+
 def run_ftlab(task, model, loader, clock: Clock, precision: str) -> Clock:
     module = ftlab_module(model, task)
     trainer = L.Trainer(accelerator="gpu" if clock.device.type == "cuda" else "cpu", devices=1,
@@ -180,8 +194,8 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
     torch.manual_seed(0)
     base = task.build_model(spec)
     params = sum(p.numel() for p in base.parameters())
-    shapes = warm_shapes(task, copy.deepcopy(base), dm.train_dataloader(), device,
-                         args.precision)
+    shapes = warm_shapes(task, compiled(copy.deepcopy(base), args.compile),
+                         dm.train_dataloader(), device, args.precision)
     free(device)
     variants = {"plain": run_plain, "ftlab": run_ftlab}
     out: dict[str, list] = {k: [] for k in [*variants, *(["pad128"] if args.pad128 else [])]}
@@ -193,10 +207,14 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
                 loader = torch.utils.data.DataLoader(
                     padded.splits["train"], batch_size=size, shuffle=True,  # same seed each time
                     collate_fn=padded.collate, generator=torch.Generator().manual_seed(0))
-                run_ftlab(task, copy.deepcopy(base), loader, clock, args.precision)
+                run_ftlab(task, compiled(copy.deepcopy(base), args.compile), loader, clock,
+                          args.precision)
             else:
-                variants[name](task, copy.deepcopy(base), dm.train_dataloader(), clock,
-                               args.precision)
+                model = compiled(copy.deepcopy(base), args.compile)
+                if args.compile:  # this copy's graphs (CUDA graphs: its own addresses) for
+                    warm_shapes(task, model, dm.train_dataloader(), device,  # every shape,
+                                args.precision)  # outside the timed window
+                variants[name](task, model, dm.train_dataloader(), clock, args.precision)
             out[name].append(clock)
             free(device)
         c = {k: v[-1] for k, v in out.items()}
@@ -244,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--num-workers", type=int, default=None, help="0 CPU, 4 GPU")
     parser.add_argument("--pad-multiple", type=int, default=None, help="null CPU, 16 GPU")
+    parser.add_argument("--pad-buckets", default=None,
+                        help="comma list of fixed batch widths, e.g. 32,48,64,96,128")
+    parser.add_argument("--compile", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile every variant's model with this mode")
     parser.add_argument("--max-train", type=int, default=None, help="cap the training rows")
     parser.add_argument("--peak-flops", type=float, default=989e12,
                         help="the device's peak FLOP/s for MFU (H100 dense bf16: 989e12)")
@@ -266,7 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
     spec = model_spec(args.model_size)
     loader_opts = {"num_workers": args.num_workers, "pin_memory": gpu,
                    "persistent_workers": args.num_workers > 0,
-                   "pad_to_multiple_of": args.pad_multiple}
+                   "pad_to_multiple_of": args.pad_multiple,
+                   "pad_to_buckets": [int(w) for w in args.pad_buckets.split(",")]
+                   if args.pad_buckets else None}
+    if args.compile:  # every variant compiles a fresh copy: room for their graphs
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(64, dynamo.config.cache_size_limit)
     task, dm, _ = rotten_setup(sizes[0], max_train=args.max_train, model=spec, **loader_opts)
     padded = rotten_setup(sizes[0], max_train=args.max_train, pad_to=128,
                           model=spec)[1] if args.pad128 else None
@@ -274,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"torch {torch.__version__} on {name}, model {args.model_size}, precision "
           f"{args.precision}, batches {sizes}, {args.steps} (+{args.warmup}) timed steps, "
           f"{args.rounds} rounds, workers {args.num_workers}, pad multiple "
-          f"{args.pad_multiple}, load {os.getloadavg()[0]:.2f}", flush=True)
+          f"{args.pad_multiple}, buckets {args.pad_buckets}, compile {args.compile}, load "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
 
     rows = []
     for size in sizes:
@@ -304,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
               "model_size": args.model_size, "precision": args.precision,
               "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
               "threads": args.threads, "num_workers": args.num_workers,
-              "pad_multiple": args.pad_multiple, "peak_flops": args.peak_flops,
+              "pad_multiple": args.pad_multiple, "pad_buckets": args.pad_buckets,
+              "compile": args.compile, "peak_flops": args.peak_flops,
               "timing": "wall, device-synchronised" if gpu else "process CPU time",
               "load_avg": [round(x, 2) for x in os.getloadavg()], "batches": rows}
     line = json.dumps(result)

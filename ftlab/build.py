@@ -120,7 +120,8 @@ class StageBuilder:
                 else stage.batch_size)
         return TextDataModule(raw.splits, task, pad, batch_size=size, **loader,
                               pin_memory=rt.pin_memory, persistent_workers=rt.persistent_workers,
-                              pad_to_multiple_of=rt.pad_to_multiple_of)
+                              pad_to_multiple_of=rt.pad_to_multiple_of,
+                              pad_to_buckets=rt.pad_to_buckets)
 
     def trained(self, name: str, model: nn.Module | dict) -> tuple[nn.Module, Task,
                                                                    ResolvedStage]:

@@ -22,6 +22,8 @@ class FineTuneModule(L.LightningModule):
         training steps (and at every epoch's end); each look makes the host wait for the GPU."""
         super().__init__()
         self.model = model.train()  # HF loads in eval mode; Lightning keeps modes as found
+        # once, not per step: isinstance against a runtime Protocol looks its methods up
+        self._penalized = isinstance(model, Penalized)
         self.task = task
         self.regularizer = regularizer
         self.optim = optim
@@ -32,7 +34,11 @@ class FineTuneModule(L.LightningModule):
         self.test_metrics = task.metrics().clone(prefix="test/")
         self.check_finite_every = check_finite_every
         self._steps_seen = 0
-        self._first_bad: torch.Tensor | None = None  # (global step, loss) of the first NaN/inf
+        self._recent: list[tuple[int, torch.Tensor]] = []  # (global step, loss) since a look
+        self._first_bad: tuple[int, float] | None = None  # the first NaN/inf loss seen
+        self._step_terms: dict[str, torch.Tensor] = {}  # this step's train/* values to log
+        self._step_rows = 0
+        self._fsdp_root: bool | None = None  # whether the Trainer's model is an FSDP root
         self.applied_lr: float | None = None  # the peak LR after optim.lr_scaling
         self._total_steps = 0  # the stage's optimiser steps, for FollowsSteps models
 
@@ -46,43 +52,70 @@ class FineTuneModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.regularizer.training_loss(self.model, batch, self.task)
         loss, rows = out.loss, batch["input_ids"].shape[0]
-        for key, value in out.extras.items():  # the regulariser's own terms (train/r3f_kl...)
-            if key.startswith(f"{self.regularizer.name}_"):
-                self.log(f"train/{key}", value, batch_size=rows)
-        if isinstance(self.model, Penalized):  # a PEFT wrapper's penalty (diff pruning's L0)
+        # the regulariser's own terms (train/r3f_kl...)
+        terms = {f"train/{k}": v.detach() for k, v in out.extras.items()
+                 if k.startswith(f"{self.regularizer.name}_")} if out.extras else {}
+        if self._penalized:  # a PEFT wrapper's penalty (diff pruning's L0)
             loss = loss + self.model.extra_loss()
+        terms["train/loss"] = loss.detach()
         # the progress bar reads its values as numbers every step (a host sync): it shows the
-        # loss only where the loss is checked every step anyway (trainer=cpu)
-        self.log("train/loss", loss, prog_bar=self.check_finite_every == 1, batch_size=rows)
-        self._record_finite(loss)
+        # loss only where the loss is checked every step anyway (trainer=cpu), and then it is
+        # logged here, before the bar's hook; otherwise in on_train_batch_end, on the steps
+        # Lightning writes to the loggers only (each self.log is ~10 tensor ops and dict work)
+        self._step_terms, self._step_rows = terms, rows
+        if self.check_finite_every == 1:
+            self._log_terms(prog_bar=True)
+        self._record_finite(terms["train/loss"])
         return loss
 
+    def _log_terms(self, prog_bar: bool = False) -> None:
+        for key, value in self._step_terms.items():
+            self.log(key, value, prog_bar=prog_bar and key == "train/loss",
+                     batch_size=self._step_rows)
+        self._step_terms = {}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Log the step's terms when Lightning writes this step's metrics (every
+        ``log_every_n_steps``, or when the run stops): the logged rows stay the same as logging
+        every step, since a step-level value is written only on those steps. This hook runs
+        after the callbacks' and before Lightning's step logging."""
+        trainer = self.trainer
+        if self._step_terms and (trainer._logger_connector.should_update_logs
+                                 or trainer.fast_dev_run):
+            self._log_terms()
+
     def _record_finite(self, loss: torch.Tensor) -> None:
-        """Keep the first non-finite loss and its step on the device (no host sync); look at
-        it every ``check_finite_every`` steps."""
-        value = loss.detach().float()
-        if self._first_bad is None:
-            self._first_bad = torch.tensor([-1.0, 0.0], device=value.device)
-        step, seen = self._first_bad.unbind()
-        new = (step < 0) & ~torch.isfinite(value)  # a Python number enters as a scalar: no copy
-        self._first_bad = torch.stack([torch.where(new, float(self.global_step), step),
-                                       torch.where(new, value, seen)])
+        """Keep a copy of the step's loss on the device (no host sync; one copy, where the
+        running NaN/inf record took ~12 tensor ops a step); look at the kept losses every
+        ``check_finite_every`` steps. A copy, not the loss: under CUDA graphs
+        (``compile: reduce-overhead``) the next step's replay overwrites the graph's outputs."""
+        self._recent.append((self.global_step, loss.clone()))
         self._steps_seen += 1
         if self._steps_seen % self.check_finite_every == 0:
             self.raise_if_diverged()
 
     def raise_if_diverged(self) -> None:
-        """Stop the run if any training loss so far was NaN or infinite."""
-        if self._first_bad is None:
-            return
-        step, value = self._first_bad.tolist()  # the host waits for the device here
-        if step >= 0:
+        """Stop the run if any training loss so far was NaN or infinite (the first one is
+        reported, with its global step)."""
+        if self._recent:
+            steps, losses = zip(*self._recent, strict=True)
+            self._recent = []
+            values = torch.stack([v.float() for v in losses])
+            bad = ~torch.isfinite(values)
+            if bad.any():  # the host waits for the device here
+                first = int(bad.nonzero()[0, 0])
+                self._first_bad = (steps[first], float(values[first]))
+        if self._first_bad is not None:
             from ftlab.errors import Diverged
 
+            step, value = self._first_bad
             raise Diverged(f"The training loss became {value} at step {int(step)}; the run "
                            "is stopped and marked failed.",
                            "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
                            "data for empty/garbled rows.")
+
+    def on_fit_start(self) -> None:
+        self._fsdp_root = None  # a new fit may wrap the model differently
 
     def on_train_epoch_end(self) -> None:
         self.raise_if_diverged()
@@ -116,12 +149,13 @@ class FineTuneModule(L.LightningModule):
                                     gradient_clip_algorithm=None) -> None:
         """Norm clipping under FSDP goes through the sharded root module (the norm of the whole
         model, not of one shard); Lightning's FSDP precision plugin refuses it."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        if self._fsdp_root is None:  # once per fit (the model is wrapped before the steps)
+            from torch.distributed.fsdp import FullyShardedDataParallel
 
-        root = self.trainer.model if self._trainer is not None else None
-        if (isinstance(root, FullyShardedDataParallel) and gradient_clip_val
-                and gradient_clip_algorithm in (None, "norm")):
-            root.clip_grad_norm_(gradient_clip_val)
+            root = self.trainer.model if self._trainer is not None else None
+            self._fsdp_root = isinstance(root, FullyShardedDataParallel)
+        if self._fsdp_root and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

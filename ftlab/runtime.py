@@ -12,7 +12,11 @@ from typing import Annotated, Any
 
 from ftlab.config import bind_schema
 from ftlab.errors import FtlabError
-from ftlab.rules import at_least
+from ftlab.rules import at_least, one_of
+
+#: ``trainer.compile`` values: off, on (torch's default mode), or a ``torch.compile`` mode
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,17 @@ class RuntimeSpec:
         pad_to_multiple_of: round every batch's width up to a multiple of this (null: its own
             longest row). Few distinct shapes: each new one costs kernel planning on a GPU, and
             tensor cores want multiples of 8.
+        pad_to_buckets: pad every batch to the smallest of these widths that holds its longest
+            row (e.g. ``[32, 64, 128]``): a run meets at most this many shapes, which CUDA
+            graphs (``compile: reduce-overhead``) need; a batch longer than the largest bucket
+            falls back to ``pad_to_multiple_of``. Null: no buckets.
         check_finite_every_n_steps: test the training loss for NaN/inf every this many steps
             (and at each epoch's end) instead of every step, which would make the host wait for
             the GPU; the failing step is still reported exactly.
-        compile: ``torch.compile`` the model before training.
+        compile: ``torch.compile`` the model before training: ``true`` (mode ``default``) or
+            a mode, ``default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs``
+            (``reduce-overhead`` replays CUDA graphs: few host launches per step, one graph
+            per batch shape, so use it with ``pad_to_buckets``).
         auto_batch_init / auto_batch_max_trials: ``stage.batch_size=auto`` starts at this batch
             and doubles at most this many times while a step fits in memory.
     """
@@ -38,10 +49,19 @@ class RuntimeSpec:
     pin_memory: bool = False
     persistent_workers: bool = False
     pad_to_multiple_of: Annotated[int | None, at_least(1, example="16")] = None
+    pad_to_buckets: Annotated[list[int] | None,
+                              at_least(1, each=True, example="[32, 64, 128]")] = None
     check_finite_every_n_steps: Annotated[int, at_least(1, example="50")] = 50
-    compile: bool = False
+    compile: Annotated[Any, one_of(*COMPILE_MODES, example="reduce-overhead")] = False
     auto_batch_init: Annotated[int, at_least(1, example="32")] = 32
     auto_batch_max_trials: Annotated[int, at_least(1, example="6")] = 6
+
+
+    def compile_mode(self) -> str | None:
+        """The ``torch.compile`` mode of ``compile`` (None: not compiled)."""
+        if self.compile is False:
+            return None
+        return "default" if self.compile is True else str(self.compile)
 
 
 #: the ``trainer`` keys that are ftlab's, not Lightning's

@@ -91,8 +91,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
              stage.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
              counts["params_trainable_pct"], peft.name, stage.optim.lr)
 
-    if rt.compile:
-        model.compile()  # in place: parameter names and state dicts stay the same
+    if rt.compile_mode():  # in place: parameter names and state dicts stay the same
+        model.compile(mode=rt.compile_mode())
     module = FineTuneModule(model, task, regularizer, stage.optim,
                             check_finite_every=rt.check_finite_every_n_steps)
     keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput()

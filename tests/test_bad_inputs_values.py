@@ -140,6 +140,11 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"num_workers=-1 is out of range: it must be 0 or more.*Fix: set trainer.num_workers"),
     ("pad-multiple-zero", lambda t, s: S(s) + ["trainer.pad_to_multiple_of=0"],
      r"pad_to_multiple_of=0 is out of range"),
+    ("pad-bucket-zero", lambda t, s: S(s) + ["trainer.pad_to_buckets=[0,64]"],
+     r"pad_to_buckets=\[0, 64\] is out of range: it must be each 1 or more"),
+    ("compile-mode-unknown", lambda t, s: S(s) + ["trainer.compile=fastest"],
+     r"compile='fastest' is not allowed: it must be one of: .*reduce-overhead.*"
+     r"Fix: set trainer.compile"),
     # --- task arguments (the constructor's signature)
     ("max-length-zero", lambda t, s: S(s) + ["stage.task.max_length=0"],
      r"stage 'classify'.task: max_length=0 is out of range: it must be 1 or more"),

@@ -201,7 +201,8 @@ def test_fsdp_clips_the_norm_of_the_whole_model_through_its_root(tmp_path):
         norm = lambda: torch.linalg.vector_norm(  # noqa: E731
             torch.stack([p.grad.norm() for p in root.parameters()]))
         assert norm() > 10
-        stub = SimpleNamespace(_trainer=object(), trainer=SimpleNamespace(model=root))
+        stub = SimpleNamespace(_trainer=object(), trainer=SimpleNamespace(model=root),
+                               _fsdp_root=None)  # the module looks the root up once per fit
         FineTuneModule.configure_gradient_clipping(stub, None, gradient_clip_val=1.0,
                                                    gradient_clip_algorithm="norm")
         assert norm() == pytest.approx(1.0, rel=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -139,19 +140,33 @@ class PadCollator:
     whose rows all have the same length (a probability vector per row: soft labels, teacher
     scores) is stacked as is, unpadded. A scalar feature (a class id) is one value per row.
 
-    ``pad_to`` (optional) pads every batch to a fixed length instead — only for benchmarks.
+    ``buckets`` (optional) pads each batch to the smallest of these widths that holds its
+    longest row, so a run meets only that many shapes (CUDA graphs, ``torch.compile``'s
+    ``reduce-overhead``); a batch longer than the largest bucket is rounded up to
+    ``multiple_of`` instead. ``pad_to`` (optional) pads every batch to a fixed length instead
+    — only for benchmarks.
     """
 
     def __init__(self, pad_id: int, pad_to: int | None = None, multiple_of: int = 1,
-                 pad_values: Mapping[str, int | float] | None = None) -> None:
+                 pad_values: Mapping[str, int | float] | None = None,
+                 buckets: Sequence[int] | None = None) -> None:
         self.pad_id = pad_id
         self.pad_to = pad_to
         self.multiple_of = multiple_of
+        self.buckets = sorted(set(buckets or ()))
         self.pad_values = {**PAD_VALUES, "input_ids": pad_id, **(pad_values or {})}
 
+    def width(self, longest: int) -> int:
+        """The padded width of a batch whose longest row has ``longest`` tokens."""
+        if self.pad_to:
+            return self.pad_to
+        fits = bisect.bisect_left(self.buckets, longest)
+        if fits < len(self.buckets):
+            return self.buckets[fits]
+        return -(-longest // self.multiple_of) * self.multiple_of
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        width = self.pad_to or -(-longest // self.multiple_of) * self.multiple_of
+        width = self.width(max(len(r["input_ids"]) for r in rows))
         batch: dict[str, torch.Tensor] = {}
         for key, first in rows[0].items():
             if key == "length":

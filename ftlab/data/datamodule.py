@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -49,6 +50,8 @@ class TextDataModule(SplitLoaders):
         seed: seeds the batch order (the same on every rank).
         num_workers / pin_memory / persistent_workers: passed to every ``DataLoader``.
         pad_to_multiple_of: round each batch's width up to a multiple of this (few shapes).
+        pad_to_buckets: pad each batch to the smallest of these widths that holds it (fixed
+            shapes for CUDA graphs); longer batches fall back to ``pad_to_multiple_of``.
         pad_to: pad every batch to this length (benchmarks only; null = dynamic).
 
     An ``unlabelled`` split (training rows a transform set aside without labels: ``few_shot``)
@@ -59,7 +62,8 @@ class TextDataModule(SplitLoaders):
     def __init__(self, splits: DatasetDict, task: Task, pad_id: int, batch_size: int = 32,
                  eval_batch_size: int = 128, seed: int = 0, num_workers: int = 0,
                  pin_memory: bool = False, persistent_workers: bool = False,
-                 pad_to_multiple_of: int | None = None, pad_to: int | None = None) -> None:
+                 pad_to_multiple_of: int | None = None, pad_to: int | None = None,
+                 pad_to_buckets: Sequence[int] | None = None) -> None:
         super().__init__()
         require_one_batch(len(splits["train"]), batch_size)
         self.unlabelled: Dataset | None = splits.get(UNLABELLED)
@@ -81,7 +85,7 @@ class TextDataModule(SplitLoaders):
         self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory,
                                "persistent_workers": persistent_workers and num_workers > 0}
         self.collate = PadCollator(pad_id, pad_to=pad_to, multiple_of=pad_to_multiple_of or 1,
-                                   pad_values=task.pad_values)
+                                   pad_values=task.pad_values, buckets=pad_to_buckets)
         self._resume: dict[str, int] | None = None
 
     def batch_sampler(self, split: str, train: bool, world: int = 1,
