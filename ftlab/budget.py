@@ -15,7 +15,8 @@ Precedence (README, "Training loop"): the budget applies only when the stage's l
 fixed. It is fixed by ``trainer.max_epochs``/``trainer.max_steps`` given explicitly (command
 line, ``experiment=``), or by ``pipeline.stages.<name>.trainer.*`` / ``stage.trainer.*``, or by
 a stage YAML's own ``trainer.max_epochs``/``max_steps`` (e.g. ``tapt_task``'s 3 TAPT epochs), or
-by any ``max_steps > 0``, ``fast_dev_run``; then the trainer node is used exactly as resolved.
+by any ``max_steps`` other than -1, or ``fast_dev_run``; then the trainer node is used exactly
+as resolved.
 ``trainer.budget.min_steps=0`` switches the budget off everywhere.
 """
 
@@ -62,7 +63,7 @@ def split_budget(trainer: dict[str, Any], own: dict[str, Any], explicit: Explici
     budget = bind_schema(BudgetSpec, node.pop(BUDGET_KEY, None) or {}, f"{where} trainer.budget",
                          "trainer.budget")
     fixed = (budget.min_steps == 0 or bool(node.get("fast_dev_run"))
-             or (node.get("max_steps") or -1) > 0
+             or node.get("max_steps") not in (None, -1)  # a step cap, or 0 (evaluate only)
              or any(explicit.has(f"trainer.{k}") or explicit.has(f"{prefix}.trainer.{k}")
                     or (own or {}).get(k) is not None for k in LENGTH_KEYS))
     return node, None if fixed else budget

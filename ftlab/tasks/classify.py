@@ -23,7 +23,6 @@ from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.rules import at_least, one_of
 from ftlab.tasks.base import TaskDefaults, TaskOutput
 
-
 #: ``class_weights``: none (plain cross-entropy) | balanced (inverse class frequency)
 CLASS_WEIGHTS = ("none", "balanced")
 
