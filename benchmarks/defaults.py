@@ -6,7 +6,7 @@ code (``StageBuilder.raw`` -> ``ftlab.data.sources.load_raw``), so both see iden
         [--out outputs/bench_defaults]
 
 Sets: ``rt_full`` (Rotten Tomatoes, all 10k training snippets), ``rt_1000`` (1,000 of them),
-``vitaminc`` (4,000 VitaminC pairs, 3 classes; needs ../shared/data/vitaminc; 1,000 eval rows),
+``vitaminc`` (4,000 VitaminC pairs, 3 classes; needs ../shared/data/vitaminc; 500 eval rows),
 ``rt_imb`` (Rotten Tomatoes at 1 rotten : 5 fresh, 1,200 training rows; validation and test
 subsampled to the same ratio; written as jsonl and read with ``data=local``). Prints a JSON line
 per set and a Markdown table (accuracy, macro-F1, wall seconds of each side) of every line in
@@ -37,7 +37,7 @@ def sets(out: Path) -> dict[str, list[str]]:
         "rt_full": [],
         "rt_1000": ["data.max_train_samples=1000"],
         "vitaminc": ["data=vitaminc", "data.max_train_samples=4000",
-                     "data.max_eval_samples=1000"],
+                     "data.max_eval_samples=500"],
         "rt_imb": ["data=local", "data.path=json", "data.labels=[rotten,fresh]",
                    *[f"data.files.{s}={out / 'rt_imb' / f'{s}.jsonl'}"
                      for s in ("train", "validation", "test")]],
