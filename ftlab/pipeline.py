@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 from omegaconf import DictConfig
 
+from ftlab.budget import BudgetSpec, split_budget
 from ftlab.config import bind_schema, plain
 from ftlab.data.spec import DataSpec
 from ftlab.data.transforms.nodes import resolve_nodes
@@ -126,8 +127,8 @@ class ResolvedStage:
 
     ``task``/``peft``/``regularizer`` are ``_target_`` nodes (plain dicts; the PEFT node
     without its ``lr``), ``trainer`` the Lightning ``Trainer`` node (run group + stage + explicit
-    overrides, without ftlab's own keys, which are in ``runtime``), ``optim.lr`` the peak LR
-    at ``optim.reference_batch`` rows. ``batch_size`` is an int or ``"auto"``. Treat the dicts
+    overrides, without ftlab's own keys: ``runtime``, ``budget``), ``optim.lr`` the peak LR at
+    ``optim.reference_batch`` rows. ``batch_size`` is an int or ``"auto"``. Treat the dicts
     as read-only.
     """
 
@@ -152,6 +153,7 @@ class ResolvedStage:
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
     head_warmup_steps: float = 0  # LP-FT: optimiser steps that train only the head first
+    budget: BudgetSpec | None = None  # the adaptive length (ftlab/budget.py); None: fixed by you
 
     @property
     def where(self) -> str:
@@ -222,12 +224,13 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     optim = spec.optim if spec.optim.lr is not None else replace(
         spec.optim, lr=peft_lr if peft_lr is not None else DEFAULT_LR)
     trainer, runtime = split_trainer(trainer_node(cfg, spec.trainer, explicit, prefix), where)
+    trainer, budget = split_budget(trainer, spec.trainer, explicit, prefix, where)
     return ResolvedStage(
         name=spec.name, task=plain(spec.task), init_from=spec.init_from, carry=spec.carry,
         batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size,
         seed=spec.seed if spec.seed is not None else seed, model=model, data=data_spec,
         peft=peft, regularizer=plain(spec.regularizer or cfg.regularizer), optim=optim,
-        trainer=trainer, runtime=runtime,
+        trainer=trainer, runtime=runtime, budget=budget,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
         teacher_rows=spec.teacher_rows, subtasks=subtasks,

@@ -205,6 +205,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
+    last = builder.task(stages[-1])  # bound: monitor auto is decided by the training labels
+    record["monitor"] = {"metric": f"val/{last.monitor}", "mode": last.mode}
     callbacks |= trial_callbacks(cfg.get("trial"), cfg.get("seed"), stages[-1].name)  # search
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)

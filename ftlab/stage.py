@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
 from ftlab.artefact import write_stage_card
+from ftlab.budget import early_stopping, epochs_for, plan, steps_per_epoch
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, HeadWarmup, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
@@ -103,11 +104,26 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     resumed_step = _step(resume)
     if resume is not None:
         log.info("Stage %s resumes from step %s (%s).", stage.name, resumed_step, resume)
-    trainer = _trainer(stage, run, stage_dir, [keep, speed], context, key)
+    rows = (sum(len(builder.raw(stage, d).splits["train"]) for d in stage.datasets)
+            if stage.subtasks else len(raw.splits["train"]))
+    node, budget = (plan(stage.budget, stage.trainer, rows, dm.batch_size) if stage.budget
+                    else (stage.trainer, None))
+    stops = early_stopping(stage.budget, task.monitor, task.mode)
+    trainer = _trainer(stage, node, run, stage_dir, [keep, speed, *stops], context, key)
     if auto:
         from ftlab.autobatch import find_batch_size
 
         find_batch_size(trainer, module, dm, rt, stage.where)
+        if budget:  # the budget was planned for the first batch tried: re-plan for the found one
+            per_epoch = steps_per_epoch(stage.trainer, rows, dm.batch_size)
+            budget |= {"steps_per_epoch": per_epoch, "max_epochs": epochs_for(
+                stage.budget, stage.trainer.get("max_epochs"), per_epoch)}
+            trainer.fit_loop.max_epochs = budget["max_epochs"]
+    if budget:
+        log.info("Stage %s: adaptive budget, up to %d epochs of %d steps (min_steps %d, early "
+                 "stop after %d validations without gain; trainer.max_epochs/max_steps fix the "
+                 "length)", stage.name, budget["max_epochs"], budget["steps_per_epoch"],
+                 budget["min_steps"], budget["patience"])
     start = time.perf_counter()
     trainer.fit(module, dm, ckpt_path=str(resume) if resume else None)
     fit_s = time.perf_counter() - start
@@ -129,11 +145,11 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     info = counts | {"lr": module.applied_lr or stage.optim.lr, "batch_size": dm.batch_size,
                      "batch_size_auto": auto, "fit_seconds": round(fit_s, 2), **speed.summary(),
                      "best_epoch": keep.best_epoch, "seed": stage.seed,
-                     "train_rows": sum(len(builder.raw(stage, d).splits["train"])
-                                       for d in stage.datasets) if stage.subtasks
-                     else len(raw.splits["train"]),
+                     "train_rows": rows,
                      "global_steps": trainer.global_step, "handed_over": handed, **task.info,
                      **taught}
+    if budget:  # the adaptive length (ftlab/budget.py) and where early stopping ended it
+        info["budget"] = budget | {"stopped_early": bool(stops and stops[0].stopped_epoch)}
     if transformed:  # what each data transform did (rows added/changed, few-shot k...)
         info["data_transforms"] = transformed
     discarded = next((c.outcome for c in trainer.callbacks
@@ -185,8 +201,10 @@ def _step(checkpoint: Path | None) -> int | None:
     return json.loads((checkpoint / "state.json").read_text())["checkpoint"]["global_step"]
 
 
-def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L.Callback],
-             context: dict[str, Any], stage_key: str | None = None) -> L.Trainer:
+def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_dir: Path,
+             own: list[L.Callback], context: dict[str, Any],
+             stage_key: str | None = None) -> L.Trainer:
+    """The stage's Trainer from ``node`` (its trainer node, with the budget planned)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in run.callbacks.items() if node is not None]
@@ -199,7 +217,7 @@ def _trainer(stage: ResolvedStage, run: RunContext, stage_dir: Path, own: list[L
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints",
                                           stage_key, stage.trainer)
-    return instantiate_checked(stage.trainer, f"{stage.where} trainer",
+    return instantiate_checked(node, f"{stage.where} trainer",
                                default_root_dir=str(stage_dir),
                                callbacks=[*callbacks, *own, NoteStep(), *saving],
                                **({"plugins": plugins} if plugins else {}),

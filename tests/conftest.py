@@ -63,8 +63,13 @@ def tiny_overrides(data_dir: Path) -> list[str]:
         f"data.files.validation={data_dir}/validation.jsonl",
         f"data.files.test={data_dir}/test.jsonl",
         "data.path=json", "logger=none", "callbacks=none",
-        "trainer.enable_progress_bar=false", "stage.batch_size=16",
+        "trainer.enable_progress_bar=false", "stage.batch_size=16", NO_BUDGET,
     ]
+
+
+#: tests fix their own length: the adaptive budget (ftlab/budget.py: at least 600 steps) is off
+#: unless a test sets trainer.budget.* itself (tests/test_budget.py)
+NO_BUDGET = "trainer.budget.min_steps=0"
 
 
 @pytest.fixture
@@ -72,6 +77,8 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose the real conf/ with overrides, as the CLI would, writing into tmp_path."""
 
     def _make(overrides: list[str]) -> DictConfig:
+        if not any(o.startswith("trainer.budget.") for o in overrides):
+            overrides = [*overrides, NO_BUDGET]
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)

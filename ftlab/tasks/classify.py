@@ -20,8 +20,38 @@ from ftlab.data.conll import is_tag_ids
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
-from ftlab.rules import at_least
+from ftlab.rules import at_least, one_of
 from ftlab.tasks.base import TaskDefaults, TaskOutput
+
+#: ``class_weights``: none (plain cross-entropy) | balanced (inverse class frequency)
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def label_counts(labels: Sequence[Any], n: int) -> torch.Tensor:
+    """Rows per class (probability vectors count as their most likely class)."""
+    ids = torch.as_tensor(list(labels))
+    if ids.is_floating_point():
+        ids = ids.argmax(-1)
+    return torch.bincount(ids.long(), minlength=n)
+
+
+def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency weights ``rows / (classes * rows of the class)`` (scikit-learn's
+    ``class_weight="balanced"``); a class absent from training gets weight 0."""
+    counts = counts.double()
+    present = counts > 0
+    w = torch.zeros_like(counts)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w.float()
+
+
+def auto_monitor(counts: torch.Tensor | None, ratio: float) -> str:
+    """``monitor: auto``: macro-F1 (``f1``) when the largest class of the training labels has
+    more than ``ratio`` times the rows of the smallest, else accuracy (``acc``)."""
+    if counts is None:
+        return "acc"
+    present = counts[counts > 0].double()
+    return "f1" if present.numel() > 1 and present.max() > ratio * present.min() else "acc"
 
 
 class Classify(TaskDefaults):
@@ -29,13 +59,25 @@ class Classify(TaskDefaults):
 
     ``labels`` in a batch are class ids (long, ``[batch]``) or probability vectors (float,
     ``[batch, classes]``: soft-target cross-entropy; metrics compare with their argmax).
+
+    Args:
+        monitor: the validation metric that picks the best epoch (``acc``, ``f1``, ``loss``),
+            or ``auto``: ``f1`` when the training labels' largest class has more than
+            ``imbalance_ratio`` times the rows of the smallest, else ``acc``.
+        class_weights: ``none`` or ``balanced``: each class's loss is weighted by
+            ``rows / (classes * rows of the class)``, so rare classes count as much in total.
     """
 
     def __init__(self, max_length: Annotated[int, at_least(1, example="128")] = 128,
-                 monitor: str = "acc") -> None:
+                 monitor: str = "acc",
+                 class_weights: Annotated[str, one_of(*CLASS_WEIGHTS)] = "none",
+                 imbalance_ratio: Annotated[float, at_least(1, example="1.5")] = 1.5) -> None:
         self.max_length = max_length
-        self.monitor = monitor
-        self.mode = "max"
+        self.monitor = monitor  # "auto": chosen from the training labels in bind
+        self.mode = "min" if monitor == "loss" else "max"
+        self.class_weights = class_weights
+        self.imbalance_ratio = imbalance_ratio
+        self.weight: torch.Tensor | None = None  # per-class loss weights (class_weights)
         self.labels: list[str] = []
         self.features: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
 
@@ -49,6 +91,11 @@ class Classify(TaskDefaults):
                              "per row.", "use stage=tokens with this data (e.g. stage=tokens "
                              "data=wnut16).")
         self.labels = raw.labels
+        counts = label_counts(train["label"], len(self.labels)) if train is not None else None
+        if self.monitor == "auto":  # predict/export (no data): accuracy
+            self.monitor = auto_monitor(counts, self.imbalance_ratio)
+        if self.class_weights == "balanced" and counts is not None:
+            self.weight = balanced_weights(counts)
         self.tokenizer = tokenizer
         self.text_columns = list(text_columns)
         self.features = (*tokenizer.model_input_names, "labels")  # what the tokenizer emits
@@ -82,11 +129,18 @@ class Classify(TaskDefaults):
         return model
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        if batch["labels"].is_floating_point():  # soft targets: HF would take them as multi-label
+        # soft targets (HF would take them as multi-label) or class weights: our own CE
+        if batch["labels"].is_floating_point() or self.weight is not None:
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            return TaskOutput(F.cross_entropy(logits.float(), batch["labels"]), logits)
+            return TaskOutput(self.loss(logits, batch["labels"]), logits)
         out = model(**batch)
         return TaskOutput(out.loss, out.logits)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class ids or probability vectors, weighted per class with
+        ``class_weights: balanced`` (the weighted mean, as ``torch.nn.CrossEntropyLoss``)."""
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        return F.cross_entropy(logits.float(), labels, weight=weight)
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits ``[batch, classes]`` (no labels needed): what predictors and teachers
