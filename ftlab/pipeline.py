@@ -23,6 +23,7 @@ from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
+from ftlab.pipeline_checks import check_head_warmup, check_pipeline
 from ftlab.rules import Rule, at_least, check_field, one_of
 from ftlab.runtime import RuntimeSpec, split_trainer
 from ftlab.store import check_name
@@ -195,7 +196,7 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
              for key, node in nodes.items()]
     check_pipeline(specs)
     for s in specs:
-        _check_head_warmup(s, prefix(s.name))
+        check_head_warmup(s, prefix(s.name))
     model = bind_schema(ModelSpec, model_node(cfg, explicit), "model", "model")
     seed = run_seed(cfg)
     return [_resolve(s, cfg, model, seed, explicit, prefix(s.name)) for s in specs]
@@ -307,56 +308,3 @@ def model_node(cfg: DictConfig, explicit: Explicit) -> dict[str, Any]:
                 "line to keep them.", node["name_or_path"], ", ".join(dropped),
                 node["name_or_path"])
     return node
-
-
-def check_pipeline(stages: list[StageSpec]) -> None:
-    for s in stages:  # names become folder names: checked before anything else
-        check_name(s.name, "Stage name", "rename it: stage.name={name}, or in a pipeline "
-                   "rename its key under pipeline.stages (e.g. to '{name}') and the init_from "
-                   "that refer to it.")
-    seen: list[str] = []
-    for s in stages:
-        if s.name in seen:
-            raise FtlabError(f"Two stages are named '{s.name}'.", "give each stage its own name.")
-        if s.init_from != "pretrained" and s.init_from not in seen:
-            raise FtlabError(
-                f"Stage '{s.name}' starts from '{s.init_from}', which is not an earlier stage.",
-                f"use init_from: pretrained or one of: {choices_text(seen) or '(none yet)'}.")
-        if s.task is None or "_target_" not in s.task:
-            raise FtlabError(f"Stage '{s.name}' has no task.",
-                             "give it a task node with a _target_ (see conf/stage/*.yaml).")
-        for node, what in ((s.peft, "peft"), (s.regularizer, "regularizer")):
-            if node is not None and not (isinstance(node, dict) and "_target_" in node):
-                raise FtlabError(f"Stage '{s.name}' has a {what} node without a _target_.",
-                                 f"give it a mapping with a _target_ (see conf/{what}/*.yaml), "
-                                 "or null for the run's group.")
-        _check_teachers(s, seen)
-        seen.append(s.name)
-
-
-def _check_head_warmup(s: StageSpec, key: str) -> None:
-    n = s.head_warmup_steps
-    if n >= 1 and not float(n).is_integer():
-        raise FtlabError(f"Stage '{s.name}' has head_warmup_steps={n}: a step count must be a "
-                         "whole number.", f"{key}.head_warmup_steps={int(n)} (steps), or a "
-                         "share of the stage's steps below 1 (e.g. 0.1).")
-
-
-def _check_teachers(s: StageSpec, seen: list[str]) -> None:
-    from ftlab.distill import is_run_dir, split_ref
-
-    for teacher in s.teachers:
-        if is_run_dir(teacher):
-            if not split_ref(teacher)[0].is_dir():
-                raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is no folder.",
-                                 "give finished run folders (outputs/runs/<time>, a sweep's job "
-                                 "folder), optionally folder#stage, or earlier stage names.")
-        elif teacher not in seen:
-            raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is not an earlier "
-                             "stage.", f"use earlier stages ({choices_text(seen) or 'none yet'}) "
-                             "or run folders (with a '/').")
-    # (ranges of teacher_rows and teacher_temperature: their rules on StageSpec)
-    if s.teacher_rows is not None and not s.teachers:
-        raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows} but no teachers.",
-                         "iPET: a positive number of teacher-labelled rows to add, with "
-                         "teachers; null to distil on every row.")
