@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ftlab.budget import BUDGET_KEY
 from ftlab.cli import CONFIG_DIR
 from ftlab.config import bind_schema, check_binds, plain
 from ftlab.data.spec import DataSpec
@@ -75,6 +76,7 @@ def test_every_option_composes_binds_and_runs(group, option, make_cfg, sentiment
     bind_schema(DataSpec, cfg.data, "data")
     stages = build_pipeline(cfg)
     lightning = split_trainer(plain(cfg.trainer), "trainer")[0]  # without ftlab's own keys
+    lightning.pop(BUDGET_KEY, None)  # nor the adaptive budget (ftlab/budget.py)
     for node in (lightning, split_peft(cfg.peft)[0], cfg.regularizer,
                  *(cfg.callbacks or {}).values(), *(cfg.logger or {}).values(),
                  *(s.task for s in stages)):
