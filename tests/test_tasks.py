@@ -266,7 +266,7 @@ def test_aux_mlm_loss_runs_through_the_peft_prepared_model(tiny, peft_name):
 def test_aux_mlm_head_sees_a_wrappers_swapped_in_tied_embeddings(tiny):
     """Diff pruning's delta on the word embeddings reaches the tied MLM decoder too."""
     task, model, batch = aux_setup(tiny, "diff_pruning")
-    model.projected = True  # no random gates: the delta as is
+    model.phase2 = True  # fixed-mask phase with the all-ones initial mask: the delta as is
     i = model.names.index("bert.embeddings.word_embeddings.weight")
     with torch.no_grad():
         model.delta[i].fill_(0.01)
