@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import json
 import pstats
 import tempfile
 
@@ -108,6 +109,8 @@ def main() -> None:
     for name, (calls, ops) in rows.items():
         print(f"| {name} | {calls:.0f} | {ops:.1f} | {calls - base[0]:+.0f}, "
               f"{ops - base[1]:+.1f} |")
+    print(json.dumps({"benchmark": "step_counts", "per_step": {
+        name: {"python_calls": calls, "aten_ops": ops} for name, (calls, ops) in rows.items()}}))
 
 
 if __name__ == "__main__":
