@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
 from ftlab.artefact import write_stage_card
-from ftlab.budget import early_stopping, epochs_for, plan, steps_per_epoch
+from ftlab.budget import early_stopping, plan
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, HeadWarmup, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
@@ -115,9 +115,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
 
         find_batch_size(trainer, module, dm, rt, stage.where)
         if budget:  # the budget was planned for the first batch tried: re-plan for the found one
-            per_epoch = steps_per_epoch(stage.trainer, rows, dm.batch_size)
-            budget |= {"steps_per_epoch": per_epoch, "max_epochs": epochs_for(
-                stage.budget, stage.trainer.get("max_epochs"), per_epoch)}
+            budget = plan(stage.budget, stage.trainer, rows, dm.batch_size)[1]
             trainer.fit_loop.max_epochs = budget["max_epochs"]
     if budget:
         log.info("Stage %s: adaptive budget, up to %d epochs of %d steps (min_steps %d, early "
