@@ -123,7 +123,7 @@ def head_warmup(name: str, value: str | None) -> list[str]:
 def adaptive(args: argparse.Namespace) -> dict:
     common = [*QUIET, f"data.max_train_samples={args.labels}",
               f"data.max_eval_samples={args.eval_samples}", f"cache.dir={args.cache_dir}",
-              f"trainer.precision={args.precision}"]
+              f"trainer.precision={args.precision}", *args.extra]
     task = "pipeline.stages.task"
 
     def lr_key(name: str) -> str:  # where a configuration's classifier takes its LR
@@ -219,6 +219,8 @@ def main() -> None:
     p.add_argument("--cache-dir", default="outputs/bench_stage_cache")
     p.add_argument("--out", default="outputs/bench/adaptive")
     p.add_argument("--sweep-timing", action="store_true", help="only the cache timing")
+    p.add_argument("--extra", nargs="*", default=[], help="more ftlab overrides for every job, "
+                   "e.g. trainer.accelerator=gpu")
     args = p.parse_args()
     quiet()
     results = sweep_timing(args) if args.sweep_timing else adaptive(args)

@@ -19,6 +19,7 @@
 #       what time is left (skipped under 40 s)
 # and writes logs and JSON into $OUT (at most 10 files: env.txt, overhead.{log,json},
 # compiled.{log,json}, run_gpu.{log,json}, run_auto.{log,json}, summary.json).
+# STEPS="a2 b" runs only those steps (default: all four, "a a2 b c").
 # GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny model and a few steps (a dry run
 # of the script's Python parts where there is no GPU; it uses the current environment).
 set -u -o pipefail
@@ -26,6 +27,8 @@ OUT=${OUT:-/tmp/gpu_check_out}
 KIT=${KIT:-$PWD/.devkit}
 mkdir -p "$OUT"
 START=$(date +%s)
+STEPS=" ${STEPS:-a a2 b c} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 left() { echo $(( ${BUDGET:-570} - ($(date +%s) - START) )); }
 limit() {  # a step's timeout: what it asks for, or what is left of the budget
   local want=$1 l; l=$(( $(left) - 10 ))
@@ -79,22 +82,30 @@ EOF
 cat "$OUT/env.txt"
 grep -q "ftlab imports: ok" "$OUT/env.txt" || { echo "ftlab does not import; see env.txt"; exit 1; }
 
+if want a; then
 echo "== (a) overhead benchmark, eager ($(left) s left)"
 timeout "$(limit 130)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops 989e12 \
   --json "$OUT/overhead.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/overhead.log"
+fi
 
+if want a2; then
 echo "== (a2) overhead benchmark, buckets + compile reduce-overhead ($(left) s left)"
 timeout "$(limit 230)" python3 benchmarks/overhead.py "${COMPILED[@]}" --peak-flops 989e12 \
   --json "$OUT/compiled.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/compiled.log"
+fi
 
-echo "== (b) ftlab ${RUN[*]} ($(left) s left)"
 rm -rf /tmp/gpu_runs
 COMMON=(logger=csv trainer.enable_progress_bar=false cache.stages=off stage.save_artefact=false)
+if want b; then
+echo "== (b) ftlab ${RUN[*]} ($(left) s left)"
 timeout "$(limit 130)" python3 -m ftlab "${RUN[@]}" "${COMMON[@]}" hydra.run.dir=/tmp/gpu_runs/gpu \
   2>&1 | grep -iv "warning" | tee "$OUT/run_gpu.log" | tail -25
 cp /tmp/gpu_runs/gpu/metrics.json "$OUT/run_gpu.json" 2>/dev/null
+fi
 
-if (( $(left) >= 40 )); then
+if ! want c; then
+  :
+elif (( $(left) >= 40 )); then
   echo "== (c) ftlab ${AUTO[*]} stage.batch_size=auto ($(left) s left)"
   timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto "${COMMON[@]}" \
     hydra.run.dir=/tmp/gpu_runs/auto 2>&1 | grep -iv "warning" | tee "$OUT/run_auto.log" | tail -25

@@ -72,9 +72,19 @@ def model_spec(size: str):
 
 
 # The only two places that touch ftlab's module/task APIs (adapt them here if those change).
-def ftlab_module(model: torch.nn.Module, task) -> L.LightningModule:
+def ftlab_module(model: torch.nn.Module, task, mode: str | None = None) -> L.LightningModule:
     """ftlab's LightningModule for plain full fine-tuning, as trainer=gpu runs it."""
-    return FineTuneModule(model, task, NoRegularizer(), OptimSpec(), check_finite_every=50)
+    return FineTuneModule(model, task, NoRegularizer(), OptimSpec(), check_finite_every=50,
+                          cudagraphs=mode in CUDAGRAPH_MODES)
+
+
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def mark_step(mode: str | None) -> None:
+    """A new CUDA-graph iteration (as ftlab's module marks each step under such a mode)."""
+    if mode in CUDAGRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def task_loss(task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -122,8 +132,9 @@ def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
     return model
 
 
-def run_ftlab(task, model, loader, clock: Clock, precision: str) -> Clock:
-    module = ftlab_module(model, task)
+def run_ftlab(task, model, loader, clock: Clock, precision: str,
+              mode: str | None = None) -> Clock:
+    module = ftlab_module(model, task, mode)
     trainer = L.Trainer(accelerator="gpu" if clock.device.type == "cuda" else "cpu", devices=1,
                         max_steps=clock.warmup + clock.steps, precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -139,7 +150,8 @@ def cycle(loader):
         yield from loader
 
 
-def run_plain(task, model, loader, clock: Clock, precision: str) -> Clock:
+def run_plain(task, model, loader, clock: Clock, precision: str,
+              mode: str | None = None) -> Clock:
     device = clock.device
     model = model.to(device).train()
     total = clock.warmup + clock.steps
@@ -147,6 +159,7 @@ def run_plain(task, model, loader, clock: Clock, precision: str) -> Clock:
     it = cycle(loader)
     for step in range(1, total + 1):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+        mark_step(mode)
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=precision == "bf16-mixed"):
             loss = task_loss(task, model, batch)
@@ -159,7 +172,8 @@ def run_plain(task, model, loader, clock: Clock, precision: str) -> Clock:
     return clock
 
 
-def warm_shapes(task, model, loader, device: torch.device, precision: str) -> int:
+def warm_shapes(task, model, loader, device: torch.device, precision: str,
+                mode: str | None = None) -> int:
     """One forward/backward per distinct batch shape of an epoch (kernel planning is paid
     here, not in whichever variant meets the shape first); returns the number of shapes."""
     seen: dict[tuple, dict] = {}
@@ -169,6 +183,7 @@ def warm_shapes(task, model, loader, device: torch.device, precision: str) -> in
         model = model.to(device).train()
         for batch in seen.values():
             batch = {k: v.to(device) for k, v in batch.items()}
+            mark_step(mode)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
                 task_loss(task, model, batch).backward()
         model.zero_grad(set_to_none=True)
@@ -195,7 +210,7 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
     base = task.build_model(spec)
     params = sum(p.numel() for p in base.parameters())
     shapes = warm_shapes(task, compiled(copy.deepcopy(base), args.compile),
-                         dm.train_dataloader(), device, args.precision)
+                         dm.train_dataloader(), device, args.precision, args.compile)
     free(device)
     variants = {"plain": run_plain, "ftlab": run_ftlab}
     out: dict[str, list] = {k: [] for k in [*variants, *(["pad128"] if args.pad128 else [])]}
@@ -208,13 +223,14 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
                     padded.splits["train"], batch_size=size, shuffle=True,  # same seed each time
                     collate_fn=padded.collate, generator=torch.Generator().manual_seed(0))
                 run_ftlab(task, compiled(copy.deepcopy(base), args.compile), loader, clock,
-                          args.precision)
+                          args.precision, args.compile)
             else:
                 model = compiled(copy.deepcopy(base), args.compile)
                 if args.compile:  # this copy's graphs (CUDA graphs: its own addresses) for
                     warm_shapes(task, model, dm.train_dataloader(), device,  # every shape,
-                                args.precision)  # outside the timed window
-                variants[name](task, model, dm.train_dataloader(), clock, args.precision)
+                                args.precision, args.compile)  # outside the timed window
+                variants[name](task, model, dm.train_dataloader(), clock, args.precision,
+                               args.compile)
             out[name].append(clock)
             free(device)
         c = {k: v[-1] for k, v in out.items()}

@@ -17,9 +17,12 @@ class FineTuneModule(L.LightningModule):
     """Training/validation/test steps shared by every stage; the task supplies the rest."""
 
     def __init__(self, model: nn.Module, task: Task, regularizer: Regularizer,
-                 optim: OptimSpec, check_finite_every: int = 1) -> None:
+                 optim: OptimSpec, check_finite_every: int = 1, cudagraphs: bool = False) -> None:
         """``check_finite_every``: look at the device-side divergence record every this many
-        training steps (and at every epoch's end); each look makes the host wait for the GPU."""
+        training steps (and at every epoch's end); each look makes the host wait for the GPU.
+        ``cudagraphs``: the model is compiled with CUDA graphs (``compile: reduce-overhead``);
+        every step is then marked as a new iteration, or a replay could overwrite outputs that
+        the step's backward still reads."""
         super().__init__()
         self.model = model.train()  # HF loads in eval mode; Lightning keeps modes as found
         # once, not per step: isinstance against a runtime Protocol looks its methods up
@@ -41,11 +44,17 @@ class FineTuneModule(L.LightningModule):
         self._fsdp_root: bool | None = None  # whether the Trainer's model is an FSDP root
         self.applied_lr: float | None = None  # the peak LR after optim.lr_scaling
         self._total_steps = 0  # the stage's optimiser steps, for FollowsSteps models
+        self.cudagraphs = cudagraphs
 
     def on_train_start(self) -> None:
         self._total_steps = int(self.trainer.estimated_stepping_batches)
 
+    def _mark_step(self) -> None:
+        if self.cudagraphs:  # one iteration of the CUDA graph trees per step
+            torch.compiler.cudagraph_mark_step_begin()
+
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._mark_step()
         if isinstance(self.model, FollowsSteps):  # movement/diff pruning schedules
             self.model.at_step(self.trainer.global_step, self._total_steps)
 
@@ -125,6 +134,7 @@ class FineTuneModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection,
                    split: str) -> None:
+        self._mark_step()
         out = self.task.forward(self.model, batch)
         self.task.update(metrics, out, batch)
         self.log(f"{split}/loss", out.loss, batch_size=batch["input_ids"].shape[0],

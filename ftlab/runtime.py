@@ -57,6 +57,11 @@ class RuntimeSpec:
     auto_batch_max_trials: Annotated[int, at_least(1, example="6")] = 6
 
 
+    def cudagraphs(self) -> bool:
+        """Whether the compile mode records CUDA graphs (each step must then be marked:
+        ``torch.compiler.cudagraph_mark_step_begin``)."""
+        return self.compile_mode() in ("reduce-overhead", "max-autotune")
+
     def compile_mode(self) -> str | None:
         """The ``torch.compile`` mode of ``compile`` (None: not compiled)."""
         if self.compile is False:

@@ -95,7 +95,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if rt.compile_mode():  # in place: parameter names and state dicts stay the same
         model.compile(mode=rt.compile_mode())
     module = FineTuneModule(model, task, regularizer, stage.optim,
-                            check_finite_every=rt.check_finite_every_n_steps)
+                            check_finite_every=rt.check_finite_every_n_steps,
+                            cudagraphs=rt.cudagraphs())
     keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput()
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name}

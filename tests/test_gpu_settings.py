@@ -208,3 +208,34 @@ def test_fsdp_clips_the_norm_of_the_whole_model_through_its_root(tmp_path):
         assert norm() == pytest.approx(1.0, rel=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode, marks", [("reduce-overhead", True), ("max-autotune", True),
+                                         ("default", False), (False, False)])
+def test_cuda_graph_modes_mark_every_train_and_eval_step(mode, marks, monkeypatch):
+    """Under CUDA graphs a replay overwrites the previous step's outputs unless each step is
+    marked as a new iteration (the GPU check's failure before the mark: "accessing tensor
+    output of CUDAGraphs that has been overwritten by a subsequent run")."""
+    import lightning as L
+
+    from ftlab.module import FineTuneModule
+    from ftlab.optim import OptimSpec
+    from ftlab.regularizers.none import NoRegularizer
+    from ftlab.runtime import RuntimeSpec
+    from ftlab.tasks.classify import Classify
+    from tests.test_peft_contract import batch, tiny_model
+
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    rt = RuntimeSpec(compile=mode)
+    assert rt.cudagraphs() is marks
+    task = Classify()
+    task.labels = ["neg", "pos"]
+    module = FineTuneModule(tiny_model(), task, NoRegularizer(), OptimSpec(lr=1e-3),
+                            cudagraphs=rt.cudagraphs())
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, limit_val_batches=2,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader([batch(i) for i in range(3)], batch_size=None)
+    trainer.fit(module, loader, loader)
+    assert len(calls) == (3 + 2 if marks else 0)  # 3 training steps, 2 validation batches
