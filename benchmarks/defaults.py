@@ -123,7 +123,8 @@ def table(lines: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in lines:
         f, b = r["ftlab"], r["tfidf_lr"]
-        print(f"| {r['set']} | {b['train_rows']} | {b['test_rows']} | {f['acc']:.3f} | "
+        print(f"| {r['set']} (seed {r.get('seed', 1)}) | {b['train_rows']} | "
+              f"{b['test_rows']} | {f['acc']:.3f} | "
               f"{f['f1']:.3f} | {f['seconds']:.0f} ({f['steps']}) | {b['acc']:.3f} | "
               f"{b['f1']:.3f} | {b['seconds']:.1f} |")
 
@@ -132,6 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="rt_full,rt_1000,vitaminc,rt_imb")
     parser.add_argument("--out", default="outputs/bench_defaults")
+    parser.add_argument("--seeds", default="1", help="seeds of the default run (the config's "
+                        "default is 1), e.g. 1,2,3; TF-IDF + LR is deterministic")
     args = parser.parse_args()
     from ftlab.cli import quiet
 
@@ -141,12 +144,15 @@ def main() -> None:
     for name in args.sets.split(","):
         if name == "rt_imb":
             write_imbalanced(out / "rt_imb")
-        line = {"set": name, "overrides": catalogue[name],
-                "tfidf_lr": tfidf_lr(catalogue[name]),
-                "ftlab": default_run(catalogue[name], out / name)}
-        print(json.dumps(line), flush=True)
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        baseline = tfidf_lr(catalogue[name])
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            extra, folder = ([], out / name) if seed == 1 else ([f"seed={seed}"],
+                                                                 out / f"{name}_seed{seed}")
+            line = {"set": name, "seed": seed, "overrides": catalogue[name] + extra,
+                    "tfidf_lr": baseline, "ftlab": default_run(catalogue[name] + extra, folder)}
+            print(json.dumps(line), flush=True)
+            with (out / "results.jsonl").open("a") as f:
+                f.write(json.dumps(line) + "\n")
     table([json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()])
 
 
