@@ -4,6 +4,8 @@ Captured with dynamo's ``eager`` backend: no kernels are built (CPU, seconds).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -119,3 +121,31 @@ def test_the_run_check_refuses_accumulation_with_reduce_overhead(make_cfg):
         check_configs(stages)
     given = given[:2]
     check_configs(build_pipeline(make_cfg(given), explicit_keys(given)))
+
+
+def test_a_run_with_reduce_overhead_trains_through_the_one_compile_seam(make_cfg, sentiment_dir,
+                                                                         monkeypatch):
+    """ftlab.stage compiles through compile_model (fullgraph under CUDA graphs): training,
+    validation and test steps of tiny BERT run as full graphs (AOT autograd's capture, no
+    kernels), and the artefact keeps the eager parameter names."""
+    import ftlab.stage
+    from ftlab.run import run
+    from ftlab.store import load_tensors
+    from tests.conftest import tiny_overrides
+
+    seen = []
+
+    def compile_aot(model, mode):
+        seen.append(mode)
+        return compile_model(model, mode, backend="aot_eager")
+
+    monkeypatch.setattr(ftlab.stage, "compile_model", compile_aot)
+    torch._dynamo.reset()
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "trainer.compile=reduce-overhead", "trainer.pad_to_buckets=[16,32,64]",
+        "stage.trainer.max_steps=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"])
+    record = run(cfg)
+    assert seen == ["reduce-overhead"] and record["status"] == "ok", record
+    state = load_tensors(Path(cfg.paths.output_dir) / "classify" / "trainable.safetensors")
+    _, model, _ = classifier("tiny_bert")
+    assert set(state) == {n for n, _ in model.named_parameters()}  # no _orig_mod. prefix
