@@ -46,7 +46,7 @@ def compile_model(model: nn.Module, mode: str | None, backend: str = "inductor")
     fullgraph = mode in CUDAGRAPH_MODES
     kwargs: dict[str, Any] = {"mode": mode} if backend == "inductor" else {"backend": backend}
     model.compile(fullgraph=fullgraph, **kwargs)
-    if fullgraph:  # nn.Module.compile keeps the compiled callable here (torch >= 2.2)
+    if fullgraph and model._compiled_call_impl is not None:  # where nn.Module.compile keeps it
         model._compiled_call_impl = _refusing_breaks(model._compiled_call_impl, mode,
                                                      type(model).__name__)
     return model
