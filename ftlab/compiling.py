@@ -22,6 +22,7 @@ must hold, and ftlab checks both instead of failing on a GPU mid-run:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,10 @@ from ftlab.errors import FtlabError
 
 #: ``torch.compile`` modes that record and replay CUDA graphs
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: recompilations allowed per compiled forward under ``fullgraph`` (torch's default, 8, falls
+#: back to eager without it, but fails hard with it): batch shapes x train/eval x the layers
+#: that GradualUnfreeze/HeadWarmup (un)freeze each ask for one
+RECOMPILE_LIMIT = 64
 
 
 def compile_model(model: nn.Module, mode: str | None, backend: str = "inductor") -> nn.Module:
@@ -45,6 +50,11 @@ def compile_model(model: nn.Module, mode: str | None, backend: str = "inductor")
         return model
     fullgraph = mode in CUDAGRAPH_MODES
     kwargs: dict[str, Any] = {"mode": mode} if backend == "inductor" else {"backend": backend}
+    if fullgraph and "recompile_limit" in inspect.signature(torch.compile).parameters:
+        kwargs["recompile_limit"] = RECOMPILE_LIMIT  # this forward's own (torch >= 2.13)
+    elif fullgraph:  # older torch: the process-wide limit
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     model.compile(fullgraph=fullgraph, **kwargs)
     if fullgraph and model._compiled_call_impl is not None:  # where nn.Module.compile keeps it
         model._compiled_call_impl = _refusing_breaks(model._compiled_call_impl, mode,
@@ -65,20 +75,32 @@ def check_trainer(mode: str | None, trainer: dict[str, Any], where: str) -> None
 
 
 def _refusing_breaks(call: Callable[..., Any], mode: str, name: str) -> Callable[..., Any]:
-    """``call`` with dynamo's full-graph failure turned into an ``FtlabError``."""
-    from torch._dynamo.exc import Unsupported, UserError  # a break; a data-dependent guard
+    """``call`` with dynamo's full-graph failures turned into ``FtlabError``s."""
+    from torch._dynamo import exc
+
+    Unsupported, UserError = exc.Unsupported, exc.UserError
+    FailOnRecompileLimitHit = getattr(exc, "FailOnRecompileLimitHit", Unsupported)
+
+    no_graphs = "use trainer.compile=max-autotune-no-cudagraphs (or default): the same kernels " \
+                "without CUDA graphs, where "
 
     @functools.wraps(call)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return call(*args, **kwargs)
-        except (Unsupported, UserError) as err:
+        except FailOnRecompileLimitHit:
+            raise FtlabError(
+                f"trainer.compile={mode}: {name}'s forward was compiled more than "
+                f"{RECOMPILE_LIMIT} times (each new batch shape, train/eval switch or change "
+                "of frozen layers compiles it again).",
+                "use trainer.pad_to_buckets (few shapes), or " + no_graphs
+                + "the limit only falls back to uncompiled steps.") from None
+        except (Unsupported, UserError) as err:  # a break; a data-dependent guard
             raise FtlabError(
                 f"trainer.compile={mode} records CUDA graphs, which need the model's forward "
                 f"to be one graph, but {name}'s forward (with this task's loss) has a graph "
                 f"break: {break_reason(err)}",
-                "use trainer.compile=max-autotune-no-cudagraphs (or default): the same kernels "
-                "without CUDA graphs, where graph breaks are harmless.") from None
+                no_graphs + "graph breaks are harmless.") from None
     return run
 
 

@@ -60,6 +60,17 @@ def test_cuda_graph_modes_compile_in_place_as_one_graph():
         torch.testing.assert_close(p.grad, eager[n])
 
 
+class Net(nn.Module):
+    """A forward of one graph (a module of the test, not of torch: dynamo traces it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x).relu()
+
+
 class Breaks(nn.Module):
     """A forward with a graph break in the middle (what a data-dependent op does)."""
 
@@ -91,6 +102,24 @@ def test_without_cuda_graphs_a_graph_break_is_fine(mode):
     x = torch.randn(2, 4)
     assert model(x).item() == pytest.approx(model._call_impl(x).item())
     assert compile_model(Breaks(), None)._compiled_call_impl is None  # off: left eager
+
+
+def test_recompilations_past_the_limit_are_refused_not_left_to_crash(monkeypatch):
+    """Under fullgraph torch's recompile limit is a hard failure: ftlab raises it to
+    RECOMPILE_LIMIT (more than torch's 8) and names the fix past it."""
+    import ftlab.compiling
+
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # one per shape
+        torch._dynamo.reset()
+        model = compile_model(Net(), "reduce-overhead", backend="eager")
+        for rows in range(1, 12):  # 11 shapes: past torch's default of 8
+            model(torch.randn(rows, 4))
+        monkeypatch.setattr(ftlab.compiling, "RECOMPILE_LIMIT", 2)
+        torch._dynamo.reset()
+        model = compile_model(Net(), "reduce-overhead", backend="eager")
+        model(torch.randn(1, 4)), model(torch.randn(2, 4))
+        with pytest.raises(FtlabError, match=r"compiled more than 2 times.*\nFix: use trainer."):
+            model(torch.randn(3, 4))
 
 
 @pytest.mark.parametrize("mode, accumulate, refused", [
