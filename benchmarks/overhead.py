@@ -51,6 +51,7 @@ try:
     from benchmarks._common import MINILM, rotten_setup
 except ImportError:  # run as `python benchmarks/overhead.py` without the repo on sys.path
     from _common import MINILM, rotten_setup
+from ftlab.compiling import CUDAGRAPH_MODES, compile_model
 from ftlab.module import FineTuneModule
 from ftlab.optim import OptimSpec, build_optimizer
 from ftlab.regularizers.none import NoRegularizer
@@ -76,9 +77,6 @@ def ftlab_module(model: torch.nn.Module, task, mode: str | None = None) -> L.Lig
     """ftlab's LightningModule for plain full fine-tuning, as trainer=gpu runs it."""
     return FineTuneModule(model, task, NoRegularizer(), OptimSpec(), check_finite_every=50,
                           cudagraphs=mode in CUDAGRAPH_MODES)
-
-
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def mark_step(mode: str | None) -> None:
@@ -126,10 +124,9 @@ class StepClock(L.Callback):
 
 
 def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
-    """``model`` compiled in place as ``trainer.compile`` does (ftlab.stage), or as it is."""
-    if mode:
-        model.compile(mode=mode)
-    return model
+    """``model`` compiled in place as ``trainer.compile`` does (ftlab.compiling, the helper
+    ftlab.stage calls: full graph under CUDA graphs), or as it is."""
+    return compile_model(model, mode)
 
 
 def run_ftlab(task, model, loader, clock: Clock, precision: str,
@@ -175,7 +172,8 @@ def run_plain(task, model, loader, clock: Clock, precision: str,
 def warm_shapes(task, model, loader, device: torch.device, precision: str,
                 mode: str | None = None) -> int:
     """One forward/backward per distinct batch shape of an epoch (kernel planning is paid
-    here, not in whichever variant meets the shape first); returns the number of shapes."""
+    here, not in whichever variant meets the shape first), gradients dropped after each;
+    returns the number of shapes."""
     seen: dict[tuple, dict] = {}
     for batch in loader:
         seen.setdefault(tuple(batch["input_ids"].shape), batch)
@@ -185,8 +183,12 @@ def warm_shapes(task, model, loader, device: torch.device, precision: str,
             batch = {k: v.to(device) for k, v in batch.items()}
             mark_step(mode)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                task_loss(task, model, batch).backward()
-        model.zero_grad(set_to_none=True)
+                loss = task_loss(task, model, batch)
+            loss.backward()
+            # every backward starts from no gradients, as a training step does: under CUDA
+            # graphs the gradients are graph outputs that the next replay overwrites, and
+            # accumulating into them fails (pytorch#169545)
+            model.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
     return len(seen)
 

@@ -21,8 +21,8 @@ class FineTuneModule(L.LightningModule):
         """``check_finite_every``: look at the device-side divergence record every this many
         training steps (and at every epoch's end); each look makes the host wait for the GPU.
         ``cudagraphs``: the model is compiled with CUDA graphs (``compile: reduce-overhead``);
-        every step is then marked as a new iteration, or a replay could overwrite outputs that
-        the step's backward still reads."""
+        every step is then marked as a new iteration of the graph trees (an evaluation step has
+        no backward to end one). What CUDA graphs need besides: ftlab/compiling.py."""
         super().__init__()
         self.model = model.train()  # HF loads in eval mode; Lightning keeps modes as found
         # once, not per step: isinstance against a runtime Protocol looks its methods up

@@ -40,7 +40,9 @@ class RuntimeSpec:
         compile: ``torch.compile`` the model before training: ``true`` (mode ``default``) or
             a mode, ``default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs``
             (``reduce-overhead`` replays CUDA graphs: few host launches per step, one graph
-            per batch shape, so use it with ``pad_to_buckets``).
+            per batch shape, so use it with ``pad_to_buckets``; the CUDA-graph modes need a
+            forward without graph breaks, else the first step stops with an FtlabError:
+            ftlab/compiling.py).
         auto_batch_init / auto_batch_max_trials: ``stage.batch_size=auto`` starts at this batch
             and doubles at most this many times while a step fits in memory.
     """
@@ -60,7 +62,9 @@ class RuntimeSpec:
     def cudagraphs(self) -> bool:
         """Whether the compile mode records CUDA graphs (each step must then be marked:
         ``torch.compiler.cudagraph_mark_step_begin``)."""
-        return self.compile_mode() in ("reduce-overhead", "max-autotune")
+        from ftlab.compiling import CUDAGRAPH_MODES
+
+        return self.compile_mode() in CUDAGRAPH_MODES
 
     def compile_mode(self) -> str | None:
         """The ``torch.compile`` mode of ``compile`` (None: not compiled)."""

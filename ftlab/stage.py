@@ -19,6 +19,7 @@ from ftlab.budget import early_stopping, plan
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, HeadWarmup, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
+from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard
 from ftlab.loggers import build_loggers
@@ -92,8 +93,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
              stage.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
              counts["params_trainable_pct"], peft.name, stage.optim.lr)
 
-    if rt.compile_mode():  # in place: parameter names and state dicts stay the same
-        model.compile(mode=rt.compile_mode())
+    compile_model(model, rt.compile_mode())  # in place: names and state dicts stay the same
     module = FineTuneModule(model, task, regularizer, stage.optim,
                             check_finite_every=rt.check_finite_every_n_steps,
                             cudagraphs=rt.cudagraphs())

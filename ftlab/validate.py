@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.build import StageBuilder
+from ftlab.compiling import check_trainer
 from ftlab.config import check_binds
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
@@ -61,6 +62,7 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
             check_binds(node, f"{stage.where} data.transforms[{i}]")
         check_strategy(stage)
         check_head_warmup(stage)
+        check_trainer(stage.runtime.compile_mode(), stage.trainer, stage.where)
 
 
 def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:

@@ -213,9 +213,9 @@ def test_fsdp_clips_the_norm_of_the_whole_model_through_its_root(tmp_path):
 @pytest.mark.parametrize("mode, marks", [("reduce-overhead", True), ("max-autotune", True),
                                          ("default", False), (False, False)])
 def test_cuda_graph_modes_mark_every_train_and_eval_step(mode, marks, monkeypatch):
-    """Under CUDA graphs a replay overwrites the previous step's outputs unless each step is
-    marked as a new iteration (the GPU check's failure before the mark: "accessing tensor
-    output of CUDAGraphs that has been overwritten by a subsequent run")."""
+    """Under CUDA graphs each step is marked as a new iteration of the graph trees (evaluation
+    steps have no backward that would end one). The mark does not keep outputs alive: the
+    GPU check's "overwritten by a subsequent run" was gradient accumulation (ftlab/compiling.py)."""
     import lightning as L
 
     from ftlab.module import FineTuneModule
