@@ -191,7 +191,8 @@ def test_movement_pruning_absolute_steps_and_bad_fractions():
         method("movement_pruning", initial_warmup=0.5, final_warmup=0.5)
 
 
-def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment_dir):
+@pytest.mark.parametrize("criterion", ["movement", "magnitude"])
+def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment_dir, criterion):
     """End to end: the stage's best epoch is one at the final sparsity, and its artefact holds
     exactly the target sparsity in every pruned matrix (``KeepBest`` skips earlier epochs)."""
     from ftlab.run import run
@@ -199,7 +200,7 @@ def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment
     from tests.conftest import tiny_overrides
 
     final = 0.6
-    cfg = make_cfg([*tiny_overrides(sentiment_dir), "peft=movement_pruning",
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "peft=movement_pruning", f"peft.criterion={criterion}",
                     f"peft.sparsity={final}", "stage.optim.lr=2e-3", "trainer.max_epochs=5"])
     record = run(cfg)
     assert record["status"] == "ok", record.get("error")
