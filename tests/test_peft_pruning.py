@@ -200,8 +200,9 @@ def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment
     from tests.conftest import tiny_overrides
 
     final = 0.6
-    cfg = make_cfg([*tiny_overrides(sentiment_dir), "peft=movement_pruning", f"peft.criterion={criterion}",
-                    f"peft.sparsity={final}", "stage.optim.lr=2e-3", "trainer.max_epochs=5"])
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "peft=movement_pruning",
+                    f"peft.criterion={criterion}", f"peft.sparsity={final}",
+                    "stage.optim.lr=2e-3", "trainer.max_epochs=5"])
     record = run(cfg)
     assert record["status"] == "ok", record.get("error")
     state = load_tensors(next(Path(cfg.paths.output_dir).rglob("trainable.safetensors")))
