@@ -145,6 +145,40 @@ def test_movement_pruning_schedule_in_training():
         assert kept == round((1 - final) * score.numel())  # exactly the target at the end
 
 
+def test_magnitude_criterion_keeps_the_largest_weights_on_the_same_schedule():
+    """``criterion=magnitude`` (the reference's ``--pruning_method magnitude``): every step's
+    mask keeps exactly the largest |w| of each matrix at the scheduled sparsity; no scores
+    train, and the artefact holds the final magnitude mask."""
+    steps, final = 20, 0.5
+    peft = method("movement_pruning", sparsity=final, criterion="magnitude")
+    model = peft.apply(tiny_model())
+    seen: dict[int, float] = {}
+
+    def look(m, step):
+        masks = m.masks()
+        for w, mask in zip(m.originals(), masks, strict=True):
+            if bool((mask == 0).any()):  # every pruned |w| is below every kept one
+                a = w.detach().abs()
+                assert a[mask == 0].max() <= a[mask == 1].min(), step
+        seen[step] = sum(float((x == 0).sum()) for x in masks) / sum(x.numel() for x in masks)
+
+    fit(model, steps, look, lr=1e-3)
+    for step in range(steps):
+        model.at_step(step, steps)
+        assert seen[step] == pytest.approx(model.current_sparsity(), abs=0.01), step
+    assert seen[steps - 1] == pytest.approx(final, abs=0.01)
+    assert all(not s.requires_grad and bool((s == 0).all()) for s in model.scores)
+    state = peft.trainable_state(model)
+    assert not any(k.startswith("scores.") for k in state)
+    for name, w in zip(model.names, model.originals(), strict=True):
+        saved = state[f"model.{name}"]
+        assert int((saved != 0).sum()) == round((1 - final) * w.numel())
+        kept = w.detach().abs()[saved != 0]
+        assert kept.min() >= w.detach().abs()[saved == 0].max()  # the largest |w| survive
+    with pytest.raises(FtlabError, match="criterion"):
+        method("movement_pruning", criterion="random")
+
+
 def test_movement_pruning_absolute_steps_and_bad_fractions():
     model = method("movement_pruning", sparsity=0.8, schedule_steps=10).apply(tiny_model())
     model.at_step(1, 1000)  # the stage is longer: the schedule spans 10 steps, then holds
@@ -157,7 +191,8 @@ def test_movement_pruning_absolute_steps_and_bad_fractions():
         method("movement_pruning", initial_warmup=0.5, final_warmup=0.5)
 
 
-def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment_dir):
+@pytest.mark.parametrize("criterion", ["movement", "magnitude"])
+def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment_dir, criterion):
     """End to end: the stage's best epoch is one at the final sparsity, and its artefact holds
     exactly the target sparsity in every pruned matrix (``KeepBest`` skips earlier epochs)."""
     from ftlab.run import run
@@ -166,7 +201,8 @@ def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment
 
     final = 0.6
     cfg = make_cfg([*tiny_overrides(sentiment_dir), "peft=movement_pruning",
-                    f"peft.sparsity={final}", "stage.optim.lr=2e-3", "trainer.max_epochs=5"])
+                    f"peft.criterion={criterion}", f"peft.sparsity={final}",
+                    "stage.optim.lr=2e-3", "trainer.max_epochs=5"])
     record = run(cfg)
     assert record["status"] == "ok", record.get("error")
     state = load_tensors(next(Path(cfg.paths.output_dir).rglob("trainable.safetensors")))

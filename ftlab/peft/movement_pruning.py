@@ -3,7 +3,9 @@ scores for the linear weights of every transformer layer; a straight-through top
 highest-scoring ``1 - sparsity`` of each matrix. The sparsity follows the paper's cubic schedule:
 0 for the first ``initial_warmup`` of the steps (the scores learn, so no ties pick the first mask),
 then ``s_f * (1 - (1 - t)^3)``, then ``s_f`` held for the last ``final_warmup``. The artefact is the
-pruned model (masked weights; zeros where pruned)."""
+pruned model (masked weights; zeros where pruned). ``criterion="magnitude"`` keeps the largest
+``|w|`` instead, on the same schedule (the reference's ``--pruning_method magnitude``, the
+paper's baseline)."""
 
 from __future__ import annotations
 
@@ -52,14 +54,15 @@ def cubic_sparsity(step: int, total: int, final: float, initial_warmup: float,
 class MovementModel(Reparametrized):
     def __init__(self, model: nn.Module, names: list[str], sparsity: float,
                  initial_warmup: float, final_warmup: float,
-                 schedule_steps: int | None = None) -> None:
+                 schedule_steps: int | None = None, criterion: str = "movement") -> None:
         super().__init__(model, names)
-        self.sparsity, self.schedule_steps = sparsity, schedule_steps
+        self.sparsity, self.schedule_steps, self.criterion = sparsity, schedule_steps, criterion
         self.initial_warmup, self.final_warmup = initial_warmup, final_warmup
         # the reference's ``--mask_init constant --mask_scale 0.``: every score starts at 0; the
         # warm-up (sparsity 0) lets the scores learn -w * dL/dw before any weight is pruned
         self.scores = nn.ParameterList([nn.Parameter(torch.zeros_like(w))
                                         for w in self.originals()])
+        self.scores.requires_grad_(criterion == "movement")  # magnitude: no scores to learn
         self.step = self.total = 0  # optimiser steps done, of the stage's (told by ``at_step``)
         self.fixed = False  # after loading an artefact: the mask is its non-zero weights
 
@@ -81,6 +84,8 @@ class MovementModel(Reparametrized):
         if self.fixed:
             return [(s > 0).to(s.dtype) for s in self.scores]
         keep = 1.0 - self.current_sparsity()
+        if self.criterion == "magnitude":  # the mask is a constant of |w| (no gradient to it)
+            return [TopKMask.apply(w.detach().abs(), keep) for w in self.originals()]
         return [TopKMask.apply(s, keep) for s in self.scores]
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -94,13 +99,14 @@ class MovementPruning:
         initial_warmup: fraction of the steps before pruning starts (sparsity 0).
         final_warmup: fraction of the steps at the end with the final sparsity held.
         schedule_steps: the steps the schedule spans; None = the stage's optimiser steps.
+        criterion: ``movement`` (learnt scores) or ``magnitude`` (the largest ``|w|``).
     """
 
     name = "movement_pruning"
 
     def __init__(self, sparsity: float = 0.5, initial_warmup: float = 0.1,
                  final_warmup: float = 0.2, schedule_steps: int | None = None,
-                 drop_top: int = 0, reinit_top: int = 0) -> None:
+                 criterion: str = "movement", drop_top: int = 0, reinit_top: int = 0) -> None:
         if not (0 <= initial_warmup and 0 <= final_warmup and initial_warmup + final_warmup < 1):
             raise FtlabError(f"movement pruning's initial_warmup={initial_warmup} and "
                              f"final_warmup={final_warmup} leave no steps to prune in.",
@@ -108,8 +114,12 @@ class MovementPruning:
         if schedule_steps is not None and schedule_steps <= 0:
             raise FtlabError(f"movement pruning's schedule_steps={schedule_steps} is not "
                              "positive.", "use a step count > 0, or null for the stage's steps.")
+        if criterion not in ("movement", "magnitude"):
+            raise FtlabError(f"movement pruning's criterion='{criterion}' is not known.",
+                             "use peft.criterion=movement (learnt scores) or magnitude (|w|).")
         self.sparsity, self.schedule_steps = sparsity, schedule_steps
         self.initial_warmup, self.final_warmup = initial_warmup, final_warmup
+        self.criterion = criterion
         self.drop_top, self.reinit_top = drop_top, reinit_top
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -119,7 +129,7 @@ class MovementPruning:
                   if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}  # GPT-2: Conv1D
         names = [n for n, p in model.named_parameters() if id(p) in linear]
         return MovementModel(model, names, self.sparsity, self.initial_warmup,
-                             self.final_warmup, self.schedule_steps)
+                             self.final_warmup, self.schedule_steps, self.criterion)
 
     def trainable_state(self, model: MovementModel) -> dict[str, torch.Tensor]:
         state = dense_state(model, ("scores.",))
