@@ -103,14 +103,12 @@ timeout "$(limit 130)" python3 -m ftlab "${RUN[@]}" "${COMMON[@]}" hydra.run.dir
 cp /tmp/gpu_runs/gpu/metrics.json "$OUT/run_gpu.json" 2>/dev/null
 fi
 
-if ! want c; then
-  :
-elif (( $(left) >= 40 )); then
+if want c && (( $(left) >= 40 )); then
   echo "== (c) ftlab ${AUTO[*]} stage.batch_size=auto ($(left) s left)"
   timeout "$(limit 100)" python3 -m ftlab "${AUTO[@]}" stage.batch_size=auto "${COMMON[@]}" \
     hydra.run.dir=/tmp/gpu_runs/auto 2>&1 | grep -iv "warning" | tee "$OUT/run_auto.log" | tail -25
   cp /tmp/gpu_runs/auto/metrics.json "$OUT/run_auto.json" 2>/dev/null
-else
+elif want c; then
   echo "== (c) skipped: $(left) s left"
 fi
 
