@@ -23,14 +23,19 @@ ftlab builds it), autocast, norm clipping at 1.0 and the LR schedule, nothing el
 
 - ftlab/plain = plain seconds per step / ftlab seconds per step (>= 0.97 is the GPU target;
   on the CPU ``overhead`` = its inverse, target <= 1.05).
-- samples/s and padded tokens/s of each loop; MFU = 6 x parameters x tokens/s / ``--peak-flops``
-  (989e12: an H100's dense bf16; the 6N rule leaves attention scores out).
+- samples/s and padded tokens/s of each loop; MFU = model FLOPs/s (``ftlab.flops``: PaLM's
+  6 x non-embedding parameters + the attention term, padded tokens counted) / ``--peak-flops``
+  (989e12: an H100 SXM's dense bf16); ``mfu_real_tokens`` scales it by the epoch's share of
+  real tokens (approximately: the attention term is not re-counted); ``mfu_6n_total`` is the
+  formula of earlier runs, 6 x all parameters x padded tokens/s, which counts the embedding
+  lookups as multiplications (+28% for BERT-base).
 - bucketing (CPU) = pad-to-128 CPU-s/example / length-bucketed CPU-s/example (target >= 2).
 
 ``--pad-buckets`` pads batches to fixed widths (``trainer.pad_to_buckets``) and ``--compile MODE``
 compiles every variant's model in place (``trainer.compile``), both loops alike; with a compile
-mode every variant's copy first meets every batch shape untimed (compilation, CUDA graph
-recording for its own parameter addresses).
+mode each variant's one model first meets every batch shape untimed (compilation, CUDA
+graph recording for its parameters' addresses) and keeps its parameter tensors over the
+rounds (weights put back in place).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ try:
 except ImportError:  # run as `python benchmarks/overhead.py` without the repo on sys.path
     from _common import MINILM, rotten_setup
 from ftlab.compiling import CUDAGRAPH_MODES, compile_model
+from ftlab.flops import FlopRule, flop_rule
 from ftlab.module import FineTuneModule
 from ftlab.optim import OptimSpec, build_optimizer
 from ftlab.regularizers.none import NoRegularizer
@@ -91,11 +97,14 @@ def task_loss(task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 class Clock:
-    """Seconds over steps ``warmup + 1 .. warmup + steps`` and the rows/tokens they took."""
+    """Seconds over steps ``warmup + 1 .. warmup + steps`` and the rows, tokens and model
+    FLOPs (``ftlab.flops``) they took."""
 
-    def __init__(self, device: torch.device, warmup: int, steps: int) -> None:
-        self.device, self.warmup, self.steps = device, warmup, steps
+    def __init__(self, device: torch.device, warmup: int, steps: int,
+                 rule: FlopRule | None = None) -> None:
+        self.device, self.warmup, self.steps, self.rule = device, warmup, steps, rule
         self.rows = self.tokens = 0
+        self.flops = 0.0
         self.seconds = float("nan")
 
     def now(self) -> float:
@@ -111,6 +120,8 @@ class Clock:
         elif self.warmup < done <= self.warmup + self.steps:
             self.rows += batch["input_ids"].shape[0]
             self.tokens += batch["input_ids"].numel()
+            if self.rule is not None:
+                self.flops += self.rule.per_batch(*batch["input_ids"].shape)
             if done == self.warmup + self.steps:
                 self.seconds = self.now() - self.start
 
@@ -169,28 +180,42 @@ def run_plain(task, model, loader, clock: Clock, precision: str,
     return clock
 
 
-def warm_shapes(task, model, loader, device: torch.device, precision: str,
-                mode: str | None = None) -> int:
-    """One forward/backward per distinct batch shape of an epoch (kernel planning is paid
-    here, not in whichever variant meets the shape first), gradients dropped after each;
-    returns the number of shapes."""
+def epoch_batches(loader) -> tuple[dict[tuple, dict], float]:
+    """One batch per distinct shape of an epoch, and the share of its tokens that are real
+    (not padding)."""
     seen: dict[tuple, dict] = {}
+    real = padded = 0
     for batch in loader:
         seen.setdefault(tuple(batch["input_ids"].shape), batch)
-    if device.type == "cuda":
-        model = model.to(device).train()
-        for batch in seen.values():
+        real, padded = real + int(batch["attention_mask"].sum()), padded + batch[
+            "input_ids"].numel()
+    return seen, real / max(1, padded)
+
+
+def warm_shapes(task, model, batches: dict[tuple, dict], device: torch.device, precision: str,
+                mode: str | None = None) -> None:
+    """Forward/backward on every batch shape of an epoch, untimed: kernel planning and
+    compilation are paid here, not in whichever step meets the shape first. Under CUDA-graph
+    modes each shape runs three times (CUDA graph trees run a new graph once eagerly, record
+    it on the next call, replay it from the third). Gradients are dropped after each. On the
+    CPU only a compiled model needs it."""
+    if device.type != "cuda" and not mode:
+        return
+    model = model.to(device).train()
+    for _ in range(3 if mode in CUDAGRAPH_MODES else 1):
+        for batch in batches.values():
             batch = {k: v.to(device) for k, v in batch.items()}
             mark_step(mode)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=precision == "bf16-mixed"):
                 loss = task_loss(task, model, batch)
             loss.backward()
             # every backward starts from no gradients, as a training step does: under CUDA
             # graphs the gradients are graph outputs that the next replay overwrites, and
             # accumulating into them fails (pytorch#169545)
             model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return len(seen)
 
 
 def spread(ratios: list[float]) -> dict:
@@ -205,33 +230,38 @@ def free(device: torch.device) -> None:
 
 
 def bench_batch(args, device, size: int, spec, data) -> dict:
-    """Every variant at one batch size, ``args.rounds`` interleaved rounds."""
+    """Every variant at one batch size, ``args.rounds`` interleaved rounds. Each variant keeps
+    one model (compiled in place with ``--compile``) over all its rounds, put back to the same
+    initial weights before each round in place, so its compiled code and CUDA graphs (recorded
+    for its parameters' addresses) are built once, before timing."""
     task, dm, padded = data
     dm.batch_size = size
     torch.manual_seed(0)
     base = task.build_model(spec)
-    params = sum(p.numel() for p in base.parameters())
-    shapes = warm_shapes(task, compiled(copy.deepcopy(base), args.compile),
-                         dm.train_dataloader(), device, args.precision, args.compile)
-    free(device)
+    rule, params = flop_rule(base), sum(p.numel() for p in base.parameters())
+    initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    batches, real_share = epoch_batches(dm.train_dataloader())
     variants = {"plain": run_plain, "ftlab": run_ftlab}
-    out: dict[str, list] = {k: [] for k in [*variants, *(["pad128"] if args.pad128 else [])]}
-    order = list(out)
+    names = [*variants, *(["pad128"] if args.pad128 else [])]
+    models = {name: compiled(copy.deepcopy(base), args.compile) for name in names}
+    del base
+    for name in variants:
+        warm_shapes(task, models[name], batches, device, args.precision, args.compile)
+    free(device)
+    out: dict[str, list] = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            clock = Clock(device, args.warmup, args.steps if name != "pad128" else args.pad_steps)
+        for name in names if r % 2 == 0 else names[::-1]:
+            clock = Clock(device, args.warmup, args.steps if name != "pad128" else args.pad_steps,
+                          rule)
+            with torch.no_grad():  # in place: the same parameter tensors every round
+                models[name].load_state_dict(initial)
             if name == "pad128":  # random batches, each padded to 128 (run_glue's default)
                 loader = torch.utils.data.DataLoader(
                     padded.splits["train"], batch_size=size, shuffle=True,  # same seed each time
                     collate_fn=padded.collate, generator=torch.Generator().manual_seed(0))
-                run_ftlab(task, compiled(copy.deepcopy(base), args.compile), loader, clock,
-                          args.precision, args.compile)
+                run_ftlab(task, models[name], loader, clock, args.precision, args.compile)
             else:
-                model = compiled(copy.deepcopy(base), args.compile)
-                if args.compile:  # this copy's graphs (CUDA graphs: its own addresses) for
-                    warm_shapes(task, model, dm.train_dataloader(), device,  # every shape,
-                                args.precision, args.compile)  # outside the timed window
-                variants[name](task, model, dm.train_dataloader(), clock, args.precision,
+                variants[name](task, models[name], dm.train_dataloader(), clock, args.precision,
                                args.compile)
             out[name].append(clock)
             free(device)
@@ -240,15 +270,26 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
               f"{c['plain'].seconds / c['plain'].steps:.4f}  ftlab "
               f"{c['ftlab'].seconds / c['ftlab'].steps:.4f}  ftlab/plain "
               f"{c['plain'].seconds / c['ftlab'].seconds:.3f}", flush=True)
-    row: dict = {"batch_size": size, "shapes": shapes, "params": params}
+    row: dict = {"batch_size": size, "shapes": len(batches), "params": params,
+                 "matmul_params": rule.matmul_params if rule else None,
+                 "real_token_share": round(real_share, 4)}
+    gpu = device.type == "cuda"
     for name, clocks in out.items():
         secs = [c.seconds for c in clocks]
         rate = statistics.median(c.rows / c.seconds for c in clocks)
         tok = statistics.median(c.tokens / c.seconds for c in clocks)
+        flops = statistics.median(c.flops / c.seconds for c in clocks)
         row[name] = {"s_per_step": [round(s / clocks[0].steps, 5) for s in secs],
                      "samples_per_s": round(rate, 1), "tokens_per_s": round(tok, 1),
                      "mean_width": round(clocks[0].tokens / clocks[0].rows, 1),
-                     "mfu": round(6 * params * tok / args.peak_flops, 4) if device.type == "cuda"
+                     "model_flops_per_s": float(f"{flops:.4g}"),
+                     # PaLM's MFU (ftlab.flops; padded tokens count) and the same on real
+                     # tokens only; mfu_6n_total: 6 x all parameters x tokens/s, the formula
+                     # of earlier runs (it counts embedding lookups as multiplications)
+                     "mfu": round(flops / args.peak_flops, 4) if gpu and rule else None,
+                     "mfu_real_tokens": round(real_share * flops / args.peak_flops, 4)
+                     if gpu and rule else None,
+                     "mfu_6n_total": round(6 * params * tok / args.peak_flops, 4) if gpu
                      else None}
     row["ftlab_vs_plain"] = spread([p.seconds / f.seconds
                                     for p, f in zip(out["plain"], out["ftlab"], strict=True)])
@@ -256,7 +297,7 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
         row["bucketing_speedup_vs_pad128"] = spread([
             (p.seconds / p.rows) / (f.seconds / f.rows)
             for p, f in zip(out["pad128"], out["ftlab"], strict=True)])
-    del base
+    del models
     free(device)
     return row
 
@@ -283,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pad-buckets", default=None,
                         help="comma list of fixed batch widths, e.g. 32,48,64,96,128")
     parser.add_argument("--compile", default=None,
-                        choices=["default", "reduce-overhead", "max-autotune"],
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
                         help="torch.compile every variant's model with this mode")
     parser.add_argument("--max-train", type=int, default=None, help="cap the training rows")
     parser.add_argument("--peak-flops", type=float, default=989e12,
@@ -334,16 +376,18 @@ def main(argv: list[str] | None = None) -> dict:
         free(device)  # outside the except: its traceback holds the tensors until it ends
 
     print("\n| batch | shapes | plain samples/s | ftlab samples/s | ftlab/plain (range) | "
-          "tokens/row | MFU plain | MFU ftlab |\n|---|---|---|---|---|---|---|---|")
+          "tokens/row | MFU plain | MFU ftlab | MFU ftlab, real tokens |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
-            print(f"| {r['batch_size']} | out of memory | | | | | | |")
+            print(f"| {r['batch_size']} | out of memory | | | | | | | |")
             continue
         o, p, f = r["ftlab_vs_plain"], r["plain"], r["ftlab"]
-        mfu = [f"{x['mfu']:.1%}" if x["mfu"] is not None else "-" for x in (p, f)]
+        mfu = [f"{x:.1%}" if x is not None else "-"
+               for x in (p["mfu"], f["mfu"], f["mfu_real_tokens"])]
         print(f"| {r['batch_size']} | {r['shapes']} | {p['samples_per_s']:.0f} | "
               f"{f['samples_per_s']:.0f} | {o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | "
-              f"{p['mean_width']:.1f} | {mfu[0]} | {mfu[1]} |")
+              f"{p['mean_width']:.1f} | {mfu[0]} | {mfu[1]} | {mfu[2]} |")
         if "bucketing_speedup_vs_pad128" in r:
             b = r["bucketing_speedup_vs_pad128"]
             print(f"  bucketing vs pad-to-128 per example: {b['median']:.2f}x "

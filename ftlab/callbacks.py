@@ -7,6 +7,7 @@ from typing import Protocol, runtime_checkable
 import lightning as L
 import torch
 
+from ftlab.flops import FlopRule
 from ftlab.peft.base import FollowsSteps, PeftMethod
 from ftlab.strategies import full_weights
 
@@ -162,10 +163,12 @@ class NoteStep(L.Callback):
 class Throughput(L.Callback):
     """Training rows and tokens (padded, as computed) per second of training time: each
     epoch's wall time without its validation. The device is synchronised only at those
-    boundaries (a few times per epoch), so the steps run as they would without it."""
+    boundaries (a few times per epoch), so the steps run as they would without it. With the
+    model's ``FlopRule`` (ftlab.flops) it also counts model FLOPs per second, for MFU."""
 
-    def __init__(self) -> None:
+    def __init__(self, flops: FlopRule | None = None) -> None:
         self.rows = self.tokens = 0
+        self.flops, self.rule = 0.0, flops
         self.seconds = 0.0
         self._start: float | None = None
 
@@ -188,6 +191,8 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = batch["input_ids"]
         self.rows, self.tokens = self.rows + ids.shape[0], self.tokens + ids.numel()
+        if self.rule is not None and ids.dim() == 2:
+            self.flops += self.rule.per_batch(*ids.shape)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause(pl_module)
@@ -207,4 +212,6 @@ class Throughput(L.Callback):
             return {}
         return {"train_seconds": round(self.seconds, 2),
                 "train_samples_per_s": round(self.rows / self.seconds, 1),
-                "train_tokens_per_s": round(self.tokens / self.seconds, 1)}
+                "train_tokens_per_s": round(self.tokens / self.seconds, 1),
+                **({"train_model_flops_per_s": float(f"{self.flops / self.seconds:.4g}")}
+                   if self.flops else {})}

@@ -37,7 +37,8 @@ class RuntimeSpec:
         check_finite_every_n_steps: test the training loss for NaN/inf every this many steps
             (and at each epoch's end) instead of every step, which would make the host wait for
             the GPU; the failing step is still reported exactly.
-        compile: ``torch.compile`` the model before training: ``true`` (mode ``default``) or
+        compile: ``torch.compile`` the model before training (``false``/``null``: not):
+            ``true`` (mode ``default``) or
             a mode, ``default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs``
             (``reduce-overhead`` replays CUDA graphs: few host launches per step, one graph
             per batch shape, so use it with ``pad_to_buckets``; the CUDA-graph modes need a
@@ -67,8 +68,8 @@ class RuntimeSpec:
         return self.compile_mode() in CUDAGRAPH_MODES
 
     def compile_mode(self) -> str | None:
-        """The ``torch.compile`` mode of ``compile`` (None: not compiled)."""
-        if self.compile is False:
+        """The ``torch.compile`` mode of ``compile`` (None: not compiled; ``null`` is off)."""
+        if self.compile is False or self.compile is None:
             return None
         return "default" if self.compile is True else str(self.compile)
 

@@ -22,6 +22,7 @@ from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpoint
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard
+from ftlab.flops import flop_rule
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
@@ -97,7 +98,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     module = FineTuneModule(model, task, regularizer, stage.optim,
                             check_finite_every=rt.check_finite_every_n_steps,
                             cudagraphs=rt.cudagraphs())
-    keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput()
+    keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput(flop_rule(model))
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name}
     spec, ckpt_dir = run.checkpoint, stage_dir / "checkpoints"

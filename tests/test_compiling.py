@@ -178,3 +178,12 @@ def test_a_run_with_reduce_overhead_trains_through_the_one_compile_seam(make_cfg
     state = load_tensors(Path(cfg.paths.output_dir) / "classify" / "trainable.safetensors")
     _, model, _ = classifier("tiny_bert")
     assert set(state) == {n for n, _ in model.named_parameters()}  # no _orig_mod. prefix
+
+
+@pytest.mark.parametrize("value, mode", [(False, None), (None, None), (True, "default"),
+                                         ("reduce-overhead", "reduce-overhead")])
+def test_compile_null_is_off_like_false(value, mode):
+    from ftlab.runtime import RuntimeSpec
+
+    spec = RuntimeSpec(compile=value)
+    assert spec.compile_mode() == mode and spec.cudagraphs() == (mode == "reduce-overhead")
