@@ -8,22 +8,23 @@
 # antlr4, datasets, dill, multiprocess, xxhash, fsspec: what ftlab imports and the machine
 # lacks) and cache/ (FTLAB_CACHE: the Rotten Tomatoes csv and the MiniLM tokenizer files, no
 # weights). It runs, each under a timeout so the whole ends within ~9.5 minutes (BUDGET=570 s):
-#   (a) benchmarks/overhead.py on cuda, BERT-base-sized, bf16, eager, widths rounded to 16:
-#       ftlab vs a plain loop at batch 32/128/512/1024 (samples/s, ftlab/plain, MFU)
-#   (a2) the same with fixed widths (trainer=gpu's buckets 32/48/64/96/128) and both loops
-#       torch.compile'd with mode reduce-overhead (CUDA graphs): ftlab/plain and MFU again
-#       (targets: ftlab/plain >= 0.97 at every batch, MFU >= 40% at 1024); where the CUDA
+#   (a2) benchmarks/overhead.py on cuda, BERT-base-sized, bf16: ftlab vs a plain loop at batch
+#       1024/512/128/32 (samples/s, ftlab/plain, MFU), with fixed widths (trainer=gpu's
+#       buckets 32/48/64/96/128) and both loops torch.compile'd with mode reduce-overhead
+#       (CUDA graphs) (targets: ftlab/plain >= 0.97 at every batch, MFU >= 40% at 1024); where the CUDA
 #       graphs fail, again at 1024 and 32 with compile mode default (no CUDA graphs)
 #   (b) `ftlab trainer=gpu model=bert_base_random trainer.compile=reduce-overhead` (default
 #       where (a2) fell back), 1 epoch on Rotten Tomatoes (buckets from trainer=gpu;
 #       end-to-end throughput, MFU)
+#   (a) the eager reference: the same without compiling, widths rounded to 16 (A_BATCHES,
+#       default 32,128,512,1024), where 60 s are left
 #   (c) `ftlab trainer=gpu ... stage.batch_size=auto`, 1 epoch (the batch the tuner found), with
 #       what time is left (skipped under 40 s)
 # and writes logs and JSON into $OUT (env.txt, overhead.{log,json}, compiled.{log,json},
 # run_gpu.{log,json}, run_auto.{log,json}, summary.json: the device tool brings back 8 files,
 # so run at most three of the four steps per call). MFU is PaLM's (ftlab/flops.py) over the
 # card's dense bf16 peak (H100 SXM / H200 989 TFLOP/s, H100 PCIe 756, H100 NVL 835).
-# STEPS="a2 b" runs only those steps (default: all four, "a a2 b c").
+# STEPS="a2 b" runs only those steps, in the order above (default: all four).
 # GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny model and a few steps (a dry run
 # of the script's Python parts where there is no GPU; it uses the current environment).
 set -u -o pipefail
@@ -54,8 +55,8 @@ else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$KIT"/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD FTLAB_CACHE=$KIT/cache
-  DEV=(--device cuda --precision bf16-mixed --model-size base --batch-sizes 32,128,512,1024
-       --steps 20)
+  DEV=(--device cuda --precision bf16-mixed --model-size base --steps 20
+       --batch-sizes "${A_BATCHES:-32,128,512,1024}")
   # largest batch first (the MFU target) in case the compile leaves too little time; each
   # variant's copy meets every shape untimed first (compilation, CUDA graph recording)
   COMPILED=(--device cuda --precision bf16-mixed --model-size base --steps 20 --rounds 3
@@ -94,12 +95,6 @@ EOF
 cat "$OUT/env.txt"
 grep -q "ftlab imports: ok" "$OUT/env.txt" || { echo "ftlab does not import; see env.txt"; exit 1; }
 
-if want a; then
-echo "== (a) overhead benchmark, eager ($(left) s left)"
-timeout "$(limit 130)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops "$PEAK" \
-  --json "$OUT/overhead.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/overhead.log"
-fi
-
 if want a2; then
 echo "== (a2) overhead benchmark, buckets + compile reduce-overhead ($(left) s left)"
 timeout "$(limit 300)" python3 benchmarks/overhead.py "${COMPILED[@]}" --peak-flops "$PEAK" \
@@ -123,6 +118,12 @@ timeout "$(limit 130)" python3 -m ftlab "${RUN[@]}" trainer.compile=$MODE_B "${C
   hydra.run.dir=/tmp/gpu_runs/gpu \
   2>&1 | grep -iv "warning" | tee "$OUT/run_gpu.log" | tail -25
 cp /tmp/gpu_runs/gpu/metrics.json "$OUT/run_gpu.json" 2>/dev/null
+fi
+
+if want a && (( $(left) >= 60 )); then
+echo "== (a) overhead benchmark, eager ($(left) s left)"
+timeout "$(limit 130)" python3 benchmarks/overhead.py "${DEV[@]}" --peak-flops "$PEAK" \
+  --json "$OUT/overhead.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/overhead.log"
 fi
 
 if want c && (( $(left) >= 40 )); then
