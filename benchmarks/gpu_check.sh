@@ -86,10 +86,6 @@ print("cuda", torch.cuda.is_available(), torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 import ftlab.cli, ftlab.stage  # noqa: E401,F401  (a missing package fails here, not later)
 print("ftlab imports: ok")
-if torch.cuda.is_available():  # the GPU half of tests/test_gpu_settings.py's fused-AdamW test
-    from ftlab.optim import OptimSpec, build_optimizer
-    opt, _ = build_optimizer(torch.nn.Linear(4, 2).cuda(), OptimSpec(), 10)
-    print("AdamW fused on cuda:", opt.defaults.get("fused"))
 EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"

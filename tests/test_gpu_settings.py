@@ -240,21 +240,3 @@ def test_cuda_graph_modes_mark_every_train_and_eval_step(mode, marks, monkeypatc
     trainer.fit(module, loader, loader)
     assert len(calls) == (3 + 2 if marks else 0)  # 3 training steps, 2 validation batches
 
-
-def test_adamw_is_fused_only_where_every_parameter_is_a_plain_gpu_tensor():
-    from torch import nn
-
-    from ftlab.optim import OptimSpec, build_optimizer, fusable
-
-    cpu = nn.Linear(4, 2)
-    assert not fusable([{"params": list(cpu.parameters())}])
-    assert not fusable([{"params": [torch.empty(2, device="meta")]}])
-    assert not fusable([{"params": []}])
-    opt, _ = build_optimizer(cpu, OptimSpec(), 10)
-    assert not opt.defaults.get("fused")  # the CPU keeps torch's default (foreach)
-    if torch.cuda.is_available():  # the GPU half (run on a lent GPU machine)
-        gpu = nn.Linear(4, 2).cuda()
-        assert fusable([{"params": list(gpu.parameters())}])
-        assert not fusable([{"params": [*gpu.parameters(), torch.zeros(2, requires_grad=True)]}])
-        opt, _ = build_optimizer(gpu, OptimSpec(), 10)
-        assert opt.defaults["fused"]
