@@ -8,6 +8,9 @@
 # antlr4, datasets, dill, multiprocess, xxhash, fsspec: what ftlab imports and the machine
 # lacks) and cache/ (FTLAB_CACHE: the Rotten Tomatoes csv and the MiniLM tokenizer files, no
 # weights). It runs, each under a timeout so the whole ends within ~9.5 minutes (BUDGET=570 s):
+#   (t) a diagnosis first (T_BATCHES, default 32): one round of (a2)'s set-up, then 6 steps of
+#       each loop under torch.profiler with the CUDA graph trees' debug log (overhead.py
+#       --trace: graph and kernel launches per step, recordings and their reasons, counters)
 #   (a2) benchmarks/overhead.py on cuda, BERT-base-sized, bf16: ftlab vs a plain loop at batch
 #       1024/512/128/32 (samples/s, ftlab/plain, MFU), with fixed widths (trainer=gpu's
 #       buckets 32/48/64/96/128) and both loops torch.compile'd with mode reduce-overhead
@@ -24,7 +27,7 @@
 # run_gpu.{log,json}, run_auto.{log,json}, summary.json: the device tool brings back 8 files,
 # so run at most three of the four steps per call). MFU is PaLM's (ftlab/flops.py) over the
 # card's dense bf16 peak (H100 SXM / H200 989 TFLOP/s, H100 PCIe 756, H100 NVL 835).
-# STEPS="a2 b" runs only those steps, in the order above (default: all four).
+# STEPS="a2 b" runs only those steps, in the order above (default: "a2 b a c").
 # GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny model and a few steps (a dry run
 # of the script's Python parts where there is no GPU; it uses the current environment).
 set -u -o pipefail
@@ -32,7 +35,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 KIT=${KIT:-$PWD/.devkit}
 mkdir -p "$OUT"
 START=$(date +%s)
-STEPS=" ${STEPS:-a a2 b c} "
+STEPS=" ${STEPS:-a2 b a c} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 left() { echo $(( ${BUDGET:-570} - ($(date +%s) - START) )); }
 limit() {  # a step's timeout: what it asks for, or what is left of the budget
@@ -90,6 +93,14 @@ EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 grep -q "ftlab imports: ok" "$OUT/env.txt" || { echo "ftlab does not import; see env.txt"; exit 1; }
+
+if want t; then
+echo "== (t) where the step's time goes: compiled reduce-overhead, traced ($(left) s left)"
+timeout "$(limit 240)" python3 benchmarks/overhead.py "${COMPILED[@]}" --rounds 1 --trace 6 \
+  --batch-sizes "${T_BATCHES:-32}" --peak-flops "$PEAK" --json "$OUT/trace.json" 2>&1 \
+  | grep -v "Warning\|warn(\|softmax\|Inductor decides\|use case and\|Cut an issue" \
+  | tee "$OUT/trace.log"
+fi
 
 if want a2; then
 echo "== (a2) overhead benchmark, buckets + compile reduce-overhead ($(left) s left)"
@@ -153,6 +164,9 @@ for name in ("run_gpu", "run_auto"):
         row["mfu_6n_total"] = round(6 * stage["params_total"] * stage["train_tokens_per_s"]
                                     / peak, 4)
     summary[name] = row
+if (out / "trace.json").is_file():
+    summary["trace"] = [{"batch": b["batch_size"], **b.get("trace", {})}
+                        for b in json.loads((out / "trace.json").read_text())["batches"]]
 for name in ("overhead", "compiled"):
     if not (out / f"{name}.json").is_file():
         summary[name] = f"no {name}.json (see {name}.log)"

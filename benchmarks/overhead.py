@@ -54,8 +54,10 @@ import torch
 
 try:
     from benchmarks._common import MINILM, rotten_setup
+    from benchmarks.step_trace import trace
 except ImportError:  # run as `python benchmarks/overhead.py` without the repo on sys.path
     from _common import MINILM, rotten_setup
+    from step_trace import trace
 from ftlab.compiling import CUDAGRAPH_MODES, compile_model
 from ftlab.flops import FlopRule, flop_rule
 from ftlab.module import FineTuneModule
@@ -270,6 +272,22 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
               f"{c['plain'].seconds / c['plain'].steps:.4f}  ftlab "
               f"{c['ftlab'].seconds / c['ftlab'].steps:.4f}  ftlab/plain "
               f"{c['plain'].seconds / c['ftlab'].seconds:.3f}", flush=True)
+    if args.trace:  # one more short run of each variant under the profiler (untimed)
+        row_trace = {}
+        for name, run in variants.items():
+            with torch.no_grad():
+                models[name].load_state_dict(initial)
+            clock = Clock(device, args.warmup, args.trace)
+            row_trace[name] = trace(lambda run=run, model=models[name], clock=clock: run(
+                task, model, dm.train_dataloader(), clock, args.precision, args.compile),
+                steps=args.warmup + args.trace)
+            t = row_trace[name]
+            print(f"  batch {size} {name}: {t['graph_launches_per_step']} CUDA graph launches "
+                  f"and {t['kernel_launches_per_step']} kernel launches per step; CUDA graph "
+                  f"trees: {t['cudagraph_trees'] or 'nothing logged'}; counters {t['counters']}\n"
+                  f"{t['top_host_ops']}",
+                  flush=True)
+            free(device)
     row: dict = {"batch_size": size, "shapes": len(batches), "params": params,
                  "matmul_params": rule.matmul_params if rule else None,
                  "real_token_share": round(real_share, 4)}
@@ -293,6 +311,9 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
                      else None}
     row["ftlab_vs_plain"] = spread([p.seconds / f.seconds
                                     for p, f in zip(out["plain"], out["ftlab"], strict=True)])
+    if args.trace:
+        row["trace"] = {k: {x: y for x, y in v.items() if x != "top_host_ops"}
+                        for k, v in row_trace.items()}
     if args.pad128:
         row["bucketing_speedup_vs_pad128"] = spread([
             (p.seconds / p.rows) / (f.seconds / f.rows)
@@ -330,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-train", type=int, default=None, help="cap the training rows")
     parser.add_argument("--peak-flops", type=float, default=989e12,
                         help="the device's peak FLOP/s for MFU (H100 dense bf16: 989e12)")
+    parser.add_argument("--trace", type=int, default=0, metavar="STEPS",
+                        help="after the timed rounds, profile STEPS more steps of each variant "
+                             "(launches per step, CUDA graph trees' log, top host ops)")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON figures here")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
