@@ -32,10 +32,11 @@ ftlab builds it), autocast, norm clipping at 1.0 and the LR schedule, nothing el
 - bucketing (CPU) = pad-to-128 CPU-s/example / length-bucketed CPU-s/example (target >= 2).
 
 ``--pad-buckets`` pads batches to fixed widths (``trainer.pad_to_buckets``) and ``--compile MODE``
-compiles every variant's model in place (``trainer.compile``), both loops alike; with a compile
-mode each variant's one model first meets every batch shape untimed (compilation, CUDA
-graph recording for its parameters' addresses) and keeps its parameter tensors over the
-rounds (weights put back in place).
+compiles every variant's model in place (``trainer.compile``), both loops alike. Each variant
+keeps one model over the rounds (weights put back in place, so compiled code and CUDA graphs
+recorded for its parameters' addresses stay valid), and first meets every batch shape untimed
+through its own loop (what is compiled depends on the loop: Lightning's autocast turns the cast
+cache off, and torch.compile guards on that). ``--trace N`` profiles N more steps of each.
 """
 
 from __future__ import annotations
@@ -194,28 +195,19 @@ def epoch_batches(loader) -> tuple[dict[tuple, dict], float]:
     return seen, real / max(1, padded)
 
 
-def warm_shapes(task, model, batches: dict[tuple, dict], device: torch.device, precision: str,
-                mode: str | None = None) -> None:
-    """Forward/backward on every batch shape of an epoch, untimed: kernel planning and
-    compilation are paid here, not in whichever step meets the shape first. Under CUDA-graph
-    modes each shape runs three times (CUDA graph trees run a new graph once eagerly, record
-    it on the next call, replay it from the third). Gradients are dropped after each. On the
-    CPU only a compiled model needs it."""
+def warm(run, task, model, batches: dict[tuple, dict], device: torch.device, precision: str,
+         mode: str | None = None) -> None:
+    """Every batch shape of an epoch through the variant's own loop (``run``), untimed: kernel
+    planning and compilation are paid here, not in whichever step meets the shape first. Its
+    own loop, since what is compiled depends on it (Lightning's autocast disables the cast
+    cache, which torch.compile guards on). Under CUDA-graph modes each shape runs three times
+    (CUDA graph trees run a new graph once eagerly, record it on the next call, replay it from
+    the third). The weights change; bench_batch puts them back."""
     if device.type != "cuda" and not mode:
         return
-    model = model.to(device).train()
-    for _ in range(3 if mode in CUDAGRAPH_MODES else 1):
-        for batch in batches.values():
-            batch = {k: v.to(device) for k, v in batch.items()}
-            mark_step(mode)
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=precision == "bf16-mixed"):
-                loss = task_loss(task, model, batch)
-            loss.backward()
-            # every backward starts from no gradients, as a training step does: under CUDA
-            # graphs the gradients are graph outputs that the next replay overwrites, and
-            # accumulating into them fails (pytorch#169545)
-            model.zero_grad(set_to_none=True)
+    steps = [b for _ in range(3 if mode in CUDAGRAPH_MODES else 1) for b in batches.values()]
+    loader = torch.utils.data.DataLoader(steps, batch_size=None)  # these batches, in order
+    run(task, model, loader, Clock(device, len(steps), 0), precision, mode)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -247,8 +239,8 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
     names = [*variants, *(["pad128"] if args.pad128 else [])]
     models = {name: compiled(copy.deepcopy(base), args.compile) for name in names}
     del base
-    for name in variants:
-        warm_shapes(task, models[name], batches, device, args.precision, args.compile)
+    for name, run in variants.items():
+        warm(run, task, models[name], batches, device, args.precision, args.compile)
     free(device)
     out: dict[str, list] = {name: [] for name in names}
     for r in range(args.rounds):
