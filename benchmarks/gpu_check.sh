@@ -10,7 +10,9 @@
 # weights). It runs, each under a timeout so the whole ends within ~9.5 minutes (BUDGET=570 s):
 #   (t) a diagnosis first (T_BATCHES, default 32): one round of (a2)'s set-up, then 6 steps of
 #       each loop under torch.profiler with the CUDA graph trees' debug log (overhead.py
-#       --trace: graph and kernel launches per step, recordings and their reasons, counters)
+#       --trace: graph and kernel launches per step, recordings and their reasons, counters),
+#       with a third loop, ftlab's module driven by the plain loop (--module: the module's
+#       step against Lightning's loop)
 #   (a2) benchmarks/overhead.py on cuda, BERT-base-sized, bf16: ftlab vs a plain loop at batch
 #       1024/512/128/32 (samples/s, ftlab/plain, MFU), with fixed widths (trainer=gpu's
 #       buckets 32/48/64/96/128) and both loops torch.compile'd with mode reduce-overhead
@@ -96,7 +98,7 @@ grep -q "ftlab imports: ok" "$OUT/env.txt" || { echo "ftlab does not import; see
 
 if want t; then
 echo "== (t) where the step's time goes: compiled reduce-overhead, traced ($(left) s left)"
-timeout "$(limit 240)" python3 benchmarks/overhead.py "${COMPILED[@]}" --rounds 1 --trace 6 \
+timeout "$(limit 240)" python3 benchmarks/overhead.py "${COMPILED[@]}" --rounds 2 --trace 6 --module \
   --batch-sizes "${T_BATCHES:-32}" --peak-flops "$PEAK" --json "$OUT/trace.json" 2>&1 \
   | grep -v "Warning\|warn(\|softmax\|Inductor decides\|use case and\|Cut an issue" \
   | tee "$OUT/trace.log"

@@ -47,169 +47,37 @@ import gc
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
 try:
-    from benchmarks._common import MINILM, rotten_setup
+    from benchmarks._common import rotten_setup
+    from benchmarks.loops import (
+        Clock,
+        compiled,
+        epoch_batches,
+        model_spec,
+        run_ftlab,
+        run_module,
+        run_plain,
+        warm,
+    )
     from benchmarks.step_trace import trace
 except ImportError:  # run as `python benchmarks/overhead.py` without the repo on sys.path
-    from _common import MINILM, rotten_setup
+    from _common import rotten_setup
+    from loops import (
+        Clock,
+        compiled,
+        epoch_batches,
+        model_spec,
+        run_ftlab,
+        run_module,
+        run_plain,
+        warm,
+    )
     from step_trace import trace
-from ftlab.compiling import CUDAGRAPH_MODES, compile_model
-from ftlab.flops import FlopRule, flop_rule
-from ftlab.module import FineTuneModule
-from ftlab.optim import OptimSpec, build_optimizer
-from ftlab.regularizers.none import NoRegularizer
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-SIZES = {"tiny": "tiny_bert.yaml", "base": "bert_base_random.yaml"}
-
-
-def model_spec(size: str):
-    """The ``ModelSpec`` of ``--model-size`` (a conf/model YAML for tiny and base)."""
-    from omegaconf import OmegaConf
-
-    from ftlab.config import bind_schema
-    from ftlab.model.backbone import ModelSpec
-
-    if size == "minilm":
-        return MINILM
-    return bind_schema(ModelSpec, OmegaConf.load(CONF / SIZES[size]), "model")
-
-
-# The only two places that touch ftlab's module/task APIs (adapt them here if those change).
-def ftlab_module(model: torch.nn.Module, task, mode: str | None = None) -> L.LightningModule:
-    """ftlab's LightningModule for plain full fine-tuning, as trainer=gpu runs it."""
-    return FineTuneModule(model, task, NoRegularizer(), OptimSpec(), check_finite_every=50,
-                          cudagraphs=mode in CUDAGRAPH_MODES)
-
-
-def mark_step(mode: str | None) -> None:
-    """A new CUDA-graph iteration (as ftlab's module marks each step under such a mode)."""
-    if mode in CUDAGRAPH_MODES:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def task_loss(task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The task's training loss for a batch (what the hand-written loop back-propagates)."""
-    return task.forward(model, batch).loss
-
-
-class Clock:
-    """Seconds over steps ``warmup + 1 .. warmup + steps`` and the rows, tokens and model
-    FLOPs (``ftlab.flops``) they took."""
-
-    def __init__(self, device: torch.device, warmup: int, steps: int,
-                 rule: FlopRule | None = None) -> None:
-        self.device, self.warmup, self.steps, self.rule = device, warmup, steps, rule
-        self.rows = self.tokens = 0
-        self.flops = 0.0
-        self.seconds = float("nan")
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return time.perf_counter()
-        return time.process_time()
-
-    def after_step(self, done: int, batch: dict[str, torch.Tensor]) -> None:
-        """Call after optimiser step ``done`` (1-based) on ``batch``."""
-        if done == self.warmup:
-            self.start = self.now()
-        elif self.warmup < done <= self.warmup + self.steps:
-            self.rows += batch["input_ids"].shape[0]
-            self.tokens += batch["input_ids"].numel()
-            if self.rule is not None:
-                self.flops += self.rule.per_batch(*batch["input_ids"].shape)
-            if done == self.warmup + self.steps:
-                self.seconds = self.now() - self.start
-
-
-class StepClock(L.Callback):
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.clock.after_step(trainer.global_step, batch)
-
-
-def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
-    """``model`` compiled in place as ``trainer.compile`` does (ftlab.compiling, the helper
-    ftlab.stage calls: full graph under CUDA graphs), or as it is."""
-    return compile_model(model, mode)
-
-
-def run_ftlab(task, model, loader, clock: Clock, precision: str,
-              mode: str | None = None) -> Clock:
-    module = ftlab_module(model, task, mode)
-    trainer = L.Trainer(accelerator="gpu" if clock.device.type == "cuda" else "cpu", devices=1,
-                        max_steps=clock.warmup + clock.steps, precision=precision,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[StepClock(clock)], gradient_clip_val=1.0,
-                        num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=loader)
-    return clock
-
-
-def cycle(loader):
-    while True:
-        yield from loader
-
-
-def run_plain(task, model, loader, clock: Clock, precision: str,
-              mode: str | None = None) -> Clock:
-    device = clock.device
-    model = model.to(device).train()
-    total = clock.warmup + clock.steps
-    opt, sched = build_optimizer(model, OptimSpec(), total)
-    it = cycle(loader)
-    for step in range(1, total + 1):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
-        mark_step(mode)
-        with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=precision == "bf16-mixed"):
-            loss = task_loss(task, model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched["scheduler"].step()
-        opt.zero_grad(set_to_none=True)
-        clock.after_step(step, batch)
-    return clock
-
-
-def epoch_batches(loader) -> tuple[dict[tuple, dict], float]:
-    """One batch per distinct shape of an epoch, and the share of its tokens that are real
-    (not padding)."""
-    seen: dict[tuple, dict] = {}
-    real = padded = 0
-    for batch in loader:
-        seen.setdefault(tuple(batch["input_ids"].shape), batch)
-        real, padded = real + int(batch["attention_mask"].sum()), padded + batch[
-            "input_ids"].numel()
-    return seen, real / max(1, padded)
-
-
-def warm(run, task, model, batches: dict[tuple, dict], device: torch.device, precision: str,
-         mode: str | None = None) -> None:
-    """Every batch shape of an epoch through the variant's own loop (``run``), untimed: kernel
-    planning and compilation are paid here, not in whichever step meets the shape first. Its
-    own loop, since what is compiled depends on it (Lightning's autocast disables the cast
-    cache, which torch.compile guards on). Under CUDA-graph modes each shape runs three times
-    (CUDA graph trees run a new graph once eagerly, record it on the next call, replay it from
-    the third). The weights change; bench_batch puts them back."""
-    if device.type != "cuda" and not mode:
-        return
-    steps = [b for _ in range(3 if mode in CUDAGRAPH_MODES else 1) for b in batches.values()]
-    loader = torch.utils.data.DataLoader(steps, batch_size=None)  # these batches, in order
-    run(task, model, loader, Clock(device, len(steps), 0), precision, mode)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ftlab.flops import flop_rule
 
 
 def spread(ratios: list[float]) -> dict:
@@ -235,7 +103,8 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
     rule, params = flop_rule(base), sum(p.numel() for p in base.parameters())
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
     batches, real_share = epoch_batches(dm.train_dataloader())
-    variants = {"plain": run_plain, "ftlab": run_ftlab}
+    variants = {"plain": run_plain, "ftlab": run_ftlab,
+                **({"module": run_module} if args.module else {})}
     names = [*variants, *(["pad128"] if args.pad128 else [])]
     models = {name: compiled(copy.deepcopy(base), args.compile) for name in names}
     del base
@@ -263,7 +132,9 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
         print(f"  batch {size} round {r + 1}/{args.rounds}: s/step plain "
               f"{c['plain'].seconds / c['plain'].steps:.4f}  ftlab "
               f"{c['ftlab'].seconds / c['ftlab'].steps:.4f}  ftlab/plain "
-              f"{c['plain'].seconds / c['ftlab'].seconds:.3f}", flush=True)
+              f"{c['plain'].seconds / c['ftlab'].seconds:.3f}"
+              + (f"  module/plain {c['plain'].seconds / c['module'].seconds:.3f}"
+                 if "module" in c else ""), flush=True)
     if args.trace:  # one more short run of each variant under the profiler (untimed)
         row_trace = {}
         for name, run in variants.items():
@@ -301,8 +172,10 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
                      if gpu and rule else None,
                      "mfu_6n_total": round(6 * params * tok / args.peak_flops, 4) if gpu
                      else None}
-    row["ftlab_vs_plain"] = spread([p.seconds / f.seconds
-                                    for p, f in zip(out["plain"], out["ftlab"], strict=True)])
+    for name in variants:
+        if name != "plain":
+            row[f"{name}_vs_plain"] = spread([p.seconds / f.seconds for p, f in
+                                              zip(out["plain"], out[name], strict=True)])
     if args.trace:
         row["trace"] = {k: {x: y for x, y in v.items() if x != "top_host_ops"}
                         for k, v in row_trace.items()}
@@ -343,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-train", type=int, default=None, help="cap the training rows")
     parser.add_argument("--peak-flops", type=float, default=989e12,
                         help="the device's peak FLOP/s for MFU (H100 dense bf16: 989e12)")
+    parser.add_argument("--module", action="store_true",
+                        help="also time ftlab's module in the plain loop (no Lightning loop)")
     parser.add_argument("--trace", type=int, default=0, metavar="STEPS",
                         help="after the timed rounds, profile STEPS more steps of each variant "
                              "(launches per step, CUDA graph trees' log, top host ops)")
@@ -404,6 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['batch_size']} | {r['shapes']} | {p['samples_per_s']:.0f} | "
               f"{f['samples_per_s']:.0f} | {o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | "
               f"{p['mean_width']:.1f} | {mfu[0]} | {mfu[1]} | {mfu[2]} |")
+        if "module_vs_plain" in r:
+            m = r["module_vs_plain"]
+            print(f"  ftlab's module in the plain loop / plain: {m['median']:.3f} "
+                  f"({m['min']:.3f}-{m['max']:.3f})")
         if "bucketing_speedup_vs_pad128" in r:
             b = r["bucketing_speedup_vs_pad128"]
             print(f"  bucketing vs pad-to-128 per example: {b['median']:.2f}x "

@@ -23,10 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 try:
     from benchmarks._common import rotten_setup
-    from benchmarks.overhead import Clock, ftlab_module, model_spec, run_plain
+    from benchmarks.loops import Clock, ftlab_module, model_spec, run_plain
 except ImportError:  # run as `python benchmarks/step_counts.py`
     from _common import rotten_setup
-    from overhead import Clock, ftlab_module, model_spec, run_plain
+    from loops import Clock, ftlab_module, model_spec, run_plain
 
 WARM, STEPS = 5, 40
 
