@@ -118,8 +118,9 @@ def cycle(loader):
         yield from loader
 
 
-def run_plain(task, model, loader, clock: Clock, precision: str,
-              mode: str | None = None) -> Clock:
+def plain_loop(model, loader, clock: Clock, loss_of) -> Clock:
+    """The hand-written loop: ``loss_of(batch, index)`` gives each step's loss, then backward,
+    norm clipping at 1.0, AdamW and the LR schedule as ftlab builds them."""
     device = clock.device
     model = model.to(device).train()
     total = clock.warmup + clock.steps
@@ -127,17 +128,24 @@ def run_plain(task, model, loader, clock: Clock, precision: str,
     it = cycle(loader)
     for step in range(1, total + 1):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
-        mark_step(mode)
-        with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=precision == "bf16-mixed"):
-            loss = task_loss(task, model, batch)
-        loss.backward()
+        loss_of(batch, step - 1).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched["scheduler"].step()
         opt.zero_grad(set_to_none=True)
         clock.after_step(step, batch)
     return clock
+
+
+def run_plain(task, model, loader, clock: Clock, precision: str,
+              mode: str | None = None) -> Clock:
+    def loss_of(batch: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        mark_step(mode)
+        with torch.autocast(clock.device.type, dtype=torch.bfloat16,
+                            enabled=precision == "bf16-mixed"):
+            return task_loss(task, model, batch)
+
+    return plain_loop(model, loader, clock, loss_of)
 
 
 def epoch_batches(loader) -> tuple[dict[tuple, dict], float]:
@@ -157,25 +165,15 @@ def run_module(task, model, loader, clock: Clock, precision: str,
     """ftlab's LightningModule driven by the plain loop (``--module``): its step hook and
     training_step under Lightning's autocast (cast cache off), without Lightning's loop. Tells
     the module's per-step cost from the Trainer's."""
-    device = clock.device
-    model = model.to(device).train()
-    module = ftlab_module(model, task, mode)
-    total = clock.warmup + clock.steps
-    opt, sched = build_optimizer(model, OptimSpec(), total)
-    it = cycle(loader)
-    for step in range(1, total + 1):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
-        module.on_train_batch_start(batch, step - 1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False,
+    module = ftlab_module(model.to(clock.device), task, mode)
+
+    def loss_of(batch: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+        module.on_train_batch_start(batch, index)
+        with torch.autocast(clock.device.type, dtype=torch.bfloat16, cache_enabled=False,
                             enabled=precision == "bf16-mixed"):
-            loss = module.training_step(batch, step - 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched["scheduler"].step()
-        opt.zero_grad(set_to_none=True)
-        clock.after_step(step, batch)
-    return clock
+            return module.training_step(batch, index)
+
+    return plain_loop(model, loader, clock, loss_of)
 
 
 def warm(run, task, model, batches: dict[tuple, dict], device: torch.device, precision: str,

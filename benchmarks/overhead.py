@@ -52,30 +52,12 @@ from pathlib import Path
 import torch
 
 try:
+    from benchmarks import loops
     from benchmarks._common import rotten_setup
-    from benchmarks.loops import (
-        Clock,
-        compiled,
-        epoch_batches,
-        model_spec,
-        run_ftlab,
-        run_module,
-        run_plain,
-        warm,
-    )
     from benchmarks.step_trace import trace
 except ImportError:  # run as `python benchmarks/overhead.py` without the repo on sys.path
+    import loops
     from _common import rotten_setup
-    from loops import (
-        Clock,
-        compiled,
-        epoch_batches,
-        model_spec,
-        run_ftlab,
-        run_module,
-        run_plain,
-        warm,
-    )
     from step_trace import trace
 from ftlab.flops import flop_rule
 
@@ -102,27 +84,27 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
     base = task.build_model(spec)
     rule, params = flop_rule(base), sum(p.numel() for p in base.parameters())
     initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    batches, real_share = epoch_batches(dm.train_dataloader())
-    variants = {"plain": run_plain, "ftlab": run_ftlab,
-                **({"module": run_module} if args.module else {})}
+    batches, real_share = loops.epoch_batches(dm.train_dataloader())
+    variants = {"plain": loops.run_plain, "ftlab": loops.run_ftlab,
+                **({"module": loops.run_module} if args.module else {})}
     names = [*variants, *(["pad128"] if args.pad128 else [])]
-    models = {name: compiled(copy.deepcopy(base), args.compile) for name in names}
+    models = {name: loops.compiled(copy.deepcopy(base), args.compile) for name in names}
     del base
     for name, run in variants.items():
-        warm(run, task, models[name], batches, device, args.precision, args.compile)
+        loops.warm(run, task, models[name], batches, device, args.precision, args.compile)
     free(device)
     out: dict[str, list] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            clock = Clock(device, args.warmup, args.steps if name != "pad128" else args.pad_steps,
-                          rule)
+            steps = args.steps if name != "pad128" else args.pad_steps
+            clock = loops.Clock(device, args.warmup, steps, rule)
             with torch.no_grad():  # in place: the same parameter tensors every round
                 models[name].load_state_dict(initial)
             if name == "pad128":  # random batches, each padded to 128 (run_glue's default)
                 loader = torch.utils.data.DataLoader(
                     padded.splits["train"], batch_size=size, shuffle=True,  # same seed each time
                     collate_fn=padded.collate, generator=torch.Generator().manual_seed(0))
-                run_ftlab(task, models[name], loader, clock, args.precision, args.compile)
+                loops.run_ftlab(task, models[name], loader, clock, args.precision, args.compile)
             else:
                 variants[name](task, models[name], dm.train_dataloader(), clock, args.precision,
                                args.compile)
@@ -140,7 +122,7 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
         for name, run in variants.items():
             with torch.no_grad():
                 models[name].load_state_dict(initial)
-            clock = Clock(device, args.warmup, args.trace)
+            clock = loops.Clock(device, args.warmup, args.trace)
             row_trace[name] = trace(lambda run=run, model=models[name], clock=clock: run(
                 task, model, dm.train_dataloader(), clock, args.precision, args.compile),
                 steps=args.warmup + args.trace)
@@ -237,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")
     device = torch.device("cuda" if gpu else "cpu")
-    spec = model_spec(args.model_size)
+    spec = loops.model_spec(args.model_size)
     loader_opts = {"num_workers": args.num_workers, "pin_memory": gpu,
                    "persistent_workers": args.num_workers > 0,
                    "pad_to_multiple_of": args.pad_multiple,
