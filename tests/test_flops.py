@@ -65,3 +65,9 @@ def test_a_run_records_model_flops_per_second(make_cfg, sentiment_dir):
     per_token = info["train_model_flops_per_s"] / info["train_tokens_per_s"]
     # between 6N (width 0) and 6N + the attention term at the longest width (128)
     assert 6 * rule.matmul_params < per_token < 6 * rule.matmul_params + 12 * 2 * 32 * 128
+
+
+def test_a_model_outside_the_architecture_table_has_no_rule():
+    from torch import nn
+
+    assert flop_rule(nn.Sequential(nn.Embedding(4, 2), nn.Linear(2, 2))) is None
