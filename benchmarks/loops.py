@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from ftlab.compiling import CUDAGRAPH_MODES, compile_model
 from ftlab.flops import FlopRule
@@ -100,10 +101,30 @@ def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
     return compile_model(model, mode)
 
 
+class KeepOnDevice(SingleDeviceStrategy):
+    """Lightning's one-device strategy without the end of a fit's move of the model to the CPU
+    (``Strategy.teardown``): moved back for the next fit, every parameter gets a new address,
+    and CUDA graph trees record every graph again (static input data pointer changed) inside
+    the next round's timed steps. The plain loops' models never leave the GPU; with this, each
+    loop is timed in its steady state. (ftlab's own stages keep Lightning's strategy: a stage
+    is one fit, so it records each graph once per fit, as a warm-up.)"""
+
+    def teardown(self) -> None:
+        module, self._lightning_module = self._lightning_module, None
+        try:
+            super().teardown()
+        finally:
+            self._lightning_module = module
+
+
 def run_ftlab(task, model, loader, clock: Clock, precision: str,
               mode: str | None = None) -> Clock:
     module = ftlab_module(model, task, mode)
-    trainer = L.Trainer(accelerator="gpu" if clock.device.type == "cuda" else "cpu", devices=1,
+    device = clock.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                        strategy=KeepOnDevice(device=device),
                         max_steps=clock.warmup + clock.steps, precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
