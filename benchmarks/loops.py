@@ -63,6 +63,8 @@ class Clock:
 
     def __init__(self, device: torch.device, warmup: int, steps: int,
                  rule: FlopRule | None = None) -> None:
+        if warmup < 1:  # the window starts when the last untimed step ends
+            raise ValueError(f"Clock needs at least one untimed step, got warmup={warmup}")
         self.device, self.warmup, self.steps, self.rule = device, warmup, steps, rule
         self.rows = self.tokens = 0
         self.flops = 0.0
