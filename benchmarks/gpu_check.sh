@@ -16,8 +16,8 @@
 #   (a2) benchmarks/overhead.py on cuda, BERT-base-sized, bf16: ftlab vs a plain loop at batch
 #       1024/512/128/32 (samples/s, ftlab/plain, MFU), with fixed widths (trainer=gpu's
 #       buckets 32/48/64/96/128) and both loops torch.compile'd with mode reduce-overhead
-#       (CUDA graphs) (targets: ftlab/plain >= 0.97 at every batch, MFU >= 40% at 1024); where the CUDA
-#       graphs fail, again at 1024 and 32 with compile mode default (no CUDA graphs)
+#       (CUDA graphs) (targets: ftlab/plain >= 0.97 at every batch, MFU >= 40% at 1024); where
+#       the CUDA graphs fail, again at 1024 and 32 with compile mode default (no CUDA graphs)
 #   (b) `ftlab trainer=gpu model=bert_base_random trainer.compile=reduce-overhead` (default
 #       where (a2) fell back), 1 epoch on Rotten Tomatoes (buckets from trainer=gpu;
 #       end-to-end throughput, MFU)
@@ -25,9 +25,9 @@
 #       default 32,128,512,1024), where 60 s are left
 #   (c) `ftlab trainer=gpu ... stage.batch_size=auto`, 1 epoch (the batch the tuner found), with
 #       what time is left (skipped under 40 s)
-# and writes logs and JSON into $OUT (env.txt, overhead.{log,json}, compiled.{log,json},
-# run_gpu.{log,json}, run_auto.{log,json}, summary.json: the device tool brings back 8 files,
-# so run at most three of the four steps per call). MFU is PaLM's (ftlab/flops.py) over the
+# and writes logs and JSON into $OUT (env.txt, trace.{log,json}, compiled.{log,json},
+# run_gpu.{log,json}, overhead.{log,json}, run_auto.{log,json}, summary.json: the device tool
+# brings back 8 files, so run at most three of the five steps per call). MFU is PaLM's (ftlab/flops.py) over the
 # card's dense bf16 peak (H100 SXM / H200 989 TFLOP/s, H100 PCIe 756, H100 NVL 835).
 # STEPS="a2 b" runs only those steps, in the order above (default: "a2 b a c").
 # GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny model and a few steps (a dry run
@@ -63,7 +63,8 @@ else
   DEV=(--device cuda --precision bf16-mixed --model-size base --steps 20
        --batch-sizes "${A_BATCHES:-32,128,512,1024}")
   # largest batch first (the MFU target) in case the compile leaves too little time; each
-  # variant's copy meets every shape untimed first (compilation, CUDA graph recording)
+  # loop's model meets every shape untimed first, through its own loop (compilation, CUDA
+  # graph recording)
   COMPILED=(--device cuda --precision bf16-mixed --model-size base --steps 20 --rounds 3
             --batch-sizes 1024,512,128,32 --pad-buckets 32,48,64,96,128 --compile reduce-overhead)
   RUN=(trainer=gpu model=bert_base_random trainer.max_epochs=1)
@@ -98,8 +99,8 @@ grep -q "ftlab imports: ok" "$OUT/env.txt" || { echo "ftlab does not import; see
 
 if want t; then
 echo "== (t) where the step's time goes: compiled reduce-overhead, traced ($(left) s left)"
-timeout "$(limit 240)" python3 benchmarks/overhead.py "${COMPILED[@]}" --rounds 2 --trace 6 --module \
-  --batch-sizes "${T_BATCHES:-32}" --peak-flops "$PEAK" --json "$OUT/trace.json" 2>&1 \
+timeout "$(limit 240)" python3 benchmarks/overhead.py "${COMPILED[@]}" --rounds 2 --trace 6 \
+  --module --batch-sizes "${T_BATCHES:-32}" --peak-flops "$PEAK" --json "$OUT/trace.json" 2>&1 \
   | grep -v "Warning\|warn(\|softmax\|Inductor decides\|use case and\|Cut an issue" \
   | tee "$OUT/trace.log"
 fi

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from ftlab.compiling import CUDAGRAPH_MODES, compile_model
+from ftlab.compiling import CUDAGRAPH_MODES
 from ftlab.flops import FlopRule
 from ftlab.module import FineTuneModule
 from ftlab.optim import OptimSpec, build_optimizer
@@ -95,12 +95,6 @@ class StepClock(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.clock.after_step(trainer.global_step, batch)
-
-
-def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
-    """``model`` compiled in place as ``trainer.compile`` does (ftlab.compiling, the helper
-    ftlab.stage calls: full graph under CUDA graphs), or as it is."""
-    return compile_model(model, mode)
 
 
 class KeepOnDevice(SingleDeviceStrategy):
@@ -211,6 +205,5 @@ def warm(run, task, model, batches: dict[tuple, dict], device: torch.device, pre
         return
     steps = [b for _ in range(3 if mode in CUDAGRAPH_MODES else 1) for b in batches.values()]
     loader = torch.utils.data.DataLoader(steps, batch_size=None)  # these batches, in order
-    run(task, model, loader, Clock(device, len(steps), 0), precision, mode)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    run(task, model, loader, Clock(device, len(steps), 0), precision, mode)  # its clock
+    # synchronises the device after the last step (where its empty window opens)

@@ -59,6 +59,7 @@ except ImportError:  # run as `python benchmarks/overhead.py` without the repo o
     import loops
     from _common import rotten_setup
     from step_trace import trace
+from ftlab.compiling import compile_model  # as trainer.compile does (ftlab.stage)
 from ftlab.flops import flop_rule
 
 
@@ -88,7 +89,7 @@ def bench_batch(args, device, size: int, spec, data) -> dict:
     variants = {"plain": loops.run_plain, "ftlab": loops.run_ftlab,
                 **({"module": loops.run_module} if args.module else {})}
     names = [*variants, *(["pad128"] if args.pad128 else [])]
-    models = {name: loops.compiled(copy.deepcopy(base), args.compile) for name in names}
+    models = {name: compile_model(copy.deepcopy(base), args.compile) for name in names}
     del base
     for name, run in variants.items():
         loops.warm(run, task, models[name], batches, device, args.precision, args.compile)

@@ -47,12 +47,8 @@ def flop_rule(model: nn.Module) -> FlopRule | None:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
     if not hidden:
         return None
-    seen: set[int] = set()  # tied weights once
-    matmul = 0
-    for p in model.parameters():
-        if id(p) not in seen and id(p) not in tables:
-            seen.add(id(p))
-            matmul += p.numel()
+    # parameters() yields a tied tensor once
+    matmul = sum(p.numel() for p in model.parameters() if id(p) not in tables)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is not None and id(weight) in tables:  # an LM head tied to the input table

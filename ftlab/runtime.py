@@ -38,8 +38,8 @@ class RuntimeSpec:
             (and at each epoch's end) instead of every step, which would make the host wait for
             the GPU; the failing step is still reported exactly.
         compile: ``torch.compile`` the model before training (``false``/``null``: not):
-            ``true`` (mode ``default``) or
-            a mode, ``default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs``
+            ``true`` (mode ``default``) or a mode, ``default | reduce-overhead | max-autotune |
+            max-autotune-no-cudagraphs``
             (``reduce-overhead`` replays CUDA graphs: few host launches per step, one graph
             per batch shape, so use it with ``pad_to_buckets``; the CUDA-graph modes need a
             forward without graph breaks, else the first step stops with an FtlabError:
@@ -58,7 +58,6 @@ class RuntimeSpec:
     compile: Annotated[Any, one_of(*COMPILE_MODES, example="reduce-overhead")] = False
     auto_batch_init: Annotated[int, at_least(1, example="32")] = 32
     auto_batch_max_trials: Annotated[int, at_least(1, example="6")] = 6
-
 
     def cudagraphs(self) -> bool:
         """Whether the compile mode records CUDA graphs (each step must then be marked:
