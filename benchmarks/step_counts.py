@@ -78,13 +78,13 @@ def count(variant: str, task, spec, dm) -> tuple[float, float]:
     callbacks, logger, bar = [Hook()], False, False
     module = ftlab_module(model, task)
     if variant == "user":  # trainer=cpu (loss checked and shown every step), bar, CSV
-        from lightning.pytorch.callbacks import RichProgressBar
         from lightning.pytorch.loggers import CSVLogger
 
         from ftlab.callbacks import Throughput
+        from ftlab.progress import ProgressBar
 
         module.check_finite_every = 1
-        callbacks += [RichProgressBar(leave=False), Throughput()]
+        callbacks += [ProgressBar(leave=False), Throughput()]
         logger, bar = CSVLogger(tempfile.mkdtemp(), name="csv"), True
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=WARM + STEPS + 1, logger=logger,
                         enable_checkpointing=False, enable_progress_bar=bar,

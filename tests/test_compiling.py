@@ -33,12 +33,32 @@ def classifier(name: str) -> tuple[Classify, nn.Module, dict[str, torch.Tensor]]
                          "labels": torch.tensor([0, 1, 1, 0])}
 
 
-@pytest.mark.parametrize("name", ["tiny_bert", "tiny_llama"])
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_llama", "tiny_deberta"])
 def test_the_forward_with_its_loss_is_one_graph(name):
-    """What ``compile: reduce-overhead`` records: BERT (the GPU check's model) and a decoder
-    (Llama) run forward + classification loss as one graph, no break."""
+    """What ``compile: reduce-overhead`` records: BERT (the GPU check's model), a decoder
+    (Llama) and DeBERTa-v2 run forward + classification loss as one graph, no break (DeBERTa's
+    loss breaks on ``labels.nonzero()`` unless the config names its problem type)."""
     task, model, batch = classifier(name)
     assert graph_breaks(lambda b: task.forward(model, b).loss, batch) == []
+
+
+def test_the_first_forward_with_labels_does_not_recompile():
+    """The model is built knowing its problem type: a transformers classifier that infers it
+    writes it to its config on the first forward with labels, and that write made
+    torch.compile compile the same forward a second time (30-60 s for BERT-base on a GPU)."""
+    task, model, batch = classifier("tiny_bert")
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compile_model(model, "default", backend=counting)
+    for _ in range(3):
+        task.forward(model, batch).loss.backward()
+    assert model.config.problem_type == "single_label_classification"
+    assert len(graphs) == 1
 
 
 def test_cuda_graph_modes_compile_in_place_as_one_graph():

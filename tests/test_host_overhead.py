@@ -115,3 +115,47 @@ def test_an_unknown_compile_mode_names_the_choices(make_cfg, sentiment_dir):
     cfg = make_cfg([*tiny_overrides(sentiment_dir), "trainer.compile=fastest"])
     with pytest.raises(FtlabError, match="reduce-overhead"):
         build_pipeline(cfg)
+
+
+def _bar_updates(make_cfg, sentiment_dir, monkeypatch, name: str, interval: float):
+    """{bar: [(epoch, batch count shown), ...]} of a tiny 2-epoch run under the default bar."""
+    from lightning.pytorch.callbacks import RichProgressBar
+    from omegaconf import open_dict
+
+    shown: dict[str, list[tuple[int, int]]] = {}
+    real = RichProgressBar._update
+
+    def spy(self, bar_id, current, *a, **k):
+        bar = self.trainer.state.stage.value  # train | validate | test
+        shown.setdefault(bar, []).append((self.trainer.current_epoch, current))
+        return real(self, bar_id, current, *a, **k)
+
+    overrides = [o for o in tiny_overrides(sentiment_dir)
+                 if o not in ("callbacks=none", "trainer.enable_progress_bar=false")]
+    cfg = make_cfg([*overrides, "callbacks=default", f"callbacks.progress.interval={interval}",
+                    "trainer.max_epochs=2", "cache.stages=off", "stage.save_artefact=false",
+                    "trainer.num_sanity_val_steps=0", "stage.batch_size=8",
+                    "stage.eval_batch_size=8"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = f"{cfg.paths.output_dir}_{name}"
+    with monkeypatch.context() as patch:
+        patch.setattr(RichProgressBar, "_update", spy)
+        run(cfg)  # (whether the tiny model beats its baseline does not matter here)
+    return shown
+
+
+def test_the_progress_bar_redraws_at_most_every_interval_and_ends_at_each_total(
+        make_cfg, sentiment_dir, monkeypatch):
+    """Lightning's rich bar redraws after every batch (host time per step); ftlab's draws at
+    most every `interval` seconds, and always the last batch of each loop."""
+    every = _bar_updates(make_cfg, sentiment_dir, monkeypatch, "every", 0.0)
+    rare = _bar_updates(make_cfg, sentiment_dir, monkeypatch, "rare", 3600.0)
+    for bar in ("train", "validate", "test"):
+        epochs = sorted({e for e, _ in every[bar]})
+        for epoch in epochs:
+            counts = [c for e, c in every[bar] if e == epoch]
+            assert counts == list(range(1, len(counts) + 1)) and len(counts) > 2, bar
+            # an hour's interval: only each loop's last batch (the bar ends full), and the
+            # run's very first
+            first = [1] if bar == "train" and epoch == 0 else []
+            assert [c for e, c in rare[bar] if e == epoch] == [*first, counts[-1]], bar

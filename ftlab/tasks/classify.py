@@ -119,10 +119,15 @@ class Classify(TaskDefaults):
         tok = getattr(self, "tokenizer", None)
         ids = {k: getattr(tok, k) for k in ("pad_token_id", "eos_token_id")
                if getattr(tok, k, None) is not None}
+        # problem_type set here, not inferred by the model's first forward with labels: that
+        # write to the config made torch.compile compile the forward twice, and DeBERTa-v2's
+        # inference path (`labels.nonzero()`) breaks the graph CUDA graphs need. Class ids go
+        # to the model only as integers (soft targets take our own loss, `forward`).
         model = load_model(
             replace(spec, config={**spec.config, **ids}), AutoModelForSequenceClassification,
             num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id={name: i for i, name in enumerate(self.labels)},
+            problem_type="single_label_classification",
         )
         if tok is not None:
             check_pooling_token(model, tok)
