@@ -13,10 +13,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+
+
+def _throttled(loop: str, total: str) -> Callable[..., None]:
+    """``RichProgressBar.on_<loop>_batch_end``, run only when the bar is due (``total``: the
+    property holding the loop's batch count)."""
+    hook = getattr(RichProgressBar, f"on_{loop}_batch_end")
+
+    def on_batch_end(self: ProgressBar, trainer: L.Trainer, pl_module: L.LightningModule,
+                     outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._due(batch_idx + 1, getattr(self, total)):
+            hook(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+    return on_batch_end
 
 
 class ProgressBar(RichProgressBar):
@@ -40,23 +53,6 @@ class ProgressBar(RichProgressBar):
         if self._due(batch_idx + 1, self.total_train_batches, last_step):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        if self._due(batch_idx + 1, self.total_val_batches_current_dataloader):
-            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx,
-                                            dataloader_idx)
-
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                          outputs: Any, batch: Any, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
-        if self._due(batch_idx + 1, self.total_test_batches_current_dataloader):
-            super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx,
-                                      dataloader_idx)
-
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                             outputs: Any, batch: Any, batch_idx: int,
-                             dataloader_idx: int = 0) -> None:
-        if self._due(batch_idx + 1, self.total_predict_batches_current_dataloader):
-            super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx,
-                                         dataloader_idx)
+    on_validation_batch_end = _throttled("validation", "total_val_batches_current_dataloader")
+    on_test_batch_end = _throttled("test", "total_test_batches_current_dataloader")
+    on_predict_batch_end = _throttled("predict", "total_predict_batches_current_dataloader")
