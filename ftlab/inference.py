@@ -160,6 +160,10 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
                          "re-run it with save_artefact: true.")
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
+    if "model_type" in spec.model.config:  # as training's load_tokenizer (GPT-2: no segment ids)
+        from ftlab.model.arch import configure_tokenizer
+
+        configure_tokenizer(tokenizer, spec.model.config["model_type"])
     task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
     if spec.init_from != "pretrained":

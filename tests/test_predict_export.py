@@ -60,6 +60,23 @@ def test_load_predicts_what_the_trained_model_scored_on_test(train, sentiment_di
     assert model.labels == ["neg", "pos"]
 
 
+def test_a_gpt2_stage_predicts_and_exports_what_it_scored_on_test(train, sentiment_dir,
+                                                                  tmp_path):
+    """The tiny tokenizer emits segment ids that GPT-2 (which adds them as token embeddings)
+    never saw in training: the rebuilt and the exported tokenizer must drop them too."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    run_dir, record, _ = train("model=tiny_gpt2", "trainer.max_epochs=1")
+    test = _rows(sentiment_dir / "test.jsonl")
+    preds = ftlab.load(run_dir).predict([r["text"] for r in test])
+    loss = -sum(math.log(p["probs"][r["label"]]) for p, r in zip(preds, test, strict=True))
+    assert loss / len(test) == pytest.approx(record["final"]["test/loss"], abs=1e-5)
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert "token_type_ids" not in AutoTokenizer.from_pretrained(str(tmp_path / "hf"))("a b")
+
+
 def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, sentiment_dir):
     run_dir, record, _ = train("pipeline=tiny")
     test = _rows(sentiment_dir / "test.jsonl")

@@ -269,6 +269,8 @@ def configure_tokenizer(tokenizer, model_type: str):
     if not arch.token_type_ids:
         tokenizer.model_input_names = [n for n in tokenizer.model_input_names
                                        if n != "token_type_ids"]
+        # kept by save_pretrained, so the stage's saved (and exported) tokenizer emits the same
+        tokenizer.init_kwargs["model_input_names"] = list(tokenizer.model_input_names)
     if arch.eos_pooling and tokenizer.eos_token is None and tokenizer.sep_token is not None:
         tokenizer.eos_token = tokenizer.sep_token
     return tokenizer
