@@ -121,6 +121,25 @@ def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_
     assert not list((tmp_path / "hf").glob("adapter_config.json"))  # plain, not a PEFT folder
 
 
+@pytest.mark.parametrize("peft", ["ia3", "lora"])
+def test_a_t5_classifier_exports_with_its_trained_head_merged(train, peft, tmp_path):
+    """T5's classification head is a container (dense + out_proj) that peft's IA3 unload
+    could not put back (AttributeError: no 'weight')."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _, _ = train("model=tiny_t5", f"peft={peft}", "trainer.max_steps=4")
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
+                             for p in ftlab.load(run_dir).predict(texts)])
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = torch.cat([model(**tok(t, return_tensors="pt")).logits.softmax(-1)
+                         for t in texts])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("peft", METHODS)
 def test_every_method_exports_a_matching_model_or_says_why_not(train, peft, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
