@@ -121,13 +121,13 @@ def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_
     assert not list((tmp_path / "hf").glob("adapter_config.json"))  # plain, not a PEFT folder
 
 
-@pytest.mark.parametrize("peft", ["ia3", "lora"])
-def test_a_t5_classifier_exports_with_its_trained_head_merged(train, peft, tmp_path):
-    """T5's classification head is a container (dense + out_proj) that peft's IA3 unload
-    could not put back (AttributeError: no 'weight')."""
+@pytest.mark.parametrize(("family", "peft"), [("t5", "ia3"), ("t5", "lora"), ("deberta", "ia3")])
+def test_a_classifier_with_a_container_head_exports_merged(train, family, peft, tmp_path):
+    """T5's classification head and DeBERTa's pooler are containers (dense + out_proj) that
+    peft's IA3 unload could not put back (AttributeError: no 'weight')."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run_dir, _, _ = train("model=tiny_t5", f"peft={peft}", "trainer.max_steps=4")
+    run_dir, _, _ = train(f"model=tiny_{family}", f"peft={peft}", "trainer.max_steps=4")
     texts = ["great superb film", "the plot was dull and the ending awful"]
     expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
                              for p in ftlab.load(run_dir).predict(texts)])
