@@ -140,6 +140,16 @@ def test_a_classifier_with_a_container_head_exports_merged(train, family, peft, 
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_export_names_the_class_that_loads_a_cloze_stage(train, tmp_path, capsys):
+    """A cloze stage exports its language model, not a sequence classifier."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _, _ = train("model=tiny_gpt2", "stage=cloze", "trainer.max_steps=2")
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert "(AutoModelForCausalLM.from_pretrained loads it)" in capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+
+
 @pytest.mark.parametrize("peft", METHODS)
 def test_every_method_exports_a_matching_model_or_says_why_not(train, peft, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
