@@ -55,6 +55,11 @@ class Predictor:
         """
         from ftlab.tasks.base import PredictsRows
 
+        if batch_size < 1:
+            raise FtlabError(f"batch_size must be at least 1, got {batch_size}.",
+                             "pass a positive --batch-size (default 64).")
+        if not texts:  # an empty input file: no rows (the tokenizer refuses an empty list)
+            return []
         if isinstance(self.task, PredictsRows):  # e.g. stage=tokens: a tag per word
             return self.task.predict_rows(self.model, list(texts), batch_size)
         probs = self.scores(texts, batch_size).softmax(-1)
@@ -70,6 +75,8 @@ class Predictor:
 
         from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
+        if not texts:
+            return torch.empty(0, len(self.labels))
         columns = self._columns(texts)
         features = self.task.featurize({**columns, "label": [0] * len(texts)})
         keep = list(self.task.features)  # scores() ignores what it does not need

@@ -229,3 +229,14 @@ def test_predict_cli_errors_name_the_fix(train, sentiment_dir, tmp_path):
     msg = error(str(run_dir), "--input", str(src), "--text-column", "review")
     assert "has no column 'review'" in msg and "label, text" in msg
     assert not (tmp_path / "p.jsonl").exists()
+    assert "batch_size must be at least 1" in error(str(run_dir), "--input", str(src),
+                                                    "--batch-size", "0")
+
+
+@pytest.mark.parametrize("content", ["", "text,label\n"])
+def test_predict_cli_on_an_input_without_rows_writes_no_rows(train, tmp_path, content):
+    run_dir, _, _ = train("trainer.max_steps=2")
+    src = tmp_path / ("in.csv" if content else "in.txt")
+    src.write_text(content)
+    predict_main([str(run_dir), "--input", str(src), "--output", str(tmp_path / "p.jsonl")])
+    assert (tmp_path / "p.jsonl").read_text() == ""
