@@ -51,11 +51,22 @@ def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
         return out + delta.to(out.dtype) if out.shape == delta.shape else out
 
     # prepend: the noise is part of the embedding, before any other hook sees it
-    handle = input_embeddings(model).register_forward_hook(hook, prepend=True)
+    handles = [m.register_forward_hook(hook, prepend=True) for m in word_embeddings(model)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def word_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding module and every embedding sharing its weight: T5's forward embeds
+    with ``encoder.embed_tokens`` / ``decoder.embed_tokens`` (tied to ``shared``, which
+    ``get_input_embeddings()`` returns but the forward never calls)."""
+    emb = input_embeddings(model)
+    tied = [m for m in unwrap(model).modules()  # embeddings only: a tied LM head is no input
+            if m is not emb and isinstance(m, nn.Embedding) and m.weight is emb.weight]
+    return [emb, *tied]
 
 
 COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
