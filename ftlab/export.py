@@ -38,6 +38,8 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None)
         p.peft.save(p.model, output)  # <output>/peft, for peft.PeftModel.from_pretrained
         p.tokenizer.save_pretrained(str(output / "peft"))
         raise
+    if hasattr(model, "aux_mlm_head"):  # stage.aux_mlm_weight's training-only MLM head, whose
+        del model.aux_mlm_head           # decoder is tied to the embeddings: save_pretrained fails
     model.save_pretrained(str(output))
     p.tokenizer.save_pretrained(str(output))
     return output

@@ -140,6 +140,25 @@ def test_a_classifier_with_a_container_head_exports_merged(train, family, peft, 
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_a_stage_trained_with_an_auxiliary_mlm_loss_exports_without_its_mlm_head(
+        train, peft, tmp_path):
+    """stage.aux_mlm_weight attaches a training-only MLM head whose decoder is tied to the
+    word embeddings; save_pretrained refused it (RuntimeError: shared tensors)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _, _ = train(f"peft={peft}", "stage.aux_mlm_weight=0.5", "trainer.max_steps=4")
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
+                             for p in ftlab.load(run_dir).predict(texts)])
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_export_names_the_class_that_loads_a_cloze_stage(train, tmp_path, capsys):
     """A cloze stage exports its language model, not a sequence classifier."""
     from transformers import AutoModelForCausalLM
