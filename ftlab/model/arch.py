@@ -215,6 +215,14 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
     return [m for path in arch_of(model).embeddings if (m := _get(root, path)) is not None]
 
 
+def tied_embeddings(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
+    """``emb`` and every embedding sharing its weight: where a hook must go to see the input
+    (T5's forward calls ``encoder``/``decoder.embed_tokens``, tied to ``shared``, never it)."""
+    weight = getattr(emb, "weight", None)  # None: a container (BERT's embeddings block)
+    return [emb, *(m for m in unwrap(model).modules() if weight is not None and m is not emb
+                   and isinstance(m, nn.Embedding) and m.weight is weight)]
+
+
 def pooler(model: nn.Module) -> nn.Module | None:
     path = arch_of(model).pooler
     return _get(backbone(model), path) if path else None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.model.arch import unwrap
+from ftlab.model.arch import tied_embeddings, unwrap
 from ftlab.tasks.base import Task, TaskOutput
 
 
@@ -60,13 +60,9 @@ def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
 
 
 def word_embeddings(model: nn.Module) -> list[nn.Module]:
-    """The input embedding module and every embedding sharing its weight: T5's forward embeds
-    with ``encoder.embed_tokens`` / ``decoder.embed_tokens`` (tied to ``shared``, which
-    ``get_input_embeddings()`` returns but the forward never calls)."""
-    emb = input_embeddings(model)
-    tied = [m for m in unwrap(model).modules()  # embeddings only: a tied LM head is no input
-            if m is not emb and isinstance(m, nn.Embedding) and m.weight is emb.weight]
-    return [emb, *tied]
+    """The input embedding module and every embedding sharing its weight (T5: the encoder's
+    and decoder's ``embed_tokens``; ``get_input_embeddings()`` is ``shared``, never called)."""
+    return tied_embeddings(model, input_embeddings(model))
 
 
 COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
