@@ -171,7 +171,10 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         from ftlab.model.arch import configure_tokenizer
 
         configure_tokenizer(tokenizer, spec.model.config["model_type"])
-    task = builder.saved_task(spec, labels, tokenizer)
+    if spec.subtasks:  # a multi-task upstream: its heads need the sub-tasks' label sets, which
+        task = builder.task(spec)  # only their data holds (bound as in training)
+    else:
+        task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
     if spec.init_from != "pretrained":
         upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)
