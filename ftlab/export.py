@@ -38,6 +38,8 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None)
         p.peft.save(p.model, output)  # <output>/peft, for peft.PeftModel.from_pretrained
         p.tokenizer.save_pretrained(str(output / "peft"))
         raise
+    if hasattr(model, "aux_mlm_head"):  # stage.aux_mlm_weight's training-only MLM head, whose
+        del model.aux_mlm_head           # decoder is tied to the embeddings: save_pretrained fails
     model.save_pretrained(str(output))
     p.tokenizer.save_pretrained(str(output))
     return output
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
-        export_hf(args.run_dir, args.output, args.stage)
+        out = export_hf(args.run_dir, args.output, args.stage)
     except NotMergeable as err:
         print(f"ftlab-export: {err}\nWrote the PEFT folder instead: {args.output / 'peft'}",
               file=sys.stderr)
@@ -66,7 +68,23 @@ def main(argv: list[str] | None = None) -> None:
     except FtlabError as err:
         sys.exit(f"ftlab-export: {err}")
     print(f"ftlab-export: a Transformers folder in {args.output} "
-          "(AutoModelForSequenceClassification.from_pretrained loads it)", file=sys.stderr)
+          f"({auto_class(out)}.from_pretrained loads it)", file=sys.stderr)
+
+
+#: model class name endings -> the Auto class that loads them (cloze/text2text stages export
+#: the language model, stage=tokens a token classifier)
+AUTO = {"ForSequenceClassification": "AutoModelForSequenceClassification",
+        "ForTokenClassification": "AutoModelForTokenClassification",
+        "ForMaskedLM": "AutoModelForMaskedLM", "LMHeadModel": "AutoModelForCausalLM",
+        "ForCausalLM": "AutoModelForCausalLM", "ForConditionalGeneration": "AutoModelForSeq2SeqLM"}
+
+
+def auto_class(folder: Path) -> str:
+    """The ``transformers`` Auto class for the model ``save_pretrained`` wrote in ``folder``."""
+    import json
+
+    names = json.loads((folder / "config.json").read_text()).get("architectures") or [""]
+    return next((auto for end, auto in AUTO.items() if names[0].endswith(end)), "AutoModel")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ class Predictor:
         """
         from ftlab.tasks.base import PredictsRows
 
+        if batch_size < 1:
+            raise FtlabError(f"batch_size must be at least 1, got {batch_size}.",
+                             "pass a positive --batch-size (default 64).")
+        if not texts:  # an empty input file: no rows (the tokenizer refuses an empty list)
+            return []
         if isinstance(self.task, PredictsRows):  # e.g. stage=tokens: a tag per word
             return self.task.predict_rows(self.model, list(texts), batch_size)
         probs = self.scores(texts, batch_size).softmax(-1)
@@ -70,6 +75,8 @@ class Predictor:
 
         from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
+        if not texts:
+            return torch.empty(0, len(self.labels))
         columns = self._columns(texts)
         features = self.task.featurize({**columns, "label": [0] * len(texts)})
         keep = list(self.task.features)  # scores() ignores what it does not need
@@ -160,7 +167,14 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
                          "re-run it with save_artefact: true.")
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
-    task = builder.saved_task(spec, labels, tokenizer)
+    if "model_type" in spec.model.config:  # as training's load_tokenizer (GPT-2: no segment ids)
+        from ftlab.model.arch import configure_tokenizer
+
+        configure_tokenizer(tokenizer, spec.model.config["model_type"])
+    if spec.subtasks:  # a multi-task upstream: its heads need the sub-tasks' label sets, which
+        task = builder.task(spec)  # only their data holds (bound as in training)
+    else:
+        task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
     if spec.init_from != "pretrained":
         upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)

@@ -3,6 +3,7 @@ hand-over to a target stage, aux MLM, and the resolved stage's sub-task data."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -321,6 +322,26 @@ def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentime
     assert len(encoder) == task["handed_over"]["copied"] > 0
     assert all(torch.equal(src[k], dst[k]) for k in encoder)
     assert "mt__task__classifier.weight" in src and not any(k.startswith("mt__") for k in dst)
+
+
+def test_the_stage_after_a_multi_task_stage_loads_and_predicts_what_it_scored(
+        make_cfg, sentiment_dir, pairs_dir):
+    """ftlab.load rebuilds the multi-task upstream first (its heads from its sub-tasks' data);
+    it stopped with "a multi-task stage cannot be used without its sub-tasks' data"."""
+    import math
+
+    import ftlab
+
+    at = "pipeline.stages.multi"
+    cfg = make_cfg([*mt_overrides(sentiment_dir, pairs_dir, at), "pipeline=multitask_task",
+                    f"{at}.trainer.max_steps=4", "pipeline.stages.task.trainer.max_steps=4",
+                    "stage.optim.lr=3e-3"])
+    record = run(cfg)
+    assert record["status"] == "ok", record
+    test = [json.loads(line) for line in (sentiment_dir / "test.jsonl").read_text().splitlines()]
+    preds = ftlab.load(cfg.paths.output_dir).predict([r["text"] for r in test])
+    loss = -sum(math.log(p["probs"][r["label"]]) for p, r in zip(preds, test, strict=True))
+    assert loss / len(test) == pytest.approx(record["final"]["test/loss"], abs=1e-5)
 
 
 def test_smart_with_a_teacher_is_refused_with_the_fix(make_cfg, sentiment_dir, pairs_dir, capsys):

@@ -17,7 +17,15 @@ from ftlab.peft.invertible import NiceCoupling
 from ftlab.peft.stacking import block_norm_parameters
 from ftlab.store import load_tensors, save_tensors
 from tests.conftest import tiny_overrides
-from tests.test_peft_contract import batch, logits, method, model_config, tiny_model, train_steps
+from tests.test_peft_contract import (
+    FAMILIES,
+    batch,
+    logits,
+    method,
+    model_config,
+    tiny_model,
+    train_steps,
+)
 from tests.test_resolved import resolve
 
 
@@ -99,6 +107,18 @@ def _language_artefact(tmp_path: Path, seed: int, **extra) -> Path:
         opt.step()
         opt.zero_grad()
     return save_tensors(tmp_path / f"lang{seed}.safetensors", peft.trainable_state(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_invertible_adapter_is_on_the_input_path_of_every_family(family):
+    """T5's forward embeds with encoder/decoder.embed_tokens, tied to but not ``shared``
+    (its embeddings entry): a hook on ``shared`` alone never ran (the adapter got no
+    gradient)."""
+    model = method("adapter_pfeiffer", invertible=True).apply(tiny_model(0, family))
+    model.train()
+    model(**batch(0)).loss.backward()
+    inv = {n: p.grad for n, p in model.named_parameters() if "invertible_adapters" in n}
+    assert inv and all(g is not None and g.abs().sum() > 0 for g in inv.values()), family
 
 
 def test_stacked_artefact_brings_its_invertible_adapter_frozen(tmp_path):

@@ -60,6 +60,23 @@ def test_load_predicts_what_the_trained_model_scored_on_test(train, sentiment_di
     assert model.labels == ["neg", "pos"]
 
 
+def test_a_gpt2_stage_predicts_and_exports_what_it_scored_on_test(train, sentiment_dir,
+                                                                  tmp_path):
+    """The tiny tokenizer emits segment ids that GPT-2 (which adds them as token embeddings)
+    never saw in training: the rebuilt and the exported tokenizer must drop them too."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    run_dir, record, _ = train("model=tiny_gpt2", "trainer.max_epochs=1")
+    test = _rows(sentiment_dir / "test.jsonl")
+    preds = ftlab.load(run_dir).predict([r["text"] for r in test])
+    loss = -sum(math.log(p["probs"][r["label"]]) for p, r in zip(preds, test, strict=True))
+    assert loss / len(test) == pytest.approx(record["final"]["test/loss"], abs=1e-5)
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert "token_type_ids" not in AutoTokenizer.from_pretrained(str(tmp_path / "hf"))("a b")
+
+
 def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, sentiment_dir):
     run_dir, record, _ = train("pipeline=tiny")
     test = _rows(sentiment_dir / "test.jsonl")
@@ -102,6 +119,54 @@ def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert model.config.id2label == {0: "neg", 1: "pos"}
     assert not list((tmp_path / "hf").glob("adapter_config.json"))  # plain, not a PEFT folder
+
+
+@pytest.mark.parametrize(("family", "peft"), [("t5", "ia3"), ("t5", "lora"), ("deberta", "ia3")])
+def test_a_classifier_with_a_container_head_exports_merged(train, family, peft, tmp_path):
+    """T5's classification head and DeBERTa's pooler are containers (dense + out_proj) that
+    peft's IA3 unload could not put back (AttributeError: no 'weight')."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _, _ = train(f"model=tiny_{family}", f"peft={peft}", "trainer.max_steps=4")
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
+                             for p in ftlab.load(run_dir).predict(texts)])
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = torch.cat([model(**tok(t, return_tensors="pt")).logits.softmax(-1)
+                         for t in texts])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_a_stage_trained_with_an_auxiliary_mlm_loss_exports_without_its_mlm_head(
+        train, peft, tmp_path):
+    """stage.aux_mlm_weight attaches a training-only MLM head whose decoder is tied to the
+    word embeddings; save_pretrained refused it (RuntimeError: shared tensors)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _, _ = train(f"peft={peft}", "stage.aux_mlm_weight=0.5", "trainer.max_steps=4")
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
+                             for p in ftlab.load(run_dir).predict(texts)])
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        got = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_export_names_the_class_that_loads_a_cloze_stage(train, tmp_path, capsys):
+    """A cloze stage exports its language model, not a sequence classifier."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _, _ = train("model=tiny_gpt2", "stage=cloze", "trainer.max_steps=2")
+    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert "(AutoModelForCausalLM.from_pretrained loads it)" in capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
 
 
 @pytest.mark.parametrize("peft", METHODS)
@@ -183,3 +248,14 @@ def test_predict_cli_errors_name_the_fix(train, sentiment_dir, tmp_path):
     msg = error(str(run_dir), "--input", str(src), "--text-column", "review")
     assert "has no column 'review'" in msg and "label, text" in msg
     assert not (tmp_path / "p.jsonl").exists()
+    assert "batch_size must be at least 1" in error(str(run_dir), "--input", str(src),
+                                                    "--batch-size", "0")
+
+
+@pytest.mark.parametrize("content", ["", "text,label\n"])
+def test_predict_cli_on_an_input_without_rows_writes_no_rows(train, tmp_path, content):
+    run_dir, _, _ = train("trainer.max_steps=2")
+    src = tmp_path / ("in.csv" if content else "in.txt")
+    src.write_text(content)
+    predict_main([str(run_dir), "--input", str(src), "--output", str(tmp_path / "p.jsonl")])
+    assert (tmp_path / "p.jsonl").read_text() == ""

@@ -27,7 +27,7 @@ from ftlab.run import run
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
 from tests.conftest import tiny_overrides
-from tests.test_peft_contract import batch, logits, method, tiny_model
+from tests.test_peft_contract import FAMILIES, batch, logits, method, tiny_model
 
 REGULARIZERS = sorted(p.stem for p in (Path(CONFIG_DIR) / "regularizer").glob("*.yaml"))
 PEFTS = ("full", "lora", "adapter_pfeiffer")
@@ -179,6 +179,22 @@ def test_a_tiny_run_learns_and_records_its_metrics(name, make_cfg, sentiment_dir
     losses = train_losses(run_dir)
     assert len(losses) >= 90
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.1, losses
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_embedding_perturbation_reaches_every_familys_logits(family):
+    """R3F/SMART/FreeLB add their noise to the word embeddings; T5's forward embeds with
+    modules tied to (not the same as) get_input_embeddings(): the noise must reach it too
+    (else R3F is silently the plain loss and SMART/FreeLB fail on an unused gradient)."""
+    from ftlab.regularizers.embedding import perturbed, zeros_like_embeddings
+
+    model = tiny_model(0, family).eval()
+    inputs = {k: v for k, v in batch(0).items() if k != "labels"}
+    delta = zeros_like_embeddings(model, inputs).requires_grad_()
+    with perturbed(model, delta):
+        out = model(**inputs).logits
+    (grad,) = torch.autograd.grad(out.square().sum(), delta)
+    assert grad.abs().sum() > 0, family
 
 
 # -- each regulariser's own term, against its definition ---------------------------------------

@@ -215,6 +215,14 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
     return [m for path in arch_of(model).embeddings if (m := _get(root, path)) is not None]
 
 
+def tied_embeddings(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
+    """``emb`` and every embedding sharing its weight: where a hook must go to see the input
+    (T5's forward calls ``encoder``/``decoder.embed_tokens``, tied to ``shared``, never it)."""
+    weight = getattr(emb, "weight", None)  # None: a container (BERT's embeddings block)
+    return [emb, *(m for m in unwrap(model).modules() if weight is not None and m is not emb
+                   and isinstance(m, nn.Embedding) and m.weight is weight)]
+
+
 def pooler(model: nn.Module) -> nn.Module | None:
     path = arch_of(model).pooler
     return _get(backbone(model), path) if path else None
@@ -269,6 +277,8 @@ def configure_tokenizer(tokenizer, model_type: str):
     if not arch.token_type_ids:
         tokenizer.model_input_names = [n for n in tokenizer.model_input_names
                                        if n != "token_type_ids"]
+        # kept by save_pretrained, so the stage's saved (and exported) tokenizer emits the same
+        tokenizer.init_kwargs["model_input_names"] = list(tokenizer.model_input_names)
     if arch.eos_pooling and tokenizer.eos_token is None and tokenizer.sep_token is not None:
         tokenizer.eos_token = tokenizer.sep_token
     return tokenizer

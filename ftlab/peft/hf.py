@@ -133,4 +133,14 @@ class HfPeft(RequiresGradState):
                                "prefixes), which a plain Transformers model cannot hold.",
                                "load the PEFT folder with peft.PeftModel.from_pretrained(base, "
                                "DIR), or use ftlab.load / ftlab-predict on the run.")
+        from peft.utils import ModulesToSaveWrapper
+
+        # trained heads first: IA3's unload copies `.weight` from whatever it replaces, and a
+        # head that is a container (T5ClassificationHead) has none (AttributeError)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent, _, child = name.rpartition(".")
+                head = module.unload_and_optionally_merge_module(
+                    merge=True, safe_merge=False, adapter_names=None)
+                setattr(model.get_submodule(parent), child, head)
         return model.merge_and_unload()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.model.arch import backbone, embedding_modules, unwrap
+from ftlab.model.arch import backbone, embedding_modules, tied_embeddings, unwrap
 
 MODULES = "invertible_adapters"
 
@@ -83,7 +83,8 @@ def _blocks(model: nn.Module) -> nn.ModuleDict:
             hidden = block.inverse(hidden)
         return (hidden, *args[1:])
 
-    embedding_modules(model)[0].register_forward_hook(forward_hook)
+    for emb in tied_embeddings(model, embedding_modules(model)[0]):  # T5: those forward calls
+        emb.register_forward_hook(forward_hook)
     output = unwrap(model).get_output_embeddings()
     if output is not None:  # a masked/causal LM: the inverse before the vocabulary projection
         output.register_forward_pre_hook(inverse_hook)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.model.arch import unwrap
+from ftlab.model.arch import tied_embeddings, unwrap
 from ftlab.tasks.base import Task, TaskOutput
 
 
@@ -51,11 +51,18 @@ def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
         return out + delta.to(out.dtype) if out.shape == delta.shape else out
 
     # prepend: the noise is part of the embedding, before any other hook sees it
-    handle = input_embeddings(model).register_forward_hook(hook, prepend=True)
+    handles = [m.register_forward_hook(hook, prepend=True) for m in word_embeddings(model)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def word_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding module and every embedding sharing its weight (T5: the encoder's
+    and decoder's ``embed_tokens``; ``get_input_embeddings()`` is ``shared``, never called)."""
+    return tied_embeddings(model, input_embeddings(model))
 
 
 COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
