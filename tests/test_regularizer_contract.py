@@ -197,6 +197,26 @@ def test_the_embedding_perturbation_reaches_every_familys_logits(family):
     assert grad.abs().sum() > 0, family
 
 
+def test_an_encoder_decoder_is_perturbed_on_its_input_text_only():
+    """T5's classifier feeds its decoder the shifted input (the same shape as the noise): the
+    noise goes to the encoder's embeddings only, as fairseq's R3F does for BART."""
+    from ftlab.regularizers.embedding import perturbed, zeros_like_embeddings
+
+    model = tiny_model(0, "t5").eval()
+    inputs = {k: v for k, v in batch(0).items() if k != "labels"}
+    seen: dict[str, list[torch.Tensor]] = {"encoder": [], "decoder": []}
+    for side in seen:
+        getattr(model.transformer, side).embed_tokens.register_forward_hook(
+            lambda _m, _i, out, side=side: seen[side].append(out.detach()))
+    model(**inputs)
+    delta = torch.randn_like(zeros_like_embeddings(model, inputs))
+    with perturbed(model, delta):
+        model(**inputs)
+    assert seen["decoder"][0].shape == delta.shape  # the same shape, yet left alone
+    torch.testing.assert_close(seen["decoder"][1], seen["decoder"][0])
+    torch.testing.assert_close(seen["encoder"][1], seen["encoder"][0] + delta)
+
+
 # -- each regulariser's own term, against its definition ---------------------------------------
 
 def loss_of(name: str, seed: int = 0, **extra) -> tuple[float, float, TaskOutput]:

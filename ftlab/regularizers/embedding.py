@@ -60,9 +60,18 @@ def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
 
 
 def word_embeddings(model: nn.Module) -> list[nn.Module]:
-    """The input embedding module and every embedding sharing its weight (T5: the encoder's
-    and decoder's ``embed_tokens``; ``get_input_embeddings()`` is ``shared``, never called)."""
-    return tied_embeddings(model, input_embeddings(model))
+    """Where the word embeddings are computed: the input embedding module, or for an
+    encoder-decoder the encoder's copy tied to it (T5's forward calls ``encoder``/``decoder.
+    embed_tokens``, never ``get_input_embeddings()``, which is ``shared``). The encoder's only:
+    the noise is on the input text (fairseq's R3F perturbs BART's encoder embeddings), and the
+    decoder's inputs are other tokens that may have the same shape."""
+    tied = tied_embeddings(model, input_embeddings(model))
+    if len(tied) == 1:
+        return tied
+    root = unwrap(model)
+    encoder = root.get_encoder() if hasattr(root, "get_encoder") else None
+    inside = {id(m) for m in encoder.modules()} if encoder is not None else set()
+    return [m for m in tied if id(m) in inside] or tied
 
 
 COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
