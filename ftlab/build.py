@@ -133,6 +133,14 @@ class StageBuilder:
             model.load_state_dict(state, strict=False)
         return model, self._tasks[name], stage
 
+    def plain(self, name: str, trained: nn.Module | dict) -> nn.Module:
+        """Stage ``name``'s trained model (or its state dict, from the cache) as a plain
+        Transformers model: its PEFT method merged into a copy (``handover.plain_model``)."""
+        from ftlab.handover import plain_model
+
+        model, _, stage = self.trained(name, trained)
+        return plain_model(model, self.peft(stage), name)
+
     def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:
         """The stage's task bound to a finished stage's saved label set and tokenizer, without
         its data (inference); later ``task``/``model`` calls for the stage use it."""
@@ -144,6 +152,7 @@ class StageBuilder:
             task.see_model(load_config(stage.model))
         self._tokenizers[repr(stage.model)] = tokenizer
         self._tasks[stage.name] = task
+        self._stages[stage.name] = stage
         return task
 
     def peft(self, stage: ResolvedStage) -> PeftMethod:
@@ -164,7 +173,7 @@ class StageBuilder:
         if upstream is not None:
             from ftlab.handover import hand_over
 
-            handed = hand_over(upstream, model, stage.carry)
+            handed = hand_over(self.plain(stage.init_from, upstream), model, stage.carry)
         require_trained_head(stage, task, model)
         return *self._prepare(stage, model, task), handed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from ftlab.errors import FtlabError
 from ftlab.model.arch import backbone_modules, unwrap
+from ftlab.peft.base import Mergeable, NotMergeable, PeftMethod
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +58,23 @@ def hand_over(source: nn.Module | Mapping[str, torch.Tensor], target: nn.Module,
     skipped = len(dst) - len(wanted)
     log.info("Handed over %d tensors (%s); %d start fresh.", len(wanted), carry, skipped)
     return {"copied": len(wanted), "fresh": skipped}
+
+
+def plain_model(model: nn.Module, peft: PeftMethod, name: str) -> nn.Module:
+    """Stage ``name``'s trained ``model`` as a plain Transformers model, what a later stage's
+    hand-over copies from: under ``peft`` it may be wrapped (``PeftModel``: LoRA, IA3) or
+    re-parametrised (diff pruning, intrinsic, movement pruning), whose tensor names match no
+    plain model's. Those are merged into a copy (the stage's own model stays as it is, for its
+    teachers' and reports' use). Methods that add modules or inputs (adapters, prompt/prefix
+    tuning) trained around a frozen backbone: that backbone is handed over, their own weights
+    are not (a warning says so)."""
+    if isinstance(peft, Mergeable):
+        try:
+            wrapped = unwrap(model) is not model  # merging folds a wrapper in place
+            return peft.merged(copy.deepcopy(model) if wrapped else model)
+        except NotMergeable:
+            pass
+    log.warning("Stage %s's peft=%s weights are not handed over, only the backbone it kept "
+                "frozen: use a method that merges (full, lora, ia3, bitfit...) there to carry "
+                "what it learnt, or stack adapters (pipeline=madx).", name, peft.name)
+    return unwrap(model)

@@ -275,3 +275,68 @@ def test_intermediate_task_hands_the_encoder_over_and_trains_inter_once(
     second = run(cfg(2))  # a seed sweep: inter (seed 0) comes from the cache
     assert [line["cache_hit"] for line in second["lineage"]] == [True, False]
     assert second["lineage"][0]["key"] == first["lineage"][0]["key"]
+
+
+@pytest.mark.parametrize("peft", ["lora", "diff_pruning"])
+def test_a_wrapping_peft_method_hands_over_what_it_learnt(tiny_pipeline, monkeypatch, peft):
+    """TAPT under LoRA (a PeftModel) or diff pruning (a re-parametrisation) names its tensors
+    unlike a plain model: the next stage gets the TAPT stage's weights with the method merged
+    (not the pre-trained ones, not an error), also when TAPT comes from the stage cache."""
+    import lightning as L
+    from omegaconf import open_dict
+
+    import ftlab.handover
+    from ftlab.build import StageBuilder
+    from ftlab.inference import _rebuild
+    from ftlab.model.arch import unwrap
+
+    handed = []
+    real = ftlab.handover.hand_over
+
+    def spy(source, target, carry):
+        out = real(source, target, carry)
+        handed.append({k: v.detach().clone() for k, v in unwrap(target).state_dict().items()})
+        return out
+
+    monkeypatch.setattr(ftlab.handover, "hand_over", spy)
+    records, dirs = [], []
+    for name in ("first", "again"):
+        cfg = tiny_pipeline(f"peft={peft}")  # both stages (the task's is built plain first)
+        with open_dict(cfg):
+            cfg.paths.output_dir = f"{cfg.paths.output_dir}_{name}"
+        dirs.append(Path(cfg.paths.output_dir))
+        records.append(run(cfg))
+        assert records[-1]["stages"]["task"]["handed_over"]["copied"] > 0
+    assert records[1]["stages"]["tapt"]["cache_hit"]  # the second run's TAPT: a state dict
+    L.seed_everything(0, verbose=False)  # tapt's seed (conf/pipeline/tiny.yaml): the same
+    tapt, peft_method, _ = _rebuild(dirs[0], "tapt", StageBuilder())  # random tiny base
+    before = {k: v.clone() for k, v in unwrap(tapt).state_dict().items()}  # frozen base weights
+    merged = unwrap(peft_method.merged(tapt)).state_dict()
+    backbone = [k for k in merged if k.startswith("bert.")]  # (diff pruning: the embeddings)
+
+    def base(key: str) -> torch.Tensor:  # LoRA keeps the frozen weight as <module>.base_layer
+        module, _, leaf = key.rpartition(".")
+        return before[key] if key in before else before[f"{module}.base_layer.{leaf}"]
+
+    assert [k for k in backbone if not torch.equal(merged[k], base(k))]  # it learnt something
+    for got in handed:  # trained here, then from the cache
+        assert all(torch.equal(got[k], merged[k]) for k in backbone)
+
+
+@pytest.mark.parametrize("name", ["adapter_houlsby", "prompt_tuning"])
+def test_methods_that_add_modules_hand_over_their_frozen_backbone_and_say_so(name, caplog):
+    """Adapters and prompts cannot fold into the weights: the next stage gets the backbone
+    they trained around (unchanged), and a warning names what is not carried."""
+    from ftlab.handover import plain_model
+    from ftlab.model.arch import unwrap
+    from tests.test_peft_contract import method, tiny_model
+
+    peft, model = method(name), tiny_model(0)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = peft.apply(model)
+    with caplog.at_level("WARNING", logger="ftlab.handover"):
+        plain = plain_model(wrapped, peft, "tapt")
+    assert plain is unwrap(wrapped)
+    own = plain.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in frozen.items() if k in own)
+    assert f"Stage tapt's peft={peft.name} weights are not handed over" in caplog.text
