@@ -69,20 +69,45 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not found:
         return argv
     folder = Path(found[-1].split("=", 1)[1]).expanduser()
-    rest = [a for a in argv if not a.startswith("resume=")]
+    # Hydra's argparse takes the overrides as one positional list: flags (``-m``,
+    # ``--config-dir DIR``) go before every override, or argparse refuses the ones after them
+    opts, rest = _split_options([a for a in argv if not a.startswith("resume=")])
     fix = "pass the folder of a run (outputs/runs/<time>) or a sweep (outputs/multirun/<time>)."
     if (folder / "multirun.yaml").is_file():
         hydra = _hydra_node(folder / "multirun.yaml")
-        flags = [] if {"-m", "--multirun"} & set(rest) else ["-m"]
-        return [*flags, *_own(hydra), *rest, f"hydra.sweep.dir={folder}"]
+        flags = [] if {"-m", "--multirun"} & set(opts) else ["-m"]
+        return [*flags, *opts, *_own(hydra), *rest, f"hydra.sweep.dir={folder}"]
     if (folder / ".hydra" / "hydra.yaml").is_file():
-        if {"-m", "--multirun"} & set(rest):
+        if {"-m", "--multirun"} & set(opts):
             raise FtlabError(f"{folder} is a single run, not a sweep.",
                              f"drop -m: ftlab resume={folder}")
         hydra = _hydra_node(folder / ".hydra" / "hydra.yaml")
-        return [*_own(hydra), *rest, f"hydra.run.dir={folder}"]
+        return [*opts, *_own(hydra), *rest, f"hydra.run.dir={folder}"]
     raise FtlabError(f"resume={folder}: no ftlab run or sweep there (no .hydra/ or "
                      "multirun.yaml).", fix)
+
+
+#: Hydra's flags that take a value (``--config-dir DIR``; ``--config-dir=DIR`` is one token)
+_VALUED = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+           "-cd", "--config-dir", "--experimental-rerun", "-i", "--info"}
+
+
+def _split_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides), each in command-line order."""
+    opts: list[str] = []
+    overrides: list[str] = []
+    take_value = False
+    for arg in argv:
+        if take_value and not (arg.startswith(("-", "~", "+")) or "=" in arg):
+            opts.append(arg)
+        elif arg.startswith("-"):
+            opts.append(arg)
+            take_value = arg in _VALUED
+            continue
+        else:
+            overrides.append(arg)
+        take_value = False
+    return opts, overrides
 
 
 def _hydra_node(path: Path) -> Any:

@@ -227,3 +227,33 @@ def test_sampler_resumes_mid_epoch_in_the_same_order_and_gets_lightnings_epoch()
     loader = DataLoader(list(range(100)), batch_sampler=LengthGroupedBatchSampler(lengths, 8))
     _set_sampler_epoch(loader, 4)  # what Lightning calls at each epoch start
     assert loader.batch_sampler.epoch == 4
+
+
+def test_resume_argv_puts_flags_before_the_overrides(tmp_path):
+    """`ftlab -m resume=<sweep>` (the README's form): Hydra's argparse refuses overrides that
+    follow a flag once some came before it, so every flag must lead."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from ftlab.resume import resume_argv
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    OmegaConf.save({"hydra": {"overrides": {"hydra": [f"hydra.sweep.dir={sweep}",
+                                                      "hydra.mode=MULTIRUN"],
+                                            "task": ["seed=1,2", "model=tiny_bert"]}}},
+                   sweep / "multirun.yaml")
+    parser = argparse.ArgumentParser()  # Hydra's shape: flags + one positional override list
+    parser.add_argument("-m", "--multirun", action="store_true")
+    parser.add_argument("-cd", "--config-dir")
+    parser.add_argument("overrides", nargs="*")
+    for argv in (["-m", f"resume={sweep}"], [f"resume={sweep}", "-m", "seed=1,2,3"],
+                 ["--config-dir", "mine", "-m", f"resume={sweep}", "checkpoint.keep=true"]):
+        new = resume_argv(argv)
+        args = parser.parse_args(new)  # argparse exits (SystemExit) on a misplaced override
+        assert args.multirun
+        assert args.overrides[:2] == ["seed=1,2", "model=tiny_bert"]
+        assert args.overrides[-1] == f"hydra.sweep.dir={sweep}"
+    assert parser.parse_args(new).config_dir == "mine"
+    assert resume_argv([f"resume={sweep}", "seed=1,2,3"])[-2] == "seed=1,2,3"  # later wins
