@@ -183,3 +183,37 @@ def test_predict_cli_errors_name_the_fix(train, sentiment_dir, tmp_path):
     msg = error(str(run_dir), "--input", str(src), "--text-column", "review")
     assert "has no column 'review'" in msg and "label, text" in msg
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_cli_bad_input_files_name_the_row_and_the_fix(train, tmp_path):
+    """Untrusted input files end in one paragraph (not a traceback), and a .txt file's output
+    lines up with its lines, an empty line included."""
+    run_dir, _, _ = train("trainer.max_steps=2")
+    out = tmp_path / "p.jsonl"
+
+    def error(name: str, content: bytes, *extra: str) -> str:
+        src = tmp_path / name
+        src.write_bytes(content)
+        with pytest.raises(SystemExit) as err:
+            predict_main([str(run_dir), "--input", str(src), "--output", str(out), *extra])
+        return str(err.value.code)
+
+    assert "not valid UTF-8" in error("latin.txt", "caf\xe9\n".encode("latin-1"))
+    assert "line 2 is not valid JSON" in error("bad.jsonl", b'{"text": "a"}\n{oops\n')
+    assert "line 1 is a JSON list" in error("list.jsonl", b'[{"text": "a"}]\n')
+    assert "row 2 has no text column 'text'" in error("miss.jsonl",
+                                                      b'{"text": "a"}\n{"review": "b"}\n')
+    assert "row 1 has no text in column 'text'" in error("null.jsonl", b'{"text": null}\n')
+    assert "has a int (5)" in error("num.jsonl", b'{"text": 5}\n')
+    assert "row 2 has no text in column 'review'" in error(
+        "ragged.csv", b"id,review\n1,good\n2\n", "--text-column", "review")
+    assert "has no rows" in error("empty.txt", b"")
+    assert "has no rows" in error("empty.csv", b"")
+    assert "is a folder" in error("ok.txt", b"good\n", "--output", str(tmp_path))
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # argparse: a batch of 0 rows
+        predict_main([str(run_dir), "--input", str(tmp_path / "ok.txt"), "--output", str(out),
+                      "--batch-size", "0"])
+    (tmp_path / "lines.txt").write_text("great\n\nawful\n")
+    predict_main([str(run_dir), "--input", str(tmp_path / "lines.txt"), "--output", str(out)])
+    assert len(_rows(out)) == 3  # one prediction per line
