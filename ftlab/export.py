@@ -24,8 +24,11 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None)
     where it has one; ftlab's adapters raise ``FtlabError``."""
     from ftlab.inference import load
 
-    p = load(run_dir, stage)
     output = Path(output)
+    if output.exists() and not output.is_dir():  # save_pretrained only logs this and returns
+        raise FtlabError(f"--output {output} is a file, not a folder.",
+                         f"name a new folder: --output {output.with_suffix('')}_hf/.")
+    p = load(run_dir, stage)
     if not isinstance(p.peft, Mergeable):
         raise FtlabError(f"peft={p.peft.name} inserts modules a plain Transformers model does "
                          "not have, so it cannot be exported as one.", "use ftlab.load(run_dir) "

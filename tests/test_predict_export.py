@@ -217,3 +217,15 @@ def test_predict_cli_bad_input_files_name_the_row_and_the_fix(train, tmp_path):
     (tmp_path / "lines.txt").write_text("great\n\nawful\n")
     predict_main([str(run_dir), "--input", str(tmp_path / "lines.txt"), "--output", str(out)])
     assert len(_rows(out)) == 3  # one prediction per line
+
+
+def test_export_onto_a_file_says_so_and_leaves_it(train, tmp_path):
+    """save_pretrained only logs "should be a directory" for a file: the export must not
+    report success with nothing written."""
+    run_dir, _, _ = train("trainer.max_steps=2")
+    target = tmp_path / "notes.csv"
+    target.write_text("keep me\n")
+    with pytest.raises(SystemExit) as err:
+        export_main([str(run_dir), "--to", "hf", "--output", str(target)])
+    assert "is a file, not a folder" in str(err.value.code)
+    assert target.read_text() == "keep me\n"
