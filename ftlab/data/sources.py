@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
@@ -37,6 +38,10 @@ class RawData:
     labels: list[str] | None  # None for unlabelled text
     #: what each of ``data.transforms`` did (rows added/removed/changed...), in order
     transforms: list[dict[str, Any]] = field(default_factory=list)
+    #: rows per label id in the whole training split, before ``max_train_samples`` and the
+    #: transforms: ``monitor: auto`` reads these, so every seed of a sweep monitors the same
+    #: metric (a seed's subset alone could tip the imbalance rule either way)
+    train_counts: list[int] | None = None
 
 
 def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
@@ -52,9 +57,13 @@ def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
     labels = None
     if spec.label_column is not None:
         dsd, labels = encode_labels(dsd, spec)
+    counts = None
+    if labels is not None and "train" in dsd and dsd["train"].features["label"] == Value("int64"):
+        ids = dsd["train"].with_format("numpy")["label"]
+        counts = [int(n) for n in np.bincount(ids, minlength=len(labels))]
     dsd = _cap(dsd, spec, seed)
     _check_texts(dsd, spec)
-    return RawData(dsd, labels)
+    return RawData(dsd, labels, train_counts=counts)
 
 
 def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
