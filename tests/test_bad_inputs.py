@@ -152,6 +152,20 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"one or two columns"),
     ("label-outside-set", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,negative]"],
      r"label value\(s\) \['neg'\] outside the label set"),
+    ("labels-listed-twice", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,pos,neg]"],
+     r"data.labels lists \['pos'\] more than once.*list every label once"),
+    ("label-column-free-text", lambda t, s: tiny_overrides(s) + ["data.label_column=text"],
+     r"outside the label set .* \.\.\. \(\d+ in all\)"),  # a short paragraph, not every text
+    ("label-null", lambda t, s: _train(_rows(t, "null.jsonl", [
+        {"text": f"good {i}", "label": None if i == 6 else ("pos" if i % 2 else "neg"),
+         "group": "g"} for i in range(40)]), s),
+     r"train split has 1 row\(s\) without a label in column 'label'.*first is row 7"),
+    ("label-nan-number", lambda t, s: [
+        *(o for o in tiny_overrides(s) if not o.startswith("data.files")), "~data.files",
+        "+data.files={all: %s}" % _rows(t, "nan.jsonl", [
+            {"text": f"good {i}", "label": float("nan") if i % 9 == 3 else float(i % 2)}
+            for i in range(90)])],
+     r"without a label .*NaN"),  # not a class called 'nan'
     ("one-label-declared", lambda t, s: tiny_overrides(s) + ["data.labels=[pos]"],
      r"classification needs at least two"),
     ("one-label-in-data", lambda t, s: _train(_rows(t, "pos.jsonl", [

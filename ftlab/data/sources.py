@@ -234,8 +234,22 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
         return _label_ids(dsd, col, lambda values: values), labels
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
-    labels = [str(x) for x in spec.labels] if spec.labels is not None else sorted(
-        {as_str(v) for v in _distinct(dsd["train"], col) if v is not None})
+    for split, ds in dsd.items():  # null, an empty csv cell, NaN: not a class called "nan"
+        if any(_missing(v) for v in _distinct(ds, col)):
+            rows = ds.with_format("arrow")[col].to_pylist()
+            first = next(i for i, v in enumerate(rows) if _missing(v))
+            count = sum(1 for v in rows if _missing(v))
+            raise FtlabError(f"The {split} split has {count} row(s) without a label in column "
+                             f"'{col}' (null, empty or NaN; the first is row {first + 1}).",
+                             "give every row a label, or remove those rows.")
+    if spec.labels is not None:
+        labels = [str(x) for x in spec.labels]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise FtlabError(f"data.labels lists {twice} more than once ({labels}): each label "
+                             "needs one id.", "list every label once in data.labels.")
+    else:
+        labels = sorted({as_str(v) for v in _distinct(dsd["train"], col)})
     if len(labels) < 2:
         raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
                          "classification needs at least two.",
@@ -245,11 +259,22 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
         unknown = sorted({as_str(v) for v in _distinct(ds, col)} - set(index), key=str)
         if unknown:
             raise FtlabError(
-                f"The {split} split has label value(s) {unknown[:10]} outside the label set "
-                f"{labels}.",
+                f"The {split} split has {len(unknown)} label value(s) {_some(unknown)} outside "
+                f"the label set {_some(labels)}.",
                 "add them to data.labels, drop them with data.drop_labels, or fix the data.",
             )
     return _label_ids(dsd, col, lambda values: [index[as_str(v)] for v in values]), labels
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _some(values: list[str], n: int = 10) -> str:
+    """At most ``n`` of ``values``, each cut to 40 characters (a label column of free text
+    has thousands of long values)."""
+    cut = [v if len(v) <= 40 else v[:39] + "…" for v in values[:n]]
+    return str(cut) if len(values) <= n else f"{cut} ... ({len(values)} in all)"
 
 
 def _label_ids(dsd: DatasetDict, col: str, ids: Callable[[list], list[int]]) -> DatasetDict:
