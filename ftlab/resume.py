@@ -111,10 +111,21 @@ def _split_options(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _hydra_node(path: Path) -> Any:
+    """The ``hydra`` node of a run's ``hydra.yaml`` / a sweep's ``multirun.yaml``; a damaged
+    file (a half-written folder, an edit) stops with the fix."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
-    return cfg.hydra
+    try:
+        hydra = OmegaConf.load(path).hydra
+        hydra.overrides.task  # noqa: B018 (what _own reads)
+    except Exception as err:  # YAML syntax, a missing key
+        sweep = path.name == "multirun.yaml"
+        folder, key = (path.parent, "hydra.sweep.dir") if sweep else \
+            (path.parent.parent, "hydra.run.dir")
+        raise FtlabError(f"resume: cannot read the command from {path} ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0]}).",
+                         f"run the original command again with {key}={folder}.") from None
+    return hydra
 
 
 def _own(hydra: Any) -> list[str]:

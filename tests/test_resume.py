@@ -257,3 +257,24 @@ def test_resume_argv_puts_flags_before_the_overrides(tmp_path):
         assert args.overrides[-1] == f"hydra.sweep.dir={sweep}"
     assert parser.parse_args(new).config_dir == "mine"
     assert resume_argv([f"resume={sweep}", "seed=1,2,3"])[-2] == "seed=1,2,3"  # later wins
+
+
+@pytest.mark.parametrize("content", ["hydra: {overrides: [", "hydra: {}\n", "", "- a list\n"])
+def test_resume_of_a_damaged_folder_names_the_file_and_the_fix(tmp_path, content):
+    """A half-written or edited hydra.yaml/multirun.yaml: one paragraph, not a YAML or
+    omegaconf traceback."""
+    from ftlab.errors import FtlabError
+    from ftlab.resume import resume_argv
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text(content)
+    with pytest.raises(FtlabError, match=r"(?s)cannot read the command from .*hydra.yaml.*"
+                                         rf"Fix: run the original command again with "
+                                         rf"hydra.run.dir={run_dir}"):
+        resume_argv([f"resume={run_dir}"])
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(content)
+    with pytest.raises(FtlabError, match=rf"hydra.sweep.dir={sweep}"):
+        resume_argv(["-m", f"resume={sweep}"])
