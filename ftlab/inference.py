@@ -157,6 +157,11 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     stage_dir = run_dir / name
     spec, labels = read_stage_card(stage_dir)
     if not (stage_dir / TRAINABLE).is_file():
+        dropped = _dropped(run_dir, name)
+        if dropped:  # the run-level policy deleted it (a sweep keeps only the best job's)
+            raise FtlabError(f"Stage '{name}' has no {TRAINABLE}: the run's save_artefact "
+                             f"policy deleted it ({dropped} full-size artefact).",
+                             "load the job that kept it, or re-run with save_artefact=all.")
         raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
                          "re-run it with save_artefact: true.")
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
@@ -167,6 +172,15 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     model, peft, _, _ = builder.model(spec, upstream)
     peft.load_trainable_state(model, load_tensors(stage_dir / TRAINABLE))
     return model, peft, task
+
+
+def _dropped(run_dir: Path, name: str) -> str | None:
+    """Why the run-level ``save_artefact`` policy deleted the stage's artefact, if it did."""
+    try:
+        stage = json.loads((run_dir / "metrics.json").read_text())["stages"][name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return stage.get("artefact_dropped") if isinstance(stage, dict) else None
 
 
 def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], list[str]]:

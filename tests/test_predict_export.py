@@ -229,3 +229,13 @@ def test_export_onto_a_file_says_so_and_leaves_it(train, tmp_path):
         export_main([str(run_dir), "--to", "hf", "--output", str(target)])
     assert "is a file, not a folder" in str(err.value.code)
     assert target.read_text() == "keep me\n"
+
+
+def test_a_dropped_full_size_artefact_names_the_policy_not_the_stage_key(train, tmp_path):
+    """save_artefact=none (and a sweep's best policy) delete full-size weights; loading such a
+    job must say so rather than suggest the stage's own save_artefact key."""
+    run_dir, record, _ = train("trainer.max_steps=2", "save_artefact=none")
+    assert "artefact_dropped" in record["stages"]["classify"]
+    with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)save_artefact policy deleted it "
+                                                      r"\(save_artefact=none.*save_artefact=all"):
+        ftlab.load(run_dir)
