@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
@@ -22,6 +23,7 @@ from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpoint
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard
+from ftlab.errors import FtlabError
 from ftlab.flops import flop_rule
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
@@ -217,9 +219,13 @@ def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints",
                                           stage_key, stage.trainer)
-    return instantiate_checked(node, f"{stage.where} trainer",
-                               default_root_dir=str(stage_dir),
-                               callbacks=[*callbacks, *own, NoteStep(), *saving],
-                               **({"plugins": plugins} if plugins else {}),
-                               logger=loggers or False, enable_checkpointing=bool(saving),
-                               use_distributed_sampler=False)  # ftlab's sampler shards itself
+    try:
+        return instantiate_checked(node, f"{stage.where} trainer",
+                                   default_root_dir=str(stage_dir),
+                                   callbacks=[*callbacks, *own, NoteStep(), *saving],
+                                   **({"plugins": plugins} if plugins else {}),
+                                   logger=loggers or False, enable_checkpointing=bool(saving),
+                                   use_distributed_sampler=False)  # ftlab's sampler shards
+    except MisconfigurationException as err:  # e.g. trainer.devices=0: Lightning's own check
+        raise FtlabError(f"{stage.where} trainer: {str(err).splitlines()[0]}",
+                         "fix the trainer.* setting it names (conf/trainer/*.yaml).") from None

@@ -177,6 +177,8 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("stage-seed-negative", lambda t, s: S(s) + ["stage.seed=-3"],
      r"stage 'classify': seed=-3 is out of range.*stage.seed"),
     # --- trainer keys (the TRAINER table) and types (Trainer's signature)
+    ("devices-zero", lambda t, s: S(s) + ["trainer.devices=0"],  # Lightning's own check
+     r"stage 'classify' trainer: `Trainer\(devices=0\)` value is not a valid input"),
     ("max-epochs-zero", lambda t, s: S(s) + ["trainer.max_epochs=0"],
      r"trainer: max_epochs=0 is out of range: it must be 1 or more, or -1.*trainer.max_epochs"),
     ("max-steps-negative", lambda t, s: S(s) + ["trainer.max_steps=-2"],
