@@ -278,3 +278,32 @@ def test_resume_of_a_damaged_folder_names_the_file_and_the_fix(tmp_path, content
     (sweep / "multirun.yaml").write_text(content)
     with pytest.raises(FtlabError, match=rf"hydra.sweep.dir={sweep}"):
         resume_argv(["-m", f"resume={sweep}"])
+
+
+def test_a_truncated_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    """A half-copied run folder: state.json is fine but tensors.safetensors is cut short.
+    Resuming from it crashed (SafetensorError) on every re-run; it is now passed over for an
+    intact older copy, or none (the stage starts over)."""
+    import json
+    import logging
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ftlab.checkpoint import NAME, STATE, TENSORS, latest_checkpoint
+
+    def write(path: Path, cut: bool) -> None:
+        path.mkdir(parents=True)
+        (path / STATE).write_text(json.dumps({"ftlab": {"stage_key": "classify-abc"}}))
+        save_file({"w": torch.zeros(64, 64)}, str(path / TENSORS))
+        if cut:
+            data = (path / TENSORS).read_bytes()
+            (path / TENSORS).write_bytes(data[: len(data) // 2])
+
+    folder = tmp_path / "checkpoints"
+    write(folder / NAME, cut=True)
+    with caplog.at_level(logging.WARNING):
+        assert latest_checkpoint(folder, "classify-abc") is None
+    assert "is damaged" in caplog.text
+    write(folder / f".{NAME}.old-1", cut=False)
+    assert latest_checkpoint(folder, "classify-abc") == folder / f".{NAME}.old-1"
