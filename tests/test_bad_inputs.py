@@ -180,6 +180,13 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"no split 'dev'.*data.splits.validation"),
     ("split-fractions-bad", lambda t, s: _all(t, s, "data.split_fractions=[0.5,0.5,0.5]"),
      r"split_fractions must be three numbers summing to 1"),
+    ("split-by-null", lambda t, s: [
+        *(o for o in tiny_overrides(s) if not o.startswith("data.files")), "~data.files",
+        "+data.files={all: %s}" % _rows(t, "groups.jsonl", [
+            {"text": f"good {i}", "label": "pos" if i % 2 else "neg",
+             "product": None if i in (4, 9) else f"p{i % 7}"} for i in range(90)]),
+        "data.split_by=product"],  # was an IndexError in numpy
+     r"split_by column 'product' is empty \(null\) in 2 row\(s\); the first is row 5"),
     ("split-by-missing", lambda t, s: _all(t, s, "data.split_by=movie"),
      r"split_by column 'movie' is not in the data; columns found"),
     # --- sizes
