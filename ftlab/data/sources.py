@@ -15,6 +15,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
@@ -140,7 +141,7 @@ def _load(spec: DataSpec) -> DatasetDict:
     kwargs = {"delimiter": "\t"} if builder == "csv" and any(
         _suffix(f) == ".tsv" for f in files.values()) else {}
     try:
-        return datasets.load_dataset(builder, data_files=files, **kwargs)
+        dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
         empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(err))
         if empty:  # a file with a header and no rows
@@ -156,6 +157,14 @@ def _load(spec: DataSpec) -> DatasetDict:
             f"Could not read the files {sorted(files.values())} as {builder} (data.path="
             f"{spec.path}), but their extension says {implied}.",
             f"set data.path={implied}, or data.path=null to follow the file extension.") from None
+    for split, ds in dsd.items():  # Arrow's json reader keeps bytes that are not UTF-8 as text
+        try:
+            ds.data.table.validate(full=True)
+        except pa.ArrowInvalid as err:
+            raise FtlabError(f"Data file {files.get(split, split)} is not valid UTF-8 ({err}).",
+                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
+                from None
+    return dsd
 
 
 def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabError:
