@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
 from ftlab.artefact import write_stage_card
-from ftlab.budget import early_stopping, plan
+from ftlab.budget import check_val_interval, early_stopping, plan
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, HeadWarmup, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
@@ -112,6 +112,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
             if stage.subtasks else len(raw.splits["train"]))
     node, budget = (plan(stage.budget, stage.trainer, rows, dm.batch_size) if stage.budget
                     else (stage.trainer, None))
+    check_val_interval(node, rows, dm.batch_size, stage.where)
     stops = early_stopping(stage.budget, task.monitor, task.mode)
     trainer = _trainer(stage, node, run, stage_dir, [keep, speed, *stops], context, key)
     if auto:

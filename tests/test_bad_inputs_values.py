@@ -177,6 +177,9 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("stage-seed-negative", lambda t, s: S(s) + ["stage.seed=-3"],
      r"stage 'classify': seed=-3 is out of range.*stage.seed"),
     # --- trainer keys (the TRAINER table) and types (Trainer's signature)
+    ("val-check-past-the-epoch", lambda t, s: S(s) + ["trainer.val_check_interval=100000"],
+     r"trainer.val_check_interval=100000 batches is more than one epoch \(\d+ batches.*"
+     r"check_val_every_n_epoch=null"),  # was Lightning's ValueError as fit started
     ("devices-zero", lambda t, s: S(s) + ["trainer.devices=0"],  # Lightning's own check
      r"stage 'classify' trainer: `Trainer\(devices=0\)` value is not a valid input"),
     ("max-epochs-zero", lambda t, s: S(s) + ["trainer.max_epochs=0"],
