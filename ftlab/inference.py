@@ -120,7 +120,7 @@ def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
     """Rebuild a trained stage of the run in ``run_dir`` (default: its last stage)."""
     import lightning as L
 
-    from ftlab.artefact import read_stage_card
+    from ftlab.artefact import CARD, read_stage_card
 
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
@@ -134,6 +134,14 @@ def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
     if name not in names:
         raise FtlabError(f"The run has no stage '{name}'.{closest(name, names)}",
                          f"use --stage with one of: {choices_text(names)}.")
+    if not (run_dir / name / CARD).is_file():  # e.g. the run stopped before the stage trained
+        record = _record(run_dir)
+        status = record.get("status")
+        if status not in (None, "ok", "discarded", "pruned"):
+            why = str(record.get("error") or record.get("interrupted") or "").split("\n")[0]
+            raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the run ended with "
+                             f"status '{status}'{f' ({why})' if why else ''}.",
+                             "fix what stopped it and run it again (ftlab resume=<run folder>).")
     spec, labels = read_stage_card(run_dir / name)
     if not labels:
         raise FtlabError(f"Stage '{name}' has no labels ({spec.task.get('_target_')} predicts "
@@ -174,12 +182,18 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     return model, peft, task
 
 
+def _record(run_dir: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` ({} when there is no readable one)."""
+    try:
+        record = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _dropped(run_dir: Path, name: str) -> str | None:
     """Why the run-level ``save_artefact`` policy deleted the stage's artefact, if it did."""
-    try:
-        stage = json.loads((run_dir / "metrics.json").read_text())["stages"][name]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    stage = (_record(run_dir).get("stages") or {}).get(name)
     return stage.get("artefact_dropped") if isinstance(stage, dict) else None
 
 

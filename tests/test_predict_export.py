@@ -239,3 +239,14 @@ def test_a_dropped_full_size_artefact_names_the_policy_not_the_stage_key(train, 
     with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)save_artefact policy deleted it "
                                                       r"\(save_artefact=none.*save_artefact=all"):
         ftlab.load(run_dir)
+
+
+def test_loading_a_run_that_ended_in_an_error_says_so(make_cfg, sentiment_dir, tmp_path):
+    """It said the stage had no card.json "since predict/export came in" and to re-run with
+    save_artefact: true; the run never trained."""
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "data.files.train=/nonexistent.jsonl"])
+    with pytest.raises(SystemExit):
+        run(cfg)
+    with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)the run ended with status 'error' "
+                                                      r"\(Data file .* not found.*resume="):
+        ftlab.load(tmp_path / "run")
