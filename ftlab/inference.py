@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         predictor = load(args.run_dir, args.stage)
         rows, found = read_rows(args.input, args.text_columns)
+        if rows and isinstance(rows[0], str) and len(predictor.text_columns) != 1:
+            raise FtlabError(f"{args.input.name} holds one text per line, but the stage reads "
+                             f"{len(predictor.text_columns)} per row {predictor.text_columns}.",
+                             "use a .csv or .jsonl file with a column for each.")
         if rows and isinstance(rows[0], dict):
             wanted = args.text_columns or predictor.text_columns
             missing = [c for c in wanted if c not in found]

@@ -250,3 +250,13 @@ def test_loading_a_run_that_ended_in_an_error_says_so(make_cfg, sentiment_dir, t
     with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)the run ended with status 'error' "
                                                       r"\(Data file .* not found.*resume="):
         ftlab.load(tmp_path / "run")
+
+
+def test_a_txt_file_for_a_sentence_pair_stage_names_the_fix(train, tmp_path):
+    run_dir, _, _ = train("trainer.max_steps=2", "data.text_columns=[text,group]")
+    (tmp_path / "lines.txt").write_text("good\n")
+    with pytest.raises(SystemExit) as err:
+        predict_main([str(run_dir), "--input", str(tmp_path / "lines.txt"), "--output",
+                      str(tmp_path / "p.jsonl")])
+    assert "holds one text per line, but the stage reads 2" in str(err.value.code)
+    assert "use a .csv or .jsonl" in str(err.value.code)
