@@ -238,13 +238,14 @@ def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], li
 
 
 def _texts(rows: list[dict], wanted: list[str], name: str) -> list[tuple[Any, ...]]:
-    """One tuple of texts per row; a row without a text column or with a non-string in one
-    stops with the row's number (1 = the first data row)."""
+    """One tuple of texts per row; a row without a text column or with something other than
+    a string (or a list of words) in one stops with the row's number (1 = the first row)."""
     out = []
     for n, row in enumerate(rows, 1):
         for c in wanted:
             value = row.get(c)
-            if not isinstance(value, str):
+            words = isinstance(value, list) and all(isinstance(w, str) for w in value)
+            if not (isinstance(value, str) or words):  # words: a token-tagging stage's input
                 what = (f"has no text column '{c}'" if c not in row else
                         f"has no text in column '{c}'" if value is None else
                         f"has a {type(value).__name__} ({value!r}) in text column '{c}'")
