@@ -69,7 +69,25 @@ def main(argv: list[str] | None = None) -> None:
     except FtlabError as err:
         sys.exit(f"ftlab-export: {err}")
     print(f"ftlab-export: a Transformers folder in {args.output} "
-          "(AutoModelForSequenceClassification.from_pretrained loads it)", file=sys.stderr)
+          f"({auto_class(args.output)}.from_pretrained loads it)", file=sys.stderr)
+
+
+#: the transformers Auto class for an architecture's name ending
+_AUTO = {"ForSequenceClassification": "AutoModelForSequenceClassification",
+         "ForTokenClassification": "AutoModelForTokenClassification",
+         "ForMaskedLM": "AutoModelForMaskedLM", "ForCausalLM": "AutoModelForCausalLM",
+         "ForConditionalGeneration": "AutoModelForSeq2SeqLM", "LMHeadModel": "AutoModelForCausalLM"}
+
+
+def auto_class(folder: Path) -> str:
+    """Which Auto class loads the exported model (from its config's ``architectures``)."""
+    import json
+
+    try:
+        arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "AutoModel"
+    return next((auto for end, auto in _AUTO.items() if arch.endswith(end)), "AutoModel")
 
 
 if __name__ == "__main__":

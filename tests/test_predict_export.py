@@ -260,3 +260,15 @@ def test_a_txt_file_for_a_sentence_pair_stage_names_the_fix(train, tmp_path):
                       str(tmp_path / "p.jsonl")])
     assert "holds one text per line, but the stage reads 2" in str(err.value.code)
     assert "use a .csv or .jsonl" in str(err.value.code)
+
+
+@pytest.mark.parametrize(("arch", "auto"), [
+    ("BertForTokenClassification", "AutoModelForTokenClassification"),  # was "Sequence..."
+    ("RobertaForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("T5ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("GPT2LMHeadModel", "AutoModelForCausalLM"), ("Mystery", "AutoModel")])
+def test_export_message_names_the_auto_class_of_the_stage(tmp_path, arch, auto):
+    from ftlab.export import auto_class
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    assert auto_class(tmp_path) == auto
