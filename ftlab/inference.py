@@ -208,7 +208,7 @@ def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], li
         raise FtlabError(f"Cannot read {path.name}: unknown suffix '{suffix}'.",
                          "use a .csv, .tsv, .jsonl or .txt file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Excel) is not text
     except UnicodeDecodeError as err:
         raise FtlabError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}).",
                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None

@@ -210,6 +210,10 @@ def test_predict_cli_bad_input_files_name_the_row_and_the_fix(train, tmp_path):
     assert "has no rows" in error("empty.txt", b"")
     assert "has no rows" in error("empty.csv", b"")
     assert "is a folder" in error("ok.txt", b"good\n", "--output", str(tmp_path))
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\ngood,x\n")  # Excel's csv
+    predict_main([str(run_dir), "--input", str(tmp_path / "bom.csv"), "--output", str(out)])
+    assert len(_rows(out)) == 1
+    out.unlink()
     assert not out.exists()
     with pytest.raises(SystemExit):  # argparse: a batch of 0 rows
         predict_main([str(run_dir), "--input", str(tmp_path / "ok.txt"), "--output", str(out),
