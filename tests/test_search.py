@@ -177,3 +177,15 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
     for job in range(4):  # job n ran trial n: nothing was written over
         record = json.loads((sweep / str(job) / "metrics.json").read_text())
         assert record["overrides"][-1] == f"trial={job}" and "reused" not in record
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("hydra.sweeper.n_trials=0", "a search needs at least one trial"),  # was UnboundLocalError
+    ("hydra.sweeper.direction=up", "'up' is not one of: auto, maximize, minimize"),  # ValueError
+])
+def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
+                                                             expected):
+    proc = ftlab(*search_args(sentiment_dir, setting), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-2000:]
+    assert expected in out and "Traceback" not in out, out[-2000:]

@@ -105,6 +105,13 @@ class FtlabOptunaSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         try:
+            if self.n_trials < 1:  # (the loop below would not run, and there is no result)
+                raise FtlabError(f"hydra.sweeper.n_trials={self.n_trials}: a search needs at "
+                                 "least one trial.", "set hydra.sweeper.n_trials=1 or more.")
+            if self.direction not in ("auto", "maximize", "minimize"):
+                raise FtlabError(f"hydra.sweeper.direction={self.direction!r} is not one of: "
+                                 "auto, maximize, minimize.",
+                                 "set hydra.sweeper.direction=auto (from the task's monitor).")
             space, fixed = parse_space(lines, self.hydra_context.config_loader)
             study = self.study(sweep_dir, fixed)
         except FtlabError as err:  # a message, not a traceback (SystemExit passes Hydra)
