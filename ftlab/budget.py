@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from ftlab.config import bind_schema
+from ftlab.errors import FtlabError
 from ftlab.overrides import Explicit
 from ftlab.rules import at_least
 
@@ -71,6 +72,28 @@ def split_budget(trainer: dict[str, Any], own: dict[str, Any], explicit: Explici
 
 def steps_per_epoch(trainer: dict[str, Any], rows: int, batch: int) -> int:
     """Optimiser steps in one epoch of ``rows`` training rows (each device reads its share)."""
+    return max(1, batches_per_epoch(trainer, rows, batch)
+               // (trainer.get("accumulate_grad_batches") or 1))
+
+
+def check_val_interval(trainer: dict[str, Any], rows: int, batch: int, where: str) -> None:
+    """A whole-number ``val_check_interval`` (in batches) must fit in one epoch unless
+    ``check_val_every_n_epoch`` is null (Lightning raises a ValueError when ``fit`` starts)."""
+    interval = trainer.get("val_check_interval")
+    if not isinstance(interval, int) or isinstance(interval, bool) or \
+            trainer.get("check_val_every_n_epoch", 1) is None:
+        return
+    batches = batches_per_epoch(trainer, rows, batch)
+    if interval > batches:
+        raise FtlabError(
+            f"{where}: trainer.val_check_interval={interval} batches is more than one epoch "
+            f"({batches} batches of {batch} from {rows} training rows).",
+            f"set trainer.val_check_interval to {batches} or less (or a fraction of an epoch, "
+            "e.g. 0.5), or add trainer.check_val_every_n_epoch=null to count across epochs.")
+
+
+def batches_per_epoch(trainer: dict[str, Any], rows: int, batch: int) -> int:
+    """Training batches in one epoch (per device; ``limit_train_batches`` applied)."""
     devices = trainer.get("devices")
     devices = devices if isinstance(devices, int) and devices > 0 else 1
     batches = math.ceil(rows / (batch * devices))
@@ -79,7 +102,7 @@ def steps_per_epoch(trainer: dict[str, Any], rows: int, batch: int) -> int:
         batches = max(1, int(batches * limit))
     elif isinstance(limit, int) and limit > 0:
         batches = min(batches, limit)
-    return max(1, batches // (trainer.get("accumulate_grad_batches") or 1))
+    return batches
 
 
 def epochs_for(budget: BudgetSpec, base_epochs: Any, per_epoch: int) -> int:

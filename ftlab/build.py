@@ -138,7 +138,10 @@ class StageBuilder:
         Transformers model: its PEFT method merged into a copy (``handover.plain_model``)."""
         from ftlab.handover import plain_model
 
-        model, _, stage = self.trained(name, trained)
+        # a cached state dict is loaded into a model built for it: building draws random
+        # numbers, which must not shift the initialisation of the stage being built
+        with torch.random.fork_rng(devices=[]):
+            model, _, stage = self.trained(name, trained)
         return plain_model(model, self.peft(stage), name)
 
     def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:

@@ -170,6 +170,10 @@ def latest_checkpoint(folder: Path, key: str | None) -> Path | None:
             continue
         if not (path / TENSORS).is_file():
             continue
+        if not _readable(path / TENSORS):  # truncated (a partial copy, a bad disk)
+            log.warning("Not resuming from %s: %s is damaged (truncated or not safetensors).",
+                        path, TENSORS)
+            continue
         if key is not None and meta.get("stage_key") != key:
             log.warning("Not resuming from %s: it was written for stage %s, this is %s "
                         "(the stage's settings changed). Training the stage from the start.",
@@ -177,6 +181,17 @@ def latest_checkpoint(folder: Path, key: str | None) -> Path | None:
             return None
         return path
     return None
+
+
+def _readable(path: Path) -> bool:
+    """Whether safetensors can open ``path`` (it checks the header covers the whole file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except Exception:  # SafetensorError, OSError
+        return False
 
 
 # ---- callbacks -----------------------------------------------------------------------------

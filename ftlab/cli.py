@@ -56,7 +56,7 @@ def main() -> None:
     from ftlab.resume import resume_argv
 
     try:  # resume=<run or sweep dir>: the command that made it, into the same folder
-        sys.argv[1:] = resume_argv(sys.argv[1:])
+        sys.argv[1:] = replace_files(resume_argv(sys.argv[1:]))
     except FtlabError as err:
         print(f"\nftlab: {err}\n", file=sys.stderr)
         sys.exit(2)
@@ -79,6 +79,19 @@ def main() -> None:
                           "ended at or below a trivial baseline; see "
                           f"{outcome['sweep_dir']}/summary.md", file=sys.stderr)
                 sys.exit(3)  # ftlab.status.DEGENERATE_EXIT (not imported: --help stays light)
+
+
+def replace_files(argv: list[str]) -> list[str]:
+    """``data.files={all: x.jsonl}`` replaces the data config's files, as the README says:
+    Hydra merges a dict value into the existing one (train/validation/test stay, and the
+    struct config refuses the new key 'all'), so it becomes ``~data.files +data.files={...}``."""
+    out = []
+    for arg in argv:
+        if arg.startswith("data.files={"):
+            out += ["~data.files", f"+{arg}"]
+        else:
+            out.append(arg)
+    return out
 
 
 #: environment variable naming the file the sweep report writes the sweep's outcome to

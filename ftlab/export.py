@@ -24,8 +24,11 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None)
     where it has one; ftlab's adapters raise ``FtlabError``."""
     from ftlab.inference import load
 
-    p = load(run_dir, stage)
     output = Path(output)
+    if output.exists() and not output.is_dir():  # save_pretrained only logs this and returns
+        raise FtlabError(f"--output {output} is a file, not a folder.",
+                         f"name a new folder: --output {output.with_suffix('')}_hf/.")
+    p = load(run_dir, stage)
     if not isinstance(p.peft, Mergeable):
         raise FtlabError(f"peft={p.peft.name} inserts modules a plain Transformers model does "
                          "not have, so it cannot be exported as one.", "use ftlab.load(run_dir) "
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
-        out = export_hf(args.run_dir, args.output, args.stage)
+        export_hf(args.run_dir, args.output, args.stage)
     except NotMergeable as err:
         print(f"ftlab-export: {err}\nWrote the PEFT folder instead: {args.output / 'peft'}",
               file=sys.stderr)
@@ -68,23 +71,25 @@ def main(argv: list[str] | None = None) -> None:
     except FtlabError as err:
         sys.exit(f"ftlab-export: {err}")
     print(f"ftlab-export: a Transformers folder in {args.output} "
-          f"({auto_class(out)}.from_pretrained loads it)", file=sys.stderr)
+          f"({auto_class(args.output)}.from_pretrained loads it)", file=sys.stderr)
 
 
-#: model class name endings -> the Auto class that loads them (cloze/text2text stages export
-#: the language model, stage=tokens a token classifier)
-AUTO = {"ForSequenceClassification": "AutoModelForSequenceClassification",
-        "ForTokenClassification": "AutoModelForTokenClassification",
-        "ForMaskedLM": "AutoModelForMaskedLM", "LMHeadModel": "AutoModelForCausalLM",
-        "ForCausalLM": "AutoModelForCausalLM", "ForConditionalGeneration": "AutoModelForSeq2SeqLM"}
+#: the transformers Auto class for an architecture's name ending
+_AUTO = {"ForSequenceClassification": "AutoModelForSequenceClassification",
+         "ForTokenClassification": "AutoModelForTokenClassification",
+         "ForMaskedLM": "AutoModelForMaskedLM", "ForCausalLM": "AutoModelForCausalLM",
+         "ForConditionalGeneration": "AutoModelForSeq2SeqLM", "LMHeadModel": "AutoModelForCausalLM"}
 
 
 def auto_class(folder: Path) -> str:
-    """The ``transformers`` Auto class for the model ``save_pretrained`` wrote in ``folder``."""
+    """Which Auto class loads the exported model (from its config's ``architectures``)."""
     import json
 
-    names = json.loads((folder / "config.json").read_text()).get("architectures") or [""]
-    return next((auto for end, auto in AUTO.items() if names[0].endswith(end)), "AutoModel")
+    try:
+        arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "AutoModel"
+    return next((auto for end, auto in _AUTO.items() if arch.endswith(end)), "AutoModel")
 
 
 if __name__ == "__main__":

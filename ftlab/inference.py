@@ -127,7 +127,7 @@ def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
     """Rebuild a trained stage of the run in ``run_dir`` (default: its last stage)."""
     import lightning as L
 
-    from ftlab.artefact import read_stage_card
+    from ftlab.artefact import CARD, read_stage_card
 
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
@@ -141,6 +141,14 @@ def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
     if name not in names:
         raise FtlabError(f"The run has no stage '{name}'.{closest(name, names)}",
                          f"use --stage with one of: {choices_text(names)}.")
+    if not (run_dir / name / CARD).is_file():  # e.g. the run stopped before the stage trained
+        record = _record(run_dir)
+        status = record.get("status")
+        if status not in (None, "ok", "discarded", "pruned"):
+            why = str(record.get("error") or record.get("interrupted") or "").split("\n")[0]
+            raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the run ended with "
+                             f"status '{status}'{f' ({why})' if why else ''}.",
+                             "fix what stopped it and run it again (ftlab resume=<run folder>).")
     spec, labels = read_stage_card(run_dir / name)
     if not labels:
         raise FtlabError(f"Stage '{name}' has no labels ({spec.task.get('_target_')} predicts "
@@ -164,6 +172,11 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     stage_dir = run_dir / name
     spec, labels = read_stage_card(stage_dir)
     if not (stage_dir / TRAINABLE).is_file():
+        dropped = _dropped(run_dir, name)
+        if dropped:  # the run-level policy deleted it (a sweep keeps only the best job's)
+            raise FtlabError(f"Stage '{name}' has no {TRAINABLE}: the run's save_artefact "
+                             f"policy deleted it ({dropped} full-size artefact).",
+                             "load the job that kept it, or re-run with save_artefact=all.")
         raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
                          "re-run it with save_artefact: true.")
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
@@ -183,25 +196,83 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     return model, peft, task
 
 
+def _record(run_dir: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` ({} when there is no readable one)."""
+    try:
+        record = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _dropped(run_dir: Path, name: str) -> str | None:
+    """Why the run-level ``save_artefact`` policy deleted the stage's artefact, if it did."""
+    stage = (_record(run_dir).get("stages") or {}).get(name)
+    return stage.get("artefact_dropped") if isinstance(stage, dict) else None
+
+
 def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], list[str]]:
-    """Rows of a ``.csv``/``.tsv``, ``.jsonl`` or ``.txt`` (one text per line) file, as dicts
-    (or strings for ``.txt``), and the columns found."""
+    """Rows of a ``.csv``/``.tsv``, ``.jsonl`` or ``.txt`` (one text per line; every line is
+    a row, an empty one too, so the output lines up with the input) file, as dicts (or strings
+    for ``.txt``), and the columns found."""
     if not path.is_file():
         raise FtlabError(f"There is no input file {path}.", "pass --input FILE.{csv,jsonl,txt}.")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [line for line in path.read_text().splitlines() if line.strip()], ["text"]
-    if suffix in (".csv", ".tsv"):
-        import csv
-
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
+    if suffix not in (".txt", ".csv", ".tsv", ".jsonl", ".json"):
         raise FtlabError(f"Cannot read {path.name}: unknown suffix '{suffix}'.",
                          "use a .csv, .tsv, .jsonl or .txt file.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Excel) is not text
+    except UnicodeDecodeError as err:
+        raise FtlabError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}).",
+                         "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+    if suffix == ".txt":
+        return text.splitlines(), ["text"]
+    if suffix in (".csv", ".tsv"):
+        import csv
+        import io
+
+        rows = list(csv.DictReader(io.StringIO(text, newline=""),
+                                   delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FtlabError(f"{path.name} line {n} is not valid JSON ({err.msg}).",
+                                 "write one JSON object per line (JSON Lines).") from None
+            if not isinstance(row, dict):
+                raise FtlabError(f"{path.name} line {n} is a JSON {type(row).__name__}, not an "
+                                 "object.", 'write one object per line: {"text": "..."}.')
+            rows.append(row)
     return rows, list(rows[0]) if rows else []
+
+
+def _texts(rows: list[dict], wanted: list[str], name: str) -> list[tuple[Any, ...]]:
+    """One tuple of texts per row; a row without a text column or with something other than
+    a string (or a list of words) in one stops with the row's number (1 = the first row)."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        for c in wanted:
+            value = row.get(c)
+            words = isinstance(value, list) and all(isinstance(w, str) for w in value)
+            if not (isinstance(value, str) or words):  # words: a token-tagging stage's input
+                what = (f"has no text column '{c}'" if c not in row else
+                        f"has no text in column '{c}'" if value is None else
+                        f"has a {type(value).__name__} ({value!r}) in text column '{c}'")
+                raise FtlabError(f"{name}: row {n} {what}.",
+                                 f"give every row a string '{c}' (or drop the row).")
+        out.append(tuple(row[c] for c in wanted))
+    return out
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-column", action="append", dest="text_columns",
                         help="the input's text column(s), in the stage's order (default: the "
                              "stage's own data.text_columns); repeat for pairs")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=_positive, default=64)
     args = parser.parse_args(argv)
     from ftlab.cli import quiet
 
@@ -225,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         predictor = load(args.run_dir, args.stage)
         rows, found = read_rows(args.input, args.text_columns)
+        if rows and isinstance(rows[0], str) and len(predictor.text_columns) != 1:
+            raise FtlabError(f"{args.input.name} holds one text per line, but the stage reads "
+                             f"{len(predictor.text_columns)} per row {predictor.text_columns}.",
+                             "use a .csv or .jsonl file with a column for each.")
         if rows and isinstance(rows[0], dict):
             wanted = args.text_columns or predictor.text_columns
             missing = [c for c in wanted if c not in found]
@@ -236,7 +311,12 @@ def main(argv: list[str] | None = None) -> None:
                 raise FtlabError(f"The stage reads {len(predictor.text_columns)} text column(s) "
                                  f"({predictor.text_columns}); got {len(wanted)}.",
                                  "give --text-column once per text.")
-            rows = [tuple(r[c] for c in wanted) for r in rows]
+            rows = _texts(rows, wanted, args.input.name)
+        if not rows:
+            raise FtlabError(f"{args.input} has no rows to predict.", "pass a file with rows.")
+        if args.output.is_dir():
+            raise FtlabError(f"--output {args.output} is a folder.",
+                             f"name a file: --output {args.output / 'preds.jsonl'}.")
         preds = predictor.predict(rows, batch_size=args.batch_size)
     except FtlabError as err:
         sys.exit(f"ftlab-predict: {err}")

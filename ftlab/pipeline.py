@@ -24,7 +24,7 @@ from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, stage_nodes, trainer_node
 from ftlab.pipeline_checks import check_head_warmup, check_pipeline
-from ftlab.rules import Rule, at_least, check_field, one_of
+from ftlab.rules import Rule, at_least, between, check_field, one_of
 from ftlab.runtime import RuntimeSpec, split_trainer
 from ftlab.store import check_name
 
@@ -80,7 +80,7 @@ class StageSpec:
     eval_batch_size: Annotated[int, at_least(1, example="128")] = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)
-    seed: int | None = None
+    seed: Annotated[int | None, between(0, 2**32 - 1, example="1")] = None
     data: Any = None
     peft: Any = None
     regularizer: Any = None
@@ -176,10 +176,17 @@ def split_peft(node: Any) -> tuple[Any, float | None]:
     return {k: v for k, v in node.items() if k != "lr"}, None if lr is None else float(lr)
 
 
+#: the largest seed numpy and Lightning take (2^32 - 1)
+MAX_SEED = 2**32 - 1
+
+
 def run_seed(cfg: DictConfig) -> int:
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise FtlabError(f"seed must be an integer, got {seed!r}.",
+                         "e.g. seed=1 (sweep: -m seed=1,2,3).")
+    if not 0 <= seed <= MAX_SEED:  # numpy's generators refuse it mid-run; Lightning resets it
+        raise FtlabError(f"seed={seed} is out of range: it must be in [0, {MAX_SEED}].",
                          "e.g. seed=1 (sweep: -m seed=1,2,3).")
     return seed
 

@@ -40,6 +40,10 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             rec = {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
         rec = effective(rec) if isinstance(rec, dict) else {"status": "missing", "failed": True}
         rec.setdefault("overrides", _overrides_from_hydra(job))
+        if "seed" not in rec:  # an unreadable record: the seed its command line gave
+            seeds = [o.split("=", 1)[1] for o in rec["overrides"] if o.startswith("seed=")]
+            if seeds and seeds[-1].isdigit():
+                rec["seed"] = int(seeds[-1])
         rec["job"] = job.name
         records.append(rec)
     return dedupe(records)

@@ -69,27 +69,63 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not found:
         return argv
     folder = Path(found[-1].split("=", 1)[1]).expanduser()
-    rest = [a for a in argv if not a.startswith("resume=")]
+    # Hydra's argparse takes the overrides as one positional list: flags (``-m``,
+    # ``--config-dir DIR``) go before every override, or argparse refuses the ones after them
+    opts, rest = _split_options([a for a in argv if not a.startswith("resume=")])
     fix = "pass the folder of a run (outputs/runs/<time>) or a sweep (outputs/multirun/<time>)."
     if (folder / "multirun.yaml").is_file():
         hydra = _hydra_node(folder / "multirun.yaml")
-        flags = [] if {"-m", "--multirun"} & set(rest) else ["-m"]
-        return [*flags, *_own(hydra), *rest, f"hydra.sweep.dir={folder}"]
+        flags = [] if {"-m", "--multirun"} & set(opts) else ["-m"]
+        return [*flags, *opts, *_own(hydra), *rest, f"hydra.sweep.dir={folder}"]
     if (folder / ".hydra" / "hydra.yaml").is_file():
-        if {"-m", "--multirun"} & set(rest):
+        if {"-m", "--multirun"} & set(opts):
             raise FtlabError(f"{folder} is a single run, not a sweep.",
                              f"drop -m: ftlab resume={folder}")
         hydra = _hydra_node(folder / ".hydra" / "hydra.yaml")
-        return [*_own(hydra), *rest, f"hydra.run.dir={folder}"]
+        return [*opts, *_own(hydra), *rest, f"hydra.run.dir={folder}"]
     raise FtlabError(f"resume={folder}: no ftlab run or sweep there (no .hydra/ or "
                      "multirun.yaml).", fix)
 
 
+#: Hydra's flags that take a value (``--config-dir DIR``; ``--config-dir=DIR`` is one token)
+_VALUED = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+           "-cd", "--config-dir", "--experimental-rerun", "-i", "--info"}
+
+
+def _split_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides), each in command-line order."""
+    opts: list[str] = []
+    overrides: list[str] = []
+    take_value = False
+    for arg in argv:
+        if take_value and not (arg.startswith(("-", "~", "+")) or "=" in arg):
+            opts.append(arg)
+        elif arg.startswith("-"):
+            opts.append(arg)
+            take_value = arg in _VALUED
+            continue
+        else:
+            overrides.append(arg)
+        take_value = False
+    return opts, overrides
+
+
 def _hydra_node(path: Path) -> Any:
+    """The ``hydra`` node of a run's ``hydra.yaml`` / a sweep's ``multirun.yaml``; a damaged
+    file (a half-written folder, an edit) stops with the fix."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
-    return cfg.hydra
+    try:
+        hydra = OmegaConf.load(path).hydra
+        hydra.overrides.task  # noqa: B018 (what _own reads)
+    except Exception as err:  # YAML syntax, a missing key
+        sweep = path.name == "multirun.yaml"
+        folder, key = (path.parent, "hydra.sweep.dir") if sweep else \
+            (path.parent.parent, "hydra.run.dir")
+        raise FtlabError(f"resume: cannot read the command from {path} ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0]}).",
+                         f"run the original command again with {key}={folder}.") from None
+    return hydra
 
 
 def _own(hydra: Any) -> list[str]:

@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
 from ftlab.artefact import write_stage_card
-from ftlab.budget import early_stopping, plan
+from ftlab.budget import check_val_interval, early_stopping, plan
 from ftlab.build import StageBuilder
 from ftlab.callbacks import GradualUnfreeze, HeadWarmup, KeepBest, NoteStep, Throughput
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard
+from ftlab.errors import FtlabError
 from ftlab.flops import flop_rule
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
@@ -110,6 +112,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
             if stage.subtasks else len(raw.splits["train"]))
     node, budget = (plan(stage.budget, stage.trainer, rows, dm.batch_size) if stage.budget
                     else (stage.trainer, None))
+    check_val_interval(node, rows, dm.batch_size, stage.where)
     stops = early_stopping(stage.budget, task.monitor, task.mode)
     trainer = _trainer(stage, node, run, stage_dir, [keep, speed, *stops], context, key)
     if auto:
@@ -217,9 +220,13 @@ def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints",
                                           stage_key, stage.trainer)
-    return instantiate_checked(node, f"{stage.where} trainer",
-                               default_root_dir=str(stage_dir),
-                               callbacks=[*callbacks, *own, NoteStep(), *saving],
-                               **({"plugins": plugins} if plugins else {}),
-                               logger=loggers or False, enable_checkpointing=bool(saving),
-                               use_distributed_sampler=False)  # ftlab's sampler shards itself
+    try:
+        return instantiate_checked(node, f"{stage.where} trainer",
+                                   default_root_dir=str(stage_dir),
+                                   callbacks=[*callbacks, *own, NoteStep(), *saving],
+                                   **({"plugins": plugins} if plugins else {}),
+                                   logger=loggers or False, enable_checkpointing=bool(saving),
+                                   use_distributed_sampler=False)  # ftlab's sampler shards
+    except MisconfigurationException as err:  # e.g. trainer.devices=0: Lightning's own check
+        raise FtlabError(f"{stage.where} trainer: {str(err).splitlines()[0]}",
+                         "fix the trainer.* setting it names (conf/trainer/*.yaml).") from None

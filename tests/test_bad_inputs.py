@@ -68,6 +68,12 @@ def _all(tmp: Path, sdir: Path, *extra: str) -> list[str]:
     return [*base, "~data.files", f"+data.files={{all: {path}}}", *extra]
 
 
+def _one_file(path: Path, sdir: Path, *extra: str) -> list[str]:
+    """``path`` alone, split 80/10/10 (``data.files={all: ...}``)."""
+    base = [o for o in tiny_overrides(sdir) if not o.startswith("data.files")]
+    return [*base, "~data.files", f"+data.files={{all: {path}}}", *extra]
+
+
 def _latin1_csv(tmp: Path) -> Path:
     body = "text,label\n" + "".join(f"caf\xe9 number {i},{'pos' if i % 2 else 'neg'}\n"
                                      for i in range(40))
@@ -138,6 +144,10 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("data-malformed-jsonl", lambda t, s: _train(_write(t, "bad.jsonl", "{not json\n"), s),
      r"Could not read json files"),
     ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"), r"not valid UTF-8.*iconv"),
+    ("data-not-utf8-jsonl", lambda t, s: _train(_write(t, "latin1.jsonl", b"".join(
+        b'{"text": "caf\xe9 %d", "label": "%s", "group": "g"}\n' % (i, b"pos" if i % 2 else b"neg")
+        for i in range(40))), s),  # Arrow's json reader kept the bytes: a crash at first use
+     r"latin1.jsonl is not valid UTF-8.*iconv"),
     ("data-columns-differ", lambda t, s: _train(_rows(t, "nogroup.jsonl", [
         {"text": "good film", "label": "pos"}] * 40), s), r"do not share the same columns"),
     ("data-uri-malformed", lambda t, s: [*tiny_overrides(s), "data.files.train=pypi://nothing"],
@@ -152,6 +162,18 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"one or two columns"),
     ("label-outside-set", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,negative]"],
      r"label value\(s\) \['neg'\] outside the label set"),
+    ("labels-listed-twice", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,pos,neg]"],
+     r"data.labels lists \['pos'\] more than once.*list every label once"),
+    ("label-column-free-text", lambda t, s: tiny_overrides(s) + ["data.label_column=text"],
+     r"outside the label set .* \.\.\. \(\d+ in all\)"),  # a short paragraph, not every text
+    ("label-null", lambda t, s: _train(_rows(t, "null.jsonl", [
+        {"text": f"good {i}", "label": None if i == 6 else ("pos" if i % 2 else "neg"),
+         "group": "g"} for i in range(40)]), s),
+     r"train split has 1 row\(s\) without a label in column 'label'.*first is row 7"),
+    ("label-nan-number", lambda t, s: _one_file(_rows(t, "nan.jsonl", [
+        {"text": f"good {i}", "label": float("nan") if i % 9 == 3 else float(i % 2)}
+        for i in range(90)]), s),
+     r"without a label .*NaN"),  # not a class called 'nan'
     ("one-label-declared", lambda t, s: tiny_overrides(s) + ["data.labels=[pos]"],
      r"classification needs at least two"),
     ("one-label-in-data", lambda t, s: _train(_rows(t, "pos.jsonl", [
@@ -166,6 +188,11 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"no split 'dev'.*data.splits.validation"),
     ("split-fractions-bad", lambda t, s: _all(t, s, "data.split_fractions=[0.5,0.5,0.5]"),
      r"split_fractions must be three numbers summing to 1"),
+    ("split-by-null", lambda t, s: _one_file(_rows(t, "groups.jsonl", [
+        {"text": f"good {i}", "label": "pos" if i % 2 else "neg",
+         "product": None if i in (4, 9) else f"p{i % 7}"} for i in range(90)]), s,
+        "data.split_by=product"),  # was an IndexError in numpy
+     r"split_by column 'product' is empty \(null\) in 2 row\(s\); the first is row 5"),
     ("split-by-missing", lambda t, s: _all(t, s, "data.split_by=movie"),
      r"split_by column 'movie' is not in the data; columns found"),
     # --- sizes

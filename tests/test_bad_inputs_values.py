@@ -169,7 +169,19 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"noise='gauss' is not allowed: it must be one of: normal, uniform"),
     ("r3f-eps-negative", lambda t, s: S(s) + ["regularizer=r3f", "regularizer.eps=-1"],
      r"eps=-1 is out of range"),
+    # --- seeds: numpy's generators refuse negatives (mid-run, as a crash), Lightning resets
+    #     seeds past 2^32 - 1 to 0 with a warning
+    ("seed-negative", lambda t, s: S(s) + ["seed=-1"],
+     r"seed=-1 is out of range: it must be in \[0, 4294967295\].*Fix: e.g. seed=1"),
+    ("seed-too-big", lambda t, s: S(s) + ["seed=4294967296"], r"seed=4294967296 is out of range"),
+    ("stage-seed-negative", lambda t, s: S(s) + ["stage.seed=-3"],
+     r"stage 'classify': seed=-3 is out of range.*stage.seed"),
     # --- trainer keys (the TRAINER table) and types (Trainer's signature)
+    ("val-check-past-the-epoch", lambda t, s: S(s) + ["trainer.val_check_interval=100000"],
+     r"trainer.val_check_interval=100000 batches is more than one epoch \(\d+ batches.*"
+     r"check_val_every_n_epoch=null"),  # was Lightning's ValueError as fit started
+    ("devices-zero", lambda t, s: S(s) + ["trainer.devices=0"],  # Lightning's own check
+     r"stage 'classify' trainer: `Trainer\(devices=0\)` value is not a valid input"),
     ("max-epochs-zero", lambda t, s: S(s) + ["trainer.max_epochs=0"],
      r"trainer: max_epochs=0 is out of range: it must be 1 or more, or -1.*trainer.max_epochs"),
     ("max-steps-negative", lambda t, s: S(s) + ["trainer.max_steps=-2"],

@@ -124,3 +124,31 @@ def test_early_stopping_ends_a_long_budget(make_cfg, sentiment_dir):
     assert info["budget"]["max_epochs"] == 20
     # 20 epochs would be 320 steps: accuracy stopped improving long before
     assert info["budget"]["stopped_early"] and info["global_steps"] < 320
+
+
+def test_auto_monitor_is_the_same_for_every_seed_of_a_capped_training_split(tmp_path):
+    """With data.max_train_samples each seed trains on its own subset; the automatic monitor
+    must not follow the subset (one seed on val/f1, the next on val/acc made an Optuna trial
+    average f1 with acc and save_artefact=best compare them)."""
+    import json
+
+    from ftlab.data.sources import load_raw
+    from ftlab.data.spec import DataSpec
+
+    rows = [{"text": f"row {i}", "label": "a" if i % 7 < 4 else "b"} for i in range(140)]
+    files = {}
+    for split in ("train", "validation", "test"):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = DataSpec(path="json", files=files, text_columns=["text"], label_column="label",
+                    max_train_samples=10)
+    subset_rules, monitors = set(), set()
+    for seed in range(12):
+        raw = load_raw(spec, seed)
+        task = Classify(monitor="auto")
+        task.bind(raw, _Tok(), ["text"])
+        monitors.add(task.monitor)
+        own = label_counts(raw.splits["train"]["label"], 2)
+        subset_rules.add("f1" if own.max() > 1.5 * own[own > 0].min() else "acc")
+    assert subset_rules == {"acc", "f1"}  # the subsets alone would disagree
+    assert monitors == {"acc"}  # the whole split is 4:3, so every seed monitors accuracy

@@ -87,3 +87,20 @@ def test_help_answers_without_importing_the_training_libraries():
     assert "LOADED []" in proc.stdout, proc.stdout + proc.stderr
     assert "Which value wins" in proc.stdout and "ftlab pipeline=dapt_tapt_task" in proc.stdout
     assert "max_epochs: 2" not in proc.stdout  # no config dump with competing values
+
+
+def test_data_files_dict_on_the_command_line_replaces_the_files(make_cfg, tmp_path):
+    """The README's `'data.files={all: reviews.jsonl}'`: Hydra merges a dict value into the
+    data config's {train, validation, test} and refuses the new key; the CLI makes it a
+    replacement."""
+    from hydra.errors import ConfigCompositionException
+
+    from ftlab.cli import replace_files
+
+    given = ["data=local", f"data.files={{all: {tmp_path}/reviews.jsonl}}"]
+    with pytest.raises(ConfigCompositionException):  # what Hydra alone does with it
+        make_cfg(given)
+    cfg = make_cfg(replace_files(given))
+    assert dict(cfg.data.files) == {"all": f"{tmp_path}/reviews.jsonl"}
+    assert replace_files(["data.files.train=a.csv", "seed=1"]) == ["data.files.train=a.csv",
+                                                                   "seed=1"]

@@ -248,14 +248,104 @@ def test_predict_cli_errors_name_the_fix(train, sentiment_dir, tmp_path):
     msg = error(str(run_dir), "--input", str(src), "--text-column", "review")
     assert "has no column 'review'" in msg and "label, text" in msg
     assert not (tmp_path / "p.jsonl").exists()
-    assert "batch_size must be at least 1" in error(str(run_dir), "--input", str(src),
-                                                    "--batch-size", "0")
 
 
-@pytest.mark.parametrize("content", ["", "text,label\n"])
-def test_predict_cli_on_an_input_without_rows_writes_no_rows(train, tmp_path, content):
+def test_predict_cli_bad_input_files_name_the_row_and_the_fix(train, tmp_path):
+    """Untrusted input files end in one paragraph (not a traceback), and a .txt file's output
+    lines up with its lines, an empty line included."""
     run_dir, _, _ = train("trainer.max_steps=2")
-    src = tmp_path / ("in.csv" if content else "in.txt")
-    src.write_text(content)
-    predict_main([str(run_dir), "--input", str(src), "--output", str(tmp_path / "p.jsonl")])
-    assert (tmp_path / "p.jsonl").read_text() == ""
+    out = tmp_path / "p.jsonl"
+
+    def error(name: str, content: bytes, *extra: str) -> str:
+        src = tmp_path / name
+        src.write_bytes(content)
+        with pytest.raises(SystemExit) as err:
+            predict_main([str(run_dir), "--input", str(src), "--output", str(out), *extra])
+        return str(err.value.code)
+
+    assert "not valid UTF-8" in error("latin.txt", "caf\xe9\n".encode("latin-1"))
+    assert "line 2 is not valid JSON" in error("bad.jsonl", b'{"text": "a"}\n{oops\n')
+    assert "line 1 is a JSON list" in error("list.jsonl", b'[{"text": "a"}]\n')
+    assert "row 2 has no text column 'text'" in error("miss.jsonl",
+                                                      b'{"text": "a"}\n{"review": "b"}\n')
+    assert "row 1 has no text in column 'text'" in error("null.jsonl", b'{"text": null}\n')
+    assert "has a int (5)" in error("num.jsonl", b'{"text": 5}\n')
+    assert "row 2 has no text in column 'review'" in error(
+        "ragged.csv", b"id,review\n1,good\n2\n", "--text-column", "review")
+    assert "has no rows" in error("empty.txt", b"")
+    assert "has no rows" in error("empty.csv", b"")
+    assert "is a folder" in error("ok.txt", b"good\n", "--output", str(tmp_path))
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\ngood,x\n")  # Excel's csv
+    predict_main([str(run_dir), "--input", str(tmp_path / "bom.csv"), "--output", str(out)])
+    assert len(_rows(out)) == 1
+    out.unlink()
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # argparse: a batch of 0 rows
+        predict_main([str(run_dir), "--input", str(tmp_path / "ok.txt"), "--output", str(out),
+                      "--batch-size", "0"])
+    (tmp_path / "lines.txt").write_text("great\n\nawful\n")
+    predict_main([str(run_dir), "--input", str(tmp_path / "lines.txt"), "--output", str(out)])
+    assert len(_rows(out)) == 3  # one prediction per line
+
+
+def test_export_onto_a_file_says_so_and_leaves_it(train, tmp_path):
+    """save_pretrained only logs "should be a directory" for a file: the export must not
+    report success with nothing written."""
+    run_dir, _, _ = train("trainer.max_steps=2")
+    target = tmp_path / "notes.csv"
+    target.write_text("keep me\n")
+    with pytest.raises(SystemExit) as err:
+        export_main([str(run_dir), "--to", "hf", "--output", str(target)])
+    assert "is a file, not a folder" in str(err.value.code)
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_dropped_full_size_artefact_names_the_policy_not_the_stage_key(train, tmp_path):
+    """save_artefact=none (and a sweep's best policy) delete full-size weights; loading such a
+    job must say so rather than suggest the stage's own save_artefact key."""
+    run_dir, record, _ = train("trainer.max_steps=2", "save_artefact=none")
+    assert "artefact_dropped" in record["stages"]["classify"]
+    with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)save_artefact policy deleted it "
+                                                      r"\(save_artefact=none.*save_artefact=all"):
+        ftlab.load(run_dir)
+
+
+def test_loading_a_run_that_ended_in_an_error_says_so(make_cfg, sentiment_dir, tmp_path):
+    """It said the stage had no card.json "since predict/export came in" and to re-run with
+    save_artefact: true; the run never trained."""
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "data.files.train=/nonexistent.jsonl"])
+    with pytest.raises(SystemExit):
+        run(cfg)
+    with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)the run ended with status 'error' "
+                                                      r"\(Data file .* not found.*resume="):
+        ftlab.load(tmp_path / "run")
+
+
+def test_a_txt_file_for_a_sentence_pair_stage_names_the_fix(train, tmp_path):
+    run_dir, _, _ = train("trainer.max_steps=2", "data.text_columns=[text,group]")
+    (tmp_path / "lines.txt").write_text("good\n")
+    with pytest.raises(SystemExit) as err:
+        predict_main([str(run_dir), "--input", str(tmp_path / "lines.txt"), "--output",
+                      str(tmp_path / "p.jsonl")])
+    assert "holds one text per line, but the stage reads 2" in str(err.value.code)
+    assert "use a .csv or .jsonl" in str(err.value.code)
+
+
+@pytest.mark.parametrize(("arch", "auto"), [
+    ("BertForTokenClassification", "AutoModelForTokenClassification"),  # was "Sequence..."
+    ("RobertaForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("T5ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("GPT2LMHeadModel", "AutoModelForCausalLM"), ("Mystery", "AutoModel")])
+def test_export_message_names_the_auto_class_of_the_stage(tmp_path, arch, auto):
+    from ftlab.export import auto_class
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    assert auto_class(tmp_path) == auto
+
+
+def test_the_python_api_takes_no_texts_and_refuses_a_batch_of_zero(train):
+    run_dir, _, _ = train("trainer.max_steps=2")
+    predictor = ftlab.load(run_dir)
+    assert predictor.predict([]) == []
+    with pytest.raises(ftlab.errors.FtlabError, match="batch_size must be at least 1"):
+        predictor.predict(["good"], batch_size=0)

@@ -53,6 +53,9 @@ def test_report_files_from_a_multirun_folder(tmp_path, capsys):
     assert summary["default"]["errored"] == 1  # the job that wrote nothing is counted
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert "| test/acc | 2 | 0.8200 |" in (tmp_path / "summary.md").read_text()
+    # the dead job is job folder 2 but seed 3 (it read "seed 2", the folder's number)
+    assert summary["default"]["errors"] == {"3": "no readable metrics.json"}
+    assert "- seed 3: no readable metrics.json" in (tmp_path / "summary.md").read_text()
     main([str(tmp_path)])
     assert "Cross-seed summary" in capsys.readouterr().out
 

@@ -227,3 +227,83 @@ def test_sampler_resumes_mid_epoch_in_the_same_order_and_gets_lightnings_epoch()
     loader = DataLoader(list(range(100)), batch_sampler=LengthGroupedBatchSampler(lengths, 8))
     _set_sampler_epoch(loader, 4)  # what Lightning calls at each epoch start
     assert loader.batch_sampler.epoch == 4
+
+
+def test_resume_argv_puts_flags_before_the_overrides(tmp_path):
+    """`ftlab -m resume=<sweep>` (the README's form): Hydra's argparse refuses overrides that
+    follow a flag once some came before it, so every flag must lead."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from ftlab.resume import resume_argv
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    OmegaConf.save({"hydra": {"overrides": {"hydra": [f"hydra.sweep.dir={sweep}",
+                                                      "hydra.mode=MULTIRUN"],
+                                            "task": ["seed=1,2", "model=tiny_bert"]}}},
+                   sweep / "multirun.yaml")
+    parser = argparse.ArgumentParser()  # Hydra's shape: flags + one positional override list
+    parser.add_argument("-m", "--multirun", action="store_true")
+    parser.add_argument("-cd", "--config-dir")
+    parser.add_argument("overrides", nargs="*")
+    for argv in (["-m", f"resume={sweep}"], [f"resume={sweep}", "-m", "seed=1,2,3"],
+                 ["--config-dir", "mine", "-m", f"resume={sweep}", "checkpoint.keep=true"]):
+        new = resume_argv(argv)
+        args = parser.parse_args(new)  # argparse exits (SystemExit) on a misplaced override
+        assert args.multirun
+        assert args.overrides[:2] == ["seed=1,2", "model=tiny_bert"]
+        assert args.overrides[-1] == f"hydra.sweep.dir={sweep}"
+    assert parser.parse_args(new).config_dir == "mine"
+    assert resume_argv([f"resume={sweep}", "seed=1,2,3"])[-2] == "seed=1,2,3"  # later wins
+
+
+@pytest.mark.parametrize("content", ["hydra: {overrides: [", "hydra: {}\n", "", "- a list\n"])
+def test_resume_of_a_damaged_folder_names_the_file_and_the_fix(tmp_path, content):
+    """A half-written or edited hydra.yaml/multirun.yaml: one paragraph, not a YAML or
+    omegaconf traceback."""
+    from ftlab.errors import FtlabError
+    from ftlab.resume import resume_argv
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text(content)
+    with pytest.raises(FtlabError, match=r"(?s)cannot read the command from .*hydra.yaml.*"
+                                         rf"Fix: run the original command again with "
+                                         rf"hydra.run.dir={run_dir}"):
+        resume_argv([f"resume={run_dir}"])
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(content)
+    with pytest.raises(FtlabError, match=rf"hydra.sweep.dir={sweep}"):
+        resume_argv(["-m", f"resume={sweep}"])
+
+
+def test_a_truncated_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    """A half-copied run folder: state.json is fine but tensors.safetensors is cut short.
+    Resuming from it crashed (SafetensorError) on every re-run; it is now passed over for an
+    intact older copy, or none (the stage starts over)."""
+    import json
+    import logging
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ftlab.checkpoint import NAME, STATE, TENSORS, latest_checkpoint
+
+    def write(path: Path, cut: bool) -> None:
+        path.mkdir(parents=True)
+        (path / STATE).write_text(json.dumps({"ftlab": {"stage_key": "classify-abc"}}))
+        save_file({"w": torch.zeros(64, 64)}, str(path / TENSORS))
+        if cut:
+            data = (path / TENSORS).read_bytes()
+            (path / TENSORS).write_bytes(data[: len(data) // 2])
+
+    folder = tmp_path / "checkpoints"
+    write(folder / NAME, cut=True)
+    with caplog.at_level(logging.WARNING):
+        assert latest_checkpoint(folder, "classify-abc") is None
+    assert "is damaged" in caplog.text
+    write(folder / f".{NAME}.old-1", cut=False)
+    assert latest_checkpoint(folder, "classify-abc") == folder / f".{NAME}.old-1"

@@ -160,3 +160,32 @@ def test_submitit_local_runs_two_jobs(tmp_path, sentiment_dir):  # ~40 s: two su
     assert records[0]["final"] != records[1]["final"]  # two jobs, two seeds, not one run twice
     summary = json.loads((sweep / "summary.json").read_text())
     assert summary["default"]["runs"] == 2 and summary["default"]["errored"] == 0
+
+
+def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sentiment_dir):
+    """`ftlab -m resume=<search>` (or a second run into the same folder and study): the seeded
+    sampler must not ask the study's start-up points again (trial 2 was trial 0's params and
+    its jobs reused trial 0's records), and new trials' jobs must not write over old folders."""
+    sweep = tmp_path / "search"
+    args = search_args(sentiment_dir, "hydra.sweeper.n_trials=2", "trainer.max_steps=2",
+                       f"hydra.sweep.dir={sweep}")
+    for _ in range(2):
+        finish(ftlab(*args, cwd=tmp_path))
+    trials = json.loads((sweep / "search.json").read_text())["trials"]
+    lrs = [t["params"]["stage.optim.lr"] for t in trials]
+    assert len(trials) == 4 and len(set(lrs)) == 4, lrs
+    for job in range(4):  # job n ran trial n: nothing was written over
+        record = json.loads((sweep / str(job) / "metrics.json").read_text())
+        assert record["overrides"][-1] == f"trial={job}" and "reused" not in record
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("hydra.sweeper.n_trials=0", "a search needs at least one trial"),  # was UnboundLocalError
+    ("hydra.sweeper.direction=up", "'up' is not one of: auto, maximize, minimize"),  # ValueError
+])
+def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
+                                                             expected):
+    proc = ftlab(*search_args(sentiment_dir, setting), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-2000:]
+    assert expected in out and "Traceback" not in out, out[-2000:]

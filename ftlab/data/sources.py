@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
@@ -37,6 +39,10 @@ class RawData:
     labels: list[str] | None  # None for unlabelled text
     #: what each of ``data.transforms`` did (rows added/removed/changed...), in order
     transforms: list[dict[str, Any]] = field(default_factory=list)
+    #: rows per label id in the whole training split, before ``max_train_samples`` and the
+    #: transforms: ``monitor: auto`` reads these, so every seed of a sweep monitors the same
+    #: metric (a seed's subset alone could tip the imbalance rule either way)
+    train_counts: list[int] | None = None
 
 
 def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
@@ -52,9 +58,13 @@ def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
     labels = None
     if spec.label_column is not None:
         dsd, labels = encode_labels(dsd, spec)
+    counts = None
+    if labels is not None and "train" in dsd and dsd["train"].features["label"] == Value("int64"):
+        ids = dsd["train"].with_format("numpy")["label"]
+        counts = [int(n) for n in np.bincount(ids, minlength=len(labels))]
     dsd = _cap(dsd, spec, seed)
     _check_texts(dsd, spec)
-    return RawData(dsd, labels)
+    return RawData(dsd, labels, train_counts=counts)
 
 
 def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
@@ -131,7 +141,7 @@ def _load(spec: DataSpec) -> DatasetDict:
     kwargs = {"delimiter": "\t"} if builder == "csv" and any(
         _suffix(f) == ".tsv" for f in files.values()) else {}
     try:
-        return datasets.load_dataset(builder, data_files=files, **kwargs)
+        dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
         empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(err))
         if empty:  # a file with a header and no rows
@@ -147,6 +157,14 @@ def _load(spec: DataSpec) -> DatasetDict:
             f"Could not read the files {sorted(files.values())} as {builder} (data.path="
             f"{spec.path}), but their extension says {implied}.",
             f"set data.path={implied}, or data.path=null to follow the file extension.") from None
+    for split, ds in dsd.items():  # Arrow's json reader keeps bytes that are not UTF-8 as text
+        try:
+            ds.data.table.validate(full=True)
+        except pa.ArrowInvalid as err:
+            raise FtlabError(f"Data file {files.get(split, split)} is not valid UTF-8 ({err}).",
+                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
+                from None
+    return dsd
 
 
 def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabError:
@@ -225,8 +243,22 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
         return _label_ids(dsd, col, lambda values: values), labels
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
-    labels = [str(x) for x in spec.labels] if spec.labels is not None else sorted(
-        {as_str(v) for v in _distinct(dsd["train"], col) if v is not None})
+    for split, ds in dsd.items():  # null, an empty csv cell, NaN: not a class called "nan"
+        if any(_missing(v) for v in _distinct(ds, col)):
+            rows = ds.with_format("arrow")[col].to_pylist()
+            first = next(i for i, v in enumerate(rows) if _missing(v))
+            count = sum(1 for v in rows if _missing(v))
+            raise FtlabError(f"The {split} split has {count} row(s) without a label in column "
+                             f"'{col}' (null, empty or NaN; the first is row {first + 1}).",
+                             "give every row a label, or remove those rows.")
+    if spec.labels is not None:
+        labels = [str(x) for x in spec.labels]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise FtlabError(f"data.labels lists {twice} more than once ({labels}): each label "
+                             "needs one id.", "list every label once in data.labels.")
+    else:
+        labels = sorted({as_str(v) for v in _distinct(dsd["train"], col)})
     if len(labels) < 2:
         raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
                          "classification needs at least two.",
@@ -236,11 +268,22 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
         unknown = sorted({as_str(v) for v in _distinct(ds, col)} - set(index), key=str)
         if unknown:
             raise FtlabError(
-                f"The {split} split has label value(s) {unknown[:10]} outside the label set "
-                f"{labels}.",
+                f"The {split} split has {len(unknown)} label value(s) {_some(unknown)} outside "
+                f"the label set {_some(labels)}.",
                 "add them to data.labels, drop them with data.drop_labels, or fix the data.",
             )
     return _label_ids(dsd, col, lambda values: [index[as_str(v)] for v in values]), labels
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _some(values: list[str], n: int = 10) -> str:
+    """At most ``n`` of ``values``, each cut to 40 characters (a label column of free text
+    has thousands of long values)."""
+    cut = [v if len(v) <= 40 else v[:39] + "…" for v in values[:n]]
+    return str(cut) if len(values) <= n else f"{cut} ... ({len(values)} in all)"
 
 
 def _label_ids(dsd: DatasetDict, col: str, ids: Callable[[list], list[int]]) -> DatasetDict:

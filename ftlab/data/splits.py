@@ -71,6 +71,12 @@ def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float])
     if group_column:  # hash each distinct value once (Arrow), not one Python object per row
         column = ds.with_format("arrow")[group_column]
         encoded = pc.dictionary_encode(column).combine_chunks()
+        if encoded.indices.null_count:  # a row with no group cannot be kept with its group
+            first = pc.index(pc.is_null(encoded.indices), True).as_py()
+            raise FtlabError(f"data.split_by column '{group_column}' is empty (null) in "
+                             f"{encoded.indices.null_count} row(s); the first is row {first + 1}.",
+                             f"give every row a '{group_column}' value, or set "
+                             "data.split_by=null to split row by row.")
         values = encoded.dictionary.to_pylist()
         codes = encoded.indices.to_numpy(zero_copy_only=False)
     else:

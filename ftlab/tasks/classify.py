@@ -63,7 +63,8 @@ class Classify(TaskDefaults):
     Args:
         monitor: the validation metric that picks the best epoch (``acc``, ``f1``, ``loss``),
             or ``auto``: ``f1`` when the training labels' largest class has more than
-            ``imbalance_ratio`` times the rows of the smallest, else ``acc``.
+            ``imbalance_ratio`` times the rows of the smallest, else ``acc`` (the whole
+            training split's counts, ``RawData.train_counts``, where the loader has them).
         class_weights: ``none`` or ``balanced``: each class's loss is weighted by
             ``rows / (classes * rows of the class)``, so rare classes count as much in total.
     """
@@ -93,7 +94,9 @@ class Classify(TaskDefaults):
         self.labels = raw.labels
         counts = label_counts(train["label"], len(self.labels)) if train is not None else None
         if self.monitor == "auto":  # predict/export (no data): accuracy
-            self.monitor = auto_monitor(counts, self.imbalance_ratio)
+            whole = getattr(raw, "train_counts", None)  # the split before the seed's subset
+            self.monitor = auto_monitor(torch.tensor(whole) if whole is not None else counts,
+                                        self.imbalance_ratio)
         if self.class_weights == "balanced" and counts is not None:
             self.weight = balanced_weights(counts)
         self.tokenizer = tokenizer

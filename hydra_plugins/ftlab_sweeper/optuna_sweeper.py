@@ -63,10 +63,20 @@ class FtlabOptunaSweeper(Sweeper):
         url = storage_url(self.storage, sweep_dir)
         log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
                  direction)
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=self.study_name, storage=open_storage(url), direction=direction,
             sampler=build_object(self.sampler_node, "sampler"),
             pruner=build_object(self.pruner_node, "pruner"), load_if_exists=True)
+        node = self.sampler_node
+        node = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+        seed = node.get("seed") if isinstance(node, dict) else None
+        done = len(study.trials)
+        if done and isinstance(seed, int):  # joining a study (a re-launch, another worker):
+            # the same seed would ask the same random start-up points the study already has
+            node = {**node, "seed": seed + done}
+            study.sampler = build_object(node, "sampler")
+            log.info("Study has %d trial(s): sampler seed %d + %d", done, seed, done)
+        return study
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
         from ftlab.search import job_outcome
@@ -88,9 +98,20 @@ class FtlabOptunaSweeper(Sweeper):
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        # a re-launch into the folder (resume=) numbers its new trials' jobs after the old
+        # ones, whose folders it would otherwise write over
+        self.job_idx = 1 + max((int(p.name) for p in sweep_dir.iterdir()
+                                if p.is_dir() and p.name.isdigit()), default=-1)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         try:
+            if self.n_trials < 1:  # (the loop below would not run, and there is no result)
+                raise FtlabError(f"hydra.sweeper.n_trials={self.n_trials}: a search needs at "
+                                 "least one trial.", "set hydra.sweeper.n_trials=1 or more.")
+            if self.direction not in ("auto", "maximize", "minimize"):
+                raise FtlabError(f"hydra.sweeper.direction={self.direction!r} is not one of: "
+                                 "auto, maximize, minimize.",
+                                 "set hydra.sweeper.direction=auto (from the task's monitor).")
             space, fixed = parse_space(lines, self.hydra_context.config_loader)
             study = self.study(sweep_dir, fixed)
         except FtlabError as err:  # a message, not a traceback (SystemExit passes Hydra)
