@@ -151,9 +151,12 @@ def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
                              "fix what stopped it and run it again (ftlab resume=<run folder>).")
     spec, labels = read_stage_card(run_dir / name)
     if not labels:
+        labelled = [n for n in names if n != name and (run_dir / n / CARD).is_file()
+                    and read_stage_card(run_dir / n)[1]]
         raise FtlabError(f"Stage '{name}' has no labels ({spec.task.get('_target_')} predicts "
-                         "no classes).", "pick a classification stage with --stage: "
-                         f"{choices_text(names)}.")
+                         "no classes).", f"pick a stage that does with --stage: "
+                         f"{choices_text(labelled)}." if labelled else "the run has no stage "
+                         "with labels; predict with a run that trained a classifier.")
     L.seed_everything(spec.seed, verbose=False)
     from ftlab.build import StageBuilder
 

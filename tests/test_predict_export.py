@@ -87,6 +87,7 @@ def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, senti
         predict_main([str(run_dir), "--stage", "tapt", "--input",
                       str(sentiment_dir / "test.jsonl"), "--output", str(run_dir / "p.jsonl")])
     assert "Stage 'tapt' has no labels" in str(err.value.code)
+    assert str(err.value.code).endswith("pick a stage that does with --stage: task.")  # not tapt
 
 
 def test_a_stage_reused_from_the_cache_still_loads(train, tmp_path):
