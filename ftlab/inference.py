@@ -1,14 +1,13 @@
 """Use a finished run: ``ftlab.load(run_dir)`` rebuilds a stage's model with the builders
 training used (task model, PEFT method, ``load_trainable_state``; earlier stages first when it
 started from one) from the stage card (``ftlab/artefact.py``), and predicts labels and
-probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict`` is its CLI.
+probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
+(ftlab/predict_cli.py) is its CLI.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,123 +211,3 @@ def _dropped(run_dir: Path, name: str) -> str | None:
     """Why the run-level ``save_artefact`` policy deleted the stage's artefact, if it did."""
     stage = (_record(run_dir).get("stages") or {}).get(name)
     return stage.get("artefact_dropped") if isinstance(stage, dict) else None
-
-
-def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], list[str]]:
-    """Rows of a ``.csv``/``.tsv``, ``.jsonl`` or ``.txt`` (one text per line; every line is
-    a row, an empty one too, so the output lines up with the input) file, as dicts (or strings
-    for ``.txt``), and the columns found."""
-    if not path.is_file():
-        raise FtlabError(f"There is no input file {path}.", "pass --input FILE.{csv,jsonl,txt}.")
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".csv", ".tsv", ".jsonl", ".json"):
-        raise FtlabError(f"Cannot read {path.name}: unknown suffix '{suffix}'.",
-                         "use a .csv, .tsv, .jsonl or .txt file.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Excel) is not text
-    except UnicodeDecodeError as err:
-        raise FtlabError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}).",
-                         "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
-    if suffix == ".txt":
-        return text.splitlines(), ["text"]
-    if suffix in (".csv", ".tsv"):
-        import csv
-        import io
-
-        rows = list(csv.DictReader(io.StringIO(text, newline=""),
-                                   delimiter="\t" if suffix == ".tsv" else ","))
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FtlabError(f"{path.name} line {n} is not valid JSON ({err.msg}).",
-                                 "write one JSON object per line (JSON Lines).") from None
-            if not isinstance(row, dict):
-                raise FtlabError(f"{path.name} line {n} is a JSON {type(row).__name__}, not an "
-                                 "object.", 'write one object per line: {"text": "..."}.')
-            rows.append(row)
-    return rows, list(rows[0]) if rows else []
-
-
-def _texts(rows: list[dict], wanted: list[str], name: str) -> list[tuple[Any, ...]]:
-    """One tuple of texts per row; a row without a text column or with something other than
-    a string (or a list of words) in one stops with the row's number (1 = the first row)."""
-    out = []
-    for n, row in enumerate(rows, 1):
-        for c in wanted:
-            value = row.get(c)
-            words = isinstance(value, list) and all(isinstance(w, str) for w in value)
-            if not (isinstance(value, str) or words):  # words: a token-tagging stage's input
-                what = (f"has no text column '{c}'" if c not in row else
-                        f"has no text in column '{c}'" if value is None else
-                        f"has a {type(value).__name__} ({value!r}) in text column '{c}'")
-                raise FtlabError(f"{name}: row {n} {what}.",
-                                 f"give every row a string '{c}' (or drop the row).")
-        out.append(tuple(row[c] for c in wanted))
-    return out
-
-
-def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
-    return int(value)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``ftlab-predict RUN_DIR --input FILE --output preds.jsonl``: labels and probabilities."""
-    parser = argparse.ArgumentParser(prog="ftlab-predict", description=main.__doc__)
-    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
-    parser.add_argument("--input", type=Path, required=True, help="a .csv/.tsv, .jsonl or .txt")
-    parser.add_argument("--output", type=Path, required=True, help="where to write .jsonl")
-    parser.add_argument("--stage", help="which stage (default: the run's last)")
-    parser.add_argument("--text-column", action="append", dest="text_columns",
-                        help="the input's text column(s), in the stage's order (default: the "
-                             "stage's own data.text_columns); repeat for pairs")
-    parser.add_argument("--batch-size", type=_positive, default=64)
-    args = parser.parse_args(argv)
-    from ftlab.cli import quiet
-
-    quiet()
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
-    try:
-        predictor = load(args.run_dir, args.stage)
-        rows, found = read_rows(args.input, args.text_columns)
-        if rows and isinstance(rows[0], str) and len(predictor.text_columns) != 1:
-            raise FtlabError(f"{args.input.name} holds one text per line, but the stage reads "
-                             f"{len(predictor.text_columns)} per row {predictor.text_columns}.",
-                             "use a .csv or .jsonl file with a column for each.")
-        if rows and isinstance(rows[0], dict):
-            wanted = args.text_columns or predictor.text_columns
-            missing = [c for c in wanted if c not in found]
-            if missing:
-                raise FtlabError(f"{args.input.name} has no column '{missing[0]}' (it has: "
-                                 f"{choices_text(found)}).{closest(missing[0], found)}",
-                                 "name the text column(s) with --text-column.")
-            if len(wanted) != len(predictor.text_columns):
-                raise FtlabError(f"The stage reads {len(predictor.text_columns)} text column(s) "
-                                 f"({predictor.text_columns}); got {len(wanted)}.",
-                                 "give --text-column once per text.")
-            rows = _texts(rows, wanted, args.input.name)
-        if not rows:
-            raise FtlabError(f"{args.input} has no rows to predict.", "pass a file with rows.")
-        if args.output.is_dir():
-            raise FtlabError(f"--output {args.output} is a folder.",
-                             f"name a file: --output {args.output / 'preds.jsonl'}.")
-        preds = predictor.predict(rows, batch_size=args.batch_size)
-    except FtlabError as err:
-        sys.exit(f"ftlab-predict: {err}")
-    from ftlab.store import atomic_write
-
-    text = "".join(json.dumps(p) + "\n" for p in preds)
-    atomic_write(args.output, lambda p: p.write_text(text))
-    print(f"ftlab-predict: {len(preds)} rows -> {args.output}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

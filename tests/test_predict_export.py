@@ -12,8 +12,8 @@ import ftlab
 from ftlab.artefact import read_stage_card
 from ftlab.export import PEFT_FOLDER
 from ftlab.export import main as export_main
-from ftlab.inference import main as predict_main
 from ftlab.pipeline import build_pipeline
+from ftlab.predict_cli import main as predict_main
 from ftlab.run import run
 from tests.conftest import tiny_overrides
 

@@ -225,7 +225,7 @@ def test_tiny_tokens_run_learns(make_cfg, conll_dir):
     assert all(0 < s <= 1 for p in preds for s in p["scores"])
     again = predictor.predict([(rows[0],), (rows[1],), {"tokens": rows[0]}])  # ftlab-predict
     assert [p["tags"] for p in again] == [preds[0]["tags"], preds[1]["tags"], preds[0]["tags"]]
-    from ftlab.inference import main as predict_main  # a jsonl of word lists, through the CLI
+    from ftlab.predict_cli import main as predict_main  # a jsonl of word lists, through the CLI
 
     src, out = Path(cfg.paths.output_dir) / "in.jsonl", Path(cfg.paths.output_dir) / "p.jsonl"
     src.write_text(json.dumps({"tokens": rows[0]}) + "\n" + json.dumps({"tokens": rows[1]}) + "\n")
