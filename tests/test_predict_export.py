@@ -126,18 +126,25 @@ def test_exported_folder_predicts_exactly_what_ftlab_load_does(train, peft, tmp_
 def test_a_classifier_with_a_container_head_exports_merged(train, family, peft, tmp_path):
     """T5's classification head and DeBERTa's pooler are containers (dense + out_proj) that
     peft's IA3 unload could not put back (AttributeError: no 'weight')."""
+    run_dir, _, _ = train(f"model=tiny_{family}", f"peft={peft}", "trainer.max_steps=4")
+    _export_predicts_as_ftlab(run_dir, tmp_path / "hf", one_by_one=True)
+
+
+def _export_predicts_as_ftlab(run_dir: Path, out: Path, one_by_one: bool = False) -> None:
+    """ftlab-export's folder, loaded with plain transformers, gives ftlab.load's probabilities
+    (``one_by_one``: a row per call, no padding)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run_dir, _, _ = train(f"model=tiny_{family}", f"peft={peft}", "trainer.max_steps=4")
     texts = ["great superb film", "the plot was dull and the ending awful"]
     expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
                              for p in ftlab.load(run_dir).predict(texts)])
-    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
-    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
-    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    export_main([str(run_dir), "--to", "hf", "--output", str(out)])
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
     with torch.no_grad():
-        got = torch.cat([model(**tok(t, return_tensors="pt")).logits.softmax(-1)
-                         for t in texts])
+        got = (torch.cat([model(**tok(t, return_tensors="pt")).logits.softmax(-1)
+                          for t in texts]) if one_by_one else
+               model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -146,18 +153,8 @@ def test_a_stage_trained_with_an_auxiliary_mlm_loss_exports_without_its_mlm_head
         train, peft, tmp_path):
     """stage.aux_mlm_weight attaches a training-only MLM head whose decoder is tied to the
     word embeddings; save_pretrained refused it (RuntimeError: shared tensors)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     run_dir, _, _ = train(f"peft={peft}", "stage.aux_mlm_weight=0.5", "trainer.max_steps=4")
-    texts = ["great superb film", "the plot was dull and the ending awful"]
-    expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
-                             for p in ftlab.load(run_dir).predict(texts)])
-    export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
-    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
-    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    with torch.no_grad():
-        got = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    _export_predicts_as_ftlab(run_dir, tmp_path / "hf")
 
 
 def test_export_names_the_class_that_loads_a_cloze_stage(train, tmp_path, capsys):
