@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from datasets import ClassLabel, Dataset, DatasetDict, Value
+from datasets import DatasetDict, Value
 
-from ftlab.data.conll import encode_tags, is_list_feature, load_conll
+from ftlab.data.conll import load_conll
+from ftlab.data.labels import encode_labels
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
 from ftlab.data.typecheck import check_column_types, locate_type_error
@@ -227,82 +226,6 @@ def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
                 f"{choices_text(ds.column_names)}.",
                 f"set {which} to the right column name(s).",
             )
-
-
-def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str]]:
-    """Map label values to ids in ``spec.labels`` order (inferred from train when unset)."""
-    col = spec.label_column
-    feature = dsd["train"].features[col]
-    if is_list_feature(feature):  # a tag per word (stage=tokens): BIO tags, O first
-        return encode_tags(dsd, spec)
-    if spec.drop_labels:
-        drop = {str(v) for v in spec.drop_labels}
-        dsd = dsd.filter(lambda b: [str(v) not in drop for v in b[col]], batched=True)
-    if isinstance(feature, ClassLabel) and spec.labels is None:
-        labels = list(feature.names)
-        return _label_ids(dsd, col, lambda values: values), labels
-    names = feature.names if isinstance(feature, ClassLabel) else None
-    as_str = (lambda v: names[v]) if names else str  # noqa: E731
-    for split, ds in dsd.items():  # null, an empty csv cell, NaN: not a class called "nan"
-        if any(_missing(v) for v in _distinct(ds, col)):
-            rows = ds.with_format("arrow")[col].to_pylist()
-            first = next(i for i, v in enumerate(rows) if _missing(v))
-            count = sum(1 for v in rows if _missing(v))
-            raise FtlabError(f"The {split} split has {count} row(s) without a label in column "
-                             f"'{col}' (null, empty or NaN; the first is row {first + 1}).",
-                             "give every row a label, or remove those rows.")
-    if spec.labels is not None:
-        labels = [str(x) for x in spec.labels]
-        twice = sorted({x for x in labels if labels.count(x) > 1})
-        if twice:
-            raise FtlabError(f"data.labels lists {twice} more than once ({labels}): each label "
-                             "needs one id.", "list every label once in data.labels.")
-    else:
-        labels = sorted({as_str(v) for v in _distinct(dsd["train"], col)})
-    if len(labels) < 2:
-        raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
-                         "classification needs at least two.",
-                         "check data.label_column, or data.labels.")
-    index = {name: i for i, name in enumerate(labels)}
-    for split, ds in dsd.items():
-        unknown = sorted({as_str(v) for v in _distinct(ds, col)} - set(index), key=str)
-        if unknown:
-            raise FtlabError(
-                f"The {split} split has {len(unknown)} label value(s) {_some(unknown)} outside "
-                f"the label set {_some(labels)}.",
-                "add them to data.labels, drop them with data.drop_labels, or fix the data.",
-            )
-    return _label_ids(dsd, col, lambda values: [index[as_str(v)] for v in values]), labels
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
-
-
-def _some(values: list[str], n: int = 10) -> str:
-    """At most ``n`` of ``values``, each cut to 40 characters (a label column of free text
-    has thousands of long values)."""
-    cut = [v if len(v) <= 40 else v[:39] + "…" for v in values[:n]]
-    return str(cut) if len(values) <= n else f"{cut} ... ({len(values)} in all)"
-
-
-def _label_ids(dsd: DatasetDict, col: str, ids: Callable[[list], list[int]]) -> DatasetDict:
-    """Write ``ids(values of col)`` as a new int64 ``label`` column.
-
-    Never written over the source column in place: the csv builder fixes a ``label`` column's
-    type (string), and ``map`` would cast the ids back to strings ("0", "1"), which fail at the
-    first batch. A fresh column takes the ids' own type whatever the file format.
-    """
-    tmp = "__ftlab_label_id"
-    dsd = dsd.map(lambda b: {tmp: ids(b[col])}, batched=True)
-    dsd = DatasetDict({split: ds.remove_columns([c for c in ("label",) if c in ds.column_names])
-                       for split, ds in dsd.items()})
-    return dsd.rename_column(tmp, "label").cast_column("label", Value("int64"))
-
-
-def _distinct(ds: Dataset, column: str) -> list:
-    """The distinct values of a column, computed in Arrow (no Python list of every row)."""
-    return pc.unique(ds.with_format("arrow")[column]).to_pylist()
 
 
 def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:
