@@ -53,6 +53,16 @@ def test_label_outside_declared_set_is_named(tmp_path):
         load_raw(spec_for(tmp_path, labels=["pos", "negative"]))
 
 
+def test_labels_differing_only_in_spaces_or_case_are_refused(tmp_path):
+    rows = synthetic_rows(200, 0)
+    rows[3] = {**rows[3], "label": rows[3]["label"] + " "}  # an untrimmed csv cell
+    with pytest.raises(FtlabError, match=r"(?s)differ only in case or spaces.*Fix: clean the label"):
+        load_raw(spec_for(tmp_path, rows))
+    rows[3] = {**rows[3], "label": rows[3]["label"].strip().upper()}
+    with pytest.raises(FtlabError, match=r"differ only in case or spaces"):
+        load_raw(spec_for(tmp_path, rows))
+
+
 def test_missing_column_lists_found_columns(tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)\['review'\] not found.*columns found: group, "
                                          r"label, text.*data.text_columns"):

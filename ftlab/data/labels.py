@@ -44,6 +44,8 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                              "needs one id.", "list every label once in data.labels.")
     else:
         labels = sorted({as_str(v) for v in _distinct(dsd["train"], col)})
+        _refuse_near_duplicates(sorted({as_str(v) for ds in dsd.values()
+                                        for v in _distinct(ds, col)}), col)
     if len(labels) < 2:
         raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
                          "classification needs at least two.",
@@ -58,6 +60,20 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                 "add them to data.labels, drop them with data.drop_labels, or fix the data.",
             )
     return _label_ids(dsd, col, lambda values: [index[as_str(v)] for v in values]), labels
+
+
+def _refuse_near_duplicates(labels: list[str], col: str) -> None:
+    """Inferred labels that differ only in case or surrounding spaces ("pos" and "pos ", an
+    untrimmed csv cell) would train as separate classes: refused, naming them."""
+    seen: dict[str, str] = {}
+    for name in labels:
+        key = name.strip().casefold()
+        if key in seen:
+            raise FtlabError(f"Column '{col}' has labels {seen[key]!r} and {name!r}, which differ "
+                             "only in case or spaces: they would train as two classes.",
+                             "clean the label column, or list the classes in data.labels and "
+                             "drop the variants with data.drop_labels.")
+        seen[key] = name
 
 
 def _missing(value: Any) -> bool:
