@@ -13,10 +13,11 @@ must hold, and ftlab checks both instead of failing on a GPU mid-run:
   some versions silently wrong sums, pytorch#96693). ``trainer.accumulate_grad_batches`` > 1 is
   refused (``check_trainer``); ``cudagraph_mark_step_begin`` cannot help (pytorch#177192).
 - The forward (with the task's loss) is one graph: ``fullgraph=True``. A graph break runs the
-  step as several graphs with eager code between (what the mode exists to remove), and the
-  breaks met in ftlab's models are data-dependent ops (``nonzero`` on the labels in DeBERTa-v2's
-  classification loss) that the graphs after them cannot record. The first forward that would
-  break raises an ``FtlabError`` naming the break and the modes that work instead.
+  step as several graphs with eager code between (what the mode exists to remove), and breaks
+  come from data-dependent ops (``nonzero`` on the labels in DeBERTa-v2's loss when the config
+  names no ``problem_type``; ftlab's classifiers name it) that the graphs after them cannot
+  record. The first forward that would break raises an ``FtlabError`` naming the break and the
+  modes that work instead.
 """
 
 from __future__ import annotations
