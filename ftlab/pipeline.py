@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 CARRY = ("model", "encoder")
 
 
+#: the largest seed numpy and Lightning take (2^32 - 1)
+MAX_SEED = 2**32 - 1
+
+
 @dataclass
 class StageSpec:
     """One adaptation stage as written in YAML (``conf/stage/*.yaml``, ``pipeline.stages``).
@@ -80,7 +84,7 @@ class StageSpec:
     eval_batch_size: Annotated[int, at_least(1, example="128")] = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)
-    seed: Annotated[int | None, between(0, 2**32 - 1, example="1")] = None
+    seed: Annotated[int | None, between(0, MAX_SEED, example="1")] = None
     data: Any = None
     peft: Any = None
     regularizer: Any = None
@@ -174,10 +178,6 @@ def split_peft(node: Any) -> tuple[Any, float | None]:
         return node, None
     lr = node["lr"]
     return {k: v for k, v in node.items() if k != "lr"}, None if lr is None else float(lr)
-
-
-#: the largest seed numpy and Lightning take (2^32 - 1)
-MAX_SEED = 2**32 - 1
 
 
 def run_seed(cfg: DictConfig) -> int:

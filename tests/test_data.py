@@ -56,7 +56,8 @@ def test_label_outside_declared_set_is_named(tmp_path):
 def test_labels_differing_only_in_spaces_or_case_are_refused(tmp_path):
     rows = synthetic_rows(200, 0)
     rows[3] = {**rows[3], "label": rows[3]["label"] + " "}  # an untrimmed csv cell
-    with pytest.raises(FtlabError, match=r"(?s)differ only in case or spaces.*Fix: clean the label"):
+    with pytest.raises(FtlabError,
+                       match=r"(?s)differ only in case or spaces.*Fix: clean the label"):
         load_raw(spec_for(tmp_path, rows))
     rows[3] = {**rows[3], "label": rows[3]["label"].strip().upper()}
     with pytest.raises(FtlabError, match=r"differ only in case or spaces"):

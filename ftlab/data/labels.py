@@ -28,9 +28,10 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
         return _label_ids(dsd, col, lambda values: values), labels
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
-    for split, ds in dsd.items():  # null, an empty csv cell, NaN: not a class called "nan"
-        if any(_missing(v) for v in _distinct(ds, col)):
-            rows = ds.with_format("arrow")[col].to_pylist()
+    distinct = {split: _distinct(ds, col) for split, ds in dsd.items()}
+    for split, values in distinct.items():  # null, an empty csv cell, NaN: not a class "nan"
+        if any(_missing(v) for v in values):
+            rows = dsd[split].with_format("arrow")[col].to_pylist()
             first = next(i for i, v in enumerate(rows) if _missing(v))
             count = sum(1 for v in rows if _missing(v))
             raise FtlabError(f"The {split} split has {count} row(s) without a label in column "
@@ -43,16 +44,16 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
             raise FtlabError(f"data.labels lists {twice} more than once ({labels}): each label "
                              "needs one id.", "list every label once in data.labels.")
     else:
-        labels = sorted({as_str(v) for v in _distinct(dsd["train"], col)})
-        _refuse_near_duplicates(sorted({as_str(v) for ds in dsd.values()
-                                        for v in _distinct(ds, col)}), col)
+        labels = sorted({as_str(v) for v in distinct["train"]})
+        _refuse_near_duplicates(sorted({as_str(v) for values in distinct.values()
+                                        for v in values}), col)
     if len(labels) < 2:
         raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
                          "classification needs at least two.",
                          "check data.label_column, or data.labels.")
     index = {name: i for i, name in enumerate(labels)}
-    for split, ds in dsd.items():
-        unknown = sorted({as_str(v) for v in _distinct(ds, col)} - set(index), key=str)
+    for split, values in distinct.items():
+        unknown = sorted({as_str(v) for v in values} - set(index), key=str)
         if unknown:
             raise FtlabError(
                 f"The {split} split has {len(unknown)} label value(s) {_some(unknown)} outside "

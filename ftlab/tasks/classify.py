@@ -94,7 +94,7 @@ class Classify(TaskDefaults):
         self.labels = raw.labels
         counts = label_counts(train["label"], len(self.labels)) if train is not None else None
         if self.monitor == "auto":  # predict/export (no data): accuracy
-            whole = getattr(raw, "train_counts", None)  # the split before the seed's subset
+            whole = raw.train_counts  # the split before the seed's subset
             self.monitor = auto_monitor(torch.tensor(whole) if whole is not None else counts,
                                         self.imbalance_ratio)
         if self.class_weights == "balanced" and counts is not None:
