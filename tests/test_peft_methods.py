@@ -226,3 +226,21 @@ def test_said_spends_one_scale_per_tensor_and_round_trips():
         plain.load_trainable_state(plain.apply(tiny_model()), state)
     with pytest.raises(FtlabError, match="SAID needs d larger"):
         method("intrinsic", d=4, said=True).apply(tiny_model())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prompt_tuned_decoder_classifier_pools_each_rows_last_token(family):
+    """peft feeds soft prompts as inputs_embeds, where Transformers cannot find the pads: ftlab
+    pools each row's last attended token, so a row's logits do not depend on its batch."""
+    model = method("prompt_tuning").apply(tiny_model(0, family)).eval()
+    short, long = [2, 11, 12, 3], [2, 21, 22, 23, 24, 25, 26, 3]
+    pad = model.config.pad_token_id
+    ids = torch.tensor([short + [pad] * 4, long])
+    mask = (torch.arange(8) < torch.tensor([[4], [8]])).long()
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, 4)).logits
+        batched = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(batched[0], alone[0], atol=1e-5), (batched[0], alone[0])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([long]), attention_mask=torch.ones(1, 8)).logits
+    assert torch.allclose(batched[1], alone[0], atol=1e-5)

@@ -43,6 +43,8 @@ class Arch:
         biases: the pre-trained linears carry bias terms (BitFit needs them; it checks the
             model itself, so Qwen2's q/k/v biases count though its entry says False).
         eos_pooling: sequence classification reads the hidden state at the last EOS (T5).
+        last_token_pooling: sequence classification reads the last non-pad token (decoder-only
+            models; ``ftlab/peft/pooling.py`` keeps that true for prompt tuning).
         stems: parts of the backbone root that are backbone (empty: all of it).
     """
 
@@ -61,6 +63,7 @@ class Arch:
     token_type_ids: bool = False
     biases: bool = True
     eos_pooling: bool = False
+    last_token_pooling: bool = False
     stems: tuple[str, ...] = ()
 
 
@@ -87,11 +90,12 @@ DISTILBERT = Arch("DistilBERT", ("transformer.layer",), ("embeddings",),
                             "vocab_projector"))
 GPT2 = Arch("GPT-2", ("h",), ("wte", "wpe"), attn_out="attn.c_proj", attn_norm="ln_1",
             ffn_out="mlp.c_proj", ffn_norm="ln_2", lora=("c_attn",),
-            ia3=("c_attn", "mlp.c_proj"), ia3_ff=("mlp.c_proj",))
+            ia3=("c_attn", "mlp.c_proj"), ia3_ff=("mlp.c_proj",), last_token_pooling=True)
 LLAMA = Arch("Llama", ("layers",), ("embed_tokens",), attn_out="self_attn.o_proj",
              attn_norm="input_layernorm", ffn_out="mlp.down_proj",
              ffn_norm="post_attention_layernorm", lora=("q_proj", "v_proj"),
-             ia3=("k_proj", "v_proj", "down_proj"), ia3_ff=("down_proj",), biases=False)
+             ia3=("k_proj", "v_proj", "down_proj"), ia3_ff=("down_proj",), biases=False,
+             last_token_pooling=True)
 T5 = Arch("T5", ("encoder.block", "decoder.block"), ("shared",),
           attn_out="layer.0.SelfAttention.o", attn_norm="layer.0.layer_norm",
           ffn_out="layer.-1.DenseReluDense.wo", ffn_norm="layer.-1.layer_norm",

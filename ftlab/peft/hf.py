@@ -24,6 +24,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.arch import arch_of, backbone, head_modules, peft_task_type, unwrap
 from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import top_layer_ops, unfreeze
+from ftlab.peft.pooling import needs_pooling_fix, pool_last_real_token
 
 #: task types whose head is new and must train (LM heads are pre-trained: they stay frozen)
 _FRESH_HEAD = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
@@ -115,6 +116,8 @@ class HfPeft(RequiresGradState):
                              f"(its LoRA default: {list(arch.lora)}), or use another "
                              "method.") from None
         unfreeze(fresh)
+        if needs_pooling_fix(model, config):
+            pool_last_real_token(model)
         return wrapped
 
     def save(self, model: nn.Module, directory: str | Path) -> Path:
