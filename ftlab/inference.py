@@ -52,7 +52,7 @@ class Predictor:
         ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
         column, or dicts keyed by the text columns.
         """
-        from ftlab.tasks.base import PredictsRows
+        from ftlab.tasks.base import PredictsRows, ProbabilitiesFromScores
 
         if batch_size < 1:
             raise FtlabError(f"batch_size must be at least 1, got {batch_size}.",
@@ -61,7 +61,9 @@ class Predictor:
             return []
         if isinstance(self.task, PredictsRows):  # e.g. stage=tokens: a tag per word
             return self.task.predict_rows(self.model, list(texts), batch_size)
-        probs = self.scores(texts, batch_size).softmax(-1)
+        scores = self.scores(texts, batch_size)
+        probs = (self.task.probabilities(self.model, scores)
+                 if isinstance(self.task, ProbabilitiesFromScores) else scores.softmax(-1))
         best = probs.argmax(-1).tolist()
         return [{"label": self.labels[b], "score": p[b],
                  "probs": dict(zip(self.labels, p, strict=True))}

@@ -167,6 +167,22 @@ def test_export_names_the_class_that_loads_a_cloze_stage(train, tmp_path, capsys
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
 
 
+def test_a_calibrated_cloze_stage_predicts_calibrated_probabilities(train):
+    """With stage.task.calibrate=true the stage's acc_cal scores p / p_cf renormalised;
+    ftlab.load's predict reports those probabilities, not the raw softmax."""
+    from ftlab.tasks.cloze import calibrate
+
+    run_dir, _, _ = train("model=tiny_gpt2", "stage=cloze", "stage.task.calibrate=true",
+                          "trainer.max_steps=2")
+    loaded = ftlab.load(run_dir)
+    texts = ["great superb film", "the plot was dull and the ending awful", "fine"]
+    got = torch.tensor([list(p["probs"].values()) for p in loaded.predict(texts)])
+    raw = loaded.scores(texts).softmax(-1)
+    p_cf = loaded.task.content_free_probs(loaded.model)
+    torch.testing.assert_close(got, calibrate(raw, p_cf))
+    assert not torch.allclose(got, raw, atol=1e-4)  # the content-free bias was divided out
+
+
 @pytest.mark.parametrize("peft", METHODS)
 def test_every_method_exports_a_matching_model_or_says_why_not(train, peft, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

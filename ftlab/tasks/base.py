@@ -140,3 +140,13 @@ class PredictsRows(Protocol):
     def predict_rows(self, model: nn.Module, rows: list[Any],
                      batch_size: int = 64) -> list[dict[str, Any]]:
         """One prediction per row, in input order (the model is in eval mode)."""
+
+
+@runtime_checkable
+class ProbabilitiesFromScores(Protocol):
+    """A task whose class probabilities are not the softmax of its scores (a cloze task with
+    contextual calibration): ``ftlab.load(...).predict`` asks it, so a prediction is what the
+    task's metrics scored."""
+
+    def probabilities(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+        """``[rows, classes]`` probabilities for ``scores`` (from ``model``, in eval mode)."""

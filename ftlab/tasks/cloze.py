@@ -192,7 +192,12 @@ class Cloze(Classify):
         """Calibrated label probabilities: softmax(scores) / p_cf, renormalised."""
         if self._p_cf is None:
             self._p_cf = self.content_free_probs(model)
-        return calibrate(scores.softmax(-1), self._p_cf)
+        return calibrate(scores.softmax(-1), self._p_cf.to(scores.device))
+
+    def probabilities(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+        """What ``ftlab.load(...).predict`` reports: calibrated when the stage calibrates
+        (its ``acc_cal`` scored those), else the softmax of the verbaliser scores."""
+        return self.calibrated(model, scores) if self.calibrate else scores.softmax(-1)
 
     # --- metrics ----------------------------------------------------------------------------
     def metrics(self) -> MetricCollection:
