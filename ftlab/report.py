@@ -226,19 +226,39 @@ class SweepReport(Callback):
         print(f"Report: {sweep_dir}/summary.{{md,json,png}}")
         status = os.environ.get("FTLAB_SWEEP_STATUS")  # set by the ftlab command (cli.main)
         if status:
-            degenerate = sum(s["degenerate"] for s in summary.values())
-            if is_search(config) and any(  # a search expects failing trials: it fails only
-                    len(s["seeds"]) > len(s["failed_seeds"]) for s in summary.values()):
-                degenerate = 0              # when no trial learnt anything
             write_json(status, {"sweep_dir": str(sweep_dir),
-                                "jobs": sum(s["runs"] for s in summary.values()),
-                                "errored": sum(s["errored"] for s in summary.values()),
-                                "degenerate": degenerate})
+                                **outcome(summary, is_search(config))})
+
+
+def outcome(summary: dict[str, Any], search: bool) -> dict[str, int]:
+    """The sweep's job count, errored jobs and degenerate (failed-by-rule) jobs, which set
+    the exit status (README: exit statuses)."""
+    degenerate = sum(s["degenerate"] for s in summary.values())
+    if search and any(  # a search expects failing trials: it fails only when none learnt
+            len(s["seeds"]) > len(s["failed_seeds"]) for s in summary.values()):
+        degenerate = 0
+    return {"jobs": sum(s["runs"] for s in summary.values()),
+            "errored": sum(s["errored"] for s in summary.values()), "degenerate": degenerate}
+
+
+def exit_status(counts: dict[str, int]) -> int:
+    """1 when a job errored, 3 when one finished no better than a trivial predictor, else 0."""
+    return 1 if counts["errored"] else DEGENERATE_EXIT if counts["degenerate"] else 0
 
 
 def is_search(config: DictConfig) -> bool:
     """The multirun was a hyper-parameter search (``hydra/sweeper=ftlab_optuna``)."""
     return "ftlab_sweeper" in str(config.hydra.sweeper.get("_target_", ""))
+
+
+def _was_search(sweep_dir: Path) -> bool:
+    """From the sweep's ``multirun.yaml`` (Hydra writes it); no file: not a search."""
+    from omegaconf import OmegaConf
+
+    try:
+        return is_search(OmegaConf.load(sweep_dir / "multirun.yaml"))
+    except Exception:  # noqa: BLE001 - missing or unreadable: count failures as a sweep does
+        return False
 
 
 def _log_to_wandb(config: DictConfig, sweep_dir: Path, summary: dict[str, Any]) -> None:
@@ -262,8 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
         sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/.")
-    write_report(args.sweep_dir)
+    summary = write_report(args.sweep_dir)
     print((args.sweep_dir / "summary.md").read_text())
+    counts = outcome(summary, _was_search(args.sweep_dir))
+    if counts["errored"] or counts["degenerate"]:
+        print(f"ftlab-report: {counts['errored']} of {counts['jobs']} job(s) ended in an error, "
+              f"{counts['degenerate']} at or below a trivial baseline.", file=sys.stderr)
+    sys.exit(exit_status(counts))
 
 
 def _one_run(path: Path) -> int:

@@ -56,8 +56,22 @@ def test_report_files_from_a_multirun_folder(tmp_path, capsys):
     # the dead job is job folder 2 but seed 3 (it read "seed 2", the folder's number)
     assert summary["default"]["errors"] == {"3": "no readable metrics.json"}
     assert "- seed 3: no readable metrics.json" in (tmp_path / "summary.md").read_text()
-    main([str(tmp_path)])
-    assert "Cross-seed summary" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # the dead job errored: status 1, as ftlab's
+        main([str(tmp_path)])
+    assert exit_.value.code == 1
+    out = capsys.readouterr()
+    assert "Cross-seed summary" in out.out and "1 of 3 job(s) ended in an error" in out.err
+
+
+@pytest.mark.parametrize(("failed", "code"), [(False, 0), (True, 3)])
+def test_report_cli_exits_as_the_sweep_would(tmp_path, failed, code):
+    for seed in (1, 2):
+        job = tmp_path / str(seed)
+        (job / ".hydra").mkdir(parents=True)
+        (job / "metrics.json").write_text(json.dumps(rec(seed, 0.8, failed=failed and seed == 2)))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == code
 
 
 def test_report_cli_rejects_a_non_sweep_folder(tmp_path):
