@@ -76,13 +76,15 @@ def resume_argv(argv: list[str]) -> list[str]:
     if (folder / "multirun.yaml").is_file():
         hydra = _hydra_node(folder / "multirun.yaml")
         flags = [] if {"-m", "--multirun"} & set(opts) else ["-m"]
-        return [*flags, *opts, *_own(hydra), *rest, f"hydra.sweep.dir={folder}"]
+        return [*flags, *opts, *_config_flags(hydra, opts), *_own(hydra), *rest,
+                f"hydra.sweep.dir={folder}"]
     if (folder / ".hydra" / "hydra.yaml").is_file():
         if {"-m", "--multirun"} & set(opts):
             raise FtlabError(f"{folder} is a single run, not a sweep.",
                              f"drop -m: ftlab resume={folder}")
         hydra = _hydra_node(folder / ".hydra" / "hydra.yaml")
-        return [*opts, *_own(hydra), *rest, f"hydra.run.dir={folder}"]
+        return [*opts, *_config_flags(hydra, opts), *_own(hydra), *rest,
+                f"hydra.run.dir={folder}"]
     raise FtlabError(f"resume={folder}: no ftlab run or sweep there (no .hydra/ or "
                      "multirun.yaml).", fix)
 
@@ -126,6 +128,23 @@ def _hydra_node(path: Path) -> Any:
                          f"{(str(err).splitlines() or [''])[0]}).",
                          f"run the original command again with {key}={folder}.") from None
     return hydra
+
+
+def _config_flags(hydra: Any, opts: list[str]) -> list[str]:
+    """The run's ``--config-dir`` folders and ``--config-name`` (Hydra records them under
+    ``hydra.runtime`` / ``hydra.job``, not among the overrides), unless ``opts`` give them."""
+    def given(*names: str) -> bool:
+        return any(o == n or o.startswith(f"{n}=") for o in opts for n in names)
+
+    out: list[str] = []
+    if not given("-cd", "--config-dir"):
+        for source in hydra.get("runtime", {}).get("config_sources", None) or []:
+            if source.get("provider") == "command-line" and source.get("path"):
+                out += ["--config-dir", str(source.path)]
+    name = hydra.get("job", {}).get("config_name", None)
+    if name and name != "config" and not given("-cn", "--config-name"):
+        out += ["--config-name", str(name)]
+    return out
 
 
 def _own(hydra: Any) -> list[str]:

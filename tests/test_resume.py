@@ -307,3 +307,24 @@ def test_a_truncated_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     assert "is damaged" in caplog.text
     write(folder / f".{NAME}.old-1", cut=False)
     assert latest_checkpoint(folder, "classify-abc") == folder / f".{NAME}.old-1"
+
+
+def test_resume_brings_back_the_runs_config_dir_and_name(tmp_path):
+    """Hydra keeps --config-dir and --config-name out of the overrides (in hydra.runtime /
+    hydra.job): resume= passes them again, unless the command line gives its own."""
+    from omegaconf import OmegaConf
+
+    from ftlab.resume import resume_argv
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    sources = [{"path": "hydra.conf", "provider": "hydra"}, {"path": "/x/conf", "provider":
+               "main"}, {"path": "/mine/conf", "provider": "command-line"}]
+    OmegaConf.save({"hydra": {"overrides": {"hydra": [], "task": ["experiment=own"]},
+                              "runtime": {"config_sources": sources},
+                              "job": {"config_name": "lab"}}}, run_dir / ".hydra" / "hydra.yaml")
+    assert resume_argv([f"resume={run_dir}"]) == [
+        "--config-dir", "/mine/conf", "--config-name", "lab", "experiment=own",
+        f"hydra.run.dir={run_dir}"]
+    assert resume_argv(["-cd=/other", f"resume={run_dir}"])[:3] == [
+        "-cd=/other", "--config-name", "lab"]
