@@ -71,6 +71,41 @@ def build_object(node: Any, kind: str) -> Any:
     return instantiate(node)
 
 
+def ask_first(study: Any, space: dict[str, Any], sampler_node: Any) -> Any:
+    """This worker's first trial, sampled with the sampler's ``seed`` plus the trial's number.
+
+    The storage hands each trial number out once, so workers that join a study at the same
+    moment sample from different seeds (with ``seed + the trials already there`` they all read
+    the same count and asked the same start-up points); a lone worker on a new study (trial 0)
+    keeps the seed as configured, and a re-launch into a study of k trials samples with seed + k.
+    Later trials come from ``study.ask(space)`` with that sampler.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.to_container(sampler_node) if isinstance(sampler_node, DictConfig) \
+        else sampler_node
+    seed = node.get("seed") if isinstance(node, dict) else None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return study.ask(space)
+    trial = study.ask()  # the number first: params are sampled lazily, at suggest time
+    if trial.number:
+        study.sampler = build_object({**node, "seed": seed + trial.number}, "sampler")
+        log.info("Study had %d trial(s): sampler seed %d + %d", trial.number, seed, trial.number)
+    for name, dist in space.items():
+        suggest(trial, name, dist)
+    return trial
+
+
+def suggest(trial: Any, name: str, dist: Any) -> Any:
+    """``trial.suggest_*`` for an Optuna distribution (what ``study.ask(space)`` does)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    method = trial.suggest_float if isinstance(dist, FloatDistribution) else trial.suggest_int
+    return method(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
 def distribution(override: Any) -> Any:
     """An Optuna distribution for one parsed Hydra sweep override, or None for a fixed value."""
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep

@@ -15,7 +15,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from ftlab.errors import FtlabError  # noqa: E402
-from ftlab.search import build_object, parse_space, storage_url, trial_outcome  # noqa: E402
+from ftlab.search import build_object, open_storage, parse_space, storage_url, trial_outcome  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 
@@ -133,6 +133,28 @@ def test_two_workers_share_one_study(tmp_path, sentiment_dir):
                                              .read_text())["trials"] if t["this_sweep"]}
             for i in range(2)]
     assert len(mine[0]) == len(mine[1]) == 2 and not mine[0] & mine[1]
+
+
+def test_workers_joining_an_empty_study_at_once_ask_different_points(tmp_path):
+    """Both workers open the study before either asks (0 trials seen by each): their first
+    trials are numbered apart by the storage and sampled with seed + that number. A lone
+    worker on a new study keeps the configured seed."""
+    from optuna.distributions import FloatDistribution
+
+    from ftlab.search import ask_first
+
+    space = {"lr": FloatDistribution(1e-5, 1e-3, log=True)}
+    node = {"_target_": "optuna.samplers.TPESampler", "seed": 7}
+    url = storage_url(None, tmp_path)
+    studies = [optuna.create_study(study_name="s", storage=open_storage(url), load_if_exists=True,
+                                   sampler=build_object(node, "sampler")) for _ in range(2)]
+    firsts = [ask_first(study, space, node) for study in studies]
+    assert [t.number for t in firsts] == [0, 1]
+    assert firsts[0].params != firsts[1].params
+    alone = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=7)).ask(space)
+    assert firsts[0].params == alone.params
+    # the worker's later trials keep sampling (the reseeded sampler, not the first one again)
+    assert studies[1].ask(space).params != firsts[1].params
 
 
 def test_slurm_launcher_config_has_the_documented_keys(make_cfg):

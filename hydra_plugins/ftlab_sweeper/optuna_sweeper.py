@@ -67,16 +67,7 @@ class FtlabOptunaSweeper(Sweeper):
             study_name=self.study_name, storage=open_storage(url), direction=direction,
             sampler=build_object(self.sampler_node, "sampler"),
             pruner=build_object(self.pruner_node, "pruner"), load_if_exists=True)
-        node = self.sampler_node
-        node = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
-        seed = node.get("seed") if isinstance(node, dict) else None
-        done = len(study.trials)
-        if done and isinstance(seed, int):  # joining a study (a re-launch, another worker):
-            # the same seed would ask the same random start-up points the study already has
-            node = {**node, "seed": seed + done}
-            study.sampler = build_object(node, "sampler")
-            log.info("Study has %d trial(s): sampler seed %d + %d", done, seed, done)
-        return study
+        return study  # its sampler's seed: ftlab.search.ask_first
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
         from ftlab.search import job_outcome
@@ -94,7 +85,7 @@ class FtlabOptunaSweeper(Sweeper):
         except ImportError:
             raise FtlabError("hydra/sweeper=ftlab_optuna needs Optuna 4. Fix: pip install "
                              "'ftlab[search]' (or pip install 'optuna>=4,<5').") from None
-        from ftlab.search import parse_space, trial_outcome, write_results
+        from ftlab.search import ask_first, parse_space, trial_outcome, write_results
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +113,11 @@ class FtlabOptunaSweeper(Sweeper):
                   "fail": TrialState.FAIL}
         ran = {}
         for start in range(0, self.n_trials, self.n_jobs):
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - start))]
+            # the first trial reseeds the sampler from its number: workers joining the same
+            # study must not ask the same random start-up points (ftlab.search.ask_first)
+            trials = [ask_first(study, space, self.sampler_node) if start == 0 and i == 0
+                      else study.ask(space) for i in range(min(self.n_jobs,
+                                                               self.n_trials - start))]
 
             def job(trial: Any, seed: int | None) -> list[str]:
                 params = [f"{k}={v}" for k, v in trial.params.items()]
