@@ -129,7 +129,11 @@ class StageBuilder:
         trained model, or its state dict when the stage came from the cache."""
         stage = self._stages[name]
         if not isinstance(model, nn.Module):
-            state, (model, _, _, _) = model, self.model(stage)
+            # a cached state dict is loaded into a model built for it: building draws random
+            # numbers, which must not shift the initialisation and data order of the stage
+            # being built (a cache hit trains it as a miss would)
+            with torch.random.fork_rng(devices=[]):
+                state, (model, _, _, _) = model, self.model(stage)
             model.load_state_dict(state, strict=False)
         return model, self._tasks[name], stage
 
@@ -138,10 +142,7 @@ class StageBuilder:
         Transformers model: its PEFT method merged into a copy (``handover.plain_model``)."""
         from ftlab.handover import plain_model
 
-        # a cached state dict is loaded into a model built for it: building draws random
-        # numbers, which must not shift the initialisation of the stage being built
-        with torch.random.fork_rng(devices=[]):
-            model, _, stage = self.trained(name, trained)
+        model, _, stage = self.trained(name, trained)
         return plain_model(model, self.peft(stage), name)
 
     def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:

@@ -166,3 +166,23 @@ def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
     assert by["g1p2"].teachers == ("p1", "p3") and by["g1p2"].teacher_rows == 160
     assert by["g1p2"].task["pattern"] == by["p2"].task["pattern"]
     assert by["distill"].teachers == ("g1p1", "g1p2", "g1p3")
+
+
+def test_a_student_of_cached_teachers_trains_as_with_fresh_ones(make_cfg, sentiment_dir,
+                                                                tmp_path):
+    """Teachers from the stage cache are rebuilt (a model drawn, then their state loaded):
+    that must not shift the random numbers the student's initialisation and data order use."""
+    from omegaconf import open_dict
+
+    def cfg(folder):
+        made = make_cfg(tiny_overrides(sentiment_dir) + PIPE + [
+            f"cache.dir={tmp_path / 'cache'}", "+pipeline.stages.student={name: student, task: "
+            "{_target_: ftlab.tasks.classify.Classify}, teachers: [t1, t2], trainer: "
+            "{max_steps: 3}}"])
+        with open_dict(made):
+            made.paths.output_dir = str(tmp_path / folder)
+        return made
+
+    fresh, cached = run(cfg("a")), run(cfg("b"))
+    assert [line["cache_hit"] for line in cached["lineage"]] == [True, True, False]
+    assert cached["stages"]["student"]["metrics"] == fresh["stages"]["student"]["metrics"]
