@@ -124,6 +124,9 @@ class EarlyDiscard(L.Callback):
             return
         self._total = int(trainer.estimated_stepping_batches)
         self._target = max(1, math.ceil(self.at * self._total))
+        # resumed from this job's checkpoint: its folder is the same job's, so a ledger entry
+        # of this folder and stage is its own decision (made before the kill), not a new one
+        self._resumed = trainer.ckpt_path is not None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         name = f"val/{pl_module.task.monitor}"
@@ -136,20 +139,28 @@ class EarlyDiscard(L.Callback):
             return
         self._target = None  # once per stage
         task = pl_module.task
-        score = (self._last_val[1] if self._last_val and self._last_val[0] == trainer.global_step
-                 else validation_score(trainer, pl_module))
         stage_dir = Path(trainer.default_root_dir)
-        entry = {"job": stage_dir.parent.name, "stage": stage_dir.name,
-                 "step": trainer.global_step, "planned_steps": self._total,
-                 "metric": f"val/{task.monitor}", "mode": task.mode, "score": score}
-        go = True
-        if trainer.is_global_zero:
-            go = record(self._sweep / LEDGER, entry, self.keep, self.k, task.mode)
+        job, stage = stage_dir.parent.name, stage_dir.name
+        earlier = self._resumed and next(
+            (e for e in read_ledger(self._sweep / LEDGER)
+             if e.get("job") == job and e.get("stage") == stage), None)
+        if earlier:  # judged before the kill: the same decision, no second entry
+            entry, go = earlier, earlier.get("decision") != "discard"
+        else:
+            score = (self._last_val[1] if self._last_val
+                     and self._last_val[0] == trainer.global_step
+                     else validation_score(trainer, pl_module))
+            entry = {"job": job, "stage": stage, "step": trainer.global_step,
+                     "planned_steps": self._total, "metric": f"val/{task.monitor}",
+                     "mode": task.mode, "score": score}
+            go = True
+            if trainer.is_global_zero:
+                go = record(self._sweep / LEDGER, entry, self.keep, self.k, task.mode)
         go = trainer.strategy.broadcast(go, src=0)  # every rank stops together
         if not go:
             self.outcome = entry | {"rule": f"{self.keep} (k={self.k}) at {self.at:g}"}
             log.info("Early discard: %s=%.4f at step %d of %d is among the least promising of "
-                     "the sweep so far; this job stops here.", entry["metric"], score,
+                     "the sweep so far; this job stops here.", entry["metric"], entry["score"],
                      entry["step"], self._total)
             trainer.should_stop = True
 

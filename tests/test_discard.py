@@ -155,3 +155,29 @@ def test_a_discarded_pipeline_stage_skips_the_later_stages_and_the_cache(
     assert rec["stages"]["tapt"]["cached"] is False
     assert not any(p.is_dir() and not p.name.startswith(".") for p in cache.glob("*")
                    if (p / "stage.json").is_file())
+
+
+@pytest.mark.parametrize(("at", "kill", "resumed_from"), [
+    (0.25, 10, 8),  # decided at step 3, checkpointed after it
+    (0.4, 6, 4),    # checkpointed at 4, decided at 5, killed at 6: step 5 is trained again
+])
+def test_a_resumed_job_is_judged_once(at, kill, resumed_from, make_cfg, sentiment_dir,
+                                      tmp_path, monkeypatch):
+    """A job killed after its early-discard point and resumed keeps its one ledger entry and
+    its decision: judging it again would add a second score for the same job (and could
+    discard a job that went on)."""
+    from tests.test_resume import STEPS, crash_at
+
+    sweep = tmp_path / "sweep"
+    steps = [s for s in STEPS if not s.startswith("callbacks")]
+    cfg = _multirun_cfg(make_cfg, sentiment_dir, sweep, [
+        *steps, "callbacks.progress=null", f"callbacks.early_discard.at={at}"])
+    crash_at(monkeypatch, kill)
+    assert run(cfg)["status"] == "error"  # (in a multirun the job records it and returns)
+    monkeypatch.undo()
+    assert len(read_ledger(sweep / LEDGER)) == 1
+    rec = run(cfg)
+    assert rec["status"] == "ok" and rec["stages"]["classify"]["resumed_from_step"] == \
+        resumed_from
+    entries = read_ledger(sweep / LEDGER)
+    assert [(e["job"], e["decision"]) for e in entries] == [("run", "go_on")]

@@ -328,3 +328,31 @@ def test_resume_brings_back_the_runs_config_dir_and_name(tmp_path):
         f"hydra.run.dir={run_dir}"]
     assert resume_argv(["-cd=/other", f"resume={run_dir}"])[:3] == [
         "-cd=/other", "--config-name", "lab"]
+
+
+def test_snapshot_ensemble_resumes_with_its_earlier_snapshots(make_cfg, sentiment_dir,
+                                                              monkeypatch, tmp_path):
+    """Snapshots taken before the kill come back from the checkpoint: the resumed run scores
+    the same three-snapshot ensemble as an uninterrupted one (cycles end at steps 4, 8, 12)."""
+    snap = [s for s in STEPS if not s.startswith("callbacks")] + [
+        "callbacks=snapshots", "callbacks.progress=null", "callbacks.snapshots.cycles=3"]
+
+    def tiny_run(folder):
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + snap)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / folder)
+        return cfg
+
+    whole = run(tiny_run("whole"))
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed"))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed"))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    for name in ("whole", "killed"):
+        assert sorted(p.name for p in (tmp_path / name / "classify" / "snapshots").iterdir()) \
+            == ["cycle1.safetensors", "cycle2.safetensors", "cycle3.safetensors"]
+    assert "test/ensemble_acc" in whole["final"]
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
