@@ -1,7 +1,10 @@
 """Diff pruning (Guo et al. 2021): learn a sparse task delta on frozen pre-trained weights.
 
 Phase 1: each backbone weight becomes ``w0 + z * delta`` with a hard-concrete gate ``z``
-(Louizos et al. 2018) and an expected-L0 penalty on the gates (``extra_loss``). At the phase
+(Louizos et al. 2018) and an expected-L0 penalty on the gates (``extra_loss``): as Guo et al.'s
+eq. 5 and ``concrete_stretched`` in their code, ``z = clamp(s (r - l) + l, 0, 1)`` with
+``s = sigmoid(log u - log(1 - u) + log_alpha)`` (no temperature, i.e. 1; Louizos et al. used
+2/3), ``(l, r) = (-1.5, 1.5)``, and the penalty ``sum sigmoid(log_alpha - log(-l / r))``. At the phase
 boundary the diff ``z * delta`` is projected by magnitude to ``keep`` (e.g. 0.5%) non-zero
 entries. Phase 2 (the paper's fixed-mask fine-tuning, the last ``fixed_mask_fraction`` of the
 stage's optimiser steps): gates and L0 off, the mask fixed, only the kept entries (and the head)
@@ -37,7 +40,7 @@ def magnitude_mask(deltas: list[torch.Tensor], keep: float) -> torch.Tensor:
 class DiffPrunedModel(Reparametrized):
     def __init__(self, model: nn.Module, names: list[str], init_log_alpha: float,
                  l0_penalty: float, keep: float = 0.005, fixed_mask_fraction: float = 0.0,
-                 fixed_mask_steps: int | None = None, beta: float = 2 / 3, lo: float = -1.5,
+                 fixed_mask_steps: int | None = None, beta: float = 1.0, lo: float = -1.5,
                  hi: float = 1.5) -> None:
         super().__init__(model, names)
         originals = self.originals()
@@ -60,7 +63,8 @@ class DiffPrunedModel(Reparametrized):
         module.phase2 = bool(module.fixed)
 
     def gate(self, log_alpha: torch.Tensor, sample: bool) -> torch.Tensor:
-        lo, hi = self.lo, self.hi  # the gate's stretch interval (Guo et al.: -1.5, 1.5)
+        # the stretch interval and temperature: Guo et al.'s -1.5, 1.5 and 1 (their code has none)
+        lo, hi = self.lo, self.hi
         if sample:
             u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / self.beta)
