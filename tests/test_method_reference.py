@@ -62,6 +62,38 @@ def test_freelb_k_forwards_share_one_dropout_mask():
     assert again.loss.item() != pytest.approx(out.loss.item(), abs=1e-6)
 
 
+# -- SMART (Jiang et al. 2020, Algorithm 1) -----------------------------------------------------
+
+
+def test_smart_ascends_the_gradient_of_the_symmetric_kl_as_algorithm_1():
+    """g = grad_delta l_s(f(x), f(x + delta)) with l_s the *symmetric* KL (the clean
+    prediction constant), then delta + eta g / ||g||_inf (per token), clipped to the eps box:
+    recomputed by hand from the perturbations the forwards saw."""
+    from ftlab.regularizers.embedding import symmetric_kl
+
+    eta, eps = 0.05, 1.0
+    reg, model = prepared("smart", mu=0.0, eps=eps, noise_std=0.3, step_size=eta, steps=1)
+    model.eval()
+    emb = model.get_input_embeddings()
+    seen: list[torch.Tensor] = []
+    handle = emb.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    torch.manual_seed(0)
+    reg.training_loss(model, batch(0), TASK)
+    handle.remove()
+    assert len(seen) == 3  # clean, ascent, adversarial
+    delta0, delta1 = seen[1] - seen[0], seen[2] - seen[0]
+
+    clean = TASK.forward(model, batch(0)).logits.detach()
+    d = delta0.clone().requires_grad_()
+    handle = emb.register_forward_hook(lambda m, i, out: out + d)
+    noisy = TASK.forward(model, batch(0)).logits
+    handle.remove()
+    (g,) = torch.autograd.grad(symmetric_kl(noisy, clean), d)
+    hand = (delta0 + eta * g / (g.abs().amax(-1, keepdim=True) + 1e-6)).clamp(-eps, eps)
+    torch.testing.assert_close(delta1, hand, rtol=1e-3, atol=1e-5)
+    assert (delta1 - delta0).abs().max() > 1e-3  # it moved
+
+
 # -- R3F (Aghajanyan et al. 2021; fairseq's sentence_prediction_r3f) ---------------------------
 
 
@@ -146,3 +178,23 @@ def test_fastfood_map_is_li_et_al_scaled_to_the_tensor_size():
     dense = dense / (gauss.norm() * math.sqrt(numel))
     theta = torch.tensor([0.3, -1.2, 0.5])
     torch.testing.assert_close(ff(theta), dense @ theta, rtol=1e-5, atol=1e-6)
+
+
+def test_diff_pruning_gate_logits_train_in_their_own_group_at_the_reference_lr():
+    """The reference steps the gate logits with their own AdamW (lr 0.1, no weight decay, the
+    same warmup/decay schedule); at the delta's 5e-5 they would barely move from their start
+    and the L0 penalty could close no gate."""
+    from ftlab.optim import OptimSpec, build_optimizer
+
+    model = method("diff_pruning").apply(tiny_model(0))
+    opt, _ = build_optimizer(model, OptimSpec(lr=5e-5, warmup_ratio=0.0), total_steps=10)
+    alphas = {id(p) for p in model.log_alpha}
+    [group] = [g for g in opt.param_groups if any(id(p) in alphas for p in g["params"])]
+    assert {id(p) for p in group["params"]} == alphas
+    assert group["initial_lr"] == pytest.approx(0.1) and group["weight_decay"] == 0
+    others = [p for g in opt.param_groups if g is not group for p in g["params"]]
+    assert {id(p) for p in model.delta} <= {id(p) for p in others}
+    assert all(g["initial_lr"] == pytest.approx(5e-5) for g in opt.param_groups if g is not group)
+    shared = method("diff_pruning", alpha_lr=None).apply(tiny_model(0))
+    opt, _ = build_optimizer(shared, OptimSpec(lr=5e-5), total_steps=10)
+    assert all(g["initial_lr"] == pytest.approx(5e-5) for g in opt.param_groups)

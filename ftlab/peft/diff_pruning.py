@@ -41,7 +41,7 @@ class DiffPrunedModel(Reparametrized):
     def __init__(self, model: nn.Module, names: list[str], init_log_alpha: float,
                  l0_penalty: float, keep: float = 0.005, fixed_mask_fraction: float = 0.0,
                  fixed_mask_steps: int | None = None, beta: float = 1.0, lo: float = -1.5,
-                 hi: float = 1.5) -> None:
+                 hi: float = 1.5, alpha_lr: float | None = 0.1) -> None:
         super().__init__(model, names)
         originals = self.originals()
         self.delta = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in originals])
@@ -49,7 +49,7 @@ class DiffPrunedModel(Reparametrized):
                                            for p in originals])
         self.l0_penalty, self.beta, self.lo, self.hi = l0_penalty, beta, lo, hi
         self.keep, self.fixed_mask_fraction = keep, fixed_mask_fraction
-        self.fixed_mask_steps = fixed_mask_steps
+        self.fixed_mask_steps, self.alpha_lr = fixed_mask_steps, alpha_lr
         device = originals[0].device if originals else None
         # phase 2's mask over all deltas, flat; buffers so a resumed checkpoint keeps them
         self.register_buffer("mask", torch.ones(sum(p.numel() for p in originals),
@@ -57,6 +57,14 @@ class DiffPrunedModel(Reparametrized):
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=device))
         self.phase2 = False  # ``fixed`` as a Python bool: no host sync per forward
         self.register_load_state_dict_post_hook(DiffPrunedModel._sync_phase)
+
+    def own_groups(self) -> dict[str, tuple[float, float]]:
+        """The gate logits' own group (``OwnGroups``): ``alpha_lr``, no weight decay, as the
+        reference's separate AdamW; None: they share the stage's group."""
+        if self.alpha_lr is None:
+            return {}
+        return {n: (self.alpha_lr, 0.0) for n, _ in self.log_alpha.named_parameters(
+            prefix="log_alpha")}
 
     @staticmethod
     def _sync_phase(module: DiffPrunedModel, _incompatible) -> None:  # a resumed checkpoint
@@ -144,14 +152,20 @@ class DiffPruning:
         fixed_mask_fraction: fraction of the stage's optimiser steps spent in phase 2
             (fixed-mask fine-tuning of the kept entries); 0 = no phase 2 (project at the end).
         fixed_mask_steps: phase 2's length in optimiser steps (overrides the fraction).
+        alpha_lr: peak LR of the gate logits, in their own group without weight decay (the
+            reference: 0.1, a separate AdamW on the same schedule); None: the stage's LR.
     """
 
     name = "diff_pruning"
 
     def __init__(self, keep: float = 0.005, l0_penalty: float = 0.5,
                  init_log_alpha: float = 3.0, fixed_mask_fraction: float = 0.5,
-                 fixed_mask_steps: int | None = None, drop_top: int = 0,
-                 reinit_top: int = 0) -> None:
+                 fixed_mask_steps: int | None = None, alpha_lr: float | None = 0.1,
+                 drop_top: int = 0, reinit_top: int = 0) -> None:
+        if alpha_lr is not None and not alpha_lr > 0:
+            raise FtlabError(f"diff pruning's alpha_lr={alpha_lr} is not positive.",
+                             "use e.g. peft.alpha_lr=0.1 (the reference), or null for the "
+                             "stage's LR.")
         if not 0 <= fixed_mask_fraction < 1:
             raise FtlabError(f"diff pruning's fixed_mask_fraction={fixed_mask_fraction} is "
                              "outside [0, 1).", "use e.g. peft.fixed_mask_fraction=0.5 (the "
@@ -161,7 +175,7 @@ class DiffPruning:
                              "use a step count >= 0, or null to use fixed_mask_fraction.")
         self.keep, self.l0_penalty, self.init_log_alpha = keep, l0_penalty, init_log_alpha
         self.fixed_mask_fraction, self.fixed_mask_steps = fixed_mask_fraction, fixed_mask_steps
-        self.drop_top, self.reinit_top = drop_top, reinit_top
+        self.alpha_lr, self.drop_top, self.reinit_top = alpha_lr, drop_top, reinit_top
 
     def apply(self, model: nn.Module) -> nn.Module:
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
@@ -171,7 +185,8 @@ class DiffPruning:
         unfreeze(head_parameters(model))
         unfreeze(fresh)
         return DiffPrunedModel(model, names, self.init_log_alpha, self.l0_penalty, self.keep,
-                               self.fixed_mask_fraction, self.fixed_mask_steps)
+                               self.fixed_mask_fraction, self.fixed_mask_steps,
+                               alpha_lr=self.alpha_lr)
 
     def trainable_state(self, model: DiffPrunedModel) -> dict[str, torch.Tensor]:
         """Phase 2: the masked-in entries; before it: the diff projected to ``keep`` now."""
