@@ -171,6 +171,9 @@ def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
     assert by["g1p2"].teachers == ("p1", "p3") and by["g1p2"].teacher_rows == 160
     assert by["g1p2"].task["pattern"] == by["p2"].task["pattern"]
     assert by["distill"].teachers == ("g1p1", "g1p2", "g1p3")
+    # PET labels iPET rows with softmax(mean logits), T = 1; the final distillation uses T = 2
+    assert all(by[g].teacher_temperature == 1.0 for g in ("g1p1", "g1p2", "g1p3"))
+    assert by["distill"].teacher_temperature == 2.0
 
 
 def test_a_student_of_cached_teachers_trains_as_with_fresh_ones(make_cfg, sentiment_dir,
