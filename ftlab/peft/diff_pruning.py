@@ -4,11 +4,14 @@ Phase 1: each backbone weight becomes ``w0 + z * delta`` with a hard-concrete ga
 (Louizos et al. 2018) and an expected-L0 penalty on the gates (``extra_loss``): as Guo et al.'s
 eq. 5 and ``concrete_stretched`` in their code, ``z = clamp(s (r - l) + l, 0, 1)`` with
 ``s = sigmoid(log u - log(1 - u) + log_alpha)`` (no temperature, i.e. 1; Louizos et al. used
-2/3), ``(l, r) = (-1.5, 1.5)``, and the penalty ``sum sigmoid(log_alpha - log(-l / r))``. At the phase
-boundary the diff ``z * delta`` is projected by magnitude to ``keep`` (e.g. 0.5%) non-zero
-entries. Phase 2 (the paper's fixed-mask fine-tuning, the last ``fixed_mask_fraction`` of the
-stage's optimiser steps): gates and L0 off, the mask fixed, only the kept entries (and the head)
-learn. The artefact is the kept entries: indices + values only.
+2/3), ``(l, r) = (-1.5, 1.5)``, the penalty ``sigmoid(log_alpha - log(-l / r))`` (here its
+mean, times ``l0_penalty``), and the gate logits in their own AdamW group (``alpha_lr``, as the
+reference's separate optimiser at 0.1). At the phase boundary the diff ``z * delta`` is
+projected by magnitude to ``keep`` (e.g. 0.5%) non-zero entries, one global threshold (the
+reference's ``run_glue_mag.py``; with the deterministic test-time gate, where it takes the
+last sampled one). Phase 2 (the paper's fixed-mask fine-tuning, the last
+``fixed_mask_fraction`` of the stage's optimiser steps): gates and L0 off, the mask fixed, only
+the kept entries (and the head) learn. The artefact is the kept entries: indices + values only.
 """
 
 from __future__ import annotations

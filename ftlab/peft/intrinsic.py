@@ -6,8 +6,9 @@ with ``L`` the next power of 2 (the padded length), ``H`` a Walsh-Hadamard trans
 ``B, Pi, G`` random (±1 signs, a permutation, Gaussians) regenerated from ``seed``. The divisor
 is Li et al.'s (their ``fastfood_torched``: ``sqrt(L |G|^2) sqrt(numel / L)``): each of the
 ``d`` directions is a step of norm ~1 in every tensor, whatever its size. The artefact is
-``theta``, the seed and the head. SAID (structure-aware, the paper's best variant) spends ``m`` of the ``d`` numbers on
-one scale per projected tensor: ``w = w0 + lambda_i * P_i(theta)`` with ``d - m`` in ``theta``.
+``theta``, the seed and the head. SAID (structure-aware, the paper's best variant) spends ``m``
+of the ``d`` numbers on one scale per projected tensor: ``w = w0 + lambda_i * P_i(theta)`` with
+``d - m`` in ``theta``.
 """
 
 from __future__ import annotations
