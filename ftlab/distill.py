@@ -5,7 +5,9 @@ Hinton et al. 2015).
 A stage's ``teachers`` are earlier stages of the same pipeline (by name) or finished runs (a
 run or sweep-job folder, optionally ``folder#stage``). Each teacher scores the student's
 training rows with its own task (a cloze teacher through its pattern and verbaliser), the
-scores are softened with ``teacher_temperature`` (PET: T = 2) and averaged over teachers, and
+scores (logits) are averaged over teachers and softened with ``teacher_temperature``,
+``softmax(mean_t s_t / T)`` (PET: T = 2; its ``merge_logits`` with the uniform ``mean``
+reduction, not the ``wmean`` that weights each model by its accuracy before training), and
 the rows' labels become those probability vectors; the student's classification task then
 trains with soft-target cross-entropy. Rows come from the data's ``unlabelled`` split when it
 has one (``data.transforms=[few_shot]`` keeps the rest of the training split there), else from
@@ -98,8 +100,7 @@ def label_with_teachers(raw: RawData, stage: ResolvedStage, teachers: list[Predi
     source = UNLABELLED if UNLABELLED in raw.splits else "train"
     rows = raw.splits[source]
     texts = [{c: rows[c][i] for c in columns} for i in range(len(rows))]
-    probs = torch.stack([soft_predictions(t, texts, stage.teacher_temperature)
-                         for t in teachers]).mean(0)
+    probs = ensemble_predictions(teachers, texts, stage.teacher_temperature)
     info: dict[str, Any] = {"teachers": list(stage.teachers), "distilled_rows": len(rows),
                             "distilled_from": source,
                             "teacher_temperature": stage.teacher_temperature}
@@ -135,8 +136,7 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
                          "distil on the training split.")
     pool = raw.splits[UNLABELLED]
     texts = [{c: pool[c][i] for c in columns} for i in range(len(pool))]
-    probs = torch.stack([soft_predictions(t, texts, stage.teacher_temperature)
-                         for t in teachers]).mean(0)
+    probs = ensemble_predictions(teachers, texts, stage.teacher_temperature)
     pick = balanced_confident(probs, stage.teacher_rows, stage.seed)
     keep = [*columns, "label"]
     added = pool.select(pick).select_columns(columns).add_column(
@@ -171,8 +171,10 @@ def balanced_confident(probs: torch.Tensor, n: int, seed: int) -> list[int]:
     return sorted(picked)
 
 
-def soft_predictions(teacher: Predictor, texts: list[dict[str, Any]],
-                     temperature: float) -> torch.Tensor:
-    """softmax(scores / T) of one teacher over ``texts`` ``[rows, classes]``."""
-    return (teacher.scores(texts) / temperature).softmax(-1)
+def ensemble_predictions(teachers: list[Predictor], texts: list[dict[str, Any]],
+                         temperature: float) -> torch.Tensor:
+    """PET's soft labels ``[rows, classes]``: ``softmax(mean_t scores_t / T)``, the teachers'
+    scores (logits) averaged first (PET's ``merge_logits``), not their probabilities."""
+    scores = torch.stack([t.scores(texts) for t in teachers]).mean(0)
+    return (scores / temperature).softmax(-1)
 

@@ -67,12 +67,21 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     """AdamW groups: weight decay off for biases/norms; with ``layer_decay`` < 1 one group
     pair per layer depth, each with its own ``lr``. ``ndims``: each parameter's number of
     dimensions as built, when the model's own are no longer it (FSDP flattens parameters into
-    1-D shards before the optimiser is made)."""
+    1-D shards before the optimiser is made). A model that is an ``OwnGroups``
+    (``ftlab/peft/base.py``) puts the parameters it names in groups with their own LR and weight
+    decay, after the others."""
+    from ftlab.peft.base import OwnGroups
+
     ndims = ndims or {}
     depth, top = layer_depths(model) if layer_decay != 1.0 else ({}, 0)
+    own = model.own_groups() if isinstance(model, OwnGroups) else {}
     groups: dict[tuple[bool, int], list] = {}
+    apart: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        if name in own:
+            apart.setdefault(own[name], []).append(p)
             continue
         skip = ndims.get(name, p.ndim) < 2 or "norm" in name.lower() or name.endswith(".bias")
         groups.setdefault((skip, depth.get(name, top)), []).append(p)
@@ -82,7 +91,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         if lr is not None:
             group["lr"] = lr * layer_decay ** (top - d)
         out.append(group)
-    return out
+    return out + [{"params": params, "lr": own_lr, "weight_decay": decay}
+                  for (own_lr, decay), params in apart.items()]
 
 
 def build_optimizer(model: nn.Module, spec: OptimSpec, total_steps: int,

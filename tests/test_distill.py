@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -41,7 +42,9 @@ def _raw(rows, labels=("neg", "pos")):
                                 "validation": Dataset.from_list(rows)}), list(labels))
 
 
-def test_teachers_average_their_temperature_softened_predictions():
+def test_teachers_average_their_scores_then_soften_them_as_pet_merges_logits():
+    """PET's ``merge_logits`` (reduction ``mean``): softmax(mean_t s_t / T), the logits
+    averaged first, not the teachers' probabilities."""
     rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
     t1 = SimpleNamespace(labels=["neg", "pos"],
                          scores=lambda texts: torch.tensor([[4.0, 0.0], [0.0, 2.0]]))
@@ -51,9 +54,11 @@ def test_teachers_average_their_temperature_softened_predictions():
                             where="stage 'd'")
     raw, info = label_with_teachers(_raw(rows), stage, [t1, t2], ["text"])
     soft = torch.tensor(raw.splits["train"]["label"])
-    expected = (torch.tensor([[2.0, 0.0], [0.0, 1.0]]).softmax(-1)
-                + torch.tensor([[0.0, 0.0], [1.0, 0.0]]).softmax(-1)) / 2
+    mean = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # (t1 + t2) / 2
+    expected = (mean / 2.0).softmax(-1)
     torch.testing.assert_close(soft, expected)
+    # the mean of the softened probabilities would give row 0 [0.69, 0.31], not [0.73, 0.27]
+    assert soft[0, 0].item() == pytest.approx(1 / (1 + math.exp(-1.0)), abs=1e-6)
     assert raw.splits["validation"]["label"] == [0, 1]  # gold labels stay for evaluation
     assert info["teacher_train_acc"] == 0.5 and info["distilled_rows"] == 2
 
@@ -166,6 +171,9 @@ def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
     assert by["g1p2"].teachers == ("p1", "p3") and by["g1p2"].teacher_rows == 160
     assert by["g1p2"].task["pattern"] == by["p2"].task["pattern"]
     assert by["distill"].teachers == ("g1p1", "g1p2", "g1p3")
+    # PET labels iPET rows with softmax(mean logits), T = 1; the final distillation uses T = 2
+    assert all(by[g].teacher_temperature == 1.0 for g in ("g1p1", "g1p2", "g1p3"))
+    assert by["distill"].teacher_temperature == 2.0
 
 
 def test_a_student_of_cached_teachers_trains_as_with_fresh_ones(make_cfg, sentiment_dir,

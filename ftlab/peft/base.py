@@ -21,7 +21,8 @@ class PeftMethod(Protocol):
     Optional hooks, each a small Protocol of its own: a method that is also a
     :class:`SavesArtefact` writes an extra artefact; a model returned by ``apply`` that is a
     :class:`Penalized` adds a penalty to the training loss, one that is a :class:`FollowsSteps`
-    hears the optimiser step before each training batch. ``layers.top_layer_ops`` gives
+    hears the optimiser step before each training batch, one that is an :class:`OwnGroups`
+    trains some parameters at their own LR. ``layers.top_layer_ops`` gives
     every method ``drop_top``/``reinit_top``.
     """
 
@@ -40,6 +41,17 @@ class Penalized(Protocol):
     training loss, e.g. diff pruning's expected-L0 term."""
 
     def extra_loss(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class OwnGroups(Protocol):
+    """A model (as ``PeftMethod.apply`` returns it) some of whose parameters train at their own
+    LR and weight decay, in optimiser groups of their own, e.g. diff pruning's gate logits (the
+    reference trains them with a separate AdamW at lr 0.1, no decay). ``own_groups()`` maps a
+    trainable parameter's name (as in ``named_parameters()``) to ``(lr, weight_decay)``; the
+    stage's warmup and decay schedule scales those groups as every other."""
+
+    def own_groups(self) -> dict[str, tuple[float, float]]: ...
 
 
 @runtime_checkable

@@ -1,11 +1,17 @@
 """Diff pruning (Guo et al. 2021): learn a sparse task delta on frozen pre-trained weights.
 
 Phase 1: each backbone weight becomes ``w0 + z * delta`` with a hard-concrete gate ``z``
-(Louizos et al. 2018) and an expected-L0 penalty on the gates (``extra_loss``). At the phase
-boundary the diff ``z * delta`` is projected by magnitude to ``keep`` (e.g. 0.5%) non-zero
-entries. Phase 2 (the paper's fixed-mask fine-tuning, the last ``fixed_mask_fraction`` of the
-stage's optimiser steps): gates and L0 off, the mask fixed, only the kept entries (and the head)
-learn. The artefact is the kept entries: indices + values only.
+(Louizos et al. 2018) and an expected-L0 penalty on the gates (``extra_loss``): as Guo et al.'s
+eq. 5 and ``concrete_stretched`` in their code, ``z = clamp(s (r - l) + l, 0, 1)`` with
+``s = sigmoid(log u - log(1 - u) + log_alpha)`` (no temperature, i.e. 1; Louizos et al. used
+2/3), ``(l, r) = (-1.5, 1.5)``, the penalty ``sigmoid(log_alpha - log(-l / r))`` (here its
+mean, times ``l0_penalty``), and the gate logits in their own AdamW group (``alpha_lr``, as the
+reference's separate optimiser at 0.1). At the phase boundary the diff ``z * delta`` is
+projected by magnitude to ``keep`` (e.g. 0.5%) non-zero entries, one global threshold (the
+reference's ``run_glue_mag.py``; with the deterministic test-time gate, where it takes the
+last sampled one). Phase 2 (the paper's fixed-mask fine-tuning, the last
+``fixed_mask_fraction`` of the stage's optimiser steps): gates and L0 off, the mask fixed, only
+the kept entries (and the head) learn. The artefact is the kept entries: indices + values only.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ def magnitude_mask(deltas: list[torch.Tensor], keep: float) -> torch.Tensor:
 class DiffPrunedModel(Reparametrized):
     def __init__(self, model: nn.Module, names: list[str], init_log_alpha: float,
                  l0_penalty: float, keep: float = 0.005, fixed_mask_fraction: float = 0.0,
-                 fixed_mask_steps: int | None = None, beta: float = 2 / 3, lo: float = -1.5,
-                 hi: float = 1.5) -> None:
+                 fixed_mask_steps: int | None = None, beta: float = 1.0, lo: float = -1.5,
+                 hi: float = 1.5, alpha_lr: float | None = 0.1) -> None:
         super().__init__(model, names)
         originals = self.originals()
         self.delta = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in originals])
@@ -46,7 +52,7 @@ class DiffPrunedModel(Reparametrized):
                                            for p in originals])
         self.l0_penalty, self.beta, self.lo, self.hi = l0_penalty, beta, lo, hi
         self.keep, self.fixed_mask_fraction = keep, fixed_mask_fraction
-        self.fixed_mask_steps = fixed_mask_steps
+        self.fixed_mask_steps, self.alpha_lr = fixed_mask_steps, alpha_lr
         device = originals[0].device if originals else None
         # phase 2's mask over all deltas, flat; buffers so a resumed checkpoint keeps them
         self.register_buffer("mask", torch.ones(sum(p.numel() for p in originals),
@@ -55,12 +61,21 @@ class DiffPrunedModel(Reparametrized):
         self.phase2 = False  # ``fixed`` as a Python bool: no host sync per forward
         self.register_load_state_dict_post_hook(DiffPrunedModel._sync_phase)
 
+    def own_groups(self) -> dict[str, tuple[float, float]]:
+        """The gate logits' own group (``OwnGroups``): ``alpha_lr``, no weight decay, as the
+        reference's separate AdamW; None: they share the stage's group."""
+        if self.alpha_lr is None:
+            return {}
+        return {n: (self.alpha_lr, 0.0) for n, _ in self.log_alpha.named_parameters(
+            prefix="log_alpha")}
+
     @staticmethod
     def _sync_phase(module: DiffPrunedModel, _incompatible) -> None:  # a resumed checkpoint
         module.phase2 = bool(module.fixed)
 
     def gate(self, log_alpha: torch.Tensor, sample: bool) -> torch.Tensor:
-        lo, hi = self.lo, self.hi  # the gate's stretch interval (Guo et al.: -1.5, 1.5)
+        # the stretch interval and temperature: Guo et al.'s -1.5, 1.5 and 1 (their code has none)
+        lo, hi = self.lo, self.hi
         if sample:
             u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / self.beta)
@@ -140,14 +155,20 @@ class DiffPruning:
         fixed_mask_fraction: fraction of the stage's optimiser steps spent in phase 2
             (fixed-mask fine-tuning of the kept entries); 0 = no phase 2 (project at the end).
         fixed_mask_steps: phase 2's length in optimiser steps (overrides the fraction).
+        alpha_lr: peak LR of the gate logits, in their own group without weight decay (the
+            reference: 0.1, a separate AdamW on the same schedule); None: the stage's LR.
     """
 
     name = "diff_pruning"
 
     def __init__(self, keep: float = 0.005, l0_penalty: float = 0.5,
                  init_log_alpha: float = 3.0, fixed_mask_fraction: float = 0.5,
-                 fixed_mask_steps: int | None = None, drop_top: int = 0,
-                 reinit_top: int = 0) -> None:
+                 fixed_mask_steps: int | None = None, alpha_lr: float | None = 0.1,
+                 drop_top: int = 0, reinit_top: int = 0) -> None:
+        if alpha_lr is not None and not alpha_lr > 0:
+            raise FtlabError(f"diff pruning's alpha_lr={alpha_lr} is not positive.",
+                             "use e.g. peft.alpha_lr=0.1 (the reference), or null for the "
+                             "stage's LR.")
         if not 0 <= fixed_mask_fraction < 1:
             raise FtlabError(f"diff pruning's fixed_mask_fraction={fixed_mask_fraction} is "
                              "outside [0, 1).", "use e.g. peft.fixed_mask_fraction=0.5 (the "
@@ -157,7 +178,7 @@ class DiffPruning:
                              "use a step count >= 0, or null to use fixed_mask_fraction.")
         self.keep, self.l0_penalty, self.init_log_alpha = keep, l0_penalty, init_log_alpha
         self.fixed_mask_fraction, self.fixed_mask_steps = fixed_mask_fraction, fixed_mask_steps
-        self.drop_top, self.reinit_top = drop_top, reinit_top
+        self.alpha_lr, self.drop_top, self.reinit_top = alpha_lr, drop_top, reinit_top
 
     def apply(self, model: nn.Module) -> nn.Module:
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
@@ -167,7 +188,8 @@ class DiffPruning:
         unfreeze(head_parameters(model))
         unfreeze(fresh)
         return DiffPrunedModel(model, names, self.init_log_alpha, self.l0_penalty, self.keep,
-                               self.fixed_mask_fraction, self.fixed_mask_steps)
+                               self.fixed_mask_fraction, self.fixed_mask_steps,
+                               alpha_lr=self.alpha_lr)
 
     def trainable_state(self, model: DiffPrunedModel) -> dict[str, torch.Tensor]:
         """Phase 2: the masked-in entries; before it: the diff projected to ``keep`` now."""

@@ -1,11 +1,14 @@
 """Intrinsic-dimension fine-tuning (Aghajanyan et al. 2021; Li et al. 2018).
 
 Only a ``d``-dimensional vector ``theta`` trains (plus the head); each backbone tensor moves by
-a Fastfood projection of it: ``w = w0 + (H G Pi H B pad(theta))[:numel] / (|G| sqrt(L))`` with
-``L`` the next power of 2, ``H`` a Walsh-Hadamard transform and ``B, Pi, G`` random (±1 signs,
-a permutation, Gaussians) regenerated from ``seed``. The artefact is ``theta``, the seed and
-the head. SAID (structure-aware, the paper's best variant) spends ``m`` of the ``d`` numbers on
-one scale per projected tensor: ``w = w0 + lambda_i * P_i(theta)`` with ``d - m`` in ``theta``.
+a Fastfood projection of it: ``w = w0 + (H G Pi H B pad(theta))[:numel] / (|G| sqrt(numel))``
+with ``L`` the next power of 2 (the padded length), ``H`` a Walsh-Hadamard transform and
+``B, Pi, G`` random (±1 signs, a permutation, Gaussians) regenerated from ``seed``. The divisor
+is Li et al.'s (their ``fastfood_torched``: ``sqrt(L |G|^2) sqrt(numel / L)``): each of the
+``d`` directions is a step of norm ~1 in every tensor, whatever its size. The artefact is
+``theta``, the seed and the head. SAID (structure-aware, the paper's best variant) spends ``m``
+of the ``d`` numbers on one scale per projected tensor: ``w = w0 + lambda_i * P_i(theta)`` with
+``d - m`` in ``theta``.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class Fastfood(nn.Module):
                              persistent=False)
         self.register_buffer("perm", torch.randperm(size, generator=g), persistent=False)
         gauss = torch.randn(size, generator=g)
-        self.register_buffer("g", gauss / (gauss.norm() * size ** 0.5), persistent=False)
+        # Li et al.'s scale: the truncated (numel-long) columns of the map have unit norm
+        self.register_buffer("g", gauss / (gauss.norm() * numel ** 0.5), persistent=False)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         x = torch.zeros(self.size, dtype=theta.dtype, device=theta.device)

@@ -4,7 +4,9 @@ on the input embeddings, its inverse before the output (MLM) embedding projectio
 The embedding output ``x`` is split in halves ``(x1, x2)``;
 ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``; the inverse is ``x2 = y2 - G(y1)``,
 ``x1 = y1 - F(x2)``, exact for any ``F``/``G``. ``F``/``G`` are small bottlenecks
-(``Linear -> ReLU -> Linear``, width ``half // reduction_factor``; MAD-X: 2), so the block adds
+(``Linear -> ReLU -> Linear``, width ``half // reduction_factor``; MAD-X: 2; AdapterHub's
+``NICECouplingBlock``, whose ``init_bert_weights`` draws both layers from N(0, 0.02^2): here the
+output layers start at N(0, init_std^2), nearer the identity), so the block adds
 token-level capacity to the embeddings while the MLM head still reads the original embedding
 space. The blocks live in an ``invertible_adapters`` ModuleDict on the backbone root, run in
 order (frozen ``stack0``... from ``stack_on`` artefacts first, then the trainable ``adapter``);

@@ -44,11 +44,15 @@ def token_mask(batch: dict[str, torch.Tensor], delta: torch.Tensor) -> torch.Ten
 
 
 @contextmanager
-def perturbed(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
-    """Within the block, the word embeddings' output is ``output + delta``."""
+def perturbed(model: nn.Module, delta: torch.Tensor, detach: bool = False) -> Iterator[None]:
+    """Within the block, the word embeddings' output is ``output + delta``; with ``detach``
+    ``output.detach() + delta``: that forward sends no gradient to the embedding table
+    (fairseq's R3F: ``token_embeddings.detach().clone() + noise``)."""
 
     def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + delta.to(out.dtype) if out.shape == delta.shape else out
+        if out.shape != delta.shape:
+            return out
+        return (out.detach() if detach else out) + delta.to(out.dtype)
 
     # prepend: the noise is part of the embedding, before any other hook sees it
     handles = [m.register_forward_hook(hook, prepend=True) for m in word_embeddings(model)]

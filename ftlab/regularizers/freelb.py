@@ -4,7 +4,11 @@
 normalised gradient-ascent step (``adv_lr``) on the task loss, optionally projected onto a
 ``max_norm`` ball; the parameters are updated with the gradient of the task loss *averaged
 over the K perturbations* (1/K sum_k grad_theta L(x + delta_k)), as the reference code
-accumulates it with K ``backward`` calls.
+accumulates it with K ``backward`` calls. All K forwards use the *same dropout masks* (the
+paper's sec. 3.2, "When adversarial training meets dropout"; the reference passes its
+``dp_masks`` from the first forward to the next): the random-number state is saved before the
+first forward and restored before each of the others (CPU and the batch's CUDA device), so
+the ascent sees one network, not K different sub-networks.
 
 The seam: this is an ordinary :class:`~ftlab.regularizers.base.Regularizer`. Its
 ``training_loss`` returns ``(1/K) sum_k L(x + delta_k)`` with every delta_k a constant, whose
@@ -37,6 +41,18 @@ from ftlab.regularizers.embedding import (
 from ftlab.tasks.base import Task, TaskOutput
 
 NORMS = ("l2", "linf")
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generators dropout draws from: the CPU one and, on CUDA, the device's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 #: why a task without logits (masked LM) is refused
 WHY = "runs K ascent steps against one fixed objective per batch"
 
@@ -96,8 +112,11 @@ class FreeLB:
                       task: Task) -> TaskOutput:
         delta = self.init_delta(model, batch)
         total, first = None, None
+        masks = rng_state(delta.device)  # the K forwards draw the same dropout masks
         for k in range(self.steps):
             delta.requires_grad_()
+            if k:
+                set_rng_state(masks, delta.device)
             with perturbed(model, delta):
                 out = task.forward(model, batch)
             if first is None:

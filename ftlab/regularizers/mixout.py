@@ -1,11 +1,19 @@
 """Mixout (Lee et al. 2020, "Mixout: Effective Regularization to Finetune Large-scale
 Pretrained Language Models").
 
-Replaces dropout in the backbone with mixout: in training, every element of a trainable
-linear weight is swapped for its pre-trained value with probability ``p`` and the result is
-rescaled so its expectation is the current weight,
-``W_mix = (M * W + (1 - M) * U - p * U) / (1 - p)``, ``M ~ Bernoulli(1 - p)`` (the reference
-``MixLinear``). In eval mode the layer is the plain linear layer with the current weights.
+Replaces dropout in the backbone with mixout: in training, each *input unit* of a trainable
+linear layer (a column of its weight, all the weights leaving that unit) is swapped for its
+pre-trained value with probability ``p`` and the result is rescaled so its expectation is the
+current weight, ``W_mix = (M * W + (1 - M) * U - p * U) / (1 - p)``, ``M ~ Bernoulli(1 - p)``
+drawn once per input unit and forward, as the reference ``mixout`` (bloodwass/mixout: one
+Bernoulli row repeated over the output rows, so that with ``U = 0`` it is dropout on the
+layer's input, the paper's "mixout(u, p)" on neurons). In eval mode the layer is the plain
+linear layer with the current weights.
+
+Deliberate deviation: the gradient is the exact one, ``M / (1 - p)``; the reference's
+hand-written backward returns ``grad * M`` (it dropped PyTorch dropout's ``1 / (1 - p)`` from
+the noise but kept its backward), i.e. its updates of mixed weights are ``1 - p`` times
+smaller (10x at p = 0.9), like a lower LR.
 
 Which layers: every ``nn.Linear`` (and GPT-2's ``Conv1D``) under the backbone
 (``ftlab/model/arch.py``) whose weight trains, mixed toward its value when the regulariser is
@@ -30,11 +38,15 @@ from ftlab.rules import between
 from ftlab.tasks.base import Task, TaskOutput
 
 
-def mix(weight: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    """A draw of ``(M W + (1 - M) U - p U) / (1 - p)``, M ~ Bernoulli(1 - p) elementwise."""
+def mix(weight: torch.Tensor, target: torch.Tensor, p: float, in_dim: int = 1) -> torch.Tensor:
+    """A draw of ``(M W + (1 - M) U - p U) / (1 - p)``, M ~ Bernoulli(1 - p) per input unit:
+    one draw per index of ``weight``'s dimension ``in_dim`` (``nn.Linear``: 1, its columns;
+    GPT-2's ``Conv1D``: 0, its rows), shared by every output unit."""
     if p == 0:
         return weight
-    keep = torch.empty_like(weight).bernoulli_(1 - p)
+    shape = [1] * weight.dim()
+    shape[in_dim] = weight.shape[in_dim]
+    keep = weight.new_empty(shape).bernoulli_(1 - p)
     target = target.to(weight.dtype)
     return (keep * weight + (1 - keep) * target - p * target) / (1 - p)
 
@@ -66,7 +78,7 @@ def _mix_conv1d_class(base: type) -> type:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not self.training:
                 return super().forward(x)
-            w = mix(self.weight, self.mixout_target, self.mixout_p)
+            w = mix(self.weight, self.mixout_target, self.mixout_p, in_dim=0)
             out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), w)
             return out.view(*x.shape[:-1], w.shape[-1])
 

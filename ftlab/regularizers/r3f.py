@@ -3,7 +3,9 @@
 The task loss plus ``r3f_lambda`` times the symmetric KL divergence between the model's
 predictions on the clean input and on the input with noise added to its word embeddings
 (uniform in [-eps, eps] or normal with std eps), as fairseq's ``sentence_prediction_r3f``
-criterion: one extra forward per step; gradients flow through both predictions.
+criterion: one extra forward per step; gradients flow through both predictions, but (as
+fairseq, which perturbs ``token_embeddings.detach()``) the noisy forward sends none to the
+word-embedding table: the table learns from the clean forward only.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class R3F:
         clean = logits_of(self.name, task, out)
         if self.r3f_lambda == 0:
             return out
-        with perturbed(model, self.sample(model, batch)):
+        with perturbed(model, self.sample(model, batch), detach=True):
             noisy = logits_of(self.name, task, task.forward(model, batch))
         term = symmetric_kl(noisy, clean)
         return TaskOutput(out.loss + self.r3f_lambda * term, clean,

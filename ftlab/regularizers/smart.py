@@ -4,8 +4,10 @@ proximal point optimisation.
 Training loss = task loss
   + ``lambda_s`` * symmetric KL(f(x), f(x + delta)), where delta starts as N(0, noise_std^2)
     noise on the word embeddings and takes ``steps`` projected gradient-ascent steps on that KL:
-    delta <- clip(delta + step_size * g / ||g||_inf, -eps, eps) (per token; the paper's
-    Algorithm 1, mt-dnn's ``SmartPerturbation``);
+    g = grad_delta of the symmetric KL (both directions, the clean prediction held constant),
+    delta <- clip(delta + step_size * g / ||g||_inf, -eps, eps), the norm per token (the
+    paper's Algorithm 1; mt-dnn's ``SmartPerturbation`` ascends one-sided ``stable_kl`` and
+    rescales ``delta + step_size * g`` to unit L-inf norm per token instead of clipping);
   + ``mu`` * symmetric KL(f(x; theta), f(x; theta_tilde)): the Bregman proximal point term
     against a momentum teacher theta_tilde = beta * theta_tilde + (1 - beta) * theta, tracked
     for the *trainable* tensors only (the frozen rest is shared) and run with
@@ -30,6 +32,7 @@ from ftlab.regularizers.embedding import (
     logits_of,
     needs_logits,
     perturbed,
+    symmetric_kl,
     symmetric_kl_fixed_targets,
     zeros_like_embeddings,
 )
@@ -102,8 +105,7 @@ class Smart:
             delta.requires_grad_()
             with perturbed(model, delta):
                 noisy = logits_of(self.name, task, task.forward(model, batch))
-            (grad,) = torch.autograd.grad(symmetric_kl_fixed_targets(noisy, clean.detach()),
-                                          delta)
+            (grad,) = torch.autograd.grad(symmetric_kl(noisy, clean.detach()), delta)
             if not torch.isfinite(grad).all():  # as mt-dnn: no adversarial term this step
                 return clean.new_zeros((), dtype=torch.float32)
             step = grad / (grad.abs().amax(-1, keepdim=True) + 1e-6)
