@@ -92,6 +92,33 @@ def test_failure_is_defined_by_the_tasks_trivial_predictors():
     assert failure({"val/ppl": 12.0}) is None  # no baseline defined: no verdict
 
 
+def test_a_majority_predictor_fails_although_its_float32_scores_round_up():
+    """torchmetrics scores in float32: always predicting the majority class of 18/21 labels
+    scores float32(18/21) = 0.85714287 and a macro-F1 above the float64 baselines (by ~1e-8);
+    it learnt nothing and must count as failed."""
+    import torch
+
+    from ftlab.seedstats import failure
+    from ftlab.tasks.classify import Classify
+
+    task = Classify()
+    task.labels = ["neg", "pos"]
+    labels = torch.tensor([1] * 18 + [0] * 3)
+
+    def final(preds: torch.Tensor) -> dict[str, float]:
+        scores = task.metrics()(preds, labels)
+        return ({f"val/{k}": float(v) for k, v in scores.items()}
+                | {f"val/baseline_{k}": v for k, v in task.baseline(labels.tolist()).items()})
+
+    majority = final(torch.ones(21, dtype=torch.long))
+    assert majority["val/acc"] > majority["val/baseline_acc"]  # the rounding at issue
+    assert majority["val/f1"] > majority["val/baseline_f1"]
+    assert failure(majority) is not None
+    one_more = torch.ones(21, dtype=torch.long)
+    one_more[-1] = 0  # one minority row right as well: a real (if tiny) improvement
+    assert failure(final(one_more)) is None
+
+
 def test_classification_baselines_majority_accuracy_and_chance_macro_f1():
     from ftlab.tasks.classify import Classify
 
