@@ -80,6 +80,7 @@ class WeightAverage(SwapsInAverage):
         self.shadow: dict[str, torch.Tensor] = {}
         self.backup: dict[str, torch.Tensor] | None = None
         self.count = 0
+        self.last_step = 0  # the optimiser step the average last moved at
 
     def averaged(self) -> dict[str, torch.Tensor] | None:
         return self.shadow
@@ -91,14 +92,18 @@ class WeightAverage(SwapsInAverage):
     def state_dict(self) -> dict:
         """The average, the step count and (between validation and the next training step)
         the raw weights it stands in for: saved in checkpoints."""
-        return {"shadow": self.shadow, "backup": self.backup, "count": self.count}
+        return {"shadow": self.shadow, "backup": self.backup, "count": self.count,
+                "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.shadow, self.backup = state_dict["shadow"], state_dict["backup"]
-        self.count = state_dict["count"]
+        self.count, self.last_step = state_dict["count"], state_dict.get("last_step", -1)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.last_step:  # accumulating gradients: no step taken
+            return
+        self.last_step = trainer.global_step
         params = _trainable(pl_module)
         if trainer.global_step < self.start * trainer.estimated_stepping_batches:
             for n, p in params.items():

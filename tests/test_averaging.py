@@ -134,6 +134,29 @@ def test_ema_follows_its_recurrence():
     torch.testing.assert_close(module.model.weight.detach(), expected)
 
 
+def test_ema_decays_once_per_optimiser_step_under_gradient_accumulation():
+    """``decay`` is per optimiser step: with accumulate_grad_batches=2 the average moves once
+    per step (after every second batch), not once per micro-batch."""
+    ema = WeightAverage(decay=0.7)
+    init = Tiny().model.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g),
+                                          torch.randn(32, 2, generator=g))
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accumulate_grad_batches=2,
+                        callbacks=[ema, recorder])
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    steps = recorder.steps[1::2]  # the weights after each of the 4 optimiser steps
+    assert trainer.global_step == len(steps) == 4
+    expected = init
+    for w in steps:
+        expected = 0.7 * expected + 0.3 * w
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+    assert ema.count == 4
+
+
 def _ensemble_acc(module, loader, snapshots) -> float:
     """Accuracy of the snapshots' averaged softmax, by definition (each snapshot loaded in turn)."""
     params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
