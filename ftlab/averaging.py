@@ -270,8 +270,9 @@ class SnapshotEnsemble(L.Callback):
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * t))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        length = self._cycle_len(trainer)
-        if trainer.global_step % length == 0 and len(self.snapshots) < self.cycles:
+        length, step = self._cycle_len(trainer), trainer.global_step
+        # once per cycle end (accumulating micro-batches share a step; step 0 is no cycle's)
+        if step % length == 0 and len(self.snapshots) < min(self.cycles, step // length):
             state = {n: p.detach().clone() for n, p in _trainable(pl_module).items()}
             self.snapshots.append(state)
             save_tensors(Path(trainer.default_root_dir) / "snapshots" /

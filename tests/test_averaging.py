@@ -197,6 +197,27 @@ def test_snapshot_ensemble_saves_cycles_and_scores_the_ensemble(make_cfg, sentim
     assert result["test/ensemble_acc"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_snapshots_are_taken_at_cycle_ends_under_gradient_accumulation(tmp_path):
+    """Cycles count optimiser steps: with accumulate_grad_batches=2 the two snapshots of an
+    8-step run are the weights after steps 4 and 8 (not the initial weights at step 0, nor
+    one cycle's end twice)."""
+    snaps = SnapshotEnsemble(cycles=2)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g),
+                                          torch.randn(64, 2, generator=g))
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accumulate_grad_batches=2,
+                        default_root_dir=tmp_path, callbacks=[snaps, recorder])
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    steps = recorder.steps[1::2]  # the weights after each of the 8 optimiser steps
+    assert trainer.global_step == len(steps) == 8
+    assert len(snaps.snapshots) == 2
+    torch.testing.assert_close(snaps.snapshots[0]["weight"], steps[3])
+    torch.testing.assert_close(snaps.snapshots[1]["weight"], steps[7])
+
+
 class LinearTask:
     """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits)."""
 
