@@ -308,4 +308,4 @@ def _one_run(path: Path) -> int:
         print(rec["error"])
     if status == "ok":
         return DEGENERATE_EXIT if rec.get("failed") else 0
-    return 0 if status in ("running", "discarded") else 1
+    return 0 if status in ("running", *STOPPED) else 1

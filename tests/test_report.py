@@ -74,6 +74,20 @@ def test_report_cli_exits_as_the_sweep_would(tmp_path, failed, code):
     assert exit_.value.code == code
 
 
+@pytest.mark.parametrize("status", ["discarded", "pruned"])
+def test_report_cli_on_a_stopped_jobs_folder_exits_as_its_sweep_did(tmp_path, status):
+    """A job stopped on purpose (early discard, a search's pruner) is neither errored nor
+    failed: its sweep exits 0, and so does ``ftlab-report <its folder>``."""
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    record = rec(1, 0.8, status=status) | {"discarded": {"steps": 2, "planned_steps": 8}}
+    (job / "metrics.json").write_text(json.dumps(record))
+    for folder in (tmp_path, job):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(folder)])
+        assert exit_.value.code == 0, folder
+
+
 def test_report_cli_rejects_a_non_sweep_folder(tmp_path):
     with pytest.raises(SystemExit, match="not a multirun folder"):
         main([str(tmp_path)])
