@@ -19,6 +19,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel
 
 from ftlab.errors import FtlabError
 from ftlab.store import save_tensors
+from ftlab.tasks.tagging import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +296,14 @@ class SnapshotEnsemble(L.Callback):
             logits.append(pl_module.task.forward(pl_module.model, batch).logits)
         for n, p in params.items():
             p.copy_(current[n])
-        if logits[0] is None:  # a task without class scores (masked LM): nothing to ensemble
-            return
+        target = batch.get("labels")
+        if logits[0] is None or target is None:  # masked LM (no class scores), causal LM (its
+            return  # targets are the shifted inputs): nothing to ensemble
         probs = sum(x.float().softmax(-1) for x in logits)
-        target = batch["labels"]
         target = target.argmax(-1) if target.is_floating_point() else target  # soft labels
-        self.correct += int((probs.argmax(-1) == target).sum())
-        self.seen += int(target.numel())
+        known = target != IGNORE  # token tasks: sub-words and padding carry no label
+        self.correct += int(((probs.argmax(-1) == target) & known).sum())
+        self.seen += int(known.sum())
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.seen:

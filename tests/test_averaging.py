@@ -259,6 +259,43 @@ def test_snapshot_ensemble_scores_the_averaged_softmax_of_its_snapshots():
     assert all(torch.equal(p, raw[n]) for n, p in module.model.named_parameters())
 
 
+def test_snapshot_ensemble_scores_labelled_tokens_only():
+    """Token tasks (stage=tokens) label some positions -100 (sub-words, padding): the
+    ensemble's accuracy counts the labelled positions only, as the task's own test/acc does."""
+
+    class TokenTask:
+        def forward(self, model, batch):
+            logits = model(batch["x"])  # [rows, tokens, classes]
+            return TaskOutput(loss=logits.sum() * 0, logits=logits)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, 4, generator=g), torch.randint(0, 3, (40, 6), generator=g)
+    y[:, 4:] = -100  # the last two positions carry no label
+    snaps = SnapshotEnsemble(cycles=1)
+    snaps.snapshots = [{"weight": torch.randn(3, 4, generator=g), "bias": torch.zeros(3)}]
+    module = Scored()
+    module.task = TokenTask()
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[snaps])
+    loader = torch.utils.data.DataLoader([{"x": a, "labels": b} for a, b in zip(x, y, strict=True)],
+                                         batch_size=16)
+    result = trainer.test(module, loader, verbose=False)[0]
+    pred = (x @ snaps.snapshots[0]["weight"].T).argmax(-1)
+    known = y != -100
+    expected = ((pred == y) & known).sum().item() / known.sum().item()
+    assert result["test/ensemble_acc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_snapshot_ensemble_with_a_causal_lm_stage_finishes(make_cfg, sentiment_dir):
+    """stage=clm batches have no ``labels`` (the targets are the shifted inputs): nothing to
+    ensemble, and the run must not fail at test time."""
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
+    record = run(make_cfg(overrides + ["model=tiny_gpt2", "stage=clm", "callbacks=snapshots",
+                                       "callbacks.progress=null", "stage.trainer.max_steps=4"]))
+    assert record["status"] == "ok", record.get("error")
+    assert "test/ppl" in record["final"] and "test/ensemble_acc" not in record["final"]
+
+
 def test_snapshot_learning_rate_restarts_each_cycle(make_cfg, sentiment_dir):
     class LrLog(L.Callback):
         def __init__(self) -> None:
