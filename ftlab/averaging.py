@@ -19,7 +19,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel
 
 from ftlab.errors import FtlabError
 from ftlab.store import save_tensors
-from ftlab.tasks.tagging import IGNORE
+from ftlab.tasks.base import TaskOutput
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +280,15 @@ class SnapshotEnsemble(L.Callback):
                          f"cycle{len(self.snapshots)}.safetensors", state)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.correct, self.seen = 0, 0
+        # the task's own metrics score the ensemble as they score the model (its targets:
+        # class ids, soft labels, token tags without sub-words, text-to-text class ids)
+        self.metrics = pl_module.task.metrics().to(pl_module.device)
+        self.seen = 0
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                           batch: dict[str, torch.Tensor], *args) -> None:
-        if not self.snapshots:
+        if not self.snapshots or "acc" not in self.metrics:  # no accuracy (masked/causal LM)
             return
         params = _trainable(pl_module)
         current = {n: p.detach().clone() for n, p in params.items()}
@@ -296,15 +299,13 @@ class SnapshotEnsemble(L.Callback):
             logits.append(pl_module.task.forward(pl_module.model, batch).logits)
         for n, p in params.items():
             p.copy_(current[n])
-        target = batch.get("labels")
-        if logits[0] is None or target is None:  # masked LM (no class scores), causal LM (its
-            return  # targets are the shifted inputs): nothing to ensemble
+        if logits[0] is None:  # a task without class scores
+            return
         probs = sum(x.float().softmax(-1) for x in logits)
-        target = target.argmax(-1) if target.is_floating_point() else target  # soft labels
-        known = target != IGNORE  # token tasks: sub-words and padding carry no label
-        self.correct += int(((probs.argmax(-1) == target) & known).sum())
-        self.seen += int(known.sum())
+        pl_module.task.update(self.metrics, TaskOutput(None, probs, {}), batch)
+        self.seen += 1
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.seen:
-            pl_module.log("test/ensemble_acc", self.correct / self.seen)
+        acc = self.metrics.compute().get("acc") if self.seen else None
+        if acc is not None:
+            pl_module.log("test/ensemble_acc", float(acc))

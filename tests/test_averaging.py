@@ -219,11 +219,21 @@ def test_snapshots_are_taken_at_cycle_ends_under_gradient_accumulation(tmp_path)
 
 
 class LinearTask:
-    """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits)."""
+    """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits),
+    and the task's accuracy (``metrics``, ``update``) to score the ensemble with."""
 
     def forward(self, model, batch):
         logits = model(batch["x"])
         return TaskOutput(loss=logits.sum() * 0, logits=logits)
+
+    def metrics(self):
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import MulticlassAccuracy
+
+        return MetricCollection({"acc": MulticlassAccuracy(num_classes=3, average="micro")})
+
+    def update(self, metrics, out, batch):
+        metrics.update(out.logits.argmax(-1), batch["labels"])
 
 
 class Scored(L.LightningModule):
@@ -263,7 +273,9 @@ def test_snapshot_ensemble_scores_labelled_tokens_only():
     """Token tasks (stage=tokens) label some positions -100 (sub-words, padding): the
     ensemble's accuracy counts the labelled positions only, as the task's own test/acc does."""
 
-    class TokenTask:
+    from ftlab.tasks.tokens import Tokens
+
+    class TokenTask(Tokens):  # the real tagging metrics, on a linear "model"
         def forward(self, model, batch):
             logits = model(batch["x"])  # [rows, tokens, classes]
             return TaskOutput(loss=logits.sum() * 0, logits=logits)
@@ -275,6 +287,7 @@ def test_snapshot_ensemble_scores_labelled_tokens_only():
     snaps.snapshots = [{"weight": torch.randn(3, 4, generator=g), "bias": torch.zeros(3)}]
     module = Scored()
     module.task = TokenTask()
+    module.task.labels = ["O", "B-X", "I-X"]
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[snaps])
     loader = torch.utils.data.DataLoader([{"x": a, "labels": b} for a, b in zip(x, y, strict=True)],
@@ -294,6 +307,22 @@ def test_snapshot_ensemble_with_a_causal_lm_stage_finishes(make_cfg, sentiment_d
                                        "callbacks.progress=null", "stage.trainer.max_steps=4"]))
     assert record["status"] == "ok", record.get("error")
     assert "test/ppl" in record["final"] and "test/ensemble_acc" not in record["final"]
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_snapshot_ensemble_of_a_text_to_text_stage_scores_its_class_ids(model, make_cfg,
+                                                                         sentiment_dir):
+    """stage=text2text scores ``[rows, classes]`` against ``class_id`` (its ``labels`` are
+    target tokens): the ensemble is scored like the model, and a one-snapshot ensemble
+    matches the model's own test/acc."""
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
+    record = run(make_cfg(overrides + [f"model={model}", "stage=text2text",
+                                       "callbacks=snapshots", "callbacks.progress=null",
+                                       "callbacks.snapshots.cycles=1",
+                                       "stage.trainer.max_steps=4"]))
+    assert record["status"] == "ok", record.get("error")
+    final = record["final"]
+    assert final["test/ensemble_acc"] == pytest.approx(final["test/acc"], abs=1e-6)
 
 
 def test_snapshot_learning_rate_restarts_each_cycle(make_cfg, sentiment_dir):
