@@ -119,8 +119,8 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
                         not lower_is_better(m))
                for m in names if any(finite(r["final"].get(m)) for r in done)}
     baselines = {}  # metric -> the trivial predictor's score on the same split (mean over runs)
-    for m in metrics:
-        split, _, name = m.rpartition("/")
+    for m in metrics:  # val/<metric> <-> val/baseline_<metric> (multi-task: <task>/acc)
+        split, _, name = m.partition("/")
         vals = [r["final"][f"{split}/baseline_{name}"] for r in done
                 if finite(r["final"].get(f"{split}/baseline_{name}"))]
         if vals:

@@ -223,6 +223,22 @@ def test_report_shows_baselines_deltas_failures_evp_and_a_ranking(tmp_path):
     assert (write_report_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_multitask_sub_task_metrics_get_their_baselines_and_deltas():
+    """A multi-task stage records ``val/<task>/acc`` with ``val/baseline_<task>/acc`` (the
+    key the failure rule reads, ``val/baseline_<metric>``): the report pairs them too."""
+    runs = []
+    for seed, acc in ((1, 0.8), (2, 0.7)):
+        final = {"val/rt/acc": acc, "val/baseline_rt/acc": 0.6, "test/rt/acc": acc,
+                 "test/baseline_rt/acc": 0.55}
+        runs.append({"seed": seed, "overrides": [f"seed={seed}"], "status": "ok",
+                     "failed": False, "final": final})
+    [s] = summarize(runs).values()
+    assert s["baseline"] == {"val/rt/acc": 0.6, "test/rt/acc": 0.55}
+    assert s["delta"]["test/rt/acc"] == pytest.approx(0.75 - 0.55)
+    assert "| test/rt/acc | 2 | 0.7500 | [0.7000, 0.8000] | 0.0707 | 0.8000 | 0.5500 |" in \
+        markdown({"default": s})
+
+
 def test_plot_axis_spans_the_baseline_and_every_run():
     from ftlab.report_plot import y_limits
 
