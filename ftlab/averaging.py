@@ -265,8 +265,10 @@ class SnapshotEnsemble(L.Callback):
         opt = trainer.optimizers[0]
         if not self.base_lrs:
             self.base_lrs = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
-        length = self._cycle_len(trainer)
-        t = (trainer.global_step % length) / length
+        length, step = self._cycle_len(trainer), trainer.global_step
+        # steps left over after the last cycle (the cycles do not divide the steps) stay at
+        # its end LR, 0: training ends on the last snapshot, not a restart at the peak
+        t = (step % length) / length if step < self.cycles * length else 1.0
         for group, base in zip(opt.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * t))
 

@@ -218,6 +218,23 @@ def test_snapshots_are_taken_at_cycle_ends_under_gradient_accumulation(tmp_path)
     torch.testing.assert_close(snaps.snapshots[1]["weight"], steps[7])
 
 
+def test_snapshot_training_ends_on_the_last_snapshot_when_cycles_do_not_divide_the_steps(
+        tmp_path):
+    """10 steps in 3 cycles of 3: the step left over after the third snapshot must not restart
+    at the peak LR (the model would leave training off its last snapshot)."""
+    snaps = SnapshotEnsemble(cycles=3)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 4, generator=g),
+                                          torch.randn(40, 2, generator=g))
+    module = Tiny()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[snaps])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.global_step == 10 and len(snaps.snapshots) == 3
+    torch.testing.assert_close(module.model.weight.detach(), snaps.snapshots[-1]["weight"])
+
+
 class LinearTask:
     """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits),
     and the task's accuracy (``metrics``, ``update``) to score the ensemble with."""
