@@ -19,6 +19,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel
 
 from ftlab.errors import FtlabError
 from ftlab.store import save_tensors
+from ftlab.tasks.base import TaskOutput
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class WeightAverage(SwapsInAverage):
         self.shadow: dict[str, torch.Tensor] = {}
         self.backup: dict[str, torch.Tensor] | None = None
         self.count = 0
+        self.last_step = 0  # the optimiser step the average last moved at
 
     def averaged(self) -> dict[str, torch.Tensor] | None:
         return self.shadow
@@ -91,14 +93,18 @@ class WeightAverage(SwapsInAverage):
     def state_dict(self) -> dict:
         """The average, the step count and (between validation and the next training step)
         the raw weights it stands in for: saved in checkpoints."""
-        return {"shadow": self.shadow, "backup": self.backup, "count": self.count}
+        return {"shadow": self.shadow, "backup": self.backup, "count": self.count,
+                "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.shadow, self.backup = state_dict["shadow"], state_dict["backup"]
-        self.count = state_dict["count"]
+        self.count, self.last_step = state_dict["count"], state_dict.get("last_step", -1)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.last_step:  # accumulating gradients: no step taken
+            return
+        self.last_step = trainer.global_step
         params = _trainable(pl_module)
         if trainer.global_step < self.start * trainer.estimated_stepping_batches:
             for n, p in params.items():
@@ -259,26 +265,32 @@ class SnapshotEnsemble(L.Callback):
         opt = trainer.optimizers[0]
         if not self.base_lrs:
             self.base_lrs = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
-        length = self._cycle_len(trainer)
-        t = (trainer.global_step % length) / length
+        length, step = self._cycle_len(trainer), trainer.global_step
+        # steps left over after the last cycle (the cycles do not divide the steps) stay at
+        # its end LR, 0: training ends on the last snapshot, not a restart at the peak
+        t = (step % length) / length if step < self.cycles * length else 1.0
         for group, base in zip(opt.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * t))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        length = self._cycle_len(trainer)
-        if trainer.global_step % length == 0 and len(self.snapshots) < self.cycles:
+        length, step = self._cycle_len(trainer), trainer.global_step
+        # once per cycle end (accumulating micro-batches share a step; step 0 is no cycle's)
+        if step % length == 0 and len(self.snapshots) < min(self.cycles, step // length):
             state = {n: p.detach().clone() for n, p in _trainable(pl_module).items()}
             self.snapshots.append(state)
             save_tensors(Path(trainer.default_root_dir) / "snapshots" /
                          f"cycle{len(self.snapshots)}.safetensors", state)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.correct, self.seen = 0, 0
+        # the task's own metrics score the ensemble as they score the model (its targets:
+        # class ids, soft labels, token tags without sub-words, text-to-text class ids)
+        self.metrics = pl_module.task.metrics().to(pl_module.device)
+        self.seen = 0
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                           batch: dict[str, torch.Tensor], *args) -> None:
-        if not self.snapshots:
+        if not self.snapshots or "acc" not in self.metrics:  # no accuracy (masked/causal LM)
             return
         params = _trainable(pl_module)
         current = {n: p.detach().clone() for n, p in params.items()}
@@ -289,14 +301,13 @@ class SnapshotEnsemble(L.Callback):
             logits.append(pl_module.task.forward(pl_module.model, batch).logits)
         for n, p in params.items():
             p.copy_(current[n])
-        if logits[0] is None:  # a task without class scores (masked LM): nothing to ensemble
+        if logits[0] is None:  # a task without class scores
             return
         probs = sum(x.float().softmax(-1) for x in logits)
-        target = batch["labels"]
-        target = target.argmax(-1) if target.is_floating_point() else target  # soft labels
-        self.correct += int((probs.argmax(-1) == target).sum())
-        self.seen += int(target.numel())
+        pl_module.task.update(self.metrics, TaskOutput(None, probs, {}), batch)
+        self.seen += 1
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.seen:
-            pl_module.log("test/ensemble_acc", self.correct / self.seen)
+        acc = self.metrics.compute().get("acc") if self.seen else None
+        if acc is not None:
+            pl_module.log("test/ensemble_acc", float(acc))

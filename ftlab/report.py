@@ -119,8 +119,8 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
                         not lower_is_better(m))
                for m in names if any(finite(r["final"].get(m)) for r in done)}
     baselines = {}  # metric -> the trivial predictor's score on the same split (mean over runs)
-    for m in metrics:
-        split, _, name = m.rpartition("/")
+    for m in metrics:  # val/<metric> <-> val/baseline_<metric> (multi-task: <task>/acc)
+        split, _, name = m.partition("/")
         vals = [r["final"][f"{split}/baseline_{name}"] for r in done
                 if finite(r["final"].get(f"{split}/baseline_{name}"))]
         if vals:
@@ -308,4 +308,4 @@ def _one_run(path: Path) -> int:
         print(rec["error"])
     if status == "ok":
         return DEGENERATE_EXIT if rec.get("failed") else 0
-    return 0 if status in ("running", "discarded") else 1
+    return 0 if status in ("running", *STOPPED) else 1

@@ -134,6 +134,29 @@ def test_ema_follows_its_recurrence():
     torch.testing.assert_close(module.model.weight.detach(), expected)
 
 
+def test_ema_decays_once_per_optimiser_step_under_gradient_accumulation():
+    """``decay`` is per optimiser step: with accumulate_grad_batches=2 the average moves once
+    per step (after every second batch), not once per micro-batch."""
+    ema = WeightAverage(decay=0.7)
+    init = Tiny().model.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g),
+                                          torch.randn(32, 2, generator=g))
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accumulate_grad_batches=2,
+                        callbacks=[ema, recorder])
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    steps = recorder.steps[1::2]  # the weights after each of the 4 optimiser steps
+    assert trainer.global_step == len(steps) == 4
+    expected = init
+    for w in steps:
+        expected = 0.7 * expected + 0.3 * w
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+    assert ema.count == 4
+
+
 def _ensemble_acc(module, loader, snapshots) -> float:
     """Accuracy of the snapshots' averaged softmax, by definition (each snapshot loaded in turn)."""
     params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
@@ -174,12 +197,60 @@ def test_snapshot_ensemble_saves_cycles_and_scores_the_ensemble(make_cfg, sentim
     assert result["test/ensemble_acc"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_snapshots_are_taken_at_cycle_ends_under_gradient_accumulation(tmp_path):
+    """Cycles count optimiser steps: with accumulate_grad_batches=2 the two snapshots of an
+    8-step run are the weights after steps 4 and 8 (not the initial weights at step 0, nor
+    one cycle's end twice)."""
+    snaps = SnapshotEnsemble(cycles=2)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g),
+                                          torch.randn(64, 2, generator=g))
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accumulate_grad_batches=2,
+                        default_root_dir=tmp_path, callbacks=[snaps, recorder])
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    steps = recorder.steps[1::2]  # the weights after each of the 8 optimiser steps
+    assert trainer.global_step == len(steps) == 8
+    assert len(snaps.snapshots) == 2
+    torch.testing.assert_close(snaps.snapshots[0]["weight"], steps[3])
+    torch.testing.assert_close(snaps.snapshots[1]["weight"], steps[7])
+
+
+def test_snapshot_training_ends_on_the_last_snapshot_when_cycles_do_not_divide_the_steps(
+        tmp_path):
+    """10 steps in 3 cycles of 3: the step left over after the third snapshot must not restart
+    at the peak LR (the model would leave training off its last snapshot)."""
+    snaps = SnapshotEnsemble(cycles=3)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 4, generator=g),
+                                          torch.randn(40, 2, generator=g))
+    module = Tiny()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[snaps])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.global_step == 10 and len(snaps.snapshots) == 3
+    torch.testing.assert_close(module.model.weight.detach(), snaps.snapshots[-1]["weight"])
+
+
 class LinearTask:
-    """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits)."""
+    """The slice of the Task protocol SnapshotEnsemble uses: ``forward`` -> (loss, logits),
+    and the task's accuracy (``metrics``, ``update``) to score the ensemble with."""
 
     def forward(self, model, batch):
         logits = model(batch["x"])
         return TaskOutput(loss=logits.sum() * 0, logits=logits)
+
+    def metrics(self):
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import MulticlassAccuracy
+
+        return MetricCollection({"acc": MulticlassAccuracy(num_classes=3, average="micro")})
+
+    def update(self, metrics, out, batch):
+        metrics.update(out.logits.argmax(-1), batch["labels"])
 
 
 class Scored(L.LightningModule):
@@ -213,6 +284,62 @@ def test_snapshot_ensemble_scores_the_averaged_softmax_of_its_snapshots():
     assert result["test/ensemble_acc"] == pytest.approx(ensemble, abs=1e-6)
     # scoring leaves the model's own weights in place
     assert all(torch.equal(p, raw[n]) for n, p in module.model.named_parameters())
+
+
+def test_snapshot_ensemble_scores_labelled_tokens_only():
+    """Token tasks (stage=tokens) label some positions -100 (sub-words, padding): the
+    ensemble's accuracy counts the labelled positions only, as the task's own test/acc does."""
+
+    from ftlab.tasks.tokens import Tokens
+
+    class TokenTask(Tokens):  # the real tagging metrics, on a linear "model"
+        def forward(self, model, batch):
+            logits = model(batch["x"])  # [rows, tokens, classes]
+            return TaskOutput(loss=logits.sum() * 0, logits=logits)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, 4, generator=g), torch.randint(0, 3, (40, 6), generator=g)
+    y[:, 4:] = -100  # the last two positions carry no label
+    snaps = SnapshotEnsemble(cycles=1)
+    snaps.snapshots = [{"weight": torch.randn(3, 4, generator=g), "bias": torch.zeros(3)}]
+    module = Scored()
+    module.task = TokenTask()
+    module.task.labels = ["O", "B-X", "I-X"]
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[snaps])
+    loader = torch.utils.data.DataLoader([{"x": a, "labels": b} for a, b in zip(x, y, strict=True)],
+                                         batch_size=16)
+    result = trainer.test(module, loader, verbose=False)[0]
+    pred = (x @ snaps.snapshots[0]["weight"].T).argmax(-1)
+    known = y != -100
+    expected = ((pred == y) & known).sum().item() / known.sum().item()
+    assert result["test/ensemble_acc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_snapshot_ensemble_with_a_causal_lm_stage_finishes(make_cfg, sentiment_dir):
+    """stage=clm batches have no ``labels`` (the targets are the shifted inputs): nothing to
+    ensemble, and the run must not fail at test time."""
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
+    record = run(make_cfg(overrides + ["model=tiny_gpt2", "stage=clm", "callbacks=snapshots",
+                                       "callbacks.progress=null", "stage.trainer.max_steps=4"]))
+    assert record["status"] == "ok", record.get("error")
+    assert "test/ppl" in record["final"] and "test/ensemble_acc" not in record["final"]
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_snapshot_ensemble_of_a_text_to_text_stage_scores_its_class_ids(model, make_cfg,
+                                                                         sentiment_dir):
+    """stage=text2text scores ``[rows, classes]`` against ``class_id`` (its ``labels`` are
+    target tokens): the ensemble is scored like the model, and a one-snapshot ensemble
+    matches the model's own test/acc."""
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
+    record = run(make_cfg(overrides + [f"model={model}", "stage=text2text",
+                                       "callbacks=snapshots", "callbacks.progress=null",
+                                       "callbacks.snapshots.cycles=1",
+                                       "stage.trainer.max_steps=4"]))
+    assert record["status"] == "ok", record.get("error")
+    final = record["final"]
+    assert final["test/ensemble_acc"] == pytest.approx(final["test/acc"], abs=1e-6)
 
 
 def test_snapshot_learning_rate_restarts_each_cycle(make_cfg, sentiment_dir):

@@ -74,6 +74,20 @@ def test_report_cli_exits_as_the_sweep_would(tmp_path, failed, code):
     assert exit_.value.code == code
 
 
+@pytest.mark.parametrize("status", ["discarded", "pruned"])
+def test_report_cli_on_a_stopped_jobs_folder_exits_as_its_sweep_did(tmp_path, status):
+    """A job stopped on purpose (early discard, a search's pruner) is neither errored nor
+    failed: its sweep exits 0, and so does ``ftlab-report <its folder>``."""
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    record = rec(1, 0.8, status=status) | {"discarded": {"steps": 2, "planned_steps": 8}}
+    (job / "metrics.json").write_text(json.dumps(record))
+    for folder in (tmp_path, job):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(folder)])
+        assert exit_.value.code == 0, folder
+
+
 def test_report_cli_rejects_a_non_sweep_folder(tmp_path):
     with pytest.raises(SystemExit, match="not a multirun folder"):
         main([str(tmp_path)])
@@ -90,6 +104,33 @@ def test_failure_is_defined_by_the_tasks_trivial_predictors():
     # above the majority class in accuracy, but macro-F1 at chance: failed too
     assert "val/f1" in failure({"val/acc": 0.62, "val/f1": 0.49} | base)
     assert failure({"val/ppl": 12.0}) is None  # no baseline defined: no verdict
+
+
+def test_a_majority_predictor_fails_although_its_float32_scores_round_up():
+    """torchmetrics scores in float32: always predicting the majority class of 18/21 labels
+    scores float32(18/21) = 0.85714287 and a macro-F1 above the float64 baselines (by ~1e-8);
+    it learnt nothing and must count as failed."""
+    import torch
+
+    from ftlab.seedstats import failure
+    from ftlab.tasks.classify import Classify
+
+    task = Classify()
+    task.labels = ["neg", "pos"]
+    labels = torch.tensor([1] * 18 + [0] * 3)
+
+    def final(preds: torch.Tensor) -> dict[str, float]:
+        scores = task.metrics()(preds, labels)
+        return ({f"val/{k}": float(v) for k, v in scores.items()}
+                | {f"val/baseline_{k}": v for k, v in task.baseline(labels.tolist()).items()})
+
+    majority = final(torch.ones(21, dtype=torch.long))
+    assert majority["val/acc"] > majority["val/baseline_acc"]  # the rounding at issue
+    assert majority["val/f1"] > majority["val/baseline_f1"]
+    assert failure(majority) is not None
+    one_more = torch.ones(21, dtype=torch.long)
+    one_more[-1] = 0  # one minority row right as well: a real (if tiny) improvement
+    assert failure(final(one_more)) is None
 
 
 def test_classification_baselines_majority_accuracy_and_chance_macro_f1():
@@ -180,6 +221,22 @@ def test_report_shows_baselines_deltas_failures_evp_and_a_ranking(tmp_path):
         (job / "metrics.json").write_text(json.dumps(r))
     write_report(write_report_dir)
     assert (write_report_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_multitask_sub_task_metrics_get_their_baselines_and_deltas():
+    """A multi-task stage records ``val/<task>/acc`` with ``val/baseline_<task>/acc`` (the
+    key the failure rule reads, ``val/baseline_<metric>``): the report pairs them too."""
+    runs = []
+    for seed, acc in ((1, 0.8), (2, 0.7)):
+        final = {"val/rt/acc": acc, "val/baseline_rt/acc": 0.6, "test/rt/acc": acc,
+                 "test/baseline_rt/acc": 0.55}
+        runs.append({"seed": seed, "overrides": [f"seed={seed}"], "status": "ok",
+                     "failed": False, "final": final})
+    [s] = summarize(runs).values()
+    assert s["baseline"] == {"val/rt/acc": 0.6, "test/rt/acc": 0.55}
+    assert s["delta"]["test/rt/acc"] == pytest.approx(0.75 - 0.55)
+    assert "| test/rt/acc | 2 | 0.7500 | [0.7000, 0.8000] | 0.0707 | 0.8000 | 0.5500 |" in \
+        markdown({"default": s})
 
 
 def test_plot_axis_spans_the_baseline_and_every_run():
