@@ -149,6 +149,49 @@ def _config_flags(hydra: Any, opts: list[str]) -> list[str]:
 
 def _own(hydra: Any) -> list[str]:
     """The overrides the user gave (task and Hydra ones), without the output folder's."""
-    drop = ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode")
+    drop = ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode")  # (and .subdir: placed jobs)
     given = [str(o) for o in hydra.overrides.get("hydra", [])]
     return [o for o in given if not o.startswith(drop)] + [str(o) for o in hydra.overrides.task]
+
+
+def recorded_overrides(folder: Path) -> tuple[str, ...] | None:
+    """The task overrides of the job that ran in ``folder`` (its ``metrics.json``, else Hydra's
+    ``.hydra/overrides.yaml``), sorted; None when it holds no readable job."""
+    record = read_record(folder / "metrics.json")
+    overrides = record.get("overrides") if record else None
+    if not isinstance(overrides, list):
+        try:
+            import yaml
+
+            overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+        except (OSError, ValueError, ImportError):
+            return None
+    return tuple(sorted(map(str, overrides))) if isinstance(overrides, list) else None
+
+
+def place_jobs(sweep_dir: Path, batch: list[list[str]], start: int) -> list[int]:
+    """The job folder number for each job of ``batch`` (Hydra numbers them ``start``, ``start``
+    + 1, ...): a job goes back to the folder of an earlier job with the same overrides (to be
+    skipped, or to resume its checkpoint), else to its own number if that folder holds no
+    other job, else to a new number after the sweep's last folder. A re-launch with other
+    values (``ftlab -m resume=<sweep> seed=4,5``) so never writes over finished jobs."""
+    existing: dict[int, tuple[str, ...] | None] = {}
+    if sweep_dir.is_dir():
+        for p in sweep_dir.iterdir():
+            if p.is_dir() and p.name.isdigit() and any(p.iterdir()):
+                existing[int(p.name)] = recorded_overrides(p)
+    used: set[int] = set()
+    fresh = max([*existing, start + len(batch) - 1], default=-1) + 1
+    out = []
+    for i, job in enumerate(batch):
+        want = tuple(sorted(map(str, job)))
+        same = sorted(n for n, ov in existing.items() if ov == want and n not in used)
+        if same:
+            n = same[0]
+        elif start + i not in existing and start + i not in used:
+            n = start + i
+        else:
+            n, fresh = fresh, fresh + 1
+        used.add(n)
+        out.append(n)
+    return out

@@ -356,3 +356,41 @@ def test_snapshot_ensemble_resumes_with_its_earlier_snapshots(make_cfg, sentimen
     assert "test/ensemble_acc" in whole["final"]
     for k, v in whole["final"].items():
         assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_jobs_are_placed_by_their_overrides_not_their_number(tmp_path):
+    """Hydra numbers a launch's jobs from 0: a re-launch with new values would write over the
+    finished jobs in folders 0, 1, ... (their results gone from the report)."""
+    import json
+
+    from ftlab.resume import place_jobs
+
+    sweep = tmp_path / "sweep"
+    for n, seed in ((0, 1), (1, 2)):
+        (sweep / str(n)).mkdir(parents=True)
+        (sweep / str(n) / "metrics.json").write_text(json.dumps(
+            {"overrides": ["model=tiny_bert", f"seed={seed}"]}))
+    (sweep / "2" / ".hydra").mkdir(parents=True)  # a job killed before its first record
+    (sweep / "2" / ".hydra" / "overrides.yaml").write_text("- model=tiny_bert\n- seed=3\n")
+    job = [["model=tiny_bert", f"seed={s}"] for s in range(1, 7)]
+    assert place_jobs(sweep, [job[3], job[4]], 0) == [3, 4]  # new seeds: new folders
+    assert place_jobs(sweep, [job[2], job[0], job[1]], 0) == [2, 0, 1]  # each to its own
+    assert place_jobs(sweep, [job[0], job[5], job[2]], 0) == [0, 3, 2]
+    assert place_jobs(sweep, [job[3]], 5) == [5]  # a later batch's own number, when free
+    assert place_jobs(tmp_path / "new", job[:2], 0) == [0, 1]
+
+
+def test_a_sweep_relaunched_with_new_seeds_keeps_the_finished_ones(tmp_path, sentiment_dir):
+    import json
+
+    args = [*tiny_overrides(sentiment_dir), "trainer.max_steps=2", "data.max_train_samples=32"]
+    first = ftlab_cli("-m", *args, "seed=1", cwd=tmp_path)
+    assert first.returncode in (0, 3), first.stderr[-2000:]
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    again = ftlab_cli("-m", f"resume={sweep}", "seed=2", cwd=tmp_path)
+    assert again.returncode in (0, 3), again.stderr[-2000:]
+    seeds = {j.name: json.loads((j / "metrics.json").read_text())["seed"]
+             for j in sweep.iterdir() if (j / "metrics.json").is_file()}
+    assert seeds == {"0": 1, "1": 2}  # seed 2 went to a new folder, not over seed 1's
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert sorted(map(str, summary["default"]["seeds"])) == ["1", "2"]

@@ -1,0 +1,47 @@
+"""``hydra/sweeper=ftlab_basic`` (ftlab's default): Hydra's basic sweeper, with each job placed
+in the sweep folder by ``ftlab.resume.place_jobs``, so a re-launched sweep never writes over a
+finished job of another configuration or seed (Hydra numbers a batch's jobs from 0 on every
+launch). Only when the job folders are Hydra's default ``${hydra.job.num}``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+#: Hydra's default job folder, which numbering places (a custom ``subdir`` is left alone)
+NUMBERED = "${hydra.job.num}"
+
+
+class PlacingLauncher:
+    """The configured launcher, with ``hydra.sweep.subdir=<n>`` added to a job whose folder
+    number is not the one Hydra would give it."""
+
+    def __init__(self, launcher: Any, sweep_dir: Path) -> None:
+        self.launcher, self.sweep_dir = launcher, sweep_dir
+
+    def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
+        from ftlab.resume import place_jobs
+
+        batch = [list(job) for job in job_overrides]
+        places = place_jobs(self.sweep_dir, batch, initial_job_idx)
+        placed = [job if n == initial_job_idx + i else [*job, f"hydra.sweep.subdir={n}"]
+                  for i, (job, n) in enumerate(zip(batch, places, strict=True))]
+        return self.launcher.launch(placed, initial_job_idx=initial_job_idx)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.launcher, name)
+
+
+class FtlabBasicSweeper(BasicSweeper):
+    """Hydra's ``BasicSweeper`` (``max_batch_size``, ``params``) with placed job folders."""
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+        if subdir == NUMBERED:
+            self.launcher = PlacingLauncher(self.launcher, Path(config.hydra.sweep.dir))
