@@ -29,8 +29,11 @@ LOWER_IS_BETTER = {"loss", "ppl", "perplexity"}
 STOPPED = ("discarded", "pruned")
 
 
-def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One record per job folder; a job that died without writing results shows as 'missing'."""
+def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
+    """One record per job folder; a job that died without writing results shows as 'missing'.
+    ``ended``: the sweep is over (its report), so a job still recorded as ``running`` (on
+    another host, where its process cannot be looked up) was killed; otherwise (``ftlab-report``
+    during a sweep) it is still running."""
     records = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
         path = job / "metrics.json"
@@ -39,6 +42,10 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             rec = {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
         rec = effective(rec) if isinstance(rec, dict) else {"status": "missing", "failed": True}
+        if ended and rec.get("status") == "running":
+            rec = rec | {"status": "interrupted", "failed": True, "error": (
+                "The job still read 'running' when its sweep ended: it was killed without "
+                "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")}
         rec.setdefault("overrides", _overrides_from_hydra(job))
         if "seed" not in rec:  # an unreadable record: the seed its command line gave
             seeds = [o.split("=", 1)[1] for o in rec["overrides"] if o.startswith("seed=")]
@@ -113,7 +120,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     done = [r for r in recs if r.get("status") == "ok"]
     dropped = [r for r in recs if r.get("status") in STOPPED]
-    trouble = [r for r in recs if r.get("status") not in ("ok", *STOPPED)]
+    running = [r for r in recs if r.get("status") == "running"]  # (ftlab-report mid-sweep)
+    trouble = [r for r in recs if r.get("status") not in ("ok", "running", *STOPPED)]
     names = sorted({m for r in done for m in r.get("final", {}) if "/baseline_" not in m})
     metrics = {m: stats([r["final"][m] for r in done if finite(r["final"].get(m))],
                         not lower_is_better(m))
@@ -126,7 +134,7 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         if vals:
             baselines[m] = statistics.fmean(vals)
     failed = sum(bool(r.get("failed")) for r in recs)
-    counted = len(recs) - len(dropped)
+    counted = len(recs) - len(dropped) - len(running)
     monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
         or {"metric": "val/acc", "mode": "max"}
     val = [r["final"][monitor["metric"]] for r in done
@@ -134,6 +142,7 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "runs": len(recs),
         "errored": len(trouble),
+        "running": len(running),
         "failed": failed,
         "failed_rate": failed / counted if counted else math.nan,
         # finished, but at or below a trivial baseline (a single run exits 3 for it)
@@ -194,13 +203,15 @@ def _rank(summary: dict[str, Any]) -> None:
 
 
 
-def write_report(sweep_dir: str | Path, save_artefact: str = "all") -> dict[str, Any]:
+def write_report(sweep_dir: str | Path, save_artefact: str = "all",
+                 ended: bool = True) -> dict[str, Any]:
     """Write ``summary.{json,md,png}``; with ``save_artefact="best"`` first delete the full-size
-    artefacts of all jobs but the best (``ftlab.artefact.keep_best_full_artefacts``)."""
+    artefacts of all jobs but the best (``ftlab.artefact.keep_best_full_artefacts``).
+    ``ended``: as :func:`collect`."""
     from ftlab.artefact import keep_best_full_artefacts
 
     sweep_dir = Path(sweep_dir)
-    records = collect(sweep_dir)
+    records = collect(sweep_dir, ended)
     if save_artefact == "best":
         keep_best_full_artefacts(records, sweep_dir)
     summary = summarize(records)
@@ -282,9 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
         sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/.")
-    summary = write_report(args.sweep_dir)
+    summary = write_report(args.sweep_dir, ended=False)  # jobs may still be running
     print((args.sweep_dir / "summary.md").read_text())
     counts = outcome(summary, _was_search(args.sweep_dir))
+    running = sum(s.get("running", 0) for s in summary.values())
+    if running:
+        print(f"ftlab-report: {running} job(s) still running; run it again when they end.",
+              file=sys.stderr)
     if counts["errored"] or counts["degenerate"]:
         print(f"ftlab-report: {counts['errored']} of {counts['jobs']} job(s) ended in an error, "
               f"{counts['degenerate']} at or below a trivial baseline.", file=sys.stderr)

@@ -32,7 +32,8 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{s['discarded_steps']['planned']} planned steps)"
                      if s.get("discarded") else "")
                   + (f" · interrupted (stopped or killed): {s['interrupted']}"
-                     if s.get("interrupted") else ""), "",
+                     if s.get("interrupted") else "")
+                  + (f" · still running: {s['running']}" if s.get("running") else ""), "",
                   "| metric | n | mean | 95% CI | std | best of n | baseline | Δ baseline |",
                   "|---|---|---|---|---|---|---|---|"]
         for m, st in s["metrics"].items():

@@ -582,3 +582,24 @@ def test_command_exit_status_for_degenerate_jobs(outcome, code, line, monkeypatc
     assert exit_.value.code == code
     err = capsys.readouterr().err
     assert re.search(line, err) if line else err == ""
+
+
+def test_ftlab_report_mid_sweep_counts_running_jobs_apart_from_errors(tmp_path, capsys):
+    """ftlab-report during a sweep: a live job is 'still running', not an error (exit 0); the
+    sweep's own report, when the sweep has ended, reads a leftover 'running' as killed."""
+    from ftlab.report import main, write_report
+    from ftlab.status import process_identity
+
+    for job, record in (("0", {"status": "ok", "seed": 1, "overrides": ["seed=1"],
+                               "final": {"val/acc": 0.8}}),
+                        ("1", _running(os.getpid(), pid_start=process_identity()["pid_start"])
+                         | {"seed": 2, "overrides": ["seed=2"]})):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 0
+    out = capsys.readouterr()
+    assert "still running: 1" in out.out and "1 job(s) still running" in out.err
+    [ended] = write_report(tmp_path).values()
+    assert (ended["running"], ended["errored"], ended["interrupted"]) == (0, 1, 1)
