@@ -134,6 +134,17 @@ def test_ema_follows_its_recurrence():
     torch.testing.assert_close(module.model.weight.detach(), expected)
 
 
+def test_ema_warmup_lowers_the_decay_of_the_first_updates():
+    """warmup: the n-th update (from 0) decays by min(decay, (1 + n) / (10 + n))."""
+    ema = WeightAverage(decay=0.95, warmup=True)
+    expected = Tiny().model.weight.detach().clone()
+    module, steps = _fit_tiny(ema)
+    for n, w in enumerate(steps):
+        d = min(0.95, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+
+
 def test_ema_decays_once_per_optimiser_step_under_gradient_accumulation():
     """``decay`` is per optimiser step: with accumulate_grad_batches=2 the average moves once
     per step (after every second batch), not once per micro-batch."""
