@@ -1,4 +1,5 @@
-"""Weight averaging (EMA, SWA) and snapshot ensembles of the *trainable* parameters.
+"""Weight averaging (EMA, SWA) of the *trainable* parameters (snapshot ensembles:
+``ftlab/snapshots.py``).
 
 Cheap with PEFT: only the trainable tensors are averaged or snapshotted (for LoRA a few KB).
 All work with any ``peft=`` option: they use the parameters with ``requires_grad``. SWA is
@@ -10,21 +11,17 @@ weights), validates the raw weights during fit and swaps in an epoch-interval sc
 from __future__ import annotations
 
 import logging
-import math
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel
 
 from ftlab.errors import FtlabError
-from ftlab.store import save_tensors
-from ftlab.tasks.base import TaskOutput
 
 log = logging.getLogger(__name__)
 
 
-def _trainable(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
+def trainable(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
 
 
@@ -43,7 +40,7 @@ class SwapsInAverage(L.Callback):
     def _swap_in(self, pl_module: L.LightningModule) -> None:
         average = self.averaged()
         if self.backup is None and average:
-            params = _trainable(pl_module)
+            params = trainable(pl_module)
             self.backup = {n: p.detach().clone() for n, p in params.items()}
             for n, p in params.items():
                 p.copy_(average[n])
@@ -51,7 +48,7 @@ class SwapsInAverage(L.Callback):
     @torch.no_grad()
     def _swap_out(self, pl_module: L.LightningModule) -> None:
         if self.backup is not None:
-            for n, p in _trainable(pl_module).items():
+            for n, p in trainable(pl_module).items():
                 p.copy_(self.backup[n])
             self.backup = None
 
@@ -93,7 +90,7 @@ class WeightAverage(SwapsInAverage):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.shadow:  # a resumed stage has its average back from the checkpoint
-            self.shadow = {n: p.detach().clone() for n, p in _trainable(pl_module).items()}
+            self.shadow = {n: p.detach().clone() for n, p in trainable(pl_module).items()}
 
     def state_dict(self) -> dict:
         """The average, the step count and (between validation and the next training step)
@@ -110,7 +107,7 @@ class WeightAverage(SwapsInAverage):
         if trainer.global_step == self.last_step:  # accumulating gradients: no step taken
             return
         self.last_step = trainer.global_step
-        params = _trainable(pl_module)
+        params = trainable(pl_module)
         if trainer.global_step < self.start * trainer.estimated_stepping_batches:
             for n, p in params.items():
                 self.shadow[n].copy_(p)
@@ -181,7 +178,7 @@ class SWA(SwapsInAverage):
         return trainer.state.fn != "fit" or self.count > 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        params = _trainable(pl_module)
+        params = trainable(pl_module)
         self.names, self._live = list(params), torch.nn.ParameterList(params.values())
         self.average = AveragedModel(self._live)  # a copy of the trainable tensors only
         self.average.requires_grad_(False)
@@ -242,80 +239,3 @@ class SWA(SwapsInAverage):
         if due:
             self.average.update_parameters(self._live)
             self.last_step = step
-
-
-class SnapshotEnsemble(L.Callback):
-    """Cyclic cosine learning rate with ``cycles`` restarts (Huang et al. 2017); the trainable
-    state at each cycle's end is a snapshot (kept in memory and written to
-    ``<stage>/snapshots/cycle<i>.safetensors``). At test time the snapshots' averaged softmax
-    is scored as ``test/ensemble_acc``.
-
-    Args:
-        cycles: number of cosine cycles (= snapshots) over the whole training run.
-    """
-
-    def __init__(self, cycles: int = 3) -> None:
-        self.cycles = cycles
-        self.snapshots: list[dict[str, torch.Tensor]] = []
-        self.base_lrs: list[float] = []
-
-    def state_dict(self) -> dict:
-        return {"snapshots": self.snapshots, "base_lrs": self.base_lrs}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.snapshots, self.base_lrs = state_dict["snapshots"], state_dict["base_lrs"]
-
-    def _cycle_len(self, trainer: L.Trainer) -> int:
-        return max(1, int(trainer.estimated_stepping_batches) // self.cycles)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                             *args) -> None:
-        opt = trainer.optimizers[0]
-        if not self.base_lrs:
-            self.base_lrs = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
-        length, step = self._cycle_len(trainer), trainer.global_step
-        # steps left over after the last cycle (the cycles do not divide the steps) stay at
-        # its end LR, 0: training ends on the last snapshot, not a restart at the peak
-        t = (step % length) / length if step < self.cycles * length else 1.0
-        for group, base in zip(opt.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * t))
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        length, step = self._cycle_len(trainer), trainer.global_step
-        # once per cycle end (accumulating micro-batches share a step; step 0 is no cycle's)
-        if step % length == 0 and len(self.snapshots) < min(self.cycles, step // length):
-            state = {n: p.detach().clone() for n, p in _trainable(pl_module).items()}
-            self.snapshots.append(state)
-            save_tensors(Path(trainer.default_root_dir) / "snapshots" /
-                         f"cycle{len(self.snapshots)}.safetensors", state)
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the task's own metrics score the ensemble as they score the model (its targets:
-        # class ids, soft labels, token tags without sub-words, text-to-text class ids)
-        self.metrics = pl_module.task.metrics().to(pl_module.device)
-        self.seen = 0
-
-    @torch.no_grad()
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
-                          batch: dict[str, torch.Tensor], *args) -> None:
-        if not self.snapshots or "acc" not in self.metrics:  # no accuracy (masked/causal LM)
-            return
-        params = _trainable(pl_module)
-        current = {n: p.detach().clone() for n, p in params.items()}
-        logits = []
-        for snap in self.snapshots:
-            for n, p in params.items():
-                p.copy_(snap[n])
-            logits.append(pl_module.task.forward(pl_module.model, batch).logits)
-        for n, p in params.items():
-            p.copy_(current[n])
-        if logits[0] is None:  # a task without class scores
-            return
-        probs = sum(x.float().softmax(-1) for x in logits)
-        pl_module.task.update(self.metrics, TaskOutput(None, probs, {}), batch)
-        self.seen += 1
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        acc = self.metrics.compute().get("acc") if self.seen else None
-        if acc is not None:
-            pl_module.log("test/ensemble_acc", float(acc))

@@ -1,4 +1,5 @@
-"""EMA/SWA and snapshot ensembles of the trainable parameters (ftlab/averaging.py)."""
+"""EMA/SWA and snapshot ensembles of the trainable parameters (ftlab/averaging.py,
+ftlab/snapshots.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from ftlab.averaging import SnapshotEnsemble, WeightAverage
+from ftlab.averaging import WeightAverage
 from ftlab.run import run
+from ftlab.snapshots import SnapshotEnsemble
 from ftlab.store import load_tensors
 from ftlab.tasks.base import TaskOutput
 from tests.conftest import tiny_overrides
