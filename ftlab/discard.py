@@ -4,7 +4,10 @@ promising after 20-30% of training).
 At ``at`` x the stage's training steps, each job of one multirun scores itself on the
 validation split (the task's ``monitor``/``mode``), appends the score to a ledger in the sweep
 folder (``early_discard.jsonl``, JSON lines under a file lock, so parallel launchers are safe)
-and compares it with the entries already there (same stage name). Jobs that arrive first can
+and compares it with the entries already there of the same stage and configuration (the
+job's overrides without the seed: seeds of one recipe compete, as in Dodge et al.; a sweep
+over ``peft=full,bitfit`` discards within each method, never one method's seeds for the
+other's early lead). Jobs that arrive first can
 only compare with those before them, so the rule is:
 
 - the first ``k`` jobs to reach the point always go on (nothing to compare with yet);
@@ -69,14 +72,31 @@ def sweep_dir() -> Path | None:
     return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
 
 
+def configuration() -> str:
+    """This job's configuration: its overrides without the seed (Hydra's
+    ``override_dirname``, which conf/hydra/default.yaml makes leave out ``seed``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else ""
+
+
+def same_group(earlier: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether ``earlier`` is a job ``entry`` competes with: the same stage of the same
+    configuration (seeds of one recipe, as Dodge et al.; a ledger line without a
+    configuration, from an older ftlab, competes with all)."""
+    return earlier.get("stage") == entry["stage"] and earlier.get(
+        "config", entry.get("config")) == entry.get("config")
+
+
 def record(ledger: Path, entry: dict[str, Any], keep: str, k: int, mode: str) -> bool:
-    """Append ``entry`` (with its ``score`` and ``stage``) to the ledger and decide, both under
-    one lock: the entries already there for the same stage are the earlier jobs."""
+    """Append ``entry`` (with its ``score``, ``stage`` and ``config``) to the ledger and decide,
+    both under one lock: the entries already there for the same stage and configuration are
+    the earlier jobs."""
     from filelock import FileLock
 
     ledger.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(ledger) + ".lock"):
-        earlier = [e["score"] for e in read_ledger(ledger) if e.get("stage") == entry["stage"]]
+        earlier = [e["score"] for e in read_ledger(ledger) if same_group(e, entry)]
         decision = goes_on(earlier, entry["score"], keep, k, mode)
         line = json.dumps(entry | {"decision": "go_on" if decision else "discard",
                                    "earlier": len(earlier)}, allow_nan=True)
@@ -150,7 +170,8 @@ class EarlyDiscard(L.Callback):
             score = (self._last_val[1] if self._last_val
                      and self._last_val[0] == trainer.global_step
                      else validation_score(trainer, pl_module))
-            entry = {"job": job, "stage": stage, "step": trainer.global_step,
+            entry = {"job": job, "stage": stage, "config": configuration(),
+                     "step": trainer.global_step,
                      "planned_steps": self._total, "metric": f"val/{task.monitor}",
                      "mode": task.mode, "score": score}
             go = True

@@ -181,3 +181,16 @@ def test_a_resumed_job_is_judged_once(at, kill, resumed_from, make_cfg, sentimen
         resumed_from
     entries = read_ledger(sweep / LEDGER)
     assert [(e["job"], e["decision"]) for e in entries] == [("run", "go_on")]
+
+
+def test_jobs_compete_only_with_seeds_of_their_own_configuration(tmp_path):
+    """Two earlier jobs of another configuration (peft=full) scored 0.9: a bitfit job at 0.6 is
+    among its own configuration's first k and goes on; a third full seed at 0.6 is discarded."""
+    ledger = tmp_path / LEDGER
+    for seed in (1, 2):
+        record(ledger, {"stage": "classify", "config": "peft=full", "score": 0.9, "job": str(seed)},
+               "top_k", 2, "max")
+    bitfit = {"stage": "classify", "config": "peft=bitfit", "score": 0.6, "job": "3"}
+    assert record(ledger, bitfit, "top_k", 1, "max")
+    full = {"stage": "classify", "config": "peft=full", "score": 0.6, "job": "4"}
+    assert not record(ledger, full, "top_k", 1, "max")
