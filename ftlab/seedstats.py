@@ -69,26 +69,30 @@ def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
     Where the two configurations share at least two seeds, the test is paired on those seeds
     (sign flips of the per-seed differences: the same seed gives both the same data order and
     head initialisation); otherwise it is an unpaired permutation test of the pooled runs.
-    Exact when the number of permutations is at most ``RESAMPLES``.
+    Exact when the number of permutations is at most ``RESAMPLES``; otherwise ``RESAMPLES``
+    random ones and p = (b + 1) / (RESAMPLES + 1), b of them at least as extreme (Phipson &
+    Smyth 2010: the observed arrangement counts, so a sampled p is never 0).
     """
     shared = sorted(set(a) & set(b))
     if len(shared) >= 2:
         d = np.array([a[s] - b[s] for s in shared], dtype=float)
         observed = abs(d.mean())
-        if 2 ** d.size <= RESAMPLES:
+        exact = 2 ** d.size <= RESAMPLES
+        if exact:
             signs = np.array([[1 - 2 * ((i >> j) & 1) for j in range(d.size)]
                               for i in range(2 ** d.size)], dtype=float)
         else:
             signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(RESAMPLES, d.size))
         stats = np.abs((signs * d).mean(axis=1))
         return {"test": "paired", "n": int(d.size), "diff": float(d.mean()),
-                "p": float(np.mean(stats >= observed - 1e-12))}
+                "p": _p_value(stats, observed, exact)}
     xa, xb = np.array(list(a.values()), float), np.array(list(b.values()), float)
     if xa.size == 0 or xb.size == 0:
         return {"test": "none", "n": 0, "diff": math.nan, "p": math.nan}
     pooled, na = np.concatenate([xa, xb]), xa.size
     observed = abs(xa.mean() - xb.mean())
-    if math.comb(pooled.size, na) <= RESAMPLES:
+    exact = math.comb(pooled.size, na) <= RESAMPLES
+    if exact:
         from itertools import combinations
 
         splits = [np.isin(np.arange(pooled.size), c) for c in combinations(range(pooled.size), na)]
@@ -98,7 +102,14 @@ def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
                   for _ in range(RESAMPLES)]
     stats = np.array([abs(pooled[m].mean() - pooled[~m].mean()) for m in splits])
     return {"test": "unpaired", "n": int(pooled.size), "diff": float(xa.mean() - xb.mean()),
-            "p": float(np.mean(stats >= observed - 1e-12))}
+            "p": _p_value(stats, observed, exact)}
+
+
+def _p_value(stats: np.ndarray, observed: float, exact: bool) -> float:
+    """The share of arrangements at least as extreme as the observed one; sampled: (b + 1) /
+    (m + 1), the observed arrangement counted once (Phipson & Smyth 2010)."""
+    extreme = int(np.sum(stats >= observed - 1e-12))
+    return extreme / stats.size if exact else (extreme + 1) / (stats.size + 1)
 
 
 def expected_max(values: Sequence[float], larger_is_better: bool = True) -> list[float]:

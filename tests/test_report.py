@@ -246,3 +246,15 @@ def test_plot_axis_spans_the_baseline_and_every_run():
     assert lo < 0.55 < 0.82 < hi and lo > 0.5
     lo, hi = y_limits([0.36, 0.80], [0.5])  # runs below the baseline stay visible
     assert lo < 0.36 and hi > 0.80
+
+
+def test_a_sampled_permutation_p_value_is_never_zero():
+    """30 paired seeds (2^30 sign flips > RESAMPLES): sampled, and no sample is as extreme as
+    a consistent difference (only all-plus and all-minus are); p = 1 / (RESAMPLES + 1), the
+    observed arrangement counted (Phipson & Smyth 2010), not 0."""
+    from ftlab.seedstats import RESAMPLES, permutation_test
+
+    a = {str(s): 0.9 + 0.001 * s for s in range(30)}
+    b = {str(s): 0.5 + 0.001 * s for s in range(30)}
+    assert permutation_test(a, b)["p"] == pytest.approx(1 / (RESAMPLES + 1))
+    assert permutation_test(a, a)["p"] == 1.0
