@@ -40,6 +40,8 @@ def failure(metrics: Mapping[str, float]) -> str | None:
             continue
         name = key.removeprefix("val/baseline_")
         value = metrics.get(f"val/{name}")
+        if isinstance(value, float) and not finite(value) and finite(base):
+            return f"val/{name} is {value} (no usable score)"  # e.g. NaN predictions
         if finite(value) and finite(base) and value <= base + MARGIN:
             return f"val/{name} {value:.4f} <= baseline {base:.4f}"
     return None

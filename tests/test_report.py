@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -258,3 +259,11 @@ def test_a_sampled_permutation_p_value_is_never_zero():
     b = {str(s): 0.5 + 0.001 * s for s in range(30)}
     assert permutation_test(a, b)["p"] == pytest.approx(1 / (RESAMPLES + 1))
     assert permutation_test(a, a)["p"] == 1.0
+
+
+def test_a_run_with_a_nan_validation_score_has_failed():
+    from ftlab.seedstats import failure
+
+    assert "val/f1 is nan" in failure({"val/acc": 0.9, "val/baseline_acc": 0.5,
+                                       "val/f1": math.nan, "val/baseline_f1": 0.4})
+    assert failure({"val/acc": 0.9, "val/baseline_acc": 0.5, "val/baseline_f1": 0.4}) is None
