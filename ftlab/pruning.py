@@ -16,9 +16,9 @@ from typing import Any
 
 import lightning as L
 
-log = logging.getLogger(__name__)
+from ftlab.search import SWEEPER
 
-SWEEPER = "hydra_plugins.ftlab_sweeper.optuna_sweeper.FtlabOptunaSweeper"
+log = logging.getLogger(__name__)
 
 
 def trial_callbacks(trial: int | None, seed: int | None, stage: str) -> dict[str, Any]:

@@ -259,7 +259,9 @@ def exit_status(counts: dict[str, int]) -> int:
 
 def is_search(config: DictConfig) -> bool:
     """The multirun was a hyper-parameter search (``hydra/sweeper=ftlab_optuna``)."""
-    return "ftlab_sweeper" in str(config.hydra.sweeper.get("_target_", ""))
+    from ftlab.search import SWEEPER
+
+    return str(config.hydra.sweeper.get("_target_", "")) == SWEEPER
 
 
 def _was_search(sweep_dir: Path) -> bool:

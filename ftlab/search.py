@@ -28,6 +28,9 @@ from ftlab.store import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
+#: the ``_target_`` of ``hydra/sweeper=ftlab_optuna`` (what jobs and the report check for)
+SWEEPER = "hydra_plugins.ftlab_sweeper.optuna_sweeper.FtlabOptunaSweeper"
+
 #: the file in the sweep folder holding the study when ``storage`` is null
 JOURNAL = "optuna.journal"
 _RDB = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")

@@ -21,8 +21,10 @@ from ftlab.errors import FtlabError
 
 log = logging.getLogger(__name__)
 
-#: the sweeper whose expansion is known; other sweepers (Optuna) choose values as they go
-BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+#: the sweepers whose expansion is known (Hydra's basic one, and ftlab's default built on it);
+#: other sweepers (Optuna) choose values as they go
+BASIC = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+         "hydra_plugins.ftlab_sweeper.basic_sweeper.FtlabBasicSweeper")
 
 
 class SweepCheck(Callback):
@@ -43,7 +45,7 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if config.hydra.sweeper.get("_target_") != BASIC:
+    if config.hydra.sweeper.get("_target_") not in BASIC:
         return None
     params = config.hydra.sweeper.get("params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)

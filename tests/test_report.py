@@ -267,3 +267,17 @@ def test_a_run_with_a_nan_validation_score_has_failed():
     assert "val/f1 is nan" in failure({"val/acc": 0.9, "val/baseline_acc": 0.5,
                                        "val/f1": math.nan, "val/baseline_f1": 0.4})
     assert failure({"val/acc": 0.9, "val/baseline_acc": 0.5, "val/baseline_f1": 0.4}) is None
+
+
+def test_only_the_optuna_sweeper_is_a_search():
+    """A search forgives failing trials (exit 3 only when none learnt); ftlab's default basic
+    sweeper, also under hydra_plugins.ftlab_sweeper, is not one."""
+    from omegaconf import OmegaConf
+
+    from ftlab.report import is_search
+
+    def config(target):
+        return OmegaConf.create({"hydra": {"sweeper": {"_target_": target}}})
+
+    assert is_search(config("hydra_plugins.ftlab_sweeper.optuna_sweeper.FtlabOptunaSweeper"))
+    assert not is_search(config("hydra_plugins.ftlab_sweeper.basic_sweeper.FtlabBasicSweeper"))
