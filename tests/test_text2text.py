@@ -103,3 +103,16 @@ def test_text2text_stage_runs_with_lora_and_reports_rank_and_generation(model, m
         f"model={model}", "stage=text2text", "peft=lora", "trainer.max_steps=4"]))
     assert record["status"] == "ok"
     assert {"val/acc", "val/f1", "val/em", "test/acc", "test/em"} <= set(record["final"])
+
+
+def test_seq2seq_targets_longer_than_the_source_are_batched_whole(make_cfg, sentiment_dir):
+    """A short source ("ok") with a longer target: the batch's decoder labels hold the whole
+    target (the collator once cut every sequence feature to the longest source)."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_t5", source="{text}",
+                            targets={"pos": "a very good and pleasant film", "neg": "bad"})
+    batch = batch_for(task, [{"text": "ok", "label": "pos"}, {"text": "ok", "label": "neg"}],
+                      tok.pad_token_id)
+    assert batch["input_ids"].shape[1] < len(tok("a very good and pleasant film")["input_ids"])
+    for row, target in zip(batch["labels"].tolist(), ["a very good and pleasant film", "bad"],
+                           strict=True):
+        assert [t for t in row if t != -100] == tok(target)["input_ids"]
