@@ -202,3 +202,25 @@ def test_cloze_composes_with_peft_methods(model, peft, make_cfg, sentiment_dir):
     stage = record["stages"]["cloze"]
     assert record["status"] == "ok" and stage["global_steps"] == 3
     assert 0 < stage["params_trainable_pct"] < 50  # the method's share, not the whole LM
+
+
+def test_a_masked_lm_scores_the_patterns_slot_not_a_mask_token_in_the_text(make_cfg,
+                                                                          sentiment_dir):
+    """The content-free input "[MASK]" (and a text holding the mask token) puts a second
+    [MASK] before the pattern's: the verbaliser is scored at the pattern's slot."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_bert"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = bound(tok)
+    model = task.build_model(spec).eval()
+    mask = tok.mask_token
+    batch = batch_for(task, [{"text": f"a {mask} film", "label": "pos"},
+                             {"text": mask, "label": "neg"}], tok.pad_token_id)
+    got = task.scores(model, batch)
+    with torch.no_grad():
+        for row, text in enumerate([f"a {mask} film", mask]):
+            ids = tok(f"{text} It was {mask}.")["input_ids"]
+            slot = max(i for i, t in enumerate(ids) if t == tok.mask_token_id)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, slot]
+            want = [logits[ws[0][0]] for ws in task.words]
+            assert got[row].tolist() == pytest.approx([w.item() for w in want], abs=1e-5)
