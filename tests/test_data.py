@@ -177,3 +177,19 @@ def test_split_slices_partition_a_split_by_row_order(make_cfg, tmp_path):
     cfg = make_cfg([*_three_files(tmp_path), "data.splits.test='validation[5:-20]'"])
     assert list(load_raw(bind_schema(DataSpec, cfg.data, "data")).splits["test"]["text"]) == \
         texts[5:10]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_csv_words_that_pandas_reads_as_missing_stay_text(tmp_path, suffix):
+    """"NA", "null", "None", "N/A" in a csv are a text or a label, not missing values; only
+    an empty cell is missing."""
+    sep = "\t" if suffix == ".tsv" else ","
+    lines = ["text,label", "NA,None", "null,pos", "N/A,None", "None,pos", "nan,pos"]
+    path = tmp_path / f"train{suffix}"
+    path.write_text("\n".join(line.replace(",", sep) for line in lines) + "\n")
+    raw = load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+    assert raw.labels == ["None", "pos"]
+    assert list(raw.splits["train"]["text"]) == ["NA", "null", "N/A", "None", "nan"]
+    path.write_text(path.read_text() + sep.join(["fine", ""]) + "\n")  # an empty label cell
+    with pytest.raises(FtlabError, match="1 row.* without a label"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))

@@ -137,8 +137,12 @@ def _load(spec: DataSpec) -> DatasetDict:
     builder = _builder_for(spec, files)
     if builder == "conll":  # word-level tagged text: tokens and tags list columns
         return load_conll(files)
-    kwargs = {"delimiter": "\t"} if builder == "csv" and any(
-        _suffix(f) == ".tsv" for f in files.values()) else {}
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":  # pandas reads "NA", "null", "None", "N/A", "nan"... as missing: in
+        # a text or label column they are words; only an empty cell is missing
+        kwargs = {"keep_default_na": False, "na_values": [""]}
+        if any(_suffix(f) == ".tsv" for f in files.values()):
+            kwargs["delimiter"] = "\t"
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:

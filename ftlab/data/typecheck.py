@@ -70,7 +70,9 @@ def _frame(path: str, builder: str, kwargs: dict[str, Any]) -> Any:
 
     try:
         if builder == "csv":
-            return pd.read_csv(path, sep=kwargs.get("delimiter", ","), dtype=None)
+            return pd.read_csv(path, sep=kwargs.get("delimiter", ","), dtype=None,
+                               keep_default_na=kwargs.get("keep_default_na", True),
+                               na_values=kwargs.get("na_values"))
         if builder == "json":
             return pd.read_json(path, lines=True)
         return pd.read_parquet(path)
