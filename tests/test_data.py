@@ -193,3 +193,14 @@ def test_csv_words_that_pandas_reads_as_missing_stay_text(tmp_path, suffix):
     path.write_text(path.read_text() + sep.join(["fine", ""]) + "\n")  # an empty label cell
     with pytest.raises(FtlabError, match="1 row.* without a label"):
         load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+
+
+def test_an_unlabelled_test_file_names_going_without_the_split(tmp_path):
+    """A test file without labels (or without the label column) cannot be scored: the fix
+    is to drop the split and predict on it later, not to label every row."""
+    files = {s: str(write_jsonl(tmp_path / f"{s}.jsonl", synthetic_rows(20, i)))
+             for i, s in enumerate(("train", "validation"))}
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": r["text"]}
+                                                 for r in synthetic_rows(5, 3)])
+    with pytest.raises(FtlabError, match=r"(?s)test split has 5 row.*data.splits.test=null"):
+        load_raw(DataSpec(files={**files, "test": str(test)}))

@@ -34,8 +34,12 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
             rows = dsd[split].with_format("arrow")[col].to_pylist()
             first = next(i for i, v in enumerate(rows) if _missing(v))
             count = sum(1 for v in rows if _missing(v))
+            whole = count == len(rows) and split != "train"  # an unlabelled test file
             raise FtlabError(f"The {split} split has {count} row(s) without a label in column "
                              f"'{col}' (null, empty or NaN; the first is row {first + 1}).",
+                             f"go without that split (data.splits.{split}=null): unlabelled "
+                             "rows cannot be scored; predict on them after training with "
+                             "ftlab-predict." if whole else
                              "give every row a label, or remove those rows.")
     if spec.labels is not None:
         labels = [str(x) for x in spec.labels]
