@@ -204,3 +204,18 @@ def test_an_unlabelled_test_file_names_going_without_the_split(tmp_path):
                                                  for r in synthetic_rows(5, 3)])
     with pytest.raises(FtlabError, match=r"(?s)test split has 5 row.*data.splits.test=null"):
         load_raw(DataSpec(files={**files, "test": str(test)}))
+
+
+def test_a_split_carved_from_train_may_not_share_training_rows(make_cfg, tmp_path):
+    """validation='train[80%:]' beside train='train' scores the model on rows it trained on:
+    refused; carved apart (train='train[:80%]') it loads, with no row in both."""
+    from ftlab.config import bind_schema
+
+    cfg = make_cfg([*_three_files(tmp_path), "data.splits.validation='train[80%:]'"])
+    with pytest.raises(FtlabError, match=r"(?s)shares 8 row.*train\[:90%\]"):
+        load_raw(bind_schema(DataSpec, cfg.data, "data"))
+    cfg = make_cfg([*_three_files(tmp_path), "data.splits.train='train[:80%]'",
+                    "data.splits.validation='train[80%:]'"])
+    raw = load_raw(bind_schema(DataSpec, cfg.data, "data"))
+    train, val = set(raw.splits["train"]["text"]), set(raw.splits["validation"]["text"])
+    assert len(raw.splits["validation"]) == 8 and not train & val
