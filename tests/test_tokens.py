@@ -293,3 +293,23 @@ def test_tokens_run_with_aux_mlm(make_cfg, conll_dir):
                                    "stage.trainer.max_steps=6"))
     record = run(cfg)
     assert record["status"] in ("ok", "failed") and "test/f1" in record["final"]
+
+
+def test_tag_lists_must_match_their_word_lists_and_need_word_lists(tmp_path):
+    """A row with fewer tags than words stopped featurising with an IndexError; a list of
+    labels beside plain text (multi-label data) was refused as 'not a BIO tag'."""
+    from ftlab.data.sources import load_raw
+    from ftlab.data.spec import DataSpec
+
+    rows = [{"tokens": ["alice", "went", "home"], "tags": ["B-per", "O", "O"]}] * 5
+    rows[3] = {"tokens": ["alice", "went", "home"], "tags": ["B-per", "O"]}
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = DataSpec(files={"train": str(tmp_path / "t.jsonl")}, splits={"train": "train"},
+                    text_columns=["tokens"], label_column="tags")
+    with pytest.raises(FtlabError, match=r"(?s)1 row.*row 4: 3 words, 2 tags.*one tag"):
+        load_raw(spec)
+    multi = [{"text": f"news {i}", "label": ["sports", "politics"][: i % 2 + 1]}
+             for i in range(6)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multi))
+    with pytest.raises(FtlabError, match="(?s)multi-label.*data.text_columns"):
+        load_raw(DataSpec(files={"train": str(tmp_path / "m.jsonl")}, splits={"train": "train"}))
