@@ -224,3 +224,15 @@ def test_a_masked_lm_scores_the_patterns_slot_not_a_mask_token_in_the_text(make_
             logits = model(input_ids=torch.tensor([ids])).logits[0, slot]
             want = [logits[ws[0][0]] for ws in task.words]
             assert got[row].tolist() == pytest.approx([w.item() for w in want], abs=1e-5)
+
+
+def test_two_labels_sharing_a_verbaliser_word_are_refused(tiny):
+    """Labels whose words tokenise alike (the same word, or 'Good'/'good' for an uncased
+    tokenizer) get equal scores and can never be told apart: refused, naming both."""
+    _, tok = tiny
+    with pytest.raises(FtlabError, match="(?s)label 'pos'.*of label 'neg'"):
+        bound(tok, verbalizer={"neg": ["bad", "good"], "pos": "good"})
+    if tok("Good")["input_ids"] == tok("good")["input_ids"]:  # uncased (tiny_bert)
+        with pytest.raises(FtlabError, match="same score"):
+            bound(tok, verbalizer={"neg": "good", "pos": "Good"})
+    assert len(bound(tok, verbalizer={"neg": "bad", "pos": ["good", "great"]}).words[1]) == 2

@@ -116,3 +116,8 @@ def test_seq2seq_targets_longer_than_the_source_are_batched_whole(make_cfg, sent
     for row, target in zip(batch["labels"].tolist(), ["a very good and pleasant film", "bad"],
                            strict=True):
         assert [t for t in row if t != -100] == tok(target)["input_ids"]
+
+
+def test_two_labels_with_one_target_string_are_refused(make_cfg, sentiment_dir):
+    with pytest.raises(FtlabError, match="several labels the target 'good'"):
+        setup(make_cfg, sentiment_dir, "tiny_t5", targets={"pos": "good", "neg": "good"})

@@ -117,6 +117,17 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
             raise FtlabError(f"The verbaliser gives label '{label}' no word ({words[label]}).",
                              "give each label at least one non-empty word.")
         out.append([word_ids(tokenizer, pattern, w.strip()) for w in words[label]])
+    owner: dict[tuple[int, ...], str] = {}  # a word's ids -> the first label that has it
+    for label, ids in zip(labels, out, strict=True):
+        for word, w in zip(words[label], ids, strict=True):
+            other = owner.setdefault(tuple(w), label)
+            if other != label:  # the same score for both labels: they cannot be told apart
+                raise FtlabError(f"The verbaliser word {word.strip()!r} of label '{label}' is "
+                                 f"tokenised as a word of label '{other}' "
+                                 f"({tokenizer.convert_ids_to_tokens(w)}): the two labels "
+                                 "would get the same score.",
+                                 "give each label its own words (an uncased tokenizer reads "
+                                 "'Good' as 'good').")
     return out
 
 

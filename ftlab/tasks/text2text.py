@@ -68,6 +68,11 @@ class TextToText(Classify):
                              f"data's labels are {list(self.labels)}.",
                              "give every label one target string, or targets: null for the "
                              "label names.")
+        twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if twice:  # equal rank scores and equal generations: the labels cannot be told apart
+            raise FtlabError(f"stage.task.targets gives several labels the target {twice[0]!r} "
+                             f"({dict(zip(self.labels, self.targets, strict=True))}).",
+                             "give each label its own target string.")
         try:
             self.source.format_map({c: "" for c in self.text_columns})
         except (KeyError, ValueError, IndexError) as err:
