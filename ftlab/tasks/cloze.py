@@ -31,7 +31,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
-from ftlab.tasks.base import TaskOutput
+from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.prompting import (Pattern, check_fields, continuation_logprob, fit_texts,
                                    verbaliser_ids)
@@ -73,7 +73,7 @@ class Cloze(Classify):
         self.features = ("input_ids", "attention_mask", "labels", "slot")
 
     def _texts(self, batch: Mapping[str, list], i: int) -> dict[str, str]:
-        return {c: ("" if batch[c][i] is None else str(batch[c][i])) for c in self.pattern.fields}
+        return {c: as_text(batch[c][i]) for c in self.pattern.fields}
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         rows = len(batch[self.text_columns[0]])

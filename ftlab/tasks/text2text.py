@@ -27,7 +27,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
-from ftlab.tasks.base import TaskOutput
+from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.prompting import continuation_ids, continuation_logprob
 
@@ -86,8 +86,7 @@ class TextToText(Classify):
         n = len(batch[self.text_columns[0]])
         out: dict[str, list] = {"input_ids": [], "labels": [], "class_id": []}
         for i in range(n):
-            texts = {c: ("" if batch[c][i] is None else str(batch[c][i])) for c in
-                     self.text_columns}
+            texts = {c: as_text(batch[c][i]) for c in self.text_columns}
             label = batch["label"][i]
             cid = int(torch.as_tensor(label).argmax()) if isinstance(label, list) else int(label)
             ids, labels = self.encode(self.source.format_map(texts), self.targets[cid])
