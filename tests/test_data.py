@@ -219,3 +219,24 @@ def test_a_split_carved_from_train_may_not_share_training_rows(make_cfg, tmp_pat
     raw = load_raw(bind_schema(DataSpec, cfg.data, "data"))
     train, val = set(raw.splits["train"]["text"]), set(raw.splits["validation"]["text"])
     assert len(raw.splits["validation"]) == 8 and not train & val
+
+
+@pytest.mark.parametrize("declared", [None, ["negative", "positive"]])
+def test_a_classlabel_minus_one_is_a_missing_label(declared):
+    """Hugging Face datasets mark unlabelled rows -1 (GLUE's test splits): refused as rows
+    without a label, not kept as id -1 (a crash at test time) or read as the last class."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    from ftlab.data.labels import encode_labels
+
+    feats = Features({"sentence": Value("string"),
+                      "label": ClassLabel(names=["negative", "positive"])})
+    dsd = DatasetDict({"train": Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]},
+                                                  features=feats),
+                       "test": Dataset.from_dict({"sentence": ["c", "d"], "label": [-1, -1]},
+                                                 features=feats)})
+    spec = DataSpec(path="glue", text_columns=["sentence"], labels=declared)
+    with pytest.raises(FtlabError, match=r"(?s)test split has 2 row.*data.splits.test=null"):
+        encode_labels(dsd, spec)
+    ok, labels = encode_labels(DatasetDict({"train": dsd["train"]}), spec)
+    assert labels == ["negative", "positive"] and list(ok["train"]["label"]) == [0, 1]
