@@ -240,3 +240,16 @@ def test_a_classlabel_minus_one_is_a_missing_label(declared):
         encode_labels(dsd, spec)
     ok, labels = encode_labels(DatasetDict({"train": dsd["train"]}), spec)
     assert labels == ["negative", "positive"] and list(ok["train"]["label"]) == [0, 1]
+
+
+def test_a_tsv_row_opening_with_a_quote_does_not_swallow_the_rows_after_it(tmp_path):
+    """A tsv text that starts with a double quote was read as a quoted field up to the next
+    quote, merging the rows between into one text: refused, naming the row."""
+    path = tmp_path / "train.tsv"
+    path.write_text('text\tlabel\n"the best film\tpos\nbad one\tneg\nit was "ok" really\tpos\n'
+                    'a "fine" film\tpos\n')
+    with pytest.raises(FtlabError, match=r"(?s)Row 1 of .*train.tsv has a tab.*stray quote"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+    path.write_text('text\tlabel\n"quoted, and fine"\tpos\nbad one\tneg\n')
+    raw = load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+    assert list(raw.splits["train"]["text"]) == ["quoted, and fine", "bad one"]

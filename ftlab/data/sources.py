@@ -15,6 +15,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import DatasetDict, Value
 
 from ftlab.data.conll import load_conll
@@ -167,7 +168,30 @@ def _load(spec: DataSpec) -> DatasetDict:
             raise FtlabError(f"Data file {files.get(split, split)} is not valid UTF-8 ({err}).",
                              "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
                 from None
+        if kwargs.get("delimiter") == "\t":
+            _refuse_swallowed_rows(ds, files.get(split, split))
     return dsd
+
+
+def _refuse_swallowed_rows(ds: datasets.Dataset, path: str) -> None:
+    """A tsv field that starts with a double quote (a text opening with a quotation) is read as
+    quoted until the next quote, swallowing the tabs and lines between: rows silently merge.
+    A tab inside a value is the sign (a tsv value cannot hold its own separator)."""
+    table = ds.data.table
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        hits = pc.match_substring(column, "\t").to_numpy(zero_copy_only=False)
+        found = np.flatnonzero(hits == True)  # noqa: E712 - nulls are None, not False
+        if len(found):
+            value = str(column[int(found[0])])
+            raise FtlabError(
+                f"Row {int(found[0]) + 1} of {path} has a tab inside its '{name}' value "
+                f"({value[:60]!r}{'...' if len(value) > 60 else ''}): a double quote at the start of a field made the reader "
+                "take the following tabs and lines into it, merging rows.",
+                "remove or double the stray quote (\"\" inside a quoted field), or save the "
+                "file as .jsonl.")
 
 
 def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabError:
