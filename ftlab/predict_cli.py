@@ -36,6 +36,13 @@ def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], li
 
         rows = list(csv.DictReader(io.StringIO(text, newline=""),
                                    delimiter="\t" if suffix == ".tsv" else ","))
+        for n, row in enumerate(rows, 1) if suffix == ".tsv" else ():
+            merged = next((c for c, v in row.items() if isinstance(v, str) and "\t" in v), None)
+            if merged is not None:  # a field opening with a quote swallowed the rows after it
+                raise FtlabError(f"{path.name} row {n} has a tab inside its '{merged}' value: a "
+                                 "double quote at the start of a field made the reader take "
+                                 "the following tabs and lines into it, merging rows.",
+                                 "remove or double the stray quote, or use a .jsonl file.")
     else:
         rows = []
         for n, line in enumerate(_lines(text), 1):

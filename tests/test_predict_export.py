@@ -378,3 +378,17 @@ def test_predict_cli_splits_txt_and_jsonl_at_line_ends_only(tmp_path):
     jsonl.write_text(json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False) + "\n",
                      encoding="utf-8")
     assert read_rows(jsonl, None)[0] == [{"text": "a\u2028b\x85c"}]
+
+
+def test_predict_cli_refuses_a_tsv_row_that_swallows_the_rows_after_it(tmp_path):
+    """A text opening with a double quote read the next rows into it: fewer predictions than
+    input rows, silently. Refused, naming the row."""
+    from ftlab.errors import FtlabError
+    from ftlab.predict_cli import read_rows
+
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text('id\ttext\n1\t"so good\n2\tbad\n3\tit was "ok"\n')
+    with pytest.raises(FtlabError, match=r"row 1 has a tab inside its 'text'"):
+        read_rows(tsv, None)
+    tsv.write_text('id\ttext\n1\t"quoted, fine"\n2\tbad\n')
+    assert [r["text"] for r in read_rows(tsv, None)[0]] == ["quoted, fine", "bad"]
