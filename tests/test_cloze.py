@@ -236,3 +236,32 @@ def test_two_labels_sharing_a_verbaliser_word_are_refused(tiny):
         with pytest.raises(FtlabError, match="same score"):
             bound(tok, verbalizer={"neg": "good", "pos": "Good"})
     assert len(bound(tok, verbalizer={"neg": "bad", "pos": ["good", "great"]}).words[1]) == 2
+
+
+@pytest.mark.parametrize("verbalizer", [{"pos": "great", "neg": "awful"},
+                                        {"pos": "great film", "neg": "awful"}])
+def test_a_causal_lm_with_prompt_tuning_is_scored_at_the_rows_own_positions(
+        verbalizer, make_cfg, sentiment_dir):
+    """Prompt tuning prepends virtual tokens' positions to a causal LM's logits: scores read
+    at the row's indices came from the wrong positions (shifted by the prompt's length)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = bound(tok, verbalizer=verbalizer)
+    torch.manual_seed(0)
+    model = get_peft_model(task.build_model(spec), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    rows = synthetic_rows(3, 2)
+    batch = batch_for(task, rows, tok.pad_token_id)
+    with torch.no_grad():
+        scores = task.scores(model, batch)
+        for i, r in enumerate(rows):  # by hand: one row at a time, virtual positions dropped
+            prefix = tok(r["text"] + " It was")["input_ids"]
+            for label in (0, 1):
+                w = task.words[label][0]
+                logits = model(input_ids=torch.tensor([prefix + w])).logits[0, 4:]
+                logp = F.log_softmax(logits.float(), -1)
+                manual = sum(logp[len(prefix) - 1 + j, t] for j, t in enumerate(w))
+                assert scores[i, label].item() == pytest.approx(manual.item(), abs=1e-4)

@@ -121,3 +121,31 @@ def test_seq2seq_targets_longer_than_the_source_are_batched_whole(make_cfg, sent
 def test_two_labels_with_one_target_string_are_refused(make_cfg, sentiment_dir):
     with pytest.raises(FtlabError, match="several labels the target 'good'"):
         setup(make_cfg, sentiment_dir, "tiny_t5", targets={"pos": "good", "neg": "good"})
+
+
+def test_decoder_only_with_prompt_tuning_scores_the_rows_own_positions(make_cfg, sentiment_dir):
+    """Prompt tuning prepends virtual tokens' positions to a causal LM's logits: the target
+    loss stopped with a shape error and rank scores read shifted positions."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2")
+    torch.manual_seed(0)
+    model = get_peft_model(task.build_model(spec), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    rows = synthetic_rows(3, 2)
+    batch = batch_for(task, rows, tok.pad_token_id)
+    with torch.no_grad():
+        out = task.forward(model, batch)
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, 4:]
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        assert out.loss.item() == pytest.approx(want.item(), abs=1e-5)
+        for i, r in enumerate(rows):
+            prompt = tok("review: " + r["text"])["input_ids"]
+            for label in (0, 1):
+                w = task.target_ids("", task.targets[label])
+                lp = F.log_softmax(model(input_ids=torch.tensor([prompt + w])).logits[0, 4:]
+                                   .float(), -1)
+                manual = sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(w))
+                assert out.logits[i, label].item() == pytest.approx(manual.item(), abs=1e-4)

@@ -34,7 +34,7 @@ from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.prompting import (Pattern, check_fields, continuation_logprob, fit_texts,
-                                   verbaliser_ids)
+                                   input_logits, verbaliser_ids)
 
 #: Zhao et al. (2021)'s content-free inputs; "[MASK]" becomes the tokenizer's mask token
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -168,11 +168,12 @@ class Cloze(Classify):
         if not self.causal:  # the MLM logit of each word's token at the pattern's [MASK]
             at = slot if slot is not None else (
                 ids == self.tokenizer.mask_token_id).int().argmax(-1)
-            logits = model(**inputs).logits[rows, at].float()
+            logits = input_logits(model(**inputs).logits, ids.shape[1])[rows, at].float()
             return logits[:, [w[0] for w in flat]]
         last = inputs["attention_mask"].sum(-1) - 1  # right-padded: the prefix's last token
         if all(len(w) == 1 for w in flat):
-            logp = F.log_softmax(model(**inputs).logits[rows, last].float(), dim=-1)
+            logits = input_logits(model(**inputs).logits, ids.shape[1])
+            logp = F.log_softmax(logits[rows, last].float(), dim=-1)
             return logp[:, [w[0] for w in flat]]
         pad = self.tokenizer.pad_token_id or 0
         return torch.stack([continuation_logprob(model, ids, inputs["attention_mask"], last, w,

@@ -171,7 +171,13 @@ def continuation_logprob(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
     pos = last[:, None] + 1 + torch.arange(n, device=ids.device)  # where the word goes
     seq.scatter_(1, pos, torch.tensor(list(word), device=ids.device).expand(ids.shape[0], n))
     att.scatter_(1, pos, 1)
-    logits = model(input_ids=seq, attention_mask=att).logits
+    logits = input_logits(model(input_ids=seq, attention_mask=att).logits, width)
     before = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float()
     logp = F.log_softmax(before, dim=-1)
     return logp.gather(2, seq.gather(1, pos)[..., None]).squeeze(-1).sum(-1)
+
+
+def input_logits(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """The logits at the ``width`` input positions: prompt tuning (peft) prepends its virtual
+    tokens' positions to a causal LM's output, which would shift every index by their count."""
+    return logits[:, -width:]

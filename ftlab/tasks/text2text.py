@@ -29,7 +29,7 @@ from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import continuation_ids, continuation_logprob
+from ftlab.tasks.prompting import continuation_ids, continuation_logprob, input_logits
 
 
 class TextToText(Classify):
@@ -146,7 +146,8 @@ class TextToText(Classify):
         if self.seq2seq:
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         else:  # the loss on target tokens only (labels hold -100 over the prompt)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logits = input_logits(model(input_ids=ids, attention_mask=mask).logits,
+                                  ids.shape[1])[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         if model.training:
@@ -218,7 +219,8 @@ class TextToText(Classify):
         rows = torch.arange(ids.shape[0], device=ids.device)
         for step in range(n):
             at = last + step
-            nxt = model(input_ids=seq, attention_mask=att).logits[rows, at].argmax(-1)
+            logits = input_logits(model(input_ids=seq, attention_mask=att).logits, seq.shape[1])
+            nxt = logits[rows, at].argmax(-1)
             seq[rows, at + 1], att[rows, at + 1] = nxt, 1
         gather = last[:, None] + 1 + torch.arange(n, device=ids.device)
         return seq.gather(1, gather)
