@@ -265,3 +265,14 @@ def test_a_causal_lm_with_prompt_tuning_is_scored_at_the_rows_own_positions(
                 logp = F.log_softmax(logits.float(), -1)
                 manual = sum(logp[len(prefix) - 1 + j, t] for j, t in enumerate(w))
                 assert scores[i, label].item() == pytest.approx(manual.item(), abs=1e-4)
+
+
+def test_a_causal_lm_refuses_text_fields_after_the_slot(make_cfg, sentiment_dir):
+    """A causal LM reads only the text before {mask}: '{mask}: {text}' scored every row from
+    the pattern alone (the same scores for all rows)."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    with pytest.raises(FtlabError, match=r"puts \['text'\] after it"):
+        bound(tok, pattern="It was {mask}: {text}").build_model(spec)
+    assert bound(tok, pattern="{text} It was {mask}: so.").build_model(spec) is not None

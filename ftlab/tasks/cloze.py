@@ -122,6 +122,14 @@ class Cloze(Classify):
             raise FtlabError(f"stage=cloze needs a language-model head, and '{kind}' has none "
                              "in transformers (or its tokenizer has no mask token).",
                              "use a masked LM (BERT, RoBERTa...) or a causal LM (model=smollm2).")
+        after = [f for f in self.pattern.fields
+                 if "{" + f + "}" not in self.pattern.before_mask]
+        if self.causal and after:  # a causal LM reads the text before the slot only
+            raise FtlabError(f"A causal LM scores the words after the pattern's text before "
+                             f"{{mask}}, but {self.pattern.template!r} puts {after} after it: "
+                             "that text would never be read.",
+                             "put {mask} after every text field, e.g. "
+                             "stage.task.pattern='{text} It was {mask}.'.")
         if not self.causal and any(len(w) != 1 for ws in self.words for w in ws):
             bad = {lab: [self.tokenizer.convert_ids_to_tokens(w) for w in ws]
                    for lab, ws in zip(self.labels, self.words, strict=True)
