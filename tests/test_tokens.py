@@ -313,3 +313,23 @@ def test_tag_lists_must_match_their_word_lists_and_need_word_lists(tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multi))
     with pytest.raises(FtlabError, match="(?s)multi-label.*data.text_columns"):
         load_raw(DataSpec(files={"train": str(tmp_path / "m.jsonl")}, splits={"train": "train"}))
+
+
+def test_tag_ids_of_a_hugging_face_classlabel_are_read_as_their_names():
+    """conll2003/wnut_17 on the Hub store tag ids of a ClassLabel: they were read as the tags
+    '0', '3'... and refused as not BIO."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+    from ftlab.data.labels import encode_labels
+    from ftlab.data.spec import DataSpec
+
+    names = ["O", "B-PER", "I-PER", "B-LOC"]
+    feats = Features({"tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=names))})
+    rows = {"tokens": [["alice", "smith", "left"], ["rome"]], "ner_tags": [[1, 2, 0], [3]]}
+    dsd = DatasetDict({"train": Dataset.from_dict(rows, features=feats)})
+    out, labels = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags"))
+    assert labels == names and list(out["train"]["label"]) == [[1, 2, 0], [3]]
+    declared = ["O", "B-LOC", "B-PER", "I-PER"]
+    out, labels = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags",
+                                              labels=declared))
+    assert labels == declared and list(out["train"]["label"]) == [[2, 3, 0], [1]]

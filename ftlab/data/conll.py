@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from datasets import Dataset, DatasetDict, Features, List, Sequence, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Sequence, Value
 
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
@@ -90,9 +90,13 @@ def encode_tags(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str
     (``spec.labels`` when given, else :func:`tag_set` of the training split)."""
     col = spec.label_column
     _check_words(dsd, col, spec.text_columns[0])
-    seen = {split: {str(t) for row in ds[col] for t in row} for split, ds in dsd.items()}
-    labels = [str(x) for x in spec.labels] if spec.labels is not None else tag_set(
-        seen["train"])
+    # a Hugging Face tagging dataset (conll2003, wnut_17) stores tag ids of a ClassLabel
+    inner = getattr(dsd["train"].features[col], "feature", None)
+    names = list(inner.names) if isinstance(inner, ClassLabel) else None
+    name = (lambda t: names[t]) if names else str  # noqa: E731
+    seen = {split: {name(t) for row in ds[col] for t in row} for split, ds in dsd.items()}
+    labels = [str(x) for x in spec.labels] if spec.labels is not None else (
+        names or tag_set(seen["train"]))
     for split, values in seen.items():
         bad = sorted(t for t in values if not BIO.match(t))
         if bad:
@@ -102,7 +106,7 @@ def encode_tags(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str
             raise FtlabError(f"The {split} split has tag(s) {unknown[:10]} outside the tag set "
                              f"{labels}.", "add them to data.labels, or fix the data.")
     index = {name: i for i, name in enumerate(labels)}
-    dsd = dsd.map(lambda b: {"__ftlab_tags": [[index[str(t)] for t in row] for row in b[col]]},
+    dsd = dsd.map(lambda b: {"__ftlab_tags": [[index[name(t)] for t in row] for row in b[col]]},
                   batched=True)
     dsd = DatasetDict({s: ds.remove_columns([c for c in ("label",) if c in ds.column_names])
                        for s, ds in dsd.items()})
