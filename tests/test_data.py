@@ -253,3 +253,28 @@ def test_a_tsv_row_opening_with_a_quote_does_not_swallow_the_rows_after_it(tmp_p
     path.write_text('text\tlabel\n"quoted, and fine"\tpos\nbad one\tneg\n')
     raw = load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
     assert list(raw.splits["train"]["text"]) == ["quoted, and fine", "bad one"]
+
+
+def test_classlabel_columns_of_hugging_face_datasets_load(tmp_path):
+    """A Hub dataset's label column is a ClassLabel (GLUE, imdb; conll2003's tags a list of
+    them): refused as 'not a single text, number or boolean', so no such dataset loaded.
+    Parquet written by datasets keeps the features, as a Hub dataset has them."""
+    from datasets import ClassLabel, Dataset, Features, List, Value
+
+    feats = Features({"sentence": Value("string"),
+                      "label": ClassLabel(names=["negative", "positive"])})
+    Dataset.from_dict({"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]},
+                      features=feats).to_parquet(tmp_path / "cls.parquet")
+    raw = load_raw(DataSpec(files={"train": str(tmp_path / "cls.parquet")},
+                            splits={"train": "train"}, text_columns=["sentence"]))
+    assert raw.labels == ["negative", "positive"] and list(raw.splits["train"]["label"]) == [
+        1, 0, 1]
+    tags = Features({"tokens": List(Value("string")),
+                     "ner_tags": List(ClassLabel(names=["O", "B-PER", "I-PER"]))})
+    Dataset.from_dict({"tokens": [["alice", "smith", "left"]], "ner_tags": [[1, 2, 0]]},
+                      features=tags).to_parquet(tmp_path / "ner.parquet")
+    raw = load_raw(DataSpec(files={"train": str(tmp_path / "ner.parquet")},
+                            splits={"train": "train"}, text_columns=["tokens"],
+                            label_column="ner_tags"))
+    assert raw.labels == ["O", "B-PER", "I-PER"] and list(raw.splits["train"]["label"]) == [
+        [1, 2, 0]]

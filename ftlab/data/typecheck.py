@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datasets import Value
+from datasets import ClassLabel, Value
 
 from ftlab.errors import FtlabError
 
@@ -163,6 +163,13 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _single(feature: Any) -> bool:
+    """A feature of one plain value per row: a ``Value`` other than JSON, or a Hugging Face
+    ``ClassLabel`` (a Hub dataset's class or tag ids)."""
+    return isinstance(feature, ClassLabel) or (isinstance(feature, Value)
+                                               and feature.dtype != "json")
+
+
 def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | None) -> None:
     """Text and label columns hold single values (text, numbers, booleans) or, in every row,
     a list of them (word-tagged data: words and their tags), not objects or a mix of types:
@@ -171,10 +178,10 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
         where = (files or {}).get(split) or (files or {}).get("all") or ""
         for col in columns:
             feature = ds.features.get(col)
-            if feature is None or (isinstance(feature, Value) and feature.dtype != "json"):
+            if feature is None or _single(feature):
                 continue
             inner = getattr(feature, "feature", None)  # a list of plain values in every row:
-            if isinstance(inner, Value) and inner.dtype != "json":  # words/tags (stage=tokens)
+            if _single(inner):  # words/tags (stage=tokens)
                 continue
             change = _jsonl_change(Path(where)) if where.endswith((".jsonl", ".json")) \
                 and Path(where).is_file() else None
