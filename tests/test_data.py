@@ -278,3 +278,20 @@ def test_classlabel_columns_of_hugging_face_datasets_load(tmp_path):
                             label_column="ner_tags"))
     assert raw.labels == ["O", "B-PER", "I-PER"] and list(raw.splits["train"]["label"]) == [
         [1, 2, 0]]
+
+
+def test_drop_labels_drops_a_classlabels_rows_by_name(tmp_path):
+    """data.drop_labels names classes; a ClassLabel column holds ids, which never matched
+    the names: nothing was dropped and the class stayed in the label set."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    feats = Features({"premise": Value("string"),
+                      "label": ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    Dataset.from_dict({"premise": list("abcdef"), "label": [0, 1, 2, 0, 1, 2]},
+                      features=feats).to_parquet(tmp_path / "nli.parquet")
+    raw = load_raw(DataSpec(files={"train": str(tmp_path / "nli.parquet")},
+                            splits={"train": "train"}, text_columns=["premise"],
+                            drop_labels=["neutral"]))
+    assert raw.labels == ["entailment", "contradiction"]
+    assert list(raw.splits["train"]["premise"]) == list("acdf")
+    assert list(raw.splits["train"]["label"]) == [0, 1, 0, 1]

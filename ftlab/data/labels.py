@@ -20,20 +20,25 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
     feature = dsd["train"].features[col]
     if is_list_feature(feature):  # a tag per word (stage=tokens): BIO tags, O first
         return encode_tags(dsd, spec)
-    if spec.drop_labels:
-        drop = {str(v) for v in spec.drop_labels}
-        dsd = dsd.filter(lambda b: [str(v) not in drop for v in b[col]], batched=True)
+    names = feature.names if isinstance(feature, ClassLabel) else None
+    as_str = (lambda v: names[v]) if names else str  # noqa: E731
+    drop = {str(v) for v in spec.drop_labels}
+    if drop:  # by name: a ClassLabel's ids are dropped by their names (drop_labels: [neutral])
+        def kept(v: Any) -> bool:
+            return (as_str(v) if names and isinstance(v, int) and v >= 0 else str(v)) not in drop
+
+        dsd = dsd.filter(lambda b: [kept(v) for v in b[col]], batched=True)
     # a Hugging Face ClassLabel marks a row without a label as -1 (GLUE's test splits)
     no_label = (lambda v: _missing(v) or v < 0) if isinstance(feature, ClassLabel) else _missing
     _refuse_missing(dsd, col, no_label)
-    if isinstance(feature, ClassLabel) and spec.labels is None:
-        labels = list(feature.names)
-        return _label_ids(dsd, col, lambda values: values), labels
-    names = feature.names if isinstance(feature, ClassLabel) else None
-    as_str = (lambda v: names[v]) if names else str  # noqa: E731
+    declared = spec.labels
+    if isinstance(feature, ClassLabel) and declared is None:
+        if not drop:
+            return _label_ids(dsd, col, lambda values: values), list(names)
+        declared = [n for n in names if n not in drop]  # the dataset's order, less the dropped
     distinct = {split: _distinct(ds, col) for split, ds in dsd.items()}
-    if spec.labels is not None:
-        labels = [str(x) for x in spec.labels]
+    if declared is not None:
+        labels = [str(x) for x in declared]
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
             raise FtlabError(f"data.labels lists {twice} more than once ({labels}): each label "
