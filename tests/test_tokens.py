@@ -333,3 +333,13 @@ def test_tag_ids_of_a_hugging_face_classlabel_are_read_as_their_names():
     out, labels = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags",
                                               labels=declared))
     assert labels == declared and list(out["train"]["label"]) == [[2, 3, 0], [1]]
+
+
+def test_conll_file_with_a_byte_order_mark(tmp_path):
+    """A BOM before '-DOCSTART-' made it a word (tagged O) of a sentence of its own, and
+    glued itself to a first word otherwise."""
+    path = tmp_path / "bom.conll"
+    path.write_bytes("\ufeff-DOCSTART- -X- -X- O\n\nEU\tB-org\nrejects\tO\n".encode())
+    assert read_conll(path) == {"tokens": [["EU", "rejects"]], "tags": [["B-org", "O"]]}
+    path.write_bytes("\ufeffEU\tB-org\n".encode())
+    assert read_conll(path)["tokens"] == [["EU"]]

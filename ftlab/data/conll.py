@@ -28,7 +28,7 @@ def read_conll(path: str | Path) -> dict[str, list[list[str]]]:
     tags: list[list[str]] = []
     words: list[str] = []
     labels: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows editors) is no text
         for number, line in enumerate(f, 1):
             if not line.strip():
                 if words:
