@@ -149,3 +149,16 @@ def test_decoder_only_with_prompt_tuning_scores_the_rows_own_positions(make_cfg,
                                    .float(), -1)
                 manual = sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(w))
                 assert out.logits[i, label].item() == pytest.approx(manual.item(), abs=1e-4)
+
+
+def test_targets_keyed_by_numbers_match_numeric_label_names(make_cfg, sentiment_dir):
+    """Labels read from numbers are named '0', '1'; targets written `{0: negative, 1:
+    positive}` have int keys (Hydra/YAML), which were refused as not naming the labels."""
+    from datasets import Dataset, DatasetDict
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_t5"])
+    tok = load_tokenizer(bind_schema(ModelSpec, cfg.model, "model"))
+    task = TextToText(targets={0: "negative", 1: "positive"})
+    task.bind(RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
+                      ["0", "1"]), tok, ["text"])
+    assert task.targets == ["negative", "positive"]

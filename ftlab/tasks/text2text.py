@@ -54,7 +54,9 @@ class TextToText(Classify):
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)
         self.source, self.generate = source, generate
-        self.target_map = dict(targets) if targets is not None else None
+        # keys as the label names are (text): Hydra reads `{0: negative}`'s key as a number
+        self.target_map = {str(k): v for k, v in targets.items()} if targets is not None \
+            else None
         self.max_target_length = max_target_length
         self.seq2seq: bool | None = None
         self.eos: int | None = None
