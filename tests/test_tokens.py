@@ -308,6 +308,10 @@ def test_tag_lists_must_match_their_word_lists_and_need_word_lists(tmp_path):
                     text_columns=["tokens"], label_column="tags")
     with pytest.raises(FtlabError, match=r"(?s)1 row.*row 4: 3 words, 2 tags.*one tag"):
         load_raw(spec)
+    rows[3] = {"tokens": ["alice"], "tags": None}
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FtlabError, match=r"1 row\(s\) with no 'tags' list .*row 4"):
+        load_raw(spec)
     multi = [{"text": f"news {i}", "label": ["sports", "politics"][: i % 2 + 1]}
              for i in range(6)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multi))

@@ -128,6 +128,13 @@ def _check_words(dsd: DatasetDict, col: str, words: str) -> None:
                 f"for tagging, set data.text_columns to the column of word lists (CoNLL: "
                 f"tokens); for classification, give one label per row in '{col}'.")
         lengths = ds.with_format("arrow").select_columns([words, col])
+        for name in (words, col):  # a null list: no words, or no tags, for that row
+            null = pc.is_null(lengths[name]).to_numpy(zero_copy_only=False).nonzero()[0]
+            if len(null):
+                raise FtlabError(f"The {split} split has {len(null)} row(s) with no '{name}' "
+                                 f"list (null; the first is row {int(null[0]) + 1}).",
+                                 "give every row its words and a tag per word, or remove "
+                                 "those rows.")
         n_words = pc.list_value_length(lengths[words]).to_numpy(zero_copy_only=False)
         n_tags = pc.list_value_length(lengths[col]).to_numpy(zero_copy_only=False)
         bad = (n_words != n_tags).nonzero()[0]
