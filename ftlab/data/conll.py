@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pyarrow.compute as pc
-
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Sequence, Value
 
 from ftlab.data.spec import DataSpec

@@ -188,8 +188,9 @@ def _refuse_swallowed_rows(ds: datasets.Dataset, path: str) -> None:
             value = str(column[int(found[0])])
             raise FtlabError(
                 f"Row {int(found[0]) + 1} of {path} has a tab inside its '{name}' value "
-                f"({value[:60]!r}{'...' if len(value) > 60 else ''}): a double quote at the start of a field made the reader "
-                "take the following tabs and lines into it, merging rows.",
+                f"({value[:60]!r}{'...' if len(value) > 60 else ''}): a double quote at the "
+                "start of a field made the reader take the following tabs and lines into it, "
+                "merging rows.",
                 "remove or double the stray quote (\"\" inside a quoted field), or save the "
                 "file as .jsonl.")
 

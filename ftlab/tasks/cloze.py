@@ -33,8 +33,14 @@ from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import (Pattern, check_fields, continuation_logprob, fit_texts,
-                                   input_logits, verbaliser_ids)
+from ftlab.tasks.prompting import (
+    Pattern,
+    check_fields,
+    continuation_logprob,
+    fit_texts,
+    input_logits,
+    verbaliser_ids,
+)
 
 #: Zhao et al. (2021)'s content-free inputs; "[MASK]" becomes the tokenizer's mask token
 CONTENT_FREE = ("N/A", "", "[MASK]")
