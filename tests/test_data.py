@@ -295,3 +295,12 @@ def test_drop_labels_drops_a_classlabels_rows_by_name(tmp_path):
     assert raw.labels == ["entailment", "contradiction"]
     assert list(raw.splits["train"]["premise"]) == list("acdf")
     assert list(raw.splits["train"]["label"]) == [0, 1, 0, 1]
+
+
+def test_an_empty_second_text_column_of_a_pair_is_named(tmp_path):
+    """Only the first text column was checked: a pair whose second column is empty in every
+    row trained on the first text alone."""
+    rows = [{"premise": f"p {i}", "hypothesis": None if i % 2 else " ",
+             "label": "a" if i % 2 else "b"} for i in range(40)]
+    with pytest.raises(FtlabError, match="All texts in column 'hypothesis'"):
+        load_raw(spec_for(tmp_path, rows, text_columns=["premise", "hypothesis"]))

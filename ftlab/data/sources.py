@@ -272,8 +272,9 @@ def _check_texts(dsd: DatasetDict, spec: DataSpec) -> None:
         if len(ds) == 0:
             raise FtlabError(f"The {split} split is empty.", "check data.files / data.splits, "
                              "data.drop_labels and data.split_fractions.")
-        first = spec.text_columns[0]
-        sample = list(ds.select(range(min(len(ds), 1000)))[first])
-        if all(t is None or not str(t).strip() for t in sample):
-            raise FtlabError(f"All texts in column '{first}' of the {split} split are empty.",
-                             "set data.text_columns to the column that holds the text.")
+        head = ds.select(range(min(len(ds), 1000)))
+        for column in spec.text_columns:  # both of a pair: an empty second text is no pair
+            if all(t is None or not str(t).strip() for t in head[column]):
+                raise FtlabError(f"All texts in column '{column}' of the {split} split are "
+                                 "empty.", "set data.text_columns to the column(s) that hold "
+                                 "the text.")
