@@ -304,3 +304,17 @@ def test_an_empty_second_text_column_of_a_pair_is_named(tmp_path):
              "label": "a" if i % 2 else "b"} for i in range(40)]
     with pytest.raises(FtlabError, match="All texts in column 'hypothesis'"):
         load_raw(spec_for(tmp_path, rows, text_columns=["premise", "hypothesis"]))
+
+
+def test_a_plain_text_corpus_reads_with_data_path_text(tmp_path):
+    """A .txt is read as CoNLL (word TAB tag); a plain corpus of one text per line (DAPT) was
+    refused with a BIO-tag error that never said how to read it: data.path=text."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("The first plain sentence of a corpus.\nAnother line of text here.\n")
+    spec = DataSpec(files={"train": str(path)}, splits={"train": "train"}, label_column=None)
+    with pytest.raises(FtlabError, match="(?s)read as CoNLL.*data.path=text"):
+        load_raw(spec)
+    spec.path = "text"
+    raw = load_raw(spec)
+    assert list(raw.splits["train"]["text"]) == ["The first plain sentence of a corpus.",
+                                                 "Another line of text here."]

@@ -68,16 +68,16 @@ def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
 
 
 def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
-    """The format: ``data.path`` when it names one (csv, json, parquet), else the files'
-    extension."""
-    if spec.path in set(BUILDERS.values()):
+    """The format: ``data.path`` when it names one (csv, json, parquet, conll, text: one row
+    per line), else the files' extension."""
+    if spec.path in {*BUILDERS.values(), "text"}:  # text: one row per line (a plain corpus)
         return spec.path
     implied = _implied(files)
     if implied is None:
         raise FtlabError(
             f"Cannot tell the file format of {sorted(files.values())}.",
             f"use files ending in {choices_text(BUILDERS)} (optionally .bz2/.gz), "
-            "or set data.path=csv|json|parquet|conll.",
+            "or set data.path=csv|json|parquet|conll|text.",
         )
     return implied
 
@@ -137,7 +137,15 @@ def _load(spec: DataSpec) -> DatasetDict:
         files[split] = str(unzip_single(path.resolve()))
     builder = _builder_for(spec, files)
     if builder == "conll":  # word-level tagged text: tokens and tags list columns
-        return load_conll(files)
+        try:
+            return load_conll(files)
+        except FtlabError as err:
+            if spec.path is None and any(_suffix(f) == ".txt" for f in files.values()):
+                raise FtlabError(f"{err.problem} (a .txt file is read as CoNLL: a word and its "
+                                 "tag per line).", f"for plain text, one text per line (an "
+                                 f"MLM/CLM corpus), set data.path=text; for tagged data: "
+                                 f"{err.fix}") from None
+            raise
     kwargs: dict[str, Any] = {}
     if builder == "csv":  # pandas reads "NA", "null", "None", "N/A", "nan"... as missing: in
         # a text or label column they are words; only an empty cell is missing
