@@ -318,3 +318,13 @@ def test_a_plain_text_corpus_reads_with_data_path_text(tmp_path):
     raw = load_raw(spec)
     assert list(raw.splits["train"]["text"]) == ["The first plain sentence of a corpus.",
                                                  "Another line of text here."]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, suffix):
+    """pandas renamed the second 'text' to 'text.1' and the run read the first silently."""
+    sep = "\t" if suffix == ".tsv" else ","
+    path = tmp_path / f"train{suffix}"
+    path.write_text(sep.join(["text", "label", "text"]) + "\n" + sep.join(["a", "x", "b"]) + "\n")
+    with pytest.raises(FtlabError, match=r"names the column\(s\) \['text'\] more than once"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))

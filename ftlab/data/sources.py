@@ -22,7 +22,7 @@ from ftlab.data.conll import load_conll
 from ftlab.data.labels import encode_labels
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
-from ftlab.data.typecheck import check_column_types, locate_type_error
+from ftlab.data.typecheck import check_column_types, locate_type_error, refuse_repeated_header
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
@@ -150,6 +150,7 @@ def _load(spec: DataSpec) -> DatasetDict:
     if builder == "csv":  # pandas reads "NA", "null", "None", "N/A", "nan"... as missing: in
         # a text or label column they are words; only an empty cell is missing
         kwargs = {"keep_default_na": False, "na_values": [""]}
+        refuse_repeated_header(files, _suffix)
         if any(_suffix(f) == ".tsv" for f in files.values()):
             kwargs["delimiter"] = "\t"
     try:

@@ -195,3 +195,22 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
                 f"({_show(values[row - 1])}), not a single text, number or boolean.",
                 f"give each row of '{col}' one value (join lists into one text), or point "
                 "data.text_columns / data.label_column at the right column.")
+
+
+def refuse_repeated_header(files: dict[str, str], suffix: Any) -> None:
+    """A csv/tsv header that names a column twice: pandas renames the second (``text.1``)
+    and a run would read the first silently; name the file and the column."""
+    import csv
+
+    for path in files.values():
+        try:
+            with _opener(Path(path))(path, "rt", encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f, delimiter="\t" if suffix(path) == ".tsv" else ","),
+                              [])
+        except (OSError, UnicodeDecodeError, EOFError, csv.Error):
+            continue  # unreadable: the reader's own message says why
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        if twice:
+            raise FtlabError(f"The header of {path} names the column(s) {twice} more than once.",
+                             "give every column its own name (the reader would rename the "
+                             f"second to '{twice[0]}.1').")
