@@ -284,6 +284,10 @@ def _subtask(name: str, node: Any, cfg: DictConfig, where: str, prefix: str) -> 
     if "." in name:  # names prefix metric keys (<task>/acc), where a dot means nesting
         raise FtlabError(f"{where}: sub-task name '{name}' has a dot.",
                          f"rename it, e.g. to '{name.replace('.', '_')}'.")
+    if name == "mean":  # mean/<metric> are the sub-tasks' means: its metrics would be lost
+        raise FtlabError(f"{where}: a sub-task cannot be named 'mean' (val/mean and "
+                         "val/mean/<metric> are the sub-tasks' averages).",
+                         "rename it, e.g. stage.tasks.mean_task.")
     if not isinstance(spec.task, dict) or "_target_" not in spec.task:
         raise FtlabError(f"{where}: sub-task '{name}' has no task.",
                          "give it a task node with a _target_, e.g. "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -29,16 +30,22 @@ def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], li
         raise FtlabError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}).",
                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
     if suffix == ".txt":
-        return text.splitlines(), ["text"]
+        return _lines(text), ["text"]
     if suffix in (".csv", ".tsv"):
         import csv
-        import io
 
         rows = list(csv.DictReader(io.StringIO(text, newline=""),
                                    delimiter="\t" if suffix == ".tsv" else ","))
+        for n, row in enumerate(rows, 1) if suffix == ".tsv" else ():
+            merged = next((c for c, v in row.items() if isinstance(v, str) and "\t" in v), None)
+            if merged is not None:  # a field opening with a quote swallowed the rows after it
+                raise FtlabError(f"{path.name} row {n} has a tab inside its '{merged}' value: a "
+                                 "double quote at the start of a field made the reader take "
+                                 "the following tabs and lines into it, merging rows.",
+                                 "remove or double the stray quote, or use a .jsonl file.")
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -51,6 +58,13 @@ def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], li
                                  "object.", 'write one object per line: {"text": "..."}.')
             rows.append(row)
     return rows, list(rows[0]) if rows else []
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a file's text, split at line ends only (\\n, \\r\\n, \\r): not at the
+    form feeds, U+2028 and other separators ``str.splitlines`` also splits at, which a text
+    may hold (a row would become two and the output would no longer line up)."""
+    return [line.removesuffix("\n") for line in io.StringIO(text, newline=None)]
 
 
 def _texts(rows: list[dict], wanted: list[str], name: str) -> list[tuple[Any, ...]]:

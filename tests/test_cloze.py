@@ -202,3 +202,77 @@ def test_cloze_composes_with_peft_methods(model, peft, make_cfg, sentiment_dir):
     stage = record["stages"]["cloze"]
     assert record["status"] == "ok" and stage["global_steps"] == 3
     assert 0 < stage["params_trainable_pct"] < 50  # the method's share, not the whole LM
+
+
+def test_a_masked_lm_scores_the_patterns_slot_not_a_mask_token_in_the_text(make_cfg,
+                                                                          sentiment_dir):
+    """The content-free input "[MASK]" (and a text holding the mask token) puts a second
+    [MASK] before the pattern's: the verbaliser is scored at the pattern's slot."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_bert"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = bound(tok)
+    model = task.build_model(spec).eval()
+    mask = tok.mask_token
+    batch = batch_for(task, [{"text": f"a {mask} film", "label": "pos"},
+                             {"text": mask, "label": "neg"}], tok.pad_token_id)
+    got = task.scores(model, batch)
+    with torch.no_grad():
+        for row, text in enumerate([f"a {mask} film", mask]):
+            ids = tok(f"{text} It was {mask}.")["input_ids"]
+            slot = max(i for i, t in enumerate(ids) if t == tok.mask_token_id)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, slot]
+            want = [logits[ws[0][0]] for ws in task.words]
+            assert got[row].tolist() == pytest.approx([w.item() for w in want], abs=1e-5)
+
+
+def test_two_labels_sharing_a_verbaliser_word_are_refused(tiny):
+    """Labels whose words tokenise alike (the same word, or 'Good'/'good' for an uncased
+    tokenizer) get equal scores and can never be told apart: refused, naming both."""
+    _, tok = tiny
+    with pytest.raises(FtlabError, match="(?s)label 'pos'.*of label 'neg'"):
+        bound(tok, verbalizer={"neg": ["bad", "good"], "pos": "good"})
+    if tok("Good")["input_ids"] == tok("good")["input_ids"]:  # uncased (tiny_bert)
+        with pytest.raises(FtlabError, match="same score"):
+            bound(tok, verbalizer={"neg": "good", "pos": "Good"})
+    assert len(bound(tok, verbalizer={"neg": "bad", "pos": ["good", "great"]}).words[1]) == 2
+
+
+@pytest.mark.parametrize("verbalizer", [{"pos": "great", "neg": "awful"},
+                                        {"pos": "great film", "neg": "awful"}])
+def test_a_causal_lm_with_prompt_tuning_is_scored_at_the_rows_own_positions(
+        verbalizer, make_cfg, sentiment_dir):
+    """Prompt tuning prepends virtual tokens' positions to a causal LM's logits: scores read
+    at the row's indices came from the wrong positions (shifted by the prompt's length)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = bound(tok, verbalizer=verbalizer)
+    torch.manual_seed(0)
+    model = get_peft_model(task.build_model(spec), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    rows = synthetic_rows(3, 2)
+    batch = batch_for(task, rows, tok.pad_token_id)
+    with torch.no_grad():
+        scores = task.scores(model, batch)
+        for i, r in enumerate(rows):  # by hand: one row at a time, virtual positions dropped
+            prefix = tok(r["text"] + " It was")["input_ids"]
+            for label in (0, 1):
+                w = task.words[label][0]
+                logits = model(input_ids=torch.tensor([prefix + w])).logits[0, 4:]
+                logp = F.log_softmax(logits.float(), -1)
+                manual = sum(logp[len(prefix) - 1 + j, t] for j, t in enumerate(w))
+                assert scores[i, label].item() == pytest.approx(manual.item(), abs=1e-4)
+
+
+def test_a_causal_lm_refuses_text_fields_after_the_slot(make_cfg, sentiment_dir):
+    """A causal LM reads only the text before {mask}: '{mask}: {text}' scored every row from
+    the pattern alone (the same scores for all rows)."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    with pytest.raises(FtlabError, match=r"puts \['text'\] after it"):
+        bound(tok, pattern="It was {mask}: {text}").build_model(spec)
+    assert bound(tok, pattern="{text} It was {mask}: so.").build_model(spec) is not None

@@ -177,3 +177,154 @@ def test_split_slices_partition_a_split_by_row_order(make_cfg, tmp_path):
     cfg = make_cfg([*_three_files(tmp_path), "data.splits.test='validation[5:-20]'"])
     assert list(load_raw(bind_schema(DataSpec, cfg.data, "data")).splits["test"]["text"]) == \
         texts[5:10]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_csv_words_that_pandas_reads_as_missing_stay_text(tmp_path, suffix):
+    """"NA", "null", "None", "N/A" in a csv are a text or a label, not missing values; only
+    an empty cell is missing."""
+    sep = "\t" if suffix == ".tsv" else ","
+    lines = ["text,label", "NA,None", "null,pos", "N/A,None", "None,pos", "nan,pos"]
+    path = tmp_path / f"train{suffix}"
+    path.write_text("\n".join(line.replace(",", sep) for line in lines) + "\n")
+    raw = load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+    assert raw.labels == ["None", "pos"]
+    assert list(raw.splits["train"]["text"]) == ["NA", "null", "N/A", "None", "nan"]
+    path.write_text(path.read_text() + sep.join(["fine", ""]) + "\n")  # an empty label cell
+    with pytest.raises(FtlabError, match="1 row.* without a label"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+
+
+def test_an_unlabelled_test_file_names_going_without_the_split(tmp_path):
+    """A test file without labels (or without the label column) cannot be scored: the fix
+    is to drop the split and predict on it later, not to label every row."""
+    files = {s: str(write_jsonl(tmp_path / f"{s}.jsonl", synthetic_rows(20, i)))
+             for i, s in enumerate(("train", "validation"))}
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": r["text"]}
+                                                 for r in synthetic_rows(5, 3)])
+    with pytest.raises(FtlabError, match=r"(?s)test split has 5 row.*data.splits.test=null"):
+        load_raw(DataSpec(files={**files, "test": str(test)}))
+
+
+def test_a_split_carved_from_train_may_not_share_training_rows(make_cfg, tmp_path):
+    """validation='train[80%:]' beside train='train' scores the model on rows it trained on:
+    refused; carved apart (train='train[:80%]') it loads, with no row in both."""
+    from ftlab.config import bind_schema
+
+    cfg = make_cfg([*_three_files(tmp_path), "data.splits.validation='train[80%:]'"])
+    with pytest.raises(FtlabError, match=r"(?s)shares 8 row.*train\[:90%\]"):
+        load_raw(bind_schema(DataSpec, cfg.data, "data"))
+    cfg = make_cfg([*_three_files(tmp_path), "data.splits.train='train[:80%]'",
+                    "data.splits.validation='train[80%:]'"])
+    raw = load_raw(bind_schema(DataSpec, cfg.data, "data"))
+    train, val = set(raw.splits["train"]["text"]), set(raw.splits["validation"]["text"])
+    assert len(raw.splits["validation"]) == 8 and not train & val
+
+
+@pytest.mark.parametrize("declared", [None, ["negative", "positive"]])
+def test_a_classlabel_minus_one_is_a_missing_label(declared):
+    """Hugging Face datasets mark unlabelled rows -1 (GLUE's test splits): refused as rows
+    without a label, not kept as id -1 (a crash at test time) or read as the last class."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    from ftlab.data.labels import encode_labels
+
+    feats = Features({"sentence": Value("string"),
+                      "label": ClassLabel(names=["negative", "positive"])})
+    dsd = DatasetDict({"train": Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]},
+                                                  features=feats),
+                       "test": Dataset.from_dict({"sentence": ["c", "d"], "label": [-1, -1]},
+                                                 features=feats)})
+    spec = DataSpec(path="glue", text_columns=["sentence"], labels=declared)
+    with pytest.raises(FtlabError, match=r"(?s)test split has 2 row.*data.splits.test=null"):
+        encode_labels(dsd, spec)
+    ok, labels = encode_labels(DatasetDict({"train": dsd["train"]}), spec)
+    assert labels == ["negative", "positive"] and list(ok["train"]["label"]) == [0, 1]
+
+
+def test_a_tsv_row_opening_with_a_quote_does_not_swallow_the_rows_after_it(tmp_path):
+    """A tsv text that starts with a double quote was read as a quoted field up to the next
+    quote, merging the rows between into one text: refused, naming the row."""
+    path = tmp_path / "train.tsv"
+    path.write_text('text\tlabel\n"the best film\tpos\nbad one\tneg\nit was "ok" really\tpos\n'
+                    'a "fine" film\tpos\n')
+    with pytest.raises(FtlabError, match=r"(?s)Row 1 of .*train.tsv has a tab.*stray quote"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+    path.write_text('text\tlabel\n"quoted, and fine"\tpos\nbad one\tneg\n')
+    raw = load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+    assert list(raw.splits["train"]["text"]) == ["quoted, and fine", "bad one"]
+
+
+def test_classlabel_columns_of_hugging_face_datasets_load(tmp_path):
+    """A Hub dataset's label column is a ClassLabel (GLUE, imdb; conll2003's tags a list of
+    them): refused as 'not a single text, number or boolean', so no such dataset loaded.
+    Parquet written by datasets keeps the features, as a Hub dataset has them."""
+    from datasets import ClassLabel, Dataset, Features, List, Value
+
+    feats = Features({"sentence": Value("string"),
+                      "label": ClassLabel(names=["negative", "positive"])})
+    Dataset.from_dict({"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]},
+                      features=feats).to_parquet(tmp_path / "cls.parquet")
+    raw = load_raw(DataSpec(files={"train": str(tmp_path / "cls.parquet")},
+                            splits={"train": "train"}, text_columns=["sentence"]))
+    assert raw.labels == ["negative", "positive"] and list(raw.splits["train"]["label"]) == [
+        1, 0, 1]
+    tags = Features({"tokens": List(Value("string")),
+                     "ner_tags": List(ClassLabel(names=["O", "B-PER", "I-PER"]))})
+    Dataset.from_dict({"tokens": [["alice", "smith", "left"]], "ner_tags": [[1, 2, 0]]},
+                      features=tags).to_parquet(tmp_path / "ner.parquet")
+    raw = load_raw(DataSpec(files={"train": str(tmp_path / "ner.parquet")},
+                            splits={"train": "train"}, text_columns=["tokens"],
+                            label_column="ner_tags"))
+    assert raw.labels == ["O", "B-PER", "I-PER"] and list(raw.splits["train"]["label"]) == [
+        [1, 2, 0]]
+
+
+def test_drop_labels_drops_a_classlabels_rows_by_name(tmp_path):
+    """data.drop_labels names classes; a ClassLabel column holds ids, which never matched
+    the names: nothing was dropped and the class stayed in the label set."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    feats = Features({"premise": Value("string"),
+                      "label": ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    Dataset.from_dict({"premise": list("abcdef"), "label": [0, 1, 2, 0, 1, 2]},
+                      features=feats).to_parquet(tmp_path / "nli.parquet")
+    raw = load_raw(DataSpec(files={"train": str(tmp_path / "nli.parquet")},
+                            splits={"train": "train"}, text_columns=["premise"],
+                            drop_labels=["neutral"]))
+    assert raw.labels == ["entailment", "contradiction"]
+    assert list(raw.splits["train"]["premise"]) == list("acdf")
+    assert list(raw.splits["train"]["label"]) == [0, 1, 0, 1]
+
+
+def test_an_empty_second_text_column_of_a_pair_is_named(tmp_path):
+    """Only the first text column was checked: a pair whose second column is empty in every
+    row trained on the first text alone."""
+    rows = [{"premise": f"p {i}", "hypothesis": None if i % 2 else " ",
+             "label": "a" if i % 2 else "b"} for i in range(40)]
+    with pytest.raises(FtlabError, match="All texts in column 'hypothesis'"):
+        load_raw(spec_for(tmp_path, rows, text_columns=["premise", "hypothesis"]))
+
+
+def test_a_plain_text_corpus_reads_with_data_path_text(tmp_path):
+    """A .txt is read as CoNLL (word TAB tag); a plain corpus of one text per line (DAPT) was
+    refused with a BIO-tag error that never said how to read it: data.path=text."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("The first plain sentence of a corpus.\nAnother line of text here.\n")
+    spec = DataSpec(files={"train": str(path)}, splits={"train": "train"}, label_column=None)
+    with pytest.raises(FtlabError, match="(?s)read as CoNLL.*data.path=text"):
+        load_raw(spec)
+    spec.path = "text"
+    raw = load_raw(spec)
+    assert list(raw.splits["train"]["text"]) == ["The first plain sentence of a corpus.",
+                                                 "Another line of text here."]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, suffix):
+    """pandas renamed the second 'text' to 'text.1' and the run read the first silently."""
+    sep = "\t" if suffix == ".tsv" else ","
+    path = tmp_path / f"train{suffix}"
+    path.write_text(sep.join(["text", "label", "text"]) + "\n" + sep.join(["a", "x", "b"]) + "\n")
+    with pytest.raises(FtlabError, match=r"names the column\(s\) \['text'\] more than once"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))

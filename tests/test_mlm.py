@@ -225,3 +225,25 @@ def test_a_zip_holding_one_csv_is_read_as_unlabelled_text(tmp_path):
                             split_by="article_id"))
     assert raw.labels is None and sum(len(s) for s in raw.splits.values()) == len(TEXTS)
     assert (tmp_path / "news.zip.d" / "News.csv").read_text() == csv  # extracted beside it
+
+
+@pytest.mark.parametrize("task_class", ["mlm", "clm", "classify"])
+def test_word_list_text_is_tokenised_as_its_words_not_a_python_list(tiny, task_class):
+    """TAPT on a tagging task's data (CoNLL: a list of words per row) reads the words joined
+    by spaces; it once read "['alice', 'went']" with brackets, quotes and commas."""
+    from datasets import Dataset, DatasetDict
+
+    from ftlab.data.sources import RawData
+    from ftlab.tasks.clm import CausalLM
+
+    spec, tok = tiny
+    words = [t.split() for t in TEXTS[:8]]
+    task = {"mlm": lambda: MaskedLM(max_length=32, pack=False),
+            "clm": lambda: CausalLM(max_length=32, pack=False), "classify": Classify}[task_class]()
+    raw = RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
+                  ["neg", "pos"])
+    task.bind(raw, tok, ["text"])
+    labels = {"label": [0] * 8}
+    as_words = task.featurize({"text": words, **labels})["input_ids"]
+    as_text = task.featurize({"text": [" ".join(w) for w in words], **labels})["input_ids"]
+    assert as_words == as_text

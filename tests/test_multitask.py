@@ -359,3 +359,11 @@ def test_several_devices_are_refused_with_the_fix(make_cfg, sentiment_dir, pairs
                                      trainer]))[0]
     with pytest.raises(FtlabError, match="trains on one device"):
         validate([stage], StageBuilder())
+
+
+def test_a_sub_task_named_mean_is_refused(make_cfg, sentiment_dir, pairs_dir):
+    """A sub-task 'mean' logs val/mean/acc, which the sub-tasks' average overwrote."""
+    cfg = make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                    "+stage.tasks.mean={task: {_target_: ftlab.tasks.classify.Classify}}"])
+    with pytest.raises(FtlabError, match="cannot be named 'mean'"):
+        build_pipeline(cfg)

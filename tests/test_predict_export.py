@@ -363,3 +363,32 @@ def test_the_python_api_takes_no_texts_and_refuses_a_batch_of_zero(train):
     assert predictor.predict([]) == []
     with pytest.raises(ftlab.errors.FtlabError, match="batch_size must be at least 1"):
         predictor.predict(["good"], batch_size=0)
+
+
+def test_predict_cli_splits_txt_and_jsonl_at_line_ends_only(tmp_path):
+    """A text holding a form feed or U+2028 (a line separator to str.splitlines, not to a
+    file) is one row: the output lines up with the input's lines."""
+    from ftlab.predict_cli import read_rows
+
+    txt = tmp_path / "in.txt"
+    txt.write_bytes("page one\x0cpage two\r\nsee\u2028this\n\nlast \x1c one\n".encode())
+    assert read_rows(txt, None)[0] == ["page one\x0cpage two", "see\u2028this", "",
+                                       "last \x1c one"]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False) + "\n",
+                     encoding="utf-8")
+    assert read_rows(jsonl, None)[0] == [{"text": "a\u2028b\x85c"}]
+
+
+def test_predict_cli_refuses_a_tsv_row_that_swallows_the_rows_after_it(tmp_path):
+    """A text opening with a double quote read the next rows into it: fewer predictions than
+    input rows, silently. Refused, naming the row."""
+    from ftlab.errors import FtlabError
+    from ftlab.predict_cli import read_rows
+
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text('id\ttext\n1\t"so good\n2\tbad\n3\tit was "ok"\n')
+    with pytest.raises(FtlabError, match=r"row 1 has a tab inside its 'text'"):
+        read_rows(tsv, None)
+    tsv.write_text('id\ttext\n1\t"quoted, fine"\n2\tbad\n')
+    assert [r["text"] for r in read_rows(tsv, None)[0]] == ["quoted, fine", "bad"]

@@ -103,3 +103,62 @@ def test_text2text_stage_runs_with_lora_and_reports_rank_and_generation(model, m
         f"model={model}", "stage=text2text", "peft=lora", "trainer.max_steps=4"]))
     assert record["status"] == "ok"
     assert {"val/acc", "val/f1", "val/em", "test/acc", "test/em"} <= set(record["final"])
+
+
+def test_seq2seq_targets_longer_than_the_source_are_batched_whole(make_cfg, sentiment_dir):
+    """A short source ("ok") with a longer target: the batch's decoder labels hold the whole
+    target (the collator once cut every sequence feature to the longest source)."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_t5", source="{text}",
+                            targets={"pos": "a very good and pleasant film", "neg": "bad"})
+    batch = batch_for(task, [{"text": "ok", "label": "pos"}, {"text": "ok", "label": "neg"}],
+                      tok.pad_token_id)
+    assert batch["input_ids"].shape[1] < len(tok("a very good and pleasant film")["input_ids"])
+    for row, target in zip(batch["labels"].tolist(), ["a very good and pleasant film", "bad"],
+                           strict=True):
+        assert [t for t in row if t != -100] == tok(target)["input_ids"]
+
+
+def test_two_labels_with_one_target_string_are_refused(make_cfg, sentiment_dir):
+    with pytest.raises(FtlabError, match="several labels the target 'good'"):
+        setup(make_cfg, sentiment_dir, "tiny_t5", targets={"pos": "good", "neg": "good"})
+
+
+def test_decoder_only_with_prompt_tuning_scores_the_rows_own_positions(make_cfg, sentiment_dir):
+    """Prompt tuning prepends virtual tokens' positions to a causal LM's logits: the target
+    loss stopped with a shape error and rank scores read shifted positions."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2")
+    torch.manual_seed(0)
+    model = get_peft_model(task.build_model(spec), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    rows = synthetic_rows(3, 2)
+    batch = batch_for(task, rows, tok.pad_token_id)
+    with torch.no_grad():
+        out = task.forward(model, batch)
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, 4:]
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        assert out.loss.item() == pytest.approx(want.item(), abs=1e-5)
+        for i, r in enumerate(rows):
+            prompt = tok("review: " + r["text"])["input_ids"]
+            for label in (0, 1):
+                w = task.target_ids("", task.targets[label])
+                lp = F.log_softmax(model(input_ids=torch.tensor([prompt + w])).logits[0, 4:]
+                                   .float(), -1)
+                manual = sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(w))
+                assert out.logits[i, label].item() == pytest.approx(manual.item(), abs=1e-4)
+
+
+def test_targets_keyed_by_numbers_match_numeric_label_names(make_cfg, sentiment_dir):
+    """Labels read from numbers are named '0', '1'; targets written `{0: negative, 1:
+    positive}` have int keys (Hydra/YAML), which were refused as not naming the labels."""
+    from datasets import Dataset, DatasetDict
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_t5"])
+    tok = load_tokenizer(bind_schema(ModelSpec, cfg.model, "model"))
+    task = TextToText(targets={0: "negative", 1: "positive"})
+    task.bind(RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
+                      ["0", "1"]), tok, ["text"])
+    assert task.targets == ["negative", "positive"]

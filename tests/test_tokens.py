@@ -293,3 +293,57 @@ def test_tokens_run_with_aux_mlm(make_cfg, conll_dir):
                                    "stage.trainer.max_steps=6"))
     record = run(cfg)
     assert record["status"] in ("ok", "failed") and "test/f1" in record["final"]
+
+
+def test_tag_lists_must_match_their_word_lists_and_need_word_lists(tmp_path):
+    """A row with fewer tags than words stopped featurising with an IndexError; a list of
+    labels beside plain text (multi-label data) was refused as 'not a BIO tag'."""
+    from ftlab.data.sources import load_raw
+    from ftlab.data.spec import DataSpec
+
+    rows = [{"tokens": ["alice", "went", "home"], "tags": ["B-per", "O", "O"]}] * 5
+    rows[3] = {"tokens": ["alice", "went", "home"], "tags": ["B-per", "O"]}
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = DataSpec(files={"train": str(tmp_path / "t.jsonl")}, splits={"train": "train"},
+                    text_columns=["tokens"], label_column="tags")
+    with pytest.raises(FtlabError, match=r"(?s)1 row.*row 4: 3 words, 2 tags.*one tag"):
+        load_raw(spec)
+    rows[3] = {"tokens": ["alice"], "tags": None}
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FtlabError, match=r"1 row\(s\) with no 'tags' list .*row 4"):
+        load_raw(spec)
+    multi = [{"text": f"news {i}", "label": ["sports", "politics"][: i % 2 + 1]}
+             for i in range(6)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multi))
+    with pytest.raises(FtlabError, match="(?s)multi-label.*data.text_columns"):
+        load_raw(DataSpec(files={"train": str(tmp_path / "m.jsonl")}, splits={"train": "train"}))
+
+
+def test_tag_ids_of_a_hugging_face_classlabel_are_read_as_their_names():
+    """conll2003/wnut_17 on the Hub store tag ids of a ClassLabel: they were read as the tags
+    '0', '3'... and refused as not BIO."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+    from ftlab.data.labels import encode_labels
+    from ftlab.data.spec import DataSpec
+
+    names = ["O", "B-PER", "I-PER", "B-LOC"]
+    feats = Features({"tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=names))})
+    rows = {"tokens": [["alice", "smith", "left"], ["rome"]], "ner_tags": [[1, 2, 0], [3]]}
+    dsd = DatasetDict({"train": Dataset.from_dict(rows, features=feats)})
+    out, labels = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags"))
+    assert labels == names and list(out["train"]["label"]) == [[1, 2, 0], [3]]
+    declared = ["O", "B-LOC", "B-PER", "I-PER"]
+    out, labels = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags",
+                                              labels=declared))
+    assert labels == declared and list(out["train"]["label"]) == [[2, 3, 0], [1]]
+
+
+def test_conll_file_with_a_byte_order_mark(tmp_path):
+    """A BOM before '-DOCSTART-' made it a word (tagged O) of a sentence of its own, and
+    glued itself to a first word otherwise."""
+    path = tmp_path / "bom.conll"
+    path.write_bytes("\ufeff-DOCSTART- -X- -X- O\n\nEU\tB-org\nrejects\tO\n".encode())
+    assert read_conll(path) == {"tokens": [["EU", "rejects"]], "tags": [["B-org", "O"]]}
+    path.write_bytes("\ufeffEU\tB-org\n".encode())
+    assert read_conll(path)["tokens"] == [["EU"]]

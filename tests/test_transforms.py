@@ -283,3 +283,12 @@ def test_a_distillation_stage_labels_the_rows_few_shot_set_aside(make_cfg, senti
     assert teacher["train_rows"] == 16 and teacher["data_transforms"][0]["unlabelled_rows"] == 240
     assert (student["distilled_from"], student["distilled_rows"]) == ("unlabelled", 240)
     assert student["data_transforms"] == teacher["data_transforms"]
+
+
+def test_few_shot_a_class_missing_from_validation_names_a_fix_that_works():
+    """A class with no validation rows: no k fits it ("use k <= 0" was suggested); the fix
+    names k_total and validation: full."""
+    no_z = LABELLED.select([i for i in range(30) if i % 3 != 2])
+    with pytest.raises(FtlabError, match="class 'z' has only 0 row") as err:
+        FewShot(k=2, validation="k_shot")(Rows(LABELLED, no_z, ("text",), ["x", "y", "z"], 0))
+    assert "k <= 0" not in str(err.value) and "validation: full" in str(err.value)

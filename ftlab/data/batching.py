@@ -134,11 +134,13 @@ PAD_VALUES: dict[str, int | float] = {"attention_mask": 0, "token_type_ids": 0, 
 class PadCollator:
     """Rows of features -> a batch of tensors, padded to the longest ``input_ids`` in the batch.
 
-    A list-valued (token-aligned) feature is padded with its pad value: ``input_ids`` with
+    A list-valued feature is padded with its pad value: ``input_ids`` with
     ``pad_id``, masks with 0, token ``labels`` with -100, any other from ``pad_values`` (a
     task's own). Int features become long tensors, float features float32; a float feature
     whose rows all have the same length (a probability vector per row: soft labels, teacher
     scores) is stacked as is, unpadded. A scalar feature (a class id) is one value per row.
+    A sequence feature longer than the batch's ``input_ids`` (a seq2seq target: decoder
+    labels) is padded to its own longest row, never cut to the source's width.
 
     ``buckets`` (optional) pads each batch to the smallest of these widths that holds its
     longest row, so a run meets only that many shapes (CUDA graphs, ``torch.compile``'s
@@ -174,12 +176,17 @@ class PadCollator:
             if not isinstance(first, list | tuple):
                 batch[key] = torch.as_tensor([r[key] for r in rows])
             elif not _is_float(rows, key):
-                batch[key] = self._pad(rows, key, width, torch.long)
+                batch[key] = self._pad(rows, key, self._own_width(rows, key, width), torch.long)
             elif len({len(r[key]) for r in rows}) == 1:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
             else:
                 batch[key] = self._pad(rows, key, width, torch.float32)
         return batch
+
+    def _own_width(self, rows: list[dict], key: str, width: int) -> int:
+        """``width``, or more for a feature whose rows are longer (a seq2seq target)."""
+        longest = max(len(r[key]) for r in rows)
+        return width if longest <= width or self.pad_to else self.width(longest)
 
     def _pad(self, rows: list[dict], key: str, width: int, dtype: torch.dtype) -> torch.Tensor:
         if key not in self.pad_values:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, Features, List, Sequence, Value
+import pyarrow.compute as pc
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Sequence, Value
 
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
@@ -26,7 +27,7 @@ def read_conll(path: str | Path) -> dict[str, list[list[str]]]:
     tags: list[list[str]] = []
     words: list[str] = []
     labels: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows editors) is no text
         for number, line in enumerate(f, 1):
             if not line.strip():
                 if words:
@@ -87,9 +88,14 @@ def encode_tags(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str
     """Tag sequences -> a ``label`` column of tag-id lists, and the tag names in id order
     (``spec.labels`` when given, else :func:`tag_set` of the training split)."""
     col = spec.label_column
-    seen = {split: {str(t) for row in ds[col] for t in row} for split, ds in dsd.items()}
-    labels = [str(x) for x in spec.labels] if spec.labels is not None else tag_set(
-        seen["train"])
+    _check_words(dsd, col, spec.text_columns[0])
+    # a Hugging Face tagging dataset (conll2003, wnut_17) stores tag ids of a ClassLabel
+    inner = getattr(dsd["train"].features[col], "feature", None)
+    names = list(inner.names) if isinstance(inner, ClassLabel) else None
+    name = (lambda t: names[t]) if names else str  # noqa: E731
+    seen = {split: {name(t) for row in ds[col] for t in row} for split, ds in dsd.items()}
+    labels = [str(x) for x in spec.labels] if spec.labels is not None else (
+        names or tag_set(seen["train"]))
     for split, values in seen.items():
         bad = sorted(t for t in values if not BIO.match(t))
         if bad:
@@ -99,8 +105,41 @@ def encode_tags(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str
             raise FtlabError(f"The {split} split has tag(s) {unknown[:10]} outside the tag set "
                              f"{labels}.", "add them to data.labels, or fix the data.")
     index = {name: i for i, name in enumerate(labels)}
-    dsd = dsd.map(lambda b: {"__ftlab_tags": [[index[str(t)] for t in row] for row in b[col]]},
+    dsd = dsd.map(lambda b: {"__ftlab_tags": [[index[name(t)] for t in row] for row in b[col]]},
                   batched=True)
     dsd = DatasetDict({s: ds.remove_columns([c for c in ("label",) if c in ds.column_names])
                        for s, ds in dsd.items()})
     return dsd.rename_column("__ftlab_tags", "label"), labels
+
+
+def _check_words(dsd: DatasetDict, col: str, words: str) -> None:
+    """Tags are read one per word: the text column must hold word lists (not text: a list of
+    labels per text is multi-label data, which ftlab does not train), each as long as its
+    row's tag list."""
+    for split, ds in dsd.items():
+        if words not in ds.column_names:
+            continue  # the missing column is named by the column check
+        if not is_list_feature(ds.features[words]):
+            raise FtlabError(
+                f"Column '{col}' holds a list per row, but the text column '{words}' holds "
+                "text, not a list of words: ftlab reads a list of labels as a tag per word "
+                "(stage=tokens); several labels per text (multi-label) are not supported.",
+                f"for tagging, set data.text_columns to the column of word lists (CoNLL: "
+                f"tokens); for classification, give one label per row in '{col}'.")
+        lengths = ds.with_format("arrow").select_columns([words, col])
+        for name in (words, col):  # a null list: no words, or no tags, for that row
+            null = pc.is_null(lengths[name]).to_numpy(zero_copy_only=False).nonzero()[0]
+            if len(null):
+                raise FtlabError(f"The {split} split has {len(null)} row(s) with no '{name}' "
+                                 f"list (null; the first is row {int(null[0]) + 1}).",
+                                 "give every row its words and a tag per word, or remove "
+                                 "those rows.")
+        n_words = pc.list_value_length(lengths[words]).to_numpy(zero_copy_only=False)
+        n_tags = pc.list_value_length(lengths[col]).to_numpy(zero_copy_only=False)
+        bad = (n_words != n_tags).nonzero()[0]
+        if len(bad):
+            row = int(bad[0])
+            raise FtlabError(
+                f"The {split} split has {len(bad)} row(s) whose '{col}' list is not as long as "
+                f"its '{words}' list (the first is row {row + 1}: {int(n_words[row])} words, "
+                f"{int(n_tags[row])} tags).", "give every word exactly one tag.")

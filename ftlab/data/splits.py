@@ -23,6 +23,7 @@ SLICE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<lo>-?\d+%?)?:(?P<hi>-?\d+%?)?\
 
 def pick_splits(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
     out = {}
+    taken: dict[str, tuple[str, range]] = {}  # our split -> (their split, its rows)
     splits = spec.splits if spec.splits is not None else {s: s for s in SPLITS}
     for ours, theirs in splits.items():
         if theirs is None:
@@ -40,23 +41,43 @@ def pick_splits(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
                 f"set data.splits.{ours}=<one of those>, or data.splits.{ours}=null to go "
                 "without it.",
             )
-        out[ours] = _slice(dsd[name], match["lo"], match["hi"])
+        rows = _rows(len(dsd[name]), match["lo"], match["hi"])
+        taken[ours] = (name, rows)
+        out[ours] = dsd[name] if rows == range(len(dsd[name])) else dsd[name].select(rows)
+    _refuse_training_rows_in_evaluation(taken, splits)
     if "train" not in out:
         raise FtlabError("The data has no training split.", "set data.splits.train or "
                          "data.files.train.")
     return DatasetDict(out)
 
 
-def _slice(ds: Dataset, lo: str | None, hi: str | None) -> Dataset:
-    """Rows ``[lo:hi]`` of ``ds`` by position; a bound ending in % is a share of its rows."""
+def _rows(n: int, lo: str | None, hi: str | None) -> range:
+    """Positions ``[lo:hi]`` of ``n`` rows; a bound ending in % is a share of the rows."""
     def bound(b: str | None) -> int | None:
         if b is None:
             return None
-        return round(len(ds) * int(b[:-1]) / 100) if b.endswith("%") else int(b)
+        return round(n * int(b[:-1]) / 100) if b.endswith("%") else int(b)
 
-    if lo is None and hi is None:
-        return ds
-    return ds.select(range(len(ds))[bound(lo):bound(hi)])
+    return range(n)[bound(lo):bound(hi)]
+
+
+def _refuse_training_rows_in_evaluation(taken: dict[str, tuple[str, range]],
+                                        splits: dict[str, str | None]) -> None:
+    """A validation or test split carved from the training split's rows must not share rows
+    with training (``train: train`` beside ``validation: 'train[90%:]'``): it would score the
+    model on what it trained on."""
+    if "train" not in taken:
+        return
+    source, train = taken["train"]
+    for ours in ("validation", "test"):
+        name, rows = taken.get(ours, (None, range(0)))
+        shared = len(range(max(train.start, rows.start), min(train.stop, rows.stop)))
+        if name == source and shared:
+            raise FtlabError(
+                f"data.splits.{ours}='{splits[ours]}' shares {shared} row(s) with "
+                f"data.splits.train='{splits['train']}': the model would be scored on rows it "
+                "trained on.", f"carve them apart, e.g. data.splits.train='{source}[:90%]' "
+                f"data.splits.{ours}='{source}[90%:]'.")
 
 
 def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float]) -> DatasetDict:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datasets import Value
+from datasets import ClassLabel, Value
 
 from ftlab.errors import FtlabError
 
@@ -70,7 +70,9 @@ def _frame(path: str, builder: str, kwargs: dict[str, Any]) -> Any:
 
     try:
         if builder == "csv":
-            return pd.read_csv(path, sep=kwargs.get("delimiter", ","), dtype=None)
+            return pd.read_csv(path, sep=kwargs.get("delimiter", ","), dtype=None,
+                               keep_default_na=kwargs.get("keep_default_na", True),
+                               na_values=kwargs.get("na_values"))
         if builder == "json":
             return pd.read_json(path, lines=True)
         return pd.read_parquet(path)
@@ -161,6 +163,13 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _single(feature: Any) -> bool:
+    """A feature of one plain value per row: a ``Value`` other than JSON, or a Hugging Face
+    ``ClassLabel`` (a Hub dataset's class or tag ids)."""
+    return isinstance(feature, ClassLabel) or (isinstance(feature, Value)
+                                               and feature.dtype != "json")
+
+
 def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | None) -> None:
     """Text and label columns hold single values (text, numbers, booleans) or, in every row,
     a list of them (word-tagged data: words and their tags), not objects or a mix of types:
@@ -169,10 +178,10 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
         where = (files or {}).get(split) or (files or {}).get("all") or ""
         for col in columns:
             feature = ds.features.get(col)
-            if feature is None or (isinstance(feature, Value) and feature.dtype != "json"):
+            if feature is None or _single(feature):
                 continue
             inner = getattr(feature, "feature", None)  # a list of plain values in every row:
-            if isinstance(inner, Value) and inner.dtype != "json":  # words/tags (stage=tokens)
+            if _single(inner):  # words/tags (stage=tokens)
                 continue
             change = _jsonl_change(Path(where)) if where.endswith((".jsonl", ".json")) \
                 and Path(where).is_file() else None
@@ -186,3 +195,22 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
                 f"({_show(values[row - 1])}), not a single text, number or boolean.",
                 f"give each row of '{col}' one value (join lists into one text), or point "
                 "data.text_columns / data.label_column at the right column.")
+
+
+def refuse_repeated_header(files: dict[str, str], suffix: Any) -> None:
+    """A csv/tsv header that names a column twice: pandas renames the second (``text.1``)
+    and a run would read the first silently; name the file and the column."""
+    import csv
+
+    for path in files.values():
+        try:
+            with _opener(Path(path))(path, "rt", encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f, delimiter="\t" if suffix(path) == ".tsv" else ","),
+                              [])
+        except (OSError, UnicodeDecodeError, EOFError, csv.Error):
+            continue  # unreadable: the reader's own message says why
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        if twice:
+            raise FtlabError(f"The header of {path} names the column(s) {twice} more than once.",
+                             "give every column its own name (the reader would rename the "
+                             f"second to '{twice[0]}.1').")

@@ -98,6 +98,16 @@ class SeesPrepared(Protocol):
     def prepared(self, model: nn.Module) -> None: ...
 
 
+def as_text(value: Any) -> str:
+    """A text column's value as the text a task tokenises: None -> "", a list of words (CoNLL
+    data: TAPT on a tagging task's text) -> the words joined by spaces, not its Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return " ".join(as_text(v) for v in value)
+    return str(value)
+
+
 class TaskDefaults:
     """Defaults for the Task protocol's optional parts: no extra pad values, no extra info,
     no baseline. Subclass it; override what the task has."""

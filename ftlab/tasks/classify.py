@@ -21,7 +21,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.rules import at_least, one_of
-from ftlab.tasks.base import TaskDefaults, TaskOutput
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
 
 #: ``class_weights``: none (plain cross-entropy) | balanced (inverse class frequency)
 CLASS_WEIGHTS = ("none", "balanced")
@@ -104,7 +104,7 @@ class Classify(TaskDefaults):
         self.features = (*tokenizer.model_input_names, "labels")  # what the tokenizer emits
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
-        texts = [[("" if t is None else str(t)) for t in batch[c]] for c in self.text_columns]
+        texts = [[as_text(t) for t in batch[c]] for c in self.text_columns]
         enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
         enc["labels"] = batch["label"]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]

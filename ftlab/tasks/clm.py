@@ -19,7 +19,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
-from ftlab.tasks.base import TaskDefaults, TaskOutput
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
 from ftlab.tasks.mlm import Perplexity
 
 
@@ -71,7 +71,7 @@ class CausalLM(TaskDefaults):
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         """Only ``input_ids``/``attention_mask``: a causal LM takes no ``token_type_ids``."""
-        cols = [[("" if t is None else str(t)) for t in batch[c]] for c in self.text_columns]
+        cols = [[as_text(t) for t in batch[c]] for c in self.text_columns]
         texts = [" ".join(parts) for parts in zip(*cols, strict=True)]
         pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         if not self.pack:

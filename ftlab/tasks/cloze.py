@@ -31,9 +31,16 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
-from ftlab.tasks.base import TaskOutput
+from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import Pattern, check_fields, continuation_logprob, fit, verbaliser_ids
+from ftlab.tasks.prompting import (
+    Pattern,
+    check_fields,
+    continuation_logprob,
+    fit_texts,
+    input_logits,
+    verbaliser_ids,
+)
 
 #: Zhao et al. (2021)'s content-free inputs; "[MASK]" becomes the tokenizer's mask token
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -69,25 +76,40 @@ class Cloze(Classify):
         check_fields(self.pattern, self.text_columns)
         verbalizer = self.verbalizer or {label: label for label in self.labels}
         self.words = verbaliser_ids(tokenizer, self.pattern, verbalizer, self.labels)
-        self.features = ("input_ids", "attention_mask", "labels")
+        self.features = ("input_ids", "attention_mask", "labels", "slot")
 
     def _texts(self, batch: Mapping[str, list], i: int) -> dict[str, str]:
-        return {c: ("" if batch[c][i] is None else str(batch[c][i])) for c in self.pattern.fields}
+        return {c: as_text(batch[c][i]) for c in self.pattern.fields}
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         rows = len(batch[self.text_columns[0]])
-        ids = [self.encode(self._texts(batch, i)) for i in range(rows)]
-        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
-                "labels": batch["label"], "length": [len(x) for x in ids]}
+        ids, slots = zip(*(self.encode_slot(self._texts(batch, i)) for i in range(rows)),
+                         strict=True) if rows else ((), ())
+        return {"input_ids": list(ids), "attention_mask": [[1] * len(x) for x in ids],
+                "labels": batch["label"], "slot": list(slots), "length": [len(x) for x in ids]}
 
     def encode(self, texts: dict[str, str]) -> list[int]:
         """A row's token ids: the whole pattern with [MASK] (masked LM) or the text before the
         slot (causal LM)."""
+        return self.encode_slot(texts)[0]
+
+    def encode_slot(self, texts: dict[str, str]) -> tuple[list[int], int]:
+        """:meth:`encode`'s ids and the slot's position: the pattern's [MASK] (masked LM; not
+        a mask token the text itself holds, as the content-free input "[MASK]" does), or the
+        prefix's last token (causal LM)."""
         if self.causal is None:
             raise FtlabError("Cloze.encode before the model family is known.",
                              "call see_model(config) (StageBuilder does) before featurising.")
-        return fit(self.tokenizer, self.pattern, texts, self.tokenizer.mask_token or "",
-                   self.max_length, prefix_only=self.causal)
+        ids, cut = fit_texts(self.tokenizer, self.pattern, texts,
+                             self.tokenizer.mask_token or "", self.max_length,
+                             prefix_only=self.causal)
+        if self.causal:
+            return ids, len(ids) - 1
+        mask_id = self.tokenizer.mask_token_id
+        before = self.tokenizer(self.pattern.before_mask.format_map(cut),
+                                add_special_tokens=False)["input_ids"]
+        masks = [i for i, t in enumerate(ids) if t == mask_id]
+        return ids, masks[min(before.count(mask_id), len(masks) - 1)]
 
     # --- model ------------------------------------------------------------------------------
     def see_model(self, config: Any) -> None:
@@ -106,6 +128,14 @@ class Cloze(Classify):
             raise FtlabError(f"stage=cloze needs a language-model head, and '{kind}' has none "
                              "in transformers (or its tokenizer has no mask token).",
                              "use a masked LM (BERT, RoBERTa...) or a causal LM (model=smollm2).")
+        after = [f for f in self.pattern.fields
+                 if "{" + f + "}" not in self.pattern.before_mask]
+        if self.causal and after:  # a causal LM reads the text before the slot only
+            raise FtlabError(f"A causal LM scores the words after the pattern's text before "
+                             f"{{mask}}, but {self.pattern.template!r} puts {after} after it: "
+                             "that text would never be read.",
+                             "put {mask} after every text field, e.g. "
+                             "stage.task.pattern='{text} It was {mask}.'.")
         if not self.causal and any(len(w) != 1 for ws in self.words for w in ws):
             bad = {lab: [self.tokenizer.convert_ids_to_tokens(w) for w in ws]
                    for lab, ws in zip(self.labels, self.words, strict=True)
@@ -137,24 +167,27 @@ class Cloze(Classify):
         """Log-space label scores ``[batch, labels]``."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")
                   if k in batch}
-        words = self._word_scores(model, inputs)  # [batch, all words]
+        words = self._word_scores(model, inputs, batch.get("slot"))  # [batch, all words]
         per_label, start = [], 0
         for ws in self.words:
             per_label.append(torch.logsumexp(words[:, start:start + len(ws)], dim=-1))
             start += len(ws)
         return torch.stack(per_label, dim=-1)
 
-    def _word_scores(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _word_scores(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                     slot: torch.Tensor | None = None) -> torch.Tensor:
         flat = [w for ws in self.words for w in ws]
         ids = inputs["input_ids"]
         rows = torch.arange(ids.shape[0], device=ids.device)
-        if not self.causal:  # the MLM logit of each word's token at the [MASK]
-            at = (ids == self.tokenizer.mask_token_id).int().argmax(-1)
-            logits = model(**inputs).logits[rows, at].float()
+        if not self.causal:  # the MLM logit of each word's token at the pattern's [MASK]
+            at = slot if slot is not None else (
+                ids == self.tokenizer.mask_token_id).int().argmax(-1)
+            logits = input_logits(model(**inputs).logits, ids.shape[1])[rows, at].float()
             return logits[:, [w[0] for w in flat]]
         last = inputs["attention_mask"].sum(-1) - 1  # right-padded: the prefix's last token
         if all(len(w) == 1 for w in flat):
-            logp = F.log_softmax(model(**inputs).logits[rows, last].float(), dim=-1)
+            logits = input_logits(model(**inputs).logits, ids.shape[1])
+            logp = F.log_softmax(logits[rows, last].float(), dim=-1)
             return logp[:, [w[0] for w in flat]]
         pad = self.tokenizer.pad_token_id or 0
         return torch.stack([continuation_logprob(model, ids, inputs["attention_mask"], last, w,
@@ -180,8 +213,8 @@ class Cloze(Classify):
         for cf in self.content_free:
             text = self.tokenizer.mask_token if cf == "[MASK]" and self.tokenizer.mask_token \
                 else cf
-            ids = self.encode({f: text for f in self.pattern.fields})
-            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+            ids, slot = self.encode_slot({f: text for f in self.pattern.fields})
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "slot": slot})
         batch = PadCollator(self.tokenizer.pad_token_id or 0)(rows)
         device = next(model.parameters()).device
         with torch.no_grad():

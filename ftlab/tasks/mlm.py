@@ -23,7 +23,7 @@ from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_m
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.resolve import resolve
 from ftlab.rules import at_least, between
-from ftlab.tasks.base import Task, TaskDefaults, TaskOutput
+from ftlab.tasks.base import Task, TaskDefaults, TaskOutput, as_text
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class MaskedLM(TaskDefaults):
         self.continues = torch.tensor([str(t).startswith("##") for t in vocab])
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
-        cols = [[("" if t is None else str(t)) for t in batch[c]] for c in self.text_columns]
+        cols = [[as_text(t) for t in batch[c]] for c in self.text_columns]
         texts = [" ".join(parts) for parts in zip(*cols, strict=True)]
         if not self.pack:
             enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)

@@ -117,6 +117,17 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
             raise FtlabError(f"The verbaliser gives label '{label}' no word ({words[label]}).",
                              "give each label at least one non-empty word.")
         out.append([word_ids(tokenizer, pattern, w.strip()) for w in words[label]])
+    owner: dict[tuple[int, ...], str] = {}  # a word's ids -> the first label that has it
+    for label, ids in zip(labels, out, strict=True):
+        for word, w in zip(words[label], ids, strict=True):
+            other = owner.setdefault(tuple(w), label)
+            if other != label:  # the same score for both labels: they cannot be told apart
+                raise FtlabError(f"The verbaliser word {word.strip()!r} of label '{label}' is "
+                                 f"tokenised as a word of label '{other}' "
+                                 f"({tokenizer.convert_ids_to_tokens(w)}): the two labels "
+                                 "would get the same score.",
+                                 "give each label its own words (an uncased tokenizer reads "
+                                 "'Good' as 'good').")
     return out
 
 
@@ -124,13 +135,19 @@ def fit(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str,
         max_length: int, prefix_only: bool = False) -> list[int]:
     """Token ids of the rendered pattern within ``max_length``: the longest text field is cut
     (at a token boundary) until it fits, never the pattern's own words or the slot."""
+    return fit_texts(tokenizer, pattern, texts, mask, max_length, prefix_only)[0]
+
+
+def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str,
+              max_length: int, prefix_only: bool = False) -> tuple[list[int], dict[str, str]]:
+    """:func:`fit`'s ids, and the text fields as cut to fit."""
     texts = dict(texts)
     for _ in range(8):
         text = pattern.prefix(texts) if prefix_only else pattern.render(texts, mask)
         ids = tokenizer(text)["input_ids"]
         over = len(ids) - max_length
         if over <= 0:
-            return ids
+            return ids, texts
         name = max(texts, key=lambda k: len(texts[k]), default=None)
         if name is None or not texts[name]:
             raise FtlabError(f"The pattern {pattern.template!r} alone is longer than "
@@ -154,7 +171,13 @@ def continuation_logprob(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
     pos = last[:, None] + 1 + torch.arange(n, device=ids.device)  # where the word goes
     seq.scatter_(1, pos, torch.tensor(list(word), device=ids.device).expand(ids.shape[0], n))
     att.scatter_(1, pos, 1)
-    logits = model(input_ids=seq, attention_mask=att).logits
+    logits = input_logits(model(input_ids=seq, attention_mask=att).logits, width)
     before = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float()
     logp = F.log_softmax(before, dim=-1)
     return logp.gather(2, seq.gather(1, pos)[..., None]).squeeze(-1).sum(-1)
+
+
+def input_logits(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """The logits at the ``width`` input positions: prompt tuning (peft) prepends its virtual
+    tokens' positions to a causal LM's output, which would shift every index by their count."""
+    return logits[:, -width:]

@@ -27,9 +27,9 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
-from ftlab.tasks.base import TaskOutput
+from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import continuation_ids, continuation_logprob
+from ftlab.tasks.prompting import continuation_ids, continuation_logprob, input_logits
 
 
 class TextToText(Classify):
@@ -54,7 +54,9 @@ class TextToText(Classify):
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)
         self.source, self.generate = source, generate
-        self.target_map = dict(targets) if targets is not None else None
+        # keys as the label names are (text): Hydra reads `{0: negative}`'s key as a number
+        self.target_map = {str(k): v for k, v in targets.items()} if targets is not None \
+            else None
         self.max_target_length = max_target_length
         self.seq2seq: bool | None = None
         self.eos: int | None = None
@@ -68,6 +70,11 @@ class TextToText(Classify):
                              f"data's labels are {list(self.labels)}.",
                              "give every label one target string, or targets: null for the "
                              "label names.")
+        twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if twice:  # equal rank scores and equal generations: the labels cannot be told apart
+            raise FtlabError(f"stage.task.targets gives several labels the target {twice[0]!r} "
+                             f"({dict(zip(self.labels, self.targets, strict=True))}).",
+                             "give each label its own target string.")
         try:
             self.source.format_map({c: "" for c in self.text_columns})
         except (KeyError, ValueError, IndexError) as err:
@@ -81,8 +88,7 @@ class TextToText(Classify):
         n = len(batch[self.text_columns[0]])
         out: dict[str, list] = {"input_ids": [], "labels": [], "class_id": []}
         for i in range(n):
-            texts = {c: ("" if batch[c][i] is None else str(batch[c][i])) for c in
-                     self.text_columns}
+            texts = {c: as_text(batch[c][i]) for c in self.text_columns}
             label = batch["label"][i]
             cid = int(torch.as_tensor(label).argmax()) if isinstance(label, list) else int(label)
             ids, labels = self.encode(self.source.format_map(texts), self.targets[cid])
@@ -142,7 +148,8 @@ class TextToText(Classify):
         if self.seq2seq:
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         else:  # the loss on target tokens only (labels hold -100 over the prompt)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logits = input_logits(model(input_ids=ids, attention_mask=mask).logits,
+                                  ids.shape[1])[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         if model.training:
@@ -214,7 +221,8 @@ class TextToText(Classify):
         rows = torch.arange(ids.shape[0], device=ids.device)
         for step in range(n):
             at = last + step
-            nxt = model(input_ids=seq, attention_mask=att).logits[rows, at].argmax(-1)
+            logits = input_logits(model(input_ids=seq, attention_mask=att).logits, seq.shape[1])
+            nxt = logits[rows, at].argmax(-1)
             seq[rows, at + 1], att[rows, at + 1] = nxt, 1
         gather = last[:, None] + 1 + torch.arange(n, device=ids.device)
         return seq.gather(1, gather)

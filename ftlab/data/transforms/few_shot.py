@@ -102,8 +102,10 @@ class FewShot:
         short = {name: len(w) for name, w in zip(labels, where, strict=True) if len(w) < self.k}
         if short:
             said = ", ".join(f"class '{name}' has only {n} row(s)" for name, n in short.items())
+            least = min(short.values())  # 0: a class the split lacks; no k fits it
             raise FtlabError(f"few_shot k={self.k}: {said} in the {split} split.",
-                             f"use k <= {min(short.values())}, or k_total, or drop the "
-                             "class (data.drop_labels).")
+                             (f"use k <= {least}, or k_total" if least else "use k_total")
+                             + (", or validation: full" if split == "validation" else "")
+                             + ", or drop the class (data.drop_labels).")
         picked = [rng.choice(w, self.k, replace=False) for w in where]
         return np.sort(np.concatenate(picked))
