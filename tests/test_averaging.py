@@ -147,22 +147,29 @@ def test_ema_warmup_lowers_the_decay_of_the_first_updates():
     torch.testing.assert_close(ema.shadow["weight"], expected)
 
 
+def _fit_accumulating(callback: L.Callback, steps: int, root=None) -> list[torch.Tensor]:
+    """Fit ``Tiny`` for ``steps`` optimiser steps of 2 accumulated batches each; the weights
+    after each optimiser step."""
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(8 * steps, 4, generator=g),
+                                          torch.randn(8 * steps, 2, generator=g))
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, accumulate_grad_batches=2,
+                        default_root_dir=root, callbacks=[callback, recorder])
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    after = recorder.steps[1::2]
+    assert trainer.global_step == len(after) == steps
+    return after
+
+
 def test_ema_decays_once_per_optimiser_step_under_gradient_accumulation():
     """``decay`` is per optimiser step: with accumulate_grad_batches=2 the average moves once
     per step (after every second batch), not once per micro-batch."""
     ema = WeightAverage(decay=0.7)
     init = Tiny().model.weight.detach().clone()
-    g = torch.Generator().manual_seed(1)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g),
-                                          torch.randn(32, 2, generator=g))
-    recorder = Recorder()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, accumulate_grad_batches=2,
-                        callbacks=[ema, recorder])
-    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
-    steps = recorder.steps[1::2]  # the weights after each of the 4 optimiser steps
-    assert trainer.global_step == len(steps) == 4
+    steps = _fit_accumulating(ema, 4)
     expected = init
     for w in steps:
         expected = 0.7 * expected + 0.3 * w
@@ -215,17 +222,7 @@ def test_snapshots_are_taken_at_cycle_ends_under_gradient_accumulation(tmp_path)
     8-step run are the weights after steps 4 and 8 (not the initial weights at step 0, nor
     one cycle's end twice)."""
     snaps = SnapshotEnsemble(cycles=2)
-    g = torch.Generator().manual_seed(1)
-    data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g),
-                                          torch.randn(64, 2, generator=g))
-    recorder = Recorder()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, accumulate_grad_batches=2,
-                        default_root_dir=tmp_path, callbacks=[snaps, recorder])
-    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
-    steps = recorder.steps[1::2]  # the weights after each of the 8 optimiser steps
-    assert trainer.global_step == len(steps) == 8
+    steps = _fit_accumulating(snaps, 8, tmp_path)
     assert len(snaps.snapshots) == 2
     torch.testing.assert_close(snaps.snapshots[0]["weight"], steps[3])
     torch.testing.assert_close(snaps.snapshots[1]["weight"], steps[7])
