@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftlab.config import instantiate_checked
+from ftlab.config import instantiate_checked, require_protocol
 from ftlab.data.batching import require_one_batch
 from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import RawData, load_raw
@@ -28,6 +28,20 @@ from ftlab.regularizers.base import ChecksTask, Regularizer
 from ftlab.tasks.base import HasSubtasks, ModelAware, ScoresWithLMHead, SeesPrepared, Task
 
 log = logging.getLogger(__name__)
+
+#: how a contributor's class gets what its Protocol asks for (``require_protocol``'s fix)
+PEFT_HINT = ("subclass ftlab.peft.base.RequiresGradState for trainable_state and "
+             "load_trainable_state; name is a class attribute, e.g. name = \"mymethod\"; see "
+             "ftlab/peft/bitfit.py")
+REGULARIZER_HINT = ("name is a class attribute, e.g. name = \"myreg\" (its logged terms are "
+                    "train/<name>_...); see ftlab/regularizers/none.py")
+TASK_HINT = ("subclass ftlab.tasks.base.TaskDefaults for pad_values, info and baseline; set "
+             "monitor, mode and features in __init__; see ftlab/tasks/classify.py")
+
+
+def instantiate_task(node: Any, where: str) -> Task:
+    """A task node built and checked against the ``Task`` protocol."""
+    return require_protocol(instantiate_checked(node, where), Task, where, TASK_HINT)
 
 
 class StageBuilder:
@@ -99,7 +113,7 @@ class StageBuilder:
             where = f"{stage.where} sub-task '{sub.name}'"
             raw = self.raw(stage, sub.data)
             require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{where}: ")
-            parts[sub.name] = Part(instantiate_checked(sub.task, f"{where} task"), raw,
+            parts[sub.name] = Part(instantiate_task(sub.task, f"{where} task"), raw,
                                    list(sub.data.text_columns), sub.weight)
         task.bind_tasks(parts)
 
@@ -160,10 +174,13 @@ class StageBuilder:
         return task
 
     def peft(self, stage: ResolvedStage) -> PeftMethod:
-        return instantiate_checked(stage.peft, f"{stage.where} peft")
+        return require_protocol(instantiate_checked(stage.peft, f"{stage.where} peft"),
+                                PeftMethod, f"{stage.where} peft", PEFT_HINT)
 
     def regularizer(self, stage: ResolvedStage) -> Regularizer:
-        return instantiate_checked(stage.regularizer, f"{stage.where} regularizer")
+        where = f"{stage.where} regularizer"
+        return require_protocol(instantiate_checked(stage.regularizer, where), Regularizer,
+                                where, REGULARIZER_HINT)
 
     def model(self, stage: ResolvedStage, upstream: Any = None) -> tuple[nn.Module, PeftMethod,
                                                                          Regularizer, dict]:
@@ -233,7 +250,7 @@ def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> 
 
 
 def _instantiate_task(stage: ResolvedStage) -> Task:
-    task = instantiate_checked(stage.task, f"{stage.where}.task")
+    task = instantiate_task(stage.task, f"{stage.where}.task")
     if stage.aux_mlm_weight > 0:
         from ftlab.tasks.mlm import AuxMLM
 

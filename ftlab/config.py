@@ -62,10 +62,47 @@ def load_target(target: str, where: str) -> Any:
     try:
         obj = get_object(target)
     except Exception:
-        raise FtlabError(f"{where}._target_ '{target}' cannot be imported.",
-                         "check the module path and class name in the YAML file.") from None
+        raise _import_error(target, where) from None
     check_object(target, obj, where, user)
     return obj
+
+
+def _import_error(target: str, where: str) -> FtlabError:
+    """Why ``target`` cannot be had: its package is not on the path, its module raised while
+    importing (the contributor's own bug: named with its file and line), or the module lacks
+    the name."""
+    import importlib
+    import traceback
+
+    head = f"{where}._target_ '{target}' cannot be imported"
+    module, _, name = target.rpartition(".")
+    while module:
+        try:
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            missing = err.name or ""
+            if not target.startswith(missing + "."):  # the module imports something missing
+                return FtlabError(f"{head}: importing {module} raised ModuleNotFoundError: "
+                                  f"{err}.",
+                                  f"install '{missing.split('.')[0]}', or fix that import.")
+            if "." in missing:  # its package is there; this module is not
+                module, _, name = module.rpartition(".")
+                continue
+            return FtlabError(f"{head}: there is no module '{missing}' on the Python path.",
+                              "check the module path in the YAML file; for your own package, "
+                              "run from the folder that holds it, put that folder on "
+                              "PYTHONPATH (PYTHONPATH=/path/to/folder ftlab ...) or "
+                              "`pip install -e` it.")
+        except Exception as err:  # noqa: BLE001 - the module's own code failed
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            first = str(err).splitlines()[0] if str(err) else ""
+            return FtlabError(f"{head}: importing {module} raised {type(err).__name__}: "
+                              f"{first} ({frame.filename}, line {frame.lineno}).",
+                              "fix that error in the module.")
+        names = [n for n in vars(found) if not n.startswith("_")]
+        return FtlabError(f"{head}: module {module} has no '{name}'.{closest(name, names)}",
+                          "check the module path and class name in the YAML file.")
+    return FtlabError(f"{head}.", "check the module path and class name in the YAML file.")
 
 
 def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
@@ -96,7 +133,32 @@ def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
         if bad and not takes_any:
             raise FtlabError(
                 f"{where} has key(s) {bad} that {cls.__name__} does not take."
-                f"{closest(bad[0], params)}", f"use: {choices_text(params)}.") from None
+                f"{closest(bad[0], params)}", f"use: {choices_text(params)}." if params else
+                f"remove them ({cls.__name__}.__init__ takes no settings), or add them to "
+                "its signature.") from None
         raise FtlabError(f"{where} cannot build {cls.__name__}: missing required "
                          "settings.", f"{cls.__name__} takes: {choices_text(params)}.") from None
     return node
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The attributes and methods a ``typing.Protocol`` declares (its own and its bases')."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if getattr(cls, "_is_protocol", False) and cls.__module__ != "typing":
+            names |= {n for n in vars(cls) if not n.startswith("_")}
+            names |= {n for n in getattr(cls, "__annotations__", {}) if not n.startswith("_")}
+    return sorted(names)
+
+
+def require_protocol(obj: Any, protocol: type, where: str, hint: str) -> Any:
+    """``obj`` (a built ``_target_``) as ``protocol``: every member it declares must be there,
+    else an ``FtlabError`` naming the missing ones (before anything trains, not an
+    ``AttributeError`` mid-run). ``hint``: how to get the common ones (a base class)."""
+    missing = [n for n in protocol_members(protocol) if not hasattr(obj, n)]
+    if missing:
+        raise FtlabError(
+            f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not a "
+            f"{protocol.__module__}.{protocol.__qualname__}: it lacks {', '.join(missing)}.",
+            f"add {'it' if len(missing) == 1 else 'them'} to the class ({hint}).")
+    return obj

@@ -281,10 +281,10 @@ def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[s
 
 def _monitor(stage: Any) -> dict[str, str] | None:
     """The metric that scores the stage's task, and whether higher (max) or lower wins."""
-    from ftlab.config import instantiate_checked
+    from ftlab.build import instantiate_task
 
     try:
-        task = instantiate_checked(stage.task, f"{stage.where}.task")
+        task = instantiate_task(stage.task, f"{stage.where}.task")
     except Exception:  # validation reports it with the fix
         return None
     return {"metric": f"val/{task.monitor}", "mode": task.mode}

@@ -1,0 +1,145 @@
+"""A contributor's own method, regulariser or task (README, "Extending ftlab"): what goes wrong
+while writing one is named with the fix, before anything trains.
+
+Each case writes a small package into a temporary folder on ``sys.path`` and points a config at
+it with ``allow_targets``, as a user's own code outside ftlab would be.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from ftlab.config import load_target
+from ftlab.errors import FtlabError
+from ftlab.run import run
+from ftlab.targets import allowing
+from tests.conftest import tiny_overrides
+
+#: a PEFT method, a regulariser and a task that each work (norm-only tuning, an L2 pull back to
+#: the start, classification); the cases below take one member away
+GOOD = '''
+import torch
+from ftlab.peft.base import RequiresGradState
+from ftlab.tasks.base import TaskOutput
+from ftlab.tasks.classify import Classify
+
+
+class NormOnly(RequiresGradState):
+    name = "norm_only"
+
+    def apply(self, model):
+        model.requires_grad_(False)
+        for n, p in model.named_parameters():
+            p.requires_grad_("LayerNorm" in n or "classifier" in n)
+        return model
+
+
+class L2Start:
+    name = "l2start"
+
+    def apply(self, model):
+        return model
+
+    def training_loss(self, model, batch, task):
+        return task.forward(model, batch)
+
+
+class MyClassify(Classify):
+    pass
+'''
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
+    """``write(source, **modules)``: a fresh package (unique name) holding ``modules``."""
+    name = "extpkg_" + re.sub(r"\W", "_", request.node.name)[-40:]
+
+    def write(**modules: str) -> str:
+        root = tmp_path / "user" / name
+        root.mkdir(parents=True)
+        (root / "__init__.py").write_text("")
+        for module, source in modules.items():
+            (root / f"{module}.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(tmp_path / "user"))
+        return name
+
+    yield write
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
+
+
+def load(target: str, allow: str) -> FtlabError:
+    with allowing([allow], warn=False), pytest.raises(FtlabError) as err:
+        load_target(target, "peft")
+    return err.value
+
+
+def test_a_module_that_raises_while_importing_is_named_with_its_error_and_line(package):
+    pkg = package(m="from ftlab.peft.layers import freez\n\nclass A:\n    pass\n")
+    err = load(f"{pkg}.m.A", pkg)
+    assert "cannot import name 'freez'" in err.problem, err
+    assert re.search(rf"{pkg}/m\.py, line 1", err.problem), err
+    assert "fix that error" in err.fix
+
+
+def test_a_module_that_imports_a_missing_package_names_that_package(package):
+    pkg = package(m="import notinstalled_xyz\n")
+    err = load(f"{pkg}.m.A", pkg)
+    assert "notinstalled_xyz" in err.problem and "install 'notinstalled_xyz'" in err.fix, err
+
+
+def test_a_package_not_on_the_path_names_pythonpath():
+    err = load("nosuchpkg_abc.m.A", "nosuchpkg_abc")
+    assert "no module 'nosuchpkg_abc'" in err.problem and "PYTHONPATH" in err.fix, err
+
+
+def test_a_misspelt_class_suggests_the_right_one():
+    err = load("ftlab.peft.bitfit.BitFitt", "ftlab")
+    assert "has no 'BitFitt'" in err.problem and "Did you mean 'BitFit'" in err.problem, err
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started before the bad class was reported")
+
+    monkeypatch.setattr(L.Trainer, "fit", forbidden)
+
+
+@pytest.mark.parametrize(("node", "cls", "cut", "missing", "hint"), [
+    ("peft", "NormOnly", ("class NormOnly(RequiresGradState):", "class NormOnly:"),
+     "load_trainable_state, trainable_state", "RequiresGradState"),
+    ("regularizer", "L2Start", ('    name = "l2start"\n', ""), "name", "class attribute"),
+    ("stage.task", "MyClassify", ("class MyClassify(Classify):\n    pass",
+                                  "class MyClassify:\n    def __init__(self, **settings):\n"
+                                  "        pass"), "baseline, bind", "TaskDefaults"),
+])
+def test_a_class_missing_what_its_protocol_asks_is_refused_before_training(
+        node, cls, cut, missing, hint, package, make_cfg, sentiment_dir, tmp_path, no_training):
+    pkg = package(good=GOOD, bad=GOOD.replace(*cut))
+    overrides = [*tiny_overrides(sentiment_dir), f"allow_targets=[{pkg}.]"]
+    record = tmp_path / "run" / "metrics.json"
+    for module in ("good", "bad"):  # the whole class reaches training; the cut one stops first
+        with pytest.raises(SystemExit):
+            run(make_cfg([*overrides, f"{node}._target_={pkg}.{module}.{cls}"]))
+        error = json.loads(record.read_text())["error"]
+        if module == "good":
+            assert "training started" in error, error
+    assert re.search(rf"{pkg}\.bad\.{cls} is not a .*: it lacks {missing}", error), error
+    assert hint in error.split("Fix:")[1], error
+
+
+def test_keys_for_a_class_that_takes_none_say_so(package):
+    from ftlab.config import check_binds
+
+    pkg = package(m="class Plain:\n    pass\n")
+    with allowing([pkg], warn=False), pytest.raises(FtlabError) as err:
+        check_binds({"_target_": f"{pkg}.m.Plain", "alpha": 1}, "regularizer")
+    assert "['alpha']" in err.value.problem and "takes no settings" in err.value.fix, err.value
