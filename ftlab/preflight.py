@@ -164,6 +164,10 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
     if ("not in struct" in str(cause) or "Could not override" in str(err)) and \
             parent == "model.config":
         return _model_config_key(leaf, node, valid)
+    unlisted = ("not in struct" in str(cause) or "Could not override" in str(err)) and \
+        _unlisted_stage_key(parent, leaf, overrides, config_name)
+    if unlisted:
+        return unlisted
     if "not in struct" in str(cause) or "Could not override" in str(err):
         return FtlabError(
             f"Unknown key '{leaf}' in {where}.{closest(leaf, valid)} Valid keys: "
@@ -171,6 +175,38 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
             f"correct the spelling, or add a new key with +{full_key}=... if you really mean to.")
     return FtlabError(f"Invalid override for '{full_key}': {str(cause).splitlines()[0]}",
                       f"give {full_key} a value of the right type (see its YAML file).")
+
+
+def _unlisted_stage_key(parent: str, leaf: str, overrides: list[str],
+                        config_name: str) -> FtlabError | None:
+    """``stage.<key>=...`` (or ``stage.optim.<key>``) for a key the stage schema has but the
+    chosen stage's YAML does not list (a new stage YAML with only ``name`` and ``task``): the
+    command line can only change keys the YAML lists."""
+    from dataclasses import fields
+
+    from hydra import compose
+
+    from ftlab.optim import OptimSpec
+    from ftlab.pipeline import StageSpec
+
+    schema = {"stage": StageSpec, "stage.optim": OptimSpec}.get(parent)
+    if schema is None or leaf not in {f.name for f in fields(schema)}:
+        return None
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    given = next((k for k in keys if k.startswith(f"{parent}.{leaf}")), f"{parent}.{leaf}")
+    choices = [o for o, k in zip(overrides, keys, strict=True)  # group options, search path
+               if "=" in o and ("." not in k or k.startswith("hydra."))]
+    try:
+        option = compose(config_name, overrides=choices,
+                         return_hydra_config=True).hydra.runtime.choices.get("stage")
+    except Exception:  # noqa: BLE001 - only for naming the file
+        option = None
+    yaml = f"stage/{option}.yaml (stage={option})" if option else "the stage's YAML"
+    return FtlabError(
+        f"{given} is a stage setting, but {yaml} does not list {parent}.{leaf}, so it "
+        "cannot be changed from the command line.",
+        f"list it in {yaml} (a new stage YAML copies the keys of conf/stage/classify.yaml and "
+        f"changes its task), or add it for this run with +{given}=...")
 
 
 def _model_config_key(leaf: str, node: Any, valid: list[str]) -> FtlabError:

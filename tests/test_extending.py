@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
+from ftlab.cli import CONFIG_DIR
 from ftlab.config import load_target
 from ftlab.errors import FtlabError
 from ftlab.run import run
@@ -143,3 +144,40 @@ def test_keys_for_a_class_that_takes_none_say_so(package):
     with allowing([pkg], warn=False), pytest.raises(FtlabError) as err:
         check_binds({"_target_": f"{pkg}.m.Plain", "alpha": 1}, "regularizer")
     assert "['alpha']" in err.value.problem and "takes no settings" in err.value.fix, err.value
+
+
+def test_a_stage_key_the_stage_yaml_does_not_list_names_that_yaml(tmp_path, capsys):
+    """A new stage YAML with only ``name`` and ``task`` composes and trains (the stage schema
+    fills in the rest), but ``stage.batch_size=8`` cannot reach a key it does not list: say so,
+    naming the file, instead of "Unknown key 'batch_size'... Valid keys: name, task"."""
+    from ftlab.cli import preflight
+
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "mine.yaml").write_text(
+        "name: mine\ntask:\n  _target_: ftlab.tasks.classify.Classify\n")
+    preflight(["--config-dir", str(tmp_path), "stage=mine", "+stage.batch_size=8"])
+    for key in ("batch_size", "optim.lr"):
+        with pytest.raises(SystemExit) as exit_:
+            preflight(["--config-dir", str(tmp_path), "stage=mine", f"stage.{key}=8"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"stage.{key} is a stage setting, but stage/mine.yaml (stage=mine) does not " \
+               f"list stage.{key.split('.')[0]}" in err, err
+        assert "copies the keys of conf/stage/classify.yaml" in err, err
+        assert f"+stage.{key}=..." in err, err
+    with pytest.raises(SystemExit):  # a real typo still gets the closest key
+        preflight(["--config-dir", str(tmp_path), "stage=mine", "stage.batch_sise=8"])
+    assert "Unknown key 'batch_sise'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in Path(CONFIG_DIR, "stage").glob("*.yaml")))
+def test_every_stage_yaml_lists_the_stage_keys_the_command_line_sets(option):
+    """``stage.<key>=...`` reaches only keys the chosen stage's YAML lists: every
+    conf/stage/*.yaml lists those of classify.yaml (its own task aside)."""
+    import yaml
+
+    common = set(yaml.safe_load(Path(CONFIG_DIR, "stage", "classify.yaml").read_text()))
+    own = set(yaml.safe_load(Path(CONFIG_DIR, "stage", f"{option}.yaml").read_text()))
+    missing = sorted(common - own)
+    assert not missing, (f"conf/stage/{option}.yaml does not list {missing}: copy them from "
+                         "conf/stage/classify.yaml")
