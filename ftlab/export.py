@@ -18,7 +18,8 @@ from ftlab.peft.base import Mergeable, NotMergeable, SavesArtefact
 PEFT_FOLDER = 3
 
 
-def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None) -> Path:
+def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
+              allow_targets: list[str] | None = None) -> Path:
     """Write the stage as a plain Transformers folder into ``output`` and return it. A method
     that cannot fold raises ``NotMergeable`` after writing its PEFT folder (``output/peft``)
     where it has one; ftlab's adapters raise ``FtlabError``."""
@@ -28,11 +29,14 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None)
     if output.exists() and not output.is_dir():  # save_pretrained only logs this and returns
         raise FtlabError(f"--output {output} is a file, not a folder.",
                          f"name a new folder: --output {output.with_suffix('')}_hf/.")
-    p = load(run_dir, stage)
+    p = load(run_dir, stage, allow_targets)
     if not isinstance(p.peft, Mergeable):
-        raise FtlabError(f"peft={p.peft.name} inserts modules a plain Transformers model does "
-                         "not have, so it cannot be exported as one.", "use ftlab.load(run_dir) "
-                         "or ftlab-predict; the run folder is the artefact.")
+        raise FtlabError(f"peft={p.peft.name} does not fold into a plain Transformers model "
+                         f"(its class has no merged(); ftlab.peft.base.Mergeable), so it cannot "
+                         "be exported as one.", "use ftlab.load(run_dir) or ftlab-predict; the "
+                         "run folder is the artefact. (A method whose model stays a plain "
+                         "Transformers model, as BitFit's, adds `def merged(self, model): "
+                         "return model`.)")
     try:
         model = p.peft.merged(p.model)
     except NotMergeable:
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", help="which stage (default: the run's last)")
     parser.add_argument("--to", choices=["hf"], default="hf", help="the format (Transformers)")
     parser.add_argument("--output", type=Path, required=True, help="the folder to write")
+    parser.add_argument("--allow-targets", action="append", metavar="MODULE",
+                        help="a module of your own code the run's config names (as the run's "
+                             "allow_targets, e.g. mypkg.); only for runs you trust")
     args = parser.parse_args(argv)
     from ftlab.cli import quiet
 
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
-        export_hf(args.run_dir, args.output, args.stage)
+        export_hf(args.run_dir, args.output, args.stage, args.allow_targets)
     except NotMergeable as err:
         print(f"ftlab-export: {err}\nWrote the PEFT folder instead: {args.output / 'peft'}",
               file=sys.stderr)

@@ -76,5 +76,7 @@ def plain_model(model: nn.Module, peft: PeftMethod, name: str) -> nn.Module:
             pass
     log.warning("Stage %s's peft=%s weights are not handed over, only the backbone it kept "
                 "frozen: use a method that merges (full, lora, ia3, bitfit...) there to carry "
-                "what it learnt, or stack adapters (pipeline=madx).", name, peft.name)
+                "what it learnt, or stack adapters (pipeline=madx). (A method of your own "
+                "whose model stays plain adds `def merged(self, model): return model`.)",
+                name, peft.name)
     return unwrap(model)

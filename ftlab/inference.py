@@ -124,8 +124,26 @@ def stage_names(run_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
 
 
-def load(run_dir: str | Path, stage: str | None = None) -> Predictor:
-    """Rebuild a trained stage of the run in ``run_dir`` (default: its last stage)."""
+#: how ``load`` allows a run's own code (a refused ``_target_``'s fix)
+LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=['{module}.']), or --allow-targets "
+            "{module}. for ftlab-predict and ftlab-export")
+
+
+def load(run_dir: str | Path, stage: str | None = None,
+         allow_targets: list[str] | None = None) -> Predictor:
+    """Rebuild a trained stage of the run in ``run_dir`` (default: its last stage).
+
+    ``allow_targets``: modules of your own code that the run's config names (the run's own
+    ``allow_targets``, e.g. ``['mypkg.']``); a run folder is a config too, so only for runs
+    you trust.
+    """
+    from ftlab.targets import allowing
+
+    with allowing(allow_targets, how=LOAD_HOW):
+        return _load(run_dir, stage)
+
+
+def _load(run_dir: str | Path, stage: str | None) -> Predictor:
     import lightning as L
 
     from ftlab.artefact import CARD, read_stage_card

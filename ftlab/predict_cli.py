@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the input's text column(s), in the stage's order (default: the "
                              "stage's own data.text_columns); repeat for pairs")
     parser.add_argument("--batch-size", type=_positive, default=64)
+    parser.add_argument("--allow-targets", action="append", metavar="MODULE",
+                        help="a module of your own code the run's config names (as the run's "
+                             "allow_targets, e.g. mypkg.); only for runs you trust")
     args = parser.parse_args(argv)
     from ftlab.cli import quiet
 
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
-        predictor = load(args.run_dir, args.stage)
+        predictor = load(args.run_dir, args.stage, args.allow_targets)
         rows, found = read_rows(args.input, args.text_columns)
         if rows and isinstance(rows[0], str) and len(predictor.text_columns) != 1:
             raise FtlabError(f"{args.input.name} holds one text per line, but the stage reads "

@@ -48,6 +48,8 @@ WIDENING = {SETTING: [], "model.trust_remote_code": False}
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _extra: ContextVar[tuple[str, ...]] = ContextVar(SETTING, default=())
+#: how to allow a module where the refusal happens (``{module}``: its name)
+_how: ContextVar[str] = ContextVar("how", default=f"on the command line: {SETTING}=[{{module}}.]")
 
 
 def _under(target: str, module: str) -> bool:
@@ -68,17 +70,23 @@ def modules(entries: Iterable[Any] | None) -> tuple[str, ...]:
 
 
 @contextmanager
-def allowing(entries: Iterable[Any] | None, warn: bool = True) -> Iterator[tuple[str, ...]]:
-    """Allow ``entries`` (module names) as well while the block runs (one job)."""
+def allowing(entries: Iterable[Any] | None, warn: bool = True,
+             how: str | None = None) -> Iterator[tuple[str, ...]]:
+    """Allow ``entries`` (module names) as well while the block runs (one job). ``how``: how a
+    refusal's fix tells the user to allow a module here (``{module}``: its name); default: the
+    command line's ``allow_targets``."""
     extra = modules(entries)
     if extra and warn:
         log.warning("%s=%s: configs may call any code in %s. Use it only with configs you "
                     "trust.", SETTING, list(extra), ", ".join(extra))
     token = _extra.set(extra)
+    told = _how.set(how) if how else None
     try:
         yield extra
     finally:
         _extra.reset(token)
+        if told is not None:
+            _how.reset(told)
 
 
 def _refuse(target: str, where: str, why: str, module: str | None = None) -> FtlabError:
@@ -88,7 +96,7 @@ def _refuse(target: str, where: str, why: str, module: str | None = None) -> Ftl
         f"{MODULES_TEXT} (and modules listed in {SETTING}), so a shared config cannot run "
         "other code.",
         f"use a _target_ from conf/ (the registry); if you wrote '{target}' yourself and trust "
-        f"it, allow its module on the command line: {SETTING}=[{module}.]")
+        f"it, allow its module {_how.get().format(module=module)}")
 
 
 def check_target(target: Any, where: str) -> bool:

@@ -181,3 +181,28 @@ def test_every_stage_yaml_lists_the_stage_keys_the_command_line_sets(option):
     missing = sorted(common - own)
     assert not missing, (f"conf/stage/{option}.yaml does not list {missing}: copy them from "
                          "conf/stage/classify.yaml")
+
+
+def test_a_run_of_your_own_method_loads_with_allow_targets_and_export_says_what_is_missing(
+        package, make_cfg, sentiment_dir, tmp_path, capsys):
+    """ftlab.load refuses a run whose config names your code (a run folder is a config), with
+    the fix that works there (not the training command line's allow_targets=...); export of a
+    method without merged() says that is what it lacks."""
+    import ftlab
+    from ftlab.export import main as export_main
+
+    pkg = package(good=GOOD)
+    record = run(make_cfg([*tiny_overrides(sentiment_dir), f"allow_targets=[{pkg}.]",
+                           f"peft._target_={pkg}.good.NormOnly", "trainer.max_steps=2"]))
+    assert record["status"] == "ok", record
+    run_dir = tmp_path / "run"
+    with pytest.raises(FtlabError, match="is not allowed") as err:
+        ftlab.load(run_dir)
+    assert f"ftlab.load(run_dir, allow_targets=['{pkg}.good.'])" in err.value.fix, err.value
+    assert "--allow-targets" in err.value.fix, err.value
+    predictor = ftlab.load(run_dir, allow_targets=[f"{pkg}."])
+    assert predictor.predict(["a fine film"])[0]["label"] in ("neg", "pos")
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(run_dir), "--output", str(tmp_path / "hf"), "--allow-targets", pkg])
+    message = str(exit_.value.code) + capsys.readouterr().err
+    assert "has no merged()" in message and "def merged(self, model)" in message, message

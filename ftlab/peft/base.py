@@ -22,7 +22,9 @@ class PeftMethod(Protocol):
     :class:`SavesArtefact` writes an extra artefact; a model returned by ``apply`` that is a
     :class:`Penalized` adds a penalty to the training loss, one that is a :class:`FollowsSteps`
     hears the optimiser step before each training batch, one that is an :class:`OwnGroups`
-    trains some parameters at their own LR. ``layers.top_layer_ops`` gives
+    trains some parameters at their own LR; a method that is a :class:`Mergeable` folds into a
+    plain Transformers model (``ftlab-export``, and what a later stage's ``init_from`` gets;
+    without it only the frozen backbone is handed over). ``layers.top_layer_ops`` gives
     every method ``drop_top``/``reinit_top``.
     """
 
