@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from ftlab.errors import FtlabError
 from ftlab.optim import OptimSpec, build_optimizer
 from ftlab.peft.base import FollowsSteps, Penalized
 from ftlab.regularizers.base import Regularizer
-from ftlab.tasks.base import Task
+from ftlab.tasks.base import Task, TaskOutput
 
 
 class FineTuneModule(L.LightningModule):
@@ -60,6 +61,12 @@ class FineTuneModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.regularizer.training_loss(self.model, batch, self.task)
+        if not isinstance(out, TaskOutput):  # a regulariser of your own
+            raise FtlabError(f"regularizer={self.regularizer.name}: training_loss returned a "
+                             f"{type(out).__name__}, not a TaskOutput.",
+                             "return ftlab.tasks.base.TaskOutput(loss, logits, extras), e.g. "
+                             "TaskOutput(out.loss + term, out.logits, out.extras) from "
+                             "out = task.forward(model, batch).")
         loss, rows = out.loss, batch["input_ids"].shape[0]
         # the regulariser's own terms (train/r3f_kl...)
         terms = {f"train/{k}": v.detach() for k, v in out.extras.items()

@@ -206,3 +206,16 @@ def test_a_run_of_your_own_method_loads_with_allow_targets_and_export_says_what_
         export_main([str(run_dir), "--output", str(tmp_path / "hf"), "--allow-targets", pkg])
     message = str(exit_.value.code) + capsys.readouterr().err
     assert "has no merged()" in message and "def merged(self, model)" in message, message
+
+
+def test_a_regulariser_returning_a_bare_loss_is_told_to_return_a_task_output(
+        package, make_cfg, sentiment_dir, tmp_path):
+    pkg = package(bad=GOOD.replace("        return task.forward(model, batch)",
+                                   "        return task.forward(model, batch).loss"))
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), f"allow_targets=[{pkg}.]",
+                      f"regularizer._target_={pkg}.bad.L2Start", "trainer.max_steps=2"]))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "training_loss returned a Tensor, not a TaskOutput" in record["error"], record
+    assert "TaskOutput(out.loss + term" in record["error"].split("Fix:")[1]
+    assert not (tmp_path / "run" / "error.log").exists()  # a user error, not a crash
