@@ -135,11 +135,13 @@ def load(run_dir: str | Path, stage: str | None = None,
 
     ``allow_targets``: modules of your own code that the run's config names (the run's own
     ``allow_targets``, e.g. ``['mypkg.']``); a run folder is a config too, so only for runs
-    you trust.
+    you trust. Inside a job (a distillation teacher) the job's ``allow_targets`` hold too.
     """
-    from ftlab.targets import allowing
+    from ftlab.targets import allowed, allowing
 
-    with allowing(allow_targets, how=LOAD_HOW):
+    job = allowed()
+    with allowing([*job, *(allow_targets or [])], warn=bool(allow_targets),
+                  how=None if job else LOAD_HOW):
         return _load(run_dir, stage)
 
 

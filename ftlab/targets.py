@@ -89,6 +89,11 @@ def allowing(entries: Iterable[Any] | None, warn: bool = True,
             _how.reset(told)
 
 
+def allowed() -> tuple[str, ...]:
+    """The modules ``allowing`` adds where this runs (a job's ``allow_targets``)."""
+    return _extra.get()
+
+
 def _refuse(target: str, where: str, why: str, module: str | None = None) -> FtlabError:
     module = module or target.rpartition(".")[0] or target
     return FtlabError(

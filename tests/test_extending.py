@@ -202,6 +202,8 @@ def test_a_run_of_your_own_method_loads_with_allow_targets_and_export_says_what_
     assert "--allow-targets" in err.value.fix, err.value
     predictor = ftlab.load(run_dir, allow_targets=[f"{pkg}."])
     assert predictor.predict(["a fine film"])[0]["label"] in ("neg", "pos")
+    with allowing([pkg], warn=False):  # in a job (a distillation teacher): the job's setting
+        ftlab.load(run_dir)
     with pytest.raises(SystemExit) as exit_:
         export_main([str(run_dir), "--output", str(tmp_path / "hf"), "--allow-targets", pkg])
     message = str(exit_.value.code) + capsys.readouterr().err
