@@ -176,6 +176,10 @@ def test_a_tiny_run_learns_and_records_its_metrics(name, make_cfg, sentiment_dir
     (path,) = (run_dir / "classify" / "csv").rglob("metrics.csv")
     header = path.read_text().splitlines()[0].split(",")
     assert {f"train/{t}" for t in LOGGED_TERMS.get(name, ())} <= set(header), header
+    reg, model = prepared(name)  # and whatever terms a new regulariser's output names
+    terms = {k for k in reg.training_loss(model.train(), batch(0), TASK).extras
+             if k.startswith(f"{reg.name}_")}
+    assert {f"train/{t}" for t in terms} <= set(header), (terms, header)
     losses = train_losses(run_dir)
     assert len(losses) >= 90
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.1, losses

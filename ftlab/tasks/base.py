@@ -71,7 +71,11 @@ class Task(Protocol):
         """Feed a batch's output to ``metrics``."""
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
-        """Scores of a trivial predictor on these validation labels (None: none defined)."""
+        """Scores of a trivial predictor on these validation labels (None: none defined).
+
+        Higher must be better for each (``ftlab.seedstats.failure`` marks a run whose
+        ``val/<metric>`` is at or below its ``baseline_<metric>`` as failed): give no
+        baseline for a lower-is-better metric such as a loss or an error."""
 
 
 @runtime_checkable
