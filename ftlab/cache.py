@@ -60,11 +60,14 @@ class CacheSpec:
     stages: Annotated[str, one_of(*MODES)] = "upstream"
 
 
-def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
+def stage_key(stage: ResolvedStage, upstream_key: str | None,
+              in_run: tuple[str, ...] = ()) -> str:
     """A hash of what determines the stage's trained weights (not its name or log settings).
 
     The seed enters as the seed that applies (the stage's own if set, else the run's), so a
-    stage with a fixed ``seed`` keeps its key across a seed sweep.
+    stage with a fixed ``seed`` keeps its key across a seed sweep. ``in_run``: ``stack_on``
+    artefacts of earlier stages of the run, which enter by their stage's key in
+    ``upstream_key``; other stacked artefacts enter by size and modification time.
     """
     spec = asdict(stage)
     for k in ("name", "save_artefact", "runtime"):  # runtime: how it ran, not what it learnt
@@ -76,6 +79,9 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
     for sub, resolved in zip(spec["subtasks"], stage.subtasks, strict=True):  # multi-task
         sub["data"]["file_stats"] = {k: _stat(v) for k, v in (resolved.data.files or {}).items()}
+    if stage.peft.get("stack_on"):  # stacked artefacts of other runs: by size and time
+        spec["stack_on_stats"] = [None if str(p) in in_run else _stat(p)
+                                  for p in stage.peft["stack_on"]]
     if stage.teachers:  # teachers that are finished runs enter by their artefact's identity
         from ftlab.distill import is_run_dir, teacher_fingerprint
 
@@ -90,13 +96,28 @@ def _stat(path: Any) -> list[int] | None:
     return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
 
 
-def pipeline_keys(stages: list[ResolvedStage]) -> dict[str, str]:
-    """Every stage's key; a stage's key includes the key of the stage it starts from."""
+def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None) -> dict[str, str]:
+    """Every stage's key; a stage's key includes the key of the stage it starts from, of its
+    teachers, and of the earlier stages whose artefacts (in ``run_dir``) its ``peft.stack_on``
+    stacks (MAD-X: the task adapter on the language adapter)."""
     keys: dict[str, str] = {}
     for s in stages:  # teachers from the pipeline: their keys, beside the init_from stage's
-        up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys)]
-        keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)))
+        stacked = _stacked_stages(s, keys, run_dir)
+        up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys),
+              *(keys[n] for n in stacked.values())]
+        keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)),
+                                 tuple(stacked))
     return keys
+
+
+def _stacked_stages(stage: ResolvedStage, keys: dict[str, str],
+                    run_dir: Path | None) -> dict[str, str]:
+    """``stack_on`` entries that point into an earlier stage's folder of this run: its name."""
+    if run_dir is None:
+        return {}
+    run = Path(run_dir).resolve()
+    return {str(p): n for p in stage.peft.get("stack_on") or [] for n in keys
+            if Path(str(p)).expanduser().resolve().parent == run / n}
 
 
 def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
