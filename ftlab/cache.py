@@ -32,7 +32,15 @@ from ftlab.build import StageBuilder
 from ftlab.pipeline import ResolvedStage
 from ftlab.rules import one_of
 from ftlab.stage import RunContext, StageResult, run_stage
-from ftlab.store import check_name, inside, load_tensors, read_json, save_tensors, write_json
+from ftlab.store import (
+    check_name,
+    inside,
+    is_rank_zero,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +266,14 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     """Reuse the stage from ``cache`` when it holds ``key``; else train it (storing it when
     ``cache`` is given). Returns a ``StageResult``; ``info`` says ``cache_hit``."""
     run_dir = run.run_dir
-    if cache is None or stage.trainer.get("fast_dev_run"):
+    hit = None if cache is None or stage.trainer.get("fast_dev_run") else cache.lookup(key)
+    # DDP/FSDP: rank zero holds the key's lock and stores the stage; the other ranks train in
+    # step with it (waiting on its lock would deadlock: rank zero's fit waits for them)
+    if hit is None and (cache is None or stage.trainer.get("fast_dev_run")
+                        or not is_rank_zero()):
         result = run_stage(stage, builder, run, upstream, key)
         result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
         return result
-    hit = cache.lookup(key)
     if hit is None:
         with cache.claim(key):
             # another job may have finished it while we waited; a damaged entry is set aside
