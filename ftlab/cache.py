@@ -39,6 +39,7 @@ from ftlab.store import (
     load_tensors,
     read_json,
     save_tensors,
+    wait_for_all_ranks,
     write_json,
 )
 
@@ -293,11 +294,13 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                 return result
     log.info("Stage %s reused from the cache (%s); not retrained.", stage.name, key)
     stage_dir = inside(run_dir, stage.name)
-    write_json(stage_dir / "cache_hit.json", {"key": key, "path": str(cache.entry(key))})
-    if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
-        shutil.copyfile(cache.entry(key) / "trainable.safetensors",
-                        stage_dir / "trainable.safetensors")
-        _copy_card(cache.entry(key), stage_dir)
+    if is_rank_zero():  # DDP: one writer; the other ranks wait until the files are complete
+        write_json(stage_dir / "cache_hit.json", {"key": key, "path": str(cache.entry(key))})
+        if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
+            shutil.copyfile(cache.entry(key) / "trainable.safetensors",
+                            stage_dir / "trainable.safetensors")
+            _copy_card(cache.entry(key), stage_dir)
+    wait_for_all_ranks()
     info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
                           "cache_path": str(cache.entry(key))}
     return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)
