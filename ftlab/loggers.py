@@ -76,11 +76,11 @@ def wandb_logger(
         if not isinstance(experiment, DummyExperiment):
             experiment.config.update(config or {}, allow_val_change=True)
     except Exception as err:  # noqa: BLE001 - W&B is extra: the CSV logs and metrics.json stay
-        log.warning("W&B could not start (%s: %s); %s trains without W&B logging (CSV logs "
+        log.warning("W&B could not start (%s: %s); stage %s trains without W&B logging (CSV logs "
                     "and metrics.json are written as usual). Fix: `pip install wandb`, check "
                     "the key and network, or use logger.wandb.mode=offline (or logger=csv).",
                     type(err).__name__, str(err).splitlines()[0] if str(err) else "",
-                    name or "the stage")
+                    job_type or name)
         return None
     return logger
 
