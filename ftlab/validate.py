@@ -139,17 +139,27 @@ def check_strategy(stage: ResolvedStage) -> None:
                          "stage.batch_size for the multi-device run.")
     if not stage.subtasks:
         return
-    strategy = t.get("strategy")
-    name = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
-    many = (any(k in name.lower() for k in ("ddp", "fsdp", "deepspeed"))
-            or devices == -1 or (isinstance(devices, int) and devices > 1)
-            or (isinstance(devices, list | str) and len(str(devices).split(",")) > 1)
-            or (t.get("num_nodes") or 1) > 1)
-    if many:
+    name = strategy_name(t)
+    if several_devices(t):
         raise FtlabError(f"{stage.where} is a multi-task stage, which trains on one device "
                          f"(trainer strategy={name or None}, devices={devices}).",
                          "use one device for stage=multitask: trainer=cpu, or trainer=gpu "
                          "trainer.devices=1.")
+
+
+def strategy_name(trainer: dict[str, Any]) -> str:
+    strategy = trainer.get("strategy")
+    return strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
+
+
+def several_devices(trainer: dict[str, Any]) -> bool:
+    """Whether the trainer node may run on several devices (processes): a multi-device
+    strategy, ``devices`` -1 or above 1, or several nodes."""
+    devices = trainer.get("devices")
+    return (any(k in strategy_name(trainer).lower() for k in ("ddp", "fsdp", "deepspeed"))
+            or devices == -1 or (isinstance(devices, int) and devices > 1)
+            or (isinstance(devices, list | str) and len(str(devices).split(",")) > 1)
+            or (trainer.get("num_nodes") or 1) > 1)
 
 
 def check_head_warmup(stage: ResolvedStage) -> None:
