@@ -32,7 +32,16 @@ from ftlab.build import StageBuilder
 from ftlab.pipeline import ResolvedStage
 from ftlab.rules import one_of
 from ftlab.stage import RunContext, StageResult, run_stage
-from ftlab.store import check_name, inside, load_tensors, read_json, save_tensors, write_json
+from ftlab.store import (
+    check_name,
+    inside,
+    is_rank_zero,
+    load_tensors,
+    read_json,
+    save_tensors,
+    wait_for_all_ranks,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +69,14 @@ class CacheSpec:
     stages: Annotated[str, one_of(*MODES)] = "upstream"
 
 
-def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
+def stage_key(stage: ResolvedStage, upstream_key: str | None,
+              in_run: tuple[str, ...] = ()) -> str:
     """A hash of what determines the stage's trained weights (not its name or log settings).
 
     The seed enters as the seed that applies (the stage's own if set, else the run's), so a
-    stage with a fixed ``seed`` keeps its key across a seed sweep.
+    stage with a fixed ``seed`` keeps its key across a seed sweep. ``in_run``: ``stack_on``
+    artefacts of earlier stages of the run, which enter by their stage's key in
+    ``upstream_key``; other stacked artefacts enter by size and modification time.
     """
     spec = asdict(stage)
     for k in ("name", "save_artefact", "runtime"):  # runtime: how it ran, not what it learnt
@@ -76,6 +88,9 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None) -> str:
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
     for sub, resolved in zip(spec["subtasks"], stage.subtasks, strict=True):  # multi-task
         sub["data"]["file_stats"] = {k: _stat(v) for k, v in (resolved.data.files or {}).items()}
+    if stage.peft.get("stack_on"):  # stacked artefacts of other runs: by size and time
+        spec["stack_on_stats"] = [None if str(p) in in_run else _stat(p)
+                                  for p in stage.peft["stack_on"]]
     if stage.teachers:  # teachers that are finished runs enter by their artefact's identity
         from ftlab.distill import is_run_dir, teacher_fingerprint
 
@@ -90,13 +105,28 @@ def _stat(path: Any) -> list[int] | None:
     return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
 
 
-def pipeline_keys(stages: list[ResolvedStage]) -> dict[str, str]:
-    """Every stage's key; a stage's key includes the key of the stage it starts from."""
+def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None) -> dict[str, str]:
+    """Every stage's key; a stage's key includes the key of the stage it starts from, of its
+    teachers, and of the earlier stages whose artefacts (in ``run_dir``) its ``peft.stack_on``
+    stacks (MAD-X: the task adapter on the language adapter)."""
     keys: dict[str, str] = {}
     for s in stages:  # teachers from the pipeline: their keys, beside the init_from stage's
-        up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys)]
-        keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)))
+        stacked = _stacked_stages(s, keys, run_dir)
+        up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys),
+              *(keys[n] for n in stacked.values())]
+        keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)),
+                                 tuple(stacked))
     return keys
+
+
+def _stacked_stages(stage: ResolvedStage, keys: dict[str, str],
+                    run_dir: Path | None) -> dict[str, str]:
+    """``stack_on`` entries that point into an earlier stage's folder of this run: its name."""
+    if run_dir is None:
+        return {}
+    run = Path(run_dir).resolve()
+    return {str(p): n for p in stage.peft.get("stack_on") or [] for n in keys
+            if Path(str(p)).expanduser().resolve().parent == run / n}
 
 
 def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
@@ -237,11 +267,14 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     """Reuse the stage from ``cache`` when it holds ``key``; else train it (storing it when
     ``cache`` is given). Returns a ``StageResult``; ``info`` says ``cache_hit``."""
     run_dir = run.run_dir
-    if cache is None or stage.trainer.get("fast_dev_run"):
+    hit = None if cache is None or stage.trainer.get("fast_dev_run") else cache.lookup(key)
+    # DDP/FSDP: rank zero holds the key's lock and stores the stage; the other ranks train in
+    # step with it (waiting on its lock would deadlock: rank zero's fit waits for them)
+    if hit is None and (cache is None or stage.trainer.get("fast_dev_run")
+                        or not is_rank_zero()):
         result = run_stage(stage, builder, run, upstream, key)
         result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
         return result
-    hit = cache.lookup(key)
     if hit is None:
         with cache.claim(key):
             # another job may have finished it while we waited; a damaged entry is set aside
@@ -261,11 +294,13 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                 return result
     log.info("Stage %s reused from the cache (%s); not retrained.", stage.name, key)
     stage_dir = inside(run_dir, stage.name)
-    write_json(stage_dir / "cache_hit.json", {"key": key, "path": str(cache.entry(key))})
-    if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
-        shutil.copyfile(cache.entry(key) / "trainable.safetensors",
-                        stage_dir / "trainable.safetensors")
-        _copy_card(cache.entry(key), stage_dir)
+    if is_rank_zero():  # DDP: one writer; the other ranks wait until the files are complete
+        write_json(stage_dir / "cache_hit.json", {"key": key, "path": str(cache.entry(key))})
+        if (cache.entry(key) / "trainable.safetensors").is_file():  # later stages may read it
+            shutil.copyfile(cache.entry(key) / "trainable.safetensors",
+                            stage_dir / "trainable.safetensors")
+            _copy_card(cache.entry(key), stage_dir)
+    wait_for_all_ranks()
     info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
                           "cache_path": str(cache.entry(key))}
     return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)

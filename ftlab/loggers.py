@@ -27,7 +27,9 @@ def build_loggers(nodes: DictConfig | None, **context: Any) -> list:
         check_binds(node, f"logger.{key}", partial=True)  # the allow-list before any import
         params = inspect.signature(load_target(node["_target_"], f"logger.{key}")).parameters
         extra = {k: v for k, v in context.items() if k in params and k not in node}
-        loggers.append(instantiate_checked(node, f"logger.{key}", **extra))
+        logger = instantiate_checked(node, f"logger.{key}", **extra)
+        if logger is not None:  # None: an optional logger that could not start (W&B)
+            loggers.append(logger)
     return loggers
 
 
@@ -47,23 +49,39 @@ def wandb_logger(
     ``mode``: ``online``, ``offline`` or ``auto`` (online only when an API key is configured
     and the W&B server answers within 3 s; offline runs sync later with
     ``wandb sync <save_dir>/wandb/offline-run-*``).
+
+    W&B is extra to the CSV logs: when it cannot start (not installed, ``wandb.init`` fails)
+    the stage trains without it, with a warning, and this returns None.
     """
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers.logger import DummyExperiment
 
     mode = resolve_mode(mode)
-    # Lightning's WandbLogger attaches to a run already active in the process (the previous
-    # stage's) instead of starting its own: finish it, so each stage is its own W&B run
-    finish_wandb()
-    if mode == "offline":
-        log.info("W&B is offline; sync later with `wandb sync %s/wandb/offline-run-*`", save_dir)
-    os.makedirs(save_dir, exist_ok=True)
-    logger = WandbLogger(project=project, save_dir=save_dir, name=name, group=group,
-                         job_type=job_type, tags=tags, entity=entity,
-                         offline=mode == "offline", reinit="finish_previous")
-    # Lightning 2.6 always passes anonymous=None, which wandb >= 0.19 warns about on every run
-    logger._wandb_init.pop("anonymous", None)
-    if config:
-        logger.experiment.config.update(config, allow_val_change=True)
+    try:
+        # Lightning's WandbLogger attaches to a run already active in the process (the
+        # previous stage's) instead of starting its own: finish it, so each stage is its own
+        finish_wandb()
+        if mode == "offline":
+            log.info("W&B is offline; sync later with `wandb sync %s/wandb/offline-run-*`",
+                     save_dir)
+        os.makedirs(save_dir, exist_ok=True)
+        logger = WandbLogger(project=project, save_dir=save_dir, name=name, group=group,
+                             job_type=job_type, tags=tags, entity=entity,
+                             offline=mode == "offline", reinit="finish_previous")
+        # Lightning 2.6 always passes anonymous=None, which wandb >= 0.19 warns about
+        logger._wandb_init.pop("anonymous", None)
+        # starts the run now (wandb.init), so a failure shows here and not mid-training; under
+        # DDP the other ranks get Lightning's no-op stand-in, which has no config to update
+        experiment = logger.experiment
+        if not isinstance(experiment, DummyExperiment):
+            experiment.config.update(config or {}, allow_val_change=True)
+    except Exception as err:  # noqa: BLE001 - W&B is extra: the CSV logs and metrics.json stay
+        log.warning("W&B could not start (%s: %s); stage %s trains without W&B logging (CSV logs "
+                    "and metrics.json are written as usual). Fix: `pip install wandb`, check "
+                    "the key and network, or use logger.wandb.mode=offline (or logger=csv).",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                    job_type or name)
+        return None
     return logger
 
 
@@ -99,8 +117,7 @@ def finish_wandb(failed: bool = False) -> None:
     """End the active W&B run, if any, so the next job in the process gets its own."""
     import sys
 
-    if "wandb" in sys.modules:
-        import wandb
-
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
         if wandb.run is not None:
             wandb.finish(exit_code=1 if failed else 0)

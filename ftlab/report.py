@@ -228,8 +228,12 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import os
 
+        from ftlab.store import is_rank_zero
+
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
+        # under DDP Lightning starts the other ranks with the same `ftlab -m` command, so they
+        # run the sweep too: only rank zero reports (a second set of W&B summary runs else)
+        if not sweep_dir.is_dir() or not is_rank_zero():
             return
         summary = write_report(sweep_dir, str(config.get("save_artefact", "all")))
         print((sweep_dir / "summary.md").read_text())

@@ -210,7 +210,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     callbacks |= trial_callbacks(cfg.get("trial"), cfg.get("seed"), stages[-1].name)  # search
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
-    keys = pipeline_keys(stages)
+    keys = pipeline_keys(stages, run_dir)
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
                                     "key": keys[s.name], "cache_hit": None} for s in stages]
     context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys
@@ -266,7 +266,8 @@ def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[s
     from ftlab.cache import pipeline_keys
     from ftlab.resume import finished_record, job_identity
 
-    record["job_identity"] = job_identity(list(pipeline_keys(stages).values()), callbacks)
+    record["job_identity"] = job_identity(list(pipeline_keys(stages, run_dir).values()),
+                                          callbacks)
     found = finished_record(run_dir, record["job_identity"], sweep_dir, earlier)
     if found is None:
         return False

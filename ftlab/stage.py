@@ -30,7 +30,7 @@ from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
 from ftlab.pruning import OptunaPruning
-from ftlab.store import inside, is_rank_zero, save_tensors
+from ftlab.store import inside, is_rank_zero, save_tensors, wait_for_all_ranks
 from ftlab.strategies import full_weights
 from ftlab.tasks.base import HasSubtasks
 
@@ -171,6 +171,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                                    transformed, weights=not skip)
     if not (spec and spec.keep) and is_rank_zero():  # the stage is done: free the disk
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    wait_for_all_ranks()  # DDP: a later stage may stack on the artefact rank zero just wrote
     return result
 
 

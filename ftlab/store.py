@@ -147,3 +147,12 @@ def is_rank_zero() -> bool:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def wait_for_all_ranks() -> None:
+    """DDP/FSDP: wait until every rank arrives, so what rank zero wrote before is complete
+    for the others (a later stage reads an earlier one's artefact); a no-op in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

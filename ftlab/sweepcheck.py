@@ -125,6 +125,24 @@ def check_job(cfg: DictConfig, overrides: list[str]) -> None:
         explicit = explicit_keys(overrides, choices.get("experiment"), CONFIG_DIR)
         stages = build_pipeline(cfg, explicit)
         check_configs(stages, plain(cfg.get("callbacks")) or {}, plain(cfg.get("logger")))
+        check_launcher(cfg, stages)
         bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
         bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint", "checkpoint")
         artefact_policy(cfg.get("save_artefact", "best"))
+
+
+def check_launcher(cfg: DictConfig, stages: list[Any]) -> None:
+    """A multi-device stage cannot run in a joblib worker: Lightning starts the other ranks by
+    re-running the worker's own command (loky's), which fails and leaves rank zero waiting."""
+    from ftlab.validate import several_devices
+
+    launcher = str((cfg.hydra.get("launcher") or {}).get("_target_", ""))
+    multi = next((s for s in stages if several_devices(s.trainer)), None)
+    if "joblib" in launcher.lower() and multi is not None:
+        raise FtlabError(f"{multi.where} trains on several devices (trainer strategy="
+                         f"{multi.trainer.get('strategy')}, devices="
+                         f"{multi.trainer.get('devices')}) under hydra/launcher=joblib, whose "
+                         "worker processes cannot start the other ranks.",
+                         "run the sweep's jobs one by one (drop hydra/launcher=joblib: each "
+                         "job then uses every device), or use one device per job "
+                         "(trainer=cpu, or trainer=gpu trainer.devices=1).")

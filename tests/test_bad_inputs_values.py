@@ -408,3 +408,33 @@ def test_a_pretrained_name_over_a_tiny_model_drops_its_architecture(make_cfg, ca
                      r".*tokenizer \(pkg://ftlab/assets/tiny_tokenizer\) are dropped", caplog.text)
     [kept] = build_pipeline(make_cfg(["model=tiny_bert"]), explicit_keys(["model=tiny_bert"]))
     assert kept.model.config["model_type"] == "bert"  # nothing dropped without a name
+
+
+@pytest.mark.parametrize(("sweep", "bad"), [
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=1,2"], True),
+    (["seed=1,2"], False),
+])
+def test_a_multi_device_sweep_under_joblib_is_refused_before_any_job(sweep, bad,
+                                                                     sentiment_dir):
+    """Lightning starts DDP's other ranks by re-running the process's command: in a joblib
+    worker that is loky's, which failed with a TerminatedWorkerError after rank zero began."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.sweepcheck import check_sweep
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=joblib"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = [*tiny_overrides(sentiment_dir), *sweep]
+            cfg.hydra.overrides.hydra = ["hydra/launcher=joblib"]
+        if not bad:
+            check_sweep(cfg)
+            return
+        with pytest.raises(FtlabError) as err:
+            check_sweep(cfg)
+    assert "under hydra/launcher=joblib" in str(err.value) and "Sweep job 0" in str(err.value)
+    assert_one_paragraph(str(err.value))

@@ -130,3 +130,68 @@ def test_two_cpu_processes_match_one_process_with_the_same_effective_batch(
     assert a.keys() == b.keys()  # FSDP: whole tensors, gathered from the shards
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=weight_tol, rtol=1e-3, msg=name)
+
+
+def test_a_non_zero_rank_trains_a_cache_miss_without_waiting_on_rank_zeros_lock(
+        tmp_path, monkeypatch):
+    """Under DDP rank zero holds the stage's cache lock while its fit waits for the other
+    ranks: they must train beside it, not wait for the lock (the pipeline hung for good)."""
+    import threading
+    from types import SimpleNamespace
+
+    from filelock import FileLock
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    import ftlab.cache
+    from ftlab.cache import StageCache, run_or_reuse
+    from ftlab.stage import StageResult
+
+    cache = StageCache(tmp_path / "cache")
+    cache.root.mkdir()
+    trained = []
+
+    def train(stage, builder, run, upstream, key):
+        trained.append(key)
+        return StageResult(stage.name, {"val/loss": 1.0}, {"w": torch.ones(2)}, {})
+
+    monkeypatch.setattr(ftlab.cache, "run_stage", train)
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    rank_zero = FileLock(str(cache.root / ".tapt-1.lock"))
+    rank_zero.acquire()  # rank zero: training the stage, inside fit
+    results: list[StageResult] = []
+    job = threading.Thread(target=lambda: results.append(run_or_reuse(
+        SimpleNamespace(name="tapt", trainer={}), None, SimpleNamespace(run_dir=tmp_path), {},
+        "tapt-1", cache)), daemon=True)
+    try:
+        job.start()
+        job.join(20)
+        assert results and trained == ["tapt-1"], "rank 1 waited on rank zero's lock"
+        assert results[0].info["cached"] is False and cache.lookup("tapt-1") is None  # stores: 0
+    finally:
+        rank_zero.release()
+        job.join(20)
+
+
+@pytest.mark.slow
+def test_ddp_madx_task_stage_waits_for_the_language_adapter_rank_zero_writes(
+        sentiment_dir, tmp_path):
+    """Rank zero writes the lang stage's artefact after the stage; the other rank must not
+    build the task stage (which stacks on it) before that file is complete. A slow disk is
+    simulated by a 4 s pause in the write (~40 s: two CPU processes, two stages)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\nimport ftlab.stage as st\n_save = st._save_artefact\n"
+        "def slow(*a, **k):\n    time.sleep(4)\n    return _save(*a, **k)\n"
+        "st._save_artefact = slow\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ftlab", *tiny_overrides(sentiment_dir), "pipeline=madx",
+           f"paths.output_dir={out}", "trainer.max_steps=3", "trainer=ddp",
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+           "trainer.num_workers=0", "trainer.pin_memory=false", "cache.stages=off"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}:{ROOT}"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=150)  # without the wait rank 1 fails and rank 0 hangs
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]  # 3: at the majority baseline
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "ok" and list(record["stages"]) == ["lang", "task"]

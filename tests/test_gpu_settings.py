@@ -174,6 +174,20 @@ def test_batch_size_auto_searches_and_records_the_batch(make_cfg, sentiment_dir)
     assert info["global_steps"] == 4
 
 
+def test_batch_size_auto_on_several_devices_is_refused_before_any_stage_trains(
+        make_cfg, sentiment_dir):
+    """Only the pipeline's second stage searches: the up-front check refuses it, not
+    ftlab.autobatch after the first stage has trained."""
+    from ftlab.errors import FtlabError
+    from ftlab.validate import check_configs
+
+    stages = build_pipeline(make_cfg([
+        *tiny_overrides(sentiment_dir), "pipeline=tiny", "trainer=ddp",
+        "trainer.accelerator=cpu", "trainer.devices=2", "pipeline.stages.task.batch_size=auto"]))
+    with pytest.raises(FtlabError, match=r"stage 'task': batch_size=auto searches on one device"):
+        check_configs(stages)
+
+
 @pytest.mark.parametrize("value", ["0", "big", "-3"])
 def test_a_bad_batch_size_names_the_fix(make_cfg, sentiment_dir, value):
     from ftlab.errors import FtlabError

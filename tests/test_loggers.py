@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ftlab import loggers
 
 
@@ -23,3 +25,40 @@ def test_auto_mode_goes_offline_when_server_unreachable(tmp_path, monkeypatch):
     import wandb
 
     assert wandb.run is None  # the next job in the same process gets its own run
+
+
+def test_a_stage_trains_without_wandb_when_it_cannot_start_and_says_so(make_cfg, sentiment_dir,
+                                                                       monkeypatch, caplog):
+    """W&B is extra to the CSV logs: a failing ``wandb.init`` (no network for mode=online, a
+    bad key...) costs the W&B run, not the stage."""
+    import json
+
+    import wandb
+
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    def refuse(*args, **kwargs):
+        raise wandb.errors.CommError("Run initialization has timed out after 90.0 sec.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    cfg = make_cfg([o for o in tiny_overrides(sentiment_dir) if o != "logger=none"] + [
+        "logger=wandb", "logger.wandb.mode=online", "trainer.max_steps=2"])
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert json.loads((out / "metrics.json").read_text())["status"] in ("ok", "failed")
+    assert list(out.glob("classify/csv/*/metrics.csv"))  # the CSV logger still ran
+    assert "W&B could not start (CommError: Run initialization has timed out" in caplog.text
+
+
+def test_a_ddp_rank_other_than_zero_gets_a_logger_without_a_wandb_run(tmp_path, monkeypatch,
+                                                                     caplog):
+    """Under DDP only rank zero starts a W&B run; the others must not fail on the config."""
+    from lightning.pytorch.loggers.logger import DummyExperiment
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    logger = loggers.wandb_logger(save_dir=str(tmp_path), name="job/classify",
+                                  job_type="classify", config={"seed": 3}, mode="offline")
+    assert logger is not None and isinstance(logger.experiment, DummyExperiment)
+    assert "could not start" not in caplog.text and not list(tmp_path.glob("wandb/offline-*"))

@@ -198,3 +198,27 @@ def test_an_inline_peft_nodes_own_lr_and_the_stages_still_win(make_cfg, sentimen
     assert own.optim.lr == pytest.approx(2e-4) and "lr" not in own.peft
     stage = resolve(make_cfg, base + ["pipeline.stages.task.optim.lr=3e-5"])["task"]
     assert stage.optim.lr == pytest.approx(3e-5)
+
+
+def test_the_task_adapters_cache_key_follows_the_adapter_it_stacks_on(make_cfg, sentiment_dir,
+                                                                      tmp_path):
+    """A changed language stage (or another run's stacked artefact) is a new task key: the task
+    stage starts from ``pretrained``, so only ``stack_on`` ties it to what it stacks on."""
+    from ftlab.cache import pipeline_keys
+    from ftlab.pipeline import build_pipeline
+
+    def keys(*extra: str) -> dict[str, str]:
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + ["pipeline=madx", *extra])
+        return pipeline_keys(build_pipeline(cfg), Path(cfg.paths.output_dir))
+
+    base, changed = keys(), keys("pipeline.stages.lang.optim.lr=5e-3")
+    assert changed["lang"] != base["lang"] and changed["task"] != base["task"]
+    run_dir = tmp_path / "run"  # the language artefact of this run, written by a first run:
+    save_tensors(run_dir / "lang" / "trainable.safetensors", {"x": torch.zeros(1)})
+    assert keys() == base  # ... enters by the lang stage's key, not by the file
+    other = tmp_path / "other" / "lang" / "trainable.safetensors"
+    save_tensors(other, {"x": torch.zeros(1)})
+    ext = f"pipeline.stages.task.peft.stack_on=[{other}]"
+    before = keys(ext)["task"]
+    save_tensors(other, {"x": torch.ones(2)})  # another run's artefact, retrained in place
+    assert keys(ext)["task"] != before

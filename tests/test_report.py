@@ -281,3 +281,23 @@ def test_only_the_optuna_sweeper_is_a_search():
 
     assert is_search(config("hydra_plugins.ftlab_sweeper.optuna_sweeper.FtlabOptunaSweeper"))
     assert not is_search(config("hydra_plugins.ftlab_sweeper.basic_sweeper.FtlabBasicSweeper"))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_reports_a_sweep(tmp_path, monkeypatch, rank):
+    """Under DDP Lightning starts rank 1 with the same ``ftlab -m`` command, so it runs the
+    sweep and its end-of-sweep callback too: it must not write a second report (or a second
+    set of W&B summary runs)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from omegaconf import OmegaConf
+
+    from ftlab.report import SweepReport
+
+    for i, (seed, acc) in enumerate([(1, 0.8), (2, 0.84)]):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(rec(seed, acc)))
+    monkeypatch.setattr(rank_zero_only, "rank", rank, raising=False)
+    monkeypatch.delenv("FTLAB_SWEEP_STATUS", raising=False)
+    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}},
+                                                    "logger": None}))
+    assert (tmp_path / "summary.json").is_file() == (rank == 0)
