@@ -169,7 +169,7 @@ def test_killed_job_reads_as_interrupted_in_the_sweep_report(tmp_path):
 
 
 def test_killed_run_folder_reads_as_interrupted_in_ftlab_report(tmp_path, capsys):
-    from ftlab.report import main
+    from ftlab.report_cli import main
 
     (tmp_path / "metrics.json").write_text(json.dumps(_running(_dead_pid())))
     with pytest.raises(SystemExit) as exit_:
@@ -587,7 +587,8 @@ def test_command_exit_status_for_degenerate_jobs(outcome, code, line, monkeypatc
 def test_ftlab_report_mid_sweep_counts_running_jobs_apart_from_errors(tmp_path, capsys):
     """ftlab-report during a sweep: a live job is 'still running', not an error (exit 0); the
     sweep's own report, when the sweep has ended, reads a leftover 'running' as killed."""
-    from ftlab.report import main, write_report
+    from ftlab.report import write_report
+    from ftlab.report_cli import main
     from ftlab.status import process_identity
 
     for job, record in (("0", {"status": "ok", "seed": 1, "overrides": ["seed=1"],

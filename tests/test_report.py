@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from ftlab.report import main, markdown, summarize, write_report
+from ftlab.report import markdown, summarize, write_report
+from ftlab.report_cli import main
 
 
 def rec(seed, acc, key="peft=full", status="ok", failed=False):

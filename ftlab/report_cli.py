@@ -1,0 +1,70 @@
+"""``ftlab-report <run or sweep folder>``: (re)write a sweep's cross-seed report, or print one
+run's status, and exit with the status ``ftlab`` would have (README: exit statuses)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ftlab.report import STOPPED, is_search, outcome, write_report
+from ftlab.status import DEGENERATE_EXIT, effective
+
+
+def exit_status(counts: dict[str, int]) -> int:
+    """1 when a job errored, 3 when one finished no better than a trivial predictor, else 0."""
+    return 1 if counts["errored"] else DEGENERATE_EXIT if counts["degenerate"] else 0
+
+
+def _was_search(sweep_dir: Path) -> bool:
+    """From the sweep's ``multirun.yaml`` (Hydra writes it); no file: not a search."""
+    from omegaconf import OmegaConf
+
+    try:
+        return is_search(OmegaConf.load(sweep_dir / "multirun.yaml"))
+    except Exception:  # noqa: BLE001 - missing or unreadable: count failures as a sweep does
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ftlab-report SWEEP_DIR``: (re)write the cross-seed report of a multirun folder."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/multirun/2026-11-25_12-00-00")
+    args = parser.parse_args(argv)
+    if (args.sweep_dir / "metrics.json").is_file():  # one run's folder: its status
+        sys.exit(_one_run(args.sweep_dir / "metrics.json"))
+    if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
+        sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
+                 "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/.")
+    summary = write_report(args.sweep_dir, ended=False)  # jobs may still be running
+    print((args.sweep_dir / "summary.md").read_text())
+    counts = outcome(summary, _was_search(args.sweep_dir))
+    running = sum(s.get("running", 0) for s in summary.values())
+    if running:
+        print(f"ftlab-report: {running} job(s) still running; run it again when they end.",
+              file=sys.stderr)
+    if counts["errored"] or counts["degenerate"]:
+        print(f"ftlab-report: {counts['errored']} of {counts['jobs']} job(s) ended in an error, "
+              f"{counts['degenerate']} at or below a trivial baseline.", file=sys.stderr)
+    sys.exit(exit_status(counts))
+
+
+def _one_run(path: Path) -> int:
+    """Print one run's status (a killed one reads as interrupted); the ``ftlab`` exit status
+    it stands for."""
+    try:
+        rec = effective(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:
+        print(f"ftlab-report: cannot read {path}: {err}", file=sys.stderr)
+        return 1
+    status = rec.get("status")
+    where = rec.get("interrupted") or {}
+    print(f"{path.parent}: {status}"
+          + (f" in stage {where.get('stage')}" if where.get("stage") else "")
+          + (f" at step {where['step']}" if where.get("step") is not None else ""))
+    if rec.get("error"):
+        print(rec["error"])
+    if status == "ok":
+        return DEGENERATE_EXIT if rec.get("failed") else 0
+    return 0 if status in ("running", *STOPPED) else 1
