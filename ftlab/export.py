@@ -7,7 +7,6 @@ ftlab's bottleneck adapters have neither (use ``ftlab.load`` / ``ftlab-predict``
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -54,21 +53,13 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     """``ftlab-export RUN_DIR [--stage NAME] --to hf --output DIR``."""
-    parser = argparse.ArgumentParser(prog="ftlab-export", description=main.__doc__)
-    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
-    parser.add_argument("--stage", help="which stage (default: the run's last)")
+    from ftlab.inference import quiet_loading, run_parser
+
+    parser = run_parser("ftlab-export", main.__doc__)
     parser.add_argument("--to", choices=["hf"], default="hf", help="the format (Transformers)")
     parser.add_argument("--output", type=Path, required=True, help="the folder to write")
-    parser.add_argument("--allow-targets", action="append", metavar="MODULE",
-                        help="a module of your own code the run's config names (as the run's "
-                             "allow_targets, e.g. mypkg.); only for runs you trust")
     args = parser.parse_args(argv)
-    from ftlab.cli import quiet
-
-    quiet()
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+    quiet_loading()
     try:
         export_hf(args.run_dir, args.output, args.stage, args.allow_targets)
     except NotMergeable as err:

@@ -124,6 +124,30 @@ def stage_names(run_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
 
 
+def run_parser(prog: str, doc: str | None) -> Any:
+    """The command line ``ftlab-predict`` and ``ftlab-export`` share: the run folder,
+    ``--stage`` and ``--allow-targets`` (``load``'s arguments)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
+    parser.add_argument("--stage", help="which stage (default: the run's last)")
+    parser.add_argument("--allow-targets", action="append", metavar="MODULE",
+                        help="a module of your own code the run's config names (as the run's "
+                             "allow_targets, e.g. mypkg.); only for runs you trust")
+    return parser
+
+
+def quiet_loading() -> None:
+    """ftlab's quiet logging, and no Transformers "Loading weights" progress bars."""
+    import transformers
+
+    from ftlab.cli import quiet
+
+    quiet()
+    transformers.utils.logging.disable_progress_bar()
+
+
 #: how ``load`` allows a run's own code (a refused ``_target_``'s fix)
 LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=['{module}.']), or --allow-targets "
             "{module}. for ftlab-predict and ftlab-export")
@@ -222,11 +246,9 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
 
 def _record(run_dir: Path) -> dict[str, Any]:
     """The run's ``metrics.json`` ({} when there is no readable one)."""
-    try:
-        record = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    from ftlab.resume import read_record
+
+    return read_record(run_dir / "metrics.json") or {}
 
 
 def _dropped(run_dir: Path, name: str) -> str | None:

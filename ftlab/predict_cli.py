@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import FtlabError, choices_text, closest
-from ftlab.inference import load
+from ftlab.inference import load, quiet_loading, run_parser
 
 
 def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], list[str]]:
@@ -93,25 +93,15 @@ def _positive(value: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """``ftlab-predict RUN_DIR --input FILE --output preds.jsonl``: labels and probabilities."""
-    parser = argparse.ArgumentParser(prog="ftlab-predict", description=main.__doc__)
-    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
+    parser = run_parser("ftlab-predict", main.__doc__)
     parser.add_argument("--input", type=Path, required=True, help="a .csv/.tsv, .jsonl or .txt")
     parser.add_argument("--output", type=Path, required=True, help="where to write .jsonl")
-    parser.add_argument("--stage", help="which stage (default: the run's last)")
     parser.add_argument("--text-column", action="append", dest="text_columns",
                         help="the input's text column(s), in the stage's order (default: the "
                              "stage's own data.text_columns); repeat for pairs")
     parser.add_argument("--batch-size", type=_positive, default=64)
-    parser.add_argument("--allow-targets", action="append", metavar="MODULE",
-                        help="a module of your own code the run's config names (as the run's "
-                             "allow_targets, e.g. mypkg.); only for runs you trust")
     args = parser.parse_args(argv)
-    from ftlab.cli import quiet
-
-    quiet()
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+    quiet_loading()
     try:
         predictor = load(args.run_dir, args.stage, args.allow_targets)
         rows, found = read_rows(args.input, args.text_columns)

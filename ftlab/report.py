@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from ftlab.report_markdown import markdown
 from ftlab.report_plot import plot
+from ftlab.resume import hydra_overrides
 from ftlab.seedstats import bootstrap_ci, expected_max, finite, permutation_test
 from ftlab.status import effective
 from ftlab.store import atomic_write, write_json
@@ -45,7 +46,7 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
             rec = rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "
                 "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")}
-        rec.setdefault("overrides", _overrides_from_hydra(job))
+        rec.setdefault("overrides", hydra_overrides(job) or [])
         if "seed" not in rec:  # an unreadable record: the seed its command line gave
             seeds = [o.split("=", 1)[1] for o in rec["overrides"] if o.startswith("seed=")]
             if seeds and seeds[-1].isdigit():
@@ -68,15 +69,6 @@ def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             seen.add(keys)
         out.append(rec)
     return out
-
-
-def _overrides_from_hydra(job: Path) -> list[str]:
-    from omegaconf import OmegaConf
-
-    try:
-        return [str(o) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
-    except Exception:
-        return []
 
 
 def swept_keys(records: list[dict[str, Any]]) -> dict[int, str]:

@@ -154,19 +154,26 @@ def _own(hydra: Any) -> list[str]:
     return [o for o in given if not o.startswith(drop)] + [str(o) for o in hydra.overrides.task]
 
 
+def hydra_overrides(folder: Path) -> list[str] | None:
+    """The task overrides Hydra wrote for the job in ``folder`` (``.hydra/overrides.yaml``);
+    None when there is no readable list."""
+    import yaml
+
+    try:
+        overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return [str(o) for o in overrides] if isinstance(overrides, list) else None
+
+
 def recorded_overrides(folder: Path) -> tuple[str, ...] | None:
     """The task overrides of the job that ran in ``folder`` (its ``metrics.json``, else Hydra's
     ``.hydra/overrides.yaml``), sorted; None when it holds no readable job."""
     record = read_record(folder / "metrics.json")
     overrides = record.get("overrides") if record else None
     if not isinstance(overrides, list):
-        try:
-            import yaml
-
-            overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
-        except (OSError, ValueError, ImportError):
-            return None
-    return tuple(sorted(map(str, overrides))) if isinstance(overrides, list) else None
+        overrides = hydra_overrides(folder)
+    return tuple(sorted(map(str, overrides))) if overrides is not None else None
 
 
 def place_jobs(sweep_dir: Path, batch: list[list[str]], start: int) -> list[int]:
