@@ -267,11 +267,11 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     """Reuse the stage from ``cache`` when it holds ``key``; else train it (storing it when
     ``cache`` is given). Returns a ``StageResult``; ``info`` says ``cache_hit``."""
     run_dir = run.run_dir
-    hit = None if cache is None or stage.trainer.get("fast_dev_run") else cache.lookup(key)
+    usable = cache is not None and not stage.trainer.get("fast_dev_run")
+    hit = cache.lookup(key) if usable else None
     # DDP/FSDP: rank zero holds the key's lock and stores the stage; the other ranks train in
     # step with it (waiting on its lock would deadlock: rank zero's fit waits for them)
-    if hit is None and (cache is None or stage.trainer.get("fast_dev_run")
-                        or not is_rank_zero()):
+    if hit is None and not (usable and is_rank_zero()):
         result = run_stage(stage, builder, run, upstream, key)
         result.info |= {"cache_key": key, "cache_hit": False, "cached": False}
         return result

@@ -130,9 +130,7 @@ def check_strategy(stage: ResolvedStage) -> None:
     checks the world size it gets, e.g. ``devices=-1``)."""
     t = stage.trainer
     devices = t.get("devices")
-    if stage.batch_size == "auto" and (
-            (isinstance(devices, int) and devices > 1) or (t.get("num_nodes") or 1) > 1
-            or (isinstance(devices, list | str) and len(str(devices).split(",")) > 1)):
+    if stage.batch_size == "auto" and named_devices(t):
         raise FtlabError(f"{stage.where}: batch_size=auto searches on one device; the trainer "
                          f"asks for devices={devices}, num_nodes={t.get('num_nodes') or 1}.",
                          "find it with trainer=gpu on one GPU, then set that number as "
@@ -155,9 +153,15 @@ def strategy_name(trainer: dict[str, Any]) -> str:
 def several_devices(trainer: dict[str, Any]) -> bool:
     """Whether the trainer node may run on several devices (processes): a multi-device
     strategy, ``devices`` -1 or above 1, or several nodes."""
-    devices = trainer.get("devices")
     return (any(k in strategy_name(trainer).lower() for k in ("ddp", "fsdp", "deepspeed"))
-            or devices == -1 or (isinstance(devices, int) and devices > 1)
+            or trainer.get("devices") == -1 or named_devices(trainer))
+
+
+def named_devices(trainer: dict[str, Any]) -> bool:
+    """Whether the trainer node names several devices: ``devices`` above 1 or a list of
+    several, or several nodes."""
+    devices = trainer.get("devices")
+    return ((isinstance(devices, int) and devices > 1)
             or (isinstance(devices, list | str) and len(str(devices).split(",")) > 1)
             or (trainer.get("num_nodes") or 1) > 1)
 

@@ -63,11 +63,11 @@ class FtlabOptunaSweeper(Sweeper):
         url = storage_url(self.storage, sweep_dir)
         log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
                  direction)
-        study = optuna.create_study(
+        # (the sampler's seed is offset per worker by ftlab.search.ask_first)
+        return optuna.create_study(
             study_name=self.study_name, storage=open_storage(url), direction=direction,
             sampler=build_object(self.sampler_node, "sampler"),
             pruner=build_object(self.pruner_node, "pruner"), load_if_exists=True)
-        return study  # its sampler's seed: ftlab.search.ask_first
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
         from ftlab.search import job_outcome
