@@ -14,7 +14,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.run import run
 from ftlab.tasks.cloze import Cloze, calibrate
-from ftlab.tasks.prompting import Pattern, fit, word_ids
+from ftlab.tasks.prompting import Pattern, fit_texts, word_ids
 from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
 
 VERB = {"pos": "great", "neg": "bad"}
@@ -87,8 +87,8 @@ def test_verbaliser_must_cover_the_labels(tiny):
 
 def test_long_text_is_cut_but_never_the_pattern_or_the_slot(tiny):
     _, tok = tiny
-    ids = fit(tok, Pattern("{text} It was {mask}."), {"text": "the film " * 100},
-              tok.mask_token, 24)
+    ids, _ = fit_texts(tok, Pattern("{text} It was {mask}."), {"text": "the film " * 100},
+                       tok.mask_token, 24)
     assert len(ids) <= 24 and tok.mask_token_id in ids
     tail = tok("It was " + tok.mask_token + ".", add_special_tokens=False)["input_ids"]
     body = ids[:-1] if ids[-1] == tok.sep_token_id else ids

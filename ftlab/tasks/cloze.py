@@ -88,17 +88,13 @@ class Cloze(Classify):
         return {"input_ids": list(ids), "attention_mask": [[1] * len(x) for x in ids],
                 "labels": batch["label"], "slot": list(slots), "length": [len(x) for x in ids]}
 
-    def encode(self, texts: dict[str, str]) -> list[int]:
-        """A row's token ids: the whole pattern with [MASK] (masked LM) or the text before the
-        slot (causal LM)."""
-        return self.encode_slot(texts)[0]
-
     def encode_slot(self, texts: dict[str, str]) -> tuple[list[int], int]:
-        """:meth:`encode`'s ids and the slot's position: the pattern's [MASK] (masked LM; not
-        a mask token the text itself holds, as the content-free input "[MASK]" does), or the
-        prefix's last token (causal LM)."""
+        """A row's token ids, the whole pattern with [MASK] (masked LM) or the text before the
+        slot (causal LM), and the slot's position: the pattern's [MASK] (not a mask token the
+        text itself holds, as the content-free input "[MASK]" does), or the prefix's last
+        token."""
         if self.causal is None:
-            raise FtlabError("Cloze.encode before the model family is known.",
+            raise FtlabError("Cloze.encode_slot before the model family is known.",
                              "call see_model(config) (StageBuilder does) before featurising.")
         ids, cut = fit_texts(self.tokenizer, self.pattern, texts,
                              self.tokenizer.mask_token or "", self.max_length,
@@ -106,9 +102,11 @@ class Cloze(Classify):
         if self.causal:
             return ids, len(ids) - 1
         mask_id = self.tokenizer.mask_token_id
+        masks = [i for i, t in enumerate(ids) if t == mask_id]
+        if len(masks) == 1:  # the usual row: no mask token in its text
+            return ids, masks[0]
         before = self.tokenizer(self.pattern.before_mask.format_map(cut),
                                 add_special_tokens=False)["input_ids"]
-        masks = [i for i, t in enumerate(ids) if t == mask_id]
         return ids, masks[min(before.count(mask_id), len(masks) - 1)]
 
     # --- model ------------------------------------------------------------------------------

@@ -131,16 +131,11 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
     return out
 
 
-def fit(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str,
-        max_length: int, prefix_only: bool = False) -> list[int]:
-    """Token ids of the rendered pattern within ``max_length``: the longest text field is cut
-    (at a token boundary) until it fits, never the pattern's own words or the slot."""
-    return fit_texts(tokenizer, pattern, texts, mask, max_length, prefix_only)[0]
-
-
 def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str,
               max_length: int, prefix_only: bool = False) -> tuple[list[int], dict[str, str]]:
-    """:func:`fit`'s ids, and the text fields as cut to fit."""
+    """Token ids of the rendered pattern within ``max_length``, and the text fields as cut to
+    fit: the longest text field is cut (at a token boundary) until it fits, never the
+    pattern's own words or the slot."""
     texts = dict(texts)
     for _ in range(8):
         text = pattern.prefix(texts) if prefix_only else pattern.render(texts, mask)
