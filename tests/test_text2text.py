@@ -118,9 +118,42 @@ def test_seq2seq_targets_longer_than_the_source_are_batched_whole(make_cfg, sent
         assert [t for t in row if t != -100] == tok(target)["input_ids"]
 
 
-def test_two_labels_with_one_target_string_are_refused(make_cfg, sentiment_dir):
-    with pytest.raises(FtlabError, match="several labels the target 'good'"):
-        setup(make_cfg, sentiment_dir, "tiny_t5", targets={"pos": "good", "neg": "good"})
+@pytest.mark.parametrize("targets", [{"pos": "good", "neg": "good"},
+                                     {"pos": "Good", "neg": "good"}])  # uncased: equal ids
+def test_two_labels_with_one_target_are_refused(targets, make_cfg, sentiment_dir):
+    with pytest.raises(FtlabError, match="several labels the same target '[Gg]ood'"):
+        setup(make_cfg, sentiment_dir, "tiny_t5", targets=targets)
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_exact_match_compares_with_the_target_as_the_tokenizer_writes_it(model, make_cfg,
+                                                                         sentiment_dir):
+    """The tiny tokenizer is uncased, so a model can only write "great film!" as "great film !"
+    lowercased: a perfect generation of "Great Film!" scored 0 before."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_target_length=5,
+                            targets={"pos": "Great Film!", "neg": "Bad"})
+    net = task.build_model(spec).eval()
+    rows = synthetic_rows(4, 5)
+    batch = batch_for(task, rows, tok.pad_token_id)
+    want = batch["class_id"].tolist()
+    ids = [task.target_ids("", task.targets[c]) if not task.seq2seq else
+           tok(task.targets[c], add_special_tokens=False)["input_ids"] for c in want]
+    width = task.max_target_length
+    # a model that writes each row's target perfectly (then EOS): stands in for the decoding
+    perfect = torch.tensor([(i + [task.eos] * width)[:width] for i in ids])
+    task._greedy = lambda *a: perfect  # decoder-only decoding
+    if task.seq2seq:
+        logits = torch.full((len(rows), width, tok.vocab_size), -1e4)
+        logits.scatter_(2, perfect[..., None], 0.0)
+
+        class Writes(torch.nn.Module):
+            config = net.config
+
+            def forward(self, input_ids, attention_mask, decoder_input_ids):
+                step = decoder_input_ids.shape[1] - 1
+                return type("Out", (), {"logits": logits[:, : step + 1]})()
+        net = Writes()
+    assert task.exact_match(net, batch).tolist() == [1.0] * len(rows)
 
 
 def test_decoder_only_with_prompt_tuning_scores_the_rows_own_positions(make_cfg, sentiment_dir):

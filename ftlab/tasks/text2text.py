@@ -70,10 +70,17 @@ class TextToText(Classify):
                              f"data's labels are {list(self.labels)}.",
                              "give every label one target string, or targets: null for the "
                              "label names.")
-        twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
-        if twice:  # equal rank scores and equal generations: the labels cannot be told apart
-            raise FtlabError(f"stage.task.targets gives several labels the target {twice[0]!r} "
-                             f"({dict(zip(self.labels, self.targets, strict=True))}).",
+        self._decoded: dict[int, str] = {}  # label -> its target as the tokenizer writes it
+        # equal token ids (e.g. "Good"/"good" for an uncased tokenizer) mean equal rank scores
+        # and equal generations: the labels cannot be told apart
+        as_ids = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"])
+                  for t in self.targets]
+        twice = sorted({t for t, i in zip(self.targets, as_ids, strict=True)
+                        if as_ids.count(i) > 1})
+        if twice:
+            raise FtlabError(f"stage.task.targets gives several labels the same target "
+                             f"{twice[0]!r} (as the tokenizer reads it: "
+                             f"{dict(zip(self.labels, self.targets, strict=True))}).",
                              "give each label its own target string.")
         try:
             self.source.format_map({c: "" for c in self.text_columns})
@@ -208,9 +215,21 @@ class TextToText(Classify):
                 ids, mask, last = self._prompt(batch)
                 out = self._greedy(model, ids, mask, last)
         texts = [self._until_eos(row, eos) for row in out.tolist()]
-        wanted = [self.targets[c] for c in batch["class_id"].tolist()]
-        return torch.tensor([t.strip() == w.strip() for t, w in zip(texts, wanted, strict=True)],
+        wanted = [self._as_decoded(c) for c in batch["class_id"].tolist()]
+        return torch.tensor([t.strip() == w for t, w in zip(texts, wanted, strict=True)],
                             dtype=torch.float32)
+
+    def _as_decoded(self, label: int) -> str:
+        """A target as its own token ids decode: what a model that learned it perfectly writes.
+        It differs from the target's text where the tokenizer does not round-trip (an uncased
+        tokenizer lowercases, unknown characters become [UNK], spacing around punctuation)."""
+        decoded = self._decoded
+        if label not in decoded:
+            target = self.targets[label]
+            ids = self.tokenizer(target, add_special_tokens=False)["input_ids"] if self.seq2seq \
+                else self.target_ids("", target)
+            decoded[label] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return decoded[label]
 
     def _greedy(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                 last: torch.Tensor) -> torch.Tensor:
@@ -249,7 +268,8 @@ class TextToText(Classify):
 
 
 class ExactMatch(MeanMetric):
-    """Share of rows whose generated text equals their target (after stripping spaces)."""
+    """Share of rows whose generated text equals their target as the tokenizer decodes it
+    (after stripping spaces)."""
 
     def update(self, em: torch.Tensor) -> None:  # type: ignore[override]
         if em.numel():
