@@ -2,12 +2,14 @@
 (its resolved spec, model, data, seed and the keys of the stages it started from), so re-runs
 and sweeps reuse unchanged earlier stages instead of retraining them.
 
-Layout: ``<dir>/<key>/{model.safetensors, trainable.safetensors (when the stage wrote one),
-stage.json}``. A stage is written into a temporary folder and renamed into place when complete
+Layout: ``<dir>/<key>-<software>/{model.safetensors, trainable.safetensors (when the stage wrote
+one), stage.json}``. A stage is written into a temporary folder and renamed into place when complete
 (atomic), so an interrupted stage never counts as finished; a lock per key makes concurrent jobs
 train a stage once (the others wait, then reuse). ``stage.json`` holds the sha256 of each weight
 file: an entry that fails the check (truncated or changed file, unreadable JSON, a file missing)
 is moved aside to ``<key>.corrupt-<time>`` with a warning and the stage is retrained.
+``<software>`` tags ftlab's source and the training libraries' versions (``ftlab.software``): a
+stage trained by other code is retrained, not reused; its entry stays until deleted.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from filelock import FileLock, Timeout
 from ftlab.build import StageBuilder
 from ftlab.pipeline import ResolvedStage
 from ftlab.rules import one_of
+from ftlab.software import software, software_tag
 from ftlab.stage import RunContext, StageResult, run_stage
 from ftlab.store import (
     check_name,
@@ -143,13 +146,14 @@ def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
 class StageCache:
     """Finished stages by key, safe under concurrent jobs."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, software: str | None = None) -> None:
         self.root = Path(root)
+        self.software = software_tag() if software is None else software
 
     def entry(self, key: str) -> Path:
-        """The key's folder: a safe name, inside the cache folder."""
+        """The key's folder for this software: a safe name, inside the cache folder."""
         check_name(key, "Stage-cache key", "use plain stage names (e.g. '{name}').")
-        return inside(self.root, key)
+        return inside(self.root, f"{key}-{self.software}")
 
     def lookup(self, key: str, repair: bool = False) -> dict[str, Any] | None:
         """The stored record of a complete, intact stage, or None. A damaged entry counts as
@@ -187,7 +191,7 @@ class StageCache:
     def set_aside(self, key: str, damage: str) -> Path:
         """Move a damaged entry to ``<key>.corrupt-<time>`` (kept for a look, never read)."""
         entry = self.entry(key)
-        dest = self.root / f"{key}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        dest = self.root / f"{entry.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.replace(entry, dest)
         log.warning("The stage cache entry %s is damaged: %s. Moved it aside to %s; the stage "
                     "is retrained. (Delete that folder when you no longer need it.)",
@@ -197,16 +201,16 @@ class StageCache:
     @contextmanager
     def claim(self, key: str) -> Iterator[None]:
         """Hold the key's lock (waiting for a job that is training it); clear stale temp dirs."""
-        self.entry(key)  # a safe key inside the cache folder
+        name = self.entry(key).name  # a safe key inside the cache folder
         self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / f".{key}.lock"))
+        lock = FileLock(str(self.root / f".{name}.lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             log.info("Another job is training stage %s; waiting to reuse it.", key)
             lock.acquire()
         try:
-            for stale in self.root.glob(f".{key}.tmp-*"):  # left by an interrupted job
+            for stale in self.root.glob(f".{name}.tmp-*"):  # left by an interrupted job
                 shutil.rmtree(stale, ignore_errors=True)
             yield
         finally:
@@ -214,8 +218,8 @@ class StageCache:
 
     def store(self, key: str, state: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:
         """Write the weights and record into a temp folder, then rename it into place."""
-        self.entry(key)  # a safe key inside the cache folder
-        tmp = self.root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        name = self.entry(key).name  # a safe key inside the cache folder
+        tmp = self.root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             tmp.mkdir(parents=True)
             save_tensors(tmp / "model.safetensors", dedupe(state),
@@ -226,7 +230,8 @@ class StageCache:
                 _copy_card(artefact.parent, tmp)  # and its card: labels, tokenizer, stage
             sums = {name: sha256(tmp / name) for name in WEIGHTS if (tmp / name).is_file()}
             write_json(tmp / "stage.json", record | {"key": key, "format": FORMAT,
-                                                     "checksums": sums})
+                                                     "checksums": sums,
+                                                     "software": software()})
             if self.entry(key).exists():  # only a complete entry can exist (rename is atomic)
                 shutil.rmtree(tmp)
             else:

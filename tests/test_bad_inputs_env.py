@@ -413,7 +413,7 @@ def _store(tmp_path: Path):
 
     cache = StageCache(tmp_path / "cache")
     cache.store("s-1", {"w": torch.ones(2)}, {"name": "s", "metrics": {}, "info": {}})
-    return cache, tmp_path / "cache" / "s-1"
+    return cache, cache.entry("s-1")
 
 
 def _replace_with_file(entry: Path) -> None:
@@ -442,7 +442,7 @@ def test_damaged_cache_entry_variants(damage, tmp_path, caplog):
     break_it, expected = CACHE_DAMAGE[damage]
     break_it(entry)
     assert cache.lookup("s-1", repair=True) is None
-    assert not entry.exists() and list(entry.parent.glob("s-1.corrupt-*"))
+    assert not entry.exists() and list(entry.parent.glob("s-1-*.corrupt-*"))
     assert re.search(rf"is damaged: {expected}.*Moved it aside", caplog.text), caplog.text
 
 

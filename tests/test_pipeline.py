@@ -19,7 +19,7 @@ from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
-from ftlab.store import load_tensors
+from ftlab.store import load_tensors, read_json
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM
 from tests.conftest import tiny_overrides
@@ -81,6 +81,52 @@ def test_cache_hit_on_rerun_and_seed_sweep_miss_on_upstream_change(tiny_pipeline
     assert len(entries) == 2 and all(e.startswith("tapt-") for e in entries)  # upstream only
 
 
+def test_a_stage_cached_by_other_software_is_retrained(tiny_pipeline, tmp_path, monkeypatch):
+    """An upgrade of transformers (or an edit of ftlab's source) may change what a stage learns:
+    the cached stage is retrained, under the same job identity (stage key)."""
+    import ftlab.software as sw
+
+    def other(*extra: str):
+        cfg = tiny_pipeline(*extra)
+        with open_dict(cfg):  # another folder: in the same one the finished job is reused whole
+            cfg.paths.output_dir = str(tmp_path / f"run{len(list(tmp_path.glob('run*')))}")
+        return cfg
+
+    first = run(other())
+    real = sw.version
+    monkeypatch.setattr(sw, "version", lambda lib: "99.0" if lib == "transformers" else
+                        real(lib))
+    sw.software.cache_clear()
+    try:
+        upgraded = run(other())
+        assert upgraded["lineage"][0]["cache_hit"] is False
+        assert upgraded["lineage"][0]["key"] == first["lineage"][0]["key"]
+        assert run(other())["lineage"][0]["cache_hit"] is True  # stored for the new software
+        stored = [read_json(p / "stage.json")["software"] for p in (tmp_path / "cache").iterdir()
+                  if not p.name.startswith(".")]
+        assert sorted(s["transformers"] for s in stored) == sorted([real("transformers"),
+                                                                    "99.0"])  # old one stays
+    finally:
+        monkeypatch.undo()
+        sw.software.cache_clear()
+
+
+def test_the_software_tag_follows_ftlab_source_and_library_versions(tmp_path):
+    import ftlab.software as sw
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.py").write_text("x = 1\n")
+    before = sw.source_hash(tmp_path)
+    assert sw.source_hash(tmp_path) == before
+    (tmp_path / "sub" / "m.py").write_text("x = 2\n")
+    assert sw.source_hash(tmp_path) != before
+    now = sw.software()
+    assert now["ftlab-source"] == sw.source_hash() and now["torch"] == torch.__version__
+    assert sw.software_tag() == sw.software_tag(dict(now))
+    assert sw.software_tag() != sw.software_tag(now | {"ftlab-source": "edited"})
+    assert StageCache("c").entry("s-1").name == f"s-1-{sw.software_tag()}"
+
+
 def test_cached_upstream_gives_the_same_result_as_training_it(tiny_pipeline, tmp_path):
     a = run(tiny_pipeline())
     again = tiny_pipeline()
@@ -105,7 +151,7 @@ def test_interrupted_stage_is_not_cached_and_is_retrained(tiny_pipeline, tmp_pat
     cache = tmp_path / "cache"
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]  # nothing complete
     key = next(iter(pipeline_keys(build_pipeline(tiny_pipeline())).values()))
-    stale = cache / f".{key}.tmp-99999-abcdef"  # what a killed process leaves behind
+    stale = cache / f".{StageCache(cache).entry(key).name}.tmp-99999-abcdef"  # a killed job's
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half a file")
     monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_validation_end", original)

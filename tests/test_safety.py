@@ -401,12 +401,13 @@ def test_damaged_cache_entry_is_set_aside(damage, tmp_path, caplog):
     assert set(cache.lookup("s-1")["checksums"]) == {"model.safetensors",
                                                       "trainable.safetensors"}
     break_it, expected = DAMAGE[damage]
-    break_it(tmp_path / "s-1")
-    assert cache.lookup("s-1") is None and (tmp_path / "s-1").is_dir()  # no lock: left alone
+    entry = cache.entry("s-1")
+    break_it(entry)
+    assert cache.lookup("s-1") is None and entry.is_dir()  # no lock: left alone
     assert cache.lookup("s-1", repair=True) is None
-    assert not (tmp_path / "s-1").exists()
-    [aside] = tmp_path.glob("s-1.corrupt-*")
-    assert re.search(rf"entry .*s-1 is damaged: {expected}.*Moved it aside to .*{aside.name}",
+    assert not entry.exists()
+    [aside] = tmp_path.glob("s-1-*.corrupt-*")
+    assert re.search(rf"entry .*s-1-\w+ is damaged: {expected}.*Moved it aside to .*{aside.name}",
                      caplog.text), caplog.text
 
 
@@ -438,7 +439,7 @@ def test_truncated_cache_entry_is_retrained(make_cfg, sentiment_dir, tmp_path, c
     assert re.search(r"is damaged: model.safetensors does not match its checksum \(truncated "
                      r"or changed\). Moved it aside to .*\.corrupt-.*the stage is retrained",
                      caplog.text), caplog.text
-    [aside] = cache_dir.glob(f"{first['key']}.corrupt-*")
+    [aside] = cache_dir.glob(f"{first['key']}-*.corrupt-*")
     assert (aside / "model.safetensors").stat().st_size < (entry / "model.safetensors").stat(
     ).st_size
     assert once()["cache_hit"] is True
