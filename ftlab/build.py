@@ -252,7 +252,7 @@ def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> 
 def _instantiate_task(stage: ResolvedStage) -> Task:
     task = instantiate_task(stage.task, f"{stage.where}.task")
     if stage.aux_mlm_weight > 0:
-        from ftlab.tasks.mlm import AuxMLM
+        from ftlab.tasks.aux_mlm import AuxMLM
 
         task = AuxMLM(task, stage.aux_mlm_weight)
     return task

@@ -12,8 +12,9 @@ from ftlab.data.batching import PadCollator
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.optim import OptimSpec, build_optimizer, layer_depths
 from ftlab.run import run
+from ftlab.tasks.aux_mlm import AuxMLM
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.mlm import AuxMLM, MaskedLM, split_mlm
+from ftlab.tasks.mlm import MaskedLM, split_mlm
 from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
 
 TEXTS = [r["text"] for r in synthetic_rows(64, seed=5)]

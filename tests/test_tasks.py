@@ -25,9 +25,10 @@ from ftlab.optim import OptimSpec
 from ftlab.peft.base import Penalized, SavesArtefact
 from ftlab.pipeline import split_peft
 from ftlab.regularizers.none import NoRegularizer
+from ftlab.tasks.aux_mlm import AuxMLM
 from ftlab.tasks.base import Task, TaskOutput
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.mlm import AuxMLM, MaskedLM
+from ftlab.tasks.mlm import MaskedLM
 from tests.conftest import synthetic_rows, tiny_overrides
 
 
