@@ -15,7 +15,6 @@ stage trained by other code is retrained, not reused; its entry stays until dele
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +34,7 @@ from ftlab.pipeline import ResolvedStage
 from ftlab.rules import one_of
 from ftlab.software import software, software_tag
 from ftlab.stage import RunContext, StageResult, run_stage
+from ftlab.stage_keys import FORMAT
 from ftlab.store import (
     check_name,
     inside,
@@ -48,13 +48,8 @@ from ftlab.store import (
 
 log = logging.getLogger(__name__)
 
-#: bump when the stored format or the meaning of a key changes (3: checksums in stage.json)
-FORMAT = 3
 #: the weight files of an entry whose sha256 stage.json records
 WEIGHTS = ("model.safetensors", "trainable.safetensors")
-#: trainer keys that change nothing about the trained weights
-COSMETIC = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger",
-            "callbacks", "default_root_dir", "enable_checkpointing"}
 MODES = ("upstream", "all", "off")
 
 
@@ -70,66 +65,6 @@ class CacheSpec:
 
     dir: str = "outputs/stage_cache"
     stages: Annotated[str, one_of(*MODES)] = "upstream"
-
-
-def stage_key(stage: ResolvedStage, upstream_key: str | None,
-              in_run: tuple[str, ...] = ()) -> str:
-    """A hash of what determines the stage's trained weights (not its name or log settings).
-
-    The seed enters as the seed that applies (the stage's own if set, else the run's), so a
-    stage with a fixed ``seed`` keeps its key across a seed sweep. ``in_run``: ``stack_on``
-    artefacts of earlier stages of the run, which enter by their stage's key in
-    ``upstream_key``; other stacked artefacts enter by size and modification time.
-    """
-    spec = asdict(stage)
-    for k in ("name", "save_artefact", "runtime"):  # runtime: how it ran, not what it learnt
-        spec.pop(k)
-    if not stage.head_warmup_steps:  # off: the key it had before the field existed
-        spec.pop("head_warmup_steps")
-    spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
-    # local files enter by size and modification time too: an edited file is a new key
-    spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
-    for sub, resolved in zip(spec["subtasks"], stage.subtasks, strict=True):  # multi-task
-        sub["data"]["file_stats"] = {k: _stat(v) for k, v in (resolved.data.files or {}).items()}
-    if stage.peft.get("stack_on"):  # stacked artefacts of other runs: by size and time
-        spec["stack_on_stats"] = [None if str(p) in in_run else _stat(p)
-                                  for p in stage.peft["stack_on"]]
-    if stage.teachers:  # teachers that are finished runs enter by their artefact's identity
-        from ftlab.distill import is_run_dir, teacher_fingerprint
-
-        spec["teacher_runs"] = [teacher_fingerprint(t) for t in stage.teachers if is_run_dir(t)]
-    payload = {"format": FORMAT, "stage": spec, "upstream": upstream_key}
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return f"{stage.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-
-def _stat(path: Any) -> list[int] | None:
-    p = Path(str(path)).expanduser()
-    return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
-
-
-def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None) -> dict[str, str]:
-    """Every stage's key; a stage's key includes the key of the stage it starts from, of its
-    teachers, and of the earlier stages whose artefacts (in ``run_dir``) its ``peft.stack_on``
-    stacks (MAD-X: the task adapter on the language adapter)."""
-    keys: dict[str, str] = {}
-    for s in stages:  # teachers from the pipeline: their keys, beside the init_from stage's
-        stacked = _stacked_stages(s, keys, run_dir)
-        up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys),
-              *(keys[n] for n in stacked.values())]
-        keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)),
-                                 tuple(stacked))
-    return keys
-
-
-def _stacked_stages(stage: ResolvedStage, keys: dict[str, str],
-                    run_dir: Path | None) -> dict[str, str]:
-    """``stack_on`` entries that point into an earlier stage's folder of this run: its name."""
-    if run_dir is None:
-        return {}
-    run = Path(run_dir).resolve()
-    return {str(p): n for p in stage.peft.get("stack_on") or [] for n in keys
-            if Path(str(p)).expanduser().resolve().parent == run / n}
 
 
 def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:

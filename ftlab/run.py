@@ -187,12 +187,13 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     """Resolve, validate and run the stages into ``record``; a finished job with the same
     stage keys in ``run_dir`` or ``sweep_dir`` is reused instead (``ftlab.resume``)."""
     from ftlab.build import StageBuilder
-    from ftlab.cache import CacheSpec, StageCache, cached_stages, pipeline_keys, run_or_reuse
+    from ftlab.cache import CacheSpec, StageCache, cached_stages, run_or_reuse
     from ftlab.config import bind_schema, plain
     from ftlab.dashboards import log_stage_artifact
     from ftlab.pipeline import build_pipeline
     from ftlab.pruning import trial_callbacks
     from ftlab.stage import RunContext, StageResult
+    from ftlab.stage_keys import pipeline_keys
     from ftlab.store import is_rank_zero, write_json
     from ftlab.validate import validate
 
@@ -263,8 +264,8 @@ def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[s
                     earlier: dict[str, Any] | None = None) -> bool:
     """Fill ``record`` from a finished job with the same identity (stage keys + callbacks), if
     there is one."""
-    from ftlab.cache import pipeline_keys
     from ftlab.resume import finished_record, job_identity
+    from ftlab.stage_keys import pipeline_keys
 
     record["job_identity"] = job_identity(list(pipeline_keys(stages, run_dir).values()),
                                           callbacks)

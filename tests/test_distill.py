@@ -90,8 +90,8 @@ def test_a_pipeline_stage_distils_from_earlier_stages(make_cfg, sentiment_dir):
     assert 0.0 <= student["teacher_train_acc"] <= 1.0
     # the student's key includes its teachers' keys: another teacher, another student
     keys = {line["stage"]: line["key"] for line in record["lineage"]}
-    from ftlab.cache import pipeline_keys
     from ftlab.pipeline import build_pipeline
+    from ftlab.stage_keys import pipeline_keys
 
     stages = build_pipeline(cfg)
     import dataclasses

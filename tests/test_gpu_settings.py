@@ -77,7 +77,7 @@ def test_trainer_gpu_sets_hardware_keys_batch_and_lr_rule_and_lightning_never_se
 
 
 def test_runtime_keys_do_not_change_the_stage_cache_key(make_cfg, sentiment_dir):
-    from ftlab.cache import stage_key
+    from ftlab.stage_keys import stage_key
 
     base = build_pipeline(make_cfg(tiny_overrides(sentiment_dir)))[0]
     other = build_pipeline(make_cfg([*tiny_overrides(sentiment_dir), "trainer.num_workers=2",

@@ -162,7 +162,7 @@ def test_shipped_pipelines_warm_up_fresh_heads_only(make_cfg, sentiment_dir):
 
 
 def test_warmup_enters_the_stage_key_only_when_on(make_cfg, sentiment_dir):
-    from ftlab.cache import stage_key
+    from ftlab.stage_keys import stage_key
 
     def key(*extra: str) -> str:
         (stage,) = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + list(extra)))

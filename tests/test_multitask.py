@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from ftlab.build import StageBuilder
-from ftlab.cache import pipeline_keys
 from ftlab.data.batching import LengthGroupedBatchSampler
 from ftlab.data.multitask import TaskSampler, sampling_probabilities
 from ftlab.errors import FtlabError
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
+from ftlab.stage_keys import pipeline_keys
 from ftlab.store import load_tensors
 from ftlab.validate import validate
 from tests.conftest import tiny_overrides, write_jsonl

@@ -204,8 +204,8 @@ def test_the_task_adapters_cache_key_follows_the_adapter_it_stacks_on(make_cfg, 
                                                                       tmp_path):
     """A changed language stage (or another run's stacked artefact) is a new task key: the task
     stage starts from ``pretrained``, so only ``stack_on`` ties it to what it stacks on."""
-    from ftlab.cache import pipeline_keys
     from ftlab.pipeline import build_pipeline
+    from ftlab.stage_keys import pipeline_keys
 
     def keys(*extra: str) -> dict[str, str]:
         cfg = make_cfg(tiny_overrides(sentiment_dir) + ["pipeline=madx", *extra])

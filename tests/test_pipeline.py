@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ftlab.cache import StageCache, pipeline_keys
+from ftlab.cache import StageCache
 from ftlab.cli import CONFIG_DIR
 from ftlab.config import bind_schema
 from ftlab.handover import hand_over
@@ -19,6 +19,7 @@ from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
+from ftlab.stage_keys import pipeline_keys
 from ftlab.store import load_tensors, read_json
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM

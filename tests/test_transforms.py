@@ -9,7 +9,6 @@ import pytest
 from datasets import Dataset
 
 from ftlab.build import StageBuilder
-from ftlab.cache import pipeline_keys
 from ftlab.cli import CONFIG_DIR
 from ftlab.data.datamodule import TextDataModule
 from ftlab.data.transforms.base import Rows
@@ -19,6 +18,7 @@ from ftlab.data.transforms.nodes import build, resolve_nodes
 from ftlab.errors import FtlabError
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
+from ftlab.stage_keys import pipeline_keys
 from tests.conftest import synthetic_rows, tiny_overrides, write_jsonl
 
 
