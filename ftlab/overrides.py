@@ -16,6 +16,7 @@ explicitly (the command line's ``key=value`` overrides and the leaves of the cho
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.config import plain
 from ftlab.errors import FtlabError, choices_text
+
+log = logging.getLogger(__name__)
 
 #: stage keys that cannot mean the same thing for every stage of a pipeline
 PER_STAGE = ("name", "init_from", "carry")
@@ -167,4 +170,28 @@ def trainer_node(cfg: DictConfig, own: dict[str, Any], explicit: Explicit,
     for key in explicit.under("trainer"):
         if not explicit.has(f"{prefix}.trainer.{key}"):
             _set(node, key, plain(OmegaConf.select(cfg, f"trainer.{key}")))
+    return node
+
+
+def model_node(cfg: DictConfig, explicit: Explicit) -> dict[str, Any]:
+    """``cfg.model``, without a from-scratch model's architecture when you point
+    ``model.name_or_path`` at a pre-trained model: ``model=tiny_bert model.name_or_path=X``
+    loads X with X's own config and tokenizer; the YAML's ``config`` (it has a ``model_type``)
+    and ``tokenizer`` are dropped with a warning. Keys you give yourself
+    (``model.config.hidden_dropout_prob=0.2``, ``model.tokenizer=...``) stay."""
+    node = plain(cfg.model)
+    config = node.get("config") or {}
+    if not (isinstance(node, dict) and explicit.has("model.name_or_path")
+            and node.get("name_or_path") and "model_type" in config
+            and not explicit.has("model.config.model_type")):
+        return node
+    node["config"] = {k: v for k, v in config.items() if explicit.has(f"model.config.{k}")}
+    dropped = [f"config.{k}" for k in config if k not in node["config"]]
+    if node.get("tokenizer") and not explicit.has("model.tokenizer"):
+        dropped.append(f"tokenizer ({node['tokenizer']})")
+        node["tokenizer"] = None
+    log.warning("model.name_or_path=%s replaces the chosen model YAML's from-scratch model: its "
+                "%s are dropped (%s's own config and tokenizer apply). Set them on the command "
+                "line to keep them.", node["name_or_path"], ", ".join(dropped),
+                node["name_or_path"])
     return node

@@ -17,12 +17,11 @@ from omegaconf import DictConfig
 
 from ftlab.budget import BudgetSpec, split_budget
 from ftlab.config import bind_schema, plain
-from ftlab.data.spec import DataSpec
-from ftlab.data.transforms.nodes import resolve_nodes
-from ftlab.errors import FtlabError, choices_text
+from ftlab.data.spec import DataSpec, resolve_data
+from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
-from ftlab.overrides import Explicit, stage_nodes, trainer_node
+from ftlab.overrides import Explicit, model_node, stage_nodes, trainer_node
 from ftlab.pipeline_checks import check_head_warmup, check_pipeline
 from ftlab.rules import Rule, at_least, between, check_field, one_of
 from ftlab.runtime import RuntimeSpec, split_trainer
@@ -217,7 +216,7 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     if subtasks and spec.teachers:
         raise FtlabError(f"{where} is a multi-task stage with teachers; teachers label one "
                          "dataset.", "drop the teachers, or distil in a single-task stage.")
-    data_spec = subtasks[0].data if subtasks else _data_spec(
+    data_spec = subtasks[0].data if subtasks else resolve_data(
         spec.data, spec.data_overrides, cfg, f"{where} data",
         f"{prefix}.data" if spec.data is not None else "data")
     raw_peft = plain(spec.peft or cfg.peft)
@@ -245,39 +244,6 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         head_warmup_steps=spec.head_warmup_steps)
 
 
-def _data_spec(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str,
-               key: str) -> DataSpec:
-    """A stage's (or sub-task's) data: null -> the run's data group; a group name -> that
-    file of conf/data; a mapping -> itself. ``overrides`` are merged on top."""
-    if isinstance(node, str):
-        node = _data_group(node, cfg, where)
-    data = plain(node if node is not None else cfg.data)
-    if not isinstance(data, dict):
-        raise FtlabError(f"{where} must be a mapping or a data group name.",
-                         "see conf/data/*.yaml.")
-    spec = bind_schema(DataSpec, {**data, **overrides}, where, key)
-    spec.transforms = resolve_nodes(spec.transforms, f"{where}.transforms")
-    return spec
-
-
-def _data_group(name: str, cfg: DictConfig, where: str) -> DictConfig:
-    """conf/data/<name>.yaml, its interpolations (``${paths.data_dir}``) read from ``cfg``."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from ftlab.cli import CONFIG_DIR
-
-    folder = Path(CONFIG_DIR) / "data"
-    options = sorted(p.stem for p in folder.glob("*.yaml"))
-    if name not in options:
-        raise FtlabError(f"{where} names the data group '{name}', which does not exist.",
-                         f"use one of: {choices_text(options)}, or an inline data node.")
-    root = OmegaConf.create({"paths": cfg.get("paths") or {}})
-    root.data = OmegaConf.load(folder / f"{name}.yaml")
-    return root.data
-
-
 def _subtask(name: str, node: Any, cfg: DictConfig, where: str, prefix: str) -> SubTask:
     spec = bind_schema(SubTaskSpec, node, f"{where} tasks.{name}")
     check_name(name, "Sub-task name", f"rename {where}'s sub-task (e.g. to '{{name}}').")
@@ -292,30 +258,6 @@ def _subtask(name: str, node: Any, cfg: DictConfig, where: str, prefix: str) -> 
         raise FtlabError(f"{where}: sub-task '{name}' has no task.",
                          "give it a task node with a _target_, e.g. "
                          "{_target_: ftlab.tasks.classify.Classify}.")
-    data = _data_spec(spec.data, spec.data_overrides, cfg, f"{where} tasks.{name}.data",
+    data = resolve_data(spec.data, spec.data_overrides, cfg, f"{where} tasks.{name}.data",
                       f"{prefix}.tasks.{name}.data")
     return SubTask(name, plain(spec.task), data, float(spec.weight))
-
-
-def model_node(cfg: DictConfig, explicit: Explicit) -> dict[str, Any]:
-    """``cfg.model``, without a from-scratch model's architecture when you point
-    ``model.name_or_path`` at a pre-trained model: ``model=tiny_bert model.name_or_path=X``
-    loads X with X's own config and tokenizer; the YAML's ``config`` (it has a ``model_type``)
-    and ``tokenizer`` are dropped with a warning. Keys you give yourself
-    (``model.config.hidden_dropout_prob=0.2``, ``model.tokenizer=...``) stay."""
-    node = plain(cfg.model)
-    config = node.get("config") or {}
-    if not (isinstance(node, dict) and explicit.has("model.name_or_path")
-            and node.get("name_or_path") and "model_type" in config
-            and not explicit.has("model.config.model_type")):
-        return node
-    node["config"] = {k: v for k, v in config.items() if explicit.has(f"model.config.{k}")}
-    dropped = [f"config.{k}" for k in config if k not in node["config"]]
-    if node.get("tokenizer") and not explicit.has("model.tokenizer"):
-        dropped.append(f"tokenizer ({node['tokenizer']})")
-        node["tokenizer"] = None
-    log.warning("model.name_or_path=%s replaces the chosen model YAML's from-scratch model: its "
-                "%s are dropped (%s's own config and tokenizer apply). Set them on the command "
-                "line to keep them.", node["name_or_path"], ", ".join(dropped),
-                node["name_or_path"])
-    return node

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.config import bind_schema, plain
+from ftlab.data.transforms.nodes import resolve_nodes
+from ftlab.errors import FtlabError, choices_text
 from ftlab.rules import at_least, between
 
 
@@ -52,3 +58,32 @@ class DataSpec:
     max_eval_samples: Annotated[int | None, at_least(1, example="500")] = None
     revision: str | None = None
     transforms: list[Any] = field(default_factory=list)
+
+
+def resolve_data(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str,
+                 key: str) -> DataSpec:
+    """A stage's (or sub-task's) data: null -> the run's data group; a group name -> that
+    file of conf/data; a mapping -> itself. ``overrides`` are merged on top."""
+    if isinstance(node, str):
+        node = data_group(node, cfg, where)
+    data = plain(node if node is not None else cfg.data)
+    if not isinstance(data, dict):
+        raise FtlabError(f"{where} must be a mapping or a data group name.",
+                         "see conf/data/*.yaml.")
+    spec = bind_schema(DataSpec, {**data, **overrides}, where, key)
+    spec.transforms = resolve_nodes(spec.transforms, f"{where}.transforms")
+    return spec
+
+
+def data_group(name: str, cfg: DictConfig, where: str) -> DictConfig:
+    """conf/data/<name>.yaml, its interpolations (``${paths.data_dir}``) read from ``cfg``."""
+    from ftlab.cli import CONFIG_DIR
+
+    folder = Path(CONFIG_DIR) / "data"
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    if name not in options:
+        raise FtlabError(f"{where} names the data group '{name}', which does not exist.",
+                         f"use one of: {choices_text(options)}, or an inline data node.")
+    root = OmegaConf.create({"paths": cfg.get("paths") or {}})
+    root.data = OmegaConf.load(folder / f"{name}.yaml")
+    return root.data
