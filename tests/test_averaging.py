@@ -32,7 +32,8 @@ class Probe(L.Callback):
         self.checked += 1
 
 
-def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningModule:
+def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback],
+         **trainer_kw) -> L.LightningModule:
     from ftlab.config import bind_schema, instantiate_checked
     from ftlab.data.datamodule import TextDataModule
     from ftlab.data.sources import load_raw
@@ -53,7 +54,8 @@ def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningMod
     module = FineTuneModule(model, task, NoRegularizer(), OptimSpec(lr=1e-2))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=callbacks, default_root_dir=cfg.paths.output_dir)
+                        callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
+                        **trainer_kw)
     trainer.fit(module, dm)
     return module, trainer, dm
 
