@@ -104,21 +104,23 @@ def test_early_discard_with_snapshot_ensembles_judges_the_weights_validation_sco
 @pytest.mark.parametrize("choice", ["[early_discard,ema]", "[ema,early_discard]"])
 def test_a_discarded_ema_job_was_judged_by_the_score_it_reports(choice, make_cfg,
                                                                 sentiment_dir, tmp_path):
-    """In a multirun, a job discarded at step 4 of 16 reports val/acc of its weights as they
-    stand (the EMA: fit ends on it): the ledger's score is that same number, in either order."""
+    """In a multirun, a job discarded at step 4 of 16 reports the val/loss of its weights as
+    they stand (the EMA: fit ends on it): the ledger's score is that same number, in either
+    order (val/loss, a continuous score: the raw weights' would differ)."""
     from ftlab.run import run
     from tests.conftest import tiny_overrides
     from tests.test_discard import _ledger
 
     sweep = tmp_path / "sweep"
-    _ledger(sweep, [2.0, 2.0])  # two unbeatable earlier jobs: this one is discarded
+    _ledger(sweep, [0.0, 0.0])  # two unbeatable earlier jobs: this one is discarded
     overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
     rec = run(make_cfg(overrides + [
-        f"callbacks={choice}", "callbacks.progress=null", "callbacks.early_discard.k=2",
+        f"callbacks={choice}", "callbacks.progress=null", "stage.task.monitor=loss", "callbacks.early_discard.k=2",
         "callbacks.ema.decay=0.9", "callbacks.ema.warmup=false", "hydra.mode=MULTIRUN",
         f"hydra.sweep.dir={sweep}"]))
     assert rec["status"] == "discarded", rec
     mine = read_ledger(sweep / LEDGER)[-1]
     assert mine["decision"] == "discard" and mine["step"] == DECISION
     assert rec["stages"]["classify"]["global_steps"] == DECISION
-    assert mine["score"] == pytest.approx(rec["final"]["val/acc"], abs=1e-6)
+    assert mine["metric"] == "val/loss"
+    assert mine["score"] == pytest.approx(rec["final"]["val/loss"], rel=1e-5)
