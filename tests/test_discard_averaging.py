@@ -115,9 +115,9 @@ def test_a_discarded_ema_job_was_judged_by_the_score_it_reports(choice, make_cfg
     _ledger(sweep, [0.0, 0.0])  # two unbeatable earlier jobs: this one is discarded
     overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
     rec = run(make_cfg(overrides + [
-        f"callbacks={choice}", "callbacks.progress=null", "stage.task.monitor=loss", "callbacks.early_discard.k=2",
-        "callbacks.ema.decay=0.9", "callbacks.ema.warmup=false", "hydra.mode=MULTIRUN",
-        f"hydra.sweep.dir={sweep}"]))
+        f"callbacks={choice}", "callbacks.progress=null", "stage.task.monitor=loss",
+        "callbacks.early_discard.k=2", "callbacks.ema.decay=0.9", "callbacks.ema.warmup=false",
+        "hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]))
     assert rec["status"] == "discarded", rec
     mine = read_ledger(sweep / LEDGER)[-1]
     assert mine["decision"] == "discard" and mine["step"] == DECISION
