@@ -11,6 +11,8 @@ weights), validates the raw weights during fit and swaps in an epoch-interval sc
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -51,6 +53,29 @@ class SwapsInAverage(L.Callback):
             for n, p in trainable(pl_module).items():
                 p.copy_(self.backup[n])
             self.backup = None
+
+    def catch_up(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                 batch_idx: int) -> None:
+        """Take the update due at this optimiser step, if not taken yet (at most once a step):
+        a callback judging the average in its own ``on_train_batch_end`` (early discard) may
+        run before this one's."""
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
+                           batch, batch_idx: int) -> None:
+        self.catch_up(trainer, pl_module, batch_idx)
+
+    @contextmanager
+    def evaluated(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """The weights validation would score (the average, once there is one) in place for
+        the block; the weights before it come back after."""
+        swapped_before = self.backup is not None
+        self._swap_in(pl_module)
+        try:
+            yield
+        finally:
+            if not swapped_before:
+                self._swap_out(pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swap_in(pl_module)
@@ -103,7 +128,8 @@ class WeightAverage(SwapsInAverage):
         self.count, self.last_step = state_dict["count"], state_dict.get("last_step", -1)
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+    def catch_up(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                 batch_idx: int) -> None:
         if trainer.global_step == self.last_step:  # accumulating gradients: no step taken
             return
         self.last_step = trainer.global_step
@@ -226,8 +252,8 @@ class SWA(SwapsInAverage):
             self._install(trainer)
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
-                           batch, batch_idx: int) -> None:
+    def catch_up(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                 batch_idx: int) -> None:
         step = trainer.global_step
         if step <= self.start_step or step == self.last_step:
             return

@@ -2,7 +2,12 @@
 promising after 20-30% of training).
 
 At ``at`` x the stage's training steps, each job of one multirun scores itself on the
-validation split (the task's ``monitor``/``mode``), appends the score to a ledger in the sweep
+validation split (the task's ``monitor``/``mode``) with a validation pass of its own at that
+step (the stage's validations fall on epoch ends or ``val_check_interval``, rarely on the
+decision step, and always after this hook, so the job is never judged by a stale score nor
+its config refused over where validations fall), on the weights the stage evaluates: with
+``callbacks=ema|swa`` the average (SWA before its ``start``: the raw weights, as its
+validations then). It appends the score to a ledger in the sweep
 folder (``early_discard.jsonl``, JSON lines under a file lock, so parallel launchers are safe)
 and compares it with the entries already there of the same stage and configuration (the
 job's overrides without the seed: seeds of one recipe compete, as in Dodge et al.; a sweep
@@ -34,6 +39,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from ftlab.averaging import SwapsInAverage
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +140,9 @@ class EarlyDiscard(L.Callback):
         self.at, self.keep, self.k = at, keep, k
         self.outcome: dict[str, Any] | None = None  # set when this job was discarded
         self._target: int | None = None
-        self._last_val: tuple[int, float] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.outcome, self._last_val = None, None
+        self.outcome = None
         self._sweep = sweep_dir()
         if self._sweep is None:
             log.info("callbacks=early_discard does nothing outside a multirun (ftlab -m ...).")
@@ -147,11 +153,6 @@ class EarlyDiscard(L.Callback):
         # resumed from this job's checkpoint: its folder is the same job's, so a ledger entry
         # of this folder and stage is its own decision (made before the kill), not a new one
         self._resumed = trainer.ckpt_path is not None
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        name = f"val/{pl_module.task.monitor}"
-        if not trainer.sanity_checking and name in trainer.callback_metrics:
-            self._last_val = (trainer.global_step, float(trainer.callback_metrics[name]))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -167,9 +168,7 @@ class EarlyDiscard(L.Callback):
         if earlier:  # judged before the kill: the same decision, no second entry
             entry, go = earlier, earlier.get("decision") != "discard"
         else:
-            score = (self._last_val[1] if self._last_val
-                     and self._last_val[0] == trainer.global_step
-                     else validation_score(trainer, pl_module))
+            score = judged_score(trainer, pl_module, batch_idx)
             entry = {"job": job, "stage": stage, "config": configuration(),
                      "step": trainer.global_step,
                      "planned_steps": self._total, "metric": f"val/{task.monitor}",
@@ -184,6 +183,19 @@ class EarlyDiscard(L.Callback):
                      "the sweep so far; this job stops here.", entry["metric"], entry["score"],
                      entry["step"], self._total)
             trainer.should_stop = True
+
+
+def judged_score(trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int) -> float:
+    """The validation score of the weights the stage evaluates: with weight averaging
+    (``callbacks=ema|swa``) the average, this step's update taken (the averaging callback may
+    come after this one), swapped in for the pass; otherwise the raw weights (snapshot
+    ensembles validate those too)."""
+    average = next((c for c in trainer.callbacks if isinstance(c, SwapsInAverage)), None)
+    if average is None:
+        return validation_score(trainer, pl_module)
+    average.catch_up(trainer, pl_module, batch_idx)
+    with average.evaluated(pl_module):
+        return validation_score(trainer, pl_module)
 
 
 @torch.no_grad()

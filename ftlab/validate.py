@@ -50,6 +50,7 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
             if node is not None:
                 check_binds(node, f"{group}.{key}", partial=True)
                 check_output_keys(node, f"{group}.{key}")
+    check_callback_mix(callbacks or {})
     for stage in stages:
         check_binds(stage.trainer, f"{stage.where} trainer", partial=True)
         check_table(stage.trainer, TRAINER, f"{stage.where} trainer", "trainer")
@@ -63,6 +64,33 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
         check_strategy(stage)
         check_head_warmup(stage)
         check_trainer(stage.runtime.compile_mode(), stage.trainer, stage.where)
+
+
+def check_callback_mix(callbacks: dict[str, Any]) -> None:
+    """Callbacks that cannot share a stage: two weight averages (each swaps its average in for
+    validation and its own backup back after, so training would go on from the other's
+    average), or SWA with snapshot ensembles (each sets the learning rate every step: the
+    cyclic LR would overwrite SWALR's)."""
+    from ftlab.averaging import SWA, SwapsInAverage
+    from ftlab.config import load_target
+    from ftlab.snapshots import SnapshotEnsemble
+
+    classes = {k: load_target(node["_target_"], f"callbacks.{k}") for k, node in callbacks.items()
+               if isinstance(node, dict) and isinstance(node.get("_target_"), str)}
+
+    def users(kind: type) -> list[str]:
+        return [k for k, c in classes.items() if isinstance(c, type) and issubclass(c, kind)]
+
+    if len(averages := users(SwapsInAverage)) > 1:
+        raise FtlabError(f"callbacks: {' and '.join(averages)} both swap a weight average into "
+                         "the model for validation; together, training would go on from one's "
+                         "average instead of the raw weights.",
+                         "choose one: callbacks=ema or callbacks=swa (with early discard: "
+                         "callbacks=[ema,early_discard]).")
+    if len(lr := users(SWA | SnapshotEnsemble)) > 1:
+        raise FtlabError(f"callbacks: {' and '.join(lr)} both set the learning rate at every "
+                         "step (SWALR, the snapshots' cyclic cosine); only one can apply.",
+                         "choose one: callbacks=swa or callbacks=snapshots.")
 
 
 def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:

@@ -32,7 +32,8 @@ class Probe(L.Callback):
         self.checked += 1
 
 
-def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningModule:
+def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback],
+         **trainer_kw) -> L.LightningModule:
     from ftlab.config import bind_schema, instantiate_checked
     from ftlab.data.datamodule import TextDataModule
     from ftlab.data.sources import load_raw
@@ -53,7 +54,8 @@ def _fit(make_cfg, sentiment_dir, callbacks: list[L.Callback]) -> L.LightningMod
     module = FineTuneModule(model, task, NoRegularizer(), OptimSpec(lr=1e-2))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=callbacks, default_root_dir=cfg.paths.output_dir)
+                        callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
+                        **trainer_kw)
     trainer.fit(module, dm)
     return module, trainer, dm
 
@@ -384,3 +386,31 @@ def test_callbacks_option_in_a_run(make_cfg, sentiment_dir):
 
 def record_dir(record: dict) -> str:
     return str(Path(record["stages"]["classify"]["artefact"]).parent)
+
+
+def test_an_ema_run_scores_keeps_tests_and_saves_the_average(make_cfg, sentiment_dir):
+    """callbacks=ema in a run: the artefact is the EMA (not the raw weights), and the recorded
+    val/acc and test/acc are that artefact's accuracy, predicted by hand from the saved run."""
+    import json
+
+    import ftlab
+    from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
+
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
+    record = run(make_cfg(overrides + [
+        "callbacks=ema", "callbacks.progress=null", "callbacks.ema.decay=0.9",
+        "callbacks.ema.warmup=false", "peft=bitfit", "checkpoint.keep=true"]))
+    assert record["status"] == "ok", record
+    folder = Path(record_dir(record))
+    ckpt = SafetensorsCheckpointIO().load_checkpoint(folder / "checkpoints" / NAME)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("WeightAverage"))
+    saved = load_tensors(folder / "trainable.safetensors")  # one epoch: its one validation
+    assert saved.keys() == state["shadow"].keys()
+    assert all(torch.equal(saved[n], state["shadow"][n]) for n in saved)
+    assert any(not torch.equal(saved[n], state["backup"][n]) for n in saved)  # not the raw
+    predictor = ftlab.load(folder.parent)
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        rows = [json.loads(line) for line in (sentiment_dir / f"{split}.jsonl").open()]
+        preds = predictor.predict([r["text"] for r in rows])
+        acc = sum(p["label"] == r["label"] for p, r in zip(preds, rows, strict=True)) / len(rows)
+        assert record["final"][f"{prefix}/acc"] == pytest.approx(acc, abs=1e-6), split

@@ -216,3 +216,26 @@ def test_killed_swa_run_resumes_like_an_uninterrupted_one(make_cfg, sentiment_di
     for name in ("whole", "killed"):
         saved = load_tensors(tmp_path / name / "classify" / "trainable.safetensors")
         assert saved.keys() == set(sa["names"])
+
+
+@pytest.mark.parametrize(("choice", "refused"), [
+    ("[ema,swa]", "both swap a weight average into the model"),
+    ("[swa,snapshots]", "both set the learning rate"),
+    ("[early_discard,swa]", None), ("[ema,early_discard]", None), ("[ema,snapshots]", None),
+])
+def test_callback_combinations_that_would_train_on_the_wrong_weights_are_refused(
+        choice, refused, make_cfg, sentiment_dir):
+    """EMA + SWA: each swaps its average in for validation and its own backup back after, so
+    training went on from the EMA average; SWA + snapshots: the cyclic LR overwrote SWALR."""
+    from ftlab.config import plain
+    from ftlab.errors import FtlabError
+    from ftlab.validate import check_configs
+
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("callbacks=")]
+    callbacks = plain(make_cfg([*overrides, f"callbacks={choice}"]).callbacks)
+    if refused is None:
+        check_configs([], callbacks)
+        return
+    with pytest.raises(FtlabError, match=refused) as err:
+        check_configs([], callbacks)
+    assert "callbacks=" in str(err.value)  # the fix names the option to choose
