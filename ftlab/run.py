@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.errors import Diverged, FtlabError
+from ftlab.errors import FtlabError
+from ftlab.record import objective, previous_run, record_error, report_degenerate, save_record
 from ftlab.seedstats import failure
 
 log = logging.getLogger("ftlab")
@@ -80,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from ftlab.resume import read_record
 
     earlier = read_record(out)  # before this run marks the folder 'running': a finished job?
-    if primary and (previous := _previous(out)):  # a re-run in the same folder
+    if primary and (previous := previous_run(out)):  # a re-run in the same folder
         record["previous"] = previous
     choices = hydra.get("choices", {})
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
@@ -112,7 +111,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record["objective"] = objective(record)
     except (FtlabError, Exception, KeyboardInterrupt, Stopped) as caught:
         err = caught if isinstance(caught, FtlabError) else environment_error(caught) or caught
-        _record_error(record, err, run_dir, primary)
+        record_error(record, err, run_dir, primary)
         record["objective"] = objective(record)
         if isinstance(err, Stopped):  # a sweep stops too: the user (or the scheduler) asked
             sys.exit(err.exit_code)
@@ -123,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record  # a sweep goes on with its next job
     finally:
         if primary:
-            _save_record(out, record)
+            save_record(out, record)
         from ftlab.loggers import finish_wandb
 
         finish_wandb(failed=record["status"] != "ok")
@@ -132,53 +131,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("Final metrics: %s", {k: round(v, 4) for k, v in record["final"].items()})
         log.info("Results in %s", run_dir)
         if record["failed"] and not hydra["multirun"]:
-            _degenerate(record)
+            report_degenerate(record)
     return record
-
-
-def _save_record(out: Path, record: dict[str, Any]) -> None:
-    """Write ``metrics.json``; if the disk refuses, say so (the last good copy stays)."""
-    from ftlab.store import environment_error, write_json
-
-    try:
-        write_json(out, record)
-    except (FtlabError, OSError) as err:
-        problem = err if isinstance(err, FtlabError) else environment_error(err) or err
-        print(f"\nftlab: could not update {out}: {problem}\n", file=sys.stderr)
-
-
-def _previous(out: Path) -> dict[str, Any] | None:
-    """What an earlier run in this folder left in ``metrics.json`` (a killed one reads as
-    interrupted), with a warning when it did not finish."""
-    from ftlab.status import effective
-    from ftlab.store import read_json
-
-    try:
-        earlier = effective(read_json(out))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(earlier, dict):
-        return None
-    status = earlier.get("status")
-    if status == "interrupted":
-        log.warning("The previous run in %s was interrupted (%s); starting it again.",
-                    out.parent, earlier.get("interrupted"))
-    elif status == "running":
-        log.warning("%s says another run (pid %s) is still writing this folder.", out,
-                    (earlier.get("process") or {}).get("pid"))
-    return {k: earlier[k] for k in ("status", "interrupted", "process", "error") if k in earlier}
-
-
-def _degenerate(record: dict[str, Any]) -> None:
-    """A single run at the majority baseline: a final FAILED line, and exit status 3 from the
-    ``ftlab`` command (told through the file it names in ``FTLAB_SWEEP_STATUS``)."""
-    from ftlab.status import degenerate_line
-    from ftlab.store import write_json
-
-    print(f"\nftlab: {degenerate_line(record)}\n", file=sys.stderr)
-    status = os.environ.get("FTLAB_SWEEP_STATUS")
-    if status:
-        write_json(status, {"jobs": 1, "errored": 0, "degenerate": 1})
 
 
 def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
@@ -290,37 +244,3 @@ def _monitor(stage: Any) -> dict[str, str] | None:
     except Exception:  # validation reports it with the fix
         return None
     return {"metric": f"val/{task.monitor}", "mode": task.mode}
-
-
-
-def objective(record: dict[str, Any]) -> float:
-    """The job's score for optimising sweepers: the last stage's monitored validation metric;
-    for a failed or discarded job (or a missing/non-finite metric) the worst value for its
-    mode."""
-    monitor = record.get("monitor") or {"metric": "val/acc", "mode": "max"}
-    worst = -math.inf if monitor["mode"] == "max" else math.inf
-    value = (record.get("final") or {}).get(monitor["metric"]) if record["status"] == "ok" \
-        else None
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else worst
-
-
-def _record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
-                  primary: bool = True) -> None:
-    from ftlab.status import Stopped, stop_message
-
-    stopped = isinstance(err, KeyboardInterrupt | Stopped)
-    record["status"] = "interrupted" if stopped else "error"
-    record["failed"] = True
-    record["failure"] = "diverged" if isinstance(err, Diverged) else record["status"]
-    record["error"] = str(err) if isinstance(err, FtlabError) else f"{type(err).__name__}: {err}"
-    if isinstance(err, Stopped):
-        stage = record.pop("current_stage", None)
-        record["interrupted"] = {"stage": stage, "step": err.step, "signal": err.signal}
-        record["error"] = stop_message(err, stage)
-    if not (stopped or isinstance(err, FtlabError)) and primary:
-        try:
-            (run_dir / "error.log").write_text(traceback.format_exc())
-            record["error"] += f" (traceback in {run_dir / 'error.log'})"
-        except OSError:  # the disk that failed the job may fail this too
-            pass
-    print(f"\nftlab: {record['error']}\n", file=sys.stderr)
