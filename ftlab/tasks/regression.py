@@ -1,0 +1,142 @@
+"""Regression: one number per row (STS-B similarity 0-5, a rating, any numeric target) from a
+single-output head on the pooled representation; one text column or a sentence pair.
+
+The model is Transformers' own regression head (``AutoModelForSequenceClassification`` with
+``num_labels=1``, ``problem_type="regression"``), so an exported folder predicts the same
+numbers without ftlab. The loss is the mean squared error against the raw targets, as GLUE's
+STS-B baselines train (Devlin et al. 2019; ``run_glue``): targets are not standardised, so the
+head's output is the prediction itself and nothing needs inverting at predict or export time.
+The training labels' mean and standard deviation are recorded (``label_mean``, ``label_std``);
+with targets far from the unit scale (prices, counts in the thousands) rescale the column first.
+
+Metrics: Pearson and Spearman correlation (GLUE reports both for STS-B) and the MSE. A constant
+prediction has no correlation: it scores 0, which is also the trivial baseline, so a run that
+learnt to predict one value is flagged as failed instead of reporting NaN.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.regression import MeanSquaredError, PearsonCorrCoef, SpearmanCorrCoef
+
+from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
+from ftlab.model.backbone import ModelSpec
+from ftlab.rules import at_least, one_of
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
+from ftlab.tasks.classify import sequence_model
+
+#: the validation metrics a regression stage can monitor (and ``loss``)
+MONITORS = ("pearson", "spearman", "mse", "loss")
+#: the one output's name: the card's label set, the head's ``id2label``, predict's key
+VALUE = "value"
+
+
+class _Undefined0:
+    """A correlation that is NaN (a constant prediction or target: undefined) reads as 0, the
+    constant predictor's baseline, without torchmetrics' variance warning."""
+
+    def compute(self) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(variance|constant).*")
+            value = super().compute()  # type: ignore[misc]
+        return torch.nan_to_num(value, nan=0.0)
+
+
+class Pearson(_Undefined0, PearsonCorrCoef):
+    """Pearson's r over every row seen (0 when undefined)."""
+
+
+class Spearman(_Undefined0, SpearmanCorrCoef):
+    """Spearman's rank correlation (ties get their average rank, as scipy) over every row seen
+    (0 when undefined). It keeps every prediction until ``compute``, as any exact rank
+    correlation must (torchmetrics warns so at each construction; not repeated here)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*save all targets and predictions.*")
+            super().__init__(**kwargs)
+
+
+class Regression(TaskDefaults):
+    """Mean squared error on one output per row; metrics: ``pearson``, ``spearman``, ``mse``.
+
+    Args:
+        max_length: sub-tokens per row (both texts of a pair together); longer rows are cut.
+        monitor: the validation metric that picks the best epoch: ``pearson`` (default),
+            ``spearman``, ``mse`` or ``loss`` (the last two: lower is better).
+    """
+
+    row_logits = False  # one number per row: no class distribution for R3F/SMART to compare
+
+    def __init__(self, max_length: Annotated[int, at_least(1, example="128")] = 128,
+                 monitor: Annotated[str, one_of(*MONITORS)] = "pearson") -> None:
+        self.max_length = max_length
+        self.monitor = monitor
+        self.mode = "min" if monitor in ("mse", "loss") else "max"
+        self.labels: list[str] = [VALUE]
+        self.info: dict[str, Any] = {}
+        self.features: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
+
+    def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
+        train = raw.splits["train"] if "train" in raw.splits else None
+        if train is not None:  # training (predict/export bind without data)
+            feature = train.features.get("label")
+            if raw.labels is not None or getattr(feature, "dtype", None) not in ("float32",
+                                                                                "float64"):
+                raise FtlabError("stage=regression needs a numeric label column, but "
+                                 + ("data.label_column is null." if feature is None else
+                                    f"the data's labels are classes {raw.labels}."),
+                                 "set data.label_column to the column of numbers (e.g. "
+                                 "data.label_column=score).")
+            y = torch.as_tensor(train.with_format("numpy")["label"], dtype=torch.float64)
+            self.info = {"label_mean": round(y.mean().item(), 6),
+                         "label_std": round(y.std().item(), 6)}
+        self.tokenizer = tokenizer
+        self.text_columns = list(text_columns)
+        self.features = (*tokenizer.model_input_names, "labels")
+
+    def featurize(self, batch: dict[str, list]) -> dict[str, list]:
+        texts = [[as_text(t) for t in batch[c]] for c in self.text_columns]
+        enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+        enc["labels"] = [float(v) for v in batch["label"]]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return dict(enc)
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        return sequence_model(spec, getattr(self, "tokenizer", None), num_labels=1,
+                              id2label={0: VALUE}, label2id={VALUE: 0},
+                              problem_type="regression")
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's output ``[batch, 1]`` (no labels needed): what predictors read."""
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    def values(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores[:, 0]
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        # our own MSE, in fp32 (as the model's MSELoss, which squeezes away a batch of one)
+        logits = self.scores(model, batch)
+        return TaskOutput(F.mse_loss(logits.float()[:, 0], batch["labels"].float()), logits)
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"pearson": Pearson(), "spearman": Spearman(),
+                                 "mse": MeanSquaredError()})
+
+    def update(self, metrics: MetricCollection, out: TaskOutput,
+               batch: dict[str, torch.Tensor]) -> None:
+        metrics.update(out.logits.float()[:, 0], batch["labels"].float())
+
+    def baseline(self, labels: Sequence[Any]) -> dict[str, float]:
+        """A constant predictor's scores (the mean of the labels, or any constant): no
+        correlation, 0 for both; a run at or below it learnt no ordering of the rows. (Its MSE,
+        the labels' variance, is lower-is-better and so no baseline.)"""
+        return {"pearson": 0.0, "spearman": 0.0}
