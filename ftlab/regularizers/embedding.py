@@ -92,7 +92,8 @@ def no_logits(name: str, task: str, why: str = COMPARES) -> FtlabError:
     return FtlabError(
         f"regularizer={name} {why}, but the {task} task's training outputs have no per-row "
         "logits (a masked LM scores only masked positions, drawn anew in every forward; causal "
-        "LM and text-to-text training score tokens).",
+        "LM and text-to-text training score tokens; regression predicts one number, not a "
+        "distribution).",
         "use it with a task that has logits (stage=classify: sequence or sentence-pair "
         "classification; stage=cloze), or regularizer=none / regularizer=mixout for this stage.")
 

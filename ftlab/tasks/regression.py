@@ -16,15 +16,15 @@ learnt to predict one value is flagged as failed instead of reporting NaN.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.regression import MeanSquaredError, PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.regression import MeanSquaredError
+from torchmetrics.utilities import dim_zero_cat
 
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
@@ -39,30 +39,59 @@ MONITORS = ("pearson", "spearman", "mse", "loss")
 VALUE = "value"
 
 
-class _Undefined0:
-    """A correlation that is NaN (a constant prediction or target: undefined) reads as 0, the
-    constant predictor's baseline, without torchmetrics' variance warning."""
+class Pearson(Metric):
+    """Pearson's r over every row seen, in float64 from the kept predictions (a running
+    float32 variance turns a constant prediction fed in batches into a spurious r); 0 where it
+    is undefined (fewer than two rows, constant predictions or targets) instead of NaN."""
 
-    def compute(self) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(variance|constant).*")
-            value = super().compute()  # type: ignore[misc]
-        return torch.nan_to_num(value, nan=0.0)
-
-
-class Pearson(_Undefined0, PearsonCorrCoef):
-    """Pearson's r over every row seen (0 when undefined)."""
-
-
-class Spearman(_Undefined0, SpearmanCorrCoef):
-    """Spearman's rank correlation (ties get their average rank, as scipy) over every row seen
-    (0 when undefined). It keeps every prediction until ``compute``, as any exact rank
-    correlation must (torchmetrics warns so at each construction; not repeated here)."""
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
 
     def __init__(self, **kwargs: Any) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*save all targets and predictions.*")
-            super().__init__(**kwargs)
+        super().__init__(**kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.preds.append(preds.detach().flatten())
+        self.target.append(target.detach().flatten())
+
+    def compute(self) -> torch.Tensor:
+        x, y = dim_zero_cat(self.preds).double(), dim_zero_cat(self.target).double()
+        return correlation(self.transform(x), self.transform(y))
+
+    def transform(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+
+class Spearman(Pearson):
+    """Spearman's rank correlation: Pearson's r of the ranks, ties given their average rank
+    (as ``scipy.stats.spearmanr``); 0 where undefined."""
+
+    def transform(self, values: torch.Tensor) -> torch.Tensor:
+        return average_ranks(values)
+
+
+def correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson's r of two float64 vectors; 0 when either is constant (or has < 2 values)."""
+    if x.numel() < 2 or x.max() == x.min() or y.max() == y.min():
+        return torch.tensor(0.0)
+    xc, yc = x - x.mean(), y - y.mean()
+    r = (xc * yc).sum() / (xc.square().sum().sqrt() * yc.square().sum().sqrt())
+    return r.clamp(-1, 1).float()
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks, tied values sharing the mean of their positions (``rankdata``)."""
+    order = values.argsort()
+    _, inverse, counts = torch.unique_consecutive(values[order], return_inverse=True,
+                                                  return_counts=True)
+    ends = counts.cumsum(0).double()
+    mean_rank = ends - (counts.double() - 1) / 2  # positions end-count+1 .. end
+    ranks = torch.empty_like(values, dtype=torch.float64)
+    ranks[order] = mean_rank[inverse]
+    return ranks
 
 
 class Regression(TaskDefaults):
