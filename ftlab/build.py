@@ -25,8 +25,14 @@ from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrai
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
-from ftlab.tasks.base import (HasSubtasks, ModelAware, PredictsNumbers, ScoresWithLMHead,
-                              SeesPrepared, Task)
+from ftlab.tasks.base import (
+    HasSubtasks,
+    ModelAware,
+    PredictsNumbers,
+    ScoresWithLMHead,
+    SeesPrepared,
+    Task,
+)
 
 log = logging.getLogger(__name__)
 

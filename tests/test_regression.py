@@ -252,9 +252,10 @@ def test_lora_regression_predicts_and_exports_the_same_numbers(model, make_cfg, 
                                                                 tmp_path):
     """Decoder-only (pad handling: the head pools the last non-pad token) and encoder, with
     LoRA merged on export: the exported folder predicts what ftlab.load does."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     import ftlab
     from ftlab.export import main as export_main
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     record = run(make_cfg(csv_overrides(scores_dir, f"model={model}", "peft=lora",
                                         "trainer.max_epochs=1")))
@@ -272,3 +273,22 @@ def test_lora_regression_predicts_and_exports_the_same_numbers(model, make_cfg, 
         exported = [hf(**tok(r["text"], r["text_pair"], return_tensors="pt")).logits[0, 0].item()
                     for r in rows]
     assert exported == pytest.approx(values, abs=1e-5)
+
+
+def test_targets_far_from_unit_scale_are_recorded_and_warned_about(caplog):
+    """Targets are not standardised (the exported head must predict raw numbers): the training
+    labels' mean/std are recorded, and a scale that trains slowly is named with the fix."""
+    from ftlab.data.sources import RawData
+    from ftlab.model.backbone import ModelSpec, load_tokenizer
+
+    tok = load_tokenizer(ModelSpec(tokenizer="pkg://ftlab/assets/tiny_tokenizer"))
+    for scores, warned in (([0.5, 4.0, 2.5, 1.0], False), ([1900.0, 2010.0, 1985.0, 1999.0],
+                                                           True)):
+        caplog.clear()
+        ds = Dataset.from_dict({"text": list("abcd"), "label": scores},
+                               Features(text=Value("string"), label=Value("float32")))
+        task = Regression()
+        task.bind(RawData(DatasetDict(train=ds), None), tok, ["text"])
+        assert task.info["label_mean"] == pytest.approx(np.mean(scores), rel=1e-6)
+        assert task.info["label_std"] == pytest.approx(np.std(scores, ddof=1), rel=1e-5)
+        assert ("Rescale the column" in caplog.text) == warned, caplog.text

@@ -16,6 +16,7 @@ learnt to predict one value is flagged as failed instead of reporting NaN.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -33,8 +34,13 @@ from ftlab.rules import at_least, one_of
 from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
 from ftlab.tasks.classify import sequence_model
 
+log = logging.getLogger(__name__)
+
 #: the validation metrics a regression stage can monitor (and ``loss``)
 MONITORS = ("pearson", "spearman", "mse", "loss")
+#: a training-label mean or std beyond this (in absolute value) is warned about: far from the
+#: unit scale the regression head starts at, it trains slowly (targets are not standardised)
+FAR = 10.0
 #: the one output's name: the card's label set, the head's ``id2label``, predict's key
 VALUE = "value"
 
@@ -126,8 +132,13 @@ class Regression(TaskDefaults):
                                  "set data.label_column to the column of numbers (e.g. "
                                  "data.label_column=score).")
             y = torch.as_tensor(train.with_format("numpy")["label"], dtype=torch.float64)
-            self.info = {"label_mean": round(y.mean().item(), 6),
-                         "label_std": round(y.std().item(), 6)}
+            mean, std = y.mean().item(), y.std().item()
+            self.info = {"label_mean": round(mean, 6), "label_std": round(std, 6)}
+            if abs(mean) > FAR or std > FAR:
+                log.warning("stage=regression: the training labels have mean %.4g and std %.4g; "
+                            "the head starts near 0 and moves about lr per step, so targets far "
+                            "from unit scale train slowly. Rescale the column (e.g. (y - mean) / "
+                            "std) and invert the predictions yourself.", mean, std)
         self.tokenizer = tokenizer
         self.text_columns = list(text_columns)
         self.features = (*tokenizer.model_input_names, "labels")
