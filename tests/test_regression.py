@@ -189,11 +189,22 @@ def test_classification_data_under_stage_regression_stops_before_training(
     assert not (tmp_path / "run" / "error.log").exists()  # a user error, not a crash
 
 
-def test_r3f_is_refused_for_regression(make_cfg, scores_dir, tmp_path):
-    with pytest.raises(SystemExit):
-        run(make_cfg(csv_overrides(scores_dir, "regularizer=r3f")))
-    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert "regression predicts one number, not a distribution" in record["error"], record
+@pytest.mark.parametrize("regularizer", ["r3f", "smart", "freelb", "mixout"])
+def test_regularizers_comparing_distributions_are_refused_the_others_train(
+        regularizer, make_cfg, scores_dir, tmp_path):
+    """R3F/SMART's KL between softmaxes of one output is always 0: refused, not a silent no-op.
+    FreeLB (the task loss under perturbed embeddings) and mixout apply."""
+    cfg = make_cfg(csv_overrides(scores_dir, f"regularizer={regularizer}", "trainer.max_steps=2"))
+    if regularizer in ("r3f", "smart"):
+        with pytest.raises(SystemExit):
+            run(cfg)
+        record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert f"regularizer={regularizer} compares" in record["error"], record
+        assert "stage=regression predicts one number per row" in record["error"], record
+    else:
+        record = run(cfg)
+        assert record["status"] == "ok", record.get("error")
+        assert record["stages"]["regression"]["global_steps"] == 2
 
 
 # --- training, predicting, exporting --------------------------------------------------------

@@ -109,7 +109,9 @@ class Regression(TaskDefaults):
             ``spearman``, ``mse`` or ``loss`` (the last two: lower is better).
     """
 
-    row_logits = False  # one number per row: no class distribution for R3F/SMART to compare
+    # its [batch, 1] outputs are per-row logits (FreeLB's fixed objective per batch), but no
+    # distribution: R3F/SMART refuse it (ftlab.regularizers.embedding.needs_logits)
+    row_logits = True
 
     def __init__(self, max_length: Annotated[int, at_least(1, example="128")] = 128,
                  monitor: Annotated[str, one_of(*MONITORS)] = "pearson") -> None:
