@@ -83,6 +83,9 @@ def test_a_constant_prediction_scores_0_not_nan_and_is_flagged_as_failed():
              **{f"val/baseline_{k}": v for k, v in base.items()}}
     reason = failure(final)
     assert reason is not None and reason.startswith("val/pearson 0.0000 <= baseline"), reason
+    from ftlab.status import degenerate_line
+
+    assert "trivial predictor: a constant prediction" in degenerate_line({"failure": reason})
     learnt = final | {"val/pearson": 0.8, "val/spearman": 0.7}
     assert failure(learnt) is None
     records = [{"status": "ok", "seed": s, "final": f, "failed": failure(f) is not None,
