@@ -306,3 +306,21 @@ def test_targets_far_from_unit_scale_are_recorded_and_warned_about(caplog):
         assert task.info["label_mean"] == pytest.approx(np.mean(scores), rel=1e-6)
         assert task.info["label_std"] == pytest.approx(np.std(scores, ddof=1), rel=1e-5)
         assert ("Rescale the column" in caplog.text) == warned, caplog.text
+
+
+def test_a_regression_sub_task_trains_beside_a_classifier_with_its_own_baseline(
+        make_cfg, scores_dir, sentiment_dir):
+    """stage=multitask: a regression sub-task reads its numbers (the classifier its classes)
+    and gets the constant predictor's baseline like the classifier gets the majority's."""
+    record = run(make_cfg(csv_overrides(
+        scores_dir, "stage=multitask", "trainer.max_steps=4",
+        "stage.tasks.task.task._target_=ftlab.tasks.regression.Regression",
+        f"stage.tasks.vitaminc.data.files={{train: {sentiment_dir}/train.jsonl, "
+        f"validation: {sentiment_dir}/validation.jsonl}}",
+        "stage.tasks.vitaminc.data.text_columns=[text]",
+        "stage.tasks.vitaminc.data.labels=[neg,pos]",
+        "stage.tasks.vitaminc.data.splits={train: train, validation: validation}")))
+    assert record["status"] == "ok", record.get("error")
+    final = record["final"]
+    assert final["val/baseline_task/pearson"] == 0.0 and "val/baseline_vitaminc/acc" in final
+    assert math.isfinite(final["val/task/pearson"]) and math.isfinite(final["val/vitaminc/acc"])
