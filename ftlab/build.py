@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftlab.config import instantiate_checked, require_protocol
+from ftlab.config import instantiate_checked, load_target, require_protocol
 from ftlab.data.batching import require_one_batch
 from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import RawData, load_raw
@@ -25,7 +25,14 @@ from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrai
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
-from ftlab.tasks.base import HasSubtasks, ModelAware, ScoresWithLMHead, SeesPrepared, Task
+from ftlab.tasks.base import (
+    HasSubtasks,
+    ModelAware,
+    PredictsNumbers,
+    ScoresWithLMHead,
+    SeesPrepared,
+    Task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +70,19 @@ class StageBuilder:
     def raw(self, stage: ResolvedStage, data: DataSpec | None = None) -> RawData:
         """The stage's splits (or ``data``'s: one of its sub-tasks'): loaded once per data spec
         (transforms aside), then its ``transforms`` applied to the training rows (once per spec
-        and seed)."""
+        and seed). Labels are numbers where the task reading them predicts numbers."""
+        tasks = [stage.task] if data is None else [s.task for s in stage.subtasks
+                                                   if s.data == data]
+        numeric = any(reads_numbers(t, stage.where) for t in tasks)
         data = data or stage.data
         # the seed only picks the rows of a capped training split
         seed = stage.seed if data.max_train_samples is not None else 0
-        key = f"{replace(data, transforms=[])!r}/{seed}"
+        key = f"{replace(data, transforms=[])!r}/{seed}/{'numbers' if numeric else 'classes'}"
         if key not in self._raw:
-            self._raw[key] = load_raw(data, seed)
+            self._raw[key] = load_raw(data, seed, numeric=numeric)
         if not data.transforms:
             return self._raw[key]
-        changed = f"{data!r}/{stage.seed}"
+        changed = f"{data!r}/{stage.seed}/{numeric}"
         if changed not in self._raw:
             self._raw[changed] = transform_raw(self._raw[key], data.transforms,
                                                data.text_columns, stage.seed,
@@ -247,6 +257,16 @@ def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> 
     missing = fresh_head(model, stage.model)
     if missing:
         raise task.untrained_head(missing)
+
+
+def reads_numbers(node: Any, where: str) -> bool:
+    """Whether a task node's class predicts numbers (``PredictsNumbers``: regression), asked
+    of the class so the data can be read accordingly before any task is bound."""
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str):
+        return False
+    cls = load_target(target, f"{where}.task")
+    return isinstance(cls, type) and issubclass(cls, PredictsNumbers)
 
 
 def _instantiate_task(stage: ResolvedStage) -> Task:

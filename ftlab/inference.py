@@ -47,12 +47,13 @@ class Predictor:
         return list(self.stage.data.text_columns)
 
     def predict(self, texts: list[Any], batch_size: int = 64) -> list[dict[str, Any]]:
-        """Per row ``{"label", "score", "probs": {label: probability}}``, in input order.
+        """Per row ``{"label", "score", "probs": {label: probability}}``, in input order
+        (regression, ``stage=regression``: ``{"value": number}``).
 
         ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
         column, or dicts keyed by the text columns.
         """
-        from ftlab.tasks.base import PredictsRows, ProbabilitiesFromScores
+        from ftlab.tasks.base import PredictsNumbers, PredictsRows, ProbabilitiesFromScores
 
         if batch_size < 1:
             raise FtlabError(f"batch_size must be at least 1, got {batch_size}.",
@@ -62,6 +63,8 @@ class Predictor:
         if isinstance(self.task, PredictsRows):  # e.g. stage=tokens: a tag per word
             return self.task.predict_rows(self.model, list(texts), batch_size)
         scores = self.scores(texts, batch_size)
+        if isinstance(self.task, PredictsNumbers):  # regression: the number per row
+            return [{"value": v} for v in self.task.values(scores).tolist()]
         probs = (self.task.probabilities(self.model, scores)
                  if isinstance(self.task, ProbabilitiesFromScores) else scores.softmax(-1))
         best = probs.argmax(-1).tolist()

@@ -24,7 +24,7 @@ from ftlab.status import effective
 from ftlab.store import atomic_write, write_json
 
 #: metrics where smaller is better (everything else: larger)
-LOWER_IS_BETTER = {"loss", "ppl", "perplexity"}
+LOWER_IS_BETTER = {"loss", "ppl", "perplexity", "mse"}
 #: statuses of jobs stopped on purpose (early discard, a search's pruner): neither ok nor errored
 STOPPED = ("discarded", "pruned")
 

@@ -53,7 +53,8 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def _seed_table(s: dict[str, Any]) -> list[str]:
-    shown = [m for m in s["metrics"] if m.endswith(("/acc", "/f1", "/ppl", "/perplexity"))][:4]
+    shown = [m for m in s["metrics"] if m.endswith(("/acc", "/f1", "/ppl", "/perplexity",
+                                                     "/pearson", "/spearman"))][:4]
     if not shown or not s["seeds"]:
         return []
     rows = ["", "| seed | " + " | ".join(shown) + " | run |",

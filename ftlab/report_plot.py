@@ -1,10 +1,11 @@
 """The sweep report's picture: per-seed scores per configuration, against the trivial baseline.
 
 One panel per metric (accuracy and macro-F1 where the task has them, perplexity for language
-modelling): every seed's score as a dot (failed runs as red crosses), the mean with its
-bootstrap 95% interval, the trivial predictor's score as a dashed line, and the y-axis starting
-at the baseline (not auto-zoomed onto the runs), so a configuration whose runs all sit on the
-baseline looks like what it is. Configurations where every run failed are labelled.
+modelling, Pearson and Spearman correlation for regression): every seed's score as a dot
+(failed runs as red crosses), the mean with its bootstrap 95% interval, the trivial
+predictor's score as a dashed line, and the y-axis starting at the baseline (not auto-zoomed
+onto the runs), so a configuration whose runs all sit on the baseline looks like what it is.
+Configurations where every run failed are labelled.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ftlab.store import atomic_write
 
 #: panels, by preference: the first split that has the metric is drawn
 PANELS = (("test/acc", "val/acc"), ("test/f1", "val/f1"),
-          ("test/ppl", "val/ppl", "test/perplexity", "val/perplexity"))
+          ("test/ppl", "val/ppl", "test/perplexity", "val/perplexity"),
+          ("test/pearson", "val/pearson"), ("test/spearman", "val/spearman"))  # regression
 
 
 def panels(summary: dict[str, Any]) -> list[str]:

@@ -32,7 +32,7 @@ from ftlab.pipeline import ResolvedStage
 from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors, wait_for_all_ranks
 from ftlab.strategies import full_weights
-from ftlab.tasks.base import HasSubtasks
+from ftlab.tasks.base import HasSubtasks, PredictsNumbers
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,9 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     for split, prefix in (("validation", "val"), ("test", "test")):
         if isinstance(task, HasSubtasks):  # each sub-task's on its own data (<task>/acc)
             baseline = task.baselines(split)
-        elif raw.labels is not None and split in raw.splits:  # trivial predictors, for the report
+        elif split in raw.splits and (raw.labels is not None
+                                      or isinstance(task, PredictsNumbers)):
+            # trivial predictors (regression: a constant), for the report
             baseline = task.baseline(raw.splits[split]["label"]) or {}
         else:
             continue

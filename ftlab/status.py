@@ -133,6 +133,12 @@ def degenerate_line(record: dict[str, Any]) -> str:
     """The last line of a single run that ended at or below a trivial predictor (the task's
     failure rule, ``ftlab.seedstats.failure``: the majority class, or macro-F1 at chance)."""
     reason = record.get("failure") or "validation score at or below the majority baseline"
-    return (f"FAILED: {reason} (no better than a trivial predictor: the majority class, or "
-            "macro-F1 at chance); exit status 3. Try a lower stage.optim.lr, more steps or "
-            "another seed.")
+    metric = reason.split(" ", 1)[0].rsplit("/", 1)[-1]  # "val/pearson 0.0 <= ..." -> pearson
+    trivial = ("a constant prediction, whose correlation is 0" if metric in CORRELATIONS
+               else "the majority class, or macro-F1 at chance")
+    return (f"FAILED: {reason} (no better than a trivial predictor: {trivial}); exit status 3. "
+            "Try a lower stage.optim.lr, more steps or another seed.")
+
+
+#: metrics whose trivial baseline is a constant prediction (stage=regression)
+CORRELATIONS = ("pearson", "spearman")

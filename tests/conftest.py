@@ -55,6 +55,39 @@ def sentiment_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def scored_rows(n: int, seed: int) -> list[dict]:
+    """STS-B-shaped rows: a sentence pair (``text``, ``text_pair``) and a ``score`` in 0-5,
+    1.25 x the number of cue words (0-4) spread over the two texts among filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(0, 4)
+        texts = [rng.choices(FILLER, k=rng.randint(3, 12)) for _ in range(2)]
+        for _ in range(k):
+            words = rng.choice(texts)
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POS))
+        rows.append({"text": " ".join(texts[0]), "text_pair": " ".join(texts[1]),
+                     "score": 1.25 * k})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def scores_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Numeric-label data (stage=regression): ``<split>.jsonl`` and ``<split>.csv`` of
+    :func:`scored_rows` (train 256 rows, validation and test 96)."""
+    import csv
+
+    d = tmp_path_factory.mktemp("scores")
+    for split, n, seed in (("train", 256, 0), ("validation", 96, 1), ("test", 96, 2)):
+        rows = scored_rows(n, seed)
+        write_jsonl(d / f"{split}.jsonl", rows)
+        with (d / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["text", "text_pair", "score"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return d
+
+
 def tiny_overrides(data_dir: Path) -> list[str]:
     """Overrides that make any config run in seconds: tiny BERT, synthetic data, no logs."""
     return [

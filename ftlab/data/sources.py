@@ -1,7 +1,7 @@
 """Load raw splits from the Hub or local files into a checked ``DatasetDict``.
 
 The result has the spec's text columns and, for labelled data, an integer ``label`` column;
-``labels`` gives the names in id order.
+``labels`` gives the names in id order (regression: a float ``label`` column, no names).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from datasets import DatasetDict, Value
 
 from ftlab.data.conll import load_conll
-from ftlab.data.labels import encode_labels
+from ftlab.data.labels import encode_labels, numeric_labels
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
 from ftlab.data.typecheck import check_column_types, locate_type_error, refuse_repeated_header
@@ -36,7 +36,7 @@ UNLABELLED = "unlabelled"
 @dataclass
 class RawData:
     splits: DatasetDict
-    labels: list[str] | None  # None for unlabelled text
+    labels: list[str] | None  # None for unlabelled text and numeric (regression) labels
     #: what each of ``data.transforms`` did (rows added/removed/changed...), in order
     transforms: list[dict[str, Any]] = field(default_factory=list)
     #: rows per label id in the whole training split, before ``max_train_samples`` and the
@@ -45,8 +45,10 @@ class RawData:
     train_counts: list[int] | None = None
 
 
-def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
-    """Load, split, check and label-encode the data described by ``spec``."""
+def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
+    """Load, split, check and label-encode the data described by ``spec``; ``numeric``: the
+    labels are numbers (regression: a float ``label`` column and no label set, ``labels`` None).
+    """
     dsd = _load(spec)
     check_column_types(dsd, [*spec.text_columns, *([spec.label_column] if spec.label_column
                                                    else [])], spec.files)
@@ -56,7 +58,9 @@ def load_raw(spec: DataSpec, seed: int = 0) -> RawData:
         dsd = pick_splits(dsd, spec)
     _check_columns(dsd, spec)
     labels = None
-    if spec.label_column is not None:
+    if spec.label_column is not None and numeric:
+        dsd = numeric_labels(dsd, spec)
+    elif spec.label_column is not None:
         dsd, labels = encode_labels(dsd, spec)
     counts = None
     if labels is not None and "train" in dsd and dsd["train"].features["label"] == Value("int64"):

@@ -21,7 +21,7 @@ from torch import nn
 
 from ftlab.errors import FtlabError
 from ftlab.model.arch import tied_embeddings, unwrap
-from ftlab.tasks.base import Task, TaskOutput
+from ftlab.tasks.base import PredictsNumbers, Task, TaskOutput
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:
@@ -81,11 +81,19 @@ def word_embeddings(model: nn.Module) -> list[nn.Module]:
 COMPARES = "compares the model's predictions (logits) on clean and perturbed inputs"
 
 
-def needs_logits(name: str, task: Task, why: str = COMPARES) -> None:
+def needs_logits(name: str, task: Task, why: str = COMPARES,
+                 distribution: bool = True) -> None:
     """Before training: a task whose training outputs have no per-row logits (masked or causal
-    LM, text-to-text) is refused."""
+    LM, text-to-text) is refused; with ``distribution`` (the regulariser compares softmax
+    distributions) so is a regression task, whose one output per row has no distribution (its
+    softmax is always 1: the term would silently be 0)."""
     if not task.row_logits:
         raise no_logits(name, type(task).__name__, why)
+    if distribution and isinstance(task, PredictsNumbers):
+        raise FtlabError(f"regularizer={name} {why} as class distributions (a KL divergence), "
+                         "but stage=regression predicts one number per row: the term would "
+                         "always be 0.", "use regularizer=freelb or regularizer=mixout with "
+                         "stage=regression, or regularizer=none.")
 
 
 def no_logits(name: str, task: str, why: str = COMPARES) -> FtlabError:

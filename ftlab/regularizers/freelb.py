@@ -83,7 +83,7 @@ class FreeLB:
         return model
 
     def check_task(self, task: Task) -> None:
-        needs_logits(self.name, task, WHY)
+        needs_logits(self.name, task, WHY, distribution=False)  # its objective: the task loss
 
     def init_delta(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         delta = zeros_like_embeddings(model, batch)

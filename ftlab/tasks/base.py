@@ -164,3 +164,14 @@ class ProbabilitiesFromScores(Protocol):
 
     def probabilities(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
         """``[rows, classes]`` probabilities for ``scores`` (from ``model``, in eval mode)."""
+
+
+@runtime_checkable
+class PredictsNumbers(Protocol):
+    """A task whose label is a number per row (``stage=regression``): the data's label column
+    is read as floats (no label set is inferred; ``ftlab.data.labels.numeric_labels``) and
+    ``ftlab.load(...).predict`` gives each row's number (``{"value": ...}``) from its one score.
+    Only methods, so the builder can ask a task's class (``issubclass``) before loading data."""
+
+    def values(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[rows]`` predicted numbers from the task's ``[rows, 1]`` scores."""

@@ -111,30 +111,11 @@ class Classify(TaskDefaults):
         return dict(enc)
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        from dataclasses import replace
-
-        from transformers import AutoModelForSequenceClassification
-
-        from ftlab.model.arch import check_pooling_token
-
-        # decoder-only heads pool the last non-pad token, T5's the last EOS: the model must
-        # know the tokenizer's ids
-        tok = getattr(self, "tokenizer", None)
-        ids = {k: getattr(tok, k) for k in ("pad_token_id", "eos_token_id")
-               if getattr(tok, k, None) is not None}
-        # problem_type set here, not inferred by the model's first forward with labels: that
-        # write to the config made torch.compile compile the forward twice, and DeBERTa-v2's
-        # inference path (`labels.nonzero()`) breaks the graph CUDA graphs need. Class ids go
-        # to the model only as integers (soft targets take our own loss, `forward`).
-        model = load_model(
-            replace(spec, config={**spec.config, **ids}), AutoModelForSequenceClassification,
-            num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+        return sequence_model(
+            spec, getattr(self, "tokenizer", None), num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
             label2id={name: i for i, name in enumerate(self.labels)},
-            problem_type="single_label_classification",
-        )
-        if tok is not None:
-            check_pooling_token(model, tok)
-        return model
+            problem_type="single_label_classification")
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         # soft targets (HF would take them as multi-label) or class weights: our own CE
@@ -183,3 +164,28 @@ class Classify(TaskDefaults):
         majority_f1 = (2 * p.max() / (1 + p.max())).item() / k
         uniform_f1 = (2 * p / k / (p + 1 / k)).mean().item()
         return {"acc": p.max().item(), "f1": max(majority_f1, uniform_f1)}
+
+
+def sequence_model(spec: ModelSpec, tokenizer: Any, **head: Any) -> nn.Module:
+    """``AutoModelForSequenceClassification`` for ``spec`` with the ``head`` config keys
+    (``num_labels``, ``problem_type``...), told the tokenizer's pad/EOS ids (None: before
+    ``bind``, e.g. the meta-device check) and checked that it can find its pooling token."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForSequenceClassification
+
+    from ftlab.model.arch import check_pooling_token
+
+    # decoder-only heads pool the last non-pad token, T5's the last EOS: the model must know the
+    # tokenizer's ids
+    ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "eos_token_id")
+           if getattr(tokenizer, k, None) is not None}
+    # problem_type is given, not inferred by the model's first forward with labels: that write
+    # to the config made torch.compile compile the forward twice, and DeBERTa-v2's inference
+    # path (`labels.nonzero()`) breaks the graph CUDA graphs need. Class ids go to the model
+    # only as integers (soft targets take our own loss, `Classify.forward`).
+    model = load_model(replace(spec, config={**spec.config, **ids}),
+                       AutoModelForSequenceClassification, **head)
+    if tokenizer is not None:
+        check_pooling_token(model, tokenizer)
+    return model

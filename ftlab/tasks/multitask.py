@@ -34,7 +34,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.arch import backbone, unwrap
 from ftlab.model.backbone import ModelSpec
-from ftlab.tasks.base import Task, TaskDefaults, TaskOutput
+from ftlab.tasks.base import PredictsNumbers, Task, TaskDefaults, TaskOutput
 
 LOSS_SCALING = ("none", "size", "classes")
 
@@ -295,7 +295,8 @@ class MultiTask(TaskDefaults):
         out: dict[str, float] = {}
         for name, part in self.parts.items():
             rows = part.raw.splits.get(split)
-            if part.raw.labels is not None and rows is not None:
+            if rows is not None and (part.raw.labels is not None
+                                     or isinstance(part.task, PredictsNumbers)):
                 out |= {f"{name}/{k}": v for k, v in (part.task.baseline(rows["label"]) or {})
                         .items()}
         return out
