@@ -324,3 +324,27 @@ def test_a_regression_sub_task_trains_beside_a_classifier_with_its_own_baseline(
     final = record["final"]
     assert final["val/baseline_task/pearson"] == 0.0 and "val/baseline_vitaminc/acc" in final
     assert math.isfinite(final["val/task/pearson"]) and math.isfinite(final["val/vitaminc/acc"])
+
+
+def test_numbers_with_fractions_are_refused_as_class_labels():
+    """stage=classify (or distill) on an STS-B-like score made each score its own class."""
+    from ftlab.data.labels import encode_labels
+
+    dsd = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b", "c"],
+                                                   "score": [1.25, 2.5, 2.5]})})
+    with pytest.raises(FtlabError, match=r"(?s)'score' holds numbers with fractions "
+                       r"\(\['1.25', '2.5'\]\).*stage=regression"):
+        encode_labels(dsd, DataSpec(text_columns=["text"], label_column="score"))
+    whole = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b"], "y": [0.0, 1.0]})})
+    assert encode_labels(whole, DataSpec(text_columns=["text"], label_column="y"))[1] == \
+        ["0.0", "1.0"]  # whole numbers stay classes
+
+
+def test_few_shot_k_per_class_names_numeric_labels():
+    from ftlab.data.transforms.base import Rows
+    from ftlab.data.transforms.few_shot import FewShot
+
+    ds = Dataset.from_dict({"text": [f"r{i}" for i in range(9)], "label": [0.5] * 9})
+    with pytest.raises(FtlabError, match=r"labels are numbers \(stage=regression\), not classes"):
+        FewShot(k=2)(Rows(ds, None, ("text",), None, 0))
+    assert len(FewShot(k=None, k_total=3)(Rows(ds, None, ("text",), None, 0)).train) == 3

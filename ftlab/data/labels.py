@@ -47,6 +47,7 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
             raise FtlabError(f"data.labels lists {twice} more than once ({labels}): each label "
                              "needs one id.", "list every label once in data.labels.")
     else:
+        _refuse_fractions(distinct["train"], col)
         labels = sorted({as_str(v) for v in distinct["train"]})
         _refuse_near_duplicates(sorted({as_str(v) for values in distinct.values()
                                         for v in values}), col)
@@ -97,6 +98,17 @@ def _refuse_near_duplicates(labels: list[str], col: str) -> None:
                              "clean the label column, or list the classes in data.labels and "
                              "drop the variants with data.drop_labels.")
         seen[key] = name
+
+
+def _refuse_fractions(values: list, col: str) -> None:
+    """Class labels that are numbers with fractions (an STS-B score: 3.8) would make each value
+    its own class: a numeric target is a regression."""
+    fractions = [v for v in values if isinstance(v, float) and not float(v).is_integer()]
+    if fractions:
+        raise FtlabError(f"The label column '{col}' holds numbers with fractions "
+                         f"({_some([str(v) for v in sorted(fractions)])}): as class labels each "
+                         "value would be its own class.", "use stage=regression for a numeric "
+                         "target, or list the classes in data.labels.")
 
 
 def _missing(value: Any) -> bool:

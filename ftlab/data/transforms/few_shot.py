@@ -94,9 +94,11 @@ class FewShot:
                                  f"{len(ds)} rows.", f"use k_total <= {len(ds)}.")
             return np.sort(rng.choice(len(ds), self.k_total, replace=False))
         if labels is None or LABEL not in ds.column_names:
-            raise FtlabError("few_shot k per class needs labelled data (data.label_column is "
-                             "null here).", "use k_total for unlabelled text, or leave this "
-                             "stage without the transform: data_overrides: {transforms: []}.")
+            why = "its labels are numbers (stage=regression), not classes" \
+                if LABEL in ds.column_names else "it has no labels (data.label_column is null)"
+            raise FtlabError(f"few_shot k per class needs class labels, but {why}.",
+                             "use k_total (k rows in all), or leave this stage without the "
+                             "transform: data_overrides: {transforms: []}.")
         y = ds.with_format("arrow")[LABEL].to_numpy()
         where = [np.flatnonzero(y == c) for c in range(len(labels))]
         short = {name: len(w) for name, w in zip(labels, where, strict=True) if len(w) < self.k}
