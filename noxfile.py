@@ -27,7 +27,10 @@ def demo(session: nox.Session) -> None:
     """The embedded default, then a 3-seed sweep of the quick experiment with its report."""
     session.install(TORCH, "-e", ".")
     session.run("ftlab", *session.posargs)
-    session.run("ftlab", "-m", "experiment=quick", "seed=1,2,3")
+    # 7 steps per job check the setup, not the recipe: the jobs usually end at the majority
+    # class, which ftlab reports as failed with exit status 3 (README, "Errors"); 1 (an error)
+    # and 2 (a bad command line) still fail the session
+    session.run("ftlab", "-m", "experiment=quick", "seed=1,2,3", success_codes=[0, 3])
 
 
 @nox.session
