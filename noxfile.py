@@ -5,7 +5,8 @@ from __future__ import annotations
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-# the CPU build of torch; on a GPU machine run `nox -s tests -- ` after editing this pin
+# the tested torch; which build pip installs depends on the index, not on a GPU (README, Quick
+# start: PIP_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU-only build)
 TORCH = "torch==2.13.0"
 
 
