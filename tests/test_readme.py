@@ -137,3 +137,25 @@ def test_nox_demo_accepts_the_quick_sweeps_failed_status():
     assert quick, runs
     codes = quick[0].get("success_codes", [0])
     assert 3 in codes and 1 not in codes and 2 not in codes
+
+
+# --- data=local with fewer files than its three default names -----------------------------
+
+def test_a_missing_validation_file_says_how_to_do_without_it(tmp_path, monkeypatch):
+    """data=local names data/{train,validation,test}.csv by default, so a user who gives only
+    their training file meets a file they never named: the fix says how to drop that split."""
+    from ftlab.data.sources import load_raw
+    from ftlab.data.spec import DataSpec
+    from ftlab.errors import FtlabError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    spec = DataSpec(files={"train": "train.csv", "validation": "data/validation.csv"})
+    with pytest.raises(FtlabError) as err:
+        load_raw(spec)
+    assert "'~data.files.validation' data.splits.validation=null" in str(err.value)
+    assert "data.files={all: FILE}" in str(err.value)
+    spec = DataSpec(files={"train": "nope.csv"})  # the training file itself: no such advice
+    with pytest.raises(FtlabError) as err:
+        load_raw(spec)
+    assert "~data.files" not in str(err.value)
