@@ -159,3 +159,19 @@ def test_a_missing_validation_file_says_how_to_do_without_it(tmp_path, monkeypat
     with pytest.raises(FtlabError) as err:
         load_raw(spec)
     assert "~data.files" not in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "data").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_data_option_takes_every_data_key(path):
+    """`data.<key>=...` works whichever data= option is chosen (the README's
+    `data.transforms=[gender_swap]` with `data=wnut16` stopped at "Unknown key 'transforms'"):
+    each conf/data/*.yaml lists every DataSpec field."""
+    import dataclasses
+
+    import yaml
+
+    from ftlab.data.spec import DataSpec
+
+    missing = {f.name for f in dataclasses.fields(DataSpec)} - set(yaml.safe_load(path.read_text()))
+    assert not missing, f"{path.name} lacks {sorted(missing)}"
