@@ -175,3 +175,17 @@ def test_every_data_option_takes_every_data_key(path):
 
     missing = {f.name for f in dataclasses.fields(DataSpec)} - set(yaml.safe_load(path.read_text()))
     assert not missing, f"{path.name} lacks {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "stage").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_stage_yaml_lists_classifys_optim_and_trainer_keys(path):
+    """`stage.optim.lr_scaling=linear` (README, "GPUs") and `stage.trainer.val_check_interval`
+    work with every stage= option: the command line reaches only keys a stage YAML lists."""
+    import yaml
+
+    classify = yaml.safe_load((ROOT / "conf" / "stage" / "classify.yaml").read_text())
+    node = yaml.safe_load(path.read_text())
+    for group in ("optim", "trainer"):
+        missing = set(classify[group]) - set(node.get(group) or {})
+        assert not missing, f"{path.name} {group} lacks {sorted(missing)}"
