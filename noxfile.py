@@ -5,7 +5,8 @@ from __future__ import annotations
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-# the CPU build of torch; on a GPU machine run `nox -s tests -- ` after editing this pin
+# the tested torch; which build pip installs depends on the index, not on a GPU (README, Quick
+# start: PIP_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU-only build)
 TORCH = "torch==2.13.0"
 
 
@@ -27,7 +28,10 @@ def demo(session: nox.Session) -> None:
     """The embedded default, then a 3-seed sweep of the quick experiment with its report."""
     session.install(TORCH, "-e", ".")
     session.run("ftlab", *session.posargs)
-    session.run("ftlab", "-m", "experiment=quick", "seed=1,2,3")
+    # 7 steps per job check the setup, not the recipe: the jobs usually end at the majority
+    # class, which ftlab reports as failed with exit status 3 (README, "Errors"); 1 (an error)
+    # and 2 (a bad command line) still fail the session
+    session.run("ftlab", "-m", "experiment=quick", "seed=1,2,3", success_codes=[0, 3])
 
 
 @nox.session

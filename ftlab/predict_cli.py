@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-column", action="append", dest="text_columns",
                         help="the input's text column(s), in the stage's order (default: the "
                              "stage's own data.text_columns); repeat for pairs")
-    parser.add_argument("--batch-size", type=_positive, default=64)
+    parser.add_argument("--batch-size", type=_positive, default=64,
+                        help="rows per batch, length-bucketed (default: 64)")
     args = parser.parse_args(argv)
     quiet_loading()
     try:

@@ -28,15 +28,20 @@ def _was_search(sweep_dir: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``ftlab-report SWEEP_DIR``: (re)write the cross-seed report of a multirun folder."""
+    """``ftlab-report FOLDER``: (re)write the cross-seed report of a sweep folder, or print one
+    run folder's status; exits with the status ``ftlab`` would have (0 ok, 1 an error, 3 no
+    better than a trivial baseline)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/multirun/2026-11-25_12-00-00")
+    parser.add_argument("sweep_dir", type=Path, metavar="FOLDER",
+                        help="a sweep folder (outputs/multirun/<time>) or one run's folder "
+                             "(outputs/runs/<time>)")
     args = parser.parse_args(argv)
     if (args.sweep_dir / "metrics.json").is_file():  # one run's folder: its status
         sys.exit(_one_run(args.sweep_dir / "metrics.json"))
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
         sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
-                 "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/.")
+                 "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/, or "
+                 "one run's folder (it holds metrics.json).")
     summary = write_report(args.sweep_dir, ended=False)  # jobs may still be running
     print((args.sweep_dir / "summary.md").read_text())
     counts = outcome(summary, _was_search(args.sweep_dir))
@@ -65,6 +70,8 @@ def _one_run(path: Path) -> int:
           + (f" at step {where['step']}" if where.get("step") is not None else ""))
     if rec.get("error"):
         print(rec["error"])
+    if status == "ok" and rec.get("failed"):  # finished, but no better than a trivial predictor
+        print(f"FAILED: {rec.get('failure') or 'no better than a trivial baseline'}")
     if status == "ok":
         return DEGENERATE_EXIT if rec.get("failed") else 0
     return 0 if status in ("running", *STOPPED) else 1

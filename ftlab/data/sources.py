@@ -131,7 +131,12 @@ def _load(spec: DataSpec) -> DatasetDict:
                 f"Data file for split '{split}' not found: {path}"
                 + (f" (expected in {path.parent.resolve()})." if path.is_absolute() else "."),
                 f"fix the path in data.files.{split} (relative paths are from the directory "
-                "you ran ftlab in); for the shipped configs that read the shared data folder "
+                "you ran ftlab in)"
+                + ("" if split == "train" else  # data=local names all three splits by default
+                   f", or go without a {split} split: '~data.files.{split}' "
+                   f"data.splits.{split}=null (or give one file: data.files={{all: FILE}} is "
+                   "split 80/10/10)")
+                + "; for the shipped configs that read the shared data folder "
                 "(data=vitaminc), put the files there or set FTLAB_DATA (paths.data_dir) to "
                 "the folder that holds them.",
             )
