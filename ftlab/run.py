@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             pruned = bool(record["discarded"].get("pruned"))  # ok nor failed
             record |= {"status": "pruned" if pruned else "discarded", "failed": False}
         else:
-            reason = failure(final)
+            reason = failure(final, (record.get("monitor") or {}).get("failed_by"))
             record |= {"status": "ok", "failed": reason is not None}
             if reason:
                 record["failure"] = reason
@@ -161,7 +161,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
     last = builder.task(stages[-1])  # bound: monitor auto is decided by the training labels
-    record["monitor"] = {"metric": f"val/{last.monitor}", "mode": last.mode}
+    record["monitor"] = _judging(last)
     callbacks |= trial_callbacks(cfg.get("trial"), cfg.get("seed"), stages[-1].name)  # search
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
     cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
@@ -235,12 +235,20 @@ def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[s
     return True
 
 
-def _monitor(stage: Any) -> dict[str, str] | None:
-    """The metric that scores the stage's task, and whether higher (max) or lower wins."""
+def _monitor(stage: Any) -> dict[str, Any] | None:
+    """The metric that scores the stage's task, whether higher (max) or lower wins, and the
+    baselines that decide a failure (``failed_by``; None: all)."""
     from ftlab.build import instantiate_task
 
     try:
         task = instantiate_task(stage.task, f"{stage.where}.task")
     except Exception:  # validation reports it with the fix
         return None
-    return {"metric": f"val/{task.monitor}", "mode": task.mode}
+    return _judging(task)
+
+
+def _judging(task: Any) -> dict[str, Any]:
+    """A task's monitor and mode, and the baselines its failures are judged by."""
+    failed_by = getattr(task, "failed_by", None)
+    return {"metric": f"val/{task.monitor}", "mode": task.mode,
+            "failed_by": None if failed_by is None else list(failed_by)}

@@ -26,19 +26,22 @@ MARGIN = 1e-6
 RESAMPLES = 10_000
 
 
-def failure(metrics: Mapping[str, float]) -> str | None:
+def failure(metrics: Mapping[str, float], judged_by: Sequence[str] | None = None) -> str | None:
     """Why a finished run counts as failed, or None.
 
     The task defines failure through the trivial predictors it records as
     ``val/baseline_<metric>`` (classification: accuracy of the majority class and the macro-F1
     of chance, see :meth:`ftlab.tasks.classify.Classify.baseline`): a run whose validation
-    score is at or below any of them learnt nothing. A diverged loss stops the run earlier
+    score is at or below any of them learnt nothing. ``judged_by`` (the task's ``failed_by``)
+    limits the rule to those metrics' baselines. A diverged loss stops the run earlier
     (:class:`ftlab.errors.Diverged`) and is recorded as ``failure: diverged``.
     """
     for key, base in sorted(metrics.items()):
         if not key.startswith("val/baseline_"):
             continue
         name = key.removeprefix("val/baseline_")
+        if judged_by is not None and name not in judged_by:
+            continue
         value = metrics.get(f"val/{name}")
         if isinstance(value, float) and not finite(value) and finite(base):
             return f"val/{name} is {value} (no usable score)"  # e.g. NaN predictions

@@ -287,7 +287,7 @@ def test_two_task_run_logs_per_task_metrics_and_their_mean(make_cfg, sentiment_d
     record = run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
                            "stage.trainer.max_epochs=2", "stage.optim.lr=1e-3"]))
     assert record["status"] == "ok", record
-    assert record["monitor"] == {"metric": "val/mean", "mode": "max"}
+    assert record["monitor"] == {"metric": "val/mean", "mode": "max", "failed_by": None}
     m = record["final"]
     assert m["val/mean"] == pytest.approx((m["val/vitaminc/acc"] + m["val/task/acc"]) / 2)
     assert {"val/vitaminc/f1", "val/task/f1", "test/task/acc", "val/baseline_task/acc",

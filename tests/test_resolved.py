@@ -149,7 +149,8 @@ def test_the_objective_is_the_last_stages_monitor_or_the_worst_value(make_cfg, s
     record = run(make_cfg(base))
     assert record["objective"] == pytest.approx(record["final"]["val/acc"])
     mlm = run(make_cfg([*base, "stage=mlm", "stage.task.max_length=32"]))
-    assert mlm["status"] == "ok" and mlm["monitor"] == {"metric": "val/loss", "mode": "min"}
+    assert mlm["status"] == "ok" and mlm["monitor"] == {"metric": "val/loss", "mode": "min",
+                                                      "failed_by": None}
     assert mlm["objective"] == pytest.approx(mlm["final"]["val/loss"])
     monkeypatch.setattr("ftlab.run._hydra_info", lambda: {  # a sweep job returns, not exits
         "multirun": True, "overrides": [], "sweep": "s", "job": "j", "choices": {}})

@@ -213,6 +213,7 @@ def test_tiny_tokens_run_learns(make_cfg, conll_dir):
     assert final["test/f1"] > 0.5 and final["val/f1"] > final["val/baseline_f1"] + 0.5, final
     assert final["test/acc"] > final["test/baseline_acc"], final
     assert record["status"] == "ok" and record["failed"] is False
+    assert record["monitor"]["failed_by"] == ["f1"]  # what run() judged the run by
     card = json.loads((Path(cfg.paths.output_dir) / "tokens" / "card.json").read_text())
     assert card["labels"] == ["O", "B-loc", "B-per", "I-loc"]
     import ftlab
@@ -347,3 +348,15 @@ def test_conll_file_with_a_byte_order_mark(tmp_path):
     assert read_conll(path) == {"tokens": [["EU", "rejects"]], "tags": [["B-org", "O"]]}
     path.write_bytes("\ufeffEU\tB-org\n".encode())
     assert read_conll(path)["tokens"] == [["EU"]]
+
+
+def test_a_tagger_that_finds_entities_has_not_failed_below_the_all_o_accuracy():
+    """With rare entities the all-O token accuracy is high: a tagger that finds entities while
+    over-tagging some words falls below it. Only entity F1 0 (nothing found) is a failure."""
+    from ftlab.seedstats import failure
+
+    judged_by = Tokens.failed_by
+    finds_some = {"val/acc": 0.85, "val/baseline_acc": 0.9, "val/f1": 0.2, "val/baseline_f1": 0.0}
+    assert failure(finds_some) is not None  # every baseline: failed on token accuracy
+    assert failure(finds_some, judged_by) is None
+    assert failure(finds_some | {"val/f1": 0.0}, judged_by) == "val/f1 0.0000 <= baseline 0.0000"

@@ -74,8 +74,9 @@ class Task(Protocol):
         """Scores of a trivial predictor on these validation labels (None: none defined).
 
         Higher must be better for each (``ftlab.seedstats.failure`` marks a run whose
-        ``val/<metric>`` is at or below its ``baseline_<metric>`` as failed): give no
-        baseline for a lower-is-better metric such as a loss or an error."""
+        ``val/<metric>`` is at or below its ``baseline_<metric>`` as failed, for the metrics
+        in ``failed_by`` if the task has one): give no baseline for a lower-is-better metric
+        such as a loss or an error."""
 
 
 @runtime_checkable
@@ -120,6 +121,9 @@ class TaskDefaults:
     info: Mapping[str, Any] = MappingProxyType({})
     #: training outputs carry per-row class scores in ``logits`` (what R3F/SMART/FreeLB compare)
     row_logits: bool = True
+    #: the baselines that decide whether a run failed (``ftlab.seedstats.failure``); None:
+    #: every baseline the task reports (the others are shown in reports only)
+    failed_by: tuple[str, ...] | None = None
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None
