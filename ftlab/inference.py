@@ -8,6 +8,8 @@ probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -242,9 +244,27 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     upstream = None
     if spec.init_from != "pretrained":
         upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)
-    model, peft, _, _ = builder.model(spec, upstream)
+    with _untrained_head_report_off():  # the trained head is loaded just below
+        model, peft, _, _ = builder.model(spec, upstream)
     peft.load_trainable_state(model, load_tensors(stage_dir / TRAINABLE))
     return model, peft, task
+
+
+@contextmanager
+def _untrained_head_report_off() -> Iterator[None]:
+    """Transformers' report that the task head is "newly initialized ... Consider training" (and
+    its loading bar): true while the model is built, false once the run's weights are loaded."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _record(run_dir: Path) -> dict[str, Any]:

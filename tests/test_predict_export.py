@@ -392,3 +392,27 @@ def test_predict_cli_refuses_a_tsv_row_that_swallows_the_rows_after_it(tmp_path)
         read_rows(tsv, None)
     tsv.write_text('id\ttext\n1\t"quoted, fine"\n2\tbad\n')
     assert [r["text"] for r in read_rows(tsv, None)[0]] == ["quoted, fine", "bad"]
+
+
+def test_loading_a_run_does_not_report_its_trained_head_as_untrained(train, monkeypatch):
+    """Rebuilding the model from the pre-trained checkpoint makes Transformers report the task
+    head as "newly initialized ... Consider training"; ftlab.load then loads the trained head, so
+    the report is false and silenced while the model is built (and only then)."""
+    from transformers.utils import logging as hf_logging
+
+    import ftlab
+    from ftlab.build import StageBuilder
+
+    run_dir, _, _ = train()
+    seen = []
+    real = StageBuilder.model
+
+    def model(self, *args, **kwargs):
+        seen.append(hf_logging.get_verbosity())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageBuilder, "model", model)
+    before = hf_logging.get_verbosity()
+    ftlab.load(run_dir)
+    assert seen == [hf_logging.ERROR]  # warnings (the untrained-head report) are off
+    assert hf_logging.get_verbosity() == before  # and back on after
