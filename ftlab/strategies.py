@@ -10,6 +10,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 from ftlab.errors import FtlabError
 
 
+class HoldsShards:
+    """A callback whose state holds copies of this rank's parameters (weight averages,
+    snapshots): under FSDP each rank's differs (its shard), so FSDP checkpoints keep every
+    rank's state and each rank gets its own back on resume."""
+
+
 class FSDP(FSDPStrategy):
     """Lightning's ``FSDPStrategy`` that may also run on the CPU and checkpoints through ftlab's
     ``CheckpointIO`` (``ftlab.checkpoint``: a folder of safetensors + JSON).
@@ -70,6 +76,7 @@ class FSDP(FSDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any = None) -> None:
         """Rank zero writes the gathered checkpoint with the ``CheckpointIO`` (atomically)."""
+        _gather_shard_holders(self, checkpoint)
         if self.is_global_zero:
             self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options)
 
@@ -85,6 +92,7 @@ class FSDP(FSDPStrategy):
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module = self.lightning_module
         _forget_training_loader(module.trainer)
+        _own_shard_holders(self, checkpoint, path)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"),
                              options=_options(strict=module.strict_loading))
         states = checkpoint.get("optimizer_states")
@@ -97,6 +105,41 @@ class FSDP(FSDPStrategy):
         for optimizer, state in zip(self.optimizers, states, strict=True):
             set_optimizer_state_dict(self.model, optimizer, state, options=_options())
         return checkpoint
+
+
+def _shard_holders(strategy: FSDP) -> list[str]:
+    return [c.state_key for c in strategy.lightning_module.trainer.callbacks
+            if isinstance(c, HoldsShards)]
+
+
+def _gather_shard_holders(strategy: FSDP, checkpoint: dict[str, Any]) -> None:
+    """Replace each ``HoldsShards`` callback's state by every rank's (on rank zero)."""
+    import torch
+    import torch.distributed as dist
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    states = checkpoint.get("callbacks", {})
+    for key in _shard_holders(strategy):
+        own = apply_to_collection(states.get(key), torch.Tensor, lambda t: t.detach().cpu())
+        ranks = [None] * strategy.world_size if strategy.is_global_zero else None
+        dist.gather_object(own, ranks, dst=0)
+        if strategy.is_global_zero:
+            states[key] = {"per_rank": ranks}
+
+
+def _own_shard_holders(strategy: FSDP, checkpoint: dict[str, Any], path: Path) -> None:
+    """Give each ``HoldsShards`` callback this rank's state from ``checkpoint``."""
+    states = checkpoint.get("callbacks", {})
+    for key in _shard_holders(strategy):
+        ranks = (states.get(key) or {}).get("per_rank")
+        if ranks is None:
+            continue
+        if len(ranks) != strategy.world_size:
+            raise FtlabError(f"the checkpoint {path} was written by {len(ranks)} processes, "
+                             f"this run has {strategy.world_size}: the shards of {key} "
+                             "differ.", "resume with the same trainer.devices and num_nodes, "
+                             "or delete the stage's checkpoints folder to train it anew.")
+        states[key] = ranks[strategy.global_rank]
 
 
 def _forget_training_loader(trainer: Any) -> None:
