@@ -85,8 +85,10 @@ class FSDP(FSDPStrategy):
         """Every rank reads the checkpoint (rank zero's path) and loads its shard of the model
         and, when fitting, of the optimiser state; the rest goes back to Lightning."""
         from lightning.pytorch.trainer.states import TrainerFn
-        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         path = Path(self.broadcast(checkpoint_path))
         checkpoint = self.checkpoint_io.load_checkpoint(path)

@@ -181,7 +181,6 @@ def test_batch_size_auto_leaves_the_random_streams_as_it_found_them(make_cfg, se
     import random
 
     import numpy as np
-
     from omegaconf import open_dict
 
     import ftlab.autobatch

@@ -398,10 +398,16 @@ def test_a_sweep_relaunched_with_new_seeds_keeps_the_finished_ones(tmp_path, sen
 
 @pytest.fixture
 def one_process_group():
-    """FSDP on one CPU process opens a gloo process group in this process: closed after."""
+    """FSDP on one CPU process opens a gloo process group in this process and sets its
+    address in the environment: both undone after, for the tests that launch processes."""
+    import os
+
+    env = dict(os.environ)
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def test_fsdp_stage_killed_midway_resumes_like_an_uninterrupted_one(
