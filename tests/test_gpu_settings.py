@@ -177,7 +177,7 @@ def test_batch_size_auto_searches_and_records_the_batch(make_cfg, sentiment_dir)
 def test_batch_size_auto_leaves_the_random_streams_as_it_found_them(make_cfg, sentiment_dir,
                                                                    monkeypatch, tmp_path):
     """The search's trial steps draw random numbers (dropout); they are put back, so the stage
-    trains as a run given the found batch size directly (it ended elsewhere before)."""
+    trains as a run given the found batch size directly (val/loss was 1.2e-5 off before)."""
     import random
 
     import numpy as np
@@ -198,8 +198,11 @@ def test_batch_size_auto_leaves_the_random_streams_as_it_found_them(make_cfg, se
         return found
 
     def train(batch_size: str) -> dict:
+        # checkpointing off: with it the tuner's restore of its own checkpoint happens to set
+        # the states back through RngState at train start
         cfg = make_cfg([*tiny_overrides(sentiment_dir), *FAST, "trainer.auto_batch_init=4",
-                        "trainer.auto_batch_max_trials=3", f"stage.batch_size={batch_size}"])
+                        "trainer.auto_batch_max_trials=3", f"stage.batch_size={batch_size}",
+                        "checkpoint.enabled=false"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / batch_size)
         return run(cfg)
