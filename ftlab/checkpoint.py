@@ -4,7 +4,9 @@
 ``tensors.safetensors`` (every tensor, under its flattened path) + ``state.json`` (everything
 else), and ``Trainer.fit(ckpt_path=...)`` to continue. Loop progress, optimiser, scheduler,
 the data order's position (``TextDataModule.state_dict``) and stateful callbacks (``KeepBest``,
-``WeightAverage``, ``RngState``) travel in that dict.
+``WeightAverage``, ``RngState``) travel in that dict. Under FSDP, ``ftlab.strategies.FSDP``
+puts the whole (gathered) model and optimiser state in the same dict, rank zero writes it, and
+every rank loads its shard back.
 
 A checkpoint folder is written beside its target and renamed into place (atomic); the one it
 replaces is moved aside first and deleted after, so a kill at any moment leaves one complete
