@@ -3,16 +3,23 @@
 Lightning's batch-size tuner (``Tuner.scale_batch_size``, mode ``power``) runs a few steps at
 ``auto_batch_init`` rows, doubles the batch while a step fits and stops at the first
 out-of-memory error (or after ``auto_batch_max_trials`` doublings, or at the size of the
-training split); the model, optimiser and loop are restored afterwards. ftlab batches by length
-and pads each batch to its own longest row, so a trial on a short batch would say nothing about
-a long one: during the search every batch is padded to the longest training row.
+training split); the model, optimiser and loop are restored afterwards, and so are the random
+number streams (torch, CUDA, numpy, Python) the trial steps drew from (dropout), so the stage
+then trains as a run given the found batch size directly would. ftlab batches by length and pads
+each batch to its own longest row, so a trial on a short batch would say nothing about a long
+one: during the search every batch is padded to the longest training row.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
+import numpy as np
+import torch
 
 from ftlab.data.datamodule import TextDataModule
 from ftlab.errors import FtlabError
@@ -39,9 +46,11 @@ def find_batch_size(trainer: L.Trainer, module: L.LightningModule, dm: TextDataM
     pad_to = dm.collate.pad_to
     dm.collate.pad_to = -(-longest // dm.collate.multiple_of) * dm.collate.multiple_of
     try:
-        found = Tuner(trainer).scale_batch_size(
-            module, datamodule=dm, mode="power", init_val=min(runtime.auto_batch_init, rows),
-            max_trials=runtime.auto_batch_max_trials, steps_per_trial=3, max_val=rows)
+        with unmoved_random_numbers():  # the trial steps' dropout draws are undone
+            found = Tuner(trainer).scale_batch_size(
+                module, datamodule=dm, mode="power",
+                init_val=min(runtime.auto_batch_init, rows),
+                max_trials=runtime.auto_batch_max_trials, steps_per_trial=3, max_val=rows)
     finally:
         dm.collate.pad_to = pad_to
     if not found:
@@ -51,3 +60,17 @@ def find_batch_size(trainer: L.Trainer, module: L.LightningModule, dm: TextDataM
     log.info("%s: batch_size=auto chose %d rows per batch (searched at %d tokens per row).",
              where, found, dm.collate.pad_to or longest)
     return int(found)
+
+
+@contextmanager
+def unmoved_random_numbers() -> Iterator[None]:
+    """Run the block, then put the global random states back as they were before it: torch's
+    (CPU and every CUDA device's), numpy's and Python's."""
+    python, numpy = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)

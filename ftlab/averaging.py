@@ -19,6 +19,7 @@ import torch
 from torch.optim.swa_utils import SWALR, AveragedModel
 
 from ftlab.errors import FtlabError
+from ftlab.strategies import HoldsShards
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def trainable(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
 
 
-class SwapsInAverage(L.Callback):
+class SwapsInAverage(HoldsShards, L.Callback):
     """Validation and test run on an average of the trainable weights, swapped in place (so
     KeepBest keeps the averaged state); training resumes on the raw weights, kept in
     ``backup`` meanwhile; the model leaves fit with the average."""

@@ -4,7 +4,9 @@
 ``tensors.safetensors`` (every tensor, under its flattened path) + ``state.json`` (everything
 else), and ``Trainer.fit(ckpt_path=...)`` to continue. Loop progress, optimiser, scheduler,
 the data order's position (``TextDataModule.state_dict``) and stateful callbacks (``KeepBest``,
-``WeightAverage``, ``RngState``) travel in that dict.
+``WeightAverage``, ``RngState``) travel in that dict. Under FSDP, ``ftlab.strategies.FSDP``
+puts the whole (gathered) model and optimiser state in the same dict, rank zero writes it, and
+every rank loads its shard back.
 
 A checkpoint folder is written beside its target and renamed into place (atomic); the one it
 replaces is moved aside first and deleted after, so a kill at any moment leaves one complete
@@ -237,16 +239,11 @@ class RngState(L.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def stage_checkpointing(spec: CheckpointSpec | None, folder: Path, key: str | None,
-                        trainer: dict[str, Any] | None = None
+def stage_checkpointing(spec: CheckpointSpec | None, folder: Path, key: str | None
                         ) -> tuple[list[L.Callback], list[CheckpointIO]]:
-    """(callbacks, Trainer plugins) that checkpoint a stage into ``folder`` under ``spec``;
-    none under FSDP (sharded checkpoints are not supported yet: the stage cannot resume)."""
+    """(callbacks, Trainer plugins) that checkpoint a stage into ``folder`` under ``spec``
+    (under FSDP, ``ftlab.strategies.FSDP`` gathers the full state for them)."""
     if spec is None or not spec.enabled:
-        return [], []
-    if "FSDP" in str((trainer or {}).get("strategy")).upper():
-        log.warning("Checkpointing is off under FSDP (not supported yet): an interrupted stage "
-                    "starts over.")
         return [], []
     if spec.every_n_steps < 0:
         from ftlab.errors import FtlabError

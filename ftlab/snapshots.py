@@ -12,10 +12,11 @@ import torch
 
 from ftlab.averaging import trainable
 from ftlab.store import save_tensors
+from ftlab.strategies import HoldsShards
 from ftlab.tasks.base import TaskOutput
 
 
-class SnapshotEnsemble(L.Callback):
+class SnapshotEnsemble(HoldsShards, L.Callback):
     """Cyclic cosine learning rate with ``cycles`` restarts (Huang et al. 2017); the trainable
     state at each cycle's end is a snapshot (kept in memory and written to
     ``<stage>/snapshots/cycle<i>.safetensors``). At test time the snapshots' averaged softmax

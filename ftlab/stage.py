@@ -222,7 +222,7 @@ def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     saving, plugins = stage_checkpointing(run.checkpoint, stage_dir / "checkpoints",
-                                          stage_key, stage.trainer)
+                                          stage_key)
     try:
         return instantiate_checked(node, f"{stage.where} trainer",
                                    default_root_dir=str(stage_dir),

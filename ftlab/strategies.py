@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from lightning.pytorch.strategies import FSDPStrategy
+
+from ftlab.errors import FtlabError
+
+
+class HoldsShards:
+    """A callback whose state holds copies of this rank's parameters (weight averages,
+    snapshots): under FSDP each rank's differs (its shard), so FSDP checkpoints keep every
+    rank's state and each rank gets its own back on resume."""
 
 
 class FSDP(FSDPStrategy):
-    """Lightning's ``FSDPStrategy``, unchanged, that may also run on the CPU.
+    """Lightning's ``FSDPStrategy`` that may also run on the CPU and checkpoints through ftlab's
+    ``CheckpointIO`` (``ftlab.checkpoint``: a folder of safetensors + JSON).
 
     Lightning refuses ``strategy="fsdp"`` (and a plain ``FSDPStrategy``) unless the accelerator
     is a GPU, but torch's FSDP runs on the CPU with the gloo backend: that is how ftlab tests
     the FSDP config without a GPU (``trainer=fsdp trainer.accelerator=cpu``). Gradient clipping
     by norm goes through the sharded root module (``FineTuneModule.configure_gradient_clipping``),
     which Lightning's FSDP precision plugin cannot do.
+
+    Checkpoints hold the *full* model and optimiser state (gathered from the shards with
+    ``torch.distributed.checkpoint.state_dict``, keyed by parameter name), written once by rank
+    zero; on resume every rank reads the checkpoint and keeps its own shard. Lightning's own
+    FSDP load path reads only a ``.ckpt`` file or a sharded folder, not ftlab's folder.
     """
 
     _root = None  # the wrapper made for fit, reused by test: re-wrapping would shard shards
@@ -33,6 +50,118 @@ class FSDP(FSDPStrategy):
                 **{k: v for k, v in self.kwargs.items() if k != "auto_wrap_policy"})
         self._root = super()._setup_model(model)
         return self._root
+
+    # ---- checkpoints: full state dicts in ftlab's CheckpointIO (every rank takes part) ----
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The whole model's state on rank zero (on the CPU); empty on the other ranks."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=self._save_options())
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The whole optimiser state keyed by parameter name on rank zero; empty elsewhere."""
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return get_optimizer_state_dict(self.model, optimizer, options=self._save_options())
+
+    def _save_options(self):
+        """Whole state dicts; on a GPU gathered onto rank zero's CPU only (on the CPU torch's
+        offload of CPU tensors crashed: a segmentation fault in the state dict's clone)."""
+        return _options(offload=self.root_device.type != "cpu")
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
+                        storage_options: Any = None) -> None:
+        """Rank zero writes the gathered checkpoint with the ``CheckpointIO`` (atomically)."""
+        _gather_shard_holders(self, checkpoint)
+        if self.is_global_zero:
+            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Every rank reads the checkpoint (rank zero's path) and loads its shard of the model
+        and, when fitting, of the optimiser state; the rest goes back to Lightning."""
+        from lightning.pytorch.trainer.states import TrainerFn
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = self.checkpoint_io.load_checkpoint(path)
+        module = self.lightning_module
+        _forget_training_loader(module.trainer)
+        _own_shard_holders(self, checkpoint, path)
+        set_model_state_dict(self.model, checkpoint.pop("state_dict"),
+                             options=_options(strict=module.strict_loading))
+        states = checkpoint.get("optimizer_states")
+        if states is None or module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        if len(states) != len(self.optimizers):
+            raise FtlabError(f"the checkpoint {path} holds {len(states)} optimiser states, this "
+                             f"stage has {len(self.optimizers)}.",
+                             "delete the stage's checkpoints folder to train it from the start.")
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            set_optimizer_state_dict(self.model, optimizer, state, options=_options())
+        return checkpoint
+
+
+def _shard_holders(strategy: FSDP) -> list[str]:
+    return [c.state_key for c in strategy.lightning_module.trainer.callbacks
+            if isinstance(c, HoldsShards)]
+
+
+def _gather_shard_holders(strategy: FSDP, checkpoint: dict[str, Any]) -> None:
+    """Replace each ``HoldsShards`` callback's state by every rank's (on rank zero)."""
+    import torch
+    import torch.distributed as dist
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    states = checkpoint.get("callbacks", {})
+    for key in _shard_holders(strategy):
+        own = apply_to_collection(states.get(key), torch.Tensor, lambda t: t.detach().cpu())
+        ranks = [None] * strategy.world_size if strategy.is_global_zero else None
+        dist.gather_object(own, ranks, dst=0)
+        if strategy.is_global_zero:
+            states[key] = {"per_rank": ranks}
+
+
+def _own_shard_holders(strategy: FSDP, checkpoint: dict[str, Any], path: Path) -> None:
+    """Give each ``HoldsShards`` callback this rank's state from ``checkpoint``."""
+    states = checkpoint.get("callbacks", {})
+    for key in _shard_holders(strategy):
+        ranks = (states.get(key) or {}).get("per_rank")
+        if ranks is None:
+            continue
+        if len(ranks) != strategy.world_size:
+            raise FtlabError(f"the checkpoint {path} was written by {len(ranks)} processes, "
+                             f"this run has {strategy.world_size}: the shards of {key} "
+                             "differ.", "resume with the same trainer.devices and num_nodes, "
+                             "or delete the stage's checkpoints folder to train it anew.")
+        states[key] = ranks[strategy.global_rank]
+
+
+def _forget_training_loader(trainer: Any) -> None:
+    """FSDP reads the checkpoint after setup, where ``configure_optimizers`` (through
+    ``estimated_stepping_batches``) already built the training loader at the start of the
+    data: drop it, so the fit loop builds it again at the checkpoint's data position (without
+    this the resumed stage trained one batch of the epoch twice)."""
+    loop = trainer.fit_loop
+    if loop._combined_loader is None:
+        return
+    if loop._data_fetcher is not None:
+        loop._data_fetcher.teardown()
+    loop._combined_loader = loop._data_fetcher = None
+
+
+def _options(offload: bool = False, strict: bool = True):
+    """Whole (unsharded) state dicts; with ``offload``, gathered on rank zero's CPU only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=offload, strict=strict)
 
 
 def full_weights(trainer, writeback: bool = False):

@@ -394,3 +394,50 @@ def test_a_sweep_relaunched_with_new_seeds_keeps_the_finished_ones(tmp_path, sen
     assert seeds == {"0": 1, "1": 2}  # seed 2 went to a new folder, not over seed 1's
     summary = json.loads((sweep / "summary.json").read_text())
     assert sorted(map(str, summary["default"]["seeds"])) == ["1", "2"]
+
+
+@pytest.fixture
+def one_process_group():
+    """FSDP on one CPU process opens a gloo process group in this process and sets its
+    address in the environment: both undone after, for the tests that launch processes."""
+    import os
+
+    env = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def test_fsdp_stage_killed_midway_resumes_like_an_uninterrupted_one(
+        tiny_run, monkeypatch, tmp_path, one_process_group):
+    """FSDP on one CPU process (two: tests/test_distributed.py): the gathered model and
+    optimiser state, the data position and the weight average come back from the checkpoint
+    (FSDP reads it after building the training loader, which must start again from there)."""
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1",
+            "trainer.precision=32-true", "trainer.num_workers=0", "trainer.pin_memory=false",
+            "checkpoint.keep=true"]
+    whole = run(tiny_run("whole", *fsdp))
+    assert whole["status"] == "ok", whole
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *fsdp))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *fsdp))
+    assert resumed["status"] == "ok" and resumed["stages"]["classify"]["resumed_from_step"] == 8
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / name / "classify" / "checkpoints" / NAME)
+            for name in ("whole", "killed"))
+    assert a["global_step"] == b["global_step"] == 12
+    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
+               for k in a["state_dict"]) <= 1e-6
+    moments = [{k: s["exp_avg_sq"] for k, s in c["optimizer_states"][0]["state"].items()}
+               for c in (a, b)]
+    assert moments[0].keys() == a["state_dict"].keys()  # whole tensors, by parameter name
+    assert max((moments[0][k] - moments[1][k]).abs().max().item() for k in moments[0]) <= 1e-9
+    ema_a, ema_b = (next(v["per_rank"][0]["shadow"] for k, v in c["callbacks"].items()
+                         if "WeightAverage" in k) for c in (a, b))
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
