@@ -326,18 +326,25 @@ def test_a_regression_sub_task_trains_beside_a_classifier_with_its_own_baseline(
     assert math.isfinite(final["val/task/pearson"]) and math.isfinite(final["val/vitaminc/acc"])
 
 
-def test_numbers_with_fractions_are_refused_as_class_labels():
+def test_many_numbers_with_fractions_are_refused_as_class_labels(caplog):
     """stage=classify (or distill) on an STS-B-like score made each score its own class."""
-    from ftlab.data.labels import encode_labels
+    from ftlab.data.labels import MAX_FRACTION_CLASSES, encode_labels
 
-    dsd = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b", "c"],
-                                                   "score": [1.25, 2.5, 2.5]})})
-    with pytest.raises(FtlabError, match=r"(?s)'score' holds numbers with fractions "
-                       r"\(\['1.25', '2.5'\]\).*stage=regression"):
+    scores = [i / 4 for i in range(MAX_FRACTION_CLASSES + 1)]  # 0, 0.25, ... 5.0
+    dsd = DatasetDict({"train": Dataset.from_dict({"text": ["a"] * len(scores),
+                                                   "score": scores})})
+    with pytest.raises(FtlabError, match=r"(?s)'score' holds 21 distinct numbers, with "
+                       r"fractions \(\['0.25', '0.5'.*stage=regression"):
         encode_labels(dsd, DataSpec(text_columns=["text"], label_column="score"))
+    few = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b"], "y": [0.5, 2.0]})})
+    assert encode_labels(few, DataSpec(text_columns=["text"], label_column="y"))[1] == \
+        ["0.5", "2.0"]  # a few may be class codes: taken, with a warning
+    assert "taken as 2 class labels. For a numeric target use stage=regression" in caplog.text
     whole = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b"], "y": [0.0, 1.0]})})
+    caplog.clear()
     assert encode_labels(whole, DataSpec(text_columns=["text"], label_column="y"))[1] == \
-        ["0.0", "1.0"]  # whole numbers stay classes
+        ["0.0", "1.0"]  # whole numbers are classes, silently
+    assert "stage=regression" not in caplog.text
 
 
 def test_few_shot_k_per_class_names_numeric_labels():

@@ -4,6 +4,7 @@ regression, a float32 ``label`` column of numbers (``numeric_labels``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from ftlab.data.conll import encode_tags, is_list_feature
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
+
+log = logging.getLogger(__name__)
 
 
 def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str]]:
@@ -100,15 +103,26 @@ def _refuse_near_duplicates(labels: list[str], col: str) -> None:
         seen[key] = name
 
 
+#: distinct class labels with fractions beyond which a label column is a numeric target
+MAX_FRACTION_CLASSES = 20
+
+
 def _refuse_fractions(values: list, col: str) -> None:
-    """Class labels that are numbers with fractions (an STS-B score: 3.8) would make each value
-    its own class: a numeric target is a regression."""
-    fractions = [v for v in values if isinstance(v, float) and not float(v).is_integer()]
-    if fractions:
-        raise FtlabError(f"The label column '{col}' holds numbers with fractions "
-                         f"({_some([str(v) for v in sorted(fractions)])}): as class labels each "
-                         "value would be its own class.", "use stage=regression for a numeric "
-                         "target, or list the classes in data.labels.")
+    """Class labels that are numbers with fractions (an STS-B score: 3.8): many distinct ones
+    would make each value its own class, so they are refused as a numeric target; a few (0.5,
+    2.0) may be class codes, and are taken with a warning."""
+    fractions = sorted({v for v in values if isinstance(v, float) and not float(v).is_integer()})
+    if not fractions:
+        return
+    shown = _some([str(v) for v in fractions])
+    if len({str(v) for v in values}) > MAX_FRACTION_CLASSES:
+        raise FtlabError(f"The label column '{col}' holds {len(set(values))} distinct numbers, "
+                         f"with fractions ({shown}): as class labels each value would be its "
+                         "own class.", "use stage=regression for a numeric target, or list "
+                         "the classes in data.labels.")
+    log.warning("The label column '%s' holds numbers with fractions (%s); they are taken as "
+                "%d class labels. For a numeric target use stage=regression.", col, shown,
+                len(set(values)))
 
 
 def _missing(value: Any) -> bool:
