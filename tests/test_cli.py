@@ -20,10 +20,11 @@ def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+# one case per exit route: the same command-line errors (exit 2: peft=nonexistent,
+# trainer.max_epoch) and a run-time one (exit 1: stage.batch_size=abc) also go through a real
+# process in tests/test_bad_inputs.py::test_cli_end_to_end; a missing column (exit 1, the same
+# route as a missing file) is checked in-process there (test_bad_run_input[text-column-missing])
 @pytest.mark.parametrize(("args", "expected", "code"), [
-    (["peft=nonexistent"], "Available options in 'peft'", 2),  # the command line: 2
-    (["trainer.max_epoch=3"], "max_epoch", 2),
-    (["data.text_columns=[review]"], "['review'] not found in the train split; columns found", 1),
     (["data.files.train=/nonexistent/train.csv"], "not found: /nonexistent/train.csv", 1),
 ])
 def test_bad_input_gives_a_message_not_a_traceback(args, expected, code, tmp_path,
