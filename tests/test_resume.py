@@ -155,7 +155,8 @@ def ftlab_cli(*args: str, cwd: Path, **env: str):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_relaunched_sweep_skips_finished_jobs_resumes_killed_ones_and_adds_new_seeds(tmp_path, sentiment_dir):
+def test_relaunched_sweep_skips_finished_jobs_resumes_killed_ones_and_adds_new_seeds(
+        tmp_path, sentiment_dir):
     import json
 
     steps = [s for s in STEPS if not s.startswith("callbacks")]
