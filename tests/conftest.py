@@ -105,21 +105,26 @@ def tiny_overrides(data_dir: Path) -> list[str]:
 NO_BUDGET = "trainer.budget.min_steps=0"
 
 
+def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose the real conf/ with overrides, as the CLI would, writing into output_dir."""
+    if not any(o.startswith("trainer.budget.") for o in overrides):
+        overrides = [*overrides, NO_BUDGET]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]  # the app's cfg has no hydra node (HydraConfig holds it)
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Compose the real conf/ with overrides, as the CLI would, writing into tmp_path."""
+    """Compose the real conf/ with overrides, as the CLI would, writing into tmp_path/run."""
 
     def _make(overrides: list[str]) -> DictConfig:
-        if not any(o.startswith("trainer.budget.") for o in overrides):
-            overrides = [*overrides, NO_BUDGET]
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-            del cfg["hydra"]  # the app's cfg has no hydra node (HydraConfig holds it)
-        return cfg
+        return compose_cfg(overrides, tmp_path / "run")
 
     return _make
 

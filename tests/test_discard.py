@@ -126,7 +126,9 @@ def _writer(ledger: str, who: str, n: int) -> None:
 
 def test_the_ledger_stays_valid_under_two_concurrent_writers(tmp_path):
     ledger = tmp_path / LEDGER
-    ctx = mp.get_context("spawn")
+    # fork: the writers start at once with ftlab.discard already imported (spawn re-imported
+    # torch and Lightning in each child: ~15 s of a 2-core machine before the first write)
+    ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_writer, args=(str(ledger), who, 40)) for who in "ab"]
     for p in procs:
         p.start()

@@ -84,13 +84,15 @@ def test_non_zero_rank_writes_no_files(make_cfg, sentiment_dir, tmp_path, monkey
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
-def _train(data_dir: Path, out: Path, extra: list[str]) -> dict:
+def _overrides(data_dir: Path, extra: list[str]) -> list[str]:
     over = [o for o in tiny_overrides(data_dir) if not o.startswith("stage.batch_size")]
-    cmd = [sys.executable, "-m", "ftlab", *over, f"paths.output_dir={out}",
-           "trainer.max_epochs=5", "trainer.deterministic=true", "stage.optim.lr=3e-3", "seed=3",
-           "+model.config.hidden_dropout_prob=0",
-           "+model.config.attention_probs_dropout_prob=0",
-           "cache.stages=off", *extra]
+    return [*over, "trainer.max_epochs=5", "trainer.deterministic=true", "stage.optim.lr=3e-3",
+            "seed=3", "+model.config.hidden_dropout_prob=0",
+            "+model.config.attention_probs_dropout_prob=0", "cache.stages=off", *extra]
+
+
+def _train(data_dir: Path, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "ftlab", *_overrides(data_dir, extra), f"paths.output_dir={out}"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True,
                           timeout=240)
@@ -100,8 +102,23 @@ def _train(data_dir: Path, out: Path, extra: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def single_run(sentiment_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """The one-process reference, run in this process (a ``python -m ftlab`` launch spends ~7 s
+    of a CPU on imports) with one torch thread, as each DDP rank has (OMP_NUM_THREADS=1)."""
+    from ftlab.run import run
+    from tests.conftest import compose_cfg
+
     out = tmp_path_factory.mktemp("single") / "run"
-    return _train(sentiment_dir, out, ["stage.batch_size=16"]), out
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # ftlab.run.set_threads leaves the count as it is
+        torch.set_num_threads(1)
+        try:
+            record = run(compose_cfg(_overrides(sentiment_dir, ["stage.batch_size=16"]), out))
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(False)  # trainer.deterministic's global switch
+    assert record["status"] == "ok", record.get("error")
+    return json.loads((out / "metrics.json").read_text()), out
 
 
 # both match one process to float noise (val/loss to ~1e-6 after 80 steps); FSDP did not while

@@ -15,7 +15,7 @@ from ftlab.export import main as export_main
 from ftlab.pipeline import build_pipeline
 from ftlab.predict_cli import main as predict_main
 from ftlab.run import run
-from tests.conftest import tiny_overrides
+from tests.conftest import compose_cfg, tiny_overrides
 
 METHODS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "peft").glob("*.yaml"))
 
@@ -34,6 +34,17 @@ def train(make_cfg, sentiment_dir, tmp_path):
         return tmp_path / "run", record, cfg
 
     return _train
+
+
+@pytest.fixture(scope="module")
+def two_steps(sentiment_dir, tmp_path_factory) -> Path:
+    """The run folder of ``train("trainer.max_steps=2")``, trained once for the tests that only
+    read it (predict, export into their own tmp_path)."""
+    run_dir = tmp_path_factory.mktemp("two_steps") / "run"
+    record = run(compose_cfg([*tiny_overrides(sentiment_dir), "stage.optim.lr=2e-3",
+                              "trainer.max_epochs=2", "trainer.max_steps=2"], run_dir))
+    assert record["status"] == "ok", record.get("error")
+    return run_dir
 
 
 def test_each_stage_records_its_labels_tokenizer_and_resolved_stage(train):
@@ -219,8 +230,8 @@ def test_prompt_tuning_exports_its_peft_folder_with_a_message(train, tmp_path, c
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl", "txt"])
 def test_predict_cli_reads_csv_jsonl_txt_and_writes_one_line_per_row(
-        train, sentiment_dir, tmp_path, kind):
-    run_dir, _, _ = train("trainer.max_steps=2")
+        two_steps, sentiment_dir, tmp_path, kind):
+    run_dir = two_steps
     texts = [r["text"] for r in _rows(sentiment_dir / "test.jsonl")][:20]
     src = tmp_path / f"in.{kind}"
     if kind == "csv":
@@ -247,8 +258,8 @@ def test_predict_cli_reads_csv_jsonl_txt_and_writes_one_line_per_row(
         assert g["probs"] == pytest.approx(w["probs"], abs=1e-6)
 
 
-def test_predict_cli_errors_name_the_fix(train, sentiment_dir, tmp_path):
-    run_dir, _, _ = train("trainer.max_steps=2")
+def test_predict_cli_errors_name_the_fix(two_steps, sentiment_dir, tmp_path):
+    run_dir = two_steps
     src = sentiment_dir / "test.jsonl"
 
     def error(*args: str) -> str:
@@ -264,10 +275,10 @@ def test_predict_cli_errors_name_the_fix(train, sentiment_dir, tmp_path):
     assert not (tmp_path / "p.jsonl").exists()
 
 
-def test_predict_cli_bad_input_files_name_the_row_and_the_fix(train, tmp_path):
+def test_predict_cli_bad_input_files_name_the_row_and_the_fix(two_steps, tmp_path):
     """Untrusted input files end in one paragraph (not a traceback), and a .txt file's output
     lines up with its lines, an empty line included."""
-    run_dir, _, _ = train("trainer.max_steps=2")
+    run_dir = two_steps
     out = tmp_path / "p.jsonl"
 
     def error(name: str, content: bytes, *extra: str) -> str:
@@ -302,10 +313,10 @@ def test_predict_cli_bad_input_files_name_the_row_and_the_fix(train, tmp_path):
     assert len(_rows(out)) == 3  # one prediction per line
 
 
-def test_export_onto_a_file_says_so_and_leaves_it(train, tmp_path):
+def test_export_onto_a_file_says_so_and_leaves_it(two_steps, tmp_path):
     """save_pretrained only logs "should be a directory" for a file: the export must not
     report success with nothing written."""
-    run_dir, _, _ = train("trainer.max_steps=2")
+    run_dir = two_steps
     target = tmp_path / "notes.csv"
     target.write_text("keep me\n")
     with pytest.raises(SystemExit) as err:
@@ -357,8 +368,8 @@ def test_export_message_names_the_auto_class_of_the_stage(tmp_path, arch, auto):
     assert auto_class(tmp_path) == auto
 
 
-def test_the_python_api_takes_no_texts_and_refuses_a_batch_of_zero(train):
-    run_dir, _, _ = train("trainer.max_steps=2")
+def test_the_python_api_takes_no_texts_and_refuses_a_batch_of_zero(two_steps):
+    run_dir = two_steps
     predictor = ftlab.load(run_dir)
     assert predictor.predict([]) == []
     with pytest.raises(ftlab.errors.FtlabError, match="batch_size must be at least 1"):

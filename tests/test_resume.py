@@ -155,7 +155,8 @@ def ftlab_cli(*args: str, cwd: Path, **env: str):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_relaunched_sweep_skips_finished_jobs_and_resumes_killed_ones(tmp_path, sentiment_dir):
+def test_relaunched_sweep_skips_finished_jobs_resumes_killed_ones_and_adds_new_seeds(
+        tmp_path, sentiment_dir):
     import json
 
     steps = [s for s in STEPS if not s.startswith("callbacks")]
@@ -188,6 +189,15 @@ def test_relaunched_sweep_skips_finished_jobs_and_resumes_killed_ones(tmp_path, 
     print("\nfirst launch:", status, "\nre-launch:",
           {j: ("skipped" if r.get("reused") else f"resumed from step "
                f"{r['stages']['classify']['resumed_from_step']}") for j, r in records.items()})
+    # a third launch with a new seed (the README's `ftlab -m resume=<sweep> seed=...`): Hydra
+    # numbers its one job 0, but it goes to a new folder and the finished jobs are kept
+    third = ftlab_cli("-m", f"resume={sweep}", "seed=5", cwd=tmp_path)
+    assert third.returncode in (0, 3), third.stderr[-2000:]
+    seeds = {j.name: json.loads((j / "metrics.json").read_text())["seed"]
+             for j in sweep.iterdir() if (j / "metrics.json").is_file()}
+    assert seeds == {"0": 1, "1": 2, "2": 3, "3": 4, "4": 5}  # not over seed 1's folder 0
+    (config,) = json.loads((sweep / "summary.json").read_text()).values()
+    assert sorted(map(str, config["seeds"])) == ["1", "2", "3", "4", "5"]
 
 
 def test_resume_argv_rebuilds_the_command_of_a_run_folder(tmp_path):
@@ -378,22 +388,6 @@ def test_jobs_are_placed_by_their_overrides_not_their_number(tmp_path):
     assert place_jobs(sweep, [job[0], job[5], job[2]], 0) == [0, 3, 2]
     assert place_jobs(sweep, [job[3]], 5) == [5]  # a later batch's own number, when free
     assert place_jobs(tmp_path / "new", job[:2], 0) == [0, 1]
-
-
-def test_a_sweep_relaunched_with_new_seeds_keeps_the_finished_ones(tmp_path, sentiment_dir):
-    import json
-
-    args = [*tiny_overrides(sentiment_dir), "trainer.max_steps=2", "data.max_train_samples=32"]
-    first = ftlab_cli("-m", *args, "seed=1", cwd=tmp_path)
-    assert first.returncode in (0, 3), first.stderr[-2000:]
-    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
-    again = ftlab_cli("-m", f"resume={sweep}", "seed=2", cwd=tmp_path)
-    assert again.returncode in (0, 3), again.stderr[-2000:]
-    seeds = {j.name: json.loads((j / "metrics.json").read_text())["seed"]
-             for j in sweep.iterdir() if (j / "metrics.json").is_file()}
-    assert seeds == {"0": 1, "1": 2}  # seed 2 went to a new folder, not over seed 1's
-    summary = json.loads((sweep / "summary.json").read_text())
-    assert sorted(map(str, summary["default"]["seeds"])) == ["1", "2"]
 
 
 @pytest.fixture

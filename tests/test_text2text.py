@@ -70,7 +70,10 @@ def test_rank_classification_scores_each_label_by_its_summed_log_probability(mak
     assert torch.equal(out.logits.argmax(-1), scores.argmax(-1))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+#: seeds 1 and 2 re-check seed 0's memorisation on other initial weights (robustness, not
+#: another code path; measured: seeds 0-5 of both models all pass): `-m slow` runs them
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
+                                  pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
 def test_training_learns_targets_and_generation_reproduces_them(model, seed, make_cfg,
                                                                 sentiment_dir):
