@@ -15,10 +15,13 @@ from omegaconf import OmegaConf
 
 from ftlab.build import instantiate_task
 from ftlab.cli import CONFIG_DIR
+from ftlab.run import run
 from ftlab.tasks import base
 from ftlab.tasks.aux_mlm import AuxMLM
 from ftlab.tasks.base import HasSubtasks, ModelAware, PredictsNumbers, ScoresWithLMHead
 from ftlab.tasks.multitask import MultiTask
+from tests.conftest import tiny_overrides
+from tests.test_regression import csv_overrides
 
 STAGES = sorted(p.stem for p in (Path(CONFIG_DIR) / "stage").glob("*.yaml"))
 PROTOCOLS = [v for v in vars(base).values()
@@ -81,3 +84,30 @@ def test_wrapper_pickles_copies_and_fingerprints_stably():
     # datasets fingerprints the featurize function with dill: the same for an equal wrapper
     assert Hasher.hash(aux.featurize) == Hasher.hash(AuxMLM(stage_task("regression"),
                                                             0.5).featurize)
+
+
+@pytest.mark.parametrize("stage", ["regression", "cloze", "multitask"])
+def test_a_stage_with_aux_mlm_keeps_its_tasks_hooks(stage, make_cfg, sentiment_dir, scores_dir):
+    """A run, not just isinstance: regression's constant baseline (PredictsNumbers), cloze's
+    model kind (ModelAware: featurising fails without it), multitask's sub-tasks (HasSubtasks:
+    the builder refuses a stage with sub-tasks but no HasSubtasks task)."""
+    aux = ["stage.aux_mlm_weight=0.5", "trainer.max_steps=2"]
+    if stage == "cloze":
+        over = [*tiny_overrides(sentiment_dir), "stage=cloze",
+                "stage.task.verbalizer={pos: great, neg: bad}", *aux]
+    elif stage == "regression":
+        over = csv_overrides(scores_dir, *aux)
+    else:  # a regression sub-task beside a classifier
+        over = csv_overrides(
+            scores_dir, "stage=multitask", *aux,
+            "stage.tasks.task.task._target_=ftlab.tasks.regression.Regression",
+            f"stage.tasks.vitaminc.data.files={{train: {sentiment_dir}/train.jsonl, "
+            f"validation: {sentiment_dir}/validation.jsonl}}",
+            "stage.tasks.vitaminc.data.text_columns=[text]",
+            "stage.tasks.vitaminc.data.labels=[neg,pos]",
+            "stage.tasks.vitaminc.data.splits={train: train, validation: validation}")
+    record = run(make_cfg(over))
+    assert record["status"] == "ok", record.get("error")
+    final = record["final"]
+    assert {"regression": "val/baseline_pearson", "cloze": "val/acc",
+            "multitask": "val/baseline_task/pearson"}[stage] in final
