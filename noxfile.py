@@ -1,4 +1,5 @@
-"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`,
+`nox -s pythons` (`pythons-3.12`: one Python)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 # the CPU build of torch; on a GPU machine run `nox -s tests -- ` after editing this pin
 TORCH = "torch==2.13.0"
+#: the Pythons ftlab is tested on (pyproject's classifiers); CI (.ci/run) runs 3.11
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The full default suite (unit + integration); `-- -m slow` for the slow ones."""
+    session.install(TORCH, "-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHONS)
+def pythons(session: nox.Session) -> None:
+    """The default suite on each supported Python (`nox -s pythons-3.12`: one of them).
+
+    pip is upgraded first: Python 3.10's venv ships pip 23.0, too old to build seqeval's sdist."""
+    session.install("-U", "pip")
     session.install(TORCH, "-e", ".[dev]")
     session.run("pytest", *session.posargs)
 
