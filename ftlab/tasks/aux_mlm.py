@@ -29,6 +29,10 @@ class AuxMLM:
     attached to the task model as ``aux_mlm_head`` (decoder tied to the word embeddings). The
     MLM loss runs through the model as the PEFT method prepared it (a wrapper's swapped-in
     weights, LoRA layers, prompts): see :meth:`aux_loss`.
+
+    ``AuxMLM(task, w)`` is an instance of a subclass made for ``type(task)`` whose class shows
+    the task's own members, so the optional task Protocols (``ftlab.tasks.base``) see them on
+    every Python; it pickles as ``AuxMLM(task, w, mlm)``.
     """
 
     def __new__(cls, task: Task, weight: float, mlm: MaskedLM | None = None) -> AuxMLM:
@@ -138,7 +142,8 @@ def _forwarding_class(task: Task) -> type:
     ...) must answer as for the wrapped task. Python >= 3.12 looks members up with
     ``inspect.getattr_static``, which never calls ``__getattr__``: the members must be on the
     class. Properties read the task's current value (``parts`` changes in ``bind_tasks``). A
-    member the task sets to None (an opt-out) is left to ``__getattr__``, as Protocols skip it.
+    member the task sets to None is left to ``__getattr__``: Protocols read a None method as
+    absent (an opt-out).
     """
     own = set(dir(AuxMLM)) | {"task", "weight", "mlm"}
     names = frozenset(
