@@ -1,4 +1,5 @@
-"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`,
+`nox -s pythons` (`pythons-3.12`: one Python)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,23 @@ nox.options.sessions = ["lint", "tests"]
 # the tested torch; which build pip installs depends on the index, not on a GPU (README, Quick
 # start: PIP_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU-only build)
 TORCH = "torch==2.13.0"
+#: the Pythons ftlab is tested on (pyproject's classifiers); CI (.ci/run) runs 3.11
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The full default suite (unit + integration); `-- -m slow` for the slow ones."""
+    session.install(TORCH, "-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHONS)
+def pythons(session: nox.Session) -> None:
+    """The default suite on each supported Python (`nox -s pythons-3.12`: one of them).
+
+    pip is upgraded first: Python 3.10's venv ships pip 23.0, too old to build seqeval's sdist."""
+    session.install("-U", "pip")
     session.install(TORCH, "-e", ".[dev]")
     session.run("pytest", *session.posargs)
 

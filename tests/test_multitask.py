@@ -18,6 +18,7 @@ from ftlab.pipeline import build_pipeline
 from ftlab.run import run
 from ftlab.stage_keys import pipeline_keys
 from ftlab.store import load_tensors
+from ftlab.tasks.aux_mlm import AuxMLM
 from ftlab.validate import validate
 from tests.conftest import tiny_overrides, write_jsonl
 
@@ -210,7 +211,7 @@ def test_loss_scaling_and_weights_scale_each_tasks_loss(parts):
 
 def test_aux_mlm_works_on_every_task(parts):
     stage, _, task, model, dm = parts("stage.aux_mlm_weight=0.5")
-    assert type(task).__name__ == "AuxMLM" and hasattr(model, "aux_mlm_head")
+    assert isinstance(task, AuxMLM) and hasattr(model, "aux_mlm_head")
     model.train()
     for name in ("vitaminc", "task"):
         batch = next(b for b in dm.train_dataloader() if b["task"] == name)

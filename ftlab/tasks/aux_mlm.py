@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -28,7 +29,14 @@ class AuxMLM:
     attached to the task model as ``aux_mlm_head`` (decoder tied to the word embeddings). The
     MLM loss runs through the model as the PEFT method prepared it (a wrapper's swapped-in
     weights, LoRA layers, prompts): see :meth:`aux_loss`.
+
+    ``AuxMLM(task, w)`` is an instance of a subclass made for ``type(task)`` whose class shows
+    the task's own members, so the optional task Protocols (``ftlab.tasks.base``) see them on
+    every Python; it pickles as ``AuxMLM(task, w, mlm)``.
     """
+
+    def __new__(cls, task: Task, weight: float, mlm: MaskedLM | None = None) -> AuxMLM:
+        return super().__new__(_forwarding_class(task) if cls is AuxMLM else cls)
 
     def __init__(self, task: Task, weight: float, mlm: MaskedLM | None = None) -> None:
         self.task, self.weight = task, weight
@@ -38,6 +46,9 @@ class AuxMLM:
         if name in ("task", "mlm"):
             raise AttributeError(name)
         return getattr(self.task, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # by AuxMLM, not by its per-task-class subclass
+        return AuxMLM, (self.task, self.weight, self.mlm), self.__dict__
 
     @property
     def monitor(self) -> str:
@@ -117,6 +128,40 @@ class AuxMLM:
     def update(self, metrics: MetricCollection, out: TaskOutput,
                batch: dict[str, torch.Tensor]) -> None:
         self.task.update(metrics, out, batch)
+
+
+#: (task class, forwarded names) -> the AuxMLM subclass that forwards them
+_FORWARDING: dict[tuple[type, frozenset[str]], type] = {}
+
+
+def _forwarding_class(task: Task) -> type:
+    """The subclass of AuxMLM (one per wrapped task class and attribute set) with a forwarding
+    property for each public attribute of ``task`` that AuxMLM does not define itself.
+
+    ``isinstance(wrapper, P)`` for a runtime Protocol ``P`` (``HasSubtasks``, ``PredictsNumbers``
+    ...) must answer as for the wrapped task. Python >= 3.12 looks members up with
+    ``inspect.getattr_static``, which never calls ``__getattr__``: the members must be on the
+    class. Properties read the task's current value (``parts`` changes in ``bind_tasks``). A
+    member the task sets to None is left to ``__getattr__``: Protocols read a None method as
+    absent (an opt-out).
+    """
+    own = set(dir(AuxMLM)) | {"task", "weight", "mlm"}
+    names = frozenset(
+        n for n in {*dir(type(task)), *getattr(task, "__dict__", {})}
+        if not n.startswith("_") and n not in own
+        and inspect.getattr_static(task, n, None) is not None)
+    key = (type(task), names)
+    if key not in _FORWARDING:
+        _FORWARDING[key] = type(f"AuxMLM[{type(task).__qualname__}]", (AuxMLM,),
+                                {n: _forward(n) for n in sorted(names)}
+                                | {"__module__": __name__, "__slots__": ()})
+    return _FORWARDING[key]
+
+
+def _forward(name: str) -> property:
+    return property(lambda self: getattr(self.task, name),
+                    lambda self, value: setattr(self.task, name, value),
+                    doc=f"The wrapped task's ``{name}``.")
 
 
 def _aux_owner(model: nn.Module) -> nn.Module:
