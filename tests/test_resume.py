@@ -44,6 +44,18 @@ def crash_at(monkeypatch, step: int, max_steps: int | None = None) -> None:
     monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_train_batch_end", crash, raising=False)
 
 
+def same_last_weights(tmp_path: Path) -> tuple[dict, dict]:
+    """The uninterrupted and the killed-then-resumed run's last checkpoints, after checking both
+    end at step 12 with the same weights (within 1e-6)."""
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / name / "classify" / "checkpoints" / NAME)
+            for name in ("whole", "killed"))
+    assert a["global_step"] == b["global_step"] == 12
+    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
+               for k in a["state_dict"]) <= 1e-6
+    return a, b
+
+
 def test_checkpoint_io_round_trips_the_checkpoint_dict(tmp_path):
     ckpt = {"state_dict": {"w": torch.randn(3, 2)}, "epoch": 1, "optimizer_states": [
         {"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.ones(2)}},
@@ -80,12 +92,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeyp
     for name in ("whole", "killed"):  # the best epoch's weights (what the stage keeps)
         assert (tmp_path / name / "classify" / "trainable.safetensors").is_file()
     # the weights after the last step (kept checkpoints), and the EMA average: the whole path
-    io = SafetensorsCheckpointIO()
-    a, b = (io.load_checkpoint(tmp_path / name / "classify" / "checkpoints" / NAME)
-            for name in ("whole", "killed"))
-    assert a["global_step"] == b["global_step"] == 12
-    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
-               for k in a["state_dict"]) <= 1e-6
+    a, b = same_last_weights(tmp_path)
     ema_a, ema_b = (next(v["shadow"] for k, v in c["callbacks"].items() if "WeightAverage" in k)
                     for c in (a, b))
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
@@ -422,12 +429,7 @@ def test_fsdp_stage_killed_midway_resumes_like_an_uninterrupted_one(
     assert resumed["status"] == "ok" and resumed["stages"]["classify"]["resumed_from_step"] == 8
     for k, v in whole["final"].items():
         assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
-    io = SafetensorsCheckpointIO()
-    a, b = (io.load_checkpoint(tmp_path / name / "classify" / "checkpoints" / NAME)
-            for name in ("whole", "killed"))
-    assert a["global_step"] == b["global_step"] == 12
-    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
-               for k in a["state_dict"]) <= 1e-6
+    a, b = same_last_weights(tmp_path)
     moments = [{k: s["exp_avg_sq"] for k, s in c["optimizer_states"][0]["state"].items()}
                for c in (a, b)]
     assert moments[0].keys() == a["state_dict"].keys()  # whole tensors, by parameter name
