@@ -158,3 +158,14 @@ def loss_before_after(task, model, batch: dict, steps: int,
         loss.backward()
         opt.step()
     return before, eval_loss()
+
+
+def prompt_tuned_causal_lm(task, spec, virtual_tokens: int = 4):
+    """``task``'s causal LM (seed 0) wrapped by peft's prompt tuning, in eval mode: its logits
+    carry ``virtual_tokens`` extra positions before the row's own."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(task.build_model(spec), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)).eval()

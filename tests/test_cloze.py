@@ -15,7 +15,7 @@ from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.run import run
 from ftlab.tasks.cloze import Cloze, calibrate
 from ftlab.tasks.prompting import Pattern, fit_texts, word_ids
-from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
+from tests.conftest import loss_before_after, prompt_tuned_causal_lm, synthetic_rows, tiny_overrides
 
 VERB = {"pos": "great", "neg": "bad"}
 
@@ -244,15 +244,11 @@ def test_a_causal_lm_with_prompt_tuning_is_scored_at_the_rows_own_positions(
         verbalizer, make_cfg, sentiment_dir):
     """Prompt tuning prepends virtual tokens' positions to a causal LM's logits: scores read
     at the row's indices came from the wrong positions (shifted by the prompt's length)."""
-    from peft import PromptTuningConfig, get_peft_model
-
     cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2"])
     spec = bind_schema(ModelSpec, cfg.model, "model")
     tok = load_tokenizer(spec)
     task = bound(tok, verbalizer=verbalizer)
-    torch.manual_seed(0)
-    model = get_peft_model(task.build_model(spec), PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = prompt_tuned_causal_lm(task, spec)  # 4 virtual tokens
     rows = synthetic_rows(3, 2)
     batch = batch_for(task, rows, tok.pad_token_id)
     with torch.no_grad():

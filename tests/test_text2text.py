@@ -13,7 +13,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer
 from ftlab.run import run
 from ftlab.tasks.text2text import TextToText
-from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
+from tests.conftest import loss_before_after, prompt_tuned_causal_lm, synthetic_rows, tiny_overrides
 
 
 def setup(make_cfg, sentiment_dir, model, **kwargs):
@@ -162,12 +162,8 @@ def test_exact_match_compares_with_the_target_as_the_tokenizer_writes_it(model, 
 def test_decoder_only_with_prompt_tuning_scores_the_rows_own_positions(make_cfg, sentiment_dir):
     """Prompt tuning prepends virtual tokens' positions to a causal LM's logits: the target
     loss stopped with a shape error and rank scores read shifted positions."""
-    from peft import PromptTuningConfig, get_peft_model
-
     spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2")
-    torch.manual_seed(0)
-    model = get_peft_model(task.build_model(spec), PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = prompt_tuned_causal_lm(task, spec)  # 4 virtual tokens
     rows = synthetic_rows(3, 2)
     batch = batch_for(task, rows, tok.pad_token_id)
     with torch.no_grad():
