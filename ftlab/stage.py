@@ -32,7 +32,7 @@ from ftlab.pipeline import ResolvedStage
 from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors, wait_for_all_ranks
 from ftlab.strategies import full_weights
-from ftlab.tasks.base import HasSubtasks, PredictsNumbers
+from ftlab.tasks.base import HasSubtasks, scored_labels
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,9 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     for split, prefix in (("validation", "val"), ("test", "test")):
         if isinstance(task, HasSubtasks):  # each sub-task's on its own data (<task>/acc)
             baseline = task.baselines(split)
-        elif split in raw.splits and (raw.labels is not None
-                                      or isinstance(task, PredictsNumbers)):
+        elif (labels := scored_labels(raw, task, split)) is not None:
             # trivial predictors (regression: a constant), for the report
-            baseline = task.baseline(raw.splits[split]["label"]) or {}
+            baseline = task.baseline(labels) or {}
         else:
             continue
         metrics |= {f"{prefix}/baseline_{k}": v for k, v in baseline.items()}

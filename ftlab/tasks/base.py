@@ -179,3 +179,12 @@ class PredictsNumbers(Protocol):
 
     def values(self, scores: torch.Tensor) -> torch.Tensor:
         """``[rows]`` predicted numbers from the task's ``[rows, 1]`` scores."""
+
+
+def scored_labels(raw: RawData, task: Any, split: str) -> Sequence[Any] | None:
+    """The ``split``'s labels a trivial baseline is scored on: class ids, or numbers for a
+    ``PredictsNumbers`` task; None for unlabelled text or a missing split."""
+    rows = raw.splits.get(split)
+    if rows is None or (raw.labels is None and not isinstance(task, PredictsNumbers)):
+        return None
+    return rows["label"]

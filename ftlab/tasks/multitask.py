@@ -34,7 +34,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.arch import backbone, unwrap
 from ftlab.model.backbone import ModelSpec
-from ftlab.tasks.base import PredictsNumbers, Task, TaskDefaults, TaskOutput
+from ftlab.tasks.base import Task, TaskDefaults, TaskOutput, scored_labels
 
 LOSS_SCALING = ("none", "size", "classes")
 
@@ -294,9 +294,7 @@ class MultiTask(TaskDefaults):
         """Each sub-task's own baseline on its ``split`` labels, as ``<task>/<metric>``."""
         out: dict[str, float] = {}
         for name, part in self.parts.items():
-            rows = part.raw.splits.get(split)
-            if rows is not None and (part.raw.labels is not None
-                                     or isinstance(part.task, PredictsNumbers)):
-                out |= {f"{name}/{k}": v for k, v in (part.task.baseline(rows["label"]) or {})
-                        .items()}
+            labels = scored_labels(part.raw, part.task, split)
+            if labels is not None:
+                out |= {f"{name}/{k}": v for k, v in (part.task.baseline(labels) or {}).items()}
         return out
