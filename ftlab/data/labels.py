@@ -107,22 +107,22 @@ def _refuse_near_duplicates(labels: list[str], col: str) -> None:
 MAX_FRACTION_CLASSES = 20
 
 
-def _refuse_fractions(values: list, col: str) -> None:
-    """Class labels that are numbers with fractions (an STS-B score: 3.8): many distinct ones
-    would make each value its own class, so they are refused as a numeric target; a few (0.5,
-    2.0) may be class codes, and are taken with a warning."""
-    fractions = sorted({v for v in values if isinstance(v, float) and not float(v).is_integer()})
+def _refuse_fractions(distinct: list, col: str) -> None:
+    """Class labels (``distinct``: the training split's, each once) that are numbers with
+    fractions (an STS-B score: 3.8): many would make each value its own class, so they are
+    refused as a numeric target; a few (0.5, 2.0) may be class codes, taken with a warning."""
+    fractions = sorted(v for v in distinct if isinstance(v, float) and not v.is_integer())
     if not fractions:
         return
     shown = _some([str(v) for v in fractions])
-    if len({str(v) for v in values}) > MAX_FRACTION_CLASSES:
-        raise FtlabError(f"The label column '{col}' holds {len(set(values))} distinct numbers, "
+    if len(distinct) > MAX_FRACTION_CLASSES:
+        raise FtlabError(f"The label column '{col}' holds {len(distinct)} distinct numbers, "
                          f"with fractions ({shown}): as class labels each value would be its "
                          "own class.", "use stage=regression for a numeric target, or list "
                          "the classes in data.labels.")
     log.warning("The label column '%s' holds numbers with fractions (%s); they are taken as "
                 "%d class labels. For a numeric target use stage=regression.", col, shown,
-                len(set(values)))
+                len(distinct))
 
 
 def _missing(value: Any) -> bool:
