@@ -16,9 +16,13 @@ from ftlab.data.multitask import TaskSampler, sampling_probabilities
 from ftlab.errors import FtlabError
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
+from ftlab.seedstats import failure
 from ftlab.stage_keys import pipeline_keys
 from ftlab.store import load_tensors
 from ftlab.tasks.aux_mlm import AuxMLM
+from ftlab.tasks.classify import Classify
+from ftlab.tasks.multitask import MultiTask, Part
+from ftlab.tasks.tokens import Tokens
 from ftlab.validate import validate
 from tests.conftest import tiny_overrides, write_jsonl
 
@@ -368,3 +372,21 @@ def test_a_sub_task_named_mean_is_refused(make_cfg, sentiment_dir, pairs_dir):
                     "+stage.tasks.mean={task: {_target_: ftlab.tasks.classify.Classify}}"])
     with pytest.raises(FtlabError, match="cannot be named 'mean'"):
         build_pipeline(cfg)
+
+
+def test_a_tagging_sub_task_fails_on_entity_f1_not_on_token_accuracy():
+    """A NER sub-task below the all-O token accuracy that finds entities has learnt; one at
+    entity F1 0 has not. The classification sub-task keeps every one of its baselines."""
+    sentiment, ner = Classify(), Tokens()
+    sentiment.labels, ner.labels = ["neg", "pos"], ["O", "B-PER", "I-PER"]
+    task = MultiTask()
+    task.parts = {"sst": Part(sentiment, None, ["text"]),  # type: ignore[arg-type]
+                  "ner": Part(ner, None, ["tokens"])}  # type: ignore[arg-type]
+    scores = {"val/baseline_sst/acc": 0.5, "val/sst/acc": 0.8,
+              "val/baseline_sst/f1": 0.33, "val/sst/f1": 0.8,
+              "val/baseline_ner/acc": 0.9, "val/ner/acc": 0.85,
+              "val/baseline_ner/f1": 0.0, "val/ner/f1": 0.3}
+    assert failure(scores, task.failed_by) is None
+    assert failure(scores | {"val/ner/f1": 0.0}, task.failed_by) is not None
+    assert failure(scores | {"val/sst/f1": 0.3}, task.failed_by) is not None
+    assert MultiTask().failed_by is None  # unbound, or no sub-task narrows it: every baseline

@@ -290,6 +290,16 @@ class MultiTask(TaskDefaults):
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None  # one dataset's labels say nothing here: see ``baselines``
 
+    @property
+    def failed_by(self) -> tuple[str, ...] | None:  # type: ignore[override]
+        """Each bound sub-task's own failure rule under its ``<task>/`` prefix (NER fails at
+        entity F1, not token accuracy); None (every baseline) when no sub-task narrows it."""
+        rules = {k: getattr(p.task, "failed_by", None) for k, p in self.parts.items()}
+        if all(r is None for r in rules.values()):
+            return None
+        return tuple(f"{k}/{m}" for k, p in self.parts.items()
+                     for m in (rules[k] or p.task.metrics().keys()))
+
     def baselines(self, split: str) -> dict[str, float]:
         """Each sub-task's own baseline on its ``split`` labels, as ``<task>/<metric>``."""
         out: dict[str, float] = {}
