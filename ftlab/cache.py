@@ -8,8 +8,9 @@ one), stage.json}``. A stage is written into a temporary folder and renamed into
 train a stage once (the others wait, then reuse). ``stage.json`` holds the sha256 of each weight
 file: an entry that fails the check (truncated or changed file, unreadable JSON, a file missing)
 is moved aside to ``<key>.corrupt-<time>`` with a warning and the stage is retrained.
-``<software>`` tags ftlab's source and the training libraries' versions (``ftlab.software``): a
-stage trained by other code is retrained, not reused; its entry stays until deleted.
+``<software>`` tags ftlab's source, the user's ``allow_targets`` modules' source and the training
+libraries' versions (``ftlab.software``): a stage trained by other code is retrained, not reused;
+its entry stays until deleted.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def test_a_stage_cached_by_other_software_is_retrained(tiny_pipeline, tmp_path, 
     real = sw.version
     monkeypatch.setattr(sw, "version", lambda lib: "99.0" if lib == "transformers" else
                         real(lib))
-    sw.software.cache_clear()
+    sw._software.cache_clear()
     try:
         upgraded = run(other())
         assert upgraded["lineage"][0]["cache_hit"] is False
@@ -109,7 +109,7 @@ def test_a_stage_cached_by_other_software_is_retrained(tiny_pipeline, tmp_path, 
                                                                     "99.0"])  # old one stays
     finally:
         monkeypatch.undo()
-        sw.software.cache_clear()
+        sw._software.cache_clear()
 
 
 def test_the_software_tag_follows_ftlab_source_and_library_versions(tmp_path):
@@ -128,6 +128,33 @@ def test_the_software_tag_follows_ftlab_source_and_library_versions(tmp_path):
     assert sw.software_tag() == sw.software_tag(dict(now))
     assert sw.software_tag() != sw.software_tag(now | {"ftlab-source": "edited"})
     assert StageCache("c").entry("s-1").name == f"s-1-{sw.software_tag()}"
+
+
+def test_the_software_tag_follows_the_users_allowed_modules(tmp_path, monkeypatch):
+    """A stage trained with the user's own task module (allow_targets) is retrained after
+    that module is edited; jobs without allow_targets keep ftlab's own tag."""
+    import ftlab.software as sw
+    from ftlab.targets import allowing
+
+    (tmp_path / "mytasks").mkdir()
+    (tmp_path / "mytasks" / "__init__.py").write_text("")
+    (tmp_path / "mytasks" / "head.py").write_text("DROPOUT = 0.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = sw.software_tag()
+
+    def tag() -> str:
+        sw._software.cache_clear()
+        with allowing(["mytasks.head."], warn=False):
+            return sw.software_tag()
+
+    try:
+        before = tag()
+        assert before != plain and sw.software_tag() == plain
+        assert tag() == before
+        (tmp_path / "mytasks" / "head.py").write_text("DROPOUT = 0.2\n")
+        assert tag() != before
+    finally:
+        sw._software.cache_clear()
 
 
 def test_cached_upstream_gives_the_same_result_as_training_it(tiny_pipeline, tmp_path):
