@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -35,6 +34,7 @@ from ftlab.errors import FtlabError, choices_text
 from ftlab.model.arch import backbone, unwrap
 from ftlab.model.backbone import ModelSpec
 from ftlab.tasks.base import Task, TaskDefaults, TaskOutput, scored_labels
+from ftlab.tasks.multitask_metrics import TaskMetrics, TaskView
 
 LOSS_SCALING = ("none", "size", "classes")
 
@@ -49,31 +49,6 @@ class Part:
     weight: float = 1.0
 
 
-class TaskMetrics(MetricCollection):
-    """The sub-tasks' metrics under ``<task>/<name>`` keys; ``compute`` adds their means and
-    leaves out sub-tasks that saw no batch (e.g. no test split)."""
-
-    def __init__(self, metrics: dict[str, Any], monitors: dict[str, str]) -> None:
-        super().__init__(metrics, compute_groups=False)
-        self.monitors = monitors
-
-    def compute(self) -> dict[str, Any]:
-        pre = self.prefix or ""
-        out = {f"{pre}{k}": m.compute() for k, m in self.items(keep_base=True, copy_state=False)
-               if m.update_count}
-        ranked = [out[f"{pre}{t}/{m}"] for t, m in self.monitors.items()
-                  if f"{pre}{t}/{m}" in out]
-        if ranked:
-            out[f"{pre}mean"] = torch.stack([v.float() for v in ranked]).mean()
-        names = [{k.split("/", 1)[1] for k in self.keys(keep_base=True) if k.startswith(f"{t}/")}
-                 for t in self.monitors]
-        for name in sorted(set.intersection(*names)) if names else []:
-            vals = [out[f"{pre}{t}/{name}"] for t in self.monitors if f"{pre}{t}/{name}" in out]
-            if vals and all(v.numel() == 1 for v in vals):
-                out[f"{pre}mean/{name}"] = torch.stack([v.float() for v in vals]).mean()
-        return out
-
-
 def _relink(inner: nn.Module, task: str) -> nn.Module:
     """``task``'s model, its head modules set to those now registered on the primary (a PEFT
     method or strategy may have wrapped them since ``build_model``)."""
@@ -83,21 +58,6 @@ def _relink(inner: nn.Module, task: str) -> nn.Module:
         if sub._modules.get(child) is not current:
             setattr(sub, child, current)
     return sub
-
-
-class _View:
-    """One sub-task's metrics inside a :class:`TaskMetrics`, as its ``update`` expects them."""
-
-    def __init__(self, metrics: MetricCollection, task: str) -> None:
-        self.metrics, self.task = metrics, task
-
-    def __getitem__(self, name: str) -> Any:
-        return self.metrics[f"{self.task}/{name}"]
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        for key, metric in self.metrics.items(keep_base=True, copy_state=False):
-            if key.startswith(f"{self.task}/"):  # each metric its own kwargs, as a collection
-                metric.update(*args, **metric._filter_kwargs(**kwargs))
 
 
 class MultiTask(TaskDefaults):
@@ -285,7 +245,7 @@ class MultiTask(TaskDefaults):
                batch: dict[str, Any]) -> None:
         name = batch["task"]
         rows = {k: v for k, v in batch.items() if k != "task"}
-        self.parts[name].task.update(_View(metrics, name), out, rows)  # type: ignore[arg-type]
+        self.parts[name].task.update(TaskView(metrics, name), out, rows)  # type: ignore[arg-type]
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None  # one dataset's labels say nothing here: see ``baselines``
