@@ -252,13 +252,15 @@ class RngState(PerRank, L.Callback):
         correctness, only which dropout masks are drawn; refusing would block a DDP resume
         on fewer or more devices, which otherwise works)."""
         if len(ranks) != world_size and rank == 0:
+            lo, hi = sorted((len(ranks), world_size))
+            one = hi - lo == 1
+            which = f"rank {lo}" if one else f"ranks {lo}-{hi - 1}"
+            fate = (f"{which} take{'s' * one} rank zero's states" if world_size > len(ranks)
+                    else f"the states of {which} are dropped")
             log.warning("The checkpoint %s holds the random states of %d processes, this run "
                         "has %d: %s, so dropout draws differ from an uninterrupted run (resume "
                         "with the same trainer.devices and num_nodes to match it).", where,
-                        len(ranks), world_size,
-                        f"ranks {len(ranks)}-{world_size - 1} take rank zero's states"
-                        if world_size > len(ranks) else
-                        f"the states of ranks {world_size}-{len(ranks) - 1} are dropped")
+                        len(ranks), world_size, fate)
         return ranks[rank] if rank < len(ranks) else ranks[0]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
