@@ -4,9 +4,10 @@
 ``tensors.safetensors`` (every tensor, under its flattened path) + ``state.json`` (everything
 else), and ``Trainer.fit(ckpt_path=...)`` to continue. Loop progress, optimiser, scheduler,
 the data order's position (``TextDataModule.state_dict``) and stateful callbacks (``KeepBest``,
-``WeightAverage``, ``RngState``) travel in that dict. Under FSDP, ``ftlab.strategies.FSDP``
-puts the whole (gathered) model and optimiser state in the same dict, rank zero writes it, and
-every rank loads its shard back.
+``WeightAverage``, ``RngState``) travel in that dict; a callback whose state differs between
+ranks (``ftlab.strategies.PerRank``: the RNG states; weight averages under FSDP) has every
+rank's gathered into it. Under FSDP, ``ftlab.strategies.FSDP`` puts the whole (gathered) model
+and optimiser state in the same dict, rank zero writes it, and every rank loads its shard back.
 
 A checkpoint folder is written beside its target and renamed into place (atomic); the one it
 replaces is moved aside first and deleted after, so a kill at any moment leaves one complete
@@ -35,6 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
 from ftlab.rules import at_least
+from ftlab.strategies import PerRank, gather_per_rank, own_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +214,54 @@ class StageCheckpoint(ModelCheckpoint):
         if not (trainer.sanity_checking or trainer.fast_dev_run):
             self._save_checkpoint(trainer, str(Path(self.dirpath) / NAME))
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Every rank's state of the ``PerRank`` callbacks (RNG states; EMA/SWA/snapshots
+        under FSDP) goes to rank zero, which writes the checkpoint (every rank runs this)."""
+        gather_per_rank(trainer, checkpoint)
 
-class RngState(L.Callback):
-    """Saves the torch, numpy and Python random states (dropout, masking) in checkpoints and
-    puts them back when training resumes, so a resumed stage draws the same numbers."""
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Each rank takes its own state of the ``PerRank`` callbacks (before they load it)."""
+        own_per_rank(trainer, checkpoint, trainer.ckpt_path)
+
+
+class RngState(PerRank, L.Callback):
+    """Saves the torch, CUDA (this rank's device), numpy and Python random states (dropout,
+    masking) in checkpoints and puts them back when training resumes, so a resumed stage draws
+    the same numbers. Each rank of a DDP/FSDP run has its own (``PerRank``)."""
 
     def __init__(self) -> None:
         self.loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                          cached]}
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                           cached]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()  # the current device: this rank's
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loaded = state_dict
+
+    def own_state(self, ranks: list[Any], rank: int, world_size: int, where: Any) -> Any:
+        """This rank's states; on another number of processes the ranks the checkpoint has no
+        states for take rank zero's, with a warning (random states change no result's
+        correctness, only which dropout masks are drawn; refusing would block a DDP resume
+        on fewer or more devices, which otherwise works)."""
+        if len(ranks) != world_size and rank == 0:
+            lo, hi = sorted((len(ranks), world_size))
+            one = hi - lo == 1
+            which = f"rank {lo}" if one else f"ranks {lo}-{hi - 1}"
+            fate = (f"{which} take{'s' * one} rank zero's states" if world_size > len(ranks)
+                    else f"the states of {which} are dropped")
+            log.warning("The checkpoint %s holds the random states of %d processes, this run "
+                        "has %d: %s, so dropout draws differ from an uninterrupted run (resume "
+                        "with the same trainer.devices and num_nodes to match it).", where,
+                        len(ranks), world_size, fate)
+        return ranks[rank] if rank < len(ranks) else ranks[0]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.loaded is None:  # a fresh start
@@ -237,6 +271,8 @@ class RngState(L.Callback):
         random.setstate(state["python"])
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 def stage_checkpointing(spec: CheckpointSpec | None, folder: Path, key: str | None

@@ -10,10 +10,36 @@ from lightning.pytorch.strategies import FSDPStrategy
 from ftlab.errors import FtlabError
 
 
-class HoldsShards:
+class PerRank:
+    """A callback whose state differs between the ranks of a multi-process run (DDP, FSDP):
+    checkpoints keep every rank's (``{"per_rank": [...]}``, gathered to rank zero, which writes
+    the checkpoint) and each rank gets its own back on resume (``StageCheckpoint`` calls
+    ``gather_per_rank`` and ``own_per_rank``). A checkpoint with a single state (one process,
+    or written before ftlab kept every rank's) gives it to every rank."""
+
+    def differs(self, strategy: Any) -> bool:
+        """Whether ranks hold different states under ``strategy`` (else rank zero's is saved)."""
+        return True
+
+    def own_state(self, ranks: list[Any], rank: int, world_size: int, where: Any) -> Any:
+        """This rank's state from every rank's; another number of processes is refused."""
+        if len(ranks) != world_size:
+            key = getattr(self, "state_key", type(self).__name__)
+            raise FtlabError(f"the checkpoint {where} was written by {len(ranks)} processes, "
+                             f"this run has {world_size}: the shards of {key} differ.",
+                             "resume with the same trainer.devices and num_nodes, or delete "
+                             "the stage's checkpoints folder to train it anew.")
+        return ranks[rank]
+
+
+class HoldsShards(PerRank):
     """A callback whose state holds copies of this rank's parameters (weight averages,
     snapshots): under FSDP each rank's differs (its shard), so FSDP checkpoints keep every
-    rank's state and each rank gets its own back on resume."""
+    rank's state and each rank gets its own back on resume; under DDP every rank holds the
+    same copy and rank zero's is saved."""
+
+    def differs(self, strategy: Any) -> bool:
+        return isinstance(strategy, FSDPStrategy)
 
 
 class FSDP(FSDPStrategy):
@@ -76,7 +102,6 @@ class FSDP(FSDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any = None) -> None:
         """Rank zero writes the gathered checkpoint with the ``CheckpointIO`` (atomically)."""
-        _gather_shard_holders(self, checkpoint)
         if self.is_global_zero:
             self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options)
 
@@ -94,7 +119,6 @@ class FSDP(FSDPStrategy):
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module = self.lightning_module
         _forget_training_loader(module.trainer)
-        _own_shard_holders(self, checkpoint, path)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"),
                              options=_options(strict=module.strict_loading))
         states = checkpoint.get("optimizer_states")
@@ -109,39 +133,39 @@ class FSDP(FSDPStrategy):
         return checkpoint
 
 
-def _shard_holders(strategy: FSDP) -> list[str]:
-    return [c.state_key for c in strategy.lightning_module.trainer.callbacks
-            if isinstance(c, HoldsShards)]
-
-
-def _gather_shard_holders(strategy: FSDP, checkpoint: dict[str, Any]) -> None:
-    """Replace each ``HoldsShards`` callback's state by every rank's (on rank zero)."""
+def gather_per_rank(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """Replace each ``PerRank`` callback's state in ``checkpoint`` by every rank's (on rank
+    zero), when the ranks' differ; every rank must call it (it gathers)."""
     import torch
     import torch.distributed as dist
     from lightning.fabric.utilities.apply_func import apply_to_collection
+    from lightning.pytorch.strategies import ParallelStrategy
 
+    strategy = trainer.strategy
+    if not (isinstance(strategy, ParallelStrategy) and dist.is_available()
+            and dist.is_initialized()):
+        return
     states = checkpoint.get("callbacks", {})
-    for key in _shard_holders(strategy):
+    for callback in trainer.callbacks:
+        if not (isinstance(callback, PerRank) and callback.differs(strategy)):
+            continue
+        key = callback.state_key
         own = apply_to_collection(states.get(key), torch.Tensor, lambda t: t.detach().cpu())
-        ranks = [None] * strategy.world_size if strategy.is_global_zero else None
+        ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(own, ranks, dst=0)
-        if strategy.is_global_zero:
+        if dist.get_rank() == 0:
             states[key] = {"per_rank": ranks}
 
 
-def _own_shard_holders(strategy: FSDP, checkpoint: dict[str, Any], path: Path) -> None:
-    """Give each ``HoldsShards`` callback this rank's state from ``checkpoint``."""
+def own_per_rank(trainer: Any, checkpoint: dict[str, Any], where: Any) -> None:
+    """Give each ``PerRank`` callback this rank's state from ``checkpoint`` (its
+    ``own_state``); a single state (no ``per_rank``) stays as it is, for every rank."""
     states = checkpoint.get("callbacks", {})
-    for key in _shard_holders(strategy):
-        ranks = (states.get(key) or {}).get("per_rank")
-        if ranks is None:
-            continue
-        if len(ranks) != strategy.world_size:
-            raise FtlabError(f"the checkpoint {path} was written by {len(ranks)} processes, "
-                             f"this run has {strategy.world_size}: the shards of {key} "
-                             "differ.", "resume with the same trainer.devices and num_nodes, "
-                             "or delete the stage's checkpoints folder to train it anew.")
-        states[key] = ranks[strategy.global_rank]
+    for callback in trainer.callbacks:
+        state = states.get(getattr(callback, "state_key", None))
+        if isinstance(callback, PerRank) and isinstance(state, dict) and "per_rank" in state:
+            states[callback.state_key] = callback.own_state(
+                state["per_rank"], trainer.global_rank, trainer.world_size, where)
 
 
 def _forget_training_loader(trainer: Any) -> None:

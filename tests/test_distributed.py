@@ -214,17 +214,22 @@ def test_ddp_madx_task_stage_waits_for_the_language_adapter_rank_zero_writes(
     assert record["status"] == "ok" and list(record["stages"]) == ["lang", "task"]
 
 
-def _launch(data_dir: Path, out: Path, extra: list[str], **env: str):
-    """A 2-process FSDP run on the CPU of 12 steps, checkpointed every 4, with an EMA."""
+def _launch(data_dir: Path, out: Path, extra: list[str], strategy: str = "fsdp",
+            dropout: bool = False, **env: str):
+    """A 2-process run (``strategy``) on the CPU of 12 steps, checkpointed every 4, with an
+    EMA; without ``dropout`` the model's is off."""
     over = [o for o in tiny_overrides(data_dir) if not o.startswith(("stage.batch_size",
                                                                      "callbacks="))]
-    cmd = [sys.executable, "-m", "ftlab", *over, f"paths.output_dir={out}", "trainer=fsdp",
+    no_dropout = ["+model.config.hidden_dropout_prob=0",
+                  "+model.config.attention_probs_dropout_prob=0"]
+    cmd = [sys.executable, "-m", "ftlab", *over, f"paths.output_dir={out}",
+           f"trainer={strategy}",
            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "trainer.num_workers=0", "trainer.pin_memory=false", "stage.batch_size=8",
            "stage.optim.lr_scaling=none", "data.max_train_samples=112", "trainer.max_steps=12",
            "trainer.max_epochs=5", "trainer.deterministic=true", "stage.optim.lr=1e-3",
            "seed=3", "checkpoint.every_n_steps=4", "checkpoint.keep=true", "cache.stages=off",
-           "+model.config.hidden_dropout_prob=0", "+model.config.attention_probs_dropout_prob=0",
+           *([] if dropout else no_dropout),
            "callbacks=ema", "callbacks.progress=null", "callbacks.ema.decay=0.9",
            "+callbacks.crash._target_=tests.crash.CrashAt", "+callbacks.crash.step=10",
            "allow_targets=[tests.]", *extra]
@@ -232,6 +237,22 @@ def _launch(data_dir: Path, out: Path, extra: list[str], **env: str):
         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)} | env
     return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def _kill_and_resume(data_dir: Path, tmp_path: Path, extra: list[str] = (), **kw
+                     ) -> tuple[dict, dict]:
+    """An uninterrupted run and one killed at step 10 then resumed (the same command, in its
+    folder) from its step-8 checkpoint: their records, after checking both ran to the end."""
+    extra = list(extra)
+    whole = _launch(data_dir, tmp_path / "whole", extra, **kw)
+    assert whole.returncode in (0, 3), whole.stderr[-3000:]  # 3: at the majority baseline
+    killed = _launch(data_dir, tmp_path / "killed", extra, FTLAB_TEST_CRASH_SEEDS="3", **kw)
+    assert killed.returncode == 1 and "killed at step 10" in killed.stderr, killed.stderr[-3000:]
+    resumed = _launch(data_dir, tmp_path / "killed", extra, **kw)
+    assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("whole", "killed"))
+    assert b["stages"]["classify"]["resumed_from_step"] == 8
+    return a, b
 
 
 @pytest.mark.slow
@@ -242,14 +263,7 @@ def test_fsdp_run_killed_midway_resumes_and_ends_like_an_uninterrupted_one(
     from the checkpoint's position (~60 s: three 2-process runs)."""
     from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
 
-    whole = _launch(sentiment_dir, tmp_path / "whole", [])
-    assert whole.returncode in (0, 3), whole.stderr[-3000:]  # 3: at the majority baseline
-    killed = _launch(sentiment_dir, tmp_path / "killed", [], FTLAB_TEST_CRASH_SEEDS="3")
-    assert killed.returncode == 1 and "killed at step 10" in killed.stderr, killed.stderr[-3000:]
-    resumed = _launch(sentiment_dir, tmp_path / "killed", [])  # the same command, same folder
-    assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
-    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("whole", "killed"))
-    assert b["stages"]["classify"]["resumed_from_step"] == 8
+    a, b = _kill_and_resume(sentiment_dir, tmp_path)
     tol = 1e-6  # measured: equal to the bit (the one-batch replay it catches moved 3e-4)
     for key, value in a["final"].items():
         assert b["final"][key] == pytest.approx(value, abs=tol), key
@@ -266,3 +280,27 @@ def test_fsdp_run_killed_midway_resumes_and_ends_like_an_uninterrupted_one(
     for ra, rb in zip(ema_a, ema_b, strict=True):
         for name, tensor in ra["shadow"].items():
             torch.testing.assert_close(rb["shadow"][name], tensor, atol=tol, rtol=0)
+
+
+@pytest.mark.slow
+def test_ddp_run_with_dropout_killed_midway_resumes_every_ranks_random_state(
+        sentiment_dir, tmp_path):
+    """Two CPU processes (gloo), dropout on, each rank's batch padded to its own longest row:
+    the ranks' batches differ in width, so their dropout draws move their random states apart
+    (with trainer=gpu's width buckets every batch here is 32 wide and they stay equal), and
+    each rank must get its own state back on resume, not rank zero's. ~60 s: three
+    2-process runs."""
+    from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
+
+    own_widths = ["trainer.pad_to_buckets=null", "trainer.pad_to_multiple_of=null"]
+    a, b = _kill_and_resume(sentiment_dir, tmp_path, own_widths, strategy="ddp", dropout=True)
+    for key, value in a["final"].items():
+        assert b["final"][key] == pytest.approx(value, abs=1e-6), key
+    io = SafetensorsCheckpointIO()
+    ca, cb = (io.load_checkpoint(tmp_path / n / "classify" / "checkpoints" / NAME)
+              for n in ("whole", "killed"))
+    assert ca["global_step"] == cb["global_step"] == 12
+    for name, tensor in ca["state_dict"].items():
+        torch.testing.assert_close(cb["state_dict"][name], tensor, atol=1e-6, rtol=0, msg=name)
+    ranks = cb["callbacks"]["RngState"]["per_rank"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])

@@ -437,3 +437,86 @@ def test_fsdp_stage_killed_midway_resumes_like_an_uninterrupted_one(
     ema_a, ema_b = (next(v["per_rank"][0]["shadow"] for k, v in c["callbacks"].items()
                          if "WeightAverage" in k) for c in (a, b))
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+
+
+def _rank_states(seed: int) -> dict:
+    """An ``RngState`` state after seeding every generator with ``seed``."""
+    import random
+
+    import numpy as np
+
+    from ftlab.checkpoint import RngState
+
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    return RngState().state_dict()
+
+
+def _draw() -> tuple:
+    import random
+
+    import numpy as np
+
+    return torch.rand(3), np.random.rand(), random.random()
+
+
+def test_every_ranks_random_state_is_gathered_and_comes_back_on_its_own_rank(
+        tmp_path, monkeypatch, caplog):
+    """A fake 2-process DDP world: rank zero's checkpoint holds both ranks' random states
+    (the weight average, equal on every DDP rank, only once) and, after the safetensors round
+    trip, rank 1 resumes drawing rank 1's numbers; a 3-process resume warns and gives the
+    third rank rank zero's; a checkpoint with one state (before every rank's was kept) gives
+    it to every rank."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from ftlab.averaging import WeightAverage
+    from ftlab.checkpoint import RngState, StageCheckpoint
+
+    def trainer(rank: int, world: int, callbacks: list):
+        return SimpleNamespace(strategy=DDPStrategy(), callbacks=callbacks, global_rank=rank,
+                               world_size=world, ckpt_path=tmp_path / NAME)
+
+    rng, ema = RngState(), WeightAverage()
+    ckpt_cb = StageCheckpoint(tmp_path)
+    ckpt = {"callbacks": {"RngState": _rank_states(0), ema.state_key: ema.state_dict()}}
+    other = _rank_states(1)  # rank 1's, as gather_object brings it
+
+    def gather(own, ranks, dst):
+        ranks[:] = [own, other]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "gather_object", gather)
+    ckpt_cb.on_save_checkpoint(trainer(0, 2, [ckpt_cb, rng, ema]), None, ckpt)
+    monkeypatch.undo()
+    assert "per_rank" not in ckpt["callbacks"][ema.state_key]  # the same on every DDP rank
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint(ckpt, tmp_path / NAME)
+
+    def resume(rank: int, world: int, checkpoint: dict | None = None) -> tuple:
+        cb, back = RngState(), checkpoint or io.load_checkpoint(tmp_path / NAME)
+        t = trainer(rank, world, [ckpt_cb, cb])
+        ckpt_cb.on_load_checkpoint(t, None, back)
+        cb.load_state_dict(back["callbacks"]["RngState"])
+        torch.manual_seed(99)  # the seed a fresh start would draw from
+        cb.on_train_start(t, None)
+        return _draw()
+
+    def expected(seed: int) -> tuple:
+        _rank_states(seed)
+        return _draw()
+
+    def same(a: tuple, b: tuple) -> bool:
+        return torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+    assert not same(expected(0), expected(1))
+    assert same(resume(1, 2), expected(1)) and same(resume(0, 2), expected(0))
+    with caplog.at_level("WARNING", logger="ftlab.checkpoint"):
+        assert same(resume(2, 3), expected(0)) and not caplog.records  # warned by rank zero
+        assert same(resume(0, 3), expected(0))
+    assert "2 processes, this run has 3: rank 2 takes rank zero's" in caplog.text
+    old = {"callbacks": {"RngState": _rank_states(0)}}
+    assert same(resume(1, 2, old), expected(0))  # an old checkpoint: rank zero's, as before
