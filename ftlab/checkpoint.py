@@ -7,7 +7,8 @@ the data order's position (``TextDataModule.state_dict``) and stateful callbacks
 ``WeightAverage``, ``RngState``) travel in that dict; a callback whose state differs between
 ranks (``ftlab.strategies.PerRank``: the RNG states; weight averages under FSDP) has every
 rank's gathered into it. Under FSDP, ``ftlab.strategies.FSDP`` puts the whole (gathered) model
-and optimiser state in the same dict, rank zero writes it, and every rank loads its shard back.
+and optimiser state in the same dict, rank zero writes it; on resume rank zero alone reads the
+model and optimiser tensors and sends every rank its shard.
 
 A checkpoint folder is written beside its target and renamed into place (atomic); the one it
 replaces is moved aside first and deleted after, so a kill at any moment leaves one complete
@@ -24,6 +25,7 @@ import random
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -101,9 +103,10 @@ def join(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if not isinstance(data, dict):
         return data
     if "__tensor__" in data:
-        return tensors[data["__tensor__"]]
+        return tensors.get(data["__tensor__"])  # None: not read (``skip``)
     if "__ndarray__" in data:
-        return join(data["__ndarray__"], tensors).numpy()
+        array = join(data["__ndarray__"], tensors)
+        return None if array is None else array.numpy()
     if "__tuple__" in data:
         return tuple(join(v, tensors) for v in data["__tuple__"])
     if "__items__" in data:
@@ -152,10 +155,19 @@ class SafetensorsCheckpointIO(CheckpointIO):
             raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+                        weights_only: bool | None = None,
+                        skip: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """The checkpoint dict at ``path``; the tensors whose key (their path in the dict, e.g.
+        ``/state_dict/encoder.weight``) ``skip`` picks are not read: None stands in for them."""
+        from safetensors import safe_open
+
         path = Path(path)
         data = json.loads((path / STATE).read_text())
-        return join(data["checkpoint"], load_file(str(path / TENSORS)))
+        if skip is None:
+            return join(data["checkpoint"], load_file(str(path / TENSORS)))
+        with safe_open(str(path / TENSORS), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not skip(k)}
+        return join(data["checkpoint"], tensors)
 
     def remove_checkpoint(self, path: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)

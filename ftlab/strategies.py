@@ -54,7 +54,9 @@ class FSDP(FSDPStrategy):
 
     Checkpoints hold the *full* model and optimiser state (gathered from the shards with
     ``torch.distributed.checkpoint.state_dict``, keyed by parameter name), written once by rank
-    zero; on resume every rank reads the checkpoint and keeps its own shard. Lightning's own
+    zero. On resume rank zero alone reads the model and optimiser tensors and sends each rank
+    its shard (the others read only the rest: loop progress, data position, their callback
+    states), so a node holds one copy of the checkpoint, not one per GPU. Lightning's own
     FSDP load path reads only a ``.ckpt`` file or a sharded folder, not ftlab's folder.
     """
 
@@ -107,8 +109,10 @@ class FSDP(FSDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        """Every rank reads the checkpoint (rank zero's path) and loads its shard of the model
-        and, when fitting, of the optimiser state; the rest goes back to Lightning."""
+        """Rank zero reads the whole checkpoint (rank zero's path) and sends every rank its
+        shard of the model and, when fitting, of the optimiser state (torch's
+        ``broadcast_from_rank0``, one tensor at a time); the other ranks read only the rest
+        (``_not_read``). The rest goes back to Lightning."""
         from lightning.pytorch.trainer.states import TrainerFn
         from torch.distributed.checkpoint.state_dict import (
             set_model_state_dict,
@@ -116,21 +120,40 @@ class FSDP(FSDPStrategy):
         )
 
         path = Path(self.broadcast(checkpoint_path))
-        checkpoint = self.checkpoint_io.load_checkpoint(path)
+        zero = self.is_global_zero
+        checkpoint = self.checkpoint_io.load_checkpoint(
+            path, skip=None if zero else _not_read(self.global_rank))
         module = self.lightning_module
         _forget_training_loader(module.trainer)
-        set_model_state_dict(self.model, checkpoint.pop("state_dict"),
-                             options=_options(strict=module.strict_loading))
+        model = checkpoint.pop("state_dict")
+        set_model_state_dict(self.model, model if zero else {},
+                             options=_options(strict=module.strict_loading, broadcast=True))
         states = checkpoint.get("optimizer_states")
         if states is None or module.trainer.state.fn != TrainerFn.FITTING:
             return checkpoint
-        if len(states) != len(self.optimizers):
+        if len(states) != len(self.optimizers):  # every rank knows (from state.json)
             raise FtlabError(f"the checkpoint {path} holds {len(states)} optimiser states, this "
                              f"stage has {len(self.optimizers)}.",
                              "delete the stage's checkpoints folder to train it from the start.")
         for optimizer, state in zip(self.optimizers, states, strict=True):
-            set_optimizer_state_dict(self.model, optimizer, state, options=_options())
+            set_optimizer_state_dict(self.model, optimizer, state if zero else {},
+                                     options=_options(broadcast=True))
         return checkpoint
+
+
+def _not_read(rank: int):
+    """Which tensors of a checkpoint a non-zero ``rank`` skips (a test on their keys): the
+    model's and optimiser's (rank zero sends it its shard) and the ``PerRank`` states of the
+    ranks other than itself and rank zero (``RngState`` falls back to rank zero's)."""
+    import re
+
+    other = re.compile(r"/per_rank/(\d+)(?:[/']|$)")
+
+    def skip(key: str) -> bool:
+        found = other.search(key)
+        return (key.startswith(("/state_dict/", "/optimizer_states/"))
+                or (found is not None and int(found[1]) not in (0, rank)))
+    return skip
 
 
 def gather_per_rank(trainer: Any, checkpoint: dict[str, Any]) -> None:
@@ -181,11 +204,15 @@ def _forget_training_loader(trainer: Any) -> None:
     loop._combined_loader = loop._data_fetcher = None
 
 
-def _options(offload: bool = False, strict: bool = True):
-    """Whole (unsharded) state dicts; with ``offload``, gathered on rank zero's CPU only."""
+def _options(offload: bool = False, strict: bool = True, broadcast: bool = False):
+    """Whole (unsharded) state dicts; with ``offload``, gathered on rank zero's CPU only; with
+    ``broadcast``, loaded from rank zero's (the other ranks pass ``{}``). torch 2.13 does this
+    for FSDP1's flat parameters too, on gloo (CPU) as on NCCL: the model's tensors are
+    broadcast one by one, the optimiser's through FSDP1's ``rank0_only`` optimiser loading."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=offload, strict=strict)
+    return StateDictOptions(full_state_dict=True, cpu_offload=offload, strict=strict,
+                            broadcast_from_rank0=broadcast)
 
 
 def full_weights(trainer, writeback: bool = False):

@@ -239,31 +239,79 @@ def _launch(data_dir: Path, out: Path, extra: list[str], strategy: str = "fsdp",
                           timeout=300)
 
 
-def _kill_and_resume(data_dir: Path, tmp_path: Path, extra: list[str] = (), **kw
-                     ) -> tuple[dict, dict]:
+def _kill_and_resume(data_dir: Path, tmp_path: Path, extra: list[str] = (),
+                     resume_env: dict[str, str] | None = None, **kw) -> tuple[dict, dict]:
     """An uninterrupted run and one killed at step 10 then resumed (the same command, in its
-    folder) from its step-8 checkpoint: their records, after checking both ran to the end."""
+    folder, with ``resume_env`` added to its environment) from its step-8 checkpoint: their
+    records, after checking both ran to the end."""
     extra = list(extra)
     whole = _launch(data_dir, tmp_path / "whole", extra, **kw)
     assert whole.returncode in (0, 3), whole.stderr[-3000:]  # 3: at the majority baseline
     killed = _launch(data_dir, tmp_path / "killed", extra, FTLAB_TEST_CRASH_SEEDS="3", **kw)
     assert killed.returncode == 1 and "killed at step 10" in killed.stderr, killed.stderr[-3000:]
-    resumed = _launch(data_dir, tmp_path / "killed", extra, **kw)
+    resumed = _launch(data_dir, tmp_path / "killed", extra, **kw, **(resume_env or {}))
     assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
     a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("whole", "killed"))
     assert b["stages"]["classify"]["resumed_from_step"] == 8
     return a, b
 
 
+_RECORD_READS = """import os, safetensors, safetensors.torch
+_open, _load = safetensors.safe_open, safetensors.torch.load_file
+def _note(file, keys):
+    import torch.distributed as dist
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with open(os.path.join(os.environ["FTLAB_TEST_READS"], f"rank{rank}.txt"), "a") as f:
+        f.writelines(f"{file}\\t{key}\\n" for key in keys)
+class Recording:
+    def __init__(self, file, *a, **k):
+        self.file, self.f = str(file), _open(file, *a, **k)
+    def __enter__(self):
+        self.f.__enter__()
+        return self
+    def __exit__(self, *a):
+        return self.f.__exit__(*a)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def get_tensor(self, key):
+        _note(self.file, [key])
+        return self.f.get_tensor(key)
+def load_file(file, *a, **k):
+    tensors = _load(file, *a, **k)
+    _note(str(file), tensors)
+    return tensors
+safetensors.safe_open, safetensors.torch.load_file = Recording, load_file
+"""
+
+
+def _record_reads(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment in which every process notes which safetensors tensors it reads (in
+    ``<folder>/rank<N>.txt``, one ``file<TAB>key`` a line), and that folder."""
+    hook, reads = tmp_path / "hook", tmp_path / "reads"
+    hook.mkdir()
+    reads.mkdir()
+    (hook / "sitecustomize.py").write_text(_RECORD_READS)
+    return {"PYTHONPATH": f"{hook}:{ROOT}", "FTLAB_TEST_READS": str(reads)}, reads
+
+
 @pytest.mark.slow
 def test_fsdp_run_killed_midway_resumes_and_ends_like_an_uninterrupted_one(
         sentiment_dir, tmp_path):
     """Two CPU processes (gloo): rank zero writes the gathered model and optimiser state and
-    every rank's shard of the EMA; on resume every rank loads its shard and the data goes on
+    every rank's shard of the EMA; on resume rank zero alone reads the model and optimiser
+    tensors and sends rank one its shard, each rank loads its EMA shard, and the data goes on
     from the checkpoint's position (~60 s: three 2-process runs)."""
     from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
 
-    a, b = _kill_and_resume(sentiment_dir, tmp_path)
+    env, reads = _record_reads(tmp_path)
+    a, b = _kill_and_resume(sentiment_dir, tmp_path, resume_env=env)
+    read = {r: [line.split("\t")[1] for line in (reads / f"rank{r}.txt").read_text().split("\n")
+                if f"{NAME}/" in line] for r in (0, 1)}  # the resumed checkpoint's tensors
+    heavy = ("/state_dict/", "/optimizer_states/")
+    assert any(k.startswith("/state_dict/") for k in read[0])
+    assert any(k.startswith("/optimizer_states/") for k in read[0])
+    assert [k for k in read[1] if k.startswith(heavy)] == []  # rank one: none of them
+    assert any("/per_rank/1/" in k for k in read[1])  # but its own EMA shard and RNG states
     tol = 1e-6  # measured: equal to the bit (the one-batch replay it catches moved 3e-4)
     for key, value in a["final"].items():
         assert b["final"][key] == pytest.approx(value, abs=tol), key
