@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
@@ -68,6 +69,30 @@ def test_checkpoint_io_round_trips_the_checkpoint_dict(tmp_path):
     assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(back["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(2))
     assert torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"]) and back["none"] is None
+
+
+def test_a_non_zero_fsdp_rank_reads_no_model_or_optimiser_tensor_nor_other_ranks_shards(
+        tmp_path):
+    from ftlab.strategies import _not_read
+
+    shard = {"shadow": {"w": torch.ones(2)}}
+    ckpt = {"state_dict": {"w": torch.randn(3, 2)}, "epoch": 1, "optimizer_states": [
+        {"state": {"w": {"exp_avg": torch.ones(2)}}, "param_groups": [{"params": ["w"]}]}],
+        "callbacks": {"EMA": {"per_rank": [shard, {"shadow": {"w": torch.full((2,), 2.0)}},
+                                          shard]}, "Rng": {"numpy": np.arange(3)}}}
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint(ckpt, tmp_path / NAME)
+    back = io.load_checkpoint(tmp_path / NAME, skip=_not_read(1))
+    assert back["epoch"] == 1 and back["state_dict"] == {"w": None}
+    assert back["optimizer_states"][0]["state"]["w"]["exp_avg"] is None
+    assert back["optimizer_states"][0]["param_groups"] == [{"params": ["w"]}]  # JSON: all
+    ranks = back["callbacks"]["EMA"]["per_rank"]  # its own and rank zero's (RngState's fallback)
+    assert torch.equal(ranks[1]["shadow"]["w"], torch.full((2,), 2.0))
+    assert torch.equal(ranks[0]["shadow"]["w"], torch.ones(2))
+    assert ranks[2]["shadow"]["w"] is None
+    assert back["callbacks"]["Rng"]["numpy"].tolist() == [0, 1, 2]
+    full = io.load_checkpoint(tmp_path / NAME)
+    assert torch.equal(full["state_dict"]["w"], ckpt["state_dict"]["w"])
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeypatch, tmp_path):
