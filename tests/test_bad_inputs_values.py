@@ -99,6 +99,10 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("batch-size-word", lambda t, s: S(s) + ["stage.batch_size=big"],
      r"Invalid value in stage 'classify' for key 'batch_size': 'big' \(it must be 1 or more, "
      r"or auto\)"),
+    ("batch-size-fraction", lambda t, s: S(s) + ["stage.batch_size=1.5"],
+     r"Invalid value in stage 'classify' for key 'batch_size': Value '1.5' of type 'float'"),
+    ("batch-size-null", lambda t, s: S(s) + ["stage.batch_size=null"],
+     r"Invalid value in stage 'classify' for key 'batch_size': Value 'None'"),
     ("eval-batch-size-zero", lambda t, s: S(s) + ["stage.eval_batch_size=0"],
      r"eval_batch_size=0 is out of range.*stage.eval_batch_size"),
     ("aux-mlm-weight-negative", lambda t, s: S(s) + ["stage.aux_mlm_weight=-0.5"],
