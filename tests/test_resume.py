@@ -437,3 +437,25 @@ def test_fsdp_stage_killed_midway_resumes_like_an_uninterrupted_one(
     ema_a, ema_b = (next(v["per_rank"][0]["shadow"] for k, v in c["callbacks"].items()
                          if "WeightAverage" in k) for c in (a, b))
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+
+
+def test_a_rerun_that_stops_before_training_keeps_the_finished_results(tiny_run, tmp_path,
+                                                                        monkeypatch):
+    """`ftlab resume=<run>` from another folder (relative data paths no longer found) or with a
+    bad override: the run's finished metrics.json stays, with the re-run's error beside it. A
+    re-run that got to training and crashed is recorded as the error it is."""
+    import json
+
+    first = run(tiny_run("r", "trainer.max_steps=2"))
+    assert first["status"] == "ok"
+    out = tmp_path / "r" / "metrics.json"
+    with pytest.raises(SystemExit):
+        run(tiny_run("r", "trainer.max_steps=2", f"data.files.train={tmp_path}/gone.jsonl"))
+    kept = json.loads(out.read_text())
+    assert kept["status"] == "ok" and kept["final"] == pytest.approx(first["final"])
+    assert kept["rerun_error"]["status"] == "error"
+    assert "gone.jsonl" in kept["rerun_error"]["error"]
+    crash_at(monkeypatch, 1)  # a changed stage that trains, then crashes: not kept
+    with pytest.raises(SystemExit):
+        run(tiny_run("r", "trainer.max_steps=3"))
+    assert json.loads(out.read_text())["status"] == "error"
