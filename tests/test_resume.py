@@ -459,3 +459,30 @@ def test_a_rerun_that_stops_before_training_keeps_the_finished_results(tiny_run,
     with pytest.raises(SystemExit):
         run(tiny_run("r", "trainer.max_steps=3"))
     assert json.loads(out.read_text())["status"] == "error"
+
+
+def test_resume_from_another_folder_runs_where_the_run_was_started(tmp_path, sentiment_dir):
+    """`ftlab resume=<run>` typed in another folder: the run's relative data paths are read
+    from the folder it was started in (Hydra's runtime.cwd), so the finished job is found and
+    reused, not turned into a 'data file not found' error."""
+    import json
+    import shutil
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    splits = ("train", "validation", "test")
+    for split in splits:
+        shutil.copy(sentiment_dir / f"{split}.jsonl", project / "data")
+    args = [*(o for o in tiny_overrides(sentiment_dir) if not o.startswith("data.files")),
+            *(f"data.files.{s}=data/{s}.jsonl" for s in splits), "trainer.max_steps=2",
+            "hydra.run.dir=outputs/runs/r"]
+    first = ftlab_cli(*args, cwd=project)
+    assert first.returncode in (0, 3), first.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = ftlab_cli("resume=../project/outputs/runs/r", cwd=elsewhere, FTLAB_ROOT=str(project))
+    assert again.returncode in (0, 3), again.stderr[-2000:]
+    assert f"resuming in {project}" in again.stderr
+    record = json.loads((project / "outputs" / "runs" / "r" / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["reused"]["skipped"]
+    assert not (elsewhere / "outputs").exists()
