@@ -22,7 +22,12 @@ from ftlab.data.conll import load_conll
 from ftlab.data.labels import encode_labels, numeric_labels
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
-from ftlab.data.typecheck import check_column_types, locate_type_error, refuse_repeated_header
+from ftlab.data.typecheck import (
+    check_column_types,
+    locate_type_error,
+    not_utf8,
+    refuse_repeated_header,
+)
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
@@ -218,9 +223,12 @@ def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabErr
     cause = err if isinstance(err, UnicodeDecodeError) else (
         err.__cause__ or err.__context__ or err)
     if isinstance(cause, UnicodeDecodeError):
-        return FtlabError(
-            f"A data file is not valid UTF-8 ({cause.reason} at byte {cause.start}).",
-            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
+        found = not_utf8(files)  # the error itself names no file
+        where = (f"Data file {found[0]} is not valid UTF-8 ({found[2]} on line {found[1]})"
+                 if found else f"A data file is not valid UTF-8 ({cause.reason} at byte "
+                 f"{cause.start}; one of {sorted(files.values())})")
+        return FtlabError(f"{where}.",
+                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
     if "Cast" in type(cause).__name__ or "Cast" in type(err).__name__:
         return FtlabError(
             f"The {builder} files {sorted(files.values())} do not share the same columns "
