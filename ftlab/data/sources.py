@@ -22,12 +22,7 @@ from ftlab.data.conll import load_conll
 from ftlab.data.labels import encode_labels, numeric_labels
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
-from ftlab.data.typecheck import (
-    check_column_types,
-    locate_type_error,
-    not_utf8,
-    refuse_repeated_header,
-)
+from ftlab.data.typecheck import check_column_types, locate_type_error, refuse_repeated_header
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
@@ -58,7 +53,8 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
     check_column_types(dsd, [*spec.text_columns, *([spec.label_column] if spec.label_column
                                                    else [])], spec.files)
     if spec.files and set(spec.files) == {"all"}:
-        dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions)
+        dropped = tuple(k for k, v in (spec.splits or {}).items() if v is None)
+        dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions, dropped)
     else:
         dsd = pick_splits(dsd, spec)
     _check_columns(dsd, spec)
@@ -223,6 +219,8 @@ def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabErr
     cause = err if isinstance(err, UnicodeDecodeError) else (
         err.__cause__ or err.__context__ or err)
     if isinstance(cause, UnicodeDecodeError):
+        from ftlab.data.typecheck import not_utf8
+
         found = not_utf8(files)  # the error itself names no file
         where = (f"Data file {found[0]} is not valid UTF-8 ({found[2]} on line {found[1]})"
                  if found else f"A data file is not valid UTF-8 ({cause.reason} at byte "
