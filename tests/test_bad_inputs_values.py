@@ -99,6 +99,9 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("batch-size-word", lambda t, s: S(s) + ["stage.batch_size=big"],
      r"Invalid value in stage 'classify' for key 'batch_size': 'big' \(it must be 1 or more, "
      r"or auto\)"),
+    ("max-length-past-positions", lambda t, s: S(s) + ["stage.task.max_length=4096"],
+     r"stage 'classify': task.max_length=4096 is more than the 512 positions this model has"
+     r".*Fix: set stage.task.max_length to at most 512"),
     ("batch-size-fraction", lambda t, s: S(s) + ["stage.batch_size=1.5"],
      r"Invalid value in stage 'classify' for key 'batch_size': Value '1.5' of type 'float'"),
     ("batch-size-null", lambda t, s: S(s) + ["stage.batch_size=null"],
