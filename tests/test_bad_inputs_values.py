@@ -99,6 +99,9 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("batch-size-word", lambda t, s: S(s) + ["stage.batch_size=big"],
      r"Invalid value in stage 'classify' for key 'batch_size': 'big' \(it must be 1 or more, "
      r"or auto\)"),
+    ("max-epochs-unlimited-without-max-steps", lambda t, s: S(s) + ["trainer.max_epochs=-1"],
+     r"stage 'classify': trainer.max_epochs=-1 \(no epoch limit\) with no trainer.max_steps: "
+     r"the stage would never end.*Fix: set trainer.max_steps="),
     ("max-length-past-positions", lambda t, s: S(s) + ["stage.task.max_length=4096"],
      r"stage 'classify': task.max_length=4096 is more than the 512 positions this model has"
      r".*Fix: set stage.task.max_length to at most 512"),
