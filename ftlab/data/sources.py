@@ -78,6 +78,12 @@ def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
     if spec.path in {*BUILDERS.values(), "text"}:  # text: one row per line (a plain corpus)
         return spec.path
     implied = _implied(files)
+    if implied is None and spec.path is None and all(BUILDERS.get(_suffix(f))
+                                                     for f in files.values()):
+        names = ", ".join(f"{split}: {Path(f).name}" for split, f in files.items())
+        raise FtlabError(f"The split files are in different formats ({names}); the splits are "
+                         "read as one dataset, from one format.",
+                         "save every split in one format (e.g. all .jsonl or all .csv).")
     if implied is None:
         raise FtlabError(
             f"Cannot tell the file format of {sorted(files.values())}.",
