@@ -21,6 +21,7 @@ from ftlab.data.sources import RawData, load_raw
 from ftlab.data.spec import DataSpec
 from ftlab.data.transforms.nodes import transform_raw
 from ftlab.errors import FtlabError
+from ftlab.model.arch import position_limit
 from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
@@ -206,6 +207,7 @@ class StageBuilder:
 
             handed = hand_over(self.plain(stage.init_from, upstream), model, stage.carry)
         require_trained_head(stage, task, model)
+        require_positions(stage, task, model)
         return *self._prepare(stage, model, task), handed
 
     def _prepare(self, stage: ResolvedStage, model: nn.Module, task: Task
@@ -236,6 +238,7 @@ class StageBuilder:
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
             return
         require_trained_head(stage, task, model)
+        require_positions(stage, task, model)
         try:
             self._prepare(stage, model, task)
         except FtlabError:
@@ -257,6 +260,16 @@ def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> 
     missing = fresh_head(model, stage.model)
     if missing:
         raise task.untrained_head(missing)
+
+
+def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
+    """A ``max_length`` past the model's learned positions would crash at the first longer
+    row (an index error mid-training, or mid-prediction): refuse it before training."""
+    limit, length = position_limit(model), getattr(task, "max_length", None)
+    if limit and isinstance(length, int) and length > limit:
+        raise FtlabError(f"{stage.where}: task.max_length={length} is more than the {limit} "
+                         "positions this model has.",
+                         f"set stage.task.max_length to at most {limit}.")
 
 
 def reads_numbers(node: Any, where: str) -> bool:

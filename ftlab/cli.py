@@ -53,13 +53,18 @@ def _app(cfg: DictConfig) -> float:
 
 def main() -> None:
     from ftlab.errors import FtlabError
-    from ftlab.resume import resume_argv
+    from ftlab.resume import resume_argv, resume_cwd
 
     try:  # resume=<run or sweep dir>: the command that made it, into the same folder
+        cwd = resume_cwd(sys.argv[1:])
         sys.argv[1:] = replace_files(resume_argv(sys.argv[1:]))
     except FtlabError as err:
         print(f"\nftlab: {err}\n", file=sys.stderr)
         sys.exit(2)
+    if cwd is not None:  # where the run was started: its relative paths are from there
+        print(f"ftlab: resuming in {cwd}, the folder the run was started from (relative "
+              "paths, yours too, are read from there).", file=sys.stderr)
+        os.chdir(cwd)
     preflight(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ftlab-") as tmp:
         # the sweep report (a Hydra callback in this process) writes the sweep's outcome here,

@@ -23,11 +23,13 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
     that cannot fold raises ``NotMergeable`` after writing its PEFT folder (``output/peft``)
     where it has one; ftlab's adapters raise ``FtlabError``."""
     from ftlab.inference import load
+    from ftlab.writable import check_output
 
     output = Path(output)
     if output.exists() and not output.is_dir():  # save_pretrained only logs this and returns
         raise FtlabError(f"--output {output} is a file, not a folder.",
                          f"name a new folder: --output {output.with_suffix('')}_hf/.")
+    check_output(output)  # before loading, not in a traceback from save_pretrained
     p = load(run_dir, stage, allow_targets)
     if not isinstance(p.peft, Mergeable):
         raise FtlabError(f"peft={p.peft.name} does not fold into a plain Transformers model "

@@ -79,7 +79,7 @@ class StageSpec:
     task: Any = None
     init_from: str = "pretrained"
     carry: Annotated[str, one_of(*CARRY)] = "model"
-    batch_size: Annotated[Any, at_least(1, also=("auto",), example="32")] = 32  # or "auto"
+    batch_size: Annotated[int | str, at_least(1, also=("auto",), example="32")] = 32  # or "auto"
     eval_batch_size: Annotated[int, at_least(1, example="128")] = 128
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainer: dict[str, Any] = field(default_factory=dict)

@@ -12,6 +12,8 @@ from typing import Any
 
 from ftlab.errors import FtlabError, choices_text, closest
 from ftlab.inference import load, quiet_loading, run_parser
+from ftlab.store import atomic_write
+from ftlab.writable import check_output
 
 
 def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], list[str]]:
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet_loading()
     try:
+        check_output(args.output.parent)  # before the work, not in a traceback after it
         predictor = load(args.run_dir, args.stage, args.allow_targets)
         rows, found = read_rows(args.input, args.text_columns)
         if rows and isinstance(rows[0], str) and len(predictor.text_columns) != 1:
@@ -128,12 +131,10 @@ def main(argv: list[str] | None = None) -> None:
             raise FtlabError(f"--output {args.output} is a folder.",
                              f"name a file: --output {args.output / 'preds.jsonl'}.")
         preds = predictor.predict(rows, batch_size=args.batch_size)
+        text = "".join(json.dumps(p) + "\n" for p in preds)
+        atomic_write(args.output, lambda p: p.write_text(text))
     except FtlabError as err:
         sys.exit(f"ftlab-predict: {err}")
-    from ftlab.store import atomic_write
-
-    text = "".join(json.dumps(p) + "\n" for p in preds)
-    atomic_write(args.output, lambda p: p.write_text(text))
     print(f"ftlab-predict: {len(preds)} rows -> {args.output}", file=sys.stderr)
 
 

@@ -49,6 +49,22 @@ def previous_run(out: Path) -> dict[str, Any] | None:
     return {k: earlier[k] for k in ("status", "interrupted", "process", "error") if k in earlier}
 
 
+def kept_record(record: dict[str, Any], earlier: dict[str, Any] | None,
+                started: bool) -> dict[str, Any]:
+    """What ``metrics.json`` keeps when a single run failed: its own error ``record``, except
+    for a re-run in the folder of a finished job that failed before any stage ran (a bad override
+    after ``resume=``, a data file not found): that run's finished results stay, with the
+    re-run's error beside them as ``rerun_error``."""
+    from ftlab.resume import FINISHED
+
+    if started or not isinstance(earlier, dict) or earlier.get("status") not in FINISHED:
+        return record
+    log.warning("This re-run stopped before any stage ran: metrics.json keeps the results of "
+                "the run that finished in this folder.")
+    return earlier | {"rerun_error": {k: record[k] for k in ("status", "error", "overrides")
+                                      if k in record}}
+
+
 def report_degenerate(record: dict[str, Any]) -> None:
     """A single run at the majority baseline: a final FAILED line, and exit status 3 from the
     ``ftlab`` command (told through the file it names in ``FTLAB_SWEEP_STATUS``)."""

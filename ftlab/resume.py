@@ -68,7 +68,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     found = [a for a in argv if a.startswith("resume=")]
     if not found:
         return argv
-    folder = Path(found[-1].split("=", 1)[1]).expanduser()
+    folder = Path(found[-1].split("=", 1)[1]).expanduser().absolute()  # (resume_cwd: cd)
     # Hydra's argparse takes the overrides as one positional list: flags (``-m``,
     # ``--config-dir DIR``) go before every override, or argparse refuses the ones after them
     opts, rest = _split_options([a for a in argv if not a.startswith("resume=")])
@@ -87,6 +87,27 @@ def resume_argv(argv: list[str]) -> list[str]:
                 f"hydra.run.dir={folder}"]
     raise FtlabError(f"resume={folder}: no ftlab run or sweep there (no .hydra/ or "
                      "multirun.yaml).", fix)
+
+
+def resume_cwd(argv: list[str]) -> Path | None:
+    """The folder the run or sweep named by ``resume=`` was started from (Hydra's
+    ``hydra.runtime.cwd``) when it exists and is not the current folder, else None. Relative
+    paths in its overrides (data files, ``outputs/``, the stage cache) are from there, so
+    ``ftlab`` resumes in it: from anywhere else they would miss, and every job would end in
+    an error."""
+    from omegaconf import OmegaConf
+
+    found = [a for a in argv if a.startswith("resume=")]
+    if not found:
+        return None
+    folder = Path(found[-1].split("=", 1)[1]).expanduser()
+    path = folder / "multirun.yaml"
+    path = path if path.is_file() else folder / ".hydra" / "hydra.yaml"
+    try:
+        cwd = Path(str(OmegaConf.load(path).hydra.runtime.cwd))
+    except Exception:  # no such file or key: resume_argv says what is wrong, if anything
+        return None
+    return cwd if cwd.is_dir() and cwd.resolve() != Path.cwd().resolve() else None
 
 
 #: Hydra's flags that take a value (``--config-dir DIR``; ``--config-dir=DIR`` is one token)

@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     from ftlab.cli import CONFIG_DIR
     from ftlab.overrides import explicit_keys
+    from ftlab.record import kept_record
     from ftlab.status import Stopped, catch_signals, process_identity
     from ftlab.store import environment_error, is_rank_zero, write_json
     from ftlab.targets import allowing, check_config, settings_from_you
@@ -87,6 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         f"regularizer:{choices.get('regularizer', 'custom')}"],
                "config": OmegaConf.to_container(cfg, resolve=True), "name": hydra["job"]}
     restore_signals = catch_signals()  # SIGINT/SIGTERM -> Stopped, recorded as interrupted
+    saved = record  # what metrics.json ends with
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if primary:
@@ -110,9 +112,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 record["failure"] = reason
         record["objective"] = objective(record)
     except (FtlabError, Exception, KeyboardInterrupt, Stopped) as caught:
+        started = "current_stage" in record or bool(record["stages"])  # has a stage run?
         err = caught if isinstance(caught, FtlabError) else environment_error(caught) or caught
         record_error(record, err, run_dir, primary)
         record["objective"] = objective(record)
+        if not hydra["multirun"]:  # (a sweep's report counts the job's error)
+            saved = kept_record(record, earlier, started)
         if isinstance(err, Stopped):  # a sweep stops too: the user (or the scheduler) asked
             sys.exit(err.exit_code)
         if isinstance(err, KeyboardInterrupt):
@@ -122,7 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record  # a sweep goes on with its next job
     finally:
         if primary:
-            save_record(out, record)
+            save_record(out, saved)
         from ftlab.loggers import finish_wandb
 
         finish_wandb(failed=record["status"] != "ok")

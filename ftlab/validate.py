@@ -63,6 +63,7 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
             check_binds(node, f"{stage.where} data.transforms[{i}]")
         check_strategy(stage)
         check_head_warmup(stage)
+        check_length(stage)
         check_trainer(stage.runtime.compile_mode(), stage.trainer, stage.where)
 
 
@@ -206,6 +207,17 @@ def check_head_warmup(stage: ResolvedStage) -> None:
                          f"lower head_warmup_steps below {max_steps} (stage.head_warmup_steps"
                          "=..., or pipeline.stages.<name>.head_warmup_steps=...), or raise "
                          "max_steps; a share below 1 (0.1) scales with the budget; 0: off.")
+
+
+def check_length(stage: ResolvedStage) -> None:
+    """``max_epochs=-1`` (no epoch limit) needs a ``max_steps``: without one the stage would
+    never end, and its LR schedule, which needs the total, fails as it starts."""
+    t = stage.trainer
+    if t.get("max_epochs") == -1 and t.get("max_steps", -1) in (-1, None) \
+            and not t.get("fast_dev_run"):
+        raise FtlabError(f"{stage.where}: trainer.max_epochs=-1 (no epoch limit) with no "
+                         "trainer.max_steps: the stage would never end.",
+                         "set trainer.max_steps=N (e.g. 1000), or trainer.max_epochs=N.")
 
 
 def _looks_local(name: str) -> bool:

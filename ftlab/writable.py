@@ -55,3 +55,24 @@ def _check_or_exit(folder: str) -> None:
     except FtlabError as err:  # SystemExit passes Hydra without a traceback
         print(f"\nftlab: {err}\n", file=sys.stderr)
         sys.exit(1)
+
+
+def check_output(folder: str | Path, flag: str = "--output") -> None:
+    """Before a command (``ftlab-predict``, ``ftlab-export``) does its work: can a file be
+    created in ``folder``, where its ``flag`` output goes? Probed in the nearest folder that
+    exists (nothing is created), so an unwritable output stops at once with the fix, not in a
+    traceback after minutes of work."""
+    from ftlab.errors import FtlabError
+
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise FtlabError(f"{flag} cannot go into {folder}: {existing} is a file, not a folder.",
+                         f"name a {flag} path under a folder (or move that file away).")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ftlab-probe-"):
+            pass
+    except OSError as err:
+        raise FtlabError(f"{flag} cannot go into {folder}: {existing} refuses new files "
+                         f"({err.strerror or err}).", f"name a {flag} in a folder you can "
+                         "write, or make that folder writable (chmod u+w / chown).") from None

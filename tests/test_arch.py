@@ -258,3 +258,27 @@ def test_a_tokenizer_without_pad_pads_with_eos_and_the_classifier_knows(tmp_path
     task = Classify()
     task.bind(SimpleNamespace(labels=["neg", "pos"], splits={}), tok, ["text"])
     assert task.build_model(spec).config.pad_token_id == tok.pad_token_id == SEP
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_position_limit_is_the_longest_row_the_model_takes(family):
+    """``position_limit``: rows of that many tokens run and one more fails (learned absolute
+    positions); None for relative or rotary positions, which take rows past 512 tokens. The
+    pre-flight refuses a task.max_length above it (tests/test_bad_inputs_values.py)."""
+    from ftlab.model.arch import position_limit
+    from tests.test_peft_contract import CLS, VOCAB
+
+    model = tiny_model(0, family).eval()
+    limit = position_limit(model)
+
+    def forward(length: int) -> None:
+        ids = torch.randint(5, VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
+        ids[:, 0], ids[:, -1] = CLS, SEP
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    forward(limit or 600)
+    if limit is not None:
+        with pytest.raises((IndexError, RuntimeError)):
+            forward(limit + 1)
+    assert (limit is None) == (family in ("deberta", "llama", "t5"))

@@ -74,6 +74,12 @@ def _one_file(path: Path, sdir: Path, *extra: str) -> list[str]:
     return [*base, "~data.files", f"+data.files={{all: {path}}}", *extra]
 
 
+def _csv_file(tmp: Path) -> Path:
+    body = "text,label,group\n" + "".join(f"{r['text']},{r['label']},{r['group']}\n"
+                                         for r in synthetic_rows(40, 0))
+    return _write(tmp, "train.csv", body.encode())
+
+
 def _latin1_csv(tmp: Path) -> Path:
     body = "text,label\n" + "".join(f"caf\xe9 number {i},{'pos' if i % 2 else 'neg'}\n"
                                      for i in range(40))
@@ -143,13 +149,20 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"Cannot tell the file format"),
     ("data-malformed-jsonl", lambda t, s: _train(_write(t, "bad.jsonl", "{not json\n"), s),
      r"Could not read json files"),
-    ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"), r"not valid UTF-8.*iconv"),
+    ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"),
+     r"Data file .*latin1.csv is not valid UTF-8 \(.* on line 2\).*iconv"),
     ("data-not-utf8-jsonl", lambda t, s: _train(_write(t, "latin1.jsonl", b"".join(
         b'{"text": "caf\xe9 %d", "label": "%s", "group": "g"}\n' % (i, b"pos" if i % 2 else b"neg")
         for i in range(40))), s),  # Arrow's json reader kept the bytes: a crash at first use
      r"latin1.jsonl is not valid UTF-8.*iconv"),
+    ("data-formats-differ", lambda t, s: [o for o in _train(_csv_file(t), s)
+                                          if o != "data.path=json"],
+     r"split files are in different formats \(train: train.csv, validation: validation.jsonl, "
+     r"test: test.jsonl\).*Fix: save every split in one format"),
     ("data-columns-differ", lambda t, s: _train(_rows(t, "nogroup.jsonl", [
-        {"text": "good film", "label": "pos"}] * 40), s), r"do not share the same columns"),
+        {"text": "good film", "label": "pos"}] * 40), s),
+     r"validation.jsonl \(split 'validation'\) has other columns than .*nogroup.jsonl \(split "
+     r"'train'\): it also has \['group'\], so.*Fix: give every split's file the same columns"),
     ("data-uri-malformed", lambda t, s: [*tiny_overrides(s), "data.files.train=pypi://nothing"],
      r"Malformed artefact URI"),
     ("data-zip-two-files", lambda t, s: _train(_zip2(t), s), r"holds 2 data files"),

@@ -99,6 +99,16 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("batch-size-word", lambda t, s: S(s) + ["stage.batch_size=big"],
      r"Invalid value in stage 'classify' for key 'batch_size': 'big' \(it must be 1 or more, "
      r"or auto\)"),
+    ("max-epochs-unlimited-without-max-steps", lambda t, s: S(s) + ["trainer.max_epochs=-1"],
+     r"stage 'classify': trainer.max_epochs=-1 \(no epoch limit\) with no trainer.max_steps: "
+     r"the stage would never end.*Fix: set trainer.max_steps="),
+    ("max-length-past-positions", lambda t, s: S(s) + ["stage.task.max_length=4096"],
+     r"stage 'classify': task.max_length=4096 is more than the 512 positions this model has"
+     r".*Fix: set stage.task.max_length to at most 512"),
+    ("batch-size-fraction", lambda t, s: S(s) + ["stage.batch_size=1.5"],
+     r"Invalid value in stage 'classify' for key 'batch_size': Value '1.5' of type 'float'"),
+    ("batch-size-null", lambda t, s: S(s) + ["stage.batch_size=null"],
+     r"Invalid value in stage 'classify' for key 'batch_size': Value 'None'"),
     ("eval-batch-size-zero", lambda t, s: S(s) + ["stage.eval_batch_size=0"],
      r"eval_batch_size=0 is out of range.*stage.eval_batch_size"),
     ("aux-mlm-weight-negative", lambda t, s: S(s) + ["stage.aux_mlm_weight=-0.5"],

@@ -38,6 +38,24 @@ def test_row_split_fractions(tmp_path):
     assert 7700 < sizes["train"] < 8300 and 800 < sizes["test"] < 1200
 
 
+def test_one_file_split_with_a_zero_share_or_a_null_split_goes_without_it(tmp_path):
+    """data.files={all: ...}: a share of 0 (data.split_fractions=[0.9,0.1,0]) or
+    data.splits.test=null leaves that split out (a crash and an ignored setting before); a
+    split that gets no rows, or a train split with no share, stops with the fix."""
+    raw = load_raw(spec_for(tmp_path, split_fractions=[0.9, 0.1, 0.0]))
+    assert set(raw.splits) == {"train", "validation"} and len(raw.splits["train"]) > 240
+    nulled = load_raw(spec_for(tmp_path, splits={"train": "train", "validation": "validation",
+                                                 "test": None}))
+    assert set(nulled.splits) == {"train", "validation"}
+    rows = synthetic_rows(300, 0)
+    few = [dict(r, group=f"g{i % 3}") for i, r in enumerate(rows)]  # 3 groups for 3 splits
+    with pytest.raises(FtlabError, match=r"(?s)Splitting the 3 'group' groups .* leaves the "
+                                         r"(validation|test) split empty.*Fix: add rows"):
+        load_raw(spec_for(tmp_path, few, split_by="group", split_fractions=[0.8, 0.1, 0.1]))
+    with pytest.raises(FtlabError, match=r"the train split gets no share"):
+        load_raw(spec_for(tmp_path, split_fractions=[0.0, 0.5, 0.5]))
+
+
 def test_labels_follow_declared_order_and_drop(tmp_path):
     rows = synthetic_rows(200, 0) + [{"text": "synopsis", "label": "plot", "group": "p"}] * 30
     raw = load_raw(spec_for(tmp_path, rows, labels=["pos", "neg"], drop_labels=["plot"]))

@@ -325,6 +325,46 @@ def test_export_onto_a_file_says_so_and_leaves_it(two_steps, tmp_path):
     assert target.read_text() == "keep me\n"
 
 
+def test_an_unwritable_output_stops_predict_and_export_before_any_work(two_steps, tmp_path,
+                                                                       monkeypatch):
+    """An --output under a file or in a folder that refuses new files (read-only, /proc) ends
+    in one paragraph before the model is loaded, not in a traceback after predicting."""
+    import errno
+    import tempfile
+
+    import ftlab.inference
+    import ftlab.predict_cli
+
+    (tmp_path / "ok.txt").write_text("good\n")
+    (tmp_path / "afile").write_text("x")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(ftlab.predict_cli, "load", no_load)
+    monkeypatch.setattr(ftlab.inference, "load", no_load)
+
+    def fails(output: Path) -> list[str]:
+        msgs = []
+        for cli, out in ((predict_main, output / "p.jsonl"), (export_main, output / "hf")):
+            with pytest.raises(SystemExit) as err:
+                cli([str(two_steps), "--input", str(tmp_path / "ok.txt"), "--output", str(out)]
+                    if cli is predict_main else [str(two_steps), "--output", str(out)])
+            msgs.append(str(err.value.code))
+        return msgs
+
+    for msg in fails(tmp_path / "afile" / "sub"):
+        assert "afile is a file, not a folder" in msg and "Fix: name a --output" in msg
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    for msg in fails(tmp_path / "ro"):
+        assert "refuses new files (Read-only file system)" in msg and "Fix: name a" in msg
+    assert not (tmp_path / "ro").exists()
+
+
 def test_a_dropped_full_size_artefact_names_the_policy_not_the_stage_key(train, tmp_path):
     """save_artefact=none (and a sweep's best policy) delete full-size weights; loading such a
     job must say so rather than suggest the stage's own save_artefact key."""

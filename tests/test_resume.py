@@ -372,6 +372,55 @@ def test_resume_brings_back_the_runs_config_dir_and_name(tmp_path):
         "-cd=/other", "--config-name", "lab"]
 
 
+def test_a_rerun_that_stops_before_training_keeps_the_finished_results(tiny_run, tmp_path,
+                                                                        monkeypatch):
+    """`ftlab resume=<run>` from another folder (relative data paths no longer found) or with a
+    bad override: the run's finished metrics.json stays, with the re-run's error beside it. A
+    re-run that got to training and crashed is recorded as the error it is."""
+    import json
+
+    first = run(tiny_run("r", "trainer.max_steps=2"))
+    assert first["status"] == "ok"
+    out = tmp_path / "r" / "metrics.json"
+    with pytest.raises(SystemExit):
+        run(tiny_run("r", "trainer.max_steps=2", f"data.files.train={tmp_path}/gone.jsonl"))
+    kept = json.loads(out.read_text())
+    assert kept["status"] == "ok" and kept["final"] == pytest.approx(first["final"])
+    assert kept["rerun_error"]["status"] == "error"
+    assert "gone.jsonl" in kept["rerun_error"]["error"]
+    crash_at(monkeypatch, 1)  # a changed stage that trains, then crashes: not kept
+    with pytest.raises(SystemExit):
+        run(tiny_run("r", "trainer.max_steps=3"))
+    assert json.loads(out.read_text())["status"] == "error"
+
+
+def test_resume_from_another_folder_runs_where_the_run_was_started(tmp_path, sentiment_dir):
+    """`ftlab resume=<run>` typed in another folder: the run's relative data paths are read
+    from the folder it was started in (Hydra's runtime.cwd), so the finished job is found and
+    reused, not turned into a 'data file not found' error."""
+    import json
+    import shutil
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    splits = ("train", "validation", "test")
+    for split in splits:
+        shutil.copy(sentiment_dir / f"{split}.jsonl", project / "data")
+    args = [*(o for o in tiny_overrides(sentiment_dir) if not o.startswith("data.files")),
+            *(f"data.files.{s}=data/{s}.jsonl" for s in splits), "trainer.max_steps=2",
+            "hydra.run.dir=outputs/runs/r"]
+    first = ftlab_cli(*args, cwd=project)
+    assert first.returncode in (0, 3), first.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = ftlab_cli("resume=../project/outputs/runs/r", cwd=elsewhere, FTLAB_ROOT=str(project))
+    assert again.returncode in (0, 3), again.stderr[-2000:]
+    assert f"resuming in {project}" in again.stderr
+    record = json.loads((project / "outputs" / "runs" / "r" / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["reused"]["skipped"]
+    assert not (elsewhere / "outputs").exists()
+
+
 def test_snapshot_ensemble_resumes_with_its_earlier_snapshots(make_cfg, sentiment_dir,
                                                               monkeypatch, tmp_path):
     """Snapshots taken before the kill come back from the checkpoint: the resumed run scores

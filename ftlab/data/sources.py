@@ -53,7 +53,8 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
     check_column_types(dsd, [*spec.text_columns, *([spec.label_column] if spec.label_column
                                                    else [])], spec.files)
     if spec.files and set(spec.files) == {"all"}:
-        dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions)
+        dropped = tuple(k for k, v in (spec.splits or {}).items() if v is None)
+        dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions, dropped)
     else:
         dsd = pick_splits(dsd, spec)
     _check_columns(dsd, spec)
@@ -77,6 +78,12 @@ def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:
     if spec.path in {*BUILDERS.values(), "text"}:  # text: one row per line (a plain corpus)
         return spec.path
     implied = _implied(files)
+    if implied is None and spec.path is None and all(BUILDERS.get(_suffix(f))
+                                                     for f in files.values()):
+        names = ", ".join(f"{split}: {Path(f).name}" for split, f in files.items())
+        raise FtlabError(f"The split files are in different formats ({names}); the splits are "
+                         "read as one dataset, from one format.",
+                         "save every split in one format (e.g. all .jsonl or all .csv).")
     if implied is None:
         raise FtlabError(
             f"Cannot tell the file format of {sorted(files.values())}.",
@@ -218,9 +225,14 @@ def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabErr
     cause = err if isinstance(err, UnicodeDecodeError) else (
         err.__cause__ or err.__context__ or err)
     if isinstance(cause, UnicodeDecodeError):
-        return FtlabError(
-            f"A data file is not valid UTF-8 ({cause.reason} at byte {cause.start}).",
-            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
+        from ftlab.data.typecheck import not_utf8
+
+        found = not_utf8(files)  # the error itself names no file
+        where = (f"Data file {found[0]} is not valid UTF-8 ({found[2]} on line {found[1]})"
+                 if found else f"A data file is not valid UTF-8 ({cause.reason} at byte "
+                 f"{cause.start}; one of {sorted(files.values())})")
+        return FtlabError(f"{where}.",
+                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
     if "Cast" in type(cause).__name__ or "Cast" in type(err).__name__:
         return FtlabError(
             f"The {builder} files {sorted(files.values())} do not share the same columns "

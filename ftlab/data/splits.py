@@ -80,11 +80,18 @@ def _refuse_training_rows_in_evaluation(taken: dict[str, tuple[str, range]],
                 f"data.splits.{ours}='{source}[90%:]'.")
 
 
-def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float]) -> DatasetDict:
-    """Deterministic train/validation/test split; rows sharing ``group_column`` stay together."""
+def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float],
+                  drop: tuple[str, ...] = ()) -> DatasetDict:
+    """Deterministic train/validation/test split; rows sharing ``group_column`` stay together.
+    A split with a share of 0, or named in ``drop`` (``data.splits.<name>=null``), is left out;
+    one that gets no rows stops with the fix."""
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise FtlabError(f"data.split_fractions must be three numbers summing to 1, "
                          f"got {list(fractions)}.", "e.g. data.split_fractions=[0.8,0.1,0.1].")
+    if fractions[0] == 0 or "train" in drop:
+        raise FtlabError("One data file (data.files={all: ...}) is split, but the train split "
+                         "gets no share of it.", "give train a share, e.g. "
+                         "data.split_fractions=[0.8,0.1,0.1].")
     if group_column is not None and group_column not in ds.column_names:
         raise FtlabError(f"data.split_by column '{group_column}' is not in the data; columns "
                          f"found: {choices_text(ds.column_names)}.", "set data.split_by to one "
@@ -105,7 +112,19 @@ def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float])
     u = np.fromiter((_unit(v) for v in values), dtype=np.float64, count=len(values))
     u = u[codes] if codes is not None else u
     split_of = np.searchsorted([fractions[0], fractions[0] + fractions[1]], u, side="right")
-    return DatasetDict({s: ds.select(np.flatnonzero(split_of == i)) for i, s in enumerate(SPLITS)})
+    out = {}
+    for i, split in enumerate(SPLITS):
+        rows = np.flatnonzero(split_of == i)
+        if fractions[i] == 0 or split in drop:
+            continue
+        if not len(rows):
+            unit = f"{len(values)} '{group_column}' groups" if group_column else f"{len(ds)} rows"
+            raise FtlabError(f"Splitting the {unit} of one data file by data.split_fractions="
+                             f"{list(fractions)} leaves the {split} split empty.",
+                             f"add rows, give {split} a larger share, or a share of 0 to go "
+                             f"without it (e.g. data.split_fractions=[0.9,0.1,0.0]).")
+        out[split] = ds.select(rows)
+    return DatasetDict(out)
 
 
 def _unit(key: object) -> float:

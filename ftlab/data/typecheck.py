@@ -64,6 +64,25 @@ def _opener(path: Path) -> Any:
     return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
 
 
+def not_utf8(files: dict[str, str]) -> tuple[str, int, str] | None:
+    """(file, line, reason) of the first byte among ``files`` that is not UTF-8, or None."""
+    import codecs
+
+    for path in files.values():
+        decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+        try:
+            with _opener(Path(path))(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError as err:
+                        return path, line + chunk[:max(err.start, 0)].count(b"\n"), err.reason
+                    line += chunk.count(b"\n")
+        except (OSError, EOFError):
+            continue
+    return None
+
+
 def _frame(path: str, builder: str, kwargs: dict[str, Any]) -> Any:
     """The file as a pandas frame (each file alone), or None if it cannot be read."""
     import pandas as pd
@@ -125,6 +144,18 @@ def locate_type_error(files: dict[str, str], builder: str,
         return None
     ref_split = "train" if "train" in frames else next(iter(frames))
     ref = frames[ref_split]
+    for split, df in frames.items():
+        extra, missing = (sorted(map(str, set(a.columns) - set(b.columns)))
+                          for a, b in ((df, ref), (ref, df)))
+        if extra or missing:
+            return FtlabError(
+                f"{files[split]} (split '{split}') has other columns than {files[ref_split]} "
+                f"(split '{ref_split}'): " + "; ".join(
+                    f"{what} {cols}" for what, cols in (("it also has", extra),
+                                                        ("it lacks", missing)) if cols)
+                + ", so the splits cannot be read as one dataset.",
+                "give every split's file the same columns: drop the extra ones or add the "
+                "missing ones (only data.text_columns and data.label_column are read).")
     for split, df in frames.items():
         for col in [c for c in df.columns if c in ref.columns]:
             want, got = _series_kind(ref[col]), _series_kind(df[col])

@@ -214,6 +214,17 @@ def top_stack(model: nn.Module) -> nn.ModuleList:
     return layer_stacks(model)[-1]
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """Positions the model's learned position embeddings hold (BERT 512, GPT-2 1,024; RoBERTa's
+    padding offset excluded): a longer row fails with an index error. None: relative or rotary
+    positions (T5, Llama, DeBERTa-v3), no hard limit."""
+    for path in ("embeddings.position_embeddings", "wpe"):
+        emb = _get(backbone(model), path)
+        if isinstance(emb, nn.Embedding):
+            return emb.num_embeddings - (0 if emb.padding_idx is None else emb.padding_idx + 1)
+    return None
+
+
 def embedding_modules(model: nn.Module) -> list[nn.Module]:
     root = backbone(model)
     return [m for path in arch_of(model).embeddings if (m := _get(root, path)) is not None]
