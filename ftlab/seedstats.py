@@ -33,20 +33,23 @@ def failure(metrics: Mapping[str, float], judged_by: Sequence[str] | None = None
     ``val/baseline_<metric>`` (classification: accuracy of the majority class and the macro-F1
     of chance, see :meth:`ftlab.tasks.classify.Classify.baseline`): a run whose validation
     score is at or below any of them learnt nothing. ``judged_by`` (the task's ``failed_by``)
-    limits the rule to those metrics' baselines. A diverged loss stops the run earlier
-    (:class:`ftlab.errors.Diverged`) and is recorded as ``failure: diverged``.
+    limits the rule to those metrics' baselines. A run without a validation split is judged on
+    its test split (``test/baseline_<metric>``), rather than passing unjudged. A diverged loss
+    stops the run earlier (:class:`ftlab.errors.Diverged`) and is recorded as
+    ``failure: diverged``.
     """
+    split = "val" if any(k.startswith("val/baseline_") for k in metrics) else "test"
     for key, base in sorted(metrics.items()):
-        if not key.startswith("val/baseline_"):
+        if not key.startswith(f"{split}/baseline_"):
             continue
-        name = key.removeprefix("val/baseline_")
+        name = key.removeprefix(f"{split}/baseline_")
         if judged_by is not None and name not in judged_by:
             continue
-        value = metrics.get(f"val/{name}")
+        value = metrics.get(f"{split}/{name}")
         if isinstance(value, float) and not finite(value) and finite(base):
-            return f"val/{name} is {value} (no usable score)"  # e.g. NaN predictions
+            return f"{split}/{name} is {value} (no usable score)"  # e.g. NaN predictions
         if finite(value) and finite(base) and value <= base + MARGIN:
-            return f"val/{name} {value:.4f} <= baseline {base:.4f}"
+            return f"{split}/{name} {value:.4f} <= baseline {base:.4f}"
     return None
 
 

@@ -108,6 +108,16 @@ def test_failure_is_defined_by_the_tasks_trivial_predictors():
     assert failure({"val/ppl": 12.0}) is None  # no baseline defined: no verdict
 
 
+def test_a_run_without_a_validation_split_is_judged_on_its_test_split():
+    from ftlab.seedstats import failure
+
+    test = {"test/baseline_acc": 0.6, "test/baseline_f1": 0.5, "test/acc": 0.6, "test/f1": 0.38}
+    assert failure(test) == "test/acc 0.6000 <= baseline 0.6000"
+    assert failure(test | {"test/acc": 0.8, "test/f1": 0.78}) is None
+    # with a validation split, validation alone judges (test is reported, not used)
+    assert failure(test | {"val/baseline_acc": 0.6, "val/acc": 0.7}) is None
+
+
 def test_a_majority_predictor_fails_although_its_float32_scores_round_up():
     """torchmetrics scores in float32: always predicting the majority class of 18/21 labels
     scores float32(18/21) = 0.85714287 and a macro-F1 above the float64 baselines (by ~1e-8);
