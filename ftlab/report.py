@@ -42,6 +42,10 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             rec = {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
         rec = effective(rec) if isinstance(rec, dict) else {"status": "missing", "failed": True}
+        if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
+            rec = rec | {"status": "missing", "failed": True, "error": (
+                f"{path} says ok but holds no final metrics (edited or written by other code)."
+                "\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs that job again.")}
         if ended and rec.get("status") == "running":
             rec = rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "

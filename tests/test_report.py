@@ -76,6 +76,19 @@ def test_report_cli_exits_as_the_sweep_would(tmp_path, failed, code):
     assert exit_.value.code == code
 
 
+@pytest.mark.parametrize("record", [{"status": "ok"}, {"status": "ok", "final": None}])
+def test_an_ok_record_without_final_metrics_counts_as_an_error_not_a_crash(tmp_path, capsys,
+                                                                          record):
+    for seed, written in ((1, rec(1, 0.8)), (2, record)):
+        (tmp_path / str(seed) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps(written))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 1
+    assert "holds no final metrics" in capsys.readouterr().out
+    assert "| test/acc | 1 | 0.8000 |" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("status", ["discarded", "pruned"])
 def test_report_cli_on_a_stopped_jobs_folder_exits_as_its_sweep_did(tmp_path, status):
     """A job stopped on purpose (early discard, a search's pruner) is neither errored nor
