@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ftlab.errors import FtlabError, choices_text, closest
-from ftlab.rules import check_args, check_schema
+from ftlab.rules import allowed_text, check_args, check_schema
 from ftlab.targets import check_object, check_target, check_tree, targets_in
 
 T = TypeVar("T")
@@ -42,7 +42,10 @@ def bind_schema(schema: type[T], node: Any, where: str, set_as: str | None = Non
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         at = f" for key '{key}'" if key else ""
+        shown = f"{set_as}.{key}" if set_as else str(key)
+        allowed = allowed_text(schema, str(key), shown) if key else None
         raise FtlabError(f"Invalid value in {where}{at}: {str(err).splitlines()[0]}",
+                         f"set {shown} to {allowed}." if allowed else
                          f"give {f'{key!r}' if key else 'each key'} under {where} a value of "
                          "the type its default has (see the YAML file).") from None
     check_schema(obj, where, set_as=set_as)

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.sweep_dir / "metrics.json").is_file():  # one run's folder: its status
         sys.exit(_one_run(args.sweep_dir / "metrics.json"))
+    if not args.sweep_dir.exists():
+        sys.exit(f"ftlab-report: {args.sweep_dir} does not exist.\nFix: pass a folder that "
+                 "ftlab wrote (outputs/multirun/<time> or outputs/runs/<time>).")
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
         sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/, or "

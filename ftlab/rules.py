@@ -134,7 +134,7 @@ def _hints(obj: Any) -> dict[str, Any]:
 def _fail(where: str, key: str, value: Any, rule: Rule, set_as: str | None) -> FtlabError:
     set_as = set_as or f"{key} (in {where})"
     example = f" (e.g. {set_as.split(' ')[0]}={rule.example})" if rule.example else ""
-    fix = f"set {set_as} to {rule.allowed()}{example}."
+    fix = f"set {set_as} to {_value(rule.allowed())}{example}."
     if rule.choices is None and (isinstance(value, bool) or not isinstance(value, int | float
                                                                            | list | tuple)):
         return FtlabError(f"Invalid value in {where} for key '{key}': {value!r} (it must be "
@@ -157,6 +157,32 @@ def check_schema(obj: Any, where: str, prefix: str = "", set_as: str | None = No
         for rule in _split(hints.get(f.name))[1]:
             if not rule.ok(value):
                 raise _fail(where, key, value, rule, f"{set_as}.{key}" if set_as else None)
+
+
+def allowed_text(schema: type, key: str, shown: str | None = None) -> str | None:
+    """What the rules of ``schema``'s field ``key`` (dotted: ``optim.lr``) allow, with an
+    example setting ``shown`` (default: ``key``), for a fix (None: no rule)."""
+    base, rules = _split(_hints(_owner(schema, key)).get(key.rsplit(".", 1)[-1]))
+    if not rules:
+        return None
+    whole = "a whole number, " if int in (_types(base) or []) and rules[0].choices is None \
+        else ""
+    example = f" (e.g. {shown or key}={rules[0].example})" if rules[0].example else ""
+    return whole + _value(rules[0].allowed()) + example
+
+
+def _value(allowed: str) -> str:
+    """``allowed()`` after "set X to": "in [0, 1)" reads "a value in [0, 1)"."""
+    if allowed.startswith("each in "):
+        return f"values each {allowed.removeprefix('each ')}"
+    return f"a value {allowed}" if allowed.startswith("in ") else allowed
+
+
+def _owner(schema: type, key: str) -> Any:
+    """The dataclass that holds the last part of the dotted ``key``."""
+    for part in key.split(".")[:-1]:
+        schema = _split(_hints(schema).get(part))[0]
+    return schema
 
 
 def check_field(schema: type, name: str, value: Any, where: str, set_as: str) -> None:

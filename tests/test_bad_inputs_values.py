@@ -106,7 +106,8 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"stage 'classify': task.max_length=4096 is more than the 512 positions this model has"
      r".*Fix: set stage.task.max_length to at most 512"),
     ("batch-size-fraction", lambda t, s: S(s) + ["stage.batch_size=1.5"],
-     r"Invalid value in stage 'classify' for key 'batch_size': Value '1.5' of type 'float'"),
+     r"(?s)key 'batch_size': Value '1.5' of type 'float'.*Fix: set stage.batch_size to a whole "
+     r"number, 1 or more, or auto"),
     ("batch-size-null", lambda t, s: S(s) + ["stage.batch_size=null"],
      r"Invalid value in stage 'classify' for key 'batch_size': Value 'None'"),
     ("eval-batch-size-zero", lambda t, s: S(s) + ["stage.eval_batch_size=0"],
@@ -126,7 +127,8 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("lr-negative", lambda t, s: S(s) + ["stage.optim.lr=-1"],
      r"optim.lr=-1.0 is out of range: it must be 0 or more.*stage.optim.lr=5e-5"),
     ("warmup-ratio-two", lambda t, s: S(s) + ["stage.optim.warmup_ratio=2"],
-     r"warmup_ratio=2.0 is out of range: it must be in \[0, 1\)"),
+     r"(?s)warmup_ratio=2.0 is out of range: it must be in \[0, 1\).*Fix: set "
+     r"stage.optim.warmup_ratio to a value in \[0, 1\)"),
     ("warmup-ratio-one", lambda t, s: S(s) + ["stage.optim.warmup_ratio=1"],
      r"warmup_ratio=1.0 is out of range"),
     ("layer-decay-negative", lambda t, s: S(s) + ["stage.optim.layer_decay=-1"],

@@ -106,6 +106,8 @@ def test_report_cli_on_a_stopped_jobs_folder_exits_as_its_sweep_did(tmp_path, st
 def test_report_cli_rejects_a_non_sweep_folder(tmp_path):
     with pytest.raises(SystemExit, match="not a multirun folder"):
         main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="missing does not exist"):
+        main([str(tmp_path / "missing")])
 
 
 # --- statistics that answer "which recipe works" (issue: stability report) -------------------
