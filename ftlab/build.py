@@ -21,16 +21,15 @@ from ftlab.data.sources import RawData, load_raw
 from ftlab.data.spec import DataSpec
 from ftlab.data.transforms.nodes import transform_raw
 from ftlab.errors import FtlabError
-from ftlab.model.arch import position_limit
 from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
+from ftlab.task_fit import require_positions, require_trained_head
 from ftlab.tasks.base import (
     HasSubtasks,
     ModelAware,
     PredictsNumbers,
-    ScoresWithLMHead,
     SeesPrepared,
     Task,
 )
@@ -246,30 +245,6 @@ class StageBuilder:
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
-
-
-def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
-    """A task that predicts with the LM head (cloze) needs a trained one: in the checkpoint
-    (its tensors are there) or carried from an earlier stage (``carry: model``)."""
-    if not isinstance(task, ScoresWithLMHead) or stage.model.name_or_path is None:
-        return  # built from a config: every weight is random on purpose (tests, smoke runs)
-    if stage.init_from != "pretrained" and stage.carry == "model":
-        return
-    from ftlab.tasks.mlm import fresh_head
-
-    missing = fresh_head(model, stage.model)
-    if missing:
-        raise task.untrained_head(missing)
-
-
-def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
-    """A ``max_length`` past the model's learned positions would crash at the first longer
-    row (an index error mid-training, or mid-prediction): refuse it before training."""
-    limit, length = position_limit(model), getattr(task, "max_length", None)
-    if limit and isinstance(length, int) and length > limit:
-        raise FtlabError(f"{stage.where}: task.max_length={length} is more than the {limit} "
-                         "positions this model has.",
-                         f"set stage.task.max_length to at most {limit}.")
 
 
 def reads_numbers(node: Any, where: str) -> bool:

@@ -234,7 +234,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
                          "re-run it with save_artefact: true.")
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
     if "model_type" in spec.model.config:  # as training's load_tokenizer (GPT-2: no segment ids)
-        from ftlab.model.arch import configure_tokenizer
+        from ftlab.model.tokenizer_fit import configure_tokenizer
 
         configure_tokenizer(tokenizer, spec.model.config["model_type"])
     if spec.subtasks:  # a multi-task upstream: its heads need the sub-tasks' label sets, which

@@ -87,7 +87,7 @@ def load_tokenizer(spec: ModelSpec):
         tokenizer.pad_token = tokenizer.eos_token  # pads are masked by attention_mask
         log.info("The tokenizer has no pad token; padding with EOS (%s).", tokenizer.eos_token)
     if "model_type" in spec.config:  # a model built from a config may take other inputs
-        from ftlab.model.arch import configure_tokenizer
+        from ftlab.model.tokenizer_fit import configure_tokenizer
 
         configure_tokenizer(tokenizer, spec.config["model_type"])
     return tokenizer

@@ -174,7 +174,7 @@ def sequence_model(spec: ModelSpec, tokenizer: Any, **head: Any) -> nn.Module:
 
     from transformers import AutoModelForSequenceClassification
 
-    from ftlab.model.arch import check_pooling_token
+    from ftlab.model.tokenizer_fit import check_pooling_token
 
     # decoder-only heads pool the last non-pad token, T5's the last EOS: the model must know the
     # tokenizer's ids
