@@ -31,7 +31,8 @@ class Predictor:
     Attributes:
         model: the task model with its trained parameters, in eval mode, fp32.
         tokenizer: the tokenizer the stage trained with (``<stage>/tokenizer/``).
-        labels: class names in id order (``model.config.id2label`` agrees).
+        labels: class names in id order (``model.config.id2label`` agrees); empty for a
+            language-model stage (stage=mlm/clm: TAPT, DAPT), which loads but cannot predict.
         stage: the resolved stage it was trained as.
         peft: the stage's PEFT method (``ftlab-export`` asks it to merge).
         task: the stage's task, bound to the labels and tokenizer (featurises the texts).
@@ -57,6 +58,7 @@ class Predictor:
         """
         from ftlab.tasks.base import PredictsNumbers, PredictsRows, ProbabilitiesFromScores
 
+        self._check_predicts()
         if batch_size < 1:
             raise FtlabError(f"batch_size must be at least 1, got {batch_size}.",
                              "pass a positive --batch-size (default 64).")
@@ -81,6 +83,7 @@ class Predictor:
 
         from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
+        self._check_predicts()
         if not texts:
             return torch.empty(0, len(self.labels))
         columns = self._columns(texts)
@@ -96,6 +99,17 @@ class Predictor:
                 batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items()}
                 out[idx] = self.task.scores(self.model, batch).float().cpu()
         return out
+
+    def _check_predicts(self) -> None:
+        """A language-model stage (TAPT/DAPT: stage=mlm or clm) loads, but has no classes."""
+        if not self.labels:
+            name = self.stage.name
+            raise FtlabError(f"Stage '{name}' trains a language model "
+                             f"({self.stage.task.get('_target_')}) and predicts no classes.",
+                             "use its .model and .tokenizer (the adapted LM), or write them as a "
+                             f"Transformers folder: ftlab-export RUN_DIR --stage {name} --to hf "
+                             "--output DIR; to predict, load a stage with labels: "
+                             "ftlab.load(run_dir, stage=...).")
 
     def _columns(self, texts: list[Any]) -> dict[str, list[str]]:
         cols = self.text_columns
@@ -127,6 +141,14 @@ def stage_names(run_dir: Path) -> list[str]:
         if names:
             return list(names)
     return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
+
+
+def labelled_stages(run_dir: Path, but: str) -> list[str]:
+    """The run's stages other than ``but`` that have a label set (they predict)."""
+    from ftlab.artefact import CARD, read_stage_card
+
+    return [n for n in stage_names(run_dir) if n != but and (run_dir / n / CARD).is_file()
+            and read_stage_card(run_dir / n)[1]]
 
 
 def run_parser(prog: str, doc: str | None) -> Any:
@@ -200,18 +222,17 @@ def _load(run_dir: str | Path, stage: str | None) -> Predictor:
                              f"status '{status}'{f' ({why})' if why else ''}.",
                              "fix what stopped it and run it again (ftlab resume=<run folder>).")
     spec, labels = read_stage_card(run_dir / name)
-    if not labels:
-        labelled = [n for n in names if n != name and (run_dir / n / CARD).is_file()
-                    and read_stage_card(run_dir / n)[1]]
-        raise FtlabError(f"Stage '{name}' has no labels ({spec.task.get('_target_')} predicts "
-                         "no classes).", f"pick a stage that does with --stage: "
-                         f"{choices_text(labelled)}." if labelled else "the run has no stage "
-                         "with labels; predict with a run that trained a classifier.")
+    if not labels and spec.subtasks:  # a multi-task stage: its heads need its sub-tasks' data
+        labelled = labelled_stages(run_dir, name)
+        raise FtlabError(f"Stage '{name}' has no labels of its own (a multi-task stage).",
+                         f"load a single-task stage: ftlab.load(run_dir, stage=...) or --stage "
+                         f"with one of: {choices_text(labelled)}." if labelled else
+                         "load a run that trained a classifier.")
     L.seed_everything(spec.seed, verbose=False)
     from ftlab.build import StageBuilder
 
     model, peft, task = _rebuild(run_dir, name, StageBuilder())
-    return Predictor(model.float().eval(), task.tokenizer, labels, spec, peft, task)
+    return Predictor(model.float().eval(), task.tokenizer, labels or [], spec, peft, task)
 
 
 def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, Any]:

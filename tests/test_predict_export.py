@@ -10,6 +10,7 @@ import torch
 
 import ftlab
 from ftlab.artefact import read_stage_card
+from ftlab.errors import FtlabError
 from ftlab.export import PEFT_FOLDER
 from ftlab.export import main as export_main
 from ftlab.pipeline import build_pipeline
@@ -97,8 +98,16 @@ def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, senti
     with pytest.raises(SystemExit) as err:  # the masked-LM stage predicts no classes
         predict_main([str(run_dir), "--stage", "tapt", "--input",
                       str(sentiment_dir / "test.jsonl"), "--output", str(run_dir / "p.jsonl")])
-    assert "Stage 'tapt' has no labels" in str(err.value.code)
-    assert str(err.value.code).endswith("pick a stage that does with --stage: task.")  # not tapt
+    message = str(err.value.code)
+    assert "Stage 'tapt' trains a language model and predicts no classes" in message
+    assert "pick a stage that does with --stage: task;" in message  # not tapt
+    assert f"ftlab-export {run_dir} --stage tapt --to hf" in message
+    tapt = ftlab.load(run_dir, stage="tapt")  # the adapted LM loads; predicting says why not
+    assert tapt.labels == [] and tapt.model.__class__.__name__.endswith("ForMaskedLM")
+    with pytest.raises(FtlabError, match=r"(?s)predicts no classes.*ftlab-export .* "
+                       r"--stage tapt --to hf.*ftlab.load\(run_dir, stage=") as python_err:
+        tapt.predict(["great film"])
+    assert "--stage:" not in str(python_err.value)  # Python gets stage=, not the CLI's flag
 
 
 def test_a_stage_reused_from_the_cache_still_loads(train, tmp_path):
@@ -111,6 +120,34 @@ def test_a_stage_reused_from_the_cache_still_loads(train, tmp_path):
     assert record["lineage"][0]["cache_hit"] is True
     assert read_stage_card(run_dir / "tapt")[0].name == "tapt"
     assert ftlab.load(run_dir).predict(texts) == first
+
+
+@pytest.mark.parametrize(("extra", "auto"), [
+    (("pipeline=tiny", "peft=lora"), "AutoModelForMaskedLM"),  # LoRA TAPT, merged
+    (("model=tiny_gpt2", "pipeline=clm_task", "pipeline.stages.tapt.task.max_length=32",
+      "pipeline.stages.tapt.optim.lr=1e-3", "pipeline.stages.tapt.trainer.max_steps=4",
+      "pipeline.stages.task.trainer.max_steps=1"), "AutoModelForCausalLM")])
+def test_an_adaptive_stage_exports_its_language_model(train, extra, auto, tmp_path, capsys):
+    """TAPT/DAPT's point is the adapted LM: ``--stage tapt`` exports it as a plain masked or
+    causal LM whose logits are ftlab's own model's for that stage."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    run_dir, _, _ = train(*extra)
+    ours = ftlab.load(run_dir, stage="tapt")
+    export_main([str(run_dir), "--stage", "tapt", "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert f"{auto}.from_pretrained loads it" in capsys.readouterr().err
+    model = getattr(transformers, auto).from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(["great superb film", "the plot was dull and the ending awful"], padding=True,
+              return_tensors="pt")
+    with torch.no_grad():
+        got, expected = model(**enc).logits, ours.model(**enc).logits
+    assert got.shape[-1] == len(tok) or got.shape[-1] >= tok.vocab_size  # vocabulary logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not list((tmp_path / "hf").glob("adapter_config.json"))  # plain, not a PEFT folder
 
 
 @pytest.mark.parametrize("peft", ["full", "lora", "diff_pruning"])
