@@ -346,3 +346,50 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, suffix):
     path.write_text(sep.join(["text", "label", "text"]) + "\n" + sep.join(["a", "x", "b"]) + "\n")
     with pytest.raises(FtlabError, match=r"names the column\(s\) \['text'\] more than once"):
         load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+
+
+def _split_files(tmp_path, suffix: str, **rows: list[dict]) -> dict[str, str]:
+    import pandas as pd
+
+    files = {}
+    for split, split_rows in rows.items():
+        path = tmp_path / f"{split}{suffix}"
+        if suffix == ".jsonl":
+            write_jsonl(path, split_rows)
+        else:
+            pd.DataFrame(split_rows).to_csv(path, index=False)
+        files[split] = str(path)
+    return files
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_split_files_whose_extra_columns_differ_load_the_columns_the_run_reads(tmp_path,
+                                                                             suffix):
+    """Only the text and label columns are read: an `id` in some files and not others, or a
+    `note` that is a number in one file and text in another, does not stop the run."""
+    train, val, test = synthetic_rows(30, 0), synthetic_rows(20, 1), synthetic_rows(10, 2)
+    files = _split_files(tmp_path, suffix, train=[dict(r, id=i) for i, r in enumerate(train)],
+                         validation=[dict(r, id=i, note=i) for i, r in enumerate(val)],
+                         test=[dict(r, note=f"n{i}") for i, r in enumerate(test)])
+    raw = load_raw(DataSpec(files=files))
+    assert raw.labels == ["neg", "pos"]
+    for split, rows in (("train", train), ("validation", val), ("test", test)):
+        ds = raw.splits[split]
+        assert {"text", "label"} <= set(ds.column_names) and "id" not in ds.column_names
+        assert list(ds["text"]) == [r["text"] for r in rows]
+        assert [raw.labels[i] for i in ds["label"]] == [r["label"] for r in rows]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_split_file_without_a_column_the_run_reads_is_named(tmp_path, suffix):
+    train, val = synthetic_rows(30, 0), synthetic_rows(20, 1)
+    files = _split_files(tmp_path, suffix, train=[dict(r, id=i) for i, r in enumerate(train)],
+                         validation=[{"txt": r["text"], "label": r["label"]} for r in val])
+    with pytest.raises(FtlabError, match=rf"(?s)validation{suffix} \(split 'validation'\) has no "
+                                         r"column 'text'.*Did you mean 'txt'.*data.text_columns"):
+        load_raw(DataSpec(files=files))
+    # a test file without labels (and with other columns) is still refused as unlabelled
+    files = _split_files(tmp_path, suffix, train=[dict(r, id=i) for i, r in enumerate(train)],
+                         validation=val, test=[{"text": r["text"]} for r in val])
+    with pytest.raises(FtlabError, match=r"(?s)test split has 20 row.*data.splits.test=null"):
+        load_raw(DataSpec(files=files))

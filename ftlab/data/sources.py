@@ -7,7 +7,6 @@ The result has the spec's text columns and, for labelled data, an integer ``labe
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,14 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import DatasetDict, Value
 
 from ftlab.data.conll import load_conll
 from ftlab.data.labels import encode_labels, numeric_labels
+from ftlab.data.reading import failed_read, read_apart, refuse_swallowed_rows
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
-from ftlab.data.typecheck import check_column_types, locate_type_error, refuse_repeated_header
+from ftlab.data.typecheck import check_column_types, refuse_repeated_header
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
@@ -172,20 +171,9 @@ def _load(spec: DataSpec) -> DatasetDict:
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
-        empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(err))
-        if empty:  # a file with a header and no rows
-            split = "all" if empty[1] == "train" and "all" in spec.files else empty[1]
-            raise FtlabError(f"The {split} split is empty: its file {files[empty[1]]} has "
-                             "no rows.", f"add rows to it, or go without that split "
-                             f"(~data.files.{split} data.splits.{split}=null).") from None
-        implied = _implied(files)
-        if implied is None or implied == builder:
-            located = locate_type_error(files, builder, kwargs)
-            raise located or _read_error(err, builder, files) from None
-        raise FtlabError(  # data.path says one format, the files' extension another
-            f"Could not read the files {sorted(files.values())} as {builder} (data.path="
-            f"{spec.path}), but their extension says {implied}.",
-            f"set data.path={implied}, or data.path=null to follow the file extension.") from None
+        dsd = read_apart(builder, files, kwargs, spec)  # split files whose extra columns differ
+        if dsd is None:
+            raise failed_read(err, builder, files, kwargs, spec, _implied(files)) from None
     for split, ds in dsd.items():  # Arrow's json reader keeps bytes that are not UTF-8 as text
         try:
             ds.data.table.validate(full=True)
@@ -194,55 +182,8 @@ def _load(spec: DataSpec) -> DatasetDict:
                              "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
                 from None
         if kwargs.get("delimiter") == "\t":
-            _refuse_swallowed_rows(ds, files.get(split, split))
+            refuse_swallowed_rows(ds, files.get(split, split))
     return dsd
-
-
-def _refuse_swallowed_rows(ds: datasets.Dataset, path: str) -> None:
-    """A tsv field that starts with a double quote (a text opening with a quotation) is read as
-    quoted until the next quote, swallowing the tabs and lines between: rows silently merge.
-    A tab inside a value is the sign (a tsv value cannot hold its own separator)."""
-    table = ds.data.table
-    for name in table.column_names:
-        column = table.column(name)
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-            continue
-        hits = pc.match_substring(column, "\t").to_numpy(zero_copy_only=False)
-        found = np.flatnonzero(hits == True)  # noqa: E712 - nulls are None, not False
-        if len(found):
-            value = str(column[int(found[0])])
-            raise FtlabError(
-                f"Row {int(found[0]) + 1} of {path} has a tab inside its '{name}' value "
-                f"({value[:60]!r}{'...' if len(value) > 60 else ''}): a double quote at the "
-                "start of a field made the reader take the following tabs and lines into it, "
-                "merging rows.",
-                "remove or double the stray quote (\"\" inside a quoted field), or save the "
-                "file as .jsonl.")
-
-
-def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabError:
-    """The ``FtlabError`` for data files that ``datasets`` could not read."""
-    cause = err if isinstance(err, UnicodeDecodeError) else (
-        err.__cause__ or err.__context__ or err)
-    if isinstance(cause, UnicodeDecodeError):
-        from ftlab.data.typecheck import not_utf8
-
-        found = not_utf8(files)  # the error itself names no file
-        where = (f"Data file {found[0]} is not valid UTF-8 ({found[2]} on line {found[1]})"
-                 if found else f"A data file is not valid UTF-8 ({cause.reason} at byte "
-                 f"{cause.start}; one of {sorted(files.values())})")
-        return FtlabError(f"{where}.",
-                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
-    if "Cast" in type(cause).__name__ or "Cast" in type(err).__name__:
-        return FtlabError(
-            f"The {builder} files {sorted(files.values())} do not share the same columns "
-            "and types, so they cannot be read as splits of one dataset.",
-            "give every split's file the same columns (names and types); extra columns "
-            "may be dropped beforehand.")
-    return FtlabError(f"Could not read {builder} files {sorted(files.values())}: "
-                      f"{type(cause).__name__}: {cause}",
-                      "check the file is well-formed (one JSON object per line for .jsonl, "
-                      "a header row for .csv).")
 
 
 def unzip_single(path: Path) -> Path:

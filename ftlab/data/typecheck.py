@@ -130,10 +130,11 @@ def _first_unlike(values: list[Any], kind: str) -> tuple[int, Any] | None:
     return None
 
 
-def locate_type_error(files: dict[str, str], builder: str,
-                      kwargs: dict[str, Any]) -> FtlabError | None:
+def locate_type_error(files: dict[str, str], builder: str, kwargs: dict[str, Any],
+                      columns: list[str] | None = None) -> FtlabError | None:
     """An ``FtlabError`` naming the file, column and row whose type breaks the read, or None
-    when it cannot be found."""
+    when it cannot be found; ``columns``: compare only these across files (the run reads
+    only these: other columns may differ)."""
     if builder == "json":
         for split, f in files.items():
             change = _jsonl_change(Path(f))
@@ -143,6 +144,8 @@ def locate_type_error(files: dict[str, str], builder: str,
     if not frames or any(df is None for df in frames.values()):
         return None
     ref_split = "train" if "train" in frames else next(iter(frames))
+    if columns is not None:
+        frames = {k: df[[c for c in df.columns if c in columns]] for k, df in frames.items()}
     ref = frames[ref_split]
     for split, df in frames.items():
         extra, missing = (sorted(map(str, set(a.columns) - set(b.columns)))
