@@ -171,9 +171,10 @@ def _load(spec: DataSpec) -> DatasetDict:
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
-        dsd = read_apart(builder, files, kwargs, spec)  # split files whose extra columns differ
-        if dsd is None:
-            raise failed_read(err, builder, files, kwargs, spec, _implied(files)) from None
+        implied = _implied(files)  # a format the extension contradicts: that is the error
+        dsd = read_apart(builder, files, kwargs, spec) if implied in (None, builder) else None
+        if dsd is None:  # (read_apart: split files whose extra columns differ)
+            raise failed_read(err, builder, files, kwargs, spec, implied) from None
     for split, ds in dsd.items():  # Arrow's json reader keeps bytes that are not UTF-8 as text
         try:
             ds.data.table.validate(full=True)
