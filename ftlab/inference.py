@@ -199,9 +199,20 @@ def load(run_dir: str | Path, stage: str | None = None,
 def _load(run_dir: str | Path, stage: str | None) -> Predictor:
     import lightning as L
 
+    run_dir = Path(run_dir).expanduser()
+    name, spec, labels = stage_card(run_dir, stage)
+    L.seed_everything(spec.seed, verbose=False)
+    from ftlab.build import StageBuilder
+
+    model, peft, task = _rebuild(run_dir, name, StageBuilder())
+    return Predictor(model.float().eval(), task.tokenizer, labels or [], spec, peft, task)
+
+
+def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | None]:
+    """(name, stage spec, labels) of the run's ``stage`` (default: its last), read from its card
+    without building anything; a clear error where there is none to load."""
     from ftlab.artefact import CARD, read_stage_card
 
-    run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise FtlabError(f"There is no run folder {run_dir}.",
                          "pass a folder ftlab wrote, e.g. outputs/runs/<time>.")
@@ -228,11 +239,7 @@ def _load(run_dir: str | Path, stage: str | None) -> Predictor:
                          f"load a single-task stage: ftlab.load(run_dir, stage=...) or --stage "
                          f"with one of: {choices_text(labelled)}." if labelled else
                          "load a run that trained a classifier.")
-    L.seed_everything(spec.seed, verbose=False)
-    from ftlab.build import StageBuilder
-
-    model, peft, task = _rebuild(run_dir, name, StageBuilder())
-    return Predictor(model.float().eval(), task.tokenizer, labels or [], spec, peft, task)
+    return name, spec, labels
 
 
 def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import FtlabError, choices_text, closest
-from ftlab.inference import labelled_stages, load, quiet_loading, run_parser
+from ftlab.inference import labelled_stages, load, quiet_loading, run_parser, stage_card
 from ftlab.store import atomic_write
 from ftlab.writable import check_output
 
@@ -107,15 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     quiet_loading()
     try:
         check_output(args.output.parent)  # before the work, not in a traceback after it
-        predictor = load(args.run_dir, args.stage, args.allow_targets)
-        if not predictor.labels:  # a language-model stage (TAPT/DAPT)
-            name = predictor.stage.name
+        name, _, labels = stage_card(args.run_dir.expanduser(), args.stage)
+        if not labels:  # a language-model stage (TAPT/DAPT): said before building the model
             labelled = labelled_stages(args.run_dir, but=name)
             raise FtlabError(f"Stage '{name}' trains a language model and predicts no classes.",
                              (f"pick a stage that does with --stage: {choices_text(labelled)}"
                               if labelled else "predict with a run that trained a classifier")
                              + f"; for the adapted LM itself: ftlab-export {args.run_dir} "
                              f"--stage {name} --to hf --output DIR.")
+        predictor = load(args.run_dir, args.stage, args.allow_targets)
         rows, found = read_rows(args.input, args.text_columns)
         if rows and isinstance(rows[0], str) and len(predictor.text_columns) != 1:
             raise FtlabError(f"{args.input.name} holds one text per line, but the stage reads "

@@ -25,11 +25,39 @@ def require_trained_head(stage: ResolvedStage, task: Task, model: nn.Module) -> 
         raise task.untrained_head(missing)
 
 
+def virtual_tokens(node: object) -> int:
+    """Positions a PEFT node's soft tokens take (prompt, prefix and P-tuning:
+    ``num_virtual_tokens``, nested anywhere in the node): each row's positions move up by as
+    many, for encoders and decoders alike (measured with peft 0.21)."""
+    if isinstance(node, dict):
+        own = node.get("num_virtual_tokens")
+        return (own if isinstance(own, int) else 0) + sum(
+            virtual_tokens(v) for k, v in node.items() if k != "num_virtual_tokens")
+    if isinstance(node, list | tuple):
+        return sum(virtual_tokens(v) for v in node)
+    return 0
+
+
 def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
     """A ``max_length`` past the model's learned positions would crash at the first longer
-    row (an index error mid-training, or mid-prediction): refuse it before training."""
-    limit, length = position_limit(model), getattr(task, "max_length", None)
-    if limit and isinstance(length, int) and length > limit:
-        raise FtlabError(f"{stage.where}: task.max_length={length} is more than the {limit} "
-                         "positions this model has.",
-                         f"set stage.task.max_length to at most {limit}.")
+    row (an index error mid-training, or mid-prediction): refuse it before training. A
+    multi-task stage's sub-tasks each have their own ``max_length``; soft prompts and prefixes
+    take positions too."""
+    from ftlab.tasks.multitask import MultiTask
+
+    limit = position_limit(model)
+    if not limit:
+        return
+    lengths = {"task.max_length": getattr(task, "max_length", None)}
+    if isinstance(task, MultiTask):
+        lengths |= {f"tasks.{name}.task.max_length": getattr(part.task, "max_length", None)
+                    for name, part in task.parts.items()}
+    soft = virtual_tokens(stage.peft)
+    room = limit - soft
+    for key, length in lengths.items():
+        if isinstance(length, int) and length > room:
+            plus = f" plus the PEFT method's {soft} virtual tokens" if soft else ""
+            fewer = " (or lower the PEFT method's num_virtual_tokens)" if soft else ""
+            raise FtlabError(f"{stage.where}: {key}={length}{plus} is more than the {limit} "
+                             "positions this model has.",
+                             f"set stage.{key} to at most {max(room, 1)}{fewer}.")

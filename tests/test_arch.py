@@ -282,3 +282,31 @@ def test_position_limit_is_the_longest_row_the_model_takes(family):
         with pytest.raises((IndexError, RuntimeError)):
             forward(limit + 1)
     assert (limit is None) == (family in ("deberta", "llama", "t5"))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_soft_tokens_take_positions(family, method):
+    """The premise of the pre-flight's room for ``num_virtual_tokens`` (``task_fit``): with n
+    soft tokens (prompt or prefix tuning) a row of ``limit - n`` tokens runs and one more
+    fails, for an encoder and a decoder."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from ftlab.model.arch import position_limit
+    from ftlab.task_fit import virtual_tokens
+    from tests.test_peft_contract import VOCAB
+
+    base = tiny_model(0, family).eval()
+    limit, n = position_limit(base), 8
+    kind = PromptTuningConfig if method == "prompt" else PrefixTuningConfig
+    model = get_peft_model(base, kind(task_type=TaskType.SEQ_CLS, num_virtual_tokens=n))
+    assert virtual_tokens({"config": {"num_virtual_tokens": n}}) == n
+
+    def forward(length: int) -> None:
+        ids = torch.randint(5, VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    forward(limit - n)
+    with pytest.raises((IndexError, RuntimeError)):
+        forward(limit - n + 1)

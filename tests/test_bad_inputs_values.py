@@ -105,6 +105,11 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("max-length-past-positions", lambda t, s: S(s) + ["stage.task.max_length=4096"],
      r"stage 'classify': task.max_length=4096 is more than the 512 positions this model has"
      r".*Fix: set stage.task.max_length to at most 512"),
+    ("max-length-plus-virtual-tokens", lambda t, s: S(s) + ["peft=prompt_tuning",
+                                                          "stage.task.max_length=500"],
+     r"task.max_length=500 plus the PEFT method's 20 virtual tokens is more than the 512 "
+     r"positions.*Fix: set stage.task.max_length to at most 492 \(or lower the PEFT method's "
+     r"num_virtual_tokens\)"),
     ("batch-size-fraction", lambda t, s: S(s) + ["stage.batch_size=1.5"],
      r"(?s)key 'batch_size': Value '1.5' of type 'float'.*Fix: set stage.batch_size to a whole "
      r"number, 1 or more, or auto"),

@@ -390,3 +390,12 @@ def test_a_tagging_sub_task_fails_on_entity_f1_not_on_token_accuracy():
     assert failure(scores | {"val/ner/f1": 0.0}, task.failed_by) is not None
     assert failure(scores | {"val/sst/f1": 0.3}, task.failed_by) is not None
     assert MultiTask().failed_by is None  # unbound, or no sub-task narrows it: every baseline
+
+
+def test_a_sub_task_past_the_positions_is_refused_before_training(parts):
+    """Each sub-task's max_length is checked against the model's positions, not only the
+    stage's (a sub-task at 600 tokens on a 512-position BERT crashed mid-training)."""
+    with pytest.raises(FtlabError, match=r"stage 'multitask': tasks.task.task.max_length=600 is "
+                                         r"more than the 512 positions(?s:.*)at most 512"):
+        parts("stage.tasks.task.task.max_length=600")
+    parts("stage.tasks.task.task.max_length=512")  # at the limit: fine

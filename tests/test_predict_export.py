@@ -89,14 +89,19 @@ def test_a_gpt2_stage_predicts_and_exports_what_it_scored_on_test(train, sentime
     assert "token_type_ids" not in AutoTokenizer.from_pretrained(str(tmp_path / "hf"))("a b")
 
 
-def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, sentiment_dir):
+def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, sentiment_dir,
+                                                                      monkeypatch):
     run_dir, record, _ = train("pipeline=tiny")
     test = _rows(sentiment_dir / "test.jsonl")
     preds = ftlab.load(run_dir).predict([r["text"] for r in test])
     acc = sum(p["label"] == r["label"] for p, r in zip(preds, test, strict=True)) / len(test)
     assert acc == pytest.approx(record["final"]["test/acc"], abs=1e-6)
-    with pytest.raises(SystemExit) as err:  # the masked-LM stage predicts no classes
-        predict_main([str(run_dir), "--stage", "tapt", "--input",
+    def no_build(*args):
+        raise AssertionError("the refusal came after building the model")
+
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as err:
+        patch.setattr("ftlab.inference._rebuild", no_build)  # refused from the card, unbuilt
+        predict_main([str(run_dir), "--stage", "tapt", "--input",  # the MLM stage: no classes
                       str(sentiment_dir / "test.jsonl"), "--output", str(run_dir / "p.jsonl")])
     message = str(err.value.code)
     assert "Stage 'tapt' trains a language model and predicts no classes" in message
