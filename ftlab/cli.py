@@ -28,7 +28,8 @@ def quiet() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("WANDB_SILENT", "true")  # e.g. "logging in anonymously" offline
     for message in (".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*",
-                    ".*`tensorboardX` has been removed.*", ".*smaller than the logging interval.*"):
+                    ".*`tensorboardX` has been removed.*", ".*smaller than the logging interval.*",
+                    ".*`is_gradient_checkpointing` is deprecated.*"):  # peft 0.21 asks for it
         warnings.filterwarnings("ignore", message=message)
     import logging
 
