@@ -27,3 +27,16 @@ def closest(name: str, choices: Iterable[str]) -> str:
 
 def choices_text(choices: Iterable[str]) -> str:
     return ", ".join(sorted(str(c) for c in choices))
+
+
+def separator_hint(found: list[str], wanted: list[str], fix: str) -> str:
+    """A hint (" The header looks ';'-separated: ...") where the one column read is the wanted
+    columns joined by another separator (a European-locale csv), else ""."""
+    found = [c for c in found if not c.startswith("__index_level_")]  # a row with more fields
+    if len(found) != 1:
+        return ""
+    for sep in (";", "|", "\t", ","):
+        parts = [p.strip().strip('"') for p in found[0].split(sep)]
+        if len(parts) > 1 and all(w in parts for w in wanted):
+            return f" The header looks {sep!r}-separated: {fix}={sep!r}."
+    return ""

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftlab.errors import FtlabError, choices_text, closest
+from ftlab.errors import FtlabError, choices_text, closest, separator_hint
 from ftlab.inference import labelled_stages, load, quiet_loading, run_parser, stage_card
 from ftlab.store import atomic_write
 from ftlab.writable import check_output
 
 
-def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], list[str]]:
+def read_rows(path: Path, text_columns: list[str] | None,
+              delimiter: str | None = None) -> tuple[list[Any], list[str]]:
     """Rows of a ``.csv``/``.tsv``, ``.jsonl`` or ``.txt`` (one text per line; every line is
     a row, an empty one too, so the output lines up with the input) file, as dicts (or strings
     for ``.txt``), and the columns found."""
@@ -37,7 +38,7 @@ def read_rows(path: Path, text_columns: list[str] | None) -> tuple[list[Any], li
         import csv
 
         rows = list(csv.DictReader(io.StringIO(text, newline=""),
-                                   delimiter="\t" if suffix == ".tsv" else ","))
+                                   delimiter=delimiter or ("\t" if suffix == ".tsv" else ",")))
         for n, row in enumerate(rows, 1) if suffix == ".tsv" else ():
             merged = next((c for c, v in row.items() if isinstance(v, str) and "\t" in v), None)
             if merged is not None:  # a field opening with a quote swallowed the rows after it
@@ -87,6 +88,12 @@ def _texts(rows: list[dict], wanted: list[str], name: str) -> list[tuple[Any, ..
     return out
 
 
+def _one_char(value: str) -> str:
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one character (e.g. ';')")
+    return value
+
+
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-column", action="append", dest="text_columns",
                         help="the input's text column(s), in the stage's order (default: the "
                              "stage's own data.text_columns); repeat for pairs")
+    parser.add_argument("--delimiter", type=_one_char,
+                        help="a .csv's field separator (default: ',' for .csv, a tab for .tsv)")
     parser.add_argument("--batch-size", type=_positive, default=64,
                         help="rows per batch, length-bucketed (default: 64)")
     args = parser.parse_args(argv)
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                              + f"; for the adapted LM itself: ftlab-export {args.run_dir} "
                              f"--stage {name} --to hf --output DIR.")
         predictor = load(args.run_dir, args.stage, args.allow_targets)
-        rows, found = read_rows(args.input, args.text_columns)
+        rows, found = read_rows(args.input, args.text_columns, args.delimiter)
         if rows and isinstance(rows[0], str) and len(predictor.text_columns) != 1:
             raise FtlabError(f"{args.input.name} holds one text per line, but the stage reads "
                              f"{len(predictor.text_columns)} per row {predictor.text_columns}.",
@@ -125,9 +134,12 @@ def main(argv: list[str] | None = None) -> None:
             wanted = args.text_columns or predictor.text_columns
             missing = [c for c in wanted if c not in found]
             if missing:
+                hint = separator_hint(found, wanted, "pass --delimiter")
                 raise FtlabError(f"{args.input.name} has no column '{missing[0]}' (it has: "
-                                 f"{choices_text(found)}).{closest(missing[0], found)}",
-                                 "name the text column(s) with --text-column.")
+                                 f"{choices_text(found)}).{hint or closest(missing[0], found)}",
+                                 "name the text column(s) with --text-column" + (
+                                     ", or give the file's separator with --delimiter."
+                                     if hint else "."))
             if len(wanted) != len(predictor.text_columns):
                 raise FtlabError(f"The stage reads {len(predictor.text_columns)} text column(s) "
                                  f"({predictor.text_columns}); got {len(wanted)}.",

@@ -34,6 +34,9 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
         spec.pop(k)
     if not stage.head_warmup_steps:  # off: the key it had before the field existed
         spec.pop("head_warmup_steps")
+    for data in (spec["data"], *(sub["data"] for sub in spec["subtasks"])):
+        if data.get("delimiter") is None:  # by extension: the key it had before the field
+            data.pop("delimiter", None)
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}

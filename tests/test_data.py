@@ -393,3 +393,43 @@ def test_a_split_file_without_a_column_the_run_reads_is_named(tmp_path, suffix):
                          validation=val, test=[{"text": r["text"]} for r in val])
     with pytest.raises(FtlabError, match=r"(?s)test split has 20 row.*data.splits.test=null"):
         load_raw(DataSpec(files=files))
+
+
+def test_a_semicolon_separated_csv_reads_with_data_delimiter(tmp_path):
+    """A European-locale csv (';' between fields, ',' inside texts): without data.delimiter the
+    header is one column and the message says which separator; with it, every field is read."""
+    path = tmp_path / "train.csv"
+    path.write_text("text;label\ngood, really good;pos\nbad;neg\n\"a;b\";neg\n")
+    spec = {"files": {"train": str(path)}, "splits": {"train": "train"}}
+    with pytest.raises(FtlabError, match=r"columns found: .*text;label\. The header looks "
+                                         r"';'-separated: set data.delimiter=';'"):
+        load_raw(DataSpec(**spec))
+    raw = load_raw(DataSpec(**spec, delimiter=";"))
+    assert list(raw.splits["train"]["text"]) == ["good, really good", "bad", "a;b"]
+    assert raw.labels == ["neg", "pos"]
+    path.write_text("text;label;text\na;pos;b\n")  # the header check reads the same separator
+    with pytest.raises(FtlabError, match=r"names the column\(s\) \['text'\] more than once"):
+        load_raw(DataSpec(**spec, delimiter=";"))
+    with pytest.raises(FtlabError, match=r"data.delimiter='::' is not one character"):
+        load_raw(DataSpec(**spec, delimiter="::"))
+
+
+def test_data_delimiter_enters_the_stage_key_only_when_set():
+    """null (by extension) keeps the key a stage had before the field existed, so cached stages
+    stay valid (the key below was computed before data.delimiter was added); a separator is a
+    new key."""
+    from dataclasses import replace
+
+    from hydra import compose, initialize_config_dir
+
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.pipeline import build_pipeline
+    from ftlab.stage_keys import stage_key
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", ["model=tiny_bert", "data=rotten_tomatoes", "seed=1"])
+    stage = build_pipeline(cfg)[0]
+    assert stage.data.delimiter is None
+    assert stage_key(stage, None) == "classify-e410c8e101661a18"
+    assert stage_key(replace(stage, data=replace(stage.data, delimiter=";")), None) != \
+        "classify-e410c8e101661a18"

@@ -270,20 +270,21 @@ def test_prompt_tuning_exports_its_peft_folder_with_a_message(train, tmp_path, c
     assert (tmp_path / "hf" / "peft" / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("kind", ["csv", "jsonl", "txt"])
+@pytest.mark.parametrize("kind", ["csv", "semicolon_csv", "jsonl", "txt"])
 def test_predict_cli_reads_csv_jsonl_txt_and_writes_one_line_per_row(
         two_steps, sentiment_dir, tmp_path, kind):
     run_dir = two_steps
     texts = [r["text"] for r in _rows(sentiment_dir / "test.jsonl")][:20]
-    src = tmp_path / f"in.{kind}"
-    if kind == "csv":
+    src = tmp_path / f"in.{kind.split('_')[-1]}"
+    if kind.endswith("csv"):
         import csv
 
+        sep = ";" if kind == "semicolon_csv" else ","
         with src.open("w", newline="") as f:
-            w = csv.writer(f)
+            w = csv.writer(f, delimiter=sep)
             w.writerow(["id", "review"])
             w.writerows([i, t] for i, t in enumerate(texts))
-        extra = ["--text-column", "review"]
+        extra = ["--text-column", "review", *(["--delimiter", sep] if sep != "," else [])]
     elif kind == "jsonl":
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         extra = []
@@ -314,6 +315,10 @@ def test_predict_cli_errors_name_the_fix(two_steps, sentiment_dir, tmp_path):
         str(run_dir), "--stage", "clasify", "--input", str(src))
     msg = error(str(run_dir), "--input", str(src), "--text-column", "review")
     assert "has no column 'review'" in msg and "label, text" in msg
+    semi = tmp_path / "semi.csv"
+    semi.write_text("id;text\n1;good film\n")
+    assert "The header looks ';'-separated: pass --delimiter=';'" in error(
+        str(run_dir), "--input", str(semi))
     assert not (tmp_path / "p.jsonl").exists()
 
 

@@ -22,7 +22,7 @@ from ftlab.data.reading import failed_read, read_apart, refuse_swallowed_rows
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits
 from ftlab.data.typecheck import check_column_types, refuse_repeated_header
-from ftlab.errors import FtlabError, choices_text
+from ftlab.errors import FtlabError, choices_text, separator_hint
 from ftlab.resolve import resolve
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -165,9 +165,15 @@ def _load(spec: DataSpec) -> DatasetDict:
     if builder == "csv":  # pandas reads "NA", "null", "None", "N/A", "nan"... as missing: in
         # a text or label column they are words; only an empty cell is missing
         kwargs = {"keep_default_na": False, "na_values": [""]}
-        refuse_repeated_header(files, _suffix)
-        if any(_suffix(f) == ".tsv" for f in files.values()):
+        if spec.delimiter is not None and len(spec.delimiter) != 1:
+            raise FtlabError(f"data.delimiter={spec.delimiter!r} is not one character.",
+                             "set data.delimiter to the file's field separator, e.g. "
+                             "data.delimiter=';' (null: ',' for .csv, a tab for .tsv).")
+        if spec.delimiter is not None:
+            kwargs["delimiter"] = spec.delimiter
+        elif any(_suffix(f) == ".tsv" for f in files.values()):
             kwargs["delimiter"] = "\t"
+        refuse_repeated_header(files, _suffix, kwargs.get("delimiter"))
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
@@ -222,10 +228,12 @@ def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
         missing = [c for c in wanted if c not in ds.column_names]
         if missing:
             which = "data.label_column" if missing == [spec.label_column] else "data.text_columns"
+            hint = separator_hint(ds.column_names, wanted, "set data.delimiter")
             raise FtlabError(
                 f"Column(s) {missing} not found in the {split} split; columns found: "
-                f"{choices_text(ds.column_names)}.",
-                f"set {which} to the right column name(s).",
+                f"{choices_text(ds.column_names)}.{hint}",
+                f"set {which} to the right column name(s)" + (
+                    " or data.delimiter to the file's separator." if hint else "."),
             )
 
 

@@ -34,6 +34,8 @@ class DataSpec:
             deterministic); null for a split drops it (``data.splits.test=null``). A node that
             gives ``splits`` gives all of them (unlisted ones are not added back); null (the
             default): train, validation and test.
+        delimiter: a csv file's field separator (one character, e.g. ``;``); null follows the
+            extension: ``,`` for ``.csv``, a tab for ``.tsv``.
         split_by: a column whose values never straddle two splits (e.g. movie), for ``all``.
         split_fractions: train/validation/test fractions used with ``all``.
         max_train_samples / max_eval_samples: cap each split (after a seeded shuffle of train).
@@ -51,6 +53,7 @@ class DataSpec:
     labels: list[str] | None = None
     drop_labels: list[str] = field(default_factory=list)
     splits: dict[str, str | None] | None = None
+    delimiter: str | None = None
     split_by: str | None = None
     split_fractions: Annotated[list[float], between(0, 1, each=True)] = field(
         default_factory=lambda: [0.8, 0.1, 0.1])

@@ -231,7 +231,8 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
                 "data.text_columns / data.label_column at the right column.")
 
 
-def refuse_repeated_header(files: dict[str, str], suffix: Any) -> None:
+def refuse_repeated_header(files: dict[str, str], suffix: Any,
+                           delimiter: str | None = None) -> None:
     """A csv/tsv header that names a column twice: pandas renames the second (``text.1``)
     and a run would read the first silently; name the file and the column."""
     import csv
@@ -239,8 +240,8 @@ def refuse_repeated_header(files: dict[str, str], suffix: Any) -> None:
     for path in files.values():
         try:
             with _opener(Path(path))(path, "rt", encoding="utf-8-sig", newline="") as f:
-                header = next(csv.reader(f, delimiter="\t" if suffix(path) == ".tsv" else ","),
-                              [])
+                sep = delimiter or ("\t" if suffix(path) == ".tsv" else ",")
+                header = next(csv.reader(f, delimiter=sep), [])
         except (OSError, UnicodeDecodeError, EOFError, csv.Error):
             continue  # unreadable: the reader's own message says why
         twice = sorted({c for c in header if c and header.count(c) > 1})
