@@ -49,20 +49,55 @@ def previous_run(out: Path) -> dict[str, Any] | None:
     return {k: earlier[k] for k in ("status", "interrupted", "process", "error") if k in earlier}
 
 
+def finished_of(record: Any) -> dict[str, Any] | None:
+    """The finished record a folder's ``metrics.json`` holds: ``record`` itself when it
+    finished, else the one a re-run that has not finished (running, killed, failed) keeps in
+    ``finished_before``; None when there is none."""
+    from ftlab.resume import FINISHED
+
+    if not isinstance(record, dict):
+        return None
+    if record.get("status") in FINISHED:
+        return record
+    kept = record.get("finished_before")
+    return kept if isinstance(kept, dict) and kept.get("status") in FINISHED else None
+
+
+def began(record: dict[str, Any]) -> bool:
+    """Whether a stage of the job in ``record`` started (a stage is running or has finished)."""
+    return "current_stage" in record or bool(record.get("stages"))
+
+
+def _restored(finished: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
+    keep = ("status", "error", "overrides", "interrupted")
+    return finished | {"rerun_error": {k: rerun[k] for k in keep if k in rerun}}
+
+
 def kept_record(record: dict[str, Any], earlier: dict[str, Any] | None,
                 started: bool) -> dict[str, Any]:
     """What ``metrics.json`` keeps when a single run failed: its own error ``record``, except
     for a re-run in the folder of a finished job that failed before any stage ran (a bad override
     after ``resume=``, a data file not found): that run's finished results stay, with the
-    re-run's error beside them as ``rerun_error``."""
-    from ftlab.resume import FINISHED
-
-    if started or not isinstance(earlier, dict) or earlier.get("status") not in FINISHED:
+    re-run's error beside them as ``rerun_error``. (A re-run that failed in a stage keeps the
+    finished results in ``finished_before``.)"""
+    finished = finished_of(earlier)
+    if started or finished is None:
         return record
     log.warning("This re-run stopped before any stage ran: metrics.json keeps the results of "
                 "the run that finished in this folder.")
-    return earlier | {"rerun_error": {k: record[k] for k in ("status", "error", "overrides")
-                                      if k in record}}
+    return _restored(finished, record)
+
+
+def recovered(record: dict[str, Any]) -> dict[str, Any]:
+    """A reader's view of the ``record`` of a job that was killed (``ftlab.status.effective``
+    reads it as interrupted): a re-run killed before any of its stages ran (SIGKILL, out of
+    memory) reads as the finished results it kept in ``finished_before``, with its own outcome
+    as ``rerun_error``: what ``kept_record`` writes when the re-run can still write it."""
+    finished = finished_of(record)
+    if finished is None or finished is record or record.get("status") == "running" \
+            or began(record):
+        return record
+    return _restored(finished, record)
 
 
 def report_degenerate(record: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ftlab.record import recovered
 from ftlab.report_markdown import markdown
 from ftlab.report_plot import plot
 from ftlab.resume import hydra_overrides
@@ -47,9 +48,9 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
                 f"{path} says ok but holds no final metrics (edited or written by other code)."
                 "\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs that job again.")}
         if ended and rec.get("status") == "running":
-            rec = rec | {"status": "interrupted", "failed": True, "error": (
+            rec = recovered(rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "
-                "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")}
+                "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")})
         rec.setdefault("overrides", hydra_overrides(job) or [])
         if "seed" not in rec:  # an unreadable record: the seed its command line gave
             seeds = [o.split("=", 1)[1] for o in rec["overrides"] if o.startswith("seed=")]

@@ -34,14 +34,17 @@ def job_identity(stage_keys: list[str], callbacks: dict[str, Any] | None) -> lis
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
-    """The record in ``path`` (``metrics.json``), or None if there is no readable one."""
+    """The record in ``path`` (``metrics.json``) as it stands (``ftlab.status.effective``: a
+    killed job reads as interrupted, a re-run killed before it trained as the finished results
+    it replaced), or None if there is no readable one."""
+    from ftlab.status import effective
     from ftlab.store import read_json  # (torch: not for `ftlab --help`)
 
     try:
         record = read_json(path)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    return effective(record) if isinstance(record, dict) else None  # (a killed job: as it is)
 
 
 def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None = None,
@@ -52,9 +55,11 @@ def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None =
     folders = [run_dir]
     if sweep_dir is not None and sweep_dir.is_dir():
         folders += sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir)
-    for folder in folders:
-        record = own if folder == run_dir else read_record(folder / "metrics.json")
-        if record is None or record.get("status") not in FINISHED:
+    from ftlab.record import finished_of
+
+    for folder in folders:  # (a re-run that did not finish: the finished job it kept)
+        record = finished_of(own if folder == run_dir else read_record(folder / "metrics.json"))
+        if record is None:
             continue
         if record.get("job_identity") == identity:
             return record, folder

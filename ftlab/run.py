@@ -12,7 +12,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import FtlabError
-from ftlab.record import objective, previous_run, record_error, report_degenerate, save_record
+from ftlab.record import (
+    began,
+    finished_of,
+    objective,
+    previous_run,
+    record_error,
+    report_degenerate,
+    save_record,
+)
 from ftlab.seedstats import failure
 
 log = logging.getLogger("ftlab")
@@ -82,6 +90,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     earlier = read_record(out)  # before this run marks the folder 'running': a finished job?
     if primary and (previous := previous_run(out)):  # a re-run in the same folder
         record["previous"] = previous
+    if (finished := finished_of(earlier)) is not None:  # kept until this run finishes: a kill
+        record["finished_before"] = {k: v for k, v in finished.items()  # loses nothing
+                                     if k not in ("rerun_error", "finished_before")}
     choices = hydra.get("choices", {})
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
                "tags": [f"peft:{choices.get('peft', 'custom')}",
@@ -111,8 +122,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if reason:
                 record["failure"] = reason
         record["objective"] = objective(record)
+        record.pop("finished_before", None)  # this run finished: its results replace them
     except (FtlabError, Exception, KeyboardInterrupt, Stopped) as caught:
-        started = "current_stage" in record or bool(record["stages"])  # has a stage run?
+        started = began(record)  # has a stage run?
         err = caught if isinstance(caught, FtlabError) else environment_error(caught) or caught
         record_error(record, err, run_dir, primary)
         record["objective"] = objective(record)

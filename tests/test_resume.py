@@ -391,7 +391,13 @@ def test_a_rerun_that_stops_before_training_keeps_the_finished_results(tiny_run,
     crash_at(monkeypatch, 1)  # a changed stage that trains, then crashes: not kept
     with pytest.raises(SystemExit):
         run(tiny_run("r", "trainer.max_steps=3"))
-    assert json.loads(out.read_text())["status"] == "error"
+    crashed = json.loads(out.read_text())
+    assert crashed["status"] == "error"
+    assert crashed["finished_before"]["final"] == pytest.approx(first["final"])  # not lost:
+    monkeypatch.undo()
+    back = run(tiny_run("r", "trainer.max_steps=2"))  # the first command gets them back
+    assert back["reused"]["skipped"] and back["final"] == pytest.approx(first["final"])
+    assert "finished_before" not in json.loads(out.read_text())
 
 
 def test_resume_from_another_folder_runs_where_the_run_was_started(tmp_path, sentiment_dir):

@@ -1,0 +1,130 @@
+"""Re-running a job in the folder of a finished one (the same command again, ``resume=``): the
+finished results are never lost, whether the re-run fails, is interrupted or is killed outright
+(SIGKILL, out of memory) before it finishes; the readers (``ftlab-report``, the sweep report,
+``resume``) recover them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftlab.resume import finished_record, read_record
+from tests.conftest import ROOT, tiny_overrides
+
+ARGS = ["trainer.max_steps=2", "data.max_train_samples=32", "cache.stages=off"]
+
+
+def ftlab(tmp_path: Path, data: Path, *extra: str, kill_at: str | None = None):
+    """``python -m ftlab`` into ``tmp_path/run`` (SIGKILLed at ``kill_at``, see
+    ``tests.crash.sigkill_main``)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    head = ["-m", "ftlab"]
+    if kill_at:
+        env["FTLAB_TEST_SIGKILL_AT"] = kill_at
+        head = ["-c", "from tests.crash import sigkill_main; sigkill_main()"]
+    cmd = [sys.executable, *head, *tiny_overrides(data), *ARGS, *extra,
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_rerun_killed_outright_keeps_the_finished_results(tmp_path, sentiment_dir, capsys):
+    """A finished run, re-run in its folder and SIGKILLed (a real child process, ``kill -9`` as
+    the OOM killer does): before any stage started, every reader sees the finished results
+    (with the kill as ``rerun_error``) and the same command reuses them; killed while a changed
+    stage trains, the job reads as interrupted, the finished results stay in metrics.json and
+    the original command gets them back without training."""
+    from ftlab.report_cli import main as report
+
+    out = tmp_path / "run" / "metrics.json"
+    first = ftlab(tmp_path, sentiment_dir)
+    assert first.returncode in (0, 3), first.stderr[-2000:]
+    done = json.loads(out.read_text())
+    assert done["status"] == "ok"
+
+    killed = ftlab(tmp_path, sentiment_dir, kill_at="pipeline")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    raw = json.loads(out.read_text())  # what the killed re-run left
+    assert raw["status"] == "running" and raw["finished_before"]["final"] == done["final"]
+    seen = read_record(out)
+    assert seen["status"] == "ok" and seen["final"] == done["final"]
+    assert seen["rerun_error"]["status"] == "interrupted"
+    assert "killed" in seen["rerun_error"]["error"]
+    assert finished_record(out.parent, done["job_identity"], None, seen)[0]["final"] == \
+        done["final"]
+    with pytest.raises(SystemExit) as exit_:
+        report([str(out.parent)])
+    assert exit_.value.code in (0, 3)  # ok (3: at the majority baseline after 2 steps)
+    assert f"{out.parent}: ok" in capsys.readouterr().out
+
+    again = ftlab(tmp_path, sentiment_dir)  # the same command: reused, not trained again
+    assert again.returncode in (0, 3), again.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["reused"]["skipped"] and record["final"] == done["final"]
+    assert "finished_before" not in record and "rerun_error" not in record
+
+    changed = ftlab(tmp_path, sentiment_dir, "trainer.max_steps=3", kill_at="stage")
+    assert changed.returncode == -9, changed.stderr[-2000:]
+    assert json.loads(out.read_text())["finished_before"]["final"] == done["final"]
+    seen = read_record(out)  # a changed job was training: it is what the folder holds now
+    assert seen["status"] == "interrupted" and seen["interrupted"]["stage"] == "classify"
+    back = ftlab(tmp_path, sentiment_dir)  # the original command: its results, not trained
+    assert back.returncode in (0, 3), back.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["reused"]["skipped"] and record["final"] == done["final"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _job(sweep: Path, name: str, record: dict) -> Path:
+    (sweep / name / ".hydra").mkdir(parents=True)
+    (sweep / name / "metrics.json").write_text(json.dumps(record))
+    return sweep / name
+
+
+def _finished(seed: int, acc: float) -> dict:
+    return {"status": "ok", "failed": False, "seed": seed, "final": {"val/acc": acc},
+            "overrides": [f"seed={seed}"], "job_identity": [f"classify-{seed}", "callbacks-x"],
+            "monitor": {"metric": "val/acc", "mode": "max", "failed_by": None}}
+
+
+def _rerun(finished: dict, *, host: str | None = None, **more) -> dict:
+    import socket
+
+    return {"status": "running", "seed": finished["seed"], "stages": {},
+            "overrides": finished["overrides"], "finished_before": finished,
+            "process": {"pid": _dead_pid(), "host": host or socket.gethostname(),
+                        "pid_start": None}} | more
+
+
+def test_sweep_report_and_relaunch_recover_a_rerun_killed_before_it_trained(tmp_path):
+    """A sweep re-launch killed (SIGKILL) while a job of a finished sweep was re-running: the
+    job's finished results count in the report and a further re-launch skips it. A re-run
+    killed while a changed stage trained reads as interrupted, its finished results kept."""
+    from ftlab.report import collect, summarize
+
+    sweep = tmp_path / "sweep"
+    a, b, c = _finished(1, 0.8), _finished(2, 0.7), _finished(3, 0.6)
+    job0 = _job(sweep, "0", _rerun(a))  # killed here
+    _job(sweep, "1", _rerun(b, host="another-machine"))  # killed on another host
+    job2 = _job(sweep, "2", _rerun(c, current_stage="classify"))  # killed while training
+    records = collect(sweep)
+    assert [r["status"] for r in records] == ["ok", "ok", "interrupted"]
+    assert [r.get("final") for r in records[:2]] == [a["final"], b["final"]]
+    assert records[0]["rerun_error"]["status"] == "interrupted"
+    [summary] = summarize(records).values()
+    assert summary["metrics"]["val/acc"]["n"] == 2 and summary["errored"] == 1
+    for job, rec in ((job0, a), (job2, c)):  # the re-launch finds them: not trained again
+        own = read_record(job / "metrics.json")
+        found, folder = finished_record(job, rec["job_identity"], sweep, own)
+        assert folder == job and found["final"] == rec["final"]
