@@ -27,6 +27,24 @@ def save_record(out: Path, record: dict[str, Any]) -> None:
         print(f"\nftlab: could not update {out}: {problem}\n", file=sys.stderr)
 
 
+def busy(earlier: dict[str, Any] | None, run_dir: Path) -> FtlabError | None:
+    """The error for a run started in ``run_dir`` while another ``ftlab`` process on this host
+    still writes it (its ``metrics.json`` says running and that process lives): two runs in
+    one folder write over each other's checkpoints and results. None when there is none (or
+    it runs on another host, where it cannot be looked up: ``previous_run`` warns)."""
+    from ftlab.status import is_alive
+
+    process = (earlier or {}).get("process") or {}
+    if (earlier or {}).get("status") != "running" or process.get("pid") == os.getpid() \
+            or is_alive(process) is not True:
+        return None
+    return FtlabError(
+        f"another ftlab run (pid {process['pid']}, started {process.get('started')}) is still "
+        f"writing {run_dir}; a second run there would write over its checkpoints and results.",
+        f"wait for it to end (or stop it: kill {process['pid']}) and run this again, or give "
+        "this run another folder (hydra.run.dir=...).")
+
+
 def previous_run(out: Path) -> dict[str, Any] | None:
     """What an earlier run in this folder left in ``metrics.json`` (a killed one reads as
     interrupted), with a warning when it did not finish."""

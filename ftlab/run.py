@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab.errors import FtlabError
 from ftlab.record import (
     began,
+    busy,
     finished_of,
     objective,
     previous_run,
@@ -88,6 +89,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from ftlab.resume import read_record
 
     earlier = read_record(out)  # before this run marks the folder 'running': a finished job?
+    if primary and (refused := busy(earlier, run_dir)):  # metrics.json stays the other run's
+        print(f"\nftlab: {refused}\n", file=sys.stderr)
+        if not hydra["multirun"]:
+            sys.exit(1)
+        record |= {"status": "error", "failed": True, "error": str(refused)}
+        return record | {"objective": objective(record)}  # a sweep goes on with its next job
     if primary and (previous := previous_run(out)):  # a re-run in the same folder
         record["previous"] = previous
     if (finished := finished_of(earlier)) is not None:  # kept until this run finishes: a kill

@@ -128,3 +128,32 @@ def test_sweep_report_and_relaunch_recover_a_rerun_killed_before_it_trained(tmp_
         own = read_record(job / "metrics.json")
         found, folder = finished_record(job, rec["job_identity"], sweep, own)
         assert folder == job and found["final"] == rec["final"]
+
+
+def test_a_second_run_in_the_folder_of_a_live_run_is_refused(make_cfg, sentiment_dir, tmp_path,
+                                                              capsys):
+    """Two runs in one folder (the same command in two terminals) wrote over each other's
+    checkpoints (the second crashed renaming the first's) and results: the second stops with
+    the fix, leaving the live run's metrics.json alone."""
+    import socket
+
+    from ftlab.run import run
+    from ftlab.status import _start_ticks
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        live = {"status": "running", "stages": {}, "current_stage": "classify",
+                "process": {"pid": other.pid, "host": socket.gethostname(),
+                            "pid_start": _start_ticks(other.pid), "started": "then"}}
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "metrics.json").write_text(json.dumps(live))
+        with pytest.raises(SystemExit) as exit_:
+            run(make_cfg(tiny_overrides(sentiment_dir) + ["trainer.max_steps=1"]))
+        assert exit_.value.code == 1
+        assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == live
+        err = capsys.readouterr().err
+        assert f"another ftlab run (pid {other.pid}, started then) is still writing" in err
+        assert f"Fix: wait for it to end (or stop it: kill {other.pid})" in err
+    finally:
+        other.kill()
+        other.wait()
