@@ -37,16 +37,7 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
     during a sweep) it is still running."""
     records = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
-        path = job / "metrics.json"
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            rec = {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
-        rec = effective(rec) if isinstance(rec, dict) else {"status": "missing", "failed": True}
-        if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
-            rec = rec | {"status": "missing", "failed": True, "error": (
-                f"{path} says ok but holds no final metrics (edited or written by other code)."
-                "\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs that job again.")}
+        rec = job_record(job / "metrics.json")
         if ended and rec.get("status") == "running":
             rec = recovered(rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "
@@ -59,6 +50,25 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
         rec["job"] = job.name
         records.append(rec)
     return dedupe(records)
+
+
+def job_record(path: Path) -> dict[str, Any]:
+    """The record in a job's ``metrics.json`` as it stands (``ftlab.status.effective``); status
+    'missing' when there is no readable record or it says ok without final metrics."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
+    if not isinstance(rec, dict):
+        return {"status": "missing", "failed": True, "error": (
+            f"{path} holds a JSON {type(rec).__name__}, not a job's record (edited or written by "
+            "other code).\nFix: re-launch the sweep or re-run the job: it runs that job again.")}
+    rec = effective(rec)
+    if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
+        rec = rec | {"status": "missing", "failed": True, "error": (
+            f"{path} says ok but holds no final metrics (edited or written by other code)."
+            "\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs that job again.")}
+    return rec
 
 
 def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

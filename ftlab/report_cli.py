@@ -4,12 +4,11 @@ run's status, and exit with the status ``ftlab`` would have (README: exit status
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ftlab.report import STOPPED, is_search, outcome, write_report
-from ftlab.status import DEGENERATE_EXIT, effective
+from ftlab.report import STOPPED, is_search, job_record, outcome, write_report
+from ftlab.status import DEGENERATE_EXIT
 
 
 def exit_status(counts: dict[str, int]) -> int:
@@ -61,18 +60,24 @@ def main(argv: list[str] | None = None) -> None:
 def _one_run(path: Path) -> int:
     """Print one run's status (a killed one reads as interrupted); the ``ftlab`` exit status
     it stands for."""
-    try:
-        rec = effective(json.loads(path.read_text()))
-    except (OSError, ValueError) as err:
-        print(f"ftlab-report: cannot read {path}: {err}", file=sys.stderr)
-        return 1
+    rec = job_record(path)
     status = rec.get("status")
+    if status == "missing":
+        problem = rec["error"] if "\n" in rec["error"] else f"{path}: {rec['error']}"
+        print(f"ftlab-report: {problem}", file=sys.stderr)
+        return 1
     where = rec.get("interrupted") or {}
     print(f"{path.parent}: {status}"
           + (f" in stage {where.get('stage')}" if where.get("stage") else "")
           + (f" at step {where['step']}" if where.get("step") is not None else ""))
     if rec.get("error"):
         print(rec["error"])
+    if isinstance(rec.get("rerun_error"), dict):  # a re-run stopped before it trained
+        print(f"(the results of the run that finished here; a later re-run ended before it "
+              f"trained: {rec['rerun_error'].get('status')})")
+    elif isinstance(rec.get("finished_before"), dict):  # a changed re-run that did not finish
+        print("metrics.json also keeps the results of the run that finished here before "
+              "(finished_before): its own command reuses them without training.")
     if status == "ok" and rec.get("failed"):  # finished, but no better than a trivial predictor
         print(f"FAILED: {rec.get('failure') or 'no better than a trivial baseline'}")
     if status == "ok":

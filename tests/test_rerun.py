@@ -157,3 +157,35 @@ def test_a_second_run_in_the_folder_of_a_live_run_is_refused(make_cfg, sentiment
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("content, says", [
+    ("[1, 2]", "holds a JSON list, not a job's record"),
+    ('{"status": "ok"}', "says ok but holds no final metrics"),
+    ('{"status": "ok", "fin', "no readable metrics.json"),
+])
+def test_ftlab_report_on_a_damaged_run_folder_says_so(tmp_path, capsys, content, says):
+    """``ftlab-report <run>`` on a metrics.json that is not a record (a list: was a bare
+    AttributeError traceback), says ok without metrics (was exit 0, 'ok') or is cut short."""
+    from ftlab.report_cli import main
+
+    (tmp_path / "metrics.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_ftlab_report_on_a_run_whose_rerun_was_killed_says_whose_results_it_shows(tmp_path,
+                                                                                 capsys):
+    from ftlab.report_cli import main
+
+    finished = _finished(1, 0.8)
+    for record, says in ((_rerun(finished), "a later re-run ended before it trained"),
+                         (_rerun(finished, current_stage="classify"), "finished_before")):
+        (tmp_path / "metrics.json").write_text(json.dumps(record))
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path)])
+        out = capsys.readouterr().out
+        assert exit_.value.code == (0 if "later" in says else 1) and says in out, out
