@@ -19,9 +19,10 @@ from tests.conftest import ROOT, tiny_overrides
 ARGS = ["trainer.max_steps=2", "data.max_train_samples=32", "cache.stages=off"]
 
 
-def ftlab(tmp_path: Path, data: Path, *extra: str, kill_at: str | None = None):
+def ftlab(tmp_path: Path, data: Path, *extra: str, kill_at: str | None = None,
+          into: str | None = None):
     """``python -m ftlab`` into ``tmp_path/run`` (SIGKILLed at ``kill_at``, see
-    ``tests.crash.sigkill_main``)."""
+    ``tests.crash.sigkill_main``), or with ``into``: those arguments and no others."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     env.pop("HYDRA_FULL_ERROR", None)
     head = ["-m", "ftlab"]
@@ -29,7 +30,8 @@ def ftlab(tmp_path: Path, data: Path, *extra: str, kill_at: str | None = None):
         env["FTLAB_TEST_SIGKILL_AT"] = kill_at
         head = ["-c", "from tests.crash import sigkill_main; sigkill_main()"]
     cmd = [sys.executable, *head, *tiny_overrides(data), *ARGS, *extra,
-           f"hydra.run.dir={tmp_path / 'run'}"]
+           f"hydra.run.dir={tmp_path / 'run'}"] if into is None else \
+        [sys.executable, *head, *extra, into]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -189,3 +191,29 @@ def test_ftlab_report_on_a_run_whose_rerun_was_killed_says_whose_results_it_show
             main([str(tmp_path)])
         out = capsys.readouterr().out
         assert exit_.value.code == (0 if "later" in says else 1) and says in out, out
+
+
+@pytest.mark.slow
+def test_a_sweep_relaunch_killed_outright_loses_no_finished_job(tmp_path, sentiment_dir):
+    """``ftlab -m resume=<sweep>`` SIGKILLed (a real child) while its first job, finished
+    before, was being re-checked: the sweep report still counts it, and the next re-launch
+    skips every finished job."""
+    from ftlab.report import collect
+
+    sweep = tmp_path / "sweep"
+    first = ftlab(tmp_path, sentiment_dir, "-m", *tiny_overrides(sentiment_dir), *ARGS,
+                  "seed=1,2", into=f"hydra.sweep.dir={sweep}")
+    assert first.returncode in (0, 3), first.stderr[-2000:]
+    done = {j: json.loads((sweep / j / "metrics.json").read_text()) for j in ("0", "1")}
+    killed = ftlab(tmp_path, sentiment_dir, "-m", kill_at="reuse", into=f"resume={sweep}")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    raw = [json.loads((sweep / j / "metrics.json").read_text())["status"] for j in done]
+    assert sorted(raw) == ["ok", "running"]
+    records = collect(sweep)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert [r["final"] for r in records] == [done[j]["final"] for j in done]
+    again = ftlab(tmp_path, sentiment_dir, "-m", into=f"resume={sweep}")
+    assert again.returncode in (0, 3), again.stderr[-2000:]
+    for j, rec in done.items():
+        now = json.loads((sweep / j / "metrics.json").read_text())
+        assert now["reused"]["skipped"] and now["final"] == rec["final"]
