@@ -67,16 +67,19 @@ def previous_run(out: Path) -> dict[str, Any] | None:
     return {k: earlier[k] for k in ("status", "interrupted", "process", "error") if k in earlier}
 
 
-def finished_of(record: Any) -> dict[str, Any] | None:
+def finished_of(record: Any, reusable: bool = False) -> dict[str, Any] | None:
     """The finished record a folder's ``metrics.json`` holds: ``record`` itself when it
     finished, else the one a re-run that has not finished (running, killed, failed) keeps in
-    ``finished_before``; None when there is none."""
+    ``finished_before``; None when there is none. ``reusable``: only if the folder's
+    artefacts are still that job's (the re-run finished none of its stages)."""
     from ftlab.resume import FINISHED
 
     if not isinstance(record, dict):
         return None
     if record.get("status") in FINISHED:
         return record
+    if reusable and record.get("stages"):  # the re-run wrote its own stage artefacts
+        return None
     kept = record.get("finished_before")
     return kept if isinstance(kept, dict) and kept.get("status") in FINISHED else None
 

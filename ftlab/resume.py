@@ -58,7 +58,8 @@ def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None =
     from ftlab.record import finished_of
 
     for folder in folders:  # (a re-run that did not finish: the finished job it kept)
-        record = finished_of(own if folder == run_dir else read_record(folder / "metrics.json"))
+        record = finished_of(own if folder == run_dir else read_record(folder / "metrics.json"),
+                             reusable=True)
         if record is None:
             continue
         if record.get("job_identity") == identity:

@@ -130,6 +130,13 @@ def test_sweep_report_and_relaunch_recover_a_rerun_killed_before_it_trained(tmp_
         own = read_record(job / "metrics.json")
         found, folder = finished_record(job, rec["job_identity"], sweep, own)
         assert folder == job and found["final"] == rec["final"]
+    # a re-run that finished a stage wrote that stage's artefact over the finished job's: the
+    # finished metrics stay in metrics.json, but are not reused for those artefacts
+    job3 = _job(sweep, "3", _rerun(_finished(4, 0.5), stages={"classify": {"metrics": {}}},
+                                   current_stage="task"))
+    assert read_record(job3 / "metrics.json")["finished_before"]["final"] == {"val/acc": 0.5}
+    assert finished_record(job3, _finished(4, 0.5)["job_identity"], None,
+                           read_record(job3 / "metrics.json")) is None
 
 
 def test_a_second_run_in_the_folder_of_a_live_run_is_refused(make_cfg, sentiment_dir, tmp_path,
