@@ -34,9 +34,9 @@ def busy(earlier: dict[str, Any] | None, run_dir: Path) -> FtlabError | None:
     it runs on another host, where it cannot be looked up: ``previous_run`` warns)."""
     from ftlab.status import is_alive
 
-    process = (earlier or {}).get("process") or {}
-    if (earlier or {}).get("status") != "running" or process.get("pid") == os.getpid() \
-            or is_alive(process) is not True:
+    process = (earlier or {}).get("process")
+    if (earlier or {}).get("status") != "running" or not isinstance(process, dict) \
+            or process.get("pid") == os.getpid() or is_alive(process) is not True:
         return None
     return FtlabError(
         f"another ftlab run (pid {process['pid']}, started {process.get('started')}) is still "
@@ -52,18 +52,20 @@ def previous_run(out: Path) -> dict[str, Any] | None:
     from ftlab.store import read_json
 
     try:
-        earlier = effective(read_json(out))
+        earlier = read_json(out)
     except (OSError, ValueError):
         return None
-    if not isinstance(earlier, dict):
+    if not isinstance(earlier, dict):  # (a damaged or edited file: this run writes a new one)
         return None
+    earlier = effective(earlier)
     status = earlier.get("status")
     if status == "interrupted":
         log.warning("The previous run in %s was interrupted (%s); starting it again.",
                     out.parent, earlier.get("interrupted"))
     elif status == "running":
+        process = earlier.get("process")
         log.warning("%s says another run (pid %s) is still writing this folder.", out,
-                    (earlier.get("process") or {}).get("pid"))
+                    process.get("pid") if isinstance(process, dict) else process)
     return {k: earlier[k] for k in ("status", "interrupted", "process", "error") if k in earlier}
 
 

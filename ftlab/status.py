@@ -109,10 +109,11 @@ def effective(record: dict[str, Any]) -> dict[str, Any]:
     before any stage ran reads as that job's finished results (``ftlab.record.recovered``)."""
     from ftlab.record import recovered
 
-    if record.get("status") != "running" or is_alive(record.get("process") or {}) is not False:
+    process = record.get("process")
+    if record.get("status") != "running" or not isinstance(process, dict) \
+            or is_alive(process) is not False:
         return record
     stage = record.get("current_stage")
-    process = record["process"]
     where = f" in stage '{stage}'" if stage else ""
     return recovered(record | {
         "status": "interrupted", "failed": True,

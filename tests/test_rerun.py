@@ -224,3 +224,17 @@ def test_a_sweep_relaunch_killed_outright_loses_no_finished_job(tmp_path, sentim
     for j, rec in done.items():
         now = json.loads((sweep / j / "metrics.json").read_text())
         assert now["reused"]["skipped"] and now["final"] == rec["final"]
+
+
+@pytest.mark.parametrize("content", ["[1]", '{"status": "running", "process": "pid 7"}'])
+def test_a_run_in_a_folder_with_a_damaged_metrics_json_runs(make_cfg, sentiment_dir, tmp_path,
+                                                            content):
+    """A metrics.json that is not a record (a list) or has a damaged process entry (an edit,
+    other code): the run writes its own, instead of a bare AttributeError traceback."""
+    from ftlab.run import run
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(content)
+    record = run(make_cfg(tiny_overrides(sentiment_dir) + ["trainer.max_steps=1"]))
+    assert record["status"] == "ok"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"
