@@ -163,14 +163,28 @@ def _config_flags(hydra: Any, opts: list[str]) -> list[str]:
     def given(*names: str) -> bool:
         return any(o == n or o.startswith(f"{n}=") for o in opts for n in names)
 
+    from ftlab.cli import CONFIG_DIR
+
     out: list[str] = []
+    sources = hydra.get("runtime", {}).get("config_sources", None) or []
     if not given("-cd", "--config-dir"):
-        for source in hydra.get("runtime", {}).get("config_sources", None) or []:
+        for source in sources:
             if source.get("provider") == "command-line" and source.get("path"):
                 out += ["--config-dir", str(source.path)]
+    dirs = list(dict.fromkeys([CONFIG_DIR, *(str(s.path) for s in sources
+                                             if s.get("schema") == "file")]))
+    other = any(s.get("schema") == "pkg" and s.get("provider") != "hydra" for s in sources)
     name = hydra.get("job", {}).get("config_name", None)
     if name and name != "config" and not given("-cn", "--config-name"):
         out += ["--config-name", str(name)]
+        file = f"{str(name).removesuffix('.yaml')}.yaml"
+        if not (other or given("-cd", "--config-dir")
+                or any(Path(d, file).is_file() for d in dirs)):  # Hydra: "Cannot find
+            raise FtlabError(  # primary config", and a fix that does not help
+                f"resume: the run was made with --config-name {name}, and {file} is in "
+                f"none of {', '.join(dirs)} (a folder that moved, or not an ftlab run).",
+                "give the config's folder: ftlab --config-dir <folder> resume=... (or "
+                "--config-name <name>).")
     return out
 
 
