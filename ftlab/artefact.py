@@ -95,6 +95,8 @@ def keep_best_full_artefacts(records: list[dict[str, Any]], sweep_dir: Path) -> 
                 changed = True
         if changed:
             disk = read_json(sweep_dir / rec["job"] / "metrics.json")
-            disk["stages"] = rec["stages"]
+            kept = disk.get("finished_before")  # a killed re-run's record: its finished one
+            target = kept if isinstance(kept, dict) and disk.get("status") != "ok" else disk
+            target["stages"] = rec["stages"]
             write_json(sweep_dir / rec["job"] / "metrics.json", disk)
     return best

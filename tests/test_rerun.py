@@ -238,3 +238,26 @@ def test_a_run_in_a_folder_with_a_damaged_metrics_json_runs(make_cfg, sentiment_
     record = run(make_cfg(tiny_overrides(sentiment_dir) + ["trainer.max_steps=1"]))
     assert record["status"] == "ok"
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_save_artefact_best_keeps_a_killed_reruns_finished_record_recoverable(tmp_path):
+    """The end of a sweep (save_artefact=best) drops the full-size artefact of a job whose
+    re-run was killed: the note goes into the finished record it kept, so the job still reads
+    as finished (it used to be written into the killed re-run's record, which then read as
+    interrupted and was trained again)."""
+    from ftlab.artefact import keep_best_full_artefacts
+    from ftlab.report import collect
+
+    sweep = tmp_path / "sweep"
+    best = _job(sweep, "0", _finished(1, 0.9) | {"objective": 0.9, "stages": {}})
+    weights = sweep / "1" / "classify" / "trainable.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"w")
+    stage = {"artefact": str(weights), "full_size_artefact": True, "metrics": {}}
+    finished = _finished(2, 0.5) | {"objective": 0.5, "stages": {"classify": stage}}
+    job = _job(sweep, "1", _rerun(finished))
+    assert keep_best_full_artefacts(collect(sweep), sweep) == best.name
+    assert not weights.exists()
+    seen = read_record(job / "metrics.json")
+    assert seen["status"] == "ok" and "artefact_dropped" in seen["stages"]["classify"]
+    assert finished_record(job, finished["job_identity"], None, seen) is not None
