@@ -36,7 +36,7 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
     another host, where its process cannot be looked up) was killed; otherwise (``ftlab-report``
     during a sweep) it is still running."""
     records = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+    for job in sorted(p for p in sweep_dir.iterdir() if is_job(p)):
         rec = job_record(job / "metrics.json")
         if ended and rec.get("status") == "running":
             rec = recovered(rec | {"status": "interrupted", "failed": True, "error": (
@@ -50,6 +50,12 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
         rec["job"] = job.name
         records.append(rec)
     return dedupe(records)
+
+
+def is_job(folder: Path) -> bool:
+    """A job folder of a sweep: Hydra's ``.hydra/`` in it, or (``hydra.output_subdir=null``)
+    the ``metrics.json`` of its job."""
+    return folder.is_dir() and ((folder / ".hydra").is_dir() or (folder / "metrics.json").is_file())
 
 
 def job_record(path: Path) -> dict[str, Any]:

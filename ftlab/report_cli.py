@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ftlab.report import STOPPED, is_search, job_record, outcome, write_report
+from ftlab.report import STOPPED, is_job, is_search, job_record, outcome, write_report
 from ftlab.status import DEGENERATE_EXIT
 
 
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.exists():
         sys.exit(f"ftlab-report: {args.sweep_dir} does not exist.\nFix: pass a folder that "
                  "ftlab wrote (outputs/multirun/<time> or outputs/runs/<time>).")
-    if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
-        sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
+    if not args.sweep_dir.is_dir() or not any(map(is_job, args.sweep_dir.iterdir())):
+        sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no job folder "
+                 "inside: */.hydra or */metrics.json).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/, or "
                  "one run's folder (it holds metrics.json).")
     summary = write_report(args.sweep_dir, ended=False)  # jobs may still be running

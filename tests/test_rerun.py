@@ -261,3 +261,20 @@ def test_save_artefact_best_keeps_a_killed_reruns_finished_record_recoverable(tm
     seen = read_record(job / "metrics.json")
     assert seen["status"] == "ok" and "artefact_dropped" in seen["stages"]["classify"]
     assert finished_record(job, finished["job_identity"], None, seen) is not None
+
+
+def test_report_counts_jobs_of_a_sweep_run_with_no_hydra_subfolder(tmp_path):
+    """``hydra.output_subdir=null``: job folders without ``.hydra/`` were left out, so the
+    sweep's report (and its exit status) said nothing of jobs that finished."""
+    from ftlab.report import collect
+    from ftlab.report_cli import main
+
+    for job, acc in (("0", 0.8), ("1", 0.7)):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "metrics.json").write_text(json.dumps(_finished(int(job), acc)))
+    assert [r["final"]["val/acc"] for r in collect(tmp_path)] == [0.8, 0.7]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["default"]["runs"] == 2
