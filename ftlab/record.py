@@ -83,7 +83,20 @@ def finished_of(record: Any, reusable: bool = False) -> dict[str, Any] | None:
     if reusable and record.get("stages"):  # the re-run wrote its own stage artefacts
         return None
     kept = record.get("finished_before")
-    return kept if isinstance(kept, dict) and kept.get("status") in FINISHED else None
+    if not isinstance(kept, dict) or kept.get("status") not in FINISHED:
+        return None
+    return None if reusable and kept.get("artefacts_replaced") else kept
+
+
+def kept_finished(earlier: Any) -> dict[str, Any] | None:
+    """What a run keeps in ``finished_before`` from the ``earlier`` record of its folder: its
+    finished record, marked ``artefacts_replaced`` when a re-run since finished a stage of its
+    own there (the finished metrics stay, but no longer describe the folder's artefacts)."""
+    finished = finished_of(earlier)
+    if finished is None:
+        return None
+    kept = {k: v for k, v in finished.items() if k not in ("rerun_error", "finished_before")}
+    return kept if finished_of(earlier, reusable=True) else kept | {"artefacts_replaced": True}
 
 
 def began(record: dict[str, Any]) -> bool:
@@ -103,7 +116,7 @@ def kept_record(record: dict[str, Any], earlier: dict[str, Any] | None,
     after ``resume=``, a data file not found): that run's finished results stay, with the
     re-run's error beside them as ``rerun_error``. (A re-run that failed in a stage keeps the
     finished results in ``finished_before``.)"""
-    finished = finished_of(earlier)
+    finished = finished_of(earlier, reusable=True)
     if started or finished is None:
         return record
     log.warning("This re-run stopped before any stage ran: metrics.json keeps the results of "
@@ -116,7 +129,7 @@ def recovered(record: dict[str, Any]) -> dict[str, Any]:
     reads it as interrupted): a re-run killed before any of its stages ran (SIGKILL, out of
     memory) reads as the finished results it kept in ``finished_before``, with its own outcome
     as ``rerun_error``: what ``kept_record`` writes when the re-run can still write it."""
-    finished = finished_of(record)
+    finished = finished_of(record, reusable=True)
     if finished is None or finished is record or record.get("status") == "running" \
             or began(record):
         return record

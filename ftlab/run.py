@@ -15,7 +15,7 @@ from ftlab.errors import FtlabError
 from ftlab.record import (
     began,
     busy,
-    finished_of,
+    kept_finished,
     objective,
     previous_run,
     record_error,
@@ -97,9 +97,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return record | {"objective": objective(record)}  # a sweep goes on with its next job
     if primary and (previous := previous_run(out)):  # a re-run in the same folder
         record["previous"] = previous
-    if (finished := finished_of(earlier)) is not None:  # kept until this run finishes: a kill
-        record["finished_before"] = {k: v for k, v in finished.items()  # loses nothing
-                                     if k not in ("rerun_error", "finished_before")}
+    if (finished := kept_finished(earlier)) is not None:  # kept until this run finishes: a
+        record["finished_before"] = finished  # kill or a failure loses nothing
     choices = hydra.get("choices", {})
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
                "tags": [f"peft:{choices.get('peft', 'custom')}",

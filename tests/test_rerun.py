@@ -278,3 +278,35 @@ def test_report_counts_jobs_of_a_sweep_run_with_no_hydra_subfolder(tmp_path):
     assert exit_.value.code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["default"]["runs"] == 2
+
+
+def test_finished_results_whose_artefacts_a_rerun_replaced_are_kept_not_restored(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    """A changed re-run finished a stage (its artefact replaced the finished job's) and then
+    failed; the next re-run stops before training: metrics.json must not turn back into the
+    finished record (its metrics would describe artefacts that are gone). They stay, marked
+    ``artefacts_replaced``, and are not recovered or reused later."""
+    import ftlab.pipeline
+    from ftlab.errors import FtlabError
+    from ftlab.run import run
+
+    finished = _finished(1, 0.8)
+    crashed = {"status": "error", "error": "boom", "stages": {"classify": {"metrics": {}}},
+               "finished_before": finished}
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "run" / "metrics.json"
+    out.write_text(json.dumps(crashed))
+
+    def bad(*args, **kwargs):
+        raise FtlabError("a bad override", "fix it")
+
+    monkeypatch.setattr(ftlab.pipeline, "build_pipeline", bad)
+    with pytest.raises(SystemExit):
+        run(make_cfg(tiny_overrides(sentiment_dir) + ["trainer.max_steps=1"]))
+    record = json.loads(out.read_text())
+    assert record["status"] == "error" and "a bad override" in record["error"]
+    assert record["finished_before"] == finished | {"artefacts_replaced": True}
+    killed = _rerun(record["finished_before"])  # and killed before training: still not ok
+    assert finished_record(out.parent, finished["job_identity"], None, killed) is None
+    out.write_text(json.dumps(killed))
+    assert read_record(out)["status"] == "interrupted"
