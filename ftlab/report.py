@@ -38,6 +38,11 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
     records = []
     for job in sorted(p for p in sweep_dir.iterdir() if is_job(p)):
         rec = job_record(job / "metrics.json")
+        if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
+            rec = rec | {"status": "missing", "failed": True, "error": (
+                f"{job / 'metrics.json'} says ok but holds no final metrics (edited or written "
+                "by other code).\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs "
+                "that job again.")}
         if ended and rec.get("status") == "running":
             rec = recovered(rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "
@@ -60,7 +65,7 @@ def is_job(folder: Path) -> bool:
 
 def job_record(path: Path) -> dict[str, Any]:
     """The record in a job's ``metrics.json`` as it stands (``ftlab.status.effective``); status
-    'missing' when there is no readable record or it says ok without final metrics."""
+    'missing' when there is no readable record."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -69,12 +74,7 @@ def job_record(path: Path) -> dict[str, Any]:
         return {"status": "missing", "failed": True, "error": (
             f"{path} holds a JSON {type(rec).__name__}, not a job's record (edited or written by "
             "other code).\nFix: re-launch the sweep or re-run the job: it runs that job again.")}
-    rec = effective(rec)
-    if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
-        rec = rec | {"status": "missing", "failed": True, "error": (
-            f"{path} says ok but holds no final metrics (edited or written by other code)."
-            "\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs that job again.")}
-    return rec
+    return effective(rec)
 
 
 def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
