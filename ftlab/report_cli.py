@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ftlab.record import finished_of
 from ftlab.report import STOPPED, is_job, is_search, job_record, outcome, write_report
 from ftlab.status import DEGENERATE_EXIT
 
@@ -78,7 +79,10 @@ def _one_run(path: Path) -> int:
               f"trained: {rec['rerun_error'].get('status')})")
     elif isinstance(rec.get("finished_before"), dict):  # a changed re-run that did not finish
         print("metrics.json also keeps the results of the run that finished here before "
-              "(finished_before): its own command reuses them without training.")
+              "(finished_before): " + ("its own command reuses them without training."
+                                       if finished_of(rec, reusable=True) else
+                                       "a re-run has since replaced its stage artefacts, so its "
+                                       "own command trains again."))
     if status == "ok" and rec.get("failed"):  # finished, but no better than a trivial predictor
         print(f"FAILED: {rec.get('failure') or 'no better than a trivial baseline'}")
     if status == "ok":

@@ -190,8 +190,10 @@ def test_ftlab_report_on_a_run_whose_rerun_was_killed_says_whose_results_it_show
     from ftlab.report_cli import main
 
     finished = _finished(1, 0.8)
+    replaced = _rerun(finished, stages={"classify": {}}, current_stage="task")
     for record, says in ((_rerun(finished), "a later re-run ended before it trained"),
-                         (_rerun(finished, current_stage="classify"), "finished_before")):
+                         (_rerun(finished, current_stage="classify"), "reuses them without"),
+                         (replaced, "replaced its stage artefacts, so its own command trains")):
         (tmp_path / "metrics.json").write_text(json.dumps(record))
         with pytest.raises(SystemExit) as exit_:
             main([str(tmp_path)])
