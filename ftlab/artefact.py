@@ -81,6 +81,8 @@ def keep_best_full_artefacts(records: list[dict[str, Any]], sweep_dir: Path) -> 
         return sign * value if isinstance(value, int | float) and math.isfinite(value) \
             else -math.inf
 
+    from ftlab.resume import FINISHED
+
     best = max(done, key=score)["job"]
     for rec in records:
         if rec.get("job") == best or rec.get("job") is None:
@@ -95,6 +97,9 @@ def keep_best_full_artefacts(records: list[dict[str, Any]], sweep_dir: Path) -> 
                 changed = True
         if changed:
             disk = read_json(sweep_dir / rec["job"] / "metrics.json")
-            disk["stages"] = rec["stages"]
+            kept = disk.get("finished_before")  # a killed re-run's record: its finished one
+            target = kept if isinstance(kept, dict) and disk.get("status") not in FINISHED \
+                else disk
+            target["stages"] = rec["stages"]
             write_json(sweep_dir / rec["job"] / "metrics.json", disk)
     return best

@@ -27,6 +27,24 @@ def save_record(out: Path, record: dict[str, Any]) -> None:
         print(f"\nftlab: could not update {out}: {problem}\n", file=sys.stderr)
 
 
+def busy(earlier: dict[str, Any] | None, run_dir: Path) -> FtlabError | None:
+    """The error for a run started in ``run_dir`` while another ``ftlab`` process on this host
+    still writes it (its ``metrics.json`` says running and that process lives): two runs in
+    one folder write over each other's checkpoints and results. None when there is none (or
+    it runs on another host, where it cannot be looked up: ``previous_run`` warns)."""
+    from ftlab.status import is_alive
+
+    process = (earlier or {}).get("process")
+    if (earlier or {}).get("status") != "running" or not isinstance(process, dict) \
+            or process.get("pid") == os.getpid() or is_alive(process) is not True:
+        return None
+    return FtlabError(
+        f"another ftlab run (pid {process['pid']}, started {process.get('started')}) is still "
+        f"writing {run_dir}; a second run there would write over its checkpoints and results.",
+        f"wait for it to end (or stop it: kill {process['pid']}) and run this again, or give "
+        "this run another folder (hydra.run.dir=...).")
+
+
 def previous_run(out: Path) -> dict[str, Any] | None:
     """What an earlier run in this folder left in ``metrics.json`` (a killed one reads as
     interrupted), with a warning when it did not finish."""
@@ -34,19 +52,61 @@ def previous_run(out: Path) -> dict[str, Any] | None:
     from ftlab.store import read_json
 
     try:
-        earlier = effective(read_json(out))
+        earlier = read_json(out)
     except (OSError, ValueError):
         return None
-    if not isinstance(earlier, dict):
+    if not isinstance(earlier, dict):  # (a damaged or edited file: this run writes a new one)
         return None
+    earlier = effective(earlier)
     status = earlier.get("status")
     if status == "interrupted":
         log.warning("The previous run in %s was interrupted (%s); starting it again.",
                     out.parent, earlier.get("interrupted"))
     elif status == "running":
+        process = earlier.get("process")
         log.warning("%s says another run (pid %s) is still writing this folder.", out,
-                    (earlier.get("process") or {}).get("pid"))
+                    process.get("pid") if isinstance(process, dict) else process)
     return {k: earlier[k] for k in ("status", "interrupted", "process", "error") if k in earlier}
+
+
+def finished_of(record: Any, reusable: bool = False) -> dict[str, Any] | None:
+    """The finished record a folder's ``metrics.json`` holds: ``record`` itself when it
+    finished, else the one a re-run that has not finished (running, killed, failed) keeps in
+    ``finished_before``; None when there is none. ``reusable``: only if the folder's
+    artefacts are still that job's (the re-run finished none of its stages)."""
+    from ftlab.resume import FINISHED
+
+    if not isinstance(record, dict):
+        return None
+    if record.get("status") in FINISHED:
+        return record
+    if reusable and record.get("stages"):  # the re-run wrote its own stage artefacts
+        return None
+    kept = record.get("finished_before")
+    if not isinstance(kept, dict) or kept.get("status") not in FINISHED:
+        return None
+    return None if reusable and kept.get("artefacts_replaced") else kept
+
+
+def kept_finished(earlier: Any) -> dict[str, Any] | None:
+    """What a run keeps in ``finished_before`` from the ``earlier`` record of its folder: its
+    finished record, marked ``artefacts_replaced`` when a re-run since finished a stage of its
+    own there (the finished metrics stay, but no longer describe the folder's artefacts)."""
+    finished = finished_of(earlier)
+    if finished is None:
+        return None
+    kept = {k: v for k, v in finished.items() if k not in ("rerun_error", "finished_before")}
+    return kept if finished_of(earlier, reusable=True) else kept | {"artefacts_replaced": True}
+
+
+def began(record: dict[str, Any]) -> bool:
+    """Whether a stage of the job in ``record`` started (a stage is running or has finished)."""
+    return "current_stage" in record or bool(record.get("stages"))
+
+
+def _restored(finished: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
+    keep = ("status", "error", "overrides", "interrupted")
+    return finished | {"rerun_error": {k: rerun[k] for k in keep if k in rerun}}
 
 
 def kept_record(record: dict[str, Any], earlier: dict[str, Any] | None,
@@ -54,15 +114,26 @@ def kept_record(record: dict[str, Any], earlier: dict[str, Any] | None,
     """What ``metrics.json`` keeps when a single run failed: its own error ``record``, except
     for a re-run in the folder of a finished job that failed before any stage ran (a bad override
     after ``resume=``, a data file not found): that run's finished results stay, with the
-    re-run's error beside them as ``rerun_error``."""
-    from ftlab.resume import FINISHED
-
-    if started or not isinstance(earlier, dict) or earlier.get("status") not in FINISHED:
+    re-run's error beside them as ``rerun_error``. (A re-run that failed in a stage keeps the
+    finished results in ``finished_before``.)"""
+    finished = finished_of(earlier, reusable=True)
+    if started or finished is None:
         return record
     log.warning("This re-run stopped before any stage ran: metrics.json keeps the results of "
                 "the run that finished in this folder.")
-    return earlier | {"rerun_error": {k: record[k] for k in ("status", "error", "overrides")
-                                      if k in record}}
+    return _restored(finished, record)
+
+
+def recovered(record: dict[str, Any]) -> dict[str, Any]:
+    """A reader's view of the ``record`` of a job that was killed (``ftlab.status.effective``
+    reads it as interrupted): a re-run killed before any of its stages ran (SIGKILL, out of
+    memory) reads as the finished results it kept in ``finished_before``, with its own outcome
+    as ``rerun_error``: what ``kept_record`` writes when the re-run can still write it."""
+    finished = finished_of(record, reusable=True)
+    if finished is None or finished is record or record.get("status") == "running" \
+            or began(record):
+        return record
+    return _restored(finished, record)
 
 
 def report_degenerate(record: dict[str, Any]) -> None:

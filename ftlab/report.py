@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ftlab.record import recovered
 from ftlab.report_markdown import markdown
 from ftlab.report_plot import plot
 from ftlab.resume import hydra_overrides
@@ -35,21 +36,17 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
     another host, where its process cannot be looked up) was killed; otherwise (``ftlab-report``
     during a sweep) it is still running."""
     records = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
-        path = job / "metrics.json"
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            rec = {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
-        rec = effective(rec) if isinstance(rec, dict) else {"status": "missing", "failed": True}
+    for job in sorted(p for p in sweep_dir.iterdir() if is_job(p)):
+        rec = job_record(job / "metrics.json")
         if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
             rec = rec | {"status": "missing", "failed": True, "error": (
-                f"{path} says ok but holds no final metrics (edited or written by other code)."
-                "\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs that job again.")}
+                f"{job / 'metrics.json'} says ok but holds no final metrics (edited or written "
+                "by other code).\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs "
+                "that job again.")}
         if ended and rec.get("status") == "running":
-            rec = rec | {"status": "interrupted", "failed": True, "error": (
+            rec = recovered(rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "
-                "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")}
+                "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")})
         rec.setdefault("overrides", hydra_overrides(job) or [])
         if "seed" not in rec:  # an unreadable record: the seed its command line gave
             seeds = [o.split("=", 1)[1] for o in rec["overrides"] if o.startswith("seed=")]
@@ -58,6 +55,26 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
         rec["job"] = job.name
         records.append(rec)
     return dedupe(records)
+
+
+def is_job(folder: Path) -> bool:
+    """A job folder of a sweep: Hydra's ``.hydra/`` in it, or (``hydra.output_subdir=null``)
+    the ``metrics.json`` of its job."""
+    return folder.is_dir() and ((folder / ".hydra").is_dir() or (folder / "metrics.json").is_file())
+
+
+def job_record(path: Path) -> dict[str, Any]:
+    """The record in a job's ``metrics.json`` as it stands (``ftlab.status.effective``); status
+    'missing' when there is no readable record."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"status": "missing", "failed": True, "error": f"no readable {path.name}"}
+    if not isinstance(rec, dict):
+        return {"status": "missing", "failed": True, "error": (
+            f"{path} holds a JSON {type(rec).__name__}, not a job's record (edited or written by "
+            "other code).\nFix: re-launch the sweep or re-run the job: it runs that job again.")}
+    return effective(rec)
 
 
 def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

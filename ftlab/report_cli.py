@@ -4,12 +4,12 @@ run's status, and exit with the status ``ftlab`` would have (README: exit status
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ftlab.report import STOPPED, is_search, outcome, write_report
-from ftlab.status import DEGENERATE_EXIT, effective
+from ftlab.record import finished_of
+from ftlab.report import STOPPED, is_job, is_search, job_record, outcome, write_report
+from ftlab.status import DEGENERATE_EXIT
 
 
 def exit_status(counts: dict[str, int]) -> int:
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.exists():
         sys.exit(f"ftlab-report: {args.sweep_dir} does not exist.\nFix: pass a folder that "
                  "ftlab wrote (outputs/multirun/<time> or outputs/runs/<time>).")
-    if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/.hydra")):
-        sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no */.hydra inside).\n"
+    if not args.sweep_dir.is_dir() or not any(map(is_job, args.sweep_dir.iterdir())):
+        sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no job folder "
+                 "inside: */.hydra or */metrics.json).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/, or "
                  "one run's folder (it holds metrics.json).")
     summary = write_report(args.sweep_dir, ended=False)  # jobs may still be running
@@ -61,18 +62,27 @@ def main(argv: list[str] | None = None) -> None:
 def _one_run(path: Path) -> int:
     """Print one run's status (a killed one reads as interrupted); the ``ftlab`` exit status
     it stands for."""
-    try:
-        rec = effective(json.loads(path.read_text()))
-    except (OSError, ValueError) as err:
-        print(f"ftlab-report: cannot read {path}: {err}", file=sys.stderr)
-        return 1
+    rec = job_record(path)
     status = rec.get("status")
+    if status == "missing":
+        problem = rec["error"] if "\n" in rec["error"] else f"{path}: {rec['error']}"
+        print(f"ftlab-report: {problem}", file=sys.stderr)
+        return 1
     where = rec.get("interrupted") or {}
     print(f"{path.parent}: {status}"
           + (f" in stage {where.get('stage')}" if where.get("stage") else "")
           + (f" at step {where['step']}" if where.get("step") is not None else ""))
     if rec.get("error"):
         print(rec["error"])
+    if isinstance(rec.get("rerun_error"), dict):  # a re-run stopped before it trained
+        print(f"(the results of the run that finished here; a later re-run ended before it "
+              f"trained: {rec['rerun_error'].get('status')})")
+    elif isinstance(rec.get("finished_before"), dict):  # a changed re-run that did not finish
+        print("metrics.json also keeps the results of the run that finished here before "
+              "(finished_before): " + ("its own command reuses them without training."
+                                       if finished_of(rec, reusable=True) else
+                                       "a re-run has since replaced its stage artefacts, so its "
+                                       "own command trains again."))
     if status == "ok" and rec.get("failed"):  # finished, but no better than a trivial predictor
         print(f"FAILED: {rec.get('failure') or 'no better than a trivial baseline'}")
     if status == "ok":

@@ -34,14 +34,17 @@ def job_identity(stage_keys: list[str], callbacks: dict[str, Any] | None) -> lis
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
-    """The record in ``path`` (``metrics.json``), or None if there is no readable one."""
+    """The record in ``path`` (``metrics.json``) as it stands (``ftlab.status.effective``: a
+    killed job reads as interrupted, a re-run killed before it trained as the finished results
+    it replaced), or None if there is no readable one."""
+    from ftlab.status import effective
     from ftlab.store import read_json  # (torch: not for `ftlab --help`)
 
     try:
         record = read_json(path)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    return effective(record) if isinstance(record, dict) else None  # (a killed job: as it is)
 
 
 def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None = None,
@@ -52,9 +55,12 @@ def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None =
     folders = [run_dir]
     if sweep_dir is not None and sweep_dir.is_dir():
         folders += sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir)
-    for folder in folders:
-        record = own if folder == run_dir else read_record(folder / "metrics.json")
-        if record is None or record.get("status") not in FINISHED:
+    from ftlab.record import finished_of
+
+    for folder in folders:  # (a re-run that did not finish: the finished job it kept)
+        record = finished_of(own if folder == run_dir else read_record(folder / "metrics.json"),
+                             reusable=True)
+        if record is None:
             continue
         if record.get("job_identity") == identity:
             return record, folder
@@ -157,14 +163,28 @@ def _config_flags(hydra: Any, opts: list[str]) -> list[str]:
     def given(*names: str) -> bool:
         return any(o == n or o.startswith(f"{n}=") for o in opts for n in names)
 
+    from ftlab.cli import CONFIG_DIR
+
     out: list[str] = []
+    sources = hydra.get("runtime", {}).get("config_sources", None) or []
     if not given("-cd", "--config-dir"):
-        for source in hydra.get("runtime", {}).get("config_sources", None) or []:
+        for source in sources:
             if source.get("provider") == "command-line" and source.get("path"):
                 out += ["--config-dir", str(source.path)]
+    dirs = list(dict.fromkeys([CONFIG_DIR, *(str(s.path) for s in sources
+                                             if s.get("schema") == "file")]))
+    other = any(s.get("schema") == "pkg" and s.get("provider") != "hydra" for s in sources)
     name = hydra.get("job", {}).get("config_name", None)
     if name and name != "config" and not given("-cn", "--config-name"):
         out += ["--config-name", str(name)]
+        file = f"{str(name).removesuffix('.yaml')}.yaml"
+        if not (other or given("-cd", "--config-dir")
+                or any(Path(d, file).is_file() for d in dirs)):  # Hydra: "Cannot find
+            raise FtlabError(  # primary config", and a fix that does not help
+                f"resume: the run was made with --config-name {name}, and {file} is in "
+                f"none of {', '.join(dirs)} (a folder that moved, or not an ftlab run).",
+                "give the config's folder: ftlab --config-dir <folder> resume=... (or "
+                "--config-name <name>).")
     return out
 
 

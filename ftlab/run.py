@@ -12,7 +12,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import FtlabError
-from ftlab.record import objective, previous_run, record_error, report_degenerate, save_record
+from ftlab.record import (
+    began,
+    busy,
+    kept_finished,
+    objective,
+    previous_run,
+    record_error,
+    report_degenerate,
+    save_record,
+)
 from ftlab.seedstats import failure
 
 log = logging.getLogger("ftlab")
@@ -80,8 +89,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from ftlab.resume import read_record
 
     earlier = read_record(out)  # before this run marks the folder 'running': a finished job?
+    if primary and (refused := busy(earlier, run_dir)):  # metrics.json stays the other run's
+        print(f"\nftlab: {refused}\n", file=sys.stderr)
+        if not hydra["multirun"]:
+            sys.exit(1)
+        record |= {"status": "error", "failed": True, "error": str(refused)}
+        return record | {"objective": objective(record)}  # a sweep goes on with its next job
     if primary and (previous := previous_run(out)):  # a re-run in the same folder
         record["previous"] = previous
+    if (finished := kept_finished(earlier)) is not None:  # kept until this run finishes: a
+        record["finished_before"] = finished  # kill or a failure loses nothing
     choices = hydra.get("choices", {})
     context = {"group": f"{hydra['sweep']}/{key}" if hydra["sweep"] else None,
                "tags": [f"peft:{choices.get('peft', 'custom')}",
@@ -111,8 +128,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if reason:
                 record["failure"] = reason
         record["objective"] = objective(record)
+        record.pop("finished_before", None)  # this run finished: its results replace them
     except (FtlabError, Exception, KeyboardInterrupt, Stopped) as caught:
-        started = "current_stage" in record or bool(record["stages"])  # has a stage run?
+        started = began(record)  # has a stage run?
         err = caught if isinstance(caught, FtlabError) else environment_error(caught) or caught
         record_error(record, err, run_dir, primary)
         record["objective"] = objective(record)

@@ -105,19 +105,23 @@ def is_alive(process: dict[str, Any]) -> bool | None:
 def effective(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` as it stands: a ``running`` record whose process is gone (same host) was
     killed without a chance to say so (SIGKILL, out of memory, a power cut), so it reads as
-    ``interrupted``, with the stage it was in."""
-    if record.get("status") != "running" or is_alive(record.get("process") or {}) is not False:
+    ``interrupted``, with the stage it was in; a re-run in the folder of a finished job killed
+    before any stage ran reads as that job's finished results (``ftlab.record.recovered``)."""
+    from ftlab.record import recovered
+
+    process = record.get("process")
+    if record.get("status") != "running" or not isinstance(process, dict) \
+            or is_alive(process) is not False:
         return record
     stage = record.get("current_stage")
-    process = record["process"]
     where = f" in stage '{stage}'" if stage else ""
-    return record | {
+    return recovered(record | {
         "status": "interrupted", "failed": True,
         "interrupted": {"stage": stage, "step": None, "signal": None, "detected": "afterwards"},
         "error": f"The job (pid {process['pid']} on {process['host']}) ended{where} without "
                  "recording an outcome: it was killed (SIGKILL, out of memory) or the machine "
                  "stopped.\nFix: re-run it (finished upstream stages are reused from the stage "
-                 "cache)."}
+                 "cache)."})
 
 
 def stop_message(err: Stopped, stage: str | None) -> str:

@@ -356,20 +356,30 @@ def test_resume_brings_back_the_runs_config_dir_and_name(tmp_path):
     hydra.job): resume= passes them again, unless the command line gives its own."""
     from omegaconf import OmegaConf
 
+    from ftlab.errors import FtlabError
     from ftlab.resume import resume_argv
 
-    run_dir = tmp_path / "run"
+    run_dir, mine = tmp_path / "run", tmp_path / "mine"
     (run_dir / ".hydra").mkdir(parents=True)
-    sources = [{"path": "hydra.conf", "provider": "hydra"}, {"path": "/x/conf", "provider":
-               "main"}, {"path": "/mine/conf", "provider": "command-line"}]
+    mine.mkdir()
+    (mine / "lab.yaml").write_text("defaults: [config]\n")
+    sources = [{"path": "hydra.conf", "provider": "hydra", "schema": "pkg"},
+               {"path": "/x/conf", "provider": "main", "schema": "file"},
+               {"path": str(mine), "provider": "command-line", "schema": "file"}]
     OmegaConf.save({"hydra": {"overrides": {"hydra": [], "task": ["experiment=own"]},
                               "runtime": {"config_sources": sources},
                               "job": {"config_name": "lab"}}}, run_dir / ".hydra" / "hydra.yaml")
     assert resume_argv([f"resume={run_dir}"]) == [
-        "--config-dir", "/mine/conf", "--config-name", "lab", "experiment=own",
+        "--config-dir", str(mine), "--config-name", "lab", "experiment=own",
         f"hydra.run.dir={run_dir}"]
     assert resume_argv(["-cd=/other", f"resume={run_dir}"])[:3] == [
         "-cd=/other", "--config-name", "lab"]
+    # the config folder moved (or the folder is another Hydra app's): said before Hydra's
+    # "Cannot find primary config 'lab'" with a fix that does not help
+    (mine / "lab.yaml").unlink()
+    with pytest.raises(FtlabError, match=r"(?s)made with --config-name lab, and lab.yaml is in "
+                       r"none of .*Fix: give the config's folder: ftlab --config-dir"):
+        resume_argv([f"resume={run_dir}"])
 
 
 def test_a_rerun_that_stops_before_training_keeps_the_finished_results(tiny_run, tmp_path,
@@ -391,7 +401,13 @@ def test_a_rerun_that_stops_before_training_keeps_the_finished_results(tiny_run,
     crash_at(monkeypatch, 1)  # a changed stage that trains, then crashes: not kept
     with pytest.raises(SystemExit):
         run(tiny_run("r", "trainer.max_steps=3"))
-    assert json.loads(out.read_text())["status"] == "error"
+    crashed = json.loads(out.read_text())
+    assert crashed["status"] == "error"
+    assert crashed["finished_before"]["final"] == pytest.approx(first["final"])  # not lost:
+    monkeypatch.undo()
+    back = run(tiny_run("r", "trainer.max_steps=2"))  # the first command gets them back
+    assert back["reused"]["skipped"] and back["final"] == pytest.approx(first["final"])
+    assert "finished_before" not in json.loads(out.read_text())
 
 
 def test_resume_from_another_folder_runs_where_the_run_was_started(tmp_path, sentiment_dir):
