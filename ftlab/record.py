@@ -60,8 +60,9 @@ def previous_run(out: Path) -> dict[str, Any] | None:
     earlier = effective(earlier)
     status = earlier.get("status")
     if status == "interrupted":
-        log.warning("The previous run in %s was interrupted (%s); starting it again.",
-                    out.parent, earlier.get("interrupted"))
+        log.warning("The previous run in %s was interrupted%s; this run goes on from its last "
+                    "checkpoint, or from the start where none was written.", out.parent,
+                    _where(earlier.get("interrupted")))
     elif status == "running":
         process = earlier.get("process")
         log.warning("%s says another run (pid %s) is still writing this folder.", out,
@@ -107,6 +108,16 @@ def began(record: dict[str, Any]) -> bool:
 def _restored(finished: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
     keep = ("status", "error", "overrides", "interrupted")
     return finished | {"rerun_error": {k: rerun[k] for k in keep if k in rerun}}
+
+
+def _where(interrupted: Any) -> str:
+    """Where a record's ``interrupted`` entry says the run stopped: " in stage 'task' at step
+    40 (SIGTERM)"."""
+    if not isinstance(interrupted, dict):
+        return ""
+    stage, step, signal = (interrupted.get(k) for k in ("stage", "step", "signal"))
+    return (f" in stage '{stage}'" if stage else "") + (f" at step {step}" if step else "") + (
+        f" ({signal})" if signal else " (killed)" if interrupted.get("detected") else "")
 
 
 def kept_record(record: dict[str, Any], earlier: dict[str, Any] | None,

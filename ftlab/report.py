@@ -36,7 +36,9 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
     another host, where its process cannot be looked up) was killed; otherwise (``ftlab-report``
     during a sweep) it is still running."""
     records = []
-    for job in sorted(p for p in sweep_dir.iterdir() if is_job(p)):
+    jobs = (p for p in sweep_dir.iterdir() if is_job(p))  # Hydra's job numbers: 0, 1, 2... 10
+    for job in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if
+                                           p.name.isdigit() else 0, p.name)):
         rec = job_record(job / "metrics.json")
         if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
             rec = rec | {"status": "missing", "failed": True, "error": (

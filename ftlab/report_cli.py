@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a sweep folder (outputs/multirun/<time>) or one run's folder "
                              "(outputs/runs/<time>)")
     args = parser.parse_args(argv)
+    if args.sweep_dir.name == "metrics.json" and args.sweep_dir.is_file():  # its run's folder
+        args.sweep_dir = args.sweep_dir.parent
     if (args.sweep_dir / "metrics.json").is_file():  # one run's folder: its status
         sys.exit(_one_run(args.sweep_dir / "metrics.json"))
     if not args.sweep_dir.exists():

@@ -206,7 +206,8 @@ def test_rerun_in_the_folder_of_a_killed_run(make_cfg, sentiment_dir, tmp_path, 
     record = _metrics(tmp_path)
     assert record["previous"]["status"] == "interrupted"
     assert record["previous"]["interrupted"]["stage"] == "tapt"
-    assert re.search(r"previous run in .*run was interrupted", caplog.text)
+    assert re.search(r"previous run in .*run was interrupted in stage 'tapt' \(killed\); this "
+                     r"run goes on from its last checkpoint", caplog.text)  # not a raw dict
 
 
 # --- a full disk, read-only folders, permission errors ----------------------------------------

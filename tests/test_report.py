@@ -327,3 +327,19 @@ def test_only_rank_zero_reports_a_sweep(tmp_path, monkeypatch, rank):
     SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}},
                                                     "logger": None}))
     assert (tmp_path / "summary.json").is_file() == (rank == 0)
+
+
+def test_jobs_are_collected_in_job_number_order_and_a_metrics_file_names_its_run(tmp_path):
+    """Hydra numbers jobs 0, 1, ... 10: the report lists them in that order (as text, 10 came
+    before 2); ``ftlab-report <run>/metrics.json`` reports that run, not "not a multirun
+    folder"."""
+    from ftlab.report import collect
+
+    for i in (0, 1, 2, 10):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / "metrics.json").write_text(json.dumps(rec(i, 0.8)))
+    assert [r["seed"] for r in collect(tmp_path)] == [0, 1, 2, 10]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "2" / "metrics.json")])
+    assert exit_.value.code == 0
