@@ -3,6 +3,8 @@ validation alike, through ``ftlab.build.StageBuilder``)."""
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 from torch import nn
 
 from ftlab.errors import FtlabError
@@ -38,6 +40,14 @@ def virtual_tokens(node: object) -> int:
     return 0
 
 
+@runtime_checkable
+class AddsPositions(Protocol):
+    """A task whose evaluation appends tokens after a ``max_length`` row (text2text on a
+    decoder: the targets it ranks, the tokens it generates)."""
+
+    def positions_past_max_length(self) -> tuple[int, str]: ...
+
+
 def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
     """A ``max_length`` past the model's learned positions would crash at the first longer
     row (an index error mid-training, or mid-prediction): refuse it before training. A
@@ -48,16 +58,21 @@ def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> Non
     limit = position_limit(model)
     if not limit:
         return
-    lengths = {"task.max_length": getattr(task, "max_length", None)}
+    parts = {"task.": task}
     if isinstance(task, MultiTask):
-        lengths |= {f"tasks.{name}.task.max_length": getattr(part.task, "max_length", None)
-                    for name, part in task.parts.items()}
+        parts |= {f"tasks.{name}.task.": part.task for name, part in task.parts.items()}
     soft = virtual_tokens(stage.peft)
-    room = limit - soft
-    for key, length in lengths.items():
+    for key, part in parts.items():
+        length = getattr(part, "max_length", None)
+        past, why = (part.positions_past_max_length()
+                     if isinstance(part, AddsPositions) else (0, ""))
+        room = limit - soft - past
         if isinstance(length, int) and length > room:
-            plus = f" plus the PEFT method's {soft} virtual tokens" if soft else ""
-            fewer = " (or lower the PEFT method's num_virtual_tokens)" if soft else ""
-            raise FtlabError(f"{stage.where}: {key}={length}{plus} is more than the {limit} "
-                             "positions this model has.",
-                             f"set stage.{key} to at most {max(room, 1)}{fewer}.")
+            plus = "".join(f" plus {w}" for w in (
+                why, f"the PEFT method's {soft} virtual tokens" if soft else "") if w)
+            other = [f"lower stage.{key}max_target_length"] if "max_target_" in why else []
+            other += ["lower the PEFT method's num_virtual_tokens"] if soft else []
+            fewer = f" (or {' or '.join(other)})" if other else ""
+            raise FtlabError(f"{stage.where}: {key}max_length={length}{plus} is more than the "
+                             f"{limit} positions this model has.",
+                             f"set stage.{key}max_length to at most {max(room, 1)}{fewer}.")

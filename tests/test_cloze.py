@@ -272,3 +272,43 @@ def test_a_causal_lm_refuses_text_fields_after_the_slot(make_cfg, sentiment_dir)
     with pytest.raises(FtlabError, match=r"puts \['text'\] after it"):
         bound(tok, pattern="It was {mask}: {text}").build_model(spec)
     assert bound(tok, pattern="{text} It was {mask}: so.").build_model(spec) is not None
+
+
+@pytest.mark.parametrize(("verbalizer", "past"), [(VERB, 0),
+                                                  ({"pos": "great film", "neg": "awful"}, 2)])
+def test_a_causal_lm_scores_up_to_its_positions_and_is_refused_past_them(verbalizer, past,
+                                                                         make_cfg, sentiment_dir):
+    """A causal LM scores a several-token word after a max_length prompt: a max_length that
+    leaves no room for it crashed at the first validation (an index error); refused before
+    training, while one-token words (read off the prompt's last logits) may use every
+    position."""
+    from types import SimpleNamespace
+
+    from ftlab.task_fit import require_positions
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2",
+                                                    "model.config.n_positions=40"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = bound(tok, verbalizer=verbalizer, max_length=40 - past)
+    model = task.build_model(spec).eval()
+    assert max(len(w) for ws in task.words for w in ws) == max(past, 1)
+    stage = SimpleNamespace(where="stage 'cloze'", peft={"_target_": "full"})
+
+    def rows():  # a prompt of exactly max_length tokens (a longer text is cut to at most it)
+        text = next(t for n in range(1, 80) if len(task.encode_slot(
+            {"text": (t := "a " * n)})[0]) == task.max_length)
+        return [{"text": text, "label": "pos"}, {"text": "dull", "label": "neg"}]
+
+    require_positions(stage, task, model)  # fits: allowed, and it evaluates
+    batch = batch_for(task, rows(), tok.pad_token_id)
+    assert batch["input_ids"].shape[1] == task.max_length
+    task.forward(model, batch)
+    if not past:
+        return  # every position used: nothing past them to refuse
+    task.max_length += 1  # one more would crash mid-validation: refused before training
+    with pytest.raises(IndexError):
+        task.forward(model, batch_for(task, rows(), tok.pad_token_id))
+    with pytest.raises(FtlabError, match=r"stage 'cloze': task.max_length=39 plus the longest "
+                                         r"verbaliser word's 2 tokens(?s:.*)at most 38"):
+        require_positions(stage, task, model)

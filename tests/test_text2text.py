@@ -196,3 +196,43 @@ def test_targets_keyed_by_numbers_match_numeric_label_names(make_cfg, sentiment_
     task.bind(RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
                       ["0", "1"]), tok, ["text"])
     assert task.targets == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_a_decoder_evaluates_up_to_its_positions_and_is_refused_past_them(generate, make_cfg,
+                                                                           sentiment_dir):
+    """Decoder-only evaluation appends to each max_length row the targets it ranks and the
+    tokens it generates: a max_length that leaves no room for them crashed at the first
+    validation (an index error); the pre-flight now refuses it and allows the longest that
+    works."""
+    from types import SimpleNamespace
+
+    from ftlab.task_fit import require_positions
+
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + ["model=tiny_gpt2",
+                                                    "model.config.n_positions=40"])
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    from datasets import Dataset, DatasetDict
+
+    task = TextToText(source="review: {text}", max_target_length=8, generate=generate)
+    task.bind(RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
+                      ["neg", "pos"]), tok, ["text"])
+    torch.manual_seed(0)
+    model = task.build_model(spec).eval()
+    stage = SimpleNamespace(where="stage 'text2text'", peft={"_target_": "full"})
+    rows = [{"text": "a fine film " * 30, "label": "pos"}, {"text": "dull", "label": "neg"}]
+    past = 8 if generate else max(len(task.target_ids("", t)) for t in ("neg", "pos"))
+    task.max_length = 40 - past
+    require_positions(stage, task, model)  # fits: allowed, and it evaluates
+    batch = batch_for(task, rows, tok.pad_token_id)
+    assert batch["input_ids"].shape[1] == task.max_length  # the long row fills max_length
+    task.forward(model, batch)
+    task.max_length += 1  # one more would crash mid-validation: refused before training
+    with pytest.raises(IndexError):
+        task.forward(model, batch_for(task, rows, tok.pad_token_id))
+    why = "8 generated tokens" if generate else f"the longest target's {past} tokens"
+    with pytest.raises(FtlabError, match=rf"stage 'text2text': task.max_length={41 - past} plus "
+                                         rf"{why}.* is more than the 40 positions(?s:.*)at most "
+                                         rf"{40 - past}"):
+        require_positions(stage, task, model)
