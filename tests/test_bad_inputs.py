@@ -141,6 +141,10 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("peft-incompatible", lambda t, s: tiny_overrides(s) + [
         "peft=lora", "peft.config.target_modules=[c_attn]"],
      r"cannot apply lora to a 'bert' model.*target_modules"),
+    ("peft-value-wrong-type", lambda t, s: tiny_overrides(s) + ["peft=lora", "peft.config.r=abc"],
+     r"peft.config.r='abc' is a str, but lora's r takes an integer.*Fix: set peft.config.r"),
+    ("peft-value-out-of-range", lambda t, s: tiny_overrides(s) + ["peft=lora", "peft.config.r=0"],
+     r"cannot apply lora.*`r` should be a positive.*Fix: correct that value under peft.config"),
     # --- data files
     ("data-file-missing", lambda t, s: _train(t / "nope.jsonl", s), r"not found: .*nope.jsonl"),
     ("data-file-empty", lambda t, s: _train(_write(t, "empty.jsonl", ""), s), r"is empty"),
