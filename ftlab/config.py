@@ -44,12 +44,24 @@ def bind_schema(schema: type[T], node: Any, where: str, set_as: str | None = Non
         at = f" for key '{key}'" if key else ""
         shown = f"{set_as}.{key}" if set_as else str(key)
         allowed = allowed_text(schema, str(key), shown) if key else None
+        given = _at(node, str(key)) if key else None
+        if "ListConfig" in str(err) and isinstance(given, (str, int, float)):
+            raise FtlabError(f"{shown}={given} is one value, but '{key}' under {where} takes a "
+                             "list.", f"write it as a list: '{shown}=[{given}]' (quoted, "
+                             "for the shell).") from None
         raise FtlabError(f"Invalid value in {where}{at}: {str(err).splitlines()[0]}",
                          f"set {shown} to {allowed}." if allowed else
                          f"give {f'{key!r}' if key else 'each key'} under {where} a value of "
                          "the type its default has (see the YAML file).") from None
     check_schema(obj, where, set_as=set_as)
     return obj  # type: ignore[return-value]
+
+
+def _at(node: Any, key: str) -> Any:
+    """The plain value at the dotted ``key`` of ``node`` (None where there is none)."""
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def instantiate_checked(node: DictConfig | dict, where: str, **extra: Any) -> Any:

@@ -111,6 +111,8 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("seed-not-int", lambda t, s: tiny_overrides(s) + ["seed=abc"], r"seed must be an integer"),
     ("data-key-typo", lambda t, s: tiny_overrides(s) + ["+data.text_column=[text]"],
      r"Unknown key 'text_column'.*Did you mean 'text_columns'"),
+    ("data-list-given-one-value", lambda t, s: tiny_overrides(s) + ["data.text_columns=text"],
+     r"data.text_columns=text is one value.*takes a list.*'data.text_columns=\[text\]'"),
     ("data-wrong-type", lambda t, s: tiny_overrides(s) + ["data.max_train_samples=abc"],
      r"Invalid value in .*data"),
     ("peft-unknown-key", lambda t, s: tiny_overrides(s) + ["+peft.rank=4"],
