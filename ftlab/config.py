@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, TypeVar
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -68,7 +70,20 @@ def instantiate_checked(node: DictConfig | dict, where: str, **extra: Any) -> An
     """``hydra.utils.instantiate`` after checking the keys bind to the constructor."""
     node = check_binds(node, where, **extra)
     # extras (objects, whole configs) are passed as is, never instantiated recursively
-    return instantiate(node, _partial_=True, _convert_="all")(**extra)
+    try:
+        built = instantiate(node, _partial_=True, _convert_="all")
+    except InstantiationException as err:  # a nested node's constructor refused a value
+        cause, found = err.__cause__, re.search(r"full_key: (\S+)", str(err))
+        key = found.group(1) if found else "config"
+        if isinstance(cause, FtlabError):
+            raise cause from None
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise
+        shown = where.split()[-1] if " " in where else where
+        raise FtlabError(f"{where}.{key} cannot be built: {str(cause).splitlines()[0]}",
+                         f"correct that value under {shown}.{key} (the YAML file of the "
+                         f"{shown} group says what each key takes).") from None
+    return built(**extra)
 
 
 def load_target(target: str, where: str) -> Any:

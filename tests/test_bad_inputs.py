@@ -145,6 +145,10 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"cannot apply lora to a 'bert' model.*target_modules"),
     ("peft-value-wrong-type", lambda t, s: tiny_overrides(s) + ["peft=lora", "peft.config.r=abc"],
      r"peft.config.r='abc' is a str, but lora's r takes an integer.*Fix: set peft.config.r"),
+    ("peft-config-refused", lambda t, s: tiny_overrides(s) + ["peft=lora",
+                                                             "peft.config.task_type=FOO"],
+     r"peft.config cannot be built: Invalid task type: 'FOO'.*Fix: correct that value under "
+     r"peft.config"),
     ("peft-value-out-of-range", lambda t, s: tiny_overrides(s) + ["peft=lora", "peft.config.r=0"],
      r"cannot apply lora.*`r` should be a positive.*Fix: correct that value under peft.config"),
     # --- data files
