@@ -43,6 +43,9 @@ def _only(path: Path, sdir: Path, builder: str) -> list[str]:
             f"data.path={builder}"]
 
 
+_WORDS = [{"tokens": ["Paris", "is"], "tags": ["B-LOC", "O"]}] * 40  # CoNLL-like rows
+
+
 def _write(tmp: Path, name: str, content: str | bytes) -> Path:
     path = tmp / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -181,6 +184,11 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"\['review'\] not found in the train split; columns found: group, label, text"),
     ("label-column-missing", lambda t, s: tiny_overrides(s) + ["data.label_column=sentiment"],
      r"\['sentiment'\] not found.*set data.label_column"),
+    ("conll-columns-not-set", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        "data.files")] + [f"data.files.{split}={_rows(t, split + '.jsonl', _WORDS)}"
+                          for split in ("train", "validation", "test")] + ["stage=tokens"],
+     r"\['text', 'label'\] not found.*Fix: .*data.text_columns=\[tokens\] "
+     r"data.label_column=tags"),
     ("three-text-columns", lambda t, s: tiny_overrides(s) + ["data.text_columns=[a,b,c]"],
      r"one or two columns"),
     ("label-outside-set", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,negative]"],
