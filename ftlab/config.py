@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, TypeVar
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -44,6 +46,11 @@ def bind_schema(schema: type[T], node: Any, where: str, set_as: str | None = Non
         at = f" for key '{key}'" if key else ""
         shown = f"{set_as}.{key}" if set_as else str(key)
         allowed = allowed_text(schema, str(key), shown) if key else None
+        given = _at(node, str(key)) if key else None
+        if "ListConfig" in str(err) and isinstance(given, (str, int, float)):
+            raise FtlabError(f"{shown}={given} is one value, but '{key}' under {where} takes a "
+                             "list.", f"write it as a list: '{shown}=[{given}]' (quoted, "
+                             "for the shell).") from None
         raise FtlabError(f"Invalid value in {where}{at}: {str(err).splitlines()[0]}",
                          f"set {shown} to {allowed}." if allowed else
                          f"give {f'{key!r}' if key else 'each key'} under {where} a value of "
@@ -52,11 +59,31 @@ def bind_schema(schema: type[T], node: Any, where: str, set_as: str | None = Non
     return obj  # type: ignore[return-value]
 
 
+def _at(node: Any, key: str) -> Any:
+    """The plain value at the dotted ``key`` of ``node`` (None where there is none)."""
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def instantiate_checked(node: DictConfig | dict, where: str, **extra: Any) -> Any:
     """``hydra.utils.instantiate`` after checking the keys bind to the constructor."""
     node = check_binds(node, where, **extra)
     # extras (objects, whole configs) are passed as is, never instantiated recursively
-    return instantiate(node, _partial_=True, _convert_="all")(**extra)
+    try:
+        built = instantiate(node, _partial_=True, _convert_="all")
+    except InstantiationException as err:  # a nested node's constructor refused a value
+        cause, found = err.__cause__, re.search(r"full_key: (\S+)", str(err))
+        key = found.group(1) if found else "config"
+        if isinstance(cause, FtlabError):
+            raise cause from None
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise
+        shown = where.split()[-1] if " " in where else where
+        raise FtlabError(f"{where}.{key} cannot be built: {str(cause).splitlines()[0]}",
+                         f"correct that value under {shown}.{key} (the YAML file of the "
+                         f"{shown} group says what each key takes).") from None
+    return built(**extra)
 
 
 def load_target(target: str, where: str) -> Any:

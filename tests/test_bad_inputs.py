@@ -43,6 +43,9 @@ def _only(path: Path, sdir: Path, builder: str) -> list[str]:
             f"data.path={builder}"]
 
 
+_WORDS = [{"tokens": ["Paris", "is"], "tags": ["B-LOC", "O"]}] * 40  # CoNLL-like rows
+
+
 def _write(tmp: Path, name: str, content: str | bytes) -> Path:
     path = tmp / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -111,6 +114,8 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("seed-not-int", lambda t, s: tiny_overrides(s) + ["seed=abc"], r"seed must be an integer"),
     ("data-key-typo", lambda t, s: tiny_overrides(s) + ["+data.text_column=[text]"],
      r"Unknown key 'text_column'.*Did you mean 'text_columns'"),
+    ("data-list-given-one-value", lambda t, s: tiny_overrides(s) + ["data.text_columns=text"],
+     r"data.text_columns=text is one value.*takes a list.*'data.text_columns=\[text\]'"),
     ("data-wrong-type", lambda t, s: tiny_overrides(s) + ["data.max_train_samples=abc"],
      r"Invalid value in .*data"),
     ("peft-unknown-key", lambda t, s: tiny_overrides(s) + ["+peft.rank=4"],
@@ -141,6 +146,14 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("peft-incompatible", lambda t, s: tiny_overrides(s) + [
         "peft=lora", "peft.config.target_modules=[c_attn]"],
      r"cannot apply lora to a 'bert' model.*target_modules"),
+    ("peft-value-wrong-type", lambda t, s: tiny_overrides(s) + ["peft=lora", "peft.config.r=abc"],
+     r"peft.config.r='abc' is a str, but lora's r takes an integer.*Fix: set peft.config.r"),
+    ("peft-config-refused", lambda t, s: tiny_overrides(s) + ["peft=lora",
+                                                             "peft.config.task_type=FOO"],
+     r"peft.config cannot be built: Invalid task type: 'FOO'.*Fix: correct that value under "
+     r"peft.config"),
+    ("peft-value-out-of-range", lambda t, s: tiny_overrides(s) + ["peft=lora", "peft.config.r=0"],
+     r"cannot apply lora.*`r` should be a positive.*Fix: correct that value under peft.config"),
     # --- data files
     ("data-file-missing", lambda t, s: _train(t / "nope.jsonl", s), r"not found: .*nope.jsonl"),
     ("data-file-empty", lambda t, s: _train(_write(t, "empty.jsonl", ""), s), r"is empty"),
@@ -171,6 +184,11 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"\['review'\] not found in the train split; columns found: group, label, text"),
     ("label-column-missing", lambda t, s: tiny_overrides(s) + ["data.label_column=sentiment"],
      r"\['sentiment'\] not found.*set data.label_column"),
+    ("conll-columns-not-set", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        "data.files")] + [f"data.files.{split}={_rows(t, split + '.jsonl', _WORDS)}"
+                          for split in ("train", "validation", "test")] + ["stage=tokens"],
+     r"\['text', 'label'\] not found.*Fix: .*data.text_columns=\[tokens\] "
+     r"data.label_column=tags"),
     ("three-text-columns", lambda t, s: tiny_overrides(s) + ["data.text_columns=[a,b,c]"],
      r"one or two columns"),
     ("label-outside-set", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,negative]"],

@@ -96,6 +96,18 @@ def test_an_encoder_is_refused(make_cfg, sentiment_dir):
         setup(make_cfg, sentiment_dir, "tiny_bert")
 
 
+def test_a_source_without_the_data_columns_suggests_one_with_them(make_cfg, sentiment_dir):
+    """The fix names the data's own columns, not the default template that just failed."""
+    from datasets import Dataset, DatasetDict
+
+    spec, tok, _ = setup(make_cfg, sentiment_dir, "tiny_t5")
+    task = TextToText(source="sst2 sentence: {text}")
+    rows = DatasetDict({"train": Dataset.from_list([{"Review Text": "x", "label": 0}])})
+    with pytest.raises(FtlabError, match=r"(?s)\['Review Text'\].*Fix: .*"
+                       r"stage.task.source='sst2 sentence: \{Review Text\}'"):
+        task.bind(RawData(rows, ["neg", "pos"]), tok, ["Review Text"])
+
+
 def test_targets_must_name_the_labels(make_cfg, sentiment_dir):
     with pytest.raises(FtlabError, match="targets"):
         setup(make_cfg, sentiment_dir, "tiny_t5", targets={"good": "great"})

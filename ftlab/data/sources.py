@@ -227,14 +227,18 @@ def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
     for split, ds in dsd.items():
         missing = [c for c in wanted if c not in ds.column_names]
         if missing:
-            which = "data.label_column" if missing == [spec.label_column] else "data.text_columns"
+            which = ("data.label_column" if missing == [spec.label_column] else
+                     "data.text_columns" if spec.label_column not in missing else
+                     "data.text_columns and data.label_column")
             hint = separator_hint(ds.column_names, wanted, "set data.delimiter")
+            fix = (f"set {which} to the right column name(s)" + (
+                " or data.delimiter to the file's separator." if hint else "."))
+            if {"tokens", "tags"} <= set(ds.column_names):  # CoNLL files load as these
+                fix = ("for word/tag rows (CoNLL files, stage=tokens) set "
+                       "data.text_columns=[tokens] data.label_column=tags.")
             raise FtlabError(
                 f"Column(s) {missing} not found in the {split} split; columns found: "
-                f"{choices_text(ds.column_names)}.{hint}",
-                f"set {which} to the right column name(s)" + (
-                    " or data.delimiter to the file's separator." if hint else "."),
-            )
+                f"{choices_text(ds.column_names)}.{hint}", fix)
 
 
 def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:

@@ -90,6 +90,26 @@ def _prompt_fields(config: Any, model: nn.Module, task: Any) -> dict[str, Any]:
     return out
 
 
+def _check_types(config: Any, name: str) -> None:
+    """A ``peft`` config key typed int, float or bool given a value of another kind (``r=abc``,
+    ``lora_dropout=high``) stops here, named; peft itself fails later on a comparison."""
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        want, value = hints.get(field.name), getattr(config, field.name)
+        if want not in (int, float, bool) or value is None:
+            continue
+        ok = (isinstance(value, bool) if want is bool else  # peft takes lora_alpha=16.0 too
+              isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok:
+            kind = {int: "an integer", float: "a number", bool: "true or false"}[want]
+            raise FtlabError(f"peft.config.{field.name}={value!r} is a {type(value).__name__}, "
+                             f"but {name}'s {field.name} takes {kind}.",
+                             f"set peft.config.{field.name} to {kind} (conf/peft/{name}.yaml "
+                             "has the default).")
+
+
 class HfPeft(RequiresGradState):
     """Args:
         config: a ``peft.PeftConfig`` (built by Hydra from the YAML's ``config`` node).
@@ -105,16 +125,20 @@ class HfPeft(RequiresGradState):
 
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
         arch = arch_of(model)
+        _check_types(self.config, self.name)
         config = fit_config(self.config, model)
         try:
             wrapped = get_peft_model(model, config)
         except (ValueError, TypeError, AttributeError, KeyError) as err:
             kind = unwrap(model).config.model_type
+            fix = ("set peft.config.target_modules to this model's module names (its LoRA "
+                   f"default: {list(arch.lora)}), or use another method."
+                   if "target" in str(err).lower() else
+                   f"correct that value under peft.config (conf/peft/{self.name}.yaml says what "
+                   "each key means).")
             raise FtlabError(f"peft cannot apply {self.name} to a '{kind}' model ({arch.family}, "
                              f"{type(model).__name__}): {str(err).splitlines()[0]}",
-                             "set peft.config.target_modules to this model's module names "
-                             f"(its LoRA default: {list(arch.lora)}), or use another "
-                             "method.") from None
+                             fix) from None
         unfreeze(fresh)
         if needs_pooling_fix(model, config):
             pool_last_real_token(model)

@@ -88,7 +88,7 @@ class TextToText(Classify):
             raise FtlabError(f"The source template {self.source!r} does not fit the data's text "
                              f"columns {self.text_columns} ({err!r}).",
                              "use {column} fields of data.text_columns, e.g. "
-                             "'sst2 sentence: {text}'.") from None
+                             f"stage.task.source='{_example(self.text_columns)}'.") from None
         self.features = ("input_ids", "attention_mask", "labels", "class_id")
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
@@ -286,3 +286,10 @@ class ExactMatch(MeanMetric):
     def update(self, em: torch.Tensor) -> None:  # type: ignore[override]
         if em.numel():
             super().update(em)
+
+
+def _example(columns: list[str]) -> str:
+    """A source template over the data's own text columns (for an error's fix)."""
+    if len(columns) == 1:
+        return f"sst2 sentence: {{{columns[0]}}}"
+    return " ".join(f"{c}: {{{c}}}" for c in columns)
