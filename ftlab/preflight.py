@@ -168,6 +168,12 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
         _unlisted_stage_key(parent, leaf, overrides, config_name)
     if unlisted:
         return unlisted
+    nested = ("not in struct" in str(cause) or "Could not override" in str(err)) and \
+        _config_key(node, leaf)
+    if nested:
+        return FtlabError(f"Unknown key '{leaf}' in {where}: it is a setting of the method's "
+                          f"own config ({nested}).",
+                          f"set {full_key.rpartition('.')[0]}.config.{leaf}=... instead.")
     if "not in struct" in str(cause) or "Could not override" in str(err):
         return FtlabError(
             f"Unknown key '{leaf}' in {where}.{closest(leaf, valid)} Valid keys: "
@@ -175,6 +181,29 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
             f"correct the spelling, or add a new key with +{full_key}=... if you really mean to.")
     return FtlabError(f"Invalid override for '{full_key}': {str(cause).splitlines()[0]}",
                       f"give {full_key} a value of the right type (see its YAML file).")
+
+
+def _config_key(node: Any, leaf: str) -> str | None:
+    """The class of ``node.config`` (a PEFT method's ``config: {_target_: peft.LoraConfig}``)
+    where ``leaf`` is one of its settings (``peft.r=4`` meant ``peft.config.r=4``), else None."""
+    import dataclasses
+
+    from hydra.utils import get_class
+
+    config = node.get("config") if hasattr(node, "get") else None
+    target = config.get("_target_") if hasattr(config, "get") else None
+    if not isinstance(target, str):
+        return None
+    if leaf in config:
+        return target
+    if not target.startswith("peft."):  # import only the library's classes, not a config's
+        return None
+    try:
+        cls = get_class(target)
+    except Exception:  # noqa: BLE001 - not importable: no hint
+        return None
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return target if leaf in names else None
 
 
 def _unlisted_stage_key(parent: str, leaf: str, overrides: list[str],

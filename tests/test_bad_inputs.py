@@ -300,6 +300,10 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["model.nmae_or_path=x"], r"Did you mean 'name_or_path'"),
     (["data.text_colums=[a]"], r"Did you mean 'text_columns'"),
     (["-m", "seed=1,2", "stage.batch_sise=8,16"], r"Did you mean 'batch_size'"),
+    (["peft=lora", "peft.r=4"], r"Unknown key 'r' in 'peft': it is a setting of the method's "
+                                r"own config \(peft.LoraConfig\).*Fix: set peft.config.r=\.\.\."),
+    (["peft=lora", "peft.use_rslora=true"],  # not listed in lora.yaml: a LoraConfig field
+     r"Fix: set peft.config.use_rslora=\.\.\."),
     (["seed=[1"], r"Cannot parse the overrides"),
     (["~stage.nothing"], r"do not fit the config"),
 ]
