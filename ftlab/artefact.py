@@ -81,7 +81,7 @@ def keep_best_full_artefacts(records: list[dict[str, Any]], sweep_dir: Path) -> 
         return sign * value if isinstance(value, int | float) and math.isfinite(value) \
             else -math.inf
 
-    from ftlab.resume import FINISHED
+    from ftlab.record import finished_of
 
     best = max(done, key=score)["job"]
     for rec in records:
@@ -97,9 +97,7 @@ def keep_best_full_artefacts(records: list[dict[str, Any]], sweep_dir: Path) -> 
                 changed = True
         if changed:
             disk = read_json(sweep_dir / rec["job"] / "metrics.json")
-            kept = disk.get("finished_before")  # a killed re-run's record: its finished one
-            target = kept if isinstance(kept, dict) and disk.get("status") not in FINISHED \
-                else disk
-            target["stages"] = rec["stages"]
+            # a killed re-run's record: the finished one it keeps (``finished_before``)
+            (finished_of(disk) or disk)["stages"] = rec["stages"]
             write_json(sweep_dir / rec["job"] / "metrics.json", disk)
     return best

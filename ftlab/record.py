@@ -45,19 +45,12 @@ def busy(earlier: dict[str, Any] | None, run_dir: Path) -> FtlabError | None:
         "this run another folder (hydra.run.dir=...).")
 
 
-def previous_run(out: Path) -> dict[str, Any] | None:
-    """What an earlier run in this folder left in ``metrics.json`` (a killed one reads as
-    interrupted), with a warning when it did not finish."""
-    from ftlab.status import effective
-    from ftlab.store import read_json
-
-    try:
-        earlier = read_json(out)
-    except (OSError, ValueError):
+def previous_run(earlier: dict[str, Any] | None, out: Path) -> dict[str, Any] | None:
+    """What an earlier run in this folder left in ``metrics.json`` (``earlier``, as
+    ``ftlab.resume.read_record`` reads it: a killed one reads as interrupted), with a warning
+    when it did not finish."""
+    if earlier is None:  # none, or a damaged or edited file: this run writes a new one
         return None
-    if not isinstance(earlier, dict):  # (a damaged or edited file: this run writes a new one)
-        return None
-    earlier = effective(earlier)
     status = earlier.get("status")
     if status == "interrupted":
         log.warning("The previous run in %s was interrupted%s; this run goes on from its last "

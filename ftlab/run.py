@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             sys.exit(1)
         record |= {"status": "error", "failed": True, "error": str(refused)}
         return record | {"objective": objective(record)}  # a sweep goes on with its next job
-    if primary and (previous := previous_run(out)):  # a re-run in the same folder
+    if primary and (previous := previous_run(earlier, out)):  # a re-run in the same folder
         record["previous"] = previous
     if (finished := kept_finished(earlier)) is not None:  # kept until this run finishes: a
         record["finished_before"] = finished  # kill or a failure loses nothing
