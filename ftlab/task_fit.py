@@ -45,7 +45,9 @@ class AddsPositions(Protocol):
     """A task whose evaluation appends tokens after a ``max_length`` row (text2text on a
     decoder: the targets it ranks, the tokens it generates)."""
 
-    def positions_past_max_length(self) -> tuple[int, str]: ...
+    def positions_past_max_length(self) -> tuple[int, str, str | None]:
+        """(positions, why, the task key that sets them, if one does)."""
+        ...
 
 
 def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> None:
@@ -64,13 +66,13 @@ def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> Non
     soft = virtual_tokens(stage.peft)
     for key, part in parts.items():
         length = getattr(part, "max_length", None)
-        past, why = (part.positions_past_max_length()
-                     if isinstance(part, AddsPositions) else (0, ""))
+        past, why, knob = (part.positions_past_max_length()
+                           if isinstance(part, AddsPositions) else (0, "", None))
         room = limit - soft - past
         if isinstance(length, int) and length > room:
             plus = "".join(f" plus {w}" for w in (
                 why, f"the PEFT method's {soft} virtual tokens" if soft else "") if w)
-            other = [f"lower stage.{key}max_target_length"] if "max_target_" in why else []
+            other = [f"lower stage.{key}{knob}"] if knob else []
             other += ["lower the PEFT method's num_virtual_tokens"] if soft else []
             fewer = f" (or {' or '.join(other)})" if other else ""
             raise FtlabError(f"{stage.where}: {key}max_length={length}{plus} is more than the "

@@ -248,3 +248,7 @@ def test_a_decoder_evaluates_up_to_its_positions_and_is_refused_past_them(genera
                                          rf"{why}.* is more than the 40 positions(?s:.*)at most "
                                          rf"{40 - past}"):
         require_positions(stage, task, model)
+    try:  # generation's length has its own key to lower; the targets' has none
+        require_positions(stage, task, model)
+    except FtlabError as err:
+        assert ("or lower stage.task.max_target_length" in str(err)) == generate

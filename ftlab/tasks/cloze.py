@@ -143,14 +143,14 @@ class Cloze(Classify):
                              "choose single-token words for this tokenizer, or use a causal LM "
                              "(model=smollm2), which sums the tokens' log-probabilities.")
 
-    def positions_past_max_length(self) -> tuple[int, str]:
-        """(positions, why) a causal LM's evaluation appends after a ``max_length`` prompt: a
+    def positions_past_max_length(self) -> tuple[int, str, str | None]:
+        """(positions, why, key) a causal LM's evaluation appends after a ``max_length`` prompt: a
         verbaliser of several tokens is scored after it, all of them fed (a masked LM scores
         the slot in place; one-token words are read off the prompt's last logits)."""
         longest = max((len(w) for ws in getattr(self, "words", []) for w in ws), default=0)
         if not self.causal or longest < 2:
-            return 0, ""
-        return longest, f"the longest verbaliser word's {longest} tokens (task.verbalizer)"
+            return 0, "", None
+        return longest, f"the longest verbaliser word's {longest} tokens (task.verbalizer)", None
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM

@@ -141,17 +141,17 @@ class TextToText(Classify):
                              f"(GPT-2, SmolLM2) model; '{config.model_type}' is an encoder.",
                              "use stage=cloze (masked LMs) or stage=classify for encoders.")
 
-    def positions_past_max_length(self) -> tuple[int, str]:
-        """(positions, why) a decoder-only evaluation adds after a row of ``max_length``: each
-        label's target in turn (rank), then ``max_target_length`` generated tokens."""
+    def positions_past_max_length(self) -> tuple[int, str, str | None]:
+        """(positions, why, key) a decoder-only evaluation adds after a row of ``max_length``:
+        each label's target in turn (rank), then ``max_target_length`` generated tokens."""
         if self.seq2seq is not False:
-            return 0, ""  # seq2seq: the source alone goes through the encoder's positions
+            return 0, "", None  # seq2seq: the source alone goes through the encoder's positions
         longest = max((len(self.target_ids("", t)) for t in getattr(self, "targets", [])),
                       default=0)
         if self.generate and self.max_target_length >= longest:
             return self.max_target_length, f"{self.max_target_length} generated tokens " \
-                                           "(task.max_target_length)"
-        return longest, f"the longest target's {longest} tokens (task.targets, ranked)"
+                                           "(task.max_target_length)", "max_target_length"
+        return longest, f"the longest target's {longest} tokens (task.targets, ranked)", None
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
