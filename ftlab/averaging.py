@@ -11,6 +11,7 @@ weights), validates the raw weights during fit and swaps in an epoch-interval sc
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -217,12 +218,20 @@ class SWA(SwapsInAverage):
             self.last_step, self.backup = state["last_step"], state["backup"]
             if state["started"]:  # before Lightning loads SWALR's state into it
                 self._install(trainer)
-        per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
-        every = self.every_n_steps or per_epoch
-        if (total - self.start_step) / every < 2 and not self.count:
-            log.warning("SWA will average fewer than 2 snapshots (%d steps after start, one "
-                        "every %d): set callbacks.swa.every_n_steps smaller or start earlier.",
-                        total - self.start_step, every)
+        batches = trainer.num_training_batches
+        if not self.count and math.isfinite(batches) and (snaps := self._planned(
+                total, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))) < 2:
+            log.warning("SWA will average %d snapshot(s) (%d steps after start, one every %s):"
+                        " set callbacks.swa.every_n_steps smaller or start earlier.", snaps,
+                        total - self.start_step, self.every_n_steps or "epoch")
+
+    def _planned(self, total: int, per_epoch: int) -> int:
+        """Snapshots ``catch_up`` will take in ``total`` optimiser steps: every
+        ``every_n_steps`` after ``start``, or at each epoch's end (and training's) after it."""
+        if self.every_n_steps:
+            return (total - self.start_step) // self.every_n_steps
+        ends = {min(total, k * per_epoch) for k in range(1, -(-total // max(1, per_epoch)) + 1)}
+        return sum(step > self.start_step for step in ends)
 
     def state_dict(self) -> dict:
         """The average (with its count), the last snapshot's step, whether SWALR has taken

@@ -91,6 +91,18 @@ def test_swa_epoch_cadence_and_lr_ratio():
     assert swa.count == 3
 
 
+@pytest.mark.parametrize("start,every,snaps", [(0.5, None, 2), (0.75, None, 1), (0.5, 2, 3),
+                                               (0.5, 4, 1)])
+def test_swa_warns_only_when_fewer_than_2_snapshots_will_be_taken(start, every, snaps, caplog):
+    """3 epochs x 4 steps: from step 6, epoch ends 8 and 12 give 2 snapshots (the warning
+    counted (12 - 6) / 4 = 1.5 and warned); from step 9 only 12."""
+    swa = SWA(swa_lr=0.05, start=start, every_n_steps=every)
+    with caplog.at_level("WARNING", logger="ftlab.averaging"):
+        _fit_tiny(swa, steps=4, epochs=3)
+    assert swa.count == snaps
+    assert ("SWA will average" in caplog.text) == (snaps < 2)
+
+
 def test_swa_annealing_reaches_swa_lr():
     _, rec = _fit_tiny(SWA(swa_lr=0.05, start=0.25, every_n_steps=1, anneal_steps=4,
                            anneal_strategy="linear"))
