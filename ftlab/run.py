@@ -110,7 +110,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         if primary:
             write_json(out, record)  # status running, with pid and host
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            if "finished_before" not in record:  # else once a stage starts: until then
+                save_config(cfg, run_dir)  # config.yaml is the finished results' own
         # the allow-list of _target_s, before anything is imported or instantiated
         settings_from_you(context["config"], hydra["overrides"], CONFIG_DIR)
         with allowing(cfg.get("allow_targets")):
@@ -209,6 +210,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
         record["current_stage"] = stage.name  # a killed job is known to have died here
         if is_rank_zero():
             write_json(run_dir / "metrics.json", record)
+            if "finished_before" in record and stage is stages[0]:
+                save_config(cfg, run_dir)  # the finished run's artefacts give way from here
         result = run_or_reuse(stage, builder, run, results, keys[stage.name],
                               cache if stage.name in cached else None)
         results[stage.name] = result
@@ -223,6 +226,13 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
             break
     record["final"] = results[stage.name].metrics
     record.pop("current_stage", None)
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The job's resolved config as ``config.yaml`` (atomically: a kill leaves the old one)."""
+    from ftlab.store import atomic_write
+
+    atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
 
 
 def artefact_policy(value: Any) -> str:

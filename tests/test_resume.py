@@ -389,20 +389,24 @@ def test_a_rerun_that_stops_before_training_keeps_the_finished_results(tiny_run,
     re-run that got to training and crashed is recorded as the error it is."""
     import json
 
+    from omegaconf import OmegaConf
+
     first = run(tiny_run("r", "trainer.max_steps=2"))
     assert first["status"] == "ok"
-    out = tmp_path / "r" / "metrics.json"
+    out, config = tmp_path / "r" / "metrics.json", tmp_path / "r" / "config.yaml"
     with pytest.raises(SystemExit):
         run(tiny_run("r", "trainer.max_steps=2", f"data.files.train={tmp_path}/gone.jsonl"))
     kept = json.loads(out.read_text())
     assert kept["status"] == "ok" and kept["final"] == pytest.approx(first["final"])
     assert kept["rerun_error"]["status"] == "error"
     assert "gone.jsonl" in kept["rerun_error"]["error"]
+    assert "gone.jsonl" not in config.read_text()  # the finished results' config, not the error's
     crash_at(monkeypatch, 1)  # a changed stage that trains, then crashes: not kept
     with pytest.raises(SystemExit):
         run(tiny_run("r", "trainer.max_steps=3"))
     crashed = json.loads(out.read_text())
     assert crashed["status"] == "error"
+    assert OmegaConf.load(config).trainer.max_steps == 3  # the config that trained last
     assert crashed["finished_before"]["final"] == pytest.approx(first["final"])  # not lost:
     monkeypatch.undo()
     back = run(tiny_run("r", "trainer.max_steps=2"))  # the first command gets them back
