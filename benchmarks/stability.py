@@ -7,7 +7,7 @@ the full sweep. Runs real `ftlab -m` sweeps (the command a user types) and reads
         [--extra trainer=gpu ...]
 
 Per configuration: failed-run rate (the report's rule: errored, diverged, or validation
-accuracy/macro-F1 at or below the trivial predictor), mean ± std and bootstrap 95% CI of test
+accuracy/macro-F1 at or below the trivial predictor), mean ± std and 95% CI (Student t) of test
 accuracy, and wall time. With --discard, a `callbacks=early_discard` sweep of the `none`
 configuration: optimiser steps trained relative to the full `none` sweep, and its best seed's
 test accuracy against the full sweep's best (the issue's target: <= 60% of the compute, best

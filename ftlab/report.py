@@ -20,7 +20,7 @@ from ftlab.record import recovered
 from ftlab.report_markdown import markdown
 from ftlab.report_plot import plot
 from ftlab.resume import hydra_overrides
-from ftlab.seedstats import bootstrap_ci, expected_max, finite, permutation_test
+from ftlab.seedstats import expected_max, finite, mean_ci, permutation_test
 from ftlab.status import effective
 from ftlab.store import atomic_write, write_json
 
@@ -105,8 +105,8 @@ def swept_keys(records: list[dict[str, Any]]) -> dict[int, str]:
 
 
 def stats(values: list[float], larger_is_better: bool = True) -> dict[str, Any]:
-    """Mean with its bootstrap 95% interval, spread, and best of the N runs."""
-    lo, hi = bootstrap_ci(values)
+    """Mean with its 95% interval (Student t), spread, and best of the N runs."""
+    lo, hi = mean_ci(values)
     return {"n": len(values), "mean": statistics.fmean(values),
             "ci95": [lo, hi],
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,

@@ -16,7 +16,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = ["# Cross-seed summary", "",
              "Failed: errored, diverged, or validation scores at or below a trivial predictor's "
              "(classification: accuracy of the majority class, macro-F1 of chance). 95% CI: "
-             "percentile bootstrap of the mean over seeds.", ""]
+             "Student-t interval of the mean over seeds.", ""]
     for key, s in summary.items():
         lines += [f"## {key}", ""]
         if s.get("all_failed"):

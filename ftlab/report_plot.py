@@ -2,7 +2,7 @@
 
 One panel per metric (accuracy and macro-F1 where the task has them, perplexity for language
 modelling, Pearson and Spearman correlation for regression): every seed's score as a dot
-(failed runs as red crosses), the mean with its bootstrap 95% interval, the trivial
+(failed runs as red crosses), the mean with its 95% interval (Student t), the trivial
 predictor's score as a dashed line, and the y-axis starting at the baseline (not auto-zoomed
 onto the runs), so a configuration whose runs all sit on the baseline looks like what it is.
 Configurations where every run failed are labelled.
@@ -75,6 +75,7 @@ def _panel(ax: Any, summary: dict[str, Any], keys: list[str], metric: str) -> No
         st = s["metrics"].get(metric)
         if st:
             lo, hi = st["ci95"]
+            values += [v for v in (lo, hi) if finite(v)]  # a wide interval shows whole
             ax.errorbar(i, st["mean"], yerr=[[st["mean"] - lo], [hi - st["mean"]]], fmt="_",
                         ms=20, capsize=6, color="k", zorder=5)
         base = s.get("baseline", {}).get(metric)

@@ -171,17 +171,26 @@ def test_classification_baselines_majority_accuracy_and_chance_macro_f1():
     assert task.baseline([0] * 90 + [1] * 10) == pytest.approx({"acc": 0.9, "f1": 0.9 / 1.9})
 
 
-def test_bootstrap_interval_covers_the_mean_narrows_with_more_seeds_and_is_seeded():
-    from ftlab.seedstats import bootstrap_ci
+def test_the_mean_interval_is_students_t_and_covers_the_mean_95_percent_at_3_seeds():
+    """A percentile bootstrap's "95%" interval of 3 seeds cannot reach past the scores seen
+    and covered the true mean 76% of the time here; the t interval covers it 95%."""
+    import numpy as np
 
+    from ftlab.seedstats import mean_ci, t_quantile
+
+    assert t_quantile(0.975, 2) == pytest.approx(4.302652729749464, rel=1e-9)  # t tables
+    assert t_quantile(0.975, 9) == pytest.approx(2.262157162798205, rel=1e-9)
+    assert t_quantile(0.95, 1000) == pytest.approx(1.6463788172854639, rel=1e-9)
     few = [0.70, 0.80, 0.75]
-    lo, hi = bootstrap_ci(few)
-    assert lo < statistics.fmean(few) < hi and lo >= 0.70 - 1e-9 and hi <= 0.80 + 1e-9
-    many = few * 10
-    lo2, hi2 = bootstrap_ci(many)
-    assert hi2 - lo2 < hi - lo
-    assert bootstrap_ci(few) == (lo, hi)
-    assert bootstrap_ci([0.5]) == (0.5, 0.5)
+    lo, hi = mean_ci(few)  # 0.75 +- 4.3027 * 0.05 / sqrt(3)
+    assert (lo, hi) == pytest.approx((0.75 - 0.124207, 0.75 + 0.124207), abs=1e-6)
+    assert lo < 0.70 and hi > 0.80  # wider than the scores seen, as it must be at n = 3
+    assert mean_ci([0.5]) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in mean_ci([]))
+    rng = np.random.default_rng(0)
+    covered = [lo <= 0.85 <= hi for lo, hi in
+               (mean_ci(rng.normal(0.85, 0.01, 3)) for _ in range(2000))]
+    assert 0.935 <= np.mean(covered) <= 0.965
 
 
 def test_permutation_test_paired_exact_and_unpaired():
@@ -262,7 +271,7 @@ def test_multitask_sub_task_metrics_get_their_baselines_and_deltas():
     [s] = summarize(runs).values()
     assert s["baseline"] == {"val/rt/acc": 0.6, "test/rt/acc": 0.55}
     assert s["delta"]["test/rt/acc"] == pytest.approx(0.75 - 0.55)
-    assert "| test/rt/acc | 2 | 0.7500 | [0.7000, 0.8000] | 0.0707 | 0.8000 | 0.5500 |" in \
+    assert "| test/rt/acc | 2 | 0.7500 | [0.1147, 1.3853] | 0.0707 | 0.8000 | 0.5500 |" in \
         markdown({"default": s})
 
 
@@ -273,6 +282,28 @@ def test_plot_axis_spans_the_baseline_and_every_run():
     assert lo < 0.55 < 0.82 < hi and lo > 0.5
     lo, hi = y_limits([0.36, 0.80], [0.5])  # runs below the baseline stay visible
     assert lo < 0.36 and hi > 0.80
+
+
+def test_plot_axis_shows_the_whole_interval_of_the_mean():
+    """3 seeds at 0.70-0.80: the t interval reaches 0.626-0.874, past the scores; the panel's
+    axis shows all of it rather than cutting the error bar off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ftlab.report_plot import _panel
+
+    scores = {"1": 0.70, "2": 0.80, "3": 0.75}
+    summary = summarize([{"status": "ok", "failed": False, "seed": int(k),
+                          "overrides": [f"seed={k}"], "final": {"test/acc": v}}
+                         for k, v in scores.items()])
+    (lo, hi), = [s["metrics"]["test/acc"]["ci95"] for s in summary.values()]
+    fig, ax = plt.subplots()
+    _panel(ax, summary, list(summary), "test/acc")
+    bottom, top = ax.get_ylim()
+    plt.close(fig)
+    assert bottom <= lo < 0.70 and top >= hi > 0.80
 
 
 def test_a_sampled_permutation_p_value_is_never_zero():
