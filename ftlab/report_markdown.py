@@ -87,4 +87,12 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
         lines.append(f"| {rank} | {key} | {mean:.4f} | " + (
             f"{vs['diff']:+.4f} | {vs['p']:.3f} | {vs['test']} (n={vs['n']}) |" if vs
             else "– | – | – |"))
+    floors = [vs for k in summary if (vs := summary[k]["rank"].get("vs_best"))
+              and vs.get("p_min", 0) > 0.05]
+    if floors:
+        worst = max(floors, key=lambda vs: vs["p_min"])
+        lines += ["", f"With so few seeds no difference can reach p < 0.05 here: the smallest "
+                  f"p the test can give is {worst['p_min']:.3f} ({worst['test']}, "
+                  f"n={worst['n']}), however far apart the scores. Run more seeds (paired: "
+                  f"6 shared seeds are the fewest that can reach 0.05)."]
     return lines + [""]

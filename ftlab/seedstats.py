@@ -129,7 +129,9 @@ def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
     head initialisation); otherwise it is an unpaired permutation test of the pooled runs.
     Exact when the number of permutations is at most ``RESAMPLES``; otherwise ``RESAMPLES``
     random ones and p = (b + 1) / (RESAMPLES + 1), b of them at least as extreme (Phipson &
-    Smyth 2010: the observed arrangement counts, so a sampled p is never 0).
+    Smyth 2010: the observed arrangement counts, so a sampled p is never 0). ``p_min``: the
+    smallest p these runs could give, however far apart (paired over 3 seeds: 2/8 = 0.25;
+    6 paired seeds are the fewest that can reach p < 0.05: 2/64).
     """
     shared = sorted(set(a) & set(b))
     if len(shared) >= 2:
@@ -143,7 +145,8 @@ def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
             signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(RESAMPLES, d.size))
         stats = np.abs((signs * d).mean(axis=1))
         return {"test": "paired", "n": int(d.size), "diff": float(d.mean()),
-                "p": _p_value(stats, observed, exact)}
+                "p": _p_value(stats, observed, exact),
+                "p_min": 2 / 2 ** d.size if exact else 1 / (RESAMPLES + 1)}
     xa, xb = np.array(list(a.values()), float), np.array(list(b.values()), float)
     if xa.size == 0 or xb.size == 0:
         return {"test": "none", "n": 0, "diff": math.nan, "p": math.nan}
@@ -160,7 +163,8 @@ def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
                   for _ in range(RESAMPLES)]
     stats = np.array([abs(pooled[m].mean() - pooled[~m].mean()) for m in splits])
     return {"test": "unpaired", "n": int(pooled.size), "diff": float(xa.mean() - xb.mean()),
-            "p": _p_value(stats, observed, exact)}
+            "p": _p_value(stats, observed, exact),  # (equal groups: either way round counts)
+            "p_min": (1 + (na == xb.size)) / len(splits) if exact else 1 / (RESAMPLES + 1)}
 
 
 def _p_value(stats: np.ndarray, observed: float, exact: bool) -> float:

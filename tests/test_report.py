@@ -205,6 +205,25 @@ def test_permutation_test_paired_exact_and_unpaired():
     assert permutation_test(b, b)["p"] == 1.0
     u = permutation_test({"1": 0.9, "2": 0.91, "3": 0.92}, {"7": 0.5, "8": 0.51, "9": 0.52})
     assert u["test"] == "unpaired" and u["p"] == pytest.approx(2 / 20)  # C(6,3) splits
+    # the floor, whatever the scores: the two most extreme arrangements of all there are
+    assert r["p_min"] == r["p"] and u["p_min"] == u["p"]
+    assert permutation_test(b, b)["p_min"] == pytest.approx(2 / 32)
+
+
+def test_the_ranking_says_when_too_few_seeds_can_show_no_difference():
+    """3 paired seeds: 8 sign patterns, so p >= 2/8 however far apart the runs are; the
+    report says so instead of leaving a reader to read p = 0.25 as "no difference"."""
+    def runs(lr: str, accs: list[float]) -> list[dict]:
+        return [{"status": "ok", "failed": False, "seed": seed, "final": {"test/acc": acc},
+                 "overrides": [f"seed={seed}", f"stage.optim.lr={lr}"]}
+                for seed, acc in enumerate(accs, 1)]
+
+    few = markdown(summarize(runs("1e-4", [0.9, 0.91, 0.92]) + runs("1e-5", [0.5, 0.51, 0.52])))
+    assert "| 0.250 | paired (n=3) |" in few
+    assert "smallest p the test can give is 0.250 (paired, n=3)" in few
+    six = [0.9, 0.91, 0.92, 0.93, 0.94, 0.95]
+    many = markdown(summarize(runs("1e-4", six) + runs("1e-5", [a - 0.4 for a in six])))
+    assert "| 0.031 | paired (n=6) |" in many and "smallest p" not in many
 
 
 def test_expected_validation_performance_dodge_et_al():
