@@ -27,7 +27,7 @@ from ftlab.errors import FtlabError
 from ftlab.flops import flop_rule
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
-from ftlab.peft.base import PeftMethod, SavesArtefact, count_parameters
+from ftlab.peft.base import PeftMethod, Reports, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
 from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors, wait_for_all_ranks
@@ -166,6 +166,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if run.on_trained is not None:
         run.on_trained(result)
     with full_weights(trainer):  # FSDP: gather the shards (every rank takes part)
+        if isinstance(peft, Reports):  # e.g. the sparsity reached; metrics.json has it
+            info["peft"] = peft.report(module.model)  # (run.py records info after the stage)
         if stage.save_artefact and is_rank_zero():  # DDP: every rank holds the same weights
             skip = info["full_size_artefact"] and run.save_artefact == "none"
             info |= _save_artefact(stage, stage_dir, peft, module.model, task, tokenizer,

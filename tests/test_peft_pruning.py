@@ -210,6 +210,32 @@ def test_a_stage_keeps_only_validations_of_the_settled_model(make_cfg, sentiment
     for name in model.names:
         w = state[f"model.{name}"]
         assert int((w != 0).sum()) == round((1 - final) * w.numel()), name
+    kept = sum(int((state[f"model.{n}"] != 0).sum()) for n in model.names)
+    total = sum(state[f"model.{n}"].numel() for n in model.names)
+    reported = record["stages"]["classify"]["peft"]  # metrics.json: what the artefact holds
+    assert reported == {"sparsity": pytest.approx(1 - kept / total, abs=1e-6),
+                        "target_sparsity": final, "prunable_weights": total,
+                        "weights_kept": kept}
+    assert reported["sparsity"] == pytest.approx(final, abs=0.01)
+
+
+def test_diff_pruning_records_the_entries_its_artefact_keeps(make_cfg, sentiment_dir):
+    """metrics.json says how much of the backbone the diff changes (the parameter counts show
+    the dense delta and gates: 2/3 of the wrapped model), equal to the artefact's indices."""
+    from ftlab.run import run
+    from ftlab.store import load_tensors
+    from tests.conftest import tiny_overrides
+
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "peft=diff_pruning", "peft.keep=0.02",
+                    "trainer.max_steps=4"])
+    record = run(cfg)
+    assert record["status"] == "ok", record.get("error")
+    state = load_tensors(next(Path(cfg.paths.output_dir).rglob("trainable.safetensors")))
+    saved = sum(v.numel() for k, v in state.items() if k.endswith(".delta_idx"))
+    stage = record["stages"]["classify"]
+    assert stage["params_trainable_pct"] > 50  # the dense delta: not what is kept
+    assert stage["peft"]["diff_kept"] == saved > 0
+    assert stage["peft"]["diff_kept_pct"] == pytest.approx(2.0, abs=0.05)
 
 
 def test_diff_pruning_phase_survives_a_checkpoint():

@@ -22,7 +22,8 @@ class PeftMethod(Protocol):
     :class:`SavesArtefact` writes an extra artefact; a model returned by ``apply`` that is a
     :class:`Penalized` adds a penalty to the training loss, one that is a :class:`FollowsSteps`
     hears the optimiser step before each training batch, one that is an :class:`OwnGroups`
-    trains some parameters at their own LR; a method that is a :class:`Mergeable` folds into a
+    trains some parameters at their own LR; a method that is a :class:`Reports` records what
+    it did (``peft`` in ``metrics.json``); a method that is a :class:`Mergeable` folds into a
     plain Transformers model (``ftlab-export``, and what a later stage's ``init_from`` gets;
     without it only the frozen backbone is handed over). ``layers.top_layer_ops`` gives
     every method ``drop_top``/``reinit_top``.
@@ -77,6 +78,16 @@ class SavesArtefact(Protocol):
     ``save_pretrained`` folder); returns where."""
 
     def save(self, model: nn.Module, directory: str | Path) -> Path: ...
+
+
+@runtime_checkable
+class Reports(Protocol):
+    """A PEFT method whose outcome is a number the parameter counts do not show, recorded as
+    the stage's ``peft`` entry in ``metrics.json``: the sparsity movement pruning left in the
+    artefact, the diff entries diff pruning kept (its trainable count is the dense delta and
+    gates). ``report`` sees the trained model as the artefact is saved from it."""
+
+    def report(self, model: nn.Module) -> dict[str, float]: ...
 
 
 @runtime_checkable

@@ -218,6 +218,17 @@ class DiffPruning:
             model.fixed.fill_(True)  # the delta as loaded: no gates
         model.phase2 = True
 
+    @torch.no_grad()
+    def report(self, model: DiffPrunedModel) -> dict[str, float]:
+        """The diff entries the artefact keeps, of the backbone's (the trainable count is the
+        dense delta and its gates during training)."""
+        deltas = model.effective_delta(sample=False)
+        mask = model.mask if model.phase2 else magnitude_mask(deltas, self.keep)
+        total = sum(d.numel() for d in deltas)
+        kept = int(torch.count_nonzero(mask))
+        return {"diff_kept": kept, "diff_kept_pct": round(100 * kept / total, 4),
+                "backbone_params": total, "keep": self.keep}
+
     def merged(self, model: nn.Module) -> nn.Module:
         """The frozen model with the trained weights materialised into it."""
         from ftlab.peft.functional import materialize

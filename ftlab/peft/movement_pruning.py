@@ -145,6 +145,15 @@ class MovementPruning:
                 s.copy_((w != 0).to(s.dtype))
         model.fixed = True
 
+    @torch.no_grad()
+    def report(self, model: MovementModel) -> dict[str, float]:
+        """The share of the prunable weights the artefact holds as zeros (its masks now)."""
+        masks = model.masks()
+        total = sum(m.numel() for m in masks)
+        kept = sum(int(m.count_nonzero()) for m in masks)
+        return {"sparsity": round(1 - kept / total, 6), "target_sparsity": self.sparsity,
+                "prunable_weights": total, "weights_kept": kept}
+
     def merged(self, model: nn.Module) -> nn.Module:
         """The frozen model with the trained weights materialised into it."""
         from ftlab.peft.functional import materialize
