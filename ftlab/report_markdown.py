@@ -41,7 +41,7 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | {st['n']} | {st['mean']:.4f} | {_ci(st)} | {st['std']:.4f} | "
                          f"{st['best']:.4f} | " + (f"{base:.4f} | {s['delta'][m]:+.4f} |"
                                                    if base is not None else "– | – |"))
-        lines += _seed_table(s)
+        lines += _seed_table(s) + _selected(s)
         evp = s.get("expected_validation") or []
         if len(evp) > 1:
             lines += ["", f"Expected best {s['monitor']['metric']} of n runs (Dodge et al. 2019): "
@@ -50,6 +50,16 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"\n- seed {seed}: {str(err).splitlines()[0] if err else 'error'}")
         lines.append("")
     return "\n".join(lines + _ranking(summary))
+
+
+def _selected(s: dict[str, Any]) -> list[str]:
+    chosen = s.get("selected")
+    if not chosen or not chosen["test"]:
+        return []
+    shown = ", ".join(f"{m} {v:.4f}" for m, v in list(chosen["test"].items())[:4])
+    return ["", f"Chosen by {chosen['by']} (the run you would keep): seed {chosen['seed']} "
+            f"({chosen['value']:.4f}), {shown}. \"Best of n\" of a test metric is picked on "
+            "the test set itself: an upper bound, not a result."]
 
 
 def _seed_table(s: dict[str, Any]) -> list[str]:

@@ -393,3 +393,23 @@ def test_jobs_are_collected_in_job_number_order_and_a_metrics_file_names_its_run
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "2" / "metrics.json")])
     assert exit_.value.code == 0
+
+
+def test_the_run_to_keep_is_chosen_by_validation_not_by_the_test_score():
+    """Seed 2 has the best validation accuracy, seed 3 the best test accuracy: the report's
+    chosen run is seed 2 with its own test score, and "best of n" stays the test maximum."""
+    finals = {1: (0.80, 0.70), 2: (0.90, 0.72), 3: (0.85, 0.78)}
+    runs = [{"status": "ok", "failed": False, "seed": seed, "overrides": [f"seed={seed}"],
+             "monitor": {"metric": "val/acc", "mode": "max", "failed_by": None},
+             "final": {"val/acc": val, "test/acc": test, "test/baseline_acc": 0.5}}
+            for seed, (val, test) in finals.items()]
+    [s] = summarize(runs).values()
+    assert s["selected"] == {"seed": "2", "by": "val/acc", "value": 0.90,
+                             "test": {"test/acc": 0.72}}
+    assert s["metrics"]["test/acc"]["best"] == 0.78
+    text = markdown({"default": s})
+    assert "Chosen by val/acc (the run you would keep): seed 2 (0.9000), test/acc 0.7200" in text
+    loss = [r | {"monitor": {"metric": "val/loss", "mode": "min", "failed_by": None},
+                 "final": r["final"] | {"val/loss": 1 - r["final"]["val/acc"]}} for r in runs]
+    [s] = summarize(loss).values()
+    assert s["selected"]["seed"] == "2"  # the lowest loss
