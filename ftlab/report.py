@@ -20,7 +20,7 @@ from ftlab.record import recovered
 from ftlab.report_markdown import markdown
 from ftlab.report_plot import plot
 from ftlab.resume import hydra_overrides
-from ftlab.seedstats import expected_max, finite, mean_ci, permutation_test
+from ftlab.seedstats import expected_max, finite, mean_ci, permutation_test, selected_run
 from ftlab.status import effective
 from ftlab.store import atomic_write, write_json
 
@@ -184,22 +184,8 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "monitor": monitor,
         # Dodge et al. (2019): expected best validation score of n = 1..N runs
         "expected_validation": expected_max(val, monitor["mode"] == "max") if val else [],
-        "selected": _selected(done, monitor),
+        "selected": selected_run([r["final"] | {"seed": r.get("seed")} for r in done], monitor),
     }
-
-
-def _selected(done: list[dict[str, Any]], monitor: dict[str, Any]) -> dict[str, Any] | None:
-    """The run a practitioner would keep, chosen by the monitored validation score (the first
-    seed on a tie), with its test scores: unlike "best of n" on a test metric, not picked on
-    the test set."""
-    metric, big = monitor["metric"], monitor.get("mode", "max") == "max"
-    scored = [r for r in done if finite(r.get("final", {}).get(metric))]
-    if len(scored) < 2:
-        return None
-    best = max(scored, key=lambda r: r["final"][metric] if big else -r["final"][metric])
-    return {"seed": str(best.get("seed")), "by": metric, "value": best["final"][metric],
-            "test": {m: v for m, v in best["final"].items()
-                     if m.startswith("test/") and "/baseline_" not in m and finite(v)}}
 
 
 def primary_metric(summary: dict[str, Any]) -> str | None:

@@ -6,6 +6,7 @@
   otherwise unpaired).
 - Expected validation performance as a function of the number of trials: :func:`expected_max`
   (Dodge et al., 2019, "Show your work").
+- The run to keep, chosen on validation: :func:`selected_run`.
 
 Pure Python + numpy, seeded: the same records give the same report.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -197,3 +199,18 @@ def expected_max(values: Sequence[float], larger_is_better: bool = True) -> list
 def finite(x: object) -> bool:
     """A real, finite number (not None, NaN, inf, or a string)."""
     return isinstance(x, int | float) and math.isfinite(x)
+
+
+def selected_run(finals: Sequence[Mapping[str, Any]],
+                 monitor: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run a practitioner would keep, chosen by the monitored validation score (the first
+    on a tie), with its test scores: unlike "best of n" of a test metric, not picked on the
+    test set. ``finals``: each run's final metrics with its ``seed``."""
+    metric, big = monitor["metric"], monitor.get("mode", "max") == "max"
+    scored = [f for f in finals if finite(f.get(metric))]
+    if len(scored) < 2:
+        return None
+    best = max(scored, key=lambda f: f[metric] if big else -f[metric])
+    return {"seed": str(best.get("seed")), "by": metric, "value": best[metric],
+            "test": {m: v for m, v in best.items()
+                     if m.startswith("test/") and "/baseline_" not in m and finite(v)}}
