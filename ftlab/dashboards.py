@@ -9,7 +9,8 @@
   ``use_artifact`` offline: there the artifact's metadata names its ``upstream`` instead.
 - Summary: when a multirun ends, each configuration of the sweep gets a run with
   ``job_type: summary`` in the jobs' own group (``<sweep>/<config>``) with two tables,
-  ``cross_seed`` (metric, n, mean, std, median, min, max) and ``per_seed`` (one row per seed).
+  ``cross_seed`` (metric, n, mean, its 95% interval, std, median, min, max) and
+  ``per_seed`` (one row per seed).
 """
 
 from __future__ import annotations
@@ -107,9 +108,11 @@ def log_sweep_summary(config: Any, sweep_dir: Path, summary: dict[str, Any]) -> 
                          config={"sweep": sweep_dir.name, "configuration": key,
                                  "runs": s["runs"], "errored": s["errored"]})
         try:
-            cols = ["metric", "n", "mean", "std", "median", "min", "max"]
+            cols = ["metric", "n", "mean", "ci95_low", "ci95_high", "std", "median", "min",
+                    "max"]
             run.log({"cross_seed": wandb.Table(columns=cols, data=[
-                [m, *(st[c] for c in cols[1:])] for m, st in s["metrics"].items()])})
+                [m, st["n"], st["mean"], *st["ci95"], *(st[c] for c in cols[5:])]
+                for m, st in s["metrics"].items()])})
             names = sorted({m for v in s["seeds"].values() for m in v})
             run.log({"per_seed": wandb.Table(columns=["seed", *names], data=[
                 [seed, *(v.get(m) for m in names)] for seed, v in s["seeds"].items()])})

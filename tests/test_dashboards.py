@@ -28,6 +28,8 @@ def test_sweep_logs_summary_tables_and_stage_lineage_offline(tmp_path, sentiment
     rows = {row[0]: dict(zip(cross["columns"], row, strict=True)) for row in cross["data"]}
     assert rows["val/acc"]["mean"] == pytest.approx(summary["metrics"]["val/acc"]["mean"])
     assert rows["val/acc"]["n"] == 2
+    assert [rows["val/acc"]["ci95_low"], rows["val/acc"]["ci95_high"]] == \
+        pytest.approx(summary["metrics"]["val/acc"]["ci95"])
     per_seed = json.loads(next(run.glob("files/media/table/per_seed_*.table.json")).read_text())
     assert sorted(str(r[0]) for r in per_seed["data"]) == ["1", "2"]
 
