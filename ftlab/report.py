@@ -20,7 +20,7 @@ from ftlab.record import recovered
 from ftlab.report_markdown import markdown
 from ftlab.report_plot import plot
 from ftlab.resume import hydra_overrides
-from ftlab.seedstats import expected_max, finite, mean_ci, permutation_test, selected_run
+from ftlab.seedstats import expected_max, finite, holm, mean_ci, permutation_test, selected_run
 from ftlab.status import effective
 from ftlab.store import atomic_write, write_json
 
@@ -215,6 +215,9 @@ def _rank(summary: dict[str, Any]) -> None:
             top = {seed: v[metric] for seed, v in summary[best]["seeds"].items()
                    if finite(v.get(metric))}
             s["rank"]["vs_best"] = permutation_test(per_seed, top)
+    tests = [summary[k]["rank"]["vs_best"] for k in order if "vs_best" in summary[k]["rank"]]
+    for test, adjusted in zip(tests, holm([t["p"] for t in tests]), strict=True):
+        test["p_holm"] = adjusted  # one test per configuration: the family's error rate
 
 
 

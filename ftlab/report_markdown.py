@@ -88,15 +88,16 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
         return []
     metric = summary[ranked[0][1]]["rank"]["metric"]
     lines = ["## Ranking", "", f"By mean {metric}; each configuration against the best with a "
-             "two-sided permutation test (paired over shared seeds).", "",
-             "| rank | configuration | mean | difference to best | p | test |",
-             "|---|---|---|---|---|---|"]
+             "two-sided permutation test (paired over shared seeds); p (Holm): adjusted for "
+             "testing every configuration against the best.", "",
+             "| rank | configuration | mean | difference to best | p | p (Holm) | test |",
+             "|---|---|---|---|---|---|---|"]
     for rank, key in ranked:
         s, vs = summary[key], summary[key]["rank"].get("vs_best")
         mean = s["metrics"][metric]["mean"]
         lines.append(f"| {rank} | {key} | {mean:.4f} | " + (
-            f"{vs['diff']:+.4f} | {vs['p']:.3f} | {vs['test']} (n={vs['n']}) |" if vs
-            else "– | – | – |"))
+            f"{vs['diff']:+.4f} | {vs['p']:.3f} | {vs.get('p_holm', vs['p']):.3f} | "
+            f"{vs['test']} (n={vs['n']}) |" if vs else "– | – | – | – |"))
     floors = [vs for k in summary if (vs := summary[k]["rank"].get("vs_best"))
               and vs.get("p_min", 0) > 0.05]
     if floors:

@@ -3,7 +3,7 @@
 - When a run failed: :func:`failure` (the task's trivial-predictor baselines define it).
 - Confidence intervals of a mean over seeds: :func:`mean_ci` (Student t).
 - Whether two configurations differ: :func:`permutation_test` (paired over shared seeds,
-  otherwise unpaired).
+  otherwise unpaired), several such tests adjusted with :func:`holm`.
 - Expected validation performance as a function of the number of trials: :func:`expected_max`
   (Dodge et al., 2019, "Show your work").
 - The run to keep, chosen on validation: :func:`selected_run`.
@@ -167,6 +167,18 @@ def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
     return {"test": "unpaired", "n": int(pooled.size), "diff": float(xa.mean() - xb.mean()),
             "p": _p_value(stats, observed, exact),  # (equal groups: either way round counts)
             "p_min": (1 + (na == xb.size)) / len(splits) if exact else 1 / (RESAMPLES + 1)}
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values (Holm 1979): with several configurations
+    each tested against the best, the chance that any "significant" difference is a fluke
+    stays at the level; NaN p-values pass through."""
+    order = sorted((i for i, p in enumerate(ps) if finite(p)), key=lambda i: ps[i])
+    out, running = [math.nan if not finite(p) else p for p in ps], 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * ps[i]))
+        out[i] = running
+    return out
 
 
 def _p_value(stats: np.ndarray, observed: float, exact: bool) -> float:

@@ -413,3 +413,25 @@ def test_the_run_to_keep_is_chosen_by_validation_not_by_the_test_score():
                  "final": r["final"] | {"val/loss": 1 - r["final"]["val/acc"]}} for r in runs]
     [s] = summarize(loss).values()
     assert s["selected"]["seed"] == "2"  # the lowest loss
+
+
+def test_holm_adjusts_the_tests_against_the_best_as_a_family():
+    from ftlab.seedstats import holm
+
+    # Holm (1979): sorted 0.01, 0.02, 0.04 x 3, 2, 1 -> 0.03, 0.04, 0.04 (kept monotone)
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+    adjusted = holm([0.2, math.nan])
+    assert adjusted[0] == 0.2 and math.isnan(adjusted[1])
+
+    def runs(lr: str, shift: float) -> list[dict]:
+        return [{"status": "ok", "failed": False, "seed": s, "overrides": [f"seed={s}",
+                 f"stage.optim.lr={lr}"], "final": {"test/acc": 0.8 + 0.01 * s - shift}}
+                for s in range(1, 7)]
+
+    summary = summarize(runs("a", 0) + runs("b", 0.1) + runs("c", 0.2))
+    vs = [summary[k]["rank"]["vs_best"] for k in ("stage.optim.lr=b", "stage.optim.lr=c")]
+    assert [v["p"] for v in vs] == pytest.approx([2 / 64] * 2)
+    assert [v["p_holm"] for v in vs] == pytest.approx([4 / 64] * 2)  # 2 tests: no longer < 0.05
+    assert "| 0.031 | 0.062 | paired (n=6) |" in markdown(summary)
