@@ -89,6 +89,15 @@ def _latin1_csv(tmp: Path) -> Path:
     return _write(tmp, "latin1.csv", body.encode("latin-1"))
 
 
+def _header_only_train(tmp: Path) -> list[str]:
+    """A csv training file with a header and no rows beside csv validation/test files."""
+    files = {"train": _write(tmp, "train.csv", "text,label\n")}
+    for split in ("validation", "test"):
+        files[split] = _write(tmp, f"{split}.csv", "text,label\n" + "".join(
+            f"{r['text']},{r['label']}\n" for r in synthetic_rows(40, 1)))
+    return [f"data.files.{split}={path}" for split, path in files.items()]
+
+
 PIPE = ["pipeline=tiny", "cache.stages=off"]
 FAST = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1"]  # the runs that do train: a few batches each
@@ -160,6 +169,15 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("data-format-unknown", lambda t, s: _train(_write(t, "train.txt", "a b\n"), s,
                                                              "data.path=files"),
      r"Cannot tell the file format"),
+    ("data-train-header-only", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        ("data.files", "data.path"))] + _header_only_train(t),  # its nulls blamed validation
+     r"The train split is empty: its file .*train.csv has no rows.*Fix: add rows to it, or "
+     r"point data.files.train"),
+    ("data-train-blank-lines", lambda t, s: _train(_write(t, "blank.jsonl", "\n \n\n"), s),
+     r"The train split is empty: its file .*blank.jsonl has no rows"),
+    ("data-all-header-only", lambda t, s: _one_file(_write(t, "all.csv", "text,label\n"), s,
+                                                    "data.path=null"),  # not "go without it"
+     r"The one data file .*all.csv \(data.files.all\) has no rows.*Fix: add rows to it"),
     ("data-malformed-jsonl", lambda t, s: _train(_write(t, "bad.jsonl", "{not json\n"), s),
      r"Could not read json files"),
     ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"),

@@ -64,6 +64,23 @@ def _opener(path: Path) -> Any:
     return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
 
 
+def has_rows(path: str, builder: str) -> bool | None:
+    """Whether a data file holds a row (a csv line after the header, a non-blank jsonl line, a
+    parquet row); None when it cannot be read (the reader's own message says why)."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        with _opener(Path(path))(path, "rt", encoding="utf-8-sig") as f:
+            lines = (line for line in f if line.strip())
+            if builder == "csv":
+                next(lines, None)  # the header
+            return next(lines, None) is not None
+    except Exception:  # noqa: BLE001 - unreadable: the reader's own message says why
+        return None
+
+
 def not_utf8(files: dict[str, str]) -> tuple[str, int, str] | None:
     """(file, line, reason) of the first byte among ``files`` that is not UTF-8, or None."""
     import codecs
