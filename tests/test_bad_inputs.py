@@ -98,6 +98,22 @@ def _header_only_train(tmp: Path) -> list[str]:
     return [f"data.files.{split}={path}" for split, path in files.items()]
 
 
+def _parquet_splits(tmp: Path, train_text: Callable[[str], object]) -> list[str]:
+    """Parquet split files whose training texts are ``train_text(text)`` (validation and
+    test: plain strings)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = []
+    for split, seed in (("train", 0), ("validation", 1), ("test", 2)):
+        rows = synthetic_rows(40, seed)
+        texts = [train_text(r["text"]) if split == "train" else r["text"] for r in rows]
+        pq.write_table(pa.table({"text": texts, "label": [r["label"] for r in rows]}),
+                       tmp / f"{split}.parquet")
+        out.append(f"data.files.{split}={tmp / f'{split}.parquet'}")
+    return out
+
+
 PIPE = ["pipeline=tiny", "cache.stages=off"]
 FAST = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1"]  # the runs that do train: a few batches each
@@ -178,6 +194,13 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("data-all-header-only", lambda t, s: _one_file(_write(t, "all.csv", "text,label\n"), s,
                                                     "data.path=null"),  # not "go without it"
      r"The one data file .*all.csv \(data.files.all\) has no rows.*Fix: add rows to it"),
+    ("data-parquet-list-texts", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        ("data.files", "data.path"))] + _parquet_splits(t, str.split),  # was a numpy ValueError
+     r"Column 'text' holds strings in the other files, but .*train.parquet \(split 'train'\) "
+     r"has \['\w+', .* at row 1.*Fix: .*fix row 1 of train.parquet"),
+    ("data-parquet-nested-texts", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        ("data.files", "data.path"))] + _parquet_splits(t, lambda x: {"body": x}),
+     r"holds strings in the other files, but .*train.parquet"),  # not validation's strings
     ("data-malformed-jsonl", lambda t, s: _train(_write(t, "bad.jsonl", "{not json\n"), s),
      r"Could not read json files"),
     ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"),

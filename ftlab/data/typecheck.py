@@ -124,8 +124,15 @@ def _series_kind(series: Any) -> str:
         return "boolean"
     if pd.api.types.is_numeric_dtype(series.dtype):
         return "number"
-    first = next((v for v in series.tolist() if v is not None and v == v), None)
+    first = next((v for v in _values(series) if v is not None and v == v), None)
     return _kind(first)
+
+
+def _values(series: Any) -> list[Any]:
+    """A column's values as plain Python: pandas gives a parquet list cell as a numpy array
+    (whose ``==`` is element-wise), here a list."""
+    return [v.tolist() if hasattr(v, "tolist") and not isinstance(v, str | bytes) else v
+            for v in series.tolist()]
 
 
 def _first_unlike(values: list[Any], kind: str) -> tuple[int, Any] | None:
@@ -176,16 +183,23 @@ def locate_type_error(files: dict[str, str], builder: str, kwargs: dict[str, Any
                 + ", so the splits cannot be read as one dataset.",
                 "give every split's file the same columns: drop the extra ones or add the "
                 "missing ones (only data.text_columns and data.label_column are read).")
-    for split, df in frames.items():
-        for col in [c for c in df.columns if c in ref.columns]:
-            want, got = _series_kind(ref[col]), _series_kind(df[col])
-            if split == ref_split or want == got:
+    for col in ref.columns:
+        kinds = {split: _series_kind(df[col]) for split, df in frames.items()
+                 if col in df.columns}
+        # the kind most files hold is the rule, the file that differs the odd one (a tie: the
+        # reference file's): a nested training file beside flat validation/test files is
+        # the one to fix
+        held = [*kinds.values()]
+        want = max(dict.fromkeys([kinds[ref_split], *held]), key=held.count)
+        for split, got in kinds.items():
+            if got == want:
                 continue
-            bad = _first_unlike(df[col].tolist(), want)
+            bad = _first_unlike(_values(frames[split][col]), want)
             odd_split, kind = split, want
-            if bad is None:  # the reference file holds the odd value
-                bad = _first_unlike(ref[col].tolist(), got)
-                odd_split, kind = ref_split, got
+            if bad is None:  # a file of the rule's kind holds the odd value
+                holder = next(s for s, k in kinds.items() if k == want)
+                bad = _first_unlike(_values(frames[holder][col]), got)
+                odd_split, kind = holder, got
             if bad is None:
                 continue
             row, value = bad
