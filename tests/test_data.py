@@ -239,6 +239,23 @@ def test_a_split_carved_from_train_may_not_share_training_rows(make_cfg, tmp_pat
     assert len(raw.splits["validation"]) == 8 and not train & val
 
 
+def test_the_training_file_given_again_as_an_evaluation_file_is_refused(tmp_path):
+    """data.files.validation naming the training file (by another spelling of its path) would
+    score the model on its own training rows: refused, naming the split; a split that is not
+    read (data.splits.validation=null) may name any file."""
+    _three_files(tmp_path)
+    train = str(tmp_path / "train.jsonl")
+    files = {"train": train, "validation": f"{tmp_path}/../{tmp_path.name}/train.jsonl",
+             "test": str(tmp_path / "test.jsonl")}
+    with pytest.raises(FtlabError, match=r"(?s)data.files.validation is the training file.*"
+                       r"scored on the rows it trained on.*data.files=\{all: FILE\}"):
+        load_raw(DataSpec(path="json", files=files))
+    raw = load_raw(DataSpec(path="json", files=files, splits={"train": "train",
+                                                              "validation": None,
+                                                              "test": "test"}))
+    assert set(raw.splits) == {"train", "test"}
+
+
 @pytest.mark.parametrize("declared", [None, ["negative", "positive"]])
 def test_a_classlabel_minus_one_is_a_missing_label(declared):
     """Hugging Face datasets mark unlabelled rows -1 (GLUE's test splits): refused as rows

@@ -20,7 +20,7 @@ from ftlab.data.conll import load_conll
 from ftlab.data.labels import encode_labels, numeric_labels
 from ftlab.data.reading import failed_read, read_apart, refuse_swallowed_rows
 from ftlab.data.spec import DataSpec
-from ftlab.data.splits import grouped_split, pick_splits
+from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
 from ftlab.data.typecheck import check_column_types, refuse_repeated_header
 from ftlab.errors import FtlabError, choices_text, separator_hint
 from ftlab.resolve import resolve
@@ -150,6 +150,7 @@ def _load(spec: DataSpec) -> DatasetDict:
             raise FtlabError(f"Data file for split '{split}' is empty: {path}.",
                              "point data.files at a file with a header and rows.")
         files[split] = str(unzip_single(path.resolve()))
+    refuse_training_file_in_evaluation(spec, files)
     builder = _builder_for(spec, files)
     if builder == "conll":  # word-level tagged text: tokens and tags list columns
         try:
