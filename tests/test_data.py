@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,21 @@ def test_labels_follow_declared_order_and_drop(tmp_path):
         for text, label in zip(list(ds["text"]), list(ds["label"]), strict=True):
             assert text != "synopsis"
             assert label == (0 if set(text.split()) & set(POS) else 1)
+
+
+def test_a_declared_label_no_training_row_has_is_warned_about(tmp_path, caplog):
+    """data.labels=[neg, pos, neutral] on data without 'neutral' trains a class no row shows:
+    a warning names it; the labels keep their declared ids."""
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        raw = load_raw(spec_for(tmp_path, labels=["neg", "pos", "neutral"]))
+    assert raw.labels == ["neg", "pos", "neutral"]
+    assert raw.train_counts is not None and raw.train_counts[2] == 0
+    assert re.search(r"data.labels lists \['neutral'\], which no training row has.*Remove it "
+                     r"from data.labels", caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        load_raw(spec_for(tmp_path, labels=["neg", "pos"]))
+    assert "no training row" not in caplog.text
 
 
 def test_label_outside_declared_set_is_named(tmp_path):
