@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchmetrics import MetricCollection
 
 from ftlab.build import StageBuilder
 from ftlab.data.batching import PadCollator
@@ -18,6 +19,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
+from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.tagging import IGNORE, EntityScore, align, words_tokenizer
 from ftlab.tasks.tokens import Tokens
 from tests.conftest import loss_before_after
@@ -161,6 +163,43 @@ def test_entity_scores_match_seqeval_on_a_known_prediction():
     one.update(preds[:1], target[:1])
     assert one.compute().item() == pytest.approx(2 / 3)
     assert f1_score(gold[:1], pred[:1]) == pytest.approx(2 / 3)
+
+
+def test_entities_past_max_length_count_as_missed_over_the_whole_sentence(tmp_path):
+    """A sentence longer than max_length: its cut words are not scored, but its gold entities
+    there still count (missed), and one running past the cut is no match for its visible
+    start: the scores are seqeval's over the whole sentences, cut words predicted O."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    gold = [["B-per", "O", "B-loc", "I-loc", "O", "B-per", "O"],  # cut inside new york
+            ["B-per", "O", "O", "O", "O", "O", "B-loc"],  # the place is past the cut
+            ["O", "B-loc", "O"]]  # short: whole
+    words = [["alice", "was", "new", "york", "is", "bob", "the"],
+             ["carol", "the", "film", "was", "a", "the", "rome"], ["the", "paris", "a"]]
+    conll = write_conll(tmp_path / "t.conll", list(zip(words, gold, strict=True)) * 2)
+    raw = load_raw(DataSpec(files={"train": str(conll)}, text_columns=["tokens"],
+                            splits={"train": "train"}, label_column="tags"))
+    task = Tokens(max_length=6)  # [CLS] + 4 pieces + [SEP]: the first 3 words of each row
+    task.bind(raw, load_tokenizer(TINY), ["tokens"])
+    feats = task.featurize({"tokens": words, "label": [[raw.labels.index(t) for t in row]
+                                                       for row in gold]})
+    assert feats["entities_cut"] == [2, 1, 0] and feats["entity_crossing"] == [1, 0, 0]
+    batch = PadCollator(0, pad_values={"labels": IGNORE})(
+        [{k: feats[k][i] for k in task.features} for i in range(3)])
+    preds = batch["labels"].clamp(min=0)  # every kept word predicted right
+    scores = {w: EntityScore(raw.labels, w) for w in ("precision", "recall", "f1")}
+    metrics = MetricCollection(scores, compute_groups=False)
+    task.update(metrics, TaskOutput(torch.tensor(0.0), torch.nn.functional.one_hot(
+        preds, len(raw.labels)).float()), batch)
+    pred = [row[:3] + ["O"] * (len(row) - 3) for row in gold]  # "alice was new": B-per O B-loc
+    got = {w: m.compute().item() for w, m in scores.items()}
+    # gold: 6 entities; predicted: alice, new (B-loc, not "new york"), carol, paris: 3 right
+    assert got == pytest.approx({"precision": 3 / 4, "recall": 3 / 6, "f1": 0.6})
+    assert got["precision"] == pytest.approx(precision_score(gold, pred))
+    assert got["recall"] == pytest.approx(recall_score(gold, pred))
+    assert got["f1"] == pytest.approx(f1_score(gold, pred))
+    model = task.build_model(TINY)  # the per-row counts never reach the model
+    assert task.forward(model, batch).logits.shape[:2] == batch["input_ids"].shape
 
 
 # --- data ------------------------------------------------------------------------------------
