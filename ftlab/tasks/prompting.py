@@ -110,7 +110,7 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
         raise FtlabError(f"The verbaliser's labels {sorted(words)} do not match the data's "
                          f"labels {list(labels)} (missing: {missing}, unknown: {extra}).",
                          "give every label of the data one or more words, e.g. "
-                         "stage.task.verbalizer='{fresh: great, rotten: terrible}'.")
+                         f"\"stage.task.verbalizer={{{_example(labels, words)}}}\".")
     out = []
     for label in labels:
         if not words[label] or not all(isinstance(w, str) and w.strip() for w in words[label]):
@@ -129,6 +129,13 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
                                  "give each label its own words (an uncased tokenizer reads "
                                  "'Good' as 'good').")
     return out
+
+
+def _example(labels: Sequence[str], words: Mapping[str, list]) -> str:
+    """A verbaliser for the data's labels, as a user would write it: their words where the
+    verbaliser gave some, ``<word>`` for the rest."""
+    return ", ".join(f"{label}: {words[label][0] if words.get(label) else '<word>'}"
+                     for label in labels)
 
 
 def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str,
