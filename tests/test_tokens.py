@@ -389,6 +389,19 @@ def test_conll_file_with_a_byte_order_mark(tmp_path):
     assert read_conll(path)["tokens"] == [["EU"]]
 
 
+def test_a_conll_file_without_a_sentence_is_named(tmp_path, conll_dir):
+    """A validation file of only '-DOCSTART-' and blank lines had no columns to rename: a
+    datasets ValueError traceback; now the file, the split and going without it."""
+    empty = tmp_path / "dev.conll"
+    empty.write_text("-DOCSTART- -X- -X- O\n\n\n")
+    files = {"train": str(conll_dir / "train.conll"), "validation": str(empty)}
+    with pytest.raises(FtlabError, match=r"(?s)dev.conll \(split 'validation'\) holds no "
+                       r"sentence.*Fix: add sentences to it, or go without that split "
+                       r"\(~data.files.validation data.splits.validation=null\)"):
+        load_raw(DataSpec(files=files, text_columns=["tokens"], label_column="tags",
+                          splits={"train": "train", "validation": "validation"}))
+
+
 def test_a_tagger_that_finds_entities_has_not_failed_below_the_all_o_accuracy():
     """With rare entities the all-O token accuracy is high: a tagger that finds entities while
     over-tagging some words falls below it. Only entity F1 0 (nothing found) is a failure."""
