@@ -389,6 +389,29 @@ def test_conll_file_with_a_byte_order_mark(tmp_path):
     assert read_conll(path)["tokens"] == [["EU"]]
 
 
+def test_a_batch_of_rows_without_words_has_loss_zero_not_nan(tmp_path):
+    """A jsonl row with no words ("tokens": []) has no scored position: when it made up a
+    batch alone (the shortest row is last), the mean loss was NaN and the run stopped as
+    diverged. Its loss is 0 (no gradient); mixed with other rows the mean is unchanged."""
+    conll = write_conll(tmp_path / "t.conll", [(["paris", "is"], ["B-loc", "O"])] * 2)
+    raw = load_raw(DataSpec(files={"train": str(conll)}, text_columns=["tokens"],
+                            label_column="tags", splits={"train": "train"}))
+    task = Tokens()
+    task.bind(raw, load_tokenizer(TINY), ["tokens"])
+    feats = task.featurize({"tokens": [[], ["paris", "is"]], "label": [[], [1, 0]]})
+    rows = [{k: feats[k][i] for k in task.features} for i in range(2)]
+    collate = PadCollator(0, pad_values={"labels": IGNORE})
+    model = task.build_model(TINY)
+    empty = task.forward(model, collate(rows[:1]))
+    assert empty.loss.item() == 0.0
+    empty.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    both, full = collate(rows), task.forward(model, collate(rows))
+    expected = torch.nn.functional.cross_entropy(full.logits.flatten(0, 1),
+                                                 both["labels"].flatten(), ignore_index=IGNORE)
+    assert full.loss.item() == pytest.approx(expected.item())
+
+
 def test_a_conll_file_without_a_sentence_is_named(tmp_path, conll_dir):
     """A validation file of only '-DOCSTART-' and blank lines had no columns to rename: a
     datasets ValueError traceback; now the file, the split and going without it."""

@@ -110,9 +110,12 @@ class Tokens(TaskDefaults):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         logits = self.scores(model, batch)
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                           batch["labels"].flatten(), ignore_index=IGNORE)
-        return TaskOutput(loss, logits)
+        labels = batch["labels"].flatten()
+        total = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels,
+                                            ignore_index=IGNORE, reduction="sum")
+        # the mean over scored words; a batch with none (rows without words: `"tokens": []`)
+        # has loss 0, not the NaN of an empty mean (which stopped the run as diverged)
+        return TaskOutput(total / (labels != IGNORE).sum().clamp(min=1), logits)
 
     def predict_rows(self, model: nn.Module, rows: list[Any],
                      batch_size: int = 64) -> list[dict[str, Any]]:
