@@ -412,6 +412,21 @@ def test_a_batch_of_rows_without_words_has_loss_zero_not_nan(tmp_path):
     assert full.loss.item() == pytest.approx(expected.item())
 
 
+def test_a_word_list_with_a_number_in_it_names_the_item_not_joining_lists(tmp_path):
+    """A jsonl word list holding a number (["Paris", 5]) was told to "join lists into one
+    text", the wrong fix for word lists: the item and the row are named instead."""
+    rows = [{"tokens": ["Paris", "is"], "tags": ["B-loc", "O"]}] * 3
+    rows.insert(1, {"tokens": ["Paris", 5], "tags": ["B-loc", "O"]})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FtlabError, match=r"(?s)'tokens' in .*train.jsonl holds lists of mixed "
+                       r"items: row 2 \(\['Paris', 5\]\) has 5 among its texts.*Fix: make "
+                       r"every item of the 'tokens' lists a text") as err:
+        load_raw(DataSpec(files={"train": str(path)}, text_columns=["tokens"],
+                          label_column="tags", splits={"train": "train"}))
+    assert "join lists" not in str(err.value)
+
+
 def test_a_conll_file_without_a_sentence_is_named(tmp_path, conll_dir):
     """A validation file of only '-DOCSTART-' and blank lines had no columns to rename: a
     datasets ValueError traceback; now the file, the split and going without it."""

@@ -253,6 +253,15 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
             if change and change[0] == col:
                 raise _changes_type(where, change)
             values = ds[col]
+            if all(isinstance(v, list) for v in values if v is not None):  # word/tag lists
+                row = next((i + 1 for i, v in enumerate(values) if v is not None and not all(
+                    isinstance(x, str) for x in v)), 1)
+                odd = next((x for x in values[row - 1] or [] if not isinstance(x, str)), None)
+                raise FtlabError(
+                    f"Column '{col}' in {where or f'the {split} split'} holds lists of mixed "
+                    f"items: row {row} ({_show(values[row - 1])}) has {_show(odd)} among its "
+                    "texts.", f"make every item of the '{col}' lists a text (write numbers as "
+                    "\"5\", no nulls), or fix row " + f"{row}.")
             row = next((i + 1 for i, v in enumerate(values) if isinstance(v, list | dict)), 1)
             kind = _kind(values[row - 1])
             raise FtlabError(
