@@ -381,6 +381,21 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, suffix):
         load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
 
 
+def test_a_parquet_file_naming_a_column_twice_is_refused(tmp_path):
+    """pyarrow writes a schema with two 'text' fields; Arrow's reader then failed with a
+    multi-line schema dump and a fix about jsonl/csv files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["x", "y"]),
+                                         pa.array(["c", "d"])], names=["text", "label", "text"]),
+                   path)
+    with pytest.raises(FtlabError, match=r"(?s)parquet file .*train.parquet names the column\(s\) "
+                       r"\['text'\] more than once.*Fix: give every column its own name"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+
+
 def _split_files(tmp_path, suffix: str, **rows: list[dict]) -> dict[str, str]:
     import pandas as pd
 

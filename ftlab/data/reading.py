@@ -145,7 +145,8 @@ def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabErr
             "and types, so they cannot be read as splits of one dataset.",
             "give every split's file the same columns (names and types); extra columns "
             "may be dropped beforehand.")
+    said = (str(cause).strip().splitlines() or [""])[0]  # Arrow appends its schema, line by line
     return FtlabError(f"Could not read {builder} files {sorted(files.values())}: "
-                      f"{type(cause).__name__}: {cause}",
+                      f"{type(cause).__name__}: {said}",
                       "check the file is well-formed (one JSON object per line for .jsonl, "
                       "a header row for .csv).")

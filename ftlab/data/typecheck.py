@@ -289,3 +289,20 @@ def refuse_repeated_header(files: dict[str, str], suffix: Any,
             raise FtlabError(f"The header of {path} names the column(s) {twice} more than once.",
                              "give every column its own name (the reader would rename the "
                              f"second to '{twice[0]}.1').")
+
+
+def refuse_repeated_columns(files: dict[str, str]) -> None:
+    """A parquet file whose schema names a column twice (pyarrow writes such files; Arrow's
+    reader then fails with "Multiple matches for FieldRef"): name the file and the column."""
+    import pyarrow.parquet as pq
+
+    for path in files.values():
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # noqa: BLE001 - unreadable: the reader's own message says why
+            continue
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise FtlabError(f"The parquet file {path} names the column(s) {twice} more than "
+                             "once.", "give every column its own name (e.g. rename with "
+                             "pyarrow's Table.rename_columns) and save the file again.")
