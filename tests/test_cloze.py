@@ -163,6 +163,16 @@ def test_verbaliser_errors_name_the_key_and_an_example_for_the_datas_labels(make
         bound(tok, verbalizer={"pos": "great"})
 
 
+def test_a_verbaliser_word_the_vocabulary_lacks_is_refused(tiny):
+    """An emoji is one [UNK] token for WordPiece: a single token, so the masked-LM check
+    passed and the label was scored by [UNK]'s logit, whatever the word."""
+    _, tok = tiny
+    with pytest.raises(FtlabError, match=r"(?s)verbaliser word\(s\) \['\U0001F600'\] of label "
+                       r"'pos' are not in the tokenizer's vocabulary.*\[UNK\].*Fix: choose "
+                       r"words the tokenizer knows"):
+        bound(tok, verbalizer={"pos": ["great", "\U0001F600"], "neg": "awful"})
+
+
 def test_cloze_training_lowers_the_loss(tiny, sentiment_dir):
     spec, tok = tiny
     task = bound(tok)

@@ -117,6 +117,14 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
             raise FtlabError(f"The verbaliser gives label '{label}' no word ({words[label]}).",
                              "give each label at least one non-empty word.")
         out.append([word_ids(tokenizer, pattern, w.strip()) for w in words[label]])
+        unk = getattr(tokenizer, "unk_token_id", None)
+        unknown = [w for w, ids in zip(words[label], out[-1], strict=True)
+                   if unk is not None and unk in ids]
+        if unknown:  # its score would be the unknown token's, whatever the word
+            raise FtlabError(f"The verbaliser word(s) {unknown} of label '{label}' are not in the "
+                             f"tokenizer's vocabulary: they read as {tokenizer.unk_token!r}, "
+                             "so the label would be scored by the unknown token.",
+                             "choose words the tokenizer knows (stage.task.verbalizer).")
     owner: dict[tuple[int, ...], str] = {}  # a word's ids -> the first label that has it
     for label, ids in zip(labels, out, strict=True):
         for word, w in zip(words[label], ids, strict=True):
