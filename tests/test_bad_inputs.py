@@ -89,6 +89,31 @@ def _latin1_csv(tmp: Path) -> Path:
     return _write(tmp, "latin1.csv", body.encode("latin-1"))
 
 
+def _header_only_train(tmp: Path) -> list[str]:
+    """A csv training file with a header and no rows beside csv validation/test files."""
+    files = {"train": _write(tmp, "train.csv", "text,label\n")}
+    for split in ("validation", "test"):
+        files[split] = _write(tmp, f"{split}.csv", "text,label\n" + "".join(
+            f"{r['text']},{r['label']}\n" for r in synthetic_rows(40, 1)))
+    return [f"data.files.{split}={path}" for split, path in files.items()]
+
+
+def _parquet_splits(tmp: Path, train_text: Callable[[str], object]) -> list[str]:
+    """Parquet split files whose training texts are ``train_text(text)`` (validation and
+    test: plain strings)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = []
+    for split, seed in (("train", 0), ("validation", 1), ("test", 2)):
+        rows = synthetic_rows(40, seed)
+        texts = [train_text(r["text"]) if split == "train" else r["text"] for r in rows]
+        pq.write_table(pa.table({"text": texts, "label": [r["label"] for r in rows]}),
+                       tmp / f"{split}.parquet")
+        out.append(f"data.files.{split}={tmp / f'{split}.parquet'}")
+    return out
+
+
 PIPE = ["pipeline=tiny", "cache.stages=off"]
 FAST = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1"]  # the runs that do train: a few batches each
@@ -160,6 +185,22 @@ RUN_CASES: list[tuple[str, Case, str]] = [
     ("data-format-unknown", lambda t, s: _train(_write(t, "train.txt", "a b\n"), s,
                                                              "data.path=files"),
      r"Cannot tell the file format"),
+    ("data-train-header-only", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        ("data.files", "data.path"))] + _header_only_train(t),  # its nulls blamed validation
+     r"The train split is empty: its file .*train.csv has no rows.*Fix: add rows to it, or "
+     r"point data.files.train"),
+    ("data-train-blank-lines", lambda t, s: _train(_write(t, "blank.jsonl", "\n \n\n"), s),
+     r"The train split is empty: its file .*blank.jsonl has no rows"),
+    ("data-all-header-only", lambda t, s: _one_file(_write(t, "all.csv", "text,label\n"), s,
+                                                    "data.path=null"),  # not "go without it"
+     r"The one data file .*all.csv \(data.files.all\) has no rows.*Fix: add rows to it"),
+    ("data-parquet-list-texts", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        ("data.files", "data.path"))] + _parquet_splits(t, str.split),  # was a numpy ValueError
+     r"Column 'text' holds strings in the other files, but .*train.parquet \(split 'train'\) "
+     r"has \['\w+', .* at row 1.*Fix: .*fix row 1 of train.parquet"),
+    ("data-parquet-nested-texts", lambda t, s: [o for o in tiny_overrides(s) if not o.startswith(
+        ("data.files", "data.path"))] + _parquet_splits(t, lambda x: {"body": x}),
+     r"holds strings in the other files, but .*train.parquet"),  # not validation's strings
     ("data-malformed-jsonl", lambda t, s: _train(_write(t, "bad.jsonl", "{not json\n"), s),
      r"Could not read json files"),
     ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"),

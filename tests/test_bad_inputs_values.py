@@ -82,8 +82,8 @@ def _int_labels(rows: list[dict]) -> list[dict]:
 def _review_only(tmp: Path) -> str:
     """A data node for one stage whose files have a 'review' column, not 'text'."""
     rows = [{"review": r["text"], "label": r["label"]} for r in _rows(40)]
-    path = _jsonl(tmp, "reviews.jsonl", rows)
-    return f"{{train: {path}, validation: {path}, test: {path}}}"
+    paths = {s: _jsonl(tmp, f"{s}-reviews.jsonl", rows) for s in ("train", "validation", "test")}
+    return "{" + ", ".join(f"{s}: {p}" for s, p in paths.items()) + "}"  # a file each
 
 
 S = tiny_overrides

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
 
 from ftlab.config import bind_schema
 from ftlab.data.batching import PadCollator
@@ -140,6 +141,36 @@ def test_masked_lm_refuses_multi_token_words(make_cfg, sentiment_dir):
     task = bound(load_tokenizer(spec), verbalizer={"pos": "great film", "neg": "awful"})
     with pytest.raises(FtlabError, match="(?s)several tokens.*causal LM"):
         task.build_model(spec)
+
+
+def test_verbaliser_errors_name_the_key_and_an_example_for_the_datas_labels(make_cfg,
+                                                                            sentiment_dir):
+    """A null verbaliser uses the label names ('neg' is two WordPiece tokens): the message says
+    so and the fix names stage.task.verbalizer with the data's labels, not another data set's;
+    so does the fix for a verbaliser that misses a label."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir))
+    spec = bind_schema(ModelSpec, cfg.model, "model")
+    tok = load_tokenizer(spec)
+    task = Cloze("{text} It was {mask}.", None)
+    task.bind(RawData(DatasetDict({"train": Dataset.from_list([{"text": "x", "label": 0}])}),
+                      ["neg", "pos"]), tok, ["text"])
+    with pytest.raises(FtlabError, match=r"(?s)several tokens \(stage.task.verbalizer is null, "
+                       r"so the words are the label names\).*Fix: .*\"stage.task.verbalizer="
+                       r"\{neg: <word>, pos: <word>\}\""):
+        task.build_model(spec)
+    with pytest.raises(FtlabError, match=r"Fix: .*\"stage.task.verbalizer=\{neg: <word>, "
+                       r"pos: great\}\""):
+        bound(tok, verbalizer={"pos": "great"})
+
+
+def test_a_verbaliser_word_the_vocabulary_lacks_is_refused(tiny):
+    """An emoji is one [UNK] token for WordPiece: a single token, so the masked-LM check
+    passed and the label was scored by [UNK]'s logit, whatever the word."""
+    _, tok = tiny
+    with pytest.raises(FtlabError, match=r"(?s)verbaliser word\(s\) \['\U0001F600'\] of label "
+                       r"'pos' are not in the tokenizer's vocabulary.*\[UNK\].*Fix: choose "
+                       r"words the tokenizer knows"):
+        bound(tok, verbalizer={"pos": ["great", "\U0001F600"], "neg": "awful"})
 
 
 def test_cloze_training_lowers_the_loss(tiny, sentiment_dir):

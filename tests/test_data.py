@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,21 @@ def test_labels_follow_declared_order_and_drop(tmp_path):
         for text, label in zip(list(ds["text"]), list(ds["label"]), strict=True):
             assert text != "synopsis"
             assert label == (0 if set(text.split()) & set(POS) else 1)
+
+
+def test_a_declared_label_no_training_row_has_is_warned_about(tmp_path, caplog):
+    """data.labels=[neg, pos, neutral] on data without 'neutral' trains a class no row shows:
+    a warning names it; the labels keep their declared ids."""
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        raw = load_raw(spec_for(tmp_path, labels=["neg", "pos", "neutral"]))
+    assert raw.labels == ["neg", "pos", "neutral"]
+    assert raw.train_counts is not None and raw.train_counts[2] == 0
+    assert re.search(r"data.labels lists \['neutral'\], which no training row has.*Remove it "
+                     r"from data.labels", caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        load_raw(spec_for(tmp_path, labels=["neg", "pos"]))
+    assert "no training row" not in caplog.text
 
 
 def test_label_outside_declared_set_is_named(tmp_path):
@@ -239,6 +255,23 @@ def test_a_split_carved_from_train_may_not_share_training_rows(make_cfg, tmp_pat
     assert len(raw.splits["validation"]) == 8 and not train & val
 
 
+def test_the_training_file_given_again_as_an_evaluation_file_is_refused(tmp_path):
+    """data.files.validation naming the training file (by another spelling of its path) would
+    score the model on its own training rows: refused, naming the split; a split that is not
+    read (data.splits.validation=null) may name any file."""
+    _three_files(tmp_path)
+    train = str(tmp_path / "train.jsonl")
+    files = {"train": train, "validation": f"{tmp_path}/../{tmp_path.name}/train.jsonl",
+             "test": str(tmp_path / "test.jsonl")}
+    with pytest.raises(FtlabError, match=r"(?s)data.files.validation is the training file.*"
+                       r"scored on the rows it trained on.*data.files=\{all: FILE\}"):
+        load_raw(DataSpec(path="json", files=files))
+    raw = load_raw(DataSpec(path="json", files=files, splits={"train": "train",
+                                                              "validation": None,
+                                                              "test": "test"}))
+    assert set(raw.splits) == {"train", "test"}
+
+
 @pytest.mark.parametrize("declared", [None, ["negative", "positive"]])
 def test_a_classlabel_minus_one_is_a_missing_label(declared):
     """Hugging Face datasets mark unlabelled rows -1 (GLUE's test splits): refused as rows
@@ -345,6 +378,21 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, suffix):
     path = tmp_path / f"train{suffix}"
     path.write_text(sep.join(["text", "label", "text"]) + "\n" + sep.join(["a", "x", "b"]) + "\n")
     with pytest.raises(FtlabError, match=r"names the column\(s\) \['text'\] more than once"):
+        load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
+
+
+def test_a_parquet_file_naming_a_column_twice_is_refused(tmp_path):
+    """pyarrow writes a schema with two 'text' fields; Arrow's reader then failed with a
+    multi-line schema dump and a fix about jsonl/csv files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["x", "y"]),
+                                         pa.array(["c", "d"])], names=["text", "label", "text"]),
+                   path)
+    with pytest.raises(FtlabError, match=r"(?s)parquet file .*train.parquet names the column\(s\) "
+                       r"\['text'\] more than once.*Fix: give every column its own name"):
         load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchmetrics import MetricCollection
 
 from ftlab.build import StageBuilder
 from ftlab.data.batching import PadCollator
@@ -18,6 +19,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
+from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.tagging import IGNORE, EntityScore, align, words_tokenizer
 from ftlab.tasks.tokens import Tokens
 from tests.conftest import loss_before_after
@@ -161,6 +163,43 @@ def test_entity_scores_match_seqeval_on_a_known_prediction():
     one.update(preds[:1], target[:1])
     assert one.compute().item() == pytest.approx(2 / 3)
     assert f1_score(gold[:1], pred[:1]) == pytest.approx(2 / 3)
+
+
+def test_entities_past_max_length_count_as_missed_over_the_whole_sentence(tmp_path):
+    """A sentence longer than max_length: its cut words are not scored, but its gold entities
+    there still count (missed), and one running past the cut is no match for its visible
+    start: the scores are seqeval's over the whole sentences, cut words predicted O."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    gold = [["B-per", "O", "B-loc", "I-loc", "O", "B-per", "O"],  # cut inside new york
+            ["B-per", "O", "O", "O", "O", "O", "B-loc"],  # the place is past the cut
+            ["O", "B-loc", "O"]]  # short: whole
+    words = [["alice", "was", "new", "york", "is", "bob", "the"],
+             ["carol", "the", "film", "was", "a", "the", "rome"], ["the", "paris", "a"]]
+    conll = write_conll(tmp_path / "t.conll", list(zip(words, gold, strict=True)) * 2)
+    raw = load_raw(DataSpec(files={"train": str(conll)}, text_columns=["tokens"],
+                            splits={"train": "train"}, label_column="tags"))
+    task = Tokens(max_length=6)  # [CLS] + 4 pieces + [SEP]: the first 3 words of each row
+    task.bind(raw, load_tokenizer(TINY), ["tokens"])
+    feats = task.featurize({"tokens": words, "label": [[raw.labels.index(t) for t in row]
+                                                       for row in gold]})
+    assert feats["entities_cut"] == [2, 1, 0] and feats["entity_crossing"] == [1, 0, 0]
+    batch = PadCollator(0, pad_values={"labels": IGNORE})(
+        [{k: feats[k][i] for k in task.features} for i in range(3)])
+    preds = batch["labels"].clamp(min=0)  # every kept word predicted right
+    scores = {w: EntityScore(raw.labels, w) for w in ("precision", "recall", "f1")}
+    metrics = MetricCollection(scores, compute_groups=False)
+    task.update(metrics, TaskOutput(torch.tensor(0.0), torch.nn.functional.one_hot(
+        preds, len(raw.labels)).float()), batch)
+    pred = [row[:3] + ["O"] * (len(row) - 3) for row in gold]  # "alice was new": B-per O B-loc
+    got = {w: m.compute().item() for w, m in scores.items()}
+    # gold: 6 entities; predicted: alice, new (B-loc, not "new york"), carol, paris: 3 right
+    assert got == pytest.approx({"precision": 3 / 4, "recall": 3 / 6, "f1": 0.6})
+    assert got["precision"] == pytest.approx(precision_score(gold, pred))
+    assert got["recall"] == pytest.approx(recall_score(gold, pred))
+    assert got["f1"] == pytest.approx(f1_score(gold, pred))
+    model = task.build_model(TINY)  # the per-row counts never reach the model
+    assert task.forward(model, batch).logits.shape[:2] == batch["input_ids"].shape
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -348,6 +387,57 @@ def test_conll_file_with_a_byte_order_mark(tmp_path):
     assert read_conll(path) == {"tokens": [["EU", "rejects"]], "tags": [["B-org", "O"]]}
     path.write_bytes("\ufeffEU\tB-org\n".encode())
     assert read_conll(path)["tokens"] == [["EU"]]
+
+
+def test_a_batch_of_rows_without_words_has_loss_zero_not_nan(tmp_path):
+    """A jsonl row with no words ("tokens": []) has no scored position: when it made up a
+    batch alone (the shortest row is last), the mean loss was NaN and the run stopped as
+    diverged. Its loss is 0 (no gradient); mixed with other rows the mean is unchanged."""
+    conll = write_conll(tmp_path / "t.conll", [(["paris", "is"], ["B-loc", "O"])] * 2)
+    raw = load_raw(DataSpec(files={"train": str(conll)}, text_columns=["tokens"],
+                            label_column="tags", splits={"train": "train"}))
+    task = Tokens()
+    task.bind(raw, load_tokenizer(TINY), ["tokens"])
+    feats = task.featurize({"tokens": [[], ["paris", "is"]], "label": [[], [1, 0]]})
+    rows = [{k: feats[k][i] for k in task.features} for i in range(2)]
+    collate = PadCollator(0, pad_values={"labels": IGNORE})
+    model = task.build_model(TINY)
+    empty = task.forward(model, collate(rows[:1]))
+    assert empty.loss.item() == 0.0
+    empty.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    both, full = collate(rows), task.forward(model, collate(rows))
+    expected = torch.nn.functional.cross_entropy(full.logits.flatten(0, 1),
+                                                 both["labels"].flatten(), ignore_index=IGNORE)
+    assert full.loss.item() == pytest.approx(expected.item())
+
+
+def test_a_word_list_with_a_number_in_it_names_the_item_not_joining_lists(tmp_path):
+    """A jsonl word list holding a number (["Paris", 5]) was told to "join lists into one
+    text", the wrong fix for word lists: the item and the row are named instead."""
+    rows = [{"tokens": ["Paris", "is"], "tags": ["B-loc", "O"]}] * 3
+    rows.insert(1, {"tokens": ["Paris", 5], "tags": ["B-loc", "O"]})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FtlabError, match=r"(?s)'tokens' in .*train.jsonl holds lists of mixed "
+                       r"items: row 2 \(\['Paris', 5\]\) has 5 among its texts.*Fix: make "
+                       r"every item of the 'tokens' lists a text") as err:
+        load_raw(DataSpec(files={"train": str(path)}, text_columns=["tokens"],
+                          label_column="tags", splits={"train": "train"}))
+    assert "join lists" not in str(err.value)
+
+
+def test_a_conll_file_without_a_sentence_is_named(tmp_path, conll_dir):
+    """A validation file of only '-DOCSTART-' and blank lines had no columns to rename: a
+    datasets ValueError traceback; now the file, the split and going without it."""
+    empty = tmp_path / "dev.conll"
+    empty.write_text("-DOCSTART- -X- -X- O\n\n\n")
+    files = {"train": str(conll_dir / "train.conll"), "validation": str(empty)}
+    with pytest.raises(FtlabError, match=r"(?s)dev.conll \(split 'validation'\) holds no "
+                       r"sentence.*Fix: add sentences to it, or go without that split "
+                       r"\(~data.files.validation data.splits.validation=null\)"):
+        load_raw(DataSpec(files=files, text_columns=["tokens"], label_column="tags",
+                          splits={"train": "train", "validation": "validation"}))
 
 
 def test_a_tagger_that_finds_entities_has_not_failed_below_the_all_o_accuracy():

@@ -157,6 +157,24 @@ def test_few_shot_names_a_class_with_too_few_rows():
         FewShot(k=4, k_total=8)
 
 
+def test_few_shot_on_tagged_rows_draws_k_total_and_names_it_for_k():
+    """Token classification rows hold a tag per word: k per class has no class to count
+    (a numpy error before), so it names k_total, which draws rows as for any data."""
+    from datasets import Features, List, Value
+
+    tagged = Dataset.from_dict(
+        {"tokens": [["Paris", "is", str(i)] for i in range(20)],
+         "label": [[1, 0, 0] if i % 2 else [0, 0, 2] for i in range(20)]},
+        features=Features({"tokens": List(Value("string")), "label": List(Value("int64"))}))
+    rows = Rows(tagged, None, ("tokens",), ["O", "B-LOC", "I-LOC"], 0)
+    with pytest.raises(FtlabError, match=r"(?s)k=4 draws k rows per class, but the rows hold a "
+                       r"tag per word.*Fix: .*\{few_shot: \{k: null, k_total: 12\}\}"):
+        FewShot(k=4)(rows)
+    applied = FewShot(k=None, k_total=6)(rows)
+    assert len(applied.train) == 6 and len(applied.unlabelled) == 14
+    assert applied.info["k_total"] == 6 and "per_class" not in applied.info
+
+
 # --- a stage's data: the split is made first, and only training rows change ---------------
 
 @pytest.fixture

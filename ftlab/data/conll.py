@@ -59,8 +59,16 @@ def read_conll(path: str | Path) -> dict[str, list[list[str]]]:
 def load_conll(files: dict[str, str]) -> DatasetDict:
     """Each split's CoNLL file as a ``Dataset`` of ``tokens`` and ``tags`` lists."""
     features = Features({"tokens": List(Value("string")), "tags": List(Value("string"))})
-    return DatasetDict({split: Dataset.from_dict(read_conll(f), features=features)
-                        for split, f in files.items()})
+    out = {}
+    for split, f in files.items():
+        rows = read_conll(f)
+        if not rows["tokens"]:  # blank lines and -DOCSTART- only
+            raise FtlabError(f"The CoNLL file {f} (split '{split}') holds no sentence (no "
+                             "`word<TAB>tag` line).", "add sentences to it" + (
+                                 "" if split == "train" else f", or go without that split "
+                                 f"(~data.files.{split} data.splits.{split}=null)") + ".")
+        out[split] = Dataset.from_dict(rows, features=features)
+    return DatasetDict(out)
 
 
 def not_bio(tag: str, where: str) -> FtlabError:

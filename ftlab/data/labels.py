@@ -59,6 +59,13 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                          "classification needs at least two.",
                          "check data.label_column, or data.labels.")
     index = {name: i for i, name in enumerate(labels)}
+    unseen = [x for x in labels if x not in {as_str(v) for v in distinct["train"]}]
+    if declared is not None and unseen:  # a class the model can only learn to never predict
+        log.warning("data.labels lists %s, which no training row has: the model gets %s it "
+                    "never sees in training (its F1 counts only if predicted). Remove %s from "
+                    "data.labels unless the ids must match another label set.", _some(unseen),
+                    "a class" if len(unseen) == 1 else "classes",
+                    "it" if len(unseen) == 1 else "them")
     for split, values in distinct.items():
         unknown = sorted({as_str(v) for v in values} - set(index), key=str)
         if unknown:

@@ -73,11 +73,16 @@ def failed_read(err: Exception, builder: str, files: dict[str, str], kwargs: dic
     """The ``FtlabError`` for split files that ``datasets`` could not read (``implied``: the
     format their extensions say)."""
     empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(err))
-    if empty:  # a file with a header and no rows
-        split = "all" if empty[1] == "train" and "all" in (spec.files or {}) else empty[1]
-        return FtlabError(f"The {split} split is empty: its file {files[empty[1]]} has "
-                          "no rows.", f"add rows to it, or go without that split "
-                          f"(~data.files.{split} data.splits.{split}=null).")
+    rowless = empty[1] if empty else _rowless(files, builder)
+    if rowless:  # a file with a header and no rows (or only blank lines)
+        if rowless == "train" and "all" in (spec.files or {}):
+            return FtlabError(f"The one data file {files['train']} (data.files.all) has no "
+                              "rows.", "add rows to it (a header row, then one row per line).")
+        other = (", or point data.files.train at a file that has them." if rowless == "train"
+                 else f", or go without that split (~data.files.{rowless} "
+                 f"data.splits.{rowless}=null).")
+        return FtlabError(f"The {rowless} split is empty: its file {files[rowless]} has "
+                          "no rows.", f"add rows to it{other}")
     if implied is None or implied == builder:
         return (locate_type_error(files, builder, kwargs, needed_columns(spec))
                 or _read_error(err, builder, files))
@@ -85,6 +90,18 @@ def failed_read(err: Exception, builder: str, files: dict[str, str], kwargs: dic
         f"Could not read the files {sorted(files.values())} as {builder} (data.path="
         f"{spec.path}), but their extension says {implied}.",
         f"set data.path={implied}, or data.path=null to follow the file extension.")
+
+
+def _rowless(files: dict[str, str], builder: str) -> str | None:
+    """The split (train first) whose file has no rows: a csv header alone, a jsonl of blank
+    lines, a parquet of no rows. Its columns read as nulls, so the combined read fails on
+    their type, which would blame the other files."""
+    from ftlab.data.typecheck import has_rows
+
+    for split in sorted(files, key=lambda s: s != "train"):
+        if has_rows(files[split], builder) is False:
+            return split
+    return None
 
 
 def refuse_swallowed_rows(ds: datasets.Dataset, path: str) -> None:
@@ -128,7 +145,8 @@ def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabErr
             "and types, so they cannot be read as splits of one dataset.",
             "give every split's file the same columns (names and types); extra columns "
             "may be dropped beforehand.")
+    said = (str(cause).strip().splitlines() or [""])[0]  # Arrow appends its schema, line by line
     return FtlabError(f"Could not read {builder} files {sorted(files.values())}: "
-                      f"{type(cause).__name__}: {cause}",
+                      f"{type(cause).__name__}: {said}",
                       "check the file is well-formed (one JSON object per line for .jsonl, "
                       "a header row for .csv).")

@@ -20,8 +20,12 @@ from ftlab.data.conll import load_conll
 from ftlab.data.labels import encode_labels, numeric_labels
 from ftlab.data.reading import failed_read, read_apart, refuse_swallowed_rows
 from ftlab.data.spec import DataSpec
-from ftlab.data.splits import grouped_split, pick_splits
-from ftlab.data.typecheck import check_column_types, refuse_repeated_header
+from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
+from ftlab.data.typecheck import (
+    check_column_types,
+    refuse_repeated_columns,
+    refuse_repeated_header,
+)
 from ftlab.errors import FtlabError, choices_text, separator_hint
 from ftlab.resolve import resolve
 
@@ -150,6 +154,7 @@ def _load(spec: DataSpec) -> DatasetDict:
             raise FtlabError(f"Data file for split '{split}' is empty: {path}.",
                              "point data.files at a file with a header and rows.")
         files[split] = str(unzip_single(path.resolve()))
+    refuse_training_file_in_evaluation(spec, files)
     builder = _builder_for(spec, files)
     if builder == "conll":  # word-level tagged text: tokens and tags list columns
         try:
@@ -174,6 +179,8 @@ def _load(spec: DataSpec) -> DatasetDict:
         elif any(_suffix(f) == ".tsv" for f in files.values()):
             kwargs["delimiter"] = "\t"
         refuse_repeated_header(files, _suffix, kwargs.get("delimiter"))
+    if builder == "parquet":
+        refuse_repeated_columns(files)
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:

@@ -51,6 +51,23 @@ def pick_splits(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
     return DatasetDict(out)
 
 
+def refuse_training_file_in_evaluation(spec: DataSpec, files: dict[str, str]) -> None:
+    """The training file given again as a validation or test file (``files``: resolved paths
+    by the dataset's split names): the model would be scored on the rows it trained on."""
+    splits = spec.splits if spec.splits is not None else {s: s for s in SPLITS}
+    used = {ours: match["name"] for ours, theirs in splits.items() if theirs is not None
+            and (match := SLICE.match(str(theirs))) is not None}
+    train = files.get(used.get("train", ""))
+    for ours in ("validation", "test"):
+        name = used.get(ours)
+        if train is None or name in (None, used["train"]) or files.get(name) != train:
+            continue  # a slice of the training split is checked by pick_splits
+        raise FtlabError(
+            f"data.files.{name} is the training file ({train}): the model would be scored on "
+            "the rows it trained on.", f"give the {ours} split its own file, or give one file "
+            "to split 80/10/10: data.files={all: FILE}.")
+
+
 def _rows(n: int, lo: str | None, hi: str | None) -> range:
     """Positions ``[lo:hi]`` of ``n`` rows; a bound ending in % is a share of the rows."""
     def bound(b: str | None) -> int | None:

@@ -64,6 +64,23 @@ def _opener(path: Path) -> Any:
     return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
 
 
+def has_rows(path: str, builder: str) -> bool | None:
+    """Whether a data file holds a row (a csv line after the header, a non-blank jsonl line, a
+    parquet row); None when it cannot be read (the reader's own message says why)."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        with _opener(Path(path))(path, "rt", encoding="utf-8-sig") as f:
+            lines = (line for line in f if line.strip())
+            if builder == "csv":
+                next(lines, None)  # the header
+            return next(lines, None) is not None
+    except Exception:  # noqa: BLE001 - unreadable: the reader's own message says why
+        return None
+
+
 def not_utf8(files: dict[str, str]) -> tuple[str, int, str] | None:
     """(file, line, reason) of the first byte among ``files`` that is not UTF-8, or None."""
     import codecs
@@ -107,8 +124,15 @@ def _series_kind(series: Any) -> str:
         return "boolean"
     if pd.api.types.is_numeric_dtype(series.dtype):
         return "number"
-    first = next((v for v in series.tolist() if v is not None and v == v), None)
+    first = next((v for v in _values(series) if v is not None and v == v), None)
     return _kind(first)
+
+
+def _values(series: Any) -> list[Any]:
+    """A column's values as plain Python: pandas gives a parquet list cell as a numpy array
+    (whose ``==`` is element-wise), here a list."""
+    return [v.tolist() if hasattr(v, "tolist") and not isinstance(v, str | bytes) else v
+            for v in series.tolist()]
 
 
 def _first_unlike(values: list[Any], kind: str) -> tuple[int, Any] | None:
@@ -159,16 +183,23 @@ def locate_type_error(files: dict[str, str], builder: str, kwargs: dict[str, Any
                 + ", so the splits cannot be read as one dataset.",
                 "give every split's file the same columns: drop the extra ones or add the "
                 "missing ones (only data.text_columns and data.label_column are read).")
-    for split, df in frames.items():
-        for col in [c for c in df.columns if c in ref.columns]:
-            want, got = _series_kind(ref[col]), _series_kind(df[col])
-            if split == ref_split or want == got:
+    for col in ref.columns:
+        kinds = {split: _series_kind(df[col]) for split, df in frames.items()
+                 if col in df.columns}
+        # the kind most files hold is the rule, the file that differs the odd one (a tie: the
+        # reference file's): a nested training file beside flat validation/test files is
+        # the one to fix
+        held = [*kinds.values()]
+        want = max(dict.fromkeys([kinds[ref_split], *held]), key=held.count)
+        for split, got in kinds.items():
+            if got == want:
                 continue
-            bad = _first_unlike(df[col].tolist(), want)
+            bad = _first_unlike(_values(frames[split][col]), want)
             odd_split, kind = split, want
-            if bad is None:  # the reference file holds the odd value
-                bad = _first_unlike(ref[col].tolist(), got)
-                odd_split, kind = ref_split, got
+            if bad is None:  # a file of the rule's kind holds the odd value
+                holder = next(s for s, k in kinds.items() if k == want)
+                bad = _first_unlike(_values(frames[holder][col]), got)
+                odd_split, kind = holder, got
             if bad is None:
                 continue
             row, value = bad
@@ -222,6 +253,15 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
             if change and change[0] == col:
                 raise _changes_type(where, change)
             values = ds[col]
+            if all(isinstance(v, list) for v in values if v is not None):  # word/tag lists
+                row = next((i + 1 for i, v in enumerate(values) if v is not None and not all(
+                    isinstance(x, str) for x in v)), 1)
+                odd = next((x for x in values[row - 1] or [] if not isinstance(x, str)), None)
+                raise FtlabError(
+                    f"Column '{col}' in {where or f'the {split} split'} holds lists of mixed "
+                    f"items: row {row} ({_show(values[row - 1])}) has {_show(odd)} among its "
+                    "texts.", f"make every item of the '{col}' lists a text (write numbers as "
+                    "\"5\", no nulls), or fix row " + f"{row}.")
             row = next((i + 1 for i, v in enumerate(values) if isinstance(v, list | dict)), 1)
             kind = _kind(values[row - 1])
             raise FtlabError(
@@ -249,3 +289,20 @@ def refuse_repeated_header(files: dict[str, str], suffix: Any,
             raise FtlabError(f"The header of {path} names the column(s) {twice} more than once.",
                              "give every column its own name (the reader would rename the "
                              f"second to '{twice[0]}.1').")
+
+
+def refuse_repeated_columns(files: dict[str, str]) -> None:
+    """A parquet file whose schema names a column twice (pyarrow writes such files; Arrow's
+    reader then fails with "Multiple matches for FieldRef"): name the file and the column."""
+    import pyarrow.parquet as pq
+
+    for path in files.values():
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # noqa: BLE001 - unreadable: the reader's own message says why
+            continue
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise FtlabError(f"The parquet file {path} names the column(s) {twice} more than "
+                             "once.", "give every column its own name (e.g. rename with "
+                             "pyarrow's Table.rename_columns) and save the file again.")

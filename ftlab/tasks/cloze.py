@@ -138,10 +138,15 @@ class Cloze(Classify):
             bad = {lab: [self.tokenizer.convert_ids_to_tokens(w) for w in ws]
                    for lab, ws in zip(self.labels, self.words, strict=True)
                    if any(len(w) != 1 for w in ws)}
+            named = "" if self.verbalizer else (" (stage.task.verbalizer is null, so the words "
+                                                 "are the label names)")
+            example = ", ".join(f"{lab}: <word>" for lab in self.labels[:3])
             raise FtlabError(f"A masked LM fills one [MASK] with one token, but these verbaliser "
-                             f"words are several tokens: {bad}.",
-                             "choose single-token words for this tokenizer, or use a causal LM "
-                             "(model=smollm2), which sums the tokens' log-probabilities.")
+                             f"words are several tokens{named}: {bad}.",
+                             "choose single-token words for this tokenizer in "
+                             f"stage.task.verbalizer (\"stage.task.verbalizer={{{example}}}\"), "
+                             "or use a causal LM (model=smollm2), which sums the tokens' "
+                             "log-probabilities.")
 
     def positions_past_max_length(self) -> tuple[int, str, str | None]:
         """(positions, why, key) a causal LM's evaluation appends after a ``max_length`` prompt: a

@@ -110,13 +110,21 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
         raise FtlabError(f"The verbaliser's labels {sorted(words)} do not match the data's "
                          f"labels {list(labels)} (missing: {missing}, unknown: {extra}).",
                          "give every label of the data one or more words, e.g. "
-                         "stage.task.verbalizer='{fresh: great, rotten: terrible}'.")
+                         f"\"stage.task.verbalizer={{{_example(labels, words)}}}\".")
     out = []
     for label in labels:
         if not words[label] or not all(isinstance(w, str) and w.strip() for w in words[label]):
             raise FtlabError(f"The verbaliser gives label '{label}' no word ({words[label]}).",
                              "give each label at least one non-empty word.")
         out.append([word_ids(tokenizer, pattern, w.strip()) for w in words[label]])
+        unk = getattr(tokenizer, "unk_token_id", None)
+        unknown = [w for w, ids in zip(words[label], out[-1], strict=True)
+                   if unk is not None and unk in ids]
+        if unknown:  # its score would be the unknown token's, whatever the word
+            raise FtlabError(f"The verbaliser word(s) {unknown} of label '{label}' are not in the "
+                             f"tokenizer's vocabulary: they read as {tokenizer.unk_token!r}, "
+                             "so the label would be scored by the unknown token.",
+                             "choose words the tokenizer knows (stage.task.verbalizer).")
     owner: dict[tuple[int, ...], str] = {}  # a word's ids -> the first label that has it
     for label, ids in zip(labels, out, strict=True):
         for word, w in zip(words[label], ids, strict=True):
@@ -129,6 +137,13 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
                                  "give each label its own words (an uncased tokenizer reads "
                                  "'Good' as 'good').")
     return out
+
+
+def _example(labels: Sequence[str], words: Mapping[str, list]) -> str:
+    """A verbaliser for the data's labels, as a user would write it: their words where the
+    verbaliser gave some, ``<word>`` for the rest."""
+    return ", ".join(f"{label}: {words[label][0] if words.get(label) else '<word>'}"
+                     for label in labels)
 
 
 def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str,

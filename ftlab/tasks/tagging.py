@@ -83,7 +83,11 @@ class EntityScore(Metric):
     """Micro-averaged entity-level precision, recall or F1 over all sentences (exact span and
     type match), the figures ``seqeval.metrics`` reports; summed counts, so it syncs across
     ranks. ``update(preds, target)`` takes tag ids ``[batch, tokens]``; positions whose target
-    is -100 (later sub-tokens, specials, padding) are skipped."""
+    is -100 (later sub-tokens, specials, padding) are skipped. ``cut`` (per row: gold entities
+    past the row's cut, ``max_length``) adds missed gold entities, and ``crossing`` (per row:
+    1 when one of them starts before the cut) drops the gold entity the kept words end in (only
+    its start is visible): the scores are those of the whole sentences with the cut words
+    predicted ``O``."""
 
     full_state_update = False
 
@@ -95,11 +99,18 @@ class EntityScore(Metric):
         for name in ("tp", "predicted", "gold"):
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        for p, t in zip(preds.tolist(), target.tolist(), strict=True):
+    def update(self, preds: torch.Tensor, target: torch.Tensor, cut: torch.Tensor | None = None,
+               crossing: torch.Tensor | None = None) -> None:
+        rows = len(target)
+        cuts = cut.tolist() if cut is not None else [0] * rows
+        crosses = crossing.tolist() if crossing is not None else [0] * rows
+        for p, t, lost, cross in zip(preds.tolist(), target.tolist(), cuts, crosses, strict=True):
             keep = [i for i, x in enumerate(t) if x != IGNORE]
             gold = entities([self.labels[t[i]] for i in keep])
+            if cross:  # the gold entity running past the cut: its visible part is no entity
+                gold = {g for g in gold if g[2] != len(keep) - 1}
             pred = entities([self.labels[p[i]] for i in keep])
+            self.gold += lost
             self.tp += len(gold & pred)
             self.predicted += len(pred)
             self.gold += len(gold)

@@ -5,7 +5,10 @@ ids in ``labels`` order: ``O`` first, then sorted, see ``ftlab/data/conll.py``).
 tokenised with the fast tokenizer's ``is_split_into_words``; the first sub-token of each word
 carries the word's tag, later sub-tokens, special tokens and padding are -100 (skipped by the
 loss and the metrics). Metrics: entity-level precision/recall/F1 (``seqeval``'s CoNLL entity
-rules, micro-averaged) and token accuracy over words.
+rules, micro-averaged) over whole sentences, and token accuracy over the words within
+``max_length``. A row's words past ``max_length`` are cut; its gold entities not wholly inside
+the kept words still count, as missed (``CUT`` features), so the F1 is the sentence's with the
+cut words tagged ``O`` (what ``predict_rows`` gives them).
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.tasks.base import TaskDefaults, TaskOutput
-from ftlab.tasks.tagging import IGNORE, EntityScore, align, words_tokenizer
+from ftlab.tasks.tagging import IGNORE, EntityScore, align, entities, words_tokenizer
+
+#: per-row features for the entity scores, not model inputs: the row's gold entities not wholly
+#: inside the words ``max_length`` keeps (missed), and whether one of them starts inside
+#: (1; its visible part is no gold entity)
+CUT = ("entities_cut", "entity_crossing")
 
 
 class Tokens(TaskDefaults):
@@ -63,7 +71,7 @@ class Tokens(TaskDefaults):
         self.labels = list(raw.labels)
         self.column = text_columns[0]
         self.tokenizer = words_tokenizer(tokenizer)
-        self.features = (*tokenizer.model_input_names, "labels")
+        self.features = (*tokenizer.model_input_names, "labels", *CUT)
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         words = [_words(row) for row in batch[self.column]]
@@ -72,8 +80,20 @@ class Tokens(TaskDefaults):
         tags = batch.get("label") or [None] * len(words)
         enc["labels"] = [align(enc.word_ids(i), t if isinstance(t, list) else None)
                          for i, t in enumerate(tags)]
+        cut = [self._cut(enc.word_ids(i), t if isinstance(t, list) else None)
+               for i, t in enumerate(tags)]
+        enc[CUT[0]], enc[CUT[1]] = [c[0] for c in cut], [c[1] for c in cut]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return dict(enc)
+
+    def _cut(self, word_ids: Sequence[int | None], tags: Sequence[int] | None) -> tuple[int, int]:
+        """(gold entities not wholly inside the kept words, whether one starts inside them)."""
+        kept = max((w for w in word_ids if w is not None), default=-1) + 1
+        if tags is None or kept >= len(tags):
+            return 0, 0
+        spans = entities([self.labels[t] for t in tags])
+        out = [s for s in spans if s[2] >= kept]
+        return len(out), int(any(s[1] < kept for s in out))
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         from transformers import AutoModelForTokenClassification
@@ -85,14 +105,17 @@ class Tokens(TaskDefaults):
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tag logits ``[batch, tokens, tags]``, one per input position (prompt tuning's
         prepended virtual tokens are dropped)."""
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", *CUT)}).logits
         return logits[:, -batch["input_ids"].shape[1]:]
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         logits = self.scores(model, batch)
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                           batch["labels"].flatten(), ignore_index=IGNORE)
-        return TaskOutput(loss, logits)
+        labels = batch["labels"].flatten()
+        total = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels,
+                                            ignore_index=IGNORE, reduction="sum")
+        # the mean over scored words; a batch with none (rows without words: `"tokens": []`)
+        # has loss 0, not the NaN of an empty mean (which stopped the run as diverged)
+        return TaskOutput(total / (labels != IGNORE).sum().clamp(min=1), logits)
 
     def predict_rows(self, model: nn.Module, rows: list[Any],
                      batch_size: int = 64) -> list[dict[str, Any]]:
@@ -106,7 +129,7 @@ class Tokens(TaskDefaults):
         words = [_words(r[self.column] if isinstance(r, dict) else r) for r in rows]
         enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
                              max_length=self.max_length)
-        keep = [k for k in self.features if k != "labels"]
+        keep = [k for k in self.features if k not in ("labels", *CUT)]
         collate = PadCollator(self.tokenizer.pad_token_id)
         device = next(model.parameters()).device
         out = []
@@ -137,7 +160,8 @@ class Tokens(TaskDefaults):
 
     def update(self, metrics: MetricCollection, out: TaskOutput,
                batch: dict[str, torch.Tensor]) -> None:
-        metrics.update(out.logits.argmax(-1), batch["labels"])
+        metrics.update(out.logits.argmax(-1), batch["labels"], cut=batch.get(CUT[0]),
+                       crossing=batch.get(CUT[1]))
 
     #: a run fails at entity F1 0 (no entity found); the all-``O`` token accuracy is only
     #: reported: with rare entities it is high, and a tagger that finds entities while

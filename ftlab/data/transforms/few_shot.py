@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
+from ftlab.data.conll import is_list_feature
 from ftlab.data.transforms.base import LABEL, Applied, Rows
 from ftlab.errors import FtlabError
 
@@ -79,7 +80,7 @@ class FewShot:
                                  np.random.default_rng([seed, 1]), "validation").tolist()
         info: dict[str, Any] = {"k": self.k, "k_total": self.k_total,
                                 "validation": self.validation, "draw_seed": seed}
-        if rows.labels is not None:
+        if rows.labels is not None and not is_list_feature(train.features[LABEL]):
             counts = np.bincount(train.with_format("arrow")[LABEL].to_numpy(),
                                  minlength=len(rows.labels))
             info["per_class"] = dict(zip(rows.labels, counts.tolist(), strict=True))
@@ -99,6 +100,11 @@ class FewShot:
             raise FtlabError(f"few_shot k per class needs class labels, but {why}.",
                              "use k_total (k rows in all), or leave this stage without the "
                              "transform: data_overrides: {transforms: []}.")
+        if is_list_feature(ds.features[LABEL]):  # stage=tokens: a tag per word, no row class
+            raise FtlabError(f"few_shot k={self.k} draws k rows per class, but the rows hold a "
+                             "tag per word (token classification), not one class each.",
+                             f"draw rows in all instead: {{few_shot: {{k: null, k_total: "
+                             f"{self.k * len(labels)}}}}}.")
         y = ds.with_format("arrow")[LABEL].to_numpy()
         where = [np.flatnonzero(y == c) for c in range(len(labels))]
         short = {name: len(w) for name, w in zip(labels, where, strict=True) if len(w) < self.k}
