@@ -272,6 +272,22 @@ def test_the_training_file_given_again_as_an_evaluation_file_is_refused(tmp_path
     assert set(raw.splits) == {"train", "test"}
 
 
+def test_one_file_for_validation_and_test_is_warned_about(tmp_path, caplog):
+    """The best epoch is chosen on validation: the same rows as test make the test optimistic
+    (warned, not refused: some datasets ship one held-out split)."""
+    _three_files(tmp_path)
+    files = {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "test.jsonl"),
+             "test": str(tmp_path / "test.jsonl")}
+    with caplog.at_level("WARNING", logger="ftlab.data.splits"):
+        load_raw(DataSpec(path="json", files=files))
+    assert "data.files.validation and data.files.test are one file" in caplog.text
+    caplog.clear()
+    files["validation"] = str(tmp_path / "validation.jsonl")
+    with caplog.at_level("WARNING", logger="ftlab.data.splits"):
+        load_raw(DataSpec(path="json", files=files))
+    assert "one file" not in caplog.text
+
+
 @pytest.mark.parametrize("declared", [None, ["negative", "positive"]])
 def test_a_classlabel_minus_one_is_a_missing_label(declared):
     """Hugging Face datasets mark unlabelled rows -1 (GLUE's test splits): refused as rows

@@ -5,6 +5,7 @@ together; a row's split depends only on its group's hash, not on row order)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 
 import numpy as np
@@ -13,6 +14,8 @@ from datasets import Dataset, DatasetDict
 
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError, choices_text
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -66,6 +69,13 @@ def refuse_training_file_in_evaluation(spec: DataSpec, files: dict[str, str]) ->
             f"data.files.{name} is the training file ({train}): the model would be scored on "
             "the rows it trained on.", f"give the {ours} split its own file, or give one file "
             "to split 80/10/10: data.files={all: FILE}.")
+    val, test = used.get("validation"), used.get("test")
+    if val is not None and test not in (None, val) and files.get(val) is not None \
+            and files.get(val) == files.get(test):
+        log.warning("data.files.%s and data.files.%s are one file (%s): the best epoch is chosen "
+                    "on the rows the test then scores, so test scores are optimistic. Give the "
+                    "test split its own file (or data.splits.test=null).", val, test,
+                    files.get(val))
 
 
 def _rows(n: int, lo: str | None, hi: str | None) -> range:
