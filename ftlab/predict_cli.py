@@ -1,4 +1,4 @@
-"""``ftlab-predict``: read a csv/tsv, jsonl or txt file of texts, predict with
+"""``ftlab-predict``: read a csv/tsv, jsonl, parquet or txt file of texts, predict with
 ``ftlab.load`` (ftlab/inference.py), write one JSON line per row."""
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from ftlab.writable import check_output
 
 def read_rows(path: Path, text_columns: list[str] | None,
               delimiter: str | None = None) -> tuple[list[Any], list[str]]:
-    """Rows of a ``.csv``/``.tsv``, ``.jsonl`` or ``.txt`` (one text per line; every line is
-    a row, an empty one too, so the output lines up with the input) file, as dicts (or strings
-    for ``.txt``), and the columns found."""
+    """Rows of a ``.csv``/``.tsv``, ``.jsonl``, ``.parquet`` or ``.txt`` (one text per line;
+    every line is a row, an empty one too, so the output lines up with the input) file, as
+    dicts (or strings for ``.txt``), and the columns found."""
     if not path.is_file():
-        raise FtlabError(f"There is no input file {path}.", "pass --input FILE.{csv,jsonl,txt}.")
+        raise FtlabError(f"There is no input file {path}.",
+                         "pass --input FILE.{csv,jsonl,parquet,txt}.")
     suffix = path.suffix.lower()
-    if suffix not in (".txt", ".csv", ".tsv", ".jsonl", ".json"):
+    if suffix not in (".txt", ".csv", ".tsv", ".jsonl", ".json", ".parquet"):
         raise FtlabError(f"Cannot read {path.name}: unknown suffix '{suffix}'.",
-                         "use a .csv, .tsv, .jsonl or .txt file.")
+                         "use a .csv, .tsv, .jsonl, .parquet or .txt file.")
+    if suffix == ".parquet":
+        return _parquet(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Excel) is not text
     except UnicodeDecodeError as err:
@@ -61,6 +64,24 @@ def read_rows(path: Path, text_columns: list[str] | None,
                                  "object.", 'write one object per line: {"text": "..."}.')
             rows.append(row)
     return rows, list(rows[0]) if rows else []
+
+
+def _parquet(path: Path) -> tuple[list[dict], list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+        names = file.schema_arrow.names
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise FtlabError(f"{path.name} names the column(s) {twice} more than once.",
+                             "give each column its own name.")
+        return file.read().to_pylist(), names
+    except (pa.ArrowException, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FtlabError(f"{path} is not a readable parquet file ({first}).",
+                         "write it again with pandas/pyarrow, or pass a .csv or .jsonl.") from None
 
 
 def _lines(text: str) -> list[str]:
@@ -103,7 +124,8 @@ def _positive(value: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     """``ftlab-predict RUN_DIR --input FILE --output preds.jsonl``: labels and probabilities."""
     parser = run_parser("ftlab-predict", main.__doc__)
-    parser.add_argument("--input", type=Path, required=True, help="a .csv/.tsv, .jsonl or .txt")
+    parser.add_argument("--input", type=Path, required=True,
+                        help="a .csv/.tsv, .jsonl, .parquet or .txt")
     parser.add_argument("--output", type=Path, required=True, help="where to write .jsonl")
     parser.add_argument("--text-column", action="append", dest="text_columns",
                         help="the input's text column(s), in the stage's order (default: the "

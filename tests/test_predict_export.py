@@ -270,7 +270,7 @@ def test_prompt_tuning_exports_its_peft_folder_with_a_message(train, tmp_path, c
     assert (tmp_path / "hf" / "peft" / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("kind", ["csv", "semicolon_csv", "jsonl", "txt"])
+@pytest.mark.parametrize("kind", ["csv", "semicolon_csv", "jsonl", "txt", "parquet"])
 def test_predict_cli_reads_csv_jsonl_txt_and_writes_one_line_per_row(
         two_steps, sentiment_dir, tmp_path, kind):
     run_dir = two_steps
@@ -287,6 +287,12 @@ def test_predict_cli_reads_csv_jsonl_txt_and_writes_one_line_per_row(
         extra = ["--text-column", "review", *(["--delimiter", sep] if sep != "," else [])]
     elif kind == "jsonl":
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        extra = []
+    elif kind == "parquet":  # training reads parquet: predict does too
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), src)
         extra = []
     else:
         src.write_text("\n".join(texts) + "\n")
@@ -476,6 +482,23 @@ def test_predict_cli_splits_txt_and_jsonl_at_line_ends_only(tmp_path):
     jsonl.write_text(json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False) + "\n",
                      encoding="utf-8")
     assert read_rows(jsonl, None)[0] == [{"text": "a\u2028b\x85c"}]
+
+
+def test_predict_cli_names_a_bad_parquet_file_and_a_column_named_twice(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ftlab.errors import FtlabError
+    from ftlab.predict_cli import read_rows
+
+    bad = tmp_path / "in.parquet"
+    bad.write_text("id,text\n1,csv under a parquet name\n")
+    with pytest.raises(FtlabError, match=r"is not a readable parquet file"):
+        read_rows(bad, None)
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], ["text", "text"]),
+                   bad)
+    with pytest.raises(FtlabError, match=r"names the column\(s\) \['text'\] more than once"):
+        read_rows(bad, None)
 
 
 def test_predict_cli_refuses_a_tsv_row_that_swallows_the_rows_after_it(tmp_path):
