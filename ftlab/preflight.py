@@ -153,7 +153,10 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
         return FtlabError(f"The overrides do not fit the config: {first}",
                           "check the keys and values (`ftlab --cfg job` prints the config).")
     parent, _, leaf = full_key.rpartition(".")
-    rest = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != full_key]
+    # drop the bad key and any key under it (pipeline.stages.tsk.optim.lr for a bad 'tsk'),
+    # so the node the valid keys come from is composed with the run's other choices
+    rest = [o for o in overrides
+            if not _under(o.lstrip("+~").split("=", 1)[0], full_key)]
     try:
         cfg = compose(config_name, overrides=rest)
     except Exception:
@@ -181,6 +184,10 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
             f"correct the spelling, or add a new key with +{full_key}=... if you really mean to.")
     return FtlabError(f"Invalid override for '{full_key}': {str(cause).splitlines()[0]}",
                       f"give {full_key} a value of the right type (see its YAML file).")
+
+
+def _under(key: str, full_key: str) -> bool:
+    return key == full_key or key.startswith(f"{full_key}.")
 
 
 def _config_key(node: Any, leaf: str) -> str | None:

@@ -294,6 +294,9 @@ CLI_CASES: list[tuple[list[str], str]] = [
      r"'num_layers' is not a key of the bert config. Did you mean 'num_hidden_layers'"),
     (["model=tiny_bert", "model.config.hidden_dropout_prob=0.2"],
      r"hidden_dropout_prob is not set in this model's YAML.*\+model.config.hidden_dropout_prob"),
+    # a misspelt stage with a key under it: the pipeline's stages are the valid keys
+    (["model=tiny_bert", "pipeline=tiny", "pipeline.stages.tsk.optim.lr=1e-4"],
+     r"Unknown key 'tsk' in 'pipeline.stages'. Did you mean 'task'\? Valid keys: tapt, task"),
 ]
 
 
