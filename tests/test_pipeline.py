@@ -112,6 +112,26 @@ def test_a_stage_cached_by_other_software_is_retrained(tiny_pipeline, tmp_path, 
         sw._software.cache_clear()
 
 
+def test_a_weight_average_is_part_of_the_upstream_stage_key(tiny_pipeline, tmp_path):
+    """callbacks=ema makes every stage's model its average: a TAPT stored without it is not
+    reused with it (nor the other way); an unchanged run with it is, and a callback that changes
+    no weights (early discard) keeps the key."""
+
+    def job(*extra: str) -> dict:
+        cfg = tiny_pipeline(*extra)
+        with open_dict(cfg):  # another folder: in the same one the finished job is reused whole
+            cfg.paths.output_dir = str(tmp_path / f"run{len(list(tmp_path.glob('run*')))}")
+        return run(cfg)
+
+    ema = ("callbacks=ema", "callbacks.ema.decay=0.5")
+    hits = [[line["cache_hit"] for line in job(*extra)["lineage"]][0]
+            for extra in [(), ema, ema, (), ("callbacks=early_discard",)]]
+    assert hits == [False, False, True, True, True]
+    raw, averaged = (load_tensors(tmp_path / f"run{i}" / "tapt" / "trainable.safetensors")
+                     for i in (0, 1))
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
+
+
 def test_the_software_tag_follows_ftlab_source_and_library_versions(tmp_path):
     import ftlab.software as sw
 
