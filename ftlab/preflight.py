@@ -6,6 +6,7 @@ names the closest valid key and the fix, in one paragraph, before a sweep starts
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ftlab.errors import FtlabError, choices_text, closest
@@ -149,6 +150,12 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None) or ""
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    append = re.search(r"To append to your default list use (\+\S+)", str(err))
+    if not full_key and append:  # group@package where the defaults list has no such entry
+        given = first.removeprefix("Could not override ").rstrip(".")
+        return FtlabError(f"{given} is not in the config's defaults list (null there: e.g. a "
+                          "stage's own peft, regularizer or data), so it cannot be replaced.",
+                          f"add it with a leading +: {append.group(1)}")
     if not full_key:
         return FtlabError(f"The overrides do not fit the config: {first}",
                           "check the keys and values (`ftlab --cfg job` prints the config).")

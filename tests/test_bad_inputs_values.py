@@ -297,6 +297,10 @@ CLI_CASES: list[tuple[list[str], str]] = [
     # a misspelt stage with a key under it: the pipeline's stages are the valid keys
     (["model=tiny_bert", "pipeline=tiny", "pipeline.stages.tsk.optim.lr=1e-4"],
      r"Unknown key 'tsk' in 'pipeline.stages'. Did you mean 'task'\? Valid keys: tapt, task"),
+    # a stage's own PEFT method, where its YAML has peft: null: Hydra needs the +
+    (["model=tiny_bert", "pipeline=tiny", "peft@pipeline.stages.task.peft=lora"],
+     r"'peft@pipeline.stages.task.peft' is not in the config's defaults list.*"
+     r"Fix: add it with a leading \+: \+peft@pipeline.stages.task.peft=lora"),
 ]
 
 
