@@ -373,6 +373,28 @@ def test_intermediate_task_hands_the_encoder_over_and_trains_inter_once(
     assert second["lineage"][0]["key"] == first["lineage"][0]["key"]
 
 
+@pytest.mark.parametrize(("inter_labels", "warns"), [("[neg,pos]", True), ("[pos,neg]", False)])
+def test_carrying_a_head_between_other_label_orders_warns(inter_labels, warns, make_cfg,
+                                                          sentiment_dir, caplog):
+    """carry: model copies the head where the shapes fit: with the same classes in another
+    order (or other classes) each row would stand for another class: a warning names the fix."""
+    from ftlab.build import StageBuilder
+
+    stages = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + [
+        "pipeline=intermediate_task", "pipeline.stages.task.carry=model", "data.labels=[pos,neg]",
+        *(f"pipeline.stages.inter.data.{k}={v}" for k, v in (
+            ("files.train", sentiment_dir / "train.jsonl"), ("text_columns", "[text]"),
+            ("files.validation", sentiment_dir / "validation.jsonl"),
+            ("splits.test", "validation"), ("labels", inter_labels)))]))
+    builder = StageBuilder()
+    inter = builder.model(stages[0])[0].state_dict()
+    with caplog.at_level("WARNING", logger="ftlab.handover"):
+        builder.model(stages[1], inter)
+    text = caplog.text
+    assert ("labels ['neg', 'pos'] are not its own ['pos', 'neg']" in text) is warns, text
+    assert ("pipeline.stages.task.carry=encoder" in text) is warns
+
+
 @pytest.mark.parametrize("peft", ["lora", "diff_pruning"])
 def test_a_wrapping_peft_method_hands_over_what_it_learnt(tiny_pipeline, monkeypatch, peft):
     """TAPT under LoRA (a PeftModel) or diff pruning (a re-parametrisation) names its tensors
