@@ -79,7 +79,10 @@ class StageBuilder:
         seed = stage.seed if data.max_train_samples is not None else 0
         key = f"{replace(data, transforms=[])!r}/{seed}/{'numbers' if numeric else 'classes'}"
         if key not in self._raw:
-            self._raw[key] = load_raw(data, seed, numeric=numeric)
+            try:
+                self._raw[key] = load_raw(data, seed, numeric=numeric)
+            except FtlabError as err:  # named at the keys that set this stage's data
+                raise (stage.data_error(err) if data is stage.data else err) from None
         if not data.transforms:
             return self._raw[key]
         changed = f"{data!r}/{stage.seed}/{numeric}"

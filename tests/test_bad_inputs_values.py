@@ -245,6 +245,25 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("pipeline-last-data-no-text", lambda t, s: S(s) + PIPE + [
         f"+pipeline.stages.task.data_overrides.files={_review_only(t)}"],
      r"\['text'\] not found in the train split; columns found: label, review"),
+    # a stage's data error names the key that sets it for that stage
+    ("pipeline-stage-data-override-column", lambda t, s: S(s) + PIPE + [
+        "+pipeline.stages.task.data_overrides.label_column=lab"],
+     r"stage 'task' data: Column\(s\) \['lab'\] not found.*"
+     r"Fix: set pipeline.stages.task.data_overrides.label_column to"),
+    ("pipeline-stage-data-override-range", lambda t, s: S(s) + PIPE + [
+        "+pipeline.stages.task.data_overrides.max_train_samples=0"],
+     r"Fix: set pipeline.stages.task.data_overrides.max_train_samples to 1 or more"),
+    ("pipeline-stage-drops-every-label", lambda t, s: S(s) + PIPE + [
+        "+pipeline.stages.task.data_overrides.drop_labels=[pos,neg]"],
+     r"stage 'task' data: Found 0 label value\(s\) \[\] in column 'label' after "
+     r"pipeline.stages.task.data_overrides.drop_labels=\['neg', 'pos'\].*"
+     r"Fix: drop fewer labels in pipeline.stages.task.data_overrides.drop_labels"),
+    ("pipeline-own-data-columns", lambda t, s: S(s) + [
+        "pipeline=intermediate_task", "cache.stages=off",
+        f"pipeline.stages.inter.data.files.train={s / 'train.jsonl'}",
+        f"pipeline.stages.inter.data.files.validation={s / 'validation.jsonl'}"],
+     r"stage 'inter' data: Column\(s\) \['evidence', 'claim'\] not found in the train split.*"
+     r"Fix: set pipeline.stages.inter.data.text_columns to"),
     ("pipeline-first-monitor", lambda t, s: S(s) + PIPE + [
         "pipeline.stages.tapt.task.monitor=acc"],
      r"stage 'tapt': task.monitor='acc' is not a metric this task reports \(loss, ppl\)"),
