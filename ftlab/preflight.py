@@ -156,6 +156,12 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
         return FtlabError(f"{given} is not in the config's defaults list (null there: e.g. a "
                           "stage's own peft, regularizer or data), so it cannot be replaced.",
                           f"add it with a leading +: {append.group(1)}")
+    there = re.search(r"An item is already at '([^']+)'", str(err))
+    if not full_key and there:  # +key=value for a key the config has
+        given = next((o.lstrip("+") for o in overrides if o.startswith("+") and
+                      o.lstrip("+").split("=", 1)[0] == there.group(1)), f"{there.group(1)}=...")
+        return FtlabError(f"{there.group(1)} is already in the config, so a leading + cannot "
+                          "add it.", f"set it without the +: {given}")
     if not full_key:
         return FtlabError(f"The overrides do not fit the config: {first}",
                           "check the keys and values (`ftlab --cfg job` prints the config).")

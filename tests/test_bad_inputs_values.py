@@ -320,6 +320,12 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["model=tiny_bert", "pipeline=tiny", "peft@pipeline.stages.task.peft=lora"],
      r"'peft@pipeline.stages.task.peft' is not in the config's defaults list.*"
      r"Fix: add it with a leading \+: \+peft@pipeline.stages.task.peft=lora"),
+    # + for a key the config has (README's multitask example lists the key already)
+    (["model=tiny_bert", "pipeline=multitask_task",
+      "+pipeline.stages.multi.tasks.vitaminc.data_overrides.max_train_samples=100"],
+     r"pipeline.stages.multi.tasks.vitaminc.data_overrides.max_train_samples is already in the "
+     r"config.*Fix: set it without the \+: "
+     r"pipeline.stages.multi.tasks.vitaminc.data_overrides.max_train_samples=100"),
 ]
 
 
