@@ -264,6 +264,10 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
         f"pipeline.stages.inter.data.files.validation={s / 'validation.jsonl'}"],
      r"stage 'inter' data: Column\(s\) \['evidence', 'claim'\] not found in the train split.*"
      r"Fix: set pipeline.stages.inter.data.text_columns to"),
+    # the run's regulariser reaches the MLM stage too: the stage is named, and the per-stage form
+    ("pipeline-run-regularizer-misfits-a-stage", lambda t, s: S(s) + PIPE + ["regularizer=r3f"],
+     r"stage 'tapt': regularizer=r3f compares.*Fix: .*"
+     r"\+regularizer@pipeline.stages.<name>.regularizer=r3f"),
     ("pipeline-first-monitor", lambda t, s: S(s) + PIPE + [
         "pipeline.stages.tapt.task.monitor=acc"],
      r"stage 'tapt': task.monitor='acc' is not a metric this task reports \(loss, ppl\)"),
