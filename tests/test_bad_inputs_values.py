@@ -268,6 +268,8 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("pipeline-run-regularizer-misfits-a-stage", lambda t, s: S(s) + PIPE + ["regularizer=r3f"],
      r"stage 'tapt': regularizer=r3f compares.*Fix: .*"
      r"\+regularizer@pipeline.stages.<name>.regularizer=r3f"),
+    ("pipeline-stage-renamed", lambda t, s: S(s) + PIPE + ["pipeline.stages.task.name=tapt"],
+     r"pipeline.stages.task.name=tapt would do nothing.*Fix: rename the key"),
     ("pipeline-first-monitor", lambda t, s: S(s) + PIPE + [
         "pipeline.stages.tapt.task.monitor=acc"],
      r"stage 'tapt': task.monitor='acc' is not a metric this task reports \(loss, ppl\)"),
