@@ -35,7 +35,7 @@ from ftlab.pipeline import ResolvedStage
 from ftlab.rules import one_of
 from ftlab.software import software, software_tag
 from ftlab.stage import RunContext, StageResult, run_stage
-from ftlab.stage_keys import FORMAT
+from ftlab.stage_keys import FORMAT, stacked_stages
 from ftlab.store import (
     check_name,
     inside,
@@ -60,23 +60,29 @@ class CacheSpec:
 
     Attributes:
         dir: where finished stages are stored (shared by all runs and sweeps).
-        stages: ``upstream`` caches stages a later stage starts from (DAPT/TAPT); ``all`` also
-            the last stage; ``off`` never caches.
+        stages: ``upstream`` caches stages a later stage starts from (DAPT/TAPT), learns from
+            or stacks (MAD-X's language adapter); ``all`` also the last stage; ``off`` never
+            caches.
     """
 
     dir: str = "outputs/stage_cache"
     stages: Annotated[str, one_of(*MODES)] = "upstream"
 
 
-def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
-    """Names of the stages to cache under ``mode`` (one of ``MODES``: ``CacheSpec`` checks)."""
+def cached_stages(stages: list[ResolvedStage], mode: str,
+                  run_dir: Path | None = None) -> set[str]:
+    """Names of the stages to cache under ``mode`` (one of ``MODES``: ``CacheSpec`` checks);
+    ``upstream``: the stages a later one starts from, learns from (teachers) or stacks the
+    adapters of (``peft.stack_on`` into ``run_dir``: MAD-X's language stage)."""
     if mode == "off":
         return set()
     if mode == "all":
         return {s.name for s in stages}
     names = {s.name for s in stages}
+    stacked = {n for s in stages
+               for n in stacked_stages(s, dict.fromkeys(names, ""), run_dir).values()}
     return {s.init_from for s in stages if s.init_from != "pretrained"} | {
-        t for s in stages for t in s.teachers if t in names}  # teachers too: reused by sweeps
+        t for s in stages for t in s.teachers if t in names} | stacked  # reused by sweeps
 
 
 class StageCache:

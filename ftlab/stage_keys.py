@@ -81,7 +81,7 @@ def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None,
     change weights (``weight_callbacks``)."""
     keys: dict[str, str] = {}
     for s in stages:  # teachers from the pipeline: their keys, beside the init_from stage's
-        stacked = _stacked_stages(s, keys, run_dir)
+        stacked = stacked_stages(s, keys, run_dir)
         up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys),
               *(keys[n] for n in stacked.values())]
         keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)),
@@ -89,7 +89,7 @@ def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None,
     return keys
 
 
-def _stacked_stages(stage: ResolvedStage, keys: dict[str, str],
+def stacked_stages(stage: ResolvedStage, keys: dict[str, str],
                     run_dir: Path | None) -> dict[str, str]:
     """``stack_on`` entries that point into an earlier stage's folder of this run: its name."""
     if run_dir is None:

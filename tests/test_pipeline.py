@@ -132,6 +132,28 @@ def test_a_weight_average_is_part_of_the_upstream_stage_key(tiny_pipeline, tmp_p
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
 
 
+def test_a_stage_whose_adapters_a_later_stage_stacks_is_cached(make_cfg, sentiment_dir,
+                                                               tmp_path):
+    """MAD-X's language stage is not an init_from stage, but the task stacks its adapter: a
+    sweep over the task's settings trains it once, and the stacked file is the trained one."""
+
+    def job(lr: str) -> dict:
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=madx", f"cache.dir={tmp_path / 'cache'}", "trainer.max_steps=2",
+            f"pipeline.stages.task.optim.lr={lr}"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"run{lr}")
+        return run(cfg)
+
+    first, second = job("1e-3"), job("2e-3")
+    assert [line["cache_hit"] for line in first["lineage"]] == [False, False]
+    assert [line["cache_hit"] for line in second["lineage"]] == [True, False]
+    trained, reused = (load_tensors(tmp_path / f"run{lr}" / "lang" / "trainable.safetensors")
+                       for lr in ("1e-3", "2e-3"))
+    assert trained.keys() == reused.keys()
+    assert all(torch.equal(trained[k], reused[k]) for k in trained)
+
+
 def test_the_software_tag_follows_ftlab_source_and_library_versions(tmp_path):
     import ftlab.software as sw
 
