@@ -174,10 +174,16 @@ class StageCache:
             write_json(tmp / "stage.json", record | {"key": key, "format": FORMAT,
                                                      "checksums": sums,
                                                      "software": software()})
-            if self.entry(key).exists():  # only a complete entry can exist (rename is atomic)
-                shutil.rmtree(tmp)
+            entry = self.entry(key)
+            if entry.exists() and (not (tmp / "trainable.safetensors").is_file()
+                                   or (entry / "trainable.safetensors").is_file()):
+                shutil.rmtree(tmp)  # only a complete entry can exist (rename is atomic)
             else:
-                os.replace(tmp, self.entry(key))
+                if entry.exists():  # stored without the artefact this stage wrote: replaced
+                    old = tmp.with_name(tmp.name + "-old")
+                    os.replace(entry, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -216,6 +222,10 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     run_dir = run.run_dir
     usable = cache is not None and not stage.trainer.get("fast_dev_run")
     hit = cache.lookup(key) if usable else None
+    if hit is not None and _lacks_artefact(stage, run, hit, cache.entry(key)):
+        log.info("Stage %s is cached without its artefact (stored by a run that wrote none); "
+                 "retrained to write it.", stage.name)
+        hit = None
     # DDP/FSDP: rank zero holds the key's lock and stores the stage; the other ranks train in
     # step with it (waiting on its lock would deadlock: rank zero's fit waits for them)
     if hit is None and not (usable and is_rank_zero()):
@@ -226,6 +236,8 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         with cache.claim(key):
             # another job may have finished it while we waited; a damaged entry is set aside
             hit = cache.lookup(key, repair=True)
+            if hit is not None and _lacks_artefact(stage, run, hit, cache.entry(key)):
+                hit = None
             if hit is None:
                 result = run_stage(stage, builder, run, upstream, key)
                 if result.info.get("discarded"):  # stopped early: never reused as complete
@@ -251,6 +263,15 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
                           "cache_path": str(cache.entry(key))}
     return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)
+
+
+def _lacks_artefact(stage: ResolvedStage, run: RunContext, hit: dict[str, Any],
+                    entry: Path) -> bool:
+    """The entry has no ``trainable.safetensors`` but this stage would write one (stored by a
+    run with ``save_artefact: false``, or the policy ``none`` for a full-size artefact)."""
+    full_size = (hit.get("info") or {}).get("full_size_artefact")
+    return (stage.save_artefact and not (entry / "trainable.safetensors").is_file()
+            and not (full_size and run.save_artefact == "none"))
 
 
 def _copy_card(src: Path, dst: Path) -> None:

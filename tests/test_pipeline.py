@@ -154,6 +154,25 @@ def test_a_stage_whose_adapters_a_later_stage_stacks_is_cached(make_cfg, sentime
     assert all(torch.equal(trained[k], reused[k]) for k in trained)
 
 
+def test_a_stage_cached_without_its_artefact_is_retrained_to_write_it(tiny_pipeline, tmp_path):
+    """cache.stages=all: a stage stored by a run with save_artefact: false has no artefact in
+    the cache; a run that wants it retrains the stage once (it had no trainable.safetensors
+    and ftlab-predict's fix, 'save_artefact: true', could never take effect)."""
+
+    def job(*extra: str) -> tuple[dict, Path]:
+        cfg = tiny_pipeline("cache.stages=all", *extra)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"run{len(list(tmp_path.glob('run*')))}")
+        return run(cfg), Path(cfg.paths.output_dir)
+
+    hits = []
+    for extra in [("pipeline.stages.task.save_artefact=false",), (), ()]:
+        record, run_dir = job(*extra)
+        hits.append([line["cache_hit"] for line in record["lineage"]])
+        assert (run_dir / "task" / "trainable.safetensors").is_file() is bool(extra == ())
+    assert hits == [[False, False], [True, False], [True, True]]
+
+
 def test_the_software_tag_follows_ftlab_source_and_library_versions(tmp_path):
     import ftlab.software as sw
 
