@@ -79,7 +79,10 @@ class StageBuilder:
         seed = stage.seed if data.max_train_samples is not None else 0
         key = f"{replace(data, transforms=[])!r}/{seed}/{'numbers' if numeric else 'classes'}"
         if key not in self._raw:
-            self._raw[key] = load_raw(data, seed, numeric=numeric)
+            try:
+                self._raw[key] = load_raw(data, seed, numeric=numeric)
+            except FtlabError as err:  # named at the keys that set this stage's data
+                raise (stage.data_error(err) if data is stage.data else err) from None
         if not data.transforms:
             return self._raw[key]
         changed = f"{data!r}/{stage.seed}/{numeric}"
@@ -202,9 +205,12 @@ class StageBuilder:
         model = task.build_model(stage.model)
         handed: dict[str, int] = {}
         if upstream is not None:
-            from ftlab.handover import hand_over
+            from ftlab.handover import hand_over, warn_other_labels
 
             handed = hand_over(self.plain(stage.init_from, upstream), model, stage.carry)
+            warn_other_labels(stage.name, stage.init_from, stage.carry,
+                              getattr(self._tasks.get(stage.init_from), "labels", None),
+                              getattr(task, "labels", None))
         require_trained_head(stage, task, model)
         require_positions(stage, task, model)
         return *self._prepare(stage, model, task), handed

@@ -35,7 +35,7 @@ from ftlab.pipeline import ResolvedStage
 from ftlab.rules import one_of
 from ftlab.software import software, software_tag
 from ftlab.stage import RunContext, StageResult, run_stage
-from ftlab.stage_keys import FORMAT
+from ftlab.stage_keys import FORMAT, stacked_stages
 from ftlab.store import (
     check_name,
     inside,
@@ -60,23 +60,29 @@ class CacheSpec:
 
     Attributes:
         dir: where finished stages are stored (shared by all runs and sweeps).
-        stages: ``upstream`` caches stages a later stage starts from (DAPT/TAPT); ``all`` also
-            the last stage; ``off`` never caches.
+        stages: ``upstream`` caches stages a later stage starts from (DAPT/TAPT), learns from
+            or stacks (MAD-X's language adapter); ``all`` also the last stage; ``off`` never
+            caches.
     """
 
     dir: str = "outputs/stage_cache"
     stages: Annotated[str, one_of(*MODES)] = "upstream"
 
 
-def cached_stages(stages: list[ResolvedStage], mode: str) -> set[str]:
-    """Names of the stages to cache under ``mode`` (one of ``MODES``: ``CacheSpec`` checks)."""
+def cached_stages(stages: list[ResolvedStage], mode: str,
+                  run_dir: Path | None = None) -> set[str]:
+    """Names of the stages to cache under ``mode`` (one of ``MODES``: ``CacheSpec`` checks);
+    ``upstream``: the stages a later one starts from, learns from (teachers) or stacks the
+    adapters of (``peft.stack_on`` into ``run_dir``: MAD-X's language stage)."""
     if mode == "off":
         return set()
     if mode == "all":
         return {s.name for s in stages}
     names = {s.name for s in stages}
+    stacked = {n for s in stages
+               for n in stacked_stages(s, dict.fromkeys(names, ""), run_dir).values()}
     return {s.init_from for s in stages if s.init_from != "pretrained"} | {
-        t for s in stages for t in s.teachers if t in names}  # teachers too: reused by sweeps
+        t for s in stages for t in s.teachers if t in names} | stacked  # reused by sweeps
 
 
 class StageCache:
@@ -168,10 +174,16 @@ class StageCache:
             write_json(tmp / "stage.json", record | {"key": key, "format": FORMAT,
                                                      "checksums": sums,
                                                      "software": software()})
-            if self.entry(key).exists():  # only a complete entry can exist (rename is atomic)
-                shutil.rmtree(tmp)
+            entry = self.entry(key)
+            if entry.exists() and (not (tmp / "trainable.safetensors").is_file()
+                                   or (entry / "trainable.safetensors").is_file()):
+                shutil.rmtree(tmp)  # only a complete entry can exist (rename is atomic)
             else:
-                os.replace(tmp, self.entry(key))
+                if entry.exists():  # stored without the artefact this stage wrote: replaced
+                    old = tmp.with_name(tmp.name + "-old")
+                    os.replace(entry, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -210,6 +222,10 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     run_dir = run.run_dir
     usable = cache is not None and not stage.trainer.get("fast_dev_run")
     hit = cache.lookup(key) if usable else None
+    if hit is not None and _lacks_artefact(stage, run, hit, cache.entry(key)):
+        log.info("Stage %s is cached without its artefact (stored by a run that wrote none); "
+                 "retrained to write it.", stage.name)
+        hit = None
     # DDP/FSDP: rank zero holds the key's lock and stores the stage; the other ranks train in
     # step with it (waiting on its lock would deadlock: rank zero's fit waits for them)
     if hit is None and not (usable and is_rank_zero()):
@@ -220,6 +236,8 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         with cache.claim(key):
             # another job may have finished it while we waited; a damaged entry is set aside
             hit = cache.lookup(key, repair=True)
+            if hit is not None and _lacks_artefact(stage, run, hit, cache.entry(key)):
+                hit = None
             if hit is None:
                 result = run_stage(stage, builder, run, upstream, key)
                 if result.info.get("discarded"):  # stopped early: never reused as complete
@@ -245,6 +263,15 @@ def run_or_reuse(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     info = hit["info"] | {"cache_key": key, "cache_hit": True, "cached": True,
                           "cache_path": str(cache.entry(key))}
     return StageResult(stage.name, hit["metrics"], cache.load_state(key), info)
+
+
+def _lacks_artefact(stage: ResolvedStage, run: RunContext, hit: dict[str, Any],
+                    entry: Path) -> bool:
+    """The entry has no ``trainable.safetensors`` but this stage would write one (stored by a
+    run with ``save_artefact: false``, or the policy ``none`` for a full-size artefact)."""
+    full_size = (hit.get("info") or {}).get("full_size_artefact")
+    return (stage.save_artefact and not (entry / "trainable.safetensors").is_file()
+            and not (full_size and run.save_artefact == "none"))
 
 
 def _copy_card(src: Path, dst: Path) -> None:

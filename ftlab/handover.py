@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,3 +81,15 @@ def plain_model(model: nn.Module, peft: PeftMethod, name: str) -> nn.Module:
                 "whose model stays plain adds `def merged(self, model): return model`.)",
                 name, peft.name)
     return unwrap(model)
+
+
+def warn_other_labels(stage: str, source: str, carry: str, before: Any, after: Any) -> None:
+    """``carry: model`` between stages whose label sets differ but have the same size: the
+    head's rows were copied (the shapes fit), so each now stands for another class."""
+    if carry != "model" or not before or not after or len(before) != len(after):
+        return
+    if list(before) != list(after):
+        log.warning("Stage %s carries the whole model from %s, whose labels %s are not its own "
+                    "%s: its head's rows start as %s's classes in that order. Set "
+                    "pipeline.stages.%s.carry=encoder for a fresh head (or give both stages the "
+                    "same data.labels).", stage, source, list(before), list(after), source, stage)

@@ -271,6 +271,11 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
     if spec.init_from != "pretrained":
+        if not (run_dir / spec.init_from).is_dir():  # rebuilt first, as in training
+            raise FtlabError(f"Stage '{name}' starts from stage '{spec.init_from}', whose folder "
+                             f"{run_dir / spec.init_from} is missing: the run folder is "
+                             "incomplete.", f"restore {spec.init_from}/ from the run (copy run "
+                             "folders whole), or run the run again.")
         upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)
     with _untrained_head_report_off():  # the trained head is loaded just below
         model, peft, _, _ = builder.model(spec, upstream)

@@ -104,6 +104,11 @@ def stage_nodes(cfg: DictConfig, explicit: Explicit
     nodes = {}
     for name, node in stages.items():
         node = plain(node)
+        if explicit.has(f"pipeline.stages.{name}.name") and node.get("name") != name:
+            raise FtlabError(f"pipeline.stages.{name}.name={node.get('name')} would do nothing: "
+                             "a pipeline stage is named by its key under pipeline.stages.",
+                             "rename the key in the pipeline's YAML (and every init_from and "
+                             "teachers that refer to it), or drop the override.")
         node["name"] = name
         nodes[name] = node
     _apply_stage_keys(cfg, nodes, explicit)

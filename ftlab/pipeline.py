@@ -158,10 +158,27 @@ class ResolvedStage:
     subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
     head_warmup_steps: float = 0  # LP-FT: optimiser steps that train only the head first
     budget: BudgetSpec | None = None  # the adaptive length (ftlab/budget.py); None: fixed by you
+    # where its data's keys are set, for messages: "" -> the data node's key (pipeline.stages.
+    # <name>.data), a data_overrides key -> that key; empty: the run's data group (data.<key>)
+    data_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
         return f"stage '{self.name}'"
+
+    def data_error(self, err: FtlabError) -> FtlabError:
+        """``err`` from loading the stage's data with its ``data.<key>`` names replaced by the
+        keys that set them for this stage (``pipeline.stages.inter.data.text_columns``)."""
+        if not self.data_keys:
+            return err
+        import re
+
+        def sub(text: str) -> str:
+            return re.sub(r"(?<![\w.$/])data\.(\w+)", lambda m: self.data_keys.get(
+                m.group(1), f"{self.data_keys.get('', 'data')}.{m.group(1)}"), text)
+
+        return FtlabError(f"{self.where} data: {sub(err.problem)}",
+                          sub(err.fix) if err.fix else None)
 
     @property
     def datasets(self) -> list[DataSpec]:
@@ -216,9 +233,12 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     if subtasks and spec.teachers:
         raise FtlabError(f"{where} is a multi-task stage with teachers; teachers label one "
                          "dataset.", "drop the teachers, or distil in a single-task stage.")
+    data_key = f"{prefix}.data" if spec.data is not None else "data"
     data_spec = subtasks[0].data if subtasks else resolve_data(
-        spec.data, spec.data_overrides, cfg, f"{where} data",
-        f"{prefix}.data" if spec.data is not None else "data")
+        spec.data, spec.data_overrides, cfg, f"{where} data", data_key,
+        f"{prefix}.data_overrides")
+    data_keys = {} if subtasks or not (spec.data is not None or spec.data_overrides) else {
+        "": data_key, **{k: f"{prefix}.data_overrides.{k}" for k in spec.data_overrides}}
     raw_peft = plain(spec.peft or cfg.peft)
     peft, peft_lr = split_peft(raw_peft)
     if isinstance(raw_peft, dict) and "lr" not in raw_peft:  # inline node: its group's lr
@@ -241,7 +261,7 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
         teacher_rows=spec.teacher_rows, subtasks=subtasks,
-        head_warmup_steps=spec.head_warmup_steps)
+        head_warmup_steps=spec.head_warmup_steps, data_keys=data_keys)
 
 
 def _subtask(name: str, node: Any, cfg: DictConfig, where: str, prefix: str) -> SubTask:

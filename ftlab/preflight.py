@@ -6,6 +6,7 @@ names the closest valid key and the fix, in one paragraph, before a sweep starts
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ftlab.errors import FtlabError, choices_text, closest
@@ -149,11 +150,26 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None) or ""
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    append = re.search(r"To append to your default list use (\+\S+)", str(err))
+    if not full_key and append:  # group@package where the defaults list has no such entry
+        given = first.removeprefix("Could not override ").rstrip(".")
+        return FtlabError(f"{given} is not in the config's defaults list (null there: e.g. a "
+                          "stage's own peft, regularizer or data), so it cannot be replaced.",
+                          f"add it with a leading +: {append.group(1)}")
+    there = re.search(r"An item is already at '([^']+)'", str(err))
+    if not full_key and there:  # +key=value for a key the config has
+        given = next((o.lstrip("+") for o in overrides if o.startswith("+") and
+                      o.lstrip("+").split("=", 1)[0] == there.group(1)), f"{there.group(1)}=...")
+        return FtlabError(f"{there.group(1)} is already in the config, so a leading + cannot "
+                          "add it.", f"set it without the +: {given}")
     if not full_key:
         return FtlabError(f"The overrides do not fit the config: {first}",
                           "check the keys and values (`ftlab --cfg job` prints the config).")
     parent, _, leaf = full_key.rpartition(".")
-    rest = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != full_key]
+    # drop the bad key and any key under it (pipeline.stages.tsk.optim.lr for a bad 'tsk'),
+    # so the node the valid keys come from is composed with the run's other choices
+    rest = [o for o in overrides
+            if not _under(o.lstrip("+~").split("=", 1)[0], full_key)]
     try:
         cfg = compose(config_name, overrides=rest)
     except Exception:
@@ -181,6 +197,10 @@ def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabErr
             f"correct the spelling, or add a new key with +{full_key}=... if you really mean to.")
     return FtlabError(f"Invalid override for '{full_key}': {str(cause).splitlines()[0]}",
                       f"give {full_key} a value of the right type (see its YAML file).")
+
+
+def _under(key: str, full_key: str) -> bool:
+    return key == full_key or key.startswith(f"{full_key}.")
 
 
 def _config_key(node: Any, leaf: str) -> str | None:

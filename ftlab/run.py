@@ -186,10 +186,11 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
     last = builder.task(stages[-1])  # bound: monitor auto is decided by the training labels
     record["monitor"] = _judging(last)
+    keys = pipeline_keys(stages, run_dir, callbacks)  # an EMA-averaged stage is another stage
     callbacks |= trial_callbacks(cfg.get("trial"), cfg.get("seed"), stages[-1].name)  # search
     cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
-    cache, cached = StageCache(cache_spec.dir), cached_stages(stages, cache_spec.stages)
-    keys = pipeline_keys(stages, run_dir)
+    cache = StageCache(cache_spec.dir)
+    cached = cached_stages(stages, cache_spec.stages, run_dir)
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
                                     "key": keys[s.name], "cache_hit": None} for s in stages]
     context["config"]["lineage"] = lineage  # W&B config: the chain of stages and keys

@@ -18,20 +18,32 @@ FORMAT = 3
 #: trainer keys that change nothing about the trained weights
 COSMETIC = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "logger",
             "callbacks", "default_root_dir", "enable_checkpointing"}
+#: run callbacks (``callbacks`` group) that change no stage's trained weights: the progress bar;
+#: early discard only stops a stage, and a stopped stage is never stored
+COSMETIC_CALLBACKS = ("ProgressBar", "EarlyDiscard")
+
+
+def weight_callbacks(callbacks: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's callback nodes that may change every stage's weights (EMA, SWA, snapshots, your
+    own), by name: they enter the stage keys."""
+    return {k: v for k, v in (callbacks or {}).items() if v is not None and not any(
+        c in str(v.get("_target_", "")) for c in COSMETIC_CALLBACKS)}
 
 
 def stage_key(stage: ResolvedStage, upstream_key: str | None,
-              in_run: tuple[str, ...] = ()) -> str:
+              in_run: tuple[str, ...] = (), callbacks: dict[str, Any] | None = None) -> str:
     """A hash of what determines the stage's trained weights (not its name or log settings).
 
     The seed enters as the seed that applies (the stage's own if set, else the run's), so a
     stage with a fixed ``seed`` keeps its key across a seed sweep. ``in_run``: ``stack_on``
     artefacts of earlier stages of the run, which enter by their stage's key in
     ``upstream_key``; other stacked artefacts enter by size and modification time.
+    ``callbacks``: the run's callback nodes; those of ``weight_callbacks`` (a weight average
+    becomes the stage's model) enter when there are any (none: the key it had before).
     """
     spec = asdict(stage)
-    for k in ("name", "save_artefact", "runtime"):  # runtime: how it ran, not what it learnt
-        spec.pop(k)
+    for k in ("name", "save_artefact", "runtime", "data_keys"):  # runtime: how it ran, not
+        spec.pop(k)                                                # what it learnt
     if not stage.head_warmup_steps:  # off: the key it had before the field existed
         spec.pop("head_warmup_steps")
     for data in (spec["data"], *(sub["data"] for sub in spec["subtasks"])):
@@ -50,6 +62,8 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
 
         spec["teacher_runs"] = [teacher_fingerprint(t) for t in stage.teachers if is_run_dir(t)]
     payload = {"format": FORMAT, "stage": spec, "upstream": upstream_key}
+    if weight_callbacks(callbacks):
+        payload["callbacks"] = weight_callbacks(callbacks)
     text = json.dumps(payload, sort_keys=True, default=str)
     return f"{stage.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
@@ -59,21 +73,23 @@ def _stat(path: Any) -> list[int] | None:
     return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
 
 
-def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None) -> dict[str, str]:
+def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None,
+                  callbacks: dict[str, Any] | None = None) -> dict[str, str]:
     """Every stage's key; a stage's key includes the key of the stage it starts from, of its
     teachers, and of the earlier stages whose artefacts (in ``run_dir``) its ``peft.stack_on``
-    stacks (MAD-X: the task adapter on the language adapter)."""
+    stacks (MAD-X: the task adapter on the language adapter), and the run's ``callbacks`` that
+    change weights (``weight_callbacks``)."""
     keys: dict[str, str] = {}
     for s in stages:  # teachers from the pipeline: their keys, beside the init_from stage's
-        stacked = _stacked_stages(s, keys, run_dir)
+        stacked = stacked_stages(s, keys, run_dir)
         up = [keys.get(s.init_from), *(keys[t] for t in s.teachers if t in keys),
               *(keys[n] for n in stacked.values())]
         keys[s.name] = stage_key(s, up[0] if len(up) == 1 else "+".join(map(str, up)),
-                                 tuple(stacked))
+                                 tuple(stacked), callbacks)
     return keys
 
 
-def _stacked_stages(stage: ResolvedStage, keys: dict[str, str],
+def stacked_stages(stage: ResolvedStage, keys: dict[str, str],
                     run_dir: Path | None) -> dict[str, str]:
     """``stack_on`` entries that point into an earlier stage's folder of this run: its name."""
     if run_dir is None:

@@ -35,9 +35,33 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
     for model in {repr(s.model): s.model for s in stages}.values():
         check_model_path(model)
     for stage in stages:
-        check_data(stage, builder)
-        builder.check_fits(stage)
+        try:
+            check_data(stage, builder)
+        except FtlabError as err:
+            raise in_stage(err, stage, len(stages)) from None
+        try:
+            builder.check_fits(stage)
+        except FtlabError as err:
+            raise in_stage(err, stage, len(stages), PER_STAGE) from None
     log.info("Checked %d stage(s): config and data are fine.", len(stages))
+
+
+#: how one stage of a pipeline gets a PEFT method or regulariser of its own
+PER_STAGE = ("in a pipeline, peft=... and regularizer=... reach every stage without a node of "
+             "its own: keep the run's at full/none and give the stages that fit theirs, e.g. "
+             "+peft@pipeline.stages.<name>.peft=lora, "
+             "+regularizer@pipeline.stages.<name>.regularizer=r3f.")
+
+
+def in_stage(err: FtlabError, stage: ResolvedStage, stages: int,
+             hint: str = "") -> FtlabError:
+    """``err`` of one stage of a pipeline of ``stages`` stages, with the stage named (and
+    ``hint`` added to its fix); a single stage's as it is."""
+    if stages < 2:
+        return err
+    problem = err.problem if stage.where in err.problem else f"{stage.where}: {err.problem}"
+    fix = f"{err.fix.rstrip('.')}; {hint}" if err.fix and hint else err.fix or hint or None
+    return FtlabError(problem, fix)
 
 
 def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None = None,

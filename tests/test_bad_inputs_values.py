@@ -245,6 +245,31 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     ("pipeline-last-data-no-text", lambda t, s: S(s) + PIPE + [
         f"+pipeline.stages.task.data_overrides.files={_review_only(t)}"],
      r"\['text'\] not found in the train split; columns found: label, review"),
+    # a stage's data error names the key that sets it for that stage
+    ("pipeline-stage-data-override-column", lambda t, s: S(s) + PIPE + [
+        "+pipeline.stages.task.data_overrides.label_column=lab"],
+     r"stage 'task' data: Column\(s\) \['lab'\] not found.*"
+     r"Fix: set pipeline.stages.task.data_overrides.label_column to"),
+    ("pipeline-stage-data-override-range", lambda t, s: S(s) + PIPE + [
+        "+pipeline.stages.task.data_overrides.max_train_samples=0"],
+     r"Fix: set pipeline.stages.task.data_overrides.max_train_samples to 1 or more"),
+    ("pipeline-stage-drops-every-label", lambda t, s: S(s) + PIPE + [
+        "+pipeline.stages.task.data_overrides.drop_labels=[pos,neg]"],
+     r"stage 'task' data: Found 0 label value\(s\) \[\] in column 'label' after "
+     r"pipeline.stages.task.data_overrides.drop_labels=\['neg', 'pos'\].*"
+     r"Fix: drop fewer labels in pipeline.stages.task.data_overrides.drop_labels"),
+    ("pipeline-own-data-columns", lambda t, s: S(s) + [
+        "pipeline=intermediate_task", "cache.stages=off",
+        f"pipeline.stages.inter.data.files.train={s / 'train.jsonl'}",
+        f"pipeline.stages.inter.data.files.validation={s / 'validation.jsonl'}"],
+     r"stage 'inter' data: Column\(s\) \['evidence', 'claim'\] not found in the train split.*"
+     r"Fix: set pipeline.stages.inter.data.text_columns to"),
+    # the run's regulariser reaches the MLM stage too: the stage is named, and the per-stage form
+    ("pipeline-run-regularizer-misfits-a-stage", lambda t, s: S(s) + PIPE + ["regularizer=r3f"],
+     r"stage 'tapt': regularizer=r3f compares.*Fix: .*"
+     r"\+regularizer@pipeline.stages.<name>.regularizer=r3f"),
+    ("pipeline-stage-renamed", lambda t, s: S(s) + PIPE + ["pipeline.stages.task.name=tapt"],
+     r"pipeline.stages.task.name=tapt would do nothing.*Fix: rename the key"),
     ("pipeline-first-monitor", lambda t, s: S(s) + PIPE + [
         "pipeline.stages.tapt.task.monitor=acc"],
      r"stage 'tapt': task.monitor='acc' is not a metric this task reports \(loss, ppl\)"),
@@ -294,6 +319,19 @@ CLI_CASES: list[tuple[list[str], str]] = [
      r"'num_layers' is not a key of the bert config. Did you mean 'num_hidden_layers'"),
     (["model=tiny_bert", "model.config.hidden_dropout_prob=0.2"],
      r"hidden_dropout_prob is not set in this model's YAML.*\+model.config.hidden_dropout_prob"),
+    # a misspelt stage with a key under it: the pipeline's stages are the valid keys
+    (["model=tiny_bert", "pipeline=tiny", "pipeline.stages.tsk.optim.lr=1e-4"],
+     r"Unknown key 'tsk' in 'pipeline.stages'. Did you mean 'task'\? Valid keys: tapt, task"),
+    # a stage's own PEFT method, where its YAML has peft: null: Hydra needs the +
+    (["model=tiny_bert", "pipeline=tiny", "peft@pipeline.stages.task.peft=lora"],
+     r"'peft@pipeline.stages.task.peft' is not in the config's defaults list.*"
+     r"Fix: add it with a leading \+: \+peft@pipeline.stages.task.peft=lora"),
+    # + for a key the config has (README's multitask example lists the key already)
+    (["model=tiny_bert", "pipeline=multitask_task",
+      "+pipeline.stages.multi.tasks.vitaminc.data_overrides.max_train_samples=100"],
+     r"pipeline.stages.multi.tasks.vitaminc.data_overrides.max_train_samples is already in the "
+     r"config.*Fix: set it without the \+: "
+     r"pipeline.stages.multi.tasks.vitaminc.data_overrides.max_train_samples=100"),
 ]
 
 

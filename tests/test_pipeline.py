@@ -112,6 +112,67 @@ def test_a_stage_cached_by_other_software_is_retrained(tiny_pipeline, tmp_path, 
         sw._software.cache_clear()
 
 
+def test_a_weight_average_is_part_of_the_upstream_stage_key(tiny_pipeline, tmp_path):
+    """callbacks=ema makes every stage's model its average: a TAPT stored without it is not
+    reused with it (nor the other way); an unchanged run with it is, and a callback that changes
+    no weights (early discard) keeps the key."""
+
+    def job(*extra: str) -> dict:
+        cfg = tiny_pipeline(*extra)
+        with open_dict(cfg):  # another folder: in the same one the finished job is reused whole
+            cfg.paths.output_dir = str(tmp_path / f"run{len(list(tmp_path.glob('run*')))}")
+        return run(cfg)
+
+    ema = ("callbacks=ema", "callbacks.ema.decay=0.5")
+    hits = [[line["cache_hit"] for line in job(*extra)["lineage"]][0]
+            for extra in [(), ema, ema, (), ("callbacks=early_discard",)]]
+    assert hits == [False, False, True, True, True]
+    raw, averaged = (load_tensors(tmp_path / f"run{i}" / "tapt" / "trainable.safetensors")
+                     for i in (0, 1))
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
+
+
+def test_a_stage_whose_adapters_a_later_stage_stacks_is_cached(make_cfg, sentiment_dir,
+                                                               tmp_path):
+    """MAD-X's language stage is not an init_from stage, but the task stacks its adapter: a
+    sweep over the task's settings trains it once, and the stacked file is the trained one."""
+
+    def job(lr: str) -> dict:
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=madx", f"cache.dir={tmp_path / 'cache'}", "trainer.max_steps=2",
+            f"pipeline.stages.task.optim.lr={lr}"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"run{lr}")
+        return run(cfg)
+
+    first, second = job("1e-3"), job("2e-3")
+    assert [line["cache_hit"] for line in first["lineage"]] == [False, False]
+    assert [line["cache_hit"] for line in second["lineage"]] == [True, False]
+    trained, reused = (load_tensors(tmp_path / f"run{lr}" / "lang" / "trainable.safetensors")
+                       for lr in ("1e-3", "2e-3"))
+    assert trained.keys() == reused.keys()
+    assert all(torch.equal(trained[k], reused[k]) for k in trained)
+
+
+def test_a_stage_cached_without_its_artefact_is_retrained_to_write_it(tiny_pipeline, tmp_path):
+    """cache.stages=all: a stage stored by a run with save_artefact: false has no artefact in
+    the cache; a run that wants it retrains the stage once (it had no trainable.safetensors
+    and ftlab-predict's fix, 'save_artefact: true', could never take effect)."""
+
+    def job(*extra: str) -> tuple[dict, Path]:
+        cfg = tiny_pipeline("cache.stages=all", *extra)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"run{len(list(tmp_path.glob('run*')))}")
+        return run(cfg), Path(cfg.paths.output_dir)
+
+    hits = []
+    for extra in [("pipeline.stages.task.save_artefact=false",), (), ()]:
+        record, run_dir = job(*extra)
+        hits.append([line["cache_hit"] for line in record["lineage"]])
+        assert (run_dir / "task" / "trainable.safetensors").is_file() is bool(extra == ())
+    assert hits == [[False, False], [True, False], [True, True]]
+
+
 def test_the_software_tag_follows_ftlab_source_and_library_versions(tmp_path):
     import ftlab.software as sw
 
@@ -351,6 +412,28 @@ def test_intermediate_task_hands_the_encoder_over_and_trains_inter_once(
     second = run(cfg(2))  # a seed sweep: inter (seed 0) comes from the cache
     assert [line["cache_hit"] for line in second["lineage"]] == [True, False]
     assert second["lineage"][0]["key"] == first["lineage"][0]["key"]
+
+
+@pytest.mark.parametrize(("inter_labels", "warns"), [("[neg,pos]", True), ("[pos,neg]", False)])
+def test_carrying_a_head_between_other_label_orders_warns(inter_labels, warns, make_cfg,
+                                                          sentiment_dir, caplog):
+    """carry: model copies the head where the shapes fit: with the same classes in another
+    order (or other classes) each row would stand for another class: a warning names the fix."""
+    from ftlab.build import StageBuilder
+
+    stages = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + [
+        "pipeline=intermediate_task", "pipeline.stages.task.carry=model", "data.labels=[pos,neg]",
+        *(f"pipeline.stages.inter.data.{k}={v}" for k, v in (
+            ("files.train", sentiment_dir / "train.jsonl"), ("text_columns", "[text]"),
+            ("files.validation", sentiment_dir / "validation.jsonl"),
+            ("splits.test", "validation"), ("labels", inter_labels)))]))
+    builder = StageBuilder()
+    inter = builder.model(stages[0])[0].state_dict()
+    with caplog.at_level("WARNING", logger="ftlab.handover"):
+        builder.model(stages[1], inter)
+    text = caplog.text
+    assert ("labels ['neg', 'pos'] are not its own ['pos', 'neg']" in text) is warns, text
+    assert ("pipeline.stages.task.carry=encoder" in text) is warns
 
 
 @pytest.mark.parametrize("peft", ["lora", "diff_pruning"])

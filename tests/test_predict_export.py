@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,17 @@ def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, senti
                        r"--stage tapt --to hf.*ftlab.load\(run_dir, stage=") as python_err:
         tapt.predict(["great film"])
     assert "--stage:" not in str(python_err.value)  # Python gets stage=, not the CLI's flag
+
+
+def test_a_stage_whose_upstream_folder_is_gone_says_so(train, sentiment_dir):
+    run_dir, _, _ = train("pipeline=tiny", "trainer.max_steps=2")
+    shutil.rmtree(run_dir / "tapt")
+    with pytest.raises(SystemExit) as err:
+        predict_main([str(run_dir), "--input", str(sentiment_dir / "test.jsonl"),
+                      "--output", str(run_dir / "p.jsonl")])
+    message = str(err.value.code)
+    assert "Stage 'task' starts from stage 'tapt', whose folder" in message, message
+    assert "Fix: restore tapt/ from the run" in message and "card.json" not in message
 
 
 def test_a_stage_reused_from_the_cache_still_loads(train, tmp_path):

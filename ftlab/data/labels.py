@@ -55,9 +55,11 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
         _refuse_near_duplicates(sorted({as_str(v) for values in distinct.values()
                                         for v in values}), col)
     if len(labels) < 2:
-        raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'; "
-                         "classification needs at least two.",
-                         "check data.label_column, or data.labels.")
+        dropped = f" after data.drop_labels={sorted(drop)}" if drop else ""
+        raise FtlabError(f"Found {len(labels)} label value(s) {labels} in column '{col}'"
+                         f"{dropped}; classification needs at least two.",
+                         "drop fewer labels in data.drop_labels, or check data.label_column."
+                         if drop else "check data.label_column, or data.labels.")
     index = {name: i for i, name in enumerate(labels)}
     unseen = [x for x in labels if x not in {as_str(v) for v in distinct["train"]}]
     if declared is not None and unseen:  # a class the model can only learn to never predict

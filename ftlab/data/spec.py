@@ -64,9 +64,12 @@ class DataSpec:
 
 
 def resolve_data(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: str,
-                 key: str) -> DataSpec:
+                 key: str, overrides_key: str | None = None) -> DataSpec:
     """A stage's (or sub-task's) data: null -> the run's data group; a group name -> that
-    file of conf/data; a mapping -> itself. ``overrides`` are merged on top."""
+    file of conf/data; a mapping -> itself. ``overrides`` are merged on top (checked first on
+    their own, so a bad one is named at ``overrides_key``)."""
+    if overrides:
+        bind_schema(DataSpec, overrides, where, overrides_key or f"{key}_overrides")
     if isinstance(node, str):
         node = data_group(node, cfg, where)
     data = plain(node if node is not None else cfg.data)
