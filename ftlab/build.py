@@ -246,11 +246,16 @@ class StageBuilder:
         require_positions(stage, task, model)
         try:
             self._prepare(stage, model, task)
-        except FtlabError:
-            raise
+        except FtlabError as err:  # the PEFT method or regulariser does not fit the stage
+            raise MethodMisfit(err.problem, err.fix) from None
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
+
+
+class MethodMisfit(FtlabError):
+    """``check_fits``: the stage's PEFT method or regulariser does not fit its model or task
+    (in a pipeline, the run's ``peft=``/``regularizer=`` may be meant for another stage)."""
 
 
 def reads_numbers(node: Any, where: str) -> bool:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ftlab.build import StageBuilder
+from ftlab.build import MethodMisfit, StageBuilder
 from ftlab.compiling import check_trainer
 from ftlab.config import check_binds
 from ftlab.errors import FtlabError, choices_text
@@ -41,8 +41,9 @@ def validate(stages: list[ResolvedStage], builder: StageBuilder,
             raise in_stage(err, stage, len(stages)) from None
         try:
             builder.check_fits(stage)
-        except FtlabError as err:
-            raise in_stage(err, stage, len(stages), PER_STAGE) from None
+        except FtlabError as err:  # the per-stage form only where the method is the misfit
+            hint = PER_STAGE if isinstance(err, MethodMisfit) else ""
+            raise in_stage(err, stage, len(stages), hint) from None
     log.info("Checked %d stage(s): config and data are fine.", len(stages))
 
 
