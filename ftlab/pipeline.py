@@ -161,6 +161,7 @@ class ResolvedStage:
     # where its data's keys are set, for messages: "" -> the data node's key (pipeline.stages.
     # <name>.data), a data_overrides key -> that key; empty: the run's data group (data.<key>)
     data_keys: dict[str, str] = field(default_factory=dict)
+    key: str = "stage"  # where its settings are set, for messages (pipeline.stages.<name>)
 
     @property
     def where(self) -> str:
@@ -261,7 +262,7 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
         teacher_rows=spec.teacher_rows, subtasks=subtasks,
-        head_warmup_steps=spec.head_warmup_steps, data_keys=data_keys)
+        head_warmup_steps=spec.head_warmup_steps, data_keys=data_keys, key=prefix)
 
 
 def _subtask(name: str, node: Any, cfg: DictConfig, where: str, prefix: str) -> SubTask:

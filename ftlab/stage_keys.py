@@ -42,8 +42,9 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
     becomes the stage's model) enter when there are any (none: the key it had before).
     """
     spec = asdict(stage)
-    for k in ("name", "save_artefact", "runtime", "data_keys"):  # runtime: how it ran, not
-        spec.pop(k)                                                # what it learnt
+    # runtime: how it ran, not what it learnt; data_keys, key: where it is set (messages)
+    for k in ("name", "save_artefact", "runtime", "data_keys", "key"):
+        spec.pop(k)
     if not stage.head_warmup_steps:  # off: the key it had before the field existed
         spec.pop("head_warmup_steps")
     for data in (spec["data"], *(sub["data"] for sub in spec["subtasks"])):

@@ -72,9 +72,10 @@ def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> Non
         if isinstance(length, int) and length > room:
             plus = "".join(f" plus {w}" for w in (
                 why, f"the PEFT method's {soft} virtual tokens" if soft else "") if w)
-            other = [f"lower stage.{key}{knob}"] if knob else []
+            other = [f"lower {stage.key}.{key}{knob}"] if knob else []
             other += ["lower the PEFT method's num_virtual_tokens"] if soft else []
             fewer = f" (or {' or '.join(other)})" if other else ""
             raise FtlabError(f"{stage.where}: {key}max_length={length}{plus} is more than the "
                              f"{limit} positions this model has.",
-                             f"set stage.{key}max_length to at most {max(room, 1)}{fewer}.")
+                             f"set {stage.key}.{key}max_length to at most {max(room, 1)}"
+                             f"{fewer}.")

@@ -273,8 +273,8 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
     # ... and only where the method is the misfit: a length error gets no word of peft=
     ("pipeline-stage-length-is-no-method-misfit", lambda t, s: S(s) + PIPE + [
         "pipeline.stages.task.task.max_length=600"],
-     r"(?s)stage 'task': task.max_length=600 is more than the 512 positions.*Fix: "
-     r"(?!.*regularizer@)"),
+     r"(?s)stage 'task': task.max_length=600 is more than the 512 positions.*Fix: set "
+     r"pipeline.stages.task.task.max_length to at most 512(?!.*regularizer@)"),
     ("pipeline-first-monitor", lambda t, s: S(s) + PIPE + [
         "pipeline.stages.tapt.task.monitor=acc"],
      r"stage 'tapt': task.monitor='acc' is not a metric this task reports \(loss, ppl\)"),

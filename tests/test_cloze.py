@@ -324,7 +324,7 @@ def test_a_causal_lm_scores_up_to_its_positions_and_is_refused_past_them(verbali
     task = bound(tok, verbalizer=verbalizer, max_length=40 - past)
     model = task.build_model(spec).eval()
     assert max(len(w) for ws in task.words for w in ws) == max(past, 1)
-    stage = SimpleNamespace(where="stage 'cloze'", peft={"_target_": "full"})
+    stage = SimpleNamespace(where="stage 'cloze'", key="stage", peft={"_target_": "full"})
 
     def rows():  # a prompt of exactly max_length tokens (a longer text is cut to at most it)
         text = next(t for n in range(1, 80) if len(task.encode_slot(

@@ -232,7 +232,8 @@ def test_a_decoder_evaluates_up_to_its_positions_and_is_refused_past_them(genera
                       ["neg", "pos"]), tok, ["text"])
     torch.manual_seed(0)
     model = task.build_model(spec).eval()
-    stage = SimpleNamespace(where="stage 'text2text'", peft={"_target_": "full"})
+    stage = SimpleNamespace(where="stage 'text2text'", key="stage",
+                            peft={"_target_": "full"})
     rows = [{"text": "a fine film " * 30, "label": "pos"}, {"text": "dull", "label": "neg"}]
     past = 8 if generate else max(len(task.target_ids("", t)) for t in ("neg", "pos"))
     task.max_length = 40 - past
