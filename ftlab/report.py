@@ -151,6 +151,7 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     counted = len(recs) - len(dropped) - len(running)
     monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
         or {"metric": "val/acc", "mode": "max"}
+    seeds = {str(r.get("seed")): r.get("final", {}) for r in done}
     val = [r["final"][monitor["metric"]] for r in done
            if finite(r.get("final", {}).get(monitor["metric"]))]
     return {
@@ -174,7 +175,7 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "pruned": sum(r.get("status") == "pruned" for r in recs),  # by hydra/sweeper=ftlab_optuna
         "discarded_steps": {"trained": sum(r["discarded"]["steps"] for r in dropped),
                             "planned": sum(r["discarded"]["planned_steps"] for r in dropped)},
-        "seeds": {str(r.get("seed")): r.get("final", {}) for r in done},
+        "seeds": seeds,
         "failed_seeds": sorted(str(r.get("seed")) for r in done if r.get("failed")),
         "errors": {str(r["seed"] if "seed" in r else r.get("job")): r.get("error")
                    for r in trouble},
@@ -184,7 +185,7 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "monitor": monitor,
         # Dodge et al. (2019): expected best validation score of n = 1..N runs
         "expected_validation": expected_max(val, monitor["mode"] == "max") if val else [],
-        "selected": selected_run([r["final"] | {"seed": r.get("seed")} for r in done], monitor),
+        "selected": selected_run(seeds, monitor),
     }
 
 

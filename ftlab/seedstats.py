@@ -165,7 +165,7 @@ def permutation_test(a: Mapping[str, float], b: Mapping[str, float],
                   for _ in range(RESAMPLES)]
     stats = np.array([abs(pooled[m].mean() - pooled[~m].mean()) for m in splits])
     return {"test": "unpaired", "n": int(pooled.size), "diff": float(xa.mean() - xb.mean()),
-            "p": _p_value(stats, observed, exact),  # (equal groups: either way round counts)
+            "p": _p_value(stats, observed, exact),  # p_min: equal groups count either way round
             "p_min": (1 + (na == xb.size)) / len(splits) if exact else 1 / (RESAMPLES + 1)}
 
 
@@ -213,16 +213,16 @@ def finite(x: object) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def selected_run(finals: Sequence[Mapping[str, Any]],
+def selected_run(finals: Mapping[str, Mapping[str, Any]],
                  monitor: Mapping[str, Any]) -> dict[str, Any] | None:
     """The run a practitioner would keep, chosen by the monitored validation score (the first
     on a tie), with its test scores: unlike "best of n" of a test metric, not picked on the
-    test set. ``finals``: each run's final metrics with its ``seed``."""
+    test set. ``finals``: each run's final metrics by its seed."""
     metric, big = monitor["metric"], monitor.get("mode", "max") == "max"
-    scored = [f for f in finals if finite(f.get(metric))]
+    scored = [(seed, f) for seed, f in finals.items() if finite(f.get(metric))]
     if len(scored) < 2:
         return None
-    best = max(scored, key=lambda f: f[metric] if big else -f[metric])
-    return {"seed": str(best.get("seed")), "by": metric, "value": best[metric],
+    seed, best = max(scored, key=lambda sf: sf[1][metric] if big else -sf[1][metric])
+    return {"seed": seed, "by": metric, "value": best[metric],
             "test": {m: v for m, v in best.items()
                      if m.startswith("test/") and "/baseline_" not in m and finite(v)}}
