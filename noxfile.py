@@ -17,7 +17,7 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 def tests(session: nox.Session) -> None:
     """The full default suite (unit + integration); `-- -m slow` for the slow ones."""
     session.install(TORCH, "-e", ".[dev]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-n", "2", *session.posargs)
 
 
 @nox.session(python=PYTHONS)
@@ -27,7 +27,7 @@ def pythons(session: nox.Session) -> None:
     pip is upgraded first: Python 3.10's venv ships pip 23.0, too old to build seqeval's sdist."""
     session.install("-U", "pip")
     session.install(TORCH, "-e", ".[dev]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-n", "2", *session.posargs)
 
 
 @nox.session

@@ -19,6 +19,15 @@ from ftlab.cli import CONFIG_DIR, quiet
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: each worker gets its share of
+    # the cores (N workers at torch's default of one thread per core oversubscribe them);
+    # the ftlab processes a test starts inherit it (ftlab.run.set_threads keeps it)
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (_cores or 1) // _workers)))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 quiet()

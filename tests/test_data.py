@@ -229,6 +229,22 @@ def test_csv_words_that_pandas_reads_as_missing_stay_text(tmp_path, suffix):
         load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}))
 
 
+def test_a_csv_text_column_is_read_as_written(tmp_path):
+    """A csv text column of numbers ("007", "1.50": product codes, years) is text as written,
+    and one file of numbers beside one of words is one text column (pandas read the first as
+    int64, the splits could not be joined, and a csv cannot quote a number into a text)."""
+    files = {}
+    for split, texts in (("train", ["007", "1.50", "1999", "12"]),
+                         ("validation", ["good film", "bad film", "42", "ok"])):
+        files[split] = tmp_path / f"{split}.csv"
+        files[split].write_text("text,label\n" + "".join(f"{t},{i % 2}\n"
+                                                         for i, t in enumerate(texts)))
+    raw = load_raw(DataSpec(files={k: str(v) for k, v in files.items()},
+                            splits={"train": "train", "validation": "validation"}))
+    assert list(raw.splits["train"]["text"]) == ["007", "1.50", "1999", "12"]
+    assert list(raw.splits["validation"]["text"])[2] == "42"
+
+
 def test_an_unlabelled_test_file_names_going_without_the_split(tmp_path):
     """A test file without labels (or without the label column) cannot be scored: the fix
     is to drop the split and predict on it later, not to label every row."""

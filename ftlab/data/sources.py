@@ -169,7 +169,10 @@ def _load(spec: DataSpec) -> DatasetDict:
     kwargs: dict[str, Any] = {}
     if builder == "csv":  # pandas reads "NA", "null", "None", "N/A", "nan"... as missing: in
         # a text or label column they are words; only an empty cell is missing
-        kwargs = {"keep_default_na": False, "na_values": [""]}
+        kwargs = {"keep_default_na": False, "na_values": [""],
+                  # a text column is read as written: "007" or "1.50" stay texts, and a
+                  # column of numbers in one file and words in another is one text column
+                  "converters": {col: str for col in spec.text_columns}}
         if spec.delimiter is not None and len(spec.delimiter) != 1:
             raise FtlabError(f"data.delimiter={spec.delimiter!r} is not one character.",
                              "set data.delimiter to the file's field separator, e.g. "

@@ -108,7 +108,8 @@ def _frame(path: str, builder: str, kwargs: dict[str, Any]) -> Any:
         if builder == "csv":
             return pd.read_csv(path, sep=kwargs.get("delimiter", ","), dtype=None,
                                keep_default_na=kwargs.get("keep_default_na", True),
-                               na_values=kwargs.get("na_values"))
+                               na_values=kwargs.get("na_values"),
+                               converters=kwargs.get("converters"))
         if builder == "json":
             return pd.read_json(path, lines=True)
         return pd.read_parquet(path)
@@ -208,7 +209,8 @@ def locate_type_error(files: dict[str, str], builder: str, kwargs: dict[str, Any
                 f"Column '{col}' holds {kind}s in the other files, but {odd} (split "
                 f"'{odd_split}') has {_show(value)} at row {row}, so the splits cannot be read "
                 "as one dataset.", f"give column '{col}' one type in every file (fix row {row} "
-                f"of {Path(odd).name}, or make every value of the column a text).")
+                f"of {Path(odd).name}" + (")." if builder == "csv" else  # csv: no quoting
+                                          ", or make every value of the column a text)."))
     return None
 
 
