@@ -7,15 +7,15 @@ probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftlab.errors import FtlabError, choices_text, closest
+from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
+from ftlab.run_folder import dropped_artefact, stage_card
 
 if TYPE_CHECKING:
     import torch
@@ -131,26 +131,6 @@ class Predictor:
         return {cols[0]: list(texts)}
 
 
-def stage_names(run_dir: Path) -> list[str]:
-    """The run's stages in pipeline order (``metrics.json``), else every folder with a card."""
-    from ftlab.artefact import CARD
-
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        names = json.loads(metrics.read_text()).get("pipeline") or []
-        if names:
-            return list(names)
-    return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
-
-
-def labelled_stages(run_dir: Path, but: str) -> list[str]:
-    """The run's stages other than ``but`` that have a label set (they predict)."""
-    from ftlab.artefact import CARD, read_stage_card
-
-    return [n for n in stage_names(run_dir) if n != but and (run_dir / n / CARD).is_file()
-            and read_stage_card(run_dir / n)[1]]
-
-
 def run_parser(prog: str, doc: str | None) -> Any:
     """The command line ``ftlab-predict`` and ``ftlab-export`` share: the run folder,
     ``--stage`` and ``--allow-targets`` (``load``'s arguments)."""
@@ -208,40 +188,6 @@ def _load(run_dir: str | Path, stage: str | None) -> Predictor:
     return Predictor(model.float().eval(), task.tokenizer, labels or [], spec, peft, task)
 
 
-def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | None]:
-    """(name, stage spec, labels) of the run's ``stage`` (default: its last), read from its card
-    without building anything; a clear error where there is none to load."""
-    from ftlab.artefact import CARD, read_stage_card
-
-    if not run_dir.is_dir():
-        raise FtlabError(f"There is no run folder {run_dir}.",
-                         "pass a folder ftlab wrote, e.g. outputs/runs/<time>.")
-    names = stage_names(run_dir)
-    if not names:
-        raise FtlabError(f"{run_dir} holds no trained stage (no */card.json).",
-                         "pass the folder of a finished run (a job folder of a sweep).")
-    name = stage or names[-1]
-    if name not in names:
-        raise FtlabError(f"The run has no stage '{name}'.{closest(name, names)}",
-                         f"use --stage with one of: {choices_text(names)}.")
-    if not (run_dir / name / CARD).is_file():  # e.g. the run stopped before the stage trained
-        record = _record(run_dir)
-        status = record.get("status")
-        if status not in (None, "ok", "discarded", "pruned"):
-            why = str(record.get("error") or record.get("interrupted") or "").split("\n")[0]
-            raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the run ended with "
-                             f"status '{status}'{f' ({why})' if why else ''}.",
-                             "fix what stopped it and run it again (ftlab resume=<run folder>).")
-    spec, labels = read_stage_card(run_dir / name)
-    if not labels and spec.subtasks:  # a multi-task stage: its heads need its sub-tasks' data
-        labelled = labelled_stages(run_dir, name)
-        raise FtlabError(f"Stage '{name}' has no labels of its own (a multi-task stage).",
-                         f"load a single-task stage: ftlab.load(run_dir, stage=...) or --stage "
-                         f"with one of: {choices_text(labelled)}." if labelled else
-                         "load a run that trained a classifier.")
-    return name, spec, labels
-
-
 def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, Any]:
     """(model with the stage's trained parameters, its PEFT method, its bound task); an
     ``init_from`` stage is rebuilt first and handed over as in training."""
@@ -253,7 +199,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     stage_dir = run_dir / name
     spec, labels = read_stage_card(stage_dir)
     if not (stage_dir / TRAINABLE).is_file():
-        dropped = _dropped(run_dir, name)
+        dropped = dropped_artefact(run_dir, name)
         if dropped:  # the run-level policy deleted it (a sweep keeps only the best job's)
             raise FtlabError(f"Stage '{name}' has no {TRAINABLE}: the run's save_artefact "
                              f"policy deleted it ({dropped} full-size artefact).",
@@ -298,16 +244,3 @@ def _untrained_head_report_off() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bar:
             hf_logging.enable_progress_bar()
-
-
-def _record(run_dir: Path) -> dict[str, Any]:
-    """The run's ``metrics.json`` ({} when there is no readable one)."""
-    from ftlab.resume import read_record
-
-    return read_record(run_dir / "metrics.json") or {}
-
-
-def _dropped(run_dir: Path, name: str) -> str | None:
-    """Why the run-level ``save_artefact`` policy deleted the stage's artefact, if it did."""
-    stage = (_record(run_dir).get("stages") or {}).get(name)
-    return stage.get("artefact_dropped") if isinstance(stage, dict) else None

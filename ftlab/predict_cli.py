@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import FtlabError, choices_text, closest, separator_hint
-from ftlab.inference import labelled_stages, load, quiet_loading, run_parser, stage_card
+from ftlab.inference import load, quiet_loading, run_parser
+from ftlab.run_folder import labelled_stages, stage_card
 from ftlab.store import atomic_write
 from ftlab.writable import check_output
 

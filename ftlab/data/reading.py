@@ -96,7 +96,7 @@ def _rowless(files: dict[str, str], builder: str) -> str | None:
     """The split (train first) whose file has no rows: a csv header alone, a jsonl of blank
     lines, a parquet of no rows. Its columns read as nulls, so the combined read fails on
     their type, which would blame the other files."""
-    from ftlab.data.typecheck import has_rows
+    from ftlab.data.filechecks import has_rows
 
     for split in sorted(files, key=lambda s: s != "train"):
         if has_rows(files[split], builder) is False:
@@ -131,7 +131,7 @@ def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabErr
     cause = err if isinstance(err, UnicodeDecodeError) else (
         err.__cause__ or err.__context__ or err)
     if isinstance(cause, UnicodeDecodeError):
-        from ftlab.data.typecheck import not_utf8
+        from ftlab.data.filechecks import not_utf8
 
         found = not_utf8(files)  # the error itself names no file
         where = (f"Data file {found[0]} is not valid UTF-8 ({found[2]} on line {found[1]})"

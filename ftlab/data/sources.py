@@ -17,15 +17,12 @@ import pyarrow as pa
 from datasets import DatasetDict, Value
 
 from ftlab.data.conll import load_conll
+from ftlab.data.filechecks import refuse_repeated_columns, refuse_repeated_header
 from ftlab.data.labels import encode_labels, numeric_labels
 from ftlab.data.reading import failed_read, read_apart, refuse_swallowed_rows
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
-from ftlab.data.typecheck import (
-    check_column_types,
-    refuse_repeated_columns,
-    refuse_repeated_header,
-)
+from ftlab.data.typecheck import check_column_types
 from ftlab.errors import FtlabError, choices_text, separator_hint
 from ftlab.resolve import resolve
 
