@@ -274,6 +274,23 @@ def test_a_typo_in_a_sub_tasks_task_fails_validation(make_cfg, sentiment_dir, pa
         validate([stage], StageBuilder())
 
 
+@pytest.mark.parametrize(("override", "match"), [
+    (["stage.task.monitor=task/nope"], r"task.monitor='task/nope'(?s:.*)mean/acc, mean/f1"),
+    (["stage.task.monitor=nope"], "task.monitor='nope'"),
+    (["+stage.tasks.task.task.monitor=nope"], r"sub-task 'task' monitors 'nope'(?s:.*)acc, f1"),
+    (["+stage.tasks.task.task.monitor=loss", "stage.task.monitor=vitaminc/acc"],
+     "sub-task 'task' monitors 'loss'"),  # no per-sub-task loss is logged
+])
+def test_a_monitor_no_metric_answers_fails_validation(make_cfg, sentiment_dir, pairs_dir,
+                                                      override, match):
+    """An unknown monitor picked no best epoch (objective -inf, status ok); an unknown sub-task
+    monitor silently fell out of val/mean, which then averaged the other sub-tasks only."""
+    stage = build_pipeline(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                                     *override]))[0]
+    with pytest.raises(FtlabError, match=match):
+        validate([stage], StageBuilder())
+
+
 def test_multitask_pipeline_trains_on_the_target_stages_own_labelled_rows(make_cfg):
     multi, task = build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task",
                                            "seed=3"]))
