@@ -102,6 +102,15 @@ def test_sampler_draws_tasks_in_the_configured_proportions(sampling, expected):
     assert all(_chi2(counts, p) > 100 for p in others)  # the test tells the modes apart
 
 
+@pytest.mark.parametrize("size_cap", [0, -1])
+def test_a_size_cap_below_one_row_is_refused(size_cap):
+    """0 was taken as no cap (the setting ignored); -1 made negative probabilities, a torch
+    RuntimeError from the sampler mid-run."""
+    with pytest.raises(FtlabError, match=rf"size_cap .* must be >= 1 or null, got {size_cap}"):
+        MultiTask(sampling="proportional", size_cap=size_cap)
+    assert sampling_probabilities([300, 100], "proportional", size_cap=100) == [0.5, 0.5]
+
+
 def test_sampler_is_deterministic_from_the_seed_and_fresh_each_epoch():
     def order(seed: int, epoch: int) -> list[int]:
         samplers = [LengthGroupedBatchSampler([5] * n, 4) for n in (40, 40)]

@@ -39,6 +39,10 @@ def sampling_probabilities(sizes: Sequence[int], sampling: str, temperature: flo
     if sampling == "temperature" and not temperature > 0:
         raise FtlabError(f"temperature must be > 0, got {temperature}.",
                          "e.g. 2 (Raffel et al. 2020's best temperature).")
+    if size_cap is not None and size_cap < 1:  # 0 was read as no cap, < 0 as negative sizes
+        raise FtlabError(f"size_cap (a sub-task counts as at most that many rows) must be >= 1 "
+                         f"or null, got {size_cap}.", "set stage.task.size_cap to e.g. 2097152 "
+                         "(Raffel et al.'s K = 2^21), or null for no cap.")
     n = torch.tensor([min(s, size_cap) if size_cap else s for s in sizes], dtype=torch.float64)
     if sampling == "uniform":
         n = torch.ones_like(n)
