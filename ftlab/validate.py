@@ -16,6 +16,7 @@ from typing import Any
 from ftlab.build import MethodMisfit, StageBuilder
 from ftlab.compiling import check_trainer
 from ftlab.config import check_binds
+from ftlab.distill import check_teacher_rows
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import ResolvedStage
@@ -147,6 +148,7 @@ def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
     from ftlab.tasks.base import HasSubtasks
 
     task = builder.task(stage)
+    check_teacher_rows(stage, getattr(task, "labels", None))
     if isinstance(task, HasSubtasks):  # its monitor names sub-task metrics or their mean
         check_subtask_monitors(stage, task)
         parts = {f" sub-task '{k}'": (p.task, p.raw) for k, p in task.parts.items()}
