@@ -355,6 +355,27 @@ def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentime
     assert "mt__task__classifier.weight" in src and not any(k.startswith("mt__") for k in dst)
 
 
+def test_carrying_the_model_from_a_multi_task_stage_warns_when_its_labels_differ(
+        make_cfg, sentiment_dir, tmp_path, caplog):
+    """carry: model copies the primary sub-task's head: its classes (pos, neg) become the
+    target's (neg, pos) row by row. A single-task source warned; a multi-task one did not."""
+    import logging
+
+    at = "pipeline.stages.multi"
+    first = f"{at}.tasks.vitaminc.data"
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "pipeline=multitask_task",
+                    f"cache.dir={tmp_path / 'cache'}", f"{at}.trainer.max_steps=2",
+                    f"data@{first}=local", f"{first}.path=json", f"{first}.labels=[pos,neg]",
+                    *(f"{first}.files.{s}={sentiment_dir / f'{s}.jsonl'}"
+                      for s in ("train", "validation", "test")),
+                    "pipeline.stages.task.carry=model", "pipeline.stages.task.trainer.max_steps=2"])
+    with caplog.at_level(logging.WARNING, logger="ftlab.handover"):
+        record = run(cfg)
+    assert record["stages"]["task"]["handed_over"]["fresh"] == 0  # the 2-way head fits
+    assert ("carries the whole model from multi, whose labels ['pos', 'neg'] are not its own "
+            "['neg', 'pos']") in caplog.text
+
+
 def test_the_stage_after_a_multi_task_stage_loads_and_predicts_what_it_scored(
         make_cfg, sentiment_dir, pairs_dir):
     """ftlab.load rebuilds the multi-task upstream first (its heads from its sub-tasks' data);
