@@ -300,6 +300,13 @@ def test_a_monitor_no_metric_answers_fails_validation(make_cfg, sentiment_dir, p
         validate([stage], StageBuilder())
 
 
+def test_a_multi_task_stage_as_a_teacher_is_refused_before_training(make_cfg):
+    """It trained, then the student's teacher pass failed with an AttributeError."""
+    with pytest.raises(FtlabError, match="teacher 'multi', a multi-task stage"):
+        build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task",
+                                 "+pipeline.stages.task.teachers=[multi]"]))
+
+
 def test_multitask_pipeline_trains_on_the_target_stages_own_labelled_rows(make_cfg):
     multi, task = build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task",
                                            "seed=3"]))
