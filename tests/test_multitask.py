@@ -340,6 +340,21 @@ def test_two_task_run_logs_per_task_metrics_and_their_mean(make_cfg, sentiment_d
         ("vitaminc", ["evidence", "claim"]), ("task", ["text"])]
 
 
+def test_a_sub_tasks_data_transforms_are_recorded_under_its_name(make_cfg, sentiment_dir,
+                                                                   pairs_dir):
+    """The record showed only the first sub-task's transforms (none here): the run's few-shot
+    draw on sub-task 'task' was missing from metrics.json and the card."""
+    record = run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                           "data.transforms=[{few_shot: {k: 8}}]", "stage.trainer.max_steps=2"]))
+    assert record["status"] == "ok", record
+    info = record["stages"]["multitask"]
+    [entry] = info["data_transforms"]
+    assert entry["sub_task"] == "task" and entry["transform"] == "few_shot"
+    assert entry["per_class"] == {"neg": 8, "pos": 8} and info["tasks"]["task"]["train_rows"] == 16
+    card = json.loads((Path(info["artefact"]).parent / "card.json").read_text())
+    assert card["data_transforms"] == info["data_transforms"]
+
+
 def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentiment_dir,
                                                                pairs_dir, tmp_path):
     at = "pipeline.stages.multi"
