@@ -355,6 +355,24 @@ def test_a_sub_tasks_data_transforms_are_recorded_under_its_name(make_cfg, senti
     assert card["data_transforms"] == info["data_transforms"]
 
 
+def test_each_epoch_of_a_run_draws_its_own_sub_task_sequence(make_cfg, sentiment_dir, pairs_dir,
+                                                             monkeypatch):
+    """Lightning sets the epoch on ``loader.batch_sampler.sampler`` only, and stops before the
+    task sampler's iterator ends: every epoch drew epoch 0's sequence of sub-tasks again."""
+    drawn: list[tuple[int, list[int]]] = []
+    tasks = TaskSampler.tasks
+
+    def record(self):
+        drawn.append((self.epoch, out := tasks(self)))
+        return out
+
+    monkeypatch.setattr(TaskSampler, "tasks", record)
+    run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                  "stage.trainer.max_epochs=3"]))
+    assert [epoch for epoch, _ in drawn] == [0, 1, 2]
+    assert len({tuple(seq) for _, seq in drawn}) == 3
+
+
 def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentiment_dir,
                                                                pairs_dir, tmp_path):
     at = "pipeline.stages.multi"

@@ -72,6 +72,13 @@ class TaskSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> TaskSampler:
+        """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` (never on the batch
+        sampler itself) and stops fetching before ``__iter__`` ends: without this, every epoch
+        drew the first epoch's sub-task sequence again."""
+        return self
+
     def __len__(self) -> int:
         return sum(len(s) for s in self.samplers)
 
