@@ -486,3 +486,40 @@ def test_a_sub_task_past_the_positions_is_refused_before_training(parts):
                                          r"more than the 512 positions(?s:.*)at most 512"):
         parts("stage.tasks.task.task.max_length=600")
     parts("stage.tasks.task.task.max_length=512")  # at the limit: fine
+
+
+@pytest.mark.parametrize("crash", [10, 26])  # epoch 0 (batch 10 of 20); epoch 1 (batch 6)
+def test_a_killed_multi_task_run_resumes_to_the_same_weights(make_cfg, sentiment_dir, pairs_dir,
+                                                             monkeypatch, tmp_path, crash):
+    """Its loader was not resumable: a resumed stage replayed its epoch's batches from the
+    start (Lightning warned) and ended up to 1e-3 away from the uninterrupted weights. Sub-task
+    passes carry over between epochs, so a later epoch's resume replays the earlier draws."""
+    from omegaconf import open_dict
+
+    from ftlab.checkpoint import SafetensorsCheckpointIO
+    from tests.test_resume import NAME, crash_at
+
+    def cfg(folder: str):
+        c = make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                      "trainer.max_steps=30", "trainer.max_epochs=5", "stage.optim.lr=1e-3",
+                      "checkpoint.every_n_steps=4", "checkpoint.keep=true",
+                      f"cache.dir={tmp_path / 'cache'}"])
+        with open_dict(c):
+            c.paths.output_dir = str(tmp_path / folder)
+        return c
+
+    whole = run(cfg("whole"))
+    crash_at(monkeypatch, crash)
+    with pytest.raises(SystemExit):
+        run(cfg("killed"))
+    monkeypatch.undo()
+    resumed = run(cfg("killed"))
+    assert resumed["stages"]["multitask"]["resumed_from_step"] == crash - crash % 4
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / name / "multitask" / "checkpoints" / NAME)
+            for name in ("whole", "killed"))
+    assert a["global_step"] == b["global_step"] == 30
+    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
+               for k in a["state_dict"]) <= 1e-6
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
