@@ -139,6 +139,13 @@ def check_subtask_monitors(stage: ResolvedStage, task: Any) -> None:
         raise FtlabError(f"{stage.where}: task.monitor='{task.monitor}' is not a metric this "
                          "multi-task stage reports, so no best epoch could be picked.",
                          f"set stage.task.monitor to one of: {choices_text(valid)}.")
+    sub, _, metric = task.monitor.partition("/")
+    part = task.parts.get(sub)
+    if part is not None and metric == part.task.monitor and part.task.mode != task.mode:
+        raise FtlabError(f"{stage.where}: task.monitor='{task.monitor}' with mode "
+                         f"'{task.mode}', but sub-task '{sub}' ranks its {metric} by "
+                         f"'{part.task.mode}': the worst epoch would be kept.",
+                         f"set stage.task.mode={part.task.mode}.")
 
 
 def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:

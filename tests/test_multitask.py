@@ -289,11 +289,16 @@ def test_a_typo_in_a_sub_tasks_task_fails_validation(make_cfg, sentiment_dir, pa
     (["+stage.tasks.task.task.monitor=nope"], r"sub-task 'task' monitors 'nope'(?s:.*)acc, f1"),
     (["+stage.tasks.task.task.monitor=loss", "stage.task.monitor=vitaminc/acc"],
      "sub-task 'task' monitors 'loss'"),  # no per-sub-task loss is logged
+    (["stage.task.monitor=task/acc", "stage.task.mode=min"],  # kept the worst epoch
+     r"mode 'min', but sub-task 'task' ranks its acc by 'max'(?s:.*)stage.task.mode=max"),
+    (["stage.task.monitor=task/acc", "stage.task.mode=maximum"],  # ranked as min
+     r"mode 'maximum' is not known(?s:.*)stage.task.mode to max"),
 ])
-def test_a_monitor_no_metric_answers_fails_validation(make_cfg, sentiment_dir, pairs_dir,
-                                                      override, match):
+def test_a_monitor_that_cannot_pick_the_best_epoch_fails_validation(make_cfg, sentiment_dir,
+                                                                     pairs_dir, override, match):
     """An unknown monitor picked no best epoch (objective -inf, status ok); an unknown sub-task
-    monitor silently fell out of val/mean, which then averaged the other sub-tasks only."""
+    monitor silently fell out of val/mean, which then averaged the other sub-tasks only; a
+    mode against the monitored metric's (or an unknown one, ranked as min) kept the worst."""
     stage = build_pipeline(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
                                      *override]))[0]
     with pytest.raises(FtlabError, match=match):
