@@ -312,6 +312,17 @@ def test_a_multi_task_stage_as_a_teacher_is_refused_before_training(make_cfg):
                                  "+pipeline.stages.task.teachers=[multi]"]))
 
 
+@pytest.mark.parametrize("override", [
+    "+pipeline.stages.multi.data_overrides.transforms=[]",  # README's way to drop transforms
+    "+pipeline.stages.multi.data_overrides.max_train_samples=50",
+    "pipeline.stages.multi.data=vitaminc"])
+def test_a_multi_task_stages_own_data_keys_are_refused_not_ignored(make_cfg, override):
+    """Each sub-task reads its own data: these keys changed nothing, without a word."""
+    with pytest.raises(FtlabError, match=r"stage 'multi' is a multi-task stage: its own data"
+                                         r"(?s:.*)pipeline.stages.multi.tasks.<name>.data"):
+        build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task", override]))
+
+
 def test_multitask_pipeline_trains_on_the_target_stages_own_labelled_rows(make_cfg):
     multi, task = build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task",
                                            "seed=3"]))
