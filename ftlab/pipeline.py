@@ -219,6 +219,13 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
     specs = [bind_schema(StageSpec, node, f"stage '{key}'", prefix(key))
              for key, node in nodes.items()]
     check_pipeline(specs)
+    for key, node in nodes.items():  # conf/stage/distill.yaml's teachers: [] left as it is
+        if "teachers" in node and not node["teachers"]:
+            raise FtlabError(f"Stage '{key}' is a distillation stage with no teachers: it would "
+                             "train on the gold labels and distil nothing.",
+                             f"list them: {prefix(key)}.teachers=[<earlier stage>, ...] or run "
+                             "folders ['outputs/runs/<time>', ...]; for a classifier on the gold "
+                             "labels use stage=classify.")
     for s in specs:
         check_head_warmup(s, prefix(s.name))
     model = bind_schema(ModelSpec, model_node(cfg, explicit), "model", "model")

@@ -212,3 +212,16 @@ def test_ipet_teacher_rows_below_the_classes_are_refused_before_training(make_cf
     with pytest.raises(FtlabError, match=r"stage 'g1p2'(?s:.*)teacher_rows=1 adds(?s:.*)"
                                          r"at least 2"):
         validate(stages, StageBuilder())
+
+
+def test_a_distillation_stage_without_teachers_is_refused(make_cfg, sentiment_dir):
+    """stage=distill as shipped (teachers: []) trained a classifier on the gold labels and
+    reported it as the distilled one."""
+    from ftlab.pipeline import build_pipeline
+
+    with pytest.raises(FtlabError, match=r"Stage 'distill' is a distillation stage with no "
+                                         r"teachers(?s:.*)stage.teachers=\[<earlier stage>"):
+        build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + ["stage=distill"]))
+    with pytest.raises(FtlabError, match="Stage 'distill' is a distillation stage"):
+        build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=pet", "pipeline.stages.distill.teachers=[]"]))
