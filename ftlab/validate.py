@@ -130,22 +130,22 @@ def check_subtask_monitors(stage: ResolvedStage, task: Any) -> None:
             raise FtlabError(f"{stage.where}: sub-task '{k}' monitors '{p.task.monitor}', which "
                              f"it does not report in a multi-task stage ({choices_text(own[k])}"
                              "), so it would be left out of val/mean.",
-                             f"set stage.tasks.{k}.task.monitor to one of: "
-                             f"{choices_text(own[k])}.")
+                             f"+{stage.key}.tasks.{k}.task.monitor=<one of: "
+                             f"{choices_text(own[k])}>.")
     shared = set.intersection(*(set(m) for m in own.values())) if own else set()
     valid = ["mean", "loss", *(f"mean/{m}" for m in sorted(shared)),
              *(f"{k}/{m}" for k, ms in own.items() for m in ms)]
     if task.monitor not in valid:
         raise FtlabError(f"{stage.where}: task.monitor='{task.monitor}' is not a metric this "
                          "multi-task stage reports, so no best epoch could be picked.",
-                         f"set stage.task.monitor to one of: {choices_text(valid)}.")
+                         f"set {stage.key}.task.monitor to one of: {choices_text(valid)}.")
     sub, _, metric = task.monitor.partition("/")
     part = task.parts.get(sub)
     if part is not None and metric == part.task.monitor and part.task.mode != task.mode:
         raise FtlabError(f"{stage.where}: task.monitor='{task.monitor}' with mode "
                          f"'{task.mode}', but sub-task '{sub}' ranks its {metric} by "
                          f"'{part.task.mode}': the worst epoch would be kept.",
-                         f"set stage.task.mode={part.task.mode}.")
+                         f"set {stage.key}.task.mode={part.task.mode}.")
 
 
 def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
