@@ -205,12 +205,13 @@ class StageBuilder:
         model = task.build_model(stage.model)
         handed: dict[str, int] = {}
         if upstream is not None:
-            from ftlab.handover import hand_over, warn_other_labels
+            from ftlab.handover import hand_over, head_labels, warn_other_labels
 
-            handed = hand_over(self.plain(stage.init_from, upstream), model, stage.carry)
+            source = self.plain(stage.init_from, upstream)
+            handed = hand_over(source, model, stage.carry)
             warn_other_labels(stage.name, stage.init_from, stage.carry,
-                              getattr(self._tasks.get(stage.init_from), "labels", None),
-                              getattr(task, "labels", None))
+                              head_labels(self._tasks.get(stage.init_from), source),
+                              head_labels(task, model))
         require_trained_head(stage, task, model)
         require_positions(stage, task, model)
         return *self._prepare(stage, model, task), handed

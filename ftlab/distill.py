@@ -122,6 +122,16 @@ def label_with_teachers(raw: RawData, stage: ResolvedStage, teachers: list[Predi
     return RawData(splits, raw.labels), info
 
 
+def check_teacher_rows(stage: ResolvedStage, labels: list[str] | None) -> None:
+    """iPET draws ``teacher_rows // classes`` rows per class: fewer rows than classes drew none
+    (a torch error from the draw)."""
+    if stage.teacher_rows is not None and labels and stage.teacher_rows < len(labels):
+        raise FtlabError(f"{stage.where}: teacher_rows={stage.teacher_rows} adds "
+                         f"teacher_rows // {len(labels)} classes = 0 rows of each class.",
+                         f"set teacher_rows to at least {len(labels)} (the number of classes"
+                         "; PET: d = 5 times the labelled rows).")
+
+
 def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predictor],
                       columns: list[str]) -> tuple[RawData, dict[str, Any]]:
     """iPET (Schick & Schuetze 2021): the gold training rows plus ``teacher_rows`` rows of the
@@ -135,6 +145,7 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
                          "give the data an unlabelled split (data.transforms=[few_shot] keeps "
                          "the rest of the training split as one), or teacher_rows: null to "
                          "distil on the training split.")
+    check_teacher_rows(stage, raw.labels)
     pool = raw.splits[UNLABELLED]
     texts = [{c: pool[c][i] for c in columns} for i in range(len(pool))]
     probs = ensemble_predictions(teachers, texts, stage.teacher_temperature)

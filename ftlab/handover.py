@@ -83,6 +83,17 @@ def plain_model(model: nn.Module, peft: PeftMethod, name: str) -> nn.Module:
     return unwrap(model)
 
 
+def head_labels(task: Any, model: nn.Module) -> Any:
+    """The labels of ``model``'s own head: ``task``'s, or for a multi-task model its primary
+    sub-task's (the head ``carry: model`` copies; the other sub-tasks' heads are ``mt__``
+    modules)."""
+    primary = getattr(unwrap(model), "mt_primary", None)
+    parts = getattr(task, "parts", None) or {}
+    if primary in parts:
+        task = parts[primary].task
+    return getattr(task, "labels", None)
+
+
 def warn_other_labels(stage: str, source: str, carry: str, before: Any, after: Any) -> None:
     """``carry: model`` between stages whose label sets differ but have the same size: the
     head's rows were copied (the shapes fit), so each now stands for another class."""

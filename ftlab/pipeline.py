@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from ftlab.budget import BudgetSpec, split_budget
 from ftlab.config import bind_schema, plain
 from ftlab.data.spec import DataSpec, resolve_data
-from ftlab.errors import FtlabError
+from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.optim import DEFAULT_LR, OptimSpec
 from ftlab.overrides import Explicit, model_node, stage_nodes, trainer_node
@@ -219,6 +219,13 @@ def build_pipeline(cfg: DictConfig, explicit: Explicit | None = None) -> list[Re
     specs = [bind_schema(StageSpec, node, f"stage '{key}'", prefix(key))
              for key, node in nodes.items()]
     check_pipeline(specs)
+    for key, node in nodes.items():  # conf/stage/distill.yaml's teachers: [] left as it is
+        if "teachers" in node and not node["teachers"]:
+            raise FtlabError(f"Stage '{key}' is a distillation stage with no teachers: it would "
+                             "train on the gold labels and distil nothing.",
+                             f"list them: {prefix(key)}.teachers=[<earlier stage>, ...] or run "
+                             "folders ['outputs/runs/<time>', ...]; for a classifier on the gold "
+                             "labels use stage=classify.")
     for s in specs:
         check_head_warmup(s, prefix(s.name))
     model = bind_schema(ModelSpec, model_node(cfg, explicit), "model", "model")
@@ -234,6 +241,12 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
     if subtasks and spec.teachers:
         raise FtlabError(f"{where} is a multi-task stage with teachers; teachers label one "
                          "dataset.", "drop the teachers, or distil in a single-task stage.")
+    if subtasks and (spec.data is not None or spec.data_overrides):  # were silently unused
+        raise FtlabError(f"{where} is a multi-task stage: its own data / data_overrides would "
+                         "not reach any sub-task (each reads its own data).",
+                         f"set them per sub-task: {prefix}.tasks.<name>.data or "
+                         f"+{prefix}.tasks.<name>.data_overrides.<key>=... (its sub-tasks: "
+                         f"{choices_text(spec.tasks)}).")
     data_key = f"{prefix}.data" if spec.data is not None else "data"
     data_spec = subtasks[0].data if subtasks else resolve_data(
         spec.data, spec.data_overrides, cfg, f"{where} data", data_key,

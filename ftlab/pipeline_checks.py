@@ -33,7 +33,7 @@ def check_pipeline(stages: list[StageSpec]) -> None:
                 raise FtlabError(f"Stage '{s.name}' has a {what} node without a _target_.",
                                  f"give it a mapping with a _target_ (see conf/{what}/*.yaml), "
                                  "or null for the run's group.")
-        _check_teachers(s, seen)
+        _check_teachers(s, seen, {t.name for t in stages if t.tasks})
         seen.append(s.name)
 
 
@@ -45,7 +45,7 @@ def check_head_warmup(s: StageSpec, key: str) -> None:
                          "share of the stage's steps below 1 (e.g. 0.1).")
 
 
-def _check_teachers(s: StageSpec, seen: list[str]) -> None:
+def _check_teachers(s: StageSpec, seen: list[str], multitask: set[str]) -> None:
     from ftlab.distill import is_run_dir, split_ref
 
     for teacher in s.teachers:
@@ -58,6 +58,11 @@ def _check_teachers(s: StageSpec, seen: list[str]) -> None:
             raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', which is not an earlier "
                              "stage.", f"use earlier stages ({choices_text(seen) or 'none yet'}) "
                              "or run folders (with a '/').")
+        elif teacher in multitask:  # its model scores one sub-task; the label set is not one
+            raise FtlabError(f"Stage '{s.name}' has teacher '{teacher}', a multi-task stage, "
+                             "which has no one label set to teach.", "use single-task stages "
+                             f"as teachers, e.g. one that starts from it (init_from: {teacher}, "
+                             "carry: encoder) and learns the student's labels.")
     # (ranges of teacher_rows and teacher_temperature: their rules on StageSpec)
     if s.teacher_rows is not None and not s.teachers:
         raise FtlabError(f"Stage '{s.name}' has teacher_rows {s.teacher_rows} but no teachers.",

@@ -80,6 +80,9 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     task = builder.task(stage)
     raw = builder.raw(stage)
     transformed = raw.transforms  # the record of data.transforms (teachers relabel the rows)
+    if stage.subtasks:  # each sub-task's own (``raw`` is only the first's), named
+        transformed = [{"sub_task": sub.name, **entry} for sub in stage.subtasks
+                       for entry in builder.raw(stage, sub.data).transforms or []]
     taught: dict[str, Any] = {}
     if stage.teachers:  # their averaged soft predictions become the training labels
         from ftlab.distill import label_with_teachers, teachers_of

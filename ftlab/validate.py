@@ -16,6 +16,7 @@ from typing import Any
 from ftlab.build import MethodMisfit, StageBuilder
 from ftlab.compiling import check_trainer
 from ftlab.config import check_binds
+from ftlab.distill import check_teacher_rows
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import ResolvedStage
@@ -119,6 +120,34 @@ def check_callback_mix(callbacks: dict[str, Any]) -> None:
                          "choose one: callbacks=swa or callbacks=snapshots.")
 
 
+def check_subtask_monitors(stage: ResolvedStage, task: Any) -> None:
+    """A multi-task stage's ``monitor`` and each sub-task's must name a metric that is logged:
+    an unknown one picked no best epoch (objective -inf) and an unknown sub-task monitor fell
+    out of ``val/mean`` without a word."""
+    own = {k: list(p.task.metrics().keys()) for k, p in task.parts.items()}
+    for k, p in task.parts.items():
+        if p.task.monitor not in own[k]:
+            raise FtlabError(f"{stage.where}: sub-task '{k}' monitors '{p.task.monitor}', which "
+                             f"it does not report in a multi-task stage ({choices_text(own[k])}"
+                             "), so it would be left out of val/mean.",
+                             f"+{stage.key}.tasks.{k}.task.monitor=<one of: "
+                             f"{choices_text(own[k])}>.")
+    shared = set.intersection(*(set(m) for m in own.values())) if own else set()
+    valid = ["mean", "loss", *(f"mean/{m}" for m in sorted(shared)),
+             *(f"{k}/{m}" for k, ms in own.items() for m in ms)]
+    if task.monitor not in valid:
+        raise FtlabError(f"{stage.where}: task.monitor='{task.monitor}' is not a metric this "
+                         "multi-task stage reports, so no best epoch could be picked.",
+                         f"set {stage.key}.task.monitor to one of: {choices_text(valid)}.")
+    sub, _, metric = task.monitor.partition("/")
+    part = task.parts.get(sub)
+    if part is not None and metric == part.task.monitor and part.task.mode != task.mode:
+        raise FtlabError(f"{stage.where}: task.monitor='{task.monitor}' with mode "
+                         f"'{task.mode}', but sub-task '{sub}' ranks its {metric} by "
+                         f"'{part.task.mode}': the worst epoch would be kept.",
+                         f"set {stage.key}.task.mode={part.task.mode}.")
+
+
 def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
     """Load the stage's data, bind its task, run one training row through the task (each
     sub-task's own, for a multi-task stage) and check that the task reports the metric it
@@ -126,7 +155,9 @@ def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
     from ftlab.tasks.base import HasSubtasks
 
     task = builder.task(stage)
+    check_teacher_rows(stage, getattr(task, "labels", None))
     if isinstance(task, HasSubtasks):  # its monitor names sub-task metrics or their mean
+        check_subtask_monitors(stage, task)
         parts = {f" sub-task '{k}'": (p.task, p.raw) for k, p in task.parts.items()}
     else:
         metrics = ["loss", *task.metrics().keys()]

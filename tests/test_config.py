@@ -29,6 +29,7 @@ NEEDS = {
     ("stage", "cloze"): ["stage.task.verbalizer={pos: great, neg: bad}"],
     ("stage", "text2text"): ["model=tiny_t5"],
     ("stage", "regression"): ["data.label_column=score"],
+    ("stage", "distill"): ["stage.teachers=[./]"],  # a folder: without teachers it is refused
 }
 #: options that need other data than the sentiment rows: the fixture (tests/conftest.py) that
 #: writes it, in the same layout (<split>.jsonl)
@@ -57,6 +58,8 @@ COMPOSE_ONLY = {
     ("stage", "multitask"): "its vitaminc sub-task reads ../shared/data (test_multitask runs it "
                             "on tiny pairs)",
     ("data", "wnut16"): "word-tagged (stage=tokens only) and downloads a PyPI wheel",
+    ("stage", "distill"): "its teachers are finished runs (test_distill runs stage=distill "
+                          "from one)",
     ("stage", "tokens"): "needs word-tagged data (test_tokens runs it on CoNLL files)",
     ("stage", "clm"): "needs a decoder model (test_clm runs it on tiny_gpt2/tiny_llama)",
     ("pipeline", "clm_task"): "needs a decoder model (test_clm runs it on tiny_gpt2)",

@@ -194,3 +194,34 @@ def test_a_student_of_cached_teachers_trains_as_with_fresh_ones(make_cfg, sentim
     fresh, cached = run(cfg("a")), run(cfg("b"))
     assert [line["cache_hit"] for line in cached["lineage"]] == [True, True, False]
     assert cached["stages"]["student"]["metrics"] == fresh["stages"]["student"]["metrics"]
+
+
+def test_ipet_teacher_rows_below_the_classes_are_refused_before_training(make_cfg,
+                                                                       sentiment_dir):
+    """teacher_rows // classes rows of each class: 1 row for 2 classes drew none, a torch
+    RuntimeError after the teachers had trained."""
+    from ftlab.build import StageBuilder
+    from ftlab.pipeline import build_pipeline
+    from ftlab.validate import validate
+
+    verbalize = [o for i in (1, 2, 3) for o in (
+        f"~pipeline.stages.p{i}.task.verbalizer",
+        f"+pipeline.stages.p{i}.task.verbalizer={{pos: great, neg: bad}}")]
+    stages = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + [
+        "pipeline=ipet", *verbalize, "pipeline.stages.g1p2.teacher_rows=1"]))
+    with pytest.raises(FtlabError, match=r"stage 'g1p2'(?s:.*)teacher_rows=1 adds(?s:.*)"
+                                         r"at least 2"):
+        validate(stages, StageBuilder())
+
+
+def test_a_distillation_stage_without_teachers_is_refused(make_cfg, sentiment_dir):
+    """stage=distill as shipped (teachers: []) trained a classifier on the gold labels and
+    reported it as the distilled one."""
+    from ftlab.pipeline import build_pipeline
+
+    with pytest.raises(FtlabError, match=r"Stage 'distill' is a distillation stage with no "
+                                         r"teachers(?s:.*)stage.teachers=\[<earlier stage>"):
+        build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + ["stage=distill"]))
+    with pytest.raises(FtlabError, match="Stage 'distill' is a distillation stage"):
+        build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + [
+            "pipeline=pet", "pipeline.stages.distill.teachers=[]"]))

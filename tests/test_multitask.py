@@ -102,6 +102,15 @@ def test_sampler_draws_tasks_in_the_configured_proportions(sampling, expected):
     assert all(_chi2(counts, p) > 100 for p in others)  # the test tells the modes apart
 
 
+@pytest.mark.parametrize("size_cap", [0, -1])
+def test_a_size_cap_below_one_row_is_refused(size_cap):
+    """0 was taken as no cap (the setting ignored); -1 made negative probabilities, a torch
+    RuntimeError from the sampler mid-run."""
+    with pytest.raises(FtlabError, match=rf"size_cap .* must be >= 1 or null, got {size_cap}"):
+        MultiTask(sampling="proportional", size_cap=size_cap)
+    assert sampling_probabilities([300, 100], "proportional", size_cap=100) == [0.5, 0.5]
+
+
 def test_sampler_is_deterministic_from_the_seed_and_fresh_each_epoch():
     def order(seed: int, epoch: int) -> list[int]:
         samplers = [LengthGroupedBatchSampler([5] * n, 4) for n in (40, 40)]
@@ -274,6 +283,47 @@ def test_a_typo_in_a_sub_tasks_task_fails_validation(make_cfg, sentiment_dir, pa
         validate([stage], StageBuilder())
 
 
+@pytest.mark.parametrize(("override", "match"), [
+    (["stage.task.monitor=task/nope"], r"task.monitor='task/nope'(?s:.*)mean/acc, mean/f1"),
+    (["stage.task.monitor=nope"], "task.monitor='nope'"),
+    (["+stage.tasks.task.task.monitor=nope"],
+     r"sub-task 'task' monitors 'nope'(?s:.*)\+stage.tasks.task.task.monitor=<one of: acc, f1>"),
+    (["+stage.tasks.task.task.monitor=loss", "stage.task.monitor=vitaminc/acc"],
+     "sub-task 'task' monitors 'loss'"),  # no per-sub-task loss is logged
+    (["stage.task.monitor=task/acc", "stage.task.mode=min"],  # kept the worst epoch
+     r"mode 'min', but sub-task 'task' ranks its acc by 'max'(?s:.*)stage.task.mode=max"),
+    (["stage.task.monitor=task/acc", "stage.task.mode=maximum"],  # ranked as min
+     r"mode 'maximum' is not known(?s:.*)stage.task.mode to max"),
+])
+def test_a_monitor_that_cannot_pick_the_best_epoch_fails_validation(make_cfg, sentiment_dir,
+                                                                     pairs_dir, override, match):
+    """An unknown monitor picked no best epoch (objective -inf, status ok); an unknown sub-task
+    monitor silently fell out of val/mean, which then averaged the other sub-tasks only; a
+    mode against the monitored metric's (or an unknown one, ranked as min) kept the worst."""
+    stage = build_pipeline(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                                     *override]))[0]
+    with pytest.raises(FtlabError, match=match):
+        validate([stage], StageBuilder())
+
+
+def test_a_multi_task_stage_as_a_teacher_is_refused_before_training(make_cfg):
+    """It trained, then the student's teacher pass failed with an AttributeError."""
+    with pytest.raises(FtlabError, match="teacher 'multi', a multi-task stage"):
+        build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task",
+                                 "+pipeline.stages.task.teachers=[multi]"]))
+
+
+@pytest.mark.parametrize("override", [
+    "+pipeline.stages.multi.data_overrides.transforms=[]",  # README's way to drop transforms
+    "+pipeline.stages.multi.data_overrides.max_train_samples=50",
+    "pipeline.stages.multi.data=vitaminc"])
+def test_a_multi_task_stages_own_data_keys_are_refused_not_ignored(make_cfg, override):
+    """Each sub-task reads its own data: these keys changed nothing, without a word."""
+    with pytest.raises(FtlabError, match=r"stage 'multi' is a multi-task stage: its own data"
+                                         r"(?s:.*)pipeline.stages.multi.tasks.<name>.data"):
+        build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task", override]))
+
+
 def test_multitask_pipeline_trains_on_the_target_stages_own_labelled_rows(make_cfg):
     multi, task = build_pipeline(make_cfg(["model=tiny_bert", "pipeline=multitask_task",
                                            "seed=3"]))
@@ -307,6 +357,39 @@ def test_two_task_run_logs_per_task_metrics_and_their_mean(make_cfg, sentiment_d
         ("vitaminc", ["evidence", "claim"]), ("task", ["text"])]
 
 
+def test_a_sub_tasks_data_transforms_are_recorded_under_its_name(make_cfg, sentiment_dir,
+                                                                   pairs_dir):
+    """The record showed only the first sub-task's transforms (none here): the run's few-shot
+    draw on sub-task 'task' was missing from metrics.json and the card."""
+    record = run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                           "data.transforms=[{few_shot: {k: 8}}]", "stage.trainer.max_steps=2"]))
+    assert record["status"] == "ok", record
+    info = record["stages"]["multitask"]
+    [entry] = info["data_transforms"]
+    assert entry["sub_task"] == "task" and entry["transform"] == "few_shot"
+    assert entry["per_class"] == {"neg": 8, "pos": 8} and info["tasks"]["task"]["train_rows"] == 16
+    card = json.loads((Path(info["artefact"]).parent / "card.json").read_text())
+    assert card["data_transforms"] == info["data_transforms"]
+
+
+def test_each_epoch_of_a_run_draws_its_own_sub_task_sequence(make_cfg, sentiment_dir, pairs_dir,
+                                                             monkeypatch):
+    """Lightning sets the epoch on ``loader.batch_sampler.sampler`` only, and stops before the
+    task sampler's iterator ends: every epoch drew epoch 0's sequence of sub-tasks again."""
+    drawn: list[tuple[int, list[int]]] = []
+    tasks = TaskSampler.tasks
+
+    def record(self):
+        drawn.append((self.epoch, out := tasks(self)))
+        return out
+
+    monkeypatch.setattr(TaskSampler, "tasks", record)
+    run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                  "stage.trainer.max_epochs=3"]))
+    assert [epoch for epoch, _ in drawn] == [0, 1, 2]
+    assert len({tuple(seq) for _, seq in drawn}) == 3
+
+
 def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentiment_dir,
                                                                pairs_dir, tmp_path):
     at = "pipeline.stages.multi"
@@ -327,6 +410,27 @@ def test_pipeline_hands_the_shared_encoder_to_the_target_stage(make_cfg, sentime
     assert len(encoder) == task["handed_over"]["copied"] > 0
     assert all(torch.equal(src[k], dst[k]) for k in encoder)
     assert "mt__task__classifier.weight" in src and not any(k.startswith("mt__") for k in dst)
+
+
+def test_carrying_the_model_from_a_multi_task_stage_warns_when_its_labels_differ(
+        make_cfg, sentiment_dir, tmp_path, caplog):
+    """carry: model copies the primary sub-task's head: its classes (pos, neg) become the
+    target's (neg, pos) row by row. A single-task source warned; a multi-task one did not."""
+    import logging
+
+    at = "pipeline.stages.multi"
+    first = f"{at}.tasks.vitaminc.data"
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "pipeline=multitask_task",
+                    f"cache.dir={tmp_path / 'cache'}", f"{at}.trainer.max_steps=2",
+                    f"data@{first}=local", f"{first}.path=json", f"{first}.labels=[pos,neg]",
+                    *(f"{first}.files.{s}={sentiment_dir / f'{s}.jsonl'}"
+                      for s in ("train", "validation", "test")),
+                    "pipeline.stages.task.carry=model", "pipeline.stages.task.trainer.max_steps=2"])
+    with caplog.at_level(logging.WARNING, logger="ftlab.handover"):
+        record = run(cfg)
+    assert record["stages"]["task"]["handed_over"]["fresh"] == 0  # the 2-way head fits
+    assert ("carries the whole model from multi, whose labels ['pos', 'neg'] are not its own "
+            "['neg', 'pos']") in caplog.text
 
 
 def test_the_stage_after_a_multi_task_stage_loads_and_predicts_what_it_scored(
@@ -399,3 +503,40 @@ def test_a_sub_task_past_the_positions_is_refused_before_training(parts):
                                          r"more than the 512 positions(?s:.*)at most 512"):
         parts("stage.tasks.task.task.max_length=600")
     parts("stage.tasks.task.task.max_length=512")  # at the limit: fine
+
+
+@pytest.mark.parametrize("crash", [10, 26])  # epoch 0 (batch 10 of 20); epoch 1 (batch 6)
+def test_a_killed_multi_task_run_resumes_to_the_same_weights(make_cfg, sentiment_dir, pairs_dir,
+                                                             monkeypatch, tmp_path, crash):
+    """Its loader was not resumable: a resumed stage replayed its epoch's batches from the
+    start (Lightning warned) and ended up to 1e-3 away from the uninterrupted weights. Sub-task
+    passes carry over between epochs, so a later epoch's resume replays the earlier draws."""
+    from omegaconf import open_dict
+
+    from ftlab.checkpoint import SafetensorsCheckpointIO
+    from tests.test_resume import NAME, crash_at
+
+    def cfg(folder: str):
+        c = make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                      "trainer.max_steps=30", "trainer.max_epochs=5", "stage.optim.lr=1e-3",
+                      "checkpoint.every_n_steps=4", "checkpoint.keep=true",
+                      f"cache.dir={tmp_path / 'cache'}"])
+        with open_dict(c):
+            c.paths.output_dir = str(tmp_path / folder)
+        return c
+
+    whole = run(cfg("whole"))
+    crash_at(monkeypatch, crash)
+    with pytest.raises(SystemExit):
+        run(cfg("killed"))
+    monkeypatch.undo()
+    resumed = run(cfg("killed"))
+    assert resumed["stages"]["multitask"]["resumed_from_step"] == crash - crash % 4
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / name / "multitask" / "checkpoints" / NAME)
+            for name in ("whole", "killed"))
+    assert a["global_step"] == b["global_step"] == 30
+    assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item()
+               for k in a["state_dict"]) <= 1e-6
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k

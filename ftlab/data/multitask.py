@@ -6,7 +6,8 @@ An *epoch* is as many batches as one pass over every sub-task's training split g
 of the per-task batch counts). With ``proportional`` sampling each sub-task then gives about
 one pass; with ``temperature``/``uniform`` small sub-tasks repeat and large ones give less.
 A sub-task whose batches run out starts a new pass (a new shuffle); one that is not used up
-carries on where it stopped in the next epoch, so every row is seen in turn. The draws come
+carries on where it stopped in the next epoch, so every row is seen in turn (a resumed run
+replays the draws before its checkpoint to get back there). The draws come
 from ``seed + epoch``: the same on every rank, and each rank takes its share of each sub-task's
 batch (tested); but the stage is refused on several devices for now
 (``ftlab.validate.check_strategy``): a 2-process DDP run did not reproduce one process.
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftlab.data.batching import LengthGroupedBatchSampler
-from ftlab.data.datamodule import SplitLoaders, TextDataModule, replicas
+from ftlab.data.datamodule import ResumableLoader, SplitLoaders, TextDataModule, replicas
 from ftlab.errors import FtlabError, choices_text
 
 SAMPLING = ("proportional", "temperature", "uniform")
@@ -39,6 +40,10 @@ def sampling_probabilities(sizes: Sequence[int], sampling: str, temperature: flo
     if sampling == "temperature" and not temperature > 0:
         raise FtlabError(f"temperature must be > 0, got {temperature}.",
                          "e.g. 2 (Raffel et al. 2020's best temperature).")
+    if size_cap is not None and size_cap < 1:  # 0 was read as no cap, < 0 as negative sizes
+        raise FtlabError(f"size_cap (a sub-task counts as at most that many rows) must be >= 1 "
+                         f"or null, got {size_cap}.", "set stage.task.size_cap to e.g. 2097152 "
+                         "(Raffel et al.'s K = 2^21), or null for no cap.")
     n = torch.tensor([min(s, size_cap) if size_cap else s for s in sizes], dtype=torch.float64)
     if sampling == "uniform":
         n = torch.ones_like(n)
@@ -64,9 +69,23 @@ class TaskSampler(Sampler[list[int]]):
         self.probabilities = probabilities
         self.seed, self.epoch = seed, 0
         self._iters: dict[int, Iterator[list[int]]] = {}
+        self._skip: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches`` batches (a resumed run). The
+        sub-tasks' passes carry over from epoch to epoch, so the draws before that point are
+        replayed (indices only, nothing is read) to put each sub-task where it was."""
+        self.epoch, self._skip = epoch, (epoch, batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> TaskSampler:
+        """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` (never on the batch
+        sampler itself) and stops fetching before ``__iter__`` ends: without this, every epoch
+        drew the first epoch's sub-task sequence again."""
+        return self
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.samplers)
@@ -91,9 +110,28 @@ class TaskSampler(Sampler[list[int]]):
                 for batch in sampler:
                     yield [i + offsets[task] for i in batch]
         else:
-            for task in self.tasks():
+            tasks = self.tasks()
+            if self._skip is not None and self._skip[0] == self.epoch:
+                tasks = tasks[self._replay(self._skip[1]):]
+            self._skip = None
+            for task in tasks:
                 yield [i + offsets[task] for i in self._next(task)]
         self.epoch += 1
+
+    def _replay(self, batches: int) -> int:
+        """Serve (and drop) every batch before batch ``batches`` of this epoch, from a fresh
+        start of every sub-task's sampler, as the interrupted run served them."""
+        epoch, self._iters = self.epoch, {}
+        for sampler in self.samplers:
+            sampler.set_epoch(0)
+        for past in range(epoch):
+            self.epoch = past
+            for task in self.tasks():
+                self._next(task)
+        self.epoch = epoch
+        for task in self.tasks()[:batches]:
+            self._next(task)
+        return batches
 
 
 class TaskRows(Dataset):
@@ -160,16 +198,28 @@ class MultiTaskDataModule(SplitLoaders):
         self.splits = {s: [i for i, p in enumerate(self.parts) if s in p.splits]
                        for s in ("train", "validation", "test")}
         self.splits = {s: ids for s, ids in self.splits.items() if ids}
+        self._resume: dict[str, int] | None = None
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ids = self.splits[split]
         world, rank = replicas(self.trainer)
         samplers = [self.parts[i].batch_sampler(split, train, world, rank) for i in ids]
         probs = [self.probabilities[i] for i in ids] if train else None
-        return DataLoader(TaskRows([self.parts[i].splits[split] for i in ids]),
-                          batch_sampler=TaskSampler(samplers, probs, self.seed),
-                          collate_fn=TaskCollator([self.names[i] for i in ids],
-                                                  [self.parts[i].collate for i in ids]),
-                          num_workers=self.num_workers,  # own generator: the global stream
-                          generator=torch.Generator().manual_seed(self.seed))  # stays as is
+        sampler = TaskSampler(samplers, probs, self.seed)
+        options = dict(batch_sampler=sampler,
+                       collate_fn=TaskCollator([self.names[i] for i in ids],
+                                               [self.parts[i].collate for i in ids]),
+                       num_workers=self.num_workers,  # own generator: the global stream
+                       generator=torch.Generator().manual_seed(self.seed))  # stays as is
+        rows = TaskRows([self.parts[i].splits[split] for i in ids])
+        if not train:
+            return DataLoader(rows, **options)
+        if self._resume is not None:
+            sampler.resume(**self._resume)
+            self._resume = None
+        return ResumableLoader(rows, position=self.state_dict, **options)
+
+    # the training position in checkpoints, read and restored as a single-task stage's
+    state_dict = TextDataModule.state_dict
+    load_state_dict = TextDataModule.load_state_dict
 

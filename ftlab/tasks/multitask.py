@@ -84,7 +84,10 @@ class MultiTask(TaskDefaults):
         if loss_scaling not in LOSS_SCALING:
             raise FtlabError(f"loss_scaling '{loss_scaling}' is not known.",
                              f"use one of: {choices_text(LOSS_SCALING)}.")
-        sampling_probabilities([1], sampling, temperature)  # checks the names and T
+        sampling_probabilities([1], sampling, temperature, size_cap)  # checks names, T, K
+        if mode not in ("max", "min"):  # anything else picked the lowest score as the best
+            raise FtlabError(f"mode '{mode}' is not known.", "set stage.task.mode to max "
+                             "(higher is better: acc, f1) or min (lower is better: loss).")
         self.sampling, self.temperature, self.size_cap = sampling, temperature, size_cap
         self.loss_scaling, self.monitor, self.mode = loss_scaling, monitor, mode
         self.parts: dict[str, Part] = {}
