@@ -215,11 +215,16 @@ def test_loss_scaling_and_weights_scale_each_tasks_loss(parts):
     assert task.scales == pytest.approx({"vitaminc": 3 * (64 / 320) / 0.5,
                                          "task": (256 / 320) / 0.5})
     batch = next(b for b in dm.train_dataloader() if b["task"] == "vitaminc")
-    model.eval()
+    rows = {k: v for k, v in batch.items() if k != "task"}
     with torch.no_grad():
-        plain = task.parts["vitaminc"].task.forward(model, {k: v for k, v in batch.items()
-                                                            if k != "task"}).loss
-        assert task.forward(model, batch).loss == pytest.approx(plain * task.scales["vitaminc"])
+        for training in (True, False):  # the same dropout masks from the same seed
+            model.train(training)
+            torch.manual_seed(0)
+            plain = task.parts["vitaminc"].task.forward(model, rows).loss
+            torch.manual_seed(0)
+            scaled = task.forward(model, batch).loss
+            # training: the objective's weighting; evaluation (val/loss): the plain loss
+            assert scaled == pytest.approx(plain * (task.scales["vitaminc"] if training else 1))
 
 
 def test_aux_mlm_works_on_every_task(parts):

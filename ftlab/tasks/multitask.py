@@ -12,8 +12,8 @@ heads like the primary's; ``prepared`` links each sub-task's model to the wrappe
 stage cache and ``carry: encoder`` hand-over all see one backbone.
 
 A batch carries the name of its sub-task (``batch["task"]``); ``forward`` runs that sub-task's
-forward through its model and scales the loss (the sub-task's ``weight`` times the
-``loss_scaling`` factor). Metrics are the sub-tasks' own, prefixed ``<task>/``, plus ``mean``
+forward through its model and, in training, scales the loss (the sub-task's ``weight`` times
+the ``loss_scaling`` factor; evaluation losses are plain). Metrics are the sub-tasks' own, prefixed ``<task>/``, plus ``mean``
 (the mean of every sub-task's monitored metric) and ``mean/<metric>`` for metric names all
 sub-tasks share.
 """
@@ -236,7 +236,8 @@ class MultiTask(TaskDefaults):
                              f"its sub-tasks: {choices_text(self.parts)}.")
         rows = {k: v for k, v in batch.items() if k != "task"}
         out = self.parts[name].task.forward(self.model_for(model, name), rows)
-        scale = self.scales.get(name, 1.0)
+        scale = self.scales.get(name, 1.0) if model.training else 1.0  # evaluation: val/loss
+        # is the sub-tasks' plain loss, not the training objective's weighting
         return out if scale == 1.0 else TaskOutput(out.loss * scale, out.logits, out.extras)
 
     def metrics(self) -> MetricCollection:
