@@ -234,7 +234,9 @@ def test_a_decoder_evaluates_up_to_its_positions_and_is_refused_past_them(genera
     model = task.build_model(spec).eval()
     stage = SimpleNamespace(where="stage 'text2text'", key="stage",
                             peft={"_target_": "full"})
-    rows = [{"text": "a fine film " * 30, "label": "pos"}, {"text": "dull", "label": "neg"}]
+    # the long row has the longest target ('neg': 2 tokens): its source, target and EOS fill
+    # max_length (every row's source has the room that target leaves)
+    rows = [{"text": "a fine film " * 30, "label": "neg"}, {"text": "dull", "label": "pos"}]
     past = 8 if generate else max(len(task.target_ids("", t)) for t in ("neg", "pos"))
     task.max_length = 40 - past
     require_positions(stage, task, model)  # fits: allowed, and it evaluates
@@ -253,3 +255,33 @@ def test_a_decoder_evaluates_up_to_its_positions_and_is_refused_past_them(genera
         require_positions(stage, task, model)
     except FtlabError as err:
         assert ("or lower stage.task.max_target_length" in str(err)) == generate
+
+
+def test_a_decoder_cuts_a_long_source_alike_whatever_the_rows_label(make_cfg, sentiment_dir):
+    """A long row's source was cut to fit its own target: with targets of different lengths
+    the evaluation prompt (and its rank scores) told the gold label, and differed from the
+    prompt predict scores (featurised as label 0)."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2", max_length=16,
+                            targets={"neg": "bad", "pos": "great film indeed"})
+    torch.manual_seed(0)
+    model = task.build_model(spec).eval()
+    text = "the film was really quite long and the plot was a mess " * 3
+    batch = batch_for(task, [{"text": text, "label": "neg"}, {"text": text, "label": "pos"}],
+                      tok.pad_token_id)
+    source = (batch["labels"] == -100) & batch["attention_mask"].bool()
+    prompts = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"], source, strict=True)]
+    assert prompts[0] == prompts[1]
+    assert batch["input_ids"].shape[1] <= 16  # source, target and EOS within max_length
+    scores = task.rank(model, batch)
+    assert torch.allclose(scores[0], scores[1])
+
+
+def test_a_decoder_target_that_leaves_no_room_for_the_source_is_refused(make_cfg,
+                                                                        sentiment_dir):
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2", max_length=4,
+                            targets={"neg": "bad", "pos": "great film indeed"})
+    n = len(task.target_ids("", "great film indeed"))
+    with pytest.raises(FtlabError, match=r"max_length=4 leaves no token for the source(?s:.*)"
+                                         rf"'great film indeed' alone takes {n} tokens"
+                                         rf"(?s:.*)raise stage.task.max_length above {n + 1}"):
+        batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)

@@ -41,7 +41,8 @@ class TextToText(Classify):
     Args:
         source: template over the data's text columns, e.g. ``"sst2 sentence: {text}"``.
         targets: label -> target string; None: the label names.
-        max_length: source tokens (the source is cut to fit).
+        max_length: source tokens (the source is cut to fit); decoder-only: source, longest
+            target and EOS, so every row's source has the same room whatever its label.
         max_target_length: generated tokens at most.
         generate: also decode greedily at evaluation (``em``); off saves time.
         monitor: validation metric that picks the best epoch (``acc``: rank classification).
@@ -94,11 +95,12 @@ class TextToText(Classify):
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch[self.text_columns[0]])
         out: dict[str, list] = {"input_ids": [], "labels": [], "class_id": []}
+        room = self.source_room() if n and not self.seq2seq else None
         for i in range(n):
             texts = {c: as_text(batch[c][i]) for c in self.text_columns}
             label = batch["label"][i]
             cid = int(torch.as_tensor(label).argmax()) if isinstance(label, list) else int(label)
-            ids, labels = self.encode(self.source.format_map(texts), self.targets[cid])
+            ids, labels = self.encode(self.source.format_map(texts), self.targets[cid], room)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["class_id"].append(cid)
@@ -106,17 +108,34 @@ class TextToText(Classify):
         out["length"] = [len(x) for x in out["input_ids"]]
         return out
 
-    def encode(self, source: str, target: str) -> tuple[list[int], list[int]]:
-        """(input ids, label ids): seq2seq: source / target; decoder-only: source + target /
-        -100 over the source, then the target's ids."""
+    def encode(self, source: str, target: str,
+               room: int | None = None) -> tuple[list[int], list[int]]:
+        """(input ids, label ids): seq2seq: source / target; decoder-only: source (cut to
+        ``room`` tokens, :meth:`source_room`) + target / -100 over the source, then the
+        target's ids."""
         tok = self.tokenizer
         if self.seq2seq:
             src = tok(source, truncation=True, max_length=self.max_length)["input_ids"]
             return src, tok(target)["input_ids"]
         tgt = self.target_ids(source, target) + ([self.eos] if self.eos is not None else [])
-        src = tok(source, truncation=True, max_length=max(1, self.max_length - len(tgt)))
-        src = src["input_ids"]
+        src = tok(source, truncation=True, max_length=room or self.source_room())["input_ids"]
         return src + tgt, [-100] * len(src) + tgt
+
+    def source_room(self) -> int:
+        """Decoder-only: the source's tokens, ``max_length`` less the longest target and its
+        EOS. The same for every row: cut to fit its own target, a long row's prompt would
+        tell its label at evaluation (and differ from the prompt predict scores, label 0's)."""
+        eos = int(self.eos is not None)
+        longest = max(self.targets, key=lambda t: len(self.target_ids("", t)))
+        room = self.max_length - len(self.target_ids("", longest)) - eos
+        if room < 1:
+            raise FtlabError(f"stage.task.max_length={self.max_length} leaves no token for the "
+                             f"source: a decoder-only row is the source, then the target "
+                             f"{'and EOS ' if eos else ''}within max_length, and the target "
+                             f"{longest!r} alone takes {self.max_length - room - eos} tokens.",
+                             f"raise stage.task.max_length above {self.max_length - room} "
+                             "(the source gets the rest), or shorten stage.task.targets.")
+        return room
 
     def target_ids(self, source: str, target: str) -> list[int]:
         """A decoder-only target's ids as they follow the source (after a space)."""
