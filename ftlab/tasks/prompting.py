@@ -164,7 +164,7 @@ def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str
                              f"max_length={max_length} tokens.",
                              "raise stage.task.max_length or shorten the pattern.")
         enc = tokenizer(texts[name], add_special_tokens=False, return_offsets_mapping=True)
-        keep = max(0, len(enc["input_ids"]) - over - 1)
+        keep = max(0, len(enc["input_ids"]) - over)  # its first `keep` tokens
         texts[name] = texts[name][: enc["offset_mapping"][keep][0]] if keep else ""
     raise FtlabError(f"Could not fit a row into max_length={max_length} with the pattern "
                      f"{pattern.template!r}.", "raise stage.task.max_length.")
