@@ -285,3 +285,20 @@ def test_a_decoder_target_that_leaves_no_room_for_the_source_is_refused(make_cfg
                                          rf"'great film indeed' alone takes {n} tokens"
                                          rf"(?s:.*)raise stage.task.max_length above {n + 1}"):
         batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_long_source_loses_text_never_the_templates_words(model, make_cfg, sentiment_dir):
+    """The source was truncated from the right: a template whose cue follows the text
+    ('... Sentiment:') lost the cue on long rows, so the model read another prompt there."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_length=16,
+                            source="Review: {text} Sentiment:")
+    rows = [{"text": "the film was really quite long and the plot was a mess " * 3,
+             "label": "pos"}, {"text": "dull", "label": "neg"}]
+    batch = batch_for(task, rows, tok.pad_token_id)
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                 strict=True):
+        source = ids[mask.bool() & (labels == -100)] if not task.seq2seq else ids[mask.bool()]
+        text = tok.decode(source, skip_special_tokens=True)
+        assert text.startswith("review :") and text.endswith("sentiment :")
+        assert len(source) <= (16 if task.seq2seq else task.source_room())

@@ -12,7 +12,7 @@ context the pattern gives them (after the pattern's text before ``{mask}``, with
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,23 +151,32 @@ def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str
     """Token ids of the rendered pattern within ``max_length``, and the text fields as cut to
     fit: the longest text field is cut (at a token boundary) until it fits, never the
     pattern's own words or the slot."""
+    return fit_template(tokenizer, pattern.prefix if prefix_only else
+                        (lambda t: pattern.render(t, mask)), texts, max_length,
+                        f"pattern {pattern.template!r}", "stage.task.pattern")
+
+
+def fit_template(tokenizer: Any, render: Callable[[dict[str, str]], str],
+                 texts: dict[str, str], max_length: int, what: str,
+                 key: str) -> tuple[list[int], dict[str, str]]:
+    """Token ids of ``render(texts)`` within ``max_length``, and ``texts`` as cut to fit: the
+    longest text is cut (at a token boundary) until it fits, never the template's own words
+    (``what``, set by ``key``, names the template in errors)."""
     texts = dict(texts)
     for _ in range(8):
-        text = pattern.prefix(texts) if prefix_only else pattern.render(texts, mask)
-        ids = tokenizer(text)["input_ids"]
+        ids = tokenizer(render(texts))["input_ids"]
         over = len(ids) - max_length
         if over <= 0:
             return ids, texts
         name = max(texts, key=lambda k: len(texts[k]), default=None)
         if name is None or not texts[name]:
-            raise FtlabError(f"The pattern {pattern.template!r} alone is longer than "
-                             f"max_length={max_length} tokens.",
-                             "raise stage.task.max_length or shorten the pattern.")
+            raise FtlabError(f"The {what} alone is longer than max_length={max_length} tokens.",
+                             f"raise stage.task.max_length or shorten {key}.")
         enc = tokenizer(texts[name], add_special_tokens=False, return_offsets_mapping=True)
         keep = max(0, len(enc["input_ids"]) - over)  # its first `keep` tokens
         texts[name] = texts[name][: enc["offset_mapping"][keep][0]] if keep else ""
-    raise FtlabError(f"Could not fit a row into max_length={max_length} with the pattern "
-                     f"{pattern.template!r}.", "raise stage.task.max_length.")
+    raise FtlabError(f"Could not fit a row into max_length={max_length} with the {what}.",
+                     "raise stage.task.max_length.")
 
 
 def continuation_logprob(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,

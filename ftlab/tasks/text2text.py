@@ -14,6 +14,7 @@ decoding of up to ``max_target_length`` tokens: ``em``, exact match with the row
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -29,7 +30,12 @@ from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import continuation_ids, continuation_logprob, input_logits
+from ftlab.tasks.prompting import (
+    continuation_ids,
+    continuation_logprob,
+    fit_template,
+    input_logits,
+)
 
 
 class TextToText(Classify):
@@ -90,6 +96,8 @@ class TextToText(Classify):
                              f"columns {self.text_columns} ({err!r}).",
                              "use {column} fields of data.text_columns, e.g. "
                              f"stage.task.source='{_example(self.text_columns)}'.") from None
+        self.fields = [f for _, f, _, _ in string.Formatter().parse(self.source)
+                       if f is not None]  # the text columns the source uses
         self.features = ("input_ids", "attention_mask", "labels", "class_id")
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
@@ -97,10 +105,10 @@ class TextToText(Classify):
         out: dict[str, list] = {"input_ids": [], "labels": [], "class_id": []}
         room = self.source_room() if n and not self.seq2seq else None
         for i in range(n):
-            texts = {c: as_text(batch[c][i]) for c in self.text_columns}
+            texts = {c: as_text(batch[c][i]) for c in self.fields}
             label = batch["label"][i]
             cid = int(torch.as_tensor(label).argmax()) if isinstance(label, list) else int(label)
-            ids, labels = self.encode(self.source.format_map(texts), self.targets[cid], room)
+            ids, labels = self.encode(texts, self.targets[cid], room)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["class_id"].append(cid)
@@ -108,17 +116,22 @@ class TextToText(Classify):
         out["length"] = [len(x) for x in out["input_ids"]]
         return out
 
-    def encode(self, source: str, target: str,
+    def encode(self, texts: dict[str, str], target: str,
                room: int | None = None) -> tuple[list[int], list[int]]:
-        """(input ids, label ids): seq2seq: source / target; decoder-only: source (cut to
+        """(input ids, label ids): seq2seq: source / target; decoder-only: source (within
         ``room`` tokens, :meth:`source_room`) + target / -100 over the source, then the
-        target's ids."""
+        target's ids. A long source loses tokens from its longest text field, never the
+        template's own words (its instruction, or the cue after the text)."""
         tok = self.tokenizer
+        limit = self.max_length if self.seq2seq else room or self.source_room()
+        what = f"source template {self.source!r}" + ("" if self.seq2seq else (
+            f" (given max_length={self.max_length} less the longest target and EOS)"))
+        src, cut = fit_template(tok, self.source.format_map, texts, limit, what,
+                                "stage.task.source")
         if self.seq2seq:
-            src = tok(source, truncation=True, max_length=self.max_length)["input_ids"]
             return src, tok(target)["input_ids"]
-        tgt = self.target_ids(source, target) + ([self.eos] if self.eos is not None else [])
-        src = tok(source, truncation=True, max_length=room or self.source_room())["input_ids"]
+        tgt = self.target_ids(self.source.format_map(cut), target)
+        tgt += [self.eos] if self.eos is not None else []
         return src + tgt, [-100] * len(src) + tgt
 
     def source_room(self) -> int:
