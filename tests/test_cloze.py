@@ -343,3 +343,18 @@ def test_a_causal_lm_scores_up_to_its_positions_and_is_refused_past_them(verbali
     with pytest.raises(FtlabError, match=r"stage 'cloze': task.max_length=39 plus the longest "
                                          r"verbaliser word's 2 tokens(?s:.*)at most 38"):
         require_positions(stage, task, model)
+
+
+def test_verbaliser_numbers_are_words_and_a_null_word_is_refused(make_cfg, sentiment_dir):
+    """YAML reads `{pos: 5, neg: 1}`'s words as numbers and `{neg: null}`'s as None: both
+    stopped with a TypeError ('int' object is not iterable) from a real run's config."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage=cloze", "stage.task.verbalizer={pos: 5, neg: 1}", "stage.trainer.max_steps=0"])
+    assert run(cfg)["status"] == "ok"
+    tok = load_tokenizer(bind_schema(ModelSpec, cfg.model, "model"))
+    assert bound(tok, verbalizer={"pos": 5, "neg": [1, 2.5]}).words == \
+        [[tok("1", add_special_tokens=False)["input_ids"],
+          tok("2.5", add_special_tokens=False)["input_ids"]],
+         [tok("5", add_special_tokens=False)["input_ids"]]]
+    with pytest.raises(FtlabError, match=r"gives label 'neg' no word \(\[None\]\)"):
+        bound(tok, verbalizer={"pos": "great", "neg": None})

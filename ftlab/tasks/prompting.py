@@ -12,7 +12,7 @@ context the pattern gives them (after the pattern's text before ``{mask}``, with
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,15 @@ def continuation_ids(tokenizer: Any, context: str, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _as_words(value: Any) -> list[Any]:
+    """A verbaliser entry (a word or a list of words) as a list; a number is a word as written
+    (YAML reads ``{pos: 5}``'s 5 as one); None and other values stay, for the caller to refuse."""
+    items = list(value) if isinstance(value, Iterable) and not isinstance(value, str) \
+        else [value]
+    return [str(w) if isinstance(w, int | float) and not isinstance(w, bool) else w
+            for w in items]
+
+
 class _Blank(dict):
     def __missing__(self, key: str) -> str:
         return "x"
@@ -103,7 +112,7 @@ class _Blank(dict):
 def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, Any],
                    labels: Sequence[str]) -> list[list[list[int]]]:
     """Per label (in the task's label order), per word, its token ids."""
-    words = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in verbaliser.items()}
+    words = {str(k): _as_words(v) for k, v in verbaliser.items()}
     missing = [label for label in labels if label not in words]
     extra = [k for k in words if k not in labels]
     if missing or extra:
