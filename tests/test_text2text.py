@@ -302,3 +302,13 @@ def test_a_long_source_loses_text_never_the_templates_words(model, make_cfg, sen
         text = tok.decode(source, skip_special_tokens=True)
         assert text.startswith("review :") and text.endswith("sentiment :")
         assert len(source) <= (16 if task.seq2seq else task.source_room())
+
+
+@pytest.mark.parametrize("empty", ["", " ", None])
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_label_without_target_text_is_refused(empty, model, make_cfg, sentiment_dir):
+    """An empty target stopped a decoder's first evaluation with a RuntimeError (scatter of an
+    empty word) and T5 ranked it as EOS alone; a null one became the text 'None'."""
+    with pytest.raises(FtlabError, match=r"(?s)gives label\(s\) \['neg'\] no target text.*"
+                                         r"stage.task.targets='\{neg: <text>, pos: <text>\}'"):
+        setup(make_cfg, sentiment_dir, model, targets={"pos": "good", "neg": empty})

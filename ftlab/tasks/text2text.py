@@ -77,6 +77,13 @@ class TextToText(Classify):
                              f"data's labels are {list(self.labels)}.",
                              "give every label one target string, or targets: null for the "
                              "label names.")
+        empty = {label: target for label, target in (self.target_map or {}).items()
+                 if target is None or not str(target).strip()}
+        if empty:  # None read as 'None'; '' scored as no tokens (a decoder crashed on it)
+            raise FtlabError(f"stage.task.targets gives label(s) {sorted(empty)} no target "
+                             f"text ({empty}).",
+                             "give each label a non-empty target string, e.g. stage.task."
+                             f"targets='{{{', '.join(f'{k}: <text>' for k in self.labels[:3])}}}'.")
         self._decoded: dict[int, str] = {}  # label -> its target as the tokenizer writes it
         # equal token ids (e.g. "Good"/"good" for an uncased tokenizer) mean equal rank scores
         # and equal generations: the labels cannot be told apart
