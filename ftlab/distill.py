@@ -175,6 +175,20 @@ def ensemble_predictions(teachers: list[Predictor], texts: list[dict[str, Any]],
                          temperature: float) -> torch.Tensor:
     """PET's soft labels ``[rows, classes]``: ``softmax(mean_t scores_t / T)``, the teachers'
     scores (logits) averaged first (PET's ``merge_logits``), not their probabilities."""
-    scores = torch.stack([t.scores(texts) for t in teachers]).mean(0)
+    scores = torch.stack([teacher_logits(t, texts) for t in teachers]).mean(0)
     return (scores / temperature).softmax(-1)
+
+
+def teacher_logits(teacher: Predictor, texts: list[dict[str, Any]]) -> torch.Tensor:
+    """A teacher's scores; for a task whose probabilities are not their softmax (a calibrated
+    cloze task: p / p_cf) the log of those, so the soft labels carry what the teacher predicts
+    and its ``acc_cal`` scored (a log-softmax shifts each row by a constant, which the
+    average and softmax ignore)."""
+    from ftlab.tasks.base import ProbabilitiesFromScores
+
+    scores = teacher.scores(texts)
+    task = getattr(teacher, "task", None)
+    if isinstance(task, ProbabilitiesFromScores):
+        return task.probabilities(teacher.model, scores).clamp_min(1e-12).log()
+    return scores
 

@@ -194,3 +194,27 @@ def test_a_student_of_cached_teachers_trains_as_with_fresh_ones(make_cfg, sentim
     fresh, cached = run(cfg("a")), run(cfg("b"))
     assert [line["cache_hit"] for line in cached["lineage"]] == [True, True, False]
     assert cached["stages"]["student"]["metrics"] == fresh["stages"]["student"]["metrics"]
+
+
+def test_a_calibrated_cloze_teacher_labels_with_its_calibrated_probabilities(make_cfg,
+                                                                            sentiment_dir,
+                                                                            tmp_path):
+    """A cloze teacher with calibrate: true predicts p / p_cf (what its acc_cal scored), but
+    distillation and iPET read its raw verbaliser scores: the content-free bias calibration
+    removes came back in the soft labels."""
+    from ftlab.inference import load
+
+    teacher = make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage=cloze", "stage.task.verbalizer={pos: great, neg: bad}",
+        "stage.task.calibrate=true", "trainer.max_steps=3"])
+    assert run(teacher)["status"] == "ok"
+    t = load(tmp_path / "run")
+    rows = [{"text": "a great film", "label": 1}, {"text": "a dull mess", "label": 0},
+            {"text": "the plot", "label": 0}]
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=None,
+                            where="stage 'd'")
+    raw, _ = label_with_teachers(_raw(rows), stage, [t], ["text"])
+    predicted = torch.tensor([[p["probs"][c] for c in ("neg", "pos")]
+                              for p in t.predict([r["text"] for r in rows])])
+    assert not torch.allclose(predicted, t.scores([r["text"] for r in rows]).softmax(-1))
+    torch.testing.assert_close(torch.tensor(raw.splits["train"]["label"]), predicted)
