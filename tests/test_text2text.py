@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,3 +314,33 @@ def test_a_label_without_target_text_is_refused(empty, model, make_cfg, sentimen
     with pytest.raises(FtlabError, match=r"(?s)gives label\(s\) \['neg'\] no target text.*"
                                          r"stage.task.targets='\{neg: <text>, pos: <text>\}'"):
         setup(make_cfg, sentiment_dir, model, targets={"pos": "good", "neg": empty})
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_target_longer_than_generation_is_refused_before_training(model, make_cfg,
+                                                                   sentiment_dir, tmp_path):
+    """Greedy decoding stops after max_target_length tokens: a longer target could never be
+    written whole, so its rows' exact match was 0 however good the model (a perfect writer
+    scored 0). The pre-flight refuses it; generate=false (rank only) and a finished run's
+    loading are unaffected."""
+    import json
+
+    long = "a very good and pleasant film"
+    base = tiny_overrides(sentiment_dir) + [
+        f"model={model}", "stage=text2text", f"stage.task.targets={{pos: '{long}', neg: bad}}",
+        "stage.task.max_target_length=3", "trainer.max_steps=1"]
+    with pytest.raises(SystemExit):
+        run(make_cfg(base))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(rf"max_target_length=3 stops generation before the end of label 'pos's "
+                     rf"target '{long}' \(\d+ tokens\): exact match \(em\) could never count "
+                     r"its rows.*Fix: set stage.task.max_target_length to at least \d+, or "
+                     r"stage.task.generate=false", error, re.S), error
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_target_length=3,
+                            targets={"pos": long, "neg": "bad"})
+    need = int(re.search(r"at least (\d+)", error).group(1))
+    ids = task.target_ids("", long) if not task.seq2seq else tok(long)["input_ids"][:-1]
+    assert need == len(ids) > 3  # exactly what a model writes before it stops
+    task.max_target_length = need
+    task.check_settings()
+    assert run(make_cfg([*base, "stage.task.generate=false"]))["status"] == "ok"

@@ -180,6 +180,30 @@ class TextToText(Classify):
                              f"(GPT-2, SmolLM2) model; '{config.model_type}' is an encoder.",
                              "use stage=cloze (masked LMs) or stage=classify for encoders.")
 
+    def check_settings(self) -> None:
+        """Generation stops after ``max_target_length`` tokens: a target longer than that could
+        never be written whole, so its rows' exact match would be 0 however good the model."""
+        if not self.generate:
+            return
+        written = [len(self._written(t)) for t in self.targets]
+        for label, target, n in zip(self.labels, self.targets, written, strict=True):
+            if n > self.max_target_length:
+                raise FtlabError(f"stage.task.max_target_length={self.max_target_length} stops "
+                                 f"generation before the end of label '{label}'s target "
+                                 f"{target!r} ({n} tokens): exact match (em) could never count "
+                                 "its rows.",
+                                 "set stage.task.max_target_length to at least "
+                                 f"{max(written)}, or stage.task.generate=false (rank "
+                                 "classification only).")
+
+    def _written(self, target: str) -> list[int]:
+        """The tokens a model writes for ``target`` before it stops: a decoder the target's own
+        (then EOS); a seq2seq model its label ids up to their EOS."""
+        if not self.seq2seq:
+            return self.target_ids("", target)
+        ids = self.tokenizer(target)["input_ids"]
+        return ids[:-1] if ids and ids[-1] == self.eos else ids
+
     def positions_past_max_length(self) -> tuple[int, str, str | None]:
         """(positions, why, key) a decoder-only evaluation adds after a row of ``max_length``:
         each label's target in turn (rank), then ``max_target_length`` generated tokens."""
