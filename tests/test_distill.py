@@ -218,3 +218,16 @@ def test_a_calibrated_cloze_teacher_labels_with_its_calibrated_probabilities(mak
                               for p in t.predict([r["text"] for r in rows])])
     assert not torch.allclose(predicted, t.scores([r["text"] for r in rows]).softmax(-1))
     torch.testing.assert_close(torch.tensor(raw.splits["train"]["label"]), predicted)
+
+
+def test_a_text2text_student_of_soft_labels_is_refused(make_cfg, sentiment_dir, tmp_path):
+    """stage=text2text learns one target per row: the teachers' soft labels were cut to their
+    argmax, silently (the run recorded teacher_temperature as if it had been used)."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "model=tiny_gpt2", PIPE[0], "+pipeline.stages.student={name: student, task: {_target_: "
+        "ftlab.tasks.text2text.TextToText}, teachers: [t1], trainer: {max_steps: 3}}"])
+    with pytest.raises(SystemExit):
+        run(cfg)
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert "stage=text2text learns one target string per row, but these rows have soft " \
+           "labels" in error and "teacher_rows: N" in error, error

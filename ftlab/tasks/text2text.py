@@ -114,7 +114,14 @@ class TextToText(Classify):
         for i in range(n):
             texts = {c: as_text(batch[c][i]) for c in self.fields}
             label = batch["label"][i]
-            cid = int(torch.as_tensor(label).argmax()) if isinstance(label, list) else int(label)
+            if isinstance(label, list):  # a soft label would be cut to its argmax, silently
+                raise FtlabError("stage=text2text learns one target string per row, but these "
+                                 "rows have soft labels (a distillation stage's teachers' "
+                                 "probabilities).",
+                                 "distil into stage=classify or stage=cloze (they learn soft "
+                                 "labels), or give the stage teacher_rows: N (iPET: the gold "
+                                 "rows plus N rows with the teachers' hard labels).")
+            cid = int(label)
             ids, labels = self.encode(texts, self.targets[cid], room)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
