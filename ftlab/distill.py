@@ -124,7 +124,8 @@ def label_with_teachers(raw: RawData, stage: ResolvedStage, teachers: list[Predi
 def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predictor],
                       columns: list[str]) -> tuple[RawData, dict[str, Any]]:
     """iPET (Schick & Schuetze 2021): the gold training rows plus ``teacher_rows`` rows of the
-    unlabelled split with the teachers' (hard) labels, class-balanced and drawn with
+    unlabelled split with the teachers' (hard) labels, each class in its share of the gold
+    rows (PET: the training set's label distribution), drawn with
     probability proportional to the teachers' confidence (seeded)."""
     from datasets import DatasetDict, concatenate_datasets
 
@@ -137,11 +138,14 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
     pool = raw.splits[UNLABELLED]
     texts = [{c: pool[c][i] for c in columns} for i in range(len(pool))]
     probs = ensemble_predictions(teachers, texts, stage.teacher_temperature)
-    pick = balanced_confident(probs, stage.teacher_rows, stage.seed)
     keep = [*columns, "label"]
+    gold = raw.splits["train"].select_columns(keep)
+    labels = torch.as_tensor(gold["label"]) if len(gold) else None
+    if labels is not None:
+        labels = labels.argmax(-1) if labels.is_floating_point() else labels.long()
+    pick = balanced_confident(probs, stage.teacher_rows, stage.seed, labels)
     added = pool.select(pick).select_columns(columns).add_column(
         "label", probs[pick].argmax(-1).tolist())
-    gold = raw.splits["train"].select_columns(keep)
     added = added.cast(gold.features)
     splits = DatasetDict({k: v for k, v in raw.splits.items() if k != UNLABELLED})
     splits["train"] = concatenate_datasets([gold, added])
@@ -154,15 +158,21 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
         "teacher_temperature": stage.teacher_temperature}
 
 
-def balanced_confident(probs: torch.Tensor, n: int, seed: int) -> list[int]:
-    """About ``n`` row indices, ``n / classes`` per predicted class (all of a class when it has
-    fewer), each drawn without replacement with probability proportional to its confidence."""
+def balanced_confident(probs: torch.Tensor, n: int, seed: int,
+                       gold: torch.Tensor | None = None) -> list[int]:
+    """About ``n`` row indices, per predicted class its share of ``gold``'s labels (PET's iPET
+    keeps the gold rows' label distribution; ``n / classes`` each without gold) or all of a
+    class when it has fewer, each drawn without replacement with probability proportional to
+    its confidence."""
     gen = torch.Generator().manual_seed(seed)
     best, conf = probs.argmax(-1), probs.max(-1).values
-    per_class = n // probs.shape[-1]
+    classes = probs.shape[-1]
+    quota = ([n // classes] * classes if gold is None else
+             [int(k * n / len(gold)) for k in torch.bincount(gold, minlength=classes).tolist()])
     picked: list[int] = []
-    for c in range(probs.shape[-1]):
+    for c in range(classes):
         idx = (best == c).nonzero().flatten()
+        per_class = quota[c]
         if len(idx) <= per_class:
             picked += idx.tolist()
             continue

@@ -162,6 +162,26 @@ def test_ipet_adds_class_balanced_confident_teacher_rows_to_the_gold_rows():
     assert hits / 300 > 0.09
 
 
+def test_ipet_teacher_rows_keep_the_gold_rows_label_distribution():
+    """PET's iPET adds each class in its share of the gold rows (generate_ipet_train_sets:
+    examples_per_label from the training set's counts); an even split gave a 3:1 gold set
+    1:1 added rows."""
+    from datasets import Dataset, DatasetDict
+
+    gold = [{"text": f"g{i}", "label": int(i == 3)} for i in range(4)]  # 3 neg, 1 pos
+    pool = [{"text": f"u{i}"} for i in range(40)]
+    scores = torch.tensor([[3.0, 0.0]] * 20 + [[0.0, 3.0]] * 20)
+    t = SimpleNamespace(labels=["neg", "pos"], scores=lambda texts: scores)
+    raw = RawData(DatasetDict({"train": Dataset.from_list(gold),
+                               "unlabelled": Dataset.from_list(pool),
+                               "validation": Dataset.from_list(gold)}), ["neg", "pos"])
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=8, seed=3,
+                            where="stage 'g1'")
+    out, info = label_with_teachers(raw, stage, [t], ["text"])
+    assert sorted(out.splits["train"]["label"][4:]) == [0] * 6 + [1] * 2
+    assert info["teacher_rows_per_class"] == {"neg": 6, "pos": 2}
+
+
 def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
     from ftlab.pipeline import build_pipeline
 
