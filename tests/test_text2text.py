@@ -344,3 +344,17 @@ def test_a_target_longer_than_generation_is_refused_before_training(model, make_
     task.max_target_length = need
     task.check_settings()
     assert run(make_cfg([*base, "stage.task.generate=false"]))["status"] == "ok"
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_source_template_longer_than_its_room_is_refused(model, make_cfg, sentiment_dir):
+    """Right truncation cut such a template's own words; now it is refused with the room it
+    had (a decoder's: what max_length leaves after the longest target and EOS)."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_length=8,
+                            source="Classify the sentiment of this review: {text}")
+    room = "max_length=8 tokens" if task.seq2seq else \
+        f"the {task.source_room()} tokens max_length=8 leaves after the longest target and EOS"
+    with pytest.raises(FtlabError, match=rf"(?s)The source template .* alone is longer than "
+                                         rf"{room}.*Fix: raise stage.task.max_length or "
+                                         r"shorten stage.task.source"):
+        batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)

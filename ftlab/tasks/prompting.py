@@ -166,12 +166,13 @@ def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str
 
 
 def fit_template(tokenizer: Any, render: Callable[[dict[str, str]], str],
-                 texts: dict[str, str], max_length: int, what: str,
-                 key: str) -> tuple[list[int], dict[str, str]]:
+                 texts: dict[str, str], max_length: int, what: str, key: str,
+                 limit: str | None = None) -> tuple[list[int], dict[str, str]]:
     """Token ids of ``render(texts)`` within ``max_length``, and ``texts`` as cut to fit: the
     longest text is cut (at a token boundary) until it fits, never the template's own words
-    (``what``, set by ``key``, names the template in errors)."""
+    (``what``, set by ``key``, names the template in errors; ``limit`` the length)."""
     texts = dict(texts)
+    limit = limit or f"max_length={max_length} tokens"
     for _ in range(8):
         ids = tokenizer(render(texts))["input_ids"]
         over = len(ids) - max_length
@@ -179,12 +180,12 @@ def fit_template(tokenizer: Any, render: Callable[[dict[str, str]], str],
             return ids, texts
         name = max(texts, key=lambda k: len(texts[k]), default=None)
         if name is None or not texts[name]:
-            raise FtlabError(f"The {what} alone is longer than max_length={max_length} tokens.",
+            raise FtlabError(f"The {what} alone is longer than {limit}.",
                              f"raise stage.task.max_length or shorten {key}.")
         enc = tokenizer(texts[name], add_special_tokens=False, return_offsets_mapping=True)
         keep = max(0, len(enc["input_ids"]) - over)  # its first `keep` tokens
         texts[name] = texts[name][: enc["offset_mapping"][keep][0]] if keep else ""
-    raise FtlabError(f"Could not fit a row into max_length={max_length} with the {what}.",
+    raise FtlabError(f"Could not fit a row into {limit} with the {what}.",
                      "raise stage.task.max_length.")
 
 
