@@ -358,3 +358,13 @@ def test_a_source_template_longer_than_its_room_is_refused(model, make_cfg, sent
                                          rf"{room}.*Fix: raise stage.task.max_length or "
                                          r"shorten stage.task.source"):
         batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("source", ["review: {text.foo}", "review: {text.upper}"])
+def test_a_source_field_that_is_not_a_plain_column_is_refused(source, make_cfg, sentiment_dir):
+    """An attribute field stopped binding with an AttributeError ('{text.foo}') or rendered a
+    method's repr into every row ('{text.upper}')."""
+    with pytest.raises(FtlabError, match=r"(?s)does not fit the data's text columns.*"
+                                         r"stage.task.source='sst2 sentence: \{text\}'"):
+        spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_t5", source=source)
+        batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)

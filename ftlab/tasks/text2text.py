@@ -98,13 +98,17 @@ class TextToText(Classify):
                              "give each label its own target string.")
         try:
             self.source.format_map({c: "" for c in self.text_columns})
-        except (KeyError, ValueError, IndexError) as err:
+            # the text columns the source uses: plain {column} fields only
+            self.fields = [f for _, f, _, _ in string.Formatter().parse(self.source)
+                           if f is not None]
+            odd = [f for f in self.fields if f not in self.text_columns]
+            if odd:
+                raise ValueError(f"{odd[0]!r} is not a column name")
+        except (KeyError, ValueError, IndexError, AttributeError) as err:
             raise FtlabError(f"The source template {self.source!r} does not fit the data's text "
                              f"columns {self.text_columns} ({err!r}).",
                              "use {column} fields of data.text_columns, e.g. "
                              f"stage.task.source='{_example(self.text_columns)}'.") from None
-        self.fields = [f for _, f, _, _ in string.Formatter().parse(self.source)
-                       if f is not None]  # the text columns the source uses
         self.features = ("input_ids", "attention_mask", "labels", "class_id")
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
