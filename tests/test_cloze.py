@@ -358,3 +358,18 @@ def test_verbaliser_numbers_are_words_and_a_null_word_is_refused(make_cfg, senti
          [tok("5", add_special_tokens=False)["input_ids"]]]
     with pytest.raises(FtlabError, match=r"gives label 'neg' no word \(\[None\]\)"):
         bound(tok, verbalizer={"pos": "great", "neg": None})
+
+
+def test_a_word_twice_in_one_label_counts_once(tiny):
+    """'great' and 'Great' are one word to an uncased tokenizer: the label's log-sum-exp
+    counted it twice, adding log 2 to that label's score."""
+    spec, tok = tiny
+    once = bound(tok, verbalizer={"pos": "great", "neg": "bad"})
+    twice = bound(tok, verbalizer={"pos": ["great", "Great", "great"], "neg": "bad"})
+    assert twice.words == once.words
+    torch.manual_seed(0)
+    model = once.build_model(spec).eval()
+    twice.see_model(model.config)
+    batch = batch_for(once, synthetic_rows(3, 1), tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(twice.scores(model, batch), once.scores(model, batch))

@@ -145,7 +145,9 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
                                  "would get the same score.",
                                  "give each label its own words (an uncased tokenizer reads "
                                  "'Good' as 'good').")
-    return out
+    # a word twice in one label ('great' and 'Great', uncased) counts once: the log-sum-exp
+    # would add log 2 to its label's score
+    return [[list(w) for w in dict.fromkeys(tuple(w) for w in ws)] for ws in out]
 
 
 def _example(labels: Sequence[str], words: Mapping[str, list]) -> str:
