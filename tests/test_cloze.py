@@ -373,3 +373,22 @@ def test_a_word_twice_in_one_label_counts_once(tiny):
     batch = batch_for(once, synthetic_rows(3, 1), tok.pad_token_id)
     with torch.no_grad():
         torch.testing.assert_close(twice.scores(model, batch), once.scores(model, batch))
+
+
+def test_calibration_reestimates_the_bias_of_the_weights_it_scores(tiny):
+    """p_cf was cached from the first evaluation batch until the next training step: after the
+    best epoch's weights were restored (in place, no training step), test's acc_cal and a
+    distillation teacher's probabilities divided by the last epoch's bias."""
+    spec, tok = tiny
+    task = bound(tok, calibrate=True)
+    torch.manual_seed(0)
+    model = task.build_model(spec).eval()
+    batch = batch_for(task, synthetic_rows(4, 1), tok.pad_token_id)
+    with torch.no_grad():
+        task.forward(model, batch)  # an evaluation: the bias of these weights
+        torch.manual_seed(1)
+        model.load_state_dict(task.build_model(spec).state_dict())  # the best epoch's, in place
+        out = task.forward(model, batch)
+        want = calibrate(out.logits.softmax(-1), task.content_free_probs(model))
+    torch.testing.assert_close(out.extras["calibrated"], want)
+    torch.testing.assert_close(task.probabilities(model, out.logits), want)
