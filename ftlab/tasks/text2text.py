@@ -142,10 +142,10 @@ class TextToText(Classify):
         template's own words (its instruction, or the cue after the text)."""
         tok = self.tokenizer
         limit = self.max_length if self.seq2seq else room or self.source_room()
-        room = None if self.seq2seq else f"the {limit} tokens max_length={self.max_length} " \
+        said = None if self.seq2seq else f"the {limit} tokens max_length={self.max_length} " \
                                           "leaves after the longest target and EOS"
         src, cut = fit_template(tok, self.source.format_map, texts, limit,
-                                f"source template {self.source!r}", "stage.task.source", room)
+                                f"source template {self.source!r}", "stage.task.source", said)
         if self.seq2seq:
             return src, tok(target)["input_ids"]
         tgt = self.target_ids(self.source.format_map(cut), target)
