@@ -392,3 +392,23 @@ def test_calibration_reestimates_the_bias_of_the_weights_it_scores(tiny):
         want = calibrate(out.logits.softmax(-1), task.content_free_probs(model))
     torch.testing.assert_close(out.extras["calibrated"], want)
     torch.testing.assert_close(task.probabilities(model, out.logits), want)
+
+
+@pytest.mark.parametrize("verbalizer", [["bad", "great"], "great"])
+def test_a_verbaliser_that_is_not_a_mapping_is_refused(verbalizer):
+    """`stage.task.verbalizer=[bad, great]` stopped the run with a ValueError traceback
+    (dictionary update sequence element #0 has length 3; 2 is required)."""
+    with pytest.raises(FtlabError, match=r"(?s)maps each label to its word\(s\); got .*"
+                                         r"stage.task.verbalizer=\{fresh: great"):
+        Cloze("{text} It was {mask}.", verbalizer)
+
+
+def test_one_content_free_input_given_as_a_string_is_one_input(tiny):
+    """`+stage.task.content_free=N/A` became the inputs 'N', '/' and 'A' (list of a string)."""
+    spec, tok = tiny
+    one, listed = (bound(tok, calibrate=True, content_free=cf) for cf in ("N/A", ["N/A"]))
+    assert one.content_free == ["N/A"]
+    torch.manual_seed(0)
+    model = one.build_model(spec).eval()
+    listed.see_model(model.config)
+    torch.testing.assert_close(one.content_free_probs(model), listed.content_free_probs(model))

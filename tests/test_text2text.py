@@ -368,3 +368,12 @@ def test_a_source_field_that_is_not_a_plain_column_is_refused(source, make_cfg, 
                                          r"stage.task.source='sst2 sentence: \{text\}'"):
         spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_t5", source=source)
         batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("targets", [["negative", "positive"], "positive"])
+def test_targets_that_are_not_a_mapping_are_refused(targets):
+    """`stage.task.targets=[negative, positive]` stopped the run with an AttributeError
+    traceback ('list' object has no attribute 'items')."""
+    with pytest.raises(FtlabError, match=r"(?s)maps each label to its target string; got .*"
+                                         r"stage.task.targets=\{fresh: positive"):
+        TextToText(targets=targets)

@@ -64,9 +64,16 @@ class Cloze(Classify):
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)
         self.pattern = Pattern(pattern)
+        if verbalizer is not None and not isinstance(verbalizer, Mapping):  # a list, a word
+            raise FtlabError(f"stage.task.verbalizer maps each label to its word(s); got "
+                             f"{verbalizer!r}.", "write it as label: word (or [words]), e.g. "
+                             "\"stage.task.verbalizer={fresh: great, rotten: terrible}\", or "
+                             "null for the label names.")
         self.verbalizer = dict(verbalizer) if verbalizer is not None else None
         self.calibrate = calibrate
-        self.content_free = list(content_free)
+        # one input given as a string is one input, not its characters
+        self.content_free = [content_free] if isinstance(content_free, str) \
+            else list(content_free)
         self.causal: bool | None = None  # known once the model is built
 
     # --- data -------------------------------------------------------------------------------

@@ -61,6 +61,11 @@ class TextToText(Classify):
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)
         self.source, self.generate = source, generate
+        if targets is not None and not isinstance(targets, Mapping):  # a list, one string
+            raise FtlabError(f"stage.task.targets maps each label to its target string; got "
+                             f"{targets!r}.", "write it as label: text, e.g. \"stage.task."
+                             "targets={fresh: positive, rotten: negative}\", or null for the "
+                             "label names.")
         # keys as the label names are (text): Hydra reads `{0: negative}`'s key as a number
         self.target_map = {str(k): v for k, v in targets.items()} if targets is not None \
             else None
