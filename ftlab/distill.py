@@ -123,11 +123,11 @@ def label_with_teachers(raw: RawData, stage: ResolvedStage, teachers: list[Predi
 
 
 def check_teacher_rows(stage: ResolvedStage, labels: list[str] | None) -> None:
-    """iPET draws ``teacher_rows // classes`` rows per class: fewer rows than classes drew none
-    (a torch error from the draw)."""
+    """iPET draws each class its share of ``teacher_rows``: fewer rows than classes leave a
+    class none even when the gold rows are balanced."""
     if stage.teacher_rows is not None and labels and stage.teacher_rows < len(labels):
-        raise FtlabError(f"{stage.where}: teacher_rows={stage.teacher_rows} adds "
-                         f"teacher_rows // {len(labels)} classes = 0 rows of each class.",
+        raise FtlabError(f"{stage.where}: teacher_rows={stage.teacher_rows} adds fewer "
+                         f"teacher-labelled rows than there are classes ({len(labels)}).",
                          f"set teacher_rows to at least {len(labels)} (the number of classes"
                          "; PET: d = 5 times the labelled rows).")
 
@@ -135,7 +135,8 @@ def check_teacher_rows(stage: ResolvedStage, labels: list[str] | None) -> None:
 def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predictor],
                       columns: list[str]) -> tuple[RawData, dict[str, Any]]:
     """iPET (Schick & Schuetze 2021): the gold training rows plus ``teacher_rows`` rows of the
-    unlabelled split with the teachers' (hard) labels, class-balanced and drawn with
+    unlabelled split with the teachers' (hard) labels, each class in its share of the gold
+    rows (PET: the training set's label distribution), drawn with
     probability proportional to the teachers' confidence (seeded)."""
     from datasets import DatasetDict, concatenate_datasets
 
@@ -149,11 +150,14 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
     pool = raw.splits[UNLABELLED]
     texts = [{c: pool[c][i] for c in columns} for i in range(len(pool))]
     probs = ensemble_predictions(teachers, texts, stage.teacher_temperature)
-    pick = balanced_confident(probs, stage.teacher_rows, stage.seed)
     keep = [*columns, "label"]
+    gold = raw.splits["train"].select_columns(keep)
+    labels = torch.as_tensor(gold["label"]) if len(gold) else None
+    if labels is not None:
+        labels = labels.argmax(-1) if labels.is_floating_point() else labels.long()
+    pick = balanced_confident(probs, stage.teacher_rows, stage.seed, labels)
     added = pool.select(pick).select_columns(columns).add_column(
         "label", probs[pick].argmax(-1).tolist())
-    gold = raw.splits["train"].select_columns(keep)
     added = added.cast(gold.features)
     splits = DatasetDict({k: v for k, v in raw.splits.items() if k != UNLABELLED})
     splits["train"] = concatenate_datasets([gold, added])
@@ -166,15 +170,23 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
         "teacher_temperature": stage.teacher_temperature}
 
 
-def balanced_confident(probs: torch.Tensor, n: int, seed: int) -> list[int]:
-    """About ``n`` row indices, ``n / classes`` per predicted class (all of a class when it has
-    fewer), each drawn without replacement with probability proportional to its confidence."""
+def balanced_confident(probs: torch.Tensor, n: int, seed: int,
+                       gold: torch.Tensor | None = None) -> list[int]:
+    """About ``n`` row indices, per predicted class its share of ``gold``'s labels (PET's iPET
+    keeps the gold rows' label distribution; ``n / classes`` each without gold) or all of a
+    class when it has fewer, each drawn without replacement with probability proportional to
+    its confidence."""
     gen = torch.Generator().manual_seed(seed)
     best, conf = probs.argmax(-1), probs.max(-1).values
-    per_class = n // probs.shape[-1]
+    classes = probs.shape[-1]
+    quota = ([n // classes] * classes if gold is None else
+             [int(k * n / len(gold)) for k in torch.bincount(gold, minlength=classes).tolist()])
     picked: list[int] = []
-    for c in range(probs.shape[-1]):
+    for c in range(classes):
         idx = (best == c).nonzero().flatten()
+        per_class = quota[c]
+        if per_class == 0:  # a class rare among the gold rows gets no share of a small n
+            continue
         if len(idx) <= per_class:
             picked += idx.tolist()
             continue
@@ -187,6 +199,20 @@ def ensemble_predictions(teachers: list[Predictor], texts: list[dict[str, Any]],
                          temperature: float) -> torch.Tensor:
     """PET's soft labels ``[rows, classes]``: ``softmax(mean_t scores_t / T)``, the teachers'
     scores (logits) averaged first (PET's ``merge_logits``), not their probabilities."""
-    scores = torch.stack([t.scores(texts) for t in teachers]).mean(0)
+    scores = torch.stack([teacher_logits(t, texts) for t in teachers]).mean(0)
     return (scores / temperature).softmax(-1)
+
+
+def teacher_logits(teacher: Predictor, texts: list[dict[str, Any]]) -> torch.Tensor:
+    """A teacher's scores; for a task whose probabilities are not their softmax (a calibrated
+    cloze task: p / p_cf) the log of those, so the soft labels carry what the teacher predicts
+    and its ``acc_cal`` scored (a log-softmax shifts each row by a constant, which the
+    average and softmax ignore)."""
+    from ftlab.tasks.base import ProbabilitiesFromScores
+
+    scores = teacher.scores(texts)
+    task = getattr(teacher, "task", None)
+    if isinstance(task, ProbabilitiesFromScores):
+        return task.probabilities(teacher.model, scores).clamp_min(1e-12).log()
+    return scores
 

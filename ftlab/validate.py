@@ -152,7 +152,7 @@ def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
     """Load the stage's data, bind its task, run one training row through the task (each
     sub-task's own, for a multi-task stage) and check that the task reports the metric it
     monitors."""
-    from ftlab.tasks.base import HasSubtasks
+    from ftlab.tasks.base import ChecksSettings, HasSubtasks
 
     task = builder.task(stage)
     check_teacher_rows(stage, getattr(task, "labels", None))
@@ -168,6 +168,8 @@ def check_data(stage: ResolvedStage, builder: StageBuilder) -> None:
                              f"one of: {choices_text(metrics)}.")
         parts = {"": (task, builder.raw(stage))}
     for what, (part, raw) in parts.items():
+        if isinstance(part, ChecksSettings):
+            part.check_settings()
         try:
             out = part.featurize(raw.splits["train"][:1])
         except FtlabError:

@@ -162,13 +162,42 @@ def test_ipet_adds_class_balanced_confident_teacher_rows_to_the_gold_rows():
     assert hits / 300 > 0.09
 
 
+def test_ipet_teacher_rows_keep_the_gold_rows_label_distribution():
+    """PET's iPET adds each class in its share of the gold rows (generate_ipet_train_sets:
+    examples_per_label from the training set's counts); an even split gave a 3:1 gold set
+    1:1 added rows."""
+    from datasets import Dataset, DatasetDict
+
+    gold = [{"text": f"g{i}", "label": int(i == 3)} for i in range(4)]  # 3 neg, 1 pos
+    pool = [{"text": f"u{i}"} for i in range(40)]
+    scores = torch.tensor([[3.0, 0.0]] * 20 + [[0.0, 3.0]] * 20)
+    t = SimpleNamespace(labels=["neg", "pos"], scores=lambda texts: scores)
+    raw = RawData(DatasetDict({"train": Dataset.from_list(gold),
+                               "unlabelled": Dataset.from_list(pool),
+                               "validation": Dataset.from_list(gold)}), ["neg", "pos"])
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=8, seed=3,
+                            where="stage 'g1'")
+    out, info = label_with_teachers(raw, stage, [t], ["text"])
+    assert sorted(out.splits["train"]["label"][4:]) == [0] * 6 + [1] * 2
+    assert info["teacher_rows_per_class"] == {"neg": 6, "pos": 2}
+    # a class whose share of a small teacher_rows rounds to 0 gets no row (torch's draw of
+    # 0 rows raised a RuntimeError)
+    out, info = label_with_teachers(raw, SimpleNamespace(**{**vars(stage), "teacher_rows": 3}),
+                                    [t], ["text"])
+    assert info["teacher_rows_per_class"] == {"neg": 2, "pos": 0}
+
+
 def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
     from ftlab.pipeline import build_pipeline
 
     stages = build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + ["pipeline=ipet"]))
     by = {s.name: s for s in stages}
     assert list(by) == ["p1", "p2", "p3", "g1p1", "g1p2", "g1p3", "distill"]
-    assert by["g1p2"].teachers == ("p1", "p3") and by["g1p2"].teacher_rows == 160
+    assert by["g1p2"].teachers == ("p1", "p3")
+    # PET's generation sizes: |T| d^g rows, the gold ones included (its num_new_examples =
+    # |T| d^(g+1) - |T|); few-shot k = 16 of 2 classes gives |T| = 32, d = 5
+    gold = 16 * 2
+    assert all(by[g].teacher_rows + gold == gold * 5 for g in ("g1p1", "g1p2", "g1p3"))
     assert by["g1p2"].task["pattern"] == by["p2"].task["pattern"]
     assert by["distill"].teachers == ("g1p1", "g1p2", "g1p3")
     # PET labels iPET rows with softmax(mean logits), T = 1; the final distillation uses T = 2
@@ -225,3 +254,40 @@ def test_a_distillation_stage_without_teachers_is_refused(make_cfg, sentiment_di
     with pytest.raises(FtlabError, match="Stage 'distill' is a distillation stage"):
         build_pipeline(make_cfg(tiny_overrides(sentiment_dir) + [
             "pipeline=pet", "pipeline.stages.distill.teachers=[]"]))
+
+
+def test_a_calibrated_cloze_teacher_labels_with_its_calibrated_probabilities(make_cfg,
+                                                                            sentiment_dir,
+                                                                            tmp_path):
+    """A cloze teacher with calibrate: true predicts p / p_cf (what its acc_cal scored), but
+    distillation and iPET read its raw verbaliser scores: the content-free bias calibration
+    removes came back in the soft labels."""
+    from ftlab.inference import load
+
+    teacher = make_cfg(tiny_overrides(sentiment_dir) + [
+        "stage=cloze", "stage.task.verbalizer={pos: great, neg: bad}",
+        "stage.task.calibrate=true", "trainer.max_steps=3"])
+    assert run(teacher)["status"] == "ok"
+    t = load(tmp_path / "run")
+    rows = [{"text": "a great film", "label": 1}, {"text": "a dull mess", "label": 0},
+            {"text": "the plot", "label": 0}]
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=None,
+                            where="stage 'd'")
+    raw, _ = label_with_teachers(_raw(rows), stage, [t], ["text"])
+    predicted = torch.tensor([[p["probs"][c] for c in ("neg", "pos")]
+                              for p in t.predict([r["text"] for r in rows])])
+    assert not torch.allclose(predicted, t.scores([r["text"] for r in rows]).softmax(-1))
+    torch.testing.assert_close(torch.tensor(raw.splits["train"]["label"]), predicted)
+
+
+def test_a_text2text_student_of_soft_labels_is_refused(make_cfg, sentiment_dir, tmp_path):
+    """stage=text2text learns one target per row: the teachers' soft labels were cut to their
+    argmax, silently (the run recorded teacher_temperature as if it had been used)."""
+    cfg = make_cfg(tiny_overrides(sentiment_dir) + [
+        "model=tiny_gpt2", PIPE[0], "+pipeline.stages.student={name: student, task: {_target_: "
+        "ftlab.tasks.text2text.TextToText}, teachers: [t1], trainer: {max_steps: 3}}"])
+    with pytest.raises(SystemExit):
+        run(cfg)
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert "stage=text2text learns one target string per row, but these rows have soft " \
+           "labels" in error and "teacher_rows: N" in error, error

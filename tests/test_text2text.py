@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,7 +236,9 @@ def test_a_decoder_evaluates_up_to_its_positions_and_is_refused_past_them(genera
     model = task.build_model(spec).eval()
     stage = SimpleNamespace(where="stage 'text2text'", key="stage",
                             peft={"_target_": "full"})
-    rows = [{"text": "a fine film " * 30, "label": "pos"}, {"text": "dull", "label": "neg"}]
+    # the long row has the longest target ('neg': 2 tokens): its source, target and EOS fill
+    # max_length (every row's source has the room that target leaves)
+    rows = [{"text": "a fine film " * 30, "label": "neg"}, {"text": "dull", "label": "pos"}]
     past = 8 if generate else max(len(task.target_ids("", t)) for t in ("neg", "pos"))
     task.max_length = 40 - past
     require_positions(stage, task, model)  # fits: allowed, and it evaluates
@@ -253,3 +257,123 @@ def test_a_decoder_evaluates_up_to_its_positions_and_is_refused_past_them(genera
         require_positions(stage, task, model)
     except FtlabError as err:
         assert ("or lower stage.task.max_target_length" in str(err)) == generate
+
+
+def test_a_decoder_cuts_a_long_source_alike_whatever_the_rows_label(make_cfg, sentiment_dir):
+    """A long row's source was cut to fit its own target: with targets of different lengths
+    the evaluation prompt (and its rank scores) told the gold label, and differed from the
+    prompt predict scores (featurised as label 0)."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2", max_length=16,
+                            targets={"neg": "bad", "pos": "great film indeed"})
+    torch.manual_seed(0)
+    model = task.build_model(spec).eval()
+    text = "the film was really quite long and the plot was a mess " * 3
+    batch = batch_for(task, [{"text": text, "label": "neg"}, {"text": text, "label": "pos"}],
+                      tok.pad_token_id)
+    source = (batch["labels"] == -100) & batch["attention_mask"].bool()
+    prompts = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"], source, strict=True)]
+    assert prompts[0] == prompts[1]
+    assert batch["input_ids"].shape[1] <= 16  # source, target and EOS within max_length
+    scores = task.rank(model, batch)
+    assert torch.allclose(scores[0], scores[1])
+
+
+def test_a_decoder_target_that_leaves_no_room_for_the_source_is_refused(make_cfg,
+                                                                        sentiment_dir):
+    spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_gpt2", max_length=4,
+                            targets={"neg": "bad", "pos": "great film indeed"})
+    n = len(task.target_ids("", "great film indeed"))
+    with pytest.raises(FtlabError, match=r"max_length=4 leaves no token for the source(?s:.*)"
+                                         rf"'great film indeed' alone takes {n} tokens"
+                                         rf"(?s:.*)raise stage.task.max_length above {n + 1}"):
+        batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_long_source_loses_text_never_the_templates_words(model, make_cfg, sentiment_dir):
+    """The source was truncated from the right: a template whose cue follows the text
+    ('... Sentiment:') lost the cue on long rows, so the model read another prompt there."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_length=16,
+                            source="Review: {text} Sentiment:")
+    rows = [{"text": "the film was really quite long and the plot was a mess " * 3,
+             "label": "pos"}, {"text": "dull", "label": "neg"}]
+    batch = batch_for(task, rows, tok.pad_token_id)
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                 strict=True):
+        source = ids[mask.bool() & (labels == -100)] if not task.seq2seq else ids[mask.bool()]
+        text = tok.decode(source, skip_special_tokens=True)
+        assert text.startswith("review :") and text.endswith("sentiment :")
+        assert len(source) <= (16 if task.seq2seq else task.source_room())
+
+
+@pytest.mark.parametrize("empty", ["", " ", None])
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_label_without_target_text_is_refused(empty, model, make_cfg, sentiment_dir):
+    """An empty target stopped a decoder's first evaluation with a RuntimeError (scatter of an
+    empty word) and T5 ranked it as EOS alone; a null one became the text 'None'."""
+    with pytest.raises(FtlabError, match=r"(?s)gives label\(s\) \['neg'\] no target text.*"
+                                         r"stage.task.targets='\{neg: <text>, pos: <text>\}'"):
+        setup(make_cfg, sentiment_dir, model, targets={"pos": "good", "neg": empty})
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_target_longer_than_generation_is_refused_before_training(model, make_cfg,
+                                                                   sentiment_dir, tmp_path):
+    """Greedy decoding stops after max_target_length tokens: a longer target could never be
+    written whole, so its rows' exact match was 0 however good the model (a perfect writer
+    scored 0). The pre-flight refuses it; generate=false (rank only) and a finished run's
+    loading are unaffected."""
+    import json
+
+    long = "a very good and pleasant film"
+    base = tiny_overrides(sentiment_dir) + [
+        f"model={model}", "stage=text2text", f"stage.task.targets={{pos: '{long}', neg: bad}}",
+        "stage.task.max_target_length=3", "trainer.max_steps=1"]
+    with pytest.raises(SystemExit):
+        run(make_cfg(base))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(rf"max_target_length=3 stops generation before the end of label 'pos's "
+                     rf"target '{long}' \(\d+ tokens\): exact match \(em\) could never count "
+                     r"its rows.*Fix: set stage.task.max_target_length to at least \d+, or "
+                     r"stage.task.generate=false", error, re.S), error
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_target_length=3,
+                            targets={"pos": long, "neg": "bad"})
+    need = int(re.search(r"at least (\d+)", error).group(1))
+    ids = task.target_ids("", long) if not task.seq2seq else tok(long)["input_ids"][:-1]
+    assert need == len(ids) > 3  # exactly what a model writes before it stops
+    task.max_target_length = need
+    task.check_settings()
+    assert run(make_cfg([*base, "stage.task.generate=false"]))["status"] == "ok"
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_a_source_template_longer_than_its_room_is_refused(model, make_cfg, sentiment_dir):
+    """Right truncation cut such a template's own words; now it is refused with the room it
+    had (a decoder's: what max_length leaves after the longest target and EOS)."""
+    spec, tok, task = setup(make_cfg, sentiment_dir, model, max_length=8,
+                            source="Classify the sentiment of this review: {text}")
+    room = "max_length=8 tokens" if task.seq2seq else \
+        f"the {task.source_room()} tokens max_length=8 leaves after the longest target and EOS"
+    with pytest.raises(FtlabError, match=rf"(?s)The source template .* alone is longer than "
+                                         rf"{room}.*Fix: raise stage.task.max_length or "
+                                         r"shorten stage.task.source"):
+        batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("source", ["review: {text.foo}", "review: {text.upper}"])
+def test_a_source_field_that_is_not_a_plain_column_is_refused(source, make_cfg, sentiment_dir):
+    """An attribute field stopped binding with an AttributeError ('{text.foo}') or rendered a
+    method's repr into every row ('{text.upper}')."""
+    with pytest.raises(FtlabError, match=r"(?s)does not fit the data's text columns.*"
+                                         r"stage.task.source='sst2 sentence: \{text\}'"):
+        spec, tok, task = setup(make_cfg, sentiment_dir, "tiny_t5", source=source)
+        batch_for(task, [{"text": "a fine film", "label": "pos"}], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("targets", [["negative", "positive"], "positive"])
+def test_targets_that_are_not_a_mapping_are_refused(targets):
+    """`stage.task.targets=[negative, positive]` stopped the run with an AttributeError
+    traceback ('list' object has no attribute 'items')."""
+    with pytest.raises(FtlabError, match=r"(?s)maps each label to its target string; got .*"
+                                         r"stage.task.targets=\{fresh: positive"):
+        TextToText(targets=targets)

@@ -151,6 +151,15 @@ class ModelAware(Protocol):
 
 
 @runtime_checkable
+class ChecksSettings(Protocol):
+    """A task with settings to check against its bound labels and model before training (the
+    pre-flight asks; loading a finished run does not, so a run trained with them predicts)."""
+
+    def check_settings(self) -> None:
+        """Raise FtlabError for a setting that would make the run mis-score silently."""
+
+
+@runtime_checkable
 class PredictsRows(Protocol):
     """A task whose prediction is not one class per row (token tagging: a tag per word):
     ``ftlab.load(...).predict`` hands it the rows instead of reading class scores."""

@@ -64,11 +64,17 @@ class Cloze(Classify):
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)
         self.pattern = Pattern(pattern)
+        if verbalizer is not None and not isinstance(verbalizer, Mapping):  # a list, a word
+            raise FtlabError(f"stage.task.verbalizer maps each label to its word(s); got "
+                             f"{verbalizer!r}.", "write it as label: word (or [words]), e.g. "
+                             "\"stage.task.verbalizer={fresh: great, rotten: terrible}\", or "
+                             "null for the label names.")
         self.verbalizer = dict(verbalizer) if verbalizer is not None else None
         self.calibrate = calibrate
-        self.content_free = list(content_free)
+        # one input given as a string is one input, not its characters
+        self.content_free = [content_free] if isinstance(content_free, str) \
+            else list(content_free)
         self.causal: bool | None = None  # known once the model is built
-        self._p_cf: torch.Tensor | None = None
 
     # --- data -------------------------------------------------------------------------------
     def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
@@ -206,8 +212,6 @@ class Cloze(Classify):
                                                  pad) for w in flat], dim=-1)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        if model.training:
-            self._p_cf = None  # the model changes: estimate the bias again at evaluation
         scores = self.scores(model, batch)
         target = batch["labels"]
         loss = F.cross_entropy(scores, target)  # soft (float) targets: soft cross-entropy
@@ -234,10 +238,10 @@ class Cloze(Classify):
         return probs.mean(0)
 
     def calibrated(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
-        """Calibrated label probabilities: softmax(scores) / p_cf, renormalised."""
-        if self._p_cf is None:
-            self._p_cf = self.content_free_probs(model)
-        return calibrate(scores.softmax(-1), self._p_cf.to(scores.device))
+        """Calibrated label probabilities: softmax(scores) / p_cf, renormalised. p_cf is
+        estimated on ``model`` as it is now (three short rows), never cached: restoring the
+        best epoch's weights changes them in place, without a training step."""
+        return calibrate(scores.softmax(-1), self.content_free_probs(model).to(scores.device))
 
     def probabilities(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
         """What ``ftlab.load(...).predict`` reports: calibrated when the stage calibrates

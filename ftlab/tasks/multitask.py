@@ -13,9 +13,9 @@ stage cache and ``carry: encoder`` hand-over all see one backbone.
 
 A batch carries the name of its sub-task (``batch["task"]``); ``forward`` runs that sub-task's
 forward through its model and, in training, scales the loss (the sub-task's ``weight`` times
-the ``loss_scaling`` factor; evaluation losses are plain). Metrics are the sub-tasks' own, prefixed ``<task>/``, plus ``mean``
-(the mean of every sub-task's monitored metric) and ``mean/<metric>`` for metric names all
-sub-tasks share.
+the ``loss_scaling`` factor; evaluation losses are plain). Metrics are the sub-tasks' own,
+prefixed ``<task>/``, plus ``mean`` (the mean of every sub-task's monitored metric) and
+``mean/<metric>`` for metric names all sub-tasks share.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ context the pattern gives them (after the pattern's text before ``{mask}``, with
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,15 @@ def continuation_ids(tokenizer: Any, context: str, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _as_words(value: Any) -> list[Any]:
+    """A verbaliser entry (a word or a list of words) as a list; a number is a word as written
+    (YAML reads ``{pos: 5}``'s 5 as one); None and other values stay, for the caller to refuse."""
+    items = list(value) if isinstance(value, Iterable) and not isinstance(value, str) \
+        else [value]
+    return [str(w) if isinstance(w, int | float) and not isinstance(w, bool) else w
+            for w in items]
+
+
 class _Blank(dict):
     def __missing__(self, key: str) -> str:
         return "x"
@@ -103,7 +112,7 @@ class _Blank(dict):
 def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, Any],
                    labels: Sequence[str]) -> list[list[list[int]]]:
     """Per label (in the task's label order), per word, its token ids."""
-    words = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in verbaliser.items()}
+    words = {str(k): _as_words(v) for k, v in verbaliser.items()}
     missing = [label for label in labels if label not in words]
     extra = [k for k in words if k not in labels]
     if missing or extra:
@@ -136,7 +145,9 @@ def verbaliser_ids(tokenizer: Any, pattern: Pattern, verbaliser: Mapping[str, An
                                  "would get the same score.",
                                  "give each label its own words (an uncased tokenizer reads "
                                  "'Good' as 'good').")
-    return out
+    # a word twice in one label ('great' and 'Great', uncased) counts once: the log-sum-exp
+    # would add log 2 to its label's score
+    return [[list(w) for w in dict.fromkeys(tuple(w) for w in ws)] for ws in out]
 
 
 def _example(labels: Sequence[str], words: Mapping[str, list]) -> str:
@@ -151,23 +162,33 @@ def fit_texts(tokenizer: Any, pattern: Pattern, texts: dict[str, str], mask: str
     """Token ids of the rendered pattern within ``max_length``, and the text fields as cut to
     fit: the longest text field is cut (at a token boundary) until it fits, never the
     pattern's own words or the slot."""
+    return fit_template(tokenizer, pattern.prefix if prefix_only else
+                        (lambda t: pattern.render(t, mask)), texts, max_length,
+                        f"pattern {pattern.template!r}", "stage.task.pattern")
+
+
+def fit_template(tokenizer: Any, render: Callable[[dict[str, str]], str],
+                 texts: dict[str, str], max_length: int, what: str, key: str,
+                 limit: str | None = None) -> tuple[list[int], dict[str, str]]:
+    """Token ids of ``render(texts)`` within ``max_length``, and ``texts`` as cut to fit: the
+    longest text is cut (at a token boundary) until it fits, never the template's own words
+    (``what``, set by ``key``, names the template in errors; ``limit`` the length)."""
     texts = dict(texts)
+    limit = limit or f"max_length={max_length} tokens"
     for _ in range(8):
-        text = pattern.prefix(texts) if prefix_only else pattern.render(texts, mask)
-        ids = tokenizer(text)["input_ids"]
+        ids = tokenizer(render(texts))["input_ids"]
         over = len(ids) - max_length
         if over <= 0:
             return ids, texts
         name = max(texts, key=lambda k: len(texts[k]), default=None)
         if name is None or not texts[name]:
-            raise FtlabError(f"The pattern {pattern.template!r} alone is longer than "
-                             f"max_length={max_length} tokens.",
-                             "raise stage.task.max_length or shorten the pattern.")
+            raise FtlabError(f"The {what} alone is longer than {limit}.",
+                             f"raise stage.task.max_length or shorten {key}.")
         enc = tokenizer(texts[name], add_special_tokens=False, return_offsets_mapping=True)
-        keep = max(0, len(enc["input_ids"]) - over - 1)
+        keep = max(0, len(enc["input_ids"]) - over)  # its first `keep` tokens
         texts[name] = texts[name][: enc["offset_mapping"][keep][0]] if keep else ""
-    raise FtlabError(f"Could not fit a row into max_length={max_length} with the pattern "
-                     f"{pattern.template!r}.", "raise stage.task.max_length.")
+    raise FtlabError(f"Could not fit a row into {limit} with the {what}.",
+                     "raise stage.task.max_length.")
 
 
 def continuation_logprob(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,

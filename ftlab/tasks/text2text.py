@@ -14,6 +14,7 @@ decoding of up to ``max_target_length`` tokens: ``em``, exact match with the row
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -29,7 +30,12 @@ from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput, as_text
 from ftlab.tasks.classify import Classify
-from ftlab.tasks.prompting import continuation_ids, continuation_logprob, input_logits
+from ftlab.tasks.prompting import (
+    continuation_ids,
+    continuation_logprob,
+    fit_template,
+    input_logits,
+)
 
 
 class TextToText(Classify):
@@ -41,7 +47,8 @@ class TextToText(Classify):
     Args:
         source: template over the data's text columns, e.g. ``"sst2 sentence: {text}"``.
         targets: label -> target string; None: the label names.
-        max_length: source tokens (the source is cut to fit).
+        max_length: source tokens (the source is cut to fit); decoder-only: source, longest
+            target and EOS, so every row's source has the same room whatever its label.
         max_target_length: generated tokens at most.
         generate: also decode greedily at evaluation (``em``); off saves time.
         monitor: validation metric that picks the best epoch (``acc``: rank classification).
@@ -54,6 +61,11 @@ class TextToText(Classify):
                  monitor: str = "acc") -> None:
         super().__init__(max_length=max_length, monitor=monitor)
         self.source, self.generate = source, generate
+        if targets is not None and not isinstance(targets, Mapping):  # a list, one string
+            raise FtlabError(f"stage.task.targets maps each label to its target string; got "
+                             f"{targets!r}.", "write it as label: text, e.g. \"stage.task."
+                             "targets={fresh: positive, rotten: negative}\", or null for the "
+                             "label names.")
         # keys as the label names are (text): Hydra reads `{0: negative}`'s key as a number
         self.target_map = {str(k): v for k, v in targets.items()} if targets is not None \
             else None
@@ -70,6 +82,13 @@ class TextToText(Classify):
                              f"data's labels are {list(self.labels)}.",
                              "give every label one target string, or targets: null for the "
                              "label names.")
+        empty = {label: target for label, target in (self.target_map or {}).items()
+                 if target is None or not str(target).strip()}
+        if empty:  # None read as 'None'; '' scored as no tokens (a decoder crashed on it)
+            raise FtlabError(f"stage.task.targets gives label(s) {sorted(empty)} no target "
+                             f"text ({empty}).",
+                             "give each label a non-empty target string, e.g. stage.task."
+                             f"targets='{{{', '.join(f'{k}: <text>' for k in self.labels[:3])}}}'.")
         self._decoded: dict[int, str] = {}  # label -> its target as the tokenizer writes it
         # equal token ids (e.g. "Good"/"good" for an uncased tokenizer) mean equal rank scores
         # and equal generations: the labels cannot be told apart
@@ -84,7 +103,13 @@ class TextToText(Classify):
                              "give each label its own target string.")
         try:
             self.source.format_map({c: "" for c in self.text_columns})
-        except (KeyError, ValueError, IndexError) as err:
+            # the text columns the source uses: plain {column} fields only
+            self.fields = [f for _, f, _, _ in string.Formatter().parse(self.source)
+                           if f is not None]
+            odd = [f for f in self.fields if f not in self.text_columns]
+            if odd:
+                raise ValueError(f"{odd[0]!r} is not a column name")
+        except (KeyError, ValueError, IndexError, AttributeError) as err:
             raise FtlabError(f"The source template {self.source!r} does not fit the data's text "
                              f"columns {self.text_columns} ({err!r}).",
                              "use {column} fields of data.text_columns, e.g. "
@@ -94,11 +119,19 @@ class TextToText(Classify):
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch[self.text_columns[0]])
         out: dict[str, list] = {"input_ids": [], "labels": [], "class_id": []}
+        room = self.source_room() if n and not self.seq2seq else None
         for i in range(n):
-            texts = {c: as_text(batch[c][i]) for c in self.text_columns}
+            texts = {c: as_text(batch[c][i]) for c in self.fields}
             label = batch["label"][i]
-            cid = int(torch.as_tensor(label).argmax()) if isinstance(label, list) else int(label)
-            ids, labels = self.encode(self.source.format_map(texts), self.targets[cid])
+            if isinstance(label, list):  # a soft label would be cut to its argmax, silently
+                raise FtlabError("stage=text2text learns one target string per row, but these "
+                                 "rows have soft labels (a distillation stage's teachers' "
+                                 "probabilities).",
+                                 "distil into stage=classify or stage=cloze (they learn soft "
+                                 "labels), or give the stage teacher_rows: N (iPET: the gold "
+                                 "rows plus N rows with the teachers' hard labels).")
+            cid = int(label)
+            ids, labels = self.encode(texts, self.targets[cid], room)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["class_id"].append(cid)
@@ -106,17 +139,39 @@ class TextToText(Classify):
         out["length"] = [len(x) for x in out["input_ids"]]
         return out
 
-    def encode(self, source: str, target: str) -> tuple[list[int], list[int]]:
-        """(input ids, label ids): seq2seq: source / target; decoder-only: source + target /
-        -100 over the source, then the target's ids."""
+    def encode(self, texts: dict[str, str], target: str,
+               room: int | None = None) -> tuple[list[int], list[int]]:
+        """(input ids, label ids): seq2seq: source / target; decoder-only: source (within
+        ``room`` tokens, :meth:`source_room`) + target / -100 over the source, then the
+        target's ids. A long source loses tokens from its longest text field, never the
+        template's own words (its instruction, or the cue after the text)."""
         tok = self.tokenizer
+        limit = self.max_length if self.seq2seq else room or self.source_room()
+        said = None if self.seq2seq else f"the {limit} tokens max_length={self.max_length} " \
+                                          "leaves after the longest target and EOS"
+        src, cut = fit_template(tok, self.source.format_map, texts, limit,
+                                f"source template {self.source!r}", "stage.task.source", said)
         if self.seq2seq:
-            src = tok(source, truncation=True, max_length=self.max_length)["input_ids"]
             return src, tok(target)["input_ids"]
-        tgt = self.target_ids(source, target) + ([self.eos] if self.eos is not None else [])
-        src = tok(source, truncation=True, max_length=max(1, self.max_length - len(tgt)))
-        src = src["input_ids"]
+        tgt = self.target_ids(self.source.format_map(cut), target)
+        tgt += [self.eos] if self.eos is not None else []
         return src + tgt, [-100] * len(src) + tgt
+
+    def source_room(self) -> int:
+        """Decoder-only: the source's tokens, ``max_length`` less the longest target and its
+        EOS. The same for every row: cut to fit its own target, a long row's prompt would
+        tell its label at evaluation (and differ from the prompt predict scores, label 0's)."""
+        eos = int(self.eos is not None)
+        longest = max(self.targets, key=lambda t: len(self.target_ids("", t)))
+        room = self.max_length - len(self.target_ids("", longest)) - eos
+        if room < 1:
+            raise FtlabError(f"stage.task.max_length={self.max_length} leaves no token for the "
+                             f"source: a decoder-only row is the source, then the target "
+                             f"{'and EOS ' if eos else ''}within max_length, and the target "
+                             f"{longest!r} alone takes {self.max_length - room - eos} tokens.",
+                             f"raise stage.task.max_length above {self.max_length - room} "
+                             "(the source gets the rest), or shorten stage.task.targets.")
+        return room
 
     def target_ids(self, source: str, target: str) -> list[int]:
         """A decoder-only target's ids as they follow the source (after a space)."""
@@ -140,6 +195,30 @@ class TextToText(Classify):
             raise FtlabError(f"stage=text2text needs a seq2seq (T5, BART) or decoder-only "
                              f"(GPT-2, SmolLM2) model; '{config.model_type}' is an encoder.",
                              "use stage=cloze (masked LMs) or stage=classify for encoders.")
+
+    def check_settings(self) -> None:
+        """Generation stops after ``max_target_length`` tokens: a target longer than that could
+        never be written whole, so its rows' exact match would be 0 however good the model."""
+        if not self.generate:
+            return
+        written = [len(self._written(t)) for t in self.targets]
+        for label, target, n in zip(self.labels, self.targets, written, strict=True):
+            if n > self.max_target_length:
+                raise FtlabError(f"stage.task.max_target_length={self.max_target_length} stops "
+                                 f"generation before the end of label '{label}'s target "
+                                 f"{target!r} ({n} tokens): exact match (em) could never count "
+                                 "its rows.",
+                                 "set stage.task.max_target_length to at least "
+                                 f"{max(written)}, or stage.task.generate=false (rank "
+                                 "classification only).")
+
+    def _written(self, target: str) -> list[int]:
+        """The tokens a model writes for ``target`` before it stops: a decoder the target's own
+        (then EOS); a seq2seq model its label ids up to their EOS."""
+        if not self.seq2seq:
+            return self.target_ids("", target)
+        ids = self.tokenizer(target)["input_ids"]
+        return ids[:-1] if ids and ids[-1] == self.eos else ids
 
     def positions_past_max_length(self) -> tuple[int, str, str | None]:
         """(positions, why, key) a decoder-only evaluation adds after a row of ``max_length``:
