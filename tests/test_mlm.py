@@ -93,6 +93,36 @@ def test_masked_only_logits_equal_the_full_computation(tiny):
     assert n == where.sum()
 
 
+def test_empty_texts_are_dropped_and_a_batch_with_nothing_to_mask_has_loss_zero(tiny):
+    """Unpacked, an empty text became a row of [CLS] [SEP] only; a batch of such rows (the
+    shortest rows batch together) stopped the run with an IndexError in ``mask``. Such rows
+    are dropped; a batch with no maskable token (the auxiliary MLM on empty rows) predicts
+    nothing and has loss 0, not NaN."""
+    spec, tok = tiny
+    task = MaskedLM(max_length=32, pack=False)
+    task.bind(None, tok, ["text"])
+    assert task.featurize({"text": ["", "the film", " "]})["input_ids"] == [
+        tok("the film")["input_ids"]]
+    torch.manual_seed(0)
+    model = task.build_model(spec)
+    empty = PadCollator(tok.pad_token_id)([tok("")] * 2)
+    for sparse in (True, False):
+        task.sparse_logits = sparse
+        out = task.forward(model, empty)
+        assert out.loss.item() == 0.0 and out.extras["count"] == 0
+        out.loss.backward()
+    cls = Classify()
+    cls.labels, cls.tokenizer, cls.text_columns = ["neg", "pos"], tok, ["text"]
+    aux = AuxMLM(cls, weight=0.5)
+    aux.mlm.bind(None, tok, ["text"])
+    classifier = aux.build_model(spec).train()
+    batch = {**empty, "labels": torch.tensor([0, 1])}
+    torch.manual_seed(1)
+    plain = cls.forward(classifier, batch).loss
+    torch.manual_seed(1)
+    torch.testing.assert_close(aux.forward(classifier, batch).loss, plain)
+
+
 def test_mlm_loss_decreases(tiny):
     spec, tok = tiny
     task = MaskedLM(max_length=32)

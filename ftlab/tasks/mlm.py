@@ -103,7 +103,8 @@ class MaskedLM(TaskDefaults):
         texts = [" ".join(parts) for parts in zip(*cols, strict=True)]
         if not self.pack:
             enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-            ids = enc["input_ids"]
+            special = set(self.special.tolist())  # a row of specials only has nothing to predict
+            ids = [x for x in enc["input_ids"] if any(t not in special for t in x)]
         else:
             tok = self.tokenizer
             head = [tok.cls_token_id] if tok.cls_token_id is not None else []
@@ -149,7 +150,7 @@ class MaskedLM(TaskDefaults):
             first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
             rand = rand.gather(1, first)
         chosen = (rand < self.mask_prob) & ~special
-        if not chosen.any():  # a tiny batch may draw nothing: predict one token
+        if not chosen.any() and not special.all():  # a tiny batch may draw nothing: predict one
             chosen.view(-1)[(~special).view(-1).nonzero()[0]] = True
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
         how = torch.rand(ids.shape, generator=gen).to(ids.device) if gen else torch.rand(
@@ -167,11 +168,14 @@ class MaskedLM(TaskDefaults):
         parts = split_mlm(model)
         n = (labels != -100).sum()
         if parts is None or not self.sparse_logits:
-            return model(input_ids=inputs, labels=labels, **kwargs).loss, n
+            out = model(input_ids=inputs, labels=labels, **kwargs)
+            # no masked token (a batch of empty rows): loss 0, not the NaN of an empty mean
+            return (out.loss if n > 0 else out.logits.sum() * 0), n
         hidden = parts[0](input_ids=inputs, **kwargs)[0]
         where = labels != -100
         logits = parts[1](hidden[where])
-        return F.cross_entropy(logits.float(), labels[where]), n
+        total = F.cross_entropy(logits.float(), labels[where], reduction="sum")
+        return total / n.clamp(min=1), n
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         inputs, labels = self.mask(batch, train=model.training)
