@@ -71,6 +71,42 @@ def test_masking_rate_specials_and_whole_words(tiny):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_whole_word_masking_groups_byte_level_bpe_words_and_refuses_unmarked_vocabularies(
+        tmp_path):
+    """A byte-level BPE vocabulary (RoBERTa, GPT-2) has no '##' pieces: whole_word=true masked
+    each piece on its own, silently. A piece without the 'Ġ' word-start mark continues its word;
+    a vocabulary with no marks at all is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ftlab.errors import FtlabError
+    from tests.test_tokens import byte_level_tokenizer
+
+    tok = byte_level_tokenizer(tmp_path)
+    task = MaskedLM(max_length=64, mask_prob=0.3, whole_word=True, pack=False)
+    task.bind(None, tok, ["text"])
+    batch = batch_for(task, tok, ["the quickbrown foxjumps overlazy dogin NewYork"] * 200)
+    torch.manual_seed(0)
+    _, labels = task.mask(batch, train=True)
+    chosen, ids = labels != -100, batch["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids[0].tolist())
+    inside = torch.tensor([not p.startswith("Ġ") for p in pieces])
+    inside[0] = False  # the text's first piece starts its word
+    assert inside.sum() >= 8 and chosen.any()
+    assert torch.equal(chosen[:, inside], torch.roll(chosen, 1, dims=1)[:, inside])
+    rate = chosen.float().mean()
+    assert 0.2 < rate < 0.4, rate
+
+    plain = Tokenizer(models.WordLevel({"[UNK]": 0, "[MASK]": 1, "the": 2, "film": 3},
+                                       unk_token="[UNK]"))
+    plain.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = PreTrainedTokenizerFast(tokenizer_object=plain, unk_token="[UNK]",
+                                    mask_token="[MASK]")
+    MaskedLM(whole_word=False).bind(None, words, ["text"])  # fine without whole words
+    with pytest.raises(FtlabError, match="whole_word=false"):
+        MaskedLM(whole_word=True).bind(None, words, ["text"])
+
+
 def test_masked_only_logits_equal_the_full_computation(tiny):
     spec, tok = tiny
     task = MaskedLM(max_length=32)

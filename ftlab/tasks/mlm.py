@@ -69,7 +69,8 @@ class MaskedLM(TaskDefaults):
         max_length: tokens per row (with ``pack``: per block).
         mask_prob: share of (non-special) tokens predicted; BERT used 0.15. Of those, 80% become
             [MASK], 10% a random token, 10% stay unchanged.
-        whole_word: mask all word pieces of a chosen word together (WordPiece ``##`` pieces).
+        whole_word: mask all word pieces of a chosen word together (WordPiece ``##`` pieces,
+            byte-level BPE ``Ġ`` and SentencePiece ``▁`` word starts; others are refused).
         pack: concatenate short texts into full ``max_length`` blocks (no padding waste).
         sparse_logits: vocabulary logits only at masked positions (same loss, ~2x faster).
         monitor: validation metric that picks the best epoch (``loss``: lowest wins).
@@ -94,9 +95,14 @@ class MaskedLM(TaskDefaults):
                              "use an encoder model (BERT, RoBERTa...) for stage=mlm.")
         self.tokenizer, self.text_columns = tokenizer, list(text_columns)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        # a piece that continues the previous word: WordPiece '##x' (SentencePiece marks starts)
-        self.continues = torch.tensor([str(t).startswith("##") for t in vocab])
+        vocab = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        self.continues = continuation_pieces(vocab, set(tokenizer.all_special_ids))
+        if self.whole_word and not self.continues.any():
+            raise FtlabError("stage.task.whole_word=true needs a tokenizer that marks word "
+                             "pieces (WordPiece '##x', or 'Ġ'/'▁' word starts), and this one "
+                             "marks none, so every piece would be masked on its own.",
+                             "set stage.task.whole_word=false, or use the model's own "
+                             "WordPiece, byte-level BPE or SentencePiece tokenizer.")
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         cols = [[as_text(t) for t in batch[c]] for c in self.text_columns]
@@ -188,6 +194,22 @@ class MaskedLM(TaskDefaults):
     def update(self, metrics: MetricCollection, out: TaskOutput,
                batch: dict[str, torch.Tensor]) -> None:
         metrics.update(out.extras["nll_sum"], out.extras["count"])
+
+
+def continuation_pieces(vocab: list[str], special: set[int]) -> torch.Tensor:
+    """Per vocabulary id: whether the piece continues the previous word (whole-word masking).
+
+    WordPiece marks continuations (``##x``); byte-level BPE (RoBERTa, GPT-2: ``Ġx``) and
+    SentencePiece (``▁x``) mark word starts, so there a piece without the mark continues its
+    word (fairseq's whole-word mask); special tokens never do.
+    """
+    if any(t.startswith("##") for t in vocab):
+        return torch.tensor([t.startswith("##") for t in vocab])
+    for start in ("Ġ", "▁"):
+        if any(t.startswith(start) for t in vocab):
+            return torch.tensor([not t.startswith(start) and i not in special
+                                 for i, t in enumerate(vocab)])
+    return torch.zeros(len(vocab), dtype=torch.bool)
 
 
 def fresh_head(model: nn.Module, spec: ModelSpec) -> list[str]:
