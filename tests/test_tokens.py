@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -450,3 +451,14 @@ def test_a_tagger_that_finds_entities_has_not_failed_below_the_all_o_accuracy():
     assert failure(finds_some) is not None  # every baseline: failed on token accuracy
     assert failure(finds_some, judged_by) is None
     assert failure(finds_some | {"val/f1": 0.0}, judged_by) == "val/f1 0.0000 <= baseline 0.0000"
+
+
+@pytest.mark.parametrize("max_length", [1, 2])
+def test_a_max_length_with_no_room_for_a_word_is_refused_before_training(
+        max_length, make_cfg, conll_dir, tmp_path):
+    """[CLS] and [SEP] take 2 tokens: at 1 Transformers skipped truncation (the setting was
+    ignored, rows kept their full length); at 2 every row was [CLS] [SEP], no word scored."""
+    with pytest.raises(SystemExit):
+        run(make_cfg(token_overrides(conll_dir, f"stage.task.max_length={max_length}")))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(rf"max_length={max_length} leaves no room.*at least 3", error, re.S), error
