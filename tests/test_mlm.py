@@ -107,6 +107,20 @@ def test_whole_word_masking_groups_byte_level_bpe_words_and_refuses_unmarked_voc
         MaskedLM(whole_word=True).bind(None, words, ["text"])
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_max_length_with_no_room_beside_cls_and_sep_is_refused(tiny, pack):
+    """max_length=2 left packed blocks no body (a ValueError on the first row) and unpacked
+    rows no text ([CLS] [SEP] only)."""
+    from ftlab.errors import FtlabError
+
+    _, tok = tiny
+    with pytest.raises(FtlabError, match=r"(?s)max_length=2 leaves no room.*at least 3"):
+        MaskedLM(max_length=2, pack=pack).bind(None, tok, ["text"])
+    task = MaskedLM(max_length=3, pack=pack)
+    task.bind(None, tok, ["text"])
+    assert all(len(x) == 3 for x in task.featurize({"text": TEXTS[:4]})["input_ids"])
+
+
 def test_masked_only_logits_equal_the_full_computation(tiny):
     spec, tok = tiny
     task = MaskedLM(max_length=32)

@@ -22,7 +22,7 @@ from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_m
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.resolve import resolve
 from ftlab.rules import at_least, between
-from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class MaskedLM(TaskDefaults):
         if tokenizer.mask_token_id is None:
             raise FtlabError("The tokenizer has no [MASK] token, so it cannot train a masked LM.",
                              "use an encoder model (BERT, RoBERTa...) for stage=mlm.")
+        check_room(self.max_length, tokenizer)
         self.tokenizer, self.text_columns = tokenizer, list(text_columns)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         vocab = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
