@@ -78,6 +78,7 @@ class MaskedLM(TaskDefaults):
 
     features = ("input_ids", "attention_mask")  # labels are drawn per batch (``mask``)
     row_logits = False  # vocabulary logits at masked positions only, drawn anew each forward
+    token_loss = True  # val/loss weights each batch by its predicted tokens (extras["count"])
 
     def __init__(self, max_length: Annotated[int, at_least(2, example="128")] = 128,
                  mask_prob: Annotated[float, between(0, 1, lo_open=True, hi_open=True,
