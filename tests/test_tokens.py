@@ -462,3 +462,20 @@ def test_a_max_length_with_no_room_for_a_word_is_refused_before_training(
         run(make_cfg(token_overrides(conll_dir, f"stage.task.max_length={max_length}")))
     error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
     assert re.search(rf"max_length={max_length} leaves no room.*at least 3", error, re.S), error
+
+
+def test_monitoring_the_loss_keeps_the_epoch_with_the_lowest_loss(make_cfg, conll_dir):
+    """stage.task.monitor=loss was accepted with mode 'max': the epoch with the highest
+    validation loss was kept (and early stopping waited for the loss to rise)."""
+    import csv
+
+    cfg = make_cfg([*token_overrides(conll_dir, "stage.task.monitor=loss",
+                                     "stage.trainer.max_epochs=3", "stage.optim.lr=3e-3"),
+                    "logger=csv"])
+    record = run(cfg)
+    path = next((Path(cfg.paths.output_dir) / "tokens").rglob("metrics.csv"))
+    with path.open() as f:
+        losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(losses) == 3 and min(losses) < max(losses), losses
+    assert record["stages"]["tokens"]["best_epoch"] == losses.index(min(losses)), losses
+    assert record["final"]["val/loss"] == pytest.approx(min(losses), abs=1e-4)

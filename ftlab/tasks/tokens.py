@@ -44,7 +44,8 @@ class Tokens(TaskDefaults):
     """
 
     def __init__(self, max_length: int = 128, monitor: str = "f1") -> None:
-        self.max_length, self.monitor, self.mode = max_length, monitor, "max"
+        self.max_length, self.monitor = max_length, monitor
+        self.mode = "min" if monitor == "loss" else "max"
         self.labels: list[str] = []
         self.features: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
 
