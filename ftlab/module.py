@@ -144,7 +144,11 @@ class FineTuneModule(L.LightningModule):
         self._mark_step()
         out = self.task.forward(self.model, batch)
         self.task.update(metrics, out, batch)
-        self.log(f"{split}/loss", out.loss, batch_size=batch["input_ids"].shape[0],
+        # a loss that is a mean over predicted tokens (MLM/CLM: extras["count"]) is weighted by
+        # them, so val/loss is the split's mean token NLL (ln val/ppl), not a mean of batch means
+        weight = (max(int(out.extras["count"]), 1) if getattr(self.task, "token_loss", False)
+                  else batch["input_ids"].shape[0])
+        self.log(f"{split}/loss", out.loss, batch_size=weight,
                  sync_dist=True)  # averaged over ranks at epoch end (a no-op on one process)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

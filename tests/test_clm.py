@@ -253,3 +253,28 @@ def test_smollm2_from_the_cache_is_a_working_language_model():
     with torch.no_grad():
         loss = task.forward(model, batch).loss
     assert loss.exp().item() < 50  # a random model: ~49,152
+
+
+@pytest.mark.parametrize(("stage", "model"), [("clm", "tiny_gpt2"), ("mlm", "tiny_bert")])
+def test_val_loss_is_the_token_mean_nll_of_val_ppl(stage, model, make_cfg, tmp_path):
+    """val/loss was the row-weighted mean of per-batch token means: with unpacked rows of
+    different lengths (a batch of 3-word rows weighing as much as one of 60-word rows) it was
+    not ln(val/ppl), the split's mean NLL per predicted token, which val/ppl exponentiates."""
+    import json
+    import math
+    import random
+
+    rng = random.Random(0)
+    for split in ("train", "validation", "test"):
+        rows = [{"text": " ".join(rng.choices(["the", "film", "plot", "great", "dull"],
+                                              k=3 if i % 2 else 60)), "label": i % 2}
+                for i in range(64)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    record = run(make_cfg([*tiny_overrides(tmp_path), f"model={model}", f"stage={stage}",
+                           "stage.task.pack=false", "stage.eval_batch_size=16",
+                           "trainer.max_steps=4", "stage.optim.lr=1e-3"]))
+    assert record["status"] == "ok", record
+    final = record["final"]
+    for split in ("val", "test"):
+        assert final[f"{split}/loss"] == pytest.approx(math.log(final[f"{split}/ppl"]),
+                                                       abs=2e-4), final

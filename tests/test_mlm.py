@@ -71,6 +71,56 @@ def test_masking_rate_specials_and_whole_words(tiny):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_whole_word_masking_groups_byte_level_bpe_words_and_refuses_unmarked_vocabularies(
+        tmp_path):
+    """A byte-level BPE vocabulary (RoBERTa, GPT-2) has no '##' pieces: whole_word=true masked
+    each piece on its own, silently. A piece without the 'Ġ' word-start mark continues its word;
+    a vocabulary with no marks at all is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ftlab.errors import FtlabError
+    from tests.test_tokens import byte_level_tokenizer
+
+    tok = byte_level_tokenizer(tmp_path)
+    task = MaskedLM(max_length=64, mask_prob=0.3, whole_word=True, pack=False)
+    task.bind(None, tok, ["text"])
+    batch = batch_for(task, tok, ["the quickbrown foxjumps overlazy dogin NewYork"] * 200)
+    torch.manual_seed(0)
+    _, labels = task.mask(batch, train=True)
+    chosen, ids = labels != -100, batch["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids[0].tolist())
+    inside = torch.tensor([not p.startswith("Ġ") for p in pieces])
+    inside[0] = False  # the text's first piece starts its word
+    assert inside.sum() >= 8 and chosen.any()
+    assert torch.equal(chosen[:, inside], torch.roll(chosen, 1, dims=1)[:, inside])
+    rate = chosen.float().mean()
+    assert 0.2 < rate < 0.4, rate
+
+    plain = Tokenizer(models.WordLevel({"[UNK]": 0, "[MASK]": 1, "the": 2, "film": 3},
+                                       unk_token="[UNK]"))
+    plain.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = PreTrainedTokenizerFast(tokenizer_object=plain, unk_token="[UNK]",
+                                    mask_token="[MASK]")
+    MaskedLM(whole_word=False).bind(None, words, ["text"])  # fine without whole words
+    with pytest.raises(FtlabError, match="whole_word=false"):
+        MaskedLM(whole_word=True).bind(None, words, ["text"])
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_max_length_with_no_room_beside_cls_and_sep_is_refused(tiny, pack):
+    """max_length=2 left packed blocks no body (a ValueError on the first row) and unpacked
+    rows no text ([CLS] [SEP] only)."""
+    from ftlab.errors import FtlabError
+
+    _, tok = tiny
+    with pytest.raises(FtlabError, match=r"(?s)max_length=2 leaves no room.*at least 3"):
+        MaskedLM(max_length=2, pack=pack).bind(None, tok, ["text"])
+    task = MaskedLM(max_length=3, pack=pack)
+    task.bind(None, tok, ["text"])
+    assert all(len(x) == 3 for x in task.featurize({"text": TEXTS[:4]})["input_ids"])
+
+
 def test_masked_only_logits_equal_the_full_computation(tiny):
     spec, tok = tiny
     task = MaskedLM(max_length=32)
@@ -91,6 +141,36 @@ def test_masked_only_logits_equal_the_full_computation(tiny):
         loss_full, _ = task.masked_loss(model, inputs, labels, batch)
     torch.testing.assert_close(loss_sparse, loss_full, rtol=1e-5, atol=1e-5)
     assert n == where.sum()
+
+
+def test_empty_texts_are_dropped_and_a_batch_with_nothing_to_mask_has_loss_zero(tiny):
+    """Unpacked, an empty text became a row of [CLS] [SEP] only; a batch of such rows (the
+    shortest rows batch together) stopped the run with an IndexError in ``mask``. Such rows
+    are dropped; a batch with no maskable token (the auxiliary MLM on empty rows) predicts
+    nothing and has loss 0, not NaN."""
+    spec, tok = tiny
+    task = MaskedLM(max_length=32, pack=False)
+    task.bind(None, tok, ["text"])
+    assert task.featurize({"text": ["", "the film", " "]})["input_ids"] == [
+        tok("the film")["input_ids"]]
+    torch.manual_seed(0)
+    model = task.build_model(spec)
+    empty = PadCollator(tok.pad_token_id)([tok("")] * 2)
+    for sparse in (True, False):
+        task.sparse_logits = sparse
+        out = task.forward(model, empty)
+        assert out.loss.item() == 0.0 and out.extras["count"] == 0
+        out.loss.backward()
+    cls = Classify()
+    cls.labels, cls.tokenizer, cls.text_columns = ["neg", "pos"], tok, ["text"]
+    aux = AuxMLM(cls, weight=0.5)
+    aux.mlm.bind(None, tok, ["text"])
+    classifier = aux.build_model(spec).train()
+    batch = {**empty, "labels": torch.tensor([0, 1])}
+    torch.manual_seed(1)
+    plain = cls.forward(classifier, batch).loss
+    torch.manual_seed(1)
+    torch.testing.assert_close(aux.forward(classifier, batch).loss, plain)
 
 
 def test_mlm_loss_decreases(tiny):

@@ -355,3 +355,15 @@ def test_few_shot_k_per_class_names_numeric_labels():
     with pytest.raises(FtlabError, match=r"labels are numbers \(stage=regression\), not classes"):
         FewShot(k=2)(Rows(ds, None, ("text",), None, 0))
     assert len(FewShot(k=None, k_total=3)(Rows(ds, None, ("text",), None, 0)).train) == 3
+
+
+@pytest.mark.parametrize("max_length", [1, 4])
+def test_a_max_length_with_no_room_for_both_texts_is_refused_before_training(
+        max_length, make_cfg, scores_dir, tmp_path):
+    """A pair takes 3 special tokens: below that Transformers skipped truncation (the setting
+    was ignored); at 3-4 a row kept its special tokens and at most one text."""
+    with pytest.raises(SystemExit):
+        run(make_cfg(csv_overrides(scores_dir, f"stage.task.max_length={max_length}")))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(rf"max_length={max_length} leaves no room.*adds 3 special.*at least 5",
+                     error, re.S), error

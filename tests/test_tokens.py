@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -450,3 +451,31 @@ def test_a_tagger_that_finds_entities_has_not_failed_below_the_all_o_accuracy():
     assert failure(finds_some) is not None  # every baseline: failed on token accuracy
     assert failure(finds_some, judged_by) is None
     assert failure(finds_some | {"val/f1": 0.0}, judged_by) == "val/f1 0.0000 <= baseline 0.0000"
+
+
+@pytest.mark.parametrize("max_length", [1, 2])
+def test_a_max_length_with_no_room_for_a_word_is_refused_before_training(
+        max_length, make_cfg, conll_dir, tmp_path):
+    """[CLS] and [SEP] take 2 tokens: at 1 Transformers skipped truncation (the setting was
+    ignored, rows kept their full length); at 2 every row was [CLS] [SEP], no word scored."""
+    with pytest.raises(SystemExit):
+        run(make_cfg(token_overrides(conll_dir, f"stage.task.max_length={max_length}")))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(rf"max_length={max_length} leaves no room.*at least 3", error, re.S), error
+
+
+def test_monitoring_the_loss_keeps_the_epoch_with_the_lowest_loss(make_cfg, conll_dir):
+    """stage.task.monitor=loss was accepted with mode 'max': the epoch with the highest
+    validation loss was kept (and early stopping waited for the loss to rise)."""
+    import csv
+
+    cfg = make_cfg([*token_overrides(conll_dir, "stage.task.monitor=loss",
+                                     "stage.trainer.max_epochs=3", "stage.optim.lr=3e-3"),
+                    "logger=csv"])
+    record = run(cfg)
+    path = next((Path(cfg.paths.output_dir) / "tokens").rglob("metrics.csv"))
+    with path.open() as f:
+        losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(losses) == 3 and min(losses) < max(losses), losses
+    assert record["stages"]["tokens"]["best_epoch"] == losses.index(min(losses)), losses
+    assert record["final"]["val/loss"] == pytest.approx(min(losses), abs=1e-4)

@@ -120,7 +120,9 @@ class AuxMLM:
             model(input_ids=inputs, **kwargs)
         finally:
             handle.remove()
-        return F.cross_entropy(logits[-1].float(), labels[where])
+        # no masked token (a batch of rows of special tokens only): 0, not an empty mean's NaN
+        total = F.cross_entropy(logits[-1].float(), labels[where], reduction="sum")
+        return total / where.sum().clamp(min=1)
 
     def metrics(self) -> MetricCollection:
         return self.task.metrics()

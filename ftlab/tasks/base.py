@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from ftlab.data.sources import RawData
+from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
 
 
@@ -111,6 +112,18 @@ def as_text(value: Any) -> str:
     if isinstance(value, list | tuple):
         return " ".join(as_text(v) for v in value)
     return str(value)
+
+
+def check_room(max_length: int, tokenizer: Any, texts: int = 1) -> None:
+    """Refuse a ``stage.task.max_length`` that leaves no token of each text beside the
+    tokenizer's special tokens: below that, Transformers skips truncation (rows keep their full
+    length, the setting is ignored) or keeps the special tokens only."""
+    need = tokenizer.num_special_tokens_to_add(pair=texts > 1) + texts
+    if max_length < need:
+        raise FtlabError(f"stage.task.max_length={max_length} leaves no room for the text: the "
+                         f"tokenizer adds {need - texts} special token(s) per row"
+                         + (f" and each of its {texts} texts needs one" if texts > 1 else "")
+                         + ".", f"set stage.task.max_length to at least {need} (128 is usual).")
 
 
 class TaskDefaults:

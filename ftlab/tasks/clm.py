@@ -50,6 +50,7 @@ class CausalLM(TaskDefaults):
 
     features = ("input_ids", "attention_mask")  # targets are the inputs, shifted by the model
     row_logits = False  # next-token logits per position, no per-row class scores
+    token_loss = True  # val/loss weights each batch by its predicted tokens (extras["count"])
 
     def __init__(self, max_length: Annotated[int, at_least(2, example="128")] = 128,
                  pack: bool = True, monitor: str = "loss") -> None:

@@ -22,7 +22,7 @@ from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_m
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.resolve import resolve
 from ftlab.rules import at_least, between
-from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class MaskedLM(TaskDefaults):
         max_length: tokens per row (with ``pack``: per block).
         mask_prob: share of (non-special) tokens predicted; BERT used 0.15. Of those, 80% become
             [MASK], 10% a random token, 10% stay unchanged.
-        whole_word: mask all word pieces of a chosen word together (WordPiece ``##`` pieces).
+        whole_word: mask all word pieces of a chosen word together (WordPiece ``##`` pieces,
+            byte-level BPE ``Ġ`` and SentencePiece ``▁`` word starts; others are refused).
         pack: concatenate short texts into full ``max_length`` blocks (no padding waste).
         sparse_logits: vocabulary logits only at masked positions (same loss, ~2x faster).
         monitor: validation metric that picks the best epoch (``loss``: lowest wins).
@@ -77,6 +78,7 @@ class MaskedLM(TaskDefaults):
 
     features = ("input_ids", "attention_mask")  # labels are drawn per batch (``mask``)
     row_logits = False  # vocabulary logits at masked positions only, drawn anew each forward
+    token_loss = True  # val/loss weights each batch by its predicted tokens (extras["count"])
 
     def __init__(self, max_length: Annotated[int, at_least(2, example="128")] = 128,
                  mask_prob: Annotated[float, between(0, 1, lo_open=True, hi_open=True,
@@ -92,18 +94,25 @@ class MaskedLM(TaskDefaults):
         if tokenizer.mask_token_id is None:
             raise FtlabError("The tokenizer has no [MASK] token, so it cannot train a masked LM.",
                              "use an encoder model (BERT, RoBERTa...) for stage=mlm.")
+        check_room(self.max_length, tokenizer)
         self.tokenizer, self.text_columns = tokenizer, list(text_columns)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        # a piece that continues the previous word: WordPiece '##x' (SentencePiece marks starts)
-        self.continues = torch.tensor([str(t).startswith("##") for t in vocab])
+        vocab = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        self.continues = continuation_pieces(vocab, set(tokenizer.all_special_ids))
+        if self.whole_word and not self.continues.any():
+            raise FtlabError("stage.task.whole_word=true needs a tokenizer that marks word "
+                             "pieces (WordPiece '##x', or 'Ġ'/'▁' word starts), and this one "
+                             "marks none, so every piece would be masked on its own.",
+                             "set stage.task.whole_word=false, or use the model's own "
+                             "WordPiece, byte-level BPE or SentencePiece tokenizer.")
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         cols = [[as_text(t) for t in batch[c]] for c in self.text_columns]
         texts = [" ".join(parts) for parts in zip(*cols, strict=True)]
         if not self.pack:
             enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-            ids = enc["input_ids"]
+            special = set(self.special.tolist())  # a row of specials only has nothing to predict
+            ids = [x for x in enc["input_ids"] if any(t not in special for t in x)]
         else:
             tok = self.tokenizer
             head = [tok.cls_token_id] if tok.cls_token_id is not None else []
@@ -149,7 +158,7 @@ class MaskedLM(TaskDefaults):
             first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
             rand = rand.gather(1, first)
         chosen = (rand < self.mask_prob) & ~special
-        if not chosen.any():  # a tiny batch may draw nothing: predict one token
+        if not chosen.any() and not special.all():  # a tiny batch may draw nothing: predict one
             chosen.view(-1)[(~special).view(-1).nonzero()[0]] = True
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
         how = torch.rand(ids.shape, generator=gen).to(ids.device) if gen else torch.rand(
@@ -167,11 +176,14 @@ class MaskedLM(TaskDefaults):
         parts = split_mlm(model)
         n = (labels != -100).sum()
         if parts is None or not self.sparse_logits:
-            return model(input_ids=inputs, labels=labels, **kwargs).loss, n
+            out = model(input_ids=inputs, labels=labels, **kwargs)
+            # no masked token (a batch of empty rows): loss 0, not the NaN of an empty mean
+            return (out.loss if n > 0 else out.logits.sum() * 0), n
         hidden = parts[0](input_ids=inputs, **kwargs)[0]
         where = labels != -100
         logits = parts[1](hidden[where])
-        return F.cross_entropy(logits.float(), labels[where]), n
+        total = F.cross_entropy(logits.float(), labels[where], reduction="sum")
+        return total / n.clamp(min=1), n
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         inputs, labels = self.mask(batch, train=model.training)
@@ -184,6 +196,22 @@ class MaskedLM(TaskDefaults):
     def update(self, metrics: MetricCollection, out: TaskOutput,
                batch: dict[str, torch.Tensor]) -> None:
         metrics.update(out.extras["nll_sum"], out.extras["count"])
+
+
+def continuation_pieces(vocab: list[str], special: set[int]) -> torch.Tensor:
+    """Per vocabulary id: whether the piece continues the previous word (whole-word masking).
+
+    WordPiece marks continuations (``##x``); byte-level BPE (RoBERTa, GPT-2: ``Ġx``) and
+    SentencePiece (``▁x``) mark word starts, so there a piece without the mark continues its
+    word (fairseq's whole-word mask); special tokens never do.
+    """
+    if any(t.startswith("##") for t in vocab):
+        return torch.tensor([t.startswith("##") for t in vocab])
+    for start in ("Ġ", "▁"):
+        if any(t.startswith(start) for t in vocab):
+            return torch.tensor([not t.startswith(start) and i not in special
+                                 for i, t in enumerate(vocab)])
+    return torch.zeros(len(vocab), dtype=torch.bool)
 
 
 def fresh_head(model: nn.Module, spec: ModelSpec) -> list[str]:

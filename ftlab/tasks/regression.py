@@ -31,7 +31,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec
 from ftlab.rules import at_least, one_of
-from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room
 from ftlab.tasks.classify import sequence_model
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class Regression(TaskDefaults):
                             "the head starts near 0 and moves about lr per step, so targets far "
                             "from unit scale train slowly. Rescale the column (e.g. (y - mean) / "
                             "std) and invert the predictions yourself.", mean, std)
+        check_room(self.max_length, tokenizer, len(text_columns))
         self.tokenizer = tokenizer
         self.text_columns = list(text_columns)
         self.features = (*tokenizer.model_input_names, "labels")

@@ -25,7 +25,7 @@ from ftlab.data.conll import BIO
 from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
-from ftlab.tasks.base import TaskDefaults, TaskOutput
+from ftlab.tasks.base import TaskDefaults, TaskOutput, check_room
 from ftlab.tasks.tagging import IGNORE, EntityScore, align, entities, words_tokenizer
 
 #: per-row features for the entity scores, not model inputs: the row's gold entities not wholly
@@ -44,7 +44,8 @@ class Tokens(TaskDefaults):
     """
 
     def __init__(self, max_length: int = 128, monitor: str = "f1") -> None:
-        self.max_length, self.monitor, self.mode = max_length, monitor, "max"
+        self.max_length, self.monitor = max_length, monitor
+        self.mode = "min" if monitor == "loss" else "max"
         self.labels: list[str] = []
         self.features: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
 
@@ -68,6 +69,7 @@ class Tokens(TaskDefaults):
         if bad:
             raise FtlabError(f"The tag set has non-BIO tags {bad[:5]}; stage=tokens scores "
                              "BIO entities (O, B-<type>, I-<type>).", "convert the tags to BIO.")
+        check_room(self.max_length, tokenizer)
         self.labels = list(raw.labels)
         self.column = text_columns[0]
         self.tokenizer = words_tokenizer(tokenizer)
