@@ -479,3 +479,32 @@ def test_monitoring_the_loss_keeps_the_epoch_with_the_lowest_loss(make_cfg, conl
     assert len(losses) == 3 and min(losses) < max(losses), losses
     assert record["stages"]["tokens"]["best_epoch"] == losses.index(min(losses)), losses
     assert record["final"]["val/loss"] == pytest.approx(min(losses), abs=1e-4)
+
+
+def test_val_loss_is_the_mean_over_the_splits_scored_words(make_cfg, tmp_path):
+    """val/loss was a row-weighted mean of per-batch word means: a batch of 3-word rows
+    weighed as much per row as one of 30-word rows. It is the split's mean cross-entropy per
+    scored word, recomputed here from the loaded model one row at a time."""
+    import ftlab
+
+    rng = random.Random(0)
+    for split in ("train", "validation", "test"):
+        rows = [([rng.choice(PEOPLE)] + rng.choices(FILLER, k=2 if i % 2 else 29),
+                 ["B-per"] + ["O"] * (2 if i % 2 else 29)) for i in range(32)]
+        write_conll(tmp_path / f"{split}.conll", rows)
+    cfg = make_cfg(token_overrides(tmp_path, "stage.eval_batch_size=4", "trainer.max_steps=3",
+                                   "stage.optim.lr=3e-3"))
+    final = run(cfg)["final"]
+    predictor = ftlab.load(cfg.paths.output_dir)
+    val = read_conll(tmp_path / "validation.conll")
+    tag_ids = [[predictor.labels.index(t) for t in tags] for tags in val["tags"]]
+    feats = predictor.task.featurize({"tokens": val["tokens"], "label": tag_ids})
+    total, words = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in zip(feats["input_ids"], feats["labels"], strict=True):
+            logits = predictor.model(input_ids=torch.tensor([ids])).logits[0]
+            target = torch.tensor(labels)
+            total += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE,
+                                                       reduction="sum").item()
+            words += int((target != IGNORE).sum())
+    assert final["val/loss"] == pytest.approx(total / words, abs=1e-4), (final, total / words)

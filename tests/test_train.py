@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -83,3 +85,14 @@ def test_stage_may_set_a_trainer_argument_absent_from_the_trainer_yaml(make_cfg,
                                                     "stage.trainer.max_epochs=1"])
     record = run(cfg)
     assert record["status"] == "ok" and record["stages"]["classify"]["global_steps"] == 3
+
+
+@pytest.mark.parametrize("max_length", [1, 2])
+def test_a_max_length_with_no_room_for_the_text_is_refused_before_training(
+        max_length, make_cfg, sentiment_dir, tmp_path):
+    """[CLS] and [SEP] take 2 tokens: at 1 Transformers skipped truncation (every row kept
+    its full length, the setting ignored); at 2 every row was [CLS] [SEP], no word read."""
+    with pytest.raises(SystemExit):
+        run(make_cfg(tiny_overrides(sentiment_dir) + [f"stage.task.max_length={max_length}"]))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert re.search(rf"max_length={max_length} leaves no room.*at least 3", error, re.S), error

@@ -137,10 +137,12 @@ class TaskDefaults:
     #: the baselines that decide whether a run failed (``ftlab.seedstats.failure``); None:
     #: every baseline the task reports (the others are shown in reports only)
     failed_by: tuple[str, ...] | None = None
+    #: the loss is a mean over predicted tokens/words, ``extras["count"]`` of them per batch:
+    #: ``val/loss`` weights each batch by that count (the split's mean, not a mean of batches)
+    token_loss: bool = False
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None
-
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.rules import at_least, one_of
-from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room
 
 #: ``class_weights``: none (plain cross-entropy) | balanced (inverse class frequency)
 CLASS_WEIGHTS = ("none", "balanced")
@@ -99,6 +99,7 @@ class Classify(TaskDefaults):
                                         self.imbalance_ratio)
         if self.class_weights == "balanced" and counts is not None:
             self.weight = balanced_weights(counts)
+        check_room(self.max_length, tokenizer, len(text_columns))
         self.tokenizer = tokenizer
         self.text_columns = list(text_columns)
         self.features = (*tokenizer.model_input_names, "labels")  # what the tokenizer emits

@@ -117,7 +117,8 @@ class Tokens(TaskDefaults):
                                             ignore_index=IGNORE, reduction="sum")
         # the mean over scored words; a batch with none (rows without words: `"tokens": []`)
         # has loss 0, not the NaN of an empty mean (which stopped the run as diverged)
-        return TaskOutput(total / (labels != IGNORE).sum().clamp(min=1), logits)
+        words = (labels != IGNORE).sum()
+        return TaskOutput(total / words.clamp(min=1), logits, {"count": words})
 
     def predict_rows(self, model: nn.Module, rows: list[Any],
                      batch_size: int = 64) -> list[dict[str, Any]]:
@@ -169,6 +170,7 @@ class Tokens(TaskDefaults):
     #: reported: with rare entities it is high, and a tagger that finds entities while
     #: over-tagging some words falls below it without having learnt nothing
     failed_by = ("f1",)
+    token_loss = True  # val/loss is the mean over the split's scored words (extras["count"])
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         """Tagging every word ``O``: token accuracy is the share of ``O`` words; no entity is
