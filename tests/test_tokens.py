@@ -508,3 +508,31 @@ def test_val_loss_is_the_mean_over_the_splits_scored_words(make_cfg, tmp_path):
                                                        reduction="sum").item()
             words += int((target != IGNORE).sum())
     assert final["val/loss"] == pytest.approx(total / words, abs=1e-4), (final, total / words)
+
+
+def test_a_word_with_no_sub_token_is_read_as_unknown_and_scored(tmp_path):
+    """A zero-width space (or a control character, an accent alone) gives no sub-token: its
+    gold tag fell out of the sentence, so a person written that way was neither found nor
+    missed, and predict left it 'O' with no score. It is read as [UNK] and tagged."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    rows = [{"tokens": ["alice", "\u200b", "paris"], "tags": ["B-per", "B-per", "B-loc"]},
+            {"tokens": ["bob", "\x07"], "tags": ["B-per", "O"]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = load_raw(DataSpec(files={"train": str(path)}, text_columns=["tokens"],
+                            label_column="tags", splits={"train": "train"}))
+    task = Tokens()
+    task.bind(raw, load_tokenizer(TINY), ["tokens"])
+    train = raw.splits["train"]
+    feats = task.featurize({"tokens": train["tokens"], "label": train["label"]})
+    scored = [[t for t in row if t != IGNORE] for row in feats["labels"]]
+    assert scored == train["label"]  # every word's tag, the zero-width one's too
+    unk = task.tokenizer.unk_token_id
+    assert unk in feats["input_ids"][0] and feats["input_ids"][1][-2] == unk
+    model = BertForTokenClassification(BertConfig(
+        vocab_size=task.tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=len(task.labels))).eval()
+    preds = task.predict_rows(model, train["tokens"])
+    assert preds[0]["tokens"] == ["alice", "\u200b", "paris"]  # the words as given
+    assert all(s is not None for p in preds for s in p["scores"])

@@ -77,8 +77,7 @@ class Tokens(TaskDefaults):
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         words = [_words(row) for row in batch[self.column]]
-        enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
-                             max_length=self.max_length)
+        enc = self._encode(words)
         tags = batch.get("label") or [None] * len(words)
         enc["labels"] = [align(enc.word_ids(i), t if isinstance(t, list) else None)
                          for i, t in enumerate(tags)]
@@ -87,6 +86,30 @@ class Tokens(TaskDefaults):
         enc[CUT[0]], enc[CUT[1]] = [c[0] for c in cut], [c[1] for c in cut]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return dict(enc)
+
+    def _encode(self, words: list[list[str]]) -> Any:
+        """The rows' sub-tokens within ``max_length``. A word the tokenizer turns into no
+        sub-token (a control or zero-width character, an accent alone, '') is read as the
+        unknown token, so it is tagged and scored like any word (without, its gold tag fell out
+        of the sentence: an entity on it was neither found nor missed)."""
+        enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
+                             max_length=self.max_length)
+        unk = self.tokenizer.unk_token
+        if unk is None:
+            return enc
+        fixed = None
+        for i, row in enumerate(words):
+            seen = {w for w in enc.word_ids(i) if w is not None}
+            # the words kept: all of a row shorter than max_length; of a full one, those up
+            # to its last word with a sub-token (the rest may have been cut)
+            kept = len(row) if len(enc["input_ids"][i]) < self.max_length else max(seen,
+                                                                                 default=-1)
+            lost = set(range(kept)) - seen
+            if lost:
+                fixed = fixed or [list(r) for r in words]
+                fixed[i] = [unk if j in lost else w for j, w in enumerate(row)]
+        return enc if fixed is None else self.tokenizer(
+            fixed, is_split_into_words=True, truncation=True, max_length=self.max_length)
 
     def _cut(self, word_ids: Sequence[int | None], tags: Sequence[int] | None) -> tuple[int, int]:
         """(gold entities not wholly inside the kept words, whether one starts inside them)."""
@@ -130,8 +153,7 @@ class Tokens(TaskDefaults):
         from ftlab.data.batching import PadCollator
 
         words = [_words(r[self.column] if isinstance(r, dict) else r) for r in rows]
-        enc = self.tokenizer(words, is_split_into_words=True, truncation=True,
-                             max_length=self.max_length)
+        enc = self._encode(words)
         keep = [k for k in self.features if k not in ("labels", *CUT)]
         collate = PadCollator(self.tokenizer.pad_token_id)
         device = next(model.parameters()).device
