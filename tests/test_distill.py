@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -135,20 +136,10 @@ def test_the_shipped_pet_pipeline_resolves(make_cfg, sentiment_dir):
 
 
 def test_ipet_adds_class_balanced_confident_teacher_rows_to_the_gold_rows():
-    from datasets import Dataset, DatasetDict
-
     from ftlab.distill import balanced_confident
 
-    gold = [{"text": f"g{i}", "label": i % 2} for i in range(4)]
-    pool = [{"text": f"u{i}"} for i in range(40)]
-    scores = torch.tensor([[3.0, 0.0]] * 30 + [[0.0, 3.0]] * 10)  # 30 say neg, 10 say pos
-    t = SimpleNamespace(labels=["neg", "pos"], scores=lambda texts: scores)
-    raw = RawData(DatasetDict({"train": Dataset.from_list(gold),
-                               "unlabelled": Dataset.from_list(pool),
-                               "validation": Dataset.from_list(gold)}), ["neg", "pos"])
-    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=8, seed=3,
-                            where="stage 'g1'")
-    out, info = label_with_teachers(raw, stage, [t], ["text"])
+    # 30 unlabelled rows the teacher calls neg, 10 pos
+    out, info = _ipet([i % 2 for i in range(4)], [[3.0, 0.0]] * 30 + [[0.0, 3.0]] * 10, 8)
     train = out.splits["train"]
     assert len(train) == 4 + 8 and train["text"][:4] == ["g0", "g1", "g2", "g3"]
     added = dict(zip(train["text"][4:], train["label"][4:], strict=True))
@@ -166,25 +157,30 @@ def test_ipet_teacher_rows_keep_the_gold_rows_label_distribution():
     """PET's iPET adds each class in its share of the gold rows (generate_ipet_train_sets:
     examples_per_label from the training set's counts); an even split gave a 3:1 gold set
     1:1 added rows."""
-    from datasets import Dataset, DatasetDict
-
-    gold = [{"text": f"g{i}", "label": int(i == 3)} for i in range(4)]  # 3 neg, 1 pos
-    pool = [{"text": f"u{i}"} for i in range(40)]
-    scores = torch.tensor([[3.0, 0.0]] * 20 + [[0.0, 3.0]] * 20)
-    t = SimpleNamespace(labels=["neg", "pos"], scores=lambda texts: scores)
-    raw = RawData(DatasetDict({"train": Dataset.from_list(gold),
-                               "unlabelled": Dataset.from_list(pool),
-                               "validation": Dataset.from_list(gold)}), ["neg", "pos"])
-    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=8, seed=3,
-                            where="stage 'g1'")
-    out, info = label_with_teachers(raw, stage, [t], ["text"])
+    scores = [[3.0, 0.0]] * 20 + [[0.0, 3.0]] * 20
+    out, info = _ipet([int(i == 3) for i in range(4)], scores, 8)  # 3 neg, 1 pos
     assert sorted(out.splits["train"]["label"][4:]) == [0] * 6 + [1] * 2
     assert info["teacher_rows_per_class"] == {"neg": 6, "pos": 2}
     # a class whose share of a small teacher_rows rounds to 0 gets no row (torch's draw of
     # 0 rows raised a RuntimeError)
-    out, info = label_with_teachers(raw, SimpleNamespace(**{**vars(stage), "teacher_rows": 3}),
-                                    [t], ["text"])
+    out, info = _ipet([int(i == 3) for i in range(4)], scores, 3)
     assert info["teacher_rows_per_class"] == {"neg": 2, "pos": 0}
+
+
+def _ipet(gold: list[int], scores: list[list[float]], teacher_rows: int) -> tuple[Any, Any]:
+    """label_with_teachers on gold rows g0.. with those labels and one unlabelled row u0.. per
+    teacher score row (iPET: teacher_rows added rows, seed 3)."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"text": f"g{i}", "label": label} for i, label in enumerate(gold)]
+    t = SimpleNamespace(labels=["neg", "pos"], scores=lambda texts: torch.tensor(scores))
+    raw = RawData(DatasetDict({"train": Dataset.from_list(rows),
+                               "unlabelled": Dataset.from_list([{"text": f"u{i}"} for i in
+                                                                range(len(scores))]),
+                               "validation": Dataset.from_list(rows)}), ["neg", "pos"])
+    stage = SimpleNamespace(teachers=("t",), teacher_temperature=1.0, teacher_rows=teacher_rows,
+                            seed=3, where="stage 'g1'")
+    return label_with_teachers(raw, stage, [t], ["text"])
 
 
 def test_the_shipped_ipet_pipeline_resolves(make_cfg, sentiment_dir):
