@@ -153,8 +153,9 @@ def report_degenerate(record: dict[str, Any]) -> None:
 
 
 def objective(record: dict[str, Any]) -> float:
-    """The job's score for optimising sweepers: the last stage's monitored validation metric;
-    for a failed or discarded job (or a missing/non-finite metric) the worst value for its
+    """The job's score for optimising sweepers: the last stage's monitored validation metric
+    (also for a job that failed by the baseline rule); for a job not ``ok`` (errored, diverged,
+    interrupted, discarded, pruned) or a missing/non-finite metric the worst value for its
     mode."""
     monitor = record.get("monitor") or {"metric": "val/acc", "mode": "max"}
     worst = -math.inf if monitor["mode"] == "max" else math.inf

@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns the record; ``record["objective"]`` is ``val/<monitor>`` of the last stage (what
     an optimising sweeper reads), or the worst value (-inf / +inf by the monitor's mode) when
-    the job failed.
+    the job did not finish ``ok`` (errored, diverged, stopped, discarded).
     """
     from ftlab.cli import CONFIG_DIR
     from ftlab.overrides import explicit_keys
