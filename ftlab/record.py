@@ -153,8 +153,9 @@ def report_degenerate(record: dict[str, Any]) -> None:
 
 
 def objective(record: dict[str, Any]) -> float:
-    """The job's score for optimising sweepers: the last stage's monitored validation metric;
-    for a failed or discarded job (or a missing/non-finite metric) the worst value for its
+    """The job's score for optimising sweepers: the last stage's monitored validation metric
+    (also for a job that failed by the baseline rule); for a job not ``ok`` (errored, diverged,
+    interrupted, discarded, pruned) or a missing/non-finite metric the worst value for its
     mode."""
     monitor = record.get("monitor") or {"metric": "val/acc", "mode": "max"}
     worst = -math.inf if monitor["mode"] == "max" else math.inf
@@ -164,7 +165,7 @@ def objective(record: dict[str, Any]) -> float:
 
 
 def record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
-                  primary: bool = True) -> None:
+                  primary: bool = True, sweep_dir: Path | None = None) -> None:
     from ftlab.status import Stopped, stop_message
 
     stopped = isinstance(err, KeyboardInterrupt | Stopped)
@@ -175,7 +176,8 @@ def record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
     if isinstance(err, Stopped):
         stage = record.pop("current_stage", None)
         record["interrupted"] = {"stage": stage, "step": err.step, "signal": err.signal}
-        record["error"] = stop_message(err, stage)
+        resume = f"ftlab -m resume={sweep_dir}" if sweep_dir else f"ftlab resume={run_dir}"
+        record["error"] = stop_message(err, stage, resume)
     if not (stopped or isinstance(err, FtlabError)) and primary:
         try:
             (run_dir / "error.log").write_text(traceback.format_exc())

@@ -98,7 +98,7 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
         lines.append(f"| {rank} | {key} | {mean:.4f} | " + (
             f"{vs['diff']:+.4f} | {vs['p']:.3f} | {vs.get('p_holm', vs['p']):.3f} | "
             f"{vs['test']} (n={vs['n']}) |" if vs else "– | – | – | – |"))
-    floors = [vs for k in summary if (vs := summary[k]["rank"].get("vs_best"))
+    floors = [vs for _, k in ranked if (vs := summary[k]["rank"].get("vs_best"))
               and vs.get("p_min", 0) > 0.05]
     if floors:
         worst = max(floors, key=lambda vs: vs["p_min"])

@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns the record; ``record["objective"]`` is ``val/<monitor>`` of the last stage (what
     an optimising sweeper reads), or the worst value (-inf / +inf by the monitor's mode) when
-    the job failed.
+    the job did not finish ``ok`` (errored, diverged, stopped, discarded).
     """
     from ftlab.cli import CONFIG_DIR
     from ftlab.overrides import explicit_keys
@@ -133,7 +133,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except (FtlabError, Exception, KeyboardInterrupt, Stopped) as caught:
         started = began(record)  # has a stage run?
         err = caught if isinstance(caught, FtlabError) else environment_error(caught) or caught
-        record_error(record, err, run_dir, primary)
+        record_error(record, err, run_dir, primary,
+                     run_dir.parent if hydra["multirun"] else None)
         record["objective"] = objective(record)
         if not hydra["multirun"]:  # (a sweep's report counts the job's error)
             saved = kept_record(record, earlier, started)

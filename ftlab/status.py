@@ -124,13 +124,14 @@ def effective(record: dict[str, Any]) -> dict[str, Any]:
                  "cache)."})
 
 
-def stop_message(err: Stopped, stage: str | None) -> str:
-    """One paragraph for a job stopped by a signal."""
+def stop_message(err: Stopped, stage: str | None, resume: str = "ftlab resume=RUN_DIR") -> str:
+    """One paragraph for a job stopped by a signal; ``resume`` is the command that continues it
+    (the same command again would start a new, empty run folder)."""
     where = f" in stage '{stage}'" if stage else ""
     at = f" at step {err.step}" if err.step is not None else ""
     return (f"Stopped by {err.signal}{where}{at}; metrics.json records status 'interrupted' "
-            "and the stages finished before.\nFix: re-run the same command to start again "
-            "(finished upstream stages are reused from the stage cache).")
+            f"and the stages finished before.\nFix: `{resume}` continues it from its last "
+            "checkpoint (finished upstream stages are reused from the stage cache).")
 
 
 def degenerate_line(record: dict[str, Any]) -> str:

@@ -65,8 +65,9 @@ def test_signal_mid_training_is_recorded(sig, make_cfg, sentiment_dir, tmp_path,
     name = signal.Signals(sig).name
     assert record["status"] == "interrupted" and record["failed"] is True
     assert record["interrupted"] == {"stage": "classify", "step": 3, "signal": name}
-    assert re.search(rf"Stopped by {name} in stage 'classify' at step 3.*Fix: re-run",
-                     record["error"], re.S)
+    assert re.search(rf"Stopped by {name} in stage 'classify' at step 3", record["error"])
+    # the command that continues it (the same command again would start a new run folder)
+    assert f"Fix: `ftlab resume={tmp_path / 'run'}` continues it" in record["error"]
     assert_one_paragraph(record["error"])
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "run" / "error.log").exists()
@@ -101,7 +102,9 @@ def test_signal_stops_a_sweep_too(make_cfg, sentiment_dir, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_:
         run(make_cfg(tiny_overrides(sentiment_dir)))
     assert exit_.value.code == 130
-    assert _metrics(tmp_path)["status"] == "interrupted"
+    record = _metrics(tmp_path)
+    assert record["status"] == "interrupted"
+    assert f"Fix: `ftlab -m resume={tmp_path}` continues it" in record["error"]
 
 
 def test_sigterm_to_the_command_mid_training(tmp_path, sentiment_dir):

@@ -226,6 +226,26 @@ def test_the_ranking_says_when_too_few_seeds_can_show_no_difference():
     assert "| 0.031 | paired (n=6) |" in many and "smallest p" not in many
 
 
+def test_a_configuration_without_a_test_score_does_not_break_the_ranking():
+    """A configuration whose jobs have no test score (pruned by a search, or errored) is not
+    ranked; the seed-floor note under the ranking skipped it (it raised KeyError: 'rank', so
+    an Optuna search with pruned trials wrote no summary.md)."""
+    def runs(lr: str, accs: list[float]) -> list[dict]:
+        return [{"status": "ok", "failed": False, "seed": seed, "final": {"test/acc": acc},
+                 "overrides": [f"seed={seed}", f"stage.optim.lr={lr}"]}
+                for seed, acc in enumerate(accs, 1)]
+
+    pruned = {"status": "pruned", "failed": False, "seed": 1, "final": {"test/acc": 0.5},
+              "overrides": ["seed=1", "stage.optim.lr=1e-6"],
+              "discarded": {"pruned": True, "steps": 4, "planned_steps": 96}}
+    summary = summarize(runs("1e-4", [0.9, 0.91, 0.92]) + runs("1e-5", [0.5, 0.51, 0.52])
+                        + [pruned])
+    assert "rank" not in summary["stage.optim.lr=1e-6"]
+    text = markdown(summary)
+    assert "| 2 | stage.optim.lr=1e-5 |" in text and "stage.optim.lr=1e-6 |" not in text
+    assert "smallest p the test can give is 0.250 (paired, n=3)" in text
+
+
 def test_expected_validation_performance_dodge_et_al():
     from ftlab.seedstats import expected_max
 

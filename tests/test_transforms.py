@@ -64,6 +64,17 @@ def test_gender_swap_names_when_enabled_and_only_capitalised():
     assert names.swap_text("John met Mary. Tom and anna") == "Mary met John. Anna and anna"
 
 
+def test_gender_swap_records_whether_it_swapped_names():
+    """The record (metrics.json, card.json) holds the settings that change the rows."""
+    rows = Rows(Dataset.from_dict({"text": ["John met Mary."], "label": ["a"]}), None,
+                ("text",), ["a"], 0)
+    on = build(resolve_nodes([{"gender_swap": {"swap_names": True}}]))[0][1](rows)
+    off = build(resolve_nodes(["gender_swap"]))[0][1](rows)
+    assert on.train["text"][-1] == "Mary met John." and len(off.train) == 1
+    assert on.info["swap_names"] is True and off.info["swap_names"] is False
+    assert on.info["mode"] == "add" and on.info["columns"] == ["text"]
+
+
 def test_gender_swap_word_lists_keep_their_length(swap):
     words = ["Her", "brother", "told", "her", ".", "He", "left"]
     assert swap.swap_value(words) == ["His", "sister", "told", "him", ".", "She", "left"]

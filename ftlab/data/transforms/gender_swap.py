@@ -135,7 +135,7 @@ class GenderSwap:
                  columns: list[str] | None = None) -> None:
         self.words = _pair_map(pairs or [], "pairs")
         self.names = _pair_map(names or [], "names") if swap_names else {}
-        self.mode, self.columns = mode, columns
+        self.mode, self.columns, self.swap_names = mode, columns, swap_names
 
     def __call__(self, rows: Rows) -> Applied:
         columns = list(self.columns or rows.text_columns)
@@ -152,7 +152,7 @@ class GenderSwap:
             return changed or None
 
         applied = rowwise(rows.train, rewrite, self.mode)
-        applied.info = {"mode": self.mode, "columns": columns}
+        applied.info = {"mode": self.mode, "columns": columns, "swap_names": self.swap_names}
         return applied
 
     def swap_value(self, value: Any) -> Any:
