@@ -21,6 +21,9 @@ from tests.conftest import NO_BUDGET, tiny_overrides
 class _Tok:
     model_input_names = ["input_ids", "attention_mask"]
 
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:  # [CLS] x [SEP] (y [SEP])
+        return 3 if pair else 2
+
 
 def bound(labels: list[int], **kw) -> Classify:
     task = Classify(**kw)
