@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write(args.output, lambda p: p.write_text(text))
     except FtlabError as err:
         sys.exit(f"ftlab-predict: {err}")
-    print(f"ftlab-predict: {len(preds)} rows -> {args.output}", file=sys.stderr)
+    rows = f"{len(preds)} row" + ("" if len(preds) == 1 else "s")
+    print(f"ftlab-predict: {rows} -> {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":
