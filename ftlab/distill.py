@@ -140,6 +140,8 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
     probability proportional to the teachers' confidence (seeded)."""
     from datasets import DatasetDict, concatenate_datasets
 
+    from ftlab.tasks.classify import label_counts
+
     if UNLABELLED not in raw.splits:
         raise FtlabError(f"{stage.where}: teacher_rows adds teacher-labelled rows from the "
                          "data's unlabelled split, and the data has none.",
@@ -152,10 +154,8 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
     probs = ensemble_predictions(teachers, texts, stage.teacher_temperature)
     keep = [*columns, "label"]
     gold = raw.splits["train"].select_columns(keep)
-    labels = torch.as_tensor(gold["label"]) if len(gold) else None
-    if labels is not None:
-        labels = labels.argmax(-1) if labels.is_floating_point() else labels.long()
-    pick = balanced_confident(probs, stage.teacher_rows, stage.seed, labels)
+    counts = label_counts(gold["label"], len(raw.labels)) if len(gold) else None
+    pick = balanced_confident(probs, stage.teacher_rows, stage.seed, counts)
     added = pool.select(pick).select_columns(columns).add_column(
         "label", probs[pick].argmax(-1).tolist())
     added = added.cast(gold.features)
@@ -172,15 +172,15 @@ def _add_teacher_rows(raw: RawData, stage: ResolvedStage, teachers: list[Predict
 
 def balanced_confident(probs: torch.Tensor, n: int, seed: int,
                        gold: torch.Tensor | None = None) -> list[int]:
-    """About ``n`` row indices, per predicted class its share of ``gold``'s labels (PET's iPET
-    keeps the gold rows' label distribution; ``n / classes`` each without gold) or all of a
-    class when it has fewer, each drawn without replacement with probability proportional to
-    its confidence."""
+    """About ``n`` row indices, per predicted class its share of the gold rows (``gold``: rows
+    per class; PET's iPET keeps the gold rows' label distribution; ``n / classes`` each
+    without gold) or all of a class when it has fewer, each drawn without replacement with
+    probability proportional to its confidence."""
     gen = torch.Generator().manual_seed(seed)
     best, conf = probs.argmax(-1), probs.max(-1).values
     classes = probs.shape[-1]
     quota = ([n // classes] * classes if gold is None else
-             [int(k * n / len(gold)) for k in torch.bincount(gold, minlength=classes).tolist()])
+             [int(k * n / int(gold.sum())) for k in gold.tolist()])
     picked: list[int] = []
     for c in range(classes):
         idx = (best == c).nonzero().flatten()
