@@ -93,6 +93,7 @@ def keep_best_full_artefacts(records: list[dict[str, Any]], sweep_dir: Path) -> 
             if stage.get("full_size_artefact") and path and Path(path).is_file() \
                     and Path(path).resolve().is_relative_to((sweep_dir / rec["job"]).resolve()):
                 Path(path).unlink()
+                stage["artefact"] = None  # as save_artefact=none records it: no path to a file
                 stage["artefact_dropped"] = f"save_artefact=best: job {best} kept its"
                 changed = True
         if changed:

@@ -261,6 +261,7 @@ def test_save_artefact_best_keeps_a_killed_reruns_finished_record_recoverable(tm
     assert not weights.exists()
     seen = read_record(job / "metrics.json")
     assert seen["status"] == "ok" and "artefact_dropped" in seen["stages"]["classify"]
+    assert seen["stages"]["classify"]["artefact"] is None  # it named the deleted file
     assert finished_record(job, finished["job_identity"], None, seen) is not None
 
 
