@@ -394,6 +394,40 @@ def test_calibration_reestimates_the_bias_of_the_weights_it_scores(tiny):
     torch.testing.assert_close(task.probabilities(model, out.logits), want)
 
 
+def test_calibration_estimates_the_bias_once_per_state_of_the_weights(tiny):
+    """p_cf was estimated again for every evaluation batch (three more forwards each); it is
+    kept while no parameter changes, and estimated anew after any in-place change (an
+    optimiser step, a snapshot's weights copied in) or for another model."""
+    import pickle
+
+    spec, tok = tiny
+    task = bound(tok, calibrate=True)
+    torch.manual_seed(0)
+    model = task.build_model(spec).eval()
+    batch = batch_for(task, synthetic_rows(4, 1), tok.pad_token_id)
+    estimates = []
+    encode = task.encode_slot
+    task.encode_slot = lambda fields: (estimates.append(1), encode(fields))[1]
+    per_estimate = len(task.content_free)
+    with torch.no_grad():
+        first = task.forward(model, batch).extras["calibrated"]
+        torch.testing.assert_close(task.forward(model, batch).extras["calibrated"], first)
+        assert len(estimates) == per_estimate  # the second batch reused it
+        weight = next(model.parameters())
+        weight.add_(0.5)  # as an optimiser step does, in place
+        changed = task.forward(model, batch).extras["calibrated"]
+        assert len(estimates) == 2 * per_estimate
+        task._p_cf = None  # the same weights estimated from scratch give the same bias
+        torch.testing.assert_close(task.forward(model, batch).extras["calibrated"], changed)
+        weight.copy_(weight - 0.5)  # a snapshot's (here: the first) weights copied in
+        torch.testing.assert_close(task.forward(model, batch).extras["calibrated"], first)
+        other = task.build_model(spec).eval()
+        task.forward(other, batch)
+    assert len(estimates) == 5 * per_estimate
+    del task.encode_slot
+    assert pickle.loads(pickle.dumps(task))._p_cf is None  # the cache does not travel
+
+
 @pytest.mark.parametrize("verbalizer", [["bad", "great"], "great"])
 def test_a_verbaliser_that_is_not_a_mapping_is_refused(verbalizer):
     """`stage.task.verbalizer=[bad, great]` stopped the run with a ValueError traceback

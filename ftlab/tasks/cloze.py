@@ -18,6 +18,7 @@ Metrics then come twice: ``acc``/``f1`` and ``acc_cal``/``f1_cal``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
@@ -75,6 +76,10 @@ class Cloze(Classify):
         self.content_free = [content_free] if isinstance(content_free, str) \
             else list(content_free)
         self.causal: bool | None = None  # known once the model is built
+        self._p_cf: tuple[Any, tuple, torch.Tensor] | None = None  # (model, weights, p_cf)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled (DDP spawn) without the p_cf cache
+        return {**self.__dict__, "_p_cf": None}
 
     # --- data -------------------------------------------------------------------------------
     def bind(self, raw: RawData, tokenizer: Any, text_columns: list[str]) -> None:
@@ -222,9 +227,16 @@ class Cloze(Classify):
 
     # --- calibration ------------------------------------------------------------------------
     def content_free_probs(self, model: nn.Module) -> torch.Tensor:
-        """Mean label distribution over the content-free inputs (Zhao et al. 2021, p_cf)."""
+        """Mean label distribution over the content-free inputs (Zhao et al. 2021, p_cf), of
+        ``model``'s weights as they are now. Estimated once per state of the weights, not per
+        evaluation batch: it is kept with each parameter's storage and version counter, which
+        every in-place change bumps (an optimiser step, restoring the best epoch's weights,
+        loading a snapshot's), so a changed model is never scored with an old bias."""
         from ftlab.data.batching import PadCollator
 
+        state = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if self._p_cf is not None and self._p_cf[0]() is model and self._p_cf[1] == state:
+            return self._p_cf[2]
         rows = []
         for cf in self.content_free:
             text = self.tokenizer.mask_token if cf == "[MASK]" and self.tokenizer.mask_token \
@@ -235,12 +247,12 @@ class Cloze(Classify):
         device = next(model.parameters()).device
         with torch.no_grad():
             probs = self.scores(model, {k: v.to(device) for k, v in batch.items()}).softmax(-1)
-        return probs.mean(0)
+        self._p_cf = (weakref.ref(model), state, probs.mean(0))  # a new model: estimated anew
+        return self._p_cf[2]
 
     def calibrated(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
-        """Calibrated label probabilities: softmax(scores) / p_cf, renormalised. p_cf is
-        estimated on ``model`` as it is now (three short rows), never cached: restoring the
-        best epoch's weights changes them in place, without a training step."""
+        """Calibrated label probabilities: softmax(scores) / p_cf, renormalised (p_cf of
+        ``model``'s current weights)."""
         return calibrate(scores.softmax(-1), self.content_free_probs(model).to(scores.device))
 
     def probabilities(self, model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
