@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from ftlab.compiling import CUDAGRAPH_MODES
 from ftlab.flops import FlopRule
 from ftlab.module import FineTuneModule
-from ftlab.optim import OptimSpec, build_optimizer
+from ftlab.optim import OptimSpec, build_optimizer, fuses
 from ftlab.regularizers.none import NoRegularizer
 
 try:
@@ -135,13 +135,14 @@ def cycle(loader):
         yield from loader
 
 
-def plain_loop(model, loader, clock: Clock, loss_of) -> Clock:
+def plain_loop(model, loader, clock: Clock, loss_of, precision: str) -> Clock:
     """The hand-written loop: ``loss_of(batch, index)`` gives each step's loss, then backward,
-    norm clipping at 1.0, AdamW and the LR schedule as ftlab builds them."""
+    norm clipping at 1.0, AdamW (fused where ftlab fuses it) and the LR schedule as ftlab
+    builds them."""
     device = clock.device
     model = model.to(device).train()
     total = clock.warmup + clock.steps
-    opt, sched = build_optimizer(model, OptimSpec(), total)
+    opt, sched = build_optimizer(model, OptimSpec(), total, fused=fuses(precision, device.type))
     it = cycle(loader)
     for step in range(1, total + 1):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
@@ -162,7 +163,7 @@ def run_plain(task, model, loader, clock: Clock, precision: str,
                             enabled=precision == "bf16-mixed"):
             return task_loss(task, model, batch)
 
-    return plain_loop(model, loader, clock, loss_of)
+    return plain_loop(model, loader, clock, loss_of, precision)
 
 
 def epoch_batches(loader) -> tuple[dict[tuple, dict], float]:
@@ -190,7 +191,7 @@ def run_module(task, model, loader, clock: Clock, precision: str,
                             enabled=precision == "bf16-mixed"):
             return module.training_step(batch, index)
 
-    return plain_loop(model, loader, clock, loss_of)
+    return plain_loop(model, loader, clock, loss_of, precision)
 
 
 def warm(run, task, model, batches: dict[tuple, dict], device: torch.device, precision: str,

@@ -8,7 +8,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from ftlab.errors import FtlabError
-from ftlab.optim import OptimSpec, build_optimizer
+from ftlab.optim import OptimSpec, build_optimizer, fuses
 from ftlab.peft.base import FollowsSteps, Penalized
 from ftlab.regularizers.base import Regularizer
 from ftlab.tasks.base import Task, TaskOutput
@@ -192,6 +192,10 @@ class FineTuneModule(L.LightningModule):
             optim = replace(optim, lr=scaled_lr(optim.lr, optim.lr_scaling, batch,
                                                 optim.reference_batch))
         self.applied_lr = optim.lr
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        fused = fuses(str(trainer.precision), self.device.type,
+                      isinstance(trainer.strategy, FSDPStrategy))
         opt, sched = build_optimizer(self.model, optim, int(trainer.estimated_stepping_batches),
-                                     ndims=self.param_ndims)
+                                     ndims=self.param_ndims, fused=fused)
         return {"optimizer": opt, "lr_scheduler": sched}

@@ -331,6 +331,28 @@ def test_peft_lr_reaches_the_optimizer_and_metrics(make_cfg, sentiment_dir, monk
     assert rec["stages"]["classify"]["lr"] == pytest.approx(7e-3)
 
 
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", None)])
+def test_adamw_is_fused_in_full_precision_only(precision, fused, make_cfg, sentiment_dir,
+                                                monkeypatch):
+    """Fused AdamW (a quarter of the CPU's one-tensor-at-a-time step time for MiniLM) in full
+    precision; under mixed precision Lightning refuses norm clipping with it, so the run (with
+    trainer.gradient_clip_val) keeps torch's default and trains."""
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        opt = real(groups, **kw)
+        seen.append(opt.defaults["fused"])
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    rec = run(make_cfg(tiny_overrides(sentiment_dir) + [
+        f"trainer.precision={precision}", "trainer.gradient_clip_val=1.0",
+        "stage.trainer.max_steps=2"]))
+    assert rec["status"] == "ok", rec
+    assert seen == [fused]
+
+
 def test_cache_key_follows_the_lr_that_applies(make_cfg, sentiment_dir):
     def key(*extra: str) -> str:
         cfg = make_cfg(tiny_overrides(sentiment_dir) + ["peft=lora", *extra])
