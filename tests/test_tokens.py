@@ -469,34 +469,31 @@ def test_monitoring_the_loss_keeps_the_epoch_with_the_lowest_loss(make_cfg, conl
     validation loss was kept (and early stopping waited for the loss to rise)."""
     import csv
 
+    # lr 0.1: the loss falls, then rises in the last epoch (0.920, 0.905, 0.912); at 3e-3 it
+    # falls every epoch and the last epoch is the best, which would hide a kept-weights bug
     cfg = make_cfg([*token_overrides(conll_dir, "stage.task.monitor=loss",
-                                     "stage.trainer.max_epochs=3", "stage.optim.lr=3e-3"),
+                                     "stage.trainer.max_epochs=3", "stage.optim.lr=1e-1"),
                     "logger=csv"])
     record = run(cfg)
     path = next((Path(cfg.paths.output_dir) / "tokens").rglob("metrics.csv"))
     with path.open() as f:
         losses = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
     assert len(losses) == 3 and min(losses) < max(losses), losses
-    assert record["stages"]["tokens"]["best_epoch"] == losses.index(min(losses)), losses
+    best = losses.index(min(losses))
+    assert best < len(losses) - 1, losses  # else the last epoch's weights would pass below
+    assert record["stages"]["tokens"]["best_epoch"] == best, losses
     assert record["final"]["val/loss"] == pytest.approx(min(losses), abs=1e-4)
+    # the weights kept (the artefact, and what test/ scored) are that epoch's, not the last's
+    assert val_loss_of(cfg.paths.output_dir, conll_dir) == pytest.approx(min(losses), abs=1e-4)
 
 
-def test_val_loss_is_the_mean_over_the_splits_scored_words(make_cfg, tmp_path):
-    """val/loss was a row-weighted mean of per-batch word means: a batch of 3-word rows
-    weighed as much per row as one of 30-word rows. It is the split's mean cross-entropy per
-    scored word, recomputed here from the loaded model one row at a time."""
+def val_loss_of(run_dir, data_dir: Path) -> float:
+    """The validation split's mean cross-entropy per scored word under the run's saved
+    model (``ftlab.load``), one row at a time."""
     import ftlab
 
-    rng = random.Random(0)
-    for split in ("train", "validation", "test"):
-        rows = [([rng.choice(PEOPLE)] + rng.choices(FILLER, k=2 if i % 2 else 29),
-                 ["B-per"] + ["O"] * (2 if i % 2 else 29)) for i in range(32)]
-        write_conll(tmp_path / f"{split}.conll", rows)
-    cfg = make_cfg(token_overrides(tmp_path, "stage.eval_batch_size=4", "trainer.max_steps=3",
-                                   "stage.optim.lr=3e-3"))
-    final = run(cfg)["final"]
-    predictor = ftlab.load(cfg.paths.output_dir)
-    val = read_conll(tmp_path / "validation.conll")
+    predictor = ftlab.load(run_dir)
+    val = read_conll(data_dir / "validation.conll")
     tag_ids = [[predictor.labels.index(t) for t in tags] for tags in val["tags"]]
     feats = predictor.task.featurize({"tokens": val["tokens"], "label": tag_ids})
     total, words = 0.0, 0
@@ -507,7 +504,23 @@ def test_val_loss_is_the_mean_over_the_splits_scored_words(make_cfg, tmp_path):
             total += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE,
                                                        reduction="sum").item()
             words += int((target != IGNORE).sum())
-    assert final["val/loss"] == pytest.approx(total / words, abs=1e-4), (final, total / words)
+    return total / words
+
+
+def test_val_loss_is_the_mean_over_the_splits_scored_words(make_cfg, tmp_path):
+    """val/loss was a row-weighted mean of per-batch word means: a batch of 3-word rows
+    weighed as much per row as one of 30-word rows. It is the split's mean cross-entropy per
+    scored word, recomputed here from the loaded model one row at a time."""
+    rng = random.Random(0)
+    for split in ("train", "validation", "test"):
+        rows = [([rng.choice(PEOPLE)] + rng.choices(FILLER, k=2 if i % 2 else 29),
+                 ["B-per"] + ["O"] * (2 if i % 2 else 29)) for i in range(32)]
+        write_conll(tmp_path / f"{split}.conll", rows)
+    cfg = make_cfg(token_overrides(tmp_path, "stage.eval_batch_size=4", "trainer.max_steps=3",
+                                   "stage.optim.lr=3e-3"))
+    final = run(cfg)["final"]
+    by_hand = val_loss_of(cfg.paths.output_dir, tmp_path)
+    assert final["val/loss"] == pytest.approx(by_hand, abs=1e-4), (final, by_hand)
 
 
 def test_a_word_with_no_sub_token_is_read_as_unknown_and_scored(tmp_path):
