@@ -13,6 +13,13 @@ from ftlab.tasks.base import TaskOutput
 from tests.test_peft_contract import batch, method, tiny_model
 from tests.test_regularizer_contract import TASK, TinyClassify, prepared, regularizer
 
+
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fairseq's ``_get_symm_kl``, written out here (not ftlab's, which is under test): KL(p||q)
+    + KL(q||p) of the rows' softmaxes, summed over the classes, divided by the rows."""
+    la, lb = a.float().log_softmax(-1), b.float().log_softmax(-1)
+    return ((la.exp() - lb.exp()) * (la - lb)).sum() / a.shape[0]
+
 # -- Mixout (Lee et al. 2020; bloodwass/mixout) ------------------------------------------------
 
 
@@ -69,8 +76,6 @@ def test_smart_ascends_the_gradient_of_the_symmetric_kl_as_algorithm_1():
     """g = grad_delta l_s(f(x), f(x + delta)) with l_s the *symmetric* KL (the clean
     prediction constant), then delta + eta g / ||g||_inf (per token), clipped to the eps box:
     recomputed by hand from the perturbations the forwards saw."""
-    from ftlab.regularizers.embedding import symmetric_kl
-
     eta, eps = 0.05, 1.0
     reg, model = prepared("smart", mu=0.0, eps=eps, noise_std=0.3, step_size=eta, steps=1)
     model.eval()
@@ -109,8 +114,6 @@ def test_r3f_noisy_forward_sends_no_gradient_to_the_embedding_table():
     """fairseq feeds the noisy forward ``token_embeddings.detach().clone() + noise``: the word
     embeddings learn from the clean forward only. Rebuild the term by hand with the same
     noise and compare the embedding table's gradient."""
-    from ftlab.regularizers.embedding import symmetric_kl
-
     eps, lam = 0.05, 3.0
     reg, model = prepared("r3f", eps=eps, r3f_lambda=lam)
     model.eval()
@@ -128,7 +131,8 @@ def test_r3f_noisy_forward_sends_no_gradient_to_the_embedding_table():
     noisy = TASK.forward(model, batch(0)).logits
     handle.remove()
     (lam * symmetric_kl(noisy, clean)).backward()
-    torch.testing.assert_close(got, emb.weight.grad, rtol=1e-4, atol=1e-9)
+    # atol: float32 rounding of the two KL formulas, ~1e-4 of the largest gradient (8e-5)
+    torch.testing.assert_close(got, emb.weight.grad, rtol=1e-4, atol=1e-7)
     assert emb.weight.grad.abs().sum() > 0
 
 
