@@ -258,10 +258,11 @@ def test_diff_pruning_phase_survives_a_checkpoint():
 def test_diff_pruning_resumed_in_phase_2_ends_like_an_uninterrupted_run(tiny_run, monkeypatch,
                                                                          tmp_path):
     """12 steps: phase 2 from step 6; killed at 10, resumed from the step-8 checkpoint."""
+    from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
     from ftlab.run import run
     from ftlab.store import load_tensors
 
-    extra = ["peft=diff_pruning", "peft.keep=0.01"]
+    extra = ["peft=diff_pruning", "peft.keep=0.01", "checkpoint.keep=true"]
     whole = run(tiny_run("whole", *extra))
     assert whole["status"] == "ok", whole
     crash_at(monkeypatch, 10)
@@ -278,3 +279,11 @@ def test_diff_pruning_resumed_in_phase_2_ends_like_an_uninterrupted_run(tiny_run
             assert torch.equal(a[k], b[k]), k  # the same mask: no second projection
         else:
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    # the artefact is the best epoch's (it may be step 7's, before the kill): the last step's
+    # model, mask included, shows the resumed steps kept the mask and trained the same
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / n / "classify" / "checkpoints" / NAME)["state_dict"]
+            for n in ("whole", "killed"))
+    assert a.keys() == b.keys() and any(k.endswith("mask") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
