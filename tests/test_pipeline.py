@@ -362,6 +362,27 @@ def test_cache_key_follows_the_lr_that_applies(make_cfg, sentiment_dir):
     assert key("peft.lr=1e-3") == key("stage.optim.lr=1e-3")  # same LR, same stage
 
 
+
+def test_an_edited_data_file_is_a_new_stage_key(make_cfg, sentiment_dir, tmp_path):
+    """Local data files enter the key by size and modification time: a train file edited in
+    place (same path, same overrides) must not reuse the stage trained on the old rows."""
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sentiment_dir, data)
+
+    def key() -> str:
+        return pipeline_keys(build_pipeline(make_cfg(tiny_overrides(data))))["classify"]
+
+    before = key()
+    assert key() == before  # nothing changed: the same key
+    train = data / "train.jsonl"
+    stat = train.stat()
+    train.write_text(train.read_text().replace('"pos"', '"neg"', 1))  # one label, same size
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert train.stat().st_size == stat.st_size and key() != before
+
 # --- pipeline=intermediate_task: VitaminC classifier -> Rotten Tomatoes classifier (encoder) ---
 
 def test_intermediate_task_pipeline_resolves_with_each_stages_data(make_cfg):
