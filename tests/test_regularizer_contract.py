@@ -149,6 +149,13 @@ def test_logit_regularisers_refuse_a_masked_lm_and_take_cloze(name, stage, make_
     if stage == "mlm":
         with pytest.raises(SystemExit):
             run(cfg)
+        run_dir = Path(cfg.paths.output_dir)
+        record = json.loads((run_dir / "metrics.json").read_text())
+        # refused by the checks before any stage starts, not by the first training step
+        assert "current_stage" not in record and not (run_dir / "mlm").exists(), record
+        assert f"regularizer={name} " in record["error"], record["error"]
+        assert "MaskedLM task's training outputs have no per-row logits" in record["error"]
+        assert "Fix: use it with a task that has logits" in record["error"]
         return
     record = run(cfg)
     assert record["status"] == "ok" and record["stages"]["cloze"]["global_steps"] == 2
