@@ -83,7 +83,7 @@ def test_smart_ascends_the_gradient_of_the_symmetric_kl_as_algorithm_1():
     seen: list[torch.Tensor] = []
     handle = emb.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
     torch.manual_seed(0)
-    reg.training_loss(model, batch(0), TASK)
+    out = reg.training_loss(model, batch(0), TASK)
     handle.remove()
     assert len(seen) == 3  # clean, ascent, adversarial
     delta0, delta1 = seen[1] - seen[0], seen[2] - seen[0]
@@ -97,6 +97,16 @@ def test_smart_ascends_the_gradient_of_the_symmetric_kl_as_algorithm_1():
     hand = (delta0 + eta * g / (g.abs().amax(-1, keepdim=True) + 1e-6)).clamp(-eps, eps)
     torch.testing.assert_close(delta1, hand, rtol=1e-3, atol=1e-5)
     assert (delta1 - delta0).abs().max() > 1e-3  # it moved
+    # the term is l_s(f(x), f(x + delta)) at the adversarial delta, both directions of the KL
+    handle = emb.register_forward_hook(lambda m, i, out: out + delta1)
+    with torch.no_grad():
+        adversarial = TASK.forward(model, batch(0)).logits
+    handle.remove()
+    term = symmetric_kl(clean, adversarial)
+    assert term > 1e-4
+    assert out.extras["smart_adv"].item() == pytest.approx(term.item(), rel=1e-4)
+    assert out.loss.item() == pytest.approx(TASK.forward(model, batch(0)).loss.item()
+                                            + term.item(), rel=1e-5)  # lambda_s = 1, mu = 0
 
 
 # -- R3F (Aghajanyan et al. 2021; fairseq's sentence_prediction_r3f) ---------------------------
