@@ -277,11 +277,14 @@ def test_smart_bregman_term_pulls_toward_a_lagging_momentum_teacher():
     assert first == 0  # the teacher starts as the model
     again = reg.training_loss(model, batch(0), TASK).extras["smart_bregman"]
     assert again == 0  # no optimiser step in between (gradient accumulation): teacher stays
+    start = {n: p.detach().clone() for n, p in trainable(model).items()}
     with torch.no_grad():  # an optimiser step moves the model; the teacher follows 1% of it
         for p in trainable(model).values():
             p.add_(torch.randn_like(p) * 0.05)
     moved = reg.training_loss(model, batch(0), TASK)
     assert moved.extras["smart_bregman"] > 0
+    for n, p in trainable(model).items():  # theta~ <- beta theta~ + (1 - beta) theta, beta .99
+        torch.testing.assert_close(reg.teacher[n], start[n] + 0.01 * (p.detach() - start[n]))
     plain = TASK.forward(model, batch(0)).loss
     assert moved.loss.item() == pytest.approx((plain + moved.extras["smart_bregman"]).item())
     reg0, model0 = prepared("smart", lambda_s=0.0, beta=0.0)  # no momentum: teacher = model
