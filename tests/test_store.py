@@ -86,20 +86,6 @@ def test_written_files_are_complete(tmp_path):
     assert os.listdir(tmp_path) == ["a.safetensors"]
 
 
-def test_results_get_ordinary_file_permissions(tmp_path):
-    import os
-    import stat
-
-    from ftlab.store import write_json
-
-    umask = os.umask(0o022)
-    try:
-        path = write_json(tmp_path / "metrics.json", {"a": 1})
-    finally:
-        os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
-
-
 def test_artefacts_get_the_usual_file_mode(tmp_path):
     """safetensors writes its own 0600 temp file; the artefact reads like any other file."""
     umask = os.umask(0o022)
