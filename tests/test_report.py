@@ -435,6 +435,23 @@ def test_the_run_to_keep_is_chosen_by_validation_not_by_the_test_score():
     assert s["selected"]["seed"] == "2"  # the lowest loss
 
 
+def test_a_loss_is_ranked_and_best_of_n_by_its_lowest_value():
+    """An MLM or CLM sweep monitors val/loss: the configuration with the lower test loss ranks
+    first, and a loss's "best of n" is its minimum (not the largest, as for an accuracy)."""
+    def runs(lr: str, losses: list[float]) -> list[dict]:
+        return [{"status": "ok", "failed": False, "seed": seed, "overrides": [f"seed={seed}",
+                 f"stage.optim.lr={lr}"], "monitor": {"metric": "val/loss", "mode": "min"},
+                 "final": {"val/loss": loss, "test/loss": loss + 0.1}}
+                for seed, loss in enumerate(losses, 1)]
+
+    summary = summarize(runs("1e-3", [2.0, 2.2, 2.1]) + runs("1e-4", [3.0, 3.1, 3.2]))
+    low, high = summary["stage.optim.lr=1e-3"], summary["stage.optim.lr=1e-4"]
+    assert low["rank"] == {"metric": "test/loss", "rank": 1}
+    assert high["rank"]["rank"] == 2 and high["rank"]["vs_best"]["diff"] == pytest.approx(1.0)
+    assert low["metrics"]["test/loss"]["best"] == pytest.approx(2.1)
+    assert low["selected"]["seed"] == "1"  # the lowest validation loss
+
+
 def test_holm_adjusts_the_tests_against_the_best_as_a_family():
     from ftlab.seedstats import holm
 
