@@ -472,3 +472,24 @@ def test_holm_adjusts_the_tests_against_the_best_as_a_family():
     assert [v["p"] for v in vs] == pytest.approx([2 / 64] * 2)
     assert [v["p_holm"] for v in vs] == pytest.approx([4 / 64] * 2)  # 2 tests: no longer < 0.05
     assert "| 0.031 | 0.062 | paired (n=6) |" in markdown(summary)
+
+
+def test_save_artefact_best_keeps_the_lowest_loss_when_the_monitor_is_a_loss(tmp_path):
+    """An MLM or CLM sweep (monitor val/loss, mode min) keeps the full-size artefact of its
+    lowest-loss job, not of the highest."""
+    from ftlab.artefact import keep_best_full_artefacts
+    from ftlab.report import collect
+
+    for job, loss in (("0", 0.7), ("1", 0.4), ("2", 0.9)):
+        weights = tmp_path / job / "mlm" / "trainable.safetensors"
+        weights.parent.mkdir(parents=True)
+        (tmp_path / job / ".hydra").mkdir()
+        weights.write_bytes(b"w")
+        (tmp_path / job / "metrics.json").write_text(json.dumps({
+            "status": "ok", "failed": False, "seed": int(job), "overrides": [f"seed={job}"],
+            "monitor": {"metric": "val/loss", "mode": "min"}, "objective": loss,
+            "final": {"val/loss": loss}, "stages": {"mlm": {
+                "artefact": str(weights), "full_size_artefact": True}}}))
+    assert keep_best_full_artefacts(collect(tmp_path), tmp_path) == "1"
+    assert [(tmp_path / job / "mlm" / "trainable.safetensors").exists() for job in "012"] == [
+        False, True, False]
