@@ -166,6 +166,18 @@ class FineTuneModule(L.LightningModule):
         self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step; after a fused AdamW step, the parameters' version counters are
+        bumped as every other in-place update bumps them (torch's fused kernel leaves them
+        as they were): SMART's momentum teacher and cloze calibration's p_cf tell changed
+        weights by them."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if inner.defaults.get("fused"):
+            from torch.autograd.graph import increment_version
+
+            increment_version([p for group in inner.param_groups for p in group["params"]])
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:
         """Norm clipping under FSDP goes through the sharded root module (the norm of the whole

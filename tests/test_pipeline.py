@@ -353,6 +353,29 @@ def test_adamw_is_fused_in_full_precision_only(precision, fused, make_cfg, senti
     assert seen == [fused]
 
 
+def test_a_fused_adamw_step_counts_as_a_change_of_the_weights(make_cfg, sentiment_dir,
+                                                              monkeypatch):
+    """torch's fused AdamW updates the parameters without bumping their version counters, by
+    which SMART's momentum teacher (and cloze calibration's p_cf) tell changed weights: the
+    teacher stayed the initial weights for a whole run. Through a real run: it moves."""
+    from ftlab.regularizers.smart import Smart
+
+    teachers = []
+    real = Smart.update_teacher
+
+    def spy(self, model):
+        real(self, model)
+        teachers.append({n: t.clone() for n, t in self.teacher.items()})
+
+    monkeypatch.setattr(Smart, "update_teacher", spy)
+    rec = run(make_cfg(tiny_overrides(sentiment_dir) + [
+        "regularizer=smart", "stage.optim.lr=1e-2", "stage.trainer.max_steps=3"]))
+    assert rec["status"] == "ok", rec
+    assert len(teachers) == 3
+    moved = max((teachers[-1][n] - t).abs().max().item() for n, t in teachers[0].items())
+    assert moved > 1e-6  # (1 - beta) of two steps at lr 1e-2
+
+
 def test_cache_key_follows_the_lr_that_applies(make_cfg, sentiment_dir):
     def key(*extra: str) -> str:
         cfg = make_cfg(tiny_overrides(sentiment_dir) + ["peft=lora", *extra])
