@@ -165,6 +165,14 @@ class DiffPruning:
                  init_log_alpha: float = 3.0, fixed_mask_fraction: float = 0.5,
                  fixed_mask_steps: int | None = None, alpha_lr: float | None = 0.1,
                  drop_top: int = 0, reinit_top: int = 0) -> None:
+        if not 0 < keep <= 1:
+            raise FtlabError(f"diff pruning's keep={keep} is not a fraction in (0, 1]: it is "
+                             "the share of the delta's entries the projection keeps.",
+                             "use e.g. peft.keep=0.005 (the paper's 0.5%).")
+        if not l0_penalty >= 0:
+            raise FtlabError(f"diff pruning's l0_penalty={l0_penalty} is negative: it would "
+                             "reward open gates.", "use peft.l0_penalty >= 0 (e.g. 0.5; 0 = "
+                             "no L0 term, the magnitude projection alone).")
         if alpha_lr is not None and not alpha_lr > 0:
             raise FtlabError(f"diff pruning's alpha_lr={alpha_lr} is not positive.",
                              "use e.g. peft.alpha_lr=0.1 (the reference), or null for the "
