@@ -17,7 +17,7 @@ from ftlab.peft.movement_pruning import cubic_sparsity
 from ftlab.regularizers.none import NoRegularizer
 from ftlab.tasks.classify import Classify
 from tests import test_resume
-from tests.test_peft_contract import batch, method, tiny_model
+from tests.test_peft_contract import batch, logits, method, tiny_model, train_steps
 from tests.test_resume import crash_at
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
@@ -287,3 +287,19 @@ def test_diff_pruning_resumed_in_phase_2_ends_like_an_uninterrupted_run(tiny_run
     assert a.keys() == b.keys() and any(k.endswith("mask") for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_diff_pruning_without_phase_2_evaluates_the_projection_its_artefact_holds():
+    """fixed_mask_fraction=0 is settled from the start, so KeepBest picks among its
+    validations: they must score the projected (0.5%-dense) diff, not the dense gated one."""
+    peft = method("diff_pruning", keep=0.01, fixed_mask_fraction=0)
+    model = peft.apply(tiny_model())
+    for steps in (4, 1):  # a later step changes the weights: the projection follows them
+        train_steps(model, steps)
+        loaded = peft.apply(tiny_model())
+        peft.load_trainable_state(loaded, peft.trainable_state(model))
+        torch.testing.assert_close(logits(model), logits(loaded), atol=1e-6, rtol=0)
+    assert not model.phase2 and model.training is False
+    model.train()  # training still samples the gates over the dense delta
+    dense = model.effective_delta()
+    assert sum(int(torch.count_nonzero(d)) for d in dense) > 0.05 * sum(d.numel() for d in dense)

@@ -12,6 +12,8 @@ reference's ``run_glue_mag.py``; with the deterministic test-time gate, where it
 last sampled one). Phase 2 (the paper's fixed-mask fine-tuning, the last
 ``fixed_mask_fraction`` of the stage's optimiser steps): gates and L0 off, the mask fixed, only
 the kept entries (and the head) learn. The artefact is the kept entries: indices + values only.
+Without a phase 2 (``fixed_mask_fraction=0``) evaluation computes with the projection of the
+current diff, as the artefact will hold it (training samples the gates over the dense delta).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class DiffPrunedModel(Reparametrized):
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=device))
         self.phase2 = False  # ``fixed`` as a Python bool: no host sync per forward
         self.register_load_state_dict_post_hook(DiffPrunedModel._sync_phase)
+        self._projection: tuple[tuple, list[torch.Tensor]] | None = None  # see ``projected``
 
     def own_groups(self) -> dict[str, tuple[float, float]]:
         """The gate logits' own group (``OwnGroups``): ``alpha_lr``, no weight decay, as the
@@ -89,11 +92,33 @@ class DiffPrunedModel(Reparametrized):
         return [m.view_as(d) for m, d in zip(self.mask.split(sizes), self.delta, strict=True)]
 
     def effective_delta(self, sample: bool | None = None) -> list[torch.Tensor]:
-        """Phase 1: gate * delta (gates sampled in training); phase 2: delta * fixed mask."""
+        """Phase 1: gate * delta (gates sampled in training); phase 2: delta * fixed mask.
+        Evaluated without a phase 2 (``fixed_mask_fraction=0``): the projection the artefact
+        will hold, so validation (and the best-epoch choice) scores the artefact's model."""
         if self.phase2:
             return [d * m for d, m in zip(self.delta, self.masks(), strict=True)]
+        if sample is None and not self.training and self.settled():
+            return self.projected()
         sample = self.training if sample is None else sample
         return [self.gate(a, sample) * d for a, d in zip(self.log_alpha, self.delta, strict=True)]
+
+    @torch.no_grad()
+    def projected(self) -> list[torch.Tensor]:
+        """The deterministic diff projected to ``keep``, computed again only when a delta or
+        gate logit changed (their storage and version counter: an optimiser step, a swap)."""
+        tensors = [*self.delta, *self.log_alpha]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._projection is None or self._projection[0] != key:
+            deltas = self.effective_delta(sample=False)
+            mask = magnitude_mask(deltas, self.keep).split([d.numel() for d in deltas])
+            self._projection = (key, [d * m.view_as(d) for d, m in zip(deltas, mask,
+                                                                        strict=True)])
+        return self._projection[1]
+
+    def train(self, mode: bool = True) -> DiffPrunedModel:
+        if mode:
+            self._projection = None  # the copy is only needed while evaluating
+        return super().train(mode)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: w + d for n, w, d in zip(self.names, self.originals(), self.effective_delta(),
