@@ -303,3 +303,25 @@ def test_diff_pruning_without_phase_2_evaluates_the_projection_its_artefact_hold
     model.train()  # training still samples the gates over the dense delta
     dense = model.effective_delta()
     assert sum(int(torch.count_nonzero(d)) for d in dense) > 0.05 * sum(d.numel() for d in dense)
+
+
+@pytest.mark.parametrize(("peft", "reached"), [
+    (["peft=diff_pruning"], lambda stage: stage["global_steps"] >= 80),  # phase 2 from step 80
+    (["peft=movement_pruning", "peft.criterion=magnitude"],
+     lambda stage: stage["peft"]["sparsity"] == pytest.approx(0.5, abs=1e-6)),
+])
+def test_the_adaptive_budget_stops_early_only_once_the_pruning_model_is_settled(
+        make_cfg, sentiment_dir, peft, reached):
+    """Under the default adaptive budget (patience 1 here) early stopping used to end a stage
+    mid-schedule: diff pruning before its fixed-mask phase (32 of 160 steps, no settled epoch
+    to keep), movement pruning at 31% of a 50% target."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    base = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("trainer.budget.")]
+    record = run(make_cfg([*base, *peft, "trainer.budget.min_steps=160",  # 10 epochs of 16
+                           "trainer.budget.patience=1", "stage.optim.lr=3e-3"]))
+    stage = record["stages"]["classify"]
+    assert stage["budget"]["max_epochs"] == 10
+    assert reached(stage), stage
+    assert stage["best_epoch"] is not None  # a settled validation was kept
