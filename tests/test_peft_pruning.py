@@ -325,3 +325,32 @@ def test_the_adaptive_budget_stops_early_only_once_the_pruning_model_is_settled(
     assert stage["budget"]["max_epochs"] == 10
     assert reached(stage), stage
     assert stage["best_epoch"] is not None  # a settled validation was kept
+
+
+@pytest.mark.parametrize("extra", [
+    ["peft=movement_pruning"],  # scores and the cubic schedule's step
+    ["peft=diff_pruning", "peft.keep=0.01", "peft.fixed_mask_fraction=0.25"],  # gated at 8
+    ["peft=intrinsic", "peft.said=true", "peft.d=300"],  # theta, SAID's scales, the seed
+])
+def test_a_method_with_extra_state_resumes_like_an_uninterrupted_run(tiny_run, monkeypatch,
+                                                                     tmp_path, extra):
+    """Killed at step 10 of 12, resumed from the step-8 checkpoint (under EMA): the same
+    metrics and the same artefact as a run never interrupted."""
+    from ftlab.run import run
+    from ftlab.store import load_tensors
+
+    whole = run(tiny_run("whole", *extra))
+    assert whole["status"] == "ok", whole
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *extra))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *extra))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    a, b = (load_tensors(tmp_path / n / "classify" / "trainable.safetensors")
+            for n in ("whole", "killed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
