@@ -104,8 +104,10 @@ class DiffPrunedModel(Reparametrized):
 
     @torch.no_grad()
     def projected(self) -> list[torch.Tensor]:
-        """The deterministic diff projected to ``keep``, computed again only when a delta or
-        gate logit changed (their storage and version counter: an optimiser step, a swap)."""
+        """The deterministic diff projected to ``keep``, computed once per evaluation (every
+        ``train``/``eval`` drops it) and again if a delta or gate logit changed meanwhile (their
+        storage and version counter; fused AdamW's step bumps no counter, a mode switch shows
+        it: Lightning's loops call ``train()``/``eval()`` around every validation and test)."""
         tensors = [*self.delta, *self.log_alpha]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._projection is None or self._projection[0] != key:
@@ -116,8 +118,7 @@ class DiffPrunedModel(Reparametrized):
         return self._projection[1]
 
     def train(self, mode: bool = True) -> DiffPrunedModel:
-        if mode:
-            self._projection = None  # the copy is only needed while evaluating
+        self._projection = None  # computed afresh in the next evaluation
         return super().train(mode)
 
     def weights(self) -> dict[str, torch.Tensor]:
