@@ -342,10 +342,13 @@ def test_the_adaptive_budget_stops_early_only_once_the_pruning_model_is_settled(
 def test_a_method_with_extra_state_resumes_like_an_uninterrupted_run(tiny_run, monkeypatch,
                                                                      tmp_path, extra):
     """Killed at step 10 of 12, resumed from the step-8 checkpoint (under EMA): the same
-    metrics and the same artefact as a run never interrupted."""
+    metrics, artefact and last-step model (scores, gate logits, theta) as a run never
+    interrupted (the artefact alone may be step 7's best epoch, from before the kill)."""
+    from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
     from ftlab.run import run
     from ftlab.store import load_tensors
 
+    extra = [*extra, "checkpoint.keep=true"]
     whole = run(tiny_run("whole", *extra))
     assert whole["status"] == "ok", whole
     crash_at(monkeypatch, 10)
@@ -361,3 +364,9 @@ def test_a_method_with_extra_state_resumes_like_an_uninterrupted_run(tiny_run, m
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / n / "classify" / "checkpoints" / NAME)["state_dict"]
+            for n in ("whole", "killed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
