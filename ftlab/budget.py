@@ -126,10 +126,23 @@ def plan(budget: BudgetSpec, trainer: dict[str, Any], rows: int, batch: int
 
 
 def early_stopping(budget: BudgetSpec | None, monitor: str, mode: str) -> list[Any]:
-    """Lightning's ``EarlyStopping`` on ``val/<monitor>`` (none without a budget or patience)."""
+    """Lightning's ``EarlyStopping`` on ``val/<monitor>`` (none without a budget or patience),
+    counting only validations of a settled model: a pruning method's schedule spans the
+    planned steps (diff pruning's fixed-mask phase, movement pruning's final sparsity), so,
+    as ``KeepBest``, it waits until the model has its artefact's form
+    (``ftlab.peft.base.FollowsSteps.settled``)."""
     if budget is None or budget.patience == 0:
         return []
     from lightning.pytorch.callbacks import EarlyStopping
 
-    return [EarlyStopping(f"val/{monitor}", mode=mode, patience=budget.patience, strict=False,
-                          check_on_train_epoch_end=False)]
+    from ftlab.peft.base import FollowsSteps
+
+    class SettledEarlyStopping(EarlyStopping):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            model = getattr(pl_module, "model", None)
+            if isinstance(model, FollowsSteps) and not model.settled():
+                return
+            super().on_validation_end(trainer, pl_module)
+
+    return [SettledEarlyStopping(f"val/{monitor}", mode=mode, patience=budget.patience,
+                                 strict=False, check_on_train_epoch_end=False)]

@@ -244,3 +244,34 @@ def test_prompt_tuned_decoder_classifier_pools_each_rows_last_token(family):
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([long]), attention_mask=torch.ones(1, 8)).logits
     assert torch.allclose(batched[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "extra", "expected"), [
+    ("diff_pruning", {"keep": 0}, r"keep=0 is not a fraction in \(0, 1\].*Fix: use e.g. peft.keep"),
+    ("diff_pruning", {"keep": 2.0}, r"keep=2.0 is not a fraction"),  # was topk's RuntimeError
+    ("diff_pruning", {"l0_penalty": -1}, r"l0_penalty=-1 is negative.*Fix: use peft.l0_penalty"),
+    ("movement_pruning", {"sparsity": 1.0}, r"sparsity=1.0 is not a fraction in \[0, 1\)"),
+    ("movement_pruning", {"sparsity": -0.2}, r"sparsity=-0.2 is not a fraction.*Fix: use e.g."),
+    ("intrinsic", {"d": 0}, r"d=0 is not between 1 and the [\d,]+ backbone weights.*Fix: use"),
+    ("intrinsic", {"d": 10**5}, r"d=100000 is not between 1 and the 18,144"),  # > the model
+    ("last_layer", {"top_k": -1}, r"top_k=-1 is not a layer count of a stack of 2 layers.*"
+                                  r"Fix: use peft.top_k between 0 \(head only\) and 2"),
+    ("last_layer", {"top_k": 3}, r"top_k=3 is not a layer count"),
+    ("adapter_pfeiffer", {"reduction_factor": 0}, r"reduction_factor=0 is not a reduction factor"),
+    ("adapter_pfeiffer", {"reduction_factor": -4}, r"reduction_factor=-4 is not a reduction"),
+    ("adapter_pfeiffer", {"reduction_factor": 64}, r"reduction_factor=64 leaves no bottleneck "
+                                                   r"unit for a hidden size of 32.*<= 32"),
+    ("adapter_pfeiffer", {"invertible": True, "invertible_reduction": 0},
+     r"invertible_reduction=0 is not a reduction factor"),
+    ("adapter_pfeiffer", {"invertible": True, "invertible_reduction": 17},
+     r"invertible_reduction=17 leaves no bottleneck unit"),
+    ("adapter_houlsby", {"init_std": -1.0}, r"init_std=-1.0 is negative"),
+    ("full", {"drop_top": 2}, r"drop_top=2 \+ reinit_top=0 does not fit a stack of 2 layers.*"
+                              r"Fix: choose drop_top < 2"),
+    ("bitfit", {"reinit_top": -1}, r"reinit_top=-1: a layer count is negative.*Fix: use counts"),
+])
+def test_nonsense_sizes_stop_with_the_problem_and_the_fix(name, extra, expected):
+    """Not a traceback (ZeroDivisionError, topk's RuntimeError) and not a silent no-op (a top_k
+    that trains no layer, a bottleneck clamped to 1 unit, a model with its layers dropped)."""
+    with pytest.raises(FtlabError, match=f"(?s){expected}"):
+        method(name, **extra).apply(tiny_model())

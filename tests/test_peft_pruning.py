@@ -17,7 +17,7 @@ from ftlab.peft.movement_pruning import cubic_sparsity
 from ftlab.regularizers.none import NoRegularizer
 from ftlab.tasks.classify import Classify
 from tests import test_resume
-from tests.test_peft_contract import batch, method, tiny_model
+from tests.test_peft_contract import batch, logits, method, tiny_model, train_steps
 from tests.test_resume import crash_at
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
@@ -285,5 +285,88 @@ def test_diff_pruning_resumed_in_phase_2_ends_like_an_uninterrupted_run(tiny_run
     a, b = (io.load_checkpoint(tmp_path / n / "classify" / "checkpoints" / NAME)["state_dict"]
             for n in ("whole", "killed"))
     assert a.keys() == b.keys() and any(k.endswith("mask") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_diff_pruning_without_phase_2_evaluates_the_projection_its_artefact_holds():
+    """fixed_mask_fraction=0 is settled from the start, so KeepBest picks among its
+    validations: they must score the projected (0.5%-dense) diff, not the dense gated one."""
+    peft = method("diff_pruning", keep=0.01, fixed_mask_fraction=0)
+    model = peft.apply(tiny_model())
+    for steps in (4, 1):  # a later step changes the weights: the projection follows them
+        train_steps(model, steps)
+        loaded = peft.apply(tiny_model())
+        peft.load_trainable_state(loaded, peft.trainable_state(model))
+        torch.testing.assert_close(logits(model), logits(loaded), atol=1e-6, rtol=0)
+    model.train()
+    with torch.no_grad():  # a step that bumps no version counter (fused AdamW's): the mode
+        for d in model.delta:  # switches around it still show it
+            d.data.mul_(2)
+    loaded = peft.apply(tiny_model())
+    peft.load_trainable_state(loaded, peft.trainable_state(model))
+    torch.testing.assert_close(logits(model), logits(loaded), atol=1e-6, rtol=0)
+    assert not model.phase2 and model.training is False
+    model.train()  # training still samples the gates over the dense delta
+    dense = model.effective_delta()
+    assert sum(int(torch.count_nonzero(d)) for d in dense) > 0.05 * sum(d.numel() for d in dense)
+
+
+@pytest.mark.parametrize(("peft", "reached"), [
+    (["peft=diff_pruning"], lambda stage: stage["global_steps"] >= 80),  # phase 2 from step 80
+    (["peft=movement_pruning", "peft.criterion=magnitude"],
+     lambda stage: stage["peft"]["sparsity"] == pytest.approx(0.5, abs=1e-6)),
+])
+def test_the_adaptive_budget_stops_early_only_once_the_pruning_model_is_settled(
+        make_cfg, sentiment_dir, peft, reached):
+    """Under the default adaptive budget (patience 1 here) early stopping used to end a stage
+    mid-schedule: diff pruning before its fixed-mask phase (32 of 160 steps, no settled epoch
+    to keep), movement pruning at 31% of a 50% target."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    base = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("trainer.budget.")]
+    record = run(make_cfg([*base, *peft, "trainer.budget.min_steps=160",  # 10 epochs of 16
+                           "trainer.budget.patience=1", "stage.optim.lr=3e-3"]))
+    stage = record["stages"]["classify"]
+    assert stage["budget"]["max_epochs"] == 10
+    assert reached(stage), stage
+    assert stage["best_epoch"] is not None  # a settled validation was kept
+
+
+@pytest.mark.parametrize("extra", [
+    ["peft=movement_pruning"],  # scores and the cubic schedule's step
+    ["peft=diff_pruning", "peft.keep=0.01", "peft.fixed_mask_fraction=0.25"],  # gated at 8
+    ["peft=intrinsic", "peft.said=true", "peft.d=300"],  # theta, SAID's scales, the seed
+])
+def test_a_method_with_extra_state_resumes_like_an_uninterrupted_run(tiny_run, monkeypatch,
+                                                                     tmp_path, extra):
+    """Killed at step 10 of 12, resumed from the step-8 checkpoint (under EMA): the same
+    metrics, artefact and last-step model (scores, gate logits, theta) as a run never
+    interrupted (the artefact alone may be step 7's best epoch, from before the kill)."""
+    from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
+    from ftlab.run import run
+    from ftlab.store import load_tensors
+
+    extra = [*extra, "checkpoint.keep=true"]
+    whole = run(tiny_run("whole", *extra))
+    assert whole["status"] == "ok", whole
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *extra))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *extra))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    a, b = (load_tensors(tmp_path / n / "classify" / "trainable.safetensors")
+            for n in ("whole", "killed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    io = SafetensorsCheckpointIO()
+    a, b = (io.load_checkpoint(tmp_path / n / "classify" / "checkpoints" / NAME)["state_dict"]
+            for n in ("whole", "killed"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)

@@ -117,6 +117,15 @@ class BottleneckAdapter(RequiresGradState):
         self.placement, self.reduction_factor = placement, reduction_factor
         if init not in INITS:
             raise FtlabError(f"Unknown adapter init '{init}'.", f"use one of: {', '.join(INITS)}.")
+        for key, value in (("reduction_factor", reduction_factor),
+                           ("invertible_reduction", invertible_reduction)):
+            if not value >= 1:
+                raise FtlabError(f"Adapter {key}={value} is not a reduction factor (width "
+                                 "/ bottleneck width, >= 1).", f"use peft.{key} >= 1 (task "
+                                 "adapters: 16; MAD-X language and invertible adapters: 2).")
+        if not init_std >= 0:
+            raise FtlabError(f"Adapter init_std={init_std} is negative.",
+                             "use a small standard deviation, e.g. peft.init_std=1e-3.")
         self.train_layernorm, self.init_std, self.init = train_layernorm, init_std, init
         self.stack_on = list(stack_on or [])
         self.drop_top, self.reinit_top = drop_top, reinit_top
@@ -135,7 +144,11 @@ class BottleneckAdapter(RequiresGradState):
         for kind in PLACEMENTS[self.placement]:
             for _name, holder, proj in sites[kind]:
                 hidden = _width(proj)
-                size = max(1, hidden // self.reduction_factor)
+                size = hidden // self.reduction_factor
+                if size < 1:
+                    raise FtlabError(f"Adapter reduction_factor={self.reduction_factor} leaves "
+                                     f"no bottleneck unit for a hidden size of {hidden}.",
+                                     f"use peft.reduction_factor <= {hidden}.")
                 adapters = _ensure_site(holder, proj)
                 adapters[TRAINABLE] = Bottleneck(hidden, size, self.init_std, self.init).to(
                     proj.weight.device)

@@ -12,6 +12,8 @@ reference's ``run_glue_mag.py``; with the deterministic test-time gate, where it
 last sampled one). Phase 2 (the paper's fixed-mask fine-tuning, the last
 ``fixed_mask_fraction`` of the stage's optimiser steps): gates and L0 off, the mask fixed, only
 the kept entries (and the head) learn. The artefact is the kept entries: indices + values only.
+Without a phase 2 (``fixed_mask_fraction=0``) evaluation computes with the projection of the
+current diff, as the artefact will hold it (training samples the gates over the dense delta).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class DiffPrunedModel(Reparametrized):
         self.register_buffer("fixed", torch.zeros((), dtype=torch.bool, device=device))
         self.phase2 = False  # ``fixed`` as a Python bool: no host sync per forward
         self.register_load_state_dict_post_hook(DiffPrunedModel._sync_phase)
+        self._projection: tuple[tuple, list[torch.Tensor]] | None = None  # see ``projected``
 
     def own_groups(self) -> dict[str, tuple[float, float]]:
         """The gate logits' own group (``OwnGroups``): ``alpha_lr``, no weight decay, as the
@@ -89,11 +92,34 @@ class DiffPrunedModel(Reparametrized):
         return [m.view_as(d) for m, d in zip(self.mask.split(sizes), self.delta, strict=True)]
 
     def effective_delta(self, sample: bool | None = None) -> list[torch.Tensor]:
-        """Phase 1: gate * delta (gates sampled in training); phase 2: delta * fixed mask."""
+        """Phase 1: gate * delta (gates sampled in training); phase 2: delta * fixed mask.
+        Evaluated without a phase 2 (``fixed_mask_fraction=0``): the projection the artefact
+        will hold, so validation (and the best-epoch choice) scores the artefact's model."""
         if self.phase2:
             return [d * m for d, m in zip(self.delta, self.masks(), strict=True)]
+        if sample is None and not self.training and self.settled():
+            return self.projected()
         sample = self.training if sample is None else sample
         return [self.gate(a, sample) * d for a, d in zip(self.log_alpha, self.delta, strict=True)]
+
+    @torch.no_grad()
+    def projected(self) -> list[torch.Tensor]:
+        """The deterministic diff projected to ``keep``, computed once per evaluation (every
+        ``train``/``eval`` drops it) and again if a delta or gate logit changed meanwhile (their
+        storage and version counter; fused AdamW's step bumps no counter, a mode switch shows
+        it: Lightning's loops call ``train()``/``eval()`` around every validation and test)."""
+        tensors = [*self.delta, *self.log_alpha]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._projection is None or self._projection[0] != key:
+            deltas = self.effective_delta(sample=False)
+            mask = magnitude_mask(deltas, self.keep).split([d.numel() for d in deltas])
+            self._projection = (key, [d * m.view_as(d) for d, m in zip(deltas, mask,
+                                                                        strict=True)])
+        return self._projection[1]
+
+    def train(self, mode: bool = True) -> DiffPrunedModel:
+        self._projection = None  # computed afresh in the next evaluation
+        return super().train(mode)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: w + d for n, w, d in zip(self.names, self.originals(), self.effective_delta(),
@@ -165,6 +191,14 @@ class DiffPruning:
                  init_log_alpha: float = 3.0, fixed_mask_fraction: float = 0.5,
                  fixed_mask_steps: int | None = None, alpha_lr: float | None = 0.1,
                  drop_top: int = 0, reinit_top: int = 0) -> None:
+        if not 0 < keep <= 1:
+            raise FtlabError(f"diff pruning's keep={keep} is not a fraction in (0, 1]: it is "
+                             "the share of the delta's entries the projection keeps.",
+                             "use e.g. peft.keep=0.005 (the paper's 0.5%).")
+        if not l0_penalty >= 0:
+            raise FtlabError(f"diff pruning's l0_penalty={l0_penalty} is negative: it would "
+                             "reward open gates.", "use peft.l0_penalty >= 0 (e.g. 0.5; 0 = "
+                             "no L0 term, the magnitude projection alone).")
         if alpha_lr is not None and not alpha_lr > 0:
             raise FtlabError(f"diff pruning's alpha_lr={alpha_lr} is not positive.",
                              "use e.g. peft.alpha_lr=0.1 (the reference), or null for the "

@@ -76,9 +76,15 @@ class IntrinsicModel(Reparametrized):
                  said: bool = False) -> None:
         super().__init__(model, names)
         m = len(names) if said else 0
-        if d <= m:
+        if said and d <= m:
             raise FtlabError(f"SAID needs d larger than the {m} projected tensors (d={d}).",
                              f"set peft.d above {m} (e.g. {m + 500}) or peft.said=false.")
+        size = sum(w.numel() for w in self.originals())
+        if not 0 < d - m < size:
+            raise FtlabError(f"Intrinsic dimension d={d} is not between 1 and the {size:,} "
+                             "backbone weights it is projected onto.",
+                             "use e.g. peft.d=500 (the paper's d90: ~200-2,000); for as many "
+                             "numbers as weights use peft=full.")
         self.d = d - m  # projected numbers; SAID's m per-tensor scales are the rest
         self.theta = nn.Parameter(torch.zeros(self.d))
         # SAID's lambda: one scale per tensor, starting at 1 (plain intrinsic when untrained)

@@ -97,7 +97,11 @@ def add_invertible(model: nn.Module, name: str, reduction_factor: int = 2,
                    init_std: float = 1e-3, size: int | None = None) -> NiceCoupling:
     """Put a new coupling block called ``name`` on the model's embeddings (trainable)."""
     width = embedding_width(model)
-    size = size or max(1, (width // 2) // reduction_factor)
+    size = size or (width // 2) // reduction_factor
+    if size < 1:
+        raise FtlabError(f"Invertible adapter invertible_reduction={reduction_factor} leaves "
+                         f"no bottleneck unit for half an embedding width of {width // 2}.",
+                         f"use peft.invertible_reduction <= {width // 2} (MAD-X: 2).")
     like = unwrap(model).get_input_embeddings().weight
     block = NiceCoupling(width, size, init_std).to(like.device)
     _blocks(model)[name] = block

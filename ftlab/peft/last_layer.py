@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ftlab.errors import FtlabError
 from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, top_stack, unfreeze
 
@@ -19,10 +20,14 @@ class LastLayer(RequiresGradState):
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
         freeze(model)
         unfreeze(head_parameters(model))
-        if self.top_k:
-            layers = top_stack(model)
-            for layer in layers[max(0, len(layers) - self.top_k):]:
-                unfreeze(layer)
+        layers = top_stack(model)
+        if not 0 <= self.top_k <= len(layers):
+            raise FtlabError(f"last_layer's top_k={self.top_k} is not a layer count of a "
+                             f"stack of {len(layers)} layers.",
+                             f"use peft.top_k between 0 (head only) and {len(layers)} (every "
+                             "layer of the stack).")
+        for layer in layers[len(layers) - self.top_k:] if self.top_k else []:
+            unfreeze(layer)
         unfreeze(fresh)
         return model
 

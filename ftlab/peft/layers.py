@@ -55,9 +55,15 @@ def top_layer_ops(model: nn.Module, drop_top: int = 0, reinit_top: int = 0) -> l
     if not drop_top and not reinit_top:
         return []
     layers = top_stack(model)
-    if drop_top + reinit_top > len(layers) or min(drop_top, reinit_top) < 0:
+    if min(drop_top, reinit_top) < 0:
+        raise FtlabError(f"drop_top={drop_top}, reinit_top={reinit_top}: a layer count is "
+                         "negative.", "use counts >= 0 (0 = off): +peft.drop_top=K, "
+                         "+peft.reinit_top=K.")
+    if drop_top >= len(layers) or drop_top + reinit_top > len(layers):
         raise FtlabError(f"drop_top={drop_top} + reinit_top={reinit_top} does not fit a stack "
-                         f"of {len(layers)} layers.", "choose smaller values.")
+                         f"of {len(layers)} layers (dropping leaves at least one).",
+                         f"choose drop_top < {len(layers)} and drop_top + reinit_top <= "
+                         f"{len(layers)}.")
     for _ in range(drop_top):
         del layers[len(layers) - 1]
     config = getattr(unwrap(model), "config", None)

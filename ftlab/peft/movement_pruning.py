@@ -111,6 +111,10 @@ class MovementPruning:
             raise FtlabError(f"movement pruning's initial_warmup={initial_warmup} and "
                              f"final_warmup={final_warmup} leave no steps to prune in.",
                              "use fractions >= 0 that sum to less than 1 (the paper: 0.1, 0.2).")
+        if not 0 <= sparsity < 1:
+            raise FtlabError(f"movement pruning's sparsity={sparsity} is not a fraction in "
+                             "[0, 1): it is the share of each matrix's weights removed.",
+                             "use e.g. peft.sparsity=0.5 (the paper: 0.9-0.97).")
         if schedule_steps is not None and schedule_steps <= 0:
             raise FtlabError(f"movement pruning's schedule_steps={schedule_steps} is not "
                              "positive.", "use a step count > 0, or null for the stage's steps.")
