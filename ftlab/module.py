@@ -10,7 +10,7 @@ from torchmetrics import MetricCollection
 from ftlab.errors import FtlabError
 from ftlab.optim import OptimSpec, build_optimizer, fuses
 from ftlab.peft.base import FollowsSteps, Penalized
-from ftlab.regularizers.base import Regularizer
+from ftlab.regularizers.base import KeepsState, Regularizer
 from ftlab.tasks.base import Task, TaskOutput
 
 
@@ -129,6 +129,14 @@ class FineTuneModule(L.LightningModule):
                            "is stopped and marked failed.",
                            "lower stage.optim.lr, use trainer.gradient_clip_val, or check the "
                            "data for empty/garbled rows.")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if isinstance(self.regularizer, KeepsState):  # SMART's teacher
+            checkpoint["regularizer"] = self.regularizer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if isinstance(self.regularizer, KeepsState) and "regularizer" in checkpoint:
+            self.regularizer.load_state_dict(checkpoint["regularizer"])
 
     def on_fit_start(self) -> None:
         self._fsdp_root = None  # a new fit may wrap the model differently

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -44,3 +44,13 @@ class ChecksTask(Protocol):
 
     def check_task(self, task: Task) -> None:
         """Raise FtlabError naming the tasks it supports when ``task`` is not one."""
+
+
+@runtime_checkable
+class KeepsState(Protocol):
+    """A regulariser with state that training builds up (SMART's momentum teacher): it travels
+    in the stage's checkpoint, so a killed and resumed stage ends as an uninterrupted one."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -14,7 +14,8 @@ Training loss = task loss
     ``torch.func.functional_call`` on the same model, under ``no_grad``.
 
 The teacher starts as the model and is updated once per optimiser step (detected by the
-trainable tensors' version counters, so gradient accumulation does not advance it).
+trainable tensors' version counters, so gradient accumulation does not advance it); it is saved
+in the stage's checkpoint (``state_dict``), so a resumed stage goes on with the same teacher.
 The ascent's gradients come from ``torch.autograd.grad`` w.r.t. delta only: parameter
 gradients are left to the one backward pass Lightning runs on the returned loss.
 """
@@ -122,6 +123,14 @@ class Smart:
                                task.forward(_WithWeights(model, self.teacher), batch))
         return symmetric_kl_fixed_targets(clean, target)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The teacher of the checkpoint; the next step (after the checkpoint's optimiser step)
+        moves it, as it would have without the kill."""
+        self.teacher, self._version = dict(state.get("teacher") or {}), -1
+
     @torch.no_grad()
     def update_teacher(self, model: nn.Module) -> None:
         """theta_tilde <- beta theta_tilde + (1 - beta) theta, once per optimiser step."""
@@ -131,5 +140,7 @@ class Smart:
             self.teacher = {n: p.detach().clone() for n, p in params.items()}
         elif version != self._version:
             for n, p in params.items():
+                if self.teacher[n].device != p.device:  # loaded from a checkpoint
+                    self.teacher[n] = self.teacher[n].to(p.device)
                 self.teacher[n].lerp_(p.detach(), 1.0 - self.beta)
         self._version = version

@@ -1,0 +1,48 @@
+"""Regularisers across a kill and resume: a stage killed midway ends where an uninterrupted run
+ends, with the regulariser's own state (SMART's momentum teacher) carried in the checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import open_dict
+
+from ftlab.run import run
+from tests.conftest import tiny_overrides
+from tests.test_resume import crash_at, same_last_weights
+
+#: as tests/test_resume.py: checkpoints at steps 4, 7 (epoch end), 8; killed at 10; resumed
+STEPS = ["data.max_train_samples=112", "trainer.max_steps=12", "trainer.max_epochs=5",
+         "stage.optim.lr=1e-3", "checkpoint.every_n_steps=4"]
+
+
+@pytest.fixture
+def tiny_run(make_cfg, sentiment_dir, tmp_path):
+    def _make(folder: str, *extra: str):
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + STEPS + [
+            f"cache.dir={tmp_path / 'cache'}", *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / folder)
+        return cfg
+
+    return _make
+
+
+@pytest.mark.slow
+def test_smart_resumes_with_its_teacher_and_ends_like_an_uninterrupted_run(
+        tiny_run, monkeypatch, tmp_path):
+    # beta 0.9, mu 50: the teacher lags the weights and pulls hard, so a teacher restarted
+    # from the resumed weights (not the one saved) changes the Bregman term and the weights
+    smart = ["regularizer=smart", "regularizer.beta=0.9", "regularizer.mu=50",
+             "regularizer.lambda_s=0",
+             "checkpoint.keep=true"]
+    whole = run(tiny_run("whole", *smart))
+    assert whole["status"] == "ok", whole
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *smart))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *smart))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    same_last_weights(tmp_path)
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
