@@ -14,12 +14,14 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import lightning as L
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel
 
 from ftlab.errors import FtlabError
+from ftlab.rules import between
 from ftlab.strategies import HoldsShards
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,9 @@ class WeightAverage(SwapsInAverage):
             0.999 keeps ~55% of them after 600 steps.
     """
 
-    def __init__(self, decay: float | None = 0.999, start: float = 0.0,
+    def __init__(self, decay: Annotated[float | None, between(0, 1, hi_open=True,
+                                                              example="0.999")] = 0.999,
+                 start: Annotated[float, between(0, 1, hi_open=True, example="0.0")] = 0.0,
                  warmup: bool = False) -> None:
         self.decay, self.start, self.warmup = decay, start, warmup
         self.shadow: dict[str, torch.Tensor] = {}

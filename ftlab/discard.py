@@ -35,12 +35,13 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import torch
 
 from ftlab.averaging import SwapsInAverage
+from ftlab.rules import at_least, between, one_of
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,10 @@ class EarlyDiscard(L.Callback):
         k: the first ``k`` jobs always go on; with ``top_k`` the number kept among the best.
     """
 
-    def __init__(self, at: float = 0.25, keep: str = "top_k", k: int = 3) -> None:
+    def __init__(self, at: Annotated[float, between(0, 1, lo_open=True, hi_open=True,
+                                                    example="0.25")] = 0.25,
+                 keep: Annotated[str, one_of(*KEEP)] = "top_k",
+                 k: Annotated[int, at_least(1, example="3")] = 3) -> None:
         if not 0 < at < 1:
             raise ValueError(f"at must be a fraction of training in (0, 1), not {at}")
         if keep not in KEEP:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import torch
 
 from ftlab.averaging import trainable
+from ftlab.rules import at_least
 from ftlab.store import save_tensors
 from ftlab.strategies import HoldsShards
 from ftlab.tasks.base import TaskOutput
@@ -26,7 +28,7 @@ class SnapshotEnsemble(HoldsShards, L.Callback):
         cycles: number of cosine cycles (= snapshots) over the whole training run.
     """
 
-    def __init__(self, cycles: int = 3) -> None:
+    def __init__(self, cycles: Annotated[int, at_least(1, example="3")] = 3) -> None:
         self.cycles = cycles
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self.base_lrs: list[float] = []

@@ -186,6 +186,21 @@ VALUE_CASES: list[tuple[str, Case, str]] = [
      r"noise='gauss' is not allowed: it must be one of: normal, uniform"),
     ("r3f-eps-negative", lambda t, s: S(s) + ["regularizer=r3f", "regularizer.eps=-1"],
      r"eps=-1 is out of range"),
+    # --- averaging, snapshot and early-discard callbacks (silently trained on, divided by zero
+    #     or raised a bare ValueError)
+    ("ema-decay-above-one", lambda t, s: S(s) + ["callbacks=ema", "callbacks.ema.decay=1.5"],
+     r"callbacks.ema: decay=1.5 is out of range: it must be in \[0, 1\)"),
+    ("ema-start-past-the-end", lambda t, s: S(s) + ["callbacks=ema", "callbacks.ema.start=2"],
+     r"callbacks.ema: start=2 is out of range"),
+    ("snapshots-zero-cycles", lambda t, s: S(s) + ["callbacks=snapshots",
+                                                   "callbacks.snapshots.cycles=0"],
+     r"callbacks.snapshots: cycles=0 is out of range: it must be 1 or more"),
+    ("early-discard-at-zero", lambda t, s: S(s) + ["callbacks=early_discard",
+                                                   "callbacks.early_discard.at=0"],
+     r"callbacks.early_discard: at=0 is out of range: it must be in \(0, 1\)"),
+    ("early-discard-keep-unknown", lambda t, s: S(s) + ["callbacks=early_discard",
+                                                        "callbacks.early_discard.keep=best"],
+     r"keep='best' is not allowed: it must be one of: above_median, top_k"),
     # --- seeds: numpy's generators refuse negatives (mid-run, as a crash), Lightning resets
     #     seeds past 2^32 - 1 to 0 with a warning
     ("seed-negative", lambda t, s: S(s) + ["seed=-1"],
