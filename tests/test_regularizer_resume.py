@@ -46,3 +46,22 @@ def test_smart_resumes_with_its_teacher_and_ends_like_an_uninterrupted_run(
     same_last_weights(tmp_path)
     for k, v in whole["final"].items():
         assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_mixout_resumes_with_its_targets_and_ends_like_an_uninterrupted_run(
+        tiny_run, monkeypatch, tmp_path, peft):
+    # the targets are not saved: a resumed stage rebuilds them (the pre-trained weights; LoRA's
+    # seeded initial A/B) before the checkpoint's weights are loaded
+    mixout = ["regularizer=mixout", "regularizer.p=0.5", f"peft={peft}", "checkpoint.keep=true"]
+    whole = run(tiny_run("whole", *mixout))
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *mixout))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *mixout))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    same_last_weights(tmp_path)
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k

@@ -111,20 +111,39 @@ def logits_of(name: str, task: Task, out: TaskOutput, why: str = COMPARES) -> to
     return out.logits
 
 
-def kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(target) || softmax(logits)), summed over classes, mean over rows (positions)."""
+def real_positions(batch: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor | None:
+    """For per-token logits (``[batch, tokens, classes]``: stage=tokens) the batch's attention
+    mask (1 at real tokens): the divergence is a mean over real tokens, never over padding,
+    whose predictions no loss or metric reads (a padded batch's term would otherwise shrink by
+    its share of padding). None for per-row logits."""
+    mask = batch.get("attention_mask")
+    if logits.dim() != 3 or mask is None or mask.shape != logits.shape[:2]:
+        return None
+    return mask.float()
+
+
+def kl(target: torch.Tensor, logits: torch.Tensor,
+       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)), summed over classes, mean over rows (positions;
+    with ``mask``, over the positions where it is 1)."""
+    if mask is not None:
+        per = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1),
+                       log_target=True, reduction="none").sum(-1)
+        return (per * mask).sum() / mask.sum().clamp(min=1)
     target = target.float().reshape(-1, target.shape[-1])
     logits = logits.float().reshape(-1, logits.shape[-1])
     return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
                     reduction="batchmean")
 
 
-def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(a||b) + KL(b||a); gradients reach both (fairseq's R3F)."""
-    return kl(a, b) + kl(b, a)
+    return kl(a, b, mask) + kl(b, a, mask)
 
 
-def symmetric_kl_fixed_targets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def symmetric_kl_fixed_targets(a: torch.Tensor, b: torch.Tensor,
+                               mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(a||b) + KL(b||a) where each direction treats its target as a constant (mt-dnn's
     symmetric KL for SMART): gradients reach both, never through a target distribution."""
-    return kl(a.detach(), b) + kl(b.detach(), a)
+    return kl(a.detach(), b, mask) + kl(b.detach(), a, mask)

@@ -19,6 +19,7 @@ from ftlab.regularizers.embedding import (
     logits_of,
     needs_logits,
     perturbed,
+    real_positions,
     symmetric_kl,
     zeros_like_embeddings,
 )
@@ -62,6 +63,6 @@ class R3F:
             return out
         with perturbed(model, self.sample(model, batch), detach=True):
             noisy = logits_of(self.name, task, task.forward(model, batch))
-        term = symmetric_kl(noisy, clean)
+        term = symmetric_kl(noisy, clean, real_positions(batch, clean))
         return TaskOutput(out.loss + self.r3f_lambda * term, clean,
                           {**out.extras, "r3f_kl": term.detach()})

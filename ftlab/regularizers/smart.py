@@ -33,6 +33,7 @@ from ftlab.regularizers.embedding import (
     logits_of,
     needs_logits,
     perturbed,
+    real_positions,
     symmetric_kl,
     symmetric_kl_fixed_targets,
     zeros_like_embeddings,
@@ -102,18 +103,19 @@ class Smart:
     def adversarial(self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task,
                     clean: torch.Tensor) -> torch.Tensor:
         delta = zeros_like_embeddings(model, batch).normal_(0.0, self.noise_std)
+        mask = real_positions(batch, clean)
         for _ in range(self.steps):
             delta.requires_grad_()
             with perturbed(model, delta):
                 noisy = logits_of(self.name, task, task.forward(model, batch))
-            (grad,) = torch.autograd.grad(symmetric_kl(noisy, clean.detach()), delta)
+            (grad,) = torch.autograd.grad(symmetric_kl(noisy, clean.detach(), mask), delta)
             if not torch.isfinite(grad).all():  # as mt-dnn: no adversarial term this step
                 return clean.new_zeros((), dtype=torch.float32)
             step = grad / (grad.abs().amax(-1, keepdim=True) + 1e-6)
             delta = (delta + self.step_size * step).clamp(-self.eps, self.eps).detach()
         with perturbed(model, delta):
             noisy = logits_of(self.name, task, task.forward(model, batch))
-        return symmetric_kl_fixed_targets(clean, noisy)
+        return symmetric_kl_fixed_targets(clean, noisy, mask)
 
     def bregman(self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task,
                 clean: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,7 @@ class Smart:
         with torch.no_grad():
             target = logits_of(self.name, task,
                                task.forward(_WithWeights(model, self.teacher), batch))
-        return symmetric_kl_fixed_targets(clean, target)
+        return symmetric_kl_fixed_targets(clean, target, real_positions(batch, clean))
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher}
