@@ -31,6 +31,12 @@ def trainable(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in pl_module.model.named_parameters() if p.requires_grad}
 
 
+def wide(p: torch.Tensor) -> torch.Tensor:
+    """``p`` in at least float32: an average of bf16/fp16 weights (``trainer.precision=
+    bf16-true``) kept in their own dtype would round every small EMA step away and never move."""
+    return p.detach().to(torch.promote_types(p.dtype, torch.float32))
+
+
 class SwapsInAverage(HoldsShards, L.Callback):
     """Validation and test run on an average of the trainable weights, swapped in place (so
     KeepBest keeps the averaged state); training resumes on the raw weights, kept in
@@ -121,7 +127,7 @@ class WeightAverage(SwapsInAverage):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.shadow:  # a resumed stage has its average back from the checkpoint
-            self.shadow = {n: p.detach().clone() for n, p in trainable(pl_module).items()}
+            self.shadow = {n: wide(p).clone() for n, p in trainable(pl_module).items()}
 
     def state_dict(self) -> dict:
         """The average, the step count and (between validation and the next training step)
@@ -150,7 +156,7 @@ class WeightAverage(SwapsInAverage):
         self.count += 1
         weight = 1.0 / self.count if decay is None else 1.0 - decay
         for n, p in params.items():
-            self.shadow[n].lerp_(p.detach(), weight)
+            self.shadow[n].lerp_(wide(p), weight)
 
 
 class SWA(SwapsInAverage):

@@ -414,3 +414,28 @@ def test_an_ema_run_scores_keeps_tests_and_saves_the_average(make_cfg, sentiment
         preds = predictor.predict([r["text"] for r in rows])
         acc = sum(p["label"] == r["label"] for p, r in zip(preds, rows, strict=True)) / len(rows)
         assert record["final"][f"{prefix}/acc"] == pytest.approx(acc, abs=1e-6), split
+
+
+def test_ema_of_bf16_weights_follows_them():
+    """trainer.precision=bf16-true: the weights are bf16; an average kept in bf16 rounded each
+    step of decay 0.999 away and stayed at the initial weights (validated, saved) forever."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    pl_module, master = SimpleNamespace(model=model), torch.ones(4, 4)
+    with torch.no_grad():
+        model.weight.copy_(master)
+    ema = WeightAverage(decay=0.999)
+    ema.on_fit_start(None, pl_module)
+    expected = master.clone()
+    for step in range(1, 1001):  # the weights move 1e-3 a step (an fp32 master copy)
+        master += 1e-3
+        with torch.no_grad():
+            model.weight.copy_(master)
+        ema.catch_up(SimpleNamespace(global_step=step, estimated_stepping_batches=1000),
+                     pl_module, step)
+        expected = 0.999 * expected + 0.001 * model.weight.float()
+    torch.testing.assert_close(ema.shadow["weight"].float(), expected, atol=1e-4, rtol=0)
+    ema._swap_in(pl_module)  # evaluated: the average, in the weights' own dtype
+    assert model.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.weight.float(), expected, atol=1e-2, rtol=0)
