@@ -6,8 +6,9 @@ The perturbation is a forward hook on the model's input embedding module
 every family and every way a PEFT method wraps the model: HF ``peft`` models (LoRA, prompts:
 the prompts are concatenated after the word embeddings and stay clean), forward-hook adapters
 and the ``functional_call`` re-parametrisations (module hooks run there too). It is added to
-every call of the embedding whose output has the perturbation's shape (T5 classification
-embeds the shifted decoder input with the same module and shape: both get it).
+every call of the embedding whose output has the perturbation's shape; an encoder-decoder
+(T5) is hooked on its encoder's copy only (``word_embeddings``), so its decoder inputs, which
+may have the same shape, stay clean.
 """
 
 from __future__ import annotations
