@@ -65,3 +65,22 @@ def test_a_per_token_term_is_a_mean_over_real_tokens_not_padding(name, term, mon
                    for w in (8, 24))
     assert short > 0
     assert long == pytest.approx(short, rel=1e-4)
+
+
+def test_smarts_teacher_of_bf16_weights_follows_them():
+    """trainer.precision=bf16-true: a teacher kept in bf16 rounded each (1 - beta) step away
+    and stayed the initial weights; the Bregman term then pulled toward those instead."""
+    reg = regularizer("smart", beta=0.99)
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    master = torch.ones(4, 4)
+    with torch.no_grad():
+        model.weight.copy_(master)
+    reg.update_teacher(model)
+    expected = master.clone()
+    for _ in range(500):  # optimiser steps moving the weights 1e-3 (an fp32 master copy)
+        master += 1e-3
+        with torch.no_grad():
+            model.weight.copy_(master)
+        reg.update_teacher(model)
+        expected = 0.99 * expected + 0.01 * model.weight.float()
+    torch.testing.assert_close(reg.teacher["weight"].float(), expected, atol=1e-4, rtol=0)

@@ -120,9 +120,10 @@ class Smart:
     def bregman(self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task,
                 clean: torch.Tensor) -> torch.Tensor:
         self.update_teacher(model)
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if n in self.teacher}
+        weights = {n: t.to(dtypes[n]) for n, t in self.teacher.items()}  # fp32 -> bf16-true's
         with torch.no_grad():
-            target = logits_of(self.name, task,
-                               task.forward(_WithWeights(model, self.teacher), batch))
+            target = logits_of(self.name, task, task.forward(_WithWeights(model, weights), batch))
         return symmetric_kl_fixed_targets(clean, target, real_positions(batch, clean))
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,14 +136,16 @@ class Smart:
 
     @torch.no_grad()
     def update_teacher(self, model: nn.Module) -> None:
-        """theta_tilde <- beta theta_tilde + (1 - beta) theta, once per optimiser step."""
+        """theta_tilde <- beta theta_tilde + (1 - beta) theta, once per optimiser step; kept in
+        at least float32 (bf16 weights would round each (1 - beta) step away: a frozen teacher)."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         version = sum(p._version for p in params.values())
         if not self.teacher or self.teacher.keys() != params.keys():
-            self.teacher = {n: p.detach().clone() for n, p in params.items()}
+            self.teacher = {n: p.detach().to(torch.promote_types(p.dtype, torch.float32),
+                                             copy=True) for n, p in params.items()}
         elif version != self._version:
             for n, p in params.items():
                 if self.teacher[n].device != p.device:  # loaded from a checkpoint
                     self.teacher[n] = self.teacher[n].to(p.device)
-                self.teacher[n].lerp_(p.detach(), 1.0 - self.beta)
+                self.teacher[n].lerp_(p.detach().to(self.teacher[n].dtype), 1.0 - self.beta)
         self._version = version
