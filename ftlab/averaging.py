@@ -125,6 +125,9 @@ class WeightAverage(SwapsInAverage):
     def averaged(self) -> dict[str, torch.Tensor] | None:
         return self.shadow
 
+    def follows_length(self) -> bool:
+        return self.start > 0  # ftlab.callbacks.FollowsLength
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.shadow:  # a resumed stage has its average back from the checkpoint
             self.shadow = {n: wide(p).clone() for n, p in trainable(pl_module).items()}
@@ -210,6 +213,9 @@ class SWA(SwapsInAverage):
         if not self.count:
             return None
         return dict(zip(self.names, self.average.module.parameters(), strict=True))
+
+    def follows_length(self) -> bool:
+        return True  # ftlab.callbacks.FollowsLength: SWA begins at start x the planned steps
 
     def selectable(self, trainer: L.Trainer) -> bool:
         """KeepBest picks among validations of the average only (in fit, once there is one)."""

@@ -21,6 +21,16 @@ class GatesSelection(Protocol):
     def selectable(self, trainer: L.Trainer) -> bool: ...
 
 
+@runtime_checkable
+class FollowsLength(Protocol):
+    """A callback scheduled by fractions of the stage's *planned* optimiser steps (SWA's
+    ``start``, snapshot cycles, early discard's ``at``, an EMA ``start`` > 0). The adaptive
+    budget's early stopping would end the stage before those points and the callback would
+    silently do nothing, so a stage with one trains its planned length (``ftlab/stage.py``)."""
+
+    def follows_length(self) -> bool: ...
+
+
 class KeepBest(L.Callback):
     """Keep an in-memory copy of the trainable state at the best validation score.
 

@@ -145,6 +145,9 @@ class EarlyDiscard(L.Callback):
         self.outcome: dict[str, Any] | None = None  # set when this job was discarded
         self._target: int | None = None
 
+    def follows_length(self) -> bool:
+        return True  # ftlab.callbacks.FollowsLength: judged at ``at`` x the planned steps
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.outcome = None
         self._sweep = sweep_dir()

@@ -33,6 +33,9 @@ class SnapshotEnsemble(HoldsShards, L.Callback):
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self.base_lrs: list[float] = []
 
+    def follows_length(self) -> bool:
+        return True  # ftlab.callbacks.FollowsLength: the cycles divide the planned steps
+
     def state_dict(self) -> dict:
         return {"snapshots": self.snapshots, "base_lrs": self.base_lrs}
 

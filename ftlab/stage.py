@@ -12,13 +12,20 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ProgressBar
 from torch import nn
 
 from ftlab.artefact import write_stage_card
 from ftlab.budget import check_val_interval, early_stopping, plan
 from ftlab.build import StageBuilder
-from ftlab.callbacks import GradualUnfreeze, HeadWarmup, KeepBest, NoteStep, Throughput
+from ftlab.callbacks import (
+    FollowsLength,
+    GradualUnfreeze,
+    HeadWarmup,
+    KeepBest,
+    NoteStep,
+    Throughput,
+)
 from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
@@ -125,6 +132,9 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
         if budget:  # the budget was planned for the first batch tried: re-plan for the found one
             budget = plan(stage.budget, stage.trainer, rows, dm.batch_size)[1]
             trainer.fit_loop.max_epochs = budget["max_epochs"]
+    stops = [c for c in stops if c in trainer.callbacks]  # none with a FollowsLength callback
+    if budget and not stops:
+        budget["patience"] = 0  # the record says so: no early stop
     if budget:
         log.info("Stage %s: adaptive budget, up to %d epochs of %d steps (min_steps %d, early "
                  "stop after %d validations without gain; trainer.max_epochs/max_steps fix the "
@@ -222,6 +232,13 @@ def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_
         callbacks.append(GradualUnfreeze())
     if stage.head_warmup_steps:  # LP-FT: the head alone first
         callbacks.append(HeadWarmup(stage.head_warmup_steps, stage.where))
+    planned = [type(c).__name__ for c in callbacks
+               if isinstance(c, FollowsLength) and c.follows_length()]
+    if planned and any(isinstance(c, EarlyStopping) for c in own):
+        log.info("Stage %s: the adaptive budget's early stopping is off (%s schedule by the "
+                 "planned steps); the best validation state is still kept.", stage.name,
+                 ", ".join(planned))
+        own = [c for c in own if not isinstance(c, EarlyStopping)]
     loggers = build_loggers(run.logger, save_dir=str(stage_dir), **context)
     if stage.trainer.get("enable_progress_bar") is False:  # a bar callback would contradict it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
