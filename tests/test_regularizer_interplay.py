@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForTokenClassification
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.regularizers.embedding import zeros_like_embeddings
@@ -84,3 +84,35 @@ def test_smarts_teacher_of_bf16_weights_follows_them():
         reg.update_teacher(model)
         expected = 0.99 * expected + 0.01 * model.weight.float()
     torch.testing.assert_close(reg.teacher["weight"].float(), expected, atol=1e-4, rtol=0)
+
+
+def test_smart_on_regression_compares_the_predicted_numbers_by_their_squared_difference(
+        monkeypatch):
+    """The paper's l_s for regression, (f(x) - f(x + delta))^2 (a softmax of one number is
+    always 1: the KL would be 0); the Bregman term likewise against the teacher's numbers."""
+    from ftlab.regularizers.embedding import perturbed
+    from ftlab.tasks.regression import Regression
+
+    torch.manual_seed(0)
+    model = load_model(ModelSpec(config=model_config("bert")),
+                       AutoModelForSequenceClassification, num_labels=1).eval()
+    b = rows(8) | {"labels": torch.rand(4) * 5}
+    delta = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(2)) * 1e-2
+    monkeypatch.setattr("ftlab.regularizers.smart.zeros_like_embeddings",
+                        lambda m, batch: delta.clone())
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda t, *a, **k: t)
+    reg = regularizer("smart", steps=0, mu=1.0, beta=0.5)  # steps 0: delta as drawn
+    task = Regression()
+    out = reg.training_loss(model, b, task)
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    with torch.no_grad(), perturbed(model, delta):
+        noisy = model(**inputs).logits
+    clean = model(**inputs).logits.detach()
+    assert float(out.extras["smart_adv"]) == pytest.approx(float(((clean - noisy) ** 2).mean()),
+                                                           rel=1e-4)
+    assert float(out.extras["smart_adv"]) > 0
+    assert float(out.extras["smart_bregman"]) == 0  # the teacher starts as the model
+    with torch.no_grad():  # an optimiser step moves the output by 1; the teacher (beta 0.5) by
+        model.classifier.bias += 1.0  # 0.5: the squared gap is 0.25 on every row
+    bregman = float(reg.training_loss(model, b, task).extras["smart_bregman"])
+    assert bregman == pytest.approx(0.25, rel=1e-4)

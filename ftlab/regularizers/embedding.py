@@ -93,8 +93,8 @@ def needs_logits(name: str, task: Task, why: str = COMPARES,
     if distribution and isinstance(task, PredictsNumbers):
         raise FtlabError(f"regularizer={name} {why} as class distributions (a KL divergence), "
                          "but stage=regression predicts one number per row: the term would "
-                         "always be 0.", "use regularizer=freelb or regularizer=mixout with "
-                         "stage=regression, or regularizer=none.")
+                         "always be 0.", "use regularizer=smart (the squared loss there), "
+                         "freelb or mixout with stage=regression, or regularizer=none.")
 
 
 def no_logits(name: str, task: str, why: str = COMPARES) -> FtlabError:

@@ -2,13 +2,14 @@
 proximal point optimisation.
 
 Training loss = task loss
-  + ``lambda_s`` * symmetric KL(f(x), f(x + delta)), where delta starts as N(0, noise_std^2)
-    noise on the word embeddings and takes ``steps`` projected gradient-ascent steps on that KL:
-    g = grad_delta of the symmetric KL (both directions, the clean prediction held constant),
+  + ``lambda_s`` * l_s(f(x), f(x + delta)) (l_s: the symmetric KL; for regression, as the
+    paper, the squared loss (f(x) - f(x + delta))^2), where delta starts as N(0, noise_std^2)
+    noise on the word embeddings and takes ``steps`` projected gradient-ascent steps on l_s:
+    g = grad_delta of l_s (KL: both directions, the clean prediction held constant),
     delta <- clip(delta + step_size * g / ||g||_inf, -eps, eps), the norm per token (the
     paper's Algorithm 1; mt-dnn's ``SmartPerturbation`` ascends one-sided ``stable_kl`` and
     rescales ``delta + step_size * g`` to unit L-inf norm per token instead of clipping);
-  + ``mu`` * symmetric KL(f(x; theta), f(x; theta_tilde)): the Bregman proximal point term
+  + ``mu`` * l_s(f(x; theta), f(x; theta_tilde)): the Bregman proximal point term
     against a momentum teacher theta_tilde = beta * theta_tilde + (1 - beta) * theta, tracked
     for the *trainable* tensors only (the frozen rest is shared) and run with
     ``torch.func.functional_call`` on the same model, under ``no_grad``.
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -38,7 +40,7 @@ from ftlab.regularizers.embedding import (
     symmetric_kl_fixed_targets,
     zeros_like_embeddings,
 )
-from ftlab.tasks.base import Task, TaskOutput
+from ftlab.tasks.base import PredictsNumbers, Task, TaskOutput
 
 
 class _WithWeights:
@@ -85,7 +87,17 @@ class Smart:
         return model
 
     def check_task(self, task: Task) -> None:
-        needs_logits(self.name, task)
+        needs_logits(self.name, task, distribution=False)  # regression: the squared loss
+
+    @staticmethod
+    def divergence(task: Task, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None,
+                   fixed: bool = True) -> torch.Tensor:
+        """The paper's l_s: for a task predicting numbers (stage=regression) the squared loss
+        (a - b)^2, mean over rows; otherwise the symmetric KL (``fixed``: each direction's
+        target held constant, mt-dnn's)."""
+        if isinstance(task, PredictsNumbers):
+            return F.mse_loss(a.float(), b.float())
+        return (symmetric_kl_fixed_targets if fixed else symmetric_kl)(a, b, mask)
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
                       task: Task) -> TaskOutput:
@@ -108,14 +120,15 @@ class Smart:
             delta.requires_grad_()
             with perturbed(model, delta):
                 noisy = logits_of(self.name, task, task.forward(model, batch))
-            (grad,) = torch.autograd.grad(symmetric_kl(noisy, clean.detach(), mask), delta)
+            div = self.divergence(task, noisy, clean.detach(), mask, fixed=False)
+            (grad,) = torch.autograd.grad(div, delta)
             if not torch.isfinite(grad).all():  # as mt-dnn: no adversarial term this step
                 return clean.new_zeros((), dtype=torch.float32)
             step = grad / (grad.abs().amax(-1, keepdim=True) + 1e-6)
             delta = (delta + self.step_size * step).clamp(-self.eps, self.eps).detach()
         with perturbed(model, delta):
             noisy = logits_of(self.name, task, task.forward(model, batch))
-        return symmetric_kl_fixed_targets(clean, noisy, mask)
+        return self.divergence(task, clean, noisy, mask)
 
     def bregman(self, model: nn.Module, batch: dict[str, torch.Tensor], task: Task,
                 clean: torch.Tensor) -> torch.Tensor:
@@ -124,7 +137,7 @@ class Smart:
         weights = {n: t.to(dtypes[n]) for n, t in self.teacher.items()}  # fp32 -> bf16-true's
         with torch.no_grad():
             target = logits_of(self.name, task, task.forward(_WithWeights(model, weights), batch))
-        return symmetric_kl_fixed_targets(clean, target, real_positions(batch, clean))
+        return self.divergence(task, clean, target, real_positions(batch, clean))
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher}
