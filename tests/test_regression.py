@@ -328,6 +328,29 @@ def test_a_regression_sub_task_trains_beside_a_classifier_with_its_own_baseline(
     assert math.isfinite(final["val/task/pearson"]) and math.isfinite(final["val/vitaminc/acc"])
 
 
+@pytest.mark.parametrize("regularizer", ["r3f", "smart"])
+def test_a_regression_sub_task_refuses_r3f_and_gets_smarts_squared_loss(
+        regularizer, make_cfg, scores_dir, sentiment_dir, tmp_path):
+    """R3F's KL on a regression sub-task's batches was silently 0; SMART (no teacher in
+    multitask) compares its numbers by the squared loss."""
+    cfg = make_cfg(csv_overrides(
+        scores_dir, "stage=multitask", "trainer.max_steps=4", f"regularizer={regularizer}",
+        "stage.tasks.task.task._target_=ftlab.tasks.regression.Regression",
+        f"stage.tasks.vitaminc.data.files={{train: {sentiment_dir}/train.jsonl, "
+        f"validation: {sentiment_dir}/validation.jsonl}}",
+        "stage.tasks.vitaminc.data.text_columns=[text]",
+        "stage.tasks.vitaminc.data.labels=[neg,pos]",
+        "stage.tasks.vitaminc.data.splits={train: train, validation: validation}",
+        *(["regularizer.mu=0"] if regularizer == "smart" else [])))
+    if regularizer == "r3f":
+        with pytest.raises(SystemExit):
+            run(cfg)
+        record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert "sub-task 'task' (a regression) predicts one number per row" in record["error"]
+        return
+    assert run(cfg)["status"] == "ok"
+
+
 def test_many_numbers_with_fractions_are_refused_as_class_labels(caplog):
     """stage=classify (or distill) on an STS-B-like score made each score its own class."""
     from ftlab.data.labels import MAX_FRACTION_CLASSES, encode_labels

@@ -22,7 +22,7 @@ from torch import nn
 
 from ftlab.errors import FtlabError
 from ftlab.model.arch import tied_embeddings, unwrap
-from ftlab.tasks.base import PredictsNumbers, Task, TaskOutput
+from ftlab.tasks.base import HasSubtasks, PredictsNumbers, Task, TaskOutput
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:
@@ -87,12 +87,18 @@ def needs_logits(name: str, task: Task, why: str = COMPARES,
     """Before training: a task whose training outputs have no per-row logits (masked or causal
     LM, text-to-text) is refused; with ``distribution`` (the regulariser compares softmax
     distributions) so is a regression task, whose one output per row has no distribution (its
-    softmax is always 1: the term would silently be 0)."""
+    softmax is always 1: the term would silently be 0), or a multitask with a regression
+    sub-task (its batches' term would be 0)."""
     if not task.row_logits:
         raise no_logits(name, type(task).__name__, why)
-    if distribution and isinstance(task, PredictsNumbers):
+    parts = task.parts if isinstance(task, HasSubtasks) else {}
+    numbers = [k for k, p in parts.items() if isinstance(getattr(p, "task", None),
+                                                         PredictsNumbers)]
+    if distribution and (isinstance(task, PredictsNumbers) or numbers):
+        which = (f"stage=multitask's sub-task '{numbers[0]}' (a regression)" if numbers
+                 else "stage=regression")
         raise FtlabError(f"regularizer={name} {why} as class distributions (a KL divergence), "
-                         "but stage=regression predicts one number per row: the term would "
+                         f"but {which} predicts one number per row: the term would "
                          "always be 0.", "use regularizer=smart (the squared loss there), "
                          "freelb or mixout with stage=regression, or regularizer=none.")
 

@@ -92,10 +92,11 @@ class Smart:
     @staticmethod
     def divergence(task: Task, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None,
                    fixed: bool = True) -> torch.Tensor:
-        """The paper's l_s: for a task predicting numbers (stage=regression) the squared loss
+        """The paper's l_s: for one number per row (stage=regression, or a regression
+        sub-task's batch in stage=multitask; a classifier has 2+ classes) the squared loss
         (a - b)^2, mean over rows; otherwise the symmetric KL (``fixed``: each direction's
         target held constant, mt-dnn's)."""
-        if isinstance(task, PredictsNumbers):
+        if isinstance(task, PredictsNumbers) or a.shape[-1] == 1:
             return F.mse_loss(a.float(), b.float())
         return (symmetric_kl_fixed_targets if fixed else symmetric_kl)(a, b, mask)
 
