@@ -224,7 +224,9 @@ class SWA(SwapsInAverage):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = trainable(pl_module)
         self.names, self._live = list(params), torch.nn.ParameterList(params.values())
-        self.average = AveragedModel(self._live)  # a copy of the trainable tensors only
+        # a copy of the trainable tensors only, in at least float32 (see ``wide``)
+        self.average = AveragedModel(torch.nn.ParameterList(
+            torch.nn.Parameter(wide(p), requires_grad=False) for p in params.values()))
         self.average.requires_grad_(False)
         total = int(trainer.estimated_stepping_batches)
         self.start_step = int(self.start * total)
@@ -289,5 +291,6 @@ class SWA(SwapsInAverage):
             due = (batch_idx + 1 == trainer.num_training_batches
                    or step >= trainer.estimated_stepping_batches)
         if due:
-            self.average.update_parameters(self._live)
+            self.average.update_parameters(torch.nn.ParameterList(  # fp32: no copy
+                torch.nn.Parameter(wide(p), requires_grad=False) for p in self._live))
             self.last_step = step

@@ -251,3 +251,26 @@ def test_callback_combinations_that_would_train_on_the_wrong_weights_are_refused
     with pytest.raises(FtlabError, match=refused) as err:
         check_configs([], callbacks)
     assert "callbacks=" in str(err.value)  # the fix names the option to choose
+
+
+def test_swa_of_bf16_weights_is_their_mean():
+    """trainer.precision=bf16-true: an average kept in bf16 rounded each late snapshot's
+    1/(n+1) share away and stayed near the first snapshot (1.0 where the mean was 1.5)."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    pl_module, master = SimpleNamespace(model=model), torch.ones(4, 4)
+    trainer = SimpleNamespace(estimated_stepping_batches=1000, num_training_batches=1000,
+                              accumulate_grad_batches=1, global_step=0)
+    swa = SWA(swa_lr=0.1, start=0.0, every_n_steps=1)
+    swa.on_fit_start(trainer, pl_module)
+    seen = []
+    for step in range(1, 1001):  # the weights move 1e-3 a step (an fp32 master copy)
+        master += 1e-3
+        with torch.no_grad():
+            model.weight.copy_(master)
+        seen.append(model.weight.float().clone())
+        trainer.global_step = step
+        swa.catch_up(trainer, pl_module, step)
+    torch.testing.assert_close(swa.averaged()["weight"].float(), torch.stack(seen).mean(0),
+                               atol=1e-4, rtol=0)
