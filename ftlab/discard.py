@@ -146,7 +146,9 @@ class EarlyDiscard(L.Callback):
         self._target: int | None = None
 
     def follows_length(self) -> bool:
-        return True  # ftlab.callbacks.FollowsLength: judged at ``at`` x the planned steps
+        """ftlab.callbacks.FollowsLength: judged at ``at`` x the planned steps (in a multirun;
+        outside one it does nothing and leaves the stage's length alone)."""
+        return sweep_dir() is not None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.outcome = None

@@ -235,7 +235,7 @@ def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_
     planned = [type(c).__name__ for c in callbacks
                if isinstance(c, FollowsLength) and c.follows_length()]
     if planned and any(isinstance(c, EarlyStopping) for c in own):
-        log.info("Stage %s: the adaptive budget's early stopping is off (%s schedule by the "
+        log.info("Stage %s: the adaptive budget's early stopping is off (%s: scheduled by the "
                  "planned steps); the best validation state is still kept.", stage.name,
                  ", ".join(planned))
         own = [c for c in own if not isinstance(c, EarlyStopping)]

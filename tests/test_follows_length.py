@@ -19,7 +19,6 @@ BUDGET = ["data.max_train_samples=64", "trainer.budget.min_steps=24",
     ("swa", ["callbacks.swa.every_n_steps=2"]),
     ("snapshots", []),
     ("ema", ["callbacks.ema.start=0.5"]),
-    ("early_discard", []),  # judged at `at` x the planned steps (in a multirun)
 ])
 def test_a_callback_that_follows_the_planned_steps_gets_them(callbacks, extra, make_cfg,
                                                              sentiment_dir):
@@ -32,7 +31,9 @@ def test_a_callback_that_follows_the_planned_steps_gets_them(callbacks, extra, m
     assert not stage["budget"]["stopped_early"] and stage["budget"]["patience"] == 0
 
 
-def test_without_such_a_callback_the_budget_still_stops_early(make_cfg, sentiment_dir):
-    record = run(make_cfg(tiny_overrides(sentiment_dir) + BUDGET))
+@pytest.mark.parametrize("callbacks", ["none", "early_discard"])  # the latter: not a multirun
+def test_without_such_a_callback_the_budget_still_stops_early(callbacks, make_cfg,
+                                                              sentiment_dir):
+    record = run(make_cfg(tiny_overrides(sentiment_dir) + BUDGET + [f"callbacks={callbacks}"]))
     stage = record["stages"]["classify"]
     assert stage["budget"]["stopped_early"] and stage["global_steps"] < 24
