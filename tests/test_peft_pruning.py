@@ -18,7 +18,7 @@ from ftlab.regularizers.none import NoRegularizer
 from ftlab.tasks.classify import Classify
 from tests import test_resume
 from tests.test_peft_contract import batch, logits, method, tiny_model, train_steps
-from tests.test_resume import crash_at
+from tests.test_resume import killed_and_resumed
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
 tiny_run = test_resume.tiny_run  # the resume tests' fixture: a 12-step run with checkpoints
@@ -259,18 +259,10 @@ def test_diff_pruning_resumed_in_phase_2_ends_like_an_uninterrupted_run(tiny_run
                                                                          tmp_path):
     """12 steps: phase 2 from step 6; killed at 10, resumed from the step-8 checkpoint."""
     from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
-    from ftlab.run import run
     from ftlab.store import load_tensors
 
     extra = ["peft=diff_pruning", "peft.keep=0.01", "checkpoint.keep=true"]
-    whole = run(tiny_run("whole", *extra))
-    assert whole["status"] == "ok", whole
-    crash_at(monkeypatch, 10)
-    with pytest.raises(SystemExit):
-        run(tiny_run("killed", *extra))
-    monkeypatch.undo()
-    resumed = run(tiny_run("killed", *extra))
-    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    killed_and_resumed(tiny_run, monkeypatch, *extra)
     a, b = (load_tensors(tmp_path / n / "classify" / "trainable.safetensors")
             for n in ("whole", "killed"))
     assert a.keys() == b.keys()
@@ -345,20 +337,9 @@ def test_a_method_with_extra_state_resumes_like_an_uninterrupted_run(tiny_run, m
     metrics, artefact and last-step model (scores, gate logits, theta) as a run never
     interrupted (the artefact alone may be step 7's best epoch, from before the kill)."""
     from ftlab.checkpoint import NAME, SafetensorsCheckpointIO
-    from ftlab.run import run
     from ftlab.store import load_tensors
 
-    extra = [*extra, "checkpoint.keep=true"]
-    whole = run(tiny_run("whole", *extra))
-    assert whole["status"] == "ok", whole
-    crash_at(monkeypatch, 10)
-    with pytest.raises(SystemExit):
-        run(tiny_run("killed", *extra))
-    monkeypatch.undo()
-    resumed = run(tiny_run("killed", *extra))
-    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
-    for k, v in whole["final"].items():
-        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    killed_and_resumed(tiny_run, monkeypatch, *extra, "checkpoint.keep=true")
     a, b = (load_tensors(tmp_path / n / "classify" / "trainable.safetensors")
             for n in ("whole", "killed"))
     assert a.keys() == b.keys()

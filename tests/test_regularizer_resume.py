@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import open_dict
 
-from ftlab.run import run
 from tests.conftest import tiny_overrides
-from tests.test_resume import crash_at, same_last_weights
+from tests.test_resume import killed_and_resumed, same_last_weights
 
 #: as tests/test_resume.py: checkpoints at steps 4, 7 (epoch end), 8; killed at 10; resumed
 STEPS = ["data.max_train_samples=112", "trainer.max_steps=12", "trainer.max_epochs=5",
@@ -35,17 +34,8 @@ def test_smart_resumes_with_its_teacher_and_ends_like_an_uninterrupted_run(
     smart = ["regularizer=smart", "regularizer.beta=0.9", "regularizer.mu=50",
              "regularizer.lambda_s=0",
              "checkpoint.keep=true"]
-    whole = run(tiny_run("whole", *smart))
-    assert whole["status"] == "ok", whole
-    crash_at(monkeypatch, 10)
-    with pytest.raises(SystemExit):
-        run(tiny_run("killed", *smart))
-    monkeypatch.undo()
-    resumed = run(tiny_run("killed", *smart))
-    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    killed_and_resumed(tiny_run, monkeypatch, *smart)
     same_last_weights(tmp_path)
-    for k, v in whole["final"].items():
-        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
 
 
 @pytest.mark.slow
@@ -55,13 +45,5 @@ def test_mixout_resumes_with_its_targets_and_ends_like_an_uninterrupted_run(
     # the targets are not saved: a resumed stage rebuilds them (the pre-trained weights; LoRA's
     # seeded initial A/B) before the checkpoint's weights are loaded
     mixout = ["regularizer=mixout", "regularizer.p=0.5", f"peft={peft}", "checkpoint.keep=true"]
-    whole = run(tiny_run("whole", *mixout))
-    crash_at(monkeypatch, 10)
-    with pytest.raises(SystemExit):
-        run(tiny_run("killed", *mixout))
-    monkeypatch.undo()
-    resumed = run(tiny_run("killed", *mixout))
-    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    killed_and_resumed(tiny_run, monkeypatch, *mixout)
     same_last_weights(tmp_path)
-    for k, v in whole["final"].items():
-        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k

@@ -58,6 +58,25 @@ def same_last_weights(tmp_path: Path) -> tuple[dict, dict]:
     return a, b
 
 
+def killed_and_resumed(tiny_run, monkeypatch, *extra: str) -> tuple[dict, dict]:
+    """(uninterrupted record, killed-at-step-10-then-resumed record) of one run of ``STEPS``
+    with ``extra``, after checking the resumed run started from the step-8 checkpoint and
+    ends with the uninterrupted run's final metrics (within 1e-6)."""
+    from ftlab.run import run
+
+    whole = run(tiny_run("whole", *extra))
+    assert whole["status"] == "ok", whole
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *extra))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *extra))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    return whole, resumed
+
+
 def test_checkpoint_io_round_trips_the_checkpoint_dict(tmp_path):
     ckpt = {"state_dict": {"w": torch.randn(3, 2)}, "epoch": 1, "optimizer_states": [
         {"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.ones(2)}},
