@@ -4,10 +4,8 @@ ends, with the regulariser's own state (SMART's momentum teacher) carried in the
 from __future__ import annotations
 
 import pytest
-from omegaconf import open_dict
 
-from tests.conftest import tiny_overrides
-from tests.test_resume import killed_and_resumed, same_last_weights
+from tests.test_resume import killed_and_resumed, run_maker, same_last_weights
 
 #: as tests/test_resume.py: checkpoints at steps 4, 7 (epoch end), 8; killed at 10; resumed
 STEPS = ["data.max_train_samples=112", "trainer.max_steps=12", "trainer.max_epochs=5",
@@ -16,14 +14,7 @@ STEPS = ["data.max_train_samples=112", "trainer.max_steps=12", "trainer.max_epoc
 
 @pytest.fixture
 def tiny_run(make_cfg, sentiment_dir, tmp_path):
-    def _make(folder: str, *extra: str):
-        cfg = make_cfg(tiny_overrides(sentiment_dir) + STEPS + [
-            f"cache.dir={tmp_path / 'cache'}", *extra])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / folder)
-        return cfg
-
-    return _make
+    return run_maker(make_cfg, sentiment_dir, tmp_path, STEPS)
 
 
 @pytest.mark.slow

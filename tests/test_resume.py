@@ -23,16 +23,22 @@ STEPS = ["data.max_train_samples=112", "trainer.max_steps=12", "trainer.max_epoc
          "callbacks=ema", "callbacks.progress=null", "callbacks.ema.decay=0.9"]
 
 
-@pytest.fixture
-def tiny_run(make_cfg, sentiment_dir, tmp_path):
-    def _make(folder: str, *extra: str):
-        cfg = make_cfg(tiny_overrides(sentiment_dir) + STEPS + [
+def run_maker(make_cfg, sentiment_dir, tmp_path, steps: list[str]):
+    """``make(folder, *extra)``: the config of a tiny run of ``steps`` in ``tmp_path/folder``
+    (one stage cache for all of them)."""
+    def make(folder: str, *extra: str):
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + steps + [
             f"cache.dir={tmp_path / 'cache'}", *extra])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / folder)
         return cfg
 
-    return _make
+    return make
+
+
+@pytest.fixture
+def tiny_run(make_cfg, sentiment_dir, tmp_path):
+    return run_maker(make_cfg, sentiment_dir, tmp_path, STEPS)
 
 
 def crash_at(monkeypatch, step: int, max_steps: int | None = None) -> None:
