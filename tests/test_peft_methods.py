@@ -107,6 +107,19 @@ def test_diff_pruning_artefact_has_target_sparsity():
         "model.classifier.weight", "model.classifier.bias"}
 
 
+def test_intrinsic_projection_follows_the_run_seed_unless_fixed():
+    """peft.seed was 0 for every run, so a seed sweep never varied the random projection (its
+    spread understated what a new projection changes); unset, it is drawn from the run's
+    seed (torch's generator), and a fixed seed keeps one projection."""
+    def projection_seed(run_seed: int, **kw) -> int:
+        model = tiny_model()
+        torch.manual_seed(run_seed)  # as the run seeds before building the stage's model
+        return method("intrinsic", d=64, **kw).apply(model).seed
+
+    assert projection_seed(1) == projection_seed(1) != projection_seed(2)
+    assert projection_seed(1, seed=7) == projection_seed(2, seed=7) == 7
+
+
 def test_intrinsic_artefact_is_d_numbers_and_seed():
     peft = method("intrinsic", d=64, seed=7)
     model = peft.apply(tiny_model())

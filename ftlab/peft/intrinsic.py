@@ -109,14 +109,17 @@ class IntrinsicModel(Reparametrized):
 class Intrinsic:
     """Args:
         d: the intrinsic dimension (trained numbers); the paper: ~200 (MRPC) to ~2,000.
-        seed: seed of the random projection (saved in the artefact).
-        include_embeddings: project the embedding matrices too (the largest tensors).
+        seed: seed of the random projection (saved in the artefact); None: drawn from torch's
+            generator, which the run's seed sets, so each seed of a sweep gets its own
+            projection (as it gets its own head initialisation).
+        include_embeddings: project the embedding matrices too (the largest tensors; the
+            paper does; off by default for speed, as conf/peft/intrinsic.yaml).
         said: structure-aware intrinsic dimension: ``d`` includes one learnt scale per tensor.
     """
 
     name = "intrinsic"
 
-    def __init__(self, d: int = 500, seed: int = 0, include_embeddings: bool = True,
+    def __init__(self, d: int = 500, seed: int | None = None, include_embeddings: bool = False,
                  said: bool = False, drop_top: int = 0, reinit_top: int = 0) -> None:
         self.d, self.seed, self.include_embeddings, self.said = d, seed, include_embeddings, said
         self.drop_top, self.reinit_top = drop_top, reinit_top
@@ -131,7 +134,8 @@ class Intrinsic:
                  and id(p) not in fresh]
         unfreeze(head_parameters(model))
         unfreeze([p for p in model.parameters() if id(p) in fresh])
-        return IntrinsicModel(model, names, self.d, self.seed, self.said)
+        seed = self.seed if self.seed is not None else int(torch.randint(2**31 - 1, ()))
+        return IntrinsicModel(model, names, self.d, seed, self.said)
 
     def trainable_state(self, model: IntrinsicModel) -> dict[str, torch.Tensor]:
         state = dense_state(model, ("theta", "scale"))
