@@ -8,7 +8,10 @@ accumulates it with K ``backward`` calls. All K forwards use the *same dropout m
 paper's sec. 3.2, "When adversarial training meets dropout"; the reference passes its
 ``dp_masks`` from the first forward to the next): the random-number state is saved before the
 first forward and restored before each of the others (CPU and the batch's CUDA device), so
-the ascent sees one network, not K different sub-networks.
+the ascent sees one network, not K different sub-networks. The same restore makes every
+other draw of the forward the same K times (stage=mlm's masked positions), so FreeLB needs only
+the task's loss and works with every task: classification, tagging, regression, masked and
+causal LM, text-to-text (the encoder's input embeddings).
 
 The seam: this is an ordinary :class:`~ftlab.regularizers.base.Regularizer`. Its
 ``training_loss`` returns ``(1/K) sum_k L(x + delta_k)`` with every delta_k a constant, whose
@@ -31,13 +34,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.regularizers.embedding import (
-    logits_of,
-    needs_logits,
-    perturbed,
-    token_mask,
-    zeros_like_embeddings,
-)
+from ftlab.regularizers.embedding import perturbed, token_mask, zeros_like_embeddings
 from ftlab.tasks.base import Task, TaskOutput
 
 NORMS = ("l2", "linf")
@@ -53,10 +50,6 @@ def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
-#: why a task without logits (masked LM) is refused
-WHY = "runs K ascent steps against one fixed objective per batch"
-
-
 class FreeLB:
     """Args:
         steps: K, forwards (adversarial steps) per training step.
@@ -81,9 +74,6 @@ class FreeLB:
 
     def apply(self, model: nn.Module) -> nn.Module:
         return model
-
-    def check_task(self, task: Task) -> None:
-        needs_logits(self.name, task, WHY, distribution=False)  # its objective: the task loss
 
     def init_delta(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         delta = zeros_like_embeddings(model, batch)
@@ -112,7 +102,7 @@ class FreeLB:
                       task: Task) -> TaskOutput:
         delta = self.init_delta(model, batch)
         total, first = None, None
-        masks = rng_state(delta.device)  # the K forwards draw the same dropout masks
+        masks = rng_state(delta.device)  # the K forwards draw the same dropout (and MLM) masks
         for k in range(self.steps):
             delta.requires_grad_()
             if k:
@@ -120,7 +110,6 @@ class FreeLB:
             with perturbed(model, delta):
                 out = task.forward(model, batch)
             if first is None:
-                logits_of(self.name, task, out, WHY)
                 first = out
             part = out.loss / self.steps
             total = part if total is None else total + part
