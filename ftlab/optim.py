@@ -69,25 +69,31 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     dimensions as built, when the model's own are no longer it (FSDP flattens parameters into
     1-D shards before the optimiser is made). A model that is an ``OwnGroups``
     (``ftlab/peft/base.py``) puts the parameters it names in groups with their own LR and weight
-    decay, after the others."""
+    decay, after the others (an LR of None: the stage's, with its layer decay)."""
     from ftlab.peft.base import OwnGroups
 
     ndims = ndims or {}
     depth, top = layer_depths(model) if layer_decay != 1.0 else ({}, 0)
     own = model.own_groups() if isinstance(model, OwnGroups) else {}
-    groups: dict[tuple[bool, int], list] = {}
+    # (depth, kind, decay): kind 0 decays, 1 does not (biases, norms), 2 an own decay
+    groups: dict[tuple[int, int, float], list] = {}
     apart: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name in own:
-            apart.setdefault(own[name], []).append(p)
+        own_lr, decay = own.get(name, (None, None))
+        if own_lr is not None:
+            apart.setdefault((own_lr, decay), []).append(p)
             continue
-        skip = ndims.get(name, p.ndim) < 2 or "norm" in name.lower() or name.endswith(".bias")
-        groups.setdefault((skip, depth.get(name, top)), []).append(p)
+        if decay is None:
+            skip = ndims.get(name, p.ndim) < 2 or "norm" in name.lower() or name.endswith(".bias")
+            key = (depth.get(name, top), int(skip), 0.0 if skip else weight_decay)
+        else:
+            key = (depth.get(name, top), 2, decay)
+        groups.setdefault(key, []).append(p)
     out = []
-    for (skip, d), params in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        group = {"params": params, "weight_decay": 0.0 if skip else weight_decay}
+    for (d, _kind, decay), params in sorted(groups.items(), key=lambda kv: kv[0]):
+        group = {"params": params, "weight_decay": decay}
         if lr is not None:
             group["lr"] = lr * layer_decay ** (top - d)
         out.append(group)

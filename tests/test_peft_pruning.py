@@ -145,6 +145,28 @@ def test_movement_pruning_schedule_in_training():
         assert kept == round((1 - final) * score.numel())  # exactly the target at the end
 
 
+def test_movement_scores_train_at_the_stage_lr_without_weight_decay():
+    """The reference gives the scores a group of their own with no weight decay; the weights
+    keep the stage's decay. One AdamW step with zero gradients moves only what decay moves."""
+    from ftlab.optim import build_optimizer
+
+    model = method("movement_pruning").apply(tiny_model())
+    with torch.no_grad():
+        for score in model.scores:
+            score.fill_(1.0)
+    spec = OptimSpec(lr=0.5, weight_decay=0.5, warmup_ratio=0.0)
+    opt, _ = build_optimizer(model, spec, total_steps=10)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    weight = model.originals()[0]
+    before = weight.detach().clone()
+    opt.step()
+    assert all(bool((s == 1.0).all()) for s in model.scores), "the scores were decayed"
+    torch.testing.assert_close(weight.detach(), before * (1 - 0.5 * 0.5))  # weights decay
+    lrs = {group["lr"] for group in opt.param_groups}
+    assert lrs == {0.5}, lrs  # the scores' group trains at the stage's LR
+
+
 def test_magnitude_criterion_keeps_the_largest_weights_on_the_same_schedule():
     """``criterion=magnitude`` (the reference's ``--pruning_method magnitude``): every step's
     mask keeps exactly the largest |w| of each matrix at the scheduled sparsity; no scores

@@ -51,10 +51,11 @@ class OwnGroups(Protocol):
     """A model (as ``PeftMethod.apply`` returns it) some of whose parameters train at their own
     LR and weight decay, in optimiser groups of their own, e.g. diff pruning's gate logits (the
     reference trains them with a separate AdamW at lr 0.1, no decay). ``own_groups()`` maps a
-    trainable parameter's name (as in ``named_parameters()``) to ``(lr, weight_decay)``; the
-    stage's warmup and decay schedule scales those groups as every other."""
+    trainable parameter's name (as in ``named_parameters()``) to ``(lr, weight_decay)``, an lr
+    of None for the stage's own (movement pruning's scores: no decay); the stage's warmup and
+    decay schedule scales those groups as every other."""
 
-    def own_groups(self) -> dict[str, tuple[float, float]]: ...
+    def own_groups(self) -> dict[str, tuple[float | None, float]]: ...
 
 
 @runtime_checkable

@@ -69,6 +69,13 @@ class MovementModel(Reparametrized):
     def at_step(self, step: int, total: int) -> None:
         self.step, self.total = step, total
 
+    def own_groups(self) -> dict[str, tuple[float | None, float]]:
+        """The scores train at the stage's LR without weight decay (``OwnGroups``), as in the
+        reference (their group sets no decay; its AdamW's default is 0)."""
+        if self.criterion != "movement":
+            return {}
+        return {n: (None, 0.0) for n, _ in self.scores.named_parameters(prefix="scores")}
+
     def settled(self) -> bool:
         """At the final sparsity (the artefact's), or holding a loaded mask."""
         return self.fixed or self.current_sparsity() >= self.sparsity
