@@ -62,7 +62,8 @@ def test_houlsby_adapter_runs_between_projection_and_residual_layernorm(site):
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         holder.register_forward_pre_hook(lambda m, a: seen.update(residual=a[1])),
-        holder.dense.register_forward_hook(lambda m, a, o: seen.update(x=a[0], adapted=o)),
+        holder.dense.register_forward_hook(lambda m, a, o: seen.update(x=a[0])),
+        holder.dropout.register_forward_hook(lambda m, a, o: seen.update(adapted=o)),
         holder.LayerNorm.register_forward_pre_hook(lambda m, a: seen.update(norm_in=a[0])),
     ]
     with torch.no_grad():
@@ -73,3 +74,35 @@ def test_houlsby_adapter_runs_between_projection_and_residual_layernorm(site):
         h.remove()
     torch.testing.assert_close(seen["adapted"], expected)  # applied once, to the projection
     torch.testing.assert_close(seen["norm_in"], expected + seen["residual"])  # then add + LN
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "t5", "llama"])
+def test_houlsby_adapters_run_on_the_dropped_out_projection(family):
+    """Houlsby et al.'s adapter-bert and AdapterHub apply dropout to the block's projection
+    first, then the adapter (whose output is not dropped): in training the adapter's input
+    holds the dropout's zeros (the block then adds the adapter's output to its residual: the
+    test above). Llama has no dropout there: its adapter runs on the projection."""
+    model = method("adapter_houlsby").apply(tiny_model(0, family)).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    inputs: list[torch.Tensor] = []
+
+    def record(_m: torch.nn.Module, args: tuple, _out: torch.Tensor) -> None:
+        inputs.append(args[0])
+
+    hooks = [adapter.register_forward_hook(record) for adapter in _adapters(model).values()]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(**{k: v for k, v in batch(0).items() if k != "token_type_ids" or
+                 family == "bert"})
+    for h in hooks:
+        h.remove()
+    assert inputs, "no adapter ran"
+    zeros = [float((x == 0).float().mean()) for x in inputs]
+    if family == "llama":
+        assert max(zeros) == 0.0, zeros
+        return
+    has_drop = 2 if family != "distilbert" else 1  # DistilBERT: no dropout after out_lin
+    dropped = sorted(zeros, reverse=True)[: has_drop * len(inputs) // 2]
+    assert min(dropped) > 0.3, zeros  # ~p = 0.5 of the adapter's input was dropped first

@@ -40,27 +40,28 @@ FAMILY = {
         bottom="bert.encoder.layer.0.attention.self.query.weight",
         upper="bert.encoder.layer.1.output.dense.weight", head="classifier.weight",
         attn="bert.encoder.layer.{i}.attention.output", ffn="bert.encoder.layer.{i}.output",
-        proj="dense", source=AutoModelForMaskedLM),
+        proj="dense", drop="dropout", source=AutoModelForMaskedLM),
     "roberta": dict(
         top="roberta.encoder.layer", lower=None,
         emb="roberta.embeddings.word_embeddings.weight",
         bottom="roberta.encoder.layer.0.attention.self.value.weight",
         upper="roberta.encoder.layer.1.intermediate.dense.weight",
         head="classifier.out_proj.weight", attn="roberta.encoder.layer.{i}.attention.output",
-        ffn="roberta.encoder.layer.{i}.output", proj="dense", source=AutoModelForMaskedLM),
+        ffn="roberta.encoder.layer.{i}.output", proj="dense", drop="dropout",
+        source=AutoModelForMaskedLM),
     "deberta": dict(
         top="deberta.encoder.layer", lower=None,
         emb="deberta.embeddings.word_embeddings.weight",
         bottom="deberta.encoder.layer.0.attention.self.query_proj.weight",
         upper="deberta.encoder.layer.1.output.dense.weight", head="classifier.weight",
         attn="deberta.encoder.layer.{i}.attention.output", ffn="deberta.encoder.layer.{i}.output",
-        proj="dense", source=AutoModelForMaskedLM),
+        proj="dense", drop="dropout", source=AutoModelForMaskedLM),
     "electra": dict(
         top="electra.encoder.layer", lower=None, emb="electra.embeddings_project.weight",
         bottom="electra.encoder.layer.0.attention.self.key.weight",
         upper="electra.encoder.layer.1.output.dense.weight", head="classifier.dense.weight",
         attn="electra.encoder.layer.{i}.attention.output", ffn="electra.encoder.layer.{i}.output",
-        proj="dense", source=AutoModelForMaskedLM),
+        proj="dense", drop="dropout", source=AutoModelForMaskedLM),
     "distilbert": dict(
         top="distilbert.transformer.layer", lower=None,
         emb="distilbert.embeddings.word_embeddings.weight",
@@ -68,18 +69,18 @@ FAMILY = {
         upper="distilbert.transformer.layer.1.ffn.lin2.weight", head="pre_classifier.weight",
         attn="distilbert.transformer.layer.{i}.attention",
         ffn="distilbert.transformer.layer.{i}.ffn", proj=("out_lin", "lin2"),
-        source=AutoModelForMaskedLM),
+        drop=(None, "dropout"), source=AutoModelForMaskedLM),
     "gpt2": dict(
         top="transformer.h", lower=None, emb="transformer.wpe.weight",
         bottom="transformer.h.0.attn.c_attn.weight", upper="transformer.h.1.mlp.c_fc.weight",
         head="score.weight", attn="transformer.h.{i}.attn", ffn="transformer.h.{i}.mlp",
-        proj="c_proj", source=AutoModelForCausalLM),
+        proj="c_proj", drop=("resid_dropout", "dropout"), source=AutoModelForCausalLM),
     "llama": dict(
         top="model.layers", lower=None, emb="model.embed_tokens.weight",
         bottom="model.layers.0.self_attn.q_proj.weight",
         upper="model.layers.1.mlp.down_proj.weight", head="score.weight",
         attn="model.layers.{i}.self_attn", ffn="model.layers.{i}.mlp",
-        proj=("o_proj", "down_proj"), source=AutoModelForCausalLM),
+        proj=("o_proj", "down_proj"), drop=(None, None), source=AutoModelForCausalLM),
     "t5": dict(
         top="transformer.decoder.block", lower="transformer.encoder.block",
         emb="transformer.shared.weight",
@@ -88,7 +89,7 @@ FAMILY = {
         head="classification_head.out_proj.weight",
         attn="transformer.{stack}.block.{i}.layer.0.SelfAttention",
         ffn="transformer.{stack}.block.{i}.layer.{ff}.DenseReluDense", proj=("o", "wo"),
-        source=AutoModelForSeq2SeqLM),
+        drop=("../dropout", "../dropout"), source=AutoModelForSeq2SeqLM),
 }
 FAMILIES = sorted(FAMILY)
 
@@ -171,22 +172,28 @@ def _sites(family: str, kind: str) -> list[str]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapters_sit_on_each_blocks_output_projection(family):
+    """Each adapter runs on its block's output projection, after the dropout on it where the
+    family has one (``drop``: relative to the holder, ``../`` its parent; None: no dropout)."""
     model = method("adapter_houlsby").apply(tiny_model(0, family))
     holders = sorted(n.removesuffix(".adapters") for n, _ in model.named_modules()
                      if n.endswith(".adapters"))
     assert holders == sorted(_sites(family, "attn") + _sites(family, "ffn"))
     proj = FAMILY[family]["proj"]
     proj = proj if isinstance(proj, tuple) else (proj, proj)
+    drop = FAMILY[family]["drop"]
+    drop = drop if isinstance(drop, tuple) else (drop, drop)
     for holder in holders:
         with torch.no_grad():
             for p in model.get_submodule(f"{holder}.adapters.adapter.up").parameters():
                 p.zero_()
     plain = logits(model)
     torch.testing.assert_close(plain, logits(tiny_model(0, family)))  # zero up = identity
-    for kind, name in (("attn", proj[0]), ("ffn", proj[1])):
+    for kind, name, after in (("attn", proj[0], drop[0]), ("ffn", proj[1], drop[1])):
         site = _sites(family, kind)[-1]  # T5: the decoder's
         seen: list[torch.Tensor] = []
-        out = model.get_submodule(f"{site}.{name}")
+        path = (f"{site}.{name}" if after is None else f"{site}.{after}" if
+                not after.startswith("../") else f"{site.rpartition('.')[0]}.{after[3:]}")
+        out = model.get_submodule(path)
         handle = out.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.detach()))
         logits(model)
         up = model.get_submodule(f"{site}.adapters.adapter.up").bias

@@ -20,7 +20,8 @@ from torch import nn
 from ftlab.errors import FtlabError
 
 _BERT_BLOCKS = dict(attn_out="attention.output.dense", attn_norm="attention.output.LayerNorm",
-                    ffn_out="output.dense", ffn_norm="output.LayerNorm")
+                    ffn_out="output.dense", ffn_norm="output.LayerNorm",
+                    attn_drop="attention.output.dropout", ffn_drop="output.dropout")
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class Arch:
         family: the name shown in messages.
         stacks: the layer ``ModuleList``(s), bottom first (T5: encoder, then decoder).
         embeddings: embedding modules (layer depth 0).
-        attn_out / ffn_out: output projections of the attention and FFN blocks (in a layer);
-            bottleneck adapters run on their output, before the block's residual add.
+        attn_out / ffn_out: output projections of the attention and FFN blocks (in a layer).
+        attn_drop / ffn_drop: the dropout on that projection's output, where the family has
+            one; bottleneck adapters run on its output (else the projection's), before the
+            block's residual add, as Houlsby et al.'s and AdapterHub's code.
         attn_norm / ffn_norm: the LayerNorm (RMSNorm) of each block (trained with adapters).
         pooler: the pooler under the backbone root, re-initialised with ``reinit_top``.
         mlm_head: modules of the ``*ForMaskedLM`` model run in order on hidden states
@@ -65,6 +68,8 @@ class Arch:
     eos_pooling: bool = False
     last_token_pooling: bool = False
     stems: tuple[str, ...] = ()
+    attn_drop: str | None = None
+    ffn_drop: str | None = None
 
 
 BERT = Arch("BERT", ("encoder.layer",), ("embeddings",), **_BERT_BLOCKS, mlm_head=("cls",),
@@ -84,12 +89,13 @@ ELECTRA = Arch("ELECTRA", ("encoder.layer",), ("embeddings", "embeddings_project
                ia3_ff=("output.dense",), token_type_ids=True)
 DISTILBERT = Arch("DistilBERT", ("transformer.layer",), ("embeddings",),
                   attn_out="attention.out_lin", attn_norm="sa_layer_norm", ffn_out="ffn.lin2",
-                  ffn_norm="output_layer_norm", lora=("q_lin", "v_lin"),
+                  ffn_norm="output_layer_norm", ffn_drop="ffn.dropout", lora=("q_lin", "v_lin"),
                   ia3=("k_lin", "v_lin", "lin2"), ia3_ff=("lin2",),
                   mlm_head=("vocab_transform", "activation", "vocab_layer_norm",
                             "vocab_projector"))
 GPT2 = Arch("GPT-2", ("h",), ("wte", "wpe"), attn_out="attn.c_proj", attn_norm="ln_1",
-            ffn_out="mlp.c_proj", ffn_norm="ln_2", lora=("c_attn",),
+            ffn_out="mlp.c_proj", ffn_norm="ln_2", attn_drop="attn.resid_dropout",
+            ffn_drop="mlp.dropout", lora=("c_attn",),
             ia3=("c_attn", "mlp.c_proj"), ia3_ff=("mlp.c_proj",), last_token_pooling=True)
 LLAMA = Arch("Llama", ("layers",), ("embed_tokens",), attn_out="self_attn.o_proj",
              attn_norm="input_layernorm", ffn_out="mlp.down_proj",
@@ -99,6 +105,7 @@ LLAMA = Arch("Llama", ("layers",), ("embed_tokens",), attn_out="self_attn.o_proj
 T5 = Arch("T5", ("encoder.block", "decoder.block"), ("shared",),
           attn_out="layer.0.SelfAttention.o", attn_norm="layer.0.layer_norm",
           ffn_out="layer.-1.DenseReluDense.wo", ffn_norm="layer.-1.layer_norm",
+          attn_drop="layer.0.dropout", ffn_drop="layer.-1.dropout",
           lora=("q", "v"), ia3=("k", "v", "wo"), ia3_ff=("wo",), biases=False,
           eos_pooling=True, stems=("shared", "encoder", "decoder"))
 
@@ -250,6 +257,17 @@ def block_modules(model: nn.Module, block: str) -> list[tuple[nn.Module, nn.Modu
     found = [(_get(layer, out), _get(layer, norm)) for stack in layer_stacks(model)
              for layer in stack]
     return [(o, n) for o, n in found if o is not None]
+
+
+def block_outputs(model: nn.Module, block: str) -> list[tuple[nn.Module, nn.Module]]:
+    """``(output projection, the module whose output joins the residual)`` of block ``attn``
+    or ``ffn`` in every layer: the dropout after the projection where the family has one, else
+    the projection itself."""
+    arch = arch_of(model)
+    out, drop = getattr(arch, f"{block}_out"), getattr(arch, f"{block}_drop")
+    found = [(_get(layer, out), _get(layer, drop) if drop else None)
+             for stack in layer_stacks(model) for layer in stack]
+    return [(o, d if d is not None else o) for o, d in found if o is not None]
 
 
 def mlm_head(model: nn.Module) -> nn.Module:

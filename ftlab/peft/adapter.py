@@ -1,12 +1,15 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020) and MAD-X-style stacking.
 
-An adapter is ``x + up(act(down(x)))`` applied by a forward hook to the output projection of
-a layer's attention block and/or FFN block, i.e. before that block's residual add, as in the
-papers. The projections come from the architecture table (``ftlab/model/arch.py``): BERT's
-``attention.output.dense`` / ``output.dense``, GPT-2's ``attn.c_proj`` / ``mlp.c_proj``,
-Llama's ``self_attn.o_proj`` / ``mlp.down_proj``, T5's ``SelfAttention.o`` /
-``DenseReluDense.wo`` (encoder and decoder), DistilBERT's ``attention.out_lin`` /
-``ffn.lin2``. Adapters live in an ``adapters`` ModuleDict on the projection's parent module
+An adapter is ``x + up(act(down(x)))`` applied by a forward hook to the output of a layer's
+attention block and/or FFN block: its output projection, after the dropout on it where the
+family has one, i.e. before that block's residual add, as in the papers' code (Houlsby et al.'s
+``adapter-bert`` and AdapterHub run the adapter on the dropped-out projection). The places
+come from the architecture table (``ftlab/model/arch.py``): BERT's ``attention.output.dense``
+/ ``output.dense`` (their ``dropout``), GPT-2's ``attn.c_proj`` / ``mlp.c_proj`` (``attn.
+resid_dropout`` / ``mlp.dropout``), Llama's ``self_attn.o_proj`` / ``mlp.down_proj`` (no
+dropout), T5's ``SelfAttention.o`` / ``DenseReluDense.wo`` (their sub-layer's ``dropout``;
+encoder and decoder), DistilBERT's ``attention.out_lin`` / ``ffn.lin2`` (``ffn.dropout``).
+Adapters live in an ``adapters`` ModuleDict on the projection's parent module
 (BERT: ``attention.output``, ``output``), run in order: frozen adapters loaded from
 ``stack_on`` artefacts first (``stack0``, ``stack1``...), then the trainable ``adapter``.
 """
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import FtlabError
-from ftlab.model.arch import arch_of, block_modules, unwrap
+from ftlab.model.arch import arch_of, block_modules, block_outputs, unwrap
 from ftlab.peft.base import RequiresGradState
 from ftlab.peft.invertible import add_invertible, stack_invertible
 from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, unfreeze
@@ -69,16 +72,21 @@ def _width(proj: nn.Module) -> int:
     return getattr(proj, "out_features", None) or getattr(proj, "nf", None) or proj.weight.shape[0]
 
 
-def adapter_sites(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, nn.Module]]]:
-    """``{"attention": [...], "ffn": [...]}`` of ``(holder name, holder, output projection)``
-    in every layer; the holder (the projection's parent) keeps the ``adapters``."""
+Site = tuple[str, nn.Module, nn.Module, nn.Module]
+
+
+def adapter_sites(model: nn.Module) -> dict[str, list[Site]]:
+    """``{"attention": [...], "ffn": [...]}`` of ``(holder name, holder, output projection,
+    the module the adapters run after)`` in every layer; the holder (the projection's parent)
+    keeps the ``adapters``."""
     names = {id(m): n for n, m in unwrap(model).named_modules()}
-    sites: dict[str, list[tuple[str, nn.Module, nn.Module]]] = {}
+    sites: dict[str, list[Site]] = {}
     for kind, block in (("attention", "attn"), ("ffn", "ffn")):
         sites[kind] = []
-        for proj, _norm in block_modules(model, block):
+        for proj, after in block_outputs(model, block):
             holder_name = names[id(proj)].rpartition(".")[0]
-            sites[kind].append((holder_name, unwrap(model).get_submodule(holder_name), proj))
+            sites[kind].append((holder_name, unwrap(model).get_submodule(holder_name), proj,
+                                after))
     if not sites["ffn"]:
         raise FtlabError(f"Found no FFN output projections ({arch_of(model).ffn_out}) in a "
                          f"'{type(unwrap(model)).__name__}' to put adapters in.",
@@ -86,10 +94,10 @@ def adapter_sites(model: nn.Module) -> dict[str, list[tuple[str, nn.Module, nn.M
     return sites
 
 
-def _ensure_site(holder: nn.Module, proj: nn.Module) -> nn.ModuleDict:
+def _ensure_site(holder: nn.Module, after: nn.Module) -> nn.ModuleDict:
     if not hasattr(holder, "adapters"):
         holder.adapters = nn.ModuleDict()
-        proj.register_forward_hook(_run_adapters(holder))
+        after.register_forward_hook(_run_adapters(holder))
     return holder.adapters
 
 
@@ -142,14 +150,14 @@ class BottleneckAdapter(RequiresGradState):
                 stack_adapter(model, path, f"stack{i}")
         sites = adapter_sites(model)
         for kind in PLACEMENTS[self.placement]:
-            for _name, holder, proj in sites[kind]:
+            for _name, holder, proj, after in sites[kind]:
                 hidden = _width(proj)
                 size = hidden // self.reduction_factor
                 if size < 1:
                     raise FtlabError(f"Adapter reduction_factor={self.reduction_factor} leaves "
                                      f"no bottleneck unit for a hidden size of {hidden}.",
                                      f"use peft.reduction_factor <= {hidden}.")
-                adapters = _ensure_site(holder, proj)
+                adapters = _ensure_site(holder, after)
                 adapters[TRAINABLE] = Bottleneck(hidden, size, self.init_std, self.init).to(
                     proj.weight.device)
         if self.invertible:
@@ -182,20 +190,20 @@ def stack_adapter(model: nn.Module, path: str | Path, name: str) -> int:
     if not state:
         raise FtlabError(f"'{path}' holds no adapters.",
                          "stack only artefacts of peft=adapter_houlsby/adapter_pfeiffer stages.")
-    holders = {n: (h, p) for kind in adapter_sites(model).values() for n, h, p in kind}
+    holders = {n: (h, p, a) for kind in adapter_sites(model).values() for n, h, p, a in kind}
     added = 0
     for key in sorted(k for k in state if k.endswith(".down.weight")):
         prefix = key[: key.index(marker)]
         if prefix not in holders:
             raise FtlabError(f"'{path}' has an adapter at {prefix}, which this model lacks.",
                              "stack adapters trained on the same model family and size.")
-        holder, proj = holders[prefix]
+        holder, proj, after = holders[prefix]
         size, hidden = state[key].shape
         adapter = Bottleneck(hidden, size).to(proj.weight.device)
         own = key[: -len("down.weight")]
         adapter.load_state_dict({k[len(own):]: v for k, v in state.items() if k.startswith(own)})
         adapter.requires_grad_(False)
-        _ensure_site(holder, proj)[name] = adapter
+        _ensure_site(holder, after)[name] = adapter
         added += 1
     load_block_norms(model, tensors)
     return added + stack_invertible(model, tensors, TRAINABLE, name)
