@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 
 class FtlabError(Exception):
@@ -17,6 +18,22 @@ class FtlabError(Exception):
 
 class Diverged(FtlabError):
     """The training loss became non-finite: the run stops and counts as failed (diverged)."""
+
+
+class ConfigError(FtlabError):
+    """The config (the command line) is wrong, found by the config-level checks before any data
+    or model is loaded: exit status 2, in a single run as in a sweep's pre-check."""
+
+
+@contextmanager
+def config_checks() -> Iterator[None]:
+    """Within the block an ``FtlabError`` is a ``ConfigError`` (the same message)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except FtlabError as err:
+        raise ConfigError(err.problem, err.fix) from None
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

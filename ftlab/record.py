@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ftlab.errors import Diverged, FtlabError
+from ftlab.errors import ConfigError, Diverged, FtlabError
 
 log = logging.getLogger("ftlab")
 
@@ -171,7 +171,8 @@ def record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
     stopped = isinstance(err, KeyboardInterrupt | Stopped)
     record["status"] = "interrupted" if stopped else "error"
     record["failed"] = True
-    record["failure"] = "diverged" if isinstance(err, Diverged) else record["status"]
+    record["failure"] = ("diverged" if isinstance(err, Diverged) else
+                         "config" if isinstance(err, ConfigError) else record["status"])
     record["error"] = str(err) if isinstance(err, FtlabError) else f"{type(err).__name__}: {err}"
     if isinstance(err, Stopped):
         stage = record.pop("current_stage", None)

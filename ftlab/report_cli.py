@@ -29,8 +29,8 @@ def _was_search(sweep_dir: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """``ftlab-report FOLDER``: (re)write the cross-seed report of a sweep folder, or print one
-    run folder's status; exits with the status ``ftlab`` would have (0 ok, 1 an error, 3 no
-    better than a trivial baseline)."""
+    run folder's status; exits with the status ``ftlab`` would have (0 ok, 1 an error, 2 a
+    wrong config, 3 no better than a trivial baseline)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path, metavar="FOLDER",
                         help="a sweep folder (outputs/multirun/<time>) or one run's folder "
@@ -89,4 +89,6 @@ def _one_run(path: Path) -> int:
         print(f"FAILED: {rec.get('failure') or 'no better than a trivial baseline'}")
     if status == "ok":
         return DEGENERATE_EXIT if rec.get("failed") else 0
+    if status == "error" and rec.get("failure") == "config":  # the command line was wrong
+        return 2
     return 0 if status in ("running", *STOPPED) else 1

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.errors import FtlabError
+from ftlab.errors import ConfigError, FtlabError, config_checks
 from ftlab.record import (
     began,
     busy,
@@ -113,10 +113,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if "finished_before" not in record:  # else once a stage starts: until then
                 save_config(cfg, run_dir)  # config.yaml is the finished results' own
         # the allow-list of _target_s, before anything is imported or instantiated
-        settings_from_you(context["config"], hydra["overrides"], CONFIG_DIR)
+        with config_checks():
+            settings_from_you(context["config"], hydra["overrides"], CONFIG_DIR)
         with allowing(cfg.get("allow_targets")):
-            check_config(context["config"])
-            explicit = explicit_keys(hydra["overrides"], choices.get("experiment"), CONFIG_DIR)
+            with config_checks():
+                check_config(context["config"])
+                explicit = explicit_keys(hydra["overrides"], choices.get("experiment"),
+                                         CONFIG_DIR)
             _run_stages(cfg, explicit, record, context, run_dir,
                         run_dir.parent if hydra["multirun"] else None, earlier)
         final = record["final"]
@@ -142,8 +145,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             sys.exit(err.exit_code)
         if isinstance(err, KeyboardInterrupt):
             raise
-        if not hydra["multirun"]:
-            sys.exit(1)  # the message is printed; SystemExit passes Hydra without a traceback
+        if not hydra["multirun"]:  # the message is printed; SystemExit passes Hydra without
+            sys.exit(2 if isinstance(err, ConfigError) else 1)  # a traceback
         return record  # a sweep goes on with its next job
     finally:
         if primary:
@@ -167,6 +170,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     stage keys in ``run_dir`` or ``sweep_dir`` is reused instead (``ftlab.resume``)."""
     from ftlab.build import StageBuilder
     from ftlab.cache import CacheSpec, StageCache, cached_stages, run_or_reuse
+    from ftlab.checkpoint import CheckpointSpec
     from ftlab.config import bind_schema, plain
     from ftlab.dashboards import log_stage_artifact
     from ftlab.pipeline import build_pipeline
@@ -174,22 +178,27 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.stage import RunContext, StageResult
     from ftlab.stage_keys import pipeline_keys
     from ftlab.store import is_rank_zero, write_json
-    from ftlab.validate import validate
+    from ftlab.validate import check_configs, validate
 
-    stages = build_pipeline(cfg, explicit)
+    callbacks = plain(cfg.get("callbacks")) or {}
+    logger = plain(cfg.get("logger")) or None
+    with config_checks():  # a wrong config exits 2 (README: exit statuses), as in a sweep
+        stages = build_pipeline(cfg, explicit)
+        check_configs(stages, callbacks, logger)
+        cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
+        checkpoint = bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint",
+                                 "checkpoint")
+        policy = artefact_policy(cfg.get("save_artefact", "best"))
     record["pipeline"] = [s.name for s in stages]
     record["monitor"] = _monitor(stages[-1])  # known before validation: failures score worst
-    callbacks = plain(cfg.get("callbacks")) or {}
     if _reuse_finished(record, stages, callbacks, run_dir, sweep_dir, earlier):
         return
-    logger = plain(cfg.get("logger")) or None
     builder = StageBuilder()
     validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
     last = builder.task(stages[-1])  # bound: monitor auto is decided by the training labels
     record["monitor"] = _judging(last)
     keys = pipeline_keys(stages, run_dir, callbacks)  # an EMA-averaged stage is another stage
     callbacks |= trial_callbacks(cfg.get("trial"), cfg.get("seed"), stages[-1].name)  # search
-    cache_spec = bind_schema(CacheSpec, cfg.get("cache"), "cache", "cache")
     cache = StageCache(cache_spec.dir)
     cached = cached_stages(stages, cache_spec.stages, run_dir)
     lineage = record["lineage"] = [{"stage": s.name, "init_from": s.init_from,
@@ -201,12 +210,8 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
         if is_rank_zero():
             write_json(run_dir / "metrics.json", record)
 
-    from ftlab.checkpoint import CheckpointSpec
-
     run = RunContext(run_dir, callbacks, logger, context, on_trained=trained,
-                     checkpoint=bind_schema(CheckpointSpec, cfg.get("checkpoint"), "checkpoint",
-                                            "checkpoint"),
-                     save_artefact=artefact_policy(cfg.get("save_artefact", "best")))
+                     checkpoint=checkpoint, save_artefact=policy)
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):
         record["current_stage"] = stage.name  # a killed job is known to have died here

@@ -312,17 +312,41 @@ def test_bad_run_input(builder, expected, make_cfg, sentiment_dir, tmp_path, no_
     stops_with_user_error(builder, expected, make_cfg, sentiment_dir, tmp_path, capsys)
 
 
+def sweep_precheck_refuses(cfg) -> bool:
+    """Whether a sweep's pre-check (``ftlab.sweepcheck.check_job``: config-level, no data, no
+    model) refuses this job's config; an error it cannot decide is left to the job, as there."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ftlab.sweepcheck import check_job
+
+    job = cfg.copy()
+    with open_dict(job):  # as the sweep composes it: with its hydra node
+        job.hydra = HydraConfig.get()
+    try:
+        check_job(job, list(job.hydra.overrides.task))
+    except FtlabError:
+        return True
+    except Exception:  # noqa: BLE001 - the sweep's check skips what it cannot decide
+        return False
+    return False
+
+
 def stops_with_user_error(builder, expected, make_cfg, sentiment_dir, tmp_path, capsys) -> None:
-    """The run of ``builder(folder for bad files, sentiment_dir)`` exits 1 with one paragraph
-    matching ``expected``, recorded as an error in metrics.json, no traceback file."""
+    """The run of ``builder(folder for bad files, sentiment_dir)`` exits with one paragraph
+    matching ``expected``, recorded as an error in metrics.json, no traceback file. The exit
+    status is the sweep's for the same config: 2 where its pre-check refuses the config (the
+    command line is wrong), else 1 (README: exit statuses)."""
     bad = tmp_path / "inputs"
     bad.mkdir()
     cfg = make_cfg(builder(bad, sentiment_dir))
+    config_error = sweep_precheck_refuses(cfg)
     with pytest.raises(SystemExit) as exit_:
         run(cfg)
-    assert exit_.value.code == 1
+    assert exit_.value.code == (2 if config_error else 1)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "error" and record["failed"] is True
+    assert record["failure"] == ("config" if config_error else "error")
     assert re.search(expected, record["error"], re.S), record["error"]
     assert_one_paragraph(record["error"])
     assert not (tmp_path / "run" / "error.log").exists()  # a user error, not a crash
@@ -375,8 +399,10 @@ def ftlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(("args", "expected", "code"), [
     (["peft=nonexistent"], r"Available options in 'peft'", 2),
     (["trainer.max_epoch=3"], r"Did you mean 'max_epochs'", 2),
-    (["stage.batch_size=abc"], r"Invalid value in stage.*batch_size", 1),
-], ids=["group-option", "key-typo", "wrong-type"])
+    (["stage.batch_size=abc"], r"Invalid value in stage.*batch_size", 2),  # config: 2, as a
+    (["stage.optim.lr=-1"], r"optim.lr=-1.0 is out of range", 2),  # sweep's pre-check says
+    (["data.files.train=absent.jsonl"], r"absent.jsonl", 1),  # the job's data: 1
+], ids=["group-option", "key-typo", "wrong-type", "out-of-range", "data-file-missing"])
 def test_cli_end_to_end(args, expected, code, tmp_path, sentiment_dir):
     proc = ftlab(*tiny_overrides(sentiment_dir), *args, cwd=tmp_path)
     assert proc.returncode == code, proc.stderr[-2000:]

@@ -461,7 +461,7 @@ NAMES = {"backslash": "a\\\\b", "unicode": "'étape'", "space": "'my stage'",
 def test_unsafe_stage_name_variants(case, make_cfg, sentiment_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         run(make_cfg(tiny_overrides(sentiment_dir) + [f"stage.name={NAMES[case]}"]))
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # a wrong config (README: exit statuses)
     error = _metrics(tmp_path)["error"]
     assert re.search(r"Stage name .* cannot be used: names become folder names", error), error
     assert_one_paragraph(error)

@@ -76,6 +76,24 @@ def test_report_cli_exits_as_the_sweep_would(tmp_path, failed, code):
     assert exit_.value.code == code
 
 
+def test_report_cli_on_a_run_stopped_by_its_config_exits_2_as_ftlab_did(make_cfg, sentiment_dir,
+                                                                       tmp_path, capsys):
+    """A single run refused by the config checks exits 2 (the command line is wrong, as a
+    sweep's pre-check says); ``ftlab-report <its folder>`` gives the same status, and 1 for a
+    job error after the checks (its data)."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    for extra, code in ((["stage.optim.lr=-1"], 2), (["data.files.train=absent.jsonl"], 1)):
+        cfg = make_cfg(tiny_overrides(sentiment_dir) + extra)
+        with pytest.raises(SystemExit) as ran:
+            run(cfg)
+        with pytest.raises(SystemExit) as reported:
+            main([cfg.paths.output_dir])
+        assert ran.value.code == reported.value.code == code, extra
+        assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("record", [{"status": "ok"}, {"status": "ok", "final": None}])
 def test_an_ok_record_without_final_metrics_counts_as_an_error_not_a_crash(tmp_path, capsys,
                                                                           record):

@@ -109,13 +109,14 @@ def test_command_line_target_is_refused_before_hydra(attack, place, tmp_path, ca
 @pytest.mark.usefixtures("no_training")
 @pytest.mark.parametrize(("attack", "place"), COMBOS, ids=[f"{a}@{p}" for a, p in COMBOS])
 def test_target_is_refused_in_the_job(attack, place, make_cfg, sentiment_dir, tmp_path, capsys):
-    """The job checks too (a config that reached Hydra another way): exit 1, nothing ran."""
+    """The job checks too (a config that reached Hydra another way): exit 2 (a wrong config),
+    nothing ran."""
     overrides, where = PLACES[place]
     node = payloads(tmp_path)[attack]
     cfg = make_cfg(tiny_overrides(sentiment_dir) + overrides(node))
     with pytest.raises(SystemExit) as exit_:
         run(cfg)
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert re.search(rf"{where}.*'{re.escape(attack)}' {ALLOW}", record["error"], re.S)
     assert_one_paragraph(record["error"])
@@ -299,7 +300,7 @@ def test_unsafe_stage_name_is_refused(case, make_cfg, sentiment_dir, tmp_path, c
                                                     f"cache.dir={tmp_path / 'cache'}", *extra])
     with pytest.raises(SystemExit) as exit_:
         run(cfg)
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # a wrong config (README: exit statuses)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert re.search(expected, record["error"], re.S), record["error"]
     assert_one_paragraph(record["error"])
