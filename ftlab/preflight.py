@@ -56,8 +56,10 @@ def check_overrides(overrides: list[str], config_dir: str, config_name: str = "c
                 if key in groups and not searchpath:
                     options = loader.get_group_options(key)
                     for value in values or [o.value()]:
-                        if value is not None and str(value) not in options:
-                            raise _unknown_option(key, str(value), options)
+                        # a list selects several options: callbacks=[ema,early_discard]
+                        for one in value if isinstance(value, list) else [value]:
+                            if one is not None and str(one) not in options:
+                                raise _unknown_option(key, str(one), options)
                 if key.startswith("hydra"):
                     continue
                 if values is not None:

@@ -189,3 +189,18 @@ def test_every_stage_yaml_lists_classifys_optim_and_trainer_keys(path):
     for group in ("optim", "trainer"):
         missing = set(classify[group]) - set(node.get(group) or {})
         assert not missing, f"{path.name} {group} lacks {sorted(missing)}"
+
+
+# --- options the README shows outside full command lines ---------------------------------------
+
+def test_a_list_of_group_options_passes_the_preflight():
+    """`callbacks=[ema,early_discard]` (README, *Parameter-efficient fine-tuning*) selects two
+    callbacks: the pre-flight read the list as one option '['ema', 'early_discard']' and
+    stopped the run; a wrong entry in the list is still named."""
+    from ftlab.cli import CONFIG_DIR
+    from ftlab.errors import FtlabError
+    from ftlab.preflight import check_overrides
+
+    check_overrides(["callbacks=[ema,early_discard]"], CONFIG_DIR, "config")
+    with pytest.raises(FtlabError, match="Unknown option 'nope' for config group 'callbacks'"):
+        check_overrides(["callbacks=[ema,nope]"], CONFIG_DIR, "config")
