@@ -55,5 +55,8 @@ def separator_hint(found: list[str], wanted: list[str], fix: str) -> str:
     for sep in (";", "|", "\t", ","):
         parts = [p.strip().strip('"') for p in found[0].split(sep)]
         if len(parts) > 1 and all(w in parts for w in wanted):
+            if fix.startswith("set "):  # a Hydra override: quoted whole, so that pasted into a
+                # shell the value keeps its quotes (data.delimiter=; does not parse)
+                return f' The header looks {sep!r}-separated: set "{fix[4:]}={sep!r}".'
             return f" The header looks {sep!r}-separated: {fix}={sep!r}."
     return ""

@@ -482,7 +482,7 @@ def test_a_semicolon_separated_csv_reads_with_data_delimiter(tmp_path):
     path.write_text("text;label\ngood, really good;pos\nbad;neg\n\"a;b\";neg\n")
     spec = {"files": {"train": str(path)}, "splits": {"train": "train"}}
     with pytest.raises(FtlabError, match=r"columns found: .*text;label\. The header looks "
-                                         r"';'-separated: set data.delimiter=';'"):
+                                         r"';'-separated: set \"data.delimiter=';'\""):
         load_raw(DataSpec(**spec))
     raw = load_raw(DataSpec(**spec, delimiter=";"))
     assert list(raw.splits["train"]["text"]) == ["good, really good", "bad", "a;b"]

@@ -204,3 +204,16 @@ def test_a_list_of_group_options_passes_the_preflight():
     check_overrides(["callbacks=[ema,early_discard]"], CONFIG_DIR, "config")
     with pytest.raises(FtlabError, match="Unknown option 'nope' for config group 'callbacks'"):
         check_overrides(["callbacks=[ema,nope]"], CONFIG_DIR, "config")
+
+
+def test_the_separator_hint_is_an_override_a_shell_passes_on():
+    """The hint for a ';'-separated csv, pasted into a shell, gives Hydra a ';' (the README's
+    and the hint's old `data.delimiter=';'` reached Hydra as `data.delimiter=;`, a parse error)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ftlab.errors import separator_hint
+
+    hint = separator_hint(["review;sentiment"], ["review", "sentiment"], "set data.delimiter")
+    argv = shlex.split(hint.split("-separated: set ", 1)[1].rstrip("."))
+    (override,) = OverridesParser.create().parse_overrides(argv)
+    assert (override.key_or_group, override.value()) == ("data.delimiter", ";")
