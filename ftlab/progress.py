@@ -27,7 +27,9 @@ def _throttled(loop: str, total: str) -> Callable[..., None]:
 
     def on_batch_end(self: ProgressBar, trainer: L.Trainer, pl_module: L.LightningModule,
                      outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._due(batch_idx + 1, getattr(self, total)):
+        # a disabled bar (every rank but zero under DDP) has no current dataloader: its
+        # batch count asserts, and Lightning's hook would return at once anyway
+        if not self.is_disabled and self._due(batch_idx + 1, getattr(self, total)):
             hook(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
     return on_batch_end
 

@@ -159,3 +159,25 @@ def test_the_progress_bar_redraws_at_most_every_interval_and_ends_at_each_total(
             # run's very first
             first = [1] if bar == "train" and epoch == 0 else []
             assert [c for e, c in rare[bar] if e == epoch] == [*first, counts[-1]], bar
+
+
+def test_a_disabled_progress_bar_lets_validation_run(make_cfg, sentiment_dir, monkeypatch):
+    """Lightning disables the bar on every rank but zero; the throttled evaluation hooks read
+    the disabled bar's batch count, which asserts, so rank 1 of the README's CPU check
+    (`ftlab trainer=ddp trainer.accelerator=cpu trainer.devices=2 ...`) died in its first
+    validation and took the run with it."""
+    from ftlab.progress import ProgressBar
+
+    setup = ProgressBar.setup
+
+    def as_rank_one(self, trainer, pl_module, stage):
+        setup(self, trainer, pl_module, stage)
+        self.disable()  # what Lightning's setup does where trainer.is_global_zero is False
+
+    monkeypatch.setattr(ProgressBar, "setup", as_rank_one)
+    overrides = [o for o in tiny_overrides(sentiment_dir)
+                 if o not in ("callbacks=none", "trainer.enable_progress_bar=false")]
+    record = run(make_cfg([*overrides, "callbacks=default", "trainer.max_steps=3",
+                           "stage.batch_size=8", "cache.stages=off"]))
+    assert record["status"] == "ok", record.get("error")
+    assert "val/acc" in record["final"] and "test/acc" in record["final"]
