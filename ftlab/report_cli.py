@@ -67,7 +67,9 @@ def _one_run(path: Path) -> int:
     rec = job_record(path)
     status = rec.get("status")
     if status == "missing":
-        problem = rec["error"] if "\n" in rec["error"] else f"{path}: {rec['error']}"
+        problem = rec["error"] if "\n" in rec["error"] else (  # cut short, damaged, absent
+            f"{path}: {rec['error']} (cut short, damaged or never written).\nFix: run the job "
+            f"again: ftlab resume={path.parent} (a sweep's job: ftlab -m resume=<sweep>).")
         print(f"ftlab-report: {problem}", file=sys.stderr)
         return 1
     where = rec.get("interrupted") or {}

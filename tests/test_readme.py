@@ -103,6 +103,20 @@ def test_report_on_a_failed_run_says_why_and_exits_3(tmp_path, capsys):
     assert "FAILED: val/acc 0.4850 <= baseline 0.5150" in capsys.readouterr().out
 
 
+def test_report_on_a_cut_short_run_record_names_the_fix(tmp_path, capsys):
+    """README, *Errors*: a metrics.json cut short is reported as missing "with the fix"; it
+    said only "no readable metrics.json"."""
+    from ftlab.report_cli import main
+
+    (tmp_path / "metrics.json").write_text('{"status": "ok", "fin')
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "no readable metrics.json" in err and "Traceback" not in err
+    assert f"Fix: run the job again: ftlab resume={tmp_path}" in err
+
+
 def test_report_help_names_run_folders_too(capsys):
     from ftlab.report_cli import main
 
