@@ -90,11 +90,13 @@ def main() -> None:
 def replace_files(argv: list[str]) -> list[str]:
     """``data.files={all: x.jsonl}`` replaces the data config's files, as the README says:
     Hydra merges a dict value into the existing one (train/validation/test stay, and the
-    struct config refuses the new key 'all'), so it becomes ``~data.files +data.files={...}``."""
+    struct config refuses the new key 'all'), so it becomes ``~data.files +data.files={...}``;
+    the same for a stage's own data (``pipeline.stages.inter.data.files={...}``)."""
     out = []
     for arg in argv:
-        if arg.startswith("data.files={"):
-            out += ["~data.files", f"+{arg}"]
+        key, _, value = arg.partition("=")
+        if value.startswith("{") and (key == "data.files" or key.endswith(".data.files")):
+            out += [f"~{key}", f"+{arg}"]
         else:
             out.append(arg)
     return out

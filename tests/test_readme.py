@@ -231,3 +231,18 @@ def test_the_separator_hint_is_an_override_a_shell_passes_on():
     argv = shlex.split(hint.split("-separated: set ", 1)[1].rstrip("."))
     (override,) = OverridesParser.create().parse_overrides(argv)
     assert (override.key_or_group, override.value()) == ("data.delimiter", ";")
+
+
+def test_one_file_for_a_stages_own_data_replaces_its_files(make_cfg, tmp_path):
+    """The form the data error's fix names for a pipeline stage,
+    `pipeline.stages.inter.data.files={all: FILE}`, stopped with "Unknown key 'all'": only the
+    run's `data.files={...}` was made a replacement of the files node."""
+    from ftlab.cli import replace_files
+
+    given = ["pipeline=intermediate_task", "data@pipeline.stages.inter.data=local",
+             f"pipeline.stages.inter.data.files={{all: {tmp_path}/nli.jsonl}}",
+             "+data@pipeline.stages.task.data=local",
+             f"pipeline.stages.task.data.files={{all: {tmp_path}/rt.jsonl}}"]
+    cfg = make_cfg(replace_files(given))
+    assert dict(cfg.pipeline.stages.inter.data.files) == {"all": f"{tmp_path}/nli.jsonl"}
+    assert dict(cfg.pipeline.stages.task.data.files) == {"all": f"{tmp_path}/rt.jsonl"}
