@@ -164,6 +164,13 @@ def objective(record: dict[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else worst
 
 
+def process_rank() -> int:
+    """This process's global rank (Lightning's, set before a DDP/FSDP rank starts); 0 alone."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
                   primary: bool = True, sweep_dir: Path | None = None) -> None:
     from ftlab.status import Stopped, stop_message
@@ -179,10 +186,12 @@ def record_error(record: dict[str, Any], err: BaseException, run_dir: Path,
         record["interrupted"] = {"stage": stage, "step": err.step, "signal": err.signal}
         resume = f"ftlab -m resume={sweep_dir}" if sweep_dir else f"ftlab resume={run_dir}"
         record["error"] = stop_message(err, stage, resume)
-    if not (stopped or isinstance(err, FtlabError)) and primary:
+    if not (stopped or isinstance(err, FtlabError)):
+        # a crash on another DDP rank keeps its traceback too, in a file of its own
+        log = run_dir / ("error.log" if primary else f"error.rank{process_rank()}.log")
         try:
-            (run_dir / "error.log").write_text(traceback.format_exc())
-            record["error"] += f" (traceback in {run_dir / 'error.log'})"
+            log.write_text(traceback.format_exc())
+            record["error"] += f" (traceback in {log})"
         except OSError:  # the disk that failed the job may fail this too
             pass
     print(f"\nftlab: {record['error']}\n", file=sys.stderr)

@@ -352,3 +352,26 @@ def test_ddp_run_with_dropout_killed_midway_resumes_every_ranks_random_state(
         torch.testing.assert_close(cb["state_dict"][name], tensor, atol=1e-6, rtol=0, msg=name)
     ranks = cb["callbacks"]["RngState"]["per_rank"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+
+
+def test_a_crash_on_another_rank_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only rank zero writes metrics.json and error.log; a crash on rank 1 alone wrote no
+    traceback anywhere (the user saw 'ftlab: AssertionError: '). It goes to error.rank1.log."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from ftlab.record import record_error
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+
+    def deep_in_a_callback() -> None:
+        raise AssertionError
+
+    record: dict = {}
+    try:
+        deep_in_a_callback()
+    except AssertionError as err:
+        record_error(record, err, tmp_path, primary=False)
+    log = tmp_path / "error.rank1.log"
+    assert "deep_in_a_callback" in log.read_text() and "Traceback" in log.read_text()
+    assert not (tmp_path / "error.log").exists()  # rank zero's own name stays free
+    assert str(log) in record["error"] and str(log) in capsys.readouterr().err
