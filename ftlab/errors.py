@@ -42,6 +42,11 @@ def closest(name: str, choices: Iterable[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+def with_article(word: str) -> str:
+    """``word`` with its indefinite article: "an int", "a float", "an integer"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def choices_text(choices: Iterable[str]) -> str:
     return ", ".join(sorted(str(c) for c in choices))
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftlab.errors import FtlabError, choices_text, closest, separator_hint
+from ftlab.errors import FtlabError, choices_text, closest, separator_hint, with_article
 from ftlab.inference import load, quiet_loading, run_parser
 from ftlab.run_folder import labelled_stages, stage_card
 from ftlab.store import atomic_write
@@ -103,7 +103,8 @@ def _texts(rows: list[dict], wanted: list[str], name: str) -> list[tuple[Any, ..
             if not (isinstance(value, str) or words):  # words: a token-tagging stage's input
                 what = (f"has no text column '{c}'" if c not in row else
                         f"has no text in column '{c}'" if value is None else
-                        f"has a {type(value).__name__} ({value!r}) in text column '{c}'")
+                        f"has {with_article(type(value).__name__)} ({value!r}) in text "
+                        f"column '{c}'")
                 raise FtlabError(f"{name}: row {n} {what}.",
                                  f"give every row a string '{c}' (or drop the row).")
         out.append(tuple(row[c] for c in wanted))

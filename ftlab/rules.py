@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from ftlab.errors import FtlabError, choices_text
+from ftlab.errors import FtlabError, choices_text, with_article
 
 
 @dataclass(frozen=True)
@@ -214,9 +214,10 @@ def check_args(fn: Any, kwargs: Mapping[str, Any], where: str) -> None:
             continue
         base, rules = _split(hints[key])
         if not _type_ok(base, value):
-            raise FtlabError(f"{where}: {key}={value!r} is a {type(value).__name__}, but "
+            got = with_article(type(value).__name__)
+            raise FtlabError(f"{where}: {key}={value!r} is {got}, but "
                              f"{_type_name(base)} is expected.",
-                             f"give {key} (in {where}) a {_type_name(base)} value.")
+                             f"give {key} (in {where}) {with_article(_type_name(base))} value.")
         for rule in rules:
             if not rule.ok(value):
                 raise _fail(where, key, value, rule, None)

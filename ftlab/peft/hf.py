@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ftlab.errors import FtlabError
+from ftlab.errors import FtlabError, with_article
 from ftlab.model.arch import arch_of, backbone, head_modules, peft_task_type, unwrap
 from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import top_layer_ops, unfreeze
@@ -104,7 +104,8 @@ def _check_types(config: Any, name: str) -> None:
               isinstance(value, (int, float)) and not isinstance(value, bool))
         if not ok:
             kind = {int: "an integer", float: "a number", bool: "true or false"}[want]
-            raise FtlabError(f"peft.config.{field.name}={value!r} is a {type(value).__name__}, "
+            got = with_article(type(value).__name__)
+            raise FtlabError(f"peft.config.{field.name}={value!r} is {got}, "
                              f"but {name}'s {field.name} takes {kind}.",
                              f"set peft.config.{field.name} to {kind} (conf/peft/{name}.yaml "
                              "has the default).")
