@@ -61,6 +61,8 @@ class StageSpec:
         teachers: earlier stages (names) or finished runs (folders, ``folder#stage``) whose
             averaged soft predictions become this stage's training labels (``ftlab/distill.py``).
         teacher_temperature: the teachers' scores are divided by it before the softmax (PET: 2).
+        student_temperature: the student's scores are divided by it in its soft-label loss,
+            times its square (PET's and Hinton et al.'s distillation loss); None: the teachers'.
         teacher_rows: null: the teachers label every row to learn from (distillation); a
             number: iPET, that many teacher-labelled rows of the unlabelled split are added to
             the gold training rows.
@@ -92,6 +94,7 @@ class StageSpec:
     aux_mlm_weight: Annotated[float, at_least(0, example="0.1")] = 0.0
     teachers: list[str] = field(default_factory=list)
     teacher_temperature: Annotated[float, Rule(gt=0, example="2.0")] = 2.0
+    student_temperature: Annotated[float | None, Rule(gt=0, example="2.0")] = None
     teacher_rows: Annotated[int | None, at_least(1, example="1000")] = None
     tasks: dict[str, Any] = field(default_factory=dict)
     head_warmup_steps: Annotated[float, at_least(0, example="100")] = 0
@@ -153,6 +156,7 @@ class ResolvedStage:
     save_artefact: bool = True
     teachers: tuple[str, ...] = ()
     teacher_temperature: float = 2.0
+    student_temperature: float = 2.0
     teacher_rows: int | None = None
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     subtasks: tuple[SubTask, ...] = ()  # a multi-task stage's sub-tasks (``data``: the first's)
@@ -274,6 +278,8 @@ def _resolve(spec: StageSpec, cfg: DictConfig, model: ModelSpec, seed: int,
         trainer=trainer, runtime=runtime, budget=budget,
         aux_mlm_weight=spec.aux_mlm_weight, save_artefact=spec.save_artefact,
         teachers=tuple(spec.teachers), teacher_temperature=spec.teacher_temperature,
+        student_temperature=(spec.student_temperature if spec.student_temperature is not None
+                             else spec.teacher_temperature),
         teacher_rows=spec.teacher_rows, subtasks=subtasks,
         head_warmup_steps=spec.head_warmup_steps, data_keys=data_keys, key=prefix)
 

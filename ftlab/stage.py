@@ -96,6 +96,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
 
         raw, taught = label_with_teachers(raw, stage, teachers_of(stage, builder, upstream),
                                           list(stage.data.text_columns))
+        if stage.teacher_rows is None:  # soft labels: learnt at the student's temperature
+            task.soft_temperature = taught["student_temperature"] = stage.student_temperature
     tokenizer = builder.tokenizer(stage.model)
     rt, auto = stage.runtime, stage.batch_size == "auto"
     dm = builder.datamodule(stage, raw)

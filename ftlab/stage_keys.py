@@ -47,6 +47,8 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
         spec.pop(k)
     if not stage.head_warmup_steps:  # off: the key it had before the field existed
         spec.pop("head_warmup_steps")
+    if not stage.teachers or stage.teacher_rows is not None:  # no soft labels to learn
+        spec.pop("student_temperature")
     for data in (spec["data"], *(sub["data"] for sub in spec["subtasks"])):
         if data.get("delimiter") is None:  # by extension: the key it had before the field
             data.pop("delimiter", None)

@@ -36,6 +36,33 @@ def test_soft_target_loss_equals_cross_entropy_on_hand_computed_values():
     assert loss.item() == pytest.approx(hand, abs=1e-6)
 
 
+def test_soft_labels_at_a_temperature_are_pets_distillation_loss():
+    """PET's ``distillation_loss``: KL(q || softmax(pred / T)) x T^2, with ``q`` already at the
+    teachers' T; ftlab's T^2 x CE(pred / T, q) is that plus the constant T^2 x H(q), computed
+    here from PET's formula written out, so the two have the same gradient."""
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    target = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    task = Classify()
+    task.soft_temperature = 2.0
+    ours = task.forward(model, {"input_ids": torch.zeros(2, 3, dtype=torch.long),
+                                "labels": target}).loss
+    entropy = -(target * target.log()).sum() / 2
+    pet = torch.nn.functional.kl_div((logits / 2).log_softmax(1), target,
+                                     reduction="sum") * 4 / 2
+    assert ours.item() == pytest.approx(pet.item() + 4 * entropy.item(), abs=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_pet,) = torch.autograd.grad(
+        torch.nn.functional.kl_div((logits / 2).log_softmax(1), target, reduction="sum") * 2,
+        logits)
+    torch.testing.assert_close(g_ours, g_pet)
+    task.soft_temperature = 1.0  # plain soft cross-entropy, as the test above
+    plain = task.forward(model, {"input_ids": torch.zeros(2, 3, dtype=torch.long),
+                                 "labels": target}).loss
+    assert plain.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, target).item(), abs=1e-6)
+
+
 def _raw(rows, labels=("neg", "pos")):
     from datasets import Dataset, DatasetDict
 
@@ -84,10 +111,25 @@ def test_a_pipeline_stage_distils_from_earlier_stages(make_cfg, sentiment_dir):
     cfg = make_cfg(tiny_overrides(sentiment_dir) + PIPE + [
         "+pipeline.stages.student={name: student, task: {_target_: "
         "ftlab.tasks.classify.Classify}, teachers: [t1, t2], trainer: {max_steps: 3}}"])
-    record = run(cfg)
+    seen: list[float] = []
+    loss = Classify.loss
+
+    def spy(self, logits, labels):  # the temperature each soft-label batch trains at
+        if labels.is_floating_point():
+            seen.append(self.soft_temperature)
+        return loss(self, logits, labels)
+
+    Classify.loss = spy
+    try:
+        record = run(cfg)
+    finally:
+        Classify.loss = loss
     assert record["status"] == "ok", record.get("error")
     student = record["stages"]["student"]
     assert student["teachers"] == ["t1", "t2"] and student["distilled_rows"] == 256
+    # PET: the student learns at the teachers' temperature (student_temperature null)
+    assert student["student_temperature"] == student["teacher_temperature"] == 2.0
+    assert seen and set(seen) == {2.0}, seen
     assert 0.0 <= student["teacher_train_acc"] <= 1.0
     # the student's key includes its teachers' keys: another teacher, another student
     keys = {line["stage"]: line["key"] for line in record["lineage"]}

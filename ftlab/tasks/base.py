@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
 from ftlab.data.sources import RawData
@@ -140,6 +141,9 @@ class TaskDefaults:
     #: the loss is a mean over predicted tokens/words, ``extras["count"]`` of them per batch:
     #: ``val/loss`` weights each batch by that count (the split's mean, not a mean of batches)
     token_loss: bool = False
+    #: T of the loss against probability vectors (distillation): T^2 x CE(scores / T, target)
+    #: (PET's and Hinton et al.'s); 1: plain soft cross-entropy. A distillation stage sets it.
+    soft_temperature: float = 1.0
 
     def baseline(self, labels: Sequence[Any]) -> dict[str, float] | None:
         return None
@@ -212,3 +216,12 @@ def scored_labels(raw: RawData, task: Any, split: str) -> Sequence[Any] | None:
     if rows is None or (raw.labels is None and not isinstance(task, PredictsNumbers)):
         return None
     return rows["label"]
+
+
+def soft_label_loss(scores: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against probability vectors at temperature T, times T^2 (Hinton et al.
+    2015; PET's ``distillation_loss``, T^2 x KL, differs by a constant): the gradient keeps a
+    hard-label loss's scale. T = 1: plain soft-target cross-entropy."""
+    scaled = scores.float() / temperature
+    return F.cross_entropy(scaled, target, weight=weight) * temperature**2

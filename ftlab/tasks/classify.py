@@ -21,7 +21,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.rules import at_least, one_of
-from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room
+from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room, soft_label_loss
 
 #: ``class_weights``: none (plain cross-entropy) | balanced (inverse class frequency)
 CLASS_WEIGHTS = ("none", "balanced")
@@ -130,6 +130,8 @@ class Classify(TaskDefaults):
         """Cross-entropy against class ids or probability vectors, weighted per class with
         ``class_weights: balanced`` (the weighted mean, as ``torch.nn.CrossEntropyLoss``)."""
         weight = None if self.weight is None else self.weight.to(logits.device)
+        if labels.is_floating_point():  # distillation: at the stage's student temperature
+            return soft_label_loss(logits, labels, self.soft_temperature, weight)
         return F.cross_entropy(logits.float(), labels, weight=weight)
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

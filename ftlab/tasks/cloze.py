@@ -32,7 +32,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
-from ftlab.tasks.base import TaskOutput, as_text
+from ftlab.tasks.base import TaskOutput, as_text, soft_label_loss
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.prompting import (
     Pattern,
@@ -219,7 +219,8 @@ class Cloze(Classify):
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         scores = self.scores(model, batch)
         target = batch["labels"]
-        loss = F.cross_entropy(scores, target)  # soft (float) targets: soft cross-entropy
+        loss = (soft_label_loss(scores, target, self.soft_temperature)  # distillation
+                if target.is_floating_point() else F.cross_entropy(scores, target))
         extras: dict[str, Any] = {}
         if self.calibrate and not model.training:
             extras["calibrated"] = self.calibrated(model, scores)
