@@ -105,11 +105,13 @@ def swept_keys(records: list[dict[str, Any]]) -> dict[int, str]:
 
 
 def stats(values: list[float], larger_is_better: bool = True) -> dict[str, Any]:
-    """Mean with its 95% interval (Student t), spread, and best of the N runs."""
+    """Mean with its 95% interval (Student t), spread, and best of the N runs. One run has
+    no spread: its ``ci95`` and ``std`` are None (not a zero-width interval and a std of 0,
+    which read as a perfectly stable recipe)."""
     lo, hi = mean_ci(values)
     return {"n": len(values), "mean": statistics.fmean(values),
-            "ci95": [lo, hi],
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "ci95": [lo, hi] if len(values) > 1 else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
             "median": statistics.median(values), "min": min(values), "max": max(values),
             "best": max(values) if larger_is_better else min(values)}
 

@@ -37,7 +37,24 @@ def test_summary_groups_by_config_without_seed_and_counts_failures():
     assert m["std"] == pytest.approx(statistics.stdev(vals))
     assert m["median"] == pytest.approx(statistics.median(vals))
     assert (m["min"], m["max"]) == (0.5, 0.9)
-    assert s["peft=bitfit"]["metrics"]["test/acc"]["std"] == 0.0
+    assert s["peft=bitfit"]["metrics"]["test/acc"]["std"] is None  # one run: no spread
+
+
+def test_one_seed_gets_no_interval_and_no_std_not_a_zero_width_one(tmp_path):
+    """A single seed has no spread to estimate: the report said 95% CI [0.375, 0.375] and
+    std 0.0000, which reads as a perfectly stable recipe."""
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps(rec(1, 0.375)))
+    summary = write_report(tmp_path)["default"]
+    m = summary["metrics"]["test/acc"]
+    assert (m["n"], m["mean"], m["ci95"], m["std"]) == (1, 0.375, None, None)
+    assert json.loads((tmp_path / "summary.json").read_text())["default"]["metrics"][
+        "test/acc"]["ci95"] is None
+    text = (tmp_path / "summary.md").read_text()
+    assert "| test/acc | 1 | 0.3750 | – (n=1) | – | 0.3750 |" in text
+    assert "[0.3750, 0.3750]" not in text and "0.0000" not in text
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_files_from_a_multirun_folder(tmp_path, capsys):
@@ -185,7 +202,7 @@ def test_the_mean_interval_is_students_t_and_covers_the_mean_95_percent_at_3_see
     lo, hi = mean_ci(few)  # 0.75 +- 4.3027 * 0.05 / sqrt(3)
     assert (lo, hi) == pytest.approx((0.75 - 0.124207, 0.75 + 0.124207), abs=1e-6)
     assert lo < 0.70 and hi > 0.80  # wider than the scores seen, as it must be at n = 3
-    assert mean_ci([0.5]) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in mean_ci([0.5]))  # one value: no interval
     assert all(math.isnan(v) for v in mean_ci([]))
     rng = np.random.default_rng(0)
     covered = [lo <= 0.85 <= hi for lo, hi in
