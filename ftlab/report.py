@@ -30,11 +30,11 @@ LOWER_IS_BETTER = {"loss", "ppl", "perplexity", "mse"}
 STOPPED = ("discarded", "pruned")
 
 
-def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
+def collect(sweep_dir: Path, ended: bool = True, unique: bool = True) -> list[dict[str, Any]]:
     """One record per job folder; a job that died without writing results shows as 'missing'.
     ``ended``: the sweep is over (its report), so a job still recorded as ``running`` (on
     another host, where its process cannot be looked up) was killed; otherwise (``ftlab-report``
-    during a sweep) it is still running."""
+    during a sweep) it is still running. ``unique``: one record per job (:func:`dedupe`)."""
     records = []
     jobs = (p for p in sweep_dir.iterdir() if is_job(p))  # Hydra's job numbers: 0, 1, 2... 10
     for job in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if
@@ -56,7 +56,7 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
                 rec["seed"] = int(seeds[-1])
         rec["job"] = job.name
         records.append(rec)
-    return dedupe(records)
+    return dedupe(records) if unique else records
 
 
 def is_job(folder: Path) -> bool:
@@ -80,18 +80,16 @@ def job_record(path: Path) -> dict[str, Any]:
 
 
 def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per job identity (``ftlab.resume.job_identity``): a re-launched sweep whose
-    jobs changed folders may hold a finished job twice (the second one reused the first)."""
-    seen: set[tuple[str, ...]] = set()
-    out = []
-    for rec in records:
-        keys = tuple(rec.get("job_identity") or ())
-        if keys and rec.get("status") in ("ok", *STOPPED):
-            if keys in seen:
-                continue
-            seen.add(keys)
-        out.append(rec)
-    return out
+    """One record per job identity (``ftlab.resume.job_identity``). A re-launch with other
+    overrides (``ftlab -m resume=<sweep> checkpoint.keep=true``) places its jobs in new
+    folders: a finished job is then there twice (the later one reused the earlier; the later,
+    with the latest command's overrides, is kept, so the sweep reads as one configuration),
+    and a job that errored or was killed before has finished since in another folder (it is
+    no longer an error)."""
+    latest = {tuple(r["job_identity"]): i for i, r in enumerate(records)
+              if r.get("job_identity") and r.get("status") in ("ok", *STOPPED)}
+    return [r for i, r in enumerate(records)
+            if latest.get(tuple(r.get("job_identity") or ()), i) == i]
 
 
 def swept_keys(records: list[dict[str, Any]]) -> dict[int, str]:
@@ -232,10 +230,10 @@ def write_report(sweep_dir: str | Path, save_artefact: str = "all",
     from ftlab.artefact import keep_best_full_artefacts
 
     sweep_dir = Path(sweep_dir)
-    records = collect(sweep_dir, ended)
-    if save_artefact == "best":
+    records = collect(sweep_dir, ended, unique=False)
+    if save_artefact == "best":  # every folder's own artefacts (a reused job has none)
         keep_best_full_artefacts(records, sweep_dir)
-    summary = summarize(records)
+    summary = summarize(dedupe(records))
     write_json(sweep_dir / "summary.json", summary)
     text = markdown(summary)
     atomic_write(sweep_dir / "summary.md", lambda p: p.write_text(text))

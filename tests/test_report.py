@@ -510,3 +510,32 @@ def test_save_artefact_best_keeps_the_lowest_loss_when_the_monitor_is_a_loss(tmp
     assert keep_best_full_artefacts(collect(tmp_path), tmp_path) == "1"
     assert [(tmp_path / job / "mlm" / "trainable.safetensors").exists() for job in "012"] == [
         False, True, False]
+
+
+def test_a_relaunch_with_an_extra_override_reads_as_one_configuration_without_errors(tmp_path):
+    """``ftlab -m resume=<sweep> checkpoint.keep=true`` (README: extra overrides win) after a
+    job errored: the re-launch's jobs go to new folders (their overrides differ), reusing the
+    finished ones and running the errored one again. The report split the sweep into
+    ``checkpoint.keep=None`` and ``checkpoint.keep=True`` and still counted the error, so
+    ``ftlab`` exited 1 though every job had finished."""
+    def job(name, seed, status="ok", extra=(), reused=None):
+        r = rec(seed, 0.8 + seed / 100, status=status, failed=status != "ok")
+        r["overrides"] = [f"seed={seed}", "model=tiny_bert", *extra]
+        r["job_identity"] = [f"classify-{seed}", "callbacks-x"]
+        if reused is not None:
+            r["reused"] = {"from": str(tmp_path / reused), "skipped": True}
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(r))
+
+    job("0", 1), job("1", 2, status="error"), job("2", 3)  # the first launch
+    keep = ["checkpoint.keep=True"]
+    job("3", 1, extra=keep, reused="0"), job("4", 2, extra=keep), job("5", 3, extra=keep,
+                                                                      reused="2")
+    summary = write_report(tmp_path)
+    assert list(summary) == ["default"]
+    s = summary["default"]
+    assert (s["runs"], s["errored"], s["reused"]) == (3, 0, 2)
+    assert s["metrics"]["test/acc"]["n"] == 3 and sorted(s["seeds"]) == ["1", "2", "3"]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 0
