@@ -198,7 +198,7 @@ def write_results(study: Any, sweep_dir: Path, ran: dict[int, Outcome],
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
                "params": t.params, "intermediate": dict(t.intermediate_values),
                "this_sweep": t.number in ran,
-               "jobs": ran[t.number].jobs if t.number in ran else []}
+               "jobs": ran[t.number].jobs if t.number in ran else t.user_attrs.get("jobs", [])}
               for t in study.trials]
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     best = None

@@ -199,6 +199,8 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
     for job in range(4):  # job n ran trial n: nothing was written over
         record = json.loads((sweep / str(job) / "metrics.json").read_text())
         assert record["overrides"][-1] == f"trial={job}" and "reused" not in record
+    # the re-launch's search.json still names the first launch's job folders (it said [])
+    assert [t["jobs"] for t in trials] == [[str(sweep / str(n))] for n in range(4)]
 
 
 @pytest.mark.parametrize(("setting", "expected"), [

@@ -136,6 +136,9 @@ class FtlabOptunaSweeper(Sweeper):
                     records[t.number].append(r)
             for t in trials:
                 outcome = ran[t.number] = trial_outcome(records[t.number])
+                # in the study, so search.json names the folders of every trial (a re-launch's
+                # or another worker's report keeps those of the trials it did not run)
+                t.set_user_attr("jobs", outcome.jobs)
                 study.tell(t, outcome.value, state=states[outcome.state])
                 log.info("Trial %d: %s%s %s", t.number, outcome.state,
                          f" {outcome.value:.4f}" if outcome.value is not None else "", t.params)
