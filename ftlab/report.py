@@ -114,7 +114,12 @@ def stats(values: list[float], larger_is_better: bool = True) -> dict[str, Any]:
             "best": max(values) if larger_is_better else min(values)}
 
 
-def lower_is_better(metric: str) -> bool:
+def lower_is_better(metric: str, monitor: dict[str, Any] | None = None) -> bool:
+    """By the metric's name; the monitored metric (on either split) goes the way of the
+    task's ``mode`` (a multi-task ``mean`` of losses or MSEs is monitored with ``mode: min``)."""
+    name = metric.split("/", 1)[-1]
+    if monitor and name == str(monitor.get("metric", "")).split("/", 1)[-1]:
+        return monitor.get("mode", "max") == "min"
     return metric.split("/")[-1] in LOWER_IS_BETTER
 
 
@@ -136,9 +141,11 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     dropped = [r for r in recs if r.get("status") in STOPPED]
     running = [r for r in recs if r.get("status") == "running"]  # (ftlab-report mid-sweep)
     trouble = [r for r in recs if r.get("status") not in ("ok", "running", *STOPPED)]
+    monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
+        or {"metric": "val/acc", "mode": "max"}
     names = sorted({m for r in done for m in r.get("final", {}) if "/baseline_" not in m})
     metrics = {m: stats([r["final"][m] for r in done if finite(r["final"].get(m))],
-                        not lower_is_better(m))
+                        not lower_is_better(m, monitor))
                for m in names if any(finite(r["final"].get(m)) for r in done)}
     baselines = {}  # metric -> the trivial predictor's score on the same split (mean over runs)
     for m in metrics:  # val/<metric> <-> val/baseline_<metric> (multi-task: <task>/acc)
@@ -149,8 +156,6 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
             baselines[m] = statistics.fmean(vals)
     failed = sum(bool(r.get("failed")) for r in recs)
     counted = len(recs) - len(dropped) - len(running)
-    monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
-        or {"metric": "val/acc", "mode": "max"}
     seeds = {str(r.get("seed")): r.get("final", {}) for r in done}
     val = [r["final"][monitor["metric"]] for r in done
            if finite(r.get("final", {}).get(monitor["metric"]))]
@@ -204,8 +209,8 @@ def _rank(summary: dict[str, Any]) -> None:
     metric = primary_metric(summary)
     if metric is None:
         return
-    big = not lower_is_better(metric)
     scored = [k for k, s in summary.items() if metric in s["metrics"]]
+    big = not lower_is_better(metric, summary[scored[0]]["monitor"])
     order = sorted(scored, key=lambda k: summary[k]["metrics"][metric]["mean"], reverse=big)
     best = order[0] if order else None
     for rank, key in enumerate(order, 1):

@@ -539,3 +539,20 @@ def test_a_relaunch_with_an_extra_override_reads_as_one_configuration_without_er
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path)])
     assert exit_.value.code == 0
+
+
+def test_a_metric_monitored_with_mode_min_is_ranked_by_its_lowest_value():
+    """A multi-task stage monitoring ``mean`` with ``mode: min`` (sub-tasks' MSEs or losses):
+    the report went by the name ``mean`` and ranked the highest test/mean first and took
+    its maximum as best of n, against the task's own direction."""
+    def runs(lr: str, values: list[float]) -> list[dict]:
+        return [{"status": "ok", "failed": False, "seed": seed, "overrides": [f"seed={seed}",
+                 f"stage.optim.lr={lr}"], "monitor": {"metric": "val/mean", "mode": "min"},
+                 "final": {"val/mean": v, "test/mean": v + 0.1}}
+                for seed, v in enumerate(values, 1)]
+
+    summary = summarize(runs("1e-3", [0.2, 0.4, 0.3]) + runs("1e-4", [0.9, 1.0, 1.1]))
+    low, high = summary["stage.optim.lr=1e-3"], summary["stage.optim.lr=1e-4"]
+    assert low["rank"] == {"metric": "test/mean", "rank": 1} and high["rank"]["rank"] == 2
+    assert low["metrics"]["test/mean"]["best"] == pytest.approx(0.3)
+    assert low["metrics"]["val/mean"]["best"] == pytest.approx(0.2)
