@@ -206,6 +206,8 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
 @pytest.mark.parametrize(("setting", "expected"), [
     ("hydra.sweeper.n_trials=0", "a search needs at least one trial"),  # was UnboundLocalError
     ("hydra.sweeper.direction=up", "'up' is not one of: auto, maximize, minimize"),  # ValueError
+    # val/acc minimised: the search kept the worst trials and pruned the best
+    ("hydra.sweeper.direction=minimize", "the task's monitored metric, is to maximize"),
 ])
 def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
                                                              expected):

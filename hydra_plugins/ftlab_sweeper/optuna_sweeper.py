@@ -55,11 +55,22 @@ class FtlabOptunaSweeper(Sweeper):
         """Create the study, or join it when another worker already did."""
         import optuna
 
+        from ftlab.errors import FtlabError
         from ftlab.search import auto_direction, build_object, open_storage, storage_url
 
         direction = self.direction
-        if direction == "auto":
-            direction = auto_direction(self.hydra_context.config_loader, self.config, fixed)
+        try:
+            task = auto_direction(self.hydra_context.config_loader, self.config, fixed)
+        except Exception:  # noqa: BLE001 - auto needs it; a given direction stands alone
+            if direction == "auto":
+                raise
+            task = direction  # no monitor to compare with: the direction as given
+        if direction not in ("auto", task):  # the search (and its pruner) would seek the worst
+            raise FtlabError(f"hydra.sweeper.direction={direction}, but the objective, the "
+                             f"task's monitored metric, is to {task} (its mode): the search "
+                             "and its pruner would keep the worst trials.",
+                             "set hydra.sweeper.direction=auto (or drop it).")
+        direction = task
         url = storage_url(self.storage, sweep_dir)
         log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
                  direction)
