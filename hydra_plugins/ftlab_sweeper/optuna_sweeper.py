@@ -51,16 +51,16 @@ class FtlabOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def study(self, sweep_dir: Path, fixed: list[str]) -> Any:
+    def study(self, sweep_dir: Path, fixed: list[str], space: dict[str, Any]) -> Any:
         """Create the study, or join it when another worker already did."""
         import optuna
 
+        from ftlab import search
         from ftlab.errors import FtlabError
-        from ftlab.search import auto_direction, build_object, open_storage, storage_url
 
         direction = self.direction
         try:
-            task = auto_direction(self.hydra_context.config_loader, self.config, fixed)
+            task = search.auto_direction(self.hydra_context.config_loader, self.config, fixed)
         except Exception:  # noqa: BLE001 - auto needs it; a given direction stands alone
             if direction == "auto":
                 raise
@@ -71,14 +71,16 @@ class FtlabOptunaSweeper(Sweeper):
                              "and its pruner would keep the worst trials.",
                              "set hydra.sweeper.direction=auto (or drop it).")
         direction = task
-        url = storage_url(self.storage, sweep_dir)
+        url = search.storage_url(self.storage, sweep_dir)
         log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
                  direction)
         # (the sampler's seed is offset per worker by ftlab.search.ask_first)
-        return optuna.create_study(
-            study_name=self.study_name, storage=open_storage(url), direction=direction,
-            sampler=build_object(self.sampler_node, "sampler"),
-            pruner=build_object(self.pruner_node, "pruner"), load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.study_name, storage=search.open_storage(url), direction=direction,
+            sampler=search.build_object(self.sampler_node, "sampler"),
+            pruner=search.build_object(self.pruner_node, "pruner"), load_if_exists=True)
+        search.check_joinable(study, space, direction, url)
+        return study
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
         from ftlab.search import job_outcome
@@ -115,7 +117,7 @@ class FtlabOptunaSweeper(Sweeper):
                                  "auto, maximize, minimize.",
                                  "set hydra.sweeper.direction=auto (from the task's monitor).")
             space, fixed = parse_space(lines, self.hydra_context.config_loader)
-            study = self.study(sweep_dir, fixed)
+            study = self.study(sweep_dir, fixed, space)
         except FtlabError as err:  # a message, not a traceback (SystemExit passes Hydra)
             print(f"\nftlab: {err}\n", file=sys.stderr)
             sys.exit(2)
