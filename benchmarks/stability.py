@@ -117,8 +117,10 @@ def main() -> None:
         if not a:
             print(f"| {name} | {r['failed']}/{r['runs']} | – | – | – | – | {r['wall_s']} |")
             continue
-        print(f"| {name} | {r['failed']}/{r['runs']} | {a['mean']:.3f} ± {a['std']:.3f} | "
-              f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | {a['min']:.3f} | {a['max']:.3f} | "
+        spread, ci = ((f" ± {a['std']:.3f}", f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]")
+                      if a["ci95"] else ("", "– (n=1)"))  # one seed: no spread
+        print(f"| {name} | {r['failed']}/{r['runs']} | {a['mean']:.3f}{spread} | "
+              f"{ci} | {a['min']:.3f} | {a['max']:.3f} | "
               f"{r['wall_s']} |")
     if args.discard and "none" in results:
         full, cut = results["none"], results["none+discard"]

@@ -111,7 +111,7 @@ def log_sweep_summary(config: Any, sweep_dir: Path, summary: dict[str, Any]) -> 
             cols = ["metric", "n", "mean", "ci95_low", "ci95_high", "std", "median", "min",
                     "max"]
             run.log({"cross_seed": wandb.Table(columns=cols, data=[
-                [m, st["n"], st["mean"], *st["ci95"], *(st[c] for c in cols[5:])]
+                [m, st["n"], st["mean"], *(st["ci95"] or (None, None)), *(st[c] for c in cols[5:])]
                 for m, st in s["metrics"].items()])})
             names = sorted({m for v in s["seeds"].values() for m in v})
             run.log({"per_seed": wandb.Table(columns=["seed", *names], data=[

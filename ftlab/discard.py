@@ -99,12 +99,17 @@ def same_group(earlier: dict[str, Any], entry: dict[str, Any]) -> bool:
 def record(ledger: Path, entry: dict[str, Any], keep: str, k: int, mode: str) -> bool:
     """Append ``entry`` (with its ``score``, ``stage`` and ``config``) to the ledger and decide,
     both under one lock: the entries already there for the same stage and configuration are
-    the earlier jobs."""
+    the earlier jobs, each once. A job judged again (it errored after its decision and a
+    re-launch ran it from the start, with no checkpoint to resume) is not among its own earlier
+    jobs, and later jobs count only its latest score."""
     from filelock import FileLock
 
     ledger.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(ledger) + ".lock"):
-        earlier = [e["score"] for e in read_ledger(ledger) if same_group(e, entry)]
+        latest = {(e.get("job"), e["stage"]) if e.get("job") is not None else i: e
+                  for i, e in enumerate(read_ledger(ledger))}
+        latest.pop((entry.get("job"), entry["stage"]), None)
+        earlier = [e["score"] for e in latest.values() if same_group(e, entry)]
         decision = goes_on(earlier, entry["score"], keep, k, mode)
         line = json.dumps(entry | {"decision": "go_on" if decision else "discard",
                                    "earlier": len(earlier)}, allow_nan=True)

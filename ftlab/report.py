@@ -30,11 +30,11 @@ LOWER_IS_BETTER = {"loss", "ppl", "perplexity", "mse"}
 STOPPED = ("discarded", "pruned")
 
 
-def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
+def collect(sweep_dir: Path, ended: bool = True, unique: bool = True) -> list[dict[str, Any]]:
     """One record per job folder; a job that died without writing results shows as 'missing'.
     ``ended``: the sweep is over (its report), so a job still recorded as ``running`` (on
     another host, where its process cannot be looked up) was killed; otherwise (``ftlab-report``
-    during a sweep) it is still running."""
+    during a sweep) it is still running. ``unique``: one record per job (:func:`dedupe`)."""
     records = []
     jobs = (p for p in sweep_dir.iterdir() if is_job(p))  # Hydra's job numbers: 0, 1, 2... 10
     for job in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if
@@ -56,7 +56,7 @@ def collect(sweep_dir: Path, ended: bool = True) -> list[dict[str, Any]]:
                 rec["seed"] = int(seeds[-1])
         rec["job"] = job.name
         records.append(rec)
-    return dedupe(records)
+    return dedupe(records) if unique else records
 
 
 def is_job(folder: Path) -> bool:
@@ -80,18 +80,16 @@ def job_record(path: Path) -> dict[str, Any]:
 
 
 def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per job identity (``ftlab.resume.job_identity``): a re-launched sweep whose
-    jobs changed folders may hold a finished job twice (the second one reused the first)."""
-    seen: set[tuple[str, ...]] = set()
-    out = []
-    for rec in records:
-        keys = tuple(rec.get("job_identity") or ())
-        if keys and rec.get("status") in ("ok", *STOPPED):
-            if keys in seen:
-                continue
-            seen.add(keys)
-        out.append(rec)
-    return out
+    """One record per job identity (``ftlab.resume.job_identity``). A re-launch with other
+    overrides (``ftlab -m resume=<sweep> checkpoint.keep=true``) places its jobs in new
+    folders: a finished job is then there twice (the later one reused the earlier; the later,
+    with the latest command's overrides, is kept, so the sweep reads as one configuration),
+    and a job that errored or was killed before has finished since in another folder (it is
+    no longer an error)."""
+    latest = {tuple(r["job_identity"]): i for i, r in enumerate(records)
+              if r.get("job_identity") and r.get("status") in ("ok", *STOPPED)}
+    return [r for i, r in enumerate(records)
+            if latest.get(tuple(r.get("job_identity") or ()), i) == i]
 
 
 def swept_keys(records: list[dict[str, Any]]) -> dict[int, str]:
@@ -105,16 +103,23 @@ def swept_keys(records: list[dict[str, Any]]) -> dict[int, str]:
 
 
 def stats(values: list[float], larger_is_better: bool = True) -> dict[str, Any]:
-    """Mean with its 95% interval (Student t), spread, and best of the N runs."""
+    """Mean with its 95% interval (Student t), spread, and best of the N runs. One run has
+    no spread: its ``ci95`` and ``std`` are None (not a zero-width interval and a std of 0,
+    which read as a perfectly stable recipe)."""
     lo, hi = mean_ci(values)
     return {"n": len(values), "mean": statistics.fmean(values),
-            "ci95": [lo, hi],
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "ci95": [lo, hi] if len(values) > 1 else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
             "median": statistics.median(values), "min": min(values), "max": max(values),
             "best": max(values) if larger_is_better else min(values)}
 
 
-def lower_is_better(metric: str) -> bool:
+def lower_is_better(metric: str, monitor: dict[str, Any] | None = None) -> bool:
+    """By the metric's name; the monitored metric (on either split) goes the way of the
+    task's ``mode`` (a multi-task ``mean`` of losses or MSEs is monitored with ``mode: min``)."""
+    name = metric.split("/", 1)[-1]
+    if monitor and name == str(monitor.get("metric", "")).split("/", 1)[-1]:
+        return monitor.get("mode", "max") == "min"
     return metric.split("/")[-1] in LOWER_IS_BETTER
 
 
@@ -136,9 +141,11 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     dropped = [r for r in recs if r.get("status") in STOPPED]
     running = [r for r in recs if r.get("status") == "running"]  # (ftlab-report mid-sweep)
     trouble = [r for r in recs if r.get("status") not in ("ok", "running", *STOPPED)]
+    monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
+        or {"metric": "val/acc", "mode": "max"}
     names = sorted({m for r in done for m in r.get("final", {}) if "/baseline_" not in m})
     metrics = {m: stats([r["final"][m] for r in done if finite(r["final"].get(m))],
-                        not lower_is_better(m))
+                        not lower_is_better(m, monitor))
                for m in names if any(finite(r["final"].get(m)) for r in done)}
     baselines = {}  # metric -> the trivial predictor's score on the same split (mean over runs)
     for m in metrics:  # val/<metric> <-> val/baseline_<metric> (multi-task: <task>/acc)
@@ -149,8 +156,6 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
             baselines[m] = statistics.fmean(vals)
     failed = sum(bool(r.get("failed")) for r in recs)
     counted = len(recs) - len(dropped) - len(running)
-    monitor = next((r["monitor"] for r in recs if r.get("monitor")), None) \
-        or {"metric": "val/acc", "mode": "max"}
     seeds = {str(r.get("seed")): r.get("final", {}) for r in done}
     val = [r["final"][monitor["metric"]] for r in done
            if finite(r.get("final", {}).get(monitor["metric"]))]
@@ -204,8 +209,8 @@ def _rank(summary: dict[str, Any]) -> None:
     metric = primary_metric(summary)
     if metric is None:
         return
-    big = not lower_is_better(metric)
     scored = [k for k, s in summary.items() if metric in s["metrics"]]
+    big = not lower_is_better(metric, summary[scored[0]]["monitor"])
     order = sorted(scored, key=lambda k: summary[k]["metrics"][metric]["mean"], reverse=big)
     best = order[0] if order else None
     for rank, key in enumerate(order, 1):
@@ -230,10 +235,10 @@ def write_report(sweep_dir: str | Path, save_artefact: str = "all",
     from ftlab.artefact import keep_best_full_artefacts
 
     sweep_dir = Path(sweep_dir)
-    records = collect(sweep_dir, ended)
-    if save_artefact == "best":
+    records = collect(sweep_dir, ended, unique=False)
+    if save_artefact == "best":  # every folder's own artefacts (a reused job has none)
         keep_best_full_artefacts(records, sweep_dir)
-    summary = summarize(records)
+    summary = summarize(dedupe(records))
     write_json(sweep_dir / "summary.json", summary)
     text = markdown(summary)
     atomic_write(sweep_dir / "summary.md", lambda p: p.write_text(text))

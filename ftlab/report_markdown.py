@@ -9,7 +9,13 @@ from ftlab.seedstats import finite
 
 
 def _ci(st: dict[str, Any]) -> str:
+    if not st.get("ci95"):  # one run: no spread, so no interval
+        return "– (n=1)"
     return f"[{st['ci95'][0]:.4f}, {st['ci95'][1]:.4f}]"
+
+
+def _std(st: dict[str, Any]) -> str:
+    return "–" if st.get("std") is None else f"{st['std']:.4f}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -38,7 +44,7 @@ def markdown(summary: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for m, st in s["metrics"].items():
             base = s["baseline"].get(m)
-            lines.append(f"| {m} | {st['n']} | {st['mean']:.4f} | {_ci(st)} | {st['std']:.4f} | "
+            lines.append(f"| {m} | {st['n']} | {st['mean']:.4f} | {_ci(st)} | {_std(st)} | "
                          f"{st['best']:.4f} | " + (f"{base:.4f} | {s['delta'][m]:+.4f} |"
                                                    if base is not None else "– | – |"))
         lines += _seed_table(s) + _selected(s)

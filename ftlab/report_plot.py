@@ -74,10 +74,10 @@ def _panel(ax: Any, summary: dict[str, Any], keys: list[str], metric: str) -> No
         values += [v for _, v in seeds]
         st = s["metrics"].get(metric)
         if st:
-            lo, hi = st["ci95"]
+            lo, hi = st["ci95"] or (st["mean"], st["mean"])  # one run: its mean, no interval
             values += [v for v in (lo, hi) if finite(v)]  # a wide interval shows whole
             ax.errorbar(i, st["mean"], yerr=[[st["mean"] - lo], [hi - st["mean"]]], fmt="_",
-                        ms=20, capsize=6, color="k", zorder=5)
+                        ms=20, capsize=6 if st["ci95"] else 0, color="k", zorder=5)
         base = s.get("baseline", {}).get(metric)
         if base is not None:
             baselines.append(base)

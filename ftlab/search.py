@@ -74,6 +74,33 @@ def build_object(node: Any, kind: str) -> Any:
     return instantiate(node)
 
 
+def check_joinable(study: Any, space: dict[str, Any], direction: str, where: str) -> None:
+    """A study that exists already (another worker's, or from an earlier search with the same
+    ``study_name`` and storage) is joined only with the same direction and a space its trials
+    fit: Optuna loads it with its stored direction whatever this search asks (a maximising
+    search then minimised accuracies, its best trial compared with losses), and refuses a
+    changed ``choice()`` with a bare ValueError."""
+    from optuna.distributions import check_distribution_compatibility
+
+    fix = ("give this search its own study: hydra.sweeper.study_name=<a new name> (or another "
+           "hydra.sweeper.storage).")
+    stored = study.direction.name.lower()
+    if stored != direction:
+        raise FtlabError(f"Study {study.study_name!r} in {where} exists and was made to {stored} "
+                         f"its objective; this search would {direction} (its task's monitored "
+                         "metric): their trials are not comparable.", fix)
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in space.items():
+            if name in trial.distributions:
+                try:
+                    check_distribution_compatibility(trial.distributions[name], dist)
+                except ValueError as err:
+                    raise FtlabError(f"{name}: this search's space ({dist}) does not fit study "
+                                     f"{study.study_name!r} in {where}, whose trial "
+                                     f"{trial.number} sampled it from "
+                                     f"{trial.distributions[name]} ({err}).", fix) from None
+
+
 def ask_first(study: Any, space: dict[str, Any], sampler_node: Any) -> Any:
     """This worker's first trial, sampled with the sampler's ``seed`` plus the trial's number.
 
@@ -198,7 +225,7 @@ def write_results(study: Any, sweep_dir: Path, ran: dict[int, Outcome],
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
                "params": t.params, "intermediate": dict(t.intermediate_values),
                "this_sweep": t.number in ran,
-               "jobs": ran[t.number].jobs if t.number in ran else []}
+               "jobs": ran[t.number].jobs if t.number in ran else t.user_attrs.get("jobs", [])}
               for t in study.trials]
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     best = None

@@ -63,15 +63,13 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     "95%" interval cannot reach past the values seen and covers the true mean far less often
     (simulated with normal scores, 2,000 trials: 0.76 at n=3, 0.85 at n=5, 0.91 at n=10; the
     t interval 0.95 at each). No interval is right for scores with failed seeds among them (a
-    20% share of failures: both ~0.47 at n=3); the report counts failures apart. With one
-    value the interval is that value.
+    20% share of failures: both ~0.47 at n=3); the report counts failures apart. One value
+    has no spread to estimate: no interval (NaN), not a zero-width one.
     """
     x = np.asarray(values, dtype=float)
-    if x.size == 0:
+    if x.size < 2:
         return (math.nan, math.nan)
     mean = float(x.mean())
-    if x.size == 1:
-        return (mean, mean)
     half = t_quantile((1 + level) / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
     return (mean - half, mean + half)
 

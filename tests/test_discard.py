@@ -196,3 +196,18 @@ def test_jobs_compete_only_with_seeds_of_their_own_configuration(tmp_path):
     assert record(ledger, bitfit, "top_k", 1, "max")
     full = {"stage": "classify", "config": "peft=full", "score": 0.6, "job": "4"}
     assert not record(ledger, full, "top_k", 1, "max")
+
+
+def test_a_job_judged_again_counts_once(tmp_path):
+    """A job that went on, errored after its decision and was run again from the start (no
+    checkpoint to resume) by a re-launch is judged again: it compared with its own earlier
+    entry (and was discarded: no longer among the first k = 2), and later jobs counted its
+    score twice (a job at 0.6 went on, above the median of [0.9, 0.5, 0.5])."""
+    ledger = tmp_path / LEDGER
+    for job, score in (("0", 0.9), ("1", 0.5), ("1", 0.5)):  # job 1: judged, then again
+        entry = {"stage": "classify", "config": "c", "score": score, "job": job}
+        assert record(ledger, entry, "above_median", 2, "max")  # the first k = 2 jobs go on
+    assert read_ledger(ledger)[-1]["earlier"] == 1  # job 0 only, not its own first entry
+    assert not record(ledger, {"stage": "classify", "config": "c", "score": 0.6, "job": "2"},
+                      "above_median", 2, "max")  # below the median of [0.9, 0.5]
+    assert read_ledger(ledger)[-1]["earlier"] == 2

@@ -37,7 +37,24 @@ def test_summary_groups_by_config_without_seed_and_counts_failures():
     assert m["std"] == pytest.approx(statistics.stdev(vals))
     assert m["median"] == pytest.approx(statistics.median(vals))
     assert (m["min"], m["max"]) == (0.5, 0.9)
-    assert s["peft=bitfit"]["metrics"]["test/acc"]["std"] == 0.0
+    assert s["peft=bitfit"]["metrics"]["test/acc"]["std"] is None  # one run: no spread
+
+
+def test_one_seed_gets_no_interval_and_no_std_not_a_zero_width_one(tmp_path):
+    """A single seed has no spread to estimate: the report said 95% CI [0.375, 0.375] and
+    std 0.0000, which reads as a perfectly stable recipe."""
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps(rec(1, 0.375)))
+    summary = write_report(tmp_path)["default"]
+    m = summary["metrics"]["test/acc"]
+    assert (m["n"], m["mean"], m["ci95"], m["std"]) == (1, 0.375, None, None)
+    assert json.loads((tmp_path / "summary.json").read_text())["default"]["metrics"][
+        "test/acc"]["ci95"] is None
+    text = (tmp_path / "summary.md").read_text()
+    assert "| test/acc | 1 | 0.3750 | – (n=1) | – | 0.3750 |" in text
+    assert "[0.3750, 0.3750]" not in text and "0.0000" not in text
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_files_from_a_multirun_folder(tmp_path, capsys):
@@ -203,7 +220,7 @@ def test_the_mean_interval_is_students_t_and_covers_the_mean_95_percent_at_3_see
     lo, hi = mean_ci(few)  # 0.75 +- 4.3027 * 0.05 / sqrt(3)
     assert (lo, hi) == pytest.approx((0.75 - 0.124207, 0.75 + 0.124207), abs=1e-6)
     assert lo < 0.70 and hi > 0.80  # wider than the scores seen, as it must be at n = 3
-    assert mean_ci([0.5]) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in mean_ci([0.5]))  # one value: no interval
     assert all(math.isnan(v) for v in mean_ci([]))
     rng = np.random.default_rng(0)
     covered = [lo <= 0.85 <= hi for lo, hi in
@@ -511,3 +528,49 @@ def test_save_artefact_best_keeps_the_lowest_loss_when_the_monitor_is_a_loss(tmp
     assert keep_best_full_artefacts(collect(tmp_path), tmp_path) == "1"
     assert [(tmp_path / job / "mlm" / "trainable.safetensors").exists() for job in "012"] == [
         False, True, False]
+
+
+def test_a_relaunch_with_an_extra_override_reads_as_one_configuration_without_errors(tmp_path):
+    """``ftlab -m resume=<sweep> checkpoint.keep=true`` (README: extra overrides win) after a
+    job errored: the re-launch's jobs go to new folders (their overrides differ), reusing the
+    finished ones and running the errored one again. The report split the sweep into
+    ``checkpoint.keep=None`` and ``checkpoint.keep=True`` and still counted the error, so
+    ``ftlab`` exited 1 though every job had finished."""
+    def job(name, seed, status="ok", extra=(), reused=None):
+        r = rec(seed, 0.8 + seed / 100, status=status, failed=status != "ok")
+        r["overrides"] = [f"seed={seed}", "model=tiny_bert", *extra]
+        r["job_identity"] = [f"classify-{seed}", "callbacks-x"]
+        if reused is not None:
+            r["reused"] = {"from": str(tmp_path / reused), "skipped": True}
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(r))
+
+    job("0", 1), job("1", 2, status="error"), job("2", 3)  # the first launch
+    keep = ["checkpoint.keep=True"]
+    job("3", 1, extra=keep, reused="0"), job("4", 2, extra=keep), job("5", 3, extra=keep,
+                                                                      reused="2")
+    summary = write_report(tmp_path)
+    assert list(summary) == ["default"]
+    s = summary["default"]
+    assert (s["runs"], s["errored"], s["reused"]) == (3, 0, 2)
+    assert s["metrics"]["test/acc"]["n"] == 3 and sorted(s["seeds"]) == ["1", "2", "3"]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 0
+
+
+def test_a_metric_monitored_with_mode_min_is_ranked_by_its_lowest_value():
+    """A multi-task stage monitoring ``mean`` with ``mode: min`` (sub-tasks' MSEs or losses):
+    the report went by the name ``mean`` and ranked the highest test/mean first and took
+    its maximum as best of n, against the task's own direction."""
+    def runs(lr: str, values: list[float]) -> list[dict]:
+        return [{"status": "ok", "failed": False, "seed": seed, "overrides": [f"seed={seed}",
+                 f"stage.optim.lr={lr}"], "monitor": {"metric": "val/mean", "mode": "min"},
+                 "final": {"val/mean": v, "test/mean": v + 0.1}}
+                for seed, v in enumerate(values, 1)]
+
+    summary = summarize(runs("1e-3", [0.2, 0.4, 0.3]) + runs("1e-4", [0.9, 1.0, 1.1]))
+    low, high = summary["stage.optim.lr=1e-3"], summary["stage.optim.lr=1e-4"]
+    assert low["rank"] == {"metric": "test/mean", "rank": 1} and high["rank"]["rank"] == 2
+    assert low["metrics"]["test/mean"]["best"] == pytest.approx(0.3)
+    assert low["metrics"]["val/mean"]["best"] == pytest.approx(0.2)

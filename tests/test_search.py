@@ -199,11 +199,15 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
     for job in range(4):  # job n ran trial n: nothing was written over
         record = json.loads((sweep / str(job) / "metrics.json").read_text())
         assert record["overrides"][-1] == f"trial={job}" and "reused" not in record
+    # the re-launch's search.json still names the first launch's job folders (it said [])
+    assert [t["jobs"] for t in trials] == [[str(sweep / str(n))] for n in range(4)]
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
     ("hydra.sweeper.n_trials=0", "a search needs at least one trial"),  # was UnboundLocalError
     ("hydra.sweeper.direction=up", "'up' is not one of: auto, maximize, minimize"),  # ValueError
+    # val/acc minimised: the search kept the worst trials and pruned the best
+    ("hydra.sweeper.direction=minimize", "the task's monitored metric, is to maximize"),
 ])
 def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
                                                              expected):
@@ -211,3 +215,28 @@ def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-2000:]
     assert expected in out and "Traceback" not in out, out[-2000:]
+
+
+@pytest.mark.parametrize(("direction", "space", "expected"), [
+    # Optuna loaded the stored direction silently: accuracies were minimised, and the best
+    # trial was picked among losses and accuracies
+    ("minimize", "stage.batch_size=choice(16,32)", "was made to minimize its objective"),
+    # a changed choice(): a bare ValueError traceback from inside Optuna
+    ("maximize", "stage.batch_size=choice(8,16)", "does not fit study 'shared'"),
+])
+def test_joining_a_study_of_another_objective_or_space_stops_with_the_fix(
+        tmp_path, sentiment_dir, direction, space, expected):
+    from optuna.distributions import CategoricalDistribution
+
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="shared", direction=direction,
+                                storage=open_storage(str(journal)))
+    trial = study.ask({"stage.batch_size": CategoricalDistribution([16, 32])})
+    study.tell(trial, 0.5)
+    proc = ftlab(*search_args(sentiment_dir, space, "hydra.sweeper.n_trials=1",
+                              f"hydra.sweeper.storage={journal}",
+                              "hydra.sweeper.study_name=shared"), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-2000:]
+    assert expected in out and "hydra.sweeper.study_name=<a new name>" in out, out[-2000:]
+    assert "Traceback" not in out and len(study.trials) == 1  # nothing was asked or run

@@ -51,23 +51,36 @@ class FtlabOptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def study(self, sweep_dir: Path, fixed: list[str]) -> Any:
+    def study(self, sweep_dir: Path, fixed: list[str], space: dict[str, Any]) -> Any:
         """Create the study, or join it when another worker already did."""
         import optuna
 
-        from ftlab.search import auto_direction, build_object, open_storage, storage_url
+        from ftlab import search
+        from ftlab.errors import FtlabError
 
         direction = self.direction
-        if direction == "auto":
-            direction = auto_direction(self.hydra_context.config_loader, self.config, fixed)
-        url = storage_url(self.storage, sweep_dir)
+        try:
+            task = search.auto_direction(self.hydra_context.config_loader, self.config, fixed)
+        except Exception:  # noqa: BLE001 - auto needs it; a given direction stands alone
+            if direction == "auto":
+                raise
+            task = direction  # no monitor to compare with: the direction as given
+        if direction not in ("auto", task):  # the search (and its pruner) would seek the worst
+            raise FtlabError(f"hydra.sweeper.direction={direction}, but the objective, the "
+                             f"task's monitored metric, is to {task} (its mode): the search "
+                             "and its pruner would keep the worst trials.",
+                             "set hydra.sweeper.direction=auto (or drop it).")
+        direction = task
+        url = search.storage_url(self.storage, sweep_dir)
         log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
                  direction)
         # (the sampler's seed is offset per worker by ftlab.search.ask_first)
-        return optuna.create_study(
-            study_name=self.study_name, storage=open_storage(url), direction=direction,
-            sampler=build_object(self.sampler_node, "sampler"),
-            pruner=build_object(self.pruner_node, "pruner"), load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.study_name, storage=search.open_storage(url), direction=direction,
+            sampler=search.build_object(self.sampler_node, "sampler"),
+            pruner=search.build_object(self.pruner_node, "pruner"), load_if_exists=True)
+        search.check_joinable(study, space, direction, url)
+        return study
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
         from ftlab.search import job_outcome
@@ -104,7 +117,7 @@ class FtlabOptunaSweeper(Sweeper):
                                  "auto, maximize, minimize.",
                                  "set hydra.sweeper.direction=auto (from the task's monitor).")
             space, fixed = parse_space(lines, self.hydra_context.config_loader)
-            study = self.study(sweep_dir, fixed)
+            study = self.study(sweep_dir, fixed, space)
         except FtlabError as err:  # a message, not a traceback (SystemExit passes Hydra)
             print(f"\nftlab: {err}\n", file=sys.stderr)
             sys.exit(2)
@@ -136,6 +149,9 @@ class FtlabOptunaSweeper(Sweeper):
                     records[t.number].append(r)
             for t in trials:
                 outcome = ran[t.number] = trial_outcome(records[t.number])
+                # in the study, so search.json names the folders of every trial (a re-launch's
+                # or another worker's report keeps those of the trials it did not run)
+                t.set_user_attr("jobs", outcome.jobs)
                 study.tell(t, outcome.value, state=states[outcome.state])
                 log.info("Trial %d: %s%s %s", t.number, outcome.state,
                          f" {outcome.value:.4f}" if outcome.value is not None else "", t.params)
