@@ -41,8 +41,14 @@ def read_rows(path: Path, text_columns: list[str] | None,
     if suffix in (".csv", ".tsv"):
         import csv
 
-        rows = list(csv.DictReader(io.StringIO(text, newline=""),
-                                   delimiter=delimiter or ("\t" if suffix == ".tsv" else ",")))
+        reader = csv.DictReader(io.StringIO(text, newline=""),
+                                delimiter=delimiter or ("\t" if suffix == ".tsv" else ","))
+        header = reader.fieldnames or []
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        if twice:  # the reader keeps the last column of a name: the first would go unread
+            raise FtlabError(f"The header of {path.name} names the column(s) {twice} more than "
+                             "once.", "give every column its own name.")
+        rows = list(reader)
         for n, row in enumerate(rows, 1) if suffix == ".tsv" else ():
             merged = next((c for c, v in row.items() if isinstance(v, str) and "\t" in v), None)
             if merged is not None:  # a field opening with a quote swallowed the rows after it
@@ -139,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     quiet_loading()
     try:
         check_output(args.output.parent)  # before the work, not in a traceback after it
+        if args.output.exists() and args.input.exists() and args.output.samefile(args.input):
+            raise FtlabError(f"--output {args.output} is the input file: the predictions would "
+                             "replace the texts.", f"name another file: --output "
+                             f"{args.output.with_name(args.output.stem + '.preds.jsonl')}.")
         name, _, labels = stage_card(args.run_dir.expanduser(), args.stage)
         if not labels:  # a language-model stage (TAPT/DAPT): said before building the model
             labelled = labelled_stages(args.run_dir, but=name)

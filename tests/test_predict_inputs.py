@@ -1,0 +1,96 @@
+"""ftlab-predict and ftlab-export on untrusted inputs: input files, run folders and output paths
+a user gets wrong end in one paragraph naming the fix, and never in silently wrong results or a
+file written over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ftlab
+from ftlab.export import main as export_main
+from ftlab.predict_cli import main as predict_main
+from ftlab.run import run
+from tests.conftest import compose_cfg, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(sentiment_dir, tmp_path_factory) -> Path:
+    """A tiny classifier's run folder (a few steps), only read by the tests."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    record = run(compose_cfg([*tiny_overrides(sentiment_dir), "stage.optim.lr=3e-3",
+                              "trainer.max_steps=6"], run_dir))
+    assert record["status"] == "ok", record.get("error")
+    return run_dir
+
+
+def _predict_error(*args: str) -> str:
+    with pytest.raises(SystemExit) as err:
+        predict_main(list(args))
+    return str(err.value.code)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(trained, tmp_path):
+    """csv.DictReader keeps the last of two same-named columns: the first column's texts went
+    unread and the other column was predicted without a word."""
+    src = tmp_path / "two.csv"
+    src.write_text("text,text\ngreat superb film,awful boring mess\n")
+    out = tmp_path / "p.jsonl"
+    msg = _predict_error(str(trained), "--input", str(src), "--output", str(out))
+    assert "names the column(s) ['text'] more than once" in msg and "Fix:" in msg
+    assert not out.exists()
+
+
+def test_predict_does_not_write_over_its_input_file(trained, tmp_path):
+    src = tmp_path / "reviews.txt"
+    src.write_text("great film\nawful film\n")
+    msg = _predict_error(str(trained), "--input", str(src), "--output",
+                         str(tmp_path / "." / "reviews.txt"))
+    assert "is the input file" in msg and "reviews.preds.jsonl" in msg
+    assert src.read_text() == "great film\nawful film\n"
+
+
+@pytest.mark.parametrize("damage", ["{cut sho", "[1, 2]", '{"pipeline": "classify"}'])
+def test_a_run_whose_metrics_json_is_damaged_still_predicts(trained, tmp_path, damage):
+    """The stages' cards are the artefact: a metrics.json cut short, not an object or with a
+    malformed stage list (a bare JSONDecodeError / AttributeError before) does not stop it."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "metrics.json").write_text(damage)
+    (tmp_path / "in.txt").write_text("great film\n")
+    out = tmp_path / "p.jsonl"
+    predict_main([str(run_dir), "--input", str(tmp_path / "in.txt"), "--output", str(out)])
+    assert json.loads(out.read_text())["label"] in ("neg", "pos")
+
+
+def test_a_stage_folder_given_as_the_run_names_its_run(trained, tmp_path):
+    (tmp_path / "in.txt").write_text("great film\n")
+    msg = _predict_error(str(trained / "classify"), "--input", str(tmp_path / "in.txt"),
+                         "--output", str(tmp_path / "p.jsonl"))
+    assert "is the folder of stage 'classify', not a run folder" in msg
+    assert f"pass the run folder that holds it: {trained}" in msg
+
+
+def test_the_exported_tokenizer_cuts_long_texts_where_the_stage_did(trained, tmp_path):
+    """A Transformers user's ``truncation=True`` (as in ``pipeline(..., truncation=True)``)
+    cut at the tokenizer's model_max_length (512), not at the stage's max_length (128): texts
+    longer than 128 tokens got other probabilities than ftlab.load(...).predict."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = ["great " * 20 + "awful " * 280, "superb film"]
+    want = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
+                         for p in ftlab.load(trained).predict(texts)])
+    export_main([str(trained), "--to", "hf", "--output", str(tmp_path / "hf")])
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    got = []
+    for text in texts:  # one by one: no padding
+        with torch.no_grad():
+            got.append(model(**tok(text, truncation=True, return_tensors="pt")).logits
+                       .softmax(-1)[0])
+    torch.testing.assert_close(torch.stack(got), want, atol=1e-6, rtol=1e-5)
