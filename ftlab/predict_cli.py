@@ -62,15 +62,30 @@ def read_rows(path: Path, text_columns: list[str] | None,
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_one_value_per_key)
             except json.JSONDecodeError as err:
                 raise FtlabError(f"{path.name} line {n} is not valid JSON ({err.msg}).",
                                  "write one JSON object per line (JSON Lines).") from None
+            except _KeyTwice as err:  # json keeps the last value: the first would go unread
+                raise FtlabError(f"{path.name} line {n} names the key '{err}' more than once.",
+                                 "give each field of a row its own name.") from None
             if not isinstance(row, dict):
                 raise FtlabError(f"{path.name} line {n} is a JSON {type(row).__name__}, not an "
                                  "object.", 'write one object per line: {"text": "..."}.')
             rows.append(row)
     return rows, list(rows[0]) if rows else []
+
+
+class _KeyTwice(ValueError):
+    """A JSON object naming a key twice (the key is the message)."""
+
+
+def _one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise _KeyTwice(twice)
+    return dict(pairs)
 
 
 def _parquet(path: Path) -> tuple[list[dict], list[str]]:

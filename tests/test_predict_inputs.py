@@ -33,14 +33,20 @@ def _predict_error(*args: str) -> str:
     return str(err.value.code)
 
 
-def test_a_csv_header_naming_a_column_twice_is_refused(trained, tmp_path):
-    """csv.DictReader keeps the last of two same-named columns: the first column's texts went
-    unread and the other column was predicted without a word."""
-    src = tmp_path / "two.csv"
-    src.write_text("text,text\ngreat superb film,awful boring mess\n")
+@pytest.mark.parametrize(("name", "content", "said"), [
+    ("two.csv", "text,text\ngreat superb film,awful boring mess\n",
+     "names the column(s) ['text'] more than once"),
+    ("two.jsonl", '{"text": "great"}\n{"text": "great superb film", "text": "awful mess"}\n',
+     "line 2 names the key 'text' more than once")])
+def test_a_text_column_named_twice_is_refused(trained, tmp_path, name, content, said):
+    """csv.DictReader and json.loads keep the last of two same-named columns: the first
+    column's texts went unread and the other was predicted without a word (training's
+    readers refuse both)."""
+    src = tmp_path / name
+    src.write_text(content)
     out = tmp_path / "p.jsonl"
     msg = _predict_error(str(trained), "--input", str(src), "--output", str(out))
-    assert "names the column(s) ['text'] more than once" in msg and "Fix:" in msg
+    assert said in msg and "Fix:" in msg
     assert not out.exists()
 
 
