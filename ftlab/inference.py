@@ -7,6 +7,7 @@ probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
 from ftlab.run_folder import dropped_artefact, stage_card
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +70,7 @@ class Predictor:
         if isinstance(self.task, PredictsRows):  # e.g. stage=tokens: a tag per word
             return self.task.predict_rows(self.model, list(texts), batch_size)
         scores = self.scores(texts, batch_size)
+        self._say_cut(texts)
         if isinstance(self.task, PredictsNumbers):  # regression: the number per row
             return [{"value": v} for v in self.task.values(scores).tolist()]
         probs = (self.task.probabilities(self.model, scores)
@@ -99,6 +103,23 @@ class Predictor:
                 batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items()}
                 out[idx] = self.task.scores(self.model, batch).float().cpu()
         return out
+
+    def _say_cut(self, texts: list[Any]) -> None:
+        """Log how many rows are longer than the stage's ``max_length`` tokens: they are cut to
+        fit (as in training), which a prediction alone does not show."""
+        from ftlab.tasks.base import as_text
+
+        limit = getattr(self.task, "max_length", None)
+        if not isinstance(limit, int):
+            return
+        columns = self._columns(texts)
+        ids = self.tokenizer(*[[as_text(t) for t in columns[c]] for c in self.text_columns],
+                             verbose=False)["input_ids"]
+        cut = sum(len(row) > limit for row in ids)
+        if cut:
+            log.warning("%d of %d row(s) are longer than the stage's max_length (%d tokens) "
+                        "and were cut to fit it, as in training: the model did not see their "
+                        "ends.", cut, len(texts), limit)
 
     def _check_predicts(self) -> None:
         """A language-model stage (TAPT/DAPT: stage=mlm or clm) loads, but has no classes."""

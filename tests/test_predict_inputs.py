@@ -100,3 +100,15 @@ def test_the_exported_tokenizer_cuts_long_texts_where_the_stage_did(trained, tmp
             got.append(model(**tok(text, truncation=True, return_tensors="pt")).logits
                        .softmax(-1)[0])
     torch.testing.assert_close(torch.stack(got), want, atol=1e-6, rtol=1e-5)
+
+
+def test_predict_says_how_many_rows_were_cut_at_max_length(trained, caplog):
+    """Rows past the stage's max_length are cut (as in training): the prediction alone does not
+    show it, so predict says how many."""
+    texts = ["great film", "great " * 300, "film " * 126]  # [CLS] + 126 + [SEP]: not cut
+    with caplog.at_level("WARNING", logger="ftlab.inference"):
+        preds = ftlab.load(trained).predict(texts)
+    assert len(preds) == 3
+    said = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
+    assert said == ["1 of 3 row(s) are longer than the stage's max_length (128 tokens) and were "
+                    "cut to fit it, as in training: the model did not see their ends."]
