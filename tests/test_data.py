@@ -82,6 +82,23 @@ def test_a_declared_label_no_training_row_has_is_warned_about(tmp_path, caplog):
     assert "no training row" not in caplog.text
 
 
+def test_a_drop_label_no_row_has_is_warned_about(tmp_path, caplog):
+    """data.drop_labels=[1] on a number column (labels read '0.0', '1.0') or a misspelt label
+    dropped nothing without a word; the warning names it and the labels the data has."""
+    rows = [{**r, "label": 1.0 if r["label"] == "pos" else 0.0} for r in synthetic_rows(300, 0)]
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        raw = load_raw(spec_for(tmp_path, rows, drop_labels=[1, "Plot"]))
+    assert raw.labels == ["0.0", "1.0"]
+    assert re.search(r"data.drop_labels lists \['1', 'Plot'\], which no row has in column "
+                     r"'label' \(its labels: \['0.0', '1.0'\]\): nothing is dropped for them",
+                     caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        load_raw(spec_for(tmp_path, synthetic_rows(200, 0) + [
+            {"text": "synopsis", "label": "plot", "group": "p"}] * 30, drop_labels=["plot"]))
+    assert "drop_labels" not in caplog.text
+
+
 def test_label_outside_declared_set_is_named(tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)outside the label set.*Fix: add them to data.lab"):
         load_raw(spec_for(tmp_path, labels=["pos", "negative"]))
