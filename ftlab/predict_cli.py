@@ -19,9 +19,9 @@ from ftlab.writable import check_output
 
 def read_rows(path: Path, text_columns: list[str] | None,
               delimiter: str | None = None) -> tuple[list[Any], list[str]]:
-    """Rows of a ``.csv``/``.tsv``, ``.jsonl``, ``.parquet`` or ``.txt`` (one text per line;
-    every line is a row, an empty one too, so the output lines up with the input) file, as
-    dicts (or strings for ``.txt``), and the columns found."""
+    """Rows of a ``.csv``/``.tsv``, ``.jsonl`` (or a ``.json`` array), ``.parquet`` or ``.txt``
+    (one text per line; every line is a row, an empty one too, so the output lines up with the
+    input) file, as dicts (or strings for ``.txt``), and the columns found."""
     if not path.is_file():
         raise FtlabError(f"There is no input file {path}.",
                          "pass --input FILE.{csv,jsonl,parquet,txt}.")
@@ -38,6 +38,8 @@ def read_rows(path: Path, text_columns: list[str] | None,
                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
     if suffix == ".txt":
         return _lines(text), ["text"]
+    if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array, as training reads
+        return _json_array(text, path.name)
     if suffix in (".csv", ".tsv"):
         import csv
 
@@ -73,6 +75,23 @@ def read_rows(path: Path, text_columns: list[str] | None,
                 raise FtlabError(f"{path.name} line {n} is a JSON {type(row).__name__}, not an "
                                  "object.", 'write one object per line: {"text": "..."}.')
             rows.append(row)
+    return rows, list(rows[0]) if rows else []
+
+
+def _json_array(text: str, name: str) -> tuple[list[dict], list[str]]:
+    """The rows of a ``.json`` file holding one array of objects."""
+    try:
+        rows = json.loads(text, object_pairs_hook=_one_value_per_key)
+    except json.JSONDecodeError as err:
+        raise FtlabError(f"{name} is not valid JSON ({err.msg}, line {err.lineno}).",
+                         "write one array of objects, or one JSON object per line.") from None
+    except _KeyTwice as err:
+        raise FtlabError(f"{name} has an object naming the key '{err}' more than once.",
+                         "give each field of a row its own name.") from None
+    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise FtlabError(f"{name} item {bad} is a JSON {type(rows[bad - 1]).__name__}, not an "
+                         "object.", 'write one object per row: [{"text": "..."}, ...].')
     return rows, list(rows[0]) if rows else []
 
 

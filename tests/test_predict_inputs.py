@@ -112,3 +112,21 @@ def test_predict_says_how_many_rows_were_cut_at_max_length(trained, caplog):
     said = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
     assert said == ["1 of 3 row(s) are longer than the stage's max_length (128 tokens) and were "
                     "cut to fit it, as in training: the model did not see their ends."]
+
+
+def test_a_json_array_file_training_reads_is_predicted_too(trained, tmp_path):
+    """Training reads a .json file holding one array of objects (pretty-printed or not);
+    ftlab-predict refused the same file ('line 1 is a JSON list')."""
+    rows = [{"text": "great superb film", "id": 1}, {"text": "awful boring mess", "id": 2}]
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps(rows, indent=2))
+    out = tmp_path / "p.jsonl"
+    predict_main([str(trained), "--input", str(src), "--output", str(out)])
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    want = ftlab.load(trained).predict([r["text"] for r in rows])
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["probs"] == pytest.approx(w["probs"], abs=1e-6)
+    src.write_text(json.dumps([rows[0], "not an object"]))
+    assert "rows.json item 2 is a JSON str, not an object" in _predict_error(
+        str(trained), "--input", str(src), "--output", str(out))
