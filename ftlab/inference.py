@@ -246,7 +246,14 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)
     with _untrained_head_report_off():  # the trained head is loaded just below
         model, peft, _, _ = builder.model(spec, upstream)
-    peft.load_trainable_state(model, load_tensors(stage_dir / TRAINABLE))
+    try:
+        tensors = load_tensors(stage_dir / TRAINABLE)
+    except Exception as err:  # noqa: BLE001 - SafetensorError (cut short, not safetensors), OSError
+        why = str(err) or type(err).__name__
+        raise FtlabError(f"Stage '{name}' has a damaged {TRAINABLE} ({why}): cut short or not "
+                         "a safetensors file.", "copy the run folder again from where it was "
+                         "made (whole), or run the stage again.") from None
+    peft.load_trainable_state(model, tensors)
     return model, peft, task
 
 

@@ -130,3 +130,29 @@ def test_a_json_array_file_training_reads_is_predicted_too(trained, tmp_path):
     src.write_text(json.dumps([rows[0], "not an object"]))
     assert "rows.json item 2 is a JSON str, not an object" in _predict_error(
         str(trained), "--input", str(src), "--output", str(out))
+
+
+@pytest.mark.parametrize(("name", "damage", "said"), [
+    ("card.json", '{"format": 1, "stage": {"na', "card.json is damaged (not readable JSON"),
+    ("card.json", "[]", "card.json is damaged (a JSON list, not an object)"),
+    ("card.json", '{"format": 1}', "card.json is damaged (its stage does not read"),
+    ("trainable.safetensors", None, "has a damaged trainable.safetensors")])
+def test_a_damaged_stage_file_is_named_with_the_fix(trained, tmp_path, name, damage, said):
+    """A run folder copied in part (a file cut short) or edited ended in a bare
+    JSONDecodeError / AttributeError / SafetensorError traceback from predict and export."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    path = run_dir / "classify" / name
+    if damage is None:  # cut short, as an interrupted copy leaves it
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.write_text(damage)
+    (tmp_path / "in.txt").write_text("great film\n")
+    msg = _predict_error(str(run_dir), "--input", str(tmp_path / "in.txt"), "--output",
+                         str(tmp_path / "p.jsonl"))
+    assert said in msg and "Fix: copy the run folder again" in msg
+    with pytest.raises(SystemExit) as err:
+        export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert said in str(err.value.code)
