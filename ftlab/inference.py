@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 TRAINABLE = "trainable.safetensors"
+#: the fix for a stage file that is missing or damaged (a run folder copied in part)
+DAMAGED_FIX = "copy the run folder again from where it was made (whole), or run the stage again."
 
 
 @dataclass
@@ -227,7 +229,15 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
                              "load the job that kept it, or re-run with save_artefact=all.")
         raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
                          "re-run it with save_artefact: true.")
-    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
+    if not (stage_dir / TOKENIZER).is_dir():
+        raise FtlabError(f"Stage '{name}' has no {TOKENIZER}/ folder ({stage_dir / TOKENIZER}).",
+                         DAMAGED_FIX)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
+    except Exception as err:  # noqa: BLE001 - OSError, JSON and tokenizers' own errors
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FtlabError(f"Stage '{name}' has a damaged {TOKENIZER}/ folder ({said}).",
+                         DAMAGED_FIX) from None
     if "model_type" in spec.model.config:  # as training's load_tokenizer (GPT-2: no segment ids)
         from ftlab.model.tokenizer_fit import configure_tokenizer
 
@@ -251,8 +261,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     except Exception as err:  # noqa: BLE001 - SafetensorError (cut short, not safetensors), OSError
         why = str(err) or type(err).__name__
         raise FtlabError(f"Stage '{name}' has a damaged {TRAINABLE} ({why}): cut short or not "
-                         "a safetensors file.", "copy the run folder again from where it was "
-                         "made (whole), or run the stage again.") from None
+                         "a safetensors file.", DAMAGED_FIX) from None
     peft.load_trainable_state(model, tensors)
     return model, peft, task
 

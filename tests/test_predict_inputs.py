@@ -136,10 +136,13 @@ def test_a_json_array_file_training_reads_is_predicted_too(trained, tmp_path):
     ("card.json", '{"format": 1, "stage": {"na', "card.json is damaged (not readable JSON"),
     ("card.json", "[]", "card.json is damaged (a JSON list, not an object)"),
     ("card.json", '{"format": 1}', "card.json is damaged (its stage does not read"),
-    ("trainable.safetensors", None, "has a damaged trainable.safetensors")])
+    ("trainable.safetensors", None, "has a damaged trainable.safetensors"),
+    ("tokenizer/tokenizer.json", "{cut", "has a damaged tokenizer/ folder"),
+    ("tokenizer", "", "has no tokenizer/ folder")])
 def test_a_damaged_stage_file_is_named_with_the_fix(trained, tmp_path, name, damage, said):
-    """A run folder copied in part (a file cut short) or edited ended in a bare
-    JSONDecodeError / AttributeError / SafetensorError traceback from predict and export."""
+    """A run folder copied in part (a file cut short, a folder missing) or edited ended in a
+    bare JSONDecodeError / AttributeError / SafetensorError / OSError traceback from predict
+    and export."""
     import shutil
 
     run_dir = tmp_path / "run"
@@ -147,6 +150,8 @@ def test_a_damaged_stage_file_is_named_with_the_fix(trained, tmp_path, name, dam
     path = run_dir / "classify" / name
     if damage is None:  # cut short, as an interrupted copy leaves it
         path.write_bytes(path.read_bytes()[:100])
+    elif path.is_dir():  # not copied at all
+        shutil.rmtree(path)
     else:
         path.write_text(damage)
     (tmp_path / "in.txt").write_text("great film\n")
