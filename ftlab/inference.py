@@ -248,6 +248,10 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
     if spec.init_from != "pretrained":
+        from ftlab.store import check_name
+
+        check_name(spec.init_from, f"The card of stage '{name}' names the stage it started "
+                   "from", f"the card is damaged or not ftlab's: {DAMAGED_FIX}")
         if not (run_dir / spec.init_from).is_dir():  # rebuilt first, as in training
             raise FtlabError(f"Stage '{name}' starts from stage '{spec.init_from}', whose folder "
                              f"{run_dir / spec.init_from} is missing: the run folder is "

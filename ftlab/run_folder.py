@@ -12,9 +12,11 @@ from ftlab.errors import FtlabError, choices_text, closest
 def stage_names(run_dir: Path) -> list[str]:
     """The run's stages in pipeline order (``metrics.json``), else every folder with a card."""
     from ftlab.artefact import CARD
+    from ftlab.store import SAFE_NAME
 
     names = run_record(run_dir).get("pipeline")  # {} for a metrics.json cut short or not JSON
-    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+    if isinstance(names, list) and names and all(  # names become paths: never '..' or '/'
+            isinstance(n, str) and SAFE_NAME.fullmatch(n) and ".." not in n for n in names):
         return names
     return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
 

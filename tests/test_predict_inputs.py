@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ftlab
+from ftlab.errors import FtlabError
 from ftlab.export import main as export_main
 from ftlab.predict_cli import main as predict_main
 from ftlab.run import run
@@ -161,3 +162,25 @@ def test_a_damaged_stage_file_is_named_with_the_fix(trained, tmp_path, name, dam
     with pytest.raises(SystemExit) as err:
         export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
     assert said in str(err.value.code)
+
+
+def test_stage_names_read_from_a_run_folder_never_leave_it(trained, tmp_path):
+    """A run folder is untrusted input: a stage name in its metrics.json or an init_from in a
+    card with '..' loaded a stage from outside the run (here one whose labels are swapped)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    outside = tmp_path / "outside"
+    shutil.copytree(trained / "classify", outside)
+    card = json.loads((outside / "card.json").read_text())
+    (outside / "card.json").write_text(json.dumps({**card, "labels": ["pos", "neg"]}))
+    record = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**record, "pipeline": ["../outside"]}))
+    assert ftlab.load(run_dir).labels == ["neg", "pos"]  # the run's own stage
+    card = json.loads((run_dir / "classify" / "card.json").read_text())
+    card["stage"]["init_from"] = "../outside"
+    (run_dir / "classify" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(FtlabError, match=r"(?s)names the stage it started from "
+                       r"'\.\./outside' cannot be used.*Fix: the card is damaged"):
+        ftlab.load(run_dir)
