@@ -59,11 +59,13 @@ class Predictor:
         (regression, ``stage=regression``: ``{"value": number}``).
 
         ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
-        column, or dicts keyed by the text columns.
+        column, or dicts keyed by the text columns; a list, or any sequence or iterable of them
+        (a pandas Series, a numpy array, a generator).
         """
         from ftlab.tasks.base import PredictsNumbers, PredictsRows, ProbabilitiesFromScores
 
         self._check_predicts()
+        texts = _as_rows(texts)
         if batch_size < 1:
             raise FtlabError(f"batch_size must be at least 1, got {batch_size}.",
                              "pass a positive --batch-size (default 64).")
@@ -90,6 +92,7 @@ class Predictor:
         from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
         self._check_predicts()
+        texts = _as_rows(texts)
         if not texts:
             return torch.empty(0, len(self.labels))
         columns = self._columns(texts)
@@ -152,6 +155,17 @@ class Predictor:
             raise FtlabError(f"The stage reads {len(cols)} texts per row ({cols}); got plain "
                              "strings.", "pass tuples or dicts with one text per column.")
         return {cols[0]: list(texts)}
+
+
+def _as_rows(texts: Any) -> list[Any]:
+    """``texts`` as a list of rows: a pandas Series or numpy array (whose truth value is
+    ambiguous) through ``tolist``, any other iterable through ``list``; one string is refused
+    (it would be read character by character)."""
+    if isinstance(texts, str):
+        cut = "..." if len(texts) > 40 else ""
+        raise FtlabError(f"predict takes a list of texts, got one string ({texts[:40]!r}{cut}): "
+                         "each character would be a row.", "pass a list: predict([text]).")
+    return texts.tolist() if hasattr(texts, "tolist") else list(texts)
 
 
 def run_parser(prog: str, doc: str | None) -> Any:

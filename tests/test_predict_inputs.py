@@ -184,3 +184,21 @@ def test_stage_names_read_from_a_run_folder_never_leave_it(trained, tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)names the stage it started from "
                        r"'\.\./outside' cannot be used.*Fix: the card is damaged"):
         ftlab.load(run_dir)
+
+
+def test_predict_takes_a_series_an_array_or_a_generator_and_refuses_one_string(trained):
+    """df['text'] or a numpy array raised numpy's 'truth value ... is ambiguous', a generator
+    'not subscriptable'; one string was predicted character by character (10 rows)."""
+    import numpy as np
+    import pandas as pd
+
+    model = ftlab.load(trained)
+    texts = ["great superb film", "awful boring mess"]
+    want = model.predict(texts)
+    for given in (pd.Series(texts), np.array(texts), (t for t in texts), tuple(texts)):
+        got = model.predict(given)
+        assert [g["probs"] for g in got] == [w["probs"] for w in want], type(given)
+    assert model.predict(pd.Series([], dtype=str)) == []
+    assert model.scores(pd.Series(texts)).shape == (2, 2)
+    with pytest.raises(FtlabError, match=r"(?s)got one string \('great film'\).*predict\(\[text"):
+        model.predict("great film")
