@@ -158,13 +158,16 @@ class Predictor:
 
 
 def _as_rows(texts: Any) -> list[Any]:
-    """``texts`` as a list of rows: a pandas Series or numpy array (whose truth value is
-    ambiguous) through ``tolist``, any other iterable through ``list``; one string is refused
-    (it would be read character by character)."""
+    """``texts`` as a list of rows: a pandas DataFrame as dicts by column (iterating one gives
+    its column names), a Series or numpy array (whose truth value is ambiguous) through
+    ``tolist``, any other iterable through ``list``; one string is refused (it would be read
+    character by character)."""
     if isinstance(texts, str):
         cut = "..." if len(texts) > 40 else ""
         raise FtlabError(f"predict takes a list of texts, got one string ({texts[:40]!r}{cut}): "
                          "each character would be a row.", "pass a list: predict([text]).")
+    if hasattr(texts, "columns") and hasattr(texts, "to_dict"):  # a DataFrame
+        return texts.to_dict("records")
     return texts.tolist() if hasattr(texts, "tolist") else list(texts)
 
 

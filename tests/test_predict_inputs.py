@@ -188,7 +188,8 @@ def test_stage_names_read_from_a_run_folder_never_leave_it(trained, tmp_path):
 
 def test_predict_takes_a_series_an_array_or_a_generator_and_refuses_one_string(trained):
     """df['text'] or a numpy array raised numpy's 'truth value ... is ambiguous', a generator
-    'not subscriptable'; one string was predicted character by character (10 rows)."""
+    'not subscriptable'; a DataFrame predicted its column names, and one string character by
+    character (10 rows)."""
     import numpy as np
     import pandas as pd
 
@@ -198,6 +199,8 @@ def test_predict_takes_a_series_an_array_or_a_generator_and_refuses_one_string(t
     for given in (pd.Series(texts), np.array(texts), (t for t in texts), tuple(texts)):
         got = model.predict(given)
         assert [g["probs"] for g in got] == [w["probs"] for w in want], type(given)
+    frame = pd.DataFrame({"id": [1, 2], "text": texts})  # list(frame): its column names
+    assert [g["probs"] for g in model.predict(frame)] == [w["probs"] for w in want]
     assert model.predict(pd.Series([], dtype=str)) == []
     assert model.scores(pd.Series(texts)).shape == (2, 2)
     with pytest.raises(FtlabError, match=r"(?s)got one string \('great film'\).*predict\(\[text"):
