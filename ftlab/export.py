@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--to", choices=["hf"], default="hf", help="the format (Transformers)")
     parser.add_argument("--output", type=Path, required=True, help="the folder to write")
     args = parser.parse_args(argv)
+    args.output = args.output.expanduser()  # --output=~/x: no shell expands that ~
     quiet_loading()
     try:
         export_hf(args.run_dir, args.output, args.stage, args.allow_targets)

@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=_positive, default=64,
                         help="rows per batch, length-bucketed (default: 64)")
     args = parser.parse_args(argv)
+    # --input=~/x.csv: no shell expands a ~ after '='
+    args.input, args.output = args.input.expanduser(), args.output.expanduser()
     quiet_loading()
     try:
         check_output(args.output.parent)  # before the work, not in a traceback after it

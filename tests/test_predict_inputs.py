@@ -205,3 +205,17 @@ def test_predict_takes_a_series_an_array_or_a_generator_and_refuses_one_string(t
     assert model.scores(pd.Series(texts)).shape == (2, 2)
     with pytest.raises(FtlabError, match=r"(?s)got one string \('great film'\).*predict\(\[text"):
         model.predict("great film")
+
+
+def test_a_tilde_in_input_and_output_is_the_home_folder(trained, tmp_path, monkeypatch):
+    """``--output=~/p.jsonl`` (no shell expands a ~ after '=') wrote into a folder named '~'
+    under the current one, and ``--input=~/x.txt`` was 'no input file'; the run folder's ~
+    was expanded already."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "in.txt").write_text("great film\n")
+    predict_main([str(trained), "--input=~/in.txt", "--output=~/p.jsonl"])
+    assert (tmp_path / "home" / "p.jsonl").is_file() and not (tmp_path / "~").exists()
+    export_main([str(trained), "--to", "hf", "--output=~/hf"])
+    assert (tmp_path / "home" / "hf" / "config.json").is_file() and not (tmp_path / "~").exists()
