@@ -99,6 +99,16 @@ def test_a_drop_label_no_row_has_is_warned_about(tmp_path, caplog):
     assert "drop_labels" not in caplog.text
 
 
+def test_text_columns_naming_the_label_or_one_column_twice_are_refused(tmp_path):
+    """data.text_columns=[label] trained on the labels themselves (a perfect score that means
+    nothing) and [text, text] on pairs of one text, without a word."""
+    with pytest.raises(FtlabError, match=r"(?s)includes the label column 'label': the model "
+                                         r"would read its label.*Fix: set data.text_columns"):
+        load_raw(spec_for(tmp_path, text_columns=["label"]))
+    with pytest.raises(FtlabError, match=r"(?s)names 'text' twice.*Fix: name it once"):
+        load_raw(spec_for(tmp_path, text_columns=["text", "text"]))
+
+
 def test_label_outside_declared_set_is_named(tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)outside the label set.*Fix: add them to data.lab"):
         load_raw(spec_for(tmp_path, labels=["pos", "negative"]))

@@ -231,6 +231,14 @@ def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
         raise FtlabError(f"data.text_columns must name one or two columns, got "
                          f"{list(spec.text_columns)}.", "e.g. data.text_columns=[text] or "
                          "data.text_columns=[premise,hypothesis].")
+    if len(set(spec.text_columns)) < len(spec.text_columns):  # a pair of one text twice
+        raise FtlabError(f"data.text_columns names '{spec.text_columns[0]}' twice.",
+                         "name it once, or the two columns of a sentence pair.")
+    if spec.label_column in spec.text_columns:  # the model would read the answer
+        raise FtlabError(f"data.text_columns {list(spec.text_columns)} includes the label "
+                         f"column '{spec.label_column}': the model would read its label.",
+                         "set data.text_columns to the column(s) that hold the text, or "
+                         "data.label_column to the one that holds the labels.")
     for split, ds in dsd.items():
         missing = [c for c in wanted if c not in ds.column_names]
         if missing:
