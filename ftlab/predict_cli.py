@@ -51,6 +51,12 @@ def read_rows(path: Path, text_columns: list[str] | None,
             raise FtlabError(f"The header of {path.name} names the column(s) {twice} more than "
                              "once.", "give every column its own name.")
         rows = list(reader)
+        extra = next((n for n, row in enumerate(rows, 1) if None in row), None)
+        if extra is not None:  # a text would be read cut at its first separator
+            raise FtlabError(f"{path.name} row {extra} has more fields than its header "
+                             f"({len(header)}): a separator inside an unquoted text splits it, "
+                             "so the text read would be cut short.", "quote texts that hold "
+                             'the separator ("good, not great"), or pass it with --delimiter.')
         for n, row in enumerate(rows, 1) if suffix == ".tsv" else ():
             merged = next((c for c, v in row.items() if isinstance(v, str) and "\t" in v), None)
             if merged is not None:  # a field opening with a quote swallowed the rows after it

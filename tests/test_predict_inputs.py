@@ -219,3 +219,13 @@ def test_a_tilde_in_input_and_output_is_the_home_folder(trained, tmp_path, monke
     assert (tmp_path / "home" / "p.jsonl").is_file() and not (tmp_path / "~").exists()
     export_main([str(trained), "--to", "hf", "--output=~/hf"])
     assert (tmp_path / "home" / "hf" / "config.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_csv_row_with_more_fields_than_its_header_is_refused(trained, tmp_path):
+    """An unquoted comma in a text split it: 'good, not great' was predicted as 'good' (the
+    rest went to an unnamed extra field), silently; training's reader refuses such rows."""
+    src = tmp_path / "in.csv"
+    src.write_text('id,text\n1,"fine, really"\n2,good, not great\n')
+    msg = _predict_error(str(trained), "--input", str(src), "--output", str(tmp_path / "p.jsonl"))
+    assert "in.csv row 2 has more fields than its header (2)" in msg
+    assert "Fix: quote texts that hold the separator" in msg
