@@ -140,11 +140,13 @@ class Predictor:
     def _columns(self, texts: list[Any]) -> dict[str, list[str]]:
         cols = self.text_columns
         if texts and isinstance(texts[0], dict):
-            missing = [c for c in cols if c not in texts[0]]
-            if missing:
-                raise FtlabError(f"The rows have no column {missing[0]!r} (they have "
-                                 f"{choices_text(texts[0])}).", "pass the stage's text columns: "
-                                 f"{', '.join(cols)} (ftlab-predict: --text-column).")
+            for n, row in enumerate(texts, 1):  # every row: a later one may lack a column
+                missing = [c for c in cols if not isinstance(row, dict) or c not in row]
+                if missing:
+                    has = choices_text(row) if isinstance(row, dict) else type(row).__name__
+                    raise FtlabError(f"Row {n} has no column {missing[0]!r} (it has {has}).",
+                                     f"pass the stage's text columns: {', '.join(cols)} "
+                                     "(ftlab-predict: --text-column).")
             return {c: [r[c] for r in texts] for c in cols}
         if texts and isinstance(texts[0], list | tuple):
             if any(len(t) != len(cols) for t in texts):

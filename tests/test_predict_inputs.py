@@ -229,3 +229,11 @@ def test_a_csv_row_with_more_fields_than_its_header_is_refused(trained, tmp_path
     msg = _predict_error(str(trained), "--input", str(src), "--output", str(tmp_path / "p.jsonl"))
     assert "in.csv row 2 has more fields than its header (2)" in msg
     assert "Fix: quote texts that hold the separator" in msg
+
+
+def test_a_later_dict_row_without_the_text_column_is_named(trained):
+    """Only the first row's columns were checked: a later row without one was a bare
+    KeyError."""
+    with pytest.raises(FtlabError, match=r"(?s)Row 2 has no column 'text' \(it has review\)"
+                                         r".*Fix: pass the stage's text columns: text"):
+        ftlab.load(trained).predict([{"text": "great film"}, {"review": "awful"}])
