@@ -118,10 +118,21 @@ def test_labels_differing_only_in_spaces_or_case_are_refused(tmp_path):
     rows = synthetic_rows(200, 0)
     rows[3] = {**rows[3], "label": rows[3]["label"] + " "}  # an untrimmed csv cell
     with pytest.raises(FtlabError,
-                       match=r"(?s)differ only in case or spaces.*Fix: clean the label"):
+                       match=r"(?s)differ only in case, spaces or Unicode form.*Fix: clean the"):
         load_raw(spec_for(tmp_path, rows))
     rows[3] = {**rows[3], "label": rows[3]["label"].strip().upper()}
-    with pytest.raises(FtlabError, match=r"differ only in case or spaces"):
+    with pytest.raises(FtlabError, match=r"differ only in case, spaces"):
+        load_raw(spec_for(tmp_path, rows))
+
+
+def test_labels_differing_only_in_unicode_form_are_refused(tmp_path):
+    """'café' composed and 'cafe' + a combining accent (macOS's form) look alike and trained
+    as two classes without a word."""
+    rows = [{**r, "label": "caf\u00e9" if r["label"] == "pos" else "bad"}
+            for r in synthetic_rows(200, 0)]
+    rows[3] = {**rows[3], "label": "cafe\u0301"}
+    with pytest.raises(FtlabError, match=r"(?s)'caf.+' and 'caf.+', which differ only in case, "
+                                         r"spaces or Unicode form"):
         load_raw(spec_for(tmp_path, rows))
 
 

@@ -115,14 +115,18 @@ def _warn_unmatched(dsd: DatasetDict, col: str, drop: set[str], as_str: Callable
 
 
 def _refuse_near_duplicates(labels: list[str], col: str) -> None:
-    """Inferred labels that differ only in case or surrounding spaces ("pos" and "pos ", an
-    untrimmed csv cell) would train as separate classes: refused, naming them."""
+    """Inferred labels that differ only in case, surrounding spaces ("pos" and "pos ", an
+    untrimmed csv cell) or Unicode form ("café" composed, or as "e" + a combining accent, as
+    macOS writes it) would train as separate classes: refused, naming them."""
+    import unicodedata
+
     seen: dict[str, str] = {}
     for name in labels:
-        key = name.strip().casefold()
+        key = unicodedata.normalize("NFKC", name).strip().casefold()
         if key in seen:
             raise FtlabError(f"Column '{col}' has labels {seen[key]!r} and {name!r}, which differ "
-                             "only in case or spaces: they would train as two classes.",
+                             "only in case, spaces or Unicode form: they would train as two "
+                             "classes.",
                              "clean the label column, or list the classes in data.labels and "
                              "drop the variants with data.drop_labels.")
         seen[key] = name
