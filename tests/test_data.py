@@ -109,6 +109,24 @@ def test_text_columns_naming_the_label_or_one_column_twice_are_refused(tmp_path)
         load_raw(spec_for(tmp_path, text_columns=["text", "text"]))
 
 
+def test_labelled_rows_without_text_are_counted_in_a_warning(tmp_path, caplog):
+    """A labelled row whose text is null, empty or spaces trained (and was scored) as an empty
+    text without a word; unlabelled text (MLM, CLM) is not warned about."""
+    rows = synthetic_rows(300, 0)
+    rows[1], rows[2] = {**rows[1], "text": None}, {**rows[2], "text": "  "}
+    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+        raw = load_raw(spec_for(tmp_path, rows, split_fractions=[1.0, 0.0, 0.0],
+                                splits={"train": "train"}))
+    assert len(raw.splits["train"]) == 300  # kept, as said
+    assert "2 of 300 rows of the train split have no text in column 'text' (null, empty or " \
+           "spaces)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+        load_raw(spec_for(tmp_path, rows, label_column=None))
+        load_raw(spec_for(tmp_path))
+    assert "no text" not in caplog.text
+
+
 def test_label_outside_declared_set_is_named(tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)outside the label set.*Fix: add them to data.lab"):
         load_raw(spec_for(tmp_path, labels=["pos", "negative"]))
