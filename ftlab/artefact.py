@@ -73,10 +73,12 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
     return stage, labels
 
 
+#: the fix for a stage file that is missing or damaged (a run folder copied in part)
+DAMAGED_FIX = "copy the run folder again from where it was made (whole), or run the stage again."
+
+
 def _damaged(path: Path, why: str) -> FtlabError:
-    return FtlabError(f"The stage card {path} is damaged ({why}).",
-                      "copy the run folder again from where it was made (whole), or run the "
-                      "stage again.")
+    return FtlabError(f"The stage card {path} is damaged ({why}).", DAMAGED_FIX)
 
 
 #: the run-level ``save_artefact``: which jobs keep full-size artefacts (PEFT ones always stay)

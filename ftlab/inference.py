@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 TRAINABLE = "trainable.safetensors"
-#: the fix for a stage file that is missing or damaged (a run folder copied in part)
-DAMAGED_FIX = "copy the run folder again from where it was made (whole), or run the stage again."
 
 
 @dataclass
@@ -235,7 +233,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     ``init_from`` stage is rebuilt first and handed over as in training."""
     from transformers import AutoTokenizer
 
-    from ftlab.artefact import TOKENIZER, read_stage_card
+    from ftlab.artefact import DAMAGED_FIX, TOKENIZER, read_stage_card
     from ftlab.store import load_tensors
 
     stage_dir = run_dir / name
