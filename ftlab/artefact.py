@@ -44,19 +44,41 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
         raise FtlabError(f"{stage_dir} has no {CARD} (written by ftlab since predict/export "
                          "came in; save_artefact: false writes none).",
                          "re-run the stage with this version and save_artefact: true.")
-    card = read_json(path)
+    try:
+        card = read_json(path)
+    except (OSError, ValueError) as err:  # cut short (a partial copy), not JSON
+        raise _damaged(path, f"not readable JSON: {err}") from None
+    if not isinstance(card, dict):
+        raise _damaged(path, f"a JSON {type(card).__name__}, not an object")
     if card.get("format") != CARD_FORMAT:
         raise FtlabError(f"{path} has format {card.get('format')}; this ftlab reads "
                          f"{CARD_FORMAT}.", "use the ftlab version that wrote the run.")
-    s = dict(card["stage"])
     from ftlab.pipeline import SubTask
 
-    s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
-          "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
-          "runtime": RuntimeSpec(**s.get("runtime", {})),
-          "subtasks": tuple(SubTask(**(t | {"data": DataSpec(**t["data"])}))
-                            for t in s.get("subtasks") or ())}
-    return ResolvedStage(**s), card.get("labels")
+    try:
+        s = dict(card["stage"])
+        s |= {"model": ModelSpec(**s["model"]), "data": DataSpec(**s["data"]),
+              "optim": OptimSpec(**s["optim"]), "teachers": tuple(s.get("teachers", ())),
+              "runtime": RuntimeSpec(**s.get("runtime", {})),
+              "subtasks": tuple(SubTask(**(t | {"data": DataSpec(**t["data"])}))
+                                for t in s.get("subtasks") or ())}
+        stage = ResolvedStage(**s)
+    except (KeyError, TypeError, ValueError) as err:  # a key missing, renamed or of a wrong type
+        raise _damaged(path, f"its stage does not read as one ({type(err).__name__}: {err})") \
+            from None
+    labels = card.get("labels")
+    if labels is not None and not (isinstance(labels, list)
+                                   and all(isinstance(x, str) for x in labels)):
+        raise _damaged(path, f"its labels {labels!r} are not a list of names")
+    return stage, labels
+
+
+#: the fix for a stage file that is missing or damaged (a run folder copied in part)
+DAMAGED_FIX = "copy the run folder again from where it was made (whole), or run the stage again."
+
+
+def _damaged(path: Path, why: str) -> FtlabError:
+    return FtlabError(f"The stage card {path} is damaged ({why}).", DAMAGED_FIX)
 
 
 #: the run-level ``save_artefact``: which jobs keep full-size artefacts (PEFT ones always stay)

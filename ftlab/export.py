@@ -15,6 +15,9 @@ from ftlab.peft.base import Mergeable, NotMergeable, SavesArtefact
 
 #: exit status when DIR holds a PEFT folder rather than a plain Transformers model
 PEFT_FOLDER = 3
+#: models whose tokenised input is the text alone, cut at the task's ``max_length`` (a cloze or
+#: text2text stage's input is a pattern around a text: its limit is not the tokenizer's)
+_WHOLE_INPUT = ("ForSequenceClassification", "ForTokenClassification")
 
 
 def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
@@ -49,6 +52,9 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
     if hasattr(model, "aux_mlm_head"):  # stage.aux_mlm_weight's training-only MLM head, whose
         del model.aux_mlm_head           # decoder is tied to the embeddings: save_pretrained fails
     model.save_pretrained(str(output))
+    length = getattr(p.task, "max_length", None)
+    if isinstance(length, int) and type(model).__name__.endswith(_WHOLE_INPUT):
+        p.tokenizer.model_max_length = length  # truncation=True then cuts where training did
     p.tokenizer.save_pretrained(str(output))
     return output
 
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--to", choices=["hf"], default="hf", help="the format (Transformers)")
     parser.add_argument("--output", type=Path, required=True, help="the folder to write")
     args = parser.parse_args(argv)
+    args.output = args.output.expanduser()  # --output=~/x: no shell expands that ~
     quiet_loading()
     try:
         export_hf(args.run_dir, args.output, args.stage, args.allow_targets)

@@ -7,6 +7,7 @@ probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
 from ftlab.run_folder import dropped_artefact, stage_card
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -54,11 +57,13 @@ class Predictor:
         (regression, ``stage=regression``: ``{"value": number}``).
 
         ``texts``: strings, or (for a sentence-pair stage) tuples/lists of one string per text
-        column, or dicts keyed by the text columns.
+        column, or dicts keyed by the text columns; a list, or any sequence or iterable of them
+        (a pandas Series, a numpy array, a generator).
         """
         from ftlab.tasks.base import PredictsNumbers, PredictsRows, ProbabilitiesFromScores
 
         self._check_predicts()
+        texts = _as_rows(texts)
         if batch_size < 1:
             raise FtlabError(f"batch_size must be at least 1, got {batch_size}.",
                              "pass a positive --batch-size (default 64).")
@@ -67,6 +72,7 @@ class Predictor:
         if isinstance(self.task, PredictsRows):  # e.g. stage=tokens: a tag per word
             return self.task.predict_rows(self.model, list(texts), batch_size)
         scores = self.scores(texts, batch_size)
+        self._say_cut(texts)
         if isinstance(self.task, PredictsNumbers):  # regression: the number per row
             return [{"value": v} for v in self.task.values(scores).tolist()]
         probs = (self.task.probabilities(self.model, scores)
@@ -84,6 +90,7 @@ class Predictor:
         from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator
 
         self._check_predicts()
+        texts = _as_rows(texts)
         if not texts:
             return torch.empty(0, len(self.labels))
         columns = self._columns(texts)
@@ -100,6 +107,23 @@ class Predictor:
                 out[idx] = self.task.scores(self.model, batch).float().cpu()
         return out
 
+    def _say_cut(self, texts: list[Any]) -> None:
+        """Log how many rows are longer than the stage's ``max_length`` tokens: they are cut to
+        fit (as in training), which a prediction alone does not show."""
+        from ftlab.tasks.base import as_text
+
+        limit = getattr(self.task, "max_length", None)
+        if not isinstance(limit, int):
+            return
+        columns = self._columns(texts)
+        ids = self.tokenizer(*[[as_text(t) for t in columns[c]] for c in self.text_columns],
+                             verbose=False)["input_ids"]
+        cut = sum(len(row) > limit for row in ids)
+        if cut:
+            log.warning("%d of %d row(s) are longer than the stage's max_length (%d tokens) "
+                        "and were cut to fit it, as in training: the model did not see their "
+                        "ends.", cut, len(texts), limit)
+
     def _check_predicts(self) -> None:
         """A language-model stage (TAPT/DAPT: stage=mlm or clm) loads, but has no classes."""
         if not self.labels:
@@ -114,11 +138,13 @@ class Predictor:
     def _columns(self, texts: list[Any]) -> dict[str, list[str]]:
         cols = self.text_columns
         if texts and isinstance(texts[0], dict):
-            missing = [c for c in cols if c not in texts[0]]
-            if missing:
-                raise FtlabError(f"The rows have no column {missing[0]!r} (they have "
-                                 f"{choices_text(texts[0])}).", "pass the stage's text columns: "
-                                 f"{', '.join(cols)} (ftlab-predict: --text-column).")
+            for n, row in enumerate(texts, 1):  # every row: a later one may lack a column
+                missing = [c for c in cols if not isinstance(row, dict) or c not in row]
+                if missing:
+                    has = choices_text(row) if isinstance(row, dict) else type(row).__name__
+                    raise FtlabError(f"Row {n} has no column {missing[0]!r} (it has {has}).",
+                                     f"pass the stage's text columns: {', '.join(cols)} "
+                                     "(ftlab-predict: --text-column).")
             return {c: [r[c] for r in texts] for c in cols}
         if texts and isinstance(texts[0], list | tuple):
             if any(len(t) != len(cols) for t in texts):
@@ -129,6 +155,20 @@ class Predictor:
             raise FtlabError(f"The stage reads {len(cols)} texts per row ({cols}); got plain "
                              "strings.", "pass tuples or dicts with one text per column.")
         return {cols[0]: list(texts)}
+
+
+def _as_rows(texts: Any) -> list[Any]:
+    """``texts`` as a list of rows: a pandas DataFrame as dicts by column (iterating one gives
+    its column names), a Series or numpy array (whose truth value is ambiguous) through
+    ``tolist``, any other iterable through ``list``; one string is refused (it would be read
+    character by character)."""
+    if isinstance(texts, str):
+        cut = "..." if len(texts) > 40 else ""
+        raise FtlabError(f"predict takes a list of texts, got one string ({texts[:40]!r}{cut}): "
+                         "each character would be a row.", "pass a list: predict([text]).")
+    if hasattr(texts, "columns") and hasattr(texts, "to_dict"):  # a DataFrame
+        return texts.to_dict("records")
+    return texts.tolist() if hasattr(texts, "tolist") else list(texts)
 
 
 def run_parser(prog: str, doc: str | None) -> Any:
@@ -193,7 +233,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     ``init_from`` stage is rebuilt first and handed over as in training."""
     from transformers import AutoTokenizer
 
-    from ftlab.artefact import TOKENIZER, read_stage_card
+    from ftlab.artefact import DAMAGED_FIX, TOKENIZER, read_stage_card
     from ftlab.store import load_tensors
 
     stage_dir = run_dir / name
@@ -206,7 +246,15 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
                              "load the job that kept it, or re-run with save_artefact=all.")
         raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
                          "re-run it with save_artefact: true.")
-    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
+    if not (stage_dir / TOKENIZER).is_dir():
+        raise FtlabError(f"Stage '{name}' has no {TOKENIZER}/ folder ({stage_dir / TOKENIZER}).",
+                         DAMAGED_FIX)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
+    except Exception as err:  # noqa: BLE001 - OSError, JSON and tokenizers' own errors
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FtlabError(f"Stage '{name}' has a damaged {TOKENIZER}/ folder ({said}).",
+                         DAMAGED_FIX) from None
     if "model_type" in spec.model.config:  # as training's load_tokenizer (GPT-2: no segment ids)
         from ftlab.model.tokenizer_fit import configure_tokenizer
 
@@ -217,6 +265,10 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
     if spec.init_from != "pretrained":
+        from ftlab.store import check_name
+
+        check_name(spec.init_from, f"The card of stage '{name}' names the stage it started "
+                   "from", f"the card is damaged or not ftlab's: {DAMAGED_FIX}")
         if not (run_dir / spec.init_from).is_dir():  # rebuilt first, as in training
             raise FtlabError(f"Stage '{name}' starts from stage '{spec.init_from}', whose folder "
                              f"{run_dir / spec.init_from} is missing: the run folder is "
@@ -225,7 +277,13 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)
     with _untrained_head_report_off():  # the trained head is loaded just below
         model, peft, _, _ = builder.model(spec, upstream)
-    peft.load_trainable_state(model, load_tensors(stage_dir / TRAINABLE))
+    try:
+        tensors = load_tensors(stage_dir / TRAINABLE)
+    except Exception as err:  # noqa: BLE001 - SafetensorError (cut short, not safetensors), OSError
+        why = str(err) or type(err).__name__
+        raise FtlabError(f"Stage '{name}' has a damaged {TRAINABLE} ({why}): cut short or not "
+                         "a safetensors file.", DAMAGED_FIX) from None
+    peft.load_trainable_state(model, tensors)
     return model, peft, task
 
 

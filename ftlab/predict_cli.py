@@ -19,9 +19,9 @@ from ftlab.writable import check_output
 
 def read_rows(path: Path, text_columns: list[str] | None,
               delimiter: str | None = None) -> tuple[list[Any], list[str]]:
-    """Rows of a ``.csv``/``.tsv``, ``.jsonl``, ``.parquet`` or ``.txt`` (one text per line;
-    every line is a row, an empty one too, so the output lines up with the input) file, as
-    dicts (or strings for ``.txt``), and the columns found."""
+    """Rows of a ``.csv``/``.tsv``, ``.jsonl`` (or a ``.json`` array), ``.parquet`` or ``.txt``
+    (one text per line; every line is a row, an empty one too, so the output lines up with the
+    input) file, as dicts (or strings for ``.txt``), and the columns found."""
     if not path.is_file():
         raise FtlabError(f"There is no input file {path}.",
                          "pass --input FILE.{csv,jsonl,parquet,txt}.")
@@ -38,11 +38,25 @@ def read_rows(path: Path, text_columns: list[str] | None,
                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
     if suffix == ".txt":
         return _lines(text), ["text"]
+    if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array, as training reads
+        return _json_array(text, path.name)
     if suffix in (".csv", ".tsv"):
         import csv
 
-        rows = list(csv.DictReader(io.StringIO(text, newline=""),
-                                   delimiter=delimiter or ("\t" if suffix == ".tsv" else ",")))
+        reader = csv.DictReader(io.StringIO(text, newline=""),
+                                delimiter=delimiter or ("\t" if suffix == ".tsv" else ","))
+        header = reader.fieldnames or []
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        if twice:  # the reader keeps the last column of a name: the first would go unread
+            raise FtlabError(f"The header of {path.name} names the column(s) {twice} more than "
+                             "once.", "give every column its own name.")
+        rows = list(reader)
+        extra = next((n for n, row in enumerate(rows, 1) if None in row), None)
+        if extra is not None:  # a text would be read cut at its first separator
+            raise FtlabError(f"{path.name} row {extra} has more fields than its header "
+                             f"({len(header)}): a separator inside an unquoted text splits it, "
+                             "so the text read would be cut short.", "quote texts that hold "
+                             'the separator ("good, not great"), or pass it with --delimiter.')
         for n, row in enumerate(rows, 1) if suffix == ".tsv" else ():
             merged = next((c for c, v in row.items() if isinstance(v, str) and "\t" in v), None)
             if merged is not None:  # a field opening with a quote swallowed the rows after it
@@ -56,15 +70,47 @@ def read_rows(path: Path, text_columns: list[str] | None,
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_one_value_per_key)
             except json.JSONDecodeError as err:
                 raise FtlabError(f"{path.name} line {n} is not valid JSON ({err.msg}).",
                                  "write one JSON object per line (JSON Lines).") from None
+            except _KeyTwice as err:  # json keeps the last value: the first would go unread
+                raise FtlabError(f"{path.name} line {n} names the key '{err}' more than once.",
+                                 "give each field of a row its own name.") from None
             if not isinstance(row, dict):
                 raise FtlabError(f"{path.name} line {n} is a JSON {type(row).__name__}, not an "
                                  "object.", 'write one object per line: {"text": "..."}.')
             rows.append(row)
     return rows, list(rows[0]) if rows else []
+
+
+def _json_array(text: str, name: str) -> tuple[list[dict], list[str]]:
+    """The rows of a ``.json`` file holding one array of objects."""
+    try:
+        rows = json.loads(text, object_pairs_hook=_one_value_per_key)
+    except json.JSONDecodeError as err:
+        raise FtlabError(f"{name} is not valid JSON ({err.msg}, line {err.lineno}).",
+                         "write one array of objects, or one JSON object per line.") from None
+    except _KeyTwice as err:
+        raise FtlabError(f"{name} has an object naming the key '{err}' more than once.",
+                         "give each field of a row its own name.") from None
+    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise FtlabError(f"{name} item {bad} is a JSON {type(rows[bad - 1]).__name__}, not an "
+                         "object.", 'write one object per row: [{"text": "..."}, ...].')
+    return rows, list(rows[0]) if rows else []
+
+
+class _KeyTwice(ValueError):
+    """A JSON object naming a key twice (the key is the message)."""
+
+
+def _one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise _KeyTwice(twice)
+    return dict(pairs)
 
 
 def _parquet(path: Path) -> tuple[list[dict], list[str]]:
@@ -137,9 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=_positive, default=64,
                         help="rows per batch, length-bucketed (default: 64)")
     args = parser.parse_args(argv)
+    # --input=~/x.csv: no shell expands a ~ after '='
+    args.input, args.output = args.input.expanduser(), args.output.expanduser()
     quiet_loading()
     try:
         check_output(args.output.parent)  # before the work, not in a traceback after it
+        if args.output.exists() and args.input.exists() and args.output.samefile(args.input):
+            raise FtlabError(f"--output {args.output} is the input file: the predictions would "
+                             "replace the texts.", f"name another file: --output "
+                             f"{args.output.with_name(args.output.stem + '.preds.jsonl')}.")
         name, _, labels = stage_card(args.run_dir.expanduser(), args.stage)
         if not labels:  # a language-model stage (TAPT/DAPT): said before building the model
             labelled = labelled_stages(args.run_dir, but=name)

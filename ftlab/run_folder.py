@@ -3,7 +3,6 @@ stage's card (spec and labels) with a clear error where there is none to load, i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,12 @@ from ftlab.errors import FtlabError, choices_text, closest
 def stage_names(run_dir: Path) -> list[str]:
     """The run's stages in pipeline order (``metrics.json``), else every folder with a card."""
     from ftlab.artefact import CARD
+    from ftlab.store import SAFE_NAME
 
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        names = json.loads(metrics.read_text()).get("pipeline") or []
-        if names:
-            return list(names)
+    names = run_record(run_dir).get("pipeline")  # {} for a metrics.json cut short or not JSON
+    if isinstance(names, list) and names and all(  # names become paths: never '..' or '/'
+            isinstance(n, str) and SAFE_NAME.fullmatch(n) and ".." not in n for n in names):
+        return names
     return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
 
 
@@ -39,6 +38,10 @@ def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | 
         raise FtlabError(f"There is no run folder {run_dir}.",
                          "pass a folder ftlab wrote, e.g. outputs/runs/<time>.")
     names = stage_names(run_dir)
+    if not names and (run_dir / CARD).is_file():  # a stage's folder, not its run's
+        raise FtlabError(f"{run_dir} is the folder of stage '{run_dir.name}', not a run folder.",
+                         f"pass the run folder that holds it: {run_dir.parent} (with --stage "
+                         f"{run_dir.name}; ftlab.load(run_dir, stage='{run_dir.name}')).")
     if not names:
         raise FtlabError(f"{run_dir} holds no trained stage (no */card.json).",
                          "pass the folder of a finished run (a job folder of a sweep).")

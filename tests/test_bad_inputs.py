@@ -236,8 +236,12 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"label value\(s\) \['neg'\] outside the label set"),
     ("labels-listed-twice", lambda t, s: tiny_overrides(s) + ["data.labels=[pos,pos,neg]"],
      r"data.labels lists \['pos'\] more than once.*list every label once"),
-    ("label-column-free-text", lambda t, s: tiny_overrides(s) + ["data.label_column=text"],
+    ("label-column-free-text", lambda t, s: _one_file(_rows(t, "notes.jsonl", [
+        {**r, "note": f"reviewer note {i}"} for i, r in enumerate(synthetic_rows(200, 0))]), s,
+        "data.label_column=note"),
      r"outside the label set .* \.\.\. \(\d+ in all\)"),  # a short paragraph, not every text
+    ("label-column-is-the-text", lambda t, s: tiny_overrides(s) + ["data.label_column=text"],
+     r"data.text_columns \['text'\] includes the label column 'text': the model would read"),
     ("label-null", lambda t, s: _train(_rows(t, "null.jsonl", [
         {"text": f"good {i}", "label": None if i == 6 else ("pos" if i % 2 else "neg"),
          "group": "g"} for i in range(40)]), s),

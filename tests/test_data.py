@@ -82,6 +82,51 @@ def test_a_declared_label_no_training_row_has_is_warned_about(tmp_path, caplog):
     assert "no training row" not in caplog.text
 
 
+def test_a_drop_label_no_row_has_is_warned_about(tmp_path, caplog):
+    """data.drop_labels=[1] on a number column (labels read '0.0', '1.0') or a misspelt label
+    dropped nothing without a word; the warning names it and the labels the data has."""
+    rows = [{**r, "label": 1.0 if r["label"] == "pos" else 0.0} for r in synthetic_rows(300, 0)]
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        raw = load_raw(spec_for(tmp_path, rows, drop_labels=[1, "Plot"]))
+    assert raw.labels == ["0.0", "1.0"]
+    assert re.search(r"data.drop_labels lists \['1', 'Plot'\], which no row has in column "
+                     r"'label' \(its labels: \['0.0', '1.0'\]\): nothing is dropped for them",
+                     caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftlab.data.labels"):
+        load_raw(spec_for(tmp_path, synthetic_rows(200, 0) + [
+            {"text": "synopsis", "label": "plot", "group": "p"}] * 30, drop_labels=["plot"]))
+    assert "drop_labels" not in caplog.text
+
+
+def test_text_columns_naming_the_label_or_one_column_twice_are_refused(tmp_path):
+    """data.text_columns=[label] trained on the labels themselves (a perfect score that means
+    nothing) and [text, text] on pairs of one text, without a word."""
+    with pytest.raises(FtlabError, match=r"(?s)includes the label column 'label': the model "
+                                         r"would read its label.*Fix: set data.text_columns"):
+        load_raw(spec_for(tmp_path, text_columns=["label"]))
+    with pytest.raises(FtlabError, match=r"(?s)names 'text' twice.*Fix: name it once"):
+        load_raw(spec_for(tmp_path, text_columns=["text", "text"]))
+
+
+def test_labelled_rows_without_text_are_counted_in_a_warning(tmp_path, caplog):
+    """A labelled row whose text is null, empty or spaces trained (and was scored) as an empty
+    text without a word; unlabelled text (MLM, CLM) is not warned about."""
+    rows = synthetic_rows(300, 0)
+    rows[1], rows[2] = {**rows[1], "text": None}, {**rows[2], "text": "  "}
+    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+        raw = load_raw(spec_for(tmp_path, rows, split_fractions=[1.0, 0.0, 0.0],
+                                splits={"train": "train"}))
+    assert len(raw.splits["train"]) == 300  # kept, as said
+    assert "2 of 300 rows of the train split have no text in column 'text' (null, empty or " \
+           "spaces)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+        load_raw(spec_for(tmp_path, rows, label_column=None))
+        load_raw(spec_for(tmp_path))
+    assert "no text" not in caplog.text
+
+
 def test_label_outside_declared_set_is_named(tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)outside the label set.*Fix: add them to data.lab"):
         load_raw(spec_for(tmp_path, labels=["pos", "negative"]))
@@ -91,10 +136,21 @@ def test_labels_differing_only_in_spaces_or_case_are_refused(tmp_path):
     rows = synthetic_rows(200, 0)
     rows[3] = {**rows[3], "label": rows[3]["label"] + " "}  # an untrimmed csv cell
     with pytest.raises(FtlabError,
-                       match=r"(?s)differ only in case or spaces.*Fix: clean the label"):
+                       match=r"(?s)differ only in case, spaces or Unicode form.*Fix: clean the"):
         load_raw(spec_for(tmp_path, rows))
     rows[3] = {**rows[3], "label": rows[3]["label"].strip().upper()}
-    with pytest.raises(FtlabError, match=r"differ only in case or spaces"):
+    with pytest.raises(FtlabError, match=r"differ only in case, spaces"):
+        load_raw(spec_for(tmp_path, rows))
+
+
+def test_labels_differing_only_in_unicode_form_are_refused(tmp_path):
+    """'café' composed and 'cafe' + a combining accent (macOS's form) look alike and trained
+    as two classes without a word."""
+    rows = [{**r, "label": "caf\u00e9" if r["label"] == "pos" else "bad"}
+            for r in synthetic_rows(200, 0)]
+    rows[3] = {**rows[3], "label": "cafe\u0301"}
+    with pytest.raises(FtlabError, match=r"(?s)'caf.+' and 'caf.+', which differ only in case, "
+                                         r"spaces or Unicode form"):
         load_raw(spec_for(tmp_path, rows))
 
 

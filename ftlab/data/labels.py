@@ -30,6 +30,8 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
     drop = {str(v) for v in spec.drop_labels}
     if drop:  # by name: a ClassLabel's ids are dropped by their names (drop_labels: [neutral])
+        _warn_unmatched(dsd, col, drop, as_str, names is not None)
+
         def kept(v: Any) -> bool:
             return (as_str(v) if names and isinstance(v, int) and v >= 0 else str(v)) not in drop
 
@@ -98,15 +100,33 @@ def _refuse_missing(dsd: DatasetDict, col: str, missing: Callable[[Any], bool]) 
                          "give every row a label, or remove those rows.")
 
 
+def _warn_unmatched(dsd: DatasetDict, col: str, drop: set[str], as_str: Callable[[Any], str],
+                    class_ids: bool) -> None:
+    """A ``data.drop_labels`` entry that no row has (a typo, or ``1`` for a number column's
+    ``1.0``) drops nothing: said, with the labels the data has."""
+    seen = {as_str(v) for ds in dsd.values() for v in _distinct(ds, col)
+            if not _missing(v) and not (class_ids and isinstance(v, int) and v < 0)}
+    unmatched = sorted(drop - seen)
+    if unmatched:
+        log.warning("data.drop_labels lists %s, which no row has in column '%s' (its labels: %s): "
+                    "nothing is dropped for %s. Write labels as the data has them (a number "
+                    "column's labels read as 1.0, not 1).", _some(unmatched), col,
+                    _some(sorted(seen)), "it" if len(unmatched) == 1 else "them")
+
+
 def _refuse_near_duplicates(labels: list[str], col: str) -> None:
-    """Inferred labels that differ only in case or surrounding spaces ("pos" and "pos ", an
-    untrimmed csv cell) would train as separate classes: refused, naming them."""
+    """Inferred labels that differ only in case, surrounding spaces ("pos" and "pos ", an
+    untrimmed csv cell) or Unicode form ("café" composed, or as "e" + a combining accent, as
+    macOS writes it) would train as separate classes: refused, naming them."""
+    import unicodedata
+
     seen: dict[str, str] = {}
     for name in labels:
-        key = name.strip().casefold()
+        key = unicodedata.normalize("NFKC", name).strip().casefold()
         if key in seen:
             raise FtlabError(f"Column '{col}' has labels {seen[key]!r} and {name!r}, which differ "
-                             "only in case or spaces: they would train as two classes.",
+                             "only in case, spaces or Unicode form: they would train as two "
+                             "classes.",
                              "clean the label column, or list the classes in data.labels and "
                              "drop the variants with data.drop_labels.")
         seen[key] = name

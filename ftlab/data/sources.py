@@ -6,6 +6,7 @@ The result has the spec's text columns and, for labelled data, an integer ``labe
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import DatasetDict, Value
 
 from ftlab.data.conll import load_conll
@@ -25,6 +27,8 @@ from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_i
 from ftlab.data.typecheck import check_column_types
 from ftlab.errors import FtlabError, choices_text, separator_hint
 from ftlab.resolve import resolve
+
+log = logging.getLogger(__name__)
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".conll": "conll", ".txt": "conll"}  # CoNLL: word<TAB>tag lines (ftlab/data/conll.py)
@@ -231,6 +235,14 @@ def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
         raise FtlabError(f"data.text_columns must name one or two columns, got "
                          f"{list(spec.text_columns)}.", "e.g. data.text_columns=[text] or "
                          "data.text_columns=[premise,hypothesis].")
+    if len(set(spec.text_columns)) < len(spec.text_columns):  # a pair of one text twice
+        raise FtlabError(f"data.text_columns names '{spec.text_columns[0]}' twice.",
+                         "name it once, or the two columns of a sentence pair.")
+    if spec.label_column in spec.text_columns:  # the model would read the answer
+        raise FtlabError(f"data.text_columns {list(spec.text_columns)} includes the label "
+                         f"column '{spec.label_column}': the model would read its label.",
+                         "set data.text_columns to the column(s) that hold the text, or "
+                         "data.label_column to the one that holds the labels.")
     for split, ds in dsd.items():
         missing = [c for c in wanted if c not in ds.column_names]
         if missing:
@@ -269,3 +281,13 @@ def _check_texts(dsd: DatasetDict, spec: DataSpec) -> None:
                 raise FtlabError(f"All texts in column '{column}' of the {split} split are "
                                  "empty.", "set data.text_columns to the column(s) that hold "
                                  "the text.")
+            values = ds.with_format("arrow")[column]  # labelled rows only: unlabelled text
+            if spec.label_column is not None and (  # (MLM, CLM) just skips an empty one
+                    pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+                empty = pc.sum(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""),
+                                            True)).as_py() or 0
+                if empty:  # a row without text: the task reads "", silently
+                    log.warning("%d of %d rows of the %s split have no text in column '%s' "
+                                "(null, empty or spaces): they are read as empty texts. Remove "
+                                "them from the file if they are not meant as such.", empty,
+                                len(ds), split, column)
