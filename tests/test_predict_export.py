@@ -367,7 +367,7 @@ def test_predict_cli_bad_input_files_name_the_row_and_the_fix(two_steps, tmp_pat
     assert "row 2 has no text column 'text'" in error("miss.jsonl",
                                                       b'{"text": "a"}\n{"review": "b"}\n')
     assert "row 1 has no text in column 'text'" in error("null.jsonl", b'{"text": null}\n')
-    assert "has a int (5)" in error("num.jsonl", b'{"text": 5}\n')
+    assert "has an int (5)" in error("num.jsonl", b'{"text": 5}\n')
     assert "row 2 has no text in column 'review'" in error(
         "ragged.csv", b"id,review\n1,good\n2\n", "--text-column", "review")
     assert "has no rows" in error("empty.txt", b"")
