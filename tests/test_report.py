@@ -470,16 +470,20 @@ def test_the_run_to_keep_is_chosen_by_validation_not_by_the_test_score():
     assert s["selected"]["seed"] == "2"  # the lowest loss
 
 
+def minimised_runs(metric: str, lr: str, values: list[float]) -> list[dict]:
+    """Finished runs of one LR monitoring ``val/<metric>`` with ``mode: min`` (test = val +
+    0.1), one per value."""
+    return [{"status": "ok", "failed": False, "seed": seed, "overrides": [f"seed={seed}",
+             f"stage.optim.lr={lr}"], "monitor": {"metric": f"val/{metric}", "mode": "min"},
+             "final": {f"val/{metric}": v, f"test/{metric}": v + 0.1}}
+            for seed, v in enumerate(values, 1)]
+
+
 def test_a_loss_is_ranked_and_best_of_n_by_its_lowest_value():
     """An MLM or CLM sweep monitors val/loss: the configuration with the lower test loss ranks
     first, and a loss's "best of n" is its minimum (not the largest, as for an accuracy)."""
-    def runs(lr: str, losses: list[float]) -> list[dict]:
-        return [{"status": "ok", "failed": False, "seed": seed, "overrides": [f"seed={seed}",
-                 f"stage.optim.lr={lr}"], "monitor": {"metric": "val/loss", "mode": "min"},
-                 "final": {"val/loss": loss, "test/loss": loss + 0.1}}
-                for seed, loss in enumerate(losses, 1)]
-
-    summary = summarize(runs("1e-3", [2.0, 2.2, 2.1]) + runs("1e-4", [3.0, 3.1, 3.2]))
+    summary = summarize(minimised_runs("loss", "1e-3", [2.0, 2.2, 2.1])
+                        + minimised_runs("loss", "1e-4", [3.0, 3.1, 3.2]))
     low, high = summary["stage.optim.lr=1e-3"], summary["stage.optim.lr=1e-4"]
     assert low["rank"] == {"metric": "test/loss", "rank": 1}
     assert high["rank"]["rank"] == 2 and high["rank"]["vs_best"]["diff"] == pytest.approx(1.0)
@@ -563,13 +567,8 @@ def test_a_metric_monitored_with_mode_min_is_ranked_by_its_lowest_value():
     """A multi-task stage monitoring ``mean`` with ``mode: min`` (sub-tasks' MSEs or losses):
     the report went by the name ``mean`` and ranked the highest test/mean first and took
     its maximum as best of n, against the task's own direction."""
-    def runs(lr: str, values: list[float]) -> list[dict]:
-        return [{"status": "ok", "failed": False, "seed": seed, "overrides": [f"seed={seed}",
-                 f"stage.optim.lr={lr}"], "monitor": {"metric": "val/mean", "mode": "min"},
-                 "final": {"val/mean": v, "test/mean": v + 0.1}}
-                for seed, v in enumerate(values, 1)]
-
-    summary = summarize(runs("1e-3", [0.2, 0.4, 0.3]) + runs("1e-4", [0.9, 1.0, 1.1]))
+    summary = summarize(minimised_runs("mean", "1e-3", [0.2, 0.4, 0.3])
+                        + minimised_runs("mean", "1e-4", [0.9, 1.0, 1.1]))
     low, high = summary["stage.optim.lr=1e-3"], summary["stage.optim.lr=1e-4"]
     assert low["rank"] == {"metric": "test/mean", "rank": 1} and high["rank"]["rank"] == 2
     assert low["metrics"]["test/mean"]["best"] == pytest.approx(0.3)
