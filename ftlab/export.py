@@ -32,6 +32,11 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
     if output.exists() and not output.is_dir():  # save_pretrained only logs this and returns
         raise FtlabError(f"--output {output} is a file, not a folder.",
                          f"name a new folder: --output {output.with_suffix('')}_hf/.")
+    if output.is_dir() and any(output.iterdir()):  # an earlier export's files would stay
+        raise FtlabError(f"--output {output} is a folder that holds files already: the export's "
+                         "files would land beside them (an earlier export's model or peft/ "
+                         "folder would then load instead, or with it).",
+                         f"name a new folder, or remove this one first (rm -r {output}).")
     check_output(output)  # before loading, not in a traceback from save_pretrained
     p = load(run_dir, stage, allow_targets)
     if not isinstance(p.peft, Mergeable):

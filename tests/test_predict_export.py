@@ -398,6 +398,24 @@ def test_export_onto_a_file_says_so_and_leaves_it(two_steps, tmp_path):
     assert target.read_text() == "keep me\n"
 
 
+def test_export_into_a_folder_with_files_is_refused_and_leaves_them(two_steps, tmp_path):
+    """An earlier export's files (another model's config.json and weights, a peft/ folder) would
+    stay beside the new ones and load instead of it: a folder with files is refused, untouched;
+    an empty or new one is written."""
+    old = tmp_path / "exported"
+    (old / "peft").mkdir(parents=True)
+    (old / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(SystemExit) as err:
+        export_main([str(two_steps), "--to", "hf", "--output", str(old)])
+    assert "holds files already" in str(err.value.code) and "rm -r" in str(err.value.code)
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "peft"]
+    assert (old / "config.json").read_text() == '{"model_type": "gpt2"}'
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_main([str(two_steps), "--to", "hf", "--output", str(empty)])
+    assert (empty / "config.json").is_file()
+
+
 def test_an_unwritable_output_stops_predict_and_export_before_any_work(two_steps, tmp_path,
                                                                        monkeypatch):
     """An --output under a file or in a folder that refuses new files (read-only, /proc) ends
