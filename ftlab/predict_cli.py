@@ -16,6 +16,26 @@ from ftlab.run_folder import labelled_stages, stage_card
 from ftlab.store import atomic_write
 from ftlab.writable import check_output
 
+#: compressed text inputs, by suffix (``reviews.csv.gz``), as training reads them
+COMPRESSED = (".gz", ".bz2", ".xz")
+
+
+def _read_bytes(path: Path, packed: str | None) -> bytes:
+    """The file's bytes, decompressed for a ``.gz``/``.bz2``/``.xz`` file."""
+    if packed is None:
+        return path.read_bytes()
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[packed]
+    try:
+        with opener(path, "rb") as fh:
+            return fh.read()
+    except (OSError, EOFError, lzma.LZMAError) as err:  # not that format, or cut short
+        raise FtlabError(f"{path} does not decompress as {packed} ({err}).",
+                         "pass the file whole, or with the suffix of its real format.") from None
+
 
 def read_rows(path: Path, text_columns: list[str] | None,
               delimiter: str | None = None) -> tuple[list[Any], list[str]]:
@@ -25,14 +45,17 @@ def read_rows(path: Path, text_columns: list[str] | None,
     if not path.is_file():
         raise FtlabError(f"There is no input file {path}.",
                          "pass --input FILE.{csv,jsonl,parquet,txt}.")
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".csv", ".tsv", ".jsonl", ".json", ".parquet"):
-        raise FtlabError(f"Cannot read {path.name}: unknown suffix '{suffix}'.",
-                         "use a .csv, .tsv, .jsonl, .parquet or .txt file.")
+    packed = path.suffix.lower() if path.suffix.lower() in COMPRESSED else None
+    suffix = Path(path.stem).suffix.lower() if packed else path.suffix.lower()
+    if suffix not in (".txt", ".csv", ".tsv", ".jsonl", ".json", ".parquet") or (
+            packed and suffix == ".parquet"):
+        raise FtlabError(f"Cannot read {path.name}: unknown suffix '{suffix}{packed or ''}'.",
+                         "use a .csv, .tsv, .jsonl, .parquet or .txt file (the text ones also "
+                         "compressed: .gz, .bz2, .xz).")
     if suffix == ".parquet":
         return _parquet(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Excel) is not text
+        text = _read_bytes(path, packed).decode("utf-8-sig")  # -sig: a BOM (Excel) is not text
     except UnicodeDecodeError as err:
         raise FtlabError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}).",
                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None

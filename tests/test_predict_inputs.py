@@ -237,3 +237,28 @@ def test_a_later_dict_row_without_the_text_column_is_named(trained):
     with pytest.raises(FtlabError, match=r"(?s)Row 2 has no column 'text' \(it has review\)"
                                          r".*Fix: pass the stage's text columns: text"):
         ftlab.load(trained).predict([{"text": "great film"}, {"review": "awful"}])
+
+
+@pytest.mark.parametrize("packed", [".gz", ".bz2", ".xz"])
+def test_compressed_inputs_predict_as_their_plain_file(trained, tmp_path, packed):
+    """Training reads reviews.csv.bz2 (the default data is one): predict reads .gz, .bz2 and .xz
+    text files as their plain form, and says what a file that does not decompress is."""
+    import bz2
+    import gzip
+    import lzma
+
+    content = b"text,id\ngreat film,1\n\"awful, dull\",2\n"
+    plain, packed_file = tmp_path / "in.csv", tmp_path / f"in.csv{packed}"
+    plain.write_bytes(content)
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[packed]
+    packed_file.write_bytes(compress(content))
+    outs = []
+    for src in (plain, packed_file):
+        out = tmp_path / f"{src.name}.preds.jsonl"
+        predict_main([str(trained), "--input", str(src), "--output", str(out)])
+        outs.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert len(outs[0]) == 2 and outs[0] == outs[1]
+    bad = tmp_path / f"bad.jsonl{packed}"
+    bad.write_bytes(b'{"text": "not compressed"}\n')
+    msg = _predict_error(str(trained), "--input", str(bad), "--output", str(tmp_path / "b.jsonl"))
+    assert f"does not decompress as {packed}" in msg and "Fix:" in msg
