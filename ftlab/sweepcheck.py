@@ -4,8 +4,9 @@ Hydra's basic sweeper runs a sweep's jobs one by one, so a bad value in the last
 stage.optim.lr=1e-4,-1``) would fail only after the good ones trained. ``SweepCheck`` (a Hydra
 callback, ``conf/hydra/default.yaml``) expands the sweep with the basic sweeper's own logic,
 composes each job's config the way its launcher will, resolves its pipeline and runs the
-config-level checks (``validate.check_configs``: schemas, rules, constructor signatures): no
-data and no model are loaded. The first job then checks data and models as every job does.
+config-level checks (``validate.check_configs``: schemas, rules, constructor signatures, the
+PEFT method's and regulariser's own constructors): no data and no model are loaded. The first
+job then checks data and models as every job does.
 """
 
 from __future__ import annotations

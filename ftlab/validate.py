@@ -15,7 +15,7 @@ from typing import Any
 
 from ftlab.build import MethodMisfit, StageBuilder
 from ftlab.compiling import check_trainer
-from ftlab.config import check_binds
+from ftlab.config import check_binds, instantiate_checked
 from ftlab.distill import check_teacher_rows
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
@@ -70,7 +70,8 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
                   logger: dict[str, Any] | None = None) -> None:
     """The config-level checks of every stage (no data, no model): each ``_target_`` node
     binds to its constructor with values of the right types and ranges (``ftlab.rules``), the
-    Trainer keys meet their rules. Cheap: a sweep runs them for every job before the first."""
+    PEFT method and regulariser are built (their constructors check what a rule cannot say),
+    the Trainer keys meet their rules. Cheap: a sweep runs them for every job before the first."""
     for group, nodes in (("callbacks", callbacks), ("logger", logger)):
         for key, node in (nodes or {}).items():
             if node is not None:
@@ -83,8 +84,8 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
         check_binds(stage.task, f"{stage.where}.task")
         for sub in stage.subtasks:  # a multi-task stage's own tasks (their data: below)
             check_binds(sub.task, f"{stage.where}.tasks.{sub.name}.task")
-        check_binds(stage.peft, f"{stage.where} peft")
-        check_binds(stage.regularizer, f"{stage.where} regularizer")
+        instantiate_checked(stage.peft, f"{stage.where} peft")
+        instantiate_checked(stage.regularizer, f"{stage.where} regularizer")
         for i, node in enumerate(stage.data.transforms):
             check_binds(node, f"{stage.where} data.transforms[{i}]")
         check_strategy(stage)

@@ -440,7 +440,13 @@ def test_sweep_jobs_follow_the_basic_sweeper():
      r"Sweep job 1 \(pipeline.stages.task.task.max_length=abc\): stage 'task'.task"),
     (["stage.batch_size=8,abc"], r"Sweep job 1 \(stage.batch_size=abc\).*batch_size"),
     (["save_artefact=all,some"], r"Sweep job 1 \(save_artefact=some\): save_artefact is"),
-], ids=["good-madx", "lr", "batch", "max-steps", "last-stage-type", "wrong-type", "policy"])
+    # the PEFT method's and regulariser's constructors check what a rule cannot say
+    (["peft=movement_pruning", "peft.sparsity=0.5,1.5"],
+     r"Sweep job 1 \(peft.sparsity=1.5\): movement pruning's sparsity=1.5 is not a fraction"),
+    (["regularizer=freelb", "regularizer.norm=l2,l3"],
+     r"Sweep job 1 \(regularizer.norm=l3\): regularizer=freelb got .*norm='l3'"),
+], ids=["good-madx", "lr", "batch", "max-steps", "last-stage-type", "wrong-type", "policy",
+        "peft-constructor", "regularizer-constructor"])
 def test_every_sweep_job_is_checked(sweep, bad, sentiment_dir, caplog):
     """``check_sweep`` composes each job as the launcher will; a bad one names itself."""
     from hydra import compose, initialize_config_dir
