@@ -14,6 +14,7 @@ and the decoder alike).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -250,24 +251,26 @@ def pooler(model: nn.Module) -> nn.Module | None:
     return _get(backbone(model), path) if path else None
 
 
+def _beside_out(model: nn.Module, block: str, part: str) -> list[tuple[nn.Module, Any]]:
+    """``(output projection, the block's norm or drop by ``part``, None where absent)`` of block
+    ``attn`` or ``ffn`` in every layer that has the projection."""
+    arch = arch_of(model)
+    out, other = getattr(arch, f"{block}_out"), getattr(arch, f"{block}_{part}")
+    found = [(_get(layer, out), _get(layer, other) if other else None)
+             for stack in layer_stacks(model) for layer in stack]
+    return [(o, x) for o, x in found if o is not None]
+
+
 def block_modules(model: nn.Module, block: str) -> list[tuple[nn.Module, nn.Module]]:
     """``(output projection, its norm)`` of block ``attn`` or ``ffn`` in every layer."""
-    arch = arch_of(model)
-    out, norm = getattr(arch, f"{block}_out"), getattr(arch, f"{block}_norm")
-    found = [(_get(layer, out), _get(layer, norm)) for stack in layer_stacks(model)
-             for layer in stack]
-    return [(o, n) for o, n in found if o is not None]
+    return _beside_out(model, block, "norm")
 
 
 def block_outputs(model: nn.Module, block: str) -> list[tuple[nn.Module, nn.Module]]:
     """``(output projection, the module whose output joins the residual)`` of block ``attn``
     or ``ffn`` in every layer: the dropout after the projection where the family has one, else
     the projection itself."""
-    arch = arch_of(model)
-    out, drop = getattr(arch, f"{block}_out"), getattr(arch, f"{block}_drop")
-    found = [(_get(layer, out), _get(layer, drop) if drop else None)
-             for stack in layer_stacks(model) for layer in stack]
-    return [(o, d if d is not None else o) for o, d in found if o is not None]
+    return [(o, d if d is not None else o) for o, d in _beside_out(model, block, "drop")]
 
 
 def mlm_head(model: nn.Module) -> nn.Module:
