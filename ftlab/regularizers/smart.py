@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ftlab.averaging import wide
 from ftlab.errors import FtlabError
 from ftlab.regularizers.embedding import (
     logits_of,
@@ -155,8 +156,7 @@ class Smart:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         version = sum(p._version for p in params.values())
         if not self.teacher or self.teacher.keys() != params.keys():
-            self.teacher = {n: p.detach().to(torch.promote_types(p.dtype, torch.float32),
-                                             copy=True) for n, p in params.items()}
+            self.teacher = {n: wide(p).clone() for n, p in params.items()}
         elif version != self._version:
             for n, p in params.items():
                 if self.teacher[n].device != p.device:  # loaded from a checkpoint
