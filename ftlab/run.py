@@ -194,7 +194,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     if _reuse_finished(record, stages, callbacks, run_dir, sweep_dir, earlier):
         return
     builder = StageBuilder()
-    validate(stages, builder, callbacks, logger)  # every stage's config and data, before training
+    validate(stages, builder)  # every stage's model and data, before training
     last = builder.task(stages[-1])  # bound: monitor auto is decided by the training labels
     record["monitor"] = _judging(last)
     keys = pipeline_keys(stages, run_dir, callbacks)  # an EMA-averaged stage is another stage

@@ -1,7 +1,8 @@
 """Check a whole run before any stage trains: a bad last stage costs seconds, not hours.
 
-``validate(stages, builder, callbacks)`` checks every ``_target_`` node against its constructor,
-that the model and tokenizer paths exist, every stage's data (files, columns, labels, enough
+``check_configs(stages, callbacks, logger)`` checks every ``_target_`` node against its
+constructor (config errors: exit 2); then ``validate(stages, builder)`` checks that the model and
+tokenizer paths exist, every stage's data (files, columns, labels, enough
 rows for a batch; every sub-task's of a multi-task stage: the builder loads it, and training
 reuses what it loaded), and that each PEFT
 method fits the model's architecture (applied on the meta device: no weights).
@@ -25,14 +26,10 @@ from ftlab.rules import TRAINER, check_table
 log = logging.getLogger(__name__)
 
 
-def validate(stages: list[ResolvedStage], builder: StageBuilder,
-             callbacks: dict[str, Any] | None = None,
-             logger: dict[str, Any] | None = None) -> None:
-    """Raise ``FtlabError`` for the first problem found in any stage; train nothing.
-
-    Every ``_target_`` (nested ones too) is checked against the allow-list
-    (``ftlab.targets``) before its module is imported."""
-    check_configs(stages, callbacks, logger)
+def validate(stages: list[ResolvedStage], builder: StageBuilder) -> None:
+    """Raise ``FtlabError`` for the first problem found in any stage's model or data; train
+    nothing. The stages' configs have passed ``check_configs`` (where every ``_target_``,
+    nested ones too, is checked against the allow-list before its module is imported)."""
     for model in {repr(s.model): s.model for s in stages}.values():
         check_model_path(model)
     for stage in stages:
