@@ -138,6 +138,19 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return _make
 
 
+@pytest.fixture(scope="session")
+def two_steps(sentiment_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny classifier's run folder (2 steps), trained once for the tests that only read it
+    (predict, export into their own tmp_path)."""
+    from ftlab.run import run
+
+    run_dir = tmp_path_factory.mktemp("two_steps") / "run"
+    record = run(compose_cfg([*tiny_overrides(sentiment_dir), "stage.optim.lr=2e-3",
+                              "trainer.max_epochs=2", "trainer.max_steps=2"], run_dir))
+    assert record["status"] == "ok", record.get("error")
+    return run_dir
+
+
 def shared_file(rel: str) -> Path:
     path = SHARED / rel
     if not path.exists():

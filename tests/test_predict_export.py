@@ -17,7 +17,7 @@ from ftlab.export import main as export_main
 from ftlab.pipeline import build_pipeline
 from ftlab.predict_cli import main as predict_main
 from ftlab.run import run
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import tiny_overrides
 
 METHODS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "peft").glob("*.yaml"))
 #: methods that learn extra inputs (virtual tokens, key/value prefixes), not weights: they export
@@ -39,17 +39,6 @@ def train(make_cfg, sentiment_dir, tmp_path):
         return tmp_path / "run", record, cfg
 
     return _train
-
-
-@pytest.fixture(scope="module")
-def two_steps(sentiment_dir, tmp_path_factory) -> Path:
-    """The run folder of ``train("trainer.max_steps=2")``, trained once for the tests that only
-    read it (predict, export into their own tmp_path)."""
-    run_dir = tmp_path_factory.mktemp("two_steps") / "run"
-    record = run(compose_cfg([*tiny_overrides(sentiment_dir), "stage.optim.lr=2e-3",
-                              "trainer.max_epochs=2", "trainer.max_steps=2"], run_dir))
-    assert record["status"] == "ok", record.get("error")
-    return run_dir
 
 
 def test_each_stage_records_its_labels_tokenizer_and_resolved_stage(train):

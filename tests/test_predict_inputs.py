@@ -5,7 +5,6 @@ file written over."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +13,6 @@ import ftlab
 from ftlab.errors import FtlabError
 from ftlab.export import main as export_main
 from ftlab.predict_cli import main as predict_main
-from ftlab.run import run
-from tests.conftest import compose_cfg, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def trained(sentiment_dir, tmp_path_factory) -> Path:
-    """A tiny classifier's run folder (a few steps), only read by the tests."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    record = run(compose_cfg([*tiny_overrides(sentiment_dir), "stage.optim.lr=3e-3",
-                              "trainer.max_steps=6"], run_dir))
-    assert record["status"] == "ok", record.get("error")
-    return run_dir
 
 
 def _predict_error(*args: str) -> str:
@@ -39,35 +26,35 @@ def _predict_error(*args: str) -> str:
      "names the column(s) ['text'] more than once"),
     ("two.jsonl", '{"text": "great"}\n{"text": "great superb film", "text": "awful mess"}\n',
      "line 2 names the key 'text' more than once")])
-def test_a_text_column_named_twice_is_refused(trained, tmp_path, name, content, said):
+def test_a_text_column_named_twice_is_refused(two_steps, tmp_path, name, content, said):
     """csv.DictReader and json.loads keep the last of two same-named columns: the first
     column's texts went unread and the other was predicted without a word (training's
     readers refuse both)."""
     src = tmp_path / name
     src.write_text(content)
     out = tmp_path / "p.jsonl"
-    msg = _predict_error(str(trained), "--input", str(src), "--output", str(out))
+    msg = _predict_error(str(two_steps), "--input", str(src), "--output", str(out))
     assert said in msg and "Fix:" in msg
     assert not out.exists()
 
 
-def test_predict_does_not_write_over_its_input_file(trained, tmp_path):
+def test_predict_does_not_write_over_its_input_file(two_steps, tmp_path):
     src = tmp_path / "reviews.txt"
     src.write_text("great film\nawful film\n")
-    msg = _predict_error(str(trained), "--input", str(src), "--output",
+    msg = _predict_error(str(two_steps), "--input", str(src), "--output",
                          str(tmp_path / "." / "reviews.txt"))
     assert "is the input file" in msg and "reviews.preds.jsonl" in msg
     assert src.read_text() == "great film\nawful film\n"
 
 
 @pytest.mark.parametrize("damage", ["{cut sho", "[1, 2]", '{"pipeline": "classify"}'])
-def test_a_run_whose_metrics_json_is_damaged_still_predicts(trained, tmp_path, damage):
+def test_a_run_whose_metrics_json_is_damaged_still_predicts(two_steps, tmp_path, damage):
     """The stages' cards are the artefact: a metrics.json cut short, not an object or with a
     malformed stage list (a bare JSONDecodeError / AttributeError before) does not stop it."""
     import shutil
 
     run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
+    shutil.copytree(two_steps, run_dir)
     (run_dir / "metrics.json").write_text(damage)
     (tmp_path / "in.txt").write_text("great film\n")
     out = tmp_path / "p.jsonl"
@@ -75,15 +62,15 @@ def test_a_run_whose_metrics_json_is_damaged_still_predicts(trained, tmp_path, d
     assert json.loads(out.read_text())["label"] in ("neg", "pos")
 
 
-def test_a_stage_folder_given_as_the_run_names_its_run(trained, tmp_path):
+def test_a_stage_folder_given_as_the_run_names_its_run(two_steps, tmp_path):
     (tmp_path / "in.txt").write_text("great film\n")
-    msg = _predict_error(str(trained / "classify"), "--input", str(tmp_path / "in.txt"),
+    msg = _predict_error(str(two_steps / "classify"), "--input", str(tmp_path / "in.txt"),
                          "--output", str(tmp_path / "p.jsonl"))
     assert "is the folder of stage 'classify', not a run folder" in msg
-    assert f"pass the run folder that holds it: {trained}" in msg
+    assert f"pass the run folder that holds it: {two_steps}" in msg
 
 
-def test_the_exported_tokenizer_cuts_long_texts_where_the_stage_did(trained, tmp_path):
+def test_the_exported_tokenizer_cuts_long_texts_where_the_stage_did(two_steps, tmp_path):
     """A Transformers user's ``truncation=True`` (as in ``pipeline(..., truncation=True)``)
     cut at the tokenizer's model_max_length (512), not at the stage's max_length (128): texts
     longer than 128 tokens got other probabilities than ftlab.load(...).predict."""
@@ -91,8 +78,8 @@ def test_the_exported_tokenizer_cuts_long_texts_where_the_stage_did(trained, tmp
 
     texts = ["great " * 20 + "awful " * 280, "superb film"]
     want = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]]
-                         for p in ftlab.load(trained).predict(texts)])
-    export_main([str(trained), "--to", "hf", "--output", str(tmp_path / "hf")])
+                         for p in ftlab.load(two_steps).predict(texts)])
+    export_main([str(two_steps), "--to", "hf", "--output", str(tmp_path / "hf")])
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
     got = []
@@ -103,34 +90,34 @@ def test_the_exported_tokenizer_cuts_long_texts_where_the_stage_did(trained, tmp
     torch.testing.assert_close(torch.stack(got), want, atol=1e-6, rtol=1e-5)
 
 
-def test_predict_says_how_many_rows_were_cut_at_max_length(trained, caplog):
+def test_predict_says_how_many_rows_were_cut_at_max_length(two_steps, caplog):
     """Rows past the stage's max_length are cut (as in training): the prediction alone does not
     show it, so predict says how many."""
     texts = ["great film", "great " * 300, "film " * 126]  # [CLS] + 126 + [SEP]: not cut
     with caplog.at_level("WARNING", logger="ftlab.inference"):
-        preds = ftlab.load(trained).predict(texts)
+        preds = ftlab.load(two_steps).predict(texts)
     assert len(preds) == 3
     said = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
     assert said == ["1 of 3 row(s) are longer than the stage's max_length (128 tokens) and were "
                     "cut to fit it, as in training: the model did not see their ends."]
 
 
-def test_a_json_array_file_training_reads_is_predicted_too(trained, tmp_path):
+def test_a_json_array_file_training_reads_is_predicted_too(two_steps, tmp_path):
     """Training reads a .json file holding one array of objects (pretty-printed or not);
     ftlab-predict refused the same file ('line 1 is a JSON list')."""
     rows = [{"text": "great superb film", "id": 1}, {"text": "awful boring mess", "id": 2}]
     src = tmp_path / "rows.json"
     src.write_text(json.dumps(rows, indent=2))
     out = tmp_path / "p.jsonl"
-    predict_main([str(trained), "--input", str(src), "--output", str(out)])
+    predict_main([str(two_steps), "--input", str(src), "--output", str(out)])
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    want = ftlab.load(trained).predict([r["text"] for r in rows])
+    want = ftlab.load(two_steps).predict([r["text"] for r in rows])
     assert [g["label"] for g in got] == [w["label"] for w in want]
     for g, w in zip(got, want, strict=True):
         assert g["probs"] == pytest.approx(w["probs"], abs=1e-6)
     src.write_text(json.dumps([rows[0], "not an object"]))
     assert "rows.json item 2 is a JSON str, not an object" in _predict_error(
-        str(trained), "--input", str(src), "--output", str(out))
+        str(two_steps), "--input", str(src), "--output", str(out))
 
 
 @pytest.mark.parametrize(("name", "damage", "said"), [
@@ -140,14 +127,14 @@ def test_a_json_array_file_training_reads_is_predicted_too(trained, tmp_path):
     ("trainable.safetensors", None, "has a damaged trainable.safetensors"),
     ("tokenizer/tokenizer.json", "{cut", "has a damaged tokenizer/ folder"),
     ("tokenizer", "", "has no tokenizer/ folder")])
-def test_a_damaged_stage_file_is_named_with_the_fix(trained, tmp_path, name, damage, said):
+def test_a_damaged_stage_file_is_named_with_the_fix(two_steps, tmp_path, name, damage, said):
     """A run folder copied in part (a file cut short, a folder missing) or edited ended in a
     bare JSONDecodeError / AttributeError / SafetensorError / OSError traceback from predict
     and export."""
     import shutil
 
     run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
+    shutil.copytree(two_steps, run_dir)
     path = run_dir / "classify" / name
     if damage is None:  # cut short, as an interrupted copy leaves it
         path.write_bytes(path.read_bytes()[:100])
@@ -164,15 +151,15 @@ def test_a_damaged_stage_file_is_named_with_the_fix(trained, tmp_path, name, dam
     assert said in str(err.value.code)
 
 
-def test_stage_names_read_from_a_run_folder_never_leave_it(trained, tmp_path):
+def test_stage_names_read_from_a_run_folder_never_leave_it(two_steps, tmp_path):
     """A run folder is untrusted input: a stage name in its metrics.json or an init_from in a
     card with '..' loaded a stage from outside the run (here one whose labels are swapped)."""
     import shutil
 
     run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
+    shutil.copytree(two_steps, run_dir)
     outside = tmp_path / "outside"
-    shutil.copytree(trained / "classify", outside)
+    shutil.copytree(two_steps / "classify", outside)
     card = json.loads((outside / "card.json").read_text())
     (outside / "card.json").write_text(json.dumps({**card, "labels": ["pos", "neg"]}))
     record = json.loads((run_dir / "metrics.json").read_text())
@@ -186,14 +173,14 @@ def test_stage_names_read_from_a_run_folder_never_leave_it(trained, tmp_path):
         ftlab.load(run_dir)
 
 
-def test_predict_takes_a_series_an_array_or_a_generator_and_refuses_one_string(trained):
+def test_predict_takes_a_series_an_array_or_a_generator_and_refuses_one_string(two_steps):
     """df['text'] or a numpy array raised numpy's 'truth value ... is ambiguous', a generator
     'not subscriptable'; a DataFrame predicted its column names, and one string character by
     character (10 rows)."""
     import numpy as np
     import pandas as pd
 
-    model = ftlab.load(trained)
+    model = ftlab.load(two_steps)
     texts = ["great superb film", "awful boring mess"]
     want = model.predict(texts)
     for given in (pd.Series(texts), np.array(texts), (t for t in texts), tuple(texts)):
@@ -207,7 +194,7 @@ def test_predict_takes_a_series_an_array_or_a_generator_and_refuses_one_string(t
         model.predict("great film")
 
 
-def test_a_tilde_in_input_and_output_is_the_home_folder(trained, tmp_path, monkeypatch):
+def test_a_tilde_in_input_and_output_is_the_home_folder(two_steps, tmp_path, monkeypatch):
     """``--output=~/p.jsonl`` (no shell expands a ~ after '=') wrote into a folder named '~'
     under the current one, and ``--input=~/x.txt`` was 'no input file'; the run folder's ~
     was expanded already."""
@@ -215,32 +202,32 @@ def test_a_tilde_in_input_and_output_is_the_home_folder(trained, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "in.txt").write_text("great film\n")
-    predict_main([str(trained), "--input=~/in.txt", "--output=~/p.jsonl"])
+    predict_main([str(two_steps), "--input=~/in.txt", "--output=~/p.jsonl"])
     assert (tmp_path / "home" / "p.jsonl").is_file() and not (tmp_path / "~").exists()
-    export_main([str(trained), "--to", "hf", "--output=~/hf"])
+    export_main([str(two_steps), "--to", "hf", "--output=~/hf"])
     assert (tmp_path / "home" / "hf" / "config.json").is_file() and not (tmp_path / "~").exists()
 
 
-def test_a_csv_row_with_more_fields_than_its_header_is_refused(trained, tmp_path):
+def test_a_csv_row_with_more_fields_than_its_header_is_refused(two_steps, tmp_path):
     """An unquoted comma in a text split it: 'good, not great' was predicted as 'good' (the
     rest went to an unnamed extra field), silently; training's reader refuses such rows."""
     src = tmp_path / "in.csv"
     src.write_text('id,text\n1,"fine, really"\n2,good, not great\n')
-    msg = _predict_error(str(trained), "--input", str(src), "--output", str(tmp_path / "p.jsonl"))
+    msg = _predict_error(str(two_steps), "--input", str(src), "--output", str(tmp_path / "p.jsonl"))
     assert "in.csv row 2 has more fields than its header (2)" in msg
     assert "Fix: quote texts that hold the separator" in msg
 
 
-def test_a_later_dict_row_without_the_text_column_is_named(trained):
+def test_a_later_dict_row_without_the_text_column_is_named(two_steps):
     """Only the first row's columns were checked: a later row without one was a bare
     KeyError."""
     with pytest.raises(FtlabError, match=r"(?s)Row 2 has no column 'text' \(it has review\)"
                                          r".*Fix: pass the stage's text columns: text"):
-        ftlab.load(trained).predict([{"text": "great film"}, {"review": "awful"}])
+        ftlab.load(two_steps).predict([{"text": "great film"}, {"review": "awful"}])
 
 
 @pytest.mark.parametrize("packed", [".gz", ".bz2", ".xz"])
-def test_compressed_inputs_predict_as_their_plain_file(trained, tmp_path, packed):
+def test_compressed_inputs_predict_as_their_plain_file(two_steps, tmp_path, packed):
     """Training reads reviews.csv.bz2 (the default data is one): predict reads .gz, .bz2 and .xz
     text files as their plain form, and says what a file that does not decompress is."""
     import bz2
@@ -255,10 +242,10 @@ def test_compressed_inputs_predict_as_their_plain_file(trained, tmp_path, packed
     outs = []
     for src in (plain, packed_file):
         out = tmp_path / f"{src.name}.preds.jsonl"
-        predict_main([str(trained), "--input", str(src), "--output", str(out)])
+        predict_main([str(two_steps), "--input", str(src), "--output", str(out)])
         outs.append([json.loads(line) for line in out.read_text().splitlines()])
     assert len(outs[0]) == 2 and outs[0] == outs[1]
     bad = tmp_path / f"bad.jsonl{packed}"
     bad.write_bytes(b'{"text": "not compressed"}\n')
-    msg = _predict_error(str(trained), "--input", str(bad), "--output", str(tmp_path / "b.jsonl"))
+    msg = _predict_error(str(two_steps), "--input", str(bad), "--output", str(tmp_path / "b.jsonl"))
     assert f"does not decompress as {packed}" in msg and "Fix:" in msg
