@@ -178,7 +178,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     from ftlab.stage import RunContext, StageResult
     from ftlab.stage_keys import pipeline_keys
     from ftlab.store import is_rank_zero, write_json
-    from ftlab.validate import check_configs, validate
+    from ftlab.validate import check_configs, check_models_and_data
 
     callbacks = plain(cfg.get("callbacks")) or {}
     logger = plain(cfg.get("logger")) or None
@@ -194,7 +194,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
     if _reuse_finished(record, stages, callbacks, run_dir, sweep_dir, earlier):
         return
     builder = StageBuilder()
-    validate(stages, builder)  # every stage's model and data, before training
+    check_models_and_data(stages, builder)  # (its configs: above), before training
     last = builder.task(stages[-1])  # bound: monitor auto is decided by the training labels
     record["monitor"] = _judging(last)
     keys = pipeline_keys(stages, run_dir, callbacks)  # an EMA-averaged stage is another stage

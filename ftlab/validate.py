@@ -1,7 +1,7 @@
 """Check a whole run before any stage trains: a bad last stage costs seconds, not hours.
 
-``check_configs(stages, callbacks, logger)`` checks every ``_target_`` node against its
-constructor (config errors: exit 2); then ``validate(stages, builder)`` checks that the model and
+``validate(stages, builder, callbacks)`` checks every ``_target_`` node against its constructor
+(``check_configs``: config errors, exit 2), then (``check_models_and_data``) that the model and
 tokenizer paths exist, every stage's data (files, columns, labels, enough
 rows for a batch; every sub-task's of a multi-task stage: the builder loads it, and training
 reuses what it loaded), and that each PEFT
@@ -26,10 +26,20 @@ from ftlab.rules import TRAINER, check_table
 log = logging.getLogger(__name__)
 
 
-def validate(stages: list[ResolvedStage], builder: StageBuilder) -> None:
-    """Raise ``FtlabError`` for the first problem found in any stage's model or data; train
-    nothing. The stages' configs have passed ``check_configs`` (where every ``_target_``,
-    nested ones too, is checked against the allow-list before its module is imported)."""
+def validate(stages: list[ResolvedStage], builder: StageBuilder,
+             callbacks: dict[str, Any] | None = None,
+             logger: dict[str, Any] | None = None) -> None:
+    """Raise ``FtlabError`` for the first problem found in any stage; train nothing.
+
+    Every ``_target_`` (nested ones too) is checked against the allow-list
+    (``ftlab.targets``) before its module is imported."""
+    check_configs(stages, callbacks, logger)
+    check_models_and_data(stages, builder)
+
+
+def check_models_and_data(stages: list[ResolvedStage], builder: StageBuilder) -> None:
+    """``validate``'s checks after ``check_configs``: model paths, each stage's data, and that
+    its PEFT method and regulariser fit its model."""
     for model in {repr(s.model): s.model for s in stages}.values():
         check_model_path(model)
     for stage in stages:
