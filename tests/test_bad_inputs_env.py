@@ -80,7 +80,7 @@ def test_signal_before_training_is_recorded(make_cfg, sentiment_dir, tmp_path, m
     def stop(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(ftlab.validate, "validate", stop)
+    monkeypatch.setattr(ftlab.validate, "check_models_and_data", stop)  # the data checks
     with pytest.raises(SystemExit) as exit_:
         run(make_cfg(tiny_overrides(sentiment_dir)))
     assert exit_.value.code == 143
@@ -95,7 +95,7 @@ def test_signal_stops_a_sweep_too(make_cfg, sentiment_dir, tmp_path, monkeypatch
     import ftlab.run
     import ftlab.validate
 
-    monkeypatch.setattr(ftlab.validate, "validate",
+    monkeypatch.setattr(ftlab.validate, "check_models_and_data",
                         lambda *a, **k: os.kill(os.getpid(), signal.SIGINT))
     monkeypatch.setattr(ftlab.run, "_hydra_info", lambda: {
         "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "n_jobs": 1})
