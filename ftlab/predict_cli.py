@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", type=Path, required=True,
                         help="a .csv/.tsv, .jsonl, .parquet or .txt")
     parser.add_argument("--output", type=Path, required=True, help="where to write .jsonl")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output file (default: refuse)")
     parser.add_argument("--text-column", action="append", dest="text_columns",
                         help="the input's text column(s), in the stage's order (default: the "
                              "stage's own data.text_columns); repeat for pairs")
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             raise FtlabError(f"--output {args.output} is the input file: the predictions would "
                              "replace the texts.", f"name another file: --output "
                              f"{args.output.with_name(args.output.stem + '.preds.jsonl')}.")
+        if args.output.is_file() and not args.overwrite:  # earlier predictions are results too
+            raise FtlabError(f"--output {args.output} already exists.",
+                             "name another file, or pass --overwrite to replace it.")
         name, _, labels = stage_card(args.run_dir.expanduser(), args.stage)
         if not labels:  # a language-model stage (TAPT/DAPT): said before building the model
             labelled = labelled_stages(args.run_dir, but=name)

@@ -47,6 +47,21 @@ def test_predict_does_not_write_over_its_input_file(two_steps, tmp_path):
     assert src.read_text() == "great film\nawful film\n"
 
 
+def test_predict_keeps_an_earlier_predictions_file_unless_told_to_replace_it(two_steps,
+                                                                           tmp_path):
+    """A second run with the same --output replaced the first run's predictions without a
+    word; they are results too."""
+    src, out = tmp_path / "in.txt", tmp_path / "p.jsonl"
+    src.write_text("great film\nawful film\n")
+    out.write_text('{"label": "kept"}\n')
+    msg = _predict_error(str(two_steps), "--input", str(src), "--output", str(out))
+    assert "p.jsonl already exists" in msg and "pass --overwrite" in msg
+    assert out.read_text() == '{"label": "kept"}\n'
+    predict_main([str(two_steps), "--input", str(src), "--output", str(out), "--overwrite"])
+    assert [json.loads(line)["label"] != "kept" for line in out.read_text().splitlines()] == [
+        True, True]
+
+
 @pytest.mark.parametrize("damage", ["{cut sho", "[1, 2]", '{"pipeline": "classify"}'])
 def test_a_run_whose_metrics_json_is_damaged_still_predicts(two_steps, tmp_path, damage):
     """The stages' cards are the artefact: a metrics.json cut short, not an object or with a
@@ -117,7 +132,7 @@ def test_a_json_array_file_training_reads_is_predicted_too(two_steps, tmp_path):
         assert g["probs"] == pytest.approx(w["probs"], abs=1e-6)
     src.write_text(json.dumps([rows[0], "not an object"]))
     assert "rows.json item 2 is a JSON str, not an object" in _predict_error(
-        str(two_steps), "--input", str(src), "--output", str(out))
+        str(two_steps), "--input", str(src), "--output", str(tmp_path / "p2.jsonl"))
 
 
 @pytest.mark.parametrize(("name", "damage", "said"), [
