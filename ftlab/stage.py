@@ -39,7 +39,7 @@ from ftlab.pipeline import ResolvedStage
 from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors, wait_for_all_ranks
 from ftlab.strategies import full_weights
-from ftlab.tasks.base import HasSubtasks, scored_labels
+from ftlab.tasks.base import HasSubtasks, WeighsClasses, scored_labels
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                                           list(stage.data.text_columns))
         if stage.teacher_rows is None:  # soft labels: learnt at the student's temperature
             task.soft_temperature = taught["student_temperature"] = stage.student_temperature
+        if isinstance(task, WeighsClasses):  # class_weights count the labels learnt from
+            task.weigh_classes(raw.splits["train"]["label"])
     tokenizer = builder.tokenizer(stage.model)
     rt, auto = stage.runtime, stage.batch_size == "auto"
     dm = builder.datamodule(stage, raw)

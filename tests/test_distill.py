@@ -329,3 +329,39 @@ def test_a_text2text_student_of_soft_labels_is_refused(make_cfg, sentiment_dir, 
     error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
     assert "stage=text2text learns one target string per row, but these rows have soft " \
            "labels" in error and "teacher_rows: N" in error, error
+
+
+def test_balanced_class_weights_count_the_labels_the_student_learns(make_cfg, sentiment_dir,
+                                                                    monkeypatch):
+    """``class_weights: balanced`` on a distillation stage weighed classes by the gold training
+    labels, counted in bind before the teachers relabelled the rows; the student learns the
+    teachers' labels (here 3 rows in 4 'neg'), so those are what the weights count."""
+    import ftlab.distill
+    from ftlab.tasks.classify import balanced_weights, label_counts
+
+    def fixed(teachers, texts, temperature):  # 3 in 4 rows lean to the first class
+        return torch.tensor([[0.1, 0.9] if i % 4 == 3 else [0.9, 0.1]
+                             for i in range(len(texts))])
+
+    monkeypatch.setattr(ftlab.distill, "ensemble_predictions", fixed)
+    seen: list[torch.Tensor] = []
+    loss = Classify.loss
+
+    def spy(self, logits, labels):
+        if labels.is_floating_point():
+            seen.append(self.weight.double())
+        return loss(self, logits, labels)
+
+    monkeypatch.setattr(Classify, "loss", spy)
+    record = run(make_cfg(tiny_overrides(sentiment_dir) + PIPE + [
+        "+pipeline.stages.student={name: student, task: {_target_: "
+        "ftlab.tasks.classify.Classify, class_weights: balanced}, teachers: [t1, t2], "
+        "trainer: {max_steps: 3}}"]))
+    assert "student" in record["stages"], record.get("error")  # trained (3 steps: ~chance)
+    gold = [json.loads(line)["label"] for line in
+            (sentiment_dir / "train.jsonl").read_text().splitlines()]
+    assert len(set(gold)) == 2 and abs(gold.count(gold[0]) - 128) < 40  # about even
+    want = torch.tensor([256 / (2 * 192), 256 / (2 * 64)], dtype=torch.float64)
+    assert seen and all(torch.allclose(w, want) for w in seen), (seen, want)
+    assert not torch.allclose(want, balanced_weights(label_counts(
+        [0 if g == gold[0] else 1 for g in gold], 2)).double(), atol=0.1)

@@ -170,6 +170,16 @@ class ModelAware(Protocol):
 
 
 @runtime_checkable
+class WeighsClasses(Protocol):
+    """A task whose loss weighs classes by the training rows' labels (``class_weights:
+    balanced``): a distillation stage, whose teachers relabel those rows after ``bind``, has
+    it count the labels the student learns from."""
+
+    def weigh_classes(self, labels: Any) -> None:
+        """Set the class weights from the training rows' ``labels``."""
+
+
+@runtime_checkable
 class ChecksSettings(Protocol):
     """A task with settings to check against its bound labels and model before training (the
     pre-flight asks; loading a finished run does not, so a run trained with them predicts)."""

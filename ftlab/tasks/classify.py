@@ -97,12 +97,18 @@ class Classify(TaskDefaults):
             whole = raw.train_counts  # the split before the seed's subset
             self.monitor = auto_monitor(torch.tensor(whole) if whole is not None else counts,
                                         self.imbalance_ratio)
-        if self.class_weights == "balanced" and counts is not None:
-            self.weight = balanced_weights(counts)
+        if train is not None:
+            self.weigh_classes(train["label"])
         check_room(self.max_length, tokenizer, len(text_columns))
         self.tokenizer = tokenizer
         self.text_columns = list(text_columns)
         self.features = (*tokenizer.model_input_names, "labels")  # what the tokenizer emits
+
+    def weigh_classes(self, labels: Sequence[Any]) -> None:
+        """``class_weights: balanced``: weights from ``labels``, the rows the stage learns from
+        (bind's training split, or the rows its teachers labelled)."""
+        if self.class_weights == "balanced":
+            self.weight = balanced_weights(label_counts(labels, len(self.labels)))
 
     def featurize(self, batch: dict[str, list]) -> dict[str, list]:
         texts = [[as_text(t) for t in batch[c]] for c in self.text_columns]
