@@ -64,6 +64,8 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
         from ftlab.distill import is_run_dir, teacher_fingerprint
 
         spec["teacher_runs"] = [teacher_fingerprint(t) for t in stage.teachers if is_run_dir(t)]
+        if (stage.task or {}).get("class_weights") == "balanced":  # counted on the teachers'
+            spec["class_weights_from"] = "teachers"  # labels since format 1's keys: a new key
     payload = {"format": FORMAT, "stage": spec, "upstream": upstream_key}
     if weight_callbacks(callbacks):
         payload["callbacks"] = weight_callbacks(callbacks)
