@@ -97,7 +97,8 @@ class OptunaPruning(L.Callback):
         if trainer.is_global_zero and name in trainer.callback_metrics:
             score, step = float(trainer.callback_metrics[name]), trainer.global_step
             self._trial.report(score, step)
-            prune = self._trial.should_prune()
+            # the last validation: training is done, pruning would only drop a finished score
+            prune = step < trainer.estimated_stepping_batches and self._trial.should_prune()
         prune = trainer.strategy.broadcast(prune, src=0)  # every rank stops together
         if prune:
             self.outcome = {"step": trainer.global_step, "metric": name,
