@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -172,3 +173,23 @@ def _overrides(argv: list[str]) -> list[str]:
 SKIP_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
               "--config-path", "-cp",
               "--experimental-rerun")
+
+
+def run_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line ``ftlab-predict`` and ``ftlab-export`` share: the run folder,
+    ``--stage`` and ``--allow-targets`` (``load``'s arguments)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
+    parser.add_argument("--stage", help="which stage (default: the run's last)")
+    parser.add_argument("--allow-targets", action="append", metavar="MODULE",
+                        help="a module of your own code the run's config names (as the run's "
+                             "allow_targets, e.g. mypkg.); only for runs you trust")
+    return parser
+
+
+def quiet_loading() -> None:
+    """ftlab's quiet logging, and no Transformers "Loading weights" progress bars."""
+    import transformers
+
+    quiet()
+    transformers.utils.logging.disable_progress_bar()

@@ -66,7 +66,7 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     """``ftlab-export RUN_DIR [--stage NAME] --to hf --output DIR``."""
-    from ftlab.inference import quiet_loading, run_parser
+    from ftlab.cli import quiet_loading, run_parser
 
     parser = run_parser("ftlab-export", main.__doc__)
     parser.add_argument("--to", choices=["hf"], default="hf", help="the format (Transformers)")

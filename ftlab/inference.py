@@ -171,30 +171,6 @@ def _as_rows(texts: Any) -> list[Any]:
     return texts.tolist() if hasattr(texts, "tolist") else list(texts)
 
 
-def run_parser(prog: str, doc: str | None) -> Any:
-    """The command line ``ftlab-predict`` and ``ftlab-export`` share: the run folder,
-    ``--stage`` and ``--allow-targets`` (``load``'s arguments)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog, description=doc)
-    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. outputs/runs/<time>")
-    parser.add_argument("--stage", help="which stage (default: the run's last)")
-    parser.add_argument("--allow-targets", action="append", metavar="MODULE",
-                        help="a module of your own code the run's config names (as the run's "
-                             "allow_targets, e.g. mypkg.); only for runs you trust")
-    return parser
-
-
-def quiet_loading() -> None:
-    """ftlab's quiet logging, and no Transformers "Loading weights" progress bars."""
-    import transformers
-
-    from ftlab.cli import quiet
-
-    quiet()
-    transformers.utils.logging.disable_progress_bar()
-
-
 #: how ``load`` allows a run's own code (a refused ``_target_``'s fix)
 LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=['{module}.']), or --allow-targets "
             "{module}. for ftlab-predict and ftlab-export")

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ftlab.cli import quiet_loading, run_parser
 from ftlab.errors import FtlabError, choices_text, closest, separator_hint, with_article
-from ftlab.inference import load, quiet_loading, run_parser
+from ftlab.inference import load
 from ftlab.run_folder import labelled_stages, stage_card
 from ftlab.store import atomic_write
 from ftlab.writable import check_output
