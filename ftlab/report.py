@@ -185,6 +185,7 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": {str(r["seed"] if "seed" in r else r.get("job")): r.get("error")
                    for r in trouble},
         "metrics": metrics,
+        "earlier_stages": earlier_stages(done),
         "baseline": baselines,
         "delta": {m: metrics[m]["mean"] - b for m, b in baselines.items()},
         "monitor": monitor,
@@ -192,6 +193,30 @@ def _config_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "expected_validation": expected_max(val, monitor["mode"] == "max") if val else [],
         "selected": selected_run(seeds, monitor),
     }
+
+
+def earlier_stages(done: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A pipeline's stages before its last (TAPT, an intermediate task, PET's teachers), by
+    name in pipeline order: each metric's statistics over the finished jobs (``metrics`` holds
+    the last stage's). A stage that several jobs share (a fixed ``seed``: one training, reused
+    from the stage cache) counts once, by its stage key, so n is the number of trainings.
+    Empty for single-stage runs."""
+    values: dict[str, dict[str, list[float]]] = {}
+    seen: set[str] = set()
+    for rec in done:
+        keys = {line.get("stage"): line.get("key") for line in rec.get("lineage") or []
+                if isinstance(line, dict)}
+        stages = list((rec.get("stages") or {}).items())
+        for name, stage in stages[:-1]:
+            key = keys.get(name)
+            if key is not None and key in seen:
+                continue
+            seen.add(key)
+            for metric, value in ((stage or {}).get("metrics") or {}).items():
+                if "/baseline_" not in metric and finite(value):
+                    values.setdefault(name, {}).setdefault(metric, []).append(value)
+    return {name: {m: stats(v, not lower_is_better(m)) for m, v in sorted(found.items())}
+            for name, found in values.items()}
 
 
 def primary_metric(summary: dict[str, Any]) -> str | None:

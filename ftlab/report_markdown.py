@@ -47,7 +47,7 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | {st['n']} | {st['mean']:.4f} | {_ci(st)} | {_std(st)} | "
                          f"{st['best']:.4f} | " + (f"{base:.4f} | {s['delta'][m]:+.4f} |"
                                                    if base is not None else "– | – |"))
-        lines += _seed_table(s) + _selected(s)
+        lines += _earlier(s) + _seed_table(s) + _selected(s)
         evp = s.get("expected_validation") or []
         if len(evp) > 1:
             lines += ["", f"Expected best {s['monitor']['metric']} of n runs (Dodge et al. 2019): "
@@ -56,6 +56,19 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"\n- seed {seed}: {str(err).splitlines()[0] if err else 'error'}")
         lines.append("")
     return "\n".join(lines + _ranking(summary))
+
+
+def _earlier(s: dict[str, Any]) -> list[str]:
+    """The pipeline's earlier stages (the table above is its last stage's)."""
+    stages = s.get("earlier_stages") or {}
+    if not stages:
+        return []
+    rows = ["", "Earlier stages of the pipeline (the table above is the last stage's):", "",
+            "| stage | metric | n | mean | 95% CI | std |", "|---|---|---|---|---|---|"]
+    for name, metrics in stages.items():
+        rows += [f"| {name} | {m} | {st['n']} | {st['mean']:.4f} | {_ci(st)} | {_std(st)} |"
+                 for m, st in metrics.items()]
+    return rows
 
 
 def _selected(s: dict[str, Any]) -> list[str]:

@@ -59,6 +59,41 @@ def _first(name: str) -> str:
                                     .read_text())["stages"]))
 
 
+def test_a_pipeline_sweeps_report_covers_its_earlier_stages_once_per_training(tiny_pipeline,
+                                                                            tmp_path):
+    """The sweep report summarised only the last stage: a pipeline's TAPT or intermediate
+    task went unreported. A stage every seed shares (a fixed seed: trained once, then reused
+    from the cache) counts once, not as n identical runs with a zero-width interval."""
+    import json
+    from collections.abc import Iterator
+
+    from ftlab.report import markdown, write_report
+
+    def sweep(name: str, *extra: str) -> Iterator[dict]:
+        for i, seed in enumerate((1, 2)):
+            record = run(tiny_pipeline(f"seed={seed}", *extra))
+            assert record["status"] in ("ok", "failed"), record.get("error")
+            job = tmp_path / name / str(i)
+            (job / ".hydra").mkdir(parents=True)
+            (job / "metrics.json").write_text(json.dumps(record))
+            yield record
+
+    free = list(sweep("free", "pipeline.stages.tapt.seed=null"))  # TAPT trained per seed
+    [summary] = write_report(tmp_path / "free").values()
+    tapt = summary["earlier_stages"]["tapt"]["val/loss"]
+    losses = [r["stages"]["tapt"]["metrics"]["val/loss"] for r in free]
+    assert losses[0] != losses[1]
+    assert tapt["n"] == 2 and tapt["mean"] == pytest.approx(sum(losses) / 2)
+    assert list(summary["earlier_stages"]) == ["tapt"]  # the last stage is `metrics`
+    assert "| tapt | val/loss | 2 |" in markdown({"default": summary})
+    shared = list(sweep("shared"))  # tapt's seed is fixed (0): trained once, then reused
+    assert [line["cache_hit"] for line in shared[1]["lineage"]] == [True, False]
+    [summary] = write_report(tmp_path / "shared").values()
+    tapt = summary["earlier_stages"]["tapt"]["val/loss"]
+    assert (tapt["n"], tapt["ci95"]) == (1, None)
+    assert summary["metrics"]["test/acc"]["n"] == 2
+
+
 def test_cache_hit_on_rerun_and_seed_sweep_miss_on_upstream_change(tiny_pipeline, tmp_path):
     first = run(tiny_pipeline("seed=1"))
     assert first["status"] == "ok", first
