@@ -98,7 +98,7 @@ def test_signal_stops_a_sweep_too(make_cfg, sentiment_dir, tmp_path, monkeypatch
     monkeypatch.setattr(ftlab.validate, "check_models_and_data",
                         lambda *a, **k: os.kill(os.getpid(), signal.SIGINT))
     monkeypatch.setattr(ftlab.run, "_hydra_info", lambda: {
-        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "n_jobs": 1})
+        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "launcher": None})
     with pytest.raises(SystemExit) as exit_:
         run(make_cfg(tiny_overrides(sentiment_dir)))
     assert exit_.value.code == 130
