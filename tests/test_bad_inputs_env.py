@@ -408,6 +408,45 @@ def test_unwritable_run_dir_from_the_command_line(tmp_path, sentiment_dir):
                      r"point the output elsewhere with paths.log_dir=", proc.stderr, re.S)
 
 
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_override_values_too_long_for_a_folder_name(sweep, tmp_path, sentiment_dir):
+    """``${hydra.job.override_dirname}`` in the run (or job) folder with long override values:
+    one paragraph with the fix before anything is written, not Hydra's OSError traceback
+    (single run: exit 1, the folder check; sweep: exit 2, the sweep check)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    folder = ["-m", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir="
+              "${hydra.job.override_dirname}", "seed=1,2"] if sweep else \
+        [f"hydra.run.dir={tmp_path}/run/" + "${hydra.job.override_dirname}"]
+    proc = subprocess.run([sys.executable, "-m", "ftlab", *folder,
+                           *tiny_overrides(sentiment_dir), "cache.dir=" + "c" * 300],
+                          cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=env | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == (2 if sweep else 1), proc.stderr[-2000:]
+    message = proc.stderr.strip().removeprefix("ftlab: ")
+    assert re.search(r"has a name of \d+ bytes .*the file system allows 255.*Fix: keep long "
+                     r"values out of folder names", message, re.S), message
+    assert_one_paragraph(message)
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_sweep_jobs_that_would_share_a_folder_are_refused(tmp_path, sentiment_dir):
+    """``hydra.sweep.subdir=${hydra.job.override_dirname}`` leaves the seed out (conf/hydra):
+    seeds 1 and 2 would train in one folder, the second over the first's results (the report
+    then counted one job). Refused before any job runs."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, "-m", "ftlab", "-m", f"hydra.sweep.dir={tmp_path}/s",
+                           "hydra.sweep.subdir=${hydra.job.override_dirname}", "seed=1,2",
+                           *tiny_overrides(sentiment_dir)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().removeprefix("ftlab: ")
+    assert re.search(r"Sweep job 1 \(seed=2\): it would write into the folder of sweep job 0 "
+                     r".*Fix: give every job its own folder", message, re.S), message
+    assert_one_paragraph(message)
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
 # --- damaged stage-cache entries (more shapes than tests/test_safety.py's) ------------------
 
 def _store(tmp_path: Path):
