@@ -97,7 +97,7 @@ def check_sweep(config: DictConfig) -> None:
                         "over that job's results (hydra.sweep.subdir gives both the same "
                         "name).", "give every job its own folder: keep the default "
                         "hydra.sweep.subdir (${hydra.job.num}), or add what differs, e.g. "
-                        "hydra.sweep.subdir='${hydra.job.override_dirname}/seed=${seed}' "
+                        "hydra.sweep.subdir='${hydra.job.override_dirname}/${seed}' "
                         "(override_dirname leaves the seed out).")
                 check_job(cfg, job)
             except FtlabError as err:
