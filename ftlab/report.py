@@ -43,7 +43,7 @@ def collect(sweep_dir: Path, ended: bool = True, unique: bool = True) -> list[di
                 f"{job / 'metrics.json'} says ok but holds no final metrics (edited or written "
                 "by other code).\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs "
                 "that job again.")}
-        if ended and rec.get("status") == "running":
+        if ended and rec.get("status") == "running" and not elsewhere(rec):
             rec = recovered(rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "
                 "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")})
@@ -55,6 +55,18 @@ def collect(sweep_dir: Path, ended: bool = True, unique: bool = True) -> list[di
         rec["job"] = job.relative_to(sweep_dir).as_posix()
         records.append(rec)
     return dedupe(records) if unique else records
+
+
+def elsewhere(record: dict[str, Any]) -> bool:
+    """A job still running in another live process on this machine (another sweep launched
+    into the same folder): still running when this sweep ends, not killed."""
+    import os
+
+    from ftlab.status import is_alive
+
+    process = record.get("process")
+    return isinstance(process, dict) and process.get("pid") != os.getpid() and \
+        is_alive(process) is True
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:

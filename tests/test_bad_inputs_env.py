@@ -171,6 +171,24 @@ def test_killed_job_reads_as_interrupted_in_the_sweep_report(tmp_path):
     assert "interrupted (stopped or killed): 1" in markdown({"default": summary})
 
 
+def test_a_job_of_another_live_sweep_in_the_folder_is_not_reported_killed(tmp_path):
+    """Two sweeps launched into one folder: when the first ends, the second's job still runs
+    (its process lives). The first's report said it was killed."""
+    from ftlab.report import collect
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "0").mkdir()
+        (tmp_path / "0" / "metrics.json").write_text(json.dumps(_running(other.pid)))
+        [record] = collect(tmp_path)  # the sweep has ended
+        assert record["status"] == "running", record
+    finally:
+        other.kill()
+        other.wait()
+    [record] = collect(tmp_path)
+    assert record["status"] == "interrupted"  # the control: its process gone, it was killed
+
+
 def test_killed_run_folder_reads_as_interrupted_in_ftlab_report(tmp_path, capsys):
     from ftlab.report_cli import main
 
