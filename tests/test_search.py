@@ -265,6 +265,36 @@ def test_the_sweepers_tell_their_jobs_how_many_run_at_once(tmp_path, monkeypatch
             return []
 
     monkeypatch.delenv(JOBS_AT_ONCE, raising=False)
-    for sweep_dir in (tmp_path, None):  # with and without job placement
-        PlacingLauncher(Launcher(), sweep_dir).launch([["seed=1"], ["seed=2"], ["seed=3"]], 0)
+    for place in (True, False):  # with and without job placement
+        PlacingLauncher(Launcher(), tmp_path, place).launch([["seed=1"], ["seed=2"],
+                                                              ["seed=3"]], 0)
     assert seen == [(3, "3"), (3, "3")] and JOBS_AT_ONCE not in os.environ
+
+
+def test_jobs_stopped_by_ctrl_c_under_a_launcher_stop_the_sweep_as_a_stop(tmp_path, capsys):
+    """Ctrl-C reaches submitit_local's job processes: they record 'interrupted' and exit 130
+    without a result, and submitit raised UncompletedJobError: a traceback and exit status 1.
+    The sweep exits 130 with the resume command, as a stopped job does."""
+    from hydra_plugins.ftlab_sweeper.basic_sweeper import PlacingLauncher
+
+    class Stopped(RuntimeError):  # what submitit raises for a job without a result
+        pass
+
+    class Launcher:
+        def __init__(self, signal):
+            self.signal = signal
+
+        def launch(self, jobs, initial_job_idx):
+            (tmp_path / "0").mkdir(exist_ok=True)
+            (tmp_path / "0" / "metrics.json").write_text(json.dumps({
+                "status": "interrupted" if self.signal else "error",
+                "interrupted": {"signal": self.signal, "stage": "classify", "step": 3}}))
+            raise Stopped("Job 11817 has not produced any output (state: FINISHED)")
+
+    with pytest.raises(SystemExit) as exit_:
+        PlacingLauncher(Launcher("SIGINT"), tmp_path).launch([["seed=1"]], 0)
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert "Stopped by SIGINT" in err and f"ftlab -m resume={tmp_path}" in err
+    with pytest.raises(Stopped):  # the control: a launcher failure that no signal caused
+        PlacingLauncher(Launcher(None), tmp_path).launch([["seed=1"]], 0)

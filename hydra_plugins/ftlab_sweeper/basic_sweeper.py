@@ -19,22 +19,23 @@ NUMBERED = "${hydra.job.num}"
 
 class PlacingLauncher:
     """The configured launcher, with ``hydra.sweep.subdir=<n>`` added to a job whose folder
-    number is not the one Hydra would give it (``sweep_dir`` None: no placement), and the
-    batch's size in its jobs' environment."""
+    number is not the one Hydra would give it (``place``), the batch's size in its jobs'
+    environment, and jobs stopped by a signal reported as a stop (``ftlab.status``)."""
 
-    def __init__(self, launcher: Any, sweep_dir: Path | None) -> None:
-        self.launcher, self.sweep_dir = launcher, sweep_dir
+    def __init__(self, launcher: Any, sweep_dir: Path, place: bool = True) -> None:
+        self.launcher, self.sweep_dir, self.place = launcher, sweep_dir, place
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
         from ftlab.resume import place_jobs
+        from ftlab.status import stops_reported
         from ftlab.threads import launching
 
         batch = [list(job) for job in job_overrides]
-        if self.sweep_dir is not None:
+        if self.place:
             places = place_jobs(self.sweep_dir, batch, initial_job_idx)
             batch = [job if n == initial_job_idx + i else [*job, f"hydra.sweep.subdir={n}"]
                      for i, (job, n) in enumerate(zip(batch, places, strict=True))]
-        with launching(len(batch)):
+        with launching(len(batch)), stops_reported(self.sweep_dir):
             return self.launcher.launch(batch, initial_job_idx=initial_job_idx)
 
     def __getattr__(self, name: str) -> Any:
@@ -48,5 +49,5 @@ class FtlabBasicSweeper(BasicSweeper):
               config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
-        self.launcher = PlacingLauncher(
-            self.launcher, Path(config.hydra.sweep.dir) if subdir == NUMBERED else None)
+        self.launcher = PlacingLauncher(self.launcher, Path(config.hydra.sweep.dir),
+                                        place=subdir == NUMBERED)
