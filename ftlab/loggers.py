@@ -86,8 +86,12 @@ def wandb_logger(
         experiment = logger.experiment
         if not isinstance(experiment, DummyExperiment):
             experiment.config.update(config or {}, allow_val_change=True)
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(experiment.id)  # a resumed attempt continues this run
+            try:  # a resumed attempt continues this run (without the file: a new run)
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(experiment.id)
+            except OSError as err:
+                log.warning("W&B: could not keep the run id in %s (%s); a resumed stage "
+                            "will start a new W&B run.", id_file, err.strerror or err)
     except Exception as err:  # noqa: BLE001 - W&B is extra: the CSV logs and metrics.json stay
         log.warning("W&B could not start (%s: %s); stage %s trains without W&B logging (CSV logs "
                     "and metrics.json are written as usual). Fix: `pip install wandb`, check "

@@ -13,6 +13,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+#: room left in a run folder's path for what a run writes inside it
+#: (<stage>/checkpoints/state.ckpt.tmp/tensors.safetensors, csv/version_0/metrics.csv...)
+INSIDE = 256
 #: bytes the probe writes: a folder with less free space is as good as full
 PROBE_BYTES = 256 * 1024
 
@@ -24,12 +27,21 @@ def check_names(folder: str | Path, what: str = "The output folder") -> None:
     from ftlab.errors import FtlabError
 
     path = Path(folder).absolute()
-    name_max = 255  # the limit of the deepest folder that exists (its file system's)
+    name_max, path_max = 255, 4096  # the limits of the deepest folder that exists
     for parent in reversed(path.parents):  # from the root down: no stat of a too-long name
         try:
             name_max = os.pathconf(parent, "PC_NAME_MAX")
+            path_max = os.pathconf(parent, "PC_PATH_MAX")
         except (OSError, ValueError):
             break
+    if len(os.fsencode(str(path))) + INSIDE > path_max:
+        raise FtlabError(
+            f"{what} {str(path)[:80]}... is {len(os.fsencode(str(path)))} bytes long; with the "
+            f"files a run writes inside it (~{INSIDE} bytes more) it passes the file system's "
+            f"{path_max}.", "keep long values out of folder names: Hydra's default "
+            "hydra.run.dir (the time) and hydra.sweep.subdir (${hydra.job.num}) hold none; "
+            "with ${hydra.job.override_dirname} in the folder, leave the long keys out "
+            "(hydra.job.config.override_dirname.exclude_keys=[seed,KEY]).")
     for part in path.parts:
         if len(os.fsencode(part)) > name_max:
             raise FtlabError(

@@ -448,6 +448,22 @@ def test_override_values_too_long_for_a_folder_name(sweep, tmp_path, sentiment_d
     assert not list(tmp_path.rglob("metrics.json"))
 
 
+def test_a_run_folder_too_deep_for_the_files_inside_it_is_refused_up_front(tmp_path):
+    """Values holding paths nest ${hydra.job.override_dirname} folders: a folder just under
+    the file system's path limit (4096 bytes) was created, and the run failed later, writing
+    a checkpoint or log inside it."""
+    from ftlab.writable import check_writable
+
+    deep = tmp_path.joinpath(*["d" * 200] * ((3950 - len(str(tmp_path))) // 201))
+    with pytest.raises(FtlabError) as err:
+        check_writable(deep)
+    assert re.search(r"bytes long; with the files a run writes inside it .* passes the file "
+                     r"system's 4096.*Fix: keep long values out of folder names", str(err.value),
+                     re.S)
+    assert_one_paragraph(str(err.value))
+    assert not (tmp_path / ("d" * 200)).exists()  # nothing created
+
+
 def test_sweep_jobs_that_would_share_a_folder_are_refused(tmp_path, sentiment_dir):
     """``hydra.sweep.subdir=${hydra.job.override_dirname}`` leaves the seed out (conf/hydra):
     seeds 1 and 2 would train in one folder, the second over the first's results (the report
