@@ -10,7 +10,8 @@
 - Summary: when a multirun ends, each configuration of the sweep gets a run with
   ``job_type: summary`` in the jobs' own group (``<sweep>/<config>``) with two tables,
   ``cross_seed`` (metric, n, mean, its 95% interval, std, median, min, max) and
-  ``per_seed`` (one row per seed).
+  ``per_seed`` (one row per seed). A re-launch of the sweep logs to the same summary run
+  (its id comes from the sweep folder and configuration), so each configuration has one.
 """
 
 from __future__ import annotations
@@ -85,6 +86,16 @@ def wandb_node(config: Any) -> dict[str, Any] | None:
     return node if node and str(node.get("_target_", "")).endswith("wandb_logger") else None
 
 
+def summary_run_id(sweep_dir: Path, group: str) -> str:
+    """The summary run's W&B id: the same for a configuration's every report in one sweep
+    folder (a re-launch, ``ftlab -m resume=<sweep>``, updates that run's tables instead of
+    adding a second summary run to the group)."""
+    import hashlib
+
+    where = f"{Path(sweep_dir).resolve()}\n{group}"
+    return "summary-" + hashlib.sha256(where.encode()).hexdigest()[:24]
+
+
 def log_sweep_summary(config: Any, sweep_dir: Path, summary: dict[str, Any]) -> int:
     """One ``summary`` run per configuration with the cross-seed tables (when the sweep logs
     to W&B). Returns the number of runs logged."""
@@ -105,6 +116,7 @@ def log_sweep_summary(config: Any, sweep_dir: Path, summary: dict[str, Any]) -> 
         run = wandb.init(project=node.get("project", "ftlab"), entity=node.get("entity"),
                          dir=str(sweep_dir), mode=mode, group=group, job_type="summary",
                          name=f"summary/{key}", reinit="finish_previous",
+                         id=summary_run_id(sweep_dir, group), resume="allow",
                          config={"sweep": sweep_dir.name, "configuration": key,
                                  "runs": s["runs"], "errored": s["errored"]})
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -11,6 +12,9 @@ from omegaconf import DictConfig
 from ftlab.config import instantiate_checked
 
 log = logging.getLogger(__name__)
+
+#: the stage's W&B run id, beside W&B's own files (``<stage>/wandb/``), for a resumed attempt
+RUN_ID_FILE = "ftlab-run-id"
 
 
 def build_loggers(nodes: DictConfig | None, **context: Any) -> list:
@@ -43,12 +47,17 @@ def wandb_logger(
     config: dict | None = None,
     entity: str | None = None,
     mode: str = "auto",
+    resuming: bool = False,
 ):
     """A Lightning ``WandbLogger`` that never hangs without a network.
 
     ``mode``: ``online``, ``offline`` or ``auto`` (online only when an API key is configured
     and the W&B server answers within 3 s; offline runs sync later with
     ``wandb sync <save_dir>/wandb/offline-run-*``).
+
+    ``resuming``: the stage continues from its checkpoint, so it continues the W&B run the
+    interrupted attempt started (its id is kept in ``<save_dir>/wandb/ftlab-run-id``) instead
+    of starting a second run of the same stage. A stage that starts over gets a new run.
 
     W&B is extra to the CSV logs: when it cannot start (not installed, ``wandb.init`` fails)
     the stage trains without it, with a warning, and this returns None.
@@ -65,8 +74,10 @@ def wandb_logger(
             log.info("W&B is offline; sync later with `wandb sync %s/wandb/offline-run-*`",
                      save_dir)
         os.makedirs(save_dir, exist_ok=True)
+        id_file = Path(save_dir) / "wandb" / RUN_ID_FILE
+        earlier = id_file.read_text().strip() if resuming and id_file.is_file() else None
         logger = WandbLogger(project=project, save_dir=save_dir, name=name, group=group,
-                             job_type=job_type, tags=tags, entity=entity,
+                             job_type=job_type, tags=tags, entity=entity, id=earlier or None,
                              offline=mode == "offline", reinit="finish_previous")
         # Lightning 2.6 always passes anonymous=None, which wandb >= 0.19 warns about
         logger._wandb_init.pop("anonymous", None)
@@ -75,6 +86,12 @@ def wandb_logger(
         experiment = logger.experiment
         if not isinstance(experiment, DummyExperiment):
             experiment.config.update(config or {}, allow_val_change=True)
+            try:  # a resumed attempt continues this run (without the file: a new run)
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(experiment.id)
+            except OSError as err:
+                log.warning("W&B: could not keep the run id in %s (%s); a resumed stage "
+                            "will start a new W&B run.", id_file, err.strerror or err)
     except Exception as err:  # noqa: BLE001 - W&B is extra: the CSV logs and metrics.json stay
         log.warning("W&B could not start (%s: %s); stage %s trains without W&B logging (CSV logs "
                     "and metrics.json are written as usual). Fix: `pip install wandb`, check "

@@ -36,16 +36,14 @@ def collect(sweep_dir: Path, ended: bool = True, unique: bool = True) -> list[di
     another host, where its process cannot be looked up) was killed; otherwise (``ftlab-report``
     during a sweep) it is still running. ``unique``: one record per job (:func:`dedupe`)."""
     records = []
-    jobs = (p for p in sweep_dir.iterdir() if is_job(p))  # Hydra's job numbers: 0, 1, 2... 10
-    for job in sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if
-                                           p.name.isdigit() else 0, p.name)):
+    for job in job_folders(sweep_dir):
         rec = job_record(job / "metrics.json")
         if rec.get("status") == "ok" and not isinstance(rec.get("final"), dict):
             rec = rec | {"status": "missing", "failed": True, "error": (
                 f"{job / 'metrics.json'} says ok but holds no final metrics (edited or written "
                 "by other code).\nFix: re-launch the sweep (ftlab -m resume=<sweep>): it runs "
                 "that job again.")}
-        if ended and rec.get("status") == "running":
+        if ended and rec.get("status") == "running" and not elsewhere(rec):
             rec = recovered(rec | {"status": "interrupted", "failed": True, "error": (
                 "The job still read 'running' when its sweep ended: it was killed without "
                 "recording an outcome.\nFix: re-launch the sweep (ftlab -m resume=<sweep>).")})
@@ -54,9 +52,40 @@ def collect(sweep_dir: Path, ended: bool = True, unique: bool = True) -> list[di
             seeds = [o.split("=", 1)[1] for o in rec["overrides"] if o.startswith("seed=")]
             if seeds and seeds[-1].isdigit():
                 rec["seed"] = int(seeds[-1])
-        rec["job"] = job.name
+        rec["job"] = job.relative_to(sweep_dir).as_posix()
         records.append(rec)
     return dedupe(records) if unique else records
+
+
+def elsewhere(record: dict[str, Any]) -> bool:
+    """A job still running in another live process on this machine (another sweep launched
+    into the same folder): still running when this sweep ends, not killed."""
+    import os
+
+    from ftlab.status import is_alive
+
+    process = record.get("process")
+    return isinstance(process, dict) and process.get("pid") != os.getpid() and \
+        is_alive(process) is True
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """The sweep's job folders, Hydra's job numbers first (0, 1, 2... 10). Found at any depth:
+    a ``hydra.sweep.subdir`` of ``${hydra.job.override_dirname}`` nests a job whose values hold
+    a ``/`` (a data file's path) in folders of its own. Hidden folders (``.submitit``) and the
+    folders inside a job are not searched."""
+    found, todo = [], [p for p in sweep_dir.iterdir() if p.is_dir()]
+    while todo:
+        folder = todo.pop()
+        if folder.name.startswith("."):
+            continue
+        if is_job(folder):
+            found.append(folder)
+        else:
+            todo += [p for p in folder.iterdir() if p.is_dir()]
+    return sorted(found, key=lambda p: (not p.name.isdigit() or p.parent != sweep_dir,
+                                        int(p.name) if p.name.isdigit() else 0,
+                                        p.relative_to(sweep_dir).as_posix()))
 
 
 def is_job(folder: Path) -> bool:

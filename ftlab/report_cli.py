@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ftlab.record import finished_of
-from ftlab.report import STOPPED, is_job, is_search, job_record, outcome, write_report
+from ftlab.report import STOPPED, is_search, job_folders, job_record, outcome, write_report
 from ftlab.status import DEGENERATE_EXIT
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.exists():
         sys.exit(f"ftlab-report: {args.sweep_dir} does not exist.\nFix: pass a folder that "
                  "ftlab wrote (outputs/multirun/<time> or outputs/runs/<time>).")
-    if not args.sweep_dir.is_dir() or not any(map(is_job, args.sweep_dir.iterdir())):
+    if not args.sweep_dir.is_dir() or not job_folders(args.sweep_dir):
         sys.exit(f"ftlab-report: {args.sweep_dir} is not a multirun folder (no job folder "
                  "inside: */.hydra or */metrics.json).\n"
                  "Fix: pass the folder a `ftlab -m ...` sweep wrote, under outputs/multirun/, or "

@@ -54,7 +54,9 @@ def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None =
     then the other job folders of ``sweep_dir``; None if there is none."""
     folders = [run_dir]
     if sweep_dir is not None and sweep_dir.is_dir():
-        folders += sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != run_dir)
+        from ftlab.report import job_folders
+
+        folders += [p for p in job_folders(sweep_dir) if p != run_dir]
     from ftlab.record import finished_of
 
     for folder in folders:  # (a re-run that did not finish: the finished job it kept)
@@ -214,6 +216,13 @@ def recorded_overrides(folder: Path) -> tuple[str, ...] | None:
     overrides = record.get("overrides") if record else None
     if not isinstance(overrides, list):
         overrides = hydra_overrides(folder)
+    if overrides is None:  # placed, then stopped before Hydra wrote anything: its claim
+        import json
+
+        try:
+            overrides = json.loads((folder / CLAIM).read_text())
+        except (OSError, ValueError):
+            return None
     return tuple(sorted(map(str, overrides))) if overrides is not None else None
 
 
@@ -236,10 +245,34 @@ def place_jobs(sweep_dir: Path, batch: list[list[str]], start: int) -> list[int]
         same = sorted(n for n, ov in existing.items() if ov == want and n not in used)
         if same:
             n = same[0]
-        elif start + i not in existing and start + i not in used:
-            n = start + i
         else:
-            n, fresh = fresh, fresh + 1
+            n = start + i if start + i not in existing and start + i not in used else fresh
+            while not claim(sweep_dir / str(n), job):  # another sweep took it since
+                n = max(n + 1, fresh)
+            fresh = max(fresh, n + 1)
         used.add(n)
         out.append(n)
     return out
+
+
+#: a new job folder's first file: its overrides, written before the job starts
+CLAIM = ".ftlab-job"
+
+
+def claim(folder: Path, job: list[str]) -> bool:
+    """Take ``folder`` for ``job`` (create it with :data:`CLAIM` in it), atomically: False
+    when it already holds anything. Two sweeps launched into one folder at once (or in the
+    same second: the same ``outputs/multirun/<time>``) so never place two jobs in one folder."""
+    import json
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(p.name != CLAIM for p in folder.iterdir()):
+        return False
+    try:
+        fd = os.open(folder / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(list(map(str, job)), f)
+    return True

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from ftlab.record import (
     save_record,
 )
 from ftlab.seedstats import failure
+from ftlab.threads import set_threads
 
 log = logging.getLogger("ftlab")
 
@@ -33,34 +33,20 @@ def _hydra_info() -> dict[str, Any]:
 
     if not HydraConfig.initialized():
         return {"multirun": False, "overrides": [], "sweep": None, "job": "run", "choices": {},
-                "n_jobs": 1}
+                "launcher": None}
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    n_jobs = (hc.launcher.get("n_jobs") if multirun and hc.get("launcher") else None) or 1
+    launcher = hc.get("launcher") if multirun else None  # how many jobs run beside this one
     return {"multirun": multirun, "overrides": list(hc.overrides.task),
             "sweep": Path(hc.sweep.dir).name if multirun else None,
             "job": hc.job.override_dirname or "default", "choices": dict(hc.runtime.choices),
-            "n_jobs": n_jobs}
+            "launcher": OmegaConf.to_container(launcher, resolve=False) if launcher else None}
 
 
 def config_key(overrides: list[str]) -> str:
     """The configuration a job belongs to: its overrides other than the seed."""
     rest = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "seed")
     return ",".join(rest) or "default"
-
-
-def set_threads(n_jobs: int) -> int:
-    """Torch threads = the cores this process may use / the jobs running at once (a parallel
-    launcher's ``n_jobs``; -1 means one per core). ``OMP_NUM_THREADS`` set by the user wins."""
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parallel = cores if n_jobs < 1 else min(n_jobs, cores)
-    threads = max(1, (cores or 1) // max(1, parallel))
-    torch.set_num_threads(threads)
-    return threads
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -83,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     key = config_key(hydra["overrides"])
     record: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "config_key": key,
                               "overrides": hydra["overrides"], "stages": {},
-                              "torch_threads": set_threads(hydra.get("n_jobs", 1)),
+                              "torch_threads": set_threads(hydra.get("launcher")),
                               "process": process_identity()}  # a later look tells a killed job
     out = run_dir / "metrics.json"
     from ftlab.resume import read_record

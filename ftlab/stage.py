@@ -115,10 +115,10 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                             check_finite_every=rt.check_finite_every_n_steps,
                             cudagraphs=rt.cudagraphs())
     keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput(flop_rule(model))
-    context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
-                                 "job_type": stage.name}
     spec, ckpt_dir = run.checkpoint, stage_dir / "checkpoints"
     resume = latest_checkpoint(ckpt_dir, key) if spec and spec.enabled else None
+    context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
+                                 "job_type": stage.name, "resuming": resume is not None}
     resumed_step = _step(resume)
     if resume is not None:
         log.info("Stage %s resumes from step %s (%s).", stage.name, resumed_step, resume)

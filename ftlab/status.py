@@ -17,7 +17,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ftlab")
@@ -69,6 +71,48 @@ def catch_signals() -> Callable[[], None]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
     return restore
+
+
+@contextmanager
+def stops_reported(sweep_dir: Path) -> Iterator[None]:
+    """Around a sweeper's launch: when the launcher fails because jobs were stopped by a signal
+    (Ctrl-C reaches ``submitit_local``'s job processes, which record ``interrupted`` and exit
+    130 without a result: submitit's ``UncompletedJobError``), exit as a stopped single run
+    does (128 + the signal, one paragraph), not with the launcher's traceback."""
+    import sys
+
+    began = time.time()
+    try:
+        yield
+    except Exception:
+        signal_name = _stopped_since(sweep_dir, began)
+        if signal_name is None:
+            raise
+        print(f"\nftlab: Stopped by {signal_name}: the sweep's running jobs recorded status "
+              "'interrupted' (metrics.json) with the stage and step.\nFix: `ftlab -m "
+              f"resume={sweep_dir}` continues them from their last checkpoints (finished jobs "
+              "are not run again).\n", file=sys.stderr)
+        sys.exit(128 + signal.Signals[signal_name].value)
+
+
+def _stopped_since(sweep_dir: Path, since: float) -> str | None:
+    """The signal that stopped a job of ``sweep_dir`` whose record changed since ``since``."""
+    import json
+
+    from ftlab.report import job_folders
+
+    for job in job_folders(sweep_dir) if sweep_dir.is_dir() else []:
+        try:
+            if (job / "metrics.json").stat().st_mtime < since:
+                continue
+            record = json.loads((job / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue
+        stop = record.get("interrupted") if isinstance(record, dict) else None
+        if record.get("status") == "interrupted" and isinstance(stop, dict) and \
+                stop.get("signal") in signal.Signals.__members__:
+            return stop["signal"]
+    return None
 
 
 def _start_ticks(pid: int) -> int | None:

@@ -114,6 +114,12 @@ def environment_error(err: BaseException, path: str | Path | None = None,
             "cannot be written (permission denied)"
         return FtlabError(f"{where} {why}{intact}.",
                           f"{elsewhere}, or make the folder writable (chmod u+w / chown).")
+    if code == errno.ENAMETOOLONG:
+        return FtlabError(f"Cannot write {where}: a name in its path is longer than the file "
+                          f"system allows{intact}.", "keep long override values out of folder "
+                          "names (no ${hydra.job.override_dirname} in hydra.run.dir or "
+                          "hydra.sweep.subdir, or leave the long keys out of it with "
+                          "hydra.job.config.override_dirname.exclude_keys=[seed,KEY]).")
     if code == errno.ENOTDIR:
         return FtlabError(f"Cannot write {where}: a part of its path is a file, not a folder.",
                           f"{elsewhere}, or move that file away.")

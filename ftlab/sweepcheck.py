@@ -65,11 +65,14 @@ def check_sweep(config: DictConfig) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from ftlab.writable import check_names
+
     jobs = sweep_jobs(config)
     if not jobs or len(jobs) < 2:
         return  # one job checks itself before it trains
     loader = GlobalHydra.instance().config_loader()
     saved = HydraConfig.instance().cfg
+    folders: dict[str, int] = {}  # each job's folder: the first job that has it
     try:
         varying = _varying(jobs)
         for num, job in enumerate(jobs):
@@ -86,6 +89,16 @@ def check_sweep(config: DictConfig) -> None:
                 cfg.hydra.runtime.output_dir = f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}"
             HydraConfig.instance().set_config(cfg)  # ${hydra:...} as in the job
             try:
+                folder = str(cfg.hydra.runtime.output_dir)
+                check_names(folder, "The job's folder")
+                if (first := folders.setdefault(folder, num)) != num:
+                    raise FtlabError(
+                        f"it would write into the folder of sweep job {first} ({folder}), "
+                        "over that job's results (hydra.sweep.subdir gives both the same "
+                        "name).", "give every job its own folder: keep the default "
+                        "hydra.sweep.subdir (${hydra.job.num}), or add what differs, e.g. "
+                        "hydra.sweep.subdir='${hydra.job.override_dirname}/${seed}' "
+                        "(override_dirname leaves the seed out).")
                 check_job(cfg, job)
             except FtlabError as err:
                 raise FtlabError(f"{where}: {err.problem} Nothing ran: every job of a sweep is "

@@ -13,13 +13,50 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+#: room left in a run folder's path for what a run writes inside it
+#: (<stage>/checkpoints/state.ckpt.tmp/tensors.safetensors, csv/version_0/metrics.csv...)
+INSIDE = 256
 #: bytes the probe writes: a folder with less free space is as good as full
 PROBE_BYTES = 256 * 1024
+
+
+def check_names(folder: str | Path, what: str = "The output folder") -> None:
+    """Raise ``FtlabError`` when a name in ``folder``'s path is longer than its file system
+    allows (255 bytes on most): Hydra's ``${hydra.job.override_dirname}`` in a run or job
+    folder puts every override value in one name."""
+    from ftlab.errors import FtlabError
+
+    path = Path(folder).absolute()
+    name_max, path_max = 255, 4096  # the limits of the deepest folder that exists
+    for parent in reversed(path.parents):  # from the root down: no stat of a too-long name
+        try:
+            name_max = os.pathconf(parent, "PC_NAME_MAX")
+            path_max = os.pathconf(parent, "PC_PATH_MAX")
+        except (OSError, ValueError):
+            break
+    if len(os.fsencode(str(path))) + INSIDE > path_max:
+        raise FtlabError(
+            f"{what} {str(path)[:80]}... is {len(os.fsencode(str(path)))} bytes long; with the "
+            f"files a run writes inside it (~{INSIDE} bytes more) it passes the file system's "
+            f"{path_max}.", "keep long values out of folder names: Hydra's default "
+            "hydra.run.dir (the time) and hydra.sweep.subdir (${hydra.job.num}) hold none; "
+            "with ${hydra.job.override_dirname} in the folder, leave the long keys out "
+            "(hydra.job.config.override_dirname.exclude_keys=[seed,KEY]).")
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise FtlabError(
+                f"{what} {str(path)[:80]}... has a name of {len(os.fsencode(part))} bytes "
+                f"('{part[:40]}...'); the file system allows {name_max}.",
+                "keep long values out of folder names: Hydra's default hydra.run.dir (the "
+                "time) and hydra.sweep.subdir (${hydra.job.num}) hold none; with "
+                "${hydra.job.override_dirname} in the folder, leave the long keys out "
+                "(hydra.job.config.override_dirname.exclude_keys=[seed,KEY]).")
 
 
 def check_writable(folder: str | Path) -> None:
     """Create ``folder`` (and parents) and write, flush and fsync a small probe file in it;
     raise ``FtlabError`` (with the fix) when the file system refuses."""
+    check_names(folder)
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".ftlab-probe-") as probe:

@@ -429,7 +429,7 @@ def test_nan_loss_fails_the_job_and_the_sweep_goes_on(make_cfg, sentiment_dir, m
     overrides = tiny_overrides(sentiment_dir) + FAST + ["cache.stages=off"]
     cfg = make_cfg(overrides)
     monkeypatch.setattr(ftlab.run, "_hydra_info", lambda: {  # a sweep job returns, not exits
-        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "n_jobs": 1})
+        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "launcher": None})
     record = run(cfg)
     assert record["status"] == "error" and record["failed"]
     assert re.search(r"training loss became nan at step 0.*Fix: lower stage.optim.lr",

@@ -98,7 +98,7 @@ def test_signal_stops_a_sweep_too(make_cfg, sentiment_dir, tmp_path, monkeypatch
     monkeypatch.setattr(ftlab.validate, "check_models_and_data",
                         lambda *a, **k: os.kill(os.getpid(), signal.SIGINT))
     monkeypatch.setattr(ftlab.run, "_hydra_info", lambda: {
-        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "n_jobs": 1})
+        "multirun": True, "overrides": [], "sweep": "sweep", "job": "job", "launcher": None})
     with pytest.raises(SystemExit) as exit_:
         run(make_cfg(tiny_overrides(sentiment_dir)))
     assert exit_.value.code == 130
@@ -169,6 +169,24 @@ def test_killed_job_reads_as_interrupted_in_the_sweep_report(tmp_path):
     [summary] = summarize(records).values()
     assert summary["errored"] == 1 and summary["interrupted"] == 1
     assert "interrupted (stopped or killed): 1" in markdown({"default": summary})
+
+
+def test_a_job_of_another_live_sweep_in_the_folder_is_not_reported_killed(tmp_path):
+    """Two sweeps launched into one folder: when the first ends, the second's job still runs
+    (its process lives). The first's report said it was killed."""
+    from ftlab.report import collect
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "0").mkdir()
+        (tmp_path / "0" / "metrics.json").write_text(json.dumps(_running(other.pid)))
+        [record] = collect(tmp_path)  # the sweep has ended
+        assert record["status"] == "running", record
+    finally:
+        other.kill()
+        other.wait()
+    [record] = collect(tmp_path)
+    assert record["status"] == "interrupted"  # the control: its process gone, it was killed
 
 
 def test_killed_run_folder_reads_as_interrupted_in_ftlab_report(tmp_path, capsys):
@@ -406,6 +424,61 @@ def test_unwritable_run_dir_from_the_command_line(tmp_path, sentiment_dir):
     assert "Traceback" not in proc.stderr
     assert re.search(r"ftlab-battery-probe/run cannot be written \(permission denied\).*Fix: "
                      r"point the output elsewhere with paths.log_dir=", proc.stderr, re.S)
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_override_values_too_long_for_a_folder_name(sweep, tmp_path, sentiment_dir):
+    """``${hydra.job.override_dirname}`` in the run (or job) folder with long override values:
+    one paragraph with the fix before anything is written, not Hydra's OSError traceback
+    (single run: exit 1, the folder check; sweep: exit 2, the sweep check)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    folder = ["-m", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir="
+              "${hydra.job.override_dirname}", "seed=1,2"] if sweep else \
+        [f"hydra.run.dir={tmp_path}/run/" + "${hydra.job.override_dirname}"]
+    proc = subprocess.run([sys.executable, "-m", "ftlab", *folder,
+                           *tiny_overrides(sentiment_dir), "cache.dir=" + "c" * 300],
+                          cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=env | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == (2 if sweep else 1), proc.stderr[-2000:]
+    message = proc.stderr.strip().removeprefix("ftlab: ")
+    assert re.search(r"has a name of \d+ bytes .*the file system allows 255.*Fix: keep long "
+                     r"values out of folder names", message, re.S), message
+    assert_one_paragraph(message)
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_a_run_folder_too_deep_for_the_files_inside_it_is_refused_up_front(tmp_path):
+    """Values holding paths nest ${hydra.job.override_dirname} folders: a folder just under
+    the file system's path limit (4096 bytes) was created, and the run failed later, writing
+    a checkpoint or log inside it."""
+    from ftlab.writable import check_writable
+
+    deep = tmp_path.joinpath(*["d" * 200] * ((3950 - len(str(tmp_path))) // 201))
+    with pytest.raises(FtlabError) as err:
+        check_writable(deep)
+    assert re.search(r"bytes long; with the files a run writes inside it .* passes the file "
+                     r"system's 4096.*Fix: keep long values out of folder names", str(err.value),
+                     re.S)
+    assert_one_paragraph(str(err.value))
+    assert not (tmp_path / ("d" * 200)).exists()  # nothing created
+
+
+def test_sweep_jobs_that_would_share_a_folder_are_refused(tmp_path, sentiment_dir):
+    """``hydra.sweep.subdir=${hydra.job.override_dirname}`` leaves the seed out (conf/hydra):
+    seeds 1 and 2 would train in one folder, the second over the first's results (the report
+    then counted one job). Refused before any job runs."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, "-m", "ftlab", "-m", f"hydra.sweep.dir={tmp_path}/s",
+                           "hydra.sweep.subdir=${hydra.job.override_dirname}", "seed=1,2",
+                           *tiny_overrides(sentiment_dir)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().removeprefix("ftlab: ")
+    assert re.search(r"Sweep job 1 \(seed=2\): it would write into the folder of sweep job 0 "
+                     r".*Fix: give every job its own folder", message, re.S), message
+    assert_one_paragraph(message)
+    assert not list(tmp_path.rglob("metrics.json"))
 
 
 # --- damaged stage-cache entries (more shapes than tests/test_safety.py's) ------------------

@@ -45,3 +45,24 @@ def test_sweep_logs_summary_tables_and_stage_lineage_offline(tmp_path, sentiment
     second = {line["stage"]: line for line in records[1]["lineage"]}
     assert second["tapt"]["cache_hit"] and second["tapt"]["artifact"] is None  # reused: no run
     assert second["task"]["artifact"] == second["task"]["key"] != first["task"]["key"]
+
+
+def test_a_relaunched_sweep_updates_its_summary_run_not_a_second_one(tmp_path):
+    """The report runs again when a sweep is re-launched (``ftlab -m resume=<sweep>``): each
+    configuration keeps one summary run (the same W&B id), not one more per launch."""
+    from omegaconf import OmegaConf
+
+    from ftlab.dashboards import log_sweep_summary
+    from ftlab.report import write_report
+    from tests.test_report import rec
+
+    config = OmegaConf.create({"logger": {"wandb": {"_target_": "ftlab.loggers.wandb_logger",
+                                                    "mode": "offline"}}})
+    for seed in (1, 2, 3):  # the first launch ran seeds 1 and 2, the re-launch adds 3
+        job = tmp_path / str(seed - 1)
+        job.mkdir()
+        (job / "metrics.json").write_text(json.dumps(rec(seed, 0.7 + seed / 20)))
+        if seed > 1:
+            assert log_sweep_summary(config, tmp_path, write_report(tmp_path)) == 1
+    runs = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs

@@ -62,3 +62,35 @@ def test_a_ddp_rank_other_than_zero_gets_a_logger_without_a_wandb_run(tmp_path, 
                                   job_type="classify", config={"seed": 3}, mode="offline")
     assert logger is not None and isinstance(logger.experiment, DummyExperiment)
     assert "could not start" not in caplog.text and not list(tmp_path.glob("wandb/offline-*"))
+
+
+def test_a_resumed_stage_continues_its_wandb_run(make_cfg, sentiment_dir, monkeypatch, tmp_path):
+    """Killed mid-stage, then re-run: the stage resumes its checkpoint and logs to the same W&B
+    run (one run per stage in W&B, not a second one starting at the checkpoint's step)."""
+    import pytest
+    from omegaconf import open_dict
+
+    import ftlab.callbacks
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    cfg = make_cfg([o for o in tiny_overrides(sentiment_dir) if o != "logger=none"] + [
+        "logger=wandb", "logger.wandb.mode=offline", "data.max_train_samples=64",
+        "trainer.max_steps=8", "trainer.max_epochs=4", "checkpoint.every_n_steps=2",
+        f"cache.dir={tmp_path / 'c'}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+
+    def crash(self, trainer, *args):
+        if trainer.global_step == 5:
+            raise RuntimeError("killed at step 5")
+
+    with monkeypatch.context() as m:
+        m.setattr(ftlab.callbacks.KeepBest, "on_train_batch_end", crash, raising=False)
+        with pytest.raises(SystemExit):
+            run(cfg)
+    resumed = run(cfg)
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 4
+    attempts = sorted((tmp_path / "run" / "classify" / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2, attempts
+    assert len({a.name.rsplit("-", 1)[1] for a in attempts}) == 1, attempts  # one run id

@@ -573,3 +573,22 @@ def test_a_metric_monitored_with_mode_min_is_ranked_by_its_lowest_value():
     assert low["rank"] == {"metric": "test/mean", "rank": 1} and high["rank"]["rank"] == 2
     assert low["metrics"]["test/mean"]["best"] == pytest.approx(0.3)
     assert low["metrics"]["val/mean"]["best"] == pytest.approx(0.2)
+
+
+def test_report_finds_job_folders_nested_by_their_overrides(tmp_path, capsys):
+    """``hydra.sweep.subdir='${hydra.job.override_dirname}/${seed}'`` (the sweep check's
+    advice for one folder per job): a data file's path in the overrides nests each job folder
+    several levels down. The report and ftlab-report must count those jobs (they found none:
+    an empty summary, exit status 0)."""
+    key = "data.files.train=/data/a.jsonl"
+    for seed, acc in ((1, 0.8), (2, 0.9)):
+        job = tmp_path / "data.files.train=" / "data" / "a.jsonl" / str(seed)
+        (job / ".hydra").mkdir(parents=True)
+        (job / "metrics.json").write_text(json.dumps(rec(seed, acc, key=key)))
+    (tmp_path / ".submitit" / "123").mkdir(parents=True)  # launcher files: not a job
+    summary = write_report(tmp_path)
+    assert summary["default"]["runs"] == 2 and summary["default"]["metrics"]["test/acc"]["n"] == 2
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code in (0, None)
+    assert "runs: 2" in capsys.readouterr().out

@@ -15,7 +15,8 @@ from ftlab.cli import CONFIG_DIR
 from ftlab.errors import FtlabError
 from ftlab.overrides import explicit_keys
 from ftlab.pipeline import build_pipeline
-from ftlab.run import run, set_threads
+from ftlab.run import run
+from ftlab.threads import set_threads
 from tests.conftest import tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -161,17 +162,37 @@ def test_the_objective_is_the_last_stages_monitor_or_the_worst_value(make_cfg, s
 
 
 def test_torch_threads_follow_the_cores_and_parallel_jobs(monkeypatch):
+    """Each job's threads = cores / the jobs running at once on the machine: joblib's n_jobs
+    (bounded by the batch), a submitit_local batch (all at once); the user's setting wins."""
     import torch
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    from ftlab.threads import JOBS_AT_ONCE, LAUNCHER_OMP
+
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+              "n_jobs": 4}
+    local = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+             "tasks_per_node": 1, "cpus_per_task": None}
+    slurm = {**local, "_target_": local["_target_"].replace("Local", "Slurm")}
+    for var in ("OMP_NUM_THREADS", JOBS_AT_ONCE, LAUNCHER_OMP):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)), raising=False)
     before = torch.get_num_threads()
     try:
-        assert set_threads(1) == 8 and torch.get_num_threads() == 8
-        assert set_threads(4) == 2 and torch.get_num_threads() == 2
-        assert set_threads(-1) == 1  # joblib's n_jobs=-1: one job per core
+        assert set_threads(None) == 8 and torch.get_num_threads() == 8  # one run: every core
+        assert set_threads(joblib) == 2 and torch.get_num_threads() == 2
+        assert set_threads({**joblib, "n_jobs": -1}) == 1  # joblib's -1: one job per core
+        monkeypatch.setenv(JOBS_AT_ONCE, "2")  # ... but a batch of two runs two at once
+        assert set_threads({**joblib, "n_jobs": -1}) == 4
+        monkeypatch.setenv(JOBS_AT_ONCE, "4")  # submitit_local starts the whole batch
+        assert set_threads(local) == 2 and torch.get_num_threads() == 2
+        assert set_threads({**local, "cpus_per_task": 3}) == 3  # its own CPU setting
+        assert set_threads(slurm) == 8  # a SLURM job has its own allocation (its affinity)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # joblib's own, in its worker: not the
+        monkeypatch.setenv(LAUNCHER_OMP, "")  # user's (the sweep's process had none)
+        assert set_threads(joblib) == 2
+        monkeypatch.delenv(LAUNCHER_OMP)
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)
-        assert set_threads(4) == 3  # the user's setting wins
+        assert set_threads(local) == 3  # the user's setting wins
     finally:
         torch.set_num_threads(before)

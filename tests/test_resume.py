@@ -508,9 +508,23 @@ def test_jobs_are_placed_by_their_overrides_not_their_number(tmp_path):
     job = [["model=tiny_bert", f"seed={s}"] for s in range(1, 7)]
     assert place_jobs(sweep, [job[3], job[4]], 0) == [3, 4]  # new seeds: new folders
     assert place_jobs(sweep, [job[2], job[0], job[1]], 0) == [2, 0, 1]  # each to its own
-    assert place_jobs(sweep, [job[0], job[5], job[2]], 0) == [0, 3, 2]
-    assert place_jobs(sweep, [job[3]], 5) == [5]  # a later batch's own number, when free
+    # a placed job's folder is taken (claimed) at once: job 3 and 4 hold 3 and 4 now
+    assert place_jobs(sweep, [job[0], job[5], job[2]], 0) == [0, 5, 2]
+    assert place_jobs(sweep, [job[3]], 6) == [3]  # placed before, never started: its folder
+    assert place_jobs(sweep, [["model=tiny_bert", "seed=9"]], 6) == [6]  # its own number
     assert place_jobs(tmp_path / "new", job[:2], 0) == [0, 1]
+
+
+def test_two_sweeps_launched_into_one_folder_at_once_get_their_own_job_folders(tmp_path):
+    """Two `ftlab -m` started into one sweep folder (or in the same second: one
+    outputs/multirun/<time>) both numbered their jobs 0, 1: one job refused as busy, left out
+    of its report, and the other sweep's running job reported as killed."""
+    from ftlab.resume import place_jobs
+
+    sweep = tmp_path / "sweep"
+    a = place_jobs(sweep, [["seed=1"], ["seed=2"]], 0)  # both before any job has started
+    b = place_jobs(sweep, [["seed=3"], ["seed=4"]], 0)
+    assert a == [0, 1] and b == [2, 3]
 
 
 @pytest.fixture

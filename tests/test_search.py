@@ -63,9 +63,11 @@ def test_storage_and_trial_outcomes(tmp_path):
     assert trial_outcome([ok, {"status": "error", "objective": -math.inf}]).state == "fail"
 
 
-def ftlab(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env |= {"FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+def ftlab(*args: str, cwd: Path, omp: str | None = "1") -> subprocess.Popen:
+    """``ftlab -m ARGS`` in ``cwd``; ``omp`` None: no OMP_NUM_THREADS (ftlab picks threads)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "OMP_NUM_THREADS")}
+    env |= {"FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline"} | ({"OMP_NUM_THREADS": omp} if omp
+                                                                  else {})
     return subprocess.Popen([sys.executable, "-m", "ftlab", "-m", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -169,10 +171,14 @@ def test_slurm_launcher_config_has_the_documented_keys(make_cfg):
     assert {"timeout_min", "cpus_per_task", "mem_gb", "nodes"} <= set(launcher)
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_two_jobs(tmp_path, sentiment_dir):  # ~40 s: two subprocesses
+    from ftlab.threads import cores
+
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = ftlab("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                 *tiny_overrides(sentiment_dir), "trainer.max_steps=3", "seed=1,2", cwd=tmp_path)
+                 *tiny_overrides(sentiment_dir), "trainer.max_steps=3", "seed=1,2", cwd=tmp_path,
+                 omp=None)  # the two jobs run at once: each gets half the cores
     finish(proc)
     sweep = next((tmp_path / "outputs" / "multirun").iterdir())
     records = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(2)]
@@ -180,6 +186,7 @@ def test_submitit_local_runs_two_jobs(tmp_path, sentiment_dir):  # ~40 s: two su
     assert all(r["status"] == "ok" and r["stages"]["classify"]["global_steps"] == 3
                for r in records)
     assert records[0]["final"] != records[1]["final"]  # two jobs, two seeds, not one run twice
+    assert [r["torch_threads"] for r in records] == [max(1, cores() // 2)] * 2
     summary = json.loads((sweep / "summary.json").read_text())
     assert summary["default"]["runs"] == 2 and summary["default"]["errored"] == 0
 
@@ -240,3 +247,54 @@ def test_joining_a_study_of_another_objective_or_space_stops_with_the_fix(
     assert proc.returncode == 2, out[-2000:]
     assert expected in out and "hydra.sweeper.study_name=<a new name>" in out, out[-2000:]
     assert "Traceback" not in out and len(study.trials) == 1  # nothing was asked or run
+
+
+def test_the_sweepers_tell_their_jobs_how_many_run_at_once(tmp_path, monkeypatch):
+    """The batch's size is in the environment a launcher's processes inherit, only while the
+    batch launches (ftlab.threads divides the cores by it)."""
+    import os
+
+    from ftlab.threads import JOBS_AT_ONCE
+    from hydra_plugins.ftlab_sweeper.basic_sweeper import PlacingLauncher
+
+    seen = []
+
+    class Launcher:
+        def launch(self, jobs, initial_job_idx):
+            seen.append((len(jobs), os.environ.get(JOBS_AT_ONCE)))
+            return []
+
+    monkeypatch.delenv(JOBS_AT_ONCE, raising=False)
+    for place in (True, False):  # with and without job placement
+        PlacingLauncher(Launcher(), tmp_path, place).launch([["seed=1"], ["seed=2"],
+                                                              ["seed=3"]], 0)
+    assert seen == [(3, "3"), (3, "3")] and JOBS_AT_ONCE not in os.environ
+
+
+def test_jobs_stopped_by_ctrl_c_under_a_launcher_stop_the_sweep_as_a_stop(tmp_path, capsys):
+    """Ctrl-C reaches submitit_local's job processes: they record 'interrupted' and exit 130
+    without a result, and submitit raised UncompletedJobError: a traceback and exit status 1.
+    The sweep exits 130 with the resume command, as a stopped job does."""
+    from hydra_plugins.ftlab_sweeper.basic_sweeper import PlacingLauncher
+
+    class Stopped(RuntimeError):  # what submitit raises for a job without a result
+        pass
+
+    class Launcher:
+        def __init__(self, signal):
+            self.signal = signal
+
+        def launch(self, jobs, initial_job_idx):
+            (tmp_path / "0").mkdir(exist_ok=True)
+            (tmp_path / "0" / "metrics.json").write_text(json.dumps({
+                "status": "interrupted" if self.signal else "error",
+                "interrupted": {"signal": self.signal, "stage": "classify", "step": 3}}))
+            raise Stopped("Job 11817 has not produced any output (state: FINISHED)")
+
+    with pytest.raises(SystemExit) as exit_:
+        PlacingLauncher(Launcher("SIGINT"), tmp_path).launch([["seed=1"]], 0)
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert "Stopped by SIGINT" in err and f"ftlab -m resume={tmp_path}" in err
+    with pytest.raises(Stopped):  # the control: a launcher failure that no signal caused
+        PlacingLauncher(Launcher(None), tmp_path).launch([["seed=1"]], 0)

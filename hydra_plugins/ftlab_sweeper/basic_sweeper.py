@@ -1,7 +1,8 @@
 """``hydra/sweeper=ftlab_basic`` (ftlab's default): Hydra's basic sweeper, with each job placed
 in the sweep folder by ``ftlab.resume.place_jobs``, so a re-launched sweep never writes over a
 finished job of another configuration or seed (Hydra numbers a batch's jobs from 0 on every
-launch). Only when the job folders are Hydra's default ``${hydra.job.num}``."""
+launch). Only when the job folders are Hydra's default ``${hydra.job.num}``. Each batch's size
+reaches its jobs (``ftlab.threads.launching``): jobs run side by side share the cores."""
 
 from __future__ import annotations
 
@@ -18,19 +19,24 @@ NUMBERED = "${hydra.job.num}"
 
 class PlacingLauncher:
     """The configured launcher, with ``hydra.sweep.subdir=<n>`` added to a job whose folder
-    number is not the one Hydra would give it."""
+    number is not the one Hydra would give it (``place``), the batch's size in its jobs'
+    environment, and jobs stopped by a signal reported as a stop (``ftlab.status``)."""
 
-    def __init__(self, launcher: Any, sweep_dir: Path) -> None:
-        self.launcher, self.sweep_dir = launcher, sweep_dir
+    def __init__(self, launcher: Any, sweep_dir: Path, place: bool = True) -> None:
+        self.launcher, self.sweep_dir, self.place = launcher, sweep_dir, place
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
         from ftlab.resume import place_jobs
+        from ftlab.status import stops_reported
+        from ftlab.threads import launching
 
         batch = [list(job) for job in job_overrides]
-        places = place_jobs(self.sweep_dir, batch, initial_job_idx)
-        placed = [job if n == initial_job_idx + i else [*job, f"hydra.sweep.subdir={n}"]
-                  for i, (job, n) in enumerate(zip(batch, places, strict=True))]
-        return self.launcher.launch(placed, initial_job_idx=initial_job_idx)
+        if self.place:
+            places = place_jobs(self.sweep_dir, batch, initial_job_idx)
+            batch = [job if n == initial_job_idx + i else [*job, f"hydra.sweep.subdir={n}"]
+                     for i, (job, n) in enumerate(zip(batch, places, strict=True))]
+        with launching(len(batch)), stops_reported(self.sweep_dir):
+            return self.launcher.launch(batch, initial_job_idx=initial_job_idx)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.launcher, name)
@@ -43,5 +49,5 @@ class FtlabBasicSweeper(BasicSweeper):
               config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
-        if subdir == NUMBERED:
-            self.launcher = PlacingLauncher(self.launcher, Path(config.hydra.sweep.dir))
+        self.launcher = PlacingLauncher(self.launcher, Path(config.hydra.sweep.dir),
+                                        place=subdir == NUMBERED)

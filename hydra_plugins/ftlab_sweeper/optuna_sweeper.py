@@ -84,9 +84,12 @@ class FtlabOptunaSweeper(Sweeper):
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
         from ftlab.search import job_outcome
+        from ftlab.status import stops_reported
+        from ftlab.threads import launching
 
         self.validate_batch_is_legal(batch)
-        returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+        with launching(len(batch)), stops_reported(Path(self.config.hydra.sweep.dir)):
+            returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
         self.job_idx += len(batch)
         return [job_outcome(r) for r in returns]
 

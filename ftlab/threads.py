@@ -1,0 +1,93 @@
+"""Torch threads per job: the cores this process may use / the jobs running beside it.
+
+Torch starts one intra-op thread per core, so N sweep jobs run side by side on one machine (a
+parallel launcher: ``hydra/launcher=joblib`` or ``submitit_local``) would each take every core.
+ftlab's sweepers (``hydra_plugins/ftlab_sweeper``) put the size of the batch they launch in the
+environment (:func:`launching`), which the launchers' worker processes inherit; each job then
+divides the cores by the jobs that run at once (:func:`jobs_at_once`). ``OMP_NUM_THREADS`` set
+by the user wins (joblib's workers get one from joblib itself: the launching process's value is
+what counts), and so does ``hydra.launcher.cpus_per_task`` under ``submitit_local``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+#: the number of jobs a sweeper launches together (read by each job)
+JOBS_AT_ONCE = "FTLAB_JOBS_AT_ONCE"
+#: the launching process's OMP_NUM_THREADS ('' = unset): joblib sets its own in its workers
+LAUNCHER_OMP = "FTLAB_LAUNCHER_OMP_NUM_THREADS"
+_SUBMITIT_LOCAL = "hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+
+
+@contextlib.contextmanager
+def launching(n_jobs: int) -> Iterator[None]:
+    """While a sweeper launches ``n_jobs`` jobs together: tell their processes (environment)."""
+    saved = {k: os.environ.get(k) for k in (JOBS_AT_ONCE, LAUNCHER_OMP)}
+    os.environ[JOBS_AT_ONCE] = str(n_jobs)
+    os.environ[LAUNCHER_OMP] = os.environ.get("OMP_NUM_THREADS", "")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM allocation, taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def jobs_at_once(launcher: Mapping[str, Any] | None) -> int:
+    """How many jobs of the sweep run at once on this machine, this one included.
+
+    ``launcher`` is the job's ``hydra.launcher`` (None: a single run). joblib runs
+    ``min(n_jobs, batch)`` (``n_jobs`` < 1: one per core); ``submitit_local`` starts a whole
+    batch at once; other launchers (Hydra's basic one: one job after the other; SLURM: a job per
+    allocation) run one job per process's cores.
+    """
+    if not launcher:
+        return 1
+    batch = int(os.environ.get(JOBS_AT_ONCE) or 0) or None
+    target = str(launcher.get("_target_") or "")
+    if "n_jobs" in launcher:  # joblib
+        n_jobs = int(launcher.get("n_jobs") or 1)
+        parallel = cores() if n_jobs < 1 else n_jobs
+        return min(parallel, batch) if batch else parallel
+    if target.endswith(_SUBMITIT_LOCAL):
+        return (batch or 1) * int(launcher.get("tasks_per_node") or 1)
+    return 1
+
+
+def user_threads(launcher: Mapping[str, Any] | None) -> int | None:
+    """Threads the user asked for: ``OMP_NUM_THREADS`` where the sweep (or run) was started
+    (torch has read it: its count is kept, with any ``torch.set_num_threads`` since), or
+    ``hydra.launcher.cpus_per_task`` under ``submitit_local`` (None: neither)."""
+    import torch
+
+    if os.environ.get(LAUNCHER_OMP, os.environ.get("OMP_NUM_THREADS", "")).strip():
+        return torch.get_num_threads()
+    if launcher and str(launcher.get("_target_") or "").endswith(_SUBMITIT_LOCAL):
+        cpus = launcher.get("cpus_per_task")
+        return int(cpus) if cpus else None
+    return None
+
+
+def set_threads(launcher: Mapping[str, Any] | None = None) -> int:
+    """Set torch's intra-op threads for this job and return them: the user's setting
+    (:func:`user_threads`), else cores / :func:`jobs_at_once` (at least one)."""
+    import torch
+
+    parallel = min(jobs_at_once(launcher), cores())
+    threads = user_threads(launcher) or max(1, cores() // max(1, parallel))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
