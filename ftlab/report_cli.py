@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ftlab.record import finished_of
-from ftlab.report import STOPPED, is_search, job_folders, job_record, outcome, write_report
+from ftlab.report import is_search, outcome, write_report
+from ftlab.report_jobs import STOPPED, job_folders, job_record
 from ftlab.status import DEGENERATE_EXIT
 
 

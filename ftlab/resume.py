@@ -54,7 +54,7 @@ def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None =
     then the other job folders of ``sweep_dir``; None if there is none."""
     folders = [run_dir]
     if sweep_dir is not None and sweep_dir.is_dir():
-        from ftlab.report import job_folders
+        from ftlab.report_jobs import job_folders
 
         folders += [p for p in job_folders(sweep_dir) if p != run_dir]
     from ftlab.record import finished_of

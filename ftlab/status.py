@@ -99,7 +99,7 @@ def _stopped_since(sweep_dir: Path, since: float) -> str | None:
     """The signal that stopped a job of ``sweep_dir`` whose record changed since ``since``."""
     import json
 
-    from ftlab.report import job_folders
+    from ftlab.report_jobs import job_folders
 
     for job in job_folders(sweep_dir) if sweep_dir.is_dir() else []:
         try:
