@@ -149,6 +149,22 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeyp
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
 
 
+def test_a_run_resumed_from_an_epoch_end_checkpoint_ends_like_an_uninterrupted_one(
+        tiny_run, monkeypatch, tmp_path):
+    """Resumed from a checkpoint written at an epoch's end, Lightning runs that epoch's end
+    again and passes set_epoch one more than the epoch: the next epoch trained on the order
+    of the one after it (weights 1e-3 away from the uninterrupted run's)."""
+    ends = ["checkpoint.every_n_steps=0", "checkpoint.keep=true"]  # at epoch ends only
+    run(tiny_run("whole", *ends))
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *ends))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *ends))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 7  # the end of epoch 0
+    same_last_weights(tmp_path)
+
+
 def test_checkpoints_are_deleted_when_the_stage_finishes(tiny_run, tmp_path):
     assert run(tiny_run("r"))["status"] == "ok"
     assert (tmp_path / "r" / "classify" / "trainable.safetensors").is_file()
