@@ -117,10 +117,11 @@ class TextDataModule(SplitLoaders):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The training data's position (saved in checkpoints): the epoch and the batches of it
-        already trained on; after an epoch's last batch, the start of the next epoch."""
+        """The training data's position (saved in checkpoints, also during a validation
+        within training): the epoch and the batches of it already trained on; after an
+        epoch's last batch, the start of the next epoch."""
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        if trainer is None or trainer.state.fn != "fit":
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         epoch = trainer.current_epoch
@@ -148,8 +149,9 @@ class ResumableLoader(DataLoader):
 
     Each pass takes its order from the Trainer's ``current_epoch`` (``epoch``), not from the
     number Lightning passes to ``set_epoch`` (its count of processed epochs): resumed from a
-    checkpoint written at an epoch's end, Lightning runs that epoch's end again and counts it
-    twice, so every later epoch would get the next epoch's order."""
+    checkpoint written in ``on_train_epoch_end`` (``ftlab.checkpoint.StageCheckpoint`` when
+    training stops within an epoch; every epoch end before), Lightning runs that epoch's end
+    again and counts it twice, so every later epoch would get the next epoch's order."""
 
     def __init__(self, *args: Any, position: Any, epoch: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
