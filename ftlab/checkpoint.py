@@ -259,13 +259,19 @@ class StageCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         """Every rank's state of the ``PerRank`` callbacks (RNG states; EMA/SWA/snapshots
-        under FSDP) goes to rank zero, which writes the checkpoint (every rank runs this)."""
+        under FSDP) goes to rank zero, which writes the checkpoint (every rank runs this);
+        whether training was told to stop (early stopping, early discard, a pruned trial)."""
         gather_per_rank(trainer, checkpoint)
+        checkpoint["should_stop"] = bool(trainer.should_stop)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        """Each rank takes its own state of the ``PerRank`` callbacks (before they load it)."""
+        """Each rank takes its own state of the ``PerRank`` callbacks (before they load it). A
+        stage that had stopped early (killed while it tested or wrote its artefact) stays
+        stopped: Lightning keeps no ``should_stop``, and the resumed stage trained on."""
         own_per_rank(trainer, checkpoint, trainer.ckpt_path)
+        if checkpoint.get("should_stop"):
+            trainer.should_stop = True
 
 
 class RngState(PerRank, L.Callback):

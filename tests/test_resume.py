@@ -215,6 +215,25 @@ def test_a_step_checkpoint_keeps_the_validation_that_follows_its_step(
     same_last_weights(tmp_path)  # and the data position, taken during the validation
 
 
+def test_a_stage_that_stopped_early_and_was_killed_while_testing_resumes_stopped(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    """Lightning keeps no should_stop in checkpoints: a stage killed after early stopping
+    (while it tested) trained on from its last checkpoint, 2 steps past the stop."""
+    budget = ["data.max_train_samples=112", "stage.optim.lr=3e-3", "checkpoint.every_n_steps=2",
+              "trainer.budget.min_steps=40", "trainer.budget.val_every_steps=2",
+              "trainer.budget.patience=4"]
+    tiny = run_maker(make_cfg, sentiment_dir, tmp_path, budget)
+    whole = run(tiny("whole"))["stages"]["classify"]
+    assert whole["budget"]["stopped_early"] and whole["global_steps"] < 40
+    crash_at(monkeypatch, whole["global_steps"], hook="on_test_batch_end")
+    with pytest.raises(SystemExit):
+        run(tiny("killed"))
+    monkeypatch.undo()
+    resumed = run(tiny("killed"))["stages"]["classify"]
+    assert resumed["resumed_from_step"] == resumed["global_steps"] == whole["global_steps"]
+    assert resumed["budget"]["stopped_early"] and resumed["best_epoch"] == whole["best_epoch"]
+
+
 def test_checkpoints_are_deleted_when_the_stage_finishes(tiny_run, tmp_path):
     assert run(tiny_run("r"))["status"] == "ok"
     assert (tmp_path / "r" / "classify" / "trainable.safetensors").is_file()
