@@ -669,7 +669,7 @@ def test_every_ranks_random_state_is_gathered_and_comes_back_on_its_own_rank(
 
     def trainer(rank: int, world: int, callbacks: list):
         return SimpleNamespace(strategy=DDPStrategy(), callbacks=callbacks, global_rank=rank,
-                               world_size=world, ckpt_path=tmp_path / NAME)
+                               world_size=world, ckpt_path=tmp_path / NAME, should_stop=False)
 
     rng, ema = RngState(), WeightAverage()
     ckpt_cb = StageCheckpoint(tmp_path)
