@@ -214,7 +214,16 @@ def _readable(path: Path) -> bool:
 
 class StageCheckpoint(ModelCheckpoint):
     """One checkpoint, ``<dir>/state.ckpt``, replaced every ``every_n_steps`` optimiser steps
-    (0: never between epoch ends) and at every epoch end."""
+    (0: never within an epoch) and at every epoch's last step.
+
+    A checkpoint is written when its step's batch ends or, when a validation follows that
+    batch (``val_check_interval``, the budget's ``val_every_steps``, the epoch's end), after
+    that validation: Lightning resumes such a step as validated and skips its validation, so
+    a checkpoint written before it lost that score from the best-epoch choice and early
+    stopping (and a kill during the validation lost it too). An epoch's last step is written
+    there as well, not in ``on_train_epoch_end``: from a checkpoint written at the epoch's end
+    Lightning ran that end again, counting the epoch twice, and without a validation at the
+    epoch's end it trained one batch more (the next epoch's first, so twice)."""
 
     def __init__(self, dirpath: Path, every_n_steps: int = 0) -> None:
         super().__init__(dirpath=str(dirpath), filename=NAME.removesuffix(".ckpt"),
@@ -222,20 +231,47 @@ class StageCheckpoint(ModelCheckpoint):
                          every_n_epochs=None if every_n_steps else 0, save_top_k=1,
                          enable_version_counter=False, save_on_train_epoch_end=True)
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           *args: Any) -> None:
+        if self._due(trainer) and not _validation_follows(trainer):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._due(trainer):  # the checkpoint put off for this validation
+            self._save(trainer)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not (trainer.sanity_checking or trainer.fast_dev_run):
-            self._save_checkpoint(trainer, str(Path(self.dirpath) / NAME))
+        """Training stopped within an epoch (``max_steps``, early stopping), or a validation
+        expected after the last batch did not come: the last state (``checkpoint.keep``)."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save(trainer)
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        """A checkpoint is due at this step (every N steps, an epoch's last), not yet written."""
+        every, step = self._every_n_train_steps, trainer.global_step
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return ((last or every >= 1 and step % every == 0)
+                and not self._should_skip_saving_checkpoint(trainer))
+
+    def _save(self, trainer: L.Trainer) -> None:
+        self._save_checkpoint(trainer, str(Path(self.dirpath) / NAME))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         """Every rank's state of the ``PerRank`` callbacks (RNG states; EMA/SWA/snapshots
-        under FSDP) goes to rank zero, which writes the checkpoint (every rank runs this)."""
+        under FSDP) goes to rank zero, which writes the checkpoint (every rank runs this);
+        whether training was told to stop (early stopping, early discard, a pruned trial)."""
         gather_per_rank(trainer, checkpoint)
+        checkpoint["should_stop"] = bool(trainer.should_stop)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        """Each rank takes its own state of the ``PerRank`` callbacks (before they load it)."""
+        """Each rank takes its own state of the ``PerRank`` callbacks (before they load it). A
+        stage that had stopped early (killed while it tested or wrote its artefact) stays
+        stopped: Lightning keeps no ``should_stop``, and the resumed stage trained on."""
         own_per_rank(trainer, checkpoint, trainer.ckpt_path)
+        if checkpoint.get("should_stop"):
+            trainer.should_stop = True
 
 
 class RngState(PerRank, L.Callback):
@@ -285,6 +321,16 @@ class RngState(PerRank, L.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         if state.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
+
+
+def _validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after this training batch (its own rule, asked in
+    ``on_train_batch_end``, before it decides: the checkpoint callbacks run last)."""
+    batches = trainer.num_val_batches
+    if not sum(batches if isinstance(batches, list) else [batches]):
+        return False  # no validation data: no validation (nor its hooks) runs
+    loop = trainer.fit_loop.epoch_loop
+    return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
 
 
 def stage_checkpointing(spec: CheckpointSpec | None, folder: Path, key: str | None

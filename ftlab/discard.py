@@ -155,6 +155,13 @@ class EarlyDiscard(L.Callback):
         outside one it does nothing and leaves the stage's length alone)."""
         return sweep_dir() is not None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The decision to stop (saved in checkpoints: a job killed after it resumes stopped)."""
+        return {"outcome": self.outcome}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.outcome = state_dict.get("outcome")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.outcome = None
         self._sweep = sweep_dir()

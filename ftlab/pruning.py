@@ -84,6 +84,13 @@ class OptunaPruning(L.Callback):
         return build_object({"_target_": node["class"], **node["kwargs"]}, "pruner") \
             if node else None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The pruning decision (saved in checkpoints: a job killed after it resumes pruned)."""
+        return {"outcome": self.outcome}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.outcome = state_dict.get("outcome")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.outcome = None
         self._active = Path(trainer.default_root_dir).name == self.stage  # the scored stage

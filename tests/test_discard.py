@@ -185,6 +185,24 @@ def test_a_resumed_job_is_judged_once(at, kill, resumed_from, make_cfg, sentimen
     assert [(e["job"], e["decision"]) for e in entries] == [("run", "go_on")]
 
 
+def test_a_discarded_job_killed_while_testing_resumes_discarded(make_cfg, sentiment_dir,
+                                                                tmp_path, monkeypatch):
+    """The stop and the decision are in the checkpoint: resumed, the job trained on from it
+    (Lightning keeps no should_stop) and lost its discard, or went on without its outcome."""
+    from tests.test_resume import crash_at
+
+    sweep = tmp_path / "sweep"
+    _ledger(sweep, [2.0, 2.0])  # unbeatable: discarded at step 4 of 16
+    cfg = _multirun_cfg(make_cfg, sentiment_dir, sweep)
+    crash_at(monkeypatch, 4, hook="on_test_batch_end")
+    assert run(cfg)["status"] == "error"  # (in a multirun the job records it and returns)
+    monkeypatch.undo()
+    rec = run(cfg)
+    assert rec["status"] == "discarded" and rec["stages"]["classify"]["resumed_from_step"] == 4
+    assert rec["stages"]["classify"]["global_steps"] == rec["discarded"]["steps"] == 4
+    assert len(read_ledger(sweep / LEDGER)) == 3  # judged once
+
+
 def test_jobs_compete_only_with_seeds_of_their_own_configuration(tmp_path):
     """Two earlier jobs of another configuration (peft=full) scored 0.9: a bitfit job at 0.6 is
     among its own configuration's first k and goes on; a third full seed at 0.6 is discarded."""

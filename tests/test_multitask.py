@@ -510,7 +510,8 @@ def test_a_sub_task_past_the_positions_is_refused_before_training(parts):
     parts("stage.tasks.task.task.max_length=512")  # at the limit: fine
 
 
-@pytest.mark.parametrize("crash", [10, 26])  # epoch 0 (batch 10 of 20); epoch 1 (batch 6)
+# epoch 0 (batch 10 of 20); epoch 1 (batch 6); epoch 1, resumed from the end of epoch 0
+@pytest.mark.parametrize("crash", [10, 26, 22])
 def test_a_killed_multi_task_run_resumes_to_the_same_weights(make_cfg, sentiment_dir, pairs_dir,
                                                              monkeypatch, tmp_path, crash):
     """Its loader was not resumable: a resumed stage replayed its epoch's batches from the

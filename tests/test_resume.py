@@ -41,15 +41,18 @@ def tiny_run(make_cfg, sentiment_dir, tmp_path):
     return run_maker(make_cfg, sentiment_dir, tmp_path, STEPS)
 
 
-def crash_at(monkeypatch, step: int, max_steps: int | None = None) -> None:
+def crash_at(monkeypatch, step: int, max_steps: int | None = None,
+             hook: str = "on_train_batch_end") -> None:
     """Kill the run (an exception, as a crash would) at the end of optimiser step ``step`` (of
-    the stage that runs ``max_steps`` steps, if given)."""
+    the stage that runs ``max_steps`` steps, if given); ``hook="on_validation_batch_end"``:
+    during the validation after that step."""
 
     def crash(self, trainer, *args):
-        if trainer.global_step == step and max_steps in (None, trainer.max_steps):
+        if trainer.global_step == step and max_steps in (None, trainer.max_steps) \
+                and not trainer.sanity_checking:
             raise RuntimeError(f"killed at step {step}")
 
-    monkeypatch.setattr(ftlab.callbacks.KeepBest, "on_train_batch_end", crash, raising=False)
+    monkeypatch.setattr(ftlab.callbacks.KeepBest, hook, crash, raising=False)
 
 
 def same_last_weights(tmp_path: Path) -> tuple[dict, dict]:
@@ -147,6 +150,88 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_run, monkeyp
     ema_a, ema_b = (next(v["shadow"] for k, v in c["callbacks"].items() if "WeightAverage" in k)
                     for c in (a, b))
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+
+
+@pytest.mark.parametrize("validation", ["epoch", "step 4"])
+def test_a_run_resumed_from_an_epoch_end_checkpoint_ends_like_an_uninterrupted_one(
+        tiny_run, monkeypatch, tmp_path, validation):
+    """Checkpoints written in Lightning's on_train_epoch_end resumed with that epoch's end run
+    again: with no validation at the epoch's end (val_check_interval=4 of 7 batches) the
+    resumed run trained one batch more, and the weights ended 1e-3 away. An epoch's last step
+    is now written when its batch ends, or after the validation that follows it."""
+    ends = ["checkpoint.every_n_steps=0", "checkpoint.keep=true"]  # at epoch ends only
+    if validation != "epoch":
+        ends.append("trainer.val_check_interval=4")
+    run(tiny_run("whole", *ends))
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *ends))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *ends))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 7  # the end of epoch 0
+    same_last_weights(tmp_path)
+
+
+def test_an_epoch_end_checkpoint_written_in_on_train_epoch_end_resumes_the_next_epochs_order(
+        tiny_run, monkeypatch, tmp_path):
+    """Such a checkpoint (ftlab's before it wrote epoch ends at the last batch or after its
+    validation; still so when training stops within an epoch) resumes with that epoch's end
+    run again, and Lightning counts the epoch twice: its set_epoch gave the next epoch the
+    order of the one after it. The loader takes the Trainer's epoch instead."""
+    from ftlab.checkpoint import StageCheckpoint
+
+    ends = ["checkpoint.every_n_steps=0", "checkpoint.keep=true"]
+    run(tiny_run("whole", *ends))
+    crash_at(monkeypatch, 10)
+    monkeypatch.setattr(StageCheckpoint, "_due", lambda self, trainer: False)  # the old way
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *ends))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *ends))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 7  # the end of epoch 0
+    same_last_weights(tmp_path)
+
+
+@pytest.mark.parametrize(("hook", "kill", "back_to"), [
+    ("on_train_batch_end", 6, 4),  # after the validation at step 4: resumed from there
+    ("on_validation_batch_end", 4, 2)])  # during it: from step 2, and validated again
+def test_a_step_checkpoint_keeps_the_validation_that_follows_its_step(
+        tiny_run, monkeypatch, tmp_path, hook, kill, back_to):
+    """A step checkpoint was written before the validation after its step, and Lightning
+    resumes a step as validated: the resumed run never scored the weights of step 4, picked
+    another best epoch, and ended with other final metrics (val/acc 0.43, not 0.57). Written
+    after the validation, it must still hold the data's position (the epoch's rest)."""
+    steps = ["trainer.val_check_interval=4", "checkpoint.every_n_steps=2", "checkpoint.keep=true"]
+    whole = run(tiny_run("whole", *steps))
+    crash_at(monkeypatch, kill, hook=hook)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", *steps))
+    monkeypatch.undo()
+    resumed = run(tiny_run("killed", *steps))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == back_to
+    assert resumed["stages"]["classify"]["best_epoch"] == whole["stages"]["classify"]["best_epoch"]
+    for k, v in whole["final"].items():
+        assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+    same_last_weights(tmp_path)  # and the data position, taken during the validation
+
+
+def test_a_stage_that_stopped_early_and_was_killed_while_testing_resumes_stopped(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    """Lightning keeps no should_stop in checkpoints: a stage killed after early stopping
+    (while it tested) trained on from its last checkpoint, 2 steps past the stop."""
+    budget = ["data.max_train_samples=112", "stage.optim.lr=3e-3", "checkpoint.every_n_steps=2",
+              "trainer.budget.min_steps=40", "trainer.budget.val_every_steps=2",
+              "trainer.budget.patience=4"]
+    tiny = run_maker(make_cfg, sentiment_dir, tmp_path, budget)
+    whole = run(tiny("whole"))["stages"]["classify"]
+    assert whole["budget"]["stopped_early"] and whole["global_steps"] < 40
+    crash_at(monkeypatch, whole["global_steps"], hook="on_test_batch_end")
+    with pytest.raises(SystemExit):
+        run(tiny("killed"))
+    monkeypatch.undo()
+    resumed = run(tiny("killed"))["stages"]["classify"]
+    assert resumed["resumed_from_step"] == resumed["global_steps"] == whole["global_steps"]
+    assert resumed["budget"]["stopped_early"] and resumed["best_epoch"] == whole["best_epoch"]
 
 
 def test_checkpoints_are_deleted_when_the_stage_finishes(tiny_run, tmp_path):
@@ -598,7 +683,7 @@ def test_every_ranks_random_state_is_gathered_and_comes_back_on_its_own_rank(
 
     def trainer(rank: int, world: int, callbacks: list):
         return SimpleNamespace(strategy=DDPStrategy(), callbacks=callbacks, global_rank=rank,
-                               world_size=world, ckpt_path=tmp_path / NAME)
+                               world_size=world, ckpt_path=tmp_path / NAME, should_stop=False)
 
     rng, ema = RngState(), WeightAverage()
     ckpt_cb = StageCheckpoint(tmp_path)

@@ -298,3 +298,26 @@ def test_jobs_stopped_by_ctrl_c_under_a_launcher_stop_the_sweep_as_a_stop(tmp_pa
     assert "Stopped by SIGINT" in err and f"ftlab -m resume={tmp_path}" in err
     with pytest.raises(Stopped):  # the control: a launcher failure that no signal caused
         PlacingLauncher(Launcher(None), tmp_path).launch([["seed=1"]], 0)
+
+
+def test_a_pruned_trial_killed_while_testing_resumes_pruned(make_cfg, sentiment_dir, tmp_path,
+                                                            monkeypatch):
+    """The pruning decision is in the checkpoint with the stop: resumed, the stage does not
+    train on, and its job is still recorded as pruned (not ok)."""
+    from ftlab.run import run
+    from tests.test_resume import crash_at
+
+    journal = tmp_path / "study.journal"
+    optuna.create_study(study_name="s", storage=open_storage(str(journal))).ask()  # trial 0
+    node = ("+callbacks.optuna_pruning={_target_: ftlab.pruning.OptunaPruning, trial: 0, "
+            f"stage: classify, study: s, storage: '{journal}', pruner: {{class: "
+            "optuna.pruners.ThresholdPruner, kwargs: {lower: 2.0}}}")  # val/acc < 2: pruned
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), node, "trainer.val_check_interval=4",
+                    "checkpoint.every_n_steps=4", "stage.optim.lr=1e-3"])
+    crash_at(monkeypatch, 4, hook="on_test_batch_end")  # pruned at step 4, killed testing
+    with pytest.raises(SystemExit):
+        run(cfg)
+    monkeypatch.undo()
+    rec = run(cfg)
+    stage = rec["stages"]["classify"]
+    assert rec["status"] == "pruned" and stage["resumed_from_step"] == stage["global_steps"] == 4

@@ -109,13 +109,19 @@ class TextDataModule(SplitLoaders):
             sampler.resume(**self._resume)
             self._resume = None
         return ResumableLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
-                               generator=gen, position=self.state_dict, **self.loader_options)
+                               generator=gen, position=self.state_dict, epoch=self.training_epoch,
+                               **self.loader_options)
+
+    def training_epoch(self) -> int:
+        """The training epoch whose order the next pass over the training data serves."""
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The training data's position (saved in checkpoints): the epoch and the batches of it
-        already trained on; after an epoch's last batch, the start of the next epoch."""
+        """The training data's position (saved in checkpoints, also during a validation
+        within training): the epoch and the batches of it already trained on; after an
+        epoch's last batch, the start of the next epoch."""
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        if trainer is None or trainer.state.fn != "fit":
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         epoch = trainer.current_epoch
@@ -139,11 +145,22 @@ def replicas(trainer: L.Trainer | None) -> tuple[int, int]:
 
 class ResumableLoader(DataLoader):
     """The training loader, stateful for Lightning (``state_dict``/``load_state_dict``): its
-    state is the data module's position, and loading it moves the batch sampler there."""
+    state is the data module's position, and loading it moves the batch sampler there.
 
-    def __init__(self, *args: Any, position: Any, **kwargs: Any) -> None:
+    Each pass takes its order from the Trainer's ``current_epoch`` (``epoch``), not from the
+    number Lightning passes to ``set_epoch`` (its count of processed epochs): resumed from a
+    checkpoint written in ``on_train_epoch_end`` (``ftlab.checkpoint.StageCheckpoint`` when
+    training stops within an epoch; every epoch end before), Lightning runs that epoch's end
+    again and counts it twice, so every later epoch would get the next epoch's order."""
+
+    def __init__(self, *args: Any, position: Any, epoch: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._position = position
+        self._position, self._epoch = position, epoch
+
+    def __iter__(self) -> Any:
+        if self._epoch is not None:
+            self.batch_sampler.set_epoch(self._epoch())
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
         return self._position()

@@ -217,9 +217,10 @@ class MultiTaskDataModule(SplitLoaders):
         if self._resume is not None:
             sampler.resume(**self._resume)
             self._resume = None
-        return ResumableLoader(rows, position=self.state_dict, **options)
+        return ResumableLoader(rows, position=self.state_dict, epoch=self.training_epoch, **options)
 
     # the training position in checkpoints, read and restored as a single-task stage's
     state_dict = TextDataModule.state_dict
     load_state_dict = TextDataModule.load_state_dict
+    training_epoch = TextDataModule.training_epoch
 
