@@ -26,7 +26,8 @@ from ftlab.callbacks import (
     NoteStep,
     Throughput,
 )
-from ftlab.checkpoint import CheckpointSpec, latest_checkpoint, stage_checkpointing
+from ftlab.checkpoint import CheckpointSpec, stage_checkpointing
+from ftlab.checkpoint_io import latest_checkpoint
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard

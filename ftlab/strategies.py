@@ -44,7 +44,7 @@ class HoldsShards(PerRank):
 
 class FSDP(FSDPStrategy):
     """Lightning's ``FSDPStrategy`` that may also run on the CPU and checkpoints through ftlab's
-    ``CheckpointIO`` (``ftlab.checkpoint``: a folder of safetensors + JSON).
+    ``CheckpointIO`` (``ftlab.checkpoint_io``: a folder of safetensors + JSON).
 
     Lightning refuses ``strategy="fsdp"`` (and a plain ``FSDPStrategy``) unless the accelerator
     is a GPU, but torch's FSDP runs on the CPU with the gloo backend: that is how ftlab tests

@@ -446,7 +446,7 @@ def test_a_truncated_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     import torch
     from safetensors.torch import save_file
 
-    from ftlab.checkpoint import NAME, STATE, TENSORS, latest_checkpoint
+    from ftlab.checkpoint_io import NAME, STATE, TENSORS, latest_checkpoint
 
     def write(path: Path, cut: bool) -> None:
         path.mkdir(parents=True)
@@ -721,7 +721,7 @@ def test_every_ranks_random_state_is_gathered_and_comes_back_on_its_own_rank(
 
     assert not same(expected(0), expected(1))
     assert same(resume(1, 2), expected(1)) and same(resume(0, 2), expected(0))
-    with caplog.at_level("WARNING", logger="ftlab.checkpoint"):
+    with caplog.at_level("WARNING", logger="ftlab.checkpoint_io"):
         assert same(resume(2, 3), expected(0)) and not caplog.records  # warned by rank zero
         assert same(resume(0, 3), expected(0))
     assert "2 processes, this run has 3: rank 2 takes rank zero's" in caplog.text

@@ -1,0 +1,176 @@
+"""Lightning's checkpoint dict as a folder: ``tensors.safetensors`` (every tensor, under its
+flattened path) + ``state.json`` (everything else, with the stage key), written beside its
+target and renamed into place (atomic: the folder it replaces is moved aside first and deleted
+after, so a kill at any moment leaves one complete checkpoint); and which checkpoint of a
+stage to resume (never a damaged one, nor one of a changed stage). ``ftlab.checkpoint``
+decides when checkpoints are written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io import CheckpointIO
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+#: the checkpoint folder's name inside ``<stage>/checkpoints``
+NAME = "state.ckpt"
+TENSORS, STATE = "tensors.safetensors", "state.json"
+
+
+# ---- the checkpoint dict <-> safetensors + JSON ------------------------------------------
+
+def split(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """``obj`` as JSON-able data, each tensor replaced by ``{"__tensor__": key}`` (the tensor
+    goes into ``tensors[key]``). Tuples and dicts with non-string keys are tagged so that
+    ``join`` gives them back as they were."""
+    if isinstance(obj, torch.Tensor):
+        key = path or "/"
+        while key in tensors:
+            key += "'"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": split(torch.from_numpy(obj.copy()), tensors, path)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: split(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, split(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if isinstance(obj, torch.dtype | torch.device):
+        return {"__torch__": str(obj)}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint ({path})")
+
+
+def join(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``split``."""
+    if isinstance(data, list):
+        return [join(v, tensors) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if "__tensor__" in data:
+        return tensors.get(data["__tensor__"])  # None: not read (``skip``)
+    if "__ndarray__" in data:
+        array = join(data["__ndarray__"], tensors)
+        return None if array is None else array.numpy()
+    if "__tuple__" in data:
+        return tuple(join(v, tensors) for v in data["__tuple__"])
+    if "__items__" in data:
+        return {k: join(v, tensors) for k, v in data["__items__"]}
+    if "__torch__" in data:
+        text = data["__torch__"]
+        return getattr(torch, text.removeprefix("torch.")) if text.startswith("torch.") \
+            else torch.device(text)
+    return {k: join(v, tensors) for k, v in data.items()}
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Lightning checkpoints as ``<path>/{tensors.safetensors, state.json}``, written atomically.
+
+    Args:
+        meta: recorded in ``state.json`` under ``ftlab`` (the stage key).
+    """
+
+    def __init__(self, meta: dict[str, Any] | None = None) -> None:
+        self.meta = meta or {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any = None) -> None:
+        from ftlab.store import is_rank_zero
+
+        if not is_rank_zero():  # Lightning calls it on rank zero only; this makes sure
+            return
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        tree = split(checkpoint, tensors)
+        flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            tmp.mkdir(parents=True)
+            save_file(flat, str(tmp / TENSORS))
+            (tmp / STATE).write_text(json.dumps({"ftlab": self.meta, "checkpoint": tree}))
+            old = None
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None,
+                        weights_only: bool | None = None,
+                        skip: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """The checkpoint dict at ``path``; the tensors whose key (their path in the dict, e.g.
+        ``/state_dict/encoder.weight``) ``skip`` picks are not read: None stands in for them."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        data = json.loads((path / STATE).read_text())
+        if skip is None:
+            return join(data["checkpoint"], load_file(str(path / TENSORS)))
+        with safe_open(str(path / TENSORS), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not skip(k)}
+        return join(data["checkpoint"], tensors)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path, key: str | None) -> Path | None:
+    """The complete checkpoint in ``folder`` written for stage ``key`` (a checkpoint moved aside
+    by a save that was killed midway counts), or None."""
+    if not folder.is_dir():
+        return None
+    found = [folder / NAME, *sorted(folder.glob(f".{NAME}.old-*"))]
+    for path in found:
+        try:
+            meta = json.loads((path / STATE).read_text()).get("ftlab", {})
+        except (OSError, ValueError):
+            continue
+        if not (path / TENSORS).is_file():
+            continue
+        if not _readable(path / TENSORS):  # truncated (a partial copy, a bad disk)
+            log.warning("Not resuming from %s: %s is damaged (truncated or not safetensors).",
+                        path, TENSORS)
+            continue
+        if key is not None and meta.get("stage_key") != key:
+            log.warning("Not resuming from %s: it was written for stage %s, this is %s "
+                        "(the stage's settings changed). Training the stage from the start.",
+                        path, meta.get("stage_key"), key)
+            return None
+        return path
+    return None
+
+
+def _readable(path: Path) -> bool:
+    """Whether safetensors can open ``path`` (it checks the header covers the whole file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except Exception:  # SafetensorError, OSError
+        return False
+
+
+# ---- callbacks -----------------------------------------------------------------------------
