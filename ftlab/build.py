@@ -224,6 +224,11 @@ class StageBuilder:
         if isinstance(regularizer, ChecksTask):  # e.g. R3F needs per-row logits
             regularizer.check_task(self.task(stage))
         model = regularizer.apply(peft.apply(model))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise FtlabError(f"{stage.where}: peft={peft.name} left no parameter of the "
+                             f"{type(model).__name__} to train.",
+                             "choose a method that trains some of this model's parameters "
+                             "for this stage (peft=full, lora, adapter_houlsby ...).")
         if isinstance(task, SeesPrepared):
             task.prepared(model)
         return model, peft, regularizer
