@@ -69,6 +69,17 @@ def test_a_method_that_leaves_nothing_to_train_is_refused_before_training(
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "peft=bitfit left no parameter" in record["error"] and record["stages"] == {}
 
+
+def test_prompt_learning_on_a_masked_lm_cloze_stage_names_the_stage_and_the_model(
+        make_cfg, sentiment_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), "model=tiny_electra", "stage=cloze",
+                      "stage.task.verbalizer={neg: bad, pos: good}", "peft=prompt_tuning",
+                      "trainer.max_steps=1"]))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "an ElectraForMaskedLM (masked LM)" in record["error"], record["error"]
+    assert "stage=cloze on an encoder" in record["error"] and record["stages"] == {}
+
 @pytest.mark.parametrize(("name", "per_layer"), [("adapter_houlsby", 2), ("adapter_pfeiffer", 1)])
 def test_adapters_placement_and_near_identity_init(name, per_layer):
     plain = logits(tiny_model())

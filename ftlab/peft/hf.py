@@ -61,13 +61,14 @@ def _prompt_fields(config: Any, model: nn.Module, task: Any) -> dict[str, Any]:
     arch, model_config = arch_of(model), unwrap(model).config
     name = str(_value(config.peft_type)).lower()
     if task is None:
-        raise FtlabError(f"peft's {name} needs a task type, and a {type(unwrap(model)).__name__} "
-                         "(masked LM) has none in peft.", "use peft=lora, ia3 or adapters for "
-                         "masked-LM stages (stage=mlm).")
+        raise FtlabError(f"peft's {name} needs a task type, and "
+                         f"{with_article(type(unwrap(model)).__name__)} (masked LM) has none in "
+                         "peft.", "use peft=lora, ia3 or adapters for masked-LM stages "
+                         "(stage=mlm, stage=cloze on an encoder).")
     if model_config.is_encoder_decoder and _value(task) != "SEQ_2_SEQ_LM":
         raise FtlabError(f"peft's {name} on {arch.family} works only for a seq2seq LM "
-                         f"(SEQ_2_SEQ_LM); a {type(unwrap(model)).__name__} takes no prompt "
-                         "embeddings or prefixes.", f"use peft=lora, ia3 or adapters for "
+                         f"(SEQ_2_SEQ_LM); {with_article(type(unwrap(model)).__name__)} takes "
+                         "no prompt embeddings or prefixes.", f"use peft=lora, ia3 or adapters for "
                          f"{arch.family} classification.")
     if _value(config.peft_type) == "PREFIX_TUNING":
         takes = [m for m in (unwrap(model), backbone(model))
