@@ -233,12 +233,14 @@ class StageBuilder:
             task.prepared(model)
         return model, peft, regularizer
 
-    def check_fits(self, stage: ResolvedStage) -> None:
+    def check_fits(self, stage: ResolvedStage) -> bool | None:
         """Build the stage's model on the meta device (no weights) and apply its PEFT method and
-        regulariser: a method that does not fit the architecture fails here, in seconds."""
+        regulariser: a method that does not fit the architecture fails here, in seconds.
+        Returns whether only the head trains (nothing in the backbone: what ``carry: encoder``
+        hands on would be untouched); None when the check could not tell."""
         arch = architecture_twin(stage.model)
         if arch is None:
-            return
+            return None
         task = self.task(stage)
         try:
             with torch.device("meta"):
@@ -247,16 +249,28 @@ class StageBuilder:
             raise
         except Exception as err:  # the real load reports real problems; this is only a check
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
-            return
+            return None
         require_trained_head(stage, task, model)
         require_positions(stage, task, model)
         try:
-            self._prepare(stage, model, task)
+            model = self._prepare(stage, model, task)[0]
+            return trains_head_only(model)
         except FtlabError as err:  # the PEFT method or regulariser does not fit the stage
             raise MethodMisfit(err.problem, err.fix) from None
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
+        return None
+
+
+def trains_head_only(model: nn.Module) -> bool:
+    """Whether every parameter that trains is a head parameter (outside the backbone, in the
+    Hugging Face model itself: a re-parametrisation's own tensors are not head)."""
+    from ftlab.model.arch import head_parameters
+
+    head = {id(p) for p in head_parameters(model)}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    return bool(trained) and trained <= head
 
 
 class MethodMisfit(FtlabError):
