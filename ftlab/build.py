@@ -25,7 +25,7 @@ from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrai
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
-from ftlab.task_fit import require_positions, require_trained_head
+from ftlab.task_fit import require_positions, require_trained_head, require_warmup_head
 from ftlab.tasks.base import (
     HasSubtasks,
     ModelAware,
@@ -254,13 +254,14 @@ class StageBuilder:
         require_positions(stage, task, model)
         try:
             model = self._prepare(stage, model, task)[0]
-            return trains_head_only(model)
         except FtlabError as err:  # the PEFT method or regulariser does not fit the stage
             raise MethodMisfit(err.problem, err.fix) from None
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
-        return None
+            return None
+        require_warmup_head(stage, model)
+        return trains_head_only(model)
 
 
 def trains_head_only(model: nn.Module) -> bool:
