@@ -25,7 +25,7 @@ from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrai
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
-from ftlab.task_fit import require_positions, require_trained_head
+from ftlab.task_fit import require_positions, require_trained_head, require_warmup_head
 from ftlab.tasks.base import (
     HasSubtasks,
     ModelAware,
@@ -224,16 +224,23 @@ class StageBuilder:
         if isinstance(regularizer, ChecksTask):  # e.g. R3F needs per-row logits
             regularizer.check_task(self.task(stage))
         model = regularizer.apply(peft.apply(model))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise FtlabError(f"{stage.where}: peft={peft.name} left no parameter of the "
+                             f"{type(model).__name__} to train.",
+                             "choose a method that trains some of this model's parameters "
+                             "for this stage (peft=full, lora, adapter_houlsby ...).")
         if isinstance(task, SeesPrepared):
             task.prepared(model)
         return model, peft, regularizer
 
-    def check_fits(self, stage: ResolvedStage) -> None:
+    def check_fits(self, stage: ResolvedStage) -> bool | None:
         """Build the stage's model on the meta device (no weights) and apply its PEFT method and
-        regulariser: a method that does not fit the architecture fails here, in seconds."""
+        regulariser: a method that does not fit the architecture fails here, in seconds.
+        Returns whether only the head trains (nothing in the backbone: what ``carry: encoder``
+        hands on would be untouched); None when the check could not tell."""
         arch = architecture_twin(stage.model)
         if arch is None:
-            return
+            return None
         task = self.task(stage)
         try:
             with torch.device("meta"):
@@ -242,16 +249,29 @@ class StageBuilder:
             raise
         except Exception as err:  # the real load reports real problems; this is only a check
             log.debug("Skipped the PEFT check (%s: %s).", type(err).__name__, err)
-            return
+            return None
         require_trained_head(stage, task, model)
         require_positions(stage, task, model)
         try:
-            self._prepare(stage, model, task)
+            model = self._prepare(stage, model, task)[0]
         except FtlabError as err:  # the PEFT method or regulariser does not fit the stage
             raise MethodMisfit(err.problem, err.fix) from None
         except Exception as err:
             log.debug("PEFT check inconclusive on the meta device (%s: %s).",
                       type(err).__name__, err)
+            return None
+        require_warmup_head(stage, model)
+        return trains_head_only(model)
+
+
+def trains_head_only(model: nn.Module) -> bool:
+    """Whether every parameter that trains is a head parameter (outside the backbone, in the
+    Hugging Face model itself: a re-parametrisation's own tensors are not head)."""
+    from ftlab.model.arch import head_parameters
+
+    head = {id(p) for p in head_parameters(model)}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    return bool(trained) and trained <= head
 
 
 class MethodMisfit(FtlabError):

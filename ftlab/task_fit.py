@@ -79,3 +79,21 @@ def require_positions(stage: ResolvedStage, task: Task, model: nn.Module) -> Non
                              f"{limit} positions this model has.",
                              f"set {stage.key}.{key}max_length to at most {max(room, 1)}"
                              f"{fewer}.")
+
+
+def require_warmup_head(stage: ResolvedStage, model: nn.Module) -> None:
+    """``head_warmup_steps`` (LP-FT) trains the head alone first: the prepared ``model`` must
+    have a head that trains. Checked before training (``HeadWarmup`` found it only as the
+    stage started, after its data and model had loaded, e.g. ``pipeline=tapt_task peft=lora``:
+    LoRA keeps the MLM head frozen)."""
+    from ftlab.model.arch import head_parameters
+
+    if not stage.head_warmup_steps or any(p.requires_grad for p in head_parameters(model)):
+        return
+    raise FtlabError(
+        f"{stage.where}: head_warmup_steps={stage.head_warmup_steps:g} trains the head alone "
+        "first, but the model has no trainable head (its PEFT method freezes it, or the head is "
+        "tied to the embeddings), so the warm-up would train nothing.",
+        f"set {stage.key}.head_warmup_steps=0, or use a PEFT method that trains the head there "
+        "(full, last_layer, bitfit, adapters; LoRA and IA3 train a classification head, not an "
+        "LM head).")

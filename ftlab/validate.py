@@ -42,17 +42,38 @@ def check_models_and_data(stages: list[ResolvedStage], builder: StageBuilder) ->
     its PEFT method and regulariser fit its model."""
     for model in {repr(s.model): s.model for s in stages}.values():
         check_model_path(model)
+    head_only: dict[str, bool | None] = {}
     for stage in stages:
         try:
             check_data(stage, builder)
         except FtlabError as err:
             raise in_stage(err, stage, len(stages)) from None
         try:
-            builder.check_fits(stage)
+            head_only[stage.name] = builder.check_fits(stage)
         except FtlabError as err:  # the per-stage form only where the method is the misfit
             hint = PER_STAGE if isinstance(err, MethodMisfit) else ""
             raise in_stage(err, stage, len(stages), hint) from None
+    check_handover(stages, head_only)
     log.info("Checked %d stage(s): config and data are fine.", len(stages))
+
+
+def check_handover(stages: list[ResolvedStage], head_only: dict[str, bool | None]) -> None:
+    """A stage that trains only its head (``peft=last_layer`` with ``top_k`` 0), started from
+    by a later stage with ``carry: encoder``, hands on the backbone it never changed: its whole
+    training would be lost without a word."""
+    for stage in stages:
+        if stage.carry == "encoder" and head_only.get(stage.init_from):
+            up = next(s for s in stages if s.name == stage.init_from)
+            method = str(up.peft.get("_target_", "?")).rsplit(".", 1)[-1]
+            raise FtlabError(
+                f"{up.where} trains only its head ({method}"
+                f"{' top_k=0' if 'top_k' in up.peft else ''}), and {stage.where} takes only "
+                "the encoder from it (carry: encoder): what it learns would never reach "
+                f"'{stage.name}', which would start from the unchanged pre-trained backbone.",
+                f"give '{up.name}' a method that trains the backbone: "
+                f"+peft@pipeline.stages.{up.name}.peft=full (or lora, or last_layer with "
+                f"pipeline.stages.{up.name}.peft.top_k=1); a run-level peft=... reaches every "
+                "stage without a peft node of its own.")
 
 
 #: how one stage of a pipeline gets a PEFT method or regulariser of its own

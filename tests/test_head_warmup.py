@@ -13,6 +13,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.arch import head_parameters
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
+from ftlab.store import read_json
 from ftlab.validate import check_configs
 from tests.conftest import tiny_overrides
 
@@ -145,12 +146,20 @@ def test_warmup_as_long_as_the_stage_is_refused(make_cfg, sentiment_dir, tmp_pat
                                "stage.head_warmup_steps=2.5"))
 
 
-def test_a_frozen_head_cannot_warm_up(make_cfg, sentiment_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit):  # LoRA on a masked LM leaves the MLM head frozen
-        run(run_cfg(make_cfg, sentiment_dir, tmp_path, "lora_mlm", "stage=mlm", "peft=lora",
-                    "stage.task.max_length=32", "trainer.max_steps=4",
-                    "stage.head_warmup_steps=2"))
-    assert "no trainable head" in capsys.readouterr().err
+@pytest.mark.parametrize(("extra", "key"), [
+    (["stage=mlm", "stage.task.max_length=32", "stage.head_warmup_steps=2"], "stage"),
+    # the shape of `pipeline=tapt_task peft=lora` (TAPT warms up MiniLM's fresh MLM head)
+    (["pipeline=tiny", "pipeline.stages.tapt.head_warmup_steps=0.5"], "pipeline.stages.tapt")])
+def test_a_frozen_head_cannot_warm_up(extra, key, make_cfg, sentiment_dir, tmp_path, capsys):
+    """LoRA on a masked LM leaves the MLM head frozen: refused while checking the run (it was
+    refused only as the stage started, after its data and model had loaded)."""
+    with pytest.raises(SystemExit):
+        run(run_cfg(make_cfg, sentiment_dir, tmp_path, "lora_mlm", "peft=lora",
+                    "trainer.max_steps=4", *extra))
+    err = capsys.readouterr().err
+    assert "no trainable head" in err and f"set {key}.head_warmup_steps=0" in err, err
+    record = read_json(tmp_path / "lora_mlm" / "metrics.json")
+    assert "current_stage" not in record  # no stage began
 
 
 def test_shipped_pipelines_warm_up_fresh_heads_only(make_cfg, sentiment_dir):

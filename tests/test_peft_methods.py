@@ -40,6 +40,46 @@ def test_last_layer_top_k_trains_head_and_top_layers():
     assert not any(n.startswith("bert.encoder.layer.0.") for n in names)
 
 
+
+@pytest.mark.parametrize(("model", "stage"), [("tiny_gpt2", "clm"), ("tiny_t5", "text2text"),
+                                              ("tiny_llama", "cloze")])
+def test_last_layer_on_a_tied_lm_head_is_refused_before_training(model, stage, make_cfg,
+                                                                  sentiment_dir, tmp_path):
+    """An LM head tied to the input embeddings is backbone: head-only training would train
+    nothing (the optimiser's 'empty parameter list' traceback mid-run); refused with the fix."""
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), f"model={model}", f"stage={stage}",
+                      "peft=last_layer", "trainer.max_steps=1",
+                      "stage.task.verbalizer={neg: bad, pos: good}" if stage == "cloze"
+                      else "seed=1"]))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "error" and "peft.top_k=1" in record["error"], record
+    assert record["stages"] == {}  # refused while checking the run: nothing trained
+    assert not (tmp_path / "run" / "error.log").exists()  # no traceback
+
+
+def test_a_method_that_leaves_nothing_to_train_is_refused_before_training(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    """Any method (a contributor's too) that freezes every parameter stops at the checks."""
+    from ftlab.peft.bitfit import BitFit
+
+    monkeypatch.setattr(BitFit, "apply", lambda self, model: model.requires_grad_(False))
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), "peft=bitfit", "trainer.max_steps=1"]))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "peft=bitfit left no parameter" in record["error"] and record["stages"] == {}
+
+
+def test_prompt_learning_on_a_masked_lm_cloze_stage_names_the_stage_and_the_model(
+        make_cfg, sentiment_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), "model=tiny_electra", "stage=cloze",
+                      "stage.task.verbalizer={neg: bad, pos: good}", "peft=prompt_tuning",
+                      "trainer.max_steps=1"]))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "an ElectraForMaskedLM (masked LM)" in record["error"], record["error"]
+    assert "stage=cloze on an encoder" in record["error"] and record["stages"] == {}
+
 @pytest.mark.parametrize(("name", "per_layer"), [("adapter_houlsby", 2), ("adapter_pfeiffer", 1)])
 def test_adapters_placement_and_near_identity_init(name, per_layer):
     plain = logits(tiny_model())

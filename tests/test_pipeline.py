@@ -600,3 +600,15 @@ def test_methods_that_add_modules_hand_over_their_frozen_backbone_and_say_so(nam
     own = plain.state_dict()
     assert all(torch.equal(own[k], v) for k, v in frozen.items() if k in own)
     assert f"Stage tapt's peft={peft.name} weights are not handed over" in caplog.text
+
+
+def test_a_head_only_stage_handed_on_as_an_encoder_is_refused_before_training(
+        tiny_pipeline, tmp_path):
+    """pipeline=tiny peft=last_layer: TAPT would train only the MLM head, which carry: encoder
+    drops, so the task stage would start from the untouched backbone (no word said)."""
+    with pytest.raises(SystemExit):
+        run(tiny_pipeline("peft=last_layer"))
+    record = read_json(tmp_path / "run" / "metrics.json")
+    assert "stage 'tapt' trains only its head" in record["error"], record["error"]
+    assert "+peft@pipeline.stages.tapt.peft=full" in record["error"]
+    assert record["stages"] == {}  # refused while checking the run: nothing trained

@@ -388,6 +388,16 @@ def test_mixout_replaces_dropout_and_mixes_only_weights_that_moved():
     assert not torch.allclose(draws[0], draws[1])  # a new mix of the weights each forward
 
 
+
+@pytest.mark.parametrize("peft", ["movement_pruning", "diff_pruning", "intrinsic"])
+def test_mixout_refuses_a_method_that_recomputes_the_weights(peft):
+    """Movement pruning trains its weights, but each forward uses w x mask: mixout's swapped
+    units (p = 0.9 of them) would train on the unpruned pre-trained weight, a model evaluation
+    never sees. Every re-parametrising method is refused, with the methods that fit."""
+    with pytest.raises(FtlabError, match="re-parametrises the weights") as err:
+        regularizer("mixout").apply(method(peft).apply(tiny_model(0)))
+    assert "lora" in err.value.fix
+
 def test_mixout_is_unbiased_in_training_and_exact_in_evaluation():
     reg, model = prepared("mixout")
     # each mixed layer's output is unbiased: E[x W_mix^T] = x W^T (mean of 4,000 draws)

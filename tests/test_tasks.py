@@ -264,6 +264,20 @@ def test_aux_mlm_loss_runs_through_the_peft_prepared_model(tiny, peft_name):
     assert out.loss > plain + 0.5 * 1.0
 
 
+
+@pytest.mark.parametrize("peft_name", METHODS)
+def test_aux_mlm_heads_own_weights_train_with_every_method(tiny, peft_name):
+    """The auxiliary MLM head's transform and bias learn under every method (peft's LoRA, IA3
+    and prompts froze them: the auxiliary loss ran through a frozen head, random for a model
+    saved without one, as MiniLM); its decoder stays the tied, frozen-or-not word embeddings."""
+    task, model, batch = aux_setup(tiny, peft_name)
+    head = dict(model.named_parameters())
+    own = {n: p for n, p in head.items() if "aux_mlm_head" in n}
+    assert own and all(p.requires_grad for p in own.values()), (
+        peft_name, [n for n, p in own.items() if not p.requires_grad])
+    task.aux_loss(model, *task.mlm.mask(batch, train=True), batch).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own.values())
+
 def test_aux_mlm_head_sees_a_wrappers_swapped_in_tied_embeddings(tiny):
     """Diff pruning's delta on the word embeddings reaches the tied MLM decoder too."""
     task, model, batch = aux_setup(tiny, "diff_pruning")

@@ -21,7 +21,14 @@ from typing import Any
 from torch import nn
 
 from ftlab.errors import FtlabError, with_article
-from ftlab.model.arch import arch_of, backbone, head_modules, peft_task_type, unwrap
+from ftlab.model.arch import (
+    arch_of,
+    backbone,
+    backbone_parameters,
+    head_modules,
+    peft_task_type,
+    unwrap,
+)
 from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import top_layer_ops, unfreeze
 from ftlab.peft.pooling import needs_pooling_fix, pool_last_real_token
@@ -61,13 +68,14 @@ def _prompt_fields(config: Any, model: nn.Module, task: Any) -> dict[str, Any]:
     arch, model_config = arch_of(model), unwrap(model).config
     name = str(_value(config.peft_type)).lower()
     if task is None:
-        raise FtlabError(f"peft's {name} needs a task type, and a {type(unwrap(model)).__name__} "
-                         "(masked LM) has none in peft.", "use peft=lora, ia3 or adapters for "
-                         "masked-LM stages (stage=mlm).")
+        raise FtlabError(f"peft's {name} needs a task type, and "
+                         f"{with_article(type(unwrap(model)).__name__)} (masked LM) has none in "
+                         "peft.", "use peft=lora, ia3 or adapters for masked-LM stages "
+                         "(stage=mlm, stage=cloze on an encoder).")
     if model_config.is_encoder_decoder and _value(task) != "SEQ_2_SEQ_LM":
         raise FtlabError(f"peft's {name} on {arch.family} works only for a seq2seq LM "
-                         f"(SEQ_2_SEQ_LM); a {type(unwrap(model)).__name__} takes no prompt "
-                         "embeddings or prefixes.", f"use peft=lora, ia3 or adapters for "
+                         f"(SEQ_2_SEQ_LM); {with_article(type(unwrap(model)).__name__)} takes "
+                         "no prompt embeddings or prefixes.", f"use peft=lora, ia3 or adapters for "
                          f"{arch.family} classification.")
     if _value(config.peft_type) == "PREFIX_TUNING":
         takes = [m for m in (unwrap(model), backbone(model))
@@ -111,6 +119,18 @@ def _check_types(config: Any, name: str) -> None:
                              "has the default).")
 
 
+def aux_head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``stage.aux_mlm_weight``'s MLM head (``ftlab/tasks/aux_mlm.py``): its own transform and
+    bias, which train with every other method (its decoder is the tied word embeddings). peft
+    would freeze it: the auxiliary loss would run through a frozen head, random for a model
+    saved without one (MiniLM)."""
+    aux = getattr(unwrap(model), "aux_mlm_head", None)
+    if aux is None:
+        return []
+    inside = {id(p) for p in backbone_parameters(model)}
+    return [p for p in aux.parameters() if id(p) not in inside]
+
+
 class HfPeft(RequiresGradState):
     """Args:
         config: a ``peft.PeftConfig`` (built by Hydra from the YAML's ``config`` node).
@@ -125,6 +145,7 @@ class HfPeft(RequiresGradState):
         from peft import get_peft_model
 
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
+        fresh = [*fresh, *aux_head_parameters(model)]  # unfrozen after peft froze all
         arch = arch_of(model)
         _check_types(self.config, self.name)
         config = fit_config(self.config, model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ftlab.errors import FtlabError
+from ftlab.model.arch import unwrap
 from ftlab.peft.base import RequiresGradState
 from ftlab.peft.layers import freeze, head_parameters, top_layer_ops, top_stack, unfreeze
 
@@ -29,6 +30,15 @@ class LastLayer(RequiresGradState):
         for layer in layers[len(layers) - self.top_k:] if self.top_k else []:
             unfreeze(layer)
         unfreeze(fresh)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise FtlabError(
+                f"peft=last_layer with top_k=0 trains the head only, and this "
+                f"{type(unwrap(model)).__name__} has no head of its own: its LM head shares "
+                "its weights with the input embeddings (part of the frozen backbone), so "
+                "nothing would train.",
+                "set peft.top_k=1 (or more) to train the top layers too, or use a method that "
+                "adds parameters (peft=lora, ia3, adapter_houlsby) for a stage that predicts "
+                "tokens with the LM head (stage=clm, text2text, cloze on a decoder).")
         return model
 
     def merged(self, model: nn.Module) -> nn.Module:

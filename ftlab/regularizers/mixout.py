@@ -97,6 +97,19 @@ class Mixout:
         self.p = p
 
     def apply(self, model: nn.Module) -> nn.Module:
+        from ftlab.peft.functional import Reparametrized
+
+        if isinstance(model, Reparametrized):  # movement pruning: w * mask in every forward
+            raise FtlabError(
+                "regularizer=mixout mixes a linear layer's weight toward its pre-trained value, "
+                "and this PEFT method re-parametrises the weights (computes them in every "
+                "forward: movement pruning's w x mask, diff pruning's w + delta, intrinsic's "
+                "projection): in training the units mixout swaps (p of them) would use the "
+                "pre-trained weight instead of the method's (movement pruning: unpruned), so "
+                "the method would learn on a model that evaluation never sees.",
+                "use mixout with peft=full or a method that trains linear layers (lora, "
+                "adapter_houlsby, adapter_pfeiffer, last_layer with top_k > 0), or another "
+                "regularizer (r3f, smart, freelb) with this method.")
         conv1d = _conv1d()
         classes = {nn.Linear: MixLinear}
         if conv1d is not None:
@@ -117,7 +130,7 @@ class Mixout:
         if mixed == 0:
             raise FtlabError(
                 "regularizer=mixout found no trainable linear weight in the backbone to mix "
-                "(the PEFT method trains none, or re-parametrises them).",
+                "(the PEFT method trains none).",
                 "use it with peft=full or a method that trains linear layers (lora, "
                 "adapter_houlsby, adapter_pfeiffer, last_layer with top_k > 0).")
         return model
