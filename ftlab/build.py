@@ -25,7 +25,12 @@ from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrai
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
-from ftlab.task_fit import require_positions, require_trained_head, require_warmup_head
+from ftlab.task_fit import (
+    require_positions,
+    require_trained_head,
+    require_warmup_head,
+    trains_head_only,
+)
 from ftlab.tasks.base import (
     HasSubtasks,
     ModelAware,
@@ -262,16 +267,6 @@ class StageBuilder:
             return None
         require_warmup_head(stage, model)
         return trains_head_only(model)
-
-
-def trains_head_only(model: nn.Module) -> bool:
-    """Whether every parameter that trains is a head parameter (outside the backbone, in the
-    Hugging Face model itself: a re-parametrisation's own tensors are not head)."""
-    from ftlab.model.arch import head_parameters
-
-    head = {id(p) for p in head_parameters(model)}
-    trained = {id(p) for p in model.parameters() if p.requires_grad}
-    return bool(trained) and trained <= head
 
 
 class MethodMisfit(FtlabError):

@@ -148,7 +148,7 @@ def check_job(cfg: DictConfig, overrides: list[str]) -> None:
 def check_launcher(cfg: DictConfig, stages: list[Any]) -> None:
     """A multi-device stage cannot run in a joblib worker: Lightning starts the other ranks by
     re-running the worker's own command (loky's), which fails and leaves rank zero waiting."""
-    from ftlab.validate import several_devices
+    from ftlab.device_checks import several_devices
 
     launcher = str((cfg.hydra.get("launcher") or {}).get("_target_", ""))
     multi = next((s for s in stages if several_devices(s.trainer)), None)

@@ -97,3 +97,13 @@ def require_warmup_head(stage: ResolvedStage, model: nn.Module) -> None:
         f"set {stage.key}.head_warmup_steps=0, or use a PEFT method that trains the head there "
         "(full, last_layer, bitfit, adapters; LoRA and IA3 train a classification head, not an "
         "LM head).")
+
+
+def trains_head_only(model: nn.Module) -> bool:
+    """Whether every parameter that trains is a head parameter (outside the backbone, in the
+    Hugging Face model itself: a re-parametrisation's own tensors are not head)."""
+    from ftlab.model.arch import head_parameters
+
+    head = {id(p) for p in head_parameters(model)}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    return bool(trained) and trained <= head

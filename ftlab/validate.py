@@ -17,6 +17,7 @@ from typing import Any
 from ftlab.build import MethodMisfit, StageBuilder
 from ftlab.compiling import check_trainer
 from ftlab.config import check_binds, instantiate_checked
+from ftlab.device_checks import check_strategy
 from ftlab.distill import check_teacher_rows
 from ftlab.errors import FtlabError, choices_text
 from ftlab.model.backbone import ModelSpec
@@ -235,51 +236,6 @@ def check_output_keys(node: dict[str, Any], where: str) -> None:
             raise FtlabError(f"{where}.{key}={value!r} would write outside the run folder.",
                              f"use a plain relative name for {where}.{key} (no '..', '/' or "
                              "'~' at the start), or remove it.")
-
-
-def check_strategy(stage: ResolvedStage) -> None:
-    """A multi-task stage trains on one device: its sampler shards each sub-task's batches over
-    ranks (every rank draws the same sub-task), but a 2-process DDP run on the CPU did not
-    reproduce the 1-process weights (unexplained, see README), and FSDP's flattened parameters
-    would give unused heads zero gradients. ``batch_size: auto`` searches on one device:
-    refused here when the trainer names several, before any stage trains (``ftlab.autobatch``
-    checks the world size it gets, e.g. ``devices=-1``)."""
-    t = stage.trainer
-    devices = t.get("devices")
-    if stage.batch_size == "auto" and named_devices(t):
-        raise FtlabError(f"{stage.where}: batch_size=auto searches on one device; the trainer "
-                         f"asks for devices={devices}, num_nodes={t.get('num_nodes') or 1}.",
-                         "find it with trainer=gpu on one GPU, then set that number as "
-                         "stage.batch_size for the multi-device run.")
-    if not stage.subtasks:
-        return
-    name = strategy_name(t)
-    if several_devices(t):
-        raise FtlabError(f"{stage.where} is a multi-task stage, which trains on one device "
-                         f"(trainer strategy={name or None}, devices={devices}).",
-                         "use one device for stage=multitask: trainer=cpu, or trainer=gpu "
-                         "trainer.devices=1.")
-
-
-def strategy_name(trainer: dict[str, Any]) -> str:
-    strategy = trainer.get("strategy")
-    return strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
-
-
-def several_devices(trainer: dict[str, Any]) -> bool:
-    """Whether the trainer node may run on several devices (processes): a multi-device
-    strategy, ``devices`` -1 or above 1, or several nodes."""
-    return (any(k in strategy_name(trainer).lower() for k in ("ddp", "fsdp", "deepspeed"))
-            or trainer.get("devices") == -1 or named_devices(trainer))
-
-
-def named_devices(trainer: dict[str, Any]) -> bool:
-    """Whether the trainer node names several devices: ``devices`` above 1 or a list of
-    several, or several nodes."""
-    devices = trainer.get("devices")
-    return ((isinstance(devices, int) and devices > 1)
-            or (isinstance(devices, list | str) and len(str(devices).split(",")) > 1)
-            or (trainer.get("num_nodes") or 1) > 1)
 
 
 def check_head_warmup(stage: ResolvedStage) -> None:

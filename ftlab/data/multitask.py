@@ -10,7 +10,7 @@ carries on where it stopped in the next epoch, so every row is seen in turn (a r
 replays the draws before its checkpoint to get back there). The draws come
 from ``seed + epoch``: the same on every rank, and each rank takes its share of each sub-task's
 batch (tested); but the stage is refused on several devices for now
-(``ftlab.validate.check_strategy``): a 2-process DDP run did not reproduce one process.
+(``ftlab.device_checks.check_strategy``): a 2-process DDP run did not reproduce one process.
 Validation and test run every sub-task's batches in turn.
 """
 
