@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -191,3 +192,10 @@ def prompt_tuned_causal_lm(task, spec, virtual_tokens: int = 4):
     torch.manual_seed(0)
     return get_peft_model(task.build_model(spec), PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)).eval()
+
+
+def wandb_run_id(folder: Path) -> str:
+    """The run id in an offline W&B folder's name, ``offline-run-<time>-<id>`` (W&B adds
+    ``-<n>`` when a folder of that second and id exists: a resumed attempt within a second)."""
+    found = re.fullmatch(r"offline-run-\d{8}_\d{6}-(.+?)(?:-\d+)?", folder.name)
+    return found.group(1) if found else folder.name

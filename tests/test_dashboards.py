@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, wandb_run_id
 from tests.test_cli import ftlab
 
 
@@ -65,4 +65,4 @@ def test_a_relaunched_sweep_updates_its_summary_run_not_a_second_one(tmp_path):
         if seed > 1:
             assert log_sweep_summary(config, tmp_path, write_report(tmp_path)) == 1
     runs = sorted(tmp_path.glob("wandb/offline-run-*"))
-    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+    assert len(runs) == 2 and len({wandb_run_id(r) for r in runs}) == 1, runs

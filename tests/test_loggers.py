@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftlab import loggers
+from tests.conftest import wandb_run_id
 
 
 def test_auto_mode_goes_offline_when_server_unreachable(tmp_path, monkeypatch):
@@ -93,4 +94,4 @@ def test_a_resumed_stage_continues_its_wandb_run(make_cfg, sentiment_dir, monkey
     assert resumed["stages"]["classify"]["resumed_from_step"] == 4
     attempts = sorted((tmp_path / "run" / "classify" / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2, attempts
-    assert len({a.name.rsplit("-", 1)[1] for a in attempts}) == 1, attempts  # one run id
+    assert len({wandb_run_id(a) for a in attempts}) == 1, attempts  # one run id

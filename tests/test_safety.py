@@ -237,7 +237,7 @@ def test_yaml_python_tags_are_refused_without_a_traceback(tmp_path, sentiment_di
     ({"_target_": "ftlab.resolve.subprocess.Popen", "shell": True},
      r"it is defined in 'subprocess' and only reached through an allowed module's imports"
      r"[\s\S]*allow_targets=\[subprocess.\]"),
-    ({"_target_": "ftlab.run.os.system"}, r"it is defined in 'posix'"),
+    ({"_target_": "ftlab.threads.os.system"}, r"it is defined in 'posix'"),
     ({"_target_": "lightning.pytorch.cli.LightningCLI"}, r"its module is not on the allow-list"),
 ], ids=["function", "nested-method", "imported-class", "imported-function", "lightning-cli"])
 def test_allowed_modules_give_only_their_own_classes(node, why, tmp_path):
