@@ -3,7 +3,9 @@ uninterrupted run ends; finished jobs of a sweep are found by their stage keys a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,20 +69,24 @@ def same_last_weights(tmp_path: Path) -> tuple[dict, dict]:
     return a, b
 
 
-def killed_and_resumed(tiny_run, monkeypatch, *extra: str) -> tuple[dict, dict]:
+def killed_and_resumed(tiny_run, monkeypatch, *extra: str, from_step: int = 8,
+                       killed_with: Callable[[Any], None] | None = None) -> tuple[dict, dict]:
     """(uninterrupted record, killed-at-step-10-then-resumed record) of one run of ``STEPS``
-    with ``extra``, after checking the resumed run started from the step-8 checkpoint and
-    ends with the uninterrupted run's final metrics (within 1e-6)."""
+    with ``extra``, after checking the resumed run started from the checkpoint of
+    ``from_step`` and ends with the uninterrupted run's final metrics (within 1e-6).
+    ``killed_with(monkeypatch)``: a change for the killed attempt only."""
     from ftlab.run import run
 
     whole = run(tiny_run("whole", *extra))
     assert whole["status"] == "ok", whole
     crash_at(monkeypatch, 10)
+    if killed_with is not None:
+        killed_with(monkeypatch)
     with pytest.raises(SystemExit):
         run(tiny_run("killed", *extra))
     monkeypatch.undo()
     resumed = run(tiny_run("killed", *extra))
-    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    assert resumed["stages"]["classify"]["resumed_from_step"] == from_step
     for k, v in whole["final"].items():
         assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
     return whole, resumed
@@ -162,13 +168,7 @@ def test_a_run_resumed_from_an_epoch_end_checkpoint_ends_like_an_uninterrupted_o
     ends = ["checkpoint.every_n_steps=0", "checkpoint.keep=true"]  # at epoch ends only
     if validation != "epoch":
         ends.append("trainer.val_check_interval=4")
-    run(tiny_run("whole", *ends))
-    crash_at(monkeypatch, 10)
-    with pytest.raises(SystemExit):
-        run(tiny_run("killed", *ends))
-    monkeypatch.undo()
-    resumed = run(tiny_run("killed", *ends))
-    assert resumed["stages"]["classify"]["resumed_from_step"] == 7  # the end of epoch 0
+    killed_and_resumed(tiny_run, monkeypatch, *ends, from_step=7)  # the end of epoch 0
     same_last_weights(tmp_path)
 
 
@@ -180,15 +180,11 @@ def test_an_epoch_end_checkpoint_written_in_on_train_epoch_end_resumes_the_next_
     order of the one after it. The loader takes the Trainer's epoch instead."""
     from ftlab.checkpoint import StageCheckpoint
 
-    ends = ["checkpoint.every_n_steps=0", "checkpoint.keep=true"]
-    run(tiny_run("whole", *ends))
-    crash_at(monkeypatch, 10)
-    monkeypatch.setattr(StageCheckpoint, "_due", lambda self, trainer: False)  # the old way
-    with pytest.raises(SystemExit):
-        run(tiny_run("killed", *ends))
-    monkeypatch.undo()
-    resumed = run(tiny_run("killed", *ends))
-    assert resumed["stages"]["classify"]["resumed_from_step"] == 7  # the end of epoch 0
+    def the_old_way(patch):  # epoch ends written in on_train_epoch_end
+        patch.setattr(StageCheckpoint, "_due", lambda self, trainer: False)
+
+    killed_and_resumed(tiny_run, monkeypatch, "checkpoint.every_n_steps=0",
+                       "checkpoint.keep=true", from_step=7, killed_with=the_old_way)
     same_last_weights(tmp_path)
 
 
