@@ -26,6 +26,7 @@ from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
 from ftlab.task_fit import (
+    fresh_as_in,
     require_positions,
     require_trained_head,
     require_warmup_head,
@@ -257,6 +258,7 @@ class StageBuilder:
             return None
         require_trained_head(stage, task, model)
         require_positions(stage, task, model)
+        fresh_as_in(model, stage.model)
         try:
             model = self._prepare(stage, model, task)[0]
         except FtlabError as err:  # the PEFT method or regulariser does not fit the stage

@@ -60,8 +60,11 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
     if stage.peft.get("stack_on"):  # stacked artefacts of other runs: by size and time
         spec["stack_on_stats"] = [None if str(p) in in_run else _stat(p)
                                   for p in stage.peft["stack_on"]]
-    if stage.aux_mlm_weight and str(stage.peft.get("_target_", "")).endswith(".HfPeft"):
-        spec["aux_head_trains"] = True  # peft froze it before: a new key, not an old cache
+    if str(stage.peft.get("_target_", "")).endswith(".HfPeft"):  # peft froze these before:
+        if stage.aux_mlm_weight:  # a new key, not an old cache
+            spec["aux_head_trains"] = True
+        if str((stage.task or {}).get("_target_", "")).endswith(".MaskedLM"):
+            spec["fresh_head_trains"] = True
     if stage.teachers:  # teachers that are finished runs enter by their artefact's identity
         from ftlab.distill import is_run_dir, teacher_fingerprint
 

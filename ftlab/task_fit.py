@@ -9,6 +9,7 @@ from torch import nn
 
 from ftlab.errors import FtlabError
 from ftlab.model.arch import position_limit
+from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import ResolvedStage
 from ftlab.tasks.base import ScoresWithLMHead, Task
 
@@ -107,3 +108,20 @@ def trains_head_only(model: nn.Module) -> bool:
     head = {id(p) for p in head_parameters(model)}
     trained = {id(p) for p in model.parameters() if p.requires_grad}
     return bool(trained) and trained <= head
+
+
+def fresh_as_in(model: nn.Module, spec: ModelSpec) -> None:
+    """Mark the parameters of ``model``, an architecture twin of ``spec`` built from its config
+    (all of it random, so its whole head reads as fresh), fresh as the real checkpoint's are:
+    the checks then see what a PEFT method will train (a fresh head trains under LoRA, a
+    checkpoint's own stays frozen)."""
+    from ftlab.peft.layers import FRESH, fresh_parameters, mark_fresh
+    from ftlab.tasks.mlm import fresh_head
+
+    marked = fresh_parameters(model)
+    if not marked or spec.name_or_path is None:
+        return
+    for p in marked:
+        delattr(p, FRESH)
+    named = dict(model.named_parameters())
+    mark_fresh([named[n] for n in fresh_head(model, spec, say=False) if n in named])

@@ -199,3 +199,18 @@ def wandb_run_id(folder: Path) -> str:
     ``-<n>`` when a folder of that second and id exists: a resumed attempt within a second)."""
     found = re.fullmatch(r"offline-run-\d{8}_\d{6}-(.+?)(?:-\d+)?", folder.name)
     return found.group(1) if found else folder.name
+
+
+def masked_lm_folder(folder: Path, model_node) -> list[str]:
+    """Save the tiny BERT of ``model_node`` as a masked LM with its MLM head in ``folder`` (a
+    checkpoint that has a head, unlike MiniLM's); the model overrides that load it."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ftlab.config import bind_schema
+    from ftlab.model.backbone import ModelSpec, load_tokenizer
+
+    spec = bind_schema(ModelSpec, model_node, "model")
+    BertForMaskedLM(BertConfig(**{k: v for k, v in spec.config.items() if k != "model_type"})) \
+        .save_pretrained(folder)
+    load_tokenizer(spec).save_pretrained(folder)
+    return [f"model.name_or_path={folder}", "model.config={}", "model.tokenizer=null"]

@@ -15,7 +15,7 @@ from ftlab.pipeline import build_pipeline
 from ftlab.run import run
 from ftlab.store import read_json
 from ftlab.validate import check_configs
-from tests.conftest import tiny_overrides
+from tests.conftest import masked_lm_folder, tiny_overrides
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -148,14 +148,16 @@ def test_warmup_as_long_as_the_stage_is_refused(make_cfg, sentiment_dir, tmp_pat
 
 @pytest.mark.parametrize(("extra", "key"), [
     (["stage=mlm", "stage.task.max_length=32", "stage.head_warmup_steps=2"], "stage"),
-    # the shape of `pipeline=tapt_task peft=lora` (TAPT warms up MiniLM's fresh MLM head)
+    # the shape of `pipeline=tapt_task peft=lora` (TAPT warms up the MLM head)
     (["pipeline=tiny", "pipeline.stages.tapt.head_warmup_steps=0.5"], "pipeline.stages.tapt")])
 def test_a_frozen_head_cannot_warm_up(extra, key, make_cfg, sentiment_dir, tmp_path, capsys):
-    """LoRA on a masked LM leaves the MLM head frozen: refused while checking the run (it was
-    refused only as the stage started, after its data and model had loaded)."""
+    """LoRA on a masked LM keeps a checkpoint's own MLM head frozen (a head created fresh, as
+    MiniLM's, trains): refused while checking the run (it was refused only as the stage
+    started, after its data and model had loaded)."""
+    saved = masked_lm_folder(tmp_path / "bert_mlm", make_cfg(tiny_overrides(sentiment_dir)).model)
     with pytest.raises(SystemExit):
         run(run_cfg(make_cfg, sentiment_dir, tmp_path, "lora_mlm", "peft=lora",
-                    "trainer.max_steps=4", *extra))
+                    "trainer.max_steps=4", *saved, *extra))
     err = capsys.readouterr().err
     assert "no trainable head" in err and f"set {key}.head_warmup_steps=0" in err, err
     record = read_json(tmp_path / "lora_mlm" / "metrics.json")

@@ -15,7 +15,7 @@ from ftlab.run import run
 from ftlab.tasks.aux_mlm import AuxMLM
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM, split_mlm
-from tests.conftest import loss_before_after, synthetic_rows, tiny_overrides
+from tests.conftest import loss_before_after, masked_lm_folder, synthetic_rows, tiny_overrides
 
 TEXTS = [r["text"] for r in synthetic_rows(64, seed=5)]
 
@@ -197,6 +197,28 @@ def test_mlm_stage_reports_loss_perplexity_and_fresh_head(make_cfg, sentiment_di
                                               rel=0.05)
     assert info["global_steps"] == 8
     assert "cls.predictions.transform.dense.weight" in info["mlm_head_fresh"]
+
+
+@pytest.mark.parametrize("saved_head", [False, True])
+def test_lora_trains_a_fresh_mlm_head_and_keeps_a_pretrained_one_frozen(saved_head, make_cfg,
+                                                                       sentiment_dir, tmp_path):
+    """peft's LoRA freezes every parameter it does not add. MiniLM's checkpoint has no MLM head
+    (it is created fresh, random), so TAPT with LoRA trained through a random, frozen head
+    transform. A fresh head now trains; a checkpoint's own head stays frozen, as LoRA means."""
+    from ftlab.store import load_tensors
+
+    over = tiny_overrides(sentiment_dir) + [
+        "stage=mlm", "peft=lora", "stage.batch_size=16", "stage.trainer.max_steps=3",
+        "stage.task.max_length=32", "data.label_column=null"]
+    if saved_head:
+        over += masked_lm_folder(tmp_path / "bert_mlm", make_cfg(over).model)
+    record = run(make_cfg(over))
+    assert record["status"] == "ok", record.get("error")
+    assert bool(record["stages"]["mlm"]["mlm_head_fresh"]) is not saved_head
+    saved = load_tensors(tmp_path / "run" / "mlm" / "trainable.safetensors")
+    head = sorted(k for k in saved if ".predictions." in k)
+    assert any("lora_" in k for k in saved)
+    assert bool(head) is not saved_head, head  # the transform and bias train where fresh
 
 
 def test_aux_mlm_adds_a_loss_in_training_only(tiny, make_cfg, sentiment_dir, monkeypatch):

@@ -30,7 +30,7 @@ from ftlab.model.arch import (
     unwrap,
 )
 from ftlab.peft.base import RequiresGradState
-from ftlab.peft.layers import top_layer_ops, unfreeze
+from ftlab.peft.layers import fresh_parameters, top_layer_ops, unfreeze
 from ftlab.peft.pooling import needs_pooling_fix, pool_last_real_token
 
 #: task types whose head is new and must train (LM heads are pre-trained: they stay frozen)
@@ -145,7 +145,8 @@ class HfPeft(RequiresGradState):
         from peft import get_peft_model
 
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
-        fresh = [*fresh, *aux_head_parameters(model)]  # unfrozen after peft froze all
+        # unfrozen after peft froze all: the auxiliary MLM head and heads created fresh
+        fresh = [*fresh, *aux_head_parameters(model), *fresh_parameters(model)]
         arch = arch_of(model)
         _check_types(self.config, self.name)
         config = fit_config(self.config, model)

@@ -22,6 +22,21 @@ def freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
 
 
+#: marks a parameter its checkpoint lacked, created fresh (MiniLM's MLM head): every PEFT
+#: method trains it (peft's LoRA, IA3 and prompt methods would freeze it as pre-trained)
+FRESH = "_ftlab_fresh"
+
+
+def mark_fresh(params: list[nn.Parameter]) -> None:
+    for p in params:
+        setattr(p, FRESH, True)
+
+
+def fresh_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters marked by :func:`mark_fresh`."""
+    return [p for p in model.parameters() if getattr(p, FRESH, False)]
+
+
 def unfreeze(params: list[nn.Parameter] | nn.Module) -> None:
     for p in params.parameters() if isinstance(params, nn.Module) else params:
         p.requires_grad_(True)

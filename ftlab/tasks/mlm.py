@@ -20,6 +20,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_mlm_head
 from ftlab.model.backbone import ModelSpec, load_model
+from ftlab.peft.layers import mark_fresh
 from ftlab.resolve import resolve
 from ftlab.rules import at_least, between
 from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room
@@ -134,7 +135,10 @@ class MaskedLM(TaskDefaults):
         if model_type and not arch_for(model_type).mlm_head:
             raise no_mlm_head(arch_for(model_type))
         model = load_model(spec, AutoModelForMaskedLM)
-        self.info = {"mlm_head_fresh": fresh_head(model, spec)}
+        fresh = fresh_head(model, spec)
+        named = dict(model.named_parameters())
+        mark_fresh([named[n] for n in fresh if n in named])  # trained by every PEFT method
+        self.info = {"mlm_head_fresh": fresh}
         return model
 
     def mask(self, batch: dict[str, torch.Tensor], train: bool) -> tuple[torch.Tensor, ...]:
@@ -214,8 +218,9 @@ def continuation_pieces(vocab: list[str], special: set[int]) -> torch.Tensor:
     return torch.zeros(len(vocab), dtype=torch.bool)
 
 
-def fresh_head(model: nn.Module, spec: ModelSpec) -> list[str]:
-    """Names of MLM-head parameters the checkpoint lacks (created fresh), logged clearly."""
+def fresh_head(model: nn.Module, spec: ModelSpec, say: bool = True) -> list[str]:
+    """Names of MLM-head parameters the checkpoint lacks (created fresh), logged clearly
+    (``say``)."""
     outside = {id(p) for p in head_parameters(model)}
     head = [n for n, p in model.named_parameters() if id(p) in outside]
     if spec.name_or_path is None:
@@ -231,7 +236,7 @@ def fresh_head(model: nn.Module, spec: ModelSpec) -> list[str]:
         with safe_open(str(f), "pt") as st:
             keys |= set(st.keys())
     fresh = [n for n in head if n not in keys]
-    if fresh:
+    if fresh and say:
         log.warning("The checkpoint %s has no MLM head: %d tensors created fresh and trained "
                     "(%s); the decoder is tied to the word embeddings.", spec.name_or_path,
                     len(fresh), ", ".join(fresh))
