@@ -278,6 +278,26 @@ def test_aux_mlm_heads_own_weights_train_with_every_method(tiny, peft_name):
     task.aux_loss(model, *task.mlm.mask(batch, train=True), batch).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own.values())
 
+def test_aux_mlm_head_of_a_checkpoint_with_one_trains_under_lora_too(tiny, tmp_path):
+    """The auxiliary head trains under every method also where the checkpoint has its MLM head
+    (not created fresh): peft's LoRA keeps such a head frozen in an MLM stage, not here."""
+    import dataclasses
+
+    from tests.conftest import masked_lm_folder
+
+    spec, tok = tiny
+    node = OmegaConf.load(Path(CONFIG_DIR) / "model" / "tiny_bert.yaml")
+    masked_lm_folder(tmp_path / "bert_mlm", node)
+    saved = dataclasses.replace(spec, name_or_path=str(tmp_path / "bert_mlm"), config={},
+                                tokenizer=None)
+    task = bound(AuxMLM(Classify(), weight=0.5), raw_data(), tok)
+    model = peft_method("lora").apply(task.build_model(saved))
+    assert task.mlm.info["mlm_head_fresh"] == []  # the checkpoint's own head
+    own = {n: p for n, p in model.named_parameters() if "aux_mlm_head" in n}
+    assert own and all(p.requires_grad for p in own.values()), [
+        n for n, p in own.items() if not p.requires_grad]
+
+
 def test_aux_mlm_head_sees_a_wrappers_swapped_in_tied_embeddings(tiny):
     """Diff pruning's delta on the word embeddings reaches the tied MLM decoder too."""
     task, model, batch = aux_setup(tiny, "diff_pruning")

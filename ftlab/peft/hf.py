@@ -24,7 +24,6 @@ from ftlab.errors import FtlabError, with_article
 from ftlab.model.arch import (
     arch_of,
     backbone,
-    backbone_parameters,
     head_modules,
     peft_task_type,
     unwrap,
@@ -119,18 +118,6 @@ def _check_types(config: Any, name: str) -> None:
                              "has the default).")
 
 
-def aux_head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """``stage.aux_mlm_weight``'s MLM head (``ftlab/tasks/aux_mlm.py``): its own transform and
-    bias, which train with every other method (its decoder is the tied word embeddings). peft
-    would freeze it: the auxiliary loss would run through a frozen head, random for a model
-    saved without one (MiniLM)."""
-    aux = getattr(unwrap(model), "aux_mlm_head", None)
-    if aux is None:
-        return []
-    inside = {id(p) for p in backbone_parameters(model)}
-    return [p for p in aux.parameters() if id(p) not in inside]
-
-
 class HfPeft(RequiresGradState):
     """Args:
         config: a ``peft.PeftConfig`` (built by Hydra from the YAML's ``config`` node).
@@ -145,8 +132,8 @@ class HfPeft(RequiresGradState):
         from peft import get_peft_model
 
         fresh = top_layer_ops(model, self.drop_top, self.reinit_top)
-        # unfrozen after peft froze all: the auxiliary MLM head and heads created fresh
-        fresh = [*fresh, *aux_head_parameters(model), *fresh_parameters(model)]
+        # unfrozen after peft froze all: heads created fresh, the auxiliary MLM head's own
+        fresh = [*fresh, *fresh_parameters(model)]
         arch = arch_of(model)
         _check_types(self.config, self.name)
         config = fit_config(self.config, model)

@@ -17,6 +17,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.arch import mlm_head
 from ftlab.model.backbone import ModelSpec
+from ftlab.peft.layers import mark_fresh
 from ftlab.tasks.base import Task, TaskOutput
 from ftlab.tasks.mlm import MaskedLM
 
@@ -84,8 +85,11 @@ class AuxMLM:
         model = self.task.build_model(spec)
         donor = self.mlm.build_model(spec)
         head = mlm_head(donor)  # a clear error for families without one
-        donor.get_output_embeddings().weight = model.get_input_embeddings().weight
+        tied = donor.get_output_embeddings().weight = model.get_input_embeddings().weight
         model.add_module("aux_mlm_head", head)
+        # its own transform and bias train under every PEFT method (peft's would freeze them);
+        # its decoder is the tied word embeddings, which the method decides about
+        mark_fresh([p for p in head.parameters() if p is not tied])
         return model
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
