@@ -97,18 +97,16 @@ def stops_reported(sweep_dir: Path) -> Iterator[None]:
 
 def _stopped_since(sweep_dir: Path, since: float) -> str | None:
     """The signal that stopped a job of ``sweep_dir`` whose record changed since ``since``."""
-    import json
-
-    from ftlab.report_jobs import job_folders
+    from ftlab.report_jobs import job_folders, job_record
 
     for job in job_folders(sweep_dir) if sweep_dir.is_dir() else []:
         try:
             if (job / "metrics.json").stat().st_mtime < since:
                 continue
-            record = json.loads((job / "metrics.json").read_text())
-        except (OSError, ValueError):
+        except OSError:
             continue
-        stop = record.get("interrupted") if isinstance(record, dict) else None
+        record = job_record(job / "metrics.json")
+        stop = record.get("interrupted")
         if record.get("status") == "interrupted" and isinstance(stop, dict) and \
                 stop.get("signal") in signal.Signals.__members__:
             return stop["signal"]
