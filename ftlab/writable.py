@@ -20,6 +20,13 @@ INSIDE = 256
 PROBE_BYTES = 256 * 1024
 
 
+#: the fix for a folder name or path too long for the file system
+LONG_NAMES_FIX = ("keep long values out of folder names: Hydra's default hydra.run.dir (the "
+                  "time) and hydra.sweep.subdir (${hydra.job.num}) hold none; with "
+                  "${hydra.job.override_dirname} in the folder, leave the long keys out "
+                  "(hydra.job.config.override_dirname.exclude_keys=[seed,KEY]).")
+
+
 def check_names(folder: str | Path, what: str = "The output folder") -> None:
     """Raise ``FtlabError`` when a name in ``folder``'s path is longer than its file system
     allows (255 bytes on most): Hydra's ``${hydra.job.override_dirname}`` in a run or job
@@ -38,19 +45,12 @@ def check_names(folder: str | Path, what: str = "The output folder") -> None:
         raise FtlabError(
             f"{what} {str(path)[:80]}... is {len(os.fsencode(str(path)))} bytes long; with the "
             f"files a run writes inside it (~{INSIDE} bytes more) it passes the file system's "
-            f"{path_max}.", "keep long values out of folder names: Hydra's default "
-            "hydra.run.dir (the time) and hydra.sweep.subdir (${hydra.job.num}) hold none; "
-            "with ${hydra.job.override_dirname} in the folder, leave the long keys out "
-            "(hydra.job.config.override_dirname.exclude_keys=[seed,KEY]).")
+            f"{path_max}.", LONG_NAMES_FIX)
     for part in path.parts:
         if len(os.fsencode(part)) > name_max:
             raise FtlabError(
                 f"{what} {str(path)[:80]}... has a name of {len(os.fsencode(part))} bytes "
-                f"('{part[:40]}...'); the file system allows {name_max}.",
-                "keep long values out of folder names: Hydra's default hydra.run.dir (the "
-                "time) and hydra.sweep.subdir (${hydra.job.num}) hold none; with "
-                "${hydra.job.override_dirname} in the folder, leave the long keys out "
-                "(hydra.job.config.override_dirname.exclude_keys=[seed,KEY]).")
+                f"('{part[:40]}...'); the file system allows {name_max}.", LONG_NAMES_FIX)
 
 
 def check_writable(folder: str | Path) -> None:
