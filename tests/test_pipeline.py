@@ -441,6 +441,34 @@ def test_an_edited_data_file_is_a_new_stage_key(make_cfg, sentiment_dir, tmp_pat
     os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert train.stat().st_size == stat.st_size and key() != before
 
+def test_a_model_folder_trained_again_is_a_new_stage_key(make_cfg, sentiment_dir, tmp_path):
+    """A local model folder enters the key by its files' sizes and modification times: new
+    weights saved into the same folder must not reuse a stage trained from the old ones; a
+    README edit changes nothing; a hub name keeps the key it had before the field existed."""
+    import os
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (folder / name).write_text("x" * 8)
+
+    def key(source: str) -> str:
+        stages = build_pipeline(make_cfg([*tiny_overrides(sentiment_dir),
+                                          f"model.name_or_path={source}"]))
+        return pipeline_keys(stages)["classify"]
+
+    before = key(str(folder))
+    (folder / "README.md").write_text("another model card")
+    assert key(str(folder)) == before
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    weights.write_text("y" * 8)  # same size, a second later: weights saved again
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert key(str(folder)) != before
+    from ftlab.stage_keys import model_files
+
+    assert model_files("someone/a-hub-model", "pypi://pkg==1/model", "pkg://ftlab/x") == {}
+
 # --- pipeline=intermediate_task: VitaminC classifier -> Rotten Tomatoes classifier (encoder) ---
 
 def test_intermediate_task_pipeline_resolves_with_each_stages_data(make_cfg):
