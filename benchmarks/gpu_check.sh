@@ -27,9 +27,15 @@
 #       default 32,128,512,1024), where 60 s are left
 #   (c) `ftlab trainer=gpu ... stage.batch_size=auto`, 1 epoch (the batch the tuner found), with
 #       what time is left (skipped under 40 s)
+#   (p) only when asked (STEPS="p ..."): benchmarks/packing.py, BERT-base-sized, bf16, packed
+#       rows (several reviews per 128-token row, block-diagonal attention) against trainer=gpu's
+#       buckets in one plain loop, at P_BATCHES reviews a step (default 1024,256), both
+#       compiled with P_COMPILE (default reduce-overhead; eager again where that fails):
+#       whether packing lifts MFU toward the 40% target before ftlab builds it
 # and writes logs and JSON into $OUT (env.txt, trace.{log,json}, compiled.{log,json},
-# run_gpu.{log,json}, overhead.{log,json}, run_auto.{log,json}, summary.json: the device tool
-# brings back 8 files, so run at most three of the five steps per call). MFU is PaLM's (ftlab/flops.py) over the
+# run_gpu.{log,json}, overhead.{log,json}, run_auto.{log,json}, packing.{log,json},
+# summary.json: the device tool
+# brings back 8 files, so run at most three of the six steps per call). MFU is PaLM's (ftlab/flops.py) over the
 # card's dense bf16 peak (H100 SXM / H200 989 TFLOP/s, H100 PCIe 756, H100 NVL 835).
 # STEPS="a2 b" runs only those steps, in the order above (default: "a2 b a c").
 # GPU_CHECK_CPU=1 runs the same steps on the CPU with a tiny model and a few steps (a dry run
@@ -56,7 +62,9 @@ if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
   RUN=("${SMALL[@]}" trainer.max_steps=6 stage.batch_size=16
        "trainer.pad_to_buckets=[32,48,64,96,128]")
   AUTO=("${SMALL[@]}" trainer.max_steps=4 trainer.auto_batch_init=8 trainer.auto_batch_max_trials=2)
-  PEAK=0 MODE_B=${MODE_B:-null}
+  PACK=(--device cpu --model-size tiny --batch-sizes 16 --steps 3 --warmup 1 --rounds 2
+        --max-train 300)
+  PEAK=0 MODE_B=${MODE_B:-null} P_COMPILE=${P_COMPILE:-}
   [ -d "$KIT/cache" ] && export FTLAB_CACHE=$KIT/cache
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -72,6 +80,8 @@ else
   COMPILED=(--device cuda --precision bf16-mixed --model-size base --steps 20 --rounds 3
             --batch-sizes "${C_BATCHES:-1024,512,128,32}" --pad-buckets "${BUCKETS:-32,48,64,96,128}"
             --compile reduce-overhead)
+  PACK=(--device cuda --precision bf16-mixed --model-size base --steps 20 --rounds 3
+        --batch-sizes "${P_BATCHES:-1024,256}")
   RUN=(trainer=gpu model=bert_base_random trainer.max_epochs=1)
   AUTO=(trainer=gpu model=bert_base_random trainer.max_epochs=1 trainer.auto_batch_max_trials=7)
   # dense bf16 peak: H100 SXM and H200 989 TFLOP/s, H100 PCIe 756, H100 NVL 835
@@ -150,6 +160,19 @@ elif want c; then
   echo "== (c) skipped: $(left) s left"
 fi
 
+if want p; then
+  P_COMPILE=${P_COMPILE-reduce-overhead}
+  echo "== (p) packed rows against buckets, compile ${P_COMPILE:-none} ($(left) s left)"
+  timeout "$(limit 280)" python3 benchmarks/packing.py "${PACK[@]}" --peak-flops "$PEAK" \
+    ${P_COMPILE:+--compile "$P_COMPILE"} --json "$OUT/packing.json" 2>&1 \
+    | grep -v "Warning\|warn(" | tee "$OUT/packing.log"
+  if [ ! -s "$OUT/packing.json" ] && [ -n "$P_COMPILE" ] && (( $(left) >= 90 )); then
+    echo "== (p) failed compiled; again eager ($(left) s left)" | tee -a "$OUT/packing.log"
+    timeout "$(limit 150)" python3 benchmarks/packing.py "${PACK[@]}" --peak-flops "$PEAK" \
+      --json "$OUT/packing.json" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/packing.log"
+  fi
+fi
+
 PEAK=$PEAK python3 - "$OUT" <<'EOF'
 import json, os, sys
 from pathlib import Path
@@ -190,6 +213,13 @@ for name in ("overhead", "compiled"):
             "mfu_6n_total": [b["plain"]["mfu_6n_total"], b["ftlab"]["mfu_6n_total"]],
             "shapes": b["shapes"]})}
         for b in bench["batches"]]
+if (out / "packing.json").is_file():
+    summary["packing"] = [{"batch": b["batch_size"], **({"oom": True} if b.get("oom") else {
+        "packed_vs_bucketed": b["packed_vs_bucketed"]["median"],
+        "samples_per_s": [b["bucketed"]["samples_per_s"], b["packed"]["samples_per_s"]],
+        "mfu": [b["bucketed"]["mfu"], b["packed"]["mfu"]],
+        "mfu_real_tokens": [b["bucketed"]["mfu_real_tokens"], b["packed"]["mfu_real_tokens"]]})}
+        for b in json.loads((out / "packing.json").read_text())["batches"]]
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps(summary, indent=1))
 EOF
