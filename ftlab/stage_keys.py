@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,26 @@ COSMETIC = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", 
 #: run callbacks (``callbacks`` group) that change no stage's trained weights: the progress bar;
 #: early discard only stops a stage, and a stopped stage is never stored
 COSMETIC_CALLBACKS = ("ProgressBar", "EarlyDiscard")
+
+
+def _target(node: Any) -> str:
+    return str((node or {}).get("_target_", ""))
+
+
+#: Changes of behaviour that would make a stage cached before them wrong for the stages they
+#: apply to: (key field, value, applies). A stage they apply to gets the field in its key (a
+#: new key: trained again); every other stage keeps the key it had, so its cache stays valid.
+CHANGES: tuple[tuple[str, Any, Callable[[ResolvedStage], bool]], ...] = (
+    # HF-peft methods froze the auxiliary MLM head (stage.aux_mlm_weight); it trains now
+    ("aux_head_trains", True,
+     lambda s: _target(s.peft).endswith(".HfPeft") and bool(s.aux_mlm_weight)),
+    # ... and a masked LM's head the checkpoint lacks (random weights); it trains now
+    ("fresh_head_trains", True,
+     lambda s: _target(s.peft).endswith(".HfPeft") and _target(s.task).endswith(".MaskedLM")),
+    # class_weights=balanced on a distillation stage counted the gold labels, now the teachers'
+    ("class_weights_from", "teachers",
+     lambda s: bool(s.teachers) and (s.task or {}).get("class_weights") == "balanced"),
+)
 
 
 def weight_callbacks(callbacks: dict[str, Any] | None) -> dict[str, Any]:
@@ -62,17 +83,11 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
     if stage.peft.get("stack_on"):  # stacked artefacts of other runs: by size and time
         spec["stack_on_stats"] = [None if str(p) in in_run else _stat(p)
                                   for p in stage.peft["stack_on"]]
-    if str(stage.peft.get("_target_", "")).endswith(".HfPeft"):  # peft froze these before:
-        if stage.aux_mlm_weight:  # a new key, not an old cache
-            spec["aux_head_trains"] = True
-        if str((stage.task or {}).get("_target_", "")).endswith(".MaskedLM"):
-            spec["fresh_head_trains"] = True
+    spec.update({k: v for k, v, applies in CHANGES if applies(stage)})
     if stage.teachers:  # teachers that are finished runs enter by their artefact's identity
         from ftlab.distill import is_run_dir, teacher_fingerprint
 
         spec["teacher_runs"] = [teacher_fingerprint(t) for t in stage.teachers if is_run_dir(t)]
-        if (stage.task or {}).get("class_weights") == "balanced":  # counted on the teachers'
-            spec["class_weights_from"] = "teachers"  # labels since format 1's keys: a new key
     payload = {"format": FORMAT, "stage": spec, "upstream": upstream_key}
     if weight_callbacks(callbacks):
         payload["callbacks"] = weight_callbacks(callbacks)

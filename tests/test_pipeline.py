@@ -469,6 +469,27 @@ def test_a_model_folder_trained_again_is_a_new_stage_key(make_cfg, sentiment_dir
 
     assert model_files("someone/a-hub-model", "pypi://pkg==1/model", "pkg://ftlab/x") == {}
 
+@pytest.mark.parametrize(("overrides", "stage", "expected"), [
+    (["peft=lora"], "classify", []),
+    (["peft=lora", "stage.aux_mlm_weight=0.1"], "classify", ["aux_head_trains"]),
+    (["stage.aux_mlm_weight=0.1"], "classify", []),  # full fine-tuning always trained it
+    (["peft=lora", "stage=mlm"], "mlm", ["fresh_head_trains"]),
+    (["pipeline=pet", "+pipeline.stages.distill.task.class_weights=balanced"], "distill",
+     ["class_weights_from"]),
+    (["pipeline=pet"], "distill", []),
+    (["stage.task.class_weights=balanced"], "classify", []),  # no teachers: gold labels
+])
+def test_a_behaviour_change_gives_a_new_key_to_the_stages_it_changes_only(
+        make_cfg, sentiment_dir, overrides, stage, expected):
+    """stage_keys.CHANGES: each entry names the stages whose trained weights a change of
+    ftlab's behaviour altered (they get a new key, so no stale cache entry is reused); every
+    other stage keeps its key."""
+    from ftlab.stage_keys import CHANGES
+
+    stages = {s.name: s for s in build_pipeline(make_cfg([*tiny_overrides(sentiment_dir),
+                                                          *overrides]))}
+    assert [k for k, _, applies in CHANGES if applies(stages[stage])] == expected
+
 # --- pipeline=intermediate_task: VitaminC classifier -> Rotten Tomatoes classifier (encoder) ---
 
 def test_intermediate_task_pipeline_resolves_with_each_stages_data(make_cfg):
