@@ -234,7 +234,7 @@ def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in run.callbacks.items() if node is not None]
     if stage.optim.gradual_unfreeze:
-        callbacks.append(GradualUnfreeze())
+        callbacks.append(GradualUnfreeze(stage.key, stage.where))
     if stage.head_warmup_steps:  # LP-FT: the head alone first
         callbacks.append(HeadWarmup(stage.head_warmup_steps, stage.where))
     planned = [type(c).__name__ for c in callbacks
