@@ -27,7 +27,7 @@ from ftlab.callbacks import (
     Throughput,
 )
 from ftlab.checkpoint import CheckpointSpec, stage_checkpointing
-from ftlab.checkpoint_io import latest_checkpoint
+from ftlab.checkpoint_io import clear_stale_writes, latest_checkpoint
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard
@@ -117,6 +117,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                             cudagraphs=rt.cudagraphs())
     keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput(flop_rule(model))
     spec, ckpt_dir = run.checkpoint, stage_dir / "checkpoints"
+    if is_rank_zero():  # a checkpoint write killed midway left its temp folder
+        clear_stale_writes(ckpt_dir)
     resume = latest_checkpoint(ckpt_dir, key) if spec and spec.enabled else None
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name, "resuming": resume is not None}

@@ -3,6 +3,7 @@ uninterrupted run ends; finished jobs of a sweep are found by their stage keys a
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,50 @@ def test_checkpoint_io_round_trips_the_checkpoint_dict(tmp_path):
     io.save_checkpoint(ckpt, tmp_path / NAME)
     io.save_checkpoint(ckpt, tmp_path / NAME)  # replaces it
     back = io.load_checkpoint(tmp_path / NAME)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]  # no temp folders left
+    # no temp folders left (the lock a writer holds stays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{NAME}.lock", NAME]
     assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(back["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(2))
     assert torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"]) and back["none"] is None
+
+
+def test_a_killed_writes_temp_folder_is_cleared_but_not_a_live_writers(tmp_path):
+    """A checkpoint write killed midway (SIGKILL: no cleanup) left ``.state.ckpt.tmp-<pid>-
+    <hex>`` until the stage ended (with checkpoint.keep, for good); one another process is
+    writing now (it holds the folder's lock) must stay."""
+    from filelock import FileLock
+
+    from ftlab.checkpoint_io import clear_stale_writes
+
+    io = SafetensorsCheckpointIO({"stage_key": "k"})
+    io.save_checkpoint({"w": torch.ones(2)}, tmp_path / NAME)
+    stale = tmp_path / f".{NAME}.tmp-4242-a1b2c3"
+    stale.mkdir()
+    (stale / "tensors.safetensors").write_bytes(b"\0" * 100)  # the kill: half a file
+    moved = tmp_path / f".{NAME}.old-4242-d4e5f6"  # killed after moving the last one aside
+    shutil.copytree(tmp_path / NAME, moved)
+    with FileLock(str(tmp_path / f".{NAME}.lock")):  # another process is writing
+        clear_stale_writes(tmp_path)
+        assert stale.is_dir()
+    clear_stale_writes(tmp_path)
+    assert not stale.exists() and moved.is_dir()  # the stage resumes from .old if need be
+    io.save_checkpoint({"w": torch.zeros(2)}, tmp_path / NAME)  # a complete newer one
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{NAME}.lock", NAME]
+    assert torch.equal(io.load_checkpoint(tmp_path / NAME)["w"], torch.zeros(2))
+
+
+def test_a_kept_checkpoint_folder_loses_a_killed_writes_temp_folder_on_resume(
+        tiny_run, monkeypatch, tmp_path):
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", "checkpoint.keep=true"))
+    monkeypatch.undo()
+    folder = tmp_path / "killed" / "classify" / "checkpoints"
+    stale = folder / f".{NAME}.tmp-4242-a1b2c3"  # as a SIGKILL during a write leaves it
+    stale.mkdir()
+    resumed = run(tiny_run("killed", "checkpoint.keep=true"))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    assert not stale.exists() and (folder / NAME).is_dir()
 
 
 def test_a_non_zero_fsdp_rank_reads_no_model_or_optimiser_tensor_nor_other_ranks_shards(
