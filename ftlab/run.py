@@ -67,9 +67,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     hydra = _hydra_info()
     key = config_key(hydra["overrides"])
+    threads = set_threads(hydra.get("launcher"), cfg.get("trainer"))  # DDP: per rank
     record: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "config_key": key,
                               "overrides": hydra["overrides"], "stages": {},
-                              "torch_threads": set_threads(hydra.get("launcher")),
+                              "torch_threads": threads,
                               "process": process_identity()}  # a later look tells a killed job
     out = run_dir / "metrics.json"
     from ftlab.resume import read_record
