@@ -170,6 +170,24 @@ def latest_checkpoint(folder: Path, key: str | None) -> Path | None:
     return None
 
 
+def checkpoint_elsewhere(folders: list[Path], key: str) -> Path | None:
+    """The complete checkpoint written for stage ``key`` with the most steps in ``folders``
+    (other job folders' ``<stage>/checkpoints``: a job re-launched into a new folder resumes
+    the one its errored run left), or None; one of another stage is passed over quietly."""
+    best, most = None, -1
+    for folder in folders:
+        for path in [folder / NAME, *sorted(folder.glob(f".{NAME}.old-*"))]:
+            try:
+                data = json.loads((path / STATE).read_text())
+                step = int(data["checkpoint"]["global_step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if data.get("ftlab", {}).get("stage_key") == key and step > most \
+                    and _readable(path / TENSORS):
+                best, most = path, step
+    return best
+
+
 def _lock_path(path: Path) -> Path:
     """The lock a writer of checkpoint ``path`` holds while it writes."""
     return path.parent / f".{path.name}.lock"

@@ -198,7 +198,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
             write_json(run_dir / "metrics.json", record)
 
     run = RunContext(run_dir, callbacks, logger, context, on_trained=trained,
-                     checkpoint=checkpoint, save_artefact=policy)
+                     checkpoint=checkpoint, save_artefact=policy, sweep_dir=sweep_dir)
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):
         record["current_stage"] = stage.name  # a killed job is known to have died here
