@@ -99,8 +99,9 @@ def check_unfreeze_epochs(epochs: int | None, key: str = "stage",
 
 def most_epochs(trainer: dict, budget: object | None) -> int | None:
     """The most epochs a stage's trainer node (with its adaptive ``budget``, a
-    ``BudgetSpec``, or None) lets it train; None when steps or data decide it."""
-    if trainer.get("fast_dev_run") or trainer.get("max_steps") not in (None, -1):
+    ``BudgetSpec``, or None) lets it train (``max_steps`` may stop it sooner, never later);
+    None when steps alone decide it (``max_epochs=-1``)."""
+    if trainer.get("fast_dev_run"):
         return None
     epochs = trainer.get("max_epochs")
     if not isinstance(epochs, int) or epochs < 1:

@@ -337,6 +337,9 @@ def test_gradual_unfreezing_over_one_epoch_is_refused(sentiment_dir, tmp_path, c
     with pytest.raises(FtlabError, match=r"(?s)1 epoch: only its top group.*"
                        r"stage.trainer.max_epochs=N.*stage.optim.gradual_unfreeze=false"):
         check_configs(build_pipeline(make_cfg([*base, "trainer.max_epochs=1"])))
+    with pytest.raises(FtlabError, match="only its top group"):  # max_steps: still 1 epoch
+        check_configs(build_pipeline(make_cfg([*base, "trainer.max_steps=100"])))
+    check_configs(build_pipeline(make_cfg([*base, "trainer.max_epochs=2"])))
     with pytest.raises(SystemExit):
         run(make_cfg([*base, "trainer.budget.min_steps=10"]))
     assert "only its top group" in capsys.readouterr().err
