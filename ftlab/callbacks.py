@@ -80,20 +80,70 @@ class KeepBest(L.Callback):
                 self.peft.load_trainable_state(pl_module.model, self.state)
 
 
+def check_unfreeze_epochs(epochs: int | None, key: str = "stage",
+                          where: str = "the stage") -> None:
+    """``gradual_unfreeze`` unfreezes one layer group per epoch: a stage of one epoch would
+    train only the top group (heads, pooler), the whole backbone frozen. ``epochs``: the most
+    the stage may train (None: not known yet)."""
+    from ftlab.errors import FtlabError
+
+    if epochs is not None and 0 < epochs <= 1:
+        raise FtlabError(
+            f"{where}: optim.gradual_unfreeze unfreezes one more layer group per epoch, and the "
+            "stage trains 1 epoch: only its top group (heads, pooler) would learn, the "
+            "backbone would stay as it was.",
+            f"train more epochs ({key}.trainer.max_epochs=N: epoch e trains the top e+1 "
+            f"groups; a 12-layer model has 14), or set {key}.optim.gradual_unfreeze=false "
+            f"(to train the head alone first within the epoch: {key}.head_warmup_steps=0.1).")
+
+
+def most_epochs(trainer: dict, budget: object | None) -> int | None:
+    """The most epochs a stage's trainer node (with its adaptive ``budget``, a
+    ``BudgetSpec``, or None) lets it train (``max_steps`` may stop it sooner, never later);
+    None when steps alone decide it (``max_epochs=-1``)."""
+    if trainer.get("fast_dev_run"):
+        return None
+    epochs = trainer.get("max_epochs")
+    if not isinstance(epochs, int) or epochs < 1:
+        return None
+    return max(epochs, getattr(budget, "max_epochs", 0))
+
+
 class GradualUnfreeze(L.Callback):
     """ULMFiT's gradual unfreezing: in epoch ``e`` only the top ``e + 1`` layer groups learn
     (epoch 0: heads and pooler; then one more transformer layer each epoch; embeddings last).
 
     Lower groups get their gradients dropped before the optimiser step rather than
     ``requires_grad`` switched off, so the trainable state (artefact, best-epoch copy) stays
-    the same set of parameters throughout.
+    the same set of parameters throughout. A stage of one epoch is refused (only the top group
+    would learn); one of fewer epochs than groups warns which groups never learn.
     """
 
+    def __init__(self, key: str = "stage", where: str = "the stage") -> None:
+        self.key, self.where = key, where
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import logging
+        import math
+
         from ftlab.optim import layer_depths
 
         self.depth, self.top = layer_depths(pl_module.model)
         self.params = dict(pl_module.model.named_parameters())
+        if trainer.fast_dev_run:
+            return
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or not batches:  # an iterable without a length
+            return
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        epochs = math.ceil(int(trainer.estimated_stepping_batches) / per_epoch)
+        check_unfreeze_epochs(epochs, self.key, self.where)
+        if epochs < self.top + 1:
+            logging.getLogger(__name__).warning(
+                "%s: gradual_unfreeze over %d epochs unfreezes the top %d of %d layer groups; "
+                "the lowest %d (the embeddings first) never learn (%s.trainer.max_epochs=%d "
+                "reaches them all).", self.where, epochs, epochs, self.top + 1,
+                self.top + 1 - epochs, self.key, self.top + 1)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         lowest = self.top - trainer.current_epoch  # groups at or above this depth learn

@@ -2,7 +2,9 @@
 flattened path) + ``state.json`` (everything else, with the stage key), written beside its
 target and renamed into place (atomic: the folder it replaces is moved aside first and deleted
 after, so a kill at any moment leaves one complete checkpoint); and which checkpoint of a
-stage to resume (never a damaged one, nor one of a changed stage). ``ftlab.checkpoint``
+stage to resume (never a damaged one, nor one of a changed stage). A writer holds the folder's
+``.state.ckpt.lock`` while it writes, so the temp folders a killed write left are told from a
+live writer's and removed when a stage starts (``clear_stale_writes``). ``ftlab.checkpoint``
 decides when checkpoints are written."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from lightning.fabric.plugins.io import CheckpointIO
 from safetensors.torch import load_file, save_file
 
@@ -102,8 +105,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
         tree = split(checkpoint, tensors)
         flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(_lock_path(path))):  # a live write: clear_stale_writes leaves it
+            self._write(flat, tree, path, tmp)
+
+    def _write(self, flat: dict[str, torch.Tensor], tree: Any, path: Path, tmp: Path) -> None:
         try:
-            tmp.mkdir(parents=True)
+            tmp.mkdir()
             save_file(flat, str(tmp / TENSORS))
             (tmp / STATE).write_text(json.dumps({"ftlab": self.meta, "checkpoint": tree}))
             old = None
@@ -111,8 +119,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}"
                 os.replace(path, old)
             os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            for stale in path.parent.glob(f".{path.name}.old-*"):  # ours, and any a write
+                shutil.rmtree(stale, ignore_errors=True)  # killed before it removed its own
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -160,6 +168,50 @@ def latest_checkpoint(folder: Path, key: str | None) -> Path | None:
             return None
         return path
     return None
+
+
+def checkpoint_elsewhere(folders: list[Path], key: str) -> Path | None:
+    """The complete checkpoint written for stage ``key`` with the most steps in ``folders``
+    (other job folders' ``<stage>/checkpoints``: a job re-launched into a new folder resumes
+    the one its errored run left), or None; one of another stage is passed over quietly."""
+    best, most = None, -1
+    for folder in folders:
+        for path in [folder / NAME, *sorted(folder.glob(f".{NAME}.old-*"))]:
+            try:
+                data = json.loads((path / STATE).read_text())
+                step = int(data["checkpoint"]["global_step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if data.get("ftlab", {}).get("stage_key") == key and step > most \
+                    and _readable(path / TENSORS):
+                best, most = path, step
+    return best
+
+
+def _lock_path(path: Path) -> Path:
+    """The lock a writer of checkpoint ``path`` holds while it writes."""
+    return path.parent / f".{path.name}.lock"
+
+
+def clear_stale_writes(folder: Path) -> None:
+    """Remove the temp folders (``.state.ckpt.tmp-<pid>-<hex>``) of checkpoint writes killed
+    midway in ``folder``; each would stay until the stage ends (with ``checkpoint.keep``, for
+    good). Only when no live writer holds the folder's lock: its temp folder is left alone."""
+    if not folder.is_dir():
+        return
+    lock = FileLock(str(_lock_path(folder / NAME)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("A checkpoint is being written in %s by another process; its temp folders "
+                 "are left as they are.", folder)
+        return
+    try:
+        for stale in folder.glob(f".{NAME}.tmp-*"):
+            log.info("Removing %s, left by a checkpoint write that was killed.", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        lock.release()
 
 
 def _readable(path: Path) -> bool:

@@ -69,6 +69,17 @@ def finished_record(run_dir: Path, identity: list[str], sweep_dir: Path | None =
     return None
 
 
+def other_checkpoints(sweep_dir: Path, run_dir: Path, stage: str) -> list[Path]:
+    """``<job>/<stage>/checkpoints`` of the sweep's other jobs that do not run now (an errored
+    or killed job's checkpoint, for this job re-launched into a new folder: an extra override
+    changes its overrides, so its folder)."""
+    from ftlab.report_jobs import job_folders
+
+    found = [p / stage / "checkpoints" for p in job_folders(sweep_dir) if p != run_dir]
+    return [f for f in found if f.is_dir() and (read_record(f.parent.parent / "metrics.json")
+                                                or {}).get("status") != "running"]
+
+
 def resume_argv(argv: list[str]) -> list[str]:
     """``argv`` with ``resume=<dir>`` replaced by the overrides that made ``<dir>`` and its
     folder (``hydra.run.dir``, or ``hydra.sweep.dir`` and ``-m`` for a sweep); later overrides

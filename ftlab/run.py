@@ -67,9 +67,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     hydra = _hydra_info()
     key = config_key(hydra["overrides"])
+    threads = set_threads(hydra.get("launcher"), cfg.get("trainer"))  # DDP: per rank
     record: dict[str, Any] = {"status": "running", "seed": cfg.get("seed"), "config_key": key,
                               "overrides": hydra["overrides"], "stages": {},
-                              "torch_threads": set_threads(hydra.get("launcher")),
+                              "torch_threads": threads,
                               "process": process_identity()}  # a later look tells a killed job
     out = run_dir / "metrics.json"
     from ftlab.resume import read_record
@@ -197,7 +198,7 @@ def _run_stages(cfg: DictConfig, explicit: Any, record: dict[str, Any],
             write_json(run_dir / "metrics.json", record)
 
     run = RunContext(run_dir, callbacks, logger, context, on_trained=trained,
-                     checkpoint=checkpoint, save_artefact=policy)
+                     checkpoint=checkpoint, save_artefact=policy, sweep_dir=sweep_dir)
     results: dict[str, StageResult] = {}
     for stage, line in zip(stages, lineage, strict=True):
         record["current_stage"] = stage.name  # a killed job is known to have died here

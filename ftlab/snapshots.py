@@ -22,7 +22,8 @@ class SnapshotEnsemble(HoldsShards, L.Callback):
     """Cyclic cosine learning rate with ``cycles`` restarts (Huang et al. 2017); the trainable
     state at each cycle's end is a snapshot (kept in memory and written to
     ``<stage>/snapshots/cycle<i>.safetensors``). At test time the snapshots' averaged softmax
-    is scored as ``test/ensemble_acc``.
+    is scored as ``test/ensemble_acc`` (a multi-task stage: ``test/<task>/ensemble_acc`` for
+    each sub-task with an accuracy, and ``test/mean/ensemble_acc`` when they all have one).
 
     Args:
         cycles: number of cosine cycles (= snapshots) over the whole training run.
@@ -70,12 +71,16 @@ class SnapshotEnsemble(HoldsShards, L.Callback):
         # the task's own metrics score the ensemble as they score the model (its targets:
         # class ids, soft labels, token tags without sub-words, text-to-text class ids)
         self.metrics = pl_module.task.metrics().to(pl_module.device)
+        # the accuracies scored: ``acc``, or each sub-task's ``<task>/acc`` (multi-task stage)
+        self.scored = {k.rpartition("/")[0] for k in self.metrics.keys(keep_base=True)
+                       if k == "acc" or k.endswith("/acc")}
         self.seen = 0
 
     @torch.no_grad()
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                           batch: dict[str, torch.Tensor], *args) -> None:
-        if not self.snapshots or "acc" not in self.metrics:  # no accuracy (masked/causal LM)
+        part = batch.get("task", "")  # a multi-task stage's batch is one sub-task's
+        if not self.snapshots or part not in self.scored:  # no accuracy (LM, regression)
             return
         params = trainable(pl_module)
         current = {n: p.detach().clone() for n, p in params.items()}
@@ -93,6 +98,7 @@ class SnapshotEnsemble(HoldsShards, L.Callback):
         self.seen += 1
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        acc = self.metrics.compute().get("acc") if self.seen else None
-        if acc is not None:
-            pl_module.log("test/ensemble_acc", float(acc))
+        scores = self.metrics.compute() if self.seen else {}
+        for key, value in scores.items():  # test/ensemble_acc; test/<task>/ensemble_acc
+            if key == "acc" or key.endswith("/acc"):
+                pl_module.log(f"test/{key[:-3]}ensemble_acc", float(value))

@@ -27,7 +27,7 @@ from ftlab.callbacks import (
     Throughput,
 )
 from ftlab.checkpoint import CheckpointSpec, stage_checkpointing
-from ftlab.checkpoint_io import latest_checkpoint
+from ftlab.checkpoint_io import checkpoint_elsewhere, clear_stale_writes, latest_checkpoint
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
 from ftlab.discard import EarlyDiscard
@@ -68,6 +68,8 @@ class RunContext:
         save_artefact: the run's policy for full-size artefacts (``best | all | none``): with
             ``none`` a stage training over half the weights writes no ``trainable.safetensors``
             (its card still); ``best`` in a sweep is applied when the sweep ends.
+        sweep_dir: the sweep's folder (None: a single run), whose other job folders a stage
+            without a checkpoint of its own looks in (an errored job re-launched elsewhere).
     """
 
     run_dir: Path
@@ -77,6 +79,7 @@ class RunContext:
     on_trained: Callable[[StageResult], None] | None = None
     checkpoint: CheckpointSpec | None = None
     save_artefact: str = "best"
+    sweep_dir: Path | None = None
 
 
 def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
@@ -117,7 +120,15 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
                             cudagraphs=rt.cudagraphs())
     keep, speed = KeepBest(peft, f"val/{task.monitor}", task.mode), Throughput(flop_rule(model))
     spec, ckpt_dir = run.checkpoint, stage_dir / "checkpoints"
+    if is_rank_zero():  # a checkpoint write killed midway left its temp folder
+        clear_stale_writes(ckpt_dir)
     resume = latest_checkpoint(ckpt_dir, key) if spec and spec.enabled else None
+    elsewhere = None  # re-launched into a new folder: the checkpoint its errored run left
+    if resume is None and spec and spec.enabled and key and run.sweep_dir is not None:
+        from ftlab.resume import other_checkpoints
+
+        resume = elsewhere = checkpoint_elsewhere(
+            other_checkpoints(run.sweep_dir, run.run_dir, stage.name), key)
     context = run.log_context | {"name": f"{run.log_context.get('name', 'run')}/{stage.name}",
                                  "job_type": stage.name, "resuming": resume is not None}
     resumed_step = _step(resume)
@@ -179,6 +190,8 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if discarded:  # stopped early (early discard, or a search's pruner): not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
     info["resumed_from_step"] = resumed_step
+    if elsewhere is not None:  # another job folder's (the same stage key)
+        info["resumed_from"] = str(elsewhere)
     info["full_size_artefact"] = counts["params_trainable"] * 2 > counts["params_total"]
     result = StageResult(stage.name, metrics, module.model, info)
     if run.on_trained is not None:
@@ -234,7 +247,7 @@ def _trainer(stage: ResolvedStage, node: dict[str, Any], run: RunContext, stage_
     callbacks = [instantiate_checked(node, f"callbacks.{key}")
                  for key, node in run.callbacks.items() if node is not None]
     if stage.optim.gradual_unfreeze:
-        callbacks.append(GradualUnfreeze())
+        callbacks.append(GradualUnfreeze(stage.key, stage.where))
     if stage.head_warmup_steps:  # LP-FT: the head alone first
         callbacks.append(HeadWarmup(stage.head_warmup_steps, stage.where))
     planned = [type(c).__name__ for c in callbacks

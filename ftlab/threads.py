@@ -4,9 +4,14 @@ Torch starts one intra-op thread per core, so N sweep jobs run side by side on o
 parallel launcher: ``hydra/launcher=joblib`` or ``submitit_local``) would each take every core.
 ftlab's sweepers (``hydra_plugins/ftlab_sweeper``) put the size of the batch they launch in the
 environment (:func:`launching`), which the launchers' worker processes inherit; each job then
-divides the cores by the jobs that run at once (:func:`jobs_at_once`). ``OMP_NUM_THREADS`` set
-by the user wins (joblib's workers get one from joblib itself: the launching process's value is
-what counts), and so does ``hydra.launcher.cpus_per_task`` under ``submitit_local``.
+divides the cores by the jobs that run at once (:func:`jobs_at_once`) times the processes each
+job starts on the machine (:func:`processes_per_machine`: one per device under DDP/FSDP, CPU
+DDP included). ``OMP_NUM_THREADS`` set by the user wins (joblib's workers get one from joblib
+itself: the launching process's value is what counts), and so does
+``hydra.launcher.cpus_per_task`` under ``submitit_local``. A job of several processes exports
+its count as ``OMP_NUM_THREADS``: Lightning's DDP launcher keeps it (unset, it would divide the
+cores by the devices alone, or, set by joblib, not divide them at all), and the ranks it starts
+inherit it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,24 @@ def jobs_at_once(launcher: Mapping[str, Any] | None) -> int:
     return 1
 
 
+def processes_per_machine(trainer: Mapping[str, Any] | None) -> int:
+    """The processes a job with this ``trainer`` node starts on each machine: one per device
+    (DDP, FSDP; ``trainer.accelerator=cpu trainer.devices=2`` is two), 1 for one device."""
+    devices = (trainer or {}).get("devices")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool) or devices is None or isinstance(devices, str):  # auto: 1
+        return 1
+    if isinstance(devices, int):
+        if devices != -1:
+            return max(1, devices)
+        import torch  # every GPU; the CPU takes no -1 (Lightning refuses it)
+
+        cpu = str((trainer or {}).get("accelerator")) == "cpu"
+        return 1 if cpu or not torch.cuda.is_available() else max(1, torch.cuda.device_count())
+    return max(1, len(devices))  # a list of device ids
+
+
 def user_threads(launcher: Mapping[str, Any] | None) -> int | None:
     """Threads the user asked for: ``OMP_NUM_THREADS`` where the sweep (or run) was started
     (torch has read it: its count is kept, with any ``torch.set_num_threads`` since), or
@@ -81,13 +104,19 @@ def user_threads(launcher: Mapping[str, Any] | None) -> int | None:
     return None
 
 
-def set_threads(launcher: Mapping[str, Any] | None = None) -> int:
+def set_threads(launcher: Mapping[str, Any] | None = None,
+                trainer: Mapping[str, Any] | None = None) -> int:
     """Set torch's intra-op threads for this job and return them: the user's setting
-    (:func:`user_threads`), else cores / :func:`jobs_at_once` (at least one)."""
+    (:func:`user_threads`), else cores / (:func:`jobs_at_once` x
+    :func:`processes_per_machine` of the run's ``trainer`` node), at least one."""
     import torch
 
-    parallel = min(jobs_at_once(launcher), cores())
-    threads = user_threads(launcher) or max(1, cores() // max(1, parallel))
+    processes = processes_per_machine(trainer)
+    parallel = min(jobs_at_once(launcher) * processes, cores())
+    own = user_threads(launcher)
+    threads = own or max(1, cores() // max(1, parallel))
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+    if processes > 1 and not own:  # the DDP launcher and the ranks it starts keep it
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     return threads

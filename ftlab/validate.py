@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.build import MethodMisfit, StageBuilder
+from ftlab.callbacks import check_unfreeze_epochs, most_epochs
 from ftlab.compiling import check_trainer
 from ftlab.config import check_binds, instantiate_checked
 from ftlab.device_checks import check_strategy
@@ -119,6 +120,9 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
             check_binds(node, f"{stage.where} data.transforms[{i}]")
         check_strategy(stage)
         check_head_warmup(stage)
+        if stage.optim.gradual_unfreeze:  # one layer group per epoch: more than one
+            check_unfreeze_epochs(most_epochs(stage.trainer, stage.budget), stage.key,
+                                  stage.where)
         check_length(stage)
         check_trainer(stage.runtime.compile_mode(), stage.trainer, stage.where)
 

@@ -246,7 +246,8 @@ def test_mlm_head_per_family_or_a_clear_error(family):
                                              ("tiny_gpt2", "ia3")])
 def test_a_classify_stage_runs_on_other_families(make_cfg, sentiment_dir, model, peft):
     cfg = make_cfg(tiny_overrides(sentiment_dir) + [
-        f"model={model}", f"peft={peft}", "stage.trainer.max_epochs=1",
+        f"model={model}", f"peft={peft}", "stage.trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",  # gradual_unfreeze: one epoch is refused
         "stage.optim.layer_decay=0.9", "stage.optim.gradual_unfreeze=true"])
     record = run(cfg)
     assert record["status"] == "ok", record

@@ -214,6 +214,41 @@ def test_ddp_madx_task_stage_waits_for_the_language_adapter_rank_zero_writes(
     assert record["status"] == "ok" and list(record["stages"]) == ["lang", "task"]
 
 
+@pytest.mark.slow
+def test_cpu_ddp_ranks_of_every_sweep_job_share_the_cores(sentiment_dir, tmp_path):
+    """A sweep of two CPU DDP jobs, one after the other (~40 s): Lightning's DDP launcher divided
+    the first job's cores by its 2 ranks and left OMP_NUM_THREADS set in the process, so for the
+    second ftlab's count (every core) stood: rank zero took them all beside rank one. Each rank
+    writes its count as it trains; every rank of every job must have cores / 2."""
+    from ftlab.threads import cores
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\nimport lightning.pytorch.trainer.trainer as tt\n_run = tt.Trainer._run\n"
+        "def run(self, *a, **k):\n    import torch\n    e = os.environ\n"
+        "    name = e['PL_GLOBAL_SEED'] + '-' + e.get('LOCAL_RANK', '0')\n"
+        "    with open(os.path.join(e['THREADS_OUT'], name), 'w') as f:\n"
+        "        f.write(str(torch.get_num_threads()))\n"
+        "    return _run(self, *a, **k)\ntt.Trainer._run = run\n")
+    seen = tmp_path / "threads"
+    seen.mkdir()
+    cmd = [sys.executable, "-m", "ftlab", "-m", "seed=1,2", *tiny_overrides(sentiment_dir),
+           "trainer.max_steps=2", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.precision=32-true", "trainer.num_workers=0", "trainer.pin_memory=false",
+           "cache.stages=off"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",
+                                                            "HYDRA_FULL_ERROR")}
+    env |= {"FTLAB_ROOT": str(tmp_path), "THREADS_OUT": str(seen),
+            "PYTHONPATH": f"{hook}:{ROOT}"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]  # 3: at the majority baseline
+    share = str(max(1, cores() // 2))
+    assert {f.name: f.read_text() for f in seen.iterdir()} == {
+        "1-0": share, "1-1": share, "2-0": share, "2-1": share}
+
+
 def _launch(data_dir: Path, out: Path, extra: list[str], strategy: str = "fsdp",
             dropout: bool = False, **env: str):
     """A 2-process run (``strategy``) on the CPU of 12 steps, checkpointed every 4, with an

@@ -9,13 +9,22 @@ import torch
 from ftlab.callbacks import GradualUnfreeze
 from ftlab.config import bind_schema
 from ftlab.data.batching import PadCollator
+from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.optim import OptimSpec, build_optimizer, layer_depths
+from ftlab.pipeline import build_pipeline
 from ftlab.run import run
 from ftlab.tasks.aux_mlm import AuxMLM
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.mlm import MaskedLM, split_mlm
-from tests.conftest import loss_before_after, masked_lm_folder, synthetic_rows, tiny_overrides
+from ftlab.validate import check_configs
+from tests.conftest import (
+    compose_cfg,
+    loss_before_after,
+    masked_lm_folder,
+    synthetic_rows,
+    tiny_overrides,
+)
 
 TEXTS = [r["text"] for r in synthetic_rows(64, seed=5)]
 
@@ -284,10 +293,10 @@ def test_gradual_unfreezing_trains_only_the_top_group_first(tiny, make_cfg, sent
     module = L.LightningModule()
     module.model = model
     cb = GradualUnfreeze()
-    cb.on_train_start(None, module)
+    trainer = type("T", (), {"current_epoch": 0, "fast_dev_run": 1})()  # no epoch count
+    cb.on_train_start(trainer, module)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    trainer = type("T", (), {"current_epoch": 0})()
     cb.on_after_backward(trainer, module)
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {n for n, d in cb.depth.items() if d == cb.top}  # heads + pooler
@@ -313,6 +322,30 @@ def test_gradual_unfreezing_trains_only_the_top_group_first(tiny, make_cfg, sent
     assert record["status"] == "ok", record
     assert learning[0] == {n for n, d in cb.depth.items() if d == cb.top}
     assert learning[1] == {n for n, d in cb.depth.items() if d >= cb.top - 1}
+
+
+def test_gradual_unfreezing_over_one_epoch_is_refused(sentiment_dir, tmp_path, capsys, caplog):
+    """One layer group per epoch: a 1-epoch stage trained only its heads and pooler, without
+    a word. A fixed length is refused before training; an adaptive budget's once the data is
+    batched (256 rows / 16 = 16 steps reach min_steps 10 in one epoch); fewer epochs than
+    groups warn which never learn."""
+    base = [*tiny_overrides(sentiment_dir), "stage.optim.gradual_unfreeze=true"]
+
+    def make_cfg(extra: list[str]):  # each run its own folder
+        return compose_cfg(extra, tmp_path / str(len(list(tmp_path.iterdir()))))
+
+    with pytest.raises(FtlabError, match=r"(?s)1 epoch: only its top group.*"
+                       r"stage.trainer.max_epochs=N.*stage.optim.gradual_unfreeze=false"):
+        check_configs(build_pipeline(make_cfg([*base, "trainer.max_epochs=1"])))
+    with pytest.raises(FtlabError, match="only its top group"):  # max_steps: still 1 epoch
+        check_configs(build_pipeline(make_cfg([*base, "trainer.max_steps=100"])))
+    check_configs(build_pipeline(make_cfg([*base, "trainer.max_epochs=2"])))
+    with pytest.raises(SystemExit):
+        run(make_cfg([*base, "trainer.budget.min_steps=10"]))
+    assert "only its top group" in capsys.readouterr().err
+    record = run(make_cfg([*base, "trainer.max_epochs=2", "trainer.limit_train_batches=2"]))
+    assert record["status"] == "ok", record
+    assert "unfreezes the top 2 of 4 layer groups; the lowest 2" in caplog.text
 
 
 def test_a_zip_holding_one_csv_is_read_as_unlabelled_text(tmp_path):

@@ -546,3 +546,16 @@ def test_a_killed_multi_task_run_resumes_to_the_same_weights(make_cfg, sentiment
                for k in a["state_dict"]) <= 1e-6
     for k, v in whole["final"].items():
         assert resumed["final"][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_snapshot_ensembles_score_each_sub_task(make_cfg, sentiment_dir, pairs_dir):
+    """callbacks=snapshots on a multi-task stage scored no ensemble and said nothing (it looked
+    for a plain ``acc``). One cycle of one epoch: the only snapshot is the trained weights the
+    stage tests, so each sub-task's ensemble accuracy is its own test accuracy."""
+    record = run(make_cfg([*mt_overrides(sentiment_dir, pairs_dir), "stage=multitask",
+                           "callbacks=snapshots", "callbacks.snapshots.cycles=1",
+                           "stage.trainer.max_epochs=1", "stage.optim.lr=1e-3"]))
+    assert record["status"] == "ok", record
+    m = record["final"]
+    assert m["test/task/ensemble_acc"] == pytest.approx(m["test/task/acc"], abs=1e-6)
+    assert "test/ensemble_acc" not in m  # no split-less name that looks like one task's

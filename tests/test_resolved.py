@@ -196,3 +196,46 @@ def test_torch_threads_follow_the_cores_and_parallel_jobs(monkeypatch):
         assert set_threads(local) == 3  # the user's setting wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_ddp_divides_each_jobs_threads_by_its_processes(monkeypatch):
+    """trainer=ddp trainer.accelerator=cpu trainer.devices=2: two processes per job, each took
+    the job's share of the cores (Lightning's DDP launcher divides by the devices only when
+    OMP_NUM_THREADS is unset, and then ignores the jobs beside it). Checked as a rank trains:
+    after the launcher's own thread setting, which every rank runs."""
+    import torch
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+    from ftlab.threads import JOBS_AT_ONCE, LAUNCHER_OMP
+
+    ddp = {"strategy": "ddp", "accelerator": "cpu", "devices": 2}
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+              "n_jobs": 2}
+    local = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+             "tasks_per_node": 1, "cpus_per_task": None}
+    for var in ("OMP_NUM_THREADS", JOBS_AT_ONCE, LAUNCHER_OMP):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+
+    def rank_threads(launcher, trainer) -> int:  # ftlab's run, then Lightning's DDP launcher
+        set_threads(launcher, trainer)
+        _set_num_threads_if_needed(num_processes=2)
+        return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        assert rank_threads(None, ddp) == 4  # one run of 2 processes on 8 cores
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv(JOBS_AT_ONCE, "2")  # 2 submitit_local jobs x 2 processes
+        assert rank_threads(local, ddp) == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")  # joblib's own, in its worker: not the
+        monkeypatch.setenv(LAUNCHER_OMP, "")  # user's (the sweep's process had none)
+        assert rank_threads(joblib, ddp) == 2
+        assert set_threads(None, {**ddp, "devices": 1}) == 8  # one process
+        assert set_threads(None, {**ddp, "devices": [0, 1, 2, 3]}) == 2
+        monkeypatch.delenv(LAUNCHER_OMP)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert rank_threads(None, ddp) == 3  # the user's setting wins
+    finally:
+        torch.set_num_threads(before)

@@ -3,6 +3,7 @@ uninterrupted run ends; finished jobs of a sweep are found by their stage keys a
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,50 @@ def test_checkpoint_io_round_trips_the_checkpoint_dict(tmp_path):
     io.save_checkpoint(ckpt, tmp_path / NAME)
     io.save_checkpoint(ckpt, tmp_path / NAME)  # replaces it
     back = io.load_checkpoint(tmp_path / NAME)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]  # no temp folders left
+    # no temp folders left (the lock a writer holds stays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{NAME}.lock", NAME]
     assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(back["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(2))
     assert torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"]) and back["none"] is None
+
+
+def test_a_killed_writes_temp_folder_is_cleared_but_not_a_live_writers(tmp_path):
+    """A checkpoint write killed midway (SIGKILL: no cleanup) left ``.state.ckpt.tmp-<pid>-
+    <hex>`` until the stage ended (with checkpoint.keep, for good); one another process is
+    writing now (it holds the folder's lock) must stay."""
+    from filelock import FileLock
+
+    from ftlab.checkpoint_io import clear_stale_writes
+
+    io = SafetensorsCheckpointIO({"stage_key": "k"})
+    io.save_checkpoint({"w": torch.ones(2)}, tmp_path / NAME)
+    stale = tmp_path / f".{NAME}.tmp-4242-a1b2c3"
+    stale.mkdir()
+    (stale / "tensors.safetensors").write_bytes(b"\0" * 100)  # the kill: half a file
+    moved = tmp_path / f".{NAME}.old-4242-d4e5f6"  # killed after moving the last one aside
+    shutil.copytree(tmp_path / NAME, moved)
+    with FileLock(str(tmp_path / f".{NAME}.lock")):  # another process is writing
+        clear_stale_writes(tmp_path)
+        assert stale.is_dir()
+    clear_stale_writes(tmp_path)
+    assert not stale.exists() and moved.is_dir()  # the stage resumes from .old if need be
+    io.save_checkpoint({"w": torch.zeros(2)}, tmp_path / NAME)  # a complete newer one
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{NAME}.lock", NAME]
+    assert torch.equal(io.load_checkpoint(tmp_path / NAME)["w"], torch.zeros(2))
+
+
+def test_a_kept_checkpoint_folder_loses_a_killed_writes_temp_folder_on_resume(
+        tiny_run, monkeypatch, tmp_path):
+    crash_at(monkeypatch, 10)
+    with pytest.raises(SystemExit):
+        run(tiny_run("killed", "checkpoint.keep=true"))
+    monkeypatch.undo()
+    folder = tmp_path / "killed" / "classify" / "checkpoints"
+    stale = folder / f".{NAME}.tmp-4242-a1b2c3"  # as a SIGKILL during a write leaves it
+    stale.mkdir()
+    resumed = run(tiny_run("killed", "checkpoint.keep=true"))
+    assert resumed["stages"]["classify"]["resumed_from_step"] == 8
+    assert not stale.exists() and (folder / NAME).is_dir()
 
 
 def test_a_non_zero_fsdp_rank_reads_no_model_or_optimiser_tensor_nor_other_ranks_shards(
@@ -340,6 +381,65 @@ def test_relaunched_sweep_skips_finished_jobs_resumes_killed_ones_and_adds_new_s
     assert seeds == {"0": 1, "1": 2, "2": 3, "3": 4, "4": 5}  # not over seed 1's folder 0
     (config,) = json.loads((sweep / "summary.json").read_text()).values()
     assert sorted(map(str, config["seeds"])) == ["1", "2", "3", "4", "5"]
+
+
+def test_a_job_without_a_checkpoint_finds_its_stages_in_the_sweeps_other_jobs(tmp_path):
+    """What a re-launched job placed in a new folder resumes: the checkpoint with its stage key
+    and the most steps among the other job folders, not one of another stage, nor one of a
+    job that is running now (its checkpoint may be replaced as it is read)."""
+    import json
+
+    from ftlab.checkpoint_io import checkpoint_elsewhere
+    from ftlab.resume import other_checkpoints
+    from ftlab.status import process_identity
+
+    def job(name: str, status: str, key: str, step: int) -> None:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"status": status, "process": process_identity()}))  # this process: alive
+        SafetensorsCheckpointIO({"stage_key": key}).save_checkpoint(
+            {"global_step": step, "w": torch.ones(1)},
+            tmp_path / name / "classify" / "checkpoints" / NAME)
+
+    job("0", "error", "k", 4)
+    job("1", "interrupted", "k", 8)
+    job("2", "error", "other", 12)  # another stage (its settings changed)
+    job("3", "running", "k", 10)  # still training, in another process
+    job("4", "error", "k", 2)  # this job's own folder
+    folders = other_checkpoints(tmp_path, tmp_path / "4", "classify")
+    assert sorted(f.parent.parent.name for f in folders) == ["0", "1", "2"]
+    found = checkpoint_elsewhere(folders, "k")
+    assert found == tmp_path / "1" / "classify" / "checkpoints" / NAME
+    assert checkpoint_elsewhere(folders, "new") is None
+
+
+@pytest.mark.slow
+def test_a_relaunch_with_an_extra_override_resumes_an_errored_jobs_checkpoint(
+        tmp_path, sentiment_dir):
+    """README: jobs that errored run again, resuming their checkpoint. With an extra override
+    (``ftlab -m resume=<sweep> checkpoint.keep=true``, the README's example) the job goes to a
+    new folder (its overrides differ), and started over from step 0 beside the checkpoint its
+    errored run left (~40 s: two sweeps of two jobs)."""
+    import json
+
+    steps = [s for s in STEPS if not s.startswith("callbacks")]
+    args = [*tiny_overrides(sentiment_dir), *steps, "seed=1,2",
+            "+callbacks.crash._target_=tests.crash.CrashAt", "allow_targets=[tests.]"]
+    first = ftlab_cli("-m", *args, cwd=tmp_path, FTLAB_TEST_CRASH_SEEDS="2")
+    assert first.returncode == 1, first.stderr[-2000:]  # seed 2 was killed at step 6
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    again = ftlab_cli("-m", f"resume={sweep}", "checkpoint.keep=true", cwd=tmp_path)
+    assert again.returncode in (0, 3), again.stderr[-2000:]
+    records = {j.name: json.loads((j / "metrics.json").read_text())
+               for j in sweep.iterdir() if (j / "metrics.json").is_file()}
+    assert {k: (r["seed"], r["status"]) for k, r in records.items()} == {
+        "0": (1, "ok"), "1": (2, "error"), "2": (1, "ok"), "3": (2, "ok")}
+    assert records["2"]["reused"]["skipped"]  # finished: not run again
+    info = records["3"]["stages"]["classify"]
+    assert info["resumed_from_step"] == 4 and info["global_steps"] == 12
+    assert info["resumed_from"] == str(sweep / "1" / "classify" / "checkpoints" / NAME)
+    (config,) = json.loads((sweep / "summary.json").read_text()).values()
+    assert config["runs"] == 2 and config["errored"] == 0
 
 
 def test_resume_argv_rebuilds_the_command_of_a_run_folder(tmp_path):
