@@ -18,6 +18,8 @@ from ftlab.store import read_json, write_json
 CARD_FORMAT = 1
 CARD = "card.json"
 TOKENIZER = "tokenizer"
+#: the card's key for the run folder the stage was trained in
+RUN_DIR = "run_dir"
 
 
 def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | None,
@@ -26,7 +28,8 @@ def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | 
     ``data_transforms``: what each of ``data.transforms`` did to the training rows."""
     tokenizer.save_pretrained(str(stage_dir / TOKENIZER))
     card = {"format": CARD_FORMAT, "stage": asdict(stage),
-            "labels": list(labels) if labels else None}
+            "labels": list(labels) if labels else None,
+            RUN_DIR: str(stage_dir.parent.resolve())}  # where its in-run paths point (moved_here)
     if data_transforms:
         card["data_transforms"] = data_transforms
     return write_json(stage_dir / CARD, card)
@@ -71,6 +74,32 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
                                    and all(isinstance(x, str) for x in labels)):
         raise _damaged(path, f"its labels {labels!r} are not a list of names")
     return stage, labels
+
+
+def moved_here(stage: ResolvedStage, stage_dir: Path) -> ResolvedStage:
+    """``stage`` with its ``peft.stack_on`` artefacts (MAD-X: the task adapter stacks on the
+    language stage's ``<run>/lang/trainable.safetensors``, an absolute path) that lay in the run
+    folder it was trained in pointed into the run folder it is in now: the run was moved or
+    copied, or the stage came from the stage cache (its card names the run that trained it).
+    Without the card's ``run_dir`` (an older card) an entry that is gone is looked for in this
+    run's stage of its folder's name."""
+    entries = list(stage.peft.get("stack_on") or []) if isinstance(stage.peft, dict) else []
+    if not entries:
+        return stage
+    from dataclasses import replace
+
+    try:
+        trained_in = read_json(stage_dir / CARD).get(RUN_DIR)
+    except (OSError, ValueError, AttributeError):  # read_stage_card read it already
+        trained_in = None
+    run_dir, moved = stage_dir.parent, []
+    for entry in entries:
+        path = Path(str(entry)).expanduser()
+        here = run_dir / path.parent.name / path.name
+        was_ours = (Path(path.parent.parent).resolve() == Path(trained_in).resolve()
+                    if isinstance(trained_in, str) else not path.is_file())
+        moved.append(str(here) if was_ours and here.is_file() else entry)
+    return replace(stage, peft={**stage.peft, "stack_on": moved})
 
 
 #: the fix for a stage file that is missing or damaged (a run folder copied in part)

@@ -209,11 +209,12 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     ``init_from`` stage is rebuilt first and handed over as in training."""
     from transformers import AutoTokenizer
 
-    from ftlab.artefact import DAMAGED_FIX, TOKENIZER, read_stage_card
+    from ftlab.artefact import DAMAGED_FIX, TOKENIZER, moved_here, read_stage_card
     from ftlab.store import load_tensors
 
     stage_dir = run_dir / name
     spec, labels = read_stage_card(stage_dir)
+    spec = moved_here(spec, stage_dir)  # MAD-X: the adapters it stacks, in this run folder
     if not (stage_dir / TRAINABLE).is_file():
         dropped = dropped_artefact(run_dir, name)
         if dropped:  # the run-level policy deleted it (a sweep keeps only the best job's)
