@@ -10,15 +10,49 @@ from ftlab.errors import FtlabError, choices_text, closest
 
 
 def stage_names(run_dir: Path) -> list[str]:
-    """The run's stages in pipeline order (``metrics.json``), else every folder with a card."""
-    from ftlab.artefact import CARD
+    """The run's stages in pipeline order (``metrics.json``), else every folder with a card,
+    each after the stages it started from, learnt from or stacked on (``card_order``)."""
+    names = recorded_pipeline(run_dir)
+    return names if names is not None else card_order(run_dir)[0]
+
+
+def recorded_pipeline(run_dir: Path) -> list[str] | None:
+    """The stages in pipeline order as ``metrics.json`` lists them (None: no readable list)."""
     from ftlab.store import SAFE_NAME
 
     names = run_record(run_dir).get("pipeline")  # {} for a metrics.json cut short or not JSON
     if isinstance(names, list) and names and all(  # names become paths: never '..' or '/'
             isinstance(n, str) and SAFE_NAME.fullmatch(n) and ".." not in n for n in names):
         return names
-    return sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
+    return None
+
+
+def card_order(run_dir: Path) -> tuple[list[str], list[str]]:
+    """(the folders with a card, each after the stages its card names as its ``init_from``,
+    ``teachers`` or ``peft.stack_on`` folder, else by name; the ones no other stage names: a
+    pipeline's last stage, where there is one) without ``metrics.json``: sorted by name alone,
+    PET's p1, p2, p3 and distill put p3 last."""
+    from ftlab.artefact import CARD
+    from ftlab.store import read_json
+
+    names = sorted(p.parent.name for p in run_dir.glob(f"*/{CARD}"))
+    needs: dict[str, set[str]] = {}
+    for name in names:
+        try:
+            stage = read_json(run_dir / name / CARD)["stage"]
+            peft = stage.get("peft") or {}
+            named = {stage.get("init_from"), *(stage.get("teachers") or ()),
+                     *(Path(str(p)).parent.name for p in peft.get("stack_on") or ())}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged: said later
+            named = set()
+        needs[name] = {n for n in named if n in names and n != name}
+    order: list[str] = []
+    while len(order) < len(names):  # the first (by name) whose stages are all placed; a cycle
+        ready = [n for n in names if n not in order and needs[n] <= set(order)] or [
+            n for n in names if n not in order]  # (a damaged card) keeps the name order
+        order.append(ready[0])
+    named_by_others = set().union(*needs.values()) if needs else set()
+    return order, [n for n in order if n not in named_by_others]
 
 
 def labelled_stages(run_dir: Path, but: str) -> list[str]:
@@ -45,6 +79,11 @@ def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | 
     if not names:
         raise FtlabError(f"{run_dir} holds no trained stage (no */card.json).",
                          "pass the folder of a finished run (a job folder of a sweep).")
+    if stage is None and recorded_pipeline(run_dir) is None and len(card_order(run_dir)[1]) > 1:
+        raise FtlabError(f"{run_dir} has no readable metrics.json, which names the run's last "
+                         f"stage, and its stages {choices_text(card_order(run_dir)[1])} each "
+                         "could be it.", "name the stage: --stage NAME (ftlab.load(run_dir, "
+                         "stage=NAME)).")
     name = stage or names[-1]
     if name not in names:
         raise FtlabError(f"The run has no stage '{name}'.{closest(name, names)}",

@@ -77,6 +77,31 @@ def test_a_run_whose_metrics_json_is_damaged_still_predicts(two_steps, tmp_path,
     assert json.loads(out.read_text())["label"] in ("neg", "pos")
 
 
+def test_without_metrics_json_the_last_stage_is_the_one_no_other_starts_from(two_steps,
+                                                                            tmp_path):
+    """metrics.json lists the stages in pipeline order; without it the last was the last card
+    by name (PET's p3 over distill): here 'zz', which 'classify' starts from. Stages that none
+    starts from are each a candidate: refused without --stage."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    (run_dir / "metrics.json").unlink()
+    shutil.copytree(run_dir / "classify", run_dir / "zz")
+    card = json.loads((run_dir / "classify" / "card.json").read_text())
+    zz = {**card, "stage": {**card["stage"], "name": "zz"}}
+    (run_dir / "zz" / "card.json").write_text(json.dumps(zz))
+    card["stage"]["init_from"] = "zz"
+    (run_dir / "classify" / "card.json").write_text(json.dumps(card))
+    assert ftlab.load(run_dir).stage.name == "classify"
+    card["stage"]["init_from"] = "pretrained"  # two unrelated stages: which is last is unknown
+    (run_dir / "classify" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(FtlabError, match=r"no readable metrics.json.*classify, zz each could be "
+                       r"it(?s:.*)Fix: name the stage: --stage NAME"):
+        ftlab.load(run_dir)
+    assert ftlab.load(run_dir, stage="zz").stage.name == "zz"
+
+
 def test_a_stage_folder_given_as_the_run_names_its_run(two_steps, tmp_path):
     (tmp_path / "in.txt").write_text("great film\n")
     msg = _predict_error(str(two_steps / "classify"), "--input", str(tmp_path / "in.txt"),
