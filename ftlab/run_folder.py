@@ -91,11 +91,19 @@ def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | 
     if not (run_dir / name / CARD).is_file():  # e.g. the run stopped before the stage trained
         record = run_record(run_dir)
         status = record.get("status")
+        done = [n for n in names if n != name and (run_dir / n / CARD).is_file()]
+        pick = f"; a finished stage loads with --stage: {choices_text(done)}" if done else ""
+        if status == "running":  # killed hard (SIGKILL, a lost node) leaves it so too
+            raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact yet: the run has not "
+                             "finished (status 'running': still training, or killed).",
+                             "wait for it to finish, or resume a killed run (ftlab "
+                             f"resume={run_dir}){pick}.")
         if status not in (None, "ok", "discarded", "pruned"):
             why = str(record.get("error") or record.get("interrupted") or "").split("\n")[0]
             raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the run ended with "
                              f"status '{status}'{f' ({why})' if why else ''}.",
-                             "fix what stopped it and run it again (ftlab resume=<run folder>).")
+                             "fix what stopped it and run it again (ftlab resume=<run folder>)"
+                             f"{pick}.")
     spec, labels = read_stage_card(run_dir / name)
     if not labels and spec.subtasks:  # a multi-task stage: its heads need its sub-tasks' data
         labelled = labelled_stages(run_dir, name)

@@ -102,6 +102,24 @@ def test_without_metrics_json_the_last_stage_is_the_one_no_other_starts_from(two
     assert ftlab.load(run_dir, stage="zz").stage.name == "zz"
 
 
+def test_a_run_still_training_says_so_and_names_its_finished_stages(two_steps, tmp_path):
+    """A run whose metrics.json says 'running' (training, or killed hard) and whose last stage
+    has no card yet: it said the run "ended with status 'running'"."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    record |= {"status": "running", "pipeline": ["classify", "later"]}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    (run_dir / "later").mkdir()  # the stage in training: no card yet
+    (tmp_path / "in.txt").write_text("great film\n")
+    msg = _predict_error(str(run_dir), "--input", str(tmp_path / "in.txt"), "--output",
+                         str(tmp_path / "p.jsonl"))
+    assert "Stage 'later' of" in msg and "the run has not finished (status 'running'" in msg
+    assert "ended" not in msg and "a finished stage loads with --stage: classify" in msg
+
+
 def test_a_stage_folder_given_as_the_run_names_its_run(two_steps, tmp_path):
     (tmp_path / "in.txt").write_text("great film\n")
     msg = _predict_error(str(two_steps / "classify"), "--input", str(tmp_path / "in.txt"),
