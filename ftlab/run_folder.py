@@ -89,21 +89,8 @@ def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | 
         raise FtlabError(f"The run has no stage '{name}'.{closest(name, names)}",
                          f"use --stage with one of: {choices_text(names)}.")
     if not (run_dir / name / CARD).is_file():  # e.g. the run stopped before the stage trained
-        record = run_record(run_dir)
-        status = record.get("status")
-        done = [n for n in names if n != name and (run_dir / n / CARD).is_file()]
-        pick = f"; a finished stage loads with --stage: {choices_text(done)}" if done else ""
-        if status == "running":  # killed hard (SIGKILL, a lost node) leaves it so too
-            raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact yet: the run has not "
-                             "finished (status 'running': still training, or killed).",
-                             "wait for it to finish, or resume a killed run (ftlab "
-                             f"resume={run_dir}){pick}.")
-        if status not in (None, "ok", "discarded", "pruned"):
-            why = str(record.get("error") or record.get("interrupted") or "").split("\n")[0]
-            raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the run ended with "
-                             f"status '{status}'{f' ({why})' if why else ''}.",
-                             "fix what stopped it and run it again (ftlab resume=<run folder>)"
-                             f"{pick}.")
+        _why_no_card(run_dir, name, names)
+    _say_if_stopped_early(run_dir, name)
     spec, labels = read_stage_card(run_dir / name)
     if not labels and spec.subtasks:  # a multi-task stage: its heads need its sub-tasks' data
         labelled = labelled_stages(run_dir, name)
@@ -112,6 +99,59 @@ def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | 
                          f"with one of: {choices_text(labelled)}." if labelled else
                          "load a run that trained a classifier.")
     return name, spec, labels
+
+
+def _why_no_card(run_dir: Path, name: str, names: list[str]) -> None:
+    """Raise what the run's record says about stage ``name`` having no card (a run still
+    training, ended in an error, or discarded before the stage); else return (an older run:
+    ``read_stage_card`` says so)."""
+    from ftlab.artefact import CARD
+
+    record = run_record(run_dir)
+    status = record.get("status")
+    done = [n for n in names if n != name and (run_dir / n / CARD).is_file()]
+    pick = f"; a finished stage loads with --stage: {choices_text(done)}" if done else ""
+    if status == "running":  # killed hard (SIGKILL, a lost node) leaves it so too
+        raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact yet: the run has not "
+                         "finished (status 'running': still training, or killed).",
+                         f"wait for it to finish, or resume a killed run (ftlab resume={run_dir})"
+                         f"{pick}.")
+    stopped = record.get("discarded")
+    if status in ("discarded", "pruned") and isinstance(stopped, dict):
+        partly = (f"; stage '{stopped['stage']}' loads, partly trained, with --stage "
+                  f"{stopped['stage']}" if stopped.get("stage") in done else "")
+        raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the job was "
+                         f"{_stopped_text(status, stopped)}, so the stages after it did not "
+                         "run.", "load a job of the sweep that finished (its summary.md lists "
+                         f"them){partly}.")
+    if status not in (None, "ok", "discarded", "pruned"):
+        why = str(record.get("error") or record.get("interrupted") or "").split("\n")[0]
+        raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the run ended with "
+                         f"status '{status}'{f' ({why})' if why else ''}.",
+                         f"fix what stopped it and run it again (ftlab resume=<run folder>){pick}.")
+
+
+def _stopped_text(status: str, stopped: dict[str, Any]) -> str:
+    """'discarded by early discard in stage 'tapt' at step 3 of 12' (the record's words)."""
+    how = "pruned by the search's pruner" if status == "pruned" else "discarded by early discard"
+    where = f" in stage '{stopped['stage']}'" if isinstance(stopped.get("stage"), str) else ""
+    steps, planned = stopped.get("steps", stopped.get("step")), stopped.get("planned_steps")
+    at = f" at step {steps}" + (f" of {planned}" if planned else "") if steps is not None else ""
+    return f"{how}{where}{at}"
+
+
+def _say_if_stopped_early(run_dir: Path, name: str) -> None:
+    """Warn that stage ``name`` was stopped early (a discarded or pruned job's last stage):
+    its artefact holds partly trained weights."""
+    import logging
+
+    record = run_record(run_dir)
+    stopped, status = record.get("discarded"), record.get("status")
+    if status in ("discarded", "pruned") and isinstance(stopped, dict) and (
+            stopped.get("stage") in (name, None)):
+        logging.getLogger(__name__).warning(
+            "Stage '%s' of %s was stopped early (%s): its weights are partly trained.", name,
+            run_dir, _stopped_text(status, stopped))
 
 
 def run_record(run_dir: Path) -> dict[str, Any]:
