@@ -215,6 +215,10 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     stage_dir = run_dir / name
     spec, labels = read_stage_card(stage_dir)
     spec = moved_here(spec, stage_dir)  # MAD-X: the adapters it stacks, in this run folder
+    if spec.name != name:  # a later stage finds its upstream by the card's name, not the folder's
+        raise FtlabError(f"The folder {stage_dir} holds the card of stage '{spec.name}': it was "
+                         "renamed, or copied from another stage.",
+                         f"give it its stage's name ({spec.name}/) again; else {DAMAGED_FIX}")
     if not (stage_dir / TRAINABLE).is_file():
         dropped = dropped_artefact(run_dir, name)
         if dropped:  # the run-level policy deleted it (a sweep keeps only the best job's)

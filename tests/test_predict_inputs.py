@@ -234,6 +234,22 @@ def test_a_damaged_stage_file_is_named_with_the_fix(two_steps, tmp_path, name, d
     assert said in str(err.value.code)
 
 
+def test_a_stage_folder_renamed_or_copied_from_another_is_named(two_steps, tmp_path):
+    """A stage started from a folder whose card is another stage's (renamed, or copied from a
+    sibling) ended in a bare KeyError from the builder."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    shutil.copytree(run_dir / "classify", run_dir / "up")  # its card still says 'classify'
+    card = json.loads((run_dir / "classify" / "card.json").read_text())
+    card["stage"]["init_from"] = "up"
+    (run_dir / "classify" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(FtlabError, match=r"run/up holds the card of stage 'classify': it was "
+                       r"renamed(?s:.*)Fix: give it its stage's name \(classify/\) again"):
+        ftlab.load(run_dir, stage="classify")
+
+
 def test_stage_names_read_from_a_run_folder_never_leave_it(two_steps, tmp_path):
     """A run folder is untrusted input: a stage name in its metrics.json or an init_from in a
     card with '..' loaded a stage from outside the run (here one whose labels are swapped)."""
