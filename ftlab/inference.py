@@ -95,6 +95,7 @@ class Predictor:
             return torch.empty(0, len(self.labels))
         columns = self._columns(texts)
         features = self.task.featurize({**columns, "label": [0] * len(texts)})
+        _check_tokens(features["length"])
         keep = list(self.task.features)  # scores() ignores what it does not need
         rows = [{k: features[k][i] for k in keep} for i in range(len(texts))]
         collate = PadCollator(self.tokenizer.pad_token_id, pad_values=self.task.pad_values)
@@ -155,6 +156,19 @@ class Predictor:
             raise FtlabError(f"The stage reads {len(cols)} texts per row ({cols}); got plain "
                              "strings.", "pass tuples or dicts with one text per column.")
         return {cols[0]: list(texts)}
+
+
+def _check_tokens(lengths: list[int]) -> None:
+    """Refuse rows that tokenise to nothing: an empty text under a tokenizer that adds no
+    special tokens (GPT-2's). The model has no position to read; a batch of such rows crashed
+    ('cannot reshape tensor of 0 elements'), and one among others read a pad."""
+    empty = [n for n, length in enumerate(lengths, 1) if length == 0]
+    if empty:
+        rows = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        raise FtlabError(f"{len(empty)} row(s) ({rows}; 1 = the first) have no tokens: an empty "
+                         "text, and the stage's tokenizer adds no special tokens (as GPT-2's), "
+                         "so the model has nothing to read.", "drop those rows or give them "
+                         "text (a .txt file: remove its empty lines).")
 
 
 def _as_rows(texts: Any) -> list[Any]:

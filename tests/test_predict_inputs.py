@@ -348,3 +348,29 @@ def test_compressed_inputs_predict_as_their_plain_file(two_steps, tmp_path, pack
     bad.write_bytes(b'{"text": "not compressed"}\n')
     msg = _predict_error(str(two_steps), "--input", str(bad), "--output", str(tmp_path / "b.jsonl"))
     assert f"does not decompress as {packed}" in msg and "Fix:" in msg
+
+
+def test_an_empty_text_a_gpt2_style_tokenizer_makes_no_tokens_of_is_named(make_cfg,
+                                                                           sentiment_dir,
+                                                                           tmp_path):
+    """A tokenizer that adds no special tokens (GPT-2's) makes nothing of an empty text: a
+    batch of only such rows crashed in the model ('cannot reshape tensor of 0 elements')."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+    from tests.test_tokens import byte_level_tokenizer
+
+    byte_level_tokenizer(tmp_path / "tok")
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "model=tiny_gpt2", "trainer.max_steps=2",
+                    f"model.tokenizer={tmp_path / 'tok'}", "model.config.vocab_size=300"])
+    assert run(cfg)["status"] == "ok"
+    loaded = ftlab.load(cfg.paths.output_dir)
+    assert len(loaded.predict(["great film", "a plot"])) == 2
+    for rows, batch in ((["great film", ""], 1), (["", "", "a plot"], 64)):
+        with pytest.raises(FtlabError, match=r"have no tokens: an empty text(?s:.*)Fix: drop "
+                           "those rows"):
+            loaded.predict(rows, batch_size=batch)
+    (tmp_path / "in.txt").write_text("great film\n\n")
+    assert "1 row(s) (2; 1 = the first) have no tokens" in _predict_error(
+        cfg.paths.output_dir, "--input", str(tmp_path / "in.txt"), "--output",
+        str(tmp_path / "p.jsonl"))
+    assert not (tmp_path / "p.jsonl").exists()
