@@ -374,3 +374,25 @@ def test_an_empty_text_a_gpt2_style_tokenizer_makes_no_tokens_of_is_named(make_c
         cfg.paths.output_dir, "--input", str(tmp_path / "in.txt"), "--output",
         str(tmp_path / "p.jsonl"))
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_a_tagging_row_without_words_gets_no_tags_under_a_gpt2_style_tokenizer(make_cfg,
+                                                                                tmp_path):
+    """A row with no words has no tags to predict; under a tokenizer that adds no special
+    tokens it went to the model as no token at all and crashed it (alone in its batch)."""
+    from ftlab.run import run
+    from tests.test_tokens import byte_level_tokenizer, tagged_rows, token_overrides, write_conll
+
+    for split, n in (("train", 32), ("validation", 16), ("test", 16)):
+        write_conll(tmp_path / f"{split}.conll", tagged_rows(n, 0))
+    byte_level_tokenizer(tmp_path / "tok")
+    cfg = make_cfg(token_overrides(tmp_path, "model=tiny_gpt2", "stage.trainer.max_steps=2",
+                                   f"model.tokenizer={tmp_path / 'tok'}",
+                                   "model.config.vocab_size=300"))
+    assert run(cfg)["status"] == "ok"
+    loaded = ftlab.load(cfg.paths.output_dir)
+    words = ["alice", "is", "in", "paris"]
+    tagged = loaded.predict([words])[0]
+    got = loaded.predict([[], words, ""], batch_size=1)
+    assert got == [{"tokens": [], "tags": [], "scores": []}, tagged,
+                   {"tokens": [], "tags": [], "scores": []}]
