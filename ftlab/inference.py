@@ -159,9 +159,8 @@ class Predictor:
 
 
 def _check_tokens(lengths: list[int]) -> None:
-    """Refuse rows that tokenise to nothing: an empty text under a tokenizer that adds no
-    special tokens (GPT-2's). The model has no position to read; a batch of such rows crashed
-    ('cannot reshape tensor of 0 elements'), and one among others read a pad."""
+    """Refuse rows that tokenise to nothing (an empty text, a tokenizer without special tokens:
+    GPT-2's): alone in a batch they crashed the model, among others they read a pad."""
     empty = [n for n, length in enumerate(lengths, 1) if length == 0]
     if empty:
         rows = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
@@ -255,7 +254,13 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
 
         configure_tokenizer(tokenizer, spec.model.config["model_type"])
     if spec.subtasks:  # a multi-task upstream: its heads need the sub-tasks' label sets, which
-        task = builder.task(spec)  # only their data holds (bound as in training)
+        try:               # only their data holds (bound as in training)
+            task = builder.task(spec)
+        except FtlabError as err:  # the data's own message speaks of training
+            raise FtlabError(f"Stage '{name}' is multi-task: loading rebuilds its heads from its "
+                             f"sub-tasks' data, as training did, which failed: {err.problem}",
+                             "make that data readable where the run read it (relative paths: "
+                             f"from the folder the run was started in); {err.fix}") from None
     else:
         task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
@@ -284,8 +289,8 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
 
 @contextmanager
 def _untrained_head_report_off() -> Iterator[None]:
-    """Transformers' report that the task head is "newly initialized ... Consider training" (and
-    its loading bar): true while the model is built, false once the run's weights are loaded."""
+    """Transformers' "newly initialized ... Consider training" report (and loading bar): true
+    while the model is built, false once the run's weights are loaded."""
     from transformers.utils import logging as hf_logging
 
     level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

@@ -396,3 +396,28 @@ def test_a_tagging_row_without_words_gets_no_tags_under_a_gpt2_style_tokenizer(m
     got = loaded.predict([[], words, ""], batch_size=1)
     assert got == [{"tokens": [], "tags": [], "scores": []}, tagged,
                    {"tokens": [], "tags": [], "scores": []}]
+
+
+def test_a_stage_after_a_multi_task_stage_whose_data_is_gone_says_why_load_reads_it(
+        make_cfg, sentiment_dir, tmp_path):
+    """Loading rebuilds a multi-task upstream's heads from its sub-tasks' data: with that data
+    moved away it said only "Data file for split 'train' not found ... fix the path in
+    data.files.train", as if training."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+    from tests.test_multitask import _pairs
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    at = "pipeline.stages.multi.tasks.vitaminc.data.files"
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "pipeline=multitask_task",
+                    f"{at}.train={_pairs(pairs / 'train.jsonl', 64, 0)}",
+                    f"{at}.validation={_pairs(pairs / 'validation.jsonl', 24, 1)}",
+                    "pipeline.stages.multi.trainer.max_steps=2",
+                    "pipeline.stages.task.trainer.max_steps=2"])
+    assert run(cfg)["status"] == "ok"
+    pairs.rename(tmp_path / "moved")
+    with pytest.raises(FtlabError, match=r"Stage 'multi' is multi-task: loading rebuilds its "
+                       r"heads from its sub-tasks' data, as training did, which failed: Data "
+                       r"file for split 'train' not found(?s:.*)Fix: make that data readable"):
+        ftlab.load(cfg.paths.output_dir)
