@@ -118,12 +118,13 @@ def _why_no_card(run_dir: Path, name: str, names: list[str]) -> None:
                          f"{pick}.")
     stopped = record.get("discarded")
     if status in ("discarded", "pruned") and isinstance(stopped, dict):
-        partly = (f"; stage '{stopped['stage']}' loads, partly trained, with --stage "
-                  f"{stopped['stage']}" if stopped.get("stage") in done else "")
+        at = _stopped_stage(record)
+        partly = (f"; stage '{at}' loads, partly trained, with --stage {at}" if at in done
+                  else "")
         raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the job was "
-                         f"{_stopped_text(status, stopped)}, so the stages after it did not "
-                         "run.", "load a job of the sweep that finished (its summary.md lists "
-                         f"them){partly}.")
+                         f"{_stopped_text(record)}, so the stages after it did not run.",
+                         "load a job of the sweep that finished (its summary.md lists them)"
+                         f"{partly}.")
     if status not in (None, "ok", "discarded", "pruned"):
         why = str(record.get("error") or record.get("interrupted") or "").split("\n")[0]
         raise FtlabError(f"Stage '{name}' of {run_dir} has no artefact: the run ended with "
@@ -131,10 +132,22 @@ def _why_no_card(run_dir: Path, name: str, names: list[str]) -> None:
                          f"fix what stopped it and run it again (ftlab resume=<run folder>){pick}.")
 
 
-def _stopped_text(status: str, stopped: dict[str, Any]) -> str:
+def _stopped_stage(record: dict[str, Any]) -> str | None:
+    """The stage early discard (its record names it) or a search's pruner stopped."""
+    stopped = record.get("discarded")
+    if isinstance(stopped, dict) and isinstance(stopped.get("stage"), str):
+        return stopped["stage"]
+    stages = record.get("stages") if isinstance(record.get("stages"), dict) else {}
+    return next((n for n, info in stages.items()
+                 if isinstance(info, dict) and isinstance(info.get("discarded"), dict)), None)
+
+
+def _stopped_text(record: dict[str, Any]) -> str:
     """'discarded by early discard in stage 'tapt' at step 3 of 12' (the record's words)."""
-    how = "pruned by the search's pruner" if status == "pruned" else "discarded by early discard"
-    where = f" in stage '{stopped['stage']}'" if isinstance(stopped.get("stage"), str) else ""
+    stopped, stage = record["discarded"], _stopped_stage(record)
+    how = ("pruned by the search's pruner" if record.get("status") == "pruned" else
+           "discarded by early discard")
+    where = f" in stage '{stage}'" if stage else ""
     steps, planned = stopped.get("steps", stopped.get("step")), stopped.get("planned_steps")
     at = f" at step {steps}" + (f" of {planned}" if planned else "") if steps is not None else ""
     return f"{how}{where}{at}"
@@ -146,12 +159,11 @@ def _say_if_stopped_early(run_dir: Path, name: str) -> None:
     import logging
 
     record = run_record(run_dir)
-    stopped, status = record.get("discarded"), record.get("status")
-    if status in ("discarded", "pruned") and isinstance(stopped, dict) and (
-            stopped.get("stage") in (name, None)):
+    if record.get("status") in ("discarded", "pruned") and isinstance(
+            record.get("discarded"), dict) and _stopped_stage(record) == name:
         logging.getLogger(__name__).warning(
             "Stage '%s' of %s was stopped early (%s): its weights are partly trained.", name,
-            run_dir, _stopped_text(status, stopped))
+            run_dir, _stopped_text(record))
 
 
 def run_record(run_dir: Path) -> dict[str, Any]:

@@ -120,25 +120,31 @@ def test_a_run_still_training_says_so_and_names_its_finished_stages(two_steps, t
     assert "ended" not in msg and "a finished stage loads with --stage: classify" in msg
 
 
-def test_a_job_discarded_early_says_so_and_its_stopped_stage_warns(two_steps, tmp_path, caplog):
-    """Early discard stops a sweep job in a stage (its partly trained artefact is written) and
-    skips the later ones: loading the run said the last stage had "no card.json (written by
-    ftlab since predict/export came in ...)", and the stopped stage loaded without a word."""
+@pytest.mark.parametrize(("status", "how", "named"), [
+    ("discarded", "discarded by early discard", True),  # early discard's record names the stage
+    ("pruned", "pruned by the search's pruner", False)])  # a pruned one's stage record says it
+def test_a_job_stopped_early_says_so_and_its_stopped_stage_warns(two_steps, tmp_path, caplog,
+                                                                 status, how, named):
+    """Early discard (or a search's pruner) stops a sweep job in a stage (its partly trained
+    artefact is written) and skips the later ones: loading the run said the last stage had "no
+    card.json (written by ftlab since predict/export came in ...)", and the stopped stage
+    loaded without a word."""
     import logging
     import shutil
 
     run_dir = tmp_path / "run"
     shutil.copytree(two_steps, run_dir)
     record = json.loads((run_dir / "metrics.json").read_text())
-    record |= {"status": "discarded", "pipeline": ["classify", "later"], "discarded": {
-        "job": "run", "stage": "classify", "step": 4, "planned_steps": 16, "metric": "val/acc",
-        "rule": "top_k (k=3) at 0.25", "steps": 4}}
+    stopped = {"step": 4, "planned_steps": 16, "metric": "val/acc", "steps": 4}
+    record |= {"status": status, "pipeline": ["classify", "later"],
+               "discarded": stopped | ({"stage": "classify"} if named else {"pruned": True})}
+    record["stages"]["classify"]["discarded"] = stopped
     (run_dir / "metrics.json").write_text(json.dumps(record))
     (tmp_path / "in.txt").write_text("great film\n")
     msg = _predict_error(str(run_dir), "--input", str(tmp_path / "in.txt"), "--output",
                          str(tmp_path / "p.jsonl"))
-    assert ("the job was discarded by early discard in stage 'classify' at step 4 of 16, so the "
-            "stages after it did not run") in msg and "since predict/export" not in msg
+    assert (f"the job was {how} in stage 'classify' at step 4 of 16, so the stages after it did "
+            "not run") in msg and "since predict/export" not in msg
     assert "stage 'classify' loads, partly trained, with --stage classify" in msg
     with caplog.at_level(logging.WARNING, logger="ftlab.run_folder"):
         ftlab.load(run_dir, stage="classify")
