@@ -77,22 +77,29 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
 
 
 def moved_here(stage: ResolvedStage, stage_dir: Path) -> ResolvedStage:
-    """``stage`` with its ``peft.stack_on`` artefacts (MAD-X: the task adapter stacks on the
-    language stage's ``<run>/lang/trainable.safetensors``, an absolute path) that lay in the run
-    folder it was trained in pointed into the run folder it is in now: the run was moved or
-    copied, or the stage came from the stage cache (its card names the run that trained it).
-    Without the card's ``run_dir`` (an older card) an entry that is gone is looked for in this
-    run's stage of its folder's name."""
+    """``stage`` with the paths it was trained with read from where the run is now.
+
+    Its ``peft.stack_on`` artefacts (MAD-X: the task adapter stacks on the language stage's
+    ``<run>/lang/trainable.safetensors``, an absolute path) that lay in the run folder it was
+    trained in point into the run folder it is in now: the run was moved or copied, or the
+    stage came from the stage cache (its card names the run that trained it). Without the
+    card's ``run_dir`` (an older card) an entry that is gone is looked for in this run's stage
+    of its folder's name. A relative local model (``model.name_or_path=my_models/bert``) that
+    is not here is read from the folder the run was started in (Hydra's record of it)."""
+    from dataclasses import replace
+
+    run_dir = stage_dir.parent
+    model = replace(stage.model, **{k: _from_start(getattr(stage.model, k), run_dir)
+                                    for k in ("name_or_path", "tokenizer")})
+    stage = replace(stage, model=model) if model != stage.model else stage
     entries = list(stage.peft.get("stack_on") or []) if isinstance(stage.peft, dict) else []
     if not entries:
         return stage
-    from dataclasses import replace
-
     try:
         trained_in = read_json(stage_dir / CARD).get(RUN_DIR)
     except (OSError, ValueError, AttributeError):  # read_stage_card read it already
         trained_in = None
-    run_dir, moved = stage_dir.parent, []
+    moved = []
     for entry in entries:
         path = Path(str(entry)).expanduser()
         here = run_dir / path.parent.name / path.name
@@ -100,6 +107,21 @@ def moved_here(stage: ResolvedStage, stage_dir: Path) -> ResolvedStage:
                     if isinstance(trained_in, str) else not path.is_file())
         moved.append(str(here) if was_ours and here.is_file() else entry)
     return replace(stage, peft={**stage.peft, "stack_on": moved})
+
+
+def _from_start(source: Any, run_dir: Path) -> Any:
+    """``source`` (a model or tokenizer: hub name, URI or path) as a path from the folder the
+    run was started in, where it is a relative path that is not here but is there."""
+    if not isinstance(source, str) or "://" in source or Path(source).expanduser().is_absolute() \
+            or Path(source).exists():
+        return source
+    from omegaconf import OmegaConf
+
+    try:  # a run's and a sweep job's own folder hold Hydra's record of the command
+        start = Path(str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd))
+    except Exception:  # noqa: BLE001 - no record (a run made in Python), or not readable
+        return source
+    return str(start / source) if (start / source).exists() else source
 
 
 #: the fix for a stage file that is missing or damaged (a run folder copied in part)

@@ -5,6 +5,7 @@ file written over."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,3 +428,31 @@ def test_a_stage_after_a_multi_task_stage_whose_data_is_gone_says_why_load_reads
                        r"heads from its sub-tasks' data, as training did, which failed: Data "
                        r"file for split 'train' not found(?s:.*)Fix: make that data readable"):
         ftlab.load(cfg.paths.output_dir)
+
+
+def test_a_run_from_a_relative_local_model_loads_from_another_folder(two_steps, sentiment_dir,
+                                                                     make_cfg, tmp_path,
+                                                                     monkeypatch):
+    """model.name_or_path=mdl (a folder beside where the run started): loading from any other
+    folder stopped with "Could not load the model from 'mdl'"; Hydra's record of the folder the
+    run started in (.hydra/hydra.yaml, as every ftlab command writes) now finds it."""
+    from omegaconf import OmegaConf
+
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    export_main([str(two_steps), "--to", "hf", "--output", "mdl"])
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("model=")]
+    cfg = make_cfg([*overrides, "model=hf", "model.name_or_path=mdl", "trainer.max_steps=2"])
+    assert run(cfg)["status"] == "ok"
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(start)}}}, run_dir / ".hydra" / "hydra.yaml")
+    texts = ["great superb film", "the plot was dull"]
+    before = ftlab.load(run_dir).predict(texts)
+    monkeypatch.chdir(elsewhere)
+    assert ftlab.load(run_dir).predict(texts) == before
