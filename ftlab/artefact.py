@@ -84,14 +84,23 @@ def moved_here(stage: ResolvedStage, stage_dir: Path) -> ResolvedStage:
     trained in point into the run folder it is in now: the run was moved or copied, or the
     stage came from the stage cache (its card names the run that trained it). Without the
     card's ``run_dir`` (an older card) an entry that is gone is looked for in this run's stage
-    of its folder's name. A relative local model (``model.name_or_path=my_models/bert``) that
-    is not here is read from the folder the run was started in (Hydra's record of it)."""
+    of its folder's name. A relative local model (``model.name_or_path=my_models/bert``) or
+    sub-task data file that is not here is read from the folder the run was started in (Hydra's
+    record of it)."""
     from dataclasses import replace
 
     run_dir = stage_dir.parent
     model = replace(stage.model, **{k: _from_start(getattr(stage.model, k), run_dir)
                                     for k in ("name_or_path", "tokenizer")})
     stage = replace(stage, model=model) if model != stage.model else stage
+    if stage.subtasks:  # a multi-task stage is rebuilt from its sub-tasks' data files
+
+        def here(data: Any) -> Any:
+            return replace(data, files={k: _from_start(v, run_dir)
+                                        for k, v in (data.files or {}).items()} or data.files)
+
+        stage = replace(stage, data=here(stage.data), subtasks=tuple(
+            replace(sub, data=here(sub.data)) for sub in stage.subtasks))
     entries = list(stage.peft.get("stack_on") or []) if isinstance(stage.peft, dict) else []
     if not entries:
         return stage

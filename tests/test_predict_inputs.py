@@ -456,3 +456,33 @@ def test_a_run_from_a_relative_local_model_loads_from_another_folder(two_steps, 
     before = ftlab.load(run_dir).predict(texts)
     monkeypatch.chdir(elsewhere)
     assert ftlab.load(run_dir).predict(texts) == before
+
+
+def test_a_multi_task_upstream_with_relative_data_loads_from_another_folder(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    """Its sub-tasks' data files (relative, as typed on the command line) are read from the
+    folder the run was started in (.hydra/hydra.yaml), not from wherever ftlab.load runs."""
+    from omegaconf import OmegaConf
+
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+    from tests.test_multitask import _pairs
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    (start / "pairs").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    _pairs(start / "pairs" / "train.jsonl", 64, 0)
+    _pairs(start / "pairs" / "validation.jsonl", 24, 1)
+    at = "pipeline.stages.multi.tasks.vitaminc.data.files"
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "pipeline=multitask_task",
+                    f"{at}.train=pairs/train.jsonl", f"{at}.validation=pairs/validation.jsonl",
+                    "pipeline.stages.multi.trainer.max_steps=2",
+                    "pipeline.stages.task.trainer.max_steps=2"])
+    assert run(cfg)["status"] == "ok"
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(start)}}}, run_dir / ".hydra" / "hydra.yaml")
+    before = ftlab.load(run_dir).predict(["great superb film"])
+    monkeypatch.chdir(elsewhere)
+    assert ftlab.load(run_dir).predict(["great superb film"]) == before
