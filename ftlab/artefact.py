@@ -18,6 +18,8 @@ from ftlab.store import read_json, write_json
 CARD_FORMAT = 1
 CARD = "card.json"
 TOKENIZER = "tokenizer"
+#: the card's key for the run folder the stage was trained in
+RUN_DIR = "run_dir"
 
 
 def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | None,
@@ -26,7 +28,8 @@ def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | 
     ``data_transforms``: what each of ``data.transforms`` did to the training rows."""
     tokenizer.save_pretrained(str(stage_dir / TOKENIZER))
     card = {"format": CARD_FORMAT, "stage": asdict(stage),
-            "labels": list(labels) if labels else None}
+            "labels": list(labels) if labels else None,
+            RUN_DIR: str(stage_dir.parent.resolve())}  # where its in-run paths point (moved_here)
     if data_transforms:
         card["data_transforms"] = data_transforms
     return write_json(stage_dir / CARD, card)
@@ -71,6 +74,63 @@ def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:
                                    and all(isinstance(x, str) for x in labels)):
         raise _damaged(path, f"its labels {labels!r} are not a list of names")
     return stage, labels
+
+
+def moved_here(stage: ResolvedStage, stage_dir: Path) -> ResolvedStage:
+    """``stage`` with the paths it was trained with read from where the run is now.
+
+    Its ``peft.stack_on`` artefacts (MAD-X: the task adapter stacks on the language stage's
+    ``<run>/lang/trainable.safetensors``, an absolute path) that lay in the run folder it was
+    trained in point into the run folder it is in now: the run was moved or copied, or the
+    stage came from the stage cache (its card names the run that trained it). Without the
+    card's ``run_dir`` (an older card) an entry that is gone is looked for in this run's stage
+    of its folder's name. A relative local model (``model.name_or_path=my_models/bert``) or
+    sub-task data file that is not here is read from the folder the run was started in (Hydra's
+    record of it)."""
+    from dataclasses import replace
+
+    run_dir = stage_dir.parent
+    model = replace(stage.model, **{k: _from_start(getattr(stage.model, k), run_dir)
+                                    for k in ("name_or_path", "tokenizer")})
+    stage = replace(stage, model=model) if model != stage.model else stage
+    if stage.subtasks:  # a multi-task stage is rebuilt from its sub-tasks' data files
+
+        def here(data: Any) -> Any:
+            return replace(data, files={k: _from_start(v, run_dir)
+                                        for k, v in (data.files or {}).items()} or data.files)
+
+        stage = replace(stage, data=here(stage.data), subtasks=tuple(
+            replace(sub, data=here(sub.data)) for sub in stage.subtasks))
+    entries = list(stage.peft.get("stack_on") or []) if isinstance(stage.peft, dict) else []
+    if not entries:
+        return stage
+    try:
+        trained_in = read_json(stage_dir / CARD).get(RUN_DIR)
+    except (OSError, ValueError, AttributeError):  # read_stage_card read it already
+        trained_in = None
+    moved = []
+    for entry in entries:
+        path = Path(str(entry)).expanduser()
+        here = run_dir / path.parent.name / path.name
+        was_ours = (Path(path.parent.parent).resolve() == Path(trained_in).resolve()
+                    if isinstance(trained_in, str) else not path.is_file())
+        moved.append(str(here) if was_ours and here.is_file() else entry)
+    return replace(stage, peft={**stage.peft, "stack_on": moved})
+
+
+def _from_start(source: Any, run_dir: Path) -> Any:
+    """``source`` (a model or tokenizer: hub name, URI or path) as a path from the folder the
+    run was started in, where it is a relative path that is not here but is there."""
+    if not isinstance(source, str) or "://" in source or Path(source).expanduser().is_absolute() \
+            or Path(source).exists():
+        return source
+    from omegaconf import OmegaConf
+
+    try:  # a run's and a sweep job's own folder hold Hydra's record of the command
+        start = Path(str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd))
+    except Exception:  # noqa: BLE001 - no record (a run made in Python), or not readable
+        return source
+    return str(start / source) if (start / source).exists() else source
 
 
 #: the fix for a stage file that is missing or damaged (a run folder copied in part)

@@ -1,7 +1,8 @@
 """``ftlab-export RUN_DIR --to hf --output DIR``: a trained stage as a plain Transformers folder
 (``save_pretrained`` of the model, PEFT folded in, plus the tokenizer) that
 ``AutoModelFor...from_pretrained(DIR)`` loads without ftlab. Methods that cannot fold
-(prompt/prefix tuning) get their PEFT folder instead, with a message and exit status 3;
+(prompt/prefix tuning) get their PEFT folder instead (``DIR/peft``, and ``DIR/base``, the model it
+goes on), with a message and exit status 3;
 ftlab's bottleneck adapters have neither (use ``ftlab.load`` / ``ftlab-predict``).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from ftlab.errors import FtlabError
 from ftlab.peft.base import Mergeable, NotMergeable, SavesArtefact
@@ -53,15 +55,39 @@ def export_hf(run_dir: str | Path, output: str | Path, stage: str | None = None,
             raise
         p.peft.save(p.model, output)  # <output>/peft, for peft.PeftModel.from_pretrained
         p.tokenizer.save_pretrained(str(output / "peft"))
-        raise
-    if hasattr(model, "aux_mlm_head"):  # stage.aux_mlm_weight's training-only MLM head, whose
-        del model.aux_mlm_head           # decoder is tied to the embeddings: save_pretrained fails
-    model.save_pretrained(str(output))
+        _save(_base_of(p.model), output / BASE)  # what it goes on: no other copy has the stage's
+        raise                                    # (a config-built model, an earlier stage's)
+    _save(model, output)
     length = getattr(p.task, "max_length", None)
     if isinstance(length, int) and type(model).__name__.endswith(_WHOLE_INPUT):
         p.tokenizer.model_max_length = length  # truncation=True then cuts where training did
     p.tokenizer.save_pretrained(str(output))
     return output
+
+
+#: the folder (in ``--output``) holding the model a PEFT folder goes on
+BASE = "base"
+
+
+def _save(model: Any, folder: Path) -> None:
+    if hasattr(model, "aux_mlm_head"):  # stage.aux_mlm_weight's training-only MLM head, whose
+        del model.aux_mlm_head           # decoder is tied to the embeddings: save_pretrained fails
+    model.save_pretrained(str(folder))
+
+
+def _base_of(model: Any) -> Any:
+    """A copy of the Transformers model under a ``peft.PeftModel`` with the weights it started
+    from: its trained heads (``modules_to_save``) stay in the PEFT folder, which puts them back."""
+    import copy
+
+    from peft.utils import ModulesToSaveWrapper
+
+    base = copy.deepcopy(model.get_base_model())
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.original_module)
+    return base
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         export_hf(args.run_dir, args.output, args.stage, args.allow_targets)
     except NotMergeable as err:
-        print(f"ftlab-export: {err}\nWrote the PEFT folder instead: {args.output / 'peft'}",
-              file=sys.stderr)
+        peft, base = args.output / "peft", args.output / BASE
+        print(f"ftlab-export: {err}\nWrote the PEFT folder instead: {peft}, and the model it goes "
+              f"on: {base} (peft.PeftModel.from_pretrained({auto_class(base)}.from_pretrained("
+              f"'{base}'), '{peft}'))", file=sys.stderr)
         sys.exit(PEFT_FOLDER)
     except FtlabError as err:
         sys.exit(f"ftlab-export: {err}")

@@ -95,6 +95,7 @@ class Predictor:
             return torch.empty(0, len(self.labels))
         columns = self._columns(texts)
         features = self.task.featurize({**columns, "label": [0] * len(texts)})
+        _check_tokens(features["length"])
         keep = list(self.task.features)  # scores() ignores what it does not need
         rows = [{k: features[k][i] for k in keep} for i in range(len(texts))]
         collate = PadCollator(self.tokenizer.pad_token_id, pad_values=self.task.pad_values)
@@ -157,6 +158,18 @@ class Predictor:
         return {cols[0]: list(texts)}
 
 
+def _check_tokens(lengths: list[int]) -> None:
+    """Refuse rows that tokenise to nothing (an empty text, a tokenizer without special tokens:
+    GPT-2's): alone in a batch they crashed the model, among others they read a pad."""
+    empty = [n for n, length in enumerate(lengths, 1) if length == 0]
+    if empty:
+        rows = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        raise FtlabError(f"{len(empty)} row(s) ({rows}; 1 = the first) have no tokens: an empty "
+                         "text, and the stage's tokenizer adds no special tokens (as GPT-2's), "
+                         "so the model has nothing to read.", "drop those rows or give them "
+                         "text (a .txt file: remove its empty lines).")
+
+
 def _as_rows(texts: Any) -> list[Any]:
     """``texts`` as a list of rows: a pandas DataFrame as dicts by column (iterating one gives
     its column names), a Series or numpy array (whose truth value is ambiguous) through
@@ -209,11 +222,16 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     ``init_from`` stage is rebuilt first and handed over as in training."""
     from transformers import AutoTokenizer
 
-    from ftlab.artefact import DAMAGED_FIX, TOKENIZER, read_stage_card
+    from ftlab.artefact import DAMAGED_FIX, TOKENIZER, moved_here, read_stage_card
     from ftlab.store import load_tensors
 
     stage_dir = run_dir / name
     spec, labels = read_stage_card(stage_dir)
+    spec = moved_here(spec, stage_dir)  # MAD-X: the adapters it stacks, in this run folder
+    if spec.name != name:  # a later stage finds its upstream by the card's name, not the folder's
+        raise FtlabError(f"The folder {stage_dir} holds the card of stage '{spec.name}': it was "
+                         "renamed, or copied from another stage.",
+                         f"give it its stage's name ({spec.name}/) again; else {DAMAGED_FIX}")
     if not (stage_dir / TRAINABLE).is_file():
         dropped = dropped_artefact(run_dir, name)
         if dropped:  # the run-level policy deleted it (a sweep keeps only the best job's)
@@ -236,7 +254,13 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
 
         configure_tokenizer(tokenizer, spec.model.config["model_type"])
     if spec.subtasks:  # a multi-task upstream: its heads need the sub-tasks' label sets, which
-        task = builder.task(spec)  # only their data holds (bound as in training)
+        try:               # only their data holds (bound as in training)
+            task = builder.task(spec)
+        except FtlabError as err:  # the data's own message speaks of training
+            raise FtlabError(f"Stage '{name}' is multi-task: loading rebuilds its heads from its "
+                             f"sub-tasks' data, as training did, which failed: {err.problem}",
+                             "make that data readable where the run read it (relative paths: "
+                             f"from the folder the run was started in); {err.fix}") from None
     else:
         task = builder.saved_task(spec, labels, tokenizer)
     upstream = None
@@ -265,8 +289,8 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
 
 @contextmanager
 def _untrained_head_report_off() -> Iterator[None]:
-    """Transformers' report that the task head is "newly initialized ... Consider training" (and
-    its loading bar): true while the model is built, false once the run's weights are loaded."""
+    """Transformers' "newly initialized ... Consider training" report (and loading bar): true
+    while the model is built, false once the run's weights are loaded."""
     from transformers.utils import logging as hf_logging
 
     level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

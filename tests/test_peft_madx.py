@@ -222,3 +222,23 @@ def test_the_task_adapters_cache_key_follows_the_adapter_it_stacks_on(make_cfg, 
     before = keys(ext)["task"]
     save_tensors(other, {"x": torch.ones(2)})  # another run's artefact, retrained in place
     assert keys(ext)["task"] != before
+
+
+def test_a_madx_run_moved_elsewhere_loads_the_language_adapter_it_holds(make_cfg, sentiment_dir,
+                                                                        tmp_path):
+    """The task stage's card names the language adapter by its absolute path in the folder it
+    was trained in (``${paths.output_dir}/lang/...``): a run folder moved or copied elsewhere
+    (the original gone) stopped with "peft.stack_on: no artefact at '<old>/lang/...'"."""
+    import shutil
+
+    import ftlab
+    from ftlab.run import run
+
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "pipeline=madx", "stage.optim.lr=3e-3",
+                    "pipeline.stages.lang.trainer.max_steps=2",
+                    "pipeline.stages.task.trainer.max_steps=2"])
+    assert run(cfg)["status"] == "ok"
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    before = ftlab.load(cfg.paths.output_dir).predict(texts)
+    moved = shutil.move(cfg.paths.output_dir, tmp_path / "elsewhere")
+    assert ftlab.load(moved).predict(texts) == before

@@ -270,13 +270,33 @@ def test_every_method_exports_a_matching_model_or_says_why_not(train, peft, tmp_
                                    rtol=1e-5)
 
 
-def test_prompt_tuning_exports_its_peft_folder_with_a_message(train, tmp_path, capsys):
-    run_dir, _, _ = train("peft=prompt_tuning")
+@pytest.mark.parametrize("extra", [("peft=prompt_tuning",), (
+    "pipeline=tiny", "+peft@pipeline.stages.task.peft=prompt_tuning",
+    "pipeline.stages.tapt.trainer.max_steps=2")])
+def test_prompt_tuning_exports_its_peft_folder_and_the_model_it_goes_on(train, tmp_path, capsys,
+                                                                        extra):
+    """The PEFT folder alone went on no model a user has (a model built from a config, or an
+    earlier stage's, here TAPT's encoder): ``DIR/base`` beside it, with ``peft`` and plain
+    Transformers, predicts what ftlab.load does."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _, _ = train("stage.optim.lr=0.3", "trainer.max_steps=8", *extra)
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    loaded = ftlab.load(run_dir)
+    expected = torch.tensor([list(p["probs"].values()) for p in loaded.predict(texts)])
+    assert (expected[:, 0] - expected[:, 1]).abs().max() > 1e-3  # not the uniform guess
     with pytest.raises(SystemExit) as err:
         export_main([str(run_dir), "--output", str(tmp_path / "hf")])
     assert err.value.code == PEFT_FOLDER
-    assert "cannot hold" in capsys.readouterr().err
-    assert (tmp_path / "hf" / "peft" / "adapter_config.json").is_file()
+    said = capsys.readouterr().err
+    assert "cannot hold" in said and "AutoModelForSequenceClassification.from_pretrained(" in said
+    base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf" / "base"))
+    model = PeftModel.from_pretrained(base, str(tmp_path / "hf" / "peft")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf" / "peft"))
+    with torch.no_grad():
+        got = torch.cat([model(**tok(t, return_tensors="pt")).logits.softmax(-1) for t in texts])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["csv", "semicolon_csv", "jsonl", "txt", "parquet"])

@@ -5,6 +5,7 @@ file written over."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,80 @@ def test_a_run_whose_metrics_json_is_damaged_still_predicts(two_steps, tmp_path,
     out = tmp_path / "p.jsonl"
     predict_main([str(run_dir), "--input", str(tmp_path / "in.txt"), "--output", str(out)])
     assert json.loads(out.read_text())["label"] in ("neg", "pos")
+
+
+def test_without_metrics_json_the_last_stage_is_the_one_no_other_starts_from(two_steps,
+                                                                            tmp_path):
+    """metrics.json lists the stages in pipeline order; without it the last was the last card
+    by name (PET's p3 over distill): here 'zz', which 'classify' starts from. Stages that none
+    starts from are each a candidate: refused without --stage."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    (run_dir / "metrics.json").unlink()
+    shutil.copytree(run_dir / "classify", run_dir / "zz")
+    card = json.loads((run_dir / "classify" / "card.json").read_text())
+    zz = {**card, "stage": {**card["stage"], "name": "zz"}}
+    (run_dir / "zz" / "card.json").write_text(json.dumps(zz))
+    card["stage"]["init_from"] = "zz"
+    (run_dir / "classify" / "card.json").write_text(json.dumps(card))
+    assert ftlab.load(run_dir).stage.name == "classify"
+    card["stage"]["init_from"] = "pretrained"  # two unrelated stages: which is last is unknown
+    (run_dir / "classify" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(FtlabError, match=r"no readable metrics.json.*classify, zz each could be "
+                       r"it(?s:.*)Fix: name the stage: --stage NAME"):
+        ftlab.load(run_dir)
+    assert ftlab.load(run_dir, stage="zz").stage.name == "zz"
+
+
+def test_a_run_still_training_says_so_and_names_its_finished_stages(two_steps, tmp_path):
+    """A run whose metrics.json says 'running' (training, or killed hard) and whose last stage
+    has no card yet: it said the run "ended with status 'running'"."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    record |= {"status": "running", "pipeline": ["classify", "later"]}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    (run_dir / "later").mkdir()  # the stage in training: no card yet
+    (tmp_path / "in.txt").write_text("great film\n")
+    msg = _predict_error(str(run_dir), "--input", str(tmp_path / "in.txt"), "--output",
+                         str(tmp_path / "p.jsonl"))
+    assert "Stage 'later' of" in msg and "the run has not finished (status 'running'" in msg
+    assert "ended" not in msg and "a finished stage loads with --stage: classify" in msg
+
+
+@pytest.mark.parametrize(("status", "how", "named"), [
+    ("discarded", "discarded by early discard", True),  # early discard's record names the stage
+    ("pruned", "pruned by the search's pruner", False)])  # a pruned one's stage record says it
+def test_a_job_stopped_early_says_so_and_its_stopped_stage_warns(two_steps, tmp_path, caplog,
+                                                                 status, how, named):
+    """Early discard (or a search's pruner) stops a sweep job in a stage (its partly trained
+    artefact is written) and skips the later ones: loading the run said the last stage had "no
+    card.json (written by ftlab since predict/export came in ...)", and the stopped stage
+    loaded without a word."""
+    import logging
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    stopped = {"step": 4, "planned_steps": 16, "metric": "val/acc", "steps": 4}
+    record |= {"status": status, "pipeline": ["classify", "later"],
+               "discarded": stopped | ({"stage": "classify"} if named else {"pruned": True})}
+    record["stages"]["classify"]["discarded"] = stopped
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    (tmp_path / "in.txt").write_text("great film\n")
+    msg = _predict_error(str(run_dir), "--input", str(tmp_path / "in.txt"), "--output",
+                         str(tmp_path / "p.jsonl"))
+    assert (f"the job was {how} in stage 'classify' at step 4 of 16, so the stages after it did "
+            "not run") in msg and "since predict/export" not in msg
+    assert "stage 'classify' loads, partly trained, with --stage classify" in msg
+    with caplog.at_level(logging.WARNING, logger="ftlab.run_folder"):
+        ftlab.load(run_dir, stage="classify")
+    assert "Stage 'classify' of" in caplog.text and "its weights are partly trained" in caplog.text
 
 
 def test_a_stage_folder_given_as_the_run_names_its_run(two_steps, tmp_path):
@@ -164,6 +239,22 @@ def test_a_damaged_stage_file_is_named_with_the_fix(two_steps, tmp_path, name, d
     with pytest.raises(SystemExit) as err:
         export_main([str(run_dir), "--to", "hf", "--output", str(tmp_path / "hf")])
     assert said in str(err.value.code)
+
+
+def test_a_stage_folder_renamed_or_copied_from_another_is_named(two_steps, tmp_path):
+    """A stage started from a folder whose card is another stage's (renamed, or copied from a
+    sibling) ended in a bare KeyError from the builder."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    shutil.copytree(run_dir / "classify", run_dir / "up")  # its card still says 'classify'
+    card = json.loads((run_dir / "classify" / "card.json").read_text())
+    card["stage"]["init_from"] = "up"
+    (run_dir / "classify" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(FtlabError, match=r"run/up holds the card of stage 'classify': it was "
+                       r"renamed(?s:.*)Fix: give it its stage's name \(classify/\) again"):
+        ftlab.load(run_dir, stage="classify")
 
 
 def test_stage_names_read_from_a_run_folder_never_leave_it(two_steps, tmp_path):
@@ -264,3 +355,134 @@ def test_compressed_inputs_predict_as_their_plain_file(two_steps, tmp_path, pack
     bad.write_bytes(b'{"text": "not compressed"}\n')
     msg = _predict_error(str(two_steps), "--input", str(bad), "--output", str(tmp_path / "b.jsonl"))
     assert f"does not decompress as {packed}" in msg and "Fix:" in msg
+
+
+def test_an_empty_text_a_gpt2_style_tokenizer_makes_no_tokens_of_is_named(make_cfg,
+                                                                           sentiment_dir,
+                                                                           tmp_path):
+    """A tokenizer that adds no special tokens (GPT-2's) makes nothing of an empty text: a
+    batch of only such rows crashed in the model ('cannot reshape tensor of 0 elements')."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+    from tests.test_tokens import byte_level_tokenizer
+
+    byte_level_tokenizer(tmp_path / "tok")
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "model=tiny_gpt2", "trainer.max_steps=2",
+                    f"model.tokenizer={tmp_path / 'tok'}", "model.config.vocab_size=300"])
+    assert run(cfg)["status"] == "ok"
+    loaded = ftlab.load(cfg.paths.output_dir)
+    assert len(loaded.predict(["great film", "a plot"])) == 2
+    for rows, batch in ((["great film", ""], 1), (["", "", "a plot"], 64)):
+        with pytest.raises(FtlabError, match=r"have no tokens: an empty text(?s:.*)Fix: drop "
+                           "those rows"):
+            loaded.predict(rows, batch_size=batch)
+    (tmp_path / "in.txt").write_text("great film\n\n")
+    assert "1 row(s) (2; 1 = the first) have no tokens" in _predict_error(
+        cfg.paths.output_dir, "--input", str(tmp_path / "in.txt"), "--output",
+        str(tmp_path / "p.jsonl"))
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_a_tagging_row_without_words_gets_no_tags_under_a_gpt2_style_tokenizer(make_cfg,
+                                                                                tmp_path):
+    """A row with no words has no tags to predict; under a tokenizer that adds no special
+    tokens it went to the model as no token at all and crashed it (alone in its batch)."""
+    from ftlab.run import run
+    from tests.test_tokens import byte_level_tokenizer, tagged_rows, token_overrides, write_conll
+
+    for split, n in (("train", 32), ("validation", 16), ("test", 16)):
+        write_conll(tmp_path / f"{split}.conll", tagged_rows(n, 0))
+    byte_level_tokenizer(tmp_path / "tok")
+    cfg = make_cfg(token_overrides(tmp_path, "model=tiny_gpt2", "stage.trainer.max_steps=2",
+                                   f"model.tokenizer={tmp_path / 'tok'}",
+                                   "model.config.vocab_size=300"))
+    assert run(cfg)["status"] == "ok"
+    loaded = ftlab.load(cfg.paths.output_dir)
+    words = ["alice", "is", "in", "paris"]
+    tagged = loaded.predict([words])[0]
+    got = loaded.predict([[], words, ""], batch_size=1)
+    assert got == [{"tokens": [], "tags": [], "scores": []}, tagged,
+                   {"tokens": [], "tags": [], "scores": []}]
+
+
+def test_a_stage_after_a_multi_task_stage_whose_data_is_gone_says_why_load_reads_it(
+        make_cfg, sentiment_dir, tmp_path):
+    """Loading rebuilds a multi-task upstream's heads from its sub-tasks' data: with that data
+    moved away it said only "Data file for split 'train' not found ... fix the path in
+    data.files.train", as if training."""
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+    from tests.test_multitask import _pairs
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    at = "pipeline.stages.multi.tasks.vitaminc.data.files"
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "pipeline=multitask_task",
+                    f"{at}.train={_pairs(pairs / 'train.jsonl', 64, 0)}",
+                    f"{at}.validation={_pairs(pairs / 'validation.jsonl', 24, 1)}",
+                    "pipeline.stages.multi.trainer.max_steps=2",
+                    "pipeline.stages.task.trainer.max_steps=2"])
+    assert run(cfg)["status"] == "ok"
+    pairs.rename(tmp_path / "moved")
+    with pytest.raises(FtlabError, match=r"Stage 'multi' is multi-task: loading rebuilds its "
+                       r"heads from its sub-tasks' data, as training did, which failed: Data "
+                       r"file for split 'train' not found(?s:.*)Fix: make that data readable"):
+        ftlab.load(cfg.paths.output_dir)
+
+
+def test_a_run_from_a_relative_local_model_loads_from_another_folder(two_steps, sentiment_dir,
+                                                                     make_cfg, tmp_path,
+                                                                     monkeypatch):
+    """model.name_or_path=mdl (a folder beside where the run started): loading from any other
+    folder stopped with "Could not load the model from 'mdl'"; Hydra's record of the folder the
+    run started in (.hydra/hydra.yaml, as every ftlab command writes) now finds it."""
+    from omegaconf import OmegaConf
+
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    export_main([str(two_steps), "--to", "hf", "--output", "mdl"])
+    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("model=")]
+    cfg = make_cfg([*overrides, "model=hf", "model.name_or_path=mdl", "trainer.max_steps=2"])
+    assert run(cfg)["status"] == "ok"
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(start)}}}, run_dir / ".hydra" / "hydra.yaml")
+    texts = ["great superb film", "the plot was dull"]
+    before = ftlab.load(run_dir).predict(texts)
+    monkeypatch.chdir(elsewhere)
+    assert ftlab.load(run_dir).predict(texts) == before
+
+
+def test_a_multi_task_upstream_with_relative_data_loads_from_another_folder(
+        make_cfg, sentiment_dir, tmp_path, monkeypatch):
+    """Its sub-tasks' data files (relative, as typed on the command line) are read from the
+    folder the run was started in (.hydra/hydra.yaml), not from wherever ftlab.load runs."""
+    from omegaconf import OmegaConf
+
+    from ftlab.run import run
+    from tests.conftest import tiny_overrides
+    from tests.test_multitask import _pairs
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    (start / "pairs").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    _pairs(start / "pairs" / "train.jsonl", 64, 0)
+    _pairs(start / "pairs" / "validation.jsonl", 24, 1)
+    at = "pipeline.stages.multi.tasks.vitaminc.data.files"
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), "pipeline=multitask_task",
+                    f"{at}.train=pairs/train.jsonl", f"{at}.validation=pairs/validation.jsonl",
+                    "pipeline.stages.multi.trainer.max_steps=2",
+                    "pipeline.stages.task.trainer.max_steps=2"])
+    assert run(cfg)["status"] == "ok"
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(start)}}}, run_dir / ".hydra" / "hydra.yaml")
+    before = ftlab.load(run_dir).predict(["great superb film"])
+    monkeypatch.chdir(elsewhere)
+    assert ftlab.load(run_dir).predict(["great superb film"]) == before

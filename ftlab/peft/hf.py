@@ -168,8 +168,9 @@ class HfPeft(RequiresGradState):
         if getattr(self.config, "is_prompt_learning", False):
             raise NotMergeable(f"peft={self.name} learns extra inputs (virtual tokens or key/value "
                                "prefixes), which a plain Transformers model cannot hold.",
-                               "load the PEFT folder with peft.PeftModel.from_pretrained(base, "
-                               "DIR), or use ftlab.load / ftlab-predict on the run.")
+                               "load the PEFT folder onto the model it goes on, which ftlab-export "
+                               "writes beside it (DIR/peft, DIR/base), or use ftlab.load / "
+                               "ftlab-predict on the run.")
         from peft.utils import ModulesToSaveWrapper
 
         # trained heads first: IA3's unload copies `.weight` from whatever it replaces, and a

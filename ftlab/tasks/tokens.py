@@ -157,10 +157,11 @@ class Tokens(TaskDefaults):
         keep = [k for k in self.features if k not in ("labels", *CUT)]
         collate = PadCollator(self.tokenizer.pad_token_id)
         device = next(model.parameters()).device
-        out = []
-        with torch.inference_mode():
-            for lo in range(0, len(words), batch_size):
-                idx = range(lo, min(lo + batch_size, len(words)))
+        out = [{"tokens": w, "tags": [], "scores": []} for w in words]  # a row without words
+        tagged = [i for i, w in enumerate(words) if w]  # (none: a GPT-2 tokenizer gives it no
+        with torch.inference_mode():                     # token, which crashed the model)
+            for lo in range(0, len(tagged), batch_size):
+                idx = tagged[lo:lo + batch_size]
                 batch = collate([{k: enc[k][i] for k in keep} for i in idx])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 probs = self.scores(model, batch).float().softmax(-1).cpu()
@@ -171,7 +172,7 @@ class Tokens(TaskDefaults):
                         if w != IGNORE:
                             best = int(probs[j, pos].argmax())
                             tags[w], scores[w] = self.labels[best], float(probs[j, pos, best])
-                    out.append({"tokens": words[i], "tags": tags, "scores": scores})
+                    out[i] = {"tokens": words[i], "tags": tags, "scores": scores}
         return out
 
     def metrics(self) -> MetricCollection:
