@@ -486,3 +486,32 @@ def test_a_multi_task_upstream_with_relative_data_loads_from_another_folder(
     before = ftlab.load(run_dir).predict(["great superb film"])
     monkeypatch.chdir(elsewhere)
     assert ftlab.load(run_dir).predict(["great superb film"]) == before
+
+
+def test_training_rows_a_gpt2_style_tokenizer_makes_no_tokens_of_are_refused(make_cfg,
+                                                                            tmp_path):
+    """Training on empty texts under a tokenizer that adds no special tokens: the length-grouped
+    sampler put them in one batch, and the model stopped midway ('cannot reshape tensor of 0
+    elements'); they are refused before training, by split and row."""
+    from ftlab.run import run
+    from tests.conftest import synthetic_rows, tiny_overrides, write_jsonl
+    from tests.test_tokens import byte_level_tokenizer
+
+    rows = synthetic_rows(80, 1)
+    for row in rows[3:23]:
+        row["text"] = ""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "validation.jsonl", synthetic_rows(20, 2))
+    write_jsonl(data / "test.jsonl", synthetic_rows(20, 3))
+    byte_level_tokenizer(tmp_path / "tok")
+    cfg = make_cfg([*tiny_overrides(data), "model=tiny_gpt2", "trainer.max_steps=8",
+                    f"model.tokenizer={tmp_path / 'tok'}", "model.config.vocab_size=300"])
+    with pytest.raises(SystemExit) as exit_:
+        run(cfg)
+    assert exit_.value.code == 1
+    record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert ("20 of 80 rows of the train split have no tokens (rows 4, 5, 6, 7, 8, ... of the "
+            "split") in record["error"]
+    assert not (Path(cfg.paths.output_dir) / "error.log").exists()  # refused, not a crash

@@ -80,6 +80,7 @@ class TextDataModule(SplitLoaders):
                     f"{missing} in split '{name}' (it emitted {ds.column_names}).",
                     "emit them in featurize, or leave them out of the task's features.")
             ds.set_format(columns=[c for c in ds.column_names if c in keep])
+            check_tokens(ds, name)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed = seed
         self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory,
@@ -134,6 +135,27 @@ class TextDataModule(SplitLoaders):
         if state_dict:
             self._resume = {"epoch": int(state_dict["epoch"]),
                             "batches": int(state_dict["batches"])}
+
+def check_tokens(ds: Dataset, split: str) -> None:
+    """Refuse rows that tokenise to nothing: an empty text under a tokenizer that adds no special
+    tokens (GPT-2's, Llama-style ones without a BOS). A batch of only such rows (the length-
+    grouped sampler puts them together) crashes the model mid-training; one among others is
+    read as padding."""
+    import pyarrow.compute as pc
+
+    lengths = ds.with_format("arrow")["length"]
+    empty = pc.sum(pc.equal(lengths, 0)).as_py() or 0
+    if empty:
+        first = pc.indices_nonzero(pc.equal(lengths, 0)).to_pylist()[:5]
+        rows = ", ".join(str(i + 1) for i in first) + (", ..." if empty > 5 else "")
+        raise FtlabError(
+            f"{empty} of {len(ds)} rows of the {split} split have no tokens (rows {rows} of the "
+            "split; 1 = the first): an empty text, and the tokenizer "
+            "adds no special tokens (as GPT-2's), so the model has nothing to read; a batch of "
+            "them would stop training midway.",
+            "remove those rows from the data (the warning above names their column), or give "
+            "them text.")
+
 
 def replicas(trainer: L.Trainer | None) -> tuple[int, int]:
     """(world size, this rank) of the attached Trainer: the sampler shards the batches
