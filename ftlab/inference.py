@@ -234,7 +234,11 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
                          f"give it its stage's name ({spec.name}/) again; else {DAMAGED_FIX}")
     if not (stage_dir / TRAINABLE).is_file():
         dropped = dropped_artefact(run_dir, name)
-        if dropped:  # the run-level policy deleted it (a sweep keeps only the best job's)
+        if dropped == "save_artefact=none":  # never written
+            raise FtlabError(f"Stage '{name}' has no {TRAINABLE}: the run ran with "
+                             "save_artefact=none, which writes no full-size artefact.",
+                             "re-run it with save_artefact=all (or best, in a sweep).")
+        if dropped:  # deleted when the sweep ended (it keeps only the best job's)
             raise FtlabError(f"Stage '{name}' has no {TRAINABLE}: the run's save_artefact "
                              f"policy deleted it ({dropped} full-size artefact).",
                              "load the job that kept it, or re-run with save_artefact=all.")

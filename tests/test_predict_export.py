@@ -470,9 +470,37 @@ def test_a_dropped_full_size_artefact_names_the_policy_not_the_stage_key(train, 
     job must say so rather than suggest the stage's own save_artefact key."""
     run_dir, record, _ = train("trainer.max_steps=2", "save_artefact=none")
     assert "artefact_dropped" in record["stages"]["classify"]
-    with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)save_artefact policy deleted it "
-                                                      r"\(save_artefact=none.*save_artefact=all"):
+    with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)the run ran with save_artefact="
+                       r"none, which writes no full-size artefact.*Fix: re-run it with "
+                       r"save_artefact=all") as err:
         ftlab.load(run_dir)
+    assert "load the job that kept it" not in str(err.value)  # no job kept it
+
+
+def test_a_job_whose_artefact_a_sweeps_best_policy_deleted_names_the_job_that_kept_one(
+        train, tmp_path):
+    """The end of a sweep (save_artefact=best) deletes the other jobs' full-size weights and
+    records why (``ftlab.artefact.keep_best_full_artefacts``); loading such a job says so."""
+    from ftlab.artefact import keep_best_full_artefacts
+    from ftlab.report import collect
+
+    run_dir, _, _ = train("trainer.max_steps=2")
+    sweep = tmp_path / "sweep"
+    for job, acc in (("0", 0.6), ("1", 0.9)):
+        shutil.copytree(run_dir, sweep / job)
+        (sweep / job / ".hydra").mkdir(exist_ok=True)
+        record = json.loads((sweep / job / "metrics.json").read_text())
+        stage = record["stages"]["classify"]
+        stage["artefact"] = str(sweep / job / "classify" / "trainable.safetensors")
+        record |= {"objective": acc, "final": {"val/acc": acc}, "seed": int(job),  # two seeds
+                   "overrides": [f"seed={job}"], "config_key": job, "job_identity": [job]}
+        (sweep / job / "metrics.json").write_text(json.dumps(record))
+    assert keep_best_full_artefacts(collect(sweep), sweep) == "1"
+    with pytest.raises(ftlab.errors.FtlabError, match=r"(?s)save_artefact policy deleted it "
+                       r"\(save_artefact=best: job 1 kept its full-size artefact\).*Fix: load "
+                       r"the job that kept it"):
+        ftlab.load(sweep / "0")
+    assert ftlab.load(sweep / "1").predict(["great film"])
 
 
 def test_loading_a_run_that_ended_in_an_error_says_so(make_cfg, sentiment_dir, tmp_path):
