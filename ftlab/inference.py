@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
-from ftlab.run_folder import dropped_artefact, stage_card
+from ftlab.run_folder import no_artefact, stage_card
 
 log = logging.getLogger(__name__)
 
@@ -233,17 +233,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
                          "renamed, or copied from another stage.",
                          f"give it its stage's name ({spec.name}/) again; else {DAMAGED_FIX}")
     if not (stage_dir / TRAINABLE).is_file():
-        dropped = dropped_artefact(run_dir, name)
-        if dropped == "save_artefact=none":  # never written
-            raise FtlabError(f"Stage '{name}' has no {TRAINABLE}: the run ran with "
-                             "save_artefact=none, which writes no full-size artefact.",
-                             "re-run it with save_artefact=all (or best, in a sweep).")
-        if dropped:  # deleted when the sweep ended (it keeps only the best job's)
-            raise FtlabError(f"Stage '{name}' has no {TRAINABLE}: the run's save_artefact "
-                             f"policy deleted it ({dropped} full-size artefact).",
-                             "load the job that kept it, or re-run with save_artefact=all.")
-        raise FtlabError(f"Stage '{name}' has no {TRAINABLE} (save_artefact: false?).",
-                         "re-run it with save_artefact: true.")
+        raise no_artefact(run_dir, name, TRAINABLE)
     if not (stage_dir / TOKENIZER).is_dir():
         raise FtlabError(f"Stage '{name}' has no {TOKENIZER}/ folder ({stage_dir / TOKENIZER}).",
                          DAMAGED_FIX)

@@ -177,3 +177,18 @@ def dropped_artefact(run_dir: Path, name: str) -> str | None:
     """Why the run-level ``save_artefact`` policy deleted the stage's artefact, if it did."""
     stage = (run_record(run_dir).get("stages") or {}).get(name)
     return stage.get("artefact_dropped") if isinstance(stage, dict) else None
+
+
+def no_artefact(run_dir: Path, name: str, file: str) -> FtlabError:
+    """Why stage ``name`` has no artefact ``file``, and the fix."""
+    dropped = dropped_artefact(run_dir, name)
+    if dropped == "save_artefact=none":  # never written
+        return FtlabError(f"Stage '{name}' has no {file}: the run ran with save_artefact=none, "
+                          "which writes no full-size artefact.",
+                          "re-run it with save_artefact=all (or best, in a sweep).")
+    if dropped:  # deleted when the sweep ended (it keeps only the best job's)
+        return FtlabError(f"Stage '{name}' has no {file}: the run's save_artefact policy "
+                          f"deleted it ({dropped} full-size artefact).",
+                          "load the job that kept it, or re-run with save_artefact=all.")
+    return FtlabError(f"Stage '{name}' has no {file} (save_artefact: false?).",
+                      "re-run it with save_artefact: true.")
