@@ -21,7 +21,7 @@ from datasets import DatasetDict, Value
 from ftlab.data.conll import load_conll
 from ftlab.data.filechecks import refuse_repeated_columns, refuse_repeated_header
 from ftlab.data.labels import encode_labels, numeric_labels
-from ftlab.data.reading import failed_read, read_apart, refuse_swallowed_rows
+from ftlab.data.reading import check_read, failed_read, read_apart
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
 from ftlab.data.typecheck import check_column_types
@@ -192,15 +192,7 @@ def _load(spec: DataSpec) -> DatasetDict:
         dsd = read_apart(builder, files, kwargs, spec) if implied in (None, builder) else None
         if dsd is None:  # (read_apart: split files whose extra columns differ)
             raise failed_read(err, builder, files, kwargs, spec, implied) from None
-    for split, ds in dsd.items():  # Arrow's json reader keeps bytes that are not UTF-8 as text
-        try:
-            ds.data.table.validate(full=True)
-        except pa.ArrowInvalid as err:
-            raise FtlabError(f"Data file {files.get(split, split)} is not valid UTF-8 ({err}).",
-                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
-                from None
-        if kwargs.get("delimiter") == "\t":
-            refuse_swallowed_rows(ds, files.get(split, split))
+    check_read(dsd, files, builder, kwargs.get("delimiter"))
     return dsd
 
 

@@ -1,0 +1,69 @@
+"""Data files a user wrote by hand: broken csv rows and JSON lines are named by file and line,
+never read silently wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftlab.data.sources import load_raw
+from ftlab.data.spec import DataSpec
+from ftlab.errors import FtlabError
+
+
+def _load(path, **kw):
+    return load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}, **kw))
+
+
+@pytest.mark.parametrize(("suffix", "sep"), [(".csv", ","), (".tsv", "\t")])
+def test_a_csv_row_with_more_fields_than_its_header_is_named(tmp_path, suffix, sep):
+    """pandas took a first row's extra field as an index column: every text was read as the
+    part after its first unquoted comma, silently ('hello, world' trained as ' world'); a later
+    row's stopped the run with a parser error naming no file."""
+    path = tmp_path / f"train{suffix}"
+    rows = ["hello", "world", "pos"], ["bye", "all", "neg"], ["so", "so", "pos"]
+    path.write_text(f"text{sep}label\n" + "".join(sep.join(r) + "\n" for r in rows))
+    with pytest.raises(FtlabError, match=r"(?s)Row 1 of .*train.* has 3 fields, but its header "
+                                         r"has 2.*quote texts"):
+        _load(path)
+    path.write_text(f"text{sep}label\nfine{sep}neg\nalso fine{sep}pos\n"
+                    + "".join(sep.join(r) + "\n" for r in rows))
+    with pytest.raises(FtlabError, match=r"Row 3 of .*train.* has 3 fields"):
+        _load(path)
+    path.write_text('text,label\n"hello, world",pos\nbye,neg\n' if sep == "," else
+                    'text\tlabel\nhello, world\tpos\nbye\tneg\n')
+    assert list(_load(path).splits["train"]["text"]) == ["hello, world", "bye"]
+
+
+def test_a_csv_quote_that_never_closes_is_named(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\nfine,pos\n"opens and never closes,neg\nbye,neg\n')
+    with pytest.raises(FtlabError, match=r"(?s)Row 2 of .*train.csv opens a quoted field.*"
+                                         r"never closes.*stray quote"):
+        _load(path)
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    ('{"text": "a", "label": "pos"}\n{"text": "b", "label": \n{"text": "c", "label": "neg"}\n',
+     r"Line 2 of .*train.jsonl is not valid JSON \(Expecting value"),
+    ('{"text": "a", "label": "pos"},\n{"text": "c", "label": "neg"}\n',
+     r"Line 1 of .*train.jsonl is not valid JSON"),
+    ("{'text': 'a', 'label': 'pos'}\n", r"Line 1 of .*train.jsonl is not valid JSON"),
+    ('{"text": "a", "label": "pos"}\n{"text": "b", "text": "c", "label": "neg"}\n',
+     r"object at line 2 of .*train.jsonl names the key 'text' more than once")])
+def test_a_jsonl_line_that_is_not_json_is_named_by_file_and_line(tmp_path, content, said):
+    """Arrow's "JSON parse error: Missing a comma ... in row 1" named neither the file nor the
+    line (its row counts within a block)."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "ok", "label": "neg"}\n' * 3000 + content if "Line 2" in said
+                    else content)
+    if "Line 2" in said:
+        said = said.replace("Line 2", "Line 3002")
+    with pytest.raises(FtlabError, match=said):
+        _load(path)
+
+
+def test_a_pretty_printed_json_file_still_reads(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{\n  "text": "a",\n  "label": "pos"\n}\n'
+                    '{\n  "text": "b",\n  "label": "neg"\n}\n')
+    assert list(_load(path).splits["train"]["text"]) == ["a", "b"]
