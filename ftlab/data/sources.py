@@ -20,7 +20,8 @@ from datasets import DatasetDict, Value
 
 from ftlab.data.conll import load_conll
 from ftlab.data.filechecks import refuse_repeated_columns, refuse_repeated_header
-from ftlab.data.labels import encode_labels, numeric_labels
+from ftlab.data.labels import encode_labels
+from ftlab.data.numeric import numeric_labels
 from ftlab.data.reading import check_read, failed_read, read_apart
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
