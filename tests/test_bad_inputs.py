@@ -276,6 +276,9 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"fewer than one batch.*batch_size"),
     ("capped-below-batch", lambda t, s: tiny_overrides(s) + ["data.max_train_samples=8"],
      r"has 8 rows, fewer than one batch"),
+    ("few-shot-below-batch", lambda t, s: tiny_overrides(s) + [  # said "add data"
+        "data.transforms=[{few_shot: {k: 2}}]"],
+     r"has 4 rows after data.transforms \(few_shot: 256 -> 4\).*few_shot: a larger k"),
     # --- the last stage of a pipeline is bad: caught before the first stage trains
     ("pipeline-last-stage-columns", lambda t, s: tiny_overrides(s) + PIPE + [
         "+pipeline.stages.task.data_overrides.text_columns=[review]"],
