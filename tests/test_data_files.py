@@ -67,3 +67,13 @@ def test_a_pretty_printed_json_file_still_reads(tmp_path):
     path.write_text('{\n  "text": "a",\n  "label": "pos"\n}\n'
                     '{\n  "text": "b",\n  "label": "neg"\n}\n')
     assert list(_load(path).splits["train"]["text"]) == ["a", "b"]
+
+
+def test_a_header_name_with_spaces_around_it_is_named(tmp_path):
+    """'text, label' (a space after the comma) read the column ' label': the message listed
+    'columns found:  label, text', where the space cannot be seen."""
+    path = tmp_path / "train.csv"
+    path.write_text("text, label\ngood,pos\nbad,neg\n")
+    with pytest.raises(FtlabError, match=r"(?s)The header names ' label', with spaces.*"
+                                         r"remove the spaces"):
+        _load(path)

@@ -245,6 +245,11 @@ def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
             hint = separator_hint(ds.column_names, wanted, "set data.delimiter")
             fix = (f"set {which} to the right column name(s)" + (
                 " or data.delimiter to the file's separator." if hint else "."))
+            spaced = [repr(c) for c in ds.column_names if c != c.strip() and c.strip() in missing]
+            if spaced:  # "text, label": the names read are ' label'
+                hint = f" The header names {', '.join(spaced)}, with spaces around the name."
+                fix = ("remove the spaces around the names in the file's header "
+                       "(text,label), or name the columns with their spaces.")
             if {"tokens", "tags"} <= set(ds.column_names):  # CoNLL files load as these
                 fix = ("for word/tag rows (CoNLL files, stage=tokens) set "
                        "data.text_columns=[tokens] data.label_column=tags.")
