@@ -77,3 +77,17 @@ def test_a_header_name_with_spaces_around_it_is_named(tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)The header names ' label', with spaces.*"
                                          r"remove the spaces"):
         _load(path)
+
+
+def test_a_text_column_named_label_beside_another_label_column_is_refused(tmp_path):
+    """The class ids of data.label_column=sentiment were written over the text column 'label':
+    the model trained on its own label ids as the text, silently (a perfect score)."""
+    path = tmp_path / "train.csv"
+    path.write_text("label,sentiment\nwhat a great film,pos\nawful and dull,neg\n")
+    with pytest.raises(FtlabError, match=r"(?s)names a column 'label', but the labels are in "
+                                         r"'sentiment'.*rename the text column"):
+        _load(path, text_columns=["label"], label_column="sentiment")
+    path.write_text("text,sentiment,label\nwhat a great film,pos,x\nawful and dull,neg,y\n")
+    raw = _load(path, label_column="sentiment")  # another 'label' column, not read: replaced
+    assert list(raw.splits["train"]["text"]) == ["what a great film", "awful and dull"]
+    assert raw.labels == ["neg", "pos"] and list(raw.splits["train"]["label"]) == [1, 0]

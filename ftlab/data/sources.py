@@ -6,7 +6,6 @@ The result has the spec's text columns and, for labelled data, an integer ``labe
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +13,9 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import DatasetDict, Value
 
+from ftlab.data.columns import check_columns, check_texts
 from ftlab.data.conll import load_conll
 from ftlab.data.filechecks import refuse_repeated_columns, refuse_repeated_header
 from ftlab.data.labels import encode_labels
@@ -26,10 +24,8 @@ from ftlab.data.reading import check_read, failed_read, read_apart
 from ftlab.data.spec import DataSpec
 from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
 from ftlab.data.typecheck import check_column_types
-from ftlab.errors import FtlabError, choices_text, separator_hint
+from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
-
-log = logging.getLogger(__name__)
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".conll": "conll", ".txt": "conll"}  # CoNLL: word<TAB>tag lines (ftlab/data/conll.py)
@@ -62,7 +58,7 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
         dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions, dropped)
     else:
         dsd = pick_splits(dsd, spec)
-    _check_columns(dsd, spec)
+    check_columns(dsd, spec)
     labels = None
     if spec.label_column is not None and numeric:
         dsd = numeric_labels(dsd, spec)
@@ -73,7 +69,7 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
         ids = dsd["train"].with_format("numpy")["label"]
         counts = [int(n) for n in np.bincount(ids, minlength=len(labels))]
     dsd = _cap(dsd, spec, seed)
-    _check_texts(dsd, spec)
+    check_texts(dsd, spec)
     return RawData(dsd, labels, train_counts=counts)
 
 
@@ -222,42 +218,6 @@ def unzip_single(path: Path) -> Path:
     return out
 
 
-def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
-    wanted = list(spec.text_columns) + ([spec.label_column] if spec.label_column else [])
-    if not 1 <= len(spec.text_columns) <= 2:
-        raise FtlabError(f"data.text_columns must name one or two columns, got "
-                         f"{list(spec.text_columns)}.", "e.g. data.text_columns=[text] or "
-                         "data.text_columns=[premise,hypothesis].")
-    if len(set(spec.text_columns)) < len(spec.text_columns):  # a pair of one text twice
-        raise FtlabError(f"data.text_columns names '{spec.text_columns[0]}' twice.",
-                         "name it once, or the two columns of a sentence pair.")
-    if spec.label_column in spec.text_columns:  # the model would read the answer
-        raise FtlabError(f"data.text_columns {list(spec.text_columns)} includes the label "
-                         f"column '{spec.label_column}': the model would read its label.",
-                         "set data.text_columns to the column(s) that hold the text, or "
-                         "data.label_column to the one that holds the labels.")
-    for split, ds in dsd.items():
-        missing = [c for c in wanted if c not in ds.column_names]
-        if missing:
-            which = ("data.label_column" if missing == [spec.label_column] else
-                     "data.text_columns" if spec.label_column not in missing else
-                     "data.text_columns and data.label_column")
-            hint = separator_hint(ds.column_names, wanted, "set data.delimiter")
-            fix = (f"set {which} to the right column name(s)" + (
-                " or data.delimiter to the file's separator." if hint else "."))
-            spaced = [repr(c) for c in ds.column_names if c != c.strip() and c.strip() in missing]
-            if spaced:  # "text, label": the names read are ' label'
-                hint = f" The header names {', '.join(spaced)}, with spaces around the name."
-                fix = ("remove the spaces around the names in the file's header "
-                       "(text,label), or name the columns with their spaces.")
-            if {"tokens", "tags"} <= set(ds.column_names):  # CoNLL files load as these
-                fix = ("for word/tag rows (CoNLL files, stage=tokens) set "
-                       "data.text_columns=[tokens] data.label_column=tags.")
-            raise FtlabError(
-                f"Column(s) {missing} not found in the {split} split; columns found: "
-                f"{choices_text(ds.column_names)}.{hint}", fix)
-
-
 def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:
     out = dict(dsd)
     if spec.max_train_samples and len(out["train"]) > spec.max_train_samples:
@@ -266,26 +226,3 @@ def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:
         if spec.max_eval_samples and split in out and len(out[split]) > spec.max_eval_samples:
             out[split] = out[split].shuffle(seed=0).select(range(spec.max_eval_samples))
     return DatasetDict(out)
-
-
-def _check_texts(dsd: DatasetDict, spec: DataSpec) -> None:
-    for split, ds in dsd.items():
-        if len(ds) == 0:
-            raise FtlabError(f"The {split} split is empty.", "check data.files / data.splits, "
-                             "data.drop_labels and data.split_fractions.")
-        head = ds.select(range(min(len(ds), 1000)))
-        for column in spec.text_columns:  # both of a pair: an empty second text is no pair
-            if all(t is None or not str(t).strip() for t in head[column]):
-                raise FtlabError(f"All texts in column '{column}' of the {split} split are "
-                                 "empty.", "set data.text_columns to the column(s) that hold "
-                                 "the text.")
-            values = ds.with_format("arrow")[column]  # labelled rows only: unlabelled text
-            if spec.label_column is not None and (  # (MLM, CLM) just skips an empty one
-                    pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-                empty = pc.sum(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""),
-                                            True)).as_py() or 0
-                if empty:  # a row without text: the task reads "", silently
-                    log.warning("%d of %d rows of the %s split have no text in column '%s' "
-                                "(null, empty or spaces): they are read as empty texts. Remove "
-                                "them from the file if they are not meant as such.", empty,
-                                len(ds), split, column)
