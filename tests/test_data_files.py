@@ -91,3 +91,17 @@ def test_a_text_column_named_label_beside_another_label_column_is_refused(tmp_pa
     raw = _load(path, label_column="sentiment")  # another 'label' column, not read: replaced
     assert list(raw.splits["train"]["text"]) == ["what a great film", "awful and dull"]
     assert raw.labels == ["neg", "pos"] and list(raw.splits["train"]["label"]) == [1, 0]
+
+
+def test_a_zip_replaced_by_a_new_version_is_read_anew(tmp_path):
+    """A zip's data file was extracted once beside it and reused: a zip replaced by a new
+    version (a new stage key, by its size and time) trained on the old version's rows."""
+    import zipfile
+
+    path = tmp_path / "data.zip"
+    for word, n in (("old", 10), ("new", 12)):
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("train.csv", "text,label\n" + "".join(f"{word} {i},{'ab'[i % 2]}\n"
+                                                              for i in range(n)))
+        texts = _load(path).splits["train"]["text"]
+        assert len(texts) == n and texts[0] == f"{word} 0"

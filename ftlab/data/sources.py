@@ -194,8 +194,9 @@ def _load(spec: DataSpec) -> DatasetDict:
 
 
 def unzip_single(path: Path) -> Path:
-    """A ``.zip`` holding one data file (csv/jsonl/parquet) -> that file, extracted once beside
-    the archive (``<name>.zip.d/``); any other path is returned unchanged."""
+    """A ``.zip`` holding one data file (csv/jsonl/parquet) -> that file, extracted beside the
+    archive (``<name>.zip.d/``) once per version of it (its CRC and size, kept beside it: a
+    zip replaced by a new one is extracted again); any other path is returned unchanged."""
     if path.suffix != ".zip":
         return path
     import zipfile
@@ -209,12 +210,15 @@ def unzip_single(path: Path) -> Path:
                              "reads a zip holding exactly one csv/tsv/jsonl/parquet file.",
                              "unzip it and point data.files at the file you want.")
         out = path.with_name(path.name + ".d") / members[0]
+        info = zf.getinfo(members[0])
+        version, mark = f"{info.CRC} {info.file_size}", out.with_name(out.name + ".version")
         with FileLock(str(path) + ".lock"):
-            if not out.is_file():
+            if not out.is_file() or not mark.is_file() or mark.read_text() != version:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_name(out.name + ".tmp")
                 tmp.write_bytes(zf.read(members[0]))
                 os.replace(tmp, out)  # atomic: a reader never sees half a file
+                mark.write_text(version)
     return out
 
 
