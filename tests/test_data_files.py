@@ -10,8 +10,8 @@ from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
 
 
-def _load(path, **kw):
-    return load_raw(DataSpec(files={"train": str(path)}, splits={"train": "train"}, **kw))
+def _load(file, **kw):
+    return load_raw(DataSpec(files={"train": str(file)}, splits={"train": "train"}, **kw))
 
 
 @pytest.mark.parametrize(("suffix", "sep"), [(".csv", ","), (".tsv", "\t")])
@@ -105,3 +105,24 @@ def test_a_zip_replaced_by_a_new_version_is_read_anew(tmp_path):
                                                               for i in range(n)))
         texts = _load(path).splits["train"]["text"]
         assert len(texts) == n and texts[0] == f"{word} 0"
+
+
+@pytest.mark.parametrize(("name", "content", "kw"), [
+    ("train.jsonl", '{"text": "a", "label": "pos"}\n'.encode("utf-16"), {}),  # Arrow: "Invalid
+    ("corpus.txt", "caf\xe9 au lait\n".encode("latin-1"),  # value"; data.path=text: "their
+     {"path": "text", "label_column": None})])  # extension says conll", for a documented use
+def test_a_file_that_is_not_utf8_says_so(tmp_path, name, content, kw):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(FtlabError, match=r"(?s)Data file .*" + name + r" is not valid UTF-8.*"
+                                         r"re-save the file as UTF-8"):
+        _load(path, **kw)
+
+
+def test_a_forced_format_the_extension_contradicts_is_named_before_the_file_is_parsed(
+        tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\ngood,pos\nbad,neg\n")
+    with pytest.raises(FtlabError, match=r"as json \(data.path=json\), but their extension says "
+                                         r"csv"):
+        _load(path, path="json")

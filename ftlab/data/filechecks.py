@@ -148,7 +148,12 @@ def refuse_bad_json(path: str) -> None:
     try:
         with opener(Path(path))(path, "rt", encoding="utf-8-sig") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError):
+    except UnicodeDecodeError:  # UTF-16 (a BOM of its own), latin-1: Arrow says "Invalid value"
+        found = not_utf8({"": path})
+        raise FtlabError(f"Data file {path} is not valid UTF-8"
+                         + (f" ({found[2]} on line {found[1]})." if found else "."),
+                         "re-save the file as UTF-8 (e.g. `iconv -f utf-16 -t utf-8`).") from None
+    except (OSError, EOFError):
         return  # unreadable: the reader's own message says why
     decoder = json.JSONDecoder(object_pairs_hook=one_per_key)
     lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]

@@ -84,10 +84,12 @@ def failed_read(err: Exception, builder: str, files: dict[str, str], kwargs: dic
                  f"data.splits.{rowless}=null).")
         return FtlabError(f"The {rowless} split is empty: its file {files[rowless]} has "
                           "no rows.", f"add rows to it{other}")
-    if builder == "csv" and re.search("Expected|EOF inside", str(err.__cause__ or err)):
+    if implied not in (None, builder):
+        pass  # data.path says one format, the files' extension another: that is the error
+    elif builder == "csv" and re.search("Expected|EOF inside", str(err.__cause__ or err)):
         for split in files:  # pandas' "Expected 2 fields in line 3, saw 3" names no file
             refuse_broken_rows(files[split], kwargs.get("delimiter", ","))
-    if builder == "json":  # Arrow's parse error names no file nor line
+    elif builder == "json":  # Arrow's parse error names no file nor line
         for split in files:
             refuse_bad_json(files[split])
     if implied is None or implied == builder:

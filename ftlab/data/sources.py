@@ -185,7 +185,8 @@ def _load(spec: DataSpec) -> DatasetDict:
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
-        implied = _implied(files)  # a format the extension contradicts: that is the error
+        # a format the extension contradicts: that is the error (any file reads as text)
+        implied = None if builder == "text" else _implied(files)
         dsd = read_apart(builder, files, kwargs, spec) if implied in (None, builder) else None
         if dsd is None:  # (read_apart: split files whose extra columns differ)
             raise failed_read(err, builder, files, kwargs, spec, implied) from None
