@@ -126,3 +126,17 @@ def test_a_forced_format_the_extension_contradicts_is_named_before_the_file_is_p
     with pytest.raises(FtlabError, match=r"as json \(data.path=json\), but their extension says "
                                          r"csv"):
         _load(path, path="json")
+
+
+def test_a_training_cap_that_leaves_out_a_class_is_warned_about(tmp_path, caplog):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},common\n" for i in range(60))
+                    + "the one,rare\n")
+    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+        raw = _load(path, max_train_samples=5)
+    assert raw.labels == ["common", "rare"] and len(raw.splits["train"]) == 5
+    assert "max_train_samples=5 leaves no training row of ['rare']" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+        _load(path, max_train_samples=61)
+    assert "leaves no training row" not in caplog.text

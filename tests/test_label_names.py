@@ -89,3 +89,14 @@ def test_a_run_on_coded_labels_predicts_their_names(tmp_path):
     predict_main([str(run_dir), "--input", str(tmp_path / "in.txt"), "--output", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(set(r["probs"]) == {"negative", "positive"} for r in rows)
+
+
+def test_a_label_may_be_dropped_by_its_new_name_or_its_value(tmp_path):
+    """data.drop_labels=[neutral] beside label_names {2: neutral} dropped nothing (a warning
+    listed the labels 0, 1, 2), and naming a dropped label was refused as 'not among the
+    labels'."""
+    spec = _coded(tmp_path, classes=3)
+    names = {0: "negative", 1: "positive", 2: "neutral"}
+    for drop in (["neutral"], ["2"]):
+        raw = load_raw(DataSpec(**spec, label_names=names, drop_labels=drop))
+        assert raw.labels == ["negative", "positive"] and len(raw.splits["train"]) == 8

@@ -30,16 +30,24 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                              "in the data.")
         return encode_tags(dsd, spec)
     dsd, labels = _encode_classes(dsd, spec, feature)
-    return dsd, rename_labels(labels, spec.label_names)
+    return dsd, rename_labels(labels, spec.label_names, _dropped(spec))
 
 
-def rename_labels(labels: list[str], names: dict[Any, str] | None) -> list[str]:
+def _dropped(spec: DataSpec) -> set[str]:
+    """``data.drop_labels`` as the data's labels: an entry that is a ``data.label_names`` name
+    (and no label's own value) is that label."""
+    named = {str(v): str(k) for k, v in (spec.label_names or {}).items()}
+    return {d if d in named.values() else named.get(d, d) for d in map(str, spec.drop_labels)}
+
+
+def rename_labels(labels: list[str], names: dict[Any, str] | None,
+                  dropped: set[str] = frozenset()) -> list[str]:
     """``data.label_names`` applied to ``labels`` (in id order): each label's new name. Every
     label must be named, once, by a key that is one of them (a number column's labels read as
-    ``1.0``, not ``1``), and no two may get one name."""
+    ``1.0``, not ``1``; a ``dropped`` one may be named too), and no two may get one name."""
     if not names:
         return labels
-    given = {str(k): v for k, v in names.items()}
+    given = {str(k): v for k, v in names.items() if str(k) not in dropped}
     unknown, unnamed = [k for k in given if k not in labels], [x for x in labels if x not in given]
     if unknown or unnamed:
         raise FtlabError(
@@ -67,7 +75,7 @@ def _encode_classes(dsd: DatasetDict, spec: DataSpec,
     col = spec.label_column
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
-    drop = {str(v) for v in spec.drop_labels}
+    drop = _dropped(spec)
     if drop:  # by name: a ClassLabel's ids are dropped by their names (drop_labels: [neutral])
         _warn_unmatched(dsd, col, drop, as_str, names is not None)
 

@@ -6,6 +6,7 @@ The result has the spec's text columns and, for labelled data, an integer ``labe
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_i
 from ftlab.data.typecheck import check_column_types
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
+
+log = logging.getLogger(__name__)
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".conll": "conll", ".txt": "conll"}  # CoNLL: word<TAB>tag lines (ftlab/data/conll.py)
@@ -69,6 +72,14 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
         ids = dsd["train"].with_format("numpy")["label"]
         counts = [int(n) for n in np.bincount(ids, minlength=len(labels))]
     dsd = _cap(dsd, spec, seed)
+    if counts is not None and len(dsd["train"]) < sum(counts):  # a subset without a class
+        kept = np.bincount(dsd["train"].with_format("numpy")["label"], minlength=len(labels))
+        lost = [name for name, n, k in zip(labels, counts, kept, strict=True) if n and not k]
+        if lost:
+            log.warning("data.max_train_samples=%d leaves no training row of %s (the split has "
+                        "them): the model cannot learn %s. Raise the cap, or draw rows per "
+                        "class with data.transforms=[{few_shot: {k: ...}}].",
+                        spec.max_train_samples, lost, "it" if len(lost) == 1 else "them")
     check_texts(dsd, spec)
     return RawData(dsd, labels, train_counts=counts)
 
