@@ -140,3 +140,21 @@ def test_a_training_cap_that_leaves_out_a_class_is_warned_about(tmp_path, caplog
     with caplog.at_level("WARNING", logger="ftlab.data.sources"):
         _load(path, max_train_samples=61)
     assert "leaves no training row" not in caplog.text
+
+
+@pytest.mark.parametrize("splits", [
+    {"train": "train[:10]", "validation": "validation", "test": "test"},
+    {"train": "train", "validation": "test", "test": "validation"},
+    {"train": "train", "validation": "dev", "test": None}])
+def test_a_split_mapping_that_one_split_file_cannot_apply_is_refused(tmp_path, splits):
+    """With data.files={all: ...} a slice or another name in data.splits was ignored without
+    a word: 'train[:10]' trained on every training row."""
+    path = tmp_path / "all.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(100)))
+    spec = {"files": {"all": str(path)}}
+    with pytest.raises(FtlabError, match=r"(?s)cannot apply with one data file.*"
+                                         r"data.max_train_samples"):
+        load_raw(DataSpec(**spec, splits=splits))
+    raw = load_raw(DataSpec(**spec, splits={"train": "train", "validation": "validation",
+                                            "test": None}))
+    assert set(raw.splits) == {"train", "validation"}

@@ -23,7 +23,12 @@ from ftlab.data.labels import encode_labels
 from ftlab.data.numeric import numeric_labels
 from ftlab.data.reading import check_read, failed_read, read_apart
 from ftlab.data.spec import DataSpec
-from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
+from ftlab.data.splits import (
+    grouped_split,
+    pick_splits,
+    refuse_split_mapping_with_one_file,
+    refuse_training_file_in_evaluation,
+)
 from ftlab.data.typecheck import check_column_types
 from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
@@ -57,6 +62,7 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
     check_column_types(dsd, [*spec.text_columns, *([spec.label_column] if spec.label_column
                                                    else [])], spec.files)
     if spec.files and set(spec.files) == {"all"}:
+        refuse_split_mapping_with_one_file(spec.splits)
         dropped = tuple(k for k, v in (spec.splits or {}).items() if v is None)
         dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions, dropped)
     else:
