@@ -158,3 +158,15 @@ def test_a_split_mapping_that_one_split_file_cannot_apply_is_refused(tmp_path, s
     raw = load_raw(DataSpec(**spec, splits={"train": "train", "validation": "validation",
                                             "test": None}))
     assert set(raw.splits) == {"train", "validation"}
+
+
+def test_a_json_file_of_columns_names_the_records_layout(tmp_path):
+    """pandas' DataFrame.to_json() writes {"text": {"0": ..., "1": ...}, ...}: one row whose
+    cells are objects, refused as 'holds a object at row 1' with a fix about lists."""
+    import pandas as pd
+
+    path = tmp_path / "train.json"
+    pd.DataFrame({"text": ["good", "bad"], "label": ["pos", "neg"]}).to_json(path)
+    with pytest.raises(FtlabError, match=r"(?s)holds an object at row 1.*rows by column.*"
+                                         r"orient='records', lines=True"):
+        _load(path)
