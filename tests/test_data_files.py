@@ -115,8 +115,9 @@ def test_a_file_that_is_not_utf8_says_so(tmp_path, name, content, kw):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(FtlabError, match=r"(?s)Data file .*" + name + r" is not valid UTF-8.*"
-                                         r"re-save the file as UTF-8"):
+                                         r"re-save the file as UTF-8") as err:
         _load(path, **kw)
+    assert ("it is UTF-16" in str(err.value)) == name.endswith(".jsonl")
 
 
 def test_a_forced_format_the_extension_contradicts_is_named_before_the_file_is_parsed(
@@ -170,3 +171,16 @@ def test_a_json_file_of_columns_names_the_records_layout(tmp_path):
     with pytest.raises(FtlabError, match=r"(?s)holds an object at row 1.*rows by column.*"
                                          r"orient='records', lines=True"):
         _load(path)
+
+
+def test_a_csv_row_with_more_fields_is_named_when_split_files_are_read_one_by_one(tmp_path):
+    """Split files whose other columns differ are read one at a time and cut to the columns
+    the run reads: the index column pandas made of a first row's extra field was cut away and
+    every field shifted ('id' read as the label), silently."""
+    train, val = tmp_path / "train.csv", tmp_path / "validation.csv"
+    train.write_text("text,label,id\nhello, world,pos,1\nbad,neg,2\nfine,pos,3\n")
+    val.write_text("text,label,id\ngood,pos,x\nbad,neg,y\n")
+    with pytest.raises(FtlabError, match=r"Row 1 of .*train.csv has 4 fields, but its header "
+                                         r"has 3"):
+        load_raw(DataSpec(files={"train": str(train), "validation": str(val)},
+                          splits={"train": "train", "validation": "validation"}))

@@ -92,7 +92,6 @@ def refuse_repeated_columns(files: dict[str, str]) -> None:
                              "pyarrow's Table.rename_columns) and save the file again.")
 
 
-
 def refuse_broken_rows(path: str, delimiter: str) -> None:
     """A csv/tsv row with more fields than its header: a separator inside an unquoted text
     (``good, not great``); pandas takes a first row's extra field as an index (the text read is
@@ -150,9 +149,13 @@ def refuse_bad_json(path: str) -> None:
             text = f.read()
     except UnicodeDecodeError:  # UTF-16 (a BOM of its own), latin-1: Arrow says "Invalid value"
         found = not_utf8({"": path})
+        with opener(Path(path))(path, "rb") as f:
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")  # its byte-order mark
         raise FtlabError(f"Data file {path} is not valid UTF-8"
-                         + (f" ({found[2]} on line {found[1]})." if found else "."),
-                         "re-save the file as UTF-8 (e.g. `iconv -f utf-16 -t utf-8`).") from None
+                         + (f" ({found[2]} on line {found[1]})" if found else "")
+                         + ("; it is UTF-16 (it starts with UTF-16's byte-order mark)." if utf16
+                            else "."), "re-save the file as UTF-8 (e.g. `iconv -f "
+                         f"{'utf-16' if utf16 else 'latin1'} -t utf-8`).") from None
     except (OSError, EOFError):
         return  # unreadable: the reader's own message says why
     decoder = json.JSONDecoder(object_pairs_hook=one_per_key)

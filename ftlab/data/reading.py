@@ -46,6 +46,8 @@ def read_apart(builder: str, files: dict[str, str], kwargs: dict[str, Any],
         c in p.column_names and p.features[c] == ref.features[c] for p in parts.values())]
     out = {}
     for split, ds in parts.items():
+        if builder == "csv" and any(c.startswith("__index_level_") for c in ds.column_names):
+            refuse_broken_rows(files[split], kwargs.get("delimiter", ","))  # (check_read's)
         missing = [c for c in needed if c not in ds.column_names]
         if missing == [label] and split != ref_split and label in ref.column_names:
             ds = ds.add_column(label, [None] * len(ds))  # unlabelled rows: named later
