@@ -107,7 +107,8 @@ class StageBuilder:
                 self._bind_subtasks(stage, task)
             raw = self.raw(stage)
             if stage.batch_size != "auto":  # auto never exceeds the split (the tuner caps it)
-                require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ")
+                require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{stage.where}: ",
+                                  raw.transforms)
             task.bind(raw, self.tokenizer(stage.model), stage.data.text_columns)
             if isinstance(task, ModelAware):
                 task.see_model(load_config(stage.model))
@@ -131,7 +132,8 @@ class StageBuilder:
         for sub in stage.subtasks:
             where = f"{stage.where} sub-task '{sub.name}'"
             raw = self.raw(stage, sub.data)
-            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{where}: ")
+            require_one_batch(len(raw.splits["train"]), stage.batch_size, f"{where}: ",
+                              raw.transforms)
             parts[sub.name] = Part(instantiate_task(sub.task, f"{where} task"), raw,
                                    list(sub.data.text_columns), sub.weight)
         task.bind_tasks(parts)

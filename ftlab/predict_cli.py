@@ -44,7 +44,8 @@ def read_rows(path: Path, text_columns: list[str] | None,
     (one text per line; every line is a row, an empty one too, so the output lines up with the
     input) file, as dicts (or strings for ``.txt``), and the columns found."""
     if not path.is_file():
-        raise FtlabError(f"There is no input file {path}.",
+        raise FtlabError(f"{path} is a folder, not a file." if path.is_dir() else
+                         f"There is no input file {path}.",
                          "pass --input FILE.{csv,jsonl,parquet,txt}.")
     packed = path.suffix.lower() if path.suffix.lower() in COMPRESSED else None
     suffix = Path(path.stem).suffix.lower() if packed else path.suffix.lower()
@@ -67,8 +68,18 @@ def read_rows(path: Path, text_columns: list[str] | None,
     if suffix in (".csv", ".tsv"):
         import csv
 
-        reader = csv.DictReader(io.StringIO(text, newline=""),
-                                delimiter=delimiter or ("\t" if suffix == ".tsv" else ","))
+        sep, start = delimiter or ("\t" if suffix == ".tsv" else ","), 1
+        strict = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+        try:  # a quote that never closes: the non-strict reader takes the rest into one text
+            for _ in strict:
+                start = strict.line_num + 1
+        except csv.Error as err:  # (strict's other complaints, '"hi" there', read as before)
+            if "end of data" in str(err):
+                raise FtlabError(f"{path.name} line {start} opens a quoted field (a double "
+                                 "quote) that never closes: the lines after it would be read "
+                                 "as one text.", "remove the stray quote, or double it (\"\") "
+                                 "inside a quoted field.") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
         header = reader.fieldnames or []
         twice = sorted({c for c in header if c and header.count(c) > 1})
         if twice:  # the reader keeps the last column of a name: the first would go unread

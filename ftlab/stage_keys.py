@@ -71,8 +71,9 @@ def stage_key(stage: ResolvedStage, upstream_key: str | None,
     if not stage.teachers or stage.teacher_rows is not None:  # no soft labels to learn
         spec.pop("student_temperature")
     for data in (spec["data"], *(sub["data"] for sub in spec["subtasks"])):
-        if data.get("delimiter") is None:  # by extension: the key it had before the field
-            data.pop("delimiter", None)
+        for field in ("delimiter", "label_names"):  # null (by extension; the data's own
+            if data.get(field) is None:  # names): the key it had before the field existed
+                data.pop(field, None)
     spec["trainer"] = {k: v for k, v in stage.trainer.items() if k not in COSMETIC}
     # local files enter by size and modification time too: an edited file is a new key
     if models := model_files(stage.model.name_or_path, stage.model.tokenizer):

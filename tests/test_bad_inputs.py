@@ -202,7 +202,7 @@ RUN_CASES: list[tuple[str, Case, str]] = [
         ("data.files", "data.path"))] + _parquet_splits(t, lambda x: {"body": x}),
      r"holds strings in the other files, but .*train.parquet"),  # not validation's strings
     ("data-malformed-jsonl", lambda t, s: _train(_write(t, "bad.jsonl", "{not json\n"), s),
-     r"Could not read json files"),
+     r"Line 1 of .*bad.jsonl is not valid JSON"),  # was "Could not read json files"
     ("data-not-utf8", lambda t, s: _only(_latin1_csv(t), s, "csv"),
      r"Data file .*latin1.csv is not valid UTF-8 \(.* on line 2\).*iconv"),
     ("data-not-utf8-jsonl", lambda t, s: _train(_write(t, "latin1.jsonl", b"".join(
@@ -276,6 +276,9 @@ RUN_CASES: list[tuple[str, Case, str]] = [
      r"fewer than one batch.*batch_size"),
     ("capped-below-batch", lambda t, s: tiny_overrides(s) + ["data.max_train_samples=8"],
      r"has 8 rows, fewer than one batch"),
+    ("few-shot-below-batch", lambda t, s: tiny_overrides(s) + [  # said "add data"
+        "data.transforms=[{few_shot: {k: 2}}]"],
+     r"has 4 rows after data.transforms \(few_shot: 256 -> 4\).*few_shot: a larger k"),
     # --- the last stage of a pipeline is bad: caught before the first stage trains
     ("pipeline-last-stage-columns", lambda t, s: tiny_overrides(s) + PIPE + [
         "+pipeline.stages.task.data_overrides.text_columns=[review]"],

@@ -594,7 +594,8 @@ def _file(tmp: Path, name: str, content: bytes) -> Path:
 
 FILES = {
     "binary-as-jsonl": (lambda t: _file(t, "train.jsonl", bytes(range(256)) * 8),
-                        r"Could not read json files .*train.jsonl"),
+                        r"Data file .*train.jsonl is not valid UTF-8 \(invalid start byte on "
+                        r"line 2\)\."),  # was "Could not read json files"
     "text-as-parquet": (lambda t: _file(t, "train.parquet", b"text,label\nfine,pos\n" * 40),
                         r"parquet files .*train.parquet.*not a parquet file"),
     "text-as-gzip": (lambda t: _file(t, "train.jsonl.gz", b'{"text": "a", "label": "pos"}\n'),

@@ -114,14 +114,14 @@ def test_labelled_rows_without_text_are_counted_in_a_warning(tmp_path, caplog):
     text without a word; unlabelled text (MLM, CLM) is not warned about."""
     rows = synthetic_rows(300, 0)
     rows[1], rows[2] = {**rows[1], "text": None}, {**rows[2], "text": "  "}
-    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+    with caplog.at_level("WARNING", logger="ftlab.data.columns"):
         raw = load_raw(spec_for(tmp_path, rows, split_fractions=[1.0, 0.0, 0.0],
                                 splits={"train": "train"}))
     assert len(raw.splits["train"]) == 300  # kept, as said
     assert "2 of 300 rows of the train split have no text in column 'text' (null, empty or " \
            "spaces)" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="ftlab.data.sources"):
+    with caplog.at_level("WARNING", logger="ftlab.data.columns"):
         load_raw(spec_for(tmp_path, rows, label_column=None))
         load_raw(spec_for(tmp_path))
     assert "no text" not in caplog.text

@@ -515,3 +515,18 @@ def test_training_rows_a_gpt2_style_tokenizer_makes_no_tokens_of_are_refused(mak
     assert ("20 of 80 rows of the train split have no tokens (rows 4, 5, 6, 7, 8, ... of the "
             "split") in record["error"]
     assert not (Path(cfg.paths.output_dir) / "error.log").exists()  # refused, not a crash
+
+
+def test_a_csv_quote_that_never_closes_is_refused_and_a_folder_is_named(two_steps, tmp_path):
+    """The csv reader took every line after an unclosed quote into one text: three input rows
+    gave one prediction, and the output no longer lined up (training refuses such a file)."""
+    src, out = tmp_path / "in.csv", tmp_path / "p.jsonl"
+    src.write_text('text\ngreat film\n"awful, and\nit goes on\nbad\n')
+    msg = _predict_error(str(two_steps), "--input", str(src), "--output", str(out))
+    assert "in.csv line 3 opens a quoted field" in msg and "Fix:" in msg and not out.exists()
+    src.write_text('text\n"hi" there\n"a, quoted"\n')  # read as before: 'hi there', 'a, quoted'
+    predict_main([str(two_steps), "--input", str(src), "--output", str(out)])
+    assert len(out.read_text().splitlines()) == 2
+    msg = _predict_error(str(two_steps), "--input", str(tmp_path), "--output",
+                         str(tmp_path / "q.jsonl"))
+    assert "is a folder, not a file" in msg

@@ -17,7 +17,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from scipy.stats import pearsonr, spearmanr
 
-from ftlab.data.labels import numeric_labels
+from ftlab.data.numeric import numeric_labels
 from ftlab.data.sources import load_raw
 from ftlab.data.spec import DataSpec
 from ftlab.errors import FtlabError
@@ -177,7 +177,8 @@ def test_an_unlabelled_test_split_and_a_label_set_are_refused_with_their_fix(tmp
     with pytest.raises(FtlabError, match=r"(?s)Every row of the test split .* label -1.*"
                                          r"undefined.*data\.splits\.test=null"):
         load_raw(spec, numeric=True)
-    with pytest.raises(FtlabError, match=r"(?s)data\.labels / data\.drop_labels name classes"):
+    with pytest.raises(FtlabError, match=r"(?s)data\.labels / data\.drop_labels / "
+                                         r"data\.label_names name classes"):
         load_raw(_spec(train, labels=["1", "2"]), numeric=True)
 
 

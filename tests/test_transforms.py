@@ -321,3 +321,26 @@ def test_few_shot_a_class_missing_from_validation_names_a_fix_that_works():
     with pytest.raises(FtlabError, match="class 'z' has only 0 row") as err:
         FewShot(k=2, validation="k_shot")(Rows(LABELLED, no_z, ("text",), ["x", "y", "z"], 0))
     assert "k <= 0" not in str(err.value) and "validation: full" in str(err.value)
+
+
+def test_few_shot_a_declared_class_no_training_row_has_names_a_fix_that_works(tmp_path):
+    """A class listed in data.labels that no training row has: the fix said 'drop the class
+    (data.drop_labels)', which leaves a listed class in the label set; the fix that works is
+    to remove it from data.labels."""
+    from ftlab.data.sources import load_raw
+    from ftlab.data.spec import DataSpec
+    from ftlab.data.transforms.nodes import resolve_nodes, transform_raw
+    from tests.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t {i}", "label": "xy"[i % 2]}
+                                                  for i in range(20)])
+    spec = {"files": {"train": str(path)}, "splits": {"train": "train"}}
+    nodes = resolve_nodes([{"few_shot": {"k": 2}}], "data.transforms")
+    for drop in ([], ["z"]):
+        raw = load_raw(DataSpec(**spec, labels=["x", "y", "z"], drop_labels=drop))
+        with pytest.raises(FtlabError, match=r"(?s)class 'z' has only 0 row.*remove the class "
+                                             r"from data.labels") as err:
+            transform_raw(raw, nodes, ["text"], 0)
+        assert "or drop the class (data.drop_labels)." not in str(err.value)
+    raw = load_raw(DataSpec(**spec, labels=["x", "y"]))
+    assert len(transform_raw(raw, nodes, ["text"], 0).splits["train"]) == 4

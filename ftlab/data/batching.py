@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -207,10 +208,20 @@ def _is_float(rows: list[dict], key: str) -> bool:
     return False
 
 
-def require_one_batch(rows: int, batch_size: int, where: str = "") -> None:
-    """Stop when the training split cannot fill one batch (``where``: e.g. "stage 'task': ")."""
-    if rows < batch_size:
-        raise FtlabError(
-            f"{where}the training split has {rows} rows, fewer than one batch "
-            f"(batch_size={batch_size}).",
-            f"lower the stage's batch_size (stage.batch_size) to at most {rows}, or add data.")
+def require_one_batch(rows: int, batch_size: int, where: str = "",
+                      transforms: list[dict[str, Any]] | None = None) -> None:
+    """Stop when the training split cannot fill one batch (``where``: e.g. "stage 'task': ";
+    ``transforms``: the records of ``data.transforms``, named when they cut the rows)."""
+    if rows >= batch_size:
+        return
+    cut = [t for t in transforms or () if t.get("train_rows_after", rows) < t.get(
+        "train_rows_before", 0)]
+    said = "; ".join(f"{t['transform']}: {t['train_rows_before']} -> {t['train_rows_after']}"
+                     for t in cut)
+    raise FtlabError(
+        f"{where}the training split has {rows} rows"
+        f"{f' after data.transforms ({said})' if cut else ''}, fewer than one batch "
+        f"(batch_size={batch_size}).",
+        f"lower the stage's batch_size (stage.batch_size) to at most {rows}, or "
+        + ("let the transforms keep more rows (few_shot: a larger k or k_total)." if cut
+           else "add data."))

@@ -90,3 +90,95 @@ def refuse_repeated_columns(files: dict[str, str]) -> None:
             raise FtlabError(f"The parquet file {path} names the column(s) {twice} more than "
                              "once.", "give every column its own name (e.g. rename with "
                              "pyarrow's Table.rename_columns) and save the file again.")
+
+
+def refuse_broken_rows(path: str, delimiter: str) -> None:
+    """A csv/tsv row with more fields than its header: a separator inside an unquoted text
+    (``good, not great``); pandas takes a first row's extra field as an index (the text read is
+    the part after the separator, silently) and refuses a later one without naming the file.
+    Or a quote that opens a field and never closes (the reader fails at the end of the file).
+    Either: the file and the row named."""
+    import csv
+
+    n, row, header = 0, None, []
+    try:
+        with opener(Path(path))(path, "rt", encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            header = next(reader, [])
+            for n, row in enumerate(reader, 1):  # noqa: B007 - n, row: where it stopped
+                if len(row) > len(header):
+                    break
+            else:
+                row = None
+    except csv.Error as err:
+        if "end of data" not in str(err) and "EOF" not in str(err):
+            return  # strict mode's other complaints ("," after a quote) pandas reads
+        raise FtlabError(f"Row {n + 1} of {path} opens a quoted field (a double quote) that "
+                         "never closes: the reader takes the rest of the file into it.",
+                         "remove the stray quote, or double it (\"\") inside a quoted field."
+                         ) from None
+    except (OSError, UnicodeDecodeError, EOFError):
+        return  # unreadable: the reader's own message says why
+    if len(header) == 1 and any(sep in header[0] for sep in ";|\t,"):
+        return  # another separator: the missing columns' message names it
+    if row is not None:
+        shown = delimiter.join(row)
+        raise FtlabError(
+            f"Row {n} of {path} has {len(row)} fields, but its header has {len(header)} "
+            f"({shown[:60]!r}{'...' if len(shown) > 60 else ''}): a separator inside an "
+            "unquoted text splits it, so the text would be read cut short.",
+            "quote texts that hold the separator (\"good, not great\"), or set data.delimiter "
+            "to the file's separator.")
+
+
+def refuse_bad_json(path: str) -> None:
+    """A JSON (lines) file that is not JSON values one after another: Arrow's error names the
+    row of its block, not the file or line. Name both (a key given twice in one object too:
+    Arrow refuses it, ``json.loads`` would keep the last)."""
+    import json
+
+    def one_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise ValueError(twice)
+        return dict(pairs)
+
+    try:
+        with opener(Path(path))(path, "rt", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:  # UTF-16 (a BOM of its own), latin-1: Arrow says "Invalid value"
+        found = not_utf8({"": path})
+        with opener(Path(path))(path, "rb") as f:
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")  # its byte-order mark
+        raise FtlabError(f"Data file {path} is not valid UTF-8"
+                         + (f" ({found[2]} on line {found[1]})" if found else "")
+                         + ("; it is UTF-16 (it starts with UTF-16's byte-order mark)." if utf16
+                            else "."), "re-save the file as UTF-8 (e.g. `iconv -f "
+                         f"{'utf-16' if utf16 else 'latin1'} -t utf-8`).") from None
+    except (OSError, EOFError):
+        return  # unreadable: the reader's own message says why
+    decoder = json.JSONDecoder(object_pairs_hook=one_per_key)
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    whole = not lines  # JSON Lines when its first line is one value: then each line is a row
+    try:
+        decoder.decode(lines[0][1]) if lines else None
+    except ValueError:  # (a pretty-printed file, or an array: its values one after another)
+        whole = True
+    pos, line = 0, 1
+    try:
+        if not whole:
+            for line, row in lines:  # noqa: B007 - line: where it stopped
+                decoder.decode(row)
+        while (pos := len(text) - len(text[pos:].lstrip())) < len(text):
+            line = text.count("\n", 0, pos) + 1
+            _, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as err:
+        at = err.lineno if whole else line
+        raise FtlabError(f"Line {at} of {path} is not valid JSON ({err.msg}, column "
+                         f"{err.colno}).", "write one JSON object per line ({\"text\": "
+                         '"...", "label": "..."}), with double quotes around keys and texts '
+                         "and no comma between lines.") from None
+    except ValueError as err:  # one_per_key
+        raise FtlabError(f"The JSON object at line {line} of {path} names the key '{err}' "
+                         "more than once.", "give each field of a row its own name.") from None

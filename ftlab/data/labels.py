@@ -1,6 +1,6 @@
 """Class labels of raw splits: names in id order (``data.labels``, or inferred from the
-training split), rows without a label refused, an int64 ``label`` column written; or, for
-regression, a float32 ``label`` column of numbers (``numeric_labels``)."""
+training split; renamed by ``data.label_names``), rows without a label refused, an int64
+``label`` column written (regression's numbers: ``ftlab.data.numeric``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
@@ -25,10 +23,59 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
     col = spec.label_column
     feature = dsd["train"].features[col]
     if is_list_feature(feature):  # a tag per word (stage=tokens): BIO tags, O first
+        if spec.label_names:
+            raise FtlabError("data.label_names renames class labels, but the label column "
+                             f"'{col}' holds a tag per word (BIO tags: their names say where "
+                             "an entity begins).", "remove data.label_names; rename the tags "
+                             "in the data.")
         return encode_tags(dsd, spec)
+    dsd, labels = _encode_classes(dsd, spec, feature)
+    return dsd, rename_labels(labels, spec.label_names, _dropped(spec))
+
+
+def _dropped(spec: DataSpec) -> set[str]:
+    """``data.drop_labels`` as the data's labels: an entry that is a ``data.label_names`` name
+    (and no label's own value) is that label."""
+    named = {str(v): str(k) for k, v in (spec.label_names or {}).items()}
+    return {d if d in named.values() else named.get(d, d) for d in map(str, spec.drop_labels)}
+
+
+def rename_labels(labels: list[str], names: dict[Any, str] | None,
+                  dropped: set[str] = frozenset()) -> list[str]:
+    """``data.label_names`` applied to ``labels`` (in id order): each label's new name. Every
+    label must be named, once, by a key that is one of them (a number column's labels read as
+    ``1.0``, not ``1``; a ``dropped`` one may be named too), and no two may get one name."""
+    if not names:
+        return labels
+    given = {str(k): v for k, v in names.items() if str(k) not in dropped}
+    unknown, unnamed = [k for k in given if k not in labels], [x for x in labels if x not in given]
+    if unknown or unnamed:
+        raise FtlabError(
+            "data.label_names " + " and ".join(part for part in (
+                f"names {_some(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
+                "among the labels" if unknown else "",
+                f"leaves {_some(unnamed)} unnamed" if unnamed else "") if part)
+            + f"; the data's labels are {_some(labels)}.",
+            "give every label a name, with the label as the data writes it as the key, e.g. "
+            f"'data.label_names={{{', '.join(f'{x}: name{i}' for i, x in enumerate(labels[:3]))}"
+            f"{', ...' if len(labels) > 3 else ''}}}'.")
+    out = [given[x] for x in labels]
+    twice = sorted({str(v) for v in out if out.count(v) > 1})
+    if twice or not all(isinstance(v, str) and v.strip() for v in out):
+        said = f"gives {twice} to more than one label" if twice else "has an empty name"
+        raise FtlabError(f"data.label_names {said} ({dict(zip(labels, out, strict=True))}).",
+                         "give every label a name of its own.")
+    return out
+
+
+def _encode_classes(dsd: DatasetDict, spec: DataSpec,
+                    feature: Any) -> tuple[DatasetDict, list[str]]:
+    """Class ids by label value (``spec.labels`` order, or sorted); the labels as named in
+    the data."""
+    col = spec.label_column
     names = feature.names if isinstance(feature, ClassLabel) else None
     as_str = (lambda v: names[v]) if names else str  # noqa: E731
-    drop = {str(v) for v in spec.drop_labels}
+    drop = _dropped(spec)
     if drop:  # by name: a ClassLabel's ids are dropped by their names (drop_labels: [neutral])
         _warn_unmatched(dsd, col, drop, as_str, names is not None)
 
@@ -73,10 +120,14 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
     for split, values in distinct.items():
         unknown = sorted({as_str(v) for v in values} - set(index), key=str)
         if unknown:
+            renamed = declared is not None and not set(index) & {as_str(v) for v in values}
             raise FtlabError(
                 f"The {split} split has {len(unknown)} label value(s) {_some(unknown)} outside "
                 f"the label set {_some(labels)}.",
-                "add them to data.labels, drop them with data.drop_labels, or fix the data.",
+                "add them to data.labels, drop them with data.drop_labels, or fix the data"
+                + ("; to give the data's labels other names, list the data's labels in "
+                   "data.labels (or leave it null) and name them with data.label_names, e.g. "
+                   f"'data.label_names={{{unknown[0]}: {labels[0]}, ...}}'." if renamed else "."),
             )
     return _label_ids(dsd, col, lambda values: [index[as_str(v)] for v in values]), labels
 
@@ -182,70 +233,3 @@ def _label_ids(dsd: DatasetDict, col: str, ids: Callable[[list], list[int]]) -> 
 def _distinct(ds: Dataset, column: str) -> list:
     """The distinct values of a column, computed in Arrow (no Python list of every row)."""
     return pc.unique(ds.with_format("arrow")[column]).to_pylist()
-
-
-def numeric_labels(dsd: DatasetDict, spec: DataSpec) -> DatasetDict:
-    """Regression targets (``stage=regression``): the label column's values as a float32
-    ``label`` column, no label set. A row whose label is not a finite number (text, an empty
-    cell, NaN, inf, a boolean, a list) is refused, naming the split, file, row and column; a
-    numeric string ("3.8", as some jsonl files write numbers) is read as its number. A split
-    whose labels are all the same cannot be scored by correlation (GLUE's unlabelled STS-B
-    test split is -1 throughout): refused too."""
-    col = spec.label_column
-    feature = dsd["train"].features[col]
-    if isinstance(feature, ClassLabel) or is_list_feature(feature):
-        kind = "a tag per word" if is_list_feature(feature) else f"classes {feature.names[:5]}"
-        raise FtlabError(f"Label column '{col}' holds {kind}, not numbers: stage=regression "
-                         "predicts one number per row.", "use stage=classify (stage=tokens for "
-                         "tags) with this data, or point data.label_column at a numeric column.")
-    if spec.labels is not None or spec.drop_labels:
-        raise FtlabError("data.labels / data.drop_labels name classes, but stage=regression "
-                         "reads a number per row (there is no label set).",
-                         "remove them (~data.labels data.drop_labels=[]).")
-    out = {}
-    for split, ds in dsd.items():
-        column = ds.with_format("arrow")[col]
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-            nums = column.to_numpy(zero_copy_only=False).astype("float64")  # null -> NaN
-        else:  # text (a csv column with one non-number), booleans...: row by row
-            nums = np.array([_number(v) for v in column.to_pylist()], dtype="float64")
-        bad = np.flatnonzero(~np.isfinite(nums))
-        where = f" ({spec.files[split]})" if spec.files and split in spec.files else ""
-        if len(bad):
-            first = int(bad[0])
-            value = column[first].as_py()
-            whole = len(bad) == len(nums) and split != "train"
-            raise FtlabError(
-                f"Row {first + 1} of the {split} split{where} has {value!r} in label column "
-                f"'{col}', not a finite number ({len(bad)} such row(s) in the split): "
-                "stage=regression needs a number in every row.",
-                f"go without that split (data.splits.{split}=null): unlabelled rows cannot be "
-                "scored; predict on them after training with ftlab-predict." if whole else
-                "fix or remove those rows, or point data.label_column at the numeric column.")
-        if len(nums) and nums.min() == nums.max():
-            raise FtlabError(
-                f"Every row of the {split} split{where} has the label {nums[0]:g} in column "
-                f"'{col}': " + ("there is nothing to learn." if split == "train" else
-                                "correlation with a constant is undefined, so the split cannot "
-                                "be scored (an unlabelled test split often holds -1)."),
-                "check data.label_column" + ("." if split == "train" else
-                                             f", or go without the split "
-                                             f"(data.splits.{split}=null)."))
-        ds = ds.remove_columns([c for c in ("label",) if c in ds.column_names])
-        out[split] = ds.add_column("label", nums.astype("float32").tolist()).cast_column(
-            "label", Value("float32"))
-    return DatasetDict(out)
-
-
-def _number(value: Any) -> float:
-    """A label as a float (NaN when it is not a number: text, bool, None, a list)."""
-    if isinstance(value, bool) or value is None:
-        return float("nan")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return float("nan")
-    return float("nan")

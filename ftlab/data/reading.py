@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import DatasetDict
 
+from ftlab.data.filechecks import refuse_bad_json, refuse_broken_rows
 from ftlab.data.spec import DataSpec
 from ftlab.data.typecheck import locate_type_error
 from ftlab.errors import FtlabError, choices_text, closest
@@ -45,6 +46,8 @@ def read_apart(builder: str, files: dict[str, str], kwargs: dict[str, Any],
         c in p.column_names and p.features[c] == ref.features[c] for p in parts.values())]
     out = {}
     for split, ds in parts.items():
+        if builder == "csv" and any(c.startswith("__index_level_") for c in ds.column_names):
+            refuse_broken_rows(files[split], kwargs.get("delimiter", ","))  # (check_read's)
         missing = [c for c in needed if c not in ds.column_names]
         if missing == [label] and split != ref_split and label in ref.column_names:
             ds = ds.add_column(label, [None] * len(ds))  # unlabelled rows: named later
@@ -83,6 +86,14 @@ def failed_read(err: Exception, builder: str, files: dict[str, str], kwargs: dic
                  f"data.splits.{rowless}=null).")
         return FtlabError(f"The {rowless} split is empty: its file {files[rowless]} has "
                           "no rows.", f"add rows to it{other}")
+    if implied not in (None, builder):
+        pass  # data.path says one format, the files' extension another: that is the error
+    elif builder == "csv" and re.search("Expected|EOF inside", str(err.__cause__ or err)):
+        for split in files:  # pandas' "Expected 2 fields in line 3, saw 3" names no file
+            refuse_broken_rows(files[split], kwargs.get("delimiter", ","))
+    elif builder == "json":  # Arrow's parse error names no file nor line
+        for split in files:
+            refuse_bad_json(files[split])
     if implied is None or implied == builder:
         return (locate_type_error(files, builder, kwargs, needed_columns(spec))
                 or _read_error(err, builder, files))
@@ -102,6 +113,25 @@ def _rowless(files: dict[str, str], builder: str) -> str | None:
         if has_rows(files[split], builder) is False:
             return split
     return None
+
+
+def check_read(dsd: DatasetDict, files: dict[str, str], builder: str,
+               delimiter: str | None) -> None:
+    """What a read that did not fail may still have got wrong: bytes that are not UTF-8 (Arrow's
+    json reader keeps them as text), a csv row with more fields than its header (pandas takes
+    the first field as an index column), a tsv quote that swallowed rows."""
+    for split, ds in dsd.items():
+        path = files.get(split, split)
+        try:
+            ds.data.table.validate(full=True)
+        except pa.ArrowInvalid as err:
+            raise FtlabError(f"Data file {path} is not valid UTF-8 ({err}).",
+                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
+                from None
+        if builder == "csv" and any(c.startswith("__index_level_") for c in ds.column_names):
+            refuse_broken_rows(path, delimiter or ",")
+        if delimiter == "\t":
+            refuse_swallowed_rows(ds, path)
 
 
 def refuse_swallowed_rows(ds: datasets.Dataset, path: str) -> None:

@@ -14,18 +14,23 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import DatasetDict, Value
 
+from ftlab.data.columns import check_columns, check_texts
 from ftlab.data.conll import load_conll
 from ftlab.data.filechecks import refuse_repeated_columns, refuse_repeated_header
-from ftlab.data.labels import encode_labels, numeric_labels
-from ftlab.data.reading import failed_read, read_apart, refuse_swallowed_rows
+from ftlab.data.labels import encode_labels
+from ftlab.data.numeric import numeric_labels
+from ftlab.data.reading import check_read, failed_read, read_apart
 from ftlab.data.spec import DataSpec
-from ftlab.data.splits import grouped_split, pick_splits, refuse_training_file_in_evaluation
+from ftlab.data.splits import (
+    grouped_split,
+    pick_splits,
+    refuse_split_mapping_with_one_file,
+    refuse_training_file_in_evaluation,
+)
 from ftlab.data.typecheck import check_column_types
-from ftlab.errors import FtlabError, choices_text, separator_hint
+from ftlab.errors import FtlabError, choices_text
 from ftlab.resolve import resolve
 
 log = logging.getLogger(__name__)
@@ -57,11 +62,12 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
     check_column_types(dsd, [*spec.text_columns, *([spec.label_column] if spec.label_column
                                                    else [])], spec.files)
     if spec.files and set(spec.files) == {"all"}:
+        refuse_split_mapping_with_one_file(spec.splits)
         dropped = tuple(k for k, v in (spec.splits or {}).items() if v is None)
         dsd = grouped_split(dsd["train"], spec.split_by, spec.split_fractions, dropped)
     else:
         dsd = pick_splits(dsd, spec)
-    _check_columns(dsd, spec)
+    check_columns(dsd, spec)
     labels = None
     if spec.label_column is not None and numeric:
         dsd = numeric_labels(dsd, spec)
@@ -72,7 +78,15 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
         ids = dsd["train"].with_format("numpy")["label"]
         counts = [int(n) for n in np.bincount(ids, minlength=len(labels))]
     dsd = _cap(dsd, spec, seed)
-    _check_texts(dsd, spec)
+    if counts is not None and len(dsd["train"]) < sum(counts):  # a subset without a class
+        kept = np.bincount(dsd["train"].with_format("numpy")["label"], minlength=len(labels))
+        lost = [name for name, n, k in zip(labels, counts, kept, strict=True) if n and not k]
+        if lost:
+            log.warning("data.max_train_samples=%d leaves no training row of %s (the split has "
+                        "them): the model cannot learn %s. Raise the cap, or draw rows per "
+                        "class with data.transforms=[{few_shot: {k: ...}}].",
+                        spec.max_train_samples, lost, "it" if len(lost) == 1 else "them")
+    check_texts(dsd, spec)
     return RawData(dsd, labels, train_counts=counts)
 
 
@@ -188,25 +202,19 @@ def _load(spec: DataSpec) -> DatasetDict:
     try:
         dsd = datasets.load_dataset(builder, data_files=files, **kwargs)
     except Exception as err:
-        implied = _implied(files)  # a format the extension contradicts: that is the error
+        # a format the extension contradicts: that is the error (any file reads as text)
+        implied = None if builder == "text" else _implied(files)
         dsd = read_apart(builder, files, kwargs, spec) if implied in (None, builder) else None
         if dsd is None:  # (read_apart: split files whose extra columns differ)
             raise failed_read(err, builder, files, kwargs, spec, implied) from None
-    for split, ds in dsd.items():  # Arrow's json reader keeps bytes that are not UTF-8 as text
-        try:
-            ds.data.table.validate(full=True)
-        except pa.ArrowInvalid as err:
-            raise FtlabError(f"Data file {files.get(split, split)} is not valid UTF-8 ({err}).",
-                             "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
-                from None
-        if kwargs.get("delimiter") == "\t":
-            refuse_swallowed_rows(ds, files.get(split, split))
+    check_read(dsd, files, builder, kwargs.get("delimiter"))
     return dsd
 
 
 def unzip_single(path: Path) -> Path:
-    """A ``.zip`` holding one data file (csv/jsonl/parquet) -> that file, extracted once beside
-    the archive (``<name>.zip.d/``); any other path is returned unchanged."""
+    """A ``.zip`` holding one data file (csv/jsonl/parquet) -> that file, extracted beside the
+    archive (``<name>.zip.d/``) once per version of it (its CRC and size, kept beside it: a
+    zip replaced by a new one is extracted again); any other path is returned unchanged."""
     if path.suffix != ".zip":
         return path
     import zipfile
@@ -220,44 +228,16 @@ def unzip_single(path: Path) -> Path:
                              "reads a zip holding exactly one csv/tsv/jsonl/parquet file.",
                              "unzip it and point data.files at the file you want.")
         out = path.with_name(path.name + ".d") / members[0]
+        info = zf.getinfo(members[0])
+        version, mark = f"{info.CRC} {info.file_size}", out.with_name(out.name + ".version")
         with FileLock(str(path) + ".lock"):
-            if not out.is_file():
+            if not out.is_file() or not mark.is_file() or mark.read_text() != version:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_name(out.name + ".tmp")
                 tmp.write_bytes(zf.read(members[0]))
                 os.replace(tmp, out)  # atomic: a reader never sees half a file
+                mark.write_text(version)
     return out
-
-
-def _check_columns(dsd: DatasetDict, spec: DataSpec) -> None:
-    wanted = list(spec.text_columns) + ([spec.label_column] if spec.label_column else [])
-    if not 1 <= len(spec.text_columns) <= 2:
-        raise FtlabError(f"data.text_columns must name one or two columns, got "
-                         f"{list(spec.text_columns)}.", "e.g. data.text_columns=[text] or "
-                         "data.text_columns=[premise,hypothesis].")
-    if len(set(spec.text_columns)) < len(spec.text_columns):  # a pair of one text twice
-        raise FtlabError(f"data.text_columns names '{spec.text_columns[0]}' twice.",
-                         "name it once, or the two columns of a sentence pair.")
-    if spec.label_column in spec.text_columns:  # the model would read the answer
-        raise FtlabError(f"data.text_columns {list(spec.text_columns)} includes the label "
-                         f"column '{spec.label_column}': the model would read its label.",
-                         "set data.text_columns to the column(s) that hold the text, or "
-                         "data.label_column to the one that holds the labels.")
-    for split, ds in dsd.items():
-        missing = [c for c in wanted if c not in ds.column_names]
-        if missing:
-            which = ("data.label_column" if missing == [spec.label_column] else
-                     "data.text_columns" if spec.label_column not in missing else
-                     "data.text_columns and data.label_column")
-            hint = separator_hint(ds.column_names, wanted, "set data.delimiter")
-            fix = (f"set {which} to the right column name(s)" + (
-                " or data.delimiter to the file's separator." if hint else "."))
-            if {"tokens", "tags"} <= set(ds.column_names):  # CoNLL files load as these
-                fix = ("for word/tag rows (CoNLL files, stage=tokens) set "
-                       "data.text_columns=[tokens] data.label_column=tags.")
-            raise FtlabError(
-                f"Column(s) {missing} not found in the {split} split; columns found: "
-                f"{choices_text(ds.column_names)}.{hint}", fix)
 
 
 def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:
@@ -268,26 +248,3 @@ def _cap(dsd: DatasetDict, spec: DataSpec, seed: int) -> DatasetDict:
         if spec.max_eval_samples and split in out and len(out[split]) > spec.max_eval_samples:
             out[split] = out[split].shuffle(seed=0).select(range(spec.max_eval_samples))
     return DatasetDict(out)
-
-
-def _check_texts(dsd: DatasetDict, spec: DataSpec) -> None:
-    for split, ds in dsd.items():
-        if len(ds) == 0:
-            raise FtlabError(f"The {split} split is empty.", "check data.files / data.splits, "
-                             "data.drop_labels and data.split_fractions.")
-        head = ds.select(range(min(len(ds), 1000)))
-        for column in spec.text_columns:  # both of a pair: an empty second text is no pair
-            if all(t is None or not str(t).strip() for t in head[column]):
-                raise FtlabError(f"All texts in column '{column}' of the {split} split are "
-                                 "empty.", "set data.text_columns to the column(s) that hold "
-                                 "the text.")
-            values = ds.with_format("arrow")[column]  # labelled rows only: unlabelled text
-            if spec.label_column is not None and (  # (MLM, CLM) just skips an empty one
-                    pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-                empty = pc.sum(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""),
-                                            True)).as_py() or 0
-                if empty:  # a row without text: the task reads "", silently
-                    log.warning("%d of %d rows of the %s split have no text in column '%s' "
-                                "(null, empty or spaces): they are read as empty texts. Remove "
-                                "them from the file if they are not meant as such.", empty,
-                                len(ds), split, column)

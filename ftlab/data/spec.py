@@ -28,6 +28,9 @@ class DataSpec:
         text_columns: one column (single text) or two (sentence pair).
         label_column: the label column; null for unlabelled text.
         labels: the label set in id order; null infers it (sorted) from the training split.
+        label_names: the data's labels (their string forms, as ``labels`` lists them: ``0``,
+            ``True``, a Hub dataset's class names) -> the names reports, predictions and
+            verbalizers use (``{0: negative, 1: positive}``); every label named, ids kept.
         drop_labels: rows with these label values are removed (e.g. unlabelled synopses).
         splits: our split name -> the dataset's split name, optionally a slice of it in the
             Hugging Face syntax (``validation[:50%]``, ``train[1000:]``; by row order, so
@@ -51,6 +54,7 @@ class DataSpec:
     text_columns: list[str] = field(default_factory=lambda: ["text"])
     label_column: str | None = "label"
     labels: list[str] | None = None
+    label_names: dict[Any, str] | None = None
     drop_labels: list[str] = field(default_factory=list)
     splits: dict[str, str | None] | None = None
     delimiter: str | None = None

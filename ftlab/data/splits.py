@@ -107,6 +107,22 @@ def _refuse_training_rows_in_evaluation(taken: dict[str, tuple[str, range]],
                 f"data.splits.{ours}='{source}[90%:]'.")
 
 
+def refuse_split_mapping_with_one_file(splits: dict[str, str | None] | None) -> None:
+    """With one file to split (``data.files.all``) the splits come from ``split_fractions``:
+    a ``data.splits`` entry other than ``<name>: <name>`` or null (a slice, another name) was
+    ignored without a word ('train[:100]' trained on every training row)."""
+    odd = {k: v for k, v in (splits or {}).items() if v is not None and (
+        k not in SPLITS or v != k)}
+    if odd:
+        ours, theirs = next(iter(odd.items()))
+        raise FtlabError(
+            f"data.splits.{ours}='{theirs}' cannot apply with one data file (data.files.all): "
+            "it is split into train, validation and test by data.split_fractions, and each "
+            "split takes its own share.", "leave data.splits as {train: train, validation: "
+            "validation, test: test} (null goes without one); for fewer training rows use "
+            "data.max_train_samples, for other shares data.split_fractions.")
+
+
 def grouped_split(ds: Dataset, group_column: str | None, fractions: list[float],
                   drop: tuple[str, ...] = ()) -> DatasetDict:
     """Deterministic train/validation/test split; rows sharing ``group_column`` stay together.

@@ -15,7 +15,7 @@ from typing import Any
 from datasets import ClassLabel, Value
 
 from ftlab.data.filechecks import opener
-from ftlab.errors import FtlabError
+from ftlab.errors import FtlabError, with_article
 
 #: JSON value kinds; int and float are both "number"
 KIND = {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
@@ -223,8 +223,12 @@ def check_column_types(dsd: Any, columns: list[str], files: dict[str, str] | Non
                     "\"5\", no nulls), or fix row " + f"{row}.")
             row = next((i + 1 for i, v in enumerate(values) if isinstance(v, list | dict)), 1)
             kind = _kind(values[row - 1])
+            by_column = len(values) == 1 and kind == "object"  # {"text": {"0": ..., "1": ...}}
             raise FtlabError(
-                f"Column '{col}' in {where or f'the {split} split'} holds a {kind} at row {row} "
-                f"({_show(values[row - 1])}), not a single text, number or boolean.",
-                f"give each row of '{col}' one value (join lists into one text), or point "
-                "data.text_columns / data.label_column at the right column.")
+                f"Column '{col}' in {where or f'the {split} split'} holds "
+                f"{with_article(kind)} at row {row} ({_show(values[row - 1])}), not a single "
+                "text, number or boolean" + (": the file holds its rows by column (pandas' "
+                                            "DataFrame.to_json default)." if by_column else "."),
+                "write one JSON object per row: df.to_json(path, orient='records', lines=True)."
+                if by_column else f"give each row of '{col}' one value (join lists into one "
+                "text), or point data.text_columns / data.label_column at the right column.")

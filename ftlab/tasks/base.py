@@ -211,7 +211,7 @@ class ProbabilitiesFromScores(Protocol):
 @runtime_checkable
 class PredictsNumbers(Protocol):
     """A task whose label is a number per row (``stage=regression``): the data's label column
-    is read as floats (no label set is inferred; ``ftlab.data.labels.numeric_labels``) and
+    is read as floats (no label set is inferred; ``ftlab.data.numeric.numeric_labels``) and
     ``ftlab.load(...).predict`` gives each row's number (``{"value": ...}``) from its one score.
     Only methods, so the builder can ask a task's class (``issubclass``) before loading data."""
 

@@ -114,6 +114,9 @@ class FewShot:
             raise FtlabError(f"few_shot k={self.k}: {said} in the {split} split.",
                              (f"use k <= {least}, or k_total" if least else "use k_total")
                              + (", or validation: full" if split == "validation" else "")
-                             + ", or drop the class (data.drop_labels).")
+                             + (", or remove the class from data.labels (no training row has "
+                                "it; a Hub dataset's own class: data.drop_labels)." if not least
+                                and split != "validation" else
+                                ", or drop the class (data.drop_labels)."))
         picked = [rng.choice(w, self.k, replace=False) for w in where]
         return np.sort(np.concatenate(picked))
