@@ -22,7 +22,7 @@ from ftlab.record import (
     save_record,
 )
 from ftlab.seedstats import failure
-from ftlab.threads import set_threads
+from ftlab.threads import job_environment, set_threads
 
 log = logging.getLogger("ftlab")
 
@@ -56,6 +56,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     an optimising sweeper reads), or the worst value (-inf / +inf by the monitor's mode) when
     the job did not finish ``ok`` (errored, diverged, stopped, discarded).
     """
+    with job_environment():  # OMP_NUM_THREADS a multi-process job exports ends with it
+        return _job(cfg)
+
+
+def _job(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`run`'s body."""
     from ftlab.cli import CONFIG_DIR
     from ftlab.overrides import explicit_keys
     from ftlab.record import kept_record

@@ -11,7 +11,7 @@ itself: the launching process's value is what counts), and so does
 ``hydra.launcher.cpus_per_task`` under ``submitit_local``. A job of several processes exports
 its count as ``OMP_NUM_THREADS``: Lightning's DDP launcher keeps it (unset, it would divide the
 cores by the devices alone, or, set by joblib, not divide them at all), and the ranks it starts
-inherit it.
+inherit it; it is put back as it was when the job ends (:func:`job_environment`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,23 @@ def launching(n_jobs: int) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def job_environment() -> Iterator[None]:
+    """While one job runs: ``OMP_NUM_THREADS`` is put back as it was when the job ends. A job
+    of several processes exports its count (:func:`set_threads`), and Lightning's DDP launcher
+    sets one where none is; left behind, the next job in the process (a sweep's next batch
+    under Hydra's basic launcher or the Optuna sweeper, a script's next ``run``) read it as the
+    user's setting and kept this job's count (half the cores for a one-process job)."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def cores() -> int:

@@ -239,3 +239,33 @@ def test_cpu_ddp_divides_each_jobs_threads_by_its_processes(monkeypatch):
         assert rank_threads(None, ddp) == 3  # the user's setting wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_multi_process_jobs_thread_count_ends_with_the_job(make_cfg, sentiment_dir,
+                                                             monkeypatch):
+    """A job of two processes per machine exports its count as OMP_NUM_THREADS (for Lightning's
+    DDP launcher). Left set, the next job in the same process (a sweep's next batch under the
+    basic launcher or Optuna, a script's next run) read it as the user's setting: a one-process
+    job kept half the cores. (The job here trains in one process; only the count is DDP's.)"""
+    import os
+
+    import torch
+
+    from ftlab.threads import JOBS_AT_ONCE, LAUNCHER_OMP
+
+    for var in ("OMP_NUM_THREADS", JOBS_AT_ONCE, LAUNCHER_OMP):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.setattr("ftlab.threads.processes_per_machine", lambda trainer: 2)
+    before = torch.get_num_threads()
+    try:
+        record = run(make_cfg([*tiny_overrides(sentiment_dir), "trainer.max_steps=1"]))
+        assert record["status"] == "ok" and record["torch_threads"] == 1  # 2 cores / 2
+        assert "OMP_NUM_THREADS" not in os.environ
+        monkeypatch.undo()  # the next job: one process, the machine's cores
+        for var in ("OMP_NUM_THREADS", JOBS_AT_ONCE, LAUNCHER_OMP):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+        assert set_threads(None, {"devices": 1}) == 2
+    finally:
+        torch.set_num_threads(before)
