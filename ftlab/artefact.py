@@ -85,8 +85,8 @@ def moved_here(stage: ResolvedStage, stage_dir: Path) -> ResolvedStage:
     stage came from the stage cache (its card names the run that trained it). Without the
     card's ``run_dir`` (an older card) an entry that is gone is looked for in this run's stage
     of its folder's name. A relative local model (``model.name_or_path=my_models/bert``) or
-    sub-task data file that is not here is read from the folder the run was started in (Hydra's
-    record of it)."""
+    sub-task data file is read from the folder the run was started in (Hydra's record of it)
+    where it is there, else from here."""
     from dataclasses import replace
 
     run_dir = stage_dir.parent
@@ -119,10 +119,10 @@ def moved_here(stage: ResolvedStage, stage_dir: Path) -> ResolvedStage:
 
 
 def _from_start(source: Any, run_dir: Path) -> Any:
-    """``source`` (a model or tokenizer: hub name, URI or path) as a path from the folder the
-    run was started in, where it is a relative path that is not here but is there."""
-    if not isinstance(source, str) or "://" in source or Path(source).expanduser().is_absolute() \
-            or Path(source).exists():
+    """``source`` (a model, tokenizer or data file: hub name, URI or path) as a path from the
+    folder the run was started in, where it is a relative path that is there: what the run
+    read, before a namesake in the folder it is loaded from (another model, or none)."""
+    if not isinstance(source, str) or "://" in source or Path(source).expanduser().is_absolute():
         return source
     from omegaconf import OmegaConf
 
