@@ -184,3 +184,38 @@ def test_a_csv_row_with_more_fields_is_named_when_split_files_are_read_one_by_on
                                          r"has 3"):
         load_raw(DataSpec(files={"train": str(train), "validation": str(val)},
                           splits={"train": "train", "validation": "validation"}))
+
+
+def test_a_large_jsonl_file_arrow_cannot_read_is_checked_in_linear_time(tmp_path):
+    """A JSON Lines file Arrow refuses is checked line by line to name the line. The check then
+    decoded the whole text again value by value, copying the rest of the text for each: 20,000
+    lines took 7 s, 200,000 about 12 minutes, before any message. A line holding valid JSON
+    that is no object (Arrow: only 'changed from object to string in row 0') is named too."""
+    import json
+    import time
+
+    from ftlab.data.filechecks import refuse_bad_json
+
+    path = tmp_path / "train.jsonl"
+    rows = (json.dumps({"text": "word " * 15, "label": "neg"}) + "\n") * 40_000
+    path.write_text(rows)
+    start = time.perf_counter()
+    refuse_bad_json(str(path))  # every line is a row: nothing to name
+    assert time.perf_counter() - start < 10
+    path.write_text(rows + "[1, 2]\n")
+    with pytest.raises(FtlabError, match=r"Line 40001 of .*train.jsonl is a JSON list, not an "
+                                         r"object"):
+        _load(path)
+
+
+def test_a_json_array_on_one_line_is_not_taken_for_json_lines(tmp_path):
+    """A .json file holding one array of objects on one line reads as its rows (it is not a
+    JSON Lines file whose first row is a list)."""
+    import json
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"text": "a b", "label": "pos"}, {"text": "c", "label": "neg"}]))
+    from ftlab.data.filechecks import refuse_bad_json
+
+    refuse_bad_json(str(path))  # nothing to refuse
+    assert list(_load(path).splits["train"]["text"]) == ["a b", "c"]

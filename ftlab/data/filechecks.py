@@ -4,10 +4,14 @@ alone (compressed ones too), so its message can name the file."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from ftlab.errors import FtlabError
+
+#: where the next JSON value (or stray text) starts
+_NON_SPACE = re.compile(r"\S")
 
 
 def opener(path: Path) -> Any:
@@ -160,19 +164,25 @@ def refuse_bad_json(path: str) -> None:
         return  # unreadable: the reader's own message says why
     decoder = json.JSONDecoder(object_pairs_hook=one_per_key)
     lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    whole = not lines  # JSON Lines when its first line is one value: then each line is a row
-    try:
-        decoder.decode(lines[0][1]) if lines else None
+    try:  # JSON Lines when its first line is one object: then each line is a row
+        whole = not lines or not isinstance(decoder.decode(lines[0][1]), dict)
     except ValueError:  # (a pretty-printed file, or an array: its values one after another)
         whole = True
     pos, line = 0, 1
     try:
         if not whole:
             for line, row in lines:  # noqa: B007 - line: where it stopped
-                decoder.decode(row)
-        while (pos := len(text) - len(text[pos:].lstrip())) < len(text):
-            line = text.count("\n", 0, pos) + 1
-            _, pos = decoder.raw_decode(text, pos)
+                if not isinstance(value := decoder.decode(row), dict | None):  # Arrow says
+                    from ftlab.data.typecheck import KIND  # only "changed from object to"
+
+                    raise FtlabError(f"Line {line} of {path} is a JSON {KIND[type(value)]}, "
+                                     "not an object: each line of a JSON Lines file is a row.",
+                                     'write the row as an object ({"text": "...", "label": '
+                                     '"..."}), or remove the line.')
+        else:  # value after value, in place (a copy of the rest per value was quadratic)
+            while (found := _NON_SPACE.search(text, pos)) is not None:
+                pos = found.start()
+                _, pos = decoder.raw_decode(text, pos)
     except json.JSONDecodeError as err:
         at = err.lineno if whole else line
         raise FtlabError(f"Line {at} of {path} is not valid JSON ({err.msg}, column "
@@ -180,5 +190,6 @@ def refuse_bad_json(path: str) -> None:
                          '"...", "label": "..."}), with double quotes around keys and texts '
                          "and no comma between lines.") from None
     except ValueError as err:  # one_per_key
+        line = text.count("\n", 0, pos) + 1 if whole else line
         raise FtlabError(f"The JSON object at line {line} of {path} names the key '{err}' "
                          "more than once.", "give each field of a row its own name.") from None
