@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftlab.config import instantiate_checked, load_target, require_protocol
+from ftlab.config import instantiate_checked, require_protocol
 from ftlab.data.batching import require_one_batch
 from ftlab.data.datamodule import TextDataModule
 from ftlab.data.sources import RawData, load_raw
 from ftlab.data.spec import DataSpec
 from ftlab.data.transforms.nodes import transform_raw
 from ftlab.errors import FtlabError
-from ftlab.model.backbone import ModelSpec, load_config, load_tokenizer, pretrained_source
+from ftlab.model.backbone import ModelSpec, architecture_twin, load_config, load_tokenizer
 from ftlab.peft.base import PeftMethod
 from ftlab.pipeline import ResolvedStage
 from ftlab.regularizers.base import ChecksTask, Regularizer
@@ -32,13 +32,8 @@ from ftlab.task_fit import (
     require_warmup_head,
     trains_head_only,
 )
-from ftlab.tasks.base import (
-    HasSubtasks,
-    ModelAware,
-    PredictsNumbers,
-    SeesPrepared,
-    Task,
-)
+from ftlab.tasks.base import HasSubtasks, ModelAware, SeesPrepared, Task
+from ftlab.tasks.nodes import instantiate_task, reads_numbers, stage_task
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +43,6 @@ PEFT_HINT = ("subclass ftlab.peft.base.RequiresGradState for trainable_state and
              "ftlab/peft/bitfit.py")
 REGULARIZER_HINT = ("name is a class attribute, e.g. name = \"myreg\" (its logged terms are "
                     "train/<name>_...); see ftlab/regularizers/none.py")
-TASK_HINT = ("subclass ftlab.tasks.base.TaskDefaults for pad_values, info and baseline; set "
-             "monitor, mode and features in __init__; see ftlab/tasks/classify.py")
-
-
-def instantiate_task(node: Any, where: str) -> Task:
-    """A task node built and checked against the ``Task`` protocol."""
-    return require_protocol(instantiate_checked(node, where), Task, where, TASK_HINT)
 
 
 class StageBuilder:
@@ -102,7 +90,7 @@ class StageBuilder:
         """The stage's task, bound to its data and tokenizer (once per stage); a multi-task
         stage's task gets its sub-tasks, each bound to its own data."""
         if stage.name not in self._tasks:
-            task = _instantiate_task(stage)
+            task = stage_task(stage)
             if stage.subtasks or isinstance(task, HasSubtasks):
                 self._bind_subtasks(stage, task)
             raw = self.raw(stage)
@@ -185,7 +173,7 @@ class StageBuilder:
         its data (inference); later ``task``/``model`` calls for the stage use it."""
         from datasets import DatasetDict
 
-        task = _instantiate_task(stage)
+        task = stage_task(stage)
         task.bind(RawData(DatasetDict(), labels), tokenizer, stage.data.text_columns)
         if isinstance(task, ModelAware):
             task.see_model(load_config(stage.model))
@@ -276,40 +264,3 @@ class StageBuilder:
 class MethodMisfit(FtlabError):
     """``check_fits``: the stage's PEFT method or regulariser does not fit its model or task
     (in a pipeline, the run's ``peft=``/``regularizer=`` may be meant for another stage)."""
-
-
-def reads_numbers(node: Any, where: str) -> bool:
-    """Whether a task node's class predicts numbers (``PredictsNumbers``: regression), asked
-    of the class so the data can be read accordingly before any task is bound."""
-    target = node.get("_target_") if isinstance(node, dict) else None
-    if not isinstance(target, str):
-        return False
-    cls = load_target(target, f"{where}.task")
-    return isinstance(cls, type) and issubclass(cls, PredictsNumbers)
-
-
-def _instantiate_task(stage: ResolvedStage) -> Task:
-    task = instantiate_task(stage.task, f"{stage.where}.task")
-    if stage.aux_mlm_weight > 0:
-        from ftlab.tasks.aux_mlm import AuxMLM
-
-        task = AuxMLM(task, stage.aux_mlm_weight)
-    return task
-
-
-def architecture_twin(spec: ModelSpec) -> ModelSpec | None:
-    """A from-config twin of ``spec`` (same architecture, random weights), if it can be had."""
-    if spec.name_or_path is None:
-        return spec
-    try:
-        from transformers import AutoConfig
-
-        folder, extra = pretrained_source(spec.name_or_path)  # a .gguf file: its header
-        config = AutoConfig.from_pretrained(folder, **extra, **spec.config).to_dict()
-    except Exception:
-        return None
-    keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
-        "architectures", "transformers_version", "id2label", "label2id", "num_labels",
-        "quantization_config")}
-    return ModelSpec(name_or_path=None, tokenizer=spec.tokenizer or spec.name_or_path,
-                     config=keep, revision=spec.revision)

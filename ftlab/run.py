@@ -271,7 +271,7 @@ def _reuse_finished(record: dict[str, Any], stages: list[Any], callbacks: dict[s
 def _monitor(stage: Any) -> dict[str, Any] | None:
     """The metric that scores the stage's task, whether higher (max) or lower wins, and the
     baselines that decide a failure (``failed_by``; None: all)."""
-    from ftlab.build import instantiate_task
+    from ftlab.tasks.nodes import instantiate_task
 
     try:
         task = instantiate_task(stage.task, f"{stage.where}.task")

@@ -13,13 +13,13 @@ import pytest
 from datasets.fingerprint import Hasher
 from omegaconf import OmegaConf
 
-from ftlab.build import instantiate_task
 from ftlab.cli import CONFIG_DIR
 from ftlab.run import run
 from ftlab.tasks import base
 from ftlab.tasks.aux_mlm import AuxMLM
 from ftlab.tasks.base import HasSubtasks, ModelAware, PredictsNumbers, ScoresWithLMHead
 from ftlab.tasks.multitask import MultiTask
+from ftlab.tasks.nodes import instantiate_task
 from tests.conftest import tiny_overrides
 from tests.test_regression import csv_overrides
 

@@ -147,3 +147,21 @@ def forget_quantisation(model: Any) -> None:
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+
+
+def architecture_twin(spec: ModelSpec) -> ModelSpec | None:
+    """A from-config twin of ``spec`` (same architecture, random weights), if it can be had."""
+    if spec.name_or_path is None:
+        return spec
+    try:
+        from transformers import AutoConfig
+
+        folder, extra = pretrained_source(spec.name_or_path)  # a .gguf file: its header
+        config = AutoConfig.from_pretrained(folder, **extra, **spec.config).to_dict()
+    except Exception:
+        return None
+    keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
+        "architectures", "transformers_version", "id2label", "label2id", "num_labels",
+        "quantization_config")}
+    return ModelSpec(name_or_path=None, tokenizer=spec.tokenizer or spec.name_or_path,
+                     config=keep, revision=spec.revision)
