@@ -435,7 +435,11 @@ def test_a_run_from_a_relative_local_model_loads_from_another_folder(two_steps, 
                                                                      monkeypatch):
     """model.name_or_path=mdl (a folder beside where the run started): loading from any other
     folder stopped with "Could not load the model from 'mdl'"; Hydra's record of the folder the
-    run started in (.hydra/hydra.yaml, as every ftlab command writes) now finds it."""
+    run started in (.hydra/hydra.yaml, as every ftlab command writes) now finds it. A folder
+    that holds another model at the same relative path (here: the same weights under another
+    activation) must not be read instead: it predicted other probabilities without a word."""
+    import shutil
+
     from omegaconf import OmegaConf
 
     from ftlab.run import run
@@ -455,6 +459,11 @@ def test_a_run_from_a_relative_local_model_loads_from_another_folder(two_steps, 
     texts = ["great superb film", "the plot was dull"]
     before = ftlab.load(run_dir).predict(texts)
     monkeypatch.chdir(elsewhere)
+    assert ftlab.load(run_dir).predict(texts) == before
+    other = shutil.copytree(start / "mdl", elsewhere / "mdl")  # a namesake here
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_act"] = "relu" if config.get("hidden_act") != "relu" else "gelu"
+    (other / "config.json").write_text(json.dumps(config))
     assert ftlab.load(run_dir).predict(texts) == before
 
 
@@ -530,36 +539,3 @@ def test_a_csv_quote_that_never_closes_is_refused_and_a_folder_is_named(two_step
     msg = _predict_error(str(two_steps), "--input", str(tmp_path), "--output",
                          str(tmp_path / "q.jsonl"))
     assert "is a folder, not a file" in msg
-
-
-def test_a_relative_local_model_is_read_from_where_the_run_started_before_here(
-        two_steps, sentiment_dir, make_cfg, tmp_path, monkeypatch):
-    """The folder ftlab.load is called from holds another model at the same relative path
-    (here: the same weights under another activation): it was read instead of the one the run
-    trained from (start/mdl, still there), and predicted other probabilities without a word."""
-    import shutil
-
-    from omegaconf import OmegaConf
-
-    from ftlab.run import run
-    from tests.conftest import tiny_overrides
-
-    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
-    start.mkdir()
-    elsewhere.mkdir()
-    monkeypatch.chdir(start)
-    export_main([str(two_steps), "--to", "hf", "--output", "mdl"])
-    overrides = [o for o in tiny_overrides(sentiment_dir) if not o.startswith("model=")]
-    cfg = make_cfg([*overrides, "model=hf", "model.name_or_path=mdl", "trainer.max_steps=2"])
-    assert run(cfg)["status"] == "ok"
-    run_dir = Path(cfg.paths.output_dir)
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save({"hydra": {"runtime": {"cwd": str(start)}}}, run_dir / ".hydra" / "hydra.yaml")
-    texts = ["great superb film", "the plot was dull"]
-    before = ftlab.load(run_dir).predict(texts)
-    other = shutil.copytree(start / "mdl", elsewhere / "mdl")
-    config = json.loads((other / "config.json").read_text())
-    config["hidden_act"] = "relu" if config.get("hidden_act") != "relu" else "gelu"
-    (other / "config.json").write_text(json.dumps(config))
-    monkeypatch.chdir(elsewhere)
-    assert ftlab.load(run_dir).predict(texts) == before
