@@ -93,7 +93,9 @@ def processes_per_machine(trainer: Mapping[str, Any] | None) -> int:
     """The processes a job with this ``trainer`` node starts on each machine: one per device
     (DDP, FSDP; ``trainer.accelerator=cpu trainer.devices=2`` is two), 1 for one device."""
     devices = (trainer or {}).get("devices")
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+    if isinstance(devices, str) and "," in devices:  # GPU ids, as Lightning reads "0,1" or "1,"
+        devices = [d for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     if isinstance(devices, bool) or devices is None or isinstance(devices, str):  # auto: 1
         return 1

@@ -233,6 +233,8 @@ def test_cpu_ddp_divides_each_jobs_threads_by_its_processes(monkeypatch):
         assert rank_threads(joblib, ddp) == 2
         assert set_threads(None, {**ddp, "devices": 1}) == 8  # one process
         assert set_threads(None, {**ddp, "devices": [0, 1, 2, 3]}) == 2
+        assert set_threads(None, {**ddp, "devices": "0,1,2,3"}) == 2  # ids, as Lightning reads
+        assert set_threads(None, {**ddp, "devices": "1,"}) == 8  # one id: one process
         monkeypatch.delenv(LAUNCHER_OMP)
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)
