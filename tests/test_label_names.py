@@ -100,3 +100,33 @@ def test_a_label_may_be_dropped_by_its_new_name_or_its_value(tmp_path):
     for drop in (["neutral"], ["2"]):
         raw = load_raw(DataSpec(**spec, label_names=names, drop_labels=drop))
         assert raw.labels == ["negative", "positive"] and len(raw.splits["train"]) == 8
+
+
+def test_label_names_keys_of_mixed_types_are_read_as_the_labels_they_name(tmp_path, capsys):
+    """'data.label_names={0: negative}' '+data.label_names.1=positive' (a key given as text, as
+    a YAML file's quoted "1": is) or a mistyped key
+    ({0: negative, one: positive}) ended in a bare TypeError: the stage key and the card sort
+    their keys, and an int does not sort beside a string. Keys are the labels' string forms."""
+    from ftlab.pipeline import build_pipeline
+    from ftlab.run import run
+    from ftlab.stage_keys import pipeline_keys
+
+    for split, n, seed in (("train", 32, 0), ("validation", 16, 1), ("test", 16, 2)):
+        write_jsonl(tmp_path / f"{split}.jsonl", [{"text": r["text"], "label": int(
+            r["label"] == "pos")} for r in synthetic_rows(n, seed)])
+    base = [*tiny_overrides(tmp_path), "trainer.max_steps=1", "trainer.max_epochs=1"]
+    record = run(compose_cfg([*base, "data.label_names={0: negative}",
+                              "+data.label_names.1=positive"], tmp_path / "mixed"))
+    assert record["status"] == "ok", record.get("error")
+    card = json.loads((tmp_path / "mixed" / "classify" / "card.json").read_text())
+    assert card["labels"] == ["negative", "positive"]
+    ints = build_pipeline(compose_cfg([*base, "data.label_names={0: negative, 1: positive}"],
+                                      tmp_path / "ints"))
+    assert pipeline_keys(ints)["classify"] == record["job_identity"][0]  # 0 and "0": one key
+    with pytest.raises(SystemExit):
+        run(compose_cfg([*base, "data.label_names={0: negative, one: positive}"],
+                        tmp_path / "typo"))
+    assert "names ['one'], which is not among the labels" in capsys.readouterr().err
+    with pytest.raises(FtlabError, match=r"names the label '1' twice"):
+        build_pipeline(compose_cfg([*base, "data.label_names={0: a, 1: b}",
+                                    "+data.label_names.1=c"], tmp_path / "twice"))

@@ -82,6 +82,14 @@ def resolve_data(node: Any, overrides: dict[str, Any], cfg: DictConfig, where: s
                          "see conf/data/*.yaml.")
     spec = bind_schema(DataSpec, {**data, **overrides}, where, key)
     spec.transforms = resolve_nodes(spec.transforms, f"{where}.transforms")
+    if spec.label_names:  # by the labels' string forms, as they are matched: keys of mixed
+        named: dict[str, str] = {}  # types ({0: a, "1": b}) stopped the stage key and the card
+        for label, name in spec.label_names.items():  # with a bare TypeError (unsortable)
+            if str(label) in named:
+                raise FtlabError(f"{where}: data.label_names names the label '{label}' twice.",
+                                 "name each label once.")
+            named[str(label)] = name
+        spec.label_names = named
     return spec
 
 
