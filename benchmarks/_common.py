@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+from pathlib import Path
 
 from ftlab.cli import quiet
 from ftlab.data.datamodule import TextDataModule
@@ -32,3 +35,18 @@ def rotten_setup(batch_size: int, max_train: int | None = None, pad_to: int | No
     dm = TextDataModule(raw.splits, task, tok.pad_token_id, batch_size=batch_size,
                         pad_to=pad_to, **loader)
     return task, dm, model
+
+
+def spread(ratios: list[float]) -> dict:
+    """Interleaved rounds' ratios, their median and range (what the benchmarks report)."""
+    return {"ratios": [round(r, 4) for r in ratios], "median": round(statistics.median(ratios), 4),
+            "min": round(min(ratios), 4), "max": round(max(ratios), 4)}
+
+
+def emit(result: dict, path: str | None) -> dict:
+    """Print ``result`` as one JSON line, and write it to ``path`` too when given."""
+    line = json.dumps(result)
+    print(line)
+    if path:
+        Path(path).write_text(line + "\n")
+    return result

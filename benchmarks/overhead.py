@@ -44,28 +44,21 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import statistics
-from pathlib import Path
 
 import torch
 
 try:
     from benchmarks import loops
-    from benchmarks._common import rotten_setup
+    from benchmarks._common import emit, rotten_setup, spread
     from benchmarks.step_trace import trace
 except ImportError:  # run as `python benchmarks/overhead.py` without the repo on sys.path
     import loops
-    from _common import rotten_setup
+    from _common import emit, rotten_setup, spread
     from step_trace import trace
 from ftlab.compiling import compile_model  # as trainer.compile does (ftlab.stage)
 from ftlab.flops import flop_rule
-
-
-def spread(ratios: list[float]) -> dict:
-    return {"ratios": [round(r, 4) for r in ratios], "median": round(statistics.median(ratios), 4),
-            "min": round(min(ratios), 4), "max": round(max(ratios), 4)}
 
 
 def free(device: torch.device) -> None:
@@ -278,11 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
               "compile": args.compile, "peak_flops": args.peak_flops,
               "timing": "wall, device-synchronised" if gpu else "process CPU time",
               "load_avg": [round(x, 2) for x in os.getloadavg()], "batches": rows}
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

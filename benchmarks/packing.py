@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 try:
     from benchmarks import loops
-    from benchmarks._common import rotten_setup
+    from benchmarks._common import emit, rotten_setup, spread
 except ImportError:  # run as `python benchmarks/packing.py` without the repo on sys.path
     import loops
-    from _common import rotten_setup
+    from _common import emit, rotten_setup, spread
 from ftlab.compiling import compile_model
 from ftlab.flops import flop_rule
 from ftlab.model.arch import backbone, pooler
@@ -211,9 +209,7 @@ def bench(args, device, size: int, task, dm, spec) -> dict:
             "mfu_real_tokens": round(share * flops / args.peak_flops, 4) if gpu else None}
     ratios = [(p["reviews"] / p["seconds"]) / (b["reviews"] / b["seconds"])
               for p, b in zip(out["packed"], out["bucketed"], strict=True)]
-    row["packed_vs_bucketed"] = {"ratios": [round(x, 4) for x in ratios],
-                                 "median": round(statistics.median(ratios), 4),
-                                 "min": round(min(ratios), 4), "max": round(max(ratios), 4)}
+    row["packed_vs_bucketed"] = spread(ratios)
     return row
 
 
@@ -292,11 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
               "compile": args.compile, "rounds": args.rounds, "steps": args.steps,
               "timing": "wall, device-synchronised" if gpu else "process CPU time",
               "load_avg": [round(x, 2) for x in os.getloadavg()], "batches": rows}
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":
