@@ -161,10 +161,11 @@ class Predictor:
 def _check_tokens(lengths: list[int]) -> None:
     """Refuse rows that tokenise to nothing (an empty text, a tokenizer without special tokens:
     GPT-2's): alone in a batch they crashed the model, among others they read a pad."""
-    empty = [n for n, length in enumerate(lengths, 1) if length == 0]
+    from ftlab.data.batching import no_token_rows
+
+    empty, rows = no_token_rows(lengths)
     if empty:
-        rows = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
-        raise FtlabError(f"{len(empty)} row(s) ({rows}; 1 = the first) have no tokens: an empty "
+        raise FtlabError(f"{empty} row(s) ({rows}; 1 = the first) have no tokens: an empty "
                          "text, and the stage's tokenizer adds no special tokens (as GPT-2's), "
                          "so the model has nothing to read.", "drop those rows or give them "
                          "text (a .txt file: remove its empty lines).")

@@ -225,3 +225,11 @@ def require_one_batch(rows: int, batch_size: int, where: str = "",
         f"lower the stage's batch_size (stage.batch_size) to at most {rows}, or "
         + ("let the transforms keep more rows (few_shot: a larger k or k_total)." if cut
            else "add data."))
+
+
+def no_token_rows(lengths: Sequence[int]) -> tuple[int, str]:
+    """How many rows have no tokens (an empty text under a tokenizer that adds no special tokens,
+    GPT-2's), and the first five as 1-based numbers ("4, 5, 6, 7, 8, ..."): training and
+    predict refuse such rows (a batch of only them crashes the model)."""
+    empty = [n for n, length in enumerate(lengths, 1) if length == 0]
+    return len(empty), ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")

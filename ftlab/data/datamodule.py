@@ -10,7 +10,12 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
-from ftlab.data.batching import LengthGroupedBatchSampler, PadCollator, require_one_batch
+from ftlab.data.batching import (
+    LengthGroupedBatchSampler,
+    PadCollator,
+    no_token_rows,
+    require_one_batch,
+)
 from ftlab.data.sources import UNLABELLED
 from ftlab.errors import FtlabError
 
@@ -144,10 +149,8 @@ def check_tokens(ds: Dataset, split: str) -> None:
     import pyarrow.compute as pc
 
     lengths = ds.with_format("arrow")["length"]
-    empty = pc.sum(pc.equal(lengths, 0)).as_py() or 0
-    if empty:
-        first = pc.indices_nonzero(pc.equal(lengths, 0)).to_pylist()[:5]
-        rows = ", ".join(str(i + 1) for i in first) + (", ..." if empty > 5 else "")
+    if pc.any(pc.equal(lengths, 0)).as_py():  # in Arrow: no Python list of every row's length
+        empty, rows = no_token_rows(lengths.to_pylist())
         raise FtlabError(
             f"{empty} of {len(ds)} rows of the {split} split have no tokens (rows {rows} of the "
             "split; 1 = the first): an empty text, and the tokenizer "
