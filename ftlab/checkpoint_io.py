@@ -149,8 +149,7 @@ def latest_checkpoint(folder: Path, key: str | None) -> Path | None:
     by a save that was killed midway counts), or None."""
     if not folder.is_dir():
         return None
-    found = [folder / NAME, *sorted(folder.glob(f".{NAME}.old-*"))]
-    for path in found:
+    for path in _written(folder):
         try:
             meta = json.loads((path / STATE).read_text()).get("ftlab", {})
         except (OSError, ValueError):
@@ -176,7 +175,7 @@ def checkpoint_elsewhere(folders: list[Path], key: str) -> Path | None:
     the one its errored run left), or None; one of another stage is passed over quietly."""
     best, most = None, -1
     for folder in folders:
-        for path in [folder / NAME, *sorted(folder.glob(f".{NAME}.old-*"))]:
+        for path in _written(folder):
             try:
                 data = json.loads((path / STATE).read_text())
                 step = int(data["checkpoint"]["global_step"])
@@ -186,6 +185,12 @@ def checkpoint_elsewhere(folders: list[Path], key: str) -> Path | None:
                     and _readable(path / TENSORS):
                 best, most = path, step
     return best
+
+
+def _written(folder: Path) -> list[Path]:
+    """Where checkpoints lie in ``folder``: ``state.ckpt``, then any a save killed midway had
+    moved aside (``.state.ckpt.old-*``)."""
+    return [folder / NAME, *sorted(folder.glob(f".{NAME}.old-*"))]
 
 
 def _lock_path(path: Path) -> Path:
