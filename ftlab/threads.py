@@ -29,11 +29,9 @@ _SUBMITIT_LOCAL = "hydra_submitit_launcher.submitit_launcher.LocalLauncher"
 
 
 @contextlib.contextmanager
-def launching(n_jobs: int) -> Iterator[None]:
-    """While a sweeper launches ``n_jobs`` jobs together: tell their processes (environment)."""
-    saved = {k: os.environ.get(k) for k in (JOBS_AT_ONCE, LAUNCHER_OMP)}
-    os.environ[JOBS_AT_ONCE] = str(n_jobs)
-    os.environ[LAUNCHER_OMP] = os.environ.get("OMP_NUM_THREADS", "")
+def restored(*names: str) -> Iterator[None]:
+    """The environment variables ``names`` put back as they were (set or unset) on leaving."""
+    saved = {k: os.environ.get(k) for k in names}
     try:
         yield
     finally:
@@ -45,20 +43,21 @@ def launching(n_jobs: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def job_environment() -> Iterator[None]:
+def launching(n_jobs: int) -> Iterator[None]:
+    """While a sweeper launches ``n_jobs`` jobs together: tell their processes (environment)."""
+    with restored(JOBS_AT_ONCE, LAUNCHER_OMP):
+        os.environ[JOBS_AT_ONCE] = str(n_jobs)
+        os.environ[LAUNCHER_OMP] = os.environ.get("OMP_NUM_THREADS", "")
+        yield
+
+
+def job_environment() -> contextlib.AbstractContextManager[None]:
     """While one job runs: ``OMP_NUM_THREADS`` is put back as it was when the job ends. A job
     of several processes exports its count (:func:`set_threads`), and Lightning's DDP launcher
     sets one where none is; left behind, the next job in the process (a sweep's next batch
     under Hydra's basic launcher or the Optuna sweeper, a script's next ``run``) read it as the
     user's setting and kept this job's count (half the cores for a one-process job)."""
-    saved = os.environ.get("OMP_NUM_THREADS")
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+    return restored("OMP_NUM_THREADS")
 
 
 def cores() -> int:
