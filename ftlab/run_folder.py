@@ -71,7 +71,8 @@ def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | 
     if not run_dir.is_dir():
         raise FtlabError(f"There is no run folder {run_dir}.",
                          "pass a folder ftlab wrote, e.g. outputs/runs/<time>.")
-    names = stage_names(run_dir)
+    names = recorded_pipeline(run_dir)  # as stage_names, keeping the candidates for last
+    names, last = (names, None) if names is not None else card_order(run_dir)
     if not names and (run_dir / CARD).is_file():  # a stage's folder, not its run's
         raise FtlabError(f"{run_dir} is the folder of stage '{run_dir.name}', not a run folder.",
                          f"pass the run folder that holds it: {run_dir.parent} (with --stage "
@@ -79,9 +80,9 @@ def stage_card(run_dir: Path, stage: str | None) -> tuple[str, Any, list[str] | 
     if not names:
         raise FtlabError(f"{run_dir} holds no trained stage (no */card.json).",
                          "pass the folder of a finished run (a job folder of a sweep).")
-    if stage is None and recorded_pipeline(run_dir) is None and len(card_order(run_dir)[1]) > 1:
+    if stage is None and last is not None and len(last) > 1:
         raise FtlabError(f"{run_dir} has no readable metrics.json, which names the run's last "
-                         f"stage, and its stages {choices_text(card_order(run_dir)[1])} each "
+                         f"stage, and its stages {choices_text(last)} each "
                          "could be it.", "name the stage: --stage NAME (ftlab.load(run_dir, "
                          "stage=NAME)).")
     name = stage or names[-1]
