@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 
 from ftlab.data.filechecks import refuse_bad_json, refuse_broken_rows
 from ftlab.data.spec import DataSpec
@@ -46,8 +46,8 @@ def read_apart(builder: str, files: dict[str, str], kwargs: dict[str, Any],
         c in p.column_names and p.features[c] == ref.features[c] for p in parts.values())]
     out = {}
     for split, ds in parts.items():
-        if builder == "csv" and any(c.startswith("__index_level_") for c in ds.column_names):
-            refuse_broken_rows(files[split], kwargs.get("delimiter", ","))  # (check_read's)
+        if builder == "csv":  # before the columns: shifted fields read as missing ones
+            _refuse_index_column(ds, files[split], kwargs.get("delimiter"))
         missing = [c for c in needed if c not in ds.column_names]
         if missing == [label] and split != ref_split and label in ref.column_names:
             ds = ds.add_column(label, [None] * len(ds))  # unlabelled rows: named later
@@ -128,8 +128,8 @@ def check_read(dsd: DatasetDict, files: dict[str, str], builder: str,
             raise FtlabError(f"Data file {path} is not valid UTF-8 ({err}).",
                              "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") \
                 from None
-        if builder == "csv" and any(c.startswith("__index_level_") for c in ds.column_names):
-            refuse_broken_rows(path, delimiter or ",")
+        if builder == "csv":
+            _refuse_index_column(ds, path, delimiter)
         if delimiter == "\t":
             refuse_swallowed_rows(ds, path)
 
@@ -180,3 +180,10 @@ def _read_error(err: Exception, builder: str, files: dict[str, str]) -> FtlabErr
                       f"{type(cause).__name__}: {said}",
                       "check the file is well-formed (one JSON object per line for .jsonl, "
                       "a header row for .csv).")
+
+
+def _refuse_index_column(ds: Dataset, path: str, delimiter: str | None) -> None:
+    """pandas took a csv row's extra field as an index column (``__index_level_0__``): name the
+    file and row (``refuse_broken_rows``)."""
+    if any(c.startswith("__index_level_") for c in ds.column_names):
+        refuse_broken_rows(path, delimiter or ",")
