@@ -115,7 +115,7 @@ def fresh_as_in(model: nn.Module, spec: ModelSpec) -> None:
     (all of it random, so its whole head reads as fresh), fresh as the real checkpoint's are:
     the checks then see what a PEFT method will train (a fresh head trains under LoRA, a
     checkpoint's own stays frozen)."""
-    from ftlab.peft.layers import FRESH, fresh_parameters, mark_fresh
+    from ftlab.peft.layers import FRESH, fresh_parameters, mark_fresh_named
     from ftlab.tasks.mlm import fresh_head
 
     marked = fresh_parameters(model)
@@ -123,5 +123,4 @@ def fresh_as_in(model: nn.Module, spec: ModelSpec) -> None:
         return
     for p in marked:
         delattr(p, FRESH)
-    named = dict(model.named_parameters())
-    mark_fresh([named[n] for n in fresh_head(model, spec, say=False) if n in named])
+    mark_fresh_named(model, fresh_head(model, spec, say=False))

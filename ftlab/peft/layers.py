@@ -32,6 +32,12 @@ def mark_fresh(params: list[nn.Parameter]) -> None:
         setattr(p, FRESH, True)
 
 
+def mark_fresh_named(model: nn.Module, names: list[str]) -> None:
+    """:func:`mark_fresh` the parameters of ``model`` named ``names`` (those it has)."""
+    named = dict(model.named_parameters())
+    mark_fresh([named[n] for n in names if n in named])
+
+
 def fresh_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The model's parameters marked by :func:`mark_fresh`."""
     return [p for p in model.parameters() if getattr(p, FRESH, False)]

@@ -20,7 +20,7 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.arch import arch_for, backbone, head_parameters, mlm_head, no_mlm_head
 from ftlab.model.backbone import ModelSpec, load_model
-from ftlab.peft.layers import mark_fresh
+from ftlab.peft.layers import mark_fresh_named
 from ftlab.resolve import resolve
 from ftlab.rules import at_least, between
 from ftlab.tasks.base import TaskDefaults, TaskOutput, as_text, check_room
@@ -136,8 +136,7 @@ class MaskedLM(TaskDefaults):
             raise no_mlm_head(arch_for(model_type))
         model = load_model(spec, AutoModelForMaskedLM)
         fresh = fresh_head(model, spec)
-        named = dict(model.named_parameters())
-        mark_fresh([named[n] for n in fresh if n in named])  # trained by every PEFT method
+        mark_fresh_named(model, fresh)  # trained by every PEFT method
         self.info = {"mlm_head_fresh": fresh}
         return model
 
