@@ -126,7 +126,21 @@ def read_ledger(ledger: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
 
 
-class EarlyDiscard(L.Callback):
+class StopsJob(L.Callback):
+    """A callback that may stop its job early (early discard, a search's pruner): ``outcome``
+    (None: it did not) is its decision, which the stage records as ``discarded``, and which is
+    kept in checkpoints, so a job killed after it stopped resumes stopped."""
+
+    outcome: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.outcome = state_dict.get("outcome")
+
+
+class EarlyDiscard(StopsJob):
     """Stop this job at ``at`` of its training steps if it is among the least promising of its
     sweep so far (rule: the module docstring).
 
@@ -154,13 +168,6 @@ class EarlyDiscard(L.Callback):
         """ftlab.callbacks.FollowsLength: judged at ``at`` x the planned steps (in a multirun;
         outside one it does nothing and leaves the stage's length alone)."""
         return sweep_dir() is not None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The decision to stop (saved in checkpoints: a job killed after it resumes stopped)."""
-        return {"outcome": self.outcome}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.outcome = state_dict.get("outcome")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.outcome = None

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 
+from ftlab.discard import StopsJob
 from ftlab.search import SWEEPER
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def trial_callbacks(trial: int | None, seed: int | None, stage: str) -> dict[str
         "pruner": pruner}}
 
 
-class OptunaPruning(L.Callback):
+class OptunaPruning(StopsJob):
     """Report ``val/<monitor>`` to trial ``trial`` of ``study`` after each validation of stage
     ``stage`` (step = the optimiser step) and stop the job when ``pruner`` prunes it.
 
@@ -83,13 +84,6 @@ class OptunaPruning(L.Callback):
         node = self.pruner_node
         return build_object({"_target_": node["class"], **node["kwargs"]}, "pruner") \
             if node else None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The pruning decision (saved in checkpoints: a job killed after it resumes pruned)."""
-        return {"outcome": self.outcome}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.outcome = state_dict.get("outcome")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.outcome = None

@@ -30,14 +30,13 @@ from ftlab.checkpoint import CheckpointSpec, stage_checkpointing
 from ftlab.checkpoint_io import checkpoint_elsewhere, clear_stale_writes, latest_checkpoint
 from ftlab.compiling import compile_model
 from ftlab.config import instantiate_checked
-from ftlab.discard import EarlyDiscard
+from ftlab.discard import StopsJob
 from ftlab.errors import FtlabError
 from ftlab.flops import flop_rule
 from ftlab.loggers import build_loggers
 from ftlab.module import FineTuneModule
 from ftlab.peft.base import PeftMethod, Reports, SavesArtefact, count_parameters
 from ftlab.pipeline import ResolvedStage
-from ftlab.pruning import OptunaPruning
 from ftlab.store import inside, is_rank_zero, save_tensors, wait_for_all_ranks
 from ftlab.strategies import full_weights
 from ftlab.tasks.base import HasSubtasks, WeighsClasses, scored_labels
@@ -186,7 +185,7 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if transformed:  # what each data transform did (rows added/changed, few-shot k...)
         info["data_transforms"] = transformed
     discarded = next((c.outcome for c in trainer.callbacks
-                      if isinstance(c, EarlyDiscard | OptunaPruning) and c.outcome), None)
+                      if isinstance(c, StopsJob) and c.outcome), None)
     if discarded:  # stopped early (early discard, or a search's pruner): not a complete stage
         info["discarded"] = discarded | {"steps": trainer.global_step}
     info["resumed_from_step"] = resumed_step
