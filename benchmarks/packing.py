@@ -178,10 +178,9 @@ def bench(args, device, size: int, task, dm, spec) -> dict:
     nets = {name: copy.deepcopy(base).to(device).train() for name in variants}
     models = {"bucketed": compile_model(nets["bucketed"], args.compile),
               "packed": compile_model(Packed(nets["packed"]), args.compile)}
-    for name, (batches, loss_of, _) in variants.items():  # every shape untimed first (GPU,
-        if device.type != "cuda" and not args.compile:  # compiled): its planning, graphs
-            break
-        shapes = {tuple(b["input_ids"].shape): b for b in batches}
+    warm_up = device.type == "cuda" or args.compile  # kernel planning, compiling, graphs
+    for name, (batches, loss_of, _) in variants.items() if warm_up else ():  # every shape
+        shapes = {tuple(b["input_ids"].shape): b for b in batches}  # untimed first, 3 times
         warm = argparse.Namespace(**{**vars(args), "warmup": len(shapes) * 3, "steps": 0})
         timed(models[name], list(shapes.values()), loss_of, warm, device, rule, args.compile)
     out: dict[str, list[dict]] = {name: [] for name in variants}
