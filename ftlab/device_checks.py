@@ -41,15 +41,17 @@ def strategy_name(trainer: dict[str, Any]) -> str:
 
 def several_devices(trainer: dict[str, Any]) -> bool:
     """Whether the trainer node may run on several devices (processes): a multi-device
-    strategy, ``devices`` -1 or above 1, or several nodes."""
+    strategy, every GPU (``devices`` -1 or auto off the CPU, whatever this machine has), or
+    several named (:func:`named_devices`)."""
+    every = str(trainer.get("devices")).strip() in ("-1", "auto") and str(
+        trainer.get("accelerator")) != "cpu"
     return (any(k in strategy_name(trainer).lower() for k in ("ddp", "fsdp", "deepspeed"))
-            or trainer.get("devices") == -1 or named_devices(trainer))
+            or every or named_devices(trainer))
 
 
 def named_devices(trainer: dict[str, Any]) -> bool:
-    """Whether the trainer node names several devices: ``devices`` above 1 or a list of
-    several, or several nodes."""
-    devices = trainer.get("devices")
-    return ((isinstance(devices, int) and devices > 1)
-            or (isinstance(devices, list | str) and len(str(devices).split(",")) > 1)
-            or (trainer.get("num_nodes") or 1) > 1)
+    """Whether the trainer node asks for several devices on this machine (as
+    ``threads.processes_per_machine`` reads ``devices``), or several nodes."""
+    from ftlab.threads import processes_per_machine
+
+    return processes_per_machine(trainer) > 1 or int(trainer.get("num_nodes") or 1) > 1

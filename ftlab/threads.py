@@ -90,18 +90,25 @@ def jobs_at_once(launcher: Mapping[str, Any] | None) -> int:
 
 def processes_per_machine(trainer: Mapping[str, Any] | None) -> int:
     """The processes a job with this ``trainer`` node starts on each machine: one per device
-    (DDP, FSDP; ``trainer.accelerator=cpu trainer.devices=2`` is two), 1 for one device."""
+    (DDP, FSDP; ``trainer.accelerator=cpu trainer.devices=2`` is two), 1 for one device.
+
+    ``devices`` is read as Lightning reads it: a count (``2``, ``"2"``), device ids (``[0, 1]``,
+    ``"0,1"``; ``"1,"`` is GPU 1 alone), or every GPU (``-1``, ``"-1"``, ``"auto"`` off the
+    CPU). On the CPU ``-1`` and ``"auto"`` are one process (Lightning refuses ``-1`` there). The
+    one parser of ``devices``: the pre-checks' ``device_checks.several_devices`` asks it too."""
     devices = (trainer or {}).get("devices")
-    if isinstance(devices, str) and "," in devices:  # GPU ids, as Lightning reads "0,1" or "1,"
+    if isinstance(devices, str) and "," in devices:  # GPU ids
         devices = [d for d in devices.split(",") if d.strip()]
     elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
-    if isinstance(devices, bool) or devices is None or isinstance(devices, str):  # auto: 1
-        return 1
+    elif isinstance(devices, str) and devices.strip() == "auto":
+        devices = -1
+    if isinstance(devices, bool) or not isinstance(devices, int | list | tuple):
+        return 1  # unset, or a value Lightning refuses itself
+    if isinstance(devices, int) and devices != -1:
+        return max(1, devices)
     if isinstance(devices, int):
-        if devices != -1:
-            return max(1, devices)
-        import torch  # every GPU; the CPU takes no -1 (Lightning refuses it)
+        import torch  # every GPU
 
         cpu = str((trainer or {}).get("accelerator")) == "cpu"
         return 1 if cpu or not torch.cuda.is_available() else max(1, torch.cuda.device_count())

@@ -298,3 +298,26 @@ def test_cuda_graph_modes_mark_every_train_and_eval_step(mode, marks, monkeypatc
     trainer.fit(module, loader, loader)
     assert len(calls) == (3 + 2 if marks else 0)  # 3 training steps, 2 validation batches
 
+
+
+@pytest.mark.parametrize(("trainer", "processes", "several"), [
+    ({"devices": "0,"}, 1, False),  # Lightning: GPU 0 alone
+    ({"devices": "2"}, 2, True),
+    ({"devices": [0]}, 1, False),
+    ({"devices": "0,1"}, 2, True),
+    ({"devices": 1, "num_nodes": 2}, 1, True),
+    ({"devices": "-1", "accelerator": "cpu"}, 1, False),  # Lightning refuses -1 on the CPU
+    ({"devices": "-1", "accelerator": "gpu"}, None, True),  # every GPU this machine has
+    ({"devices": "auto", "accelerator": "gpu"}, None, True),
+    ({"devices": "auto", "accelerator": "cpu"}, 1, False),
+    ({"devices": 1, "strategy": "ddp"}, 1, True),
+])
+def test_the_pre_checks_and_the_thread_count_read_devices_alike(trainer, processes, several):
+    """One parser of trainer.devices: the processes a job starts (threads) and whether the
+    pre-checks see several devices agree, as Lightning reads the value."""
+    from ftlab.device_checks import several_devices
+    from ftlab.threads import processes_per_machine
+
+    if processes is not None:
+        assert processes_per_machine(trainer) == processes
+    assert several_devices(trainer) is several
