@@ -93,6 +93,11 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if stage.subtasks:  # each sub-task's own (``raw`` is only the first's), named
         transformed = [{"sub_task": sub.name, **entry} for sub in stage.subtasks
                        for entry in builder.raw(stage, sub.data).transforms or []]
+    raws = [raw, *(builder.raw(stage, sub.data) for sub in stage.subtasks)]
+    if key is not None and any(r.renumbered for r in raws):
+        # integer labels take the ids of their numbers (2 before 10); an older ftlab's
+        # checkpoint of this stage trained the ids of their text order: it is not resumed
+        key = f"{key}+labels-by-number"
     taught: dict[str, Any] = {}
     if stage.teachers:  # their averaged soft predictions become the training labels
         from ftlab.distill import label_with_teachers, teachers_of
