@@ -224,6 +224,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     from transformers import AutoTokenizer
 
     from ftlab.artefact import DAMAGED_FIX, TOKENIZER, moved_here, read_stage_card
+    from ftlab.artefact import read_subtask_labels as subtask_labels
     from ftlab.store import load_tensors
 
     stage_dir = run_dir / name
@@ -248,16 +249,19 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         from ftlab.model.tokenizer_fit import configure_tokenizer
 
         configure_tokenizer(tokenizer, spec.model.config["model_type"])
-    if spec.subtasks:  # a multi-task upstream: its heads need the sub-tasks' label sets, which
-        try:               # only their data holds (bound as in training)
+    saved = subtask_labels(stage_dir, spec) if spec.subtasks else None
+    if spec.subtasks and saved is None:  # a card without its sub-tasks' label sets (written
+        try:  # before they were in it): its heads are built from their data, as in training
             task = builder.task(spec)
         except FtlabError as err:  # the data's own message speaks of training
-            raise FtlabError(f"Stage '{name}' is multi-task: loading rebuilds its heads from its "
-                             f"sub-tasks' data, as training did, which failed: {err.problem}",
+            raise FtlabError(f"Stage '{name}' is multi-task and its card (an older ftlab's) has "
+                             "no label sets of its sub-tasks: loading rebuilds its heads from "
+                             f"their data, as training did, which failed: {err.problem}",
                              "make that data readable where the run read it (relative paths: "
-                             f"from the folder the run was started in); {err.fix}") from None
+                             f"from the folder the run was started in); {err.fix.rstrip('.')}; or "
+                             "train the run again (its cards then hold them).") from None
     else:
-        task = builder.saved_task(spec, labels, tokenizer)
+        task = builder.saved_task(spec, labels, tokenizer, saved)
     upstream = None
     if spec.init_from != "pretrained":
         from ftlab.store import check_name

@@ -219,18 +219,15 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
                    weights: bool = True) -> dict[str, Any]:
     """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it;
     without ``weights`` (``save_artefact: none``, a full-size artefact) the card only."""
-    if not weights:
-        write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
-                         data_transforms)
-        return {"artefact": None, "artefact_dropped": "save_artefact=none"}
-    state = peft.trainable_state(model)
-    path = save_tensors(stage_dir / "trainable.safetensors", state,
-                        metadata={"peft": peft.name, "stage": stage.name})
-    info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
-    if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
-        info["artefact_dir"] = str(peft.save(model, stage_dir))
-    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
-                     data_transforms)
+    info: dict[str, Any] = {"artefact": None, "artefact_dropped": "save_artefact=none"}
+    if weights:
+        state = peft.trainable_state(model)
+        path = save_tensors(stage_dir / "trainable.safetensors", state,
+                            metadata={"peft": peft.name, "stage": stage.name})
+        info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
+        if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
+            info["artefact_dir"] = str(peft.save(model, stage_dir))
+    write_stage_card(stage_dir, stage, task, tokenizer, data_transforms)
     return info
 
 
