@@ -109,21 +109,25 @@ class Predictor:
         return out
 
     def _say_cut(self, texts: list[Any]) -> None:
-        """Log how many rows are longer than the stage's ``max_length`` tokens: they are cut to
-        fit (as in training), which a prediction alone does not show."""
-        from ftlab.tasks.base import as_text
+        """Log how many rows are longer than the stage's ``max_length`` tokens (beside a
+        template's own tokens: a cloze pattern, a text2text source): they are cut to fit (as
+        in training), which a prediction alone does not show."""
+        from ftlab.tasks.base import FitsTemplate, as_text
 
         limit = getattr(self.task, "max_length", None)
         if not isinstance(limit, int):
             return
-        columns = self._columns(texts)
-        ids = self.tokenizer(*[[as_text(t) for t in columns[c]] for c in self.text_columns],
-                             verbose=False)["input_ids"]
-        cut = sum(len(row) > limit for row in ids)
+        columns, beside = self._columns(texts), ""
+        if isinstance(self.task, FitsTemplate):  # the room its template's tokens leave
+            cut, beside = sum(self.task.cut_to_fit(columns)), " with its template's own tokens"
+        else:
+            ids = self.tokenizer(*[[as_text(t) for t in columns[c]] for c in self.text_columns],
+                                 verbose=False)["input_ids"]
+            cut = sum(len(row) > limit for row in ids)
         if cut:
-            log.warning("%d of %d row(s) are longer than the stage's max_length (%d tokens) "
+            log.warning("%d of %d row(s) are longer than the stage's max_length (%d tokens)%s "
                         "and were cut to fit it, as in training: the model did not see their "
-                        "ends.", cut, len(texts), limit)
+                        "ends.", cut, len(texts), limit, beside)
 
     def _check_predicts(self) -> None:
         """A language-model stage (TAPT/DAPT: stage=mlm or clm) loads, but has no classes."""

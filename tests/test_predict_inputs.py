@@ -539,3 +539,35 @@ def test_a_csv_quote_that_never_closes_is_refused_and_a_folder_is_named(two_step
     msg = _predict_error(str(two_steps), "--input", str(tmp_path), "--output",
                          str(tmp_path / "q.jsonl"))
     assert "is a folder, not a file" in msg
+
+
+@pytest.mark.parametrize("stage", [["model=tiny_gpt2", "stage=cloze"],
+                                   ["model=tiny_bert", "stage=cloze",
+                                    "stage.task.verbalizer={pos: great, neg: bad}"],
+                                   ["model=tiny_t5", "stage=text2text"],
+                                   ["model=tiny_gpt2", "stage=text2text"]],
+                         ids=["cloze-causal", "cloze-masked", "t5", "decoder-only"])
+def test_predict_counts_rows_cut_beside_a_templates_own_tokens(make_cfg, sentiment_dir, stage,
+                                                               caplog):
+    """A cloze pattern's and a text2text source template's own tokens take room from the text:
+    a text that fit max_length alone, but not with them, was cut and not counted."""
+    from tests.conftest import tiny_overrides
+
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), *stage, "stage.task.max_length=24",
+                    "trainer.max_steps=1"])
+    from ftlab.run import run
+
+    assert run(cfg)["status"] == "ok"
+    model = ftlab.load(cfg.paths.output_dir)
+    alone = [n for n in range(1, 30)  # as many words as fit max_length alone, specials and all
+             if len(model.tokenizer("film " * n)["input_ids"]) <= 24][-1]
+    texts = ["great film", "film " * alone, "great " * 300]
+    with caplog.at_level("WARNING", logger="ftlab.inference"):
+        model.predict(texts)
+    said = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
+    assert said == ["2 of 3 row(s) are longer than the stage's max_length (24 tokens) with its "
+                    "template's own tokens and were cut to fit it, as in training: the model "
+                    "did not see their ends."]
+    featurised = model.task.featurize({"text": texts, "label": [0] * 3})["input_ids"]
+    assert model.task.cut_to_fit({"text": texts}) == [False, True, True]
+    assert len(featurised[1]) <= 24
