@@ -60,7 +60,7 @@ def test_declared_and_renamed_labels_keep_their_order():
 
 
 def _twelve_classes(folder: Path) -> Path:
-    """A 12-class csv whose integer label is told by a cue word (``w<label>``)."""
+    """A 12-class csv (integer labels 0..11, each with a word of its own among filler)."""
     import csv
 
     rng = random.Random(0)
@@ -80,8 +80,9 @@ def twelve(make_cfg, tmp_path):
     data = _twelve_classes(tmp_path)
 
     def make(folder: str, *extra: str):
-        over = [o.replace(".jsonl", ".csv") for o in tiny_overrides(data)]
-        cfg = make_cfg([*over, "data.path=csv", "trainer.max_steps=4", "trainer.max_epochs=3",
+        over = [o.replace(".jsonl", ".csv").replace("path=json", "path=csv")
+                for o in tiny_overrides(data)]
+        cfg = make_cfg([*over, "trainer.max_steps=4", "trainer.max_epochs=3",
                         "stage.optim.lr=1e-3", f"cache.dir={tmp_path / 'cache'}", *extra])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / folder)

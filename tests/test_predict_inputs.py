@@ -407,9 +407,12 @@ def test_a_tagging_row_without_words_gets_no_tags_under_a_gpt2_style_tokenizer(m
 
 def test_a_stage_after_a_multi_task_stage_whose_data_is_gone_says_why_load_reads_it(
         make_cfg, sentiment_dir, tmp_path):
-    """Loading rebuilds a multi-task upstream's heads from its sub-tasks' data: with that data
-    moved away it said only "Data file for split 'train' not found ... fix the path in
-    data.files.train", as if training."""
+    """Loading rebuilds a multi-task upstream's heads from its card's sub-task label sets; from
+    an older card, without them, from its sub-tasks' data: with that data moved away it said
+    only "Data file for split 'train' not found ... fix the path in data.files.train", as if
+    training."""
+    import json
+
     from ftlab.run import run
     from tests.conftest import tiny_overrides
     from tests.test_multitask import _pairs
@@ -424,8 +427,12 @@ def test_a_stage_after_a_multi_task_stage_whose_data_is_gone_says_why_load_reads
                     "pipeline.stages.task.trainer.max_steps=2"])
     assert run(cfg)["status"] == "ok"
     pairs.rename(tmp_path / "moved")
-    with pytest.raises(FtlabError, match=r"Stage 'multi' is multi-task: loading rebuilds its "
-                       r"heads from its sub-tasks' data, as training did, which failed: Data "
+    card = Path(cfg.paths.output_dir) / "multi" / "card.json"
+    card.write_text(json.dumps({k: v for k, v in json.loads(card.read_text()).items()
+                                if k != "subtask_labels"}))  # as an older ftlab wrote it
+    with pytest.raises(FtlabError, match=r"Stage 'multi' is multi-task and its card \(an older "
+                       r"ftlab's\) has no label sets of its sub-tasks: loading rebuilds its "
+                       r"heads from their data, as training did, which failed: Data "
                        r"file for split 'train' not found(?s:.*)Fix: make that data readable"):
         ftlab.load(cfg.paths.output_dir)
 
