@@ -1,6 +1,7 @@
 """What a stage writes beside its artefact so that it can be used later without the run's
 config or data: ``<stage>/card.json`` (the resolved stage: model spec, task, PEFT and
-regulariser nodes, data spec, seed; the label set in id order) and ``<stage>/tokenizer/``
+regulariser nodes, data spec, seed; the label set in id order, and a multi-task stage's
+sub-tasks' label sets, which its heads are built from) and ``<stage>/tokenizer/``
 (``save_pretrained``). ``read_stage_card`` turns the JSON back into a ``ResolvedStage``.
 """
 
@@ -20,19 +21,50 @@ CARD = "card.json"
 TOKENIZER = "tokenizer"
 #: the card's key for the run folder the stage was trained in
 RUN_DIR = "run_dir"
+#: the card's key for a multi-task stage's label sets, by sub-task
+SUBTASK_LABELS = "subtask_labels"
 
 
-def write_stage_card(stage_dir: Path, stage: ResolvedStage, labels: list[str] | None,
-                     tokenizer: Any, data_transforms: list[dict[str, Any]] | None = None) -> Path:
+def write_stage_card(stage_dir: Path, stage: ResolvedStage, task: Any, tokenizer: Any,
+                     data_transforms: list[dict[str, Any]] | None = None) -> Path:
     """Write ``card.json`` and ``tokenizer/`` into ``stage_dir``; returns the card's path.
+    ``task``: the stage's bound task (its label set; a multi-task one's, each sub-task's);
     ``data_transforms``: what each of ``data.transforms`` did to the training rows."""
+    from ftlab.tasks.base import HasSubtasks
+
     tokenizer.save_pretrained(str(stage_dir / TOKENIZER))
-    card = {"format": CARD_FORMAT, "stage": asdict(stage),
-            "labels": list(labels) if labels else None,
+    card = {"format": CARD_FORMAT, "stage": asdict(stage), "labels": _labels(task),
             RUN_DIR: str(stage_dir.parent.resolve())}  # where its in-run paths point (moved_here)
+    if isinstance(task, HasSubtasks):  # loading builds every head: its label set, not its data
+        card[SUBTASK_LABELS] = {name: _labels(part.task) for name, part in task.parts.items()}
     if data_transforms:
         card["data_transforms"] = data_transforms
     return write_json(stage_dir / CARD, card)
+
+
+def _labels(task: Any) -> list[str] | None:
+    labels = getattr(task, "labels", None)
+    return list(labels) if labels else None
+
+
+def read_subtask_labels(stage_dir: Path,
+                        stage: ResolvedStage) -> dict[str, list[str] | None] | None:
+    """A multi-task ``stage``'s label sets by sub-task, from its card (None: a card written
+    before they were in it, whose heads are built from the sub-tasks' data)."""
+    path = stage_dir / CARD
+    try:
+        saved = read_json(path).get(SUBTASK_LABELS)
+    except (OSError, ValueError, AttributeError):  # read_stage_card read it already
+        return None
+    names = [sub.name for sub in stage.subtasks]
+    if saved is None:
+        return None
+    if not (isinstance(saved, dict) and sorted(saved) == sorted(names) and all(
+            v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+            for v in saved.values())):
+        raise _damaged(path, f"its {SUBTASK_LABELS} {saved!r} are not a list of names for "
+                       f"each of its sub-tasks {names}")
+    return saved
 
 
 def read_stage_card(stage_dir: Path) -> tuple[ResolvedStage, list[str] | None]:

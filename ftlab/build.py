@@ -168,12 +168,21 @@ class StageBuilder:
         model, _, stage = self.trained(name, trained)
         return plain_model(model, self.peft(stage), name)
 
-    def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any) -> Task:
+    def saved_task(self, stage: ResolvedStage, labels: list[str] | None, tokenizer: Any,
+                   subtask_labels: dict[str, list[str] | None] | None = None) -> Task:
         """The stage's task bound to a finished stage's saved label set and tokenizer, without
-        its data (inference); later ``task``/``model`` calls for the stage use it."""
+        its data (inference); later ``task``/``model`` calls for the stage use it. A multi-task
+        stage's sub-tasks are bound to theirs (``subtask_labels``, by name)."""
         from datasets import DatasetDict
 
+        from ftlab.tasks.multitask import Part
+
         task = stage_task(stage)
+        if stage.subtasks and isinstance(task, HasSubtasks) and subtask_labels is not None:
+            task.bind_tasks({sub.name: Part(
+                instantiate_task(sub.task, f"{stage.where} sub-task '{sub.name}' task"),
+                RawData(DatasetDict(), subtask_labels[sub.name]), list(sub.data.text_columns),
+                sub.weight) for sub in stage.subtasks})
         task.bind(RawData(DatasetDict(), labels), tokenizer, stage.data.text_columns)
         if isinstance(task, ModelAware):
             task.see_model(load_config(stage.model))

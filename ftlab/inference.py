@@ -109,21 +109,25 @@ class Predictor:
         return out
 
     def _say_cut(self, texts: list[Any]) -> None:
-        """Log how many rows are longer than the stage's ``max_length`` tokens: they are cut to
-        fit (as in training), which a prediction alone does not show."""
-        from ftlab.tasks.base import as_text
+        """Log how many rows are longer than the stage's ``max_length`` tokens (beside a
+        template's own tokens: a cloze pattern, a text2text source): they are cut to fit (as
+        in training), which a prediction alone does not show."""
+        from ftlab.tasks.base import FitsTemplate, as_text
 
         limit = getattr(self.task, "max_length", None)
         if not isinstance(limit, int):
             return
-        columns = self._columns(texts)
-        ids = self.tokenizer(*[[as_text(t) for t in columns[c]] for c in self.text_columns],
-                             verbose=False)["input_ids"]
-        cut = sum(len(row) > limit for row in ids)
+        columns, beside = self._columns(texts), ""
+        if isinstance(self.task, FitsTemplate):  # the room its template's tokens leave
+            cut, beside = sum(self.task.cut_to_fit(columns)), " with its template's own tokens"
+        else:
+            ids = self.tokenizer(*[[as_text(t) for t in columns[c]] for c in self.text_columns],
+                                 verbose=False)["input_ids"]
+            cut = sum(len(row) > limit for row in ids)
         if cut:
-            log.warning("%d of %d row(s) are longer than the stage's max_length (%d tokens) "
+            log.warning("%d of %d row(s) are longer than the stage's max_length (%d tokens)%s "
                         "and were cut to fit it, as in training: the model did not see their "
-                        "ends.", cut, len(texts), limit)
+                        "ends.", cut, len(texts), limit, beside)
 
     def _check_predicts(self) -> None:
         """A language-model stage (TAPT/DAPT: stage=mlm or clm) loads, but has no classes."""
@@ -224,6 +228,7 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
     from transformers import AutoTokenizer
 
     from ftlab.artefact import DAMAGED_FIX, TOKENIZER, moved_here, read_stage_card
+    from ftlab.artefact import read_subtask_labels as subtask_labels
     from ftlab.store import load_tensors
 
     stage_dir = run_dir / name
@@ -248,16 +253,19 @@ def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, An
         from ftlab.model.tokenizer_fit import configure_tokenizer
 
         configure_tokenizer(tokenizer, spec.model.config["model_type"])
-    if spec.subtasks:  # a multi-task upstream: its heads need the sub-tasks' label sets, which
-        try:               # only their data holds (bound as in training)
+    saved = subtask_labels(stage_dir, spec) if spec.subtasks else None
+    if spec.subtasks and saved is None:  # a card without its sub-tasks' label sets (written
+        try:  # before they were in it): its heads are built from their data, as in training
             task = builder.task(spec)
         except FtlabError as err:  # the data's own message speaks of training
-            raise FtlabError(f"Stage '{name}' is multi-task: loading rebuilds its heads from its "
-                             f"sub-tasks' data, as training did, which failed: {err.problem}",
+            raise FtlabError(f"Stage '{name}' is multi-task and its card (an older ftlab's) has "
+                             "no label sets of its sub-tasks: loading rebuilds its heads from "
+                             f"their data, as training did, which failed: {err.problem}",
                              "make that data readable where the run read it (relative paths: "
-                             f"from the folder the run was started in); {err.fix}") from None
+                             f"from the folder the run was started in); {err.fix.rstrip('.')}; or "
+                             "train the run again (its cards then hold them).") from None
     else:
-        task = builder.saved_task(spec, labels, tokenizer)
+        task = builder.saved_task(spec, labels, tokenizer, saved)
     upstream = None
     if spec.init_from != "pretrained":
         from ftlab.store import check_name

@@ -93,6 +93,11 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     if stage.subtasks:  # each sub-task's own (``raw`` is only the first's), named
         transformed = [{"sub_task": sub.name, **entry} for sub in stage.subtasks
                        for entry in builder.raw(stage, sub.data).transforms or []]
+    raws = [raw, *(builder.raw(stage, sub.data) for sub in stage.subtasks)]
+    if key is not None and any(r.renumbered for r in raws):
+        # integer labels take the ids of their numbers (2 before 10); an older ftlab's
+        # checkpoint of this stage trained the ids of their text order: it is not resumed
+        key = f"{key}+labels-by-number"
     taught: dict[str, Any] = {}
     if stage.teachers:  # their averaged soft predictions become the training labels
         from ftlab.distill import label_with_teachers, teachers_of
@@ -214,18 +219,15 @@ def _save_artefact(stage: ResolvedStage, stage_dir: Path, peft: PeftMethod, mode
                    weights: bool = True) -> dict[str, Any]:
     """``trainable.safetensors`` (+ a method's own folder) and the stage card beside it;
     without ``weights`` (``save_artefact: none``, a full-size artefact) the card only."""
-    if not weights:
-        write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
-                         data_transforms)
-        return {"artefact": None, "artefact_dropped": "save_artefact=none"}
-    state = peft.trainable_state(model)
-    path = save_tensors(stage_dir / "trainable.safetensors", state,
-                        metadata={"peft": peft.name, "stage": stage.name})
-    info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
-    if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
-        info["artefact_dir"] = str(peft.save(model, stage_dir))
-    write_stage_card(stage_dir, stage, getattr(task, "labels", None) or None, tokenizer,
-                     data_transforms)
+    info: dict[str, Any] = {"artefact": None, "artefact_dropped": "save_artefact=none"}
+    if weights:
+        state = peft.trainable_state(model)
+        path = save_tensors(stage_dir / "trainable.safetensors", state,
+                            metadata={"peft": peft.name, "stage": stage.name})
+        info = {"artefact": str(path), "artefact_kb": round(path.stat().st_size / 1024, 1)}
+        if isinstance(peft, SavesArtefact):  # e.g. HF peft's save_pretrained folder
+            info["artefact_dir"] = str(peft.save(model, stage_dir))
+    write_stage_card(stage_dir, stage, task, tokenizer, data_transforms)
     return info
 
 

@@ -377,7 +377,7 @@ def test_a_classlabel_minus_one_is_a_missing_label(declared):
     spec = DataSpec(path="glue", text_columns=["sentence"], labels=declared)
     with pytest.raises(FtlabError, match=r"(?s)test split has 2 row.*data.splits.test=null"):
         encode_labels(dsd, spec)
-    ok, labels = encode_labels(DatasetDict({"train": dsd["train"]}), spec)
+    ok, labels, _ = encode_labels(DatasetDict({"train": dsd["train"]}), spec)
     assert labels == ["negative", "positive"] and list(ok["train"]["label"]) == [0, 1]
 
 

@@ -559,3 +559,45 @@ def test_snapshot_ensembles_score_each_sub_task(make_cfg, sentiment_dir, pairs_d
     m = record["final"]
     assert m["test/task/ensemble_acc"] == pytest.approx(m["test/task/acc"], abs=1e-6)
     assert "test/ensemble_acc" not in m  # no split-less name that looks like one task's
+
+
+def test_the_stage_after_a_multi_task_stage_loads_without_the_sub_tasks_data(
+        make_cfg, sentiment_dir, pairs_dir, tmp_path, capsys):
+    """Loading rebuilt the multi-task upstream's heads from its sub-tasks' data (their label
+    sets were in no card): with that data moved away ftlab.load, ftlab-predict and
+    ftlab-export stopped ("loading rebuilds its heads from its sub-tasks' data")."""
+    import shutil
+
+    import ftlab
+    from ftlab.export import main as export_main
+    from ftlab.predict_cli import main as predict_main
+
+    data = tmp_path / "data"
+    shutil.copytree(sentiment_dir, data / "sentiment")
+    shutil.copytree(pairs_dir, data / "pairs")
+    at = "pipeline.stages.multi"
+    cfg = make_cfg([*mt_overrides(data / "sentiment", data / "pairs", at),
+                    "pipeline=multitask_task", f"cache.dir={tmp_path / 'cache'}",
+                    f"{at}.trainer.max_steps=2", "pipeline.stages.task.trainer.max_steps=2",
+                    "pipeline.stages.task.carry=model"])  # the primary head: handed over
+    assert run(cfg)["status"] == "ok"
+    texts = ["great superb film", "the plot was dull and the ending awful"]
+    before = ftlab.load(cfg.paths.output_dir).predict(texts)
+    shutil.move(data, tmp_path / "elsewhere")  # every sub-task's data (and the run's) gone
+    assert ftlab.load(cfg.paths.output_dir).predict(texts) == before
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    predict_main([cfg.paths.output_dir, "--input", str(tmp_path / "in.txt"), "--output",
+                  str(tmp_path / "out.jsonl")])
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in out] == [p["label"] for p in before]
+    export_main([cfg.paths.output_dir, "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "config.json").is_file()
+    card = json.loads((Path(cfg.paths.output_dir) / "multi" / "card.json").read_text())
+    assert card["subtask_labels"] == {"vitaminc": ["True", "False", "Neither"],
+                                      "task": ["neg", "pos"]}
+    # an older card, without them: the heads come from the data, where it still is (without
+    # it: tests/test_predict_inputs.py, the message)
+    del card["subtask_labels"]
+    (Path(cfg.paths.output_dir) / "multi" / "card.json").write_text(json.dumps(card))
+    shutil.move(tmp_path / "elsewhere", data)
+    assert ftlab.load(cfg.paths.output_dir).predict(texts) == before

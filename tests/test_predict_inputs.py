@@ -407,9 +407,12 @@ def test_a_tagging_row_without_words_gets_no_tags_under_a_gpt2_style_tokenizer(m
 
 def test_a_stage_after_a_multi_task_stage_whose_data_is_gone_says_why_load_reads_it(
         make_cfg, sentiment_dir, tmp_path):
-    """Loading rebuilds a multi-task upstream's heads from its sub-tasks' data: with that data
-    moved away it said only "Data file for split 'train' not found ... fix the path in
-    data.files.train", as if training."""
+    """Loading rebuilds a multi-task upstream's heads from its card's sub-task label sets; from
+    an older card, without them, from its sub-tasks' data: with that data moved away it said
+    only "Data file for split 'train' not found ... fix the path in data.files.train", as if
+    training."""
+    import json
+
     from ftlab.run import run
     from tests.conftest import tiny_overrides
     from tests.test_multitask import _pairs
@@ -424,8 +427,12 @@ def test_a_stage_after_a_multi_task_stage_whose_data_is_gone_says_why_load_reads
                     "pipeline.stages.task.trainer.max_steps=2"])
     assert run(cfg)["status"] == "ok"
     pairs.rename(tmp_path / "moved")
-    with pytest.raises(FtlabError, match=r"Stage 'multi' is multi-task: loading rebuilds its "
-                       r"heads from its sub-tasks' data, as training did, which failed: Data "
+    card = Path(cfg.paths.output_dir) / "multi" / "card.json"
+    card.write_text(json.dumps({k: v for k, v in json.loads(card.read_text()).items()
+                                if k != "subtask_labels"}))  # as an older ftlab wrote it
+    with pytest.raises(FtlabError, match=r"Stage 'multi' is multi-task and its card \(an older "
+                       r"ftlab's\) has no label sets of its sub-tasks: loading rebuilds its "
+                       r"heads from their data, as training did, which failed: Data "
                        r"file for split 'train' not found(?s:.*)Fix: make that data readable"):
         ftlab.load(cfg.paths.output_dir)
 
@@ -539,3 +546,35 @@ def test_a_csv_quote_that_never_closes_is_refused_and_a_folder_is_named(two_step
     msg = _predict_error(str(two_steps), "--input", str(tmp_path), "--output",
                          str(tmp_path / "q.jsonl"))
     assert "is a folder, not a file" in msg
+
+
+@pytest.mark.parametrize("stage", [["model=tiny_gpt2", "stage=cloze"],
+                                   ["model=tiny_bert", "stage=cloze",
+                                    "stage.task.verbalizer={pos: great, neg: bad}"],
+                                   ["model=tiny_t5", "stage=text2text"],
+                                   ["model=tiny_gpt2", "stage=text2text"]],
+                         ids=["cloze-causal", "cloze-masked", "t5", "decoder-only"])
+def test_predict_counts_rows_cut_beside_a_templates_own_tokens(make_cfg, sentiment_dir, stage,
+                                                               caplog):
+    """A cloze pattern's and a text2text source template's own tokens take room from the text:
+    a text that fit max_length alone, but not with them, was cut and not counted."""
+    from tests.conftest import tiny_overrides
+
+    cfg = make_cfg([*tiny_overrides(sentiment_dir), *stage, "stage.task.max_length=24",
+                    "trainer.max_steps=1"])
+    from ftlab.run import run
+
+    assert run(cfg)["status"] == "ok"
+    model = ftlab.load(cfg.paths.output_dir)
+    alone = [n for n in range(1, 30)  # as many words as fit max_length alone, specials and all
+             if len(model.tokenizer("film " * n)["input_ids"]) <= 24][-1]
+    texts = ["great film", "film " * alone, "great " * 300]
+    with caplog.at_level("WARNING", logger="ftlab.inference"):
+        model.predict(texts)
+    said = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
+    assert said == ["2 of 3 row(s) are longer than the stage's max_length (24 tokens) with its "
+                    "template's own tokens and were cut to fit it, as in training: the model "
+                    "did not see their ends."]
+    featurised = model.task.featurize({"text": texts, "label": [0] * 3})["input_ids"]
+    assert model.task.cut_to_fit({"text": texts}) == [False, True, True]
+    assert len(featurised[1]) <= 24

@@ -372,10 +372,10 @@ def test_tag_ids_of_a_hugging_face_classlabel_are_read_as_their_names():
     feats = Features({"tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=names))})
     rows = {"tokens": [["alice", "smith", "left"], ["rome"]], "ner_tags": [[1, 2, 0], [3]]}
     dsd = DatasetDict({"train": Dataset.from_dict(rows, features=feats)})
-    out, labels = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags"))
+    out, labels, _ = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags"))
     assert labels == names and list(out["train"]["label"]) == [[1, 2, 0], [3]]
     declared = ["O", "B-LOC", "B-PER", "I-PER"]
-    out, labels = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags",
+    out, labels, _ = encode_labels(dsd, DataSpec(text_columns=["tokens"], label_column="ner_tags",
                                               labels=declared))
     assert labels == declared and list(out["train"]["label"]) == [[2, 3, 0], [1]]
 

@@ -1,10 +1,12 @@
 """Class labels of raw splits: names in id order (``data.labels``, or inferred from the
-training split; renamed by ``data.label_names``), rows without a label refused, an int64
-``label`` column written (regression's numbers: ``ftlab.data.numeric``)."""
+training split: numbers in number order, else text in text order; renamed by
+``data.label_names``), rows without a label refused, an int64 ``label`` column written
+(regression's numbers: ``ftlab.data.numeric``)."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +20,10 @@ from ftlab.errors import FtlabError
 log = logging.getLogger(__name__)
 
 
-def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str]]:
-    """Map label values to ids in ``spec.labels`` order (inferred from train when unset)."""
+def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[str], bool]:
+    """Map label values to ids in ``spec.labels`` order (inferred from train when unset).
+    Returns the splits, the label names in id order, and whether inferred labels are in
+    number order where text order (ftlab's before, which gave 10 the id after 1) differs."""
     col = spec.label_column
     feature = dsd["train"].features[col]
     if is_list_feature(feature):  # a tag per word (stage=tokens): BIO tags, O first
@@ -28,9 +32,32 @@ def encode_labels(dsd: DatasetDict, spec: DataSpec) -> tuple[DatasetDict, list[s
                              f"'{col}' holds a tag per word (BIO tags: their names say where "
                              "an entity begins).", "remove data.label_names; rename the tags "
                              "in the data.")
-        return encode_tags(dsd, spec)
+        return (*encode_tags(dsd, spec), False)
     dsd, labels = _encode_classes(dsd, spec, feature)
-    return dsd, rename_labels(labels, spec.label_names, _dropped(spec))
+    inferred = spec.labels is None and not isinstance(feature, ClassLabel)
+    renumbered = inferred and labels != sorted(labels)
+    return dsd, rename_labels(labels, spec.label_names, _dropped(spec)), renumbered
+
+
+def inferred_order(values: list) -> list[str]:
+    """Distinct label values as names in id order: by number where every one is a number (an
+    integer or float column) or an integer as text ("-1", "10": a JSON or csv column read as
+    text), so label ``i`` of ``0..N`` gets id ``i`` (2 before 10); else in text order."""
+    def number(value: Any) -> float | int | None:
+        if isinstance(value, bool):  # True/False: names, in text order
+            return None
+        if isinstance(value, int | float):
+            return value
+        return int(value) if isinstance(value, str) and INTEGER.fullmatch(value) else None
+
+    names = {str(v): number(v) for v in values}
+    if names and all(n is not None for n in names.values()):
+        return sorted(names, key=lambda name: (names[name], name))  # "01" and "1": by text
+    return sorted(names)
+
+
+#: a label that is an integer written as text (no spaces: " 3" stays text)
+INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _dropped(spec: DataSpec) -> set[str]:
@@ -100,7 +127,7 @@ def _encode_classes(dsd: DatasetDict, spec: DataSpec,
                              "needs one id.", "list every label once in data.labels.")
     else:
         _refuse_fractions(distinct["train"], col)
-        labels = sorted({as_str(v) for v in distinct["train"]})
+        labels = inferred_order(distinct["train"])  # (as_str is str: no ClassLabel here)
         _refuse_near_duplicates(sorted({as_str(v) for values in distinct.values()
                                         for v in values}), col)
     if len(labels) < 2:

@@ -52,6 +52,9 @@ class RawData:
     #: transforms: ``monitor: auto`` reads these, so every seed of a sweep monitors the same
     #: metric (a seed's subset alone could tip the imbalance rule either way)
     train_counts: list[int] | None = None
+    #: the inferred labels are integers whose ids follow their numbers where an older ftlab's
+    #: text order gave others (10 after 1, before 2): its checkpoints trained other ids
+    renumbered: bool = False
 
 
 def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
@@ -68,11 +71,11 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
     else:
         dsd = pick_splits(dsd, spec)
     check_columns(dsd, spec)
-    labels = None
+    labels, renumbered = None, False
     if spec.label_column is not None and numeric:
         dsd = numeric_labels(dsd, spec)
     elif spec.label_column is not None:
-        dsd, labels = encode_labels(dsd, spec)
+        dsd, labels, renumbered = encode_labels(dsd, spec)
     counts = None
     if labels is not None and "train" in dsd and dsd["train"].features["label"] == Value("int64"):
         ids = dsd["train"].with_format("numpy")["label"]
@@ -87,7 +90,7 @@ def load_raw(spec: DataSpec, seed: int = 0, numeric: bool = False) -> RawData:
                         "class with data.transforms=[{few_shot: {k: ...}}].",
                         spec.max_train_samples, lost, "it" if len(lost) == 1 else "them")
     check_texts(dsd, spec)
-    return RawData(dsd, labels, train_counts=counts)
+    return RawData(dsd, labels, train_counts=counts, renumbered=renumbered)
 
 
 def _builder_for(spec: DataSpec, files: dict[str, str]) -> str:

@@ -189,6 +189,15 @@ class ChecksSettings(Protocol):
 
 
 @runtime_checkable
+class FitsTemplate(Protocol):
+    """A task whose rows are its texts set in a template of its own (a cloze pattern, a
+    text2text source): texts are cut to the room the template's tokens leave within
+    ``max_length``; ``cut_to_fit`` says which rows of ``columns`` (by text column) were."""
+
+    def cut_to_fit(self, columns: Mapping[str, list]) -> list[bool]: ...
+
+
+@runtime_checkable
 class PredictsRows(Protocol):
     """A task whose prediction is not one class per row (token tagging: a tag per word):
     ``ftlab.load(...).predict`` hands it the rows instead of reading class scores."""

@@ -38,6 +38,7 @@ from ftlab.tasks.prompting import (
     Pattern,
     check_fields,
     continuation_logprob,
+    cut_rows,
     fit_texts,
     input_logits,
     verbaliser_ids,
@@ -107,9 +108,7 @@ class Cloze(Classify):
         if self.causal is None:
             raise FtlabError("Cloze.encode_slot before the model family is known.",
                              "call see_model(config) (StageBuilder does) before featurising.")
-        ids, cut = fit_texts(self.tokenizer, self.pattern, texts,
-                             self.tokenizer.mask_token or "", self.max_length,
-                             prefix_only=self.causal)
+        ids, cut = self._fit(texts)
         if self.causal:
             return ids, len(ids) - 1
         mask_id = self.tokenizer.mask_token_id
@@ -119,6 +118,13 @@ class Cloze(Classify):
         before = self.tokenizer(self.pattern.before_mask.format_map(cut),
                                 add_special_tokens=False)["input_ids"]
         return ids, masks[min(before.count(mask_id), len(masks) - 1)]
+
+    def _fit(self, texts: dict[str, str]) -> tuple[list[int], dict[str, str]]:
+        return fit_texts(self.tokenizer, self.pattern, texts, self.tokenizer.mask_token or "",
+                         self.max_length, prefix_only=self.causal)
+
+    def cut_to_fit(self, columns: Mapping[str, list]) -> list[bool]:
+        return cut_rows(self._fit, columns, self.pattern.fields)
 
     # --- model ------------------------------------------------------------------------------
     def see_model(self, config: Any) -> None:

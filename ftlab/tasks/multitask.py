@@ -96,11 +96,14 @@ class MultiTask(TaskDefaults):
         self.info: dict[str, Any] = {}
 
     def bind_tasks(self, parts: Mapping[str, Part]) -> None:
-        """Take the sub-tasks (before ``bind``)."""
+        """Take the sub-tasks (before ``bind``); a trained stage's, without data (their label
+        sets from its card: ``ftlab.load``), are taken to build its model, with nothing to draw."""
         if not parts:
             raise FtlabError("A multi-task stage has no sub-tasks.",
                              "list them under the stage's tasks (see conf/stage/multitask.yaml).")
         self.parts = dict(parts)
+        if not all("train" in p.raw.splits for p in self.parts.values()):
+            return
         sizes = {k: len(p.raw.splits["train"]) for k, p in self.parts.items()}
         probs = sampling_probabilities(list(sizes.values()), self.sampling, self.temperature,
                                        self.size_cap)

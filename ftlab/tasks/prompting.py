@@ -191,6 +191,17 @@ def fit_template(tokenizer: Any, render: Callable[[dict[str, str]], str],
                      "raise stage.task.max_length.")
 
 
+def cut_rows(fit: Callable[[dict[str, str]], tuple[list[int], dict[str, str]]],
+             columns: Mapping[str, list], fields: Sequence[str]) -> list[bool]:
+    """Per row of ``columns``: whether ``fit`` (a task's ``fit_template``) cut its texts to fit
+    the room that the template's own tokens leave them."""
+    from ftlab.tasks.base import as_text
+
+    rows = [{f: as_text(columns[f][i]) for f in fields}
+            for i in range(len(next(iter(columns.values()), [])))]
+    return [fit(texts)[1] != texts for texts in rows]
+
+
 def continuation_logprob(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                          last: torch.Tensor, word: Sequence[int], pad_id: int) -> torch.Tensor:
     """Summed log-probability under a causal LM of ``word``'s tokens right after each row's

@@ -34,6 +34,7 @@ from ftlab.tasks.generation import ExactMatch, GreedyGeneration
 from ftlab.tasks.prompting import (
     continuation_ids,
     continuation_logprob,
+    cut_rows,
     fit_template,
     input_logits,
 )
@@ -145,17 +146,25 @@ class TextToText(GreedyGeneration, Classify):
         ``room`` tokens, :meth:`source_room`) + target / -100 over the source, then the
         target's ids. A long source loses tokens from its longest text field, never the
         template's own words (its instruction, or the cue after the text)."""
-        tok = self.tokenizer
-        limit = self.max_length if self.seq2seq else room or self.source_room()
-        said = None if self.seq2seq else f"the {limit} tokens max_length={self.max_length} " \
-                                          "leaves after the longest target and EOS"
-        src, cut = fit_template(tok, self.source.format_map, texts, limit,
-                                f"source template {self.source!r}", "stage.task.source", said)
+        src, cut = self._fit(texts, room)
         if self.seq2seq:
-            return src, tok(target)["input_ids"]
+            return src, self.tokenizer(target)["input_ids"]
         tgt = self.target_ids(self.source.format_map(cut), target)
         tgt += [self.eos] if self.eos is not None else []
         return src + tgt, [-100] * len(src) + tgt
+
+    def _fit(self, texts: dict[str, str],
+             room: int | None = None) -> tuple[list[int], dict[str, str]]:
+        """The source's ids within its room, and ``texts`` as cut to fit it (``fit_template``)."""
+        limit = self.max_length if self.seq2seq else room or self.source_room()
+        said = None if self.seq2seq else f"the {limit} tokens max_length={self.max_length} " \
+                                          "leaves after the longest target and EOS"
+        return fit_template(self.tokenizer, self.source.format_map, texts, limit,
+                            f"source template {self.source!r}", "stage.task.source", said)
+
+    def cut_to_fit(self, columns: Mapping[str, list]) -> list[bool]:
+        room = None if self.seq2seq else self.source_room()  # the same for every row
+        return cut_rows(lambda texts: self._fit(texts, room), columns, self.fields)
 
     def source_room(self) -> int:
         """Decoder-only: the source's tokens, ``max_length`` less the longest target and its
