@@ -65,8 +65,9 @@ PACKAGE = {
             def training_loss(self, model, batch, task):
                 out = task.forward(model, batch)
                 params = dict(model.named_parameters())
-                term = 0.5 * self.alpha * sum(((params[n] - w) ** 2).sum()
-                                              for n, w in self.start.items())
+                term = 0.5 * self.alpha * sum((((params[n] - w) ** 2).sum()
+                                               for n, w in self.start.items()),
+                                              out.loss.new_zeros(()))
                 return TaskOutput(out.loss + term, out.logits,
                                   {**out.extras, "l2sp_penalty": term.detach()})
     ''',
@@ -197,3 +198,22 @@ def test_without_allow_targets_every_module_of_your_package_is_named_at_once(use
     assert "'userpkg.norm_only.NormOnly'" in proc.stderr, proc.stderr
     assert "'userpkg.l2sp.L2SP'" in proc.stderr, proc.stderr
     assert "allow_targets=[userpkg.]" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_the_contract_tests_run_on_your_config_folder(user):
+    """FTLAB_CONTRACT_CONF adds your folder's YAMLs to the contract tests' globs (no copy into
+    a checkout): your method on every tiny family, your regulariser, your transform."""
+    folder, conf, env = user
+    (conf / "regularizer" / "l2sp.yaml").write_text(  # the tiny random model learns at 1e-4
+        "_target_: userpkg.l2sp.L2SP\nalpha: 1.0e-4\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "",
+         "tests/test_peft_contract.py", "tests/test_regularizer_contract.py",
+         "tests/test_transforms.py", "-k", "norm_only or l2sp or shout"],
+        cwd=ROOT, env=env | {"FTLAB_CONTRACT_CONF": str(conf)}, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ran = [line for line in proc.stdout.splitlines() if " passed" in line][-1]
+    families = len(list((ROOT / "conf" / "model").glob("tiny_*.yaml")))
+    assert int(ran.split(" passed")[0].split()[-1]) >= families + 5, ran
