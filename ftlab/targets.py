@@ -170,11 +170,11 @@ def check_all(targets: Iterable[tuple[Any, str]]) -> None:
         raise refused[0]
     if refused:
         packages = sorted({r.module.split(".")[0] for r in refused})
-        modules = sorted({r.module for r in refused})
         listed = "; ".join(f"{r.where}._target_ '{r.target}'" for r in refused)
         allow = packages[0] if len(packages) == 1 else None
         how = (f"allow their package {_how.get().format(module=allow)}" if allow else
-               "allow each module: " + ", ".join(_how.get().format(module=m) for m in modules))
+               "allow each package: " + "; ".join(_how.get().format(module=p)
+                                                  for p in packages))
         raise Refused(f"{len(refused)} _target_s are not allowed, their modules are not on the "
                       f"allow-list: {listed}. A config may only name classes of {MODULES_TEXT} "
                       f"(and modules listed in {SETTING}), so a shared config cannot run other "
