@@ -228,12 +228,18 @@ class StageBuilder:
         peft, regularizer = self.peft(stage), self.regularizer(stage)
         if isinstance(regularizer, ChecksTask):  # e.g. R3F needs per-row logits
             regularizer.check_task(self.task(stage))
-        model = regularizer.apply(peft.apply(model))
+        model = returned_model(peft.apply(model), peft, f"{stage.where} peft")
+        model = returned_model(regularizer.apply(model), regularizer,
+                               f"{stage.where} regularizer")
         if not any(p.requires_grad for p in model.parameters()):
             raise FtlabError(f"{stage.where}: peft={peft.name} left no parameter of the "
                              f"{type(model).__name__} to train.",
                              "choose a method that trains some of this model's parameters "
-                             "for this stage (peft=full, lora, adapter_houlsby ...).")
+                             "for this stage (peft=full, lora, adapter_houlsby ...); in a "
+                             "method of your own, apply() must leave the parameters that "
+                             "train with requires_grad=True.")
+        if not type(peft).__module__.startswith("ftlab."):  # yours: the artefact's type now,
+            check_state(peft.trainable_state(model), peft)  # not after training
         if isinstance(task, SeesPrepared):
             task.prepared(model)
         return model, peft, regularizer
@@ -268,6 +274,33 @@ class StageBuilder:
             return None
         require_warmup_head(stage, model)
         return trains_head_only(model)
+
+
+def returned_model(model: Any, method: Any, where: str) -> nn.Module:
+    """What a PEFT method's or regulariser's ``apply`` returned, which must be the model (a
+    method of your own that forgot ``return model`` gave None)."""
+    if not isinstance(model, nn.Module):
+        cls = f"{type(method).__module__}.{type(method).__qualname__}"
+        got = "None" if model is None else type(model).__name__
+        raise FtlabError(f"{where}: {cls}.apply returned {got}, not the "
+                         "model.", "end apply(self, model) with `return model` (or the "
+                         "nn.Module that wraps it).")
+    return model
+
+
+def check_state(state: Any, peft: PeftMethod) -> dict[str, torch.Tensor]:
+    """A PEFT method's ``trainable_state``: what ``trainable.safetensors`` holds, by name."""
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        cls = f"{type(peft).__module__}.{type(peft).__qualname__}"
+        got = type(state).__name__ if not isinstance(state, dict) else "a dict of " + ", ".join(
+            sorted({f"{type(k).__name__}: {type(v).__name__}" for k, v in state.items()}))
+        raise FtlabError(f"peft={peft.name}: {cls}.trainable_state returned {got}, not a "
+                         "dict of parameter names to tensors.",
+                         "return {name: tensor} (e.g. {n: p.detach() for n, p in "
+                         "model.named_parameters() if p.requires_grad}, or subclass "
+                         "ftlab.peft.base.RequiresGradState).")
+    return state
 
 
 class MethodMisfit(FtlabError):

@@ -67,6 +67,7 @@ def main() -> None:
         print(f"ftlab: resuming in {cwd}, the folder the run was started from (relative "
               "paths, yours too, are read from there).", file=sys.stderr)
         os.chdir(cwd)
+    sys.argv[1:] = config_flags_first(sys.argv[1:])
     preflight(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="ftlab-") as tmp:
         # the sweep report (a Hydra callback in this process) writes the sweep's outcome here,
@@ -156,6 +157,25 @@ def _config_flags(argv: list[str]) -> tuple[list[str], list[str], str | None]:
         else:
             rest.append(arg)
     return rest, dirs, (names[-1] if names else None)
+
+
+def config_flags_first(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config-dir``/``-cd`` and ``--config-name``/``-cn`` (and their values)
+    moved to the front: Hydra's parser takes no flag after the overrides (``ftlab peft=mine
+    --config-dir myconf`` stopped with "unrecognized arguments")."""
+    front, rest, take = [], [], False
+    for arg in argv:
+        if take:
+            front.append(arg)
+            take = False
+        elif arg in ("--config-dir", "-cd", "--config-name", "-cn"):
+            front.append(arg)
+            take = True
+        elif arg.partition("=")[0] in ("--config-dir", "--config-name"):
+            front.append(arg)
+        else:
+            rest.append(arg)
+    return front + rest
 
 
 def _overrides(argv: list[str]) -> list[str]:

@@ -6,8 +6,9 @@ import inspect
 import re
 from typing import Any, TypeVar
 
+from hydra._internal.utils import _locate  # get_object without its ERROR log line
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -90,7 +91,7 @@ def load_target(target: str, where: str) -> Any:
     """Import an allowed ``_target_`` (``ftlab.targets``) and return the object."""
     user = check_target(target, where)
     try:
-        obj = get_object(target)
+        obj = _locate(target)
     except Exception:
         raise _import_error(target, where) from None
     check_object(target, obj, where, user)
@@ -118,11 +119,7 @@ def _import_error(target: str, where: str) -> FtlabError:
             if "." in missing:  # its package is there; this module is not
                 module, _, name = module.rpartition(".")
                 continue
-            return FtlabError(f"{head}: there is no module '{missing}' on the Python path.",
-                              "check the module path in the YAML file; for your own package, "
-                              "run from the folder that holds it, put that folder on "
-                              "PYTHONPATH (PYTHONPATH=/path/to/folder ftlab ...) or "
-                              "`pip install -e` it.")
+            return _not_on_path(head, missing)
         except Exception as err:  # noqa: BLE001 - the module's own code failed
             frame = traceback.extract_tb(err.__traceback__)[-1]
             first = str(err).splitlines()[0] if str(err) else ""
@@ -130,9 +127,30 @@ def _import_error(target: str, where: str) -> FtlabError:
                               f"{first} ({frame.filename}, line {frame.lineno}).",
                               "fix that error in the module.")
         names = [n for n in vars(found) if not n.startswith("_")]
+        if hasattr(found, "__path__"):  # a package: its modules not imported yet count too
+            import pkgutil
+
+            names += [m.name for m in pkgutil.iter_modules(found.__path__)]
         return FtlabError(f"{head}: module {module} has no '{name}'.{closest(name, names)}",
                           "check the module path and class name in the YAML file.")
     return FtlabError(f"{head}.", "check the module path and class name in the YAML file.")
+
+
+def _not_on_path(head: str, package: str) -> FtlabError:
+    """No top-level ``package`` to import: say where it must be. The ``ftlab`` command (a
+    console script) does not look in the current folder, as ``python -m ftlab`` does."""
+    from pathlib import Path
+
+    here = Path.cwd()
+    if (here / package / "__init__.py").is_file() or (here / f"{package}.py").is_file():
+        return FtlabError(f"{head}: '{package}' is in the current folder ({here}), but the "
+                          "`ftlab` command does not look for modules there.",
+                          f"put the folder on the path: PYTHONPATH={here} ftlab ... (or run "
+                          "`python -m ftlab ...` from it, or `pip install -e` the package).")
+    return FtlabError(f"{head}: there is no module '{package}' on the Python path.",
+                      "check the module path in the YAML file; for your own package, put the "
+                      "folder that holds it on PYTHONPATH (PYTHONPATH=/path/to/folder ftlab "
+                      "...), or `pip install -e` it.")
 
 
 def check_binds(node: DictConfig | dict, where: str, partial: bool = False,
@@ -191,4 +209,29 @@ def require_protocol(obj: Any, protocol: type, where: str, hint: str) -> Any:
             f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not a "
             f"{protocol.__module__}.{protocol.__qualname__}: it lacks {', '.join(missing)}.",
             f"add {'it' if len(missing) == 1 else 'them'} to the class ({hint}).")
+    for name in protocol_members(protocol):
+        require_signature(obj, protocol, name, where)
     return obj
+
+
+def require_signature(obj: Any, protocol: type, name: str, where: str) -> None:
+    """``obj.<name>`` takes the positional arguments the protocol's method passes (``apply(self,
+    model)``), else an ``FtlabError`` with the signature to give it, before anything trains
+    (not a ``TypeError`` mid-run). Attributes and objects without a signature pass."""
+    wanted = getattr(protocol, name, None)
+    if not inspect.isfunction(wanted):
+        return
+    try:
+        given = inspect.signature(getattr(obj, name))
+    except (TypeError, ValueError):  # a builtin or C method: nothing to read
+        return
+    args = [p.name for p in list(inspect.signature(wanted).parameters.values())[1:]]
+    try:
+        given.bind(*args)
+    except TypeError as err:
+        cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        raise FtlabError(
+            f"{where}: {cls}.{name}{given} cannot be called as "
+            f"{protocol.__qualname__}.{name} is: {name}({', '.join(args)}) ({err}).",
+            f"give it that signature: def {name}(self, {', '.join(args)}) "
+            f"({protocol.__module__}.{protocol.__qualname__}).") from None

@@ -215,6 +215,10 @@ def _load(run_dir: str | Path, stage: str | None) -> Predictor:
 
     run_dir = Path(run_dir).expanduser()
     name, spec, labels = stage_card(run_dir, stage)
+    from ftlab.targets import check_all, targets_in
+
+    check_all(t for part in ("task", "peft", "regularizer")  # every refused one in one message
+              for t in targets_in(getattr(spec, part), f"{spec.where} {part}"))
     L.seed_everything(spec.seed, verbose=False)
     from ftlab.build import StageBuilder
 

@@ -67,6 +67,11 @@ class FineTuneModule(L.LightningModule):
                              "return ftlab.tasks.base.TaskOutput(loss, logits, extras), e.g. "
                              "TaskOutput(out.loss + term, out.logits, out.extras) from "
                              "out = task.forward(model, batch).")
+        if not out.loss.requires_grad:  # torch would say "element 0 of tensors does not..."
+            raise FtlabError(f"regularizer={self.regularizer.name}: the loss training_loss "
+                             "returned has no gradient (detached, or computed under "
+                             "torch.no_grad).", "build it from task.forward(model, batch).loss "
+                             "without .detach()/.item(); detach only the extras you log.")
         loss, rows = out.loss, batch["input_ids"].shape[0]
         # the regulariser's own terms (train/r3f_kl...)
         terms = {f"train/{k}": v.detach() for k, v in out.extras.items()

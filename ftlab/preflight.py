@@ -141,7 +141,8 @@ def _unknown_option(group: str, value: str, options: list[str]) -> FtlabError:
         f"Unknown option '{value}' for config group '{group}'.{closest(value, options)} "
         f"Available options in '{group}': {choices_text(options)}.",
         f"use {group}=<one of those> (each is a file conf/{group}/<option>.yaml; "
-        "`ftlab --help` lists every group).")
+        "`ftlab --help` lists every group); an option of your own: --config-dir DIR "
+        f"with DIR/{group}/{value}.yaml.")
 
 
 def _explain(err: Exception, overrides: list[str], config_name: str) -> FtlabError:

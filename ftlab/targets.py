@@ -94,14 +94,22 @@ def allowed() -> tuple[str, ...]:
     return _extra.get()
 
 
-def _refuse(target: str, where: str, why: str, module: str | None = None) -> FtlabError:
+class Refused(FtlabError):
+    """A ``_target_`` outside the allow-list; ``module``: the one to allow for it."""
+
+    def __init__(self, problem: str, fix: str, target: str, where: str, module: str) -> None:
+        super().__init__(problem, fix)
+        self.target, self.where, self.module = target, where, module
+
+
+def _refuse(target: str, where: str, why: str, module: str | None = None) -> Refused:
     module = module or target.rpartition(".")[0] or target
-    return FtlabError(
+    return Refused(
         f"{where}._target_ '{target}' is not allowed: {why}. A config may only name classes of "
         f"{MODULES_TEXT} (and modules listed in {SETTING}), so a shared config cannot run "
         "other code.",
         f"use a _target_ from conf/ (the registry); if you wrote '{target}' yourself and trust "
-        f"it, allow its module {_how.get().format(module=module)}")
+        f"it, allow its module {_how.get().format(module=module)}", target, where, module)
 
 
 def check_target(target: Any, where: str) -> bool:
@@ -145,19 +153,41 @@ def targets_in(node: Any, where: str) -> Iterator[tuple[Any, str]]:
 
 def check_tree(node: Any, where: str) -> None:
     """``check_target`` on every ``_target_`` in ``node`` (nothing is imported)."""
-    for target, at in targets_in(node, where):
-        check_target(target, at)
+    check_all(targets_in(node, where))
+
+
+def check_all(targets: Iterable[tuple[Any, str]]) -> None:
+    """``check_target`` on each ``(target, where)``, naming every refused one at once: your own
+    method, regulariser and transform in one package are one fix (``allow_targets=[mypkg.]``),
+    not three runs that each name the next module."""
+    refused: list[Refused] = []
+    for target, where in targets:
+        try:
+            check_target(target, where)
+        except Refused as err:
+            refused.append(err)
+    if len(refused) == 1:
+        raise refused[0]
+    if refused:
+        packages = sorted({r.module.split(".")[0] for r in refused})
+        listed = "; ".join(f"{r.where}._target_ '{r.target}'" for r in refused)
+        allow = packages[0] if len(packages) == 1 else None
+        how = (f"allow their package {_how.get().format(module=allow)}" if allow else
+               "allow each package: " + "; ".join(_how.get().format(module=p)
+                                                  for p in packages))
+        raise Refused(f"{len(refused)} _target_s are not allowed, their modules are not on the "
+                      f"allow-list: {listed}. A config may only name classes of {MODULES_TEXT} "
+                      f"(and modules listed in {SETTING}), so a shared config cannot run other "
+                      "code.", f"if you wrote them yourself and trust them, {how}",
+                      refused[0].target, refused[0].where, allow or refused[0].module)
 
 
 def check_config(cfg: dict[str, Any], interpolated: bool = True) -> None:
     """Every ``_target_`` of a composed job config (a plain dict; ``hydra`` is skipped).
     ``interpolated=False`` skips targets that are still ``${...}`` (an unresolved config)."""
-    for key, value in cfg.items():
-        if key == "hydra":
-            continue
-        for target, where in targets_in(value, str(key)):
-            if interpolated or "${" not in str(target):
-                check_target(target, where)
+    check_all((target, where) for key, value in cfg.items() if key != "hydra"
+              for target, where in targets_in(value, str(key))
+              if interpolated or "${" not in str(target))
 
 
 def settings_from_you(cfg: dict[str, Any], overrides: Iterable[str], config_dir: str) -> None:

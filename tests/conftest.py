@@ -119,6 +119,9 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose the real conf/ with overrides, as the CLI would, writing into output_dir."""
     if not any(o.startswith("trainer.budget.") for o in overrides):
         overrides = [*overrides, NO_BUDGET]
+    from tests import your_conf
+
+    overrides = [*overrides, *your_conf.overrides()]  # FTLAB_CONTRACT_CONF: your folders too
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)

@@ -221,3 +221,145 @@ def test_a_regulariser_returning_a_bare_loss_is_told_to_return_a_task_output(
     assert "training_loss returned a Tensor, not a TaskOutput" in record["error"], record
     assert "TaskOutput(out.loss + term" in record["error"].split("Fix:")[1]
     assert not (tmp_path / "run" / "error.log").exists()  # a user error, not a crash
+
+
+#: a contributor's class that has every member its Protocol names but breaks its contract:
+#: a wrong signature, or the wrong thing returned; each is named before anything trains
+BROKEN = '''
+from ftlab.peft.base import RequiresGradState
+
+
+class ApplyNoModel(RequiresGradState):
+    name = "apply_no_model"
+
+    def apply(self):
+        return None
+
+
+class ApplyNoReturn(RequiresGradState):
+    name = "apply_no_return"
+
+    def apply(self, model):
+        model.requires_grad_(True)
+
+
+class StateList(RequiresGradState):
+    name = "state_list"
+
+    def apply(self, model):
+        return model
+
+    def trainable_state(self, model):
+        return [p for p in model.parameters() if p.requires_grad]
+
+
+class LossNoTask:
+    name = "loss_no_task"
+
+    def apply(self, model):
+        return model
+
+    def training_loss(self, model, batch):
+        return model(**batch)
+
+
+class RegNoReturn:
+    name = "reg_no_return"
+
+    def apply(self, model):
+        model.train()
+
+    def training_loss(self, model, batch, task):
+        return task.forward(model, batch)
+
+
+class CallTwoArgs:
+    def __call__(self, train, seed):
+        return train
+'''
+
+
+@pytest.mark.parametrize(("override", "says", "fix"), [
+    ("peft._target_={pkg}.m.ApplyNoModel", "ApplyNoModel.apply() cannot be called as "
+     "PeftMethod.apply is: apply(model)", "def apply(self, model)"),
+    ("regularizer._target_={pkg}.m.LossNoTask", "LossNoTask.training_loss(model, batch) cannot "
+     "be called as Regularizer.training_loss is", "def training_loss(self, model, batch, task)"),
+    ("data.transforms=[{{_target_: {pkg}.m.CallTwoArgs}}]", "CallTwoArgs.__call__(train, seed) "
+     "cannot be called as Transform.__call__ is: __call__(rows)", "def __call__(self, rows)"),
+    ("peft._target_={pkg}.m.ApplyNoReturn", "ApplyNoReturn.apply returned None, not the model",
+     "`return model`"),
+    ("regularizer._target_={pkg}.m.RegNoReturn", "RegNoReturn.apply returned None, not the "
+     "model", "`return model`"),
+    ("peft._target_={pkg}.m.StateList", "StateList.trainable_state returned list, not a dict",
+     "RequiresGradState"),
+])
+def test_a_class_breaking_its_contract_is_named_with_the_fix_before_training(
+        override, says, fix, package, make_cfg, sentiment_dir, tmp_path, no_training):
+    """Before: a TypeError or AttributeError from deep inside the stage (error.log), after
+    validation had passed; a wrong trainable_state only once training had finished."""
+    pkg = package(m=BROKEN)
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), f"allow_targets=[{pkg}.]",
+                      override.format(pkg=pkg)]))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert says in error and fix in error.split("Fix:")[1], error
+    assert not (tmp_path / "run" / "error.log").exists()  # a user error, not a crash
+
+
+def test_a_regulariser_returning_a_detached_loss_is_told_why_it_cannot_train(
+        package, make_cfg, sentiment_dir, tmp_path):
+    pkg = package(bad=GOOD.replace("        return task.forward(model, batch)",
+                                   "        out = task.forward(model, batch)\n"
+                                   "        return TaskOutput(out.loss.detach(), out.logits)"))
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), f"allow_targets=[{pkg}.]",
+                      f"regularizer._target_={pkg}.bad.L2Start", "trainer.max_steps=2"]))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert "the loss training_loss returned has no gradient" in error, error
+    assert not (tmp_path / "run" / "error.log").exists()
+
+
+def test_your_package_in_the_current_folder_is_named_with_pythonpath(
+        package, tmp_path, monkeypatch, caplog):
+    """The ``ftlab`` command does not import from the folder it runs in (``python -m`` does):
+    the fix said "run from the folder that holds it", which is where the user already was."""
+    (tmp_path / "here" / "herepkg").mkdir(parents=True)
+    (tmp_path / "here" / "herepkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path / "here")
+    err = load("herepkg.m.A", "herepkg")
+    assert "'herepkg' is in the current folder" in err.problem, err
+    assert f"PYTHONPATH={tmp_path / 'here'} ftlab" in err.fix, err
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # Hydra's own line
+
+
+def test_a_misspelt_module_of_your_package_suggests_the_right_one(package):
+    pkg = package(norm_only="class NormOnly:\n    pass\n")
+    err = load(f"{pkg}.norm_onyl.NormOnly", pkg)
+    assert f"module {pkg} has no 'norm_onyl'. Did you mean 'norm_only'?" in err.problem, err
+
+
+def test_every_refused_target_of_your_package_is_named_in_one_message():
+    """Your method and regulariser outside allow_targets: one message with one fix for both,
+    not a run per module (each naming the next one)."""
+    from ftlab.targets import check_config
+
+    cfg = {"peft": {"_target_": "mypkg.norm_only.NormOnly"},
+           "regularizer": {"_target_": "mypkg.l2sp.L2SP"}}
+    with pytest.raises(FtlabError) as err:
+        check_config(cfg)
+    assert "peft._target_ 'mypkg.norm_only.NormOnly'" in err.value.problem, err.value
+    assert "regularizer._target_ 'mypkg.l2sp.L2SP'" in err.value.problem, err.value
+    assert "allow_targets=[mypkg.]" in err.value.fix, err.value
+    with allowing(["mypkg."], warn=False):
+        check_config(cfg)
+
+
+def test_an_option_of_your_own_without_its_config_folder_names_config_dir(capsys):
+    from ftlab.cli import preflight
+
+    with pytest.raises(SystemExit) as exit_:
+        preflight(["peft=norm_only"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Unknown option 'norm_only' for config group 'peft'" in err, err
+    assert "--config-dir DIR with DIR/peft/norm_only.yaml" in err, err

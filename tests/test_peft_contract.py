@@ -28,8 +28,10 @@ from ftlab.model.backbone import ModelSpec, load_model
 from ftlab.peft.base import Penalized, count_parameters
 from ftlab.pipeline import split_peft
 from ftlab.store import load_tensors, save_tensors
+from ftlab.targets import allowing
+from tests import your_conf
 
-METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "peft").glob("*.yaml"))
+METHODS = your_conf.options("peft")  # conf/peft/ (and FTLAB_CONTRACT_CONF's: tests/your_conf.py)
 FAMILIES = sorted(p.stem.removeprefix("tiny_")
                   for p in (Path(CONFIG_DIR) / "model").glob("tiny_*.yaml"))
 #: methods whose artefact is not meant to be small (they change every weight)
@@ -75,8 +77,9 @@ def fresh_model(family: str = "bert") -> torch.nn.Module:
 
 
 def method(name: str, **extra):
-    node = OmegaConf.load(Path(CONFIG_DIR) / "peft" / f"{name}.yaml")
-    return instantiate_checked(split_peft(OmegaConf.merge(node, extra))[0], f"peft={name}")
+    node = OmegaConf.load(your_conf.conf_file("peft", name))
+    with allowing(your_conf.packages(), warn=False):
+        return instantiate_checked(split_peft(OmegaConf.merge(node, extra))[0], f"peft={name}")
 
 
 def batch(seed: int = 0, n: int = 8) -> dict[str, torch.Tensor]:

@@ -20,16 +20,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ftlab.cli import CONFIG_DIR
 from ftlab.config import instantiate_checked
 from ftlab.errors import FtlabError
 from ftlab.run import run
+from ftlab.targets import allowing
 from ftlab.tasks.base import TaskOutput
 from ftlab.tasks.classify import Classify
+from tests import your_conf
 from tests.conftest import tiny_overrides
 from tests.test_peft_contract import FAMILIES, batch, logits, method, tiny_model
 
-REGULARIZERS = sorted(p.stem for p in (Path(CONFIG_DIR) / "regularizer").glob("*.yaml"))
+REGULARIZERS = your_conf.options("regularizer")  # and FTLAB_CONTRACT_CONF's (your_conf.py)
 PEFTS = ("full", "lora", "adapter_pfeiffer")
 #: the regularisers' own terms, logged per step as train/<term>
 LOGGED_TERMS = {"r3f": ("r3f_kl",), "smart": ("smart_adv", "smart_bregman"),
@@ -42,9 +43,9 @@ TINY_RUN = {"freelb": ["regularizer.adv_lr=1e-3", "regularizer.init_mag=1e-3"],
 
 
 def regularizer(name: str, **extra):
-    node = OmegaConf.merge(OmegaConf.load(Path(CONFIG_DIR) / "regularizer" / f"{name}.yaml"),
-                           extra)
-    return instantiate_checked(node, f"regularizer={name}")
+    node = OmegaConf.merge(OmegaConf.load(your_conf.conf_file("regularizer", name)), extra)
+    with allowing(your_conf.packages(), warn=False):
+        return instantiate_checked(node, f"regularizer={name}")
 
 
 class TinyClassify(Classify):

@@ -19,6 +19,7 @@ from ftlab.errors import FtlabError
 from ftlab.pipeline import build_pipeline
 from ftlab.run import run
 from ftlab.stage_keys import pipeline_keys
+from tests import your_conf
 from tests.conftest import synthetic_rows, tiny_overrides, write_jsonl
 
 
@@ -255,7 +256,7 @@ def test_a_few_shot_run_records_what_the_transforms_did(make_cfg, sentiment_dir)
     assert card["data_transforms"][0]["per_class"] == few["per_class"]
 
 
-TRANSFORMS = sorted(p.stem for p in (Path(CONFIG_DIR) / "transform").glob("*.yaml"))
+TRANSFORMS = your_conf.options("transform")  # and FTLAB_CONTRACT_CONF's (your_conf.py)
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)

@@ -85,7 +85,7 @@ def resolve_nodes(entries: list[Any] | None, where: str = "data.transforms",
 def build(nodes: list[dict[str, Any]], where: str = "data.transforms") -> list[tuple[str, Any]]:
     """``(name, transform)`` for each node; every ``_target_`` passes the allow-list and its
     keys bind to the constructor (``config.instantiate_checked``)."""
-    from ftlab.config import instantiate_checked
+    from ftlab.config import instantiate_checked, require_signature
     from ftlab.data.transforms.base import Transform
 
     out = []
@@ -94,7 +94,11 @@ def build(nodes: list[dict[str, Any]], where: str = "data.transforms") -> list[t
         if not isinstance(obj, Transform):
             raise FtlabError(f"{where}[{i}]._target_ '{node['_target_']}' is not a transform "
                              "(it is not callable on Rows).",
-                             "use a class from ftlab.data.transforms (conf/transform/).")
+                             "use a class from conf/transform/, or give your class a "
+                             "__call__(self, rows) that returns an Applied "
+                             "(ftlab.data.transforms.base; see ftlab/data/transforms/"
+                             "gender_swap.py).")
+        require_signature(obj, Transform, "__call__", f"{where}[{i}]")
         out.append((getattr(obj, "name", type(obj).__name__), obj))
     return out
 
