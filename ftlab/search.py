@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ SWEEPER = "hydra_plugins.ftlab_sweeper.optuna_sweeper.FtlabOptunaSweeper"
 
 #: the file in the sweep folder holding the study when ``storage`` is null
 JOURNAL = "optuna.journal"
-_RDB = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
+#: a database URL (``dialect[+driver]://...``, SQLAlchemy's form): RDBStorage; else a file path
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _OBJECT_PREFIX = {"sampler": "optuna.samplers.", "pruner": "optuna.pruners."}
 
 
@@ -42,7 +44,7 @@ def storage_url(storage: str | None, sweep_dir: str | Path) -> str:
     sweep folder's ``optuna.journal``)."""
     if not storage:
         return str(Path(sweep_dir) / JOURNAL)
-    return storage if storage.startswith(_RDB) else str(Path(storage).expanduser())
+    return storage if _URL.match(storage) else str(Path(storage).expanduser())
 
 
 def open_storage(url: str) -> Any:
@@ -51,10 +53,27 @@ def open_storage(url: str) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    if url.startswith(_RDB):
+    if _URL.match(url):
         return optuna.storages.RDBStorage(url)
+    if Path(url).is_dir():  # (Optuna's own error comes later, from deep inside a read)
+        raise IsADirectoryError(f"{url} is a folder, not a journal file")
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(url))
+
+
+def storage_error(url: str, err: BaseException) -> FtlabError:
+    """What a storage that cannot be opened (a missing folder, no database driver, a server
+    that does not answer, a folder given as the journal) tells the user, instead of the
+    traceback from Optuna or SQLAlchemy."""
+    first = (str(err).splitlines() or [""])[0] or type(err).__name__
+    return FtlabError(
+        f"Cannot open the Optuna study's storage hydra.sweeper.storage={url}: "
+        f"{type(err).__name__}: {first}",
+        "give a journal file in a folder you can write to (e.g. hydra.sweeper.storage="
+        "/shared/lr.journal), sqlite:///<path>.db in a folder that exists, or a database URL "
+        "whose server is reachable and whose driver is installed (postgresql: pip install "
+        "psycopg2-binary); hydra.sweeper.storage=null keeps the study in the sweep folder's "
+        f"{JOURNAL}.")
 
 
 def build_object(node: Any, kind: str) -> Any:

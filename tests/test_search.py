@@ -215,6 +215,11 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
     ("hydra.sweeper.direction=up", "'up' is not one of: auto, maximize, minimize"),  # ValueError
     # val/acc minimised: the search kept the worst trials and pruned the best
     ("hydra.sweeper.direction=minimize", "the task's monitored metric, is to maximize"),
+    # storages that cannot open: SQLAlchemy's traceback; a URL Optuna has no database for
+    # was taken as a file path (a folder 'redis:' in the working folder, a search in it)
+    ("hydra.sweeper.storage=sqlite:////no-such-folder/s.db", "Cannot open the Optuna study's "
+     "storage hydra.sweeper.storage=sqlite:////no-such-folder/s.db: OperationalError"),
+    ("hydra.sweeper.storage=redis://localhost:6379", "Can't load plugin: sqlalchemy.dialects"),
 ])
 def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
                                                              expected):

@@ -75,10 +75,14 @@ class FtlabOptunaSweeper(Sweeper):
         log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
                  direction)
         # (the sampler's seed is offset per worker by ftlab.search.ask_first)
-        study = optuna.create_study(
-            study_name=self.study_name, storage=search.open_storage(url), direction=direction,
-            sampler=search.build_object(self.sampler_node, "sampler"),
-            pruner=search.build_object(self.pruner_node, "pruner"), load_if_exists=True)
+        sampler = search.build_object(self.sampler_node, "sampler")
+        pruner = search.build_object(self.pruner_node, "pruner")
+        try:
+            study = optuna.create_study(
+                study_name=self.study_name, storage=search.open_storage(url),
+                direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
+        except Exception as err:  # noqa: BLE001 - OSError, ImportError, SQLAlchemy's errors
+            raise search.storage_error(url, err) from None
         search.check_joinable(study, space, direction, url)
         return study
 
