@@ -203,6 +203,22 @@ def parse_space(lines: list[str], config_loader: Any) -> tuple[dict[str, Any], l
     return space, list(fixed.values())
 
 
+def corners(space: dict[str, Any], fixed: list[str]) -> list[list[str]]:
+    """Jobs' overrides at the space's corners, checked before the study is made: every key at
+    its low end (the first choice), then at its high end (the last), and each other choice."""
+    from optuna.distributions import CategoricalDistribution
+
+    def ends(dist: Any) -> list[Any]:
+        if isinstance(dist, CategoricalDistribution):
+            return list(dist.choices)
+        return [dist.low, dist.high]
+
+    values = {k: ends(d) for k, d in space.items()}
+    points = [{k: v[0] for k, v in values.items()}, {k: v[-1] for k, v in values.items()}]
+    points += [points[0] | {k: c} for k, v in values.items() for c in v[1:-1]]
+    return [[*fixed, *(f"{k}={v}" for k, v in p.items())] for p in points]
+
+
 @dataclass
 class Outcome:
     """What one trial's jobs ended in: ``complete`` (value = mean objective over seeds),

@@ -220,13 +220,22 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
     ("hydra.sweeper.storage=sqlite:////no-such-folder/s.db", "Cannot open the Optuna study's "
      "storage hydra.sweeper.storage=sqlite:////no-such-folder/s.db: OperationalError"),
     ("hydra.sweeper.storage=redis://localhost:6379", "Can't load plugin: sqlalchemy.dialects"),
+    # a space no trial can run: Hydra's error after the study had a trial (left 'running'),
+    # or every trial's job failing in turn
+    ("stage.optim.lrr=tag(log,interval(1e-4,1e-2))",
+     "stage.optim.lrr=0.0001): Unknown key 'lrr' in 'stage.optim'. Did you mean 'lr'?"),
+    ("stage.optim.warmup_ratio=interval(0,2.0)", "optim.warmup_ratio=2.0 is out of range"),
 ])
 def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
                                                              expected):
-    proc = ftlab(*search_args(sentiment_dir, setting), cwd=tmp_path)
+    proc = ftlab(*search_args(sentiment_dir, setting, f"hydra.sweep.dir={tmp_path / 's'}"),
+                 cwd=tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-2000:]
     assert expected in out and "Traceback" not in out, out[-2000:]
+    journal = tmp_path / "s" / "optuna.journal"
+    if journal.exists():  # no trial was asked (and none left 'running' in the study)
+        assert not optuna.load_study(study_name="ftlab", storage=open_storage(str(journal))).trials
 
 
 @pytest.mark.parametrize(("direction", "space", "expected"), [

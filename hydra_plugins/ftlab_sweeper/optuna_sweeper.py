@@ -105,7 +105,8 @@ class FtlabOptunaSweeper(Sweeper):
         except ImportError:
             raise FtlabError("hydra/sweeper=ftlab_optuna needs Optuna 4. Fix: pip install "
                              "'ftlab[search]' (or pip install 'optuna>=4,<5').") from None
-        from ftlab.search import ask_first, parse_space, trial_outcome, write_results
+        from ftlab.search import ask_first, corners, parse_space, trial_outcome, write_results
+        from ftlab.sweepcheck import check_jobs
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,9 @@ class FtlabOptunaSweeper(Sweeper):
                                  "auto, maximize, minimize.",
                                  "set hydra.sweeper.direction=auto (from the task's monitor).")
             space, fixed = parse_space(lines, self.hydra_context.config_loader)
+            # a key not in the config, or a bound no job can run with, fails every trial:
+            # stop before the study records any
+            check_jobs(self.config, corners(space, fixed), "Search point")
             study = self.study(sweep_dir, fixed, space)
         except FtlabError as err:  # a message, not a traceback (SystemExit passes Hydra)
             print(f"\nftlab: {err}\n", file=sys.stderr)
