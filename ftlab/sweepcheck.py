@@ -63,6 +63,15 @@ def check_sweep(config: DictConfig) -> None:
     jobs = sweep_jobs(config)
     if not jobs or len(jobs) < 2:
         return  # one job checks itself before it trains
+    seen: dict[tuple[str, ...], int] = {}
+    for num, job in enumerate(jobs):  # seed=1,1,2: the copy reuses the first job's record
+        if (first := seen.setdefault(tuple(sorted(job)), num)) != num:
+            same = " ".join(o for o in job if o in _varying(jobs)) or " ".join(job)
+            raise FtlabError(f"Sweep job {num} ({same}) is the same job as sweep job {first}: "
+                             "a value is given twice in the sweep, so its run would count "
+                             "once where you expect two (the copy reuses the first's result).",
+                             "give each value once (seed=1,2,3, not seed=1,1,2); more runs of "
+                             "one configuration take more seeds.")
     check_jobs(config, jobs)
 
 

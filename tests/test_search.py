@@ -225,6 +225,8 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
     ("stage.optim.lrr=tag(log,interval(1e-4,1e-2))",
      "stage.optim.lrr=0.0001): Unknown key 'lrr' in 'stage.optim'. Did you mean 'lr'?"),
     ("stage.optim.warmup_ratio=interval(0,2.0)", "optim.warmup_ratio=2.0 is out of range"),
+    # the second seed-1 job reused the first's record: mean(s1, s1, s2) was the trial's value
+    ("hydra.sweeper.seeds=[1,2,1]", "names seed 1 more than once"),
 ])
 def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
                                                              expected):

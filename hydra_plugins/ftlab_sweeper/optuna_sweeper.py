@@ -120,6 +120,12 @@ class FtlabOptunaSweeper(Sweeper):
             if self.n_trials < 1:  # (the loop below would not run, and there is no result)
                 raise FtlabError(f"hydra.sweeper.n_trials={self.n_trials}: a search needs at "
                                  "least one trial.", "set hydra.sweeper.n_trials=1 or more.")
+            twice = sorted({s for s in self.seeds or [] if self.seeds.count(s) > 1})
+            if twice:  # the copy reuses the first job's record: that seed counts twice
+                raise FtlabError(f"hydra.sweeper.seeds={self.seeds} names seed "
+                                 f"{', '.join(map(str, twice))} more than once: each trial's "
+                                 "mean would count that seed's score twice.",
+                                 "list each seed once, e.g. hydra.sweeper.seeds=[1,2,3].")
             if self.direction not in ("auto", "maximize", "minimize"):
                 raise FtlabError(f"hydra.sweeper.direction={self.direction!r} is not one of: "
                                  "auto, maximize, minimize.",
