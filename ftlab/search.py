@@ -219,6 +219,27 @@ def corners(space: dict[str, Any], fixed: list[str]) -> list[list[str]]:
     return [[*fixed, *(f"{k}={v}" for k, v in p.items())] for p in points]
 
 
+def unfinished(study: Any, sweep_dir: Path) -> list[Any]:
+    """Trials a stopped search in this folder left ``running`` (Ctrl+C, SIGTERM, a kill): one
+    of their jobs here was interrupted and none still runs. ``resume=`` runs them again first
+    (each job back in its folder: a finished one is reused, an interrupted one continues from
+    its checkpoint) and tells the study their outcome; without that they stayed ``running``
+    for good, and their interrupted job made every later report exit 1. A running trial with
+    no job here (another worker's) is left alone."""
+    from optuna.trial import Trial, TrialState
+
+    from ftlab.report_jobs import collect
+
+    jobs: dict[int, list[str]] = {}
+    for rec in collect(sweep_dir, ended=False, unique=False) if sweep_dir.is_dir() else []:
+        number = [o.split("=", 1)[1] for o in rec.get("overrides") or [] if o.startswith("trial=")]
+        if number and number[-1].isdigit():
+            jobs.setdefault(int(number[-1]), []).append(str(rec.get("status")))
+    return [Trial(study, t._trial_id)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if "interrupted" in jobs.get(t.number, []) and "running" not in jobs[t.number]]
+
+
 @dataclass
 class Outcome:
     """What one trial's jobs ended in: ``complete`` (value = mean objective over seeds),

@@ -63,11 +63,14 @@ def test_storage_and_trial_outcomes(tmp_path):
     assert trial_outcome([ok, {"status": "error", "objective": -math.inf}]).state == "fail"
 
 
-def ftlab(*args: str, cwd: Path, omp: str | None = "1") -> subprocess.Popen:
-    """``ftlab -m ARGS`` in ``cwd``; ``omp`` None: no OMP_NUM_THREADS (ftlab picks threads)."""
+def ftlab(*args: str, cwd: Path, omp: str | None = "1",
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``ftlab -m ARGS`` in ``cwd``; ``omp`` None: no OMP_NUM_THREADS (ftlab picks threads);
+    ``env``: more environment variables."""
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "OMP_NUM_THREADS")}
     env |= {"FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline"} | ({"OMP_NUM_THREADS": omp} if omp
-                                                                  else {})
+                                                                  else {}) | extra
     return subprocess.Popen([sys.executable, "-m", "ftlab", "-m", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -208,6 +211,36 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
         assert record["overrides"][-1] == f"trial={job}" and "reused" not in record
     # the re-launch's search.json still names the first launch's job folders (it said [])
     assert [t["jobs"] for t in trials] == [[str(sweep / str(n))] for n in range(4)]
+
+
+@pytest.mark.slow  # ~35 s: two searches of 2 and 3 jobs
+def test_a_search_stopped_by_ctrl_c_finishes_its_trial_when_resumed(tmp_path, sentiment_dir):
+    """Ctrl+C in a trial's second seed: the trial stayed 'running' in the study for good, its
+    interrupted job was never continued (resume= asked new trials), and that job made every
+    later report of the folder exit 1. Resumed, the trial's jobs go back to their folders (the
+    finished one reused, the stopped one from its checkpoint) and the study gets its value."""
+    sweep = tmp_path / "search"
+    args = search_args(sentiment_dir, "hydra.sweeper.n_trials=1", "hydra.sweeper.seeds=[1,2]",
+                       "trainer.max_steps=8", "checkpoint.every_n_steps=4",
+                       "+callbacks.stop._target_=tests.crash.InterruptAt",
+                       "+callbacks.stop.step=5", "allow_targets=[tests.]",
+                       f"hydra.sweep.dir={sweep}")
+    proc = ftlab(*args, cwd=tmp_path, env={"FTLAB_TEST_INTERRUPT_SEEDS": "2",
+                                           "PYTHONPATH": str(Path(__file__).parents[1])})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    proc = ftlab(f"resume={sweep}", cwd=tmp_path,
+                 env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode in (0, 3), out[-2000:]  # (3: no trial beat the baseline)
+    trials = json.loads((sweep / "search.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["complete", "complete"], trials
+    assert [t["jobs"] for t in trials] == [[str(sweep / "0"), str(sweep / "1")],
+                                           [str(sweep / "2"), str(sweep / "3")]]
+    jobs = [json.loads((sweep / str(n) / "metrics.json").read_text()) for n in range(4)]
+    assert [j["status"] for j in jobs] == ["ok"] * 4
+    assert jobs[1]["stages"]["classify"]["resumed_from_step"] == 4
+    assert trials[0]["value"] == pytest.approx((jobs[0]["objective"] + jobs[1]["objective"]) / 2)
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
