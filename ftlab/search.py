@@ -196,6 +196,13 @@ def parse_space(lines: list[str], config_loader: Any) -> tuple[dict[str, Any], l
             fixed[key] = f"{key}={override.get_value_element_as_str()}"
         else:
             space[key] = dist
+    seeded = [k for k in space if k == "seed" or k.endswith(".seed")]
+    if seeded:  # the search would pick the luckiest seed and report it as a setting
+        raise FtlabError(f"{seeded[0]} is in the search space, so the search would tune the "
+                         "seed like a hyper-parameter: its best trial is the luckiest seed, "
+                         "not the best setting.", "give the seeds to the sweeper instead: "
+                         "hydra.sweeper.seeds=[1,2,3] runs every trial once per seed and "
+                         "scores their mean (a plain seed=N fixes one seed).")
     if not space:
         raise FtlabError("The search space is empty. Fix: give hydra.sweeper.params (or "
                          "command-line sweeps) such as stage.optim.lr='tag(log,interval(1e-5,"

@@ -38,6 +38,10 @@ def test_space_syntax_maps_to_optuna_distributions():
     assert list(space) == ["stage.optim.lr"] and fixed == ["stage.batch_size=16"]
     with pytest.raises(FtlabError, match="search space is empty"):
         parse_space(["peft=lora"], None)
+    # `-m seed=1,2,3` with the search: Optuna tuned the seed and kept the luckiest one
+    with pytest.raises(FtlabError, match=r"(?s)seed is in the search space.*hydra.sweeper.seeds="):
+        parse_space(["stage.optim.lr=interval(0.1,1)", "seed=1,2,3"], None)
+    assert parse_space(["stage.optim.lr=interval(0.1,1)", "seed=4"], None)[1] == ["seed=4"]
 
 
 def test_only_optuna_samplers_and_pruners_are_built():
