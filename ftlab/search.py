@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftlab.errors import FtlabError
+from ftlab.errors import FtlabError, choices_text, closest
 from ftlab.store import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,36 @@ def build_object(node: Any, kind: str) -> Any:
         example = "TPESampler" if kind == "sampler" else "MedianPruner"
         raise FtlabError(f"hydra.sweeper.{kind}._target_ is {target!r}; it must be one of "
                          f"Optuna's classes under {prefix} (e.g. {prefix}{example}).")
-    return instantiate(node)
+    try:
+        return instantiate(node)
+    except Exception as err:  # noqa: BLE001 - Hydra's InstantiationException, with its cause
+        raise _not_built(err, kind, target) from None
+
+
+def _not_built(err: Exception, kind: str, target: str) -> FtlabError:
+    """Why ``hydra.sweeper.<kind>`` could not be built, and the fix: a class Optuna does not
+    have, a key its class does not take (the YAML's keys are TPESampler's and MedianPruner's:
+    another class needs them dropped, as a dict on the command line merges into them), or a
+    value it refuses."""
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    try:
+        have = [n for n in dir(importlib.import_module(module)) if n[:1].isupper()]
+    except ImportError:
+        have = []
+    if name not in have:
+        return FtlabError(f"hydra.sweeper.{kind}._target_={target}: {module} has no "
+                          f"{name}.{closest(name, have)}", f"use one of: {choices_text(have)}.")
+    cause = err.__cause__ or err
+    first = (str(cause).splitlines() or [""])[0]
+    key = re.search(r"unexpected keyword argument '(\w+)'", first)
+    fix = (f"drop it: ~hydra.sweeper.{kind}.{key.group(1)} (conf/hydra/sweeper/ftlab_optuna.yaml "
+           f"sets the keys of its default {kind}, which {name} does not take)." if key else
+           f"give hydra.sweeper.{kind}.* values {name} accepts (Optuna's documentation of "
+           f"{target}).")
+    return FtlabError(f"hydra.sweeper.{kind} ({name}) could not be built: "
+                      f"{type(cause).__name__}: {first}", fix)
 
 
 def check_joinable(study: Any, space: dict[str, Any], direction: str, where: str) -> None:

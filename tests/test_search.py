@@ -264,6 +264,15 @@ def test_a_search_stopped_by_ctrl_c_finishes_its_trial_when_resumed(tmp_path, se
     ("stage.optim.warmup_ratio=interval(0,2.0)", "optim.warmup_ratio=2.0 is out of range"),
     # the second seed-1 job reused the first's record: mean(s1, s1, s2) was the trial's value
     ("hydra.sweeper.seeds=[1,2,1]", "names seed 1 more than once"),
+    # Hydra's TypeError traceback (seeds=3), or every trial's jobs failing on 'a'
+    ("hydra.sweeper.seeds=3", "hydra.sweeper.seeds=3 is not a list of integer seeds"),
+    ("hydra.sweeper.seeds=[a,b]", "is not a list of integer seeds"),
+    # Hydra's "Error in call to target" / "Error locating target" tracebacks
+    ("hydra.sweeper.sampler._target_=optuna.samplers.TPESamplr", "Did you mean 'TPESampler'?"),
+    ("hydra.sweeper.pruner.n_startup_trials=-1",
+     "hydra.sweeper.pruner (MedianPruner) could not be built: ValueError"),
+    ("hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+     "drop it: ~hydra.sweeper.sampler.n_startup_trials"),
 ])
 def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
                                                              expected):

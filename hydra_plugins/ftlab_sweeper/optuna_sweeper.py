@@ -18,6 +18,23 @@ log = logging.getLogger(__name__)
 NUMBERED = "${hydra.job.num}"
 
 
+def check_seeds(seeds: Any) -> list[int] | None:
+    """``hydra.sweeper.seeds`` as a list of ints (null or empty: None); else ``FtlabError``
+    (``seeds=3`` was a TypeError from Hydra, ``[a,b]`` failed every job)."""
+    from omegaconf import ListConfig
+
+    from ftlab.errors import FtlabError
+
+    if seeds is None:
+        return None
+    values = list(seeds) if isinstance(seeds, list | tuple | ListConfig) else None
+    if values is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
+        raise FtlabError(f"hydra.sweeper.seeds={seeds!r} is not a list of integer seeds.",
+                         "give a list: 'hydra.sweeper.seeds=[1,2,3]' (quoted for the shell), "
+                         "or null for the run's seed.")
+    return values or None
+
+
 class FtlabOptunaSweeper(Sweeper):
     """Ask Optuna for ``n_trials`` trials (``n_jobs`` at a time, launched together), run each
     as one ftlab job per seed and tell Optuna the outcome (complete / pruned / fail).
@@ -38,7 +55,7 @@ class FtlabOptunaSweeper(Sweeper):
                  pruner: Any = None) -> None:
         self.params = dict(params or {})
         self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
-        self.seeds = list(seeds) if seeds else None
+        self.seeds = seeds  # checked in sweep(), where a bad value gets a message
         self.direction, self.study_name, self.storage = direction, study_name, storage
         self.sampler_node, self.pruner_node = sampler, pruner
         self.hydra_context: HydraContext | None = None
@@ -166,6 +183,7 @@ class FtlabOptunaSweeper(Sweeper):
             if self.n_trials < 1:  # (the loop below would not run, and there is no result)
                 raise FtlabError(f"hydra.sweeper.n_trials={self.n_trials}: a search needs at "
                                  "least one trial.", "set hydra.sweeper.n_trials=1 or more.")
+            self.seeds = check_seeds(self.seeds)
             twice = sorted({s for s in self.seeds or [] if self.seeds.count(s) > 1})
             if twice:  # the copy reuses the first job's record: that seed counts twice
                 raise FtlabError(f"hydra.sweeper.seeds={self.seeds} names seed "
