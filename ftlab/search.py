@@ -122,6 +122,29 @@ def _not_built(err: Exception, kind: str, target: str) -> FtlabError:
                       f"{type(cause).__name__}: {first}", fix)
 
 
+def check_settings(study: Any, fixed: list[str], where: str) -> None:
+    """The overrides every trial shares (``peft=lora``, the data, the trainer) are the study's:
+    kept on a new study, and a search joining it must run with the same ones. Otherwise its
+    trials were compared with trials of another recipe (``peft=full``), and the best trial's
+    ``best_params.yaml`` was read with this search's settings though it ran with others."""
+    mine = sorted(fixed)
+    theirs = study.user_attrs.get("fixed")
+    if theirs is None:
+        if not study.trials:  # (a study made before ftlab kept them: nothing to compare)
+            study.set_user_attr("fixed", mine)
+        return
+    if sorted(theirs) != mine:
+        only = [o for o in mine if o not in theirs]
+        gone = [o for o in theirs if o not in mine]
+        differ = "; ".join([*([f"this search adds {' '.join(only)}"] if only else []),
+                            *([f"it lacks {' '.join(gone)}"] if gone else [])])
+        raise FtlabError(f"Study {study.study_name!r} in {where} ran its trials with other "
+                         f"fixed settings ({differ}): their trials are not comparable, and its "
+                         "best trial's parameters would be read with settings it did not run "
+                         "with.", "run with the study's settings, or give this search its own "
+                         "study: hydra.sweeper.study_name=<a new name>.")
+
+
 def check_joinable(study: Any, space: dict[str, Any], direction: str, where: str) -> None:
     """A study that exists already (another worker's, or from an earlier search with the same
     ``study_name`` and storage) is joined only with the same direction and a space its trials

@@ -311,6 +311,22 @@ def test_joining_a_study_of_another_objective_or_space_stops_with_the_fix(
     assert "Traceback" not in out and len(study.trials) == 1  # nothing was asked or run
 
 
+def test_a_study_is_joined_only_with_its_fixed_settings():
+    """A second search with `peft=lora` joined a `peft=full` study: Optuna compared the two
+    recipes' trials, and best_params.yaml (lr only) was read as a setting for LoRA."""
+    from ftlab.search import check_settings
+
+    study = optuna.create_study(direction="maximize")
+    check_settings(study, ["peft=full", "data=local"], "memory")  # a new study keeps them
+    study.tell(study.ask(), 0.5)
+    check_settings(study, ["data=local", "peft=full"], "memory")  # the same, in any order
+    with pytest.raises(FtlabError, match=r"this search adds peft=lora; it lacks peft=full"):
+        check_settings(study, ["peft=lora", "data=local"], "memory")
+    old = optuna.create_study()  # made before ftlab kept them: nothing to compare with
+    old.tell(old.ask(), 0.5)
+    check_settings(old, ["peft=lora"], "memory")
+
+
 def test_the_sweepers_tell_their_jobs_how_many_run_at_once(tmp_path, monkeypatch):
     """The batch's size is in the environment a launcher's processes inherit, only while the
     batch launches (ftlab.threads divides the cores by it)."""

@@ -104,6 +104,7 @@ class FtlabOptunaSweeper(Sweeper):
         except Exception as err:  # noqa: BLE001 - OSError, ImportError, SQLAlchemy's errors
             raise search.storage_error(url, err) from None
         search.check_joinable(study, space, direction, url)
+        search.check_settings(study, fixed, url)
         return study
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
