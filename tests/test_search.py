@@ -15,7 +15,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from ftlab.errors import FtlabError  # noqa: E402
-from ftlab.search import build_object, open_storage, parse_space, storage_url, trial_outcome  # noqa: E402
+from ftlab.search import parse_space, trial_outcome  # noqa: E402
+from ftlab.study import build_object, open_storage, storage_url  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 
@@ -314,7 +315,7 @@ def test_joining_a_study_of_another_objective_or_space_stops_with_the_fix(
 def test_a_study_is_joined_only_with_its_fixed_settings():
     """A second search with `peft=lora` joined a `peft=full` study: Optuna compared the two
     recipes' trials, and best_params.yaml (lr only) was read as a setting for LoRA."""
-    from ftlab.search import check_settings
+    from ftlab.study import check_settings
 
     study = optuna.create_study(direction="maximize")
     check_settings(study, ["peft=full", "data=local"], "memory")  # a new study keeps them

@@ -76,6 +76,7 @@ class FtlabOptunaSweeper(Sweeper):
         import optuna
 
         from ftlab import search
+        from ftlab import study as study_
         from ftlab.errors import FtlabError
 
         direction = self.direction
@@ -91,20 +92,20 @@ class FtlabOptunaSweeper(Sweeper):
                              "and its pruner would keep the worst trials.",
                              "set hydra.sweeper.direction=auto (or drop it).")
         direction = task
-        url = search.storage_url(self.storage, sweep_dir)
+        url = study_.storage_url(self.storage, sweep_dir)
         log.info("Optuna %s: study %r in %s, %s", optuna.__version__, self.study_name, url,
                  direction)
         # (the sampler's seed is offset per worker by ftlab.search.ask_first)
-        sampler = search.build_object(self.sampler_node, "sampler")
-        pruner = search.build_object(self.pruner_node, "pruner")
+        sampler = study_.build_object(self.sampler_node, "sampler")
+        pruner = study_.build_object(self.pruner_node, "pruner")
         try:
             study = optuna.create_study(
-                study_name=self.study_name, storage=search.open_storage(url),
+                study_name=self.study_name, storage=study_.open_storage(url),
                 direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True)
         except Exception as err:  # noqa: BLE001 - OSError, ImportError, SQLAlchemy's errors
-            raise search.storage_error(url, err) from None
-        search.check_joinable(study, space, direction, url)
-        search.check_settings(study, fixed, url)
+            raise study_.storage_error(url, err) from None
+        study_.check_joinable(study, space, direction, url)
+        study_.check_settings(study, fixed, url)
         return study
 
     def launch(self, batch: list[list[str]]) -> list[dict[str, Any]]:
