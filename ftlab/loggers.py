@@ -102,6 +102,31 @@ def wandb_logger(
     return logger
 
 
+#: what W&B refuses in a project name (``wandb.sdk.wandb_settings``): these characters, and
+#: more than 128 characters
+PROJECT_REFUSED = "/\\#?%:"
+
+
+def check_wandb_node(node: Any, where: str) -> None:
+    """A W&B project name that ``wandb.init`` would refuse, refused before any job trains:
+    otherwise every stage trained without W&B (one warning each, with the wrong fix) and the
+    sweep's summary runs were not logged."""
+    from ftlab.errors import FtlabError
+
+    project = node.get("project") if node.get("_target_") == f"{__name__}.wandb_logger" \
+        else None
+    if project is None:
+        return
+    bad = sorted({c for c in str(project) if c in PROJECT_REFUSED})
+    if bad or len(str(project)) > 128:
+        why = f"it holds {' '.join(repr(c) for c in bad)}" if bad else \
+            f"it is {len(str(project))} characters long"
+        raise FtlabError(f"{where}.project={str(project)!r} is not a name W&B accepts ({why}; "
+                         f"W&B refuses {' '.join(PROJECT_REFUSED)} and more than 128 "
+                         "characters).", f"name the project with letters, digits, '-', '_' "
+                         f"or '.', e.g. {where}.project=ftlab-sentiment.")
+
+
 def resolve_mode(mode: str) -> str:
     """``auto`` -> ``online`` only when an API key is configured and the W&B server answers
     within 3 s, else ``offline`` (which also sets ``WANDB_MODE``: no analytics calls at exit)."""

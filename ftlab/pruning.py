@@ -30,7 +30,7 @@ def trial_callbacks(trial: int | None, seed: int | None, stage: str) -> dict[str
     from omegaconf import OmegaConf
 
     from ftlab.discard import sweep_dir
-    from ftlab.search import storage_url
+    from ftlab.study import storage_url
 
     if trial is None or not HydraConfig.initialized():
         return {}
@@ -69,7 +69,7 @@ class OptunaPruning(StopsJob):
     def _open(self) -> Any:
         import optuna
 
-        from ftlab.search import open_storage
+        from ftlab.study import open_storage
 
         storage = open_storage(self.storage_url)
         study = optuna.load_study(study_name=self.study_name, storage=storage,
@@ -79,7 +79,7 @@ class OptunaPruning(StopsJob):
         return optuna.trial.Trial(study, trial_id)
 
     def _pruner(self) -> Any:
-        from ftlab.search import build_object
+        from ftlab.study import build_object
 
         node = self.pruner_node
         return build_object({"_target_": node["class"], **node["kwargs"]}, "pruner") \

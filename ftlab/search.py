@@ -25,81 +25,12 @@ from typing import Any
 
 from ftlab.errors import FtlabError
 from ftlab.store import atomic_write, write_json
+from ftlab.study import build_object
 
 log = logging.getLogger(__name__)
 
 #: the ``_target_`` of ``hydra/sweeper=ftlab_optuna`` (what jobs and the report check for)
 SWEEPER = "hydra_plugins.ftlab_sweeper.optuna_sweeper.FtlabOptunaSweeper"
-
-#: the file in the sweep folder holding the study when ``storage`` is null
-JOURNAL = "optuna.journal"
-_RDB = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
-_OBJECT_PREFIX = {"sampler": "optuna.samplers.", "pruner": "optuna.pruners."}
-
-
-def storage_url(storage: str | None, sweep_dir: str | Path) -> str:
-    """The study's storage: a database URL as given, otherwise a journal file path (null: the
-    sweep folder's ``optuna.journal``)."""
-    if not storage:
-        return str(Path(sweep_dir) / JOURNAL)
-    return storage if storage.startswith(_RDB) else str(Path(storage).expanduser())
-
-
-def open_storage(url: str) -> Any:
-    """An Optuna storage for ``url``: RDB for database URLs, else a journal file (a lock file
-    beside it keeps several processes on one machine or a shared file system safe)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    if url.startswith(_RDB):
-        return optuna.storages.RDBStorage(url)
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(url))
-
-
-def build_object(node: Any, kind: str) -> Any:
-    """A sampler/pruner from its ``_target_`` node; only Optuna's own classes are accepted."""
-    from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
-
-    if node is None or not isinstance(node, dict | DictConfig):
-        return node  # None, or already built
-    node = OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node)
-    target = str(node.get("_target_", ""))
-    prefix = _OBJECT_PREFIX[kind]
-    if not target.startswith(prefix):
-        example = "TPESampler" if kind == "sampler" else "MedianPruner"
-        raise FtlabError(f"hydra.sweeper.{kind}._target_ is {target!r}; it must be one of "
-                         f"Optuna's classes under {prefix} (e.g. {prefix}{example}).")
-    return instantiate(node)
-
-
-def check_joinable(study: Any, space: dict[str, Any], direction: str, where: str) -> None:
-    """A study that exists already (another worker's, or from an earlier search with the same
-    ``study_name`` and storage) is joined only with the same direction and a space its trials
-    fit: Optuna loads it with its stored direction whatever this search asks (a maximising
-    search then minimised accuracies, its best trial compared with losses), and refuses a
-    changed ``choice()`` with a bare ValueError."""
-    from optuna.distributions import check_distribution_compatibility
-
-    fix = ("give this search its own study: hydra.sweeper.study_name=<a new name> (or another "
-           "hydra.sweeper.storage).")
-    stored = study.direction.name.lower()
-    if stored != direction:
-        raise FtlabError(f"Study {study.study_name!r} in {where} exists and was made to {stored} "
-                         f"its objective; this search would {direction} (its task's monitored "
-                         "metric): their trials are not comparable.", fix)
-    for trial in study.get_trials(deepcopy=False):
-        for name, dist in space.items():
-            if name in trial.distributions:
-                try:
-                    check_distribution_compatibility(trial.distributions[name], dist)
-                except ValueError as err:
-                    raise FtlabError(f"{name}: this search's space ({dist}) does not fit study "
-                                     f"{study.study_name!r} in {where}, whose trial "
-                                     f"{trial.number} sampled it from "
-                                     f"{trial.distributions[name]} ({err}).", fix) from None
-
 
 def ask_first(study: Any, space: dict[str, Any], sampler_node: Any) -> Any:
     """This worker's first trial, sampled with the sampler's ``seed`` plus the trial's number.
@@ -177,11 +108,55 @@ def parse_space(lines: list[str], config_loader: Any) -> tuple[dict[str, Any], l
             fixed[key] = f"{key}={override.get_value_element_as_str()}"
         else:
             space[key] = dist
+    seeded = [k for k in space if k == "seed" or k.endswith(".seed")]
+    if seeded:  # the search would pick the luckiest seed and report it as a setting
+        raise FtlabError(f"{seeded[0]} is in the search space, so the search would tune the "
+                         "seed like a hyper-parameter: its best trial is the luckiest seed, "
+                         "not the best setting.", "give the seeds to the sweeper instead: "
+                         "hydra.sweeper.seeds=[1,2,3] runs every trial once per seed and "
+                         "scores their mean (a plain seed=N fixes one seed).")
     if not space:
         raise FtlabError("The search space is empty. Fix: give hydra.sweeper.params (or "
                          "command-line sweeps) such as stage.optim.lr='tag(log,interval(1e-5,"
                          "1e-3))' and stage.batch_size='choice(16,32)'.")
     return space, list(fixed.values())
+
+
+def corners(space: dict[str, Any], fixed: list[str]) -> list[list[str]]:
+    """Jobs' overrides at the space's corners, checked before the study is made: every key at
+    its low end (the first choice), then at its high end (the last), and each other choice."""
+    from optuna.distributions import CategoricalDistribution
+
+    def ends(dist: Any) -> list[Any]:
+        if isinstance(dist, CategoricalDistribution):
+            return list(dist.choices)
+        return [dist.low, dist.high]
+
+    values = {k: ends(d) for k, d in space.items()}
+    points = [{k: v[0] for k, v in values.items()}, {k: v[-1] for k, v in values.items()}]
+    points += [points[0] | {k: c} for k, v in values.items() for c in v[1:-1]]
+    return [[*fixed, *(f"{k}={v}" for k, v in p.items())] for p in points]
+
+
+def unfinished(study: Any, sweep_dir: Path) -> list[Any]:
+    """Trials a stopped search in this folder left ``running`` (Ctrl+C, SIGTERM, a kill): one
+    of their jobs here was interrupted and none still runs. ``resume=`` runs them again first
+    (each job back in its folder: a finished one is reused, an interrupted one continues from
+    its checkpoint) and tells the study their outcome; without that they stayed ``running``
+    for good, and their interrupted job made every later report exit 1. A running trial with
+    no job here (another worker's) is left alone."""
+    from optuna.trial import Trial, TrialState
+
+    from ftlab.report_jobs import collect
+
+    jobs: dict[int, list[str]] = {}
+    for rec in collect(sweep_dir, ended=False, unique=False) if sweep_dir.is_dir() else []:
+        number = [o.split("=", 1)[1] for o in rec.get("overrides") or [] if o.startswith("trial=")]
+        if number and number[-1].isdigit():
+            jobs.setdefault(int(number[-1]), []).append(str(rec.get("status")))
+    return [Trial(study, t._trial_id)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if "interrupted" in jobs.get(t.number, []) and "running" not in jobs[t.number]]
 
 
 @dataclass

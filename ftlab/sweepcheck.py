@@ -60,6 +60,24 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
 
 def check_sweep(config: DictConfig) -> None:
     """Raise ``FtlabError`` naming the first job (number and overrides) whose config fails."""
+    jobs = sweep_jobs(config)
+    if not jobs or len(jobs) < 2:
+        return  # one job checks itself before it trains
+    seen: dict[tuple[str, ...], int] = {}
+    for num, job in enumerate(jobs):  # seed=1,1,2: the copy reuses the first job's record
+        if (first := seen.setdefault(tuple(sorted(job)), num)) != num:
+            same = " ".join(o for o in job if o in _varying(jobs)) or " ".join(job)
+            raise FtlabError(f"Sweep job {num} ({same}) is the same job as sweep job {first}: "
+                             "a value is given twice in the sweep, so its run would count "
+                             "once where you expect two (the copy reuses the first's result).",
+                             "give each value once (seed=1,2,3, not seed=1,1,2); more runs of "
+                             "one configuration take more seeds.")
+    check_jobs(config, jobs)
+
+
+def check_jobs(config: DictConfig, jobs: list[list[str]], name: str = "Sweep job") -> None:
+    """``check_sweep`` for given jobs' overrides (``ftlab_optuna`` checks its search space's
+    corners this way: a key that is not in the config, a bound no job can run with)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
@@ -67,23 +85,17 @@ def check_sweep(config: DictConfig) -> None:
 
     from ftlab.writable import check_names
 
-    jobs = sweep_jobs(config)
-    if not jobs or len(jobs) < 2:
-        return  # one job checks itself before it trains
     loader = GlobalHydra.instance().config_loader()
     saved = HydraConfig.instance().cfg
     folders: dict[str, int] = {}  # each job's folder: the first job that has it
     try:
         varying = _varying(jobs)
         for num, job in enumerate(jobs):
-            where = f"Sweep job {num} ({' '.join(o for o in job if o in varying)})"
+            where = f"{name} {num} ({' '.join(o for o in job if o in varying)})"
             try:
                 cfg = loader.load_sweep_config(config, job)
             except (HydraException, OmegaConfBaseException) as err:
-                first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise FtlabError(f"{where} does not compose: {first}",
-                                 "fix that value in the sweep (ftlab --cfg job with the "
-                                 "job's overrides prints its config).") from None
+                raise _not_composing(err, where, job, config) from None
             with open_dict(cfg):  # what the launcher sets before the job runs
                 cfg.hydra.job.num, cfg.hydra.job.id = num, f"check_{num}"
                 cfg.hydra.runtime.output_dir = f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}"
@@ -108,6 +120,21 @@ def check_sweep(config: DictConfig) -> None:
                           type(err).__name__, err)
     finally:
         HydraConfig.instance().cfg = saved
+
+
+def _not_composing(err: Exception, where: str, job: list[str], config: DictConfig) -> FtlabError:
+    """A job that does not compose: the bad key with the closest valid one and the fix where
+    ``ftlab.preflight`` can tell (a misspelt key), else Hydra's first line."""
+    from ftlab.preflight import _explain
+
+    try:
+        explained = _explain(err, job, config.hydra.job.config_name or "config")
+        return FtlabError(f"{where}: {explained.problem}", explained.fix)
+    except Exception:  # noqa: BLE001 - no better words than Hydra's
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return FtlabError(f"{where} does not compose: {first}",
+                          "fix that value in the sweep (ftlab --cfg job with the job's "
+                          "overrides prints its config).")
 
 
 def _varying(jobs: list[list[str]]) -> set[str]:

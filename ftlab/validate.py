@@ -21,6 +21,7 @@ from ftlab.config import check_binds, instantiate_checked
 from ftlab.device_checks import check_strategy
 from ftlab.distill import check_teacher_rows
 from ftlab.errors import FtlabError, choices_text
+from ftlab.loggers import check_wandb_node
 from ftlab.model.backbone import ModelSpec
 from ftlab.pipeline import ResolvedStage
 from ftlab.rules import TRAINER, check_table
@@ -107,6 +108,7 @@ def check_configs(stages: list[ResolvedStage], callbacks: dict[str, Any] | None 
             if node is not None:
                 check_binds(node, f"{group}.{key}", partial=True)
                 check_output_keys(node, f"{group}.{key}")
+                check_wandb_node(node, f"{group}.{key}")
     check_callback_mix(callbacks or {})
     for stage in stages:
         check_binds(stage.trainer, f"{stage.where} trainer", partial=True)

@@ -20,6 +20,21 @@ class CrashAt(L.Callback):
             raise RuntimeError(f"killed at step {self.step}")
 
 
+class InterruptAt(L.Callback):
+    """Send this process SIGINT (Ctrl+C) at the end of optimiser step ``step`` when the job's
+    seed is listed in ``FTLAB_TEST_INTERRUPT_SEEDS``; otherwise do nothing."""
+
+    def __init__(self, step: int = 6) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        import signal
+
+        seeds = os.environ.get("FTLAB_TEST_INTERRUPT_SEEDS", "").split(",")
+        if trainer.global_step == self.step and os.environ.get("PL_GLOBAL_SEED") in seeds:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def sigkill_main() -> None:
     """``python -c 'from tests.crash import sigkill_main; sigkill_main()' <ftlab overrides>``:
     the ``ftlab`` command, SIGKILLed (as the OOM killer or ``kill -9`` would) at the point

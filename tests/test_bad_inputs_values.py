@@ -445,8 +445,15 @@ def test_sweep_jobs_follow_the_basic_sweeper():
      r"Sweep job 1 \(peft.sparsity=1.5\): movement pruning's sparsity=1.5 is not a fraction"),
     (["regularizer=freelb", "regularizer.norm=l2,l3"],
      r"Sweep job 1 \(regularizer.norm=l3\): regularizer=freelb got .*norm='l3'"),
+    # a value given twice: the copy reused the first job's record, one run fewer than asked
+    (["seed=1,2,1"], r"Sweep job 2 \(seed=1\) is the same job as sweep job 0.*seed=1,2,3"),
+    # a project name wandb.init refuses: every stage trained without W&B (a warning whose fix
+    # was "pip install wandb"), and the summary runs were not logged
+    (["logger=wandb", "logger.wandb.project='runs/sst2:v1'", "seed=1,2"],
+     r"Sweep job 0 \(seed=1\): logger.wandb.project='runs/sst2:v1' is not a name W&B accepts "
+     r"\(it holds '/' ':'.*Fix: name the project"),
 ], ids=["good-madx", "lr", "batch", "max-steps", "last-stage-type", "wrong-type", "policy",
-        "peft-constructor", "regularizer-constructor"])
+        "peft-constructor", "regularizer-constructor", "twice", "wandb-project"])
 def test_every_sweep_job_is_checked(sweep, bad, sentiment_dir, caplog):
     """``check_sweep`` composes each job as the launcher will; a bad one names itself."""
     from hydra import compose, initialize_config_dir

@@ -12,7 +12,7 @@ import torch
 optuna = pytest.importorskip("optuna")
 
 from ftlab.pruning import OptunaPruning  # noqa: E402
-from ftlab.search import open_storage  # noqa: E402
+from ftlab.study import open_storage  # noqa: E402
 
 
 def _trainer(step: int, planned: int, score: float, root: Path) -> SimpleNamespace:

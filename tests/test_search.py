@@ -15,7 +15,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from ftlab.errors import FtlabError  # noqa: E402
-from ftlab.search import build_object, open_storage, parse_space, storage_url, trial_outcome  # noqa: E402
+from ftlab.search import parse_space, trial_outcome  # noqa: E402
+from ftlab.study import build_object, open_storage, storage_url  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 
 
@@ -38,6 +39,10 @@ def test_space_syntax_maps_to_optuna_distributions():
     assert list(space) == ["stage.optim.lr"] and fixed == ["stage.batch_size=16"]
     with pytest.raises(FtlabError, match="search space is empty"):
         parse_space(["peft=lora"], None)
+    # `-m seed=1,2,3` with the search: Optuna tuned the seed and kept the luckiest one
+    with pytest.raises(FtlabError, match=r"(?s)seed is in the search space.*hydra.sweeper.seeds="):
+        parse_space(["stage.optim.lr=interval(0.1,1)", "seed=1,2,3"], None)
+    assert parse_space(["stage.optim.lr=interval(0.1,1)", "seed=4"], None)[1] == ["seed=4"]
 
 
 def test_only_optuna_samplers_and_pruners_are_built():
@@ -63,11 +68,14 @@ def test_storage_and_trial_outcomes(tmp_path):
     assert trial_outcome([ok, {"status": "error", "objective": -math.inf}]).state == "fail"
 
 
-def ftlab(*args: str, cwd: Path, omp: str | None = "1") -> subprocess.Popen:
-    """``ftlab -m ARGS`` in ``cwd``; ``omp`` None: no OMP_NUM_THREADS (ftlab picks threads)."""
+def ftlab(*args: str, cwd: Path, omp: str | None = "1",
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``ftlab -m ARGS`` in ``cwd``; ``omp`` None: no OMP_NUM_THREADS (ftlab picks threads);
+    ``env``: more environment variables."""
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "OMP_NUM_THREADS")}
     env |= {"FTLAB_ROOT": str(cwd), "WANDB_MODE": "offline"} | ({"OMP_NUM_THREADS": omp} if omp
-                                                                  else {})
+                                                                  else {}) | extra
     return subprocess.Popen([sys.executable, "-m", "ftlab", "-m", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -210,18 +218,73 @@ def test_a_relaunched_search_asks_new_points_into_new_job_folders(tmp_path, sent
     assert [t["jobs"] for t in trials] == [[str(sweep / str(n))] for n in range(4)]
 
 
+@pytest.mark.slow  # ~35 s: two searches of 2 and 3 jobs
+def test_a_search_stopped_by_ctrl_c_finishes_its_trial_when_resumed(tmp_path, sentiment_dir):
+    """Ctrl+C in a trial's second seed: the trial stayed 'running' in the study for good, its
+    interrupted job was never continued (resume= asked new trials), and that job made every
+    later report of the folder exit 1. Resumed, the trial's jobs go back to their folders (the
+    finished one reused, the stopped one from its checkpoint) and the study gets its value."""
+    sweep = tmp_path / "search"
+    args = search_args(sentiment_dir, "hydra.sweeper.n_trials=1", "hydra.sweeper.seeds=[1,2]",
+                       "trainer.max_steps=8", "checkpoint.every_n_steps=4",
+                       "+callbacks.stop._target_=tests.crash.InterruptAt",
+                       "+callbacks.stop.step=5", "allow_targets=[tests.]",
+                       f"hydra.sweep.dir={sweep}")
+    proc = ftlab(*args, cwd=tmp_path, env={"FTLAB_TEST_INTERRUPT_SEEDS": "2",
+                                           "PYTHONPATH": str(Path(__file__).parents[1])})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    proc = ftlab(f"resume={sweep}", cwd=tmp_path,
+                 env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode in (0, 3), out[-2000:]  # (3: no trial beat the baseline)
+    trials = json.loads((sweep / "search.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["complete", "complete"], trials
+    assert [t["jobs"] for t in trials] == [[str(sweep / "0"), str(sweep / "1")],
+                                           [str(sweep / "2"), str(sweep / "3")]]
+    jobs = [json.loads((sweep / str(n) / "metrics.json").read_text()) for n in range(4)]
+    assert [j["status"] for j in jobs] == ["ok"] * 4
+    assert jobs[1]["stages"]["classify"]["resumed_from_step"] == 4
+    assert trials[0]["value"] == pytest.approx((jobs[0]["objective"] + jobs[1]["objective"]) / 2)
+
+
 @pytest.mark.parametrize(("setting", "expected"), [
     ("hydra.sweeper.n_trials=0", "a search needs at least one trial"),  # was UnboundLocalError
     ("hydra.sweeper.direction=up", "'up' is not one of: auto, maximize, minimize"),  # ValueError
     # val/acc minimised: the search kept the worst trials and pruned the best
     ("hydra.sweeper.direction=minimize", "the task's monitored metric, is to maximize"),
+    # storages that cannot open: SQLAlchemy's traceback; a URL Optuna has no database for
+    # was taken as a file path (a folder 'redis:' in the working folder, a search in it)
+    ("hydra.sweeper.storage=sqlite:////no-such-folder/s.db", "Cannot open the Optuna study's "
+     "storage hydra.sweeper.storage=sqlite:////no-such-folder/s.db: OperationalError"),
+    ("hydra.sweeper.storage=redis://localhost:6379", "Can't load plugin: sqlalchemy.dialects"),
+    # a space no trial can run: Hydra's error after the study had a trial (left 'running'),
+    # or every trial's job failing in turn
+    ("stage.optim.lrr=tag(log,interval(1e-4,1e-2))",
+     "stage.optim.lrr=0.0001): Unknown key 'lrr' in 'stage.optim'. Did you mean 'lr'?"),
+    ("stage.optim.warmup_ratio=interval(0,2.0)", "optim.warmup_ratio=2.0 is out of range"),
+    # the second seed-1 job reused the first's record: mean(s1, s1, s2) was the trial's value
+    ("hydra.sweeper.seeds=[1,2,1]", "names seed 1 more than once"),
+    # Hydra's TypeError traceback (seeds=3), or every trial's jobs failing on 'a'
+    ("hydra.sweeper.seeds=3", "hydra.sweeper.seeds=3 is not a list of integer seeds"),
+    ("hydra.sweeper.seeds=[a,b]", "is not a list of integer seeds"),
+    # Hydra's "Error in call to target" / "Error locating target" tracebacks
+    ("hydra.sweeper.sampler._target_=optuna.samplers.TPESamplr", "Did you mean 'TPESampler'?"),
+    ("hydra.sweeper.pruner.n_startup_trials=-1",
+     "hydra.sweeper.pruner (MedianPruner) could not be built: ValueError"),
+    ("hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+     "drop it: ~hydra.sweeper.sampler.n_startup_trials"),
 ])
 def test_bad_sweeper_settings_give_a_message_not_a_traceback(tmp_path, sentiment_dir, setting,
                                                              expected):
-    proc = ftlab(*search_args(sentiment_dir, setting), cwd=tmp_path)
+    proc = ftlab(*search_args(sentiment_dir, setting, f"hydra.sweep.dir={tmp_path / 's'}"),
+                 cwd=tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-2000:]
     assert expected in out and "Traceback" not in out, out[-2000:]
+    journal = tmp_path / "s" / "optuna.journal"
+    if journal.exists():  # no trial was asked (and none left 'running' in the study)
+        assert not optuna.load_study(study_name="ftlab", storage=open_storage(str(journal))).trials
 
 
 @pytest.mark.parametrize(("direction", "space", "expected"), [
@@ -247,6 +310,22 @@ def test_joining_a_study_of_another_objective_or_space_stops_with_the_fix(
     assert proc.returncode == 2, out[-2000:]
     assert expected in out and "hydra.sweeper.study_name=<a new name>" in out, out[-2000:]
     assert "Traceback" not in out and len(study.trials) == 1  # nothing was asked or run
+
+
+def test_a_study_is_joined_only_with_its_fixed_settings():
+    """A second search with `peft=lora` joined a `peft=full` study: Optuna compared the two
+    recipes' trials, and best_params.yaml (lr only) was read as a setting for LoRA."""
+    from ftlab.study import check_settings
+
+    study = optuna.create_study(direction="maximize")
+    check_settings(study, ["peft=full", "data=local"], "memory")  # a new study keeps them
+    study.tell(study.ask(), 0.5)
+    check_settings(study, ["data=local", "peft=full"], "memory")  # the same, in any order
+    with pytest.raises(FtlabError, match=r"this search adds peft=lora; it lacks peft=full"):
+        check_settings(study, ["peft=lora", "data=local"], "memory")
+    old = optuna.create_study()  # made before ftlab kept them: nothing to compare with
+    old.tell(old.ask(), 0.5)
+    check_settings(old, ["peft=lora"], "memory")
 
 
 def test_the_sweepers_tell_their_jobs_how_many_run_at_once(tmp_path, monkeypatch):
