@@ -8,7 +8,7 @@ probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,11 +189,9 @@ def _as_rows(texts: Any) -> list[Any]:
     return texts.tolist() if hasattr(texts, "tolist") else list(texts)
 
 
-def load_how(modules: Sequence[str]) -> str:
-    """How ``load`` allows a run's own code (a refused ``_target_``'s fix)."""
-    return (f"with ftlab.load(run_dir, allow_targets={[f'{m}.' for m in modules]}), or "
-            f"{' '.join(f'--allow-targets {m}.' for m in modules)} for ftlab-predict and "
-            "ftlab-export")
+#: how ``load`` allows a run's own code (a refused ``_target_``'s fix)
+LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=['{module}.']), or --allow-targets "
+            "{module}. for ftlab-predict and ftlab-export")
 
 
 def load(run_dir: str | Path, stage: str | None = None,
@@ -208,7 +206,7 @@ def load(run_dir: str | Path, stage: str | None = None,
 
     job = allowed()
     with allowing([*job, *(allow_targets or [])], warn=bool(allow_targets),
-                  how=None if job else load_how):
+                  how=None if job else LOAD_HOW):
         return _load(run_dir, stage)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -48,14 +48,8 @@ WIDENING = {SETTING: [], "model.trust_remote_code": False}
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _extra: ContextVar[tuple[str, ...]] = ContextVar(SETTING, default=())
-
-
-def _command_line(packages: Sequence[str]) -> str:
-    return f"on the command line: {SETTING}=[{','.join(f'{p}.' for p in packages)}]"
-
-
-#: how to allow modules where the refusal happens (given their names; one fix for all of them)
-_how: ContextVar[Callable[[Sequence[str]], str]] = ContextVar("how", default=_command_line)
+#: how to allow a module where the refusal happens (``{module}``: its name)
+_how: ContextVar[str] = ContextVar("how", default=f"on the command line: {SETTING}=[{{module}}.]")
 
 
 def _under(target: str, module: str) -> bool:
@@ -77,9 +71,9 @@ def modules(entries: Iterable[Any] | None) -> tuple[str, ...]:
 
 @contextmanager
 def allowing(entries: Iterable[Any] | None, warn: bool = True,
-             how: Callable[[Sequence[str]], str] | None = None) -> Iterator[tuple[str, ...]]:
+             how: str | None = None) -> Iterator[tuple[str, ...]]:
     """Allow ``entries`` (module names) as well while the block runs (one job). ``how``: how a
-    refusal's fix tells the user to allow modules here (given their names); default: the
+    refusal's fix tells the user to allow a module here (``{module}``: its name); default: the
     command line's ``allow_targets``."""
     extra = modules(entries)
     if extra and warn:
@@ -115,7 +109,7 @@ def _refuse(target: str, where: str, why: str, module: str | None = None) -> Ref
         f"{MODULES_TEXT} (and modules listed in {SETTING}), so a shared config cannot run "
         "other code.",
         f"use a _target_ from conf/ (the registry); if you wrote '{target}' yourself and trust "
-        f"it, allow its module {_how.get()([module])}", target, where, module)
+        f"it, allow its module {_how.get().format(module=module)}", target, where, module)
 
 
 def check_target(target: Any, where: str) -> bool:
@@ -177,13 +171,15 @@ def check_all(targets: Iterable[tuple[Any, str]]) -> None:
     if refused:
         packages = sorted({r.module.split(".")[0] for r in refused})
         listed = "; ".join(f"{r.where}._target_ '{r.target}'" for r in refused)
-        one = len(packages) == 1
-        how = f"allow {'their package' if one else 'their packages'} {_how.get()(packages)}"
+        allow = packages[0] if len(packages) == 1 else None
+        how = (f"allow their package {_how.get().format(module=allow)}" if allow else
+               "allow each package: " + "; ".join(_how.get().format(module=p)
+                                                  for p in packages))
         raise Refused(f"{len(refused)} _target_s are not allowed, their modules are not on the "
                       f"allow-list: {listed}. A config may only name classes of {MODULES_TEXT} "
                       f"(and modules listed in {SETTING}), so a shared config cannot run other "
                       "code.", f"if you wrote them yourself and trust them, {how}",
-                      refused[0].target, refused[0].where, ",".join(packages))
+                      refused[0].target, refused[0].where, allow or refused[0].module)
 
 
 def check_config(cfg: dict[str, Any], interpolated: bool = True) -> None:
