@@ -363,3 +363,23 @@ def test_an_option_of_your_own_without_its_config_folder_names_config_dir(capsys
     err = capsys.readouterr().err
     assert "Unknown option 'norm_only' for config group 'peft'" in err, err
     assert "--config-dir DIR with DIR/peft/norm_only.yaml" in err, err
+
+
+@pytest.mark.parametrize("form", [["--config-dir", "{d}"], ["--config-dir={d}"], ["-cd", "{d}"],
+                                  ["-cd={d}"]])
+def test_your_config_folder_is_found_in_every_form_hydra_takes(form, tmp_path, capsys):
+    """``-cd=DIR`` is a form Hydra's parser takes (as ``--config-dir=DIR``): the pre-check
+    did not see the folder in it (refusing ``peft=norm_only`` as an unknown option), and the
+    flag stayed after the overrides, where Hydra stops with "unrecognized arguments"."""
+    from hydra._internal.utils import get_args_parser
+
+    from ftlab.cli import config_flags_first, preflight
+
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "norm_only.yaml").write_text(
+        (Path(CONFIG_DIR) / "peft" / "bitfit.yaml").read_text())
+    argv = ["peft=norm_only", *(a.format(d=tmp_path) for a in form), "seed=3"]
+    preflight(argv)  # no SystemExit: the option is found in the folder
+    assert "Unknown option" not in capsys.readouterr().err
+    parsed = get_args_parser().parse_args(config_flags_first(argv))
+    assert (parsed.config_dir, parsed.overrides) == (str(tmp_path), ["peft=norm_only", "seed=3"])
