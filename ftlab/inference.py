@@ -190,8 +190,8 @@ def _as_rows(texts: Any) -> list[Any]:
 
 
 #: how ``load`` allows a run's own code (a refused ``_target_``'s fix)
-LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=['{module}.']), or --allow-targets "
-            "{module}. for ftlab-predict and ftlab-export")
+LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=[{quoted}]), or {flags} for ftlab-predict "
+            "and ftlab-export")
 
 
 def load(run_dir: str | Path, stage: str | None = None,

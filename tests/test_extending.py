@@ -354,6 +354,27 @@ def test_every_refused_target_of_your_package_is_named_in_one_message():
         check_config(cfg)
 
 
+@pytest.mark.parametrize("how", ["cli", "load"])
+def test_refused_targets_of_two_packages_get_one_setting_that_allows_both(how):
+    """The fix listed one ``allow_targets=[a.]`` per package: given as said, the second
+    override replaced the first (Hydra keeps the last), and the run was refused again."""
+    from ftlab.inference import LOAD_HOW
+    from ftlab.targets import check_config
+
+    cfg = {"peft": {"_target_": "mypkg.norm_only.NormOnly"},
+           "regularizer": {"_target_": "otherpkg.l2sp.L2SP"}}
+    with allowing([], how=LOAD_HOW if how == "load" else None), \
+            pytest.raises(FtlabError) as err:
+        check_config(cfg)
+    said = re.findall(r"allow_targets=\[([^]]*)\]", err.value.fix)
+    assert len(said) == 1, err.value.fix  # one setting ...
+    with allowing([e.strip(" '") for e in said[0].split(",")], warn=False):
+        check_config(cfg)  # ... that allows both
+    assert "use _target_s from conf/" in err.value.fix, err.value
+    if how == "load":
+        assert "--allow-targets mypkg. --allow-targets otherpkg." in err.value.fix, err.value
+
+
 def test_an_option_of_your_own_without_its_config_folder_names_config_dir(capsys):
     from ftlab.cli import preflight
 
