@@ -319,6 +319,25 @@ def test_a_regulariser_returning_a_detached_loss_is_told_why_it_cannot_train(
     assert not (tmp_path / "run" / "error.log").exists()
 
 
+def test_a_task_returning_a_detached_loss_is_named_not_the_builtin_regulariser(
+        package, make_cfg, sentiment_dir, tmp_path):
+    """With ftlab's regulariser (none, r3f ...) the loss is the task's: the message blamed
+    ``regularizer=none`` and told the user to fix a training_loss they never wrote."""
+    pkg = package(t="from ftlab.tasks.base import TaskOutput\n"
+                    "from ftlab.tasks.classify import Classify\n\n\n"
+                    "class Detached(Classify):\n"
+                    "    def forward(self, model, batch):\n"
+                    "        out = super().forward(model, batch)\n"
+                    "        return TaskOutput(out.loss.detach(), out.logits, out.extras)\n")
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), f"allow_targets=[{pkg}.]",
+                      f"stage.task._target_={pkg}.t.Detached", "trainer.max_steps=2"]))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert f"The loss {pkg}.t.Detached.forward returned has no gradient" in error, error
+    assert "regularizer=" not in error and "training_loss" not in error, error
+    assert not (tmp_path / "run" / "error.log").exists()
+
+
 def test_your_package_in_the_current_folder_is_named_with_pythonpath(
         package, tmp_path, monkeypatch, caplog):
     """The ``ftlab`` command does not import from the folder it runs in (``python -m`` does):
