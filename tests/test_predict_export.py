@@ -93,7 +93,7 @@ def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, senti
         raise AssertionError("the refusal came after building the model")
 
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as err:
-        patch.setattr("ftlab.inference._rebuild", no_build)  # refused from the card, unbuilt
+        patch.setattr("ftlab.rebuild.rebuild", no_build)  # refused from the card, unbuilt
         predict_main([str(run_dir), "--stage", "tapt", "--input",  # the MLM stage: no classes
                       str(sentiment_dir / "test.jsonl"), "--output", str(run_dir / "p.jsonl")])
     message = str(err.value.code)
