@@ -111,6 +111,9 @@ class Refused(FtlabError):
         super().__init__(problem, fix)
         self.target, self.where, self.module = target, where, module
 
+    def __reduce__(self) -> tuple[Any, ...]:  # its own arguments: unpickled as it was made
+        return type(self), (self.problem, self.fix, self.target, self.where, self.module)
+
 
 def _refuse(target: str, where: str, why: str, module: str | None = None) -> Refused:
     module = module or target.rpartition(".")[0] or target

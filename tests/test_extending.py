@@ -423,3 +423,20 @@ def test_your_config_folder_is_found_in_every_form_hydra_takes(form, tmp_path, c
     assert "Unknown option" not in capsys.readouterr().err
     parsed = get_args_parser().parse_args(config_flags_first(argv))
     assert (parsed.config_dir, parsed.overrides) == (str(tmp_path), ["peft=norm_only", "seed=3"])
+
+
+def test_a_refused_target_survives_a_process_boundary():
+    """``ftlab.load`` in a process pool (or a launcher's job) sends its error back pickled:
+    ``Refused`` (made with its target, where and module) could not be unpickled (a TypeError
+    in place of the message), and an ``FtlabError`` came back with its fix inside its problem."""
+    import pickle
+
+    from ftlab.targets import check_config
+
+    with pytest.raises(FtlabError) as err:
+        check_config({"peft": {"_target_": "mypkg.norm_only.NormOnly"}})
+    back = pickle.loads(pickle.dumps(err.value))
+    assert (type(back), str(back), back.problem, back.fix, back.module) == (
+        type(err.value), str(err.value), err.value.problem, err.value.fix, "mypkg.norm_only")
+    plain = pickle.loads(pickle.dumps(FtlabError("a problem", "the fix")))
+    assert (plain.problem, plain.fix) == ("a problem", "the fix")
