@@ -344,10 +344,13 @@ def test_your_package_in_the_current_folder_is_named_with_pythonpath(
     the fix said "run from the folder that holds it", which is where the user already was."""
     (tmp_path / "here" / "herepkg").mkdir(parents=True)
     (tmp_path / "here" / "herepkg" / "__init__.py").write_text("")
+    (tmp_path / "here" / "nsdir").mkdir()  # a namespace package: modules, no __init__.py
+    (tmp_path / "here" / "nsdir" / "m.py").write_text("class A:\n    pass\n")
     monkeypatch.chdir(tmp_path / "here")
-    err = load("herepkg.m.A", "herepkg")
-    assert "'herepkg' is in the current folder" in err.problem, err
-    assert f"PYTHONPATH={tmp_path / 'here'} ftlab" in err.fix, err
+    for pkg in ("herepkg", "nsdir"):
+        err = load(f"{pkg}.m.A", pkg)
+        assert f"'{pkg}' is in the current folder" in err.problem, err
+        assert f"PYTHONPATH={tmp_path / 'here'} ftlab" in err.fix, err
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # Hydra's own line
 
 
