@@ -93,9 +93,12 @@ def check_val_interval(trainer: dict[str, Any], rows: int, batch: int, where: st
 
 
 def batches_per_epoch(trainer: dict[str, Any], rows: int, batch: int) -> int:
-    """Training batches in one epoch (per device; ``limit_train_batches`` applied)."""
-    devices = trainer.get("devices")
-    devices = devices if isinstance(devices, int) and devices > 0 else 1
+    """Training batches in one epoch (per device; ``limit_train_batches`` applied): each of
+    the job's processes, on every node, reads its share (``devices`` as
+    ``threads.processes_per_machine`` reads it: ``[0, 1]``, ``"0,1"`` and ``"2"`` are two)."""
+    from ftlab.threads import processes_per_machine
+
+    devices = processes_per_machine(trainer) * max(1, int(trainer.get("num_nodes") or 1))
     batches = math.ceil(rows / (batch * devices))
     limit = trainer.get("limit_train_batches")
     if isinstance(limit, float) and limit <= 1.0:

@@ -139,23 +139,39 @@ def preflight(argv: list[str]) -> None:
         return
 
 
+#: Hydra's flags that name the config (``--config-dir x``, ``--config-dir=x``, ``-cd x``,
+#: ``-cd=x``: argparse takes each form) -> what they name
+CONFIG_FLAGS = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
+
+
+def _split_config_flags(argv: list[str]) -> tuple[list[tuple[str, str, list[str]]], list[str]]:
+    """(``(what, value, its arguments)`` for each config flag in ``argv``, the other
+    arguments); ``what`` is ``dir`` or ``name``."""
+    flags: list[tuple[str, str, list[str]]] = []
+    rest: list[str] = []
+    waiting: str | None = None  # the flag whose value is the next argument
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if waiting is not None:
+            flags.append((CONFIG_FLAGS[waiting], arg, [waiting, arg]))
+            waiting = None
+        elif arg in CONFIG_FLAGS:
+            waiting = arg
+        elif eq and flag in CONFIG_FLAGS:
+            flags.append((CONFIG_FLAGS[flag], value, [arg]))
+        else:
+            rest.append(arg)
+    if waiting is not None:  # a flag without its value: Hydra says so
+        rest.append(waiting)
+    return flags, rest
+
+
 def _config_flags(argv: list[str]) -> tuple[list[str], list[str], str | None]:
     """(``argv`` without ``--config-dir``/``-cd`` and ``--config-name``/``-cn`` and their
     values, those folders made absolute, that config name)."""
-    rest, dirs, names, take = [], [], [], None
-    for arg in argv:
-        flag, _, value = arg.partition("=")
-        if take is not None:
-            take.append(os.path.abspath(arg) if take is dirs else arg)
-            take = None
-        elif arg in ("--config-dir", "-cd", "--config-name", "-cn"):
-            take = dirs if arg in ("--config-dir", "-cd") else names
-        elif flag == "--config-dir" and value:
-            dirs.append(os.path.abspath(value))
-        elif flag == "--config-name" and value:
-            names.append(value)
-        else:
-            rest.append(arg)
+    flags, rest = _split_config_flags(argv)
+    dirs = [os.path.abspath(value) for what, value, _ in flags if what == "dir" and value]
+    names = [value for what, value, _ in flags if what == "name" and value]
     return rest, dirs, (names[-1] if names else None)
 
 
@@ -163,19 +179,8 @@ def config_flags_first(argv: list[str]) -> list[str]:
     """``argv`` with ``--config-dir``/``-cd`` and ``--config-name``/``-cn`` (and their values)
     moved to the front: Hydra's parser takes no flag after the overrides (``ftlab peft=mine
     --config-dir myconf`` stopped with "unrecognized arguments")."""
-    front, rest, take = [], [], False
-    for arg in argv:
-        if take:
-            front.append(arg)
-            take = False
-        elif arg in ("--config-dir", "-cd", "--config-name", "-cn"):
-            front.append(arg)
-            take = True
-        elif arg.partition("=")[0] in ("--config-dir", "--config-name"):
-            front.append(arg)
-        else:
-            rest.append(arg)
-    return front + rest
+    flags, rest = _split_config_flags(argv)
+    return [a for _, _, args in flags for a in args] + rest
 
 
 def _overrides(argv: list[str]) -> list[str]:

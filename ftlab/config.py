@@ -142,7 +142,8 @@ def _not_on_path(head: str, package: str) -> FtlabError:
     from pathlib import Path
 
     here = Path.cwd()
-    if (here / package / "__init__.py").is_file() or (here / f"{package}.py").is_file():
+    # a package (a namespace one too: a folder of modules without __init__.py), or a module
+    if any((here / package).glob("*.py")) or (here / f"{package}.py").is_file():
         return FtlabError(f"{head}: '{package}' is in the current folder ({here}), but the "
                           "`ftlab` command does not look for modules there.",
                           f"put the folder on the path: PYTHONPATH={here} ftlab ... (or run "

@@ -49,7 +49,7 @@ def split_ref(teacher: str) -> tuple[Path, str | None]:
 def teacher_fingerprint(teacher: str) -> list[Any]:
     """What identifies a finished-run teacher in the student's cache key: its artefact's size
     and modification time (a retrained teacher is a new key)."""
-    from ftlab.inference import TRAINABLE
+    from ftlab.rebuild import TRAINABLE
     from ftlab.run_folder import stage_names
 
     path, stage = split_ref(teacher)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class FtlabError(Exception):
@@ -14,6 +15,9 @@ class FtlabError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\nFix: {fix}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled (a launcher's job, a process pool):
+        return type(self), (self.problem, self.fix)  # problem and fix stay apart
 
 
 class Diverged(FtlabError):

@@ -1,6 +1,6 @@
 """Use a finished run: ``ftlab.load(run_dir)`` rebuilds a stage's model with the builders
-training used (task model, PEFT method, ``load_trainable_state``; earlier stages first when it
-started from one) from the stage card (``ftlab/artefact.py``), and predicts labels and
+training used (``ftlab/rebuild.py``: task model, PEFT method, ``load_trainable_state``; earlier
+stages first when it started from one) from the stage card, and predicts labels and
 probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
 (ftlab/predict_cli.py) is its CLI.
 """
@@ -8,24 +8,19 @@ probabilities in length-bucketed batches (fp32, on the CPU). ``ftlab-predict``
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftlab.errors import FtlabError, choices_text
 from ftlab.pipeline import ResolvedStage
-from ftlab.run_folder import no_artefact, stage_card
+from ftlab.run_folder import stage_card
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-TRAINABLE = "trainable.safetensors"
-
 
 @dataclass
 class Predictor:
@@ -190,8 +185,8 @@ def _as_rows(texts: Any) -> list[Any]:
 
 
 #: how ``load`` allows a run's own code (a refused ``_target_``'s fix)
-LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=['{module}.']), or --allow-targets "
-            "{module}. for ftlab-predict and ftlab-export")
+LOAD_HOW = ("with ftlab.load(run_dir, allow_targets=[{quoted}]), or {flags} for ftlab-predict "
+            "and ftlab-export")
 
 
 def load(run_dir: str | Path, stage: str | None = None,
@@ -221,91 +216,7 @@ def _load(run_dir: str | Path, stage: str | None) -> Predictor:
               for t in targets_in(getattr(spec, part), f"{spec.where} {part}"))
     L.seed_everything(spec.seed, verbose=False)
     from ftlab.build import StageBuilder
+    from ftlab.rebuild import rebuild
 
-    model, peft, task = _rebuild(run_dir, name, StageBuilder())
+    model, peft, task = rebuild(run_dir, name, StageBuilder())
     return Predictor(model.float().eval(), task.tokenizer, labels or [], spec, peft, task)
-
-
-def _rebuild(run_dir: Path, name: str, builder: Any) -> tuple[nn.Module, Any, Any]:
-    """(model with the stage's trained parameters, its PEFT method, its bound task); an
-    ``init_from`` stage is rebuilt first and handed over as in training."""
-    from transformers import AutoTokenizer
-
-    from ftlab.artefact import DAMAGED_FIX, TOKENIZER, moved_here, read_stage_card
-    from ftlab.artefact import read_subtask_labels as subtask_labels
-    from ftlab.store import load_tensors
-
-    stage_dir = run_dir / name
-    spec, labels = read_stage_card(stage_dir)
-    spec = moved_here(spec, stage_dir)  # MAD-X: the adapters it stacks, in this run folder
-    if spec.name != name:  # a later stage finds its upstream by the card's name, not the folder's
-        raise FtlabError(f"The folder {stage_dir} holds the card of stage '{spec.name}': it was "
-                         "renamed, or copied from another stage.",
-                         f"give it its stage's name ({spec.name}/) again; else {DAMAGED_FIX}")
-    if not (stage_dir / TRAINABLE).is_file():
-        raise no_artefact(run_dir, name, TRAINABLE)
-    if not (stage_dir / TOKENIZER).is_dir():
-        raise FtlabError(f"Stage '{name}' has no {TOKENIZER}/ folder ({stage_dir / TOKENIZER}).",
-                         DAMAGED_FIX)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / TOKENIZER))
-    except Exception as err:  # noqa: BLE001 - OSError, JSON and tokenizers' own errors
-        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise FtlabError(f"Stage '{name}' has a damaged {TOKENIZER}/ folder ({said}).",
-                         DAMAGED_FIX) from None
-    if "model_type" in spec.model.config:  # as training's load_tokenizer (GPT-2: no segment ids)
-        from ftlab.model.tokenizer_fit import configure_tokenizer
-
-        configure_tokenizer(tokenizer, spec.model.config["model_type"])
-    saved = subtask_labels(stage_dir, spec) if spec.subtasks else None
-    if spec.subtasks and saved is None:  # a card without its sub-tasks' label sets (written
-        try:  # before they were in it): its heads are built from their data, as in training
-            task = builder.task(spec)
-        except FtlabError as err:  # the data's own message speaks of training
-            raise FtlabError(f"Stage '{name}' is multi-task and its card (an older ftlab's) has "
-                             "no label sets of its sub-tasks: loading rebuilds its heads from "
-                             f"their data, as training did, which failed: {err.problem}",
-                             "make that data readable where the run read it (relative paths: "
-                             f"from the folder the run was started in); {err.fix.rstrip('.')}; or "
-                             "train the run again (its cards then hold them).") from None
-    else:
-        task = builder.saved_task(spec, labels, tokenizer, saved)
-    upstream = None
-    if spec.init_from != "pretrained":
-        from ftlab.store import check_name
-
-        check_name(spec.init_from, f"The card of stage '{name}' names the stage it started "
-                   "from", f"the card is damaged or not ftlab's: {DAMAGED_FIX}")
-        if not (run_dir / spec.init_from).is_dir():  # rebuilt first, as in training
-            raise FtlabError(f"Stage '{name}' starts from stage '{spec.init_from}', whose folder "
-                             f"{run_dir / spec.init_from} is missing: the run folder is "
-                             "incomplete.", f"restore {spec.init_from}/ from the run (copy run "
-                             "folders whole), or run the run again.")
-        upstream, _, _ = _rebuild(run_dir, spec.init_from, builder)
-    with _untrained_head_report_off():  # the trained head is loaded just below
-        model, peft, _, _ = builder.model(spec, upstream)
-    try:
-        tensors = load_tensors(stage_dir / TRAINABLE)
-    except Exception as err:  # noqa: BLE001 - SafetensorError (cut short, not safetensors), OSError
-        why = str(err) or type(err).__name__
-        raise FtlabError(f"Stage '{name}' has a damaged {TRAINABLE} ({why}): cut short or not "
-                         "a safetensors file.", DAMAGED_FIX) from None
-    peft.load_trainable_state(model, tensors)
-    return model, peft, task
-
-
-@contextmanager
-def _untrained_head_report_off() -> Iterator[None]:
-    """Transformers' "newly initialized ... Consider training" report (and loading bar): true
-    while the model is built, false once the run's weights are loaded."""
-    from transformers.utils import logging as hf_logging
-
-    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()

@@ -68,10 +68,7 @@ class FineTuneModule(L.LightningModule):
                              "TaskOutput(out.loss + term, out.logits, out.extras) from "
                              "out = task.forward(model, batch).")
         if not out.loss.requires_grad:  # torch would say "element 0 of tensors does not..."
-            raise FtlabError(f"regularizer={self.regularizer.name}: the loss training_loss "
-                             "returned has no gradient (detached, or computed under "
-                             "torch.no_grad).", "build it from task.forward(model, batch).loss "
-                             "without .detach()/.item(); detach only the extras you log.")
+            raise self._no_gradient()
         loss, rows = out.loss, batch["input_ids"].shape[0]
         # the regulariser's own terms (train/r3f_kl...)
         terms = {f"train/{k}": v.detach() for k, v in out.extras.items()
@@ -88,6 +85,21 @@ class FineTuneModule(L.LightningModule):
             self._log_terms(prog_bar=True)
         self._record_finite(terms["train/loss"])
         return loss
+
+    def _no_gradient(self) -> FtlabError:
+        """The training loss has no gradient: the regulariser's doing where it is yours, else
+        the task's (ftlab's regularisers pass on ``task.forward``'s loss)."""
+        if not type(self.regularizer).__module__.startswith("ftlab."):
+            return FtlabError(f"regularizer={self.regularizer.name}: the loss training_loss "
+                              "returned has no gradient (detached, or computed under "
+                              "torch.no_grad).", "build it from task.forward(model, batch).loss "
+                              "without .detach()/.item(); detach only the extras you log.")
+        task = f"{type(self.task).__module__}.{type(self.task).__qualname__}"
+        return FtlabError(f"The loss {task}.forward returned has no gradient (detached, "
+                          "computed under torch.no_grad, or from no parameter that trains).",
+                          "compute it from the model's output without .detach()/.item() or "
+                          "torch.no_grad (detach only the extras you log); a PEFT method of "
+                          "your own must leave trainable parameters that the forward uses.")
 
     def _log_terms(self, prog_bar: bool = False) -> None:
         for key, value in self._step_terms.items():

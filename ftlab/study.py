@@ -101,18 +101,29 @@ def _not_built(err: Exception, kind: str, target: str) -> FtlabError:
                       f"{type(cause).__name__}: {first}", fix)
 
 
+#: settings that change how a job is kept, logged or allowed, not what it scores: a search
+#: may join its study with others (``ftlab -m resume=<search> checkpoint.keep=true``, README)
+NOT_THE_RECIPE = ("checkpoint", "logger", "allow_targets", "cache", "save_artefact")
+
+
 def check_settings(study: Any, fixed: list[str], where: str) -> None:
     """The overrides every trial shares (``peft=lora``, the data, the trainer) are the study's:
     kept on a new study, and a search joining it must run with the same ones. Otherwise its
     trials were compared with trials of another recipe (``peft=full``), and the best trial's
-    ``best_params.yaml`` was read with this search's settings though it ran with others."""
-    mine = sorted(fixed)
+    ``best_params.yaml`` was read with this search's settings though it ran with others.
+    The :data:`NOT_THE_RECIPE` settings are not compared."""
+    def recipe(overrides: list[str]) -> list[str]:
+        return sorted(o for o in overrides
+                      if re.split(r"[.=@]", o.lstrip("+~"), maxsplit=1)[0] not in NOT_THE_RECIPE)
+
+    mine = recipe(fixed)
     theirs = study.user_attrs.get("fixed")
     if theirs is None:
         if not study.trials:  # (a study made before ftlab kept them: nothing to compare)
             study.set_user_attr("fixed", mine)
         return
-    if sorted(theirs) != mine:
+    theirs = recipe(theirs)
+    if theirs != mine:
         only = [o for o in mine if o not in theirs]
         gone = [o for o in theirs if o not in mine]
         differ = "; ".join([*([f"this search adds {' '.join(only)}"] if only else []),

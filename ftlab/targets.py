@@ -48,8 +48,18 @@ WIDENING = {SETTING: [], "model.trust_remote_code": False}
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _extra: ContextVar[tuple[str, ...]] = ContextVar(SETTING, default=())
-#: how to allow a module where the refusal happens (``{module}``: its name)
-_how: ContextVar[str] = ContextVar("how", default=f"on the command line: {SETTING}=[{{module}}.]")
+#: how to allow modules where the refusal happens (``how_to_allow``: ``{entries}`` lists them
+#: as ``a.,b.``, ``{quoted}`` as ``'a.', 'b.'``, ``{flags}`` as ``--allow-targets a. ...``)
+_how: ContextVar[str] = ContextVar("how", default=f"on the command line: {SETTING}=[{{entries}}]")
+
+
+def how_to_allow(modules: list[str]) -> str:
+    """The fix's words for allowing ``modules`` where the refusal happens: one setting that
+    lists them all (a second ``allow_targets=`` override would replace the first)."""
+    entries = [f"{m}." for m in modules]
+    return _how.get().format(entries=",".join(entries),
+                             quoted=", ".join(f"'{e}'" for e in entries),
+                             flags=" ".join(f"--allow-targets {e}" for e in entries))
 
 
 def _under(target: str, module: str) -> bool:
@@ -73,8 +83,8 @@ def modules(entries: Iterable[Any] | None) -> tuple[str, ...]:
 def allowing(entries: Iterable[Any] | None, warn: bool = True,
              how: str | None = None) -> Iterator[tuple[str, ...]]:
     """Allow ``entries`` (module names) as well while the block runs (one job). ``how``: how a
-    refusal's fix tells the user to allow a module here (``{module}``: its name); default: the
-    command line's ``allow_targets``."""
+    refusal's fix tells the user to allow modules here (its fields: ``how_to_allow``); default:
+    the command line's ``allow_targets``."""
     extra = modules(entries)
     if extra and warn:
         log.warning("%s=%s: configs may call any code in %s. Use it only with configs you "
@@ -101,6 +111,9 @@ class Refused(FtlabError):
         super().__init__(problem, fix)
         self.target, self.where, self.module = target, where, module
 
+    def __reduce__(self) -> tuple[Any, ...]:  # its own arguments: unpickled as it was made
+        return type(self), (self.problem, self.fix, self.target, self.where, self.module)
+
 
 def _refuse(target: str, where: str, why: str, module: str | None = None) -> Refused:
     module = module or target.rpartition(".")[0] or target
@@ -109,7 +122,7 @@ def _refuse(target: str, where: str, why: str, module: str | None = None) -> Ref
         f"{MODULES_TEXT} (and modules listed in {SETTING}), so a shared config cannot run "
         "other code.",
         f"use a _target_ from conf/ (the registry); if you wrote '{target}' yourself and trust "
-        f"it, allow its module {_how.get().format(module=module)}", target, where, module)
+        f"it, allow its module {how_to_allow([module])}", target, where, module)
 
 
 def check_target(target: Any, where: str) -> bool:
@@ -172,13 +185,13 @@ def check_all(targets: Iterable[tuple[Any, str]]) -> None:
         packages = sorted({r.module.split(".")[0] for r in refused})
         listed = "; ".join(f"{r.where}._target_ '{r.target}'" for r in refused)
         allow = packages[0] if len(packages) == 1 else None
-        how = (f"allow their package {_how.get().format(module=allow)}" if allow else
-               "allow each package: " + "; ".join(_how.get().format(module=p)
-                                                  for p in packages))
+        how = (f"their package {how_to_allow(packages)}" if allow else
+               f"their packages {how_to_allow(packages)}")
         raise Refused(f"{len(refused)} _target_s are not allowed, their modules are not on the "
                       f"allow-list: {listed}. A config may only name classes of {MODULES_TEXT} "
                       f"(and modules listed in {SETTING}), so a shared config cannot run other "
-                      "code.", f"if you wrote them yourself and trust them, {how}",
+                      "code.", "use _target_s from conf/ (the registry); if you wrote them "
+                      f"yourself and trust them, allow {how}",
                       refused[0].target, refused[0].where, allow or refused[0].module)
 
 

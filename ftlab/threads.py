@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 #: the number of jobs a sweeper launches together (read by each job)
@@ -103,8 +103,8 @@ def processes_per_machine(trainer: Mapping[str, Any] | None) -> int:
         devices = int(devices)
     elif isinstance(devices, str) and devices.strip() == "auto":
         devices = -1
-    if isinstance(devices, bool) or not isinstance(devices, int | list | tuple):
-        return 1  # unset, or a value Lightning refuses itself
+    if isinstance(devices, bool | str) or not isinstance(devices, int | Sequence):
+        return 1  # unset, or a value Lightning refuses itself (a list: a ListConfig too)
     if isinstance(devices, int) and devices != -1:
         return max(1, devices)
     if isinstance(devices, int):

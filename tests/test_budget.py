@@ -155,3 +155,18 @@ def test_auto_monitor_is_the_same_for_every_seed_of_a_capped_training_split(tmp_
         subset_rules.add("f1" if own.max() > 1.5 * own[own > 0].min() else "acc")
     assert subset_rules == {"acc", "f1"}  # the subsets alone would disagree
     assert monitors == {"acc"}  # the whole split is 4:3, so every seed monitors accuracy
+
+
+@pytest.mark.parametrize("trainer", [{"devices": 2}, {"devices": "2"}, {"devices": [0, 1]},
+                                     {"devices": "0,1"}, {"devices": 1, "num_nodes": 2}])
+def test_an_epoch_is_shared_by_every_process_however_devices_are_written(trainer):
+    """Each process reads its share of the rows: ``devices=[0,1]`` (or "0,1", "2", two nodes)
+    was read as one device, so the budget planned twice the steps an epoch has (and passed a
+    val_check_interval that Lightning then refused when fit started)."""
+    from ftlab.budget import check_val_interval
+    from ftlab.errors import FtlabError
+
+    assert steps_per_epoch({"accelerator": "cpu", **trainer}, 1000, 10) == 50
+    with pytest.raises(FtlabError, match="is more than one epoch"):
+        check_val_interval({"accelerator": "cpu", "val_check_interval": 60, **trainer}, 1000,
+                           10, "stage")

@@ -14,7 +14,8 @@ from ftlab.data.sources import RawData
 from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_tokenizer
 from ftlab.run import run
-from ftlab.tasks.cloze import Cloze, calibrate
+from ftlab.tasks.calibration import calibrate
+from ftlab.tasks.cloze import Cloze
 from ftlab.tasks.prompting import Pattern, fit_texts, word_ids
 from tests.conftest import loss_before_after, prompt_tuned_causal_lm, synthetic_rows, tiny_overrides
 

@@ -319,16 +319,38 @@ def test_a_regulariser_returning_a_detached_loss_is_told_why_it_cannot_train(
     assert not (tmp_path / "run" / "error.log").exists()
 
 
+def test_a_task_returning_a_detached_loss_is_named_not_the_builtin_regulariser(
+        package, make_cfg, sentiment_dir, tmp_path):
+    """With ftlab's regulariser (none, r3f ...) the loss is the task's: the message blamed
+    ``regularizer=none`` and told the user to fix a training_loss they never wrote."""
+    pkg = package(t="from ftlab.tasks.base import TaskOutput\n"
+                    "from ftlab.tasks.classify import Classify\n\n\n"
+                    "class Detached(Classify):\n"
+                    "    def forward(self, model, batch):\n"
+                    "        out = super().forward(model, batch)\n"
+                    "        return TaskOutput(out.loss.detach(), out.logits, out.extras)\n")
+    with pytest.raises(SystemExit):
+        run(make_cfg([*tiny_overrides(sentiment_dir), f"allow_targets=[{pkg}.]",
+                      f"stage.task._target_={pkg}.t.Detached", "trainer.max_steps=2"]))
+    error = json.loads((tmp_path / "run" / "metrics.json").read_text())["error"]
+    assert f"The loss {pkg}.t.Detached.forward returned has no gradient" in error, error
+    assert "regularizer=" not in error and "training_loss" not in error, error
+    assert not (tmp_path / "run" / "error.log").exists()
+
+
 def test_your_package_in_the_current_folder_is_named_with_pythonpath(
         package, tmp_path, monkeypatch, caplog):
     """The ``ftlab`` command does not import from the folder it runs in (``python -m`` does):
     the fix said "run from the folder that holds it", which is where the user already was."""
     (tmp_path / "here" / "herepkg").mkdir(parents=True)
     (tmp_path / "here" / "herepkg" / "__init__.py").write_text("")
+    (tmp_path / "here" / "nsdir").mkdir()  # a namespace package: modules, no __init__.py
+    (tmp_path / "here" / "nsdir" / "m.py").write_text("class A:\n    pass\n")
     monkeypatch.chdir(tmp_path / "here")
-    err = load("herepkg.m.A", "herepkg")
-    assert "'herepkg' is in the current folder" in err.problem, err
-    assert f"PYTHONPATH={tmp_path / 'here'} ftlab" in err.fix, err
+    for pkg in ("herepkg", "nsdir"):
+        err = load(f"{pkg}.m.A", pkg)
+        assert f"'{pkg}' is in the current folder" in err.problem, err
+        assert f"PYTHONPATH={tmp_path / 'here'} ftlab" in err.fix, err
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # Hydra's own line
 
 
@@ -354,6 +376,27 @@ def test_every_refused_target_of_your_package_is_named_in_one_message():
         check_config(cfg)
 
 
+@pytest.mark.parametrize("how", ["cli", "load"])
+def test_refused_targets_of_two_packages_get_one_setting_that_allows_both(how):
+    """The fix listed one ``allow_targets=[a.]`` per package: given as said, the second
+    override replaced the first (Hydra keeps the last), and the run was refused again."""
+    from ftlab.inference import LOAD_HOW
+    from ftlab.targets import check_config
+
+    cfg = {"peft": {"_target_": "mypkg.norm_only.NormOnly"},
+           "regularizer": {"_target_": "otherpkg.l2sp.L2SP"}}
+    with allowing([], how=LOAD_HOW if how == "load" else None), \
+            pytest.raises(FtlabError) as err:
+        check_config(cfg)
+    said = re.findall(r"allow_targets=\[([^]]*)\]", err.value.fix)
+    assert len(said) == 1, err.value.fix  # one setting ...
+    with allowing([e.strip(" '") for e in said[0].split(",")], warn=False):
+        check_config(cfg)  # ... that allows both
+    assert "use _target_s from conf/" in err.value.fix, err.value
+    if how == "load":
+        assert "--allow-targets mypkg. --allow-targets otherpkg." in err.value.fix, err.value
+
+
 def test_an_option_of_your_own_without_its_config_folder_names_config_dir(capsys):
     from ftlab.cli import preflight
 
@@ -363,3 +406,40 @@ def test_an_option_of_your_own_without_its_config_folder_names_config_dir(capsys
     err = capsys.readouterr().err
     assert "Unknown option 'norm_only' for config group 'peft'" in err, err
     assert "--config-dir DIR with DIR/peft/norm_only.yaml" in err, err
+
+
+@pytest.mark.parametrize("form", [["--config-dir", "{d}"], ["--config-dir={d}"], ["-cd", "{d}"],
+                                  ["-cd={d}"]])
+def test_your_config_folder_is_found_in_every_form_hydra_takes(form, tmp_path, capsys):
+    """``-cd=DIR`` is a form Hydra's parser takes (as ``--config-dir=DIR``): the pre-check
+    did not see the folder in it (refusing ``peft=norm_only`` as an unknown option), and the
+    flag stayed after the overrides, where Hydra stops with "unrecognized arguments"."""
+    from hydra._internal.utils import get_args_parser
+
+    from ftlab.cli import config_flags_first, preflight
+
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "norm_only.yaml").write_text(
+        (Path(CONFIG_DIR) / "peft" / "bitfit.yaml").read_text())
+    argv = ["peft=norm_only", *(a.format(d=tmp_path) for a in form), "seed=3"]
+    preflight(argv)  # no SystemExit: the option is found in the folder
+    assert "Unknown option" not in capsys.readouterr().err
+    parsed = get_args_parser().parse_args(config_flags_first(argv))
+    assert (parsed.config_dir, parsed.overrides) == (str(tmp_path), ["peft=norm_only", "seed=3"])
+
+
+def test_a_refused_target_survives_a_process_boundary():
+    """``ftlab.load`` in a process pool (or a launcher's job) sends its error back pickled:
+    ``Refused`` (made with its target, where and module) could not be unpickled (a TypeError
+    in place of the message), and an ``FtlabError`` came back with its fix inside its problem."""
+    import pickle
+
+    from ftlab.targets import check_config
+
+    with pytest.raises(FtlabError) as err:
+        check_config({"peft": {"_target_": "mypkg.norm_only.NormOnly"}})
+    back = pickle.loads(pickle.dumps(err.value))
+    assert (type(back), str(back), back.problem, back.fix, back.module) == (
+        type(err.value), str(err.value), err.value.problem, err.value.fix, "mypkg.norm_only")
+    plain = pickle.loads(pickle.dumps(FtlabError("a problem", "the fix")))
+    assert (plain.problem, plain.fix) == ("a problem", "the fix")

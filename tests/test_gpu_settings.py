@@ -321,3 +321,16 @@ def test_the_pre_checks_and_the_thread_count_read_devices_alike(trainer, process
     if processes is not None:
         assert processes_per_machine(trainer) == processes
     assert several_devices(trainer) is several
+
+
+def test_devices_listed_in_the_job_config_count_as_listed():
+    """``set_threads`` gets the job's ``cfg.trainer`` (a DictConfig): ``trainer.devices=[0,1]``
+    is a ListConfig there, which was read as one process (every rank then took all cores)."""
+    from omegaconf import OmegaConf
+
+    from ftlab.device_checks import several_devices
+    from ftlab.threads import processes_per_machine
+
+    trainer = OmegaConf.create({"devices": [0, 1], "accelerator": "gpu"})
+    assert processes_per_machine(trainer) == 2
+    assert several_devices(trainer)

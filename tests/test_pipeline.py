@@ -596,8 +596,8 @@ def test_a_wrapping_peft_method_hands_over_what_it_learnt(tiny_pipeline, monkeyp
 
     import ftlab.handover
     from ftlab.build import StageBuilder
-    from ftlab.inference import _rebuild
     from ftlab.model.arch import unwrap
+    from ftlab.rebuild import rebuild
 
     handed = []
     real = ftlab.handover.hand_over
@@ -618,7 +618,7 @@ def test_a_wrapping_peft_method_hands_over_what_it_learnt(tiny_pipeline, monkeyp
         assert records[-1]["stages"]["task"]["handed_over"]["copied"] > 0
     assert records[1]["stages"]["tapt"]["cache_hit"]  # the second run's TAPT: a state dict
     L.seed_everything(0, verbose=False)  # tapt's seed (conf/pipeline/tiny.yaml): the same
-    tapt, peft_method, _ = _rebuild(dirs[0], "tapt", StageBuilder())  # random tiny base
+    tapt, peft_method, _ = rebuild(dirs[0], "tapt", StageBuilder())  # random tiny base
     before = {k: v.clone() for k, v in unwrap(tapt).state_dict().items()}  # frozen base weights
     merged = unwrap(peft_method.merged(tapt)).state_dict()
     backbone = [k for k in merged if k.startswith("bert.")]  # (diff pruning: the embeddings)

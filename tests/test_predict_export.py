@@ -93,7 +93,7 @@ def test_a_pipeline_stage_is_rebuilt_from_the_stage_it_started_from(train, senti
         raise AssertionError("the refusal came after building the model")
 
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as err:
-        patch.setattr("ftlab.inference._rebuild", no_build)  # refused from the card, unbuilt
+        patch.setattr("ftlab.rebuild.rebuild", no_build)  # refused from the card, unbuilt
         predict_main([str(run_dir), "--stage", "tapt", "--input",  # the MLM stage: no classes
                       str(sentiment_dir / "test.jsonl"), "--output", str(run_dir / "p.jsonl")])
     message = str(err.value.code)
@@ -227,7 +227,7 @@ def test_export_names_the_class_that_loads_a_cloze_stage(train, tmp_path, capsys
 def test_a_calibrated_cloze_stage_predicts_calibrated_probabilities(train):
     """With stage.task.calibrate=true the stage's acc_cal scores p / p_cf renormalised;
     ftlab.load's predict reports those probabilities, not the raw softmax."""
-    from ftlab.tasks.cloze import calibrate
+    from ftlab.tasks.calibration import calibrate
 
     run_dir, _, _ = train("model=tiny_gpt2", "stage=cloze", "stage.task.calibrate=true",
                           "trainer.max_steps=2")

@@ -165,7 +165,10 @@ def test_malicious_experiment_yaml_is_refused(how, tmp_path, sentiment_dir):
              else ["--config-dir", str(folder)])
     proc = ftlab(*tiny_overrides(sentiment_dir), *where, "experiment=paper", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert re.search(rf"stage\.task\._target_ 'shutil.copyfile' {ALLOW}", proc.stderr, re.S)
+    # both refused in one message (ftlab.targets.check_all)
+    assert re.search(r"not allowed.*stage\.task\._target_ 'shutil.copyfile'.*"
+                     r"callbacks\.sneaky\.decay\._target_ 'pandas.read_pickle'.*allow_targets",
+                     proc.stderr, re.S), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "canary").exists()
 

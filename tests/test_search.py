@@ -323,6 +323,10 @@ def test_a_study_is_joined_only_with_its_fixed_settings():
     check_settings(study, ["data=local", "peft=full"], "memory")  # the same, in any order
     with pytest.raises(FtlabError, match=r"this search adds peft=lora; it lacks peft=full"):
         check_settings(study, ["peft=lora", "data=local"], "memory")
+    # how jobs are kept or logged is not the recipe: a resumed search may change it (README:
+    # "Extra overrides after resume= win", e.g. checkpoint.keep=true)
+    check_settings(study, ["data=local", "peft=full", "checkpoint.keep=true", "logger=wandb",
+                           "+logger.project=x", "allow_targets=[mypkg.]"], "memory")
     old = optuna.create_study()  # made before ftlab kept them: nothing to compare with
     old.tell(old.ask(), 0.5)
     check_settings(old, ["peft=lora"], "memory")

@@ -33,6 +33,7 @@ from ftlab.errors import FtlabError
 from ftlab.model.backbone import ModelSpec, load_config, load_model
 from ftlab.rules import at_least
 from ftlab.tasks.base import TaskOutput, as_text, soft_label_loss
+from ftlab.tasks.calibration import CalibratedAccuracy, CalibratedF1, calibrate
 from ftlab.tasks.classify import Classify
 from ftlab.tasks.prompting import (
     Pattern,
@@ -286,21 +287,3 @@ class Cloze(Classify):
         cal = out.extras.get("calibrated")
         metrics.update(preds=out.logits.argmax(-1), target=target,
                        calibrated=(cal if cal is not None else out.logits).argmax(-1))
-
-
-def calibrate(probs: torch.Tensor, p_cf: torch.Tensor) -> torch.Tensor:
-    """Zhao et al. (2021): W = diag(p_cf)^-1, b = 0, then renormalise each row."""
-    q = probs / p_cf.clamp(min=1e-12)
-    return q / q.sum(-1, keepdim=True)
-
-
-class CalibratedAccuracy(MulticlassAccuracy):
-    """Accuracy of the calibrated predictions (``calibrated``), beside the plain one."""
-
-    def update(self, calibrated: torch.Tensor, target: torch.Tensor) -> None:
-        super().update(calibrated, target)
-
-
-class CalibratedF1(MulticlassF1Score):
-    def update(self, calibrated: torch.Tensor, target: torch.Tensor) -> None:
-        super().update(calibrated, target)
