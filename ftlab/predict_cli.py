@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.cli import quiet_loading, run_parser
+from ftlab.data.filechecks import KeyTwice, one_value_per_key
 from ftlab.errors import FtlabError, choices_text, closest, separator_hint, with_article
 from ftlab.inference import load
 from ftlab.run_folder import labelled_stages, stage_card
@@ -105,11 +106,11 @@ def read_rows(path: Path, text_columns: list[str] | None,
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, object_pairs_hook=_one_value_per_key)
+                row = json.loads(line, object_pairs_hook=one_value_per_key)
             except json.JSONDecodeError as err:
                 raise FtlabError(f"{path.name} line {n} is not valid JSON ({err.msg}).",
                                  "write one JSON object per line (JSON Lines).") from None
-            except _KeyTwice as err:  # json keeps the last value: the first would go unread
+            except KeyTwice as err:  # json keeps the last value: the first would go unread
                 raise FtlabError(f"{path.name} line {n} names the key '{err}' more than once.",
                                  "give each field of a row its own name.") from None
             if not isinstance(row, dict):
@@ -122,11 +123,11 @@ def read_rows(path: Path, text_columns: list[str] | None,
 def _json_array(text: str, name: str) -> tuple[list[dict], list[str]]:
     """The rows of a ``.json`` file holding one array of objects."""
     try:
-        rows = json.loads(text, object_pairs_hook=_one_value_per_key)
+        rows = json.loads(text, object_pairs_hook=one_value_per_key)
     except json.JSONDecodeError as err:
         raise FtlabError(f"{name} is not valid JSON ({err.msg}, line {err.lineno}).",
                          "write one array of objects, or one JSON object per line.") from None
-    except _KeyTwice as err:
+    except KeyTwice as err:
         raise FtlabError(f"{name} has an object naming the key '{err}' more than once.",
                          "give each field of a row its own name.") from None
     bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
@@ -134,18 +135,6 @@ def _json_array(text: str, name: str) -> tuple[list[dict], list[str]]:
         raise FtlabError(f"{name} item {bad} is a JSON {type(rows[bad - 1]).__name__}, not an "
                          "object.", 'write one object per row: [{"text": "..."}, ...].')
     return rows, list(rows[0]) if rows else []
-
-
-class _KeyTwice(ValueError):
-    """A JSON object naming a key twice (the key is the message)."""
-
-
-def _one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    twice = next((k for k in keys if keys.count(k) > 1), None)
-    if twice is not None:
-        raise _KeyTwice(twice)
-    return dict(pairs)
 
 
 def _parquet(path: Path) -> tuple[list[dict], list[str]]:

@@ -135,18 +135,25 @@ def refuse_broken_rows(path: str, delimiter: str) -> None:
             "to the file's separator.")
 
 
+class KeyTwice(ValueError):
+    """A JSON object naming a key twice (the key is the message)."""
+
+
+def one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses a key given twice in one object (``json`` would keep
+    the last value, and the first would go unread): raises :class:`KeyTwice`."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise KeyTwice(twice)
+    return dict(pairs)
+
+
 def refuse_bad_json(path: str) -> None:
     """A JSON (lines) file that is not JSON values one after another: Arrow's error names the
     row of its block, not the file or line. Name both (a key given twice in one object too:
     Arrow refuses it, ``json.loads`` would keep the last)."""
     import json
-
-    def one_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        twice = next((k for k in keys if keys.count(k) > 1), None)
-        if twice is not None:
-            raise ValueError(twice)
-        return dict(pairs)
 
     try:
         with opener(Path(path))(path, "rt", encoding="utf-8-sig") as f:
@@ -162,7 +169,7 @@ def refuse_bad_json(path: str) -> None:
                          f"{'utf-16' if utf16 else 'latin1'} -t utf-8`).") from None
     except (OSError, EOFError):
         return  # unreadable: the reader's own message says why
-    decoder = json.JSONDecoder(object_pairs_hook=one_per_key)
+    decoder = json.JSONDecoder(object_pairs_hook=one_value_per_key)
     lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     try:  # JSON Lines when its first line is one object: then each line is a row
         whole = not lines or not isinstance(decoder.decode(lines[0][1]), dict)
@@ -189,7 +196,7 @@ def refuse_bad_json(path: str) -> None:
                          f"{err.colno}).", "write one JSON object per line ({\"text\": "
                          '"...", "label": "..."}), with double quotes around keys and texts '
                          "and no comma between lines.") from None
-    except ValueError as err:  # one_per_key
+    except KeyTwice as err:
         line = text.count("\n", 0, pos) + 1 if whole else line
         raise FtlabError(f"The JSON object at line {line} of {path} names the key '{err}' "
                          "more than once.", "give each field of a row its own name.") from None
