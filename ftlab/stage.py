@@ -89,12 +89,12 @@ def run_stage(stage: ResolvedStage, builder: StageBuilder, run: RunContext,
     L.seed_everything(stage.seed, workers=True, verbose=False)
     task = builder.task(stage)
     raw = builder.raw(stage)
+    subs = [(sub.name, builder.raw(stage, sub.data)) for sub in stage.subtasks]
     transformed = raw.transforms  # the record of data.transforms (teachers relabel the rows)
-    if stage.subtasks:  # each sub-task's own (``raw`` is only the first's), named
-        transformed = [{"sub_task": sub.name, **entry} for sub in stage.subtasks
-                       for entry in builder.raw(stage, sub.data).transforms or []]
-    raws = [raw, *(builder.raw(stage, sub.data) for sub in stage.subtasks)]
-    if key is not None and any(r.renumbered for r in raws):
+    if subs:  # each sub-task's own (``raw`` is only the first's), named
+        transformed = [{"sub_task": name, **entry} for name, sub_raw in subs
+                       for entry in sub_raw.transforms or []]
+    if key is not None and any(r.renumbered for r in [raw, *(r for _, r in subs)]):
         # integer labels take the ids of their numbers (2 before 10); an older ftlab's
         # checkpoint of this stage trained the ids of their text order: it is not resumed
         key = f"{key}+labels-by-number"

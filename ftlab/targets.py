@@ -185,8 +185,7 @@ def check_all(targets: Iterable[tuple[Any, str]]) -> None:
         packages = sorted({r.module.split(".")[0] for r in refused})
         listed = "; ".join(f"{r.where}._target_ '{r.target}'" for r in refused)
         allow = packages[0] if len(packages) == 1 else None
-        how = (f"their package {how_to_allow(packages)}" if allow else
-               f"their packages {how_to_allow(packages)}")
+        how = f"their package{'' if allow else 's'} {how_to_allow(packages)}"
         raise Refused(f"{len(refused)} _target_s are not allowed, their modules are not on the "
                       f"allow-list: {listed}. A config may only name classes of {MODULES_TEXT} "
                       f"(and modules listed in {SETTING}), so a shared config cannot run other "
